@@ -1,0 +1,1 @@
+"""KV cache layer for TensorRT-LLM."""

@@ -1,0 +1,348 @@
+"""CacheEngine: lookup (with pins), store and retrieve of KV chunks; one engine, two front doors.
+
+The in-process adapter calls it directly; the multi-process server wraps it. Token ranges are
+in tokens of the request's prompt+generation; ``block_ids[j]`` is the pool block holding tokens
+``[j*B, (j+1)*B)``. Chunks move whole (a chunk is ``chunk_size / B`` pool rows), except that a
+retrieve may skip the leading rows of its first chunk so blocks TRT-LLM already holds are never
+rewritten.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lmcache import c_ops
+from lmcache.config import LMCacheEngineConfig
+from lmcache.keys import CacheSalt, ChunkKey, Tokens, TokenHasher, token_array
+from lmcache.layout import PoolLayout
+from lmcache.logging import init_logger
+from lmcache.memory import HostArena
+from lmcache.storage.cpu_store import CachedChunk, CpuStore
+
+logger = init_logger(__name__)
+
+
+@dataclass(frozen=True)
+class KeySpace:
+    """Who may share chunks: same model, same pool row layout, same tensor-parallel world."""
+
+    model_name: str
+    layout: PoolLayout
+    world_size: int = 1
+
+
+@dataclass
+class EngineStats:
+    lookups: int = 0
+    lookup_tokens: int = 0
+    hit_tokens: int = 0
+    stored_chunks: int = 0
+    stored_bytes: int = 0
+    retrieved_chunks: int = 0
+    retrieved_bytes: int = 0
+    failed_retrieves: int = 0
+
+
+@dataclass
+class _ChunkSpan:
+    """One chunk of a request: its key and its token range ``[start, end)``."""
+
+    key: ChunkKey
+    start: int
+    end: int
+
+
+@dataclass
+class _Pins:
+    keys: list[Hashable] = field(default_factory=list)
+
+
+class CacheEngine:
+    """Stores KV chunks of registered pools in the cache tiers and loads them back."""
+
+    def __init__(self, config: LMCacheEngineConfig, *, pinned: bool | None = None) -> None:
+        self.config = config
+        capacity = config.max_local_cpu_bytes if config.local_cpu else 0
+        self.l1 = CpuStore(HostArena(capacity, pinned=pinned), config.cache_policy)
+        self.stats = EngineStats()
+        self._hashers: dict[tuple[str, bytes], TokenHasher] = {}
+        self._pins: dict[Hashable, _Pins] = {}
+        self._lock = threading.Lock()
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    def hasher(self, space: KeySpace) -> TokenHasher:
+        ident = (space.model_name, space.layout.signature())
+        with self._lock:
+            hasher = self._hashers.get(ident)
+            if hasher is None:
+                space.layout.blocks_per_chunk(self.config.chunk_size)
+                hasher = TokenHasher(
+                    self.config.chunk_size, self.config.pre_caching_hash_algorithm, *ident
+                )
+                self._hashers[ident] = hasher
+            return hasher
+
+    def chunk_spans(
+        self, space: KeySpace, rank: int, tokens: Tokens, salt: CacheSalt, end: int | None = None
+    ) -> list[_ChunkSpan]:
+        """Every cacheable chunk of ``tokens[:end]``: the full chunks, then (if ``save_unfull_chunk``)
+        the block-aligned part of the last partial one."""
+        arr = token_array(tokens)
+        end = len(arr) if end is None else min(end, len(arr))
+        hasher = self.hasher(space)
+        size = self.config.chunk_size
+        hashes = hasher.chunk_hashes(arr[:end], salt)
+        spans = [
+            _ChunkSpan(ChunkKey(h, space.world_size, rank), i * size, (i + 1) * size)
+            for i, h in enumerate(hashes)
+        ]
+        if self.config.save_unfull_chunk:
+            tail_start = len(hashes) * size
+            tpb = space.layout.tokens_per_block
+            tail_end = tail_start + (end - tail_start) // tpb * tpb
+            if tail_end > tail_start:
+                parent = hashes[-1] if hashes else None
+                tail = hasher.tail_hash(arr, salt, parent, tail_start, tail_end)
+                spans.append(_ChunkSpan(ChunkKey(tail, space.world_size, rank), tail_start, tail_end))
+        return spans
+
+    # -- lookup and pins ----------------------------------------------------------------------
+
+    def lookup(
+        self,
+        space: KeySpace,
+        tokens: Tokens,
+        salt: CacheSalt = None,
+        *,
+        ranks: Sequence[int] = (0,),
+        pin_id: Hashable | None = None,
+    ) -> int:
+        """Tokens of the longest cached prefix present for every rank in ``ranks``.
+
+        With ``pin_id`` the hit chunks stay pinned (safe from eviction) until ``retrieve`` with the
+        same id or ``release(pin_id)``; a new lookup with the same id replaces the old pins.
+        """
+        if pin_id is not None:
+            self.release(pin_id)
+        per_rank = [self.chunk_spans(space, rank, tokens, salt) for rank in ranks]
+        pin = pin_id is not None
+        pinned: list[Hashable] = []
+        hit = 0
+        for spans in zip(*per_rank, strict=True):
+            taken = [span.key for span in spans if self._pin_or_check(span.key, pin)]
+            if len(taken) < len(spans):
+                for key in taken if pin else ():
+                    self.l1.unpin(key)
+                break
+            pinned.extend(taken)
+            hit = spans[0].end
+        with self._lock:
+            if pin:
+                self._pins[pin_id] = _Pins(pinned)
+            self.stats.lookups += 1
+            self.stats.lookup_tokens += len(token_array(tokens))
+            self.stats.hit_tokens += hit
+        return hit
+
+    def _pin_or_check(self, key: ChunkKey, pin: bool) -> bool:
+        return self.l1.pin(key) if pin else key in self.l1
+
+    def release(self, pin_id: Hashable) -> None:
+        """Drop the pins a lookup took for ``pin_id`` (request finished or load not needed)."""
+        with self._lock:
+            pins = self._pins.pop(pin_id, None)
+        if pins is not None:
+            for key in pins.keys:
+                self.l1.unpin(key)
+
+    def pinned_ids(self) -> list[Hashable]:
+        with self._lock:
+            return list(self._pins)
+
+    # -- store ----------------------------------------------------------------------------------
+
+    def store(
+        self,
+        space: KeySpace,
+        rank: int,
+        tokens: Tokens,
+        salt: CacheSalt,
+        pool: torch.Tensor,
+        block_ids: Sequence[int],
+        start: int,
+        end: int,
+        stream: Any = None,
+    ) -> int:
+        """Save the chunks of ``tokens`` that start at or after ``start`` and end by ``end``.
+
+        ``start`` must be chunk-aligned. Chunks already cached are skipped. Returns the number of
+        tokens newly stored. On CUDA the copies are enqueued on ``stream``; readers are ordered
+        after them by an event, so nothing waits on the host here.
+        """
+        size = self.config.chunk_size
+        if start % size:
+            raise ValueError(f"store start {start} must be a multiple of chunk_size={size}")
+        layout = self._check_pool(space, pool)
+        spans = [s for s in self.chunk_spans(space, rank, tokens, salt, end) if s.start >= start]
+        if not spans:
+            return 0
+        self._check_block_ids(block_ids, spans[-1].end, layout)
+        copies: list[c_ops.ChunkCopy] = []
+        reserved: list[_ChunkSpan] = []
+        for span in spans:
+            rows = (span.end - span.start) // layout.tokens_per_block
+            chunk = self.l1.reserve(span.key, rows * layout.row_bytes, span.end - span.start)
+            if chunk is None:
+                continue
+            first = span.start // layout.tokens_per_block
+            copies.append((block_ids[first : first + rows], chunk.buffer.view(layout.dtype, (rows, *layout.row_shape))))
+            reserved.append(span)
+        if not copies:
+            return 0
+        try:
+            c_ops.gather_to_host(pool, copies, stream)
+            event = _record_event(pool, stream)
+        except BaseException:
+            for span in reserved:
+                self.l1.abort(span.key)
+            raise
+        for span in reserved:
+            self.l1.commit(span.key, event)
+        stored = sum(s.end - s.start for s in reserved)
+        with self._lock:
+            self.stats.stored_chunks += len(reserved)
+            self.stats.stored_bytes += stored * layout.bytes_per_token
+        return stored
+
+    # -- retrieve -------------------------------------------------------------------------------
+
+    def retrieve(
+        self,
+        space: KeySpace,
+        rank: int,
+        tokens: Tokens,
+        salt: CacheSalt,
+        pool: torch.Tensor,
+        block_ids: Sequence[int],
+        start: int,
+        end: int,
+        stream: Any = None,
+        pin_id: Hashable | None = None,
+    ) -> int:
+        """Load tokens ``[start, end)`` into their blocks; returns how many tokens were loaded.
+
+        ``start`` and ``end`` must be block-aligned. Blocks before ``start`` are never written.
+        Loading stops at the first chunk not cached, so the result is a prefix of the request: every
+        block in ``[start, start + result)`` holds cached KV, every later block is untouched. The
+        pins of ``pin_id`` are released afterwards.
+        """
+        try:
+            return self._retrieve(space, rank, tokens, salt, pool, block_ids, start, end, stream)
+        finally:
+            if pin_id is not None:
+                self.release(pin_id)
+
+    def _retrieve(
+        self,
+        space: KeySpace,
+        rank: int,
+        tokens: Tokens,
+        salt: CacheSalt,
+        pool: torch.Tensor,
+        block_ids: Sequence[int],
+        start: int,
+        end: int,
+        stream: Any,
+    ) -> int:
+        layout = self._check_pool(space, pool)
+        tpb = layout.tokens_per_block
+        if start % tpb or end % tpb or not 0 <= start <= end:
+            raise ValueError(f"retrieve range [{start}, {end}) must be block-aligned (tokens_per_block={tpb})")
+        if end == start:
+            return 0
+        self._check_block_ids(block_ids, end, layout)
+        spans = [s for s in self.chunk_spans(space, rank, tokens, salt, end) if s.end > start]
+        copies: list[c_ops.ChunkCopy] = []
+        held: list[tuple[ChunkKey, CachedChunk]] = []
+        loaded_end = start
+        try:
+            for span in spans:
+                chunk = self._hold(span.key)
+                if chunk is None:
+                    break
+                held.append((span.key, chunk))
+                rows = (span.end - span.start) // tpb
+                view = chunk.buffer.view(layout.dtype, (rows, *layout.row_shape))
+                skip = (max(start, span.start) - span.start) // tpb
+                first = span.start // tpb
+                copies.append((block_ids[first + skip : first + rows], view[skip:]))
+                loaded_end = span.end
+            if copies:
+                _wait_ready(pool, stream, [chunk for _, chunk in held])
+                c_ops.scatter_from_host(pool, copies, stream)
+                event = _record_event(pool, stream)
+                for _, chunk in held:
+                    chunk.last_read = event
+        finally:
+            for key, _ in held:
+                self.l1.unpin(key)
+        loaded = loaded_end - start
+        with self._lock:
+            self.stats.retrieved_chunks += len(held)
+            self.stats.retrieved_bytes += loaded * layout.bytes_per_token
+            if loaded_end < end:
+                self.stats.failed_retrieves += 1
+        return loaded
+
+    def _hold(self, key: ChunkKey) -> CachedChunk | None:
+        """Pin a chunk for the duration of a copy out of it."""
+        if not self.l1.pin(key):
+            return None
+        return self.l1.get(key)
+
+    # -- maintenance ----------------------------------------------------------------------------
+
+    def clear(self) -> int:
+        """Drop every chunk not pinned by a pending load; returns how many were dropped."""
+        return self.l1.clear()
+
+    def _check_pool(self, space: KeySpace, pool: torch.Tensor) -> PoolLayout:
+        layout = space.layout
+        if tuple(pool.shape[1:]) != layout.row_shape or pool.dtype != layout.dtype:
+            raise ValueError(
+                f"pool {tuple(pool.shape)} {pool.dtype} does not match the registered layout "
+                f"[*, {', '.join(map(str, layout.row_shape))}] {layout.dtype}"
+            )
+        return layout
+
+    @staticmethod
+    def _check_block_ids(block_ids: Sequence[int], end: int, layout: PoolLayout) -> None:
+        needed = -(-end // layout.tokens_per_block)
+        if len(block_ids) < needed:
+            raise ValueError(f"{len(block_ids)} block ids cannot hold {end} tokens ({needed} blocks needed)")
+
+
+def _record_event(pool: torch.Tensor, stream: Any) -> Any:
+    if not pool.is_cuda:
+        return None
+    event = torch.cuda.Event()
+    event.record(stream if stream is not None else torch.cuda.current_stream(pool.device))
+    return event
+
+
+def _wait_ready(pool: torch.Tensor, stream: Any, chunks: Sequence[CachedChunk]) -> None:
+    """Order the load after the copies that filled these chunks (device-side, or on the host for CPU)."""
+    target = stream if stream is not None else (torch.cuda.current_stream(pool.device) if pool.is_cuda else None)
+    for chunk in chunks:
+        if chunk.ready is None:
+            continue
+        if target is not None:
+            target.wait_event(chunk.ready)
+        else:
+            chunk.ready.synchronize()

@@ -1,0 +1,183 @@
+"""TensorRT-LLM's connector ABCs, or faithful stand-ins when TRT-LLM is not installed.
+
+The adapters subclass whatever this module exports, so the same classes run inside a real
+TRT-LLM (new ``connectors/`` path, then the 1.2.x/1.3.x path) and inside our executor replay.
+The stand-ins mirror the names, fields, defaults and signatures of TRT-LLM's own module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+_TRTLLM_MODULES = (
+    "tensorrt_llm._torch.pyexecutor.connectors.kv_cache_connector",
+    "tensorrt_llm._torch.pyexecutor.kv_cache_connector",
+)
+
+
+def _import_trtllm_connector_module() -> Any | None:
+    for name in _TRTLLM_MODULES:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+_trt = _import_trtllm_connector_module()
+USING_TRTLLM = _trt is not None
+
+
+@dataclass
+class _RequestData:
+    """Per-request delta reported to ``build_connector_meta`` (TRT-LLM's ``RequestData``)."""
+
+    request_id: int
+    new_tokens: list[int]
+    new_block_ids: list[int]
+    computed_position: int
+    num_scheduled_tokens: int = 0
+    priorities: list[int] | None = None
+    block_hashes: list[int] = field(default_factory=list)
+    cache_salt: str | None = None
+    cache_salt_id: int | None = None
+    new_block_ids_by_layer_group: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class _SchedulerOutput:
+    """What the executor scheduled this iteration (TRT-LLM's ``SchedulerOutput``)."""
+
+    new_requests: list[_RequestData] = field(default_factory=list)
+    cached_requests: list[_RequestData] = field(default_factory=list)
+    attention_dp_rank: int | None = None
+
+
+class _KvCacheConnectorWorker(ABC):
+    """Runs on every rank: moves KV between the pool and the cache."""
+
+    supports_attention_dp: bool = False
+
+    def __init__(self, llm_args: Any) -> None:
+        self._llm_args = llm_args
+        self._metadata: object = None
+
+    def bind_connector_meta(self, metadata: object) -> None:
+        self._metadata = metadata
+
+    def get_connector_meta(self) -> object:
+        return self._metadata
+
+    def _clear_connector_meta(self) -> None:
+        self._metadata = None
+
+    def register_forward_pass_callable(self) -> Callable[[], None] | None:
+        return None
+
+    @abstractmethod
+    def register_kv_caches(self, kv_cache_tensor: Any) -> None: ...
+
+    def register_kv_cache_layout(self, layout: Any) -> None:
+        tensor = layout.as_single_pool_tensor()
+        if tensor is None:
+            raise NotImplementedError("this connector supports a single KV pool only")
+        self.register_kv_caches(tensor)
+
+    @abstractmethod
+    def start_load_kv(self, stream: Any) -> None: ...
+
+    @abstractmethod
+    def wait_for_layer_load(self, layer_idx: int, stream: Any) -> None: ...
+
+    @abstractmethod
+    def save_kv_layer(self, layer_idx: int, stream: Any) -> None: ...
+
+    @abstractmethod
+    def wait_for_save(self, stream: Any) -> None: ...
+
+    @abstractmethod
+    def get_finished(
+        self, finished_gen_req_ids: list[int], started_loading_req_ids: list[int]
+    ) -> tuple[list[int], list[int]]: ...
+
+
+class _KvCacheConnectorScheduler(ABC):
+    """Runs on rank 0: decides what to load and save per request."""
+
+    supports_attention_dp: bool = False
+
+    def __init__(self, llm_args: Any) -> None:
+        self._llm_args = llm_args
+
+    @abstractmethod
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]: ...
+
+    @abstractmethod
+    def update_state_after_alloc(self, request: Any, block_ids: list[int]) -> None: ...
+
+    def update_state_after_alloc_by_layer_group(
+        self, request: Any, block_ids_by_layer_group: list[list[int]]
+    ) -> None:
+        if len(block_ids_by_layer_group) != 1:
+            raise NotImplementedError("this connector supports a single layer group only")
+        self.update_state_after_alloc(request, block_ids_by_layer_group[0])
+
+    @abstractmethod
+    def build_connector_meta(self, scheduler_output: Any) -> object: ...
+
+    @abstractmethod
+    def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool: ...
+
+    def request_finished_by_layer_group(
+        self, request: Any, cache_block_ids_by_layer_group: list[list[int]]
+    ) -> bool:
+        if len(cache_block_ids_by_layer_group) != 1:
+            raise NotImplementedError("this connector supports a single layer group only")
+        return self.request_finished(request, cache_block_ids_by_layer_group[0])
+
+    def wait_for_initialization(self) -> None:
+        return None
+
+
+if _trt is not None:
+    KvCacheConnectorWorker = _trt.KvCacheConnectorWorker
+    KvCacheConnectorScheduler = _trt.KvCacheConnectorScheduler
+    SchedulerOutput = _trt.SchedulerOutput
+    RequestData = _trt.RequestData
+else:
+    KvCacheConnectorWorker = _KvCacheConnectorWorker
+    KvCacheConnectorScheduler = _KvCacheConnectorScheduler
+    SchedulerOutput = _SchedulerOutput
+    RequestData = _RequestData
+
+
+_rank_override = threading.local()
+
+
+@contextlib.contextmanager
+def simulated_rank(rank: int) -> Iterator[None]:
+    """Make ``mpi_rank()`` answer ``rank`` in this thread (the replay runs all TP ranks in one process)."""
+    previous = getattr(_rank_override, "rank", None)
+    _rank_override.rank = rank
+    try:
+        yield
+    finally:
+        _rank_override.rank = previous
+
+
+def mpi_rank() -> int:
+    """This process's TRT-LLM rank: the replay's simulated rank, else TRT-LLM's ``mpi_rank()``, else 0."""
+    rank = getattr(_rank_override, "rank", None)
+    if rank is not None:
+        return rank
+    try:
+        from tensorrt_llm import mpi_rank as trt_mpi_rank  # type: ignore[import-not-found]
+    except ImportError:
+        return 0
+    return int(trt_mpi_rank())

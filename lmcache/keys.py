@@ -1,0 +1,100 @@
+"""Chunk keys: a prefix-chained cryptographic hash over token ids.
+
+``h_i = H(h_{i-1} || tokens of chunk i)``, the chain seeded by the format version, model name,
+cache salt and pool layout signature. Keys are identical in every process and on every machine;
+``PYTHONHASHSEED`` plays no part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import blake3
+import numpy as np
+import torch
+import xxhash
+
+FORMAT_VERSION = 1
+
+HASH_ALGORITHMS: dict[str, Callable[[bytes], bytes]] = {
+    "blake3": lambda data: blake3.blake3(data).digest(),
+    "sha256": lambda data: hashlib.sha256(data).digest(),
+    # Fast, not collision-resistant: only for trusted single-tenant deployments.
+    "xxh3_128": lambda data: xxhash.xxh3_128_digest(data),
+}
+
+Tokens = Sequence[int] | np.ndarray | torch.Tensor
+CacheSalt = str | int | None
+
+
+class ChunkKey(NamedTuple):
+    """Where a chunk lives in storage: its content hash plus the rank slice of the KV it holds."""
+
+    chunk_hash: bytes
+    world_size: int
+    rank: int
+
+    def hex(self) -> str:
+        return f"{self.chunk_hash.hex()}-w{self.world_size}r{self.rank}"
+
+
+def token_array(tokens: Tokens) -> np.ndarray:
+    """Token ids as little-endian int64, converted in C (no per-token Python loop)."""
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.detach().cpu().numpy()
+    arr = np.asarray(tokens, dtype="<i8")
+    if arr.ndim != 1:
+        raise ValueError(f"token ids must be a flat sequence, got shape {arr.shape}")
+    return arr
+
+
+def _field(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "little") + data
+
+
+def _salt_bytes(salt: CacheSalt) -> bytes:
+    if salt is None:
+        return b"-"
+    if isinstance(salt, int):
+        return b"i" + str(salt).encode()
+    return b"s" + str(salt).encode()
+
+
+class TokenHasher:
+    """Turns token ids into chunk hashes for one key space (model, layout)."""
+
+    def __init__(self, chunk_size: int, algorithm: str, model_name: str, layout_signature: bytes) -> None:
+        if algorithm not in HASH_ALGORITHMS:
+            raise ValueError(f"unknown hash algorithm {algorithm!r}; use one of {sorted(HASH_ALGORITHMS)}")
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.chunk_size = chunk_size
+        self._hash = HASH_ALGORITHMS[algorithm]
+        self._space = b"lmcache-trtllm" + _field(str(FORMAT_VERSION).encode()) + _field(model_name.encode())
+        self._space += _field(layout_signature)
+
+    def seed(self, salt: CacheSalt) -> bytes:
+        return self._hash(self._space + _field(_salt_bytes(salt)))
+
+    def chunk_hashes(self, tokens: Tokens, salt: CacheSalt = None) -> list[bytes]:
+        """Hashes of every full chunk, in order."""
+        arr = token_array(tokens)
+        return self._chain(arr, len(arr) // self.chunk_size, salt)
+
+    def tail_hash(self, tokens: Tokens, salt: CacheSalt, prefix: bytes | None, start: int, end: int) -> bytes:
+        """Hash of the partial chunk ``tokens[start:end]`` chained after ``prefix`` (the previous chunk's hash)."""
+        arr = token_array(tokens)
+        parent = prefix if prefix is not None else self.seed(salt)
+        return self._hash(parent + arr[start:end].tobytes())
+
+    def _chain(self, arr: np.ndarray, num_chunks: int, salt: CacheSalt) -> list[bytes]:
+        data = arr[: num_chunks * self.chunk_size].tobytes()
+        step = self.chunk_size * 8
+        parent = self.seed(salt)
+        hashes = []
+        for i in range(num_chunks):
+            parent = self._hash(parent + data[i * step : (i + 1) * step])
+            hashes.append(parent)
+        return hashes

@@ -1,0 +1,186 @@
+"""L1: chunks in pinned host memory, evicted by policy, never while pinned by a pending load."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from lmcache.logging import init_logger
+from lmcache.memory import HostArena, HostBuffer
+from lmcache.rate_limit import RateLimitedLog
+from lmcache.storage.policies import make_policy
+
+logger = init_logger(__name__)
+
+
+@dataclass(eq=False)
+class CachedChunk:
+    """A chunk's bytes in L1.
+
+    ``ready`` (a CUDA event) orders readers after the copy that filled it; ``last_read`` marks the
+    end of the latest asynchronous copy out of it. The slot is reused only after both.
+    """
+
+    buffer: HostBuffer
+    nbytes: int
+    num_tokens: int
+    ready: Any = None
+    last_read: Any = None
+    pins: int = 0
+    committed: bool = False
+
+    def wait_ready_on_host(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+
+    def wait_idle_on_host(self) -> None:
+        self.wait_ready_on_host()
+        if self.last_read is not None:
+            self.last_read.synchronize()
+
+
+class CpuStore:
+    """Key -> chunk in host memory. Thread-safe; every operation is O(1) apart from evictions."""
+
+    def __init__(
+        self,
+        arena: HostArena,
+        policy: str = "LRU",
+        on_evict: Callable[[Hashable, CachedChunk], None] | None = None,
+    ) -> None:
+        self.arena = arena
+        self.policy_name = policy.upper()
+        self._policy = make_policy(policy)
+        self._chunks: dict[Hashable, CachedChunk] = {}
+        self._lock = threading.RLock()
+        self._warn = RateLimitedLog(logger)
+        self._on_evict = on_evict
+        self.evictions = 0
+        self.skipped_stores = 0
+        self.used_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def __contains__(self, key: Hashable) -> bool:
+        chunk = self._chunks.get(key)
+        return chunk is not None and chunk.committed
+
+    def keys(self) -> list[Hashable]:
+        with self._lock:
+            return [k for k, c in self._chunks.items() if c.committed]
+
+    def reserve(self, key: Hashable, nbytes: int, num_tokens: int) -> CachedChunk | None:
+        """A slot for ``key``, evicting unpinned chunks if needed; None (and a warning) if none fits.
+
+        The chunk stays invisible to lookups and safe from eviction until ``commit``.
+        """
+        with self._lock:
+            if key in self._chunks:
+                return None
+            pool = self.arena.pool(nbytes)
+            buf = pool.allocate()
+            while buf is None:
+                if not self._evict_one() and not self.arena.reclaim(keep=pool):
+                    self.skipped_stores += 1
+                    self._warn.warning(
+                        "l1-full",
+                        "L1 CPU cache is full of chunks pinned by pending loads (%d chunks, %.1f MiB); "
+                        "skipping a store. Raise max_local_cpu_size if this persists.",
+                        len(self._chunks),
+                        self.used_bytes / (1 << 20),
+                    )
+                    return None
+                buf = pool.allocate()
+            chunk = CachedChunk(buf, nbytes, num_tokens)
+            self._chunks[key] = chunk
+            self.used_bytes += pool.slot_bytes
+            return chunk
+
+    def commit(self, key: Hashable, ready: Any = None) -> None:
+        """Publish a reserved chunk; ``ready`` is the event its filling copy records."""
+        with self._lock:
+            chunk = self._chunks[key]
+            chunk.ready = ready
+            chunk.committed = True
+            if chunk.pins == 0:
+                self._policy.add(key)
+
+    def abort(self, key: Hashable) -> None:
+        """Drop a reserved chunk whose copy failed."""
+        with self._lock:
+            chunk = self._chunks.get(key)
+            if chunk is not None and not chunk.committed:
+                self._drop(key, chunk)
+
+    def get(self, key: Hashable) -> CachedChunk | None:
+        """The committed chunk for ``key`` (counts as a use for the policy)."""
+        with self._lock:
+            chunk = self._chunks.get(key)
+            if chunk is None or not chunk.committed:
+                return None
+            self._policy.touch(key)
+            return chunk
+
+    def pin(self, key: Hashable) -> bool:
+        """Protect a committed chunk from eviction until ``unpin``; False if it is not here."""
+        with self._lock:
+            chunk = self._chunks.get(key)
+            if chunk is None or not chunk.committed:
+                return False
+            if chunk.pins == 0:
+                self._policy.discard(key, forget=False)
+            chunk.pins += 1
+            return True
+
+    def unpin(self, key: Hashable) -> None:
+        with self._lock:
+            chunk = self._chunks.get(key)
+            if chunk is None or chunk.pins == 0:
+                return
+            chunk.pins -= 1
+            if chunk.pins == 0:
+                self._policy.add(key)
+                self._policy.touch(key)
+
+    def remove(self, key: Hashable) -> bool:
+        """Remove an unpinned chunk (e.g. found corrupt); pinned chunks stay."""
+        with self._lock:
+            chunk = self._chunks.get(key)
+            if chunk is None or chunk.pins:
+                return False
+            self._policy.discard(key)
+            self._drop(key, chunk)
+            return True
+
+    def clear(self) -> int:
+        """Remove every unpinned chunk; returns how many."""
+        with self._lock:
+            victims = [k for k, c in self._chunks.items() if c.pins == 0 and c.committed]
+            for key in victims:
+                self.remove(key)
+            return len(victims)
+
+    def pinned_keys(self) -> list[Hashable]:
+        with self._lock:
+            return [k for k, c in self._chunks.items() if c.pins]
+
+    def _evict_one(self) -> bool:
+        key = self._policy.victim()
+        if key is None:
+            return False
+        chunk = self._chunks[key]
+        self._policy.discard(key)
+        self._drop(key, chunk)
+        self.evictions += 1
+        if self._on_evict is not None:
+            self._on_evict(key, chunk)
+        return True
+
+    def _drop(self, key: Hashable, chunk: CachedChunk) -> None:
+        del self._chunks[key]
+        chunk.wait_idle_on_host()
+        self.used_bytes -= chunk.buffer.pool.slot_bytes
+        chunk.buffer.pool.free(chunk.buffer)
