@@ -18,7 +18,7 @@ import torch
 
 from lmcache import c_ops
 from lmcache.config import LMCacheEngineConfig
-from lmcache.keys import CacheSalt, ChunkKey, Tokens, TokenHasher, token_array
+from lmcache.keys import CacheSalt, ChunkKey, TokenHasher, Tokens, token_array
 from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
 from lmcache.memory import HostArena
@@ -82,9 +82,7 @@ class CacheEngine:
             hasher = self._hashers.get(ident)
             if hasher is None:
                 space.layout.blocks_per_chunk(self.config.chunk_size)
-                hasher = TokenHasher(
-                    self.config.chunk_size, self.config.pre_caching_hash_algorithm, *ident
-                )
+                hasher = TokenHasher(self.config.chunk_size, self.config.pre_caching_hash_algorithm, *ident)
                 self._hashers[ident] = hasher
             return hasher
 
@@ -201,7 +199,9 @@ class CacheEngine:
             if chunk is None:
                 continue
             first = span.start // layout.tokens_per_block
-            copies.append((block_ids[first : first + rows], chunk.buffer.view(layout.dtype, (rows, *layout.row_shape))))
+            copies.append(
+                (block_ids[first : first + rows], chunk.buffer.view(layout.dtype, (rows, *layout.row_shape)))
+            )
             reserved.append(span)
         if not copies:
             return 0
@@ -263,7 +263,9 @@ class CacheEngine:
         layout = self._check_pool(space, pool)
         tpb = layout.tokens_per_block
         if start % tpb or end % tpb or not 0 <= start <= end:
-            raise ValueError(f"retrieve range [{start}, {end}) must be block-aligned (tokens_per_block={tpb})")
+            raise ValueError(
+                f"retrieve range [{start}, {end}) must be block-aligned (tokens_per_block={tpb})"
+            )
         if end == start:
             return 0
         self._check_block_ids(block_ids, end, layout)
@@ -338,7 +340,9 @@ def _record_event(pool: torch.Tensor, stream: Any) -> Any:
 
 def _wait_ready(pool: torch.Tensor, stream: Any, chunks: Sequence[CachedChunk]) -> None:
     """Order the load after the copies that filled these chunks (device-side, or on the host for CPU)."""
-    target = stream if stream is not None else (torch.cuda.current_stream(pool.device) if pool.is_cuda else None)
+    target = (
+        stream if stream is not None else (torch.cuda.current_stream(pool.device) if pool.is_cuda else None)
+    )
     for chunk in chunks:
         if chunk.ready is None:
             continue

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from lmcache import c_ops
+
+
+def pool(n: int = 16, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(n, 3, 2, 64).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
+@pytest.mark.parametrize("ids", [[0, 1, 2, 3], [5, 2, 9, 1], [15], [7, 8, 3, 4]])
+def test_gather_then_scatter_round_trip(dtype: torch.dtype, ids: list[int]) -> None:
+    src = pool(dtype=torch.float32).mul(10).to(dtype)
+    out = torch.empty((len(ids), *src.shape[1:]), dtype=dtype)
+    c_ops.gather_to_host(src, [(ids, out)])
+    assert torch.equal(out, src[ids])
+    dst = torch.zeros_like(src)
+    targets = [(i + 3) % 16 for i in ids]
+    c_ops.scatter_from_host(dst, [(targets, out)])
+    assert torch.equal(dst[targets], src[ids])
+    untouched = [b for b in range(16) if b not in targets]
+    assert torch.count_nonzero(dst[untouched]) == 0
+
+
+def test_several_chunks_in_one_call() -> None:
+    src = pool()
+    a = torch.empty(2, 3, 2, 64)
+    b = torch.empty(3, 3, 2, 64)
+    c_ops.gather_to_host(src, [([4, 5], a), ([9, 1, 0], b)])
+    assert torch.equal(a, src[[4, 5]]) and torch.equal(b, src[[9, 1, 0]])
+
+
+def test_contiguous_runs() -> None:
+    assert c_ops.is_contiguous_run([3, 4, 5])
+    assert not c_ops.is_contiguous_run([3, 5])
+
+
+@pytest.mark.parametrize("ids", [[16], [-1], [0, 99]])
+def test_out_of_range_block_ids_rejected_before_any_copy(ids: list[int]) -> None:
+    src = pool()
+    before = src.clone()
+    with pytest.raises(IndexError, match="block ids"):
+        c_ops.scatter_from_host(
+            src, [([0], torch.zeros(1, 3, 2, 64)), (ids, torch.zeros(len(ids), 3, 2, 64))]
+        )
+    assert torch.equal(src, before)
+
+
+def test_empty_block_list_rejected() -> None:
+    with pytest.raises(ValueError):
+        c_ops.gather_to_host(pool(), [([], torch.empty(0, 3, 2, 64))])

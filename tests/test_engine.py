@@ -1,0 +1,184 @@
+import threading
+
+import pytest
+import torch
+
+from lmcache.config import LMCacheEngineConfig
+from lmcache.engine import CacheEngine, KeySpace
+from lmcache.layout import PoolLayout
+
+TPB = 16
+CHUNK = 64  # 4 blocks per chunk
+
+
+def make(
+    num_blocks: int = 64, cpu_gib: float = 0.05, **cfg: object
+) -> tuple[CacheEngine, KeySpace, torch.Tensor]:
+    pool = torch.randn(num_blocks, 2, 2, 2 * TPB * 8)
+    config = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=cpu_gib, **cfg)
+    engine = CacheEngine(config, pinned=False)
+    return engine, KeySpace("model", PoolLayout.of_pool(pool, TPB)), pool
+
+
+def tokens(n: int, offset: int = 0) -> list[int]:
+    return [offset + i for i in range(n)]
+
+
+def test_store_lookup_retrieve_round_trip() -> None:
+    engine, space, pool = make()
+    toks = tokens(200)  # 3 full chunks + 8 tokens
+    src = list(range(13))
+    assert engine.store(space, 0, toks, None, pool, src, 0, 200) == 192
+    assert engine.lookup(space, toks) == 192
+    dst = list(range(30, 43))
+    assert engine.retrieve(space, 0, toks, None, pool, dst, 0, 192) == 192
+    assert torch.equal(pool[dst[:12]], pool[src[:12]])
+    assert engine.stats.stored_chunks == 3 and engine.stats.retrieved_chunks == 3
+
+
+def test_store_skips_chunks_already_cached_and_respects_start() -> None:
+    engine, space, pool = make()
+    toks = tokens(256)
+    assert engine.store(space, 0, toks, None, pool, list(range(16)), 0, 128) == 128
+    assert engine.store(space, 0, toks, None, pool, list(range(16)), 0, 256) == 128
+    assert engine.stats.stored_chunks == 4
+    with pytest.raises(ValueError, match="multiple of chunk_size"):
+        engine.store(space, 0, toks, None, pool, list(range(16)), 16, 256)
+
+
+def test_retrieve_never_writes_blocks_before_start() -> None:
+    engine, space, pool = make()
+    toks = tokens(128)
+    engine.store(space, 0, toks, None, pool, list(range(8)), 0, 128)
+    dst = list(range(40, 48))
+    sentinel = pool[dst].clone()
+    pool[dst] = 0.0
+    pool[dst[:3]] = sentinel[:3]  # TRT-LLM already holds the first 3 blocks (48 tokens)
+    marker = pool[dst[:3]].clone()
+    assert engine.retrieve(space, 0, toks, None, pool, dst, 48, 128) == 80
+    assert torch.equal(pool[dst[:3]], marker)
+    assert torch.equal(pool[dst[3:]], pool[list(range(3, 8))])
+
+
+def test_retrieve_reports_exactly_what_it_loaded_and_leaves_the_rest_untouched() -> None:
+    engine, space, pool = make()
+    toks = tokens(256)
+    engine.store(space, 0, toks, None, pool, list(range(16)), 0, 256)
+    third = engine.chunk_spans(space, 0, toks, None)[2].key
+    assert engine.l1.remove(third)
+    dst = list(range(40, 56))
+    pool[dst] = 0.0
+    assert engine.retrieve(space, 0, toks, None, pool, dst, 0, 256) == 128
+    assert torch.equal(pool[dst[:8]], pool[list(range(8))])
+    assert torch.count_nonzero(pool[dst[8:]]) == 0
+    assert engine.stats.failed_retrieves == 1
+
+
+def test_pinned_hit_survives_eviction_pressure_until_retrieved() -> None:
+    # Room for 4 chunks of 4 blocks x 2 KiB.
+    engine, space, pool = make(num_blocks=80, cpu_gib=4 * 4 * 2048 / 2**30)
+    a = tokens(128)
+    engine.store(space, 0, a, None, pool, list(range(8)), 0, 128)
+    assert engine.lookup(space, a, pin_id="req-a") == 128
+    for i in range(4):  # would evict a's chunks without the pins
+        engine.store(
+            space, 0, tokens(64, 10_000 * (i + 1)), None, pool, list(range(8 + 4 * i, 12 + 4 * i)), 0, 64
+        )
+    assert engine.l1.skipped_stores >= 2
+    dst = list(range(60, 68))
+    assert engine.retrieve(space, 0, a, None, pool, dst, 0, 128, pin_id="req-a") == 128
+    assert torch.equal(pool[dst], pool[list(range(8))])
+    assert engine.pinned_ids() == [] and engine.l1.pinned_keys() == []
+
+
+def test_release_unpins_and_relookup_replaces_pins() -> None:
+    engine, space, pool = make()
+    a = tokens(128)
+    engine.store(space, 0, a, None, pool, list(range(8)), 0, 128)
+    engine.lookup(space, a, pin_id=1)
+    engine.lookup(space, a, pin_id=1)
+    assert len(engine.l1.pinned_keys()) == 2
+    assert all(engine.l1._chunks[k].pins == 1 for k in engine.l1.pinned_keys())
+    engine.release(1)
+    assert engine.l1.pinned_keys() == []
+
+
+def test_salt_model_layout_and_rank_separate_keys() -> None:
+    engine, space, pool = make()
+    toks = tokens(128)
+    engine.store(space, 0, toks, "tenant-a", pool, list(range(8)), 0, 128)
+    assert engine.lookup(space, toks, "tenant-a") == 128
+    assert engine.lookup(space, toks, "tenant-b") == 0
+    assert engine.lookup(space, toks) == 0
+    assert engine.lookup(KeySpace("other", space.layout), toks, "tenant-a") == 0
+    half = pool.to(torch.float16)
+    assert engine.lookup(KeySpace("model", PoolLayout.of_pool(half, TPB)), toks, "tenant-a") == 0
+    assert engine.lookup(space, toks, "tenant-a", ranks=(0, 1)) == 0
+
+
+def test_lookup_for_all_ranks_is_the_shortest_prefix() -> None:
+    engine, _, pool = make()
+    space = KeySpace("model", PoolLayout.of_pool(pool, TPB), world_size=2)
+    toks = tokens(256)
+    engine.store(space, 0, toks, None, pool, list(range(16)), 0, 256)
+    engine.store(space, 1, toks, None, pool, list(range(16)), 0, 128)
+    assert engine.lookup(space, toks, ranks=(0,)) == 256
+    assert engine.lookup(space, toks, ranks=(0, 1), pin_id="r") == 128
+    assert len(engine.l1.pinned_keys()) == 4
+
+
+def test_save_unfull_chunk_stores_block_aligned_tail() -> None:
+    engine, space, pool = make(save_unfull_chunk=True)
+    toks = tokens(100)  # 1 chunk + 36 tokens -> tail of 2 blocks (32 tokens)
+    assert engine.store(space, 0, toks, None, pool, list(range(7)), 0, 100) == 96
+    assert engine.lookup(space, toks) == 96
+    dst = list(range(20, 27))
+    assert engine.retrieve(space, 0, toks, None, pool, dst, 0, 96) == 96
+    assert torch.equal(pool[dst[:6]], pool[list(range(6))])
+    plain, space2, pool2 = make()
+    assert plain.store(space2, 0, toks, None, pool2, list(range(7)), 0, 100) == 64
+
+
+def test_bad_arguments_are_refused_without_side_effects() -> None:
+    engine, space, pool = make()
+    toks = tokens(128)
+    with pytest.raises(ValueError, match="block ids cannot hold"):
+        engine.store(space, 0, toks, None, pool, [0, 1], 0, 128)
+    with pytest.raises(IndexError):
+        engine.store(space, 0, toks, None, pool, [0, 1, 2, 3, 4, 5, 6, 999], 0, 128)
+    assert len(engine.l1) == 0
+    with pytest.raises(ValueError, match="block-aligned"):
+        engine.retrieve(space, 0, toks, None, pool, list(range(8)), 5, 128)
+    with pytest.raises(ValueError, match="does not match the registered layout"):
+        engine.store(space, 0, toks, None, torch.zeros(8, 2, 2, 8), list(range(8)), 0, 128)
+    with pytest.raises(ValueError, match="multiple of tokens_per_block"):
+        bad = CacheEngine(
+            LMCacheEngineConfig.from_defaults(chunk_size=40, max_local_cpu_size=0.01), pinned=False
+        )
+        bad.lookup(space, toks)
+
+
+def test_concurrent_stores_and_lookups_stay_consistent() -> None:
+    engine, space, pool = make(num_blocks=256, cpu_gib=0.01)
+    errors: list[BaseException] = []
+
+    def work(worker: int) -> None:
+        try:
+            for i in range(20):
+                toks = tokens(128, worker * 100_000 + i * 1000)
+                blocks = list(range(worker * 32, worker * 32 + 8))
+                engine.store(space, 0, toks, None, pool, blocks, 0, 128)
+                hit = engine.lookup(space, toks, pin_id=(worker, i))
+                dst = list(range(worker * 32 + 8, worker * 32 + 16))
+                assert engine.retrieve(space, 0, toks, None, pool, dst, 0, hit, pin_id=(worker, i)) == hit
+                assert torch.equal(pool[dst[: hit // TPB]], pool[blocks[: hit // TPB]])
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert engine.l1.pinned_keys() == []

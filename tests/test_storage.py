@@ -1,0 +1,150 @@
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmcache.memory import HostArena
+from lmcache.storage.cpu_store import CpuStore
+from lmcache.storage.policies import FIFOPolicy, LFUPolicy, LRUPolicy, make_policy
+
+SLOT = 1024
+
+
+def store(capacity_slots: int, policy: str = "LRU") -> CpuStore:
+    return CpuStore(HostArena(capacity_slots * SLOT, pinned=False, slab_bytes=SLOT), policy)
+
+
+def put(s: CpuStore, key: object) -> bool:
+    chunk = s.reserve(key, SLOT, 16)
+    if chunk is None:
+        return False
+    chunk.buffer.data.fill_(hash(key) % 251)
+    s.commit(key)
+    return True
+
+
+def test_policy_orders() -> None:
+    lru, fifo, lfu = LRUPolicy(), FIFOPolicy(), LFUPolicy()
+    for p in (lru, fifo, lfu):
+        for k in "abc":
+            p.add(k)
+        p.touch("a")
+        p.touch("a")
+        p.touch("b")
+    assert lru.victim() == "c"
+    assert fifo.victim() == "a"
+    assert lfu.victim() == "c"
+    lfu.touch("c")
+    lfu.touch("c")
+    lfu.touch("c")
+    assert lfu.victim() == "b"  # b: 2 uses, a: 3, c: 4
+
+
+def test_lfu_remembers_frequency_across_pin() -> None:
+    lfu = LFUPolicy()
+    lfu.add("hot")
+    for _ in range(5):
+        lfu.touch("hot")
+    lfu.add("cold")
+    lfu.discard("hot", forget=False)
+    assert lfu.victim() == "cold"
+    lfu.add("hot")
+    assert lfu.victim() == "cold"
+
+
+def test_unknown_policy() -> None:
+    with pytest.raises(ValueError, match="LRU"):
+        make_policy("MRU")
+
+
+def test_store_evicts_lru_when_full() -> None:
+    s = store(3)
+    for k in "abc":
+        assert put(s, k)
+    assert s.get("a") is not None  # a becomes most recent
+    assert put(s, "d")
+    assert "b" not in s and {"a", "c", "d"} <= set(s.keys())
+    assert s.evictions == 1
+
+
+def test_pinned_chunks_are_never_evicted_and_full_pins_skip_store() -> None:
+    s = store(2)
+    assert put(s, "a") and put(s, "b")
+    assert s.pin("a") and s.pin("b")
+    assert not put(s, "c")  # no room, nothing evictable: skipped, nothing dropped
+    assert s.skipped_stores == 1
+    assert "a" in s and "b" in s
+    s.unpin("b")
+    assert put(s, "c")
+    assert "a" in s and "b" not in s
+
+
+def test_reserved_chunks_are_invisible_until_commit() -> None:
+    s = store(2)
+    chunk = s.reserve("a", SLOT, 16)
+    assert chunk is not None
+    assert "a" not in s and s.get("a") is None and not s.pin("a")
+    assert s.reserve("a", SLOT, 16) is None
+    s.abort("a")
+    assert len(s) == 0
+    assert put(s, "a") and "a" in s
+
+
+def test_remove_and_clear_spare_pinned() -> None:
+    s = store(4)
+    for k in "abc":
+        put(s, k)
+    s.pin("b")
+    assert not s.remove("b")
+    assert s.clear() == 2
+    assert s.keys() == ["b"]
+
+
+ops = st.lists(
+    st.tuples(st.sampled_from(["put", "get", "pin", "unpin"]), st.integers(0, 11)), min_size=1, max_size=120
+)
+
+
+@pytest.mark.parametrize("policy", ["LRU", "LFU", "FIFO"])
+@settings(max_examples=60, deadline=None)
+@given(ops=ops)
+def test_property_capacity_pins_and_order(policy: str, ops: list[tuple[str, int]]) -> None:
+    capacity = 4
+    s = store(capacity, policy)
+    pins: Counter[int] = Counter()
+    model = {"LRU": LRUPolicy, "LFU": LFUPolicy, "FIFO": FIFOPolicy}[policy]()
+    for op, key in ops:
+        if op == "put":
+            if key in s:
+                continue
+            before = set(s.keys())
+            expected_victim = model.victim() if len(before) >= capacity else None
+            stored = put(s, key)
+            after = set(s.keys())
+            evicted = before - after
+            if expected_victim is not None and stored:
+                assert evicted == {expected_victim}
+                model.discard(expected_victim)
+            assert stored == (len(before) < capacity or expected_victim is not None)
+            if stored:
+                model.add(key)
+        elif op == "get":
+            if s.get(key) is not None:
+                model.touch(key)
+        elif op == "pin":
+            if s.pin(key):
+                if pins[key] == 0:
+                    model.discard(key, forget=False)
+                pins[key] += 1
+        elif pins[key]:
+            s.unpin(key)
+            pins[key] -= 1
+            if pins[key] == 0:
+                model.add(key)
+                model.touch(key)
+        assert s.used_bytes <= capacity * SLOT
+        assert s.arena.reserved_bytes <= capacity * SLOT
+        for k, n in pins.items():
+            if n:
+                assert k in s, "a pinned chunk was evicted"
