@@ -84,7 +84,7 @@ class TokenHasher:
         return self._chain(arr, len(arr) // self.chunk_size, salt)
 
     def tail_hash(self, tokens: Tokens, salt: CacheSalt, prefix: bytes | None, start: int, end: int) -> bytes:
-        """Hash of the partial chunk ``tokens[start:end]`` chained after ``prefix`` (the previous chunk's hash)."""
+        """Hash of the partial chunk ``tokens[start:end]``, chained after the previous chunk's hash."""
         arr = token_array(tokens)
         parent = prefix if prefix is not None else self.seed(salt)
         return self._hash(parent + arr[start:end].tobytes())

@@ -55,7 +55,7 @@ class PoolLayout:
         if chunk_size % self.tokens_per_block:
             raise ValueError(
                 f"chunk_size={chunk_size} must be a multiple of tokens_per_block={self.tokens_per_block}; "
-                f"set LMCACHE_CHUNK_SIZE to e.g. {self.tokens_per_block * max(1, 256 // self.tokens_per_block)}"
+                f"set LMCACHE_CHUNK_SIZE to a multiple such as {self.tokens_per_block * 8}"
             )
         return chunk_size // self.tokens_per_block
 
