@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,11 +57,6 @@ class _ChunkSpan:
     end: int
 
 
-@dataclass
-class _Pins:
-    keys: list[Hashable] = field(default_factory=list)
-
-
 class CacheEngine:
     """Stores KV chunks of registered pools in the cache tiers and loads them back."""
 
@@ -71,7 +66,7 @@ class CacheEngine:
         self.l1 = CpuStore(HostArena(capacity, pinned=pinned), config.cache_policy)
         self.stats = EngineStats()
         self._hashers: dict[tuple[str, bytes], TokenHasher] = {}
-        self._pins: dict[Hashable, _Pins] = {}
+        self._pins: dict[Hashable, dict[int, list[Hashable]]] = {}
         self._lock = threading.Lock()
 
     # -- keys ---------------------------------------------------------------------------------
@@ -123,14 +118,14 @@ class CacheEngine:
     ) -> int:
         """Tokens of the longest cached prefix present for every rank in ``ranks``.
 
-        With ``pin_id`` the hit chunks stay pinned (safe from eviction) until ``retrieve`` with the
-        same id or ``release(pin_id)``; a new lookup with the same id replaces the old pins.
+        With ``pin_id`` the hit chunks stay pinned (safe from eviction) until each rank's ``retrieve``
+        with the same id, or ``release(pin_id)``; a new lookup with the same id replaces the old pins.
         """
         if pin_id is not None:
             self.release(pin_id)
         per_rank = [self.chunk_spans(space, rank, tokens, salt) for rank in ranks]
         pin = pin_id is not None
-        pinned: list[Hashable] = []
+        pinned: dict[int, list[Hashable]] = {rank: [] for rank in ranks}
         hit = 0
         for spans in zip(*per_rank, strict=True):
             taken = [span.key for span in spans if self._pin_or_check(span.key, pin)]
@@ -138,11 +133,12 @@ class CacheEngine:
                 for key in taken if pin else ():
                     self.l1.unpin(key)
                 break
-            pinned.extend(taken)
+            for rank, key in zip(ranks, taken, strict=True):
+                pinned[rank].append(key)
             hit = spans[0].end
         with self._lock:
             if pin:
-                self._pins[pin_id] = _Pins(pinned)
+                self._pins[pin_id] = pinned
             self.stats.lookups += 1
             self.stats.lookup_tokens += len(token_array(tokens))
             self.stats.hit_tokens += hit
@@ -151,13 +147,21 @@ class CacheEngine:
     def _pin_or_check(self, key: ChunkKey, pin: bool) -> bool:
         return self.l1.pin(key) if pin else key in self.l1
 
-    def release(self, pin_id: Hashable) -> None:
-        """Drop the pins a lookup took for ``pin_id`` (request finished or load not needed)."""
+    def release(self, pin_id: Hashable, rank: int | None = None) -> None:
+        """Drop the pins a lookup took for ``pin_id`` (all ranks, or one rank's once it has loaded)."""
         with self._lock:
-            pins = self._pins.pop(pin_id, None)
-        if pins is not None:
-            for key in pins.keys:
-                self.l1.unpin(key)
+            by_rank = self._pins.get(pin_id)
+            if by_rank is None:
+                return
+            if rank is None:
+                keys = [key for rank_keys in by_rank.values() for key in rank_keys]
+                del self._pins[pin_id]
+            else:
+                keys = by_rank.pop(rank, [])
+                if not by_rank:
+                    del self._pins[pin_id]
+        for key in keys:
+            self.l1.unpin(key)
 
     def pinned_ids(self) -> list[Hashable]:
         with self._lock:
@@ -239,14 +243,14 @@ class CacheEngine:
 
         ``start`` and ``end`` must be block-aligned. Blocks before ``start`` are never written.
         Loading stops at the first chunk not cached, so the result is a prefix of the request: every
-        block in ``[start, start + result)`` holds cached KV, every later block is untouched. The
-        pins of ``pin_id`` are released afterwards.
+        block in ``[start, start + result)`` holds cached KV, every later block is untouched. This
+        rank's pins of ``pin_id`` are released afterwards.
         """
         try:
             return self._retrieve(space, rank, tokens, salt, pool, block_ids, start, end, stream)
         finally:
             if pin_id is not None:
-                self.release(pin_id)
+                self.release(pin_id, rank)
 
     def _retrieve(
         self,

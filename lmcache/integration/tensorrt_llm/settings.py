@@ -1,0 +1,50 @@
+"""What the adapters read from TensorRT-LLM's ``llm_args``, checked once at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lmcache.config import LMCacheEngineConfig
+
+DEFAULT_TOKENS_PER_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class ConnectorSettings:
+    model_name: str
+    world_size: int
+    tokens_per_block: int
+    chunk_size: int
+
+    @classmethod
+    def from_llm_args(cls, llm_args: Any, config: LMCacheEngineConfig) -> ConnectorSettings:
+        """Refuse what we cannot serve correctly, with a message that says what to change."""
+        pp = int(getattr(llm_args, "pipeline_parallel_size", 1) or 1)
+        if pp > 1:
+            raise ValueError(
+                f"LMCache's TRT-LLM connector does not support pipeline parallelism "
+                f"(pipeline_parallel_size={pp}); TRT-LLM rejects KV connectors with PP > 1. Use "
+                f"tensor parallelism instead."
+            )
+        kv_cache_config = getattr(llm_args, "kv_cache_config", None)
+        tpb = getattr(kv_cache_config, "tokens_per_block", None) or DEFAULT_TOKENS_PER_BLOCK
+        if config.chunk_size % tpb:
+            raise ValueError(
+                f"LMCACHE_CHUNK_SIZE / chunk_size={config.chunk_size} is not a multiple of TRT-LLM's "
+                f"kv_cache_config.tokens_per_block={tpb}; chunks are whole KV blocks. Set chunk_size to "
+                f"a multiple of {tpb} (e.g. {tpb * max(1, 256 // tpb)})."
+            )
+        model = config.model_name or str(getattr(llm_args, "model", None) or "unknown-model")
+        world = int(getattr(llm_args, "tensor_parallel_size", 1) or 1)
+        return cls(
+            model_name=model, world_size=world, tokens_per_block=int(tpb), chunk_size=config.chunk_size
+        )
+
+
+def request_salt(obj: Any) -> str | int | None:
+    """The tenant salt of a request or ``RequestData`` (``cache_salt`` or ``cache_salt_id``)."""
+    salt = getattr(obj, "cache_salt", None)
+    if salt is None:
+        salt = getattr(obj, "cache_salt_id", None)
+    return salt

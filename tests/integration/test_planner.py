@@ -1,0 +1,195 @@
+"""The planner's contract, driven directly (the executor replay tests drive it the way TRT-LLM does)."""
+
+import pickle
+from dataclasses import dataclass, field
+
+import pytest
+
+from lmcache.config import LMCacheEngineConfig
+from lmcache.integration.tensorrt_llm._trtllm import RequestData, SchedulerOutput
+from lmcache.integration.tensorrt_llm.planner import ConnectorMetadata, Planner
+from lmcache.integration.tensorrt_llm.settings import ConnectorSettings, request_salt
+
+TPB, CHUNK = 16, 64
+
+
+@dataclass
+class FakeIndex:
+    hit: int = 0
+    lookups: list = field(default_factory=list)
+    released: list = field(default_factory=list)
+
+    def lookup(self, tokens, salt, pin_id):  # noqa: ANN001, ANN201
+        self.lookups.append((len(tokens), salt, pin_id))
+        return min(self.hit, len(tokens) // CHUNK * CHUNK)
+
+    def release(self, pin_id):  # noqa: ANN001, ANN201
+        self.released.append(pin_id)
+
+
+@dataclass
+class FakeRequest:
+    request_id: int
+    tokens: list
+    cache_salt: str | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.tokens)
+
+    def get_tokens(self, beam: int) -> list:
+        return self.tokens
+
+
+def planner(hit: int = 0, **cfg: object) -> tuple[Planner, FakeIndex]:
+    config = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, **cfg)
+    settings = ConnectorSettings("m", 1, TPB, CHUNK)
+    index = FakeIndex(hit)
+    return Planner(settings, config, index, "test"), index
+
+
+def report(rid: int, tokens: list, blocks: list, pos: int, scheduled: int | None) -> RequestData:
+    data = RequestData(request_id=rid, new_tokens=tokens, new_block_ids=blocks, computed_position=pos)
+    data.num_scheduled_tokens = scheduled
+    return data
+
+
+def test_load_is_block_aligned_skips_device_match_and_last_token() -> None:
+    p, index = planner(hit=192)
+    req = FakeRequest(1, list(range(192)))
+    n, is_async = p.match(req, 32)
+    assert (n, is_async) == (176 - 32, False)  # hit 192 capped at prompt-1=191 -> 176 block-aligned
+    p.after_alloc(req, list(range(12)))
+    meta = p.build(SchedulerOutput(new_requests=[report(1, req.tokens, list(range(12)), 32, 16)]))
+    assert [(ld.start, ld.end) for ld in meta.loads] == [(32, 176)]
+    assert meta.loads[0].block_ids == list(range(12))
+
+
+def test_no_load_when_device_match_covers_hit_and_pins_released() -> None:
+    p, index = planner(hit=128)
+    assert p.match(FakeRequest(1, list(range(300))), 128) == (0, False)
+    assert index.released == [1]
+
+
+def test_unaligned_device_match_is_not_loaded() -> None:
+    p, _ = planner(hit=256)
+    assert p.match(FakeRequest(1, list(range(300))), 40) == (0, False)
+
+
+def test_min_retrieve_tokens_and_async_flag() -> None:
+    p, _ = planner(hit=64, min_retrieve_tokens=100)
+    assert p.match(FakeRequest(1, list(range(300))), 0) == (0, False)
+    p, _ = planner(hit=128, enable_async_loading=True)
+    assert p.match(FakeRequest(1, list(range(300))), 0) == (128, True)
+
+
+def test_saves_follow_chunked_prefill_and_decode() -> None:
+    p, _ = planner()
+    prompt = list(range(150))
+    p.match(FakeRequest(7, prompt), 0)
+    blocks = list(range(10))
+    p.after_alloc(FakeRequest(7, prompt), blocks)
+    m1 = p.build(SchedulerOutput(new_requests=[report(7, prompt, blocks, 0, 100)]))
+    assert [(s.start, s.end) for s in m1.saves] == [(0, 64)]
+    m2 = p.build(SchedulerOutput(cached_requests=[report(7, [], [], 100, 50)]))
+    assert [(s.start, s.end) for s in m2.saves] == [(64, 128)]
+    saves = []
+    pos = 150
+    for t in range(1000, 1060):  # decode: one token per step
+        new_block = [pos // TPB] if pos % TPB == 0 else []  # a block is added as decode crosses one
+        meta = p.build(SchedulerOutput(cached_requests=[report(7, [t], new_block, pos, 1)]))
+        saves += [(s.start, s.end, len(s.tokens), len(s.block_ids)) for s in meta.saves]
+        pos += 1
+    assert saves == [(128, 192, 192, 12)]
+    assert p.finished(FakeRequest(7, prompt)) is True
+
+
+def test_sync_hit_first_report_excludes_loaded_tokens() -> None:
+    p, _ = planner(hit=128)
+    prompt = list(range(200))
+    req = FakeRequest(3, prompt)
+    assert p.match(req, 0) == (128, False)
+    p.after_alloc(req, list(range(13)))
+    # TRT-LLM reports computed_position without the connector's tokens: 0, then 72 scheduled.
+    meta = p.build(SchedulerOutput(new_requests=[report(3, prompt, list(range(13)), 0, 72)]))
+    assert [(s.start, s.end) for s in meta.saves] == [(128, 192)]  # hit chunks are not saved again
+
+
+def test_save_decode_cache_off_stops_at_prompt() -> None:
+    p, _ = planner(save_decode_cache=False)
+    prompt = list(range(100))
+    p.match(FakeRequest(1, prompt), 0)
+    p.build(SchedulerOutput(new_requests=[report(1, prompt, list(range(8)), 0, 100)]))
+    saves = []
+    for i in range(60):
+        meta = p.build(SchedulerOutput(cached_requests=[report(1, [5], [], 100 + i, 1)]))
+        saves += meta.saves
+    assert saves == []
+
+
+def test_unfull_tail_saved_once_at_prompt_end() -> None:
+    p, _ = planner(save_unfull_chunk=True)
+    prompt = list(range(100))
+    p.match(FakeRequest(1, prompt), 0)
+    meta = p.build(SchedulerOutput(new_requests=[report(1, prompt, list(range(8)), 0, 100)]))
+    assert [(s.start, s.end) for s in meta.saves] == [(0, 100)]
+    meta = p.build(SchedulerOutput(cached_requests=[report(1, [1], [], 100, 1)]))
+    assert meta.saves == []
+
+
+def test_request_without_lookup_is_planned_from_its_report() -> None:
+    p, _ = planner()
+    data = report(9, list(range(64)), [0, 1, 2, 3], 0, 64)
+    data.cache_salt = "tenant"
+    meta = p.build(SchedulerOutput(new_requests=[data]))
+    assert [(s.start, s.end, s.salt) for s in meta.saves] == [(0, 64, "tenant")]
+
+
+def test_finished_without_saves_is_synchronous_and_releases_unplanned_pins() -> None:
+    p, index = planner(hit=128)
+    req = FakeRequest(4, list(range(200)))
+    p.match(req, 0)
+    assert p.finished(req) is False
+    assert 4 in index.released
+
+
+def test_metadata_pickles() -> None:
+    p, _ = planner(hit=64)
+    req = FakeRequest(1, list(range(100)), cache_salt="s")
+    p.match(req, 0)
+    p.after_alloc(req, list(range(7)))
+    meta = p.build(SchedulerOutput(new_requests=[report(1, req.tokens, list(range(7)), 0, 36)]))
+    again = pickle.loads(pickle.dumps(meta))
+    assert isinstance(again, ConnectorMetadata) and again == meta and again.loads
+
+
+def test_salt_read_from_request_and_request_data() -> None:
+    assert request_salt(FakeRequest(1, [], cache_salt="a")) == "a"
+    data = report(1, [], [], 0, 0)
+    data.cache_salt_id = 42
+    assert request_salt(data) == 42
+    p, index = planner()
+    p.match(FakeRequest(1, list(range(80)), cache_salt="x"), 0)
+    assert index.lookups[-1][1] == "x"
+
+
+@pytest.mark.parametrize("tpb,chunk", [(32, 48), (64, 256 + 32)])
+def test_settings_refuse_chunk_not_multiple_of_block(tpb: int, chunk: int) -> None:
+    class Args:
+        model = "m"
+        tensor_parallel_size = 1
+
+        class kv_cache_config:  # noqa: N801
+            tokens_per_block = tpb
+
+    with pytest.raises(ValueError, match="not a multiple"):
+        ConnectorSettings.from_llm_args(Args, LMCacheEngineConfig.from_defaults(chunk_size=chunk))
+
+
+def test_settings_refuse_pipeline_parallel() -> None:
+    class Args:
+        model = "m"
+        pipeline_parallel_size = 2
+
+    with pytest.raises(ValueError, match="pipeline parallelism"):
+        ConnectorSettings.from_llm_args(Args, LMCacheEngineConfig.from_defaults())
