@@ -1,7 +1,7 @@
 """Block transfers between TensorRT-LLM's paged KV pool and contiguous chunk buffers.
 
 A pool row (``pool[block]``: every layer, K then V) is contiguous, so a chunk is a handful of
-rows. On CUDA each chunk moves as one large DMA copy: rows that are adjacent in the pool go
+rows, copied run by run of adjacent block ids on the CPU. On CUDA each chunk moves as one large DMA copy: rows that are adjacent in the pool go
 straight to or from host memory; scattered rows are first gathered on the device (one
 ``index_select`` for the whole batch, or one ``index_copy_`` on the way back), which runs at
 device-memory speed. Everything is enqueued on the caller's stream with no host sync; the
@@ -29,6 +29,18 @@ ChunkCopy = tuple[Sequence[int], torch.Tensor]
 def is_contiguous_run(block_ids: Sequence[int]) -> bool:
     first = block_ids[0]
     return all(b == first + i for i, b in enumerate(block_ids))
+
+
+def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Maximal runs of adjacent block ids as ``(offset in block_ids, first block, length)``."""
+    runs: list[tuple[int, int, int]] = []
+    for i, block in enumerate(block_ids):
+        if runs and runs[-1][1] + runs[-1][2] == block:
+            offset, first, length = runs[-1]
+            runs[-1] = (offset, first, length + 1)
+        else:
+            runs.append((i, block, 1))
+    return runs
 
 
 def check_block_ids(pool: torch.Tensor, block_ids: Sequence[int]) -> None:
@@ -72,7 +84,8 @@ def gather_to_host(pool: torch.Tensor, chunks: Sequence[ChunkCopy], stream: Any 
     with _stream_context(pool, stream):
         if not pool.is_cuda:
             for block_ids, out in chunks:
-                torch.index_select(pool, 0, torch.as_tensor(block_ids, dtype=torch.int64), out=out)
+                for offset, first, length in block_runs(block_ids):
+                    out[offset : offset + length].copy_(pool[first : first + length])
             return
         for batch in _batches(pool, chunks):
             _gather_cuda(pool, batch)
@@ -102,7 +115,8 @@ def scatter_from_host(pool: torch.Tensor, chunks: Sequence[ChunkCopy], stream: A
     with _stream_context(pool, stream):
         if not pool.is_cuda:
             for block_ids, src in chunks:
-                pool.index_copy_(0, torch.as_tensor(block_ids, dtype=torch.int64), src)
+                for offset, first, length in block_runs(block_ids):
+                    pool[first : first + length].copy_(src[offset : offset + length])
             return
         for batch in _batches(pool, chunks):
             _scatter_cuda(pool, batch)

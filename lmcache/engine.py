@@ -14,6 +14,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from lmcache import c_ops
@@ -86,24 +87,49 @@ class CacheEngine:
     ) -> list[_ChunkSpan]:
         """Every cacheable chunk of ``tokens[:end]``: the full chunks, then (if ``save_unfull_chunk``)
         the block-aligned part of the last partial one."""
-        arr = token_array(tokens)
+        return [
+            _ChunkSpan(ChunkKey(h, space.world_size, rank), start, stop)
+            for h, start, stop in self._hashed_spans(space, token_array(tokens), salt, end)
+        ]
+
+    def _hashed_spans(
+        self, space: KeySpace, arr: np.ndarray, salt: CacheSalt, end: int | None
+    ) -> list[tuple[bytes, int, int]]:
         end = len(arr) if end is None else min(end, len(arr))
         hasher = self.hasher(space)
         size = self.config.chunk_size
         hashes = hasher.chunk_hashes(arr[:end], salt)
-        spans = [
-            _ChunkSpan(ChunkKey(h, space.world_size, rank), i * size, (i + 1) * size)
-            for i, h in enumerate(hashes)
-        ]
+        spans = [(h, i * size, (i + 1) * size) for i, h in enumerate(hashes)]
         if self.config.save_unfull_chunk:
             tail_start = len(hashes) * size
             tpb = space.layout.tokens_per_block
             tail_end = tail_start + (end - tail_start) // tpb * tpb
             if tail_end > tail_start:
                 parent = hashes[-1] if hashes else None
-                tail = hasher.tail_hash(arr, salt, parent, tail_start, tail_end)
-                spans.append(_ChunkSpan(ChunkKey(tail, space.world_size, rank), tail_start, tail_end))
+                spans.append(
+                    (hasher.tail_hash(arr, salt, parent, tail_start, tail_end), tail_start, tail_end)
+                )
         return spans
+
+    def _tail_probe(
+        self,
+        space: KeySpace,
+        arr: np.ndarray,
+        salt: CacheSalt,
+        ranks: Sequence[int],
+        parent: bytes | None,
+        start: int,
+    ) -> tuple[int, list[ChunkKey]]:
+        """The longest block-aligned partial chunk at ``start`` cached for all ranks (save_unfull_chunk)."""
+        tpb = space.layout.tokens_per_block
+        hasher = self.hasher(space)
+        longest = min(self.config.chunk_size - tpb, (len(arr) - start) // tpb * tpb)
+        for length in range(longest, 0, -tpb):
+            h = hasher.tail_hash(arr, salt, parent, start, start + length)
+            keys = [ChunkKey(h, space.world_size, rank) for rank in ranks]
+            if all(key in self.l1 for key in keys):
+                return start + length, keys
+        return start, []
 
     # -- lookup and pins ----------------------------------------------------------------------
 
@@ -123,29 +149,41 @@ class CacheEngine:
         """
         if pin_id is not None:
             self.release(pin_id)
-        per_rank = [self.chunk_spans(space, rank, tokens, salt) for rank in ranks]
+        arr = token_array(tokens)
         pin = pin_id is not None
         pinned: dict[int, list[Hashable]] = {rank: [] for rank in ranks}
-        hit = 0
-        for spans in zip(*per_rank, strict=True):
-            taken = [span.key for span in spans if self._pin_or_check(span.key, pin)]
-            if len(taken) < len(spans):
-                for key in taken if pin else ():
-                    self.l1.unpin(key)
+        hit, parent = 0, None
+        for h, _, stop in self._hashed_spans(space, arr, salt, None):
+            keys = [ChunkKey(h, space.world_size, rank) for rank in ranks]
+            if not self._take(keys, pin, pinned, ranks):
                 break
-            for rank, key in zip(ranks, taken, strict=True):
-                pinned[rank].append(key)
-            hit = spans[0].end
+            hit, parent = stop, h
+        if self.config.save_unfull_chunk and hit % self.config.chunk_size == 0:
+            tail_end, keys = self._tail_probe(space, arr, salt, ranks, parent, hit)
+            if keys and self._take(keys, pin, pinned, ranks):
+                hit = tail_end
         with self._lock:
             if pin:
                 self._pins[pin_id] = pinned
             self.stats.lookups += 1
-            self.stats.lookup_tokens += len(token_array(tokens))
+            self.stats.lookup_tokens += len(arr)
             self.stats.hit_tokens += hit
         return hit
 
-    def _pin_or_check(self, key: ChunkKey, pin: bool) -> bool:
-        return self.l1.pin(key) if pin else key in self.l1
+    def _take(
+        self, keys: list[ChunkKey], pin: bool, pinned: dict[int, list[Hashable]], ranks: Sequence[int]
+    ) -> bool:
+        """True if every rank's chunk is cached; with ``pin`` they are pinned (all or none)."""
+        if not pin:
+            return all(key in self.l1 for key in keys)
+        taken = [key for key in keys if self.l1.pin(key)]
+        if len(taken) < len(keys):
+            for key in taken:
+                self.l1.unpin(key)
+            return False
+        for rank, key in zip(ranks, keys, strict=True):
+            pinned[rank].append(key)
+        return True
 
     def release(self, pin_id: Hashable, rank: int | None = None) -> None:
         """Drop the pins a lookup took for ``pin_id`` (all ranks, or one rank's once it has loaded)."""

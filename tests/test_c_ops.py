@@ -50,3 +50,8 @@ def test_out_of_range_block_ids_rejected_before_any_copy(ids: list[int]) -> None
 def test_empty_block_list_rejected() -> None:
     with pytest.raises(ValueError):
         c_ops.gather_to_host(pool(), [([], torch.empty(0, 3, 2, 64))])
+
+
+def test_block_runs_coalesce_adjacent_ids() -> None:
+    assert c_ops.block_runs([4, 5, 6, 9, 10, 2]) == [(0, 4, 3), (3, 9, 2), (5, 2, 1)]
+    assert c_ops.block_runs([7]) == [(0, 7, 1)]

@@ -182,3 +182,15 @@ def test_concurrent_stores_and_lookups_stay_consistent() -> None:
         t.join()
     assert not errors, errors
     assert engine.l1.pinned_keys() == []
+
+
+def test_save_unfull_chunk_tail_hits_a_longer_prompt() -> None:
+    engine, space, pool = make(save_unfull_chunk=True)
+    first = tokens(100)
+    engine.store(space, 0, first, None, pool, list(range(7)), 0, 100)
+    longer = first + tokens(200, 50_000)
+    assert engine.lookup(space, longer, pin_id="r") == 96
+    dst = list(range(30, 49))
+    assert engine.retrieve(space, 0, longer, None, pool, dst, 0, 96, pin_id="r") == 96
+    assert torch.equal(pool[dst[:6]], pool[list(range(6))])
+    assert engine.l1.pinned_keys() == []

@@ -1,0 +1,159 @@
+"""Core engine benchmark: hashing, L1 store/retrieve bandwidth against a plain copy, lookup latency.
+
+Everything is measured in one run against a baseline on the same machine:
+- store/retrieve GB/s of 256-token chunks of a Qwen2-1.5B-shaped pool (28 layers, 2 KV heads,
+  head dim 128, bf16, 32 tokens per block), as a ratio to one plain ``copy_`` of the same total
+  bytes (on CUDA: device <-> pinned host, the PCIe ceiling);
+- hashing throughput from a Python list of 32k tokens;
+- lookup latency (p50, p99) for 8k and 32k-token prompts.
+
+    python benchmarks/bench_engine.py [--device cuda] [--tokens 65536] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from lmcache.config import LMCacheEngineConfig
+from lmcache.engine import CacheEngine, KeySpace
+from lmcache.keys import TokenHasher
+from lmcache.layout import PoolLayout
+
+LAYERS, KV_HEADS, HEAD_DIM, TPB, CHUNK = 28, 2, 128, 32, 256
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_of(fn: Callable[[], object], device: str, repeats: int) -> float:
+    """Best wall time of ``repeats`` runs (after one warm-up), device work included."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_transfer(device: str, tokens: int, repeats: int, scattered: bool) -> dict[str, float]:
+    num_blocks = 2 * tokens // TPB
+    pool = torch.randn(num_blocks, LAYERS, 2, KV_HEADS * TPB * HEAD_DIM, device=device).to(torch.bfloat16)
+    layout = PoolLayout.of_pool(pool, TPB)
+    nbytes = tokens * layout.bytes_per_token
+    n = tokens // TPB
+    blocks, targets = list(range(n)), list(range(n, 2 * n))
+    if scattered:  # no two adjacent, as in a pool after churn
+        blocks, targets = list(range(0, 2 * n, 2)), list(range(2 * n - 1, 0, -2))
+
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device == "cuda")
+    flat = pool.view(-1).view(torch.uint8)[:nbytes]
+    d2h = best_of(lambda: host.copy_(flat, non_blocking=True), device, repeats)
+    h2d = best_of(lambda: flat.copy_(host, non_blocking=True), device, repeats)
+
+    cfg = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=2 * nbytes / 2**30 + 0.1)
+    engine = CacheEngine(cfg)
+    space = KeySpace("bench", layout)
+    toks = torch.randint(0, 150_000, (tokens,)).tolist()
+    stream = torch.cuda.Stream() if device == "cuda" else None
+
+    def store() -> None:
+        engine.clear()
+        engine.store(space, 0, toks, None, pool, blocks, 0, tokens, stream)
+
+    t_store = best_of(store, device, repeats)
+    engine.store(space, 0, toks, None, pool, blocks, 0, tokens, stream)
+    sync(device)
+
+    def retrieve() -> None:
+        assert engine.retrieve(space, 0, toks, None, pool, targets, 0, tokens, stream) == tokens
+
+    t_retrieve = best_of(retrieve, device, repeats)
+    correct = bool(torch.equal(pool[blocks], pool[targets]))
+    return {
+        "bytes": nbytes,
+        "copy_d2h_gbps": nbytes / d2h / 1e9,
+        "copy_h2d_gbps": nbytes / h2d / 1e9,
+        "store_gbps": nbytes / t_store / 1e9,
+        "retrieve_gbps": nbytes / t_retrieve / 1e9,
+        "store_ratio": d2h / t_store,
+        "retrieve_ratio": h2d / t_retrieve,
+        "bytes_identical": correct,
+    }
+
+
+def bench_hashing(repeats: int) -> dict[str, float]:
+    toks = list(range(32_768))
+    out = {}
+    for algorithm in ("blake3", "sha256", "xxh3_128"):
+        hasher = TokenHasher(CHUNK, algorithm, "bench", b"sig")
+        t = best_of(lambda h=hasher: h.chunk_hashes(toks), "cpu", repeats)
+        out[f"{algorithm}_mtok_per_s"] = len(toks) / t / 1e6
+    return out
+
+
+def bench_lookup(repeats: int) -> dict[str, float]:
+    pool = torch.zeros(4, LAYERS, 2, KV_HEADS * TPB * HEAD_DIM, dtype=torch.bfloat16)
+    space = KeySpace("bench", PoolLayout.of_pool(pool, TPB))
+    engine = CacheEngine(LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.01))
+    out = {}
+    for n in (8192, 32768):
+        toks = torch.randint(0, 150_000, (n,)).tolist()
+        samples = []
+        for _ in range(max(repeats * 20, 50)):
+            start = time.perf_counter()
+            engine.lookup(space, toks, pin_id="bench")
+            samples.append(time.perf_counter() - start)
+        samples.sort()
+        out[f"lookup_{n}_p50_us"] = statistics.median(samples) * 1e6
+        out[f"lookup_{n}_p99_us"] = samples[int(len(samples) * 0.99) - 1] * 1e6
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens moved per store/retrieve")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+
+    results: dict[str, object] = {"device": args.device, "tokens": args.tokens}
+    if args.device == "cuda":
+        results["card"] = torch.cuda.get_device_name()
+    for layout_name, scattered in (("adjacent_blocks", False), ("scattered_blocks", True)):
+        results[layout_name] = bench_transfer(args.device, args.tokens, args.repeats, scattered)
+    results["hashing"] = bench_hashing(args.repeats)
+    results["lookup"] = bench_lookup(args.repeats)
+
+    print(f"device: {results.get('card', args.device)}  ({args.tokens} tokens of Qwen2-1.5B-shaped KV per op)")
+    print(f"{'blocks':<18}{'copy D2H':>10}{'store':>10}{'ratio':>8}{'copy H2D':>10}{'retrieve':>10}{'ratio':>8}")
+    for name in ("adjacent_blocks", "scattered_blocks"):
+        r = results[name]
+        assert isinstance(r, dict)
+        print(
+            f"{name:<18}{r['copy_d2h_gbps']:>9.1f}G{r['store_gbps']:>9.1f}G{r['store_ratio']:>8.2f}"
+            f"{r['copy_h2d_gbps']:>9.1f}G{r['retrieve_gbps']:>9.1f}G{r['retrieve_ratio']:>8.2f}"
+            f"  identical={r['bytes_identical']}"
+        )
+    for section in ("hashing", "lookup"):
+        r = results[section]
+        assert isinstance(r, dict)
+        print(section + ": " + ", ".join(f"{k}={v:.1f}" for k, v in r.items()))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
