@@ -121,7 +121,9 @@ def bench_lookup(repeats: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tokens", type=int, default=16384, help="tokens moved per store/retrieve")
     parser.add_argument("--repeats", type=int, default=5)
@@ -136,8 +138,10 @@ def main() -> None:
     results["hashing"] = bench_hashing(args.repeats)
     results["lookup"] = bench_lookup(args.repeats)
 
-    print(f"device: {results.get('card', args.device)}  ({args.tokens} tokens of Qwen2-1.5B-shaped KV per op)")
-    print(f"{'blocks':<18}{'copy D2H':>10}{'store':>10}{'ratio':>8}{'copy H2D':>10}{'retrieve':>10}{'ratio':>8}")
+    card = results.get("card", args.device)
+    print(f"device: {card}  ({args.tokens} tokens of Qwen2-1.5B-shaped KV per op)")
+    header = ("blocks", "copy D2H", "store", "ratio", "copy H2D", "retrieve", "ratio")
+    print(f"{header[0]:<18}" + "".join(f"{h:>10}" if "ratio" not in h else f"{h:>8}" for h in header[1:]))
     for name in ("adjacent_blocks", "scattered_blocks"):
         r = results[name]
         assert isinstance(r, dict)

@@ -1,12 +1,12 @@
 """Block transfers between TensorRT-LLM's paged KV pool and contiguous chunk buffers.
 
 A pool row (``pool[block]``: every layer, K then V) is contiguous, so a chunk is a handful of
-rows, copied run by run of adjacent block ids on the CPU. On CUDA each chunk moves as one large DMA copy: rows that are adjacent in the pool go
-straight to or from host memory; scattered rows are first gathered on the device (one
-``index_select`` for the whole batch, or one ``index_copy_`` on the way back), which runs at
-device-memory speed. Everything is enqueued on the caller's stream with no host sync; the
-staging buffers come from PyTorch's caching allocator on that stream, so they stay valid until
-the copies that use them have run.
+rows, copied run by run of adjacent block ids on the CPU. On CUDA each chunk moves as one large
+DMA copy: rows adjacent in the pool go straight to or from host memory; scattered rows are first
+gathered on the device (one ``index_select`` per batch, or one ``index_copy_`` on the way back),
+at device-memory speed. Everything is enqueued on the caller's stream with no host sync; staging
+buffers come from PyTorch's caching allocator on that stream, so they stay valid until the copies
+that use them have run.
 
 Pure PyTorch: ``import lmcache.c_ops`` works on any machine, with or without CUDA.
 """
