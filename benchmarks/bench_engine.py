@@ -33,12 +33,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def best_of(fn: Callable[[], object], device: str, repeats: int) -> float:
-    """Best wall time of ``repeats`` runs (after one warm-up), device work included."""
+def best_of(
+    fn: Callable[[], object], device: str, repeats: int, setup: Callable[[], object] = lambda: None
+) -> float:
+    """Best wall time of ``repeats`` runs (after one warm-up), device work included, setup excluded."""
+    setup()
     fn()
     sync(device)
     times = []
     for _ in range(repeats):
+        setup()
+        sync(device)
         start = time.perf_counter()
         fn()
         sync(device)
@@ -68,10 +73,9 @@ def bench_transfer(device: str, tokens: int, repeats: int, scattered: bool) -> d
     stream = torch.cuda.Stream() if device == "cuda" else None
 
     def store() -> None:
-        engine.clear()
         engine.store(space, 0, toks, None, pool, blocks, 0, tokens, stream)
 
-    t_store = best_of(store, device, repeats)
+    t_store = best_of(store, device, repeats, setup=engine.clear)
     engine.store(space, 0, toks, None, pool, blocks, 0, tokens, stream)
     sync(device)
 

@@ -232,35 +232,41 @@ class CacheEngine:
         spans = [s for s in self.chunk_spans(space, rank, tokens, salt, end) if s.start >= start]
         if not spans:
             return 0
-        self._check_block_ids(block_ids, spans[-1].end, layout)
-        copies: list[c_ops.ChunkCopy] = []
-        reserved: list[_ChunkSpan] = []
+        self._check_block_ids(block_ids, spans[-1].end, layout, pool)
+        batch = _CopyBatch(pool, stream)
+        stored_chunks = stored = 0
         for span in spans:
             rows = (span.end - span.start) // layout.tokens_per_block
             chunk = self.l1.reserve(span.key, rows * layout.row_bytes, span.end - span.start)
             if chunk is None:
                 continue
             first = span.start // layout.tokens_per_block
-            copies.append(
-                (block_ids[first : first + rows], chunk.buffer.view(layout.dtype, (rows, *layout.row_shape)))
-            )
-            reserved.append(span)
-        if not copies:
-            return 0
-        try:
-            c_ops.gather_to_host(pool, copies, stream)
-            event = _record_event(pool, stream)
-        except BaseException:
-            for span in reserved:
-                self.l1.abort(span.key)
-            raise
-        for span in reserved:
-            self.l1.commit(span.key, event)
-        stored = sum(s.end - s.start for s in reserved)
+            view = chunk.buffer.view(layout.dtype, (rows, *layout.row_shape))
+            batch.add(span.key, block_ids[first : first + rows], view)
+            if batch.full():
+                self._flush_store(batch)
+            stored_chunks += 1
+            stored += span.end - span.start
+        self._flush_store(batch)
         with self._lock:
-            self.stats.stored_chunks += len(reserved)
+            self.stats.stored_chunks += stored_chunks
             self.stats.stored_bytes += stored * layout.bytes_per_token
         return stored
+
+    def _flush_store(self, batch: _CopyBatch) -> None:
+        """Enqueue the batch's copies, then publish its chunks behind one event."""
+        if not batch.copies:
+            return
+        try:
+            c_ops.gather_to_host(batch.pool, batch.copies, batch.stream)
+            event = _record_event(batch.pool, batch.stream)
+        except BaseException:
+            for key in batch.keys:
+                self.l1.abort(key)
+            raise
+        for key in batch.keys:
+            self.l1.commit(key, event)
+        batch.clear()
 
     # -- retrieve -------------------------------------------------------------------------------
 
@@ -310,9 +316,9 @@ class CacheEngine:
             )
         if end == start:
             return 0
-        self._check_block_ids(block_ids, end, layout)
+        self._check_block_ids(block_ids, end, layout, pool)
         spans = [s for s in self.chunk_spans(space, rank, tokens, salt, end) if s.end > start]
-        copies: list[c_ops.ChunkCopy] = []
+        batch = _CopyBatch(pool, stream)
         held: list[tuple[ChunkKey, CachedChunk]] = []
         loaded_end = start
         try:
@@ -325,14 +331,11 @@ class CacheEngine:
                 view = chunk.buffer.view(layout.dtype, (rows, *layout.row_shape))
                 skip = (max(start, span.start) - span.start) // tpb
                 first = span.start // tpb
-                copies.append((block_ids[first + skip : first + rows], view[skip:]))
+                batch.add(span.key, block_ids[first + skip : first + rows], view[skip:], chunk)
                 loaded_end = span.end
-            if copies:
-                _wait_ready(pool, stream, [chunk for _, chunk in held])
-                c_ops.scatter_from_host(pool, copies, stream)
-                event = _record_event(pool, stream)
-                for _, chunk in held:
-                    chunk.last_read = event
+                if batch.full():
+                    self._flush_retrieve(batch)
+            self._flush_retrieve(batch)
         finally:
             for key, _ in held:
                 self.l1.unpin(key)
@@ -343,6 +346,18 @@ class CacheEngine:
             if loaded_end < end:
                 self.stats.failed_retrieves += 1
         return loaded
+
+    @staticmethod
+    def _flush_retrieve(batch: _CopyBatch) -> None:
+        """Enqueue the batch's copies after the copies that filled its chunks; mark the reads."""
+        if not batch.copies:
+            return
+        _wait_ready(batch.pool, batch.stream, batch.chunks)
+        c_ops.scatter_from_host(batch.pool, batch.copies, batch.stream)
+        event = _record_event(batch.pool, batch.stream)
+        for chunk in batch.chunks:
+            chunk.last_read = event
+        batch.clear()
 
     def _hold(self, key: ChunkKey) -> CachedChunk | None:
         """Pin a chunk for the duration of a copy out of it."""
@@ -366,10 +381,39 @@ class CacheEngine:
         return layout
 
     @staticmethod
-    def _check_block_ids(block_ids: Sequence[int], end: int, layout: PoolLayout) -> None:
+    def _check_block_ids(block_ids: Sequence[int], end: int, layout: PoolLayout, pool: torch.Tensor) -> None:
+        """Refuse bad ids before any copy, so a bad request changes nothing."""
         needed = -(-end // layout.tokens_per_block)
         if len(block_ids) < needed:
             raise ValueError(f"{len(block_ids)} block ids cannot hold {end} tokens ({needed} blocks needed)")
+        c_ops.check_block_ids(pool, block_ids[:needed])
+
+
+class _CopyBatch:
+    """Chunk copies enqueued a few at a time, so the DMA engine starts while the host prepares more."""
+
+    FLUSH_CHUNKS = 2
+
+    def __init__(self, pool: torch.Tensor, stream: Any) -> None:
+        self.pool = pool
+        self.stream = stream
+        self.copies: list[c_ops.ChunkCopy] = []
+        self.keys: list[ChunkKey] = []
+        self.chunks: list[CachedChunk] = []
+
+    def add(
+        self, key: ChunkKey, block_ids: Sequence[int], view: torch.Tensor, chunk: CachedChunk | None = None
+    ) -> None:
+        self.copies.append((block_ids, view))
+        self.keys.append(key)
+        if chunk is not None:
+            self.chunks.append(chunk)
+
+    def full(self) -> bool:
+        return len(self.copies) >= self.FLUSH_CHUNKS
+
+    def clear(self) -> None:
+        self.copies, self.keys, self.chunks = [], [], []
 
 
 def _record_event(pool: torch.Tensor, stream: Any) -> Any:

@@ -8,6 +8,7 @@ cache salt and pool layout signature. Keys are identical in every process and on
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -41,7 +42,16 @@ class ChunkKey(NamedTuple):
 
 
 def token_array(tokens: Tokens) -> np.ndarray:
-    """Token ids as little-endian int64, converted in C (no per-token Python loop)."""
+    """Token ids as little-endian int64, converted in C (no per-token Python loop).
+
+    Python lists (what TRT-LLM's ``get_tokens`` returns) go through ``struct``, about twice as
+    fast as numpy's per-element conversion.
+    """
+    if isinstance(tokens, list):
+        try:
+            return np.frombuffer(struct.pack(f"<{len(tokens)}q", *tokens), dtype="<i8")
+        except struct.error as exc:
+            raise ValueError(f"token ids must be integers in int64 range: {exc}") from None
     if isinstance(tokens, torch.Tensor):
         tokens = tokens.detach().cpu().numpy()
     arr = np.asarray(tokens, dtype="<i8")

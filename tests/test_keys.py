@@ -65,7 +65,7 @@ def test_bad_inputs() -> None:
         TokenHasher(256, "md5", "m", SIG)
     with pytest.raises(ValueError, match="chunk_size"):
         TokenHasher(0, "blake3", "m", SIG)
-    with pytest.raises(ValueError, match="flat"):
+    with pytest.raises(ValueError, match="token ids"):
         token_array([[1, 2], [3, 4]])
 
 
@@ -96,3 +96,10 @@ def test_same_keys_in_every_process_whatever_pythonhashseed(algorithm: str) -> N
     assert outs[0] == ",".join(
         x.hex() for x in TokenHasher(64, algorithm, "model", b"sig").chunk_hashes(list(range(300)), salt="s")
     )
+
+
+def test_list_fast_path_matches_numpy_and_rejects_non_integers() -> None:
+    toks = [0, 1, 2**40, 151_000]
+    assert token_array(toks).tolist() == np.asarray(toks, dtype=np.int64).tolist()
+    with pytest.raises(ValueError, match="integers"):
+        token_array([1, 2.5])

@@ -94,7 +94,7 @@ class Planner:
 
     def match(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         request_id = int(request.request_id)
-        tokens = [int(t) for t in request.get_tokens(0)]
+        tokens = list(request.get_tokens(0))
         prompt_len = int(getattr(request, "prompt_len", len(tokens)) or len(tokens))
         tokens = tokens[:prompt_len]
         salt = request_salt(request)
@@ -168,7 +168,7 @@ class Planner:
 
     def _on_report(self, data: Any, first: bool, meta: ConnectorMetadata) -> None:
         request_id = int(data.request_id)
-        new_tokens = [int(t) for t in (getattr(data, "new_tokens", None) or [])]
+        new_tokens = list(getattr(data, "new_tokens", None) or [])
         new_blocks = [int(b) for b in (getattr(data, "new_block_ids", None) or []) if int(b) >= 0]
         state = self._requests.get(request_id)
         if state is None or (first and state.reported):

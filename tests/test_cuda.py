@@ -1,0 +1,78 @@
+"""CUDA paths of c_ops and the engine: pinned memory, caller streams, no host sync, event ordering.
+
+These run on the GPU machine (see benchmarks/RESULTS.md); without CUDA there is nothing to run.
+"""
+
+import pytest
+import torch
+
+from lmcache import c_ops
+from lmcache.config import LMCacheEngineConfig
+from lmcache.engine import CacheEngine, KeySpace
+from lmcache.layout import PoolLayout
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+TPB, CHUNK = 32, 256
+
+
+def cuda_pool(num_blocks: int = 96) -> torch.Tensor:
+    return torch.randn(num_blocks, 4, 2, 2 * TPB * 16, device="cuda").to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("ids", [[0, 1, 2, 3, 4, 5, 6, 7], [9, 3, 17, 4, 40, 41, 42, 2]])
+def test_gather_scatter_on_side_stream_without_host_sync(ids: list[int]) -> None:
+    pool = cuda_pool()
+    stream = torch.cuda.Stream()
+    host = torch.empty((len(ids), *pool.shape[1:]), dtype=pool.dtype, pin_memory=True)
+    stream.wait_stream(torch.cuda.current_stream())
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        c_ops.gather_to_host(pool, [(ids, host)], stream)
+        targets = [60 + i for i in range(len(ids))][::-1]
+        c_ops.scatter_from_host(pool, [(targets, host)], stream)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    stream.synchronize()
+    assert torch.equal(pool[targets], pool[ids])
+
+
+def test_engine_round_trip_with_pinned_l1_and_event_ordering() -> None:
+    pool = cuda_pool()
+    engine = CacheEngine(LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.5))
+    assert engine.l1.arena.pinned
+    space = KeySpace("m", PoolLayout.of_pool(pool, TPB))
+    toks = list(range(1024))
+    src = [5, 6, 7, 8, 9, 10, 11, 12] + list(range(30, 54))[::-1]
+    save, load = torch.cuda.Stream(), torch.cuda.Stream()
+    # A kernel writes the pool on the default stream; the save must be ordered after it.
+    pool[src] = torch.full_like(pool[src], 3.0)
+    save.wait_stream(torch.cuda.current_stream())
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        assert engine.store(space, 0, toks, None, pool, src, 0, 1024, save) == 1024
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    chunk = engine.l1.get(engine.chunk_spans(space, 0, toks, None)[0].key)
+    assert chunk is not None and chunk.buffer.data.is_pinned() and chunk.ready is not None
+    assert engine.lookup(space, toks, pin_id="r") == 1024
+    dst = list(range(60, 92))
+    # The load stream never synchronized with the save stream: the engine orders it by event.
+    assert engine.retrieve(space, 0, toks, None, pool, dst, 0, 1024, load, pin_id="r") == 1024
+    load.synchronize()
+    assert torch.equal(pool[dst], pool[src])
+    assert bool((pool[dst] == 3.0).all())
+
+
+def test_retrieve_skips_blocks_before_start_on_cuda() -> None:
+    pool = cuda_pool()
+    engine = CacheEngine(LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.5))
+    space = KeySpace("m", PoolLayout.of_pool(pool, TPB))
+    toks = list(range(512))
+    engine.store(space, 0, toks, None, pool, list(range(16)), 0, 512)
+    dst = list(range(40, 56))
+    pool[dst] = 0
+    assert engine.retrieve(space, 0, toks, None, pool, dst, 96, 512) == 416
+    torch.cuda.synchronize()
+    assert int(torch.count_nonzero(pool[dst[:3]])) == 0
+    assert torch.equal(pool[dst[3:]], pool[list(range(3, 16))])
