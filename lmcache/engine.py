@@ -285,7 +285,8 @@ class CacheEngine:
     ) -> int:
         """Load tokens ``[start, end)`` into their blocks; returns how many tokens were loaded.
 
-        ``start`` and ``end`` must be block-aligned. Blocks before ``start`` are never written.
+        ``start`` and ``end`` must be block-aligned; ``tokens`` must reach the end of the chunk that
+        holds ``end`` (its key covers the whole chunk). Blocks before ``start`` are never written.
         Loading stops at the first chunk not cached, so the result is a prefix of the request: every
         block in ``[start, start + result)`` holds cached KV, every later block is untouched. This
         rank's pins of ``pin_id`` are released afterwards.
@@ -317,22 +318,29 @@ class CacheEngine:
         if end == start:
             return 0
         self._check_block_ids(block_ids, end, layout, pool)
-        spans = [s for s in self.chunk_spans(space, rank, tokens, salt, end) if s.end > start]
+        # The last chunk may end after ``end`` (a load never claims a prompt's last token): its key
+        # needs all its tokens, and only its rows before ``end`` are copied.
+        chunk_end = -(-end // self.config.chunk_size) * self.config.chunk_size
+        spans = [s for s in self.chunk_spans(space, rank, tokens, salt, chunk_end) if s.end > start]
         batch = _CopyBatch(pool, stream)
         held: list[tuple[ChunkKey, CachedChunk]] = []
         loaded_end = start
         try:
-            for span in spans:
+            for i, span in enumerate(spans):
                 chunk = self._hold(span.key)
+                if chunk is None and span.end > end and self.config.save_unfull_chunk:
+                    span = self._tail_span(space, rank, tokens, salt, spans[i - 1] if i else None, span, end)
+                    chunk = self._hold(span.key)
                 if chunk is None:
                     break
                 held.append((span.key, chunk))
                 rows = (span.end - span.start) // tpb
                 view = chunk.buffer.view(layout.dtype, (rows, *layout.row_shape))
                 skip = (max(start, span.start) - span.start) // tpb
+                stop = (min(end, span.end) - span.start) // tpb
                 first = span.start // tpb
-                batch.add(span.key, block_ids[first + skip : first + rows], view[skip:], chunk)
-                loaded_end = span.end
+                batch.add(span.key, block_ids[first + skip : first + stop], view[skip:stop], chunk)
+                loaded_end = min(end, span.end)
                 if batch.full():
                     self._flush_retrieve(batch)
             self._flush_retrieve(batch)
@@ -358,6 +366,21 @@ class CacheEngine:
         for chunk in batch.chunks:
             chunk.last_read = event
         batch.clear()
+
+    def _tail_span(
+        self,
+        space: KeySpace,
+        rank: int,
+        tokens: Tokens,
+        salt: CacheSalt,
+        previous: _ChunkSpan | None,
+        span: _ChunkSpan,
+        end: int,
+    ) -> _ChunkSpan:
+        """The partial chunk ``[span.start, end)`` that ``save_unfull_chunk`` may have stored."""
+        parent = previous.key.chunk_hash if previous is not None else None
+        h = self.hasher(space).tail_hash(token_array(tokens), salt, parent, span.start, end)
+        return _ChunkSpan(ChunkKey(h, space.world_size, rank), span.start, end)
 
     def _hold(self, key: ChunkKey) -> CachedChunk | None:
         """Pin a chunk for the duration of a copy out of it."""

@@ -194,3 +194,14 @@ def test_save_unfull_chunk_tail_hits_a_longer_prompt() -> None:
     assert engine.retrieve(space, 0, longer, None, pool, dst, 0, 96, pin_id="r") == 96
     assert torch.equal(pool[dst[:6]], pool[list(range(6))])
     assert engine.l1.pinned_keys() == []
+
+
+def test_retrieve_ending_inside_a_chunk_copies_only_rows_before_end() -> None:
+    engine, space, pool = make()
+    toks = tokens(128)
+    engine.store(space, 0, toks, None, pool, list(range(8)), 0, 128)
+    dst = list(range(40, 48))
+    pool[dst] = 0.0
+    assert engine.retrieve(space, 0, toks, None, pool, dst, 0, 112) == 112
+    assert torch.equal(pool[dst[:7]], pool[list(range(7))])
+    assert torch.count_nonzero(pool[dst[7]]) == 0

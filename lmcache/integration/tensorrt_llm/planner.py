@@ -31,7 +31,10 @@ class CacheIndex(Protocol):
 
 @dataclass
 class LoadSpec:
-    """Load ``tokens[start:end]`` of a request into ``block_ids`` (block-aligned range)."""
+    """Load ``tokens[start:end]`` of a request into ``block_ids`` (block-aligned range).
+
+    ``required`` is how many prompt tokens the request still needed after TRT-LLM's own match.
+    """
 
     request_id: int
     tokens: list[int]
@@ -39,6 +42,7 @@ class LoadSpec:
     block_ids: list[int]
     start: int
     end: int
+    required: int
     is_async: bool = False
 
 
@@ -150,16 +154,18 @@ class Planner:
         for data in getattr(scheduler_output, "cached_requests", []) or []:
             self._on_report(data, first=False, meta=meta)
         # Loads come from the alloc feedback: async-loading requests are not in the output at all.
+        chunk = self.settings.chunk_size
         for state in self._requests.values():
             if state.load_end > state.load_start and not state.load_planned and state.block_ids:
                 meta.loads.append(
                     LoadSpec(
                         state.request_id,
-                        state.tokens[: state.load_end],
+                        state.tokens[: -(-state.load_end // chunk) * chunk],
                         state.salt,
                         list(state.block_ids),
                         state.load_start,
                         state.load_end,
+                        state.prompt_len - state.load_start,
                         state.load_async,
                     )
                 )

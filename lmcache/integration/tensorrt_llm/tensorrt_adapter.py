@@ -172,7 +172,7 @@ class LMCacheKvConnectorWorker(KvCacheConnectorWorker):
             target,
             pin_id=load.request_id,
         )
-        logger.debug("Retrieved %d out of %d required tokens", loaded, load.end - load.start)
+        logger.debug("Retrieved %d out of %d required tokens", loaded, load.required)
         if loaded < load.end - load.start:
             raise RuntimeError(
                 f"LMCache promised {load.end - load.start} tokens of KV for request {load.request_id} "

@@ -1,0 +1,186 @@
+"""A tiny deterministic decoder LM whose attention reads and writes K/V in the paged pool.
+
+Why it exists: a connector's loads are only proven if the model really consumes what was loaded.
+Every layer writes each token's K/V into its rank's pool slab and reads the prefix back from the
+pool blocks of the request, so a wrong, missing or misplaced block changes the logits.
+
+Why token by token: the K/V of a token must be bitwise identical whether the prefix was computed
+in one prefill, in chunks, reused from the device, or loaded by a connector. Processing one token
+at a time with identical shapes (the attention key length depends only on the position) makes
+every number independent of batch composition and chunking, on CPU and on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .block_pool import KvPool
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the tiny Llama-like model (RMSNorm, RoPE, GQA attention, SwiGLU MLP)."""
+
+    vocab_size: int = 256
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    intermediate_size: int = 128
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+        if self.head_dim % 2:
+            raise ValueError("head_dim must be even (RoPE)")
+        if min(self.vocab_size, self.hidden_size, self.num_layers, self.intermediate_size) < 1:
+            raise ValueError("model dimensions must be positive")
+
+
+@dataclass
+class ForwardItem:
+    """One request's share of a forward: compute ``tokens`` at positions ``start..``."""
+
+    tokens: list[int]
+    start: int
+    block_ids: list[int]
+    want_logits: bool
+
+
+LayerHook = Callable[[int], None]
+
+
+class TinyDecoder:
+    """Seeded weights; tensor parallelism splits KV heads (and their query groups) across ranks."""
+
+    def __init__(
+        self, config: ModelConfig, *, seed: int = 0, device: str | torch.device = "cpu", tp_size: int = 1
+    ) -> None:
+        if config.num_kv_heads % tp_size:
+            raise ValueError(f"num_kv_heads={config.num_kv_heads} must be divisible by tp={tp_size}")
+        self.config = config
+        self.device = torch.device(device)
+        self.tp_size = tp_size
+        c = config
+        gen = torch.Generator().manual_seed(seed)
+
+        def rand(*shape: int, std: float) -> torch.Tensor:
+            w = torch.randn(*shape, generator=gen, dtype=torch.float32) * std
+            return w.to(device=self.device, dtype=c.dtype)
+
+        def norm_weight() -> torch.Tensor:
+            return (1.0 + 0.1 * torch.randn(c.hidden_size, generator=gen)).to(self.device, c.dtype)
+
+        qkv_out = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+        self.embed = rand(c.vocab_size, c.hidden_size, std=1.0)
+        self.layers = []
+        for _ in range(c.num_layers):
+            self.layers.append(
+                {
+                    "attn_norm": norm_weight(),
+                    "qkv": rand(qkv_out, c.hidden_size, std=1 / math.sqrt(c.hidden_size)),
+                    "o": rand(
+                        c.hidden_size, c.num_heads * c.head_dim, std=1 / math.sqrt(c.num_heads * c.head_dim)
+                    ),
+                    "mlp_norm": norm_weight(),
+                    "gate_up": rand(2 * c.intermediate_size, c.hidden_size, std=1 / math.sqrt(c.hidden_size)),
+                    "down": rand(c.hidden_size, c.intermediate_size, std=1 / math.sqrt(c.intermediate_size)),
+                }
+            )
+        self.final_norm = norm_weight()
+        self.lm_head = rand(c.vocab_size, c.hidden_size, std=1 / math.sqrt(c.hidden_size))
+        half = c.head_dim // 2
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(half, dtype=torch.float64) / half))
+        angles = torch.arange(c.max_position_embeddings, dtype=torch.float64)[:, None] * inv_freq[None, :]
+        self._cos = angles.cos().to(self.device, c.dtype)
+        self._sin = angles.sin().to(self.device, c.dtype)
+
+    # --- building blocks ----------------------------------------------------------------
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
+        return x32.to(x.dtype) * weight
+
+    def _rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        half = self.config.head_dim // 2
+        cos, sin = self._cos[pos], self._sin[pos]
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    def _attention(
+        self, layer: int, x: torch.Tensor, pos: int, block_ids: list[int], ids: torch.Tensor, pool: KvPool
+    ) -> torch.Tensor:
+        c, w = self.config, self.layers[layer]
+        h = self._rms_norm(x, w["attn_norm"])
+        qkv = F.linear(h, w["qkv"])[0]
+        nq, nkv, d = c.num_heads, c.num_kv_heads, c.head_dim
+        q = self._rope(qkv[: nq * d].view(nq, d), pos)
+        k = self._rope(qkv[nq * d : (nq + nkv) * d].view(nkv, d), pos)
+        v = qkv[(nq + nkv) * d :].view(nkv, d)
+        kv_per_rank, group = nkv // self.tp_size, nq // nkv
+        block, offset = block_ids[pos // pool.tokens_per_block], pos % pool.tokens_per_block
+        outs = []
+        for rank in range(self.tp_size):
+            heads = slice(rank * kv_per_rank, (rank + 1) * kv_per_rank)
+            pool.write(rank, layer, block, offset, k[heads], v[heads])
+            keys, values = pool.gather(rank, layer, ids, pos + 1)  # read back from this rank's pool
+            keys = keys.to(c.dtype).repeat_interleave(group, dim=0)
+            values = values.to(c.dtype).repeat_interleave(group, dim=0)
+            q_rank = q[rank * kv_per_rank * group : (rank + 1) * kv_per_rank * group]
+            out = F.scaled_dot_product_attention(q_rank[:, None, :], keys, values)
+            outs.append(out.reshape(1, -1))
+        return x + F.linear(torch.cat(outs, dim=1), w["o"])
+
+    def _mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        w = self.layers[layer]
+        h = self._rms_norm(x, w["mlp_norm"])
+        gate, up = F.linear(h, w["gate_up"]).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, w["down"])
+
+    # --- forward ------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(
+        self,
+        items: list[ForwardItem],
+        pool: KvPool,
+        pre_layer: LayerHook | None = None,
+        post_layer: LayerHook | None = None,
+    ) -> list[torch.Tensor | None]:
+        """Layer-major over the batch (so per-layer hooks bracket each layer); float32 logits of
+        each item's last token where ``want_logits``."""
+        c = self.config
+        hidden: list[list[torch.Tensor]] = []
+        ids: list[torch.Tensor] = []
+        for item in items:
+            if item.start + len(item.tokens) > c.max_position_embeddings:
+                raise ValueError("sequence longer than max_position_embeddings")
+            tok = torch.tensor(item.tokens, dtype=torch.long, device=self.device)
+            hidden.append([self.embed[tok[j : j + 1]] for j in range(len(item.tokens))])
+            ids.append(torch.tensor(item.block_ids, dtype=torch.long, device=self.device))
+        for layer in range(c.num_layers):
+            if pre_layer is not None:
+                pre_layer(layer)
+            for item, states, block_tensor in zip(items, hidden, ids, strict=True):
+                for j in range(len(states)):
+                    x = self._attention(layer, states[j], item.start + j, item.block_ids, block_tensor, pool)
+                    states[j] = self._mlp(layer, x)
+            if post_layer is not None:
+                post_layer(layer)
+        logits: list[torch.Tensor | None] = []
+        for item, states in zip(items, hidden, strict=True):
+            if not item.want_logits or not states:
+                logits.append(None)
+                continue
+            h = self._rms_norm(states[-1], self.final_norm)
+            logits.append(F.linear(h, self.lm_head)[0].float())
+        return logits

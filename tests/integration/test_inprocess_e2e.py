@@ -1,0 +1,193 @@
+"""The in-process connector (preset ``lmcache``) end to end, driven by the executor replay."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+
+from lmcache.integration.tensorrt_llm.tensorrt_adapter import (
+    LMCacheKvConnectorScheduler,
+    LMCacheKvConnectorWorker,
+    process_engine,
+)
+from lmcache.testing.trtllm_replay import ReplayExecutor
+
+from support.e2e import CHUNK, MODEL, TPB, assert_same_output, baseline, engine_stats, llm_args, prompt
+
+LOOKUP_LINE = re.compile(r"LMCache TRT-LLM scheduler: req (\d+) .*lmcache_cached=(\d+) new_matched=(\d+)")
+RETRIEVED_LINE = re.compile(r"Retrieved (\d+) out of (\d+) required tokens")
+
+
+def seed_scenario(executor: ReplayExecutor, a: list[int], b: list[int], new_tokens: int):  # noqa: ANN201
+    first = executor.generate([a], new_tokens)[0]
+    executor.generate([b], new_tokens)
+    third = executor.generate([a], new_tokens)[0]
+    return first, third
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_seed_verification_scenario(lmcache_env, caplog, overlap: bool, tp: int) -> None:
+    """A (> 512 tokens), then B filling the small pool, then A again: LMCache must supply A."""
+    caplog.set_level(logging.DEBUG, logger="lmcache")
+    a, b = prompt(520, start=1), prompt(520, start=2)
+    # The pool holds one 520-token request plus its generated tokens, not two: B evicts A.
+    executor = ReplayExecutor(llm_args(tp=tp, max_tokens=640), MODEL, overlap_scheduler=overlap)
+    first, third = seed_scenario(executor, a, b, 8)
+    device, connector = third.num_device_matched_tokens, third.num_connector_matched_tokens
+    assert connector > 0 and device + connector == 512  # B evicted A's tail from the GPU pool
+    lookups = [tuple(map(int, m.groups())) for m in LOOKUP_LINE.finditer(caplog.text)]
+    assert lookups[-1][1:] == (512, connector)  # lmcache_cached, new_matched: both non-zero
+    loads = [tuple(map(int, m.groups())) for m in RETRIEVED_LINE.finditer(caplog.text)]
+    assert loads[-tp:] == [(connector, 520 - device)] * tp  # one load per rank
+    want = baseline([a], 8, tp=tp, max_tokens=640)[0]
+    assert_same_output(first, want)
+    assert_same_output(third, want)
+
+
+def test_multi_turn_hit_covers_the_answer(lmcache_env) -> None:
+    turn1 = prompt(100, start=3)
+    first = ReplayExecutor(llm_args(), MODEL).generate([turn1], 60)[0]
+    turn2 = turn1 + first.tokens + prompt(30, start=4)
+    # A new TRT-LLM instance (empty GPU pool), same process cache: only LMCache can supply the prefix.
+    second = ReplayExecutor(llm_args(), MODEL).generate([turn2], 5)[0]
+    # KV exists for 100 prompt + 59 generated tokens: 2 full chunks (128 tokens) beyond the prompt.
+    assert second.num_connector_matched_tokens == 128
+    assert_same_output(second, baseline([turn2], 5)[0])
+
+
+def test_chunked_prefill_saves_every_step_and_loads_back(lmcache_env) -> None:
+    p = prompt(300, start=5)
+    ReplayExecutor(llm_args(chunk=64), MODEL).generate([p], 4)
+    assert engine_stats().stored_chunks >= 4
+    again = ReplayExecutor(llm_args(chunk=64), MODEL).generate([p], 4)[0]
+    assert again.num_connector_matched_tokens == 256
+    assert_same_output(again, baseline([p], 4)[0])
+
+
+@pytest.mark.parametrize("length", [CHUNK, 4 * CHUNK])
+def test_prompt_of_exact_chunk_multiple_never_claims_last_token(lmcache_env, length: int) -> None:
+    p = prompt(length, start=6)
+    ReplayExecutor(llm_args(), MODEL).generate([p], 3)
+    again = ReplayExecutor(llm_args(), MODEL).generate([p], 3)[0]
+    assert again.num_connector_matched_tokens == length - TPB
+    assert_same_output(again, baseline([p], 3)[0])
+
+
+def test_device_match_longer_than_ours_loads_nothing(lmcache_env) -> None:
+    p = prompt(300, start=7)
+    executor = ReplayExecutor(llm_args(), MODEL)
+    executor.generate([p], 3)
+    engine = process_engine().engine
+    keys = engine.chunk_spans(next(iter(process_engine().spaces.values())), 0, p, None)
+    for span in keys[1:]:
+        assert engine.l1.remove(span.key)
+    loaded_before = engine.stats.retrieved_chunks
+    again = executor.generate([p], 3)[0]
+    assert again.num_device_matched_tokens == 288
+    assert again.num_connector_matched_tokens == 0
+    assert engine.stats.retrieved_chunks == loaded_before
+    assert_same_output(again, baseline([p], 3)[0])
+
+
+def test_cache_salt_isolates_tenants(lmcache_env) -> None:
+    p = prompt(200, start=8)
+    ReplayExecutor(llm_args(), MODEL).generate([p], 3, cache_salts=["tenant-a"])
+    other = ReplayExecutor(llm_args(), MODEL).generate([p], 3, cache_salts=["tenant-b"])[0]
+    assert other.num_connector_matched_tokens == 0
+    same = ReplayExecutor(llm_args(), MODEL).generate([p], 3, cache_salts=["tenant-a"])[0]
+    assert same.num_connector_matched_tokens == 192
+    unsalted = ReplayExecutor(llm_args(), MODEL).generate([p], 3)[0]
+    assert unsalted.num_connector_matched_tokens == 0
+
+
+def test_l1_too_small_never_corrupts_output(lmcache_env) -> None:
+    # Room for 3 chunks (4 blocks x 2 layers x 2 x (2 heads x 16 x 16) fp32 = 32 KiB each).
+    lmcache_env.setenv("LMCACHE_MAX_LOCAL_CPU_SIZE", str(3 * 32 * 1024 / 2**30))
+    from lmcache.integration.tensorrt_llm.tensorrt_adapter import reset_process_engine
+
+    reset_process_engine()
+    prompts = [prompt(200, start=s) for s in range(10, 16)]
+    executor = ReplayExecutor(llm_args(max_tokens=512), MODEL)
+    results = [executor.generate([p], 4)[0] for p in prompts + prompts[::-1]]
+    assert engine_stats().stored_chunks > 3  # more than fit: evictions happened
+    assert process_engine().engine.l1.evictions > 0
+    wants = baseline(prompts, 4, max_tokens=512)
+    for got, want in zip(results, wants + wants[::-1], strict=True):
+        assert_same_output(got, want)
+
+
+def test_async_loading_reports_through_get_finished(lmcache_env) -> None:
+    lmcache_env.setenv("LMCACHE_ENABLE_ASYNC_LOADING", "true")
+    p = prompt(200, start=20)
+    ReplayExecutor(llm_args(), MODEL).generate([p], 4)
+    again = ReplayExecutor(llm_args(), MODEL).generate([p], 4)[0]
+    assert again.num_connector_matched_tokens == 192
+    assert_same_output(again, baseline([p], 4)[0])
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_saves_in_flight_hold_the_request_until_reported(lmcache_env, overlap: bool) -> None:
+    p = prompt(130, start=21)
+    executor = ReplayExecutor(llm_args(), MODEL, overlap_scheduler=overlap)
+    out = executor.generate([p], 70)[0]
+    assert engine_stats().stored_chunks == 3  # 2 prompt chunks + 1 filled during decode
+    turn2 = p + out.tokens
+    again = ReplayExecutor(llm_args(), MODEL).generate([turn2], 2)[0]
+    assert again.num_connector_matched_tokens == 192
+
+
+def test_promised_load_that_fails_raises(lmcache_env, monkeypatch) -> None:
+    p = prompt(200, start=22)
+    ReplayExecutor(llm_args(), MODEL).generate([p], 2)
+    engine = process_engine().engine
+    monkeypatch.setattr(engine, "retrieve", lambda *a, **k: 64)
+    with pytest.raises(RuntimeError, match="refusing to use unloaded KV blocks"):
+        ReplayExecutor(llm_args(), MODEL).generate([p], 2)
+
+
+def test_hit_is_pinned_between_lookup_and_load(lmcache_env) -> None:
+    """Flood the cache between the scheduler's lookup and the worker's load: the hit survives."""
+    lmcache_env.setenv("LMCACHE_MAX_LOCAL_CPU_SIZE", str(4 * 32 * 1024 / 2**30))
+    from lmcache.integration.tensorrt_llm.tensorrt_adapter import reset_process_engine
+
+    reset_process_engine()
+    p = prompt(200, start=23)
+    ReplayExecutor(llm_args(), MODEL).generate([p], 2)
+    engine = process_engine().engine
+    original_lookup = engine.lookup
+
+    def lookup_then_flood(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        hit = original_lookup(*args, **kwargs)
+        space = next(iter(process_engine().spaces.values()))
+        pool = __import__("torch").zeros(16, *space.layout.row_shape)
+        for i in range(6):
+            engine.store(space, 0, prompt(64, start=100 + i), None, pool, [0, 1, 2, 3], 0, 64)
+        return hit
+
+    engine.lookup = lookup_then_flood
+    again = ReplayExecutor(llm_args(), MODEL).generate([p], 2)[0]
+    assert again.num_connector_matched_tokens == 192
+    assert engine.l1.evictions >= 5  # the flood churned through the one free slot, around the pins
+    assert_same_output(again, baseline([p], 2)[0])
+
+
+def test_bad_configs_are_refused_at_construction(lmcache_env) -> None:
+    lmcache_env.setenv("LMCACHE_CHUNK_SIZE", "40")
+    from lmcache.integration.tensorrt_llm.tensorrt_adapter import reset_process_engine
+
+    reset_process_engine()
+    with pytest.raises(ValueError, match="not a multiple of TRT-LLM's kv_cache_config.tokens_per_block=16"):
+        LMCacheKvConnectorWorker(llm_args())
+    lmcache_env.setenv("LMCACHE_CHUNK_SIZE", "64")
+    reset_process_engine()
+    args = llm_args()
+    args.pipeline_parallel_size = 2
+    with pytest.raises(ValueError, match="pipeline parallelism"):
+        LMCacheKvConnectorScheduler(args)
+    lmcache_env.setenv("LMCACHE_CACHE_POLICY", "MRU")
+    reset_process_engine()
+    with pytest.raises(ValueError, match="cache_policy"):
+        LMCacheKvConnectorScheduler(llm_args())
