@@ -1,0 +1,38 @@
+"""Multi-process mode: the cache server, its wire protocol, its client and pool sharing.
+
+* :mod:`lmcache.server.cli` - ``python -m lmcache.v1.multiprocess.server`` (also ``python -m lmcache.server``)
+* :mod:`lmcache.server.server` - :class:`CacheServer`, one CacheEngine behind a ZMQ ROUTER
+* :mod:`lmcache.server.client` - :class:`CacheServerClient`
+* :mod:`lmcache.server.protocol` - versioned msgspec messages
+* :mod:`lmcache.server.pool_sharing` - CPU shared memory and :class:`RawCudaIPCWrapper`
+
+Imports are lazy so ``import lmcache.server`` stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "CacheServer": "lmcache.server.server",
+    "ServerConfig": "lmcache.server.server",
+    "CacheServerClient": "lmcache.server.client",
+    "ServerUnavailable": "lmcache.server.client",
+    "ServerError": "lmcache.server.client",
+    "DEFAULT_SERVER_URL": "lmcache.server.client",
+    "RawCudaIPCWrapper": "lmcache.server.pool_sharing",
+    "PoolSharingError": "lmcache.server.pool_sharing",
+    "PROTOCOL_VERSION": "lmcache.server.protocol",
+    "main": "lmcache.server.cli",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lmcache.server' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

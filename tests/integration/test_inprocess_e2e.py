@@ -6,6 +6,7 @@ import logging
 import re
 
 import pytest
+from support.e2e import CHUNK, MODEL, TPB, assert_same_output, baseline, engine_stats, llm_args, prompt
 
 from lmcache.integration.tensorrt_llm.tensorrt_adapter import (
     LMCacheKvConnectorScheduler,
@@ -13,8 +14,6 @@ from lmcache.integration.tensorrt_llm.tensorrt_adapter import (
     process_engine,
 )
 from lmcache.testing.trtllm_replay import ReplayExecutor
-
-from support.e2e import CHUNK, MODEL, TPB, assert_same_output, baseline, engine_stats, llm_args, prompt
 
 LOOKUP_LINE = re.compile(r"LMCache TRT-LLM scheduler: req (\d+) .*lmcache_cached=(\d+) new_matched=(\d+)")
 RETRIEVED_LINE = re.compile(r"Retrieved (\d+) out of (\d+) required tokens")
