@@ -6,7 +6,17 @@ import logging
 import re
 
 import pytest
-from support.e2e import CHUNK, MODEL, TPB, assert_same_output, baseline, engine_stats, llm_args, prompt
+from support.e2e import (
+    CHUNK,
+    DEVICES,
+    MODEL,
+    TPB,
+    assert_same_output,
+    baseline,
+    engine_stats,
+    llm_args,
+    prompt,
+)
 
 from lmcache.integration.tensorrt_llm.tensorrt_adapter import (
     LMCacheKvConnectorScheduler,
@@ -26,44 +36,50 @@ def seed_scenario(executor: ReplayExecutor, a: list[int], b: list[int], new_toke
     return first, third
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("tp", [1, 2])
-def test_seed_verification_scenario(lmcache_env, caplog, overlap: bool, tp: int) -> None:
+def test_seed_verification_scenario(lmcache_env, caplog, overlap: bool, tp: int, device: str) -> None:
     """A (> 512 tokens), then B filling the small pool, then A again: LMCache must supply A."""
     caplog.set_level(logging.DEBUG, logger="lmcache")
     a, b = prompt(520, start=1), prompt(520, start=2)
     # The pool holds one 520-token request plus its generated tokens, not two: B evicts A.
-    executor = ReplayExecutor(llm_args(tp=tp, max_tokens=640), MODEL, overlap_scheduler=overlap)
+    executor = ReplayExecutor(
+        llm_args(tp=tp, max_tokens=640), MODEL, overlap_scheduler=overlap, device=device
+    )
     first, third = seed_scenario(executor, a, b, 8)
-    device, connector = third.num_device_matched_tokens, third.num_connector_matched_tokens
-    assert connector > 0 and device + connector == 512  # B evicted A's tail from the GPU pool
+    on_gpu, connector = third.num_device_matched_tokens, third.num_connector_matched_tokens
+    assert connector > 0 and on_gpu + connector == 512  # B evicted A's tail from the GPU pool
     lookups = [tuple(map(int, m.groups())) for m in LOOKUP_LINE.finditer(caplog.text)]
     assert lookups[-1][1:] == (512, connector)  # lmcache_cached, new_matched: both non-zero
     loads = [tuple(map(int, m.groups())) for m in RETRIEVED_LINE.finditer(caplog.text)]
-    assert loads[-tp:] == [(connector, 520 - device)] * tp  # one load per rank
-    want = baseline([a], 8, tp=tp, max_tokens=640)[0]
+    assert loads[-tp:] == [(connector, 520 - on_gpu)] * tp  # one load per rank
+    want = baseline([a], 8, device, tp=tp, max_tokens=640)[0]
     assert_same_output(first, want)
     assert_same_output(third, want)
 
 
-def test_multi_turn_hit_covers_the_answer(lmcache_env) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_multi_turn_hit_covers_the_answer(lmcache_env, tp: int, device: str) -> None:
     turn1 = prompt(100, start=3)
-    first = ReplayExecutor(llm_args(), MODEL).generate([turn1], 60)[0]
+    first = ReplayExecutor(llm_args(tp=tp), MODEL, device=device).generate([turn1], 60)[0]
     turn2 = turn1 + first.tokens + prompt(30, start=4)
     # A new TRT-LLM instance (empty GPU pool), same process cache: only LMCache can supply the prefix.
-    second = ReplayExecutor(llm_args(), MODEL).generate([turn2], 5)[0]
-    # KV exists for 100 prompt + 59 generated tokens: 2 full chunks (128 tokens) beyond the prompt.
+    second = ReplayExecutor(llm_args(tp=tp), MODEL, device=device).generate([turn2], 5)[0]
+    # KV exists for 100 prompt + 59 generated tokens: 2 full chunks beyond the prompt's first one.
     assert second.num_connector_matched_tokens == 128
-    assert_same_output(second, baseline([turn2], 5)[0])
+    assert_same_output(second, baseline([turn2], 5, device, tp=tp)[0])
 
 
-def test_chunked_prefill_saves_every_step_and_loads_back(lmcache_env) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_prefill_saves_every_step_and_loads_back(lmcache_env, device: str) -> None:
     p = prompt(300, start=5)
-    ReplayExecutor(llm_args(chunk=64), MODEL).generate([p], 4)
+    ReplayExecutor(llm_args(chunk=64), MODEL, device=device).generate([p], 4)
     assert engine_stats().stored_chunks >= 4
-    again = ReplayExecutor(llm_args(chunk=64), MODEL).generate([p], 4)[0]
+    again = ReplayExecutor(llm_args(chunk=64), MODEL, device=device).generate([p], 4)[0]
     assert again.num_connector_matched_tokens == 256
-    assert_same_output(again, baseline([p], 4)[0])
+    assert_same_output(again, baseline([p], 4, device)[0])
 
 
 @pytest.mark.parametrize("length", [CHUNK, 4 * CHUNK])

@@ -61,9 +61,17 @@ def prompt(n: int, start: int = 1) -> list[int]:
     return [(start * 131 + 17 * i + (i * i) % 7) % MODEL.vocab_size for i in range(n)]
 
 
-def baseline(prompts: list[list[int]], new_tokens: int, **kw: object) -> list[GenerationResult]:
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def baseline(
+    prompts: list[list[int]], new_tokens: int, device: str = "cpu", **kw: object
+) -> list[GenerationResult]:
     """The same prompts through an executor with no connector (each on a cold pool)."""
-    return [ReplayExecutor(llm_args(None, **kw), MODEL).generate([p], new_tokens)[0] for p in prompts]
+    return [
+        ReplayExecutor(llm_args(None, **kw), MODEL, device=device).generate([p], new_tokens)[0]
+        for p in prompts
+    ]
 
 
 def assert_same_output(got: GenerationResult, want: GenerationResult) -> None:
