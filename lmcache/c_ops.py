@@ -4,17 +4,16 @@ A pool row (``pool[block]``: every layer, K then V) is contiguous, so a chunk is
 rows, copied run by run of adjacent block ids on the CPU. On CUDA each chunk moves as one large
 DMA copy: rows adjacent in the pool go straight to or from host memory; scattered rows are first
 gathered on the device (one ``index_select`` per batch, or one ``index_copy_`` on the way back),
-at device-memory speed. Everything is enqueued on the caller's stream with no host sync; staging
-buffers come from PyTorch's caching allocator on that stream, so they stay valid until the copies
-that use them have run.
+at device-memory speed, on a helper stream so these kernels overlap the copies. Everything is
+ordered by CUDA events with no host sync; staging buffers are tied to the streams that use them.
 
 Pure PyTorch: ``import lmcache.c_ops`` works on any machine, with or without CUDA.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -51,15 +50,22 @@ def check_block_ids(pool: torch.Tensor, block_ids: Sequence[int]) -> None:
         raise IndexError(f"block ids must be in [0, {pool.shape[0]}); got min {lo}, max {hi}")
 
 
-def _stream_context(pool: torch.Tensor, stream: Any) -> Any:
-    if pool.is_cuda and stream is not None:
-        return torch.cuda.stream(stream)
-    return nullcontext()
-
-
 def _index_tensor(ids: list[int], device: torch.device) -> torch.Tensor:
     host = torch.tensor(ids, dtype=torch.int64, pin_memory=device.type == "cuda")
     return host.to(device, non_blocking=True)
+
+
+_side_streams: dict[int, Any] = {}
+_side_streams_lock = threading.Lock()
+
+
+def _side_stream(device: torch.device) -> Any:
+    """One helper stream per device for the gather/scatter kernels."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _side_streams_lock:
+        if index not in _side_streams:
+            _side_streams[index] = torch.cuda.Stream(device=index)
+        return _side_streams[index]
 
 
 def _batches(pool: torch.Tensor, chunks: Sequence[ChunkCopy]) -> list[list[ChunkCopy]]:
@@ -77,64 +83,120 @@ def _batches(pool: torch.Tensor, chunks: Sequence[ChunkCopy]) -> list[list[Chunk
     return batches
 
 
-def gather_to_host(pool: torch.Tensor, chunks: Sequence[ChunkCopy], stream: Any = None) -> None:
-    """Copy the rows ``pool[block_ids]`` of each chunk into its buffer."""
-    for block_ids, _ in chunks:
-        check_block_ids(pool, block_ids)
-    with _stream_context(pool, stream):
-        if not pool.is_cuda:
+class Transfer:
+    """One store or load between ``pool`` and host buffers, enqueued batch by batch.
+
+    DMA copies run on ``stream``. On CUDA the device-side gathers and scatters of scattered rows
+    run on a helper stream, ordered by events, so the kernel for one batch overlaps the DMA of
+    its neighbours instead of stalling the copy engine. ``finish()`` orders ``stream`` after all
+    of it; until then the pool's scattered rows may still be in flight.
+    """
+
+    def __init__(self, pool: torch.Tensor, stream: Any = None) -> None:
+        self.pool = pool
+        self.cuda = pool.is_cuda
+        self.stream = stream
+        self._side: Any = None
+        self._pool_ready: Any = None
+        self._pending: Any = None
+        if self.cuda:
+            self.stream = stream if stream is not None else torch.cuda.current_stream(pool.device)
+            self._side = _side_stream(pool.device)
+            # The pool's rows hold their final values from here on this stream (after the forward).
+            self._pool_ready = torch.cuda.Event()
+            self._pool_ready.record(self.stream)
+
+    def gather(self, chunks: Sequence[ChunkCopy]) -> None:
+        """Copy the rows ``pool[block_ids]`` of each chunk into its buffer."""
+        for block_ids, _ in chunks:
+            check_block_ids(self.pool, block_ids)
+        if not self.cuda:
             for block_ids, out in chunks:
                 for offset, first, length in block_runs(block_ids):
-                    out[offset : offset + length].copy_(pool[first : first + length])
+                    out[offset : offset + length].copy_(self.pool[first : first + length])
             return
-        for batch in _batches(pool, chunks):
-            _gather_cuda(pool, batch)
+        for batch in _batches(self.pool, chunks):
+            self._gather_cuda(batch)
+
+    def _gather_cuda(self, chunks: Sequence[ChunkCopy]) -> None:
+        pool, main = self.pool, self.stream
+        scattered = []
+        with torch.cuda.stream(main):
+            for block_ids, out in chunks:
+                if is_contiguous_run(block_ids):
+                    out.copy_(pool[block_ids[0] : block_ids[0] + len(block_ids)], non_blocking=True)
+                else:
+                    scattered.append((block_ids, out))
+        if not scattered:
+            return
+        ids = [b for block_ids, _ in scattered for b in block_ids]
+        self._side.wait_event(self._pool_ready)
+        with torch.cuda.stream(self._side):
+            staging = torch.index_select(pool, 0, _index_tensor(ids, pool.device))
+            gathered = torch.cuda.Event()
+            gathered.record(self._side)
+        main.wait_event(gathered)
+        with torch.cuda.stream(main):
+            offset = 0
+            for block_ids, out in scattered:
+                out.copy_(staging[offset : offset + len(block_ids)], non_blocking=True)
+                offset += len(block_ids)
+        staging.record_stream(main)
+
+    def scatter(self, chunks: Sequence[ChunkCopy]) -> None:
+        """Copy each chunk's buffer into the rows ``pool[block_ids]``."""
+        for block_ids, _ in chunks:
+            check_block_ids(self.pool, block_ids)
+        if not self.cuda:
+            for block_ids, src in chunks:
+                for offset, first, length in block_runs(block_ids):
+                    self.pool[first : first + length].copy_(src[offset : offset + length])
+            return
+        for batch in _batches(self.pool, chunks):
+            self._scatter_cuda(batch)
+
+    def _scatter_cuda(self, chunks: Sequence[ChunkCopy]) -> None:
+        pool, main = self.pool, self.stream
+        scattered = []
+        with torch.cuda.stream(main):
+            for block_ids, src in chunks:
+                if is_contiguous_run(block_ids):
+                    pool[block_ids[0] : block_ids[0] + len(block_ids)].copy_(src, non_blocking=True)
+                else:
+                    scattered.append((block_ids, src))
+            if not scattered:
+                return
+            ids = [b for block_ids, _ in scattered for b in block_ids]
+            staging = torch.empty((len(ids), *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
+            offset = 0
+            for block_ids, src in scattered:
+                staging[offset : offset + len(block_ids)].copy_(src, non_blocking=True)
+                offset += len(block_ids)
+            copied = torch.cuda.Event()
+            copied.record(main)
+        self._side.wait_event(copied)
+        with torch.cuda.stream(self._side):
+            pool.index_copy_(0, _index_tensor(ids, pool.device), staging)
+            self._pending = torch.cuda.Event()
+            self._pending.record(self._side)
+        staging.record_stream(self._side)
+
+    def finish(self) -> None:
+        """Order ``stream`` after every scatter kernel of this transfer."""
+        if self._pending is not None:
+            self.stream.wait_event(self._pending)
+            self._pending = None
 
 
-def _gather_cuda(pool: torch.Tensor, chunks: Sequence[ChunkCopy]) -> None:
-    scattered = []
-    for block_ids, out in chunks:
-        if is_contiguous_run(block_ids):
-            out.copy_(pool[block_ids[0] : block_ids[0] + len(block_ids)], non_blocking=True)
-        else:
-            scattered.append((block_ids, out))
-    if not scattered:
-        return
-    ids = [b for block_ids, _ in scattered for b in block_ids]
-    staging = torch.index_select(pool, 0, _index_tensor(ids, pool.device))
-    offset = 0
-    for block_ids, out in scattered:
-        out.copy_(staging[offset : offset + len(block_ids)], non_blocking=True)
-        offset += len(block_ids)
+def gather_to_host(pool: torch.Tensor, chunks: Sequence[ChunkCopy], stream: Any = None) -> None:
+    """Copy the rows ``pool[block_ids]`` of each chunk into its buffer, enqueued on ``stream``."""
+    transfer = Transfer(pool, stream)
+    transfer.gather(chunks)
+    transfer.finish()
 
 
 def scatter_from_host(pool: torch.Tensor, chunks: Sequence[ChunkCopy], stream: Any = None) -> None:
-    """Copy each chunk's buffer into the rows ``pool[block_ids]``."""
-    for block_ids, _ in chunks:
-        check_block_ids(pool, block_ids)
-    with _stream_context(pool, stream):
-        if not pool.is_cuda:
-            for block_ids, src in chunks:
-                for offset, first, length in block_runs(block_ids):
-                    pool[first : first + length].copy_(src[offset : offset + length])
-            return
-        for batch in _batches(pool, chunks):
-            _scatter_cuda(pool, batch)
-
-
-def _scatter_cuda(pool: torch.Tensor, chunks: Sequence[ChunkCopy]) -> None:
-    scattered = []
-    for block_ids, src in chunks:
-        if is_contiguous_run(block_ids):
-            pool[block_ids[0] : block_ids[0] + len(block_ids)].copy_(src, non_blocking=True)
-        else:
-            scattered.append((block_ids, src))
-    if not scattered:
-        return
-    ids = [b for block_ids, _ in scattered for b in block_ids]
-    staging = torch.empty((len(ids), *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
-    offset = 0
-    for block_ids, src in scattered:
-        staging[offset : offset + len(block_ids)].copy_(src, non_blocking=True)
-        offset += len(block_ids)
-    pool.index_copy_(0, _index_tensor(ids, pool.device), staging)
+    """Copy each chunk's buffer into the rows ``pool[block_ids]``, ordered before later work on ``stream``."""
+    transfer = Transfer(pool, stream)
+    transfer.scatter(chunks)
+    transfer.finish()

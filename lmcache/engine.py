@@ -10,6 +10,7 @@ rewritten.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,12 +19,14 @@ import numpy as np
 import torch
 
 from lmcache import c_ops
-from lmcache.config import LMCacheEngineConfig
+from lmcache.config import GiB, LMCacheEngineConfig
 from lmcache.keys import CacheSalt, ChunkKey, TokenHasher, Tokens, token_array
 from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
 from lmcache.memory import HostArena
+from lmcache.storage.chunk_format import Namespace
 from lmcache.storage.cpu_store import CachedChunk, CpuStore
+from lmcache.storage.tiers import TierManager
 
 logger = init_logger(__name__)
 
@@ -64,11 +67,22 @@ class CacheEngine:
     def __init__(self, config: LMCacheEngineConfig, *, pinned: bool | None = None) -> None:
         self.config = config
         capacity = config.max_local_cpu_bytes if config.local_cpu else 0
+        has_tiers = config.local_disk is not None or config.remote_url is not None
+        if capacity == 0 and has_tiers:
+            # Without an L1 cache, chunks still pass through host memory on their way to and from the
+            # lower tiers: a small staging area (grown lazily, only as far as it is used).
+            extra = config.extra_config or {}
+            capacity = int(float(extra.get("tier_staging_size_gb", 1.0)) * GiB)
         self.l1 = CpuStore(HostArena(capacity, pinned=pinned), config.cache_policy)
         self.stats = EngineStats()
         self._hashers: dict[tuple[str, bytes], TokenHasher] = {}
         self._pins: dict[Hashable, dict[int, list[Hashable]]] = {}
+        self._namespaces: dict[KeySpace, Namespace] = {}
         self._lock = threading.Lock()
+        # L2 (local_disk) and L3 (remote_url) behind L1; queued writes are flushed by close(), when the
+        # engine is garbage-collected, and at interpreter exit.
+        self.tiers = TierManager.from_config(config, self.l1) if has_tiers else None
+        self._finalizer = weakref.finalize(self, self.tiers.close) if self.tiers is not None else None
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -81,6 +95,13 @@ class CacheEngine:
                 hasher = TokenHasher(self.config.chunk_size, self.config.pre_caching_hash_algorithm, *ident)
                 self._hashers[ident] = hasher
             return hasher
+
+    def namespace(self, space: KeySpace) -> Namespace:
+        """The lower tiers' name for a key space: model and layout signature (the key alone lacks them)."""
+        ns = self._namespaces.get(space)
+        if ns is None:
+            ns = self._namespaces.setdefault(space, Namespace(space.model_name, space.layout.signature()))
+        return ns
 
     def chunk_spans(
         self, space: KeySpace, rank: int, tokens: Tokens, salt: CacheSalt, end: int | None = None
@@ -119,17 +140,32 @@ class CacheEngine:
         ranks: Sequence[int],
         parent: bytes | None,
         start: int,
-    ) -> tuple[int, list[ChunkKey]]:
-        """The longest block-aligned partial chunk at ``start`` cached for all ranks (save_unfull_chunk)."""
+    ) -> tuple[int, list[ChunkKey], list[ChunkKey]]:
+        """The longest block-aligned partial chunk at ``start`` cached for all ranks (save_unfull_chunk).
+
+        Returns its end, its keys, and the keys a promotion from a lower tier pinned (to unpin later).
+        """
         tpb = space.layout.tokens_per_block
         hasher = self.hasher(space)
         longest = min(self.config.chunk_size - tpb, (len(arr) - start) // tpb * tpb)
+        candidates: list[tuple[int, list[ChunkKey]]] = []
         for length in range(longest, 0, -tpb):
             h = hasher.tail_hash(arr, salt, parent, start, start + length)
             keys = [ChunkKey(h, space.world_size, rank) for rank in ranks]
             if all(key in self.l1 for key in keys):
-                return start + length, keys
-        return start, []
+                return start + length, keys, []
+            candidates.append((start + length, keys))
+        if self.tiers is None or not candidates:
+            return start, [], []
+        ns = self.namespace(space)
+        found = iter(self.tiers.present(ns, [key for _, keys in candidates for key in keys]))
+        for end, keys in candidates:
+            if all([next(found) for _ in keys]):
+                got, tier_pins = self.tiers.promote_prefix(ns, [keys])
+                if got:
+                    return end, keys, tier_pins
+                self.tiers.unpin(tier_pins)
+        return start, [], []
 
     # -- lookup and pins ----------------------------------------------------------------------
 
@@ -153,15 +189,32 @@ class CacheEngine:
         pin = pin_id is not None
         pinned: dict[int, list[Hashable]] = {rank: [] for rank in ranks}
         hit, parent = 0, None
-        for h, _, stop in self._hashed_spans(space, arr, salt, None):
-            keys = [ChunkKey(h, space.world_size, rank) for rank in ranks]
-            if not self._take(keys, pin, pinned, ranks):
-                break
-            hit, parent = stop, h
-        if self.config.save_unfull_chunk and hit % self.config.chunk_size == 0:
-            tail_end, keys = self._tail_probe(space, arr, salt, ranks, parent, hit)
-            if keys and self._take(keys, pin, pinned, ranks):
-                hit = tail_end
+        spans = self._hashed_spans(space, arr, salt, None)
+        tier_pins: list[ChunkKey] = []
+        tiers_asked = self.tiers is None
+        try:
+            for index, (h, _, stop) in enumerate(spans):
+                keys = [ChunkKey(h, space.world_size, rank) for rank in ranks]
+                if not self._take(keys, pin, pinned, ranks):
+                    # L1 miss: bring the rest of the prefix up from the lower tiers (once), then retake.
+                    if tiers_asked:
+                        break
+                    tiers_asked = True
+                    assert self.tiers is not None
+                    positions = [[ChunkKey(s[0], space.world_size, r) for r in ranks] for s in spans[index:]]
+                    got, tier_pins = self.tiers.promote_prefix(self.namespace(space), positions)
+                    if not got or not self._take(keys, pin, pinned, ranks):
+                        break
+                hit, parent = stop, h
+            if self.config.save_unfull_chunk and hit % self.config.chunk_size == 0:
+                tail_end, keys, more_pins = self._tail_probe(space, arr, salt, ranks, parent, hit)
+                tier_pins += more_pins
+                if keys and self._take(keys, pin, pinned, ranks):
+                    hit = tail_end
+        finally:
+            if tier_pins:
+                assert self.tiers is not None
+                self.tiers.unpin(tier_pins)
         with self._lock:
             if pin:
                 self._pins[pin_id] = pinned
@@ -233,8 +286,9 @@ class CacheEngine:
         if not spans:
             return 0
         self._check_block_ids(block_ids, spans[-1].end, layout, pool)
-        batch = _CopyBatch(pool, stream)
+        batch = _CopyBatch(c_ops.Transfer(pool, stream))
         stored_chunks = stored = 0
+        new_keys: list[ChunkKey] = []
         for span in spans:
             rows = (span.end - span.start) // layout.tokens_per_block
             chunk = self.l1.reserve(span.key, rows * layout.row_bytes, span.end - span.start)
@@ -245,9 +299,13 @@ class CacheEngine:
             batch.add(span.key, block_ids[first : first + rows], view)
             if batch.full():
                 self._flush_store(batch)
+            new_keys.append(span.key)
             stored_chunks += 1
             stored += span.end - span.start
         self._flush_store(batch)
+        if self.tiers is not None and new_keys:
+            # Write-behind: the writer threads wait for the copies' event, never this thread.
+            self.tiers.write_behind(self.namespace(space), new_keys)
         with self._lock:
             self.stats.stored_chunks += stored_chunks
             self.stats.stored_bytes += stored * layout.bytes_per_token
@@ -258,8 +316,8 @@ class CacheEngine:
         if not batch.copies:
             return
         try:
-            c_ops.gather_to_host(batch.pool, batch.copies, batch.stream)
-            event = _record_event(batch.pool, batch.stream)
+            batch.transfer.gather(batch.copies)
+            event = _record_event(batch.transfer)
         except BaseException:
             for key in batch.keys:
                 self.l1.abort(key)
@@ -322,15 +380,29 @@ class CacheEngine:
         # needs all its tokens, and only its rows before ``end`` are copied.
         chunk_end = -(-end // self.config.chunk_size) * self.config.chunk_size
         spans = [s for s in self.chunk_spans(space, rank, tokens, salt, chunk_end) if s.end > start]
-        batch = _CopyBatch(pool, stream)
+        batch = _CopyBatch(c_ops.Transfer(pool, stream))
         held: list[tuple[ChunkKey, CachedChunk]] = []
         loaded_end = start
+        tier_pins: list[ChunkKey] = []
+        tiers_asked = self.tiers is None
         try:
             for i, span in enumerate(spans):
                 chunk = self._hold(span.key)
+                if chunk is None and not tiers_asked:
+                    # Not in L1 (e.g. a lookup without pins, then eviction): promote from the lower tiers.
+                    tiers_asked = True
+                    assert self.tiers is not None
+                    _, tier_pins = self.tiers.promote_prefix(
+                        self.namespace(space), [[s.key] for s in spans[i:]]
+                    )
+                    chunk = self._hold(span.key)
                 if chunk is None and span.end > end and self.config.save_unfull_chunk:
                     span = self._tail_span(space, rank, tokens, salt, spans[i - 1] if i else None, span, end)
                     chunk = self._hold(span.key)
+                    if chunk is None and self.tiers is not None:
+                        got, more_pins = self.tiers.promote_prefix(self.namespace(space), [[span.key]])
+                        tier_pins += more_pins
+                        chunk = self._hold(span.key) if got else None
                 if chunk is None:
                     break
                 held.append((span.key, chunk))
@@ -344,9 +416,13 @@ class CacheEngine:
                 if batch.full():
                     self._flush_retrieve(batch)
             self._flush_retrieve(batch)
+            batch.transfer.finish()
         finally:
             for key, _ in held:
                 self.l1.unpin(key)
+            if tier_pins:
+                assert self.tiers is not None
+                self.tiers.unpin(tier_pins)
         loaded = loaded_end - start
         with self._lock:
             self.stats.retrieved_chunks += len(held)
@@ -360,9 +436,9 @@ class CacheEngine:
         """Enqueue the batch's copies after the copies that filled its chunks; mark the reads."""
         if not batch.copies:
             return
-        _wait_ready(batch.pool, batch.stream, batch.chunks)
-        c_ops.scatter_from_host(batch.pool, batch.copies, batch.stream)
-        event = _record_event(batch.pool, batch.stream)
+        _wait_ready(batch.transfer, batch.chunks)
+        batch.transfer.scatter(batch.copies)
+        event = _record_event(batch.transfer)
         for chunk in batch.chunks:
             chunk.last_read = event
         batch.clear()
@@ -391,8 +467,26 @@ class CacheEngine:
     # -- maintenance ----------------------------------------------------------------------------
 
     def clear(self) -> int:
-        """Drop every chunk not pinned by a pending load; returns how many were dropped."""
+        """Drop every L1 chunk not pinned by a pending load; returns how many were dropped.
+
+        The disk and remote tiers are left as they are.
+        """
         return self.l1.clear()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush queued disk/remote writes (bounded by ``timeout``, default ``blocking_timeout_secs``)
+        and stop the tier threads. Idempotent; L1 keeps serving afterwards, without lower tiers."""
+        if self.tiers is None:
+            return
+        self.tiers.close(timeout)
+        if self._finalizer is not None:
+            self._finalizer.detach()
+
+    def __enter__(self) -> CacheEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _check_pool(self, space: KeySpace, pool: torch.Tensor) -> PoolLayout:
         layout = space.layout
@@ -417,9 +511,8 @@ class _CopyBatch:
 
     FLUSH_CHUNKS = 2
 
-    def __init__(self, pool: torch.Tensor, stream: Any) -> None:
-        self.pool = pool
-        self.stream = stream
+    def __init__(self, transfer: c_ops.Transfer) -> None:
+        self.transfer = transfer
         self.copies: list[c_ops.ChunkCopy] = []
         self.keys: list[ChunkKey] = []
         self.chunks: list[CachedChunk] = []
@@ -439,23 +532,21 @@ class _CopyBatch:
         self.copies, self.keys, self.chunks = [], [], []
 
 
-def _record_event(pool: torch.Tensor, stream: Any) -> Any:
-    if not pool.is_cuda:
+def _record_event(transfer: c_ops.Transfer) -> Any:
+    """An event after the copies enqueued so far on the transfer's stream (None on CPU)."""
+    if not transfer.cuda:
         return None
     event = torch.cuda.Event()
-    event.record(stream if stream is not None else torch.cuda.current_stream(pool.device))
+    event.record(transfer.stream)
     return event
 
 
-def _wait_ready(pool: torch.Tensor, stream: Any, chunks: Sequence[CachedChunk]) -> None:
-    """Order the load after the copies that filled these chunks (device-side, or on the host for CPU)."""
-    target = (
-        stream if stream is not None else (torch.cuda.current_stream(pool.device) if pool.is_cuda else None)
-    )
+def _wait_ready(transfer: c_ops.Transfer, chunks: Sequence[CachedChunk]) -> None:
+    """Order a load after the copies that filled these chunks (on the device; on the host for CPU pools)."""
     for chunk in chunks:
         if chunk.ready is None:
             continue
-        if target is not None:
-            target.wait_event(chunk.ready)
+        if transfer.cuda:
+            transfer.stream.wait_event(chunk.ready)
         else:
             chunk.ready.synchronize()
