@@ -1,0 +1,260 @@
+"""Multi-process mode on a GPU: correctness and speed of the cache server with a raw-cudaMalloc pool.
+
+Run on a CUDA machine (not in CI):
+
+    python benchmarks/gpu_mp_check.py --out mp_check.json [--tokens 32768] [--iters 5]
+
+What it does, all in one run:
+
+1. starts ``python -m lmcache.v1.multiprocess.server`` as a subprocess (free TCP port and a
+   private ipc path, chunk 256);
+2. allocates a Qwen2-1.5B-shaped KV pool ``[num_blocks, 28, 2, 2*32*128]`` bf16 with a raw
+   ``cudaMalloc`` (cuda-python ``cudart.cudaMalloc``; else ``cuMemAlloc`` through ctypes), outside
+   PyTorch's allocator, like TensorRT-LLM does, and wraps it as a torch tensor;
+3. registers it through :class:`RawCudaIPCWrapper` (``cudaIpcGetMemHandle`` on the allocation);
+4. stores ``--tokens`` tokens (fresh random tokens each iteration), retrieves them into other
+   blocks and checks the bytes are equal; reports store/retrieve GB/s next to a plain pinned
+   ``copy_`` of the same bytes (device -> host and host -> device) measured in the same run;
+5. measures ``lookup`` round-trip latency (p50/p99) for an 8k-token prompt over ipc:// and tcp://.
+
+Synchronization: before each ``store`` the script synchronizes the device (the blocks are final);
+the server synchronizes its copy stream before it replies to ``store`` and ``retrieve``, so the
+retrieved blocks can be compared right after the call returns.
+
+Writes the numbers as JSON to ``--out`` and exits non-zero if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lmcache.server.client import CacheServerClient, wait_for_server  # noqa: E402
+from lmcache.server.pool_sharing import RawCudaIPCWrapper, cuda_api  # noqa: E402
+
+LAYERS, KV_HEADS, HEAD_DIM, TPB, CHUNK = 28, 2, 128, 32, 256
+BLOCK_ELEMS = KV_HEADS * TPB * HEAD_DIM
+
+
+class _CudaArray:
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (ptr, False),
+            "strides": None,
+            "version": 2,
+        }
+
+
+def raw_cuda_malloc(nbytes: int, device: int) -> tuple[int, Any]:
+    """A raw device allocation outside PyTorch's caching allocator; returns (ptr, free function)."""
+    torch.cuda.set_device(device)
+    torch.cuda.init()
+    try:
+        try:
+            from cuda.bindings import runtime as cudart
+        except ImportError:
+            from cuda import cudart  # type: ignore[no-redef]
+        err, ptr = cudart.cudaMalloc(nbytes)
+        if int(err) != 0:
+            raise RuntimeError(f"cudaMalloc({nbytes}) failed: {err}")
+        return int(ptr), lambda: cudart.cudaFree(ptr)
+    except ImportError:
+        lib = ctypes.CDLL("libcuda.so.1")
+        cuda_api().set_device(device)
+        ptr = ctypes.c_uint64()
+        lib.cuMemAlloc_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
+        err = lib.cuMemAlloc_v2(ctypes.byref(ptr), nbytes)
+        if err != 0:
+            raise RuntimeError(f"cuMemAlloc({nbytes}) failed: error {err}") from None
+        lib.cuMemFree_v2.argtypes = [ctypes.c_uint64]
+        return ptr.value, lambda: lib.cuMemFree_v2(ptr.value)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def timed(fn: Any) -> tuple[Any, float]:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", required=True, help="where to write the JSON results")
+    parser.add_argument("--tokens", type=int, default=32768, help="tokens per store/retrieve")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--lookups", type=int, default=500, help="lookups per transport for latency")
+    parser.add_argument("--lookup-tokens", type=int, default=8192)
+    parser.add_argument("--device", type=int, default=0)
+    parser.add_argument("--l1-size-gb", type=float, default=16.0)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_mp_check needs a CUDA device", file=sys.stderr)
+        return 2
+    tokens_n = args.tokens // CHUNK * CHUNK
+    blocks_n = tokens_n // TPB
+    num_blocks = 2 * blocks_n + 8
+    row_bytes = LAYERS * 2 * BLOCK_ELEMS * 2
+    pool_bytes = num_blocks * row_bytes
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(args.device),
+        "torch": torch.__version__,
+        "cuda_ipc_backend": None,
+        "pool_shape": [num_blocks, LAYERS, 2, BLOCK_ELEMS],
+        "tokens": tokens_n,
+        "bytes_per_transfer": blocks_n * row_bytes,
+        "iters": args.iters,
+        "checks": {},
+    }
+
+    tmpdir = Path(tempfile.mkdtemp(prefix="lmc-gpu-", dir="/tmp"))
+    ipc_path, port = str(tmpdir / "s.sock"), free_port()
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    )
+    log = open(tmpdir / "server.log", "wb")  # noqa: SIM115
+    server = subprocess.Popen(
+        [
+            sys.executable, "-m", "lmcache.v1.multiprocess.server", "--port", str(port),
+            "--ipc-path", ipc_path, "--l1-size-gb", str(args.l1_size_gb), "--eviction-policy", "LRU",
+            "--max-workers", "4", "--chunk-size", str(CHUNK),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )  # fmt: skip
+    free = None
+    ok = True
+    try:
+        wait_for_server(f"tcp://127.0.0.1:{port}", 120)
+        ptr, free = raw_cuda_malloc(pool_bytes, args.device)
+        raw = torch.as_tensor(_CudaArray(ptr, pool_bytes), device=torch.device("cuda", args.device))
+        pool = raw.view(torch.bfloat16).view(num_blocks, LAYERS, 2, BLOCK_ELEMS)
+        pool.normal_()
+        results["cuda_ipc_backend"] = cuda_api().name
+        wrapper = RawCudaIPCWrapper(pool)
+        ipc = CacheServerClient(f"ipc://{ipc_path}", timeout_s=120)
+        tcp = CacheServerClient(f"tcp://127.0.0.1:{port}", timeout_s=120)
+        info = ipc.register(wrapper, 0, 1, "Qwen/Qwen2-1.5B-Instruct", TPB)
+        tcp.register(wrapper, 0, 1, "Qwen/Qwen2-1.5B-Instruct", TPB)  # same allocation, opened once
+        results["server_chunk_size"] = info.chunk_size
+
+        # Stored from contiguous blocks, loaded into a random permutation of other blocks (TRT-LLM's
+        # block ids are scattered), so both the direct and the gather/scatter copy paths run.
+        gen = torch.Generator().manual_seed(0)
+        src = list(range(blocks_n))
+        dst = (blocks_n + torch.randperm(blocks_n, generator=gen)).tolist()
+        store_s, retrieve_s, equal = [], [], True
+        for i in range(args.iters + 1):  # iteration 0 warms up: L1 reserves its pinned slabs
+            ipc.clear()  # keeps the slabs; the next store reuses them
+            toks = torch.randint(0, 150_000, (tokens_n,), generator=gen).tolist()
+            pool[:blocks_n].normal_()
+            pool[blocks_n : 2 * blocks_n].zero_()
+            torch.cuda.synchronize()  # the blocks are final before the server reads them
+            stored, t_store = timed(lambda toks=toks: ipc.store(toks, src, 0, tokens_n))
+            hit = ipc.lookup(toks, pin_id="bench")
+            loaded, t_load = timed(lambda toks=toks, hit=hit: ipc.retrieve(toks, dst, 0, hit, pin_id="bench"))
+            same = stored == tokens_n and hit == tokens_n and loaded == tokens_n
+            same = same and torch.equal(pool[src], pool[dst])
+            equal = equal and same
+            if i == 0:
+                results["store_cold_GBps"] = round(blocks_n * row_bytes / t_store / 1e9, 2)
+            else:
+                store_s.append(t_store)
+                retrieve_s.append(t_load)
+        results["checks"]["retrieved_bytes_equal"] = equal
+        ok = ok and equal
+
+        nbytes = blocks_n * row_bytes
+        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        flat = raw[:nbytes]  # the first blocks_n rows, contiguous
+        d2h, h2d = [], []
+        for _ in range(args.iters):
+            d2h.append(timed(lambda: host.copy_(flat, non_blocking=True))[1])
+            h2d.append(timed(lambda: flat.copy_(host, non_blocking=True))[1])
+
+        def gbps(seconds: list[float]) -> float:
+            return round(nbytes / statistics.median(seconds) / 1e9, 2)
+
+        results["store_GBps"] = gbps(store_s)
+        results["retrieve_GBps"] = gbps(retrieve_s)
+        results["pinned_copy_d2h_GBps"] = gbps(d2h)
+        results["pinned_copy_h2d_GBps"] = gbps(h2d)
+        results["store_vs_copy"] = round(results["store_GBps"] / results["pinned_copy_d2h_GBps"], 3)
+        results["retrieve_vs_copy"] = round(results["retrieve_GBps"] / results["pinned_copy_h2d_GBps"], 3)
+
+        lookup_toks = torch.randint(0, 150_000, (args.lookup_tokens,), generator=gen).tolist()
+        lookup_n = args.lookup_tokens // CHUNK * CHUNK
+        torch.cuda.synchronize()
+        ipc.store(lookup_toks, list(range(lookup_n // TPB)), 0, lookup_n)
+        for name, client in (("ipc", ipc), ("tcp", tcp)):
+            lat = []
+            for _ in range(20):
+                client.lookup(lookup_toks)
+            for _ in range(args.lookups):
+                t0 = time.perf_counter()
+                hit = client.lookup(lookup_toks)
+                lat.append((time.perf_counter() - t0) * 1e6)
+            results[f"lookup_{name}_us_p50"] = round(percentile(lat, 50), 1)
+            results[f"lookup_{name}_us_p99"] = round(percentile(lat, 99), 1)
+            results["checks"][f"lookup_{name}_hit"] = hit == lookup_n
+            ok = ok and hit == lookup_n
+        stats = msgspec.structs.asdict(ipc.stats())
+        results["server_stats"] = {k: v for k, v in stats.items() if k != "instances"}
+        ipc.close()
+        tcp.close()
+        results["checks"]["unregistered_cleanly"] = True
+    except Exception as e:  # report what failed with the server log
+        ok = False
+        results["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        server.terminate()
+        try:
+            results["server_exit_code"] = server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            results["server_exit_code"] = None
+        log.close()
+        results["server_log_tail"] = (tmpdir / "server.log").read_text(errors="replace")[-3000:]
+        if free is not None:
+            free()
+        results["ok"] = ok and results.get("server_exit_code") == 0
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(json.dumps({k: v for k, v in results.items() if k != "server_log_tail"}, indent=2))
+    return 0 if results["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

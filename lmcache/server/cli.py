@@ -1,0 +1,230 @@
+"""Command line of the cache server: ``python -m lmcache.v1.multiprocess.server`` (or ``lmcache.server``).
+
+Flags override ``--config`` (a YAML file of LMCacheEngineConfig keys); without ``--config`` the
+base is ``LMCACHE_CONFIG_FILE`` plus ``LMCACHE_*`` variables, as in-process mode reads them.
+``--stats URL`` prints a running server's summary and exits instead of serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from lmcache.config import CACHE_POLICIES, LMCacheEngineConfig, load_engine_config
+from lmcache.logging import ROOT_LOGGER_NAME, configure_from_env, init_logger
+
+logger = init_logger(__name__)
+
+__all__ = ["build_parser", "main", "engine_config_from_args"]
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" except where the default is None (the help then says what applies)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m lmcache.v1.multiprocess.server",
+        description=(
+            "LMCache multi-process cache server: one KV cache (CPU L1 and the configured tiers) shared by "
+            "the TensorRT-LLM processes of this host over ZMQ (connector lmcache-mp). Listens on TCP and, "
+            "by default, also on the Unix socket ipc:///tmp/lmcache.sock that clients use when no "
+            "server_url is given."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="TCP address to listen on (0.0.0.0: all interfaces)"
+    )
+    parser.add_argument("--port", type=int, default=5555, help="TCP port to listen on (0: any free port)")
+    parser.add_argument(
+        "--ipc-path",
+        default=os.environ.get("LMCACHE_SERVER_IPC_PATH", "/tmp/lmcache.sock"),
+        help="Unix socket path served in addition to TCP (clients' default URL is ipc:///tmp/lmcache.sock); "
+        "an empty string disables it; the default can also come from $LMCACHE_SERVER_IPC_PATH",
+    )
+    parser.add_argument(
+        "--l1-size-gb",
+        type=float,
+        default=None,
+        help="L1 (CPU memory) cache size in GiB; reserved lazily as chunks arrive "
+        "[default: max_local_cpu_size from --config / LMCACHE_*, else 5]",
+    )
+    parser.add_argument(
+        "--eviction-policy",
+        default=None,
+        help=f"L1 eviction policy, one of {', '.join(CACHE_POLICIES)} "
+        "[default: cache_policy from --config, else LRU]",
+    )
+    parser.add_argument(
+        "--max-workers",
+        type=int,
+        default=4,
+        help="worker threads running requests (requests of one client run in order, clients in parallel)",
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="tokens per cached chunk, a multiple of TRT-LLM's tokens_per_block "
+        "[default: chunk_size from --config / LMCACHE_CHUNK_SIZE, else 256]",
+    )
+    parser.add_argument(
+        "--config", default=None, help="YAML file of LMCacheEngineConfig keys (flags override it)"
+    )
+    parser.add_argument(
+        "--client-timeout-s",
+        type=float,
+        default=30.0,
+        help="reap a client's pool mapping and pins after this many seconds without requests or heartbeats "
+        "(clients heartbeat every second; chunks they stored stay cached); 0 disables reaping",
+    )
+    parser.add_argument(
+        "--pin-ttl-s",
+        type=float,
+        default=600.0,
+        help="drop a lookup's pins if no retrieve or release came for them within this many seconds",
+    )
+    parser.add_argument(
+        "--max-frame-mb", type=float, default=64.0, help="largest request frame accepted, MiB"
+    )
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        type=str.upper,
+        help="log level [default: LMCACHE_LOG_LEVEL, else INFO]",
+    )
+    parser.add_argument(
+        "--stats",
+        metavar="URL",
+        default=None,
+        help="print the live summary of the server at URL (e.g. tcp://localhost:5555) and exit",
+    )
+    return parser
+
+
+def engine_config_from_args(args: argparse.Namespace) -> LMCacheEngineConfig:
+    base = LMCacheEngineConfig.from_file(args.config) if args.config else load_engine_config()
+    overrides: dict[str, Any] = {}
+    if args.chunk_size is not None:
+        overrides["chunk_size"] = args.chunk_size
+    if args.l1_size_gb is not None:
+        overrides["max_local_cpu_size"] = args.l1_size_gb
+        overrides["local_cpu"] = True
+    if args.eviction_policy is not None:
+        overrides["cache_policy"] = args.eviction_policy
+    return base.with_overrides(**overrides) if overrides else base
+
+
+def _print_stats(url: str) -> int:
+    from lmcache.server.client import CacheServerClient, ServerError, ServerUnavailable
+
+    try:
+        with CacheServerClient(url, timeout_s=5.0, heartbeat_interval_s=0) as client:
+            info = client.stats()
+    except (ServerUnavailable, ServerError, ValueError) as e:
+        print(f"lmcache: cannot read stats from {url}: {e}", file=sys.stderr)
+        return 1
+    gib = 1 << 30
+    engine = info.engine
+    hit_rate = engine.get("hit_tokens", 0) / max(1, engine.get("lookup_tokens", 0))
+    print(f"LMCache server {info.server_id} (protocol v{info.protocol_version}), up {info.uptime_s:.0f} s")
+    print(
+        f"  L1: {info.l1_used_bytes / gib:.2f} GiB used in {info.l1_chunks} chunks, "
+        f"{info.l1_reserved_bytes / gib:.2f} of {info.l1_capacity_bytes / gib:.2f} GiB reserved, "
+        f"{info.l1_evictions} evictions ({info.eviction_policy}), chunk_size {info.chunk_size}"
+    )
+    print(
+        f"  lookups {engine.get('lookups', 0)}: {engine.get('hit_tokens', 0)} of "
+        f"{engine.get('lookup_tokens', 0)} tokens hit ({hit_rate:.1%}); {info.pinned_lookups} pinned"
+    )
+    print(
+        f"  stored {engine.get('stored_chunks', 0)} chunks ({engine.get('stored_bytes', 0) / gib:.2f} GiB), "
+        f"retrieved {engine.get('retrieved_chunks', 0)} chunks "
+        f"({engine.get('retrieved_bytes', 0) / gib:.2f} GiB)"
+    )
+    print(f"  requests {info.requests}, errors {info.errors}, reaped clients {info.reaped_instances}")
+    print(f"  clients: {len(info.instances)}")
+    for inst in info.instances:
+        print(
+            f"    instance {inst.instance_id} pid {inst.pid} rank {inst.rank}/{inst.world_size} "
+            f"{inst.model_name} {inst.pool_kind} {inst.pool_shape} {inst.dtype} idle {inst.idle_s:.1f} s"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server (or ``--stats``); returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.log_level:
+        logging.getLogger(ROOT_LOGGER_NAME).setLevel(args.log_level)
+    else:
+        configure_from_env()
+    if args.stats:
+        return _print_stats(args.stats)
+    if args.max_workers < 1:
+        parser.error(f"--max-workers must be >= 1, got {args.max_workers}")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in 0..65535, got {args.port}")
+    if args.max_frame_mb <= 0:
+        parser.error("--max-frame-mb must be > 0")
+    try:
+        config = engine_config_from_args(args)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+
+    from lmcache.engine import CacheEngine
+    from lmcache.server.server import CacheServer, ServerConfig, ServerStartError
+
+    engine = CacheEngine(config)
+    server = CacheServer(
+        engine,
+        ServerConfig(
+            host=args.host,
+            port=args.port,
+            ipc_path=args.ipc_path or None,
+            max_workers=args.max_workers,
+            client_timeout_s=args.client_timeout_s,
+            pin_ttl_s=args.pin_ttl_s,
+            max_frame_bytes=int(args.max_frame_mb * (1 << 20)),
+        ),
+    )
+    logger.info(
+        "engine: chunk_size=%d, L1 %.1f GiB (%s, reserved lazily), %d workers; config: %s",
+        config.chunk_size,
+        config.max_local_cpu_size,
+        config.cache_policy,
+        args.max_workers,
+        json.dumps({k: v for k, v in config.to_dict().items() if k != "remote_url"}),
+    )
+    try:
+        server.start()
+    except ServerStartError as e:
+        logger.error("%s", e)
+        server.close()
+        return 1
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        logger.info("received %s, shutting down", signal.Signals(signum).name)
+        server.stop()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,626 @@
+"""Client of the cache server: one DEALER socket, thread-safe, never hangs.
+
+``CacheServerClient`` mirrors the server's ops as blocking methods. Any thread may call them;
+a private I/O thread owns the socket and matches replies to callers by request id.
+
+Failure behaviour:
+
+* No reply within ``timeout_s`` (server down, restarting or wedged) raises
+  :class:`ServerUnavailable`. The socket is then recreated (queued requests are dropped, never
+  delivered late), and until the connection is seen up again further calls fail at once
+  (``fail_fast``) instead of each waiting ``timeout_s``. ZMQ keeps reconnecting in the background.
+* ``store`` and ``retrieve`` carry ``timeout_ms``: the server skips them if they could not start
+  before the caller gave up, so a late retrieve never writes into blocks the caller has reused.
+* An error reply raises :class:`ServerError` (or a subclass named after its code). When the server
+  answers ``unknown_instance`` (it restarted, or reaped us) for an instance this client
+  registered, the client registers that pool again by itself and retries the call once. The
+  heartbeat thread does the same as soon as the server reports the instance unknown.
+* Every ``heartbeat_interval_s`` the client sends a heartbeat for its instances, so an idle but
+  alive client is never reaped.
+
+CUDA pools: the caller must have finished writing the blocks before ``store`` (e.g. synchronize
+the forward pass's stream); ``retrieve`` returns after the server's copies into the pool have
+completed (see :mod:`lmcache.server.server`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import msgspec
+import torch
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from lmcache.logging import init_logger
+from lmcache.server import protocol as P
+from lmcache.server.pool_sharing import RawCudaIPCWrapper, describe_pool
+
+logger = init_logger(__name__)
+
+__all__ = [
+    "DEFAULT_SERVER_URL",
+    "CacheServerClient",
+    "ServerError",
+    "ServerUnavailable",
+    "UnknownInstance",
+    "VersionMismatch",
+    "BadPool",
+    "InvalidRequest",
+    "new_instance_id",
+    "normalize_url",
+]
+
+DEFAULT_SERVER_URL = "ipc:///tmp/lmcache.sock"
+T = TypeVar("T")
+
+
+class ServerUnavailable(ConnectionError):
+    """The server did not answer in time (not running, restarting, unreachable or stuck)."""
+
+
+class ServerError(RuntimeError):
+    """The server answered with an error; ``code`` is a :class:`protocol.ErrorCode` value."""
+
+    def __init__(self, code: str, message: str, op: str = "") -> None:
+        super().__init__(f"{op + ': ' if op else ''}{message} [{code}]")
+        self.code = code
+        self.message = message
+        self.op = op
+
+
+class UnknownInstance(ServerError):
+    pass
+
+
+class VersionMismatch(ServerError):
+    pass
+
+
+class BadPool(ServerError):
+    pass
+
+
+class InvalidRequest(ServerError):
+    pass
+
+
+_ERRORS: dict[str, type[ServerError]] = {
+    P.ErrorCode.UNKNOWN_INSTANCE.value: UnknownInstance,
+    P.ErrorCode.VERSION_MISMATCH.value: VersionMismatch,
+    P.ErrorCode.BAD_POOL.value: BadPool,
+    P.ErrorCode.INVALID.value: InvalidRequest,
+}
+
+
+def new_instance_id() -> int:
+    """A random 63-bit instance id (not the pid: pids repeat across restarts and containers)."""
+    return secrets.randbits(63) or 1
+
+
+def normalize_url(url: str | None) -> str:
+    """``url``, else ``$LMCACHE_SERVER_URL``, else ``ipc:///tmp/lmcache.sock``; bare ``host:port`` is TCP."""
+    url = (url or os.environ.get("LMCACHE_SERVER_URL") or DEFAULT_SERVER_URL).strip()
+    if "://" not in url:
+        url = f"tcp://{url}"
+    scheme = url.split("://", 1)[0]
+    if scheme not in ("tcp", "ipc", "inproc"):
+        raise ValueError(f"unsupported server URL {url!r}; use tcp://HOST:PORT or ipc:///PATH")
+    return url
+
+
+@dataclass
+class _Pending:
+    frame: bytes
+    op: str
+    event: threading.Event = field(default_factory=threading.Event)
+    reply: P.Reply | None = None
+    failure: str | None = None
+    sent: bool = False
+
+
+@dataclass
+class _Registration:
+    request: P.Register
+    keep_alive: Any  # the pool tensor / wrapper: the memory must outlive the registration
+    info: P.RegisterInfo | None = None
+
+
+class CacheServerClient:
+    """Talks to one cache server over ``tcp://`` or ``ipc://``."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        timeout_s: float = 10.0,
+        heartbeat_interval_s: float = 1.0,
+        fail_fast: bool = True,
+        context: zmq.Context | None = None,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.url = normalize_url(url)
+        self.timeout_s = timeout_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.fail_fast = fail_fast
+        self._ctx = context or zmq.Context.instance()
+        self._rids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._outbox: deque[int] = deque()
+        self._reset_requested = False
+        self._connected = False
+        self._down = False
+        self._closed = False
+        self._registrations: dict[int, _Registration] = {}
+        self._reg_lock = threading.RLock()
+        self.instance_id: int | None = None
+        self.server_id: str | None = None
+        self.reconnects = 0
+        self.reregistrations = 0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._stop = threading.Event()
+        self._io = threading.Thread(target=self._io_loop, name="lmcache-client-io", daemon=True)
+        self._io.start()
+        self._hb: threading.Thread | None = None
+        if heartbeat_interval_s > 0:
+            self._hb = threading.Thread(target=self._heartbeat_loop, name="lmcache-client-hb", daemon=True)
+            self._hb.start()
+
+    # ---- public API -----------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether the transport is up (the server may still be slow to answer)."""
+        return self._connected
+
+    def ping(self, *, timeout_s: float | None = None) -> P.PingInfo:
+        return self._call(P.Ping(), P.PingInfo, timeout_s)
+
+    def register(
+        self,
+        pool: torch.Tensor | P.PoolDescriptor | RawCudaIPCWrapper,
+        rank: int = 0,
+        world_size: int = 1,
+        model_name: str = "model",
+        tokens_per_block: int = 32,
+        *,
+        instance_id: int | None = None,
+        timeout_s: float | None = None,
+    ) -> P.RegisterInfo:
+        """Share ``pool`` with the server (CPU: after ``pool.share_memory_()``; CUDA: raw IPC).
+
+        Becomes this client's default instance. Returns the server's chunk size among others.
+        """
+        desc = describe_pool(pool)
+        iid = new_instance_id() if instance_id is None else instance_id
+        req = P.Register(
+            instance_id=iid,
+            rank=rank,
+            world_size=world_size,
+            model_name=model_name,
+            tokens_per_block=tokens_per_block,
+            pool=desc,
+        )
+        with self._reg_lock:
+            info = self._call(req, P.RegisterInfo, timeout_s, retry_unknown=False)
+            self._registrations[iid] = _Registration(req, pool, info)
+            self.instance_id = iid
+            self.server_id = info.server_id
+        logger.info(
+            "registered KV pool with the cache server at %s as instance %d (rank %d/%d, %s)",
+            self.url,
+            iid,
+            rank,
+            world_size,
+            model_name,
+        )
+        return info
+
+    def unregister(self, instance_id: int | None = None, *, timeout_s: float | None = None) -> bool:
+        iid = self._iid(instance_id)
+        with self._reg_lock:
+            self._registrations.pop(iid, None)
+            if self.instance_id == iid:
+                self.instance_id = next(iter(self._registrations), None)
+        return self._call(P.Unregister(instance_id=iid), bool, timeout_s, retry_unknown=False)
+
+    def lookup(
+        self,
+        tokens: Any,
+        cache_salt: str | int | None = None,
+        pin_id: int | str | None = None,
+        *,
+        instance_id: int | None = None,
+        timeout_s: float | None = None,
+    ) -> int:
+        """Tokens of the longest prefix cached for every rank of this instance's world.
+
+        With ``pin_id`` the hit stays pinned until every rank retrieved with that pin id (and
+        ``pin_owner`` = this instance), ``release`` is called, or the server's pin TTL passes.
+        """
+        req = P.Lookup(
+            instance_id=self._iid(instance_id),
+            tokens=P.tokens_to_bytes(tokens),
+            cache_salt=cache_salt,
+            pin_id=pin_id,
+        )
+        return self._call(req, int, timeout_s)
+
+    def release(
+        self,
+        pin_id: int | str,
+        *,
+        pin_owner: int | None = None,
+        instance_id: int | None = None,
+        timeout_s: float | None = None,
+    ) -> bool:
+        req = P.Release(instance_id=self._iid(instance_id), pin_id=pin_id, pin_owner=pin_owner)
+        return self._call(req, bool, timeout_s, retry_unknown=False)
+
+    def store(
+        self,
+        tokens: Any,
+        block_ids: Any,
+        start: int,
+        end: int,
+        cache_salt: str | int | None = None,
+        *,
+        instance_id: int | None = None,
+        timeout_s: float | None = None,
+    ) -> int:
+        """Save chunks of ``tokens[start:end]`` from this rank's blocks; returns tokens newly stored.
+
+        CUDA: the blocks must already hold their final values (synchronize the producing stream).
+        """
+        req = P.Store(
+            instance_id=self._iid(instance_id),
+            tokens=P.tokens_to_bytes(tokens),
+            cache_salt=cache_salt,
+            block_ids=P.tokens_to_bytes(block_ids),
+            start=start,
+            end=end,
+        )
+        return self._call(req, int, timeout_s, deadline=True)
+
+    def retrieve(
+        self,
+        tokens: Any,
+        block_ids: Any,
+        start: int,
+        end: int,
+        cache_salt: str | int | None = None,
+        pin_id: int | str | None = None,
+        *,
+        pin_owner: int | None = None,
+        instance_id: int | None = None,
+        timeout_s: float | None = None,
+    ) -> int:
+        """Load tokens ``[start, end)`` into their blocks; returns how many were loaded (a prefix)."""
+        req = P.Retrieve(
+            instance_id=self._iid(instance_id),
+            tokens=P.tokens_to_bytes(tokens),
+            cache_salt=cache_salt,
+            block_ids=P.tokens_to_bytes(block_ids),
+            start=start,
+            end=end,
+            pin_id=pin_id,
+            pin_owner=pin_owner,
+        )
+        return self._call(req, int, timeout_s, deadline=True)
+
+    def heartbeat(self, *, timeout_s: float | None = None) -> P.HeartbeatInfo:
+        """Refresh this client's instances; re-registers those the server no longer knows."""
+        with self._reg_lock:
+            ids = list(self._registrations)
+        info = self._call(P.Heartbeat(instance_ids=ids), P.HeartbeatInfo, timeout_s)
+        if self.server_id is not None and info.server_id != self.server_id:
+            logger.warning(
+                "cache server at %s restarted (server id %s -> %s)", self.url, self.server_id, info.server_id
+            )
+        self.server_id = info.server_id
+        for iid in info.unknown:
+            self._reregister(iid, timeout_s)
+        return info
+
+    def stats(self, *, timeout_s: float | None = None) -> P.StatsInfo:
+        return self._call(P.Stats(), P.StatsInfo, timeout_s)
+
+    def clear(self, *, timeout_s: float | None = None) -> int:
+        """Drop every cached chunk not pinned by a pending load (all clients'!)."""
+        return self._call(P.Clear(), int, timeout_s)
+
+    def close(self, *, unregister: bool = True) -> None:
+        """Stop the threads and close the socket (first unregistering this client's pools)."""
+        if self._closed:
+            return
+        if unregister:
+            with self._reg_lock:
+                ids = list(self._registrations)
+            for iid in ids:
+                with contextlib.suppress(ServerUnavailable, ServerError):
+                    self.unregister(iid, timeout_s=min(self.timeout_s, 1.0))
+        self._closed = True
+        self._stop.set()
+        self._wake()
+        self._io.join(timeout=5)
+        if self._hb is not None and self._hb is not threading.current_thread():
+            self._hb.join(timeout=5)
+        with self._lock:
+            for pending in self._pending.values():
+                pending.failure = "client closed"
+                pending.event.set()
+            self._pending.clear()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __enter__(self) -> CacheServerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- calls ----------------------------------------------------------------------------------
+
+    def _iid(self, instance_id: int | None) -> int:
+        iid = self.instance_id if instance_id is None else instance_id
+        if iid is None:
+            raise RuntimeError("no instance registered with this client yet: call register(pool, ...) first")
+        return iid
+
+    def _call(
+        self,
+        req: Any,
+        result_type: type[T],
+        timeout_s: float | None,
+        *,
+        retry_unknown: bool = True,
+        deadline: bool = False,
+    ) -> T:
+        try:
+            return self._call_once(req, result_type, timeout_s, deadline)
+        except UnknownInstance:
+            iid = getattr(req, "instance_id", None)
+            if not retry_unknown or iid is None or iid not in self._registrations:
+                raise
+            self._reregister(iid, timeout_s)
+            return self._call_once(req, result_type, timeout_s, deadline)
+
+    def _reregister(self, iid: int, timeout_s: float | None) -> None:
+        with self._reg_lock:
+            reg = self._registrations.get(iid)
+            if reg is None:
+                return
+            info = self._call_once(reg.request, P.RegisterInfo, timeout_s, False)
+            reg.info = info
+            self.server_id = info.server_id
+            self.reregistrations += 1
+        logger.warning(
+            "cache server at %s did not know instance %d (it restarted or reaped us); "
+            "registered the pool again",
+            self.url,
+            iid,
+        )
+
+    def _call_once(self, req: Any, result_type: type[T], timeout_s: float | None, deadline: bool) -> T:
+        if self._closed:
+            raise ServerUnavailable("the cache server client is closed")
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        op = type(req).__struct_config__.tag
+        if self.fail_fast and self._down and not self._connected:
+            raise ServerUnavailable(
+                f"cache server at {self.url} is unreachable (no connection since the last timeout); "
+                "is it running? start it with: python -m lmcache.v1.multiprocess.server"
+            )
+        rid = next(self._rids)
+        req.rid = rid
+        if deadline:
+            req.timeout_ms = max(1, int(timeout * 1000))
+        pending = _Pending(P.encode(req), op)
+        with self._lock:
+            self._pending[rid] = pending
+            self._outbox.append(rid)
+        self._wake()
+        if not pending.event.wait(timeout):
+            with self._lock:
+                self._pending.pop(rid, None)
+                if pending.sent:
+                    self._reset_requested = True
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._outbox.remove(rid)
+                self._down = True
+            self._wake()
+            raise ServerUnavailable(
+                f"no reply to {op} from the cache server at {self.url} within {timeout:g} s; is it running? "
+                "(start it with: python -m lmcache.v1.multiprocess.server)"
+            )
+        if pending.failure is not None:
+            raise ServerUnavailable(f"{op} to {self.url} failed: {pending.failure}")
+        reply = pending.reply
+        assert reply is not None
+        if reply.v != P.PROTOCOL_VERSION:
+            raise VersionMismatch(
+                P.ErrorCode.VERSION_MISMATCH.value,
+                f"server replied with protocol v{reply.v}, this client speaks v{P.PROTOCOL_VERSION}; "
+                "install the same lmcache release on both sides",
+                op,
+            )
+        if not reply.ok:
+            err = reply.error or P.ErrorInfo(P.ErrorCode.INTERNAL.value, "error reply without details")
+            raise _ERRORS.get(err.code, ServerError)(err.code, err.message, op)
+        try:
+            return msgspec.convert(reply.value, result_type)
+        except msgspec.ValidationError as e:
+            raise ServerError(P.ErrorCode.INTERNAL.value, f"unexpected reply value: {e}", op) from None
+
+    # ---- I/O thread -----------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\0")
+
+    def _new_socket(self) -> tuple[zmq.Socket, zmq.Socket]:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue requests for a server that is not there
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if self.url.startswith("tcp://["):
+            sock.setsockopt(zmq.IPV6, 1)
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        sock.connect(self.url)
+        return sock, monitor
+
+    def _io_loop(self) -> None:
+        sock, monitor = self._new_socket()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        want_out = False
+        try:
+            while not self._stop.is_set():
+                with self._lock:
+                    reset, self._reset_requested = self._reset_requested, False
+                if reset:
+                    poller.unregister(sock)
+                    poller.unregister(monitor)
+                    sock, monitor = self._reset(sock, monitor)
+                    poller.register(sock, zmq.POLLIN)
+                    poller.register(monitor, zmq.POLLIN)
+                    want_out = False
+                if bool(self._outbox) != want_out:
+                    want_out = not want_out
+                    poller.modify(sock, zmq.POLLIN | (zmq.POLLOUT if want_out else 0))
+                events = dict(poller.poll(200))
+                if self._wake_r in events:
+                    with contextlib.suppress(BlockingIOError, OSError):
+                        while os.read(self._wake_r, 4096):
+                            pass
+                if monitor in events:
+                    self._on_monitor(monitor)
+                if events.get(sock, 0) & zmq.POLLIN:
+                    self._receive(sock)
+                if self._outbox:
+                    self._send(sock)
+        except zmq.ZMQError as e:
+            if not self._stop.is_set():
+                logger.error("cache server client I/O thread stopped: %s", e)
+        finally:
+            with contextlib.suppress(Exception):
+                sock.disable_monitor()
+            monitor.close(0)
+            sock.close(0)
+
+    def _reset(self, sock: zmq.Socket, monitor: zmq.Socket) -> tuple[zmq.Socket, zmq.Socket]:
+        """Drop the connection (and anything queued in it); fail requests already sent on it."""
+        with contextlib.suppress(Exception):
+            sock.disable_monitor()
+        monitor.close(0)
+        sock.close(0)
+        with self._lock:
+            for pending in self._pending.values():
+                if pending.sent:
+                    pending.failure = "connection reset after a timeout"
+                    pending.event.set()
+            self._pending = {rid: p for rid, p in self._pending.items() if not p.sent}
+            self._connected = False
+        self.reconnects += 1
+        return self._new_socket()
+
+    def _on_monitor(self, monitor: zmq.Socket) -> None:
+        while True:
+            try:
+                msg = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if msg["event"] == zmq.EVENT_CONNECTED:
+                self._connected = True
+                self._down = False
+            elif msg["event"] == zmq.EVENT_DISCONNECTED:
+                # Requests already sent on the lost connection will never be answered: fail them now
+                # instead of letting their callers wait for the timeout.
+                with self._lock:
+                    self._connected = False
+                    lost = [rid for rid, p in self._pending.items() if p.sent]
+                    for rid in lost:
+                        pending = self._pending.pop(rid)
+                        pending.failure = "connection to the server lost before it answered"
+                        pending.event.set()
+
+    def _receive(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                reply = P.decode_reply(frame)
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+                logger.warning("undecodable reply from the cache server at %s: %s", self.url, e)
+                continue
+            with self._lock:
+                pending = self._pending.pop(reply.rid, None)
+                self._down = False
+            if pending is not None:
+                pending.reply = reply
+                pending.event.set()
+
+    def _send(self, sock: zmq.Socket) -> None:
+        while True:
+            with self._lock:
+                if not self._outbox:
+                    return
+                rid = self._outbox[0]
+                pending = self._pending.get(rid)
+                if pending is None:
+                    self._outbox.popleft()
+                    continue
+            try:
+                sock.send(pending.frame, zmq.NOBLOCK)
+            except zmq.Again:
+                return  # not connected yet: retried when the socket becomes writable
+            with self._lock:
+                pending.sent = True
+                if self._outbox and self._outbox[0] == rid:
+                    self._outbox.popleft()
+
+    # ---- heartbeat ------------------------------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.heartbeat_interval_s):
+            if not self._registrations:
+                continue
+            try:
+                self.heartbeat(timeout_s=max(2.0, 2 * self.heartbeat_interval_s))
+            except (ServerUnavailable, ServerError) as e:
+                logger.debug("heartbeat to %s failed: %s", self.url, e)
+            except Exception:
+                if not self._stop.is_set():
+                    logger.exception("heartbeat to %s", self.url)
+
+
+def wait_for_server(url: str | None = None, timeout_s: float = 30.0) -> P.PingInfo:
+    """Ping until the server answers (for scripts and tests); raises ServerUnavailable after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    with CacheServerClient(url, timeout_s=1.0, heartbeat_interval_s=0, fail_fast=False) as client:
+        while True:
+            try:
+                return client.ping(timeout_s=min(1.0, max(0.05, deadline - time.monotonic())))
+            except ServerUnavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)

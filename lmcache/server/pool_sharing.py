@@ -1,0 +1,571 @@
+"""Sharing a client's KV pool with the cache server: the very same pages, no copies.
+
+Client side, :func:`describe_pool` turns a pool tensor into a :data:`PoolDescriptor`:
+
+* **CPU pools** (CI, tests, CPU-only deployments) must live in shared memory: call
+  ``pool.share_memory_()`` first (``pool.is_shared()`` is then True). With torch's default
+  ``file_descriptor`` strategy the descriptor names ``/proc/<pid>/fd/<fd>`` of the shared-memory
+  file; with the ``file_system`` strategy it names ``/dev/shm/<name>``. The server maps that file
+  ``MAP_SHARED``, so writes on either side are seen by the other. Client and server must run on
+  the same host, in the same PID namespace for the ``/proc`` form.
+* **CUDA pools** go through :class:`RawCudaIPCWrapper`. TensorRT-LLM allocates its pool with a
+  raw ``cudaMalloc`` outside PyTorch's caching allocator, so torch's storage IPC refuses it; the
+  wrapper finds the allocation's base address (``cuMemGetAddressRange``), exports it with
+  ``cudaIpcGetMemHandle`` and sends the tensor's offset in the allocation, its shape, dtype and
+  the GPU's UUID (not its ordinal, which depends on ``CUDA_VISIBLE_DEVICES``).
+
+Server side, :func:`open_pool` maps a descriptor and returns a :class:`MappedPool` whose
+``tensor`` aliases the client's pool; ``close()`` unmaps it (``cudaIpcCloseMemHandle`` for CUDA,
+once per allocation: opens are reference-counted per process because the driver maps an
+allocation only once per process).
+
+CUDA bindings are imported lazily, so CPU-only machines never need them. Order of preference:
+cuda-python's ``cuda.bindings`` (``driver``, ``runtime``), then the older ``cuda.cuda`` /
+``cuda.cudart`` modules, then the CUDA driver library (``libcuda.so.1``) through ctypes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+import stat
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lmcache.logging import init_logger
+from lmcache.server.protocol import CpuShmPool, CudaIpcPool, PoolDescriptor
+
+logger = init_logger(__name__)
+
+__all__ = [
+    "PoolSharingError",
+    "MappedPool",
+    "RawCudaIPCWrapper",
+    "describe_pool",
+    "share_cpu_pool",
+    "open_pool",
+    "dtype_from_name",
+    "dtype_name",
+]
+
+_DTYPES = {
+    name: getattr(torch, name)
+    for name in (
+        "float32",
+        "float16",
+        "bfloat16",
+        "float64",
+        "int8",
+        "uint8",
+        "int16",
+        "int32",
+        "int64",
+        "float8_e4m3fn",
+        "float8_e5m2",
+    )
+    if isinstance(getattr(torch, name, None), torch.dtype)
+}
+_SHM_PREFIXES = ("/dev/shm/", "/memfd:")
+
+
+class PoolSharingError(ValueError):
+    """A pool cannot be shared (client side) or a descriptor cannot be mapped (server side)."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise PoolSharingError(f"unsupported pool dtype {name!r}; supported: {', '.join(_DTYPES)}") from None
+
+
+def _numel(shape: list[int] | tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _span_bytes(desc: PoolDescriptor) -> int:
+    dtype = dtype_from_name(desc.dtype)
+    if len(desc.shape) != 4 or desc.shape[0] < 1 or _numel(desc.shape) == 0:
+        raise PoolSharingError(
+            f"pool shape {desc.shape} is not [num_blocks, num_layers, kv_factor, block_elems] with "
+            "every dimension > 0"
+        )
+    if desc.offset_bytes % dtype.itemsize:
+        raise PoolSharingError(f"pool offset {desc.offset_bytes} is not aligned to {desc.dtype}")
+    return _numel(desc.shape) * dtype.itemsize
+
+
+@dataclass(eq=False)
+class MappedPool:
+    """The server's view of a client's pool; ``tensor`` aliases the client's memory."""
+
+    tensor: torch.Tensor
+    descriptor: PoolDescriptor
+    _closer: Any = field(default=None, repr=False)
+    closed: bool = False
+
+    @property
+    def kind(self) -> str:
+        return type(self.descriptor).__struct_config__.tag
+
+    def close(self) -> None:
+        """Unmap. The caller guarantees no copy into or out of ``tensor`` is still pending."""
+        if self.closed:
+            return
+        self.closed = True
+        self.tensor = torch.empty(0)
+        if self._closer is not None:
+            closer, self._closer = self._closer, None
+            closer()
+
+
+# ---- CPU pools in shared memory -----------------------------------------------------------------
+
+
+def share_cpu_pool(pool: torch.Tensor) -> CpuShmPool:
+    """Describe a CPU pool that lives in shared memory (after ``pool.share_memory_()``)."""
+    if pool.device.type != "cpu":
+        raise PoolSharingError(f"share_cpu_pool needs a CPU tensor, got one on {pool.device}")
+    if not pool.is_contiguous():
+        raise PoolSharingError("the KV pool tensor must be contiguous")
+    if not pool.is_shared():
+        raise PoolSharingError(
+            "this CPU KV pool is not in shared memory, so the cache server cannot map it: call "
+            "pool.share_memory_() before registering it (or allocate it in shared memory)"
+        )
+    storage = pool.untyped_storage()
+    fd: int | None = None
+    name: str | None = None
+    mapped_file = storage._get_filename() if hasattr(storage, "_get_filename") else None
+    if mapped_file:
+        if not mapped_file.startswith("/dev/shm/"):
+            raise PoolSharingError(
+                f"this CPU KV pool is a mapping of {mapped_file!r}, not shared memory; allocate it with "
+                "torch.empty(...).share_memory_() instead"
+            )
+        name = mapped_file.removeprefix("/dev/shm")
+    else:
+        try:
+            fd = storage._get_shared_fd()  # torch's file_descriptor strategy: no side effects
+        except RuntimeError:
+            # file_system strategy: returns the existing name (the storage already lives there).
+            name = storage._share_filename_cpu_()[1].decode()
+    # torch's file_system strategy keeps a refcount header before the data in the file; find where
+    # the storage's bytes start from the file's size (the data fill the rest of the file).
+    try:
+        st = os.fstat(fd) if fd is not None else os.stat(f"/dev/shm/{name.lstrip('/')}")
+        file_bytes = st.st_size
+    except OSError as e:
+        raise PoolSharingError(f"cannot inspect the pool's shared memory: {e}") from None
+    header = file_bytes - storage.nbytes()
+    if header not in (0, 64):
+        raise PoolSharingError(
+            f"unexpected shared-memory layout ({file_bytes}-byte file for a {storage.nbytes()}-byte "
+            "storage); "
+            "allocate the pool with torch.empty(...).share_memory_()"
+        )
+    return CpuShmPool(
+        shape=list(pool.shape),
+        dtype=dtype_name(pool.dtype),
+        pid=os.getpid(),
+        fd=fd,
+        shm_name=name,
+        file_bytes=file_bytes,
+        file_dev=st.st_dev,
+        file_inode=st.st_ino,
+        offset_bytes=header + pool.storage_offset() * pool.element_size(),
+    )
+
+
+def _open_cpu(desc: CpuShmPool) -> MappedPool:
+    span = _span_bytes(desc)
+    dtype = dtype_from_name(desc.dtype)
+    if (desc.fd is None) == (desc.shm_name is None):
+        raise PoolSharingError("a cpu_shm pool descriptor needs exactly one of fd and shm_name")
+    if desc.fd is not None:
+        if desc.pid <= 0:
+            raise PoolSharingError("a cpu_shm pool descriptor with fd needs the owner's pid")
+        path = f"/proc/{desc.pid}/fd/{desc.fd}"
+        try:
+            target = os.readlink(path)
+        except OSError as e:
+            raise PoolSharingError(
+                f"cannot open the client's shared pool at {path} ({e.strerror}); the client process must "
+                "be alive, on this host and in this PID namespace (or use "
+                "torch.multiprocessing.set_sharing_strategy('file_system') before share_memory_())"
+            ) from None
+        if not target.startswith(_SHM_PREFIXES):
+            raise PoolSharingError(f"{path} points at {target!r}, which is not shared memory")
+    else:
+        assert desc.shm_name is not None
+        path = "/dev/shm/" + desc.shm_name.lstrip("/")
+    try:
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise PoolSharingError(f"cannot open the client's shared pool at {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise PoolSharingError(f"{path} is not a shared-memory file")
+        if (st.st_dev, st.st_ino) != (desc.file_dev, desc.file_inode):
+            raise PoolSharingError(
+                f"{path} is not the client's shared-memory file (another file has that name here): client "
+                "and server must run on the same host, in the same PID namespace"
+            )
+        if desc.offset_bytes + span > st.st_size:
+            raise PoolSharingError(
+                f"pool of {span} bytes at offset {desc.offset_bytes} does not fit the {st.st_size}-byte "
+                f"shared-memory file {path}"
+            )
+        mm = mmap.mmap(fd, desc.offset_bytes + span, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as e:
+        raise PoolSharingError(f"cannot map the client's shared pool at {path}: {e}") from None
+    finally:
+        os.close(fd)
+    flat = torch.frombuffer(mm, dtype=torch.uint8, count=span, offset=desc.offset_bytes)
+    tensor = flat.view(dtype).view(desc.shape)
+
+    def close() -> None:
+        # BufferError: a view is still referenced somewhere; the mapping goes when it is collected.
+        with contextlib.suppress(BufferError):
+            mm.close()
+
+    return MappedPool(tensor, desc, close)
+
+
+# ---- CUDA: the driver API, through whichever bindings are installed ----------------------------
+
+
+def _cuda_python() -> tuple[Any, Any] | None:
+    try:
+        from cuda.bindings import driver, runtime
+
+        return driver, runtime
+    except ImportError:
+        pass
+    try:
+        from cuda import cuda as driver  # cuda-python < 12.6
+        from cuda import cudart as runtime
+
+        return driver, runtime
+    except ImportError:
+        return None
+
+
+class _CudaPythonApi:
+    """cuda-python bindings: the runtime for IPC, the driver for address ranges and UUIDs."""
+
+    name = "cuda-python"
+
+    def __init__(self, driver: Any, runtime: Any) -> None:
+        self.driver = driver
+        self.runtime = runtime
+        self._check(driver.cuInit(0), "cuInit")
+
+    def _check(self, result: Any, what: str) -> Any:
+        err, *rest = result if isinstance(result, tuple) else (result,)
+        if int(err) != 0:
+            name = getattr(err, "name", str(err))
+            raise PoolSharingError(f"{what} failed: {name} ({int(err)})")
+        if not rest:
+            return None
+        return rest[0] if len(rest) == 1 else tuple(rest)
+
+    def set_device(self, ordinal: int) -> None:
+        self._check(self.runtime.cudaSetDevice(ordinal), "cudaSetDevice")
+
+    def address_range(self, ptr: int) -> tuple[int, int]:
+        base, size = self._check(self.driver.cuMemGetAddressRange(ptr), "cuMemGetAddressRange")
+        return int(base), int(size)
+
+    def ipc_get(self, base: int) -> bytes:
+        handle = self._check(self.runtime.cudaIpcGetMemHandle(base), "cudaIpcGetMemHandle")
+        return ctypes.string_at(handle.getPtr(), 64)
+
+    def ipc_open(self, handle: bytes) -> int:
+        h = self.runtime.cudaIpcMemHandle_t()
+        ctypes.memmove(h.getPtr(), handle, 64)
+        flags = self.runtime.cudaIpcMemLazyEnablePeerAccess
+        return int(self._check(self.runtime.cudaIpcOpenMemHandle(h, flags), "cudaIpcOpenMemHandle"))
+
+    def ipc_close(self, ptr: int) -> None:
+        self._check(self.runtime.cudaIpcCloseMemHandle(ptr), "cudaIpcCloseMemHandle")
+
+    def device_count(self) -> int:
+        return int(self._check(self.driver.cuDeviceGetCount(), "cuDeviceGetCount"))
+
+    def device_uuid(self, ordinal: int) -> str:
+        dev = self._check(self.driver.cuDeviceGet(ordinal), "cuDeviceGet")
+        uuid = self._check(self.driver.cuDeviceGetUuid(dev), "cuDeviceGetUuid")
+        raw = uuid.bytes
+        if isinstance(raw, str):
+            raw = raw.encode("latin-1")
+        return bytes(raw if isinstance(raw, (bytes, bytearray)) else [b & 0xFF for b in raw])[:16].hex()
+
+
+class _CUipcMemHandle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_char * 64)]
+
+
+class _CUuuid(ctypes.Structure):
+    _fields_ = [("bytes", ctypes.c_ubyte * 16)]
+
+
+class _CtypesDriverApi:
+    """The CUDA driver library through ctypes (no extra package; libcuda ships with the driver)."""
+
+    name = "libcuda (ctypes)"
+
+    def __init__(self) -> None:
+        try:
+            self.lib = ctypes.CDLL("libcuda.so.1")
+        except OSError as e:
+            raise PoolSharingError(
+                f"CUDA pool sharing needs cuda-python (pip install cuda-python) or the CUDA driver "
+                f"library libcuda.so.1, neither is available: {e}"
+            ) from None
+        self._contexts: dict[int, ctypes.c_void_p] = {}
+        self._check(self.lib.cuInit(0), "cuInit")
+
+    def _check(self, err: int, what: str) -> None:
+        if err != 0:
+            name = ctypes.c_char_p()
+            self.lib.cuGetErrorName(err, ctypes.byref(name))
+            label = name.value.decode() if name.value else "unknown"
+            raise PoolSharingError(f"{what} failed: {label} ({err})")
+
+    def set_device(self, ordinal: int) -> None:
+        ctx = self._contexts.get(ordinal)
+        if ctx is None:
+            dev = ctypes.c_int()
+            self._check(self.lib.cuDeviceGet(ctypes.byref(dev), ordinal), "cuDeviceGet")
+            ctx = ctypes.c_void_p()
+            self._check(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+            self._contexts[ordinal] = ctx
+        self._check(self.lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+
+    def address_range(self, ptr: int) -> tuple[int, int]:
+        base, size = ctypes.c_uint64(), ctypes.c_size_t()
+        fn = self.lib.cuMemGetAddressRange_v2
+        fn.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t), ctypes.c_uint64]
+        self._check(fn(ctypes.byref(base), ctypes.byref(size), ptr), "cuMemGetAddressRange")
+        return base.value, size.value
+
+    def ipc_get(self, base: int) -> bytes:
+        handle = _CUipcMemHandle()
+        fn = self.lib.cuIpcGetMemHandle
+        fn.argtypes = [ctypes.POINTER(_CUipcMemHandle), ctypes.c_uint64]
+        self._check(fn(ctypes.byref(handle), base), "cuIpcGetMemHandle")
+        return ctypes.string_at(ctypes.addressof(handle), 64)
+
+    def ipc_open(self, handle: bytes) -> int:
+        h = _CUipcMemHandle()
+        ctypes.memmove(ctypes.addressof(h), handle, 64)
+        ptr = ctypes.c_uint64()
+        fn = self.lib.cuIpcOpenMemHandle_v2
+        fn.argtypes = [ctypes.POINTER(ctypes.c_uint64), _CUipcMemHandle, ctypes.c_uint]
+        self._check(fn(ctypes.byref(ptr), h, 1), "cuIpcOpenMemHandle")  # 1: lazy peer access
+        return ptr.value
+
+    def ipc_close(self, ptr: int) -> None:
+        fn = self.lib.cuIpcCloseMemHandle
+        fn.argtypes = [ctypes.c_uint64]
+        self._check(fn(ptr), "cuIpcCloseMemHandle")
+
+    def device_count(self) -> int:
+        n = ctypes.c_int()
+        self._check(self.lib.cuDeviceGetCount(ctypes.byref(n)), "cuDeviceGetCount")
+        return n.value
+
+    def device_uuid(self, ordinal: int) -> str:
+        dev = ctypes.c_int()
+        self._check(self.lib.cuDeviceGet(ctypes.byref(dev), ordinal), "cuDeviceGet")
+        uuid = _CUuuid()
+        fn = getattr(self.lib, "cuDeviceGetUuid_v2", None) or self.lib.cuDeviceGetUuid
+        self._check(fn(ctypes.byref(uuid), dev), "cuDeviceGetUuid")
+        return bytes(uuid.bytes).hex()
+
+
+_api: Any = None
+_api_lock = threading.Lock()
+
+
+def cuda_api() -> Any:
+    """The CUDA binding in use (imported on first use)."""
+    global _api
+    with _api_lock:
+        if _api is None:
+            if os.environ.get("LMCACHE_CUDA_IPC_BACKEND", "").lower() != "ctypes" and (
+                mods := _cuda_python()
+            ):
+                _api = _CudaPythonApi(*mods)
+            else:
+                _api = _CtypesDriverApi()
+            logger.debug("CUDA IPC through %s", _api.name)
+        return _api
+
+
+class _CudaArray:
+    """A bare ``__cuda_array_interface__`` so ``torch.as_tensor`` can wrap a raw device pointer."""
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (ptr, False),
+            "strides": None,
+            "version": 2,
+        }
+
+
+@dataclass
+class _Opened:
+    ptr: int
+    ordinal: int
+    refs: int
+
+
+_opened: dict[tuple[str, bytes], _Opened] = {}
+_opened_lock = threading.Lock()
+
+
+def _ordinal_of(api: Any, uuid: str) -> int:
+    for i in range(api.device_count()):
+        if api.device_uuid(i) == uuid:
+            return i
+    raise PoolSharingError(
+        f"no visible GPU has UUID {uuid}: the client's pool is on a GPU this server cannot see "
+        "(check CUDA_VISIBLE_DEVICES of the server; the server must run on the same host)"
+    )
+
+
+class RawCudaIPCWrapper:
+    """Exports a CUDA tensor, including one allocated by raw ``cudaMalloc`` outside PyTorch.
+
+    Client side: ``RawCudaIPCWrapper(pool).descriptor`` is the :class:`CudaIpcPool` to send with
+    ``register``. The allocation must stay alive while the server uses it (TRT-LLM's pool lives
+    as long as the engine). Memory from ``cuMemCreate`` (VMM, PyTorch's expandable segments) has
+    no legacy IPC handle and is refused with an error.
+
+    Server side: :meth:`open` maps a descriptor; each allocation is opened once per process
+    (``cudaIpcOpenMemHandle`` with lazy peer access) and closed with ``cudaIpcCloseMemHandle``
+    when its last :class:`MappedPool` is closed.
+    """
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        if not tensor.is_cuda:
+            raise PoolSharingError(f"RawCudaIPCWrapper needs a CUDA tensor, got one on {tensor.device}")
+        if not tensor.is_contiguous():
+            raise PoolSharingError("the KV pool tensor must be contiguous")
+        api = cuda_api()
+        ordinal = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+        api.set_device(ordinal)
+        ptr = tensor.data_ptr()
+        base, size = api.address_range(ptr)
+        try:
+            handle = api.ipc_get(base)
+        except PoolSharingError as e:
+            raise PoolSharingError(
+                f"{e}: the pool's memory cannot be exported with cudaIpcGetMemHandle (memory from "
+                "cuMemCreate / PyTorch expandable segments is not supported)"
+            ) from None
+        nbytes = tensor.numel() * tensor.element_size()
+        if ptr - base + nbytes > size:
+            raise PoolSharingError("the pool tensor extends past the end of its CUDA allocation")
+        self.tensor = tensor
+        self.descriptor = CudaIpcPool(
+            shape=list(tensor.shape),
+            dtype=dtype_name(tensor.dtype),
+            pid=os.getpid(),
+            ipc_handle=handle,
+            alloc_bytes=size,
+            offset_bytes=ptr - base,
+            device_uuid=api.device_uuid(ordinal),
+        )
+
+    def to_descriptor(self) -> CudaIpcPool:
+        return self.descriptor
+
+    @staticmethod
+    def open(desc: CudaIpcPool) -> MappedPool:
+        span = _span_bytes(desc)
+        if desc.offset_bytes + span > desc.alloc_bytes:
+            raise PoolSharingError(
+                f"pool of {span} bytes at offset {desc.offset_bytes} exceeds its {desc.alloc_bytes}-byte "
+                "CUDA allocation"
+            )
+        dtype = dtype_from_name(desc.dtype)
+        api = cuda_api()
+        key = (desc.device_uuid, bytes(desc.ipc_handle))
+        with _opened_lock:
+            entry = _opened.get(key)
+            if entry is None:
+                ordinal = _ordinal_of(api, desc.device_uuid)
+                api.set_device(ordinal)
+                torch.cuda.set_device(ordinal)
+                ptr = api.ipc_open(bytes(desc.ipc_handle))
+                entry = _Opened(ptr, ordinal, 0)
+                _opened[key] = entry
+            entry.refs += 1
+        try:
+            device = torch.device("cuda", entry.ordinal)
+            raw = torch.as_tensor(_CudaArray(entry.ptr + desc.offset_bytes, span), device=device)
+            tensor = raw.view(dtype).view(desc.shape)
+        except BaseException:
+            _release_cuda(key)
+            raise
+        return MappedPool(tensor, desc, lambda: _release_cuda(key))
+
+
+def _release_cuda(key: tuple[str, bytes]) -> None:
+    with _opened_lock:
+        entry = _opened.get(key)
+        if entry is None:
+            return
+        entry.refs -= 1
+        if entry.refs > 0:
+            return
+        del _opened[key]
+        api = cuda_api()
+        api.set_device(entry.ordinal)
+        try:
+            api.ipc_close(entry.ptr)
+        except PoolSharingError as e:
+            logger.warning("closing a client's CUDA pool mapping: %s", e)
+
+
+# ---- both -----------------------------------------------------------------------------------------
+
+
+def describe_pool(pool: torch.Tensor | PoolDescriptor | RawCudaIPCWrapper) -> PoolDescriptor:
+    """The descriptor to register a pool with (CPU: shared memory; CUDA: :class:`RawCudaIPCWrapper`)."""
+    if isinstance(pool, (CpuShmPool, CudaIpcPool)):
+        return pool
+    if isinstance(pool, RawCudaIPCWrapper):
+        return pool.descriptor
+    if not isinstance(pool, torch.Tensor):
+        raise TypeError(f"expected a pool tensor or descriptor, got {type(pool).__name__}")
+    if pool.is_cuda:
+        return RawCudaIPCWrapper(pool).descriptor
+    return share_cpu_pool(pool)
+
+
+def open_pool(desc: PoolDescriptor) -> MappedPool:
+    """Map a client's pool into this process (server side)."""
+    if isinstance(desc, CpuShmPool):
+        return _open_cpu(desc)
+    if isinstance(desc, CudaIpcPool):
+        return RawCudaIPCWrapper.open(desc)
+    raise PoolSharingError(f"unknown pool descriptor {type(desc).__name__}")

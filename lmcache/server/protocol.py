@@ -1,0 +1,425 @@
+"""Wire protocol between the cache server and its clients.
+
+Transport: one ZMQ ``ROUTER`` on the server, one ``DEALER`` per client. Every message is a
+single ZMQ frame holding one msgpack-encoded msgspec struct:
+
+* a request is one member of the :data:`Request` tagged union (tag field ``op``), carrying the
+  protocol version ``v``, a client-chosen request id ``rid`` and, optionally, ``timeout_ms``
+  (the server skips requests that waited longer than that before they could start, so a
+  request its client already gave up on never touches the client's KV pool);
+* the answer is a :class:`Reply` echoing ``rid``, with either ``value`` (per-op type, below) or
+  an :class:`ErrorInfo` (``code`` from :class:`ErrorCode`, and a message saying what was wrong
+  and what to do).
+
+``v`` is checked on every message, in both directions. Pool descriptors
+(:data:`PoolDescriptor`, tag field ``kind``) name the memory a client shares with the server;
+see :mod:`lmcache.server.pool_sharing`.
+
+=============  ===============================================  ==============================
+op             request fields                                    reply value
+=============  ===============================================  ==============================
+register       instance_id rank world_size model_name            :class:`RegisterInfo`
+               tokens_per_block pool
+unregister     instance_id                                       bool (was registered)
+lookup         instance_id tokens cache_salt pin_id              int: hit tokens (all ranks)
+release        instance_id pin_id pin_owner                      bool (pins were held)
+store          instance_id tokens cache_salt block_ids           int: tokens newly stored
+               start end
+retrieve       instance_id tokens cache_salt block_ids           int: tokens loaded
+               start end pin_id pin_owner
+heartbeat      instance_ids                                      :class:`HeartbeatInfo`
+ping           (none)                                            :class:`PingInfo`
+stats          (none)                                            :class:`StatsInfo`
+clear          (none)                                            int: chunks dropped
+=============  ===============================================  ==============================
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAX_FRAME_BYTES",
+    "ErrorCode",
+    "ErrorInfo",
+    "Reply",
+    "Request",
+    "REQUEST_TYPES",
+    "OPS",
+    "Register",
+    "Unregister",
+    "Lookup",
+    "Release",
+    "Store",
+    "Retrieve",
+    "Heartbeat",
+    "Ping",
+    "Stats",
+    "Clear",
+    "CpuShmPool",
+    "CudaIpcPool",
+    "PoolDescriptor",
+    "RegisterInfo",
+    "PingInfo",
+    "HeartbeatInfo",
+    "StatsInfo",
+    "InstanceStats",
+    "encode",
+    "decode_reply",
+    "tokens_to_bytes",
+]
+
+PROTOCOL_VERSION = 1
+"""Bumped on any incompatible change; client and server must agree exactly."""
+
+MAX_FRAME_BYTES = 64 << 20
+"""Default cap of one request frame (the server answers larger ones with an error)."""
+
+MAX_TOKENS = 1 << 22
+MAX_BLOCKS = 1 << 22
+MAX_WORLD_SIZE = 4096
+MAX_NAME = 512
+MAX_SALT = 4096
+
+UInt63 = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
+NonNeg = Annotated[int, Meta(ge=0, lt=1 << 62)]
+Positive = Annotated[int, Meta(ge=1, lt=1 << 62)]
+TokenIds = (
+    Annotated[bytes, Meta(max_length=8 * MAX_TOKENS)] | Annotated[list[int], Meta(max_length=MAX_TOKENS)]
+)
+"""Token ids: little-endian int64 bytes (fast path, see :func:`tokens_to_bytes`) or a list."""
+BlockIds = (
+    Annotated[bytes, Meta(max_length=8 * MAX_BLOCKS)] | Annotated[list[int], Meta(max_length=MAX_BLOCKS)]
+)
+"""Pool block ids: little-endian int64 bytes or a list."""
+Salt = Annotated[str, Meta(max_length=MAX_SALT)] | int | None
+PinId = Annotated[str, Meta(max_length=MAX_NAME)] | int | None
+Shape = Annotated[list[Annotated[int, Meta(ge=0, lt=1 << 48)]], Meta(min_length=1, max_length=8)]
+DType = Annotated[str, Meta(max_length=32)]
+
+
+class ErrorCode(str, enum.Enum):
+    MALFORMED = "malformed"
+    VERSION_MISMATCH = "version_mismatch"
+    UNKNOWN_OP = "unknown_op"
+    INVALID = "invalid"
+    UNKNOWN_INSTANCE = "unknown_instance"
+    BAD_POOL = "bad_pool"
+    TOO_LARGE = "too_large"
+    EXPIRED = "expired"
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"
+
+
+# ---- pool descriptors ---------------------------------------------------------------------------
+
+
+class _Descriptor(msgspec.Struct, tag_field="kind", forbid_unknown_fields=True, kw_only=True):
+    shape: Shape
+    """Shape of the pool tensor, ``[num_blocks, num_layers, kv_factor, block_elems]``."""
+    dtype: DType
+    """torch dtype name without the ``torch.`` prefix, e.g. ``bfloat16``."""
+    pid: Annotated[int, Meta(ge=0)] = 0
+    """Process that owns the pool (for logs, and the ``/proc`` path of CPU pools)."""
+
+
+class CpuShmPool(_Descriptor, tag="cpu_shm", kw_only=True):
+    """A CPU pool whose storage lives in POSIX shared memory (``pool.share_memory_()``).
+
+    Exactly one of ``fd`` (torch's ``file_descriptor`` sharing strategy: the server opens
+    ``/proc/<pid>/fd/<fd>``) and ``shm_name`` (``file_system`` strategy: ``/dev/shm/<name>``) is set.
+    """
+
+    fd: Annotated[int, Meta(ge=0, lt=1 << 31)] | None = None
+    shm_name: Annotated[str, Meta(pattern=r"^/?[A-Za-z0-9_.\-]{1,200}$")] | None = None
+    file_bytes: NonNeg
+    """Size of the shared-memory file."""
+    file_dev: NonNeg
+    file_inode: NonNeg
+    """``st_dev`` / ``st_ino`` of that file: the server checks it opened the client's very file (a
+    ``/proc/<pid>`` path on another host or PID namespace would name some other process's memory)."""
+    offset_bytes: NonNeg = 0
+    """Where the pool tensor starts in that file (storage offset times element size)."""
+
+
+class CudaIpcPool(_Descriptor, tag="cuda_ipc", kw_only=True):
+    """A CUDA pool exported with ``cudaIpcGetMemHandle`` on its allocation's base address.
+
+    The handle covers the whole ``cudaMalloc`` allocation (``alloc_bytes``); the pool starts
+    ``offset_bytes`` into it. ``device_uuid`` (hex of the 16 UUID bytes) names the GPU, so the
+    server finds it whatever its ``CUDA_VISIBLE_DEVICES`` ordering is.
+    """
+
+    ipc_handle: Annotated[bytes, Meta(min_length=64, max_length=64)]
+    alloc_bytes: Positive
+    offset_bytes: NonNeg = 0
+    device_uuid: Annotated[str, Meta(pattern=r"^[0-9a-f]{32}$")]
+
+
+PoolDescriptor = CpuShmPool | CudaIpcPool
+
+
+# ---- requests -----------------------------------------------------------------------------------
+
+
+class _Req(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
+    v: int = PROTOCOL_VERSION
+    rid: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)] = 0
+    timeout_ms: Annotated[int, Meta(ge=0, lt=1 << 40)] | None = None
+
+
+class Register(_Req, tag="register", kw_only=True):
+    instance_id: UInt63
+    rank: NonNeg
+    world_size: Annotated[int, Meta(ge=1, le=MAX_WORLD_SIZE)]
+    model_name: Annotated[str, Meta(min_length=1, max_length=MAX_NAME)]
+    tokens_per_block: Annotated[int, Meta(ge=1, le=1 << 20)]
+    pool: PoolDescriptor
+
+
+class Unregister(_Req, tag="unregister", kw_only=True):
+    instance_id: UInt63
+
+
+class Lookup(_Req, tag="lookup", kw_only=True):
+    instance_id: UInt63
+    tokens: TokenIds
+    cache_salt: Salt = None
+    pin_id: PinId = None
+
+
+class Release(_Req, tag="release", kw_only=True):
+    instance_id: UInt63
+    pin_id: Annotated[str, Meta(max_length=MAX_NAME)] | int
+    pin_owner: UInt63 | None = None
+    """Instance whose lookup took the pins (default: ``instance_id``)."""
+
+
+class Store(_Req, tag="store", kw_only=True):
+    instance_id: UInt63
+    tokens: TokenIds
+    cache_salt: Salt = None
+    block_ids: BlockIds
+    start: NonNeg = 0
+    end: NonNeg
+
+
+class Retrieve(_Req, tag="retrieve", kw_only=True):
+    instance_id: UInt63
+    tokens: TokenIds
+    cache_salt: Salt = None
+    block_ids: BlockIds
+    start: NonNeg = 0
+    end: NonNeg
+    pin_id: PinId = None
+    pin_owner: UInt63 | None = None
+    """Instance whose lookup took the pins (default: ``instance_id``); ranks of one TP world pass
+    the scheduler's instance id, and the pins go once every rank retrieved or on ``release``."""
+
+
+class Heartbeat(_Req, tag="heartbeat", kw_only=True):
+    instance_ids: Annotated[list[UInt63], Meta(max_length=4096)] = []
+
+
+class Ping(_Req, tag="ping", kw_only=True):
+    pass
+
+
+class Stats(_Req, tag="stats", kw_only=True):
+    pass
+
+
+class Clear(_Req, tag="clear", kw_only=True):
+    pass
+
+
+Request = Register | Unregister | Lookup | Release | Store | Retrieve | Heartbeat | Ping | Stats | Clear
+REQUEST_TYPES: tuple[type[_Req], ...] = (
+    Register,
+    Unregister,
+    Lookup,
+    Release,
+    Store,
+    Retrieve,
+    Heartbeat,
+    Ping,
+    Stats,
+    Clear,
+)
+OPS: dict[str, type[_Req]] = {t.__struct_config__.tag: t for t in REQUEST_TYPES}
+
+
+# ---- replies ------------------------------------------------------------------------------------
+
+
+class ErrorInfo(msgspec.Struct):
+    code: str
+    message: str
+
+
+class Reply(msgspec.Struct, kw_only=True):
+    v: int = PROTOCOL_VERSION
+    rid: int
+    """The request's ``rid``; -1 when the request was too broken to read one from."""
+    ok: bool
+    value: Any = None
+    error: ErrorInfo | None = None
+
+
+class RegisterInfo(msgspec.Struct, kw_only=True):
+    instance_id: int
+    chunk_size: int
+    num_blocks: int
+    server_id: str
+    """Random per server start: a change tells a client the server restarted."""
+    refreshed: bool = False
+    """True when the same registration already existed (only its liveness was refreshed)."""
+
+
+class PingInfo(msgspec.Struct, kw_only=True):
+    server_id: str
+    protocol_version: int
+    chunk_size: int
+    uptime_s: float
+    version: str = ""
+
+
+class HeartbeatInfo(msgspec.Struct, kw_only=True):
+    server_id: str
+    unknown: list[int] = []
+    """Instance ids the server does not know (restarted or reaped): re-register them."""
+
+
+class InstanceStats(msgspec.Struct, kw_only=True):
+    instance_id: int
+    rank: int
+    world_size: int
+    model_name: str
+    pool_kind: str
+    pool_shape: list[int]
+    dtype: str
+    pid: int
+    idle_s: float
+
+
+class StatsInfo(msgspec.Struct, kw_only=True):
+    server_id: str
+    protocol_version: int
+    uptime_s: float
+    chunk_size: int
+    eviction_policy: str
+    l1_capacity_bytes: int
+    l1_reserved_bytes: int
+    l1_used_bytes: int
+    l1_chunks: int
+    l1_evictions: int
+    pinned_lookups: int
+    requests: int
+    errors: int
+    reaped_instances: int
+    engine: dict[str, int]
+    instances: list[InstanceStats] = []
+
+
+# ---- encoding -----------------------------------------------------------------------------------
+
+_encoder = msgspec.msgpack.Encoder()
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+
+
+class _Header(msgspec.Struct):
+    """The fields read before the full decode, to answer even requests that fail it."""
+
+    v: Any = None
+    rid: Any = None
+    op: Any = None
+
+
+_header_decoder = msgspec.msgpack.Decoder(_Header)
+_request_decoder = msgspec.msgpack.Decoder(Request)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_reply(frame: bytes) -> Reply:
+    return _reply_decoder.decode(frame)
+
+
+class ProtocolError(Exception):
+    """A request frame the server cannot serve; carries the reply's error code and rid."""
+
+    def __init__(self, code: ErrorCode, message: str, rid: int = -1) -> None:
+        super().__init__(message)
+        self.code = code
+        self.rid = rid
+
+
+def decode_request(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Request:
+    """Decode and validate one request frame, or raise :class:`ProtocolError`."""
+    if len(frame) > max_bytes:
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE,
+            f"request frame of {len(frame)} bytes exceeds the server's limit of {max_bytes} bytes; "
+            "send fewer tokens per request or raise the server's --max-frame-mb",
+        )
+    try:
+        header = _header_decoder.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:  # ValueError: bad UTF-8
+        raise ProtocolError(
+            ErrorCode.MALFORMED,
+            f"malformed request frame ({e}); expected one msgpack map per frame, sent by "
+            "lmcache.server.client.CacheServerClient",
+        ) from None
+    rid = header.rid if isinstance(header.rid, int) and 0 <= header.rid < 1 << 63 else -1
+    if header.v != PROTOCOL_VERSION:
+        raise ProtocolError(
+            ErrorCode.VERSION_MISMATCH,
+            f"protocol version mismatch: client sent v={header.v!r}, server speaks v={PROTOCOL_VERSION}; "
+            "install the same lmcache release for the client (TRT-LLM process) and the server",
+            rid,
+        )
+    if not isinstance(header.op, str) or header.op not in OPS:
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_OP,
+            f"unknown op {header.op!r}; this server (protocol v{PROTOCOL_VERSION}) knows: " + ", ".join(OPS),
+            rid,
+        )
+    try:
+        return _request_decoder.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+        raise ProtocolError(ErrorCode.INVALID, f"invalid {header.op!r} request: {e}", rid) from None
+
+
+def tokens_to_bytes(tokens: Any) -> bytes:
+    """Token (or block) ids as little-endian int64 bytes, the compact wire form."""
+    import numpy as np
+
+    if isinstance(tokens, (bytes, bytearray, memoryview)):
+        return bytes(tokens)
+    if hasattr(tokens, "detach"):  # torch.Tensor
+        tokens = tokens.detach().cpu().numpy()
+    arr = np.asarray(tokens, dtype="<i8")
+    if arr.ndim != 1:
+        raise ValueError(f"ids must be a flat sequence, got shape {arr.shape}")
+    return arr.tobytes()
+
+
+def ids_from_wire(ids: bytes | list[int], what: str) -> Any:
+    """Wire ids as a numpy int64 array; bytes must be a whole number of int64s."""
+    import numpy as np
+
+    if isinstance(ids, bytes):
+        if len(ids) % 8:
+            raise ValueError(f"{what}: {len(ids)} bytes is not a whole number of little-endian int64s")
+        return np.frombuffer(ids, dtype="<i8")
+    try:
+        return np.asarray(ids, dtype="<i8")
+    except OverflowError:
+        raise ValueError(f"{what}: ids must fit in int64") from None

@@ -1,0 +1,788 @@
+"""The multi-process cache server: one :class:`CacheEngine` behind a ZMQ ROUTER socket.
+
+Threads:
+
+* the **I/O thread** (the caller of :meth:`CacheServer.serve_forever`, the main thread under the
+  CLI) owns the ROUTER socket: it reads and decodes requests, answers ``ping``, ``heartbeat`` and
+  ``stats`` itself (they never wait behind a long copy), queues everything else and sends the
+  replies that workers hand back through a queue plus a wake-up pipe in its poller;
+* ``--max-workers`` **worker threads** (a ThreadPoolExecutor) run the queued requests. Requests
+  of one client connection run one at a time in arrival order (a per-client serial queue), while
+  different clients run in parallel;
+* a **reaper thread** drops instances that stopped heartbeating for ``client_timeout_s``
+  (releasing their pool mapping and their pins; the chunks they stored stay cached) and pins no
+  request came back for within ``pin_ttl_s``.
+
+Handlers only translate messages into engine calls (lookup / store / retrieve / release /
+clear); all cache logic lives in :class:`lmcache.engine.CacheEngine`.
+
+CUDA ordering (first version, host-synchronous at the boundaries): the client must have finished
+writing the blocks it asks to store (e.g. synchronized the stream of its forward pass) before it
+sends ``store``; the server enqueues its copies on a per-instance CUDA stream and synchronizes
+that stream before it replies to ``store`` and to ``retrieve``. So when a ``store`` reply arrives
+the client may overwrite those blocks, and when a ``retrieve`` reply arrives the loaded blocks
+are in device memory, visible to any later work on any stream of the client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import os
+import queue
+import secrets
+import socket
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import msgspec
+import numpy as np
+import torch
+import zmq
+
+from lmcache.engine import CacheEngine, KeySpace
+from lmcache.layout import PoolLayout
+from lmcache.logging import init_logger
+from lmcache.server import protocol as P
+from lmcache.server.pool_sharing import MappedPool, PoolSharingError, open_pool
+
+logger = init_logger(__name__)
+
+__all__ = ["CacheServer", "ServerConfig", "ServerStartError", "DEFAULT_IPC_PATH"]
+
+DEFAULT_IPC_PATH = "/tmp/lmcache.sock"
+MAX_QUEUED_PER_CLIENT = 4096
+_DRAIN_BURST = 16
+
+
+class ServerStartError(RuntimeError):
+    """The server cannot start (address in use, bad ipc path...); the message says what to do."""
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 5555
+    ipc_path: str | None = DEFAULT_IPC_PATH
+    """Unix socket bound in addition to TCP; None or "" disables it."""
+    max_workers: int = 4
+    client_timeout_s: float = 30.0
+    """Instances silent (no request, no heartbeat) for this long are reaped; 0 disables reaping."""
+    pin_ttl_s: float = 600.0
+    """Pins of a lookup no retrieve or release came back for are dropped after this long."""
+    max_frame_bytes: int = P.MAX_FRAME_BYTES
+
+
+class _Fail(Exception):
+    def __init__(self, code: P.ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(eq=False)
+class _Instance:
+    """One registered pool (one rank of one TRT-LLM process)."""
+
+    request: P.Register
+    pool: MappedPool
+    space: KeySpace
+    stream: Any
+    last_seen: float
+    active: int = 0
+    retired: bool = False
+
+    @property
+    def instance_id(self) -> int:
+        return self.request.instance_id
+
+    @property
+    def rank(self) -> int:
+        return self.request.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.request.world_size
+
+    def same_registration(self, req: P.Register) -> bool:
+        a, b = self.request, req
+        return (a.rank, a.world_size, a.model_name, a.tokens_per_block, a.pool) == (
+            b.rank,
+            b.world_size,
+            b.model_name,
+            b.tokens_per_block,
+            b.pool,
+        )
+
+
+@dataclass
+class _PinState:
+    world_size: int
+    created: float
+    done: set[int] = field(default_factory=set)
+
+
+class CacheServer:
+    """Serves one engine to many clients; see the module docstring for the threading model."""
+
+    def __init__(
+        self, engine: CacheEngine, config: ServerConfig | None = None, *, context: zmq.Context | None = None
+    ) -> None:
+        self.engine = engine
+        self.config = config or ServerConfig()
+        self.server_id = secrets.token_hex(8)
+        self.started = time.monotonic()
+        self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self._ipc_inode: tuple[int, int] | None = None
+        self.endpoints: list[str] = []
+        self._replies: queue.SimpleQueue[tuple[bytes, bytes]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._stop = threading.Event()
+        self._executor = ThreadPoolExecutor(
+            max(1, self.config.max_workers), thread_name_prefix="lmcache-worker"
+        )
+        self._queues: dict[bytes, deque[tuple[Any, float]]] = {}
+        self._running: set[bytes] = set()
+        self._qlock = threading.Lock()
+        self._instances: dict[int, _Instance] = {}
+        self._ilock = threading.Lock()
+        self._pins: dict[tuple[int, int | str], _PinState] = {}
+        self._plock = threading.Lock()
+        self.requests = 0
+        self.errors = 0
+        self.reaped = 0
+        self._reaper: threading.Thread | None = None
+        self._closed = False
+        self._io_thread: int | None = None
+        self._handlers: dict[type, Callable[[Any], Any]] = {
+            P.Register: self._register,
+            P.Unregister: self._unregister,
+            P.Lookup: self._lookup,
+            P.Release: self._release,
+            P.Store: self._store,
+            P.Retrieve: self._retrieve,
+            P.Clear: lambda req: self.engine.clear(),
+        }
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind the sockets (raises :class:`ServerStartError` with a clear message on failure)."""
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # Hard cap: peers sending more are disconnected. Frames between the soft cap and this get an
+        # error reply (see protocol.decode_request).
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.config.max_frame_bytes + (1 << 20))
+        host = self.config.host
+        try:
+            if ":" in host:
+                sock.setsockopt(zmq.IPV6, 1)
+                host = f"[{host}]"
+            port = "*" if self.config.port == 0 else str(self.config.port)
+            sock.bind(f"tcp://{host}:{port}")
+            tcp = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.endpoints = [tcp]
+            if self.config.ipc_path:
+                self._prepare_ipc_path(self.config.ipc_path)
+                sock.bind(f"ipc://{self.config.ipc_path}")
+                st = os.stat(self.config.ipc_path)
+                self._ipc_inode = (st.st_dev, st.st_ino)
+                self.endpoints.append(f"ipc://{self.config.ipc_path}")
+        except zmq.ZMQError as e:
+            sock.close(0)
+            if e.errno == errno.EADDRINUSE:
+                raise ServerStartError(
+                    f"tcp port {self.config.port} on {self.config.host} is already in use (another lmcache "
+                    "server?); stop it or pass another --port"
+                ) from None
+            raise ServerStartError(f"cannot bind the server's sockets: {e}") from None
+        except BaseException:
+            sock.close(0)
+            raise
+        self._sock = sock
+        self._reaper = threading.Thread(target=self._reap_loop, name="lmcache-reaper", daemon=True)
+        self._reaper.start()
+        where = " and ".join(self.endpoints)
+        logger.info("LMCache server listening on %s", where)
+
+    @property
+    def tcp_port(self) -> int:
+        return int(self.endpoints[0].rsplit(":", 1)[1])
+
+    @staticmethod
+    def _prepare_ipc_path(path: str) -> None:
+        if len(os.fsencode(path)) > 107:
+            raise ServerStartError(
+                f"--ipc-path {path!r} is longer than the 107 bytes a Unix socket path allows"
+            )
+        if os.path.lexists(path):
+            st = os.lstat(path)
+            if not stat.S_ISSOCK(st.st_mode):
+                raise ServerStartError(
+                    f"--ipc-path {path} exists and is not a socket; remove it or pick another"
+                )
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(1.0)
+            try:
+                probe.connect(path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)  # left behind by a server that died
+            except OSError as e:
+                raise ServerStartError(f"cannot check --ipc-path {path}: {e}") from None
+            else:
+                raise ServerStartError(
+                    f"another process is serving on ipc://{path}; stop it, or pass another --ipc-path "
+                    "(an empty --ipc-path disables the Unix socket)"
+                )
+            finally:
+                probe.close()
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+
+    def stop(self) -> None:
+        """Ask :meth:`serve_forever` to return (thread- and signal-safe)."""
+        self._stop.set()
+        self._wake()
+
+    def serve_forever(self) -> None:
+        """Run the I/O loop until :meth:`stop`, then shut down cleanly."""
+        if self._sock is None:
+            self.start()
+        assert self._sock is not None
+        self._io_thread = threading.get_ident()
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                try:
+                    events = dict(poller.poll(500))
+                except zmq.ZMQError as e:
+                    if e.errno == errno.EINTR:
+                        continue
+                    raise
+                if self._sock in events:
+                    self._receive_all()
+                if self._wake_r in events:
+                    self._drain_wake()
+                self._send_replies()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Finish in-flight work, unmap every pool, close the sockets, remove the ipc file."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._executor.shutdown(wait=True)
+        if self._sock is not None:
+            self._send_replies()
+        with self._ilock:
+            instances = list(self._instances.values())
+            self._instances.clear()
+        for inst in instances:
+            self._retire(inst, "server shutting down")
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+        path = self.config.ipc_path
+        if path and self._ipc_inode is not None:
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino) == self._ipc_inode:
+                    os.unlink(path)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        logger.info("LMCache server stopped")
+
+    # ---- I/O thread -----------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\0")
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            while os.read(self._wake_r, 4096):
+                pass
+
+    def _receive_all(self) -> None:
+        assert self._sock is not None
+        for _ in range(1024):
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            try:
+                self._on_message(frames)
+            except Exception as e:  # never let one request take the I/O thread down
+                logger.exception("internal error reading a request")
+                self._reply_error(frames[0], -1, P.ErrorCode.INTERNAL, f"internal server error: {e!r}")
+
+    def _on_message(self, frames: list[bytes]) -> None:
+        self.requests += 1
+        identity = frames[0]
+        now = time.monotonic()
+        if len(frames) != 2:
+            self._reply_error(
+                identity,
+                -1,
+                P.ErrorCode.MALFORMED,
+                f"expected exactly one frame per request, got {len(frames) - 1}; use a DEALER socket "
+                "and send one msgpack-encoded request per message",
+            )
+            return
+        try:
+            req = P.decode_request(frames[1], self.config.max_frame_bytes)
+        except P.ProtocolError as e:
+            self._reply_error(identity, e.rid, e.code, str(e))
+            return
+        self._touch(req, now)
+        if isinstance(req, (P.Ping, P.Heartbeat, P.Stats)):
+            self._post(identity, self._execute(req, now))
+            return
+        with self._qlock:
+            q = self._queues.setdefault(identity, deque())
+            if len(q) >= MAX_QUEUED_PER_CLIENT:
+                self._reply_error(
+                    identity, req.rid, P.ErrorCode.INVALID, f"more than {len(q)} requests queued; slow down"
+                )
+                return
+            q.append((req, now))
+            if identity in self._running:
+                return
+            self._running.add(identity)
+        try:
+            self._executor.submit(self._drain, identity)
+        except RuntimeError:  # shutting down
+            self._reply_error(identity, req.rid, P.ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+
+    def _reply_error(self, identity: bytes, rid: int, code: P.ErrorCode, message: str) -> None:
+        self.errors += 1
+        logger.debug("request %d refused (%s): %s", rid, code.value, message)
+        self._post(identity, P.Reply(rid=rid, ok=False, error=P.ErrorInfo(code.value, message)))
+
+    def _post(self, identity: bytes, reply: P.Reply) -> None:
+        try:
+            frame = P.encode(reply)
+        except (TypeError, msgspec.EncodeError) as e:
+            frame = P.encode(
+                P.Reply(rid=reply.rid, ok=False, error=P.ErrorInfo(P.ErrorCode.INTERNAL.value, f"{e}"))
+            )
+        self._replies.put((identity, frame))
+        if threading.get_ident() != self._io_thread:
+            self._wake()
+
+    def _send_replies(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                identity, frame = self._replies.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._sock.send_multipart([identity, frame], zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as e:  # the client went away (EHOSTUNREACH) or stopped reading (EAGAIN)
+                logger.debug("dropping a reply to a gone client: %s", e)
+
+    def _touch(self, req: Any, now: float) -> None:
+        ids = req.instance_ids if isinstance(req, P.Heartbeat) else [getattr(req, "instance_id", None)]
+        with self._ilock:
+            for iid in ids:
+                inst = self._instances.get(iid) if iid is not None else None
+                if inst is not None:
+                    inst.last_seen = now
+
+    # ---- workers --------------------------------------------------------------------------------
+
+    def _drain(self, identity: bytes) -> None:
+        for _ in range(_DRAIN_BURST):
+            with self._qlock:
+                q = self._queues.get(identity)
+                if not q:
+                    self._running.discard(identity)
+                    self._queues.pop(identity, None)
+                    return
+                req, received = q.popleft()
+            if self._stop.is_set():
+                reply = P.Reply(
+                    rid=req.rid,
+                    ok=False,
+                    error=P.ErrorInfo(P.ErrorCode.SHUTTING_DOWN.value, "the server is shutting down"),
+                )
+            else:
+                reply = self._execute(req, received)
+            self._post(identity, reply)
+        try:  # let other clients' queues run, then continue with this one
+            self._executor.submit(self._drain, identity)
+        except RuntimeError:
+            self._executor_fallback(identity)
+
+    def _executor_fallback(self, identity: bytes) -> None:
+        """The executor is shutting down: answer what is left in this client's queue."""
+        with self._qlock:
+            q = self._queues.pop(identity, deque())
+            self._running.discard(identity)
+        for req, _ in q:
+            self._reply_error(identity, req.rid, P.ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+
+    def _execute(self, req: Any, received: float) -> P.Reply:
+        if req.timeout_ms and (time.monotonic() - received) * 1000 > req.timeout_ms:
+            self.errors += 1
+            return P.Reply(
+                rid=req.rid,
+                ok=False,
+                error=P.ErrorInfo(
+                    P.ErrorCode.EXPIRED.value,
+                    f"request waited longer than its timeout_ms={req.timeout_ms} and was not run",
+                ),
+            )
+        try:
+            if isinstance(req, P.Ping):
+                value: Any = self._ping()
+            elif isinstance(req, P.Heartbeat):
+                value = self._heartbeat(req)
+            elif isinstance(req, P.Stats):
+                value = self.stats()
+            else:
+                value = self._handlers[type(req)](req)
+            return P.Reply(rid=req.rid, ok=True, value=value)
+        except _Fail as e:
+            code, message = e.code, str(e)
+        except PoolSharingError as e:
+            code, message = P.ErrorCode.BAD_POOL, str(e)
+        except (ValueError, IndexError) as e:
+            code, message = P.ErrorCode.INVALID, f"{type(req).__name__.lower()}: {e}"
+        except Exception as e:
+            logger.exception("internal error serving %s", type(req).__name__)
+            code, message = P.ErrorCode.INTERNAL, f"internal server error: {type(e).__name__}: {e}"
+        self.errors += 1
+        logger.debug("request %d (%s) failed (%s): %s", req.rid, type(req).__name__, code.value, message)
+        return P.Reply(rid=req.rid, ok=False, error=P.ErrorInfo(code.value, message))
+
+    # ---- instances ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _use(self, instance_id: int) -> Iterator[_Instance]:
+        with self._ilock:
+            inst = self._instances.get(instance_id)
+            if inst is None:
+                raise _Fail(
+                    P.ErrorCode.UNKNOWN_INSTANCE,
+                    f"instance {instance_id} is not registered with this server (server {self.server_id}); "
+                    "it restarted or reaped the client after "
+                    f"{self.config.client_timeout_s:g} s without heartbeats: register the pool again",
+                )
+            inst.active += 1
+        try:
+            yield inst
+        finally:
+            with self._ilock:
+                inst.active -= 1
+                close_now = inst.retired and inst.active == 0
+            if close_now:
+                self._close_mapping(inst)
+
+    def _retire(self, inst: _Instance, why: str) -> None:
+        """Forget an instance (already removed from the table): release its pins, unmap its pool
+        once no request is using it."""
+        with self._ilock:
+            inst.retired = True
+            close_now = inst.active == 0
+        with self._plock:
+            owned = [key for key in self._pins if key[0] == inst.instance_id]
+            for key in owned:
+                del self._pins[key]
+        for key in owned:
+            self.engine.release(key)
+        logger.info(
+            "instance %d (rank %d/%d, %s, pid %d) removed: %s",
+            inst.instance_id,
+            inst.rank,
+            inst.world_size,
+            inst.request.model_name,
+            inst.request.pool.pid,
+            why,
+        )
+        if close_now:
+            self._close_mapping(inst)
+
+    @staticmethod
+    def _close_mapping(inst: _Instance) -> None:
+        try:
+            if inst.stream is not None:
+                inst.stream.synchronize()
+            inst.pool.close()
+        except Exception:
+            logger.exception("closing the pool mapping of instance %d", inst.instance_id)
+
+    # ---- handlers -------------------------------------------------------------------------------
+
+    def _ping(self) -> P.PingInfo:
+        return P.PingInfo(
+            server_id=self.server_id,
+            protocol_version=P.PROTOCOL_VERSION,
+            chunk_size=self.engine.config.chunk_size,
+            uptime_s=time.monotonic() - self.started,
+            version=_package_version(),
+        )
+
+    def _heartbeat(self, req: P.Heartbeat) -> P.HeartbeatInfo:
+        with self._ilock:
+            unknown = [i for i in req.instance_ids if i not in self._instances]
+        return P.HeartbeatInfo(server_id=self.server_id, unknown=unknown)
+
+    def _register(self, req: P.Register) -> P.RegisterInfo:
+        if req.rank >= req.world_size:
+            raise _Fail(P.ErrorCode.INVALID, f"rank {req.rank} is not below world_size {req.world_size}")
+        with self._ilock:
+            old = self._instances.get(req.instance_id)
+            if old is not None and old.same_registration(req):
+                old.last_seen = time.monotonic()
+                return self._register_info(old, refreshed=True)
+            if old is not None:
+                del self._instances[req.instance_id]
+        if old is not None:
+            self._retire(old, "registered again with another pool")
+        pool = open_pool(req.pool)
+        try:
+            try:
+                layout = PoolLayout.of_pool(pool.tensor, req.tokens_per_block)
+                space = KeySpace(req.model_name, layout, req.world_size)
+                self.engine.hasher(space)  # checks chunk_size against tokens_per_block
+            except ValueError as e:
+                raise _Fail(P.ErrorCode.BAD_POOL, f"pool rejected: {e}") from None
+            stream = torch.cuda.Stream(device=pool.tensor.device) if pool.tensor.is_cuda else None
+        except BaseException:
+            pool.close()
+            raise
+        inst = _Instance(req, pool, space, stream, time.monotonic())
+        with self._ilock:
+            clash = self._instances.get(req.instance_id)
+            self._instances[req.instance_id] = inst
+        if clash is not None:
+            self._retire(clash, "registered again concurrently")
+        logger.info(
+            "registered instance %d: rank %d/%d of %s, %s pool %s %s (%d tokens/block) of pid %d",
+            req.instance_id,
+            req.rank,
+            req.world_size,
+            req.model_name,
+            pool.kind,
+            list(pool.tensor.shape),
+            req.pool.dtype,
+            req.tokens_per_block,
+            req.pool.pid,
+        )
+        return self._register_info(inst, refreshed=False)
+
+    def _register_info(self, inst: _Instance, refreshed: bool) -> P.RegisterInfo:
+        return P.RegisterInfo(
+            instance_id=inst.instance_id,
+            chunk_size=self.engine.config.chunk_size,
+            num_blocks=inst.space.layout.num_blocks,
+            server_id=self.server_id,
+            refreshed=refreshed,
+        )
+
+    def _unregister(self, req: P.Unregister) -> bool:
+        with self._ilock:
+            inst = self._instances.pop(req.instance_id, None)
+        if inst is None:
+            return False
+        self._retire(inst, "unregistered by the client")
+        return True
+
+    def _lookup(self, req: P.Lookup) -> int:
+        tokens = P.ids_from_wire(req.tokens, "tokens")
+        with self._use(req.instance_id) as inst:
+            key = (req.instance_id, req.pin_id) if req.pin_id is not None else None
+            hit = self.engine.lookup(
+                inst.space, tokens, req.cache_salt, ranks=range(inst.world_size), pin_id=key
+            )
+            if key is not None:
+                with self._plock:
+                    self._pins.pop(key, None)
+                    if hit > 0:
+                        self._pins[key] = _PinState(inst.world_size, time.monotonic())
+                if hit == 0:
+                    self.engine.release(key)
+            return hit
+
+    def _release(self, req: P.Release) -> bool:
+        key = (req.pin_owner if req.pin_owner is not None else req.instance_id, req.pin_id)
+        with self._plock:
+            held = self._pins.pop(key, None) is not None
+        self.engine.release(key)
+        return held
+
+    def _transfer_args(self, req: P.Store | P.Retrieve, inst: _Instance) -> tuple[np.ndarray, list[int]]:
+        tokens = P.ids_from_wire(req.tokens, "tokens")
+        blocks = P.ids_from_wire(req.block_ids, "block_ids")
+        if not req.start <= req.end <= len(tokens):
+            raise _Fail(
+                P.ErrorCode.INVALID,
+                f"range [{req.start}, {req.end}) is not within the request's {len(tokens)} tokens",
+            )
+        num_blocks = inst.space.layout.num_blocks
+        if len(blocks) and (int(blocks.min()) < 0 or int(blocks.max()) >= num_blocks):
+            raise _Fail(
+                P.ErrorCode.INVALID,
+                f"block ids must be in [0, {num_blocks}) (the registered pool's blocks); got min "
+                f"{int(blocks.min())}, max {int(blocks.max())}",
+            )
+        return tokens, blocks.tolist()
+
+    def _store(self, req: P.Store) -> int:
+        with self._use(req.instance_id) as inst:
+            tokens, blocks = self._transfer_args(req, inst)
+            stored = self.engine.store(
+                inst.space,
+                inst.rank,
+                tokens,
+                req.cache_salt,
+                inst.pool.tensor,
+                blocks,
+                req.start,
+                req.end,
+                inst.stream,
+            )
+            if inst.stream is not None:
+                inst.stream.synchronize()  # the client may reuse the blocks once we reply
+            return stored
+
+    def _retrieve(self, req: P.Retrieve) -> int:
+        key = None
+        if req.pin_id is not None:
+            key = (req.pin_owner if req.pin_owner is not None else req.instance_id, req.pin_id)
+        with self._use(req.instance_id) as inst:
+            try:
+                tokens, blocks = self._transfer_args(req, inst)
+                loaded = self.engine.retrieve(
+                    inst.space,
+                    inst.rank,
+                    tokens,
+                    req.cache_salt,
+                    inst.pool.tensor,
+                    blocks,
+                    req.start,
+                    req.end,
+                    inst.stream,
+                )
+                if inst.stream is not None:
+                    inst.stream.synchronize()  # the loaded blocks are in place when we reply
+                return loaded
+            finally:
+                if key is not None:
+                    self._rank_done(key, inst.rank)
+
+    def _rank_done(self, key: tuple[int, int | str], rank: int) -> None:
+        """A rank has loaded: its pins of the lookup go now, the lookup's record once every rank of
+        the world has loaded (or on release / owner reaped / TTL)."""
+        self.engine.release(key, rank)
+        with self._plock:
+            state = self._pins.get(key)
+            if state is None:
+                return
+            state.done.add(rank)
+            if len(state.done) < state.world_size:
+                return
+            del self._pins[key]
+        self.engine.release(key)
+
+    # ---- liveness -------------------------------------------------------------------------------
+
+    def _reap_loop(self) -> None:
+        timeout = self.config.client_timeout_s
+        interval = min(1.0, timeout / 4) if timeout > 0 else 1.0
+        while not self._stop.wait(max(0.05, interval)):
+            try:
+                self.reap()
+            except Exception:
+                logger.exception("reaper")
+
+    def reap(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        timeout = self.config.client_timeout_s
+        dead: list[_Instance] = []
+        if timeout > 0:
+            with self._ilock:
+                for iid, inst in list(self._instances.items()):
+                    if now - inst.last_seen > timeout:
+                        dead.append(self._instances.pop(iid))
+        for inst in dead:
+            self.reaped += 1
+            self._retire(inst, f"no request or heartbeat for {now - inst.last_seen:.1f} s (client gone?)")
+        ttl = self.config.pin_ttl_s
+        if ttl > 0:
+            with self._plock:
+                stale = [key for key, st in self._pins.items() if now - st.created > ttl]
+                for key in stale:
+                    del self._pins[key]
+            for key in stale:
+                logger.warning("releasing pins of lookup %r: no retrieve or release within %g s", key, ttl)
+                self.engine.release(key)
+
+    # ---- stats ----------------------------------------------------------------------------------
+
+    def stats(self) -> P.StatsInfo:
+        engine, l1 = self.engine, self.engine.l1
+        now = time.monotonic()
+        with self._ilock:
+            instances = [
+                P.InstanceStats(
+                    instance_id=i.instance_id,
+                    rank=i.rank,
+                    world_size=i.world_size,
+                    model_name=i.request.model_name,
+                    pool_kind=i.pool.kind,
+                    pool_shape=list(i.request.pool.shape),
+                    dtype=i.request.pool.dtype,
+                    pid=i.request.pool.pid,
+                    idle_s=round(now - i.last_seen, 3),
+                )
+                for i in self._instances.values()
+            ]
+        with self._plock:
+            pinned = len(self._pins)
+        return P.StatsInfo(
+            server_id=self.server_id,
+            protocol_version=P.PROTOCOL_VERSION,
+            uptime_s=now - self.started,
+            chunk_size=engine.config.chunk_size,
+            eviction_policy=l1.policy_name,
+            l1_capacity_bytes=l1.arena.capacity_bytes,
+            l1_reserved_bytes=l1.arena.reserved_bytes,
+            l1_used_bytes=l1.used_bytes,
+            l1_chunks=len(l1),
+            l1_evictions=l1.evictions,
+            pinned_lookups=pinned,
+            requests=self.requests,
+            errors=self.errors,
+            reaped_instances=self.reaped,
+            engine={k: int(v) for k, v in asdict(engine.stats).items()},
+            instances=instances,
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("lmcache-trtllm")
+    except Exception:
+        return "dev"

@@ -1,0 +1,1 @@
+"""Upstream import path of the multi-process cache server (``python -m lmcache.v1.multiprocess.server``)."""

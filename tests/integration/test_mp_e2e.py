@@ -1,0 +1,143 @@
+"""The multi-process connector (preset ``lmcache-mp``) end to end: replay engines, a real server."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.e2e import MODEL, assert_same_output, baseline, llm_args, prompt
+from support.server_process import REPO, ServerProcess, subprocess_env
+
+from lmcache.integration.tensorrt_llm.tensorrt_mp_adapter import reset_process_connections
+from lmcache.server.client import CacheServerClient
+from lmcache.testing.trtllm_replay import ReplayExecutor
+
+LOOKUP_LINE = re.compile(r"LMCache MP scheduler: req (\d+) .*lmcache_cached=(\d+) new_matched=(\d+)")
+ENGINE_PROC = REPO / "tests" / "integration" / "mp_engine_proc.py"
+
+
+@pytest.fixture
+def mp_server(lmcache_env) -> Iterator[ServerProcess]:
+    workdir = Path(tempfile.mkdtemp(prefix="lmmp-", dir="/tmp"))
+    server = ServerProcess(workdir, None, "--chunk-size", "64", "--client-timeout-s", "3").start()
+    reset_process_connections()
+    yield server
+    reset_process_connections()
+    server.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_engine_process(server: ServerProcess, seed: int, length: int, mode: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(ENGINE_PROC), server.ipc_url, str(seed), str(length), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=subprocess_env(LMCACHE_CHUNK_SIZE="64"),
+    )
+
+
+def read_tokens(proc: subprocess.Popen[str]) -> tuple[list[int], int]:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("TOKENS"):
+            head, matched = line.split("MATCHED")
+            return [int(t) for t in head.split()[1:]], int(matched)
+    raise AssertionError(f"engine process ended without output (exit {proc.wait()})")
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_seed_scenario_through_the_server(mp_server, caplog, tp: int) -> None:
+    caplog.set_level(logging.DEBUG, logger="lmcache")
+    a, b = prompt(520, start=1), prompt(520, start=2)
+    args = llm_args("lmcache-mp", tp=tp, max_tokens=640, server_url=mp_server.ipc_url)
+    executor = ReplayExecutor(args, MODEL)
+    first = executor.generate([a], 8)[0]
+    executor.generate([b], 8)
+    third = executor.generate([a], 8)[0]
+    assert third.num_connector_matched_tokens > 0
+    assert third.num_device_matched_tokens + third.num_connector_matched_tokens == 512
+    cached, new_matched = map(int, LOOKUP_LINE.findall(caplog.text)[-1][1:])
+    assert cached == 512 and new_matched == third.num_connector_matched_tokens
+    assert "Retrieved" in caplog.text
+    want = baseline([a], 8, tp=tp, max_tokens=640)[0]
+    assert_same_output(first, want)
+    assert_same_output(third, want)
+
+
+def test_tcp_url_works_too(mp_server) -> None:
+    p = prompt(200, start=3)
+    ReplayExecutor(llm_args("lmcache-mp", server_url=mp_server.tcp_url), MODEL).generate([p], 3)
+    again = ReplayExecutor(llm_args("lmcache-mp", server_url=mp_server.tcp_url), MODEL).generate([p], 3)[0]
+    assert again.num_connector_matched_tokens == 192
+    assert_same_output(again, baseline([p], 3)[0])
+
+
+def test_two_engine_processes_share_one_server(mp_server) -> None:
+    writer = run_engine_process(mp_server, seed=4, length=300, mode="exit")
+    tokens, matched = read_tokens(writer)
+    assert writer.wait(timeout=120) == 0 and matched == 0
+    reader = run_engine_process(mp_server, seed=4, length=300, mode="exit")
+    again, matched = read_tokens(reader)
+    assert reader.wait(timeout=120) == 0
+    assert matched == 256 and again == tokens == baseline([prompt(300, start=4)], 4)[0].tokens
+
+
+def test_engine_killed_mid_run_is_reaped_and_its_chunks_stay(mp_server) -> None:
+    victim = run_engine_process(mp_server, seed=5, length=200, mode="hang")
+    tokens, _ = read_tokens(victim)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    with CacheServerClient(mp_server.ipc_url, timeout_s=10) as probe:
+        deadline = time.monotonic() + 60
+        while probe.stats().instances and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert probe.stats().instances == []  # the dead engine's mapping and pins were released
+    survivor = ReplayExecutor(llm_args("lmcache-mp", server_url=mp_server.ipc_url), MODEL)
+    again = survivor.generate([prompt(200, start=5)], 4)[0]
+    assert again.num_connector_matched_tokens == 192 and again.tokens == tokens
+
+
+def test_server_restart_keeps_output_correct_and_hits_resume(mp_server, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="lmcache")
+    executor = ReplayExecutor(llm_args("lmcache-mp", server_url=mp_server.ipc_url, max_tokens=512), MODEL)
+    p, q = prompt(200, start=6), prompt(200, start=7)
+    executor.generate([p], 3)
+    mp_server.kill()
+    # Server down: the engine keeps serving, without cache, output unchanged.
+    down = [executor.generate([r], 3)[0] for r in (q, prompt(200, start=8), prompt(200, start=9))]
+    for got, want in zip(down, baseline([q, prompt(200, start=8), prompt(200, start=9)], 3), strict=True):
+        assert_same_output(got, want)
+        assert got.num_connector_matched_tokens == 0
+    assert 0 < caplog.text.count("not answering lookups") <= 1  # one warning, not one per request
+    mp_server.start()
+    deadline = time.monotonic() + 30
+    while True:  # the worker re-registers by itself; stores resume on the fresh (empty) server
+        executor.generate([q], 3)
+        fresh = ReplayExecutor(llm_args("lmcache-mp", server_url=mp_server.ipc_url), MODEL)
+        again = fresh.generate([q], 3)[0]
+        if again.num_connector_matched_tokens or time.monotonic() > deadline:
+            break
+    assert again.num_connector_matched_tokens == 192
+    assert_same_output(again, baseline([q], 3)[0])
+
+
+def test_engine_starts_and_serves_while_the_server_is_down(lmcache_env, tmp_path, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="lmcache")
+    reset_process_connections()
+    args = llm_args("lmcache-mp", server_url=f"ipc://{tmp_path}/nobody.sock")
+    p = prompt(150, start=11)
+    out = ReplayExecutor(args, MODEL).generate([p], 3)[0]
+    assert out.num_connector_matched_tokens == 0
+    assert_same_output(out, baseline([p], 3)[0])
+    assert "cannot reach the cache server" in caplog.text
+    reset_process_connections()

@@ -1,0 +1,145 @@
+"""The server's command line: the seed's exact command, --help, signals, --stats, start-up errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from support.server_process import free_port, subprocess_env
+
+from lmcache.server.cli import build_parser, engine_config_from_args
+from lmcache.server.client import CacheServerClient, wait_for_server
+
+SEED_FLAGS = ["--host", "--port", "--l1-size-gb", "--eviction-policy", "--max-workers", "--chunk-size"]
+OUR_FLAGS = ["--config", "--ipc-path", "--log-level", "--client-timeout-s", "--stats"]
+
+
+def _server_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lmcache.v1.multiprocess.server", *args]
+
+
+def test_help_documents_every_flag() -> None:
+    out = subprocess.run(
+        _server_cmd("--help"), capture_output=True, text=True, env=subprocess_env(), timeout=60, check=True
+    ).stdout
+    for flag in SEED_FLAGS + OUR_FLAGS:
+        assert flag in out, flag
+    assert "ipc:///tmp/lmcache.sock" in out
+
+
+def test_seed_command_line_starts_lazily_answers_ping_and_sigterm_exits_cleanly(workdir) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    ipc_path = str(workdir / "seed.sock")
+    cmd = _server_cmd(
+        "--host", "0.0.0.0", "--port", str(port), "--l1-size-gb", "10", "--eviction-policy", "LRU",
+        "--max-workers", "4", "--chunk-size", "256",
+    )  # fmt: skip
+    log_path = workdir / "seed.log"
+    with open(log_path, "wb") as log:
+        # The default ipc path comes from LMCACHE_SERVER_IPC_PATH: this test leaves /tmp/lmcache.sock alone.
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(LMCACHE_SERVER_IPC_PATH=ipc_path)
+        )
+    try:
+        info = wait_for_server(f"tcp://127.0.0.1:{port}", 60)
+        assert info.chunk_size == 256
+        with CacheServerClient(f"ipc://{ipc_path}", timeout_s=20.0) as client:
+            stats = client.stats()
+        assert stats.l1_capacity_bytes == 10 << 30
+        assert stats.l1_reserved_bytes == 0  # nothing reserved until chunks arrive
+        assert stats.eviction_policy == "LRU"
+        assert os.path.exists(ipc_path)
+        stats_cli = subprocess.run(
+            _server_cmd("--stats", f"tcp://127.0.0.1:{port}"),
+            capture_output=True,
+            text=True,
+            env=subprocess_env(),
+            timeout=60,
+        )
+        assert stats_cli.returncode == 0, stats_cli.stderr
+        assert "L1:" in stats_cli.stdout and "chunk_size 256" in stats_cli.stdout
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert not os.path.exists(ipc_path)
+        log = log_path.read_text()
+        assert f"LMCache server listening on tcp://0.0.0.0:{port} and ipc://{ipc_path}" in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
+def test_stats_of_an_unreachable_server_fails_fast(workdir) -> None:  # type: ignore[no-untyped-def]
+    out = subprocess.run(
+        _server_cmd("--stats", f"ipc://{workdir}/none.sock"),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert "cannot read stats" in out.stderr
+
+
+def test_port_in_use_and_live_ipc_path_are_refused(start_server, workdir) -> None:  # type: ignore[no-untyped-def]
+    server = start_server()
+    busy_port = subprocess.run(
+        _server_cmd("--port", str(server.port), "--ipc-path", str(workdir / "other.sock")),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
+    )
+    assert busy_port.returncode == 1
+    assert "already in use" in busy_port.stderr
+    busy_ipc = subprocess.run(
+        _server_cmd("--port", str(free_port()), "--ipc-path", server.ipc_path),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
+    )
+    assert busy_ipc.returncode == 1
+    assert "another process is serving" in busy_ipc.stderr
+    assert server.proc.poll() is None
+    wait_for_server(server.ipc_url, 30)  # the first server still owns its socket
+
+
+def test_sigint_also_exits_cleanly_and_tcp_only_mode(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(ipc=False)
+    assert "and ipc://" not in server.log()
+    assert server.kill(signal.SIGINT) == 0
+
+
+def test_config_file_with_flag_overrides(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cfg = tmp_path / "lmcache.yaml"
+    cfg.write_text("chunk_size: 128\nmax_local_cpu_size: 3\ncache_policy: FIFO\n")
+    args = build_parser().parse_args(["--config", str(cfg), "--chunk-size", "512"])
+    config = engine_config_from_args(args)
+    assert (config.chunk_size, config.max_local_cpu_size, config.cache_policy) == (512, 3.0, "FIFO")
+    args = build_parser().parse_args(["--config", str(cfg), "--eviction-policy", "lru", "--l1-size-gb", "1"])
+    config = engine_config_from_args(args)
+    assert (config.chunk_size, config.max_local_cpu_size, config.cache_policy) == (128, 1.0, "LRU")
+
+
+def test_bad_flag_values_exit_with_a_message() -> None:
+    out = subprocess.run(
+        _server_cmd("--eviction-policy", "MRU", "--ipc-path", ""),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "MRU" in out.stderr and "LRU" in out.stderr
+
+
+@pytest.mark.parametrize("argv", [["--max-workers", "0"], ["--port", "70000"]])
+def test_invalid_numbers_are_rejected(argv: list[str]) -> None:
+    out = subprocess.run(
+        _server_cmd(*argv, "--ipc-path", ""), capture_output=True, text=True, env=subprocess_env(), timeout=60
+    )
+    assert out.returncode == 2

@@ -1,0 +1,172 @@
+"""Server threading model, with the server in a thread of this process (so the engine can be slowed)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch
+import zmq
+from support.server_process import CHUNK, MODEL, TPB, shared_pool
+
+from lmcache.config import LMCacheEngineConfig
+from lmcache.engine import CacheEngine
+from lmcache.server import protocol as P
+from lmcache.server.client import CacheServerClient, ServerUnavailable
+from lmcache.server.server import CacheServer, ServerConfig
+
+
+@pytest.fixture
+def inproc_server() -> Iterator[CacheServer]:
+    engine = CacheEngine(
+        LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.05), pinned=False
+    )
+    server = CacheServer(engine, ServerConfig(port=0, ipc_path=None, max_workers=4, client_timeout_s=0))
+    server.start()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.stop()
+    thread.join(30)
+    assert not thread.is_alive()
+
+
+def _url(server: CacheServer) -> str:
+    return f"tcp://127.0.0.1:{server.tcp_port}"
+
+
+def test_requests_of_one_client_run_in_order(inproc_server: CacheServer) -> None:
+    """A pipelined store then lookup on one connection: the lookup always sees the store."""
+    client = CacheServerClient(_url(inproc_server), timeout_s=20.0)
+    pool = shared_pool(seed=1)
+    client.register(pool, 0, 1, MODEL, TPB)
+    iid = client.instance_id
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(_url(inproc_server))
+    try:
+        for round_ in range(20):
+            tok = P.tokens_to_bytes(list(range(round_ * 1000, round_ * 1000 + 64)))
+            sock.send(
+                P.encode(
+                    P.Store(rid=2 * round_, instance_id=iid, tokens=tok, block_ids=list(range(8)), end=64)
+                )
+            )
+            sock.send(P.encode(P.Lookup(rid=2 * round_ + 1, instance_id=iid, tokens=tok)))
+            replies = {}
+            for _ in range(2):
+                assert sock.poll(20_000)
+                reply = P.decode_reply(sock.recv())
+                replies[reply.rid] = reply
+            assert replies[2 * round_].value == 64
+            assert replies[2 * round_ + 1].value == 64
+    finally:
+        sock.close(0)
+        client.close()
+
+
+def test_a_slow_client_does_not_block_others(
+    inproc_server: CacheServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = inproc_server.engine
+    entered, release = threading.Event(), threading.Event()
+    real_store = engine.store
+
+    def slow_store(*args, **kwargs):  # type: ignore[no-untyped-def]
+        entered.set()
+        assert release.wait(30)
+        return real_store(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "store", slow_store)
+    slow, fast = (CacheServerClient(_url(inproc_server), timeout_s=20.0) for _ in range(2))
+    try:
+        slow.register(shared_pool(seed=2), 0, 1, MODEL, TPB)
+        fast.register(shared_pool(seed=3), 0, 1, MODEL, TPB)
+        tokens = list(range(64))
+        result: list[int] = []
+        worker = threading.Thread(target=lambda: result.append(slow.store(tokens, list(range(8)), 0, 64)))
+        worker.start()
+        assert entered.wait(20)
+        # While the slow client's store is stuck in the engine, another client is served.
+        assert fast.lookup(tokens) == 0
+        assert fast.ping().server_id == inproc_server.server_id
+        release.set()
+        worker.join(30)
+        assert result == [64]
+        assert fast.lookup(tokens) == 64
+    finally:
+        release.set()
+        slow.close()
+        fast.close()
+
+
+def test_reap_releases_mapping_and_pins_but_keeps_chunks(inproc_server: CacheServer) -> None:
+    client = CacheServerClient(_url(inproc_server), timeout_s=20.0, heartbeat_interval_s=0)
+    try:
+        pool = shared_pool(seed=4)
+        client.register(pool, 0, 1, MODEL, TPB)
+        tokens = list(range(500, 564))
+        client.store(tokens, list(range(8)), 0, 64)
+        assert client.lookup(tokens, pin_id="x") == 64
+        inst = inproc_server._instances[client.instance_id]
+        inproc_server.config.client_timeout_s = 5.0
+        inproc_server.reap(now=inst.last_seen + 10.0)
+        assert client.instance_id not in inproc_server._instances
+        assert inst.pool.closed
+        assert inproc_server.stats().pinned_lookups == 0
+        assert inproc_server.engine.pinned_ids() == []
+        # the client re-registers by itself and the chunks are still there
+        assert client.lookup(tokens) == 64
+        assert client.reregistrations == 1
+        pool[20:28].zero_()
+        assert client.retrieve(tokens, list(range(20, 28)), 0, 64) == 64
+        assert torch.equal(pool[20:28], pool[:8])
+    finally:
+        client.close()
+
+
+def test_stale_pins_expire(inproc_server: CacheServer) -> None:
+    client = CacheServerClient(_url(inproc_server), timeout_s=20.0)
+    try:
+        client.register(shared_pool(seed=5), 0, 1, MODEL, TPB)
+        tokens = list(range(900, 964))
+        client.store(tokens, list(range(8)), 0, 64)
+        assert client.lookup(tokens, pin_id=1) == 64
+        assert client.lookup(list(range(5)), pin_id=2) == 0  # a miss pins nothing
+        assert inproc_server.stats().pinned_lookups == 1
+        inproc_server.reap(now=inproc_server._pins[(client.instance_id, 1)].created + 10_000)
+        assert inproc_server.stats().pinned_lookups == 0
+        assert inproc_server.engine.pinned_ids() == []
+    finally:
+        client.close()
+
+
+def test_lost_connection_fails_inflight_requests_without_waiting_for_the_timeout() -> None:
+    """A server that takes a request and dies: the caller gets ServerUnavailable naming the lost
+    connection (not the 60 s timeout)."""
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    client = CacheServerClient(f"tcp://127.0.0.1:{port}", timeout_s=60.0, heartbeat_interval_s=0)
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            client.ping()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    caller = threading.Thread(target=call)
+    try:
+        caller.start()
+        assert router.poll(20_000)
+        router.recv_multipart()  # taken, never answered
+        router.close(0)
+        caller.join(60)
+        assert len(errors) == 1
+        assert isinstance(errors[0], ServerUnavailable)
+        assert "connection to the server lost" in str(errors[0])
+    finally:
+        client.close(unregister=False)

@@ -1,0 +1,180 @@
+"""Wire protocol and pool sharing, in one process (no server needed)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import tempfile
+
+import msgspec
+import pytest
+import torch
+import torch.multiprocessing as tmp
+
+from lmcache.server import protocol as P
+from lmcache.server.pool_sharing import (
+    PoolSharingError,
+    RawCudaIPCWrapper,
+    describe_pool,
+    open_pool,
+    share_cpu_pool,
+)
+
+
+def test_requests_round_trip_through_msgpack() -> None:
+    reqs = [
+        P.Ping(rid=1),
+        P.Lookup(
+            rid=2, instance_id=(1 << 63) - 1, tokens=P.tokens_to_bytes([1, 2, 3]), cache_salt="t", pin_id=9
+        ),
+        P.Store(rid=3, instance_id=1, tokens=[5, 6], block_ids=b"\0" * 8, start=0, end=2),
+        P.Retrieve(rid=4, instance_id=1, tokens=[5], block_ids=[0], end=0, pin_id="r1", pin_owner=7),
+        P.Heartbeat(rid=5, instance_ids=[1, 2]),
+    ]
+    for req in reqs:
+        assert P.decode_request(P.encode(req)) == req
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (b"", P.ErrorCode.MALFORMED),
+        (b"\xc1garbage", P.ErrorCode.MALFORMED),
+        (msgspec.msgpack.encode([1, 2, 3]), P.ErrorCode.MALFORMED),
+        (msgspec.msgpack.encode({"v": 99, "rid": 4, "op": "ping"}), P.ErrorCode.VERSION_MISMATCH),
+        (msgspec.msgpack.encode({"v": 1, "rid": 4, "op": "explode"}), P.ErrorCode.UNKNOWN_OP),
+        (msgspec.msgpack.encode({"v": 1, "rid": 4, "op": "lookup", "instance_id": "x"}), P.ErrorCode.INVALID),
+        (msgspec.msgpack.encode({"v": 1, "rid": 4, "op": "ping", "extra": 1}), P.ErrorCode.INVALID),
+        (
+            msgspec.msgpack.encode({"v": 1, "rid": 4, "op": "lookup", "instance_id": -5, "tokens": []}),
+            P.ErrorCode.INVALID,
+        ),
+    ],
+)
+def test_bad_frames_raise_protocol_errors_with_codes(frame: bytes, code: P.ErrorCode) -> None:
+    with pytest.raises(P.ProtocolError) as info:
+        P.decode_request(frame)
+    assert info.value.code == code
+    if code is not P.ErrorCode.MALFORMED:
+        assert info.value.rid == 4
+
+
+def test_version_mismatch_message_names_both_versions() -> None:
+    with pytest.raises(P.ProtocolError, match=rf"v=7.*v={P.PROTOCOL_VERSION}"):
+        P.decode_request(msgspec.msgpack.encode({"v": 7, "rid": 1, "op": "ping"}))
+
+
+def test_oversized_frame_is_refused() -> None:
+    with pytest.raises(P.ProtocolError) as info:
+        P.decode_request(b"\0" * 100, max_bytes=10)
+    assert info.value.code == P.ErrorCode.TOO_LARGE
+
+
+def test_ids_from_wire_checks_byte_length() -> None:
+    assert P.ids_from_wire(P.tokens_to_bytes([3, 4]), "t").tolist() == [3, 4]
+    with pytest.raises(ValueError, match="int64"):
+        P.ids_from_wire(b"\0" * 7, "tokens")
+
+
+# ---- pool sharing ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["file_descriptor", "file_system"])
+def test_cpu_pool_mapping_shares_pages_both_ways(strategy: str) -> None:
+    old = tmp.get_sharing_strategy()
+    tmp.set_sharing_strategy(strategy)
+    try:
+        pool = torch.zeros(4, 2, 2, 8, dtype=torch.bfloat16)
+        pool.share_memory_()
+        ptr = pool.data_ptr()
+        desc = share_cpu_pool(pool)
+        assert pool.data_ptr() == ptr  # describing never moves the storage
+        assert (desc.fd is None) == (strategy == "file_system")
+        mapped = open_pool(desc)
+        try:
+            mapped.tensor[1, 0, 1, 3] = 2.5  # the "server" writes, the client sees it
+            assert pool[1, 0, 1, 3].item() == 2.5
+            pool[3].fill_(-1)  # the client writes, the "server" sees it
+            assert torch.equal(mapped.tensor[3], pool[3])
+        finally:
+            mapped.close()
+    finally:
+        tmp.set_sharing_strategy(old)
+
+
+def test_cpu_pool_view_with_offset() -> None:
+    base = torch.zeros(10, 2, 2, 8)
+    base.share_memory_()
+    pool = base[2:6]
+    desc = share_cpu_pool(pool)
+    assert desc.offset_bytes == 2 * 2 * 2 * 8 * 4
+    mapped = open_pool(desc)
+    mapped.tensor[0].fill_(7)
+    assert torch.equal(base[2], torch.full((2, 2, 8), 7.0))
+    assert base[1].abs().sum() == 0
+    mapped.close()
+
+
+def test_unshared_cpu_pool_is_refused_with_a_hint() -> None:
+    with pytest.raises(PoolSharingError, match=r"share_memory_\(\)"):
+        describe_pool(torch.zeros(4, 2, 2, 8))
+
+
+def test_descriptor_that_does_not_fit_or_is_not_shm_is_refused() -> None:
+    pool = torch.zeros(4, 2, 2, 8)
+    pool.share_memory_()
+    desc = share_cpu_pool(pool)
+    too_big = msgspec.structs.replace(desc, shape=[400, 2, 2, 8])
+    with pytest.raises(PoolSharingError, match="does not fit"):
+        open_pool(too_big)
+    with pytest.raises(PoolSharingError, match="dtype"):
+        open_pool(msgspec.structs.replace(desc, dtype="complex64"))
+    with tempfile.TemporaryFile() as f:  # a regular file, not shared memory
+        f.write(b"\0" * 4096)
+        f.flush()
+        not_shm = msgspec.structs.replace(desc, fd=f.fileno(), file_bytes=4096)
+        with pytest.raises(PoolSharingError, match="not shared memory"):
+            open_pool(not_shm)
+    with pytest.raises(PoolSharingError, match="cannot open"):
+        open_pool(msgspec.structs.replace(desc, fd=999_999))
+    with pytest.raises(PoolSharingError, match="not the client's shared-memory file"):
+        open_pool(msgspec.structs.replace(desc, file_inode=desc.file_inode + 1))
+
+
+def test_cpu_pool_shared_with_a_child_process() -> None:
+    """The descriptor works from another process (here: a spawned child writing into our pool)."""
+    pool = torch.zeros(4, 2, 2, 8)
+    pool.share_memory_()
+    desc = share_cpu_pool(pool)
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=_child_writes, args=(msgspec.msgpack.encode(desc),))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0
+    assert torch.equal(pool[2], torch.full((2, 2, 8), 3.0))
+
+
+def _child_writes(frame: bytes) -> None:
+    desc = msgspec.msgpack.decode(frame, type=P.CpuShmPool)
+    mapped = open_pool(desc)
+    mapped.tensor[2].fill_(3.0)
+    mapped.close()
+    os._exit(0)
+
+
+def test_raw_cuda_ipc_wrapper_refuses_cpu_tensors() -> None:
+    with pytest.raises(PoolSharingError, match="CUDA tensor"):
+        RawCudaIPCWrapper(torch.zeros(2))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_descriptor_on_a_machine_without_cuda_gives_a_clear_error() -> None:
+    desc = P.CudaIpcPool(
+        shape=[4, 2, 2, 8],
+        dtype="bfloat16",
+        ipc_handle=b"\0" * 64,
+        alloc_bytes=1 << 20,
+        device_uuid="0" * 32,
+    )
+    with pytest.raises(PoolSharingError):
+        open_pool(desc)

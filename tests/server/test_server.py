@@ -1,0 +1,324 @@
+"""The cache server as a real subprocess, with clients in this and other processes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import msgspec
+import pytest
+import torch
+import zmq
+from support.server_process import (
+    CHUNK,
+    CLIENT_PROC,
+    MODEL,
+    POOL_SHAPE,
+    TPB,
+    ServerProcess,
+    shared_pool,
+    subprocess_env,
+)
+
+from lmcache.server import protocol as P
+from lmcache.server.client import (
+    BadPool,
+    CacheServerClient,
+    InvalidRequest,
+    ServerUnavailable,
+    UnknownInstance,
+    VersionMismatch,
+)
+from lmcache.server.pool_sharing import PoolSharingError, share_cpu_pool
+
+
+def _until(predicate, what: str, limit_s: float = 30.0):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it returns a truthy value (a hang guard, not a timing assertion)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.05)
+
+
+def _expected_pool(seed: int) -> torch.Tensor:
+    return torch.randn(POOL_SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def _run_client_proc(url: str, seed: int, tokens: int, *, first: int = 0, wait: bool = False):  # type: ignore[no-untyped-def]
+    cmd = [sys.executable, str(CLIENT_PROC), "--url", url, "--seed", str(seed), "--tokens", str(tokens)]
+    cmd += ["--first", str(first)] + (["--wait"] if wait else [])
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env())
+
+
+# ---- one server for the module ----------------------------------------------------------------------
+
+
+def test_round_trip_shared_cpu_pool(client: CacheServerClient) -> None:
+    pool = shared_pool(seed=1)
+    src = pool[:8].clone()
+    info = client.register(pool, 0, 1, MODEL, TPB)
+    assert info.chunk_size == CHUNK and info.num_blocks == POOL_SHAPE[0]
+    tokens = list(range(1000, 1000 + 70))  # 2 full chunks of 32 + 6 tokens
+    assert client.store(tokens, list(range(9)), 0, 70) == 64  # the server read our pages
+    assert client.lookup(tokens) == 64
+    assert client.lookup(tokens, cache_salt="other-tenant") == 0
+    pool[16:24].zero_()
+    assert client.lookup(tokens, pin_id="req-1") == 64
+    assert client.retrieve(tokens, list(range(16, 24)), 0, 64, pin_id="req-1") == 64
+    assert torch.equal(pool[16:24], src)  # the server wrote into our pages
+    assert client.stats().pinned_lookups == 0  # the only rank retrieved: pins released
+    # only blocks at or after start are written
+    pool[30:38].zero_()
+    assert client.retrieve(tokens, list(range(30, 38)), 40, 64) == 24
+    assert pool[30:35].abs().sum() == 0 and torch.equal(pool[35:38], src[5:8])
+
+
+def test_store_from_numpy_bytes_and_tensor_inputs(client: CacheServerClient) -> None:
+    pool = shared_pool(seed=2)
+    client.register(pool, 0, 1, MODEL, TPB)
+    tokens = torch.arange(5000, 5064)
+    assert client.store(tokens, torch.arange(8), 0, 64) == 64
+    assert client.lookup(P.tokens_to_bytes(tokens)) == 64
+
+
+def test_invalid_requests_get_clear_errors_and_server_keeps_serving(client: CacheServerClient) -> None:
+    pool = shared_pool(seed=3)
+    client.register(pool, 0, 1, MODEL, TPB)
+    tokens = list(range(64))
+    with pytest.raises(InvalidRequest, match=r"block ids must be in \[0, 64\)"):
+        client.store(tokens, [0, 1, 2, 3, 4, 5, 6, 999], 0, 64)
+    with pytest.raises(InvalidRequest, match="within the request's 64 tokens"):
+        client.store(tokens, list(range(8)), 0, 65)
+    with pytest.raises(InvalidRequest, match="multiple of chunk_size"):
+        client.store(tokens, list(range(8)), 5, 64)
+    with pytest.raises(UnknownInstance, match="register the pool again"):
+        client.lookup(tokens, instance_id=12345)
+    with pytest.raises(InvalidRequest, match="rank 3 is not below world_size 2"):
+        client.register(pool, 3, 2, MODEL, TPB)
+    with pytest.raises(BadPool, match="chunk_size=32 must be a multiple of tokens_per_block=64"):
+        client.register(pool, 0, 1, MODEL, 64)
+    assert client.ping().protocol_version == P.PROTOCOL_VERSION
+    assert client.store(tokens, list(range(8)), 0, 64) in (0, 64)
+
+
+def test_unshared_cpu_pool_is_refused_at_registration(client: CacheServerClient) -> None:
+    with pytest.raises(PoolSharingError, match=r"call pool.share_memory_\(\)"):
+        client.register(torch.zeros(POOL_SHAPE), 0, 1, MODEL, TPB)
+
+
+def test_bad_descriptor_gets_bad_pool_error(client: CacheServerClient) -> None:
+    pool = shared_pool()
+    desc = share_cpu_pool(pool)
+    with pytest.raises(BadPool, match="cannot open the client's shared pool"):
+        client.register(msgspec.structs.replace(desc, fd=987_654), 0, 1, MODEL, TPB)
+    with pytest.raises(BadPool, match="does not fit"):
+        client.register(msgspec.structs.replace(desc, shape=[6400, 2, 2, 128]), 0, 1, MODEL, TPB)
+    with pytest.raises(BadPool, match="unsupported pool dtype"):
+        client.register(msgspec.structs.replace(desc, dtype="complex32"), 0, 1, MODEL, TPB)
+    cuda = P.CudaIpcPool(
+        shape=list(POOL_SHAPE),
+        dtype="float32",
+        ipc_handle=b"\1" * 64,
+        alloc_bytes=1 << 24,
+        device_uuid="ab" * 16,
+    )
+    with pytest.raises(BadPool):
+        client.register(cuda, 0, 1, MODEL, TPB)
+    assert client.ping().server_id
+
+
+def _raw_request(url: str, frames: list[bytes], timeout_ms: int = 20_000) -> P.Reply:
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(url)
+    try:
+        sock.send_multipart(frames)
+        assert sock.poll(timeout_ms), "no reply"
+        return P.decode_reply(sock.recv())
+    finally:
+        sock.close(0)
+
+
+def test_version_mismatch_gets_clear_error(server: ServerProcess) -> None:
+    reply = _raw_request(server.ipc_url, [msgspec.msgpack.encode({"v": 99, "rid": 17, "op": "ping"})])
+    assert not reply.ok and reply.rid == 17
+    assert reply.error is not None and reply.error.code == "version_mismatch"
+    assert "v=99" in reply.error.message and f"v={P.PROTOCOL_VERSION}" in reply.error.message
+
+
+def test_client_side_version_check(server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = CacheServerClient(server.ipc_url, timeout_s=20.0)
+    try:
+        monkeypatch.setattr(P, "PROTOCOL_VERSION", 2)  # the client now claims v2 in what it checks
+        with pytest.raises(VersionMismatch, match="v1"):
+            client.ping()
+    finally:
+        monkeypatch.undo()
+        client.close()
+
+
+def test_malformed_oversized_and_unknown_op_frames(server: ServerProcess) -> None:
+    cases = {
+        b"\x93\x01\x02": "malformed",
+        msgspec.msgpack.encode({"v": 1, "rid": 3, "op": "drop_tables"}): "unknown_op",
+        msgspec.msgpack.encode({"v": 1, "rid": 3, "op": "ping"}) + b"x" * (1 << 21): "too_large",
+    }
+    for frame, code in cases.items():
+        reply = _raw_request(server.tcp_url, [frame])
+        assert not reply.ok and reply.error is not None and reply.error.code == code, reply
+    reply = _raw_request(server.tcp_url, [b"a", b"b"])
+    assert reply.error is not None and reply.error.code == "malformed"
+    assert "one frame" in reply.error.message
+
+
+def test_concurrent_threads_share_one_client(client: CacheServerClient) -> None:
+    pool = shared_pool(seed=5)
+    client.register(pool, 0, 1, MODEL, TPB)
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            tokens = list(range(100_000 * (i + 1), 100_000 * (i + 1) + 32))
+            assert client.store(tokens, [4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3], 0, 32) == 32
+            for _ in range(10):
+                assert client.lookup(tokens) == 32
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_tensor_parallel_world_lookup_needs_every_rank_and_pins_last_until_all_retrieved(
+    server: ServerProcess,
+) -> None:
+    pools = [shared_pool(seed=10 + r) for r in range(2)]
+    clients = [CacheServerClient(server.ipc_url, timeout_s=20.0) for _ in range(2)]
+    try:
+        for r in range(2):
+            clients[r].register(pools[r], r, 2, MODEL + "-tp2", TPB)
+        tokens = list(range(7000, 7064))
+        clients[0].store(tokens, list(range(8)), 0, 64)
+        assert clients[0].lookup(tokens) == 0  # rank 1 has not stored yet
+        clients[1].store(tokens, list(range(8)), 0, 64)
+        owner = clients[0].instance_id
+        assert clients[0].lookup(tokens, pin_id=42) == 64
+        assert clients[0].stats().pinned_lookups == 1
+        src = [p[:8].clone() for p in pools]
+        assert clients[0].retrieve(tokens, list(range(20, 28)), 0, 64, pin_id=42) == 64
+        assert clients[0].stats().pinned_lookups == 1  # rank 1 still to load
+        assert clients[1].retrieve(tokens, list(range(20, 28)), 0, 64, pin_id=42, pin_owner=owner) == 64
+        assert clients[0].stats().pinned_lookups == 0
+        for r in range(2):
+            assert torch.equal(pools[r][20:28], src[r])
+        assert clients[0].lookup(tokens, pin_id=43) == 64
+        assert clients[0].release(43) is True
+        assert clients[0].stats().pinned_lookups == 0
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_two_client_processes_share_one_server(server: ServerProcess, client: CacheServerClient) -> None:
+    proc = _run_client_proc(server.tcp_url, seed=21, tokens=64, first=20_000)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    assert json.loads(out)["stored"] == 64
+    pool = shared_pool()
+    client.register(pool, 0, 1, MODEL, TPB)
+    tokens = list(range(20_000, 20_064))
+    assert client.lookup(tokens) == 64
+    assert client.retrieve(tokens, list(range(40, 48)), 0, 64) == 64
+    assert torch.equal(pool[40:48], _expected_pool(21)[:8])
+
+
+# ---- servers of their own ------------------------------------------------------------------------
+
+
+def test_killed_client_is_reaped_and_its_chunks_stay(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server("--client-timeout-s", "1")
+    proc = _run_client_proc(server.ipc_url, seed=31, tokens=64, first=30_000, wait=True)
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read().decode()
+        dead_id = json.loads(line)["instance_id"]
+        with CacheServerClient(server.tcp_url, timeout_s=20.0) as watcher:
+            assert any(i.instance_id == dead_id for i in watcher.stats().instances)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+            stats = _until(
+                lambda: (s := watcher.stats()).reaped_instances >= 1 and s,
+                "the server to reap the killed client",
+            )
+            assert all(i.instance_id != dead_id for i in stats.instances)
+            assert stats.pinned_lookups == 0
+            pool = shared_pool()
+            watcher.register(pool, 0, 1, MODEL, TPB)
+            tokens = list(range(30_000, 30_064))
+            assert watcher.lookup(tokens) == 64
+            assert watcher.retrieve(tokens, list(range(8)), 0, 64) == 64
+            assert torch.equal(pool[:8], _expected_pool(31)[:8])
+            # an idle client that keeps heartbeating is not reaped
+            time.sleep(2.5)
+            assert any(i.instance_id == watcher.instance_id for i in watcher.stats().instances)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+
+
+def test_server_restart_client_unavailable_then_reregisters(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server()
+    pool = shared_pool(seed=41)
+    src = pool[:8].clone()
+    tokens = list(range(40_000, 40_064))
+    client = CacheServerClient(server.tcp_url, timeout_s=2.0, heartbeat_interval_s=0.2)
+    try:
+        client.register(pool, 0, 1, MODEL, TPB)
+        assert client.store(tokens, list(range(8)), 0, 64) == 64
+        server.kill(signal.SIGKILL)
+        with pytest.raises(ServerUnavailable):
+            client.lookup(tokens)
+        with pytest.raises(ServerUnavailable):  # fails at once while down, never hangs
+            client.lookup(tokens)
+        # a new server on the same port and ipc path (the old socket file is stale)
+        start_server(port=server.port)
+        _until(lambda: _lookup_or_none(client, tokens) is not None, "the client to reach the new server")
+        assert client.reregistrations >= 1
+        assert client.lookup(tokens) == 0  # the new server's cache is empty
+        assert client.store(tokens, list(range(8)), 0, 64) == 64
+        assert client.lookup(tokens, pin_id=1) == 64
+        pool[50:58].zero_()
+        assert client.retrieve(tokens, list(range(50, 58)), 0, 64, pin_id=1) == 64
+        assert torch.equal(pool[50:58], src)
+    finally:
+        client.close()
+
+
+def _lookup_or_none(client: CacheServerClient, tokens: list[int]) -> int | None:
+    try:
+        return client.lookup(tokens, timeout_s=2.0)
+    except ServerUnavailable:
+        return None
+
+
+def test_unreachable_server_raises_after_timeout(workdir) -> None:  # type: ignore[no-untyped-def]
+    client = CacheServerClient(f"ipc://{workdir}/nobody.sock", timeout_s=0.3, heartbeat_interval_s=0)
+    try:
+        with pytest.raises(ServerUnavailable, match="is it running"):
+            client.ping()
+    finally:
+        client.close()
