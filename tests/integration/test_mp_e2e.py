@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.e2e import MODEL, assert_same_output, baseline, llm_args, prompt
+from support.e2e import DEVICES, MODEL, assert_same_output, baseline, llm_args, prompt
 from support.server_process import REPO, ServerProcess, subprocess_env
 
 from lmcache.integration.tensorrt_llm.tensorrt_mp_adapter import reset_process_connections
@@ -55,12 +55,13 @@ def read_tokens(proc: subprocess.Popen[str]) -> tuple[list[int], int]:
     raise AssertionError(f"engine process ended without output (exit {proc.wait()})")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tp", [1, 2])
-def test_seed_scenario_through_the_server(mp_server, caplog, tp: int) -> None:
+def test_seed_scenario_through_the_server(mp_server, caplog, tp: int, device: str) -> None:
     caplog.set_level(logging.DEBUG, logger="lmcache")
     a, b = prompt(520, start=1), prompt(520, start=2)
     args = llm_args("lmcache-mp", tp=tp, max_tokens=640, server_url=mp_server.ipc_url)
-    executor = ReplayExecutor(args, MODEL)
+    executor = ReplayExecutor(args, MODEL, device=device)
     first = executor.generate([a], 8)[0]
     executor.generate([b], 8)
     third = executor.generate([a], 8)[0]
@@ -69,7 +70,7 @@ def test_seed_scenario_through_the_server(mp_server, caplog, tp: int) -> None:
     cached, new_matched = map(int, LOOKUP_LINE.findall(caplog.text)[-1][1:])
     assert cached == 512 and new_matched == third.num_connector_matched_tokens
     assert "Retrieved" in caplog.text
-    want = baseline([a], 8, tp=tp, max_tokens=640)[0]
+    want = baseline([a], 8, device, tp=tp, max_tokens=640)[0]
     assert_same_output(first, want)
     assert_same_output(third, want)
 
