@@ -16,10 +16,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The main job: the cache server on its embedded defaults (tcp://127.0.0.1:5555 and ipc:///tmp/lmcache.sock).
 run: $(STAMP)
-	$(PY) -m lmcache.demo
+	$(PY) -m lmcache.v1.multiprocess.server
 
-demo: run
+demo: $(STAMP)
+	$(PY) -m lmcache.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
