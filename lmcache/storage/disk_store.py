@@ -1,0 +1,450 @@
+"""L2: chunk files on a local disk, capped in bytes, evicted by policy, found again after a restart.
+
+Files are ``<root>/<namespace tag>/<first 2 hex of the chunk hash>/<key hex>.kv`` in the
+:mod:`lmcache.storage.chunk_format` encoding. A write goes to a temporary file in the same
+directory and is renamed into place (``os.replace``), so a crash leaves either the whole chunk or
+no chunk under the final name; a torn temporary file is removed by the next start-up scan. Reads
+go straight into the caller's buffer (``readinto`` on an unbuffered file) and are verified against
+the header and the payload checksum; a file that fails is removed and reported as a miss.
+
+This class is synchronous and thread-safe. The write-behind queue, the writer thread and the
+degrade-on-error policy live in :mod:`lmcache.storage.tiers`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmcache.keys import ChunkKey
+from lmcache.logging import init_logger
+from lmcache.rate_limit import RateLimitedLog
+from lmcache.storage.chunk_format import (
+    CorruptChunk,
+    Namespace,
+    check_header,
+    encode_header,
+    new_checksum,
+    payload_checksum,
+    read_header,
+)
+from lmcache.storage.policies import make_policy
+
+logger = init_logger(__name__)
+
+SUFFIX = ".kv"
+TMP_SUFFIX = ".tmp"
+PROGRESS_MIN_FILES = 1000
+STALE_TMP_S = 60.0
+READ_PIECE = 256 << 10  # read/write and checksum in pieces that are still in the CPU cache when hashed
+WRITE_PIECE = 1 << 20
+
+# Errors that mean the whole disk tier is unusable for now (full, read-only, no permission, bad
+# device), as opposed to a problem with one file.
+DEGRADING_ERRNOS = frozenset(
+    e
+    for e in (
+        errno.ENOSPC,
+        getattr(errno, "EDQUOT", None),
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EIO,
+        errno.ENOTDIR,
+    )
+    if e is not None
+)
+
+_IndexKey = tuple[Namespace, ChunkKey]
+
+
+@dataclass(frozen=True)
+class DiskEntry:
+    """An indexed chunk file: its size on disk and what its header says."""
+
+    path: Path
+    size: int
+    payload_len: int
+    num_tokens: int
+    checksum: int
+
+
+@dataclass
+class ScanReport:
+    files: int = 0
+    valid: int = 0
+    removed: int = 0
+    evicted: int = 0
+    seconds: float = 0.0
+
+
+class DiskStore:
+    """Chunk files under ``root``, at most ``capacity_bytes`` in total."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        capacity_bytes: int,
+        policy: str = "LRU",
+        *,
+        fsync: bool = False,
+        verify_on_scan: bool = False,
+        scan: bool = True,
+    ) -> None:
+        self.root = Path(root)
+        self.capacity_bytes = capacity_bytes
+        self.fsync = fsync
+        self.verify_on_scan = verify_on_scan
+        self._policy = make_policy(policy)
+        self._index: dict[_IndexKey, DiskEntry] = {}
+        self._writing: set[_IndexKey] = set()
+        self._lock = threading.Lock()
+        self._warn = RateLimitedLog(logger)
+        self.used_bytes = 0
+        self.evictions = 0
+        self.corrupt_removed = 0
+        self.last_scan = ScanReport()
+        if scan:
+            self.scan()
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    # -- naming ---------------------------------------------------------------------------------
+
+    def path_for(self, ns: Namespace, key: ChunkKey) -> Path:
+        return self.root / ns.tag / key.chunk_hash.hex()[:2] / f"{key.hex()}{SUFFIX}"
+
+    # -- lookups and reads ----------------------------------------------------------------------
+
+    def lookup(self, ns: Namespace, key: ChunkKey) -> DiskEntry | None:
+        """The index entry of a chunk (no file access)."""
+        return self._index.get((ns, key))
+
+    def __contains__(self, item: _IndexKey) -> bool:
+        return item in self._index
+
+    def read_into(self, ns: Namespace, key: ChunkKey, entry: DiskEntry, out: memoryview) -> bool:
+        """Fill ``out`` (exactly ``entry.payload_len`` bytes) with the chunk's verified payload.
+
+        False on any problem; a file found corrupt or missing is dropped from the index (and removed).
+        """
+        try:
+            with open(entry.path, "rb", buffering=0) as f:
+                header = read_header(f)  # type: ignore[arg-type]
+                check_header(header, key, ns, out.nbytes)
+                if os.fstat(f.fileno()).st_size != header.total_len:
+                    raise CorruptChunk(
+                        f"file is {os.fstat(f.fileno()).st_size} bytes, header says {header.total_len}"
+                    )
+                checksum = new_checksum()
+                got = 0
+                while got < out.nbytes:
+                    n = f.readinto(out[got : got + READ_PIECE])
+                    if not n:
+                        raise CorruptChunk(f"truncated payload ({got} of {out.nbytes} bytes)")
+                    checksum.update(out[got : got + n])
+                    got += n
+            if checksum.intdigest() != header.checksum:
+                raise CorruptChunk("payload checksum mismatch")
+        except CorruptChunk as exc:
+            self.corrupt_removed += 1
+            self._warn.warning(
+                "corrupt", "disk tier: %s is corrupt (%s); removed, treated as a miss", entry.path, exc
+            )
+            self._forget(ns, key, unlink=True)
+            return False
+        except FileNotFoundError:
+            self._forget(ns, key, unlink=False)
+            return False
+        except OSError as exc:
+            self._warn.warning("read", "disk tier: cannot read %s (%s); treated as a miss", entry.path, exc)
+            return False
+        with self._lock:
+            if (ns, key) in self._index:
+                self._policy.touch((ns, key))
+        return True
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def write(
+        self, ns: Namespace, key: ChunkKey, num_tokens: int, payload: memoryview, checksum: int | None = None
+    ) -> int | None:
+        """Write one chunk atomically; returns its payload checksum if it is on disk afterwards.
+
+        Evicts by policy to stay under the cap; None (nothing written) if the chunk cannot fit.
+        ``checksum`` (if the caller already knows it) saves hashing the payload. Raises OSError for
+        I/O problems (disk full, permissions, ...), after cleaning up.
+        """
+        ident = (ns, key)
+        header_len = len(encode_header(key, ns, num_tokens, b"", checksum=0))
+        size = header_len + payload.nbytes
+        if size > self.capacity_bytes:
+            return None
+        victims = []
+        with self._lock:
+            existing = self._index.get(ident)
+            if existing is not None:
+                return existing.checksum
+            if ident in self._writing:
+                return checksum  # another thread is writing it
+            while self.used_bytes + size > self.capacity_bytes:
+                victim = self._policy.victim()
+                if victim is None:
+                    break  # the rest of the space is held by writes in flight
+                self._policy.discard(victim)
+                victims.append(self._index.pop(victim))
+                self.used_bytes -= victims[-1].size
+                self.evictions += 1
+            fits = self.used_bytes + size <= self.capacity_bytes
+            if fits:
+                self.used_bytes += size
+                self._writing.add(ident)
+        for old in victims:
+            _unlink(old.path)
+        if not fits:
+            return None
+        path = self.path_for(ns, key)
+        try:
+            checksum = self._write_file(path, key, ns, num_tokens, payload, header_len, checksum)
+        except BaseException:
+            with self._lock:
+                self._writing.discard(ident)
+                self.used_bytes -= size
+            raise
+        with self._lock:
+            self._writing.discard(ident)
+            self._index[ident] = DiskEntry(path, size, payload.nbytes, num_tokens, checksum)
+            self._policy.add(ident)
+        return checksum
+
+    def _write_file(
+        self,
+        path: Path,
+        key: ChunkKey,
+        ns: Namespace,
+        num_tokens: int,
+        payload: memoryview,
+        header_len: int,
+        checksum: int | None,
+    ) -> int:
+        """Write to a temporary file, then rename it into place. Without a known checksum the payload
+        goes first, hashed piece by piece while in the CPU cache, and the header last."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            try:
+                if checksum is None:
+                    hasher = new_checksum()
+                    for offset in range(0, payload.nbytes, WRITE_PIECE):
+                        piece = payload[offset : offset + WRITE_PIECE]
+                        hasher.update(piece)
+                        _pwrite_all(fd, piece, header_len + offset)
+                    checksum = hasher.intdigest()
+                    header = encode_header(key, ns, num_tokens, payload, checksum=checksum)
+                    _pwrite_all(fd, memoryview(header), 0)
+                else:
+                    header = encode_header(key, ns, num_tokens, payload, checksum=checksum)
+                    _write_all(fd, [memoryview(header), payload])
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        if self.fsync:
+            _fsync_dir(path.parent)
+        return checksum
+
+    # -- removal --------------------------------------------------------------------------------
+
+    def remove(self, ns: Namespace, key: ChunkKey) -> bool:
+        return self._forget(ns, key, unlink=True)
+
+    def clear(self) -> int:
+        with self._lock:
+            entries = list(self._index.items())
+            for ident, _ in entries:
+                self._policy.discard(ident)
+            self._index.clear()
+            self.used_bytes -= sum(e.size for _, e in entries)
+        for _, entry in entries:
+            _unlink(entry.path)
+        return len(entries)
+
+    def _forget(self, ns: Namespace, key: ChunkKey, unlink: bool) -> bool:
+        with self._lock:
+            entry = self._index.pop((ns, key), None)
+            if entry is None:
+                return False
+            self._policy.discard((ns, key))
+            self.used_bytes -= entry.size
+        if unlink:
+            _unlink(entry.path)
+        return True
+
+    # -- start-up -------------------------------------------------------------------------------
+
+    def scan(self) -> ScanReport:
+        """Rebuild the index from the directory: valid chunk files are served again, oldest first in
+        the eviction order; invalid ones (bad header, wrong name, truncated) and stale temporaries
+        are removed. I/O errors (missing or unreadable directory) leave the index empty."""
+        started = time.monotonic()
+        report = ScanReport()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            files = [p for p in _walk(self.root) if p.name.endswith((SUFFIX, TMP_SUFFIX))]
+        except OSError as exc:
+            self._warn.warning(
+                "scan", "disk tier: cannot read %s (%s); starting with an empty disk index", self.root, exc
+            )
+            return report
+        report.files = len(files)
+        found: list[tuple[float, _IndexKey, DiskEntry]] = []
+        iterator = files
+        if len(files) > PROGRESS_MIN_FILES:
+            from tqdm import tqdm
+
+            iterator = tqdm(files, desc=f"LMCache disk index {self.root}", unit="file", leave=False)
+        now = time.time()
+        for path in iterator:
+            if path.name.endswith(TMP_SUFFIX):
+                if _stale_tmp(path, now):
+                    _unlink(path)
+                    report.removed += 1
+                continue
+            item = self._check_file(path)
+            if item is None:
+                _unlink(path)
+                report.removed += 1
+            else:
+                found.append(item)
+        found.sort(key=lambda t: t[0])
+        with self._lock:
+            for _, ident, entry in found:
+                if ident in self._index:
+                    continue
+                self._index[ident] = entry
+                self._policy.add(ident)
+                self.used_bytes += entry.size
+            while self.used_bytes > self.capacity_bytes:
+                victim = self._policy.victim()
+                if victim is None:
+                    break
+                self._policy.discard(victim)
+                entry = self._index.pop(victim)
+                self.used_bytes -= entry.size
+                _unlink(entry.path)
+                report.evicted += 1
+        report.valid = len(self._index)
+        report.seconds = time.monotonic() - started
+        self.last_scan = report
+        if report.files:
+            logger.info(
+                "disk tier %s: %d chunks (%.1f MiB) found, %d invalid files removed, %d evicted to fit "
+                "max_local_disk_size (%.2fs)",
+                self.root,
+                report.valid,
+                self.used_bytes / (1 << 20),
+                report.removed,
+                report.evicted,
+                report.seconds,
+            )
+        return report
+
+    def _check_file(self, path: Path) -> tuple[float, _IndexKey, DiskEntry] | None:
+        try:
+            with open(path, "rb", buffering=0) as f:
+                st = os.fstat(f.fileno())
+                header = read_header(f)  # type: ignore[arg-type]
+                if st.st_size != header.total_len:
+                    return None
+                ns = Namespace(header.model, header.signature)
+                if self.path_for(ns, header.key) != path:
+                    return None
+                if self.verify_on_scan:
+                    data = f.read(header.payload_len)
+                    if len(data) != header.payload_len or payload_checksum(data) != header.checksum:
+                        return None
+        except (CorruptChunk, OSError, ValueError):
+            return None
+        entry = DiskEntry(path, header.total_len, header.payload_len, header.num_tokens, header.checksum)
+        return st.st_mtime, (ns, header.key), entry
+
+
+def _walk(root: Path) -> list[Path]:
+    out: list[Path] = []
+    stack = [root]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    out.append(Path(entry.path))
+    return out
+
+
+def _stale_tmp(path: Path, now: float) -> bool:
+    """A temporary file no live writer will finish: its process is gone, or it is old."""
+    parts = path.name.split(".")
+    try:
+        pid = int(parts[-3])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, OverflowError, ProcessLookupError):
+        return True
+    except PermissionError:
+        pass
+    try:
+        return now - path.stat().st_mtime > STALE_TMP_S
+    except OSError:
+        return False
+
+
+def _write_all(fd: int, buffers: list[memoryview]) -> None:
+    pending = [b for b in buffers if b.nbytes]
+    while pending:
+        n = os.writev(fd, pending)
+        while n and pending:
+            if n >= pending[0].nbytes:
+                n -= pending[0].nbytes
+                pending.pop(0)
+            else:
+                pending[0] = pending[0][n:]
+                n = 0
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data.nbytes:
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.debug("disk tier: cannot remove %s: %s", path, exc)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

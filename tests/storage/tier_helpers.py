@@ -1,0 +1,77 @@
+"""Shared helpers of the tier tests: a small pool layout, engines with disk/remote tiers, checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lmcache.config import LMCacheEngineConfig
+from lmcache.engine import CacheEngine, KeySpace
+from lmcache.layout import PoolLayout
+
+TPB = 16
+CHUNK = 64  # 4 blocks per chunk
+ROW_SHAPE = (2, 2, 2 * TPB * 8)  # 4 KiB rows of float32: a chunk is 16 KiB
+CHUNK_BYTES = 4 * 2 * 2 * 2 * TPB * 8 * 4
+MODEL = "tier-model"
+
+
+def make_pool(num_blocks: int = 64, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(num_blocks, *ROW_SHAPE, generator=gen)
+
+
+def space_of(pool: torch.Tensor, world_size: int = 1) -> KeySpace:
+    return KeySpace(MODEL, PoolLayout.of_pool(pool, TPB), world_size)
+
+
+def tokens(n: int, offset: int = 0) -> list[int]:
+    return [offset + i for i in range(n)]
+
+
+def config(
+    disk: Any = None,
+    remote_url: str | None = None,
+    *,
+    cpu_chunks: int = 64,
+    disk_chunks: int = 256,
+    extra: dict[str, Any] | None = None,
+    **kw: Any,
+) -> LMCacheEngineConfig:
+    extra_config = {"tier_retry_initial_s": 0.05, "tier_retry_max_s": 0.2, **(extra or {})}
+    values: dict[str, Any] = {
+        "chunk_size": CHUNK,
+        "max_local_cpu_size": cpu_chunks * CHUNK_BYTES / 2**30,
+        "local_disk": None if disk is None else str(disk),
+        "max_local_disk_size": disk_chunks * (CHUNK_BYTES + 256) / 2**30 if disk is not None else 0.0,
+        "remote_url": remote_url,
+        "blocking_timeout_secs": 5.0,
+        "lookup_timeout_ms": 1000,
+        "extra_config": extra_config,
+    }
+    return LMCacheEngineConfig.from_defaults(**{**values, **kw})
+
+
+def make_engine(disk: Any = None, remote_url: str | None = None, **kw: Any) -> CacheEngine:
+    return CacheEngine(config(disk, remote_url, **kw), pinned=False)
+
+
+def store_all(engine: CacheEngine, pool: torch.Tensor, toks: list[int], first_block: int = 0) -> int:
+    n = len(toks) // TPB
+    return engine.store(
+        space_of(pool), 0, toks, None, pool, list(range(first_block, first_block + n)), 0, len(toks)
+    )
+
+
+def load_all(
+    engine: CacheEngine, pool: torch.Tensor, toks: list[int], dst: list[int], pin: object = None
+) -> int:
+    """Lookup (pinned) then retrieve into ``dst`` blocks; returns tokens loaded."""
+    space = space_of(pool)
+    hit = engine.lookup(space, toks, pin_id=pin)
+    if hit == 0:
+        if pin is not None:
+            engine.release(pin)
+        return 0
+    return engine.retrieve(space, 0, toks, None, pool, dst, 0, hit, pin_id=pin)
