@@ -16,12 +16,12 @@ import torch
 from lmcache.config import load_engine_config
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.integration.tensorrt_llm._trtllm import (
-    KvCacheConnectorScheduler,
     KvCacheConnectorWorker,
     mpi_rank,
 )
 from lmcache.integration.tensorrt_llm.inflight import InflightTransfers, event_done
 from lmcache.integration.tensorrt_llm.planner import ConnectorMetadata, LoadSpec, Planner, SaveSpec
+from lmcache.integration.tensorrt_llm.scheduler import PlannedScheduler
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
 from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
@@ -84,8 +84,8 @@ class _EngineIndex:
         self._shared.engine.release(pin_id)
 
 
-class LMCacheKvConnectorScheduler(KvCacheConnectorScheduler):
-    """Rank 0: looks up prompts and plans loads and saves."""
+class LMCacheKvConnectorScheduler(PlannedScheduler):
+    """Rank 0: looks up prompts in the process's engine and plans loads and saves."""
 
     def __init__(self, llm_args: Any) -> None:
         super().__init__(llm_args)
@@ -93,18 +93,6 @@ class LMCacheKvConnectorScheduler(KvCacheConnectorScheduler):
         config = shared.engine.config
         settings = ConnectorSettings.from_llm_args(llm_args, config)
         self._planner = Planner(settings, config, _EngineIndex(shared), SCHEDULER_LOG_PREFIX)
-
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
-        return self._planner.match(request, num_computed_tokens)
-
-    def update_state_after_alloc(self, request: Any, block_ids: list[int]) -> None:
-        self._planner.after_alloc(request, block_ids)
-
-    def build_connector_meta(self, scheduler_output: Any) -> ConnectorMetadata:
-        return self._planner.build(scheduler_output)
-
-    def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
-        return self._planner.finished(request)
 
 
 class LMCacheKvConnectorWorker(KvCacheConnectorWorker):

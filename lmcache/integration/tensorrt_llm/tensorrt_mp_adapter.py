@@ -26,12 +26,12 @@ import torch
 
 from lmcache.config import LMCacheEngineConfig, load_engine_config
 from lmcache.integration.tensorrt_llm._trtllm import (
-    KvCacheConnectorScheduler,
     KvCacheConnectorWorker,
     mpi_rank,
 )
 from lmcache.integration.tensorrt_llm.inflight import InflightTransfers
 from lmcache.integration.tensorrt_llm.planner import ConnectorMetadata, LoadSpec, Planner, SaveSpec
+from lmcache.integration.tensorrt_llm.scheduler import PlannedScheduler
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
 from lmcache.logging import init_logger
 from lmcache.rate_limit import RateLimitedLog
@@ -136,7 +136,7 @@ class MPConnectorMetadata(ConnectorMetadata):
     pin_owner: int | None = None
 
 
-class LMCacheMPKvConnectorScheduler(KvCacheConnectorScheduler):
+class LMCacheMPKvConnectorScheduler(PlannedScheduler):
     """Rank 0: plans loads and saves; lookups are answered by the cache server for all ranks."""
 
     def __init__(self, llm_args: Any) -> None:
@@ -148,18 +148,9 @@ class LMCacheMPKvConnectorScheduler(KvCacheConnectorScheduler):
             settings, config, _ServerIndex(self._connection, config), SCHEDULER_LOG_PREFIX
         )
 
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
-        return self._planner.match(request, num_computed_tokens)
-
-    def update_state_after_alloc(self, request: Any, block_ids: list[int]) -> None:
-        self._planner.after_alloc(request, block_ids)
-
     def build_connector_meta(self, scheduler_output: Any) -> MPConnectorMetadata:
         plan = self._planner.build(scheduler_output)
         return MPConnectorMetadata(plan.loads, plan.saves, self._connection.owner())
-
-    def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
-        return self._planner.finished(request)
 
 
 class LMCacheMPKvConnectorWorker(KvCacheConnectorWorker):
