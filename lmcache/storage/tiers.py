@@ -502,7 +502,17 @@ class TierManager:
     ) -> int:
         """Promote positions ``[start, stop)``; returns how many leading positions succeeded."""
         l1 = self.l1
-        # 1. In order: pin what L1 has, reserve slots for disk chunks, up to the first failure.
+        # 0. Pin what L1 already has in the window first, so reserving slots below cannot evict it.
+        #    A chunk evicted since ``where`` was computed may still be on disk.
+        prepinned: set[ChunkKey] = set()
+        for p in range(start, stop):
+            for i, key in enumerate(positions[p]):
+                if where[p][i] is _IN_L1:
+                    if l1.pin(key):
+                        prepinned.add(key)
+                    else:
+                        where[p][i] = self.disk.lookup(ns, key) if self.disk is not None else None
+        # 1. In order: take those pins, reserve slots for disk chunks, up to the first failure.
         #    Remote chunks get their slot when their header has arrived and checked out.
         rows: list[list[_Cell]] = []
         for p in range(start, stop):
@@ -510,8 +520,11 @@ class TierManager:
             ok = True
             for i, key in enumerate(positions[p]):
                 cell = _Cell(key, where[p][i])
-                if cell.source is _IN_L1:
-                    ok = l1.pin(key)
+                if cell.source is None:
+                    ok = False
+                elif cell.source is _IN_L1:
+                    ok = key in prepinned
+                    prepinned.discard(key)
                 elif isinstance(cell.source, DiskEntry):
                     cell.chunk = l1.reserve(key, cell.source.payload_len, cell.source.num_tokens)
                     if cell.chunk is None:  # there already (a concurrent promotion), or L1 full of pins
@@ -524,6 +537,8 @@ class TierManager:
                 self._release_row(row)
                 break
             rows.append(row)
+        for key in prepinned:  # pinned in step 0 but past the first failure
+            l1.unpin(key)
 
         # 2. Disk reads run on the reader threads while remote values stream into their slots here.
         disk_cells = [c for row in rows for c in row if isinstance(c.source, DiskEntry)]
