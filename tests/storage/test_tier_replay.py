@@ -6,14 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support.e2e import (  # noqa: F401  (lmcache_env is a fixture)
-    MODEL,
-    assert_same_output,
-    baseline,
-    lmcache_env,
-    llm_args,
-    prompt,
-)
+from support.e2e import MODEL, assert_same_output, baseline, llm_args, prompt
 
 from lmcache.integration.tensorrt_llm.tensorrt_adapter import process_engine, reset_process_engine
 from lmcache.testing.trtllm_replay import ReplayExecutor
@@ -24,7 +17,7 @@ CHUNK_BYTES = 32 * 1024  # 4 blocks x 2 layers x K/V x (2 heads x 16 tokens x 16
 def small_l1(env: pytest.MonkeyPatch, chunks: int) -> None:
     env.setenv("LMCACHE_MAX_LOCAL_CPU_SIZE", str(chunks * CHUNK_BYTES / 2**30))
     # The write-behind queue defaults to a quarter of L1: too little for one 8-chunk prompt here.
-    env.setenv("LMCACHE_EXTRA_CONFIG", '{"tier_write_queue_bytes": %d}' % (chunks * CHUNK_BYTES))
+    env.setenv("LMCACHE_EXTRA_CONFIG", f'{{"tier_write_queue_bytes": {chunks * CHUNK_BYTES}}}')
 
 
 def generate_and_flush(executor: ReplayExecutor, p: list[int], new_tokens: int):  # noqa: ANN201
