@@ -142,3 +142,23 @@ def test_engine_starts_and_serves_while_the_server_is_down(lmcache_env, tmp_path
     assert_same_output(out, baseline([p], 3)[0])
     assert "cannot reach the cache server" in caplog.text
     reset_process_connections()
+
+
+def test_server_restart_with_disk_tier_serves_what_it_stored_before(lmcache_env, tmp_path) -> None:
+    config = tmp_path / "server.yaml"
+    config.write_text(f"local_disk: {tmp_path}/l2\nmax_local_disk_size: 0.1\n")
+    workdir = Path(tempfile.mkdtemp(prefix="lmmp-", dir="/tmp"))
+    server = ServerProcess(workdir, None, "--chunk-size", "64", "--config", str(config)).start()
+    reset_process_connections()
+    try:
+        p = prompt(300, start=12)
+        first = ReplayExecutor(llm_args("lmcache-mp", server_url=server.ipc_url), MODEL).generate([p], 4)[0]
+        assert server.kill(signal.SIGTERM) == 0  # a clean stop flushes the disk writes
+        server.start()
+        again = ReplayExecutor(llm_args("lmcache-mp", server_url=server.ipc_url), MODEL).generate([p], 4)[0]
+        assert again.num_connector_matched_tokens == 256
+        assert_same_output(again, first)
+    finally:
+        reset_process_connections()
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
