@@ -206,3 +206,35 @@ def test_bad_configs_are_refused_at_construction(lmcache_env) -> None:
     reset_process_engine()
     with pytest.raises(ValueError, match="cache_policy"):
         LMCacheKvConnectorScheduler(llm_args())
+
+
+def test_layer_group_forms_accept_one_group_and_refuse_several(lmcache_env) -> None:
+    import torch
+
+    scheduler = LMCacheKvConnectorScheduler(llm_args())
+    worker = LMCacheKvConnectorWorker(llm_args())
+
+    class Layout:
+        def __init__(self, pool):  # noqa: ANN001
+            self.pool = pool
+
+        def as_single_pool_tensor(self):  # noqa: ANN201
+            return self.pool
+
+    worker.register_kv_cache_layout(Layout(torch.zeros(8, 2, 2, 4 * TPB)))
+    assert process_engine().spaces[0].layout.num_blocks == 8
+    with pytest.raises(NotImplementedError, match="one KV pool"):
+        worker.register_kv_cache_layout(Layout(None))
+
+    class Request:
+        request_id = 5
+        prompt_len = 100
+
+        def get_tokens(self, beam: int) -> list[int]:
+            return prompt(100)
+
+    scheduler.get_num_new_matched_tokens(Request(), 0)
+    scheduler.update_state_after_alloc_by_layer_group(Request(), [[0, 1, -1]])
+    with pytest.raises(NotImplementedError, match="one layer group"):
+        scheduler.update_state_after_alloc_by_layer_group(Request(), [[0, 1], [2, 3]])
+    assert scheduler.request_finished_by_layer_group(Request(), [[0, 1]]) is False

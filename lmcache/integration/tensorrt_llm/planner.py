@@ -143,7 +143,7 @@ class Planner:
     def after_alloc(self, request: Any, block_ids: list[int]) -> None:
         state = self._requests.get(int(request.request_id))
         if state is not None:
-            state.block_ids = [int(b) for b in block_ids]
+            state.block_ids = [int(b) for b in block_ids if int(b) >= 0]  # -1: no page (BAD_PAGE_INDEX)
 
     # -- build_connector_meta -----------------------------------------------------------------
 

@@ -16,13 +16,13 @@ import torch
 from lmcache.config import load_engine_config
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.integration.tensorrt_llm._trtllm import (
-    KvCacheConnectorWorker,
     mpi_rank,
 )
-from lmcache.integration.tensorrt_llm.inflight import InflightTransfers, event_done
+from lmcache.integration.tensorrt_llm.inflight import event_done
 from lmcache.integration.tensorrt_llm.planner import ConnectorMetadata, LoadSpec, Planner, SaveSpec
 from lmcache.integration.tensorrt_llm.scheduler import PlannedScheduler
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
+from lmcache.integration.tensorrt_llm.worker import PoolWorker
 from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
 from lmcache.rate_limit import RateLimitedLog
@@ -48,11 +48,26 @@ _process_engine_lock = threading.Lock()
 
 
 def process_engine() -> ProcessEngine:
-    """Create the engine on first use, from the config TRT-LLM's environment provides."""
+    """Create the engine on first use, from the config TRT-LLM's environment provides.
+
+    With ``metrics_port`` set, the process also serves ``/metrics`` and ``/health`` (started once per
+    process; a non-zero port is offset by the MPI rank so each rank's process gets its own).
+    """
     global _process_engine
     with _process_engine_lock:
         if _process_engine is None:
-            _process_engine = ProcessEngine(CacheEngine(load_engine_config()))
+            config = load_engine_config()
+            _process_engine = ProcessEngine(CacheEngine(config))
+            if config.metrics_port is not None:
+                from lmcache.http_endpoint import start_process_endpoint
+
+                def current_engine() -> CacheEngine | None:
+                    shared = _process_engine
+                    return None if shared is None else shared.engine
+
+                port = config.metrics_port + mpi_rank() if config.metrics_port else 0
+                host = str((config.extra_config or {}).get("metrics_host", "127.0.0.1"))
+                start_process_endpoint(current_engine, port, host)
         return _process_engine
 
 
@@ -95,7 +110,7 @@ class LMCacheKvConnectorScheduler(PlannedScheduler):
         self._planner = Planner(settings, config, _EngineIndex(shared), SCHEDULER_LOG_PREFIX)
 
 
-class LMCacheKvConnectorWorker(KvCacheConnectorWorker):
+class LMCacheKvConnectorWorker(PoolWorker):
     """Every rank: loads before the forward, saves after it on a side stream."""
 
     def __init__(self, llm_args: Any) -> None:
@@ -108,8 +123,6 @@ class LMCacheKvConnectorWorker(KvCacheConnectorWorker):
         self._space: KeySpace | None = None
         self._save_stream: Any = None
         self._load_stream: Any = None
-        self._saves = InflightTransfers()
-        self._loads = InflightTransfers()
 
     def register_kv_caches(self, kv_cache_tensor: torch.Tensor) -> None:
         layout = PoolLayout.of_pool(kv_cache_tensor, self._settings.tokens_per_block)
@@ -179,13 +192,7 @@ class LMCacheKvConnectorWorker(KvCacheConnectorWorker):
         self._load_stream.wait_stream(current)  # blocks may still be read by earlier kernels
         return self._load_stream
 
-    def wait_for_layer_load(self, layer_idx: int, stream: Any) -> None:
-        return None
-
     # -- saves --------------------------------------------------------------------------------
-
-    def save_kv_layer(self, layer_idx: int, stream: Any) -> None:
-        return None
 
     def wait_for_save(self, stream: Any) -> None:
         saves = self._meta().saves
@@ -205,15 +212,6 @@ class LMCacheKvConnectorWorker(KvCacheConnectorWorker):
             space, self._rank, save.tokens, save.salt, pool, save.block_ids, save.start, save.end, stream
         )
         self._saves.add(save.request_id, event_done(_record(pool, stream)))
-
-    # -- completion ---------------------------------------------------------------------------
-
-    def get_finished(
-        self, finished_gen_req_ids: list[int], started_loading_req_ids: list[int]
-    ) -> tuple[list[int], list[int]]:
-        self._saves.ask(finished_gen_req_ids)
-        self._loads.ask(started_loading_req_ids)
-        return self._saves.poll(), self._loads.poll()
 
 
 def _record(pool: torch.Tensor, stream: Any) -> Any:

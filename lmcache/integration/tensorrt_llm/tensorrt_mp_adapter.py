@@ -26,13 +26,12 @@ import torch
 
 from lmcache.config import LMCacheEngineConfig, load_engine_config
 from lmcache.integration.tensorrt_llm._trtllm import (
-    KvCacheConnectorWorker,
     mpi_rank,
 )
-from lmcache.integration.tensorrt_llm.inflight import InflightTransfers
 from lmcache.integration.tensorrt_llm.planner import ConnectorMetadata, LoadSpec, Planner, SaveSpec
 from lmcache.integration.tensorrt_llm.scheduler import PlannedScheduler
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
+from lmcache.integration.tensorrt_llm.worker import PoolWorker
 from lmcache.logging import init_logger
 from lmcache.rate_limit import RateLimitedLog
 from lmcache.server.client import (
@@ -153,7 +152,7 @@ class LMCacheMPKvConnectorScheduler(PlannedScheduler):
         return MPConnectorMetadata(plan.loads, plan.saves, self._connection.owner())
 
 
-class LMCacheMPKvConnectorWorker(KvCacheConnectorWorker):
+class LMCacheMPKvConnectorWorker(PoolWorker):
     """Every rank: registers its pool with the server, asks it to load before and save after the forward."""
 
     def __init__(self, llm_args: Any) -> None:
@@ -169,8 +168,6 @@ class LMCacheMPKvConnectorWorker(KvCacheConnectorWorker):
         self._next_attempt = 0.0
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lmcache-mp-save-r{self._rank}")
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lmcache-mp-load-r{self._rank}")
-        self._saves = InflightTransfers()
-        self._loads = InflightTransfers()
         self._load_futures: dict[int, Future[int]] = {}
 
     # -- registration -------------------------------------------------------------------------
@@ -270,13 +267,7 @@ class LMCacheMPKvConnectorWorker(KvCacheConnectorWorker):
             )
         return loaded
 
-    def wait_for_layer_load(self, layer_idx: int, stream: Any) -> None:
-        return None
-
     # -- saves --------------------------------------------------------------------------------
-
-    def save_kv_layer(self, layer_idx: int, stream: Any) -> None:
-        return None
 
     def wait_for_save(self, stream: Any) -> None:
         saves = self._meta().saves
@@ -307,9 +298,7 @@ class LMCacheMPKvConnectorWorker(KvCacheConnectorWorker):
     def get_finished(
         self, finished_gen_req_ids: list[int], started_loading_req_ids: list[int]
     ) -> tuple[list[int], list[int]]:
-        self._saves.ask(finished_gen_req_ids)
-        self._loads.ask(started_loading_req_ids)
-        loaded = self._loads.poll()
+        saved, loaded = super().get_finished(finished_gen_req_ids, started_loading_req_ids)
         for request_id in loaded:
             self._load_futures.pop(request_id).result()  # a failed async load fails loudly here
-        return self._saves.poll(), loaded
+        return saved, loaded
