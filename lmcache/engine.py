@@ -9,7 +9,9 @@ rewritten.
 
 from __future__ import annotations
 
+import bisect
 import threading
+import time
 import weakref
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -52,6 +54,42 @@ class EngineStats:
     failed_retrieves: int = 0
 
 
+# Upper bounds (seconds) of the latency histograms' buckets; the last bucket is +Inf.
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+class LatencyHistogram:
+    """Fixed-bucket histogram of call durations, filled at call time (thread-safe, O(log buckets))."""
+
+    def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS_S) -> None:
+        self.buckets = tuple(buckets)
+        self._counts = [0] * (len(self.buckets) + 1)  # per bucket, not cumulative; last = +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        index = bisect.bisect_left(self.buckets, seconds)  # first bound >= seconds ("le" semantics)
+        with self._lock:
+            self._counts[index] += 1
+            self._sum += seconds
+
+    def snapshot(self) -> tuple[list[int], float]:
+        """Per-bucket counts (the last is above every bound) and the sum of the observations."""
+        with self._lock:
+            return list(self._counts), self._sum
+
+
+class LatencyStats:
+    """Host time spent in lookup calls, and in store and retrieve calls that had chunks to move."""
+
+    def __init__(self) -> None:
+        self.lookup = LatencyHistogram()
+        self.store = LatencyHistogram()
+        self.retrieve = LatencyHistogram()
+
+
 @dataclass
 class _ChunkSpan:
     """One chunk of a request: its key and its token range ``[start, end)``."""
@@ -75,6 +113,7 @@ class CacheEngine:
             capacity = int(float(extra.get("tier_staging_size_gb", 1.0)) * GiB)
         self.l1 = CpuStore(HostArena(capacity, pinned=pinned), config.cache_policy)
         self.stats = EngineStats()
+        self.latency = LatencyStats()
         self._hashers: dict[tuple[str, bytes], TokenHasher] = {}
         self._pins: dict[Hashable, dict[int, list[Hashable]]] = {}
         self._namespaces: dict[KeySpace, Namespace] = {}
@@ -183,6 +222,7 @@ class CacheEngine:
         With ``pin_id`` the hit chunks stay pinned (safe from eviction) until each rank's ``retrieve``
         with the same id, or ``release(pin_id)``; a new lookup with the same id replaces the old pins.
         """
+        began = time.perf_counter()
         if pin_id is not None:
             self.release(pin_id)
         arr = token_array(tokens)
@@ -221,6 +261,7 @@ class CacheEngine:
             self.stats.lookups += 1
             self.stats.lookup_tokens += len(arr)
             self.stats.hit_tokens += hit
+        self.latency.lookup.observe(time.perf_counter() - began)
         return hit
 
     def _take(
@@ -278,6 +319,7 @@ class CacheEngine:
         tokens newly stored. On CUDA the copies are enqueued on ``stream``; readers are ordered
         after them by an event, so nothing waits on the host here.
         """
+        began = time.perf_counter()
         size = self.config.chunk_size
         if start % size:
             raise ValueError(f"store start {start} must be a multiple of chunk_size={size}")
@@ -309,6 +351,7 @@ class CacheEngine:
         with self._lock:
             self.stats.stored_chunks += stored_chunks
             self.stats.stored_bytes += stored * layout.bytes_per_token
+        self.latency.store.observe(time.perf_counter() - began)
         return stored
 
     def _flush_store(self, batch: _CopyBatch) -> None:
@@ -367,6 +410,7 @@ class CacheEngine:
         end: int,
         stream: Any,
     ) -> int:
+        began = time.perf_counter()
         layout = self._check_pool(space, pool)
         tpb = layout.tokens_per_block
         if start % tpb or end % tpb or not 0 <= start <= end:
@@ -429,6 +473,7 @@ class CacheEngine:
             self.stats.retrieved_bytes += loaded * layout.bytes_per_token
             if loaded_end < end:
                 self.stats.failed_retrieves += 1
+        self.latency.retrieve.observe(time.perf_counter() - began)
         return loaded
 
     @staticmethod

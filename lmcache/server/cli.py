@@ -106,6 +106,18 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="log level [default: LMCACHE_LOG_LEVEL, else INFO]",
     )
     parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus /metrics and JSON /health over HTTP on this port (0: any free port) "
+        "[default: off]",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address of the /metrics and /health endpoint (0.0.0.0: all interfaces)",
+    )
+    parser.add_argument(
         "--stats",
         metavar="URL",
         default=None,
@@ -180,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--port must be in 0..65535, got {args.port}")
     if args.max_frame_mb <= 0:
         parser.error("--max-frame-mb must be > 0")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        parser.error(f"--metrics-port must be in 0..65535, got {args.metrics_port}")
     try:
         config = engine_config_from_args(args)
     except (ValueError, OSError) as e:
@@ -215,6 +229,23 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", e)
         server.close()
         return 1
+    metrics = None
+    if args.metrics_port is not None:
+        from lmcache.http_endpoint import MetricsEndpoint
+
+        metrics = MetricsEndpoint(engine, host=args.metrics_host, port=args.metrics_port, server=server)
+        try:
+            metrics.start()
+        except OSError as e:
+            logger.error(
+                "cannot serve metrics on %s:%d (%s); pass another --metrics-port",
+                args.metrics_host,
+                args.metrics_port,
+                e,
+            )
+            server.close()
+            return 1
+        logger.info("LMCache metrics on %s/metrics, health on %s/health", metrics.url, metrics.url)
 
     def _on_signal(signum: int, _frame: object) -> None:
         logger.info("received %s, shutting down", signal.Signals(signum).name)
@@ -222,7 +253,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    finally:
+        if metrics is not None:
+            metrics.stop()
     return 0
 
 

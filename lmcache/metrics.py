@@ -1,0 +1,335 @@
+"""Prometheus metrics and health of a :class:`~lmcache.engine.CacheEngine`, read at scrape time.
+
+Nothing here is global: :class:`EngineCollector` reads the engine (and, for the cache server, the
+server) every time it is collected, and each endpoint registers it in its own
+``CollectorRegistry``, so the process's default registry stays untouched. The engine keeps plain
+counters and fixed-bucket latency histograms (``engine.stats``, ``engine.latency``, the L1 store's
+and the tier manager's counters); this module only translates them.
+
+Every name starts with ``lmcache_``; counters end in ``_total`` on the wire. See
+``docs/operations.md`` for the list and for the health rules of :func:`health_report`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+if TYPE_CHECKING:
+    from lmcache.engine import CacheEngine, LatencyHistogram
+
+__all__ = ["EngineCollector", "as_source", "health_report", "make_registry", "tier_health"]
+
+
+def as_source(obj: Any) -> Callable[[], Any]:
+    """``obj`` if it is a zero-argument callable, else a callable returning ``obj``."""
+    if obj is None:
+        return lambda: None
+    return obj if callable(obj) else (lambda: obj)
+
+
+# -- health ---------------------------------------------------------------------------------------
+
+
+def tier_health(engine: CacheEngine) -> tuple[dict[str, bool], list[str]]:
+    """Health of each configured tier (L1 always; disk and remote when configured) and the reasons
+    for any that is down.
+
+    A lower tier is down while its back-off is active, i.e. from its last failure until an
+    operation on it succeeds again (the disk after a failed write; the remote tier after a failed
+    call, including while its circuit breaker skips it), or once the tiers are closed.
+    """
+    from lmcache.storage.remote_store import describe_url
+
+    tiers: dict[str, bool] = {"l1": True}
+    reasons: list[str] = []
+    manager = engine.tiers
+    if manager is None:
+        return tiers, reasons
+    now = time.monotonic()
+    if manager.disk is not None:
+        backoff = float(getattr(manager, "_disk_backoff", 0.0))
+        down_until = float(getattr(manager, "_disk_down_until", 0.0))
+        ok = not manager.closed and backoff == 0.0
+        tiers["disk"] = ok
+        if manager.closed:
+            reasons.append(f"disk tier {manager.disk.root}: closed")
+        elif not ok:
+            reasons.append(
+                f"disk tier {manager.disk.root}: writes failing, next attempt in "
+                f"{max(0.0, down_until - now):.1f}s"
+            )
+    if manager.remote is not None:
+        remote = manager.remote
+        backoff = float(getattr(remote, "_backoff", 0.0))
+        down_until = float(getattr(remote, "_down_until", 0.0))
+        ok = not remote.closed and not manager.closed and backoff == 0.0
+        tiers["remote"] = ok
+        where = describe_url(remote.url)
+        if remote.closed or manager.closed:
+            reasons.append(f"remote tier {where}: closed")
+        elif not ok:
+            reasons.append(
+                f"remote tier {where}: unreachable ({remote.failures} failures), next attempt in "
+                f"{max(0.0, down_until - now):.1f}s"
+            )
+    return tiers, reasons
+
+
+def health_report(engine: CacheEngine | None, server: Any = None) -> tuple[bool, dict[str, Any]]:
+    """``(healthy, body)`` for ``GET /health``: healthy when every configured tier is up."""
+    if engine is None:
+        return False, {"status": "degraded", "tiers": {}, "reasons": ["no cache engine in this process yet"]}
+    tiers, reasons = tier_health(engine)
+    healthy = not reasons
+    stats = engine.stats
+    l1 = engine.l1
+    body: dict[str, Any] = {
+        "status": "ok" if healthy else "degraded",
+        "tiers": tiers,
+        "reasons": reasons,
+        "chunk_size": engine.config.chunk_size,
+        "l1": {
+            "used_bytes": l1.used_bytes,
+            "reserved_bytes": l1.arena.reserved_bytes,
+            "capacity_bytes": l1.arena.capacity_bytes,
+            "chunks": len(l1),
+            "eviction_policy": l1.policy_name,
+        },
+        "lookups": stats.lookups,
+        "hit_tokens": stats.hit_tokens,
+        "requested_tokens": stats.lookup_tokens,
+        "hit_rate": round(stats.hit_tokens / stats.lookup_tokens, 4) if stats.lookup_tokens else 0.0,
+    }
+    if server is not None:
+        info = _server_info(server)
+        if info is not None:
+            body["server"] = {
+                "server_id": info.server_id,
+                "uptime_s": round(info.uptime_s, 1),
+                "connected_instances": len(info.instances),
+            }
+    return healthy, body
+
+
+def _server_info(server: Any) -> Any:
+    try:
+        return server.stats()
+    except Exception:  # noqa: BLE001 - metrics never break on a server mid-shutdown
+        return None
+
+
+# -- Prometheus -----------------------------------------------------------------------------------
+
+
+def _counter(name: str, doc: str, value: float, labels: dict[str, str] | None = None) -> Metric:
+    fam = CounterMetricFamily(name, doc, labels=list(labels) if labels else None)
+    fam.add_metric(list(labels.values()) if labels else [], value)
+    return fam
+
+
+def _gauge(name: str, doc: str, value: float) -> Metric:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _histogram(name: str, doc: str, hist: LatencyHistogram) -> Metric:
+    counts, total = hist.snapshot()
+    buckets: list[tuple[str, float]] = []
+    cumulative = 0
+    for bound, count in zip((*map(repr, hist.buckets), "+Inf"), counts, strict=True):
+        cumulative += count
+        buckets.append((bound, cumulative))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
+
+
+class EngineCollector(Collector):
+    """Collects an engine's counters, gauges and latency histograms (and a cache server's, if given).
+
+    ``engine`` and ``server`` may be the objects or zero-argument callables returning them (or None),
+    so one endpoint can follow an engine that is replaced (tests reset the in-process engine).
+    """
+
+    def __init__(self, engine: Any, server: Any = None) -> None:
+        self._engine = as_source(engine)
+        self._server = as_source(server)
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self._engine()
+        if engine is not None:
+            yield from self._engine_metrics(engine)
+        server = self._server()
+        if server is not None:
+            yield from self._server_metrics(server)
+
+    def _engine_metrics(self, engine: CacheEngine) -> Iterator[Metric]:
+        s = engine.stats
+        yield _counter("lmcache_lookups", "Lookup calls (one per request prefix query).", s.lookups)
+        yield _counter(
+            "lmcache_lookup_requested_tokens",
+            "Tokens asked for by lookups (prompt lengths).",
+            s.lookup_tokens,
+        )
+        yield _counter(
+            "lmcache_lookup_hit_tokens", "Tokens of lookups found cached (prefix hits).", s.hit_tokens
+        )
+        yield _counter("lmcache_stored_chunks", "Chunks newly stored into L1.", s.stored_chunks)
+        yield _counter("lmcache_stored_bytes", "KV bytes newly stored into L1.", s.stored_bytes)
+        yield _counter("lmcache_retrieved_chunks", "Chunks loaded back into the KV pool.", s.retrieved_chunks)
+        yield _counter("lmcache_retrieved_bytes", "KV bytes loaded back into the KV pool.", s.retrieved_bytes)
+        yield _counter(
+            "lmcache_failed_retrieves",
+            "Retrieves that loaded fewer tokens than asked (a chunk was missing).",
+            s.failed_retrieves,
+        )
+
+        l1 = engine.l1
+        yield _gauge("lmcache_chunk_size_tokens", "Tokens per cached chunk.", engine.config.chunk_size)
+        yield _gauge("lmcache_l1_used_bytes", "L1 bytes held by cached chunks.", l1.used_bytes)
+        yield _gauge(
+            "lmcache_l1_reserved_bytes",
+            "L1 host memory allocated so far (grows lazily up to the capacity).",
+            l1.arena.reserved_bytes,
+        )
+        yield _gauge("lmcache_l1_capacity_bytes", "L1 capacity in bytes.", l1.arena.capacity_bytes)
+        yield _gauge("lmcache_l1_chunks", "Chunks in L1.", len(l1))
+        yield _gauge(
+            "lmcache_l1_pinned_chunks",
+            "L1 chunks pinned (promised to a pending load, or queued for a lower tier).",
+            len(l1.pinned_keys()),
+        )
+        yield _gauge(
+            "lmcache_pinned_lookups", "Lookups whose hits are pinned until loaded.", len(engine.pinned_ids())
+        )
+        yield _counter("lmcache_l1_evictions", "Chunks evicted from L1 by the eviction policy.", l1.evictions)
+        yield _counter(
+            "lmcache_l1_skipped_stores",
+            "Stores skipped because L1 was full of pinned chunks.",
+            l1.skipped_stores,
+        )
+
+        tiers, _ = tier_health(engine)
+        healthy = GaugeMetricFamily(
+            "lmcache_tier_healthy", "1 if the tier is up, 0 while it is failing.", labels=["tier"]
+        )
+        for tier, ok in tiers.items():
+            healthy.add_metric([tier], 1.0 if ok else 0.0)
+        yield healthy
+        yield from self._tier_metrics(engine)
+        yield from self._error_metrics(engine)
+
+        lat = engine.latency
+        yield _histogram("lmcache_lookup_duration_seconds", "Host time of lookup calls.", lat.lookup)
+        yield _histogram(
+            "lmcache_store_duration_seconds",
+            "Host time of store calls that had chunks to save (on CUDA: until the copies are enqueued).",
+            lat.store,
+        )
+        yield _histogram(
+            "lmcache_retrieve_duration_seconds",
+            "Host time of retrieve calls that had tokens to load, including promotion from lower tiers "
+            "(on CUDA: until the copies are enqueued).",
+            lat.retrieve,
+        )
+
+    @staticmethod
+    def _tier_metrics(engine: CacheEngine) -> Iterator[Metric]:
+        manager = engine.tiers
+        if manager is None:
+            return
+        ts = manager.stats
+        per_tier: dict[str, dict[str, int]] = {}
+        if manager.disk is not None:
+            per_tier["disk"] = {
+                "hits": ts.disk_hits,
+                "read": ts.disk_read_bytes,
+                "writes": ts.disk_writes,
+                "written": ts.disk_write_bytes,
+            }
+        if manager.remote is not None:
+            per_tier["remote"] = {
+                "hits": ts.remote_hits,
+                "read": ts.remote_read_bytes,
+                "writes": ts.remote_writes,
+                "written": ts.remote_write_bytes,
+            }
+        specs = [
+            ("lmcache_tier_hits", "Chunks promoted from the tier into L1.", "hits"),
+            ("lmcache_tier_read_bytes", "Bytes read from the tier into L1.", "read"),
+            ("lmcache_tier_writes", "Chunks written to the tier (write-behind).", "writes"),
+            ("lmcache_tier_write_bytes", "Bytes written to the tier (write-behind).", "written"),
+        ]
+        for name, doc, field in specs:
+            fam = CounterMetricFamily(name, doc, labels=["tier"])
+            for tier, values in per_tier.items():
+                fam.add_metric([tier], values[field])
+            yield fam
+        disk = manager.disk
+        if disk is not None:
+            for name, doc, value in (
+                ("lmcache_tier_used_bytes", "Bytes the tier holds.", disk.used_bytes),
+                ("lmcache_tier_capacity_bytes", "Capacity of the tier in bytes.", disk.capacity_bytes),
+                ("lmcache_tier_chunks", "Chunks the tier holds.", len(disk)),
+            ):
+                fam = GaugeMetricFamily(name, doc, labels=["tier"])
+                fam.add_metric(["disk"], value)
+                yield fam
+            yield _counter(
+                "lmcache_tier_evictions", "Chunks evicted from the tier.", disk.evictions, {"tier": "disk"}
+            )
+
+    @staticmethod
+    def _error_metrics(engine: CacheEngine) -> Iterator[Metric]:
+        errors: dict[str, int] = {
+            "failed_retrieve": engine.stats.failed_retrieves,
+            "skipped_store": engine.l1.skipped_stores,
+        }
+        manager = engine.tiers
+        if manager is not None:
+            ts = manager.stats
+            errors["dropped_write"] = ts.dropped_writes
+            errors["corrupt_chunk"] = ts.corrupt_chunks
+            errors["promotion_failure"] = ts.promotion_failures
+            if manager.disk is not None:
+                errors["disk_corrupt_removed"] = manager.disk.corrupt_removed
+            if manager.remote is not None:
+                errors["remote_failure"] = manager.remote.failures
+        fam = CounterMetricFamily(
+            "lmcache_errors", "Errors and degraded operations the cache absorbed, by kind.", labels=["kind"]
+        )
+        for kind, value in errors.items():
+            fam.add_metric([kind], value)
+        yield fam
+
+    @staticmethod
+    def _server_metrics(server: Any) -> Iterator[Metric]:
+        info = _server_info(server)
+        if info is None:
+            return
+        yield _gauge(
+            "lmcache_server_connected_instances",
+            "TRT-LLM ranks registered with the cache server.",
+            len(info.instances),
+        )
+        yield _gauge(
+            "lmcache_server_uptime_seconds", "Seconds since the cache server started.", info.uptime_s
+        )
+        yield _counter("lmcache_server_requests", "Requests the cache server received.", info.requests)
+        yield _counter(
+            "lmcache_server_errors", "Requests the cache server answered with an error.", info.errors
+        )
+        yield _counter(
+            "lmcache_server_reaped_instances",
+            "Clients dropped after going silent past --client-timeout-s.",
+            info.reaped_instances,
+        )
+
+
+def make_registry(engine: Any, server: Any = None) -> CollectorRegistry:
+    """A private registry holding one :class:`EngineCollector` (the default registry is not used)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EngineCollector(engine, server))
+    return registry
