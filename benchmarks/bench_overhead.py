@@ -1,0 +1,331 @@
+"""What the in-process connector costs the forward path, with a Qwen2-1.5B-shaped model.
+
+(a) ``connector_iteration``: time per iteration of a serving loop at 0 % hits, with the engine
+    operations the in-process adapter performs per iteration vs no connector at all:
+
+    - ``prefill``: every iteration is a new request of ``--prefill-tokens`` unique tokens. With the
+      connector: the scheduler's ``lookup`` (hashes the prompt, misses), the forward, then (as
+      ``wait_for_save`` does, on the forward's thread right after the forward is enqueued) a
+      ``store`` of the newly computed chunks on a side stream that waits for the forward. Then the
+      first token goes to the host (``argmax().item()``), as sampling does. Blocks alternate
+      between two regions; a region is rewritten only after the device waited for its save (as
+      TRT-LLM keeps a request's blocks until its saves are reported done). L1 holds 4 prompts, so
+      it evicts in steady state.
+    - ``decode``: one request decodes ``--decode-steps`` tokens one by one after a
+      ``--decode-context``-token prefill; with the connector, every chunk that fills up is stored
+      on the side stream after the step that completed it (``save_decode_cache``).
+
+    Reported: mean ms per iteration (median over ``--repeats`` loops, connector and baseline
+    alternating) and their ratio. The planner's own Python bookkeeping is not included.
+
+(b) ``saves_in_flight``: the time of one forward (a ``--prefill-tokens`` prefill, and a decode
+    step at ``--decode-context``) while the store of a ``--save-tokens`` prefix (adjacent blocks,
+    and scattered blocks, which need device gathers) was just enqueued on a side stream, vs the
+    same forward with nothing in flight. Timed from after ``store()`` returned to the end of the
+    forward (the forward's stream only); ``store_enqueue_ms`` is the host time of the ``store()``
+    call itself, and ``saves_still_running`` the fraction of repeats where the save had not finished
+    when the forward did (so the overlap really happened). On CPU, stores are synchronous copies:
+    the ratio means nothing there.
+
+    python benchmarks/bench_overhead.py --device cuda [--out overhead.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from prefill_model import (  # noqa: E402
+    PrefillModel,
+    add_model_args,
+    build_model,
+    describe,
+    random_tokens,
+    sync,
+    write_json,
+)
+
+from lmcache.config import LMCacheEngineConfig  # noqa: E402
+from lmcache.engine import CacheEngine, KeySpace  # noqa: E402
+from lmcache.layout import PoolLayout  # noqa: E402
+
+GIB = 1 << 30
+
+
+class BenchFailure(RuntimeError):
+    pass
+
+
+class Setup:
+    def __init__(self, model: PrefillModel, args: argparse.Namespace) -> None:
+        self.model = model
+        self.args = args
+        self.dev = model.device
+        self.cuda = self.dev.type == "cuda"
+        p, c, d, s = args.prefill_tokens, args.decode_context, args.decode_steps, args.save_tokens
+        sizes = {"r0": p, "r1": p, "decode": c + d + 1, "save": s}
+        self.regions: dict[str, list[int]] = {}
+        first = 0
+        for name, tokens in sizes.items():
+            n = model.blocks_for(tokens)
+            self.regions[name] = list(range(first, first + n))
+            first += n
+        self.pool = model.new_pool(first)
+        layout = PoolLayout.of_pool(self.pool, model.tpb)
+        layout.blocks_per_chunk(args.chunk_size)
+        self.space = KeySpace("bench/prefill-model", layout)
+        self.bpt = layout.bytes_per_token
+        self.save_stream = torch.cuda.Stream(device=self.dev) if self.cuda else None
+        self.seed = args.seed * 7919 + 1
+
+    def engine(self, tokens: int) -> CacheEngine:
+        gb = tokens * self.bpt / GIB + 0.05
+        return CacheEngine(
+            LMCacheEngineConfig.from_defaults(chunk_size=self.args.chunk_size, max_local_cpu_size=gb)
+        )
+
+    def fresh_tokens(self, n: int) -> list[int]:
+        self.seed += 1
+        return random_tokens(n, self.model.dims.vocab, self.seed)
+
+    def current(self) -> Any:
+        return torch.cuda.current_stream(self.dev) if self.cuda else None
+
+    def store_async(
+        self, engine: CacheEngine, tokens: list[int], blocks: list[int], start: int, end: int
+    ) -> Any:
+        """``wait_for_save``: the side stream waits for the forward, then the store is enqueued on it."""
+        if self.cuda:
+            self.save_stream.wait_stream(self.current())
+        engine.store(self.space, 0, tokens, None, self.pool, blocks, start, end, self.save_stream)
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.save_stream)
+        return event
+
+
+def prefill_loop(st: Setup, engine: CacheEngine | None, iterations: int) -> float:
+    """Seconds per iteration of ``iterations`` new-request prefills (connector iff ``engine``)."""
+    model, p = st.model, st.args.prefill_tokens
+    prompts = [st.fresh_tokens(p) for _ in range(iterations)]
+    saved: list[Any] = [None, None]
+    sync(st.dev)
+    start = time.perf_counter()
+    for i, tokens in enumerate(prompts):
+        blocks = st.regions["r0" if i % 2 == 0 else "r1"]
+        if engine is not None:
+            hit = engine.lookup(st.space, tokens, pin_id=i)
+            if hit:
+                raise BenchFailure(f"a unique prompt hit {hit} tokens")
+            engine.release(i)
+            if saved[i % 2] is not None:
+                st.current().wait_event(saved[i % 2])  # the region's previous save read it first
+        logits = model.prefill(st.pool, tokens, 0, blocks)
+        if engine is not None:
+            saved[i % 2] = st.store_async(engine, tokens, blocks, 0, p)
+        int(logits.argmax().item())
+    sync(st.dev)
+    return (time.perf_counter() - start) / iterations
+
+
+def decode_loop(st: Setup, engine: CacheEngine | None) -> tuple[float, int]:
+    """Seconds per decode step (connector iff ``engine``), and the chunks it stored."""
+    model, c, steps, chunk = st.model, st.args.decode_context, st.args.decode_steps, st.args.chunk_size
+    blocks = st.regions["decode"]
+    tokens = st.fresh_tokens(c)
+    logits = model.prefill(st.pool, tokens, 0, blocks)
+    if engine is not None:
+        st.store_async(engine, tokens, blocks, 0, c)
+    token = int(logits.argmax().item())
+    sync(st.dev)
+    before = engine.stats.stored_chunks if engine is not None else 0
+    start = time.perf_counter()
+    for _ in range(steps):
+        pos = len(tokens)
+        tokens.append(token)
+        logits = model.prefill(st.pool, [token], pos, blocks)
+        if engine is not None and (pos + 1) % chunk == 0:
+            st.store_async(engine, tokens, blocks, pos + 1 - chunk, pos + 1)
+        token = int(logits.argmax().item())
+    sync(st.dev)
+    seconds = (time.perf_counter() - start) / steps
+    return seconds, (engine.stats.stored_chunks - before if engine is not None else 0)
+
+
+def connector_iteration(st: Setup) -> dict[str, Any]:
+    args = st.args
+    engine = st.engine(4 * args.prefill_tokens)
+    prefill_loop(st, None, 2)  # warm-up: kernels, and the L1 arena's first slabs
+    prefill_loop(st, engine, 2)
+    base, conn = [], []
+    for _ in range(args.repeats):
+        base.append(prefill_loop(st, None, args.iterations))
+        conn.append(prefill_loop(st, engine, args.iterations))
+    if engine.stats.hit_tokens:
+        raise BenchFailure("0 % hit scenario had hits")
+    if engine.stats.stored_chunks == 0:
+        raise BenchFailure("the connector stored nothing")
+    b, c = statistics.median(base), statistics.median(conn)
+    out: dict[str, Any] = {
+        "prefill": {
+            "tokens": args.prefill_tokens,
+            "iterations": args.iterations,
+            "no_connector_ms": b * 1e3,
+            "connector_ms": c * 1e3,
+            "ratio": c / b,
+            "stored_chunks": engine.stats.stored_chunks,
+            "l1_evictions": engine.l1.evictions,
+        }
+    }
+    dengine = st.engine(args.decode_context + args.decode_steps + 2 * args.chunk_size)
+    base, conn = [], []
+    stored = 0
+    for r in range(args.repeats + 1):
+        dengine.clear()
+        sync(st.dev)
+        tb, _ = decode_loop(st, None)
+        tc, n = decode_loop(st, dengine)
+        if r:  # the first round is a warm-up
+            base.append(tb)
+            conn.append(tc)
+            stored = n
+    expected = (
+        args.decode_context + args.decode_steps
+    ) // args.chunk_size - args.decode_context // args.chunk_size
+    if stored != expected:
+        raise BenchFailure(f"decode stored {stored} chunks, expected {expected}")
+    b, c = statistics.median(base), statistics.median(conn)
+    out["decode"] = {
+        "context": args.decode_context,
+        "steps": args.decode_steps,
+        "no_connector_ms": b * 1e3,
+        "connector_ms": c * 1e3,
+        "ratio": c / b,
+        "chunks_stored_per_loop": stored,
+    }
+    return out
+
+
+def saves_in_flight(st: Setup) -> dict[str, Any]:
+    args, model = st.args, st.model
+    s = args.save_tokens
+    engine = st.engine(s + args.chunk_size)
+    save_blocks = st.regions["save"]
+    # The prefix to save: any bytes will do (the cost of a copy does not depend on the values).
+    st.pool[save_blocks] = torch.randn(st.pool[save_blocks].shape, device=st.dev).to(st.pool.dtype)
+    ptokens = st.fresh_tokens(args.prefill_tokens)
+    dblocks = st.regions["decode"]
+    dtokens = st.fresh_tokens(args.decode_context + 1)
+    model.prefill(st.pool, dtokens[:-1], 0, dblocks)
+    forwards = {
+        "prefill": lambda: model.prefill(st.pool, ptokens, 0, st.regions["r0"]),
+        "decode": lambda: model.prefill(st.pool, dtokens[-1:], args.decode_context, dblocks),
+    }
+    out: dict[str, Any] = {"save_tokens": s, "save_bytes": s // args.chunk_size * args.chunk_size * st.bpt}
+    for fname, forward in forwards.items():
+        for layout_name, blocks in (("adjacent", save_blocks), ("scattered", save_blocks[::-1])):
+            base, loaded, enqueue, running = [], [], [], 0
+            for r in range(args.repeats + 1):
+                engine.clear()
+                sync(st.dev)
+                t0 = time.perf_counter()
+                forward()
+                if st.cuda:
+                    st.current().synchronize()
+                t_base = time.perf_counter() - t0
+                sync(st.dev)
+                engine.clear()
+                sync(st.dev)
+                tokens = st.fresh_tokens(s)
+                e0 = time.perf_counter()
+                done = st.store_async(engine, tokens, blocks, 0, s)
+                t0 = time.perf_counter()
+                forward()
+                if st.cuda:
+                    st.current().synchronize()
+                t_loaded = time.perf_counter() - t0
+                still = done is not None and not done.query()
+                sync(st.dev)
+                if engine.stats.stored_chunks == 0:
+                    raise BenchFailure("the save stored nothing")
+                if r:
+                    base.append(t_base)
+                    loaded.append(t_loaded)
+                    enqueue.append(t0 - e0)
+                    running += still
+            b, w = statistics.median(base), statistics.median(loaded)
+            out[f"{fname}_{layout_name}"] = {
+                "forward": fname,
+                "forward_tokens": args.prefill_tokens if fname == "prefill" else 1,
+                "no_saves_ms": b * 1e3,
+                "with_saves_ms": w * 1e3,
+                "ratio": w / b,
+                "store_enqueue_ms": statistics.median(enqueue) * 1e3,
+                "saves_still_running": running / args.repeats,
+            }
+    if not st.cuda:
+        out["note"] = "CPU: stores are synchronous copies, nothing is in flight; the ratios mean nothing here"
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_model_args(parser)
+    parser.add_argument("--prefill-tokens", type=int, default=None, help="default 4096 (--small: 256)")
+    parser.add_argument(
+        "--iterations", type=int, default=None, help="prefills per loop (default 16; --small 4)"
+    )
+    parser.add_argument("--decode-context", type=int, default=None, help="default 4096 (--small: 128)")
+    parser.add_argument("--decode-steps", type=int, default=None, help="default 256 (--small: 64)")
+    parser.add_argument("--save-tokens", type=int, default=None, help="default 32768 (--small: 1024)")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    defaults = {
+        "prefill_tokens": (4096, 256),
+        "iterations": (16, 4),
+        "decode_context": (4096, 128),
+        "decode_steps": (256, 64),
+        "save_tokens": (32768, 1024),
+    }
+    for key, (big, small) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, small if args.small else big)
+    model = build_model(args)
+    st = Setup(model, args)
+    results = describe(model, args)
+    results["repeats"] = args.repeats
+    try:
+        results["connector_iteration"] = connector_iteration(st)
+        results["saves_in_flight"] = saves_in_flight(st)
+    except BenchFailure as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        return 1
+    print(f"card: {results['card']}  model: {model.dims.name} {results['dtype']}  chunk {args.chunk_size}")
+    print("(a) iteration time at 0 % hits, in-process connector vs none")
+    for name, r in results["connector_iteration"].items():
+        ms = f"{r['no_connector_ms']:9.3f} ms -> {r['connector_ms']:9.3f} ms"
+        print(f"  {name:<8} {ms}   ratio {r['ratio']:.3f}")
+    print(f"(b) forward time while a {args.save_tokens}-token save is in flight vs nothing in flight")
+    for name, r in results["saves_in_flight"].items():
+        if isinstance(r, dict):
+            ms = f"{r['no_saves_ms']:9.3f} ms -> {r['with_saves_ms']:9.3f} ms"
+            print(
+                f"  {name:<18} {ms}   ratio {r['ratio']:.3f}   store() {r['store_enqueue_ms']:.2f} ms on the "
+                f"host, still running {r['saves_still_running']:.0%}"
+            )
+    write_json(args.out, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

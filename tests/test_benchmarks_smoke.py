@@ -1,0 +1,132 @@
+"""Smoke runs of the model benchmarks at CPU sizes: they must not crash and must write their JSON.
+
+No timing is asserted. The Redis variant of ``bench_ttft.py`` (``--redis-url``) is not run here at
+all (it would need a redis-server); the multi-process variant (``--mp``, a cache server
+subprocess) and the cold-disk variant are.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+SMALL = ["--small", "--device", "cpu", "--tokens-per-block", "16", "--chunk-size", "64"]
+
+
+def run_bench(script: str, out: Path, *extra: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["LMCACHE_LOG_LEVEL"] = "WARNING"
+    env["OMP_NUM_THREADS"] = "1"  # tiny matmuls; spinning OpenMP threads only fight other jobs for cores
+    cmd = [sys.executable, str(BENCH / script), *SMALL, "--out", str(out), *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(out.read_text())
+
+
+def test_bench_ttft(tmp_path: Path) -> None:
+    data = run_bench("bench_ttft.py", tmp_path / "ttft.json", "--repeats", "2", "--mp", "--disk-cold")
+    for key in ("card", "device", "model", "dtype", "prompt_lengths", "tiers", "results", "checks"):
+        assert key in data
+    assert data["prompt_lengths"] == [128, 256]
+    assert data["tiers"] == ["recompute", "l1", "disk", "mp", "disk_cold"]
+    rows = {(r["tokens"], r["tier"]): r for r in data["results"]}
+    assert set(rows) == {(n, t) for n in (128, 256) for t in data["tiers"]}
+    for (n, tier), r in rows.items():
+        assert r["median_ms"] > 0 and r["speedup"] > 0
+        if tier != "recompute":
+            assert r["kv_rows_bitwise_equal"] and r["logits_bitwise_equal_reference"]
+            assert r["loaded_tokens"] == n - 16 and r["prefilled_tokens"] == 16
+
+
+def test_bench_overhead(tmp_path: Path) -> None:
+    data = run_bench("bench_overhead.py", tmp_path / "overhead.json", "--repeats", "2")
+    it = data["connector_iteration"]
+    assert set(it) == {"prefill", "decode"}
+    for r in it.values():
+        assert {"no_connector_ms", "connector_ms", "ratio"} <= set(r)
+    saves = data["saves_in_flight"]
+    for name in ("prefill_adjacent", "prefill_scattered", "decode_adjacent", "decode_scattered"):
+        assert {"no_saves_ms", "with_saves_ms", "ratio", "store_enqueue_ms", "saves_still_running"} <= set(
+            saves[name]
+        )
+
+
+def test_bench_workload(tmp_path: Path) -> None:
+    data = run_bench("bench_workload.py", tmp_path / "workload.json")
+    assert set(data["workloads"]) == {"multi_round_chat", "long_doc_qa"}
+    for w in data["workloads"].values():
+        assert w["working_set_tokens"] > w["gpu_pool_tokens"]
+        for variant in ("no_connector", "connector"):
+            r = w[variant]
+            assert {"hit_rate", "device_hit_rate", "lmcache_hit_rate", "mean_ttft_ms", "total_s"} <= set(r)
+        assert w["no_connector"]["lmcache_hit_rate"] == 0
+        assert w["connector"]["lmcache_hit_rate"] > 0
+        assert w["connector"]["hit_rate"] > w["no_connector"]["hit_rate"]
+
+
+def _load_bench_ttft():  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location("bench_ttft_under_test", BENCH / "bench_ttft.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_ttft_fails_on_a_wrong_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A load that puts one wrong value into the pool must fail the benchmark, not just slow it."""
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script prepends benchmarks/ and the repo
+    bench = _load_bench_ttft()
+    real_load = bench.EngineTier.load
+
+    def corrupt_load(self, tokens, blocks, end, rid):  # noqa: ANN001, ANN202
+        loaded = real_load(self, tokens, blocks, end, rid)
+        self.pool[blocks[0], 0, 0, 0] += 1.0
+        return loaded
+
+    monkeypatch.setattr(bench.EngineTier, "load", corrupt_load)
+    argv = ["bench_ttft.py", *SMALL, "--lengths", "128", "--repeats", "1", "--no-disk"]
+    monkeypatch.setattr(sys, "argv", argv + ["--out", str(tmp_path / "x.json")])
+    assert bench.main() == 1
+    assert "loaded KV rows differ" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_plot_results(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    ttft = run_bench(
+        "bench_ttft.py", tmp_path / "ttft.json", "--repeats", "1", "--lengths", "128,256", "--no-disk"
+    )
+    assert ttft["tiers"] == ["recompute", "l1"]
+    side = {
+        "bytes": 1 << 20,
+        "copy_d2h_gbps": 50.0,
+        "copy_h2d_gbps": 51.0,
+        "store_gbps": 45.0,
+        "retrieve_gbps": 44.0,
+    }
+    engine = {
+        "device": "cuda",
+        "card": "Test GPU",
+        "tokens": 1024,
+        "adjacent_blocks": side,
+        "scattered_blocks": side,
+    }
+    (tmp_path / "engine.json").write_text(json.dumps(engine))
+    outdir = tmp_path / "docs"
+    cmd = [sys.executable, str(BENCH / "plot_results.py"), "--ttft", str(tmp_path / "ttft.json")]
+    cmd += ["--engine", str(tmp_path / "engine.json"), "--outdir", str(outdir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("ttft.png", "bandwidth.png"):
+        assert (outdir / name).stat().st_size > 1000
