@@ -103,7 +103,6 @@ def test_bench_ttft_fails_on_a_wrong_load(
 
 
 def test_plot_results(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     ttft = run_bench(
         "bench_ttft.py", tmp_path / "ttft.json", "--repeats", "1", "--lengths", "128,256", "--no-disk"
     )
