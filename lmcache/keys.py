@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import blake3
 import numpy as np
@@ -19,12 +19,13 @@ import xxhash
 
 FORMAT_VERSION = 1
 
-HASH_ALGORITHMS: dict[str, Callable[[bytes], bytes]] = {
-    "blake3": lambda data: blake3.blake3(data).digest(),
-    "sha256": lambda data: hashlib.sha256(data).digest(),
+HASH_ALGORITHMS: dict[str, Callable[[bytes], Any]] = {
+    "blake3": blake3.blake3,
+    "sha256": hashlib.sha256,
     # Fast, not collision-resistant: only for trusted single-tenant deployments.
-    "xxh3_128": lambda data: xxhash.xxh3_128_digest(data),
+    "xxh3_128": xxhash.xxh3_128,
 }
+"""Hash constructors: ``new(parent + view of the chunk's tokens).digest()``, the fastest form measured."""
 
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
 CacheSalt = str | int | None
@@ -81,12 +82,12 @@ class TokenHasher:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.chunk_size = chunk_size
-        self._hash = HASH_ALGORITHMS[algorithm]
+        self._new = HASH_ALGORITHMS[algorithm]
         self._space = b"lmcache-trtllm" + _field(str(FORMAT_VERSION).encode()) + _field(model_name.encode())
         self._space += _field(layout_signature)
 
     def seed(self, salt: CacheSalt) -> bytes:
-        return self._hash(self._space + _field(_salt_bytes(salt)))
+        return self._new(self._space + _field(_salt_bytes(salt))).digest()
 
     def chunk_hashes(self, tokens: Tokens, salt: CacheSalt = None) -> list[bytes]:
         """Hashes of every full chunk, in order."""
@@ -97,14 +98,14 @@ class TokenHasher:
         """Hash of the partial chunk ``tokens[start:end]``, chained after the previous chunk's hash."""
         arr = token_array(tokens)
         parent = prefix if prefix is not None else self.seed(salt)
-        return self._hash(parent + arr[start:end].tobytes())
+        return self._new(parent + memoryview(np.ascontiguousarray(arr[start:end])).cast("B")).digest()
 
     def _chain(self, arr: np.ndarray, num_chunks: int, salt: CacheSalt) -> list[bytes]:
-        data = arr[: num_chunks * self.chunk_size].tobytes()
+        data = memoryview(np.ascontiguousarray(arr[: num_chunks * self.chunk_size])).cast("B")
         step = self.chunk_size * 8
         parent = self.seed(salt)
         hashes = []
         for i in range(num_chunks):
-            parent = self._hash(parent + data[i * step : (i + 1) * step])
+            parent = self._new(parent + data[i * step : (i + 1) * step]).digest()
             hashes.append(parent)
         return hashes

@@ -3,20 +3,55 @@
 Asking the host allocator (``cudaHostAlloc``) per chunk costs milliseconds and fragments
 pinned memory, so chunk buffers are fixed-size slots carved out of large slabs. Nothing is
 reserved until the first slot is needed: a 10 GiB cap starts instantly.
+
+How slabs are pinned: ``torch.empty(..., pin_memory=True)`` (``cudaHostAlloc``) of 256 MiB took
+about 95 ms on an H200 host and held the CUDA driver's lock all along, stalling every copy of
+every other thread meanwhile. Instead, a slab is allocated as ordinary memory, its pages are
+faulted in by writing them (no CUDA call), and only then registered with ``cudaHostRegister``:
+about 30 ms, and copies running meanwhile barely notice. It is unregistered when it is freed.
+
+Growing ahead: even so, pinning is too slow to sit on the store path of a cold cache. So when a
+pool hands out a slot of its newest slab and the budget has room, the next slab is allocated by a
+background thread (one at a time per arena, its bytes counted against the cap before the
+allocation starts), and is usually ready before the pool runs out. A pool that does run out
+while its next slab is on the way waits for it instead of allocating another one. Reserved
+memory is thus at most one slab ahead of use, and never above the cap.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
+
+from lmcache.logging import init_logger
+
+logger = init_logger(__name__)
 
 DEFAULT_SLAB_BYTES = 256 << 20
 
 
 def pinned_memory_available() -> bool:
     return torch.cuda.is_available()
+
+
+def allocate_slab(nbytes: int, pinned: bool) -> torch.Tensor:
+    """``nbytes`` of host memory, page-locked if ``pinned`` (see the module docstring for how)."""
+    if not pinned:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    tensor = torch.empty(nbytes, dtype=torch.uint8)
+    tensor.fill_(0)  # fault every page in now, outside the driver's lock that registering takes
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostRegister(tensor.data_ptr(), nbytes, 0)
+    if int(err) != 0:
+        logger.debug("cudaHostRegister of %d bytes failed (%s); using cudaHostAlloc", nbytes, err)
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    # Unregister once the memory is unused (views of the slab keep it alive, and registered); not at
+    # interpreter exit, where the process's end releases it anyway.
+    weakref.finalize(tensor, cudart.cudaHostUnregister, tensor.data_ptr()).atexit = False
+    return tensor
 
 
 @dataclass(eq=False)
@@ -44,16 +79,27 @@ class SlotPool:
         self._slabs: list[torch.Tensor | None] = []
         self._used: list[int] = []
         self._free: list[tuple[int, int]] = []
+        self._newest = -1  # index of the slab attached last
 
     def allocate(self) -> HostBuffer | None:
         """A free slot, growing by one slab if the arena's budget allows; None when full."""
-        with self.arena.lock:
-            if not self._free and not self._grow():
-                return None
+        arena = self.arena
+        with arena.lock:
+            while not self._free:
+                growing = arena._growing
+                if growing is not self and self._grow():
+                    break
+                if growing is None:
+                    return None
+                # Our next slab is on its way (or another pool's holds the budget we need, and may
+                # give it back through reclaim once attached): wait for it rather than grow twice.
+                arena._grown.wait()
             slab, slot = self._free.pop()
             self._used[slab] += 1
             tensor = self._slabs[slab]
             assert tensor is not None
+            if slab == self._newest:
+                arena._grow_ahead(self)
             start = slot * self.slot_bytes
             return HostBuffer(self, slab, slot, tensor[start : start + self.slot_bytes])
 
@@ -74,21 +120,32 @@ class SlotPool:
             self.arena.reserved_bytes -= released
         return released
 
-    def _grow(self) -> bool:
+    def _slab_slots(self) -> int:
+        """Slots of the next slab within the arena's remaining budget (0: no room). Lock held."""
         room = self.arena.capacity_bytes - self.arena.reserved_bytes
-        slots = min(max(1, self.arena.slab_bytes // self.slot_bytes), room // self.slot_bytes)
+        return min(max(1, self.arena.slab_bytes // self.slot_bytes), room // self.slot_bytes)
+
+    def _grow(self) -> bool:
+        """Allocate the next slab on the caller's thread (lock held); False if the budget is spent."""
+        slots = self._slab_slots()
         if slots < 1:
             return False
-        tensor = torch.empty(slots * self.slot_bytes, dtype=torch.uint8, pin_memory=self.arena.pinned)
+        tensor = allocate_slab(slots * self.slot_bytes, self.arena.pinned)
         self.arena.reserved_bytes += tensor.numel()
+        self._attach(tensor)
+        return True
+
+    def _attach(self, tensor: torch.Tensor) -> None:
+        """Add an allocated slab (its bytes already counted in ``reserved_bytes``). Lock held."""
         index = self._slabs.index(None) if None in self._slabs else len(self._slabs)
         if index == len(self._slabs):
             self._slabs.append(tensor)
             self._used.append(0)
         else:
             self._slabs[index] = tensor
-        self._free.extend((index, k) for k in reversed(range(slots)))
-        return True
+        # Pushed in reverse so the slab's slots are handed out in address order, after any free ones.
+        self._free[:0] = [(index, k) for k in reversed(range(tensor.numel() // self.slot_bytes))]
+        self._newest = index
 
 
 class HostArena:
@@ -103,8 +160,13 @@ class HostArena:
         self.slab_bytes = slab_bytes
         self.pinned = pinned_memory_available() if pinned is None else pinned
         self.reserved_bytes = 0
+        """Bytes of the slabs allocated, plus the one being allocated ahead (if any)."""
         self.lock = threading.RLock()
         self._pools: dict[int, SlotPool] = {}
+        self._growing: SlotPool | None = None
+        self._grown = threading.Condition(self.lock)
+        self.grown_ahead = 0
+        """Slabs allocated ahead of need by the background thread."""
 
     def pool(self, slot_bytes: int) -> SlotPool:
         with self.lock:
@@ -116,3 +178,44 @@ class HostArena:
         """Release empty slabs of every pool but ``keep``; returns bytes released."""
         with self.lock:
             return sum(p.release_empty_slabs() for p in self._pools.values() if p is not keep)
+
+    def wait_growth(self, timeout: float | None = None) -> bool:
+        """Wait until no slab is being allocated ahead; False on timeout (for tests and shutdown)."""
+        with self.lock:
+            return self._grown.wait_for(lambda: self._growing is None, timeout)
+
+    def _grow_ahead(self, pool: SlotPool) -> None:
+        """Start allocating ``pool``'s next slab in the background, if none is on its way and the
+        budget has room. Lock held."""
+        if self._growing is not None:
+            return
+        slots = pool._slab_slots()
+        if slots < 1:
+            return
+        nbytes = slots * pool.slot_bytes
+        self.reserved_bytes += nbytes  # counted now, so nothing else can take this budget meanwhile
+        self._growing = pool
+        # Not a daemon: exiting while it is inside torch (filling pages on the intra-op thread pool)
+        # aborts the process ("terminate called without an active exception"); exit waits for it.
+        thread = threading.Thread(target=self._allocate_ahead, args=(pool, nbytes), name="lmcache-slab-ahead")
+        try:
+            thread.start()
+        except RuntimeError:  # cannot start threads (interpreter shutting down)
+            self.reserved_bytes -= nbytes
+            self._growing = None
+
+    def _allocate_ahead(self, pool: SlotPool, nbytes: int) -> None:
+        tensor = None
+        try:
+            tensor = allocate_slab(nbytes, self.pinned)
+        except Exception as e:  # e.g. out of pinned memory: the store path will try (and report) itself
+            logger.warning("allocating a %d MiB host slab ahead of need failed: %s", nbytes >> 20, e)
+        finally:
+            with self.lock:
+                if tensor is not None:
+                    pool._attach(tensor)
+                    self.grown_ahead += 1
+                else:
+                    self.reserved_bytes -= nbytes
+                self._growing = None
+                self._grown.notify_all()

@@ -1,3 +1,5 @@
+import threading
+
 import pytest
 import torch
 
@@ -8,10 +10,71 @@ def test_large_cap_reserves_nothing_until_used() -> None:
     arena = HostArena(10 << 30, pinned=False)
     pool = arena.pool(1 << 20)
     assert arena.reserved_bytes == 0
+    assert arena.wait_growth(30)
+    assert arena.reserved_bytes == 0  # nothing is grown ahead before the first use either
     buf = pool.allocate()
     assert buf is not None
-    assert arena.reserved_bytes == arena.slab_bytes
     assert buf.data.numel() == 1 << 20
+    # the first slab, plus at most the next one being allocated ahead
+    assert arena.slab_bytes <= arena.reserved_bytes <= 2 * arena.slab_bytes
+    assert arena.wait_growth(30)
+    assert arena.reserved_bytes == 2 * arena.slab_bytes
+
+
+def test_grows_ahead_by_at_most_one_slab() -> None:
+    slab = 4 << 20
+    arena = HostArena(64 << 20, pinned=False, slab_bytes=slab)
+    pool = arena.pool(1 << 20)
+    bufs = []
+    for _ in range(20):
+        buf = pool.allocate()
+        assert buf is not None
+        bufs.append(buf)
+        used = len(bufs) << 20
+        used_slabs = -(-used // slab)
+        assert arena.reserved_bytes <= (used_slabs + 1) * slab
+        assert arena.wait_growth(30)
+        assert arena.reserved_bytes <= (used_slabs + 1) * slab
+    # 20 slots fill five slabs; the sixth was grown ahead when the fifth was first used
+    assert arena.reserved_bytes == 6 * slab
+    assert arena.grown_ahead >= 1
+    # frees make room: no growth while older slabs have free slots
+    for b in bufs[:8]:
+        pool.free(b)
+    for _ in range(8):
+        assert pool.allocate() is not None
+    assert arena.wait_growth(30)
+    assert arena.reserved_bytes == 6 * slab
+
+
+def test_never_exceeds_cap_with_concurrent_allocations() -> None:
+    cap = (10 << 20) + (512 << 10)  # not a whole number of slabs
+    arena = HostArena(cap, pinned=False, slab_bytes=2 << 20)
+    pools = [arena.pool(1 << 20), arena.pool(512 << 10)]
+    got: list[object] = []
+    lock = threading.Lock()
+    peak = [0]
+
+    def work(i: int) -> None:
+        for _ in range(40):
+            buf = pools[i % 2].allocate()
+            with lock:
+                peak[0] = max(peak[0], arena.reserved_bytes)
+                if buf is not None:
+                    got.append(buf)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert arena.wait_growth(30)
+    assert peak[0] <= cap and arena.reserved_bytes <= cap
+    used = sum(b.pool.slot_bytes for b in got)  # type: ignore[attr-defined]
+    assert used <= cap
+    assert len({(b.pool.slot_bytes, b.data.data_ptr()) for b in got}) == len(got)  # type: ignore[attr-defined]
+    # the budget is fully used: nothing is left stranded in half-grown slabs
+    assert cap - used < 1 << 20
 
 
 def test_slots_come_from_slabs_not_per_chunk_allocations() -> None:
@@ -19,7 +82,7 @@ def test_slots_come_from_slabs_not_per_chunk_allocations() -> None:
     pool = arena.pool(1 << 20)
     bufs = [pool.allocate() for _ in range(16)]
     assert all(b is not None for b in bufs)
-    assert arena.reserved_bytes == 16 << 20  # two 8 MiB slabs for sixteen 1 MiB slots
+    assert 16 << 20 <= arena.reserved_bytes <= 24 << 20  # two 8 MiB slabs (and the next, grown ahead)
     assert len({b.data.untyped_storage().data_ptr() for b in bufs}) == 2
     ptrs = {b.data.data_ptr() for b in bufs}
     assert len(ptrs) == 16
@@ -56,6 +119,64 @@ def test_reclaim_returns_empty_slabs_of_other_sizes() -> None:
     small.free(b)
     assert arena.reclaim(keep=big) == 4 << 20
     assert big.allocate() is not None
+
+
+def test_reclaim_takes_back_a_slab_grown_ahead() -> None:
+    arena = HostArena(8 << 20, pinned=False, slab_bytes=4 << 20)
+    small = arena.pool(1 << 20)
+    bufs = [small.allocate() for _ in range(4)]
+    assert all(b is not None for b in bufs)
+    assert arena.wait_growth(30)
+    assert arena.reserved_bytes == 8 << 20  # the second slab, grown ahead and still empty
+    big = arena.pool(4 << 20)
+    assert big.allocate() is None
+    assert arena.reclaim(keep=big) == 4 << 20
+    assert big.allocate() is not None
+    assert arena.reserved_bytes == 8 << 20
+
+
+def test_failed_allocation_ahead_gives_the_budget_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_empty = torch.empty
+    failures = []
+
+    def empty(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if threading.current_thread().name == "lmcache-slab-ahead":
+            failures.append(1)
+            raise RuntimeError("out of pinned memory")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    arena = HostArena(8 << 20, pinned=False, slab_bytes=4 << 20)
+    pool = arena.pool(1 << 20)
+    assert pool.allocate() is not None
+    assert arena.wait_growth(30)
+    assert failures and arena.reserved_bytes == 4 << 20
+    # the store path grows by itself when the slab grown ahead did not come
+    bufs = [pool.allocate() for _ in range(7)]
+    assert all(b is not None for b in bufs)
+    assert arena.reserved_bytes == 8 << 20
+    assert pool.allocate() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_slabs_copy_asynchronously_and_are_given_back() -> None:
+    arena = HostArena(32 << 20, pinned=True, slab_bytes=8 << 20)
+    pool = arena.pool(1 << 20)
+    bufs = [pool.allocate() for _ in range(12)]
+    assert all(b is not None and b.data.is_pinned() for b in bufs)
+    src = torch.randint(0, 255, (1 << 20,), dtype=torch.uint8, device="cuda")
+    for b in bufs:
+        b.data.copy_(src, non_blocking=True)  # type: ignore[union-attr]
+    torch.cuda.synchronize()
+    assert all(torch.equal(b.data.cuda(), src) for b in bufs)  # type: ignore[union-attr]
+    assert arena.wait_growth(30)
+    for b in bufs:
+        pool.free(b)  # type: ignore[arg-type]
+    del bufs, b
+    released = arena.reclaim(keep=arena.pool(4 << 20))
+    assert released >= 16 << 20 and arena.reserved_bytes == 0
+    big = arena.pool(4 << 20).allocate()
+    assert big is not None and big.data.is_pinned()
 
 
 def test_negative_cap_refused() -> None:

@@ -1,12 +1,28 @@
-"""Client of the cache server: one DEALER socket, thread-safe, never hangs.
+"""Client of the cache server: two DEALER sockets, thread-safe, never hangs.
 
-``CacheServerClient`` mirrors the server's ops as blocking methods. Any thread may call them;
-a private I/O thread owns the socket and matches replies to callers by request id.
+``CacheServerClient`` mirrors the server's ops as blocking methods. Any thread may call them.
+Each call takes one of two paths:
+
+* the **direct path**, for the short ops (``lookup``, ``release``, ``ping``, ``register``...):
+  a caller that finds the direct socket free (a non-blocking lock) sends its request on it and
+  waits for the reply in its own thread, with no hand-off between threads, so a ``lookup`` round
+  trip costs little more than the server's work;
+* the **I/O-thread path**: ``store`` and ``retrieve`` (long: the thread hop is noise next to
+  their copies, and they never hold up the direct socket), heartbeats, and short ops that find
+  the direct socket busy (another thread's call is in flight) or not connected (yet, or any
+  more) go to a private I/O thread. It owns the other socket, pipelines the requests of any
+  number of threads and matches replies by request id.
+
+Ordering: a caller sends its next request only after the reply to the previous one, so the calls
+of one thread are served in the order it made them. Calls of different threads that overlap in
+time are not ordered: a ``lookup`` sent while another thread's ``store`` is still in flight may
+miss that store's chunks (it does not wait behind it, which is what keeps lookups fast while a
+background thread saves).
 
 Failure behaviour:
 
 * No reply within ``timeout_s`` (server down, restarting or wedged) raises
-  :class:`ServerUnavailable`. The socket is then recreated (queued requests are dropped, never
+  :class:`ServerUnavailable`. The sockets are then recreated (queued requests are dropped, never
   delivered late), and until the connection is seen up again further calls fail at once
   (``fail_fast``) instead of each waiting ``timeout_s``. ZMQ keeps reconnecting in the background.
 * ``store`` and ``retrieve`` carry ``timeout_ms``: the server skips them if they could not start
@@ -61,6 +77,8 @@ __all__ = [
 
 DEFAULT_SERVER_URL = "ipc:///tmp/lmcache.sock"
 T = TypeVar("T")
+_DIRECT_POLL_MS = 50
+"""A direct call checks for a lost connection or a closed client this often while it waits."""
 
 
 class ServerUnavailable(ConnectionError):
@@ -167,10 +185,15 @@ class CacheServerClient:
         self.server_id: str | None = None
         self.reconnects = 0
         self.reregistrations = 0
+        self.direct_calls = 0
+        """Calls answered on the direct path (the rest went through the I/O thread)."""
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._stop = threading.Event()
+        # The direct path's socket and its disconnect monitor, used only under _direct_lock.
+        self._direct_lock = threading.Lock()
+        self._direct: tuple[zmq.Socket, zmq.Socket] | None = self._new_socket(zmq.EVENT_DISCONNECTED)
         self._io = threading.Thread(target=self._io_loop, name="lmcache-client-io", daemon=True)
         self._io.start()
         self._hb: threading.Thread | None = None
@@ -357,6 +380,11 @@ class CacheServerClient:
         self._io.join(timeout=5)
         if self._hb is not None and self._hb is not threading.current_thread():
             self._hb.join(timeout=5)
+        if self._direct_lock.acquire(timeout=5):  # a direct call in flight notices within 50 ms
+            try:
+                self._drop_direct()
+            finally:
+                self._direct_lock.release()
         with self._lock:
             for pending in self._pending.values():
                 pending.failure = "client closed"
@@ -428,29 +456,12 @@ class CacheServerClient:
         req.rid = rid
         if deadline:
             req.timeout_ms = max(1, int(timeout * 1000))
-        pending = _Pending(P.encode(req), op)
-        with self._lock:
-            self._pending[rid] = pending
-            self._outbox.append(rid)
-        self._wake()
-        if not pending.event.wait(timeout):
-            with self._lock:
-                self._pending.pop(rid, None)
-                if pending.sent:
-                    self._reset_requested = True
-                else:
-                    with contextlib.suppress(ValueError):
-                        self._outbox.remove(rid)
-                self._down = True
-            self._wake()
-            raise ServerUnavailable(
-                f"no reply to {op} from the cache server at {self.url} within {timeout:g} s; is it running? "
-                "(start it with: python -m lmcache.v1.multiprocess.server)"
-            )
-        if pending.failure is not None:
-            raise ServerUnavailable(f"{op} to {self.url} failed: {pending.failure}")
-        reply = pending.reply
-        assert reply is not None
+        frame = P.encode(req)
+        reply = None
+        if not deadline and threading.current_thread() is not self._hb:  # see the module docstring
+            reply = self._direct_call(frame, rid, op, timeout)
+        if reply is None:
+            reply = self._queued_call(frame, rid, op, timeout)
         if reply.v != P.PROTOCOL_VERSION:
             raise VersionMismatch(
                 P.ErrorCode.VERSION_MISMATCH.value,
@@ -466,13 +477,124 @@ class CacheServerClient:
         except msgspec.ValidationError as e:
             raise ServerError(P.ErrorCode.INTERNAL.value, f"unexpected reply value: {e}", op) from None
 
+    def _timed_out(self, op: str, timeout: float) -> ServerUnavailable:
+        return ServerUnavailable(
+            f"no reply to {op} from the cache server at {self.url} within {timeout:g} s; is it running? "
+            "(start it with: python -m lmcache.v1.multiprocess.server)"
+        )
+
+    def _direct_call(self, frame: bytes, rid: int, op: str, timeout: float) -> P.Reply | None:
+        """Send and wait on the direct socket, in the calling thread.
+
+        None when the call should go through the I/O thread instead: another thread is using the
+        direct socket, or it is not connected (its ``IMMEDIATE`` option refuses to queue then).
+        """
+        if not self._direct_lock.acquire(blocking=False):
+            return None
+        try:
+            if self._closed:
+                raise ServerUnavailable("the cache server client is closed")
+            if self._direct is None:  # dropped after a timeout: a fresh one connects meanwhile
+                self._direct = self._new_socket(zmq.EVENT_DISCONNECTED)
+                return None
+            sock, monitor = self._direct
+            if monitor.get(zmq.EVENTS) & zmq.POLLIN:
+                self._lost(monitor)  # disconnections before this request are no news
+            try:
+                sock.send(frame, zmq.NOBLOCK)
+            except zmq.Again:
+                return None
+            deadline = time.monotonic() + timeout
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    # Never let the reply arrive late on this socket, and fail fast until the
+                    # connection is seen up again (like a timeout on the I/O thread's socket).
+                    self._drop_direct()
+                    with self._lock:
+                        self._down = True
+                        self._reset_requested = True
+                    self._wake()
+                    raise self._timed_out(op, timeout)
+                if sock.poll(min(_DIRECT_POLL_MS, int(remaining * 1000) + 1), zmq.POLLIN):
+                    try:
+                        reply = P.decode_reply(sock.recv(zmq.NOBLOCK))
+                    except zmq.Again:
+                        continue
+                    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+                        logger.warning("undecodable reply from the cache server at %s: %s", self.url, e)
+                        continue
+                    # rid -1: the server could not read our request's id (e.g. a frame over its size
+                    # limit); with one request in flight on this socket, the answer is ours.
+                    if reply.rid != rid and reply.rid != -1:
+                        continue  # cannot happen (a socket with a late reply is dropped); be safe
+                    self._down = False
+                    self.direct_calls += 1
+                    return reply
+                if self._closed:
+                    raise ServerUnavailable(f"{op} to {self.url} failed: client closed")
+                if self._lost(monitor):
+                    self._drop_direct()
+                    raise ServerUnavailable(
+                        f"{op} to {self.url} failed: connection to the server lost before it answered"
+                    )
+        finally:
+            self._direct_lock.release()
+
+    @staticmethod
+    def _lost(monitor: zmq.Socket) -> bool:
+        """Read the monitor's pending events; True if one was a disconnection."""
+        lost = False
+        while True:
+            try:
+                msg = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return lost
+            lost = lost or msg["event"] == zmq.EVENT_DISCONNECTED
+
+    def _drop_direct(self) -> None:
+        """Close the direct socket (with anything queued in it). Caller holds _direct_lock."""
+        if self._direct is None:
+            return
+        sock, monitor = self._direct
+        self._direct = None
+        with contextlib.suppress(Exception):
+            sock.disable_monitor()
+        monitor.close(0)
+        sock.close(0)
+
+    def _queued_call(self, frame: bytes, rid: int, op: str, timeout: float) -> P.Reply:
+        """Hand the request to the I/O thread and wait for its reply."""
+        pending = _Pending(frame, op)
+        with self._lock:
+            self._pending[rid] = pending
+            self._outbox.append(rid)
+        self._wake()
+        if not pending.event.wait(timeout):
+            with self._lock:
+                self._pending.pop(rid, None)
+                if pending.sent:
+                    self._reset_requested = True
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._outbox.remove(rid)
+                self._down = True
+            self._wake()
+            raise self._timed_out(op, timeout)
+        if pending.failure is not None:
+            raise ServerUnavailable(f"{op} to {self.url} failed: {pending.failure}")
+        assert pending.reply is not None
+        return pending.reply
+
     # ---- I/O thread -----------------------------------------------------------------------------
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"\0")
 
-    def _new_socket(self) -> tuple[zmq.Socket, zmq.Socket]:
+    def _new_socket(
+        self, events: int = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+    ) -> tuple[zmq.Socket, zmq.Socket]:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue requests for a server that is not there
@@ -480,7 +602,7 @@ class CacheServerClient:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         if self.url.startswith("tcp://["):
             sock.setsockopt(zmq.IPV6, 1)
-        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        monitor = sock.get_monitor_socket(events)
         sock.connect(self.url)
         return sock, monitor
 

@@ -37,6 +37,7 @@ clear          (none)                                            int: chunks dro
 from __future__ import annotations
 
 import enum
+import struct
 from typing import Annotated, Any
 
 import msgspec
@@ -329,6 +330,13 @@ class StatsInfo(msgspec.Struct, kw_only=True):
 # ---- encoding -----------------------------------------------------------------------------------
 
 _encoder = msgspec.msgpack.Encoder()
+
+
+def _pack_int64(ids: list[int]) -> bytes:
+    # A fresh Struct (0.1 us) packs a long list about a quarter faster than struct.pack(fmt, ...).
+    return struct.Struct(f"<{len(ids)}q").pack(*ids)
+
+
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 
 
@@ -363,21 +371,28 @@ class ProtocolError(Exception):
 
 def decode_request(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Request:
     """Decode and validate one request frame, or raise :class:`ProtocolError`."""
+    header: _Header | None = None
+    malformed: Exception | None = None
+    try:
+        header = _header_decoder.decode(frame)  # skips the values of other fields: cheap even when big
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:  # ValueError: bad UTF-8
+        malformed = e
+    rid = -1
+    if header is not None and isinstance(header.rid, int) and 0 <= header.rid < 1 << 63:
+        rid = header.rid
     if len(frame) > max_bytes:
         raise ProtocolError(
             ErrorCode.TOO_LARGE,
             f"request frame of {len(frame)} bytes exceeds the server's limit of {max_bytes} bytes; "
             "send fewer tokens per request or raise the server's --max-frame-mb",
+            rid,  # when readable, so the client matches the error to its request
         )
-    try:
-        header = _header_decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:  # ValueError: bad UTF-8
+    if header is None:
         raise ProtocolError(
             ErrorCode.MALFORMED,
-            f"malformed request frame ({e}); expected one msgpack map per frame, sent by "
+            f"malformed request frame ({malformed}); expected one msgpack map per frame, sent by "
             "lmcache.server.client.CacheServerClient",
-        ) from None
-    rid = header.rid if isinstance(header.rid, int) and 0 <= header.rid < 1 << 63 else -1
+        )
     if header.v != PROTOCOL_VERSION:
         raise ProtocolError(
             ErrorCode.VERSION_MISMATCH,
@@ -401,8 +416,15 @@ def tokens_to_bytes(tokens: Any) -> bytes:
     """Token (or block) ids as little-endian int64 bytes, the compact wire form."""
     import numpy as np
 
-    if isinstance(tokens, (bytes, bytearray, memoryview)):
+    if isinstance(tokens, bytes):
+        return tokens
+    if isinstance(tokens, (bytearray, memoryview)):
         return bytes(tokens)
+    if isinstance(tokens, list):  # what TRT-LLM hands over: struct converts in C, twice numpy's speed
+        try:
+            return _pack_int64(tokens)
+        except struct.error:
+            pass  # not all ints in int64 range: let numpy convert or raise its error
     if hasattr(tokens, "detach"):  # torch.Tensor
         tokens = tokens.detach().cpu().numpy()
     arr = np.asarray(tokens, dtype="<i8")

@@ -46,7 +46,6 @@ logger = init_logger(__name__)
 
 SCHEDULER_LOG_PREFIX = "LMCache MP scheduler"
 REGISTER_RETRY_S = 2.0
-_warn = RateLimitedLog(logger, interval_s=60)
 
 
 def server_url(llm_args: Any) -> str:
@@ -66,6 +65,8 @@ class ProcessConnection:
 
     def __init__(self, url: str, config: LMCacheEngineConfig) -> None:
         self.client = CacheServerClient(url, timeout_s=config.blocking_timeout_secs)
+        # One warning per minute per server and topic, not one per request.
+        self.warn = RateLimitedLog(logger, interval_s=60)
         self.registrations: dict[int, _Registration] = {}
 
     def owner(self) -> int | None:
@@ -104,14 +105,16 @@ class _ServerIndex:
     def lookup(self, tokens: list[int], salt: str | int | None, pin_id: Hashable) -> int:
         owner = self._connection.owner()
         if owner is None:
-            _warn.warning("no-pool", "LMCache MP: lookup before any worker registered its pool; a miss")
+            self._connection.warn.warning(
+                "no-pool", "LMCache MP: lookup before any worker registered its pool; a miss"
+            )
             return 0
         try:
             return self._connection.client.lookup(
                 tokens, salt, pin_id, instance_id=owner, timeout_s=self._timeout_s
             )
         except (ServerUnavailable, ServerError) as exc:
-            _warn.warning(
+            self._connection.warn.warning(
                 "lookup",
                 "LMCache MP: cache server %s not answering lookups (%s); serving without cache",
                 self._connection.client.url,
@@ -199,7 +202,7 @@ class LMCacheMPKvConnectorWorker(PoolWorker):
                 instance_id=self._instance_id,
             )
         except ServerUnavailable as exc:
-            _warn.warning(
+            self._connection.warn.warning(
                 "register",
                 "LMCache MP: cannot reach the cache server at %s to register the KV pool (%s); serving "
                 "without cache until it is up. Start it with `python -m lmcache.v1.multiprocess.server` or "
@@ -291,7 +294,9 @@ class LMCacheMPKvConnectorWorker(PoolWorker):
                 save.tokens, save.block_ids, save.start, save.end, save.salt, instance_id=self._instance_id
             )
         except (ServerUnavailable, ServerError) as exc:
-            _warn.warning("save", "LMCache MP: cache server %s dropped a save (%s)", self._client.url, exc)
+            self._connection.warn.warning(
+                "save", "LMCache MP: cache server %s dropped a save (%s)", self._client.url, exc
+            )
 
     # -- completion ---------------------------------------------------------------------------
 

@@ -1,0 +1,360 @@
+"""The latency fast paths: the client's direct socket and the server answering lookups on its I/O thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import zmq
+from support.server_process import CHUNK, MODEL, TPB, ServerProcess, shared_pool
+
+from lmcache.config import LMCacheEngineConfig
+from lmcache.engine import CacheEngine
+from lmcache.server import protocol as P
+from lmcache.server.client import CacheServerClient, ServerError, ServerUnavailable
+from lmcache.server.server import CacheServer, ServerConfig
+
+
+def _until(predicate, what: str, limit_s: float = 30.0):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it returns a truthy value (a hang guard, not a timing assertion)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.02)
+
+
+def _warm_direct(client: CacheServerClient) -> None:
+    """Ping until the direct socket is connected and carries calls."""
+    start = client.direct_calls
+    _until(lambda: client.ping() and client.direct_calls > start, "a call on the direct path")
+
+
+_PING = P.PingInfo(server_id="fake", protocol_version=P.PROTOCOL_VERSION, chunk_size=32, uptime_s=0)
+
+
+class FakeServer:
+    """A ROUTER that answers pings and hands every other request to the test."""
+
+    def __init__(self) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.url = f"tcp://127.0.0.1:{self.port}"
+
+    def serve_pings_until_other(self, timeout_ms: int = 20_000) -> tuple[bytes, P._Req]:
+        """Answer pings; return the first other request (identity, request) unanswered."""
+        while True:
+            assert self.sock.poll(timeout_ms), "the client sent nothing"
+            identity, frame = self.sock.recv_multipart()
+            req = P.decode_request(frame)
+            if not isinstance(req, P.Ping):
+                return identity, req
+            self.reply(identity, req.rid, _PING)
+
+    def reply(self, identity: bytes, rid: int, value: object) -> None:
+        self.sock.send_multipart([identity, P.encode(P.Reply(rid=rid, ok=True, value=value))])
+
+    def serve_in_thread(self, stop: threading.Event) -> threading.Thread:
+        def loop() -> None:
+            while not stop.is_set():
+                if self.sock.poll(20):
+                    identity, frame = self.sock.recv_multipart()
+                    req = P.decode_request(frame)
+                    self.reply(identity, req.rid, _PING if isinstance(req, P.Ping) else 7)
+
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeServer]:
+    server = FakeServer()
+    yield server
+    server.close()
+
+
+# ---- client: the direct path ------------------------------------------------------------------------
+
+
+def test_calls_take_the_direct_path_once_connected(client: CacheServerClient) -> None:
+    client.register(shared_pool(seed=90), 0, 1, MODEL, TPB)
+    tokens = list(range(90_000, 90_064))
+    assert client.store(tokens, list(range(8)), 0, 64) == 64
+    _warm_direct(client)
+    before = client.direct_calls
+    for _ in range(20):
+        assert client.lookup(tokens) == 64
+    assert client.lookup(tokens, pin_id="p") == 64
+    assert client.release("p") is True
+    assert client.direct_calls == before + 22
+    with client._direct_lock:  # the direct socket is busy (another thread's call): the I/O thread serves
+        assert client.lookup(tokens) == 64
+    assert client.direct_calls == before + 22
+
+
+def test_concurrent_callers_share_the_two_paths(client: CacheServerClient) -> None:
+    """Threads that find the direct socket busy go through the I/O thread; all get their own replies."""
+    client.register(shared_pool(seed=91), 0, 1, MODEL, TPB)
+    prompts = [list(range(91_000 + 1000 * i, 91_000 + 1000 * i + 32 * (i + 1))) for i in range(4)]
+    for i, tokens in enumerate(prompts):
+        assert client.store(tokens, list(range(4 * (i + 1))), 0, len(tokens)) == len(tokens)
+    _warm_direct(client)
+    errors: list[BaseException] = []
+    start = client.direct_calls
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(50):
+                assert client.lookup(prompts[i]) == len(prompts[i])
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert client.direct_calls > start
+
+
+def test_direct_timeout_never_delivers_the_late_reply(fake: FakeServer) -> None:
+    client = CacheServerClient(fake.url, timeout_s=0.5, heartbeat_interval_s=0)
+    stop = threading.Event()
+    try:
+        warming = threading.Event()
+        warm = fake.serve_in_thread(warming)
+        _warm_direct(client)
+        warming.set()
+        warm.join(30)
+        result: list[object] = []
+
+        def lookup() -> None:
+            try:
+                result.append(client.lookup([1, 2, 3], instance_id=5))
+            except BaseException as e:  # noqa: BLE001
+                result.append(e)
+
+        caller = threading.Thread(target=lookup)
+        caller.start()
+        identity, req = fake.serve_pings_until_other()
+        assert isinstance(req, P.Lookup)
+        caller.join(30)
+        assert len(result) == 1 and isinstance(result[0], ServerUnavailable), result
+        assert "within 0.5 s" in str(result[0])
+        fake.reply(identity, req.rid, 999)  # too late: its socket is gone
+        direct = client.direct_calls
+        thread = fake.serve_in_thread(stop)
+        # Calls work again once the connection is seen up, and never see the late 999.
+        assert _until(lambda: _lookup_or_none(client), "the client to reconnect") == 7
+        for _ in range(20):
+            assert client.lookup([1, 2, 3], instance_id=5) == 7
+        _until(
+            lambda: client.lookup([1], instance_id=5) == 7 and client.direct_calls > direct,
+            "the direct path again",
+        )
+        stop.set()
+        thread.join(30)
+    finally:
+        stop.set()
+        client.close(unregister=False)
+
+
+def _lookup_or_none(client: CacheServerClient) -> int | None:
+    try:
+        return client.lookup([1, 2, 3], instance_id=5)
+    except ServerUnavailable:
+        return None
+
+
+def test_direct_call_fails_at_once_when_the_connection_drops(fake: FakeServer) -> None:
+    client = CacheServerClient(fake.url, timeout_s=60.0, heartbeat_interval_s=0)
+    result: list[object] = []
+    try:
+        stop = threading.Event()
+        thread = fake.serve_in_thread(stop)
+        _warm_direct(client)
+        stop.set()
+        thread.join(30)
+
+        def ping() -> None:
+            try:
+                result.append(client.ping())
+            except BaseException as e:  # noqa: BLE001
+                result.append(e)
+
+        caller = threading.Thread(target=ping)
+        caller.start()
+        assert fake.sock.poll(20_000)
+        fake.sock.recv_multipart()  # taken, never answered
+        fake.close()
+        caller.join(30)  # far below the 60 s timeout
+        assert len(result) == 1 and isinstance(result[0], ServerUnavailable), result
+        assert "connection to the server lost" in str(result[0])
+    finally:
+        client.close(unregister=False)
+
+
+def test_close_wakes_a_direct_call_in_flight(fake: FakeServer) -> None:
+    client = CacheServerClient(fake.url, timeout_s=60.0, heartbeat_interval_s=0)
+    stop = threading.Event()
+    thread = fake.serve_in_thread(stop)
+    _warm_direct(client)
+    stop.set()
+    thread.join(30)
+    result: list[object] = []
+
+    def ping() -> None:
+        try:
+            result.append(client.ping())
+        except BaseException as e:  # noqa: BLE001
+            result.append(e)
+
+    caller = threading.Thread(target=ping)
+    caller.start()
+    assert fake.sock.poll(20_000)
+    fake.sock.recv_multipart()  # never answered
+    client.close(unregister=False)
+    caller.join(30)
+    assert len(result) == 1 and isinstance(result[0], ServerUnavailable), result
+    with pytest.raises(ServerUnavailable, match="closed"):
+        client.ping()
+
+
+def test_oversized_request_gets_its_error_not_a_timeout(client: CacheServerClient) -> None:
+    client.register(shared_pool(seed=92), 0, 1, MODEL, TPB)
+    # The module's server takes frames of up to 1 MiB; its answer names our request id.
+    with pytest.raises(ServerError) as info:
+        client.lookup(list(range(200_000)), timeout_s=20.0)
+    assert info.value.code == P.ErrorCode.TOO_LARGE.value
+
+
+def test_protocol_error_for_oversized_frame_carries_the_rid() -> None:
+    frame = P.encode(P.Lookup(rid=41, instance_id=1, tokens=b"\0" * 800))
+    with pytest.raises(P.ProtocolError) as info:
+        P.decode_request(frame, max_bytes=100)
+    assert info.value.code == P.ErrorCode.TOO_LARGE and info.value.rid == 41
+
+
+# ---- server: lookups and releases on the I/O thread ----------------------------------------------
+
+
+@pytest.fixture
+def inproc_server() -> Iterator[CacheServer]:
+    engine = CacheEngine(
+        LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.05), pinned=False
+    )
+    server = CacheServer(engine, ServerConfig(port=0, ipc_path=None, max_workers=2, client_timeout_s=0))
+    server.start()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.stop()
+    thread.join(30)
+    assert not thread.is_alive()
+
+
+def test_lookup_and_release_run_on_the_io_thread_unless_queued_behind_work(
+    inproc_server: CacheServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = inproc_server.engine
+    threads: dict[str, list[int]] = {"lookup": [], "release": []}
+    real_lookup, real_release, real_store = engine.lookup, engine.release, engine.store
+    store_entered, store_go = threading.Event(), threading.Event()
+    store_go.set()
+
+    def lookup(*args, **kwargs):  # type: ignore[no-untyped-def]
+        threads["lookup"].append(threading.get_ident())
+        return real_lookup(*args, **kwargs)
+
+    def release(*args, **kwargs):  # type: ignore[no-untyped-def]
+        threads["release"].append(threading.get_ident())
+        return real_release(*args, **kwargs)
+
+    def store(*args, **kwargs):  # type: ignore[no-untyped-def]
+        store_entered.set()
+        assert store_go.wait(30)
+        return real_store(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "lookup", lookup)
+    monkeypatch.setattr(engine, "release", release)
+    monkeypatch.setattr(engine, "store", store)
+    client = CacheServerClient(f"tcp://127.0.0.1:{inproc_server.tcp_port}", timeout_s=20.0)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://127.0.0.1:{inproc_server.tcp_port}")
+    try:
+        client.register(shared_pool(seed=93), 0, 1, MODEL, TPB)
+        iid = client.instance_id
+        tokens = list(range(93_000, 93_064))
+        assert client.store(tokens, list(range(8)), 0, 64) == 64
+        assert client.lookup(tokens, pin_id="a") == 64
+        assert client.release("a") is True
+        io = inproc_server._io_thread
+        assert threads["lookup"] == [io] and io in threads["release"]
+
+        # A lookup pipelined behind a (stalled) store of the same connection waits for it, on a worker.
+        threads["lookup"].clear()
+        store_go.clear()
+        store_entered.clear()
+        other = P.tokens_to_bytes(list(range(94_000, 94_064)))
+        sock.send(
+            P.encode(P.Store(rid=1, instance_id=iid, tokens=other, block_ids=list(range(8, 16)), end=64))
+        )
+        assert store_entered.wait(20)
+        sock.send(P.encode(P.Lookup(rid=2, instance_id=iid, tokens=other)))
+        # meanwhile another connection's lookup is answered on the I/O thread
+        assert client.lookup(tokens) == 64
+        assert threads["lookup"] == [io]
+        store_go.set()
+        replies = {}
+        for _ in range(2):
+            assert sock.poll(20_000)
+            reply = P.decode_reply(sock.recv())
+            replies[reply.rid] = reply.value
+        assert replies == {1: 64, 2: 64}  # the lookup saw the store before it
+        assert len(threads["lookup"]) == 2 and threads["lookup"][1] != io
+    finally:
+        store_go.set()
+        sock.close(0)
+        client.close()
+
+
+def test_long_lookups_go_to_the_workers(inproc_server: CacheServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmcache.server import server as server_module
+
+    monkeypatch.setattr(server_module, "INLINE_LOOKUP_MAX_TOKENS", 16)
+    seen: list[int] = []
+    real_lookup = inproc_server.engine.lookup
+
+    def lookup(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(threading.get_ident())
+        return real_lookup(*args, **kwargs)
+
+    monkeypatch.setattr(inproc_server.engine, "lookup", lookup)
+    with CacheServerClient(f"tcp://127.0.0.1:{inproc_server.tcp_port}", timeout_s=20.0) as client:
+        client.register(shared_pool(seed=94), 0, 1, MODEL, TPB)
+        assert client.lookup(list(range(16))) == 0
+        assert client.lookup(list(range(64))) == 0
+    assert seen[0] == inproc_server._io_thread and seen[1] != inproc_server._io_thread
+
+
+def test_server_process_serves_lookups_over_both_transports(server: ServerProcess) -> None:
+    pool = shared_pool(seed=95)
+    tokens = list(range(95_000, 95_064))
+    for url in (server.ipc_url, server.tcp_url):
+        with CacheServerClient(url, timeout_s=20.0) as c:
+            c.register(pool, 0, 1, MODEL, TPB)
+            c.store(tokens, list(range(8)), 0, 64)
+            _warm_direct(c)
+            assert c.lookup(tokens) == 64
