@@ -554,7 +554,7 @@ class CacheEngine:
 class _CopyBatch:
     """Chunk copies enqueued a few at a time, so the DMA engine starts while the host prepares more."""
 
-    FLUSH_CHUNKS = 2
+    FLUSH_CHUNKS = 4  # measured on an H200: 2 -> 0.80, 4 -> 0.89, 8 -> 0.85 of the copy ceiling (scattered)
 
     def __init__(self, transfer: c_ops.Transfer) -> None:
         self.transfer = transfer
