@@ -55,6 +55,7 @@ from typing import Any
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from bench_tiers import drop_cache  # noqa: E402
 from prefill_model import (  # noqa: E402
     PrefillModel,
     add_model_args,
@@ -80,21 +81,6 @@ GIB = 1 << 30
 
 class BenchFailure(RuntimeError):
     pass
-
-
-def drop_page_cache(root: Path) -> bool:
-    """Evict ``root``'s files from the page cache (clean pages only, hence the sync)."""
-    if not hasattr(os, "posix_fadvise"):
-        return False
-    os.sync()
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-    return True
 
 
 class EngineTier:
@@ -139,7 +125,7 @@ class EngineTier:
             if len(self.engine.l1):
                 raise BenchFailure(f"{self.name}: L1 not empty after clear()")
         if self.cold and self.disk_dir is not None:
-            drop_page_cache(self.disk_dir)
+            drop_cache(self.disk_dir)
 
     def load(self, tokens: list[int], blocks: list[int], end: int, rid: int) -> int:
         hit = self.engine.lookup(self.space, tokens, pin_id=rid)
