@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Hashable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from lmcache.engine import CacheEngine, KeySpace
 from lmcache.integration.tensorrt_llm._trtllm import (
     mpi_rank,
 )
-from lmcache.integration.tensorrt_llm.inflight import event_done
+from lmcache.integration.tensorrt_llm.inflight import event_done, future_done
 from lmcache.integration.tensorrt_llm.planner import ConnectorMetadata, LoadSpec, Planner, SaveSpec
 from lmcache.integration.tensorrt_llm.scheduler import PlannedScheduler
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
@@ -122,6 +123,7 @@ class LMCacheKvConnectorWorker(PoolWorker):
         self._pool: torch.Tensor | None = None
         self._space: KeySpace | None = None
         self._save_stream: Any = None
+        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lmcache-save-r{self._rank}")
         self._load_stream: Any = None
 
     def register_kv_caches(self, kv_cache_tensor: torch.Tensor) -> None:
@@ -195,6 +197,12 @@ class LMCacheKvConnectorWorker(PoolWorker):
     # -- saves --------------------------------------------------------------------------------
 
     def wait_for_save(self, stream: Any) -> None:
+        """Order the side stream after this forward, then hand the saves to the saver thread.
+
+        Hashing, slot reservation and copy enqueueing take milliseconds for long prompts; they run
+        off the executor thread. The blocks stay valid meanwhile: a request whose saves are in
+        flight keeps its blocks until ``get_finished`` reports it.
+        """
         saves = self._meta().saves
         if not saves:
             return
@@ -204,14 +212,14 @@ class LMCacheKvConnectorWorker(PoolWorker):
             target = self._save_stream
             target.wait_stream(stream if stream is not None else torch.cuda.current_stream(pool.device))
         for save in saves:
-            self._save(save, pool, target)
+            self._saves.add(save.request_id, future_done(self._saver.submit(self._save, save, pool, target)))
 
-    def _save(self, save: SaveSpec, pool: torch.Tensor, stream: Any) -> None:
+    def _save(self, save: SaveSpec, pool: torch.Tensor, stream: Any) -> Any:
         _, space = self._registered()
         self._engine.store(
             space, self._rank, save.tokens, save.salt, pool, save.block_ids, save.start, save.end, stream
         )
-        self._saves.add(save.request_id, event_done(_record(pool, stream)))
+        return _record(pool, stream)
 
 
 def _record(pool: torch.Tensor, stream: Any) -> Any:
