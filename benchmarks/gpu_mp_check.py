@@ -46,21 +46,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lmcache.server.client import CacheServerClient, wait_for_server  # noqa: E402
-from lmcache.server.pool_sharing import RawCudaIPCWrapper, cuda_api  # noqa: E402
+from lmcache.server.pool_sharing import CudaArray, RawCudaIPCWrapper, cuda_api  # noqa: E402
 
 LAYERS, KV_HEADS, HEAD_DIM, TPB, CHUNK = 28, 2, 128, 32, 256
 BLOCK_ELEMS = KV_HEADS * TPB * HEAD_DIM
-
-
-class _CudaArray:
-    def __init__(self, ptr: int, nbytes: int) -> None:
-        self.__cuda_array_interface__ = {
-            "shape": (nbytes,),
-            "typestr": "|u1",
-            "data": (ptr, False),
-            "strides": None,
-            "version": 2,
-        }
 
 
 def raw_cuda_malloc(nbytes: int, device: int) -> tuple[int, Any]:
@@ -159,7 +148,7 @@ def main() -> int:
     try:
         wait_for_server(f"tcp://127.0.0.1:{port}", 120)
         ptr, free = raw_cuda_malloc(pool_bytes, args.device)
-        raw = torch.as_tensor(_CudaArray(ptr, pool_bytes), device=torch.device("cuda", args.device))
+        raw = torch.as_tensor(CudaArray(ptr, pool_bytes), device=torch.device("cuda", args.device))
         pool = raw.view(torch.bfloat16).view(num_blocks, LAYERS, 2, BLOCK_ELEMS)
         pool.normal_()
         results["cuda_ipc_backend"] = cuda_api().name

@@ -417,7 +417,7 @@ def cuda_api() -> Any:
         return _api
 
 
-class _CudaArray:
+class CudaArray:
     """A bare ``__cuda_array_interface__`` so ``torch.as_tensor`` can wrap a raw device pointer."""
 
     def __init__(self, ptr: int, nbytes: int) -> None:
@@ -521,7 +521,7 @@ class RawCudaIPCWrapper:
             entry.refs += 1
         try:
             device = torch.device("cuda", entry.ordinal)
-            raw = torch.as_tensor(_CudaArray(entry.ptr + desc.offset_bytes, span), device=device)
+            raw = torch.as_tensor(CudaArray(entry.ptr + desc.offset_bytes, span), device=device)
             tensor = raw.view(dtype).view(desc.shape)
         except BaseException:
             _release_cuda(key)

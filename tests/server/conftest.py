@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.server_process import ServerProcess
+from support.server_process import CHUNK, ServerProcess
 
+from lmcache.config import LMCacheEngineConfig
+from lmcache.engine import CacheEngine
 from lmcache.server.client import CacheServerClient
+from lmcache.server.server import CacheServer, ServerConfig
 
 
 @pytest.fixture
@@ -50,3 +54,19 @@ def client(server: ServerProcess) -> Iterator[CacheServerClient]:
     c = CacheServerClient(server.ipc_url, timeout_s=20.0)
     yield c
     c.close()
+
+
+@pytest.fixture
+def inproc_server() -> Iterator[CacheServer]:
+    """A server on a thread of the test process (no ipc socket), for tests that inspect its internals."""
+    engine = CacheEngine(
+        LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.05), pinned=False
+    )
+    server = CacheServer(engine, ServerConfig(port=0, ipc_path=None, max_workers=4, client_timeout_s=0))
+    server.start()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.stop()
+    thread.join(30)
+    assert not thread.is_alive()

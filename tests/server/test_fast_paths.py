@@ -3,36 +3,21 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 import zmq
-from support.server_process import CHUNK, MODEL, TPB, ServerProcess, shared_pool
+from support.server_process import MODEL, TPB, ServerProcess, shared_pool, wait_until
 
-from lmcache.config import LMCacheEngineConfig
-from lmcache.engine import CacheEngine
 from lmcache.server import protocol as P
 from lmcache.server.client import CacheServerClient, ServerError, ServerUnavailable
-from lmcache.server.server import CacheServer, ServerConfig
-
-
-def _until(predicate, what: str, limit_s: float = 30.0):  # type: ignore[no-untyped-def]
-    """Poll ``predicate`` until it returns a truthy value (a hang guard, not a timing assertion)."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.02)
+from lmcache.server.server import CacheServer
 
 
 def _warm_direct(client: CacheServerClient) -> None:
     """Ping until the direct socket is connected and carries calls."""
     start = client.direct_calls
-    _until(lambda: client.ping() and client.direct_calls > start, "a call on the direct path")
+    wait_until(lambda: client.ping() and client.direct_calls > start, "a call on the direct path")
 
 
 _PING = P.PingInfo(server_id="fake", protocol_version=P.PROTOCOL_VERSION, chunk_size=32, uptime_s=0)
@@ -156,10 +141,10 @@ def test_direct_timeout_never_delivers_the_late_reply(fake: FakeServer) -> None:
         direct = client.direct_calls
         thread = fake.serve_in_thread(stop)
         # Calls work again once the connection is seen up, and never see the late 999.
-        assert _until(lambda: _lookup_or_none(client), "the client to reconnect") == 7
+        assert wait_until(lambda: _lookup_or_none(client), "the client to reconnect") == 7
         for _ in range(20):
             assert client.lookup([1, 2, 3], instance_id=5) == 7
-        _until(
+        wait_until(
             lambda: client.lookup([1], instance_id=5) == 7 and client.direct_calls > direct,
             "the direct path again",
         )
@@ -247,21 +232,6 @@ def test_protocol_error_for_oversized_frame_carries_the_rid() -> None:
 
 
 # ---- server: lookups and releases on the I/O thread ----------------------------------------------
-
-
-@pytest.fixture
-def inproc_server() -> Iterator[CacheServer]:
-    engine = CacheEngine(
-        LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.05), pinned=False
-    )
-    server = CacheServer(engine, ServerConfig(port=0, ipc_path=None, max_workers=2, client_timeout_s=0))
-    server.start()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.stop()
-    thread.join(30)
-    assert not thread.is_alive()
 
 
 def test_lookup_and_release_run_on_the_io_thread_unless_queued_behind_work(

@@ -3,33 +3,15 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import pytest
 import torch
 import zmq
-from support.server_process import CHUNK, MODEL, TPB, shared_pool
+from support.server_process import MODEL, TPB, shared_pool
 
-from lmcache.config import LMCacheEngineConfig
-from lmcache.engine import CacheEngine
 from lmcache.server import protocol as P
 from lmcache.server.client import CacheServerClient, ServerUnavailable
-from lmcache.server.server import CacheServer, ServerConfig
-
-
-@pytest.fixture
-def inproc_server() -> Iterator[CacheServer]:
-    engine = CacheEngine(
-        LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.05), pinned=False
-    )
-    server = CacheServer(engine, ServerConfig(port=0, ipc_path=None, max_workers=4, client_timeout_s=0))
-    server.start()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.stop()
-    thread.join(30)
-    assert not thread.is_alive()
+from lmcache.server.server import CacheServer
 
 
 def _url(server: CacheServer) -> str:

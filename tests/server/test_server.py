@@ -22,6 +22,7 @@ from support.server_process import (
     ServerProcess,
     shared_pool,
     subprocess_env,
+    wait_until,
 )
 
 from lmcache.server import protocol as P
@@ -34,18 +35,6 @@ from lmcache.server.client import (
     VersionMismatch,
 )
 from lmcache.server.pool_sharing import PoolSharingError, share_cpu_pool
-
-
-def _until(predicate, what: str, limit_s: float = 30.0):  # type: ignore[no-untyped-def]
-    """Poll ``predicate`` until it returns a truthy value (a hang guard, not a timing assertion)."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.05)
 
 
 def _expected_pool(seed: int) -> torch.Tensor:
@@ -259,7 +248,7 @@ def test_killed_client_is_reaped_and_its_chunks_stay(start_server) -> None:  # t
             assert any(i.instance_id == dead_id for i in watcher.stats().instances)
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)
-            stats = _until(
+            stats = wait_until(
                 lambda: (s := watcher.stats()).reaped_instances >= 1 and s,
                 "the server to reap the killed client",
             )
@@ -296,7 +285,7 @@ def test_server_restart_client_unavailable_then_reregisters(start_server) -> Non
             client.lookup(tokens)
         # a new server on the same port and ipc path (the old socket file is stale)
         start_server(port=server.port)
-        _until(lambda: _lookup_or_none(client, tokens) is not None, "the client to reach the new server")
+        wait_until(lambda: _lookup_or_none(client, tokens) is not None, "the client to reach the new server")
         assert client.reregistrations >= 1
         assert client.lookup(tokens) == 0  # the new server's cache is empty
         assert client.store(tokens, list(range(8)), 0, 64) == 64
