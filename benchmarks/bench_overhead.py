@@ -4,9 +4,10 @@
     operations the in-process adapter performs per iteration vs no connector at all:
 
     - ``prefill``: every iteration is a new request of ``--prefill-tokens`` unique tokens. With the
-      connector: the scheduler's ``lookup`` (hashes the prompt, misses), the forward, then (as
-      ``wait_for_save`` does, on the forward's thread right after the forward is enqueued) a
-      ``store`` of the newly computed chunks on a side stream that waits for the forward. Then the
+      connector: the scheduler's ``lookup`` (hashes the prompt, misses), the forward, then what
+      the in-process adapter's ``wait_for_save`` does right after the forward is enqueued: its
+      ``SaveQueue`` orders a side stream after the forward and runs the ``store`` of the newly
+      computed chunks on the saver thread, concurrently with the executor thread. Then the
       first token goes to the host (``argmax().item()``), as sampling does. Blocks alternate
       between two regions; a region is rewritten only after the device waited for its save (as
       TRT-LLM keeps a request's blocks until its saves are reported done). L1 holds 4 prompts, so
@@ -20,12 +21,16 @@
 
 (b) ``saves_in_flight``: the time of one forward (a ``--prefill-tokens`` prefill, and a decode
     step at ``--decode-context``) while the store of a ``--save-tokens`` prefix (adjacent blocks,
-    and scattered blocks, which need device gathers) was just enqueued on a side stream, vs the
-    same forward with nothing in flight. Timed from after ``store()`` returned to the end of the
-    forward (the forward's stream only); ``store_enqueue_ms`` is the host time of the ``store()``
-    call itself, and ``saves_still_running`` the fraction of repeats where the save had not finished
-    when the forward did (so the overlap really happened). On CPU, stores are synchronous copies:
-    the ratio means nothing there.
+    and scattered blocks, which need device gathers) was just handed to the ``SaveQueue`` (the
+    saver thread hashes, reserves and enqueues while the forward launches), vs the same forward
+    with nothing in flight. Timed from after the hand-off to the end of the forward (the forward's
+    stream only); ``store_enqueue_ms`` is the executor thread's host time of the hand-off, and
+    ``saves_still_running`` the fraction of repeats where the save had not finished when the
+    forward did (so the overlap really happened). On CPU, stores are synchronous copies: the
+    ratio means nothing there.
+
+    On CUDA, fixed-shape forwards replay CUDA graphs (``prefill_model.py``); decode steps of (a)
+    change shape every step and run op by op.
 
     python benchmarks/bench_overhead.py --device cuda [--out overhead.json]
 """
@@ -36,6 +41,7 @@ import argparse
 import statistics
 import sys
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +60,7 @@ from prefill_model import (  # noqa: E402
 
 from lmcache.config import LMCacheEngineConfig  # noqa: E402
 from lmcache.engine import CacheEngine, KeySpace  # noqa: E402
+from lmcache.integration.tensorrt_llm.save_queue import SaveQueue  # noqa: E402
 from lmcache.layout import PoolLayout  # noqa: E402
 
 GIB = 1 << 30
@@ -82,7 +89,7 @@ class Setup:
         layout.blocks_per_chunk(args.chunk_size)
         self.space = KeySpace("bench/prefill-model", layout)
         self.bpt = layout.bytes_per_token
-        self.save_stream = torch.cuda.Stream(device=self.dev) if self.cuda else None
+        self._queues: dict[int, SaveQueue] = {}
         self.seed = args.seed * 7919 + 1
 
     def engine(self, tokens: int) -> CacheEngine:
@@ -100,16 +107,13 @@ class Setup:
 
     def store_async(
         self, engine: CacheEngine, tokens: list[int], blocks: list[int], start: int, end: int
-    ) -> Any:
-        """``wait_for_save``: the side stream waits for the forward, then the store is enqueued on it."""
-        if self.cuda:
-            self.save_stream.wait_stream(self.current())
-        engine.store(self.space, 0, tokens, None, self.pool, blocks, start, end, self.save_stream)
-        if not self.cuda:
-            return None
-        event = torch.cuda.Event()
-        event.record(self.save_stream)
-        return event
+    ) -> Future[Any]:
+        """``wait_for_save`` of the in-process adapter: its save queue's side stream waits for the
+        forward, and the store runs on the saver thread. The future's result is the copies' event."""
+        queue = self._queues.get(id(engine))
+        if queue is None or queue.engine is not engine:
+            queue = self._queues[id(engine)] = SaveQueue(engine, self.pool, "bench-save")
+        return queue.submit(self.space, 0, tokens, None, blocks, start, end, self.current())
 
 
 def prefill_loop(st: Setup, engine: CacheEngine | None, iterations: int) -> float:
@@ -126,14 +130,19 @@ def prefill_loop(st: Setup, engine: CacheEngine | None, iterations: int) -> floa
             if hit:
                 raise BenchFailure(f"a unique prompt hit {hit} tokens")
             engine.release(i)
-            if saved[i % 2] is not None:
-                st.current().wait_event(saved[i % 2])  # the region's previous save read it first
+            previous = saved[i % 2]
+            if previous is not None and previous.result() is not None:
+                st.current().wait_event(previous.result())  # the region's previous save read it first
         logits = model.prefill(st.pool, tokens, 0, blocks)
         if engine is not None:
             saved[i % 2] = st.store_async(engine, tokens, blocks, 0, p)
         int(logits.argmax().item())
     sync(st.dev)
-    return (time.perf_counter() - start) / iterations
+    seconds = (time.perf_counter() - start) / iterations
+    for future in saved:
+        if future is not None:
+            future.result()  # the next loop starts with no store left on the saver thread
+    return seconds
 
 
 def decode_loop(st: Setup, engine: CacheEngine | None) -> tuple[float, int]:
@@ -143,20 +152,23 @@ def decode_loop(st: Setup, engine: CacheEngine | None) -> tuple[float, int]:
     tokens = st.fresh_tokens(c)
     logits = model.prefill(st.pool, tokens, 0, blocks)
     if engine is not None:
-        st.store_async(engine, tokens, blocks, 0, c)
+        st.store_async(engine, tokens[:], blocks, 0, c).result()
     token = int(logits.argmax().item())
     sync(st.dev)
+    saves: list[Future[Any]] = []
     before = engine.stats.stored_chunks if engine is not None else 0
     start = time.perf_counter()
     for _ in range(steps):
         pos = len(tokens)
         tokens.append(token)
-        logits = model.prefill(st.pool, [token], pos, blocks)
+        logits = model.prefill(st.pool, [token], pos, blocks, graph=False)  # a new shape every step
         if engine is not None and (pos + 1) % chunk == 0:
-            st.store_async(engine, tokens, blocks, pos + 1 - chunk, pos + 1)
+            saves.append(st.store_async(engine, tokens[:], blocks, pos + 1 - chunk, pos + 1))
         token = int(logits.argmax().item())
     sync(st.dev)
     seconds = (time.perf_counter() - start) / steps
+    for future in saves:
+        future.result()
     return seconds, (engine.stats.stored_chunks - before if engine is not None else 0)
 
 
@@ -252,7 +264,8 @@ def saves_in_flight(st: Setup) -> dict[str, Any]:
                 if st.cuda:
                     st.current().synchronize()
                 t_loaded = time.perf_counter() - t0
-                still = done is not None and not done.query()
+                event = done.result()
+                still = event is not None and not event.query()
                 sync(st.dev)
                 if engine.stats.stored_chunks == 0:
                     raise BenchFailure("the save stored nothing")
@@ -320,8 +333,8 @@ def main() -> int:
         if isinstance(r, dict):
             ms = f"{r['no_saves_ms']:9.3f} ms -> {r['with_saves_ms']:9.3f} ms"
             print(
-                f"  {name:<18} {ms}   ratio {r['ratio']:.3f}   store() {r['store_enqueue_ms']:.2f} ms on the "
-                f"host, still running {r['saves_still_running']:.0%}"
+                f"  {name:<18} {ms}   ratio {r['ratio']:.3f}   hand-off {r['store_enqueue_ms']:.2f} ms on the "
+                f"executor thread, still running {r['saves_still_running']:.0%}"
             )
     write_json(args.out, results)
     return 0

@@ -17,7 +17,9 @@ beyond the device hit (on the forward's stream), and after each request a ``stor
 on a side stream.
 
 What is modelled, and what is not (keep it honest):
-- one request at a time, batch 1; real prefill cost (``prefill_model.py``, Qwen2-1.5B shape);
+- one request at a time, batch 1; real prefill cost (``prefill_model.py``, Qwen2-1.5B shape),
+  launched op by op (no CUDA graphs: every request has its own shape), so each forward also pays
+  the model's Python launch overhead, the same in both variants (it understates the connector's gain);
 - TTFT = from the request's arrival (device block match, lookup, load) to its first token on the
   host (the prefill of the rest, then ``argmax().item()``);
 - no decode: the answer is a fixed number (``--answer-tokens``) of fixed pseudo-random tokens,
@@ -323,6 +325,7 @@ def main() -> int:
         if getattr(args, key) is None:
             setattr(args, key, (small if args.small else big)[key])
     model = build_model(args)
+    model.cuda_graphs = False  # request shapes differ: a graph per shape would cost more than it saves
     results = describe(model, args)
     runner = Runner(model, args)
     # Warm-up: the kernels of short and long prefills, with and without a prefix.

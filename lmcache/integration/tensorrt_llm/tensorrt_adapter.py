@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Hashable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -20,7 +19,8 @@ from lmcache.integration.tensorrt_llm._trtllm import (
     mpi_rank,
 )
 from lmcache.integration.tensorrt_llm.inflight import event_done, future_done
-from lmcache.integration.tensorrt_llm.planner import ConnectorMetadata, LoadSpec, Planner, SaveSpec
+from lmcache.integration.tensorrt_llm.planner import ConnectorMetadata, LoadSpec, Planner
+from lmcache.integration.tensorrt_llm.save_queue import SaveQueue
 from lmcache.integration.tensorrt_llm.scheduler import PlannedScheduler
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
 from lmcache.integration.tensorrt_llm.worker import PoolWorker
@@ -122,8 +122,7 @@ class LMCacheKvConnectorWorker(PoolWorker):
         self._rank = mpi_rank()
         self._pool: torch.Tensor | None = None
         self._space: KeySpace | None = None
-        self._save_stream: Any = None
-        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lmcache-save-r{self._rank}")
+        self._save_queue: SaveQueue | None = None
         self._load_stream: Any = None
 
     def register_kv_caches(self, kv_cache_tensor: torch.Tensor) -> None:
@@ -132,8 +131,8 @@ class LMCacheKvConnectorWorker(PoolWorker):
         self._pool = kv_cache_tensor
         self._space = KeySpace(self._settings.model_name, layout, self._settings.world_size)
         self._shared.register(self._rank, self._space)
+        self._save_queue = SaveQueue(self._engine, kv_cache_tensor, f"lmcache-save-r{self._rank}")
         if kv_cache_tensor.is_cuda:
-            self._save_stream = torch.cuda.Stream(device=kv_cache_tensor.device)
             self._load_stream = torch.cuda.Stream(device=kv_cache_tensor.device)
         logger.info(
             "LMCache worker rank %d/%d registered KV pool %s %s (%d tokens/block, %.1f KiB/token)",
@@ -197,29 +196,20 @@ class LMCacheKvConnectorWorker(PoolWorker):
     # -- saves --------------------------------------------------------------------------------
 
     def wait_for_save(self, stream: Any) -> None:
-        """Order the side stream after this forward, then hand the saves to the saver thread.
+        """Hand this iteration's saves to the save queue (its side stream waits for the forward).
 
-        Hashing, slot reservation and copy enqueueing take milliseconds for long prompts; they run
-        off the executor thread. The blocks stay valid meanwhile: a request whose saves are in
-        flight keeps its blocks until ``get_finished`` reports it.
+        A request whose saves are in flight keeps its blocks until ``get_finished`` reports it.
         """
         saves = self._meta().saves
         if not saves:
             return
-        pool, _ = self._registered()
-        target = None
-        if pool.is_cuda:
-            target = self._save_stream
-            target.wait_stream(stream if stream is not None else torch.cuda.current_stream(pool.device))
-        for save in saves:
-            self._saves.add(save.request_id, future_done(self._saver.submit(self._save, save, pool, target)))
-
-    def _save(self, save: SaveSpec, pool: torch.Tensor, stream: Any) -> Any:
         _, space = self._registered()
-        self._engine.store(
-            space, self._rank, save.tokens, save.salt, pool, save.block_ids, save.start, save.end, stream
-        )
-        return _record(pool, stream)
+        assert self._save_queue is not None
+        for save in saves:
+            future = self._save_queue.submit(
+                space, self._rank, save.tokens, save.salt, save.block_ids, save.start, save.end, stream
+            )
+            self._saves.add(save.request_id, future_done(future))
 
 
 def _record(pool: torch.Tensor, stream: Any) -> Any:

@@ -1,0 +1,67 @@
+"""In-process saves off the executor thread: one saver thread, one side stream after the forward.
+
+Hashing, reserving L1 slots and enqueueing the copies of a long prompt take milliseconds of host
+time; on the executor thread they would delay the next forward's launch. ``submit`` only orders
+the side stream after the forward (a device-side wait) and hands the store to the saver thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from lmcache.engine import CacheEngine, KeySpace
+from lmcache.keys import CacheSalt, Tokens
+
+
+class SaveQueue:
+    """Stores of one pool, run in submission order on a background thread."""
+
+    def __init__(self, engine: CacheEngine, pool: torch.Tensor, name: str) -> None:
+        self.engine = engine
+        self.pool = pool
+        self.stream: Any = torch.cuda.Stream(device=pool.device) if pool.is_cuda else None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    def submit(
+        self,
+        space: KeySpace,
+        rank: int,
+        tokens: Tokens,
+        salt: CacheSalt,
+        block_ids: Sequence[int],
+        start: int,
+        end: int,
+        after: Any = None,
+    ) -> Future[Any]:
+        """Store ``tokens[start:end]`` once the work enqueued so far on ``after`` (default: the
+        current stream) has run. The future's result is the CUDA event of the copies (None on CPU);
+        the blocks must stay untouched until it has completed."""
+        if self.stream is not None:
+            forward = after if after is not None else torch.cuda.current_stream(self.pool.device)
+            self.stream.wait_stream(forward)
+        return self._thread.submit(self._store, space, rank, tokens, salt, block_ids, start, end)
+
+    def _store(
+        self,
+        space: KeySpace,
+        rank: int,
+        tokens: Tokens,
+        salt: CacheSalt,
+        block_ids: Sequence[int],
+        start: int,
+        end: int,
+    ) -> Any:
+        self.engine.store(space, rank, tokens, salt, self.pool, block_ids, start, end, self.stream)
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    def close(self) -> None:
+        """Wait for the queued stores, then stop the thread."""
+        self._thread.shutdown(wait=True)
