@@ -205,3 +205,26 @@ def test_retrieve_ending_inside_a_chunk_copies_only_rows_before_end() -> None:
     assert engine.retrieve(space, 0, toks, None, pool, dst, 0, 112) == 112
     assert torch.equal(pool[dst[:7]], pool[list(range(7))])
     assert torch.count_nonzero(pool[dst[7]]) == 0
+
+
+def test_save_unfull_chunk_tail_loads_after_a_device_prefix() -> None:
+    engine, space, pool = make(save_unfull_chunk=True)
+    first = tokens(100)  # chunk [0, 64) + tail [64, 96)
+    engine.store(space, 0, first, None, pool, list(range(7)), 0, 100)
+    longer = first + tokens(100, 50_000)
+    dst = list(range(30, 43))
+    # TRT-LLM holds the first chunk's blocks itself; the tail chunk chains after that chunk's hash.
+    assert engine.retrieve(space, 0, longer, None, pool, dst, 64, 96) == 32
+    assert torch.equal(pool[dst[4:6]], pool[[4, 5]])
+
+
+def test_store_failing_midway_keeps_what_it_published_and_leaks_no_slot() -> None:
+    engine, space, pool = make()
+    good = tokens(192)
+    bad = good[:128] + [2**70] + good[129:]  # the third chunk cannot be converted
+    with pytest.raises(ValueError, match="int64"):
+        engine.store(space, 0, bad, None, pool, list(range(12)), 0, 192)
+    assert engine.lookup(space, good) == 64  # the first chunk was published before the error
+    # The second chunk's slot was reserved when the error came: it must be free to store again.
+    assert engine.store(space, 0, good, None, pool, list(range(12)), 0, 192) == 128
+    assert engine.lookup(space, good) == 192

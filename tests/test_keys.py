@@ -103,3 +103,12 @@ def test_list_fast_path_matches_numpy_and_rejects_non_integers() -> None:
     assert token_array(toks).tolist() == np.asarray(toks, dtype=np.int64).tolist()
     with pytest.raises(ValueError, match="integers"):
         token_array([1, 2.5])
+
+
+@pytest.mark.parametrize("form", [list, np.array, torch.tensor])
+@pytest.mark.parametrize("end", [None, 0, 255, 256, 600, 10_000])
+def test_lazy_chunk_hashes_equal_the_eager_ones(form: object, end: int | None) -> None:
+    toks = list(range(1000, 1700))
+    h = hasher()
+    want = h.chunk_hashes(toks[:end], salt="s")
+    assert list(h.iter_chunk_hashes(form(toks), "s", end)) == want  # type: ignore[operator]
