@@ -1,13 +1,15 @@
 """Core engine benchmark: hashing, L1 store/retrieve bandwidth against a plain copy, lookup latency.
 
 Everything is measured in one run against a baseline on the same machine:
-- store/retrieve GB/s of 256-token chunks of a Qwen2-1.5B-shaped pool (28 layers, 2 KV heads,
-  head dim 128, bf16, 32 tokens per block), as a ratio to one plain ``copy_`` of the same total
-  bytes (on CUDA: device <-> pinned host, the PCIe ceiling);
+- store/retrieve GB/s of 256-token chunks of a TRT-LLM-layout pool (``--model``: Qwen2-1.5B's KV,
+  28 layers x 2 KV heads x 128, or Llama-3.1-8B's, 32 x 8 x 128; bf16; ``--tokens-per-block`` 32
+  or 64), as a ratio to one plain ``copy_`` of the same total bytes (on CUDA: device <-> pinned
+  host, the PCIe ceiling);
 - hashing throughput from a Python list of 32k tokens;
 - lookup latency (p50, p99) for 8k and 32k-token prompts.
 
-    python benchmarks/bench_engine.py [--device cuda] [--tokens 65536] [--out results.json]
+    python benchmarks/bench_engine.py [--device cuda] [--tokens 65536] [--model llama-3.1-8b] \
+        [--tokens-per-block 64] [--out results.json]
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -25,7 +29,8 @@ from lmcache.engine import CacheEngine, KeySpace
 from lmcache.keys import TokenHasher
 from lmcache.layout import PoolLayout
 
-LAYERS, KV_HEADS, HEAD_DIM, TPB, CHUNK = 28, 2, 128, 32, 256
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kv_shapes import CHUNK, add_shape_args, row_shape  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -51,12 +56,13 @@ def best_of(
     return min(times)
 
 
-def bench_transfer(device: str, tokens: int, repeats: int, scattered: bool) -> dict[str, float]:
-    num_blocks = 2 * tokens // TPB
-    pool = torch.randn(num_blocks, LAYERS, 2, KV_HEADS * TPB * HEAD_DIM, device=device).to(torch.bfloat16)
-    layout = PoolLayout.of_pool(pool, TPB)
+def bench_transfer(args: argparse.Namespace, scattered: bool) -> dict[str, float]:
+    device, tokens, repeats, tpb = args.device, args.tokens, args.repeats, args.tokens_per_block
+    num_blocks = 2 * tokens // tpb
+    pool = torch.randn(num_blocks, *row_shape(args), device=device).to(torch.bfloat16)
+    layout = PoolLayout.of_pool(pool, tpb)
     nbytes = tokens * layout.bytes_per_token
-    n = tokens // TPB
+    n = tokens // tpb
     blocks, targets = list(range(n)), list(range(n, 2 * n))
     if scattered:  # no two adjacent, as in a pool after churn
         blocks, targets = list(range(0, 2 * n, 2)), list(range(2 * n - 1, 0, -2))
@@ -106,9 +112,10 @@ def bench_hashing(repeats: int) -> dict[str, float]:
     return out
 
 
-def bench_lookup(repeats: int) -> dict[str, float]:
-    pool = torch.zeros(4, LAYERS, 2, KV_HEADS * TPB * HEAD_DIM, dtype=torch.bfloat16)
-    space = KeySpace("bench", PoolLayout.of_pool(pool, TPB))
+def bench_lookup(args: argparse.Namespace) -> dict[str, float]:
+    repeats = args.repeats
+    pool = torch.zeros(4, *row_shape(args), dtype=torch.bfloat16)
+    space = KeySpace("bench", PoolLayout.of_pool(pool, args.tokens_per_block))
     engine = CacheEngine(LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.01))
     out = {}
     for n in (8192, 32768):
@@ -132,18 +139,25 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384, help="tokens moved per store/retrieve")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", help="write the results as JSON here")
+    add_shape_args(parser)
     args = parser.parse_args()
 
-    results: dict[str, object] = {"device": args.device, "tokens": args.tokens}
+    results: dict[str, object] = {
+        "device": args.device,
+        "tokens": args.tokens,
+        "model_kv": args.model,
+        "tokens_per_block": args.tokens_per_block,
+    }
     if args.device == "cuda":
         results["card"] = torch.cuda.get_device_name()
     for layout_name, scattered in (("adjacent_blocks", False), ("scattered_blocks", True)):
-        results[layout_name] = bench_transfer(args.device, args.tokens, args.repeats, scattered)
+        results[layout_name] = bench_transfer(args, scattered)
     results["hashing"] = bench_hashing(args.repeats)
-    results["lookup"] = bench_lookup(args.repeats)
+    results["lookup"] = bench_lookup(args)
 
     card = results.get("card", args.device)
-    print(f"device: {card}  ({args.tokens} tokens of Qwen2-1.5B-shaped KV per op)")
+    shape = f"{args.model}-shaped KV, {args.tokens_per_block} tokens/block"
+    print(f"device: {card}  ({args.tokens} tokens of {shape} per op)")
     header = ("blocks", "copy D2H", "store", "ratio", "copy H2D", "retrieve", "ratio")
     print(f"{header[0]:<18}" + "".join(f"{h:>10}" if "ratio" not in h else f"{h:>8}" for h in header[1:]))
     for name in ("adjacent_blocks", "scattered_blocks"):

@@ -333,8 +333,8 @@ def main() -> int:
         if isinstance(r, dict):
             ms = f"{r['no_saves_ms']:9.3f} ms -> {r['with_saves_ms']:9.3f} ms"
             print(
-                f"  {name:<18} {ms}   ratio {r['ratio']:.3f}   hand-off {r['store_enqueue_ms']:.2f} ms on the "
-                f"executor thread, still running {r['saves_still_running']:.0%}"
+                f"  {name:<18} {ms}   ratio {r['ratio']:.3f}   hand-off {r['store_enqueue_ms']:.2f} ms "
+                f"on the executor thread, still running {r['saves_still_running']:.0%}"
             )
     write_json(args.out, results)
     return 0

@@ -8,9 +8,10 @@ What it does, all in one run:
 
 1. starts ``python -m lmcache.v1.multiprocess.server`` as a subprocess (free TCP port and a
    private ipc path, chunk 256);
-2. allocates a Qwen2-1.5B-shaped KV pool ``[num_blocks, 28, 2, 2*32*128]`` bf16 with a raw
-   ``cudaMalloc`` (cuda-python ``cudart.cudaMalloc``; else ``cuMemAlloc`` through ctypes), outside
-   PyTorch's allocator, like TensorRT-LLM does, and wraps it as a torch tensor;
+2. allocates a KV pool of TRT-LLM's layout (``--model``: Qwen2-1.5B's KV shape
+   ``[num_blocks, 28, 2, 2*32*128]`` by default, or Llama-3.1-8B's; ``--tokens-per-block`` 32/64),
+   bf16, with a raw ``cudaMalloc`` (cuda-python ``cudart.cudaMalloc``; else ``cuMemAlloc``
+   through ctypes), outside PyTorch's allocator, like TensorRT-LLM does, and wraps it as a tensor;
 3. registers it through :class:`RawCudaIPCWrapper` (``cudaIpcGetMemHandle`` on the allocation);
 4. stores ``--tokens`` tokens (fresh random tokens each iteration), retrieves them into other
    blocks and checks the bytes are equal; reports store/retrieve GB/s next to a plain pinned
@@ -48,8 +49,8 @@ sys.path.insert(0, str(REPO))
 from lmcache.server.client import CacheServerClient, wait_for_server  # noqa: E402
 from lmcache.server.pool_sharing import CudaArray, RawCudaIPCWrapper, cuda_api  # noqa: E402
 
-LAYERS, KV_HEADS, HEAD_DIM, TPB, CHUNK = 28, 2, 128, 32, 256
-BLOCK_ELEMS = KV_HEADS * TPB * HEAD_DIM
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kv_shapes import CHUNK, add_shape_args, row_shape  # noqa: E402
 
 
 def raw_cuda_malloc(nbytes: int, device: int) -> tuple[int, Any]:
@@ -107,20 +108,24 @@ def main() -> int:
     parser.add_argument("--lookup-tokens", type=int, default=8192)
     parser.add_argument("--device", type=int, default=0)
     parser.add_argument("--l1-size-gb", type=float, default=16.0)
+    add_shape_args(parser)
     args = parser.parse_args()
+    tpb, row = args.tokens_per_block, row_shape(args)
     if not torch.cuda.is_available():
         print("gpu_mp_check needs a CUDA device", file=sys.stderr)
         return 2
     tokens_n = args.tokens // CHUNK * CHUNK
-    blocks_n = tokens_n // TPB
+    blocks_n = tokens_n // tpb
     num_blocks = 2 * blocks_n + 8
-    row_bytes = LAYERS * 2 * BLOCK_ELEMS * 2
+    row_bytes = row[0] * row[1] * row[2] * 2
     pool_bytes = num_blocks * row_bytes
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(args.device),
         "torch": torch.__version__,
         "cuda_ipc_backend": None,
-        "pool_shape": [num_blocks, LAYERS, 2, BLOCK_ELEMS],
+        "model_kv": args.model,
+        "tokens_per_block": tpb,
+        "pool_shape": [num_blocks, *row],
         "tokens": tokens_n,
         "bytes_per_transfer": blocks_n * row_bytes,
         "iters": args.iters,
@@ -149,14 +154,14 @@ def main() -> int:
         wait_for_server(f"tcp://127.0.0.1:{port}", 120)
         ptr, free = raw_cuda_malloc(pool_bytes, args.device)
         raw = torch.as_tensor(CudaArray(ptr, pool_bytes), device=torch.device("cuda", args.device))
-        pool = raw.view(torch.bfloat16).view(num_blocks, LAYERS, 2, BLOCK_ELEMS)
+        pool = raw.view(torch.bfloat16).view(num_blocks, *row)
         pool.normal_()
         results["cuda_ipc_backend"] = cuda_api().name
         wrapper = RawCudaIPCWrapper(pool)
         ipc = CacheServerClient(f"ipc://{ipc_path}", timeout_s=120)
         tcp = CacheServerClient(f"tcp://127.0.0.1:{port}", timeout_s=120)
-        info = ipc.register(wrapper, 0, 1, "Qwen/Qwen2-1.5B-Instruct", TPB)
-        tcp.register(wrapper, 0, 1, "Qwen/Qwen2-1.5B-Instruct", TPB)  # same allocation, opened once
+        info = ipc.register(wrapper, 0, 1, f"bench/{args.model}", tpb)
+        tcp.register(wrapper, 0, 1, f"bench/{args.model}", tpb)  # same allocation, opened once
         results["server_chunk_size"] = info.chunk_size
 
         # Stored from contiguous blocks, loaded into a random permutation of other blocks (TRT-LLM's
@@ -206,7 +211,7 @@ def main() -> int:
         lookup_toks = torch.randint(0, 150_000, (args.lookup_tokens,), generator=gen).tolist()
         lookup_n = args.lookup_tokens // CHUNK * CHUNK
         torch.cuda.synchronize()
-        ipc.store(lookup_toks, list(range(lookup_n // TPB)), 0, lookup_n)
+        ipc.store(lookup_toks, list(range(lookup_n // tpb)), 0, lookup_n)
         for name, client in (("ipc", ipc), ("tcp", tcp)):
             lat = []
             for _ in range(20):
