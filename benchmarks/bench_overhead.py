@@ -26,8 +26,11 @@
     with nothing in flight. Timed from after the hand-off to the end of the forward (the forward's
     stream only); ``store_enqueue_ms`` is the executor thread's host time of the hand-off, and
     ``saves_still_running`` the fraction of repeats where the save had not finished when the
-    forward did (so the overlap really happened). On CPU, stores are synchronous copies: the
-    ratio means nothing there.
+    forward did (so the overlap really happened). ``ratio_host_done`` repeats the measurement with
+    the forward started only once the saver thread's host work is done: what is left is the
+    device-side overlap (copy engine, gather kernels), so the two ratios split an overhead
+    between host (the GIL) and device. On CPU, stores are synchronous copies: the ratio means
+    nothing there.
 
     On CUDA, fixed-shape forwards replay CUDA graphs (``prefill_model.py``); decode steps of (a)
     change shape every step and run op by op.
@@ -41,6 +44,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -116,15 +120,21 @@ class Setup:
         return queue.submit(self.space, 0, tokens, None, blocks, start, end, self.current())
 
 
-def prefill_loop(st: Setup, engine: CacheEngine | None, iterations: int) -> float:
-    """Seconds per iteration of ``iterations`` new-request prefills (connector iff ``engine``)."""
+PHASES = ("connector_before_ms", "forward_launch_ms", "handoff_ms", "wait_first_token_ms")
+
+
+def prefill_loop(st: Setup, engine: CacheEngine | None, iterations: int) -> tuple[float, dict[str, float]]:
+    """Seconds per iteration of ``iterations`` new-request prefills (connector iff ``engine``), and
+    the mean host time per iteration of each phase (where an overhead comes from)."""
     model, p = st.model, st.args.prefill_tokens
     prompts = [st.fresh_tokens(p) for _ in range(iterations)]
     saved: list[Any] = [None, None]
+    phases = dict.fromkeys(PHASES, 0.0)
     sync(st.dev)
     start = time.perf_counter()
     for i, tokens in enumerate(prompts):
         blocks = st.regions["r0" if i % 2 == 0 else "r1"]
+        t0 = time.perf_counter()
         if engine is not None:
             hit = engine.lookup(st.space, tokens, pin_id=i)
             if hit:
@@ -133,16 +143,22 @@ def prefill_loop(st: Setup, engine: CacheEngine | None, iterations: int) -> floa
             previous = saved[i % 2]
             if previous is not None and previous.result() is not None:
                 st.current().wait_event(previous.result())  # the region's previous save read it first
+        t1 = time.perf_counter()
         logits = model.prefill(st.pool, tokens, 0, blocks)
+        t2 = time.perf_counter()
         if engine is not None:
             saved[i % 2] = st.store_async(engine, tokens, blocks, 0, p)
+        t3 = time.perf_counter()
         int(logits.argmax().item())
+        t4 = time.perf_counter()
+        for name, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            phases[name] += seconds * 1e3 / iterations
     sync(st.dev)
     seconds = (time.perf_counter() - start) / iterations
     for future in saved:
         if future is not None:
             future.result()  # the next loop starts with no store left on the saver thread
-    return seconds
+    return seconds, phases
 
 
 def decode_loop(st: Setup, engine: CacheEngine | None) -> tuple[float, int]:
@@ -175,12 +191,17 @@ def decode_loop(st: Setup, engine: CacheEngine | None) -> tuple[float, int]:
 def connector_iteration(st: Setup) -> dict[str, Any]:
     args = st.args
     engine = st.engine(4 * args.prefill_tokens)
-    prefill_loop(st, None, 2)  # warm-up: kernels, and the L1 arena's first slabs
+    prefill_loop(st, None, 2)  # warm-up: kernels (CUDA graph capture), and the L1 arena's first slabs
     prefill_loop(st, engine, 2)
     base, conn = [], []
+    base_phases, conn_phases = [], []
     for _ in range(args.repeats):
-        base.append(prefill_loop(st, None, args.iterations))
-        conn.append(prefill_loop(st, engine, args.iterations))
+        seconds, phases = prefill_loop(st, None, args.iterations)
+        base.append(seconds)
+        base_phases.append(phases)
+        seconds, phases = prefill_loop(st, engine, args.iterations)
+        conn.append(seconds)
+        conn_phases.append(phases)
     if engine.stats.hit_tokens:
         raise BenchFailure("0 % hit scenario had hits")
     if engine.stats.stored_chunks == 0:
@@ -195,6 +216,8 @@ def connector_iteration(st: Setup) -> dict[str, Any]:
             "ratio": c / b,
             "stored_chunks": engine.stats.stored_chunks,
             "l1_evictions": engine.l1.evictions,
+            "phases_no_connector": {k: statistics.median(p[k] for p in base_phases) for k in PHASES},
+            "phases_connector": {k: statistics.median(p[k] for p in conn_phases) for k in PHASES},
         }
     }
     dengine = st.engine(args.decode_context + args.decode_steps + 2 * args.chunk_size)
@@ -242,47 +265,61 @@ def saves_in_flight(st: Setup) -> dict[str, Any]:
         "decode": lambda: model.prefill(st.pool, dtokens[-1:], args.decode_context, dblocks),
     }
     out: dict[str, Any] = {"save_tokens": s, "save_bytes": s // args.chunk_size * args.chunk_size * st.bpt}
+
+    def timed_forward(forward: Callable[[], Any]) -> float:
+        t0 = time.perf_counter()
+        forward()
+        if st.cuda:
+            st.current().synchronize()
+        return time.perf_counter() - t0
+
+    def with_save(forward: Callable[[], Any], blocks: list[int], host_done: bool) -> tuple[float, float, int]:
+        """Forward seconds with a save just handed off (``host_done``: after the saver thread's host
+        work, so only the device-side overlap remains); hand-off seconds; save still running."""
+        engine.clear()
+        sync(st.dev)
+        tokens = st.fresh_tokens(s)
+        e0 = time.perf_counter()
+        done = st.store_async(engine, tokens, blocks, 0, s)
+        handoff = time.perf_counter() - e0
+        if host_done:
+            done.result()
+        seconds = timed_forward(forward)
+        event = done.result()
+        still = event is not None and not event.query()
+        sync(st.dev)
+        if engine.stats.stored_chunks == 0:
+            raise BenchFailure("the save stored nothing")
+        return seconds, handoff, still
+
     for fname, forward in forwards.items():
         for layout_name, blocks in (("adjacent", save_blocks), ("scattered", save_blocks[::-1])):
-            base, loaded, enqueue, running = [], [], [], 0
+            base, loaded, settled, enqueue, running, running_settled = [], [], [], [], 0, 0
             for r in range(args.repeats + 1):
                 engine.clear()
                 sync(st.dev)
-                t0 = time.perf_counter()
-                forward()
-                if st.cuda:
-                    st.current().synchronize()
-                t_base = time.perf_counter() - t0
-                sync(st.dev)
-                engine.clear()
-                sync(st.dev)
-                tokens = st.fresh_tokens(s)
-                e0 = time.perf_counter()
-                done = st.store_async(engine, tokens, blocks, 0, s)
-                t0 = time.perf_counter()
-                forward()
-                if st.cuda:
-                    st.current().synchronize()
-                t_loaded = time.perf_counter() - t0
-                event = done.result()
-                still = event is not None and not event.query()
-                sync(st.dev)
-                if engine.stats.stored_chunks == 0:
-                    raise BenchFailure("the save stored nothing")
+                t_base = timed_forward(forward)
+                t_loaded, handoff, still = with_save(forward, blocks, host_done=False)
+                t_settled, _, still_settled = with_save(forward, blocks, host_done=True)
                 if r:
                     base.append(t_base)
                     loaded.append(t_loaded)
-                    enqueue.append(t0 - e0)
+                    settled.append(t_settled)
+                    enqueue.append(handoff)
                     running += still
-            b, w = statistics.median(base), statistics.median(loaded)
+                    running_settled += still_settled
+            b, w, h = statistics.median(base), statistics.median(loaded), statistics.median(settled)
             out[f"{fname}_{layout_name}"] = {
                 "forward": fname,
                 "forward_tokens": args.prefill_tokens if fname == "prefill" else 1,
                 "no_saves_ms": b * 1e3,
                 "with_saves_ms": w * 1e3,
                 "ratio": w / b,
+                "with_saves_host_done_ms": h * 1e3,
+                "ratio_host_done": h / b,
                 "store_enqueue_ms": statistics.median(enqueue) * 1e3,
                 "saves_still_running": running / args.repeats,
+                "saves_still_running_host_done": running_settled / args.repeats,
             }
     if not st.cuda:
         out["note"] = "CPU: stores are synchronous copies, nothing is in flight; the ratios mean nothing here"
@@ -328,13 +365,18 @@ def main() -> int:
     for name, r in results["connector_iteration"].items():
         ms = f"{r['no_connector_ms']:9.3f} ms -> {r['connector_ms']:9.3f} ms"
         print(f"  {name:<8} {ms}   ratio {r['ratio']:.3f}")
+        for phase in PHASES if "phases_connector" in r else ():
+            before, after = r["phases_no_connector"][phase], r["phases_connector"][phase]
+            print(f"      {phase:<22} {before:8.3f} ms -> {after:8.3f} ms")
     print(f"(b) forward time while a {args.save_tokens}-token save is in flight vs nothing in flight")
     for name, r in results["saves_in_flight"].items():
         if isinstance(r, dict):
             ms = f"{r['no_saves_ms']:9.3f} ms -> {r['with_saves_ms']:9.3f} ms"
             print(
                 f"  {name:<18} {ms}   ratio {r['ratio']:.3f}   hand-off {r['store_enqueue_ms']:.2f} ms "
-                f"on the executor thread, still running {r['saves_still_running']:.0%}"
+                f"on the executor thread, still running {r['saves_still_running']:.0%}; after the "
+                f"saver's host work: ratio {r['ratio_host_done']:.3f}, still running "
+                f"{r['saves_still_running_host_done']:.0%}"
             )
     write_json(args.out, results)
     return 0

@@ -236,7 +236,6 @@ class PrefillModel:
         angles = pos.float()[:, None] * self.inv_freq[None, :]
         cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
         nq, nkv, hd = d.num_heads, d.num_kv_heads, d.head_dim
-        group = nq // nkv
         pool6 = pool.view(pool.shape[0], d.num_layers, 2, nkv, tpb, hd)
         if start == 0:
             mask, causal = None, n > 1
@@ -251,13 +250,12 @@ class PrefillModel:
             k = self._rope(k.view(n, nkv, hd), cos, sin)
             pool6[write_block, layer, 0, :, write_off] = k
             pool6[write_block, layer, 1, :, write_off] = v.reshape(n, nkv, hd)
-            # Read the whole prefix back from the request's blocks: [nkv, total, hd] -> all query heads.
-            keys = pool6[blocks, layer, 0].transpose(0, 1).reshape(nkv, nb * tpb, hd)[:, :total]
-            values = pool6[blocks, layer, 1].transpose(0, 1).reshape(nkv, nb * tpb, hd)[:, :total]
-            keys = keys.repeat_interleave(group, dim=0)[None]
-            values = values.repeat_interleave(group, dim=0)[None]
+            # Read the whole prefix back from the request's blocks: [nkv, total, hd]; the attention
+            # kernel maps each group of query heads to its KV head (no copy per query head).
+            keys = pool6[blocks, layer, 0].transpose(0, 1).reshape(nkv, nb * tpb, hd)[None, :, :total]
+            values = pool6[blocks, layer, 1].transpose(0, 1).reshape(nkv, nb * tpb, hd)[None, :, :total]
             attn = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], keys, values, attn_mask=mask, is_causal=causal
+                q.transpose(0, 1)[None], keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True
             )
             x = x + F.linear(attn[0].transpose(0, 1).reshape(n, nq * hd), w["o"])
             h = self._rms(x, w["mlp_norm"])
