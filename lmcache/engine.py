@@ -22,7 +22,7 @@ import torch
 
 from lmcache import c_ops
 from lmcache.config import GiB, LMCacheEngineConfig
-from lmcache.keys import CacheSalt, ChunkKey, TokenHasher, Tokens, token_array
+from lmcache.keys import CacheSalt, ChunkKey, TokenHasher, Tokens, chunk_keys, token_array
 from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
 from lmcache.memory import HostArena
@@ -233,7 +233,8 @@ class CacheEngine:
         began = time.perf_counter()
         arr = token_array(tokens)
         spans = list(self._iter_hashed(space, arr, salt, None))
-        return self._lookup_spans(space, spans, len(arr), ranks, pin_id, began, (arr, salt))
+        hashes, ends = [h for h, _, _ in spans], [end for _, _, end in spans]
+        return self._lookup_spans(space, hashes, ends, len(arr), ranks, pin_id, began, (arr, salt))
 
     def lookup_hashes(
         self,
@@ -262,25 +263,27 @@ class CacheEngine:
         digest_size = self.hasher(space).digest_size
         if any(len(h) != digest_size for h in chunk_hashes):
             raise ValueError(f"chunk hashes must be {digest_size}-byte digests")
-        spans = [(h, i * size, (i + 1) * size) for i, h in enumerate(chunk_hashes)]
-        return self._lookup_spans(space, spans, num_tokens, ranks, pin_id, began, None)
+        ends = range(size, (len(chunk_hashes) + 1) * size, size)
+        return self._lookup_spans(space, chunk_hashes, ends, num_tokens, ranks, pin_id, began, None)
 
     def _lookup_spans(
         self,
         space: KeySpace,
-        spans: list[tuple[bytes, int, int]],
+        hashes: Sequence[bytes],
+        ends: Sequence[int],
         num_tokens: int,
         ranks: Sequence[int],
         pin_id: Hashable | None,
         began: float,
         tail: tuple[np.ndarray, CacheSalt] | None,
     ) -> int:
-        """The longest prefix of ``spans`` cached for every rank (from the lower tiers if need be),
-        then, given the ``tail`` tokens and salt, the longest partial chunk after it."""
+        """The longest prefix of the chunks (``hashes``, ending at ``ends``) cached for every rank
+        (from the lower tiers if need be), then, given the ``tail`` tokens and salt, the longest
+        partial chunk after it."""
         if pin_id is not None:
             self.release(pin_id)
         pin = pin_id is not None
-        groups = [[ChunkKey(h, space.world_size, rank) for rank in ranks] for h, _, _ in spans]
+        groups = list(zip(*[chunk_keys(hashes, space.world_size, rank) for rank in ranks], strict=True))
         tier_pins: list[ChunkKey] = []
         try:
             taken = self._take(groups, pin)
@@ -289,13 +292,13 @@ class CacheEngine:
                 got, tier_pins = self.tiers.promote_prefix(self.namespace(space), groups[taken:])
                 if got:
                     taken += self._take(groups[taken:], pin)
-            hit, parent = (spans[taken - 1][2], spans[taken - 1][0]) if taken else (0, None)
+            hit, parent = (ends[taken - 1], hashes[taken - 1]) if taken else (0, None)
             if tail is not None and self.config.save_unfull_chunk and hit % self.config.chunk_size == 0:
                 arr, salt = tail
                 tail_end, keys, more_pins = self._tail_probe(space, arr, salt, ranks, parent, hit)
                 tier_pins += more_pins
-                if keys and self._take([keys], pin):
-                    groups[taken:] = [keys]
+                if keys and self._take([tuple(keys)], pin):
+                    groups[taken:] = [tuple(keys)]
                     taken += 1
                     hit = tail_end
         finally:
@@ -312,15 +315,10 @@ class CacheEngine:
         self.latency.lookup.observe(time.perf_counter() - began)
         return hit
 
-    def _take(self, groups: list[list[ChunkKey]], pin: bool) -> int:
+    def _take(self, groups: Sequence[Sequence[ChunkKey]], pin: bool) -> int:
         """How many leading chunks (one key per rank each) are cached for every rank; with ``pin``
         they are pinned, each chunk for all ranks or none."""
-        if pin:
-            return self.l1.pin_prefix(groups)
-        for count, keys in enumerate(groups):
-            if not all(key in self.l1 for key in keys):
-                return count
-        return len(groups)
+        return self.l1.pin_prefix(groups) if pin else self.l1.present_prefix(groups)
 
     def release(self, pin_id: Hashable, rank: int | None = None) -> None:
         """Drop the pins a lookup took for ``pin_id`` (all ranks, or one rank's once it has loaded)."""
@@ -370,7 +368,8 @@ class CacheEngine:
         if last <= start:
             return 0
         self._check_block_ids(block_ids, last, layout, pool)
-        batch = _CopyBatch(c_ops.Transfer(pool, stream))
+        # Interleaved: the copies must not hold up the copy engine for TRT-LLM's own transfers.
+        batch = _CopyBatch(c_ops.Transfer(pool, stream, interleave=True))
         stored_chunks = stored = 0
         new_keys: list[ChunkKey] = []
         try:
@@ -408,7 +407,7 @@ class CacheEngine:
         if not batch.copies:
             return
         batch.transfer.gather(batch.copies)
-        event = _record_event(batch.transfer)
+        event = batch.transfer.record()
         for key in batch.keys:
             self.l1.commit(key, event)
         batch.clear()
@@ -532,7 +531,7 @@ class CacheEngine:
             return
         _wait_ready(batch.transfer, batch.chunks)
         batch.transfer.scatter(batch.copies)
-        event = _record_event(batch.transfer)
+        event = batch.transfer.record()
         for chunk in batch.chunks:
             chunk.last_read = event
         batch.clear()
@@ -630,15 +629,6 @@ class _CopyBatch:
     def clear(self) -> None:
         self.copies, self.keys, self.chunks = [], [], []
         self._flushes += 1
-
-
-def _record_event(transfer: c_ops.Transfer) -> Any:
-    """An event after the copies enqueued so far on the transfer's stream (None on CPU)."""
-    if not transfer.cuda:
-        return None
-    event = torch.cuda.Event()
-    event.record(transfer.stream)
-    return event
 
 
 def _wait_ready(transfer: c_ops.Transfer, chunks: Sequence[CachedChunk]) -> None:

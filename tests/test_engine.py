@@ -5,6 +5,7 @@ import torch
 
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine, KeySpace
+from lmcache.keys import ChunkKey
 from lmcache.layout import PoolLayout
 
 TPB = 16
@@ -125,6 +126,45 @@ def test_lookup_for_all_ranks_is_the_shortest_prefix() -> None:
     assert engine.lookup(space, toks, ranks=(0,)) == 256
     assert engine.lookup(space, toks, ranks=(0, 1), pin_id="r") == 128
     assert len(engine.l1.pinned_keys()) == 4
+
+
+def test_lookup_by_chunk_hashes_matches_lookup_by_tokens() -> None:
+    engine, _, pool = make()
+    space = KeySpace("model", PoolLayout.of_pool(pool, TPB), world_size=2)
+    toks = tokens(300)  # 4 full chunks + 44 tokens
+    engine.store(space, 0, toks, "salt", pool, list(range(19)), 0, 300)
+    engine.store(space, 1, toks, "salt", pool, list(range(19)), 0, 128)
+    hasher = engine.hasher(space)
+    for salt in ("salt", None, 7):
+        hashes = hasher.chunk_hashes(toks, salt)
+        for ranks in ((0,), (1,), (0, 1)):
+            expected = engine.lookup(space, toks, salt, ranks=ranks)
+            assert engine.lookup_hashes(space, hashes, len(toks), ranks=ranks) == expected
+    assert engine.lookup_hashes(space, hasher.chunk_hashes(toks, "salt"), 300, ranks=(0,)) == 256
+    assert (
+        engine.lookup_hashes(space, hasher.chunk_hashes(toks, "salt"), 300, ranks=(0, 1), pin_id="r") == 128
+    )
+    assert sorted(engine.l1.pinned_keys()) == sorted(
+        ChunkKey(h, 2, rank) for h in hasher.chunk_hashes(toks[:128], "salt") for rank in (0, 1)
+    )
+    engine.release("r")
+    assert engine.l1.pinned_keys() == []
+    assert engine.stats.lookups == 20 and engine.stats.lookup_tokens == 20 * 300
+
+
+def test_lookup_by_chunk_hashes_refuses_what_it_cannot_check() -> None:
+    engine, space, _ = make()
+    hashes = engine.hasher(space).chunk_hashes(tokens(128))
+    with pytest.raises(
+        ValueError, match=r"2 chunk hashes for 200 tokens; expected one per full chunk .* \(3\)"
+    ):
+        engine.lookup_hashes(space, hashes, 200)
+    with pytest.raises(ValueError, match="32-byte digests"):
+        engine.lookup_hashes(space, [hashes[0], hashes[1][:16]], 128)
+    unfull, space, _ = make(save_unfull_chunk=True)
+    with pytest.raises(ValueError, match="save_unfull_chunk"):
+        unfull.lookup_hashes(space, hashes, 128)
+    assert engine.stats.lookups == 0 and engine.l1.pinned_keys() == []
 
 
 def test_save_unfull_chunk_stores_block_aligned_tail() -> None:

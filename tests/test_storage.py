@@ -80,6 +80,22 @@ def test_pinned_chunks_are_never_evicted_and_full_pins_skip_store() -> None:
     assert "a" in s and "b" not in s
 
 
+def test_prefix_pins_take_whole_groups_in_order() -> None:
+    s = store(6)
+    for k in "abcde":
+        put(s, k)
+    s.reserve("r", SLOT, 16)  # reserved, not committed: not here yet
+    groups = [("a", "b"), ("c",), ("d", "r"), ("e",)]
+    assert s.present_prefix(groups) == 2 and s.present_prefix([]) == 0
+    assert s.pin_prefix(groups) == 2
+    assert sorted(s.pinned_keys()) == ["a", "b", "c"]  # "d" of the incomplete group stays unpinned
+    assert s.pin_prefix([("a",), ("x",)]) == 1
+    s.unpin_all(["a", "b", "c", "x"])
+    assert s.pinned_keys() == ["a"]  # pinned twice, unpinned once
+    s.unpin("a")
+    assert s.pinned_keys() == [] and s.present_prefix(groups) == 2
+
+
 def test_reserved_chunks_are_invisible_until_commit() -> None:
     s = store(2)
     chunk = s.reserve("a", SLOT, 16)

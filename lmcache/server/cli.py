@@ -54,6 +54,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "an empty string disables it; the default can also come from $LMCACHE_SERVER_IPC_PATH",
     )
     parser.add_argument(
+        "--direct-port",
+        type=int,
+        default=0,
+        help="TCP port of the direct lane: plain sockets that clients use for lookups and other short calls, "
+        "faster than ZMQ (its Unix socket is <ipc-path>.direct); 0: any free port, -1: no direct lane",
+    )
+    parser.add_argument(
         "--l1-size-gb",
         type=float,
         default=None,
@@ -190,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--max-workers must be >= 1, got {args.max_workers}")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")
+    if not -1 <= args.direct_port <= 65535:
+        parser.error(f"--direct-port must be in -1..65535, got {args.direct_port}")
     if args.max_frame_mb <= 0:
         parser.error("--max-frame-mb must be > 0")
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
@@ -213,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             client_timeout_s=args.client_timeout_s,
             pin_ttl_s=args.pin_ttl_s,
             max_frame_bytes=int(args.max_frame_mb * (1 << 20)),
+            direct_port=None if args.direct_port < 0 else args.direct_port,
         ),
     )
     logger.info(

@@ -1,17 +1,22 @@
-"""Client of the cache server: two DEALER sockets, thread-safe, never hangs.
+"""Client of the cache server: a ZMQ DEALER plus the direct lane, thread-safe, never hangs.
 
 ``CacheServerClient`` mirrors the server's ops as blocking methods. Any thread may call them.
 Each call takes one of two paths:
 
-* the **direct path**, for the short ops (``lookup``, ``release``, ``ping``, ``register``...):
-  a caller that finds the direct socket free (a non-blocking lock) sends its request on it and
-  waits for the reply in its own thread, with no hand-off between threads, so a ``lookup`` round
-  trip costs little more than the server's work;
+* the **direct lane**, for the short ops (``lookup``, ``release``, ``ping``, ``register``...):
+  a caller that finds it free (a non-blocking lock) sends its request over a plain socket to the
+  server's direct lane (see :mod:`lmcache.server.protocol`) and waits for the reply in its own
+  thread, with no hand-off between threads and no ZMQ I/O thread on either end, so a ``lookup``
+  round trip costs little more than the server's work. The lane's address comes with the reply
+  to ``register`` or ``ping``, and it is used once a ping on it reached the same server;
 * the **I/O-thread path**: ``store`` and ``retrieve`` (long: the thread hop is noise next to
-  their copies, and they never hold up the direct socket), heartbeats, and short ops that find
-  the direct socket busy (another thread's call is in flight) or not connected (yet, or any
-  more) go to a private I/O thread. It owns the other socket, pipelines the requests of any
-  number of threads and matches replies by request id.
+  their copies, and they never hold up the direct lane), heartbeats, and short ops that find
+  the lane busy (another thread's call is in flight) or not open (not known yet, unreachable)
+  go to a private I/O thread. It owns the DEALER socket, pipelines the requests of any number of
+  threads and matches replies by request id.
+
+``lookup`` of an instance this client registered sends the prompt's chunk hashes, computed with
+the key scheme the server announced at registration, instead of its tokens.
 
 Ordering: a caller sends its next request only after the reply to the previous one, so the calls
 of one thread are served in the order it made them. Calls of different threads that overlap in
@@ -43,8 +48,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import secrets
+import select
+import socket
 import threading
 import time
 from collections import deque
@@ -56,6 +64,7 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from lmcache.keys import HASH_ALGORITHMS, TokenHasher
 from lmcache.logging import init_logger
 from lmcache.server import protocol as P
 from lmcache.server.pool_sharing import RawCudaIPCWrapper, describe_pool
@@ -77,8 +86,86 @@ __all__ = [
 
 DEFAULT_SERVER_URL = "ipc:///tmp/lmcache.sock"
 T = TypeVar("T")
-_DIRECT_POLL_MS = 50
-"""A direct call checks for a lost connection or a closed client this often while it waits."""
+_DIRECT_POLL_S = 0.05
+"""A direct call checks for a closed client this often while it waits."""
+_DIRECT_CONNECT_S = 1.0
+"""Longest wait to open the direct lane (connect, then a ping on it)."""
+_DIRECT_RETRY_MIN_S = 0.1
+_DIRECT_RETRY_MAX_S = 60.0
+_DIRECT_SPIN_S = 200e-6
+"""How long a direct call spins for its reply before it sleeps (see :class:`_DirectLane`)."""
+_MAX_REPLY_BYTES = 2 * P.MAX_FRAME_BYTES
+
+
+class _DirectLane:
+    """The client end of a direct connection: one request in flight, frames behind their length.
+
+    The socket is non-blocking: a reply is first awaited by spinning on ``recv`` for up to
+    ``_DIRECT_SPIN_S``, then by ``poll``. A short call's reply comes back within that, before
+    this thread sleeps; waking a sleeping thread costs more than the whole call on VMs (about
+    60 us per round trip where a spinning one takes 11).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._readable = select.poll()
+        self._readable.register(sock, select.POLLIN)
+        self._inbox = bytearray()
+
+    def stale(self) -> bool:
+        """Whether something arrived while no request was in flight: the server closed the lane."""
+        return bool(self._readable.poll(0))
+
+    def send(self, frame: bytes, timeout: float) -> None:
+        """Send one frame; TimeoutError if the server does not take it within ``timeout``."""
+        data = memoryview(P.DIRECT_HEADER.pack(len(frame)) + frame)
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(BlockingIOError):
+                data = data[self.sock.send(data) :]
+            if not data:
+                return
+            writable = select.poll()
+            writable.register(self.sock, select.POLLOUT)
+            if not writable.poll(_ms(deadline - time.monotonic())):
+                raise TimeoutError("the server does not read its direct connection")
+
+    def receive(self, timeout: float, spin: float = 0.0) -> bytes | None:
+        """The next frame, or None if it did not complete within ``timeout`` (spinning for the first
+        ``spin`` seconds of it); OSError if the connection closed."""
+        inbox, header = self._inbox, P.DIRECT_HEADER.size
+        now = time.monotonic()
+        deadline, spin_until = now + timeout, now + min(spin, timeout)
+        while True:
+            if len(inbox) >= header:
+                (size,) = P.DIRECT_HEADER.unpack_from(inbox)
+                if size > _MAX_REPLY_BYTES:
+                    raise ConnectionError(f"a reply frame of {size} bytes announced: not a cache server")
+                if len(inbox) >= header + size:
+                    frame = bytes(inbox[header : header + size])
+                    del inbox[: header + size]
+                    return frame
+            try:
+                data = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                now = time.monotonic()
+                if now >= deadline:
+                    return None
+                if now >= spin_until:
+                    self._readable.poll(_ms(deadline - now))
+                continue
+            if not data:
+                raise ConnectionResetError("the server closed the connection")
+            inbox += data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _ms(seconds: float) -> int:
+    """A poll timeout in whole milliseconds, rounded up (0 would not wait at all)."""
+    return max(1, math.ceil(seconds * 1000))
 
 
 class ServerUnavailable(ConnectionError):
@@ -150,6 +237,17 @@ class _Registration:
     request: P.Register
     keep_alive: Any  # the pool tensor / wrapper: the memory must outlive the registration
     info: P.RegisterInfo | None = None
+    hasher: TokenHasher | None = None
+    """Hashes prompts as the server keys this instance's chunks; None: lookups carry tokens."""
+
+    def update(self, info: P.RegisterInfo) -> None:
+        self.info = info
+        hashing = info.hashing
+        self.hasher = None
+        if hashing is not None and hashing.algorithm in HASH_ALGORITHMS:
+            self.hasher = TokenHasher(
+                info.chunk_size, hashing.algorithm, self.request.model_name, hashing.layout_signature
+            )
 
 
 class CacheServerClient:
@@ -191,9 +289,13 @@ class CacheServerClient:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._stop = threading.Event()
-        # The direct path's socket and its disconnect monitor, used only under _direct_lock.
+        # The direct lane, used only under _direct_lock; where it is (server id, (AF_UNIX or AF_INET
+        # for any TCP, address)), and when to try opening it again after a failure.
         self._direct_lock = threading.Lock()
-        self._direct: tuple[zmq.Socket, zmq.Socket] | None = self._new_socket(zmq.EVENT_DISCONNECTED)
+        self._direct: _DirectLane | None = None
+        self._direct_target: tuple[str, tuple[int, Any] | None, float] = ("", None, 0.0)
+        self._direct_announced: tuple[str, P.DirectLane | None] = ("", None)
+        self._direct_pause = 0.0
         self._io = threading.Thread(target=self._io_loop, name="lmcache-client-io", daemon=True)
         self._io.start()
         self._hb: threading.Thread | None = None
@@ -238,7 +340,8 @@ class CacheServerClient:
         )
         with self._reg_lock:
             info = self._call(req, P.RegisterInfo, timeout_s, retry_unknown=False)
-            self._registrations[iid] = _Registration(req, pool, info)
+            self._registrations[iid] = reg = _Registration(req, pool)
+            reg.update(info)
             self.instance_id = iid
             self.server_id = info.server_id
         logger.info(
@@ -272,13 +375,23 @@ class CacheServerClient:
 
         With ``pin_id`` the hit stays pinned until every rank retrieved with that pin id (and
         ``pin_owner`` = this instance), ``release`` is called, or the server's pin TTL passes.
+        For an instance this client registered, it sends the prompt's chunk hashes (when the server
+        allows it), not its tokens.
         """
-        req = P.Lookup(
-            instance_id=self._iid(instance_id),
-            tokens=P.tokens_to_bytes(tokens),
-            cache_salt=cache_salt,
-            pin_id=pin_id,
-        )
+        iid = self._iid(instance_id)
+        reg = self._registrations.get(iid)
+        req: P.Lookup | P.LookupHashes
+        if reg is not None and reg.hasher is not None:
+            if isinstance(tokens, (bytes, bytearray, memoryview)):
+                tokens = P.ids_from_wire(bytes(tokens), "tokens")
+            hashes = reg.hasher.chunk_hashes(tokens, cache_salt)
+            req = P.LookupHashes(
+                instance_id=iid, chunk_hashes=b"".join(hashes), num_tokens=len(tokens), pin_id=pin_id
+            )
+        else:
+            req = P.Lookup(
+                instance_id=iid, tokens=P.tokens_to_bytes(tokens), cache_salt=cache_salt, pin_id=pin_id
+            )
         return self._call(req, int, timeout_s)
 
     def release(
@@ -432,7 +545,7 @@ class CacheServerClient:
             if reg is None:
                 return
             info = self._call_once(reg.request, P.RegisterInfo, timeout_s, False)
-            reg.info = info
+            reg.update(info)
             self.server_id = info.server_id
             self.reregistrations += 1
         logger.warning(
@@ -473,9 +586,12 @@ class CacheServerClient:
             err = reply.error or P.ErrorInfo(P.ErrorCode.INTERNAL.value, "error reply without details")
             raise _ERRORS.get(err.code, ServerError)(err.code, err.message, op)
         try:
-            return msgspec.convert(reply.value, result_type)
+            value = msgspec.convert(reply.value, result_type)
         except msgspec.ValidationError as e:
             raise ServerError(P.ErrorCode.INTERNAL.value, f"unexpected reply value: {e}", op) from None
+        if isinstance(value, (P.PingInfo, P.RegisterInfo)):
+            self._learn_direct(value.server_id, value.direct)
+        return value
 
     def _timed_out(self, op: str, timeout: float) -> ServerUnavailable:
         return ServerUnavailable(
@@ -484,84 +600,133 @@ class CacheServerClient:
         )
 
     def _direct_call(self, frame: bytes, rid: int, op: str, timeout: float) -> P.Reply | None:
-        """Send and wait on the direct socket, in the calling thread.
+        """Send and wait on the direct lane, in the calling thread.
 
         None when the call should go through the I/O thread instead: another thread is using the
-        direct socket, or it is not connected (its ``IMMEDIATE`` option refuses to queue then).
+        lane, or it is not open (the server's lane is not known yet, or cannot be reached).
         """
         if not self._direct_lock.acquire(blocking=False):
             return None
         try:
             if self._closed:
                 raise ServerUnavailable("the cache server client is closed")
-            if self._direct is None:  # dropped after a timeout: a fresh one connects meanwhile
-                self._direct = self._new_socket(zmq.EVENT_DISCONNECTED)
-                return None
-            sock, monitor = self._direct
-            if monitor.get(zmq.EVENTS) & zmq.POLLIN:
-                self._lost(monitor)  # disconnections before this request are no news
-            try:
-                sock.send(frame, zmq.NOBLOCK)
-            except zmq.Again:
-                return None
+            lane = self._direct
+            if lane is None or lane.stale():  # the server went away since the last call: no news
+                lane = self._open_direct(timeout)
+                if lane is None:
+                    return None
             deadline = time.monotonic() + timeout
+            try:
+                lane.send(frame, timeout)
+            except TimeoutError:
+                raise self._direct_timed_out(op, timeout) from None
+            except OSError:
+                self._drop_direct()
+                return None  # the server did not take it: the I/O thread's path will
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    # Never let the reply arrive late on this socket, and fail fast until the
-                    # connection is seen up again (like a timeout on the I/O thread's socket).
-                    self._drop_direct()
-                    with self._lock:
-                        self._down = True
-                        self._reset_requested = True
-                    self._wake()
-                    raise self._timed_out(op, timeout)
-                if sock.poll(min(_DIRECT_POLL_MS, int(remaining * 1000) + 1), zmq.POLLIN):
-                    try:
-                        reply = P.decode_reply(sock.recv(zmq.NOBLOCK))
-                    except zmq.Again:
-                        continue
-                    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
-                        logger.warning("undecodable reply from the cache server at %s: %s", self.url, e)
-                        continue
-                    # rid -1: the server could not read our request's id (e.g. a frame over its size
-                    # limit); with one request in flight on this socket, the answer is ours.
-                    if reply.rid != rid and reply.rid != -1:
-                        continue  # cannot happen (a socket with a late reply is dropped); be safe
-                    self._down = False
-                    self.direct_calls += 1
-                    return reply
-                if self._closed:
-                    raise ServerUnavailable(f"{op} to {self.url} failed: client closed")
-                if self._lost(monitor):
+                    raise self._direct_timed_out(op, timeout)
+                try:
+                    data = lane.receive(min(_DIRECT_POLL_S, remaining), spin=_DIRECT_SPIN_S)
+                except OSError:
                     self._drop_direct()
                     raise ServerUnavailable(
                         f"{op} to {self.url} failed: connection to the server lost before it answered"
-                    )
+                    ) from None
+                if data is None:
+                    if self._closed:
+                        raise ServerUnavailable(f"{op} to {self.url} failed: client closed")
+                    continue
+                try:
+                    reply = P.decode_reply(data)
+                except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+                    self._drop_direct()
+                    raise ServerUnavailable(f"{op} to {self.url} failed: undecodable reply ({e})") from None
+                # rid -1: the server could not read our request's id (e.g. a frame over its size
+                # limit); with one request in flight on this lane, the answer is ours.
+                if reply.rid != rid and reply.rid != -1:  # cannot happen (a lane that timed out is closed)
+                    self._drop_direct()
+                    raise ServerUnavailable(f"{op} to {self.url} failed: reply to another request")
+                self._down = False
+                self.direct_calls += 1
+                return reply
         finally:
             self._direct_lock.release()
 
-    @staticmethod
-    def _lost(monitor: zmq.Socket) -> bool:
-        """Read the monitor's pending events; True if one was a disconnection."""
-        lost = False
-        while True:
-            try:
-                msg = recv_monitor_message(monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return lost
-            lost = lost or msg["event"] == zmq.EVENT_DISCONNECTED
+    def _direct_timed_out(self, op: str, timeout: float) -> ServerUnavailable:
+        """Never let the reply arrive late on this lane, and fail fast until the connection is seen
+        up again (like a timeout on the I/O thread's socket). Caller holds _direct_lock."""
+        self._drop_direct()
+        with self._lock:
+            self._down = True
+            self._reset_requested = True
+        self._wake()
+        return self._timed_out(op, timeout)
+
+    def _learn_direct(self, server_id: str, lane: P.DirectLane | None) -> None:
+        """Note where the server's direct lane listens (from a ping or register reply)."""
+        if (server_id, lane) == self._direct_announced:
+            return
+        self._direct_announced = (server_id, lane)
+        scheme, rest = self.url.split("://", 1)
+        target: tuple[int, Any] | None = None
+        if lane is not None and scheme == "tcp" and lane.port:
+            target = (socket.AF_INET, (rest.rsplit(":", 1)[0].strip("[]"), lane.port))
+        elif lane is not None and scheme == "ipc" and lane.ipc_name:
+            target = (socket.AF_UNIX, os.path.join(os.path.dirname(rest), lane.ipc_name))
+        if (server_id, target) != self._direct_target[:2]:
+            self._direct_target = (server_id, target, 0.0)
+
+    def _open_direct(self, timeout: float) -> _DirectLane | None:
+        """Connect to the server's direct lane and check it is the server that advertised it.
+
+        A lane that cannot be opened is tried again after a growing pause (up to a minute), so a
+        port that a firewall drops costs a connect timeout rarely. Caller holds _direct_lock.
+        """
+        self._drop_direct()
+        server_id, target, retry_at = self._direct_target
+        if target is None or time.monotonic() < retry_at:
+            return None
+        family, address = target
+        wait = min(timeout, _DIRECT_CONNECT_S)
+        sock: socket.socket | None = None
+        try:
+            if family == socket.AF_UNIX:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(wait)
+                sock.connect(address)
+            else:
+                sock = socket.create_connection(address, wait)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            lane = _DirectLane(sock)
+            rid = next(self._rids)
+            lane.send(P.encode(P.Ping(rid=rid)), wait)
+            data = lane.receive(wait)
+            reply = P.decode_reply(data) if data is not None else None
+            if reply is None or not reply.ok or reply.rid != rid:
+                raise ConnectionError("no ping reply")
+            if msgspec.convert(reply.value, P.PingInfo).server_id != server_id:
+                raise ConnectionError(f"not the server {server_id} (a successor, or another program)")
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+            if sock is not None:
+                sock.close()
+            pause = min(_DIRECT_RETRY_MAX_S, max(_DIRECT_RETRY_MIN_S, 2 * self._direct_pause))
+            self._direct_pause = pause
+            self._direct_target = (server_id, target, time.monotonic() + pause)
+            logger.debug(
+                "cannot open the direct lane of %s at %s (%s); next try in %g s", self.url, address, e, pause
+            )
+            return None
+        self._direct_pause = 0.0
+        self._direct = lane
+        return lane
 
     def _drop_direct(self) -> None:
-        """Close the direct socket (with anything queued in it). Caller holds _direct_lock."""
-        if self._direct is None:
-            return
-        sock, monitor = self._direct
-        self._direct = None
-        with contextlib.suppress(Exception):
-            sock.disable_monitor()
-        monitor.close(0)
-        sock.close(0)
+        """Close the direct lane (a late reply dies with it). Caller holds _direct_lock."""
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
 
     def _queued_call(self, frame: bytes, rid: int, op: str, timeout: float) -> P.Reply:
         """Hand the request to the I/O thread and wait for its reply."""
@@ -592,9 +757,7 @@ class CacheServerClient:
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"\0")
 
-    def _new_socket(
-        self, events: int = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
-    ) -> tuple[zmq.Socket, zmq.Socket]:
+    def _new_socket(self) -> tuple[zmq.Socket, zmq.Socket]:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue requests for a server that is not there
@@ -602,7 +765,7 @@ class CacheServerClient:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         if self.url.startswith("tcp://["):
             sock.setsockopt(zmq.IPV6, 1)
-        monitor = sock.get_monitor_socket(events)
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(self.url)
         return sock, monitor
 

@@ -1,7 +1,11 @@
 """Wire protocol between the cache server and its clients.
 
-Transport: one ZMQ ``ROUTER`` on the server, one ``DEALER`` per client. Every message is a
-single ZMQ frame holding one msgpack-encoded msgspec struct:
+Transport: one ZMQ ``ROUTER`` on the server, one ``DEALER`` per client, plus the **direct
+lane**: plain TCP and Unix stream sockets (advertised in :class:`DirectLane`) carrying the same
+frames, each behind its length as a 4-byte little-endian unsigned int. The direct lane skips the
+ZMQ I/O threads on both ends (four thread wake-ups per round trip), so a client uses it for its
+short calls, one request in flight per connection. Every message is one frame holding one
+msgpack-encoded msgspec struct:
 
 * a request is one member of the :data:`Request` tagged union (tag field ``op``), carrying the
   protocol version ``v``, a client-chosen request id ``rid`` and, optionally, ``timeout_ms``
@@ -22,6 +26,7 @@ register       instance_id rank world_size model_name            :class:`Registe
                tokens_per_block pool
 unregister     instance_id                                       bool (was registered)
 lookup         instance_id tokens cache_salt pin_id              int: hit tokens (all ranks)
+lookup_hashes  instance_id chunk_hashes num_tokens pin_id        int: hit tokens (all ranks)
 release        instance_id pin_id pin_owner                      bool (pins were held)
 store          instance_id tokens cache_salt block_ids           int: tokens newly stored
                start end
@@ -55,6 +60,7 @@ __all__ = [
     "Register",
     "Unregister",
     "Lookup",
+    "LookupHashes",
     "Release",
     "Store",
     "Retrieve",
@@ -66,6 +72,9 @@ __all__ = [
     "CudaIpcPool",
     "PoolDescriptor",
     "RegisterInfo",
+    "ChunkHashing",
+    "DirectLane",
+    "DIRECT_HEADER",
     "PingInfo",
     "HeartbeatInfo",
     "StatsInfo",
@@ -75,11 +84,14 @@ __all__ = [
     "tokens_to_bytes",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """Bumped on any incompatible change; client and server must agree exactly."""
 
 MAX_FRAME_BYTES = 64 << 20
 """Default cap of one request frame (the server answers larger ones with an error)."""
+
+DIRECT_HEADER = struct.Struct("<I")
+"""What precedes each frame on the direct lane: the frame's length in bytes."""
 
 MAX_TOKENS = 1 << 22
 MAX_BLOCKS = 1 << 22
@@ -194,6 +206,19 @@ class Lookup(_Req, tag="lookup", kw_only=True):
     pin_id: PinId = None
 
 
+class LookupHashes(_Req, tag="lookup_hashes", kw_only=True):
+    """A lookup by the prompt's full-chunk hashes, computed by the client as the server would (see
+    :class:`ChunkHashing`): a few bytes per chunk on the wire instead of 8 per token, and no hashing
+    on the server. The salt is folded into the hashes."""
+
+    instance_id: UInt63
+    chunk_hashes: Annotated[bytes, Meta(max_length=8 * MAX_TOKENS)]
+    """The digests of the prompt's full chunks, in order, concatenated."""
+    num_tokens: Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
+    """The prompt's length: ``chunk_hashes`` must hold exactly ``num_tokens // chunk_size`` digests."""
+    pin_id: PinId = None
+
+
 class Release(_Req, tag="release", kw_only=True):
     instance_id: UInt63
     pin_id: Annotated[str, Meta(max_length=MAX_NAME)] | int
@@ -239,11 +264,24 @@ class Clear(_Req, tag="clear", kw_only=True):
     pass
 
 
-Request = Register | Unregister | Lookup | Release | Store | Retrieve | Heartbeat | Ping | Stats | Clear
+Request = (
+    Register
+    | Unregister
+    | Lookup
+    | LookupHashes
+    | Release
+    | Store
+    | Retrieve
+    | Heartbeat
+    | Ping
+    | Stats
+    | Clear
+)
 REQUEST_TYPES: tuple[type[_Req], ...] = (
     Register,
     Unregister,
     Lookup,
+    LookupHashes,
     Release,
     Store,
     Retrieve,
@@ -272,6 +310,23 @@ class Reply(msgspec.Struct, kw_only=True):
     error: ErrorInfo | None = None
 
 
+class DirectLane(msgspec.Struct, kw_only=True):
+    """Where the server's direct lane listens; a client connects to the one of its own transport."""
+
+    port: int = 0
+    """TCP port on the host of the server's TCP address; 0: none."""
+    ipc_name: str = ""
+    """File name of the Unix socket, in the directory of the server's ``ipc://`` socket; empty: none."""
+
+
+class ChunkHashing(msgspec.Struct, kw_only=True):
+    """How the server keys an instance's chunks: ``lmcache.keys.TokenHasher(chunk_size, algorithm,
+    model_name, layout_signature)`` computes the hashes a ``lookup_hashes`` carries."""
+
+    algorithm: str
+    layout_signature: bytes
+
+
 class RegisterInfo(msgspec.Struct, kw_only=True):
     instance_id: int
     chunk_size: int
@@ -280,6 +335,10 @@ class RegisterInfo(msgspec.Struct, kw_only=True):
     """Random per server start: a change tells a client the server restarted."""
     refreshed: bool = False
     """True when the same registration already existed (only its liveness was refreshed)."""
+    hashing: ChunkHashing | None = None
+    """Set when the server takes ``lookup_hashes`` for this instance; None when lookups must carry
+    tokens (with ``save_unfull_chunk`` it probes partial chunks, which needs their tokens)."""
+    direct: DirectLane | None = None
 
 
 class PingInfo(msgspec.Struct, kw_only=True):
@@ -288,6 +347,7 @@ class PingInfo(msgspec.Struct, kw_only=True):
     chunk_size: int
     uptime_s: float
     version: str = ""
+    direct: DirectLane | None = None
 
 
 class HeartbeatInfo(msgspec.Struct, kw_only=True):
@@ -371,6 +431,14 @@ class ProtocolError(Exception):
 
 def decode_request(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Request:
     """Decode and validate one request frame, or raise :class:`ProtocolError`."""
+    if len(frame) <= max_bytes:
+        try:
+            req: Request = _request_decoder.decode(frame)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+            pass  # read it again below, field by field, to say what is wrong
+        else:
+            if req.v == PROTOCOL_VERSION:
+                return req
     header: _Header | None = None
     malformed: Exception | None = None
     try:

@@ -1,15 +1,17 @@
-"""The multi-process cache server: one :class:`CacheEngine` behind a ZMQ ROUTER socket.
+"""The multi-process cache server: one :class:`CacheEngine` behind a ZMQ ROUTER socket and the
+direct lane (plain stream sockets for the clients' short calls, see :mod:`lmcache.server.protocol`).
 
 Threads:
 
 * the **I/O thread** (the caller of :meth:`CacheServer.serve_forever`, the main thread under the
-  CLI) owns the ROUTER socket: it reads and decodes requests, answers ``ping``, ``heartbeat`` and
-  ``stats`` itself (they never wait behind a long copy), queues everything else and sends the
-  replies that workers hand back through a queue plus a wake-up pipe in its poller. It also runs
-  ``lookup`` (up to :data:`INLINE_LOOKUP_MAX_TOKENS` tokens, L1 only: no lower tier to read) and
-  ``release`` itself, the hot metadata ops of the scheduler, but only when nothing of the same
-  client connection is queued or running, so per-connection ordering is kept exactly; this saves
-  two thread hand-offs (about half the round trip of a small lookup);
+  CLI) owns the ROUTER socket and the direct lane's listeners and connections (one poller for
+  all): it reads and decodes requests, answers ``ping``, ``heartbeat`` and ``stats`` itself (they
+  never wait behind a long copy), queues everything else and sends the replies that workers hand
+  back through a queue plus a wake-up pipe in its poller. It also runs ``lookup`` and
+  ``lookup_hashes`` (up to :data:`INLINE_LOOKUP_MAX_TOKENS` tokens, L1 only: no lower tier to
+  read) and ``release`` itself, the hot metadata ops of the scheduler, but only when nothing of
+  the same client connection is queued or running, so per-connection ordering is kept exactly;
+  this saves two thread hand-offs (about half the round trip of a small lookup);
 * ``--max-workers`` **worker threads** (a ThreadPoolExecutor) run the queued requests. Requests
   of one client connection run one at a time in arrival order (a per-client serial queue), while
   different clients run in parallel;
@@ -33,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import itertools
 import os
 import queue
 import secrets
@@ -69,6 +72,16 @@ INLINE_LOOKUP_MAX_TOKENS = 1 << 16
 longer ones go to the workers so they never hold up other clients' replies for long."""
 
 
+_DIRECT_READ_BYTES = 1 << 16
+_DIRECT_READS = 16
+"""Reads of one direct connection per poll round (1 MiB), so others get their turn."""
+DIRECT_SUFFIX = ".direct"
+"""The direct lane's Unix socket is the ipc socket's path plus this."""
+
+_Identity = bytes | int
+"""A client connection: a ZMQ routing id, or a direct connection's number."""
+
+
 class ServerStartError(RuntimeError):
     """The server cannot start (address in use, bad ipc path...); the message says what to do."""
 
@@ -85,6 +98,22 @@ class ServerConfig:
     pin_ttl_s: float = 600.0
     """Pins of a lookup no retrieve or release came back for are dropped after this long."""
     max_frame_bytes: int = P.MAX_FRAME_BYTES
+    direct_port: int | None = 0
+    """TCP port of the direct lane on ``host`` (0: any free port); None disables the lane (its
+    Unix socket, ``<ipc_path>.direct``, too)."""
+
+
+class _DirectConn:
+    """A client's connection on the direct lane (see :mod:`lmcache.server.protocol`): frames in and
+    out, each behind its length, over a non-blocking stream socket served by the I/O thread."""
+
+    def __init__(self, sock: socket.socket, ident: int) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.ident = ident
+        """The connection's identity in the per-client queues (ZMQ's are bytes, these ints)."""
+        self.inbox = bytearray()
+        self.outbox = bytearray()
 
 
 class _Fail(Exception):
@@ -147,9 +176,17 @@ class CacheServer:
         self.started = time.monotonic()
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
-        self._ipc_inode: tuple[int, int] | None = None
+        self._unix_sockets: list[tuple[str, tuple[int, int]]] = []
+        """Socket files this server created, with their (st_dev, st_ino): removed on close."""
         self.endpoints: list[str] = []
-        self._replies: queue.SimpleQueue[tuple[bytes, bytes]] = queue.SimpleQueue()
+        self.direct: P.DirectLane | None = None
+        self._listeners: list[socket.socket] = []
+        self._direct: dict[int, _DirectConn] = {}
+        self._fds: dict[int, _DirectConn | socket.socket] = {}
+        """What the poller's native file descriptors are (it reports them as ints)."""
+        self._direct_ids = itertools.count(1)
+        self._poller: zmq.Poller | None = None
+        self._replies: queue.SimpleQueue[tuple[_Identity, bytes]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -157,8 +194,8 @@ class CacheServer:
         self._executor = ThreadPoolExecutor(
             max(1, self.config.max_workers), thread_name_prefix="lmcache-worker"
         )
-        self._queues: dict[bytes, deque[tuple[Any, float]]] = {}
-        self._running: set[bytes] = set()
+        self._queues: dict[_Identity, deque[tuple[Any, float]]] = {}
+        self._running: set[_Identity] = set()
         self._qlock = threading.Lock()
         self._instances: dict[int, _Instance] = {}
         self._ilock = threading.Lock()
@@ -170,10 +207,14 @@ class CacheServer:
         self._reaper: threading.Thread | None = None
         self._closed = False
         self._io_thread: int | None = None
+        # Peers announcing more are disconnected; frames between the soft cap and this get an error
+        # reply (see protocol.decode_request).
+        self._hard_frame_cap = 2 * self.config.max_frame_bytes + (1 << 20)
         self._handlers: dict[type, Callable[[Any], Any]] = {
             P.Register: self._register,
             P.Unregister: self._unregister,
             P.Lookup: self._lookup,
+            P.LookupHashes: self._lookup,
             P.Release: self._release,
             P.Store: self._store,
             P.Retrieve: self._retrieve,
@@ -187,9 +228,7 @@ class CacheServer:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # Hard cap: peers sending more are disconnected. Frames between the soft cap and this get an
-        # error reply (see protocol.decode_request).
-        sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.config.max_frame_bytes + (1 << 20))
+        sock.setsockopt(zmq.MAXMSGSIZE, self._hard_frame_cap)
         host = self.config.host
         try:
             if ":" in host:
@@ -202,9 +241,10 @@ class CacheServer:
             if self.config.ipc_path:
                 self._prepare_ipc_path(self.config.ipc_path)
                 sock.bind(f"ipc://{self.config.ipc_path}")
-                st = os.stat(self.config.ipc_path)
-                self._ipc_inode = (st.st_dev, st.st_ino)
+                self._created(self.config.ipc_path)
                 self.endpoints.append(f"ipc://{self.config.ipc_path}")
+            if self.config.direct_port is not None:
+                self._listen_direct(self.config.direct_port)
         except zmq.ZMQError as e:
             sock.close(0)
             if e.errno == errno.EADDRINUSE:
@@ -215,12 +255,49 @@ class CacheServer:
             raise ServerStartError(f"cannot bind the server's sockets: {e}") from None
         except BaseException:
             sock.close(0)
+            self._close_listeners()
             raise
         self._sock = sock
         self._reaper = threading.Thread(target=self._reap_loop, name="lmcache-reaper", daemon=True)
         self._reaper.start()
         where = " and ".join(self.endpoints)
+        if self.direct is not None:
+            where += f" (direct lane: tcp port {self.direct.port}, ipc name {self.direct.ipc_name or '-'})"
         logger.info("LMCache server listening on %s", where)
+
+    def _listen_direct(self, port: int) -> None:
+        """Bind the direct lane: TCP on the ZMQ socket's host, and a Unix socket next to its ipc one."""
+        host = self.config.host
+        try:
+            tcp = socket.create_server(
+                (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET
+            )
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ServerStartError(
+                    f"direct lane tcp port {port} on {host} is already in use; pass another --direct-port "
+                    "(0: any free port)"
+                ) from None
+            raise ServerStartError(f"cannot bind the direct lane on {host}:{port}: {e}") from None
+        self._listeners.append(tcp)
+        self.direct = P.DirectLane(port=tcp.getsockname()[1])
+        path = f"{self.config.ipc_path}{DIRECT_SUFFIX}" if self.config.ipc_path else ""
+        if path and len(os.fsencode(path)) > 107:
+            logger.warning("no direct lane on a Unix socket: %s is longer than 107 bytes", path)
+        elif path:
+            self._prepare_ipc_path(path)
+            unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._listeners.append(unix)
+            unix.bind(path)
+            self._created(path)
+            unix.listen()
+            self.direct.ipc_name = os.path.basename(path)
+        for listener in self._listeners:
+            listener.setblocking(False)
+
+    def _created(self, path: str) -> None:
+        st = os.stat(path)
+        self._unix_sockets.append((path, (st.st_dev, st.st_ino)))
 
     @property
     def tcp_port(self) -> int:
@@ -268,21 +345,29 @@ class CacheServer:
             self.start()
         assert self._sock is not None
         self._io_thread = threading.get_ident()
-        poller = zmq.Poller()
+        self._poller = poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        for listener in self._listeners:
+            self._fds[listener.fileno()] = listener
+            poller.register(listener, zmq.POLLIN)
         try:
             while not self._stop.is_set():
                 try:
-                    events = dict(poller.poll(500))
+                    events = poller.poll(500)
                 except zmq.ZMQError as e:
                     if e.errno == errno.EINTR:
                         continue
                     raise
-                if self._sock in events:
-                    self._receive_all()
-                if self._wake_r in events:
-                    self._drain_wake()
+                for what, event in events:
+                    if what is self._sock:
+                        self._receive_all()
+                    elif what == self._wake_r:
+                        self._drain_wake()
+                    elif isinstance(conn := self._fds.get(what), _DirectConn):
+                        self._serve_direct(conn, event)
+                    elif conn is not None:
+                        self._accept(conn)
                 self._send_replies()
         finally:
             self.close()
@@ -304,16 +389,24 @@ class CacheServer:
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
-        path = self.config.ipc_path
-        if path and self._ipc_inode is not None:
-            with contextlib.suppress(OSError):
-                st = os.stat(path)
-                if (st.st_dev, st.st_ino) == self._ipc_inode:
-                    os.unlink(path)
+        for conn in list(self._direct.values()):
+            self._drop_direct(conn)
+        self._close_listeners()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
         logger.info("LMCache server stopped")
+
+    def _close_listeners(self) -> None:
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
+        for path, inode in self._unix_sockets:
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino) == inode:  # not a successor's socket
+                    os.unlink(path)
+        self._unix_sockets.clear()
 
     # ---- I/O thread -----------------------------------------------------------------------------
 
@@ -333,27 +426,30 @@ class CacheServer:
                 frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 return
-            try:
-                self._on_message(frames)
-            except Exception as e:  # never let one request take the I/O thread down
-                logger.exception("internal error reading a request")
-                self._reply_error(frames[0], -1, P.ErrorCode.INTERNAL, f"internal server error: {e!r}")
+            if len(frames) != 2:
+                self.requests += 1
+                self._reply_error(
+                    frames[0],
+                    -1,
+                    P.ErrorCode.MALFORMED,
+                    f"expected exactly one frame per request, got {len(frames) - 1}; use a DEALER socket "
+                    "and send one msgpack-encoded request per message",
+                )
+            else:
+                self._on_frame(frames[0], frames[1])
 
-    def _on_message(self, frames: list[bytes]) -> None:
-        self.requests += 1
-        identity = frames[0]
-        now = time.monotonic()
-        if len(frames) != 2:
-            self._reply_error(
-                identity,
-                -1,
-                P.ErrorCode.MALFORMED,
-                f"expected exactly one frame per request, got {len(frames) - 1}; use a DEALER socket "
-                "and send one msgpack-encoded request per message",
-            )
-            return
+    def _on_frame(self, identity: _Identity, frame: bytes) -> None:
         try:
-            req = P.decode_request(frames[1], self.config.max_frame_bytes)
+            self._on_request(identity, frame)
+        except Exception as e:  # never let one request take the I/O thread down
+            logger.exception("internal error reading a request")
+            self._reply_error(identity, -1, P.ErrorCode.INTERNAL, f"internal server error: {e!r}")
+
+    def _on_request(self, identity: _Identity, frame: bytes) -> None:
+        self.requests += 1
+        now = time.monotonic()
+        try:
+            req = P.decode_request(frame, self.config.max_frame_bytes)
         except P.ProtocolError as e:
             self._reply_error(identity, e.rid, e.code, str(e))
             return
@@ -391,19 +487,21 @@ class CacheServer:
         """Whether the I/O thread may run ``req`` itself: pure metadata work of bounded cost."""
         if isinstance(req, P.Release):
             return True
+        # With lower tiers a lookup that misses in L1 may read from disk or the network.
         if isinstance(req, P.Lookup):
-            # With lower tiers a lookup that misses in L1 may read from disk or the network.
             return self.engine.tiers is None and len(req.tokens) <= (
                 8 * INLINE_LOOKUP_MAX_TOKENS if isinstance(req.tokens, bytes) else INLINE_LOOKUP_MAX_TOKENS
             )
+        if isinstance(req, P.LookupHashes):
+            return self.engine.tiers is None and req.num_tokens <= INLINE_LOOKUP_MAX_TOKENS
         return False
 
-    def _reply_error(self, identity: bytes, rid: int, code: P.ErrorCode, message: str) -> None:
+    def _reply_error(self, identity: _Identity, rid: int, code: P.ErrorCode, message: str) -> None:
         self.errors += 1
         logger.debug("request %d refused (%s): %s", rid, code.value, message)
         self._post(identity, P.Reply(rid=rid, ok=False, error=P.ErrorInfo(code.value, message)))
 
-    def _post(self, identity: bytes, reply: P.Reply) -> None:
+    def _post(self, identity: _Identity, reply: P.Reply) -> None:
         try:
             frame = P.encode(reply)
         except (TypeError, msgspec.EncodeError) as e:
@@ -421,10 +519,113 @@ class CacheServer:
                 identity, frame = self._replies.get_nowait()
             except queue.Empty:
                 return
+            if isinstance(identity, int):
+                conn = self._direct.get(identity)
+                if conn is not None:  # else the client went away
+                    self._send_direct(conn, frame)
+                continue
             try:
                 self._sock.send_multipart([identity, frame], zmq.NOBLOCK, copy=False)
             except zmq.ZMQError as e:  # the client went away (EHOSTUNREACH) or stopped reading (EAGAIN)
                 logger.debug("dropping a reply to a gone client: %s", e)
+
+    # ---- the direct lane (I/O thread) -------------------------------------------------------------
+
+    def _accept(self, listener: socket.socket) -> None:
+        assert self._poller is not None
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # e.g. out of file descriptors: the client retries later
+                logger.warning("cannot accept a direct connection: %s", e)
+                return
+            sock.setblocking(False)
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _DirectConn(sock, next(self._direct_ids))
+            self._direct[conn.ident] = conn
+            self._fds[conn.fd] = conn
+            self._poller.register(conn.fd, zmq.POLLIN)
+
+    def _serve_direct(self, conn: _DirectConn, event: int) -> None:
+        if event & zmq.POLLOUT:
+            self._flush_direct(conn)
+        if not event & (zmq.POLLIN | zmq.POLLERR) or conn.ident not in self._direct:
+            return
+        for _ in range(_DIRECT_READS):
+            try:
+                data = conn.sock.recv(_DIRECT_READ_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:  # closed by the client (an unfinished frame is dropped with it)
+                self._drop_direct(conn)
+                return
+            conn.inbox += data
+            if not self._direct_frames(conn) or len(data) < _DIRECT_READ_BYTES:
+                return  # dropped, or nothing more to read now
+
+    def _direct_frames(self, conn: _DirectConn) -> bool:
+        """Serve the whole frames received; False if the connection was dropped for a bad length."""
+        inbox = conn.inbox
+        header = P.DIRECT_HEADER.size
+        while len(inbox) >= header:
+            (size,) = P.DIRECT_HEADER.unpack_from(inbox)
+            if size > self._hard_frame_cap:
+                logger.warning("dropping a direct connection that announced a frame of %d bytes", size)
+                self._drop_direct(conn)
+                return False
+            if len(inbox) < header + size:
+                break
+            frame = bytes(inbox[header : header + size])
+            del inbox[: header + size]
+            self._on_frame(conn.ident, frame)
+        return True
+
+    def _send_direct(self, conn: _DirectConn, frame: bytes) -> None:
+        assert self._poller is not None
+        data = P.DIRECT_HEADER.pack(len(frame)) + frame
+        if not conn.outbox:
+            try:
+                sent = conn.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._drop_direct(conn)
+                return
+            if sent == len(data):
+                return
+            self._poller.modify(conn.fd, zmq.POLLIN | zmq.POLLOUT)
+            data = data[sent:]
+        conn.outbox += data
+        if len(conn.outbox) > self._hard_frame_cap:
+            logger.warning("dropping a direct connection that does not read its replies")
+            self._drop_direct(conn)
+
+    def _flush_direct(self, conn: _DirectConn) -> None:
+        assert self._poller is not None
+        try:
+            sent = conn.sock.send(conn.outbox)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop_direct(conn)
+            return
+        del conn.outbox[:sent]
+        if not conn.outbox:
+            self._poller.modify(conn.fd, zmq.POLLIN)
+
+    def _drop_direct(self, conn: _DirectConn) -> None:
+        """Forget a direct connection; replies still due to it are dropped, as for a gone ZMQ peer."""
+        if self._direct.pop(conn.ident, None) is None:
+            return
+        del self._fds[conn.fd]
+        if self._poller is not None:
+            self._poller.unregister(conn.fd)
+        conn.sock.close()
 
     def _touch(self, req: Any, now: float) -> None:
         ids = req.instance_ids if isinstance(req, P.Heartbeat) else [getattr(req, "instance_id", None)]
@@ -436,7 +637,7 @@ class CacheServer:
 
     # ---- workers --------------------------------------------------------------------------------
 
-    def _drain(self, identity: bytes) -> None:
+    def _drain(self, identity: _Identity) -> None:
         for _ in range(_DRAIN_BURST):
             with self._qlock:
                 q = self._queues.get(identity)
@@ -467,7 +668,7 @@ class CacheServer:
         except RuntimeError:
             self._executor_fallback(identity)
 
-    def _executor_fallback(self, identity: bytes) -> None:
+    def _executor_fallback(self, identity: _Identity) -> None:
         """The executor is shutting down: answer what is left in this client's queue."""
         with self._qlock:
             q = self._queues.pop(identity, deque())
@@ -574,6 +775,7 @@ class CacheServer:
             chunk_size=self.engine.config.chunk_size,
             uptime_s=time.monotonic() - self.started,
             version=_package_version(),
+            direct=self.direct,
         )
 
     def _heartbeat(self, req: P.Heartbeat) -> P.HeartbeatInfo:
@@ -626,12 +828,20 @@ class CacheServer:
         return self._register_info(inst, refreshed=False)
 
     def _register_info(self, inst: _Instance, refreshed: bool) -> P.RegisterInfo:
+        config = self.engine.config
+        hashing = None
+        if not config.save_unfull_chunk:
+            hashing = P.ChunkHashing(
+                algorithm=config.pre_caching_hash_algorithm, layout_signature=inst.space.layout.signature()
+            )
         return P.RegisterInfo(
             instance_id=inst.instance_id,
-            chunk_size=self.engine.config.chunk_size,
+            chunk_size=config.chunk_size,
             num_blocks=inst.space.layout.num_blocks,
             server_id=self.server_id,
             refreshed=refreshed,
+            hashing=hashing,
+            direct=self.direct,
         )
 
     def _unregister(self, req: P.Unregister) -> bool:
@@ -642,13 +852,22 @@ class CacheServer:
         self._retire(inst, "unregistered by the client")
         return True
 
-    def _lookup(self, req: P.Lookup) -> int:
-        tokens = P.ids_from_wire(req.tokens, "tokens")
+    def _lookup(self, req: P.Lookup | P.LookupHashes) -> int:
         with self._use(req.instance_id) as inst:
             key = (req.instance_id, req.pin_id) if req.pin_id is not None else None
-            hit = self.engine.lookup(
-                inst.space, tokens, req.cache_salt, ranks=range(inst.world_size), pin_id=key
-            )
+            ranks = range(inst.world_size)
+            if isinstance(req, P.LookupHashes):
+                size = self.engine.hasher(inst.space).digest_size
+                if len(req.chunk_hashes) % size:
+                    raise ValueError(
+                        f"chunk_hashes: {len(req.chunk_hashes)} bytes is not a whole number of "
+                        f"{size}-byte digests ({self.engine.config.pre_caching_hash_algorithm})"
+                    )
+                hashes = [req.chunk_hashes[i : i + size] for i in range(0, len(req.chunk_hashes), size)]
+                hit = self.engine.lookup_hashes(inst.space, hashes, req.num_tokens, ranks=ranks, pin_id=key)
+            else:
+                tokens = P.ids_from_wire(req.tokens, "tokens")
+                hit = self.engine.lookup(inst.space, tokens, req.cache_salt, ranks=ranks, pin_id=key)
             if key is not None:
                 with self._plock:
                     self._pins.pop(key, None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,15 +135,51 @@ class CpuStore:
             chunk.pins += 1
             return True
 
-    def unpin(self, key: Hashable) -> None:
+    def present_prefix(self, groups: Sequence[Sequence[Hashable]]) -> int:
+        """How many leading groups have every key here (``in`` of each key, as cheap)."""
+        for count, keys in enumerate(groups):
+            for key in keys:
+                chunk = self._chunks.get(key)
+                if chunk is None or not chunk.committed:
+                    return count
+        return len(groups)
+
+    def pin_prefix(self, groups: Sequence[Sequence[Hashable]]) -> int:
+        """Pin whole groups in order while every key of the group is here; returns how many groups.
+
+        ``pin`` of each key under one lock acquisition: a lookup's chunks (one group per chunk, one
+        key per rank) cost a dict probe each instead of a lock round trip each.
+        """
+        get, discard = self._chunks.get, self._policy.discard
         with self._lock:
-            chunk = self._chunks.get(key)
-            if chunk is None or chunk.pins == 0:
-                return
-            chunk.pins -= 1
-            if chunk.pins == 0:
-                self._policy.add(key)
-                self._policy.touch(key)
+            for count, keys in enumerate(groups):
+                found: list[CachedChunk] = []
+                for key in keys:
+                    chunk = get(key)
+                    if chunk is None or not chunk.committed:
+                        return count
+                    found.append(chunk)
+                for key, chunk in zip(keys, found, strict=True):
+                    if chunk.pins == 0:
+                        discard(key, forget=False)
+                    chunk.pins += 1
+            return len(groups)
+
+    def unpin(self, key: Hashable) -> None:
+        self.unpin_all((key,))
+
+    def unpin_all(self, keys: Iterable[Hashable]) -> None:
+        """``unpin`` of each key, under one lock acquisition."""
+        get, policy = self._chunks.get, self._policy
+        with self._lock:
+            for key in keys:
+                chunk = get(key)
+                if chunk is None or chunk.pins == 0:
+                    continue
+                chunk.pins -= 1
+                if chunk.pins == 0:
+                    policy.add(key)
+                    policy.touch(key)
 
     def remove(self, key: Hashable) -> bool:
         """Remove an unpinned chunk (e.g. found corrupt); pinned chunks stay."""

@@ -14,7 +14,7 @@ from lmcache.server.cli import build_parser, engine_config_from_args
 from lmcache.server.client import CacheServerClient, wait_for_server
 
 SEED_FLAGS = ["--host", "--port", "--l1-size-gb", "--eviction-policy", "--max-workers", "--chunk-size"]
-OUR_FLAGS = ["--config", "--ipc-path", "--log-level", "--client-timeout-s", "--stats"]
+OUR_FLAGS = ["--config", "--ipc-path", "--log-level", "--client-timeout-s", "--stats", "--direct-port"]
 
 
 def _server_cmd(*args: str) -> list[str]:
@@ -51,7 +51,7 @@ def test_seed_command_line_starts_lazily_answers_ping_and_sigterm_exits_cleanly(
         assert stats.l1_capacity_bytes == 10 << 30
         assert stats.l1_reserved_bytes == 0  # nothing reserved until chunks arrive
         assert stats.eviction_policy == "LRU"
-        assert os.path.exists(ipc_path)
+        assert os.path.exists(ipc_path) and os.path.exists(ipc_path + ".direct")
         stats_cli = subprocess.run(
             _server_cmd("--stats", f"tcp://127.0.0.1:{port}"),
             capture_output=True,
@@ -63,7 +63,7 @@ def test_seed_command_line_starts_lazily_answers_ping_and_sigterm_exits_cleanly(
         assert "L1:" in stats_cli.stdout and "chunk_size 256" in stats_cli.stdout
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-        assert not os.path.exists(ipc_path)
+        assert not os.path.exists(ipc_path) and not os.path.exists(ipc_path + ".direct")
         log = log_path.read_text()
         assert f"LMCache server listening on tcp://0.0.0.0:{port} and ipc://{ipc_path}" in log
     finally:
@@ -104,6 +104,15 @@ def test_port_in_use_and_live_ipc_path_are_refused(start_server, workdir) -> Non
     )
     assert busy_ipc.returncode == 1
     assert "another process is serving" in busy_ipc.stderr
+    busy_direct = subprocess.run(
+        _server_cmd("--port", str(free_port()), "--ipc-path", "", "--direct-port", str(server.port)),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
+    )
+    assert busy_direct.returncode == 1
+    assert "already in use; pass another --direct-port" in busy_direct.stderr
     assert server.proc.poll() is None
     wait_for_server(server.ipc_url, 30)  # the first server still owns its socket
 
@@ -137,7 +146,7 @@ def test_bad_flag_values_exit_with_a_message() -> None:
     assert "MRU" in out.stderr and "LRU" in out.stderr
 
 
-@pytest.mark.parametrize("argv", [["--max-workers", "0"], ["--port", "70000"]])
+@pytest.mark.parametrize("argv", [["--max-workers", "0"], ["--port", "70000"], ["--direct-port", "-2"]])
 def test_invalid_numbers_are_rejected(argv: list[str]) -> None:
     out = subprocess.run(
         _server_cmd(*argv, "--ipc-path", ""), capture_output=True, text=True, env=subprocess_env(), timeout=60

@@ -47,6 +47,9 @@ def _valid_frames(instance_id: int) -> list[bytes]:
         P.encode(P.Heartbeat(rid=3, instance_ids=[instance_id, 5])),
         P.encode(P.Lookup(rid=4, instance_id=instance_id, tokens=tok, cache_salt="s", pin_id=3)),
         P.encode(P.Lookup(rid=5, instance_id=instance_id, tokens=TOKENS[:40], pin_id="p")),
+        P.encode(
+            P.LookupHashes(rid=10, instance_id=instance_id, chunk_hashes=b"\7" * 64, num_tokens=70, pin_id=2)
+        ),
         P.encode(P.Store(rid=6, instance_id=instance_id, tokens=tok, block_ids=list(range(8)), end=64)),
         P.encode(
             P.Retrieve(
@@ -113,7 +116,19 @@ def test_fuzzed_frames_never_break_the_server(fuzz_setup, data: st.DataObject) -
             st.builds(
                 lambda d: [msgspec.msgpack.encode(d)],
                 st.dictionaries(
-                    st.sampled_from(["v", "rid", "op", "instance_id", "tokens", "block_ids", "end", "pool"]),
+                    st.sampled_from(
+                        [
+                            "v",
+                            "rid",
+                            "op",
+                            "instance_id",
+                            "tokens",
+                            "block_ids",
+                            "end",
+                            "pool",
+                            "chunk_hashes",
+                        ]
+                    ),
                     st.one_of(
                         st.integers(-(2**63), 2**64 - 1),
                         st.text(max_size=8),

@@ -152,3 +152,67 @@ def test_lost_connection_fails_inflight_requests_without_waiting_for_the_timeout
         assert "connection to the server lost" in str(errors[0])
     finally:
         client.close(unregister=False)
+
+
+def _raw_lookup(sock: zmq.Socket, req: P.LookupHashes | P.Lookup) -> P.Reply:
+    sock.send(P.encode(req))
+    assert sock.poll(20_000)
+    return P.decode_reply(sock.recv())
+
+
+def test_lookups_send_chunk_hashes_that_agree_with_tokens(
+    inproc_server: CacheServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = inproc_server.engine
+    by_hashes: list[int] = []
+    real_lookup_hashes = engine.lookup_hashes
+
+    def lookup_hashes(*args, **kwargs):  # type: ignore[no-untyped-def]
+        by_hashes.append(1)
+        return real_lookup_hashes(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "lookup_hashes", lookup_hashes)
+    clients = [CacheServerClient(_url(inproc_server), timeout_s=20.0) for _ in range(2)]
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(_url(inproc_server))
+    try:
+        pools = [shared_pool(seed=6 + rank) for rank in range(2)]
+        infos = [c.register(pools[rank], rank, 2, MODEL, TPB) for rank, c in enumerate(clients)]
+        assert all(info.hashing is not None and info.hashing.algorithm == "blake3" for info in infos)
+        owner, tokens = clients[0].instance_id, list(range(3000, 3100))  # 3 chunks + 4 tokens
+        for c in clients:
+            c.store(tokens, list(range(13)), 0, 96 if c is clients[0] else 64, cache_salt="s")
+        for salt, expected in (("s", 64), (None, 0)):
+            by_tokens = _raw_lookup(
+                sock, P.Lookup(instance_id=owner, tokens=P.tokens_to_bytes(tokens), cache_salt=salt)
+            )
+            assert by_tokens.value == expected
+            assert clients[0].lookup(tokens, salt) == expected  # both ranks, as by tokens
+        assert clients[0].lookup(tokens, "s", pin_id=9) == 64
+        assert len(engine.l1.pinned_keys()) == 4  # 2 chunks x 2 ranks
+        assert clients[0].release(9) is True
+        assert engine.l1.pinned_keys() == [] and len(by_hashes) == 3
+        digests = b"".join(engine.hasher(inproc_server._instances[owner].space).chunk_hashes(tokens, "s"))
+        reply = _raw_lookup(
+            sock, P.LookupHashes(instance_id=owner, chunk_hashes=digests[:-1], num_tokens=100)
+        )
+        assert reply.error is not None and reply.error.code == "invalid"
+        assert "95 bytes is not a whole number of 32-byte digests" in reply.error.message
+        reply = _raw_lookup(sock, P.LookupHashes(instance_id=owner, chunk_hashes=digests, num_tokens=64))
+        assert reply.error is not None and "3 chunk hashes for 64 tokens" in reply.error.message
+        reply = _raw_lookup(sock, P.LookupHashes(instance_id=owner, chunk_hashes=digests, num_tokens=100))
+        assert reply.value == 64
+    finally:
+        sock.close(0)
+        for c in clients:
+            c.close()
+
+
+def test_with_save_unfull_chunk_lookups_carry_tokens(inproc_server: CacheServer) -> None:
+    inproc_server.engine.config.save_unfull_chunk = True  # partial chunks are probed by their tokens
+    with CacheServerClient(_url(inproc_server), timeout_s=20.0) as client:
+        assert client.register(shared_pool(seed=8), 0, 1, MODEL, TPB).hashing is None
+        tokens = list(range(4000, 4044))  # 1 chunk + 12 tokens: a tail of one 8-token block
+        assert client.store(tokens, list(range(6)), 0, 44) == 40
+        assert client.lookup(tokens) == 40

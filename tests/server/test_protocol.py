@@ -30,6 +30,7 @@ def test_requests_round_trip_through_msgpack() -> None:
         P.Store(rid=3, instance_id=1, tokens=[5, 6], block_ids=b"\0" * 8, start=0, end=2),
         P.Retrieve(rid=4, instance_id=1, tokens=[5], block_ids=[0], end=0, pin_id="r1", pin_owner=7),
         P.Heartbeat(rid=5, instance_ids=[1, 2]),
+        P.LookupHashes(rid=6, instance_id=1, chunk_hashes=b"\1" * 64, num_tokens=600, pin_id="p"),
     ]
     for req in reqs:
         assert P.decode_request(P.encode(req)) == req
@@ -42,11 +43,34 @@ def test_requests_round_trip_through_msgpack() -> None:
         (b"\xc1garbage", P.ErrorCode.MALFORMED),
         (msgspec.msgpack.encode([1, 2, 3]), P.ErrorCode.MALFORMED),
         (msgspec.msgpack.encode({"v": 99, "rid": 4, "op": "ping"}), P.ErrorCode.VERSION_MISMATCH),
-        (msgspec.msgpack.encode({"v": 1, "rid": 4, "op": "explode"}), P.ErrorCode.UNKNOWN_OP),
-        (msgspec.msgpack.encode({"v": 1, "rid": 4, "op": "lookup", "instance_id": "x"}), P.ErrorCode.INVALID),
-        (msgspec.msgpack.encode({"v": 1, "rid": 4, "op": "ping", "extra": 1}), P.ErrorCode.INVALID),
         (
-            msgspec.msgpack.encode({"v": 1, "rid": 4, "op": "lookup", "instance_id": -5, "tokens": []}),
+            msgspec.msgpack.encode({"v": P.PROTOCOL_VERSION, "rid": 4, "op": "explode"}),
+            P.ErrorCode.UNKNOWN_OP,
+        ),
+        (
+            msgspec.msgpack.encode({"v": P.PROTOCOL_VERSION, "rid": 4, "op": "lookup", "instance_id": "x"}),
+            P.ErrorCode.INVALID,
+        ),
+        (
+            msgspec.msgpack.encode({"v": P.PROTOCOL_VERSION, "rid": 4, "op": "ping", "extra": 1}),
+            P.ErrorCode.INVALID,
+        ),
+        (
+            msgspec.msgpack.encode(
+                {"v": P.PROTOCOL_VERSION, "rid": 4, "op": "lookup", "instance_id": -5, "tokens": []}
+            ),
+            P.ErrorCode.INVALID,
+        ),
+        (
+            msgspec.msgpack.encode(
+                {
+                    "v": P.PROTOCOL_VERSION,
+                    "rid": 4,
+                    "op": "lookup_hashes",
+                    "instance_id": 1,
+                    "chunk_hashes": "x",
+                }
+            ),
             P.ErrorCode.INVALID,
         ),
     ],

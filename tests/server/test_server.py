@@ -147,8 +147,10 @@ def test_version_mismatch_gets_clear_error(server: ServerProcess) -> None:
 def test_client_side_version_check(server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     client = CacheServerClient(server.ipc_url, timeout_s=20.0)
     try:
-        monkeypatch.setattr(P, "PROTOCOL_VERSION", 2)  # the client now claims v2 in what it checks
-        with pytest.raises(VersionMismatch, match="v1"):
+        server_version = P.PROTOCOL_VERSION
+        # the client now claims the next version in what it checks
+        monkeypatch.setattr(P, "PROTOCOL_VERSION", server_version + 1)
+        with pytest.raises(VersionMismatch, match=f"v{server_version}"):
             client.ping()
     finally:
         monkeypatch.undo()
@@ -158,8 +160,9 @@ def test_client_side_version_check(server: ServerProcess, monkeypatch: pytest.Mo
 def test_malformed_oversized_and_unknown_op_frames(server: ServerProcess) -> None:
     cases = {
         b"\x93\x01\x02": "malformed",
-        msgspec.msgpack.encode({"v": 1, "rid": 3, "op": "drop_tables"}): "unknown_op",
-        msgspec.msgpack.encode({"v": 1, "rid": 3, "op": "ping"}) + b"x" * (1 << 21): "too_large",
+        msgspec.msgpack.encode({"v": P.PROTOCOL_VERSION, "rid": 3, "op": "drop_tables"}): "unknown_op",
+        msgspec.msgpack.encode({"v": P.PROTOCOL_VERSION, "rid": 3, "op": "ping"})
+        + b"x" * (1 << 21): "too_large",
     }
     for frame, code in cases.items():
         reply = _raw_request(server.tcp_url, [frame])
@@ -293,6 +296,10 @@ def test_server_restart_client_unavailable_then_reregisters(start_server) -> Non
         pool[50:58].zero_()
         assert client.retrieve(tokens, list(range(50, 58)), 0, 64, pin_id=1) == 64
         assert torch.equal(pool[50:58], src)
+        direct = client.direct_calls  # the new server's direct lane (another port) is found
+        wait_until(
+            lambda: client.lookup(tokens) == 64 and client.direct_calls > direct, "the new direct lane"
+        )
     finally:
         client.close()
 
