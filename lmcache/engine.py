@@ -231,10 +231,23 @@ class CacheEngine:
         with the same id, or ``release(pin_id)``; a new lookup with the same id replaces the old pins.
         """
         began = time.perf_counter()
+        if self._first_chunk_missing(space, tokens, salt, ranks):
+            # Most prompts of a busy server miss: that costs one chunk's hash, not the prompt's.
+            return self._lookup_spans(space, [], [], len(tokens), ranks, pin_id, began, None)
         arr = token_array(tokens)
         spans = list(self._iter_hashed(space, arr, salt, None))
         hashes, ends = [h for h, _, _ in spans], [end for _, _, end in spans]
         return self._lookup_spans(space, hashes, ends, len(arr), ranks, pin_id, began, (arr, salt))
+
+    def _first_chunk_missing(
+        self, space: KeySpace, tokens: Tokens, salt: CacheSalt, ranks: Sequence[int]
+    ) -> bool:
+        """True if the lookup is surely a miss: L1 lacks the first chunk for a rank and nothing
+        else (a lower tier, a partial chunk) could supply it."""
+        if self.tiers is not None or self.config.save_unfull_chunk:
+            return False
+        first = next(self.hasher(space).iter_chunk_hashes(tokens, salt), None)
+        return first is None or not all(ChunkKey(first, space.world_size, rank) in self.l1 for rank in ranks)
 
     def lookup_hashes(
         self,
@@ -389,6 +402,7 @@ class CacheEngine:
                 stored_chunks += 1
                 stored += span.end - span.start
             self._flush_store(batch)
+            batch.transfer.finish()  # ``stream`` is after every copy, as callers reuse blocks then
         except BaseException:
             for key in batch.keys:  # reserved, never published: give the slots back
                 self.l1.abort(key)

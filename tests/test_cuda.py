@@ -76,3 +76,29 @@ def test_retrieve_skips_blocks_before_start_on_cuda() -> None:
     torch.cuda.synchronize()
     assert int(torch.count_nonzero(pool[dst[:3]])) == 0
     assert torch.equal(pool[dst[3:]], pool[list(range(3, 16))])
+
+
+def test_store_orders_the_callers_stream_after_copies_on_both_lanes() -> None:
+    """Stores alternate their batches over two streams; a caller that waits on its own stream (as
+    TRT-LLM does before reusing a request's blocks) must see every chunk copied."""
+    pool = cuda_pool(160)
+    engine = CacheEngine(LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.5))
+    space = KeySpace("m", PoolLayout.of_pool(pool, TPB))
+    # 13 chunks: batches of 1, 4, 4, 4 chunks on the caller's stream, the lane, the caller's, the lane
+    toks = list(range(13 * CHUNK))
+    src = list(range(13 * CHUNK // TPB))
+    save = torch.cuda.Stream()
+    lane = c_ops._lane_stream(pool.device)
+    with torch.cuda.stream(lane):
+        torch.cuda._sleep(200_000_000)  # hold the second lane back well past the first lane's copies
+    save.wait_stream(torch.cuda.current_stream())
+    assert engine.store(space, 0, toks, None, pool, src, 0, len(toks), save) == len(toks)
+    done = torch.cuda.Event()
+    done.record(save)
+    done.synchronize()
+    expected = pool[src].cpu()
+    for i, span in enumerate(engine.chunk_spans(space, 0, toks, None)):
+        chunk = engine.l1.get(span.key)
+        assert chunk is not None
+        got = chunk.buffer.view(pool.dtype, (8, *pool.shape[1:]))
+        assert torch.equal(got, expected[i * 8 : (i + 1) * 8]), f"chunk {i} not copied yet"

@@ -268,3 +268,15 @@ def test_store_failing_midway_keeps_what_it_published_and_leaks_no_slot() -> Non
     # The second chunk's slot was reserved when the error came: it must be free to store again.
     assert engine.store(space, 0, good, None, pool, list(range(12)), 0, 192) == 128
     assert engine.lookup(space, good) == 192
+
+
+def test_a_miss_on_the_first_chunk_still_replaces_the_pins_of_its_id() -> None:
+    engine, space, pool = make()
+    toks = tokens(128)
+    engine.store(space, 0, toks, None, pool, list(range(8)), 0, 128)
+    assert engine.lookup(space, toks, pin_id="r") == 128
+    assert len(engine.l1.pinned_keys()) == 2
+    assert engine.lookup(space, tokens(128, 9999), pin_id="r") == 0  # early out: chunk 0 is not cached
+    assert engine.l1.pinned_keys() == []
+    assert engine.stats.lookups == 2 and engine.stats.lookup_tokens == 256 and engine.stats.hit_tokens == 128
+    assert engine.lookup(space, toks, ranks=(0, 1)) == 0  # rank 1 never stored

@@ -36,6 +36,7 @@ import contextlib
 import errno
 import functools
 import itertools
+import logging
 import os
 import queue
 import secrets
@@ -904,6 +905,7 @@ class CacheServer:
     def _store(self, req: P.Store) -> int:
         with self._use(req.instance_id) as inst:
             tokens, blocks = self._transfer_args(req, inst)
+            began = time.perf_counter()
             stored = self.engine.store(
                 inst.space,
                 inst.rank,
@@ -915,8 +917,7 @@ class CacheServer:
                 req.end,
                 inst.stream,
             )
-            if inst.stream is not None:
-                inst.stream.synchronize()  # the client may reuse the blocks once we reply
+            self._copies_done(inst, "store", stored, began)  # the client may reuse the blocks then
             return stored
 
     def _retrieve(self, req: P.Retrieve) -> int:
@@ -926,6 +927,7 @@ class CacheServer:
         with self._use(req.instance_id) as inst:
             try:
                 tokens, blocks = self._transfer_args(req, inst)
+                began = time.perf_counter()
                 loaded = self.engine.retrieve(
                     inst.space,
                     inst.rank,
@@ -937,12 +939,27 @@ class CacheServer:
                     req.end,
                     inst.stream,
                 )
-                if inst.stream is not None:
-                    inst.stream.synchronize()  # the loaded blocks are in place when we reply
+                self._copies_done(inst, "retrieve", loaded, began)  # the blocks are in place then
                 return loaded
             finally:
                 if key is not None:
                     self._rank_done(key, inst.rank)
+
+    @staticmethod
+    def _copies_done(inst: _Instance, op: str, tokens: int, began: float) -> None:
+        """Wait for the instance's copies (CUDA pools); DEBUG-log where the call's time went."""
+        enqueued = time.perf_counter()
+        if inst.stream is not None:
+            inst.stream.synchronize()
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s of %d tokens for instance %d: %.2f ms to enqueue, %.2f ms more until copied",
+                op,
+                tokens,
+                inst.instance_id,
+                (enqueued - began) * 1e3,
+                (time.perf_counter() - enqueued) * 1e3,
+            )
 
     def _rank_done(self, key: tuple[int, int | str], rank: int) -> None:
         """A rank has loaded: its pins of the lookup go now, the lookup's record once every rank of
