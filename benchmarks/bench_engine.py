@@ -6,7 +6,7 @@ Everything is measured in one run against a baseline on the same machine:
   or 64), as a ratio to one plain ``copy_`` of the same total bytes (on CUDA: device <-> pinned
   host, the PCIe ceiling);
 - hashing throughput from a Python list of 32k tokens;
-- lookup latency (p50, p99) for 8k and 32k-token prompts.
+- lookup latency (p50, p99) for 8k and 32k-token prompts, stored (hit) and new (miss).
 
     python benchmarks/bench_engine.py [--device cuda] [--tokens 65536] [--model llama-3.1-8b] \
         [--tokens-per-block 64] [--out results.json]
@@ -113,21 +113,27 @@ def bench_hashing(repeats: int) -> dict[str, float]:
 
 
 def bench_lookup(args: argparse.Namespace) -> dict[str, float]:
-    repeats = args.repeats
-    pool = torch.zeros(4, *row_shape(args), dtype=torch.bfloat16)
-    space = KeySpace("bench", PoolLayout.of_pool(pool, args.tokens_per_block))
+    """Lookup latency of stored prompts (a full hit: every chunk hashed and found) and of new ones
+    (a miss on the first chunk). The pool rows are tiny: a lookup's cost does not depend on them."""
+    tpb = args.tokens_per_block
+    pool = torch.zeros(32768 // tpb, 1, 2, tpb)
+    space = KeySpace("bench", PoolLayout.of_pool(pool, tpb))
     engine = CacheEngine(LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.01))
     out = {}
     for n in (8192, 32768):
-        toks = torch.randint(0, 150_000, (n,)).tolist()
-        samples = []
-        for _ in range(max(repeats * 20, 50)):
-            start = time.perf_counter()
-            engine.lookup(space, toks, pin_id="bench")
-            samples.append(time.perf_counter() - start)
-        samples.sort()
-        out[f"lookup_{n}_p50_us"] = statistics.median(samples) * 1e6
-        out[f"lookup_{n}_p99_us"] = samples[int(len(samples) * 0.99) - 1] * 1e6
+        hit = torch.randint(0, 150_000, (n,)).tolist()
+        engine.store(space, 0, hit, None, pool, list(range(n // tpb)), 0, n)
+        for kind, toks in (("hit", hit), ("miss", torch.randint(0, 150_000, (n,)).tolist())):
+            samples = []
+            for _ in range(max(args.repeats * 20, 50)):
+                start = time.perf_counter()
+                found = engine.lookup(space, toks, pin_id="bench")
+                samples.append(time.perf_counter() - start)
+            assert found == (n if kind == "hit" else 0), f"{kind} lookup of {n} tokens found {found}"
+            samples.sort()
+            out[f"lookup_{kind}_{n}_p50_us"] = statistics.median(samples) * 1e6
+            out[f"lookup_{kind}_{n}_p99_us"] = samples[int(len(samples) * 0.99) - 1] * 1e6
+        engine.clear()
     return out
 
 

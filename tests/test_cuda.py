@@ -84,19 +84,20 @@ def test_store_orders_the_callers_stream_after_copies_on_both_lanes() -> None:
     pool = cuda_pool(160)
     engine = CacheEngine(LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.5))
     space = KeySpace("m", PoolLayout.of_pool(pool, TPB))
-    # 13 chunks: batches of 1, 4, 4, 4 chunks on the caller's stream, the lane, the caller's, the lane
+    # 13 chunks in batches of 1, 4, 4, 4 chunks: the caller's stream, the lane, the caller's, the
+    # lane. Only the last batch has scattered blocks, so only it needs the gather kernel's stream,
+    # which a long sleep holds back: the caller's stream must still wait for that batch.
     toks = list(range(13 * CHUNK))
-    src = list(range(13 * CHUNK // TPB))
+    src = list(range(72)) + list(range(103, 71, -1))
+    expected = pool[src].cpu()
     save = torch.cuda.Stream()
-    lane = c_ops._lane_stream(pool.device)
-    with torch.cuda.stream(lane):
-        torch.cuda._sleep(200_000_000)  # hold the second lane back well past the first lane's copies
     save.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(c_ops._side_stream(pool.device)):
+        torch.cuda._sleep(200_000_000)
     assert engine.store(space, 0, toks, None, pool, src, 0, len(toks), save) == len(toks)
     done = torch.cuda.Event()
     done.record(save)
     done.synchronize()
-    expected = pool[src].cpu()
     for i, span in enumerate(engine.chunk_spans(space, 0, toks, None)):
         chunk = engine.l1.get(span.key)
         assert chunk is not None
