@@ -543,7 +543,7 @@ class CacheEngine:
         """Enqueue the batch's copies after the copies that filled its chunks; mark the reads."""
         if not batch.copies:
             return
-        _wait_ready(batch.transfer, batch.chunks)
+        _wait_ready(batch.transfer, batch.chunks, batch.waited)
         batch.transfer.scatter(batch.copies)
         event = batch.transfer.record()
         for chunk in batch.chunks:
@@ -627,6 +627,8 @@ class _CopyBatch:
         self.copies: list[c_ops.ChunkCopy] = []
         self.keys: list[ChunkKey] = []
         self.chunks: list[CachedChunk] = []
+        self.waited: set[int] = set()
+        """Ids of the events a load already waited for (its chunks' events stay alive meanwhile)."""
         self._flushes = 0
 
     def add(
@@ -645,12 +647,15 @@ class _CopyBatch:
         self._flushes += 1
 
 
-def _wait_ready(transfer: c_ops.Transfer, chunks: Sequence[CachedChunk]) -> None:
-    """Order a load after the copies that filled these chunks (on the device; on the host for CPU pools)."""
+def _wait_ready(transfer: c_ops.Transfer, chunks: Sequence[CachedChunk], waited: set[int]) -> None:
+    """Order a load after the copies that filled these chunks (on the device; on the host for CPU
+    pools). Chunks stored together share an event: each is waited for once per load (``waited``)."""
     for chunk in chunks:
-        if chunk.ready is None:
+        ready = chunk.ready
+        if ready is None or id(ready) in waited:
             continue
+        waited.add(id(ready))
         if transfer.cuda:
-            transfer.stream.wait_event(chunk.ready)
+            transfer.stream.wait_event(ready)
         else:
-            chunk.ready.synchronize()
+            ready.synchronize()
