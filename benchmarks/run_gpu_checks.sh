@@ -33,7 +33,7 @@ for part in $parts; do
     ttft)
         python3 benchmarks/bench_ttft.py --device cuda --mp --out "$out/ttft.json" ;;
     overhead)
-        python3 benchmarks/bench_overhead.py --device cuda --decode-steps 64 --repeats 3 \
+        python3 benchmarks/bench_overhead.py --device cuda --repeats 3 \
             --out "$out/overhead.json" ;;
     workload)
         python3 benchmarks/bench_workload.py --device cuda --out "$out/workload.json" ;;
