@@ -1,4 +1,4 @@
-"""Smoke runs of the model benchmarks at CPU sizes: they must not crash and must write their JSON.
+"""Smoke runs of the benchmarks at CPU sizes: they must not crash and must write their JSON.
 
 No timing is asserted. The Redis variant of ``bench_ttft.py`` (``--redis-url``) is not run here at
 all (it would need a redis-server); the multi-process variant (``--mp``, a cache server
@@ -21,15 +21,43 @@ BENCH = REPO / "benchmarks"
 SMALL = ["--small", "--device", "cpu", "--tokens-per-block", "16", "--chunk-size", "64"]
 
 
-def run_bench(script: str, out: Path, *extra: str) -> dict:
+def run_bench(script: str, out: Path, *extra: str, model_args: list[str] = SMALL) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["LMCACHE_LOG_LEVEL"] = "WARNING"
     env["OMP_NUM_THREADS"] = "1"  # tiny matmuls; spinning OpenMP threads only fight other jobs for cores
-    cmd = [sys.executable, str(BENCH / script), *SMALL, "--out", str(out), *extra]
+    cmd = [sys.executable, str(BENCH / script), *model_args, "--out", str(out), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
     return json.loads(out.read_text())
+
+
+SHAPES = [["--model", "qwen2-1.5b"], ["--model", "llama-3.1-8b", "--tokens-per-block", "64"]]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bench_engine(tmp_path: Path, shape: list[str]) -> None:
+    args = ["--tokens", "512", "--repeats", "1"]
+    data = run_bench("bench_engine.py", tmp_path / "e.json", *args, model_args=shape)
+    for blocks in ("adjacent_blocks", "scattered_blocks"):
+        assert data[blocks]["bytes_identical"] is True
+        assert data[blocks]["store_gbps"] > 0 and data[blocks]["retrieve_gbps"] > 0
+    assert data["lookup"]["lookup_hit_8192_p50_us"] > 0
+
+
+def test_bench_tiers_and_mp_latency_and_model(tmp_path: Path) -> None:
+    tiers = run_bench(
+        "bench_tiers.py", tmp_path / "t.json", "--chunks", "4", "--no-redis", "--repeats", "1",
+        "--read-threads", "1", model_args=[],
+    )  # fmt: skip
+    assert tiers
+    latency = run_bench(
+        "bench_mp_latency.py", tmp_path / "l.json", "--sizes", "1024", "--repeats", "20", "--warmup", "5",
+        model_args=[],
+    )  # fmt: skip
+    assert latency
+    model = run_bench("prefill_model.py", tmp_path / "m.json", "--tokens", "64", "--repeats", "1")
+    assert model["prefill"][0]["tokens"] == 64
 
 
 def test_bench_ttft(tmp_path: Path) -> None:
