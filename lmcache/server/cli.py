@@ -57,8 +57,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--direct-port",
         type=int,
         default=0,
-        help="TCP port of the direct lane: plain sockets that clients use for lookups and other short calls, "
-        "faster than ZMQ (its Unix socket is <ipc-path>.direct); 0: any free port, -1: no direct lane",
+        help="TCP port of the direct lane: plain sockets that clients use for their calls, faster than "
+        "ZMQ (its Unix socket is <ipc-path>.direct); 0: any free port, -1: no direct lane",
     )
     parser.add_argument(
         "--l1-size-gb",

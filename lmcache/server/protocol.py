@@ -3,8 +3,8 @@
 Transport: one ZMQ ``ROUTER`` on the server, one ``DEALER`` per client, plus the **direct
 lane**: plain TCP and Unix stream sockets (advertised in :class:`DirectLane`) carrying the same
 frames, each behind its length as a 4-byte little-endian unsigned int. The direct lane skips the
-ZMQ I/O threads on both ends (four thread wake-ups per round trip), so a client uses it for its
-short calls, one request in flight per connection. Every message is one frame holding one
+ZMQ I/O threads on both ends (four thread wake-ups per round trip), so a client sends its calls
+there, one request in flight per connection. Every message is one frame holding one
 msgpack-encoded msgspec struct:
 
 * a request is one member of the :data:`Request` tagged union (tag field ``op``), carrying the

@@ -1,5 +1,5 @@
 """The multi-process cache server: one :class:`CacheEngine` behind a ZMQ ROUTER socket and the
-direct lane (plain stream sockets for the clients' short calls, see :mod:`lmcache.server.protocol`).
+direct lane (plain stream sockets for the clients' calls, see :mod:`lmcache.server.protocol`).
 
 Threads:
 
