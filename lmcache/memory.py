@@ -31,6 +31,10 @@ from lmcache.logging import init_logger
 logger = init_logger(__name__)
 
 DEFAULT_SLAB_BYTES = 256 << 20
+SLABS_PER_CAPACITY = 32
+"""Slabs are at most this fraction of the cap: each chunk size has slabs of its own, so a size new
+to a full cache frees a slab's worth of other chunks (at most 1/32 of the cache)."""
+MIN_SLAB_BYTES = 4 << 20
 
 
 def pinned_memory_available() -> bool:
@@ -152,11 +156,13 @@ class HostArena:
     """The host-memory budget of the L1 tier, shared by one slot pool per chunk size."""
 
     def __init__(
-        self, capacity_bytes: int, *, pinned: bool | None = None, slab_bytes: int = DEFAULT_SLAB_BYTES
+        self, capacity_bytes: int, *, pinned: bool | None = None, slab_bytes: int | None = None
     ) -> None:
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
         self.capacity_bytes = capacity_bytes
+        if slab_bytes is None:
+            slab_bytes = min(DEFAULT_SLAB_BYTES, max(MIN_SLAB_BYTES, capacity_bytes // SLABS_PER_CAPACITY))
         self.slab_bytes = slab_bytes
         self.pinned = pinned_memory_available() if pinned is None else pinned
         self.reserved_bytes = 0

@@ -164,3 +164,22 @@ def test_property_capacity_pins_and_order(policy: str, ops: list[tuple[str, int]
         for k, n in pins.items():
             if n:
                 assert k in s, "a pinned chunk was evicted"
+
+
+def test_a_chunk_size_new_to_a_full_cache_evicts_one_slab_not_the_cache() -> None:
+    arena = HostArena(8 << 20, pinned=False, slab_bytes=4 << 20)
+    s = CpuStore(arena, "LRU")
+    for i in range(8):  # two slabs of 1 MiB chunks: the budget is spent
+        assert s.reserve(("full", i), 1 << 20, 256) is not None
+        s.commit(("full", i))
+    assert arena.wait_growth(30)
+    tail = s.reserve(("tail", 0), 1 << 19, 128)  # a partial chunk: another slot size
+    assert tail is not None
+    assert s.evictions == 4  # the LRU slab's four chunks, not all eight
+    assert all(("full", i) in s for i in range(4, 8))
+
+
+def test_arena_slabs_scale_with_a_small_cap() -> None:
+    assert HostArena(5 << 30).slab_bytes == 160 << 20
+    assert HostArena(100 << 30).slab_bytes == 256 << 20
+    assert HostArena(50 << 20).slab_bytes == 4 << 20

@@ -83,7 +83,14 @@ class CpuStore:
             pool = self.arena.pool(nbytes)
             buf = pool.allocate()
             while buf is None:
-                if not self._evict_one() and not self.arena.reclaim(keep=pool):
+                if self._evict_one():
+                    buf = pool.allocate()
+                    # Slabs hold one chunk size: when the victim was of another size, the room is
+                    # the slab its eviction may have emptied. Take it now, not after evicting all.
+                    if buf is None and self.arena.reclaim(keep=pool):
+                        buf = pool.allocate()
+                    continue
+                if not self.arena.reclaim(keep=pool):
                     self.skipped_stores += 1
                     self._warn.warning(
                         "l1-full",
