@@ -31,9 +31,10 @@ from lmcache.logging import init_logger
 logger = init_logger(__name__)
 
 DEFAULT_SLAB_BYTES = 256 << 20
-SLABS_PER_CAPACITY = 32
-"""Slabs are at most this fraction of the cap: each chunk size has slabs of its own, so a size new
-to a full cache frees a slab's worth of other chunks (at most 1/32 of the cache)."""
+SLABS_PER_CAPACITY = 8
+"""Slabs are at most 1/8 of the cap: each chunk size has slabs of its own, so a size new to a full
+cache frees a slab's worth of other chunks. (Smaller slabs would mean more pinning calls while a
+cache fills; from a 2 GiB cap on, slabs are the default size.)"""
 MIN_SLAB_BYTES = 4 << 20
 
 

@@ -180,6 +180,6 @@ def test_a_chunk_size_new_to_a_full_cache_evicts_one_slab_not_the_cache() -> Non
 
 
 def test_arena_slabs_scale_with_a_small_cap() -> None:
-    assert HostArena(5 << 30).slab_bytes == 160 << 20
-    assert HostArena(100 << 30).slab_bytes == 256 << 20
-    assert HostArena(50 << 20).slab_bytes == 4 << 20
+    assert HostArena(512 << 20).slab_bytes == 64 << 20
+    assert HostArena(5 << 30).slab_bytes == 256 << 20
+    assert HostArena(20 << 20).slab_bytes == 4 << 20
