@@ -319,7 +319,7 @@ class CacheEngine:
                 assert self.tiers is not None
                 self.tiers.unpin(tier_pins)
         with self._lock:
-            if pin:
+            if pin and taken:  # a miss leaves no record: its caller need not release it
                 pinned = groups[:taken]
                 self._pins[pin_id] = {rank: [keys[i] for keys in pinned] for i, rank in enumerate(ranks)}
             self.stats.lookups += 1

@@ -193,3 +193,9 @@ def test_settings_refuse_pipeline_parallel() -> None:
 
     with pytest.raises(ValueError, match="pipeline parallelism"):
         ConnectorSettings.from_llm_args(Args, LMCacheEngineConfig.from_defaults())
+
+
+def test_a_miss_is_not_released() -> None:
+    p, index = planner(hit=0)
+    assert p.match(FakeRequest(1, list(range(300))), 0) == (0, False)
+    assert index.lookups == [(300, None, 1)] and index.released == []  # one call for a miss

@@ -125,7 +125,7 @@ class Planner:
         if new_matched:
             state.load_start, state.load_end = num_computed_tokens, usable
             state.load_async = self.config.enable_async_loading
-        else:
+        elif hit:  # a miss pinned nothing: no release (in MP mode, a round trip saved per miss)
             self.index.release(request_id)
         logger.debug(
             "%s: req %d prompt=%d num_computed=%d lmcache_cached=%d new_matched=%d",
