@@ -111,7 +111,7 @@ class Transfer:
         self._pool_ready: Any = None
         self._pending: Any = None
         self._lanes: list[Any] = []
-        self._batches = 0
+        self._turns = 0
         self._last: Any = None
         if self.cuda:
             self.stream = stream if stream is not None else torch.cuda.current_stream(pool.device)
@@ -130,8 +130,8 @@ class Transfer:
         drains all queued copies before it turns to another stream's (measured on an H200: a small
         copy waited 2 ms behind a 4k-token save).
         """
-        lane = self._lanes[self._batches % len(self._lanes)]
-        self._batches += 1
+        lane = self._lanes[self._turns % len(self._lanes)]
+        self._turns += 1
         if self._last is not None:
             lane.wait_event(self._last)
         elif lane is not self.stream:
