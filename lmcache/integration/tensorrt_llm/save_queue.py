@@ -43,25 +43,13 @@ class SaveQueue:
         if self.stream is not None:
             forward = after if after is not None else torch.cuda.current_stream(self.pool.device)
             self.stream.wait_stream(forward)
-        return self._thread.submit(self._store, space, rank, tokens, salt, block_ids, start, end)
 
-    def _store(
-        self,
-        space: KeySpace,
-        rank: int,
-        tokens: Tokens,
-        salt: CacheSalt,
-        block_ids: Sequence[int],
-        start: int,
-        end: int,
-    ) -> Any:
-        self.engine.store(space, rank, tokens, salt, self.pool, block_ids, start, end, self.stream)
-        if self.stream is None:
-            return None
-        event = torch.cuda.Event()
-        event.record(self.stream)
-        return event
+        def store() -> Any:
+            self.engine.store(space, rank, tokens, salt, self.pool, block_ids, start, end, self.stream)
+            if self.stream is None:
+                return None
+            event = torch.cuda.Event()
+            event.record(self.stream)
+            return event
 
-    def close(self) -> None:
-        """Wait for the queued stores, then stop the thread."""
-        self._thread.shutdown(wait=True)
+        return self._thread.submit(store)
