@@ -16,7 +16,10 @@ What it does, all in one run:
 4. stores ``--tokens`` tokens (fresh random tokens each iteration), retrieves them into other
    blocks and checks the bytes are equal; reports store/retrieve GB/s next to a plain pinned
    ``copy_`` of the same bytes (device -> host and host -> device) measured in the same run;
-5. measures ``lookup`` round-trip latency (p50/p99) for an 8k-token prompt over ipc:// and tcp://.
+5. measures ``lookup`` round-trip latency (p50/p99) for an 8k-token prompt over ipc:// and tcp://,
+   and beside it a pinning lookup, a ping and the client's hashing of the prompt alone;
+6. reads the server's DEBUG timing of each store/retrieve (time to enqueue the copies, then until
+   they were done), to split the client's time into the server's handling and the round trip.
 
 Synchronization: before each ``store`` the script synchronizes the device (the blocks are final);
 the server synchronizes its copy stream before it replies to ``store`` and ``retrieve``, so the
@@ -31,6 +34,7 @@ import argparse
 import ctypes
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -97,6 +101,31 @@ def timed(fn: Any) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
+def timed_us(fn: Any, repeats: int) -> list[float]:
+    """Wall times of ``repeats`` host-only calls, in microseconds."""
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e6)
+    return samples
+
+
+def server_transfer_ms(log_text: str, op: str, tokens: int) -> dict[str, float]:
+    """Median enqueue and copy-wait times of the server's DEBUG lines for ``op`` (store/retrieve)
+    of ``tokens`` tokens, the iteration-0 warm-up excluded."""
+    line = rf"{op} of {tokens} tokens for instance \d+: ([\d.]+) ms to enqueue, ([\d.]+) ms more"
+    found = re.findall(line, log_text)
+    pairs = [(float(a), float(b)) for a, b in found][1:]
+    if not pairs:
+        return {}
+    return {
+        "enqueue_ms": round(statistics.median(a for a, _ in pairs), 3),
+        "until_copied_ms": round(statistics.median(b for _, b in pairs), 3),
+        "total_ms": round(statistics.median(a + b for a, b in pairs), 3),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -143,6 +172,7 @@ def main() -> int:
             sys.executable, "-m", "lmcache.v1.multiprocess.server", "--port", str(port),
             "--ipc-path", ipc_path, "--l1-size-gb", str(args.l1_size_gb), "--eviction-policy", "LRU",
             "--max-workers", "4", "--chunk-size", str(CHUNK),
+            "--log-level", "DEBUG",  # its per-transfer timing lines; nothing is logged per lookup
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -213,17 +243,24 @@ def main() -> int:
         torch.cuda.synchronize()
         ipc.store(lookup_toks, list(range(lookup_n // tpb)), 0, lookup_n)
         for name, client in (("ipc", ipc), ("tcp", tcp)):
-            lat = []
             for _ in range(20):
                 client.lookup(lookup_toks)
-            for _ in range(args.lookups):
-                t0 = time.perf_counter()
-                hit = client.lookup(lookup_toks)
-                lat.append((time.perf_counter() - t0) * 1e6)
+            lat = timed_us(lambda c=client: c.lookup(lookup_toks), args.lookups)
+            hit = client.lookup(lookup_toks)
             results[f"lookup_{name}_us_p50"] = round(percentile(lat, 50), 1)
             results[f"lookup_{name}_us_p99"] = round(percentile(lat, 99), 1)
             results["checks"][f"lookup_{name}_hit"] = hit == lookup_n
             ok = ok and hit == lookup_n
+            # Where a lookup's time goes: the same lookup pinning its hit (as the adapter does),
+            # an empty round trip, and the client's own hashing of the prompt.
+            pinned = timed_us(lambda c=client: c.lookup(lookup_toks, pin_id="lat"), args.lookups)
+            client.release("lat")
+            results[f"lookup_pinned_{name}_us_p50"] = round(percentile(pinned, 50), 1)
+            results[f"ping_{name}_us_p50"] = round(percentile(timed_us(client.ping, args.lookups), 50), 1)
+        hasher = ipc._registrations[info.instance_id].hasher
+        if hasher is not None:
+            hashing = timed_us(lambda: hasher.chunk_hashes(lookup_toks), args.lookups)
+            results["lookup_client_hashing_us_p50"] = round(percentile(hashing, 50), 1)
         stats = msgspec.structs.asdict(ipc.stats())
         results["server_stats"] = {k: v for k, v in stats.items() if k != "instances"}
         ipc.close()
@@ -241,7 +278,10 @@ def main() -> int:
             server.kill()
             results["server_exit_code"] = None
         log.close()
-        results["server_log_tail"] = (tmpdir / "server.log").read_text(errors="replace")[-3000:]
+        server_log = (tmpdir / "server.log").read_text(errors="replace")
+        results["server_store"] = server_transfer_ms(server_log, "store", tokens_n)
+        results["server_retrieve"] = server_transfer_ms(server_log, "retrieve", tokens_n)
+        results["server_log_tail"] = server_log[-3000:]
         if free is not None:
             free()
         results["ok"] = ok and results.get("server_exit_code") == 0

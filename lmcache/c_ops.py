@@ -1,12 +1,13 @@
 """Block transfers between TensorRT-LLM's paged KV pool and contiguous chunk buffers.
 
 A pool row (``pool[block]``: every layer, K then V) is contiguous, so a chunk is a handful of
-rows, copied run by run of adjacent block ids on the CPU. On CUDA each chunk moves as one large
-DMA copy: rows adjacent in the pool go straight to or from host memory; scattered rows are first
-gathered on the device (one ``index_select`` per batch, or one ``index_copy_`` on the way back),
-at device-memory speed, on a helper stream so these kernels overlap the copies. Stores may
-interleave their batches over two streams so they never monopolise the copy engine. Everything is
-ordered by CUDA events with no host sync; staging buffers are tied to the streams that use them.
+rows, copied run by run of adjacent block ids on the CPU. Chunks whose host buffers follow each
+other are joined first (``join_adjacent``). On CUDA each joined chunk moves as one large DMA copy:
+rows adjacent in the pool go straight to or from host memory; scattered rows are first gathered on
+the device (one ``index_select`` per batch, or one ``index_copy_`` on the way back), at
+device-memory speed, on a helper stream so these kernels overlap the copies. Stores may interleave
+their batches over two streams so they never monopolise the copy engine. Everything is ordered by
+CUDA events with no host sync; staging buffers are tied to the streams that use them.
 
 Pure PyTorch: ``import lmcache.c_ops`` works on any machine, with or without CUDA.
 """
@@ -41,6 +42,35 @@ def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
         else:
             runs.append((i, block, 1))
     return runs
+
+
+def _joinable(before: torch.Tensor, after: torch.Tensor) -> bool:
+    """Whether ``after`` starts in host memory where ``before`` ends, in the same storage."""
+    return (
+        before.is_contiguous()
+        and after.is_contiguous()
+        and before.data_ptr() + before.nbytes == after.data_ptr()
+        and before.untyped_storage().data_ptr() == after.untyped_storage().data_ptr()
+    )
+
+
+def join_adjacent(chunks: Sequence[ChunkCopy]) -> list[ChunkCopy]:
+    """Consecutive chunk copies whose host buffers follow each other in one storage, joined into one
+    copy (their block ids concatenated, one view over both buffers).
+
+    L1 hands out slots in address order, so the chunks of one prompt mostly sit back to back: a
+    batch then moves as one DMA copy instead of one per chunk, with one set of host-side calls.
+    """
+    joined: list[ChunkCopy] = []
+    for block_ids, buf in chunks:
+        if joined and _joinable(joined[-1][1], buf):
+            ids, prev = joined[-1]
+            rows = prev.shape[0] + buf.shape[0]
+            span = prev.as_strided((rows, *prev.shape[1:]), prev.stride(), prev.storage_offset())
+            joined[-1] = ([*ids, *block_ids], span)
+        else:
+            joined.append((block_ids, buf))
+    return joined
 
 
 def check_block_ids(pool: torch.Tensor, block_ids: Sequence[int]) -> None:
@@ -153,12 +183,12 @@ class Transfer:
         for block_ids, _ in chunks:
             check_block_ids(self.pool, block_ids)
         if not self.cuda:
-            for block_ids, out in chunks:
+            for block_ids, out in join_adjacent(chunks):
                 for offset, first, length in block_runs(block_ids):
                     out[offset : offset + length].copy_(self.pool[first : first + length])
             return
         for batch in _batches(self.pool, chunks):
-            self._gather_cuda(batch)
+            self._gather_cuda(join_adjacent(batch))
 
     def _gather_cuda(self, chunks: Sequence[ChunkCopy]) -> None:
         pool, main = self.pool, self._next_lane()
@@ -197,12 +227,12 @@ class Transfer:
         for block_ids, _ in chunks:
             check_block_ids(self.pool, block_ids)
         if not self.cuda:
-            for block_ids, src in chunks:
+            for block_ids, src in join_adjacent(chunks):
                 for offset, first, length in block_runs(block_ids):
                     self.pool[first : first + length].copy_(src[offset : offset + length])
             return
         for batch in _batches(self.pool, chunks):
-            self._scatter_cuda(batch)
+            self._scatter_cuda(join_adjacent(batch))
 
     def _scatter_cuda(self, chunks: Sequence[ChunkCopy]) -> None:
         pool, main = self.pool, self.stream
@@ -216,6 +246,9 @@ class Transfer:
             if not scattered:
                 return
             ids = [b for block_ids, _ in scattered for b in block_ids]
+            # Uploaded in line with the chunks: a copy on the kernel stream would wait until the copy
+            # engine drained every chunk queued on this one, holding every scatter back to the end.
+            index = _index_tensor(ids, pool.device)
             staging = torch.empty((len(ids), *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
             offset = 0
             for block_ids, src in scattered:
@@ -225,10 +258,11 @@ class Transfer:
             copied.record(main)
         self._side.wait_event(copied)
         with torch.cuda.stream(self._side):
-            pool.index_copy_(0, _index_tensor(ids, pool.device), staging)
+            pool.index_copy_(0, index, staging)
             self._pending = torch.cuda.Event()
             self._pending.record(self._side)
         staging.record_stream(self._side)
+        index.record_stream(self._side)
 
     def finish(self) -> None:
         """Order ``stream`` after every copy and scatter kernel of this transfer."""

@@ -55,3 +55,37 @@ def test_empty_block_list_rejected() -> None:
 def test_block_runs_coalesce_adjacent_ids() -> None:
     assert c_ops.block_runs([4, 5, 6, 9, 10, 2]) == [(0, 4, 3), (3, 9, 2), (5, 2, 1)]
     assert c_ops.block_runs([7]) == [(0, 7, 1)]
+
+
+def test_adjacent_host_buffers_are_joined_into_one_copy() -> None:
+    slab = torch.zeros(7, 3, 2, 64)
+    a, b, c = slab[0:2], slab[2:5], slab[6:7]  # a and b back to back, c after a gap
+    joined = c_ops.join_adjacent([([4, 5], a), ([9, 1, 0], b), ([3], c)])
+    assert [ids for ids, _ in joined] == [[4, 5, 9, 1, 0], [3]]
+    span = joined[0][1]
+    assert span.data_ptr() == a.data_ptr() and span.shape == (5, 3, 2, 64)
+    assert joined[1][1] is c
+
+
+def test_buffers_of_other_storages_or_out_of_order_stay_apart() -> None:
+    slab = torch.zeros(4, 3, 2, 64)
+    other = torch.zeros(2, 3, 2, 64)
+    reverse = [([1], slab[1:2]), ([0], slab[0:1])]  # adjacent, but the second comes first in memory
+    assert len(c_ops.join_adjacent(reverse)) == 2
+    assert len(c_ops.join_adjacent([([0], slab[2:4]), ([1], other)])) == 2
+    flat = torch.zeros(8)
+    transposed, after = flat[0:4].view(2, 2).t(), flat[4:8].view(2, 2)  # back to back, one transposed
+    assert len(c_ops.join_adjacent([([0], transposed), ([1], after)])) == 2
+    assert len(c_ops.join_adjacent([([0], flat[0:4].view(2, 2)), ([1], after)])) == 1
+
+
+def test_joined_copies_round_trip_through_a_scattered_pool() -> None:
+    src = pool()
+    slab = torch.empty(6, 3, 2, 64)
+    chunks = [([3, 4], slab[0:2]), ([9, 0], slab[2:4]), ([5, 6], slab[4:6])]
+    c_ops.gather_to_host(src, chunks)
+    assert torch.equal(slab, src[[3, 4, 9, 0, 5, 6]])
+    dst = torch.zeros_like(src)
+    c_ops.scatter_from_host(dst, [([1, 2], slab[0:2]), ([12, 7], slab[2:4]), ([13, 14], slab[4:6])])
+    assert torch.equal(dst[[1, 2, 12, 7, 13, 14]], slab)
+    assert torch.count_nonzero(dst[[0, 3, 4, 5, 6, 8, 9, 10, 11, 15]]) == 0

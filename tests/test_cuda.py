@@ -37,6 +37,31 @@ def test_gather_scatter_on_side_stream_without_host_sync(ids: list[int]) -> None
     assert torch.equal(pool[targets], pool[ids])
 
 
+@pytest.mark.parametrize("layout", ["adjacent", "scattered", "mixed"])
+def test_chunks_back_to_back_in_host_memory_move_as_joined_copies(layout: str) -> None:
+    """Three chunks in one pinned slab, so ``join_adjacent`` joins them: every device path (one
+    direct DMA, staging + index kernels, a mix) must still put each row where its id says."""
+    pool = cuda_pool()
+    ids = {
+        "adjacent": [[10, 11], [12, 13], [14, 15]],
+        "scattered": [[5, 1], [30, 2], [7, 44]],
+        "mixed": [[20, 21], [3, 9], [22, 23]],
+    }[layout]
+    slab = torch.empty((6, *pool.shape[1:]), dtype=pool.dtype, pin_memory=True)
+    chunks = [(block_ids, slab[2 * i : 2 * i + 2]) for i, block_ids in enumerate(ids)]
+    assert len(c_ops.join_adjacent(chunks)) == 1
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    c_ops.gather_to_host(pool, chunks, stream)
+    targets = [[60, 61], [62, 63], [64, 65]] if layout == "adjacent" else [[70, 62], [91, 60], [64, 80]]
+    c_ops.scatter_from_host(pool, [(t, buf) for t, (_, buf) in zip(targets, chunks, strict=True)], stream)
+    stream.synchronize()
+    flat_ids = [b for block_ids in ids for b in block_ids]
+    flat_targets = [b for block_ids in targets for b in block_ids]
+    assert torch.equal(slab.cuda(), pool[flat_ids])
+    assert torch.equal(pool[flat_targets], pool[flat_ids])
+
+
 def test_engine_round_trip_with_pinned_l1_and_event_ordering() -> None:
     pool = cuda_pool()
     engine = CacheEngine(LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.5))

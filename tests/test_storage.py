@@ -117,6 +117,19 @@ def test_remove_and_clear_spare_pinned() -> None:
     assert s.keys() == ["b"]
 
 
+def test_chunks_stored_after_a_clear_get_their_slots_back_in_address_order() -> None:
+    s = CpuStore(HostArena(8 * SLOT, pinned=False, slab_bytes=8 * SLOT), "LRU")
+    for k in range(6):
+        put(s, k)
+    first = [s.get(k).buffer.data.data_ptr() for k in range(6)]
+    assert first == sorted(first)
+    assert s.clear() == 6
+    for k in range(6, 12):
+        put(s, k)
+    again = [s.get(k).buffer.data.data_ptr() for k in range(6, 12)]
+    assert again == first  # ascending again, so a prompt's chunks stay back to back
+
+
 ops = st.lists(
     st.tuples(st.sampled_from(["put", "get", "pin", "unpin"]), st.integers(0, 11)), min_size=1, max_size=120
 )

@@ -61,6 +61,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "ZMQ (its Unix socket is <ipc-path>.direct); 0: any free port, -1: no direct lane",
     )
     parser.add_argument(
+        "--busy-poll-us",
+        type=float,
+        default=2000.0,
+        help="after each request, poll without sleeping for this many microseconds, so the next call "
+        "of an active client is answered without a thread wake-up (keeps one core busy while clients "
+        "are active); 0: always sleep in poll",
+    )
+    parser.add_argument(
         "--l1-size-gb",
         type=float,
         default=None,
@@ -199,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--port must be in 0..65535, got {args.port}")
     if not -1 <= args.direct_port <= 65535:
         parser.error(f"--direct-port must be in -1..65535, got {args.direct_port}")
+    if not 0 <= args.busy_poll_us <= 1e6:
+        parser.error(f"--busy-poll-us must be in 0..1000000 (0: never busy-poll), got {args.busy_poll_us}")
     if args.max_frame_mb <= 0:
         parser.error("--max-frame-mb must be > 0")
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
@@ -223,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             pin_ttl_s=args.pin_ttl_s,
             max_frame_bytes=int(args.max_frame_mb * (1 << 20)),
             direct_port=None if args.direct_port < 0 else args.direct_port,
+            busy_poll_s=args.busy_poll_us / 1e6,
         ),
     )
     logger.info(

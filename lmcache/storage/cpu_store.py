@@ -202,7 +202,9 @@ class CpuStore:
         """Remove every unpinned chunk; returns how many."""
         with self._lock:
             victims = [k for k, c in self._chunks.items() if c.pins == 0 and c.committed]
-            for key in victims:
+            # Newest first: the slot free lists are stacks, so the next stores get the slots back
+            # in the order they first had them (address order), which keeps their copies joinable.
+            for key in reversed(victims):
                 self.remove(key)
             return len(victims)
 

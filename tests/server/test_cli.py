@@ -14,7 +14,15 @@ from lmcache.server.cli import build_parser, engine_config_from_args
 from lmcache.server.client import CacheServerClient, wait_for_server
 
 SEED_FLAGS = ["--host", "--port", "--l1-size-gb", "--eviction-policy", "--max-workers", "--chunk-size"]
-OUR_FLAGS = ["--config", "--ipc-path", "--log-level", "--client-timeout-s", "--stats", "--direct-port"]
+OUR_FLAGS = [
+    "--config",
+    "--ipc-path",
+    "--log-level",
+    "--client-timeout-s",
+    "--stats",
+    "--direct-port",
+    "--busy-poll-us",
+]
 
 
 def _server_cmd(*args: str) -> list[str]:
@@ -146,7 +154,9 @@ def test_bad_flag_values_exit_with_a_message() -> None:
     assert "MRU" in out.stderr and "LRU" in out.stderr
 
 
-@pytest.mark.parametrize("argv", [["--max-workers", "0"], ["--port", "70000"], ["--direct-port", "-2"]])
+@pytest.mark.parametrize(
+    "argv", [["--max-workers", "0"], ["--port", "70000"], ["--direct-port", "-2"], ["--busy-poll-us", "-1"]]
+)
 def test_invalid_numbers_are_rejected(argv: list[str]) -> None:
     out = subprocess.run(
         _server_cmd(*argv, "--ipc-path", ""), capture_output=True, text=True, env=subprocess_env(), timeout=60

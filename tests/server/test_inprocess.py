@@ -9,9 +9,11 @@ import torch
 import zmq
 from support.server_process import MODEL, TPB, shared_pool
 
+from lmcache.config import LMCacheEngineConfig
+from lmcache.engine import CacheEngine
 from lmcache.server import protocol as P
 from lmcache.server.client import CacheServerClient, ServerUnavailable
-from lmcache.server.server import CacheServer
+from lmcache.server.server import CacheServer, ServerConfig
 
 
 def _url(server: CacheServer) -> str:
@@ -216,3 +218,22 @@ def test_with_save_unfull_chunk_lookups_carry_tokens(inproc_server: CacheServer)
         tokens = list(range(4000, 4044))  # 1 chunk + 12 tokens: a tail of one 8-token block
         assert client.store(tokens, list(range(6)), 0, 44) == 40
         assert client.lookup(tokens) == 40
+
+
+def test_io_thread_busy_polls_after_a_request_but_never_beside_running_workers() -> None:
+    engine = CacheEngine(
+        LMCacheEngineConfig.from_defaults(chunk_size=256, max_local_cpu_size=0.01), pinned=False
+    )
+    server = CacheServer(engine, ServerConfig(port=0, ipc_path=None, busy_poll_s=60.0))
+    idle = CacheServer(engine, ServerConfig(port=0, ipc_path=None, busy_poll_s=0.0))
+    try:
+        assert server._poll_timeout_ms() > 0  # idle since start: sleep in poll
+        for s in (server, idle):
+            s._on_request(b"client", P.encode(P.Ping(rid=1)))
+        assert server._poll_timeout_ms() == 0
+        assert idle._poll_timeout_ms() > 0
+        server._running.add(b"worker-busy")  # a worker runs a copy: the GIL is theirs
+        assert server._poll_timeout_ms() > 0
+    finally:
+        server.close()
+        idle.close()
