@@ -15,7 +15,9 @@ What it does, all in one run:
 3. registers it through :class:`RawCudaIPCWrapper` (``cudaIpcGetMemHandle`` on the allocation);
 4. stores ``--tokens`` tokens (fresh random tokens each iteration), retrieves them into other
    blocks and checks the bytes are equal; reports store/retrieve GB/s next to a plain pinned
-   ``copy_`` of the same bytes (device -> host and host -> device) measured in the same run;
+   ``copy_`` of the same bytes (device -> host and host -> device) measured in the same run. Like
+   the MP adapter, it hashes each prompt once and names its chunks by those hashes; a retrieve
+   by tokens is timed too (``retrieve_by_tokens_vs_copy``);
 5. measures ``lookup`` round-trip latency (p50/p99) for an 8k-token prompt over ipc:// and tcp://,
    and beside it a pinning lookup, a ping and the client's hashing of the prompt alone;
 6. reads the server's DEBUG timing of each store/retrieve (time to enqueue the copies, then until
@@ -199,24 +201,33 @@ def main() -> int:
         gen = torch.Generator().manual_seed(0)
         src = list(range(blocks_n))
         dst = (blocks_n + torch.randperm(blocks_n, generator=gen)).tolist()
-        store_s, retrieve_s, equal = [], [], True
+        # As the MP adapter does: the prompt is hashed once (for the lookup) and its store and
+        # retrieve name the chunks by those hashes. A retrieve by tokens is timed beside it.
+        store_s, retrieve_s, by_tokens_s, equal = [], [], [], True
         for i in range(args.iters + 1):  # iteration 0 warms up: L1 reserves its pinned slabs
             ipc.clear()  # keeps the slabs; the next store reuses them
             toks = torch.randint(0, 150_000, (tokens_n,), generator=gen).tolist()
+            hashes = ipc.chunk_hashes(toks)
             pool[:blocks_n].normal_()
             pool[blocks_n : 2 * blocks_n].zero_()
             torch.cuda.synchronize()  # the blocks are final before the server reads them
-            stored, t_store = timed(lambda toks=toks: ipc.store(toks, src, 0, tokens_n))
-            hit = ipc.lookup(toks, pin_id="bench")
-            loaded, t_load = timed(lambda toks=toks, hit=hit: ipc.retrieve(toks, dst, 0, hit, pin_id="bench"))
+            stored, t_store = timed(lambda t=toks, h=hashes: ipc.store(t, src, 0, tokens_n, chunk_hashes=h))
+            hit = ipc.lookup(toks, pin_id="bench", chunk_hashes=hashes)
+            loaded, t_load = timed(
+                lambda t=toks, h=hashes, n=hit: ipc.retrieve(t, dst, 0, n, pin_id="bench", chunk_hashes=h)
+            )
             same = stored == tokens_n and hit == tokens_n and loaded == tokens_n
             same = same and torch.equal(pool[src], pool[dst])
+            pool[blocks_n : 2 * blocks_n].zero_()
+            again, t_tokens = timed(lambda t=toks: ipc.retrieve(t, dst, 0, tokens_n))
+            same = same and again == tokens_n and torch.equal(pool[src], pool[dst])
             equal = equal and same
             if i == 0:
                 results["store_cold_GBps"] = round(blocks_n * row_bytes / t_store / 1e9, 2)
             else:
                 store_s.append(t_store)
                 retrieve_s.append(t_load)
+                by_tokens_s.append(t_tokens)
         results["checks"]["retrieved_bytes_equal"] = equal
         ok = ok and equal
 
@@ -237,6 +248,7 @@ def main() -> int:
         results["pinned_copy_h2d_GBps"] = gbps(h2d)
         results["store_vs_copy"] = round(results["store_GBps"] / results["pinned_copy_d2h_GBps"], 3)
         results["retrieve_vs_copy"] = round(results["retrieve_GBps"] / results["pinned_copy_h2d_GBps"], 3)
+        results["retrieve_by_tokens_vs_copy"] = round(gbps(by_tokens_s) / results["pinned_copy_h2d_GBps"], 3)
 
         lookup_toks = torch.randint(0, 150_000, (args.lookup_tokens,), generator=gen).tolist()
         lookup_n = args.lookup_tokens // CHUNK * CHUNK

@@ -69,6 +69,34 @@ def token_array(tokens: Tokens) -> np.ndarray:
     return arr
 
 
+class ChunkHashes:
+    """A prompt known by the hashes of its full chunks (:meth:`TokenHasher.chunk_hashes`, salt folded
+    in) instead of by its token ids.
+
+    A client that hashed a prompt for its lookup sends these digests with the prompt's loads and
+    saves: 32 bytes per chunk instead of 8 per token, and no hashing on the server. Its length is the
+    number of tokens the chunks cover.
+    """
+
+    __slots__ = ("hashes", "chunk_size")
+
+    def __init__(self, hashes: Sequence[bytes], chunk_size: int) -> None:
+        self.hashes = hashes
+        self.chunk_size = chunk_size
+
+    def __len__(self) -> int:
+        return len(self.hashes) * self.chunk_size
+
+    @classmethod
+    def from_bytes(cls, data: bytes, digest_size: int, chunk_size: int) -> ChunkHashes:
+        """Split concatenated digests (ValueError if ``data`` is not a whole number of them)."""
+        if len(data) % digest_size:
+            raise ValueError(
+                f"chunk_hashes: {len(data)} bytes is not a whole number of {digest_size}-byte digests"
+            )
+        return cls([data[i : i + digest_size] for i in range(0, len(data), digest_size)], chunk_size)
+
+
 def _field(data: bytes) -> bytes:
     return len(data).to_bytes(4, "little") + data
 

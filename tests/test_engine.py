@@ -5,7 +5,7 @@ import torch
 
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine, KeySpace
-from lmcache.keys import ChunkKey
+from lmcache.keys import ChunkHashes, ChunkKey
 from lmcache.layout import PoolLayout
 
 TPB = 16
@@ -165,6 +165,43 @@ def test_lookup_by_chunk_hashes_refuses_what_it_cannot_check() -> None:
     with pytest.raises(ValueError, match="save_unfull_chunk"):
         unfull.lookup_hashes(space, hashes, 128)
     assert engine.stats.lookups == 0 and engine.l1.pinned_keys() == []
+
+
+def test_store_and_retrieve_by_chunk_hashes_are_interchangeable_with_tokens() -> None:
+    engine, space, pool = make()
+    toks = tokens(300)  # 4 full chunks + 44 tokens
+    hashes = ChunkHashes(engine.hasher(space).chunk_hashes(toks, "salt"), CHUNK)
+    assert len(hashes) == 256
+    src = list(range(19))
+    # Stored by hashes (only the first two chunks), found and loaded by tokens; then the reverse.
+    assert engine.store(space, 0, hashes, None, pool, src, 0, 150) == 128
+    assert engine.lookup(space, toks, "salt") == 128
+    assert engine.store(space, 0, toks, "salt", pool, src, 128, 300) == 128
+    dst = list(range(40, 59))
+    assert engine.retrieve(space, 0, hashes, None, pool, dst, 0, 240) == 240
+    assert torch.equal(pool[dst[:15]], pool[src[:15]])
+    assert torch.count_nonzero(pool[dst[15:]] - pool[src[15:]]) > 0  # the block holding 240.. untouched
+
+
+def test_chunk_hashes_that_cannot_name_the_range_are_refused_before_any_copy() -> None:
+    engine, space, pool = make()
+    toks = tokens(256)
+    hashes = engine.hasher(space).chunk_hashes(toks)
+    engine.store(space, 0, toks, None, pool, list(range(16)), 0, 256)
+    before = pool.clone()
+    with pytest.raises(ValueError, match=r"2 chunk hashes cover 128 tokens; .* up to token 192"):
+        engine.retrieve(space, 0, ChunkHashes(hashes[:2], CHUNK), None, pool, list(range(30, 42)), 0, 176)
+    with pytest.raises(ValueError, match="32-byte digests"):
+        engine.retrieve(space, 0, ChunkHashes([hashes[0][:8]], CHUNK), None, pool, list(range(30, 34)), 0, 64)
+    with pytest.raises(ValueError, match="of 32-token chunks; this cache uses 64"):
+        engine.store(space, 0, ChunkHashes(hashes, 32), None, pool, list(range(16)), 0, 128)
+    unfull, space2, _ = make(save_unfull_chunk=True)
+    with pytest.raises(ValueError, match="save_unfull_chunk"):
+        unfull.store(space2, 0, ChunkHashes(hashes, CHUNK), None, pool, list(range(16)), 0, 256)
+    assert torch.equal(pool, before) and engine.l1.pinned_keys() == []
+    assert len(unfull.l1) == 0
+    with pytest.raises(ValueError, match="whole number of 32-byte digests"):
+        ChunkHashes.from_bytes(b"x" * 40, 32, CHUNK)
 
 
 def test_save_unfull_chunk_stores_block_aligned_tail() -> None:

@@ -29,9 +29,9 @@ lookup         instance_id tokens cache_salt pin_id              int: hit tokens
 lookup_hashes  instance_id chunk_hashes num_tokens pin_id        int: hit tokens (all ranks)
 release        instance_id pin_id pin_owner                      bool (pins were held)
 store          instance_id tokens cache_salt block_ids           int: tokens newly stored
-               start end
+               start end chunk_hashes
 retrieve       instance_id tokens cache_salt block_ids           int: tokens loaded
-               start end pin_id pin_owner
+               start end pin_id pin_owner chunk_hashes
 heartbeat      instance_ids                                      :class:`HeartbeatInfo`
 ping           (none)                                            :class:`PingInfo`
 stats          (none)                                            :class:`StatsInfo`
@@ -84,7 +84,7 @@ __all__ = [
     "tokens_to_bytes",
 ]
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """Bumped on any incompatible change; client and server must agree exactly."""
 
 MAX_FRAME_BYTES = 64 << 20
@@ -106,6 +106,8 @@ TokenIds = (
     Annotated[bytes, Meta(max_length=8 * MAX_TOKENS)] | Annotated[list[int], Meta(max_length=MAX_TOKENS)]
 )
 """Token ids: little-endian int64 bytes (fast path, see :func:`tokens_to_bytes`) or a list."""
+ChunkHashBytes = Annotated[bytes, Meta(max_length=8 * MAX_TOKENS)]
+"""The digests of a prompt's full chunks, in order, concatenated (see :class:`ChunkHashing`)."""
 BlockIds = (
     Annotated[bytes, Meta(max_length=8 * MAX_BLOCKS)] | Annotated[list[int], Meta(max_length=MAX_BLOCKS)]
 )
@@ -212,8 +214,7 @@ class LookupHashes(_Req, tag="lookup_hashes", kw_only=True):
     on the server. The salt is folded into the hashes."""
 
     instance_id: UInt63
-    chunk_hashes: Annotated[bytes, Meta(max_length=8 * MAX_TOKENS)]
-    """The digests of the prompt's full chunks, in order, concatenated."""
+    chunk_hashes: ChunkHashBytes
     num_tokens: Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
     """The prompt's length: ``chunk_hashes`` must hold exactly ``num_tokens // chunk_size`` digests."""
     pin_id: PinId = None
@@ -227,21 +228,28 @@ class Release(_Req, tag="release", kw_only=True):
 
 
 class Store(_Req, tag="store", kw_only=True):
+    """Save the prompt's chunks in ``[start, end)`` from ``block_ids``. The prompt is ``tokens``, or,
+    with ``tokens`` empty, ``chunk_hashes`` (the salt folded in, as for ``lookup_hashes``)."""
+
     instance_id: UInt63
     tokens: TokenIds
     cache_salt: Salt = None
     block_ids: BlockIds
     start: NonNeg = 0
     end: NonNeg
+    chunk_hashes: ChunkHashBytes | None = None
 
 
 class Retrieve(_Req, tag="retrieve", kw_only=True):
+    """Load tokens ``[start, end)`` into ``block_ids``; the prompt is named as in :class:`Store`."""
+
     instance_id: UInt63
     tokens: TokenIds
     cache_salt: Salt = None
     block_ids: BlockIds
     start: NonNeg = 0
     end: NonNeg
+    chunk_hashes: ChunkHashBytes | None = None
     pin_id: PinId = None
     pin_owner: UInt63 | None = None
     """Instance whose lookup took the pins (default: ``instance_id``); ranks of one TP world pass

@@ -19,7 +19,18 @@ class FakeIndex:
     lookups: list = field(default_factory=list)
     released: list = field(default_factory=list)
 
-    def lookup(self, tokens, salt, pin_id):  # noqa: ANN001, ANN201
+    hashing: bool = False
+
+    def prompt_hashes(self, tokens, salt):  # noqa: ANN001, ANN201
+        # One fake 2-byte "digest" per full chunk, telling which prompt and chunk it names.
+        return (
+            b"".join(bytes([len(tokens) % 251, i]) for i in range(len(tokens) // CHUNK))
+            if self.hashing
+            else None
+        )
+
+    def lookup(self, tokens, salt, pin_id, chunk_hashes):  # noqa: ANN001, ANN201
+        assert chunk_hashes == self.prompt_hashes(tokens, salt)
         self.lookups.append((len(tokens), salt, pin_id))
         return min(self.hit, len(tokens) // CHUNK * CHUNK)
 
@@ -102,6 +113,31 @@ def test_saves_follow_chunked_prefill_and_decode() -> None:
         pos += 1
     assert saves == [(128, 192, 192, 12)]
     assert p.finished(FakeRequest(7, prompt)) is True
+
+
+def test_loads_and_the_prompts_saves_carry_the_lookups_chunk_hashes() -> None:
+    p, index = planner(hit=128)
+    index.hashing = True
+    prompt = list(range(150))  # 2 full chunks hashed at lookup
+    req = FakeRequest(4, prompt)
+    hashes = index.prompt_hashes(prompt, None)
+    assert p.match(req, 0) == (128, False)
+    p.after_alloc(req, list(range(10)))
+    meta = p.build(SchedulerOutput(new_requests=[report(4, prompt, list(range(10)), 0, 22)]))
+    assert [ld.chunk_hashes for ld in meta.loads] == [hashes]
+    saves = []
+    pos = 150
+    for t in range(1000, 1060):  # decode fills the chunk [128, 192): beyond the hashed prompt
+        new_block = [pos // TPB] if pos % TPB == 0 else []
+        meta = p.build(SchedulerOutput(cached_requests=[report(4, [t], new_block, pos, 1)]))
+        saves += meta.saves
+        pos += 1
+    assert [(s.start, s.end, s.chunk_hashes) for s in saves] == [(128, 192, None)]
+    q, index = planner()
+    index.hashing = True
+    q.match(FakeRequest(5, prompt), 0)
+    meta = q.build(SchedulerOutput(new_requests=[report(5, prompt, list(range(10)), 0, 150)]))
+    assert [(s.start, s.end, s.chunk_hashes) for s in meta.saves] == [(0, 128, hashes)]
 
 
 def test_sync_hit_first_report_excludes_loaded_tokens() -> None:

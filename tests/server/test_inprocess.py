@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 
 import pytest
@@ -237,3 +238,24 @@ def test_io_thread_busy_polls_after_a_request_but_never_beside_running_workers()
     finally:
         server.close()
         idle.close()
+
+
+def test_a_worker_sends_a_direct_reply_itself_only_when_nothing_waits_before_it() -> None:
+    from lmcache.server.server import _DirectConn
+
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    conn = _DirectConn(ours, 1)
+    try:
+        assert conn.send_from_worker(b"small") is True
+        assert peer.recv(16) == b"small"
+        big = b"x" * (16 << 20)  # more than the socket buffers hold: part goes, the rest waits
+        assert conn.send_from_worker(big) is None
+        assert 0 < len(conn.outbox) < len(big)
+        assert conn.send_from_worker(b"later") is False  # would overtake what waits in outbox
+        conn.outbox.clear()
+        conn.closed = True
+        assert conn.send_from_worker(b"late") is False  # never onto a closed (reusable) descriptor
+    finally:
+        ours.close()
+        peer.close()

@@ -70,6 +70,48 @@ def test_round_trip_shared_cpu_pool(client: CacheServerClient) -> None:
     assert pool[30:35].abs().sum() == 0 and torch.equal(pool[35:38], src[5:8])
 
 
+def test_a_prompt_hashed_once_travels_as_chunk_hashes(client: CacheServerClient) -> None:
+    pool = shared_pool(seed=11)
+    client.register(pool, 0, 1, MODEL, TPB)
+    tokens = list(range(7000, 7000 + 100))  # 3 full chunks of 32 + 4 tokens
+    hashes = client.chunk_hashes(tokens, "tenant")
+    assert hashes is not None and len(hashes) == 3 * 32
+    src = pool[:12].clone()
+    # Stored by hashes (the prompt's tokens never sent), found and loaded by tokens, and the reverse.
+    assert client.store(None, list(range(13)), 0, 100, chunk_hashes=hashes) == 96
+    assert client.lookup(tokens, "tenant") == 96
+    assert client.lookup(tokens, chunk_hashes=hashes, pin_id="h") == 96
+    pool[40:52].zero_()
+    assert client.retrieve(None, list(range(40, 52)), 0, 96, pin_id="h", chunk_hashes=hashes) == 96
+    assert torch.equal(pool[40:52], src)
+    pool[40:52].zero_()
+    assert client.retrieve(tokens, list(range(40, 52)), 32, 96, "tenant") == 64
+    assert torch.equal(pool[44:52], src[4:12]) and pool[40:44].abs().sum() == 0
+    assert client.stats().pinned_lookups == 0
+
+
+def test_bad_chunk_hashes_get_clear_errors_and_change_nothing(client: CacheServerClient) -> None:
+    pool = shared_pool(seed=12)
+    client.register(pool, 0, 1, MODEL, TPB)
+    tokens = list(range(8000, 8064))
+    hashes = client.chunk_hashes(tokens)
+    assert hashes is not None
+    assert client.store(tokens, list(range(8)), 0, 64) == 64
+    before = pool.clone()
+    with pytest.raises(InvalidRequest, match="whole number of 32-byte digests"):
+        client.retrieve(None, list(range(30, 38)), 0, 64, chunk_hashes=hashes[:40])
+    with pytest.raises(InvalidRequest, match=r"1 chunk hashes cover 32 tokens; .* up to token 64"):
+        client.retrieve(None, list(range(30, 38)), 0, 64, chunk_hashes=hashes[:32])
+    iid = client.instance_id
+    assert iid is not None
+    both = P.Store(instance_id=iid, tokens=P.tokens_to_bytes(tokens), block_ids=list(range(8)), end=64)
+    both.chunk_hashes = hashes
+    with pytest.raises(InvalidRequest, match="either as tokens .* or as chunk_hashes"):
+        client._call(both, int, None)
+    assert torch.equal(pool, before)
+    assert client.lookup(tokens) == 64  # still served, still cached
+
+
 def test_store_from_numpy_bytes_and_tensor_inputs(client: CacheServerClient) -> None:
     pool = shared_pool(seed=2)
     client.register(pool, 0, 1, MODEL, TPB)

@@ -24,7 +24,14 @@ logger = init_logger(__name__)
 class CacheIndex(Protocol):
     """The cache as the scheduler sees it: in-process engine or the cache server."""
 
-    def lookup(self, tokens: list[int], salt: str | int | None, pin_id: Hashable) -> int: ...
+    def prompt_hashes(self, tokens: list[int], salt: str | int | None) -> bytes | None:
+        """The prompt's chunk hashes, if loads and saves should name its chunks by them (hashed once
+        here, then sent instead of the tokens); None: they carry tokens."""
+        ...
+
+    def lookup(
+        self, tokens: list[int], salt: str | int | None, pin_id: Hashable, chunk_hashes: bytes | None
+    ) -> int: ...
 
     def release(self, pin_id: Hashable) -> None: ...
 
@@ -44,6 +51,8 @@ class LoadSpec:
     end: int
     required: int
     is_async: bool = False
+    chunk_hashes: bytes | None = None
+    """The prompt's chunk hashes (from the lookup), naming every chunk of the load."""
 
 
 @dataclass
@@ -56,6 +65,8 @@ class SaveSpec:
     block_ids: list[int]
     start: int
     end: int
+    chunk_hashes: bytes | None = None
+    """The prompt's chunk hashes (from the lookup) when they name every chunk up to ``end``."""
 
 
 @dataclass
@@ -80,6 +91,8 @@ class _Request:
     saved_until: int = 0
     save_planned: bool = False
     reported: bool = False
+    chunk_hashes: bytes | None = None
+    """The prompt's full chunks' hashes, from the lookup (see ``CacheIndex.prompt_hashes``)."""
 
 
 class Planner:
@@ -106,7 +119,10 @@ class Planner:
         self._forget(request_id)
         self._requests[request_id] = state
         tpb = self.settings.tokens_per_block
-        hit = self.index.lookup(tokens, salt, request_id) if prompt_len > 1 else 0
+        hit = 0
+        if prompt_len > 1:
+            state.chunk_hashes = self.index.prompt_hashes(tokens, salt)
+            hit = self.index.lookup(tokens, salt, request_id, state.chunk_hashes)
         # Never claim the last prompt token: TRT-LLM must compute it to sample.
         usable = min(hit, prompt_len - 1) // tpb * tpb
         new_matched = 0
@@ -167,6 +183,7 @@ class Planner:
                         state.load_end,
                         state.prompt_len - state.load_start,
                         state.load_async,
+                        state.chunk_hashes,
                     )
                 )
                 state.load_planned = True
@@ -212,6 +229,7 @@ class Planner:
             end = limit  # the prompt's partial last chunk; the engine keeps its whole blocks
         if end <= state.saved_until:
             return
+        hashed = state.prompt_len // chunk * chunk  # the lookup hashed the prompt's full chunks
         meta.saves.append(
             SaveSpec(
                 state.request_id,
@@ -220,6 +238,7 @@ class Planner:
                 state.block_ids[: -(-end // self._tpb)],
                 state.saved_until,
                 end,
+                state.chunk_hashes if end <= hashed else None,
             )
         )
         state.saved_until = end // chunk * chunk if end % chunk else end

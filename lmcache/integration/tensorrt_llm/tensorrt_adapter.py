@@ -86,7 +86,12 @@ class _EngineIndex:
         self._shared = shared
         self._warn = RateLimitedLog(logger, interval_s=300)
 
-    def lookup(self, tokens: list[int], salt: str | int | None, pin_id: Hashable) -> int:
+    def prompt_hashes(self, tokens: list[int], salt: str | int | None) -> bytes | None:
+        return None  # the engine is in this process: loads and saves hand it the tokens
+
+    def lookup(
+        self, tokens: list[int], salt: str | int | None, pin_id: Hashable, chunk_hashes: bytes | None
+    ) -> int:
         spaces = self._shared.spaces
         if not spaces:
             self._warn.warning(
