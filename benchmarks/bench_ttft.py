@@ -197,13 +197,14 @@ class MPTier:
         pass
 
     def load(self, tokens: list[int], blocks: list[int], end: int, rid: int) -> int:
-        hit = self.client.lookup(tokens, pin_id=rid)
+        hashes = self.client.chunk_hashes(tokens)  # as the adapter: hashed once, for lookup and load
+        hit = self.client.lookup(tokens, pin_id=rid, chunk_hashes=hashes)
         if hit < end:
             self.client.release(rid)
             raise BenchFailure(f"mp: lookup found {hit} tokens, expected >= {end}")
         if self.pool.is_cuda:
             torch.cuda.current_stream().synchronize()  # as the adapter: earlier kernels done with the blocks
-        return self.client.retrieve(tokens, blocks, 0, end, pin_id=rid)
+        return self.client.retrieve(tokens, blocks, 0, end, pin_id=rid, chunk_hashes=hashes)
 
     def after_length(self) -> None:
         self.client.clear()

@@ -556,8 +556,7 @@ class CacheEngine:
             self._flush_retrieve(batch)
             batch.transfer.finish()
         finally:
-            for key, _ in held:
-                self.l1.unpin(key)
+            self.l1.unpin_all([key for key, _ in held])
             if tier_pins:
                 assert self.tiers is not None
                 self.tiers.unpin(tier_pins)

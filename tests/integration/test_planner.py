@@ -20,17 +20,18 @@ class FakeIndex:
     released: list = field(default_factory=list)
 
     hashing: bool = False
+    hashed: int = 0
+
+    def digests(self, tokens):  # noqa: ANN001, ANN201
+        """One fake 2-byte "digest" per full chunk, telling which prompt and chunk it names."""
+        return b"".join(bytes([len(tokens) % 251, i]) for i in range(len(tokens) // CHUNK))
 
     def prompt_hashes(self, tokens, salt):  # noqa: ANN001, ANN201
-        # One fake 2-byte "digest" per full chunk, telling which prompt and chunk it names.
-        return (
-            b"".join(bytes([len(tokens) % 251, i]) for i in range(len(tokens) // CHUNK))
-            if self.hashing
-            else None
-        )
+        self.hashed += 1
+        return self.digests(tokens) if self.hashing else None
 
     def lookup(self, tokens, salt, pin_id, chunk_hashes):  # noqa: ANN001, ANN201
-        assert chunk_hashes == self.prompt_hashes(tokens, salt)
+        assert chunk_hashes == (self.digests(tokens) if self.hashing else None)
         self.lookups.append((len(tokens), salt, pin_id))
         return min(self.hit, len(tokens) // CHUNK * CHUNK)
 
@@ -120,7 +121,7 @@ def test_loads_and_the_prompts_saves_carry_the_lookups_chunk_hashes() -> None:
     index.hashing = True
     prompt = list(range(150))  # 2 full chunks hashed at lookup
     req = FakeRequest(4, prompt)
-    hashes = index.prompt_hashes(prompt, None)
+    hashes = index.digests(prompt)
     assert p.match(req, 0) == (128, False)
     p.after_alloc(req, list(range(10)))
     meta = p.build(SchedulerOutput(new_requests=[report(4, prompt, list(range(10)), 0, 22)]))
@@ -138,6 +139,18 @@ def test_loads_and_the_prompts_saves_carry_the_lookups_chunk_hashes() -> None:
     q.match(FakeRequest(5, prompt), 0)
     meta = q.build(SchedulerOutput(new_requests=[report(5, prompt, list(range(10)), 0, 150)]))
     assert [(s.start, s.end, s.chunk_hashes) for s in meta.saves] == [(0, 128, hashes)]
+
+
+def test_a_request_asked_about_again_is_not_hashed_again() -> None:
+    p, index = planner(hit=128)
+    index.hashing = True
+    prompt = list(range(150))
+    for _ in range(3):  # TRT-LLM retries while the request waits for free blocks
+        assert p.match(FakeRequest(6, prompt), 0) == (128, False)
+    assert index.hashed == 1 and len(index.lookups) == 3
+    p.match(FakeRequest(6, prompt, cache_salt="other"), 0)
+    p.match(FakeRequest(7, prompt), 0)
+    assert index.hashed == 3
 
 
 def test_sync_hit_first_report_excludes_loaded_tokens() -> None:

@@ -116,12 +116,17 @@ class Planner:
         tokens = tokens[:prompt_len]
         salt = request_salt(request)
         state = _Request(request_id, tokens, salt, prompt_len)
+        previous = self._requests.get(request_id)
         self._forget(request_id)
         self._requests[request_id] = state
         tpb = self.settings.tokens_per_block
         hit = 0
         if prompt_len > 1:
-            state.chunk_hashes = self.index.prompt_hashes(tokens, salt)
+            # TRT-LLM asks again each iteration a request waits for room: hash its prompt once.
+            hashed = previous.chunk_hashes if previous is not None else None
+            if hashed is None or previous is None or previous.salt != salt or previous.tokens != tokens:
+                hashed = self.index.prompt_hashes(tokens, salt)
+            state.chunk_hashes = hashed
             hit = self.index.lookup(tokens, salt, request_id, state.chunk_hashes)
         # Never claim the last prompt token: TRT-LLM must compute it to sample.
         usable = min(hit, prompt_len - 1) // tpb * tpb
