@@ -95,10 +95,6 @@ _DIRECT_RETRY_MIN_S = 0.1
 _DIRECT_RETRY_MAX_S = 60.0
 _DIRECT_SPIN_S = 200e-6
 """How long a direct call spins for its reply before it sleeps (see :class:`_DirectLane`)."""
-_SPIN_WHOLE_CALL = frozenset({"retrieve"})
-"""Calls that spin until their reply: a load's caller (the forward) waits for it anyway, and a
-thread woken from a sleep after a 10 ms load answered 0.2 ms late on an H200 host. Other long calls
-(stores, from a background thread) sleep, leaving the core and the GIL to the executor."""
 _MAX_REPLY_BYTES = 2 * P.MAX_FRAME_BYTES
 
 
@@ -674,9 +670,8 @@ class CacheServerClient:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise self._direct_timed_out(op, timeout)
-                wait = min(_DIRECT_POLL_S, remaining)
                 try:
-                    data = lane.receive(wait, spin=wait if op in _SPIN_WHOLE_CALL else _DIRECT_SPIN_S)
+                    data = lane.receive(min(_DIRECT_POLL_S, remaining), spin=_DIRECT_SPIN_S)
                 except OSError:
                     self._drop_direct()
                     raise ServerUnavailable(
