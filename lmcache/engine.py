@@ -289,17 +289,13 @@ class CacheEngine:
         ``save_unfull_chunk``: probing partial chunks needs their tokens.
         """
         began = time.perf_counter()
-        if self.config.save_unfull_chunk:
-            raise ValueError("lookups by chunk hashes need save_unfull_chunk off; send the tokens")
         size = self.config.chunk_size
+        self._check_chunk_hashes(self.hasher(space), ChunkHashes(chunk_hashes, size))
         if len(chunk_hashes) != num_tokens // size:
             raise ValueError(
                 f"{len(chunk_hashes)} chunk hashes for {num_tokens} tokens; expected one per full "
                 f"chunk of {size} tokens ({num_tokens // size})"
             )
-        digest_size = self.hasher(space).digest_size
-        if any(len(h) != digest_size for h in chunk_hashes):
-            raise ValueError(f"chunk hashes must be {digest_size}-byte digests")
         ends = range(size, (len(chunk_hashes) + 1) * size, size)
         return self._lookup_spans(space, chunk_hashes, ends, num_tokens, ranks, pin_id, began, None)
 

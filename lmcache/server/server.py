@@ -441,13 +441,9 @@ class CacheServer:
     # ---- I/O thread -----------------------------------------------------------------------------
 
     def _poll_timeout_ms(self) -> int:
-        """0 (poll without sleeping) shortly after a request while no worker runs, else 500 ms.
-
-        A thread woken from a sleeping poll answers tens of microseconds later than one that is
-        awake (longer still where idle cores drop into deep sleep states); a client sends its next
-        call a hashing time after the last (100-200 us for an 8k-token lookup). The workers' copy
-        loops never compete with a spinning I/O thread for the GIL: no spinning while they run.
-        """
+        """0 (poll without sleeping) within ``busy_poll_s`` of a request while no worker runs, else
+        500 ms. An awake thread answers the next call without a wake-up; never while a worker
+        copies, as the two would fight for the GIL."""
         if self._running or time.monotonic() >= self._busy_until:
             return 500
         return 0
@@ -960,7 +956,7 @@ class CacheServer:
             digest_size = self.engine.hasher(inst.space).digest_size
             prompt = ChunkHashes.from_bytes(req.chunk_hashes, digest_size, self.engine.config.chunk_size)
             if req.start > req.end:
-                raise _Fail(P.ErrorCode.INVALID, f"range [{req.start}, {req.end}) is empty backwards")
+                raise _Fail(P.ErrorCode.INVALID, f"range [{req.start}, {req.end}) ends before it starts")
         else:
             prompt = P.ids_from_wire(req.tokens, "tokens")
             if not req.start <= req.end <= len(prompt):
