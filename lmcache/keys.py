@@ -122,6 +122,8 @@ class TokenHasher:
         self.digest_size = len(self._new(b"").digest())
         self._space = b"lmcache-trtllm" + _field(str(FORMAT_VERSION).encode()) + _field(model_name.encode())
         self._space += _field(layout_signature)
+        self.scheme = _field(algorithm.encode()) + _field(str(chunk_size).encode()) + self._space
+        """Everything that decides the hashes but the tokens and salt: equal schemes, equal hashes."""
 
     def seed(self, salt: CacheSalt) -> bytes:
         return self._new(self._space + _field(_salt_bytes(salt))).digest()

@@ -75,6 +75,7 @@ logger = init_logger(__name__)
 __all__ = [
     "DEFAULT_SERVER_URL",
     "CacheServerClient",
+    "PromptHashes",
     "ServerError",
     "ServerUnavailable",
     "UnknownInstance",
@@ -233,6 +234,16 @@ class _Pending:
     sent: bool = False
 
 
+@dataclass(frozen=True)
+class PromptHashes:
+    """A prompt's chunk hashes (:meth:`CacheServerClient.chunk_hashes`) and the key scheme that made
+    them: a call uses them only for an instance whose scheme is the same (else it sends tokens)."""
+
+    scheme: bytes
+    digests: bytes
+    """The full chunks' digests, in order, concatenated."""
+
+
 @dataclass
 class _Registration:
     request: P.Register
@@ -369,7 +380,7 @@ class CacheServerClient:
         cache_salt: str | int | None = None,
         pin_id: int | str | None = None,
         *,
-        chunk_hashes: bytes | None = None,
+        chunk_hashes: PromptHashes | None = None,
         instance_id: int | None = None,
         timeout_s: float | None = None,
     ) -> int:
@@ -382,15 +393,15 @@ class CacheServerClient:
         """
         iid = self._iid(instance_id)
         req: P.Lookup | P.LookupHashes
-        if chunk_hashes is None:
-            chunk_hashes = self.chunk_hashes(tokens, cache_salt, instance_id=iid)
-        if chunk_hashes is not None and self._takes_hashes(iid):
+        digests = self._digests(iid, chunk_hashes)
+        if digests is None:
+            hashed = self.chunk_hashes(tokens, cache_salt, instance_id=iid)
+            digests = hashed.digests if hashed is not None else None
+        if digests is not None:
             num_tokens = (
                 len(tokens) // 8 if isinstance(tokens, (bytes, bytearray, memoryview)) else len(tokens)
             )
-            req = P.LookupHashes(
-                instance_id=iid, chunk_hashes=chunk_hashes, num_tokens=num_tokens, pin_id=pin_id
-            )
+            req = P.LookupHashes(instance_id=iid, chunk_hashes=digests, num_tokens=num_tokens, pin_id=pin_id)
         else:
             req = P.Lookup(
                 instance_id=iid, tokens=P.tokens_to_bytes(tokens), cache_salt=cache_salt, pin_id=pin_id
@@ -399,7 +410,7 @@ class CacheServerClient:
 
     def chunk_hashes(
         self, tokens: Any, cache_salt: str | int | None = None, *, instance_id: int | None = None
-    ) -> bytes | None:
+    ) -> PromptHashes | None:
         """The digests of the prompt's full chunks, as the server keys them for this instance (None if
         the server wants tokens, e.g. with ``save_unfull_chunk``).
 
@@ -412,18 +423,23 @@ class CacheServerClient:
             return None
         if isinstance(tokens, (bytes, bytearray, memoryview)):
             tokens = P.ids_from_wire(bytes(tokens), "tokens")
-        return b"".join(reg.hasher.chunk_hashes(tokens, cache_salt))
+        return PromptHashes(reg.hasher.scheme, b"".join(reg.hasher.chunk_hashes(tokens, cache_salt)))
 
-    def _takes_hashes(self, iid: int) -> bool:
+    def _digests(self, iid: int, hashes: PromptHashes | None) -> bytes | None:
+        """``hashes``' digests if the server keys this instance's chunks by the same scheme (it may
+        have restarted with another, or the instance has another layout); else None: send tokens."""
         reg = self._registrations.get(iid)
-        return reg is not None and reg.hasher is not None
+        if hashes is None or reg is None or reg.hasher is None or reg.hasher.scheme != hashes.scheme:
+            return None
+        return hashes.digests
 
     def _prompt(
-        self, iid: int, tokens: Any, cache_salt: str | int | None, chunk_hashes: bytes | None
+        self, iid: int, tokens: Any, cache_salt: str | int | None, chunk_hashes: PromptHashes | None
     ) -> dict[str, Any]:
-        """The prompt fields of a store or retrieve: the chunk hashes if given and taken, else tokens."""
-        if chunk_hashes is not None and self._takes_hashes(iid):
-            return {"tokens": b"", "chunk_hashes": chunk_hashes}
+        """The prompt fields of a store or retrieve: the chunk hashes if given and usable, else tokens."""
+        digests = self._digests(iid, chunk_hashes)
+        if digests is not None:
+            return {"tokens": b"", "chunk_hashes": digests}
         if tokens is None:
             raise ValueError(
                 "the server wants this prompt's tokens (it does not take chunk hashes); pass them"
@@ -449,7 +465,7 @@ class CacheServerClient:
         end: int,
         cache_salt: str | int | None = None,
         *,
-        chunk_hashes: bytes | None = None,
+        chunk_hashes: PromptHashes | None = None,
         instance_id: int | None = None,
         timeout_s: float | None = None,
     ) -> int:
@@ -479,7 +495,7 @@ class CacheServerClient:
         pin_id: int | str | None = None,
         *,
         pin_owner: int | None = None,
-        chunk_hashes: bytes | None = None,
+        chunk_hashes: PromptHashes | None = None,
         instance_id: int | None = None,
         timeout_s: float | None = None,
     ) -> int:

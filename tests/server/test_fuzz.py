@@ -56,6 +56,27 @@ def _valid_frames(instance_id: int) -> list[bytes]:
                 rid=7, instance_id=instance_id, tokens=tok, block_ids=list(range(8, 16)), end=64, pin_id=3
             )
         ),
+        P.encode(
+            P.Store(
+                rid=11,
+                instance_id=instance_id,
+                tokens=b"",
+                chunk_hashes=b"\5" * 64,
+                block_ids=list(range(8)),
+                end=64,
+            )
+        ),
+        P.encode(
+            P.Retrieve(
+                rid=12,
+                instance_id=instance_id,
+                tokens=b"",
+                chunk_hashes=b"\7" * 64,
+                block_ids=list(range(8, 16)),
+                end=64,
+                pin_id=2,
+            )
+        ),
         P.encode(P.Release(rid=8, instance_id=instance_id, pin_id="p")),
         P.encode(
             P.Register(

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import msgspec
 import pytest
@@ -75,7 +76,7 @@ def test_a_prompt_hashed_once_travels_as_chunk_hashes(client: CacheServerClient)
     client.register(pool, 0, 1, MODEL, TPB)
     tokens = list(range(7000, 7000 + 100))  # 3 full chunks of 32 + 4 tokens
     hashes = client.chunk_hashes(tokens, "tenant")
-    assert hashes is not None and len(hashes) == 3 * 32
+    assert hashes is not None and len(hashes.digests) == 3 * 32
     src = pool[:12].clone()
     # Stored by hashes (the prompt's tokens never sent), found and loaded by tokens, and the reverse.
     assert client.store(None, list(range(13)), 0, 100, chunk_hashes=hashes) == 96
@@ -99,17 +100,42 @@ def test_bad_chunk_hashes_get_clear_errors_and_change_nothing(client: CacheServe
     assert client.store(tokens, list(range(8)), 0, 64) == 64
     before = pool.clone()
     with pytest.raises(InvalidRequest, match="whole number of 32-byte digests"):
-        client.retrieve(None, list(range(30, 38)), 0, 64, chunk_hashes=hashes[:40])
+        client.retrieve(
+            None, list(range(30, 38)), 0, 64, chunk_hashes=replace(hashes, digests=hashes.digests[:40])
+        )
     with pytest.raises(InvalidRequest, match=r"1 chunk hashes cover 32 tokens; .* up to token 64"):
-        client.retrieve(None, list(range(30, 38)), 0, 64, chunk_hashes=hashes[:32])
+        client.retrieve(
+            None, list(range(30, 38)), 0, 64, chunk_hashes=replace(hashes, digests=hashes.digests[:32])
+        )
     iid = client.instance_id
     assert iid is not None
     both = P.Store(instance_id=iid, tokens=P.tokens_to_bytes(tokens), block_ids=list(range(8)), end=64)
-    both.chunk_hashes = hashes
+    both.chunk_hashes = hashes.digests
     with pytest.raises(InvalidRequest, match="either as tokens .* or as chunk_hashes"):
         client._call(both, int, None)
     assert torch.equal(pool, before)
     assert client.lookup(tokens) == 64  # still served, still cached
+
+
+def test_hashes_of_another_key_scheme_are_never_used(client: CacheServerClient) -> None:
+    """Hashes made for one instance (its layout is in the key) are not sent for another: that call
+    sends tokens, so its chunks get the keys of its own layout."""
+    pool = shared_pool(seed=13)
+    client.register(pool, 0, 1, MODEL, TPB)
+    first = client.instance_id
+    other = shared_pool(seed=14)[:, :1].clone()  # one layer per row: another layout
+    other.share_memory_()
+    client.register(other, 0, 1, MODEL, TPB)
+    assert first is not None and client.instance_id != first
+    tokens = list(range(9000, 9064))
+    hashes = client.chunk_hashes(tokens, instance_id=first)
+    assert hashes is not None and hashes != client.chunk_hashes(tokens)
+    assert client.store(tokens, list(range(8)), 0, 64, chunk_hashes=hashes) == 64  # sent as tokens
+    assert client.lookup(tokens) == 64
+    assert client.lookup(tokens, instance_id=first) == 0  # nothing stored under the first layout's keys
+    other[20:28].zero_()
+    assert client.retrieve(tokens, list(range(20, 28)), 0, 64, chunk_hashes=hashes) == 64
+    assert torch.equal(other[20:28], other[:8])
 
 
 def test_store_from_numpy_bytes_and_tensor_inputs(client: CacheServerClient) -> None:

@@ -24,13 +24,13 @@ logger = init_logger(__name__)
 class CacheIndex(Protocol):
     """The cache as the scheduler sees it: in-process engine or the cache server."""
 
-    def prompt_hashes(self, tokens: list[int], salt: str | int | None) -> bytes | None:
+    def prompt_hashes(self, tokens: list[int], salt: str | int | None) -> Any:
         """The prompt's chunk hashes, if loads and saves should name its chunks by them (hashed once
-        here, then sent instead of the tokens); None: they carry tokens."""
+        here, then sent instead of the tokens; opaque to the planner); None: they carry tokens."""
         ...
 
     def lookup(
-        self, tokens: list[int], salt: str | int | None, pin_id: Hashable, chunk_hashes: bytes | None
+        self, tokens: list[int], salt: str | int | None, pin_id: Hashable, chunk_hashes: Any
     ) -> int: ...
 
     def release(self, pin_id: Hashable) -> None: ...
@@ -51,7 +51,7 @@ class LoadSpec:
     end: int
     required: int
     is_async: bool = False
-    chunk_hashes: bytes | None = None
+    chunk_hashes: Any = None
     """The prompt's chunk hashes (from the lookup), naming every chunk of the load."""
 
 
@@ -65,7 +65,7 @@ class SaveSpec:
     block_ids: list[int]
     start: int
     end: int
-    chunk_hashes: bytes | None = None
+    chunk_hashes: Any = None
     """The prompt's chunk hashes (from the lookup) when they name every chunk up to ``end``."""
 
 
@@ -91,7 +91,7 @@ class _Request:
     saved_until: int = 0
     save_planned: bool = False
     reported: bool = False
-    chunk_hashes: bytes | None = None
+    chunk_hashes: Any = None
     """The prompt's full chunks' hashes, from the lookup (see ``CacheIndex.prompt_hashes``)."""
 
 

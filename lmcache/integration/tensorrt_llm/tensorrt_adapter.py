@@ -86,12 +86,10 @@ class _EngineIndex:
         self._shared = shared
         self._warn = RateLimitedLog(logger, interval_s=300)
 
-    def prompt_hashes(self, tokens: list[int], salt: str | int | None) -> bytes | None:
+    def prompt_hashes(self, tokens: list[int], salt: str | int | None) -> None:
         return None  # the engine is in this process: loads and saves hand it the tokens
 
-    def lookup(
-        self, tokens: list[int], salt: str | int | None, pin_id: Hashable, chunk_hashes: bytes | None
-    ) -> int:
+    def lookup(self, tokens: list[int], salt: str | int | None, pin_id: Hashable, chunk_hashes: None) -> int:
         spaces = self._shared.spaces
         if not spaces:
             self._warn.warning(

@@ -37,6 +37,7 @@ from lmcache.rate_limit import RateLimitedLog
 from lmcache.server.client import (
     DEFAULT_SERVER_URL,
     CacheServerClient,
+    PromptHashes,
     ServerError,
     ServerUnavailable,
     new_instance_id,
@@ -102,7 +103,7 @@ class _ServerIndex:
         self._connection = connection
         self._timeout_s = config.lookup_timeout_ms / 1000
 
-    def prompt_hashes(self, tokens: list[int], salt: str | int | None) -> bytes | None:
+    def prompt_hashes(self, tokens: list[int], salt: str | int | None) -> PromptHashes | None:
         """Hashed once per prompt: the lookup, then every rank's load and the prompt's saves send these
         instead of the tokens (a 16k-token prompt: 2 KiB instead of 128 KiB, and no hashing again)."""
         owner = self._connection.owner()
@@ -111,7 +112,7 @@ class _ServerIndex:
         )
 
     def lookup(
-        self, tokens: list[int], salt: str | int | None, pin_id: Hashable, chunk_hashes: bytes | None
+        self, tokens: list[int], salt: str | int | None, pin_id: Hashable, chunk_hashes: PromptHashes | None
     ) -> int:
         owner = self._connection.owner()
         if owner is None:
