@@ -14,7 +14,7 @@ from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine
 from lmcache.server import protocol as P
 from lmcache.server.client import CacheServerClient, ServerUnavailable
-from lmcache.server.server import CacheServer, ServerConfig
+from lmcache.server.server import CacheServer, ServerConfig, _DirectConn
 
 
 def _url(server: CacheServer) -> str:
@@ -241,8 +241,6 @@ def test_io_thread_busy_polls_after_a_request_but_never_beside_running_workers()
 
 
 def test_a_worker_sends_a_direct_reply_itself_only_when_nothing_waits_before_it() -> None:
-    from lmcache.server.server import _DirectConn
-
     ours, peer = socket.socketpair()
     ours.setblocking(False)
     conn = _DirectConn(ours, 1)
