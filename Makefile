@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup run demo test lint bench
 
-$(STAMP): pyproject.toml
+# setup.py and the C source too: the editable install compiles lmcache/_hashchain.c into lmcache/.
+$(STAMP): pyproject.toml setup.py lmcache/_hashchain.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.

@@ -18,6 +18,13 @@ import numpy as np
 import torch
 import xxhash
 
+try:
+    # The chain over a Python list in C (lmcache/_hashchain.c, built by setup.py); optional, this
+    # module's pure-Python path is the fallback and the reference.
+    from lmcache._hashchain import chain_digests as _native_chain
+except ImportError:
+    _native_chain = None
+
 FORMAT_VERSION = 1
 
 HASH_ALGORITHMS: dict[str, Callable[[bytes], Any]] = {
@@ -130,8 +137,35 @@ class TokenHasher:
 
     def chunk_hashes(self, tokens: Tokens, salt: CacheSalt = None) -> list[bytes]:
         """Hashes of every full chunk, in order."""
+        digests = self._native_digests(tokens, salt)
+        if digests is not None:
+            size = self.digest_size
+            return [digests[i : i + size] for i in range(0, len(digests), size)]
+        return self._pure_chunk_hashes(tokens, salt)
+
+    def chunk_digests(self, tokens: Tokens, salt: CacheSalt = None) -> bytes:
+        """``b"".join(self.chunk_hashes(tokens, salt))``: the full chunks' digests, concatenated.
+
+        A Python list is hashed in C when ``lmcache._hashchain`` is built (half the time for 8k tokens).
+        """
+        digests = self._native_digests(tokens, salt)
+        return digests if digests is not None else b"".join(self._pure_chunk_hashes(tokens, salt))
+
+    def _pure_chunk_hashes(self, tokens: Tokens, salt: CacheSalt) -> list[bytes]:
+        """:meth:`chunk_hashes` in Python: the reference the C chain must match."""
         arr = token_array(tokens)
         return self._chain(arr, len(arr) // self.chunk_size, salt)
+
+    def _native_digests(self, tokens: Tokens, salt: CacheSalt) -> bytes | None:
+        """The concatenated digests from the C chain, or None where it does not apply (no extension,
+        or not exactly a list: a subclass may iterate otherwise than its storage)."""
+        if _native_chain is None or type(tokens) is not list:
+            return None
+        num_chunks = len(tokens) // self.chunk_size
+        end = num_chunks * self.chunk_size
+        if end < len(tokens):
+            token_array(tokens[end:])  # the partial tail is not hashed, but must be valid as in the pure path
+        return _native_chain(tokens, self.chunk_size, num_chunks, self.seed(salt), self._new)
 
     def iter_chunk_hashes(
         self, tokens: Tokens, salt: CacheSalt = None, end: int | None = None

@@ -1,11 +1,16 @@
 import os
+import struct
 import subprocess
 import sys
 
+import blake3
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from lmcache import keys
 from lmcache.keys import HASH_ALGORITHMS, ChunkKey, TokenHasher, token_array
 
 SIG = b"bfloat16/L28/KV2/E8192/T32"
@@ -112,3 +117,117 @@ def test_lazy_chunk_hashes_equal_the_eager_ones(form: object, end: int | None) -
     h = hasher()
     want = h.chunk_hashes(toks[:end], salt="s")
     assert list(h.iter_chunk_hashes(form(toks), "s", end)) == want  # type: ignore[operator]
+
+
+# -- lmcache._hashchain: the C chain for Python lists ------------------------------------------------
+
+INT64 = st.integers(-(2**63), 2**63 - 1)
+TOKEN = st.one_of(
+    st.integers(-5, 300), st.integers(-(2**31), 2**31), INT64, st.sampled_from([-(2**63), 2**63 - 1])
+)
+
+
+# The native tests import lmcache._hashchain themselves (no importorskip): CI builds it (setup.py), so a
+# broken build fails them, while the pure-Python tests above still run.
+
+
+def test_native_chain_is_built_and_used() -> None:
+    """A broken build must fail here, not fall back to pure Python silently."""
+    from lmcache._hashchain import chain_digests
+
+    assert keys._native_chain is chain_digests
+
+
+def _reference(h: TokenHasher, tokens: list[int], salt: object) -> list[bytes]:
+    """The chain spelled out, independent of keys.py's code paths."""
+    size, parent, out = h.chunk_size, h.seed(salt), []  # type: ignore[arg-type]
+    for begin in range(0, len(tokens) // size * size, size):
+        parent = h._new(parent + struct.pack(f"<{size}q", *tokens[begin : begin + size])).digest()
+        out.append(parent)
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    algorithm=st.sampled_from(sorted(HASH_ALGORITHMS)),
+    chunk=st.integers(1, 40),
+    tokens=st.lists(TOKEN, max_size=300),
+    salt=st.one_of(st.none(), st.text(max_size=8), st.integers()),
+)
+def test_native_chain_equals_pure_python(algorithm: str, chunk: int, tokens: list[int], salt: object) -> None:
+    from lmcache._hashchain import chain_digests
+
+    h = hasher(algorithm, chunk=chunk)
+    want = _reference(h, tokens, salt)
+    assert h._pure_chunk_hashes(tokens, salt) == want  # type: ignore[arg-type]
+    assert h.chunk_hashes(tokens, salt) == want  # type: ignore[arg-type]
+    assert h.chunk_digests(tokens, salt) == b"".join(want)  # type: ignore[arg-type]
+    assert h.chunk_digests(np.array(tokens, dtype=np.int64), salt) == b"".join(want)  # type: ignore[arg-type]
+    seed = h.seed(salt)  # type: ignore[arg-type]
+    for n in {0, len(want) // 2, len(want)}:
+        assert chain_digests(tokens, chunk, n, seed, h._new) == b"".join(want[:n])
+
+
+def test_native_chain_takes_what_struct_takes() -> None:
+    """Items that are not exact ints but index as ints (bools, numpy ints) hash as the pure path does."""
+    h = hasher(chunk=4)
+    toks = [True, np.int64(-3), np.int32(7), 2**62, False, 1, 2, 3, 9]
+    assert h.chunk_hashes(toks) == h._pure_chunk_hashes(toks, None) == _reference(h, toks, None)
+
+
+@pytest.mark.parametrize("bad", [2**63, -(2**63) - 1, 1.5, "7", None])
+@pytest.mark.parametrize("where", [0, 5, 9])  # first chunk, second chunk, the partial tail
+def test_bad_token_ids_raise_value_error_on_every_path(bad: object, where: int) -> None:
+    from lmcache._hashchain import chain_digests
+
+    h = hasher(chunk=4)
+    toks: list = list(range(10))
+    toks[where] = bad
+    for fn in (h._pure_chunk_hashes, h.chunk_hashes, h.chunk_digests):
+        with pytest.raises(ValueError, match="token ids must be integers in int64 range"):
+            fn(toks, None)
+    if where < 8:
+        with pytest.raises(ValueError, match=f"item {where} "):
+            chain_digests(toks, 4, 2, h.seed(None), h._new)
+
+
+def test_native_chain_rejects_bad_arguments() -> None:
+    from lmcache._hashchain import chain_digests
+
+    seed, new = b"s" * 32, blake3.blake3
+    with pytest.raises(TypeError, match="list"):
+        chain_digests((1, 2, 3, 4), 2, 2, seed, new)
+    with pytest.raises(TypeError, match="list"):
+        chain_digests(np.arange(4), 2, 2, seed, new)
+    with pytest.raises(ValueError, match="num_chunks"):
+        chain_digests([1, 2, 3], 2, 2, seed, new)
+    with pytest.raises(ValueError, match="num_chunks"):
+        chain_digests([1, 2, 3], 2, -1, seed, new)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chain_digests([1, 2, 3], 0, 0, seed, new)
+    with pytest.raises(TypeError, match="seed"):
+        chain_digests([1, 2], 2, 1, "s", new)
+    with pytest.raises(TypeError, match="callable"):
+        chain_digests([1, 2], 2, 1, seed, None)
+    with pytest.raises(TypeError):
+        chain_digests([1, 2], 2, 1, seed)
+    with pytest.raises(TypeError):
+        chain_digests([1, 2], "2", 1, seed, new)
+    with pytest.raises(TypeError, match="not bytes"):
+        chain_digests([1, 2], 2, 1, seed, lambda data: type("H", (), {"digest": lambda self: "x"})())
+    with pytest.raises(ZeroDivisionError):
+        chain_digests([1, 2], 2, 1, seed, lambda data: 1 / 0)
+
+
+def test_native_chain_survives_the_list_shrinking_under_it() -> None:
+    """``new`` is Python code: if it empties the list mid-chain, an error, not a read past the end."""
+    from lmcache._hashchain import chain_digests
+
+    toks = list(range(64))
+
+    def new(data: bytes) -> object:
+        toks.clear()
+        return blake3.blake3(data)
+
+    with pytest.raises(RuntimeError, match="changed size"):
+        chain_digests(toks, 8, 8, b"s", new)

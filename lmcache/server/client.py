@@ -423,7 +423,7 @@ class CacheServerClient:
             return None
         if isinstance(tokens, (bytes, bytearray, memoryview)):
             tokens = P.ids_from_wire(bytes(tokens), "tokens")
-        return PromptHashes(reg.hasher.scheme, b"".join(reg.hasher.chunk_hashes(tokens, cache_salt)))
+        return PromptHashes(reg.hasher.scheme, reg.hasher.chunk_digests(tokens, cache_salt))
 
     def _digests(self, iid: int, hashes: PromptHashes | None) -> bytes | None:
         """``hashes``' digests if the server keys this instance's chunks by the same scheme (it may
