@@ -65,15 +65,25 @@ def join_adjacent(chunks: Sequence[ChunkCopy]) -> list[ChunkCopy]:
     batch then moves as one DMA copy instead of one per chunk, with one set of host-side calls.
     """
     joined: list[ChunkCopy] = []
-    for block_ids, buf in chunks:
-        if joined and _joinable(joined[-1][1], buf):
-            ids, prev = joined[-1]
-            rows = prev.shape[0] + buf.shape[0]
-            span = prev.as_strided((rows, *prev.shape[1:]), prev.stride(), prev.storage_offset())
-            joined[-1] = ([*ids, *block_ids], span)
-        else:
-            joined.append((block_ids, buf))
+    run: list[ChunkCopy] = []
+    for chunk in chunks:
+        if run and not _joinable(run[-1][1], chunk[1]):
+            joined.append(_join(run))
+            run = []
+        run.append(chunk)
+    if run:
+        joined.append(_join(run))
     return joined
+
+
+def _join(run: list[ChunkCopy]) -> ChunkCopy:
+    """One copy for chunks whose buffers follow each other (one view, built once per run)."""
+    if len(run) == 1:
+        return run[0]
+    first = run[0][1]
+    rows = sum(buf.shape[0] for _, buf in run)
+    ids = [b for block_ids, _ in run for b in block_ids]
+    return ids, first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
 def check_block_ids(pool: torch.Tensor, block_ids: Sequence[int]) -> None:
@@ -85,6 +95,7 @@ def check_block_ids(pool: torch.Tensor, block_ids: Sequence[int]) -> None:
 
 
 def _index_tensor(ids: list[int], device: torch.device) -> torch.Tensor:
+    """``ids`` on ``device``, uploaded on the current stream (pinned, so the upload is asynchronous)."""
     host = torch.tensor(ids, dtype=torch.int64, pin_memory=device.type == "cuda")
     return host.to(device, non_blocking=True)
 
@@ -134,9 +145,20 @@ class Transfer:
     run on a helper stream, ordered by events, so the kernel for one batch overlaps the DMA of
     its neighbours instead of stalling the copy engine. ``finish()`` orders ``stream`` after all
     of it; until then the pool's scattered rows may still be in flight.
+
+    ``block_ids``, the request's block ids when the chunk copies name consecutive slices of them,
+    lets the device-side gathers and scatters index a single upload of that list instead of
+    uploading each batch's ids (a host call and a small DMA between the big ones, per batch).
     """
 
-    def __init__(self, pool: torch.Tensor, stream: Any = None, *, interleave: bool = False) -> None:
+    def __init__(
+        self,
+        pool: torch.Tensor,
+        stream: Any = None,
+        *,
+        interleave: bool = False,
+        block_ids: Sequence[int] | None = None,
+    ) -> None:
         self.pool = pool
         self.cuda = pool.is_cuda
         self.stream = stream
@@ -147,6 +169,9 @@ class Transfer:
         self._turns = 0
         self._last: Any = None
         self._restore: tuple[Any, ...] = ()
+        self._request_ids = list(block_ids) if block_ids is not None else None
+        self._request_index: torch.Tensor | None = None
+        self._cursor = 0
         if self.cuda:
             # What ``_on`` puts back: the current streams of the current and of the pool's device.
             self._restore = (torch.cuda.current_stream(), torch.cuda.current_stream(pool.device))
@@ -186,6 +211,23 @@ class Transfer:
             lane.wait_event(self._pool_ready)
         return lane
 
+    def _device_index(self, ids: list[int]) -> torch.Tensor:
+        """``ids`` on the pool's device, enqueued on the current stream: a slice of the request's
+        uploaded block ids when ``ids`` is one (found from where the previous batch ended), else a
+        fresh upload."""
+        known = self._request_ids
+        if known is not None:
+            try:
+                at = known.index(ids[0], self._cursor)
+            except ValueError:
+                at = -1
+            if at >= 0 and known[at : at + len(ids)] == ids:
+                if self._request_index is None:
+                    self._request_index = _index_tensor(known, self.pool.device)
+                self._cursor = at + len(ids)
+                return self._request_index[at : at + len(ids)]
+        return _index_tensor(ids, self.pool.device)
+
     def record(self) -> Any:
         """An event after every copy enqueued so far (None on CPU)."""
         if not self.cuda:
@@ -223,7 +265,7 @@ class Transfer:
         ids = [b for block_ids, _ in scattered for b in block_ids]
         self._side.wait_event(self._pool_ready)
         with self._on(self._side):
-            staging = torch.index_select(pool, 0, _index_tensor(ids, pool.device))
+            staging = torch.index_select(pool, 0, self._device_index(ids))
             gathered = torch.cuda.Event()
             gathered.record(self._side)
         main.wait_event(gathered)
@@ -266,7 +308,7 @@ class Transfer:
             ids = [b for block_ids, _ in scattered for b in block_ids]
             # Uploaded in line with the chunks: a copy on the kernel stream would wait until the copy
             # engine drained every chunk queued on this one, holding every scatter back to the end.
-            index = _index_tensor(ids, pool.device)
+            index = self._device_index(ids)
             staging = torch.empty((len(ids), *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
             offset = 0
             for block_ids, src in scattered:

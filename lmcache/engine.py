@@ -403,7 +403,7 @@ class CacheEngine:
             return 0
         self._check_block_ids(block_ids, last, layout, pool)
         # Interleaved: the copies must not hold up the copy engine for TRT-LLM's own transfers.
-        batch = _CopyBatch(c_ops.Transfer(pool, stream, interleave=True))
+        batch = _CopyBatch(c_ops.Transfer(pool, stream, interleave=True, block_ids=block_ids))
         stored_chunks = stored = 0
         new_keys: list[ChunkKey] = []
         try:
@@ -507,7 +507,7 @@ class CacheEngine:
                 f"{len(tokens.hashes)} chunk hashes cover {len(tokens)} tokens; loading up to token {end} "
                 f"needs the hashes of the chunks up to token {chunk_end}"
             )
-        batch = _CopyBatch(c_ops.Transfer(pool, stream))
+        batch = _CopyBatch(c_ops.Transfer(pool, stream, block_ids=block_ids))
         held: list[tuple[ChunkKey, CachedChunk]] = []
         loaded_end = start
         tier_pins: list[ChunkKey] = []

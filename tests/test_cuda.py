@@ -62,6 +62,31 @@ def test_chunks_back_to_back_in_host_memory_move_as_joined_copies(layout: str) -
     assert torch.equal(pool[flat_targets], pool[flat_ids])
 
 
+@pytest.mark.parametrize("hint", ["request", "other"])
+def test_batches_of_a_transfer_index_slices_of_the_request_block_ids(hint: str) -> None:
+    """Batch after batch, scatters and gathers index one upload of the request's block ids (or
+    upload their own where the ids given are not the request's): every row lands where its id says."""
+    pool = cuda_pool()
+    request = [5, 1, 30, 2, 7, 44, 50, 51, 3, 9]
+    known = request if hint == "request" else [0, 1, 2, 3]
+    slab = torch.empty((10, *pool.shape[1:]), dtype=pool.dtype, pin_memory=True)
+    chunks = [(request[i : i + 2], slab[i : i + 2]) for i in range(0, 10, 2)]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    gather = c_ops.Transfer(pool, stream, interleave=True, block_ids=known)
+    for i in range(0, 5, 2):  # batches of chunks 0-1, 2-3, 4
+        gather.gather(chunks[i : i + 2])
+    gather.finish()
+    targets = [60, 61, 70, 62, 91, 92, 64, 80, 81, 66]
+    scatter = c_ops.Transfer(pool, stream, block_ids=targets if hint == "request" else known)
+    for i in range(0, 10, 4):
+        scatter.scatter([(targets[j : j + 2], slab[j : j + 2]) for j in range(i, min(i + 4, 10), 2)])
+    scatter.finish()
+    stream.synchronize()
+    assert torch.equal(slab.cuda(), pool[request])
+    assert torch.equal(pool[targets], pool[request])
+
+
 def test_engine_round_trip_with_pinned_l1_and_event_ordering() -> None:
     pool = cuda_pool()
     engine = CacheEngine(LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.5))

@@ -229,6 +229,8 @@ class CacheServer:
         self._ilock = threading.Lock()
         self._pins: dict[tuple[int, int | str], _PinState] = {}
         self._plock = threading.Lock()
+        self._worker = threading.local()
+        """Per worker thread: ``after_reply``, the cleanups of the request it runs (``_after_reply``)."""
         self.requests = 0
         self.errors = 0
         self.reaped = 0
@@ -702,6 +704,7 @@ class CacheServer:
                     self._queues.pop(identity, None)
                     return
                 req, received = q.popleft()
+            reply: P.Reply | None
             if self._stop.is_set():
                 reply = P.Reply(
                     rid=req.rid,
@@ -709,20 +712,49 @@ class CacheServer:
                     error=P.ErrorInfo(P.ErrorCode.SHUTTING_DOWN.value, "the server is shutting down"),
                 )
             else:
-                reply = self._execute(req, received)
+                after: list[Callable[[], None]] = []
+                self._worker.after_reply = after
+                try:
+                    reply = self._execute(req, received)
+                finally:
+                    self._worker.after_reply = None
+                if after:
+                    # The client's next request waits in this queue until the cleanup is done.
+                    self._post(identity, reply)
+                    self._run_after_reply(after)
+                    reply = None
             with self._qlock:
-                # Done before the reply goes out: the client's next request may then run inline.
+                # Done before a reply without cleanups goes out: the client's next request may then
+                # run inline.
                 done = not self._queues.get(identity)
                 if done:
                     self._running.discard(identity)
                     self._queues.pop(identity, None)
-            self._post(identity, reply)
+            if reply is not None:
+                self._post(identity, reply)
             if done:
                 return
         try:  # let other clients' queues run, then continue with this one
             self._executor.submit(self._drain, identity)
         except RuntimeError:
             self._executor_fallback(identity)
+
+    def _after_reply(self, cleanup: Callable[[], None]) -> None:
+        """Run ``cleanup`` once the reply of the request this worker runs is out (now, elsewhere):
+        work the client need not wait for, still done before the client's next request runs."""
+        pending = getattr(self._worker, "after_reply", None)
+        if pending is None:
+            cleanup()
+        else:
+            pending.append(cleanup)
+
+    @staticmethod
+    def _run_after_reply(cleanups: list[Callable[[], None]]) -> None:
+        for cleanup in cleanups:
+            try:
+                cleanup()
+            except Exception:
+                logger.exception("cleanup after a reply")
 
     def _executor_fallback(self, identity: _Identity) -> None:
         """The executor is shutting down: answer what is left in this client's queue."""
@@ -1013,8 +1045,8 @@ class CacheServer:
                 self._copies_done(inst, "retrieve", loaded, began)  # the blocks are in place then
                 return loaded
             finally:
-                if key is not None:
-                    self._rank_done(key, inst.rank)
+                if key is not None:  # the blocks are loaded (or the load failed): the pins may go
+                    self._after_reply(functools.partial(self._rank_done, key, inst.rank))
 
     @staticmethod
     def _copies_done(inst: _Instance, op: str, tokens: int, began: float) -> None:

@@ -281,6 +281,8 @@ def test_tensor_parallel_world_lookup_needs_every_rank_and_pins_last_until_all_r
         assert clients[0].retrieve(tokens, list(range(20, 28)), 0, 64, pin_id=42) == 64
         assert clients[0].stats().pinned_lookups == 1  # rank 1 still to load
         assert clients[1].retrieve(tokens, list(range(20, 28)), 0, 64, pin_id=42, pin_owner=owner) == 64
+        # Released right after rank 1's reply went out: seen at once by rank 1, soon by others.
+        assert clients[1].stats().pinned_lookups == 0
         assert clients[0].stats().pinned_lookups == 0
         for r in range(2):
             assert torch.equal(pools[r][20:28], src[r])
