@@ -18,12 +18,17 @@ import numpy as np
 import torch
 import xxhash
 
+from lmcache.logging import init_logger
+
 try:
     # The chain over a Python list in C (lmcache/_hashchain.c, built by setup.py); optional, this
     # module's pure-Python path is the fallback and the reference.
     from lmcache._hashchain import chain_digests as _native_chain
 except ImportError:
     _native_chain = None
+
+logger = init_logger(__name__)
+_told_pure = False
 
 FORMAT_VERSION = 1
 
@@ -116,6 +121,18 @@ def _salt_bytes(salt: CacheSalt) -> bytes:
     return b"s" + str(salt).encode()
 
 
+def _say_pure_python() -> None:
+    """Once per process: a deployment missing the C chain should know why its lookups are slower."""
+    global _told_pure
+    if not _told_pure:
+        _told_pure = True
+        logger.warning(
+            "lmcache._hashchain is not built: prompts are hashed in pure Python (about twice as slow; "
+            "an 8k-token lookup pays ~40-90 us more). Reinstall lmcache where a C compiler and the "
+            "Python headers are present (pip install -e . builds it)."
+        )
+
+
 class TokenHasher:
     """Turns token ids into chunk hashes for one key space (model, layout)."""
 
@@ -159,7 +176,10 @@ class TokenHasher:
     def _native_digests(self, tokens: Tokens, salt: CacheSalt) -> bytes | None:
         """The concatenated digests from the C chain, or None where it does not apply (no extension,
         or not exactly a list: a subclass may iterate otherwise than its storage)."""
-        if _native_chain is None or type(tokens) is not list:
+        if type(tokens) is not list:
+            return None
+        if _native_chain is None:
+            _say_pure_python()
             return None
         num_chunks = len(tokens) // self.chunk_size
         end = num_chunks * self.chunk_size

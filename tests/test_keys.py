@@ -138,6 +138,20 @@ def test_native_chain_is_built_and_used() -> None:
     assert keys._native_chain is chain_digests
 
 
+def test_without_the_c_chain_lists_hash_in_python_and_say_so_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = TokenHasher(4, "blake3", "m", b"sig")
+    tokens = list(range(-3, 10))
+    native = h.chunk_digests(tokens, "salt")
+    monkeypatch.setattr(keys, "_native_chain", None)
+    monkeypatch.setattr(keys, "_told_pure", False)
+    with caplog.at_level("WARNING", logger="lmcache"):
+        assert h.chunk_digests(tokens, "salt") == native
+        assert b"".join(h.chunk_hashes(tokens, "salt")) == native
+    assert [m for m in caplog.messages if "lmcache._hashchain is not built" in m] == [caplog.messages[0]]
+
+
 def _reference(h: TokenHasher, tokens: list[int], salt: object) -> list[bytes]:
     """The chain spelled out, independent of keys.py's code paths."""
     size, parent, out = h.chunk_size, h.seed(salt), []  # type: ignore[arg-type]
