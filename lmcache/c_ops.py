@@ -15,6 +15,7 @@ Pure PyTorch: ``import lmcache.c_ops`` works on any machine, with or without CUD
 from __future__ import annotations
 
 import contextlib
+import struct
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -95,8 +96,13 @@ def check_block_ids(pool: torch.Tensor, block_ids: Sequence[int]) -> None:
 
 
 def _index_tensor(ids: list[int], device: torch.device) -> torch.Tensor:
-    """``ids`` on ``device``, uploaded on the current stream (pinned, so the upload is asynchronous)."""
-    host = torch.tensor(ids, dtype=torch.int64, pin_memory=device.type == "cuda")
+    """``ids`` on ``device``, uploaded on the current stream (pinned, so the upload is asynchronous).
+
+    Packed by ``struct`` straight into the pinned buffer: ``torch.tensor(list)`` took 146 us for a
+    16k-token load's 512 ids on an H200 host, ahead of the load's first copy.
+    """
+    host = torch.empty(len(ids), dtype=torch.int64, pin_memory=device.type == "cuda")
+    struct.pack_into(f"{len(ids)}q", host.numpy(), 0, *ids)
     return host.to(device, non_blocking=True)
 
 
@@ -306,14 +312,15 @@ class Transfer:
             if not scattered:
                 return
             ids = [b for block_ids, _ in scattered for b in block_ids]
-            # Uploaded in line with the chunks: a copy on the kernel stream would wait until the copy
-            # engine drained every chunk queued on this one, holding every scatter back to the end.
-            index = self._device_index(ids)
             staging = torch.empty((len(ids), *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
             offset = 0
             for block_ids, src in scattered:
                 staging[offset : offset + len(block_ids)].copy_(src, non_blocking=True)
                 offset += len(block_ids)
+            # Uploaded in line with the chunks: a copy on the kernel stream would wait until the copy
+            # engine drained every chunk queued on this one, holding every scatter back to the end.
+            # After them: the DMA starts while the host prepares the ids (the kernel needs both).
+            index = self._device_index(ids)
             copied = torch.cuda.Event()
             copied.record(main)
         self._side.wait_event(copied)
