@@ -105,8 +105,8 @@ class ServerConfig:
     busy_poll_s: float = 0.0
     """For this long after each request the I/O thread polls without sleeping (one core busy while
     clients are active, none when idle); 0 (default) always sleeps in poll. Off by default: on an
-    H200 host it cut lookups by tens of microseconds but made some loads right after a lookup
-    milliseconds slower (TTFT of a 4k-token hit 8.7 -> 12.1 ms)."""
+    H200 host lookups were no faster with it and the TTFT of a 4k-token hit through the server went
+    from 9.6-9.8 to 11.1-11.4 ms (benchmarks/RESULTS.md, third session)."""
     direct_port: int | None = 0
     """TCP port of the direct lane on ``host`` (0: any free port); None disables the lane (its
     Unix socket, ``<ipc_path>.direct``, too)."""
