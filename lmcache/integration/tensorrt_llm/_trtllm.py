@@ -51,12 +51,31 @@ class _RequestData:
 
 
 @dataclass
+class _PrefixLoad:
+    """One accepted prefix reservation to load this iteration (TRT-LLM main, V2 + reservations).
+
+    ``block_ids_by_layer_group[g][i]`` is the destination page of block ordinal ``i`` in layer
+    group ``g``, ``-1`` where that group has no page; ``[start, end)`` are absolute token positions.
+    """
+
+    reservation_id: int
+    request_id: int
+    start: int
+    end: int
+    is_async: bool
+    block_ids_by_layer_group: list[list[int]]
+    tokens: list[int]
+    cache_salt: str | None = None
+
+
+@dataclass
 class _SchedulerOutput:
     """What the executor scheduled this iteration (TRT-LLM's ``SchedulerOutput``)."""
 
     new_requests: list[_RequestData] = field(default_factory=list)
     cached_requests: list[_RequestData] = field(default_factory=list)
     attention_dp_rank: int | None = None
+    prefix_loads: list[_PrefixLoad] = field(default_factory=list)
 
 
 class _KvCacheConnectorWorker(ABC):
@@ -106,6 +125,10 @@ class _KvCacheConnectorWorker(ABC):
         self, finished_gen_req_ids: list[int], started_loading_req_ids: list[int]
     ) -> tuple[list[int], list[int]]: ...
 
+    def get_finished_prefix_loads(self) -> list[int]:
+        """Reservation ids whose load this worker finished (V2 prefix reservations)."""
+        return []
+
 
 class _KvCacheConnectorScheduler(ABC):
     """Runs on rank 0: decides what to load and save per request."""
@@ -144,17 +167,34 @@ class _KvCacheConnectorScheduler(ABC):
     def wait_for_initialization(self) -> None:
         return None
 
+    # V2 (TRT-LLM main): optional; the runtime enables reservations only when a connector
+    # overrides all three of reserve_prefix, release_prefix_reservation and the worker's
+    # get_finished_prefix_loads.
+    def reserve_prefix(self, request: Any, num_computed_tokens: int, reservation_id: int) -> tuple[int, bool]:
+        return 0, False
+
+    def release_prefix_reservation(self, request: Any, reservation_id: int, start: int, end: int) -> None:
+        return None
+
+    def cancel_load(self, request: Any, start: int, end: int) -> None:
+        return None
+
+    def request_reset(self, request: Any) -> None:
+        return None
+
 
 if _trt is not None:
     KvCacheConnectorWorker = _trt.KvCacheConnectorWorker
     KvCacheConnectorScheduler = _trt.KvCacheConnectorScheduler
     SchedulerOutput = _trt.SchedulerOutput
     RequestData = _trt.RequestData
+    PrefixLoad = getattr(_trt, "PrefixLoad", _PrefixLoad)
 else:
     KvCacheConnectorWorker = _KvCacheConnectorWorker
     KvCacheConnectorScheduler = _KvCacheConnectorScheduler
     SchedulerOutput = _SchedulerOutput
     RequestData = _RequestData
+    PrefixLoad = _PrefixLoad
 
 
 _rank_override = threading.local()
