@@ -401,7 +401,7 @@ class CacheEngine:
         last = self.cacheable_end(space, len(tokens), end)
         if last <= start:
             return 0
-        self._check_block_ids(block_ids, last, layout, pool)
+        self._check_block_ids(block_ids, start, last, layout, pool)
         # Interleaved: the copies must not hold up the copy engine for TRT-LLM's own transfers.
         batch = _CopyBatch(c_ops.Transfer(pool, stream, interleave=True, block_ids=block_ids))
         stored_chunks = stored = 0
@@ -498,7 +498,7 @@ class CacheEngine:
             )
         if end == start:
             return 0
-        self._check_block_ids(block_ids, end, layout, pool)
+        self._check_block_ids(block_ids, start, end, layout, pool)
         # The last chunk may end after ``end`` (a load never claims a prompt's last token): its key
         # needs all its tokens, and only its rows before ``end`` are copied.
         chunk_end = -(-end // self.config.chunk_size) * self.config.chunk_size
@@ -632,12 +632,16 @@ class CacheEngine:
         return layout
 
     @staticmethod
-    def _check_block_ids(block_ids: Sequence[int], end: int, layout: PoolLayout, pool: torch.Tensor) -> None:
-        """Refuse bad ids before any copy, so a bad request changes nothing."""
+    def _check_block_ids(
+        block_ids: Sequence[int], start: int, end: int, layout: PoolLayout, pool: torch.Tensor
+    ) -> None:
+        """Refuse bad ids of the blocks ``[start, end)`` touches before any copy, so a bad request
+        changes nothing. Entries outside the range are never read (``-1``, "no page", is allowed
+        there: a sliding window's passed blocks)."""
         needed = -(-end // layout.tokens_per_block)
         if len(block_ids) < needed:
             raise ValueError(f"{len(block_ids)} block ids cannot hold {end} tokens ({needed} blocks needed)")
-        c_ops.check_block_ids(pool, block_ids[:needed])
+        c_ops.check_block_ids(pool, block_ids[start // layout.tokens_per_block : needed])
 
 
 class _CopyBatch:

@@ -29,8 +29,11 @@ class PoolLayout:
                 f"KV pool must be 4-D [num_blocks, num_layers, kv_factor, block_elems], got shape "
                 f"{tuple(pool.shape)}"
             )
-        if not pool.is_contiguous():
-            raise ValueError("KV pool tensor must be contiguous (TRT-LLM's primary pool is)")
+        if not pool[0].is_contiguous() or pool.stride(0) < pool[0].numel():
+            raise ValueError(
+                "each page (row) of a KV pool must be contiguous and rows must not overlap "
+                f"(shape {tuple(pool.shape)}, strides {pool.stride()})"
+            )
         if tokens_per_block <= 0 or pool.shape[3] % tokens_per_block:
             raise ValueError(
                 f"tokens_per_block={tokens_per_block} does not divide the pool's block size "

@@ -996,12 +996,15 @@ class CacheServer:
                     P.ErrorCode.INVALID,
                     f"range [{req.start}, {req.end}) is not within the request's {len(prompt)} tokens",
                 )
+        # Only the blocks the range touches are read; others may be -1 (no page, e.g. a passed window).
         num_blocks = inst.space.layout.num_blocks
-        if len(blocks) and (int(blocks.min()) < 0 or int(blocks.max()) >= num_blocks):
+        tpb = inst.space.layout.tokens_per_block
+        used = blocks[req.start // tpb : -(-req.end // tpb)]
+        if len(used) and (int(used.min()) < 0 or int(used.max()) >= num_blocks):
             raise _Fail(
                 P.ErrorCode.INVALID,
                 f"block ids must be in [0, {num_blocks}) (the registered pool's blocks); got min "
-                f"{int(blocks.min())}, max {int(blocks.max())}",
+                f"{int(used.min())}, max {int(used.max())}",
             )
         return prompt, blocks.tolist()
 

@@ -38,9 +38,6 @@ class InflightTransfers:
         """TRT-LLM passed these ids in; report each once its transfers have landed."""
         self._asked.update(request_ids)
 
-    def has_pending(self, request_id: int) -> bool:
-        return request_id in self._pending
-
     def poll(self) -> list[int]:
         """Ids asked about whose transfers are all done; each returned once."""
         ready = []

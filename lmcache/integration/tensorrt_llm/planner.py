@@ -1,20 +1,33 @@
-"""Scheduler-side bookkeeping shared by both adapters: what to load and save, per request.
+"""Scheduler-side bookkeeping for both presets: what to load and save, per request and reservation.
 
 Rules it keeps (each one a bug in some connector before it):
+- block-id lists stay indexed by block ordinal, ``-1`` (no page) in place; a chunk moves only
+  where every block it needs has a page, and a ``-1`` never reaches a copy;
 - loads are block-aligned, cover only ``[num_computed_tokens, hit)`` so blocks TRT-LLM reused are
   never rewritten, and never claim the last prompt token;
-- hits are pinned at lookup, so eviction cannot turn a promised load into garbage;
-- every chunk that is fully computed after a forward is saved once, after that forward: chunked
-  prefill steps and generated tokens included (``computed_position + num_scheduled_tokens``).
+- hits are pinned at lookup (per request on the legacy path, per reservation id on V2's prefix
+  reservations), so eviction cannot turn a promised load into garbage;
+- on V2's reservation path, ``SchedulerOutput.prefix_loads`` is the only permission to load;
+- every chunk fully computed by a forward is saved once, after that forward (chunked prefill steps
+  and generated tokens included), from the pages it has then: a sliding window's pages read
+  ``-1`` later, so a chunk is never saved late.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lmcache.config import LMCacheEngineConfig
+from lmcache.integration.tensorrt_llm.blocks import paged_suffix_start, savable_runs
+from lmcache.integration.tensorrt_llm.plan import (
+    ConnectorMetadata,
+    LoadPlan,
+    PinKey,
+    Prompt,
+    TargetId,
+    Transfer,
+)
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings, request_salt
 from lmcache.logging import init_logger
 
@@ -22,77 +35,93 @@ logger = init_logger(__name__)
 
 
 class CacheIndex(Protocol):
-    """The cache as the scheduler sees it: in-process engine or the cache server."""
+    """The cache as the scheduler sees it (in-process engine or cache server), over every pool
+    target the local workers registered; a target that cannot answer is a miss, never an error."""
 
-    def prompt_hashes(self, tokens: list[int], salt: str | int | None) -> Any:
-        """The prompt's chunk hashes, if loads and saves should name its chunks by them (hashed once
-        here, then sent instead of the tokens; opaque to the planner); None: they carry tokens."""
+    def hash_prompt(self, tokens: list[int], salt: Any) -> dict[TargetId, Any] | None:
+        """The prompt's chunk hashes per target if loads and saves should name chunks by them."""
         ...
 
-    def lookup(
-        self, tokens: list[int], salt: str | int | None, pin_id: Hashable, chunk_hashes: Any
-    ) -> int: ...
+    def lookup(self, prompt: Prompt, pin: PinKey) -> int:
+        """Tokens of the longest prefix cached in every target for every rank, pinned under ``pin``
+        (a miss pins nothing)."""
+        ...
 
-    def release(self, pin_id: Hashable) -> None: ...
+    def release(self, pin: PinKey) -> None: ...
+
+    def metadata_context(self) -> Any:
+        """What this iteration's workers need from rank 0 to load (see ``ConnectorMetadata``)."""
+        ...
+
+    def windows(self) -> list[int | None]:
+        """Per layer group, its attention window in tokens (None: full attention)."""
+        ...
 
 
 @dataclass
-class LoadSpec:
-    """Load ``tokens[start:end]`` of a request into ``block_ids`` (block-aligned range).
+class _Load:
+    """A promised load not yet handed to the workers (legacy path: from the lookup)."""
 
-    ``required`` is how many prompt tokens the request still needed after TRT-LLM's own match.
-    """
-
-    request_id: int
-    tokens: list[int]
-    salt: str | int | None
-    block_ids: list[int]
     start: int
     end: int
-    required: int
-    is_async: bool = False
-    chunk_hashes: Any = None
-    """The prompt's chunk hashes (from the lookup), naming every chunk of the load."""
-
-
-@dataclass
-class SaveSpec:
-    """Save the chunks of ``tokens`` in ``[start, end)`` from ``block_ids`` after this forward."""
-
-    request_id: int
-    tokens: list[int]
-    salt: str | int | None
-    block_ids: list[int]
-    start: int
-    end: int
-    chunk_hashes: Any = None
-    """The prompt's chunk hashes (from the lookup) when they name every chunk up to ``end``."""
-
-
-@dataclass
-class ConnectorMetadata:
-    """Broadcast from rank 0 to every worker each iteration; plain data, so it pickles."""
-
-    loads: list[LoadSpec] = field(default_factory=list)
-    saves: list[SaveSpec] = field(default_factory=list)
+    is_async: bool
+    planned: bool = False
 
 
 @dataclass
 class _Request:
     request_id: int
-    tokens: list[int]
-    salt: str | int | None
+    prompt: Prompt
+    """The prompt as looked up (hashes included); ``tokens`` grows with generated tokens."""
     prompt_len: int
-    block_ids: list[int] = field(default_factory=list)
-    load_start: int = 0
-    load_end: int = 0
-    load_async: bool = False
-    load_planned: bool = False
+    tokens: list[int] = field(default_factory=list)
+    block_ids: list[list[int]] = field(default_factory=list)
+    """Per layer group, indexed by block ordinal, ``-1`` in place."""
+    load: _Load | None = None
+    sync_loaded: int = 0
+    """Tokens a synchronous load supplies: TRT-LLM's first ``computed_position`` excludes them."""
     saved_until: int = 0
     save_planned: bool = False
     reported: bool = False
-    chunk_hashes: Any = None
-    """The prompt's full chunks' hashes, from the lookup (see ``CacheIndex.prompt_hashes``)."""
+
+    def __post_init__(self) -> None:
+        if not self.tokens:
+            self.tokens = list(self.prompt.tokens)
+
+
+@dataclass
+class _Reservation:
+    """A V2 prefix reservation: pins on the cache taken for ``[start, end)``, kept per id."""
+
+    reservation_id: int
+    request_id: int
+    prompt: Prompt
+    start: int
+    end: int
+    is_async: bool
+    protected: list[tuple[int, int]] = field(default_factory=list)
+    """The parts not yet released (``release_prefix_reservation`` takes them back piece by piece)."""
+
+    @property
+    def pin(self) -> PinKey:
+        return PinKey("res", self.reservation_id)
+
+
+def _subtract(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in ranges:
+        if hi <= start or lo >= end:
+            out.append((lo, hi))
+            continue
+        if lo < start:
+            out.append((lo, start))
+        if hi > end:
+            out.append((end, hi))
+    return out
+
+
+class PromisedLoadError(RuntimeError):
+    """A load TRT-LLM was promised cannot be carried out; the request must fail, not use its pages."""
 
 
 class Planner:
@@ -106,128 +135,271 @@ class Planner:
         self.index = index
         self.log_prefix = log_prefix
         self._requests: dict[int, _Request] = {}
+        self._reservations: dict[int, _Reservation] = {}
 
-    # -- get_num_new_matched_tokens ----------------------------------------------------------
+    @property
+    def _tpb(self) -> int:
+        return self.settings.tokens_per_block
 
-    def match(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
-        request_id = int(request.request_id)
+    @property
+    def _chunk(self) -> int:
+        return self.settings.chunk_size
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    def _prompt_of(self, request: Any) -> tuple[Prompt, int]:
+        """The request's prompt, hashed once per request (TRT-LLM asks again while it waits)."""
         tokens = list(request.get_tokens(0))
         prompt_len = int(getattr(request, "prompt_len", len(tokens)) or len(tokens))
         tokens = tokens[:prompt_len]
         salt = request_salt(request)
-        state = _Request(request_id, tokens, salt, prompt_len)
-        previous = self._requests.get(request_id)
-        self._forget(request_id)
-        self._requests[request_id] = state
-        tpb = self.settings.tokens_per_block
-        hit = 0
-        if prompt_len > 1:
-            # TRT-LLM asks again each iteration a request waits for room: hash its prompt once.
-            hashed = previous.chunk_hashes if previous is not None else None
-            if hashed is None or previous is None or previous.salt != salt or previous.tokens != tokens:
-                hashed = self.index.prompt_hashes(tokens, salt)
-            state.chunk_hashes = hashed
-            hit = self.index.lookup(tokens, salt, request_id, state.chunk_hashes)
+        previous = self._requests.get(int(request.request_id))
+        if (
+            previous is not None
+            and previous.prompt.hashes is not None
+            and previous.prompt.salt == salt
+            and previous.prompt.tokens == tokens
+        ):
+            return previous.prompt, prompt_len
+        hashes = self.index.hash_prompt(tokens, salt) if prompt_len > 1 else None
+        return Prompt(tokens, salt, hashes), prompt_len
+
+    def _usable(self, prompt: Prompt, prompt_len: int, num_computed: int, pin: PinKey) -> tuple[int, int]:
+        """(hit, tokens to load after ``num_computed``); the pins are dropped when nothing loads."""
+        hit = self.index.lookup(prompt, pin) if prompt_len > 1 else 0
         # Never claim the last prompt token: TRT-LLM must compute it to sample.
-        usable = min(hit, prompt_len - 1) // tpb * tpb
-        new_matched = 0
-        if num_computed_tokens % tpb:
+        usable = min(hit, prompt_len - 1) // self._tpb * self._tpb
+        new = usable - num_computed if usable > num_computed and num_computed % self._tpb == 0 else 0
+        if num_computed % self._tpb:
             logger.debug(
-                "%s: req %d device match %d is not block-aligned; not loading",
-                self.log_prefix,
-                request_id,
-                num_computed_tokens,
+                "%s: device match %d is not block-aligned; not loading", self.log_prefix, num_computed
             )
-        elif usable > num_computed_tokens:
-            new_matched = usable - num_computed_tokens
-        if new_matched and new_matched < self.config.min_retrieve_tokens:
-            new_matched = 0
-        state.saved_until = hit // self.settings.chunk_size * self.settings.chunk_size
-        if new_matched:
-            state.load_start, state.load_end = num_computed_tokens, usable
-            state.load_async = self.config.enable_async_loading
-        elif hit:  # a miss pinned nothing: no release (in MP mode, a round trip saved per miss)
-            self.index.release(request_id)
+        if new and new < self.config.min_retrieve_tokens:
+            new = 0
+        if hit and not new:
+            self.index.release(pin)  # a miss pinned nothing: no release (a round trip saved per miss)
+        return hit, new
+
+    def _log_match(self, request_id: int, prompt_len: int, computed: int, hit: int, new: int) -> None:
         logger.debug(
             "%s: req %d prompt=%d num_computed=%d lmcache_cached=%d new_matched=%d",
             self.log_prefix,
             request_id,
             prompt_len,
-            num_computed_tokens,
+            computed,
             hit,
-            new_matched,
+            new,
         )
-        return new_matched, bool(new_matched) and state.load_async
 
-    # -- update_state_after_alloc -------------------------------------------------------------
+    def match(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        """``get_num_new_matched_tokens``: look up, pin the hit under the request's id."""
+        request_id = int(request.request_id)
+        prompt, prompt_len = self._prompt_of(request)
+        self._forget(request_id)
+        state = self._requests[request_id] = _Request(request_id, prompt, prompt_len)
+        hit, new = self._usable(prompt, prompt_len, num_computed_tokens, PinKey("req", request_id))
+        state.saved_until = hit // self._chunk * self._chunk
+        if new:
+            is_async = self.config.enable_async_loading
+            state.load = _Load(num_computed_tokens, num_computed_tokens + new, is_async)
+        self._log_match(request_id, prompt_len, num_computed_tokens, hit, new)
+        return new, bool(new) and self.config.enable_async_loading
 
-    def after_alloc(self, request: Any, block_ids: list[int]) -> None:
+    def cancel_load(self, request: Any, start: int, end: int) -> None:
+        """Offered tokens ``[start, end)`` will not be consumed: trim the offer at its head or tail
+        (or drop it), releasing the pins once nothing is left to load."""
         state = self._requests.get(int(request.request_id))
-        if state is not None:
-            state.block_ids = [int(b) for b in block_ids if int(b) >= 0]  # -1: no page (BAD_PAGE_INDEX)
+        load = state.load if state is not None else None
+        if load is None or load.planned or end <= load.start or start >= load.end:
+            return
+        if start <= load.start and end >= load.end:
+            load.start = load.end
+        elif start <= load.start:
+            load.start = end
+        elif end >= load.end:
+            load.end = start
+        else:
+            raise ValueError(
+                f"cancel_load({start}, {end}) would split request {state.request_id}'s offer "
+                f"[{load.start}, {load.end}); only its head or tail can be cancelled"
+            )
+        if load.start >= load.end:
+            state.load = None
+            self.index.release(PinKey("req", state.request_id))
+
+    # -- V2 prefix reservations ---------------------------------------------------------------
+
+    def reserve(self, request: Any, num_computed_tokens: int, reservation_id: int) -> tuple[int, bool]:
+        """``reserve_prefix``: pin the source of ``[num_computed_tokens, +n)``; start no transfer."""
+        request_id = int(request.request_id)
+        if reservation_id in self._reservations:
+            raise ValueError(f"reservation id {reservation_id} is already in use; ids must be fresh")
+        prompt, prompt_len = self._prompt_of(request)
+        state = self._requests.get(request_id)
+        if state is None or state.prompt.tokens != prompt.tokens:
+            state = self._requests[request_id] = _Request(request_id, prompt, prompt_len)
+        reservation = _Reservation(
+            reservation_id, request_id, prompt, num_computed_tokens, 0, self.config.enable_async_loading
+        )
+        hit, new = self._usable(prompt, prompt_len, num_computed_tokens, reservation.pin)
+        state.saved_until = max(state.saved_until, hit // self._chunk * self._chunk)
+        self._log_match(request_id, prompt_len, num_computed_tokens, hit, new)
+        if not new:
+            return 0, False
+        reservation.end = num_computed_tokens + new
+        reservation.protected = [(reservation.start, reservation.end)]
+        self._reservations[reservation_id] = reservation
+        return new, reservation.is_async
+
+    def release_reservation(self, reservation_id: int, start: int, end: int) -> None:
+        """Drop protection of ``[start, end)``; the pins go once every part was released."""
+        reservation = self._reservations.get(reservation_id)
+        if reservation is None:
+            return
+        reservation.protected = _subtract(reservation.protected, start, end)
+        if not reservation.protected:
+            del self._reservations[reservation_id]
+            self.index.release(reservation.pin)
+
+    def reservation_ids(self) -> list[int]:
+        """Reservations still holding pins."""
+        return sorted(self._reservations)
+
+    # -- allocation -----------------------------------------------------------------------------
+
+    def after_alloc(self, request: Any, block_ids_by_group: list[list[int]]) -> None:
+        """``update_state_after_alloc[_by_layer_group]``: the pages of this allocation, by ordinal."""
+        request_id = int(request.request_id)
+        state = self._requests.get(request_id)
+        if state is None:  # reservation path, or block reuse off: no lookup made the state
+            prompt, prompt_len = self._prompt_of(request)
+            state = self._requests[request_id] = _Request(request_id, prompt, prompt_len)
+        state.block_ids = [[int(b) for b in group] for group in block_ids_by_group]
 
     # -- build_connector_meta -----------------------------------------------------------------
 
     def build(self, scheduler_output: Any) -> ConnectorMetadata:
-        meta = ConnectorMetadata()
+        meta = ConnectorMetadata(backend_context=self.index.metadata_context())
+        for prefix_load in getattr(scheduler_output, "prefix_loads", None) or []:
+            meta.loads.append(self._prefix_load(prefix_load))
         for data in getattr(scheduler_output, "new_requests", []) or []:
             self._on_report(data, first=True, meta=meta)
         for data in getattr(scheduler_output, "cached_requests", []) or []:
             self._on_report(data, first=False, meta=meta)
-        # Loads come from the alloc feedback: async-loading requests are not in the output at all.
-        chunk = self.settings.chunk_size
+        # Legacy loads come from the alloc feedback: async-loading requests are not in the output.
         for state in self._requests.values():
-            if state.load_end > state.load_start and not state.load_planned and state.block_ids:
-                meta.loads.append(
-                    LoadSpec(
-                        state.request_id,
-                        state.tokens[: -(-state.load_end // chunk) * chunk],
-                        state.salt,
-                        list(state.block_ids),
-                        state.load_start,
-                        state.load_end,
-                        state.prompt_len - state.load_start,
-                        state.load_async,
-                        state.chunk_hashes,
-                    )
-                )
-                state.load_planned = True
+            load = state.load
+            if load is not None and not load.planned and state.block_ids:
+                meta.loads.append(self._load_plan(state, PinKey("req", state.request_id), load, None))
+                load.planned = True
         return meta
+
+    def _prefix_load(self, prefix_load: Any) -> LoadPlan:
+        reservation_id = int(prefix_load.reservation_id)
+        reservation = self._reservations.get(reservation_id)
+        start, end = int(prefix_load.start), int(prefix_load.end)
+        if reservation is None or not reservation.start <= start <= end <= reservation.end:
+            raise PromisedLoadError(
+                f"TRT-LLM asked to load tokens [{start}, {end}) under reservation {reservation_id}, "
+                "which this connector did not reserve (or already released); refusing to load"
+            )
+        request_id = int(prefix_load.request_id)
+        state = self._requests.get(request_id)
+        if state is None:
+            state = self._requests[request_id] = _Request(
+                request_id, reservation.prompt, len(reservation.prompt.tokens)
+            )
+        state.block_ids = [[int(b) for b in group] for group in prefix_load.block_ids_by_layer_group]
+        load = _Load(start, end, bool(prefix_load.is_async), planned=True)
+        return self._load_plan(state, reservation.pin, load, reservation_id, reservation.prompt)
+
+    def _load_plan(
+        self,
+        state: _Request,
+        pin: PinKey,
+        load: _Load,
+        reservation_id: int | None,
+        prompt: Prompt | None = None,
+    ) -> LoadPlan:
+        """One transfer per layer group, over the pages it has: a sliding window's oldest blocks
+        read ``-1`` and need no KV. A page missing anywhere else fails the load before any copy."""
+        if not load.is_async:
+            state.sync_loaded = load.end - load.start
+        source = (prompt or state.prompt).up_to(load.end, self._chunk)
+        first, last = load.start // self._tpb, load.end // self._tpb
+        transfers = []
+        for group, block_ids in enumerate(state.block_ids):
+            begin = paged_suffix_start(block_ids, first, last)
+            if begin is None:
+                raise PromisedLoadError(
+                    f"request {state.request_id}: layer group {group} has no page for some block of the "
+                    f"promised tokens [{load.start}, {load.end}) (block ids {block_ids[first:last]}); "
+                    "refusing to load"
+                )
+            if begin < last:
+                transfers.append(
+                    Transfer(state.request_id, source, group, block_ids, begin * self._tpb, load.end)
+                )
+        return LoadPlan(
+            state.request_id,
+            pin,
+            transfers,
+            load.start,
+            load.end,
+            load.is_async,
+            state.prompt_len - load.start,
+            reservation_id,
+        )
 
     def _on_report(self, data: Any, first: bool, meta: ConnectorMetadata) -> None:
         request_id = int(data.request_id)
-        new_tokens = list(getattr(data, "new_tokens", None) or [])
-        new_blocks = [int(b) for b in (getattr(data, "new_block_ids", None) or []) if int(b) >= 0]
+        new_tokens = [int(t) for t in getattr(data, "new_tokens", None) or []]
+        by_group = getattr(data, "new_block_ids_by_layer_group", None) or []
+        new_blocks = (
+            [[int(b) for b in group] for group in by_group]
+            if by_group
+            else [[int(b) for b in getattr(data, "new_block_ids", None) or []]]
+        )
         state = self._requests.get(request_id)
         if state is None or (first and state.reported):
             # No lookup happened (block reuse off) or the request was replayed: start afresh.
-            state = _Request(request_id, [], request_salt(data), len(new_tokens))
+            state = _Request(request_id, Prompt([], request_salt(data)), len(new_tokens))
             self._requests[request_id] = state
         if first:
             state.tokens = new_tokens
             state.block_ids = new_blocks
         else:
             state.tokens.extend(new_tokens)
-            state.block_ids.extend(new_blocks)
+            while len(state.block_ids) < len(new_blocks):
+                state.block_ids.append([])
+            for group, blocks in enumerate(new_blocks):
+                state.block_ids[group].extend(blocks)
         computed_position = int(getattr(data, "computed_position", 0) or 0)
         scheduled = getattr(data, "num_scheduled_tokens", None)
         if scheduled is None:  # TRT-LLM before 1.2.0rc2: a context step computes the rest of the prompt.
             scheduled = max(1, state.prompt_len - computed_position)
-        if first and state.load_end > state.load_start and not state.load_async:
-            # A synchronous hit: computed_position excludes the tokens we load.
-            computed_position += state.load_end - state.load_start
+        if first:
+            computed_position += state.sync_loaded  # TRT-LLM's count excludes what we load
         state.reported = True
-        computed = min(
-            computed_position + int(scheduled), len(state.tokens), len(state.block_ids) * self._tpb
-        )
-        self._plan_save(state, computed, meta)
+        paged = min((len(group) for group in state.block_ids), default=0) * self._tpb
+        computed = min(computed_position + int(scheduled), len(state.tokens), paged)
+        self._plan_save(state, computed_position, computed, meta)
 
-    @property
-    def _tpb(self) -> int:
-        return self.settings.tokens_per_block
+    def _live_from(self, group: int, history: int) -> int:
+        """The first block ordinal of ``group`` whose page is surely still its own.
 
-    def _plan_save(self, state: _Request, computed: int, meta: ConnectorMetadata) -> None:
-        chunk = self.settings.chunk_size
+        A sliding window's pages turn ``-1`` once the window passes them, and no delta says so:
+        with ``history`` tokens computed, ordinals before ``(history + 1 - window) // tpb`` may
+        already belong to another request.
+        """
+        windows = self.index.windows()
+        window = windows[group] if group < len(windows) else None
+        if window is None:
+            return 0
+        return max(0, (history + 1 - window) // self._tpb)
+
+    def _plan_save(self, state: _Request, history: int, computed: int, meta: ConnectorMetadata) -> None:
+        chunk = self._chunk
         limit = computed if self.config.save_decode_cache else min(computed, state.prompt_len)
         end = limit // chunk * chunk
         if self.config.save_unfull_chunk and limit == state.prompt_len:
@@ -235,21 +407,17 @@ class Planner:
         if end <= state.saved_until:
             return
         hashed = state.prompt_len // chunk * chunk  # the lookup hashed the prompt's full chunks
-        meta.saves.append(
-            SaveSpec(
-                state.request_id,
-                state.tokens[:end],
-                state.salt,
-                state.block_ids[: -(-end // self._tpb)],
-                state.saved_until,
-                end,
-                state.chunk_hashes if end <= hashed else None,
-            )
-        )
+        prompt = Prompt(state.tokens[:end], state.prompt.salt, state.prompt.hashes if end <= hashed else None)
+        for group, block_ids in enumerate(state.block_ids):
+            live_from = self._live_from(group, history)
+            live = [-1] * live_from + block_ids[live_from:]
+            for start, stop in savable_runs(live, state.saved_until, end, chunk, self._tpb):
+                meta.saves.append(Transfer(state.request_id, prompt, group, block_ids[:], start, stop))
+                state.save_planned = True
+        # Past these chunks for good: a page a window took since never comes back.
         state.saved_until = end // chunk * chunk if end % chunk else end
-        state.save_planned = True
 
-    # -- request_finished ---------------------------------------------------------------------
+    # -- request end ----------------------------------------------------------------------------
 
     def finished(self, request: Any) -> bool:
         """Forget the request; True when saves were planned for it (the worker reports them landed)."""
@@ -258,7 +426,14 @@ class Planner:
         self._forget(request_id)
         return state is not None and state.save_planned
 
+    def reset(self, request: Any) -> None:
+        """``request_reset``: the request's pages now belong to someone else; it starts afresh."""
+        self._forget(int(request.request_id))
+
+    def pending_requests(self) -> list[int]:
+        return sorted(self._requests)
+
     def _forget(self, request_id: int) -> None:
         state = self._requests.pop(request_id, None)
-        if state is not None and not state.load_planned and state.load_end > state.load_start:
-            self.index.release(request_id)
+        if state is not None and state.load is not None and not state.load.planned:
+            self.index.release(PinKey("req", request_id))

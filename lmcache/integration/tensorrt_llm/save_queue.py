@@ -7,49 +7,35 @@ the side stream after the forward (a device-side wait) and hands the store to th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
-from lmcache.engine import CacheEngine, KeySpace
-from lmcache.keys import CacheSalt, Tokens
-
 
 class SaveQueue:
-    """Stores of one pool, run in submission order on a background thread."""
+    """Stores from one device's pools, run in submission order on a background thread."""
 
-    def __init__(self, engine: CacheEngine, pool: torch.Tensor, name: str) -> None:
-        self.engine = engine
-        self.pool = pool
-        self.stream: Any = torch.cuda.Stream(device=pool.device) if pool.is_cuda else None
+    def __init__(self, device: torch.device, name: str) -> None:
+        self.stream: Any = torch.cuda.Stream(device=device) if device.type == "cuda" else None
+        self._device = device
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
-    def submit(
-        self,
-        space: KeySpace,
-        rank: int,
-        tokens: Tokens,
-        salt: CacheSalt,
-        block_ids: Sequence[int],
-        start: int,
-        end: int,
-        after: Any = None,
-    ) -> Future[Any]:
-        """Store ``tokens[start:end]`` once the work enqueued so far on ``after`` (default: the
-        current stream) has run. The future's result is the CUDA event of the copies (None on CPU);
-        the blocks must stay untouched until it has completed."""
+    def submit(self, store: Callable[[Any], object], after: Any = None) -> Future[Any]:
+        """Run ``store(stream)`` once the work enqueued so far on ``after`` (default: the current
+        stream) has run. The future's result is the CUDA event of the copies (None on CPU); the
+        blocks must stay untouched until it has completed."""
         if self.stream is not None:
-            forward = after if after is not None else torch.cuda.current_stream(self.pool.device)
+            forward = after if after is not None else torch.cuda.current_stream(self._device)
             self.stream.wait_stream(forward)
 
-        def store() -> Any:
-            self.engine.store(space, rank, tokens, salt, self.pool, block_ids, start, end, self.stream)
+        def run() -> Any:
+            store(self.stream)
             if self.stream is None:
                 return None
             event = torch.cuda.Event()
             event.record(self.stream)
             return event
 
-        return self._thread.submit(store)
+        return self._thread.submit(run)

@@ -1,0 +1,49 @@
+"""What the connector needs from a cache back-end on each worker (in-process engine, cache server).
+
+The scheduler side is :class:`lmcache.integration.tensorrt_llm.planner.CacheIndex`; this is the
+worker side. Both presets share one connector over these two interfaces.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from lmcache.integration.tensorrt_llm.inflight import Done
+from lmcache.integration.tensorrt_llm.plan import LoadPlan, Transfer
+from lmcache.integration.tensorrt_llm.planner import PromisedLoadError
+from lmcache.integration.tensorrt_llm.targets import PoolTarget
+from lmcache.logging import init_logger
+
+logger = init_logger("lmcache.integration.tensorrt_llm")
+
+
+class TransferBackend(Protocol):
+    """Moves one rank's KV between its registered pools and the cache."""
+
+    def register(self, targets: list[PoolTarget]) -> None:
+        """Take this rank's pools (one per layer-group region); called once at start-up."""
+        ...
+
+    def load(self, plan: LoadPlan, context: Any, stream: Any) -> Done:
+        """Carry out a promised load (``context``: the metadata's ``backend_context``).
+
+        A synchronous load is ordered before the forward on ``stream``; an async one may run on.
+        The returned check tells when the KV is in place and visible; it raises
+        :class:`PromisedLoadError` if the load failed. A failure known at once raises here.
+        """
+        ...
+
+    def save(self, saves: list[Transfer], stream: Any) -> list[tuple[int, Done]]:
+        """Save after the work enqueued on ``stream``; per request id, when its pages are free again."""
+        ...
+
+
+def check_loaded(plan: LoadPlan, transfer: Transfer, loaded: int) -> None:
+    """Log the seed's "Retrieved" line; fail the request if the cache supplied less than promised."""
+    expected = transfer.end - transfer.start
+    logger.debug("Retrieved %d out of %d required tokens", loaded, plan.required)
+    if loaded < expected:
+        raise PromisedLoadError(
+            f"LMCache promised tokens [{transfer.start}, {transfer.end}) of request {plan.request_id} "
+            f"(layer group {transfer.group}) but could load only {loaded}; refusing to use unloaded KV blocks"
+        )

@@ -1,0 +1,151 @@
+"""One TRT-LLM connector over two back-ends: the scheduler and worker halves both presets share.
+
+The scheduler (rank 0) implements the flat and the per-layer-group forms, V2's prefix-reservation
+trio, ``cancel_load`` and ``request_reset``, all through one :class:`Planner`. The worker (every
+rank) registers a V1 pool or a V2 layout and hands loads and saves to its back-end. The per-layer
+hooks do nothing: they do not fire under CUDA-graph replay, so all work happens once per
+iteration (``start_load_kv``, ``wait_for_save``, ``get_finished``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmcache.integration.tensorrt_llm._trtllm import KvCacheConnectorScheduler, KvCacheConnectorWorker
+from lmcache.integration.tensorrt_llm.backend import TransferBackend
+from lmcache.integration.tensorrt_llm.inflight import Done, InflightTransfers
+from lmcache.integration.tensorrt_llm.plan import ConnectorMetadata
+from lmcache.integration.tensorrt_llm.planner import Planner
+from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
+from lmcache.integration.tensorrt_llm.targets import PoolTarget, targets_of_layout, targets_of_pool
+from lmcache.layout import PoolLayout
+from lmcache.logging import init_logger
+
+logger = init_logger(__name__)
+
+
+class LMCacheScheduler(KvCacheConnectorScheduler):
+    """Rank 0's half: TRT-LLM's scheduler callbacks, answered by the planner."""
+
+    def __init__(self, llm_args: Any, planner: Planner) -> None:
+        super().__init__(llm_args)
+        self.planner = planner
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        return self.planner.match(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Any, block_ids: list[int]) -> None:
+        self.planner.after_alloc(request, [list(block_ids)])
+
+    def update_state_after_alloc_by_layer_group(
+        self, request: Any, block_ids_by_layer_group: list[list[int]]
+    ) -> None:
+        self.planner.after_alloc(request, [list(group) for group in block_ids_by_layer_group])
+
+    def build_connector_meta(self, scheduler_output: Any) -> ConnectorMetadata:
+        return self.planner.build(scheduler_output)
+
+    def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
+        return self.planner.finished(request)
+
+    def request_finished_by_layer_group(
+        self, request: Any, cache_block_ids_by_layer_group: list[list[int]]
+    ) -> bool:
+        return self.planner.finished(request)
+
+    def reserve_prefix(self, request: Any, num_computed_tokens: int, reservation_id: int) -> tuple[int, bool]:
+        return self.planner.reserve(request, num_computed_tokens, reservation_id)
+
+    def release_prefix_reservation(self, request: Any, reservation_id: int, start: int, end: int) -> None:
+        self.planner.release_reservation(reservation_id, start, end)
+
+    def cancel_load(self, request: Any, start: int, end: int) -> None:
+        self.planner.cancel_load(request, start, end)
+
+    def request_reset(self, request: Any) -> None:
+        self.planner.reset(request)
+
+
+class LMCacheWorker(KvCacheConnectorWorker):
+    """Every rank's half: registers its pools, runs the plan's loads and saves through the back-end."""
+
+    def __init__(self, llm_args: Any, settings: ConnectorSettings, backend: TransferBackend) -> None:
+        super().__init__(llm_args)
+        self.settings = settings
+        self.backend = backend
+        self._saves = InflightTransfers()
+        self._loads = InflightTransfers()
+        self._prefix_loads: dict[int, Done] = {}
+
+    # -- registration -------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_cache_tensor: Any) -> None:
+        self._register(targets_of_pool(kv_cache_tensor))
+
+    def register_kv_cache_layout(self, layout: Any) -> None:
+        """V2: every layer group's regions (instead of ``register_kv_caches``)."""
+        self._register(targets_of_layout(layout))
+
+    def _register(self, targets: list[PoolTarget]) -> None:
+        for target in targets:
+            layout = PoolLayout.of_pool(target.tensor, self.settings.tokens_per_block)
+            layout.blocks_per_chunk(self.settings.chunk_size)
+            logger.info(
+                "LMCache worker registered KV pool of layer group %d region %d: %s %s (%d tokens/block, "
+                "%.1f KiB/token%s)",
+                target.target.group,
+                target.target.region,
+                tuple(target.tensor.shape),
+                target.tensor.dtype,
+                layout.tokens_per_block,
+                layout.bytes_per_token / 1024,
+                f", window {target.window}" if target.window else "",
+            )
+        self.backend.register(targets)
+
+    def _meta(self) -> ConnectorMetadata:
+        meta = self.get_connector_meta()
+        return meta if isinstance(meta, ConnectorMetadata) else ConnectorMetadata()
+
+    # -- loads and saves ----------------------------------------------------------------------
+
+    def start_load_kv(self, stream: Any) -> None:
+        meta = self._meta()
+        for plan in meta.loads:
+            done = self.backend.load(plan, meta.backend_context, stream)
+            if plan.reservation_id is not None:
+                self._prefix_loads[plan.reservation_id] = done
+            elif plan.is_async:
+                self._loads.add(plan.request_id, done)
+
+    def wait_for_save(self, stream: Any) -> None:
+        """Hand this iteration's saves to the back-end; a request whose saves are in flight keeps
+        its blocks until ``get_finished`` reports it."""
+        saves = self._meta().saves
+        if saves:
+            for request_id, done in self.backend.save(saves, stream):
+                self._saves.add(request_id, done)
+
+    def wait_for_layer_load(self, layer_idx: int, stream: Any) -> None:
+        return None
+
+    def save_kv_layer(self, layer_idx: int, stream: Any) -> None:
+        return None
+
+    # -- completion ---------------------------------------------------------------------------
+
+    def get_finished(
+        self, finished_gen_req_ids: list[int], started_loading_req_ids: list[int]
+    ) -> tuple[list[int], list[int]]:
+        """Saves and legacy async loads that landed (a failed async load raises here)."""
+        self._saves.ask(finished_gen_req_ids)
+        self._loads.ask(started_loading_req_ids)
+        return self._saves.poll(), self._loads.poll()
+
+    def get_finished_prefix_loads(self) -> list[int]:
+        """Reservation ids whose load (sync or async) is in place and visible; each reported once.
+        Never waits, never talks to other ranks; a failed load raises here."""
+        ready = sorted(rid for rid, done in self._prefix_loads.items() if done())
+        for rid in ready:
+            del self._prefix_loads[rid]
+        return ready

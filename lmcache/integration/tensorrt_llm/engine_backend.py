@@ -1,0 +1,242 @@
+"""The in-process back-end (preset ``lmcache``): one ``CacheEngine`` per process, shared by the
+scheduler and the local workers, configured from ``LMCACHE_CONFIG_FILE`` and ``LMCACHE_*``."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmcache.config import load_engine_config
+from lmcache.engine import CacheEngine, KeySpace
+from lmcache.integration.tensorrt_llm.backend import check_loaded
+from lmcache.integration.tensorrt_llm.inflight import Done, event_done, future_done
+from lmcache.integration.tensorrt_llm.plan import LoadPlan, PinKey, Prompt, TargetId, Transfer
+from lmcache.integration.tensorrt_llm.save_queue import SaveQueue
+from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
+from lmcache.integration.tensorrt_llm.targets import PoolTarget
+from lmcache.layout import PoolLayout
+from lmcache.logging import init_logger
+from lmcache.rate_limit import RateLimitedLog
+
+logger = init_logger(__name__)
+
+
+@dataclass(frozen=True)
+class EnginePool:
+    """A registered pool target and the key space its chunks live in."""
+
+    pool: PoolTarget
+    space: KeySpace
+
+
+class ProcessEngine:
+    """The process's one engine, and the pools each local rank registered."""
+
+    def __init__(self, engine: CacheEngine) -> None:
+        self.engine = engine
+        self.pools: dict[int, list[EnginePool]] = {}
+
+    def register(self, rank: int, pools: list[EnginePool]) -> None:
+        self.pools[rank] = pools
+
+    @property
+    def spaces(self) -> dict[int, KeySpace]:
+        """Each rank's first pool's key space (V1: its only one)."""
+        return {rank: pools[0].space for rank, pools in self.pools.items() if pools}
+
+
+_process_engine: ProcessEngine | None = None
+_process_engine_lock = threading.Lock()
+
+
+def process_engine() -> ProcessEngine:
+    """Create the engine on first use, from the config TRT-LLM's environment provides.
+
+    With ``metrics_port`` set, the process also serves ``/metrics`` and ``/health`` (started once per
+    process; a non-zero port is offset by the MPI rank so each rank's process gets its own).
+    """
+    global _process_engine
+    with _process_engine_lock:
+        if _process_engine is None:
+            config = load_engine_config()
+            _process_engine = ProcessEngine(CacheEngine(config))
+            if config.metrics_port is not None:
+                from lmcache.http_endpoint import start_process_endpoint
+                from lmcache.integration.tensorrt_llm._trtllm import mpi_rank
+
+                def current_engine() -> CacheEngine | None:
+                    shared = _process_engine
+                    return None if shared is None else shared.engine
+
+                port = config.metrics_port + mpi_rank() if config.metrics_port else 0
+                host = str((config.extra_config or {}).get("metrics_host", "127.0.0.1"))
+                start_process_endpoint(current_engine, port, host)
+        return _process_engine
+
+
+def reset_process_engine() -> None:
+    """Forget the engine (tests and the replay start each scenario from an empty cache)."""
+    global _process_engine
+    with _process_engine_lock:
+        _process_engine = None
+
+
+def _pin_id(pin: PinKey, target: TargetId) -> Hashable:
+    return (pin.kind, pin.id, target.group, target.region)
+
+
+class EngineIndex:
+    """Scheduler-side lookups against the engine, for every rank and pool registered in this process."""
+
+    def __init__(self, shared: ProcessEngine) -> None:
+        self._shared = shared
+        self._warn = RateLimitedLog(logger, interval_s=300)
+
+    def hash_prompt(self, tokens: list[int], salt: Any) -> None:
+        return None  # the engine is in this process: loads and saves hand it the tokens
+
+    def lookup(self, prompt: Prompt, pin: PinKey) -> int:
+        pools = self._shared.pools
+        if not pools:
+            self._warn.warning("no-pool", "LMCache: lookup before any KV pool was registered; a miss")
+            return 0
+        ranks = sorted(pools)
+        engine = self._shared.engine
+        hit = len(prompt.tokens)
+        for target in pools[ranks[0]]:
+            pin_id = _pin_id(pin, target.pool.target)
+            found = engine.lookup(target.space, prompt.tokens, prompt.salt, ranks=ranks, pin_id=pin_id)
+            hit = min(hit, found)
+            if hit == 0:
+                self.release(pin)  # a miss leaves no pins behind
+                break
+        return hit
+
+    def release(self, pin: PinKey) -> None:
+        for targets in self._shared.pools.values():
+            for target in targets:
+                self._shared.engine.release(_pin_id(pin, target.pool.target))
+
+    def metadata_context(self) -> None:
+        return None
+
+    def windows(self) -> list[int | None]:
+        pools = self._shared.pools
+        if not pools:
+            return []
+        windows: dict[int, int | None] = {}
+        for target in pools[min(pools)]:
+            windows[target.pool.target.group] = target.pool.window
+        return [windows.get(group) for group in range(max(windows, default=-1) + 1)]
+
+
+class EngineTransfers:
+    """A worker's loads and saves against the process's engine, on side streams for CUDA pools."""
+
+    def __init__(self, shared: ProcessEngine, settings: ConnectorSettings, rank: int) -> None:
+        self._shared = shared
+        self._settings = settings
+        self._rank = rank
+        self._pools: list[EnginePool] = []
+        self._save_queue: SaveQueue | None = None
+        self._load_stream: Any = None
+
+    def register(self, targets: list[PoolTarget]) -> None:
+        pools = [
+            EnginePool(
+                target,
+                KeySpace(
+                    self._settings.model_name + target.key_suffix,
+                    PoolLayout.of_pool(target.tensor, self._settings.tokens_per_block),
+                    self._settings.world_size,
+                ),
+            )
+            for target in targets
+        ]
+        self._pools = pools
+        self._shared.register(self._rank, pools)
+        device = targets[0].tensor.device
+        self._save_queue = SaveQueue(device, f"lmcache-save-r{self._rank}")
+        if device.type == "cuda":
+            self._load_stream = torch.cuda.Stream(device=device)
+
+    def _registered(self) -> list[EnginePool]:
+        if not self._pools:
+            raise RuntimeError("LMCache worker used before register_kv_caches()")
+        return self._pools
+
+    def _is_cuda(self) -> bool:
+        return self._registered()[0].pool.tensor.is_cuda
+
+    def _target_stream(self, stream: Any, is_async: bool) -> Any:
+        if not self._is_cuda():
+            return None
+        device = self._pools[0].pool.tensor.device
+        current = stream if stream is not None else torch.cuda.current_stream(device)
+        if not is_async:
+            return current  # the forward waits on this stream
+        self._load_stream.wait_stream(current)  # blocks may still be read by earlier kernels
+        return self._load_stream
+
+    def load(self, plan: LoadPlan, context: Any, stream: Any) -> Done:
+        engine = self._shared.engine
+        target_stream = self._target_stream(stream, plan.is_async)
+        by_group = {transfer.group: transfer for transfer in plan.transfers}
+        try:
+            for pool in self._registered():
+                transfer = by_group.get(pool.pool.target.group)
+                if transfer is None:
+                    continue
+                loaded = engine.retrieve(
+                    pool.space,
+                    self._rank,
+                    transfer.prompt.tokens,
+                    transfer.prompt.salt,
+                    pool.pool.tensor,
+                    transfer.block_ids,
+                    transfer.start,
+                    transfer.end,
+                    target_stream,
+                )
+                check_loaded(plan, transfer, loaded)
+        finally:
+            for pool in self._pools:  # this rank has loaded (or failed): its pins may go
+                engine.release(_pin_id(plan.pin, pool.pool.target), self._rank)
+        if target_stream is None:
+            return event_done(None)
+        event = torch.cuda.Event()
+        event.record(target_stream)
+        return event_done(event)
+
+    def save(self, saves: list[Transfer], stream: Any) -> list[tuple[int, Done]]:
+        assert self._save_queue is not None
+        engine, rank = self._shared.engine, self._rank
+        pools = self._registered()
+
+        def store(transfer: Transfer, pool: EnginePool) -> Any:
+            def run(save_stream: Any) -> None:
+                engine.store(
+                    pool.space,
+                    rank,
+                    transfer.prompt.tokens,
+                    transfer.prompt.salt,
+                    pool.pool.tensor,
+                    transfer.block_ids,
+                    transfer.start,
+                    transfer.end,
+                    save_stream,
+                )
+
+            return run
+
+        done = []
+        for transfer in saves:
+            for pool in pools:
+                if pool.pool.target.group == transfer.group:
+                    future = self._save_queue.submit(store(transfer, pool), stream)
+                    done.append((transfer.request_id, future_done(future)))
+        return done

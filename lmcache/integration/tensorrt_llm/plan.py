@@ -1,0 +1,89 @@
+"""What the scheduler (rank 0) hands every worker each iteration: plain data, so it pickles.
+
+A layer group's block-id list is indexed by block ordinal: entry ``i`` is the page of tokens
+``[i * tokens_per_block, (i + 1) * tokens_per_block)``, ``-1`` where the group has no page. Every
+:class:`Transfer` covers only ordinals that have a page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+CacheSalt = str | int | None
+
+
+class TargetId(NamedTuple):
+    """One pool the cache keys separately: a layer group's memory region (V1 pools: ``(0, 0)``)."""
+
+    group: int
+    region: int
+
+
+class PinKey(NamedTuple):
+    """Who holds a lookup's pins: a request (``"req"``, legacy lookups) or a reservation (``"res"``)."""
+
+    kind: str
+    id: int
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A request's prompt tokens and tenant salt.
+
+    ``hashes``, when the back-end hashed the prompt at lookup, names its full chunks per target
+    (opaque to the planner); loads and saves then send those instead of the tokens.
+    """
+
+    tokens: list[int]
+    salt: CacheSalt
+    hashes: dict[TargetId, Any] | None = None
+
+    def up_to(self, end: int, chunk_size: int) -> Prompt:
+        """The tokens through the chunk holding token ``end - 1`` (a chunk's key needs all of it)."""
+        return Prompt(self.tokens[: -(-end // chunk_size) * chunk_size], self.salt, self.hashes)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """KV of tokens ``[start, end)`` of one layer group, between the cache and ``block_ids``.
+
+    ``block_ids`` is the group's whole ordinal-indexed list; every ordinal in ``[start, end)``
+    has a page (``>= 0``); entries outside the range are never read.
+    """
+
+    request_id: int
+    prompt: Prompt
+    group: int
+    block_ids: list[int]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """One promised load of a request, all layer groups; it completes (and is reported) as one.
+
+    ``reservation_id`` is set for a V2 prefix load (reported by ``get_finished_prefix_loads``);
+    otherwise an async load is reported by request id from ``get_finished``. ``required`` is how
+    many prompt tokens the request still needed (for the "Retrieved" log line).
+    """
+
+    request_id: int
+    pin: PinKey
+    transfers: list[Transfer]
+    start: int
+    end: int
+    is_async: bool
+    required: int
+    reservation_id: int | None = None
+
+
+@dataclass
+class ConnectorMetadata:
+    """The iteration's plan. ``backend_context`` is what the back-end's workers need from rank 0
+    (the cache server's pin owners); None for the in-process engine."""
+
+    loads: list[LoadPlan] = field(default_factory=list)
+    saves: list[Transfer] = field(default_factory=list)
+    backend_context: Any = None

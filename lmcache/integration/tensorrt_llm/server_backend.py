@@ -1,0 +1,311 @@
+"""The cache-server back-end (preset ``lmcache-mp``): the cache lives in a separate server process.
+
+Every rank's worker shares each of its pools with the server (CUDA IPC, or shared memory for CPU
+pools; one server instance per pool target) and asks the server to copy blocks; the scheduler's
+lookups go to the server, which answers for every rank of the world. The server outlives TRT-LLM
+crashes; while it is down the connector serves without cache (lookups 0, saves dropped) and
+re-registers when it is back.
+
+What is synchronized on CUDA: before a load the worker synchronizes its stream (the blocks may
+still be read by earlier kernels); saves wait for the forward's event in a background thread, so
+the forward path never blocks on a save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from lmcache.config import LMCacheEngineConfig
+from lmcache.integration.tensorrt_llm.backend import check_loaded
+from lmcache.integration.tensorrt_llm.inflight import Done
+from lmcache.integration.tensorrt_llm.plan import LoadPlan, PinKey, Prompt, TargetId, Transfer
+from lmcache.integration.tensorrt_llm.planner import PromisedLoadError
+from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
+from lmcache.integration.tensorrt_llm.targets import PoolTarget
+from lmcache.logging import init_logger
+from lmcache.rate_limit import RateLimitedLog
+from lmcache.server.client import (
+    DEFAULT_SERVER_URL,
+    CacheServerClient,
+    PromptHashes,
+    ServerError,
+    ServerUnavailable,
+    new_instance_id,
+)
+
+logger = init_logger(__name__)
+
+REGISTER_RETRY_S = 2.0
+
+
+def server_url(llm_args: Any) -> str:
+    """``kv_connector_config.server_url``, else ``LMCACHE_SERVER_URL``, else the local ipc socket."""
+    url = getattr(getattr(llm_args, "kv_connector_config", None), "server_url", None)
+    return url or os.environ.get("LMCACHE_SERVER_URL") or DEFAULT_SERVER_URL
+
+
+class ProcessConnection:
+    """One client per server URL per process, shared by the scheduler and the local workers."""
+
+    def __init__(self, url: str, config: LMCacheEngineConfig) -> None:
+        self.client = CacheServerClient(url, timeout_s=config.blocking_timeout_secs)
+        # One warning per minute per server and topic, not one per request.
+        self.warn = RateLimitedLog(logger, interval_s=60)
+        self.instances: dict[int, dict[TargetId, int]] = {}
+        """Per local rank, the server instance of each pool target it registered."""
+        self.windows: dict[TargetId, int | None] = {}
+
+    def owners(self) -> dict[TargetId, int]:
+        """Per target, the instance whose pins the scheduler's lookups take: the lowest local rank's."""
+        if not self.instances:
+            return {}
+        return dict(self.instances[min(self.instances)])
+
+
+_connections: dict[str, ProcessConnection] = {}
+_connections_lock = threading.Lock()
+
+
+def process_connection(url: str, config: LMCacheEngineConfig) -> ProcessConnection:
+    with _connections_lock:
+        if url not in _connections:
+            _connections[url] = ProcessConnection(url, config)
+        return _connections[url]
+
+
+def reset_process_connections() -> None:
+    """Close every client (tests start each scenario from scratch)."""
+    with _connections_lock:
+        for connection in _connections.values():
+            connection.client.close(unregister=True)
+        _connections.clear()
+
+
+def _pin_id(pin: PinKey) -> str:
+    return f"{pin.kind}{pin.id}"
+
+
+class ServerIndex:
+    """Scheduler-side lookups through the server; a down server is a miss, never an error."""
+
+    def __init__(self, connection: ProcessConnection, config: LMCacheEngineConfig) -> None:
+        self._connection = connection
+        self._timeout_s = config.lookup_timeout_ms / 1000
+
+    def hash_prompt(self, tokens: list[int], salt: Any) -> dict[TargetId, PromptHashes] | None:
+        """Hashed once per prompt: the lookup, then every rank's load and the prompt's saves send these
+        instead of the tokens (a 16k-token prompt: 2 KiB instead of 128 KiB, and no hashing again)."""
+        owners = self._connection.owners()
+        if not owners:
+            return None
+        client = self._connection.client
+        hashes = {target: client.chunk_hashes(tokens, salt, instance_id=i) for target, i in owners.items()}
+        return None if any(h is None for h in hashes.values()) else hashes
+
+    def lookup(self, prompt: Prompt, pin: PinKey) -> int:
+        owners = self._connection.owners()
+        if not owners:
+            self._connection.warn.warning(
+                "no-pool", "LMCache MP: lookup before any worker registered its pool; a miss"
+            )
+            return 0
+        hit = len(prompt.tokens)
+        try:
+            for target, owner in owners.items():
+                hit = min(
+                    hit,
+                    self._connection.client.lookup(
+                        prompt.tokens,
+                        prompt.salt,
+                        _pin_id(pin),
+                        chunk_hashes=prompt.hashes.get(target) if prompt.hashes else None,
+                        instance_id=owner,
+                        timeout_s=self._timeout_s,
+                    ),
+                )
+                if hit == 0:
+                    break
+        except (ServerUnavailable, ServerError) as exc:
+            self._connection.warn.warning(
+                "lookup",
+                "LMCache MP: cache server %s not answering lookups (%s); serving without cache",
+                self._connection.client.url,
+                exc,
+            )
+            hit = 0
+        if hit == 0:
+            self.release(pin)  # a miss leaves no pins behind
+        return hit
+
+    def release(self, pin: PinKey) -> None:
+        # If the server cannot be told, it drops pins that nobody retrieves after its pin TTL.
+        for owner in self._connection.owners().values():
+            with contextlib.suppress(ServerUnavailable, ServerError):
+                self._connection.client.release(_pin_id(pin), instance_id=owner, timeout_s=self._timeout_s)
+
+    def metadata_context(self) -> dict[TargetId, int]:
+        """The pin owners: each rank's loads release the pins rank 0's lookup took."""
+        return self._connection.owners()
+
+    def windows(self) -> list[int | None]:
+        windows = {target.group: window for target, window in self._connection.windows.items()}
+        return [windows.get(group) for group in range(max(windows, default=-1) + 1)]
+
+
+class ServerTransfers:
+    """A worker's loads and saves, carried out by the cache server on this rank's shared pools."""
+
+    def __init__(self, connection: ProcessConnection, settings: ConnectorSettings, rank: int) -> None:
+        self._connection = connection
+        self._client = connection.client
+        self._settings = settings
+        self._rank = rank
+        self._targets: list[PoolTarget] = []
+        self._instances: dict[TargetId, int] = {}
+        self._registered = False
+        self._next_attempt = 0.0
+        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lmcache-mp-save-r{rank}")
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lmcache-mp-load-r{rank}")
+
+    # -- registration -------------------------------------------------------------------------
+
+    def register(self, targets: list[PoolTarget]) -> None:
+        for target in targets:
+            if not target.tensor.is_cuda and not target.tensor.is_shared():
+                target.tensor.share_memory_()  # CPU pools reach the server through shared memory
+        self._targets = targets
+        self._instances = {target.target: new_instance_id() for target in targets}
+        self._registered = False
+        self._next_attempt = 0.0
+        self._ensure_registered()
+
+    def _ensure_registered(self) -> bool:
+        """Register the pools if not yet done; while the server is down, retry every few seconds."""
+        if self._registered or not self._targets:
+            return self._registered
+        now = time.monotonic()
+        if now < self._next_attempt:
+            return False
+        self._next_attempt = now + REGISTER_RETRY_S
+        try:
+            for target in self._targets:
+                info = self._client.register(
+                    target.tensor,
+                    self._rank,
+                    self._settings.world_size,
+                    self._settings.model_name + target.key_suffix,
+                    self._settings.tokens_per_block,
+                    instance_id=self._instances[target.target],
+                )
+                if info.chunk_size != self._settings.chunk_size:
+                    raise ValueError(
+                        f"the cache server at {self._client.url} uses chunk size {info.chunk_size} but this "
+                        f"process has LMCACHE_CHUNK_SIZE={self._settings.chunk_size}; set them equal"
+                    )
+        except ServerUnavailable as exc:
+            self._connection.warn.warning(
+                "register",
+                "LMCache MP: cannot reach the cache server at %s to register the KV pool (%s); serving "
+                "without cache until it is up. Start it with `python -m lmcache.v1.multiprocess.server` or "
+                "set kv_connector_config.server_url / LMCACHE_SERVER_URL.",
+                self._client.url,
+                exc,
+            )
+            return False
+        self._connection.instances[self._rank] = dict(self._instances)
+        self._connection.windows.update({target.target: target.window for target in self._targets})
+        self._registered = True
+        return True
+
+    def _is_cuda(self) -> bool:
+        return bool(self._targets) and self._targets[0].tensor.is_cuda
+
+    # -- loads --------------------------------------------------------------------------------
+
+    def load(self, plan: LoadPlan, context: Any, stream: Any) -> Done:
+        self._ensure_registered()
+        if self._is_cuda():
+            # The server writes the blocks from another process: earlier kernels must be done with them.
+            device = self._targets[0].tensor.device
+            (stream if stream is not None else torch.cuda.current_stream(device)).synchronize()
+        owners = context if isinstance(context, dict) else {}
+        if not plan.is_async:
+            self._load(plan, owners)
+            return lambda: True
+        future = self._loader.submit(self._load, plan, owners)
+        return lambda: future.done() and future.result() is None
+
+    def _load(self, plan: LoadPlan, owners: dict[TargetId, int]) -> None:
+        by_group = {transfer.group: transfer for transfer in plan.transfers}
+        pin_id = _pin_id(plan.pin)
+        for target in self._targets:
+            transfer = by_group.get(target.target.group)
+            # A target with nothing to load still retrieves an empty range: it releases this rank's pins.
+            start, end = (transfer.start, transfer.end) if transfer is not None else (0, 0)
+            prompt = transfer.prompt if transfer is not None else None
+            try:
+                loaded = self._client.retrieve(
+                    prompt.tokens if prompt is not None else [],
+                    transfer.block_ids if transfer is not None else [],
+                    start,
+                    end,
+                    prompt.salt if prompt is not None else None,
+                    pin_id=pin_id,
+                    pin_owner=owners.get(target.target),
+                    chunk_hashes=(prompt.hashes or {}).get(target.target) if prompt is not None else None,
+                    instance_id=self._instances[target.target],
+                )
+            except (ServerUnavailable, ServerError) as exc:
+                if transfer is None:
+                    continue  # nothing was promised from this target; its pins expire on the server
+                raise PromisedLoadError(
+                    f"LMCache MP promised {end - start} tokens of KV for request {plan.request_id} but the "
+                    f"cache server failed to load them ({exc}); refusing to use unloaded KV blocks"
+                ) from exc
+            if transfer is not None:
+                check_loaded(plan, transfer, loaded)
+
+    # -- saves --------------------------------------------------------------------------------
+
+    def save(self, saves: list[Transfer], stream: Any) -> list[tuple[int, Done]]:
+        if not self._ensure_registered():
+            return []  # no server: the saves are dropped, the requests finish at once
+        forward_done = None
+        if self._is_cuda():
+            forward_done = torch.cuda.Event()
+            device = self._targets[0].tensor.device
+            forward_done.record(stream if stream is not None else torch.cuda.current_stream(device))
+        done = []
+        for transfer in saves:
+            future: Future[None] = self._saver.submit(self._save, transfer, forward_done)
+            done.append((transfer.request_id, future.done))
+        return done
+
+    def _save(self, transfer: Transfer, forward_done: Any) -> None:
+        if forward_done is not None:
+            forward_done.synchronize()  # in the saver thread: the server reads the blocks after the forward
+        prompt = transfer.prompt
+        for target in self._targets:
+            if target.target.group != transfer.group:
+                continue
+            try:
+                self._client.store(
+                    prompt.tokens,
+                    transfer.block_ids,
+                    transfer.start,
+                    transfer.end,
+                    prompt.salt,
+                    chunk_hashes=(prompt.hashes or {}).get(target.target),
+                    instance_id=self._instances[target.target],
+                )
+            except (ServerUnavailable, ServerError) as exc:
+                self._connection.warn.warning(
+                    "save", "LMCache MP: cache server %s dropped a save (%s)", self._client.url, exc
+                )
