@@ -115,9 +115,13 @@ class Setup:
         """``wait_for_save`` of the in-process adapter: its save queue's side stream waits for the
         forward, and the store runs on the saver thread. The future's result is the copies' event."""
         queue = self._queues.get(id(engine))
-        if queue is None or queue.engine is not engine:
-            queue = self._queues[id(engine)] = SaveQueue(engine, self.pool, "bench-save")
-        return queue.submit(self.space, 0, tokens, None, blocks, start, end, self.current())
+        if queue is None:
+            queue = self._queues[id(engine)] = SaveQueue(self.pool.device, "bench-save")
+
+        def store(stream: Any) -> None:
+            engine.store(self.space, 0, tokens, None, self.pool, blocks, start, end, stream)
+
+        return queue.submit(store, self.current())
 
 
 PHASES = ("connector_before_ms", "forward_launch_ms", "handoff_ms", "wait_first_token_ms")

@@ -208,23 +208,40 @@ def test_bad_configs_are_refused_at_construction(lmcache_env) -> None:
         LMCacheKvConnectorScheduler(llm_args())
 
 
-def test_layer_group_forms_accept_one_group_and_refuse_several(lmcache_env) -> None:
+def test_layer_group_forms_register_every_group_and_region(lmcache_env) -> None:
     import torch
 
     scheduler = LMCacheKvConnectorScheduler(llm_args())
     worker = LMCacheKvConnectorWorker(llm_args())
 
-    class Layout:
+    class Region:
         def __init__(self, pool):  # noqa: ANN001
-            self.pool = pool
+            self.pool, self.buffers = pool, ()
+
+        def as_tensor(self, dtype):  # noqa: ANN001, ANN201
+            return self.pool.view(dtype).view(self.pool.shape[0], -1)
+
+    class Group:
+        def __init__(self, gid, pool, window=None):  # noqa: ANN001
+            self.layer_group_id, self.window_size, self.regions = gid, window, [Region(pool)]
+
+    class Layout:
+        def __init__(self, *groups):  # noqa: ANN002
+            self.groups = groups
 
         def as_single_pool_tensor(self):  # noqa: ANN201
-            return self.pool
+            return self.groups[0].regions[0].pool if len(self.groups) == 1 else None
 
-    worker.register_kv_cache_layout(Layout(torch.zeros(8, 2, 2, 4 * TPB)))
-    assert process_engine().spaces[0].layout.num_blocks == 8
-    with pytest.raises(NotImplementedError, match="one KV pool"):
-        worker.register_kv_cache_layout(Layout(None))
+    worker.register_kv_cache_layout(Layout(Group(0, torch.zeros(8, 2, 2, 4 * TPB))))
+    assert process_engine().spaces[0].layout.num_blocks == 8  # one group: keyed like a V1 pool
+    worker.register_kv_cache_layout(
+        Layout(Group(0, torch.zeros(8, 1, 2, 4 * TPB)), Group(1, torch.zeros(6, 1, 2, 4 * TPB), window=64))
+    )
+    pools = process_engine().pools[0]
+    assert [p.pool.target for p in pools] == [(0, 0), (1, 0)]
+    assert [p.space.layout.num_blocks for p in pools] == [8, 6]
+    assert pools[0].space.model_name != pools[1].space.model_name  # each group keyed apart
+    assert [p.pool.window for p in pools] == [None, 64]
 
     class Request:
         request_id = 5
@@ -234,7 +251,5 @@ def test_layer_group_forms_accept_one_group_and_refuse_several(lmcache_env) -> N
             return prompt(100)
 
     scheduler.get_num_new_matched_tokens(Request(), 0)
-    scheduler.update_state_after_alloc_by_layer_group(Request(), [[0, 1, -1]])
-    with pytest.raises(NotImplementedError, match="one layer group"):
-        scheduler.update_state_after_alloc_by_layer_group(Request(), [[0, 1], [2, 3]])
-    assert scheduler.request_finished_by_layer_group(Request(), [[0, 1]]) is False
+    scheduler.update_state_after_alloc_by_layer_group(Request(), [[0, 1, -1], [2, 3, -1]])
+    assert scheduler.request_finished_by_layer_group(Request(), [[0, 1], [2, 3]]) is False

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from lmcache.config import LMCacheEngineConfig
-from lmcache.integration.tensorrt_llm._trtllm import RequestData, SchedulerOutput
-from lmcache.integration.tensorrt_llm.planner import ConnectorMetadata, Planner
+from lmcache.integration.tensorrt_llm._trtllm import PrefixLoad, RequestData, SchedulerOutput
+from lmcache.integration.tensorrt_llm.plan import ConnectorMetadata, PinKey, TargetId
+from lmcache.integration.tensorrt_llm.planner import Planner, PromisedLoadError
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings, request_salt
 
 TPB, CHUNK = 16, 64
@@ -15,28 +16,42 @@ TPB, CHUNK = 16, 64
 
 @dataclass
 class FakeIndex:
+    """A cache that holds the first ``hit`` tokens of every prompt; records pins like the engine."""
+
     hit: int = 0
     lookups: list = field(default_factory=list)
     released: list = field(default_factory=list)
+    pinned: set = field(default_factory=set)
+    group_windows: list = field(default_factory=list)
 
     hashing: bool = False
     hashed: int = 0
 
     def digests(self, tokens):  # noqa: ANN001, ANN201
         """One fake 2-byte "digest" per full chunk, telling which prompt and chunk it names."""
-        return b"".join(bytes([len(tokens) % 251, i]) for i in range(len(tokens) // CHUNK))
+        return {TargetId(0, 0): b"".join(bytes([len(tokens) % 251, i]) for i in range(len(tokens) // CHUNK))}
 
-    def prompt_hashes(self, tokens, salt):  # noqa: ANN001, ANN201
+    def hash_prompt(self, tokens, salt):  # noqa: ANN001, ANN201
         self.hashed += 1
         return self.digests(tokens) if self.hashing else None
 
-    def lookup(self, tokens, salt, pin_id, chunk_hashes):  # noqa: ANN001, ANN201
-        assert chunk_hashes == (self.digests(tokens) if self.hashing else None)
-        self.lookups.append((len(tokens), salt, pin_id))
-        return min(self.hit, len(tokens) // CHUNK * CHUNK)
+    def lookup(self, prompt, pin):  # noqa: ANN001, ANN201
+        assert prompt.hashes == (self.digests(prompt.tokens) if self.hashing else None)
+        self.lookups.append((len(prompt.tokens), prompt.salt, pin))
+        hit = min(self.hit, len(prompt.tokens) // CHUNK * CHUNK)
+        if hit:
+            self.pinned.add(pin)
+        return hit
 
-    def release(self, pin_id):  # noqa: ANN001, ANN201
-        self.released.append(pin_id)
+    def release(self, pin):  # noqa: ANN001, ANN201
+        self.released.append(pin)
+        self.pinned.discard(pin)
+
+    def metadata_context(self):  # noqa: ANN201
+        return None
+
+    def windows(self):  # noqa: ANN201
+        return self.group_windows
 
 
 @dataclass
@@ -71,16 +86,16 @@ def test_load_is_block_aligned_skips_device_match_and_last_token() -> None:
     req = FakeRequest(1, list(range(192)))
     n, is_async = p.match(req, 32)
     assert (n, is_async) == (176 - 32, False)  # hit 192 capped at prompt-1=191 -> 176 block-aligned
-    p.after_alloc(req, list(range(12)))
+    p.after_alloc(req, [list(range(12))])
     meta = p.build(SchedulerOutput(new_requests=[report(1, req.tokens, list(range(12)), 32, 16)]))
     assert [(ld.start, ld.end) for ld in meta.loads] == [(32, 176)]
-    assert meta.loads[0].block_ids == list(range(12))
+    assert [t.block_ids for t in meta.loads[0].transfers] == [list(range(12))]
 
 
 def test_no_load_when_device_match_covers_hit_and_pins_released() -> None:
     p, index = planner(hit=128)
     assert p.match(FakeRequest(1, list(range(300))), 128) == (0, False)
-    assert index.released == [1]
+    assert index.released == [PinKey("req", 1)]
 
 
 def test_unaligned_device_match_is_not_loaded() -> None:
@@ -100,7 +115,7 @@ def test_saves_follow_chunked_prefill_and_decode() -> None:
     prompt = list(range(150))
     p.match(FakeRequest(7, prompt), 0)
     blocks = list(range(10))
-    p.after_alloc(FakeRequest(7, prompt), blocks)
+    p.after_alloc(FakeRequest(7, prompt), [blocks])
     m1 = p.build(SchedulerOutput(new_requests=[report(7, prompt, blocks, 0, 100)]))
     assert [(s.start, s.end) for s in m1.saves] == [(0, 64)]
     m2 = p.build(SchedulerOutput(cached_requests=[report(7, [], [], 100, 50)]))
@@ -110,7 +125,7 @@ def test_saves_follow_chunked_prefill_and_decode() -> None:
     for t in range(1000, 1060):  # decode: one token per step
         new_block = [pos // TPB] if pos % TPB == 0 else []  # a block is added as decode crosses one
         meta = p.build(SchedulerOutput(cached_requests=[report(7, [t], new_block, pos, 1)]))
-        saves += [(s.start, s.end, len(s.tokens), len(s.block_ids)) for s in meta.saves]
+        saves += [(s.start, s.end, len(s.prompt.tokens), len(s.block_ids)) for s in meta.saves]
         pos += 1
     assert saves == [(128, 192, 192, 12)]
     assert p.finished(FakeRequest(7, prompt)) is True
@@ -123,9 +138,9 @@ def test_loads_and_the_prompts_saves_carry_the_lookups_chunk_hashes() -> None:
     req = FakeRequest(4, prompt)
     hashes = index.digests(prompt)
     assert p.match(req, 0) == (128, False)
-    p.after_alloc(req, list(range(10)))
+    p.after_alloc(req, [list(range(10))])
     meta = p.build(SchedulerOutput(new_requests=[report(4, prompt, list(range(10)), 0, 22)]))
-    assert [ld.chunk_hashes for ld in meta.loads] == [hashes]
+    assert [t.prompt.hashes for ld in meta.loads for t in ld.transfers] == [hashes]
     saves = []
     pos = 150
     for t in range(1000, 1060):  # decode fills the chunk [128, 192): beyond the hashed prompt
@@ -133,12 +148,12 @@ def test_loads_and_the_prompts_saves_carry_the_lookups_chunk_hashes() -> None:
         meta = p.build(SchedulerOutput(cached_requests=[report(4, [t], new_block, pos, 1)]))
         saves += meta.saves
         pos += 1
-    assert [(s.start, s.end, s.chunk_hashes) for s in saves] == [(128, 192, None)]
+    assert [(s.start, s.end, s.prompt.hashes) for s in saves] == [(128, 192, None)]
     q, index = planner()
     index.hashing = True
     q.match(FakeRequest(5, prompt), 0)
     meta = q.build(SchedulerOutput(new_requests=[report(5, prompt, list(range(10)), 0, 150)]))
-    assert [(s.start, s.end, s.chunk_hashes) for s in meta.saves] == [(0, 128, hashes)]
+    assert [(s.start, s.end, s.prompt.hashes) for s in meta.saves] == [(0, 128, hashes)]
 
 
 def test_a_request_asked_about_again_is_not_hashed_again() -> None:
@@ -158,7 +173,7 @@ def test_sync_hit_first_report_excludes_loaded_tokens() -> None:
     prompt = list(range(200))
     req = FakeRequest(3, prompt)
     assert p.match(req, 0) == (128, False)
-    p.after_alloc(req, list(range(13)))
+    p.after_alloc(req, [list(range(13))])
     # TRT-LLM reports computed_position without the connector's tokens: 0, then 72 scheduled.
     meta = p.build(SchedulerOutput(new_requests=[report(3, prompt, list(range(13)), 0, 72)]))
     assert [(s.start, s.end) for s in meta.saves] == [(128, 192)]  # hit chunks are not saved again
@@ -191,7 +206,7 @@ def test_request_without_lookup_is_planned_from_its_report() -> None:
     data = report(9, list(range(64)), [0, 1, 2, 3], 0, 64)
     data.cache_salt = "tenant"
     meta = p.build(SchedulerOutput(new_requests=[data]))
-    assert [(s.start, s.end, s.salt) for s in meta.saves] == [(0, 64, "tenant")]
+    assert [(s.start, s.end, s.prompt.salt) for s in meta.saves] == [(0, 64, "tenant")]
 
 
 def test_finished_without_saves_is_synchronous_and_releases_unplanned_pins() -> None:
@@ -199,14 +214,14 @@ def test_finished_without_saves_is_synchronous_and_releases_unplanned_pins() -> 
     req = FakeRequest(4, list(range(200)))
     p.match(req, 0)
     assert p.finished(req) is False
-    assert 4 in index.released
+    assert PinKey("req", 4) in index.released
 
 
 def test_metadata_pickles() -> None:
     p, _ = planner(hit=64)
     req = FakeRequest(1, list(range(100)), cache_salt="s")
     p.match(req, 0)
-    p.after_alloc(req, list(range(7)))
+    p.after_alloc(req, [list(range(7))])
     meta = p.build(SchedulerOutput(new_requests=[report(1, req.tokens, list(range(7)), 0, 36)]))
     again = pickle.loads(pickle.dumps(meta))
     assert isinstance(again, ConnectorMetadata) and again == meta and again.loads
@@ -247,4 +262,4 @@ def test_settings_refuse_pipeline_parallel() -> None:
 def test_a_miss_is_not_released() -> None:
     p, index = planner(hit=0)
     assert p.match(FakeRequest(1, list(range(300))), 0) == (0, False)
-    assert index.lookups == [(300, None, 1)] and index.released == []  # one call for a miss
+    assert index.lookups == [(300, None, PinKey("req", 1))] and index.released == []  # one call for a miss

@@ -37,7 +37,8 @@ def savable_runs(
     """Maximal token ranges inside ``[start, end)`` whose chunks have a page for every block.
 
     ``start`` is chunk-aligned; ranges are made of whole chunks, except that the last one may end
-    at ``end`` when ``end`` is not chunk-aligned (a partial last chunk, rounded down to blocks).
+    at ``end`` when ``end`` is not chunk-aligned (a partial last chunk: only its whole blocks need
+    pages, and only they are saved).
     """
     runs: list[tuple[int, int]] = []
     chunk_start = start
@@ -45,10 +46,9 @@ def savable_runs(
         chunk_end = min(chunk_start + chunk_size, end)
         first, last = chunk_start // tokens_per_block, chunk_end // tokens_per_block
         if last > first and has_pages(block_ids, first, last):
-            stop = last * tokens_per_block
             if runs and runs[-1][1] == chunk_start:
-                runs[-1] = (runs[-1][0], stop)
+                runs[-1] = (runs[-1][0], chunk_end)
             else:
-                runs.append((chunk_start, stop))
+                runs.append((chunk_start, chunk_end))
         chunk_start += chunk_size
     return runs

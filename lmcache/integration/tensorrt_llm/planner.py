@@ -78,8 +78,6 @@ class _Request:
     block_ids: list[list[int]] = field(default_factory=list)
     """Per layer group, indexed by block ordinal, ``-1`` in place."""
     load: _Load | None = None
-    sync_loaded: int = 0
-    """Tokens a synchronous load supplies: TRT-LLM's first ``computed_position`` excludes them."""
     saved_until: int = 0
     save_planned: bool = False
     reported: bool = False
@@ -310,7 +308,7 @@ class Planner:
                 request_id, reservation.prompt, len(reservation.prompt.tokens)
             )
         state.block_ids = [[int(b) for b in group] for group in prefix_load.block_ids_by_layer_group]
-        load = _Load(start, end, bool(prefix_load.is_async), planned=True)
+        load = state.load = _Load(start, end, bool(prefix_load.is_async), planned=True)
         return self._load_plan(state, reservation.pin, load, reservation_id, reservation.prompt)
 
     def _load_plan(
@@ -323,8 +321,6 @@ class Planner:
     ) -> LoadPlan:
         """One transfer per layer group, over the pages it has: a sliding window's oldest blocks
         read ``-1`` and need no KV. A page missing anywhere else fails the load before any copy."""
-        if not load.is_async:
-            state.sync_loaded = load.end - load.start
         source = (prompt or state.prompt).up_to(load.end, self._chunk)
         first, last = load.start // self._tpb, load.end // self._tpb
         transfers = []
@@ -378,8 +374,8 @@ class Planner:
         scheduled = getattr(data, "num_scheduled_tokens", None)
         if scheduled is None:  # TRT-LLM before 1.2.0rc2: a context step computes the rest of the prompt.
             scheduled = max(1, state.prompt_len - computed_position)
-        if first:
-            computed_position += state.sync_loaded  # TRT-LLM's count excludes what we load
+        if first and state.load is not None and not state.load.is_async:
+            computed_position += state.load.end - state.load.start  # TRT-LLM's count excludes it
         state.reported = True
         paged = min((len(group) for group in state.block_ids), default=0) * self._tpb
         computed = min(computed_position + int(scheduled), len(state.tokens), paged)

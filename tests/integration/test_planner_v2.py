@@ -1,0 +1,187 @@
+"""The planner under TRT-LLM's V2 contract: block ordinals with -1, reservations, cancel, reset, groups."""
+
+import pytest
+from test_planner import CHUNK, TPB, FakeRequest, planner, report
+
+from lmcache.integration.tensorrt_llm._trtllm import PrefixLoad, SchedulerOutput
+from lmcache.integration.tensorrt_llm.plan import PinKey
+from lmcache.integration.tensorrt_llm.planner import PromisedLoadError
+
+
+def grouped_report(rid, tokens, groups, pos, scheduled):  # noqa: ANN001, ANN201
+    data = report(rid, tokens, groups[0] if len(groups) == 1 else [], pos, scheduled)
+    data.new_block_ids_by_layer_group = groups
+    return data
+
+
+def prefix_load(rid, req, start, end, groups, is_async=False):  # noqa: ANN001, ANN201
+    return PrefixLoad(rid, req.request_id, start, end, is_async, groups, list(req.tokens), req.cache_salt)
+
+
+def test_no_page_entries_stay_in_place_and_never_reach_a_save() -> None:
+    p, _ = planner()
+    prompt = list(range(4 * CHUNK))
+    blocks = list(range(16))
+    blocks[5] = -1  # chunk 1 (blocks 4..7) has a block without a page
+    meta = p.build(SchedulerOutput(new_requests=[report(1, prompt, blocks, 0, len(prompt))]))
+    assert [(s.start, s.end) for s in meta.saves] == [(0, CHUNK), (2 * CHUNK, 4 * CHUNK)]
+    for save in meta.saves:  # the ordinal list is handed over whole: entry i is still block i
+        assert save.block_ids == blocks
+
+
+def test_a_load_over_a_missing_page_fails_before_any_copy() -> None:
+    p, _ = planner(hit=128)
+    req = FakeRequest(1, list(range(200)))
+    assert p.match(req, 0) == (128, False)
+    p.after_alloc(req, [[0, 1, 2, -1, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
+    with pytest.raises(PromisedLoadError, match="no page"):
+        p.build(SchedulerOutput(new_requests=[report(1, req.tokens, [], 0, 72)]))
+
+
+def test_reservation_pins_per_id_and_releases_by_range() -> None:
+    p, index = planner(hit=128)
+    req = FakeRequest(1, list(range(200)))
+    assert p.reserve(req, 16, 7) == (112, False)
+    assert index.pinned == {PinKey("res", 7)}
+    # TRT-LLM trims to [32, 64) first, then releases the rest piece by piece.
+    p.release_reservation(7, 16, 32)
+    p.release_reservation(7, 64, 128)
+    assert index.pinned == {PinKey("res", 7)} and p.reservation_ids() == [7]
+    p.release_reservation(7, 32, 64)
+    assert index.pinned == set() and p.reservation_ids() == []
+    p.release_reservation(7, 32, 64)  # a stale release is harmless
+    assert index.released == [PinKey("res", 7)]
+
+
+def test_overlapping_reservations_keep_their_own_pins() -> None:
+    p, index = planner(hit=128)
+    a, b = FakeRequest(1, list(range(200))), FakeRequest(2, list(range(200)))
+    assert p.reserve(a, 0, 1)[0] == 128
+    assert p.reserve(b, 0, 2)[0] == 128
+    p.release_reservation(1, 0, 128)
+    assert index.pinned == {PinKey("res", 2)}
+    with pytest.raises(ValueError, match="fresh"):
+        p.reserve(a, 0, 2)
+    p.release_reservation(2, 0, 128)
+    assert index.pinned == set()
+
+
+def test_reservation_needs_a_block_aligned_start_and_a_hit() -> None:
+    p, index = planner(hit=128)
+    assert p.reserve(FakeRequest(1, list(range(200))), 8, 1) == (0, False)
+    assert index.pinned == set()
+    q, index = planner(hit=0)
+    assert q.reserve(FakeRequest(1, list(range(200))), 0, 1) == (0, False)
+    assert index.pinned == set() and q.reservation_ids() == []
+
+
+def test_prefix_loads_are_the_only_permission_to_load() -> None:
+    p, _ = planner(hit=128, enable_async_loading=True)
+    req = FakeRequest(3, list(range(200)))
+    assert p.reserve(req, 0, 9) == (128, True)
+    p.after_alloc(req, [list(range(13))])
+    assert p.build(SchedulerOutput()).loads == []  # a reservation alone starts nothing
+    groups = [list(range(13)), [-1, -1, -1, -1, 24, 25, 26, 27, 28, 29, 30, 31, 32]]
+    meta = p.build(SchedulerOutput(prefix_loads=[prefix_load(9, req, 0, 96, groups, is_async=True)]))
+    (load,) = meta.loads
+    assert (load.reservation_id, load.pin, load.start, load.end, load.is_async) == (
+        9,
+        PinKey("res", 9),
+        0,
+        96,
+        True,
+    )
+    # The sliding group needs only its paged blocks: the transfer starts where its pages do.
+    assert [(t.group, t.start, t.end) for t in load.transfers] == [(0, 0, 96), (1, 64, 96)]
+    assert p.build(SchedulerOutput()).loads == []  # dispatched once
+
+
+def test_prefix_load_of_an_unknown_or_released_reservation_is_refused() -> None:
+    p, _ = planner(hit=128)
+    req = FakeRequest(3, list(range(200)))
+    with pytest.raises(PromisedLoadError, match="did not reserve"):
+        p.build(SchedulerOutput(prefix_loads=[prefix_load(5, req, 0, 64, [list(range(13))])]))
+    p.reserve(req, 0, 6)
+    p.release_reservation(6, 0, 128)
+    with pytest.raises(PromisedLoadError, match="did not reserve"):
+        p.build(SchedulerOutput(prefix_loads=[prefix_load(6, req, 0, 64, [list(range(13))])]))
+
+
+def test_sync_prefix_load_shifts_the_first_report_and_is_not_saved_again() -> None:
+    p, _ = planner(hit=128)
+    req = FakeRequest(3, list(range(200)))
+    p.reserve(req, 0, 4)
+    groups = [list(range(13))]
+    out = SchedulerOutput(
+        new_requests=[grouped_report(3, req.tokens, groups, 0, 72)],
+        prefix_loads=[prefix_load(4, req, 0, 128, groups)],
+    )
+    meta = p.build(out)
+    assert [(ld.start, ld.end) for ld in meta.loads] == [(0, 128)]
+    assert [(s.start, s.end) for s in meta.saves] == [(128, 192)]
+
+
+def test_cancel_load_trims_head_or_tail_and_refuses_a_split() -> None:
+    p, index = planner(hit=192)
+    req = FakeRequest(1, list(range(300)))
+    assert p.match(req, 0) == (192, False)
+    p.cancel_load(req, 160, 192)  # tail
+    p.cancel_load(req, 0, 32)  # head
+    with pytest.raises(ValueError, match="split"):
+        p.cancel_load(req, 64, 96)
+    p.after_alloc(req, [list(range(19))])
+    meta = p.build(SchedulerOutput())
+    assert [(ld.start, ld.end) for ld in meta.loads] == [(32, 160)]
+    q, index = planner(hit=192)
+    q.match(req, 0)
+    q.cancel_load(req, 0, 192)
+    assert index.pinned == set() and q.build(SchedulerOutput()).loads == []
+
+
+def test_request_reset_drops_pages_and_plans_and_starts_afresh() -> None:
+    p, index = planner(hit=128)
+    req = FakeRequest(1, list(range(200)))
+    p.match(req, 0)
+    p.after_alloc(req, [list(range(13))])
+    p.reset(req)
+    assert index.pinned == set() and p.pending_requests() == []
+    assert p.build(SchedulerOutput()).loads == []
+    assert p.match(req, 0) == (128, False)  # asked again after the rollback
+    p.after_alloc(req, [list(range(20, 33))])
+    (load,) = p.build(SchedulerOutput()).loads
+    assert load.transfers[0].block_ids == list(range(20, 33))
+
+
+def test_sliding_window_blocks_are_saved_as_they_complete_never_later() -> None:
+    p, index = planner()
+    index.group_windows = [None, TPB]
+    prompt = list(range(2 * CHUNK))
+    req = FakeRequest(1, prompt)
+    p.after_alloc(req, [list(range(4)), list(range(10, 14))])
+    # Chunk 0 is computed in one step: both groups have every page then.
+    out = SchedulerOutput(
+        new_requests=[grouped_report(1, prompt, [list(range(4)), list(range(10, 14))], 0, CHUNK)]
+    )
+    assert [(s.group, s.start, s.end) for s in p.build(out).saves] == [(0, 0, 64), (1, 0, 64)]
+    # Chunk 1 over two steps: at the second, the window has passed the sliding group's block 4, whose
+    # entry no delta restates; that group skips the chunk rather than read a page no longer its own.
+    step1 = [[4, 5], [14, 15]]
+    p.build(SchedulerOutput(cached_requests=[grouped_report(1, [], step1, CHUNK, 2 * TPB)]))
+    step2 = [[6, 7], [16, 17]]
+    saves = p.build(SchedulerOutput(cached_requests=[grouped_report(1, [], step2, CHUNK + 2 * TPB, 2 * TPB)]))
+    assert [(s.group, s.start, s.end) for s in saves.saves] == [(0, 64, 128)]
+
+
+def test_grouped_deltas_extend_each_group() -> None:
+    p, _ = planner()
+    prompt = list(range(CHUNK + 16))
+    p.build(
+        SchedulerOutput(new_requests=[grouped_report(1, prompt, [[0, 1, 2, 3, 4], [9, 8, 7, 6, 5]], 0, 80)])
+    )
+    meta = p.build(
+        SchedulerOutput(cached_requests=[grouped_report(1, list(range(48)), [[5, 6, 7], [1, 2, 3]], 80, 48)])
+    )
+    assert [(s.group, s.start, s.end, s.block_ids) for s in meta.saves] == [
+        (0, 64, 128, [0, 1, 2, 3, 4, 5, 6, 7]),
+        (1, 64, 128, [9, 8, 7, 6, 5, 1, 2, 3]),
+    ]
