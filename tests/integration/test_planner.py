@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from lmcache.config import LMCacheEngineConfig
-from lmcache.integration.tensorrt_llm._trtllm import PrefixLoad, RequestData, SchedulerOutput
+from lmcache.integration.tensorrt_llm._trtllm import RequestData, SchedulerOutput
 from lmcache.integration.tensorrt_llm.plan import ConnectorMetadata, PinKey, TargetId
-from lmcache.integration.tensorrt_llm.planner import Planner, PromisedLoadError
+from lmcache.integration.tensorrt_llm.planner import Planner
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings, request_salt
 
 TPB, CHUNK = 16, 64
