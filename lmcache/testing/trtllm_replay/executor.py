@@ -400,17 +400,19 @@ class ReplayExecutor:
                 DispatchedLoad(load.reservation_id, load.start, load.end, load.is_async)
             )
 
-    # --- hooks and termination ------------------------------------------------------------
-    def _find(self, request_id: int) -> LlmRequest | None:
+    def request(self, request_id: int) -> LlmRequest | None:
+        """A waiting or active request by id (None once it ended), e.g. for ``on_iteration``."""
         for req in (*self._waiting, *self._active):
             if req.request_id == request_id:
                 return req
         return None
 
+    # --- hooks and termination ------------------------------------------------------------
+
     def _apply_cancellations(self) -> bool:
         todo, self._to_cancel = self._to_cancel, []
         for rid in todo:
-            req = self._find(rid)
+            req = self.request(rid)
             if req is None:
                 continue  # finished already, or unknown
             self.stats.requests[rid].cancelled = True
