@@ -535,3 +535,38 @@ def test_freed_request_reports_empty_lists_per_group() -> None:
     assert result.cancelled
     (finished,) = rec.calls_of("request_finished_by_layer_group")
     assert finished.args[1] == [[], []]
+
+
+def test_request_left_out_of_the_batch_releases_its_reservation() -> None:
+    rec = RecordingConnector(reserve=(64, False))
+    ex = make(rec)
+    ex.drop_from_batch(ex.next_request_id)
+    (result,) = ex.generate([prompt(96)], 1)
+    assert releases(rec) == [(1, 0, 64), (2, 0, 64)]
+    assert methods(
+        rec, "reserve_prefix", "release_prefix_reservation", "update_state_after_alloc_by_layer_group"
+    )[:4] == [
+        "reserve_prefix",
+        "release_prefix_reservation",
+        "reserve_prefix",
+        "update_state_after_alloc_by_layer_group",
+    ]
+    assert ex.stats.requests[result.request_id].reservation_ids == [1, 2]
+
+
+def test_cancel_with_sync_load_pending_waits_for_every_rank() -> None:
+    rec = RecordingConnector(reserve=(64, False), prefix_load_delay={0: 0, 1: 3})
+    ex = make(rec, tp=2)
+    rid = ex.next_request_id
+
+    def cancel_after_first_batch(e: ReplayExecutor) -> None:
+        rec.record("executor", "iteration")
+        if e.stats.iterations == 2:
+            e.cancel(rid)
+
+    ex.on_iteration = cancel_after_first_batch
+    (result,) = ex.generate([prompt(96)], 10)
+    assert result.cancelled and len(result.tokens) == 1  # no more batches after the cancel
+    seen = methods(rec, "iteration", "release_prefix_reservation", "request_finished_by_layer_group")
+    assert seen[:7] == ["iteration"] * 5 + ["release_prefix_reservation", "request_finished_by_layer_group"]
+    assert rec.count("build_connector_meta") == 1

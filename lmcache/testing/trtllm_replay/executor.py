@@ -420,7 +420,8 @@ class ReplayExecutor:
                 self._waiting.remove(req)
                 req.state = LlmRequestState.GENERATION_COMPLETE
             elif self.manager is not None and self.manager.is_loading(req):
-                self._cancel_after_load.add(rid)  # termination deferred until the load completes
+                self._cancel_after_load.add(rid)  # not scheduled; ends once the load completes
+                self._ended.add(rid)
             else:
                 self._terminate(req)
         return bool(todo)
@@ -463,6 +464,10 @@ class ReplayExecutor:
             self._drops[req.request_id] = left - 1
         return kept
 
+    def schedulable(self) -> list[LlmRequest]:
+        """Admitted requests, less those whose cancellation waits for a load."""
+        return [r for r in self._active if r.request_id not in self._cancel_after_load]
+
     # --- V1 admission, scheduling, allocation ---------------------------------------------
     def _admit(self) -> None:
         """GUARANTEED_NO_EVICT, in arrival order: admit only when every block the request may
@@ -486,10 +491,10 @@ class ReplayExecutor:
 
     def _schedule(self) -> tuple[list[LlmRequest], list[LlmRequest]]:
         """Generation requests first (1 token each), then context chunks within ``max_num_tokens``."""
-        generation = [r for r in self._active if r.state == LlmRequestState.GENERATION_IN_PROGRESS]
+        generation = [r for r in self.schedulable() if r.state == LlmRequestState.GENERATION_IN_PROGRESS]
         budget = self.llm_args.max_num_tokens - len(generation)
         context = []
-        for req in self._active:
+        for req in self.schedulable():
             if req.state != LlmRequestState.CONTEXT_INIT:
                 continue
             chunk = self.chunk_size(req.context_remaining_length, budget)

@@ -37,10 +37,11 @@ class V2Steps:
     # --- scheduling pass --------------------------------------------------------------------
     def schedule(self) -> tuple[list[LlmRequest], list[LlmRequest]]:
         ex = self.ex
-        generation = [r for r in ex._active if r.state == LlmRequestState.GENERATION_IN_PROGRESS]
+        active = ex.schedulable()
+        generation = [r for r in active if r.state == LlmRequestState.GENERATION_IN_PROGRESS]
         budget = ex.llm_args.max_num_tokens - len(generation)
         context = []
-        admitted = [r for r in ex._active if r.state == LlmRequestState.CONTEXT_INIT]
+        admitted = [r for r in active if r.state == LlmRequestState.CONTEXT_INIT]
         for req in admitted + list(ex._waiting):
             waiting = req not in ex._active
             res = self._reserve(req, waiting)
