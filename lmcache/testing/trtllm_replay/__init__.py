@@ -4,32 +4,56 @@ TensorRT-LLM cannot be installed everywhere a connector is developed or tested; 
 drives a connector through the same call sequence (match inside allocation, alloc callback,
 ``SchedulerOutput`` deltas, metadata broadcast, loads, per-layer hooks, saves, async load/save
 state machines, ``get_finished`` intersection across TP ranks) against a real paged KV pool in
-TRT-LLM's block layout and a tiny deterministic model that reads its K/V from that pool.
+TRT-LLM's block layout and a tiny deterministic model that reads its K/V from that pool. With
+``KvCacheConfig(use_kv_cache_manager_v2=True)`` it replays KVCacheManagerV2 instead: layer groups
+(sliding windows), ``register_kv_cache_layout``, per-chunk pages and prefix reservations.
 See README.md in this folder.
 """
 
 from .block_pool import BlockManager, KvPool, hash_chain
 from .connector_manager import KvCacheConnectorManager
-from .executor import ExecutorStats, GenerationResult, ReplayExecutor, RequestStats
-from .llm_args import CONNECTOR_PRESETS, KvCacheConfig, KvCacheConnectorConfig, LlmArgs, TorchLlmArgs
+from .executor import ReplayExecutor
+from .kv_manager import BAD_PAGE_INDEX, GroupedBlockManager
+from .layer_groups import GroupedKvPool, LayerGroup
+from .layout import KvCacheBufferRef, KvCacheLayerGroupLayout, KvCacheLayout, KvCacheRegion
+from .llm_args import (
+    CONNECTOR_PRESETS,
+    KvCacheConfig,
+    KvCacheConnectorConfig,
+    LlmArgs,
+    SchedulerConfig,
+    TorchLlmArgs,
+)
 from .model import ModelConfig, TinyDecoder
 from .recording import RecordedCall, RecordingConnector, RecordingScheduler, RecordingWorker, RequestSnapshot
 from .request import CppRequestView, LlmRequest, LlmRequestState
+from .reservations import PrefixReservations, Reservation, wants_prefix_reservations
+from .stats import DispatchedLoad, ExecutorStats, GenerationResult, RequestStats
 
 __all__ = [
+    "BAD_PAGE_INDEX",
     "CONNECTOR_PRESETS",
     "BlockManager",
     "CppRequestView",
+    "DispatchedLoad",
     "ExecutorStats",
     "GenerationResult",
+    "GroupedBlockManager",
+    "GroupedKvPool",
+    "KvCacheBufferRef",
     "KvCacheConfig",
     "KvCacheConnectorConfig",
     "KvCacheConnectorManager",
+    "KvCacheLayerGroupLayout",
+    "KvCacheLayout",
+    "KvCacheRegion",
     "KvPool",
+    "LayerGroup",
     "LlmArgs",
     "LlmRequest",
     "LlmRequestState",
     "ModelConfig",
+    "PrefixReservations",
     "RecordedCall",
     "RecordingConnector",
     "RecordingScheduler",
@@ -37,7 +61,10 @@ __all__ = [
     "ReplayExecutor",
     "RequestSnapshot",
     "RequestStats",
+    "Reservation",
+    "SchedulerConfig",
     "TinyDecoder",
     "TorchLlmArgs",
     "hash_chain",
+    "wants_prefix_reservations",
 ]

@@ -109,7 +109,11 @@ class _Sequence:
 class BlockManager:
     """Block allocation, GUARANTEED_NO_EVICT reservations and the prefix-reuse table."""
 
-    def __init__(self, num_blocks: int, tokens_per_block: int, enable_reuse: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, tokens_per_block: int, enable_reuse: bool = True, first_free: int = 0
+    ) -> None:
+        """``first_free``: the block the free list starts at (V2 groups start at different slots so
+        that their page ids differ)."""
         if num_blocks < 1:
             raise ValueError("the pool needs at least one block")
         self.num_blocks = num_blocks
@@ -117,6 +121,7 @@ class BlockManager:
         self.enable_reuse = enable_reuse
         self._blocks = [_Block(i) for i in range(num_blocks)]
         self._free: deque[int] = deque(range(num_blocks))  # never published, or evicted
+        self._free.rotate(-first_free)
         self._evictable: OrderedDict[int, None] = OrderedDict()  # published, unreferenced; LRU first
         self._table: dict[int, int] = {}  # hash -> block id
         self._seqs: dict[int, _Sequence] = {}
@@ -165,6 +170,19 @@ class BlockManager:
 
     def add_sequence(self, seq_id: int, prompt: list[int]) -> tuple[list[int], int]:
         """Match reusable full blocks, then allocate the rest of the prompt; returns (blocks, matched)."""
+        matched = self.match_prefix(seq_id, prompt)
+        self.grow(seq_id, len(prompt))
+        return self.get_cache_indices(seq_id), matched
+
+    def local_match(self, prompt: list[int], salt_id: int | None) -> int:
+        """Tokens ``match_prefix`` would match now (no reference taken)."""
+        if not self.enable_reuse:
+            return 0
+        max_blocks = (len(prompt) - 1) // self.tokens_per_block
+        return len(self.lookup(prompt, salt_id)[:max_blocks]) * self.tokens_per_block
+
+    def match_prefix(self, seq_id: int, prompt: list[int]) -> int:
+        """Take the reusable full blocks of ``prompt`` (never the last token); returns matched tokens."""
         seq = self._seqs[seq_id]
         if seq.blocks:
             raise RuntimeError(f"sequence {seq_id} already allocated")
@@ -181,15 +199,17 @@ class BlockManager:
                 chain.append(h)
         seq.blocks = list(matched_blocks)
         seq.committed = chain
-        while len(seq.blocks) < self.blocks_for(len(prompt)):
+        return len(matched_blocks) * self.tokens_per_block
+
+    def grow(self, seq_id: int, num_tokens: int) -> None:
+        """Allocate fresh blocks until positions ``[0, num_tokens)`` have one."""
+        seq = self._seqs[seq_id]
+        while len(seq.blocks) < self.blocks_for(num_tokens):
             seq.blocks.append(self._take_fresh())
-        return list(seq.blocks), len(matched_blocks) * self.tokens_per_block
 
     def add_token(self, seq_id: int, position: int) -> None:
         """Make sure a block exists for ``position`` (decode grows one block at a time)."""
-        seq = self._seqs[seq_id]
-        while len(seq.blocks) <= position // self.tokens_per_block:
-            seq.blocks.append(self._take_fresh())
+        self.grow(seq_id, position + 1)
 
     def get_cache_indices(self, seq_id: int) -> list[int]:
         return list(self._seqs[seq_id].blocks)

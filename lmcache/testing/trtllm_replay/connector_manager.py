@@ -4,6 +4,12 @@ It owns the rank-0 scheduler and every rank's worker and does what TRT-LLM's man
 them: the rank-0 calls and their broadcasts (pickled, so unpicklable answers fail here as they
 would under MPI), the ``SchedulerOutput`` deltas, the async load/save bookkeeping, and the
 all-rank intersection of ``get_finished``. Ranks are simulated with ``simulated_rank``.
+
+Under V2 (``num_layer_groups`` given) it always uses the grouped forms
+(``update_state_after_alloc_by_layer_group``, ``request_finished_by_layer_group``), fills
+``new_block_ids_by_layer_group`` on every report, leaves ``block_hashes`` empty and
+``priorities`` None, and with ``prefix_reservations`` drives the reservation protocol
+(``reservations.py``). Page lists are passed in complete, per group, ``-1`` in place.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from lmcache.integration.tensorrt_llm._trtllm import RequestData, SchedulerOutpu
 
 from .block_pool import hash_chain
 from .request import CppRequestView, LlmRequest, LlmRequestState
+from .reservations import PrefixReservations, Reservation
+
+PageLists = Callable[[LlmRequest], list[list[int]]]  # complete page list per layer group
 
 
 def _broadcast(value: Any) -> Any:
@@ -33,14 +42,29 @@ def _request_data_fields() -> set[str] | None:
 class KvCacheConnectorManager:
     """Drives one scheduler (rank 0) and ``len(workers)`` workers (one per TP rank)."""
 
-    def __init__(self, scheduler: Any, workers: list[Any], *, tokens_per_block: int) -> None:
+    def __init__(
+        self,
+        scheduler: Any,
+        workers: list[Any],
+        *,
+        tokens_per_block: int,
+        num_layer_groups: int | None = None,
+        prefix_reservations: bool = False,
+    ) -> None:
+        """``num_layer_groups`` None = V1 (flat forms); ``prefix_reservations`` needs V2."""
         if scheduler is None or not workers:
             raise ValueError("a connector needs a scheduler on rank 0 and a worker on every rank")
+        if prefix_reservations and num_layer_groups is None:
+            raise ValueError("prefix reservations require the V2 KV cache manager")
         self.scheduler = scheduler
         self.workers = workers
         self.tokens_per_block = tokens_per_block
+        self.num_layer_groups = num_layer_groups
+        self.reservations = (
+            PrefixReservations(scheduler, workers, tokens_per_block) if prefix_reservations else None
+        )
         self.external_loads: dict[int, int] = {}
-        self._reported: dict[int, tuple[int, int]] = {}  # id -> (tokens, blocks) reported so far
+        self._reported: dict[int, tuple[int, list[int]]] = {}  # id -> (tokens, blocks per group) reported
         self._new_loading: dict[int, LlmRequest] = {}  # async hit, not yet pulled from the batch
         self.loading: dict[int, LlmRequest] = {}  # async loads in flight
         self.saving: dict[int, LlmRequest] = {}  # async saves in flight
@@ -56,6 +80,10 @@ class KvCacheConnectorManager:
     def tp_size(self) -> int:
         return len(self.workers)
 
+    @property
+    def v2(self) -> bool:
+        return self.num_layer_groups is not None
+
     def _each_worker(self, method: str, *args: Any) -> list[Any]:
         results = []
         for rank, worker in enumerate(self.workers):
@@ -69,7 +97,9 @@ class KvCacheConnectorManager:
         return req.request_id not in self._load_done
 
     def get_num_new_matched_tokens(self, req: LlmRequest, num_computed_tokens: int) -> tuple[int, bool]:
-        """Ask rank 0's scheduler, broadcast, and record the hit (after the device match)."""
+        """Ask rank 0's scheduler, broadcast, and record the hit (after the device match). Under V2
+        the hit is clamped so the last prompt token stays local; an async flag on a hit clamped to
+        0 is dropped (there is nothing to load)."""
         if req.is_generation_only_request:
             raise RuntimeError("KV cache connector does not support generation-only requests")
         with simulated_rank(0):
@@ -80,6 +110,9 @@ class KvCacheConnectorManager:
             raise RuntimeError(f"get_num_new_matched_tokens returned a negative count {num_tokens}")
         if num_tokens == 0 and load_async:
             raise RuntimeError("get_num_new_matched_tokens returned (0, True): async load of no tokens")
+        if self.v2:
+            num_tokens = min(num_tokens, req.prompt_len - 1 - num_computed_tokens)
+            load_async = load_async and num_tokens > 0
         if load_async:
             self._new_loading[req.request_id] = req
         self.external_loads[req.request_id] = num_tokens
@@ -87,28 +120,62 @@ class KvCacheConnectorManager:
         req.num_connector_matched_tokens = num_tokens
         return num_tokens, load_async
 
-    def update_state_after_alloc(self, req: LlmRequest, block_ids: list[int]) -> None:
-        """Rank 0 only, not broadcast."""
+    def update_state_after_alloc(self, req: LlmRequest, pages: list[list[int]]) -> None:
+        """Once per allocation, rank 0 only, not broadcast; the grouped form under V2."""
         with simulated_rank(0):
-            self.scheduler.update_state_after_alloc(req, list(block_ids))
+            if self.v2:
+                self.scheduler.update_state_after_alloc_by_layer_group(req, [list(p) for p in pages])
+            else:
+                self.scheduler.update_state_after_alloc(req, list(pages[0]))
+
+    def reset_request_state(self, req: LlmRequest) -> None:
+        """The allocation was freed and the request replays (V2 rollback): forget what was reported,
+        release an unstarted reservation, then the scheduler's ``request_reset``."""
+        rid = req.request_id
+        if rid in self.loading:
+            raise RuntimeError(f"request {rid} has a load in flight that owns the allocation")
+        self._new_loading.pop(rid, None)  # an async hit not started yet
+        if self.reservations is not None and rid in self.reservations.by_request:
+            self.reservations.drop(self.reservations.by_request[rid])
+        self._reported.pop(rid, None)
+        self.external_loads.pop(rid, None)
+        self._load_done.discard(rid)
+        with simulated_rank(0):
+            self.scheduler.request_reset(req)
+
+    def accept_prefix_load(self, res: Reservation, pages: list[list[int]]) -> None:
+        """Release the clipped tail and queue the load; a sync load's range is excluded from the
+        request's first ``computed_position`` (``external_loads``)."""
+        assert self.reservations is not None
+        load = self.reservations.accept(res, pages)
+        if load is not None and not load.is_async:
+            self.external_loads[load.request_id] = load.end - load.start
+
+    def is_loading(self, req: LlmRequest) -> bool:
+        """A load (legacy async, or an accepted prefix load not retired yet) owns the request."""
+        rid = req.request_id
+        reserved = self.reservations is not None and self.reservations.has_pending_load(rid)
+        return rid in self.loading or rid in self._new_loading or reserved
 
     # --- per iteration ------------------------------------------------------------------
-    def _request_data(self, req: LlmRequest, block_ids: list[int], computed: int, scheduled: int) -> Any:
+    def _request_data(self, req: LlmRequest, pages: list[list[int]], computed: int, scheduled: int) -> Any:
         tokens = req.get_tokens(0)
-        sent_tokens, sent_blocks = self._reported.get(req.request_id, (0, 0))
-        self._reported[req.request_id] = (len(tokens), len(block_ids))
+        sent_tokens, sent_blocks = self._reported.get(req.request_id, (0, [0] * len(pages)))
+        self._reported[req.request_id] = (len(tokens), [len(p) for p in pages])
+        deltas = [p[n:] for p, n in zip(pages, sent_blocks, strict=True)]
         values: dict[str, Any] = {
             "request_id": req.request_id,
             "new_tokens": tokens[sent_tokens:],
-            "new_block_ids": block_ids[sent_blocks:],
+            "new_block_ids": deltas[0] if len(deltas) == 1 else [],
             "computed_position": computed,
             "num_scheduled_tokens": scheduled,
             "priorities": None,
-            "block_hashes": hash_chain(
-                tokens[: computed + scheduled], self.tokens_per_block, req.cache_salt_id
-            ),
+            "block_hashes": []
+            if self.v2
+            else hash_chain(tokens[: computed + scheduled], self.tokens_per_block, req.cache_salt_id),
             "cache_salt": req.cache_salt,
             "cache_salt_id": req.cache_salt_id,
+            "new_block_ids_by_layer_group": deltas if self.v2 else [],
         }
         if self._request_fields is not None:
             values = {k: v for k, v in values.items() if k in self._request_fields}
@@ -118,31 +185,44 @@ class KvCacheConnectorManager:
         self,
         context_requests: list[LlmRequest],
         generation_requests: list[LlmRequest],
-        cache_indices: Callable[[LlmRequest], list[int]],
+        pages: PageLists,
     ) -> Any:
-        """Deltas since each request's last report; context first, async-loading ones skipped."""
+        """Deltas since each request's last report; context first, async-loading ones skipped;
+        with reservations, every accepted load not dispatched yet goes to ``prefix_loads``."""
         output = SchedulerOutput()
         for req in context_requests:
-            if req.request_id in self._new_loading or req.request_id in self.loading:
+            if req.state == LlmRequestState.DISAGG_GENERATION_TRANS_IN_PROGRESS or self._async_pending(req):
                 continue
             first = req.request_id not in self._reported
             computed = req.context_current_position
             if first:
                 computed -= self.external_loads.get(req.request_id, 0)
             scheduled = min(req.context_remaining_length, req.context_chunk_size)
-            data = self._request_data(req, cache_indices(req), computed, scheduled)
+            data = self._request_data(req, pages(req), computed, scheduled)
             (output.new_requests if first else output.cached_requests).append(data)
         for req in generation_requests:
             computed = len(req.get_tokens(0)) - 1
-            output.cached_requests.append(self._request_data(req, cache_indices(req), computed, 1))
+            output.cached_requests.append(self._request_data(req, pages(req), computed, 1))
         self.external_loads.clear()
+        if self.reservations is not None:
+            output.prefix_loads = self.reservations.take_prefix_loads()
         return output
 
+    def _async_pending(self, req: LlmRequest) -> bool:
+        rid = req.request_id
+        if rid in self._new_loading or rid in self.loading:
+            return True
+        res = self.reservations.by_request.get(rid) if self.reservations is not None else None
+        return res is not None and res.accepted and res.is_async
+
     def take_scheduled_requests_pending_load(self, context_requests: list[LlmRequest]) -> list[LlmRequest]:
-        """Pull requests with a new async hit out of the batch; their IDs go to ``get_finished``."""
+        """Pull requests with a new async hit (or async prefix load) out of the batch and park them;
+        legacy IDs go to ``get_finished``, prefix loads complete through their reservation id."""
         kept = []
         for req in context_requests:
-            if req.request_id in self._new_loading:
+            if self._async_pending(req) and req.request_id not in self._new_loading:
+                req.state = LlmRequestState.DISAGG_GENERATION_TRANS_IN_PROGRESS
+            elif req.request_id in self._new_loading:
                 del self._new_loading[req.request_id]
                 req.state = LlmRequestState.DISAGG_GENERATION_TRANS_IN_PROGRESS
                 self.loading[req.request_id] = req
@@ -178,10 +258,14 @@ class KvCacheConnectorManager:
         self._each_worker("wait_for_save", stream)
 
     # --- completion ---------------------------------------------------------------------
-    def request_finished(self, req: LlmRequest, block_ids: list[int]) -> bool:
-        """Rank 0 decides, broadcast; True keeps the blocks until every rank reports the save."""
+    def request_finished(self, req: LlmRequest, pages: list[list[int]]) -> bool:
+        """Rank 0 decides (grouped form under V2), broadcast; True keeps the blocks until every
+        rank reports the save."""
         with simulated_rank(0):
-            answer = self.scheduler.request_finished(req, list(block_ids))
+            if self.v2:
+                answer = self.scheduler.request_finished_by_layer_group(req, [list(p) for p in pages])
+            else:
+                answer = self.scheduler.request_finished(req, list(pages[0]))
         saving = bool(_broadcast(answer))
         if saving:
             req.state = LlmRequestState.DISAGG_CONTEXT_TRANS_IN_PROGRESS
@@ -190,8 +274,11 @@ class KvCacheConnectorManager:
         return saving
 
     def get_finished(self) -> tuple[list[LlmRequest], list[LlmRequest]]:
-        """Poll every rank with the IDs new since the last poll; return the transfers that every
-        rank has reported done: (saved requests, loaded requests)."""
+        """Poll every rank with the IDs new since the last poll (and ``get_finished_prefix_loads``
+        with reservations); return the transfers that every rank has reported done: (saved
+        requests, loaded requests). Prefix loads retire later, through ``retire_prefix_loads``."""
+        if self.reservations is not None:
+            self.reservations.poll()
         finished_gen, started_loading = self._finished_gen_ids, self._started_loading_ids
         self._finished_gen_ids, self._started_loading_ids = [], []
         for rank, worker in enumerate(self.workers):
@@ -221,6 +308,18 @@ class KvCacheConnectorManager:
             self.loading[rid].state = LlmRequestState.CONTEXT_INIT
         return [self.saving.pop(rid) for rid in saved_done], [self.loading.pop(rid) for rid in loaded_done]
 
+    def retire_prefix_loads(self) -> list[LlmRequest]:
+        """Release every prefix load all ranks reported; a parked async request returns to
+        ``CONTEXT_INIT`` (no new allocation or query). Returns the requests whose load retired."""
+        if self.reservations is None:
+            return []
+        retired = self.reservations.retire()
+        for res in retired:
+            if res.request.state == LlmRequestState.DISAGG_GENERATION_TRANS_IN_PROGRESS:
+                res.request.state = LlmRequestState.CONTEXT_INIT
+        return [res.request for res in retired]
+
     @property
     def has_pending_transfers(self) -> bool:
-        return bool(self.saving or self.loading or self._new_loading)
+        reserved = self.reservations is not None and self.reservations.pending
+        return bool(self.saving or self.loading or self._new_loading or reserved)

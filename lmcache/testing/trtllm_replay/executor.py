@@ -6,6 +6,11 @@ admission (GUARANTEED_NO_EVICT), scheduling with the token budget and chunked pr
 the connector batch start (SchedulerOutput, pending-load removal, metadata, ``start_load_kv``), the
 forward with per-layer hooks, ``wait_for_save``, the request update, ``request_finished``,
 termination/reuse, and ``get_finished`` every iteration. All TP ranks live in this process.
+
+With ``kv_cache_config.use_kv_cache_manager_v2`` the V2 steps of ``v2_steps.py`` replace admission,
+scheduling and allocation (layer groups, per-chunk pages, the V2 legacy query or prefix
+reservations). Test hooks: ``cancel``, ``rollback_after_alloc``, ``drop_from_batch``,
+``on_iteration``.
 """
 
 from __future__ import annotations
@@ -25,48 +30,17 @@ from lmcache.integration.tensorrt_llm._trtllm import simulated_rank
 
 from .block_pool import BlockManager, KvPool
 from .connector_manager import KvCacheConnectorManager
+from .kv_manager import GroupedBlockManager
+from .layer_groups import GroupedKvPool
+from .layout import KvCacheLayout, build_layout
 from .llm_args import KvCacheConnectorConfig, TorchLlmArgs
 from .model import ForwardItem, ModelConfig, TinyDecoder
 from .request import LlmRequest, LlmRequestState
+from .reservations import wants_prefix_reservations
+from .stats import DispatchedLoad, ExecutorStats, GenerationResult, RequestStats
+from .v2_steps import V2Steps
 
 ConnectorFactory = Callable[[Any], Any]
-
-
-@dataclass
-class GenerationResult:
-    """Generated tokens of one prompt and the float32 logits that produced each of them."""
-
-    tokens: list[int]
-    logits: torch.Tensor  # [len(tokens), vocab_size], float32, on CPU
-    request_id: int = -1
-    prompt_len: int = 0
-    num_device_matched_tokens: int = 0
-    num_connector_matched_tokens: int = 0
-
-
-@dataclass
-class RequestStats:
-    prompt_len: int
-    device_matched_tokens: int = 0
-    connector_matched_tokens: int = 0
-    connector_load_async: bool = False
-
-
-@dataclass
-class ExecutorStats:
-    """What the executor did, per request id and in total."""
-
-    requests: dict[int, RequestStats] = field(default_factory=dict)
-    iterations: int = 0
-    forwards: int = 0
-
-    @property
-    def device_matched_tokens(self) -> dict[int, int]:
-        return {rid: s.device_matched_tokens for rid, s in self.requests.items()}
-
-    @property
-    def connector_matched_tokens(self) -> dict[int, int]:
-        return {rid: s.connector_matched_tokens for rid, s in self.requests.items()}
 
 
 @dataclass
@@ -156,6 +130,7 @@ class ReplayExecutor:
         self.tp_size = llm_args.tensor_parallel_size
         kv = llm_args.kv_cache_config
         self.tokens_per_block = kv.tokens_per_block
+        self.v2 = kv.use_kv_cache_manager_v2
         if llm_args.pipeline_parallel_size != 1:
             raise ValueError("the replay (like TRT-LLM with a KV connector) does not support PP > 1")
         factories = (
@@ -163,12 +138,19 @@ class ReplayExecutor:
         )
         if factories is not None and (kv.host_cache_size or 0) > 0:
             raise ValueError("a KV connector requires host_cache_size == 0 (block ids must be pool rows)")
+        if factories is not None and self.v2 and not kv.enable_block_reuse:
+            raise ValueError("a KV connector on the V2 KV cache manager requires enable_block_reuse")
         mc = self.model_config
+        self.layer_groups = mc.layer_groups()
+        if not self.v2 and any(g.window is not None for g in self.layer_groups):
+            raise ValueError("sliding-window layers require kv_cache_config.use_kv_cache_manager_v2")
         self.model = TinyDecoder(mc, seed=seed, device=self.device, tp_size=self.tp_size)
-        self.block_manager = BlockManager(kv.num_blocks, kv.tokens_per_block, kv.enable_block_reuse)
-        self.pool = KvPool(
+        self.kv = GroupedBlockManager(
+            self.layer_groups, kv.num_blocks, kv.tokens_per_block, kv.enable_block_reuse
+        )
+        self.pools = GroupedKvPool(
+            self.layer_groups,
             num_blocks=kv.num_blocks,
-            num_layers=mc.num_layers,
             num_kv_heads=mc.num_kv_heads,
             head_dim=mc.head_dim,
             tokens_per_block=kv.tokens_per_block,
@@ -185,6 +167,14 @@ class ReplayExecutor:
         self.scheduler: Any = None
         self.workers: list[Any] = []
         self.manager: KvCacheConnectorManager | None = None
+        self.layouts: list[KvCacheLayout] = []
+        self.on_iteration: Callable[[ReplayExecutor], None] | None = None
+        self._to_cancel: list[int] = []
+        self._cancel_after_load: set[int] = set()
+        self._free_after_load: dict[int, LlmRequest] = {}
+        self._ended: set[int] = set()  # cancelled: skip their in-flight overlap batch
+        self._rollbacks: set[int] = set()
+        self._drops: dict[int, int] = {}
         callables: list[tuple[int, Callable[[], Any]]] = []
         if factories is not None:
             self.scheduler, self.workers = _construct_connector(factories, llm_args, self.tp_size)
@@ -195,23 +185,63 @@ class ReplayExecutor:
                     callables.append((rank, fn))
         self._warmup()
         if factories is not None:
+            reservations = (
+                self.v2
+                and llm_args.scheduler_config.enable_prefix_aware_scheduling
+                and wants_prefix_reservations(self.scheduler, self.workers)
+            )
             self.manager = KvCacheConnectorManager(
-                self.scheduler, self.workers, tokens_per_block=kv.tokens_per_block
+                self.scheduler,
+                self.workers,
+                tokens_per_block=kv.tokens_per_block,
+                num_layer_groups=len(self.layer_groups) if self.v2 else None,
+                prefix_reservations=reservations,
             )
             self.manager.forward_pass_callables = callables
-            for rank, worker in enumerate(self.workers):
-                with simulated_rank(rank):
-                    worker.register_kv_caches(self.pool.tensors[rank])
+            self._register_kv_caches()
             with simulated_rank(0):
                 wait = getattr(self.scheduler, "wait_for_initialization", None)
                 if wait is not None:
                     wait()
+        self._v2 = V2Steps(self) if self.v2 else None
+
+    def _register_kv_caches(self) -> None:
+        """V1: ``register_kv_caches(pool)``; V2: ``register_kv_cache_layout(layout)`` instead."""
+        for rank, worker in enumerate(self.workers):
+            with simulated_rank(rank):
+                if not self.v2:
+                    worker.register_kv_caches(self.pool.tensors[rank])
+                    continue
+                layout = build_layout(
+                    self.tokens_per_block,
+                    [
+                        (g.group_id, g.layer_ids, g.window, self.pools.pools[g.group_id].tensors[rank])
+                        for g in self.layer_groups
+                    ],
+                )
+                self.layouts.append(layout)
+                worker.register_kv_cache_layout(layout)
 
     # --- public -------------------------------------------------------------------------
     @property
+    def block_manager(self) -> BlockManager:
+        """Layer group 0's block manager (the only one under V1); it holds the reuse table."""
+        return self.kv.primary
+
+    @property
+    def pool(self) -> KvPool:
+        """Layer group 0's pool (the only one under V1)."""
+        return self.pools.pools[0]
+
+    @property
     def kv_caches(self) -> list[torch.Tensor]:
-        """Each rank's primary pool tensor (what ``register_kv_caches`` received)."""
+        """Each rank's pool tensor of layer group 0 (under V1, what ``register_kv_caches`` received)."""
         return self.pool.tensors
+
+    @property
+    def next_request_id(self) -> int:
+        """The id the next prompt will get (ids are assigned in prompt order)."""
+        return self._next_request_id
 
     def generate(
         self,
@@ -229,6 +259,24 @@ class ReplayExecutor:
         self._run_until_idle()
         return [self._result(req) for req in requests]
 
+    # --- test hooks -----------------------------------------------------------------------
+    def cancel(self, request_id: int) -> None:
+        """Cancel a request at the start of the next iteration: a waiting one is dropped silently;
+        one whose load is in flight ends once the load completes; else ``request_finished`` now."""
+        self._to_cancel.append(request_id)
+
+    def rollback_after_alloc(self, request_id: int) -> None:
+        """(V2) Right after that request's next allocation and its alloc callback: free the pages,
+        ``request_reset``, and replay the request from scratch (one-shot)."""
+        if not self.v2:
+            raise ValueError("rollback (free_resources + request_reset) is a V2 KV cache manager path")
+        self._rollbacks.add(request_id)
+
+    def drop_from_batch(self, request_id: int, iterations: int = 1) -> None:
+        """Remove the request from the final batch of its next ``iterations`` scheduled iterations
+        (after the scheduling pass, before ``prepare_resources``)."""
+        self._drops[request_id] = iterations
+
     # --- construction helpers -----------------------------------------------------------
     def _make_request(self, prompt: list[int], max_new_tokens: int, salt: str | None) -> LlmRequest:
         mc, args = self.model_config, self.llm_args
@@ -238,22 +286,22 @@ class ReplayExecutor:
             raise ValueError("prompt + max_new_tokens exceeds max_position_embeddings")
         if not args.enable_chunked_prefill and len(prompt) > args.max_num_tokens:
             raise ValueError(f"prompt of {len(prompt)} tokens > max_num_tokens without chunked prefill")
-        needed = self.block_manager.blocks_for(len(prompt) + max_new_tokens)
+        needed = self.kv.blocks_for(len(prompt) + max_new_tokens)
         if needed > self.block_manager.num_blocks:
             raise ValueError(f"request needs {needed} blocks; the pool has {self.block_manager.num_blocks}")
         req = LlmRequest(self._next_request_id, prompt, max_new_tokens, cache_salt=salt)
         self._next_request_id += 1
+        self.stats.requests[req.request_id] = RequestStats(prompt_len=req.prompt_len)
         return req
 
     def _warmup(self) -> None:
-        """One throw-away forward through the pool before the connector sees the KV cache."""
-        bm = self.block_manager
-        if not bm.try_reserve(-1, 1):
+        """One throw-away forward through the pools before the connector sees the KV cache."""
+        if not self.kv.try_reserve(-1, 1):
             raise RuntimeError("no block free for warmup")
-        blocks, _ = bm.add_sequence(-1, [0])
+        self.kv.grow(-1, 1)
         with self._streams.on_current(), self._streams.forward():
-            self.model.forward([ForwardItem([0], 0, blocks, False)], self.pool)
-        bm.remove_sequence(-1)
+            self.model.forward([ForwardItem([0], 0, self.kv.pages(-1, 0), False)], self.pools)
+        self.kv.remove_sequence(-1)
         if self._streams.cuda:
             torch.cuda.synchronize(self.device)
 
@@ -266,7 +314,12 @@ class ReplayExecutor:
             prompt_len=req.prompt_len,
             num_device_matched_tokens=s.device_matched_tokens,
             num_connector_matched_tokens=s.connector_matched_tokens,
+            cancelled=s.cancelled,
         )
+
+    def pages(self, req: LlmRequest) -> list[list[int]]:
+        """Complete page list per layer group of a request, ``-1`` where a window has passed."""
+        return self.kv.pages(req.request_id, req._num_kv)
 
     # --- the loop -----------------------------------------------------------------------
     def _busy(self) -> bool:
@@ -293,20 +346,37 @@ class ReplayExecutor:
     def _iteration(self) -> bool:
         """One executor loop pass; True if anything progressed."""
         self.stats.iterations += 1
-        self._admit()
-        context, generation = self._schedule()
+        if self.on_iteration is not None:
+            self.on_iteration(self)
+        progressed = self._apply_cancellations()
+        if self.manager is not None:
+            retired = self.manager.retire_prefix_loads()
+            self._after_loads(retired)
+            progressed = progressed or bool(retired)
+        if self._v2 is not None:
+            context, generation = self._v2.schedule()
+        else:
+            self._admit()
+            context, generation = self._schedule()
+        context = self._apply_drops(context)
+        if self._v2 is not None:
+            self._v2.release_unused_reservations(context)
         batch: _Batch | None = None
         if context or generation:
-            self._prepare_resources(context, generation)
+            if self._v2 is not None:
+                context = self._v2.prepare_resources(context, generation)
+            else:
+                self._prepare_resources(context, generation)
             if self.manager is not None:
-                output = self.manager.build_scheduler_output(context, generation, self._cache_indices)
+                output = self.manager.build_scheduler_output(context, generation, self.pages)
                 context = self.manager.take_scheduled_requests_pending_load(context)
                 self.manager.handle_metadata(output)
                 self.manager.start_load_kv(self._streams.current)
+                self._record_dispatched(output)
             if context or generation:
                 batch = _Batch(context, generation)
                 self._forward(batch)
-        progressed = batch is not None
+        progressed = progressed or batch is not None
         if self.overlap_scheduler:
             previous, self._previous = self._previous, batch
             if previous is not None:
@@ -318,45 +388,122 @@ class ReplayExecutor:
             saved, loaded = self.manager.get_finished()
             for req in saved:
                 req.state = LlmRequestState.GENERATION_COMPLETE
-                self.block_manager.remove_sequence(req.request_id, req._device_tokens, req._num_kv)
+                self._release_pages(req)
+            self._after_loads(loaded)
             progressed = progressed or bool(saved or loaded)
         return progressed
 
+    def _record_dispatched(self, output: Any) -> None:
+        for load in getattr(output, "prefix_loads", []):
+            stats = self.stats.requests[load.request_id]
+            stats.prefix_loads.append(
+                DispatchedLoad(load.reservation_id, load.start, load.end, load.is_async)
+            )
+
+    def request(self, request_id: int) -> LlmRequest | None:
+        """A waiting or active request by id (None once it ended), e.g. for ``on_iteration``."""
+        for req in (*self._waiting, *self._active):
+            if req.request_id == request_id:
+                return req
+        return None
+
+    # --- hooks and termination ------------------------------------------------------------
+
+    def _apply_cancellations(self) -> bool:
+        todo, self._to_cancel = self._to_cancel, []
+        for rid in todo:
+            req = self.request(rid)
+            if req is None:
+                continue  # finished already, or unknown
+            self.stats.requests[rid].cancelled = True
+            if req in self._waiting:
+                self._waiting.remove(req)
+                req.state = LlmRequestState.GENERATION_COMPLETE
+            elif self.manager is not None and self.manager.is_loading(req):
+                self._cancel_after_load.add(rid)  # not scheduled; ends once the load completes
+                self._ended.add(rid)
+            else:
+                self._terminate(req)
+        return bool(todo)
+
+    def _terminate(self, req: LlmRequest) -> None:
+        """End a cancelled active request: unstarted reservation released, ``request_finished``."""
+        self._active.remove(req)
+        self._ended.add(req.request_id)
+        req.state = LlmRequestState.GENERATION_COMPLETE
+        if self._v2 is not None:
+            self._v2.drop_reservation(req)
+        if self.manager is not None and self.manager.request_finished(req, self.pages(req)):
+            self.kv.store_blocks_for_reuse(req.request_id, req._device_tokens, req._num_kv)
+            return  # pages stay pinned until every rank reports the save
+        self._release_pages(req)
+
+    def _release_pages(self, req: LlmRequest) -> None:
+        """Free a request's pages, unless a load still writes them (then when it completes)."""
+        if self.manager is not None and self.manager.is_loading(req):
+            self._free_after_load[req.request_id] = req
+        elif self.kv.has_allocation(req.request_id):
+            self.kv.remove_sequence(req.request_id, req._device_tokens, req._num_kv)
+
+    def _after_loads(self, loaded: list[LlmRequest]) -> None:
+        """Completed loads: deferred cancellations end now, deferred frees happen now."""
+        for req in loaded:
+            if req.request_id in self._cancel_after_load:
+                self._cancel_after_load.discard(req.request_id)
+                self._terminate(req)
+            elif req.request_id in self._free_after_load:
+                self._release_pages(self._free_after_load.pop(req.request_id))
+
+    def _apply_drops(self, context: list[LlmRequest]) -> list[LlmRequest]:
+        kept = []
+        for req in context:
+            left = self._drops.get(req.request_id, 0)
+            if left <= 0:
+                kept.append(req)
+                continue
+            self._drops[req.request_id] = left - 1
+        return kept
+
+    def schedulable(self) -> list[LlmRequest]:
+        """Admitted requests, less those whose cancellation waits for a load."""
+        return [r for r in self._active if r.request_id not in self._cancel_after_load]
+
+    # --- V1 admission, scheduling, allocation ---------------------------------------------
     def _admit(self) -> None:
         """GUARANTEED_NO_EVICT, in arrival order: admit only when every block the request may
         ever need (prompt + max_new_tokens) can be allocated."""
         while self._waiting:
             req = self._waiting[0]
-            needed = self.block_manager.blocks_for(req.prompt_len + req.max_new_tokens)
-            if not self.block_manager.try_reserve(req.request_id, needed, req.cache_salt_id):
+            needed = self.kv.blocks_for(req.prompt_len + req.max_new_tokens)
+            if not self.kv.try_reserve(req.request_id, needed, req.cache_salt_id):
                 return
             self._active.append(self._waiting.popleft())
-            self.stats.requests[req.request_id] = RequestStats(prompt_len=req.prompt_len)
+
+    def chunk_size(self, remaining: int, budget: int) -> int:
+        """Tokens of a context request to schedule: chunked prefill splits at block boundaries
+        (non-final chunks), else the whole rest or nothing."""
+        if self.llm_args.enable_chunked_prefill:
+            chunk = min(remaining, budget)
+            if chunk < remaining:
+                chunk = chunk // self.tokens_per_block * self.tokens_per_block
+            return chunk
+        return remaining if remaining <= budget else 0
 
     def _schedule(self) -> tuple[list[LlmRequest], list[LlmRequest]]:
         """Generation requests first (1 token each), then context chunks within ``max_num_tokens``."""
-        generation = [r for r in self._active if r.state == LlmRequestState.GENERATION_IN_PROGRESS]
+        generation = [r for r in self.schedulable() if r.state == LlmRequestState.GENERATION_IN_PROGRESS]
         budget = self.llm_args.max_num_tokens - len(generation)
         context = []
-        for req in self._active:
+        for req in self.schedulable():
             if req.state != LlmRequestState.CONTEXT_INIT:
                 continue
-            remaining = req.context_remaining_length
-            if self.llm_args.enable_chunked_prefill:
-                chunk = min(remaining, budget)
-                if chunk < remaining:
-                    chunk = chunk // self.tokens_per_block * self.tokens_per_block
-            else:
-                chunk = remaining if remaining <= budget else 0
+            chunk = self.chunk_size(req.context_remaining_length, budget)
             if chunk <= 0:
                 continue
             req.context_chunk_size = chunk
             budget -= chunk
             context.append(req)
         return context, generation
-
-    def _cache_indices(self, req: LlmRequest) -> list[int]:
-        return self.block_manager.get_cache_indices(req.request_id)
 
     def _prepare_resources(self, context: list[LlmRequest], generation: list[LlmRequest]) -> None:
         for req in context:
@@ -378,8 +525,9 @@ class ReplayExecutor:
         stats.connector_matched_tokens = connector_matched
         stats.connector_load_async = load_async
         if self.manager is not None:
-            self.manager.update_state_after_alloc(req, self._cache_indices(req))
+            self.manager.update_state_after_alloc(req, self.pages(req))
 
+    # --- forward and completion -----------------------------------------------------------
     def _forward(self, batch: _Batch) -> None:
         """Forward (hooks only in eager mode), forward-pass callables, ``wait_for_save``, sampling."""
         items = []
@@ -389,11 +537,9 @@ class ReplayExecutor:
                 min(req.context_remaining_length, req.context_chunk_size),
             )
             last = pos + chunk == req.prompt_len
-            items.append(
-                ForwardItem(req._device_tokens[pos : pos + chunk], pos, self._cache_indices(req), last)
-            )
+            items.append(ForwardItem(req._device_tokens[pos : pos + chunk], pos, self.pages(req), last))
         for req in batch.generation:
-            items.append(ForwardItem([req._device_tokens[-1]], req._num_kv, self._cache_indices(req), True))
+            items.append(ForwardItem([req._device_tokens[-1]], req._num_kv, self.pages(req), True))
         manager = self.manager
         eager = not (self.cuda_graphs and not batch.context)
         hooks = manager is not None and eager
@@ -401,7 +547,7 @@ class ReplayExecutor:
             stream = self._streams.hook_stream()
             logits = self.model.forward(
                 items,
-                self.pool,
+                self.pools,
                 pre_layer=(lambda i: manager.layer_pre_hook(i, stream)) if hooks else None,
                 post_layer=(lambda i: manager.layer_post_hook(i, stream)) if hooks else None,
             )
@@ -428,6 +574,8 @@ class ReplayExecutor:
         """Host update of a forwarded batch: tokens, ``request_finished``, termination, reuse."""
         finished = []
         for req in batch.context + batch.generation:
+            if req.request_id in self._ended:
+                continue  # cancelled while this batch was in flight (overlap)
             if req.num_generated >= req.max_new_tokens or req.request_id not in batch.sampled:
                 continue  # under overlap: the extra forward of a request the host already finished
             token, row = batch.sampled[req.request_id]
@@ -438,13 +586,13 @@ class ReplayExecutor:
                 finished.append(req)
         saving = set()
         for req in finished:  # _send_kv_async: before the request is freed
-            if self.manager is not None and self.manager.request_finished(req, self._cache_indices(req)):
+            if self.manager is not None and self.manager.request_finished(req, self.pages(req)):
                 saving.add(req.request_id)
-                self.block_manager.store_blocks_for_reuse(req.request_id, req._device_tokens, req._num_kv)
+                self.kv.store_blocks_for_reuse(req.request_id, req._device_tokens, req._num_kv)
         for req in finished:  # _handle_responses: terminate (saving requests keep their blocks pinned)
             self._active.remove(req)
             if req.request_id not in saving:
-                self.block_manager.remove_sequence(req.request_id, req._device_tokens, req._num_kv)
+                self._release_pages(req)
         for req in batch.context + batch.generation:  # update_resources: publish filled blocks
-            if self.block_manager.has_sequence(req.request_id):
-                self.block_manager.store_blocks_for_reuse(req.request_id, req._device_tokens, req._num_kv)
+            if self.kv.has_allocation(req.request_id):
+                self.kv.store_blocks_for_reuse(req.request_id, req._device_tokens, req._num_kv)

@@ -40,6 +40,7 @@ class KvCacheConfig:
     enable_block_reuse: bool = True
     free_gpu_memory_fraction: float | None = None  # accepted for source compatibility, ignored
     host_cache_size: int | None = None  # a secondary pool breaks block-id == pool-row; rejected
+    use_kv_cache_manager_v2: bool = False  # TRT-LLM main: KVCacheManagerV2 (layer groups, layouts)
 
     def __post_init__(self) -> None:
         if self.tokens_per_block <= 0:
@@ -85,6 +86,13 @@ class KvCacheConnectorConfig:
 
 
 @dataclass
+class SchedulerConfig:
+    """TRT-LLM's ``SchedulerConfig``; only the flag the V2 connector path reads."""
+
+    enable_prefix_aware_scheduling: bool = True  # V2 + a reservation trio -> prefix reservations
+
+
+@dataclass
 class TorchLlmArgs:
     """The ``llm_args`` handed to connector constructors (PyTorch backend)."""
 
@@ -93,6 +101,7 @@ class TorchLlmArgs:
     pipeline_parallel_size: int = 1
     kv_cache_config: KvCacheConfig = field(default_factory=KvCacheConfig)
     kv_connector_config: KvCacheConnectorConfig | None = None
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     enable_chunked_prefill: bool = False
     max_num_tokens: int = 8192  # per-iteration token budget, also the context chunk size
     backend: str = "pytorch"

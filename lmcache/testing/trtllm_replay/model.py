@@ -8,6 +8,10 @@ Why token by token: the K/V of a token must be bitwise identical whether the pre
 in one prefill, in chunks, reused from the device, or loaded by a connector. Processing one token
 at a time with identical shapes (the attention key length depends only on the position) makes
 every number independent of batch composition and chunking, on CPU and on CUDA.
+
+Sliding windows: a layer with window ``W`` lets the query at position ``q`` see key ``p`` only if
+``q - p < W``, and it reads only the pages holding those keys; a page listed ``-1`` that the window
+still needs raises instead of being read.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .block_pool import KvPool
+from .layer_groups import GroupedKvPool, LayerGroup, resolve_layer_groups
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 4096
     dtype: torch.dtype = torch.float32
+    layer_windows: tuple[int | None, ...] | None = None  # per-layer attention window; None = full
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -45,16 +50,29 @@ class ModelConfig:
             raise ValueError("head_dim must be even (RoPE)")
         if min(self.vocab_size, self.hidden_size, self.num_layers, self.intermediate_size) < 1:
             raise ValueError("model dimensions must be positive")
+        self.layer_groups()  # validates layer_windows
+
+    def layer_groups(self) -> list[LayerGroup]:
+        """One group per distinct effective window, ids dense from 0 by first layer."""
+        return resolve_layer_groups(self.layer_windows, self.num_layers, self.max_position_embeddings)
 
 
 @dataclass
 class ForwardItem:
-    """One request's share of a forward: compute ``tokens`` at positions ``start..``."""
+    """One request's share of a forward: compute ``tokens`` at positions ``start..``;
+    ``block_ids[g][i]`` is the page of block ordinal ``i`` in layer group ``g`` (``-1`` = none)."""
 
     tokens: list[int]
     start: int
-    block_ids: list[int]
+    block_ids: list[list[int]]
     want_logits: bool
+
+
+@dataclass
+class _GroupPages:
+    ids: list[int]
+    tensor: torch.Tensor
+    first_valid: int  # ordinals before this one are -1
 
 
 LayerHook = Callable[[int], None]
@@ -118,9 +136,19 @@ class TinyDecoder:
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
     def _attention(
-        self, layer: int, x: torch.Tensor, pos: int, block_ids: list[int], ids: torch.Tensor, pool: KvPool
+        self, layer: int, x: torch.Tensor, pos: int, pages: list[_GroupPages], pools: GroupedKvPool
     ) -> torch.Tensor:
         c, w = self.config, self.layers[layer]
+        group, pool, local = pools.locate(layer)
+        page = pages[group.group_id]
+        tpb = pool.tokens_per_block
+        lowest = 0 if group.window is None else max(0, pos - group.window + 1)  # oldest visible key
+        first = lowest // tpb
+        if first < page.first_valid:
+            raise RuntimeError(
+                f"layer {layer} at position {pos} needs block ordinal {first} of group "
+                f"{group.group_id}, which is -1 in {page.ids}"
+            )
         h = self._rms_norm(x, w["attn_norm"])
         qkv = F.linear(h, w["qkv"])[0]
         nq, nkv, d = c.num_heads, c.num_kv_heads, c.head_dim
@@ -128,12 +156,15 @@ class TinyDecoder:
         k = self._rope(qkv[nq * d : (nq + nkv) * d].view(nkv, d), pos)
         v = qkv[(nq + nkv) * d :].view(nkv, d)
         kv_per_rank, group = nkv // self.tp_size, nq // nkv
-        block, offset = block_ids[pos // pool.tokens_per_block], pos % pool.tokens_per_block
+        block, offset = page.ids[pos // tpb], pos % tpb
         outs = []
         for rank in range(self.tp_size):
             heads = slice(rank * kv_per_rank, (rank + 1) * kv_per_rank)
-            pool.write(rank, layer, block, offset, k[heads], v[heads])
-            keys, values = pool.gather(rank, layer, ids, pos + 1)  # read back from this rank's pool
+            pool.write(rank, local, block, offset, k[heads], v[heads])
+            # Read back from this rank's pool: only the pages holding visible keys.
+            keys, values = pool.gather(rank, local, page.tensor[first:], pos + 1 - first * tpb)
+            if lowest > first * tpb:
+                keys, values = keys[:, lowest - first * tpb :], values[:, lowest - first * tpb :]
             keys = keys.to(c.dtype).repeat_interleave(group, dim=0)
             values = values.to(c.dtype).repeat_interleave(group, dim=0)
             q_rank = q[rank * kv_per_rank * group : (rank + 1) * kv_per_rank * group]
@@ -147,12 +178,18 @@ class TinyDecoder:
         gate, up = F.linear(h, w["gate_up"]).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, w["down"])
 
+    def _pages(self, ids: list[int]) -> _GroupPages:
+        first_valid = next((i for i, page in enumerate(ids) if page >= 0), len(ids))
+        if any(page < 0 for page in ids[first_valid:]):
+            raise ValueError(f"-1 pages must form a prefix of the block list: {ids}")
+        return _GroupPages(ids, torch.tensor(ids, dtype=torch.long, device=self.device), first_valid)
+
     # --- forward ------------------------------------------------------------------------
     @torch.no_grad()
     def forward(
         self,
         items: list[ForwardItem],
-        pool: KvPool,
+        pools: GroupedKvPool,
         pre_layer: LayerHook | None = None,
         post_layer: LayerHook | None = None,
     ) -> list[torch.Tensor | None]:
@@ -160,19 +197,19 @@ class TinyDecoder:
         each item's last token where ``want_logits``."""
         c = self.config
         hidden: list[list[torch.Tensor]] = []
-        ids: list[torch.Tensor] = []
+        pages: list[list[_GroupPages]] = []
         for item in items:
             if item.start + len(item.tokens) > c.max_position_embeddings:
                 raise ValueError("sequence longer than max_position_embeddings")
             tok = torch.tensor(item.tokens, dtype=torch.long, device=self.device)
             hidden.append([self.embed[tok[j : j + 1]] for j in range(len(item.tokens))])
-            ids.append(torch.tensor(item.block_ids, dtype=torch.long, device=self.device))
+            pages.append([self._pages(ids) for ids in item.block_ids])
         for layer in range(c.num_layers):
             if pre_layer is not None:
                 pre_layer(layer)
-            for item, states, block_tensor in zip(items, hidden, ids, strict=True):
+            for item, states, item_pages in zip(items, hidden, pages, strict=True):
                 for j in range(len(states)):
-                    x = self._attention(layer, states[j], item.start + j, item.block_ids, block_tensor, pool)
+                    x = self._attention(layer, states[j], item.start + j, item_pages, pools)
                     states[j] = self._mlp(layer, x)
             if post_layer is not None:
                 post_layer(layer)

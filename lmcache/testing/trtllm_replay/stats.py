@@ -1,0 +1,59 @@
+"""What ``ReplayExecutor.generate`` returns and what the executor records per request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class GenerationResult:
+    """Generated tokens of one prompt and the float32 logits that produced each of them."""
+
+    tokens: list[int]
+    logits: torch.Tensor  # [len(tokens), vocab_size], float32, on CPU
+    request_id: int = -1
+    prompt_len: int = 0
+    num_device_matched_tokens: int = 0
+    num_connector_matched_tokens: int = 0
+    cancelled: bool = False  # ended by ``ReplayExecutor.cancel`` (tokens are those generated so far)
+
+
+@dataclass(frozen=True)
+class DispatchedLoad:
+    """A ``PrefixLoad`` the executor put into ``SchedulerOutput.prefix_loads``."""
+
+    reservation_id: int
+    start: int
+    end: int
+    is_async: bool
+
+
+@dataclass
+class RequestStats:
+    prompt_len: int
+    device_matched_tokens: int = 0
+    connector_matched_tokens: int = 0
+    connector_load_async: bool = False
+    reservation_ids: list[int] = field(default_factory=list)  # every reserve_prefix id, in order
+    prefix_loads: list[DispatchedLoad] = field(default_factory=list)
+    resets: int = 0  # rollbacks (allocation freed, request_reset, replay)
+    cancelled: bool = False
+
+
+@dataclass
+class ExecutorStats:
+    """What the executor did, per request id and in total."""
+
+    requests: dict[int, RequestStats] = field(default_factory=dict)
+    iterations: int = 0
+    forwards: int = 0
+
+    @property
+    def device_matched_tokens(self) -> dict[int, int]:
+        return {rid: s.device_matched_tokens for rid, s in self.requests.items()}
+
+    @property
+    def connector_matched_tokens(self) -> dict[int, int]:
+        return {rid: s.connector_matched_tokens for rid, s in self.requests.items()}

@@ -1,0 +1,178 @@
+"""The steps of an executor iteration that KVCacheManagerV2 changes (reference §5.1 and §5.2).
+
+Scheduling pass: generation first (1 token each); then context requests, admitted ones before
+waiting ones, in arrival order. A waiting request is admitted here (GUARANTEED_NO_EVICT: every
+page it may ever need, prompt + ``max_new_tokens``, in every group) and takes its device prefix
+then. In reservation mode a first-chunk request without an allocation gets
+``reserve_prefix(request, local_end, fresh_id)`` first; the token budget charges only tokens after
+local + accepted prefix, and a reservation that the budget or the pages cannot take is released
+whole (a fresh id next time).
+
+Allocation (``prepare_resources``, final batch only): pages per chunk. The first allocation covers
+the first chunk plus a served connector prefix and is followed by exactly one
+``update_state_after_alloc_by_layer_group``; in the legacy path the connector is asked
+``get_num_new_matched_tokens`` inside that first allocation (so at most once per allocation);
+in reservation mode the accepted load is then queued (clipped tail released first).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .request import LlmRequest, LlmRequestState
+from .reservations import Reservation
+
+if TYPE_CHECKING:
+    from .executor import ReplayExecutor
+
+
+class V2Steps:
+    """V2 scheduling and allocation for one ``ReplayExecutor``."""
+
+    def __init__(self, ex: ReplayExecutor) -> None:
+        self.ex = ex
+        self.manager = ex.manager
+        self.reservations = ex.manager.reservations if ex.manager is not None else None
+
+    # --- scheduling pass --------------------------------------------------------------------
+    def schedule(self) -> tuple[list[LlmRequest], list[LlmRequest]]:
+        ex = self.ex
+        active = ex.schedulable()
+        generation = [r for r in active if r.state == LlmRequestState.GENERATION_IN_PROGRESS]
+        budget = ex.llm_args.max_num_tokens - len(generation)
+        context = []
+        admitted = [r for r in active if r.state == LlmRequestState.CONTEXT_INIT]
+        for req in admitted + list(ex._waiting):
+            waiting = req not in ex._active
+            res = self._reserve(req, waiting)
+            if waiting and not self._admit(req):
+                if res is not None:
+                    self.reservations.drop(res)  # KV pages cannot take it
+                break  # arrival order: nobody behind it is admitted
+            start = res.accepted_end if res is not None else req.context_current_position
+            chunk = ex.chunk_size(req.prompt_len - start, budget)
+            if chunk <= 0:
+                if res is not None:
+                    self.reservations.drop(res)  # the token budget cannot take it
+                continue
+            if res is not None:  # the cursor moves to the accepted end (rewound if dropped)
+                req.context_current_position = req._num_kv = start
+            req.context_chunk_size = chunk
+            budget -= chunk
+            context.append(req)
+        return context, generation
+
+    def _reserve(self, req: LlmRequest, waiting: bool) -> Reservation | None:
+        if self.reservations is None or req._allocated:
+            return None
+        local = req.context_current_position
+        if waiting:
+            local = self.ex.kv.primary.local_match(req.get_tokens(0), req.cache_salt_id)
+        res = self.reservations.reserve(req, local)
+        self.ex.stats.requests[req.request_id].reservation_ids.append(res.reservation_id)
+        return res
+
+    def _admit(self, req: LlmRequest) -> bool:
+        """Reserve every page the request may need; take its device prefix."""
+        ex = self.ex
+        needed = ex.kv.blocks_for(req.prompt_len + req.max_new_tokens)
+        if not ex.kv.try_reserve(req.request_id, needed, req.cache_salt_id):
+            return False
+        ex._waiting.remove(req)
+        ex._active.append(req)
+        self._take_local_prefix(req)
+        return True
+
+    def _take_local_prefix(self, req: LlmRequest) -> None:
+        matched = self.ex.kv.match_prefix(req.request_id, req.get_tokens(0))
+        req.context_current_position = req._num_kv = matched
+        req.context_chunk_size = req.prompt_len - matched
+        self.ex.stats.requests[req.request_id].device_matched_tokens = matched
+
+    def release_unused_reservations(self, context: list[LlmRequest]) -> None:
+        """Reservations of requests left out of the final batch are released; cursors rewound."""
+        if self.reservations is None:
+            return
+        in_batch = {req.request_id for req in context}
+        for rid, res in list(self.reservations.by_request.items()):
+            if rid not in in_batch and not res.accepted:
+                self.reservations.drop(res)
+                res.request.context_current_position = res.request._num_kv = res.start
+
+    def drop_reservation(self, req: LlmRequest) -> None:
+        """An ending request's reservation that was never accepted is released."""
+        if self.reservations is None:
+            return
+        res = self.reservations.by_request.get(req.request_id)
+        if res is not None and not res.accepted:
+            self.reservations.drop(res)
+
+    # --- allocation -------------------------------------------------------------------------
+    def prepare_resources(self, context: list[LlmRequest], generation: list[LlmRequest]) -> list[LlmRequest]:
+        """Allocate pages (per chunk); returns the context requests still in the batch."""
+        ex, kept = self.ex, []
+        for req in context:
+            end = req.context_current_position + req.context_chunk_size
+            if req._allocated:
+                ex.kv.grow(req.request_id, min(end, req.prompt_len))
+                kept.append(req)
+            elif self._first_allocation(req):
+                kept.append(req)
+        for req in generation:
+            ex.kv.grow(req.request_id, req._num_kv + 1)
+        return kept
+
+    def _first_allocation(self, req: LlmRequest) -> bool:
+        """Legacy query + serve, pages, alloc callback, rollback hook, accepted load; False if the
+        request was rolled back."""
+        ex, stats = self.ex, self.ex.stats.requests[req.request_id]
+        if self.manager is not None and self.reservations is None:
+            n, load_async = self.manager.get_num_new_matched_tokens(req, req.context_current_position)
+            self._serve(req, req.context_current_position + n)
+            stats.connector_matched_tokens, stats.connector_load_async = n, load_async
+        ex.kv.grow(req.request_id, min(req.context_current_position + req.context_chunk_size, req.prompt_len))
+        req._allocated = True
+        if self.manager is not None:
+            self.manager.update_state_after_alloc(req, ex.pages(req))
+        if req.request_id in ex._rollbacks:
+            ex._rollbacks.discard(req.request_id)
+            self._rollback(req)
+            return False
+        res = self.reservations.by_request.get(req.request_id) if self.reservations is not None else None
+        if res is not None and not res.accepted:
+            assert self.manager is not None
+            self.manager.accept_prefix_load(res, ex.pages(req))
+            stats.connector_matched_tokens = res.accepted_end - res.start
+            stats.connector_load_async = res.is_async and res.accepted
+        return True
+
+    def _serve(self, req: LlmRequest, served_end: int) -> None:
+        """Move the context window past a served prefix: inside the chunk the chunk end is kept;
+        beyond it the window shifts (a non-final chunk end stays block-aligned)."""
+        pos, chunk = req.context_current_position, req.context_chunk_size
+        if served_end <= pos:
+            return
+        end = pos + chunk
+        if served_end >= end:
+            end = served_end + chunk
+            if end < req.prompt_len:
+                end = end // self.ex.tokens_per_block * self.ex.tokens_per_block
+            end = min(end, req.prompt_len)
+        req.context_current_position = req._num_kv = served_end
+        req.context_chunk_size = end - served_end
+
+    def _rollback(self, req: LlmRequest) -> None:
+        """``free_resources`` + ``reset_request_state`` (+ ``request_reset``): the request keeps its
+        admission but replays from scratch (new query or reservation, new alloc callback)."""
+        ex, rid = self.ex, req.request_id
+        ex.kv.remove_sequence(rid)
+        if self.manager is not None:
+            self.manager.reset_request_state(req)
+        req._allocated = False
+        req.num_connector_matched_tokens = req.py_num_connector_matched_tokens = 0
+        ex.stats.requests[rid].resets += 1
+        if not ex.kv.try_reserve(
+            rid, ex.kv.blocks_for(req.prompt_len + req.max_new_tokens), req.cache_salt_id
+        ):
+            raise RuntimeError("pages freed by a rollback cannot be reserved again")
+        self._take_local_prefix(req)
