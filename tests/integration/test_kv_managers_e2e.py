@@ -1,0 +1,222 @@
+"""Both presets end to end under TRT-LLM's V1 and V2 KV cache managers (legacy query and prefix
+reservations), full-attention and sliding-window models: outputs bit-equal to a run without a
+connector, hits from the connector, and no pin left behind."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from support.e2e import MODEL, TPB, assert_same_output, prompt
+from support.server_process import ServerProcess
+
+from lmcache.config import load_engine_config
+from lmcache.integration.tensorrt_llm.server_backend import process_connection
+from lmcache.integration.tensorrt_llm.tensorrt_adapter import process_engine
+from lmcache.integration.tensorrt_llm.tensorrt_mp_adapter import reset_process_connections
+from lmcache.testing.trtllm_replay import (
+    GenerationResult,
+    KvCacheConfig,
+    KvCacheConnectorConfig,
+    ModelConfig,
+    ReplayExecutor,
+    TorchLlmArgs,
+)
+from lmcache.testing.trtllm_replay.llm_args import SchedulerConfig
+
+VSWA = ModelConfig(**{**MODEL.__dict__, "num_layers": 3, "layer_windows": (64, None, 64)})
+SLIDING = ModelConfig(**{**MODEL.__dict__, "layer_windows": (64, 64)})
+MODES = ["v1", "v2", "v2-res"]
+
+
+@dataclass
+class Preset:
+    name: str
+    server_url: str | None = None
+
+    def pinned(self) -> int:
+        """Lookups still holding pins in the cache (engine or server)."""
+        if self.server_url is None:
+            return len(process_engine().engine.pinned_ids())
+        client = process_connection(self.server_url, load_engine_config()).client
+        return client.stats().pinned_lookups
+
+
+@pytest.fixture(params=["lmcache", "lmcache-mp"])
+def preset(request: pytest.FixtureRequest, lmcache_env: pytest.MonkeyPatch) -> Iterator[Preset]:
+    if request.param == "lmcache":
+        yield Preset("lmcache")
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="lmv2-", dir="/tmp"))
+    server = ServerProcess(workdir, None, "--chunk-size", "64", "--client-timeout-s", "3").start()
+    reset_process_connections()
+    yield Preset("lmcache-mp", server.ipc_url)
+    reset_process_connections()
+    server.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def args(
+    preset: Preset | None, mode: str, *, tp: int = 1, max_tokens: int = 2048, chunk: int | None = None
+) -> TorchLlmArgs:
+    connector = (
+        None
+        if preset is None
+        else KvCacheConnectorConfig(connector=preset.name, server_url=preset.server_url)
+    )
+    return TorchLlmArgs(
+        model="replay/qwen-like",
+        tensor_parallel_size=tp,
+        kv_cache_config=KvCacheConfig(
+            tokens_per_block=TPB,
+            max_tokens=max_tokens,
+            enable_block_reuse=True,
+            use_kv_cache_manager_v2=mode != "v1",
+        ),
+        kv_connector_config=connector,
+        scheduler_config=SchedulerConfig(enable_prefix_aware_scheduling=mode == "v2-res"),
+        enable_chunked_prefill=chunk is not None,
+        max_num_tokens=chunk or 8192,
+    )
+
+
+def reference(prompts: list[list[int]], new_tokens: int, model: ModelConfig = MODEL, **kw: object) -> list:
+    """Each prompt through a cold executor with no connector."""
+    return [ReplayExecutor(args(None, "v1", **kw), model).generate([p], new_tokens)[0] for p in prompts]
+
+
+def finish(preset: Preset, executor: ReplayExecutor) -> None:
+    """Nothing pinned or reserved is left once every request is done."""
+    assert executor.scheduler.planner.reservation_ids() == []
+    assert executor.scheduler.planner.pending_requests() == []
+    assert preset.pinned() == 0
+
+
+def reservations(executor: ReplayExecutor, result: GenerationResult) -> list[int]:
+    return executor.stats.requests[result.request_id].reservation_ids
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_seed_scenario(preset: Preset, mode: str, tp: int) -> None:
+    """A, then B evicting A from the small device pool, then A again: the connector supplies A."""
+    a, b = prompt(200, start=1), prompt(200, start=2)
+    # The device pool holds one 200-token request and its generated tokens, not two: B evicts A.
+    executor = ReplayExecutor(args(preset, mode, tp=tp, max_tokens=256), MODEL)
+    first = executor.generate([a], 8)[0]
+    executor.generate([b], 8)
+    third = executor.generate([a], 8)[0]
+    assert third.num_connector_matched_tokens > 0
+    assert third.num_device_matched_tokens + third.num_connector_matched_tokens == 192
+    want = reference([a], 8, tp=tp)[0]
+    assert_same_output(first, want)
+    assert_same_output(third, want)
+    if mode == "v2-res":
+        assert reservations(executor, third)
+    finish(preset, executor)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_multi_turn_and_chunked_prefill(preset: Preset, mode: str) -> None:
+    """Chunked prefill saves every step; the next turn hits past the first turn's prompt."""
+    turn1 = prompt(150, start=3)
+    first = ReplayExecutor(args(preset, mode, chunk=64), MODEL).generate([turn1], 60)[0]
+    turn2 = turn1 + first.tokens + prompt(30, start=4)
+    executor = ReplayExecutor(args(preset, mode, chunk=64), MODEL)
+    second = executor.generate([turn2], 6)[0]
+    assert second.num_connector_matched_tokens > len(turn1)  # the answer came from the cache too
+    assert_same_output(first, reference([turn1], 60)[0])
+    assert_same_output(second, reference([turn2], 6)[0])
+    finish(preset, executor)
+
+
+@pytest.mark.parametrize("mode", ["v2", "v2-res"])
+@pytest.mark.parametrize("model", [VSWA, SLIDING], ids=["vswa", "sliding"])
+def test_sliding_window_models(preset: Preset, mode: str, model: ModelConfig) -> None:
+    """Layer groups keyed apart; the sliding group's passed pages are -1 and never touched."""
+    p = prompt(200, start=5)
+    cold = ReplayExecutor(args(preset, mode), model).generate([p], 6)[0]
+    executor = ReplayExecutor(args(preset, mode), model)
+    warm = executor.generate([p], 6)[0]
+    assert warm.num_connector_matched_tokens == 192
+    want = ReplayExecutor(args(None, mode), model).generate([p], 6)[0]
+    assert_same_output(cold, want)
+    assert_same_output(warm, want)
+    finish(preset, executor)
+
+
+def test_overlapping_and_retried_reservations(preset: Preset) -> None:
+    """Two requests reserving one prefix, and reservations rejected by a small token budget and
+    retried under fresh ids: every output right, every pin released."""
+    a, b = prompt(96, start=6), prompt(96, start=7)
+    ReplayExecutor(args(preset, "v2-res"), MODEL).generate([a, b], 2)
+    executor = ReplayExecutor(args(preset, "v2-res"), MODEL)
+    same = executor.generate([a, a], 2)
+    assert all(r.num_connector_matched_tokens == 64 for r in same)
+    assert reservations(executor, same[0]) != reservations(executor, same[1])
+    budget = ReplayExecutor(args(preset, "v2-res", chunk=32), MODEL)  # room for one request's rest
+    got = budget.generate([a, b], 2)
+    assert len(reservations(budget, got[1])) >= 2  # rejected at least once, retried under a new id
+    want = reference([a, b], 2)
+    for result, expected in zip(same + got, [want[0], want[0], *want], strict=True):
+        assert_same_output(result, expected)
+    finish(preset, executor)
+    finish(preset, budget)
+
+
+@pytest.mark.parametrize("mode", ["v1", "v2", "v2-res"])
+def test_cancel_during_an_async_load(preset: Preset, mode: str) -> None:
+    """A request cancelled while its async load is in flight ends once the load lands; the cache
+    and the next request are unharmed."""
+    preset_env = pytest.MonkeyPatch()
+    preset_env.setenv("LMCACHE_ENABLE_ASYNC_LOADING", "True")
+    try:
+        p = prompt(200, start=8)
+        ReplayExecutor(args(preset, mode), MODEL).generate([p], 4)
+        executor = ReplayExecutor(args(preset, mode), MODEL)
+        victim = executor.next_request_id
+        executor.on_iteration = lambda ex: ex.cancel(victim) if ex.stats.iterations == 2 else None
+        cancelled = executor.generate([p], 4)[0]
+        assert cancelled.cancelled and cancelled.num_connector_matched_tokens == 192
+        again = executor.generate([p], 4)[0]
+    finally:
+        preset_env.undo()
+    assert_same_output(again, reference([p], 4)[0])
+    finish(preset, executor)
+
+
+@pytest.mark.parametrize("mode", ["v2", "v2-res"])
+def test_rollback_forgets_the_pages_and_replays(preset: Preset, mode: str) -> None:
+    p = prompt(200, start=9)
+    ReplayExecutor(args(preset, mode), MODEL).generate([p], 4)
+    executor = ReplayExecutor(args(preset, mode), MODEL)
+    executor.rollback_after_alloc(executor.next_request_id)
+    result = executor.generate([p], 4)[0]
+    assert executor.stats.requests[result.request_id].resets == 1
+    assert result.num_connector_matched_tokens == 192
+    if mode == "v2-res":
+        assert len(reservations(executor, result)) == 2
+    assert_same_output(result, reference([p], 4)[0])
+    finish(preset, executor)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA pools: run on the GPU machine")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("model", [MODEL, VSWA], ids=["full", "vswa"])
+def test_cuda_pools(preset: Preset, mode: str, model: ModelConfig) -> None:
+    if mode == "v1" and model is VSWA:
+        pytest.skip("sliding windows need V2")
+    p = prompt(300, start=10)
+    cold = ReplayExecutor(args(preset, mode), model, device="cuda").generate([p], 6)[0]
+    executor = ReplayExecutor(args(preset, mode), model, device="cuda")
+    warm = executor.generate([p, p], 6)
+    want = ReplayExecutor(args(None, mode), model, device="cuda").generate([p], 6)[0]
+    assert all(r.num_connector_matched_tokens == 256 for r in warm)
+    for result in (cold, *warm):
+        assert_same_output(result, want)
+    finish(preset, executor)
