@@ -1,0 +1,45 @@
+"""The two presets as a test fixture: in-process, or through a cache server started for the test."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lmcache.config import load_engine_config
+from lmcache.integration.tensorrt_llm.server_backend import process_connection
+from lmcache.integration.tensorrt_llm.tensorrt_adapter import process_engine
+from lmcache.integration.tensorrt_llm.tensorrt_mp_adapter import reset_process_connections
+
+from .server_process import ServerProcess
+
+
+@dataclass
+class Preset:
+    name: str
+    server_url: str | None = None
+
+    def pinned(self) -> int:
+        """Lookups still holding pins in the cache (engine or server)."""
+        if self.server_url is None:
+            return len(process_engine().engine.pinned_ids())
+        client = process_connection(self.server_url, load_engine_config()).client
+        return client.stats().pinned_lookups
+
+
+@pytest.fixture(params=["lmcache", "lmcache-mp"])
+def preset(request: pytest.FixtureRequest, lmcache_env: pytest.MonkeyPatch) -> Iterator[Preset]:
+    if request.param == "lmcache":
+        yield Preset("lmcache")
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="lmv2-", dir="/tmp"))
+    server = ServerProcess(workdir, None, "--chunk-size", "64", "--client-timeout-s", "3").start()
+    reset_process_connections()
+    yield Preset("lmcache-mp", server.ipc_url)
+    reset_process_connections()
+    server.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
