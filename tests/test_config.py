@@ -64,6 +64,16 @@ def test_defaults():
         "extra_config": None,
         "model_name": None,
         "metrics_port": None,
+        "metrics_host": "127.0.0.1",
+        "tier_staging_size_gb": 1.0,
+        "tier_write_queue_bytes": None,
+        "tier_read_threads": 4,
+        "remote_fetch_batch": 8,
+        "remote_write_batch": 8,
+        "tier_retry_initial_s": 1.0,
+        "tier_retry_max_s": 30.0,
+        "disk_fsync": False,
+        "disk_verify_on_startup": False,
     }
     assert c.max_local_cpu_bytes == 5 * GiB
     assert c.max_local_disk_bytes == 0

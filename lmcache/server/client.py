@@ -31,9 +31,10 @@ Failure behaviour:
   :class:`ServerUnavailable`. The sockets are then recreated (queued requests are dropped, never
   delivered late), and until the connection is seen up again further calls fail at once
   (``fail_fast``) instead of each waiting ``timeout_s``. ZMQ keeps reconnecting in the background
-  every 100 ms, and each fail-fast call first checks whether the server's address accepts
-  connections again (a Unix-socket or TCP connect, at most 50 ms): if so it reconnects at once, so a
-  restarted server is used by the next call, not after a reconnect back-off.
+  every 100 ms. While not connected, each call first checks whether the server's address accepts
+  connections (a Unix-socket or TCP connect, at most 50 ms): if it does after a failure, the client
+  reconnects at once, so a restarted server is used by the next call, not after a reconnect
+  back-off; if it refuses, a ``fail_fast`` call fails at once instead of waiting ``timeout_s``.
 * ``store`` and ``retrieve`` carry ``timeout_ms``: the server skips them if they could not start
   before the caller gave up, so a late retrieve never writes into blocks the caller has reused.
 * An error reply raises :class:`ServerError` (or a subclass named after its code). When the server
@@ -61,17 +62,20 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
-import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from lmcache.keys import HASH_ALGORITHMS, TokenHasher
 from lmcache.logging import init_logger
 from lmcache.server import protocol as P
-from lmcache.server.pool_sharing import RawCudaIPCWrapper, describe_pool
+
+if TYPE_CHECKING:  # torch and pool sharing load on first register: `lmcache stats` never imports torch
+    import torch
+
+    from lmcache.server.pool_sharing import RawCudaIPCWrapper
 
 logger = init_logger(__name__)
 
@@ -350,6 +354,8 @@ class CacheServerClient:
 
         Becomes this client's default instance. Returns the server's chunk size among others.
         """
+        from lmcache.server.pool_sharing import describe_pool
+
         desc = describe_pool(pool)
         iid = new_instance_id() if instance_id is None else instance_id
         req = P.Register(
@@ -629,12 +635,15 @@ class CacheServerClient:
             raise ServerUnavailable("the cache server client is closed")
         timeout = self.timeout_s if timeout_s is None else timeout_s
         op = type(req).__struct_config__.tag
-        if self._down and not self._connected:
-            if self._server_listening():
+        if not self._connected:
+            listening = self._server_listening()
+            if self._down and listening:
                 self._reconnect_now()
-            elif self.fail_fast:
+            elif self.fail_fast and (listening is False or (self._down and listening is None)):
+                with self._lock:
+                    self._down = True
                 raise ServerUnavailable(
-                    f"cache server at {self.url} is unreachable (no connection since the last timeout); "
+                    f"cache server at {self.url} is unreachable (nothing accepts connections there); "
                     "is it running? start it with: python -m lmcache.v1.multiprocess.server"
                 )
         rid = next(self._rids)
@@ -665,16 +674,18 @@ class CacheServerClient:
             self._learn_direct(value.server_id, value.direct)
         return value
 
-    def _server_listening(self) -> bool:
-        """Whether something accepts connections at the server's address now (it is back up).
+    def _server_listening(self) -> bool | None:
+        """Whether something accepts connections at the server's address now; None: cannot tell.
 
-        The call then goes ahead on a freshly connected socket instead of failing fast. A TCP probe
-        that got no answer within ``_PROBE_S`` is not repeated for ``_PROBE_QUIET_S``, so a host that
-        drops packets does not slow every call down.
+        Asked while the client is not connected. True after a failure: the server is back, and the
+        call goes ahead on a freshly connected socket. False: refused or no socket file, so a
+        ``fail_fast`` call fails at once instead of waiting ``timeout_s``. None (inproc URLs, or a
+        TCP probe nobody answered within ``_PROBE_S``, after which probes pause for
+        ``_PROBE_QUIET_S`` so a host that drops packets does not slow every call down).
         """
         scheme, rest = self.url.split("://", 1)
         if scheme == "inproc" or time.monotonic() < self._probe_quiet_until:
-            return False
+            return None
         try:
             if scheme == "ipc":
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -686,7 +697,7 @@ class CacheServerClient:
                     pass
         except TimeoutError:
             self._probe_quiet_until = time.monotonic() + _PROBE_QUIET_S
-            return False
+            return None
         except (OSError, ValueError):
             return False
         return True
