@@ -378,14 +378,8 @@ class LMCacheEngineConfig:
                         f"{_label(key)}: {key} is not supported by this implementation "
                         f"(got {value!r}); remove it from the config file / environment"
                     )
-            elif not (isinstance(key, str) and _KEY_NAME.fullmatch(key)):
-                # Not even shaped like a key (e.g. a file that is not a config): never echo its text.
-                raise ValueError(
-                    "contains an entry that is not a config key name (expected a YAML mapping of keys "
-                    "such as chunk_size: 256; is this the right file?)"
-                )
             else:
-                close = difflib.get_close_matches(key, list(_CONVERT), n=1)
+                close = difflib.get_close_matches(str(key), list(_CONVERT), n=1)
                 hint = f"did you mean {close[0]!r}?" if close else "known keys: " + ", ".join(_CONVERT)
                 raise ValueError(f"unknown config key {key!r}; {hint}")
         return cls(**known)
@@ -456,6 +450,12 @@ def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"expected a YAML mapping of config keys, got {type(data).__name__}")
+    if not all(isinstance(key, str) and _KEY_NAME.fullmatch(key) for key in data):
+        # Not even shaped like config keys (a file that is not a config): never echo its text.
+        raise ValueError(
+            "contains an entry that is not a config key name (expected a YAML mapping of keys such as "
+            "chunk_size: 256; is this the right file?)"
+        )
     return data
 
 
