@@ -6,11 +6,13 @@ value and what is allowed, instead of deep inside the first store.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -24,9 +26,11 @@ __all__ = [
     "GiB",
     "HASH_ALGORITHMS",
     "CACHE_POLICIES",
+    "EXTRA_CONFIG_SETTINGS",
     "REMOTE_SCHEMES",
     "UNSUPPORTED_UPSTREAM_KEYS",
     "LMCacheEngineConfig",
+    "check_host_resources",
     "load_engine_config",
 ]
 
@@ -41,9 +45,12 @@ REMOTE_SCHEMES = ("redis://", "rediss://", "unix://", "redis-cluster://", "valke
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _NONE = {"", "none", "null"}
+_KEY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 def _label(key: str) -> str:
+    if "." in key:  # a setting inside extra_config: it has no variable of its own
+        return key
     return f"{ENV_PREFIX}{key.upper()} / {key}"
 
 
@@ -119,10 +126,62 @@ def _disk(key: str, v: object) -> str | None:
     return s
 
 
+_URL_FORMS = (
+    "redis://[user:password@]host[:port][/db], rediss://..., valkey://..., unix:///path/to.sock or "
+    "redis-cluster://[user:password@]host:port[,host:port...]"
+)
+
+
+def _mask(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (error messages and logs never show secrets)."""
+    return re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", url)
+
+
+def _url_problem(url: str) -> str | None:
+    """What is wrong with a remote URL (scheme, host, port, db, cluster seeds), or None."""
+    scheme, _, rest = url.partition("://")
+    netloc = rest.split("/", 1)[0].split("?", 1)[0]
+    if "@" in netloc:
+        netloc = netloc.rsplit("@", 1)[1]
+    if scheme == "unix":
+        return None if rest.split("?", 1)[0].startswith("/") else "has no socket path (unix:///path/to.sock)"
+    seeds = netloc.split(",") if scheme == "redis-cluster" else [netloc]
+    if scheme != "redis-cluster" and len(seeds[0].split(",")) > 1:
+        return "names several hosts (only redis-cluster:// takes a seed list)"
+    if not any(seed.strip() for seed in seeds):
+        return "has no host" if scheme != "redis-cluster" else "has no host:port seed"
+    for seed in seeds:
+        seed = seed.strip()
+        if not seed:
+            return "has an empty seed in its host list"
+        if seed.startswith("["):
+            host, _, port = seed[1:].partition("]")
+            port = port[1:] if port.startswith(":") else port
+        else:
+            host, _, port = seed.rpartition(":") if ":" in seed else (seed, "", "")
+        if not host:
+            return f"has no host in {seed!r}"
+        if scheme == "redis-cluster" and not port:
+            return f"has no port in the seed {seed!r} (host:port)"
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            return f"has an invalid port {port!r} (1-65535)"
+    path = rest.split("?", 1)[0].partition("/")[2]
+    if scheme != "redis-cluster" and path and not path.isdigit():
+        return f"has an invalid database number {path!r} (an integer after the host, e.g. /0)"
+    return None
+
+
 def _url(key: str, v: object) -> str | None:
     s = _optstr(key, v)
-    if s is not None and not s.startswith(REMOTE_SCHEMES):
-        raise _bad(key, v, "has an unsupported scheme", "a URL starting with " + ", ".join(REMOTE_SCHEMES))
+    if s is None:
+        return None
+    if not s.startswith(REMOTE_SCHEMES):
+        raise _bad(
+            key, _mask(s), "has an unsupported scheme", "a URL starting with " + ", ".join(REMOTE_SCHEMES)
+        )
+    problem = _url_problem(s)
+    if problem is not None:
+        raise _bad(key, _mask(s), problem, _URL_FORMS)
     return s
 
 
@@ -130,6 +189,19 @@ def _optport(key: str, v: object) -> int | None:
     if v is None or (isinstance(v, str) and _unquote(v).lower() in _NONE):
         return None
     return _int(key, v, 0, 65535, "a TCP port 0-65535 (0 = any free port), or none to disable")
+
+
+def _optint(key: str, v: object, lo: int, expected: str) -> int | None:
+    if v is None or (isinstance(v, str) and _unquote(v).lower() in _NONE):
+        return None
+    return _int(key, v, lo, None, expected)
+
+
+def _host(key: str, v: object) -> str:
+    s = _optstr(key, v)
+    if not s or any(c.isspace() or c in "/@?#" for c in s):
+        raise _bad(key, v, "is not a host address", "an IP address or host name, e.g. 127.0.0.1 or 0.0.0.0")
+    return s
 
 
 def _json_obj(key: str, v: object) -> dict[str, Any] | None:
@@ -170,7 +242,34 @@ _CONVERT: dict[str, Callable[[str, object], object]] = {
     "extra_config": _json_obj,
     "model_name": _optstr,
     "metrics_port": _optport,
+    "metrics_host": lambda k, v: _host(k, v),
+    "tier_staging_size_gb": lambda k, v: _float(k, v, 0.0, True, "a size in GiB > 0, e.g. 1.0"),
+    "tier_write_queue_bytes": lambda k, v: _optint(
+        k, v, 1, "a number of bytes > 0, or none (a quarter of L1)"
+    ),
+    "tier_read_threads": lambda k, v: _int(k, v, 1, 256, "an integer 1-256, e.g. 4"),
+    "remote_fetch_batch": lambda k, v: _int(k, v, 1, 4096, "an integer 1-4096, e.g. 8"),
+    "remote_write_batch": lambda k, v: _int(k, v, 1, 4096, "an integer 1-4096, e.g. 8"),
+    "tier_retry_initial_s": lambda k, v: _float(k, v, 0.0, True, "a number of seconds > 0, e.g. 1.0"),
+    "tier_retry_max_s": lambda k, v: _float(k, v, 0.0, True, "a number of seconds > 0, e.g. 30"),
+    "disk_fsync": _bool,
+    "disk_verify_on_startup": _bool,
 }
+
+# Settings that earlier versions read from ``extra_config``: still accepted there (validated, and
+# moved to their own key), so existing config files keep their meaning.
+EXTRA_CONFIG_SETTINGS = (
+    "metrics_host",
+    "tier_staging_size_gb",
+    "tier_write_queue_bytes",
+    "tier_read_threads",
+    "remote_fetch_batch",
+    "remote_write_batch",
+    "tier_retry_initial_s",
+    "tier_retry_max_s",
+    "disk_fsync",
+    "disk_verify_on_startup",
+)
 
 # Upstream LMCache keys we recognise but do not implement: their default values are accepted
 # (configs written for upstream keep working), anything else is refused rather than ignored.
@@ -226,11 +325,32 @@ class LMCacheEngineConfig:
     extra_config: dict[str, Any] | None = field(default=None)
     model_name: str | None = None
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    tier_staging_size_gb: float = 1.0
+    tier_write_queue_bytes: int | None = None
+    tier_read_threads: int = 4
+    remote_fetch_batch: int = 8
+    remote_write_batch: int = 8
+    tier_retry_initial_s: float = 1.0
+    tier_retry_max_s: float = 30.0
+    disk_fsync: bool = False
+    disk_verify_on_startup: bool = False
 
     def __post_init__(self) -> None:
         """Convert strings (env/YAML) to typed values, then check cross-key rules."""
         for f in fields(self):
             setattr(self, f.name, _CONVERT[f.name](f.name, getattr(self, f.name)))
+        if self.extra_config:
+            for key in EXTRA_CONFIG_SETTINGS:
+                if key in self.extra_config:
+                    value = self.extra_config.pop(key)
+                    setattr(self, key, _CONVERT[key](f"extra_config.{key}", value))
+            self.extra_config = self.extra_config or None
+        if self.tier_retry_max_s < self.tier_retry_initial_s:
+            raise ValueError(
+                f"{_label('tier_retry_max_s')}: {self.tier_retry_max_s!r} is below tier_retry_initial_s="
+                f"{self.tier_retry_initial_s!r} (expected the longest back-off >= the first one)"
+            )
         if self.local_disk is not None and self.max_local_disk_size <= 0:
             raise ValueError(
                 f"{_label('max_local_disk_size')}: {self.max_local_disk_size!r} must be > 0 when "
@@ -309,7 +429,7 @@ class LMCacheEngineConfig:
         parts = []
         for key, value in self.to_dict().items():
             if key == "remote_url" and value:
-                value = re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", value)
+                value = _mask(value)
             parts.append(f"{key}={value!r}")
         return " ".join(parts)
 
@@ -318,12 +438,24 @@ def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f)
+        except UnicodeDecodeError:
+            raise ValueError("not a UTF-8 text file (expected a YAML mapping of config keys)") from None
         except yaml.YAMLError as e:
-            raise ValueError(f"not valid YAML: {e}") from None
+            # Only where and what, never the offending text: the file may not be a config at all.
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or "parse error"
+            raise ValueError(f"not valid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"expected a YAML mapping of config keys, got {type(data).__name__}")
+    if not all(isinstance(key, str) and _KEY_NAME.fullmatch(key) for key in data):
+        # Not even shaped like config keys (a file that is not a config): never echo its text.
+        raise ValueError(
+            "contains an entry that is not a config key name (expected a YAML mapping of keys such as "
+            "chunk_size: 256; is this the right file?)"
+        )
     return data
 
 
@@ -337,11 +469,12 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def load_engine_config(env: Mapping[str, str] | None = None) -> LMCacheEngineConfig:
+def load_engine_config(env: Mapping[str, str] | None = None, *, log: bool = True) -> LMCacheEngineConfig:
     """The startup path: ``LMCACHE_CONFIG_FILE`` (if set), then ``LMCACHE_<KEY>`` env vars on top.
 
     Env wins over the file. The merged values are validated together (so env can fix a file's
-    incomplete setting) and the effective config is logged once at INFO.
+    incomplete setting) and, with ``log``, the effective config is logged once at INFO (the server
+    logs it itself after applying its flags).
     """
     env = os.environ if env is None else env
     path = _unquote(env.get("LMCACHE_CONFIG_FILE", ""))
@@ -355,7 +488,84 @@ def load_engine_config(env: Mapping[str, str] | None = None) -> LMCacheEngineCon
             raise ValueError(f"LMCACHE_CONFIG_FILE={path!r}: {e}") from None
     overrides = _env_overrides(env)
     cfg = LMCacheEngineConfig.from_dict({**raw, **overrides})
-    source = f"file={path!r}" if path else "no config file"
-    env_keys = ",".join(overrides) or "none"
-    logger.info("effective config (%s; env overrides: %s): %s", source, env_keys, cfg.describe())
+    if log:
+        source = f"file={path!r}" if path else "no config file"
+        env_keys = ",".join(overrides) or "none"
+        logger.info("effective config (%s; env overrides: %s): %s", source, env_keys, cfg.describe())
+        check_host_resources(cfg)
     return cfg
+
+
+def _physical_memory_bytes() -> tuple[int, int | None]:
+    """(total, available) host memory in bytes; available is None where the OS does not say."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return total, int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return total, None
+
+
+def _free_disk_bytes(path: str) -> int | None:
+    """Free bytes on the file system that holds ``path`` (or its nearest existing parent)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return None
+
+
+def _used_disk_bytes(path: str) -> int:
+    """Bytes already in the files under ``path`` (a disk tier's own chunks count as room it has)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def check_host_resources(
+    config: LMCacheEngineConfig, *, l1_name: str | None = None, disk_name: str | None = None
+) -> list[str]:
+    """Compare the L1 and disk sizes with this host; returns the warnings, also logged.
+
+    Warned, not refused: L1 and the disk tier fill lazily, and the seed's ``--l1-size-gb 10`` must
+    start on a small test machine too. ``l1_name`` / ``disk_name`` are what the user typed (a flag)
+    for the messages; the default is the config key and its variable.
+    """
+    warnings: list[str] = []
+    l1_label = l1_name or _label("max_local_cpu_size")
+    if config.max_local_cpu_bytes:
+        total, available = _physical_memory_bytes()
+        if config.max_local_cpu_bytes > total:
+            warnings.append(
+                f"{l1_label}: {config.max_local_cpu_size:g} GiB is more than this host's memory "
+                f"({total / GiB:.1f} GiB); L1 can never fill, and the host will run out of memory first"
+            )
+        elif available is not None and config.max_local_cpu_bytes > available:
+            warnings.append(
+                f"{l1_label}: {config.max_local_cpu_size:g} GiB is more than the memory available now "
+                f"({available / GiB:.1f} GiB of {total / GiB:.1f} GiB); L1 is reserved lazily, so the host "
+                "may run out of memory once the cache fills"
+            )
+    if config.local_disk is not None:
+        free = _free_disk_bytes(config.local_disk)
+        # The cache's own files count as room it has; only walked when free space alone is short.
+        if free is not None and config.max_local_disk_bytes > free:
+            room = free + _used_disk_bytes(config.local_disk)
+            if config.max_local_disk_bytes > room:
+                disk_label = disk_name or _label("max_local_disk_size")
+                warnings.append(
+                    f"{disk_label}: {config.max_local_disk_size:g} GiB is more than the disk holding "
+                    f"{config.local_disk} has room for ({room / GiB:.1f} GiB free, counting the cache's "
+                    "own files); disk writes will fail once it is full"
+                )
+    for warning in warnings:
+        logger.warning("%s", warning)
+    return warnings

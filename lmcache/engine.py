@@ -109,8 +109,7 @@ class CacheEngine:
         if capacity == 0 and has_tiers:
             # Without an L1 cache, chunks still pass through host memory on their way to and from the
             # lower tiers: a small staging area (grown lazily, only as far as it is used).
-            extra = config.extra_config or {}
-            capacity = int(float(extra.get("tier_staging_size_gb", 1.0)) * GiB)
+            capacity = int(config.tier_staging_size_gb * GiB)
         self.l1 = CpuStore(HostArena(capacity, pinned=pinned), config.cache_policy)
         self.stats = EngineStats()
         self.latency = LatencyStats()

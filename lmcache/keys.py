@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import repeat
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import blake3
 import numpy as np
-import torch
 import xxhash
 
 from lmcache.logging import init_logger
+
+if TYPE_CHECKING:
+    import torch
 
 try:
     # The chain over a Python list in C (lmcache/_hashchain.c, built by setup.py); optional, this
@@ -40,7 +43,7 @@ HASH_ALGORITHMS: dict[str, Callable[[bytes], Any]] = {
 }
 """Hash constructors: ``new(parent + view of the chunk's tokens).digest()``, the fastest form measured."""
 
-Tokens = Sequence[int] | np.ndarray | torch.Tensor
+Tokens = Union[Sequence[int], np.ndarray, "torch.Tensor"]
 CacheSalt = str | int | None
 
 
@@ -73,7 +76,8 @@ def token_array(tokens: Tokens) -> np.ndarray:
             return np.frombuffer(struct.Struct(f"<{len(tokens)}q").pack(*tokens), dtype="<i8")
         except struct.error as exc:
             raise ValueError(f"token ids must be integers in int64 range: {exc}") from None
-    if isinstance(tokens, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is loaded; never load it here
+    if torch is not None and isinstance(tokens, torch.Tensor):
         tokens = tokens.detach().cpu().numpy()
     arr = np.asarray(tokens, dtype="<i8")
     if arr.ndim != 1:

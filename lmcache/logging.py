@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Mapping
 
-__all__ = ["LOG_FORMAT", "ROOT_LOGGER_NAME", "configure_from_env", "init_logger"]
+__all__ = ["LOG_FORMAT", "ROOT_LOGGER_NAME", "configure_from_env", "init_logger", "parse_level"]
 
 ROOT_LOGGER_NAME = "lmcache"
 LOG_FORMAT = "[%(asctime)s] LMCache %(levelname)s: %(message)s (%(filename)s:%(lineno)d)"
@@ -36,6 +36,14 @@ def _install_handler(root: logging.Logger) -> None:
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     setattr(handler, _HANDLER_MARK, True)
     root.addHandler(handler)
+
+
+def parse_level(raw: str) -> int | None:
+    """The level a ``LMCACHE_LOG_LEVEL`` value names (a name in any case, or a number), else None."""
+    raw = raw.strip().strip("'\"").strip()
+    if raw.isdigit():
+        return int(raw)
+    return _LEVELS.get(raw.upper())
 
 
 def configure_from_env(env: Mapping[str, str] | None = None) -> int:

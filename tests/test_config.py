@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import lmcache.logging as lmlog
-from lmcache.config import UNSUPPORTED_UPSTREAM_KEYS, GiB, LMCacheEngineConfig, load_engine_config
+from lmcache.config import (
+    UNSUPPORTED_UPSTREAM_KEYS,
+    GiB,
+    LMCacheEngineConfig,
+    check_host_resources,
+    load_engine_config,
+)
+from lmcache.logging import parse_level
 from lmcache.v1.config import LMCacheEngineConfig as V1Config
 from lmcache.v1.config import load_engine_config as v1_load
 
@@ -64,6 +72,16 @@ def test_defaults():
         "extra_config": None,
         "model_name": None,
         "metrics_port": None,
+        "metrics_host": "127.0.0.1",
+        "tier_staging_size_gb": 1.0,
+        "tier_write_queue_bytes": None,
+        "tier_read_threads": 4,
+        "remote_fetch_batch": 8,
+        "remote_write_batch": 8,
+        "tier_retry_initial_s": 1.0,
+        "tier_retry_max_s": 30.0,
+        "disk_fsync": False,
+        "disk_verify_on_startup": False,
     }
     assert c.max_local_cpu_bytes == 5 * GiB
     assert c.max_local_disk_bytes == 0
@@ -407,3 +425,109 @@ def test_single_handler(restore_log_level):
     ours = [h for h in root.handlers if getattr(h, "_lmcache_handler", False)]
     assert len(ours) == 1 and ours[0].formatter._fmt == lmlog.LOG_FORMAT  # type: ignore[union-attr]
     assert root.propagate
+
+
+# ---- remote URLs, settings moved out of extra_config, file hygiene, host resources -------------
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://localhost:notaport", "invalid port 'notaport'"),
+        ("redis://localhost:0", "invalid port '0'"),
+        ("redis://localhost:70000", "invalid port '70000'"),
+        ("redis://", "has no host"),
+        ("rediss://:pw@", "has no host"),
+        ("redis://h:6379/abc", "invalid database number"),
+        ("redis://a:1,b:2", "only redis-cluster://"),
+        ("unix://relative.sock", "has no socket path"),
+        ("redis-cluster://", "no host:port seed"),
+        ("redis-cluster://h1:7000,,h2:7001", "empty seed"),
+        ("redis-cluster://h1", "no port in the seed 'h1'"),
+        ("redis-cluster://h1:7000,h2:x", "invalid port 'x'"),
+    ],
+)
+def test_every_remote_url_form_is_checked_at_configuration_time(url: str, problem: str) -> None:
+    with pytest.raises(ValueError, match="remote_url") as err:
+        C.from_dict({"remote_url": url})
+    assert problem in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://localhost",
+        "redis://u:p@h:6379/2",
+        "rediss://:pw@[::1]:6380/0",
+        "valkey://v:1",
+        "unix:///tmp/r.sock",
+        "redis-cluster://h1:7000,h2:7001",
+        "redis-cluster://u:p@[::1]:7000",
+    ],
+)
+def test_valid_remote_urls_are_accepted(url: str) -> None:
+    assert C.from_dict({"remote_url": url}).remote_url == url
+
+
+def test_url_errors_never_show_the_password() -> None:
+    with pytest.raises(ValueError) as err:
+        C.from_dict({"remote_url": "redis://user:hunter2@h:port"})
+    assert "hunter2" not in str(err.value) and "***" in str(err.value)
+
+
+def test_extra_config_settings_are_validated_keys(tmp_path) -> None:
+    c = C.from_dict({"extra_config": {"tier_read_threads": "8", "metrics_host": "0.0.0.0", "mine": 1}})
+    assert (c.tier_read_threads, c.metrics_host, c.extra_config) == (8, "0.0.0.0", {"mine": 1})
+    assert C.from_dict(c.to_dict()) == c
+    assert load_engine_config({"LMCACHE_TIER_STAGING_SIZE_GB": "0.5"}).tier_staging_size_gb == 0.5
+    for bad, named in (
+        ({"extra_config": {"tier_read_threads": "abc"}}, "extra_config.tier_read_threads"),
+        ({"tier_staging_size_gb": -1}, "tier_staging_size_gb"),
+        ({"tier_staging_size_gb": "nan"}, "tier_staging_size_gb"),
+        ({"tier_write_queue_bytes": 0}, "tier_write_queue_bytes"),
+        ({"tier_retry_initial_s": "inf"}, "tier_retry_initial_s"),
+        ({"tier_retry_initial_s": 5, "tier_retry_max_s": 1}, "tier_retry_max_s"),
+        ({"metrics_host": "a b"}, "metrics_host"),
+        ({"disk_fsync": "maybe"}, "disk_fsync"),
+    ):
+        with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+            C.from_dict(bad)
+
+
+def test_a_file_that_is_not_a_config_is_never_echoed(tmp_path) -> None:
+    secret = b"root:$6$s3cretHash$xyz:19000:0:99999:7:::"
+    for content in (
+        secret + b"\ndaemon:*:19000::::::\n",
+        b"a: [1\n" + secret + b": x\n",
+        b"\xff\xfe" + secret,
+    ):
+        path = tmp_path / "not-a-config"
+        path.write_bytes(content)
+        with pytest.raises(ValueError) as err:
+            load_engine_config({"LMCACHE_CONFIG_FILE": str(path)})
+        assert "s3cret" not in str(err.value) and "LMCACHE_CONFIG_FILE" in str(err.value)
+
+
+def test_l1_beyond_the_host_memory_is_warned_with_the_figure(caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="lmcache")
+    total_gib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GiB
+    warnings = check_host_resources(C(max_local_cpu_size=total_gib * 4))
+    assert len(warnings) == 1 and f"({total_gib:.1f} GiB)" in warnings[0]
+    assert "LMCACHE_MAX_LOCAL_CPU_SIZE" in warnings[0]
+    assert check_host_resources(C(max_local_cpu_size=total_gib * 4), l1_name="--l1-size-gb")[0].startswith(
+        "--l1-size-gb"
+    )
+
+
+def test_disk_cap_beyond_the_free_space_is_warned_with_the_figure(tmp_path) -> None:
+    free_gib = shutil.disk_usage(tmp_path).free / GiB
+    warnings = check_host_resources(
+        C(local_disk=str(tmp_path / "l2"), max_local_disk_size=free_gib * 2 + 1, max_local_cpu_size=0.1)
+    )
+    assert len(warnings) == 1 and "max_local_disk_size" in warnings[0] and "GiB free" in warnings[0]
+    assert check_host_resources(C(local_disk=str(tmp_path), max_local_disk_size=0.001)) == []
+
+
+def test_log_level_names_are_parsed() -> None:
+    assert parse_level("debug") == logging.DEBUG and parse_level(" 'WARNING' ") == logging.WARNING
+    assert parse_level("15") == 15 and parse_level("VERBOSE") is None

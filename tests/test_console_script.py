@@ -1,7 +1,14 @@
+import re
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
+
+import lmcache
 from lmcache.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_help_and_unknown_command(capsys) -> None:
@@ -9,7 +16,38 @@ def test_help_and_unknown_command(capsys) -> None:
     assert "lmcache server" in capsys.readouterr().out
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
-    assert main(["stats"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["stats", "--count", "-1"])
+    assert exit_info.value.code == 2
+    assert "--count" in capsys.readouterr().err
+
+
+def test_stats_of_nothing_listening_fails_at_once_naming_the_default_url(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setenv("LMCACHE_SERVER_URL", f"ipc://{tmp_path}/none.sock")
+    assert main(["stats"]) == 1
+    err = capsys.readouterr().err
+    assert f"ipc://{tmp_path}/none.sock" in err and "is it running" in err
+
+
+def test_version_has_one_source(capsys) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"lmcache-trtllm {lmcache.__version__}"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", lmcache.__version__)
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in pyproject and 'version = { attr = "lmcache.__version__" }' in pyproject
+    server = subprocess.run(
+        [sys.executable, "-m", "lmcache.v1.multiprocess.server", "--version"], capture_output=True, text=True
+    )
+    assert server.stdout.strip() == f"lmcache-trtllm {lmcache.__version__}"
+
+
+def test_license_is_the_apache_2_text() -> None:
+    text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+    assert 'license = { text = "Apache-2.0" }' in (REPO / "pyproject.toml").read_text()
 
 
 def test_server_help_lists_the_seed_flags() -> None:
@@ -21,6 +59,7 @@ def test_server_help_lists_the_seed_flags() -> None:
 
 
 def test_demo_runs_and_checks_bytes(capsys) -> None:
-    assert main(["demo", "--tokens", "1024", "--device", "cpu"]) == 0
+    assert main(["demo", "--tokens", "1024", "--device", "cpu", "--runs", "3"]) == 0
     out = capsys.readouterr().out
     assert "bytes identical: True" in out and "1024 of 1024 tokens hit" in out
+    assert "median of 3 runs after a warm-up" in out

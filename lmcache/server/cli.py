@@ -8,19 +8,28 @@ base is ``LMCACHE_CONFIG_FILE`` plus ``LMCACHE_*`` variables, as in-process mode
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import math
 import os
 import signal
 import sys
+import time
 from typing import Any
 
-from lmcache.config import CACHE_POLICIES, LMCacheEngineConfig, load_engine_config
-from lmcache.logging import ROOT_LOGGER_NAME, configure_from_env, init_logger
+from lmcache import __version__
+from lmcache.config import CACHE_POLICIES, LMCacheEngineConfig, check_host_resources, load_engine_config
+from lmcache.logging import ROOT_LOGGER_NAME, configure_from_env, init_logger, parse_level
 
 logger = init_logger(__name__)
 
-__all__ = ["build_parser", "main", "engine_config_from_args"]
+__all__ = ["build_parser", "main", "engine_config_from_args", "print_stats"]
+
+
+def _config_source(args: argparse.Namespace) -> str:
+    if args.config:
+        return f"--config {args.config!r}"
+    path = os.environ.get("LMCACHE_CONFIG_FILE", "").strip()
+    return f"LMCACHE_CONFIG_FILE={path!r} and LMCACHE_*" if path else "defaults and LMCACHE_*"
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -139,11 +148,53 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=None,
         help="print the live summary of the server at URL (e.g. tcp://localhost:5555) and exit",
     )
+    parser.add_argument("--version", action="version", version=f"lmcache-trtllm {__version__}")
     return parser
 
 
+def _finite(parser: argparse.ArgumentParser, flag: str, value: float, lo: float, strict: bool) -> None:
+    """Exit with a message naming ``flag`` unless ``value`` is a finite number above ``lo``."""
+    if not math.isfinite(value) or value < lo or (strict and value == lo):
+        bound = f"> {lo:g}" if strict else f">= {lo:g}"
+        parser.error(f"{flag} must be a finite number {bound}, got {value}")
+
+
+def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every flag's range, before anything starts; messages name the flag as typed."""
+    if args.max_workers < 1:
+        parser.error(f"--max-workers must be >= 1, got {args.max_workers}")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in 0..65535, got {args.port}")
+    if not -1 <= args.direct_port <= 65535:
+        parser.error(f"--direct-port must be in -1..65535, got {args.direct_port}")
+    if not (math.isfinite(args.busy_poll_us) and 0 <= args.busy_poll_us <= 1e6):
+        parser.error(f"--busy-poll-us must be in 0..1000000 (0: never busy-poll), got {args.busy_poll_us}")
+    _finite(parser, "--max-frame-mb", args.max_frame_mb, 0.0, strict=True)
+    _finite(parser, "--client-timeout-s", args.client_timeout_s, 0.0, strict=False)
+    _finite(parser, "--pin-ttl-s", args.pin_ttl_s, 0.0, strict=True)
+    if args.l1_size_gb is not None:
+        _finite(parser, "--l1-size-gb", args.l1_size_gb, 0.0, strict=True)
+    if args.chunk_size is not None and args.chunk_size < 1:
+        parser.error(
+            f"--chunk-size must be a positive integer (a multiple of tokens_per_block), got {args.chunk_size}"
+        )
+    if args.eviction_policy is not None and args.eviction_policy.upper() not in CACHE_POLICIES:
+        parser.error(
+            f"--eviction-policy must be one of {', '.join(CACHE_POLICIES)}, got {args.eviction_policy!r}"
+        )
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        parser.error(f"--metrics-port must be in 0..65535, got {args.metrics_port}")
+    level = os.environ.get("LMCACHE_LOG_LEVEL", "").strip()
+    if level and args.log_level is None and parse_level(level) is None:
+        parser.error(
+            f"LMCACHE_LOG_LEVEL={level!r} is not a log level "
+            "(use DEBUG, INFO, WARNING, ERROR or CRITICAL, or pass --log-level)"
+        )
+
+
 def engine_config_from_args(args: argparse.Namespace) -> LMCacheEngineConfig:
-    base = LMCacheEngineConfig.from_file(args.config) if args.config else load_engine_config()
+    """``--config`` (or ``LMCACHE_CONFIG_FILE`` + ``LMCACHE_*``) with the flags on top, validated."""
+    base = LMCacheEngineConfig.from_file(args.config) if args.config else load_engine_config(log=False)
     overrides: dict[str, Any] = {}
     if args.chunk_size is not None:
         overrides["chunk_size"] = args.chunk_size
@@ -155,15 +206,32 @@ def engine_config_from_args(args: argparse.Namespace) -> LMCacheEngineConfig:
     return base.with_overrides(**overrides) if overrides else base
 
 
-def _print_stats(url: str) -> int:
-    from lmcache.server.client import CacheServerClient, ServerError, ServerUnavailable
+def print_stats(url: str | None = None, *, watch_s: float = 0.0, count: int = 0) -> int:
+    """Print the summary of the server at ``url`` (default: the clients' default URL); returns the exit
+    code. With ``watch_s`` > 0, print it again every ``watch_s`` seconds, ``count`` times (0: until
+    Ctrl-C). Imports neither torch nor the engine, so it answers at once."""
+    from lmcache.server.client import CacheServerClient, ServerError, ServerUnavailable, normalize_url
 
     try:
+        url = normalize_url(url)
         with CacheServerClient(url, timeout_s=5.0, heartbeat_interval_s=0) as client:
-            info = client.stats()
+            shown = 0
+            while True:
+                _print_summary(client.stats())
+                shown += 1
+                if watch_s <= 0 or shown == count:
+                    return 0
+                sys.stdout.flush()
+                time.sleep(watch_s)  # the --watch refresh interval
+                print()
     except (ServerUnavailable, ServerError, ValueError) as e:
         print(f"lmcache: cannot read stats from {url}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+def _print_summary(info: Any) -> None:
     gib = 1 << 30
     engine = info.engine
     hit_rate = engine.get("hit_tokens", 0) / max(1, engine.get("lookup_tokens", 0))
@@ -189,40 +257,38 @@ def _print_stats(url: str) -> int:
             f"    instance {inst.instance_id} pid {inst.pid} rank {inst.rank}/{inst.world_size} "
             f"{inst.model_name} {inst.pool_kind} {inst.pool_shape} {inst.dtype} idle {inst.idle_s:.1f} s"
         )
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the server (or ``--stats``); returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.stats:
+        _check_flags(parser, args)
     if args.log_level:
         logging.getLogger(ROOT_LOGGER_NAME).setLevel(args.log_level)
     else:
         configure_from_env()
     if args.stats:
-        return _print_stats(args.stats)
-    if args.max_workers < 1:
-        parser.error(f"--max-workers must be >= 1, got {args.max_workers}")
-    if not 0 <= args.port <= 65535:
-        parser.error(f"--port must be in 0..65535, got {args.port}")
-    if not -1 <= args.direct_port <= 65535:
-        parser.error(f"--direct-port must be in -1..65535, got {args.direct_port}")
-    if not 0 <= args.busy_poll_us <= 1e6:
-        parser.error(f"--busy-poll-us must be in 0..1000000 (0: never busy-poll), got {args.busy_poll_us}")
-    if args.max_frame_mb <= 0:
-        parser.error("--max-frame-mb must be > 0")
-    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
-        parser.error(f"--metrics-port must be in 0..65535, got {args.metrics_port}")
+        return print_stats(args.stats)
     try:
         config = engine_config_from_args(args)
     except (ValueError, OSError) as e:
         parser.error(str(e))
+    logger.info("effective config (flags over %s): %s", _config_source(args), config.describe())
+    check_host_resources(
+        config,
+        l1_name="--l1-size-gb" if args.l1_size_gb is not None else None,
+        disk_name=None,
+    )
 
     from lmcache.engine import CacheEngine
     from lmcache.server.server import CacheServer, ServerConfig, ServerStartError
 
-    engine = CacheEngine(config)
+    try:
+        engine = CacheEngine(config)
+    except (ImportError, ValueError, OSError) as e:
+        parser.error(str(e))
     server = CacheServer(
         engine,
         ServerConfig(
@@ -238,12 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     logger.info(
-        "engine: chunk_size=%d, L1 %.1f GiB (%s, reserved lazily), %d workers; config: %s",
+        "engine: chunk_size=%d, L1 %g GiB (%s, reserved lazily), %d workers",
         config.chunk_size,
         config.max_local_cpu_size,
         config.cache_policy,
         args.max_workers,
-        json.dumps({k: v for k, v in config.to_dict().items() if k != "remote_url"}),
     )
     try:
         server.start()

@@ -30,7 +30,11 @@ Failure behaviour:
 * No reply within ``timeout_s`` (server down, restarting or wedged) raises
   :class:`ServerUnavailable`. The sockets are then recreated (queued requests are dropped, never
   delivered late), and until the connection is seen up again further calls fail at once
-  (``fail_fast``) instead of each waiting ``timeout_s``. ZMQ keeps reconnecting in the background.
+  (``fail_fast``) instead of each waiting ``timeout_s``. ZMQ keeps reconnecting in the background
+  every 100 ms. While not connected, each call first checks whether the server's address accepts
+  connections (a Unix-socket or TCP connect, at most 50 ms): if it does after a failure, the client
+  reconnects at once, so a restarted server is used by the next call, not after a reconnect
+  back-off; if it refuses, a ``fail_fast`` call fails at once instead of waiting ``timeout_s``.
 * ``store`` and ``retrieve`` carry ``timeout_ms``: the server skips them if they could not start
   before the caller gave up, so a late retrieve never writes into blocks the caller has reused.
 * An error reply raises :class:`ServerError` (or a subclass named after its code). When the server
@@ -58,17 +62,20 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
-import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from lmcache.keys import HASH_ALGORITHMS, TokenHasher
 from lmcache.logging import init_logger
 from lmcache.server import protocol as P
-from lmcache.server.pool_sharing import RawCudaIPCWrapper, describe_pool
+
+if TYPE_CHECKING:  # torch and pool sharing load on first register: `lmcache stats` never imports torch
+    import torch
+
+    from lmcache.server.pool_sharing import RawCudaIPCWrapper
 
 logger = init_logger(__name__)
 
@@ -97,6 +104,12 @@ _DIRECT_RETRY_MAX_S = 60.0
 _DIRECT_SPIN_S = 200e-6
 """How long a direct call spins for its reply before it sleeps (see :class:`_DirectLane`)."""
 _MAX_REPLY_BYTES = 2 * P.MAX_FRAME_BYTES
+_RECONNECT_MS = 100
+"""ZMQ's reconnect interval to a server that went away (no growing back-off)."""
+_PROBE_S = 0.05
+"""Longest a fail-fast call waits to learn whether the server's address accepts connections again."""
+_PROBE_QUIET_S = 1.0
+"""After a probe nobody answered (a host that drops packets), calls skip probing this long."""
 
 
 class _DirectLane:
@@ -308,6 +321,7 @@ class CacheServerClient:
         self._direct_target: tuple[str, tuple[int, Any] | None, float] = ("", None, 0.0)
         self._direct_announced: tuple[str, P.DirectLane | None] = ("", None)
         self._direct_pause = 0.0
+        self._probe_quiet_until = 0.0
         self._io = threading.Thread(target=self._io_loop, name="lmcache-client-io", daemon=True)
         self._io.start()
         self._hb: threading.Thread | None = None
@@ -340,6 +354,8 @@ class CacheServerClient:
 
         Becomes this client's default instance. Returns the server's chunk size among others.
         """
+        from lmcache.server.pool_sharing import describe_pool
+
         desc = describe_pool(pool)
         iid = new_instance_id() if instance_id is None else instance_id
         req = P.Register(
@@ -619,11 +635,17 @@ class CacheServerClient:
             raise ServerUnavailable("the cache server client is closed")
         timeout = self.timeout_s if timeout_s is None else timeout_s
         op = type(req).__struct_config__.tag
-        if self.fail_fast and self._down and not self._connected:
-            raise ServerUnavailable(
-                f"cache server at {self.url} is unreachable (no connection since the last timeout); "
-                "is it running? start it with: python -m lmcache.v1.multiprocess.server"
-            )
+        if not self._connected:
+            listening = self._server_listening()
+            if self._down and listening:
+                self._reconnect_now()
+            elif self.fail_fast and (listening is False or (self._down and listening is None)):
+                with self._lock:
+                    self._down = True
+                raise ServerUnavailable(
+                    f"cache server at {self.url} is unreachable (nothing accepts connections there); "
+                    "is it running? start it with: python -m lmcache.v1.multiprocess.server"
+                )
         rid = next(self._rids)
         req.rid = rid
         if deadline:
@@ -651,6 +673,42 @@ class CacheServerClient:
         if isinstance(value, (P.PingInfo, P.RegisterInfo)):
             self._learn_direct(value.server_id, value.direct)
         return value
+
+    def _server_listening(self) -> bool | None:
+        """Whether something accepts connections at the server's address now; None: cannot tell.
+
+        Asked while the client is not connected. True after a failure: the server is back, and the
+        call goes ahead on a freshly connected socket. False: refused or no socket file, so a
+        ``fail_fast`` call fails at once instead of waiting ``timeout_s``. None (inproc URLs, or a
+        TCP probe nobody answered within ``_PROBE_S``, after which probes pause for
+        ``_PROBE_QUIET_S`` so a host that drops packets does not slow every call down).
+        """
+        scheme, rest = self.url.split("://", 1)
+        if scheme == "inproc" or time.monotonic() < self._probe_quiet_until:
+            return None
+        try:
+            if scheme == "ipc":
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.settimeout(_PROBE_S)
+                    sock.connect(rest)
+            else:
+                host, _, port = rest.rpartition(":")
+                with socket.create_connection((host.strip("[]"), int(port)), _PROBE_S):
+                    pass
+        except TimeoutError:
+            self._probe_quiet_until = time.monotonic() + _PROBE_QUIET_S
+            return None
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def _reconnect_now(self) -> None:
+        """The server is back: leave the fail-fast state and have the I/O thread connect a fresh socket
+        at once rather than at ZMQ's next reconnect attempt."""
+        with self._lock:
+            self._down = False
+            self._reset_requested = True
+        self._wake()
 
     def _timed_out(self, op: str, timeout: float) -> ServerUnavailable:
         return ServerUnavailable(
@@ -820,8 +878,8 @@ class CacheServerClient:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue requests for a server that is not there
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_MS)
         if self.url.startswith("tcp://["):
             sock.setsockopt(zmq.IPV6, 1)
         monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)

@@ -114,6 +114,20 @@ def _connection_class() -> type:
     return ZeroCopyConnection
 
 
+REDIS_INSTALL = "pip install 'lmcache-trtllm[redis]'"
+
+
+def require_redis() -> None:
+    """Raise ``ImportError`` naming the install command when the optional ``redis`` package is missing."""
+    try:
+        import redis  # noqa: F401 - only checking that it is there
+    except ImportError:
+        raise ImportError(
+            f"remote_url is set but the Python package 'redis' is not installed: {REDIS_INSTALL} "
+            "(or unset remote_url / LMCACHE_REMOTE_URL)"
+        ) from None
+
+
 def _host_for_url(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -179,6 +193,7 @@ class RemoteStore:
         self._backoff = 0.0
         self.failures = 0
         self.closed = False
+        require_redis()
         if self.cluster:
             parse_cluster_nodes(url)  # bad URLs fail at start-up
 
@@ -273,10 +288,8 @@ class RemoteStore:
         if not self.available():
             return None
         try:
-            from redis.exceptions import RedisClusterException, RedisError
-
             result = fn(self._client(lookup))
-        except (RedisError, RedisClusterException, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure of this tier is a miss, never the caller's error
             self._failed(what, exc)
             return None
         self._ok()

@@ -25,15 +25,20 @@ slow, is skipped (with one rate-limited warning) and retried after a backoff tha
 ``close()`` (and an ``atexit`` hook that holds the manager only weakly) waits up to
 ``blocking_timeout_secs`` for the queues to drain, so a clean shutdown loses no queued write.
 
-Knobs read from ``extra_config`` (all optional): ``tier_write_queue_bytes`` (per tier; default a
-quarter of L1), ``tier_read_threads`` (4), ``remote_fetch_batch`` (chunks per MGET, 8),
-``remote_write_batch`` (chunks per pipeline, 8), ``tier_retry_initial_s`` (1.0),
-``tier_retry_max_s`` (30.0), ``disk_fsync`` (false), ``disk_verify_on_startup`` (false).
+Knobs (validated settings of :class:`LMCacheEngineConfig`, see docs/configuration.md):
+``tier_write_queue_bytes`` (per tier; default a quarter of L1), ``tier_read_threads``,
+``remote_fetch_batch``, ``remote_write_batch``, ``tier_retry_initial_s``, ``tier_retry_max_s``,
+``disk_fsync``, ``disk_verify_on_startup``.
+
+A disk directory that cannot be written is found at start (a probe file): the disk tier starts
+down, ``/health`` says so, and L1 serves as usual.
 """
 
 from __future__ import annotations
 
 import atexit
+import os
+import tempfile
 import threading
 import time
 import weakref
@@ -41,6 +46,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lmcache.config import LMCacheEngineConfig
@@ -56,6 +62,18 @@ from lmcache.storage.remote_store import RemoteStore, describe_url
 logger = init_logger(__name__)
 
 __all__ = ["TierManager", "TierStats"]
+
+
+def _unwritable(root: Path) -> OSError | None:
+    """Why no file can be created in ``root`` (created if missing), or None when one can."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".lmcache-write-probe-", dir=root)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        return exc
+    return None
 
 
 @dataclass
@@ -238,45 +256,45 @@ class TierManager:
         )
         self._readers = ThreadPoolExecutor(max(1, read_threads), thread_name_prefix="lmcache-tier-read")
         _LIVE.add(self)
+        if disk is not None:
+            problem = _unwritable(disk.root)
+            if problem is not None:
+                self._disk_failed(problem)
 
     @classmethod
     def from_config(cls, config: LMCacheEngineConfig, l1: CpuStore) -> TierManager | None:
         """The tiers ``config`` asks for (``local_disk``, ``remote_url``), or None when there are none."""
         if config.local_disk is None and config.remote_url is None:
             return None
-        extra = config.extra_config or {}
-        retry_initial = float(extra.get("tier_retry_initial_s", 1.0))
-        retry_max = float(extra.get("tier_retry_max_s", 30.0))
         disk = remote = None
         if config.local_disk is not None:
             disk = DiskStore(
                 config.local_disk,
                 config.max_local_disk_bytes,
                 config.cache_policy,
-                fsync=bool(extra.get("disk_fsync", False)),
-                verify_on_scan=bool(extra.get("disk_verify_on_startup", False)),
+                fsync=config.disk_fsync,
+                verify_on_scan=config.disk_verify_on_startup,
             )
         if config.remote_url is not None:
             remote = RemoteStore(
                 config.remote_url,
                 timeout_s=config.blocking_timeout_secs,
                 lookup_timeout_s=config.lookup_timeout_ms / 1000.0,
-                backoff_initial_s=retry_initial,
-                backoff_max_s=retry_max,
+                backoff_initial_s=config.tier_retry_initial_s,
+                backoff_max_s=config.tier_retry_max_s,
             )
             logger.info("remote tier: %s", describe_url(config.remote_url))
-        queue_bytes = extra.get("tier_write_queue_bytes")
         return cls(
             l1,
             disk=disk,
             remote=remote,
             timeout_s=config.blocking_timeout_secs,
-            queue_bytes=None if queue_bytes is None else int(queue_bytes),
-            read_threads=int(extra.get("tier_read_threads", 4)),
-            fetch_batch=int(extra.get("remote_fetch_batch", 8)),
-            write_batch=int(extra.get("remote_write_batch", 8)),
-            retry_initial_s=retry_initial,
-            retry_max_s=retry_max,
+            queue_bytes=config.tier_write_queue_bytes,
+            read_threads=config.tier_read_threads,
+            fetch_batch=config.remote_fetch_batch,
+            write_batch=config.remote_write_batch,
+            retry_initial_s=config.tier_retry_initial_s,
+            retry_max_s=config.tier_retry_max_s,
         )
 
     def _count(self, **deltas: int) -> None:
@@ -312,8 +330,8 @@ class TierManager:
             self._warn.warning(
                 f"{queue.name}-full",
                 "%s tier write-behind queue is full (%.1f MiB queued); dropping writes of new chunks "
-                "(they stay in L1). The %s tier is slower than the store rate; raise "
-                "tier_write_queue_bytes in extra_config if this persists.",
+                "(they stay in L1). The %s tier is slower than the store rate; raise the "
+                "tier_write_queue_bytes setting if this persists.",
                 queue.name,
                 queue.queued_bytes / (1 << 20),
                 queue.name,

@@ -155,10 +155,123 @@ def test_bad_flag_values_exit_with_a_message() -> None:
 
 
 @pytest.mark.parametrize(
-    "argv", [["--max-workers", "0"], ["--port", "70000"], ["--direct-port", "-2"], ["--busy-poll-us", "-1"]]
+    "argv",
+    [
+        ["--max-workers", "0"],
+        ["--port", "70000"],
+        ["--direct-port", "-2"],
+        ["--busy-poll-us", "-1"],
+        ["--busy-poll-us", "nan"],
+        ["--max-frame-mb", "nan"],
+        ["--max-frame-mb", "inf"],
+        ["--max-frame-mb", "0"],
+        ["--client-timeout-s", "nan"],
+        ["--client-timeout-s", "-5"],
+        ["--pin-ttl-s", "inf"],
+        ["--l1-size-gb", "-1"],
+        ["--l1-size-gb", "nan"],
+        ["--chunk-size", "0"],
+    ],
 )
-def test_invalid_numbers_are_rejected(argv: list[str]) -> None:
+def test_invalid_numbers_are_rejected_naming_the_flag(argv: list[str]) -> None:
     out = subprocess.run(
         _server_cmd(*argv, "--ipc-path", ""), capture_output=True, text=True, env=subprocess_env(), timeout=60
     )
     assert out.returncode == 2
+    assert argv[0] in out.stderr and "Traceback" not in out.stderr
+    assert "LMCACHE_" not in out.stderr  # the flag the user typed, not a variable they did not set
+
+
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [
+        ("extra_config: {tier_read_threads: abc}\n", "extra_config.tier_read_threads"),
+        ("tier_staging_size_gb: -1\n", "tier_staging_size_gb"),
+        ("remote_url: redis://localhost:notaport\n", "remote_url"),
+        ("remote_url: 'redis-cluster://'\n", "remote_url"),
+    ],
+)
+def test_bad_config_values_exit_with_a_message_naming_the_key(tmp_path, config: str, named: str) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "server.yaml"
+    path.write_text(config)
+    out = subprocess.run(
+        _server_cmd("--config", str(path), "--ipc-path", ""),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert named in out.stderr and "Traceback" not in out.stderr
+
+
+def test_invalid_log_level_variable_is_refused_by_the_server() -> None:
+    out = subprocess.run(
+        _server_cmd("--ipc-path", ""),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(LMCACHE_LOG_LEVEL="VERBOSE"),
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "LMCACHE_LOG_LEVEL='VERBOSE'" in out.stderr and "DEBUG" in out.stderr
+
+
+def test_effective_config_log_shows_the_flags_and_l1_beyond_memory_is_warned(workdir) -> None:  # type: ignore[no-untyped-def]
+    huge = (os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 30) * 4 + 4  # 4x this host's memory
+    port = free_port()
+    log_path = workdir / "huge.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            _server_cmd("--port", str(port), "--ipc-path", "", "--l1-size-gb", str(huge)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=subprocess_env(),
+        )
+    try:
+        wait_for_server(f"tcp://127.0.0.1:{port}", 60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    text = log_path.read_text()
+    effective = [line for line in text.splitlines() if "effective config" in line]
+    assert len(effective) == 1 and f"max_local_cpu_size={float(huge)!r}" in effective[0]
+    assert f"--l1-size-gb: {huge} GiB is more than this host's memory" in text
+
+
+def test_stats_command_defaults_to_the_server_url_imports_no_torch_and_watches(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server()
+    code = (
+        "import sys\n"
+        "from lmcache.cli import main\n"
+        "rc = main(['stats', '--watch', '0.01', '--count', '2'])\n"
+        "print('TORCH', 'torch' in sys.modules, 'RC', rc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(LMCACHE_SERVER_URL=server.ipc_url),
+        timeout=60,
+    )
+    assert out.stdout.count("LMCache server ") == 2, out.stderr
+    assert "TORCH False RC 0" in out.stdout
+
+
+def test_stats_piped_into_a_reader_that_stops_ends_quietly(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmcache.cli", "stats", server.ipc_url, "--watch", "0.01"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"LMCache server ")
+    proc.stdout.close()  # like `| head -1`: the next write hits a closed pipe
+    assert proc.wait(60) == 0
+    assert b"Traceback" not in proc.stderr.read()
+    proc.stderr.close()

@@ -73,8 +73,7 @@ def process_engine() -> ProcessEngine:
                     return None if shared is None else shared.engine
 
                 port = config.metrics_port + mpi_rank() if config.metrics_port else 0
-                host = str((config.extra_config or {}).get("metrics_host", "127.0.0.1"))
-                start_process_endpoint(current_engine, port, host)
+                start_process_endpoint(current_engine, port, config.metrics_host)
         return _process_engine
 
 
