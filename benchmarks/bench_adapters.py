@@ -1,0 +1,284 @@
+"""What TRT-LLM sees: saves, loads and lookups through a preset's adapters, while L1 fills and once full.
+
+The scheduler and worker of ``lmcache`` (in-process) or ``lmcache-mp`` (a server started here) are
+driven as TRT-LLM's executor drives them, with a pool of a model's KV shape and requests of
+``--tokens`` fresh tokens whose pages are scattered:
+
+* lookup: host time inside ``get_num_new_matched_tokens`` for a miss and for a hit (p50);
+* save: from ``wait_for_save`` to the request's id coming back from ``get_finished``;
+* load: from ``start_load_kv`` until the stream it was given has run the copies.
+
+Saves are reported in two phases: while L1 fills for the first time (every save also takes new
+host memory) and once L1 is full and evicting. Each figure is a ratio to a plain pinned ``copy_``
+of the same bytes in the same run (device to host for saves, host to device for loads). CPU runs
+(``--device cpu``, tiny sizes) only exercise the path; the figures that matter come from a GPU.
+
+    python benchmarks/bench_adapters.py --preset lmcache --l1-size-gb 16 --out adapters.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lmcache.integration.tensorrt_llm._trtllm import RequestData, SchedulerOutput  # noqa: E402
+from lmcache.server.client import wait_for_server  # noqa: E402
+from lmcache.testing.trtllm_replay import KvCacheConfig, KvCacheConnectorConfig, TorchLlmArgs  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kv_shapes import CHUNK, KV_SHAPES  # noqa: E402
+
+SHAPES = {**KV_SHAPES, "tiny": (2, 2, 16)}
+
+
+@dataclass
+class Request:
+    """The members of TRT-LLM's request that the scheduler reads."""
+
+    request_id: int
+    tokens: list[int]
+    cache_salt: str | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.tokens)
+
+    def get_tokens(self, beam: int) -> list[int]:
+        return self.tokens
+
+
+def timed(fn: Any) -> tuple[Any, float]:
+    began = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - began
+
+
+def pinned_copy_s(pool: torch.Tensor, rows: int, to_host: bool, repeats: int = 5) -> float:
+    """Median time of one plain pinned ``copy_`` of ``rows`` pool rows (the ceiling)."""
+    src = pool[:rows]
+    host = torch.empty(src.shape, dtype=src.dtype, pin_memory=pool.is_cuda)
+    times = []
+    for _ in range(repeats):
+        if pool.is_cuda:
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        if to_host:
+            host.copy_(src, non_blocking=True)
+        else:
+            src.copy_(host, non_blocking=True)
+        if pool.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+class AdapterRig:
+    """One preset's scheduler and worker over one pool, driven like TRT-LLM's executor."""
+
+    def __init__(self, args: argparse.Namespace, server_url: str | None) -> None:
+        layers, heads, head_dim = SHAPES[args.model]
+        self.tpb = args.tokens_per_block
+        self.tokens = args.tokens // CHUNK * CHUNK
+        self.blocks = self.tokens // self.tpb
+        device = torch.device(args.device)
+        self.pool = torch.randn(
+            2 * self.blocks + 8, layers, 2, heads * self.tpb * head_dim, device=device
+        ).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+        self.stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        llm_args = TorchLlmArgs(
+            model=f"bench/{args.model}",
+            kv_cache_config=KvCacheConfig(
+                tokens_per_block=self.tpb, max_tokens=self.pool.shape[0] * self.tpb
+            ),
+            kv_connector_config=KvCacheConnectorConfig(connector=args.preset, server_url=server_url),
+        )
+        if args.preset == "lmcache":
+            from lmcache.integration.tensorrt_llm import tensorrt_adapter as module
+        else:
+            from lmcache.integration.tensorrt_llm import tensorrt_mp_adapter as module  # type: ignore[no-redef]
+        names = ("LMCacheKvConnectorScheduler", "LMCacheKvConnectorWorker")
+        if args.preset == "lmcache-mp":
+            names = ("LMCacheMPKvConnectorScheduler", "LMCacheMPKvConnectorWorker")
+        self.worker = getattr(module, names[1])(llm_args)
+        self.worker.register_kv_caches(self.pool)
+        self.scheduler = getattr(module, names[0])(llm_args)
+        self.next_id = 1
+        self.generator = torch.Generator().manual_seed(args.seed)
+
+    def _pages(self, half: int) -> list[int]:
+        """A shuffled half of the pool (TRT-LLM's pages are scattered)."""
+        order = torch.randperm(self.blocks, generator=self.generator) + half * self.blocks
+        return order.tolist()
+
+    def _iteration(self, request: Request, pages: list[int], computed: int, scheduled: int) -> None:
+        data = RequestData(
+            request_id=request.request_id,
+            new_tokens=list(request.tokens),
+            new_block_ids=pages,
+            computed_position=computed,
+        )
+        data.num_scheduled_tokens = scheduled
+        meta = self.scheduler.build_connector_meta(SchedulerOutput(new_requests=[data]))
+        self.worker.bind_connector_meta(meta)
+
+    def lookup(self, tokens: list[int]) -> tuple[Request, int, float]:
+        request = Request(self.next_id, tokens)
+        self.next_id += 1
+        (matched, _), seconds = timed(lambda: self.scheduler.get_num_new_matched_tokens(request, 0))
+        return request, matched, seconds
+
+    def save(self, tokens: list[int]) -> tuple[float, float]:
+        """A prefill of ``tokens`` whose chunks are saved; (lookup s, save s)."""
+        request, _, lookup_s = self.lookup(tokens)
+        pages = self._pages(0)
+        self.scheduler.update_state_after_alloc(request, pages)
+        self._iteration(request, pages, 0, len(tokens))
+        self.worker.start_load_kv(self.stream)
+        began = time.perf_counter()
+        self.worker.wait_for_save(self.stream)
+        if not self.scheduler.request_finished(request, pages):
+            raise RuntimeError("the connector planned no save for a fresh prompt")
+        asked = [request.request_id]
+        while True:
+            saved, _ = self.worker.get_finished(asked, [])
+            asked = []
+            if request.request_id in saved:
+                return lookup_s, time.perf_counter() - began
+
+    def load(self, tokens: list[int], source: list[int] | None = None) -> tuple[float, float, bool]:
+        """A hit on ``tokens``: (lookup s, load s, whether the loaded rows equal ``source``'s)."""
+        request, matched, lookup_s = self.lookup(tokens)
+        pages = self._pages(1)
+        self.scheduler.update_state_after_alloc(request, pages)
+        self._iteration(request, pages, 0, len(tokens) - matched)
+        began = time.perf_counter()
+        self.worker.start_load_kv(self.stream)
+        if self.stream is not None:
+            self.stream.synchronize()
+        load_s = time.perf_counter() - began
+        rows = matched // self.tpb
+        equal = source is None or torch.equal(self.pool[pages[:rows]], self.pool[source[:rows]])
+        self.scheduler.request_finished(request, pages)
+        return lookup_s, load_s, equal and matched == len(tokens) - self.tpb
+
+
+def start_server(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    url = f"ipc://{workdir / 's.sock'}"
+    with socket.socket() as probe:  # a free TCP port for the server's other listener
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    )
+    server = subprocess.Popen(
+        [
+            sys.executable, "-m", "lmcache.v1.multiprocess.server", "--port", str(port),
+            "--ipc-path", str(workdir / "s.sock"), "--l1-size-gb", str(args.l1_size_gb),
+            "--chunk-size", str(CHUNK),
+        ],
+        stdout=open(workdir / "server.log", "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+        env=env,
+    )  # fmt: skip
+    wait_for_server(url, 120)
+    return server, url
+
+
+def summary(values: list[float], ceiling: float) -> dict[str, float]:
+    """Ratios to the ceiling: the median and the worst run."""
+    return {
+        "median_ratio": round(ceiling / statistics.median(values), 3),
+        "worst_ratio": round(ceiling / max(values), 3),
+        "median_ms": round(statistics.median(values) * 1e3, 3),
+        "runs": len(values),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    os.environ.update(
+        LMCACHE_CHUNK_SIZE=str(CHUNK),
+        LMCACHE_LOCAL_CPU="True",
+        LMCACHE_MAX_LOCAL_CPU_SIZE=str(args.l1_size_gb),
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="lmc-adapters-", dir="/tmp"))
+    server, url = start_server(args, workdir) if args.preset == "lmcache-mp" else (None, None)
+    try:
+        rig = AdapterRig(args, url)
+        request_bytes = rig.blocks * rig.pool[0].numel() * rig.pool.element_size()
+        capacity = int(args.l1_size_gb * (1 << 30))
+        fill = capacity // request_bytes
+        save_ceiling = pinned_copy_s(rig.pool, rig.blocks, to_host=True)
+        load_ceiling = pinned_copy_s(rig.pool, rig.blocks - 1, to_host=False)
+        vocab = 150_000
+        cold, warm, miss_lookups, prompts = [], [], [], []
+        for i in range(fill + args.repeats):
+            tokens = torch.randint(0, vocab, (rig.tokens,), generator=rig.generator).tolist()
+            lookup_s, save_s = rig.save(tokens)
+            (cold if i < fill else warm).append(save_s)
+            miss_lookups.append(lookup_s)
+            prompts.append(tokens)
+        loads, hit_lookups, equal = [], [], True
+        for tokens in prompts[-args.repeats :]:
+            lookup_s, load_s, same = rig.load(tokens)
+            loads.append(load_s)
+            hit_lookups.append(lookup_s)
+            equal = equal and same
+        return {
+            "preset": args.preset,
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            "model_kv": args.model,
+            "tokens": rig.tokens,
+            "bytes_per_request": request_bytes,
+            "l1_bytes": capacity,
+            "save_while_l1_fills": summary(cold[: args.repeats] or cold, save_ceiling) if cold else None,
+            "save_l1_full": summary(warm, save_ceiling),
+            "load_l1_full": summary(loads, load_ceiling),
+            "lookup_miss_p50_us": round(statistics.median(miss_lookups) * 1e6, 1),
+            "lookup_hit_p50_us": round(statistics.median(hit_lookups) * 1e6, 1),
+            "loaded_rows_equal": equal,
+        }
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=("lmcache", "lmcache-mp"), default="lmcache")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", choices=sorted(SHAPES), default="qwen2-1.5b")
+    parser.add_argument("--tokens-per-block", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens per request")
+    parser.add_argument("--l1-size-gb", type=float, default=16.0)
+    parser.add_argument("--repeats", type=int, default=10, help="saves and loads timed once L1 is full")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write the JSON here too")
+    args = parser.parse_args()
+    results = run(args)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0 if results["loaded_rows_equal"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
