@@ -111,6 +111,10 @@ class CacheEngine:
             # lower tiers: a small staging area (grown lazily, only as far as it is used).
             capacity = int(config.tier_staging_size_gb * GiB)
         self.l1 = CpuStore(HostArena(capacity, pinned=pinned), config.cache_policy)
+        if config.local_cpu and self.l1.arena.pinned:
+            # Pin the L1 budget in the background from now on, so saves into a cold cache do not
+            # wait for pinning (the staging area without L1 stays lazy).
+            self.l1.arena.prepin()
         self.stats = EngineStats()
         self.latency = LatencyStats()
         self._hashers: dict[tuple[str, bytes], TokenHasher] = {}

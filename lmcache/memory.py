@@ -16,10 +16,17 @@ background thread (one at a time per arena, its bytes counted against the cap be
 allocation starts), and is usually ready before the pool runs out. A pool that does run out
 while its next slab is on the way waits for it instead of allocating another one. Reserved
 memory is thus at most one slab ahead of use, and never above the cap.
+
+Pinning from the start (:meth:`HostArena.prepin`): one slab ahead is not enough for a cold cache
+taking long prompts back to back, so an engine with pinned memory also pins its whole budget in
+the background from start-up, slab by slab, into spare slabs any pool takes when it grows. The
+start stays instant; saves find memory already pinned instead of waiting for it. Empty slabs a
+pool gives back return to the spares, still pinned.
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -36,18 +43,27 @@ SLABS_PER_CAPACITY = 8
 cache frees a slab's worth of other chunks. (Smaller slabs would mean more pinning calls while a
 cache fills; from a 2 GiB cap on, slabs are the default size.)"""
 MIN_SLAB_BYTES = 4 << 20
+PREPIN_THREADS = 4
 
 
 def pinned_memory_available() -> bool:
     return torch.cuda.is_available()
 
 
-def allocate_slab(nbytes: int, pinned: bool) -> torch.Tensor:
-    """``nbytes`` of host memory, page-locked if ``pinned`` (see the module docstring for how)."""
+def allocate_slab(nbytes: int, pinned: bool, *, fault_in_torch: bool = True) -> torch.Tensor:
+    """``nbytes`` of host memory, page-locked if ``pinned`` (see the module docstring for how).
+
+    Pages are faulted in by torch's parallel fill, or with ``fault_in_torch=False`` by one
+    ``memset`` outside torch (for daemon threads, which must not be inside torch at exit).
+    """
     if not pinned:
         return torch.empty(nbytes, dtype=torch.uint8)
     tensor = torch.empty(nbytes, dtype=torch.uint8)
-    tensor.fill_(0)  # fault every page in now, outside the driver's lock that registering takes
+    # Fault every page in now, outside the driver's lock that registering takes.
+    if fault_in_torch:
+        tensor.fill_(0)
+    else:
+        ctypes.memset(tensor.data_ptr(), 0, nbytes)
     cudart = torch.cuda.cudart()
     err = cudart.cudaHostRegister(tensor.data_ptr(), nbytes, 0)
     if int(err) != 0:
@@ -102,7 +118,7 @@ class SlotPool:
                 growing = arena._growing
                 if growing is not self and self._grow():
                     break
-                if growing is None:
+                if growing is None and not arena.prepinning:
                     return None
                 # Our next slab is on its way (or another pool's holds the budget we need, and may
                 # give it back through reclaim once attached): wait for it rather than grow twice.
@@ -122,7 +138,7 @@ class SlotPool:
             self._free.append((buf.slab, buf.slot))
 
     def release_empty_slabs(self) -> int:
-        """Give wholly free slabs back to the arena (when another chunk size needs the budget)."""
+        """Give wholly free slabs back to the arena's spares (when another chunk size needs them)."""
         released = 0
         with self.arena.lock:
             for i, tensor in enumerate(self._slabs):
@@ -130,7 +146,7 @@ class SlotPool:
                     released += tensor.numel()
                     self._slabs[i] = None
                     self._free = [(s, k) for s, k in self._free if s != i]
-            self.arena.reserved_bytes -= released
+                    self.arena.add_spare(tensor)
         return released
 
     def _slab_slots(self) -> int:
@@ -139,7 +155,12 @@ class SlotPool:
         return min(max(1, self.arena.slab_bytes // self.slot_bytes), room // self.slot_bytes)
 
     def _grow(self) -> bool:
-        """Allocate the next slab on the caller's thread (lock held); False if the budget is spent."""
+        """Take a spare slab, else allocate the next one on the caller's thread (lock held); False if
+        the budget is spent."""
+        spare = self.arena.take_spare(self.slot_bytes)
+        if spare is not None:
+            self._attach(spare)
+            return True
         slots = self._slab_slots()
         if slots < 1:
             return False
@@ -182,12 +203,83 @@ class HostArena:
         self._grown = threading.Condition(self.lock)
         self.grown_ahead = 0
         """Slabs allocated ahead of need by the background thread."""
+        self._spares: list[torch.Tensor] = []
+        """Allocated slabs no pool holds (counted in ``reserved_bytes``)."""
+        self._prepinners = 0
 
     def pool(self, slot_bytes: int) -> SlotPool:
         with self.lock:
             if slot_bytes not in self._pools:
                 self._pools[slot_bytes] = SlotPool(self, slot_bytes)
             return self._pools[slot_bytes]
+
+    def prepin(self) -> None:
+        """Allocate (and pin, if ``pinned``) the whole budget in the background, slab by slab, as
+        spares for the pools to take. Returns at once; see ``prepinning`` and :meth:`wait_prepinned`."""
+        with self.lock:
+            if self._prepinners:
+                return
+            self._prepinners = PREPIN_THREADS
+        # Daemons: they may run for seconds and must not hold up the interpreter's exit; they never
+        # wait inside torch (pages are faulted by memset), so stopping them at exit is safe. Several,
+        # since faulting pages in is per-thread work; registering them takes the driver's lock anyway.
+        for i in range(PREPIN_THREADS):
+            threading.Thread(target=self._prepin, name=f"lmcache-prepin-{i}", daemon=True).start()
+
+    @property
+    def prepinning(self) -> bool:
+        """True while :meth:`prepin`'s threads are still allocating."""
+        return self._prepinners > 0
+
+    def _prepin(self) -> None:
+        try:
+            while True:
+                with self.lock:
+                    nbytes = min(self.slab_bytes, self.capacity_bytes - self.reserved_bytes)
+                    if nbytes < self.slab_bytes:
+                        return
+                    self.reserved_bytes += nbytes  # counted first, as for a slab grown ahead
+                try:
+                    tensor = allocate_slab(nbytes, self.pinned, fault_in_torch=False)
+                except Exception as e:  # out of pinned memory: pools allocate (and report) themselves
+                    logger.warning("pinning L1 ahead stopped after %d MiB: %s", self.reserved_bytes >> 20, e)
+                    with self.lock:
+                        self.reserved_bytes -= nbytes
+                    return
+                with self.lock:
+                    self.add_spare(tensor)
+        finally:
+            with self.lock:
+                self._prepinners -= 1
+                self._grown.notify_all()
+
+    def wait_prepinned(self, timeout: float | None = None) -> bool:
+        """Wait until :meth:`prepin` is done; False on timeout."""
+        with self.lock:
+            return self._grown.wait_for(lambda: not self.prepinning, timeout)
+
+    def add_spare(self, tensor: torch.Tensor) -> None:
+        """A slab no pool holds, its bytes already counted; pools waiting for memory are woken."""
+        with self.lock:
+            self._spares.append(tensor)
+            self._grown.notify_all()
+
+    def take_spare(self, min_bytes: int) -> torch.Tensor | None:
+        """A spare slab of at least ``min_bytes`` (lock held). When none is big enough and the budget
+        is spent, the spares too small for this size are freed, so a slab of it can be allocated."""
+        with self.lock:
+            for i, tensor in enumerate(self._spares):
+                if tensor.numel() >= min_bytes:
+                    return self._spares.pop(i)
+            if self.capacity_bytes - self.reserved_bytes < min_bytes and self._spares:
+                self.reserved_bytes -= sum(t.numel() for t in self._spares)
+                self._spares.clear()
+            return None
+
+    @property
+    def spare_bytes(self) -> int:
+        with self.lock:
+            return sum(t.numel() for t in self._spares)
 
     def reclaim(self, keep: SlotPool) -> int:
         """Release empty slabs of every pool but ``keep``; returns bytes released."""
@@ -200,8 +292,12 @@ class HostArena:
             return self._grown.wait_for(lambda: self._growing is None, timeout)
 
     def _grow_ahead(self, pool: SlotPool) -> None:
-        """Start allocating ``pool``'s next slab in the background, if none is on its way and the
-        budget has room. Lock held."""
+        """Give ``pool`` its next slab: a spare if there is one, else start allocating it in the
+        background, if none is on its way and the budget has room. Lock held."""
+        spare = self.take_spare(pool.slot_bytes)
+        if spare is not None:
+            pool._attach(spare)
+            return
         if self._growing is not None:
             return
         slots = pool._slab_slots()

@@ -182,3 +182,63 @@ def test_pinned_slabs_copy_asynchronously_and_are_given_back() -> None:
 def test_negative_cap_refused() -> None:
     with pytest.raises(ValueError):
         HostArena(-1)
+
+
+def test_prepin_takes_the_whole_budget_in_the_background_as_spares() -> None:
+    slab = 4 << 20
+    arena = HostArena((5 * slab) + (1 << 20), pinned=False, slab_bytes=slab)
+    arena.prepin()
+    assert arena.wait_prepinned(30)
+    assert arena.reserved_bytes == arena.spare_bytes == 5 * slab  # whole slabs only, never above the cap
+    pool = arena.pool(1 << 20)
+    bufs = [pool.allocate() for _ in range(8)]
+    assert all(b is not None for b in bufs)
+    assert arena.wait_growth(30)
+    assert arena.reserved_bytes == 5 * slab  # the pool grew from the spares, nothing new allocated
+    assert arena.spare_bytes < 5 * slab
+
+
+def test_a_pool_waits_for_the_next_prepinned_slab_instead_of_failing(monkeypatch) -> None:
+    import lmcache.memory as memory
+
+    slab = 2 << 20
+    gate, first_done = threading.Event(), threading.Event()
+    real = memory.allocate_slab
+    calls = []
+
+    def slow(nbytes: int, pinned: bool, **kw: object) -> torch.Tensor:
+        calls.append(nbytes)
+        if len(calls) == 2:  # the second prepinned slab takes its time
+            first_done.set()
+            assert gate.wait(30)
+        return real(nbytes, pinned, **kw)
+
+    monkeypatch.setattr(memory, "allocate_slab", slow)
+    arena = HostArena(2 * slab, pinned=False, slab_bytes=slab)
+    arena.prepin()
+    assert first_done.wait(30)
+    pool = arena.pool(1 << 20)
+    got = [pool.allocate(), pool.allocate()]  # the first slab's two slots
+    result: list[object] = []
+    waiter = threading.Thread(target=lambda: result.append(pool.allocate()))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and not result  # the budget is on its way: wait, do not give up
+    gate.set()
+    waiter.join(30)
+    assert result and result[0] is not None and all(got)
+    assert arena.reserved_bytes == 2 * slab
+
+
+def test_empty_slabs_go_back_to_the_spares() -> None:
+    slab = 2 << 20
+    arena = HostArena(2 * slab, pinned=False, slab_bytes=slab)
+    arena.prepin()
+    assert arena.wait_prepinned(30)
+    small, large = arena.pool(1 << 20), arena.pool(2 << 20)
+    bufs = [small.allocate() for _ in range(4)]
+    assert large.allocate() is None  # all memory is the small size's
+    for b in bufs[:2]:
+        small.free(b)
+    assert arena.reclaim(keep=large) == slab  # one slab emptied: a spare again, still allocated
+    assert large.allocate() is not None and arena.reserved_bytes == 2 * slab
