@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_shapes import CHUNK, KV_SHAPES  # noqa: E402
 
 SHAPES = {**KV_SHAPES, "tiny": (2, 2, 16)}
+POLL_S = 0.0001
 
 
 @dataclass
@@ -159,6 +160,9 @@ class AdapterRig:
             asked = []
             if request.request_id in saved:
                 return lookup_s, time.perf_counter() - began
+            # Polled as an executor loop would, not spinning: a spin would hold the GIL from the
+            # saver thread (up to the interpreter's switch interval per hand-over).
+            time.sleep(POLL_S)
 
     def load(self, tokens: list[int], source: list[int] | None = None) -> tuple[float, float, bool]:
         """A hit on ``tokens``: (lookup s, load s, whether the loaded rows equal ``source``'s)."""

@@ -174,7 +174,8 @@ def test_pinned_slabs_copy_asynchronously_and_are_given_back() -> None:
         pool.free(b)  # type: ignore[arg-type]
     del bufs, b
     released = arena.reclaim(keep=arena.pool(4 << 20))
-    assert released >= 16 << 20 and arena.reserved_bytes == 0
+    # Emptied slabs stay pinned, as spares for any chunk size.
+    assert released >= 16 << 20 and arena.spare_bytes == released
     big = arena.pool(4 << 20).allocate()
     assert big is not None and big.data.is_pinned()
 

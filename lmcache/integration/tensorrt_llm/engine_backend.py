@@ -105,14 +105,15 @@ class EngineIndex:
             return 0
         ranks = sorted(pools)
         engine = self._shared.engine
-        hit = len(prompt.tokens)
+        hit, pinned = len(prompt.tokens), False
         for target in pools[ranks[0]]:
             pin_id = _pin_id(pin, target.pool.target)
             found = engine.lookup(target.space, prompt.tokens, prompt.salt, ranks=ranks, pin_id=pin_id)
-            hit = min(hit, found)
+            hit, pinned = min(hit, found), pinned or found > 0
             if hit == 0:
-                self.release(pin)  # a miss leaves no pins behind
                 break
+        if hit == 0 and pinned:
+            self.release(pin)  # another target's hit was pinned: a miss leaves no pins behind
         return hit
 
     def release(self, pin: PinKey) -> None:

@@ -116,20 +116,18 @@ class ServerIndex:
                 "no-pool", "LMCache MP: lookup before any worker registered its pool; a miss"
             )
             return 0
-        hit = len(prompt.tokens)
+        hit, pinned = len(prompt.tokens), False
         try:
             for target, owner in owners.items():
-                hit = min(
-                    hit,
-                    self._connection.client.lookup(
-                        prompt.tokens,
-                        prompt.salt,
-                        _pin_id(pin),
-                        chunk_hashes=prompt.hashes.get(target) if prompt.hashes else None,
-                        instance_id=owner,
-                        timeout_s=self._timeout_s,
-                    ),
+                found = self._connection.client.lookup(
+                    prompt.tokens,
+                    prompt.salt,
+                    _pin_id(pin),
+                    chunk_hashes=prompt.hashes.get(target) if prompt.hashes else None,
+                    instance_id=owner,
+                    timeout_s=self._timeout_s,
                 )
+                hit, pinned = min(hit, found), pinned or found > 0
                 if hit == 0:
                     break
         except (ServerUnavailable, ServerError) as exc:
@@ -140,8 +138,8 @@ class ServerIndex:
                 exc,
             )
             hit = 0
-        if hit == 0:
-            self.release(pin)  # a miss leaves no pins behind
+        if hit == 0 and pinned:
+            self.release(pin)  # another target's hit was pinned: a miss leaves no pins behind
         return hit
 
     def release(self, pin: PinKey) -> None:
