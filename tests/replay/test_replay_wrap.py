@@ -14,8 +14,8 @@ from lmcache.testing.trtllm_replay import (
     RecordingConnector,
     ReplayExecutor,
     TorchLlmArgs,
+    factories_from_config,
 )
-from lmcache.testing.trtllm_replay.executor import _factories_from_config
 
 MODEL = ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
 
@@ -32,7 +32,7 @@ def test_wrapped_lmcache_preset_is_recorded(lmcache_env: pytest.MonkeyPatch, v2:
     args = lmcache_args(v2)
     p = [(5 + 7 * i) % 256 for i in range(150)]
     first = ReplayExecutor(args, MODEL).generate([p], 3)[0]  # saves into the in-process engine
-    rec = RecordingConnector(wrap=_factories_from_config(args.kv_connector_config))
+    rec = RecordingConnector(wrap=factories_from_config(args.kv_connector_config))
     again = ReplayExecutor(args, MODEL, connector=rec.factories()).generate([p], 3)[0]
     assert again.num_connector_matched_tokens == 128 and again.tokens == first.tokens
     counts = Counter(c.method for c in rec.calls)
