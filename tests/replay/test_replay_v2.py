@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+from lmcache.integration.tensorrt_llm._trtllm import KvCacheConnectorScheduler
 from lmcache.testing.trtllm_replay import (
     KvCacheConfig,
     ModelConfig,
@@ -131,6 +132,19 @@ def test_sliding_windows_require_v2_and_connectors_require_reuse() -> None:
     bad = TorchLlmArgs(kv_cache_config=KvCacheConfig(use_kv_cache_manager_v2=True, enable_block_reuse=False))
     with pytest.raises(ValueError, match="enable_block_reuse"):
         ReplayExecutor(bad, MODEL, connector=RecordingConnector().factories())
+
+
+def test_flat_only_scheduler_is_refused_with_several_groups() -> None:
+    class FlatOnly(recording_module.RecordingScheduler):
+        update_state_after_alloc_by_layer_group = (
+            KvCacheConnectorScheduler.update_state_after_alloc_by_layer_group
+        )
+
+    rec = RecordingConnector()
+    factories = (lambda a: FlatOnly(a, recorder=rec), rec.factories()[1])
+    with pytest.raises(NotImplementedError, match="update_state_after_alloc_by_layer_group"):
+        ReplayExecutor(args(), VSWA, connector=factories)
+    ReplayExecutor(args(), MODEL, connector=factories)  # one group: the ABC default folds it
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["no_overlap", "overlap"])

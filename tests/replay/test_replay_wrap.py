@@ -17,7 +17,7 @@ from lmcache.testing.trtllm_replay import (
     ReplayExecutor,
     TorchLlmArgs,
 )
-from lmcache.testing.trtllm_replay.executor import _factories_from_config
+from lmcache.testing.trtllm_replay.executor import factories_from_config
 from lmcache.testing.trtllm_replay.llm_args import SchedulerConfig
 
 MODEL = ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
@@ -37,7 +37,7 @@ def recorded_run(preset: Preset, mode: str, tp: int = 1, rollback: bool = False)
     """Fill the cache, then record a second engine's run of the same prompt."""
     args = preset_args(preset, mode, tp)
     first = ReplayExecutor(args, MODEL).generate([PROMPT], 3)[0]
-    rec = RecordingConnector(wrap=_factories_from_config(args.kv_connector_config))
+    rec = RecordingConnector(wrap=factories_from_config(args.kv_connector_config))
     executor = ReplayExecutor(args, MODEL, connector=rec.factories())
     if rollback:
         executor.rollback_after_alloc(executor.next_request_id)

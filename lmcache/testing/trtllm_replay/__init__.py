@@ -12,7 +12,7 @@ See README.md in this folder.
 
 from .block_pool import BlockManager, KvPool, hash_chain
 from .connector_manager import KvCacheConnectorManager
-from .executor import ReplayExecutor
+from .executor import ReplayExecutor, factories_from_config
 from .kv_manager import BAD_PAGE_INDEX, GroupedBlockManager
 from .layer_groups import GroupedKvPool, LayerGroup
 from .layout import KvCacheBufferRef, KvCacheLayerGroupLayout, KvCacheLayout, KvCacheRegion
@@ -25,7 +25,14 @@ from .llm_args import (
     TorchLlmArgs,
 )
 from .model import ModelConfig, TinyDecoder
-from .recording import RecordedCall, RecordingConnector, RecordingScheduler, RecordingWorker, RequestSnapshot
+from .recording import (
+    LayoutSummary,
+    RecordedCall,
+    RecordingConnector,
+    RecordingScheduler,
+    RecordingWorker,
+    RequestSnapshot,
+)
 from .request import CppRequestView, LlmRequest, LlmRequestState
 from .reservations import PrefixReservations, Reservation, wants_prefix_reservations
 from .stats import DispatchedLoad, ExecutorStats, GenerationResult, RequestStats
@@ -49,6 +56,7 @@ __all__ = [
     "KvCacheRegion",
     "KvPool",
     "LayerGroup",
+    "LayoutSummary",
     "LlmArgs",
     "LlmRequest",
     "LlmRequestState",
@@ -65,6 +73,7 @@ __all__ = [
     "SchedulerConfig",
     "TinyDecoder",
     "TorchLlmArgs",
+    "factories_from_config",
     "hash_chain",
     "wants_prefix_reservations",
 ]

@@ -19,11 +19,16 @@ import pickle
 from collections.abc import Callable
 from typing import Any
 
-from lmcache.integration.tensorrt_llm._trtllm import RequestData, SchedulerOutput, simulated_rank
+from lmcache.integration.tensorrt_llm._trtllm import (
+    KvCacheConnectorScheduler,
+    RequestData,
+    SchedulerOutput,
+    simulated_rank,
+)
 
 from .block_pool import hash_chain
 from .request import CppRequestView, LlmRequest, LlmRequestState
-from .reservations import PrefixReservations, Reservation
+from .reservations import PrefixReservations, Reservation, overrides
 
 PageLists = Callable[[LlmRequest], list[list[int]]]  # complete page list per layer group
 
@@ -56,6 +61,9 @@ class KvCacheConnectorManager:
             raise ValueError("a connector needs a scheduler on rank 0 and a worker on every rank")
         if prefix_reservations and num_layer_groups is None:
             raise ValueError("prefix reservations require the V2 KV cache manager")
+        for name in ("update_state_after_alloc_by_layer_group", "request_finished_by_layer_group"):
+            if (num_layer_groups or 0) > 1 and not overrides(scheduler, KvCacheConnectorScheduler, name):
+                raise NotImplementedError(f"{num_layer_groups} layer groups need the scheduler's {name}")
         self.scheduler = scheduler
         self.workers = workers
         self.tokens_per_block = tokens_per_block
@@ -191,7 +199,7 @@ class KvCacheConnectorManager:
         with reservations, every accepted load not dispatched yet goes to ``prefix_loads``."""
         output = SchedulerOutput()
         for req in context_requests:
-            if req.state == LlmRequestState.DISAGG_GENERATION_TRANS_IN_PROGRESS or self._async_pending(req):
+            if self._async_pending(req):
                 continue
             first = req.request_id not in self._reported
             computed = req.context_current_position

@@ -81,9 +81,10 @@ class _Streams:
         return torch.cuda.current_stream() if self.cuda else None
 
 
-def _factories_from_config(
+def factories_from_config(
     config: KvCacheConnectorConfig | None,
 ) -> tuple[ConnectorFactory, ConnectorFactory] | None:
+    """The (scheduler, worker) classes a connector config names (a preset included), or None."""
     if config is None:
         return None
     module = importlib.import_module(config.connector_module)
@@ -134,7 +135,7 @@ class ReplayExecutor:
         if llm_args.pipeline_parallel_size != 1:
             raise ValueError("the replay (like TRT-LLM with a KV connector) does not support PP > 1")
         factories = (
-            connector if connector is not None else _factories_from_config(llm_args.kv_connector_config)
+            connector if connector is not None else factories_from_config(llm_args.kv_connector_config)
         )
         if factories is not None and (kv.host_cache_size or 0) > 0:
             raise ValueError("a KV connector requires host_cache_size == 0 (block ids must be pool rows)")

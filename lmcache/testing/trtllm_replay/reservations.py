@@ -26,7 +26,8 @@ from .request import LlmRequest
 TRIO = ("reserve_prefix", "release_prefix_reservation", "get_finished_prefix_loads")
 
 
-def _overrides(obj: Any, base: type, name: str) -> bool:
+def overrides(obj: Any, base: type, name: str) -> bool:
+    """``obj``'s class attribute ``name`` differs from ``base``'s (the connector overrides it)."""
     return getattr(type(obj), name, None) is not getattr(base, name, None)
 
 
@@ -34,12 +35,12 @@ def wants_prefix_reservations(scheduler: Any, workers: list[Any]) -> bool:
     """True if the connector overrides all three trio methods, False if none; a partial trio
     raises ValueError ("overridden" = the class attribute differs from the ``_trtllm`` base's)."""
     flags = {
-        "reserve_prefix": _overrides(scheduler, KvCacheConnectorScheduler, "reserve_prefix"),
-        "release_prefix_reservation": _overrides(
+        "reserve_prefix": overrides(scheduler, KvCacheConnectorScheduler, "reserve_prefix"),
+        "release_prefix_reservation": overrides(
             scheduler, KvCacheConnectorScheduler, "release_prefix_reservation"
         ),
         "get_finished_prefix_loads": all(
-            _overrides(w, KvCacheConnectorWorker, "get_finished_prefix_loads") for w in workers
+            overrides(w, KvCacheConnectorWorker, "get_finished_prefix_loads") for w in workers
         ),
     }
     if all(flags.values()):
