@@ -185,3 +185,19 @@ def test_grouped_deltas_extend_each_group() -> None:
         (0, 64, 128, [0, 1, 2, 3, 4, 5, 6, 7]),
         (1, 64, 128, [9, 8, 7, 6, 5, 1, 2, 3]),
     ]
+
+
+def test_a_device_match_ending_on_pages_with_no_slot_loads_only_after_it() -> None:
+    """TRT-LLM kept 64 tokens; the sliding group has no page for its oldest blocks, which lie inside
+    that device match: the load starts at the match, every transfer covers paged blocks only."""
+    p, index = planner(hit=192)
+    req = FakeRequest(2, list(range(200)))
+    assert p.match(req, 64) == (128, False)
+    full = list(range(13))
+    sliding = [-1, -1, -1, -1, -1, -1, 26, 27, 28, 29, 30, 31, 32]
+    p.after_alloc(req, [full, sliding])
+    (load,) = p.build(SchedulerOutput()).loads
+    assert [(t.group, t.start, t.end) for t in load.transfers] == [(0, 64, 192), (1, 96, 192)]
+    for transfer in load.transfers:
+        first, last = transfer.start // TPB, transfer.end // TPB
+        assert all(b >= 0 for b in transfer.block_ids[first:last])
