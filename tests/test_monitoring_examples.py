@@ -127,7 +127,7 @@ def test_dashboard_and_alerts_use_served_metrics(workdir: Path) -> None:
             {
                 "local_disk": str(workdir / "disk"),
                 "max_local_disk_size": 0.01,
-                "remote_url": f"redis://127.0.0.1:{free_port()}",  # nothing listens: the tier reads as down
+                "remote_url": f"redis://127.0.0.1:{free_port()}",  # nothing listens there
             }
         )
     )
