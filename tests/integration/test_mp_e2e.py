@@ -26,9 +26,12 @@ ENGINE_PROC = REPO / "tests" / "integration" / "mp_engine_proc.py"
 
 
 @pytest.fixture
-def mp_server(lmcache_env) -> Iterator[ServerProcess]:
+def mp_server(request: pytest.FixtureRequest, lmcache_env) -> Iterator[ServerProcess]:
+    """A cache server; an indirect parameter sets its --client-timeout-s (else the default, long enough
+    that a live client whose heartbeats are held up on a busy machine is never reaped)."""
     workdir = Path(tempfile.mkdtemp(prefix="lmmp-", dir="/tmp"))
-    server = ServerProcess(workdir, None, "--chunk-size", "64", "--client-timeout-s", "3").start()
+    timeout = ["--client-timeout-s", str(request.param)] if hasattr(request, "param") else []
+    server = ServerProcess(workdir, None, "--chunk-size", "64", *timeout).start()
     reset_process_connections()
     yield server
     reset_process_connections()
@@ -93,6 +96,7 @@ def test_two_engine_processes_share_one_server(mp_server) -> None:
     assert matched == 256 and again == tokens == baseline([prompt(300, start=4)], 4)[0].tokens
 
 
+@pytest.mark.parametrize("mp_server", [3], indirect=True, ids=["client-timeout-3"])
 def test_engine_killed_mid_run_is_reaped_and_its_chunks_stay(mp_server) -> None:
     victim = run_engine_process(mp_server, seed=5, length=200, mode="hang")
     tokens, _ = read_tokens(victim)

@@ -346,11 +346,12 @@ def test_full_queue_drops_writes_with_a_warning(tmp_path: Path, monkeypatch, cap
 def test_close_flushes_queued_writes(tmp_path: Path, monkeypatch) -> None:
     gate = _blocked_writes(monkeypatch)
     pool = make_pool(128)
-    engine = make_engine(tmp_path)
+    # close() waits up to blocking_timeout_secs: far longer than the gate stays shut, even on a busy machine.
+    engine = make_engine(tmp_path, blocking_timeout_secs=120.0)
     toks = tokens(384)
     store_all(engine, pool, toks)
     threading.Timer(0.2, gate.set).start()
-    engine.close()  # waits for the queue (bounded by blocking_timeout_secs)
+    engine.close()  # waits for the queue
     assert len(chunk_files(tmp_path)) == 6 and engine.l1.pinned_keys() == []
     monkeypatch.undo()
     again = make_engine(tmp_path)

@@ -244,11 +244,13 @@ def test_slow_redis_lookup_times_out_and_is_skipped(own_redis, caplog) -> None:
     with make_engine(None, server.url) as a:
         store_all(a, pool, tokens(128))
     b = make_engine(None, server.url, lookup_timeout_ms=200)
-    server.cli("client", "pause", "1500", "ALL")  # the server stops answering for 1.5 s
+    # The server stops answering, long enough that the lookup below surely starts while it is paused
+    # (it cannot be unpaused early: CLIENT UNPAUSE would wait behind the pause too).
+    server.cli("client", "pause", "6000", "ALL")
     with caplog.at_level(logging.WARNING, logger="lmcache"):
         assert b.lookup(space_of(pool), tokens(128)) == 0
     assert any("Timeout" in r.getMessage() for r in caplog.records)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while b.lookup(space_of(pool), tokens(128)) == 0 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert b.lookup(space_of(pool), tokens(128)) == 128

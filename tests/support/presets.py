@@ -37,7 +37,9 @@ def preset(request: pytest.FixtureRequest, lmcache_env: pytest.MonkeyPatch) -> I
         yield Preset("lmcache")
         return
     workdir = Path(tempfile.mkdtemp(prefix="lmv2-", dir="/tmp"))
-    server = ServerProcess(workdir, None, "--chunk-size", "64", "--client-timeout-s", "3").start()
+    # The default client timeout: no test here needs reaping, and a short one could reap a live client
+    # whose heartbeats were held up on a busy machine.
+    server = ServerProcess(workdir, None, "--chunk-size", "64").start()
     reset_process_connections()
     yield Preset("lmcache-mp", server.ipc_url)
     reset_process_connections()

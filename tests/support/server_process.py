@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -118,3 +119,12 @@ def wait_until(predicate: Callable[[], object], what: str, limit_s: float = 30.0
         if time.monotonic() > deadline:
             raise AssertionError(f"gave up waiting for {what}")
         time.sleep(0.02)
+
+
+def metrics_base_url(server: ServerProcess) -> str:
+    """The base URL of a server's ``--metrics-port`` endpoint, as its start-up log gives it (so the
+    test can pass port 0 and never race another process for a port it picked)."""
+    pattern = re.compile(r"LMCache metrics on (http://\S+)/metrics")
+    found = wait_until(lambda: pattern.search(server.log()), "the metrics endpoint's URL in the server log")
+    assert isinstance(found, re.Match)
+    return found.group(1)
