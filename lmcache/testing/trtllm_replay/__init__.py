@@ -25,6 +25,7 @@ from .llm_args import (
     TorchLlmArgs,
 )
 from .model import ModelConfig, TinyDecoder
+from .ranks import LocalRanks, ProcessGroupRanks, Ranks
 from .recording import RecordedCall, RecordingConnector, RecordingScheduler, RecordingWorker, RequestSnapshot
 from .request import CppRequestView, LlmRequest, LlmRequestState
 from .reservations import PrefixReservations, Reservation, wants_prefix_reservations
@@ -52,8 +53,11 @@ __all__ = [
     "LlmArgs",
     "LlmRequest",
     "LlmRequestState",
+    "LocalRanks",
     "ModelConfig",
     "PrefixReservations",
+    "ProcessGroupRanks",
+    "Ranks",
     "RecordedCall",
     "RecordingConnector",
     "RecordingScheduler",
