@@ -475,8 +475,8 @@ def run_bandwidth(job: dict[str, Any], ranks: ProcessGroupRanks, device: torch.d
     nb, probe_nb = n // tpb, probe_n // tpb
     # Prompts of n + 1 tokens: n tokens cached, the last one computed, no partial chunk saved.
     src = list(range(nb + 1))
-    gen = torch.Generator().manual_seed(ranks.rank)
-    dst = (nb + 1 + torch.randperm(nb + 1, generator=gen)).tolist()  # scattered, as TRT-LLM's ids
+    # Scattered, as TRT-LLM's block ids; the same on every rank (rank 0's metadata names them).
+    dst = (nb + 1 + torch.randperm(nb + 1, generator=torch.Generator().manual_seed(0))).tolist()
     probe_blocks = list(range(2 * nb + 2, 2 * nb + 3 + probe_nb))
     pool = torch.zeros(
         probe_blocks[-1] + 1, layers, 2, heads * tpb * head_dim, dtype=torch.bfloat16, device=device
