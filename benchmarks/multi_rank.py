@@ -84,6 +84,7 @@ from lmcache.testing.trtllm_replay import (  # noqa: E402
     TorchLlmArgs,
 )
 
+POLL_S = 0.0002  # between get_finished polls: short against a transfer
 PRESETS = ("lmcache", "lmcache-mp")
 SCENARIOS = ("seed", "multi-turn", "sliding")
 MODES = ("v1", "v2", "v2-res")
@@ -176,6 +177,8 @@ def run_ranks(world: int, job: dict[str, Any], workdir: Path, timeout_s: float) 
 def rank_main(rank: int, world: int, job: dict[str, Any], init: str, out: str) -> None:
     """One TP rank: join the group, pick the device, run the job; rank 0 writes the result."""
     torch.set_num_threads(1)
+    if job["preset"] == "lmcache":  # an engine per rank process: this rank's share of the L1
+        os.environ["LMCACHE_MAX_LOCAL_CPU_SIZE"] = str(job["l1_size_gb"] / world)
     timeout = datetime.timedelta(seconds=job["collective_timeout_s"])
     dist.init_process_group(
         "gloo", init_method=f"file://{init}", rank=rank, world_size=world, timeout=timeout
@@ -419,6 +422,7 @@ class ConnectorRank:
                     raise RuntimeError(
                         f"rank {self.ranks.rank}: save of request {req.request_id} never finished"
                     )
+                time.sleep(POLL_S)  # leave the GIL to the saver thread, as an executor's forward does
 
     def load(self) -> None:
         """``start_load_kv`` of the bound metadata (a synchronous load), until it is in the pool."""
@@ -574,7 +578,12 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--lookup-tokens", type=int, default=8192)
     parser.add_argument("--lookups", type=int, default=200, help="idle lookups timed before the transfers")
-    parser.add_argument("--l1-size-gb", type=float, default=None, help="server L1 (default: fits the run)")
+    parser.add_argument(
+        "--l1-size-gb",
+        type=float,
+        default=None,
+        help="L1 of the server (lmcache: split over the rank processes); default: fits the run",
+    )
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="per rank count, all ranks")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
@@ -597,8 +606,6 @@ def main() -> int:
             args.l1_size_gb = max(1.0, 3 * (args.tokens + args.lookup_tokens) * per_token * 2 / 1e9)
         else:
             args.l1_size_gb = 0.25
-    if args.preset == "lmcache":
-        os.environ["LMCACHE_MAX_LOCAL_CPU_SIZE"] = str(args.l1_size_gb)
     workdir = Path(tempfile.mkdtemp(prefix="lmc-ranks-", dir="/tmp"))
     server = CacheServer(workdir, chunk, args.l1_size_gb) if args.preset == "lmcache-mp" else None
     job = {
@@ -615,6 +622,7 @@ def main() -> int:
         "iters": args.iters,
         "lookup_tokens": args.lookup_tokens,
         "lookups": args.lookups,
+        "l1_size_gb": args.l1_size_gb,
         "collective_timeout_s": min(args.timeout_s, 600.0),
     }
     runs = []
