@@ -25,6 +25,7 @@ from .llm_args import (
     TorchLlmArgs,
 )
 from .model import ModelConfig, TinyDecoder
+from .ranks import LocalRanks, ProcessGroupRanks, Ranks
 from .recording import (
     LayoutSummary,
     RecordedCall,
@@ -60,8 +61,11 @@ __all__ = [
     "LlmArgs",
     "LlmRequest",
     "LlmRequestState",
+    "LocalRanks",
     "ModelConfig",
     "PrefixReservations",
+    "ProcessGroupRanks",
+    "Ranks",
     "RecordedCall",
     "RecordingConnector",
     "RecordingScheduler",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -55,7 +56,10 @@ class KvPool:
         tp_size: int = 1,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        local_ranks: Sequence[int] | None = None,
     ) -> None:
+        """``local_ranks``: the ranks whose pools live in this process (default: all); the others'
+        entries in ``tensors`` are empty ``meta`` tensors."""
         if num_kv_heads % tp_size:
             raise ValueError(f"num_kv_heads={num_kv_heads} must be divisible by tp_size={tp_size}")
         self.num_blocks = num_blocks
@@ -66,9 +70,12 @@ class KvPool:
         self.tp_size = tp_size
         block_elems = self.heads_per_rank * tokens_per_block * head_dim
         # Zero-filled (TRT-LLM's cudaMalloc'd pool is not) so a never-written slot is never NaN.
+        local = range(tp_size) if local_ranks is None else local_ranks
         self.tensors = [
             torch.zeros(num_blocks, num_layers, 2, block_elems, dtype=dtype, device=device)
-            for _ in range(tp_size)
+            if rank in local
+            else torch.empty(0, dtype=dtype, device="meta")
+            for rank in range(tp_size)
         ]
 
     def slab(self, rank: int, block: int, layer: int, kv: int) -> torch.Tensor:

@@ -3,7 +3,9 @@
 It owns the rank-0 scheduler and every rank's worker and does what TRT-LLM's manager does between
 them: the rank-0 calls and their broadcasts (pickled, so unpicklable answers fail here as they
 would under MPI), the ``SchedulerOutput`` deltas, the async load/save bookkeeping, and the
-all-rank intersection of ``get_finished``. Ranks are simulated with ``simulated_rank``.
+all-rank intersection of ``get_finished``. Ranks are simulated with ``simulated_rank``; with
+``ProcessGroupRanks`` this process drives only its own rank's worker (and the scheduler on rank 0),
+and the broadcasts and gathers cross processes.
 
 Under V2 (``num_layer_groups`` given) it always uses the grouped forms
 (``update_state_after_alloc_by_layer_group``, ``request_finished_by_layer_group``), fills
@@ -15,7 +17,6 @@ Under V2 (``num_layer_groups`` given) it always uses the grouped forms
 from __future__ import annotations
 
 import dataclasses
-import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -27,15 +28,11 @@ from lmcache.integration.tensorrt_llm._trtllm import (
 )
 
 from .block_pool import hash_chain
+from .ranks import LocalRanks, Ranks
 from .request import CppRequestView, LlmRequest, LlmRequestState
 from .reservations import PrefixReservations, Reservation, overrides
 
 PageLists = Callable[[LlmRequest], list[list[int]]]  # complete page list per layer group
-
-
-def _broadcast(value: Any) -> Any:
-    """What ``mpi_broadcast`` from rank 0 does to a value: a pickle round trip."""
-    return pickle.loads(pickle.dumps(value))
 
 
 def _request_data_fields() -> set[str] | None:
@@ -45,7 +42,7 @@ def _request_data_fields() -> set[str] | None:
 
 
 class KvCacheConnectorManager:
-    """Drives one scheduler (rank 0) and ``len(workers)`` workers (one per TP rank)."""
+    """Drives the scheduler (rank 0) and one worker per local TP rank."""
 
     def __init__(
         self,
@@ -55,9 +52,13 @@ class KvCacheConnectorManager:
         tokens_per_block: int,
         num_layer_groups: int | None = None,
         prefix_reservations: bool = False,
+        ranks: Ranks | None = None,
     ) -> None:
-        """``num_layer_groups`` None = V1 (flat forms); ``prefix_reservations`` needs V2."""
-        if scheduler is None or not workers:
+        """``workers``: one per rank of ``ranks.local`` (default: all ranks in this process);
+        ``scheduler``: present exactly where rank 0 lives. ``num_layer_groups`` None = V1 (flat
+        forms); ``prefix_reservations`` needs V2."""
+        self.ranks = ranks if ranks is not None else LocalRanks(len(workers))
+        if (scheduler is not None) != self.ranks.hosts_root or len(workers) != len(self.ranks.local):
             raise ValueError("a connector needs a scheduler on rank 0 and a worker on every rank")
         if prefix_reservations and num_layer_groups is None:
             raise ValueError("prefix reservations require the V2 KV cache manager")
@@ -69,7 +70,9 @@ class KvCacheConnectorManager:
         self.tokens_per_block = tokens_per_block
         self.num_layer_groups = num_layer_groups
         self.reservations = (
-            PrefixReservations(scheduler, workers, tokens_per_block) if prefix_reservations else None
+            PrefixReservations(scheduler, workers, tokens_per_block, self.ranks)
+            if prefix_reservations
+            else None
         )
         self.external_loads: dict[int, int] = {}
         self._reported: dict[int, tuple[int, list[int]]] = {}  # id -> (tokens, blocks per group) reported
@@ -79,25 +82,30 @@ class KvCacheConnectorManager:
         self._started_loading_ids: list[int] = []  # passed once to the next get_finished
         self._finished_gen_ids: list[int] = []
         self._load_done: set[int] = set()
-        self._saved_by_rank: list[set[int]] = [set() for _ in workers]
-        self._loaded_by_rank: list[set[int]] = [set() for _ in workers]
+        self._saved_by_rank: list[set[int]] = [set() for _ in range(self.ranks.size)]
+        self._loaded_by_rank: list[set[int]] = [set() for _ in range(self.ranks.size)]
         self._request_fields = _request_data_fields()
         self.forward_pass_callables: list[tuple[int, Callable[[], Any]]] = []  # (rank, callable)
 
     @property
     def tp_size(self) -> int:
-        return len(self.workers)
+        return self.ranks.size
 
     @property
     def v2(self) -> bool:
         return self.num_layer_groups is not None
 
-    def _each_worker(self, method: str, *args: Any) -> list[Any]:
-        results = []
-        for rank, worker in enumerate(self.workers):
+    def _each_worker(self, method: str, *args: Any) -> None:
+        for rank, worker in zip(self.ranks.local, self.workers, strict=True):
             with simulated_rank(rank):
-                results.append(getattr(worker, method)(*args))
-        return results
+                getattr(worker, method)(*args)
+
+    def _on_root(self, call: Callable[[Any], Any]) -> Any:
+        """``call(scheduler)`` on rank 0 (None in a process without it)."""
+        if self.scheduler is None:
+            return None
+        with simulated_rank(0):
+            return call(self.scheduler)
 
     # --- allocation (inside KVCacheManager.add_sequence) -------------------------------------
     def should_add_sequence(self, req: LlmRequest) -> bool:
@@ -110,9 +118,10 @@ class KvCacheConnectorManager:
         0 is dropped (there is nothing to load)."""
         if req.is_generation_only_request:
             raise RuntimeError("KV cache connector does not support generation-only requests")
-        with simulated_rank(0):
-            answer = self.scheduler.get_num_new_matched_tokens(CppRequestView(req), num_computed_tokens)
-        num_tokens, load_async = _broadcast(tuple(answer))
+        answer = self._on_root(
+            lambda s: tuple(s.get_num_new_matched_tokens(CppRequestView(req), num_computed_tokens))
+        )
+        num_tokens, load_async = self.ranks.broadcast(answer)
         num_tokens, load_async = int(num_tokens), bool(load_async)
         if num_tokens < 0:
             raise RuntimeError(f"get_num_new_matched_tokens returned a negative count {num_tokens}")
@@ -130,11 +139,10 @@ class KvCacheConnectorManager:
 
     def update_state_after_alloc(self, req: LlmRequest, pages: list[list[int]]) -> None:
         """Once per allocation, rank 0 only, not broadcast; the grouped form under V2."""
-        with simulated_rank(0):
-            if self.v2:
-                self.scheduler.update_state_after_alloc_by_layer_group(req, [list(p) for p in pages])
-            else:
-                self.scheduler.update_state_after_alloc(req, list(pages[0]))
+        if self.v2:
+            self._on_root(lambda s: s.update_state_after_alloc_by_layer_group(req, [list(p) for p in pages]))
+        else:
+            self._on_root(lambda s: s.update_state_after_alloc(req, list(pages[0])))
 
     def reset_request_state(self, req: LlmRequest) -> None:
         """The allocation was freed and the request replays (V2 rollback): forget what was reported,
@@ -148,8 +156,7 @@ class KvCacheConnectorManager:
         self._reported.pop(rid, None)
         self.external_loads.pop(rid, None)
         self._load_done.discard(rid)
-        with simulated_rank(0):
-            self.scheduler.request_reset(req)
+        self._on_root(lambda s: s.request_reset(req))
 
     def accept_prefix_load(self, res: Reservation, pages: list[list[int]]) -> None:
         """Release the clipped tail and queue the load; a sync load's range is excluded from the
@@ -241,12 +248,11 @@ class KvCacheConnectorManager:
 
     def handle_metadata(self, scheduler_output: Any) -> None:
         """``build_connector_meta`` on rank 0, broadcast, ``bind_connector_meta`` on every rank."""
-        with simulated_rank(0):
-            metadata = self.scheduler.build_connector_meta(scheduler_output)
-        blob = pickle.dumps(metadata)
-        for rank, worker in enumerate(self.workers):
+        metadata = self._on_root(lambda s: s.build_connector_meta(scheduler_output))
+        copies = self.ranks.broadcast_copies(metadata)
+        for rank, worker in zip(self.ranks.local, self.workers, strict=True):
             with simulated_rank(rank):
-                worker.bind_connector_meta(metadata if rank == 0 else pickle.loads(blob))
+                worker.bind_connector_meta(copies[rank])
 
     def start_load_kv(self, stream: Any) -> None:
         self._each_worker("start_load_kv", stream)
@@ -269,12 +275,11 @@ class KvCacheConnectorManager:
     def request_finished(self, req: LlmRequest, pages: list[list[int]]) -> bool:
         """Rank 0 decides (grouped form under V2), broadcast; True keeps the blocks until every
         rank reports the save."""
-        with simulated_rank(0):
-            if self.v2:
-                answer = self.scheduler.request_finished_by_layer_group(req, [list(p) for p in pages])
-            else:
-                answer = self.scheduler.request_finished(req, list(pages[0]))
-        saving = bool(_broadcast(answer))
+        if self.v2:
+            answer = self._on_root(lambda s: s.request_finished_by_layer_group(req, [list(p) for p in pages]))
+        else:
+            answer = self._on_root(lambda s: s.request_finished(req, list(pages[0])))
+        saving = bool(self.ranks.broadcast(answer))
         if saving:
             req.state = LlmRequestState.DISAGG_CONTEXT_TRANS_IN_PROGRESS
             self.saving[req.request_id] = req
@@ -289,9 +294,11 @@ class KvCacheConnectorManager:
             self.reservations.poll()
         finished_gen, started_loading = self._finished_gen_ids, self._started_loading_ids
         self._finished_gen_ids, self._started_loading_ids = [], []
-        for rank, worker in enumerate(self.workers):
+        local = {}
+        for rank, worker in zip(self.ranks.local, self.workers, strict=True):
             with simulated_rank(rank):
-                saved, loaded = worker.get_finished(list(finished_gen), list(started_loading))
+                local[rank] = worker.get_finished(list(finished_gen), list(started_loading))
+        for rank, (saved, loaded) in enumerate(self.ranks.gather(local)):
             for rid in saved:
                 if rid not in self.saving:
                     raise RuntimeError(

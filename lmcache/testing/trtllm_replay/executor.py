@@ -5,7 +5,10 @@ admission (GUARANTEED_NO_EVICT), scheduling with the token budget and chunked pr
 ``prepare_resources`` (device prefix match, then the connector match, then the alloc callback),
 the connector batch start (SchedulerOutput, pending-load removal, metadata, ``start_load_kv``), the
 forward with per-layer hooks, ``wait_for_save``, the request update, ``request_finished``,
-termination/reuse, and ``get_finished`` every iteration. All TP ranks live in this process.
+termination/reuse, and ``get_finished`` every iteration. All TP ranks live in this process, unless
+``ranks=ProcessGroupRanks()``: then each process runs this same loop for its own rank (its pool,
+its worker, the scheduler on rank 0), the scheduler's answers and metadata are broadcast from
+rank 0 and ``get_finished`` is gathered, as in TRT-LLM.
 
 With ``kv_cache_config.use_kv_cache_manager_v2`` the V2 steps of ``v2_steps.py`` replace admission,
 scheduling and allocation (layer groups, per-chunk pages, the V2 legacy query or prefix
@@ -35,6 +38,7 @@ from .layer_groups import GroupedKvPool
 from .layout import KvCacheLayout, build_layout
 from .llm_args import KvCacheConnectorConfig, TorchLlmArgs
 from .model import ForwardItem, ModelConfig, TinyDecoder
+from .ranks import LocalRanks, Ranks
 from .request import LlmRequest, LlmRequestState
 from .reservations import wants_prefix_reservations
 from .stats import DispatchedLoad, ExecutorStats, GenerationResult, RequestStats
@@ -92,19 +96,21 @@ def factories_from_config(
 
 
 def _construct_connector(
-    factories: tuple[ConnectorFactory, ConnectorFactory], llm_args: TorchLlmArgs, tp_size: int
+    factories: tuple[ConnectorFactory, ConnectorFactory], llm_args: TorchLlmArgs, ranks: Ranks
 ) -> tuple[Any, list[Any]]:
-    """Scheduler on rank 0, a worker on every rank, built concurrently so they may rendezvous."""
+    """Scheduler on rank 0 (None where rank 0 is not hosted), a worker on every local rank, built
+    concurrently so they may rendezvous."""
     scheduler_factory, worker_factory = factories
 
     def build(factory: ConnectorFactory, rank: int) -> Any:
         with simulated_rank(rank):
             return factory(llm_args)
 
-    with ThreadPoolExecutor(max_workers=tp_size + 1, thread_name_prefix="replay-connector") as pool:
-        scheduler_future = pool.submit(build, scheduler_factory, 0)
-        worker_futures = [pool.submit(build, worker_factory, rank) for rank in range(tp_size)]
-        return scheduler_future.result(), [f.result() for f in worker_futures]
+    with ThreadPoolExecutor(max_workers=len(ranks.local) + 1, thread_name_prefix="replay-connector") as pool:
+        scheduler_future = pool.submit(build, scheduler_factory, 0) if ranks.hosts_root else None
+        worker_futures = [pool.submit(build, worker_factory, rank) for rank in ranks.local]
+        scheduler = scheduler_future.result() if scheduler_future is not None else None
+        return scheduler, [f.result() for f in worker_futures]
 
 
 class ReplayExecutor:
@@ -121,7 +127,9 @@ class ReplayExecutor:
         seed: int = 0,
         connector: tuple[ConnectorFactory, ConnectorFactory] | None = None,
         idle_timeout_s: float = 120.0,
+        ranks: Ranks | None = None,
     ) -> None:
+        """``ranks``: where the TP ranks live (default: all in this process, run in turn)."""
         self.llm_args = llm_args
         self.model_config = model_config or ModelConfig()
         self.device = torch.device(device)
@@ -129,6 +137,9 @@ class ReplayExecutor:
         self.cuda_graphs = cuda_graphs
         self.idle_timeout_s = idle_timeout_s
         self.tp_size = llm_args.tensor_parallel_size
+        self.ranks = ranks if ranks is not None else LocalRanks(self.tp_size)
+        if self.ranks.size != self.tp_size:
+            raise ValueError(f"{self.ranks.size} ranks for tensor_parallel_size={self.tp_size}")
         kv = llm_args.kv_cache_config
         self.tokens_per_block = kv.tokens_per_block
         self.v2 = kv.use_kv_cache_manager_v2
@@ -145,7 +156,7 @@ class ReplayExecutor:
         self.layer_groups = mc.layer_groups()
         if not self.v2 and any(g.window is not None for g in self.layer_groups):
             raise ValueError("sliding-window layers require kv_cache_config.use_kv_cache_manager_v2")
-        self.model = TinyDecoder(mc, seed=seed, device=self.device, tp_size=self.tp_size)
+        self.model = TinyDecoder(mc, seed=seed, device=self.device, tp_size=self.tp_size, ranks=self.ranks)
         self.kv = GroupedBlockManager(
             self.layer_groups, kv.num_blocks, kv.tokens_per_block, kv.enable_block_reuse
         )
@@ -158,6 +169,7 @@ class ReplayExecutor:
             tp_size=self.tp_size,
             dtype=mc.dtype,
             device=self.device,
+            local_ranks=self.ranks.local,
         )
         self._streams = _Streams(self.device)
         self.stats = ExecutorStats()
@@ -178,8 +190,8 @@ class ReplayExecutor:
         self._drops: dict[int, int] = {}
         callables: list[tuple[int, Callable[[], Any]]] = []
         if factories is not None:
-            self.scheduler, self.workers = _construct_connector(factories, llm_args, self.tp_size)
-            for rank, worker in enumerate(self.workers):
+            self.scheduler, self.workers = _construct_connector(factories, llm_args, self.ranks)
+            for rank, worker in zip(self.ranks.local, self.workers, strict=True):
                 with simulated_rank(rank):
                     fn = worker.register_forward_pass_callable()
                 if fn is not None:
@@ -189,7 +201,9 @@ class ReplayExecutor:
             reservations = (
                 self.v2
                 and llm_args.scheduler_config.enable_prefix_aware_scheduling
-                and wants_prefix_reservations(self.scheduler, self.workers)
+                and self.ranks.broadcast(
+                    wants_prefix_reservations(self.scheduler, self.workers) if self.ranks.hosts_root else None
+                )
             )
             self.manager = KvCacheConnectorManager(
                 self.scheduler,
@@ -197,18 +211,20 @@ class ReplayExecutor:
                 tokens_per_block=kv.tokens_per_block,
                 num_layer_groups=len(self.layer_groups) if self.v2 else None,
                 prefix_reservations=reservations,
+                ranks=self.ranks,
             )
             self.manager.forward_pass_callables = callables
             self._register_kv_caches()
             with simulated_rank(0):
-                wait = getattr(self.scheduler, "wait_for_initialization", None)
+                wait = getattr(self.scheduler, "wait_for_initialization", None)  # None off rank 0
                 if wait is not None:
                     wait()
         self._v2 = V2Steps(self) if self.v2 else None
 
     def _register_kv_caches(self) -> None:
-        """V1: ``register_kv_caches(pool)``; V2: ``register_kv_cache_layout(layout)`` instead."""
-        for rank, worker in enumerate(self.workers):
+        """V1: ``register_kv_caches(pool)``; V2: ``register_kv_cache_layout(layout)`` instead
+        (``layouts`` holds one per local rank)."""
+        for rank, worker in zip(self.ranks.local, self.workers, strict=True):
             with simulated_rank(rank):
                 if not self.v2:
                     worker.register_kv_caches(self.pool.tensors[rank])
@@ -236,7 +252,8 @@ class ReplayExecutor:
 
     @property
     def kv_caches(self) -> list[torch.Tensor]:
-        """Each rank's pool tensor of layer group 0 (under V1, what ``register_kv_caches`` received)."""
+        """Each rank's pool tensor of layer group 0 (under V1, what ``register_kv_caches`` received);
+        an empty ``meta`` tensor for a rank hosted by another process."""
         return self.pool.tensors
 
     @property
@@ -336,7 +353,7 @@ class ReplayExecutor:
                     continue
                 if not self._active and not (self.manager and self.manager.has_pending_transfers):
                     raise RuntimeError(f"{len(self._waiting)} request(s) can never be admitted")
-                if time.monotonic() - last_progress > self.idle_timeout_s:
+                if self.ranks.broadcast(time.monotonic() - last_progress > self.idle_timeout_s):
                     pending = self.manager and (sorted(self.manager.saving), sorted(self.manager.loading))
                     raise RuntimeError(
                         f"no progress for {self.idle_timeout_s}s; (saving, loading) = {pending}"

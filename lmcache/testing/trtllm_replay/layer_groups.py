@@ -55,7 +55,9 @@ class GroupedKvPool:
         tp_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        local_ranks: Sequence[int] | None = None,
     ) -> None:
+        """``local_ranks``: the ranks whose pools live in this process (default: all)."""
         self.groups = groups
         self.tokens_per_block = tokens_per_block
         self.pools = [
@@ -68,6 +70,7 @@ class GroupedKvPool:
                 tp_size=tp_size,
                 dtype=dtype,
                 device=device,
+                local_ranks=local_ranks,
             )
             for g in groups
         ]

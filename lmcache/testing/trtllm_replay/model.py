@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .layer_groups import GroupedKvPool, LayerGroup, resolve_layer_groups
+from .ranks import LocalRanks, Ranks
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,21 @@ class TinyDecoder:
     """Seeded weights; tensor parallelism splits KV heads (and their query groups) across ranks."""
 
     def __init__(
-        self, config: ModelConfig, *, seed: int = 0, device: str | torch.device = "cpu", tp_size: int = 1
+        self,
+        config: ModelConfig,
+        *,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        tp_size: int = 1,
+        ranks: Ranks | None = None,
     ) -> None:
+        """``ranks``: where the TP ranks live (default: all in this process). Each process computes
+        attention for its ranks' KV heads from their pools and gathers the other ranks' outputs."""
         if config.num_kv_heads % tp_size:
             raise ValueError(f"num_kv_heads={config.num_kv_heads} must be divisible by tp={tp_size}")
+        self.ranks = ranks if ranks is not None else LocalRanks(tp_size)
+        if self.ranks.size != tp_size:
+            raise ValueError(f"{self.ranks.size} ranks for tp={tp_size}")
         self.config = config
         self.device = torch.device(device)
         self.tp_size = tp_size
@@ -158,7 +170,7 @@ class TinyDecoder:
         kv_per_rank, group = nkv // self.tp_size, nq // nkv
         block, offset = page.ids[pos // tpb], pos % tpb
         outs = []
-        for rank in range(self.tp_size):
+        for rank in self.ranks.local:
             heads = slice(rank * kv_per_rank, (rank + 1) * kv_per_rank)
             pool.write(rank, local, block, offset, k[heads], v[heads])
             # Read back from this rank's pool: only the pages holding visible keys.
@@ -170,7 +182,7 @@ class TinyDecoder:
             q_rank = q[rank * kv_per_rank * group : (rank + 1) * kv_per_rank * group]
             out = F.scaled_dot_product_attention(q_rank[:, None, :], keys, values)
             outs.append(out.reshape(1, -1))
-        return x + F.linear(torch.cat(outs, dim=1), w["o"])
+        return x + F.linear(torch.cat(self.ranks.gather_heads(outs), dim=1), w["o"])
 
     def _mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         w = self.layers[layer]

@@ -10,7 +10,6 @@ ignored.
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +20,7 @@ from lmcache.integration.tensorrt_llm._trtllm import (
     simulated_rank,
 )
 
+from .ranks import Ranks
 from .request import LlmRequest
 
 TRIO = ("reserve_prefix", "release_prefix_reservation", "get_finished_prefix_loads")
@@ -86,23 +86,27 @@ class Reservation:
 class PrefixReservations:
     """The runtime's side of the reservation protocol for one scheduler and its workers."""
 
-    def __init__(self, scheduler: Any, workers: list[Any], tokens_per_block: int) -> None:
+    def __init__(self, scheduler: Any, workers: list[Any], tokens_per_block: int, ranks: Ranks) -> None:
+        """``workers``: those of ``ranks.local``; ``scheduler``: None where rank 0 does not live."""
         self.scheduler = scheduler
         self.workers = workers
+        self.ranks = ranks
         self.tokens_per_block = tokens_per_block
         self._next_id = 1
         self.by_request: dict[int, Reservation] = {}  # the current attempt of each request
         self._to_dispatch: list[tuple[Reservation, PrefixLoad]] = []
         self._dispatched: dict[int, Reservation] = {}  # reservation id -> dispatched, not retired
-        self._reported: list[set[int]] = [set() for _ in workers]
+        self._reported: list[set[int]] = [set() for _ in range(ranks.size)]
 
     def reserve(self, req: LlmRequest, local_end: int) -> Reservation:
         """Ask ``reserve_prefix`` under a fresh id and clip the offer (the clip is released later)."""
         rid = self._next_id
         self._next_id += 1
-        with simulated_rank(0):
-            answer = self.scheduler.reserve_prefix(req, local_end, rid)
-        count, is_async = validate_answer(pickle.loads(pickle.dumps(answer)))
+        answer = None
+        if self.scheduler is not None:
+            with simulated_rank(0):
+                answer = self.scheduler.reserve_prefix(req, local_end, rid)
+        count, is_async = validate_answer(self.ranks.broadcast(answer))
         tpb = self.tokens_per_block
         end = local_end + count
         accepted = max(local_end, min(end, req.prompt_len - 1) // tpb * tpb)
@@ -111,7 +115,7 @@ class PrefixReservations:
         return res
 
     def _release(self, res: Reservation, start: int, end: int) -> None:
-        if start < end:
+        if start < end and self.scheduler is not None:
             with simulated_rank(0):
                 self.scheduler.release_prefix_reservation(res.request, res.reservation_id, start, end)
 
@@ -159,9 +163,11 @@ class PrefixReservations:
 
     def poll(self) -> None:
         """``get_finished_prefix_loads`` on every rank; unknown or stale ids are ignored."""
-        for rank, worker in enumerate(self.workers):
+        local = {}
+        for rank, worker in zip(self.ranks.local, self.workers, strict=True):
             with simulated_rank(rank):
-                ids = worker.get_finished_prefix_loads()
+                local[rank] = worker.get_finished_prefix_loads()
+        for rank, ids in enumerate(self.ranks.gather(local)):
             self._reported[rank].update(i for i in ids if i in self._dispatched)
 
     def retire(self) -> list[Reservation]:

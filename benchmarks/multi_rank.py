@@ -1,0 +1,682 @@
+"""Several TP ranks, one OS process each, through the executor replay and the TRT-LLM presets.
+
+Each rank process owns its pool (its KV-head slice) on its own device (``cuda:{rank % GPUs}``, so
+several ranks share a GPU when there are fewer GPUs than ranks, and the same command spreads over
+several GPUs unchanged) and its connector worker; rank 0 also owns the connector scheduler. The
+ranks talk over ``torch.distributed`` (gloo, CPU and CUDA alike) as TRT-LLM's ranks do over MPI:
+the scheduler's answers and ``build_connector_meta`` are broadcast from rank 0, ``get_finished``
+is all-gathered and intersected, and the model gathers every rank's attention heads
+(``ProcessGroupRanks`` in the replay). Preset ``lmcache``: an in-process engine per rank process;
+``lmcache-mp``: every rank process talks to one cache server this script starts.
+
+Correctness (outputs, logits included, bit-equal to a TP=1 run with no connector; a connector
+hit where the scenario expects one; no pin or reservation left)::
+
+    python benchmarks/multi_rank.py --ranks 2 --preset lmcache-mp --device cpu \\
+        [--scenario seed multi-turn sliding] [--mode v1 v2 v2-res] [--prompt-len 200]
+
+``seed``: A, then B evicting A from a small device pool, then A again; ``multi-turn``: chunked
+prefill, then a second turn that hits past the first turn's prompt; ``sliding``: a VSWA model
+(windows 64/full/64, V2 modes only). Modes: V1, V2 with the legacy query, V2 with prefix
+reservations. Prints one line per scenario and mode; exits 1 on any failure.
+
+Scale (issue 18, item 3)::
+
+    python benchmarks/multi_rank.py --bandwidth --ranks 1 2 4 8 --device cuda \\
+        [--model qwen2-1.5b] [--tokens 32768] [--iters 5] [--lookup-tokens 8192]
+
+For each rank count, every rank holds a pool shaped like one TP rank of ``--model`` (KV heads
+``ceil(heads / ranks)``, bf16) and drives its preset's connector through TRT-LLM's calls: rank 0's
+scheduler looks up, plans and broadcasts, then all ranks store ``--tokens`` tokens at once into
+the one server's L1 (``wait_for_save`` until ``get_finished`` reports them), then load them
+into other, scattered blocks at once (``start_load_kv``; bytes checked). Baseline, in the same
+run: the same number of plain ``copy_``s of the same bytes at once (pinned host memory on CUDA),
+device to host and back. Reported per rank count: aggregate GB/s (all ranks' bytes over the
+slowest rank's time from a common barrier), the ratio to the concurrent copies, and rank 0's
+``get_num_new_matched_tokens`` latency (a ``--lookup-tokens`` prompt, hashing, lookup and pin)
+p50/p99 while the transfers run, beside the same latency idle. Iteration 0 warms up.
+
+``--out FILE`` writes everything as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
+
+from kv_shapes import CHUNK as BANDWIDTH_CHUNK  # noqa: E402
+from kv_shapes import KV_SHAPES  # noqa: E402
+
+from lmcache.integration.tensorrt_llm._trtllm import RequestData, SchedulerOutput, simulated_rank  # noqa: E402
+from lmcache.testing.trtllm_replay import (  # noqa: E402
+    CppRequestView,
+    GenerationResult,
+    KvCacheConfig,
+    KvCacheConnectorConfig,
+    LlmRequest,
+    ModelConfig,
+    ProcessGroupRanks,
+    ReplayExecutor,
+    SchedulerConfig,
+    TorchLlmArgs,
+)
+
+POLL_S = 0.0002  # between get_finished polls: short against a transfer
+PRESETS = ("lmcache", "lmcache-mp")
+SCENARIOS = ("seed", "multi-turn", "sliding")
+MODES = ("v1", "v2", "v2-res")
+TPB = 16  # correctness runs: tokens per block, and the cache's chunk
+CHUNK = 64
+MODEL = ModelConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=8, head_dim=16)
+VSWA = ModelConfig(**{**MODEL.__dict__, "num_layers": 3, "layer_windows": (64, None, 64)})
+
+
+# --- the parent: a cache server, one process per rank ---------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CacheServer:
+    """``python -m lmcache.v1.multiprocess.server`` on a free port and a private ipc socket."""
+
+    def __init__(self, workdir: Path, chunk: int, l1_size_gb: float) -> None:
+        from lmcache.server.client import wait_for_server
+
+        port = free_port()
+        self.url = f"ipc://{workdir / 's.sock'}"
+        self.log_path = workdir / "server.log"
+        env = dict(
+            os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        )
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "lmcache.v1.multiprocess.server", "--port", str(port),
+                    "--ipc-path", str(workdir / "s.sock"), "--chunk-size", str(chunk),
+                    "--l1-size-gb", str(l1_size_gb), "--eviction-policy", "LRU", "--max-workers", "4",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )  # fmt: skip
+        wait_for_server(f"tcp://127.0.0.1:{port}", 120)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+def run_ranks(world: int, job: dict[str, Any], workdir: Path, timeout_s: float) -> dict[str, Any]:
+    """Run ``rank_main`` in ``world`` spawned processes; rank 0's JSON result. A rank that fails
+    (or the deadline) ends the others."""
+    out = workdir / f"result-{world}.json"
+    out.unlink(missing_ok=True)
+    init = workdir / f"pg-{world}-{time.monotonic_ns()}"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=rank_main, args=(rank, world, job, str(init), str(out))) for rank in range(world)
+    ]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout_s
+    failed = None
+    pending = list(procs)
+    while pending and failed is None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            failed = f"ranks still running after {timeout_s:.0f}s"
+            break
+        for sentinel in multiprocessing.connection.wait([p.sentinel for p in pending], timeout=left):
+            proc = next(p for p in pending if p.sentinel == sentinel)
+            proc.join()
+            pending.remove(proc)
+            if proc.exitcode != 0:
+                failed = f"rank {procs.index(proc)} exited with {proc.exitcode}"
+    for proc in pending:
+        proc.kill()
+        proc.join()
+    if failed is not None:
+        return {"ranks": world, "ok": False, "error": failed}
+    return json.loads(out.read_text())
+
+
+# --- inside a rank process -------------------------------------------------------------------------
+
+
+def rank_main(rank: int, world: int, job: dict[str, Any], init: str, out: str) -> None:
+    """One TP rank: join the group, pick the device, run the job; rank 0 writes the result."""
+    torch.set_num_threads(1)
+    if job["preset"] == "lmcache":  # an engine per rank process: this rank's share of the L1
+        os.environ["LMCACHE_MAX_LOCAL_CPU_SIZE"] = str(job["l1_size_gb"] / world)
+    timeout = datetime.timedelta(seconds=job["collective_timeout_s"])
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init}", rank=rank, world_size=world, timeout=timeout
+    )
+    device = torch.device("cpu")
+    if job["device"] == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    ranks = ProcessGroupRanks()
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result = run_bandwidth(job, ranks, device) if job["bandwidth"] else run_correctness(job, ranks, device)
+    result["devices"] = [f"{d} ({name})" for d, name in ranks.gather({rank: (str(device), card)})]
+    if rank == 0:
+        Path(out).write_text(json.dumps(result, indent=2))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def replay_args(
+    preset: str | None, url: str | None, mode: str, tp: int, max_tokens: int, chunk: int | None
+) -> TorchLlmArgs:
+    return TorchLlmArgs(
+        model="replay/multi-rank",
+        tensor_parallel_size=tp,
+        kv_cache_config=KvCacheConfig(
+            tokens_per_block=TPB,
+            max_tokens=max_tokens,
+            enable_block_reuse=True,
+            use_kv_cache_manager_v2=mode != "v1",
+        ),
+        kv_connector_config=None
+        if preset is None
+        else KvCacheConnectorConfig(connector=preset, server_url=url),
+        scheduler_config=SchedulerConfig(enable_prefix_aware_scheduling=mode == "v2-res"),
+        enable_chunked_prefill=chunk is not None,
+        max_num_tokens=chunk or 8192,
+    )
+
+
+def prompt(n: int, start: int) -> list[int]:
+    return [(start * 131 + 17 * i + (i * i) % 7) % MODEL.vocab_size for i in range(n)]
+
+
+class Scenario:
+    """One scenario under one mode, run by every rank process in lock step."""
+
+    def __init__(
+        self, job: dict[str, Any], ranks: ProcessGroupRanks, device: torch.device, mode: str, seed: int
+    ):
+        self.job, self.ranks, self.device, self.mode, self.seed = job, ranks, device, mode, seed
+        self.executors: list[ReplayExecutor] = []
+        self.checks: dict[str, bool] = {}
+        self.references: dict[tuple[ModelConfig, tuple[int, ...], int], tuple[list[int], bytes]] = {}
+
+    def executor(
+        self, model: ModelConfig, max_tokens: int = 4096, chunk: int | None = None
+    ) -> ReplayExecutor:
+        args = replay_args(
+            self.job["preset"], self.job["server_url"], self.mode, self.ranks.size, max_tokens, chunk
+        )
+        ex = ReplayExecutor(args, model, device=self.device, ranks=self.ranks)
+        self.executors.append(ex)
+        return ex
+
+    def same_as_reference(
+        self, name: str, got: GenerationResult, model: ModelConfig, tokens: list[int], n: int
+    ) -> None:
+        """Every rank's output equal to rank 0's, and rank 0's to TP=1 with no connector."""
+        mine = (got.tokens, got.logits.numpy().tobytes())
+        everyone = self.ranks.gather({self.ranks.rank: mine})
+        if self.ranks.hosts_root:
+            key = (model, tuple(tokens), n)
+            if key not in self.references:
+                args = replay_args(None, None, self.mode, 1, 4096, None)
+                want = ReplayExecutor(args, model).generate([tokens], n)[0]
+                self.references[key] = (want.tokens, want.logits.numpy().tobytes())
+            self.checks[f"{name}_equal_no_connector"] = all(o == self.references[key] for o in everyone)
+
+    def finish(self) -> None:
+        """No reservation, request or pin left once every request is done (checked on every rank)."""
+        from lmcache.config import load_engine_config
+        from lmcache.integration.tensorrt_llm.server_backend import process_connection
+        from lmcache.integration.tensorrt_llm.tensorrt_adapter import process_engine
+        from lmcache.integration.tensorrt_llm.tensorrt_mp_adapter import reset_process_connections
+
+        dist.barrier()  # every rank's loads released their pins
+        if self.job["server_url"] is None:
+            pinned = len(process_engine().engine.pinned_ids())
+        elif self.ranks.hosts_root:
+            pinned = (
+                process_connection(self.job["server_url"], load_engine_config()).client.stats().pinned_lookups
+            )
+        else:
+            pinned = 0
+        left = 0
+        for ex in self.executors:
+            if ex.scheduler is not None:
+                left += len(ex.scheduler.planner.reservation_ids()) + len(
+                    ex.scheduler.planner.pending_requests()
+                )
+        self.checks["nothing_pinned_or_pending"] = all(
+            n == 0 for n in self.ranks.gather({self.ranks.rank: pinned + left})
+        )
+        dist.barrier()
+        if self.job["server_url"] is not None:
+            reset_process_connections()
+
+    def seed_scenario(self) -> dict[str, Any]:
+        n = self.job["prompt_len"]
+        a, b = prompt(n, self.seed), prompt(n, self.seed + 1)
+        # Room for one request and its generated tokens, not two: B evicts A from the device.
+        blocks = math.ceil((n + 8) / TPB) + 1
+        ex = self.executor(MODEL, max_tokens=blocks * TPB)
+        first = ex.generate([a], 8)[0]
+        ex.generate([b], 8)
+        third = ex.generate([a], 8)[0]
+        self.checks["third_hit_from_connector"] = third.num_connector_matched_tokens > 0
+        self.same_as_reference("first", first, MODEL, a, 8)
+        self.same_as_reference("third", third, MODEL, a, 8)
+        return {
+            "connector_matched": third.num_connector_matched_tokens,
+            "device_matched": third.num_device_matched_tokens,
+        }
+
+    def multi_turn(self) -> dict[str, Any]:
+        n = self.job["prompt_len"]
+        turn1 = prompt(n, self.seed)
+        answer = (n // CHUNK + 1) * CHUNK - n + 4  # the first turn ends past a chunk boundary
+        first = self.executor(MODEL, chunk=CHUNK).generate([turn1], answer)[0]
+        turn2 = turn1 + first.tokens + prompt(30, self.seed + 1)
+        second = self.executor(MODEL, chunk=CHUNK).generate([turn2], 6)[0]
+        self.checks["second_turn_hit_past_first_prompt"] = second.num_connector_matched_tokens > len(turn1)
+        self.same_as_reference("first", first, MODEL, turn1, answer)
+        self.same_as_reference("second", second, MODEL, turn2, 6)
+        return {"connector_matched": second.num_connector_matched_tokens}
+
+    def sliding(self) -> dict[str, Any]:
+        p = prompt(self.job["prompt_len"], self.seed)
+        cold = self.executor(VSWA).generate([p], 6)[0]
+        warm = self.executor(VSWA).generate([p], 6)[0]
+        self.checks["warm_hit_from_connector"] = warm.num_connector_matched_tokens > 0
+        self.same_as_reference("cold", cold, VSWA, p, 6)
+        self.same_as_reference("warm", warm, VSWA, p, 6)
+        return {"connector_matched": warm.num_connector_matched_tokens}
+
+
+def run_correctness(job: dict[str, Any], ranks: ProcessGroupRanks, device: torch.device) -> dict[str, Any]:
+    from lmcache.integration.tensorrt_llm.tensorrt_adapter import reset_process_engine
+
+    rows = []
+    for m, mode in enumerate(job["modes"]):
+        for s, name in enumerate(job["scenarios"]):
+            if name == "sliding" and mode == "v1":
+                continue  # sliding windows need the V2 KV cache manager
+            reset_process_engine()  # preset lmcache: each scenario starts from an empty cache
+            scenario = Scenario(job, ranks, device, mode, seed=10 * (m * len(SCENARIOS) + s) + 1)
+            run: Callable[[], dict[str, Any]] = {
+                "seed": scenario.seed_scenario,
+                "multi-turn": scenario.multi_turn,
+                "sliding": scenario.sliding,
+            }[name]
+            row = {"scenario": name, "mode": mode, **run()}
+            scenario.finish()
+            row["checks"] = scenario.checks
+            row["ok"] = all(scenario.checks.values())
+            rows.append(row)
+    return {"ranks": ranks.size, "preset": job["preset"], "results": rows, "ok": all(r["ok"] for r in rows)}
+
+
+# --- bandwidth: the connector driven through TRT-LLM's calls, all ranks at once ---------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+class ConnectorRank:
+    """This rank's worker (and rank 0's scheduler) of a preset, called as TRT-LLM's executor calls them."""
+
+    def __init__(self, job: dict[str, Any], ranks: ProcessGroupRanks, pool: torch.Tensor) -> None:
+        self.ranks = ranks
+        self.stream = torch.cuda.current_stream(pool.device) if pool.is_cuda else None
+        self.device = pool.device
+        config = KvCacheConnectorConfig(connector=job["preset"], server_url=job["server_url"])
+        module = importlib.import_module(config.connector_module)
+        self.llm_args = TorchLlmArgs(
+            model=f"bench/{job['model']}",
+            tensor_parallel_size=ranks.size,
+            kv_cache_config=KvCacheConfig(
+                tokens_per_block=job["tokens_per_block"], max_tokens=pool.shape[0] * job["tokens_per_block"]
+            ),
+            kv_connector_config=config,
+        )
+        with simulated_rank(ranks.rank):
+            self.worker = getattr(module, config.connector_worker_class)(self.llm_args)
+            self.worker.register_kv_caches(pool)
+        self.scheduler = None
+        if ranks.hosts_root:
+            with simulated_rank(0):
+                self.scheduler = getattr(module, config.connector_scheduler_class)(self.llm_args)
+        self._next_id = 1
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def schedule(self, tokens: list[int], blocks: list[int]) -> tuple[LlmRequest, int]:
+        """Rank 0: look up and allocate a new request of ``tokens`` into ``blocks``, build the
+        metadata of its (only) context step; every rank binds it. Returns (request, matched)."""
+        req = LlmRequest(self._next_id, tokens, 1)
+        self._next_id += 1
+        meta, matched = None, 0
+        if self.scheduler is not None:
+            with simulated_rank(0):
+                matched, _ = self.scheduler.get_num_new_matched_tokens(CppRequestView(req), 0)
+                self.scheduler.update_state_after_alloc(req, blocks)
+                data = RequestData(
+                    request_id=req.request_id,
+                    new_tokens=tokens,
+                    new_block_ids=blocks,
+                    computed_position=0,
+                    num_scheduled_tokens=len(tokens) - matched,
+                )
+                meta = self.scheduler.build_connector_meta(SchedulerOutput(new_requests=[data]))
+                self.scheduler.request_finished(req, blocks)
+        matched = self.ranks.broadcast(matched)
+        with simulated_rank(self.ranks.rank):
+            self.worker.bind_connector_meta(self.ranks.broadcast_copies(meta)[self.ranks.rank])
+        return req, matched
+
+    def store(self, req: LlmRequest, deadline_s: float) -> None:
+        """``wait_for_save`` after the forward, then ``get_finished`` until this rank saved ``req``."""
+        with simulated_rank(self.ranks.rank):
+            self.worker.wait_for_save(self.stream)
+            asked = [req.request_id]
+            deadline = time.monotonic() + deadline_s
+            while req.request_id not in self.worker.get_finished(asked, [])[0]:
+                asked = []
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"rank {self.ranks.rank}: save of request {req.request_id} never finished"
+                    )
+                time.sleep(POLL_S)  # leave the GIL to the saver thread, as an executor's forward does
+
+    def load(self) -> None:
+        """``start_load_kv`` of the bound metadata (a synchronous load), until it is in the pool."""
+        with simulated_rank(self.ranks.rank):
+            self.worker.start_load_kv(self.stream)
+        self.sync()
+
+    def lookup_us(self, req: LlmRequest) -> float:
+        """Rank 0: one ``get_num_new_matched_tokens`` (hash, lookup, pin), then its release."""
+        assert self.scheduler is not None
+        with simulated_rank(0):
+            start = time.perf_counter()
+            self.scheduler.get_num_new_matched_tokens(CppRequestView(req), 0)
+            elapsed = (time.perf_counter() - start) * 1e6
+            self.scheduler.request_reset(req)
+        return elapsed
+
+
+class LookupProbe:
+    """Rank 0: lookups of a cached prompt on a thread, back to back, while ``running``."""
+
+    def __init__(self, rank: ConnectorRank, req: LlmRequest) -> None:
+        self.rank, self.req = rank, req
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> LookupProbe:
+        if self.rank.scheduler is not None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="lookup-probe")
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(self.rank.lookup_us(self.req))
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+
+def timed_together(ranks: ProcessGroupRanks, work: Callable[[], None]) -> float:
+    """Seconds from a common barrier until the slowest rank finished ``work``."""
+    dist.barrier()
+    start = time.perf_counter()
+    work()
+    return max(ranks.gather({ranks.rank: time.perf_counter() - start}))
+
+
+def run_bandwidth(job: dict[str, Any], ranks: ProcessGroupRanks, device: torch.device) -> dict[str, Any]:
+    tpb, n = job["tokens_per_block"], job["tokens"] // BANDWIDTH_CHUNK * BANDWIDTH_CHUNK
+    probe_n = job["lookup_tokens"] // BANDWIDTH_CHUNK * BANDWIDTH_CHUNK
+    layers, kv_heads, head_dim = KV_SHAPES[job["model"]]
+    heads = math.ceil(kv_heads / ranks.size)
+    nb, probe_nb = n // tpb, probe_n // tpb
+    # Prompts of n + 1 tokens: n tokens cached, the last one computed, no partial chunk saved.
+    src = list(range(nb + 1))
+    # Scattered, as TRT-LLM's block ids; the same on every rank (rank 0's metadata names them).
+    dst = (nb + 1 + torch.randperm(nb + 1, generator=torch.Generator().manual_seed(0))).tolist()
+    probe_blocks = list(range(2 * nb + 2, 2 * nb + 3 + probe_nb))
+    pool = torch.zeros(
+        probe_blocks[-1] + 1, layers, 2, heads * tpb * head_dim, dtype=torch.bfloat16, device=device
+    )
+    rank = ConnectorRank(job, ranks, pool)
+    nbytes = nb * pool[0].numel() * pool.element_size()
+
+    # A cached prompt for the lookups (stored once, looked up under load by rank 0).
+    probe_tokens = torch.randint(
+        0, 150_000, (probe_n + 1,), generator=torch.Generator().manual_seed(2**31)
+    ).tolist()
+    probe, _ = rank.schedule(probe_tokens, probe_blocks)
+    rank.store(probe, job["collective_timeout_s"])
+    probe_req = LlmRequest(10**9, probe_tokens, 1)
+    idle = [rank.lookup_us(probe_req) for _ in range(job["lookups"])] if rank.scheduler is not None else []
+
+    store_s, load_s, d2h_s, h2d_s, under_load = [], [], [], [], []
+    equal, hits_ok = True, True
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    flat = pool[:nb].view(-1).view(torch.uint8)
+    for i in range(job["iters"] + 1):
+        tokens = torch.randint(0, 150_000, (n + 1,), generator=torch.Generator().manual_seed(i)).tolist()
+        pool[: nb + 1].normal_()  # the src blocks
+        pool[nb + 1 : 2 * nb + 2].zero_()  # the dst blocks
+        rank.sync()
+        req, _ = rank.schedule(tokens, src)
+        with LookupProbe(rank, probe_req) as during_store:
+            t_store = timed_together(ranks, lambda r=req: rank.store(r, job["collective_timeout_s"]))
+        _, matched = rank.schedule(tokens, dst)
+        with LookupProbe(rank, probe_req) as during_load:
+            t_load = timed_together(ranks, rank.load)
+        hits_ok = hits_ok and matched == n
+        equal = equal and torch.equal(pool[src[:nb]], pool[dst[:nb]])
+        t_d2h = timed_together(ranks, lambda: (host.copy_(flat, non_blocking=True), rank.sync()))
+        t_h2d = timed_together(ranks, lambda: (flat.copy_(host, non_blocking=True), rank.sync()))
+        if i > 0:
+            store_s.append(t_store)
+            load_s.append(t_load)
+            d2h_s.append(t_d2h)
+            h2d_s.append(t_h2d)
+            under_load += during_store.samples + during_load.samples
+    everyone_equal = all(ranks.gather({ranks.rank: equal}))
+
+    def gbps(seconds: list[float]) -> float:
+        return round(ranks.size * nbytes / statistics.median(seconds) / 1e9, 3)
+
+    result: dict[str, Any] = {
+        "ranks": ranks.size,
+        "preset": job["preset"],
+        "model": job["model"],
+        "pool_shape_per_rank": list(pool.shape),
+        "tokens": n,
+        "bytes_per_rank": nbytes,
+        "iters": job["iters"],
+        "store_GBps": gbps(store_s),
+        "load_GBps": gbps(load_s),
+        "copy_d2h_GBps": gbps(d2h_s),
+        "copy_h2d_GBps": gbps(h2d_s),
+        "lookups_under_load": len(under_load),
+        "checks": {"loaded_bytes_equal": everyone_equal, "full_hits": hits_ok},
+    }
+    result["store_vs_copy"] = round(result["store_GBps"] / result["copy_d2h_GBps"], 3)
+    result["load_vs_copy"] = round(result["load_GBps"] / result["copy_h2d_GBps"], 3)
+    for name, samples in (("idle", idle), ("under_load", under_load)):
+        if samples:
+            result[f"lookup_{name}_us_p50"] = round(percentile(samples, 50), 1)
+            result[f"lookup_{name}_us_p99"] = round(percentile(samples, 99), 1)
+    result["ok"] = all(result["checks"].values())
+    return result
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2], help="rank counts (one run each)")
+    parser.add_argument("--preset", choices=PRESETS, default="lmcache-mp")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--scenario", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    parser.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--prompt-len", type=int, default=200, help="correctness prompts, in tokens")
+    parser.add_argument("--bandwidth", action="store_true", help="measure scale instead of correctness")
+    parser.add_argument(
+        "--model", choices=sorted(KV_SHAPES), default="qwen2-1.5b", help="bandwidth: KV shape"
+    )
+    parser.add_argument("--tokens-per-block", type=int, choices=(16, 32, 64), default=32)
+    parser.add_argument("--tokens", type=int, default=32768, help="bandwidth: tokens per rank per transfer")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--lookup-tokens", type=int, default=8192)
+    parser.add_argument("--lookups", type=int, default=200, help="idle lookups timed before the transfers")
+    parser.add_argument(
+        "--l1-size-gb",
+        type=float,
+        default=None,
+        help="L1 of the server (lmcache: split over the rank processes); default: fits the run",
+    )
+    parser.add_argument("--timeout-s", type=float, default=1800.0, help="per rank count, all ranks")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda needs a CUDA device", file=sys.stderr)
+        return 2
+    chunk = BANDWIDTH_CHUNK if args.bandwidth else CHUNK
+    for key in [k for k in os.environ if k.startswith("LMCACHE_")]:
+        del os.environ[key]
+    os.environ.update(
+        LMCACHE_CHUNK_SIZE=str(chunk),
+        LMCACHE_LOCAL_CPU="True",
+        LMCACHE_LOG_LEVEL="WARNING",
+        OMP_NUM_THREADS="1",
+    )
+    if args.l1_size_gb is None:
+        if args.bandwidth:
+            layers, kv_heads, head_dim = KV_SHAPES[args.model]
+            per_token = layers * 2 * kv_heads * head_dim * 2  # all ranks together: the whole model's KV
+            args.l1_size_gb = max(1.0, 3 * (args.tokens + args.lookup_tokens) * per_token * 2 / 1e9)
+        else:
+            args.l1_size_gb = 0.25
+    workdir = Path(tempfile.mkdtemp(prefix="lmc-ranks-", dir="/tmp"))
+    server = CacheServer(workdir, chunk, args.l1_size_gb) if args.preset == "lmcache-mp" else None
+    job = {
+        "preset": args.preset,
+        "server_url": server.url if server is not None else None,
+        "device": args.device,
+        "bandwidth": args.bandwidth,
+        "scenarios": args.scenario,
+        "modes": args.mode,
+        "prompt_len": args.prompt_len,
+        "model": args.model,
+        "tokens_per_block": args.tokens_per_block,
+        "tokens": args.tokens,
+        "iters": args.iters,
+        "lookup_tokens": args.lookup_tokens,
+        "lookups": args.lookups,
+        "l1_size_gb": args.l1_size_gb,
+        "collective_timeout_s": min(args.timeout_s, 600.0),
+    }
+    runs = []
+    try:
+        for world in args.ranks:
+            result = run_ranks(world, job, workdir, args.timeout_s)
+            runs.append(result)
+            report(result, args.bandwidth)
+    finally:
+        if server is not None:
+            server.stop()
+        if all(r["ok"] for r in runs):
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"kept {workdir} (server log, rank results)", file=sys.stderr)
+    summary = {
+        "device_kind": args.device,
+        "torch": torch.__version__,
+        "runs": runs,
+        "ok": all(r["ok"] for r in runs),
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=2))
+    return 0 if summary["ok"] else 1
+
+
+def report(result: dict[str, Any], bandwidth: bool) -> None:
+    """One line per scenario (correctness) or per rank count (bandwidth)."""
+    head = f"ranks={result['ranks']}"
+    if "error" in result:
+        print(f"{head} FAIL: {result['error']}")
+        return
+    print(f"{head} devices: {', '.join(result['devices'])}")
+    if bandwidth:
+        fields = (
+            "store_GBps",
+            "copy_d2h_GBps",
+            "store_vs_copy",
+            "load_GBps",
+            "copy_h2d_GBps",
+            "load_vs_copy",
+        )
+        lookup = ("lookup_idle_us_p50", "lookup_under_load_us_p50", "lookup_under_load_us_p99")
+        shown = " ".join(f"{k}={result.get(k)}" for k in (*fields, *lookup))
+        print(f"{head} {'ok' if result['ok'] else 'FAIL'} {shown} checks={result['checks']}")
+        return
+    for row in result["results"]:
+        failed = [name for name, ok in row["checks"].items() if not ok]
+        verdict = "pass" if row["ok"] else f"FAIL {failed}"
+        print(
+            f"{head} {result['preset']} {row['scenario']:<10} {row['mode']:<6} {verdict} "
+            f"connector_matched={row['connector_matched']}"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
