@@ -9,7 +9,7 @@ is all-gathered and intersected, and the model gathers every rank's attention he
 (``ProcessGroupRanks`` in the replay). Preset ``lmcache``: an in-process engine per rank process;
 ``lmcache-mp``: every rank process talks to one cache server this script starts.
 
-Correctness (outputs, logits included, bit-equal to a TP=1 run with no connector; a connector
+Correctness (outputs, logits included, bit-equal to the same ranks with no connector; a connector
 hit where the scenario expects one; no pin or reservation left)::
 
     python benchmarks/multi_rank.py --ranks 2 --preset lmcache-mp --device cpu \\
@@ -246,15 +246,19 @@ class Scenario:
     def same_as_reference(
         self, name: str, got: GenerationResult, model: ModelConfig, tokens: list[int], n: int
     ) -> None:
-        """Every rank's output equal to rank 0's, and rank 0's to TP=1 with no connector."""
+        """Every rank's output equal to the same ranks' run, on the same devices, with no connector.
+
+        (A run split otherwise, or on another device, may round differently: GEMM kernels promise no
+        bit-equality across shapes.) Every rank runs the reference, in lock step."""
+        key = (model, tuple(tokens), n)
+        if key not in self.references:
+            args = replay_args(None, None, self.mode, self.ranks.size, 4096, None)
+            reference = ReplayExecutor(args, model, device=self.device, ranks=self.ranks)
+            want = reference.generate([tokens], n)[0]
+            self.references[key] = (want.tokens, want.logits.numpy().tobytes())
         mine = (got.tokens, got.logits.numpy().tobytes())
         everyone = self.ranks.gather({self.ranks.rank: mine})
         if self.ranks.hosts_root:
-            key = (model, tuple(tokens), n)
-            if key not in self.references:
-                args = replay_args(None, None, self.mode, 1, 4096, None)
-                want = ReplayExecutor(args, model).generate([tokens], n)[0]
-                self.references[key] = (want.tokens, want.logits.numpy().tobytes())
             self.checks[f"{name}_equal_no_connector"] = all(o == self.references[key] for o in everyone)
 
     def finish(self) -> None:
