@@ -25,6 +25,11 @@ POOL_SHAPE = (64, 2, 2, TPB * 16)
 MODEL = "test/tiny"
 
 
+def server_secret() -> bytes:
+    """The server secret of the test session (tests/conftest.py), for hand-made request frames."""
+    return os.environ["LMCACHE_SERVER_SECRET"].encode()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
