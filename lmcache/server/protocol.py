@@ -462,11 +462,12 @@ class ProtocolError(Exception):
 
 
 def decode_request(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Request:
-    """Decode and validate one request frame, or raise :class:`ProtocolError`."""
+    """Decode and validate one request frame, or raise :class:`ProtocolError` (also for a frame nested
+    too deeply to decode: one short log line each, never a traceback)."""
     if len(frame) <= max_bytes:
         try:
             req: Request = _request_decoder.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError):
             pass  # read it again below, field by field, to say what is wrong
         else:
             if req.v == PROTOCOL_VERSION:
@@ -475,7 +476,12 @@ def decode_request(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Request:
     malformed: Exception | None = None
     try:
         header = _header_decoder.decode(frame)  # skips the values of other fields: cheap even when big
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:  # ValueError: bad UTF-8
+    except (
+        msgspec.DecodeError,
+        msgspec.ValidationError,
+        ValueError,
+        RecursionError,
+    ) as e:  # ValueError: bad UTF-8
         malformed = e
     rid = -1
     if header is not None and isinstance(header.rid, int) and 0 <= header.rid < 1 << 63:
@@ -508,7 +514,7 @@ def decode_request(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Request:
         )
     try:
         return _request_decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as e:
         raise ProtocolError(ErrorCode.INVALID, f"invalid {header.op!r} request: {e}", rid) from None
 
 

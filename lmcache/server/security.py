@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import grp
 import hmac
+import math
 import os
 import pwd
 import secrets
@@ -23,6 +24,7 @@ import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "SECRET_ENV",
@@ -224,3 +226,85 @@ def user_id(name: str) -> int:
 def trusted_owner(uid: int) -> bool:
     """Whether a client trusts a socket (or a server) owned by ``uid``: its own, or root."""
     return uid in (0, os.geteuid())
+
+
+# ---- command line (``python -m lmcache.v1.multiprocess.server``) ---------------------------------
+
+_LIMITS: tuple[tuple[str, str, type, Any, str], ...] = (
+    ("--max-registrations", "max_registrations", int, 256, "registered pools in total"),
+    ("--max-registrations-per-client", "max_registrations_per_client", int, 64,
+     "registered pools per client (a Unix peer's uid, a TCP peer's address)"),
+    ("--max-connections", "max_connections", int, 256,
+     "open direct-lane connections (more are closed; clients then use ZMQ)"),
+    ("--max-pending-mb", "max_pending_bytes", float, 256.0,
+     "MiB of unfinished request frames all direct connections may announce together"),
+    ("--idle-timeout-s", "idle_timeout_s", float, 300.0,
+     "close a direct connection silent for this long (clients reopen it)"),
+    ("--frame-timeout-s", "frame_timeout_s", float, 30.0,
+     "close a direct connection that sent part of a frame and nothing more for this long"),
+    ("--pin-share", "pin_share", float, 0.25,
+     "largest fraction of L1 the pins of one instance's lookups may hold"),
+)  # fmt: skip
+
+
+def _env_name(flag: str) -> str:
+    return "LMCACHE_SERVER_" + flag.removeprefix("--").replace("-", "_").upper()
+
+
+def add_security_arguments(parser: Any) -> None:
+    """The access and resource-cap flags; each default can also come from ``$LMCACHE_SERVER_<FLAG>``."""
+    group = parser.add_argument_group("access and resource caps (docs/security.md)")
+    group.add_argument(
+        "--secret-file",
+        default=os.environ.get(SECRET_FILE_ENV),
+        help="file holding the secret TCP clients must present, created 0600 at first start "
+        f"[default: ${SECRET_FILE_ENV}, else ~/.lmcache/server_secret; ${SECRET_ENV} overrides both]",
+    )
+    group.add_argument(
+        "--socket-group",
+        default=os.environ.get("LMCACHE_SERVER_SOCKET_GROUP"),
+        help="group given access to the Unix sockets (mode 0660 instead of 0600) "
+        "[default: $LMCACHE_SERVER_SOCKET_GROUP, else none]",
+    )
+    group.add_argument(
+        "--allow-uid",
+        action="append",
+        default=_env_list("LMCACHE_SERVER_ALLOW_UIDS"),
+        help="a user (name or uid) served on the Unix sockets besides the server's own and root; "
+        "repeatable [default: $LMCACHE_SERVER_ALLOW_UIDS, comma-separated]",
+    )
+    group.add_argument(
+        "--allow-group",
+        action="append",
+        default=_env_list("LMCACHE_SERVER_ALLOW_GROUPS"),
+        help="a group whose members are served on the Unix sockets; repeatable "
+        "[default: $LMCACHE_SERVER_ALLOW_GROUPS, comma-separated]",
+    )
+    for flag, key, kind, default, text in _LIMITS:
+        env = _env_name(flag)
+        default = kind(os.environ.get(env, default))
+        group.add_argument(flag, dest=key, type=kind, default=default, help=f"{text} [env: {env}]")
+
+
+def _env_list(name: str) -> list[str]:
+    return [v.strip() for v in os.environ.get(name, "").split(",") if v.strip()]
+
+
+def security_settings(args: Any) -> dict[str, Any]:
+    """``ServerConfig`` keyword arguments from the parsed flags; ValueError names a bad value."""
+    settings: dict[str, Any] = {
+        "secret_file": args.secret_file,
+        "socket_group": args.socket_group or None,
+        "allowed_uids": tuple(user_id(u) for u in args.allow_uid),
+        "allowed_groups": tuple(group_id(g) for g in args.allow_group),
+    }
+    if args.socket_group:
+        group_id(args.socket_group)
+    for flag, key, _, _, _ in _LIMITS:
+        value = getattr(args, key)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{flag} must be a positive number, got {value}")
+        settings[key] = int(value * (1 << 20)) if key == "max_pending_bytes" else value
+    if settings["pin_share"] > 1:
+        raise ValueError(f"--pin-share must be in (0, 1], got {settings['pin_share']}")
+    return settings

@@ -110,7 +110,7 @@ class ServerConfig:
     max_workers: int = 4
     client_timeout_s: float = 30.0
     """Instances silent (no request, no heartbeat) for this long are reaped; 0 disables reaping."""
-    pin_ttl_s: float = 600.0
+    pin_ttl_s: float = 120.0
     """Pins of a lookup no retrieve or release came back for are dropped after this long."""
     max_frame_bytes: int = P.MAX_FRAME_BYTES
     busy_poll_s: float = 0.0
