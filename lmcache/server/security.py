@@ -83,14 +83,17 @@ def _read_private(path: Path) -> bytes:
     return data
 
 
-def load_or_create_secret(path: str | os.PathLike[str] | None = None) -> bytes:
+def load_or_create_secret(path: str | os.PathLike[str] | None = None) -> bytes | None:
     """The server secret: ``$LMCACHE_SERVER_SECRET``, else the secret file (created 0600 in a 0700
-    directory with a random secret if absent). Raises :class:`SecretError`."""
+    directory with a random secret if absent); ``path`` "" means no file (None without the variable).
+    Raises :class:`SecretError`."""
     env = os.environ.get(SECRET_ENV, "").strip()
     if env:
         if len(env) < 16:
             raise SecretError(f"${SECRET_ENV} must be at least 16 characters")
         return env.encode()
+    if path == "":
+        return None
     target = _secret_path(path)
     try:
         return _read_private(target)

@@ -397,7 +397,7 @@ class CacheServer:
 
     def _load_secret(self) -> None:
         """Read (or create) the server secret; refuse a non-loopback bind without one."""
-        if self._secret is None and self.config.secret_file != "":
+        if self._secret is None:
             try:
                 self._secret = load_or_create_secret(self.config.secret_file)
             except SecretError as e:

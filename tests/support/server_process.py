@@ -56,8 +56,16 @@ def shared_pool(seed: int | None = None, shape: tuple[int, ...] = POOL_SHAPE) ->
 class ServerProcess:
     """A cache server subprocess; ``stop()`` kills it if still running."""
 
-    def __init__(self, workdir: Path, port: int | None = None, *extra: str, ipc: bool = True) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *extra: str,
+        ipc: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
+        self.env = env or {}
         self.port = port or free_port()
         self.ipc_path = str(workdir / "s.sock") if ipc else ""
         self.extra = extra
@@ -88,7 +96,9 @@ class ServerProcess:
             *self.extra,
         ]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env())
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(**self.env)
+            )
         if wait:
             self.wait_ready()
         return self
