@@ -17,7 +17,9 @@ Client side, :func:`describe_pool` turns a pool tensor into a :data:`PoolDescrip
 What the server maps is checked against who asks (``docs/security.md``): a CPU pool's file must be
 owned by the registering peer's uid (a TCP peer, which holds the server secret, acts as the
 server's own uid), an ``fd`` must be the registering process's own (its pid from ``SO_PEERCRED``),
-and the file's size is checked again before every copy (:meth:`MappedPool.check`). A CUDA pool's
+and the file's size is checked again before and after every copy (:meth:`MappedPool.check`); the
+mapping is guarded (``lmcache._busguard``) so that a client shrinking the file *during* a copy turns
+the lost pages into zeros instead of killing the server with SIGBUS. A CUDA pool's
 span is checked against the allocation the server actually opened (``cuMemGetAddressRange``),
 never against the client's ``alloc_bytes``. Error messages never name where another process's
 descriptors point.
@@ -50,6 +52,11 @@ from lmcache.server.protocol import CpuShmPool, CudaIpcPool, PoolDescriptor
 from lmcache.server.security import TCP_PEER, Peer
 
 logger = init_logger(__name__)
+
+try:
+    from lmcache import _busguard
+except ImportError:  # not built (no compiler at install): the size check before each copy remains
+    _busguard = None
 
 __all__ = [
     "PoolSharingError",
@@ -275,13 +282,16 @@ def _open_cpu(desc: CpuShmPool, peer: Peer) -> MappedPool:
         raise
     flat = torch.frombuffer(mm, dtype=torch.uint8, count=span, offset=desc.offset_bytes)
     tensor = flat.view(dtype).view(desc.shape)
+    guard = None if _busguard is None else _busguard.guard(flat.data_ptr() - desc.offset_bytes, end)
 
     def check() -> None:
         # The descriptor stays open for this: one per registration, bounded by the registration caps.
-        if os.fstat(fd).st_size < end:
+        if os.fstat(fd).st_size < end or (guard is not None and _busguard.hit(guard)):
             raise PoolSharingError("the pool's shared-memory file was shrunk after registration")
 
     def close() -> None:
+        if guard is not None:
+            _busguard.unguard(guard)
         os.close(fd)
         # BufferError: a view is still referenced somewhere; the mapping goes when it is collected.
         with contextlib.suppress(BufferError):

@@ -1284,12 +1284,17 @@ class CacheServer:
         if isinstance(req, P.Store) and len(np.unique(blocks)) != len(blocks):
             self._refuse("repeated_blocks")
             raise _Fail(P.ErrorCode.INVALID, "block ids repeat: each block of a prompt holds distinct tokens")
+        self._check_pool(inst)
+        return prompt, blocks.tolist()
+
+    def _check_pool(self, inst: _Instance) -> None:
+        """Refuse (and drop) an instance whose shared memory no longer backs its pool."""
         try:
             inst.pool.check()
         except PoolSharingError as e:
+            self._refuse("shrunk_pool")
             self._retire_now(inst, "its shared memory changed under the server")
             raise _Fail(P.ErrorCode.BAD_POOL, f"{e}; register the pool again") from None
-        return prompt, blocks.tolist()
 
     def _store(self, req: P.Store, peer: Peer) -> int:
         with self._use(req.instance_id, req.cap) as inst:
@@ -1307,6 +1312,7 @@ class CacheServer:
                 inst.stream,
             )
             self._copies_done(inst, "store", stored, began)  # the client may reuse the blocks then
+            self._check_pool(inst)  # shrunk during the copy: what it read were zeros
             return stored
 
     def _retrieve(self, req: P.Retrieve, peer: Peer) -> int:
@@ -1327,6 +1333,7 @@ class CacheServer:
                     inst.stream,
                 )
                 self._copies_done(inst, "retrieve", loaded, began)  # the blocks are in place then
+                self._check_pool(inst)
                 return loaded
             finally:
                 if key is not None:  # the blocks are loaded (or the load failed): the pins may go

@@ -465,3 +465,48 @@ def test_a_single_user_needs_no_configuration(start_server, workdir: Path, monke
             assert client.store(list(range(64)), list(range(8)), 0, 64) in (0, 64)
             assert client.lookup(list(range(64))) == 64
             assert client.stats().instances
+
+
+_SHRINK_DURING_A_COPY = """
+import os, threading, torch
+from support.server_process import MODEL, TPB
+from lmcache.config import LMCacheEngineConfig
+from lmcache.engine import CacheEngine
+from lmcache.server.client import BadPool, CacheServerClient
+from lmcache.server.pool_sharing import share_cpu_pool
+from lmcache.server.server import CacheServer, ServerConfig
+
+engine = CacheEngine(LMCacheEngineConfig.from_defaults(chunk_size=32, max_local_cpu_size=0.05), pinned=False)
+server = CacheServer(engine, ServerConfig(port=0, ipc_path=None))
+server.start()
+threading.Thread(target=server.serve_forever, daemon=True).start()
+pool = torch.ones(64, 2, 2, TPB * 16)
+pool.share_memory_()
+desc = share_cpu_pool(pool)
+real_store = engine.store
+
+def store(*args, **kwargs):
+    os.ftruncate(desc.fd, 0)  # after the server's size check, before its copy
+    return real_store(*args, **kwargs)
+
+engine.store = store
+client = CacheServerClient(f"tcp://127.0.0.1:{server.tcp_port}", timeout_s=20.0)
+client.register(desc, 0, 1, MODEL, TPB)
+try:
+    client.store(list(range(64)), list(range(8)), 0, 64)
+except BadPool as e:
+    print("refused:", e.message)
+print("alive:", client.ping().server_id == server.server_id)
+"""
+
+
+def test_a_file_shrunk_during_a_copy_does_not_crash_the_server() -> None:
+    """The window between the size check and the copy: the SIGBUS guard turns the lost pages into zeros
+    and the copy is refused after the fact (run in a child: without the guard it dies of SIGBUS)."""
+    pytest.importorskip("lmcache._busguard", reason="the C extension is not built (setup.py build_ext)")
+    out = subprocess.run(
+        [sys.executable, "-c", _SHRINK_DURING_A_COPY], env=subprocess_env(), capture_output=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr.decode(errors="replace")[-2000:]
+    assert b"refused: the pool's shared-memory file was shrunk" in out.stdout
+    assert b"alive: True" in out.stdout
