@@ -62,6 +62,7 @@ from lmcache.engine import CacheEngine, KeySpace
 from lmcache.keys import ChunkHashes
 from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
+from lmcache.rate_limit import RateLimitedLog
 from lmcache.server import protocol as P
 from lmcache.server.pool_sharing import MappedPool, PoolSharingError, open_pool
 from lmcache.server.security import (
@@ -298,6 +299,8 @@ class CacheServer:
         self._pending_bytes = 0
         """Bytes of unfinished frames the direct connections announced (I/O thread only)."""
         self._next_expiry = 0.0
+        self._warn = RateLimitedLog(logger)
+        """Warnings a hostile client can trigger at will: at most one per topic and minute."""
         self._reaper: threading.Thread | None = None
         self._closed = False
         self._io_thread: int | None = None
@@ -727,13 +730,14 @@ class CacheServer:
                 return
             if len(self._direct) >= self.config.max_connections:
                 self._refuse("connections")
-                logger.warning("closing a direct connection: %d open (--max-connections)", len(self._direct))
+                n = len(self._direct)
+                self._warn.warning("connections", "closing direct connections: %d open, --max-connections", n)
                 sock.close()
                 continue
             peer = peer_of_socket(sock)
             if sock.family == socket.AF_UNIX and not self._policy.allows(peer):
                 self._refuse("unauthorized")
-                logger.warning("closing a direct connection of uid %s: not allowed", peer.uid)
+                self._warn.warning("peer", "closing a direct connection of uid %s: not allowed", peer.uid)
                 sock.close()
                 continue
             sock.setblocking(False)
@@ -772,7 +776,7 @@ class CacheServer:
             (size,) = P.DIRECT_HEADER.unpack_from(inbox)
             if size > self._frame_cap:
                 self._refuse("frame_bytes")
-                logger.warning("dropping a direct connection that announced a frame of %d bytes", size)
+                self._warn.warning("frame", "dropping a direct connection that announced %d bytes", size)
                 self._drop_direct(conn)
                 return False
             if len(inbox) < header + size:
