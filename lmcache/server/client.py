@@ -300,9 +300,13 @@ class CacheServerClient:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.url = normalize_url(url)
         self._ipc_path = self.url[len("ipc://") :] if self.url.startswith("ipc://") else None
-        self._secret: bytes | None = None
-        if self.url.startswith("tcp://"):  # never handed to a Unix socket, whose owner is checked instead
-            self._secret = secret.encode() if isinstance(secret, str) else secret or client_secret()
+        # Never handed to a Unix socket, whose owner is checked instead. Found by itself (not given),
+        # it is read again while missing (the server creates it at first start) and after a refusal.
+        self._tcp = self.url.startswith("tcp://")
+        self._find_secret = secret is None
+        self._secret: bytes | None = secret.encode() if isinstance(secret, str) else secret
+        if self._tcp and self._find_secret:
+            self._secret = client_secret()
         self.timeout_s = timeout_s
         self.heartbeat_interval_s = heartbeat_interval_s
         self.fail_fast = fail_fast
@@ -619,6 +623,11 @@ class CacheServerClient:
     ) -> T:
         try:
             return self._call_once(req, result_type, timeout_s, deadline)
+        except Unauthorized:
+            if not (self._tcp and self._find_secret) or client_secret() in (None, self._secret):
+                raise
+            self._secret = client_secret()  # the server's secret changed (a new file, after a restart)
+            return self._call(req, result_type, timeout_s, retry_unknown=retry_unknown, deadline=deadline)
         except UnknownInstance:
             iid = getattr(req, "instance_id", None)
             if not retry_unknown or iid is None or iid not in self._registrations:
@@ -643,6 +652,8 @@ class CacheServerClient:
 
     def _stamp(self, req: Any) -> None:
         """Put the credentials in ``req``: the server secret (TCP), the named instances' capabilities."""
+        if self._tcp and self._secret is None and self._find_secret:
+            self._secret = client_secret()
         req.auth = self._secret
         if isinstance(req, P.Heartbeat):
             req.caps = [self._cap(iid) for iid in req.instance_ids]

@@ -25,9 +25,11 @@ from support.server_process import (
     CHUNK,
     MODEL,
     TPB,
+    free_port,
     server_secret,
     shared_pool,
     subprocess_env,
+    wait_until,
 )
 
 from lmcache.config import LMCacheEngineConfig
@@ -98,6 +100,14 @@ def make_server() -> Iterator:
 
 def _url(server: CacheServer) -> str:
     return f"tcp://127.0.0.1:{server.tcp_port}"
+
+
+def _port_closed(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 # ---- who may connect ------------------------------------------------------------------------------
@@ -510,3 +520,26 @@ def test_a_file_shrunk_during_a_copy_does_not_crash_the_server() -> None:
     assert out.returncode == 0, out.stderr.decode(errors="replace")[-2000:]
     assert b"refused: the pool's shared-memory file was shrunk" in out.stdout
     assert b"alive: True" in out.stdout
+
+
+def test_a_client_started_first_finds_the_secret_and_follows_a_new_one(
+    make_server, tmp_path: Path, monkeypatch
+) -> None:
+    """TRT-LLM may start before the server creates its secret, and the server may come back with a
+    new one: the client reads the file again while it has none, and once after a refusal."""
+    monkeypatch.delenv(SECRET_ENV)
+    secret_file = tmp_path / "secret"
+    monkeypatch.setenv(SECRET_FILE_ENV, str(secret_file))
+    port = free_port()
+    with CacheServerClient(f"tcp://127.0.0.1:{port}", timeout_s=20.0, fail_fast=False) as client:
+        first = make_server(port=port)
+        assert secret_file.exists()
+        client.register(shared_pool(seed=9), 0, 1, MODEL, TPB)
+        assert client.store(list(range(64)), list(range(8)), 0, 64) == 64
+        first.stop()
+        wait_until(lambda: _port_closed(port), "the first server to stop")
+        secret_file.unlink()
+        second = make_server(port=port)  # a new secret file, a new secret
+        assert secret_file.exists()
+        assert client.lookup(list(range(64))) == 0  # re-read the secret, re-registered, a new cache
+        assert client.stats().server_id == second.server_id
