@@ -18,6 +18,7 @@ import hmac
 import math
 import os
 import pwd
+import re
 import secrets
 import socket
 import stat
@@ -160,13 +161,17 @@ def peer_of_socket(sock: socket.socket) -> Peer:
     return Peer(uid, gid, pid)
 
 
+_ZMQ_UNIX_PEER = re.compile(r"^localhost:(\d+):(\d+):(\d+)$")
+
+
 def peer_of_zmq(address: str | None) -> Peer:
-    """A ZMQ frame's ``Peer-Address``: ``host:uid:gid:pid`` on ipc (libzmq reads ``SO_PEERCRED``),
-    an IP address on TCP. Anything else is a TCP peer (it must then present the secret)."""
-    if address:
-        parts = address.rsplit(":", 3)
-        if len(parts) == 4 and all(p.isdigit() for p in parts[1:]) and "." not in parts[0]:
-            return Peer(int(parts[1]), int(parts[2]), int(parts[3]))
+    """A ZMQ frame's ``Peer-Address``: ``localhost:uid:gid:pid`` on ipc (libzmq appends the
+    ``SO_PEERCRED`` of the connection to the host name it gets for a Unix socket), a numeric IP
+    address on TCP (an IPv6 one may end in ``:0:0:N``, hence the exact host). Anything else is a TCP
+    peer: it must present the secret."""
+    match = _ZMQ_UNIX_PEER.match(address or "")
+    if match is not None:
+        return Peer(int(match.group(1)), int(match.group(2)), int(match.group(3)))
     return Peer(address=address or "")
 
 

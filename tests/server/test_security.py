@@ -52,6 +52,7 @@ from lmcache.server.security import (
     SecretError,
     client_secret,
     load_or_create_secret,
+    peer_of_zmq,
 )
 from lmcache.server.server import CacheServer, ServerConfig, ServerStartError
 
@@ -543,3 +544,19 @@ def test_a_client_started_first_finds_the_secret_and_follows_a_new_one(
         assert secret_file.exists()
         assert client.lookup(list(range(64))) == 0  # re-read the secret, re-registered, a new cache
         assert client.stats().server_id == second.server_id
+
+
+@pytest.mark.parametrize(
+    "address, uid",
+    [
+        ("localhost:1000:1000:4242", 1000),
+        ("localhost:0:0:1", 0),
+        ("127.0.0.1", None),
+        ("2001::1:2:0:0:5", None),  # an IPv6 peer whose address ends like credentials: still TCP
+        ("fe80::0:0:7", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_zmq_peer_credentials_are_read_only_from_unix_peers(address: str | None, uid: int | None) -> None:
+    assert peer_of_zmq(address).uid == uid
