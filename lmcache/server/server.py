@@ -421,9 +421,13 @@ class CacheServer:
             os.umask(old)
 
     def _created(self, path: str) -> None:
-        if self.config.socket_group:
-            os.chown(path, -1, group_id(self.config.socket_group))
-        os.chmod(path, 0o660 if self.config.socket_group else 0o600)
+        try:
+            if self.config.socket_group:
+                os.chown(path, -1, group_id(self.config.socket_group))
+            os.chmod(path, 0o660 if self.config.socket_group else 0o600)
+        except (OSError, ValueError) as e:
+            os.unlink(path)
+            raise ServerStartError(f"cannot give {path} to group {self.config.socket_group}: {e}") from None
         st = os.stat(path)
         self._unix_sockets.append((path, (st.st_dev, st.st_ino)))
 
