@@ -326,6 +326,14 @@ class EngineCollector(Collector):
             "Clients dropped after going silent past --client-timeout-s.",
             info.reaped_instances,
         )
+        refused = CounterMetricFamily(
+            "lmcache_server_refusals",
+            "Requests refused by an access check or a resource cap (docs/security.md), by reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(info.refusals.items()):
+            refused.add_metric([reason], count)
+        yield refused
 
 
 def make_registry(engine: Any, server: Any = None) -> CollectorRegistry:

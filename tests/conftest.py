@@ -1,6 +1,7 @@
 """Fixtures shared by every test folder."""
 
 import os
+import secrets
 
 import pytest
 from support.e2e import lmcache_env  # noqa: F401  (a fixture)
@@ -11,5 +12,10 @@ from support.presets import preset  # noqa: F401  (a fixture: each test runs und
 def _no_outside_lmcache_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test starts without the caller's LMCACHE_* variables: an exported config or
     LMCACHE_CONFIG_FILE would change what the engine, the server and their subprocesses load."""
-    for key in [k for k in os.environ if k.startswith("LMCACHE_")]:
+    for key in [k for k in os.environ if k.startswith("LMCACHE_") and k != "LMCACHE_SERVER_SECRET"]:
         monkeypatch.delenv(key)
+
+
+# Every server and client of the test session (subprocesses inherit it) shares one server secret, so
+# no test writes ~/.lmcache/server_secret; tests of the secret file clear it.
+os.environ.setdefault("LMCACHE_SERVER_SECRET", secrets.token_hex(32))

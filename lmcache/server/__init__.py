@@ -5,6 +5,7 @@
 * :mod:`lmcache.server.client` - :class:`CacheServerClient`
 * :mod:`lmcache.server.protocol` - versioned msgspec messages
 * :mod:`lmcache.server.pool_sharing` - CPU shared memory and :class:`RawCudaIPCWrapper`
+* :mod:`lmcache.server.security` - peer credentials and the server secret (``docs/security.md``)
 
 Imports are lazy so ``import lmcache.server`` stays cheap.
 """

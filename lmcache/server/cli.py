@@ -19,6 +19,7 @@ from typing import Any
 from lmcache import __version__
 from lmcache.config import CACHE_POLICIES, LMCacheEngineConfig, check_host_resources, load_engine_config
 from lmcache.logging import ROOT_LOGGER_NAME, configure_from_env, init_logger, parse_level
+from lmcache.server.security import add_security_arguments, security_settings
 
 logger = init_logger(__name__)
 
@@ -117,8 +118,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--pin-ttl-s",
         type=float,
-        default=600.0,
-        help="drop a lookup's pins if no retrieve or release came for them within this many seconds",
+        default=os.environ.get("LMCACHE_SERVER_PIN_TTL_S", "120"),
+        help="drop a lookup's pins if no retrieve or release came for them within this many seconds "
+        "(the default can also come from $LMCACHE_SERVER_PIN_TTL_S)",
     )
     parser.add_argument(
         "--max-frame-mb", type=float, default=64.0, help="largest request frame accepted, MiB"
@@ -142,6 +144,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="address of the /metrics and /health endpoint (0.0.0.0: all interfaces)",
     )
+    add_security_arguments(parser)
     parser.add_argument(
         "--stats",
         metavar="URL",
@@ -273,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         return print_stats(args.stats)
     try:
         config = engine_config_from_args(args)
+        security = security_settings(args)
     except (ValueError, OSError) as e:
         parser.error(str(e))
     logger.info("effective config (flags over %s): %s", _config_source(args), config.describe())
@@ -301,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             max_frame_bytes=int(args.max_frame_mb * (1 << 20)),
             direct_port=None if args.direct_port < 0 else args.direct_port,
             busy_poll_s=args.busy_poll_us / 1e6,
+            **security,
         ),
     )
     logger.info(

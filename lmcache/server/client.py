@@ -44,6 +44,12 @@ Failure behaviour:
 * Every ``heartbeat_interval_s`` the client sends a heartbeat for its instances, so an idle but
   alive client is never reaped.
 
+Credentials (``docs/security.md``), all carried by the client itself: over TCP every request
+carries the server secret (``secret``, else ``$LMCACHE_SERVER_SECRET``, else the secret file the
+server created for this user); every request naming an instance carries the capability its
+registration returned. Over ``ipc://`` the client refuses a socket owned by another user than
+itself or root, and replies or direct connections from a process of such a user.
+
 CUDA pools: the caller must have finished writing the blocks before ``store`` (e.g. synchronize
 the forward pass's stream); ``retrieve`` returns after the server's copies into the pool have
 completed (see :mod:`lmcache.server.server`).
@@ -71,6 +77,7 @@ from zmq.utils.monitor import recv_monitor_message
 from lmcache.keys import HASH_ALGORITHMS, TokenHasher
 from lmcache.logging import init_logger
 from lmcache.server import protocol as P
+from lmcache.server.security import client_secret, peer_of_socket, peer_of_zmq, trusted_owner
 
 if TYPE_CHECKING:  # torch and pool sharing load on first register: `lmcache stats` never imports torch
     import torch
@@ -89,6 +96,8 @@ __all__ = [
     "VersionMismatch",
     "BadPool",
     "InvalidRequest",
+    "LimitExceeded",
+    "Unauthorized",
     "new_instance_id",
     "normalize_url",
 ]
@@ -213,11 +222,21 @@ class InvalidRequest(ServerError):
     pass
 
 
+class Unauthorized(ServerError):
+    """The server refused the client's credentials (secret, uid, or an instance's capability)."""
+
+
+class LimitExceeded(ServerError):
+    """A resource cap of the server refused the request; the message names the cap."""
+
+
 _ERRORS: dict[str, type[ServerError]] = {
     P.ErrorCode.UNKNOWN_INSTANCE.value: UnknownInstance,
     P.ErrorCode.VERSION_MISMATCH.value: VersionMismatch,
     P.ErrorCode.BAD_POOL.value: BadPool,
     P.ErrorCode.INVALID.value: InvalidRequest,
+    P.ErrorCode.UNAUTHORIZED.value: Unauthorized,
+    P.ErrorCode.LIMIT.value: LimitExceeded,
 }
 
 
@@ -286,10 +305,21 @@ class CacheServerClient:
         heartbeat_interval_s: float = 1.0,
         fail_fast: bool = True,
         context: zmq.Context | None = None,
+        secret: bytes | str | None = None,
     ) -> None:
+        """``secret``: the server secret for TCP (default: ``$LMCACHE_SERVER_SECRET``, else this user's
+        secret file, see :mod:`lmcache.server.security`)."""
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.url = normalize_url(url)
+        self._ipc_path = self.url[len("ipc://") :] if self.url.startswith("ipc://") else None
+        # Never handed to a Unix socket, whose owner is checked instead. Found by itself (not given),
+        # it is read again while missing (the server creates it at first start) and after a refusal.
+        self._tcp = self.url.startswith("tcp://")
+        self._find_secret = secret is None
+        self._secret: bytes | None = secret.encode() if isinstance(secret, str) else secret
+        if self._tcp and self._find_secret:
+            self._secret = client_secret()
         self.timeout_s = timeout_s
         self.heartbeat_interval_s = heartbeat_interval_s
         self.fail_fast = fail_fast
@@ -358,6 +388,7 @@ class CacheServerClient:
 
         desc = describe_pool(pool)
         iid = new_instance_id() if instance_id is None else instance_id
+        self._check_ipc_owner()
         req = P.Register(
             instance_id=iid,
             rank=rank,
@@ -384,11 +415,12 @@ class CacheServerClient:
 
     def unregister(self, instance_id: int | None = None, *, timeout_s: float | None = None) -> bool:
         iid = self._iid(instance_id)
+        req = P.Unregister(instance_id=iid, cap=self._cap(iid) or None)
         with self._reg_lock:
             self._registrations.pop(iid, None)
             if self.instance_id == iid:
                 self.instance_id = next(iter(self._registrations), None)
-        return self._call(P.Unregister(instance_id=iid), bool, timeout_s, retry_unknown=False)
+        return self._call(req, bool, timeout_s, retry_unknown=False)
 
     def lookup(
         self,
@@ -607,6 +639,11 @@ class CacheServerClient:
     ) -> T:
         try:
             return self._call_once(req, result_type, timeout_s, deadline)
+        except Unauthorized:
+            if not (self._tcp and self._find_secret) or client_secret() in (None, self._secret):
+                raise
+            self._secret = client_secret()  # the server's secret changed (a new file, after a restart)
+            return self._call(req, result_type, timeout_s, retry_unknown=retry_unknown, deadline=deadline)
         except UnknownInstance:
             iid = getattr(req, "instance_id", None)
             if not retry_unknown or iid is None or iid not in self._registrations:
@@ -614,7 +651,37 @@ class CacheServerClient:
             self._reregister(iid, timeout_s)
             return self._call_once(req, result_type, timeout_s, deadline)
 
+    def _check_ipc_owner(self) -> None:
+        """Before a pool descriptor goes out: refuse an ipc socket another user owns (an impostor
+        that took the path first would be handed the pool)."""
+        if self._ipc_path is None:
+            return
+        try:
+            owner = os.stat(self._ipc_path).st_uid
+        except OSError:
+            return  # not there (yet): the call fails as unreachable
+        if not trusted_owner(owner):
+            raise ServerUnavailable(
+                f"the socket {self._ipc_path} belongs to uid {owner}, not to this user or root: refusing to "
+                "hand it the KV pool; stop whatever made it, or use another --ipc-path / server_url"
+            )
+
+    def _stamp(self, req: Any) -> None:
+        """Put the credentials in ``req``: the server secret (TCP), the named instances' capabilities."""
+        if self._tcp and self._secret is None and self._find_secret:
+            self._secret = client_secret()
+        req.auth = self._secret
+        if isinstance(req, P.Heartbeat):
+            req.caps = [self._cap(iid) for iid in req.instance_ids]
+        elif hasattr(req, "cap"):  # the current one: a retry after re-registering has a new one
+            req.cap = self._cap(req.instance_id) or req.cap
+
+    def _cap(self, iid: int) -> bytes:
+        reg = self._registrations.get(iid)
+        return reg.info.cap if reg is not None and reg.info is not None else b""
+
     def _reregister(self, iid: int, timeout_s: float | None) -> None:
+        self._check_ipc_owner()
         with self._reg_lock:
             reg = self._registrations.get(iid)
             if reg is None:
@@ -648,6 +715,7 @@ class CacheServerClient:
                 )
         rid = next(self._rids)
         req.rid = rid
+        self._stamp(req)
         if deadline:
             req.timeout_ms = max(1, int(timeout * 1000))
         frame = P.encode(req)
@@ -813,6 +881,9 @@ class CacheServerClient:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.settimeout(wait)
                 sock.connect(address)
+                uid = peer_of_socket(sock).uid
+                if uid is None or not trusted_owner(uid):
+                    raise ConnectionError(f"the direct lane is served by uid {uid}, not this user or root")
             else:
                 sock = socket.create_connection(address, wait)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -966,11 +1037,16 @@ class CacheServerClient:
     def _receive(self, sock: zmq.Socket) -> None:
         while True:
             try:
-                frame = sock.recv(zmq.NOBLOCK)
+                msg = sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            if self._ipc_path is not None:
+                uid = peer_of_zmq(msg.get("Peer-Address")).uid
+                if uid is not None and not trusted_owner(uid):
+                    logger.error("ignoring a reply on %s from uid %d (not this user or root)", self.url, uid)
+                    continue
             try:
-                reply = P.decode_reply(frame)
+                reply = P.decode_reply(msg.bytes)
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
                 logger.warning("undecodable reply from the cache server at %s: %s", self.url, e)
                 continue

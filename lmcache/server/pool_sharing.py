@@ -14,6 +14,16 @@ Client side, :func:`describe_pool` turns a pool tensor into a :data:`PoolDescrip
   ``cudaIpcGetMemHandle`` and sends the tensor's offset in the allocation, its shape, dtype and
   the GPU's UUID (not its ordinal, which depends on ``CUDA_VISIBLE_DEVICES``).
 
+What the server maps is checked against who asks (``docs/security.md``): a CPU pool's file must be
+owned by the registering peer's uid (a TCP peer, which holds the server secret, acts as the
+server's own uid), an ``fd`` must be the registering process's own (its pid from ``SO_PEERCRED``),
+and the file's size is checked again before and after every copy (:meth:`MappedPool.check`); the
+mapping is guarded (``lmcache._busguard``) so that a client shrinking the file *during* a copy turns
+the lost pages into zeros instead of killing the server with SIGBUS. A CUDA pool's
+span is checked against the allocation the server actually opened (``cuMemGetAddressRange``),
+never against the client's ``alloc_bytes``. Error messages never name where another process's
+descriptors point.
+
 Server side, :func:`open_pool` maps a descriptor and returns a :class:`MappedPool` whose
 ``tensor`` aliases the client's pool; ``close()`` unmaps it (``cudaIpcCloseMemHandle`` for CUDA,
 once per allocation: opens are reference-counted per process because the driver maps an
@@ -39,8 +49,14 @@ import torch
 
 from lmcache.logging import init_logger
 from lmcache.server.protocol import CpuShmPool, CudaIpcPool, PoolDescriptor
+from lmcache.server.security import TCP_PEER, Peer
 
 logger = init_logger(__name__)
+
+try:
+    from lmcache import _busguard
+except ImportError:  # not built (no compiler at install): the size check before each copy remains
+    _busguard = None
 
 __all__ = [
     "PoolSharingError",
@@ -115,6 +131,13 @@ class MappedPool:
     descriptor: PoolDescriptor
     _closer: Any = field(default=None, repr=False)
     closed: bool = False
+    _checker: Any = field(default=None, repr=False)
+
+    def check(self) -> None:
+        """Raise :class:`PoolSharingError` if the memory no longer backs the whole pool (a client shrank
+        its shared-memory file: touching the lost pages would kill the server with SIGBUS)."""
+        if self._checker is not None and not self.closed:
+            self._checker()
 
     @property
     def kind(self) -> str:
@@ -126,6 +149,7 @@ class MappedPool:
             return
         self.closed = True
         self.tensor = torch.empty(0)
+        self._checker = None
         if self._closer is not None:
             closer, self._closer = self._closer, None
             closer()
@@ -189,60 +213,91 @@ def share_cpu_pool(pool: torch.Tensor) -> CpuShmPool:
     )
 
 
-def _open_cpu(desc: CpuShmPool) -> MappedPool:
+_NOT_YOURS = (
+    "the named shared memory cannot be used: it must be a shared-memory file of the registering "
+    "process, owned by its user, alive, on this host and in this PID namespace"
+)
+"""One message for every refusal of a named file, so nothing is learnt about other processes' files."""
+
+
+def _open_shm(desc: CpuShmPool, peer: Peer) -> int:
+    """Open the file ``desc`` names, as ``peer`` could itself; raises :class:`PoolSharingError`."""
+    if desc.fd is not None:
+        if desc.pid <= 0 or (peer.pid is not None and desc.pid != peer.pid):
+            raise PoolSharingError(f"{_NOT_YOURS} (the descriptor's pid is not the caller's)")
+        path = f"/proc/{desc.pid}/fd/{desc.fd}"
+        try:
+            target = os.readlink(path)
+        except OSError:
+            raise PoolSharingError(
+                f"{_NOT_YOURS}; or use torch.multiprocessing.set_sharing_strategy('file_system') before "
+                "share_memory_()"
+            ) from None
+        if not target.startswith(_SHM_PREFIXES):
+            raise PoolSharingError(_NOT_YOURS)
+        flags = os.O_RDWR | os.O_CLOEXEC
+    else:
+        assert desc.shm_name is not None
+        path = "/dev/shm/" + desc.shm_name.lstrip("/")
+        flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        raise PoolSharingError(_NOT_YOURS) from None
+    try:
+        st = os.fstat(fd)
+        owner = peer.uid if peer.uid is not None else os.geteuid()  # TCP: holds the server's secret
+        if (
+            not stat.S_ISREG(st.st_mode)
+            or st.st_uid != owner
+            or st.st_mode & 0o600 != 0o600
+            or (st.st_dev, st.st_ino) != (desc.file_dev, desc.file_inode)
+        ):
+            raise PoolSharingError(_NOT_YOURS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_cpu(desc: CpuShmPool, peer: Peer) -> MappedPool:
     span = _span_bytes(desc)
     dtype = dtype_from_name(desc.dtype)
     if (desc.fd is None) == (desc.shm_name is None):
         raise PoolSharingError("a cpu_shm pool descriptor needs exactly one of fd and shm_name")
-    if desc.fd is not None:
-        if desc.pid <= 0:
-            raise PoolSharingError("a cpu_shm pool descriptor with fd needs the owner's pid")
-        path = f"/proc/{desc.pid}/fd/{desc.fd}"
-        try:
-            target = os.readlink(path)
-        except OSError as e:
-            raise PoolSharingError(
-                f"cannot open the client's shared pool at {path} ({e.strerror}); the client process must "
-                "be alive, on this host and in this PID namespace (or use "
-                "torch.multiprocessing.set_sharing_strategy('file_system') before share_memory_())"
-            ) from None
-        if not target.startswith(_SHM_PREFIXES):
-            raise PoolSharingError(f"{path} points at {target!r}, which is not shared memory")
-    else:
-        assert desc.shm_name is not None
-        path = "/dev/shm/" + desc.shm_name.lstrip("/")
+    fd = _open_shm(desc, peer)
+    end = desc.offset_bytes + span
     try:
-        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise PoolSharingError(f"cannot open the client's shared pool at {path}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise PoolSharingError(f"{path} is not a shared-memory file")
-        if (st.st_dev, st.st_ino) != (desc.file_dev, desc.file_inode):
+        size = os.fstat(fd).st_size
+        if end > size:
             raise PoolSharingError(
-                f"{path} is not the client's shared-memory file (another file has that name here): client "
-                "and server must run on the same host, in the same PID namespace"
+                f"pool of {span} bytes at offset {desc.offset_bytes} does not fit its {size}-byte "
+                "shared-memory file"
             )
-        if desc.offset_bytes + span > st.st_size:
-            raise PoolSharingError(
-                f"pool of {span} bytes at offset {desc.offset_bytes} does not fit the {st.st_size}-byte "
-                f"shared-memory file {path}"
-            )
-        mm = mmap.mmap(fd, desc.offset_bytes + span, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    except OSError as e:
-        raise PoolSharingError(f"cannot map the client's shared pool at {path}: {e}") from None
-    finally:
+        mm = mmap.mmap(fd, end, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException as e:
         os.close(fd)
+        if isinstance(e, OSError):
+            raise PoolSharingError(f"cannot map the client's shared pool: {e.strerror}") from None
+        raise
     flat = torch.frombuffer(mm, dtype=torch.uint8, count=span, offset=desc.offset_bytes)
     tensor = flat.view(dtype).view(desc.shape)
+    guard = None if _busguard is None else _busguard.guard(flat.data_ptr() - desc.offset_bytes, end)
+
+    def check() -> None:
+        # The descriptor stays open for this: one per registration, bounded by the registration caps.
+        if os.fstat(fd).st_size < end or (guard is not None and _busguard.hit(guard)):
+            raise PoolSharingError("the pool's shared-memory file was shrunk after registration")
 
     def close() -> None:
+        if guard is not None:
+            _busguard.unguard(guard)
+        os.close(fd)
         # BufferError: a view is still referenced somewhere; the mapping goes when it is collected.
         with contextlib.suppress(BufferError):
             mm.close()
 
-    return MappedPool(tensor, desc, close)
+    return MappedPool(tensor, desc, close, _checker=check)
 
 
 # ---- CUDA: the driver API, through whichever bindings are installed ----------------------------
@@ -435,6 +490,8 @@ class _Opened:
     ptr: int
     ordinal: int
     refs: int
+    size: int
+    """Bytes of the allocation from ``ptr`` on, as the driver reports them (not as the client says)."""
 
 
 _opened: dict[tuple[str, bytes], _Opened] = {}
@@ -499,37 +556,43 @@ class RawCudaIPCWrapper:
         return self.descriptor
 
     @staticmethod
-    def open(desc: CudaIpcPool) -> MappedPool:
+    def open(desc: CudaIpcPool, api: Any = None) -> MappedPool:
+        """Map ``desc`` (``api``: the CUDA binding, default :func:`cuda_api`)."""
         span = _span_bytes(desc)
-        if desc.offset_bytes + span > desc.alloc_bytes:
-            raise PoolSharingError(
-                f"pool of {span} bytes at offset {desc.offset_bytes} exceeds its {desc.alloc_bytes}-byte "
-                "CUDA allocation"
-            )
         dtype = dtype_from_name(desc.dtype)
-        api = cuda_api()
+        api = api or cuda_api()
         key = (desc.device_uuid, bytes(desc.ipc_handle))
         with _opened_lock:
             entry = _opened.get(key)
             if entry is None:
                 ordinal = _ordinal_of(api, desc.device_uuid)
                 api.set_device(ordinal)
-                torch.cuda.set_device(ordinal)
                 ptr = api.ipc_open(bytes(desc.ipc_handle))
-                entry = _Opened(ptr, ordinal, 0)
+                try:
+                    base, size = api.address_range(ptr)
+                except PoolSharingError:
+                    api.ipc_close(ptr)
+                    raise
+                entry = _Opened(ptr, ordinal, 0, base + size - ptr)
                 _opened[key] = entry
             entry.refs += 1
         try:
+            if desc.offset_bytes + span > entry.size:
+                raise PoolSharingError(
+                    f"pool of {span} bytes at offset {desc.offset_bytes} exceeds the CUDA allocation its "
+                    f"handle opens ({entry.size} bytes)"
+                )
+            torch.cuda.set_device(entry.ordinal)
             device = torch.device("cuda", entry.ordinal)
             raw = torch.as_tensor(CudaArray(entry.ptr + desc.offset_bytes, span), device=device)
             tensor = raw.view(dtype).view(desc.shape)
         except BaseException:
-            _release_cuda(key)
+            _release_cuda(key, api)
             raise
-        return MappedPool(tensor, desc, lambda: _release_cuda(key))
+        return MappedPool(tensor, desc, lambda: _release_cuda(key, api))
 
 
-def _release_cuda(key: tuple[str, bytes]) -> None:
+def _release_cuda(key: tuple[str, bytes], api: Any) -> None:
     with _opened_lock:
         entry = _opened.get(key)
         if entry is None:
@@ -538,7 +601,6 @@ def _release_cuda(key: tuple[str, bytes]) -> None:
         if entry.refs > 0:
             return
         del _opened[key]
-        api = cuda_api()
         api.set_device(entry.ordinal)
         try:
             api.ipc_close(entry.ptr)
@@ -562,10 +624,10 @@ def describe_pool(pool: torch.Tensor | PoolDescriptor | RawCudaIPCWrapper) -> Po
     return share_cpu_pool(pool)
 
 
-def open_pool(desc: PoolDescriptor) -> MappedPool:
-    """Map a client's pool into this process (server side)."""
+def open_pool(desc: PoolDescriptor, peer: Peer = TCP_PEER) -> MappedPool:
+    """Map a client's pool into this process (server side), as far as ``peer`` may name it."""
     if isinstance(desc, CpuShmPool):
-        return _open_cpu(desc)
+        return _open_cpu(desc, peer)
     if isinstance(desc, CudaIpcPool):
         return RawCudaIPCWrapper.open(desc)
     raise PoolSharingError(f"unknown pool descriptor {type(desc).__name__}")

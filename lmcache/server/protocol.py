@@ -15,7 +15,10 @@ msgpack-encoded msgspec struct:
   an :class:`ErrorInfo` (``code`` from :class:`ErrorCode`, and a message saying what was wrong
   and what to do).
 
-``v`` is checked on every message, in both directions. Pool descriptors
+``v`` is checked on every message, in both directions. Credentials (see ``docs/security.md``): a
+request over TCP carries the server secret in ``auth`` (Unix-socket peers are known by their
+``SO_PEERCRED`` instead); every request naming an instance carries the instance's ``cap``, the
+unguessable capability its ``register`` returned (:attr:`RegisterInfo.cap`). Pool descriptors
 (:data:`PoolDescriptor`, tag field ``kind``) name the memory a client shares with the server;
 see :mod:`lmcache.server.pool_sharing`.
 
@@ -84,7 +87,7 @@ __all__ = [
     "tokens_to_bytes",
 ]
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 """Bumped on any incompatible change; client and server must agree exactly."""
 
 MAX_FRAME_BYTES = 64 << 20
@@ -116,6 +119,8 @@ Salt = Annotated[str, Meta(max_length=MAX_SALT)] | int | None
 PinId = Annotated[str, Meta(max_length=MAX_NAME)] | int | None
 Shape = Annotated[list[Annotated[int, Meta(ge=0, lt=1 << 48)]], Meta(min_length=1, max_length=8)]
 DType = Annotated[str, Meta(max_length=32)]
+Cap = Annotated[bytes, Meta(max_length=64)] | None
+"""An instance's capability (:attr:`RegisterInfo.cap`)."""
 
 
 class ErrorCode(str, enum.Enum):
@@ -127,6 +132,9 @@ class ErrorCode(str, enum.Enum):
     BAD_POOL = "bad_pool"
     TOO_LARGE = "too_large"
     EXPIRED = "expired"
+    UNAUTHORIZED = "unauthorized"
+    LIMIT = "limit"
+    """A resource cap of the server (see ``docs/security.md``) refused the request."""
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
 
@@ -186,6 +194,8 @@ class _Req(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, kw_only=T
     v: int = PROTOCOL_VERSION
     rid: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)] = 0
     timeout_ms: Annotated[int, Meta(ge=0, lt=1 << 40)] | None = None
+    auth: Annotated[bytes, Meta(max_length=256)] | None = None
+    """The server secret (TCP peers); ignored on Unix sockets, whose peers are known by uid."""
 
 
 class Register(_Req, tag="register", kw_only=True):
@@ -195,10 +205,13 @@ class Register(_Req, tag="register", kw_only=True):
     model_name: Annotated[str, Meta(min_length=1, max_length=MAX_NAME)]
     tokens_per_block: Annotated[int, Meta(ge=1, le=1 << 20)]
     pool: PoolDescriptor
+    cap: Cap = None
+    """The current registration's capability, to refresh it or replace its pool (none for a new id)."""
 
 
 class Unregister(_Req, tag="unregister", kw_only=True):
     instance_id: UInt63
+    cap: Cap = None
 
 
 class Lookup(_Req, tag="lookup", kw_only=True):
@@ -206,6 +219,7 @@ class Lookup(_Req, tag="lookup", kw_only=True):
     tokens: TokenIds
     cache_salt: Salt = None
     pin_id: PinId = None
+    cap: Cap = None
 
 
 class LookupHashes(_Req, tag="lookup_hashes", kw_only=True):
@@ -218,6 +232,7 @@ class LookupHashes(_Req, tag="lookup_hashes", kw_only=True):
     num_tokens: Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
     """The prompt's length: ``chunk_hashes`` must hold exactly ``num_tokens // chunk_size`` digests."""
     pin_id: PinId = None
+    cap: Cap = None
 
 
 class Release(_Req, tag="release", kw_only=True):
@@ -225,6 +240,7 @@ class Release(_Req, tag="release", kw_only=True):
     pin_id: Annotated[str, Meta(max_length=MAX_NAME)] | int
     pin_owner: UInt63 | None = None
     """Instance whose lookup took the pins (default: ``instance_id``)."""
+    cap: Cap = None
 
 
 class Store(_Req, tag="store", kw_only=True):
@@ -238,6 +254,7 @@ class Store(_Req, tag="store", kw_only=True):
     start: NonNeg = 0
     end: NonNeg
     chunk_hashes: ChunkHashBytes | None = None
+    cap: Cap = None
 
 
 class Retrieve(_Req, tag="retrieve", kw_only=True):
@@ -254,10 +271,13 @@ class Retrieve(_Req, tag="retrieve", kw_only=True):
     pin_owner: UInt63 | None = None
     """Instance whose lookup took the pins (default: ``instance_id``); ranks of one TP world pass
     the scheduler's instance id, and the pins go once every rank retrieved or on ``release``."""
+    cap: Cap = None
 
 
 class Heartbeat(_Req, tag="heartbeat", kw_only=True):
     instance_ids: Annotated[list[UInt63], Meta(max_length=4096)] = []
+    caps: Annotated[list[Annotated[bytes, Meta(max_length=64)]], Meta(max_length=4096)] = []
+    """``caps[i]`` is the capability of ``instance_ids[i]``; an id without its own counts as unknown."""
 
 
 class Ping(_Req, tag="ping", kw_only=True):
@@ -347,6 +367,8 @@ class RegisterInfo(msgspec.Struct, kw_only=True):
     """Set when the server takes ``lookup_hashes`` for this instance; None when lookups must carry
     tokens (with ``save_unfull_chunk`` it probes partial chunks, which needs their tokens)."""
     direct: DirectLane | None = None
+    cap: bytes = b""
+    """The instance's capability: every later request naming the instance must carry it."""
 
 
 class PingInfo(msgspec.Struct, kw_only=True):
@@ -393,6 +415,8 @@ class StatsInfo(msgspec.Struct, kw_only=True):
     reaped_instances: int
     engine: dict[str, int]
     instances: list[InstanceStats] = []
+    refusals: dict[str, int] = {}
+    """Requests refused by a security check or a resource cap, by reason."""
 
 
 # ---- encoding -----------------------------------------------------------------------------------
@@ -438,11 +462,12 @@ class ProtocolError(Exception):
 
 
 def decode_request(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Request:
-    """Decode and validate one request frame, or raise :class:`ProtocolError`."""
+    """Decode and validate one request frame, or raise :class:`ProtocolError` (also for a frame nested
+    too deeply to decode: one short log line each, never a traceback)."""
     if len(frame) <= max_bytes:
         try:
             req: Request = _request_decoder.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError):
             pass  # read it again below, field by field, to say what is wrong
         else:
             if req.v == PROTOCOL_VERSION:
@@ -451,7 +476,12 @@ def decode_request(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Request:
     malformed: Exception | None = None
     try:
         header = _header_decoder.decode(frame)  # skips the values of other fields: cheap even when big
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:  # ValueError: bad UTF-8
+    except (
+        msgspec.DecodeError,
+        msgspec.ValidationError,
+        ValueError,
+        RecursionError,
+    ) as e:  # ValueError: bad UTF-8
         malformed = e
     rid = -1
     if header is not None and isinstance(header.rid, int) and 0 <= header.rid < 1 << 63:
@@ -484,7 +514,7 @@ def decode_request(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Request:
         )
     try:
         return _request_decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as e:
         raise ProtocolError(ErrorCode.INVALID, f"invalid {header.op!r} request: {e}", rid) from None
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import ipaddress
 import itertools
 import logging
 import os
@@ -61,8 +62,19 @@ from lmcache.engine import CacheEngine, KeySpace
 from lmcache.keys import ChunkHashes
 from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
+from lmcache.rate_limit import RateLimitedLog
 from lmcache.server import protocol as P
 from lmcache.server.pool_sharing import MappedPool, PoolSharingError, open_pool
+from lmcache.server.security import (
+    Peer,
+    PeerPolicy,
+    SecretError,
+    group_id,
+    load_or_create_secret,
+    peer_of_socket,
+    peer_of_zmq,
+    secret_matches,
+)
 
 logger = init_logger(__name__)
 
@@ -99,7 +111,7 @@ class ServerConfig:
     max_workers: int = 4
     client_timeout_s: float = 30.0
     """Instances silent (no request, no heartbeat) for this long are reaped; 0 disables reaping."""
-    pin_ttl_s: float = 600.0
+    pin_ttl_s: float = 120.0
     """Pins of a lookup no retrieve or release came back for are dropped after this long."""
     max_frame_bytes: int = P.MAX_FRAME_BYTES
     busy_poll_s: float = 0.0
@@ -110,17 +122,50 @@ class ServerConfig:
     direct_port: int | None = 0
     """TCP port of the direct lane on ``host`` (0: any free port); None disables the lane (its
     Unix socket, ``<ipc_path>.direct``, too)."""
+    # ---- security (docs/security.md) ----
+    secret: bytes | None = None
+    """The secret TCP requests must carry; None: ``$LMCACHE_SERVER_SECRET`` or ``secret_file``."""
+    secret_file: str | None = None
+    """Where the secret is kept (created 0600 at first start); None: ``$LMCACHE_SERVER_SECRET_FILE``,
+    else ``~/.lmcache/server_secret``; "": no file (then TCP serves only ``ping`` unless ``secret``)."""
+    socket_group: str | None = None
+    """Group (name or gid) given access to the Unix sockets (mode 0660); None: 0600, owner only."""
+    allowed_uids: tuple[int, ...] = ()
+    """Unix-socket peers served besides the server's own uid and root."""
+    allowed_groups: tuple[int, ...] = ()
+    """Unix-socket peers in these groups are served too (``socket_group`` is added to them)."""
+    max_registrations: int = 256
+    """Registered instances in total; a ``register`` beyond is refused (``limit``)."""
+    max_registrations_per_client: int = 64
+    """Registered instances per client (a Unix-socket peer's uid, a TCP peer's address)."""
+    max_connections: int = 256
+    """Open direct-lane connections; more are closed at once (clients fall back to ZMQ)."""
+    max_pending_bytes_per_connection: int | None = None
+    """Largest frame a direct connection may announce and buffer; None: ``max_frame_bytes``."""
+    max_pending_bytes: int = 256 << 20
+    """Bytes of unfinished frames announced by all direct connections together."""
+    idle_timeout_s: float = 300.0
+    """A direct connection that sent nothing for this long is closed (the client reopens it)."""
+    frame_timeout_s: float = 30.0
+    """A direct connection whose unfinished frame got no byte for this long is closed."""
+    pin_share: float = 0.25
+    """Largest fraction of L1 the pins of one instance's lookups may hold (``limit`` beyond)."""
 
 
 class _DirectConn:
     """A client's connection on the direct lane (see :mod:`lmcache.server.protocol`): frames in and
     out, each behind its length, over a non-blocking stream socket served by the I/O thread."""
 
-    def __init__(self, sock: socket.socket, ident: int) -> None:
+    def __init__(self, sock: socket.socket, ident: int, peer: Peer, now: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.ident = ident
         """The connection's identity in the per-client queues (ZMQ's are bytes, these ints)."""
+        self.peer = peer
+        self.last_rx = now
+        """When a byte last arrived (idle and unfinished-frame timeouts)."""
+        self.reserved = 0
+        """Bytes of the unfinished frame counted against the server's total (``max_pending_bytes``)."""
         self.inbox = bytearray()
         self.outbox = bytearray()
         self.lock = threading.RLock()
@@ -159,6 +204,10 @@ class _Instance:
     space: KeySpace
     stream: Any
     last_seen: float
+    cap: bytes
+    """The capability every request naming this instance must carry."""
+    client: tuple[str, int | str]
+    """Who registered it (a Unix peer's uid, a TCP peer's address): per-client caps and pin sharing."""
     active: int = 0
     retired: bool = False
 
@@ -189,7 +238,13 @@ class _Instance:
 class _PinState:
     world_size: int
     created: float
+    nbytes: int = 0
+    """L1 bytes the lookup pinned (all ranks)."""
     done: set[int] = field(default_factory=set)
+
+
+def _client_key(peer: Peer) -> tuple[str, int | str]:
+    return ("uid", peer.uid) if peer.uid is not None else ("tcp", peer.address)
 
 
 class CacheServer:
@@ -222,7 +277,7 @@ class CacheServer:
         self._executor = ThreadPoolExecutor(
             max(1, self.config.max_workers), thread_name_prefix="lmcache-worker"
         )
-        self._queues: dict[_Identity, deque[tuple[Any, float]]] = {}
+        self._queues: dict[_Identity, deque[tuple[Any, float, Peer]]] = {}
         self._running: set[_Identity] = set()
         self._qlock = threading.Lock()
         self._instances: dict[int, _Instance] = {}
@@ -234,6 +289,18 @@ class CacheServer:
         self.requests = 0
         self.errors = 0
         self.reaped = 0
+        self.refusals: dict[str, int] = {}
+        """Requests refused by the security checks and resource caps, by reason (``/metrics``)."""
+        groups = set(self.config.allowed_groups)
+        if self.config.socket_group:
+            groups.add(group_id(self.config.socket_group))
+        self._policy = PeerPolicy(frozenset(self.config.allowed_uids), frozenset(groups))
+        self._secret: bytes | None = self.config.secret
+        self._pending_bytes = 0
+        """Bytes of unfinished frames the direct connections announced (I/O thread only)."""
+        self._next_expiry = 0.0
+        self._warn = RateLimitedLog(logger)
+        """Warnings a hostile client can trigger at will: at most one per topic and minute."""
         self._reaper: threading.Thread | None = None
         self._closed = False
         self._io_thread: int | None = None
@@ -242,7 +309,8 @@ class CacheServer:
         # Peers announcing more are disconnected; frames between the soft cap and this get an error
         # reply (see protocol.decode_request).
         self._hard_frame_cap = 2 * self.config.max_frame_bytes + (1 << 20)
-        self._handlers: dict[type, Callable[[Any], Any]] = {
+        self._frame_cap = self.config.max_pending_bytes_per_connection or self._hard_frame_cap
+        self._handlers: dict[type, Callable[[Any, Peer], Any]] = {
             P.Register: self._register,
             P.Unregister: self._unregister,
             P.Lookup: self._lookup,
@@ -250,13 +318,14 @@ class CacheServer:
             P.Release: self._release,
             P.Store: self._store,
             P.Retrieve: self._retrieve,
-            P.Clear: lambda req: self.engine.clear(),
+            P.Clear: lambda req, peer: self.engine.clear(),
         }
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Bind the sockets (raises :class:`ServerStartError` with a clear message on failure)."""
+        self._load_secret()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -272,7 +341,8 @@ class CacheServer:
             self.endpoints = [tcp]
             if self.config.ipc_path:
                 self._prepare_ipc_path(self.config.ipc_path)
-                sock.bind(f"ipc://{self.config.ipc_path}")
+                with self._socket_umask():
+                    sock.bind(f"ipc://{self.config.ipc_path}")
                 self._created(self.config.ipc_path)
                 self.endpoints.append(f"ipc://{self.config.ipc_path}")
             if self.config.direct_port is not None:
@@ -320,14 +390,44 @@ class CacheServer:
             self._prepare_ipc_path(path)
             unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self._listeners.append(unix)
-            unix.bind(path)
+            with self._socket_umask():
+                unix.bind(path)
             self._created(path)
             unix.listen()
             self.direct.ipc_name = os.path.basename(path)
         for listener in self._listeners:
             listener.setblocking(False)
 
+    def _load_secret(self) -> None:
+        """Read (or create) the server secret; refuse a non-loopback bind without one."""
+        if self._secret is None:
+            try:
+                self._secret = load_or_create_secret(self.config.secret_file)
+            except SecretError as e:
+                raise ServerStartError(str(e)) from None
+        if self._secret is None and not _is_loopback(self.config.host):
+            raise ServerStartError(
+                f"refusing to listen on {self.config.host} without a secret: anyone who reaches the port "
+                "could use the cache; give one (--secret-file, $LMCACHE_SERVER_SECRET) or bind 127.0.0.1"
+            )
+
+    @contextlib.contextmanager
+    def _socket_umask(self) -> Iterator[None]:
+        """Unix sockets are created 0600 (0660 with ``socket_group``): connecting needs write access."""
+        old = os.umask(0o117 if self.config.socket_group else 0o177)
+        try:
+            yield
+        finally:
+            os.umask(old)
+
     def _created(self, path: str) -> None:
+        try:
+            if self.config.socket_group:
+                os.chown(path, -1, group_id(self.config.socket_group))
+            os.chmod(path, 0o660 if self.config.socket_group else 0o600)
+        except (OSError, ValueError) as e:
+            os.unlink(path)
+            raise ServerStartError(f"cannot give {path} to group {self.config.socket_group}: {e}") from None
         st = os.stat(path)
         self._unix_sockets.append((path, (st.st_dev, st.st_ino)))
 
@@ -343,6 +443,12 @@ class CacheServer:
             )
         if os.path.lexists(path):
             st = os.lstat(path)
+            if st.st_uid != os.geteuid():
+                raise ServerStartError(
+                    f"--ipc-path {path} exists and belongs to uid {st.st_uid}, not to this user: another "
+                    "user may be impersonating the server; remove it (as root or that user) or pass another "
+                    "--ipc-path"
+                )
             if not stat.S_ISSOCK(st.st_mode):
                 raise ServerStartError(
                     f"--ipc-path {path} exists and is not a socket; remove it or pick another"
@@ -401,6 +507,7 @@ class CacheServer:
                     elif conn is not None:
                         self._accept(conn)
                 self._send_replies()
+                self._expire_direct(time.monotonic())
         finally:
             self.close()
 
@@ -463,29 +570,53 @@ class CacheServer:
         assert self._sock is not None
         for _ in range(1024):
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            identity = frames[0].bytes
             if len(frames) != 2:
                 self.requests += 1
                 self._reply_error(
-                    frames[0],
+                    identity,
                     -1,
                     P.ErrorCode.MALFORMED,
                     f"expected exactly one frame per request, got {len(frames) - 1}; use a DEALER socket "
                     "and send one msgpack-encoded request per message",
                 )
             else:
-                self._on_frame(frames[0], frames[1])
+                self._on_frame(identity, frames[1].bytes, peer_of_zmq(frames[1].get("Peer-Address")))
 
-    def _on_frame(self, identity: _Identity, frame: bytes) -> None:
+    def _on_frame(self, identity: _Identity, frame: bytes, peer: Peer) -> None:
         try:
-            self._on_request(identity, frame)
+            self._on_request(identity, frame, peer)
         except Exception as e:  # never let one request take the I/O thread down
             logger.exception("internal error reading a request")
-            self._reply_error(identity, -1, P.ErrorCode.INTERNAL, f"internal server error: {e!r}")
+            message = f"internal server error: {type(e).__name__}"
+            self._reply_error(identity, -1, P.ErrorCode.INTERNAL, message)
 
-    def _on_request(self, identity: _Identity, frame: bytes) -> None:
+    def _refuse(self, reason: str) -> None:
+        """Count a refusal for ``/metrics`` (any thread; a lost increment under a race is harmless)."""
+        self.refusals[reason] = self.refusals.get(reason, 0) + 1
+
+    def _admit(self, peer: Peer, req: Any) -> str | None:
+        """Why ``peer`` may not send ``req`` (None: it may). ``ping`` is open to all; Unix-socket peers
+        must pass the uid policy, TCP peers carry the server secret; ``stats`` and ``clear`` are the
+        operator's (the server's own uid, root, or the secret over TCP)."""
+        if isinstance(req, P.Ping):
+            return None
+        if peer.is_unix:
+            if not self._policy.allows(peer):
+                return f"uid {peer.uid} is not allowed to use this server (see --allow-uid / --socket-group)"
+        elif not secret_matches(self._secret, req.auth):
+            return (
+                "TCP requests must carry this server's secret: run the client as the server's user (it reads "
+                "~/.lmcache/server_secret) or set LMCACHE_SERVER_SECRET"
+            )
+        if isinstance(req, (P.Stats, P.Clear)) and not self._policy.is_operator(peer):
+            return f"{type(req).__name__.lower()} is an operator operation (the server's own user or root)"
+        return None
+
+    def _on_request(self, identity: _Identity, frame: bytes, peer: Peer) -> None:
         self.requests += 1
         now = time.monotonic()
         self._busy_until = now + self.config.busy_poll_s
@@ -494,9 +625,14 @@ class CacheServer:
         except P.ProtocolError as e:
             self._reply_error(identity, e.rid, e.code, str(e))
             return
+        refused = self._admit(peer, req)
+        if refused is not None:
+            self._refuse("unauthorized")
+            self._reply_error(identity, req.rid, P.ErrorCode.UNAUTHORIZED, refused)
+            return
         self._touch(req, now)
         if isinstance(req, (P.Ping, P.Heartbeat, P.Stats)):
-            self._post(identity, self._execute(req, now))
+            self._post(identity, self._execute(req, now, peer))
             return
         inline = self._inline(req)
         with self._qlock:
@@ -505,19 +641,20 @@ class CacheServer:
             else:
                 q = self._queues.setdefault(identity, deque())
                 if len(q) >= MAX_QUEUED_PER_CLIENT:
+                    self._refuse("queue")
                     self._reply_error(
                         identity,
                         req.rid,
-                        P.ErrorCode.INVALID,
+                        P.ErrorCode.LIMIT,
                         f"more than {len(q)} requests queued; slow down",
                     )
                     return
-                q.append((req, now))
+                q.append((req, now, peer))
                 if identity in self._running:
                     return
                 self._running.add(identity)
         if q is None:
-            self._post(identity, self._execute(req, now))
+            self._post(identity, self._execute(req, now, peer))
             return
         try:
             self._executor.submit(self._drain, identity)
@@ -595,10 +732,22 @@ class CacheServer:
             except OSError as e:  # e.g. out of file descriptors: the client retries later
                 logger.warning("cannot accept a direct connection: %s", e)
                 return
+            if len(self._direct) >= self.config.max_connections:
+                self._refuse("connections")
+                n = len(self._direct)
+                self._warn.warning("connections", "closing direct connections: %d open, --max-connections", n)
+                sock.close()
+                continue
+            peer = peer_of_socket(sock)
+            if sock.family == socket.AF_UNIX and not self._policy.allows(peer):
+                self._refuse("unauthorized")
+                self._warn.warning("peer", "closing a direct connection of uid %s: not allowed", peer.uid)
+                sock.close()
+                continue
             sock.setblocking(False)
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _DirectConn(sock, next(self._direct_ids))
+            conn = _DirectConn(sock, next(self._direct_ids), peer, time.monotonic())
             self._direct[conn.ident] = conn
             self._fds[conn.fd] = conn
             self._poller.register(conn.fd, zmq.POLLIN)
@@ -618,6 +767,7 @@ class CacheServer:
             if not data:  # closed by the client (an unfinished frame is dropped with it)
                 self._drop_direct(conn)
                 return
+            conn.last_rx = time.monotonic()
             conn.inbox += data
             if not self._direct_frames(conn) or len(data) < _DIRECT_READ_BYTES:
                 return  # dropped, or nothing more to read now
@@ -628,16 +778,56 @@ class CacheServer:
         header = P.DIRECT_HEADER.size
         while len(inbox) >= header:
             (size,) = P.DIRECT_HEADER.unpack_from(inbox)
-            if size > self._hard_frame_cap:
-                logger.warning("dropping a direct connection that announced a frame of %d bytes", size)
+            if size > self._frame_cap:
+                self._refuse("frame_bytes")
+                self._warn.warning("frame", "dropping a direct connection that announced %d bytes", size)
                 self._drop_direct(conn)
                 return False
             if len(inbox) < header + size:
+                if not self._reserve(conn, size):
+                    return False
                 break
             frame = bytes(inbox[header : header + size])
             del inbox[: header + size]
-            self._on_frame(conn.ident, frame)
+            self._unreserve(conn)
+            self._on_frame(conn.ident, frame, conn.peer)
         return True
+
+    def _reserve(self, conn: _DirectConn, size: int) -> bool:
+        """Count an unfinished frame's announced size against ``max_pending_bytes``; over it, answer
+        ``limit`` and drop the connection (False)."""
+        if conn.reserved or size <= _DIRECT_READ_BYTES:
+            return True
+        if self._pending_bytes + size > self.config.max_pending_bytes:
+            self._refuse("pending_bytes")
+            message = (
+                f"the server is receiving {self._pending_bytes} bytes of unfinished frames already "
+                f"(--max-pending-mb); a frame of {size} bytes cannot be taken now: retry later"
+            )
+            self._send_direct(
+                conn, P.encode(P.Reply(rid=-1, ok=False, error=P.ErrorInfo(P.ErrorCode.LIMIT.value, message)))
+            )
+            self._drop_direct(conn)
+            return False
+        conn.reserved = size
+        self._pending_bytes += size
+        return True
+
+    def _unreserve(self, conn: _DirectConn) -> None:
+        self._pending_bytes -= conn.reserved
+        conn.reserved = 0
+
+    def _expire_direct(self, now: float) -> None:
+        """Close direct connections silent for ``idle_timeout_s``, or for ``frame_timeout_s`` mid-frame."""
+        if now < self._next_expiry:
+            return
+        self._next_expiry = now + 1.0
+        for conn in list(self._direct.values()):
+            idle = now - conn.last_rx
+            if idle > self.config.idle_timeout_s or (conn.inbox and idle > self.config.frame_timeout_s):
+                self._refuse("idle")
+                logger.debug("closing direct connection %d: idle for %.0f s", conn.ident, idle)
+                self._drop_direct(conn)
 
     def _send_direct(self, conn: _DirectConn, frame: bytes) -> None:
         assert self._poller is not None
@@ -678,6 +868,7 @@ class CacheServer:
         """Forget a direct connection; replies still due to it are dropped, as for a gone ZMQ peer."""
         if self._direct.pop(conn.ident, None) is None:
             return
+        self._unreserve(conn)
         del self._fds[conn.fd]
         if self._poller is not None:
             self._poller.unregister(conn.fd)
@@ -686,11 +877,15 @@ class CacheServer:
             conn.sock.close()
 
     def _touch(self, req: Any, now: float) -> None:
-        ids = req.instance_ids if isinstance(req, P.Heartbeat) else [getattr(req, "instance_id", None)]
+        """Note the liveness of the instances a request names with their capabilities."""
+        if isinstance(req, P.Heartbeat):
+            named = zip(req.instance_ids, req.caps, strict=False)
+        else:
+            named = [(getattr(req, "instance_id", None), getattr(req, "cap", None))]
         with self._ilock:
-            for iid in ids:
+            for iid, cap in named:
                 inst = self._instances.get(iid) if iid is not None else None
-                if inst is not None:
+                if inst is not None and secret_matches(inst.cap, cap):
                     inst.last_seen = now
 
     # ---- workers --------------------------------------------------------------------------------
@@ -703,7 +898,7 @@ class CacheServer:
                     self._running.discard(identity)
                     self._queues.pop(identity, None)
                     return
-                req, received = q.popleft()
+                req, received, peer = q.popleft()
             reply: P.Reply | None
             if self._stop.is_set():
                 reply = P.Reply(
@@ -715,7 +910,7 @@ class CacheServer:
                 after: list[Callable[[], None]] = []
                 self._worker.after_reply = after
                 try:
-                    reply = self._execute(req, received)
+                    reply = self._execute(req, received, peer)
                 finally:
                     self._worker.after_reply = None
                 if after:
@@ -761,10 +956,10 @@ class CacheServer:
         with self._qlock:
             q = self._queues.pop(identity, deque())
             self._running.discard(identity)
-        for req, _ in q:
+        for req, _, _ in q:
             self._reply_error(identity, req.rid, P.ErrorCode.SHUTTING_DOWN, "the server is shutting down")
 
-    def _execute(self, req: Any, received: float) -> P.Reply:
+    def _execute(self, req: Any, received: float, peer: Peer) -> P.Reply:
         if req.timeout_ms and (time.monotonic() - received) * 1000 > req.timeout_ms:
             self.errors += 1
             return P.Reply(
@@ -783,7 +978,7 @@ class CacheServer:
             elif isinstance(req, P.Stats):
                 value = self.stats()
             else:
-                value = self._handlers[type(req)](req)
+                value = self._handlers[type(req)](req, peer)
             return P.Reply(rid=req.rid, ok=True, value=value)
         except _Fail as e:
             code, message = e.code, str(e)
@@ -793,7 +988,7 @@ class CacheServer:
             code, message = P.ErrorCode.INVALID, f"{type(req).__name__.lower()}: {e}"
         except Exception as e:
             logger.exception("internal error serving %s", type(req).__name__)
-            code, message = P.ErrorCode.INTERNAL, f"internal server error: {type(e).__name__}: {e}"
+            code, message = P.ErrorCode.INTERNAL, f"internal server error: {type(e).__name__}"
         self.errors += 1
         logger.debug("request %d (%s) failed (%s): %s", req.rid, type(req).__name__, code.value, message)
         return P.Reply(rid=req.rid, ok=False, error=P.ErrorInfo(code.value, message))
@@ -801,9 +996,13 @@ class CacheServer:
     # ---- instances ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _use(self, instance_id: int) -> Iterator[_Instance]:
+    def _use(self, instance_id: int, cap: bytes | None) -> Iterator[_Instance]:
+        """The instance, held against unmapping; unknown unless ``cap`` is its capability."""
         with self._ilock:
             inst = self._instances.get(instance_id)
+            if inst is not None and not secret_matches(inst.cap, cap):
+                self._refuse("capability")
+                inst = None  # the same answer as for an unknown id: nothing to learn from it
             if inst is None:
                 raise _Fail(
                     P.ErrorCode.UNKNOWN_INSTANCE,
@@ -820,6 +1019,14 @@ class CacheServer:
                 close_now = inst.retired and inst.active == 0
             if close_now:
                 self._close_mapping(inst)
+
+    def _retire_now(self, inst: _Instance, why: str) -> None:
+        """Remove ``inst`` from the table (if still there) and retire it."""
+        with self._ilock:
+            if self._instances.get(inst.instance_id) is not inst:
+                return
+            del self._instances[inst.instance_id]
+        self._retire(inst, why)
 
     def _retire(self, inst: _Instance, why: str) -> None:
         """Forget an instance (already removed from the table): release its pins, unmap its pool
@@ -867,23 +1074,55 @@ class CacheServer:
         )
 
     def _heartbeat(self, req: P.Heartbeat) -> P.HeartbeatInfo:
+        caps = req.caps + [b""] * (len(req.instance_ids) - len(req.caps))
         with self._ilock:
-            unknown = [i for i in req.instance_ids if i not in self._instances]
+            unknown = [
+                i
+                for i, cap in zip(req.instance_ids, caps, strict=False)
+                if (inst := self._instances.get(i)) is None or not secret_matches(inst.cap, cap)
+            ]
         return P.HeartbeatInfo(server_id=self.server_id, unknown=unknown)
 
-    def _register(self, req: P.Register) -> P.RegisterInfo:
+    def _check_room(self, client: tuple[str, int | str], replacing: _Instance | None) -> None:
+        """Raise ``limit`` if one more registration of ``client`` exceeds a cap. Caller holds _ilock."""
+        total = len(self._instances) - (replacing is not None)
+        mine = sum(1 for i in self._instances.values() if i.client == client and i is not replacing)
+        if total >= self.config.max_registrations:
+            self._refuse("registrations")
+            raise _Fail(
+                P.ErrorCode.LIMIT,
+                f"the server holds its maximum of {self.config.max_registrations} registrations "
+                "(--max-registrations); unregister unused pools",
+            )
+        if mine >= self.config.max_registrations_per_client:
+            self._refuse("registrations_per_client")
+            raise _Fail(
+                P.ErrorCode.LIMIT,
+                f"this client holds its maximum of {self.config.max_registrations_per_client} registrations "
+                "(--max-registrations-per-client); unregister unused pools",
+            )
+
+    def _register(self, req: P.Register, peer: Peer) -> P.RegisterInfo:
         if req.rank >= req.world_size:
             raise _Fail(P.ErrorCode.INVALID, f"rank {req.rank} is not below world_size {req.world_size}")
+        client = _client_key(peer)
         with self._ilock:
             old = self._instances.get(req.instance_id)
+            if old is not None and not secret_matches(old.cap, req.cap):
+                self._refuse("capability")
+                raise _Fail(
+                    P.ErrorCode.UNAUTHORIZED,
+                    f"instance id {req.instance_id} is registered by someone else; pick another id",
+                )
             if old is not None and old.same_registration(req):
                 old.last_seen = time.monotonic()
                 return self._register_info(old, refreshed=True)
+            self._check_room(client, old)
             if old is not None:
                 del self._instances[req.instance_id]
         if old is not None:
             self._retire(old, "registered again with another pool")
-        pool = open_pool(req.pool)
+        pool = open_pool(req.pool, peer)
         try:
             try:
                 layout = PoolLayout.of_pool(pool.tensor, req.tokens_per_block)
@@ -895,12 +1134,17 @@ class CacheServer:
         except BaseException:
             pool.close()
             raise
-        inst = _Instance(req, pool, space, stream, time.monotonic())
+        inst = _Instance(req, pool, space, stream, time.monotonic(), secrets.token_bytes(32), client)
         with self._ilock:
             clash = self._instances.get(req.instance_id)
+            try:
+                if clash is not None:
+                    raise _Fail(P.ErrorCode.UNAUTHORIZED, f"instance id {req.instance_id} was just taken")
+                self._check_room(client, None)
+            except _Fail:
+                self._close_mapping(inst)
+                raise
             self._instances[req.instance_id] = inst
-        if clash is not None:
-            self._retire(clash, "registered again concurrently")
         logger.info(
             "registered instance %d: rank %d/%d of %s, %s pool %s %s (%d tokens/block) of pid %d",
             req.instance_id,
@@ -930,18 +1174,20 @@ class CacheServer:
             refreshed=refreshed,
             hashing=hashing,
             direct=self.direct,
+            cap=inst.cap,
         )
 
-    def _unregister(self, req: P.Unregister) -> bool:
+    def _unregister(self, req: P.Unregister, peer: Peer) -> bool:
         with self._ilock:
-            inst = self._instances.pop(req.instance_id, None)
-        if inst is None:
-            return False
+            inst = self._instances.get(req.instance_id)
+            if inst is None or not secret_matches(inst.cap, req.cap):
+                return False
+            del self._instances[req.instance_id]
         self._retire(inst, "unregistered by the client")
         return True
 
-    def _lookup(self, req: P.Lookup | P.LookupHashes) -> int:
-        with self._use(req.instance_id) as inst:
+    def _lookup(self, req: P.Lookup | P.LookupHashes, peer: Peer) -> int:
+        with self._use(req.instance_id, req.cap) as inst:
             key = (req.instance_id, req.pin_id) if req.pin_id is not None else None
             ranks = range(inst.world_size)
             if isinstance(req, P.LookupHashes):
@@ -957,16 +1203,56 @@ class CacheServer:
                 tokens = P.ids_from_wire(req.tokens, "tokens")
                 hit = self.engine.lookup(inst.space, tokens, req.cache_salt, ranks=ranks, pin_id=key)
             if key is not None:
-                with self._plock:
-                    self._pins.pop(key, None)
-                    if hit > 0:
-                        self._pins[key] = _PinState(inst.world_size, time.monotonic())
-                if hit == 0:
-                    self.engine.release(key)
+                self._record_pins(inst, key, hit)
             return hit
 
-    def _release(self, req: P.Release) -> bool:
-        key = (req.pin_owner if req.pin_owner is not None else req.instance_id, req.pin_id)
+    def _record_pins(self, inst: _Instance, key: tuple[int, int | str], hit: int) -> None:
+        """Note the pins a lookup took; drop them and refuse if the instance's pins would hold more
+        than ``pin_share`` of L1."""
+        chunk_size = self.engine.config.chunk_size
+        chunk_bytes = inst.space.layout.row_bytes * inst.space.layout.blocks_per_chunk(chunk_size)
+        nbytes = -(-hit // chunk_size) * chunk_bytes * inst.world_size
+        share = int(self.config.pin_share * self.engine.l1.arena.capacity_bytes)
+        with self._plock:
+            self._pins.pop(key, None)
+            held = sum(st.nbytes for k, st in self._pins.items() if k[0] == key[0])
+            over = held + nbytes > share
+            if hit > 0 and not over:
+                self._pins[key] = _PinState(inst.world_size, time.monotonic(), nbytes)
+        if hit == 0 or over:
+            self.engine.release(key)
+        if hit > 0 and over:
+            self._refuse("pinned_bytes")
+            raise _Fail(
+                P.ErrorCode.LIMIT,
+                f"this lookup would pin {nbytes} bytes on top of the {held} the instance's lookups hold, "
+                f"more than its share of L1 ({share} bytes, --pin-share {self.config.pin_share:g}); "
+                "retrieve or release earlier lookups first",
+            )
+
+    def _pin_key(self, inst: _Instance, pin_owner: int | None, pin_id: int | str) -> tuple[int, int | str]:
+        """The pins a request of ``inst`` may act on: its own lookup's, or those of ``pin_owner``, an
+        instance of the same client, model and world (the scheduler's rank of a TP world)."""
+        if pin_owner is None or pin_owner == inst.instance_id:
+            return (inst.instance_id, pin_id)
+        with self._ilock:
+            owner = self._instances.get(pin_owner)
+        if owner is None or (owner.client, owner.request.model_name, owner.world_size) != (
+            inst.client,
+            inst.request.model_name,
+            inst.world_size,
+        ):
+            self._refuse("capability")
+            raise _Fail(
+                P.ErrorCode.UNAUTHORIZED,
+                f"pin_owner {pin_owner} is not an instance of this client's world (same client, model and "
+                "world size)",
+            )
+        return (pin_owner, pin_id)
+
+    def _release(self, req: P.Release, peer: Peer) -> bool:
+        with self._use(req.instance_id, req.cap) as inst:
+            key = self._pin_key(inst, req.pin_owner, req.pin_id)
         with self._plock:
             held = self._pins.pop(key, None) is not None
         self.engine.release(key)
@@ -1006,10 +1292,23 @@ class CacheServer:
                 f"block ids must be in [0, {num_blocks}) (the registered pool's blocks); got min "
                 f"{int(used.min())}, max {int(used.max())}",
             )
+        if isinstance(req, P.Store) and len(np.unique(blocks)) != len(blocks):
+            self._refuse("repeated_blocks")
+            raise _Fail(P.ErrorCode.INVALID, "block ids repeat: each block of a prompt holds distinct tokens")
+        self._check_pool(inst)
         return prompt, blocks.tolist()
 
-    def _store(self, req: P.Store) -> int:
-        with self._use(req.instance_id) as inst:
+    def _check_pool(self, inst: _Instance) -> None:
+        """Refuse (and drop) an instance whose shared memory no longer backs its pool."""
+        try:
+            inst.pool.check()
+        except PoolSharingError as e:
+            self._refuse("shrunk_pool")
+            self._retire_now(inst, "its shared memory changed under the server")
+            raise _Fail(P.ErrorCode.BAD_POOL, f"{e}; register the pool again") from None
+
+    def _store(self, req: P.Store, peer: Peer) -> int:
+        with self._use(req.instance_id, req.cap) as inst:
             tokens, blocks = self._transfer_args(req, inst)
             began = time.perf_counter()
             stored = self.engine.store(
@@ -1024,13 +1323,12 @@ class CacheServer:
                 inst.stream,
             )
             self._copies_done(inst, "store", stored, began)  # the client may reuse the blocks then
+            self._check_pool(inst)  # shrunk during the copy: what it read were zeros
             return stored
 
-    def _retrieve(self, req: P.Retrieve) -> int:
-        key = None
-        if req.pin_id is not None:
-            key = (req.pin_owner if req.pin_owner is not None else req.instance_id, req.pin_id)
-        with self._use(req.instance_id) as inst:
+    def _retrieve(self, req: P.Retrieve, peer: Peer) -> int:
+        with self._use(req.instance_id, req.cap) as inst:
+            key = None if req.pin_id is None else self._pin_key(inst, req.pin_owner, req.pin_id)
             try:
                 tokens, blocks = self._transfer_args(req, inst)
                 began = time.perf_counter()
@@ -1046,6 +1344,7 @@ class CacheServer:
                     inst.stream,
                 )
                 self._copies_done(inst, "retrieve", loaded, began)  # the blocks are in place then
+                self._check_pool(inst)
                 return loaded
             finally:
                 if key is not None:  # the blocks are loaded (or the load failed): the pins may go
@@ -1148,12 +1447,20 @@ class CacheServer:
             l1_chunks=len(l1),
             l1_evictions=l1.evictions,
             pinned_lookups=pinned,
+            refusals=dict(self.refusals),
             requests=self.requests,
             errors=self.errors,
             reaped_instances=self.reaped,
             engine={k: int(v) for k, v in asdict(engine.stats).items()},
             instances=instances,
         )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 @functools.lru_cache(maxsize=1)

@@ -28,11 +28,14 @@ neither is an unkeyed cryptographic hash (they would simply recompute it), so bl
 and signature fields, which must equal what the reader expects.
 
 ``decode`` verifies every field; any mismatch raises :class:`CorruptChunk`, which callers treat as
-a miss, never as a load.
+a miss, never as a load. The tiers also call :func:`check_layout`: a payload whose length does not
+match the layout the namespace's signature describes (``num_tokens // tokens_per_block`` rows of
+the signature's row size) is corrupt too, even with a valid header and checksum.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -51,6 +54,8 @@ __all__ = [
     "CorruptChunk",
     "Namespace",
     "check_header",
+    "check_layout",
+    "layout_payload_len",
     "decode",
     "encode",
     "encode_header",
@@ -219,6 +224,34 @@ def read_header(f: BinaryIO) -> ChunkHeader:
     return parse_header(prefix + rest)
 
 
+_ITEMSIZE = {
+    "float64": 8,
+    "int64": 8,
+    "float32": 4,
+    "int32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+}
+_SIGNATURE = re.compile(rb"^([a-z0-9_]+)/L(\d+)/KV(\d+)/E(\d+)/T(\d+)$")
+
+
+def layout_payload_len(signature: bytes, num_tokens: int) -> int | None:
+    """Bytes of a chunk of ``num_tokens`` tokens in the layout ``signature`` names
+    (:meth:`lmcache.layout.PoolLayout.signature`); None if the signature is not of that form."""
+    match = _SIGNATURE.match(signature)
+    if match is None or match.group(1).decode() not in _ITEMSIZE:
+        return None
+    layers, kv, elems, tokens_per_block = (int(g) for g in match.groups()[1:])
+    if tokens_per_block == 0:
+        return None
+    return (num_tokens // tokens_per_block) * layers * kv * elems * _ITEMSIZE[match.group(1).decode()]
+
+
 def check_header(
     header: ChunkHeader, key: ChunkKey | None, namespace: Namespace | None, payload_len: int | None = None
 ) -> None:
@@ -232,6 +265,17 @@ def check_header(
         )
     if payload_len is not None and header.payload_len != payload_len:
         raise CorruptChunk(f"payload is {header.payload_len} bytes, expected {payload_len}")
+
+
+def check_layout(header: ChunkHeader) -> None:
+    """Raise :class:`CorruptChunk` unless the payload length is what the header's layout signature
+    gives for its token count (signatures not of :func:`layout_payload_len`'s form are not checked)."""
+    expected = layout_payload_len(header.signature, header.num_tokens)
+    if expected is not None and (header.num_tokens <= 0 or header.payload_len != expected):
+        raise CorruptChunk(
+            f"payload of {header.payload_len} bytes for {header.num_tokens} tokens does not match the "
+            f"layout ({expected} bytes)"
+        )
 
 
 def decode(

@@ -1,7 +1,12 @@
 """L2: chunk files on a local disk, capped in bytes, evicted by policy, found again after a restart.
 
-Files are ``<root>/<namespace tag>/<first 2 hex of the chunk hash>/<key hex>.kv`` in the
-:mod:`lmcache.storage.chunk_format` encoding. A write goes to a temporary file in the same
+Files are ``<local_disk>/lmcache-kv/<namespace tag>/<first 2 hex of the chunk hash>/<key hex>.kv``
+in the :mod:`lmcache.storage.chunk_format` encoding. The tier owns only its ``lmcache-kv``
+subdirectory, marked by a ``.lmcache-disk-tier`` file: it is created 0700 with files 0600 (the
+chunks are other tenants' KV, readable by hash), one owned by another user is refused, and the
+start-up scan looks at nothing outside it and removes only files that are ours (``.kv`` files
+starting with the chunk magic, temporaries named as ours), so ``local_disk`` may be a shared
+directory. A write goes to a temporary file in the same
 directory and is renamed into place (``os.replace``), so a crash leaves either the whole chunk or
 no chunk under the final name; a torn temporary file is removed by the next start-up scan. Reads
 go straight into the caller's buffer (``readinto`` on an unbuffered file) and are verified against
@@ -13,8 +18,11 @@ degrade-on-error policy live in :mod:`lmcache.storage.tiers`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import re
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -24,9 +32,11 @@ from lmcache.keys import ChunkKey
 from lmcache.logging import init_logger
 from lmcache.rate_limit import RateLimitedLog
 from lmcache.storage.chunk_format import (
+    MAGIC,
     CorruptChunk,
     Namespace,
     check_header,
+    check_layout,
     encode_header,
     new_checksum,
     payload_checksum,
@@ -38,6 +48,11 @@ logger = init_logger(__name__)
 
 SUFFIX = ".kv"
 TMP_SUFFIX = ".tmp"
+TIER_DIR = "lmcache-kv"
+"""The subdirectory of ``local_disk`` the tier owns."""
+MARKER = ".lmcache-disk-tier"
+"""The file that marks ``TIER_DIR`` as the tier's."""
+_TMP_NAME = re.compile(r"^[0-9a-f]+-w\d+r\d+\.kv\.\d+\.\d+\.tmp$")
 PROGRESS_MIN_FILES = 1000
 STALE_TMP_S = 60.0
 READ_PIECE = 256 << 10  # read/write and checksum in pieces that are still in the CPU cache when hashed
@@ -95,7 +110,7 @@ class DiskStore:
         verify_on_scan: bool = False,
         scan: bool = True,
     ) -> None:
-        self.root = Path(root)
+        self.root = Path(root) / TIER_DIR
         self.capacity_bytes = capacity_bytes
         self.fsync = fsync
         self.verify_on_scan = verify_on_scan
@@ -137,6 +152,7 @@ class DiskStore:
             with open(entry.path, "rb", buffering=0) as f:
                 header = read_header(f)  # type: ignore[arg-type]
                 check_header(header, key, ns, out.nbytes)
+                check_layout(header)
                 if os.fstat(f.fileno()).st_size != header.total_len:
                     raise CorruptChunk(
                         f"file is {os.fstat(f.fileno()).st_size} bytes, header says {header.total_len}"
@@ -222,6 +238,17 @@ class DiskStore:
             self._policy.add(ident)
         return checksum
 
+    def _make_dirs(self, path: Path) -> None:
+        """The directories down to ``path``'s, each 0700 (below the tier's own, made by :meth:`scan`)."""
+        missing = []
+        parent = path.parent
+        while parent != self.root and not parent.is_dir():
+            missing.append(parent)
+            parent = parent.parent
+        for directory in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                directory.mkdir(mode=0o700)
+
     def _write_file(
         self,
         path: Path,
@@ -234,9 +261,10 @@ class DiskStore:
     ) -> int:
         """Write to a temporary file, then rename it into place. Without a known checksum the payload
         goes first, hashed piece by piece while in the CPU cache, and the header last."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._make_dirs(path)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(tmp, flags, 0o600)
         try:
             try:
                 if checksum is None:
@@ -299,7 +327,7 @@ class DiskStore:
         started = time.monotonic()
         report = ScanReport()
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self._claim_root()
             files = [p for p in _walk(self.root) if p.name.endswith((SUFFIX, TMP_SUFFIX))]
         except OSError as exc:
             self._warn.warning(
@@ -316,16 +344,16 @@ class DiskStore:
         now = time.time()
         for path in iterator:
             if path.name.endswith(TMP_SUFFIX):
-                if _stale_tmp(path, now):
+                if _TMP_NAME.match(path.name) and _stale_tmp(path, now):
                     _unlink(path)
                     report.removed += 1
                 continue
             item = self._check_file(path)
-            if item is None:
+            if isinstance(item, tuple):
+                found.append(item)
+            elif item:  # ours (it starts with the chunk magic) but invalid
                 _unlink(path)
                 report.removed += 1
-            else:
-                found.append(item)
         found.sort(key=lambda t: t[0])
         with self._lock:
             for _, ident, entry in found:
@@ -359,22 +387,45 @@ class DiskStore:
             )
         return report
 
-    def _check_file(self, path: Path) -> tuple[float, _IndexKey, DiskEntry] | None:
+    def _claim_root(self) -> None:
+        """Create the tier's directory (0700, with its marker), or check an existing one is ours;
+        OSError if it belongs to another user or is not marked as the tier's."""
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            self.root.mkdir(mode=0o700)
+        st = os.stat(self.root, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise PermissionError(errno.EACCES, "not a directory of this user", str(self.root))
+        marker = self.root / MARKER
+        if not marker.exists():
+            if any(self.root.iterdir()):
+                raise PermissionError(errno.EACCES, f"not marked as the disk tier's ({MARKER} missing)")
+            marker.write_text("lmcache disk tier: files here are removed and evicted by lmcache\n")
+        if st.st_mode & 0o077:
+            os.chmod(self.root, 0o700)
+
+    def _check_file(self, path: Path) -> tuple[float, _IndexKey, DiskEntry] | bool:
+        """The index entry of a valid chunk file; else whether the file is ours (to remove)."""
         try:
             with open(path, "rb", buffering=0) as f:
                 st = os.fstat(f.fileno())
+                prefix = f.read(len(MAGIC))
+                if prefix != MAGIC:
+                    return False  # not a chunk file: not ours to touch
+                f.seek(0)
                 header = read_header(f)  # type: ignore[arg-type]
-                if st.st_size != header.total_len:
-                    return None
                 ns = Namespace(header.model, header.signature)
-                if self.path_for(ns, header.key) != path:
-                    return None
+                check_layout(header)
+                if st.st_size != header.total_len or self.path_for(ns, header.key) != path:
+                    return True
                 if self.verify_on_scan:
                     data = f.read(header.payload_len)
                     if len(data) != header.payload_len or payload_checksum(data) != header.checksum:
-                        return None
-        except (CorruptChunk, OSError, ValueError):
-            return None
+                        return True
+        except (CorruptChunk, ValueError):
+            return True
+        except OSError:
+            return False
         entry = DiskEntry(path, header.total_len, header.payload_len, header.num_tokens, header.checksum)
         return st.st_mtime, (ns, header.key), entry
 

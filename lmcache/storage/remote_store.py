@@ -33,6 +33,7 @@ from lmcache.storage.chunk_format import (
     CorruptChunk,
     Namespace,
     check_header,
+    check_layout,
     header_length,
     new_checksum,
     parse_header,
@@ -357,7 +358,7 @@ class RemoteStore:
                 statuses.append(MISSING)
                 continue
             decoded = try_decode(value, key, ns)
-            if decoded is None:
+            if decoded is None or not _layout_ok(decoded[0]):
                 statuses.append(CORRUPT)
                 continue
             out = sink(i, decoded[0])
@@ -424,6 +425,14 @@ class RemoteStore:
 
     def ping(self) -> bool:
         return bool(self._guard("ping", True, lambda client: client.ping()))
+
+
+def _layout_ok(header: ChunkHeader) -> bool:
+    try:
+        check_layout(header)
+    except CorruptChunk:
+        return False
+    return True
 
 
 def _protocol_error(msg: str) -> Exception:
@@ -530,6 +539,7 @@ class _RespReader:
             consumed = header_len
             header = parse_header(prefix + rest)
             check_header(header, key, ns)
+            check_layout(header)
             if header.total_len != length:
                 raise CorruptChunk("value length does not match its header")
         except CorruptChunk:

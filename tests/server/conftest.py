@@ -29,8 +29,14 @@ def workdir() -> Iterator[Path]:
 def start_server(workdir: Path) -> Iterator:
     started: list[ServerProcess] = []
 
-    def start(*extra: str, port: int | None = None, wait: bool = True, ipc: bool = True) -> ServerProcess:
-        server = ServerProcess(workdir, port, *extra, ipc=ipc)
+    def start(
+        *extra: str,
+        port: int | None = None,
+        wait: bool = True,
+        ipc: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> ServerProcess:
+        server = ServerProcess(workdir, port, *extra, ipc=ipc, env=env)
         started.append(server)
         return server.start(wait=wait)
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 import zmq
-from support.server_process import MODEL, TPB, ServerProcess, shared_pool, wait_until
+from support.server_process import MODEL, TPB, ServerProcess, server_secret, shared_pool, wait_until
 
 from lmcache.server import protocol as P
 from lmcache.server.client import CacheServerClient, ServerError, ServerUnavailable
@@ -356,7 +356,7 @@ def test_lookup_and_release_run_on_the_io_thread_unless_queued_behind_work(
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(f"tcp://127.0.0.1:{inproc_server.tcp_port}")
     try:
-        client.register(shared_pool(seed=93), 0, 1, MODEL, TPB)
+        cred = {"auth": server_secret(), "cap": client.register(shared_pool(seed=93), 0, 1, MODEL, TPB).cap}
         iid = client.instance_id
         tokens = list(range(93_000, 93_064))
         assert client.store(tokens, list(range(8)), 0, 64) == 64
@@ -371,10 +371,12 @@ def test_lookup_and_release_run_on_the_io_thread_unless_queued_behind_work(
         store_entered.clear()
         other = P.tokens_to_bytes(list(range(94_000, 94_064)))
         sock.send(
-            P.encode(P.Store(rid=1, instance_id=iid, tokens=other, block_ids=list(range(8, 16)), end=64))
+            P.encode(
+                P.Store(rid=1, instance_id=iid, tokens=other, block_ids=list(range(8, 16)), end=64, **cred)
+            )
         )
         assert store_entered.wait(20)
-        sock.send(P.encode(P.Lookup(rid=2, instance_id=iid, tokens=other)))
+        sock.send(P.encode(P.Lookup(rid=2, instance_id=iid, tokens=other, **cred)))
         # meanwhile another connection's lookup is answered on the I/O thread
         assert client.lookup(tokens) == 64
         assert threads["lookup"] == [io]

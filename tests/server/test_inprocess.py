@@ -8,12 +8,13 @@ import threading
 import pytest
 import torch
 import zmq
-from support.server_process import MODEL, TPB, shared_pool
+from support.server_process import MODEL, TPB, server_secret, shared_pool
 
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine
 from lmcache.server import protocol as P
 from lmcache.server.client import CacheServerClient, ServerUnavailable
+from lmcache.server.security import Peer
 from lmcache.server.server import CacheServer, ServerConfig, _DirectConn
 
 
@@ -25,7 +26,7 @@ def test_requests_of_one_client_run_in_order(inproc_server: CacheServer) -> None
     """A pipelined store then lookup on one connection: the lookup always sees the store."""
     client = CacheServerClient(_url(inproc_server), timeout_s=20.0)
     pool = shared_pool(seed=1)
-    client.register(pool, 0, 1, MODEL, TPB)
+    cred = {"auth": server_secret(), "cap": client.register(pool, 0, 1, MODEL, TPB).cap}
     iid = client.instance_id
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -35,10 +36,12 @@ def test_requests_of_one_client_run_in_order(inproc_server: CacheServer) -> None
             tok = P.tokens_to_bytes(list(range(round_ * 1000, round_ * 1000 + 64)))
             sock.send(
                 P.encode(
-                    P.Store(rid=2 * round_, instance_id=iid, tokens=tok, block_ids=list(range(8)), end=64)
+                    P.Store(
+                        rid=2 * round_, instance_id=iid, tokens=tok, block_ids=list(range(8)), end=64, **cred
+                    )
                 )
             )
-            sock.send(P.encode(P.Lookup(rid=2 * round_ + 1, instance_id=iid, tokens=tok)))
+            sock.send(P.encode(P.Lookup(rid=2 * round_ + 1, instance_id=iid, tokens=tok, **cred)))
             replies = {}
             for _ in range(2):
                 assert sock.poll(20_000)
@@ -184,11 +187,12 @@ def test_lookups_send_chunk_hashes_that_agree_with_tokens(
         infos = [c.register(pools[rank], rank, 2, MODEL, TPB) for rank, c in enumerate(clients)]
         assert all(info.hashing is not None and info.hashing.algorithm == "blake3" for info in infos)
         owner, tokens = clients[0].instance_id, list(range(3000, 3100))  # 3 chunks + 4 tokens
+        cred = {"auth": server_secret(), "cap": infos[0].cap}
         for c in clients:
             c.store(tokens, list(range(13)), 0, 96 if c is clients[0] else 64, cache_salt="s")
         for salt, expected in (("s", 64), (None, 0)):
             by_tokens = _raw_lookup(
-                sock, P.Lookup(instance_id=owner, tokens=P.tokens_to_bytes(tokens), cache_salt=salt)
+                sock, P.Lookup(instance_id=owner, tokens=P.tokens_to_bytes(tokens), cache_salt=salt, **cred)
             )
             assert by_tokens.value == expected
             assert clients[0].lookup(tokens, salt) == expected  # both ranks, as by tokens
@@ -198,13 +202,17 @@ def test_lookups_send_chunk_hashes_that_agree_with_tokens(
         assert engine.l1.pinned_keys() == [] and len(by_hashes) == 3
         digests = b"".join(engine.hasher(inproc_server._instances[owner].space).chunk_hashes(tokens, "s"))
         reply = _raw_lookup(
-            sock, P.LookupHashes(instance_id=owner, chunk_hashes=digests[:-1], num_tokens=100)
+            sock, P.LookupHashes(instance_id=owner, chunk_hashes=digests[:-1], num_tokens=100, **cred)
         )
         assert reply.error is not None and reply.error.code == "invalid"
         assert "95 bytes is not a whole number of 32-byte digests" in reply.error.message
-        reply = _raw_lookup(sock, P.LookupHashes(instance_id=owner, chunk_hashes=digests, num_tokens=64))
+        reply = _raw_lookup(
+            sock, P.LookupHashes(instance_id=owner, chunk_hashes=digests, num_tokens=64, **cred)
+        )
         assert reply.error is not None and "3 chunk hashes for 64 tokens" in reply.error.message
-        reply = _raw_lookup(sock, P.LookupHashes(instance_id=owner, chunk_hashes=digests, num_tokens=100))
+        reply = _raw_lookup(
+            sock, P.LookupHashes(instance_id=owner, chunk_hashes=digests, num_tokens=100, **cred)
+        )
         assert reply.value == 64
     finally:
         sock.close(0)
@@ -230,7 +238,7 @@ def test_io_thread_busy_polls_after_a_request_but_never_beside_running_workers()
     try:
         assert server._poll_timeout_ms() > 0  # idle since start: sleep in poll
         for s in (server, idle):
-            s._on_request(b"client", P.encode(P.Ping(rid=1)))
+            s._on_request(b"client", P.encode(P.Ping(rid=1)), Peer())
         assert server._poll_timeout_ms() == 0
         assert idle._poll_timeout_ms() > 0
         server._running.add(b"worker-busy")  # a worker runs a copy: the GIL is theirs
@@ -243,7 +251,7 @@ def test_io_thread_busy_polls_after_a_request_but_never_beside_running_workers()
 def test_a_worker_sends_a_direct_reply_itself_only_when_nothing_waits_before_it() -> None:
     ours, peer = socket.socketpair()
     ours.setblocking(False)
-    conn = _DirectConn(ours, 1)
+    conn = _DirectConn(ours, 1, Peer(), 0.0)
     try:
         assert conn.send_from_worker(b"small") is True
         assert peer.recv(16) == b"small"

@@ -23,7 +23,7 @@ from tier_helpers import (
 from lmcache.keys import ChunkKey
 from lmcache.storage import disk_store
 from lmcache.storage.chunk_format import Namespace, encode_header, parse_header, payload_checksum
-from lmcache.storage.disk_store import DiskStore
+from lmcache.storage.disk_store import TIER_DIR, DiskStore
 
 HERE = Path(__file__).parent
 NS = Namespace("m", b"sig")
@@ -75,7 +75,7 @@ def test_files_are_sharded_by_namespace_and_hash(tmp_path: Path) -> None:
     store = DiskStore(tmp_path, 1 << 20)
     store.write(NS, key(5), 1, payload(5))
     path = store.lookup(NS, key(5)).path
-    assert path == tmp_path / NS.tag / key(5).chunk_hash.hex()[:2] / f"{key(5).hex()}.kv"
+    assert path == tmp_path / TIER_DIR / NS.tag / key(5).chunk_hash.hex()[:2] / f"{key(5).hex()}.kv"
     assert path.exists() and not list(tmp_path.rglob("*.tmp"))
 
 

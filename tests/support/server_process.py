@@ -26,6 +26,11 @@ POOL_SHAPE = (64, 2, 2, TPB * 16)
 MODEL = "test/tiny"
 
 
+def server_secret() -> bytes:
+    """The server secret of the test session (tests/conftest.py), for hand-made request frames."""
+    return os.environ["LMCACHE_SERVER_SECRET"].encode()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -52,8 +57,16 @@ def shared_pool(seed: int | None = None, shape: tuple[int, ...] = POOL_SHAPE) ->
 class ServerProcess:
     """A cache server subprocess; ``stop()`` kills it if still running."""
 
-    def __init__(self, workdir: Path, port: int | None = None, *extra: str, ipc: bool = True) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *extra: str,
+        ipc: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
+        self.env = env or {}
         self.port = port or free_port()
         self.ipc_path = str(workdir / "s.sock") if ipc else ""
         self.extra = extra
@@ -84,7 +97,9 @@ class ServerProcess:
             *self.extra,
         ]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env())
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(**self.env)
+            )
         if wait:
             self.wait_ready()
         return self
