@@ -63,6 +63,7 @@ from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
 from lmcache.server import protocol as P
 from lmcache.server.pool_sharing import MappedPool, PoolSharingError, open_pool
+from lmcache.transfer import BlockTransfer
 
 logger = init_logger(__name__)
 
@@ -974,8 +975,9 @@ class CacheServer:
 
     def _transfer_args(
         self, req: P.Store | P.Retrieve, inst: _Instance
-    ) -> tuple[np.ndarray | ChunkHashes, list[int]]:
-        """The prompt (token ids, or the chunk hashes the client sent instead) and the block ids."""
+    ) -> BlockTransfer[np.ndarray | ChunkHashes]:
+        """The request's transfer: its prompt (token ids, or the chunk hashes the client sent instead),
+        salt, block ids and range."""
         blocks = P.ids_from_wire(req.block_ids, "block_ids")
         prompt: np.ndarray | ChunkHashes
         if req.chunk_hashes is not None:
@@ -1006,23 +1008,13 @@ class CacheServer:
                 f"block ids must be in [0, {num_blocks}) (the registered pool's blocks); got min "
                 f"{int(used.min())}, max {int(used.max())}",
             )
-        return prompt, blocks.tolist()
+        return BlockTransfer(prompt, req.cache_salt, blocks.tolist(), req.start, req.end)
 
     def _store(self, req: P.Store) -> int:
         with self._use(req.instance_id) as inst:
-            tokens, blocks = self._transfer_args(req, inst)
+            transfer = self._transfer_args(req, inst)
             began = time.perf_counter()
-            stored = self.engine.store(
-                inst.space,
-                inst.rank,
-                tokens,
-                req.cache_salt,
-                inst.pool.tensor,
-                blocks,
-                req.start,
-                req.end,
-                inst.stream,
-            )
+            stored = self.engine.store(inst.space, inst.rank, inst.pool.tensor, transfer, inst.stream)
             self._copies_done(inst, "store", stored, began)  # the client may reuse the blocks then
             return stored
 
@@ -1032,19 +1024,9 @@ class CacheServer:
             key = (req.pin_owner if req.pin_owner is not None else req.instance_id, req.pin_id)
         with self._use(req.instance_id) as inst:
             try:
-                tokens, blocks = self._transfer_args(req, inst)
+                transfer = self._transfer_args(req, inst)
                 began = time.perf_counter()
-                loaded = self.engine.retrieve(
-                    inst.space,
-                    inst.rank,
-                    tokens,
-                    req.cache_salt,
-                    inst.pool.tensor,
-                    blocks,
-                    req.start,
-                    req.end,
-                    inst.stream,
-                )
+                loaded = self.engine.retrieve(inst.space, inst.rank, inst.pool.tensor, transfer, inst.stream)
                 self._copies_done(inst, "retrieve", loaded, began)  # the blocks are in place then
                 return loaded
             finally:
