@@ -30,9 +30,10 @@ class BlockTransfer(Generic[PromptT]):
     ``[start, end)`` touches are read; the others may be ``-1`` (no page, e.g. a sliding window's
     passed blocks).
 
-    A store saves the whole chunks starting at or after ``start`` (which must be chunk-aligned)
-    and ending by ``end``. A retrieve loads ``[start, end)`` (both block-aligned), and its prompt must
-    reach the end of the chunk holding ``end``: a chunk's key covers all of its tokens.
+    A store saves the chunks starting at or after ``start`` (chunk-aligned) and ending by ``end``
+    (with ``save_unfull_chunk``, also the whole blocks of a last partial chunk). A retrieve loads
+    ``[start, end)`` (both block-aligned), and its prompt must reach the end of the chunk holding
+    ``end``: a chunk's key covers all of its tokens.
     """
 
     prompt: PromptT

@@ -257,7 +257,7 @@ class PromptHashes:
     scheme: bytes
     digests: bytes
     """The full chunks' digests, in order, concatenated."""
-    tokens: Any
+    tokens: Tokens | bytes
     """The prompt's token ids (kept by reference, never copied)."""
     cache_salt: str | int | None
 
