@@ -28,6 +28,7 @@ from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.keys import TokenHasher
 from lmcache.layout import PoolLayout
+from lmcache.transfer import BlockTransfer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_shapes import CHUNK, add_shape_args, row_shape  # noqa: E402
@@ -79,14 +80,16 @@ def bench_transfer(args: argparse.Namespace, scattered: bool) -> dict[str, float
     stream = torch.cuda.Stream() if device == "cuda" else None
 
     def store() -> None:
-        engine.store(space, 0, toks, None, pool, blocks, 0, tokens, stream)
+        engine.store(space, 0, pool, BlockTransfer(toks, None, blocks, 0, tokens), stream)
 
     t_store = best_of(store, device, repeats, setup=engine.clear)
-    engine.store(space, 0, toks, None, pool, blocks, 0, tokens, stream)
+    engine.store(space, 0, pool, BlockTransfer(toks, None, blocks, 0, tokens), stream)
     sync(device)
 
     def retrieve() -> None:
-        assert engine.retrieve(space, 0, toks, None, pool, targets, 0, tokens, stream) == tokens
+        assert (
+            engine.retrieve(space, 0, pool, BlockTransfer(toks, None, targets, 0, tokens), stream) == tokens
+        )
 
     t_retrieve = best_of(retrieve, device, repeats)
     correct = bool(torch.equal(pool[blocks], pool[targets]))
@@ -122,7 +125,7 @@ def bench_lookup(args: argparse.Namespace) -> dict[str, float]:
     out = {}
     for n in (8192, 32768):
         hit = torch.randint(0, 150_000, (n,)).tolist()
-        engine.store(space, 0, hit, None, pool, list(range(n // tpb)), 0, n)
+        engine.store(space, 0, pool, BlockTransfer(hit, None, list(range(n // tpb)), 0, n))
         for kind, toks in (("hit", hit), ("miss", torch.randint(0, 150_000, (n,)).tolist())):
             samples = []
             for _ in range(max(args.repeats * 20, 50)):

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from lmcache.server.client import CacheServerClient, wait_for_server
+from lmcache.transfer import BlockTransfer
 
 TPB = 32
 CHUNK = 256
@@ -96,7 +97,7 @@ def main() -> int:
             with CacheServerClient(url, timeout_s=30) as client:
                 client.register(pool, 0, 1, "bench/model", TPB)
                 for n, toks in prompts.items():
-                    client.store(toks, list(range(n // TPB)), 0, n)
+                    client.store(BlockTransfer(toks, None, list(range(n // TPB)), 0, n))
                     hit = client.lookup(toks)
                     assert hit == n, f"expected a full hit of {n} tokens, got {hit}"
                     res = _time(lambda t=toks: client.lookup(t), args.repeats, args.warmup)

@@ -66,6 +66,7 @@ from lmcache.config import LMCacheEngineConfig  # noqa: E402
 from lmcache.engine import CacheEngine, KeySpace  # noqa: E402
 from lmcache.integration.tensorrt_llm.save_queue import SaveQueue  # noqa: E402
 from lmcache.layout import PoolLayout  # noqa: E402
+from lmcache.transfer import BlockTransfer  # noqa: E402
 
 GIB = 1 << 30
 
@@ -119,7 +120,7 @@ class Setup:
             queue = self._queues[id(engine)] = SaveQueue(self.pool.device, "bench-save")
 
         def store(stream: Any) -> None:
-            engine.store(self.space, 0, tokens, None, self.pool, blocks, start, end, stream)
+            engine.store(self.space, 0, self.pool, BlockTransfer(tokens, None, blocks, start, end), stream)
 
         return queue.submit(store, self.current())
 

@@ -73,6 +73,7 @@ from prefill_model import (  # noqa: E402
 from lmcache.config import LMCacheEngineConfig  # noqa: E402
 from lmcache.engine import CacheEngine, KeySpace  # noqa: E402
 from lmcache.layout import PoolLayout  # noqa: E402
+from lmcache.transfer import BlockTransfer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "bench/prefill-model"
@@ -102,7 +103,7 @@ class EngineTier:
 
     def store(self, tokens: list[int], blocks: list[int], expected: int) -> None:
         stored = self.engine.store(
-            self.space, 0, tokens, None, self.pool, blocks, 0, len(tokens), self.stream()
+            self.space, 0, self.pool, BlockTransfer(tokens, None, blocks, 0, len(tokens)), self.stream()
         )
         sync(self.pool.device)
         if stored != expected:
@@ -133,7 +134,7 @@ class EngineTier:
             self.engine.release(rid)
             raise BenchFailure(f"{self.name}: lookup found {hit} tokens, expected >= {end}")
         return self.engine.retrieve(
-            self.space, 0, tokens, None, self.pool, blocks, 0, end, self.stream(), pin_id=rid
+            self.space, 0, self.pool, BlockTransfer(tokens, None, blocks, 0, end), self.stream(), pin_id=rid
         )
 
     def after_length(self) -> None:
@@ -189,7 +190,7 @@ class MPTier:
 
     def store(self, tokens: list[int], blocks: list[int], expected: int) -> None:
         sync(self.pool.device)  # the server reads the blocks from another process
-        stored = self.client.store(tokens, blocks, 0, len(tokens))
+        stored = self.client.store(BlockTransfer(tokens, None, blocks, 0, len(tokens)))
         if stored != expected:
             raise BenchFailure(f"mp: store saved {stored} tokens, expected {expected}")
 
@@ -204,7 +205,8 @@ class MPTier:
             raise BenchFailure(f"mp: lookup found {hit} tokens, expected >= {end}")
         if self.pool.is_cuda:
             torch.cuda.current_stream().synchronize()  # as the adapter: earlier kernels done with the blocks
-        return self.client.retrieve(tokens, blocks, 0, end, pin_id=rid, chunk_hashes=hashes)
+        prompt = hashes if hashes is not None else tokens
+        return self.client.retrieve(BlockTransfer(prompt, None, blocks, 0, end), pin_id=rid)
 
     def after_length(self) -> None:
         self.client.clear()

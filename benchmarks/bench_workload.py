@@ -65,6 +65,7 @@ from prefill_model import (  # noqa: E402
 from lmcache.config import LMCacheEngineConfig  # noqa: E402
 from lmcache.engine import CacheEngine, KeySpace  # noqa: E402
 from lmcache.layout import PoolLayout  # noqa: E402
+from lmcache.transfer import BlockTransfer  # noqa: E402
 
 GIB = 1 << 30
 
@@ -187,7 +188,10 @@ class Runner:
         span = self.num_blocks * self.model.tpb // chunk * chunk
         for seed in range(2 + int(gb * GIB) // (span * self.bpt)):
             engine.store(
-                self.space, 0, random_tokens(span, 7, 10**9 + seed), None, self.pool, blocks, 0, span
+                self.space,
+                0,
+                self.pool,
+                BlockTransfer(random_tokens(span, 7, 10**9 + seed), None, blocks, 0, span),
             )
             sync(self.dev)
         engine.clear()
@@ -216,12 +220,8 @@ class Runner:
                     got = engine.retrieve(
                         self.space,
                         0,
-                        req.prompt,
-                        None,
                         self.pool,
-                        blocks,
-                        begin,
-                        end,
+                        BlockTransfer(req.prompt, None, blocks, begin, end),
                         self.current(),
                         pin_id=rid,
                     )
@@ -242,7 +242,13 @@ class Runner:
             if engine is not None:
                 if self.cuda:
                     self.save_stream.wait_stream(self.current())
-                engine.store(self.space, 0, full, None, self.pool, blocks, 0, len(full), self.save_stream)
+                engine.store(
+                    self.space,
+                    0,
+                    self.pool,
+                    BlockTransfer(full, None, blocks, 0, len(full)),
+                    self.save_stream,
+                )
                 if self.cuda:
                     last_save = torch.cuda.Event()
                     last_save.record(self.save_stream)

@@ -54,6 +54,7 @@ sys.path.insert(0, str(REPO))
 
 from lmcache.server.client import CacheServerClient, wait_for_server  # noqa: E402
 from lmcache.server.pool_sharing import CudaArray, RawCudaIPCWrapper, cuda_api  # noqa: E402
+from lmcache.transfer import BlockTransfer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_shapes import CHUNK, add_shape_args, row_shape  # noqa: E402
@@ -208,18 +209,19 @@ def main() -> int:
             ipc.clear()  # keeps the slabs; the next store reuses them
             toks = torch.randint(0, 150_000, (tokens_n,), generator=gen).tolist()
             hashes = ipc.chunk_hashes(toks)
+            prompt = hashes if hashes is not None else toks
             pool[:blocks_n].normal_()
             pool[blocks_n : 2 * blocks_n].zero_()
             torch.cuda.synchronize()  # the blocks are final before the server reads them
-            stored, t_store = timed(lambda t=toks, h=hashes: ipc.store(t, src, 0, tokens_n, chunk_hashes=h))
+            stored, t_store = timed(lambda p=prompt: ipc.store(BlockTransfer(p, None, src, 0, tokens_n)))
             hit = ipc.lookup(toks, pin_id="bench", chunk_hashes=hashes)
             loaded, t_load = timed(
-                lambda t=toks, h=hashes, n=hit: ipc.retrieve(t, dst, 0, n, pin_id="bench", chunk_hashes=h)
+                lambda p=prompt, n=hit: ipc.retrieve(BlockTransfer(p, None, dst, 0, n), pin_id="bench")
             )
             same = stored == tokens_n and hit == tokens_n and loaded == tokens_n
             same = same and torch.equal(pool[src], pool[dst])
             pool[blocks_n : 2 * blocks_n].zero_()
-            again, t_tokens = timed(lambda t=toks: ipc.retrieve(t, dst, 0, tokens_n))
+            again, t_tokens = timed(lambda t=toks: ipc.retrieve(BlockTransfer(t, None, dst, 0, tokens_n)))
             same = same and again == tokens_n and torch.equal(pool[src], pool[dst])
             equal = equal and same
             if i == 0:
@@ -253,7 +255,7 @@ def main() -> int:
         lookup_toks = torch.randint(0, 150_000, (args.lookup_tokens,), generator=gen).tolist()
         lookup_n = args.lookup_tokens // CHUNK * CHUNK
         torch.cuda.synchronize()
-        ipc.store(lookup_toks, list(range(lookup_n // tpb)), 0, lookup_n)
+        ipc.store(BlockTransfer(lookup_toks, None, list(range(lookup_n // tpb)), 0, lookup_n))
         for name, client in (("ipc", ipc), ("tcp", tcp)):
             for _ in range(20):
                 client.lookup(lookup_toks)

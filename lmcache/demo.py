@@ -16,6 +16,7 @@ import torch
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.layout import PoolLayout
+from lmcache.transfer import BlockTransfer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,12 +54,14 @@ def main(argv: list[str] | None = None) -> None:
         """One store, lookup and load under a fresh cache salt (so every run moves every byte)."""
         engine.clear()
         stored, t_store = timed(
-            lambda: engine.store(space, 0, tokens, salt, pool, saved_blocks, 0, args.tokens)
+            lambda: engine.store(space, 0, pool, BlockTransfer(tokens, salt, saved_blocks, 0, args.tokens))
         )
         hit, t_lookup = timed(lambda: engine.lookup(space, tokens, salt, pin_id=salt))
         pool[loaded_blocks] = 0
         loaded, t_load = timed(
-            lambda: engine.retrieve(space, 0, tokens, salt, pool, loaded_blocks, 0, hit, pin_id=salt)
+            lambda: engine.retrieve(
+                space, 0, pool, BlockTransfer(tokens, salt, loaded_blocks, 0, hit), pin_id=salt
+            )
         )
         same = torch.equal(pool[saved_blocks], pool[loaded_blocks])
         return stored, hit, loaded, same, t_store, t_lookup, t_load

@@ -29,6 +29,7 @@ from lmcache.memory import HostArena
 from lmcache.storage.chunk_format import Namespace
 from lmcache.storage.cpu_store import CachedChunk, CpuStore
 from lmcache.storage.tiers import TierManager
+from lmcache.transfer import BlockTransfer
 
 logger = init_logger(__name__)
 
@@ -381,21 +382,19 @@ class CacheEngine:
         self,
         space: KeySpace,
         rank: int,
-        tokens: Tokens | ChunkHashes,
-        salt: CacheSalt,
         pool: torch.Tensor,
-        block_ids: Sequence[int],
-        start: int,
-        end: int,
+        transfer: BlockTransfer[Tokens | ChunkHashes],
         stream: Any = None,
     ) -> int:
-        """Save the chunks of ``tokens`` (token ids, or the prompt's :class:`ChunkHashes`) that start
-        at or after ``start`` and end by ``end``.
+        """Save the chunks of ``transfer.prompt`` (token ids, or the prompt's :class:`ChunkHashes`) that
+        start at or after ``transfer.start`` and end by ``transfer.end``, from ``pool``'s blocks.
 
         ``start`` must be chunk-aligned. Chunks already cached are skipped. Returns the number of
         tokens newly stored. On CUDA the copies are enqueued on ``stream``; readers are ordered
         after them by an event, so nothing waits on the host here.
         """
+        tokens, salt, block_ids = transfer.prompt, transfer.salt, transfer.block_ids
+        start, end = transfer.start, transfer.end
         began = time.perf_counter()
         size = self.config.chunk_size
         if start % size:
@@ -456,18 +455,15 @@ class CacheEngine:
         self,
         space: KeySpace,
         rank: int,
-        tokens: Tokens | ChunkHashes,
-        salt: CacheSalt,
         pool: torch.Tensor,
-        block_ids: Sequence[int],
-        start: int,
-        end: int,
+        transfer: BlockTransfer[Tokens | ChunkHashes],
         stream: Any = None,
         pin_id: Hashable | None = None,
     ) -> int:
-        """Load tokens ``[start, end)`` into their blocks; returns how many tokens were loaded.
+        """Load tokens ``[transfer.start, transfer.end)`` into their blocks of ``pool``; returns how
+        many tokens were loaded.
 
-        ``start`` and ``end`` must be block-aligned; ``tokens`` (token ids or :class:`ChunkHashes`)
+        ``start`` and ``end`` must be block-aligned; the prompt (token ids or :class:`ChunkHashes`)
         must reach the end of the chunk that holds ``end`` (its key covers the whole chunk). Blocks
         before ``start`` are never written.
         Loading stops at the first chunk not cached, so the result is a prefix of the request: every
@@ -475,7 +471,7 @@ class CacheEngine:
         rank's pins of ``pin_id`` are released afterwards.
         """
         try:
-            return self._retrieve(space, rank, tokens, salt, pool, block_ids, start, end, stream)
+            return self._retrieve(space, rank, pool, transfer, stream)
         finally:
             if pin_id is not None:
                 self.release(pin_id, rank)
@@ -484,14 +480,12 @@ class CacheEngine:
         self,
         space: KeySpace,
         rank: int,
-        tokens: Tokens | ChunkHashes,
-        salt: CacheSalt,
         pool: torch.Tensor,
-        block_ids: Sequence[int],
-        start: int,
-        end: int,
+        transfer: BlockTransfer[Tokens | ChunkHashes],
         stream: Any,
     ) -> int:
+        tokens, salt, block_ids = transfer.prompt, transfer.salt, transfer.block_ids
+        start, end = transfer.start, transfer.end
         began = time.perf_counter()
         layout = self._check_pool(space, pool)
         tpb = layout.tokens_per_block

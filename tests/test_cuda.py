@@ -10,6 +10,7 @@ from lmcache import c_ops
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.layout import PoolLayout
+from lmcache.transfer import BlockTransfer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -100,7 +101,7 @@ def test_engine_round_trip_with_pinned_l1_and_event_ordering() -> None:
     save.wait_stream(torch.cuda.current_stream())
     torch.cuda.set_sync_debug_mode("error")
     try:
-        assert engine.store(space, 0, toks, None, pool, src, 0, 1024, save) == 1024
+        assert engine.store(space, 0, pool, BlockTransfer(toks, None, src, 0, 1024), save) == 1024
     finally:
         torch.cuda.set_sync_debug_mode("default")
     chunk = engine.l1.get(engine.chunk_spans(space, 0, toks, None)[0].key)
@@ -108,7 +109,7 @@ def test_engine_round_trip_with_pinned_l1_and_event_ordering() -> None:
     assert engine.lookup(space, toks, pin_id="r") == 1024
     dst = list(range(60, 92))
     # The load stream never synchronized with the save stream: the engine orders it by event.
-    assert engine.retrieve(space, 0, toks, None, pool, dst, 0, 1024, load, pin_id="r") == 1024
+    assert engine.retrieve(space, 0, pool, BlockTransfer(toks, None, dst, 0, 1024), load, pin_id="r") == 1024
     load.synchronize()
     assert torch.equal(pool[dst], pool[src])
     assert bool((pool[dst] == 3.0).all())
@@ -119,10 +120,10 @@ def test_retrieve_skips_blocks_before_start_on_cuda() -> None:
     engine = CacheEngine(LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.5))
     space = KeySpace("m", PoolLayout.of_pool(pool, TPB))
     toks = list(range(512))
-    engine.store(space, 0, toks, None, pool, list(range(16)), 0, 512)
+    engine.store(space, 0, pool, BlockTransfer(toks, None, list(range(16)), 0, 512))
     dst = list(range(40, 56))
     pool[dst] = 0
-    assert engine.retrieve(space, 0, toks, None, pool, dst, 96, 512) == 416
+    assert engine.retrieve(space, 0, pool, BlockTransfer(toks, None, dst, 96, 512)) == 416
     torch.cuda.synchronize()
     assert int(torch.count_nonzero(pool[dst[:3]])) == 0
     assert torch.equal(pool[dst[3:]], pool[list(range(3, 16))])
@@ -144,7 +145,7 @@ def test_store_orders_the_callers_stream_after_copies_on_both_lanes() -> None:
     save.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(c_ops._side_stream(pool.device)):
         torch.cuda._sleep(200_000_000)
-    assert engine.store(space, 0, toks, None, pool, src, 0, len(toks), save) == len(toks)
+    assert engine.store(space, 0, pool, BlockTransfer(toks, None, src, 0, len(toks)), save) == len(toks)
     done = torch.cuda.Event()
     done.record(save)
     done.synchronize()

@@ -7,6 +7,7 @@ from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.keys import ChunkHashes, ChunkKey
 from lmcache.layout import PoolLayout
+from lmcache.transfer import BlockTransfer
 
 TPB = 16
 CHUNK = 64  # 4 blocks per chunk
@@ -29,10 +30,10 @@ def test_store_lookup_retrieve_round_trip() -> None:
     engine, space, pool = make()
     toks = tokens(200)  # 3 full chunks + 8 tokens
     src = list(range(13))
-    assert engine.store(space, 0, toks, None, pool, src, 0, 200) == 192
+    assert engine.store(space, 0, pool, BlockTransfer(toks, None, src, 0, 200)) == 192
     assert engine.lookup(space, toks) == 192
     dst = list(range(30, 43))
-    assert engine.retrieve(space, 0, toks, None, pool, dst, 0, 192) == 192
+    assert engine.retrieve(space, 0, pool, BlockTransfer(toks, None, dst, 0, 192)) == 192
     assert torch.equal(pool[dst[:12]], pool[src[:12]])
     assert engine.stats.stored_chunks == 3 and engine.stats.retrieved_chunks == 3
 
@@ -40,23 +41,23 @@ def test_store_lookup_retrieve_round_trip() -> None:
 def test_store_skips_chunks_already_cached_and_respects_start() -> None:
     engine, space, pool = make()
     toks = tokens(256)
-    assert engine.store(space, 0, toks, None, pool, list(range(16)), 0, 128) == 128
-    assert engine.store(space, 0, toks, None, pool, list(range(16)), 0, 256) == 128
+    assert engine.store(space, 0, pool, BlockTransfer(toks, None, list(range(16)), 0, 128)) == 128
+    assert engine.store(space, 0, pool, BlockTransfer(toks, None, list(range(16)), 0, 256)) == 128
     assert engine.stats.stored_chunks == 4
     with pytest.raises(ValueError, match="multiple of chunk_size"):
-        engine.store(space, 0, toks, None, pool, list(range(16)), 16, 256)
+        engine.store(space, 0, pool, BlockTransfer(toks, None, list(range(16)), 16, 256))
 
 
 def test_retrieve_never_writes_blocks_before_start() -> None:
     engine, space, pool = make()
     toks = tokens(128)
-    engine.store(space, 0, toks, None, pool, list(range(8)), 0, 128)
+    engine.store(space, 0, pool, BlockTransfer(toks, None, list(range(8)), 0, 128))
     dst = list(range(40, 48))
     sentinel = pool[dst].clone()
     pool[dst] = 0.0
     pool[dst[:3]] = sentinel[:3]  # TRT-LLM already holds the first 3 blocks (48 tokens)
     marker = pool[dst[:3]].clone()
-    assert engine.retrieve(space, 0, toks, None, pool, dst, 48, 128) == 80
+    assert engine.retrieve(space, 0, pool, BlockTransfer(toks, None, dst, 48, 128)) == 80
     assert torch.equal(pool[dst[:3]], marker)
     assert torch.equal(pool[dst[3:]], pool[list(range(3, 8))])
 
@@ -64,12 +65,12 @@ def test_retrieve_never_writes_blocks_before_start() -> None:
 def test_retrieve_reports_exactly_what_it_loaded_and_leaves_the_rest_untouched() -> None:
     engine, space, pool = make()
     toks = tokens(256)
-    engine.store(space, 0, toks, None, pool, list(range(16)), 0, 256)
+    engine.store(space, 0, pool, BlockTransfer(toks, None, list(range(16)), 0, 256))
     third = engine.chunk_spans(space, 0, toks, None)[2].key
     assert engine.l1.remove(third)
     dst = list(range(40, 56))
     pool[dst] = 0.0
-    assert engine.retrieve(space, 0, toks, None, pool, dst, 0, 256) == 128
+    assert engine.retrieve(space, 0, pool, BlockTransfer(toks, None, dst, 0, 256)) == 128
     assert torch.equal(pool[dst[:8]], pool[list(range(8))])
     assert torch.count_nonzero(pool[dst[8:]]) == 0
     assert engine.stats.failed_retrieves == 1
@@ -79,15 +80,18 @@ def test_pinned_hit_survives_eviction_pressure_until_retrieved() -> None:
     # Room for 4 chunks of 4 blocks x 2 KiB.
     engine, space, pool = make(num_blocks=80, cpu_gib=4 * 4 * 2048 / 2**30)
     a = tokens(128)
-    engine.store(space, 0, a, None, pool, list(range(8)), 0, 128)
+    engine.store(space, 0, pool, BlockTransfer(a, None, list(range(8)), 0, 128))
     assert engine.lookup(space, a, pin_id="req-a") == 128
     for i in range(4):  # would evict a's chunks without the pins
         engine.store(
-            space, 0, tokens(64, 10_000 * (i + 1)), None, pool, list(range(8 + 4 * i, 12 + 4 * i)), 0, 64
+            space,
+            0,
+            pool,
+            BlockTransfer(tokens(64, 10_000 * (i + 1)), None, list(range(8 + 4 * i, 12 + 4 * i)), 0, 64),
         )
     assert engine.l1.skipped_stores >= 2
     dst = list(range(60, 68))
-    assert engine.retrieve(space, 0, a, None, pool, dst, 0, 128, pin_id="req-a") == 128
+    assert engine.retrieve(space, 0, pool, BlockTransfer(a, None, dst, 0, 128), pin_id="req-a") == 128
     assert torch.equal(pool[dst], pool[list(range(8))])
     assert engine.pinned_ids() == [] and engine.l1.pinned_keys() == []
 
@@ -95,7 +99,7 @@ def test_pinned_hit_survives_eviction_pressure_until_retrieved() -> None:
 def test_release_unpins_and_relookup_replaces_pins() -> None:
     engine, space, pool = make()
     a = tokens(128)
-    engine.store(space, 0, a, None, pool, list(range(8)), 0, 128)
+    engine.store(space, 0, pool, BlockTransfer(a, None, list(range(8)), 0, 128))
     engine.lookup(space, a, pin_id=1)
     engine.lookup(space, a, pin_id=1)
     assert len(engine.l1.pinned_keys()) == 2
@@ -107,7 +111,7 @@ def test_release_unpins_and_relookup_replaces_pins() -> None:
 def test_salt_model_layout_and_rank_separate_keys() -> None:
     engine, space, pool = make()
     toks = tokens(128)
-    engine.store(space, 0, toks, "tenant-a", pool, list(range(8)), 0, 128)
+    engine.store(space, 0, pool, BlockTransfer(toks, "tenant-a", list(range(8)), 0, 128))
     assert engine.lookup(space, toks, "tenant-a") == 128
     assert engine.lookup(space, toks, "tenant-b") == 0
     assert engine.lookup(space, toks) == 0
@@ -121,8 +125,8 @@ def test_lookup_for_all_ranks_is_the_shortest_prefix() -> None:
     engine, _, pool = make()
     space = KeySpace("model", PoolLayout.of_pool(pool, TPB), world_size=2)
     toks = tokens(256)
-    engine.store(space, 0, toks, None, pool, list(range(16)), 0, 256)
-    engine.store(space, 1, toks, None, pool, list(range(16)), 0, 128)
+    engine.store(space, 0, pool, BlockTransfer(toks, None, list(range(16)), 0, 256))
+    engine.store(space, 1, pool, BlockTransfer(toks, None, list(range(16)), 0, 128))
     assert engine.lookup(space, toks, ranks=(0,)) == 256
     assert engine.lookup(space, toks, ranks=(0, 1), pin_id="r") == 128
     assert len(engine.l1.pinned_keys()) == 4
@@ -132,8 +136,8 @@ def test_lookup_by_chunk_hashes_matches_lookup_by_tokens() -> None:
     engine, _, pool = make()
     space = KeySpace("model", PoolLayout.of_pool(pool, TPB), world_size=2)
     toks = tokens(300)  # 4 full chunks + 44 tokens
-    engine.store(space, 0, toks, "salt", pool, list(range(19)), 0, 300)
-    engine.store(space, 1, toks, "salt", pool, list(range(19)), 0, 128)
+    engine.store(space, 0, pool, BlockTransfer(toks, "salt", list(range(19)), 0, 300))
+    engine.store(space, 1, pool, BlockTransfer(toks, "salt", list(range(19)), 0, 128))
     hasher = engine.hasher(space)
     for salt in ("salt", None, 7):
         hashes = hasher.chunk_hashes(toks, salt)
@@ -174,11 +178,11 @@ def test_store_and_retrieve_by_chunk_hashes_are_interchangeable_with_tokens() ->
     assert len(hashes) == 256
     src = list(range(19))
     # Stored by hashes (only the first two chunks), found and loaded by tokens; then the reverse.
-    assert engine.store(space, 0, hashes, None, pool, src, 0, 150) == 128
+    assert engine.store(space, 0, pool, BlockTransfer(hashes, None, src, 0, 150)) == 128
     assert engine.lookup(space, toks, "salt") == 128
-    assert engine.store(space, 0, toks, "salt", pool, src, 128, 300) == 128
+    assert engine.store(space, 0, pool, BlockTransfer(toks, "salt", src, 128, 300)) == 128
     dst = list(range(40, 59))
-    assert engine.retrieve(space, 0, hashes, None, pool, dst, 0, 240) == 240
+    assert engine.retrieve(space, 0, pool, BlockTransfer(hashes, None, dst, 0, 240)) == 240
     assert torch.equal(pool[dst[:15]], pool[src[:15]])
     assert torch.count_nonzero(pool[dst[15:]] - pool[src[15:]]) > 0  # the block holding 240.. untouched
 
@@ -187,17 +191,26 @@ def test_chunk_hashes_that_cannot_name_the_range_are_refused_before_any_copy() -
     engine, space, pool = make()
     toks = tokens(256)
     hashes = engine.hasher(space).chunk_hashes(toks)
-    engine.store(space, 0, toks, None, pool, list(range(16)), 0, 256)
+    engine.store(space, 0, pool, BlockTransfer(toks, None, list(range(16)), 0, 256))
     before = pool.clone()
     with pytest.raises(ValueError, match=r"2 chunk hashes cover 128 tokens; .* up to token 192"):
-        engine.retrieve(space, 0, ChunkHashes(hashes[:2], CHUNK), None, pool, list(range(30, 42)), 0, 176)
+        engine.retrieve(
+            space, 0, pool, BlockTransfer(ChunkHashes(hashes[:2], CHUNK), None, list(range(30, 42)), 0, 176)
+        )
     with pytest.raises(ValueError, match="32-byte digests"):
-        engine.retrieve(space, 0, ChunkHashes([hashes[0][:8]], CHUNK), None, pool, list(range(30, 34)), 0, 64)
+        engine.retrieve(
+            space,
+            0,
+            pool,
+            BlockTransfer(ChunkHashes([hashes[0][:8]], CHUNK), None, list(range(30, 34)), 0, 64),
+        )
     with pytest.raises(ValueError, match="of 32-token chunks; this cache uses 64"):
-        engine.store(space, 0, ChunkHashes(hashes, 32), None, pool, list(range(16)), 0, 128)
+        engine.store(space, 0, pool, BlockTransfer(ChunkHashes(hashes, 32), None, list(range(16)), 0, 128))
     unfull, space2, _ = make(save_unfull_chunk=True)
     with pytest.raises(ValueError, match="save_unfull_chunk"):
-        unfull.store(space2, 0, ChunkHashes(hashes, CHUNK), None, pool, list(range(16)), 0, 256)
+        unfull.store(
+            space2, 0, pool, BlockTransfer(ChunkHashes(hashes, CHUNK), None, list(range(16)), 0, 256)
+        )
     assert torch.equal(pool, before) and engine.l1.pinned_keys() == []
     assert len(unfull.l1) == 0
     with pytest.raises(ValueError, match="whole number of 32-byte digests"):
@@ -207,27 +220,27 @@ def test_chunk_hashes_that_cannot_name_the_range_are_refused_before_any_copy() -
 def test_save_unfull_chunk_stores_block_aligned_tail() -> None:
     engine, space, pool = make(save_unfull_chunk=True)
     toks = tokens(100)  # 1 chunk + 36 tokens -> tail of 2 blocks (32 tokens)
-    assert engine.store(space, 0, toks, None, pool, list(range(7)), 0, 100) == 96
+    assert engine.store(space, 0, pool, BlockTransfer(toks, None, list(range(7)), 0, 100)) == 96
     assert engine.lookup(space, toks) == 96
     dst = list(range(20, 27))
-    assert engine.retrieve(space, 0, toks, None, pool, dst, 0, 96) == 96
+    assert engine.retrieve(space, 0, pool, BlockTransfer(toks, None, dst, 0, 96)) == 96
     assert torch.equal(pool[dst[:6]], pool[list(range(6))])
     plain, space2, pool2 = make()
-    assert plain.store(space2, 0, toks, None, pool2, list(range(7)), 0, 100) == 64
+    assert plain.store(space2, 0, pool2, BlockTransfer(toks, None, list(range(7)), 0, 100)) == 64
 
 
 def test_bad_arguments_are_refused_without_side_effects() -> None:
     engine, space, pool = make()
     toks = tokens(128)
     with pytest.raises(ValueError, match="block ids cannot hold"):
-        engine.store(space, 0, toks, None, pool, [0, 1], 0, 128)
+        engine.store(space, 0, pool, BlockTransfer(toks, None, [0, 1], 0, 128))
     with pytest.raises(IndexError):
-        engine.store(space, 0, toks, None, pool, [0, 1, 2, 3, 4, 5, 6, 999], 0, 128)
+        engine.store(space, 0, pool, BlockTransfer(toks, None, [0, 1, 2, 3, 4, 5, 6, 999], 0, 128))
     assert len(engine.l1) == 0
     with pytest.raises(ValueError, match="block-aligned"):
-        engine.retrieve(space, 0, toks, None, pool, list(range(8)), 5, 128)
+        engine.retrieve(space, 0, pool, BlockTransfer(toks, None, list(range(8)), 5, 128))
     with pytest.raises(ValueError, match="does not match the registered layout"):
-        engine.store(space, 0, toks, None, torch.zeros(8, 2, 2, 8), list(range(8)), 0, 128)
+        engine.store(space, 0, torch.zeros(8, 2, 2, 8), BlockTransfer(toks, None, list(range(8)), 0, 128))
     with pytest.raises(ValueError, match="multiple of tokens_per_block"):
         bad = CacheEngine(
             LMCacheEngineConfig.from_defaults(chunk_size=40, max_local_cpu_size=0.01), pinned=False
@@ -244,10 +257,15 @@ def test_concurrent_stores_and_lookups_stay_consistent() -> None:
             for i in range(20):
                 toks = tokens(128, worker * 100_000 + i * 1000)
                 blocks = list(range(worker * 32, worker * 32 + 8))
-                engine.store(space, 0, toks, None, pool, blocks, 0, 128)
+                engine.store(space, 0, pool, BlockTransfer(toks, None, blocks, 0, 128))
                 hit = engine.lookup(space, toks, pin_id=(worker, i))
                 dst = list(range(worker * 32 + 8, worker * 32 + 16))
-                assert engine.retrieve(space, 0, toks, None, pool, dst, 0, hit, pin_id=(worker, i)) == hit
+                assert (
+                    engine.retrieve(
+                        space, 0, pool, BlockTransfer(toks, None, dst, 0, hit), pin_id=(worker, i)
+                    )
+                    == hit
+                )
                 assert torch.equal(pool[dst[: hit // TPB]], pool[blocks[: hit // TPB]])
         except BaseException as exc:  # surfaced below
             errors.append(exc)
@@ -264,11 +282,11 @@ def test_concurrent_stores_and_lookups_stay_consistent() -> None:
 def test_save_unfull_chunk_tail_hits_a_longer_prompt() -> None:
     engine, space, pool = make(save_unfull_chunk=True)
     first = tokens(100)
-    engine.store(space, 0, first, None, pool, list(range(7)), 0, 100)
+    engine.store(space, 0, pool, BlockTransfer(first, None, list(range(7)), 0, 100))
     longer = first + tokens(200, 50_000)
     assert engine.lookup(space, longer, pin_id="r") == 96
     dst = list(range(30, 49))
-    assert engine.retrieve(space, 0, longer, None, pool, dst, 0, 96, pin_id="r") == 96
+    assert engine.retrieve(space, 0, pool, BlockTransfer(longer, None, dst, 0, 96), pin_id="r") == 96
     assert torch.equal(pool[dst[:6]], pool[list(range(6))])
     assert engine.l1.pinned_keys() == []
 
@@ -276,10 +294,10 @@ def test_save_unfull_chunk_tail_hits_a_longer_prompt() -> None:
 def test_retrieve_ending_inside_a_chunk_copies_only_rows_before_end() -> None:
     engine, space, pool = make()
     toks = tokens(128)
-    engine.store(space, 0, toks, None, pool, list(range(8)), 0, 128)
+    engine.store(space, 0, pool, BlockTransfer(toks, None, list(range(8)), 0, 128))
     dst = list(range(40, 48))
     pool[dst] = 0.0
-    assert engine.retrieve(space, 0, toks, None, pool, dst, 0, 112) == 112
+    assert engine.retrieve(space, 0, pool, BlockTransfer(toks, None, dst, 0, 112)) == 112
     assert torch.equal(pool[dst[:7]], pool[list(range(7))])
     assert torch.count_nonzero(pool[dst[7]]) == 0
 
@@ -287,11 +305,11 @@ def test_retrieve_ending_inside_a_chunk_copies_only_rows_before_end() -> None:
 def test_save_unfull_chunk_tail_loads_after_a_device_prefix() -> None:
     engine, space, pool = make(save_unfull_chunk=True)
     first = tokens(100)  # chunk [0, 64) + tail [64, 96)
-    engine.store(space, 0, first, None, pool, list(range(7)), 0, 100)
+    engine.store(space, 0, pool, BlockTransfer(first, None, list(range(7)), 0, 100))
     longer = first + tokens(100, 50_000)
     dst = list(range(30, 43))
     # TRT-LLM holds the first chunk's blocks itself; the tail chunk chains after that chunk's hash.
-    assert engine.retrieve(space, 0, longer, None, pool, dst, 64, 96) == 32
+    assert engine.retrieve(space, 0, pool, BlockTransfer(longer, None, dst, 64, 96)) == 32
     assert torch.equal(pool[dst[4:6]], pool[[4, 5]])
 
 
@@ -300,17 +318,17 @@ def test_store_failing_midway_keeps_what_it_published_and_leaks_no_slot() -> Non
     good = tokens(192)
     bad = good[:128] + [2**70] + good[129:]  # the third chunk cannot be converted
     with pytest.raises(ValueError, match="int64"):
-        engine.store(space, 0, bad, None, pool, list(range(12)), 0, 192)
+        engine.store(space, 0, pool, BlockTransfer(bad, None, list(range(12)), 0, 192))
     assert engine.lookup(space, good) == 64  # the first chunk was published before the error
     # The second chunk's slot was reserved when the error came: it must be free to store again.
-    assert engine.store(space, 0, good, None, pool, list(range(12)), 0, 192) == 128
+    assert engine.store(space, 0, pool, BlockTransfer(good, None, list(range(12)), 0, 192)) == 128
     assert engine.lookup(space, good) == 192
 
 
 def test_a_miss_on_the_first_chunk_still_replaces_the_pins_of_its_id() -> None:
     engine, space, pool = make()
     toks = tokens(128)
-    engine.store(space, 0, toks, None, pool, list(range(8)), 0, 128)
+    engine.store(space, 0, pool, BlockTransfer(toks, None, list(range(8)), 0, 128))
     assert engine.lookup(space, toks, pin_id="r") == 128
     assert len(engine.l1.pinned_keys()) == 2
     assert engine.lookup(space, tokens(128, 9999), pin_id="r") == 0  # early out: chunk 0 is not cached

@@ -27,6 +27,7 @@ from lmcache.layout import PoolLayout
 from lmcache.server.cli import build_parser
 from lmcache.server.client import CacheServerClient
 from lmcache.testing.trtllm_replay import ReplayExecutor
+from lmcache.transfer import BlockTransfer
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -196,7 +197,7 @@ def test_server_metrics_port_serves_metrics_and_health(workdir: Path) -> None:
             pool = shared_pool(seed=7)
             client.register(pool, 0, 1, SERVER_MODEL, SERVER_TPB)
             tokens = list(range(3000, 3000 + 2 * SERVER_CHUNK))
-            assert client.store(tokens, list(range(8)), 0, len(tokens)) == len(tokens)
+            assert client.store(BlockTransfer(tokens, None, list(range(8)), 0, len(tokens))) == len(tokens)
             assert client.lookup(tokens) == len(tokens)
             samples = scrape(base)
         assert value(samples, "lmcache_server_connected_instances") == 1

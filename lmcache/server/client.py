@@ -74,10 +74,11 @@ import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from lmcache.keys import HASH_ALGORITHMS, TokenHasher
+from lmcache.keys import HASH_ALGORITHMS, TokenHasher, Tokens
 from lmcache.logging import init_logger
 from lmcache.server import protocol as P
 from lmcache.server.security import client_secret, peer_of_socket, peer_of_zmq, trusted_owner
+from lmcache.transfer import BlockTransfer
 
 if TYPE_CHECKING:  # torch and pool sharing load on first register: `lmcache stats` never imports torch
     import torch
@@ -268,12 +269,16 @@ class _Pending:
 
 @dataclass(frozen=True)
 class PromptHashes:
-    """A prompt's chunk hashes (:meth:`CacheServerClient.chunk_hashes`) and the key scheme that made
-    them: a call uses them only for an instance whose scheme is the same (else it sends tokens)."""
+    """A prompt's chunk hashes (:meth:`CacheServerClient.chunk_hashes`), the key scheme that made
+    them, and the prompt they were made from: a call uses the hashes only for an instance whose
+    scheme is the same, else it sends ``tokens`` and ``cache_salt``."""
 
     scheme: bytes
     digests: bytes
     """The full chunks' digests, in order, concatenated."""
+    tokens: Tokens | bytes
+    """The prompt's token ids (kept by reference, never copied)."""
+    cache_salt: str | int | None
 
 
 @dataclass
@@ -462,16 +467,20 @@ class CacheServerClient:
         """The digests of the prompt's full chunks, as the server keys them for this instance (None if
         the server wants tokens, e.g. with ``save_unfull_chunk``).
 
-        Hash a prompt once and pass the result as ``chunk_hashes`` to :meth:`lookup`, :meth:`store` and
-        :meth:`retrieve`: they then send 32 bytes per chunk instead of 8 per token, and neither side
-        hashes again (for a 16k-token load on an H200 host, about 0.6 ms of a 1.2 ms round trip).
+        Hash a prompt once and pass the result as ``chunk_hashes`` to :meth:`lookup`, and as the
+        prompt of :meth:`store` and :meth:`retrieve` transfers: they then send 32 bytes per chunk
+        instead of 8 per token, and neither side hashes again (for a 16k-token load on an H200 host,
+        about 0.6 ms of a 1.2 ms round trip).
         """
         reg = self._registrations.get(self._iid(instance_id))
         if reg is None or reg.hasher is None:
             return None
-        if isinstance(tokens, (bytes, bytearray, memoryview)):
-            tokens = P.ids_from_wire(bytes(tokens), "tokens")
-        return PromptHashes(reg.hasher.scheme, reg.hasher.chunk_digests(tokens, cache_salt))
+        ids = (
+            P.ids_from_wire(bytes(tokens), "tokens")
+            if isinstance(tokens, (bytes, bytearray, memoryview))
+            else tokens
+        )
+        return PromptHashes(reg.hasher.scheme, reg.hasher.chunk_digests(ids, cache_salt), tokens, cache_salt)
 
     def _digests(self, iid: int, hashes: PromptHashes | None) -> bytes | None:
         """``hashes``' digests if the server keys this instance's chunks by the same scheme (it may
@@ -481,18 +490,15 @@ class CacheServerClient:
             return None
         return hashes.digests
 
-    def _prompt(
-        self, iid: int, tokens: Any, cache_salt: str | int | None, chunk_hashes: PromptHashes | None
-    ) -> dict[str, Any]:
+    def _prompt(self, iid: int, transfer: BlockTransfer[Tokens | bytes | PromptHashes]) -> dict[str, Any]:
         """The prompt fields of a store or retrieve: the chunk hashes if given and usable, else tokens."""
-        digests = self._digests(iid, chunk_hashes)
-        if digests is not None:
-            return {"tokens": b"", "chunk_hashes": digests}
-        if tokens is None:
-            raise ValueError(
-                "the server wants this prompt's tokens (it does not take chunk hashes); pass them"
-            )
-        return {"tokens": P.tokens_to_bytes(tokens), "cache_salt": cache_salt}
+        prompt = transfer.prompt
+        if isinstance(prompt, PromptHashes):
+            digests = self._digests(iid, prompt)
+            if digests is not None:
+                return {"tokens": b"", "chunk_hashes": digests}
+            return {"tokens": P.tokens_to_bytes(prompt.tokens), "cache_salt": prompt.cache_salt}
+        return {"tokens": P.tokens_to_bytes(prompt), "cache_salt": transfer.salt}
 
     def release(
         self,
@@ -507,59 +513,51 @@ class CacheServerClient:
 
     def store(
         self,
-        tokens: Any,
-        block_ids: Any,
-        start: int,
-        end: int,
-        cache_salt: str | int | None = None,
+        transfer: BlockTransfer[Tokens | bytes | PromptHashes],
         *,
-        chunk_hashes: PromptHashes | None = None,
         instance_id: int | None = None,
         timeout_s: float | None = None,
     ) -> int:
-        """Save chunks of ``tokens[start:end]`` from this rank's blocks; returns tokens newly stored.
+        """Save the chunks of ``transfer`` (see :class:`BlockTransfer`) from this rank's blocks;
+        returns tokens newly stored.
 
-        With ``chunk_hashes`` (see :meth:`chunk_hashes`) the prompt travels as its chunk hashes, and
-        only the full chunks they name are stored. CUDA: the blocks must already hold their final
-        values (synchronize the producing stream).
+        The prompt is token ids, or a :class:`PromptHashes` (see :meth:`chunk_hashes`): it then travels
+        as its chunk hashes, and only the full chunks they name are stored. CUDA: the blocks must
+        already hold their final values (synchronize the producing stream).
         """
         iid = self._iid(instance_id)
         req = P.Store(
             instance_id=iid,
-            block_ids=P.tokens_to_bytes(block_ids),
-            start=start,
-            end=end,
-            **self._prompt(iid, tokens, cache_salt, chunk_hashes),
+            block_ids=P.tokens_to_bytes(transfer.block_ids),
+            start=transfer.start,
+            end=transfer.end,
+            **self._prompt(iid, transfer),
         )
         return self._call(req, int, timeout_s, deadline=True)
 
     def retrieve(
         self,
-        tokens: Any,
-        block_ids: Any,
-        start: int,
-        end: int,
-        cache_salt: str | int | None = None,
+        transfer: BlockTransfer[Tokens | bytes | PromptHashes],
         pin_id: int | str | None = None,
         *,
         pin_owner: int | None = None,
-        chunk_hashes: PromptHashes | None = None,
         instance_id: int | None = None,
         timeout_s: float | None = None,
     ) -> int:
-        """Load tokens ``[start, end)`` into their blocks; returns how many were loaded (a prefix).
+        """Load tokens ``[transfer.start, transfer.end)`` into their blocks; returns how many were
+        loaded (a prefix).
 
-        ``chunk_hashes`` as for :meth:`store`; they must name every chunk up to the one holding ``end``.
+        The prompt as for :meth:`store`; hashes must name every chunk up to the one holding ``end``.
         """
         iid = self._iid(instance_id)
         req = P.Retrieve(
             instance_id=iid,
-            block_ids=P.tokens_to_bytes(block_ids),
-            start=start,
-            end=end,
+            block_ids=P.tokens_to_bytes(transfer.block_ids),
+            start=transfer.start,
+            end=transfer.end,
             pin_id=pin_id,
             pin_owner=pin_owner,
-            **self._prompt(iid, tokens, cache_salt, chunk_hashes),
+            **self._prompt(iid, transfer),
         )
         return self._call(req, int, timeout_s, deadline=True)
 

@@ -75,6 +75,7 @@ from lmcache.server.security import (
     peer_of_zmq,
     secret_matches,
 )
+from lmcache.transfer import BlockTransfer
 
 logger = init_logger(__name__)
 
@@ -1260,8 +1261,9 @@ class CacheServer:
 
     def _transfer_args(
         self, req: P.Store | P.Retrieve, inst: _Instance
-    ) -> tuple[np.ndarray | ChunkHashes, list[int]]:
-        """The prompt (token ids, or the chunk hashes the client sent instead) and the block ids."""
+    ) -> BlockTransfer[np.ndarray | ChunkHashes]:
+        """The request's transfer: its prompt (token ids, or the chunk hashes the client sent instead),
+        salt, block ids and range."""
         blocks = P.ids_from_wire(req.block_ids, "block_ids")
         prompt: np.ndarray | ChunkHashes
         if req.chunk_hashes is not None:
@@ -1292,11 +1294,11 @@ class CacheServer:
                 f"block ids must be in [0, {num_blocks}) (the registered pool's blocks); got min "
                 f"{int(used.min())}, max {int(used.max())}",
             )
-        if isinstance(req, P.Store) and len(np.unique(blocks)) != len(blocks):
+        if isinstance(req, P.Store) and len(np.unique(used)) != len(used):
             self._refuse("repeated_blocks")
             raise _Fail(P.ErrorCode.INVALID, "block ids repeat: each block of a prompt holds distinct tokens")
         self._check_pool(inst)
-        return prompt, blocks.tolist()
+        return BlockTransfer(prompt, req.cache_salt, blocks.tolist(), req.start, req.end)
 
     def _check_pool(self, inst: _Instance) -> None:
         """Refuse (and drop) an instance whose shared memory no longer backs its pool."""
@@ -1309,19 +1311,9 @@ class CacheServer:
 
     def _store(self, req: P.Store, peer: Peer) -> int:
         with self._use(req.instance_id, req.cap) as inst:
-            tokens, blocks = self._transfer_args(req, inst)
+            transfer = self._transfer_args(req, inst)
             began = time.perf_counter()
-            stored = self.engine.store(
-                inst.space,
-                inst.rank,
-                tokens,
-                req.cache_salt,
-                inst.pool.tensor,
-                blocks,
-                req.start,
-                req.end,
-                inst.stream,
-            )
+            stored = self.engine.store(inst.space, inst.rank, inst.pool.tensor, transfer, inst.stream)
             self._copies_done(inst, "store", stored, began)  # the client may reuse the blocks then
             self._check_pool(inst)  # shrunk during the copy: what it read were zeros
             return stored
@@ -1330,19 +1322,9 @@ class CacheServer:
         with self._use(req.instance_id, req.cap) as inst:
             key = None if req.pin_id is None else self._pin_key(inst, req.pin_owner, req.pin_id)
             try:
-                tokens, blocks = self._transfer_args(req, inst)
+                transfer = self._transfer_args(req, inst)
                 began = time.perf_counter()
-                loaded = self.engine.retrieve(
-                    inst.space,
-                    inst.rank,
-                    tokens,
-                    req.cache_salt,
-                    inst.pool.tensor,
-                    blocks,
-                    req.start,
-                    req.end,
-                    inst.stream,
-                )
+                loaded = self.engine.retrieve(inst.space, inst.rank, inst.pool.tensor, transfer, inst.stream)
                 self._copies_done(inst, "retrieve", loaded, began)  # the blocks are in place then
                 self._check_pool(inst)
                 return loaded

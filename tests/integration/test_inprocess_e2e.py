@@ -24,6 +24,7 @@ from lmcache.integration.tensorrt_llm.tensorrt_adapter import (
     process_engine,
 )
 from lmcache.testing.trtllm_replay import ReplayExecutor
+from lmcache.transfer import BlockTransfer
 
 LOOKUP_LINE = re.compile(r"LMCache TRT-LLM scheduler: req (\d+) .*lmcache_cached=(\d+) new_matched=(\d+)")
 RETRIEVED_LINE = re.compile(r"Retrieved (\d+) out of (\d+) required tokens")
@@ -179,7 +180,7 @@ def test_hit_is_pinned_between_lookup_and_load(lmcache_env) -> None:
         space = next(iter(process_engine().spaces.values()))
         pool = __import__("torch").zeros(16, *space.layout.row_shape)
         for i in range(6):
-            engine.store(space, 0, prompt(64, start=100 + i), None, pool, [0, 1, 2, 3], 0, 64)
+            engine.store(space, 0, pool, BlockTransfer(prompt(64, start=100 + i), None, [0, 1, 2, 3], 0, 64))
         return hit
 
     engine.lookup = lookup_then_flood

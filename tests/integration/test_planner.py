@@ -7,9 +7,10 @@ import pytest
 
 from lmcache.config import LMCacheEngineConfig
 from lmcache.integration.tensorrt_llm._trtllm import RequestData, SchedulerOutput
-from lmcache.integration.tensorrt_llm.plan import ConnectorMetadata, PinKey, TargetId
+from lmcache.integration.tensorrt_llm.plan import ConnectorMetadata, PinKey, Prompt, TargetId, Transfer
 from lmcache.integration.tensorrt_llm.planner import Planner
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings, request_salt
+from lmcache.transfer import BlockTransfer
 
 TPB, CHUNK = 16, 64
 
@@ -225,6 +226,16 @@ def test_metadata_pickles() -> None:
     meta = p.build(SchedulerOutput(new_requests=[report(1, req.tokens, list(range(7)), 0, 36)]))
     again = pickle.loads(pickle.dumps(meta))
     assert isinstance(again, ConnectorMetadata) and again == meta and again.loads
+
+
+def test_a_transfer_names_its_prompt_per_target_by_hashes_or_tokens() -> None:
+    tokens, blocks = list(range(128)), [-1, -1, 5, 6, 7, 8, 9, 10]
+    hashed = Prompt(tokens, "s", {TargetId(0, 0): b"h00", TargetId(0, 1): b"h01"})
+    transfer = Transfer(3, hashed, 0, blocks, 32, 128)
+    assert transfer.for_target(TargetId(0, 1)) == BlockTransfer(b"h01", "s", blocks, 32, 128)
+    assert transfer.for_target(TargetId(1, 0)) == BlockTransfer(tokens, "s", blocks, 32, 128)  # not hashed
+    plain = Transfer(3, Prompt(tokens, None), 0, blocks, 32, 128)
+    assert plain.for_target(TargetId(0, 0)) == BlockTransfer(tokens, None, blocks, 32, 128)
 
 
 def test_salt_read_from_request_and_request_data() -> None:

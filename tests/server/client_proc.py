@@ -14,6 +14,7 @@ import time
 from support.server_process import MODEL, TPB, shared_pool
 
 from lmcache.server.client import CacheServerClient
+from lmcache.transfer import BlockTransfer
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
     client = CacheServerClient(args.url, timeout_s=20.0)
     client.register(pool, 0, 1, MODEL, TPB)
     tokens = list(range(args.first, args.first + args.tokens))
-    stored = client.store(tokens, list(range(args.tokens // TPB)), 0, args.tokens)
+    stored = client.store(BlockTransfer(tokens, None, list(range(args.tokens // TPB)), 0, args.tokens))
     print(json.dumps({"instance_id": client.instance_id, "stored": stored}), flush=True)
     if args.wait:
         while True:

@@ -15,6 +15,7 @@ from support.server_process import MODEL, TPB, ServerProcess, server_secret, sha
 from lmcache.server import protocol as P
 from lmcache.server.client import CacheServerClient, ServerError, ServerUnavailable
 from lmcache.server.server import CacheServer
+from lmcache.transfer import BlockTransfer
 
 
 def _warm_direct(client: CacheServerClient) -> None:
@@ -128,7 +129,7 @@ def fake() -> Iterator[FakeServer]:
 def test_calls_take_the_direct_lane_once_connected(client: CacheServerClient) -> None:
     client.register(shared_pool(seed=90), 0, 1, MODEL, TPB)
     tokens = list(range(90_000, 90_064))
-    assert client.store(tokens, list(range(8)), 0, 64) == 64
+    assert client.store(BlockTransfer(tokens, None, list(range(8)), 0, 64)) == 64
     _warm_direct(client)
     before = client.direct_calls
     for _ in range(20):
@@ -146,7 +147,9 @@ def test_concurrent_callers_share_the_two_paths(client: CacheServerClient) -> No
     client.register(shared_pool(seed=91), 0, 1, MODEL, TPB)
     prompts = [list(range(91_000 + 1000 * i, 91_000 + 1000 * i + 32 * (i + 1))) for i in range(4)]
     for i, tokens in enumerate(prompts):
-        assert client.store(tokens, list(range(4 * (i + 1))), 0, len(tokens)) == len(tokens)
+        assert client.store(BlockTransfer(tokens, None, list(range(4 * (i + 1))), 0, len(tokens))) == len(
+            tokens
+        )
     _warm_direct(client)
     errors: list[BaseException] = []
     start = client.direct_calls
@@ -359,7 +362,7 @@ def test_lookup_and_release_run_on_the_io_thread_unless_queued_behind_work(
         cred = {"auth": server_secret(), "cap": client.register(shared_pool(seed=93), 0, 1, MODEL, TPB).cap}
         iid = client.instance_id
         tokens = list(range(93_000, 93_064))
-        assert client.store(tokens, list(range(8)), 0, 64) == 64
+        assert client.store(BlockTransfer(tokens, None, list(range(8)), 0, 64)) == 64
         assert client.lookup(tokens, pin_id="a") == 64
         assert client.release("a") is True
         io = inproc_server._io_thread
@@ -419,7 +422,7 @@ def test_server_process_serves_lookups_over_both_transports(server: ServerProces
     for url in (server.ipc_url, server.tcp_url):
         with CacheServerClient(url, timeout_s=20.0) as c:
             c.register(pool, 0, 1, MODEL, TPB)
-            c.store(tokens, list(range(8)), 0, 64)
+            c.store(BlockTransfer(tokens, None, list(range(8)), 0, 64))
             _warm_direct(c)
             assert c.lookup(tokens) == 64
 

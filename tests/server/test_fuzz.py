@@ -14,6 +14,7 @@ from support.server_process import MODEL, TPB, ServerProcess, shared_pool
 
 from lmcache.server import protocol as P
 from lmcache.server.client import CacheServerClient
+from lmcache.transfer import BlockTransfer
 
 TOKENS = list(range(60_000, 60_064))
 _SERVER: ServerProcess | None = None
@@ -29,7 +30,7 @@ def fuzz_setup(
     pool = shared_pool(seed=77)
     source = pool[:8].clone()
     client.register(pool, 0, 1, MODEL, TPB)
-    assert client.store(TOKENS, list(range(8)), 0, 64) == 64
+    assert client.store(BlockTransfer(TOKENS, None, list(range(8)), 0, 64)) == 64
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(server.tcp_url)
@@ -170,5 +171,5 @@ def test_server_healthy_and_data_intact_after_fuzzing(fuzz_setup) -> None:  # ty
     assert client.ping().protocol_version == P.PROTOCOL_VERSION
     pool[40:48].zero_()
     assert client.lookup(TOKENS) == 64
-    assert client.retrieve(TOKENS, list(range(40, 48)), 0, 64) == 64
+    assert client.retrieve(BlockTransfer(TOKENS, None, list(range(40, 48)), 0, 64)) == 64
     assert torch.equal(pool[40:48], source)

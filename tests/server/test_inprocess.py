@@ -16,6 +16,7 @@ from lmcache.server import protocol as P
 from lmcache.server.client import CacheServerClient, ServerUnavailable
 from lmcache.server.security import Peer
 from lmcache.server.server import CacheServer, ServerConfig, _DirectConn
+from lmcache.transfer import BlockTransfer
 
 
 def _url(server: CacheServer) -> str:
@@ -73,7 +74,9 @@ def test_a_slow_client_does_not_block_others(
         fast.register(shared_pool(seed=3), 0, 1, MODEL, TPB)
         tokens = list(range(64))
         result: list[int] = []
-        worker = threading.Thread(target=lambda: result.append(slow.store(tokens, list(range(8)), 0, 64)))
+        worker = threading.Thread(
+            target=lambda: result.append(slow.store(BlockTransfer(tokens, None, list(range(8)), 0, 64)))
+        )
         worker.start()
         assert entered.wait(20)
         # While the slow client's store is stuck in the engine, another client is served.
@@ -95,7 +98,7 @@ def test_reap_releases_mapping_and_pins_but_keeps_chunks(inproc_server: CacheSer
         pool = shared_pool(seed=4)
         client.register(pool, 0, 1, MODEL, TPB)
         tokens = list(range(500, 564))
-        client.store(tokens, list(range(8)), 0, 64)
+        client.store(BlockTransfer(tokens, None, list(range(8)), 0, 64))
         assert client.lookup(tokens, pin_id="x") == 64
         inst = inproc_server._instances[client.instance_id]
         inproc_server.config.client_timeout_s = 5.0
@@ -108,7 +111,7 @@ def test_reap_releases_mapping_and_pins_but_keeps_chunks(inproc_server: CacheSer
         assert client.lookup(tokens) == 64
         assert client.reregistrations == 1
         pool[20:28].zero_()
-        assert client.retrieve(tokens, list(range(20, 28)), 0, 64) == 64
+        assert client.retrieve(BlockTransfer(tokens, None, list(range(20, 28)), 0, 64)) == 64
         assert torch.equal(pool[20:28], pool[:8])
     finally:
         client.close()
@@ -119,7 +122,7 @@ def test_stale_pins_expire(inproc_server: CacheServer) -> None:
     try:
         client.register(shared_pool(seed=5), 0, 1, MODEL, TPB)
         tokens = list(range(900, 964))
-        client.store(tokens, list(range(8)), 0, 64)
+        client.store(BlockTransfer(tokens, None, list(range(8)), 0, 64))
         assert client.lookup(tokens, pin_id=1) == 64
         assert client.lookup(list(range(5)), pin_id=2) == 0  # a miss pins nothing
         assert inproc_server.stats().pinned_lookups == 1
@@ -189,7 +192,7 @@ def test_lookups_send_chunk_hashes_that_agree_with_tokens(
         owner, tokens = clients[0].instance_id, list(range(3000, 3100))  # 3 chunks + 4 tokens
         cred = {"auth": server_secret(), "cap": infos[0].cap}
         for c in clients:
-            c.store(tokens, list(range(13)), 0, 96 if c is clients[0] else 64, cache_salt="s")
+            c.store(BlockTransfer(tokens, "s", list(range(13)), 0, 96 if c is clients[0] else 64))
         for salt, expected in (("s", 64), (None, 0)):
             by_tokens = _raw_lookup(
                 sock, P.Lookup(instance_id=owner, tokens=P.tokens_to_bytes(tokens), cache_salt=salt, **cred)
@@ -225,7 +228,7 @@ def test_with_save_unfull_chunk_lookups_carry_tokens(inproc_server: CacheServer)
     with CacheServerClient(_url(inproc_server), timeout_s=20.0) as client:
         assert client.register(shared_pool(seed=8), 0, 1, MODEL, TPB).hashing is None
         tokens = list(range(4000, 4044))  # 1 chunk + 12 tokens: a tail of one 8-token block
-        assert client.store(tokens, list(range(6)), 0, 44) == 40
+        assert client.store(BlockTransfer(tokens, None, list(range(6)), 0, 44)) == 40
         assert client.lookup(tokens) == 40
 
 

@@ -37,6 +37,7 @@ from lmcache.server.client import (
     VersionMismatch,
 )
 from lmcache.server.pool_sharing import PoolSharingError, share_cpu_pool
+from lmcache.transfer import BlockTransfer
 
 
 def _expected_pool(seed: int) -> torch.Tensor:
@@ -58,18 +59,18 @@ def test_round_trip_shared_cpu_pool(client: CacheServerClient) -> None:
     info = client.register(pool, 0, 1, MODEL, TPB)
     assert info.chunk_size == CHUNK and info.num_blocks == POOL_SHAPE[0]
     tokens = list(range(1000, 1000 + 70))  # 2 full chunks of 32 + 6 tokens
-    assert client.store(tokens, list(range(9)), 0, 70) == 64  # the server read our pages
+    assert client.store(BlockTransfer(tokens, None, list(range(9)), 0, 70)) == 64  # the server read our pages
     assert client.lookup(tokens) == 64
     assert client.lookup(tokens, cache_salt="other-tenant") == 0
     pool[16:24].zero_()
     assert client.lookup(tokens, pin_id="req-1") == 64
-    assert client.retrieve(tokens, list(range(16, 24)), 0, 64, pin_id="req-1") == 64
+    assert client.retrieve(BlockTransfer(tokens, None, list(range(16, 24)), 0, 64), pin_id="req-1") == 64
     assert torch.equal(pool[16:24], src)  # the server wrote into our pages
     # the only rank retrieved: pins released (right after the reply, so wait for it)
     wait_until(lambda: client.stats().pinned_lookups == 0, "the pins released")
     # only blocks at or after start are written
     pool[30:38].zero_()
-    assert client.retrieve(tokens, list(range(30, 38)), 40, 64) == 24
+    assert client.retrieve(BlockTransfer(tokens, None, list(range(30, 38)), 40, 64)) == 24
     assert pool[30:35].abs().sum() == 0 and torch.equal(pool[35:38], src[5:8])
 
 
@@ -81,14 +82,14 @@ def test_a_prompt_hashed_once_travels_as_chunk_hashes(client: CacheServerClient)
     assert hashes is not None and len(hashes.digests) == 3 * 32
     src = pool[:12].clone()
     # Stored by hashes (the prompt's tokens never sent), found and loaded by tokens, and the reverse.
-    assert client.store(None, list(range(13)), 0, 100, chunk_hashes=hashes) == 96
+    assert client.store(BlockTransfer(hashes, None, list(range(13)), 0, 100)) == 96
     assert client.lookup(tokens, "tenant") == 96
     assert client.lookup(tokens, chunk_hashes=hashes, pin_id="h") == 96
     pool[40:52].zero_()
-    assert client.retrieve(None, list(range(40, 52)), 0, 96, pin_id="h", chunk_hashes=hashes) == 96
+    assert client.retrieve(BlockTransfer(hashes, None, list(range(40, 52)), 0, 96), pin_id="h") == 96
     assert torch.equal(pool[40:52], src)
     pool[40:52].zero_()
-    assert client.retrieve(tokens, list(range(40, 52)), 32, 96, "tenant") == 64
+    assert client.retrieve(BlockTransfer(tokens, "tenant", list(range(40, 52)), 32, 96)) == 64
     assert torch.equal(pool[44:52], src[4:12]) and pool[40:44].abs().sum() == 0
     assert client.stats().pinned_lookups == 0
 
@@ -99,15 +100,15 @@ def test_bad_chunk_hashes_get_clear_errors_and_change_nothing(client: CacheServe
     tokens = list(range(8000, 8064))
     hashes = client.chunk_hashes(tokens)
     assert hashes is not None
-    assert client.store(tokens, list(range(8)), 0, 64) == 64
+    assert client.store(BlockTransfer(tokens, None, list(range(8)), 0, 64)) == 64
     before = pool.clone()
     with pytest.raises(InvalidRequest, match="whole number of 32-byte digests"):
         client.retrieve(
-            None, list(range(30, 38)), 0, 64, chunk_hashes=replace(hashes, digests=hashes.digests[:40])
+            BlockTransfer(replace(hashes, digests=hashes.digests[:40]), None, list(range(30, 38)), 0, 64)
         )
     with pytest.raises(InvalidRequest, match=r"1 chunk hashes cover 32 tokens; .* up to token 64"):
         client.retrieve(
-            None, list(range(30, 38)), 0, 64, chunk_hashes=replace(hashes, digests=hashes.digests[:32])
+            BlockTransfer(replace(hashes, digests=hashes.digests[:32]), None, list(range(30, 38)), 0, 64)
         )
     iid = client.instance_id
     assert iid is not None
@@ -132,11 +133,11 @@ def test_hashes_of_another_key_scheme_are_never_used(client: CacheServerClient) 
     tokens = list(range(9000, 9064))
     hashes = client.chunk_hashes(tokens, instance_id=first)
     assert hashes is not None and hashes != client.chunk_hashes(tokens)
-    assert client.store(tokens, list(range(8)), 0, 64, chunk_hashes=hashes) == 64  # sent as tokens
+    assert client.store(BlockTransfer(hashes, None, list(range(8)), 0, 64)) == 64  # sent as tokens
     assert client.lookup(tokens) == 64
     assert client.lookup(tokens, instance_id=first) == 0  # nothing stored under the first layout's keys
     other[20:28].zero_()
-    assert client.retrieve(tokens, list(range(20, 28)), 0, 64, chunk_hashes=hashes) == 64
+    assert client.retrieve(BlockTransfer(hashes, None, list(range(20, 28)), 0, 64)) == 64
     assert torch.equal(other[20:28], other[:8])
 
 
@@ -144,7 +145,7 @@ def test_store_from_numpy_bytes_and_tensor_inputs(client: CacheServerClient) -> 
     pool = shared_pool(seed=2)
     client.register(pool, 0, 1, MODEL, TPB)
     tokens = torch.arange(5000, 5064)
-    assert client.store(tokens, torch.arange(8), 0, 64) == 64
+    assert client.store(BlockTransfer(tokens, None, torch.arange(8), 0, 64)) == 64
     assert client.lookup(P.tokens_to_bytes(tokens)) == 64
 
 
@@ -153,11 +154,11 @@ def test_invalid_requests_get_clear_errors_and_server_keeps_serving(client: Cach
     client.register(pool, 0, 1, MODEL, TPB)
     tokens = list(range(64))
     with pytest.raises(InvalidRequest, match=r"block ids must be in \[0, 64\)"):
-        client.store(tokens, [0, 1, 2, 3, 4, 5, 6, 999], 0, 64)
+        client.store(BlockTransfer(tokens, None, [0, 1, 2, 3, 4, 5, 6, 999], 0, 64))
     with pytest.raises(InvalidRequest, match="within the request's 64 tokens"):
-        client.store(tokens, list(range(8)), 0, 65)
+        client.store(BlockTransfer(tokens, None, list(range(8)), 0, 65))
     with pytest.raises(InvalidRequest, match="multiple of chunk_size"):
-        client.store(tokens, list(range(8)), 5, 64)
+        client.store(BlockTransfer(tokens, None, list(range(8)), 5, 64))
     with pytest.raises(UnknownInstance, match="register the pool again"):
         client.lookup(tokens, instance_id=12345)
     with pytest.raises(InvalidRequest, match="rank 3 is not below world_size 2"):
@@ -165,7 +166,7 @@ def test_invalid_requests_get_clear_errors_and_server_keeps_serving(client: Cach
     with pytest.raises(BadPool, match="chunk_size=32 must be a multiple of tokens_per_block=64"):
         client.register(pool, 0, 1, MODEL, 64)
     assert client.ping().protocol_version == P.PROTOCOL_VERSION
-    assert client.store(tokens, list(range(8)), 0, 64) in (0, 64)
+    assert client.store(BlockTransfer(tokens, None, list(range(8)), 0, 64)) in (0, 64)
 
 
 def test_unshared_cpu_pool_is_refused_at_registration(client: CacheServerClient) -> None:
@@ -250,7 +251,10 @@ def test_concurrent_threads_share_one_client(client: CacheServerClient) -> None:
     def work(i: int) -> None:
         try:
             tokens = list(range(100_000 * (i + 1), 100_000 * (i + 1) + 32))
-            assert client.store(tokens, [4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3], 0, 32) == 32
+            assert (
+                client.store(BlockTransfer(tokens, None, [4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3], 0, 32))
+                == 32
+            )
             for _ in range(10):
                 assert client.lookup(tokens) == 32
         except BaseException as e:  # noqa: BLE001
@@ -273,16 +277,21 @@ def test_tensor_parallel_world_lookup_needs_every_rank_and_pins_last_until_all_r
         for r in range(2):
             clients[r].register(pools[r], r, 2, MODEL + "-tp2", TPB)
         tokens = list(range(7000, 7064))
-        clients[0].store(tokens, list(range(8)), 0, 64)
+        clients[0].store(BlockTransfer(tokens, None, list(range(8)), 0, 64))
         assert clients[0].lookup(tokens) == 0  # rank 1 has not stored yet
-        clients[1].store(tokens, list(range(8)), 0, 64)
+        clients[1].store(BlockTransfer(tokens, None, list(range(8)), 0, 64))
         owner = clients[0].instance_id
         assert clients[0].lookup(tokens, pin_id=42) == 64
         assert clients[0].stats().pinned_lookups == 1
         src = [p[:8].clone() for p in pools]
-        assert clients[0].retrieve(tokens, list(range(20, 28)), 0, 64, pin_id=42) == 64
+        assert clients[0].retrieve(BlockTransfer(tokens, None, list(range(20, 28)), 0, 64), pin_id=42) == 64
         assert clients[0].stats().pinned_lookups == 1  # rank 1 still to load
-        assert clients[1].retrieve(tokens, list(range(20, 28)), 0, 64, pin_id=42, pin_owner=owner) == 64
+        assert (
+            clients[1].retrieve(
+                BlockTransfer(tokens, None, list(range(20, 28)), 0, 64), pin_id=42, pin_owner=owner
+            )
+            == 64
+        )
         # Released right after rank 1's reply went out: seen at once by rank 1, soon by others.
         assert clients[1].stats().pinned_lookups == 0
         assert clients[0].stats().pinned_lookups == 0
@@ -305,7 +314,7 @@ def test_two_client_processes_share_one_server(server: ServerProcess, client: Ca
     client.register(pool, 0, 1, MODEL, TPB)
     tokens = list(range(20_000, 20_064))
     assert client.lookup(tokens) == 64
-    assert client.retrieve(tokens, list(range(40, 48)), 0, 64) == 64
+    assert client.retrieve(BlockTransfer(tokens, None, list(range(40, 48)), 0, 64)) == 64
     assert torch.equal(pool[40:48], _expected_pool(21)[:8])
 
 
@@ -333,7 +342,7 @@ def test_killed_client_is_reaped_and_its_chunks_stay(start_server) -> None:  # t
             watcher.register(pool, 0, 1, MODEL, TPB)
             tokens = list(range(30_000, 30_064))
             assert watcher.lookup(tokens) == 64
-            assert watcher.retrieve(tokens, list(range(8)), 0, 64) == 64
+            assert watcher.retrieve(BlockTransfer(tokens, None, list(range(8)), 0, 64)) == 64
             assert torch.equal(pool[:8], _expected_pool(31)[:8])
             # an idle client that keeps heartbeating is not reaped
             time.sleep(2.5)
@@ -356,7 +365,7 @@ def test_server_restart_client_unavailable_then_reregisters(start_server, scheme
     client = CacheServerClient(url, timeout_s=2.0, heartbeat_interval_s=0.2)
     try:
         client.register(pool, 0, 1, MODEL, TPB)
-        assert client.store(tokens, list(range(8)), 0, 64) == 64
+        assert client.store(BlockTransfer(tokens, None, list(range(8)), 0, 64)) == 64
         server.kill(signal.SIGKILL)
         with pytest.raises(ServerUnavailable):
             client.lookup(tokens)
@@ -367,10 +376,10 @@ def test_server_restart_client_unavailable_then_reregisters(start_server, scheme
         start_server(port=server.port)
         assert client.lookup(tokens) == 0  # the new server's cache is empty
         assert client.reregistrations >= 1
-        assert client.store(tokens, list(range(8)), 0, 64) == 64
+        assert client.store(BlockTransfer(tokens, None, list(range(8)), 0, 64)) == 64
         assert client.lookup(tokens, pin_id=1) == 64
         pool[50:58].zero_()
-        assert client.retrieve(tokens, list(range(50, 58)), 0, 64, pin_id=1) == 64
+        assert client.retrieve(BlockTransfer(tokens, None, list(range(50, 58)), 0, 64), pin_id=1) == 64
         assert torch.equal(pool[50:58], src)
         direct = client.direct_calls  # the new server's direct lane (another port) is found
         wait_until(

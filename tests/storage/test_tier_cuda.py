@@ -9,6 +9,7 @@ import torch
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.layout import PoolLayout
+from lmcache.transfer import BlockTransfer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -32,14 +33,16 @@ def test_write_behind_waits_for_the_copy_and_promotion_loads_to_cuda(tmp_path: P
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         torch.cuda._sleep(200_000_000)  # keep the store's copies queued behind ~0.1 s of GPU work
-    assert first.store(space, 0, toks, None, pool, list(range(32)), 0, 1024, stream) == 1024
+    assert first.store(space, 0, pool, BlockTransfer(toks, None, list(range(32)), 0, 1024), stream) == 1024
     first.close()  # the writer waited on each chunk's event before reading its bytes
     assert first.tiers.stats.disk_writes == 4
 
     second = engine(tmp_path)
     assert second.lookup(space, toks, pin_id="r") == 1024
     dst = list(range(40, 72))
-    assert second.retrieve(space, 0, toks, None, pool, dst, 0, 1024, stream, pin_id="r") == 1024
+    assert (
+        second.retrieve(space, 0, pool, BlockTransfer(toks, None, dst, 0, 1024), stream, pin_id="r") == 1024
+    )
     stream.synchronize()
     assert torch.equal(pool[dst], pool[:32])
     assert second.tiers.stats.disk_hits == 4 and second.l1.pinned_keys() == []

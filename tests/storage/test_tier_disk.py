@@ -24,6 +24,7 @@ from lmcache.keys import ChunkKey
 from lmcache.storage import disk_store
 from lmcache.storage.chunk_format import Namespace, encode_header, parse_header, payload_checksum
 from lmcache.storage.disk_store import TIER_DIR, DiskStore
+from lmcache.transfer import BlockTransfer
 
 HERE = Path(__file__).parent
 NS = Namespace("m", b"sig")
@@ -115,7 +116,7 @@ def test_lookup_pins_promoted_chunks_and_retrieve_without_lookup_promotes(tmp_pa
     second.release("r")
     second.clear()  # L1 empty again
     dst = list(range(64, 80))
-    assert second.retrieve(space, 0, tokens(256), None, pool, dst, 0, 256) == 256
+    assert second.retrieve(space, 0, pool, BlockTransfer(tokens(256), None, dst, 0, 256)) == 256
     assert torch.equal(pool[dst], pool[:16])
     assert second.l1.pinned_keys() == []
     second.close()
@@ -406,7 +407,7 @@ def test_tail_chunks_and_multiple_ranks_come_back_from_disk(tmp_path: Path) -> N
     space = space_of(pool)
     assert second.lookup(space, toks, pin_id=1) == 96
     dst = list(range(40, 47))
-    assert second.retrieve(space, 0, toks, None, pool, dst, 0, 96, pin_id=1) == 96
+    assert second.retrieve(space, 0, pool, BlockTransfer(toks, None, dst, 0, 96), pin_id=1) == 96
     assert torch.equal(pool[dst[:6]], pool[:6])
     second.close()
 
@@ -414,13 +415,21 @@ def test_tail_chunks_and_multiple_ranks_come_back_from_disk(tmp_path: Path) -> N
     other = tmp_path / "ranks"
     with make_engine(other) as first:
         for rank in (0, 1):
-            first.store(space2, rank, tokens(128), None, pool, list(range(8 * rank, 8 * rank + 8)), 0, 128)
+            first.store(
+                space2,
+                rank,
+                pool,
+                BlockTransfer(tokens(128), None, list(range(8 * rank, 8 * rank + 8)), 0, 128),
+            )
     second = make_engine(other)
     assert second.lookup(space2, tokens(128), ranks=(0, 1), pin_id="r") == 128
     assert len(second.l1.pinned_keys()) == 4
     for rank in (0, 1):
         dst = list(range(60 + 8 * rank, 68 + 8 * rank))
-        assert second.retrieve(space2, rank, tokens(128), None, pool, dst, 0, 128, pin_id="r") == 128
+        assert (
+            second.retrieve(space2, rank, pool, BlockTransfer(tokens(128), None, dst, 0, 128), pin_id="r")
+            == 128
+        )
         assert torch.equal(pool[dst], pool[8 * rank : 8 * rank + 8])
     assert second.l1.pinned_keys() == []
     second.close()

@@ -13,6 +13,7 @@ from redis.connection import PythonRespSerializer
 from tier_helpers import load_all, make_engine, make_pool, space_of, store_all, tokens
 
 from lmcache.storage.remote_store import Parts, RemoteStore, ZeroCopyPacker, parse_cluster_nodes
+from lmcache.transfer import BlockTransfer
 
 HERE = Path(__file__).parent
 
@@ -213,7 +214,7 @@ def test_redis_down_degrades_then_recovers(own_redis, tmp_path: Path, caplog) ->
         a.clear()
         assert a.lookup(space, p1, pin_id="l2") == 256  # served from a's disk
         dst = list(range(64, 80))
-        assert a.retrieve(space, 0, p1, None, pool, dst, 0, 256, pin_id="l2") == 256
+        assert a.retrieve(space, 0, pool, BlockTransfer(p1, None, dst, 0, 256), pin_id="l2") == 256
         assert torch.equal(pool[dst], pool[:16])
     down = [r for r in caplog.records if "unavailable" in r.getMessage()]
     assert 1 <= len(down) <= 2, [r.getMessage() for r in down]  # rate-limited: one per engine

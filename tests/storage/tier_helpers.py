@@ -9,6 +9,7 @@ import torch
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.layout import PoolLayout
+from lmcache.transfer import BlockTransfer
 
 TPB = 16
 CHUNK = 64  # 4 blocks per chunk
@@ -60,7 +61,10 @@ def make_engine(disk: Any = None, remote_url: str | None = None, **kw: Any) -> C
 def store_all(engine: CacheEngine, pool: torch.Tensor, toks: list[int], first_block: int = 0) -> int:
     n = len(toks) // TPB
     return engine.store(
-        space_of(pool), 0, toks, None, pool, list(range(first_block, first_block + n)), 0, len(toks)
+        space_of(pool),
+        0,
+        pool,
+        BlockTransfer(toks, None, list(range(first_block, first_block + n)), 0, len(toks)),
     )
 
 
@@ -74,4 +78,4 @@ def load_all(
         if pin is not None:
             engine.release(pin)
         return 0
-    return engine.retrieve(space, 0, toks, None, pool, dst, 0, hit, pin_id=pin)
+    return engine.retrieve(space, 0, pool, BlockTransfer(toks, None, dst, 0, hit), pin_id=pin)

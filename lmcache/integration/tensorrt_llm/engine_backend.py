@@ -191,16 +191,9 @@ class EngineTransfers:
                 transfer = by_group.get(pool.pool.target.group)
                 if transfer is None:
                     continue
+                block_transfer = transfer.for_target(pool.pool.target)
                 loaded = engine.retrieve(
-                    pool.space,
-                    self._rank,
-                    transfer.prompt.tokens,
-                    transfer.prompt.salt,
-                    pool.pool.tensor,
-                    transfer.block_ids,
-                    transfer.start,
-                    transfer.end,
-                    target_stream,
+                    pool.space, self._rank, pool.pool.tensor, block_transfer, target_stream
                 )
                 check_loaded(plan, transfer, loaded)
         finally:
@@ -218,18 +211,10 @@ class EngineTransfers:
         pools = self._registered()
 
         def store(transfer: Transfer, pool: EnginePool) -> Any:
+            block_transfer = transfer.for_target(pool.pool.target)
+
             def run(save_stream: Any) -> None:
-                engine.store(
-                    pool.space,
-                    rank,
-                    transfer.prompt.tokens,
-                    transfer.prompt.salt,
-                    pool.pool.tensor,
-                    transfer.block_ids,
-                    transfer.start,
-                    transfer.end,
-                    save_stream,
-                )
+                engine.store(pool.space, rank, pool.pool.tensor, block_transfer, save_stream)
 
             return run
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-CacheSalt = str | int | None
+from lmcache.keys import CacheSalt
+from lmcache.transfer import BlockTransfer
 
 
 class TargetId(NamedTuple):
@@ -58,6 +59,13 @@ class Transfer:
     block_ids: list[int]
     start: int
     end: int
+
+    def for_target(self, target: TargetId) -> BlockTransfer[Any]:
+        """What one pool target of the group moves: the prompt as the target's hashes when the
+        back-end hashed it (``Prompt.hashes``), else as token ids."""
+        hashes = self.prompt.hashes.get(target) if self.prompt.hashes else None
+        prompt = hashes if hashes is not None else self.prompt.tokens
+        return BlockTransfer(prompt, self.prompt.salt, self.block_ids, self.start, self.end)
 
 
 @dataclass(frozen=True)

@@ -39,10 +39,13 @@ from lmcache.server.client import (
     ServerUnavailable,
     new_instance_id,
 )
+from lmcache.transfer import BlockTransfer
 
 logger = init_logger(__name__)
 
 REGISTER_RETRY_S = 2.0
+_NOTHING = BlockTransfer([], None, [], 0, 0)
+"""An empty load: it moves no KV and releases the rank's pins."""
 
 
 def server_url(llm_args: Any) -> str:
@@ -246,26 +249,21 @@ class ServerTransfers:
         for target in self._targets:
             transfer = by_group.get(target.target.group)
             # A target with nothing to load still retrieves an empty range: it releases this rank's pins.
-            start, end = (transfer.start, transfer.end) if transfer is not None else (0, 0)
-            prompt = transfer.prompt if transfer is not None else None
+            block_transfer = transfer.for_target(target.target) if transfer is not None else _NOTHING
             try:
                 loaded = self._client.retrieve(
-                    prompt.tokens if prompt is not None else [],
-                    transfer.block_ids if transfer is not None else [],
-                    start,
-                    end,
-                    prompt.salt if prompt is not None else None,
-                    pin_id=pin_id,
+                    block_transfer,
+                    pin_id,
                     pin_owner=owners.get(target.target),
-                    chunk_hashes=(prompt.hashes or {}).get(target.target) if prompt is not None else None,
                     instance_id=self._instances[target.target],
                 )
             except (ServerUnavailable, ServerError) as exc:
                 if transfer is None:
                     continue  # nothing was promised from this target; its pins expire on the server
                 raise PromisedLoadError(
-                    f"LMCache MP promised {end - start} tokens of KV for request {plan.request_id} but the "
-                    f"cache server failed to load them ({exc}); refusing to use unloaded KV blocks"
+                    f"LMCache MP promised {transfer.end - transfer.start} tokens of KV for request "
+                    f"{plan.request_id} but the cache server failed to load them ({exc}); refusing to use "
+                    "unloaded KV blocks"
                 ) from exc
             if transfer is not None:
                 check_loaded(plan, transfer, loaded)
@@ -289,19 +287,12 @@ class ServerTransfers:
     def _save(self, transfer: Transfer, forward_done: Any) -> None:
         if forward_done is not None:
             forward_done.synchronize()  # in the saver thread: the server reads the blocks after the forward
-        prompt = transfer.prompt
         for target in self._targets:
             if target.target.group != transfer.group:
                 continue
             try:
                 self._client.store(
-                    prompt.tokens,
-                    transfer.block_ids,
-                    transfer.start,
-                    transfer.end,
-                    prompt.salt,
-                    chunk_hashes=(prompt.hashes or {}).get(target.target),
-                    instance_id=self._instances[target.target],
+                    transfer.for_target(target.target), instance_id=self._instances[target.target]
                 )
             except (ServerUnavailable, ServerError) as exc:
                 self._connection.warn.warning(
