@@ -55,6 +55,7 @@ from lmcache.server.security import (
     peer_of_zmq,
 )
 from lmcache.server.server import CacheServer, ServerConfig, ServerStartError
+from lmcache.transfer import BlockTransfer
 
 HOSTILE = Path(__file__).with_name("hostile_peer.py")
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="a second uid (nobody) needs root to switch to")
@@ -205,7 +206,7 @@ def test_forged_instance_ids_and_capabilities_are_refused(make_server) -> None:
         pool = shared_pool(seed=2)
         info = victim.register(pool, 0, 1, MODEL, TPB)
         iid, tokens = info.instance_id, list(range(64))
-        assert victim.store(tokens, list(range(8)), 0, 64) == 64
+        assert victim.store(BlockTransfer(tokens, None, list(range(8)), 0, 64)) == 64
         assert victim.lookup(tokens, pin_id="v") == 64
         forged = {"instance_id": iid, "auth": server_secret()}
         for cap in (None, b"\0" * 32):
@@ -231,7 +232,7 @@ def test_forged_instance_ids_and_capabilities_are_refused(make_server) -> None:
         with pytest.raises(Unauthorized, match="pin_owner"):
             attacker.release("v", pin_owner=iid)
         assert server.engine.pinned_ids() == [(iid, "v")]
-        assert victim.retrieve(tokens, list(range(8, 16)), 0, 64, pin_id="v") == 64
+        assert victim.retrieve(BlockTransfer(tokens, None, list(range(8, 16)), 0, 64), pin_id="v") == 64
         assert server.stats().refusals["capability"] >= 10
     finally:
         attacker.close()
@@ -340,7 +341,7 @@ def test_cuda_forged_offset_or_size_is_refused_by_a_real_server(start_server) ->
             with pytest.raises(BadPool, match="exceeds the CUDA allocation"):
                 client.register(forged, 0, 1, MODEL, TPB)
         client.register(pool, 0, 1, MODEL, TPB)  # the honest descriptor still works
-        assert client.store(list(range(64)), list(range(8)), 0, 64) == 64
+        assert client.store(BlockTransfer(list(range(64)), None, list(range(8)), 0, 64)) == 64
 
 
 def test_a_shrunk_shared_memory_file_does_not_crash_the_server(start_server) -> None:
@@ -353,7 +354,7 @@ def test_a_shrunk_shared_memory_file_does_not_crash_the_server(start_server) -> 
         client.register(desc, 0, 1, MODEL, TPB)
         os.ftruncate(desc.fd, 4096)  # our pool is gone too: this test never touches it again
         with pytest.raises(BadPool, match="shrunk|does not fit"):
-            client.store(list(range(64)), list(range(8)), 0, 64)
+            client.store(BlockTransfer(list(range(64)), None, list(range(8)), 0, 64))
         assert client.ping().server_id and server.proc is not None and server.proc.poll() is None
         assert "its shared memory changed under the server" in server.log()
 
@@ -382,7 +383,7 @@ def test_floods_of_registrations_and_half_sent_frames_leave_the_server_answering
         try:
             with CacheServerClient(server.tcp_url, timeout_s=20.0, fail_fast=False) as correct:
                 correct.register(shared_pool(seed=6), 0, 1, MODEL, TPB)
-                assert correct.store(list(range(64)), list(range(8)), 0, 64) == 64
+                assert correct.store(BlockTransfer(list(range(64)), None, list(range(8)), 0, 64)) == 64
                 answered = False
                 for _ in range(5):  # within 100 ms, allowing a few scheduling hiccups of a shared host
                     try:
@@ -404,8 +405,8 @@ def test_pins_cannot_take_more_than_their_share_and_blocks_cannot_repeat(make_se
     with CacheServerClient(_url(server), timeout_s=20.0) as client:
         client.register(shared_pool(seed=7), 0, 1, MODEL, TPB)
         long, short = list(range(96)), list(range(1000, 1032))
-        assert client.store(long, list(range(12)), 0, 96) == 96
-        assert client.store(short, list(range(12, 16)), 0, 32) == 32
+        assert client.store(BlockTransfer(long, None, list(range(12)), 0, 96)) == 96
+        assert client.store(BlockTransfer(short, None, list(range(12, 16)), 0, 32)) == 32
         with pytest.raises(LimitExceeded, match="share of L1"):
             client.lookup(long, pin_id="a")
         assert server.engine.pinned_ids() == []  # refused lookups leave nothing pinned
@@ -415,7 +416,7 @@ def test_pins_cannot_take_more_than_their_share_and_blocks_cannot_repeat(make_se
         assert client.release("b") is True
         assert client.lookup(short, pin_id="c") == 32
         with pytest.raises(InvalidRequest, match="block ids repeat"):
-            client.store(list(range(2000, 2064)), [0] * 8, 0, 64)
+            client.store(BlockTransfer(list(range(2000, 2064)), None, [0] * 8, 0, 64))
         assert client.lookup(list(range(2000, 2064))) == 0
         text = generate_latest(make_registry(server.engine, server)).decode()
         assert 'lmcache_server_refusals_total{reason="pinned_bytes"} 2.0' in text
@@ -473,7 +474,7 @@ def test_a_single_user_needs_no_configuration(start_server, workdir: Path, monke
     for url in (server.tcp_url, server.ipc_url):
         with CacheServerClient(url, timeout_s=20.0) as client:
             client.register(shared_pool(seed=8), 0, 1, MODEL, TPB)
-            assert client.store(list(range(64)), list(range(8)), 0, 64) in (0, 64)
+            assert client.store(BlockTransfer(list(range(64)), None, list(range(8)), 0, 64)) in (0, 64)
             assert client.lookup(list(range(64))) == 64
             assert client.stats().instances
 
@@ -486,6 +487,7 @@ from lmcache.engine import CacheEngine
 from lmcache.server.client import BadPool, CacheServerClient
 from lmcache.server.pool_sharing import share_cpu_pool
 from lmcache.server.server import CacheServer, ServerConfig
+from lmcache.transfer import BlockTransfer
 
 engine = CacheEngine(LMCacheEngineConfig.from_defaults(chunk_size=32, max_local_cpu_size=0.05), pinned=False)
 server = CacheServer(engine, ServerConfig(port=0, ipc_path=None))
@@ -504,7 +506,7 @@ engine.store = store
 client = CacheServerClient(f"tcp://127.0.0.1:{server.tcp_port}", timeout_s=20.0)
 client.register(desc, 0, 1, MODEL, TPB)
 try:
-    client.store(list(range(64)), list(range(8)), 0, 64)
+    client.store(BlockTransfer(list(range(64)), None, list(range(8)), 0, 64))
 except BadPool as e:
     print("refused:", e.message)
 print("alive:", client.ping().server_id == server.server_id)
@@ -536,7 +538,7 @@ def test_a_client_started_first_finds_the_secret_and_follows_a_new_one(
         first = make_server(port=port)
         assert secret_file.exists()
         client.register(shared_pool(seed=9), 0, 1, MODEL, TPB)
-        assert client.store(list(range(64)), list(range(8)), 0, 64) == 64
+        assert client.store(BlockTransfer(list(range(64)), None, list(range(8)), 0, 64)) == 64
         first.stop()
         wait_until(lambda: _port_closed(port), "the first server to stop")
         secret_file.unlink()

@@ -17,6 +17,7 @@ from lmcache.storage import chunk_format
 from lmcache.storage.chunk_format import Namespace
 from lmcache.storage.disk_store import MARKER, TIER_DIR, DiskStore
 from lmcache.storage.remote_store import RemoteStore
+from lmcache.transfer import BlockTransfer
 
 NS = Namespace("m", b"float32/L2/KV2/E128/T8")  # 2048-byte rows of 8 tokens
 ROWS_32 = 4 * 2048
@@ -105,6 +106,8 @@ def test_redis_value_with_a_short_payload_is_a_deleted_miss_not_an_error(redis_s
         dst = make_pool(128)
         hit = b.lookup(space_of(pool), toks, pin_id="p")
         blocks = list(range(hit // 16))
-        assert b.retrieve(space_of(pool), 0, toks, None, dst, blocks, 0, hit, pin_id="p") == hit
+        assert (
+            b.retrieve(space_of(pool), 0, dst, BlockTransfer(toks, None, blocks, 0, hit), pin_id="p") == hit
+        )
         b.close()
     assert r.exists(name) == 0
