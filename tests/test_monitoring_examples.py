@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.server_process import CHUNK, MODEL, TPB, ServerProcess, free_port, metrics_base_url, shared_pool
 
 from lmcache.server.client import CacheServerClient
+from lmcache.transfer import BlockTransfer
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "examples" / "grafana" / "lmcache-dashboard.json"
@@ -137,9 +138,11 @@ def test_dashboard_and_alerts_use_served_metrics(workdir: Path) -> None:
         with CacheServerClient(server.ipc_url, timeout_s=20.0) as client:
             client.register(shared_pool(seed=3), 0, 1, MODEL, TPB)
             tokens = list(range(500, 500 + 2 * CHUNK))
-            assert client.store(tokens, list(range(8)), 0, len(tokens)) == len(tokens)
+            assert client.store(BlockTransfer(tokens, None, list(range(8)), 0, len(tokens))) == len(tokens)
             assert client.lookup(tokens) == len(tokens)
-            assert client.retrieve(tokens, list(range(8, 16)), 0, len(tokens)) == len(tokens)
+            assert client.retrieve(BlockTransfer(tokens, None, list(range(8, 16)), 0, len(tokens))) == len(
+                tokens
+            )
             served = served_names(base)
     finally:
         server.stop()
