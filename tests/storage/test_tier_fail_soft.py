@@ -10,6 +10,7 @@ import pytest
 from tier_helpers import make_engine, make_pool, space_of, store_all, tokens
 
 from lmcache.metrics import health_report
+from lmcache.storage.disk_store import MARKER, TIER_DIR
 from lmcache.storage.remote_store import RemoteStore
 
 
@@ -31,7 +32,9 @@ def test_unwritable_disk_directory_degrades_health_at_start_and_l1_serves(tmp_pa
 def test_writable_disk_directory_is_healthy_at_start(tmp_path: Path) -> None:
     engine = make_engine(disk=tmp_path / "l2")
     assert health_report(engine)[0]
-    assert list((tmp_path / "l2").iterdir()) == []  # the write probe leaves nothing behind
+    # The write probe leaves nothing behind: the tier's own directory holds only its marker.
+    assert [p.name for p in (tmp_path / "l2").iterdir()] == [TIER_DIR]
+    assert [p.name for p in (tmp_path / "l2" / TIER_DIR).iterdir()] == [MARKER]
     engine.tiers.close()
 
 
