@@ -632,7 +632,7 @@ class CacheServer:
             self._reply_error(identity, req.rid, P.ErrorCode.UNAUTHORIZED, refused)
             return
         self._touch(req, now)
-        if isinstance(req, (P.Ping, P.Heartbeat, P.Stats)):
+        if isinstance(req, (P.Ping, P.Heartbeat)):  # liveness: never behind the client's queue
             self._post(identity, self._execute(req, now, peer))
             return
         inline = self._inline(req)
@@ -664,7 +664,7 @@ class CacheServer:
 
     def _inline(self, req: Any) -> bool:
         """Whether the I/O thread may run ``req`` itself: pure metadata work of bounded cost."""
-        if isinstance(req, P.Release):
+        if isinstance(req, (P.Release, P.Stats)):  # stats in order: after the cleanups of earlier calls
             return True
         # With lower tiers a lookup that misses in L1 may read from disk or the network.
         if isinstance(req, P.Lookup):
