@@ -83,7 +83,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--l1-size-gb",
         type=float,
         default=None,
-        help="L1 (CPU memory) cache size in GiB; reserved lazily as chunks arrive "
+        help="L1 (CPU memory) cache size in GiB; pinned in the background from start-up on a CUDA host, "
+        "else reserved as chunks arrive "
         "[default: max_local_cpu_size from --config / LMCACHE_*, else 5]",
     )
     parser.add_argument(
@@ -309,10 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     logger.info(
-        "engine: chunk_size=%d, L1 %g GiB (%s, reserved lazily), %d workers",
+        "engine: chunk_size=%d, L1 %g GiB (%s, %s), %d workers",
         config.chunk_size,
         config.max_local_cpu_size,
         config.cache_policy,
+        "pinned in the background from start-up" if engine.l1.arena.pinned else "reserved as chunks arrive",
         args.max_workers,
     )
     try:
