@@ -72,6 +72,7 @@ from kv_shapes import KV_SHAPES  # noqa: E402
 
 from lmcache.integration.tensorrt_llm._trtllm import RequestData, SchedulerOutput, simulated_rank  # noqa: E402
 from lmcache.testing.trtllm_replay import (  # noqa: E402
+    KV_MANAGER_MODES,
     CppRequestView,
     GenerationResult,
     KvCacheConfig,
@@ -80,14 +81,14 @@ from lmcache.testing.trtllm_replay import (  # noqa: E402
     ModelConfig,
     ProcessGroupRanks,
     ReplayExecutor,
-    SchedulerConfig,
     TorchLlmArgs,
+    llm_args_for,
 )
 
 POLL_S = 0.0002  # between get_finished polls: short against a transfer
 PRESETS = ("lmcache", "lmcache-mp")
 SCENARIOS = ("seed", "multi-turn", "sliding")
-MODES = ("v1", "v2", "v2-res")
+MODES = KV_MANAGER_MODES
 TPB = 16  # correctness runs: tokens per block, and the cache's chunk
 CHUNK = 64
 MODEL = ModelConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=8, head_dim=16)
@@ -200,21 +201,15 @@ def rank_main(rank: int, world: int, job: dict[str, Any], init: str, out: str) -
 def replay_args(
     preset: str | None, url: str | None, mode: str, tp: int, max_tokens: int, chunk: int | None
 ) -> TorchLlmArgs:
-    return TorchLlmArgs(
+    connector = None if preset is None else KvCacheConnectorConfig(connector=preset, server_url=url)
+    return llm_args_for(
+        mode,
+        connector,
         model="replay/multi-rank",
         tensor_parallel_size=tp,
-        kv_cache_config=KvCacheConfig(
-            tokens_per_block=TPB,
-            max_tokens=max_tokens,
-            enable_block_reuse=True,
-            use_kv_cache_manager_v2=mode != "v1",
-        ),
-        kv_connector_config=None
-        if preset is None
-        else KvCacheConnectorConfig(connector=preset, server_url=url),
-        scheduler_config=SchedulerConfig(enable_prefix_aware_scheduling=mode == "v2-res"),
-        enable_chunked_prefill=chunk is not None,
-        max_num_tokens=chunk or 8192,
+        tokens_per_block=TPB,
+        max_tokens=max_tokens,
+        chunk=chunk,
     )
 
 

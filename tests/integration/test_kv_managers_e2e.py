@@ -4,24 +4,26 @@ connector, hits from the connector, and no pin left behind."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from support.e2e import MODEL, TPB, assert_same_output, prompt
 from support.presets import Preset
 
 from lmcache.testing.trtllm_replay import (
+    KV_MANAGER_MODES,
     GenerationResult,
-    KvCacheConfig,
     KvCacheConnectorConfig,
     ModelConfig,
     ReplayExecutor,
     TorchLlmArgs,
+    llm_args_for,
 )
-from lmcache.testing.trtllm_replay.llm_args import SchedulerConfig
 
-VSWA = ModelConfig(**{**MODEL.__dict__, "num_layers": 3, "layer_windows": (64, None, 64)})
-SLIDING = ModelConfig(**{**MODEL.__dict__, "layer_windows": (64, 64)})
-MODES = ["v1", "v2", "v2-res"]
+VSWA = dataclasses.replace(MODEL, num_layers=3, layer_windows=(64, None, 64))
+SLIDING = dataclasses.replace(MODEL, layer_windows=(64, 64))
+MODES = list(KV_MANAGER_MODES)
 
 
 def args(
@@ -32,19 +34,14 @@ def args(
         if preset is None
         else KvCacheConnectorConfig(connector=preset.name, server_url=preset.server_url)
     )
-    return TorchLlmArgs(
+    return llm_args_for(
+        mode,
+        connector,
         model="replay/qwen-like",
         tensor_parallel_size=tp,
-        kv_cache_config=KvCacheConfig(
-            tokens_per_block=TPB,
-            max_tokens=max_tokens,
-            enable_block_reuse=True,
-            use_kv_cache_manager_v2=mode != "v1",
-        ),
-        kv_connector_config=connector,
-        scheduler_config=SchedulerConfig(enable_prefix_aware_scheduling=mode == "v2-res"),
-        enable_chunked_prefill=chunk is not None,
-        max_num_tokens=chunk or 8192,
+        tokens_per_block=TPB,
+        max_tokens=max_tokens,
+        chunk=chunk,
     )
 
 

@@ -3,6 +3,7 @@ recorded with ``RecordingConnector``."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -22,24 +23,8 @@ from lmcache.testing.trtllm_replay.reservations import validate_answer
 
 TPB = 32
 MODEL = ModelConfig(vocab_size=256, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8)
-VSWA = ModelConfig(
-    vocab_size=256,
-    hidden_size=32,
-    num_layers=3,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    layer_windows=(64, None, 64),
-)
-SLIDING = ModelConfig(
-    vocab_size=256,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    layer_windows=(64, 64),
-)
+VSWA = dataclasses.replace(MODEL, layer_windows=(64, None, 64))
+SLIDING = dataclasses.replace(MODEL, num_layers=2, layer_windows=(64, 64))
 
 
 def args(

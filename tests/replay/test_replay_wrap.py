@@ -10,27 +10,22 @@ import pytest
 from support.presets import Preset
 
 from lmcache.testing.trtllm_replay import (
-    KvCacheConfig,
     KvCacheConnectorConfig,
     ModelConfig,
     RecordingConnector,
     ReplayExecutor,
     TorchLlmArgs,
+    llm_args_for,
 )
 from lmcache.testing.trtllm_replay.executor import factories_from_config
-from lmcache.testing.trtllm_replay.llm_args import SchedulerConfig
 
 MODEL = ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
 PROMPT = [(5 + 7 * i) % 256 for i in range(150)]
 
 
 def preset_args(preset: Preset, mode: str, tp: int = 1) -> TorchLlmArgs:
-    return TorchLlmArgs(
-        tensor_parallel_size=tp,
-        kv_cache_config=KvCacheConfig(tokens_per_block=32, use_kv_cache_manager_v2=mode != "v1"),
-        kv_connector_config=KvCacheConnectorConfig(connector=preset.name, server_url=preset.server_url),
-        scheduler_config=SchedulerConfig(enable_prefix_aware_scheduling=mode == "v2-res"),
-    )
+    connector = KvCacheConnectorConfig(connector=preset.name, server_url=preset.server_url)
+    return llm_args_for(mode, connector, tensor_parallel_size=tp)
 
 
 def recorded_run(preset: Preset, mode: str, tp: int = 1, rollback: bool = False) -> tuple:

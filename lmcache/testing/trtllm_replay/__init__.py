@@ -18,11 +18,13 @@ from .layer_groups import GroupedKvPool, LayerGroup
 from .layout import KvCacheBufferRef, KvCacheLayerGroupLayout, KvCacheLayout, KvCacheRegion
 from .llm_args import (
     CONNECTOR_PRESETS,
+    KV_MANAGER_MODES,
     KvCacheConfig,
     KvCacheConnectorConfig,
     LlmArgs,
     SchedulerConfig,
     TorchLlmArgs,
+    llm_args_for,
 )
 from .model import ModelConfig, TinyDecoder
 from .ranks import LocalRanks, ProcessGroupRanks, Ranks
@@ -39,6 +41,7 @@ from .reservations import PrefixReservations, Reservation, wants_prefix_reservat
 from .stats import DispatchedLoad, ExecutorStats, GenerationResult, RequestStats
 
 __all__ = [
+    "llm_args_for",
     "BAD_PAGE_INDEX",
     "CONNECTOR_PRESETS",
     "BlockManager",
@@ -49,6 +52,7 @@ __all__ = [
     "GroupedBlockManager",
     "GroupedKvPool",
     "KvCacheBufferRef",
+    "KV_MANAGER_MODES",
     "KvCacheConfig",
     "KvCacheConnectorConfig",
     "KvCacheConnectorManager",

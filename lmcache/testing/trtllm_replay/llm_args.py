@@ -116,3 +116,36 @@ class TorchLlmArgs:
 
 
 LlmArgs = TorchLlmArgs
+
+KV_MANAGER_MODES = ("v1", "v2", "v2-res")
+"""V1; V2 with the legacy query (prefix-aware scheduling off); V2 with prefix reservations."""
+
+
+def llm_args_for(
+    mode: str,
+    connector: KvCacheConnectorConfig | None = None,
+    *,
+    model: str = "replay-tiny-llm",
+    tensor_parallel_size: int = 1,
+    tokens_per_block: int = 32,
+    max_tokens: int | None = None,
+    chunk: int | None = None,
+) -> TorchLlmArgs:
+    """``llm_args`` for one of :data:`KV_MANAGER_MODES`, with block reuse on (V2 needs it under a
+    connector) and chunked prefill of ``chunk`` tokens per step when given."""
+    if mode not in KV_MANAGER_MODES:
+        raise ValueError(f"unknown KV cache manager mode {mode!r}; one of {', '.join(KV_MANAGER_MODES)}")
+    return TorchLlmArgs(
+        model=model,
+        tensor_parallel_size=tensor_parallel_size,
+        kv_cache_config=KvCacheConfig(
+            tokens_per_block=tokens_per_block,
+            max_tokens=max_tokens,
+            enable_block_reuse=True,
+            use_kv_cache_manager_v2=mode != "v1",
+        ),
+        kv_connector_config=connector,
+        scheduler_config=SchedulerConfig(enable_prefix_aware_scheduling=mode == "v2-res"),
+        enable_chunked_prefill=chunk is not None,
+        max_num_tokens=chunk or 8192,
+    )
