@@ -70,7 +70,7 @@ sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
 from kv_shapes import CHUNK as BANDWIDTH_CHUNK  # noqa: E402
 from kv_shapes import KV_SHAPES  # noqa: E402
 
-from lmcache.integration.tensorrt_llm._trtllm import RequestData, SchedulerOutput, simulated_rank  # noqa: E402
+from lmcache.integration.tensorrt_llm._trtllm import RequestData, SchedulerOutput  # noqa: E402
 from lmcache.testing.trtllm_replay import (  # noqa: E402
     KV_MANAGER_MODES,
     CppRequestView,
@@ -83,6 +83,7 @@ from lmcache.testing.trtllm_replay import (  # noqa: E402
     ReplayExecutor,
     TorchLlmArgs,
     llm_args_for,
+    simulated_rank,
 )
 
 POLL_S = 0.0002  # between get_finished polls: short against a transfer

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind benchmarks/RESULTS.md, on a CUDA machine (run from the repo root):
 #   benchmarks/run_gpu_checks.sh OUTDIR [tests] [transfer] [latency] [ttft] [overhead] [workload]   (default: all)
-# CUDA tests (pinned memory, side streams, CUDA IPC between processes), then the benchmarks; each
+# The tests marked gpu (pinned memory, side streams, CUDA IPC between processes), then the benchmarks; each
 # part writes its JSON and log into OUTDIR, so the parts can run as separate calls.
 set -u
 out=${1:-gpu-results}
@@ -15,8 +15,7 @@ for part in $parts; do
     echo "== $part" | tee -a "$out/log.txt"
     case $part in
     tests)
-        python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/storage/test_tier_cuda.py \
-            tests/integration -k "cuda or test_cuda or tier_cuda" 2>&1 | tail -5 ;;
+        python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -5 ;;
     transfer)
         python3 benchmarks/bench_engine.py --tokens 65536 --repeats 5 --out "$out/engine_qwen_t32_64k.json"
         for model in qwen2-1.5b llama-3.1-8b; do

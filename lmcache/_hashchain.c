@@ -28,8 +28,8 @@ store_le64(unsigned char *p, uint64_t v)
 }
 
 /* An exact int's value if it fits one internal digit (|v| < 2**30: every real token id), read inline:
- * PyLong_AsLongLongAndOverflow is an out-of-line call into libpython that measured about a third of
- * the conversion's cost. 3.12+ has an API for it; before, the layout is the one CPython's own
+ * PyLong_AsLongLongAndOverflow is an out-of-line call into libpython, a large share of the
+ * conversion's cost (benchmarks/RESULTS.md, D15). 3.12+ has an API for it; before, the layout is the one CPython's own
  * "medium value" fast paths read (ob_digit[0] is always allocated). */
 static inline int
 compact_value(PyObject *item, long long *out)
@@ -155,7 +155,7 @@ chain_digests(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     for (Py_ssize_t c = 0; c < num_chunks; c++) {
         /* A fresh bytes object per chunk, filled in place before anyone else sees it: no copy beyond
          * the conversion, and nothing is mutated after `new` got it (a reused buffer behind a
-         * memoryview measured 2-3 us slower per 8192 tokens: creating a memoryview costs more). */
+         * memoryview is slower: creating the memoryview costs more than the bytes object). */
         Py_ssize_t parent_len = PyBytes_GET_SIZE(parent);
         if (parent_len > PY_SSIZE_T_MAX - data_len) {
             PyErr_NoMemory();

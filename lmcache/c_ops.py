@@ -99,9 +99,9 @@ def check_block_ids(pool: torch.Tensor, block_ids: Sequence[int]) -> None:
 def _index_tensor(ids: list[int], device: torch.device) -> torch.Tensor:
     """``ids`` on ``device``, uploaded on the current stream (pinned, so the upload is asynchronous).
 
-    Packed by ``struct`` straight into the pinned buffer: ``torch.tensor(list)`` took 146 us for a
-    16k-token load's 512 ids on an H200 host, ahead of the load's first copy. (Pageable memory was
-    faster idle, 17 against 28 us, but took 128 us behind a copy in flight on the stream.)
+    Packed by ``struct`` straight into the pinned buffer: ``torch.tensor(list)`` delays the
+    load's first copy, and an upload from pageable memory waits behind copies already in flight on
+    the stream (see benchmarks/RESULTS.md, D10).
     """
     host = torch.empty(len(ids), dtype=torch.int64, pin_memory=device.type == "cuda")
     struct.pack_into(f"{len(ids)}q", host.numpy(), 0, *ids)
@@ -190,8 +190,8 @@ class Transfer:
     @contextlib.contextmanager
     def _on(self, stream: Any) -> Iterator[None]:
         """Make ``stream`` current, like ``torch.cuda.stream(stream)`` without its per-use
-        device and stream queries (about a tenth of a load's host time under cProfile on an H200
-        host)."""
+        device and stream queries, a visible share of a load's host time (see
+        benchmarks/RESULTS.md, D11)."""
         torch.cuda.set_stream(stream)
         try:
             yield
@@ -205,8 +205,8 @@ class Transfer:
         With ``interleave``, batches alternate between two streams, each waiting for the one
         before: the copy engine then reaches a scheduling point at every batch boundary, where
         copies of other streams (TRT-LLM's sampled tokens) go first. On one stream the engine
-        drains all queued copies before it turns to another stream's (measured on an H200: a small
-        copy waited 2 ms behind a 4k-token save).
+        drains all queued copies before it turns to another stream's, so a small copy would wait
+        for the whole save (see benchmarks/RESULTS.md, D7).
         """
         lane = self._lanes[self._turns % len(self._lanes)]
         self._turns += 1

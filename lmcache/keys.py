@@ -41,7 +41,8 @@ HASH_ALGORITHMS: dict[str, Callable[[bytes], Any]] = {
     # Fast, not collision-resistant: only for trusted single-tenant deployments.
     "xxh3_128": xxhash.xxh3_128,
 }
-"""Hash constructors: ``new(parent + view of the chunk's tokens).digest()``, the fastest form measured."""
+"""Hash constructors, called as ``new(parent + view of the chunk's tokens).digest()``: one call per
+chunk, no incremental ``update`` (the fastest form; see benchmarks/RESULTS.md, D15)."""
 
 Tokens = Union[Sequence[int], np.ndarray, "torch.Tensor"]
 CacheSalt = str | int | None
@@ -59,20 +60,21 @@ class ChunkKey(NamedTuple):
 
 
 def chunk_keys(hashes: Iterable[bytes], world_size: int, rank: int) -> list[ChunkKey]:
-    """``[ChunkKey(h, world_size, rank) for h in hashes]``, twice as fast: ``tuple.__new__`` skips
-    the namedtuple's Python-level ``__new__`` (a lookup builds one key per chunk and rank)."""
+    """``[ChunkKey(h, world_size, rank) for h in hashes]``, built by ``tuple.__new__``, which skips
+    the namedtuple's Python-level ``__new__``: a lookup builds one key per chunk and rank, so this
+    is on its hot path (see benchmarks/RESULTS.md, D15)."""
     return list(map(tuple.__new__, repeat(ChunkKey), zip(hashes, repeat(world_size), repeat(rank))))
 
 
 def token_array(tokens: Tokens) -> np.ndarray:
     """Token ids as little-endian int64, converted in C (no per-token Python loop).
 
-    Python lists (what TRT-LLM's ``get_tokens`` returns) go through ``struct``, about twice as
-    fast as numpy's per-element conversion.
+    Python lists (what TRT-LLM's ``get_tokens`` returns) go through ``struct``, which converts
+    faster than numpy's per-element conversion (see benchmarks/RESULTS.md, D15).
     """
     if isinstance(tokens, list):
         try:
-            # A fresh Struct packs a long list about a quarter faster than struct.pack(fmt, ...).
+            # A fresh Struct packs a long list faster than struct.pack(fmt, ...) (RESULTS.md, D15).
             return np.frombuffer(struct.Struct(f"<{len(tokens)}q").pack(*tokens), dtype="<i8")
         except struct.error as exc:
             raise ValueError(f"token ids must be integers in int64 range: {exc}") from None
@@ -131,8 +133,8 @@ def _say_pure_python() -> None:
     if not _told_pure:
         _told_pure = True
         logger.warning(
-            "lmcache._hashchain is not built: prompts are hashed in pure Python (about twice as slow; "
-            "an 8k-token lookup pays ~40-90 us more). Reinstall lmcache where a C compiler and the "
+            "lmcache._hashchain is not built: prompts are hashed in pure Python, which makes every "
+            "lookup slower (benchmarks/RESULTS.md, D15). Reinstall lmcache where a C compiler and the "
             "Python headers are present (pip install -e . builds it)."
         )
 

@@ -12,7 +12,7 @@ from lmcache.engine import CacheEngine, KeySpace
 from lmcache.layout import PoolLayout
 from lmcache.transfer import BlockTransfer
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = pytest.mark.gpu
 
 TPB, CHUNK = 32, 256
 

@@ -158,7 +158,7 @@ def test_failed_allocation_ahead_gives_the_budget_back(monkeypatch: pytest.Monke
     assert pool.allocate() is None
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_pinned_slabs_copy_asynchronously_and_are_given_back() -> None:
     arena = HostArena(32 << 20, pinned=True, slab_bytes=8 << 20)
     pool = arena.pool(1 << 20)

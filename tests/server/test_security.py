@@ -327,7 +327,7 @@ def test_cuda_span_is_checked_against_the_opened_allocation(offset: int, shape: 
     assert api.closed == [0x10000]  # the handle is closed again
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_cuda_forged_offset_or_size_is_refused_by_a_real_server(start_server) -> None:
     server = start_server()
     pool = torch.zeros(64, 2, 2, TPB * 16, device="cuda")

@@ -61,7 +61,7 @@ def prompt(n: int, start: int = 1) -> list[int]:
     return [(start * 131 + 17 * i + (i * i) % 7) % MODEL.vocab_size for i in range(n)]
 
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def baseline(

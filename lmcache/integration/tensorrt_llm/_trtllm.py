@@ -7,11 +7,9 @@ The stand-ins mirror the names, fields, defaults and signatures of TRT-LLM's own
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,23 +195,28 @@ else:
     PrefixLoad = _PrefixLoad
 
 
-_rank_override = threading.local()
+RankProvider = Callable[[], int | None]
+"""Answers this thread's TRT-LLM rank, or None to defer to TRT-LLM's own ``mpi_rank()``."""
+
+_rank_provider: RankProvider | None = None
 
 
-@contextlib.contextmanager
-def simulated_rank(rank: int) -> Iterator[None]:
-    """Make ``mpi_rank()`` answer ``rank`` in this thread (the replay runs all TP ranks in one process)."""
-    previous = getattr(_rank_override, "rank", None)
-    _rank_override.rank = rank
-    try:
-        yield
-    finally:
-        _rank_override.rank = previous
+def set_rank_provider(provider: RankProvider | None) -> None:
+    """Install where ``mpi_rank()`` looks first (None removes it).
+
+    For hosts that run several TRT-LLM ranks in one process, where MPI cannot tell them apart:
+    the executor replay installs one that answers the rank it is simulating in the calling
+    thread. Production TRT-LLM runs one rank per process and installs none.
+    """
+    global _rank_provider
+    _rank_provider = provider
 
 
 def mpi_rank() -> int:
-    """This process's TRT-LLM rank: the replay's simulated rank, else TRT-LLM's ``mpi_rank()``, else 0."""
-    rank = getattr(_rank_override, "rank", None)
+    """This thread's TRT-LLM rank: the installed rank provider's answer, else TRT-LLM's
+    ``mpi_rank()``, else 0 (no TRT-LLM installed)."""
+    provider = _rank_provider
+    rank = provider() if provider is not None else None
     if rank is not None:
         return rank
     try:

@@ -27,7 +27,7 @@ from .llm_args import (
     llm_args_for,
 )
 from .model import ModelConfig, TinyDecoder
-from .ranks import LocalRanks, ProcessGroupRanks, Ranks
+from .ranks import LocalRanks, ProcessGroupRanks, Ranks, simulated_rank
 from .recording import (
     LayoutSummary,
     RecordedCall,
@@ -83,5 +83,6 @@ __all__ = [
     "TorchLlmArgs",
     "factories_from_config",
     "hash_chain",
+    "simulated_rank",
     "wants_prefix_reservations",
 ]

@@ -24,11 +24,10 @@ from lmcache.integration.tensorrt_llm._trtllm import (
     KvCacheConnectorScheduler,
     RequestData,
     SchedulerOutput,
-    simulated_rank,
 )
 
 from .block_pool import hash_chain
-from .ranks import LocalRanks, Ranks
+from .ranks import LocalRanks, Ranks, simulated_rank
 from .request import CppRequestView, LlmRequest, LlmRequestState
 from .reservations import PrefixReservations, Reservation, overrides
 

@@ -29,8 +29,6 @@ from typing import Any
 
 import torch
 
-from lmcache.integration.tensorrt_llm._trtllm import simulated_rank
-
 from .block_pool import BlockManager, KvPool
 from .connector_manager import KvCacheConnectorManager
 from .kv_manager import GroupedBlockManager
@@ -38,7 +36,7 @@ from .layer_groups import GroupedKvPool
 from .layout import KvCacheLayout, build_layout
 from .llm_args import KvCacheConnectorConfig, TorchLlmArgs
 from .model import ForwardItem, ModelConfig, TinyDecoder
-from .ranks import LocalRanks, Ranks
+from .ranks import LocalRanks, Ranks, simulated_rank
 from .request import LlmRequest, LlmRequestState
 from .reservations import wants_prefix_reservations
 from .stats import DispatchedLoad, ExecutorStats, GenerationResult, RequestStats

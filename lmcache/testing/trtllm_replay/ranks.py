@@ -11,13 +11,40 @@ executor loop.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from lmcache.integration.tensorrt_llm._trtllm import set_rank_provider
+
+_simulated = threading.local()
+
+
+def _simulated_rank_or_none() -> int | None:
+    return getattr(_simulated, "rank", None)
+
+
+@contextlib.contextmanager
+def simulated_rank(rank: int) -> Iterator[None]:
+    """Make ``mpi_rank()`` answer ``rank`` in this thread while the block runs.
+
+    The replay hosts several TRT-LLM ranks in one process, so the connector code it drives cannot
+    learn its rank from MPI; this installs the replay's rank provider in the import shim (outside
+    a block, the provider defers to TRT-LLM) and nests: the previous rank comes back on exit.
+    """
+    set_rank_provider(_simulated_rank_or_none)
+    previous = _simulated_rank_or_none()
+    _simulated.rank = rank
+    try:
+        yield
+    finally:
+        _simulated.rank = previous
 
 
 class Ranks(ABC):

@@ -17,10 +17,9 @@ from lmcache.integration.tensorrt_llm._trtllm import (
     KvCacheConnectorScheduler,
     KvCacheConnectorWorker,
     PrefixLoad,
-    simulated_rank,
 )
 
-from .ranks import Ranks
+from .ranks import Ranks, simulated_rank
 from .request import LlmRequest
 
 TRIO = ("reserve_prefix", "release_prefix_reservation", "get_finished_prefix_loads")

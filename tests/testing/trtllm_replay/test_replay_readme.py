@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).parents[2] / "lmcache" / "testing" / "trtllm_replay" / "README.md"
+README = Path(__file__).parents[3] / "lmcache" / "testing" / "trtllm_replay" / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 from support.e2e import MODEL, TPB, assert_same_output, prompt
 from support.presets import Preset
 
@@ -165,7 +164,7 @@ def test_rollback_forgets_the_pages_and_replays(preset: Preset, mode: str) -> No
     finish(preset, executor)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA pools: run on the GPU machine")
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("model", [MODEL, VSWA], ids=["full", "vswa"])
 def test_cuda_pools(preset: Preset, mode: str, model: ModelConfig) -> None:

@@ -22,7 +22,7 @@ from lmcache.server.client import CacheServerClient
 from lmcache.testing.trtllm_replay import ReplayExecutor
 
 LOOKUP_LINE = re.compile(r"LMCache MP scheduler: req (\d+) .*lmcache_cached=(\d+) new_matched=(\d+)")
-ENGINE_PROC = REPO / "tests" / "integration" / "mp_engine_proc.py"
+ENGINE_PROC = REPO / "tests" / "integration" / "tensorrt_llm" / "mp_engine_proc.py"
 
 
 @pytest.fixture

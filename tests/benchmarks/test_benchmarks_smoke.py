@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "benchmarks"
 SMALL = ["--small", "--device", "cpu", "--tokens-per-block", "16", "--chunk-size", "64"]
 

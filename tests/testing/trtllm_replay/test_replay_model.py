@@ -15,7 +15,7 @@ from lmcache.integration.tensorrt_llm._trtllm import (
 )
 from lmcache.testing.trtllm_replay import KvCacheConfig, ModelConfig, ReplayExecutor, TorchLlmArgs, hash_chain
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 MODEL = ModelConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
 TPB = 16
 
