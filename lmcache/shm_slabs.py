@@ -202,7 +202,7 @@ def map_slab(info: ShmSlabInfo, *, pin: bool, shm_dir: str = SHM_DIR) -> MappedS
                 "others may read or write"
             )
         if st.st_size != info.nbytes:
-            raise ShmSlabError(f"L1 region {path} holds {st.st_size} bytes, the server announced {info.nbytes}")
+            raise ShmSlabError(f"region {path} holds {st.st_size} bytes, the server announced {info.nbytes}")
         mapping = mmap.mmap(fd, info.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
