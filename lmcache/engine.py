@@ -28,7 +28,7 @@ from lmcache.latency import LatencyHistogram as LatencyHistogram
 from lmcache.latency import LatencyStats
 from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
-from lmcache.memory import HostArena
+from lmcache.memory import HostArena, SlabSource
 from lmcache.storage.chunk_format import Namespace
 from lmcache.storage.cpu_store import CachedChunk, CpuStore
 from lmcache.storage.tiers import TierManager
@@ -70,7 +70,15 @@ class _ChunkSpan:
 class CacheEngine:
     """Stores KV chunks of registered pools in the cache tiers and loads them back."""
 
-    def __init__(self, config: LMCacheEngineConfig, *, pinned: bool | None = None) -> None:
+    def __init__(
+        self,
+        config: LMCacheEngineConfig,
+        *,
+        pinned: bool | None = None,
+        slab_source: SlabSource | None = None,
+    ) -> None:
+        """``slab_source``: where L1's slabs live (default: private memory, page-locked if ``pinned``,
+        which defaults to whether CUDA is available); the cache server passes shared-memory slabs."""
         self.config = config
         capacity = config.max_local_cpu_bytes if config.local_cpu else 0
         has_tiers = config.local_disk is not None or config.remote_url is not None
@@ -78,7 +86,7 @@ class CacheEngine:
             # Without an L1 cache, chunks still pass through host memory on their way to and from the
             # lower tiers: a small staging area (grown lazily, only as far as it is used).
             capacity = int(config.tier_staging_size_gb * GiB)
-        self.l1 = CpuStore(HostArena(capacity, pinned=pinned), config.cache_policy)
+        self.l1 = CpuStore(HostArena(capacity, pinned=pinned, source=slab_source), config.cache_policy)
         if config.local_cpu and self.l1.arena.pinned:
             # Pin the L1 budget in the background from now on, so saves into a cold cache do not
             # wait for pinning (the staging area without L1 stays lazy).
