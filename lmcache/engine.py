@@ -9,23 +9,26 @@ rewritten.
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
 import weakref
 from collections.abc import Hashable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from lmcache import c_ops
+from lmcache.chunk_copy import CopyBatcher, LoadSlot, StoreSlot
 from lmcache.config import GiB, LMCacheEngineConfig
 from lmcache.keys import CacheSalt, ChunkHashes, ChunkKey, TokenHasher, Tokens, chunk_keys, token_array
+from lmcache.latency import LATENCY_BUCKETS_S as LATENCY_BUCKETS_S
+from lmcache.latency import LatencyHistogram as LatencyHistogram
+from lmcache.latency import LatencyStats
 from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
-from lmcache.memory import HostArena
+from lmcache.memory import HostArena, SlabSource
 from lmcache.storage.chunk_format import Namespace
 from lmcache.storage.cpu_store import CachedChunk, CpuStore
 from lmcache.storage.tiers import TierManager
@@ -55,42 +58,6 @@ class EngineStats:
     failed_retrieves: int = 0
 
 
-# Upper bounds (seconds) of the latency histograms' buckets; the last bucket is +Inf.
-LATENCY_BUCKETS_S: tuple[float, ...] = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
-
-
-class LatencyHistogram:
-    """Fixed-bucket histogram of call durations, filled at call time (thread-safe, O(log buckets))."""
-
-    def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS_S) -> None:
-        self.buckets = tuple(buckets)
-        self._counts = [0] * (len(self.buckets) + 1)  # per bucket, not cumulative; last = +Inf
-        self._sum = 0.0
-        self._lock = threading.Lock()
-
-    def observe(self, seconds: float) -> None:
-        index = bisect.bisect_left(self.buckets, seconds)  # first bound >= seconds ("le" semantics)
-        with self._lock:
-            self._counts[index] += 1
-            self._sum += seconds
-
-    def snapshot(self) -> tuple[list[int], float]:
-        """Per-bucket counts (the last is above every bound) and the sum of the observations."""
-        with self._lock:
-            return list(self._counts), self._sum
-
-
-class LatencyStats:
-    """Host time spent in lookup calls, and in store and retrieve calls that had chunks to move."""
-
-    def __init__(self) -> None:
-        self.lookup = LatencyHistogram()
-        self.store = LatencyHistogram()
-        self.retrieve = LatencyHistogram()
-
-
 @dataclass
 class _ChunkSpan:
     """One chunk of a request: its key and its token range ``[start, end)``."""
@@ -103,7 +70,15 @@ class _ChunkSpan:
 class CacheEngine:
     """Stores KV chunks of registered pools in the cache tiers and loads them back."""
 
-    def __init__(self, config: LMCacheEngineConfig, *, pinned: bool | None = None) -> None:
+    def __init__(
+        self,
+        config: LMCacheEngineConfig,
+        *,
+        pinned: bool | None = None,
+        slab_source: SlabSource | None = None,
+    ) -> None:
+        """``slab_source``: where L1's slabs live (default: private memory, page-locked if ``pinned``,
+        which defaults to whether CUDA is available); the cache server passes shared-memory slabs."""
         self.config = config
         capacity = config.max_local_cpu_bytes if config.local_cpu else 0
         has_tiers = config.local_disk is not None or config.remote_url is not None
@@ -111,7 +86,7 @@ class CacheEngine:
             # Without an L1 cache, chunks still pass through host memory on their way to and from the
             # lower tiers: a small staging area (grown lazily, only as far as it is used).
             capacity = int(config.tier_staging_size_gb * GiB)
-        self.l1 = CpuStore(HostArena(capacity, pinned=pinned), config.cache_policy)
+        self.l1 = CpuStore(HostArena(capacity, pinned=pinned, source=slab_source), config.cache_policy)
         if config.local_cpu and self.l1.arena.pinned:
             # Pin the L1 budget in the background from now on, so saves into a cold cache do not
             # wait for pinning (the staging area without L1 stays lazy).
@@ -393,61 +368,80 @@ class CacheEngine:
         tokens newly stored. On CUDA the copies are enqueued on ``stream``; readers are ordered
         after them by an event, so nothing waits on the host here.
         """
-        tokens, salt, block_ids = transfer.prompt, transfer.salt, transfer.block_ids
-        start, end = transfer.start, transfer.end
         began = time.perf_counter()
+        layout = self._check_pool(space, pool)
+        block_ids = transfer.block_ids
+        slots = self.reserve_store(space, rank, transfer.prompt, transfer.salt, transfer.start, transfer.end)
+        last = self.cacheable_end(space, len(transfer.prompt), transfer.end)
+        if last <= transfer.start:
+            return 0
+        self._check_block_ids(block_ids, transfer.start, last, layout, pool)
+        reserved: list[StoreSlot] = []
+        copier: CopyBatcher[StoreSlot] = CopyBatcher(
+            pool,
+            stream,
+            store=True,
+            block_ids=block_ids,
+            on_flush=lambda done, ev: self.publish(space, done, ev),
+        )
+        try:
+            for slot in slots:  # reserved one by one, so the first copy starts after one chunk's work
+                if slot.chunk is None:
+                    continue
+                reserved.append(slot)
+                rows = block_ids[slot.first_block : slot.first_block + slot.rows]
+                copier.add(rows, slot.view(layout), slot)
+            copier.finish()  # ``stream`` is after every copy, as callers reuse blocks then
+        except BaseException:
+            self.abort_store(reserved)  # what was not published yet gives its slot back
+            raise
+        self.latency.store.observe(time.perf_counter() - began)
+        return sum(slot.end - slot.start for slot in reserved)
+
+    def reserve_store(
+        self, space: KeySpace, rank: int, prompt: Tokens | ChunkHashes, salt: CacheSalt, start: int, end: int
+    ) -> Iterator[StoreSlot]:
+        """The chunks a store of ``prompt``'s ``[start, end)`` saves (see :meth:`store`), each with an
+        L1 slot reserved as it is reached (invisible to lookups and safe from eviction until
+        :meth:`publish`); chunks already cached come with no slot. Whoever iterates owns the slots:
+        fill them and :meth:`publish`, or :meth:`abort_store`. ``start`` is checked at once."""
         size = self.config.chunk_size
         if start % size:
             raise ValueError(f"store start {start} must be a multiple of chunk_size={size}")
-        layout = self._check_pool(space, pool)
-        last = self.cacheable_end(space, len(tokens), end)
-        if last <= start:
-            return 0
-        self._check_block_ids(block_ids, start, last, layout, pool)
-        # Interleaved: the copies must not hold up the copy engine for TRT-LLM's own transfers.
-        batch = _CopyBatch(c_ops.Transfer(pool, stream, interleave=True, block_ids=block_ids))
-        stored_chunks = stored = 0
-        new_keys: list[ChunkKey] = []
-        try:
-            for span in self.iter_chunk_spans(space, rank, tokens, salt, end):
-                if span.start < start:
-                    continue
-                rows = (span.end - span.start) // layout.tokens_per_block
-                chunk = self.l1.reserve(span.key, rows * layout.row_bytes, span.end - span.start)
-                if chunk is None:
-                    continue
-                first = span.start // layout.tokens_per_block
-                view = chunk.buffer.view(layout.dtype, (rows, *layout.row_shape))
-                batch.add(span.key, block_ids[first : first + rows], view)
-                if batch.full():
-                    self._flush_store(batch)
-                new_keys.append(span.key)
-                stored_chunks += 1
-                stored += span.end - span.start
-            self._flush_store(batch)
-            batch.transfer.finish()  # ``stream`` is after every copy, as callers reuse blocks then
-        except BaseException:
-            for key in batch.keys:  # reserved, never published: give the slots back
-                self.l1.abort(key)
-            raise
-        if self.tiers is not None and new_keys:
-            # Write-behind: the writer threads wait for the copies' event, never this thread.
-            self.tiers.write_behind(self.namespace(space), new_keys)
-        with self._lock:
-            self.stats.stored_chunks += stored_chunks
-            self.stats.stored_bytes += stored * layout.bytes_per_token
-        self.latency.store.observe(time.perf_counter() - began)
-        return stored
+        return self._reserve_slots(space, rank, prompt, salt, start, end)
 
-    def _flush_store(self, batch: _CopyBatch) -> None:
-        """Enqueue the batch's copies, then publish its chunks behind one event."""
-        if not batch.copies:
-            return
-        batch.transfer.gather(batch.copies)
-        event = batch.transfer.record()
-        for key in batch.keys:
-            self.l1.commit(key, event)
-        batch.clear()
+    def _reserve_slots(
+        self, space: KeySpace, rank: int, prompt: Tokens | ChunkHashes, salt: CacheSalt, start: int, end: int
+    ) -> Iterator[StoreSlot]:
+        tpb = space.layout.tokens_per_block
+        for span in self.iter_chunk_spans(space, rank, prompt, salt, end):
+            if span.start < start:
+                continue
+            rows = (span.end - span.start) // tpb
+            chunk = self.l1.reserve(span.key, rows * space.layout.row_bytes, span.end - span.start)
+            yield StoreSlot(span.key, span.start, span.end, span.start // tpb, rows, chunk)
+
+    def publish(self, space: KeySpace, slots: Sequence[StoreSlot], ready: Any = None) -> None:
+        """Make filled slots visible to lookups (``ready``: the event their copies recorded, None when
+        they are complete) and queue them for the lower tiers."""
+        keys = [slot.key for slot in slots if slot.chunk is not None]
+        for key in keys:
+            self.l1.commit(key, ready)
+        if self.tiers is not None and keys:
+            # Write-behind: the writer threads wait for the copies' event, never this thread.
+            self.tiers.write_behind(self.namespace(space), keys)
+        with self._lock:
+            self.stats.stored_chunks += len(keys)
+            self.stats.stored_bytes += (
+                sum(s.end - s.start for s in slots if s.chunk) * space.layout.bytes_per_token
+            )
+
+    def abort_store(self, slots: Sequence[StoreSlot]) -> None:
+        """Give back the slots of chunks not published (a failed or abandoned copy); nothing of them
+        was ever visible. Published chunks stay."""
+        for slot in slots:
+            if slot.chunk is not None:
+                self.l1.abort(slot.key)
 
     # -- retrieve -------------------------------------------------------------------------------
 
@@ -484,95 +478,104 @@ class CacheEngine:
         transfer: BlockTransfer[Tokens | ChunkHashes],
         stream: Any,
     ) -> int:
-        tokens, salt, block_ids = transfer.prompt, transfer.salt, transfer.block_ids
-        start, end = transfer.start, transfer.end
         began = time.perf_counter()
         layout = self._check_pool(space, pool)
-        tpb = layout.tokens_per_block
+        hold = self.hold_load(space, rank, transfer.prompt, transfer.salt, transfer.start, transfer.end)
+        if hold.end == hold.start:
+            return 0
+        block_ids = transfer.block_ids
+        self._check_block_ids(block_ids, transfer.start, transfer.end, layout, pool)
+        copier: CopyBatcher[LoadSlot] = CopyBatcher(
+            pool, stream, store=False, block_ids=block_ids, on_flush=_read
+        )
+        try:
+            for slot in self.hold_chunks(hold):  # pinned one by one: the first copy starts early
+                rows = block_ids[slot.first_block + slot.skip : slot.first_block + slot.stop]
+                copier.add(rows, slot.view(layout), slot, slot.chunk.ready)
+            copier.finish()
+        finally:
+            loaded = self.finish_load(hold)
+        self.latency.retrieve.observe(time.perf_counter() - began)
+        return loaded
+
+    def hold_load(
+        self, space: KeySpace, rank: int, prompt: Tokens | ChunkHashes, salt: CacheSalt, start: int, end: int
+    ) -> LoadHold:
+        """Plan a load of ``[start, end)`` (see :meth:`retrieve` for the rules, checked here); its
+        chunks are pinned as :meth:`hold_chunks` reaches them, until :meth:`finish_load`."""
+        tpb = space.layout.tokens_per_block
         if start % tpb or end % tpb or not 0 <= start <= end:
             raise ValueError(
                 f"retrieve range [{start}, {end}) must be block-aligned (tokens_per_block={tpb})"
             )
-        if end == start:
-            return 0
-        self._check_block_ids(block_ids, start, end, layout, pool)
         # The last chunk may end after ``end`` (a load never claims a prompt's last token): its key
         # needs all its tokens, and only its rows before ``end`` are copied.
         chunk_end = -(-end // self.config.chunk_size) * self.config.chunk_size
-        if isinstance(tokens, ChunkHashes) and chunk_end > len(tokens):
+        if isinstance(prompt, ChunkHashes) and chunk_end > len(prompt) and end > start:
             raise ValueError(
-                f"{len(tokens.hashes)} chunk hashes cover {len(tokens)} tokens; loading up to token {end} "
+                f"{len(prompt.hashes)} chunk hashes cover {len(prompt)} tokens; loading up to token {end} "
                 f"needs the hashes of the chunks up to token {chunk_end}"
             )
-        batch = _CopyBatch(c_ops.Transfer(pool, stream, block_ids=block_ids))
-        held: list[tuple[ChunkKey, CachedChunk]] = []
-        loaded_end = start
-        tier_pins: list[ChunkKey] = []
+        return LoadHold(space, rank, prompt, salt, start, end, chunk_end, loaded_end=start)
+
+    def hold_chunks(self, hold: LoadHold) -> Iterator[LoadSlot]:
+        """Pin the load's chunks in order, promoting from the lower tiers when L1 lacks one, and stop
+        at the first chunk not cached; each pinned chunk is yielded and recorded in ``hold``."""
+        space, rank, prompt, salt = hold.space, hold.rank, hold.prompt, hold.salt
+        start, end, tpb = hold.start, hold.end, space.layout.tokens_per_block
         tiers_asked = self.tiers is None
         previous: _ChunkSpan | None = None
-        try:
-            for span in self.iter_chunk_spans(space, rank, tokens, salt, chunk_end):
-                if span.end <= start:
-                    previous = span
-                    continue
-                chunk = self._hold(span.key)
-                if chunk is None and not tiers_asked:
-                    # Not in L1 (e.g. a lookup without pins, then eviction): promote from the lower tiers.
-                    tiers_asked = True
-                    assert self.tiers is not None
-                    rest = self.iter_chunk_spans(space, rank, tokens, salt, chunk_end)
-                    _, tier_pins = self.tiers.promote_prefix(
-                        self.namespace(space), [[s.key] for s in rest if s.start >= span.start]
-                    )
-                    chunk = self._hold(span.key)
-                if chunk is None and span.end > end and self.config.save_unfull_chunk:
-                    span = self._tail_span(space, rank, tokens, salt, previous, span, end)
-                    chunk = self._hold(span.key)
-                    if chunk is None and self.tiers is not None:
-                        got, more_pins = self.tiers.promote_prefix(self.namespace(space), [[span.key]])
-                        tier_pins += more_pins
-                        chunk = self._hold(span.key) if got else None
-                if chunk is None:
-                    break
+        for span in self.iter_chunk_spans(space, rank, prompt, salt, hold.chunk_end):
+            if span.end <= start:
                 previous = span
-                held.append((span.key, chunk))
-                rows = (span.end - span.start) // tpb
-                view = chunk.buffer.view(layout.dtype, (rows, *layout.row_shape))
-                skip = (max(start, span.start) - span.start) // tpb
-                stop = (min(end, span.end) - span.start) // tpb
-                first = span.start // tpb
-                rows_view = view if skip == 0 and stop == rows else view[skip:stop]
-                batch.add(span.key, block_ids[first + skip : first + stop], rows_view, chunk)
-                loaded_end = min(end, span.end)
-                if batch.full():
-                    self._flush_retrieve(batch)
-            self._flush_retrieve(batch)
-            batch.transfer.finish()
-        finally:
-            self.l1.unpin_all([key for key, _ in held])
-            if tier_pins:
+                continue
+            chunk = self._hold(span.key)
+            if chunk is None and not tiers_asked:
+                # Not in L1 (e.g. a lookup without pins, then eviction): promote from the lower tiers.
+                tiers_asked = True
                 assert self.tiers is not None
-                self.tiers.unpin(tier_pins)
-        loaded = loaded_end - start
-        with self._lock:
-            self.stats.retrieved_chunks += len(held)
-            self.stats.retrieved_bytes += loaded * layout.bytes_per_token
-            if loaded_end < end:
-                self.stats.failed_retrieves += 1
-        self.latency.retrieve.observe(time.perf_counter() - began)
-        return loaded
+                rest = self.iter_chunk_spans(space, rank, prompt, salt, hold.chunk_end)
+                _, pins = self.tiers.promote_prefix(
+                    self.namespace(space), [[s.key] for s in rest if s.start >= span.start]
+                )
+                hold.tier_pins += pins
+                chunk = self._hold(span.key)
+            if chunk is None and span.end > end and self.config.save_unfull_chunk:
+                assert not isinstance(prompt, ChunkHashes)
+                span = self._tail_span(space, rank, prompt, salt, previous, span, end)
+                chunk = self._hold(span.key)
+                if chunk is None and self.tiers is not None:
+                    got, pins = self.tiers.promote_prefix(self.namespace(space), [[span.key]])
+                    hold.tier_pins += pins
+                    chunk = self._hold(span.key) if got else None
+            if chunk is None:
+                return
+            previous = span
+            rows = (span.end - span.start) // tpb
+            skip = (max(start, span.start) - span.start) // tpb
+            stop = (min(end, span.end) - span.start) // tpb
+            slot = LoadSlot(span.key, chunk, span.start // tpb, rows, skip, stop)
+            hold.slots.append(slot)
+            hold.loaded_end = min(end, span.end)
+            yield slot
 
-    @staticmethod
-    def _flush_retrieve(batch: _CopyBatch) -> None:
-        """Enqueue the batch's copies after the copies that filled its chunks; mark the reads."""
-        if not batch.copies:
-            return
-        _wait_ready(batch.transfer, batch.chunks, batch.waited)
-        batch.transfer.scatter(batch.copies)
-        event = batch.transfer.record()
-        for chunk in batch.chunks:
-            chunk.last_read = event
-        batch.clear()
+    def finish_load(self, hold: LoadHold) -> int:
+        """Unpin the load's chunks (their copies are done or abandoned) and count it; returns the
+        tokens it loaded. Idempotent."""
+        if hold.finished:
+            return hold.loaded_end - hold.start
+        hold.finished = True
+        self.l1.unpin_all([slot.key for slot in hold.slots])
+        if hold.tier_pins:
+            assert self.tiers is not None
+            self.tiers.unpin(hold.tier_pins)
+        loaded = hold.loaded_end - hold.start
+        with self._lock:
+            self.stats.retrieved_chunks += len(hold.slots)
+            self.stats.retrieved_bytes += loaded * hold.space.layout.bytes_per_token
+            if hold.loaded_end < hold.end:
+                self.stats.failed_retrieves += 1
+        return loaded
 
     def _tail_span(
         self,
@@ -641,51 +644,25 @@ class CacheEngine:
         c_ops.check_block_ids(pool, block_ids[start // layout.tokens_per_block : needed])
 
 
-class _CopyBatch:
-    """Chunk copies enqueued a few at a time, so the DMA engine starts while the host prepares more.
+@dataclass(eq=False)
+class LoadHold:
+    """A load in progress (see :meth:`CacheEngine.hold_load`): what it asked for, the chunks pinned
+    so far (``slots``), the promotions' pins, and where the loaded prefix ends."""
 
-    The first chunk goes alone, so the DMA starts after one chunk's host work; each later batch is
-    at most twice the one before, up to ``FLUSH_CHUNKS``: the host prepares a batch while the DMA
-    engine moves the previous one, and a batch twice as long as the one before barely outlasts its
-    copy (a first batch of 4 left the engine idle ~0.3 ms of a 9 ms load on an H200 host).
-    """
-
-    FLUSH_CHUNKS = 4  # measured on an H200: 2 -> 0.80, 4 -> 0.89, 8 -> 0.85 of the copy ceiling (scattered)
-
-    def __init__(self, transfer: c_ops.Transfer) -> None:
-        self.transfer = transfer
-        self.copies: list[c_ops.ChunkCopy] = []
-        self.keys: list[ChunkKey] = []
-        self.chunks: list[CachedChunk] = []
-        self.waited: set[int] = set()
-        """Ids of the events a load already waited for (its chunks' events stay alive meanwhile)."""
-        self._flushes = 0
-
-    def add(
-        self, key: ChunkKey, block_ids: Sequence[int], view: torch.Tensor, chunk: CachedChunk | None = None
-    ) -> None:
-        self.copies.append((block_ids, view))
-        self.keys.append(key)
-        if chunk is not None:
-            self.chunks.append(chunk)
-
-    def full(self) -> bool:
-        return len(self.copies) >= min(1 << self._flushes, self.FLUSH_CHUNKS)
-
-    def clear(self) -> None:
-        self.copies, self.keys, self.chunks = [], [], []
-        self._flushes += 1
+    space: KeySpace
+    rank: int
+    prompt: Tokens | ChunkHashes
+    salt: CacheSalt
+    start: int
+    end: int
+    chunk_end: int
+    loaded_end: int
+    slots: list[LoadSlot] = field(default_factory=list)
+    tier_pins: list[ChunkKey] = field(default_factory=list)
+    finished: bool = False
 
 
-def _wait_ready(transfer: c_ops.Transfer, chunks: Sequence[CachedChunk], waited: set[int]) -> None:
-    """Order a load after the copies that filled these chunks (on the device; on the host for CPU
-    pools). Chunks stored together share an event: each is waited for once per load (``waited``)."""
-    for chunk in chunks:
-        ready = chunk.ready
-        if ready is None or id(ready) in waited:
-            continue
-        waited.add(id(ready))
-        if transfer.cuda:
-            transfer.stream.wait_event(ready)
-        else:
-            ready.synchronize()
+def _read(slots: list[LoadSlot], event: Any) -> None:
+    """Mark the chunks of a load batch as read until ``event`` (their slots are reused after it)."""
+    for slot in slots:
+        slot.chunk.last_read = event

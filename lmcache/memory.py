@@ -27,9 +27,11 @@ pool gives back return to the spares, still pinned.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import threading
 import weakref
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -56,33 +58,106 @@ def allocate_slab(nbytes: int, pinned: bool, *, fault_in_torch: bool = True) -> 
     Pages are faulted in by torch's parallel fill, or with ``fault_in_torch=False`` by one
     ``memset`` outside torch (for daemon threads, which must not be inside torch at exit).
     """
-    if not pinned:
-        return torch.empty(nbytes, dtype=torch.uint8)
     tensor = torch.empty(nbytes, dtype=torch.uint8)
+    if not pinned:
+        return tensor
+    if not pin_in_place(tensor, fault_in="torch" if fault_in_torch else "memset"):
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    return tensor
+
+
+def pin_in_place(tensor: torch.Tensor, *, fault_in: Literal["torch", "memset", "none"] = "torch") -> bool:
+    """Page-lock the host memory of a contiguous uint8 ``tensor`` with ``cudaHostRegister``; False
+    (and a DEBUG line) if the driver refuses. Unregistered once the tensor is collected.
+
+    ``fault_in``: how its pages are first written with zeros (torch's fill, or one ``memset``), or
+    ``"none"`` to keep their contents (memory another process already filled).
+    """
+    nbytes = tensor.numel()
     # Fault every page in now, outside the driver's lock that registering takes.
-    if fault_in_torch:
+    if fault_in == "torch":
         tensor.fill_(0)
-    else:
+    elif fault_in == "memset":
         ctypes.memset(tensor.data_ptr(), 0, nbytes)
     cudart = torch.cuda.cudart()
     err = cudart.cudaHostRegister(tensor.data_ptr(), nbytes, 0)
     if int(err) != 0:
-        logger.debug("cudaHostRegister of %d bytes failed (%s); using cudaHostAlloc", nbytes, err)
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        logger.debug("cudaHostRegister of %d bytes failed (%s)", nbytes, err)
+        return False
     # Unregister once the memory is unused (views of the slab keep it alive, and registered); not at
     # interpreter exit, where the process's end releases it anyway.
     weakref.finalize(tensor, cudart.cudaHostUnregister, tensor.data_ptr()).atexit = False
-    return tensor
+    return True
+
+
+@dataclass(frozen=True)
+class SlotRef:
+    """Where a slot lives: ``nbytes`` bytes at ``offset`` in the slab whose id is ``slab``."""
+
+    slab: int
+    offset: int
+    nbytes: int
+
+
+@dataclass(eq=False)
+class Slab:
+    """One block of host memory that slots are carved from; ``id`` is stable and unique per source."""
+
+    id: int
+    tensor: torch.Tensor
+    name: str = ""
+    """The shared-memory region's name (``/dev/shm/<name>``); empty for private memory."""
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel()
+
+
+class SlabSource:
+    """Where an arena's slabs come from: private host memory, page-locked if ``pinned``.
+
+    Subclasses (:class:`lmcache.shm_slabs.ShmSlabSource`) place slabs in shared memory. The
+    source knows its live slabs by id (:meth:`slab`), for describing them to other processes.
+    """
+
+    def __init__(self, pinned: bool) -> None:
+        self.pinned = pinned
+        self._ids = itertools.count()
+        self._live: weakref.WeakValueDictionary[int, Slab] = weakref.WeakValueDictionary()
+
+    def allocate(self, nbytes: int, *, fault_in_torch: bool = True) -> Slab:
+        """A new slab of ``nbytes`` bytes (``fault_in_torch`` as for :func:`allocate_slab`)."""
+        tensor = allocate_slab(nbytes, self.pinned, fault_in_torch=fault_in_torch)
+        return self._track(Slab(self.new_id(), tensor))
+
+    def _track(self, slab: Slab) -> Slab:
+        self._live[slab.id] = slab
+        return slab
+
+    def new_id(self) -> int:
+        return next(self._ids)
+
+    def slab(self, slab_id: int) -> Slab | None:
+        """The live slab of that id; None once it was freed (or never existed)."""
+        return self._live.get(slab_id)
+
+    def live_ids(self) -> set[int]:
+        return set(self._live.keys())
+
+    def close(self) -> None:
+        """Release what outlives the process (nothing for private memory)."""
 
 
 @dataclass(eq=False)
 class HostBuffer:
-    """One slot of a slab; ``data`` is a uint8 view of ``nbytes`` bytes."""
+    """One slot of a slab; ``data`` is a uint8 view of its bytes, ``ref`` names it across processes."""
 
     pool: SlotPool
     slab: int
+    """Index of the slab in its pool (``ref.slab`` is the slab's id)."""
     slot: int
     data: torch.Tensor
+    ref: SlotRef
     _typed: tuple[torch.dtype, tuple[int, ...], torch.Tensor] | None = field(default=None, repr=False)
 
     def view(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -105,7 +180,7 @@ class SlotPool:
     def __init__(self, arena: HostArena, slot_bytes: int) -> None:
         self.arena = arena
         self.slot_bytes = slot_bytes
-        self._slabs: list[torch.Tensor | None] = []
+        self._slabs: list[Slab | None] = []
         self._used: list[int] = []
         self._free: list[tuple[int, int]] = []
         self._newest = -1  # index of the slab attached last
@@ -125,12 +200,13 @@ class SlotPool:
                 arena._grown.wait()
             slab, slot = self._free.pop()
             self._used[slab] += 1
-            tensor = self._slabs[slab]
-            assert tensor is not None
+            held = self._slabs[slab]
+            assert held is not None
             if slab == self._newest:
                 arena._grow_ahead(self)
             start = slot * self.slot_bytes
-            return HostBuffer(self, slab, slot, tensor[start : start + self.slot_bytes])
+            data = held.tensor[start : start + self.slot_bytes]
+            return HostBuffer(self, slab, slot, data, SlotRef(held.id, start, self.slot_bytes))
 
     def free(self, buf: HostBuffer) -> None:
         with self.arena.lock:
@@ -141,12 +217,12 @@ class SlotPool:
         """Give wholly free slabs back to the arena's spares (when another chunk size needs them)."""
         released = 0
         with self.arena.lock:
-            for i, tensor in enumerate(self._slabs):
-                if tensor is not None and self._used[i] == 0:
-                    released += tensor.numel()
+            for i, slab in enumerate(self._slabs):
+                if slab is not None and self._used[i] == 0:
+                    released += slab.nbytes
                     self._slabs[i] = None
                     self._free = [(s, k) for s, k in self._free if s != i]
-                    self.arena.add_spare(tensor)
+                    self.arena.add_spare(slab)
         return released
 
     def _slab_slots(self) -> int:
@@ -164,29 +240,38 @@ class SlotPool:
         slots = self._slab_slots()
         if slots < 1:
             return False
-        tensor = allocate_slab(slots * self.slot_bytes, self.arena.pinned)
-        self.arena.reserved_bytes += tensor.numel()
-        self._attach(tensor)
+        slab = self.arena.source.allocate(slots * self.slot_bytes)
+        self.arena.reserved_bytes += slab.nbytes
+        self._attach(slab)
         return True
 
-    def _attach(self, tensor: torch.Tensor) -> None:
+    def _attach(self, slab: Slab) -> None:
         """Add an allocated slab (its bytes already counted in ``reserved_bytes``). Lock held."""
         index = self._slabs.index(None) if None in self._slabs else len(self._slabs)
         if index == len(self._slabs):
-            self._slabs.append(tensor)
+            self._slabs.append(slab)
             self._used.append(0)
         else:
-            self._slabs[index] = tensor
+            self._slabs[index] = slab
         # Pushed in reverse so the slab's slots are handed out in address order, after any free ones.
-        self._free[:0] = [(index, k) for k in reversed(range(tensor.numel() // self.slot_bytes))]
+        self._free[:0] = [(index, k) for k in reversed(range(slab.nbytes // self.slot_bytes))]
         self._newest = index
 
 
 class HostArena:
-    """The host-memory budget of the L1 tier, shared by one slot pool per chunk size."""
+    """The host-memory budget of the L1 tier, shared by one slot pool per chunk size.
+
+    Slabs come from ``source`` (default: private memory, pinned if ``pinned``, which defaults to
+    whether CUDA is available); ``pinned`` is then the source's.
+    """
 
     def __init__(
-        self, capacity_bytes: int, *, pinned: bool | None = None, slab_bytes: int | None = None
+        self,
+        capacity_bytes: int,
+        *,
+        pinned: bool | None = None,
+        slab_bytes: int | None = None,
+        source: SlabSource | None = None,
     ) -> None:
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
@@ -194,7 +279,10 @@ class HostArena:
         if slab_bytes is None:
             slab_bytes = min(DEFAULT_SLAB_BYTES, max(MIN_SLAB_BYTES, capacity_bytes // SLABS_PER_CAPACITY))
         self.slab_bytes = slab_bytes
-        self.pinned = pinned_memory_available() if pinned is None else pinned
+        if source is None:
+            source = SlabSource(pinned_memory_available() if pinned is None else pinned)
+        self.source = source
+        self.pinned = source.pinned
         self.reserved_bytes = 0
         """Bytes of the slabs allocated, plus the one being allocated ahead (if any)."""
         self.lock = threading.RLock()
@@ -203,7 +291,7 @@ class HostArena:
         self._grown = threading.Condition(self.lock)
         self.grown_ahead = 0
         """Slabs allocated ahead of need by the background thread."""
-        self._spares: list[torch.Tensor] = []
+        self._spares: list[Slab] = []
         """Allocated slabs no pool holds (counted in ``reserved_bytes``)."""
         self._prepinners = 0
 
@@ -240,14 +328,14 @@ class HostArena:
                         return
                     self.reserved_bytes += nbytes  # counted first, as for a slab grown ahead
                 try:
-                    tensor = allocate_slab(nbytes, self.pinned, fault_in_torch=False)
+                    slab = self.source.allocate(nbytes, fault_in_torch=False)
                 except Exception as e:  # out of pinned memory: pools allocate (and report) themselves
                     logger.warning("pinning L1 ahead stopped after %d MiB: %s", self.reserved_bytes >> 20, e)
                     with self.lock:
                         self.reserved_bytes -= nbytes
                     return
                 with self.lock:
-                    self.add_spare(tensor)
+                    self.add_spare(slab)
         finally:
             with self.lock:
                 self._prepinners -= 1
@@ -258,28 +346,28 @@ class HostArena:
         with self.lock:
             return self._grown.wait_for(lambda: not self.prepinning, timeout)
 
-    def add_spare(self, tensor: torch.Tensor) -> None:
+    def add_spare(self, slab: Slab) -> None:
         """A slab no pool holds, its bytes already counted; pools waiting for memory are woken."""
         with self.lock:
-            self._spares.append(tensor)
+            self._spares.append(slab)
             self._grown.notify_all()
 
-    def take_spare(self, min_bytes: int) -> torch.Tensor | None:
+    def take_spare(self, min_bytes: int) -> Slab | None:
         """A spare slab of at least ``min_bytes`` (lock held). When none is big enough and the budget
         is spent, the spares too small for this size are freed, so a slab of it can be allocated."""
         with self.lock:
-            for i, tensor in enumerate(self._spares):
-                if tensor.numel() >= min_bytes:
+            for i, slab in enumerate(self._spares):
+                if slab.nbytes >= min_bytes:
                     return self._spares.pop(i)
             if self.capacity_bytes - self.reserved_bytes < min_bytes and self._spares:
-                self.reserved_bytes -= sum(t.numel() for t in self._spares)
+                self.reserved_bytes -= sum(s.nbytes for s in self._spares)
                 self._spares.clear()
             return None
 
     @property
     def spare_bytes(self) -> int:
         with self.lock:
-            return sum(t.numel() for t in self._spares)
+            return sum(s.nbytes for s in self._spares)
 
     def reclaim(self, keep: SlotPool) -> int:
         """Release empty slabs of every pool but ``keep``; returns bytes released."""
@@ -316,17 +404,25 @@ class HostArena:
             self._growing = None
 
     def _allocate_ahead(self, pool: SlotPool, nbytes: int) -> None:
-        tensor = None
+        slab = None
         try:
-            tensor = allocate_slab(nbytes, self.pinned)
+            slab = self.source.allocate(nbytes)
         except Exception as e:  # e.g. out of pinned memory: the store path will try (and report) itself
             logger.warning("allocating a %d MiB host slab ahead of need failed: %s", nbytes >> 20, e)
         finally:
             with self.lock:
-                if tensor is not None:
-                    pool._attach(tensor)
+                if slab is not None:
+                    pool._attach(slab)
                     self.grown_ahead += 1
                 else:
                     self.reserved_bytes -= nbytes
                 self._growing = None
                 self._grown.notify_all()
+
+    def slab(self, slab_id: int) -> Slab | None:
+        """The live slab of that id (see :meth:`SlabSource.slab`)."""
+        return self.source.slab(slab_id)
+
+    def close(self) -> None:
+        """Release what outlives the process (shared-memory names); slots stay usable in this one."""
+        self.source.close()

@@ -552,9 +552,6 @@ class RawCudaIPCWrapper:
             device_uuid=api.device_uuid(ordinal),
         )
 
-    def to_descriptor(self) -> CudaIpcPool:
-        return self.descriptor
-
     @staticmethod
     def open(desc: CudaIpcPool, api: Any = None) -> MappedPool:
         """Map ``desc`` (``api``: the CUDA binding, default :func:`cuda_api`)."""

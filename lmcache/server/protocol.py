@@ -39,6 +39,12 @@ heartbeat      instance_ids                                      :class:`Heartbe
 ping           (none)                                            :class:`PingInfo`
 stats          (none)                                            :class:`StatsInfo`
 clear          (none)                                            int: chunks dropped
+store_reserve  instance_id tokens cache_salt start end           :class:`StoreSlots`
+               chunk_hashes                                      (shared-L1 pools)
+store_done     instance_id ticket ok                             int: tokens published
+load           instance_id tokens cache_salt start end           :class:`LoadSlots`
+               chunk_hashes pin_id pin_owner
+load_done      instance_id ticket                                bool (ticket was open)
 =============  ===============================================  ==============================
 """
 
@@ -50,6 +56,8 @@ from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
+
+from lmcache.server.shared_l1_protocol import LoadChunk, LoadSlots, SlabInfo, SlotInfo, StoreChunk, StoreSlots
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -73,7 +81,20 @@ __all__ = [
     "Clear",
     "CpuShmPool",
     "CudaIpcPool",
+    "SharedL1Pool",
     "PoolDescriptor",
+    "SHARING_MODES",
+    "sharing_mode",
+    "StoreReserve",
+    "StoreDone",
+    "Load",
+    "LoadDone",
+    "SlabInfo",
+    "SlotInfo",
+    "StoreChunk",
+    "LoadChunk",
+    "StoreSlots",
+    "LoadSlots",
     "RegisterInfo",
     "ChunkHashing",
     "DirectLane",
@@ -184,7 +205,23 @@ class CudaIpcPool(_Descriptor, tag="cuda_ipc", kw_only=True):
     device_uuid: Annotated[str, Meta(pattern=r"^[0-9a-f]{32}$")]
 
 
-PoolDescriptor = CpuShmPool | CudaIpcPool
+class SharedL1Pool(_Descriptor, tag="shared_l1", kw_only=True):
+    """A pool the server never maps: the worker copies between it and the server's L1 slabs in shared
+    memory (``store_reserve`` / ``load``). Only its shape and dtype (the layout) are sent."""
+
+
+PoolDescriptor = CpuShmPool | CudaIpcPool | SharedL1Pool
+
+SHARING_MODES = ("cuda-ipc", "cpu-shm", "shared-l1")
+"""How a registered pool is shared, by descriptor kind (:func:`sharing_mode`)."""
+
+
+def sharing_mode(desc: PoolDescriptor) -> str:
+    """``cuda-ipc`` (the server maps the pool over CUDA IPC), ``cpu-shm`` (a CPU pool the server
+    maps), or ``shared-l1`` (the worker copies into the server's L1 in shared memory)."""
+    return {"cuda_ipc": "cuda-ipc", "cpu_shm": "cpu-shm", "shared_l1": "shared-l1"}[
+        type(desc).__struct_config__.tag
+    ]
 
 
 # ---- requests -----------------------------------------------------------------------------------
@@ -292,6 +329,54 @@ class Clear(_Req, tag="clear", kw_only=True):
     pass
 
 
+class StoreReserve(_Req, tag="store_reserve", kw_only=True):
+    """Shared-L1 store, step 1: reserve L1 slots for the prompt's chunks in ``[start, end)`` (named as
+    in :class:`Store`); the reply is :class:`StoreSlots`. No block ids: the worker copies itself."""
+
+    instance_id: UInt63
+    tokens: TokenIds
+    cache_salt: Salt = None
+    start: NonNeg = 0
+    end: NonNeg
+    chunk_hashes: ChunkHashBytes | None = None
+    cap: Cap = None
+
+
+class StoreDone(_Req, tag="store_done", kw_only=True):
+    """Shared-L1 store, step 2: the worker's copies into the ticket's slots are complete (``ok``), so
+    the chunks are published; ``ok=False`` gives the slots back. Reply: int, tokens published."""
+
+    instance_id: UInt63
+    ticket: UInt63
+    ok: bool = True
+    cap: Cap = None
+
+
+class Load(_Req, tag="load", kw_only=True):
+    """Shared-L1 load, step 1: pin the chunks of ``[start, end)`` (named as in :class:`Retrieve`,
+    stopping at the first not cached); reply :class:`LoadSlots`. The lookup's pins (``pin_id``) may go
+    once this reply is sent: the load holds its own until :class:`LoadDone`."""
+
+    instance_id: UInt63
+    tokens: TokenIds
+    cache_salt: Salt = None
+    start: NonNeg = 0
+    end: NonNeg
+    chunk_hashes: ChunkHashBytes | None = None
+    pin_id: PinId = None
+    pin_owner: UInt63 | None = None
+    cap: Cap = None
+
+
+class LoadDone(_Req, tag="load_done", kw_only=True):
+    """Shared-L1 load, step 2: the worker has copied out of the ticket's slots; they are unpinned.
+    Reply: bool (the ticket was open)."""
+
+    instance_id: UInt63
+    ticket: UInt63
+    cap: Cap = None
+
+
 Request = (
     Register
     | Unregister
@@ -304,6 +389,10 @@ Request = (
     | Ping
     | Stats
     | Clear
+    | StoreReserve
+    | StoreDone
+    | Load
+    | LoadDone
 )
 REQUEST_TYPES: tuple[type[_Req], ...] = (
     Register,
@@ -317,6 +406,10 @@ REQUEST_TYPES: tuple[type[_Req], ...] = (
     Ping,
     Stats,
     Clear,
+    StoreReserve,
+    StoreDone,
+    Load,
+    LoadDone,
 )
 OPS: dict[str, type[_Req]] = {t.__struct_config__.tag: t for t in REQUEST_TYPES}
 
@@ -369,6 +462,8 @@ class RegisterInfo(msgspec.Struct, kw_only=True):
     direct: DirectLane | None = None
     cap: bytes = b""
     """The instance's capability: every later request naming the instance must carry it."""
+    sharing: str = ""
+    """How the pool is shared (:data:`SHARING_MODES`)."""
 
 
 class PingInfo(msgspec.Struct, kw_only=True):

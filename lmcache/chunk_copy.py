@@ -1,0 +1,136 @@
+"""The copy step shared by every front door: pool rows <-> L1 slot views, batched.
+
+The engine plans a store or a load as slots (:class:`StoreSlot`, :class:`LoadSlot`); whoever holds
+the pool copies them with :class:`CopyBatcher`: the in-process engine into its own L1, the
+cache server into a pool it mapped, a worker (:mod:`lmcache.server.shared_l1_worker`) into the
+server's L1 slabs it mapped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from lmcache import c_ops
+from lmcache.keys import ChunkKey
+from lmcache.layout import PoolLayout
+from lmcache.storage.cpu_store import CachedChunk
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StoreSlot:
+    """One chunk of a store: tokens ``[start, end)``, pool rows ``block_ids[first_block :
+    first_block + rows]``. ``chunk`` is its reserved (unpublished) L1 slot; None when the chunk was
+    already cached (skipped: nothing to copy)."""
+
+    key: ChunkKey
+    start: int
+    end: int
+    first_block: int
+    rows: int
+    chunk: CachedChunk | None
+
+    def view(self, layout: PoolLayout) -> torch.Tensor:
+        """The slot as ``rows`` pool rows."""
+        assert self.chunk is not None
+        return self.chunk.buffer.view(layout.dtype, (self.rows, *layout.row_shape))
+
+
+@dataclass(frozen=True)
+class LoadSlot:
+    """One chunk of a load, pinned: its rows ``[skip, stop)`` go to the pool rows
+    ``block_ids[first_block + skip : first_block + stop]`` (a load may skip leading rows TRT-LLM
+    already holds, and stop before a chunk's end)."""
+
+    key: ChunkKey
+    chunk: CachedChunk
+    first_block: int
+    rows: int
+    skip: int
+    stop: int
+
+    def view(self, layout: PoolLayout) -> torch.Tensor:
+        """The rows of the slot to copy."""
+        view = self.chunk.buffer.view(layout.dtype, (self.rows, *layout.row_shape))
+        return view if self.skip == 0 and self.stop == self.rows else view[self.skip : self.stop]
+
+
+class CopyBatcher(Generic[T]):
+    """Chunk copies enqueued a few at a time, so the DMA engine starts while the host prepares more.
+
+    A store (``store=True``) gathers pool rows into slot views, a load scatters slot views into pool
+    rows. The first chunk goes alone, so the DMA starts after one chunk's host work; each later batch
+    is at most twice the one before, up to ``FLUSH_CHUNKS``: the host prepares a batch while the
+    DMA engine moves the previous one (see ``benchmarks/RESULTS.md``). After each batch is enqueued,
+    ``on_flush(items, event)`` gets the items added with it and an event after its copies (None on CPU).
+    """
+
+    FLUSH_CHUNKS = 4  # the best of 2, 4 and 8 on an H200 (scattered loads); see benchmarks/RESULTS.md
+
+    def __init__(
+        self,
+        pool: torch.Tensor,
+        stream: Any = None,
+        *,
+        store: bool,
+        block_ids: Sequence[int] | None = None,
+        on_flush: Callable[[list[T], Any], None] | None = None,
+    ) -> None:
+        # Stores interleave: their copies must not hold up the copy engine for TRT-LLM's own transfers.
+        self.transfer = c_ops.Transfer(pool, stream, interleave=store, block_ids=block_ids)
+        self.store = store
+        self._on_flush = on_flush
+        self._copies: list[c_ops.ChunkCopy] = []
+        self._items: list[T] = []
+        self._ready: list[Any] = []
+        self._waited: set[int] = set()
+        """Ids of the events a load already waited for (its chunks' events stay alive meanwhile)."""
+        self._flushes = 0
+
+    def add(self, block_ids: Sequence[int], view: torch.Tensor, item: T, ready: Any = None) -> None:
+        """Queue one chunk's copy; a load's ``ready`` event orders it after the copy that filled the
+        slot. Flushes when the batch is full."""
+        self._copies.append((block_ids, view))
+        self._items.append(item)
+        if ready is not None:
+            self._ready.append(ready)
+        if len(self._copies) >= min(1 << self._flushes, self.FLUSH_CHUNKS):
+            self.flush()
+
+    def flush(self) -> None:
+        """Enqueue the queued copies as one batch."""
+        if not self._copies:
+            return
+        copies, items, ready = self._copies, self._items, self._ready
+        self._copies, self._items, self._ready = [], [], []
+        self._flushes += 1
+        if self.store:
+            self.transfer.gather(copies)
+        else:
+            self._wait_ready(ready)
+            self.transfer.scatter(copies)
+        event = self.transfer.record()
+        if self._on_flush is not None:
+            self._on_flush(items, event)
+
+    def finish(self) -> None:
+        """Flush the rest; the transfer's stream is then ordered after every copy."""
+        self.flush()
+        self.transfer.finish()
+
+    def _wait_ready(self, events: Sequence[Any]) -> None:
+        """Order a load after the copies that filled its slots (on the device; on the host for CPU
+        pools). Chunks stored together share an event: each is waited for once per load."""
+        for ready in events:
+            if id(ready) in self._waited:
+                continue
+            self._waited.add(id(ready))
+            if self.transfer.cuda:
+                self.transfer.stream.wait_event(ready)
+            else:
+                ready.synchronize()

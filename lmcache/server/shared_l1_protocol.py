@@ -1,0 +1,65 @@
+"""Reply values of the shared-L1 ops (``store_reserve``, ``load``); re-exported by
+:mod:`lmcache.server.protocol`, where the requests are."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class SlabInfo(msgspec.Struct, kw_only=True):
+    """An L1 slab in shared memory: ``/dev/shm/<name>`` of ``nbytes`` bytes, called ``id`` in slot refs."""
+
+    id: int
+    name: str
+    nbytes: int
+
+
+class SlotInfo(msgspec.Struct, array_like=True):
+    """An L1 slot: ``nbytes`` bytes at ``offset`` in slab ``slab``."""
+
+    slab: int
+    offset: int
+    nbytes: int
+
+
+class StoreChunk(msgspec.Struct, array_like=True):
+    """One chunk of a reserved store: rows ``block_ids[first_block : first_block + rows]`` go to
+    ``slot``; ``slot`` None: already cached, skipped."""
+
+    first_block: int
+    rows: int
+    slot: SlotInfo | None
+
+
+class LoadChunk(msgspec.Struct, array_like=True):
+    """One chunk of a load: rows ``[skip, stop)`` of ``slot`` (of ``rows`` pool rows) go to
+    ``block_ids[first_block + skip : first_block + stop]``."""
+
+    first_block: int
+    rows: int
+    skip: int
+    stop: int
+    slot: SlotInfo
+
+
+class StoreSlots(msgspec.Struct, kw_only=True):
+    """Reply to ``store_reserve``: copy, then send ``store_done`` with ``ticket`` (no chunk reserved:
+    ``ticket`` 0, nothing to report)."""
+
+    ticket: int
+    chunks: list[StoreChunk] = []
+    slabs: list[SlabInfo] = []
+    """Slabs the instance has not been told of yet: map them before copying."""
+    forget: list[int] = []
+    """Ids of slabs the instance was told of that are gone: drop their mappings."""
+
+
+class LoadSlots(msgspec.Struct, kw_only=True):
+    """Reply to ``load``: copy, then send ``load_done`` with ``ticket`` (no chunk: ``ticket`` 0).
+    ``loaded`` is the tokens the chunks cover from ``start``."""
+
+    ticket: int
+    loaded: int
+    chunks: list[LoadChunk] = []
+    slabs: list[SlabInfo] = []
+    forget: list[int] = []

@@ -1,0 +1,211 @@
+"""L1 slabs in POSIX shared memory, so worker processes copy into and out of the cache server's L1.
+
+Server side, :class:`ShmSlabSource` is a :class:`~lmcache.memory.SlabSource` whose slabs are
+regions ``/dev/shm/lmcache-l1-<pid>-<random>-<id>``, created ``O_CREAT | O_EXCL`` with mode 0600
+(owned by the server's user), mapped ``MAP_SHARED``. They are page-locked in the server only when
+the source is ``pinned`` (the server copies into CUDA pools itself); otherwise no CUDA call is made.
+Every region's name is unlinked when its slab is freed, when the source closes and at exit; a
+source that starts unlinks the regions of this user left by a server that is no longer alive.
+
+Worker side, :func:`map_slab` maps a region the server described (:class:`ShmSlabInfo`) after
+checking it is a regular file of this process's uid, mode 0600 and exactly the size announced.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import mmap
+import os
+import re
+import secrets
+import stat
+import threading
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from lmcache.logging import init_logger
+from lmcache.memory import Slab, SlabSource, pin_in_place
+
+logger = init_logger(__name__)
+
+SHM_DIR = "/dev/shm"
+SLAB_PREFIX = "lmcache-l1"
+_NAME = re.compile(rf"^{SLAB_PREFIX}-(\d+)-[0-9a-f]+-\d+$")
+
+
+class ShmSlabError(ValueError):
+    """A shared-memory slab cannot be created or mapped; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ShmSlabInfo:
+    """What a worker needs to map a slab: its id, region name (in ``/dev/shm``) and size."""
+
+    id: int
+    name: str
+    nbytes: int
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def cleanup_stale(shm_dir: str = SHM_DIR) -> int:
+    """Unlink this user's L1 regions whose creating process is gone (a crashed server); returns how
+    many. Regions of live processes and of other users are left alone."""
+    removed = 0
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return 0
+    uid = os.geteuid()
+    for name in names:
+        match = _NAME.match(name)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        path = os.path.join(shm_dir, name)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
+                continue
+            os.unlink(path)
+            removed += 1
+        except OSError:
+            continue
+    if removed:
+        logger.info("removed %d stale L1 shared-memory region(s) of a server that is gone", removed)
+    return removed
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+class ShmSlabSource(SlabSource):
+    """Slabs in POSIX shared memory (see the module docstring); ``pinned`` page-locks them here."""
+
+    def __init__(self, pinned: bool = False, *, shm_dir: str = SHM_DIR) -> None:
+        super().__init__(pinned)
+        self.shm_dir = shm_dir
+        self.stale_removed = cleanup_stale(shm_dir)
+        self._stem = f"{SLAB_PREFIX}-{os.getpid()}-{secrets.token_hex(6)}"
+        self._paths: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        atexit.register(self.close)
+
+    def allocate(self, nbytes: int, *, fault_in_torch: bool = True) -> Slab:
+        """A new region of ``nbytes`` bytes, mapped; page-locked if the source is ``pinned``."""
+        if self._closed:
+            raise ShmSlabError("this L1's shared memory was closed (server shutting down)")
+        slab_id = self.new_id()
+        name = f"{self._stem}-{slab_id}"
+        path = os.path.join(self.shm_dir, name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise ShmSlabError(
+                f"cannot create the L1 shared-memory region {path}: {e.strerror}; check that {self.shm_dir} "
+                "is a writable tmpfs with room for the L1 size"
+            ) from None
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            os.ftruncate(fd, nbytes)
+            mapping = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            _unlink(path)
+            raise ShmSlabError(f"cannot size or map the L1 region {path}: {e.strerror}") from None
+        finally:
+            os.close(fd)
+        tensor = torch.frombuffer(mapping, dtype=torch.uint8)
+        if self.pinned and not pin_in_place(tensor, fault_in="torch" if fault_in_torch else "memset"):
+            logger.warning("could not page-lock the L1 region %s; copies from it will be slower", name)
+        slab = Slab(slab_id, tensor, name)
+        with self._lock:
+            self._paths[slab_id] = path
+        weakref.finalize(slab, self._forget, slab_id)
+        return self._track(slab)
+
+    def _forget(self, slab_id: int) -> None:
+        """The slab was freed: its name goes (workers' mappings stay valid until they drop them)."""
+        with self._lock:
+            path = self._paths.pop(slab_id, None)
+        if path is not None:
+            _unlink(path)
+
+    def describe(self, slab_id: int) -> ShmSlabInfo | None:
+        """How a worker maps the live slab ``slab_id``; None once it was freed."""
+        slab = self.slab(slab_id)
+        if slab is None:
+            return None
+        return ShmSlabInfo(slab.id, slab.name, slab.nbytes)
+
+    def region_paths(self) -> list[str]:
+        """Paths of the regions this source created that still exist."""
+        with self._lock:
+            return list(self._paths.values())
+
+    def close(self) -> None:
+        """Unlink every region (idempotent). Mappings already made, here and in workers, stay valid."""
+        with self._lock:
+            self._closed = True
+            paths, self._paths = list(self._paths.values()), {}
+        for path in paths:
+            _unlink(path)
+        atexit.unregister(self.close)
+
+
+@dataclass(eq=False)
+class MappedSlab:
+    """A worker's mapping of one server slab; ``tensor`` is its bytes (uint8)."""
+
+    info: ShmSlabInfo
+    tensor: torch.Tensor
+    pinned: bool
+
+
+def map_slab(info: ShmSlabInfo, *, pin: bool, shm_dir: str = SHM_DIR) -> MappedSlab:
+    """Map the server's slab ``info`` names, after checking it is a regular file owned by this process's
+    uid, mode 0600 and of ``info.nbytes`` bytes; page-lock it if ``pin`` (a CUDA pool copies with it)."""
+    if not _NAME.match(info.name):
+        raise ShmSlabError(f"{info.name!r} is not the name of an L1 region ({SLAB_PREFIX}-<pid>-<hex>-<n>)")
+    path = os.path.join(shm_dir, info.name)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise ShmSlabError(
+            f"cannot open the server's L1 region {path}: {e.strerror}; the server and this worker must run "
+            "as the same user on the same host (and the server must still be alive)"
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ShmSlabError(f"L1 region {path} is not a regular file; refusing to map it")
+        if st.st_uid != os.geteuid():
+            raise ShmSlabError(
+                f"L1 region {path} is owned by uid {st.st_uid}, not this process's uid {os.geteuid()}; "
+                "run the worker as the server's user"
+            )
+        if stat.S_IMODE(st.st_mode) != 0o600:
+            raise ShmSlabError(
+                f"L1 region {path} has mode {stat.S_IMODE(st.st_mode):o}, expected 600; refusing a region "
+                "others may read or write"
+            )
+        if st.st_size != info.nbytes:
+            raise ShmSlabError(f"region {path} holds {st.st_size} bytes, the server announced {info.nbytes}")
+        mapping = mmap.mmap(fd, info.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    tensor = torch.frombuffer(mapping, dtype=torch.uint8)
+    pinned = pin and pin_in_place(tensor, fault_in="none")
+    return MappedSlab(info, tensor, pinned)

@@ -1,0 +1,174 @@
+"""The shared-L1 mode at handler level: SharedL1Service (server) + SharedL1Copier (worker), CPU pools."""
+
+import random
+
+import pytest
+import torch
+
+from lmcache.config import LMCacheEngineConfig
+from lmcache.engine import CacheEngine, KeySpace
+from lmcache.layout import PoolLayout
+from lmcache.server import protocol as P
+from lmcache.server.shared_l1 import BadTicket, InstanceScope, SharedL1Service, TicketLimitExceeded
+from lmcache.server.shared_l1_worker import SharedL1Copier
+from lmcache.shm_slabs import ShmSlabError, ShmSlabSource
+from lmcache.transfer import BlockTransfer
+
+TPB = 16
+CHUNK = 64
+TOKENS = list(range(1000, 1000 + 4 * CHUNK + 32))  # 4 full chunks and half a chunk
+
+
+@pytest.fixture
+def env(tmp_path):
+    config = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.05)
+    source = ShmSlabSource(shm_dir=str(tmp_path))
+    engine = CacheEngine(config, pinned=False, slab_source=source)
+    pool = torch.randn(64, 2, 2, 2 * TPB * 8)
+    space = KeySpace("model", PoolLayout.of_pool(pool, TPB))
+    service = SharedL1Service(engine, max_tickets=4)
+    copier = SharedL1Copier(pool, shm_dir=str(tmp_path))
+    yield engine, service, copier, pool, InstanceScope(7, space, 0)
+    engine.l1.arena.close()
+
+
+def shuffled_blocks(n: int, seed: int, base: int = 0) -> list[int]:
+    """``n`` of the blocks ``[base, base + 32)`` in a random order."""
+    ids = list(range(base, base + 32))
+    random.Random(seed).shuffle(ids)
+    return ids[:n]
+
+
+def store(service, copier, scope, blocks, end=4 * CHUNK, ok=True) -> int:
+    reply = service.store_reserve(scope, P.StoreReserve(instance_id=7, tokens=TOKENS, end=end))
+    copier.store(reply, blocks)
+    return service.store_done(scope, P.StoreDone(instance_id=7, ticket=reply.ticket, ok=ok))
+
+
+def test_reserve_copy_done_publishes_and_loads_bit_equal_with_the_in_process_engine(env) -> None:
+    engine, service, copier, pool, scope = env
+    src = shuffled_blocks(18, seed=1)
+    reply = service.store_reserve(scope, P.StoreReserve(instance_id=7, tokens=TOKENS, end=4 * CHUNK))
+    assert reply.ticket and len(reply.chunks) == 4 and reply.slabs
+    copier.store(reply, src)
+    assert engine.lookup(scope.space, TOKENS) == 0  # copied but not reported: not published
+    assert service.store_done(scope, P.StoreDone(instance_id=7, ticket=reply.ticket)) == 4 * CHUNK
+    assert engine.lookup(scope.space, TOKENS) == 4 * CHUNK
+
+    # Load [48, 256) into other shuffled blocks, -1 outside the range.
+    dst = shuffled_blocks(16, seed=2, base=32)
+    dst[:3] = [-1, -1, -1]
+    before = pool.clone()
+    load = service.load(scope, P.Load(instance_id=7, tokens=TOKENS, start=48, end=4 * CHUNK))
+    assert load.loaded == 4 * CHUNK - 48 and load.chunks[0].skip == 3
+    assert copier.load(load, dst) == 4 * CHUNK - 48
+    assert service.load_done(scope, P.LoadDone(instance_id=7, ticket=load.ticket))
+    assert torch.equal(pool[dst[3:16]], pool[src[3:16]])
+    untouched = [b for b in range(64) if b not in dst[3:16]]
+    assert torch.equal(pool[untouched], before[untouched])
+
+    # The in-process engine, same data, same blocks: the same bytes land.
+    reference = CacheEngine(
+        LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.05), pinned=False
+    )
+    pool2 = before.clone()
+    assert reference.store(scope.space, 0, pool2, BlockTransfer(TOKENS, None, src, 0, 4 * CHUNK)) == 4 * CHUNK
+    assert reference.retrieve(scope.space, 0, pool2, BlockTransfer(TOKENS, None, dst, 48, 4 * CHUNK)) == 208
+    assert torch.equal(pool2, pool)
+
+
+def test_already_cached_chunks_are_skipped_and_a_second_store_needs_no_ticket(env) -> None:
+    engine, service, copier, pool, scope = env
+    assert store(service, copier, scope, shuffled_blocks(16, 3)) == 4 * CHUNK
+    reply = service.store_reserve(scope, P.StoreReserve(instance_id=7, tokens=TOKENS, end=4 * CHUNK))
+    assert reply.ticket == 0 and all(c.slot is None for c in reply.chunks)
+
+
+@pytest.mark.parametrize("how", ["abort", "reap"])
+def test_abandoned_reservations_free_their_slots_and_are_never_visible(env, how) -> None:
+    engine, service, copier, pool, scope = env
+    reply = service.store_reserve(scope, P.StoreReserve(instance_id=7, tokens=TOKENS, end=4 * CHUNK))
+    assert engine.l1.used_bytes > 0
+    if how == "abort":
+        assert service.store_done(scope, P.StoreDone(instance_id=7, ticket=reply.ticket, ok=False)) == 0
+    else:
+        assert service.forget(7) == 1
+    assert engine.l1.used_bytes == 0 and len(engine.l1) == 0
+    assert engine.lookup(scope.space, TOKENS) == 0
+    with pytest.raises(BadTicket):  # and the ticket is gone
+        service.store_done(scope, P.StoreDone(instance_id=7, ticket=reply.ticket))
+
+
+@pytest.mark.parametrize("how", ["done", "reap"])
+def test_a_load_holds_its_pins_until_done_or_reaped(env, how) -> None:
+    engine, service, copier, pool, scope = env
+    store(service, copier, scope, shuffled_blocks(16, 4))
+    load = service.load(scope, P.Load(instance_id=7, tokens=TOKENS, end=4 * CHUNK))
+    assert len(engine.l1.pinned_keys()) == 4 and engine.clear() == 0
+    if how == "done":
+        service.load_done(scope, P.LoadDone(instance_id=7, ticket=load.ticket))
+    else:
+        service.forget(7)
+    assert engine.l1.pinned_keys() == [] and service.open_tickets(7) == 0
+    assert engine.clear() == 4
+
+
+def test_a_load_stops_at_the_first_chunk_not_cached(env) -> None:
+    engine, service, copier, pool, scope = env
+    store(service, copier, scope, shuffled_blocks(16, 5), end=2 * CHUNK)
+    load = service.load(scope, P.Load(instance_id=7, tokens=TOKENS, end=4 * CHUNK))
+    assert load.loaded == 2 * CHUNK and len(load.chunks) == 2
+    miss = service.load(scope, P.Load(instance_id=7, tokens=list(range(4 * CHUNK)), end=CHUNK))
+    assert miss.ticket == 0 and miss.loaded == 0 and service.open_tickets(7) == 1
+
+
+def test_bad_tickets_are_refused(env) -> None:
+    engine, service, copier, pool, scope = env
+    reply = service.store_reserve(scope, P.StoreReserve(instance_id=7, tokens=TOKENS, end=4 * CHUNK))
+    other = InstanceScope(8, scope.space, 0)
+    with pytest.raises(BadTicket, match="not an open store_reserve ticket of instance 8"):
+        service.store_done(other, P.StoreDone(instance_id=8, ticket=reply.ticket))
+    with pytest.raises(BadTicket, match="not an open load ticket"):
+        service.load_done(scope, P.LoadDone(instance_id=7, ticket=reply.ticket))
+    with pytest.raises(BadTicket):
+        service.store_done(scope, P.StoreDone(instance_id=7, ticket=12345))
+    assert service.store_done(scope, P.StoreDone(instance_id=7, ticket=reply.ticket, ok=False)) == 0
+
+
+def test_tickets_are_bounded_per_instance(env) -> None:
+    engine, service, copier, pool, scope = env
+    for i in range(4):
+        toks = list(range(i * 10_000, i * 10_000 + CHUNK))
+        assert service.store_reserve(scope, P.StoreReserve(instance_id=7, tokens=toks, end=CHUNK)).ticket
+    with pytest.raises(TicketLimitExceeded, match="maximum of 4"):
+        service.store_reserve(scope, P.StoreReserve(instance_id=7, tokens=TOKENS, end=CHUNK))
+    other = InstanceScope(8, scope.space, 0)  # another instance has its own bound
+    assert service.store_reserve(other, P.StoreReserve(instance_id=8, tokens=TOKENS, end=CHUNK)).ticket
+
+
+def test_bad_ranges_and_slots_are_refused(env) -> None:
+    engine, service, copier, pool, scope = env
+    with pytest.raises(ValueError, match="not within the request's"):
+        service.store_reserve(scope, P.StoreReserve(instance_id=7, tokens=TOKENS[:10], end=64))
+    with pytest.raises(ValueError, match="multiple of chunk_size"):
+        service.store_reserve(scope, P.StoreReserve(instance_id=7, tokens=TOKENS, start=16, end=128))
+    reply = service.store_reserve(scope, P.StoreReserve(instance_id=7, tokens=TOKENS, end=CHUNK))
+    unknown = P.StoreSlots(ticket=reply.ticket, chunks=[P.StoreChunk(0, 4, P.SlotInfo(99, 0, 4 * 1024))])
+    with pytest.raises(ShmSlabError, match="never described"):
+        copier.store(unknown, list(range(4)))
+    copier.apply(reply.slabs, [])
+    slot = reply.chunks[0].slot
+    wrong = P.StoreSlots(
+        ticket=reply.ticket, chunks=[P.StoreChunk(0, 4, P.SlotInfo(slot.slab, slot.offset, 8))]
+    )
+    with pytest.raises(ShmSlabError, match="does not hold 4 rows"):
+        copier.store(wrong, list(range(4)))
+
+
+def test_a_new_server_drops_every_mapping(env) -> None:
+    engine, service, copier, pool, scope = env
+    copier.on_server("a")
+    store(service, copier, scope, shuffled_blocks(16, 6))
+    assert copier.mapped_slabs
+    copier.on_server("b")
+    assert copier.mapped_slabs == []
