@@ -118,6 +118,11 @@ class Dispatcher:
         and never while a worker runs (the two would fight for the GIL)."""
         return not self._running and now < self._busy_until
 
+    def waiting(self, identity: Identity) -> int:
+        """Requests of ``identity`` received and waiting behind the one its worker runs."""
+        with self._lock:
+            return len(self._queues.get(identity, ()))
+
     def shutdown(self) -> None:
         """Finish the running and queued requests (answered ``shutting_down`` once stopping)."""
         self._executor.shutdown(wait=True)
