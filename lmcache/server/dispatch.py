@@ -108,6 +108,9 @@ class Dispatcher:
         self._running: set[Identity] = set()
         self._lock = threading.Lock()
         self._busy_until = 0.0
+        self.inline_types: set[type] = {P.Release, P.Stats}
+        """Message types the I/O thread always runs itself when nothing of their connection waits
+        (pure metadata work of bounded cost); a new handler group may add its own."""
 
     def bind(self, sink: ReplySink) -> None:
         """Where replies go (the transport, built after the dispatcher)."""
@@ -189,7 +192,7 @@ class Dispatcher:
 
     def inline(self, req: Any) -> bool:
         """Whether the I/O thread may run ``req`` itself: pure metadata work of bounded cost."""
-        if isinstance(req, (P.Release, P.Stats)):  # stats in order: after the cleanups of earlier calls
+        if type(req) in self.inline_types:  # stats too: in order, after the cleanups of earlier calls
             return True
         # With lower tiers a lookup that misses in L1 may read from disk or the network.
         no_tiers = self.service.engine.tiers is None

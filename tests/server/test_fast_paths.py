@@ -54,7 +54,7 @@ class FakeServer:
             direct=P.DirectLane(port=self.listener.getsockname()[1]),
         )
 
-    def next_request(self, timeout_ms: int) -> tuple[bytes | socket.socket, P._Req] | None:
+    def next_request(self, timeout_ms: int) -> tuple[bytes | socket.socket, P.Request] | None:
         """The next request: from the ROUTER (with its routing id) or a direct connection (its socket)."""
         poller = zmq.Poller()
         for what in (self.router, self.listener, *self.conns):
@@ -82,7 +82,7 @@ class FakeServer:
             with contextlib.suppress(OSError):  # the client may have closed it (a late reply)
                 to.sendall(_frame(frame))
 
-    def serve_pings_until_other(self, timeout_s: float = 20.0) -> tuple[bytes | socket.socket, P._Req]:
+    def serve_pings_until_other(self, timeout_s: float = 20.0) -> tuple[bytes | socket.socket, P.Request]:
         """Answer pings; return the first other request (its sender, the request) unanswered."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -247,7 +247,7 @@ def test_direct_call_fails_at_once_when_the_connection_drops(fake: FakeServer) -
         client.close(unregister=False)
 
 
-def _take_any(fake: FakeServer) -> tuple[bytes | socket.socket, P._Req]:
+def _take_any(fake: FakeServer) -> tuple[bytes | socket.socket, P.Request]:
     """The next request, whatever it is, unanswered."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
