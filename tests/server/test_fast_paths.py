@@ -54,7 +54,7 @@ class FakeServer:
             direct=P.DirectLane(port=self.listener.getsockname()[1]),
         )
 
-    def next_request(self, timeout_ms: int) -> tuple[bytes | socket.socket, P._Req] | None:
+    def next_request(self, timeout_ms: int) -> tuple[bytes | socket.socket, P.Request] | None:
         """The next request: from the ROUTER (with its routing id) or a direct connection (its socket)."""
         poller = zmq.Poller()
         for what in (self.router, self.listener, *self.conns):
@@ -82,7 +82,7 @@ class FakeServer:
             with contextlib.suppress(OSError):  # the client may have closed it (a late reply)
                 to.sendall(_frame(frame))
 
-    def serve_pings_until_other(self, timeout_s: float = 20.0) -> tuple[bytes | socket.socket, P._Req]:
+    def serve_pings_until_other(self, timeout_s: float = 20.0) -> tuple[bytes | socket.socket, P.Request]:
         """Answer pings; return the first other request (its sender, the request) unanswered."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -137,7 +137,7 @@ def test_calls_take_the_direct_lane_once_connected(client: CacheServerClient) ->
     assert client.lookup(tokens, pin_id="p") == 64
     assert client.release("p") is True
     assert client.direct_calls == before + 22
-    with client._direct_lock:  # the direct lane is busy (another thread's call): the I/O thread serves
+    with client.direct.hold():  # the direct lane is busy (another thread's call): the I/O thread serves
         assert client.lookup(tokens) == 64
     assert client.direct_calls == before + 22
 
@@ -247,7 +247,7 @@ def test_direct_call_fails_at_once_when_the_connection_drops(fake: FakeServer) -
         client.close(unregister=False)
 
 
-def _take_any(fake: FakeServer) -> tuple[bytes | socket.socket, P._Req]:
+def _take_any(fake: FakeServer) -> tuple[bytes | socket.socket, P.Request]:
     """The next request, whatever it is, unanswered."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -357,6 +357,7 @@ def test_lookup_and_release_run_on_the_io_thread_unless_queued_behind_work(
     client = CacheServerClient(f"tcp://127.0.0.1:{inproc_server.tcp_port}", timeout_s=20.0)
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, b"pipelined")
     sock.connect(f"tcp://127.0.0.1:{inproc_server.tcp_port}")
     try:
         cred = {"auth": server_secret(), "cap": client.register(shared_pool(seed=93), 0, 1, MODEL, TPB).cap}
@@ -365,7 +366,7 @@ def test_lookup_and_release_run_on_the_io_thread_unless_queued_behind_work(
         assert client.store(BlockTransfer(tokens, None, list(range(8)), 0, 64)) == 64
         assert client.lookup(tokens, pin_id="a") == 64
         assert client.release("a") is True
-        io = inproc_server._io_thread
+        io = inproc_server.io_thread
         assert threads["lookup"] == [io] and io in threads["release"]
 
         # A lookup pipelined behind a (stalled) store of the same connection waits for it, on a worker.
@@ -383,6 +384,11 @@ def test_lookup_and_release_run_on_the_io_thread_unless_queued_behind_work(
         # meanwhile another connection's lookup is answered on the I/O thread
         assert client.lookup(tokens) == 64
         assert threads["lookup"] == [io]
+        # The store may go on only once the server holds the lookup behind it: else the lookup could
+        # arrive after the store finished and rightly run inline (this test's own race, not the server's).
+        wait_until(
+            lambda: inproc_server.dispatcher.waiting(b"pipelined") == 1, "the lookup queued behind the store"
+        )
         store_go.set()
         replies = {}
         for _ in range(2):
@@ -398,9 +404,9 @@ def test_lookup_and_release_run_on_the_io_thread_unless_queued_behind_work(
 
 
 def test_long_lookups_go_to_the_workers(inproc_server: CacheServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lmcache.server import server as server_module
+    from lmcache.server import dispatch
 
-    monkeypatch.setattr(server_module, "INLINE_LOOKUP_MAX_TOKENS", 16)
+    monkeypatch.setattr(dispatch, "INLINE_LOOKUP_MAX_TOKENS", 16)
     seen: list[int] = []
     real_lookup_hashes = inproc_server.engine.lookup_hashes
 
@@ -413,7 +419,7 @@ def test_long_lookups_go_to_the_workers(inproc_server: CacheServer, monkeypatch:
         client.register(shared_pool(seed=94), 0, 1, MODEL, TPB)
         assert client.lookup(list(range(16))) == 0
         assert client.lookup(list(range(64))) == 0
-    assert seen[0] == inproc_server._io_thread and seen[1] != inproc_server._io_thread
+    assert seen[0] == inproc_server.io_thread and seen[1] != inproc_server.io_thread
 
 
 def test_server_process_serves_lookups_over_both_transports(server: ServerProcess) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 
@@ -15,7 +16,8 @@ from lmcache.engine import CacheEngine
 from lmcache.server import protocol as P
 from lmcache.server.client import CacheServerClient, ServerUnavailable
 from lmcache.server.security import Peer
-from lmcache.server.server import CacheServer, ServerConfig, _DirectConn
+from lmcache.server.server import CacheServer, ServerConfig
+from lmcache.server.transport import DirectConn
 from lmcache.transfer import BlockTransfer
 
 
@@ -100,10 +102,11 @@ def test_reap_releases_mapping_and_pins_but_keeps_chunks(inproc_server: CacheSer
         tokens = list(range(500, 564))
         client.store(BlockTransfer(tokens, None, list(range(8)), 0, 64))
         assert client.lookup(tokens, pin_id="x") == 64
-        inst = inproc_server._instances[client.instance_id]
+        inst = inproc_server.service.instances.get(client.instance_id)
+        assert inst is not None
         inproc_server.config.client_timeout_s = 5.0
         inproc_server.reap(now=inst.last_seen + 10.0)
-        assert client.instance_id not in inproc_server._instances
+        assert client.instance_id not in inproc_server.service.instances
         assert inst.pool.closed
         assert inproc_server.stats().pinned_lookups == 0
         assert inproc_server.engine.pinned_ids() == []
@@ -126,7 +129,9 @@ def test_stale_pins_expire(inproc_server: CacheServer) -> None:
         assert client.lookup(tokens, pin_id=1) == 64
         assert client.lookup(list(range(5)), pin_id=2) == 0  # a miss pins nothing
         assert inproc_server.stats().pinned_lookups == 1
-        inproc_server.reap(now=inproc_server._pins[(client.instance_id, 1)].created + 10_000)
+        pinned = inproc_server.service.pins.get((client.instance_id, 1))
+        assert pinned is not None
+        inproc_server.reap(now=pinned.created + 10_000)
         assert inproc_server.stats().pinned_lookups == 0
         assert inproc_server.engine.pinned_ids() == []
     finally:
@@ -203,7 +208,9 @@ def test_lookups_send_chunk_hashes_that_agree_with_tokens(
         assert len(engine.l1.pinned_keys()) == 4  # 2 chunks x 2 ranks
         assert clients[0].release(9) is True
         assert engine.l1.pinned_keys() == [] and len(by_hashes) == 3
-        digests = b"".join(engine.hasher(inproc_server._instances[owner].space).chunk_hashes(tokens, "s"))
+        inst = inproc_server.service.instances.get(owner)
+        assert inst is not None
+        digests = b"".join(engine.hasher(inst.space).chunk_hashes(tokens, "s"))
         reply = _raw_lookup(
             sock, P.LookupHashes(instance_id=owner, chunk_hashes=digests[:-1], num_tokens=100, **cred)
         )
@@ -232,21 +239,35 @@ def test_with_save_unfull_chunk_lookups_carry_tokens(inproc_server: CacheServer)
         assert client.lookup(tokens) == 40
 
 
-def test_io_thread_busy_polls_after_a_request_but_never_beside_running_workers() -> None:
+def test_io_thread_busy_polls_after_a_request_but_never_beside_running_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     engine = CacheEngine(
         LMCacheEngineConfig.from_defaults(chunk_size=256, max_local_cpu_size=0.01), pinned=False
     )
     server = CacheServer(engine, ServerConfig(port=0, ipc_path=None, busy_poll_s=60.0))
     idle = CacheServer(engine, ServerConfig(port=0, ipc_path=None, busy_poll_s=0.0))
+    entered, go = threading.Event(), threading.Event()
+    real_clear = engine.clear
+
+    def slow_clear() -> int:
+        entered.set()
+        assert go.wait(30)
+        return real_clear()
+
+    monkeypatch.setattr(engine, "clear", slow_clear)
     try:
-        assert server._poll_timeout_ms() > 0  # idle since start: sleep in poll
+        assert server.transport.poll_timeout_ms() > 0  # idle since start: sleep in poll
         for s in (server, idle):
-            s._on_request(b"client", P.encode(P.Ping(rid=1)), Peer())
-        assert server._poll_timeout_ms() == 0
-        assert idle._poll_timeout_ms() > 0
-        server._running.add(b"worker-busy")  # a worker runs a copy: the GIL is theirs
-        assert server._poll_timeout_ms() > 0
+            s.dispatcher.on_frame(b"client", P.encode(P.Ping(rid=1)), Peer())
+        assert server.transport.poll_timeout_ms() == 0
+        assert idle.transport.poll_timeout_ms() > 0
+        # a worker runs a request (clear, an operator's, held in the engine): the GIL is theirs
+        server.dispatcher.on_frame(b"worker-busy", P.encode(P.Clear(rid=2)), Peer(uid=os.geteuid()))
+        assert entered.wait(20)
+        assert server.transport.poll_timeout_ms() > 0
     finally:
+        go.set()
         server.close()
         idle.close()
 
@@ -254,7 +275,7 @@ def test_io_thread_busy_polls_after_a_request_but_never_beside_running_workers()
 def test_a_worker_sends_a_direct_reply_itself_only_when_nothing_waits_before_it() -> None:
     ours, peer = socket.socketpair()
     ours.setblocking(False)
-    conn = _DirectConn(ours, 1, Peer(), 0.0)
+    conn = DirectConn(ours, 1, Peer(), 0.0)
     try:
         assert conn.send_from_worker(b"small") is True
         assert peer.recv(16) == b"small"

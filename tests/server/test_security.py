@@ -221,10 +221,10 @@ def test_forged_instance_ids_and_capabilities_are_refused(make_server) -> None:
                 P.Release(pin_id="v", cap=cap, **forged),
             ):
                 with pytest.raises(UnknownInstance):
-                    attacker._call_once(req, int, None, False)
-            assert attacker._call_once(P.Unregister(cap=cap, **forged), bool, None, False) is False
+                    attacker.call(req, int, retry=False)
+            assert attacker.call(P.Unregister(cap=cap, **forged), bool, retry=False) is False
             heartbeat = P.Heartbeat(instance_ids=[iid], caps=[cap or b""], auth=server_secret())
-            assert attacker._call_once(heartbeat, P.HeartbeatInfo, None, False).unknown == [iid]
+            assert attacker.call(heartbeat, P.HeartbeatInfo, retry=False).unknown == [iid]
         with pytest.raises(Unauthorized, match="registered by someone else"):
             attacker.register(shared_pool(seed=3), 0, 1, MODEL, TPB, instance_id=iid)
         # the attacker's own instance cannot act on the victim's pins through pin_owner either

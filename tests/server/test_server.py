@@ -26,7 +26,7 @@ from support.server_process import (
     wait_until,
 )
 
-from lmcache.server import client as client_module
+from lmcache.server import client_queued
 from lmcache.server import protocol as P
 from lmcache.server.client import (
     BadPool,
@@ -115,7 +115,7 @@ def test_bad_chunk_hashes_get_clear_errors_and_change_nothing(client: CacheServe
     both = P.Store(instance_id=iid, tokens=P.tokens_to_bytes(tokens), block_ids=list(range(8)), end=64)
     both.chunk_hashes = hashes.digests
     with pytest.raises(InvalidRequest, match="either as tokens .* or as chunk_hashes"):
-        client._call(both, int, None)
+        client.call(both, int)
     assert torch.equal(pool, before)
     assert client.lookup(tokens) == 64  # still served, still cached
 
@@ -356,7 +356,7 @@ def test_killed_client_is_reaped_and_its_chunks_stay(start_server) -> None:  # t
 @pytest.mark.parametrize("scheme", ["tcp", "ipc"])
 def test_server_restart_client_unavailable_then_reregisters(start_server, scheme: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     # ZMQ's own reconnect would take a minute: the client must find the new server by itself.
-    monkeypatch.setattr(client_module, "_RECONNECT_MS", 60_000)
+    monkeypatch.setattr(client_queued, "RECONNECT_MS", 60_000)
     server = start_server()
     pool = shared_pool(seed=41)
     src = pool[:8].clone()

@@ -1,0 +1,79 @@
+"""The errors a :class:`~lmcache.server.client.CacheServerClient` call raises: no answer in time
+(:class:`ServerUnavailable`), or an error reply (:class:`ServerError`, a subclass per code)."""
+
+from __future__ import annotations
+
+from lmcache.server import protocol as P
+
+__all__ = [
+    "BadPool",
+    "InvalidRequest",
+    "LimitExceeded",
+    "ServerError",
+    "ServerUnavailable",
+    "Unauthorized",
+    "UnknownInstance",
+    "VersionMismatch",
+    "error_for",
+    "timed_out",
+]
+
+
+class ServerUnavailable(ConnectionError):
+    """The server did not answer in time (not running, restarting, unreachable or stuck)."""
+
+
+class ServerError(RuntimeError):
+    """The server answered with an error; ``code`` is a :class:`protocol.ErrorCode` value."""
+
+    def __init__(self, code: str, message: str, op: str = "") -> None:
+        super().__init__(f"{op + ': ' if op else ''}{message} [{code}]")
+        self.code = code
+        self.message = message
+        self.op = op
+
+
+class UnknownInstance(ServerError):
+    pass
+
+
+class VersionMismatch(ServerError):
+    pass
+
+
+class BadPool(ServerError):
+    pass
+
+
+class InvalidRequest(ServerError):
+    pass
+
+
+class Unauthorized(ServerError):
+    """The server refused the client's credentials (secret, uid, or an instance's capability)."""
+
+
+class LimitExceeded(ServerError):
+    """A resource cap of the server refused the request; the message names the cap."""
+
+
+_BY_CODE: dict[str, type[ServerError]] = {
+    P.ErrorCode.UNKNOWN_INSTANCE.value: UnknownInstance,
+    P.ErrorCode.VERSION_MISMATCH.value: VersionMismatch,
+    P.ErrorCode.BAD_POOL.value: BadPool,
+    P.ErrorCode.INVALID.value: InvalidRequest,
+    P.ErrorCode.UNAUTHORIZED.value: Unauthorized,
+    P.ErrorCode.LIMIT.value: LimitExceeded,
+}
+
+
+def error_for(error: P.ErrorInfo, op: str) -> ServerError:
+    """The exception for an error reply of ``op``."""
+    return _BY_CODE.get(error.code, ServerError)(error.code, error.message, op)
+
+
+def timed_out(url: str, op: str, timeout: float) -> ServerUnavailable:
+    return ServerUnavailable(
+        f"no reply to {op} from the cache server at {url} within {timeout:g} s; is it running? "
+        "(start it with: python -m lmcache.v1.multiprocess.server)"
+    )

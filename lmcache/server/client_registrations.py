@@ -1,0 +1,166 @@
+"""What a :class:`~lmcache.server.client.CacheServerClient` keeps about itself: its registered pools
+(:class:`Registrations`, with the key scheme the server announced for each, so a prompt can travel
+as its chunk hashes, :class:`PromptHashes`) and its credentials (:class:`Credentials`)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from lmcache.keys import HASH_ALGORITHMS, TokenHasher, Tokens
+from lmcache.server import protocol as P
+from lmcache.server.client_errors import ServerUnavailable
+from lmcache.server.security import client_secret, trusted_owner
+from lmcache.transfer import BlockTransfer
+
+__all__ = ["Credentials", "PromptHashes", "Registration", "Registrations"]
+
+
+@dataclass(frozen=True)
+class PromptHashes:
+    """A prompt's chunk hashes (:meth:`CacheServerClient.chunk_hashes`), the key scheme that made
+    them, and the prompt they were made from: a call uses the hashes only for an instance whose
+    scheme is the same, else it sends ``tokens`` and ``cache_salt``."""
+
+    scheme: bytes
+    digests: bytes
+    """The full chunks' digests, in order, concatenated."""
+    tokens: Tokens | bytes
+    """The prompt's token ids (kept by reference, never copied)."""
+    cache_salt: str | int | None
+
+
+@dataclass
+class Registration:
+    """A pool this client registered: the request (sent again to re-register), what keeps the memory
+    alive, and what the server answered."""
+
+    request: P.Register
+    keep_alive: Any  # the pool tensor / wrapper: the memory must outlive the registration
+    info: P.RegisterInfo | None = None
+    hasher: TokenHasher | None = None
+    """Hashes prompts as the server keys this instance's chunks; None: lookups carry tokens."""
+
+    def update(self, info: P.RegisterInfo) -> None:
+        self.info = info
+        hashing = info.hashing
+        self.hasher = None
+        if hashing is not None and hashing.algorithm in HASH_ALGORITHMS:
+            self.hasher = TokenHasher(
+                info.chunk_size, hashing.algorithm, self.request.model_name, hashing.layout_signature
+            )
+
+
+class Registrations:
+    """The pools a client registered, by instance id; ``lock`` serialises (re-)registrations."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self._table: dict[int, Registration] = {}
+
+    def __contains__(self, instance_id: object) -> bool:
+        return instance_id in self._table
+
+    def __bool__(self) -> bool:
+        return bool(self._table)
+
+    def ids(self) -> list[int]:
+        with self.lock:
+            return list(self._table)
+
+    def get(self, instance_id: int) -> Registration | None:
+        return self._table.get(instance_id)
+
+    def add(self, instance_id: int, registration: Registration) -> None:
+        with self.lock:
+            self._table[instance_id] = registration
+
+    def pop(self, instance_id: int) -> int | None:
+        """Forget a registration; the id of another one (the client's new default), or None."""
+        with self.lock:
+            self._table.pop(instance_id, None)
+            return next(iter(self._table), None)
+
+    def cap(self, instance_id: int) -> bytes:
+        """The capability the server gave the instance (b"" if unknown)."""
+        reg = self._table.get(instance_id)
+        return reg.info.cap if reg is not None and reg.info is not None else b""
+
+    def chunk_hashes(
+        self, instance_id: int, tokens: Any, cache_salt: str | int | None
+    ) -> PromptHashes | None:
+        """The prompt's chunk digests as the server keys this instance's chunks (None: send tokens)."""
+        reg = self._table.get(instance_id)
+        if reg is None or reg.hasher is None:
+            return None
+        ids = (
+            P.ids_from_wire(bytes(tokens), "tokens")
+            if isinstance(tokens, (bytes, bytearray, memoryview))
+            else tokens
+        )
+        return PromptHashes(reg.hasher.scheme, reg.hasher.chunk_digests(ids, cache_salt), tokens, cache_salt)
+
+    def digests(self, instance_id: int, hashes: PromptHashes | None) -> bytes | None:
+        """``hashes``' digests if the server keys this instance's chunks by the same scheme (it may
+        have restarted with another, or the instance has another layout); else None: send tokens."""
+        reg = self._table.get(instance_id)
+        if hashes is None or reg is None or reg.hasher is None or reg.hasher.scheme != hashes.scheme:
+            return None
+        return hashes.digests
+
+    def prompt_fields(
+        self, instance_id: int, transfer: BlockTransfer[Tokens | bytes | PromptHashes]
+    ) -> dict[str, Any]:
+        """The prompt fields of a store or retrieve: the chunk hashes if given and usable, else tokens."""
+        prompt = transfer.prompt
+        if isinstance(prompt, PromptHashes):
+            digests = self.digests(instance_id, prompt)
+            if digests is not None:
+                return {"tokens": b"", "chunk_hashes": digests}
+            return {"tokens": P.tokens_to_bytes(prompt.tokens), "cache_salt": prompt.cache_salt}
+        return {"tokens": P.tokens_to_bytes(prompt), "cache_salt": transfer.salt}
+
+
+class Credentials:
+    """What a client proves itself with (``docs/security.md``): over TCP the server secret (given, or
+    ``$LMCACHE_SERVER_SECRET``, or this user's secret file, read again while missing and after a
+    refusal); over ``ipc://`` it checks instead that the socket belongs to this user or root."""
+
+    def __init__(self, url: str, secret: bytes | str | None) -> None:
+        self.ipc_path = url[len("ipc://") :] if url.startswith("ipc://") else None
+        # Never handed to a Unix socket, whose owner is checked instead.
+        self._tcp = url.startswith("tcp://")
+        self._find = secret is None
+        self._secret: bytes | None = secret.encode() if isinstance(secret, str) else secret
+        if self._tcp and self._find:
+            self._secret = client_secret()
+
+    def secret(self) -> bytes | None:
+        """The secret a request carries now."""
+        if self._tcp and self._secret is None and self._find:
+            self._secret = client_secret()
+        return self._secret
+
+    def refresh(self) -> bool:
+        """After an ``unauthorized`` reply: whether a new secret was found (then retry the call)."""
+        if not (self._tcp and self._find) or client_secret() in (None, self._secret):
+            return False
+        self._secret = client_secret()  # the server's secret changed (a new file, after a restart)
+        return True
+
+    def check_ipc_owner(self) -> None:
+        """Before a pool descriptor goes out: refuse an ipc socket another user owns (an impostor
+        that took the path first would be handed the pool)."""
+        if self.ipc_path is None:
+            return
+        try:
+            owner = os.stat(self.ipc_path).st_uid
+        except OSError:
+            return  # not there (yet): the call fails as unreachable
+        if not trusted_owner(owner):
+            raise ServerUnavailable(
+                f"the socket {self.ipc_path} belongs to uid {owner}, not to this user or root: refusing to "
+                "hand it the KV pool; stop whatever made it, or use another --ipc-path / server_url"
+            )

@@ -1,0 +1,283 @@
+"""The cache server's dispatch: from a received frame to a reply handed to the transport.
+
+:meth:`Dispatcher.on_frame` (called by the I/O thread) decodes the frame, checks the sender
+(:class:`Admission`), notes the liveness of the instances it names, and then:
+
+* answers ``ping`` and ``heartbeat`` at once (liveness never waits behind the client's queue);
+* runs inline, on the I/O thread, the cheap metadata ops (``release``, ``stats``, and ``lookup`` /
+  ``lookup_hashes`` of at most :data:`INLINE_LOOKUP_MAX_TOKENS` tokens when there is no lower
+  tier to read), but only when nothing of the same connection is queued or running, so
+  per-connection order is kept exactly; this saves two thread hand-offs;
+* queues everything else on the connection's serial queue, run by the worker pool: requests of
+  one connection run one at a time in arrival order, different connections in parallel.
+
+A handler may leave work for after its reply (:meth:`Call.after_reply
+<lmcache.server.service.Call.after_reply>`): the worker posts the reply, then runs it, before the
+connection's next request. Replies go to a :class:`ReplySink` (the transport).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+from lmcache.logging import init_logger
+from lmcache.server import framing
+from lmcache.server import protocol as P
+from lmcache.server.failures import ServiceFailure
+from lmcache.server.pool_sharing import PoolSharingError
+from lmcache.server.security import Peer, PeerPolicy, group_id, secret_matches
+from lmcache.server.service import CacheService, Call
+from lmcache.server.settings import ServerConfig
+
+logger = init_logger(__name__)
+
+__all__ = [
+    "Admission",
+    "Dispatcher",
+    "Identity",
+    "ReplySink",
+    "INLINE_LOOKUP_MAX_TOKENS",
+    "MAX_QUEUED_PER_CLIENT",
+]
+
+MAX_QUEUED_PER_CLIENT = 4096
+DRAIN_BURST = 16
+"""Requests a worker runs from one queue before letting other connections' queues run."""
+INLINE_LOOKUP_MAX_TOKENS = 1 << 16
+"""Longest lookup the I/O thread answers itself; longer ones go to the workers so they never hold
+up other clients' replies for long."""
+
+Identity = bytes | int
+"""A client connection: a ZMQ routing id, or a direct connection's number."""
+
+
+class ReplySink(Protocol):
+    def post(self, identity: Identity, reply: P.Reply) -> None:
+        """Send ``reply`` to the connection (any thread); dropped if the connection is gone."""
+
+
+class Admission:
+    """Who may send what (``docs/security.md``): ``ping`` is open to all; Unix-socket peers must pass
+    the uid policy, TCP peers carry the server secret; ``stats`` and ``clear`` are the operator's."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        groups = set(config.allowed_groups)
+        if config.socket_group:
+            groups.add(group_id(config.socket_group))
+        self.policy = PeerPolicy(frozenset(config.allowed_uids), frozenset(groups))
+        self.secret: bytes | None = config.secret
+        """The secret TCP requests must carry (loaded at start when not configured)."""
+
+    def refusal(self, peer: Peer, req: Any) -> str | None:
+        """Why ``peer`` may not send ``req`` (None: it may)."""
+        if isinstance(req, P.Ping):
+            return None
+        if peer.is_unix:
+            if not self.policy.allows(peer):
+                return f"uid {peer.uid} is not allowed to use this server (see --allow-uid / --socket-group)"
+        elif not secret_matches(self.secret, req.auth):
+            return (
+                "TCP requests must carry this server's secret: run the client as the server's user (it reads "
+                "~/.lmcache/server_secret) or set LMCACHE_SERVER_SECRET"
+            )
+        if isinstance(req, (P.Stats, P.Clear)) and not self.policy.is_operator(peer):
+            return f"{type(req).__name__.lower()} is an operator operation (the server's own user or root)"
+        return None
+
+
+class Dispatcher:
+    """Orders and runs the requests of every connection; see the module docstring."""
+
+    def __init__(
+        self, service: CacheService, config: ServerConfig, admission: Admission, stopping: threading.Event
+    ) -> None:
+        self.service = service
+        self.config = config
+        self.admission = admission
+        self.counters = service.counters
+        self.stopping = stopping
+        """Set when the server stops: queued requests are answered ``shutting_down``."""
+        self.sink: ReplySink | None = None
+        self._executor = ThreadPoolExecutor(max(1, config.max_workers), thread_name_prefix="lmcache-worker")
+        self._queues: dict[Identity, deque[tuple[Any, float, Peer]]] = {}
+        self._running: set[Identity] = set()
+        self._lock = threading.Lock()
+        self._busy_until = 0.0
+        self.inline_types: set[type] = {P.Release, P.Stats}
+        """Message types the I/O thread always runs itself when nothing of their connection waits
+        (pure metadata work of bounded cost); a new handler group may add its own."""
+
+    def bind(self, sink: ReplySink) -> None:
+        """Where replies go (the transport, built after the dispatcher)."""
+        self.sink = sink
+
+    def busy_poll(self, now: float) -> bool:
+        """Whether the I/O thread should poll without sleeping: within ``busy_poll_s`` of a request,
+        and never while a worker runs (the two would fight for the GIL)."""
+        return not self._running and now < self._busy_until
+
+    def waiting(self, identity: Identity) -> int:
+        """Requests of ``identity`` received and waiting behind the one its worker runs."""
+        with self._lock:
+            return len(self._queues.get(identity, ()))
+
+    def shutdown(self) -> None:
+        """Finish the running and queued requests (answered ``shutting_down`` once stopping)."""
+        self._executor.shutdown(wait=True)
+
+    def _post(self, identity: Identity, reply: P.Reply) -> None:
+        assert self.sink is not None, "Dispatcher.bind(sink) first"
+        self.sink.post(identity, reply)
+
+    def reply_error(self, identity: Identity, rid: int, code: P.ErrorCode, message: str) -> None:
+        self.counters.errors += 1
+        logger.debug("request %d refused (%s): %s", rid, code.value, message)
+        self._post(identity, framing.error_reply(rid, code, message))
+
+    # ---- the I/O thread -------------------------------------------------------------------------
+
+    def on_frame(self, identity: Identity, frame: bytes, peer: Peer) -> None:
+        """Serve one request frame of ``identity`` (I/O thread); never raises."""
+        try:
+            self._on_request(identity, frame, peer)
+        except Exception as e:  # never let one request take the I/O thread down
+            logger.exception("internal error reading a request")
+            self.reply_error(identity, -1, P.ErrorCode.INTERNAL, f"internal server error: {type(e).__name__}")
+
+    def _on_request(self, identity: Identity, frame: bytes, peer: Peer) -> None:
+        self.counters.requests += 1
+        now = time.monotonic()
+        self._busy_until = now + self.config.busy_poll_s
+        try:
+            req = framing.decode_request(frame, self.config.max_frame_bytes)
+        except P.ProtocolError as e:
+            self.reply_error(identity, e.rid, e.code, str(e))
+            return
+        refused = self.admission.refusal(peer, req)
+        if refused is not None:
+            self.counters.refuse("unauthorized")
+            self.reply_error(identity, req.rid, P.ErrorCode.UNAUTHORIZED, refused)
+            return
+        self.service.touch(req, now)
+        if isinstance(req, (P.Ping, P.Heartbeat)):  # liveness: never behind the client's queue
+            self._post(identity, self.execute(req, now, Call(peer)))
+            return
+        inline = self.inline(req)
+        with self._lock:
+            if inline and identity not in self._running:
+                q = None  # nothing of this connection is queued or running: answering now keeps order
+            else:
+                q = self._queues.setdefault(identity, deque())
+                if len(q) >= MAX_QUEUED_PER_CLIENT:
+                    self.counters.refuse("queue")
+                    message = f"more than {len(q)} requests queued; slow down"
+                    self.reply_error(identity, req.rid, P.ErrorCode.LIMIT, message)
+                    return
+                q.append((req, now, peer))
+                if identity in self._running:
+                    return
+                self._running.add(identity)
+        if q is None:
+            self._post(identity, self.execute(req, now, Call(peer)))
+            return
+        try:
+            self._executor.submit(self._drain, identity)
+        except RuntimeError:  # shutting down
+            self.reply_error(identity, req.rid, P.ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+
+    def inline(self, req: Any) -> bool:
+        """Whether the I/O thread may run ``req`` itself: pure metadata work of bounded cost."""
+        if type(req) in self.inline_types:  # stats too: in order, after the cleanups of earlier calls
+            return True
+        # With lower tiers a lookup that misses in L1 may read from disk or the network.
+        no_tiers = self.service.engine.tiers is None
+        if isinstance(req, P.Lookup):
+            limit = INLINE_LOOKUP_MAX_TOKENS
+            return no_tiers and len(req.tokens) <= (8 * limit if isinstance(req.tokens, bytes) else limit)
+        if isinstance(req, P.LookupHashes):
+            return no_tiers and req.num_tokens <= INLINE_LOOKUP_MAX_TOKENS
+        return False
+
+    # ---- workers --------------------------------------------------------------------------------
+
+    def _drain(self, identity: Identity) -> None:
+        for _ in range(DRAIN_BURST):
+            with self._lock:
+                q = self._queues.get(identity)
+                if not q:
+                    self._running.discard(identity)
+                    self._queues.pop(identity, None)
+                    return
+                req, received, peer = q.popleft()
+            reply: P.Reply | None
+            if self.stopping.is_set():
+                reply = framing.error_reply(req.rid, P.ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+            else:
+                call = Call(peer, cleanups=[])
+                reply = self.execute(req, received, call)
+                if call.cleanups:
+                    # The client's next request waits in this queue until the cleanup is done.
+                    self._post(identity, reply)
+                    _run_cleanups(call.cleanups)
+                    reply = None
+            with self._lock:
+                # Done before a reply without cleanups goes out: the client's next request may then
+                # run inline.
+                done = not self._queues.get(identity)
+                if done:
+                    self._running.discard(identity)
+                    self._queues.pop(identity, None)
+            if reply is not None:
+                self._post(identity, reply)
+            if done:
+                return
+        try:  # let other clients' queues run, then continue with this one
+            self._executor.submit(self._drain, identity)
+        except RuntimeError:
+            self._answer_rest(identity)
+
+    def _answer_rest(self, identity: Identity) -> None:
+        """The executor is shutting down: answer what is left in this connection's queue."""
+        with self._lock:
+            q = self._queues.pop(identity, deque())
+            self._running.discard(identity)
+        for req, _, _ in q:
+            self.reply_error(identity, req.rid, P.ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+
+    def execute(self, req: Any, received: float, call: Call) -> P.Reply:
+        """Run ``req`` through the service: its reply, an error reply for a failure, or ``expired`` if
+        it waited longer than its ``timeout_ms``."""
+        if req.timeout_ms and (time.monotonic() - received) * 1000 > req.timeout_ms:
+            self.counters.errors += 1
+            return framing.error_reply(
+                req.rid,
+                P.ErrorCode.EXPIRED,
+                f"request waited longer than its timeout_ms={req.timeout_ms} and was not run",
+            )
+        try:
+            return P.Reply(rid=req.rid, ok=True, value=self.service.handle(req, call))
+        except ServiceFailure as e:
+            code, message = e.code, str(e)
+        except PoolSharingError as e:
+            code, message = P.ErrorCode.BAD_POOL, str(e)
+        except (ValueError, IndexError) as e:
+            code, message = P.ErrorCode.INVALID, f"{type(req).__name__.lower()}: {e}"
+        except Exception as e:
+            logger.exception("internal error serving %s", type(req).__name__)
+            code, message = P.ErrorCode.INTERNAL, f"internal server error: {type(e).__name__}"
+        self.counters.errors += 1
+        logger.debug("request %d (%s) failed (%s): %s", req.rid, type(req).__name__, code.value, message)
+        return framing.error_reply(req.rid, code, message)
+
+
+def _run_cleanups(cleanups: list[Callable[[], None]]) -> None:
+    for cleanup in cleanups:
+        try:
+            cleanup()
+        except Exception:
+            logger.exception("cleanup after a reply")

@@ -1,0 +1,457 @@
+"""The cache server's service: everything that is not transport.
+
+:class:`CacheService` turns decoded protocol requests into engine calls. Its handlers take a
+request and the :class:`Call` it arrived in (the authenticated :class:`Peer`, and where work that
+may wait until after the reply goes) and return the reply's value, or raise
+:class:`~lmcache.server.failures.ServiceFailure` carrying the error code. Handlers are looked up in
+:attr:`CacheService.handlers` by message type: a new group of messages plugs in with
+:meth:`CacheService.add_handlers`, and per-instance state of such a group rides on
+:attr:`Instance.extensions <lmcache.server.instances.Instance.extensions>` (closed with the
+instance) or a retire hook (:attr:`InstanceRegistry.on_retire`).
+
+The service owns the instance registry, the pin table, the reaper's work (:meth:`reap`; the
+thread that calls it lives in the server assembly) and the stats (:meth:`stats`). All cache logic
+stays in :class:`lmcache.engine.CacheEngine`. No sockets, no threads: testable by calling it.
+
+CUDA ordering (host-synchronous at the boundaries): the client must have finished writing the
+blocks it asks to store before it sends ``store``; the service enqueues its copies on a
+per-instance CUDA stream and synchronizes that stream before ``store`` and ``retrieve`` return.
+So when a ``store`` reply arrives the client may overwrite those blocks, and when a ``retrieve``
+reply arrives the loaded blocks are in device memory, visible to any later work on any stream.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmcache.engine import CacheEngine, KeySpace
+from lmcache.keys import ChunkHashes
+from lmcache.layout import PoolLayout
+from lmcache.logging import init_logger
+from lmcache.server import protocol as P
+from lmcache.server.failures import ServerCounters, ServiceFailure
+from lmcache.server.instances import Instance, InstanceRegistry, client_key
+from lmcache.server.pins import PinKey, PinRecord, PinTable
+from lmcache.server.pool_sharing import PoolSharingError, open_pool
+from lmcache.server.security import Peer
+from lmcache.server.settings import ServerConfig
+from lmcache.transfer import BlockTransfer
+
+logger = init_logger(__name__)
+
+__all__ = ["Call", "CacheService", "Handler"]
+
+
+@dataclass
+class Call:
+    """The context of one request: who sent it, and the cleanups to run once its reply is out."""
+
+    peer: Peer
+    cleanups: list[Callable[[], None]] | None = None
+    """None: no reply is pending elsewhere, cleanups run at once."""
+
+    def after_reply(self, cleanup: Callable[[], None]) -> None:
+        """Run ``cleanup`` once the reply is out: work the client need not wait for, still done
+        before the client's next request runs."""
+        if self.cleanups is None:
+            cleanup()
+        else:
+            self.cleanups.append(cleanup)
+
+
+Handler = Callable[[Any, Call], Any]
+"""A request handler: (decoded request, its call) -> the reply's value."""
+
+
+@functools.lru_cache(maxsize=1)
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("lmcache-trtllm")
+    except Exception:
+        return "dev"
+
+
+class CacheService:
+    """One engine's service to many clients: instances, pins, handlers, reaping, stats."""
+
+    def __init__(
+        self, engine: CacheEngine, config: ServerConfig, counters: ServerCounters | None = None
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.counters = counters or ServerCounters()
+        self.server_id = secrets.token_hex(8)
+        self.started = time.monotonic()
+        self.direct: P.DirectLane | None = None
+        """Where the direct lane listens (set by the transport once bound); sent with ping / register."""
+        self.instances = InstanceRegistry(config, self.counters, self.server_id)
+        self.pins = PinTable()
+        self.instances.on_retire.append(self._release_owned_pins)
+        self.handlers: dict[type, Handler] = {}
+        self.add_handlers(
+            {
+                P.Ping: lambda req, call: self.ping(),
+                P.Heartbeat: lambda req, call: self.heartbeat(req),
+                P.Stats: lambda req, call: self.stats(),
+                P.Register: self.register,
+                P.Unregister: self.unregister,
+                P.Lookup: self.lookup,
+                P.LookupHashes: self.lookup,
+                P.Release: self.release,
+                P.Store: self.store,
+                P.Retrieve: self.retrieve,
+                P.Clear: lambda req, call: self.engine.clear(),
+            }
+        )
+
+    def add_handlers(self, table: dict[type, Handler]) -> None:
+        """Serve more message types; a type already served is an error (two groups claiming it)."""
+        taken = set(table) & set(self.handlers)
+        if taken:
+            raise ValueError(f"message types already handled: {sorted(t.__name__ for t in taken)}")
+        self.handlers.update(table)
+
+    def handle(self, req: Any, call: Call) -> Any:
+        """The reply value of ``req``; raises :class:`ServiceFailure` (or ValueError for bad values)."""
+        return self.handlers[type(req)](req, call)
+
+    def touch(self, req: Any, now: float) -> None:
+        """Note the liveness of the instances a request names with their capabilities."""
+        if isinstance(req, P.Heartbeat):
+            self.instances.touch(iter(zip(req.instance_ids, req.caps, strict=False)), now)
+        else:
+            self.instances.touch(iter([(getattr(req, "instance_id", None), getattr(req, "cap", None))]), now)
+
+    # ---- liveness and stats ---------------------------------------------------------------------
+
+    def ping(self) -> P.PingInfo:
+        return P.PingInfo(
+            server_id=self.server_id,
+            protocol_version=P.PROTOCOL_VERSION,
+            chunk_size=self.engine.config.chunk_size,
+            uptime_s=time.monotonic() - self.started,
+            version=_package_version(),
+            direct=self.direct,
+        )
+
+    def heartbeat(self, req: P.Heartbeat) -> P.HeartbeatInfo:
+        caps = req.caps + [b""] * (len(req.instance_ids) - len(req.caps))
+        return P.HeartbeatInfo(
+            server_id=self.server_id, unknown=self.instances.unknown(req.instance_ids, caps)
+        )
+
+    def reap(self, now: float | None = None) -> None:
+        """Retire instances silent for ``client_timeout_s`` (their chunks stay cached) and release
+        pins no request came back for within ``pin_ttl_s``."""
+        now = time.monotonic() if now is None else now
+        timeout = self.config.client_timeout_s
+        dead = self.instances.pop_silent(now, timeout) if timeout > 0 else []
+        for inst in dead:
+            self.counters.reaped += 1
+            self.instances.retire(
+                inst, f"no request or heartbeat for {now - inst.last_seen:.1f} s (client gone?)"
+            )
+        ttl = self.config.pin_ttl_s
+        if ttl > 0:
+            for key in self.pins.pop_stale(now, ttl):
+                logger.warning("releasing pins of lookup %r: no retrieve or release within %g s", key, ttl)
+                self.engine.release(key)
+
+    def stats(self) -> P.StatsInfo:
+        """The server's and engine's state in one message (``stats`` op, ``lmcache stats``, /metrics)."""
+        engine, l1 = self.engine, self.engine.l1
+        now = time.monotonic()
+        instances = [
+            P.InstanceStats(
+                instance_id=i.instance_id,
+                rank=i.rank,
+                world_size=i.world_size,
+                model_name=i.request.model_name,
+                pool_kind=i.pool.kind,
+                pool_shape=list(i.request.pool.shape),
+                dtype=i.request.pool.dtype,
+                pid=i.request.pool.pid,
+                idle_s=round(now - i.last_seen, 3),
+            )
+            for i in self.instances.snapshot()
+        ]
+        counters = self.counters
+        return P.StatsInfo(
+            server_id=self.server_id,
+            protocol_version=P.PROTOCOL_VERSION,
+            uptime_s=now - self.started,
+            chunk_size=engine.config.chunk_size,
+            eviction_policy=l1.policy_name,
+            l1_capacity_bytes=l1.arena.capacity_bytes,
+            l1_reserved_bytes=l1.arena.reserved_bytes,
+            l1_used_bytes=l1.used_bytes,
+            l1_chunks=len(l1),
+            l1_evictions=l1.evictions,
+            pinned_lookups=len(self.pins),
+            refusals=dict(counters.refusals),
+            requests=counters.requests,
+            errors=counters.errors,
+            reaped_instances=counters.reaped,
+            engine={k: int(v) for k, v in asdict(engine.stats).items()},
+            instances=instances,
+        )
+
+    def close(self) -> None:
+        """Retire every instance (the server is shutting down)."""
+        for inst in self.instances.pop_all():
+            self.instances.retire(inst, "server shutting down")
+
+    # ---- registration ---------------------------------------------------------------------------
+
+    def register(self, req: P.Register, call: Call) -> P.RegisterInfo:
+        if req.rank >= req.world_size:
+            raise ServiceFailure(
+                P.ErrorCode.INVALID, f"rank {req.rank} is not below world_size {req.world_size}"
+            )
+        client = client_key(call.peer)
+        old, refreshed = self.instances.claim(req, client, time.monotonic())
+        if old is not None and refreshed:
+            return self._register_info(old, refreshed=True)
+        if old is not None:
+            self.instances.retire(old, "registered again with another pool")
+        pool = open_pool(req.pool, call.peer)
+        try:
+            try:
+                layout = PoolLayout.of_pool(pool.tensor, req.tokens_per_block)
+                space = KeySpace(req.model_name, layout, req.world_size)
+                self.engine.hasher(space)  # checks chunk_size against tokens_per_block
+            except ValueError as e:
+                raise ServiceFailure(P.ErrorCode.BAD_POOL, f"pool rejected: {e}") from None
+            stream = torch.cuda.Stream(device=pool.tensor.device) if pool.tensor.is_cuda else None
+        except BaseException:
+            pool.close()
+            raise
+        inst = Instance(req, pool, space, stream, time.monotonic(), secrets.token_bytes(32), client)
+        try:
+            self.instances.add(inst)
+        except ServiceFailure:
+            inst.close_mapping()
+            raise
+        logger.info(
+            "registered instance %d: rank %d/%d of %s, %s pool %s %s (%d tokens/block) of pid %d",
+            req.instance_id,
+            req.rank,
+            req.world_size,
+            req.model_name,
+            pool.kind,
+            list(pool.tensor.shape),
+            req.pool.dtype,
+            req.tokens_per_block,
+            req.pool.pid,
+        )
+        return self._register_info(inst, refreshed=False)
+
+    def _register_info(self, inst: Instance, refreshed: bool) -> P.RegisterInfo:
+        config = self.engine.config
+        hashing = None
+        if not config.save_unfull_chunk:
+            hashing = P.ChunkHashing(
+                algorithm=config.pre_caching_hash_algorithm, layout_signature=inst.space.layout.signature()
+            )
+        return P.RegisterInfo(
+            instance_id=inst.instance_id,
+            chunk_size=config.chunk_size,
+            num_blocks=inst.space.layout.num_blocks,
+            server_id=self.server_id,
+            refreshed=refreshed,
+            hashing=hashing,
+            direct=self.direct,
+            cap=inst.cap,
+        )
+
+    def unregister(self, req: P.Unregister, call: Call) -> bool:
+        inst = self.instances.remove(req.instance_id, req.cap)
+        if inst is None:
+            return False
+        self.instances.retire(inst, "unregistered by the client")
+        return True
+
+    # ---- lookups and pins -----------------------------------------------------------------------
+
+    def lookup(self, req: P.Lookup | P.LookupHashes, call: Call) -> int:
+        with self.instances.use(req.instance_id, req.cap) as inst:
+            key = (req.instance_id, req.pin_id) if req.pin_id is not None else None
+            ranks = range(inst.world_size)
+            if isinstance(req, P.LookupHashes):
+                size = self.engine.hasher(inst.space).digest_size
+                if len(req.chunk_hashes) % size:
+                    raise ValueError(
+                        f"chunk_hashes: {len(req.chunk_hashes)} bytes is not a whole number of "
+                        f"{size}-byte digests ({self.engine.config.pre_caching_hash_algorithm})"
+                    )
+                hashes = [req.chunk_hashes[i : i + size] for i in range(0, len(req.chunk_hashes), size)]
+                hit = self.engine.lookup_hashes(inst.space, hashes, req.num_tokens, ranks=ranks, pin_id=key)
+            else:
+                tokens = P.ids_from_wire(req.tokens, "tokens")
+                hit = self.engine.lookup(inst.space, tokens, req.cache_salt, ranks=ranks, pin_id=key)
+            if key is not None:
+                self._record_pins(inst, key, hit)
+            return hit
+
+    def _record_pins(self, inst: Instance, key: PinKey, hit: int) -> None:
+        """Note the pins a lookup took; drop them and refuse if the instance's pins would hold more
+        than ``pin_share`` of L1."""
+        chunk_size = self.engine.config.chunk_size
+        chunk_bytes = inst.space.layout.row_bytes * inst.space.layout.blocks_per_chunk(chunk_size)
+        nbytes = -(-hit // chunk_size) * chunk_bytes * inst.world_size
+        share = int(self.config.pin_share * self.engine.l1.arena.capacity_bytes)
+        record = PinRecord(inst.world_size, time.monotonic(), nbytes) if hit > 0 else None
+        held, over = self.pins.replace(key, record, share)
+        if hit == 0 or over:
+            self.engine.release(key)
+        if over:
+            self.counters.refuse("pinned_bytes")
+            raise ServiceFailure(
+                P.ErrorCode.LIMIT,
+                f"this lookup would pin {nbytes} bytes on top of the {held} the instance's lookups hold, "
+                f"more than its share of L1 ({share} bytes, --pin-share {self.config.pin_share:g}); "
+                "retrieve or release earlier lookups first",
+            )
+
+    def _pin_key(self, inst: Instance, pin_owner: int | None, pin_id: int | str) -> PinKey:
+        """The pins a request of ``inst`` may act on: its own lookup's, or those of ``pin_owner``, an
+        instance of the same client, model and world (the scheduler's rank of a TP world)."""
+        if pin_owner is None or pin_owner == inst.instance_id:
+            return (inst.instance_id, pin_id)
+        owner = self.instances.get(pin_owner)
+        if owner is None or (owner.client, owner.request.model_name, owner.world_size) != (
+            inst.client,
+            inst.request.model_name,
+            inst.world_size,
+        ):
+            self.counters.refuse("capability")
+            raise ServiceFailure(
+                P.ErrorCode.UNAUTHORIZED,
+                f"pin_owner {pin_owner} is not an instance of this client's world (same client, model and "
+                "world size)",
+            )
+        return (pin_owner, pin_id)
+
+    def release(self, req: P.Release, call: Call) -> bool:
+        with self.instances.use(req.instance_id, req.cap) as inst:
+            key = self._pin_key(inst, req.pin_owner, req.pin_id)
+        held = self.pins.pop(key)
+        self.engine.release(key)
+        return held
+
+    def _rank_done(self, key: PinKey, rank: int) -> None:
+        """A rank has loaded: its pins of the lookup go now, the lookup's record once every rank of
+        the world has loaded (or on release / owner reaped / TTL)."""
+        self.engine.release(key, rank)
+        if self.pins.rank_done(key, rank):
+            self.engine.release(key)
+
+    def _release_owned_pins(self, inst: Instance) -> None:
+        for key in self.pins.pop_owner(inst.instance_id):
+            self.engine.release(key)
+
+    # ---- transfers ------------------------------------------------------------------------------
+
+    def _transfer_args(
+        self, req: P.Store | P.Retrieve, inst: Instance
+    ) -> BlockTransfer[np.ndarray | ChunkHashes]:
+        """The request's transfer: its prompt (token ids, or the chunk hashes the client sent instead),
+        salt, block ids and range."""
+        blocks = P.ids_from_wire(req.block_ids, "block_ids")
+        prompt: np.ndarray | ChunkHashes
+        if req.chunk_hashes is not None:
+            if len(req.tokens) or req.cache_salt is not None:
+                raise ServiceFailure(
+                    P.ErrorCode.INVALID,
+                    "send the prompt either as tokens (with cache_salt) or as chunk_hashes (the salt "
+                    "folded in), not both",
+                )
+            digest_size = self.engine.hasher(inst.space).digest_size
+            prompt = ChunkHashes.from_bytes(req.chunk_hashes, digest_size, self.engine.config.chunk_size)
+            if req.start > req.end:
+                raise ServiceFailure(
+                    P.ErrorCode.INVALID, f"range [{req.start}, {req.end}) ends before it starts"
+                )
+        else:
+            prompt = P.ids_from_wire(req.tokens, "tokens")
+            if not req.start <= req.end <= len(prompt):
+                raise ServiceFailure(
+                    P.ErrorCode.INVALID,
+                    f"range [{req.start}, {req.end}) is not within the request's {len(prompt)} tokens",
+                )
+        # Only the blocks the range touches are read; others may be -1 (no page, e.g. a passed window).
+        num_blocks = inst.space.layout.num_blocks
+        tpb = inst.space.layout.tokens_per_block
+        used = blocks[req.start // tpb : -(-req.end // tpb)]
+        if len(used) and (int(used.min()) < 0 or int(used.max()) >= num_blocks):
+            raise ServiceFailure(
+                P.ErrorCode.INVALID,
+                f"block ids must be in [0, {num_blocks}) (the registered pool's blocks); got min "
+                f"{int(used.min())}, max {int(used.max())}",
+            )
+        if isinstance(req, P.Store) and len(np.unique(used)) != len(used):
+            self.counters.refuse("repeated_blocks")
+            raise ServiceFailure(
+                P.ErrorCode.INVALID, "block ids repeat: each block of a prompt holds distinct tokens"
+            )
+        self._check_pool(inst)
+        return BlockTransfer(prompt, req.cache_salt, blocks.tolist(), req.start, req.end)
+
+    def _check_pool(self, inst: Instance) -> None:
+        """Refuse (and drop) an instance whose shared memory no longer backs its pool."""
+        try:
+            inst.pool.check()
+        except PoolSharingError as e:
+            self.counters.refuse("shrunk_pool")
+            self.instances.retire_now(inst, "its shared memory changed under the server")
+            raise ServiceFailure(P.ErrorCode.BAD_POOL, f"{e}; register the pool again") from None
+
+    def store(self, req: P.Store, call: Call) -> int:
+        with self.instances.use(req.instance_id, req.cap) as inst:
+            transfer = self._transfer_args(req, inst)
+            began = time.perf_counter()
+            stored = self.engine.store(inst.space, inst.rank, inst.pool.tensor, transfer, inst.stream)
+            _copies_done(inst, "store", stored, began)  # the client may reuse the blocks then
+            self._check_pool(inst)  # shrunk during the copy: what it read were zeros
+            return stored
+
+    def retrieve(self, req: P.Retrieve, call: Call) -> int:
+        with self.instances.use(req.instance_id, req.cap) as inst:
+            key = None if req.pin_id is None else self._pin_key(inst, req.pin_owner, req.pin_id)
+            try:
+                transfer = self._transfer_args(req, inst)
+                began = time.perf_counter()
+                loaded = self.engine.retrieve(inst.space, inst.rank, inst.pool.tensor, transfer, inst.stream)
+                _copies_done(inst, "retrieve", loaded, began)  # the blocks are in place then
+                self._check_pool(inst)
+                return loaded
+            finally:
+                if key is not None:  # the blocks are loaded (or the load failed): the pins may go
+                    call.after_reply(functools.partial(self._rank_done, key, inst.rank))
+
+
+def _copies_done(inst: Instance, op: str, tokens: int, began: float) -> None:
+    """Wait for the instance's copies (CUDA pools); DEBUG-log where the call's time went."""
+    enqueued = time.perf_counter()
+    if inst.stream is not None:
+        inst.stream.synchronize()
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug(
+            "%s of %d tokens for instance %d: %.2f ms to enqueue, %.2f ms more until copied",
+            op,
+            tokens,
+            inst.instance_id,
+            (enqueued - began) * 1e3,
+            (time.perf_counter() - enqueued) * 1e3,
+        )
