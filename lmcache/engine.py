@@ -14,7 +14,7 @@ import threading
 import time
 import weakref
 from collections.abc import Hashable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,13 @@ from lmcache.keys import CacheSalt, ChunkHashes, ChunkKey, TokenHasher, Tokens, 
 from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
 from lmcache.memory import HostArena
+from lmcache.stats import (
+    EngineCounters,
+    EngineSnapshot,
+    HistogramSnapshot,
+    L1Snapshot,
+    LatencySnapshot,
+)
 from lmcache.storage.chunk_format import Namespace
 from lmcache.storage.cpu_store import CachedChunk, CpuStore
 from lmcache.storage.tiers import TierManager
@@ -76,10 +83,10 @@ class LatencyHistogram:
             self._counts[index] += 1
             self._sum += seconds
 
-    def snapshot(self) -> tuple[list[int], float]:
+    def snapshot(self) -> HistogramSnapshot:
         """Per-bucket counts (the last is above every bound) and the sum of the observations."""
         with self._lock:
-            return list(self._counts), self._sum
+            return HistogramSnapshot(self.buckets, tuple(self._counts), self._sum)
 
 
 class LatencyStats:
@@ -89,6 +96,9 @@ class LatencyStats:
         self.lookup = LatencyHistogram()
         self.store = LatencyHistogram()
         self.retrieve = LatencyHistogram()
+
+    def snapshot(self) -> LatencySnapshot:
+        return LatencySnapshot(self.lookup.snapshot(), self.store.snapshot(), self.retrieve.snapshot())
 
 
 @dataclass
@@ -594,6 +604,38 @@ class CacheEngine:
         if not self.l1.pin(key):
             return None
         return self.l1.get(key)
+
+    # -- stats ----------------------------------------------------------------------------------
+
+    def snapshot(self) -> EngineSnapshot:
+        """Counters, L1 usage, each lower tier (counters and health) and latencies, taken now.
+
+        The one source of the engine's stats for metrics, ``/health``, ``lmcache stats`` and the
+        cache server (see :mod:`lmcache.stats`).
+        """
+        with self._lock:
+            counters = EngineCounters(**asdict(self.stats))
+            pinned_lookups = len(self._pins)
+        l1 = self.l1
+        tiers = self.tiers
+        return EngineSnapshot(
+            chunk_size=self.config.chunk_size,
+            counters=counters,
+            l1=L1Snapshot(
+                used_bytes=l1.used_bytes,
+                reserved_bytes=l1.arena.reserved_bytes,
+                capacity_bytes=l1.arena.capacity_bytes,
+                chunks=len(l1),
+                pinned_chunks=len(l1.pinned_keys()),
+                evictions=l1.evictions,
+                skipped_stores=l1.skipped_stores,
+                eviction_policy=l1.policy_name,
+            ),
+            tiers=tiers.snapshots() if tiers is not None else (),
+            latency=self.latency.snapshot(),
+            pinned_lookups=pinned_lookups,
+            promotion_failures=tiers.promotion_failures if tiers is not None else 0,
+        )
 
     # -- maintenance ----------------------------------------------------------------------------
 

@@ -106,13 +106,16 @@ class CpuStore:
             self.used_bytes += pool.slot_bytes
             return chunk
 
-    def commit(self, key: Hashable, ready: Any = None) -> None:
-        """Publish a reserved chunk; ``ready`` is the event its filling copy records."""
+    def commit(self, key: Hashable, ready: Any = None, *, pin: bool = False) -> None:
+        """Publish a reserved chunk; ``ready`` is the event its filling copy records. With ``pin`` it
+        is pinned in the same step, so nothing can evict it in between (``unpin`` it later)."""
         with self._lock:
             chunk = self._chunks[key]
             chunk.ready = ready
             chunk.committed = True
-            if chunk.pins == 0:
+            if pin:
+                chunk.pins += 1
+            elif chunk.pins == 0:
                 self._policy.add(key)
 
     def abort(self, key: Hashable) -> None:
