@@ -9,7 +9,6 @@ rewritten.
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
 import weakref
@@ -26,13 +25,7 @@ from lmcache.keys import CacheSalt, ChunkHashes, ChunkKey, TokenHasher, Tokens, 
 from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
 from lmcache.memory import HostArena
-from lmcache.stats import (
-    EngineCounters,
-    EngineSnapshot,
-    HistogramSnapshot,
-    L1Snapshot,
-    LatencySnapshot,
-)
+from lmcache.stats import EngineCounters, EngineSnapshot, LatencyStats
 from lmcache.storage.chunk_format import Namespace
 from lmcache.storage.cpu_store import CachedChunk, CpuStore
 from lmcache.storage.tiers import TierManager
@@ -60,45 +53,6 @@ class EngineStats:
     retrieved_chunks: int = 0
     retrieved_bytes: int = 0
     failed_retrieves: int = 0
-
-
-# Upper bounds (seconds) of the latency histograms' buckets; the last bucket is +Inf.
-LATENCY_BUCKETS_S: tuple[float, ...] = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
-
-
-class LatencyHistogram:
-    """Fixed-bucket histogram of call durations, filled at call time (thread-safe, O(log buckets))."""
-
-    def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS_S) -> None:
-        self.buckets = tuple(buckets)
-        self._counts = [0] * (len(self.buckets) + 1)  # per bucket, not cumulative; last = +Inf
-        self._sum = 0.0
-        self._lock = threading.Lock()
-
-    def observe(self, seconds: float) -> None:
-        index = bisect.bisect_left(self.buckets, seconds)  # first bound >= seconds ("le" semantics)
-        with self._lock:
-            self._counts[index] += 1
-            self._sum += seconds
-
-    def snapshot(self) -> HistogramSnapshot:
-        """Per-bucket counts (the last is above every bound) and the sum of the observations."""
-        with self._lock:
-            return HistogramSnapshot(self.buckets, tuple(self._counts), self._sum)
-
-
-class LatencyStats:
-    """Host time spent in lookup calls, and in store and retrieve calls that had chunks to move."""
-
-    def __init__(self) -> None:
-        self.lookup = LatencyHistogram()
-        self.store = LatencyHistogram()
-        self.retrieve = LatencyHistogram()
-
-    def snapshot(self) -> LatencySnapshot:
-        return LatencySnapshot(self.lookup.snapshot(), self.store.snapshot(), self.retrieve.snapshot())
 
 
 @dataclass
@@ -616,21 +570,11 @@ class CacheEngine:
         with self._lock:
             counters = EngineCounters(**asdict(self.stats))
             pinned_lookups = len(self._pins)
-        l1 = self.l1
         tiers = self.tiers
         return EngineSnapshot(
             chunk_size=self.config.chunk_size,
             counters=counters,
-            l1=L1Snapshot(
-                used_bytes=l1.used_bytes,
-                reserved_bytes=l1.arena.reserved_bytes,
-                capacity_bytes=l1.arena.capacity_bytes,
-                chunks=len(l1),
-                pinned_chunks=len(l1.pinned_keys()),
-                evictions=l1.evictions,
-                skipped_stores=l1.skipped_stores,
-                eviction_policy=l1.policy_name,
-            ),
+            l1=self.l1.snapshot(),
             tiers=tiers.snapshots() if tiers is not None else (),
             latency=self.latency.snapshot(),
             pinned_lookups=pinned_lookups,

@@ -21,11 +21,12 @@ from support.server_process import ServerProcess, free_port, metrics_base_url, s
 
 from lmcache import http_endpoint
 from lmcache.config import LMCacheEngineConfig
-from lmcache.engine import LATENCY_BUCKETS_S, CacheEngine, KeySpace, LatencyHistogram
+from lmcache.engine import CacheEngine, KeySpace
 from lmcache.integration.tensorrt_llm.tensorrt_adapter import process_engine
 from lmcache.layout import PoolLayout
 from lmcache.server.cli import build_parser
 from lmcache.server.client import CacheServerClient
+from lmcache.stats import LATENCY_BUCKETS_S, LatencyHistogram
 from lmcache.testing.trtllm_replay import ReplayExecutor
 from lmcache.transfer import BlockTransfer
 

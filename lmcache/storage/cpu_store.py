@@ -10,6 +10,7 @@ from typing import Any
 from lmcache.logging import init_logger
 from lmcache.memory import HostArena, HostBuffer
 from lmcache.rate_limit import RateLimitedLog
+from lmcache.stats import L1Snapshot
 from lmcache.storage.policies import make_policy
 
 logger = init_logger(__name__)
@@ -210,6 +211,20 @@ class CpuStore:
             for key in reversed(victims):
                 self.remove(key)
             return len(victims)
+
+    def snapshot(self) -> L1Snapshot:
+        """Usage and counters now."""
+        with self._lock:
+            return L1Snapshot(
+                used_bytes=self.used_bytes,
+                reserved_bytes=self.arena.reserved_bytes,
+                capacity_bytes=self.arena.capacity_bytes,
+                chunks=len(self._chunks),
+                pinned_chunks=sum(1 for c in self._chunks.values() if c.pins),
+                evictions=self.evictions,
+                skipped_stores=self.skipped_stores,
+                eviction_policy=self.policy_name,
+            )
 
     def pinned_keys(self) -> list[Hashable]:
         with self._lock:
