@@ -69,6 +69,11 @@ class CpuStore:
         chunk = self._chunks.get(key)
         return chunk is not None and chunk.committed
 
+    def keys(self) -> list[Hashable]:
+        """The committed keys (tests and tools inspect L1 through it)."""
+        with self._lock:
+            return [k for k, c in self._chunks.items() if c.committed]
+
     def reserve(self, key: Hashable, nbytes: int, num_tokens: int) -> CachedChunk | None:
         """A slot for ``key``, evicting unpinned chunks if needed; None (and a warning) if none fits.
 
