@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmcache.backoff import Backoff
 from lmcache.config import GiB
 from lmcache.keys import ChunkKey
 from lmcache.layout import PoolLayout
@@ -47,6 +48,7 @@ from lmcache.memory import HostArena
 from lmcache.storage.chunk_format import Namespace
 from lmcache.storage.cpu_store import CpuStore
 from lmcache.storage.disk_store import DiskStore
+from lmcache.storage.disk_tier import DiskTier
 from lmcache.storage.remote_store import RemoteStore
 from lmcache.storage.tiers import TierManager
 
@@ -144,7 +146,8 @@ class DiskBench:
         self.views = [memoryview(np.ones(fx.nbytes, dtype=np.uint8)) for _ in range(fx.n)]
         self.l1 = fx.l1(fill=True)
         self.disk = DiskStore(self.tier_dir, capacity_bytes=2 * fx.total + GiB, fsync=fsync)
-        self.tiers = TierManager(self.l1, disk=self.disk, queue_bytes=2 * fx.total, timeout_s=600)
+        disk_tier = DiskTier(self.disk, backoff=Backoff(1.0, 30.0))
+        self.tiers = TierManager(self.l1, [disk_tier], queue_bytes=2 * fx.total, timeout_s=600)
         self.best: dict[str, float] = {}
 
     def record(self, name: str, seconds: float) -> None:
@@ -179,20 +182,21 @@ class DiskBench:
     def write_behind(self) -> float:
         self.disk.clear()
         os.sync()
-        self.tiers.stats.disk_writes = 0
+        before = self.tiers.snapshots()[0].writes
 
         def body() -> None:
             self.tiers.write_behind(self.fx.ns, self.fx.keys)
             assert self.tiers.flush(600)
 
         seconds = timed(body)
-        assert self.tiers.stats.disk_writes == self.fx.n, self.tiers.stats
+        after = self.tiers.snapshots()[0]
+        assert after.writes - before == self.fx.n, after
         return seconds
 
     def promote(self, n_threads: int, cold: bool) -> float:
         target = self.fx.l1(fill=False)
         disk = DiskStore(self.tier_dir, 2 * self.fx.total + GiB)
-        manager = TierManager(target, disk=disk, read_threads=n_threads)
+        manager = TierManager(target, [DiskTier(disk, backoff=Backoff(1.0, 30.0), read_threads=n_threads)])
         if cold:
             drop_cache(self.tier_dir)
         positions = [[k] for k in self.fx.keys]
@@ -268,19 +272,20 @@ def bench_redis(fx: Fixture, url: str, fetch_batch: int) -> dict[str, float]:
 
     l1 = fx.l1(fill=True)
     remote = RemoteStore(url, timeout_s=600, lookup_timeout_s=60)
-    tiers = TierManager(l1, remote=remote, queue_bytes=2 * fx.total, timeout_s=600)
+    tiers = TierManager(l1, [remote], queue_bytes=2 * fx.total, timeout_s=600)
     admin = redis.Redis.from_url(url)
 
     def write_behind() -> float:
         admin.flushall()
-        tiers.stats.remote_writes = 0
+        before = tiers.snapshots()[0].writes
 
         def body() -> None:
             tiers.write_behind(fx.ns, fx.keys)
             assert tiers.flush(600)
 
         seconds = timed(body)
-        assert tiers.stats.remote_writes == fx.n, tiers.stats
+        after = tiers.snapshots()[0]
+        assert after.writes - before == fx.n, after
         return seconds
 
     result = {"write_behind_gbs": best(fx, write_behind)}
@@ -288,7 +293,7 @@ def bench_redis(fx: Fixture, url: str, fetch_batch: int) -> dict[str, float]:
 
     def fetch() -> float:
         target = fx.l1(fill=False)
-        manager = TierManager(target, remote=RemoteStore(url, timeout_s=600), fetch_batch=fetch_batch)
+        manager = TierManager(target, [RemoteStore(url, timeout_s=600)], fetch_batch=fetch_batch)
         positions = [[k] for k in fx.keys]
         got: list[int] = []
         seconds = timed(lambda: got.append(manager.promote_prefix(fx.ns, positions)[0]))

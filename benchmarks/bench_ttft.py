@@ -112,13 +112,13 @@ class EngineTier:
         if tiers is not None:
             if not tiers.flush(timeout=600):
                 raise BenchFailure(f"{self.name}: tier writes did not drain")
-            st = tiers.stats
-            if st.dropped_writes:
-                raise BenchFailure(f"{self.name}: {st.dropped_writes} tier writes dropped ({st})")
-            if tiers.disk is not None and st.disk_writes == 0:
-                raise BenchFailure(f"{self.name}: nothing was written to disk ({st})")
-            if tiers.remote is not None and st.remote_writes == 0:
-                raise BenchFailure(f"{self.name}: nothing was written to the remote tier ({st})")
+            for st in self.engine.snapshot().tiers:
+                if st.dropped_writes:
+                    raise BenchFailure(
+                        f"{self.name}: {st.dropped_writes} {st.name} tier writes dropped ({st})"
+                    )
+                if st.writes == 0:
+                    raise BenchFailure(f"{self.name}: nothing was written to the {st.name} tier ({st})")
 
     def before_repeat(self) -> None:
         if self.clear_l1:

@@ -256,8 +256,8 @@ _CONVERT: dict[str, Callable[[str, object], object]] = {
     "disk_verify_on_startup": _bool,
 }
 
-# Settings that earlier versions read from ``extra_config``: still accepted there (validated, and
-# moved to their own key), so existing config files keep their meaning.
+# Settings that earlier versions read from ``extra_config``: still accepted there (validated, moved
+# to their own key, with a deprecation warning naming it), so existing config files keep their meaning.
 EXTRA_CONFIG_SETTINGS = (
     "metrics_host",
     "tier_staging_size_gb",
@@ -343,8 +343,7 @@ class LMCacheEngineConfig:
         if self.extra_config:
             for key in EXTRA_CONFIG_SETTINGS:
                 if key in self.extra_config:
-                    value = self.extra_config.pop(key)
-                    setattr(self, key, _CONVERT[key](f"extra_config.{key}", value))
+                    self._move_from_extra_config(key)
             self.extra_config = self.extra_config or None
         if self.tier_retry_max_s < self.tier_retry_initial_s:
             raise ValueError(
@@ -363,6 +362,27 @@ class LMCacheEngineConfig:
                 f"{self.max_local_cpu_size!r} and neither local_disk nor remote_url is set: nothing to "
                 "cache into (enable local_cpu with a size > 0, or set local_disk or remote_url)"
             )
+
+    def _move_from_extra_config(self, key: str) -> None:
+        """Take ``extra_config[key]`` as the setting ``key`` (deprecated spelling, warned); an error if
+        the setting is also given, with another value."""
+        assert self.extra_config is not None
+        value = _CONVERT[key](f"extra_config.{key}", self.extra_config.pop(key))
+        default = _DEFAULTS[key]
+        current = getattr(self, key)
+        if current != default and current != value:
+            raise ValueError(
+                f"extra_config.{key}: {value!r} conflicts with {_label(key)}={current!r} "
+                f"(expected one of them; remove extra_config.{key})"
+            )
+        logger.warning(
+            "extra_config.%s is deprecated: set %s (env %s%s) instead",
+            key,
+            key,
+            ENV_PREFIX,
+            key.upper(),
+        )
+        setattr(self, key, value)
 
     # ---- constructors -------------------------------------------------------------------------
     @classmethod
@@ -569,3 +589,6 @@ def check_host_resources(
     for warning in warnings:
         logger.warning("%s", warning)
     return warnings
+
+
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(LMCacheEngineConfig)}

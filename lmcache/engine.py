@@ -13,7 +13,7 @@ import threading
 import time
 import weakref
 from collections.abc import Hashable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,12 +23,10 @@ from lmcache import c_ops
 from lmcache.chunk_copy import CopyBatcher, LoadSlot, StoreSlot
 from lmcache.config import GiB, LMCacheEngineConfig
 from lmcache.keys import CacheSalt, ChunkHashes, ChunkKey, TokenHasher, Tokens, chunk_keys, token_array
-from lmcache.latency import LATENCY_BUCKETS_S as LATENCY_BUCKETS_S
-from lmcache.latency import LatencyHistogram as LatencyHistogram
-from lmcache.latency import LatencyStats
 from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
 from lmcache.memory import HostArena, SlabSource
+from lmcache.stats import EngineCounters, EngineSnapshot, LatencyStats
 from lmcache.storage.chunk_format import Namespace
 from lmcache.storage.cpu_store import CachedChunk, CpuStore
 from lmcache.storage.tiers import TierManager
@@ -597,6 +595,28 @@ class CacheEngine:
         if not self.l1.pin(key):
             return None
         return self.l1.get(key)
+
+    # -- stats ----------------------------------------------------------------------------------
+
+    def snapshot(self) -> EngineSnapshot:
+        """Counters, L1 usage, each lower tier (counters and health) and latencies, taken now.
+
+        The one source of the engine's stats for metrics, ``/health``, ``lmcache stats`` and the
+        cache server (see :mod:`lmcache.stats`).
+        """
+        with self._lock:
+            counters = EngineCounters(**asdict(self.stats))
+            pinned_lookups = len(self._pins)
+        tiers = self.tiers
+        return EngineSnapshot(
+            chunk_size=self.config.chunk_size,
+            counters=counters,
+            l1=self.l1.snapshot(),
+            tiers=tiers.snapshots() if tiers is not None else (),
+            latency=self.latency.snapshot(),
+            pinned_lookups=pinned_lookups,
+            promotion_failures=tiers.promotion_failures if tiers is not None else 0,
+        )
 
     # -- maintenance ----------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lmcache.logging import init_logger
-from lmcache.metrics import as_source, health_report, make_registry
+from lmcache.metrics import as_source, health_report, make_registry, snapshot_of
 
 logger = init_logger(__name__)
 
@@ -89,7 +89,8 @@ class MetricsEndpoint:
         self._thread: threading.Thread | None = None
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        return health_report(self._engine(), self._server_source())
+        """``(healthy, body)`` of ``GET /health``, from the engine's snapshot."""
+        return health_report(snapshot_of(self._engine()), self._server_source())
 
     def start(self) -> MetricsEndpoint:
         """Bind and serve on a daemon thread; raises ``OSError`` if the address cannot be bound."""

@@ -1,10 +1,10 @@
 """Prometheus metrics and health of a :class:`~lmcache.engine.CacheEngine`, read at scrape time.
 
-Nothing here is global: :class:`EngineCollector` reads the engine (and, for the cache server, the
-server) every time it is collected, and each endpoint registers it in its own
-``CollectorRegistry``, so the process's default registry stays untouched. The engine keeps plain
-counters and fixed-bucket latency histograms (``engine.stats``, ``engine.latency``, the L1 store's
-and the tier manager's counters); this module only translates them.
+Nothing here is global: :class:`EngineCollector` takes the engine's one
+:class:`~lmcache.stats.EngineSnapshot` (and, for the cache server, the server's stats) every time it
+is collected, and each endpoint registers it in its own ``CollectorRegistry``, so the process's
+default registry stays untouched. This module only translates the snapshot; it reads nothing else
+of the engine.
 
 Every name starts with ``lmcache_``; counters end in ``_total`` on the wire. See
 ``docs/operations.md`` for the list and for the health rules of :func:`health_report`.
@@ -12,15 +12,13 @@ Every name starts with ``lmcache_``; counters end in ``_total`` on the wire. See
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-if TYPE_CHECKING:
-    from lmcache.engine import CacheEngine, LatencyHistogram
+from lmcache.stats import EngineSnapshot, HistogramSnapshot
 
 __all__ = ["EngineCollector", "as_source", "health_report", "make_registry", "tier_health"]
 
@@ -32,78 +30,54 @@ def as_source(obj: Any) -> Callable[[], Any]:
     return obj if callable(obj) else (lambda: obj)
 
 
+def snapshot_of(engine: Any) -> EngineSnapshot | None:
+    """The engine's snapshot, or None for no engine."""
+    return None if engine is None else engine.snapshot()
+
+
 # -- health ---------------------------------------------------------------------------------------
 
 
-def tier_health(engine: CacheEngine) -> tuple[dict[str, bool], list[str]]:
-    """Health of each configured tier (L1 always; disk and remote when configured) and the reasons
+def tier_health(snapshot: EngineSnapshot) -> tuple[dict[str, bool], list[str]]:
+    """Health of each configured tier (L1 always; each lower tier when configured) and the reasons
     for any that is down.
 
     A lower tier is down while its back-off is active, i.e. from its last failure until an
     operation on it succeeds again (the disk after a failed write; the remote tier after a failed
     call, including while its circuit breaker skips it), or once the tiers are closed.
     """
-    from lmcache.storage.remote_store import describe_url
-
     tiers: dict[str, bool] = {"l1": True}
     reasons: list[str] = []
-    manager = engine.tiers
-    if manager is None:
-        return tiers, reasons
-    now = time.monotonic()
-    if manager.disk is not None:
-        backoff = float(getattr(manager, "_disk_backoff", 0.0))
-        down_until = float(getattr(manager, "_disk_down_until", 0.0))
-        ok = not manager.closed and backoff == 0.0
-        tiers["disk"] = ok
-        if manager.closed:
-            reasons.append(f"disk tier {manager.disk.root}: closed")
-        elif not ok:
-            reasons.append(
-                f"disk tier {manager.disk.root}: writes failing, next attempt in "
-                f"{max(0.0, down_until - now):.1f}s"
-            )
-    if manager.remote is not None:
-        remote = manager.remote
-        backoff = float(getattr(remote, "_backoff", 0.0))
-        down_until = float(getattr(remote, "_down_until", 0.0))
-        ok = not remote.closed and not manager.closed and backoff == 0.0
-        tiers["remote"] = ok
-        where = describe_url(remote.url)
-        if remote.closed or manager.closed:
-            reasons.append(f"remote tier {where}: closed")
-        elif not ok:
-            reasons.append(
-                f"remote tier {where}: unreachable ({remote.failures} failures), next attempt in "
-                f"{max(0.0, down_until - now):.1f}s"
-            )
+    for tier in snapshot.tiers:
+        tiers[tier.name] = tier.healthy
+        if not tier.healthy:
+            reasons.append(f"{tier.name} tier {tier.where}: {tier.reason}")
     return tiers, reasons
 
 
-def health_report(engine: CacheEngine | None, server: Any = None) -> tuple[bool, dict[str, Any]]:
+def health_report(snapshot: EngineSnapshot | None, server: Any = None) -> tuple[bool, dict[str, Any]]:
     """``(healthy, body)`` for ``GET /health``: healthy when every configured tier is up."""
-    if engine is None:
+    if snapshot is None:
         return False, {"status": "degraded", "tiers": {}, "reasons": ["no cache engine in this process yet"]}
-    tiers, reasons = tier_health(engine)
+    tiers, reasons = tier_health(snapshot)
     healthy = not reasons
-    stats = engine.stats
-    l1 = engine.l1
+    c, l1 = snapshot.counters, snapshot.l1
     body: dict[str, Any] = {
         "status": "ok" if healthy else "degraded",
         "tiers": tiers,
         "reasons": reasons,
-        "chunk_size": engine.config.chunk_size,
+        "chunk_size": snapshot.chunk_size,
         "l1": {
             "used_bytes": l1.used_bytes,
-            "reserved_bytes": l1.arena.reserved_bytes,
-            "capacity_bytes": l1.arena.capacity_bytes,
-            "chunks": len(l1),
-            "eviction_policy": l1.policy_name,
+            "reserved_bytes": l1.reserved_bytes,
+            "capacity_bytes": l1.capacity_bytes,
+            "chunks": l1.chunks,
+            "eviction_policy": l1.eviction_policy,
         },
-        "lookups": stats.lookups,
-        "hit_tokens": stats.hit_tokens,
-        "requested_tokens": stats.lookup_tokens,
-        "hit_rate": round(stats.hit_tokens / stats.lookup_tokens, 4) if stats.lookup_tokens else 0.0,
+        "lookups": c.lookups,
+        "hit_tokens": c.hit_tokens,
+        "requested_tokens": c.lookup_tokens,
+        "hit_rate": round(c.hit_rate, 4),
     }
     if server is not None:
         info = _server_info(server)
@@ -136,14 +110,13 @@ def _gauge(name: str, doc: str, value: float) -> Metric:
     return GaugeMetricFamily(name, doc, value=value)
 
 
-def _histogram(name: str, doc: str, hist: LatencyHistogram) -> Metric:
-    counts, total = hist.snapshot()
+def _histogram(name: str, doc: str, hist: HistogramSnapshot) -> Metric:
     buckets: list[tuple[str, float]] = []
     cumulative = 0
-    for bound, count in zip((*map(repr, hist.buckets), "+Inf"), counts, strict=True):
+    for bound, count in zip((*map(repr, hist.bounds), "+Inf"), hist.counts, strict=True):
         cumulative += count
         buckets.append((bound, cumulative))
-    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=hist.total)
 
 
 class EngineCollector(Collector):
@@ -158,15 +131,15 @@ class EngineCollector(Collector):
         self._server = as_source(server)
 
     def collect(self) -> Iterator[Metric]:
-        engine = self._engine()
-        if engine is not None:
-            yield from self._engine_metrics(engine)
+        snapshot = snapshot_of(self._engine())
+        if snapshot is not None:
+            yield from self._engine_metrics(snapshot)
         server = self._server()
         if server is not None:
             yield from self._server_metrics(server)
 
-    def _engine_metrics(self, engine: CacheEngine) -> Iterator[Metric]:
-        s = engine.stats
+    def _engine_metrics(self, snap: EngineSnapshot) -> Iterator[Metric]:
+        s = snap.counters
         yield _counter("lmcache_lookups", "Lookup calls (one per request prefix query).", s.lookups)
         yield _counter(
             "lmcache_lookup_requested_tokens",
@@ -186,23 +159,23 @@ class EngineCollector(Collector):
             s.failed_retrieves,
         )
 
-        l1 = engine.l1
-        yield _gauge("lmcache_chunk_size_tokens", "Tokens per cached chunk.", engine.config.chunk_size)
+        l1 = snap.l1
+        yield _gauge("lmcache_chunk_size_tokens", "Tokens per cached chunk.", snap.chunk_size)
         yield _gauge("lmcache_l1_used_bytes", "L1 bytes held by cached chunks.", l1.used_bytes)
         yield _gauge(
             "lmcache_l1_reserved_bytes",
             "L1 host memory allocated so far (grows lazily up to the capacity).",
-            l1.arena.reserved_bytes,
+            l1.reserved_bytes,
         )
-        yield _gauge("lmcache_l1_capacity_bytes", "L1 capacity in bytes.", l1.arena.capacity_bytes)
-        yield _gauge("lmcache_l1_chunks", "Chunks in L1.", len(l1))
+        yield _gauge("lmcache_l1_capacity_bytes", "L1 capacity in bytes.", l1.capacity_bytes)
+        yield _gauge("lmcache_l1_chunks", "Chunks in L1.", l1.chunks)
         yield _gauge(
             "lmcache_l1_pinned_chunks",
             "L1 chunks pinned (promised to a pending load, or queued for a lower tier).",
-            len(l1.pinned_keys()),
+            l1.pinned_chunks,
         )
         yield _gauge(
-            "lmcache_pinned_lookups", "Lookups whose hits are pinned until loaded.", len(engine.pinned_ids())
+            "lmcache_pinned_lookups", "Lookups whose hits are pinned until loaded.", snap.pinned_lookups
         )
         yield _counter("lmcache_l1_evictions", "Chunks evicted from L1 by the eviction policy.", l1.evictions)
         yield _counter(
@@ -211,17 +184,17 @@ class EngineCollector(Collector):
             l1.skipped_stores,
         )
 
-        tiers, _ = tier_health(engine)
+        tiers, _ = tier_health(snap)
         healthy = GaugeMetricFamily(
             "lmcache_tier_healthy", "1 if the tier is up, 0 while it is failing.", labels=["tier"]
         )
         for tier, ok in tiers.items():
             healthy.add_metric([tier], 1.0 if ok else 0.0)
         yield healthy
-        yield from self._tier_metrics(engine)
-        yield from self._error_metrics(engine)
+        yield from self._tier_metrics(snap)
+        yield from self._error_metrics(snap)
 
-        lat = engine.latency
+        lat = snap.latency
         yield _histogram("lmcache_lookup_duration_seconds", "Host time of lookup calls.", lat.lookup)
         yield _histogram(
             "lmcache_store_duration_seconds",
@@ -236,67 +209,45 @@ class EngineCollector(Collector):
         )
 
     @staticmethod
-    def _tier_metrics(engine: CacheEngine) -> Iterator[Metric]:
-        manager = engine.tiers
-        if manager is None:
-            return
-        ts = manager.stats
-        per_tier: dict[str, dict[str, int]] = {}
-        if manager.disk is not None:
-            per_tier["disk"] = {
-                "hits": ts.disk_hits,
-                "read": ts.disk_read_bytes,
-                "writes": ts.disk_writes,
-                "written": ts.disk_write_bytes,
-            }
-        if manager.remote is not None:
-            per_tier["remote"] = {
-                "hits": ts.remote_hits,
-                "read": ts.remote_read_bytes,
-                "writes": ts.remote_writes,
-                "written": ts.remote_write_bytes,
-            }
-        specs = [
+    def _tier_metrics(snap: EngineSnapshot) -> Iterator[Metric]:
+        counters = [
             ("lmcache_tier_hits", "Chunks promoted from the tier into L1.", "hits"),
-            ("lmcache_tier_read_bytes", "Bytes read from the tier into L1.", "read"),
+            ("lmcache_tier_read_bytes", "Bytes read from the tier into L1.", "read_bytes"),
             ("lmcache_tier_writes", "Chunks written to the tier (write-behind).", "writes"),
-            ("lmcache_tier_write_bytes", "Bytes written to the tier (write-behind).", "written"),
+            ("lmcache_tier_write_bytes", "Bytes written to the tier (write-behind).", "write_bytes"),
+            ("lmcache_tier_dropped_writes", "Write-behinds to the tier that were dropped.", "dropped_writes"),
+            ("lmcache_tier_evictions", "Chunks evicted from the tier (where it evicts itself).", "evictions"),
         ]
-        for name, doc, field in specs:
-            fam = CounterMetricFamily(name, doc, labels=["tier"])
-            for tier, values in per_tier.items():
-                fam.add_metric([tier], values[field])
-            yield fam
-        disk = manager.disk
-        if disk is not None:
-            for name, doc, value in (
-                ("lmcache_tier_used_bytes", "Bytes the tier holds.", disk.used_bytes),
-                ("lmcache_tier_capacity_bytes", "Capacity of the tier in bytes.", disk.capacity_bytes),
-                ("lmcache_tier_chunks", "Chunks the tier holds.", len(disk)),
-            ):
-                fam = GaugeMetricFamily(name, doc, labels=["tier"])
-                fam.add_metric(["disk"], value)
+        gauges = [
+            ("lmcache_tier_used_bytes", "Bytes the tier holds (where it knows).", "used_bytes"),
+            (
+                "lmcache_tier_capacity_bytes",
+                "Tier capacity in bytes (where it has one).",
+                "capacity_bytes",
+            ),
+            ("lmcache_tier_chunks", "Chunks the tier holds (where it knows).", "chunks"),
+        ]
+        for specs, family in ((counters, CounterMetricFamily), (gauges, GaugeMetricFamily)):
+            for name, doc, field in specs:
+                fam = family(name, doc, labels=["tier"])
+                for tier in snap.tiers:
+                    value = getattr(tier, field)
+                    if value is not None:
+                        fam.add_metric([tier.name], value)
                 yield fam
-            yield _counter(
-                "lmcache_tier_evictions", "Chunks evicted from the tier.", disk.evictions, {"tier": "disk"}
-            )
 
     @staticmethod
-    def _error_metrics(engine: CacheEngine) -> Iterator[Metric]:
+    def _error_metrics(snap: EngineSnapshot) -> Iterator[Metric]:
         errors: dict[str, int] = {
-            "failed_retrieve": engine.stats.failed_retrieves,
-            "skipped_store": engine.l1.skipped_stores,
+            "failed_retrieve": snap.counters.failed_retrieves,
+            "skipped_store": snap.l1.skipped_stores,
         }
-        manager = engine.tiers
-        if manager is not None:
-            ts = manager.stats
-            errors["dropped_write"] = ts.dropped_writes
-            errors["corrupt_chunk"] = ts.corrupt_chunks
-            errors["promotion_failure"] = ts.promotion_failures
-            if manager.disk is not None:
-                errors["disk_corrupt_removed"] = manager.disk.corrupt_removed
-            if manager.remote is not None:
-                errors["remote_failure"] = manager.remote.failures
+        if snap.tiers:
+            errors["dropped_write"] = sum(t.dropped_writes for t in snap.tiers)
+            errors["promotion_failure"] = snap.promotion_failures
+        for tier in snap.tiers:
+            errors[f"{tier.name}_corrupt_removed"] = tier.corrupt_chunks
+            errors[f"{tier.name}_failure"] = tier.failures
         fam = CounterMetricFamily(
             "lmcache_errors", "Errors and degraded operations the cache absorbed, by kind.", labels=["kind"]
         )

@@ -476,9 +476,14 @@ def test_url_errors_never_show_the_password() -> None:
     assert "hunter2" not in str(err.value) and "***" in str(err.value)
 
 
-def test_extra_config_settings_are_validated_keys(tmp_path) -> None:
-    c = C.from_dict({"extra_config": {"tier_read_threads": "8", "metrics_host": "0.0.0.0", "mine": 1}})
+def test_extra_config_settings_are_validated_keys(tmp_path, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="lmcache"):
+        c = C.from_dict({"extra_config": {"tier_read_threads": "8", "metrics_host": "0.0.0.0", "mine": 1}})
     assert (c.tier_read_threads, c.metrics_host, c.extra_config) == (8, "0.0.0.0", {"mine": 1})
+    deprecated = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert len(deprecated) == 2 and any("LMCACHE_TIER_READ_THREADS" in m for m in deprecated)
+    with pytest.raises(ValueError, match=r"extra_config\.tier_read_threads: 8 conflicts with .*=6"):
+        C.from_dict({"tier_read_threads": 6, "extra_config": {"tier_read_threads": 8}})
     assert C.from_dict(c.to_dict()) == c
     assert load_engine_config({"LMCACHE_TIER_STAGING_SIZE_GB": "0.5"}).tier_staging_size_gb == 0.5
     for bad, named in (

@@ -21,11 +21,12 @@ from support.server_process import ServerProcess, free_port, metrics_base_url, s
 
 from lmcache import http_endpoint
 from lmcache.config import LMCacheEngineConfig
-from lmcache.engine import LATENCY_BUCKETS_S, CacheEngine, KeySpace, LatencyHistogram
+from lmcache.engine import CacheEngine, KeySpace
 from lmcache.integration.tensorrt_llm.tensorrt_adapter import process_engine
 from lmcache.layout import PoolLayout
 from lmcache.server.cli import build_parser
 from lmcache.server.client import CacheServerClient
+from lmcache.stats import LATENCY_BUCKETS_S, LatencyHistogram
 from lmcache.testing.trtllm_replay import ReplayExecutor
 from lmcache.transfer import BlockTransfer
 
@@ -145,6 +146,9 @@ def test_inprocess_health_reports_a_dead_remote_tier(lmcache_env, tmp_path: Path
         assert value(samples, "lmcache_tier_healthy", tier="remote") == 0
         assert value(samples, "lmcache_tier_healthy", tier="disk") == 1
         assert value(samples, "lmcache_errors_total", kind="remote_failure") >= 1
+        assert value(samples, "lmcache_errors_total", kind="disk_failure") == 0
+        assert value(samples, "lmcache_tier_dropped_writes_total", tier="remote") == 0
+        assert ("lmcache_tier_capacity_bytes", (("tier", "remote"),)) not in samples  # unknown for Redis
         assert value(samples, "lmcache_tier_hits_total", tier="remote") == 0
         assert value(samples, "lmcache_tier_capacity_bytes", tier="disk") > 0
     finally:
@@ -172,9 +176,10 @@ def test_latency_histogram_buckets_are_inclusive_upper_bounds() -> None:
     hist = LatencyHistogram()
     hist.observe(LATENCY_BUCKETS_S[0])  # exactly on the first bound: counted in it ("le")
     hist.observe(LATENCY_BUCKETS_S[-1] * 2)  # above every bound: +Inf only
-    counts, total = hist.snapshot()
-    assert counts[0] == 1 and counts[-1] == 1 and sum(counts) == 2
-    assert total == pytest.approx(LATENCY_BUCKETS_S[0] + LATENCY_BUCKETS_S[-1] * 2)
+    snap = hist.snapshot()
+    assert snap.counts[0] == 1 and snap.counts[-1] == 1 and snap.count == 2
+    assert snap.bounds == LATENCY_BUCKETS_S
+    assert snap.total == pytest.approx(LATENCY_BUCKETS_S[0] + LATENCY_BUCKETS_S[-1] * 2)
 
 
 # ---- the cache server -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Any
 from lmcache.logging import init_logger
 from lmcache.memory import HostArena, HostBuffer
 from lmcache.rate_limit import RateLimitedLog
+from lmcache.stats import L1Snapshot
 from lmcache.storage.policies import make_policy
 
 logger = init_logger(__name__)
@@ -69,6 +70,7 @@ class CpuStore:
         return chunk is not None and chunk.committed
 
     def keys(self) -> list[Hashable]:
+        """The committed keys (tests and tools inspect L1 through it)."""
         with self._lock:
             return [k for k, c in self._chunks.items() if c.committed]
 
@@ -106,13 +108,16 @@ class CpuStore:
             self.used_bytes += pool.slot_bytes
             return chunk
 
-    def commit(self, key: Hashable, ready: Any = None) -> None:
-        """Publish a reserved chunk; ``ready`` is the event its filling copy records."""
+    def commit(self, key: Hashable, ready: Any = None, *, pin: bool = False) -> None:
+        """Publish a reserved chunk; ``ready`` is the event its filling copy records. With ``pin`` it
+        is pinned in the same step, so nothing can evict it in between (``unpin`` it later)."""
         with self._lock:
             chunk = self._chunks[key]
             chunk.ready = ready
             chunk.committed = True
-            if chunk.pins == 0:
+            if pin:
+                chunk.pins += 1
+            elif chunk.pins == 0:
                 self._policy.add(key)
 
     def abort(self, key: Hashable) -> None:
@@ -207,6 +212,20 @@ class CpuStore:
             for key in reversed(victims):
                 self.remove(key)
             return len(victims)
+
+    def snapshot(self) -> L1Snapshot:
+        """Usage and counters now."""
+        with self._lock:
+            return L1Snapshot(
+                used_bytes=self.used_bytes,
+                reserved_bytes=self.arena.reserved_bytes,
+                capacity_bytes=self.arena.capacity_bytes,
+                chunks=len(self._chunks),
+                pinned_chunks=sum(1 for c in self._chunks.values() if c.pins),
+                evictions=self.evictions,
+                skipped_stores=self.skipped_stores,
+                eviction_policy=self.policy_name,
+            )
 
     def pinned_keys(self) -> list[Hashable]:
         with self._lock:

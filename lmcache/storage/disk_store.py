@@ -140,9 +140,6 @@ class DiskStore:
         """The index entry of a chunk (no file access)."""
         return self._index.get((ns, key))
 
-    def __contains__(self, item: _IndexKey) -> bool:
-        return item in self._index
-
     def read_into(self, ns: Namespace, key: ChunkKey, entry: DiskEntry, out: memoryview) -> bool:
         """Fill ``out`` (exactly ``entry.payload_len`` bytes) with the chunk's verified payload.
 
@@ -292,9 +289,6 @@ class DiskStore:
         return checksum
 
     # -- removal --------------------------------------------------------------------------------
-
-    def remove(self, ns: Namespace, key: ChunkKey) -> bool:
-        return self._forget(ns, key, unlink=True)
 
     def clear(self) -> int:
         with self._lock:

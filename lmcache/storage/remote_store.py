@@ -7,101 +7,50 @@ are :mod:`lmcache.storage.chunk_format` chunks (``remote_serde: naive``).
 
 Every call is bounded: existence checks by ``lookup_timeout_ms`` (a separate connection pool), reads
 and writes by ``blocking_timeout_secs``. redis-py's own retries are off. A failure marks the server
-down for a backoff that doubles up to a cap (circuit breaker): while down, calls return ``None`` at
+down for a :class:`~lmcache.backoff.Backoff` (circuit breaker): while down, calls return ``None`` at
 once instead of touching the network, so a dead server costs the engine nothing; one rate-limited
 warning says so. The first call after the backoff probes the server again.
 
-Writes send the chunk header and the L1 payload as separate buffers (a command packer that never
-joins large arguments), so a chunk goes from pinned host memory to the socket without a copy.
+Writes send the chunk header and the L1 payload as separate buffers and reads go straight into L1
+slots (:mod:`lmcache.storage.resp`). :class:`RemoteStore` is the remote
+:class:`~lmcache.storage.lower_tier.LowerTier`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+from lmcache.backoff import Backoff
+from lmcache.config import LMCacheEngineConfig
 from lmcache.keys import ChunkKey
 from lmcache.logging import init_logger
 from lmcache.rate_limit import RateLimitedLog
 from lmcache.storage.chunk_format import (
-    FIXED_HEADER_BYTES,
     ChunkHeader,
     CorruptChunk,
     Namespace,
-    check_header,
     check_layout,
-    header_length,
-    new_checksum,
-    parse_header,
+    encode_header,
+    payload_checksum,
     try_decode,
 )
+from lmcache.storage.lower_tier import (
+    ChecksumMemo,
+    FetchStatus,
+    LowerTier,
+    Sink,
+    TierStatus,
+    WriteItem,
+    WriteOutcome,
+    payload_view,
+)
+from lmcache.storage.resp import Parts, RespReader, ZeroCopyPacker, protocol_error
 
 logger = init_logger(__name__)
-
-_CUTOFF = 6000
-_READ_SIZE = 1 << 16
-_RECV_PIECE = 256 << 10
-
-Sink = Callable[[int, ChunkHeader], "memoryview | None"]
-"""Gives the buffer a verified-header chunk's payload goes into (an L1 slot), or None to skip it."""
-
-# fetch_into statuses
-OK, MISSING, CORRUPT, SKIPPED = "ok", "missing", "corrupt", "skipped"
-
-
-class Parts:
-    """A command argument made of several buffers, sent back to back without being joined."""
-
-    __slots__ = ("nbytes", "parts")
-
-    def __init__(self, parts: Sequence[Any]) -> None:
-        self.parts = [memoryview(p).cast("B") if not isinstance(p, bytes) else p for p in parts]
-        self.nbytes = sum(len(p) for p in self.parts)
-
-
-class ZeroCopyPacker:
-    """RESP command packer that keeps large arguments (and :class:`Parts`) as separate buffers.
-
-    redis-py sends the list it returns item by item (``sendall``), and its pipeline packing keeps
-    large items separate, so payloads are never copied into one big ``bytes``. (redis-py's hiredis
-    packer, its default when hiredis is installed, copies every argument twice.)
-    """
-
-    def pack(self, *args: Any) -> list[Any]:
-        first = args[0]
-        if isinstance(first, str):
-            args = (*first.encode().split(), *args[1:])
-        elif b" " in first:
-            args = (*first.split(), *args[1:])
-        out: list[Any] = []
-        buf = b"*%d\r\n" % len(args)
-        for arg in args:
-            if isinstance(arg, Parts):
-                out.append(buf + b"$%d\r\n" % arg.nbytes)
-                out.extend(arg.parts)
-                buf = b"\r\n"
-                continue
-            if isinstance(arg, str):
-                arg = arg.encode()
-            elif isinstance(arg, bool):
-                raise TypeError("refusing to send a bool to Redis")
-            elif isinstance(arg, (int, float)):
-                arg = repr(arg).encode()
-            elif isinstance(arg, (bytearray, memoryview)):
-                arg = memoryview(arg).cast("B")
-            size = len(arg)
-            if size > _CUTOFF or isinstance(arg, memoryview):
-                out.append(buf + b"$%d\r\n" % size)
-                out.append(arg)
-                buf = b"\r\n"
-            else:
-                buf += b"$%d\r\n%s\r\n" % (size, arg)
-        out.append(buf)
-        return out
 
 
 def _connection_class() -> type:
@@ -167,8 +116,11 @@ def parse_cluster_nodes(url: str) -> tuple[list[tuple[str, int]], str | None, st
     return nodes, user, password
 
 
-class RemoteStore:
-    """Batched, bounded access to chunks in Redis/Valkey; ``None`` results mean "remote unavailable"."""
+class RemoteStore(LowerTier):
+    """Batched, bounded access to chunks in Redis/Valkey; ``None`` results of the ``*_many`` calls mean
+    "remote unavailable". Also the remote :class:`LowerTier` (``name`` ``remote``)."""
+
+    name = "remote"
 
     def __init__(
         self,
@@ -176,27 +128,40 @@ class RemoteStore:
         *,
         timeout_s: float = 10.0,
         lookup_timeout_s: float = 3.0,
-        backoff_initial_s: float = 1.0,
-        backoff_max_s: float = 30.0,
+        backoff: Backoff | None = None,
+        write_batch: int = 8,
         max_connections: int = 16,
     ) -> None:
         self.url = url
+        self.where = describe_url(url)
         self.cluster = url.startswith("redis-cluster://")
         self.timeout_s = timeout_s
         self.lookup_timeout_s = lookup_timeout_s
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
+        self.backoff = backoff if backoff is not None else Backoff(1.0, 30.0)
+        self.write_batch = max(1, write_batch)
         self.max_connections = max_connections
         self._clients: tuple[Any, Any] | None = None
         self._lock = threading.Lock()
         self._warn = RateLimitedLog(logger)
-        self._down_until = 0.0
-        self._backoff = 0.0
-        self.failures = 0
+        self.corrupt_removed = 0
         self.closed = False
         require_redis()
         if self.cluster:
             parse_cluster_nodes(url)  # bad URLs fail at start-up
+
+    @classmethod
+    def from_config(cls, config: LMCacheEngineConfig) -> RemoteStore | None:
+        """The tier ``remote_url`` asks for, or None when it is unset."""
+        if config.remote_url is None:
+            return None
+        logger.info("remote tier: %s", describe_url(config.remote_url))
+        return cls(
+            config.remote_url,
+            timeout_s=config.blocking_timeout_secs,
+            lookup_timeout_s=config.lookup_timeout_ms / 1000.0,
+            backoff=Backoff(config.tier_retry_initial_s, config.tier_retry_max_s),
+            write_batch=config.remote_write_batch,
+        )
 
     # -- connection management ------------------------------------------------------------------
 
@@ -248,14 +213,10 @@ class RemoteStore:
         return clients[1] if lookup else clients[0]
 
     def available(self) -> bool:
-        return not self.closed and time.monotonic() >= self._down_until
+        return not self.closed and self.backoff.ready()
 
     def _failed(self, what: str, exc: BaseException) -> None:
-        with self._lock:
-            self.failures += 1
-            self._backoff = min(self.backoff_max_s, max(self.backoff_initial_s, self._backoff * 2))
-            self._down_until = time.monotonic() + self._backoff
-            backoff = self._backoff
+        backoff = self.backoff.failed()
         self._warn.warning(
             "down",
             "remote tier %s unavailable during %s (%s: %s); serving from L1/L2 without it, retrying in "
@@ -270,13 +231,8 @@ class RemoteStore:
             self._reset_clients()
 
     def _ok(self) -> None:
-        if self._backoff:
-            with self._lock:
-                was_down = self._backoff != 0.0
-                self._backoff = 0.0
-                self._down_until = 0.0
-            if was_down:
-                logger.info("remote tier %s is reachable again", describe_url(self.url))
+        if self.backoff.succeeded():
+            logger.info("remote tier %s is reachable again", describe_url(self.url))
 
     def _reset_clients(self) -> None:
         with self._lock:
@@ -300,6 +256,47 @@ class RemoteStore:
         self.closed = True
         self._reset_clients()
 
+    # -- the LowerTier contract -----------------------------------------------------------------
+
+    def known(self, ns: Namespace, key: ChunkKey) -> bool:
+        return False  # only a round trip can tell
+
+    def contains(self, ns: Namespace, keys: Sequence[ChunkKey]) -> list[bool]:
+        return self.exists_many(ns, keys) or [False] * len(keys)
+
+    def accepts_writes(self) -> bool:
+        return self.available()
+
+    def write(self, items: Sequence[WriteItem], checksums: ChecksumMemo) -> WriteOutcome:
+        batch = []
+        for item in items:
+            item.chunk.wait_ready_on_host()
+            payload = payload_view(item.chunk)
+            checksum = checksums.get(item.chunk)
+            if checksum is None:
+                checksum = payload_checksum(payload)
+                checksums.put(item.chunk, checksum)
+            header = encode_header(item.key, item.ns, item.chunk.num_tokens, payload, checksum)
+            batch.append((item.ns, item.key, (header, payload)))
+        written = self.put_many(batch)
+        if written is None:
+            return WriteOutcome(0, 0, len(items))
+        return WriteOutcome(written, sum(item.chunk.nbytes for item in items), 0)
+
+    def status(self) -> TierStatus:
+        state = self.backoff.state()
+        reason = None
+        if self.closed:
+            reason = "closed"
+        elif state.failing:
+            reason = f"unreachable ({state.failures} failures), next attempt in {state.retry_in_s:.1f}s"
+        return TierStatus(
+            healthy=reason is None,
+            reason=reason,
+            failures=state.failures,
+            corrupt_chunks=self.corrupt_removed,
+        )
+
     # -- keys -----------------------------------------------------------------------------------
 
     @staticmethod
@@ -322,62 +319,64 @@ class RemoteStore:
 
         return self._guard("lookup", True, run)
 
-    def get_many(self, ns: Namespace, keys: Sequence[ChunkKey]) -> list[bytes | None] | None:
-        """The values of ``keys`` (None where missing), one MGET (per cluster node); None if unavailable."""
-        if not keys:
-            return []
-        names = [self.key_name(ns, k) for k in keys]
+    def fetch_into(self, ns: Namespace, keys: Sequence[ChunkKey], sink: Sink) -> list[FetchStatus]:
+        """Fetch chunks straight into the buffers ``sink`` hands out; one MGET. All ``MISSING`` if the
+        remote is unavailable; corrupt values are deleted (one warning, rate-limited).
 
-        def run(client: Any) -> list[bytes | None]:
-            if self.cluster:
-                return list(client.mget_nonatomic(names))
-            return list(client.mget(names))
-
-        return self._guard("fetch", False, run)
-
-    def fetch_into(self, ns: Namespace, keys: Sequence[ChunkKey], sink: Sink) -> list[str] | None:
-        """Fetch chunks straight into the buffers ``sink`` hands out; one MGET.
-
-        Returns a status per key: ``ok`` (payload written and verified), ``missing``, ``corrupt``
-        (bad header or checksum: the buffer, if one was handed out, holds garbage) or ``skipped``
-        (``sink`` returned None); None if the remote is unavailable. On one server the reply is read
-        from the socket directly into the buffers (one copy, no 7 MB ``bytes`` per chunk); on a
-        cluster it goes through ``MGET`` per node and one copy.
+        On one server the reply is read from the socket directly into the buffers (one copy, no
+        chunk-sized ``bytes``); on a cluster it goes through ``MGET`` per node and one copy.
         """
         if not keys:
             return []
-        if self.cluster:
-            return self._guard("fetch", False, lambda client: self._fetch_copy(client, ns, keys, sink))
-        return self._guard("fetch", False, lambda client: self._fetch_raw(client, ns, keys, sink))
+        fetch = self._fetch_copy if self.cluster else self._fetch_raw
+        statuses = self._guard("fetch", False, lambda client: fetch(client, ns, keys, sink))
+        if statuses is None:
+            return [FetchStatus.MISSING] * len(keys)
+        corrupt = [key for key, status in zip(keys, statuses, strict=True) if status is FetchStatus.CORRUPT]
+        if corrupt:
+            with self._lock:
+                self.corrupt_removed += len(corrupt)
+            self._warn.warning(
+                "remote-corrupt",
+                "remote tier: %d corrupt chunk values (e.g. %s) treated as misses and deleted",
+                len(corrupt),
+                self.key_name(ns, corrupt[0]).decode(errors="replace"),
+            )
+            self.delete_many(ns, corrupt)
+        return statuses
 
-    def _fetch_copy(self, client: Any, ns: Namespace, keys: Sequence[ChunkKey], sink: Sink) -> list[str]:
+    def _fetch_copy(
+        self, client: Any, ns: Namespace, keys: Sequence[ChunkKey], sink: Sink
+    ) -> list[FetchStatus]:
         values = client.mget_nonatomic([self.key_name(ns, k) for k in keys])
         statuses = []
         for i, (key, value) in enumerate(zip(keys, values, strict=True)):
             if value is None:
-                statuses.append(MISSING)
+                statuses.append(FetchStatus.MISSING)
                 continue
             decoded = try_decode(value, key, ns)
             if decoded is None or not _layout_ok(decoded[0]):
-                statuses.append(CORRUPT)
+                statuses.append(FetchStatus.CORRUPT)
                 continue
-            out = sink(i, decoded[0])
+            out = sink(i, decoded[0].payload_len, decoded[0].num_tokens)
             if out is None:
-                statuses.append(SKIPPED)
+                statuses.append(FetchStatus.SKIPPED)
                 continue
             out[:] = decoded[1]
-            statuses.append(OK)
+            statuses.append(FetchStatus.OK)
         return statuses
 
-    def _fetch_raw(self, client: Any, ns: Namespace, keys: Sequence[ChunkKey], sink: Sink) -> list[str]:
+    def _fetch_raw(
+        self, client: Any, ns: Namespace, keys: Sequence[ChunkKey], sink: Sink
+    ) -> list[FetchStatus]:
         pool = client.connection_pool
         conn = pool.get_connection()
         try:
             conn.send_command("MGET", *[self.key_name(ns, k) for k in keys])
-            reader = _RespReader(conn._sock)
+            reader = RespReader(conn._sock)  # redis-py keeps its socket there; no public accessor
             count = reader.array_header()
             if count != len(keys):
-                raise _protocol_error(f"MGET returned {count} values for {len(keys)} keys")
+                raise protocol_error(f"MGET returned {count} values for {len(keys)} keys")
             statuses = [reader.chunk_value(i, key, ns, sink) for i, key in enumerate(keys)]
         except BaseException:
             conn.disconnect()  # the stream position is unknown: never reuse this connection
@@ -423,9 +422,6 @@ class RemoteStore:
 
         return self._guard("delete", False, run)
 
-    def ping(self) -> bool:
-        return bool(self._guard("ping", True, lambda client: client.ping()))
-
 
 def _layout_ok(header: ChunkHeader) -> bool:
     try:
@@ -433,122 +429,3 @@ def _layout_ok(header: ChunkHeader) -> bool:
     except CorruptChunk:
         return False
     return True
-
-
-def _protocol_error(msg: str) -> Exception:
-    from redis.exceptions import ResponseError
-
-    return ResponseError(msg)
-
-
-class _RespReader:
-    """Reads one RESP2 reply off a socket: small items through a buffer, chunk payloads straight into
-    the caller's buffers with ``recv_into``."""
-
-    def __init__(self, sock: Any) -> None:
-        self.sock = sock
-        self.buf = bytearray()
-        self.pos = 0
-
-    def _fill(self) -> None:
-        if self.pos:
-            del self.buf[: self.pos]
-            self.pos = 0
-        data = self.sock.recv(_READ_SIZE)
-        if not data:
-            from redis.exceptions import ConnectionError as RedisConnectionError
-
-            raise RedisConnectionError("connection closed by the server while reading a reply")
-        self.buf += data
-
-    def line(self) -> bytes:
-        while True:
-            end = self.buf.find(b"\r\n", self.pos)
-            if end >= 0:
-                out = bytes(self.buf[self.pos : end])
-                self.pos = end + 2
-                return out
-            self._fill()
-
-    def read(self, n: int) -> bytes:
-        while len(self.buf) - self.pos < n:
-            self._fill()
-        out = bytes(self.buf[self.pos : self.pos + n])
-        self.pos += n
-        return out
-
-    def read_into(self, out: memoryview, checksum: Any = None) -> None:
-        """Fill ``out`` (buffered bytes first, then ``recv_into``), feeding ``checksum`` as it goes."""
-        buffered = min(len(self.buf) - self.pos, out.nbytes)
-        if buffered:
-            out[:buffered] = self.buf[self.pos : self.pos + buffered]
-            self.pos += buffered
-            if checksum is not None:
-                checksum.update(out[:buffered])
-        got = buffered
-        while got < out.nbytes:
-            n = self.sock.recv_into(out[got : got + _RECV_PIECE])
-            if not n:
-                from redis.exceptions import ConnectionError as RedisConnectionError
-
-                raise RedisConnectionError("connection closed by the server while reading a value")
-            if checksum is not None:
-                checksum.update(out[got : got + n])
-            got += n
-
-    def skip(self, n: int) -> None:
-        scratch = memoryview(bytearray(min(n, 1 << 20)))
-        while n:
-            step = min(n, scratch.nbytes)
-            self.read_into(scratch[:step])
-            n -= step
-
-    def array_header(self) -> int:
-        head = self.line()
-        if head.startswith(b"-"):
-            raise _protocol_error(head[1:].decode(errors="replace"))
-        if not head.startswith(b"*"):
-            raise _protocol_error(f"expected an array reply, got {head[:40]!r}")
-        return int(head[1:])
-
-    def chunk_value(self, index: int, key: ChunkKey, ns: Namespace, sink: Sink) -> str:
-        head = self.line()
-        if head == b"_":  # RESP3 null
-            return MISSING
-        if not head.startswith(b"$"):
-            raise _protocol_error(f"expected a bulk string, got {head[:40]!r}")
-        length = int(head[1:])
-        if length < 0:
-            return MISSING
-        status = self._chunk_body(index, key, ns, sink, length)
-        if self.read(2) != b"\r\n":
-            raise _protocol_error("bulk string not terminated by CRLF")
-        return status
-
-    def _chunk_body(self, index: int, key: ChunkKey, ns: Namespace, sink: Sink, length: int) -> str:
-        if length < FIXED_HEADER_BYTES:
-            self.skip(length)
-            return CORRUPT
-        prefix = self.read(FIXED_HEADER_BYTES)
-        consumed = FIXED_HEADER_BYTES
-        try:
-            header_len = header_length(prefix)
-            if header_len > length:
-                raise CorruptChunk("value shorter than its header")
-            rest = self.read(header_len - FIXED_HEADER_BYTES)
-            consumed = header_len
-            header = parse_header(prefix + rest)
-            check_header(header, key, ns)
-            check_layout(header)
-            if header.total_len != length:
-                raise CorruptChunk("value length does not match its header")
-        except CorruptChunk:
-            self.skip(length - consumed)
-            return CORRUPT
-        out = sink(index, header)
-        if out is None or out.nbytes != header.payload_len:
-            self.skip(header.payload_len)
-            return SKIPPED
-        checksum = new_checksum()
-        self.read_into(out, checksum)
-        return OK if checksum.intdigest() == header.checksum else CORRUPT

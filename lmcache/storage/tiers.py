@@ -1,106 +1,64 @@
-"""The tiers behind L1: write-behind to disk (L2) and Redis/Valkey (L3), lookups down the tiers and
-promotion of their hits into L1.
+"""The tiers behind L1: write-behind to each :class:`~lmcache.storage.lower_tier.LowerTier` (L2 disk,
+L3 Redis/Valkey, ...), lookups down the tiers and promotion of their hits into L1.
+
+The manager never names a tier: it holds them in order (fastest first) and speaks only the
+:class:`LowerTier` contract. A new tier is a module implementing it plus its factory in
+:data:`TIER_FACTORIES`.
 
 Threads and who does what:
 
 - the engine's caller (store): commits chunks into L1 and calls :meth:`TierManager.write_behind`,
   which pins each chunk (its L1 slot cannot be reused) and appends it to a bounded per-tier queue.
   Nothing else happens on that path; a full queue drops the write with a rate-limited warning.
-- one writer thread per lower tier drains its queue: it waits for the chunk's filling copy on the
-  host (``CachedChunk.wait_ready_on_host``, the CUDA event of the store), writes the L1 bytes
-  (disk: one file per chunk, atomically; Redis: pipelined SETs of up to ``remote_write_batch``
-  chunks), then unpins the chunk.
+- one writer thread per lower tier drains its queue in batches of the tier's ``write_batch``: the
+  tier waits for each chunk's filling copy on the host (the store's CUDA event), writes the L1
+  bytes, and the writer unpins the chunks.
 - the engine's caller (lookup, or retrieve after an L1 miss): :meth:`TierManager.promote_prefix`
-  finds each chunk in L1, the disk index or Redis (one pipelined EXISTS for all of them), then moves
-  the available prefix into L1: L1 slots are reserved in the caller's thread, disk files are read
-  straight into them by a small thread pool (``readinto`` + checksum, both without the GIL), Redis
-  values are fetched by batched MGET and copied in once. Promoted chunks are committed and pinned
-  atomically, so they stay put until the engine has taken its own pins. Promotion is synchronous
-  in this version, also with ``enable_async_loading``.
+  finds each chunk in L1 or asks the tiers in order (one ``contains`` call per tier for the keys
+  still unknown), then moves the available prefix into L1: every tier fetches its chunks straight
+  into L1 slots reserved as their headers check out, the tiers in parallel. Promoted chunks are
+  committed and pinned atomically, so they stay put until the engine has taken its own pins, and
+  are queued for the faster tiers above the one they came from. Promotion is synchronous in this
+  version, also with ``enable_async_loading``.
 
-Failures degrade, never raise: a disk that is full, read-only or failing, or a Redis that is down or
-slow, is skipped (with one rate-limited warning) and retried after a backoff that doubles up to
-``tier_retry_max_s``. Nothing unverified is ever committed to L1.
+Failures degrade, never raise: each tier backs off after a failure (:class:`lmcache.backoff.Backoff`)
+and answers "missing" / "dropped" meanwhile. Nothing unverified is ever committed to L1.
 
 ``close()`` (and an ``atexit`` hook that holds the manager only weakly) waits up to
 ``blocking_timeout_secs`` for the queues to drain, so a clean shutdown loses no queued write.
-
-Knobs (validated settings of :class:`LMCacheEngineConfig`, see docs/configuration.md):
-``tier_write_queue_bytes`` (per tier; default a quarter of L1), ``tier_read_threads``,
-``remote_fetch_batch``, ``remote_write_batch``, ``tier_retry_initial_s``, ``tier_retry_max_s``,
-``disk_fsync``, ``disk_verify_on_startup``.
-
-A disk directory that cannot be written is found at start (a probe file): the disk tier starts
-down, ``/health`` says so, and L1 serves as usual.
 """
 
 from __future__ import annotations
 
 import atexit
-import os
-import tempfile
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from lmcache.config import LMCacheEngineConfig
 from lmcache.keys import ChunkKey
 from lmcache.logging import init_logger
 from lmcache.rate_limit import RateLimitedLog
-from lmcache.storage import remote_store
-from lmcache.storage.chunk_format import ChunkHeader, Namespace, encode_header, payload_checksum
+from lmcache.stats import TierSnapshot
+from lmcache.storage.chunk_format import Namespace
 from lmcache.storage.cpu_store import CachedChunk, CpuStore
-from lmcache.storage.disk_store import DEGRADING_ERRNOS, DiskEntry, DiskStore
-from lmcache.storage.remote_store import RemoteStore, describe_url
+from lmcache.storage.disk_tier import DiskTier
+from lmcache.storage.lower_tier import ChecksumMemo, FetchStatus, LowerTier, WriteItem, payload_view
+from lmcache.storage.remote_store import RemoteStore
 
 logger = init_logger(__name__)
 
-__all__ = ["TierManager", "TierStats"]
+__all__ = ["TIER_FACTORIES", "TierManager"]
 
-
-def _unwritable(root: Path) -> OSError | None:
-    """Why no file can be created in ``root`` (created if missing), or None when one can."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=".lmcache-write-probe-", dir=root)
-        os.close(fd)
-        os.unlink(name)
-    except OSError as exc:
-        return exc
-    return None
-
-
-@dataclass
-class TierStats:
-    disk_writes: int = 0
-    disk_write_bytes: int = 0
-    disk_hits: int = 0
-    disk_read_bytes: int = 0
-    remote_writes: int = 0
-    remote_write_bytes: int = 0
-    remote_hits: int = 0
-    remote_read_bytes: int = 0
-    dropped_writes: int = 0
-    corrupt_chunks: int = 0
-    promotion_failures: int = 0
-
-
-@dataclass(eq=False)
-class _WriteItem:
-    ns: Namespace
-    key: ChunkKey
-    chunk: CachedChunk
-
-
-def payload_view(chunk: CachedChunk) -> memoryview:
-    """The chunk's L1 bytes as a flat memoryview (no copy)."""
-    return memoryview(chunk.buffer.data[: chunk.nbytes].numpy())
+TIER_FACTORIES: tuple[Callable[[LMCacheEngineConfig], LowerTier | None], ...] = (
+    DiskTier.from_config,
+    RemoteStore.from_config,
+)
+"""Builders of the lower tiers, fastest first; each returns None when the config leaves it off."""
 
 
 class _WriteQueue:
@@ -110,7 +68,7 @@ class _WriteQueue:
         self,
         name: str,
         l1: CpuStore,
-        handler: Callable[[list[_WriteItem]], None],
+        handler: Callable[[list[WriteItem]], None],
         max_bytes: int,
         batch_items: int,
     ) -> None:
@@ -119,7 +77,7 @@ class _WriteQueue:
         self.handler = handler
         self.max_bytes = max_bytes
         self.batch_items = max(1, batch_items)
-        self._items: deque[_WriteItem] = deque()
+        self._items: deque[WriteItem] = deque()
         self._cond = threading.Condition()
         self.queued_bytes = 0
         self.pending = 0  # queued + being written
@@ -127,7 +85,7 @@ class _WriteQueue:
         self._thread = threading.Thread(target=self._run, name=f"lmcache-{name}-writer", daemon=True)
         self._thread.start()
 
-    def offer(self, item: _WriteItem) -> bool:
+    def offer(self, item: WriteItem) -> bool:
         with self._cond:
             if self._stopping:
                 return False
@@ -153,8 +111,7 @@ class _WriteQueue:
             except BaseException:  # noqa: BLE001 - the writer must survive anything
                 logger.exception("%s writer: unexpected error; %d chunks not written", self.name, len(batch))
             finally:
-                for item in batch:
-                    self.l1.unpin(item.key)
+                self.l1.unpin_all(item.key for item in batch)
                 with self._cond:
                     self.pending -= len(batch)
                     self._cond.notify_all()
@@ -179,13 +136,23 @@ class _WriteQueue:
             self._items.clear()
             self.queued_bytes = 0
             self.pending -= len(left)
-        for item in left:
-            self.l1.unpin(item.key)
+        self.l1.unpin_all(item.key for item in left)
         return len(left)
 
 
-_IN_L1 = "l1"
-_REMOTE = "remote"
+@dataclass
+class _Counters:
+    """What the manager counts for one tier (the tier counts its own failures and corruption)."""
+
+    hits: int = 0
+    read_bytes: int = 0
+    writes: int = 0
+    write_bytes: int = 0
+    dropped_writes: int = 0
+
+
+_IN_L1 = -1
+"""``where`` of a chunk already in L1; a tier's index otherwise, None when no tier has it."""
 
 
 @dataclass(eq=False)
@@ -193,7 +160,7 @@ class _Cell:
     """One key being promoted: where it comes from, the L1 slot reserved for it, whether it is filled."""
 
     key: ChunkKey
-    source: Any
+    source: int
     chunk: CachedChunk | None = None
     ok: bool = False
 
@@ -213,120 +180,126 @@ atexit.register(_close_all_at_exit)
 
 
 class TierManager:
-    """L2 (disk) and L3 (remote) behind an L1 :class:`CpuStore`."""
+    """Lower tiers (fastest first) behind an L1 :class:`CpuStore`."""
 
     def __init__(
         self,
         l1: CpuStore,
+        tiers: Sequence[LowerTier],
         *,
-        disk: DiskStore | None = None,
-        remote: RemoteStore | None = None,
         timeout_s: float = 10.0,
         queue_bytes: int | None = None,
-        read_threads: int = 4,
         fetch_batch: int = 8,
-        write_batch: int = 8,
-        retry_initial_s: float = 1.0,
-        retry_max_s: float = 30.0,
     ) -> None:
+        if not tiers:
+            raise ValueError("TierManager needs at least one lower tier")
         self.l1 = l1
-        self.disk = disk
-        self.remote = remote
+        self.tiers = tuple(tiers)
         self.timeout_s = timeout_s
         self.fetch_batch = max(1, fetch_batch)
-        self.retry_initial_s = retry_initial_s
-        self.retry_max_s = retry_max_s
-        self.stats = TierStats()
+        self._checksums = ChecksumMemo()
+        self._counters = [_Counters() for _ in self.tiers]
+        self._promotion_failures = 0
         self._stats_lock = threading.Lock()
-        # L1 chunk -> payload checksum, while both writers hold it (a chunk's bytes never change
-        # while it is committed; a reused slot belongs to a new CachedChunk object).
-        self._checksums: weakref.WeakKeyDictionary[CachedChunk, int] = weakref.WeakKeyDictionary()
         self._warn = RateLimitedLog(logger)
-        self._disk_down_until = 0.0
-        self._disk_backoff = 0.0
         self._closed = False
         self._close_lock = threading.Lock()
         if queue_bytes is None:
             queue_bytes = max(l1.arena.capacity_bytes // 4, 1)
-        self._disk_q = _WriteQueue("disk", l1, self._write_disk, queue_bytes, 1) if disk is not None else None
-        self._remote_q = (
-            _WriteQueue("remote", l1, self._write_remote, queue_bytes, write_batch)
-            if remote is not None
+        self._queues = [
+            _WriteQueue(tier.name, l1, self._writer_for(index), queue_bytes, tier.write_batch)
+            for index, tier in enumerate(self.tiers)
+        ]
+        # All tiers but one fetch on these threads during a promotion; the caller runs the last.
+        self._fetchers = (
+            ThreadPoolExecutor(len(self.tiers) - 1, thread_name_prefix="lmcache-tier-fetch")
+            if len(self.tiers) > 1
             else None
         )
-        self._readers = ThreadPoolExecutor(max(1, read_threads), thread_name_prefix="lmcache-tier-read")
         _LIVE.add(self)
-        if disk is not None:
-            problem = _unwritable(disk.root)
-            if problem is not None:
-                self._disk_failed(problem)
 
     @classmethod
     def from_config(cls, config: LMCacheEngineConfig, l1: CpuStore) -> TierManager | None:
-        """The tiers ``config`` asks for (``local_disk``, ``remote_url``), or None when there are none."""
-        if config.local_disk is None and config.remote_url is None:
+        """The tiers ``config`` asks for (see :data:`TIER_FACTORIES`), or None when there are none."""
+        tiers = [tier for factory in TIER_FACTORIES if (tier := factory(config)) is not None]
+        if not tiers:
             return None
-        disk = remote = None
-        if config.local_disk is not None:
-            disk = DiskStore(
-                config.local_disk,
-                config.max_local_disk_bytes,
-                config.cache_policy,
-                fsync=config.disk_fsync,
-                verify_on_scan=config.disk_verify_on_startup,
-            )
-        if config.remote_url is not None:
-            remote = RemoteStore(
-                config.remote_url,
-                timeout_s=config.blocking_timeout_secs,
-                lookup_timeout_s=config.lookup_timeout_ms / 1000.0,
-                backoff_initial_s=config.tier_retry_initial_s,
-                backoff_max_s=config.tier_retry_max_s,
-            )
-            logger.info("remote tier: %s", describe_url(config.remote_url))
         return cls(
             l1,
-            disk=disk,
-            remote=remote,
+            tiers,
             timeout_s=config.blocking_timeout_secs,
             queue_bytes=config.tier_write_queue_bytes,
-            read_threads=config.tier_read_threads,
             fetch_batch=config.remote_fetch_batch,
-            write_batch=config.remote_write_batch,
-            retry_initial_s=config.tier_retry_initial_s,
-            retry_max_s=config.tier_retry_max_s,
         )
 
-    def _count(self, **deltas: int) -> None:
+    def _count(self, index: int, **deltas: int) -> None:
+        counters = self._counters[index]
         with self._stats_lock:
             for name, delta in deltas.items():
-                setattr(self.stats, name, getattr(self.stats, name) + delta)
+                setattr(counters, name, getattr(counters, name) + delta)
+
+    # -- stats ----------------------------------------------------------------------------------
+
+    @property
+    def promotion_failures(self) -> int:
+        """Promotions that stopped short of the prefix they had found (a read failed or L1 was full)."""
+        return self._promotion_failures
+
+    def snapshots(self) -> tuple[TierSnapshot, ...]:
+        """One :class:`TierSnapshot` per tier, in order: the manager's counters plus the tier's status."""
+        out = []
+        for tier, counters in zip(self.tiers, self._counters, strict=True):
+            status = tier.status()
+            reason = "closed" if self._closed else status.reason
+            with self._stats_lock:
+                c = _Counters(**vars(counters))
+            out.append(
+                TierSnapshot(
+                    name=tier.name,
+                    where=tier.where,
+                    healthy=reason is None,
+                    reason=reason,
+                    hits=c.hits,
+                    read_bytes=c.read_bytes,
+                    writes=c.writes,
+                    write_bytes=c.write_bytes,
+                    dropped_writes=c.dropped_writes,
+                    corrupt_chunks=status.corrupt_chunks,
+                    failures=status.failures,
+                    used_bytes=status.used_bytes,
+                    capacity_bytes=status.capacity_bytes,
+                    chunks=status.chunks,
+                    evictions=status.evictions,
+                )
+            )
+        return tuple(out)
 
     # -- write-behind ---------------------------------------------------------------------------
 
-    def write_behind(self, ns: Namespace, keys: Sequence[ChunkKey], *, remote: bool = True) -> None:
-        """Queue newly committed L1 chunks for the lower tiers (never blocks on I/O)."""
+    def write_behind(self, ns: Namespace, keys: Sequence[ChunkKey], *, above: int | None = None) -> None:
+        """Queue newly committed L1 chunks for the lower tiers (never blocks on I/O): every tier, or
+        only those faster than the tier index ``above`` (chunks promoted from it)."""
         if self._closed:
             return
+        targets = range(len(self.tiers) if above is None else above)
         for key in keys:
-            if self._disk_q is not None and self.disk is not None and self.disk.lookup(ns, key) is None:
-                if time.monotonic() < self._disk_down_until:
-                    self._count(dropped_writes=1)
+            for index in targets:
+                tier = self.tiers[index]
+                if tier.known(ns, key):
+                    continue
+                if tier.accepts_writes():
+                    self._offer(index, ns, key)
                 else:
-                    self._offer(self._disk_q, ns, key)
-            if remote and self._remote_q is not None and self.remote is not None:
-                if not self.remote.available():
-                    self._count(dropped_writes=1)
-                else:
-                    self._offer(self._remote_q, ns, key)
+                    self._count(index, dropped_writes=1)
 
-    def _offer(self, queue: _WriteQueue, ns: Namespace, key: ChunkKey) -> None:
+    def _offer(self, index: int, ns: Namespace, key: ChunkKey) -> None:
         if not self.l1.pin(key):
             return
+        queue = self._queues[index]
         chunk = self.l1.get(key)
-        if chunk is None or not queue.offer(_WriteItem(ns, key, chunk)):
+        if chunk is None or not queue.offer(WriteItem(ns, key, chunk)):
             self.l1.unpin(key)
-            self._count(dropped_writes=1)
+            self._count(index, dropped_writes=1)
             self._warn.warning(
                 f"{queue.name}-full",
                 "%s tier write-behind queue is full (%.1f MiB queued); dropping writes of new chunks "
@@ -337,85 +310,26 @@ class TierManager:
                 queue.name,
             )
 
-    def _write_disk(self, items: list[_WriteItem]) -> None:
-        assert self.disk is not None
-        for item in items:
-            if time.monotonic() < self._disk_down_until:
-                self._count(dropped_writes=1)
-                continue
-            try:
-                item.chunk.wait_ready_on_host()
-                payload = payload_view(item.chunk)
-                known = self._checksum_of(item.chunk)
-                checksum = self.disk.write(item.ns, item.key, item.chunk.num_tokens, payload, known)
-            except OSError as exc:
-                self._count(dropped_writes=1)
-                if exc.errno in DEGRADING_ERRNOS:
-                    self._disk_failed(exc)
-                else:
-                    self._warn.warning("disk-write", "disk tier: write of a chunk failed (%s)", exc)
-                continue
-            if checksum is not None:
-                self._remember_checksum(item.chunk, checksum)
-                self._count(disk_writes=1, disk_write_bytes=payload.nbytes)
-                self._disk_ok()
-            else:
-                self._count(dropped_writes=1)
+    def _writer_for(self, index: int) -> Callable[[list[WriteItem]], None]:
+        tier = self.tiers[index]
 
-    def _checksum_of(self, chunk: CachedChunk) -> int | None:
-        """The payload checksum one writer already computed for this L1 chunk (each is hashed once)."""
-        with self._stats_lock:
-            return self._checksums.get(chunk)
+        def write(items: list[WriteItem]) -> None:
+            outcome = tier.write(items, self._checksums)
+            self._count(
+                index,
+                writes=outcome.written,
+                write_bytes=outcome.written_bytes,
+                dropped_writes=outcome.dropped,
+            )
 
-    def _remember_checksum(self, chunk: CachedChunk, checksum: int) -> None:
-        with self._stats_lock:
-            self._checksums[chunk] = checksum
-
-    def _disk_failed(self, exc: OSError) -> None:
-        self._disk_backoff = min(self.retry_max_s, max(self.retry_initial_s, self._disk_backoff * 2))
-        self._disk_down_until = time.monotonic() + self._disk_backoff
-        assert self.disk is not None
-        self._warn.warning(
-            "disk-down",
-            "disk tier %s cannot be written (%s); continuing with L1 only for now, retrying in %.1fs "
-            "(with backoff)",
-            self.disk.root,
-            exc,
-            self._disk_backoff,
-        )
-
-    def _disk_ok(self) -> None:
-        if self._disk_backoff:
-            self._disk_backoff = 0.0
-            self._disk_down_until = 0.0
-            assert self.disk is not None
-            logger.info("disk tier %s is writable again", self.disk.root)
-
-    def _write_remote(self, items: list[_WriteItem]) -> None:
-        assert self.remote is not None
-        batch = []
-        for item in items:
-            item.chunk.wait_ready_on_host()
-            payload = payload_view(item.chunk)
-            checksum = self._checksum_of(item.chunk)
-            if checksum is None:
-                checksum = payload_checksum(payload)
-                self._remember_checksum(item.chunk, checksum)
-            header = encode_header(item.key, item.ns, item.chunk.num_tokens, payload, checksum)
-            batch.append((item.ns, item.key, (header, payload)))
-        written = self.remote.put_many(batch)
-        if written is None:
-            self._count(dropped_writes=len(items))
-        else:
-            self._count(remote_writes=written, remote_write_bytes=sum(i.chunk.nbytes for i in items))
+        return write
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued write has been written (or dropped); False on timeout."""
         deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
         ok = True
-        for queue in (self._disk_q, self._remote_q):
-            if queue is not None:
-                ok = queue.wait_idle(deadline) and ok
+        for queue in self._queues:
+            ok = queue.wait_idle(deadline) and ok
         return ok
 
     def close(self, timeout: float | None = None) -> bool:
@@ -429,21 +343,21 @@ class TierManager:
             self._closed = True
         _LIVE.discard(self)
         deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
+        for queue in self._queues:
+            queue.wait_idle(deadline)
         dropped = 0
-        for queue in (self._disk_q, self._remote_q):
-            if queue is not None:
-                queue.wait_idle(deadline)
-        for queue in (self._disk_q, self._remote_q):
-            if queue is not None:
-                dropped += queue.stop(deadline)
+        for index, queue in enumerate(self._queues):
+            left = queue.stop(deadline)
+            self._count(index, dropped_writes=left)
+            dropped += left
         if dropped:
-            self._count(dropped_writes=dropped)
             logger.warning(
                 "closing the cache tiers: %d queued writes not flushed before the deadline", dropped
             )
-        self._readers.shutdown(wait=False)
-        if self.remote is not None:
-            self.remote.close()
+        if self._fetchers is not None:
+            self._fetchers.shutdown(wait=False)
+        for tier in self.tiers:
+            tier.close()
         return dropped == 0
 
     @property
@@ -453,17 +367,26 @@ class TierManager:
     # -- lookups and promotion ------------------------------------------------------------------
 
     def present(self, ns: Namespace, keys: Sequence[ChunkKey]) -> list[bool]:
-        """Which chunks some tier holds (L1, disk index, then one remote round trip for the rest)."""
-        found = [
-            key in self.l1 or (self.disk is not None and self.disk.lookup(ns, key) is not None)
-            for key in keys
-        ]
-        missing = [i for i, f in enumerate(found) if not f]
-        if missing and self.remote is not None and not self._closed:
-            flags = self.remote.exists_many(ns, [keys[i] for i in missing])
-            for i, flag in zip(missing, flags or [False] * len(missing), strict=True):
-                found[i] = flag
+        """Which chunks some tier holds (L1, then each tier in order for the rest)."""
+        found = [key in self.l1 for key in keys]
+        for index in self._locate(ns, keys, [i for i, f in enumerate(found) if not f]):
+            found[index] = True
         return found
+
+    def _locate(self, ns: Namespace, keys: Sequence[ChunkKey], unknown: list[int]) -> dict[int, int]:
+        """Which tier (index) holds each of ``keys[i]`` for ``i`` in ``unknown``; absent: none."""
+        where: dict[int, int] = {}
+        if self._closed:
+            return where
+        for t, tier in enumerate(self.tiers):
+            if not unknown:
+                break
+            flags = tier.contains(ns, [keys[i] for i in unknown])
+            for i, flag in zip(unknown, flags, strict=True):
+                if flag:
+                    where[i] = t
+            unknown = [i for i in unknown if i not in where]
+        return where
 
     def promote_prefix(
         self, ns: Namespace, positions: Sequence[Sequence[ChunkKey]]
@@ -473,27 +396,18 @@ class TierManager:
         there (the caller unpins them with :meth:`unpin` once it holds its own pins)."""
         if not positions or self._closed:
             return 0, []
-        where: list[list[Any]] = []
-        unknown: list[tuple[int, int]] = []
-        for p, keys in enumerate(positions):
-            row: list[Any] = []
-            for i, key in enumerate(keys):
-                entry = None
-                if key in self.l1:
-                    row.append(_IN_L1)
-                    continue
-                if self.disk is not None:
-                    entry = self.disk.lookup(ns, key)
-                row.append(entry)
-                if entry is None:
-                    unknown.append((p, i))
+        flat = [key for keys in positions for key in keys]
+        in_l1 = [key in self.l1 for key in flat]
+        located = self._locate(ns, flat, [i for i, here in enumerate(in_l1) if not here])
+        where: list[list[int | None]] = []
+        i = 0
+        for keys in positions:
+            row: list[int | None] = []
+            for _ in keys:
+                row.append(_IN_L1 if in_l1[i] else located.get(i))
+                i += 1
             where.append(row)
-        if unknown and self.remote is not None:
-            flags = self.remote.exists_many(ns, [positions[p][i] for p, i in unknown])
-            for (p, i), flag in zip(unknown, flags or [False] * len(unknown), strict=True):
-                if flag:
-                    where[p][i] = _REMOTE
-        prefix = next((p for p, row in enumerate(where) if any(w is None for w in row)), len(where))
+        prefix = next((p for p, row in enumerate(where) if None in row), len(where))
         pins: list[ChunkKey] = []
         done = 0
         while done < prefix:
@@ -501,19 +415,23 @@ class TierManager:
             ok = self._promote_window(ns, positions, where, done, stop, pins)
             done += ok
             if done < stop:
-                self._count(promotion_failures=1)
+                with self._stats_lock:
+                    self._promotion_failures += 1
                 break
         return done, pins
 
     def unpin(self, keys: Sequence[ChunkKey]) -> None:
-        for key in keys:
-            self.l1.unpin(key)
+        self.l1.unpin_all(keys)
+
+    def _relocate(self, ns: Namespace, key: ChunkKey) -> int | None:
+        """The first tier that knows it holds ``key`` without I/O (for a chunk L1 just lost)."""
+        return next((t for t, tier in enumerate(self.tiers) if tier.known(ns, key)), None)
 
     def _promote_window(
         self,
         ns: Namespace,
         positions: Sequence[Sequence[ChunkKey]],
-        where: list[list[Any]],
+        where: list[list[int | None]],
         start: int,
         stop: int,
         pins: list[ChunkKey],
@@ -521,63 +439,75 @@ class TierManager:
         """Promote positions ``[start, stop)``; returns how many leading positions succeeded."""
         l1 = self.l1
         # 0. Pin what L1 already has in the window first, so reserving slots below cannot evict it.
-        #    A chunk evicted since ``where`` was computed may still be on disk.
+        #    A chunk evicted since ``where`` was computed may still be in a tier.
         prepinned: set[ChunkKey] = set()
         for p in range(start, stop):
             for i, key in enumerate(positions[p]):
-                if where[p][i] is _IN_L1:
+                if where[p][i] == _IN_L1:
                     if l1.pin(key):
                         prepinned.add(key)
                     else:
-                        where[p][i] = self.disk.lookup(ns, key) if self.disk is not None else None
-        # 1. In order: take those pins, reserve slots for disk chunks, up to the first failure.
-        #    Remote chunks get their slot when their header has arrived and checked out.
+                        where[p][i] = self._relocate(ns, key)
+        # 1. In order: take those pins, up to the first chunk no tier has.
         rows: list[list[_Cell]] = []
         for p in range(start, stop):
             row: list[_Cell] = []
             ok = True
             for i, key in enumerate(positions[p]):
-                cell = _Cell(key, where[p][i])
-                if cell.source is None:
-                    ok = False
-                elif cell.source is _IN_L1:
-                    ok = key in prepinned
-                    prepinned.discard(key)
-                elif isinstance(cell.source, DiskEntry):
-                    cell.chunk = l1.reserve(key, cell.source.payload_len, cell.source.num_tokens)
-                    if cell.chunk is None:  # there already (a concurrent promotion), or L1 full of pins
-                        cell.source = _IN_L1
-                        ok = l1.pin(key)
+                source = where[p][i]
+                ok = source is not None and (source != _IN_L1 or key in prepinned)
+                prepinned.discard(key)
                 if not ok:
                     break
-                row.append(cell)
+                assert source is not None
+                row.append(_Cell(key, source))
             if not ok:
                 self._release_row(row)
                 break
             rows.append(row)
-        for key in prepinned:  # pinned in step 0 but past the first failure
-            l1.unpin(key)
+        l1.unpin_all(prepinned)  # pinned in step 0 but past the first failure
 
-        # 2. Disk reads run on the reader threads while remote values stream into their slots here.
-        disk_cells = [c for row in rows for c in row if isinstance(c.source, DiskEntry)]
-        futures = [self._readers.submit(self._fill_disk, ns, c) for c in disk_cells[1:]]
-        remote_cells = [c for row in rows for c in row if c.source is _REMOTE]
-        if remote_cells:
-            self._fetch_remote(ns, remote_cells)
-        if disk_cells:
-            self._fill_disk(ns, disk_cells[0])
+        # 2. Each tier fetches its cells into slots reserved as their headers check out; the tiers
+        #    run in parallel (the caller runs the last).
+        by_tier: dict[int, list[_Cell]] = {}
+        for row in rows:
+            for cell in row:
+                if cell.source != _IN_L1:
+                    by_tier.setdefault(cell.source, []).append(cell)
+        jobs = list(by_tier.items())
+        futures: list[Future[None]] = []
+        if self._fetchers is not None:
+            futures = [self._fetchers.submit(self._fetch, ns, t, cells) for t, cells in jobs[:-1]]
+            jobs = jobs[-1:]
+        for t, cells in jobs:
+            self._fetch(ns, t, cells)
         for future in futures:
             future.result()
+        return self._publish(ns, rows, pins)
 
-        # 3. Publish in order: commit + pin as one step; the leading complete positions are the result.
+    def _fetch(self, ns: Namespace, index: int, cells: list[_Cell]) -> None:
+        def sink(i: int, payload_len: int, num_tokens: int) -> memoryview | None:
+            cell = cells[i]
+            cell.chunk = self.l1.reserve(cell.key, payload_len, num_tokens)
+            return None if cell.chunk is None else payload_view(cell.chunk)
+
+        statuses = self.tiers[index].fetch_into(ns, [c.key for c in cells], sink)
+        for cell, status in zip(cells, statuses, strict=True):
+            cell.ok = status is FetchStatus.OK
+            if status is FetchStatus.SKIPPED and cell.chunk is None and self.l1.pin(cell.key):
+                cell.source = _IN_L1  # a concurrent promotion brought it in meanwhile
+
+    def _publish(self, ns: Namespace, rows: list[list[_Cell]], pins: list[ChunkKey]) -> int:
+        """Publish in order: commit + pin as one step; the leading complete positions are the result.
+        Chunks promoted from a tier are queued for the faster tiers above it."""
+        l1 = self.l1
         leading = 0
         broken = False
-        disk_hits = remote_hits = disk_bytes = remote_bytes = 0
-        promoted_remote: list[ChunkKey] = []
+        promoted: dict[int, list[ChunkKey]] = {}
         for row in rows:
-            keep = not broken and all(c.source is _IN_L1 or c.ok for c in row)
+            keep = not broken and all(c.source == _IN_L1 or c.ok for c in row)
             for c in row:
-                if c.source is _IN_L1:
+                if c.source == _IN_L1:
                     if keep:
                         pins.append(c.key)
                     else:
@@ -588,69 +518,21 @@ class TierManager:
                 if not c.ok:
                     l1.abort(c.key)
                     continue
-                with l1._lock:  # commit and pin as one step, so nothing evicts it in between
-                    l1.commit(c.key, None)
-                    if keep:
-                        l1.pin(c.key)
+                l1.commit(c.key, None, pin=keep)
                 if keep:
                     pins.append(c.key)
-                if c.source is _REMOTE:
-                    remote_hits += 1
-                    remote_bytes += c.chunk.nbytes
-                    promoted_remote.append(c.key)
-                else:
-                    disk_hits += 1
-                    disk_bytes += c.chunk.nbytes
+                self._count(c.source, hits=1, read_bytes=c.chunk.nbytes)
+                promoted.setdefault(c.source, []).append(c.key)
             if keep:
                 leading += 1
             else:
                 broken = True
-        self._count(
-            disk_hits=disk_hits,
-            disk_read_bytes=disk_bytes,
-            remote_hits=remote_hits,
-            remote_read_bytes=remote_bytes,
-        )
-        if promoted_remote and self.disk is not None:
-            self.write_behind(ns, promoted_remote, remote=False)
+        for index, keys in promoted.items():
+            if index > 0:
+                self.write_behind(ns, keys, above=index)
         return leading
-
-    def _fetch_remote(self, ns: Namespace, cells: list[_Cell]) -> None:
-        """One MGET for ``cells``; each value goes straight into an L1 slot reserved on arrival."""
-        assert self.remote is not None
-
-        def sink(index: int, header: ChunkHeader) -> memoryview | None:
-            cell = cells[index]
-            cell.chunk = self.l1.reserve(cell.key, header.payload_len, header.num_tokens)
-            return None if cell.chunk is None else payload_view(cell.chunk)
-
-        statuses = self.remote.fetch_into(ns, [c.key for c in cells], sink)
-        if statuses is None:  # remote failed (it warned): whatever was reserved is dropped
-            return
-        corrupt = []
-        for cell, status in zip(cells, statuses, strict=True):
-            cell.ok = status == remote_store.OK
-            if status == remote_store.CORRUPT:
-                corrupt.append(cell.key)
-            elif status == remote_store.SKIPPED and cell.chunk is None and self.l1.pin(cell.key):
-                cell.source = _IN_L1  # a concurrent promotion brought it in meanwhile
-        if corrupt:
-            self._count(corrupt_chunks=len(corrupt))
-            self._warn.warning(
-                "remote-corrupt",
-                "remote tier: %d corrupt chunk values (e.g. %s) treated as misses and deleted",
-                len(corrupt),
-                RemoteStore.key_name(ns, corrupt[0]).decode(errors="replace"),
-            )
-            self.remote.delete_many(ns, corrupt)
 
     def _release_row(self, row: list[_Cell]) -> None:
         for cell in row:
-            if cell.source is _IN_L1:
+            if cell.source == _IN_L1:
                 self.l1.unpin(cell.key)
-            elif cell.chunk is not None:
-                self.l1.abort(cell.key)
-
-    def _fill_disk(self, ns: Namespace, cell: _Cell) -> None:
-        assert self.disk is not None and cell.chunk is not None
-        cell.ok = self.disk.read_into(ns, cell.key, cell.source, payload_view(cell.chunk))

@@ -35,7 +35,7 @@ def test_write_behind_waits_for_the_copy_and_promotion_loads_to_cuda(tmp_path: P
         torch.cuda._sleep(200_000_000)  # keep the store's copies queued behind ~0.1 s of GPU work
     assert first.store(space, 0, pool, BlockTransfer(toks, None, list(range(32)), 0, 1024), stream) == 1024
     first.close()  # the writer waited on each chunk's event before reading its bytes
-    assert first.tiers.stats.disk_writes == 4
+    assert first.snapshot().tier("disk").writes == 4
 
     second = engine(tmp_path)
     assert second.lookup(space, toks, pin_id="r") == 1024
@@ -45,5 +45,5 @@ def test_write_behind_waits_for_the_copy_and_promotion_loads_to_cuda(tmp_path: P
     )
     stream.synchronize()
     assert torch.equal(pool[dst], pool[:32])
-    assert second.tiers.stats.disk_hits == 4 and second.l1.pinned_keys() == []
+    assert second.snapshot().tier("disk").hits == 4 and second.l1.pinned_keys() == []
     second.close()

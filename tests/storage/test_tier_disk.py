@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from tier_helpers import (
     CHUNK_BYTES,
+    disk_files_of,
+    dropped_writes,
     load_all,
     make_engine,
     make_pool,
@@ -91,7 +93,7 @@ def test_engine_cache_survives_a_restart(tmp_path: Path) -> None:
     assert len(chunk_files(tmp_path)) == 8
 
     second = make_engine(tmp_path)
-    assert len(second.l1) == 0 and len(second.tiers.disk) == 8
+    assert len(second.l1) == 0 and second.snapshot().tier("disk").chunks == 8
     space = space_of(pool)
     assert second.lookup(space, a) == 320  # no pin: promoted into L1 anyway
     dst = list(range(64, 84))
@@ -101,7 +103,7 @@ def test_engine_cache_survives_a_restart(tmp_path: Path) -> None:
     dst_b = list(range(90, 102))
     assert load_all(second, pool, b, dst_b, pin="b") == 192
     assert torch.equal(pool[dst_b], pool[20:32])
-    assert second.tiers.stats.disk_hits == 8 and second.l1.pinned_keys() == []
+    assert second.snapshot().tier("disk").hits == 8 and second.l1.pinned_keys() == []
     second.close()
 
 
@@ -149,7 +151,7 @@ def test_truncated_or_flipped_header_is_removed_at_startup(tmp_path: Path) -> No
     _damage(files[3], truncate=files[3].stat().st_size - 1)
     _damage(files[2], offset=10)  # a header byte
     second = make_engine(tmp_path)
-    assert second.tiers.disk.last_scan.removed == 2
+    assert disk_files_of(second).last_scan.removed == 2
     assert not files[2].exists() and not files[3].exists()
     assert second.lookup(space_of(pool), toks) == 2 * 64
     dst = list(range(64, 72))
@@ -168,18 +170,18 @@ def test_flipped_payload_byte_is_a_miss_and_removed_on_read(tmp_path: Path, capl
     header_len = parse_header(files[1].read_bytes()).header_len
     _damage(files[1], offset=header_len + 1234)
     second = make_engine(tmp_path)
-    assert len(second.tiers.disk) == 4  # start-up checks headers only (by default)
+    assert second.snapshot().tier("disk").chunks == 4  # start-up checks headers only (by default)
     with caplog.at_level(logging.WARNING, logger="lmcache"):
         assert second.lookup(space_of(pool), toks, pin_id=1) == 64
     second.release(1)
-    assert not files[1].exists() and len(second.tiers.disk) == 3
+    assert not files[1].exists() and second.snapshot().tier("disk").chunks == 3
     assert any("corrupt" in r.getMessage() for r in caplog.records)
     assert second.l1.pinned_keys() == []
     second.close()
     # With disk_verify_on_startup the start-up scan reads every payload.
     _damage(files[2], offset=header_len + 5)
-    third = make_engine(tmp_path, extra={"disk_verify_on_startup": True})
-    assert third.tiers.disk.last_scan.removed == 1 and not files[2].exists()
+    third = make_engine(tmp_path, disk_verify_on_startup=True)
+    assert disk_files_of(third).last_scan.removed == 1 and not files[2].exists()
     third.close()
 
 
@@ -219,17 +221,17 @@ def test_disk_full_degrades_to_l1_with_one_warning_then_recovers(tmp_path: Path,
     warnings = [r for r in caplog.records if "cannot be written" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert "No space left" in warnings[0].getMessage()
-    assert engine.tiers.stats.disk_writes == 0 and engine.tiers.stats.dropped_writes >= 1
+    assert engine.snapshot().tier("disk").writes == 0 and dropped_writes(engine) >= 1
     assert not chunk_files(tmp_path) and not list(tmp_path.rglob("*.tmp"))
     assert engine.l1.pinned_keys() == []
     monkeypatch.undo()
     deadline = time.monotonic() + 20
     i = 100
-    while engine.tiers.stats.disk_writes == 0 and time.monotonic() < deadline:
+    while engine.snapshot().tier("disk").writes == 0 and time.monotonic() < deadline:
         store_all(engine, pool, tokens(64, 10_000 * i), first_block=40)
         engine.tiers.flush()
         i += 1
-    assert engine.tiers.stats.disk_writes >= 1 and chunk_files(tmp_path)
+    assert engine.snapshot().tier("disk").writes >= 1 and chunk_files(tmp_path)
     engine.close()
 
 
@@ -247,7 +249,7 @@ def test_disk_path_under_a_file_degrades_and_l1_serves(tmp_path: Path, caplog) -
     assert torch.equal(pool[dst], pool[:16])
     messages = [r.getMessage() for r in caplog.records]
     assert any("cannot be written" in m for m in messages)
-    assert engine.tiers.stats.disk_writes == 0
+    assert engine.snapshot().tier("disk").writes == 0
     engine.close()
 
 
@@ -287,19 +289,19 @@ def test_read_only_directory_degrades(tmp_path: Path, monkeypatch, caplog) -> No
 def test_l1_smaller_than_the_working_set_is_served_from_disk(tmp_path: Path) -> None:
     pool = make_pool(256)
     # L1 holds 4 chunks; the working set is 12. (A queue of 4 chunks: the default is a quarter of L1.)
-    engine = make_engine(tmp_path, cpu_chunks=4, extra={"tier_write_queue_bytes": 4 * CHUNK_BYTES})
+    engine = make_engine(tmp_path, cpu_chunks=4, tier_write_queue_bytes=4 * CHUNK_BYTES)
     prompts = [tokens(256, 100_000 * i) for i in range(3)]
     for i, toks in enumerate(prompts):
         store_all(engine, pool, toks, first_block=16 * i)
         assert engine.tiers.flush()
-    assert engine.l1.evictions >= 8 and len(engine.tiers.disk) == 12
+    assert engine.l1.evictions >= 8 and engine.snapshot().tier("disk").chunks == 12
     for round_ in range(2):
         for i, toks in enumerate(prompts):
             dst = list(range(128 + 16 * i, 144 + 16 * i))
             pool[dst] = 0
             assert load_all(engine, pool, toks, dst, pin=(round_, i)) == 256
             assert torch.equal(pool[dst], pool[16 * i : 16 * i + 16])
-    assert engine.tiers.stats.disk_hits >= 12
+    assert engine.snapshot().tier("disk").hits >= 12
     assert engine.l1.pinned_keys() == []
     engine.close()
 
@@ -333,10 +335,10 @@ def test_store_never_waits_for_the_disk(tmp_path: Path, monkeypatch) -> None:
 def test_full_queue_drops_writes_with_a_warning(tmp_path: Path, monkeypatch, caplog) -> None:
     gate = _blocked_writes(monkeypatch)
     pool = make_pool(128)
-    engine = make_engine(tmp_path, extra={"tier_write_queue_bytes": CHUNK_BYTES})
+    engine = make_engine(tmp_path, tier_write_queue_bytes=CHUNK_BYTES)
     with caplog.at_level(logging.WARNING, logger="lmcache"):
         assert store_all(engine, pool, tokens(512)) == 512
-    assert engine.tiers.stats.dropped_writes >= 6  # at most one being written and one queued
+    assert dropped_writes(engine) >= 6  # at most one being written and one queued
     assert any("queue is full" in r.getMessage() for r in caplog.records)
     gate.set()
     assert engine.tiers.flush()
@@ -390,7 +392,7 @@ def test_disk_cap_is_respected(tmp_path: Path) -> None:
     engine = make_engine(tmp_path, disk_chunks=3)
     store_all(engine, pool, tokens(384))
     engine.tiers.flush()
-    disk = engine.tiers.disk
+    disk = disk_files_of(engine)
     assert len(disk) == 3 and disk.used_bytes <= disk.capacity_bytes
     assert sum(p.stat().st_size for p in chunk_files(tmp_path)) == disk.used_bytes
     assert disk.evictions == 3

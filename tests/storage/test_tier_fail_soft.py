@@ -20,7 +20,7 @@ def test_unwritable_disk_directory_degrades_health_at_start_and_l1_serves(tmp_pa
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     engine = make_engine(disk=blocker / "l2")  # mkdir under a regular file fails, also as root
-    healthy, body = health_report(engine)
+    healthy, body = health_report(engine.snapshot())
     assert not healthy and body["tiers"]["disk"] is False and body["tiers"]["l1"] is True
     assert "cannot be written" in caplog.text
     pool = make_pool()
@@ -32,7 +32,7 @@ def test_unwritable_disk_directory_degrades_health_at_start_and_l1_serves(tmp_pa
 
 def test_writable_disk_directory_is_healthy_at_start(tmp_path: Path) -> None:
     engine = make_engine(disk=tmp_path / "l2")
-    assert health_report(engine)[0]
+    assert health_report(engine.snapshot())[0]
     # The write probe leaves nothing behind: the tier's own directory holds only its marker.
     assert [p.name for p in (tmp_path / "l2").iterdir()] == [TIER_DIR]
     assert [p.name for p in (tmp_path / "l2" / TIER_DIR).iterdir()] == [MARKER]
@@ -53,7 +53,7 @@ def test_unreachable_remote_is_a_miss_a_warning_and_degraded_health(caplog) -> N
     assert store_all(engine, pool, stored) == 128
     assert engine.lookup(space_of(pool), stored) == 128  # L1 still answers
     assert engine.lookup(space_of(pool), missing) == 0  # the remote's failure is a miss
-    healthy, body = health_report(engine)
+    healthy, body = health_report(engine.snapshot())
     assert not healthy and body["tiers"]["remote"] is False
     # The first failure may be met by the write-behind thread, which warns on its own time.
     message = "remote tier redis://127.0.0.1:1 unavailable"

@@ -10,9 +10,10 @@ import pytest
 import redis
 import torch
 from redis.connection import PythonRespSerializer
-from tier_helpers import load_all, make_engine, make_pool, space_of, store_all, tokens
+from tier_helpers import dropped_writes, load_all, make_engine, make_pool, space_of, store_all, tokens
 
-from lmcache.storage.remote_store import Parts, RemoteStore, ZeroCopyPacker, parse_cluster_nodes
+from lmcache.storage.remote_store import RemoteStore, parse_cluster_nodes
+from lmcache.storage.resp import Parts, ZeroCopyPacker
 from lmcache.transfer import BlockTransfer
 
 HERE = Path(__file__).parent
@@ -33,7 +34,7 @@ def test_two_engines_share_through_redis(redis_server, tmp_path: Path) -> None:
     store_all(a, pool, p1)
     store_all(a, pool, p2, first_block=16)
     assert a.tiers.flush()
-    assert a.tiers.stats.remote_writes == 7 and len(chunk_names(client_for(redis_server))) == 7
+    assert a.snapshot().tier("remote").writes == 7 and len(chunk_names(client_for(redis_server))) == 7
     assert a.l1.pinned_keys() == []
 
     b = make_engine(tmp_path / "b", redis_server.url)  # its own L1 and disk
@@ -44,9 +45,9 @@ def test_two_engines_share_through_redis(redis_server, tmp_path: Path) -> None:
     assert load_all(b, pool, p2, dst2, pin="p2") == 192
     assert torch.equal(pool[dst2], pool[16:28])
     assert b.tiers.flush()  # the fetched chunks are written behind to b's disk
-    assert b.tiers.stats.remote_hits == 7 and b.l1.pinned_keys() == []
+    assert b.snapshot().tier("remote").hits == 7 and b.l1.pinned_keys() == []
     b.close()  # flushes the disk copies of what it fetched
-    assert len(b.tiers.disk) == 7
+    assert b.snapshot().tier("disk").chunks == 7
 
     # The fetched chunks were written behind to b's disk: served from there without Redis.
     c = make_engine(tmp_path / "b")
@@ -89,7 +90,7 @@ def test_writes_skip_chunks_already_in_redis(redis_server) -> None:
     b = make_engine(None, redis_server.url)
     store_all(b, pool, tokens(256))  # b does not know they are there
     b.close()
-    assert b.tiers.stats.remote_writes == 0 and len(chunk_names(client_for(redis_server))) == 4
+    assert b.snapshot().tier("remote").writes == 0 and len(chunk_names(client_for(redis_server))) == 4
 
 
 def test_lookup_checks_all_chunks_in_one_round_trip(redis_server, monkeypatch) -> None:
@@ -132,7 +133,7 @@ def test_corrupt_or_misplaced_values_are_misses(redis_server, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="lmcache"):
         assert b.lookup(space_of(pool), toks) == 128
     assert r.exists(names[2]) == 0  # deleted
-    assert b.tiers.stats.corrupt_chunks == 1
+    assert b.snapshot().tier("remote").corrupt_chunks == 1
     assert any("corrupt" in rec.getMessage() for rec in caplog.records)
     # Another chunk's (valid) bytes under this key: the header names another key, so it is a miss.
     r.set(names[1], r.get(names[0]))
@@ -152,7 +153,7 @@ def test_cluster_shares_across_engines_and_processes(redis_cluster, tmp_path: Pa
     toks = tokens(768)  # 12 chunks, spread over the masters
     store_all(a, pool, toks)
     assert a.tiers.flush()
-    assert a.tiers.stats.remote_writes == 12
+    assert a.snapshot().tier("remote").writes == 12
     per_node = [int(n.cli("dbsize").strip()) for n in redis_cluster.nodes]
     assert sum(per_node) == 12 and sum(1 for n in per_node if n) >= 2
     a.close()
@@ -173,7 +174,7 @@ def test_cluster_shares_across_engines_and_processes(redis_cluster, tmp_path: Pa
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.splitlines()[-1])
     assert result["loaded"] == 768 and result["equal"], result
-    assert result["stats"]["remote_hits"] == 12
+    assert result["hits"]["remote"] == 12
 
     b = make_engine(None, redis_cluster.url)
     dst = list(range(60, 108))
@@ -190,7 +191,7 @@ def test_cluster_shares_across_engines_and_processes(redis_cluster, tmp_path: Pa
     cluster.set(fifth, bytes(value))
     c = make_engine(None, redis_cluster.url)
     assert c.lookup(space, toks) == 5 * 64
-    assert c.tiers.stats.corrupt_chunks == 1 and cluster.exists(fifth) == 0
+    assert c.snapshot().tier("remote").corrupt_chunks == 1 and cluster.exists(fifth) == 0
     c.close()
     cluster.close()
 
@@ -218,7 +219,7 @@ def test_redis_down_degrades_then_recovers(own_redis, tmp_path: Path, caplog) ->
         assert torch.equal(pool[dst], pool[:16])
     down = [r for r in caplog.records if "unavailable" in r.getMessage()]
     assert 1 <= len(down) <= 2, [r.getMessage() for r in down]  # rate-limited: one per engine
-    assert a.tiers.stats.dropped_writes >= 1
+    assert dropped_writes(a) >= 1
 
     server.start()  # back, empty (no persistence)
     p3 = tokens(192, 500_000)

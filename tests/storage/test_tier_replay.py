@@ -55,7 +55,7 @@ def test_seed_and_multi_turn_served_from_disk(lmcache_env, tmp_path: Path) -> No
     lmcache_env.setenv("LMCACHE_MAX_LOCAL_DISK_SIZE", "0.1")
     reset_process_engine()
     run_seed_and_multi_turn()
-    assert process_engine().engine.tiers.stats.disk_hits > 0
+    assert process_engine().engine.snapshot().tier("disk").hits > 0
 
 
 def test_seed_and_multi_turn_served_from_redis(lmcache_env, redis_server) -> None:
@@ -63,7 +63,7 @@ def test_seed_and_multi_turn_served_from_redis(lmcache_env, redis_server) -> Non
     lmcache_env.setenv("LMCACHE_REMOTE_URL", redis_server.url)
     reset_process_engine()
     run_seed_and_multi_turn()
-    assert process_engine().engine.tiers.stats.remote_hits > 0
+    assert process_engine().engine.snapshot().tier("remote").hits > 0
 
 
 def test_redis_killed_mid_run_output_unchanged_and_hits_return(lmcache_env, own_redis) -> None:

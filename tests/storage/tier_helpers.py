@@ -9,6 +9,8 @@ import torch
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.layout import PoolLayout
+from lmcache.storage.disk_store import DiskStore
+from lmcache.storage.disk_tier import DiskTier
 from lmcache.transfer import BlockTransfer
 
 TPB = 16
@@ -37,10 +39,8 @@ def config(
     *,
     cpu_chunks: int = 64,
     disk_chunks: int = 256,
-    extra: dict[str, Any] | None = None,
     **kw: Any,
 ) -> LMCacheEngineConfig:
-    extra_config = {"tier_retry_initial_s": 0.05, "tier_retry_max_s": 0.2, **(extra or {})}
     values: dict[str, Any] = {
         "chunk_size": CHUNK,
         "max_local_cpu_size": cpu_chunks * CHUNK_BYTES / 2**30,
@@ -49,9 +49,21 @@ def config(
         "remote_url": remote_url,
         "blocking_timeout_secs": 5.0,
         "lookup_timeout_ms": 1000,
-        "extra_config": extra_config,
+        "tier_retry_initial_s": 0.05,
+        "tier_retry_max_s": 0.2,
     }
     return LMCacheEngineConfig.from_defaults(**{**values, **kw})
+
+
+def disk_files_of(engine: CacheEngine) -> DiskStore:
+    """The engine's disk tier's file store."""
+    assert engine.tiers is not None
+    return next(t.store for t in engine.tiers.tiers if isinstance(t, DiskTier))
+
+
+def dropped_writes(engine: CacheEngine) -> int:
+    """Write-behinds dropped, over every lower tier."""
+    return sum(t.dropped_writes for t in engine.snapshot().tiers)
 
 
 def make_engine(disk: Any = None, remote_url: str | None = None, **kw: Any) -> CacheEngine:

@@ -43,7 +43,12 @@ def main() -> None:
     loaded = load_all(engine, pool, toks, dst, pin="proc")
     k = loaded // 16
     equal = bool(torch.equal(pool[dst[:k]], pool[:k]))
-    print(json.dumps({"loaded": loaded, "equal": equal, "stats": engine.tiers.stats.__dict__}), flush=True)
+    print(
+        json.dumps(
+            {"loaded": loaded, "equal": equal, "hits": {t.name: t.hits for t in engine.snapshot().tiers}}
+        ),
+        flush=True,
+    )
     engine.close()
 
 
