@@ -18,11 +18,16 @@ For each prompt length (default 1k, 4k, 16k, 32k tokens; ``--small``: 128 and 25
   - ``disk_cold`` (``--disk-cold``): the same with the files evicted from the page cache
     (``posix_fadvise(DONTNEED)`` after a sync) before every repeat;
   - ``redis`` (``--redis-url``): engine with ``remote_url`` and no disk; L1 cleared every repeat;
-  - ``mp`` (``--mp``): a cache server subprocess (``python -m lmcache.v1.multiprocess.server``) with
-    the pool registered through ``CacheServerClient.register`` (CUDA IPC on GPU, shared memory on
-    CPU); lookup + retrieve are round trips to it, as the ``lmcache-mp`` adapter makes them. The
-    pool is a PyTorch CUDA tensor (exported with ``cudaIpcGetMemHandle`` on its allocation), so
-    ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` must not be set for this variant.
+  - ``mp_MODE`` (``--mp``): for each pool-sharing mode of ``--mp-modes`` (default ``export`` and
+    ``shared-l1``), a cache server subprocess (``python -m lmcache.v1.multiprocess.server
+    --pool-sharing MODE``) with the pool registered through ``CacheServerClient.register`` in that
+    mode; lookup + retrieve are round trips to it, as the ``lmcache-mp`` adapter makes them. In
+    ``export`` the server maps the pool (CUDA IPC on GPU, shared memory on CPU): the pool is a
+    PyTorch CUDA tensor (exported with ``cudaIpcGetMemHandle`` on its allocation), so
+    ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` must not be set for it. In ``shared-l1``
+    the client copies between the pool and the server's L1 in shared memory. Each ``mp_MODE`` row
+    also has ``vs_inprocess`` (the ``l1`` TTFT over its own: at least 1 means the server is as fast
+    as in-process) and, for modes after the first, ``vs_MODE0`` (the first mode's TTFT over its own).
 
 Correctness, checked on every repeat (a wrong load fails the benchmark with exit status 1):
 the loaded pool rows must be **bitwise** equal to the rows of the first prefill, and the hit's
@@ -35,8 +40,8 @@ Numbers: median (and min) of ``--repeats`` runs after one warm-up; speedup = rec
 median. ``remainder_ms`` is the prefill of the remaining tokens alone, so ``load_ms_est`` = TTFT -
 remainder is roughly what lookup + load cost (and ``load_gbps_est`` the bytes loaded over it).
 
-    python benchmarks/bench_ttft.py --device cuda [--mp] [--disk-cold] [--redis-url redis://..] \\
-        [--lengths 1024,4096,16384,32768] [--out ttft.json]
+    python benchmarks/bench_ttft.py --device cuda [--mp [--mp-modes export,shared-l1]] [--disk-cold] \\
+        [--redis-url redis://..] [--lengths 1024,4096,16384,32768] [--out ttft.json]
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ from prefill_model import (  # noqa: E402
 from lmcache.config import LMCacheEngineConfig  # noqa: E402
 from lmcache.engine import CacheEngine, KeySpace  # noqa: E402
 from lmcache.layout import PoolLayout  # noqa: E402
+from lmcache.testing import pool_modes  # noqa: E402
 from lmcache.transfer import BlockTransfer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,28 +151,33 @@ class EngineTier:
 
 
 class MPTier:
-    """A hit through the cache server: lookup and retrieve round trips, as the lmcache-mp adapter makes."""
+    """A hit through the cache server in one pool-sharing mode: lookup and retrieve round trips, as
+    the lmcache-mp adapter makes them."""
 
-    name = "mp"
     cold = False
 
-    def __init__(self, pool: torch.Tensor, tpb: int, chunk: int, l1_gb: float, workdir: Path) -> None:
+    def __init__(
+        self, pool: torch.Tensor, tpb: int, chunk: int, l1_gb: float, workdir: Path, mode: str
+    ) -> None:
         from lmcache.server.client import CacheServerClient, ServerUnavailable, wait_for_server
 
         self.pool = pool
+        self.mode = mode
+        self.name = f"mp_{mode}"
         port = free_port()
-        self.log_path = workdir / "server.log"
+        self.log_path = workdir / f"server-{mode}.log"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         env.setdefault("LMCACHE_LOG_LEVEL", "WARNING")
         cmd = [sys.executable, "-m", "lmcache.v1.multiprocess.server", "--port", str(port)]
         cmd += [
             "--ipc-path",
-            str(workdir / "s.sock"),
+            str(workdir / f"{mode}.sock"),
             "--chunk-size",
             str(chunk),
             "--l1-size-gb",
             f"{l1_gb:.2f}",
+            *pool_modes.server_args(mode),
         ]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -175,15 +186,18 @@ class MPTier:
         except ServerUnavailable:
             self.close()
             raise BenchFailure(f"cache server did not come up; log:\n{self.log()}") from None
-        self.client = CacheServerClient(f"ipc://{workdir / 's.sock'}", timeout_s=120)
+        self.client = CacheServerClient(f"ipc://{workdir / f'{mode}.sock'}", timeout_s=120)
         try:
-            info = self.client.register(pool, 0, 1, MODEL_NAME, tpb)
+            info = pool_modes.register(self.client, pool, mode, MODEL_NAME, tpb)
         except BaseException:
             self.close()
             raise
         if info.chunk_size != chunk:
             self.close()
             raise BenchFailure(f"server chunk size {info.chunk_size} != {chunk}")
+        if info.sharing != pool_modes.expected_sharing(mode, pool.is_cuda):
+            self.close()
+            raise BenchFailure(f"{self.name}: the pool was registered as {info.sharing!r}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -192,7 +206,7 @@ class MPTier:
         sync(self.pool.device)  # the server reads the blocks from another process
         stored = self.client.store(BlockTransfer(tokens, None, blocks, 0, len(tokens)))
         if stored != expected:
-            raise BenchFailure(f"mp: store saved {stored} tokens, expected {expected}")
+            raise BenchFailure(f"{self.name}: store saved {stored} tokens, expected {expected}")
 
     def before_repeat(self) -> None:
         pass
@@ -202,7 +216,7 @@ class MPTier:
         hit = self.client.lookup(tokens, pin_id=rid, chunk_hashes=hashes)
         if hit < end:
             self.client.release(rid)
-            raise BenchFailure(f"mp: lookup found {hit} tokens, expected >= {end}")
+            raise BenchFailure(f"{self.name}: lookup found {hit} tokens, expected >= {end}")
         if self.pool.is_cuda:
             torch.cuda.current_stream().synchronize()  # as the adapter: earlier kernels done with the blocks
         prompt = hashes if hashes is not None else tokens
@@ -284,6 +298,18 @@ class HitCase:
         return samples, logits
 
 
+def compare_modes(rows: list[dict[str, Any]], modes: list[str]) -> None:
+    """Add to each ``mp_MODE`` row of one prompt length its TTFT ratio to in-process (``vs_inprocess``:
+    the ``l1`` median over its own) and, after the first mode, to the first (``vs_MODE0``)."""
+    by_tier = {r["tier"]: r for r in rows}
+    first = by_tier.get(f"mp_{modes[0]}") if modes else None
+    for mode in modes:
+        row = by_tier[f"mp_{mode}"]
+        row["vs_inprocess"] = by_tier["l1"]["median_ms"] / row["median_ms"]
+        if first is not None and row is not first:
+            row[f"vs_{modes[0]}"] = first["median_ms"] / row["median_ms"]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(args)
     dev, tpb, chunk = model.device, model.tpb, args.chunk_size
@@ -329,7 +355,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             tiers.append(EngineTier("redis", redis_cfg, space, pool, clear_l1=True))
         if args.mp:
-            tiers.append(MPTier(pool, tpb, chunk, all_gb, workdir))
+            tiers += [MPTier(pool, tpb, chunk, all_gb, workdir, mode) for mode in args.mp_modes]
         names = (
             ["recompute"]
             + [t.name for t in tiers]
@@ -417,6 +443,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "vs_recompute": vs_rec,
                     }
                 )
+            compare_modes([r for r in rows if r["tokens"] == n], args.mp_modes if args.mp else [])
             for tier in tiers:
                 tier.after_length()
     finally:
@@ -453,6 +480,14 @@ def print_table(results: dict[str, Any]) -> None:
                 cells.append(f"{r['median_ms']:>9.2f} ms {r['speedup']:>6.1f}x")
         tps = by[(n, "recompute")]["tok_per_s"]
         print(f"{n:>7}" + "".join(cells) + f"{tps / 1e3:>17.1f}k")
+    for n in results["prompt_lengths"]:
+        ratios = [
+            f"{r['tier']} {r['vs_inprocess']:.3f}"
+            for r in results["results"]
+            if r["tokens"] == n and "vs_inprocess" in r
+        ]
+        if ratios:
+            print(f"{n:>7} tokens, in-process TTFT / server TTFT: " + ", ".join(ratios))
     print(
         "TTFT median of repeats; speedup vs recompute; every hit checked bitwise (see 'checks' in the JSON)"
     )
@@ -478,6 +513,11 @@ def main() -> int:
         "--redis-url", default=None, help="also measure Redis hits (e.g. redis://localhost:6379)"
     )
     parser.add_argument("--mp", action="store_true", help="also measure hits through the cache server")
+    parser.add_argument(
+        "--mp-modes",
+        default=",".join(pool_modes.MODES),
+        help="pool-sharing modes of the --mp servers, one tier each (default: all, side by side)",
+    )
     parser.add_argument("--scattered", action="store_true", help="load into non-adjacent blocks")
     parser.add_argument(
         "--no-bitwise-logits",
@@ -485,6 +525,10 @@ def main() -> int:
         help="check hit logits vs the reference within tolerance, not bitwise (KV rows stay bitwise)",
     )
     args = parser.parse_args()
+    try:
+        args.mp_modes = pool_modes.parse_modes(args.mp_modes)
+    except ValueError as e:
+        parser.error(str(e))
     try:
         results = run(args)
     except BenchFailure as e:

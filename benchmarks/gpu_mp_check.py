@@ -1,88 +1,75 @@
-"""Multi-process mode on a GPU: correctness and speed of the cache server with a raw-cudaMalloc pool.
+"""Multi-process mode: the cache server's pool-sharing modes side by side, in one run.
 
-Run on a CUDA machine (not in CI):
+    python benchmarks/gpu_mp_check.py --out mp_modes.json [--modes export,shared-l1] \\
+        [--shapes qwen2-1.5b:32:16384,...] [--iters 5] [--lookups 500]
+    python benchmarks/gpu_mp_check.py --quick --device cpu --out mp_modes.json   # small, on CPU
 
-    python benchmarks/gpu_mp_check.py --out mp_check.json [--tokens 32768] [--iters 5]
+What one run does:
 
-What it does, all in one run:
+1. starts one cache server per mode of ``--modes`` (``python -m lmcache.v1.multiprocess.server
+   --pool-sharing MODE``, chunk 256), and waits until their L1 is reserved;
+2. for each shape of ``--shapes`` (``MODEL:TOKENS_PER_BLOCK:TOKENS``; default Qwen2-1.5B t32 16k
+   and 32k, Llama-3.1-8B t32 16k, Qwen2-1.5B t64 16k), with a pool of TRT-LLM's layout
+   ``[blocks, layers, 2, kv_heads * tokens_per_block * head_dim]``, bf16, allocated by a raw
+   ``cudaMalloc`` like TRT-LLM's V1 KV cache manager (on CPU: a shared-memory tensor):
 
-1. starts ``python -m lmcache.v1.multiprocess.server`` as a subprocess (free TCP port and a
-   private ipc path, chunk 256);
-2. allocates a KV pool of TRT-LLM's layout (``--model``: Qwen2-1.5B's KV shape
-   ``[num_blocks, 28, 2, 2*32*128]`` by default, or Llama-3.1-8B's; ``--tokens-per-block`` 32/64),
-   bf16, with a raw ``cudaMalloc`` (cuda-python ``cudart.cudaMalloc``; else ``cuMemAlloc``
-   through ctypes), outside PyTorch's allocator, like TensorRT-LLM does, and wraps it as a tensor;
-3. registers it through :class:`RawCudaIPCWrapper` (``cudaIpcGetMemHandle`` on the allocation);
-4. stores ``--tokens`` tokens (fresh random tokens each iteration), retrieves them into other
-   blocks and checks the bytes are equal; reports store/retrieve GB/s next to a plain pinned
-   ``copy_`` of the same bytes (device -> host and host -> device) measured in the same run. Like
-   the MP adapter, it hashes each prompt once and names its chunks by those hashes; a retrieve
-   by tokens is timed too (``retrieve_by_tokens_vs_copy``);
-5. measures ``lookup`` round-trip latency (p50/p99) for an 8k-token prompt over ipc:// and tcp://,
-   and beside it a pinning lookup, a ping and the client's hashing of the prompt alone;
-6. reads the server's DEBUG timing of each store/retrieve (time to enqueue the copies, then until
-   they were done), to split the client's time into the server's handling and the round trip.
+   - a plain ``copy_`` of one transfer's bytes to pinned host memory and back: the ceiling;
+   - the in-process ``CacheEngine`` storing and loading the same blocks: the reference;
+   - per mode, through the server: store from adjacent blocks, then lookup (pinning) and load into
+     a shuffle of other blocks, as the MP adapter does (prompt hashed once, chunks named by hash),
+     and a load by tokens beside it; every load's bytes are compared with the stored ones;
+   - on CUDA, a pool from ``cuMemCreate`` with no shareable handle (like KVCacheManagerV2's): in
+     ``shared-l1`` measured like the other; in ``export`` its registration must be refused, and the
+     refusal's message (which must name the shared-L1 mode) is recorded;
 
-Synchronization: before each ``store`` the script synchronizes the device (the blocks are final);
-the server synchronizes its copy stream before it replies to ``store`` and ``retrieve``, so the
-retrieved blocks can be compared right after the call returns.
+   each as GB/s and ratio to the copy, median and worst of ``--iters`` (after one warm-up);
+3. per mode, lookup round trips of an ``--lookup-tokens`` prompt over ipc:// and tcp:// (p50/p99),
+   a pinning lookup, a ping and the client's hashing alone.
 
-Writes the numbers as JSON to ``--out`` and exits non-zero if any check fails.
+Prints the ratios side by side and writes everything as JSON to ``--out``; exits 1 if a check
+fails (a wrong byte, a wrong count, an unexpected sharing mode, a VMM pool not refused by
+``export``). The targets of issue 13 are reported (``targets``), not enforced.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import re
+import shutil
 import socket
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from lmcache.server.client import CacheServerClient, wait_for_server  # noqa: E402
-from lmcache.server.pool_sharing import CudaArray, RawCudaIPCWrapper, cuda_api  # noqa: E402
-from lmcache.transfer import BlockTransfer  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kv_shapes import CHUNK, add_shape_args, row_shape  # noqa: E402
+from mp_transfer import (  # noqa: E402
+    CPU,
+    CUDAMALLOC,
+    VMM,
+    Series,
+    ServerProc,
+    Shape,
+    measure_copy,
+    measure_engine,
+    measure_lookup,
+    measure_server,
+    new_pool,
+    parse_shapes,
+)
 
+from lmcache.testing import pool_modes  # noqa: E402
 
-def raw_cuda_malloc(nbytes: int, device: int) -> tuple[int, Any]:
-    """A raw device allocation outside PyTorch's caching allocator; returns (ptr, free function)."""
-    torch.cuda.set_device(device)
-    torch.cuda.init()
-    try:
-        try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            from cuda import cudart  # type: ignore[no-redef]
-        err, ptr = cudart.cudaMalloc(nbytes)
-        if int(err) != 0:
-            raise RuntimeError(f"cudaMalloc({nbytes}) failed: {err}")
-        return int(ptr), lambda: cudart.cudaFree(ptr)
-    except ImportError:
-        lib = ctypes.CDLL("libcuda.so.1")
-        cuda_api().set_device(device)
-        ptr = ctypes.c_uint64()
-        lib.cuMemAlloc_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
-        err = lib.cuMemAlloc_v2(ctypes.byref(ptr), nbytes)
-        if err != 0:
-            raise RuntimeError(f"cuMemAlloc({nbytes}) failed: error {err}") from None
-        lib.cuMemFree_v2.argtypes = [ctypes.c_uint64]
-        return ptr.value, lambda: lib.cuMemFree_v2(ptr.value)
+DEFAULT_SHAPES = "qwen2-1.5b:32:16384,qwen2-1.5b:32:32768,llama-3.1-8b:32:16384,qwen2-1.5b:64:16384"
+QUICK = {"shapes": "qwen2-1.5b:32:1024,llama-3.1-8b:64:512", "iters": 2, "lookups": 20, "lookup_tokens": 1024}
+FULL = {"shapes": DEFAULT_SHAPES, "iters": 5, "lookups": 500, "lookup_tokens": 8192}
+MODEL_NAME = "bench/gpu-mp-check"
+TARGET_RATIO = 0.95
+TARGET_LOOKUP_US = 200.0
 
 
 def free_port() -> int:
@@ -91,215 +78,210 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+def vmm_name(mode: str) -> str:
+    return f"{mode} vmm"
 
 
-def timed(fn: Any) -> tuple[Any, float]:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, time.perf_counter() - start
+class Run:
+    """One invocation: the servers, the checks and the results as they accumulate."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        self.args = args
+        self.device = device
+        self.checks: dict[str, bool] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.lookup: dict[str, Any] = {}
+        self.servers: dict[str, ServerProc] = {}
+        self.copies: tuple[Series, Series] = (Series(0), Series(0))
+        """The current shape's copy ceilings (device -> host, host -> device)."""
+
+    def check(self, name: str, ok: bool) -> None:
+        self.checks[name] = bool(ok)
+
+    def measure_variant(self, server: ServerProc, pool: torch.Tensor, shape: Shape, name: str) -> dict:
+        info = pool_modes.register(server.ipc, pool, server.mode, MODEL_NAME, shape.tokens_per_block)
+        want = pool_modes.expected_sharing(server.mode, pool.is_cuda)
+        self.check(f"{shape.label} {name}: registered as {want}", info.sharing == want)
+        run = measure_server(server.ipc, pool, shape, self.args.iters, seed=1)
+        server.ipc.unregister(info.instance_id)
+        self.check(f"{shape.label} {name}: loads bit-equal", run.bytes_equal)
+        return {"sharing": info.sharing, **run.summary(*self.copies)}
+
+    def export_refuses(self, server: ServerProc, vmm: torch.Tensor, shape: Shape) -> dict[str, Any]:
+        """Registering a VMM pool in ``export`` must fail, naming the shared-L1 mode."""
+        try:
+            info = pool_modes.register(server.ipc, vmm, server.mode, MODEL_NAME, shape.tokens_per_block)
+        except Exception as e:  # the refusal is the expected outcome: record it whatever its type
+            message = f"{type(e).__name__}: {e}"
+            self.check(f"{shape.label}: export refuses a VMM pool naming {pool_modes.SHARED_L1}",
+                       pool_modes.SHARED_L1 in message)  # fmt: skip
+            return {"refused": True, "message": message}
+        server.ipc.unregister(info.instance_id)
+        self.check(f"{shape.label}: export refuses a VMM pool", False)
+        return {"refused": False, "sharing": info.sharing}
+
+    def measure_shape(self, shape: Shape) -> None:
+        cuda = self.device.type == "cuda"
+        pool = new_pool(shape, CUDAMALLOC if cuda else CPU, self.device)
+        self.copies = measure_copy(pool, shape, self.args.iters)
+        d2h, h2d = self.copies
+        row: dict[str, Any] = {
+            "shape": shape.label,
+            "model": shape.model,
+            "tokens_per_block": shape.tokens_per_block,
+            "tokens": shape.tokens,
+            "pool_shape": list(shape.pool_shape),
+            "bytes_per_transfer": shape.nbytes,
+            "copy": {"d2h": d2h.summary(), "h2d": h2d.summary()},
+        }
+        engine = measure_engine(pool, shape, self.args.iters, seed=1)
+        self.check(f"{shape.label} engine: loads bit-equal", engine.bytes_equal)
+        row["engine"] = engine.summary(d2h, h2d)
+        vmm = new_pool(shape, VMM, self.device) if cuda else None
+        for mode, server in self.servers.items():
+            row[mode] = self.measure_variant(server, pool, shape, mode)
+            if vmm is not None and mode == pool_modes.SHARED_L1:
+                row[vmm_name(mode)] = self.measure_variant(server, vmm, shape, vmm_name(mode))
+            elif vmm is not None and mode == pool_modes.EXPORT:
+                row["export_vmm_refusal"] = self.export_refuses(server, vmm, shape)
+        self.rows.append(row)
+
+    def measure_lookups(self) -> None:
+        shape = Shape("qwen2-1.5b", 32, self.args.lookup_tokens)
+        pool = new_pool(shape, CUDAMALLOC if self.device.type == "cuda" else CPU, self.device)
+        for mode, server in self.servers.items():
+            infos = {
+                name: pool_modes.register(client, pool, mode, MODEL_NAME, shape.tokens_per_block)
+                for name, client in server.clients.items()
+            }
+            found = measure_lookup(server.clients, pool, 32, shape.tokens, self.args.lookups, seed=2)
+            for name, client in server.clients.items():
+                client.unregister(infos[name].instance_id)
+                self.check(f"lookup {mode} {name}: hit", found[name]["hit"])
+            self.lookup[mode] = found
+
+    def targets(self) -> dict[str, Any]:
+        """Issue 13's targets: shared-L1 at least 0.95 of the copy for every shape (store and load,
+        median), lookup p50 under 200 us; reported, not enforced."""
+        out: dict[str, Any] = {}
+        for name in (pool_modes.SHARED_L1, vmm_name(pool_modes.SHARED_L1)):
+            per_shape = {
+                r["shape"]: min(r[name]["store"]["median_ratio"], r[name]["load"]["median_ratio"])
+                >= TARGET_RATIO
+                for r in self.rows
+                if name in r
+            }
+            if per_shape:
+                out[f"{name} ratio >= {TARGET_RATIO}"] = per_shape
+        for mode, found in self.lookup.items():
+            out[f"{mode} lookup p50 < {TARGET_LOOKUP_US:g} us"] = found["ipc"]["p50_us"] < TARGET_LOOKUP_US
+        return out
 
 
-def timed_us(fn: Any, repeats: int) -> list[float]:
-    """Wall times of ``repeats`` host-only calls, in microseconds."""
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e6)
-    return samples
+def print_table(results: dict[str, Any]) -> None:
+    columns = ["engine"] + [c for m in results["modes"] for c in (m, vmm_name(m))]
+    columns = [c for c in columns if any(c in r for r in results["results"])]
+    print(f"{results['card']}: store / load ratios to a pinned copy_ ({results['iters']} iterations)")
+    for stat in ("median", "worst"):
+        print(f"{stat:<22}{'copy GB/s':>14}" + "".join(f"{c:>17}" for c in columns))
+        for r in results["results"]:
+            copy = f"{r['copy']['d2h'][f'{stat}_GBps']:.1f}/{r['copy']['h2d'][f'{stat}_GBps']:.1f}"
+            cells = [
+                f"{r[c]['store'][f'{stat}_ratio']:.3f}/{r[c]['load'][f'{stat}_ratio']:.3f}" if c in r else "-"
+                for c in columns
+            ]
+            print(f"{r['shape']:<22}{copy:>14}" + "".join(f"{c:>17}" for c in cells))
+    for mode, found in results["lookup"].items():
+        cells = "  ".join(
+            f"{t} p50 {found[t]['p50_us']:.0f} p99 {found[t]['p99_us']:.0f} us" for t in ("ipc", "tcp")
+        )
+        print(f"lookup {found['tokens']} tokens, {mode}: {cells}")
+    for r in results["results"]:
+        if "export_vmm_refusal" in r:
+            print(f"export, VMM pool ({r['shape']}): {r['export_vmm_refusal']}")
+            break
+    print(f"targets: {json.dumps(results['targets'])}")
+    failed = [name for name, ok in results["checks"].items() if not ok]
+    print("checks: all passed" if not failed else f"checks FAILED: {failed}")
 
 
-def server_transfer_ms(log_text: str, op: str, tokens: int) -> dict[str, float]:
-    """Median enqueue and copy-wait times of the server's DEBUG lines for ``op`` (store/retrieve)
-    of ``tokens`` tokens, the iteration-0 warm-up excluded."""
-    line = rf"{op} of {tokens} tokens for instance \d+: ([\d.]+) ms to enqueue, ([\d.]+) ms more"
-    found = re.findall(line, log_text)
-    pairs = [(float(a), float(b)) for a, b in found][1:]
-    if not pairs:
-        return {}
-    return {
-        "enqueue_ms": round(statistics.median(a for a, _ in pairs), 3),
-        "until_copied_ms": round(statistics.median(b for _, b in pairs), 3),
-        "total_ms": round(statistics.median(a + b for a, b in pairs), 3),
-    }
-
-
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", required=True, help="where to write the JSON results")
-    parser.add_argument("--tokens", type=int, default=32768, help="tokens per store/retrieve")
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--lookups", type=int, default=500, help="lookups per transport for latency")
-    parser.add_argument("--lookup-tokens", type=int, default=8192)
-    parser.add_argument("--device", type=int, default=0)
-    parser.add_argument("--l1-size-gb", type=float, default=16.0)
-    add_shape_args(parser)
+    parser.add_argument("--modes", default=",".join(pool_modes.MODES), help="pool-sharing modes to compare")
+    parser.add_argument("--shapes", help=f"MODEL:TOKENS_PER_BLOCK:TOKENS,... (default {DEFAULT_SHAPES})")
+    parser.add_argument("--iters", type=int, help="measured transfers per case (default 5)")
+    parser.add_argument("--lookups", type=int, help="lookups per transport for latency (default 500)")
+    parser.add_argument("--lookup-tokens", type=int, help="prompt length of the lookups (default 8192)")
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
+    parser.add_argument("--l1-size-gb", type=float, help="each server's L1 (default 8; --quick 0.5)")
+    parser.add_argument("--quick", action="store_true", help=f"small sizes: {QUICK}")
     args = parser.parse_args()
-    tpb, row = args.tokens_per_block, row_shape(args)
-    if not torch.cuda.is_available():
-        print("gpu_mp_check needs a CUDA device", file=sys.stderr)
-        return 2
-    tokens_n = args.tokens // CHUNK * CHUNK
-    blocks_n = tokens_n // tpb
-    num_blocks = 2 * blocks_n + 8
-    row_bytes = row[0] * row[1] * row[2] * 2
-    pool_bytes = num_blocks * row_bytes
-    results: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(args.device),
-        "torch": torch.__version__,
-        "cuda_ipc_backend": None,
-        "model_kv": args.model,
-        "tokens_per_block": tpb,
-        "pool_shape": [num_blocks, *row],
-        "tokens": tokens_n,
-        "bytes_per_transfer": blocks_n * row_bytes,
-        "iters": args.iters,
-        "checks": {},
-    }
-
-    tmpdir = Path(tempfile.mkdtemp(prefix="lmc-gpu-", dir="/tmp"))
-    ipc_path, port = str(tmpdir / "s.sock"), free_port()
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    )
-    log = open(tmpdir / "server.log", "wb")  # noqa: SIM115
-    server = subprocess.Popen(
-        [
-            sys.executable, "-m", "lmcache.v1.multiprocess.server", "--port", str(port),
-            "--ipc-path", ipc_path, "--l1-size-gb", str(args.l1_size_gb), "--eviction-policy", "LRU",
-            "--max-workers", "4", "--chunk-size", str(CHUNK),
-            "--log-level", "DEBUG",  # its per-transfer timing lines; nothing is logged per lookup
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )  # fmt: skip
-    free = None
-    ok = True
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.l1_size_gb is None:
+        args.l1_size_gb = 0.5 if args.quick else 8.0
+    if args.iters < 1 or args.lookups < 1 or args.lookup_tokens < 256:
+        parser.error("--iters and --lookups must be >= 1 and --lookup-tokens >= 256")
     try:
-        wait_for_server(f"tcp://127.0.0.1:{port}", 120)
-        ptr, free = raw_cuda_malloc(pool_bytes, args.device)
-        raw = torch.as_tensor(CudaArray(ptr, pool_bytes), device=torch.device("cuda", args.device))
-        pool = raw.view(torch.bfloat16).view(num_blocks, *row)
-        pool.normal_()
-        results["cuda_ipc_backend"] = cuda_api().name
-        wrapper = RawCudaIPCWrapper(pool)
-        ipc = CacheServerClient(f"ipc://{ipc_path}", timeout_s=120)
-        tcp = CacheServerClient(f"tcp://127.0.0.1:{port}", timeout_s=120)
-        info = ipc.register(wrapper, 0, 1, f"bench/{args.model}", tpb)
-        tcp.register(wrapper, 0, 1, f"bench/{args.model}", tpb)  # same allocation, opened once
-        results["server_chunk_size"] = info.chunk_size
+        args.modes = pool_modes.parse_modes(args.modes)
+        args.shapes = parse_shapes(args.shapes)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
 
-        # Stored from contiguous blocks, loaded into a random permutation of other blocks (TRT-LLM's
-        # block ids are scattered), so both the direct and the gather/scatter copy paths run.
-        gen = torch.Generator().manual_seed(0)
-        src = list(range(blocks_n))
-        dst = (blocks_n + torch.randperm(blocks_n, generator=gen)).tolist()
-        # As the MP adapter does: the prompt is hashed once (for the lookup) and its store and
-        # retrieve name the chunks by those hashes. A retrieve by tokens is timed beside it.
-        store_s, retrieve_s, by_tokens_s, equal = [], [], [], True
-        for i in range(args.iters + 1):  # iteration 0 warms up: L1 reserves its pinned slabs
-            ipc.clear()  # keeps the slabs; the next store reuses them
-            toks = torch.randint(0, 150_000, (tokens_n,), generator=gen).tolist()
-            hashes = ipc.chunk_hashes(toks)
-            prompt = hashes if hashes is not None else toks
-            pool[:blocks_n].normal_()
-            pool[blocks_n : 2 * blocks_n].zero_()
-            torch.cuda.synchronize()  # the blocks are final before the server reads them
-            stored, t_store = timed(lambda p=prompt: ipc.store(BlockTransfer(p, None, src, 0, tokens_n)))
-            hit = ipc.lookup(toks, pin_id="bench", chunk_hashes=hashes)
-            loaded, t_load = timed(
-                lambda p=prompt, n=hit: ipc.retrieve(BlockTransfer(p, None, dst, 0, n), pin_id="bench")
-            )
-            same = stored == tokens_n and hit == tokens_n and loaded == tokens_n
-            same = same and torch.equal(pool[src], pool[dst])
-            pool[blocks_n : 2 * blocks_n].zero_()
-            again, t_tokens = timed(lambda t=toks: ipc.retrieve(BlockTransfer(t, None, dst, 0, tokens_n)))
-            same = same and again == tokens_n and torch.equal(pool[src], pool[dst])
-            equal = equal and same
-            if i == 0:
-                results["store_cold_GBps"] = round(blocks_n * row_bytes / t_store / 1e9, 2)
-            else:
-                store_s.append(t_store)
-                retrieve_s.append(t_load)
-                by_tokens_s.append(t_tokens)
-        results["checks"]["retrieved_bytes_equal"] = equal
-        ok = ok and equal
 
-        nbytes = blocks_n * row_bytes
-        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        flat = raw[:nbytes]  # the first blocks_n rows, contiguous
-        d2h, h2d = [], []
-        for _ in range(args.iters):
-            d2h.append(timed(lambda: host.copy_(flat, non_blocking=True))[1])
-            h2d.append(timed(lambda: flat.copy_(host, non_blocking=True))[1])
-
-        def gbps(seconds: list[float]) -> float:
-            return round(nbytes / statistics.median(seconds) / 1e9, 2)
-
-        results["store_GBps"] = gbps(store_s)
-        results["retrieve_GBps"] = gbps(retrieve_s)
-        results["pinned_copy_d2h_GBps"] = gbps(d2h)
-        results["pinned_copy_h2d_GBps"] = gbps(h2d)
-        results["store_vs_copy"] = round(results["store_GBps"] / results["pinned_copy_d2h_GBps"], 3)
-        results["retrieve_vs_copy"] = round(results["retrieve_GBps"] / results["pinned_copy_h2d_GBps"], 3)
-        results["retrieve_by_tokens_vs_copy"] = round(gbps(by_tokens_s) / results["pinned_copy_h2d_GBps"], 3)
-
-        lookup_toks = torch.randint(0, 150_000, (args.lookup_tokens,), generator=gen).tolist()
-        lookup_n = args.lookup_tokens // CHUNK * CHUNK
-        torch.cuda.synchronize()
-        ipc.store(BlockTransfer(lookup_toks, None, list(range(lookup_n // tpb)), 0, lookup_n))
-        for name, client in (("ipc", ipc), ("tcp", tcp)):
-            for _ in range(20):
-                client.lookup(lookup_toks)
-            lat = timed_us(lambda c=client: c.lookup(lookup_toks), args.lookups)
-            hit = client.lookup(lookup_toks)
-            results[f"lookup_{name}_us_p50"] = round(percentile(lat, 50), 1)
-            results[f"lookup_{name}_us_p99"] = round(percentile(lat, 99), 1)
-            results["checks"][f"lookup_{name}_hit"] = hit == lookup_n
-            ok = ok and hit == lookup_n
-            # Where a lookup's time goes: the same lookup pinning its hit (as the adapter does),
-            # an empty round trip, and the client's own hashing of the prompt.
-            pinned = timed_us(lambda c=client: c.lookup(lookup_toks, pin_id="lat"), args.lookups)
-            client.release("lat")
-            results[f"lookup_pinned_{name}_us_p50"] = round(percentile(pinned, 50), 1)
-            results[f"ping_{name}_us_p50"] = round(percentile(timed_us(client.ping, args.lookups), 50), 1)
-        if ipc.chunk_hashes(lookup_toks) is not None:  # the server takes hashes: the client hashes
-            hashing = timed_us(lambda: ipc.chunk_hashes(lookup_toks), args.lookups)
-            results["lookup_client_hashing_us_p50"] = round(percentile(hashing, 50), 1)
-        stats = msgspec.structs.asdict(ipc.stats())
+def main() -> int:
+    args = parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("gpu_mp_check: no CUDA device is visible; use --device cpu (with --quick) on this machine",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    run = Run(args, device)
+    shm = os.statvfs("/dev/shm")
+    results: dict[str, Any] = {
+        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": str(device),
+        "torch": torch.__version__,
+        "modes": args.modes,
+        "iters": args.iters,
+        "shapes": [s.label for s in args.shapes],
+        "l1_size_gb": args.l1_size_gb,
+        "dev_shm_bytes": shm.f_blocks * shm.f_frsize,
+    }
+    workdir = Path(tempfile.mkdtemp(prefix="lmc-mp-check-", dir="/tmp"))
+    try:
+        for mode in args.modes:
+            run.servers[mode] = ServerProc(mode, args.l1_size_gb, workdir, free_port())
+        for server in run.servers.values():
+            server.connect(120)
+        for shape in args.shapes:
+            run.measure_shape(shape)
+        run.measure_lookups()
+        first = next(iter(run.servers.values()))
+        stats = msgspec.structs.asdict(first.ipc.stats())
         results["server_stats"] = {k: v for k, v in stats.items() if k != "instances"}
-        ipc.close()
-        tcp.close()
-        results["checks"]["unregistered_cleanly"] = True
-    except Exception as e:  # report what failed with the server log
-        ok = False
+    except Exception as e:  # report what failed, with the servers' logs
         results["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
-        server.terminate()
-        try:
-            results["server_exit_code"] = server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            results["server_exit_code"] = None
-        log.close()
-        server_log = (tmpdir / "server.log").read_text(errors="replace")
-        results["server_store"] = server_transfer_ms(server_log, "store", tokens_n)
-        results["server_retrieve"] = server_transfer_ms(server_log, "retrieve", tokens_n)
-        results["server_log_tail"] = server_log[-3000:]
-        if free is not None:
-            free()
-        results["ok"] = ok and results.get("server_exit_code") == 0
+        exits = {mode: server.stop() for mode, server in run.servers.items()}
+        results["server_exit_codes"] = exits
+        results["server_log_tails"] = {mode: s.log()[-3000:] for mode, s in run.servers.items()}
+        shutil.rmtree(workdir, ignore_errors=True)
+        results["results"] = run.rows
+        results["lookup"] = run.lookup
+        results["checks"] = run.checks
+        results["targets"] = run.targets()
+        results["ok"] = (
+            "error" not in results and all(run.checks.values()) and all(code == 0 for code in exits.values())
+        )
         Path(args.out).write_text(json.dumps(results, indent=2))
-        print(json.dumps({k: v for k, v in results.items() if k != "server_log_tail"}, indent=2))
+    print_table(results)
     return 0 if results["ok"] else 1
 
 

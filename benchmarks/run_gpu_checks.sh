@@ -1,32 +1,48 @@
 #!/usr/bin/env bash
 # The GPU runs behind benchmarks/RESULTS.md, on a CUDA machine (run from the repo root):
-#   benchmarks/run_gpu_checks.sh OUTDIR [tests] [transfer] [latency] [ttft] [overhead] [workload]   (default: all)
-# The tests marked gpu (pinned memory, side streams, CUDA IPC between processes), then the benchmarks; each
-# part writes its JSON and log into OUTDIR, so the parts can run as separate calls.
+#   benchmarks/run_gpu_checks.sh OUTDIR [modes] [tests] [transfer] [latency] [ttft] [overhead] [workload]
+# (default: all). The tests marked gpu (pinned memory, side streams, CUDA IPC between processes), then the
+# benchmarks; each part writes its JSON and log into OUTDIR, so the parts can run as separate calls.
+# `modes` alone is issue 13's acceptance in one call (a few minutes on an H200): the shared-L1 GPU tests,
+# gpu_mp_check.py with both pool-sharing modes for every shape, and TTFT at 16k in-process vs each mode:
+#   benchmarks/run_gpu_checks.sh "$OUT" modes
+# The exit status is non-zero if any part failed (each part's status is in OUTDIR/status.txt).
 set -u
 out=${1:-gpu-results}
 shift || true
-parts=${*:-tests transfer latency ttft overhead workload}
+parts=${*:-modes tests transfer latency ttft overhead workload}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/card.txt"
 git log -1 --format=%H 2>/dev/null | tee "$out/commit.txt"
+df -B1 /dev/shm | tee "$out/dev_shm.txt"  # the shared-L1 mode's L1 lives there
+failed=0
+: >"$out/status.txt"
 for part in $parts; do
     echo "== $part" | tee -a "$out/log.txt"
     case $part in
+    modes)
+        status=0
+        python3 -m pytest -q -p no:cacheprovider -m gpu tests/server/test_shared_l1_cuda.py \
+            >"$out/modes_tests.txt" 2>&1 || status=1
+        tail -5 "$out/modes_tests.txt"
+        python3 benchmarks/gpu_mp_check.py --out "$out/mp_modes.json" || status=1
+        python3 benchmarks/bench_ttft.py --device cuda --mp --no-disk --lengths 16384 --repeats 5 \
+            --out "$out/ttft_modes_16k.json" || status=1
+        exit $status ;;
     tests)
-        python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -5 ;;
+        python3 -m pytest -q -p no:cacheprovider -m gpu tests >"$out/gpu_tests.txt" 2>&1
+        status=$?
+        tail -5 "$out/gpu_tests.txt"
+        exit $status ;;
     transfer)
         python3 benchmarks/bench_engine.py --tokens 65536 --repeats 5 --out "$out/engine_qwen_t32_64k.json"
         for model in qwen2-1.5b llama-3.1-8b; do
             for tpb in 32 64; do
                 python3 benchmarks/bench_engine.py --tokens 16384 --repeats 10 --model $model \
                     --tokens-per-block $tpb --out "$out/engine_${model}_t${tpb}_16k.json"
-                python3 benchmarks/gpu_mp_check.py --tokens 16384 --model $model --tokens-per-block $tpb \
-                    --out "$out/mp_${model}_t${tpb}_16k.json"
             done
-        done
-        python3 benchmarks/gpu_mp_check.py --tokens 32768 --out "$out/mp_qwen2-1.5b_t32_32k.json" ;;
+        done ;;  # through the server: gpu_mp_check.py in `modes`
     latency)
         python3 benchmarks/bench_mp_latency.py --out "$out/mp_latency.json" ;;
     ttft)
@@ -39,4 +55,8 @@ for part in $parts; do
     *)
         echo "unknown part $part" >&2; exit 2 ;;
     esac 2>&1 | tee -a "$out/log.txt"
+    status=${PIPESTATUS[0]}
+    echo "$part $status" >>"$out/status.txt"
+    [ "$status" -eq 0 ] || failed=1
 done
+exit $failed

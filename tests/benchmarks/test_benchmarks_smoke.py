@@ -2,7 +2,7 @@
 
 No timing is asserted. The Redis variant of ``bench_ttft.py`` (``--redis-url``) is not run here at
 all (it would need a redis-server); the multi-process variant (``--mp``, a cache server
-subprocess) and the cold-disk variant are.
+subprocess per pool-sharing mode) and the cold-disk variant are.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def test_bench_ttft(tmp_path: Path) -> None:
     for key in ("card", "device", "model", "dtype", "prompt_lengths", "tiers", "results", "checks"):
         assert key in data
     assert data["prompt_lengths"] == [128, 256]
-    assert data["tiers"] == ["recompute", "l1", "disk", "mp", "disk_cold"]
+    assert data["tiers"] == ["recompute", "l1", "disk", "mp_export", "mp_shared-l1", "disk_cold"]
     rows = {(r["tokens"], r["tier"]): r for r in data["results"]}
     assert set(rows) == {(n, t) for n in (128, 256) for t in data["tiers"]}
     for (n, tier), r in rows.items():
@@ -73,6 +73,9 @@ def test_bench_ttft(tmp_path: Path) -> None:
         if tier != "recompute":
             assert r["kv_rows_bitwise_equal"] and r["logits_bitwise_equal_reference"]
             assert r["loaded_tokens"] == n - 16 and r["prefilled_tokens"] == 16
+        if tier.startswith("mp_"):
+            assert r["vs_inprocess"] > 0
+    assert rows[(128, "mp_shared-l1")]["vs_export"] > 0
 
 
 def test_bench_overhead(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ TRT-LLM's block layout and a tiny deterministic model that reads its K/V from th
 See README.md in this folder.
 """
 
-from .block_pool import BlockManager, KvPool, hash_chain
+from .block_pool import BlockManager, KvPool, PoolAllocator, hash_chain, zeros_pool
 from .connector_manager import KvCacheConnectorManager
 from .executor import ReplayExecutor, factories_from_config
 from .kv_manager import BAD_PAGE_INDEX, GroupedBlockManager
@@ -67,6 +67,7 @@ __all__ = [
     "LlmRequestState",
     "LocalRanks",
     "ModelConfig",
+    "PoolAllocator",
     "PrefixReservations",
     "ProcessGroupRanks",
     "Ranks",
@@ -85,4 +86,5 @@ __all__ = [
     "hash_chain",
     "simulated_rank",
     "wants_prefix_reservations",
+    "zeros_pool",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +42,15 @@ def hash_chain(tokens: list[int], tokens_per_block: int, salt_id: int | None = N
     return hashes
 
 
+PoolAllocator = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
+"""Allocates one rank's zero-filled pool tensor of ``(shape, dtype, device)``."""
+
+
+def zeros_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The default :data:`PoolAllocator`: ``torch.zeros`` (PyTorch's caching allocator)."""
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 class KvPool:
     """One primary pool tensor per TP rank, all sharing block ids."""
 
@@ -57,9 +66,11 @@ class KvPool:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         local_ranks: Sequence[int] | None = None,
+        allocate: PoolAllocator = zeros_pool,
     ) -> None:
         """``local_ranks``: the ranks whose pools live in this process (default: all); the others'
-        entries in ``tensors`` are empty ``meta`` tensors."""
+        entries in ``tensors`` are empty ``meta`` tensors. ``allocate``: how a local pool is made
+        (e.g. :func:`lmcache.testing.vmm_pool.allocate_vmm_pool`, memory like KVCacheManagerV2's)."""
         if num_kv_heads % tp_size:
             raise ValueError(f"num_kv_heads={num_kv_heads} must be divisible by tp_size={tp_size}")
         self.num_blocks = num_blocks
@@ -71,8 +82,9 @@ class KvPool:
         block_elems = self.heads_per_rank * tokens_per_block * head_dim
         # Zero-filled (TRT-LLM's cudaMalloc'd pool is not) so a never-written slot is never NaN.
         local = range(tp_size) if local_ranks is None else local_ranks
+        shape = (num_blocks, num_layers, 2, block_elems)
         self.tensors = [
-            torch.zeros(num_blocks, num_layers, 2, block_elems, dtype=dtype, device=device)
+            allocate(shape, dtype, torch.device(device))
             if rank in local
             else torch.empty(0, dtype=dtype, device="meta")
             for rank in range(tp_size)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .block_pool import BlockManager, KvPool
+from .block_pool import BlockManager, KvPool, PoolAllocator, zeros_pool
 from .connector_manager import KvCacheConnectorManager
 from .kv_manager import GroupedBlockManager
 from .layer_groups import GroupedKvPool
@@ -126,8 +126,10 @@ class ReplayExecutor:
         connector: tuple[ConnectorFactory, ConnectorFactory] | None = None,
         idle_timeout_s: float = 120.0,
         ranks: Ranks | None = None,
+        pool_allocator: PoolAllocator = zeros_pool,
     ) -> None:
-        """``ranks``: where the TP ranks live (default: all in this process, run in turn)."""
+        """``ranks``: where the TP ranks live (default: all in this process, run in turn);
+        ``pool_allocator``: how each local pool tensor is made (see :data:`PoolAllocator`)."""
         self.llm_args = llm_args
         self.model_config = model_config or ModelConfig()
         self.device = torch.device(device)
@@ -168,6 +170,7 @@ class ReplayExecutor:
             dtype=mc.dtype,
             device=self.device,
             local_ranks=self.ranks.local,
+            allocate=pool_allocator,
         )
         self._streams = _Streams(self.device)
         self.stats = ExecutorStats()

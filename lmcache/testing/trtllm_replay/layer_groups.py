@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .block_pool import KvPool
+from .block_pool import KvPool, PoolAllocator, zeros_pool
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,10 @@ class GroupedKvPool:
         dtype: torch.dtype,
         device: torch.device,
         local_ranks: Sequence[int] | None = None,
+        allocate: PoolAllocator = zeros_pool,
     ) -> None:
-        """``local_ranks``: the ranks whose pools live in this process (default: all)."""
+        """``local_ranks``: the ranks whose pools live in this process (default: all); ``allocate``:
+        how each local pool tensor is made."""
         self.groups = groups
         self.tokens_per_block = tokens_per_block
         self.pools = [
@@ -71,6 +73,7 @@ class GroupedKvPool:
                 dtype=dtype,
                 device=device,
                 local_ranks=local_ranks,
+                allocate=allocate,
             )
             for g in groups
         ]

@@ -1,0 +1,112 @@
+"""The shared-memory L1 mode on CUDA pools (issue 13's GPU acceptance); they run on a GPU machine.
+
+- A pool from ``cuMemCreate`` with no shareable handle (KVCacheManagerV2's kind of memory), in
+  TRT-LLM's layout, runs the MP replay end to end in the shared-L1 mode under the V1 and V2 KV
+  cache managers: outputs bit-equal to a run without a connector, the hit served by the cache.
+- The ``export`` mode refuses such a pool with an error naming the shared-L1 mode and how to ask
+  for it.
+- ``auto`` exports a raw ``cudaMalloc`` pool (CUDA IPC) and serves a VMM pool through shared L1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from support.e2e import MODEL, TPB, assert_same_output, prompt
+from support.server_process import MODEL as MODEL_NAME
+from support.server_process import POOL_SHAPE, ServerProcess
+from support.server_process import TPB as SERVER_TPB
+
+from lmcache.integration.tensorrt_llm.tensorrt_mp_adapter import reset_process_connections
+from lmcache.server.client import CacheServerClient
+from lmcache.server.client_errors import ServerError
+from lmcache.server.pool_sharing import PoolSharingError
+from lmcache.testing import pool_modes
+from lmcache.testing.cuda_pools import allocate_cudamalloc_pool
+from lmcache.testing.trtllm_replay import (
+    KV_MANAGER_MODES,
+    KvCacheConnectorConfig,
+    ReplayExecutor,
+    TorchLlmArgs,
+    llm_args_for,
+)
+from lmcache.testing.vmm_pool import allocate_vmm_pool, legacy_ipc_capable
+from lmcache.transfer import BlockTransfer
+
+pytestmark = pytest.mark.gpu
+
+StartServer = Callable[..., ServerProcess]
+
+
+def replay_args(mode: str, server_url: str | None) -> TorchLlmArgs:
+    connector = (
+        None if server_url is None else KvCacheConnectorConfig(connector="lmcache-mp", server_url=server_url)
+    )
+    return llm_args_for(mode, connector, model="replay/qwen-like", tokens_per_block=TPB)
+
+
+@pytest.fixture
+def shared_l1_server(start_server: StartServer, lmcache_env: pytest.MonkeyPatch) -> Iterator[ServerProcess]:
+    """A server in the shared-L1 mode, and the MP adapter of this process asking for that mode."""
+    lmcache_env.setenv(pool_modes.ENV, pool_modes.SHARED_L1)
+    reset_process_connections()
+    yield start_server("--chunk-size", "64", *pool_modes.server_args(pool_modes.SHARED_L1))
+    reset_process_connections()
+
+
+@pytest.mark.parametrize("mode", KV_MANAGER_MODES)
+def test_vmm_pool_runs_the_mp_replay_bit_equal(shared_l1_server: ServerProcess, mode: str) -> None:
+    p = prompt(300, start=11)
+    url = shared_l1_server.ipc_url
+    cold = ReplayExecutor(replay_args(mode, url), MODEL, device="cuda", pool_allocator=allocate_vmm_pool)
+    first = cold.generate([p], 6)[0]
+    assert not legacy_ipc_capable(cold.kv_caches[0])  # the memory cannot be exported: shared L1 serves it
+    warm = ReplayExecutor(replay_args(mode, url), MODEL, device="cuda", pool_allocator=allocate_vmm_pool)
+    again = warm.generate([p], 6)[0]
+    assert again.num_device_matched_tokens == 0
+    assert again.num_connector_matched_tokens == 256  # every full chunk but the one with the last token
+    want = ReplayExecutor(replay_args(mode, None), MODEL, device="cuda").generate([p], 6)[0]
+    assert_same_output(first, want)
+    assert_same_output(again, want)
+    with CacheServerClient(url, timeout_s=20) as client:
+        stats = client.stats()
+    assert {pool_modes.sharing_of_pool_kind(i.pool_kind) for i in stats.instances} == {pool_modes.SHARED_L1}
+    assert stats.pinned_lookups == 0
+
+
+def test_export_refuses_a_vmm_pool_naming_the_shared_l1_mode(start_server: StartServer) -> None:
+    server = start_server(*pool_modes.server_args(pool_modes.AUTO))
+    pool = allocate_vmm_pool(POOL_SHAPE, torch.float32, 0)
+    with (
+        CacheServerClient(server.ipc_url, timeout_s=20) as client,
+        pytest.raises((PoolSharingError, ServerError)) as refused,
+    ):
+        pool_modes.register(client, pool, pool_modes.EXPORT, MODEL_NAME, SERVER_TPB)
+    message = str(refused.value)
+    assert pool_modes.SHARED_L1 in message
+    # ... and how to select it: the client's argument, the adapter's variable or the server's flag.
+    assert any(way in message for way in (pool_modes.CLIENT_KWARG, pool_modes.ENV, pool_modes.SERVER_FLAG))
+
+
+@pytest.mark.parametrize(
+    ("allocate", "expected"),
+    [(allocate_cudamalloc_pool, pool_modes.CUDA_IPC), (allocate_vmm_pool, pool_modes.SHARED_L1)],
+    ids=["cudamalloc", "vmm"],
+)
+def test_auto_picks_the_mode_the_pool_allows(
+    start_server: StartServer, allocate: Callable[..., torch.Tensor], expected: str
+) -> None:
+    server = start_server(*pool_modes.server_args(pool_modes.AUTO))
+    pool = allocate(POOL_SHAPE, torch.float32, 0)
+    assert legacy_ipc_capable(pool) == (expected == pool_modes.CUDA_IPC)
+    pool[:8].normal_()
+    torch.cuda.synchronize()
+    tokens = list(range(1000, 1032))  # one chunk: four blocks of eight tokens
+    with CacheServerClient(server.ipc_url, timeout_s=20) as client:
+        info = pool_modes.register(client, pool, pool_modes.AUTO, MODEL_NAME, SERVER_TPB)
+        assert info.sharing == expected
+        assert client.store(BlockTransfer(tokens, None, [0, 1, 2, 3], 0, 32)) == 32
+        assert client.retrieve(BlockTransfer(tokens, None, [40, 9, 33, 20], 0, 32)) == 32
+    assert torch.equal(pool[[40, 9, 33, 20]], pool[[0, 1, 2, 3]])
