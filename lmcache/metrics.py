@@ -112,6 +112,8 @@ def health_report(engine: CacheEngine | None, server: Any = None) -> tuple[bool,
                 "server_id": info.server_id,
                 "uptime_s": round(info.uptime_s, 1),
                 "connected_instances": len(info.instances),
+                "pool_sharing": info.pool_sharing,
+                "instance_sharing": {str(i.instance_id): i.sharing for i in info.instances},
             }
     return healthy, body
 

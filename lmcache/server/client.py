@@ -87,12 +87,14 @@ from lmcache.server.client_errors import (
 )
 from lmcache.server.client_queued import QueuedPath
 from lmcache.server.client_registrations import Credentials, PromptHashes, Registration, Registrations
+from lmcache.server.client_shared_l1 import SharedL1Transfers
 from lmcache.transfer import BlockTransfer
 
 if TYPE_CHECKING:  # torch and pool sharing load on first register: `lmcache stats` never imports torch
     import torch
 
     from lmcache.server.pool_sharing import RawCudaIPCWrapper
+    from lmcache.server.shared_l1_worker import SharedL1Copier
 
 logger = init_logger(__name__)
 
@@ -172,6 +174,8 @@ class CacheServerClient:
             on_timeout=lambda: self.queued.mark_down(reset=True),
         )
         """The direct lane: calls that find it free wait for their reply in their own thread."""
+        self.shared_l1 = SharedL1Transfers(self._call, self.registrations)
+        """Stores and loads of the pools registered in the shared-L1 mode (this process copies)."""
         self._hb: threading.Thread | None = None
         if heartbeat_interval_s > 0:
             self._hb = threading.Thread(target=self._heartbeat_loop, name="lmcache-client-hb", daemon=True)
@@ -207,40 +211,57 @@ class CacheServerClient:
         *,
         instance_id: int | None = None,
         timeout_s: float | None = None,
+        pool_sharing: str = "auto",
     ) -> P.RegisterInfo:
-        """Share ``pool`` with the server (CPU: after ``pool.share_memory_()``; CUDA: raw IPC).
+        """Share ``pool`` with the server; becomes this client's default instance. Returns the server's
+        chunk size among others.
 
-        Becomes this client's default instance. Returns the server's chunk size among others.
+        ``pool_sharing`` (docs/multi-process.md): ``export`` (the server maps the pool: CPU after
+        ``pool.share_memory_()``, CUDA through raw IPC), ``shared-l1`` (this process copies between the
+        pool and the server's L1 in shared memory, inside :meth:`store` and :meth:`retrieve`), ``auto``
+        (the mode the server forces, else export where the pool can be exported, shared-l1 otherwise).
+        A descriptor or wrapper is registered as it is.
         """
-        from lmcache.server.pool_sharing import describe_pool
-
-        desc = describe_pool(pool)
         iid = new_instance_id() if instance_id is None else instance_id
         self.credentials.check_ipc_owner()
-        req = P.Register(
-            instance_id=iid,
-            rank=rank,
-            world_size=world_size,
-            model_name=model_name,
-            tokens_per_block=tokens_per_block,
-            pool=desc,
+        reg = Registration(
+            P.Register(
+                instance_id=iid,
+                rank=rank,
+                world_size=world_size,
+                model_name=model_name,
+                tokens_per_block=tokens_per_block,
+                pool=self._describe(pool, pool_sharing, timeout_s),
+            ),
+            pool,
+            policy=pool_sharing,
         )
         with self.registrations.lock:
-            info = self._call(req, P.RegisterInfo, timeout_s, retry_unknown=False)
-            reg = Registration(req, pool)
+            reg.copier = _copier_for(reg)
+            info = self._call(reg.request, P.RegisterInfo, timeout_s, retry_unknown=False)
             reg.update(info)
             self.registrations.add(iid, reg)
             self.instance_id = iid
             self.server_id = info.server_id
         logger.info(
-            "registered KV pool with the cache server at %s as instance %d (rank %d/%d, %s)",
+            "registered KV pool with the cache server at %s as instance %d (rank %d/%d, %s), sharing %s",
             self.url,
             iid,
             rank,
             world_size,
             model_name,
+            reg.mode,
         )
         return info
+
+    def _describe(self, pool: Any, policy: str, timeout_s: float | None) -> P.PoolDescriptor:
+        """The descriptor of ``pool`` in the mode ``policy`` picks (asking the server's in ``auto``)."""
+        from lmcache.server.pool_sharing import choose_sharing, describe_pool
+
+        if not hasattr(pool, "is_cuda"):  # a descriptor or wrapper: registered as it is
+            return describe_pool(pool)
+        server = self.ping(timeout_s=timeout_s).pool_sharing if policy == "auto" else "auto"
+        return describe_pool(pool, choose_sharing(pool, policy, server))
 
     def unregister(self, instance_id: int | None = None, *, timeout_s: float | None = None) -> bool:
         iid = self._iid(instance_id)
@@ -323,6 +344,9 @@ class CacheServerClient:
         already hold their final values (synchronize the producing stream).
         """
         iid = self._iid(instance_id)
+        reg = self.registrations.get(iid)
+        if reg is not None and reg.copier is not None:
+            return self.shared_l1.store(iid, transfer, timeout_s)
         req = P.Store(
             instance_id=iid,
             block_ids=P.tokens_to_bytes(transfer.block_ids),
@@ -347,6 +371,9 @@ class CacheServerClient:
         The prompt as for :meth:`store`; hashes must name every chunk up to the one holding ``end``.
         """
         iid = self._iid(instance_id)
+        reg = self.registrations.get(iid)
+        if reg is not None and reg.copier is not None:
+            return self.shared_l1.retrieve(iid, transfer, pin_id, pin_owner, timeout_s)
         req = P.Retrieve(
             instance_id=iid,
             block_ids=P.tokens_to_bytes(transfer.block_ids),
@@ -454,15 +481,19 @@ class CacheServerClient:
             reg = self.registrations.get(iid)
             if reg is None:
                 return
+            if reg.policy == "auto":  # the new server may force another mode
+                reg.request.pool = self._describe(reg.keep_alive, reg.policy, timeout_s)
+                reg.copier = _copier_for(reg, reg.copier)
             info = self._call_once(reg.request, P.RegisterInfo, timeout_s, False)
             reg.update(info)
             self.server_id = info.server_id
             self.reregistrations += 1
         logger.warning(
             "cache server at %s did not know instance %d (it restarted or reaped us); "
-            "registered the pool again",
+            "registered the pool again (sharing %s)",
             self.url,
             iid,
+            reg.mode,
         )
 
     def _call_once(self, req: Any, result_type: type[T], timeout_s: float | None, deadline: bool) -> T:
@@ -522,6 +553,17 @@ class CacheServerClient:
             except Exception:
                 if not self._stop.is_set():
                     logger.exception("heartbeat to %s", self.url)
+
+
+def _copier_for(reg: Registration, current: SharedL1Copier | None = None) -> SharedL1Copier | None:
+    """The copier a registration needs: ``current`` if it has one, a new one in the shared-L1 mode."""
+    if reg.mode != "shared-l1" or not hasattr(reg.keep_alive, "is_cuda"):  # no tensor: nothing to copy
+        return None
+    if current is not None:
+        return current
+    from lmcache.server.shared_l1_worker import SharedL1Copier
+
+    return SharedL1Copier(reg.keep_alive)
 
 
 def wait_for_server(url: str | None = None, timeout_s: float = 30.0) -> P.PingInfo:
