@@ -129,7 +129,7 @@ def _span_bytes(desc: PoolDescriptor) -> int:
             f"pool shape {desc.shape} is not [num_blocks, num_layers, kv_factor, block_elems] with "
             "every dimension > 0"
         )
-    if desc.offset_bytes % dtype.itemsize:
+    if getattr(desc, "offset_bytes", 0) % dtype.itemsize:  # a shared-L1 pool has no offset: nothing is mapped
         raise PoolSharingError(f"pool offset {desc.offset_bytes} is not aligned to {desc.dtype}")
     return _numel(desc.shape) * dtype.itemsize
 
