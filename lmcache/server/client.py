@@ -64,6 +64,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
@@ -174,8 +175,7 @@ class CacheServerClient:
             on_timeout=lambda: self.queued.mark_down(reset=True),
         )
         """The direct lane: calls that find it free wait for their reply in their own thread."""
-        self.shared_l1 = SharedL1Transfers(self._call, self.registrations)
-        """Stores and loads of the pools registered in the shared-L1 mode (this process copies)."""
+        self.shared_l1 = SharedL1Transfers(self._call, self.registrations)  # pools it copies for itself
         self._hb: threading.Thread | None = None
         if heartbeat_interval_s > 0:
             self._hb = threading.Thread(target=self._heartbeat_loop, name="lmcache-client-hb", daemon=True)
@@ -213,15 +213,10 @@ class CacheServerClient:
         timeout_s: float | None = None,
         pool_sharing: str = "auto",
     ) -> P.RegisterInfo:
-        """Share ``pool`` with the server; becomes this client's default instance. Returns the server's
-        chunk size among others.
-
-        ``pool_sharing`` (docs/multi-process.md): ``export`` (the server maps the pool: CPU after
-        ``pool.share_memory_()``, CUDA through raw IPC), ``shared-l1`` (this process copies between the
-        pool and the server's L1 in shared memory, inside :meth:`store` and :meth:`retrieve`), ``auto``
-        (the mode the server forces, else export where the pool can be exported, shared-l1 otherwise).
-        A descriptor or wrapper is registered as it is.
-        """
+        """Share ``pool`` with the server; becomes this client's default instance. ``pool_sharing``
+        (docs/multi-process.md): ``export`` (the server maps the pool: CPU after ``share_memory_()``,
+        CUDA through raw IPC), ``shared-l1`` (this process copies, inside :meth:`store` and
+        :meth:`retrieve`), ``auto`` (the server's forced mode, else export where possible)."""
         iid = new_instance_id() if instance_id is None else instance_id
         self.credentials.check_ipc_owner()
         reg = Registration(
@@ -231,7 +226,7 @@ class CacheServerClient:
                 world_size=world_size,
                 model_name=model_name,
                 tokens_per_block=tokens_per_block,
-                pool=self._describe(pool, pool_sharing, timeout_s),
+                pool=_descriptor(pool, pool_sharing, lambda: self.ping(timeout_s=timeout_s).pool_sharing),
             ),
             pool,
             policy=pool_sharing,
@@ -253,15 +248,6 @@ class CacheServerClient:
             reg.mode,
         )
         return info
-
-    def _describe(self, pool: Any, policy: str, timeout_s: float | None) -> P.PoolDescriptor:
-        """The descriptor of ``pool`` in the mode ``policy`` picks (asking the server's in ``auto``)."""
-        from lmcache.server.pool_sharing import choose_sharing, describe_pool
-
-        if not hasattr(pool, "is_cuda"):  # a descriptor or wrapper: registered as it is
-            return describe_pool(pool)
-        server = self.ping(timeout_s=timeout_s).pool_sharing if policy == "auto" else "auto"
-        return describe_pool(pool, choose_sharing(pool, policy, server))
 
     def unregister(self, instance_id: int | None = None, *, timeout_s: float | None = None) -> bool:
         iid = self._iid(instance_id)
@@ -344,8 +330,7 @@ class CacheServerClient:
         already hold their final values (synchronize the producing stream).
         """
         iid = self._iid(instance_id)
-        reg = self.registrations.get(iid)
-        if reg is not None and reg.copier is not None:
+        if self.registrations.copies_itself(iid):
             return self.shared_l1.store(iid, transfer, timeout_s)
         req = P.Store(
             instance_id=iid,
@@ -371,8 +356,7 @@ class CacheServerClient:
         The prompt as for :meth:`store`; hashes must name every chunk up to the one holding ``end``.
         """
         iid = self._iid(instance_id)
-        reg = self.registrations.get(iid)
-        if reg is not None and reg.copier is not None:
+        if self.registrations.copies_itself(iid):
             return self.shared_l1.retrieve(iid, transfer, pin_id, pin_owner, timeout_s)
         req = P.Retrieve(
             instance_id=iid,
@@ -482,8 +466,7 @@ class CacheServerClient:
             if reg is None:
                 return
             if reg.policy == "auto":  # the new server may force another mode
-                reg.request.pool = self._describe(reg.keep_alive, reg.policy, timeout_s)
-                reg.copier = _copier_for(reg, reg.copier)
+                _choose_again(reg, lambda: self.ping(timeout_s=timeout_s).pool_sharing)
             info = self._call_once(reg.request, P.RegisterInfo, timeout_s, False)
             reg.update(info)
             self.server_id = info.server_id
@@ -553,6 +536,23 @@ class CacheServerClient:
             except Exception:
                 if not self._stop.is_set():
                     logger.exception("heartbeat to %s", self.url)
+
+
+def _descriptor(pool: Any, policy: str, server_policy: Callable[[], str]) -> P.PoolDescriptor:
+    """The descriptor of ``pool`` in the mode ``policy`` picks (in ``auto``, after asking the server's
+    with ``server_policy``); a descriptor or wrapper is registered as it is."""
+    from lmcache.server.pool_sharing import choose_sharing, describe_pool
+
+    if not hasattr(pool, "is_cuda"):
+        return describe_pool(pool)
+    server = server_policy() if policy == "auto" else "auto"
+    return describe_pool(pool, choose_sharing(pool, policy, server))
+
+
+def _choose_again(reg: Registration, server_policy: Callable[[], str]) -> None:
+    """Pick the mode of an ``auto`` registration again (before re-registering with a new server)."""
+    reg.request.pool = _descriptor(reg.keep_alive, reg.policy, server_policy)
+    reg.copier = _copier_for(reg, reg.copier)
 
 
 def _copier_for(reg: Registration, current: SharedL1Copier | None = None) -> SharedL1Copier | None:

@@ -98,6 +98,11 @@ class Registrations:
             self._table.pop(instance_id, None)
             return next(iter(self._table), None)
 
+    def copies_itself(self, instance_id: int) -> bool:
+        """Whether this client registered the instance in the shared-L1 mode (it copies itself)."""
+        reg = self._table.get(instance_id)
+        return reg is not None and reg.copier is not None
+
     def copier(self, instance_id: int) -> SharedL1Copier:
         """The copier of a shared-L1 registration (re-registering may have changed the mode)."""
         reg = self._table.get(instance_id)
