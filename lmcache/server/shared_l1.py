@@ -211,16 +211,18 @@ class SharedL1Service:
         return P.SlotInfo(ref.slab, ref.offset, ref.nbytes)
 
     def _slab_news(self, instance_id: int, slab_ids: list[int]) -> tuple[list[P.SlabInfo], list[int]]:
-        """Descriptors of the slabs the instance has not been told of, and ids of those gone since."""
+        """Descriptors of every slab the reply's slots lie in, and ids of the slabs the instance was told
+        of that are gone since. Every reply describes its own slabs: a worker's concurrent requests (a
+        save and a load) may apply their replies in any order, and each copy needs its slabs mapped."""
         live = self.source.live_ids()
+        named = sorted(set(slab_ids))
         with self._lock:
             state = self._states.setdefault(instance_id, _InstanceState())
             forget = sorted(state.slabs - live)
             state.slabs -= set(forget)
-            new = sorted(set(slab_ids) - state.slabs)
-            state.slabs |= set(new)
+            state.slabs |= set(named)
         infos = []
-        for slab_id in new:
+        for slab_id in named:
             info = self.source.describe(slab_id)
             assert info is not None  # the slot is reserved or pinned: its slab is alive
             infos.append(P.SlabInfo(id=info.id, name=info.name, nbytes=info.nbytes))
