@@ -41,6 +41,8 @@ ENV_PREFIX = "LMCACHE_"
 HASH_ALGORITHMS = ("blake3", "sha256", "xxh3_128")
 CACHE_POLICIES = ("LRU", "LFU", "FIFO")
 SERDES = ("naive",)
+POOL_SHARING = ("auto", "export", "shared-l1")
+"""``pool_sharing``: how the MP connector shares a KV pool with the cache server (docs/multi-process.md)."""
 REMOTE_SCHEMES = ("redis://", "rediss://", "unix://", "redis-cluster://", "valkey://")
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -254,6 +256,7 @@ _CONVERT: dict[str, Callable[[str, object], object]] = {
     "tier_retry_max_s": lambda k, v: _float(k, v, 0.0, True, "a number of seconds > 0, e.g. 30"),
     "disk_fsync": _bool,
     "disk_verify_on_startup": _bool,
+    "pool_sharing": lambda k, v: _choice(k, v, POOL_SHARING, False),
 }
 
 # Settings that earlier versions read from ``extra_config``: still accepted there (validated, moved
@@ -335,6 +338,9 @@ class LMCacheEngineConfig:
     tier_retry_max_s: float = 30.0
     disk_fsync: bool = False
     disk_verify_on_startup: bool = False
+    pool_sharing: str = "auto"
+    """MP mode: ``export`` (the server maps the pool), ``shared-l1`` (the worker copies into the server's
+    shared-memory L1), ``auto`` (export where the pool can be exported; the server's forced mode)."""
 
     def __post_init__(self) -> None:
         """Convert strings (env/YAML) to typed values, then check cross-key rules."""

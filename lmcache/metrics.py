@@ -86,6 +86,8 @@ def health_report(snapshot: EngineSnapshot | None, server: Any = None) -> tuple[
                 "server_id": info.server_id,
                 "uptime_s": round(info.uptime_s, 1),
                 "connected_instances": len(info.instances),
+                "pool_sharing": info.pool_sharing,
+                "instance_sharing": {str(i.instance_id): i.sharing for i in info.instances},
             }
     return healthy, body
 

@@ -41,6 +41,15 @@ def restore_log_level():
     root.setLevel(level)
 
 
+def test_pool_sharing_is_validated_and_read_from_the_environment():
+    assert C.from_env({"LMCACHE_POOL_SHARING": "Shared-L1"}).pool_sharing == "shared-l1"
+    assert C.from_defaults(pool_sharing="export").pool_sharing == "export"
+    with pytest.raises(
+        ValueError, match="LMCACHE_POOL_SHARING / pool_sharing: 'ipc' is not allowed.*auto, export"
+    ):
+        C.from_env({"LMCACHE_POOL_SHARING": "ipc"})
+
+
 def _write(tmp_path, text: str):
     p = tmp_path / "cfg.yaml"
     p.write_text(text)
@@ -82,6 +91,7 @@ def test_defaults():
         "tier_retry_max_s": 30.0,
         "disk_fsync": False,
         "disk_verify_on_startup": False,
+        "pool_sharing": "auto",
     }
     assert c.max_local_cpu_bytes == 5 * GiB
     assert c.max_local_disk_bytes == 0

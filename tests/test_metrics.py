@@ -200,7 +200,7 @@ def test_server_metrics_port_serves_metrics_and_health(workdir: Path) -> None:
         assert status == 200 and body["status"] == "ok" and body["server"]["connected_instances"] == 0
         with CacheServerClient(server.ipc_url, timeout_s=20.0) as client:
             pool = shared_pool(seed=7)
-            client.register(pool, 0, 1, SERVER_MODEL, SERVER_TPB)
+            client.register(pool, 0, 1, SERVER_MODEL, SERVER_TPB, pool_sharing="export")
             tokens = list(range(3000, 3000 + 2 * SERVER_CHUNK))
             assert client.store(BlockTransfer(tokens, None, list(range(8)), 0, len(tokens))) == len(tokens)
             assert client.lookup(tokens) == len(tokens)

@@ -136,7 +136,7 @@ def test_dashboard_and_alerts_use_served_metrics(workdir: Path) -> None:
     try:
         base = metrics_base_url(server)
         with CacheServerClient(server.ipc_url, timeout_s=20.0) as client:
-            client.register(shared_pool(seed=3), 0, 1, MODEL, TPB)
+            client.register(shared_pool(seed=3), 0, 1, MODEL, TPB, pool_sharing="export")
             tokens = list(range(500, 500 + 2 * CHUNK))
             assert client.store(BlockTransfer(tokens, None, list(range(8)), 0, len(tokens))) == len(tokens)
             assert client.lookup(tokens) == len(tokens)

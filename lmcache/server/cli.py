@@ -17,7 +17,13 @@ import time
 from typing import Any
 
 from lmcache import __version__
-from lmcache.config import CACHE_POLICIES, LMCacheEngineConfig, check_host_resources, load_engine_config
+from lmcache.config import (
+    CACHE_POLICIES,
+    POOL_SHARING,
+    LMCacheEngineConfig,
+    check_host_resources,
+    load_engine_config,
+)
 from lmcache.logging import ROOT_LOGGER_NAME, configure_from_env, init_logger, parse_level
 from lmcache.server.security import add_security_arguments, security_settings
 
@@ -105,6 +111,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=None,
         help="tokens per cached chunk, a multiple of TRT-LLM's tokens_per_block "
         "[default: chunk_size from --config / LMCACHE_CHUNK_SIZE, else 256]",
+    )
+    parser.add_argument(
+        "--pool-sharing",
+        default=None,
+        choices=list(POOL_SHARING),
+        help="how workers' KV pools are shared: export (the server maps the pool: CUDA IPC, or a CPU pool's "
+        "shared memory), shared-l1 (the server maps nothing; each worker copies between its pool and "
+        "the server's L1 in shared memory: needs the same user), auto (per pool: export where the pool "
+        "can be exported, shared-l1 otherwise) "
+        "[default: pool_sharing from --config / LMCACHE_POOL_SHARING, else auto]",
     )
     parser.add_argument(
         "--config", default=None, help="YAML file of LMCacheEngineConfig keys (flags override it)"
@@ -207,6 +223,8 @@ def engine_config_from_args(args: argparse.Namespace) -> LMCacheEngineConfig:
         overrides["local_cpu"] = True
     if args.eviction_policy is not None:
         overrides["cache_policy"] = args.eviction_policy
+    if args.pool_sharing is not None:
+        overrides["pool_sharing"] = args.pool_sharing
     return base.with_overrides(**overrides) if overrides else base
 
 
@@ -255,11 +273,13 @@ def _print_summary(info: Any) -> None:
         f"({engine.get('retrieved_bytes', 0) / gib:.2f} GiB)"
     )
     print(f"  requests {info.requests}, errors {info.errors}, reaped clients {info.reaped_instances}")
+    print(f"  pool sharing: {info.pool_sharing}")
     print(f"  clients: {len(info.instances)}")
     for inst in info.instances:
         print(
             f"    instance {inst.instance_id} pid {inst.pid} rank {inst.rank}/{inst.world_size} "
-            f"{inst.model_name} {inst.pool_kind} {inst.pool_shape} {inst.dtype} idle {inst.idle_s:.1f} s"
+            f"{inst.model_name} {inst.sharing or inst.pool_kind} {inst.pool_shape} {inst.dtype} "
+            f"idle {inst.idle_s:.1f} s"
         )
 
 
@@ -287,11 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         disk_name=None,
     )
 
-    from lmcache.engine import CacheEngine
-    from lmcache.server.server import CacheServer, ServerConfig, ServerStartError
+    from lmcache.server.server import CacheServer, ServerConfig, ServerStartError, server_engine
 
     try:
-        engine = CacheEngine(config)
+        engine = server_engine(config, config.pool_sharing)
     except (ImportError, ValueError, OSError) as e:
         parser.error(str(e))
     server = CacheServer(
@@ -306,16 +325,20 @@ def main(argv: list[str] | None = None) -> int:
             max_frame_bytes=int(args.max_frame_mb * (1 << 20)),
             direct_port=None if args.direct_port < 0 else args.direct_port,
             busy_poll_s=args.busy_poll_us / 1e6,
+            pool_sharing=config.pool_sharing,
             **security,
         ),
     )
     logger.info(
-        "engine: chunk_size=%d, L1 %g GiB (%s, %s), %d workers",
+        "engine: chunk_size=%d, L1 %g GiB in shared memory (%s, %s), %d workers, pool sharing %s "
+        "(%d stale L1 region(s) of a crashed server removed)",
         config.chunk_size,
         config.max_local_cpu_size,
         config.cache_policy,
         "pinned in the background from start-up" if engine.l1.arena.pinned else "reserved as chunks arrive",
         args.max_workers,
+        config.pool_sharing,
+        engine.l1.arena.source.stale_removed,
     )
     try:
         server.start()

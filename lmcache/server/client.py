@@ -64,6 +64,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
@@ -87,12 +88,14 @@ from lmcache.server.client_errors import (
 )
 from lmcache.server.client_queued import QueuedPath
 from lmcache.server.client_registrations import Credentials, PromptHashes, Registration, Registrations
+from lmcache.server.client_shared_l1 import SharedL1Transfers
 from lmcache.transfer import BlockTransfer
 
 if TYPE_CHECKING:  # torch and pool sharing load on first register: `lmcache stats` never imports torch
     import torch
 
     from lmcache.server.pool_sharing import RawCudaIPCWrapper
+    from lmcache.server.shared_l1_worker import SharedL1Copier
 
 logger = init_logger(__name__)
 
@@ -172,6 +175,7 @@ class CacheServerClient:
             on_timeout=lambda: self.queued.mark_down(reset=True),
         )
         """The direct lane: calls that find it free wait for their reply in their own thread."""
+        self.shared_l1 = SharedL1Transfers(self._call, self.registrations)  # pools it copies for itself
         self._hb: threading.Thread | None = None
         if heartbeat_interval_s > 0:
             self._hb = threading.Thread(target=self._heartbeat_loop, name="lmcache-client-hb", daemon=True)
@@ -207,38 +211,41 @@ class CacheServerClient:
         *,
         instance_id: int | None = None,
         timeout_s: float | None = None,
+        pool_sharing: str = "auto",
     ) -> P.RegisterInfo:
-        """Share ``pool`` with the server (CPU: after ``pool.share_memory_()``; CUDA: raw IPC).
-
-        Becomes this client's default instance. Returns the server's chunk size among others.
-        """
-        from lmcache.server.pool_sharing import describe_pool
-
-        desc = describe_pool(pool)
+        """Share ``pool`` with the server; becomes this client's default instance. ``pool_sharing``
+        (docs/multi-process.md): ``export`` (the server maps the pool: CPU after ``share_memory_()``,
+        CUDA through raw IPC), ``shared-l1`` (this process copies, inside :meth:`store` and
+        :meth:`retrieve`), ``auto`` (the server's forced mode, else export where possible)."""
         iid = new_instance_id() if instance_id is None else instance_id
         self.credentials.check_ipc_owner()
-        req = P.Register(
-            instance_id=iid,
-            rank=rank,
-            world_size=world_size,
-            model_name=model_name,
-            tokens_per_block=tokens_per_block,
-            pool=desc,
+        reg = Registration(
+            P.Register(
+                instance_id=iid,
+                rank=rank,
+                world_size=world_size,
+                model_name=model_name,
+                tokens_per_block=tokens_per_block,
+                pool=_descriptor(pool, pool_sharing, lambda: self.ping(timeout_s=timeout_s).pool_sharing),
+            ),
+            pool,
+            policy=pool_sharing,
         )
         with self.registrations.lock:
-            info = self._call(req, P.RegisterInfo, timeout_s, retry_unknown=False)
-            reg = Registration(req, pool)
+            reg.copier = _copier_for(reg)
+            info = self._call(reg.request, P.RegisterInfo, timeout_s, retry_unknown=False)
             reg.update(info)
             self.registrations.add(iid, reg)
             self.instance_id = iid
             self.server_id = info.server_id
         logger.info(
-            "registered KV pool with the cache server at %s as instance %d (rank %d/%d, %s)",
+            "registered KV pool with the cache server at %s as instance %d (rank %d/%d, %s), sharing %s",
             self.url,
             iid,
             rank,
             world_size,
             model_name,
+            reg.mode,
         )
         return info
 
@@ -323,6 +330,8 @@ class CacheServerClient:
         already hold their final values (synchronize the producing stream).
         """
         iid = self._iid(instance_id)
+        if self.registrations.copies_itself(iid):
+            return self.shared_l1.store(iid, transfer, timeout_s)
         req = P.Store(
             instance_id=iid,
             block_ids=P.tokens_to_bytes(transfer.block_ids),
@@ -347,6 +356,8 @@ class CacheServerClient:
         The prompt as for :meth:`store`; hashes must name every chunk up to the one holding ``end``.
         """
         iid = self._iid(instance_id)
+        if self.registrations.copies_itself(iid):
+            return self.shared_l1.retrieve(iid, transfer, pin_id, pin_owner, timeout_s)
         req = P.Retrieve(
             instance_id=iid,
             block_ids=P.tokens_to_bytes(transfer.block_ids),
@@ -454,15 +465,18 @@ class CacheServerClient:
             reg = self.registrations.get(iid)
             if reg is None:
                 return
+            if reg.policy == "auto":  # the new server may force another mode
+                _choose_again(reg, lambda: self.ping(timeout_s=timeout_s).pool_sharing)
             info = self._call_once(reg.request, P.RegisterInfo, timeout_s, False)
             reg.update(info)
             self.server_id = info.server_id
             self.reregistrations += 1
         logger.warning(
             "cache server at %s did not know instance %d (it restarted or reaped us); "
-            "registered the pool again",
+            "registered the pool again (sharing %s)",
             self.url,
             iid,
+            reg.mode,
         )
 
     def _call_once(self, req: Any, result_type: type[T], timeout_s: float | None, deadline: bool) -> T:
@@ -522,6 +536,34 @@ class CacheServerClient:
             except Exception:
                 if not self._stop.is_set():
                     logger.exception("heartbeat to %s", self.url)
+
+
+def _descriptor(pool: Any, policy: str, server_policy: Callable[[], str]) -> P.PoolDescriptor:
+    """The descriptor of ``pool`` in the mode ``policy`` picks (in ``auto``, after asking the server's
+    with ``server_policy``); a descriptor or wrapper is registered as it is."""
+    from lmcache.server.pool_sharing import choose_sharing, describe_pool
+
+    if not hasattr(pool, "is_cuda"):
+        return describe_pool(pool)
+    server = server_policy() if policy == "auto" else "auto"
+    return describe_pool(pool, choose_sharing(pool, policy, server))
+
+
+def _choose_again(reg: Registration, server_policy: Callable[[], str]) -> None:
+    """Pick the mode of an ``auto`` registration again (before re-registering with a new server)."""
+    reg.request.pool = _descriptor(reg.keep_alive, reg.policy, server_policy)
+    reg.copier = _copier_for(reg, reg.copier)
+
+
+def _copier_for(reg: Registration, current: SharedL1Copier | None = None) -> SharedL1Copier | None:
+    """The copier a registration needs: ``current`` if it has one, a new one in the shared-L1 mode."""
+    if reg.mode != "shared-l1" or not hasattr(reg.keep_alive, "is_cuda"):  # no tensor: nothing to copy
+        return None
+    if current is not None:
+        return current
+    from lmcache.server.shared_l1_worker import SharedL1Copier
+
+    return SharedL1Copier(reg.keep_alive)
 
 
 def wait_for_server(url: str | None = None, timeout_s: float = 30.0) -> P.PingInfo:

@@ -7,13 +7,16 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmcache.keys import HASH_ALGORITHMS, TokenHasher, Tokens
 from lmcache.server import protocol as P
-from lmcache.server.client_errors import ServerUnavailable
+from lmcache.server.client_errors import ServerError, ServerUnavailable
 from lmcache.server.security import client_secret, trusted_owner
 from lmcache.transfer import BlockTransfer
+
+if TYPE_CHECKING:  # torch loads with the first shared-L1 registration: `lmcache stats` never imports it
+    from lmcache.server.shared_l1_worker import SharedL1Copier
 
 __all__ = ["Credentials", "PromptHashes", "Registration", "Registrations"]
 
@@ -42,8 +45,20 @@ class Registration:
     info: P.RegisterInfo | None = None
     hasher: TokenHasher | None = None
     """Hashes prompts as the server keys this instance's chunks; None: lookups carry tokens."""
+    policy: str = "export"
+    """The pool-sharing policy it was registered with (``auto`` is chosen again at re-registration)."""
+    copier: SharedL1Copier | None = None
+    """Set in the shared-L1 mode: copies between the pool and the server's L1 slots."""
+
+    @property
+    def mode(self) -> str:
+        """How the pool is shared (:data:`lmcache.server.protocol.SHARING_MODES`)."""
+        return P.sharing_mode(self.request.pool)
 
     def update(self, info: P.RegisterInfo) -> None:
+        """What the server answered to (re-)registering; a new server's slabs are mapped afresh."""
+        if self.copier is not None:
+            self.copier.on_server(info.server_id)
         self.info = info
         hashing = info.hashing
         self.hasher = None
@@ -82,6 +97,22 @@ class Registrations:
         with self.lock:
             self._table.pop(instance_id, None)
             return next(iter(self._table), None)
+
+    def copies_itself(self, instance_id: int) -> bool:
+        """Whether this client registered the instance in the shared-L1 mode (it copies itself)."""
+        reg = self._table.get(instance_id)
+        return reg is not None and reg.copier is not None
+
+    def copier(self, instance_id: int) -> SharedL1Copier:
+        """The copier of a shared-L1 registration (re-registering may have changed the mode)."""
+        reg = self._table.get(instance_id)
+        if reg is None or reg.copier is None:
+            raise ServerError(
+                P.ErrorCode.INVALID.value,
+                f"instance {instance_id} is no longer registered in the shared-l1 mode by this client",
+                "copy",
+            )
+        return reg.copier
 
     def cap(self, instance_id: int) -> bytes:
         """The capability the server gave the instance (b"" if unknown)."""

@@ -33,6 +33,7 @@ from lmcache.server.pool_sharing import PoolSharingError
 from lmcache.server.security import Peer, PeerPolicy, group_id, secret_matches
 from lmcache.server.service import CacheService, Call
 from lmcache.server.settings import ServerConfig
+from lmcache.server.shared_l1 import SharedL1Error
 
 logger = init_logger(__name__)
 
@@ -263,6 +264,8 @@ class Dispatcher:
             return P.Reply(rid=req.rid, ok=True, value=self.service.handle(req, call))
         except ServiceFailure as e:
             code, message = e.code, str(e)
+        except SharedL1Error as e:
+            code, message = e.code, f"{type(req).__name__.lower()}: {e}"
         except PoolSharingError as e:
             code, message = P.ErrorCode.BAD_POOL, str(e)
         except (ValueError, IndexError) as e:

@@ -29,15 +29,19 @@ Server side, :func:`open_pool` maps a descriptor and returns a :class:`MappedPoo
 once per allocation: opens are reference-counted per process because the driver maps an
 allocation only once per process).
 
-CUDA bindings are imported lazily, so CPU-only machines never need them. Order of preference:
-cuda-python's ``cuda.bindings`` (``driver``, ``runtime``), then the older ``cuda.cuda`` /
-``cuda.cudart`` modules, then the CUDA driver library (``libcuda.so.1``) through ctypes.
+Which mode a pool takes (:func:`choose_sharing`): ``export`` shares the pool itself (the two modes
+above); ``shared-l1`` shares nothing of it (the worker copies into the server's L1 in shared memory,
+:mod:`lmcache.server.shared_l1`); ``auto`` exports a CUDA pool the driver says is legacy-IPC capable
+(:func:`legacy_ipc_capable`) and takes ``shared-l1`` for every other pool (VMM memory from
+``cuMemCreate``, as KVCacheManagerV2 allocates, and CPU pools).
+
+CUDA bindings are imported lazily (:mod:`lmcache.server.cuda_driver`), so CPU-only machines never
+need them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import mmap
 import os
 import stat
@@ -47,8 +51,10 @@ from typing import Any
 
 import torch
 
+from lmcache.config import POOL_SHARING
 from lmcache.logging import init_logger
-from lmcache.server.protocol import CpuShmPool, CudaIpcPool, PoolDescriptor
+from lmcache.server.cuda_driver import CudaArray, PoolSharingError, cuda_api
+from lmcache.server.protocol import CpuShmPool, CudaIpcPool, PoolDescriptor, SharedL1Pool
 from lmcache.server.security import TCP_PEER, Peer
 
 logger = init_logger(__name__)
@@ -58,8 +64,17 @@ try:
 except ImportError:  # not built (no compiler at install): the size check before each copy remains
     _busguard = None
 
+POLICIES = POOL_SHARING
+"""What a client asks for (``pool_sharing`` / ``LMCACHE_POOL_SHARING``) and a server allows
+(``--pool-sharing``)."""
+
 __all__ = [
+    "POLICIES",
     "PoolSharingError",
+    "CudaArray",
+    "cuda_api",
+    "choose_sharing",
+    "legacy_ipc_capable",
     "MappedPool",
     "RawCudaIPCWrapper",
     "describe_pool",
@@ -89,10 +104,6 @@ _DTYPES = {
 _SHM_PREFIXES = ("/dev/shm/", "/memfd:")
 
 
-class PoolSharingError(ValueError):
-    """A pool cannot be shared (client side) or a descriptor cannot be mapped (server side)."""
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -118,7 +129,7 @@ def _span_bytes(desc: PoolDescriptor) -> int:
             f"pool shape {desc.shape} is not [num_blocks, num_layers, kv_factor, block_elems] with "
             "every dimension > 0"
         )
-    if desc.offset_bytes % dtype.itemsize:
+    if getattr(desc, "offset_bytes", 0) % dtype.itemsize:  # a shared-L1 pool has no offset: nothing is mapped
         raise PoolSharingError(f"pool offset {desc.offset_bytes} is not aligned to {desc.dtype}")
     return _numel(desc.shape) * dtype.itemsize
 
@@ -300,191 +311,6 @@ def _open_cpu(desc: CpuShmPool, peer: Peer) -> MappedPool:
     return MappedPool(tensor, desc, close, _checker=check)
 
 
-# ---- CUDA: the driver API, through whichever bindings are installed ----------------------------
-
-
-def _cuda_python() -> tuple[Any, Any] | None:
-    try:
-        from cuda.bindings import driver, runtime
-
-        return driver, runtime
-    except ImportError:
-        pass
-    try:
-        from cuda import cuda as driver  # cuda-python < 12.6
-        from cuda import cudart as runtime
-
-        return driver, runtime
-    except ImportError:
-        return None
-
-
-class _CudaPythonApi:
-    """cuda-python bindings: the runtime for IPC, the driver for address ranges and UUIDs."""
-
-    name = "cuda-python"
-
-    def __init__(self, driver: Any, runtime: Any) -> None:
-        self.driver = driver
-        self.runtime = runtime
-        self._check(driver.cuInit(0), "cuInit")
-
-    def _check(self, result: Any, what: str) -> Any:
-        err, *rest = result if isinstance(result, tuple) else (result,)
-        if int(err) != 0:
-            name = getattr(err, "name", str(err))
-            raise PoolSharingError(f"{what} failed: {name} ({int(err)})")
-        if not rest:
-            return None
-        return rest[0] if len(rest) == 1 else tuple(rest)
-
-    def set_device(self, ordinal: int) -> None:
-        self._check(self.runtime.cudaSetDevice(ordinal), "cudaSetDevice")
-
-    def address_range(self, ptr: int) -> tuple[int, int]:
-        base, size = self._check(self.driver.cuMemGetAddressRange(ptr), "cuMemGetAddressRange")
-        return int(base), int(size)
-
-    def ipc_get(self, base: int) -> bytes:
-        handle = self._check(self.runtime.cudaIpcGetMemHandle(base), "cudaIpcGetMemHandle")
-        return ctypes.string_at(handle.getPtr(), 64)
-
-    def ipc_open(self, handle: bytes) -> int:
-        h = self.runtime.cudaIpcMemHandle_t()
-        ctypes.memmove(h.getPtr(), handle, 64)
-        flags = self.runtime.cudaIpcMemLazyEnablePeerAccess
-        return int(self._check(self.runtime.cudaIpcOpenMemHandle(h, flags), "cudaIpcOpenMemHandle"))
-
-    def ipc_close(self, ptr: int) -> None:
-        self._check(self.runtime.cudaIpcCloseMemHandle(ptr), "cudaIpcCloseMemHandle")
-
-    def device_count(self) -> int:
-        return int(self._check(self.driver.cuDeviceGetCount(), "cuDeviceGetCount"))
-
-    def device_uuid(self, ordinal: int) -> str:
-        dev = self._check(self.driver.cuDeviceGet(ordinal), "cuDeviceGet")
-        uuid = self._check(self.driver.cuDeviceGetUuid(dev), "cuDeviceGetUuid")
-        raw = uuid.bytes
-        if isinstance(raw, str):
-            raw = raw.encode("latin-1")
-        return bytes(raw if isinstance(raw, (bytes, bytearray)) else [b & 0xFF for b in raw])[:16].hex()
-
-
-class _CUipcMemHandle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_char * 64)]
-
-
-class _CUuuid(ctypes.Structure):
-    _fields_ = [("bytes", ctypes.c_ubyte * 16)]
-
-
-class _CtypesDriverApi:
-    """The CUDA driver library through ctypes (no extra package; libcuda ships with the driver)."""
-
-    name = "libcuda (ctypes)"
-
-    def __init__(self) -> None:
-        try:
-            self.lib = ctypes.CDLL("libcuda.so.1")
-        except OSError as e:
-            raise PoolSharingError(
-                f"CUDA pool sharing needs cuda-python (pip install cuda-python) or the CUDA driver "
-                f"library libcuda.so.1, neither is available: {e}"
-            ) from None
-        self._contexts: dict[int, ctypes.c_void_p] = {}
-        self._check(self.lib.cuInit(0), "cuInit")
-
-    def _check(self, err: int, what: str) -> None:
-        if err != 0:
-            name = ctypes.c_char_p()
-            self.lib.cuGetErrorName(err, ctypes.byref(name))
-            label = name.value.decode() if name.value else "unknown"
-            raise PoolSharingError(f"{what} failed: {label} ({err})")
-
-    def set_device(self, ordinal: int) -> None:
-        ctx = self._contexts.get(ordinal)
-        if ctx is None:
-            dev = ctypes.c_int()
-            self._check(self.lib.cuDeviceGet(ctypes.byref(dev), ordinal), "cuDeviceGet")
-            ctx = ctypes.c_void_p()
-            self._check(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
-            self._contexts[ordinal] = ctx
-        self._check(self.lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
-
-    def address_range(self, ptr: int) -> tuple[int, int]:
-        base, size = ctypes.c_uint64(), ctypes.c_size_t()
-        fn = self.lib.cuMemGetAddressRange_v2
-        fn.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t), ctypes.c_uint64]
-        self._check(fn(ctypes.byref(base), ctypes.byref(size), ptr), "cuMemGetAddressRange")
-        return base.value, size.value
-
-    def ipc_get(self, base: int) -> bytes:
-        handle = _CUipcMemHandle()
-        fn = self.lib.cuIpcGetMemHandle
-        fn.argtypes = [ctypes.POINTER(_CUipcMemHandle), ctypes.c_uint64]
-        self._check(fn(ctypes.byref(handle), base), "cuIpcGetMemHandle")
-        return ctypes.string_at(ctypes.addressof(handle), 64)
-
-    def ipc_open(self, handle: bytes) -> int:
-        h = _CUipcMemHandle()
-        ctypes.memmove(ctypes.addressof(h), handle, 64)
-        ptr = ctypes.c_uint64()
-        fn = self.lib.cuIpcOpenMemHandle_v2
-        fn.argtypes = [ctypes.POINTER(ctypes.c_uint64), _CUipcMemHandle, ctypes.c_uint]
-        self._check(fn(ctypes.byref(ptr), h, 1), "cuIpcOpenMemHandle")  # 1: lazy peer access
-        return ptr.value
-
-    def ipc_close(self, ptr: int) -> None:
-        fn = self.lib.cuIpcCloseMemHandle
-        fn.argtypes = [ctypes.c_uint64]
-        self._check(fn(ptr), "cuIpcCloseMemHandle")
-
-    def device_count(self) -> int:
-        n = ctypes.c_int()
-        self._check(self.lib.cuDeviceGetCount(ctypes.byref(n)), "cuDeviceGetCount")
-        return n.value
-
-    def device_uuid(self, ordinal: int) -> str:
-        dev = ctypes.c_int()
-        self._check(self.lib.cuDeviceGet(ctypes.byref(dev), ordinal), "cuDeviceGet")
-        uuid = _CUuuid()
-        fn = getattr(self.lib, "cuDeviceGetUuid_v2", None) or self.lib.cuDeviceGetUuid
-        self._check(fn(ctypes.byref(uuid), dev), "cuDeviceGetUuid")
-        return bytes(uuid.bytes).hex()
-
-
-_api: Any = None
-_api_lock = threading.Lock()
-
-
-def cuda_api() -> Any:
-    """The CUDA binding in use (imported on first use)."""
-    global _api
-    with _api_lock:
-        if _api is None:
-            if os.environ.get("LMCACHE_CUDA_IPC_BACKEND", "").lower() != "ctypes" and (
-                mods := _cuda_python()
-            ):
-                _api = _CudaPythonApi(*mods)
-            else:
-                _api = _CtypesDriverApi()
-            logger.debug("CUDA IPC through %s", _api.name)
-        return _api
-
-
-class CudaArray:
-    """A bare ``__cuda_array_interface__`` so ``torch.as_tensor`` can wrap a raw device pointer."""
-
-    def __init__(self, ptr: int, nbytes: int) -> None:
-        self.__cuda_array_interface__ = {
-            "shape": (nbytes,),
-            "typestr": "|u1",
-            "data": (ptr, False),
-            "strides": None,
-            "version": 2,
-        }
-
-
 @dataclass
 class _Opened:
     ptr: int
@@ -536,7 +362,9 @@ class RawCudaIPCWrapper:
         except PoolSharingError as e:
             raise PoolSharingError(
                 f"{e}: the pool's memory cannot be exported with cudaIpcGetMemHandle (memory from "
-                "cuMemCreate / PyTorch expandable segments is not supported)"
+                "cuMemCreate, as KVCacheManagerV2 or PyTorch expandable segments allocate it); register "
+                "it in the shared-L1 mode instead: LMCACHE_POOL_SHARING=shared-l1 (or auto, the default, "
+                "which picks it for such memory)"
             ) from None
         nbytes = tensor.numel() * tensor.element_size()
         if ptr - base + nbytes > size:
@@ -608,14 +436,54 @@ def _release_cuda(key: tuple[str, bytes], api: Any) -> None:
 # ---- both -----------------------------------------------------------------------------------------
 
 
-def describe_pool(pool: torch.Tensor | PoolDescriptor | RawCudaIPCWrapper) -> PoolDescriptor:
-    """The descriptor to register a pool with (CPU: shared memory; CUDA: :class:`RawCudaIPCWrapper`)."""
-    if isinstance(pool, (CpuShmPool, CudaIpcPool)):
+def legacy_ipc_capable(tensor: torch.Tensor) -> bool:
+    """Whether the driver says ``tensor``'s memory can be exported with ``cudaIpcGetMemHandle``
+    (``CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE``); False for CPU tensors."""
+    if not tensor.is_cuda:
+        return False
+    api = cuda_api()
+    api.set_device(tensor.device.index if tensor.device.index is not None else torch.cuda.current_device())
+    return api.legacy_ipc_capable(tensor.data_ptr())
+
+
+def choose_sharing(pool: torch.Tensor, requested: str, server: str = "auto") -> str:
+    """The mode a pool is registered in: ``cuda-ipc``, ``cpu-shm`` or ``shared-l1``.
+
+    ``requested`` is the client's policy (:data:`POLICIES`); in ``auto`` it follows ``server``, the
+    server's, when that forces a mode. ``export``: the pool itself is shared (CUDA IPC, or the CPU
+    pool's shared memory). ``auto``: CUDA IPC for a legacy-IPC capable CUDA pool, else ``shared-l1``.
+    A forced client mode the server does not allow is refused by the server, naming both settings.
+    """
+    if requested not in POLICIES:
+        raise PoolSharingError(f"pool_sharing must be one of {', '.join(POLICIES)}, got {requested!r}")
+    policy = server if requested == "auto" and server in POLICIES else requested
+    if policy == "export":
+        return "cuda-ipc" if pool.is_cuda else "cpu-shm"
+    if policy == "shared-l1" or not pool.is_cuda:
+        return "shared-l1"
+    try:
+        capable = legacy_ipc_capable(pool)
+    except PoolSharingError as e:  # no driver answer: the mode that needs nothing from the driver
+        logger.warning("cannot tell whether the KV pool can be exported (%s); using shared-l1", e)
+        return "shared-l1"
+    return "cuda-ipc" if capable else "shared-l1"
+
+
+def describe_pool(
+    pool: torch.Tensor | PoolDescriptor | RawCudaIPCWrapper, mode: str | None = None
+) -> PoolDescriptor:
+    """The descriptor to register a pool with in ``mode`` (see :func:`choose_sharing`; None: export,
+    CPU pools through shared memory, CUDA pools through :class:`RawCudaIPCWrapper`)."""
+    if isinstance(pool, (CpuShmPool, CudaIpcPool, SharedL1Pool)):
         return pool
     if isinstance(pool, RawCudaIPCWrapper):
         return pool.descriptor
     if not isinstance(pool, torch.Tensor):
         raise TypeError(f"expected a pool tensor or descriptor, got {type(pool).__name__}")
+    if mode == "shared-l1":
+        if not pool.is_contiguous():
+            raise PoolSharingError("the KV pool tensor must be contiguous")
+        return SharedL1Pool(shape=list(pool.shape), dtype=dtype_name(pool.dtype), pid=os.getpid())
     if pool.is_cuda:
         return RawCudaIPCWrapper(pool).descriptor
     return share_cpu_pool(pool)
@@ -627,4 +495,7 @@ def open_pool(desc: PoolDescriptor, peer: Peer = TCP_PEER) -> MappedPool:
         return _open_cpu(desc, peer)
     if isinstance(desc, CudaIpcPool):
         return RawCudaIPCWrapper.open(desc)
+    if isinstance(desc, SharedL1Pool):  # nothing to map: the layout only, on the meta device
+        _span_bytes(desc)
+        return MappedPool(torch.empty(desc.shape, dtype=dtype_from_name(desc.dtype), device="meta"), desc)
     raise PoolSharingError(f"unknown pool descriptor {type(desc).__name__}")

@@ -464,6 +464,9 @@ class RegisterInfo(msgspec.Struct, kw_only=True):
     """The instance's capability: every later request naming the instance must carry it."""
     sharing: str = ""
     """How the pool is shared (:data:`SHARING_MODES`)."""
+    pool_sharing: str = "auto"
+    """The server's policy (``--pool-sharing``): ``auto``, or the mode it forces (``export``,
+    ``shared-l1``)."""
 
 
 class PingInfo(msgspec.Struct, kw_only=True):
@@ -473,6 +476,8 @@ class PingInfo(msgspec.Struct, kw_only=True):
     uptime_s: float
     version: str = ""
     direct: DirectLane | None = None
+    pool_sharing: str = "auto"
+    """As :attr:`RegisterInfo.pool_sharing`: a client in ``auto`` registers in the mode a server forces."""
 
 
 class HeartbeatInfo(msgspec.Struct, kw_only=True):
@@ -491,6 +496,8 @@ class InstanceStats(msgspec.Struct, kw_only=True):
     dtype: str
     pid: int
     idle_s: float
+    sharing: str = ""
+    """How its pool is shared (:data:`SHARING_MODES`)."""
 
 
 class StatsInfo(msgspec.Struct, kw_only=True):
@@ -512,6 +519,8 @@ class StatsInfo(msgspec.Struct, kw_only=True):
     instances: list[InstanceStats] = []
     refusals: dict[str, int] = {}
     """Requests refused by a security check or a resource cap, by reason."""
+    pool_sharing: str = "auto"
+    """The server's pool-sharing policy (``--pool-sharing``)."""
 
 
 # ---- encoding -----------------------------------------------------------------------------------

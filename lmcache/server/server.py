@@ -10,6 +10,11 @@ ZMQ ROUTER socket and the direct lane (see :mod:`lmcache.server.protocol`).
 * :mod:`lmcache.server.transport` and :mod:`lmcache.server.listeners` - the sockets and the I/O
   loop, run by the caller of :meth:`CacheServer.serve_forever` (the main thread under the CLI).
 
+The engine's L1 lives in shared memory (:func:`server_engine`), so besides pools it maps (CUDA IPC,
+CPU shared memory) the server serves pools it never maps: their workers copy into L1 slots
+themselves (:mod:`lmcache.server.shared_l1`, plugged in by :mod:`lmcache.server.shared_l1_handlers`).
+Closing the server removes the L1's shared-memory regions.
+
 A **reaper thread** drops instances that stopped heartbeating for ``client_timeout_s``
 (releasing their pool mapping and their pins; the chunks they stored stay cached) and pins no
 request came back for within ``pin_ttl_s``.
@@ -22,6 +27,7 @@ import threading
 
 import zmq
 
+from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine
 from lmcache.logging import init_logger
 from lmcache.server import protocol as P
@@ -31,12 +37,16 @@ from lmcache.server.listeners import Listeners, ServerStartError
 from lmcache.server.security import SecretError, load_or_create_secret
 from lmcache.server.service import CacheService
 from lmcache.server.settings import DEFAULT_IPC_PATH, DIRECT_SUFFIX, ServerConfig
+from lmcache.server.shared_l1 import SharedL1Service
+from lmcache.server.shared_l1_handlers import SharedL1Handlers
 from lmcache.server.transport import ServerTransport
+from lmcache.shm_slabs import SHM_DIR, ShmSlabSource
 
 logger = init_logger(__name__)
 
 __all__ = [
     "CacheServer",
+    "server_engine",
     "ServerConfig",
     "ServerStartError",
     "DEFAULT_IPC_PATH",
@@ -46,8 +56,26 @@ __all__ = [
 ]
 
 
+def server_engine(
+    config: LMCacheEngineConfig,
+    pool_sharing: str = "auto",
+    *,
+    pinned: bool | None = None,
+    shm_dir: str = SHM_DIR,
+) -> CacheEngine:
+    """The server's engine: its L1 in shared-memory slabs (0600, this user's; stale ones of a crashed
+    server removed first), page-locked only if the server itself may copy into CUDA pools (``pinned``
+    None: CUDA is available and ``pool_sharing`` allows export)."""
+    if pinned is None:
+        from lmcache.memory import pinned_memory_available
+
+        pinned = pool_sharing != "shared-l1" and pinned_memory_available()
+    return CacheEngine(config, slab_source=ShmSlabSource(pinned, shm_dir=shm_dir))
+
+
 class CacheServer:
-    """Serves one engine to many clients: start / serve_forever / stop / close."""
+    """Serves one engine to many clients: start / serve_forever / stop / close. With an engine whose
+    L1 is in shared memory (:func:`server_engine`) it also serves the shared-L1 mode."""
 
     def __init__(
         self, engine: CacheEngine, config: ServerConfig | None = None, *, context: zmq.Context | None = None
@@ -56,6 +84,8 @@ class CacheServer:
         self.config = config or ServerConfig()
         self.counters = ServerCounters()
         self.service = CacheService(engine, self.config, self.counters)
+        if isinstance(engine.l1.arena.source, ShmSlabSource):
+            SharedL1Handlers.install(self.service, SharedL1Service(engine))
         self.admission = Admission(self.config)
         self._stop = threading.Event()
         self.dispatcher = Dispatcher(self.service, self.config, self.admission, self._stop)
@@ -165,6 +195,7 @@ class CacheServer:
         self._stop.set()
         self.dispatcher.shutdown()
         self.service.close()
+        self.engine.l1.arena.close()  # the L1's shared-memory names go (mappings stay valid)
         self.transport.close()
         logger.info("LMCache server stopped")
 

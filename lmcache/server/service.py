@@ -28,7 +28,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,9 +42,13 @@ from lmcache.server.failures import ServerCounters, ServiceFailure
 from lmcache.server.instances import Instance, InstanceRegistry, client_key
 from lmcache.server.pins import PinKey, PinRecord, PinTable
 from lmcache.server.pool_sharing import PoolSharingError, open_pool
+from lmcache.server.prompts import InvalidPrompt, request_prompt
 from lmcache.server.security import Peer
 from lmcache.server.settings import ServerConfig
 from lmcache.transfer import BlockTransfer
+
+if TYPE_CHECKING:
+    from lmcache.server.shared_l1 import SharedL1Service
 
 logger = init_logger(__name__)
 
@@ -96,6 +100,8 @@ class CacheService:
         self.direct: P.DirectLane | None = None
         """Where the direct lane listens (set by the transport once bound); sent with ping / register."""
         self.instances = InstanceRegistry(config, self.counters, self.server_id)
+        self.shared_l1: SharedL1Service | None = None
+        """The shared-L1 ops' service, once plugged in (:mod:`lmcache.server.shared_l1_handlers`)."""
         self.pins = PinTable()
         self.instances.on_retire.append(self._release_owned_pins)
         self.handlers: dict[type, Handler] = {}
@@ -143,6 +149,7 @@ class CacheService:
             uptime_s=time.monotonic() - self.started,
             version=_package_version(),
             direct=self.direct,
+            pool_sharing=self.config.pool_sharing,
         )
 
     def heartbeat(self, req: P.Heartbeat) -> P.HeartbeatInfo:
@@ -183,6 +190,7 @@ class CacheService:
                 dtype=i.request.pool.dtype,
                 pid=i.request.pool.pid,
                 idle_s=round(now - i.last_seen, 3),
+                sharing=P.sharing_mode(i.request.pool),
             )
             for i in self.instances.snapshot()
         ]
@@ -205,6 +213,7 @@ class CacheService:
             reaped_instances=counters.reaped,
             engine={k: int(v) for k, v in asdict(engine.stats).items()},
             instances=instances,
+            pool_sharing=self.config.pool_sharing,
         )
 
     def close(self) -> None:
@@ -225,6 +234,7 @@ class CacheService:
             return self._register_info(old, refreshed=True)
         if old is not None:
             self.instances.retire(old, "registered again with another pool")
+        self._check_sharing(req.pool)
         pool = open_pool(req.pool, call.peer)
         try:
             try:
@@ -249,7 +259,7 @@ class CacheService:
             req.rank,
             req.world_size,
             req.model_name,
-            pool.kind,
+            P.sharing_mode(req.pool),
             list(pool.tensor.shape),
             req.pool.dtype,
             req.tokens_per_block,
@@ -273,7 +283,27 @@ class CacheService:
             hashing=hashing,
             direct=self.direct,
             cap=inst.cap,
+            sharing=P.sharing_mode(inst.request.pool),
+            pool_sharing=self.config.pool_sharing,
         )
+
+    def _check_sharing(self, desc: P.PoolDescriptor) -> None:
+        """Refuse a pool registered in a mode this server does not take (``--pool-sharing``)."""
+        mode, policy = P.sharing_mode(desc), self.config.pool_sharing
+        if policy != "auto" and (mode == "shared-l1") != (policy == "shared-l1"):
+            self.counters.refuse("pool_sharing")
+            raise ServiceFailure(
+                P.ErrorCode.BAD_POOL,
+                f"this server takes only {policy} pools (--pool-sharing {policy}) and this pool came as "
+                f"{mode}; set LMCACHE_POOL_SHARING=auto (it follows the server) or {policy} on the client, "
+                "or restart the server with --pool-sharing auto",
+            )
+        if mode == "shared-l1" and self.shared_l1 is None:
+            raise ServiceFailure(
+                P.ErrorCode.BAD_POOL,
+                "this server's L1 is not in shared memory, so it cannot take a shared-l1 pool; register "
+                "with LMCACHE_POOL_SHARING=export (the server's engine must come from server_engine())",
+            )
 
     def unregister(self, req: P.Unregister, call: Call) -> bool:
         inst = self.instances.remove(req.instance_id, req.cap)
@@ -324,7 +354,7 @@ class CacheService:
                 "retrieve or release earlier lookups first",
             )
 
-    def _pin_key(self, inst: Instance, pin_owner: int | None, pin_id: int | str) -> PinKey:
+    def pin_key(self, inst: Instance, pin_owner: int | None, pin_id: int | str) -> PinKey:
         """The pins a request of ``inst`` may act on: its own lookup's, or those of ``pin_owner``, an
         instance of the same client, model and world (the scheduler's rank of a TP world)."""
         if pin_owner is None or pin_owner == inst.instance_id:
@@ -345,12 +375,12 @@ class CacheService:
 
     def release(self, req: P.Release, call: Call) -> bool:
         with self.instances.use(req.instance_id, req.cap) as inst:
-            key = self._pin_key(inst, req.pin_owner, req.pin_id)
+            key = self.pin_key(inst, req.pin_owner, req.pin_id)
         held = self.pins.pop(key)
         self.engine.release(key)
         return held
 
-    def _rank_done(self, key: PinKey, rank: int) -> None:
+    def rank_done(self, key: PinKey, rank: int) -> None:
         """A rank has loaded: its pins of the lookup go now, the lookup's record once every rank of
         the world has loaded (or on release / owner reaped / TTL)."""
         self.engine.release(key, rank)
@@ -369,27 +399,10 @@ class CacheService:
         """The request's transfer: its prompt (token ids, or the chunk hashes the client sent instead),
         salt, block ids and range."""
         blocks = P.ids_from_wire(req.block_ids, "block_ids")
-        prompt: np.ndarray | ChunkHashes
-        if req.chunk_hashes is not None:
-            if len(req.tokens) or req.cache_salt is not None:
-                raise ServiceFailure(
-                    P.ErrorCode.INVALID,
-                    "send the prompt either as tokens (with cache_salt) or as chunk_hashes (the salt "
-                    "folded in), not both",
-                )
-            digest_size = self.engine.hasher(inst.space).digest_size
-            prompt = ChunkHashes.from_bytes(req.chunk_hashes, digest_size, self.engine.config.chunk_size)
-            if req.start > req.end:
-                raise ServiceFailure(
-                    P.ErrorCode.INVALID, f"range [{req.start}, {req.end}) ends before it starts"
-                )
-        else:
-            prompt = P.ids_from_wire(req.tokens, "tokens")
-            if not req.start <= req.end <= len(prompt):
-                raise ServiceFailure(
-                    P.ErrorCode.INVALID,
-                    f"range [{req.start}, {req.end}) is not within the request's {len(prompt)} tokens",
-                )
+        try:
+            prompt = request_prompt(self.engine, inst.space, req)
+        except InvalidPrompt as e:
+            raise ServiceFailure(P.ErrorCode.INVALID, str(e)) from None
         # Only the blocks the range touches are read; others may be -1 (no page, e.g. a passed window).
         num_blocks = inst.space.layout.num_blocks
         tpb = inst.space.layout.tokens_per_block
@@ -404,6 +417,13 @@ class CacheService:
             self.counters.refuse("repeated_blocks")
             raise ServiceFailure(
                 P.ErrorCode.INVALID, "block ids repeat: each block of a prompt holds distinct tokens"
+            )
+        if isinstance(inst.request.pool, P.SharedL1Pool):
+            raise ServiceFailure(
+                P.ErrorCode.INVALID,
+                f"instance {inst.instance_id} registered its pool in the shared-l1 mode: the server cannot "
+                "reach its blocks; send store_reserve / load and copy in the worker (CacheServerClient "
+                "does this itself)",
             )
         self._check_pool(inst)
         return BlockTransfer(prompt, req.cache_salt, blocks.tolist(), req.start, req.end)
@@ -428,7 +448,7 @@ class CacheService:
 
     def retrieve(self, req: P.Retrieve, call: Call) -> int:
         with self.instances.use(req.instance_id, req.cap) as inst:
-            key = None if req.pin_id is None else self._pin_key(inst, req.pin_owner, req.pin_id)
+            key = None if req.pin_id is None else self.pin_key(inst, req.pin_owner, req.pin_id)
             try:
                 transfer = self._transfer_args(req, inst)
                 began = time.perf_counter()
@@ -438,7 +458,7 @@ class CacheService:
                 return loaded
             finally:
                 if key is not None:  # the blocks are loaded (or the load failed): the pins may go
-                    call.after_reply(functools.partial(self._rank_done, key, inst.rank))
+                    call.after_reply(functools.partial(self.rank_done, key, inst.rank))
 
 
 def _copies_done(inst: Instance, op: str, tokens: int, began: float) -> None:

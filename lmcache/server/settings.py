@@ -59,5 +59,8 @@ class ServerConfig:
     """A direct connection that sent nothing for this long is closed (the client reopens it)."""
     frame_timeout_s: float = 30.0
     """A direct connection whose unfinished frame got no byte for this long is closed."""
+    pool_sharing: str = "auto"
+    """Pool-sharing modes taken at ``register`` (``--pool-sharing``): ``auto`` (any), ``export`` (the
+    server maps the pool: CUDA IPC, CPU shared memory), ``shared-l1`` (the worker copies into L1)."""
     pin_share: float = 0.25
     """Largest fraction of L1 the pins of one instance's lookups may hold (``limit`` beyond)."""

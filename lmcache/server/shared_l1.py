@@ -18,13 +18,11 @@ import itertools
 import threading
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from lmcache.chunk_copy import StoreSlot
 from lmcache.engine import CacheEngine, KeySpace, LoadHold
-from lmcache.keys import ChunkHashes
 from lmcache.memory import SlotRef
 from lmcache.server import protocol as P
+from lmcache.server.prompts import request_prompt
 from lmcache.shm_slabs import ShmSlabSource
 
 DEFAULT_MAX_TICKETS = 64
@@ -92,7 +90,7 @@ class SharedL1Service:
 
     def store_reserve(self, scope: InstanceScope, req: P.StoreReserve) -> P.StoreSlots:
         """Reserve slots for the chunks of the request's range not cached yet."""
-        prompt = self._prompt(scope, req)
+        prompt = request_prompt(self.engine, scope.space, req)
         self._check_room(scope.instance_id)
         slots = list(
             self.engine.reserve_store(scope.space, scope.rank, prompt, req.cache_salt, req.start, req.end)
@@ -123,7 +121,7 @@ class SharedL1Service:
 
     def load(self, scope: InstanceScope, req: P.Load) -> P.LoadSlots:
         """Pin the chunks of the request's range, up to the first not cached."""
-        prompt = self._prompt(scope, req)
+        prompt = request_prompt(self.engine, scope.space, req)
         self._check_room(scope.instance_id)
         hold = self.engine.hold_load(scope.space, scope.rank, prompt, req.cache_salt, req.start, req.end)
         try:
@@ -176,25 +174,6 @@ class SharedL1Service:
 
     # ---- helpers --------------------------------------------------------------------------------
 
-    def _prompt(self, scope: InstanceScope, req: P.StoreReserve | P.Load) -> np.ndarray | ChunkHashes:
-        """The request's prompt (token ids, or chunk hashes), its range checked against it."""
-        if req.chunk_hashes is not None:
-            if len(req.tokens) or req.cache_salt is not None:
-                raise SharedL1Error(
-                    "send the prompt either as tokens (with cache_salt) or as chunk_hashes (the salt "
-                    "folded in), not both"
-                )
-            if req.start > req.end:
-                raise SharedL1Error(f"range [{req.start}, {req.end}) ends before it starts")
-            digest = self.engine.hasher(scope.space).digest_size
-            return ChunkHashes.from_bytes(req.chunk_hashes, digest, self.engine.config.chunk_size)
-        tokens = P.ids_from_wire(req.tokens, "tokens")
-        if not req.start <= req.end <= len(tokens):
-            raise SharedL1Error(
-                f"range [{req.start}, {req.end}) is not within the request's {len(tokens)} tokens"
-            )
-        return tokens
-
     def _check_room(self, instance_id: int) -> None:
         if self.open_tickets(instance_id) >= self.max_tickets:
             raise TicketLimitExceeded(
@@ -232,16 +211,18 @@ class SharedL1Service:
         return P.SlotInfo(ref.slab, ref.offset, ref.nbytes)
 
     def _slab_news(self, instance_id: int, slab_ids: list[int]) -> tuple[list[P.SlabInfo], list[int]]:
-        """Descriptors of the slabs the instance has not been told of, and ids of those gone since."""
+        """Descriptors of every slab the reply's slots lie in, and ids of the slabs the instance was told
+        of that are gone since. Every reply describes its own slabs: a worker's concurrent requests (a
+        save and a load) may apply their replies in any order, and each copy needs its slabs mapped."""
         live = self.source.live_ids()
+        named = sorted(set(slab_ids))
         with self._lock:
             state = self._states.setdefault(instance_id, _InstanceState())
             forget = sorted(state.slabs - live)
             state.slabs -= set(forget)
-            new = sorted(set(slab_ids) - state.slabs)
-            state.slabs |= set(new)
+            state.slabs |= set(named)
         infos = []
-        for slab_id in new:
+        for slab_id in named:
             info = self.source.describe(slab_id)
             assert info is not None  # the slot is reserved or pinned: its slab is alive
             infos.append(P.SlabInfo(id=info.id, name=info.name, nbytes=info.nbytes))

@@ -49,7 +49,7 @@ class StoreSlots(msgspec.Struct, kw_only=True):
     ticket: int
     chunks: list[StoreChunk] = []
     slabs: list[SlabInfo] = []
-    """Slabs the instance has not been told of yet: map them before copying."""
+    """The slabs the chunks' slots lie in: map those not mapped yet before copying."""
     forget: list[int] = []
     """Ids of slabs the instance was told of that are gone: drop their mappings."""
 

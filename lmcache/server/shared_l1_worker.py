@@ -1,7 +1,7 @@
 """Worker side of the shared-L1 mode: copies between this process's pool and the server's L1 slots.
 
-The server names slots by slab id; the slabs come described with the replies the first time this
-worker needs them (:class:`~lmcache.server.protocol.SlabInfo`) and are mapped with the checks of
+The server names slots by slab id; every reply describes the slabs its slots lie in
+(:class:`~lmcache.server.protocol.SlabInfo`), and those not mapped yet are mapped with the checks of
 :func:`lmcache.shm_slabs.map_slab` (owner, mode 0600, size), page-locked when the pool is on CUDA.
 Copies run on the copier's own stream and are complete when :meth:`SharedL1Copier.store` or
 :meth:`SharedL1Copier.load` returns, so the worker may report them done. A new server (another

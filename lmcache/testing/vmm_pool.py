@@ -18,6 +18,10 @@ from typing import Any
 
 import torch
 
+from lmcache.server.pool_sharing import legacy_ipc_capable
+
+__all__ = ["VmmError", "allocate_vmm_pool", "legacy_ipc_capable"]
+
 DEFAULT_MAPPING_BYTES = 64 << 20
 """Bytes per ``cuMemCreate`` allocation (V2's ``pool_size_granularity``), rounded to the granularity."""
 
@@ -131,11 +135,3 @@ def allocate_vmm_pool(
     tensor = raw.view(dtype).view(shape)
     tensor.zero_()
     return tensor
-
-
-def legacy_ipc_capable(tensor: torch.Tensor) -> bool:
-    """Whether the driver says ``tensor``'s memory can be exported with ``cudaIpcGetMemHandle``."""
-    driver = _driver()
-    attribute = driver.CUpointer_attribute.CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE
-    value = _ok(driver.cuPointerGetAttribute(attribute, tensor.data_ptr()), "cuPointerGetAttribute")
-    return bool(value)

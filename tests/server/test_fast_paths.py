@@ -127,7 +127,7 @@ def fake() -> Iterator[FakeServer]:
 
 
 def test_calls_take_the_direct_lane_once_connected(client: CacheServerClient) -> None:
-    client.register(shared_pool(seed=90), 0, 1, MODEL, TPB)
+    client.register(shared_pool(seed=90), 0, 1, MODEL, TPB, pool_sharing="export")
     tokens = list(range(90_000, 90_064))
     assert client.store(BlockTransfer(tokens, None, list(range(8)), 0, 64)) == 64
     _warm_direct(client)
@@ -144,7 +144,7 @@ def test_calls_take_the_direct_lane_once_connected(client: CacheServerClient) ->
 
 def test_concurrent_callers_share_the_two_paths(client: CacheServerClient) -> None:
     """Threads that find the direct lane busy go through the I/O thread; all get their own replies."""
-    client.register(shared_pool(seed=91), 0, 1, MODEL, TPB)
+    client.register(shared_pool(seed=91), 0, 1, MODEL, TPB, pool_sharing="export")
     prompts = [list(range(91_000 + 1000 * i, 91_000 + 1000 * i + 32 * (i + 1))) for i in range(4)]
     for i, tokens in enumerate(prompts):
         assert client.store(BlockTransfer(tokens, None, list(range(4 * (i + 1))), 0, len(tokens))) == len(
@@ -305,7 +305,7 @@ def test_a_lane_answered_by_another_server_is_not_used() -> None:
 
 
 def test_oversized_request_gets_its_error_not_a_timeout(client: CacheServerClient) -> None:
-    client.register(shared_pool(seed=92), 0, 1, MODEL, TPB)
+    client.register(shared_pool(seed=92), 0, 1, MODEL, TPB, pool_sharing="export")
     # The module's server takes frames of up to 1 MiB; its answer names our request id. (A lookup for
     # an instance this client did not register carries its tokens, not their much shorter hashes.)
     with pytest.raises(ServerError) as info:
@@ -360,7 +360,10 @@ def test_lookup_and_release_run_on_the_io_thread_unless_queued_behind_work(
     sock.setsockopt(zmq.ROUTING_ID, b"pipelined")
     sock.connect(f"tcp://127.0.0.1:{inproc_server.tcp_port}")
     try:
-        cred = {"auth": server_secret(), "cap": client.register(shared_pool(seed=93), 0, 1, MODEL, TPB).cap}
+        cred = {
+            "auth": server_secret(),
+            "cap": client.register(shared_pool(seed=93), 0, 1, MODEL, TPB, pool_sharing="export").cap,
+        }
         iid = client.instance_id
         tokens = list(range(93_000, 93_064))
         assert client.store(BlockTransfer(tokens, None, list(range(8)), 0, 64)) == 64
@@ -416,7 +419,7 @@ def test_long_lookups_go_to_the_workers(inproc_server: CacheServer, monkeypatch:
 
     monkeypatch.setattr(inproc_server.engine, "lookup_hashes", lookup_hashes)
     with CacheServerClient(f"tcp://127.0.0.1:{inproc_server.tcp_port}", timeout_s=20.0) as client:
-        client.register(shared_pool(seed=94), 0, 1, MODEL, TPB)
+        client.register(shared_pool(seed=94), 0, 1, MODEL, TPB, pool_sharing="export")
         assert client.lookup(list(range(16))) == 0
         assert client.lookup(list(range(64))) == 0
     assert seen[0] == inproc_server.io_thread and seen[1] != inproc_server.io_thread
@@ -427,7 +430,7 @@ def test_server_process_serves_lookups_over_both_transports(server: ServerProces
     tokens = list(range(95_000, 95_064))
     for url in (server.ipc_url, server.tcp_url):
         with CacheServerClient(url, timeout_s=20.0) as c:
-            c.register(pool, 0, 1, MODEL, TPB)
+            c.register(pool, 0, 1, MODEL, TPB, pool_sharing="export")
             c.store(BlockTransfer(tokens, None, list(range(8)), 0, 64))
             _warm_direct(c)
             assert c.lookup(tokens) == 64

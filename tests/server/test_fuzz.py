@@ -29,7 +29,7 @@ def fuzz_setup(
     client = CacheServerClient(server.ipc_url, timeout_s=20.0)
     pool = shared_pool(seed=77)
     source = pool[:8].clone()
-    client.register(pool, 0, 1, MODEL, TPB)
+    client.register(pool, 0, 1, MODEL, TPB, pool_sharing="export")
     assert client.store(BlockTransfer(TOKENS, None, list(range(8)), 0, 64)) == 64
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

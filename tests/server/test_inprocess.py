@@ -29,7 +29,10 @@ def test_requests_of_one_client_run_in_order(inproc_server: CacheServer) -> None
     """A pipelined store then lookup on one connection: the lookup always sees the store."""
     client = CacheServerClient(_url(inproc_server), timeout_s=20.0)
     pool = shared_pool(seed=1)
-    cred = {"auth": server_secret(), "cap": client.register(pool, 0, 1, MODEL, TPB).cap}
+    cred = {
+        "auth": server_secret(),
+        "cap": client.register(pool, 0, 1, MODEL, TPB, pool_sharing="export").cap,
+    }
     iid = client.instance_id
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -72,8 +75,8 @@ def test_a_slow_client_does_not_block_others(
     monkeypatch.setattr(engine, "store", slow_store)
     slow, fast = (CacheServerClient(_url(inproc_server), timeout_s=20.0) for _ in range(2))
     try:
-        slow.register(shared_pool(seed=2), 0, 1, MODEL, TPB)
-        fast.register(shared_pool(seed=3), 0, 1, MODEL, TPB)
+        slow.register(shared_pool(seed=2), 0, 1, MODEL, TPB, pool_sharing="export")
+        fast.register(shared_pool(seed=3), 0, 1, MODEL, TPB, pool_sharing="export")
         tokens = list(range(64))
         result: list[int] = []
         worker = threading.Thread(
@@ -98,7 +101,7 @@ def test_reap_releases_mapping_and_pins_but_keeps_chunks(inproc_server: CacheSer
     client = CacheServerClient(_url(inproc_server), timeout_s=20.0, heartbeat_interval_s=0)
     try:
         pool = shared_pool(seed=4)
-        client.register(pool, 0, 1, MODEL, TPB)
+        client.register(pool, 0, 1, MODEL, TPB, pool_sharing="export")
         tokens = list(range(500, 564))
         client.store(BlockTransfer(tokens, None, list(range(8)), 0, 64))
         assert client.lookup(tokens, pin_id="x") == 64
@@ -123,7 +126,7 @@ def test_reap_releases_mapping_and_pins_but_keeps_chunks(inproc_server: CacheSer
 def test_stale_pins_expire(inproc_server: CacheServer) -> None:
     client = CacheServerClient(_url(inproc_server), timeout_s=20.0)
     try:
-        client.register(shared_pool(seed=5), 0, 1, MODEL, TPB)
+        client.register(shared_pool(seed=5), 0, 1, MODEL, TPB, pool_sharing="export")
         tokens = list(range(900, 964))
         client.store(BlockTransfer(tokens, None, list(range(8)), 0, 64))
         assert client.lookup(tokens, pin_id=1) == 64
@@ -192,7 +195,10 @@ def test_lookups_send_chunk_hashes_that_agree_with_tokens(
     sock.connect(_url(inproc_server))
     try:
         pools = [shared_pool(seed=6 + rank) for rank in range(2)]
-        infos = [c.register(pools[rank], rank, 2, MODEL, TPB) for rank, c in enumerate(clients)]
+        infos = [
+            c.register(pools[rank], rank, 2, MODEL, TPB, pool_sharing="export")
+            for rank, c in enumerate(clients)
+        ]
         assert all(info.hashing is not None and info.hashing.algorithm == "blake3" for info in infos)
         owner, tokens = clients[0].instance_id, list(range(3000, 3100))  # 3 chunks + 4 tokens
         cred = {"auth": server_secret(), "cap": infos[0].cap}
@@ -233,7 +239,7 @@ def test_lookups_send_chunk_hashes_that_agree_with_tokens(
 def test_with_save_unfull_chunk_lookups_carry_tokens(inproc_server: CacheServer) -> None:
     inproc_server.engine.config.save_unfull_chunk = True  # partial chunks are probed by their tokens
     with CacheServerClient(_url(inproc_server), timeout_s=20.0) as client:
-        assert client.register(shared_pool(seed=8), 0, 1, MODEL, TPB).hashing is None
+        assert client.register(shared_pool(seed=8), 0, 1, MODEL, TPB, pool_sharing="export").hashing is None
         tokens = list(range(4000, 4044))  # 1 chunk + 12 tokens: a tail of one 8-token block
         assert client.store(BlockTransfer(tokens, None, list(range(6)), 0, 44)) == 40
         assert client.lookup(tokens) == 40

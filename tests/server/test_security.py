@@ -160,12 +160,12 @@ def test_tcp_needs_the_secret(make_server) -> None:
         for call in (
             intruder.stats,
             intruder.clear,
-            lambda: intruder.register(shared_pool(), 0, 1, MODEL, TPB),
+            lambda: intruder.register(shared_pool(), 0, 1, MODEL, TPB, pool_sharing="export"),
         ):
             with pytest.raises(Unauthorized, match="secret"):
                 call()
     with CacheServerClient(_url(server), timeout_s=20.0, secret=b"s" * 32) as client:
-        client.register(shared_pool(seed=1), 0, 1, MODEL, TPB)
+        client.register(shared_pool(seed=1), 0, 1, MODEL, TPB, pool_sharing="export")
         assert client.stats().refusals["unauthorized"] == 3
 
 
@@ -204,7 +204,7 @@ def test_forged_instance_ids_and_capabilities_are_refused(make_server) -> None:
     attacker = CacheServerClient(_url(server), timeout_s=20.0)
     try:
         pool = shared_pool(seed=2)
-        info = victim.register(pool, 0, 1, MODEL, TPB)
+        info = victim.register(pool, 0, 1, MODEL, TPB, pool_sharing="export")
         iid, tokens = info.instance_id, list(range(64))
         assert victim.store(BlockTransfer(tokens, None, list(range(8)), 0, 64)) == 64
         assert victim.lookup(tokens, pin_id="v") == 64
@@ -226,9 +226,9 @@ def test_forged_instance_ids_and_capabilities_are_refused(make_server) -> None:
             heartbeat = P.Heartbeat(instance_ids=[iid], caps=[cap or b""], auth=server_secret())
             assert attacker.call(heartbeat, P.HeartbeatInfo, retry=False).unknown == [iid]
         with pytest.raises(Unauthorized, match="registered by someone else"):
-            attacker.register(shared_pool(seed=3), 0, 1, MODEL, TPB, instance_id=iid)
+            attacker.register(shared_pool(seed=3), 0, 1, MODEL, TPB, instance_id=iid, pool_sharing="export")
         # the attacker's own instance cannot act on the victim's pins through pin_owner either
-        attacker.register(shared_pool(seed=4), 0, 1, "another/model", TPB)
+        attacker.register(shared_pool(seed=4), 0, 1, "another/model", TPB, pool_sharing="export")
         with pytest.raises(Unauthorized, match="pin_owner"):
             attacker.release("v", pin_owner=iid)
         assert server.engine.pinned_ids() == [(iid, "v")]
@@ -249,7 +249,14 @@ def test_forged_descriptors_are_refused_without_naming_other_files(make_server, 
         )
         try:  # another process's descriptor (its stdin, a pipe): named by pid and fd
             with pytest.raises(BadPool, match="cannot be used") as refused:
-                client.register(msgspec.structs.replace(desc, pid=other.pid, fd=0), 0, 1, MODEL, TPB)
+                client.register(
+                    msgspec.structs.replace(desc, pid=other.pid, fd=0),
+                    0,
+                    1,
+                    MODEL,
+                    TPB,
+                    pool_sharing="export",
+                )
             assert "pipe" not in str(refused.value)
         finally:
             other.communicate(b"")
@@ -268,12 +275,19 @@ def test_forged_descriptors_are_refused_without_naming_other_files(make_server, 
                     offset_bytes=0,
                 )
                 with pytest.raises(BadPool, match="cannot be used") as refused:
-                    client.register(forged, 0, 1, MODEL, TPB)
+                    client.register(forged, 0, 1, MODEL, TPB, pool_sharing="export")
                 assert foreign.name not in str(refused.value)
         finally:
             foreign.unlink()
         with pytest.raises(BadPool, match="cannot be used"):
-            client.register(msgspec.structs.replace(desc, file_inode=desc.file_inode + 1), 0, 1, MODEL, TPB)
+            client.register(
+                msgspec.structs.replace(desc, file_inode=desc.file_inode + 1),
+                0,
+                1,
+                MODEL,
+                TPB,
+                pool_sharing="export",
+            )
         with pytest.raises(BadPool, match="does not fit"):
             client.register(
                 msgspec.structs.replace(desc, offset_bytes=desc.offset_bytes + 4096), 0, 1, MODEL, TPB
@@ -339,8 +353,8 @@ def test_cuda_forged_offset_or_size_is_refused_by_a_real_server(start_server) ->
             msgspec.structs.replace(desc, shape=[64 * 1024, 2, 2, TPB * 16], alloc_bytes=1 << 40),
         ):
             with pytest.raises(BadPool, match="exceeds the CUDA allocation"):
-                client.register(forged, 0, 1, MODEL, TPB)
-        client.register(pool, 0, 1, MODEL, TPB)  # the honest descriptor still works
+                client.register(forged, 0, 1, MODEL, TPB, pool_sharing="export")
+        client.register(pool, 0, 1, MODEL, TPB, pool_sharing="export")  # the honest descriptor still works
         assert client.store(BlockTransfer(list(range(64)), None, list(range(8)), 0, 64)) == 64
 
 
@@ -351,7 +365,7 @@ def test_a_shrunk_shared_memory_file_does_not_crash_the_server(start_server) -> 
     desc = share_cpu_pool(pool)
     assert desc.fd is not None
     with CacheServerClient(server.ipc_url, timeout_s=20.0) as client:
-        client.register(desc, 0, 1, MODEL, TPB)
+        client.register(desc, 0, 1, MODEL, TPB, pool_sharing="export")
         os.ftruncate(desc.fd, 4096)  # our pool is gone too: this test never touches it again
         with pytest.raises(BadPool, match="shrunk|does not fit"):
             client.store(BlockTransfer(list(range(64)), None, list(range(8)), 0, 64))
@@ -369,7 +383,7 @@ def test_floods_of_registrations_and_half_sent_frames_leave_the_server_answering
     with CacheServerClient(server.ipc_url, timeout_s=20.0, heartbeat_interval_s=0) as flood:
         for _ in range(2000):
             try:
-                flood.register(pool, 0, 1, MODEL, TPB)
+                flood.register(pool, 0, 1, MODEL, TPB, pool_sharing="export")
             except LimitExceeded:
                 limited += 1
         assert limited == 2000 - 64  # --max-registrations-per-client
@@ -382,7 +396,7 @@ def test_floods_of_registrations_and_half_sent_frames_leave_the_server_answering
             half_sent.append(sock)
         try:
             with CacheServerClient(server.tcp_url, timeout_s=20.0, fail_fast=False) as correct:
-                correct.register(shared_pool(seed=6), 0, 1, MODEL, TPB)
+                correct.register(shared_pool(seed=6), 0, 1, MODEL, TPB, pool_sharing="export")
                 assert correct.store(BlockTransfer(list(range(64)), None, list(range(8)), 0, 64)) == 64
                 answered = False
                 for _ in range(5):  # within 100 ms, allowing a few scheduling hiccups of a shared host
@@ -403,7 +417,7 @@ def test_floods_of_registrations_and_half_sent_frames_leave_the_server_answering
 def test_pins_cannot_take_more_than_their_share_and_blocks_cannot_repeat(make_server) -> None:
     server = make_server(pin_share=0.0002)  # of 0.05 GiB: one 8 KiB chunk fits, two do not
     with CacheServerClient(_url(server), timeout_s=20.0) as client:
-        client.register(shared_pool(seed=7), 0, 1, MODEL, TPB)
+        client.register(shared_pool(seed=7), 0, 1, MODEL, TPB, pool_sharing="export")
         long, short = list(range(96)), list(range(1000, 1032))
         assert client.store(BlockTransfer(long, None, list(range(12)), 0, 96)) == 96
         assert client.store(BlockTransfer(short, None, list(range(12, 16)), 0, 32)) == 32
@@ -459,7 +473,7 @@ def test_an_impostor_socket_of_another_user_is_refused_by_server_and_client(work
         server.close()
         client = CacheServerClient(f"ipc://{path}", timeout_s=2.0, heartbeat_interval_s=0)
         with client, pytest.raises(ServerUnavailable, match="belongs to uid 65534"):
-            client.register(shared_pool(), 0, 1, MODEL, TPB)
+            client.register(shared_pool(), 0, 1, MODEL, TPB, pool_sharing="export")
     finally:
         impostor.close()
 
@@ -473,7 +487,7 @@ def test_a_single_user_needs_no_configuration(start_server, workdir: Path, monke
     monkeypatch.delenv(SECRET_ENV)
     for url in (server.tcp_url, server.ipc_url):
         with CacheServerClient(url, timeout_s=20.0) as client:
-            client.register(shared_pool(seed=8), 0, 1, MODEL, TPB)
+            client.register(shared_pool(seed=8), 0, 1, MODEL, TPB, pool_sharing="export")
             assert client.store(BlockTransfer(list(range(64)), None, list(range(8)), 0, 64)) in (0, 64)
             assert client.lookup(list(range(64))) == 64
             assert client.stats().instances
@@ -504,7 +518,7 @@ def store(*args, **kwargs):
 
 engine.store = store
 client = CacheServerClient(f"tcp://127.0.0.1:{server.tcp_port}", timeout_s=20.0)
-client.register(desc, 0, 1, MODEL, TPB)
+client.register(desc, 0, 1, MODEL, TPB, pool_sharing="export")
 try:
     client.store(BlockTransfer(list(range(64)), None, list(range(8)), 0, 64))
 except BadPool as e:
@@ -537,7 +551,7 @@ def test_a_client_started_first_finds_the_secret_and_follows_a_new_one(
     with CacheServerClient(f"tcp://127.0.0.1:{port}", timeout_s=20.0, fail_fast=False) as client:
         first = make_server(port=port)
         assert secret_file.exists()
-        client.register(shared_pool(seed=9), 0, 1, MODEL, TPB)
+        client.register(shared_pool(seed=9), 0, 1, MODEL, TPB, pool_sharing="export")
         assert client.store(BlockTransfer(list(range(64)), None, list(range(8)), 0, 64)) == 64
         first.stop()
         wait_until(lambda: _port_closed(port), "the first server to stop")

@@ -56,7 +56,7 @@ def _run_client_proc(url: str, seed: int, tokens: int, *, first: int = 0, wait: 
 def test_round_trip_shared_cpu_pool(client: CacheServerClient) -> None:
     pool = shared_pool(seed=1)
     src = pool[:8].clone()
-    info = client.register(pool, 0, 1, MODEL, TPB)
+    info = client.register(pool, 0, 1, MODEL, TPB, pool_sharing="export")
     assert info.chunk_size == CHUNK and info.num_blocks == POOL_SHAPE[0]
     tokens = list(range(1000, 1000 + 70))  # 2 full chunks of 32 + 6 tokens
     assert client.store(BlockTransfer(tokens, None, list(range(9)), 0, 70)) == 64  # the server read our pages
@@ -76,7 +76,7 @@ def test_round_trip_shared_cpu_pool(client: CacheServerClient) -> None:
 
 def test_a_prompt_hashed_once_travels_as_chunk_hashes(client: CacheServerClient) -> None:
     pool = shared_pool(seed=11)
-    client.register(pool, 0, 1, MODEL, TPB)
+    client.register(pool, 0, 1, MODEL, TPB, pool_sharing="export")
     tokens = list(range(7000, 7000 + 100))  # 3 full chunks of 32 + 4 tokens
     hashes = client.chunk_hashes(tokens, "tenant")
     assert hashes is not None and len(hashes.digests) == 3 * 32
@@ -96,7 +96,7 @@ def test_a_prompt_hashed_once_travels_as_chunk_hashes(client: CacheServerClient)
 
 def test_bad_chunk_hashes_get_clear_errors_and_change_nothing(client: CacheServerClient) -> None:
     pool = shared_pool(seed=12)
-    client.register(pool, 0, 1, MODEL, TPB)
+    client.register(pool, 0, 1, MODEL, TPB, pool_sharing="export")
     tokens = list(range(8000, 8064))
     hashes = client.chunk_hashes(tokens)
     assert hashes is not None
@@ -124,11 +124,11 @@ def test_hashes_of_another_key_scheme_are_never_used(client: CacheServerClient) 
     """Hashes made for one instance (its layout is in the key) are not sent for another: that call
     sends tokens, so its chunks get the keys of its own layout."""
     pool = shared_pool(seed=13)
-    client.register(pool, 0, 1, MODEL, TPB)
+    client.register(pool, 0, 1, MODEL, TPB, pool_sharing="export")
     first = client.instance_id
     other = shared_pool(seed=14)[:, :1].clone()  # one layer per row: another layout
     other.share_memory_()
-    client.register(other, 0, 1, MODEL, TPB)
+    client.register(other, 0, 1, MODEL, TPB, pool_sharing="export")
     assert first is not None and client.instance_id != first
     tokens = list(range(9000, 9064))
     hashes = client.chunk_hashes(tokens, instance_id=first)
@@ -143,7 +143,7 @@ def test_hashes_of_another_key_scheme_are_never_used(client: CacheServerClient) 
 
 def test_store_from_numpy_bytes_and_tensor_inputs(client: CacheServerClient) -> None:
     pool = shared_pool(seed=2)
-    client.register(pool, 0, 1, MODEL, TPB)
+    client.register(pool, 0, 1, MODEL, TPB, pool_sharing="export")
     tokens = torch.arange(5000, 5064)
     assert client.store(BlockTransfer(tokens, None, torch.arange(8), 0, 64)) == 64
     assert client.lookup(P.tokens_to_bytes(tokens)) == 64
@@ -151,7 +151,7 @@ def test_store_from_numpy_bytes_and_tensor_inputs(client: CacheServerClient) -> 
 
 def test_invalid_requests_get_clear_errors_and_server_keeps_serving(client: CacheServerClient) -> None:
     pool = shared_pool(seed=3)
-    client.register(pool, 0, 1, MODEL, TPB)
+    client.register(pool, 0, 1, MODEL, TPB, pool_sharing="export")
     tokens = list(range(64))
     with pytest.raises(InvalidRequest, match=r"block ids must be in \[0, 64\)"):
         client.store(BlockTransfer(tokens, None, [0, 1, 2, 3, 4, 5, 6, 999], 0, 64))
@@ -162,27 +162,31 @@ def test_invalid_requests_get_clear_errors_and_server_keeps_serving(client: Cach
     with pytest.raises(UnknownInstance, match="register the pool again"):
         client.lookup(tokens, instance_id=12345)
     with pytest.raises(InvalidRequest, match="rank 3 is not below world_size 2"):
-        client.register(pool, 3, 2, MODEL, TPB)
+        client.register(pool, 3, 2, MODEL, TPB, pool_sharing="export")
     with pytest.raises(BadPool, match="chunk_size=32 must be a multiple of tokens_per_block=64"):
-        client.register(pool, 0, 1, MODEL, 64)
+        client.register(pool, 0, 1, MODEL, 64, pool_sharing="export")
     assert client.ping().protocol_version == P.PROTOCOL_VERSION
     assert client.store(BlockTransfer(tokens, None, list(range(8)), 0, 64)) in (0, 64)
 
 
 def test_unshared_cpu_pool_is_refused_at_registration(client: CacheServerClient) -> None:
     with pytest.raises(PoolSharingError, match=r"call pool.share_memory_\(\)"):
-        client.register(torch.zeros(POOL_SHAPE), 0, 1, MODEL, TPB)
+        client.register(torch.zeros(POOL_SHAPE), 0, 1, MODEL, TPB, pool_sharing="export")
 
 
 def test_bad_descriptor_gets_bad_pool_error(client: CacheServerClient) -> None:
     pool = shared_pool()
     desc = share_cpu_pool(pool)
     with pytest.raises(BadPool, match="named shared memory cannot be used"):
-        client.register(msgspec.structs.replace(desc, fd=987_654), 0, 1, MODEL, TPB)
+        client.register(msgspec.structs.replace(desc, fd=987_654), 0, 1, MODEL, TPB, pool_sharing="export")
     with pytest.raises(BadPool, match="does not fit"):
-        client.register(msgspec.structs.replace(desc, shape=[6400, 2, 2, 128]), 0, 1, MODEL, TPB)
+        client.register(
+            msgspec.structs.replace(desc, shape=[6400, 2, 2, 128]), 0, 1, MODEL, TPB, pool_sharing="export"
+        )
     with pytest.raises(BadPool, match="unsupported pool dtype"):
-        client.register(msgspec.structs.replace(desc, dtype="complex32"), 0, 1, MODEL, TPB)
+        client.register(
+            msgspec.structs.replace(desc, dtype="complex32"), 0, 1, MODEL, TPB, pool_sharing="export"
+        )
     cuda = P.CudaIpcPool(
         shape=list(POOL_SHAPE),
         dtype="float32",
@@ -191,7 +195,7 @@ def test_bad_descriptor_gets_bad_pool_error(client: CacheServerClient) -> None:
         device_uuid="ab" * 16,
     )
     with pytest.raises(BadPool):
-        client.register(cuda, 0, 1, MODEL, TPB)
+        client.register(cuda, 0, 1, MODEL, TPB, pool_sharing="export")
     assert client.ping().server_id
 
 
@@ -245,7 +249,7 @@ def test_malformed_oversized_and_unknown_op_frames(server: ServerProcess) -> Non
 
 def test_concurrent_threads_share_one_client(client: CacheServerClient) -> None:
     pool = shared_pool(seed=5)
-    client.register(pool, 0, 1, MODEL, TPB)
+    client.register(pool, 0, 1, MODEL, TPB, pool_sharing="export")
     errors: list[BaseException] = []
 
     def work(i: int) -> None:
@@ -275,7 +279,7 @@ def test_tensor_parallel_world_lookup_needs_every_rank_and_pins_last_until_all_r
     clients = [CacheServerClient(server.ipc_url, timeout_s=20.0) for _ in range(2)]
     try:
         for r in range(2):
-            clients[r].register(pools[r], r, 2, MODEL + "-tp2", TPB)
+            clients[r].register(pools[r], r, 2, MODEL + "-tp2", TPB, pool_sharing="export")
         tokens = list(range(7000, 7064))
         clients[0].store(BlockTransfer(tokens, None, list(range(8)), 0, 64))
         assert clients[0].lookup(tokens) == 0  # rank 1 has not stored yet
@@ -311,7 +315,7 @@ def test_two_client_processes_share_one_server(server: ServerProcess, client: Ca
     assert proc.returncode == 0, err.decode()
     assert json.loads(out)["stored"] == 64
     pool = shared_pool()
-    client.register(pool, 0, 1, MODEL, TPB)
+    client.register(pool, 0, 1, MODEL, TPB, pool_sharing="export")
     tokens = list(range(20_000, 20_064))
     assert client.lookup(tokens) == 64
     assert client.retrieve(BlockTransfer(tokens, None, list(range(40, 48)), 0, 64)) == 64
@@ -339,7 +343,7 @@ def test_killed_client_is_reaped_and_its_chunks_stay(start_server) -> None:  # t
             assert all(i.instance_id != dead_id for i in stats.instances)
             assert stats.pinned_lookups == 0
             pool = shared_pool()
-            watcher.register(pool, 0, 1, MODEL, TPB)
+            watcher.register(pool, 0, 1, MODEL, TPB, pool_sharing="export")
             tokens = list(range(30_000, 30_064))
             assert watcher.lookup(tokens) == 64
             assert watcher.retrieve(BlockTransfer(tokens, None, list(range(8)), 0, 64)) == 64
@@ -364,7 +368,7 @@ def test_server_restart_client_unavailable_then_reregisters(start_server, scheme
     url = server.tcp_url if scheme == "tcp" else server.ipc_url
     client = CacheServerClient(url, timeout_s=2.0, heartbeat_interval_s=0.2)
     try:
-        client.register(pool, 0, 1, MODEL, TPB)
+        client.register(pool, 0, 1, MODEL, TPB, pool_sharing="export")
         assert client.store(BlockTransfer(tokens, None, list(range(8)), 0, 64)) == 64
         server.kill(signal.SIGKILL)
         with pytest.raises(ServerUnavailable):

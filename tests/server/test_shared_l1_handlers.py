@@ -172,3 +172,16 @@ def test_a_new_server_drops_every_mapping(env) -> None:
     assert copier.mapped_slabs
     copier.on_server("b")
     assert copier.mapped_slabs == []
+
+
+def test_every_reply_describes_its_own_slabs_so_concurrent_copies_need_no_order(env) -> None:
+    engine, service, copier, pool, scope = env
+    src = shuffled_blocks(16, 6)
+    store(service, copier, scope, src)  # this instance was told of the slabs then
+    load = service.load(scope, P.Load(instance_id=7, tokens=TOKENS, end=4 * CHUNK))
+    assert {s.id for s in load.slabs} == {c.slot.slab for c in load.chunks}
+    other_thread = SharedL1Copier(pool, shm_dir=copier.shm_dir)  # has applied no earlier reply
+    dst = shuffled_blocks(16, 7, base=32)
+    assert other_thread.load(load, dst) == 4 * CHUNK
+    assert torch.equal(pool[dst], pool[src])
+    service.load_done(scope, P.LoadDone(instance_id=7, ticket=load.ticket))

@@ -22,6 +22,8 @@ from .server_process import ServerProcess
 class Preset:
     name: str
     server_url: str | None = None
+    pool_sharing: str | None = None
+    """``lmcache-mp``: how the workers share their pools (``LMCACHE_POOL_SHARING``; the server is in auto)."""
 
     def pinned(self) -> int:
         """Lookups still holding pins in the cache (engine or server)."""
@@ -31,17 +33,21 @@ class Preset:
         return client.stats().pinned_lookups
 
 
-@pytest.fixture(params=["lmcache", "lmcache-mp"])
+@pytest.fixture(params=["lmcache", "lmcache-mp-export", "lmcache-mp-shared-l1"])
 def preset(request: pytest.FixtureRequest, lmcache_env: pytest.MonkeyPatch) -> Iterator[Preset]:
+    """In-process; or through a cache server (in ``auto``), the workers' pools exported (CPU shared
+    memory, the server copies) or in the shared-L1 mode (the workers copy)."""
     if request.param == "lmcache":
         yield Preset("lmcache")
         return
+    sharing = request.param.removeprefix("lmcache-mp-")
     workdir = Path(tempfile.mkdtemp(prefix="lmv2-", dir="/tmp"))
     # The default client timeout: no test here needs reaping, and a short one could reap a live client
     # whose heartbeats were held up on a busy machine.
     server = ServerProcess(workdir, None, "--chunk-size", "64").start()
+    lmcache_env.setenv("LMCACHE_POOL_SHARING", sharing)  # after the server started: it stays in auto
     reset_process_connections()
-    yield Preset("lmcache-mp", server.ipc_url)
+    yield Preset("lmcache-mp", server.ipc_url, sharing)
     reset_process_connections()
     server.stop()
     shutil.rmtree(workdir, ignore_errors=True)

@@ -1,9 +1,12 @@
 """The cache-server back-end (preset ``lmcache-mp``): the cache lives in a separate server process.
 
-Every rank's worker shares each of its pools with the server (CUDA IPC, or shared memory for CPU
-pools; one server instance per pool target) and asks the server to copy blocks; the scheduler's
-lookups go to the server, which answers for every rank of the world. The server outlives TRT-LLM
-crashes; while it is down the connector serves without cache (lookups 0, saves dropped) and
+Every rank's worker registers each of its pools with the server (one server instance per pool
+target, so each layer group's pool of a V2 manager registers through the same path) in the mode
+``pool_sharing`` / ``LMCACHE_POOL_SHARING`` picks (docs/multi-process.md): exported (CUDA IPC, or
+shared memory for CPU pools), the server copying blocks; or shared-L1, the worker copying between
+its pool and the server's L1 in shared memory (pools that cannot be exported, e.g. V2's VMM memory).
+The scheduler's lookups go to the server, which answers for every rank of the world. The server
+outlives TRT-LLM crashes; while it is down the connector serves without cache (lookups 0, saves dropped) and
 re-registers when it is back.
 
 What is synchronized on CUDA: before a load the worker synchronizes its stream (the blocks may
@@ -59,6 +62,8 @@ class ProcessConnection:
 
     def __init__(self, url: str, config: LMCacheEngineConfig) -> None:
         self.client = CacheServerClient(url, timeout_s=config.blocking_timeout_secs)
+        self.pool_sharing = config.pool_sharing
+        """The pool-sharing policy the workers register their pools with."""
         # One warning per minute per server and topic, not one per request.
         self.warn = RateLimitedLog(logger, interval_s=60)
         self.instances: dict[int, dict[TargetId, int]] = {}
@@ -179,8 +184,9 @@ class ServerTransfers:
 
     def register(self, targets: list[PoolTarget]) -> None:
         for target in targets:
-            if not target.tensor.is_cuda and not target.tensor.is_shared():
-                target.tensor.share_memory_()  # CPU pools reach the server through shared memory
+            exportable = self._connection.pool_sharing != "shared-l1"  # auto follows a server forcing export
+            if exportable and not target.tensor.is_cuda and not target.tensor.is_shared():
+                target.tensor.share_memory_()  # exported CPU pools reach the server through shared memory
         self._targets = targets
         self._instances = {target.target: new_instance_id() for target in targets}
         self._registered = False
@@ -204,6 +210,7 @@ class ServerTransfers:
                     self._settings.model_name + target.key_suffix,
                     self._settings.tokens_per_block,
                     instance_id=self._instances[target.target],
+                    pool_sharing=self._connection.pool_sharing,
                 )
                 if info.chunk_size != self._settings.chunk_size:
                     raise ValueError(

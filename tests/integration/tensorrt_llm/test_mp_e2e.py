@@ -58,9 +58,13 @@ def read_tokens(proc: subprocess.Popen[str]) -> tuple[list[int], int]:
     raise AssertionError(f"engine process ended without output (exit {proc.wait()})")
 
 
+@pytest.mark.parametrize("sharing", ["export", "shared-l1"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tp", [1, 2])
-def test_seed_scenario_through_the_server(mp_server, caplog, tp: int, device: str) -> None:
+def test_seed_scenario_through_the_server(
+    mp_server, lmcache_env, caplog, tp: int, device: str, sharing
+) -> None:
+    lmcache_env.setenv("LMCACHE_POOL_SHARING", sharing)  # the server stays in auto
     caplog.set_level(logging.DEBUG, logger="lmcache")
     a, b = prompt(520, start=1), prompt(520, start=2)
     args = llm_args("lmcache-mp", tp=tp, max_tokens=640, server_url=mp_server.ipc_url)
@@ -112,7 +116,10 @@ def test_engine_killed_mid_run_is_reaped_and_its_chunks_stay(mp_server) -> None:
     assert again.num_connector_matched_tokens == 192 and again.tokens == tokens
 
 
-def test_server_restart_keeps_output_correct_and_hits_resume(mp_server, caplog) -> None:
+@pytest.mark.parametrize("sharing", ["export", "shared-l1"])
+def test_server_restart_keeps_output_correct_and_hits_resume(mp_server, lmcache_env, caplog, sharing) -> None:
+    """Killed while the workers hold its pools' mappings (export) or its L1 slabs (shared-l1)."""
+    lmcache_env.setenv("LMCACHE_POOL_SHARING", sharing)
     caplog.set_level(logging.WARNING, logger="lmcache")
     executor = ReplayExecutor(llm_args("lmcache-mp", server_url=mp_server.ipc_url, max_tokens=512), MODEL)
     p, q = prompt(200, start=6), prompt(200, start=7)

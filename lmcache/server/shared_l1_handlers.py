@@ -1,0 +1,91 @@
+"""The shared-L1 ops (``store_reserve``, ``store_done``, ``load``, ``load_done``) plugged into a
+:class:`~lmcache.server.service.CacheService`: each names a registered instance with its capability,
+which gives the key space and rank :class:`~lmcache.server.shared_l1.SharedL1Service` works in.
+
+An instance's open tickets go with it: retiring it (reaped, unregistered, registered again with
+another pool, server shutdown) aborts its reservations, so nothing half-written is published, and
+releases its loads' pins. A ``load`` that names a lookup's pins (``pin_id``) lets them go once the
+reply is out, as ``retrieve`` does: the load holds its own until ``load_done``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from lmcache.logging import init_logger
+from lmcache.server import protocol as P
+from lmcache.server.instances import Instance
+from lmcache.server.service import CacheService, Call
+from lmcache.server.shared_l1 import InstanceScope, SharedL1Service
+
+logger = init_logger(__name__)
+
+__all__ = ["SharedL1Handlers"]
+
+
+class SharedL1Handlers:
+    """Serves the shared-L1 ops of ``service`` through ``shared`` (see :meth:`install`)."""
+
+    def __init__(self, service: CacheService, shared: SharedL1Service) -> None:
+        self.service = service
+        self.shared = shared
+
+    @classmethod
+    def install(cls, service: CacheService, shared: SharedL1Service) -> SharedL1Handlers:
+        """Serve the four ops, accept ``shared_l1`` pools, forget an instance's tickets on retire."""
+        handlers = cls(service, shared)
+        service.shared_l1 = shared
+        service.add_handlers(
+            {
+                P.StoreReserve: handlers.store_reserve,
+                P.StoreDone: handlers.store_done,
+                P.Load: handlers.load,
+                P.LoadDone: handlers.load_done,
+            }
+        )
+        service.instances.on_retire.append(handlers.forget)
+        return handlers
+
+    def store_reserve(self, req: P.StoreReserve, call: Call) -> P.StoreSlots:
+        with self.service.instances.use(req.instance_id, req.cap) as inst:
+            reply = self.shared.store_reserve(_scope(inst), req)
+            self._forget_if_retired(inst)
+            return reply
+
+    def store_done(self, req: P.StoreDone, call: Call) -> int:
+        with self.service.instances.use(req.instance_id, req.cap) as inst:
+            return self.shared.store_done(_scope(inst), req)
+
+    def load(self, req: P.Load, call: Call) -> P.LoadSlots:
+        with self.service.instances.use(req.instance_id, req.cap) as inst:
+            key = None if req.pin_id is None else self.service.pin_key(inst, req.pin_owner, req.pin_id)
+            try:
+                reply = self.shared.load(_scope(inst), req)
+                self._forget_if_retired(inst)
+                return reply
+            finally:
+                if key is not None:  # the load holds its own pins now (or failed): the lookup's may go
+                    call.after_reply(functools.partial(self.service.rank_done, key, inst.rank))
+
+    def load_done(self, req: P.LoadDone, call: Call) -> bool:
+        with self.service.instances.use(req.instance_id, req.cap) as inst:
+            return self.shared.load_done(_scope(inst), req)
+
+    def forget(self, inst: Instance) -> None:
+        """Abort the retired instance's reservations and release its loads."""
+        count = self.shared.forget(inst.instance_id)
+        if count:
+            logger.info(
+                "instance %d: %d open shared-L1 ticket(s) dropped (reservations aborted, loads unpinned)",
+                inst.instance_id,
+                count,
+            )
+
+    def _forget_if_retired(self, inst: Instance) -> None:
+        """A ticket opened while the instance was being retired would outlive it: drop it now."""
+        if inst.retired:
+            self.forget(inst)
+
+
+def _scope(inst: Instance) -> InstanceScope:
+    return InstanceScope(inst.instance_id, inst.space, inst.rank)

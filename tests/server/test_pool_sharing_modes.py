@@ -1,0 +1,130 @@
+"""Which mode a pool is registered in: the client's policy (``LMCACHE_POOL_SHARING``), the server's
+(``--pool-sharing``), what each mode does with a CPU pool, and the refusal of a mode a server does not
+take. The server runs in a thread of this process with its L1 in shared memory (:func:`server_engine`)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from support.server_process import CHUNK, MODEL, POOL_SHAPE, TPB, shared_pool
+
+from lmcache.config import LMCacheEngineConfig
+from lmcache.server import protocol as P
+from lmcache.server.client import BadPool, CacheServerClient, InvalidRequest
+from lmcache.server.pool_sharing import PoolSharingError, choose_sharing
+from lmcache.server.server import CacheServer, ServerConfig, server_engine
+from lmcache.transfer import BlockTransfer
+
+TOKENS = list(range(3000, 3000 + 2 * CHUNK))
+BLOCKS = list(range(2 * CHUNK // TPB))
+
+
+@pytest.mark.parametrize(
+    ("requested", "server", "mode"),
+    [
+        ("auto", "auto", "shared-l1"),  # a CPU pool: nothing to export but its memory, shared-l1 is cheaper
+        ("export", "auto", "cpu-shm"),
+        ("shared-l1", "auto", "shared-l1"),
+        ("auto", "export", "cpu-shm"),  # a client in auto follows a server forcing a mode
+        ("auto", "shared-l1", "shared-l1"),
+        ("export", "shared-l1", "cpu-shm"),  # a forced client keeps its mode (the server refuses it)
+    ],
+)
+def test_choice_for_a_cpu_pool(requested: str, server: str, mode: str) -> None:
+    assert choose_sharing(torch.zeros(POOL_SHAPE), requested, server) == mode
+
+
+def test_an_unknown_policy_is_refused_with_the_choices() -> None:
+    with pytest.raises(PoolSharingError, match="auto, export, shared-l1"):
+        choose_sharing(torch.zeros(POOL_SHAPE), "ipc")
+
+
+@pytest.fixture
+def serve(tmp_path) -> Iterator[Callable[[str], CacheServer]]:
+    """Start in-process servers whose ``--pool-sharing`` is the argument."""
+    started: list[tuple[CacheServer, threading.Thread]] = []
+
+    def start(policy: str) -> CacheServer:
+        config = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.05)
+        engine = server_engine(config, policy, pinned=False)
+        server = CacheServer(
+            engine, ServerConfig(port=0, ipc_path=None, client_timeout_s=0, pool_sharing=policy)
+        )
+        server.start()
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        started.append((server, thread))
+        return server
+
+    yield start
+    for server, thread in started:
+        server.stop()
+        thread.join(30)
+        assert not thread.is_alive()
+
+
+def client_of(server: CacheServer) -> CacheServerClient:
+    return CacheServerClient(f"tcp://127.0.0.1:{server.tcp_port}", timeout_s=20.0)
+
+
+@pytest.mark.parametrize(
+    ("policy", "requested", "mode"),
+    [
+        ("auto", "auto", "shared-l1"),
+        ("auto", "export", "cpu-shm"),
+        ("export", "auto", "cpu-shm"),
+        ("shared-l1", "auto", "shared-l1"),
+    ],
+)
+def test_registered_mode_round_trips_and_shows_in_stats(
+    serve, policy: str, requested: str, mode: str
+) -> None:
+    server = serve(policy)
+    pool = shared_pool(seed=11)  # in shared memory, so either mode can take it
+    src = pool[: len(BLOCKS)].clone()
+    with client_of(server) as client:
+        info = client.register(pool, 0, 1, MODEL, TPB, pool_sharing=requested)
+        assert info.sharing == mode and info.pool_sharing == policy
+        assert client.store(BlockTransfer(TOKENS, None, BLOCKS, 0, len(TOKENS))) == len(TOKENS)
+        assert client.lookup(TOKENS, pin_id="p") == len(TOKENS)
+        pool[20:28].zero_()
+        assert client.retrieve(BlockTransfer(TOKENS, None, list(range(20, 28)), 0, len(TOKENS)), "p") == 64
+        assert torch.equal(pool[20:28], src)
+        stats = client.stats()
+        assert stats.pool_sharing == policy and [i.sharing for i in stats.instances] == [mode]
+    assert (
+        server.service.shared_l1 is not None and server.service.shared_l1.open_tickets(info.instance_id) == 0
+    )
+
+
+@pytest.mark.parametrize(("policy", "requested"), [("shared-l1", "export"), ("export", "shared-l1")])
+def test_a_mode_the_server_does_not_take_is_refused_naming_both_settings(serve, policy, requested) -> None:
+    server = serve(policy)
+    with client_of(server) as client:
+        with pytest.raises(BadPool, match=f"--pool-sharing {policy}.*LMCACHE_POOL_SHARING"):
+            client.register(shared_pool(seed=12), 0, 1, MODEL, TPB, pool_sharing=requested)
+        assert client.stats().refusals == {"pool_sharing": 1}
+
+
+def test_the_server_never_copies_for_a_shared_l1_instance(serve) -> None:
+    server = serve("auto")
+    with client_of(server) as client:
+        iid = client.register(torch.zeros(POOL_SHAPE), 0, 1, MODEL, TPB, pool_sharing="shared-l1").instance_id
+        store = P.Store(instance_id=iid, tokens=TOKENS, block_ids=BLOCKS, end=len(TOKENS))
+        with pytest.raises(InvalidRequest, match="shared-l1 mode: the server cannot reach its blocks"):
+            client.call(store, int)
+
+
+def test_a_copy_that_fails_gives_the_slots_back_and_raises(serve) -> None:
+    server = serve("auto")
+    with client_of(server) as client:
+        client.register(torch.zeros(POOL_SHAPE), 0, 1, MODEL, TPB, pool_sharing="shared-l1")
+        with pytest.raises(
+            (IndexError, RuntimeError)
+        ):  # a block id past the pool: the worker's own copy fails
+            client.store(BlockTransfer(TOKENS, None, [0, 1, 2, 3, 4, 5, 6, 999], 0, len(TOKENS)))
+        stats = client.stats()
+        assert stats.l1_used_bytes == 0 and client.lookup(TOKENS) == 0
