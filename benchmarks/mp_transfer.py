@@ -363,10 +363,10 @@ class ServerProc:
         last, still = -1, 0
         while time.monotonic() < deadline and still < 5:
             stats = self.clients["ipc"].stats()
-            if stats.l1_reserved_bytes >= stats.l1_capacity_bytes:
+            if stats.engine.l1.reserved_bytes >= stats.engine.l1.capacity_bytes:
                 return
-            still = still + 1 if stats.l1_reserved_bytes == last else 0
-            last = stats.l1_reserved_bytes
+            still = still + 1 if stats.engine.l1.reserved_bytes == last else 0
+            last = stats.engine.l1.reserved_bytes
             time.sleep(0.2)  # polling another process's progress (a benchmark, not a test)
 
     @property

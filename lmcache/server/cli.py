@@ -26,6 +26,7 @@ from lmcache.config import (
 )
 from lmcache.logging import ROOT_LOGGER_NAME, configure_from_env, init_logger, parse_level
 from lmcache.server.security import add_security_arguments, security_settings
+from lmcache.stats import summary_lines
 
 logger = init_logger(__name__)
 
@@ -254,24 +255,10 @@ def print_stats(url: str | None = None, *, watch_s: float = 0.0, count: int = 0)
 
 
 def _print_summary(info: Any) -> None:
-    gib = 1 << 30
-    engine = info.engine
-    hit_rate = engine.get("hit_tokens", 0) / max(1, engine.get("lookup_tokens", 0))
     print(f"LMCache server {info.server_id} (protocol v{info.protocol_version}), up {info.uptime_s:.0f} s")
-    print(
-        f"  L1: {info.l1_used_bytes / gib:.2f} GiB used in {info.l1_chunks} chunks, "
-        f"{info.l1_reserved_bytes / gib:.2f} of {info.l1_capacity_bytes / gib:.2f} GiB reserved, "
-        f"{info.l1_evictions} evictions ({info.eviction_policy}), chunk_size {info.chunk_size}"
-    )
-    print(
-        f"  lookups {engine.get('lookups', 0)}: {engine.get('hit_tokens', 0)} of "
-        f"{engine.get('lookup_tokens', 0)} tokens hit ({hit_rate:.1%}); {info.pinned_lookups} pinned"
-    )
-    print(
-        f"  stored {engine.get('stored_chunks', 0)} chunks ({engine.get('stored_bytes', 0) / gib:.2f} GiB), "
-        f"retrieved {engine.get('retrieved_chunks', 0)} chunks "
-        f"({engine.get('retrieved_bytes', 0) / gib:.2f} GiB)"
-    )
+    for line in summary_lines(info.engine):
+        print(f"  {line}")
+    print(f"  lookups pinned for a load: {info.pinned_lookups}")
     print(f"  requests {info.requests}, errors {info.errors}, reaped clients {info.reaped_instances}")
     print(f"  pool sharing: {info.pool_sharing}")
     print(f"  clients: {len(info.instances)}")

@@ -58,6 +58,7 @@ import msgspec
 from msgspec import Meta
 
 from lmcache.server.shared_l1_protocol import LoadChunk, LoadSlots, SlabInfo, SlotInfo, StoreChunk, StoreSlots
+from lmcache.stats import EngineSnapshot
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -504,18 +505,14 @@ class StatsInfo(msgspec.Struct, kw_only=True):
     server_id: str
     protocol_version: int
     uptime_s: float
-    chunk_size: int
-    eviction_policy: str
-    l1_capacity_bytes: int
-    l1_reserved_bytes: int
-    l1_used_bytes: int
-    l1_chunks: int
-    l1_evictions: int
+    engine: EngineSnapshot
+    """The engine's one stats snapshot (L1, counters, lower tiers, latencies): what /metrics and
+    ``/health`` read in-process too."""
     pinned_lookups: int
+    """Lookups whose pins the server holds for a later load (its pin table, all ranks)."""
     requests: int
     errors: int
     reaped_instances: int
-    engine: dict[str, int]
     instances: list[InstanceStats] = []
     refusals: dict[str, int] = {}
     """Requests refused by a security check or a resource cap, by reason."""

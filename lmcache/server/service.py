@@ -27,7 +27,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -177,7 +177,6 @@ class CacheService:
 
     def stats(self) -> P.StatsInfo:
         """The server's and engine's state in one message (``stats`` op, ``lmcache stats``, /metrics)."""
-        engine, l1 = self.engine, self.engine.l1
         now = time.monotonic()
         instances = [
             P.InstanceStats(
@@ -199,19 +198,12 @@ class CacheService:
             server_id=self.server_id,
             protocol_version=P.PROTOCOL_VERSION,
             uptime_s=now - self.started,
-            chunk_size=engine.config.chunk_size,
-            eviction_policy=l1.policy_name,
-            l1_capacity_bytes=l1.arena.capacity_bytes,
-            l1_reserved_bytes=l1.arena.reserved_bytes,
-            l1_used_bytes=l1.used_bytes,
-            l1_chunks=len(l1),
-            l1_evictions=l1.evictions,
+            engine=self.engine.snapshot(),
             pinned_lookups=len(self.pins),
             refusals=dict(counters.refusals),
             requests=counters.requests,
             errors=counters.errors,
             reaped_instances=counters.reaped,
-            engine={k: int(v) for k, v in asdict(engine.stats).items()},
             instances=instances,
             pool_sharing=self.config.pool_sharing,
         )

@@ -56,9 +56,9 @@ def test_seed_command_line_starts_lazily_answers_ping_and_sigterm_exits_cleanly(
         assert info.chunk_size == 256
         with CacheServerClient(f"ipc://{ipc_path}", timeout_s=20.0) as client:
             stats = client.stats()
-        assert stats.l1_capacity_bytes == 10 << 30
-        assert stats.l1_reserved_bytes == 0  # nothing reserved until chunks arrive
-        assert stats.eviction_policy == "LRU"
+        assert stats.engine.l1.capacity_bytes == 10 << 30
+        assert stats.engine.l1.reserved_bytes == 0  # nothing reserved until chunks arrive
+        assert stats.engine.l1.eviction_policy == "LRU"
         assert os.path.exists(ipc_path) and os.path.exists(ipc_path + ".direct")
         stats_cli = subprocess.run(
             _server_cmd("--stats", f"tcp://127.0.0.1:{port}"),

@@ -127,4 +127,4 @@ def test_a_copy_that_fails_gives_the_slots_back_and_raises(serve) -> None:
         ):  # a block id past the pool: the worker's own copy fails
             client.store(BlockTransfer(TOKENS, None, [0, 1, 2, 3, 4, 5, 6, 999], 0, len(TOKENS)))
         stats = client.stats()
-        assert stats.l1_used_bytes == 0 and client.lookup(TOKENS) == 0
+        assert stats.engine.l1.used_bytes == 0 and client.lookup(TOKENS) == 0

@@ -70,13 +70,13 @@ def test_a_worker_killed_between_reserve_and_done_publishes_nothing(start_server
     assert held["ticket"] > 0
     client, _ = probe(server)
     try:
-        assert client.stats().l1_used_bytes > 0  # the reserved (and copied into) slots
+        assert client.stats().engine.l1.used_bytes > 0  # the reserved (and copied into) slots
         assert client.lookup(TOKENS) == 0  # copied but never reported done: invisible
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
         wait_until(lambda: len(client.stats().instances) == 1, "the killed worker reaped")
         stats = client.stats()
-        assert stats.l1_used_bytes == 0 and stats.l1_chunks == 0  # its slots are free again
+        assert stats.engine.l1.used_bytes == 0 and stats.engine.l1.chunks == 0  # its slots are free again
         assert client.lookup(TOKENS) == 0
         assert "reservations aborted" in server.log()
     finally:
