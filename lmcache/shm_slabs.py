@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import mmap
 import os
 import re
@@ -120,11 +121,20 @@ class ShmSlabSource(SlabSource):
             ) from None
         try:
             os.fchmod(fd, 0o600)  # whatever the umask
-            os.ftruncate(fd, nbytes)
+            # Allocated, not only sized: a tmpfs without room for the region fails here, cleanly,
+            # instead of killing whichever process first touches a page it cannot back (SIGBUS).
+            os.posix_fallocate(fd, 0, nbytes)
             mapping = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:
             _unlink(path)
-            raise ShmSlabError(f"cannot size or map the L1 region {path}: {e.strerror}") from None
+            hint = (
+                f"; {self.shm_dir} has no room for it: enlarge it (docker: --shm-size) or lower --l1-size-gb"
+                if e.errno in (errno.ENOSPC, errno.ENOMEM)
+                else ""
+            )
+            raise ShmSlabError(
+                f"cannot allocate the {nbytes >> 20} MiB L1 region {path}: {e.strerror}{hint}"
+            ) from None
         finally:
             os.close(fd)
         tensor = torch.frombuffer(mapping, dtype=torch.uint8)

@@ -1,3 +1,4 @@
+import errno
 import gc
 import os
 import stat
@@ -76,4 +77,17 @@ def test_stale_regions_of_dead_servers_are_removed_at_start(tmp_path) -> None:
     assert source.stale_removed == 1
     assert not stale.exists() and live.exists() and other.exists()
     assert cleanup_stale(str(tmp_path)) == 0
+    source.close()
+
+
+def test_a_full_tmpfs_is_a_clear_error_not_a_crash(tmp_path, monkeypatch) -> None:
+    def no_room(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    source = ShmSlabSource(shm_dir=str(tmp_path))
+    with pytest.raises(ShmSlabError, match="--shm-size") as raised:
+        source.allocate(1 << 20)
+    assert "--l1-size-gb" in str(raised.value)
+    assert list(tmp_path.iterdir()) == [] and source.region_paths() == []  # nothing left behind
     source.close()
