@@ -52,8 +52,8 @@ INLINE_LOOKUP_MAX_TOKENS = 1 << 16
 """Longest lookup the I/O thread answers itself; longer ones go to the workers so they never hold
 up other clients' replies for long."""
 
-Identity = bytes | int
-"""A client connection: a ZMQ routing id, or a direct connection's number."""
+Identity = int
+"""A client connection's number (one lane of a client)."""
 
 
 class ReplySink(Protocol):

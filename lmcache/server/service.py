@@ -93,8 +93,6 @@ class CacheService:
         self.counters = counters or ServerCounters()
         self.server_id = secrets.token_hex(8)
         self.started = time.monotonic()
-        self.direct: P.DirectLane | None = None
-        """Where the direct lane listens (set by the transport once bound); sent with ping / register."""
         self.instances = InstanceRegistry(config, self.counters, self.server_id)
         self.pins = PinTable()
         self.instances.on_retire.append(self._release_owned_pins)
@@ -142,7 +140,6 @@ class CacheService:
             chunk_size=self.engine.config.chunk_size,
             uptime_s=time.monotonic() - self.started,
             version=_package_version(),
-            direct=self.direct,
         )
 
     def heartbeat(self, req: P.Heartbeat) -> P.HeartbeatInfo:
@@ -271,7 +268,6 @@ class CacheService:
             server_id=self.server_id,
             refreshed=refreshed,
             hashing=hashing,
-            direct=self.direct,
             cap=inst.cap,
         )
 
