@@ -185,11 +185,17 @@ class LanePool:
         self._count = 0
         """Lanes open or being opened (idle and in use)."""
         self._quiet_until = 0.0
+        self._waiters = 0
 
     @property
     def lanes(self) -> int:
         """Lanes open now (idle or carrying a call)."""
         return self._count
+
+    @property
+    def waiters(self) -> int:
+        """Calls waiting for a lane to come free (all ``size`` carry calls)."""
+        return self._waiters
 
     def call(self, frame: bytes, rid: int, op: str, timeout: float) -> P.Reply:
         """Send ``frame`` on a lane and return the reply (ServerUnavailable if none within ``timeout``)."""
@@ -243,7 +249,11 @@ class LanePool:
                         f"{op} to {self.url}: no lane came free within {timeout:g} s (all {self.size} carry "
                         "calls of other threads); raise the client's lanes= or timeout_s"
                     )
-                self._cond.wait(remaining)
+                self._waiters += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._waiters -= 1
         try:
             lane = Lane(self._connect(deadline, op))
         except BaseException:
