@@ -269,7 +269,8 @@ class LanePool:
         """An idle lane, this thread's own if idle, else the most recently used; stale ones are closed.
         Caller holds the lock."""
         while self._idle:
-            mine = next((i for i, lane in enumerate(self._idle) if lane.thread == me), len(self._idle) - 1)
+            last = len(self._idle) - 1
+            mine = next((last - i for i, lane in enumerate(reversed(self._idle)) if lane.thread == me), last)
             lane = self._idle.pop(mine)
             if not lane.stale():
                 return lane
