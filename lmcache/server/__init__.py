@@ -1,12 +1,13 @@
 """Multi-process mode: the cache server, its wire protocol, its client and pool sharing.
 
 * :mod:`lmcache.server.cli` - ``python -m lmcache.v1.multiprocess.server`` (also ``python -m lmcache.server``)
-* :mod:`lmcache.server.server` - :class:`CacheServer`, one CacheEngine behind a ZMQ ROUTER, assembled
+* :mod:`lmcache.server.server` - :class:`CacheServer`, one CacheEngine behind the stream sockets of the
+  seed's URLs, assembled
   from :mod:`~lmcache.server.service` (instances, pins, handlers, reaping, stats; no sockets),
   :mod:`~lmcache.server.dispatch` (admission, per-connection order, inline policy, workers) and
   :mod:`~lmcache.server.transport` / :mod:`~lmcache.server.listeners` (sockets, the I/O loop)
 * :mod:`lmcache.server.client` - :class:`CacheServerClient` (ops, registrations, credentials,
-  fail-fast) over :mod:`~lmcache.server.client_direct` and :mod:`~lmcache.server.client_queued`
+  fail-fast) over :mod:`~lmcache.server.client_lanes` (a small pool of connections per client)
 * :mod:`lmcache.server.framing` - frames, shared by both sides
 * :mod:`lmcache.server.protocol` - versioned msgspec messages
 * :mod:`lmcache.server.pool_sharing` - CPU shared memory and :class:`RawCudaIPCWrapper`

@@ -54,7 +54,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         prog=prog or "python -m lmcache.v1.multiprocess.server",
         description=(
             "LMCache multi-process cache server: one KV cache (CPU L1 and the configured tiers) shared by "
-            "the TensorRT-LLM processes of this host over ZMQ (connector lmcache-mp). Listens on TCP and, "
+            "the TensorRT-LLM processes of this host (connector lmcache-mp). Listens on TCP and, "
             "by default, also on the Unix socket ipc:///tmp/lmcache.sock that clients use when no "
             "server_url is given."
         ),
@@ -69,13 +69,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=os.environ.get("LMCACHE_SERVER_IPC_PATH", "/tmp/lmcache.sock"),
         help="Unix socket path served in addition to TCP (clients' default URL is ipc:///tmp/lmcache.sock); "
         "an empty string disables it; the default can also come from $LMCACHE_SERVER_IPC_PATH",
-    )
-    parser.add_argument(
-        "--direct-port",
-        type=int,
-        default=0,
-        help="TCP port of the direct lane: plain sockets that clients use for their calls, faster than "
-        "ZMQ (its Unix socket is <ipc-path>.direct); 0: any free port, -1: no direct lane",
     )
     parser.add_argument(
         "--busy-poll-us",
@@ -186,8 +179,6 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error(f"--max-workers must be >= 1, got {args.max_workers}")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")
-    if not -1 <= args.direct_port <= 65535:
-        parser.error(f"--direct-port must be in -1..65535, got {args.direct_port}")
     if not (math.isfinite(args.busy_poll_us) and 0 <= args.busy_poll_us <= 1e6):
         parser.error(f"--busy-poll-us must be in 0..1000000 (0: never busy-poll), got {args.busy_poll_us}")
     _finite(parser, "--max-frame-mb", args.max_frame_mb, 0.0, strict=True)
@@ -310,7 +301,6 @@ def main(argv: list[str] | None = None) -> int:
             client_timeout_s=args.client_timeout_s,
             pin_ttl_s=args.pin_ttl_s,
             max_frame_bytes=int(args.max_frame_mb * (1 << 20)),
-            direct_port=None if args.direct_port < 0 else args.direct_port,
             busy_poll_s=args.busy_poll_us / 1e6,
             pool_sharing=config.pool_sharing,
             **security,

@@ -1,41 +1,32 @@
-"""Client of the cache server: a ZMQ DEALER plus the direct lane, thread-safe, never hangs.
+"""Client of the cache server: a small pool of plain-socket lanes, thread-safe, never hangs.
 
-``CacheServerClient`` mirrors the server's ops as blocking methods. Any thread may call them.
-Each call takes one of two paths:
+``CacheServerClient`` mirrors the server's ops as blocking methods. Any thread may call them. A
+call takes a free lane (a connection to the server's URL, ``tcp://host:port`` or ``ipc:///path``),
+opens one while the client holds fewer than ``lanes``, else waits for one; it sends its request and
+waits for the reply in its own thread, with no hand-off between threads
+(:mod:`lmcache.server.client_lanes`; benchmarks/RESULTS.md has what that saves). Heartbeats take a
+lane like any call.
 
-* the **direct lane**: a caller that finds it free (a non-blocking lock) sends its request over
-  a plain socket to the server's direct lane (see :mod:`lmcache.server.protocol`) and waits for
-  the reply in its own thread, with no hand-off between threads and no ZMQ I/O thread on either
-  end (:mod:`lmcache.server.client_direct`; benchmarks/RESULTS.md has what it saves). The lane's
-  address comes with the reply to ``register`` or ``ping``, and it is used once a ping on it
-  reached the same server;
-* the **I/O-thread path**: heartbeats, and calls that find the lane busy (another thread's call
-  is in flight, e.g. a save while the executor loads) or not open (not known yet, unreachable)
-  go to a private I/O thread (:mod:`lmcache.server.client_queued`). It owns the DEALER socket,
-  pipelines the requests of any number of threads and matches replies by request id.
-
-This module holds the ops, registration and re-registration, credentials and the fail-fast
-policy; the two transports and the framing (:mod:`lmcache.server.framing`) live in their modules.
+This module holds the ops, registration and re-registration, credentials and the error policy;
+the lanes and the framing (:mod:`lmcache.server.framing`) live in their modules.
 
 ``lookup`` of an instance this client registered sends the prompt's chunk hashes, computed with
 the key scheme the server announced at registration, instead of its tokens.
 
-Ordering: a caller sends its next request only after the reply to the previous one, so the calls
-of one thread are served in the order it made them. Calls of different threads that overlap in
-time are not ordered: a ``lookup`` sent while another thread's ``store`` is still in flight may
-miss that store's chunks (it does not wait behind it, which is what keeps lookups fast while a
-background thread saves).
+Ordering: a caller sends its next request only after the reply to the previous one, and takes the
+lane it used last when that one is free, so the calls of one thread are served in the order it made
+them. Calls of different threads that overlap in time run on different lanes and are not ordered: a
+``lookup`` sent while another thread's ``store`` is still in flight may miss that store's chunks (it
+does not wait behind it, which is what keeps lookups fast while a background thread saves).
 
 Failure behaviour:
 
 * No reply within ``timeout_s`` (server down, restarting or wedged) raises
-  :class:`ServerUnavailable`. The sockets are then recreated (queued requests are dropped, never
-  delivered late), and until the connection is seen up again further calls fail at once
-  (``fail_fast``) instead of each waiting ``timeout_s``. ZMQ keeps reconnecting in the background
-  every 100 ms. While not connected, each call first checks whether the server's address accepts
-  connections (a Unix-socket or TCP connect, at most 50 ms): if it does after a failure, the client
-  reconnects at once, so a restarted server is used by the next call, not after a reconnect
-  back-off; if it refuses, a ``fail_fast`` call fails at once instead of waiting ``timeout_s``.
+  :class:`ServerUnavailable`, and the lane is closed (its reply is never delivered late). A call
+  first connects if it has no open lane: a refused connect (server down) fails it at once. After a
+  timeout, ``fail_fast`` calls give the server's address a brief connect (at most 50 ms) and fail at
+  once if it does not answer, instead of each waiting ``timeout_s``; a restarted server is used by
+  the next call (idle lanes to the old one are noticed closed and replaced).
 * ``store`` and ``retrieve`` carry ``timeout_ms``: the server skips them if they could not start
   before the caller gave up, so a late retrieve never writes into blocks the caller has reused.
 * An error reply raises :class:`ServerError` (or a subclass named after its code). When the server
@@ -49,7 +40,7 @@ Credentials (``docs/security.md``), all carried by the client itself: over TCP e
 carries the server secret (``secret``, else ``$LMCACHE_SERVER_SECRET``, else the secret file the
 server created for this user); every request naming an instance carries the capability its
 registration returned. Over ``ipc://`` the client refuses a socket owned by another user than
-itself or root, and replies or direct connections from a process of such a user.
+itself or root, and a connection served by a process of such a user.
 
 CUDA pools: the caller must have finished writing the blocks before ``store`` (e.g. synchronize
 the forward pass's stream); ``retrieve`` returns after the server's copies into the pool have
@@ -68,13 +59,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
-import zmq
 
 from lmcache.keys import Tokens
 from lmcache.logging import init_logger
 from lmcache.server import framing
 from lmcache.server import protocol as P
-from lmcache.server.client_direct import DirectPath, Prober
 from lmcache.server.client_errors import (
     BadPool,
     InvalidRequest,
@@ -86,7 +75,7 @@ from lmcache.server.client_errors import (
     VersionMismatch,
     error_for,
 )
-from lmcache.server.client_queued import QueuedPath
+from lmcache.server.client_lanes import DEFAULT_LANES, Endpoint, LanePool
 from lmcache.server.client_registrations import Credentials, PromptHashes, Registration, Registrations
 from lmcache.server.client_shared_l1 import SharedL1Transfers
 from lmcache.transfer import BlockTransfer
@@ -130,9 +119,7 @@ def normalize_url(url: str | None) -> str:
     url = (url or os.environ.get("LMCACHE_SERVER_URL") or DEFAULT_SERVER_URL).strip()
     if "://" not in url:
         url = f"tcp://{url}"
-    scheme = url.split("://", 1)[0]
-    if scheme not in ("tcp", "ipc", "inproc"):
-        raise ValueError(f"unsupported server URL {url!r}; use tcp://HOST:PORT or ipc:///PATH")
+    Endpoint.of(url)  # ValueError naming the URL and the accepted forms
     return url
 
 
@@ -146,11 +133,12 @@ class CacheServerClient:
         timeout_s: float = 10.0,
         heartbeat_interval_s: float = 1.0,
         fail_fast: bool = True,
-        context: zmq.Context | None = None,
         secret: bytes | str | None = None,
+        lanes: int = DEFAULT_LANES,
     ) -> None:
         """``secret``: the server secret for TCP (default: ``$LMCACHE_SERVER_SECRET``, else this user's
-        secret file, see :mod:`lmcache.server.security`)."""
+        secret file, see :mod:`lmcache.server.security`); ``lanes``: connections this client opens at
+        most (calls of that many threads run at once, more wait for a lane)."""
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.url = normalize_url(url)
@@ -165,16 +153,8 @@ class CacheServerClient:
         self.server_id: str | None = None
         self.reregistrations = 0
         self._stop = threading.Event()
-        self._prober = Prober(self.url)
-        self.queued = QueuedPath(self.url, context or zmq.Context.instance())
-        """The I/O-thread path (ZMQ DEALER): heartbeats, calls that find the direct lane busy or closed."""
-        self.direct = DirectPath(
-            self.url,
-            lambda: next(self._rids),
-            on_answer=self.queued.mark_up,
-            on_timeout=lambda: self.queued.mark_down(reset=True),
-        )
-        """The direct lane: calls that find it free wait for their reply in their own thread."""
+        self.lanes = LanePool(self.url, size=lanes, fail_fast=fail_fast)
+        """The connections to the server; every call takes one."""
         self.shared_l1 = SharedL1Transfers(self._call, self.registrations)  # pools it copies for itself
         self._hb: threading.Thread | None = None
         if heartbeat_interval_s > 0:
@@ -182,21 +162,6 @@ class CacheServerClient:
             self._hb.start()
 
     # ---- public API -----------------------------------------------------------------------------
-
-    @property
-    def connected(self) -> bool:
-        """Whether the transport is up (the server may still be slow to answer)."""
-        return self.queued.connected
-
-    @property
-    def reconnects(self) -> int:
-        """Times the I/O thread's socket was recreated (after a timeout, or the server seen back)."""
-        return self.queued.reconnects
-
-    @property
-    def direct_calls(self) -> int:
-        """Calls answered on the direct path (the rest went through the I/O thread)."""
-        return self.direct.calls
 
     def ping(self, *, timeout_s: float | None = None) -> P.PingInfo:
         return self._call(P.Ping(), P.PingInfo, timeout_s)
@@ -398,12 +363,10 @@ class CacheServerClient:
                 with contextlib.suppress(ServerUnavailable, ServerError):
                     self.unregister(iid, timeout_s=min(self.timeout_s, 1.0))
         self._closed = True
-        self.direct.closed = True  # a direct call in flight notices within client_direct.POLL_S
         self._stop.set()
-        self.queued.close()
+        self.lanes.close()  # a call in flight notices within client_lanes.POLL_S
         if self._hb is not None and self._hb is not threading.current_thread():
             self._hb.join(timeout=5)
-        self.direct.close()
 
     def __enter__(self) -> CacheServerClient:
         return self
@@ -484,27 +447,12 @@ class CacheServerClient:
             raise ServerUnavailable("the cache server client is closed")
         timeout = self.timeout_s if timeout_s is None else timeout_s
         op = type(req).__struct_config__.tag
-        if not self.queued.connected:
-            listening = self._prober.listening()
-            if self.queued.down and listening:
-                self.queued.reconnect_now()
-            elif self.fail_fast and (listening is False or (self.queued.down and listening is None)):
-                self.queued.mark_down()
-                raise ServerUnavailable(
-                    f"cache server at {self.url} is unreachable (nothing accepts connections there); "
-                    "is it running? start it with: python -m lmcache.v1.multiprocess.server"
-                )
         rid = next(self._rids)
         req.rid = rid
         self._stamp(req)
         if deadline:
             req.timeout_ms = max(1, int(timeout * 1000))
-        frame = framing.encode_request(req)
-        reply = None
-        if threading.current_thread() is not self._hb:  # see the module docstring
-            reply = self.direct.call(frame, rid, op, timeout)
-        if reply is None:
-            reply = self.queued.call(frame, rid, op, timeout)
+        reply = self.lanes.call(framing.encode_request(req), rid, op, timeout)
         if reply.v != P.PROTOCOL_VERSION:
             raise VersionMismatch(
                 P.ErrorCode.VERSION_MISMATCH.value,
@@ -519,8 +467,6 @@ class CacheServerClient:
             value = msgspec.convert(reply.value, result_type)
         except msgspec.ValidationError as e:
             raise ServerError(P.ErrorCode.INTERNAL.value, f"unexpected reply value: {e}", op) from None
-        if isinstance(value, (P.PingInfo, P.RegisterInfo)):
-            self.direct.learn(value.server_id, value.direct)
         return value
 
     # ---- heartbeat ------------------------------------------------------------------------------

@@ -53,8 +53,8 @@ INLINE_LOOKUP_MAX_TOKENS = 1 << 16
 """Longest lookup the I/O thread answers itself; longer ones go to the workers so they never hold
 up other clients' replies for long."""
 
-Identity = bytes | int
-"""A client connection: a ZMQ routing id, or a direct connection's number."""
+Identity = int
+"""A client connection's number (one lane of a client)."""
 
 
 class ReplySink(Protocol):
@@ -122,9 +122,12 @@ class Dispatcher:
         and never while a worker runs (the two would fight for the GIL)."""
         return not self._running and now < self._busy_until
 
-    def waiting(self, identity: Identity) -> int:
-        """Requests of ``identity`` received and waiting behind the one its worker runs."""
+    def waiting(self, identity: Identity | None = None) -> int:
+        """Requests of ``identity`` (None: of every connection) received and waiting behind the one
+        their worker runs."""
         with self._lock:
+            if identity is None:
+                return sum(len(q) for q in self._queues.values())
             return len(self._queues.get(identity, ()))
 
     def shutdown(self) -> None:

@@ -1,8 +1,8 @@
 """Framing shared by the server and the client.
 
-A message is one msgpack-encoded frame (:mod:`lmcache.server.protocol`). On ZMQ a frame is a
-message; on the direct lane (plain stream sockets) each frame travels behind its length, a 4-byte
-little-endian unsigned int (:data:`HEADER`). :class:`FrameBuffer` cuts a byte stream back into
+A message is one msgpack-encoded frame (:mod:`lmcache.server.protocol`); on a connection (a plain
+stream socket) each frame travels behind its length, a 4-byte little-endian unsigned int
+(:data:`HEADER`). :class:`FrameBuffer` cuts a byte stream back into
 frames. Size caps: requests beyond ``max_frame_bytes`` get a ``too_large`` reply, a peer that
 announces more than :func:`hard_frame_cap` is disconnected; a client refuses replies announcing
 more than :data:`MAX_REPLY_BYTES`.
@@ -28,7 +28,7 @@ __all__ = [
     "hard_frame_cap",
 ]
 
-HEADER = P.DIRECT_HEADER
+HEADER = P.FRAME_HEADER
 MAX_REPLY_BYTES = 2 * P.MAX_FRAME_BYTES
 REPLY_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, ValueError)
 """What :func:`decode_reply` raises for bytes that are not a reply."""
@@ -45,7 +45,7 @@ def hard_frame_cap(max_frame_bytes: int) -> int:
 
 
 def framed(payload: bytes) -> bytes:
-    """``payload`` behind its length, as the direct lane carries it."""
+    """``payload`` behind its length, as a connection carries it."""
     return HEADER.pack(len(payload)) + payload
 
 

@@ -1,8 +1,9 @@
-"""The cache server's listening sockets: the ZMQ ROUTER (``tcp://host:port`` and, with an ipc
-path, ``ipc://path``) and the direct lane's listeners (TCP on the same host, and a Unix socket at
-``<ipc_path>.direct``). Unix socket files are created 0600 (0660 with ``socket_group``), a stale
-one left by a dead server is replaced, one owned by another user or served by a live process is
-refused; :meth:`Listeners.close` removes the files this server created (not a successor's).
+"""The cache server's listening sockets, at the addresses of the seed's URLs: a TCP listener for
+``tcp://host:port`` and, with an ipc path, a Unix stream socket for ``ipc://path``. Both carry the
+same length-prefixed frames (:mod:`lmcache.server.framing`). Unix socket files are created 0600
+(0660 with ``socket_group``), a stale one left by a dead server is replaced, one owned by another
+user or served by a live process is refused; :meth:`Listeners.close` removes the files this server
+created (not a successor's).
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ import socket
 import stat
 from collections.abc import Iterator
 
-import zmq
-
 from lmcache.logging import init_logger
-from lmcache.server import protocol as P
 from lmcache.server.security import group_id
-from lmcache.server.settings import DIRECT_SUFFIX, ServerConfig
+from lmcache.server.settings import ServerConfig
 
 logger = init_logger(__name__)
 
@@ -33,87 +31,64 @@ class ServerStartError(RuntimeError):
 class Listeners:
     """Binds and owns the server's listening sockets."""
 
-    def __init__(self, config: ServerConfig, context: zmq.Context) -> None:
+    def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.context = context
         self.endpoints: list[str] = []
-        """The ROUTER's endpoints: ``tcp://...`` first, then ``ipc://...`` if bound."""
-        self.direct: P.DirectLane | None = None
-        """Where the direct lane listens (None: disabled)."""
-        self.direct_listeners: list[socket.socket] = []
+        """The URLs served: ``tcp://...`` first, then ``ipc://...`` if bound."""
+        self.sockets: list[socket.socket] = []
+        """The listening sockets (non-blocking), in the order of ``endpoints``."""
         self._unix_sockets: list[tuple[str, tuple[int, int]]] = []
         """Socket files this server created, with their (st_dev, st_ino): removed on close."""
 
-    def bind(self, max_message_bytes: int) -> zmq.Socket:
-        """Bind everything; the ROUTER socket. Raises :class:`ServerStartError` with what to do."""
-        sock = self.context.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-        host = self.config.host
+    def bind(self) -> None:
+        """Bind and listen on every address. Raises :class:`ServerStartError` with what to do."""
         try:
-            if ":" in host:
-                sock.setsockopt(zmq.IPV6, 1)
-                host = f"[{host}]"
-            port = "*" if self.config.port == 0 else str(self.config.port)
-            sock.bind(f"tcp://{host}:{port}")
-            self.endpoints = [sock.getsockopt_string(zmq.LAST_ENDPOINT)]
+            self._listen_tcp()
             if self.config.ipc_path:
-                self._prepare_ipc_path(self.config.ipc_path)
-                with self._socket_umask():
-                    sock.bind(f"ipc://{self.config.ipc_path}")
-                self._created(self.config.ipc_path)
-                self.endpoints.append(f"ipc://{self.config.ipc_path}")
-            if self.config.direct_port is not None:
-                self._listen_direct(self.config.direct_port)
-        except zmq.ZMQError as e:
-            sock.close(0)
-            if e.errno == errno.EADDRINUSE:
-                raise ServerStartError(
-                    f"tcp port {self.config.port} on {self.config.host} is already in use (another lmcache "
-                    "server?); stop it or pass another --port"
-                ) from None
-            raise ServerStartError(f"cannot bind the server's sockets: {e}") from None
+                self._listen_unix(self.config.ipc_path)
         except BaseException:
-            sock.close(0)
             self.close()
             raise
-        return sock
+        for listener in self.sockets:
+            listener.setblocking(False)
+
+    @property
+    def bound(self) -> bool:
+        return bool(self.sockets)
 
     @property
     def tcp_port(self) -> int:
         return int(self.endpoints[0].rsplit(":", 1)[1])
 
-    def _listen_direct(self, port: int) -> None:
-        """Bind the direct lane: TCP on the ZMQ socket's host, and a Unix socket next to its ipc one."""
-        host = self.config.host
+    def _listen_tcp(self) -> None:
+        host, port = self.config.host, self.config.port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            tcp = socket.create_server(
-                (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET
-            )
+            tcp = socket.create_server((host.strip("[]"), port), family=family, backlog=128)
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise ServerStartError(
-                    f"direct lane tcp port {port} on {host} is already in use; pass another --direct-port "
-                    "(0: any free port)"
+                    f"tcp port {port} on {host} is already in use (another lmcache server?); stop it or "
+                    "pass another --port"
                 ) from None
-            raise ServerStartError(f"cannot bind the direct lane on {host}:{port}: {e}") from None
-        self.direct_listeners.append(tcp)
-        self.direct = P.DirectLane(port=tcp.getsockname()[1])
-        path = f"{self.config.ipc_path}{DIRECT_SUFFIX}" if self.config.ipc_path else ""
-        if path and len(os.fsencode(path)) > 107:
-            logger.warning("no direct lane on a Unix socket: %s is longer than 107 bytes", path)
-        elif path:
-            self._prepare_ipc_path(path)
-            unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.direct_listeners.append(unix)
+            raise ServerStartError(f"cannot listen on tcp {host}:{port}: {e}") from None
+        self.sockets.append(tcp)
+        address, bound_port = tcp.getsockname()[:2]
+        shown = f"[{address}]" if family == socket.AF_INET6 else address
+        self.endpoints.append(f"tcp://{shown}:{bound_port}")
+
+    def _listen_unix(self, path: str) -> None:
+        self._prepare_ipc_path(path)
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sockets.append(unix)
+        try:
             with self._socket_umask():
                 unix.bind(path)
-            self._created(path)
-            unix.listen()
-            self.direct.ipc_name = os.path.basename(path)
-        for listener in self.direct_listeners:
-            listener.setblocking(False)
+        except OSError as e:
+            raise ServerStartError(f"cannot bind --ipc-path {path}: {e}") from None
+        self._created(path)
+        unix.listen(128)
+        self.endpoints.append(f"ipc://{path}")
 
     @contextlib.contextmanager
     def _socket_umask(self) -> Iterator[None]:
@@ -173,10 +148,10 @@ class Listeners:
             os.makedirs(parent, exist_ok=True)
 
     def close(self) -> None:
-        """Close the direct lane's listeners and remove the socket files this server created."""
-        for listener in self.direct_listeners:
+        """Close the listening sockets and remove the socket files this server created."""
+        for listener in self.sockets:
             listener.close()
-        self.direct_listeners.clear()
+        self.sockets.clear()
         for path, inode in self._unix_sockets:
             with contextlib.suppress(OSError):
                 st = os.stat(path)

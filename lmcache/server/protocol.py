@@ -1,10 +1,9 @@
 """Wire protocol between the cache server and its clients.
 
-Transport: one ZMQ ``ROUTER`` on the server, one ``DEALER`` per client, plus the **direct
-lane**: plain TCP and Unix stream sockets (advertised in :class:`DirectLane`) carrying the same
-frames, each behind its length as a 4-byte little-endian unsigned int. The direct lane skips the
-ZMQ I/O threads on both ends (four thread wake-ups per round trip), so a client sends its calls
-there, one request in flight per connection. Every message is one frame holding one
+Transport: plain stream sockets at the seed's URLs (``tcp://host:port``: TCP, ``ipc:///path``: a
+Unix socket), carrying frames, each behind its length as a 4-byte little-endian unsigned int
+(:data:`FRAME_HEADER`). A client holds a small pool of connections (lanes) and has one request in
+flight per connection, waited for in the calling thread. Every message is one frame holding one
 msgpack-encoded msgspec struct:
 
 * a request is one member of the :data:`Request` tagged union (tag field ``op``), carrying the
@@ -98,8 +97,7 @@ __all__ = [
     "LoadSlots",
     "RegisterInfo",
     "ChunkHashing",
-    "DirectLane",
-    "DIRECT_HEADER",
+    "FRAME_HEADER",
     "PingInfo",
     "HeartbeatInfo",
     "StatsInfo",
@@ -115,8 +113,8 @@ PROTOCOL_VERSION = 4
 MAX_FRAME_BYTES = 64 << 20
 """Default cap of one request frame (the server answers larger ones with an error)."""
 
-DIRECT_HEADER = struct.Struct("<I")
-"""What precedes each frame on the direct lane: the frame's length in bytes."""
+FRAME_HEADER = struct.Struct("<I")
+"""What precedes each frame on a connection: the frame's length in bytes."""
 
 MAX_TOKENS = 1 << 22
 MAX_BLOCKS = 1 << 22
@@ -432,15 +430,6 @@ class Reply(msgspec.Struct, kw_only=True):
     error: ErrorInfo | None = None
 
 
-class DirectLane(msgspec.Struct, kw_only=True):
-    """Where the server's direct lane listens; a client connects to the one of its own transport."""
-
-    port: int = 0
-    """TCP port on the host of the server's TCP address; 0: none."""
-    ipc_name: str = ""
-    """File name of the Unix socket, in the directory of the server's ``ipc://`` socket; empty: none."""
-
-
 class ChunkHashing(msgspec.Struct, kw_only=True):
     """How the server keys an instance's chunks: ``lmcache.keys.TokenHasher(chunk_size, algorithm,
     model_name, layout_signature)`` computes the hashes a ``lookup_hashes`` carries."""
@@ -460,7 +449,6 @@ class RegisterInfo(msgspec.Struct, kw_only=True):
     hashing: ChunkHashing | None = None
     """Set when the server takes ``lookup_hashes`` for this instance; None when lookups must carry
     tokens (with ``save_unfull_chunk`` it probes partial chunks, which needs their tokens)."""
-    direct: DirectLane | None = None
     cap: bytes = b""
     """The instance's capability: every later request naming the instance must carry it."""
     sharing: str = ""
@@ -476,7 +464,6 @@ class PingInfo(msgspec.Struct, kw_only=True):
     chunk_size: int
     uptime_s: float
     version: str = ""
-    direct: DirectLane | None = None
     pool_sharing: str = "auto"
     """As :attr:`RegisterInfo.pool_sharing`: a client in ``auto`` registers in the mode a server forces."""
 

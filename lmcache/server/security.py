@@ -1,9 +1,9 @@
 """Who may talk to the cache server (see ``docs/security.md``): peer credentials, the server secret.
 
-* **Unix sockets** (``ipc://`` and the direct lane's ``.direct`` socket) are created 0600 (0660 with
-  a configured group). The server reads each peer's credentials (``SO_PEERCRED``; ZMQ reports them
-  as the ``Peer-Address`` property ``host:uid:gid:pid``) and serves only its own uid, root and the
-  configured uids / groups (:class:`PeerPolicy`). A client refuses a socket owned by another uid.
+* **Unix sockets** (``ipc://``) are created 0600 (0660 with a configured group). The server reads
+  each peer's credentials (``SO_PEERCRED``) when it accepts a connection and serves only its own
+  uid, root and the configured uids / groups (:class:`PeerPolicy`). A client refuses a socket owned
+  by another uid, and a connection served by a process of another uid.
 * **TCP** carries the **server secret** in every request (``auth``). The server reads it from
   ``$LMCACHE_SERVER_SECRET`` or from a 0600 file it generates at first start
   (``$LMCACHE_SERVER_SECRET_FILE``, default ``~/.lmcache/server_secret``); clients of the same user
@@ -18,7 +18,6 @@ import hmac
 import math
 import os
 import pwd
-import re
 import secrets
 import socket
 import stat
@@ -37,7 +36,6 @@ __all__ = [
     "default_secret_file",
     "load_or_create_secret",
     "peer_of_socket",
-    "peer_of_zmq",
     "secret_matches",
     "trusted_owner",
 ]
@@ -161,20 +159,6 @@ def peer_of_socket(sock: socket.socket) -> Peer:
     return Peer(uid, gid, pid)
 
 
-_ZMQ_UNIX_PEER = re.compile(r"^localhost:(\d+):(\d+):(\d+)$")
-
-
-def peer_of_zmq(address: str | None) -> Peer:
-    """A ZMQ frame's ``Peer-Address``: ``localhost:uid:gid:pid`` on ipc (libzmq appends the
-    ``SO_PEERCRED`` of the connection to the host name it gets for a Unix socket), a numeric IP
-    address on TCP (an IPv6 one may end in ``:0:0:N``, hence the exact host). Anything else is a TCP
-    peer: it must present the secret."""
-    match = _ZMQ_UNIX_PEER.match(address or "")
-    if match is not None:
-        return Peer(int(match.group(1)), int(match.group(2)), int(match.group(3)))
-    return Peer(address=address or "")
-
-
 @dataclass
 class PeerPolicy:
     """Which Unix-socket peers the server serves: its own uid, root, ``uids`` and members of ``groups``."""
@@ -243,13 +227,15 @@ _LIMITS: tuple[tuple[str, str, type, Any, str], ...] = (
     ("--max-registrations-per-client", "max_registrations_per_client", int, 64,
      "registered pools per client (a Unix peer's uid, a TCP peer's address)"),
     ("--max-connections", "max_connections", int, 256,
-     "open direct-lane connections (more are closed; clients then use ZMQ)"),
+     "open client connections in total (more are answered limit and closed)"),
+    ("--max-connections-per-client", "max_connections_per_client", int, 128,
+     "open connections per client (a Unix peer's uid, a TCP peer's address); each client holds a few"),
     ("--max-pending-mb", "max_pending_bytes", float, 256.0,
-     "MiB of unfinished request frames all direct connections may announce together"),
+     "MiB of unfinished request frames all connections may announce together"),
     ("--idle-timeout-s", "idle_timeout_s", float, 300.0,
-     "close a direct connection silent for this long (clients reopen it)"),
+     "close a connection silent for this long (clients reopen it)"),
     ("--frame-timeout-s", "frame_timeout_s", float, 30.0,
-     "close a direct connection that sent part of a frame and nothing more for this long"),
+     "close a connection that sent part of a frame and nothing more for this long"),
     ("--pin-share", "pin_share", float, 0.25,
      "largest fraction of L1 the pins of one instance's lookups may hold"),
 )  # fmt: skip

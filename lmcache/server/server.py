@@ -1,5 +1,6 @@
 """The multi-process cache server: one :class:`CacheEngine` served to many TRT-LLM workers over a
-ZMQ ROUTER socket and the direct lane (see :mod:`lmcache.server.protocol`).
+the stream sockets of the seed's URLs, ``tcp://host:port`` and ``ipc://path`` (see
+:mod:`lmcache.server.protocol`).
 
 :class:`CacheServer` assembles the layers:
 
@@ -25,8 +26,6 @@ from __future__ import annotations
 import ipaddress
 import threading
 
-import zmq
-
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine
 from lmcache.logging import init_logger
@@ -36,7 +35,7 @@ from lmcache.server.failures import ServerCounters
 from lmcache.server.listeners import Listeners, ServerStartError
 from lmcache.server.security import SecretError, load_or_create_secret
 from lmcache.server.service import CacheService
-from lmcache.server.settings import DEFAULT_IPC_PATH, DIRECT_SUFFIX, ServerConfig
+from lmcache.server.settings import DEFAULT_IPC_PATH, ServerConfig
 from lmcache.server.shared_l1 import SharedL1Service
 from lmcache.server.shared_l1_handlers import SharedL1Handlers
 from lmcache.server.transport import ServerTransport
@@ -50,7 +49,6 @@ __all__ = [
     "ServerConfig",
     "ServerStartError",
     "DEFAULT_IPC_PATH",
-    "DIRECT_SUFFIX",
     "INLINE_LOOKUP_MAX_TOKENS",
     "MAX_QUEUED_PER_CLIENT",
 ]
@@ -77,9 +75,7 @@ class CacheServer:
     """Serves one engine to many clients: start / serve_forever / stop / close. With an engine whose
     L1 is in shared memory (:func:`server_engine`) it also serves the shared-L1 mode."""
 
-    def __init__(
-        self, engine: CacheEngine, config: ServerConfig | None = None, *, context: zmq.Context | None = None
-    ) -> None:
+    def __init__(self, engine: CacheEngine, config: ServerConfig | None = None) -> None:
         self.engine = engine
         self.config = config or ServerConfig()
         self.counters = ServerCounters()
@@ -89,7 +85,7 @@ class CacheServer:
         self.admission = Admission(self.config)
         self._stop = threading.Event()
         self.dispatcher = Dispatcher(self.service, self.config, self.admission, self._stop)
-        self.listeners = Listeners(self.config, context or zmq.Context.instance())
+        self.listeners = Listeners(self.config)
         self.transport = ServerTransport(
             self.config, self.counters, self.dispatcher, self.listeners, self.admission.policy
         )
@@ -110,10 +106,6 @@ class CacheServer:
     @property
     def endpoints(self) -> list[str]:
         return self.listeners.endpoints
-
-    @property
-    def direct(self) -> P.DirectLane | None:
-        return self.listeners.direct
 
     @property
     def tcp_port(self) -> int:
@@ -152,13 +144,9 @@ class CacheServer:
         """Bind the sockets (raises :class:`ServerStartError` with a clear message on failure)."""
         self._load_secret()
         self.transport.bind()
-        self.service.direct = self.listeners.direct
         self._reaper = threading.Thread(target=self._reap_loop, name="lmcache-reaper", daemon=True)
         self._reaper.start()
-        where = " and ".join(self.endpoints)
-        if self.direct is not None:
-            where += f" (direct lane: tcp port {self.direct.port}, ipc name {self.direct.ipc_name or '-'})"
-        logger.info("LMCache server listening on %s", where)
+        logger.info("LMCache server listening on %s", " and ".join(self.endpoints))
 
     def _load_secret(self) -> None:
         """Read (or create) the server secret; refuse a non-loopback bind without one."""

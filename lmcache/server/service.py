@@ -97,8 +97,6 @@ class CacheService:
         self.counters = counters or ServerCounters()
         self.server_id = secrets.token_hex(8)
         self.started = time.monotonic()
-        self.direct: P.DirectLane | None = None
-        """Where the direct lane listens (set by the transport once bound); sent with ping / register."""
         self.instances = InstanceRegistry(config, self.counters, self.server_id)
         self.shared_l1: SharedL1Service | None = None
         """The shared-L1 ops' service, once plugged in (:mod:`lmcache.server.shared_l1_handlers`)."""
@@ -148,7 +146,6 @@ class CacheService:
             chunk_size=self.engine.config.chunk_size,
             uptime_s=time.monotonic() - self.started,
             version=_package_version(),
-            direct=self.direct,
             pool_sharing=self.config.pool_sharing,
         )
 
@@ -273,7 +270,6 @@ class CacheService:
             server_id=self.server_id,
             refreshed=refreshed,
             hashing=hashing,
-            direct=self.direct,
             cap=inst.cap,
             sharing=P.sharing_mode(inst.request.pool),
             pool_sharing=self.config.pool_sharing,

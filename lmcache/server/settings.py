@@ -7,11 +7,9 @@ from dataclasses import dataclass
 
 from lmcache.server import protocol as P
 
-__all__ = ["ServerConfig", "DEFAULT_IPC_PATH", "DIRECT_SUFFIX"]
+__all__ = ["ServerConfig", "DEFAULT_IPC_PATH"]
 
 DEFAULT_IPC_PATH = "/tmp/lmcache.sock"
-DIRECT_SUFFIX = ".direct"
-"""The direct lane's Unix socket is the ipc socket's path plus this."""
 
 
 @dataclass
@@ -30,9 +28,6 @@ class ServerConfig:
     """For this long after each request the I/O thread polls without sleeping (one core busy while
     clients are active, none when idle); 0 (default) always sleeps in poll. Off by default: it did
     not make lookups faster (see benchmarks/RESULTS.md)."""
-    direct_port: int | None = 0
-    """TCP port of the direct lane on ``host`` (0: any free port); None disables the lane (its
-    Unix socket, ``<ipc_path>.direct``, too)."""
     # ---- security (docs/security.md) ----
     secret: bytes | None = None
     """The secret TCP requests must carry; None: ``$LMCACHE_SERVER_SECRET`` or ``secret_file``."""
@@ -50,15 +45,18 @@ class ServerConfig:
     max_registrations_per_client: int = 64
     """Registered instances per client (a Unix-socket peer's uid, a TCP peer's address)."""
     max_connections: int = 256
-    """Open direct-lane connections; more are closed at once (clients fall back to ZMQ)."""
+    """Open client connections in total; more are answered ``limit`` and closed."""
+    max_connections_per_client: int = 128
+    """Open connections per client (a Unix-socket peer's uid, a TCP peer's address); more are
+    answered ``limit`` and closed. Each client holds a few (its lanes)."""
     max_pending_bytes_per_connection: int | None = None
-    """Largest frame a direct connection may announce and buffer; None: ``max_frame_bytes``."""
+    """Largest frame a connection may announce and buffer; None: ``max_frame_bytes``."""
     max_pending_bytes: int = 256 << 20
-    """Bytes of unfinished frames announced by all direct connections together."""
+    """Bytes of unfinished frames announced by all connections together."""
     idle_timeout_s: float = 300.0
-    """A direct connection that sent nothing for this long is closed (the client reopens it)."""
+    """A connection that sent nothing for this long is closed (the client reopens it)."""
     frame_timeout_s: float = 30.0
-    """A direct connection whose unfinished frame got no byte for this long is closed."""
+    """A connection whose unfinished frame got no byte for this long is closed."""
     pool_sharing: str = "auto"
     """Pool-sharing modes taken at ``register`` (``--pool-sharing``): ``auto`` (any), ``export`` (the
     server maps the pool: CUDA IPC, CPU shared memory), ``shared-l1`` (the worker copies into L1)."""

@@ -1,31 +1,33 @@
 """The cache server's I/O loop: the only code that touches the client connections.
 
-One thread (the caller of :meth:`ServerTransport.serve`) polls the ROUTER socket, the direct
-lane's listeners and connections, and a wake-up pipe, all in one poller. It reads frames (ZMQ
-messages, or length-prefixed frames of a direct connection, see :mod:`lmcache.server.framing`) and
-hands them to the dispatcher with the sender's identity and :class:`Peer`; it sends the replies
-that workers queue (a worker writes a direct-lane reply itself when nothing waits before it on
-that connection). Direct connections are capped: count (``max_connections``), unfinished-frame
-bytes (per connection and in total), idle and mid-frame timeouts. With ``busy_poll_s`` it polls
-without sleeping after a request while no worker runs.
+Clients connect to the seed's URLs (:mod:`lmcache.server.listeners`): ``tcp://host:port`` and
+``ipc://path``, plain stream sockets carrying length-prefixed frames (:mod:`lmcache.server.framing`).
+Each client holds a small pool of such connections, its *lanes*, one request in flight on each.
+One thread (the caller of :meth:`ServerTransport.serve`) polls the listeners, every connection and
+a wake-up pipe. It reads frames and hands them to the dispatcher with the connection's number and
+its :class:`Peer`; it sends the replies that workers queue (a worker writes a reply itself when
+nothing waits before it on that connection).
 
-Swapping the transport (e.g. a pool of direct lanes per client instead of ZMQ) touches this module
-and :mod:`lmcache.server.listeners` only: the dispatcher sees identities, frames and peers.
+Connections are capped: count in total (``max_connections``) and per client
+(``max_connections_per_client``; a client is a Unix peer's uid or a TCP peer's address), a
+connection over a cap, or from a Unix peer the policy refuses, is answered one error frame (``limit``
+or ``unauthorized``, rid -1) and closed; unfinished-frame bytes (per connection and in total); idle
+and mid-frame timeouts. With ``busy_poll_s`` it polls without sleeping after a request while no
+worker runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import os
 import queue
+import select
 import socket
 import threading
 import time
+from collections import Counter
 from typing import Protocol
-
-import zmq
 
 from lmcache.logging import init_logger
 from lmcache.rate_limit import RateLimitedLog
@@ -33,17 +35,20 @@ from lmcache.server import framing
 from lmcache.server import protocol as P
 from lmcache.server.dispatch import Identity
 from lmcache.server.failures import ServerCounters
+from lmcache.server.instances import ClientKey, client_key
 from lmcache.server.listeners import Listeners
-from lmcache.server.security import Peer, PeerPolicy, peer_of_socket, peer_of_zmq
+from lmcache.server.security import Peer, PeerPolicy, peer_of_socket
 from lmcache.server.settings import ServerConfig
 
 logger = init_logger(__name__)
 
-__all__ = ["DirectConn", "FrameReceiver", "ServerTransport"]
+__all__ = ["Connection", "FrameReceiver", "ServerTransport"]
 
-DIRECT_READ_BYTES = 1 << 16
-DIRECT_READS = 16
-"""Reads of one direct connection per poll round (1 MiB), so others get their turn."""
+READ_BYTES = 1 << 16
+READS = 16
+"""Reads of one connection per poll round (1 MiB), so others get their turn."""
+_IN = select.POLLIN | select.POLLPRI
+_OUT = select.POLLOUT
 
 
 class FrameReceiver(Protocol):
@@ -51,21 +56,21 @@ class FrameReceiver(Protocol):
 
     def on_frame(self, identity: Identity, frame: bytes, peer: Peer) -> None: ...
 
-    def reply_error(self, identity: Identity, rid: int, code: P.ErrorCode, message: str) -> None: ...
-
     def busy_poll(self, now: float) -> bool: ...
 
 
-class DirectConn:
-    """A client's connection on the direct lane: frames in and out, each behind its length, over a
+class Connection:
+    """A client's connection (one lane): frames in and out, each behind its length, over a
     non-blocking stream socket served by the I/O thread."""
 
     def __init__(self, sock: socket.socket, ident: int, peer: Peer, now: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.ident = ident
-        """The connection's identity in the per-connection queues (ZMQ's are bytes, these ints)."""
+        """The connection's identity in the dispatcher's per-connection queues."""
         self.peer = peer
+        self.client = client_key(peer)
+        """Whose connection it is (per-client caps)."""
         self.last_rx = now
         """When a byte last arrived (idle and unfinished-frame timeouts)."""
         self.reserved = 0
@@ -94,7 +99,7 @@ class DirectConn:
 
 
 class ServerTransport:
-    """The ROUTER socket, the direct lane and the I/O loop; see the module docstring."""
+    """The listeners, the connections and the I/O loop; see the module docstring."""
 
     def __init__(
         self,
@@ -111,18 +116,18 @@ class ServerTransport:
         self.policy = policy
         self.hard_frame_cap = framing.hard_frame_cap(config.max_frame_bytes)
         self._frame_cap = config.max_pending_bytes_per_connection or self.hard_frame_cap
-        self._sock: zmq.Socket | None = None
-        self._direct: dict[int, DirectConn] = {}
-        self._fds: dict[int, DirectConn | socket.socket] = {}
-        """What the poller's native file descriptors are (it reports them as ints)."""
-        self._direct_ids = itertools.count(1)
-        self._poller: zmq.Poller | None = None
+        self._conns: dict[int, Connection] = {}
+        self._per_client: Counter[ClientKey] = Counter()
+        self._fds: dict[int, Connection | socket.socket] = {}
+        """What the poller's file descriptors are (it reports them as ints)."""
+        self._ids = itertools.count(1)
+        self._poller = select.poll()
         self._replies: queue.SimpleQueue[tuple[Identity, bytes]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._pending_bytes = 0
-        """Bytes of unfinished frames the direct connections announced (I/O thread only)."""
+        """Bytes of unfinished frames the connections announced (I/O thread only)."""
         self._next_expiry = 0.0
         self._warn = RateLimitedLog(logger)
         """Warnings a hostile client can trigger at will: at most one per topic and minute."""
@@ -131,11 +136,16 @@ class ServerTransport:
 
     @property
     def bound(self) -> bool:
-        return self._sock is not None
+        return self.listeners.bound
+
+    @property
+    def connections(self) -> int:
+        """Open client connections."""
+        return len(self._conns)
 
     def bind(self) -> None:
         """Bind the listening sockets (raises ``ServerStartError``)."""
-        self._sock = self.listeners.bind(self.hard_frame_cap)
+        self.listeners.bind()
 
     def poll_timeout_ms(self) -> int:
         """0 (poll without sleeping) while the dispatcher asks for busy polling, else 500 ms."""
@@ -153,41 +163,34 @@ class ServerTransport:
 
     def serve(self, stop: threading.Event) -> None:
         """Run the I/O loop on this thread until ``stop`` is set (then call :meth:`wake`)."""
-        assert self._sock is not None, "bind() first"
+        assert self.bound, "bind() first"
         self.io_thread = threading.get_ident()
-        self._poller = poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
-        for listener in self.listeners.direct_listeners:
+        poller = self._poller
+        poller.register(self._wake_r, _IN)
+        for listener in self.listeners.sockets:
             self._fds[listener.fileno()] = listener
-            poller.register(listener, zmq.POLLIN)
+            poller.register(listener, _IN)
         while not stop.is_set():
             try:
                 events = poller.poll(self.poll_timeout_ms())
-            except zmq.ZMQError as e:
-                if e.errno == errno.EINTR:
-                    continue
-                raise
-            for what, event in events:
-                if what is self._sock:
-                    self._receive_all()
-                elif what == self._wake_r:
+            except InterruptedError:
+                continue
+            for fd, event in events:
+                if fd == self._wake_r:
                     self._drain_wake()
-                elif isinstance(conn := self._fds.get(what), DirectConn):
-                    self._serve_direct(conn, event)
+                elif isinstance(conn := self._fds.get(fd), Connection):
+                    self._serve(conn, event)
                 elif conn is not None:
                     self._accept(conn)
             self.flush()
-            self._expire_direct(time.monotonic())
+            self._expire(time.monotonic())
 
     def close(self) -> None:
         """Send what is queued, then close every socket and remove the socket files."""
-        if self._sock is not None:
+        if self.bound:
             self.flush()
-            self._sock.close(0)
-            self._sock = None
-        for conn in list(self._direct.values()):
-            self._drop_direct(conn)
+        for conn in list(self._conns.values()):
+            self._drop(conn)
         self.listeners.close()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
@@ -199,7 +202,7 @@ class ServerTransport:
         """Send ``reply`` to ``identity`` (any thread; dropped if the client went away)."""
         frame = framing.encode_reply(reply)
         on_worker = threading.get_ident() != self.io_thread
-        if on_worker and isinstance(identity, int) and (conn := self._direct.get(identity)) is not None:
+        if on_worker and (conn := self._conns.get(identity)) is not None:
             sent = conn.send_from_worker(framing.framed(frame))
             if sent:
                 return
@@ -211,109 +214,112 @@ class ServerTransport:
 
     def flush(self) -> None:
         """Send the queued replies (I/O thread)."""
-        assert self._sock is not None
         while True:
             try:
                 identity, frame = self._replies.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(identity, int):
-                conn = self._direct.get(identity)
-                if conn is None:  # the client went away
-                    continue
-                if frame:
-                    self._send_direct(conn, frame)
-                else:  # a worker sent part of a reply: wait until the rest can go
-                    with conn.lock:
-                        if conn.outbox and not conn.closed and self._poller is not None:
-                            self._poller.modify(conn.fd, zmq.POLLIN | zmq.POLLOUT)
+            conn = self._conns.get(identity)
+            if conn is None:  # the client went away
                 continue
-            try:
-                self._sock.send_multipart([identity, frame], zmq.NOBLOCK, copy=False)
-            except zmq.ZMQError as e:  # the client went away (EHOSTUNREACH) or stopped reading (EAGAIN)
-                logger.debug("dropping a reply to a gone client: %s", e)
+            if frame:
+                self._send(conn, frame)
+            else:  # a worker sent part of a reply: wait until the rest can go
+                with conn.lock:
+                    if conn.outbox and not conn.closed:
+                        self._poller.modify(conn.fd, _IN | _OUT)
 
-    # ---- ZMQ --------------------------------------------------------------------------------------
-
-    def _receive_all(self) -> None:
-        assert self._sock is not None
-        for _ in range(1024):
-            try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            identity = frames[0].bytes
-            if len(frames) != 2:
-                self.counters.requests += 1
-                self.receiver.reply_error(
-                    identity,
-                    -1,
-                    P.ErrorCode.MALFORMED,
-                    f"expected exactly one frame per request, got {len(frames) - 1}; use a DEALER socket "
-                    "and send one msgpack-encoded request per message",
-                )
-            else:
-                self.receiver.on_frame(identity, frames[1].bytes, peer_of_zmq(frames[1].get("Peer-Address")))
-
-    # ---- the direct lane ------------------------------------------------------------------------
+    # ---- connections ----------------------------------------------------------------------------
 
     def _accept(self, listener: socket.socket) -> None:
-        assert self._poller is not None
         while True:
             try:
                 sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # e.g. out of file descriptors: the client retries later
-                logger.warning("cannot accept a direct connection: %s", e)
+                logger.warning("cannot accept a connection: %s", e)
                 return
-            if len(self._direct) >= self.config.max_connections:
-                self.counters.refuse("connections")
-                n = len(self._direct)
-                self._warn.warning("connections", "closing direct connections: %d open, --max-connections", n)
-                sock.close()
-                continue
             peer = peer_of_socket(sock)
-            if sock.family == socket.AF_UNIX and not self.policy.allows(peer):
-                self.counters.refuse("unauthorized")
-                self._warn.warning("peer", "closing a direct connection of uid %s: not allowed", peer.uid)
+            refusal = self._refusal(sock, peer)
+            if refusal is not None:
+                code, message = refusal
+                with contextlib.suppress(OSError):  # best effort: the client reads why, then EOF
+                    sock.setblocking(False)
+                    sock.send(framing.framed(framing.encode_reply(framing.error_reply(-1, code, message))))
                 sock.close()
                 continue
             sock.setblocking(False)
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = DirectConn(sock, next(self._direct_ids), peer, time.monotonic())
-            self._direct[conn.ident] = conn
+            conn = Connection(sock, next(self._ids), peer, time.monotonic())
+            self._conns[conn.ident] = conn
+            self._per_client[conn.client] += 1
             self._fds[conn.fd] = conn
-            self._poller.register(conn.fd, zmq.POLLIN)
+            self._poller.register(conn.fd, _IN)
 
-    def _serve_direct(self, conn: DirectConn, event: int) -> None:
-        if event & zmq.POLLOUT:
-            self._flush_direct(conn)
-        if not event & (zmq.POLLIN | zmq.POLLERR) or conn.ident not in self._direct:
+    def _refusal(self, sock: socket.socket, peer: Peer) -> tuple[P.ErrorCode, str] | None:
+        """Why a new connection is refused (its error code and message), or None."""
+        if sock.family == socket.AF_UNIX and not self.policy.allows(peer):
+            self.counters.refuse("unauthorized")
+            self._warn.warning("peer", "closing a connection of uid %s: not allowed", peer.uid)
+            return P.ErrorCode.UNAUTHORIZED, (
+                f"uid {peer.uid} is not allowed to use this server (see --allow-uid / --socket-group)"
+            )
+        if len(self._conns) >= self.config.max_connections:
+            self.counters.refuse("connections")
+            self._warn.warning(
+                "connections", "refusing connections: %d open, --max-connections", len(self._conns)
+            )
+            return P.ErrorCode.LIMIT, (
+                f"the server has its maximum of {self.config.max_connections} connections open "
+                "(--max-connections); close idle clients or raise the cap"
+            )
+        mine = self._per_client[client_key(peer)]
+        if mine >= self.config.max_connections_per_client:
+            self.counters.refuse("connections_per_client")
+            self._warn.warning("connections_per_client", "refusing a connection: a client has %d open", mine)
+            return P.ErrorCode.LIMIT, (
+                f"this client (a Unix peer's uid, a TCP peer's address) has its maximum of "
+                f"{self.config.max_connections_per_client} connections open (--max-connections-per-client); "
+                "use fewer lanes per client (CacheServerClient(lanes=...)) or raise the cap"
+            )
+        return None
+
+    def _serve(self, conn: Connection, event: int) -> None:
+        if event & _OUT:
+            self._flush(conn)
+        if not event & (_IN | select.POLLERR | select.POLLHUP) or conn.ident not in self._conns:
             return
-        for _ in range(DIRECT_READS):
+        for _ in range(READS):
             try:
-                data = conn.sock.recv(DIRECT_READ_BYTES)
+                data = conn.sock.recv(READ_BYTES)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 data = b""
             if not data:  # closed by the client (an unfinished frame is dropped with it)
-                self._drop_direct(conn)
+                self._drop(conn)
                 return
             conn.last_rx = time.monotonic()
             conn.inbox.feed(data)
-            if not self._direct_frames(conn) or len(data) < DIRECT_READ_BYTES:
+            if not self._frames(conn) or len(data) < READ_BYTES:
                 return  # dropped, or nothing more to read now
 
-    def _direct_frames(self, conn: DirectConn) -> bool:
+    def _frames(self, conn: Connection) -> bool:
         """Serve the whole frames received; False if the connection was dropped for a bad length."""
         while (size := conn.inbox.announced()) is not None:
             if size > self._frame_cap:
                 self.counters.refuse("frame_bytes")
-                self._warn.warning("frame", "dropping a direct connection that announced %d bytes", size)
-                self._drop_direct(conn)
+                self._warn.warning("frame", "dropping a connection that announced %d bytes", size)
+                message = (
+                    f"a frame of {size} bytes announced, over this server's cap of {self._frame_cap} "
+                    "(--max-frame-mb): split the request"
+                )
+                self._send(
+                    conn, framing.encode_reply(framing.error_reply(-1, P.ErrorCode.TOO_LARGE, message))
+                )
+                self._drop(conn)
                 return False
             frame = conn.inbox.pop()
             if frame is None:
@@ -322,10 +328,10 @@ class ServerTransport:
             self.receiver.on_frame(conn.ident, frame, conn.peer)
         return True
 
-    def _reserve(self, conn: DirectConn, size: int) -> bool:
+    def _reserve(self, conn: Connection, size: int) -> bool:
         """Count an unfinished frame's announced size against ``max_pending_bytes``; over it, answer
         ``limit`` and drop the connection (False)."""
-        if conn.reserved or size <= DIRECT_READ_BYTES:
+        if conn.reserved or size <= READ_BYTES:
             return True
         if self._pending_bytes + size > self.config.max_pending_bytes:
             self.counters.refuse("pending_bytes")
@@ -333,31 +339,30 @@ class ServerTransport:
                 f"the server is receiving {self._pending_bytes} bytes of unfinished frames already "
                 f"(--max-pending-mb); a frame of {size} bytes cannot be taken now: retry later"
             )
-            self._send_direct(conn, framing.encode_reply(framing.error_reply(-1, P.ErrorCode.LIMIT, message)))
-            self._drop_direct(conn)
+            self._send(conn, framing.encode_reply(framing.error_reply(-1, P.ErrorCode.LIMIT, message)))
+            self._drop(conn)
             return False
         conn.reserved = size
         self._pending_bytes += size
         return True
 
-    def _unreserve(self, conn: DirectConn) -> None:
+    def _unreserve(self, conn: Connection) -> None:
         self._pending_bytes -= conn.reserved
         conn.reserved = 0
 
-    def _expire_direct(self, now: float) -> None:
-        """Close direct connections silent for ``idle_timeout_s``, or for ``frame_timeout_s`` mid-frame."""
+    def _expire(self, now: float) -> None:
+        """Close connections silent for ``idle_timeout_s``, or for ``frame_timeout_s`` mid-frame."""
         if now < self._next_expiry:
             return
         self._next_expiry = now + 1.0
-        for conn in list(self._direct.values()):
+        for conn in list(self._conns.values()):
             idle = now - conn.last_rx
             if idle > self.config.idle_timeout_s or (conn.inbox and idle > self.config.frame_timeout_s):
                 self.counters.refuse("idle")
-                logger.debug("closing direct connection %d: idle for %.0f s", conn.ident, idle)
-                self._drop_direct(conn)
+                logger.debug("closing connection %d: idle for %.0f s", conn.ident, idle)
+                self._drop(conn)
 
-    def _send_direct(self, conn: DirectConn, frame: bytes) -> None:
-        assert self._poller is not None
+    def _send(self, conn: Connection, frame: bytes) -> None:
         data = framing.framed(frame)
         with conn.lock:
             if not conn.outbox:
@@ -366,39 +371,40 @@ class ServerTransport:
                 except (BlockingIOError, InterruptedError):
                     sent = 0
                 except OSError:
-                    self._drop_direct(conn)
+                    self._drop(conn)
                     return
                 if sent == len(data):
                     return
-                self._poller.modify(conn.fd, zmq.POLLIN | zmq.POLLOUT)
+                self._poller.modify(conn.fd, _IN | _OUT)
                 data = data[sent:]
             conn.outbox += data
             if len(conn.outbox) > self.hard_frame_cap:
-                logger.warning("dropping a direct connection that does not read its replies")
-                self._drop_direct(conn)
+                logger.warning("dropping a connection that does not read its replies")
+                self._drop(conn)
 
-    def _flush_direct(self, conn: DirectConn) -> None:
-        assert self._poller is not None
+    def _flush(self, conn: Connection) -> None:
         with conn.lock:
             try:
                 sent = conn.sock.send(conn.outbox)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                self._drop_direct(conn)
+                self._drop(conn)
                 return
             del conn.outbox[:sent]
             if not conn.outbox:
-                self._poller.modify(conn.fd, zmq.POLLIN)
+                self._poller.modify(conn.fd, _IN)
 
-    def _drop_direct(self, conn: DirectConn) -> None:
-        """Forget a direct connection; replies still due to it are dropped, as for a gone ZMQ peer."""
-        if self._direct.pop(conn.ident, None) is None:
+    def _drop(self, conn: Connection) -> None:
+        """Forget a connection; replies still due to it are dropped."""
+        if self._conns.pop(conn.ident, None) is None:
             return
+        self._per_client[conn.client] -= 1
+        if not self._per_client[conn.client]:
+            del self._per_client[conn.client]
         self._unreserve(conn)
         del self._fds[conn.fd]
-        if self._poller is not None:
-            self._poller.unregister(conn.fd)
+        self._poller.unregister(conn.fd)
         with conn.lock:  # no worker writes to the descriptor once closed (it may be reused)
             conn.closed = True
             conn.sock.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 
@@ -20,8 +21,8 @@ OUR_FLAGS = [
     "--log-level",
     "--client-timeout-s",
     "--stats",
-    "--direct-port",
     "--busy-poll-us",
+    "--max-connections-per-client",
 ]
 
 
@@ -59,7 +60,7 @@ def test_seed_command_line_starts_lazily_answers_ping_and_sigterm_exits_cleanly(
         assert stats.engine.l1.capacity_bytes == 10 << 30
         assert stats.engine.l1.reserved_bytes == 0  # nothing reserved until chunks arrive
         assert stats.engine.l1.eviction_policy == "LRU"
-        assert os.path.exists(ipc_path) and os.path.exists(ipc_path + ".direct")
+        assert stat.S_ISSOCK(os.stat(ipc_path).st_mode)
         stats_cli = subprocess.run(
             _server_cmd("--stats", f"tcp://127.0.0.1:{port}"),
             capture_output=True,
@@ -71,7 +72,7 @@ def test_seed_command_line_starts_lazily_answers_ping_and_sigterm_exits_cleanly(
         assert "L1:" in stats_cli.stdout and "chunk_size 256" in stats_cli.stdout
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-        assert not os.path.exists(ipc_path) and not os.path.exists(ipc_path + ".direct")
+        assert not os.path.exists(ipc_path)
         log = log_path.read_text()
         assert f"LMCache server listening on tcp://0.0.0.0:{port} and ipc://{ipc_path}" in log
     finally:
@@ -112,15 +113,6 @@ def test_port_in_use_and_live_ipc_path_are_refused(start_server, workdir) -> Non
     )
     assert busy_ipc.returncode == 1
     assert "another process is serving" in busy_ipc.stderr
-    busy_direct = subprocess.run(
-        _server_cmd("--port", str(free_port()), "--ipc-path", "", "--direct-port", str(server.port)),
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=60,
-    )
-    assert busy_direct.returncode == 1
-    assert "already in use; pass another --direct-port" in busy_direct.stderr
     assert server.proc.poll() is None
     wait_for_server(server.ipc_url, 30)  # the first server still owns its socket
 
@@ -159,7 +151,7 @@ def test_bad_flag_values_exit_with_a_message() -> None:
     [
         ["--max-workers", "0"],
         ["--port", "70000"],
-        ["--direct-port", "-2"],
+        ["--max-connections-per-client", "0"],
         ["--busy-poll-us", "-1"],
         ["--busy-poll-us", "nan"],
         ["--max-frame-mb", "nan"],

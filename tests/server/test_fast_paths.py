@@ -1,15 +1,17 @@
-"""The latency fast paths: the client's direct lane and the server answering lookups on its I/O thread."""
+"""The latency fast paths: calls waited for in the calling thread on the client's lanes, and the
+server answering lookups on its I/O thread."""
 
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
-import zmq
+from raw_lane import connect, framed, read_frame, read_reply
 from support.server_process import MODEL, TPB, ServerProcess, server_secret, shared_pool, wait_until
 
 from lmcache.server import protocol as P
@@ -18,72 +20,40 @@ from lmcache.server.server import CacheServer
 from lmcache.transfer import BlockTransfer
 
 
-def _warm_direct(client: CacheServerClient) -> None:
-    """Ping until the direct lane is open and carries calls."""
-    start = client.direct_calls
-    wait_until(lambda: client.ping() and client.direct_calls > start, "a call on the direct lane")
-
-
-def _read_frame(conn: socket.socket) -> bytes | None:
-    """One frame of a direct connection (blocking), or None once the peer closed it."""
-    header = conn.recv(P.DIRECT_HEADER.size, socket.MSG_WAITALL)
-    if len(header) < P.DIRECT_HEADER.size:
-        return None
-    (size,) = P.DIRECT_HEADER.unpack(header)
-    return conn.recv(size, socket.MSG_WAITALL) if size else b""
-
-
-def _frame(payload: bytes) -> bytes:
-    return P.DIRECT_HEADER.pack(len(payload)) + payload
-
-
 class FakeServer:
-    """A ROUTER plus a direct lane on TCP that answer pings; the test takes other requests itself."""
+    """A TCP listener answering pings; the test takes other requests itself."""
 
     def __init__(self, server_id: str = "fake") -> None:
-        self.router = zmq.Context.instance().socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.url = f"tcp://127.0.0.1:{self.router.bind_to_random_port('tcp://127.0.0.1')}"
         self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
         self.conns: list[socket.socket] = []
         self.info = P.PingInfo(
-            server_id=server_id,
-            protocol_version=P.PROTOCOL_VERSION,
-            chunk_size=32,
-            uptime_s=0,
-            direct=P.DirectLane(port=self.listener.getsockname()[1]),
+            server_id=server_id, protocol_version=P.PROTOCOL_VERSION, chunk_size=32, uptime_s=0
         )
 
-    def next_request(self, timeout_ms: int) -> tuple[bytes | socket.socket, P.Request] | None:
-        """The next request: from the ROUTER (with its routing id) or a direct connection (its socket)."""
-        poller = zmq.Poller()
-        for what in (self.router, self.listener, *self.conns):
-            poller.register(what, zmq.POLLIN)
-        ready = dict(poller.poll(timeout_ms))
-        if self.router in ready:
-            identity, frame = self.router.recv_multipart()
-            return identity, P.decode_request(frame)
+    def next_request(self, timeout_ms: int) -> tuple[socket.socket, P.Request] | None:
+        """The next request and the connection it came on."""
+        poll = select.poll()
+        for what in (self.listener, *self.conns):
+            poll.register(what, select.POLLIN)
+        ready = {fd for fd, _ in poll.poll(timeout_ms)}
         if self.listener.fileno() in ready:
             self.conns.append(self.listener.accept()[0])
-        for conn in self.conns:
+        for conn in list(self.conns):
             if conn.fileno() in ready:
-                frame = _read_frame(conn)
+                frame = read_frame(conn)
                 if frame is not None:
                     return conn, P.decode_request(frame)
                 self.conns.remove(conn)
                 conn.close()
         return None
 
-    def reply(self, to: bytes | socket.socket, rid: int, value: object) -> None:
-        frame = P.encode(P.Reply(rid=rid, ok=True, value=value))
-        if isinstance(to, bytes):
-            self.router.send_multipart([to, frame])
-        else:
-            with contextlib.suppress(OSError):  # the client may have closed it (a late reply)
-                to.sendall(_frame(frame))
+    def reply(self, to: socket.socket, rid: int, value: object) -> None:
+        with contextlib.suppress(OSError):  # the client may have closed it (a late reply)
+            to.sendall(framed(P.encode(P.Reply(rid=rid, ok=True, value=value))))
 
-    def serve_pings_until_other(self, timeout_s: float = 20.0) -> tuple[bytes | socket.socket, P.Request]:
-        """Answer pings; return the first other request (its sender, the request) unanswered."""
+    def take_other(self, timeout_s: float = 20.0) -> tuple[socket.socket, P.Request]:
+        """Answer pings; return the first other request (its connection, the request) unanswered."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             got = self.next_request(100)
@@ -110,7 +80,6 @@ class FakeServer:
         return thread
 
     def close(self) -> None:
-        self.router.close(0)
         self.listener.close()
         for conn in self.conns:
             conn.close()
@@ -123,36 +92,48 @@ def fake() -> Iterator[FakeServer]:
     server.close()
 
 
-# ---- client: the direct lane ------------------------------------------------------------------------
+def _in_thread(call) -> tuple[threading.Thread, list[object]]:  # type: ignore[no-untyped-def]
+    """Run ``call`` on a thread; its result or exception lands in the list."""
+    result: list[object] = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except BaseException as e:  # noqa: BLE001
+            result.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, result
 
 
-def test_calls_take_the_direct_lane_once_connected(client: CacheServerClient) -> None:
-    client.register(shared_pool(seed=90), 0, 1, MODEL, TPB, pool_sharing="export")
-    tokens = list(range(90_000, 90_064))
-    assert client.store(BlockTransfer(tokens, None, list(range(8)), 0, 64)) == 64
-    _warm_direct(client)
-    before = client.direct_calls
-    for _ in range(20):
-        assert client.lookup(tokens) == 64
-    assert client.lookup(tokens, pin_id="p") == 64
-    assert client.release("p") is True
-    assert client.direct_calls == before + 22
-    with client.direct.hold():  # the direct lane is busy (another thread's call): the I/O thread serves
-        assert client.lookup(tokens) == 64
-    assert client.direct_calls == before + 22
+# ---- client: the lanes ------------------------------------------------------------------------------
 
 
-def test_concurrent_callers_share_the_two_paths(client: CacheServerClient) -> None:
-    """Threads that find the direct lane busy go through the I/O thread; all get their own replies."""
+def test_calls_of_one_thread_share_a_lane_and_a_busy_lane_means_another(server: ServerProcess) -> None:
+    with CacheServerClient(server.ipc_url, timeout_s=20.0, heartbeat_interval_s=0) as client:
+        client.register(shared_pool(seed=90), 0, 1, MODEL, TPB, pool_sharing="export")
+        tokens = list(range(90_000, 90_064))
+        assert client.store(BlockTransfer(tokens, None, list(range(8)), 0, 64)) == 64
+        before = client.lanes.calls
+        for _ in range(20):
+            assert client.lookup(tokens) == 64
+        assert client.lookup(tokens, pin_id="p") == 64
+        assert client.release("p") is True
+        assert client.lanes.calls == before + 22 and client.lanes.opened == 1 and client.lanes.lanes == 1
+        with client.lanes.hold():  # the lane is busy (another thread's call): a second one opens
+            assert client.lookup(tokens) == 64
+        assert client.lanes.opened == 2 and client.lanes.lanes == 2
+
+
+def test_concurrent_callers_run_on_their_own_lanes(client: CacheServerClient) -> None:
     client.register(shared_pool(seed=91), 0, 1, MODEL, TPB, pool_sharing="export")
-    prompts = [list(range(91_000 + 1000 * i, 91_000 + 1000 * i + 32 * (i + 1))) for i in range(4)]
+    prompts = [list(range(91_000 + 1000 * i, 91_000 + 1000 * i + 32 * (i + 1))) for i in range(6)]
     for i, tokens in enumerate(prompts):
         assert client.store(BlockTransfer(tokens, None, list(range(4 * (i + 1))), 0, len(tokens))) == len(
             tokens
         )
-    _warm_direct(client)
     errors: list[BaseException] = []
-    start = client.direct_calls
 
     def work(i: int) -> None:
         try:
@@ -161,50 +142,56 @@ def test_concurrent_callers_share_the_two_paths(client: CacheServerClient) -> No
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]  # more threads than lanes
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
     assert not errors, errors
-    assert client.direct_calls > start
+    assert client.lanes.lanes <= client.lanes.size
 
 
-def test_direct_timeout_never_delivers_the_late_reply(fake: FakeServer) -> None:
+def test_a_full_pool_makes_a_call_wait_for_a_lane(server: ServerProcess) -> None:
+    with CacheServerClient(server.ipc_url, timeout_s=20.0, heartbeat_interval_s=0, lanes=1) as client:
+        assert client.ping().server_id
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with client.lanes.hold():
+                held.set()
+                assert release.wait(30)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert held.wait(30)
+        caller, result = _in_thread(client.ping)
+        wait_until(lambda: client.lanes.waiters == 1, "the ping to wait for the only lane")
+        assert not result
+        release.set()
+        caller.join(30)
+        holder.join(30)
+        assert len(result) == 1 and isinstance(result[0], P.PingInfo), result
+        assert client.lanes.opened == 1
+        with client.lanes.hold(), pytest.raises(ServerUnavailable, match="no lane came free within 0.2 s"):
+            client.ping(timeout_s=0.2)
+
+
+def test_timeout_never_delivers_the_late_reply(fake: FakeServer) -> None:
     client = CacheServerClient(fake.url, timeout_s=0.5, heartbeat_interval_s=0)
     stop = threading.Event()
     try:
-        warming = threading.Event()
-        warm = fake.serve_in_thread(warming)
-        _warm_direct(client)
-        warming.set()
-        warm.join(30)
-        result: list[object] = []
-
-        def lookup() -> None:
-            try:
-                result.append(client.lookup([1, 2, 3], instance_id=5))
-            except BaseException as e:  # noqa: BLE001
-                result.append(e)
-
-        caller = threading.Thread(target=lookup)
-        caller.start()
-        to, req = fake.serve_pings_until_other()
-        assert isinstance(req, P.Lookup) and isinstance(to, socket.socket)  # on the direct lane
+        caller, result = _in_thread(lambda: client.lookup([1, 2, 3], instance_id=5))
+        to, req = fake.take_other()
+        assert isinstance(req, P.Lookup)
         caller.join(30)
         assert len(result) == 1 and isinstance(result[0], ServerUnavailable), result
         assert "within 0.5 s" in str(result[0])
         fake.reply(to, req.rid, 999)  # too late: the client closed that connection
-        direct = client.direct_calls
         thread = fake.serve_in_thread(stop)
-        # Calls work again once the connection is seen up, and never see the late 999.
-        assert wait_until(lambda: _lookup_or_none(client), "the client to reconnect") == 7
+        # Calls work again on a new lane, and never see the late 999.
         for _ in range(20):
             assert client.lookup([1, 2, 3], instance_id=5) == 7
-        wait_until(
-            lambda: client.lookup([1], instance_id=5) == 7 and client.direct_calls > direct,
-            "the direct lane again",
-        )
+        assert client.lanes.opened == 2
         stop.set()
         thread.join(30)
     finally:
@@ -212,69 +199,32 @@ def test_direct_timeout_never_delivers_the_late_reply(fake: FakeServer) -> None:
         client.close(unregister=False)
 
 
-def _lookup_or_none(client: CacheServerClient) -> int | None:
-    try:
-        return client.lookup([1, 2, 3], instance_id=5)
-    except ServerUnavailable:
-        return None
-
-
-def test_direct_call_fails_at_once_when_the_connection_drops(fake: FakeServer) -> None:
+def test_a_lane_broken_mid_call_fails_that_call_at_once_and_is_replaced(fake: FakeServer) -> None:
     client = CacheServerClient(fake.url, timeout_s=60.0, heartbeat_interval_s=0)
-    result: list[object] = []
+    stop = threading.Event()
     try:
-        stop = threading.Event()
-        thread = fake.serve_in_thread(stop)
-        _warm_direct(client)
-        stop.set()
-        thread.join(30)
-
-        def ping() -> None:
-            try:
-                result.append(client.ping())
-            except BaseException as e:  # noqa: BLE001
-                result.append(e)
-
-        caller = threading.Thread(target=ping)
-        caller.start()
-        to, _ = _take_any(fake)
-        assert isinstance(to, socket.socket)
-        fake.close()  # taken, never answered
+        caller, result = _in_thread(client.stats)
+        to, _ = fake.take_other()
+        fake.conns.remove(to)
+        to.close()  # taken, never answered
         caller.join(30)  # far below the 60 s timeout
         assert len(result) == 1 and isinstance(result[0], ServerUnavailable), result
         assert "connection to the server lost" in str(result[0])
+        assert client.lanes.lanes == 0
+        thread = fake.serve_in_thread(stop)
+        assert client.lookup([1], instance_id=5) == 7  # on a new lane
+        assert client.lanes.opened == 2 and client.lanes.lanes == 1
+        stop.set()
+        thread.join(30)
     finally:
+        stop.set()
         client.close(unregister=False)
 
 
-def _take_any(fake: FakeServer) -> tuple[bytes | socket.socket, P.Request]:
-    """The next request, whatever it is, unanswered."""
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        got = fake.next_request(100)
-        if got is not None:
-            return got
-    raise AssertionError("the client sent nothing")
-
-
-def test_close_wakes_a_direct_call_in_flight(fake: FakeServer) -> None:
+def test_close_wakes_a_call_in_flight(fake: FakeServer) -> None:
     client = CacheServerClient(fake.url, timeout_s=60.0, heartbeat_interval_s=0)
-    stop = threading.Event()
-    thread = fake.serve_in_thread(stop)
-    _warm_direct(client)
-    stop.set()
-    thread.join(30)
-    result: list[object] = []
-
-    def ping() -> None:
-        try:
-            result.append(client.ping())
-        except BaseException as e:  # noqa: BLE001
-            result.append(e)
-
-    caller = threading.Thread(target=ping)
-    caller.start()
-    assert isinstance(_take_any(fake)[0], socket.socket)  # never answered
+    caller, result = _in_thread(client.stats)
+    fake.take_other()  # never answered
     client.close(unregister=False)
     caller.join(30)
     assert len(result) == 1 and isinstance(result[0], ServerUnavailable), result
@@ -282,26 +232,34 @@ def test_close_wakes_a_direct_call_in_flight(fake: FakeServer) -> None:
         client.ping()
 
 
-def test_a_lane_answered_by_another_server_is_not_used() -> None:
-    """The lane's ping must come from the server that advertised it (not a successor, not another
-    program on a reused port); until then every call takes the I/O thread's path."""
-    fake, impostor = FakeServer("fake"), FakeServer("impostor")
-    fake.info.direct = impostor.info.direct
-    stops = [threading.Event(), threading.Event()]
-    threads = [fake.serve_in_thread(stops[0]), impostor.serve_in_thread(stops[1])]
-    client = CacheServerClient(fake.url, timeout_s=20.0, heartbeat_interval_s=0)
-    try:
-        for _ in range(20):
-            assert client.ping().server_id == "fake"
-        assert client.lookup([1], instance_id=5) == 7
-        assert client.direct_calls == 0
-    finally:
-        client.close(unregister=False)
-        for stop, thread in zip(stops, threads, strict=True):
-            stop.set()
-            thread.join(30)
-        fake.close()
-        impostor.close()
+def test_a_lookup_does_not_wait_behind_another_threads_store(
+    inproc_server: CacheServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = inproc_server.engine
+    real_store = engine.store
+    entered, go = threading.Event(), threading.Event()
+
+    def store(*args, **kwargs):  # type: ignore[no-untyped-def]
+        entered.set()
+        assert go.wait(30)
+        return real_store(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "store", store)
+    with CacheServerClient(f"tcp://127.0.0.1:{inproc_server.tcp_port}", timeout_s=20.0) as client:
+        client.register(shared_pool(seed=96), 0, 1, MODEL, TPB, pool_sharing="export")
+        tokens = list(range(96_000, 96_064))
+        try:
+            saver, result = _in_thread(
+                lambda: client.store(BlockTransfer(tokens, None, list(range(8)), 0, 64))
+            )
+            assert entered.wait(20)
+            assert client.lookup(tokens) == 0  # answered while the store is still running
+            assert not result
+        finally:
+            go.set()
+        saver.join(30)
+        assert result == [64]
+        assert client.lookup(tokens) == 64
 
 
 def test_oversized_request_gets_its_error_not_a_timeout(client: CacheServerClient) -> None:
@@ -355,10 +313,7 @@ def test_lookup_and_release_run_on_the_io_thread_unless_queued_behind_work(
     monkeypatch.setattr(engine, "release", release)
     monkeypatch.setattr(engine, "store", store)
     client = CacheServerClient(f"tcp://127.0.0.1:{inproc_server.tcp_port}", timeout_s=20.0)
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.ROUTING_ID, b"pipelined")
-    sock.connect(f"tcp://127.0.0.1:{inproc_server.tcp_port}")
+    sock = connect(f"tcp://127.0.0.1:{inproc_server.tcp_port}")
     try:
         cred = {
             "auth": server_secret(),
@@ -377,32 +332,33 @@ def test_lookup_and_release_run_on_the_io_thread_unless_queued_behind_work(
         store_go.clear()
         store_entered.clear()
         other = P.tokens_to_bytes(list(range(94_000, 94_064)))
-        sock.send(
-            P.encode(
-                P.Store(rid=1, instance_id=iid, tokens=other, block_ids=list(range(8, 16)), end=64, **cred)
+        sock.sendall(
+            framed(
+                P.encode(
+                    P.Store(
+                        rid=1, instance_id=iid, tokens=other, block_ids=list(range(8, 16)), end=64, **cred
+                    )
+                )
             )
         )
         assert store_entered.wait(20)
-        sock.send(P.encode(P.Lookup(rid=2, instance_id=iid, tokens=other, **cred)))
+        sock.sendall(framed(P.encode(P.Lookup(rid=2, instance_id=iid, tokens=other, **cred))))
         # meanwhile another connection's lookup is answered on the I/O thread
         assert client.lookup(tokens) == 64
         assert threads["lookup"] == [io]
         # The store may go on only once the server holds the lookup behind it: else the lookup could
         # arrive after the store finished and rightly run inline (this test's own race, not the server's).
-        wait_until(
-            lambda: inproc_server.dispatcher.waiting(b"pipelined") == 1, "the lookup queued behind the store"
-        )
+        wait_until(lambda: inproc_server.dispatcher.waiting() == 1, "the lookup queued behind the store")
         store_go.set()
         replies = {}
         for _ in range(2):
-            assert sock.poll(20_000)
-            reply = P.decode_reply(sock.recv())
+            reply = read_reply(sock)
             replies[reply.rid] = reply.value
         assert replies == {1: 64, 2: 64}  # the lookup saw the store before it
         assert len(threads["lookup"]) == 2 and threads["lookup"][1] != io
     finally:
         store_go.set()
-        sock.close(0)
+        sock.close()
         client.close()
 
 
@@ -425,36 +381,31 @@ def test_long_lookups_go_to_the_workers(inproc_server: CacheServer, monkeypatch:
     assert seen[0] == inproc_server.io_thread and seen[1] != inproc_server.io_thread
 
 
-def test_server_process_serves_lookups_over_both_transports(server: ServerProcess) -> None:
+def test_server_process_serves_lookups_over_both_urls(server: ServerProcess) -> None:
     pool = shared_pool(seed=95)
     tokens = list(range(95_000, 95_064))
     for url in (server.ipc_url, server.tcp_url):
         with CacheServerClient(url, timeout_s=20.0) as c:
             c.register(pool, 0, 1, MODEL, TPB, pool_sharing="export")
             c.store(BlockTransfer(tokens, None, list(range(8)), 0, 64))
-            _warm_direct(c)
             assert c.lookup(tokens) == 64
 
 
-def test_direct_lane_reads_frames_however_they_are_cut(server: ServerProcess) -> None:
-    pings = [_frame(P.encode(P.Ping(rid=rid))) for rid in range(1, 5)]
+def test_server_reads_frames_however_they_are_cut(server: ServerProcess) -> None:
+    pings = [framed(P.encode(P.Ping(rid=rid))) for rid in range(1, 5)]
     oversized = P.encode(P.Lookup(rid=5, instance_id=1, tokens=b"\0" * (2 << 20)))  # over its 1 MiB cap
-    with socket.socket(socket.AF_UNIX) as conn:
-        conn.settimeout(20)
-        conn.connect(server.ipc_path + ".direct")
+    with connect(server.ipc_url) as conn:
         conn.sendall(pings[0] + pings[1] + pings[2][:3])  # two frames and a bit in one write
         time.sleep(0.05)
         conn.sendall(pings[2][3:] + pings[3])
-        replies = [P.decode_reply(_read_frame(conn) or b"") for _ in range(4)]
+        replies = [read_reply(conn) for _ in range(4)]
         assert [r.rid for r in replies] == [1, 2, 3, 4] and all(r.ok for r in replies)
-        conn.sendall(_frame(oversized))
-        reply = P.decode_reply(_read_frame(conn) or b"")
+        conn.sendall(framed(oversized))
+        reply = read_reply(conn)
         assert reply.rid == 5 and reply.error is not None and reply.error.code == "too_large"
-        conn.sendall(P.DIRECT_HEADER.pack(1 << 31))  # announces more than the hard cap: dropped
-        assert _read_frame(conn) is None
-    with CacheServerClient(server.tcp_url) as client:
-        lane = client.ping().direct
-    assert lane is not None and lane.ipc_name == "s.sock.direct"
-    with socket.create_connection(("127.0.0.1", lane.port)) as conn:
+        conn.sendall(P.FRAME_HEADER.pack(1 << 31))  # announces more than the hard cap: told, then dropped
+        assert read_reply(conn).error.code == "too_large"  # type: ignore[union-attr]
+        assert read_frame(conn) is None
+    with connect(server.tcp_url) as conn:
         conn.sendall(pings[0])
-        assert P.decode_reply(_read_frame(conn) or b"").rid == 1
+        assert read_reply(conn).rid == 1

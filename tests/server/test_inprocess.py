@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-import zmq
+from raw_lane import connect, framed, read_reply
 from support.server_process import MODEL, TPB, server_secret, shared_pool
 
 from lmcache.config import LMCacheEngineConfig
@@ -17,7 +17,7 @@ from lmcache.server import protocol as P
 from lmcache.server.client import CacheServerClient, ServerUnavailable
 from lmcache.server.security import Peer
 from lmcache.server.server import CacheServer, ServerConfig
-from lmcache.server.transport import DirectConn
+from lmcache.server.transport import Connection
 from lmcache.transfer import BlockTransfer
 
 
@@ -34,29 +34,23 @@ def test_requests_of_one_client_run_in_order(inproc_server: CacheServer) -> None
         "cap": client.register(pool, 0, 1, MODEL, TPB, pool_sharing="export").cap,
     }
     iid = client.instance_id
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(_url(inproc_server))
+    sock = connect(_url(inproc_server))
     try:
         for round_ in range(20):
             tok = P.tokens_to_bytes(list(range(round_ * 1000, round_ * 1000 + 64)))
-            sock.send(
-                P.encode(
-                    P.Store(
-                        rid=2 * round_, instance_id=iid, tokens=tok, block_ids=list(range(8)), end=64, **cred
-                    )
-                )
+            store = P.Store(
+                rid=2 * round_, instance_id=iid, tokens=tok, block_ids=list(range(8)), end=64, **cred
             )
-            sock.send(P.encode(P.Lookup(rid=2 * round_ + 1, instance_id=iid, tokens=tok, **cred)))
+            lookup = P.Lookup(rid=2 * round_ + 1, instance_id=iid, tokens=tok, **cred)
+            sock.sendall(framed(P.encode(store)) + framed(P.encode(lookup)))  # pipelined
             replies = {}
             for _ in range(2):
-                assert sock.poll(20_000)
-                reply = P.decode_reply(sock.recv())
+                reply = read_reply(sock)
                 replies[reply.rid] = reply
             assert replies[2 * round_].value == 64
             assert replies[2 * round_ + 1].value == 64
     finally:
-        sock.close(0)
+        sock.close()
         client.close()
 
 
@@ -144,10 +138,8 @@ def test_stale_pins_expire(inproc_server: CacheServer) -> None:
 def test_lost_connection_fails_inflight_requests_without_waiting_for_the_timeout() -> None:
     """A server that takes a request and dies: the caller gets ServerUnavailable naming the lost
     connection (not the 60 s timeout)."""
-    ctx = zmq.Context.instance()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
     client = CacheServerClient(f"tcp://127.0.0.1:{port}", timeout_s=60.0, heartbeat_interval_s=0)
     errors: list[BaseException] = []
 
@@ -160,9 +152,12 @@ def test_lost_connection_fails_inflight_requests_without_waiting_for_the_timeout
     caller = threading.Thread(target=call)
     try:
         caller.start()
-        assert router.poll(20_000)
-        router.recv_multipart()  # taken, never answered
-        router.close(0)
+        listener.settimeout(20)
+        conn, _ = listener.accept()
+        conn.settimeout(20)
+        assert conn.recv(1 << 16)  # taken, never answered
+        conn.close()
+        listener.close()
         caller.join(60)
         assert len(errors) == 1
         assert isinstance(errors[0], ServerUnavailable)
@@ -171,10 +166,9 @@ def test_lost_connection_fails_inflight_requests_without_waiting_for_the_timeout
         client.close(unregister=False)
 
 
-def _raw_lookup(sock: zmq.Socket, req: P.LookupHashes | P.Lookup) -> P.Reply:
-    sock.send(P.encode(req))
-    assert sock.poll(20_000)
-    return P.decode_reply(sock.recv())
+def _raw_lookup(sock: socket.socket, req: P.LookupHashes | P.Lookup) -> P.Reply:
+    sock.sendall(framed(P.encode(req)))
+    return read_reply(sock)
 
 
 def test_lookups_send_chunk_hashes_that_agree_with_tokens(
@@ -190,9 +184,7 @@ def test_lookups_send_chunk_hashes_that_agree_with_tokens(
 
     monkeypatch.setattr(engine, "lookup_hashes", lookup_hashes)
     clients = [CacheServerClient(_url(inproc_server), timeout_s=20.0) for _ in range(2)]
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(_url(inproc_server))
+    sock = connect(_url(inproc_server))
     try:
         pools = [shared_pool(seed=6 + rank) for rank in range(2)]
         infos = [
@@ -231,7 +223,7 @@ def test_lookups_send_chunk_hashes_that_agree_with_tokens(
         )
         assert reply.value == 64
     finally:
-        sock.close(0)
+        sock.close()
         for c in clients:
             c.close()
 
@@ -265,11 +257,11 @@ def test_io_thread_busy_polls_after_a_request_but_never_beside_running_workers(
     try:
         assert server.transport.poll_timeout_ms() > 0  # idle since start: sleep in poll
         for s in (server, idle):
-            s.dispatcher.on_frame(b"client", P.encode(P.Ping(rid=1)), Peer())
+            s.dispatcher.on_frame(1, P.encode(P.Ping(rid=1)), Peer())
         assert server.transport.poll_timeout_ms() == 0
         assert idle.transport.poll_timeout_ms() > 0
         # a worker runs a request (clear, an operator's, held in the engine): the GIL is theirs
-        server.dispatcher.on_frame(b"worker-busy", P.encode(P.Clear(rid=2)), Peer(uid=os.geteuid()))
+        server.dispatcher.on_frame(2, P.encode(P.Clear(rid=2)), Peer(uid=os.geteuid()))
         assert entered.wait(20)
         assert server.transport.poll_timeout_ms() > 0
     finally:
@@ -278,10 +270,10 @@ def test_io_thread_busy_polls_after_a_request_but_never_beside_running_workers(
         idle.close()
 
 
-def test_a_worker_sends_a_direct_reply_itself_only_when_nothing_waits_before_it() -> None:
+def test_a_worker_sends_a_reply_itself_only_when_nothing_waits_before_it() -> None:
     ours, peer = socket.socketpair()
     ours.setblocking(False)
-    conn = DirectConn(ours, 1, Peer(), 0.0)
+    conn = Connection(ours, 1, Peer(), 0.0)
     try:
         assert conn.send_from_worker(b"small") is True
         assert peer.recv(16) == b"small"

@@ -19,8 +19,8 @@ from pathlib import Path
 import msgspec
 import pytest
 import torch
-import zmq
 from prometheus_client import generate_latest
+from raw_lane import connect, framed, read_reply
 from support.server_process import (
     CHUNK,
     MODEL,
@@ -52,7 +52,6 @@ from lmcache.server.security import (
     SecretError,
     client_secret,
     load_or_create_secret,
-    peer_of_zmq,
 )
 from lmcache.server.server import CacheServer, ServerConfig, ServerStartError
 from lmcache.transfer import BlockTransfer
@@ -121,11 +120,10 @@ def test_another_uid_cannot_connect_nor_read_the_secret(start_server, workdir: P
     server = start_server("--secret-file", str(secret_file), env={SECRET_ENV: ""})
     _open_dir(workdir)
     assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
-    for path in (server.ipc_path, server.ipc_path + ".direct"):
-        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-        assert _hostile("connect", path) == {"errno": errno.EACCES}
+    assert stat.S_IMODE(os.stat(server.ipc_path).st_mode) == 0o600
+    assert _hostile("send", server.ipc_url) == {"errno": errno.EACCES}
     assert _hostile("read", str(secret_file)) == {"errno": errno.EACCES}
-    assert _hostile("zmq", server.tcp_url) == {"codes": ["unauthorized", "unauthorized"]}
+    assert _hostile("send", server.tcp_url) == {"codes": ["unauthorized", "unauthorized"]}
     # The same user finds the secret file by itself: the seed's tcp:// URL works unchanged.
     monkeypatch.delenv(SECRET_ENV)
     monkeypatch.setenv(SECRET_FILE_ENV, str(secret_file))
@@ -137,10 +135,9 @@ def test_another_uid_cannot_connect_nor_read_the_secret(start_server, workdir: P
 def test_peer_credentials_are_checked_even_on_a_socket_open_to_all(start_server, workdir: Path) -> None:
     server = start_server()
     _open_dir(workdir)
-    for path in (server.ipc_path, server.ipc_path + ".direct"):
-        os.chmod(path, 0o666)  # a careless operator: the server's own check still refuses
-    assert _hostile("connect", server.ipc_path + ".direct") == {"connected": True, "eof": True}
-    assert _hostile("zmq", server.ipc_url) == {"codes": ["unauthorized", "unauthorized"]}
+    os.chmod(server.ipc_path, 0o666)  # a careless operator: the server's own check still refuses
+    # told why at once, then the connection is closed
+    assert _hostile("send", server.ipc_url) == {"codes": ["unauthorized", None]}
 
 
 @as_root
@@ -149,8 +146,7 @@ def test_a_socket_group_admits_its_members_but_not_to_operator_ops(start_server,
     _open_dir(workdir)
     st = os.stat(server.ipc_path)
     assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == 65534
-    assert _hostile("connect", server.ipc_path + ".direct") == {"connected": True, "eof": False}
-    assert _hostile("zmq", server.ipc_url) == {"codes": ["ok", "unauthorized"]}  # heartbeat; stats
+    assert _hostile("send", server.ipc_url) == {"codes": ["ok", "unauthorized"]}  # heartbeat; stats
 
 
 def test_tcp_needs_the_secret(make_server) -> None:
@@ -387,12 +383,12 @@ def test_floods_of_registrations_and_half_sent_frames_leave_the_server_answering
             except LimitExceeded:
                 limited += 1
         assert limited == 2000 - 64  # --max-registrations-per-client
-        port = flood.ping().direct.port
+        port = server.port
         frame = P.encode(P.Ping(rid=1))
         half_sent = []
         for _ in range(100):  # each announces 100 MiB and sends 1 KiB of it
             sock = socket.create_connection(("127.0.0.1", port))
-            sock.sendall(P.DIRECT_HEADER.pack(100 << 20) + frame + bytes(1024))
+            sock.sendall(P.FRAME_HEADER.pack(100 << 20) + frame + bytes(1024))
             half_sent.append(sock)
         try:
             with CacheServerClient(server.tcp_url, timeout_s=20.0, fail_fast=False) as correct:
@@ -412,6 +408,25 @@ def test_floods_of_registrations_and_half_sent_frames_leave_the_server_answering
                 sock.close()
     assert refusals["registrations_per_client"] == limited
     assert refusals["pending_bytes"] >= 98  # 256 MiB of unfinished frames at most: two of them
+
+
+@pytest.mark.parametrize(
+    "cap, flag",
+    [
+        ("max_connections_per_client", "--max-connections-per-client"),
+        ("max_connections", "--max-connections"),
+    ],
+)
+def test_a_client_over_a_connection_cap_is_told_so(make_server, workdir: Path, cap: str, flag: str) -> None:
+    path = str(workdir / "c.sock")
+    server = make_server(ipc_path=path, **{cap: 2})
+    with CacheServerClient(f"ipc://{path}", timeout_s=20.0, heartbeat_interval_s=0) as client:
+        # two connections open, a third is refused
+        with client.lanes.hold(), client.lanes.hold(), pytest.raises(LimitExceeded, match=flag):
+            client.ping()
+        assert client.ping().server_id == server.server_id  # on a lane it holds
+    reason = "connections_per_client" if cap == "max_connections_per_client" else "connections"
+    assert server.refusals[reason] == 1
 
 
 def test_pins_cannot_take_more_than_their_share_and_blocks_cannot_repeat(make_server) -> None:
@@ -439,17 +454,10 @@ def test_pins_cannot_take_more_than_their_share_and_blocks_cannot_repeat(make_se
 
 def test_a_deeply_nested_frame_is_malformed_without_a_traceback(make_server, caplog) -> None:
     server = make_server()
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(_url(server))
-    try:
-        with caplog.at_level(logging.DEBUG, logger="lmcache"):
-            for _ in range(3):
-                sock.send(b"\x81\xa2op" + b"\x91" * 100_000 + b"\xc0")
-                assert sock.poll(20_000)
-                assert P.decode_reply(sock.recv()).error.code == P.ErrorCode.MALFORMED.value
-    finally:
-        sock.close(0)
+    with connect(_url(server)) as sock, caplog.at_level(logging.DEBUG, logger="lmcache"):
+        for _ in range(3):
+            sock.sendall(framed(b"\x81\xa2op" + b"\x91" * 100_000 + b"\xc0"))
+            assert read_reply(sock).error.code == P.ErrorCode.MALFORMED.value  # type: ignore[union-attr]
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
 
 
@@ -560,19 +568,3 @@ def test_a_client_started_first_finds_the_secret_and_follows_a_new_one(
         assert secret_file.exists()
         assert client.lookup(list(range(64))) == 0  # re-read the secret, re-registered, a new cache
         assert client.stats().server_id == second.server_id
-
-
-@pytest.mark.parametrize(
-    "address, uid",
-    [
-        ("localhost:1000:1000:4242", 1000),
-        ("localhost:0:0:1", 0),
-        ("127.0.0.1", None),
-        ("2001::1:2:0:0:5", None),  # an IPv6 peer whose address ends like credentials: still TCP
-        ("fe80::0:0:7", None),
-        ("", None),
-        (None, None),
-    ],
-)
-def test_zmq_peer_credentials_are_read_only_from_unix_peers(address: str | None, uid: int | None) -> None:
-    assert peer_of_zmq(address).uid == uid
