@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import encodings.idna  # noqa: F401 (socket.create_connection needs it; nobody may not read it later)
 import json
 import os
@@ -32,8 +33,9 @@ def _send(url: str) -> dict[str, object]:
     with sock:
         for rid, req in enumerate((P.Heartbeat(instance_ids=[1]), P.Stats()), start=1):
             req.rid = rid
-            try:
+            with contextlib.suppress(OSError):  # closed by the server: its reason may still be readable
                 sock.sendall(framed(P.encode(req)))
+            try:
                 frame = read_frame(sock)
             except OSError:
                 frame = None
