@@ -424,7 +424,8 @@ def test_single_handler(restore_log_level):
         lmlog.configure_from_env({})
     root = logging.getLogger("lmcache")
     ours = [h for h in root.handlers if getattr(h, "_lmcache_handler", False)]
-    assert len(ours) == 1 and ours[0].formatter._fmt == lmlog.LOG_FORMAT  # type: ignore[union-attr]
+    record = logging.LogRecord("lmcache.a", logging.INFO, "f.py", 1, "m", None, None)
+    assert len(ours) == 1 and ours[0].format(record) == logging.Formatter(lmlog.LOG_FORMAT).format(record)
     assert root.propagate
 
 

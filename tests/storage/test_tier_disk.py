@@ -66,7 +66,7 @@ def test_disk_store_writes_reads_evicts_and_rescans(tmp_path: Path) -> None:
     assert checksum == payload_checksum(payload(3))
     assert store.write(NS, key(9), 7, payload(9, 10_000)) is None  # larger than the whole cap
     again = DiskStore(tmp_path, capacity_bytes=3 * size + 10)
-    assert {k for _, k in again._index} == {key(0), key(2), key(3)}
+    assert {k for _, k in again.entries()} == {key(0), key(2), key(3)}
     assert again.used_bytes == store.used_bytes
     assert read(again, key(2)) == bytes(payload(2))
     assert again.lookup(NS, key(3)).num_tokens == 7
