@@ -208,7 +208,7 @@ class TokenHasher:
         when asked for.
 
         A transfer starts copying its first chunk while later ones are still unhashed, instead of
-        waiting for the whole prompt (a millisecond for 32k tokens on a slow host CPU).
+        waiting for the whole prompt (see benchmarks/RESULTS.md, D4).
         """
         size = self.chunk_size
         end = len(tokens) if end is None else min(end, len(tokens))
