@@ -34,7 +34,7 @@ THIRD_PARTY_PRIVATE: dict[tuple[str, str], str] = {
     ("lmcache/server/pool_sharing.py", "_share_filename_cpu_"): "torch shares CPU storage only here",
     ("tests/server/test_protocol.py", "_exit"): "os._exit is documented: leave a child without cleanup",
     ("tests/test_cuda.py", "_sleep"): "torch.cuda._sleep: the only way to keep a stream busy on demand",
-    ("tests/storage/test_tier_cuda.py", "_sleep"): "torch.cuda._sleep: keep a stream busy on demand",
+    ("tests/storage/test_tiers_cuda.py", "_sleep"): "torch.cuda._sleep: keep a stream busy on demand",
 }
 
 KNOWN_LONG_FILES: set[str] = {
