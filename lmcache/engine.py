@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Hashable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from lmcache.keys import CacheSalt, ChunkHashes, ChunkKey, Tokens, token_array
 from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
 from lmcache.memory import HostArena, SlabSource
-from lmcache.stats import EngineCounters, EngineSnapshot
+from lmcache.stats import EngineSnapshot
 from lmcache.storage.cpu_store import CachedChunk, CpuStore
 from lmcache.storage.tiers import TierManager
 from lmcache.transfer import BlockTransfer
@@ -320,7 +320,7 @@ class CacheEngine(EngineLookup):
         cache server (see :mod:`lmcache.stats`).
         """
         with self._lock:
-            counters = EngineCounters(**asdict(self.stats))
+            counters = replace(self.stats)
             pinned_lookups = len(self._pins)
         tiers = self.tiers
         return EngineSnapshot(

@@ -17,7 +17,7 @@ import numpy as np
 from lmcache.config import LMCacheEngineConfig
 from lmcache.keys import CacheSalt, ChunkHashes, ChunkKey, TokenHasher, Tokens, chunk_keys, token_array
 from lmcache.layout import PoolLayout
-from lmcache.stats import LatencyStats
+from lmcache.stats import EngineCounters, LatencyStats
 from lmcache.storage.chunk_format import Namespace
 from lmcache.storage.cpu_store import CpuStore
 from lmcache.storage.tiers import TierManager
@@ -30,18 +30,6 @@ class KeySpace:
     model_name: str
     layout: PoolLayout
     world_size: int = 1
-
-
-@dataclass
-class EngineStats:
-    lookups: int = 0
-    lookup_tokens: int = 0
-    hit_tokens: int = 0
-    stored_chunks: int = 0
-    stored_bytes: int = 0
-    retrieved_chunks: int = 0
-    retrieved_bytes: int = 0
-    failed_retrieves: int = 0
 
 
 @dataclass
@@ -60,7 +48,7 @@ class EngineLookup:
         self.config = config
         self.l1 = l1
         self.tiers = tiers
-        self.stats = EngineStats()
+        self.stats = EngineCounters()
         self.latency = LatencyStats()
         self._hashers: dict[tuple[str, bytes], TokenHasher] = {}
         self._pins: dict[Hashable, dict[int, list[Hashable]]] = {}
