@@ -243,3 +243,9 @@ def test_empty_slabs_go_back_to_the_spares() -> None:
         small.free(b)
     assert arena.reclaim(keep=large) == slab  # one slab emptied: a spare again, still allocated
     assert large.allocate() is not None and arena.reserved_bytes == 2 * slab
+
+
+def test_arena_slabs_scale_with_a_small_cap() -> None:
+    assert HostArena(512 << 20).slab_bytes == 64 << 20
+    assert HostArena(5 << 30).slab_bytes == 256 << 20
+    assert HostArena(20 << 20).slab_bytes == 4 << 20
