@@ -241,7 +241,11 @@ class SlotPool:
         slots = self.slab_slots()
         if slots < 1:
             return False
-        slab = self.arena.source.allocate(slots * self.slot_bytes)
+        try:
+            slab = self.arena.source.allocate(slots * self.slot_bytes)
+        except (OSError, RuntimeError, ValueError) as e:  # no host memory left (e.g. a full /dev/shm)
+            self.arena.stop_growing(e)
+            return False
         self.arena.reserved_bytes += slab.nbytes
         self.attach(slab)
         return True
@@ -429,6 +433,21 @@ class HostArena:
                     self.reserved_bytes -= nbytes
                 self._growing = None
                 self._grown.notify_all()
+
+    def stop_growing(self, error: Exception) -> None:
+        """The host refused a slab: the budget shrinks to what is already reserved, so L1 keeps
+        serving (evicting within it) instead of failing every store on a new allocation."""
+        with self.lock:
+            if self.capacity_bytes <= self.reserved_bytes:
+                return
+            logger.warning(
+                "L1 stays at %d MiB of its %d MiB: allocating more host memory failed (%s); chunks beyond "
+                "it evict older ones",
+                self.reserved_bytes >> 20,
+                self.capacity_bytes >> 20,
+                error,
+            )
+            self.capacity_bytes = self.reserved_bytes
 
     def slab(self, slab_id: int) -> Slab | None:
         """The live slab of that id (see :meth:`SlabSource.slab`)."""
