@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384])
     args = ap.parse_args()
-    if keys._native_chain is None:
+    if keys.native_chain() is None:
         raise SystemExit("lmcache._hashchain is not built: python setup.py build_ext --inplace")
     hasher = TokenHasher(args.chunk, args.algorithm, "bench", b"bfloat16/L28/KV2/E8192/T32")
     rng = random.Random(0)
@@ -34,10 +34,10 @@ def main() -> None:
     for n in args.tokens:
         tokens = [rng.randrange(150_000) for _ in range(n)]
         number = max(200, 2_000_000 // n)
-        pure = best_us(lambda t=tokens: b"".join(hasher._pure_chunk_hashes(t, None)), number)
+        pure = best_us(lambda t=tokens: b"".join(hasher.pure_chunk_hashes(t, None)), number)
         split = best_us(lambda t=tokens: hasher.chunk_hashes(t), number)
         native = best_us(lambda t=tokens: hasher.chunk_digests(t), number)
-        assert hasher.chunk_digests(tokens) == b"".join(hasher._pure_chunk_hashes(tokens, None))
+        assert hasher.chunk_digests(tokens) == b"".join(hasher.pure_chunk_hashes(tokens, None))
         print(
             f"{n:>7} tokens: pure join {pure:7.1f}  native chunk_hashes {split:7.1f}  "
             f"native chunk_digests {native:7.1f}  ({pure / native:.2f}x)"

@@ -121,8 +121,8 @@ def _helper_stream(device: torch.device, role: str) -> Any:
         return _helper_streams[role, index]
 
 
-def _side_stream(device: torch.device) -> Any:
-    """The helper stream for the gather/scatter kernels."""
+def side_stream(device: torch.device) -> Any:
+    """The helper stream the gather/scatter kernels run on (one per device)."""
     return _helper_stream(device, "kernels")
 
 
@@ -184,7 +184,7 @@ class Transfer:
             # What ``_on`` puts back: the current streams of the current and of the pool's device.
             self._restore = (torch.cuda.current_stream(), torch.cuda.current_stream(pool.device))
             self.stream = stream if stream is not None else self._restore[1]
-            self._side = _side_stream(pool.device)
+            self._side = side_stream(pool.device)
             self._lanes = [self.stream, _lane_stream(pool.device)] if interleave else [self.stream]
 
     @contextlib.contextmanager
@@ -216,7 +216,12 @@ class Transfer:
             lane.wait_event(self._pool_ready)
         return lane
 
-    def _device_index(self, ids: list[int]) -> torch.Tensor:
+    @property
+    def request_index(self) -> torch.Tensor | None:
+        """The request's block ids on the pool's device, once a batch has used a slice of them."""
+        return self._request_index
+
+    def device_index(self, ids: list[int]) -> torch.Tensor:
         """``ids`` on the pool's device, enqueued on the current stream: a slice of the request's
         uploaded block ids when ``ids`` is one (found from where the previous batch ended), else a
         fresh upload."""
@@ -275,7 +280,7 @@ class Transfer:
         ids = [b for block_ids, _ in scattered for b in block_ids]
         self._side.wait_event(self._pool_ready)
         with self._on(self._side):
-            staging = torch.index_select(pool, 0, self._device_index(ids))
+            staging = torch.index_select(pool, 0, self.device_index(ids))
             gathered = torch.cuda.Event()
             gathered.record(self._side)
         main.wait_event(gathered)
@@ -324,7 +329,7 @@ class Transfer:
             # Uploaded in line with the chunks: a copy on the kernel stream would wait until the copy
             # engine drained every chunk queued on this one, holding every scatter back to the end.
             # After them: the DMA starts while the host prepares the ids (the kernel needs both).
-            index = self._device_index(ids)
+            index = self.device_index(ids)
             copied = torch.cuda.Event()
             copied.record(main)
         self._side.wait_event(copied)

@@ -66,11 +66,11 @@ class CopyBatcher(Generic[T]):
     A store (``store=True``) gathers pool rows into slot views, a load scatters slot views into pool
     rows. The first chunk goes alone, so the DMA starts after one chunk's host work; each later batch
     is at most twice the one before, up to ``FLUSH_CHUNKS``: the host prepares a batch while the
-    DMA engine moves the previous one (see ``benchmarks/RESULTS.md``). After each batch is enqueued,
+    DMA engine moves the previous one (see benchmarks/RESULTS.md, D4 and D6). After each batch is enqueued,
     ``on_flush(items, event)`` gets the items added with it and an event after its copies (None on CPU).
     """
 
-    FLUSH_CHUNKS = 4  # the best of 2, 4 and 8 on an H200 (scattered loads); see benchmarks/RESULTS.md
+    FLUSH_CHUNKS = 4  # larger batches gained nothing, smaller ones lost bandwidth (benchmarks/RESULTS.md, D6)
 
     def __init__(
         self,

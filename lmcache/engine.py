@@ -4,69 +4,40 @@ The in-process adapter calls it directly; the multi-process server wraps it. Tok
 in tokens of the request's prompt+generation; ``block_ids[j]`` is the pool block holding tokens
 ``[j*B, (j+1)*B)``. Chunks move whole (a chunk is ``chunk_size / B`` pool rows), except that a
 retrieve may skip the leading rows of its first chunk so blocks TRT-LLM already holds are never
-rewritten.
+rewritten. Keys and lookups live in :mod:`lmcache.engine_lookup`, the engine's base class.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 import weakref
 from collections.abc import Hashable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
 import torch
 
 from lmcache import c_ops
 from lmcache.chunk_copy import CopyBatcher, LoadSlot, StoreSlot
 from lmcache.config import GiB, LMCacheEngineConfig
-from lmcache.keys import CacheSalt, ChunkHashes, ChunkKey, TokenHasher, Tokens, chunk_keys, token_array
+from lmcache.engine_lookup import ChunkSpan, EngineLookup, KeySpace
+from lmcache.keys import CacheSalt, ChunkHashes, ChunkKey, Tokens, token_array
 from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
 from lmcache.memory import HostArena, SlabSource
-from lmcache.stats import EngineCounters, EngineSnapshot, LatencyStats
-from lmcache.storage.chunk_format import Namespace
+from lmcache.stats import EngineSnapshot
 from lmcache.storage.cpu_store import CachedChunk, CpuStore
 from lmcache.storage.tiers import TierManager
 from lmcache.transfer import BlockTransfer
 
 logger = init_logger(__name__)
 
-
-@dataclass(frozen=True)
-class KeySpace:
-    """Who may share chunks: same model, same pool row layout, same tensor-parallel world."""
-
-    model_name: str
-    layout: PoolLayout
-    world_size: int = 1
+__all__ = ["CacheEngine", "KeySpace", "LoadHold"]
 
 
-@dataclass
-class EngineStats:
-    lookups: int = 0
-    lookup_tokens: int = 0
-    hit_tokens: int = 0
-    stored_chunks: int = 0
-    stored_bytes: int = 0
-    retrieved_chunks: int = 0
-    retrieved_bytes: int = 0
-    failed_retrieves: int = 0
-
-
-@dataclass
-class _ChunkSpan:
-    """One chunk of a request: its key and its token range ``[start, end)``."""
-
-    key: ChunkKey
-    start: int
-    end: int
-
-
-class CacheEngine:
-    """Stores KV chunks of registered pools in the cache tiers and loads them back."""
+class CacheEngine(EngineLookup):
+    """Stores KV chunks of registered pools in the cache tiers and loads them back; keys and lookups
+    come from :class:`~lmcache.engine_lookup.EngineLookup`."""
 
     def __init__(
         self,
@@ -77,277 +48,21 @@ class CacheEngine:
     ) -> None:
         """``slab_source``: where L1's slabs live (default: private memory, page-locked if ``pinned``,
         which defaults to whether CUDA is available); the cache server passes shared-memory slabs."""
-        self.config = config
         capacity = config.max_local_cpu_bytes if config.local_cpu else 0
         has_tiers = config.local_disk is not None or config.remote_url is not None
         if capacity == 0 and has_tiers:
             # Without an L1 cache, chunks still pass through host memory on their way to and from the
             # lower tiers: a small staging area (grown lazily, only as far as it is used).
             capacity = int(config.tier_staging_size_gb * GiB)
-        self.l1 = CpuStore(HostArena(capacity, pinned=pinned, source=slab_source), config.cache_policy)
-        if config.local_cpu and self.l1.arena.pinned:
+        l1 = CpuStore(HostArena(capacity, pinned=pinned, source=slab_source), config.cache_policy)
+        if config.local_cpu and l1.arena.pinned:
             # Pin the L1 budget in the background from now on, so saves into a cold cache do not
             # wait for pinning (the staging area without L1 stays lazy).
-            self.l1.arena.prepin()
-        self.stats = EngineStats()
-        self.latency = LatencyStats()
-        self._hashers: dict[tuple[str, bytes], TokenHasher] = {}
-        self._pins: dict[Hashable, dict[int, list[Hashable]]] = {}
-        self._namespaces: dict[KeySpace, Namespace] = {}
-        self._lock = threading.Lock()
+            l1.arena.prepin()
         # L2 (local_disk) and L3 (remote_url) behind L1; queued writes are flushed by close(), when the
         # engine is garbage-collected, and at interpreter exit.
-        self.tiers = TierManager.from_config(config, self.l1) if has_tiers else None
+        super().__init__(config, l1, TierManager.from_config(config, l1) if has_tiers else None)
         self._finalizer = weakref.finalize(self, self.tiers.close) if self.tiers is not None else None
-
-    # -- keys ---------------------------------------------------------------------------------
-
-    def hasher(self, space: KeySpace) -> TokenHasher:
-        ident = (space.model_name, space.layout.signature())
-        with self._lock:
-            hasher = self._hashers.get(ident)
-            if hasher is None:
-                space.layout.blocks_per_chunk(self.config.chunk_size)
-                hasher = TokenHasher(self.config.chunk_size, self.config.pre_caching_hash_algorithm, *ident)
-                self._hashers[ident] = hasher
-            return hasher
-
-    def namespace(self, space: KeySpace) -> Namespace:
-        """The lower tiers' name for a key space: model and layout signature (the key alone lacks them)."""
-        ns = self._namespaces.get(space)
-        if ns is None:
-            ns = self._namespaces.setdefault(space, Namespace(space.model_name, space.layout.signature()))
-        return ns
-
-    def chunk_spans(
-        self, space: KeySpace, rank: int, tokens: Tokens, salt: CacheSalt, end: int | None = None
-    ) -> list[_ChunkSpan]:
-        """Every cacheable chunk of ``tokens[:end]``: the full chunks, then (if ``save_unfull_chunk``)
-        the block-aligned part of the last partial one."""
-        return list(self.iter_chunk_spans(space, rank, tokens, salt, end))
-
-    def iter_chunk_spans(
-        self,
-        space: KeySpace,
-        rank: int,
-        tokens: Tokens | ChunkHashes,
-        salt: CacheSalt,
-        end: int | None = None,
-    ) -> Iterator[_ChunkSpan]:
-        """:meth:`chunk_spans`, each hashed when reached, so copies start before the last is hashed."""
-        for h, start, stop in self._iter_hashed(space, tokens, salt, end):
-            yield _ChunkSpan(ChunkKey(h, space.world_size, rank), start, stop)
-
-    def cacheable_end(self, space: KeySpace, num_tokens: int, end: int | None = None) -> int:
-        """Where the last of :meth:`chunk_spans` ends (0: no span), computed without hashing."""
-        end = num_tokens if end is None else min(end, num_tokens)
-        full = end // self.config.chunk_size * self.config.chunk_size
-        if not self.config.save_unfull_chunk:
-            return full
-        tpb = space.layout.tokens_per_block
-        return full + (end - full) // tpb * tpb
-
-    def _iter_hashed(
-        self, space: KeySpace, tokens: Tokens | ChunkHashes, salt: CacheSalt, end: int | None
-    ) -> Iterator[tuple[bytes, int, int]]:
-        hasher = self.hasher(space)
-        size = self.config.chunk_size
-        if isinstance(tokens, ChunkHashes):
-            self._check_chunk_hashes(hasher, tokens)
-            count = len(tokens.hashes) if end is None else min(len(tokens.hashes), end // size)
-            for i in range(count):
-                yield tokens.hashes[i], i * size, (i + 1) * size
-            return
-        parent: bytes | None = None
-        stop = 0
-        for parent in hasher.iter_chunk_hashes(tokens, salt, end):
-            yield parent, stop, stop + size
-            stop += size
-        tail_end = self.cacheable_end(space, len(tokens), end)
-        if tail_end > stop:
-            yield hasher.tail_hash(tokens, salt, parent, stop, tail_end), stop, tail_end
-
-    def _check_chunk_hashes(self, hasher: TokenHasher, prompt: ChunkHashes) -> None:
-        """Refuse hashes the engine cannot use, before any of them is looked at."""
-        if self.config.save_unfull_chunk:
-            raise ValueError(
-                "chunk hashes cannot name partial chunks (save_unfull_chunk is on); send the tokens"
-            )
-        if prompt.chunk_size != self.config.chunk_size:
-            raise ValueError(
-                f"chunk hashes of {prompt.chunk_size}-token chunks; this cache uses {self.config.chunk_size}"
-            )
-        if any(len(h) != hasher.digest_size for h in prompt.hashes):
-            raise ValueError(f"chunk hashes must be {hasher.digest_size}-byte digests")
-
-    def _tail_probe(
-        self,
-        space: KeySpace,
-        arr: np.ndarray,
-        salt: CacheSalt,
-        ranks: Sequence[int],
-        parent: bytes | None,
-        start: int,
-    ) -> tuple[int, list[ChunkKey], list[ChunkKey]]:
-        """The longest block-aligned partial chunk at ``start`` cached for all ranks (save_unfull_chunk).
-
-        Returns its end, its keys, and the keys a promotion from a lower tier pinned (to unpin later).
-        """
-        tpb = space.layout.tokens_per_block
-        hasher = self.hasher(space)
-        longest = min(self.config.chunk_size - tpb, (len(arr) - start) // tpb * tpb)
-        candidates: list[tuple[int, list[ChunkKey]]] = []
-        for length in range(longest, 0, -tpb):
-            h = hasher.tail_hash(arr, salt, parent, start, start + length)
-            keys = [ChunkKey(h, space.world_size, rank) for rank in ranks]
-            if all(key in self.l1 for key in keys):
-                return start + length, keys, []
-            candidates.append((start + length, keys))
-        if self.tiers is None or not candidates:
-            return start, [], []
-        ns = self.namespace(space)
-        found = iter(self.tiers.present(ns, [key for _, keys in candidates for key in keys]))
-        for end, keys in candidates:
-            if all([next(found) for _ in keys]):
-                got, tier_pins = self.tiers.promote_prefix(ns, [keys])
-                if got:
-                    return end, keys, tier_pins
-                self.tiers.unpin(tier_pins)
-        return start, [], []
-
-    # -- lookup and pins ----------------------------------------------------------------------
-
-    def lookup(
-        self,
-        space: KeySpace,
-        tokens: Tokens,
-        salt: CacheSalt = None,
-        *,
-        ranks: Sequence[int] = (0,),
-        pin_id: Hashable | None = None,
-    ) -> int:
-        """Tokens of the longest cached prefix present for every rank in ``ranks``.
-
-        With ``pin_id`` the hit chunks stay pinned (safe from eviction) until each rank's ``retrieve``
-        with the same id, or ``release(pin_id)``; a new lookup with the same id replaces the old pins.
-        """
-        began = time.perf_counter()
-        if self._first_chunk_missing(space, tokens, salt, ranks):
-            # Most prompts of a busy server miss: that costs one chunk's hash, not the prompt's.
-            return self._lookup_spans(space, [], [], len(tokens), ranks, pin_id, began, None)
-        arr = token_array(tokens)
-        spans = list(self._iter_hashed(space, arr, salt, None))
-        hashes, ends = [h for h, _, _ in spans], [end for _, _, end in spans]
-        return self._lookup_spans(space, hashes, ends, len(arr), ranks, pin_id, began, (arr, salt))
-
-    def _first_chunk_missing(
-        self, space: KeySpace, tokens: Tokens, salt: CacheSalt, ranks: Sequence[int]
-    ) -> bool:
-        """True if the lookup is surely a miss: L1 lacks the first chunk for a rank and nothing
-        else (a lower tier, a partial chunk) could supply it."""
-        if self.tiers is not None or self.config.save_unfull_chunk:
-            return False
-        first = next(self.hasher(space).iter_chunk_hashes(tokens, salt), None)
-        return first is None or not all(ChunkKey(first, space.world_size, rank) in self.l1 for rank in ranks)
-
-    def lookup_hashes(
-        self,
-        space: KeySpace,
-        chunk_hashes: Sequence[bytes],
-        num_tokens: int,
-        *,
-        ranks: Sequence[int] = (0,),
-        pin_id: Hashable | None = None,
-    ) -> int:
-        """:meth:`lookup` of a prompt of ``num_tokens`` tokens whose full chunks the caller hashed.
-
-        ``chunk_hashes`` are what ``self.hasher(space).chunk_hashes(tokens, salt)`` returns (the
-        salt is in them), so a client that hashes never ships its tokens. Not available with
-        ``save_unfull_chunk``: probing partial chunks needs their tokens.
-        """
-        began = time.perf_counter()
-        size = self.config.chunk_size
-        self._check_chunk_hashes(self.hasher(space), ChunkHashes(chunk_hashes, size))
-        if len(chunk_hashes) != num_tokens // size:
-            raise ValueError(
-                f"{len(chunk_hashes)} chunk hashes for {num_tokens} tokens; expected one per full "
-                f"chunk of {size} tokens ({num_tokens // size})"
-            )
-        ends = range(size, (len(chunk_hashes) + 1) * size, size)
-        return self._lookup_spans(space, chunk_hashes, ends, num_tokens, ranks, pin_id, began, None)
-
-    def _lookup_spans(
-        self,
-        space: KeySpace,
-        hashes: Sequence[bytes],
-        ends: Sequence[int],
-        num_tokens: int,
-        ranks: Sequence[int],
-        pin_id: Hashable | None,
-        began: float,
-        tail: tuple[np.ndarray, CacheSalt] | None,
-    ) -> int:
-        """The longest prefix of the chunks (``hashes``, ending at ``ends``) cached for every rank
-        (from the lower tiers if need be), then, given the ``tail`` tokens and salt, the longest
-        partial chunk after it."""
-        if pin_id is not None:
-            self.release(pin_id)
-        pin = pin_id is not None
-        groups = list(zip(*[chunk_keys(hashes, space.world_size, rank) for rank in ranks], strict=True))
-        tier_pins: list[ChunkKey] = []
-        try:
-            taken = self._take(groups, pin)
-            if taken < len(groups) and self.tiers is not None:
-                # L1 miss: bring the rest of the prefix up from the lower tiers (once), then retake.
-                got, tier_pins = self.tiers.promote_prefix(self.namespace(space), groups[taken:])
-                if got:
-                    taken += self._take(groups[taken:], pin)
-            hit, parent = (ends[taken - 1], hashes[taken - 1]) if taken else (0, None)
-            if tail is not None and self.config.save_unfull_chunk and hit % self.config.chunk_size == 0:
-                arr, salt = tail
-                tail_end, keys, more_pins = self._tail_probe(space, arr, salt, ranks, parent, hit)
-                tier_pins += more_pins
-                if keys and self._take([tuple(keys)], pin):
-                    groups[taken:] = [tuple(keys)]
-                    taken += 1
-                    hit = tail_end
-        finally:
-            if tier_pins:
-                assert self.tiers is not None
-                self.tiers.unpin(tier_pins)
-        with self._lock:
-            if pin and taken:  # a miss leaves no record: its caller need not release it
-                pinned = groups[:taken]
-                self._pins[pin_id] = {rank: [keys[i] for keys in pinned] for i, rank in enumerate(ranks)}
-            self.stats.lookups += 1
-            self.stats.lookup_tokens += num_tokens
-            self.stats.hit_tokens += hit
-        self.latency.lookup.observe(time.perf_counter() - began)
-        return hit
-
-    def _take(self, groups: Sequence[Sequence[ChunkKey]], pin: bool) -> int:
-        """How many leading chunks (one key per rank each) are cached for every rank; with ``pin``
-        they are pinned, each chunk for all ranks or none."""
-        return self.l1.pin_prefix(groups) if pin else self.l1.present_prefix(groups)
-
-    def release(self, pin_id: Hashable, rank: int | None = None) -> None:
-        """Drop the pins a lookup took for ``pin_id`` (all ranks, or one rank's once it has loaded)."""
-        with self._lock:
-            by_rank = self._pins.get(pin_id)
-            if by_rank is None:
-                return
-            if rank is None:
-                keys = [key for rank_keys in by_rank.values() for key in rank_keys]
-                del self._pins[pin_id]
-            else:
-                keys = by_rank.pop(rank, [])
-                if not by_rank:
-                    del self._pins[pin_id]
-        self.l1.unpin_all(keys)
-
-    def pinned_ids(self) -> list[Hashable]:
-        with self._lock:
-            return list(self._pins)
 
     # -- store ----------------------------------------------------------------------------------
 
@@ -522,7 +237,7 @@ class CacheEngine:
         space, rank, prompt, salt = hold.space, hold.rank, hold.prompt, hold.salt
         start, end, tpb = hold.start, hold.end, space.layout.tokens_per_block
         tiers_asked = self.tiers is None
-        previous: _ChunkSpan | None = None
+        previous: ChunkSpan | None = None
         for span in self.iter_chunk_spans(space, rank, prompt, salt, hold.chunk_end):
             if span.end <= start:
                 previous = span
@@ -581,14 +296,14 @@ class CacheEngine:
         rank: int,
         tokens: Tokens,
         salt: CacheSalt,
-        previous: _ChunkSpan | None,
-        span: _ChunkSpan,
+        previous: ChunkSpan | None,
+        span: ChunkSpan,
         end: int,
-    ) -> _ChunkSpan:
+    ) -> ChunkSpan:
         """The partial chunk ``[span.start, end)`` that ``save_unfull_chunk`` may have stored."""
         parent = previous.key.chunk_hash if previous is not None else None
         h = self.hasher(space).tail_hash(token_array(tokens), salt, parent, span.start, end)
-        return _ChunkSpan(ChunkKey(h, space.world_size, rank), span.start, end)
+        return ChunkSpan(ChunkKey(h, space.world_size, rank), span.start, end)
 
     def _hold(self, key: ChunkKey) -> CachedChunk | None:
         """Pin a chunk for the duration of a copy out of it."""
@@ -605,7 +320,7 @@ class CacheEngine:
         cache server (see :mod:`lmcache.stats`).
         """
         with self._lock:
-            counters = EngineCounters(**asdict(self.stats))
+            counters = replace(self.stats)
             pinned_lookups = len(self._pins)
         tiers = self.tiers
         return EngineSnapshot(

@@ -33,6 +33,13 @@ except ImportError:
 logger = init_logger(__name__)
 _told_pure = False
 
+
+def native_chain() -> Callable[..., bytes] | None:
+    """The C hash chain this module uses for lists of token ids (None: ``lmcache._hashchain`` is
+    not built, and lists hash in Python)."""
+    return _native_chain
+
+
 FORMAT_VERSION = 1
 
 HASH_ALGORITHMS: dict[str, Callable[[bytes], Any]] = {
@@ -148,15 +155,16 @@ class TokenHasher:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.chunk_size = chunk_size
-        self._new = HASH_ALGORITHMS[algorithm]
-        self.digest_size = len(self._new(b"").digest())
+        self.new_hash = HASH_ALGORITHMS[algorithm]
+        """The hash constructor of ``algorithm`` (hashlib-style: ``new_hash(data).digest()``)."""
+        self.digest_size = len(self.new_hash(b"").digest())
         self._space = b"lmcache-trtllm" + _field(str(FORMAT_VERSION).encode()) + _field(model_name.encode())
         self._space += _field(layout_signature)
         self.scheme = _field(algorithm.encode()) + _field(str(chunk_size).encode()) + self._space
         """Everything that decides the hashes but the tokens and salt: equal schemes, equal hashes."""
 
     def seed(self, salt: CacheSalt) -> bytes:
-        return self._new(self._space + _field(_salt_bytes(salt))).digest()
+        return self.new_hash(self._space + _field(_salt_bytes(salt))).digest()
 
     def chunk_hashes(self, tokens: Tokens, salt: CacheSalt = None) -> list[bytes]:
         """Hashes of every full chunk, in order."""
@@ -164,7 +172,7 @@ class TokenHasher:
         if digests is not None:
             size = self.digest_size
             return [digests[i : i + size] for i in range(0, len(digests), size)]
-        return self._pure_chunk_hashes(tokens, salt)
+        return self.pure_chunk_hashes(tokens, salt)
 
     def chunk_digests(self, tokens: Tokens, salt: CacheSalt = None) -> bytes:
         """``b"".join(self.chunk_hashes(tokens, salt))``: the full chunks' digests, concatenated.
@@ -172,9 +180,9 @@ class TokenHasher:
         A Python list is hashed in C when ``lmcache._hashchain`` is built (half the time for 8k tokens).
         """
         digests = self._native_digests(tokens, salt)
-        return digests if digests is not None else b"".join(self._pure_chunk_hashes(tokens, salt))
+        return digests if digests is not None else b"".join(self.pure_chunk_hashes(tokens, salt))
 
-    def _pure_chunk_hashes(self, tokens: Tokens, salt: CacheSalt) -> list[bytes]:
+    def pure_chunk_hashes(self, tokens: Tokens, salt: CacheSalt) -> list[bytes]:
         """:meth:`chunk_hashes` in Python: the reference the C chain must match."""
         arr = token_array(tokens)
         return self._chain(arr, len(arr) // self.chunk_size, salt)
@@ -191,7 +199,7 @@ class TokenHasher:
         end = num_chunks * self.chunk_size
         if end < len(tokens):
             token_array(tokens[end:])  # the partial tail is not hashed, but must be valid as in the pure path
-        return _native_chain(tokens, self.chunk_size, num_chunks, self.seed(salt), self._new)
+        return _native_chain(tokens, self.chunk_size, num_chunks, self.seed(salt), self.new_hash)
 
     def iter_chunk_hashes(
         self, tokens: Tokens, salt: CacheSalt = None, end: int | None = None
@@ -200,7 +208,7 @@ class TokenHasher:
         when asked for.
 
         A transfer starts copying its first chunk while later ones are still unhashed, instead of
-        waiting for the whole prompt (a millisecond for 32k tokens on a slow host CPU).
+        waiting for the whole prompt (see benchmarks/RESULTS.md, D4).
         """
         size = self.chunk_size
         end = len(tokens) if end is None else min(end, len(tokens))
@@ -212,21 +220,21 @@ class TokenHasher:
                     data = pack(*tokens[begin : begin + size])
                 except struct.error as exc:
                     raise ValueError(f"token ids must be integers in int64 range: {exc}") from None
-                parent = self._new(parent + data).digest()
+                parent = self.new_hash(parent + data).digest()
                 yield parent
             return
         arr = token_array(tokens[: end // size * size])
         data = memoryview(np.ascontiguousarray(arr)).cast("B")
         step = size * 8
         for begin in range(0, len(data), step):
-            parent = self._new(parent + data[begin : begin + step]).digest()
+            parent = self.new_hash(parent + data[begin : begin + step]).digest()
             yield parent
 
     def tail_hash(self, tokens: Tokens, salt: CacheSalt, prefix: bytes | None, start: int, end: int) -> bytes:
         """Hash of the partial chunk ``tokens[start:end]``, chained after the previous chunk's hash."""
         arr = token_array(tokens[start:end])
         parent = prefix if prefix is not None else self.seed(salt)
-        return self._new(parent + memoryview(np.ascontiguousarray(arr)).cast("B")).digest()
+        return self.new_hash(parent + memoryview(np.ascontiguousarray(arr)).cast("B")).digest()
 
     def _chain(self, arr: np.ndarray, num_chunks: int, salt: CacheSalt) -> list[bytes]:
         data = memoryview(np.ascontiguousarray(arr[: num_chunks * self.chunk_size])).cast("B")
@@ -234,6 +242,6 @@ class TokenHasher:
         parent = self.seed(salt)
         hashes = []
         for i in range(num_chunks):
-            parent = self._new(parent + data[i * step : (i + 1) * step]).digest()
+            parent = self.new_hash(parent + data[i * step : (i + 1) * step]).digest()
             hashes.append(parent)
         return hashes

@@ -11,7 +11,14 @@ import logging
 import os
 from collections.abc import Mapping
 
-__all__ = ["LOG_FORMAT", "ROOT_LOGGER_NAME", "configure_from_env", "init_logger", "parse_level"]
+__all__ = [
+    "LOG_FORMAT",
+    "ROOT_LOGGER_NAME",
+    "configure_from_env",
+    "init_logger",
+    "is_lmcache_handler",
+    "parse_level",
+]
 
 ROOT_LOGGER_NAME = "lmcache"
 LOG_FORMAT = "[%(asctime)s] LMCache %(levelname)s: %(message)s (%(filename)s:%(lineno)d)"
@@ -28,9 +35,14 @@ _HANDLER_MARK = "_lmcache_handler"
 _warned_bad_level: str | None = None
 
 
+def is_lmcache_handler(handler: logging.Handler) -> bool:
+    """Whether ``handler`` is the one this module installs on the ``lmcache`` logger."""
+    return bool(getattr(handler, _HANDLER_MARK, False))
+
+
 def _install_handler(root: logging.Logger) -> None:
     """Add our handler once, even if this module is imported or reloaded several times."""
-    if any(getattr(h, _HANDLER_MARK, False) for h in root.handlers):
+    if any(is_lmcache_handler(h) for h in root.handlers):
         return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(LOG_FORMAT))

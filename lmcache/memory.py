@@ -1,14 +1,15 @@
 """Pinned host memory for chunk buffers: a byte budget that grows lazily in slabs.
 
-Asking the host allocator (``cudaHostAlloc``) per chunk costs milliseconds and fragments
+Asking the host allocator (``cudaHostAlloc``) per chunk is slow and fragments
 pinned memory, so chunk buffers are fixed-size slots carved out of large slabs. Nothing is
 reserved until the first slot is needed: a 10 GiB cap starts instantly.
 
-How slabs are pinned: ``torch.empty(..., pin_memory=True)`` (``cudaHostAlloc``) of 256 MiB took
-about 95 ms on an H200 host and held the CUDA driver's lock all along, stalling every copy of
-every other thread meanwhile. Instead, a slab is allocated as ordinary memory, its pages are
-faulted in by writing them (no CUDA call), and only then registered with ``cudaHostRegister``:
-about 30 ms, and copies running meanwhile barely notice. It is unregistered when it is freed.
+How slabs are pinned: ``cudaHostAlloc`` (``torch.empty(..., pin_memory=True)``) of a whole slab
+holds the CUDA driver's lock while it faults the pages in, stalling every other thread's copies.
+Instead, a slab is allocated as ordinary memory, its pages are faulted in by writing them (no CUDA
+call), and only then registered with ``cudaHostRegister``, which is shorter and barely disturbs
+copies in flight; copy speed is the same either way (see benchmarks/RESULTS.md, D2).
+It is unregistered when it is freed.
 
 Growing ahead: even so, pinning is too slow to sit on the store path of a cold cache. So when a
 pool hands out a slot of its newest slab and the budget has room, the next slab is allocated by a
@@ -190,20 +191,20 @@ class SlotPool:
         arena = self.arena
         with arena.lock:
             while not self._free:
-                growing = arena._growing
+                growing = arena.growing
                 if growing is not self and self._grow():
                     break
                 if growing is None and not arena.prepinning:
                     return None
                 # Our next slab is on its way (or another pool's holds the budget we need, and may
                 # give it back through reclaim once attached): wait for it rather than grow twice.
-                arena._grown.wait()
+                arena.wait_grown()
             slab, slot = self._free.pop()
             self._used[slab] += 1
             held = self._slabs[slab]
             assert held is not None
             if slab == self._newest:
-                arena._grow_ahead(self)
+                arena.grow_ahead(self)
             start = slot * self.slot_bytes
             data = held.tensor[start : start + self.slot_bytes]
             return HostBuffer(self, slab, slot, data, SlotRef(held.id, start, self.slot_bytes))
@@ -225,7 +226,7 @@ class SlotPool:
                     self.arena.add_spare(slab)
         return released
 
-    def _slab_slots(self) -> int:
+    def slab_slots(self) -> int:
         """Slots of the next slab within the arena's remaining budget (0: no room). Lock held."""
         room = self.arena.capacity_bytes - self.arena.reserved_bytes
         return min(max(1, self.arena.slab_bytes // self.slot_bytes), room // self.slot_bytes)
@@ -235,17 +236,21 @@ class SlotPool:
         the budget is spent."""
         spare = self.arena.take_spare(self.slot_bytes)
         if spare is not None:
-            self._attach(spare)
+            self.attach(spare)
             return True
-        slots = self._slab_slots()
+        slots = self.slab_slots()
         if slots < 1:
             return False
-        slab = self.arena.source.allocate(slots * self.slot_bytes)
+        try:
+            slab = self.arena.source.allocate(slots * self.slot_bytes)
+        except (OSError, RuntimeError, ValueError) as e:  # no host memory left (e.g. a full /dev/shm)
+            self.arena.stop_growing(e)
+            return False
         self.arena.reserved_bytes += slab.nbytes
-        self._attach(slab)
+        self.attach(slab)
         return True
 
-    def _attach(self, slab: Slab) -> None:
+    def attach(self, slab: Slab) -> None:
         """Add an allocated slab (its bytes already counted in ``reserved_bytes``). Lock held."""
         index = self._slabs.index(None) if None in self._slabs else len(self._slabs)
         if index == len(self._slabs):
@@ -374,21 +379,31 @@ class HostArena:
         with self.lock:
             return sum(p.release_empty_slabs() for p in self._pools.values() if p is not keep)
 
+    @property
+    def growing(self) -> SlotPool | None:
+        """The pool whose next slab is being allocated ahead, if any. Lock held."""
+        return self._growing
+
+    def wait_grown(self) -> None:
+        """Block until a slab allocated ahead is attached or abandoned (or pre-pinning moves on).
+        Lock held; it is released while waiting."""
+        self._grown.wait()
+
     def wait_growth(self, timeout: float | None = None) -> bool:
         """Wait until no slab is being allocated ahead; False on timeout (for tests and shutdown)."""
         with self.lock:
             return self._grown.wait_for(lambda: self._growing is None, timeout)
 
-    def _grow_ahead(self, pool: SlotPool) -> None:
+    def grow_ahead(self, pool: SlotPool) -> None:
         """Give ``pool`` its next slab: a spare if there is one, else start allocating it in the
         background, if none is on its way and the budget has room. Lock held."""
         spare = self.take_spare(pool.slot_bytes)
         if spare is not None:
-            pool._attach(spare)
+            pool.attach(spare)
             return
         if self._growing is not None:
             return
-        slots = pool._slab_slots()
+        slots = pool.slab_slots()
         if slots < 1:
             return
         nbytes = slots * pool.slot_bytes
@@ -412,12 +427,27 @@ class HostArena:
         finally:
             with self.lock:
                 if slab is not None:
-                    pool._attach(slab)
+                    pool.attach(slab)
                     self.grown_ahead += 1
                 else:
                     self.reserved_bytes -= nbytes
                 self._growing = None
                 self._grown.notify_all()
+
+    def stop_growing(self, error: Exception) -> None:
+        """The host refused a slab: the budget shrinks to what is already reserved, so L1 keeps
+        serving (evicting within it) instead of failing every store on a new allocation."""
+        with self.lock:
+            if self.capacity_bytes <= self.reserved_bytes:
+                return
+            logger.warning(
+                "L1 stays at %d MiB of its %d MiB: allocating more host memory failed (%s); chunks beyond "
+                "it evict older ones",
+                self.reserved_bytes >> 20,
+                self.capacity_bytes >> 20,
+                error,
+            )
+            self.capacity_bytes = self.reserved_bytes
 
     def slab(self, slab_id: int) -> Slab | None:
         """The live slab of that id (see :meth:`SlabSource.slab`)."""

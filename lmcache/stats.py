@@ -32,9 +32,10 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass
 class EngineCounters:
-    """Totals since the engine started."""
+    """Totals since the engine started. The engine updates its own under its lock; a snapshot
+    holds a copy taken under that lock."""
 
     lookups: int = 0
     lookup_tokens: int = 0

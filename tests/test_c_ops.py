@@ -94,17 +94,17 @@ def test_joined_copies_round_trip_through_a_scattered_pool() -> None:
 def test_batches_index_one_upload_of_the_request_block_ids() -> None:
     request = [9, 4, 7, 1, 8, 3, 4, 6]
     transfer = c_ops.Transfer(pool(), block_ids=request)
-    first = transfer._device_index([4, 7, 1])
-    uploaded = transfer._request_index
+    first = transfer.device_index([4, 7, 1])
+    uploaded = transfer.request_index
     assert first.tolist() == [4, 7, 1] and uploaded is not None
     assert first.data_ptr() == uploaded[1:].data_ptr()
     for ids, at in (([8, 3], 4), ([4], 6)):  # searched from where the previous batch ended
-        index = transfer._device_index(ids)
-        assert index.tolist() == ids and transfer._request_index is uploaded
+        index = transfer.device_index(ids)
+        assert index.tolist() == ids and transfer.request_index is uploaded
         assert index.data_ptr() == uploaded[at:].data_ptr()
     # Ids that are no slice of the request's after the last batch: their own upload.
     for ids in ([9, 4], [6, 1], [5], [4, 6, 2]):
-        own = transfer._device_index(ids)
+        own = transfer.device_index(ids)
         assert own.tolist() == ids
         assert own.untyped_storage().data_ptr() != uploaded.untyped_storage().data_ptr()
-    assert c_ops.Transfer(pool())._device_index([3, 2]).tolist() == [3, 2]
+    assert c_ops.Transfer(pool()).device_index([3, 2]).tolist() == [3, 2]

@@ -433,8 +433,9 @@ def test_single_handler(restore_log_level):
         lmlog.init_logger("lmcache.a")
         lmlog.configure_from_env({})
     root = logging.getLogger("lmcache")
-    ours = [h for h in root.handlers if getattr(h, "_lmcache_handler", False)]
-    assert len(ours) == 1 and ours[0].formatter._fmt == lmlog.LOG_FORMAT  # type: ignore[union-attr]
+    ours = [h for h in root.handlers if lmlog.is_lmcache_handler(h)]
+    record = logging.LogRecord("lmcache.a", logging.INFO, "f.py", 1, "m", None, None)
+    assert len(ours) == 1 and ours[0].format(record) == logging.Formatter(lmlog.LOG_FORMAT).format(record)
     assert root.propagate
 
 

@@ -143,7 +143,7 @@ def test_store_orders_the_callers_stream_after_copies_on_both_lanes() -> None:
     expected = pool[src].cpu()
     save = torch.cuda.Stream()
     save.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(c_ops._side_stream(pool.device)):
+    with torch.cuda.stream(c_ops.side_stream(pool.device)):
         torch.cuda._sleep(200_000_000)
     assert engine.store(space, 0, pool, BlockTransfer(toks, None, src, 0, len(toks)), save) == len(toks)
     done = torch.cuda.Event()

@@ -103,7 +103,7 @@ def test_release_unpins_and_relookup_replaces_pins() -> None:
     engine.lookup(space, a, pin_id=1)
     engine.lookup(space, a, pin_id=1)
     assert len(engine.l1.pinned_keys()) == 2
-    assert all(engine.l1._chunks[k].pins == 1 for k in engine.l1.pinned_keys())
+    assert all(engine.l1.get(k).pins == 1 for k in engine.l1.pinned_keys())
     engine.release(1)
     assert engine.l1.pinned_keys() == []
 

@@ -135,7 +135,7 @@ def test_native_chain_is_built_and_used() -> None:
     """A broken build must fail here, not fall back to pure Python silently."""
     from lmcache._hashchain import chain_digests
 
-    assert keys._native_chain is chain_digests
+    assert keys.native_chain() is chain_digests
 
 
 def test_without_the_c_chain_lists_hash_in_python_and_say_so_once(
@@ -156,7 +156,7 @@ def _reference(h: TokenHasher, tokens: list[int], salt: object) -> list[bytes]:
     """The chain spelled out, independent of keys.py's code paths."""
     size, parent, out = h.chunk_size, h.seed(salt), []  # type: ignore[arg-type]
     for begin in range(0, len(tokens) // size * size, size):
-        parent = h._new(parent + struct.pack(f"<{size}q", *tokens[begin : begin + size])).digest()
+        parent = h.new_hash(parent + struct.pack(f"<{size}q", *tokens[begin : begin + size])).digest()
         out.append(parent)
     return out
 
@@ -173,20 +173,20 @@ def test_native_chain_equals_pure_python(algorithm: str, chunk: int, tokens: lis
 
     h = hasher(algorithm, chunk=chunk)
     want = _reference(h, tokens, salt)
-    assert h._pure_chunk_hashes(tokens, salt) == want  # type: ignore[arg-type]
+    assert h.pure_chunk_hashes(tokens, salt) == want  # type: ignore[arg-type]
     assert h.chunk_hashes(tokens, salt) == want  # type: ignore[arg-type]
     assert h.chunk_digests(tokens, salt) == b"".join(want)  # type: ignore[arg-type]
     assert h.chunk_digests(np.array(tokens, dtype=np.int64), salt) == b"".join(want)  # type: ignore[arg-type]
     seed = h.seed(salt)  # type: ignore[arg-type]
     for n in {0, len(want) // 2, len(want)}:
-        assert chain_digests(tokens, chunk, n, seed, h._new) == b"".join(want[:n])
+        assert chain_digests(tokens, chunk, n, seed, h.new_hash) == b"".join(want[:n])
 
 
 def test_native_chain_takes_what_struct_takes() -> None:
     """Items that are not exact ints but index as ints (bools, numpy ints) hash as the pure path does."""
     h = hasher(chunk=4)
     toks = [True, np.int64(-3), np.int32(7), 2**62, False, 1, 2, 3, 9]
-    assert h.chunk_hashes(toks) == h._pure_chunk_hashes(toks, None) == _reference(h, toks, None)
+    assert h.chunk_hashes(toks) == h.pure_chunk_hashes(toks, None) == _reference(h, toks, None)
 
 
 @pytest.mark.parametrize("bad", [2**63, -(2**63) - 1, 1.5, "7", None])
@@ -197,12 +197,12 @@ def test_bad_token_ids_raise_value_error_on_every_path(bad: object, where: int) 
     h = hasher(chunk=4)
     toks: list = list(range(10))
     toks[where] = bad
-    for fn in (h._pure_chunk_hashes, h.chunk_hashes, h.chunk_digests):
+    for fn in (h.pure_chunk_hashes, h.chunk_hashes, h.chunk_digests):
         with pytest.raises(ValueError, match="token ids must be integers in int64 range"):
             fn(toks, None)
     if where < 8:
         with pytest.raises(ValueError, match=f"item {where} "):
-            chain_digests(toks, 4, 2, h.seed(None), h._new)
+            chain_digests(toks, 4, 2, h.seed(None), h.new_hash)
 
 
 def test_native_chain_rejects_bad_arguments() -> None:

@@ -243,3 +243,27 @@ def test_empty_slabs_go_back_to_the_spares() -> None:
         small.free(b)
     assert arena.reclaim(keep=large) == slab  # one slab emptied: a spare again, still allocated
     assert large.allocate() is not None and arena.reserved_bytes == 2 * slab
+
+
+def test_arena_slabs_scale_with_a_small_cap() -> None:
+    assert HostArena(512 << 20).slab_bytes == 64 << 20
+    assert HostArena(5 << 30).slab_bytes == 256 << 20
+    assert HostArena(20 << 20).slab_bytes == 4 << 20
+
+
+def test_a_refused_slab_on_the_store_path_shrinks_the_budget_instead_of_failing(monkeypatch) -> None:
+    arena = HostArena(16 << 20, pinned=False, slab_bytes=4 << 20)
+    pool = arena.pool(1 << 20)
+    first = [pool.allocate() for _ in range(4)]
+    assert all(b is not None for b in first) and arena.wait_growth(30)
+
+    def refuse(nbytes: int, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(arena.source, "allocate", refuse)
+    more = [pool.allocate() for _ in range(4)]  # the slab grown ahead before the refusals
+    assert all(b is not None for b in more)
+    assert pool.allocate() is None  # no room and no error: L1 is full at what it holds
+    assert arena.capacity_bytes == arena.reserved_bytes == 8 << 20
+    pool.free(more[0])
+    assert pool.allocate() is not None  # freed slots are served as before

@@ -76,7 +76,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=os.environ.get("LMCACHE_SERVER_BUSY_POLL_US", "0"),
         help="after each request, poll without sleeping for this many microseconds, so the next call "
         "of an active client is answered without a thread wake-up (keeps one core busy while clients "
-        "are active; measured to slow some loads, see docs/multi-process.md); 0: always sleep in poll; "
+        "are active; it slowed some loads: benchmarks/RESULTS.md, D18); 0: always sleep in poll; "
         "the default can also come from $LMCACHE_SERVER_BUSY_POLL_US",
     )
     parser.add_argument(

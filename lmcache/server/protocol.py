@@ -513,7 +513,7 @@ _encoder = msgspec.msgpack.Encoder()
 
 
 def _pack_int64(ids: list[int]) -> bytes:
-    # A fresh Struct (0.1 us) packs a long list about a quarter faster than struct.pack(fmt, ...).
+    # A fresh Struct packs a long list faster than struct.pack(fmt, ...) (benchmarks/RESULTS.md, D15).
     return struct.Struct(f"<{len(ids)}q").pack(*ids)
 
 
@@ -614,7 +614,7 @@ def tokens_to_bytes(tokens: Any) -> bytes:
         return tokens
     if isinstance(tokens, (bytearray, memoryview)):
         return bytes(tokens)
-    if isinstance(tokens, list):  # what TRT-LLM hands over: struct converts in C, twice numpy's speed
+    if isinstance(tokens, list):  # TRT-LLM hands over lists: struct beats numpy (RESULTS.md, D15)
         try:
             return _pack_int64(tokens)
         except struct.error:

@@ -20,11 +20,11 @@ bytes that are not what the reader asked for::
     46      ...   chunk hash bytes, layout signature bytes, model name (UTF-8), zero padding
     end-8   8     header checksum: xxh3_64 of every header byte before it
 
-Checksums are xxh3_64: it runs at tens of GB/s on one core and releases the GIL, so verifying a
-chunk costs a fraction of reading it, and it catches torn writes, truncation and bit flips with
-probability 1 - 2^-64. It is not a defence against someone who can write the store on purpose:
-neither is an unkeyed cryptographic hash (they would simply recompute it), so blake3's extra cost
-(3-4x slower here) would buy nothing. Which chunk the bytes belong to is established by the key
+Checksums are xxh3_64: it is fast on one core and releases the GIL, so verifying a chunk costs a
+fraction of reading it (see benchmarks/RESULTS.md, D19), and it catches torn writes, truncation
+and bit flips with probability 1 - 2^-64. It is not a defence against someone who can write the
+store on purpose: neither is an unkeyed cryptographic hash (they would simply recompute it), so
+blake3's extra cost (D19) would buy nothing. Which chunk the bytes belong to is established by the key
 and signature fields, which must equal what the reader expects.
 
 ``decode`` verifies every field; any mismatch raises :class:`CorruptChunk`, which callers treat as

@@ -131,6 +131,11 @@ class DiskStore:
 
     # -- naming ---------------------------------------------------------------------------------
 
+    def entries(self) -> list[tuple[Namespace, ChunkKey]]:
+        """The (namespace, key) of every chunk indexed now."""
+        with self._lock:
+            return list(self._index)
+
     def path_for(self, ns: Namespace, key: ChunkKey) -> Path:
         return self.root / ns.tag / key.chunk_hash.hex()[:2] / f"{key.hex()}{SUFFIX}"
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +23,22 @@ CHUNK = 64  # 4 blocks per chunk
 ROW_SHAPE = (2, 2, 2 * TPB * 8)  # 4 KiB rows of float32: a chunk is 16 KiB
 CHUNK_BYTES = 4 * 2 * 2 * 2 * TPB * 8 * 4
 MODEL = "tier-model"
+
+
+def run_tier_proc(command: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Run ``tier_proc.py command args`` in a fresh interpreter; the JSON of its last output line.
+    A failed run fails the calling test with the child's stderr."""
+    here = Path(__file__).resolve().parent
+    path = os.pathsep.join([str(here), str(here.parents[1]), os.environ.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [sys.executable, str(here / "tier_proc.py"), command, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": path},
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.splitlines()[-1])
 
 
 def make_pool(num_blocks: int = 64, seed: int = 0) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """In-process saves off the executor thread: one saver thread, one side stream after the forward.
 
-Hashing, reserving L1 slots and enqueueing the copies of a long prompt take milliseconds of host
-time; on the executor thread they would delay the next forward's launch. ``submit`` only orders
+Hashing, reserving L1 slots and enqueueing the copies of a long prompt take host time that grows
+with the prompt; on the executor thread they would delay the next forward's launch (see
+benchmarks/RESULTS.md, D8). ``submit`` only orders
 the side stream after the forward (a device-side wait) and hands the store to the saver thread.
 """
 

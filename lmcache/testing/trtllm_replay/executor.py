@@ -18,69 +18,31 @@ reservations). Test hooks: ``cancel``, ``rollback_after_alloc``, ``drop_from_bat
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .block_pool import BlockManager, KvPool, PoolAllocator, zeros_pool
 from .connector_manager import KvCacheConnectorManager
+from .forward_pass import Batch, ForwardPass, Streams
 from .kv_manager import GroupedBlockManager
 from .layer_groups import GroupedKvPool
 from .layout import KvCacheLayout, build_layout
 from .llm_args import KvCacheConnectorConfig, TorchLlmArgs
-from .model import ForwardItem, ModelConfig, TinyDecoder
+from .model import ModelConfig, TinyDecoder
 from .ranks import LocalRanks, Ranks, simulated_rank
 from .request import LlmRequest, LlmRequestState
 from .reservations import wants_prefix_reservations
-from .stats import DispatchedLoad, ExecutorStats, GenerationResult, RequestStats
+from .stats import ExecutorStats, GenerationResult, RequestStats
+from .v1_steps import V1Steps
 from .v2_steps import V2Steps
 
 ConnectorFactory = Callable[[Any], Any]
-
-
-@dataclass
-class _Batch:
-    context: list[LlmRequest]
-    generation: list[LlmRequest]
-    sampled: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict)
-
-
-class _Streams:
-    """The executor thread's "current" stream and the execution stream (None on CPU)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.current = torch.cuda.Stream(device) if self.cuda else None
-        self.execution = torch.cuda.Stream(device) if self.cuda else None
-
-    @contextlib.contextmanager
-    def on_current(self) -> Iterator[None]:
-        if not self.cuda:
-            yield
-            return
-        with torch.cuda.stream(self.current):
-            yield
-
-    @contextlib.contextmanager
-    def forward(self) -> Iterator[None]:
-        """Execution stream waits on current before, current waits on execution after."""
-        if not self.cuda:
-            yield
-            return
-        self.execution.wait_stream(self.current)
-        with torch.cuda.stream(self.execution):
-            yield
-        self.current.wait_stream(self.execution)
-
-    def hook_stream(self) -> Any:
-        return torch.cuda.current_stream() if self.cuda else None
 
 
 def factories_from_config(
@@ -172,12 +134,15 @@ class ReplayExecutor:
             local_ranks=self.ranks.local,
             allocate=pool_allocator,
         )
-        self._streams = _Streams(self.device)
+        self._streams = Streams(self.device)
+        self._forward = ForwardPass(self.model, self.pools, self._streams, cuda_graphs)
         self.stats = ExecutorStats()
         self._next_request_id = 1
-        self._waiting: deque[LlmRequest] = deque()
-        self._active: list[LlmRequest] = []
-        self._previous: _Batch | None = None
+        self.waiting: deque[LlmRequest] = deque()
+        """Requests not admitted yet, in arrival order (the scheduling steps admit them)."""
+        self.active: list[LlmRequest] = []
+        """Admitted requests that have not ended."""
+        self._previous: Batch | None = None
         self.scheduler: Any = None
         self.workers: list[Any] = []
         self.manager: KvCacheConnectorManager | None = None
@@ -221,6 +186,7 @@ class ReplayExecutor:
                 if wait is not None:
                     wait()
         self._v2 = V2Steps(self) if self.v2 else None
+        self._steps: V1Steps | V2Steps = self._v2 if self._v2 is not None else V1Steps(self)
 
     def _register_kv_caches(self) -> None:
         """V1: ``register_kv_caches(pool)``; V2: ``register_kv_cache_layout(layout)`` instead
@@ -274,9 +240,9 @@ class ReplayExecutor:
         if len(counts) != len(prompts) or len(salts) != len(prompts):
             raise ValueError("max_new_tokens / cache_salts must match the number of prompts")
         requests = [self._make_request(list(p), n, s) for p, n, s in zip(prompts, counts, salts, strict=True)]
-        self._waiting.extend(requests)
+        self.waiting.extend(requests)
         self._run_until_idle()
-        return [self._result(req) for req in requests]
+        return [self.stats.result(req, self.model_config.vocab_size) for req in requests]
 
     # --- test hooks -----------------------------------------------------------------------
     def cancel(self, request_id: int) -> None:
@@ -290,6 +256,13 @@ class ReplayExecutor:
         if not self.v2:
             raise ValueError("rollback (free_resources + request_reset) is a V2 KV cache manager path")
         self._rollbacks.add(request_id)
+
+    def take_rollback(self, request_id: int) -> bool:
+        """Whether a rollback was asked for that request (consumed: it happens once)."""
+        if request_id not in self._rollbacks:
+            return False
+        self._rollbacks.discard(request_id)
+        return True
 
     def drop_from_batch(self, request_id: int, iterations: int = 1) -> None:
         """Remove the request from the final batch of its next ``iterations`` scheduled iterations
@@ -318,32 +291,19 @@ class ReplayExecutor:
         if not self.kv.try_reserve(-1, 1):
             raise RuntimeError("no block free for warmup")
         self.kv.grow(-1, 1)
-        with self._streams.on_current(), self._streams.forward():
-            self.model.forward([ForwardItem([0], 0, self.kv.pages(-1, 0), False)], self.pools)
+        self._forward.warmup(self.kv.pages(-1, 0))
         self.kv.remove_sequence(-1)
         if self._streams.cuda:
             torch.cuda.synchronize(self.device)
 
-    def _result(self, req: LlmRequest) -> GenerationResult:
-        s = self.stats.requests[req.request_id]
-        return GenerationResult(
-            tokens=req.get_tokens(0)[req.prompt_len :],
-            logits=torch.stack(req.logits) if req.logits else torch.empty(0, self.model_config.vocab_size),
-            request_id=req.request_id,
-            prompt_len=req.prompt_len,
-            num_device_matched_tokens=s.device_matched_tokens,
-            num_connector_matched_tokens=s.connector_matched_tokens,
-            cancelled=s.cancelled,
-        )
-
     def pages(self, req: LlmRequest) -> list[list[int]]:
         """Complete page list per layer group of a request, ``-1`` where a window has passed."""
-        return self.kv.pages(req.request_id, req._num_kv)
+        return self.kv.pages(req.request_id, req.num_kv)
 
     # --- the loop -----------------------------------------------------------------------
     def _busy(self) -> bool:
         pending = self.manager is not None and self.manager.has_pending_transfers
-        return bool(self._waiting or self._active or pending)
+        return bool(self.waiting or self.active or pending)
 
     def _run_until_idle(self) -> None:
         last_progress = time.monotonic()
@@ -352,8 +312,8 @@ class ReplayExecutor:
                 if self._iteration():
                     last_progress = time.monotonic()
                     continue
-                if not self._active and not (self.manager and self.manager.has_pending_transfers):
-                    raise RuntimeError(f"{len(self._waiting)} request(s) can never be admitted")
+                if not self.active and not (self.manager and self.manager.has_pending_transfers):
+                    raise RuntimeError(f"{len(self.waiting)} request(s) can never be admitted")
                 if self.ranks.broadcast(time.monotonic() - last_progress > self.idle_timeout_s):
                     pending = self.manager and (sorted(self.manager.saving), sorted(self.manager.loading))
                     raise RuntimeError(
@@ -372,29 +332,23 @@ class ReplayExecutor:
             retired = self.manager.retire_prefix_loads()
             self._after_loads(retired)
             progressed = progressed or bool(retired)
-        if self._v2 is not None:
-            context, generation = self._v2.schedule()
-        else:
-            self._admit()
-            context, generation = self._schedule()
+        context, generation = self._steps.schedule()
         context = self._apply_drops(context)
         if self._v2 is not None:
             self._v2.release_unused_reservations(context)
-        batch: _Batch | None = None
+        batch: Batch | None = None
         if context or generation:
-            if self._v2 is not None:
-                context = self._v2.prepare_resources(context, generation)
-            else:
-                self._prepare_resources(context, generation)
+            context = self._steps.prepare_resources(context, generation)
             if self.manager is not None:
                 output = self.manager.build_scheduler_output(context, generation, self.pages)
                 context = self.manager.take_scheduled_requests_pending_load(context)
                 self.manager.handle_metadata(output)
                 self.manager.start_load_kv(self._streams.current)
-                self._record_dispatched(output)
+                self.stats.record_dispatched(output)
             if context or generation:
-                batch = _Batch(context, generation)
-                self._forward(batch)
+                batch = Batch(context, generation)
+                self._forward.run(batch, self.manager, self.pages)
+                self.stats.forwards += 1
         progressed = progressed or batch is not None
         if self.overlap_scheduler:
             previous, self._previous = self._previous, batch
@@ -412,16 +366,9 @@ class ReplayExecutor:
             progressed = progressed or bool(saved or loaded)
         return progressed
 
-    def _record_dispatched(self, output: Any) -> None:
-        for load in getattr(output, "prefix_loads", []):
-            stats = self.stats.requests[load.request_id]
-            stats.prefix_loads.append(
-                DispatchedLoad(load.reservation_id, load.start, load.end, load.is_async)
-            )
-
     def request(self, request_id: int) -> LlmRequest | None:
         """A waiting or active request by id (None once it ended), e.g. for ``on_iteration``."""
-        for req in (*self._waiting, *self._active):
+        for req in (*self.waiting, *self.active):
             if req.request_id == request_id:
                 return req
         return None
@@ -435,8 +382,8 @@ class ReplayExecutor:
             if req is None:
                 continue  # finished already, or unknown
             self.stats.requests[rid].cancelled = True
-            if req in self._waiting:
-                self._waiting.remove(req)
+            if req in self.waiting:
+                self.waiting.remove(req)
                 req.state = LlmRequestState.GENERATION_COMPLETE
             elif self.manager is not None and self.manager.is_loading(req):
                 self._cancel_after_load.add(rid)  # not scheduled; ends once the load completes
@@ -447,13 +394,13 @@ class ReplayExecutor:
 
     def _terminate(self, req: LlmRequest) -> None:
         """End a cancelled active request: unstarted reservation released, ``request_finished``."""
-        self._active.remove(req)
+        self.active.remove(req)
         self._ended.add(req.request_id)
         req.state = LlmRequestState.GENERATION_COMPLETE
         if self._v2 is not None:
             self._v2.drop_reservation(req)
         if self.manager is not None and self.manager.request_finished(req, self.pages(req)):
-            self.kv.store_blocks_for_reuse(req.request_id, req._device_tokens, req._num_kv)
+            self.kv.store_blocks_for_reuse(req.request_id, req.device_tokens, req.num_kv)
             return  # pages stay pinned until every rank reports the save
         self._release_pages(req)
 
@@ -462,7 +409,7 @@ class ReplayExecutor:
         if self.manager is not None and self.manager.is_loading(req):
             self._free_after_load[req.request_id] = req
         elif self.kv.has_allocation(req.request_id):
-            self.kv.remove_sequence(req.request_id, req._device_tokens, req._num_kv)
+            self.kv.remove_sequence(req.request_id, req.device_tokens, req.num_kv)
 
     def _after_loads(self, loaded: list[LlmRequest]) -> None:
         """Completed loads: deferred cancellations end now, deferred frees happen now."""
@@ -485,18 +432,7 @@ class ReplayExecutor:
 
     def schedulable(self) -> list[LlmRequest]:
         """Admitted requests, less those whose cancellation waits for a load."""
-        return [r for r in self._active if r.request_id not in self._cancel_after_load]
-
-    # --- V1 admission, scheduling, allocation ---------------------------------------------
-    def _admit(self) -> None:
-        """GUARANTEED_NO_EVICT, in arrival order: admit only when every block the request may
-        ever need (prompt + max_new_tokens) can be allocated."""
-        while self._waiting:
-            req = self._waiting[0]
-            needed = self.kv.blocks_for(req.prompt_len + req.max_new_tokens)
-            if not self.kv.try_reserve(req.request_id, needed, req.cache_salt_id):
-                return
-            self._active.append(self._waiting.popleft())
+        return [r for r in self.active if r.request_id not in self._cancel_after_load]
 
     def chunk_size(self, remaining: int, budget: int) -> int:
         """Tokens of a context request to schedule: chunked prefill splits at block boundaries
@@ -508,88 +444,8 @@ class ReplayExecutor:
             return chunk
         return remaining if remaining <= budget else 0
 
-    def _schedule(self) -> tuple[list[LlmRequest], list[LlmRequest]]:
-        """Generation requests first (1 token each), then context chunks within ``max_num_tokens``."""
-        generation = [r for r in self.schedulable() if r.state == LlmRequestState.GENERATION_IN_PROGRESS]
-        budget = self.llm_args.max_num_tokens - len(generation)
-        context = []
-        for req in self.schedulable():
-            if req.state != LlmRequestState.CONTEXT_INIT:
-                continue
-            chunk = self.chunk_size(req.context_remaining_length, budget)
-            if chunk <= 0:
-                continue
-            req.context_chunk_size = chunk
-            budget -= chunk
-            context.append(req)
-        return context, generation
-
-    def _prepare_resources(self, context: list[LlmRequest], generation: list[LlmRequest]) -> None:
-        for req in context:
-            if not req._allocated and (self.manager is None or self.manager.should_add_sequence(req)):
-                self._add_sequence(req)
-        for req in generation:
-            self.block_manager.add_token(req.request_id, req._num_kv)
-
-    def _add_sequence(self, req: LlmRequest) -> None:
-        """Device match + whole-prompt allocation, then the connector match, then the alloc callback."""
-        _, device_matched = self.block_manager.add_sequence(req.request_id, req.get_tokens(0))
-        connector_matched, load_async = 0, False
-        if self.manager is not None and self.block_manager.enable_reuse:
-            connector_matched, load_async = self.manager.get_num_new_matched_tokens(req, device_matched)
-        req.set_prepopulated_prompt_len(device_matched + connector_matched, self.tokens_per_block)
-        req._allocated = True
-        stats = self.stats.requests[req.request_id]
-        stats.device_matched_tokens = device_matched
-        stats.connector_matched_tokens = connector_matched
-        stats.connector_load_async = load_async
-        if self.manager is not None:
-            self.manager.update_state_after_alloc(req, self.pages(req))
-
-    # --- forward and completion -----------------------------------------------------------
-    def _forward(self, batch: _Batch) -> None:
-        """Forward (hooks only in eager mode), forward-pass callables, ``wait_for_save``, sampling."""
-        items = []
-        for req in batch.context:
-            pos, chunk = (
-                req.context_current_position,
-                min(req.context_remaining_length, req.context_chunk_size),
-            )
-            last = pos + chunk == req.prompt_len
-            items.append(ForwardItem(req._device_tokens[pos : pos + chunk], pos, self.pages(req), last))
-        for req in batch.generation:
-            items.append(ForwardItem([req._device_tokens[-1]], req._num_kv, self.pages(req), True))
-        manager = self.manager
-        eager = not (self.cuda_graphs and not batch.context)
-        hooks = manager is not None and eager
-        with self._streams.forward():
-            stream = self._streams.hook_stream()
-            logits = self.model.forward(
-                items,
-                self.pools,
-                pre_layer=(lambda i: manager.layer_pre_hook(i, stream)) if hooks else None,
-                post_layer=(lambda i: manager.layer_post_hook(i, stream)) if hooks else None,
-            )
-            if manager is not None:
-                manager.run_forward_pass_callables()
-        if manager is not None:
-            manager.wait_for_save(self._streams.current)
-        self.stats.forwards += 1
-        # State update right after the forward (TRT-LLM does this before the host sees tokens).
-        for req in batch.context:
-            req.context_current_position += min(req.context_remaining_length, req.context_chunk_size)
-            req._num_kv = req.context_current_position
-            if req.context_remaining_length == 0:
-                req.state = LlmRequestState.GENERATION_IN_PROGRESS
-        for req in batch.generation:
-            req._num_kv += 1
-        for req, row in zip(batch.context + batch.generation, logits, strict=True):
-            if row is not None:
-                token = int(row.argmax().item())
-                req._device_tokens.append(token)
-                batch.sampled[req.request_id] = (token, row.cpu())
-
-    def _finish_batch(self, batch: _Batch) -> None:
+    # --- completion -----------------------------------------------------------------------
+    def _finish_batch(self, batch: Batch) -> None:
         """Host update of a forwarded batch: tokens, ``request_finished``, termination, reuse."""
         finished = []
         for req in batch.context + batch.generation:
@@ -598,7 +454,7 @@ class ReplayExecutor:
             if req.num_generated >= req.max_new_tokens or req.request_id not in batch.sampled:
                 continue  # under overlap: the extra forward of a request the host already finished
             token, row = batch.sampled[req.request_id]
-            req._tokens.append(token)
+            req.append_token(token)
             req.logits.append(row)
             if req.num_generated >= req.max_new_tokens:
                 req.state = LlmRequestState.GENERATION_COMPLETE
@@ -607,11 +463,11 @@ class ReplayExecutor:
         for req in finished:  # _send_kv_async: before the request is freed
             if self.manager is not None and self.manager.request_finished(req, self.pages(req)):
                 saving.add(req.request_id)
-                self.kv.store_blocks_for_reuse(req.request_id, req._device_tokens, req._num_kv)
+                self.kv.store_blocks_for_reuse(req.request_id, req.device_tokens, req.num_kv)
         for req in finished:  # _handle_responses: terminate (saving requests keep their blocks pinned)
-            self._active.remove(req)
+            self.active.remove(req)
             if req.request_id not in saving:
                 self._release_pages(req)
         for req in batch.context + batch.generation:  # update_resources: publish filled blocks
             if self.kv.has_allocation(req.request_id):
-                self.kv.store_blocks_for_reuse(req.request_id, req._device_tokens, req._num_kv)
+                self.kv.store_blocks_for_reuse(req.request_id, req.device_tokens, req.num_kv)

@@ -143,6 +143,11 @@ class RecordingConnector:
         cls = _with_trio(RecordingWorker, _WORKER_TRIO, KvCacheConnectorWorker, inner, self)
         return cls(llm_args, recorder=self, inner=inner)
 
+    def add_worker(self, rank: int, worker: RecordingWorker) -> None:
+        """Register the recording worker of ``rank`` (each rank's worker is built on its own thread)."""
+        with self._lock:
+            self.workers[rank] = worker
+
     def record(self, role: str, method: str, *args: Any) -> None:
         with self._lock:
             self.calls.append(RecordedCall(role, mpi_rank(), method, copy.deepcopy(args)))
@@ -277,8 +282,7 @@ class RecordingWorker(KvCacheConnectorWorker):
         self.recorder = recorder or DEFAULT_RECORDER
         self.inner = inner
         self.rank = mpi_rank()
-        with self.recorder._lock:
-            self.recorder.workers[self.rank] = self
+        self.recorder.add_worker(self.rank, self)
         self.recorder.record("worker", "__init__")
         self.kv_cache: Any = None
         self.layout: Any = None
@@ -358,7 +362,7 @@ class RecordingWorker(KvCacheConnectorWorker):
         ]
 
 
-def _get_finished_prefix_loads(self: RecordingWorker) -> list[int]:
+def worker_get_finished_prefix_loads(self: RecordingWorker) -> list[int]:
     if self.inner is not None:
         ids = list(self.inner.get_finished_prefix_loads())
     elif not self.recorder.echo:
@@ -375,7 +379,7 @@ _SCHEDULER_TRIO = {
     "reserve_prefix": _reserve_prefix,
     "release_prefix_reservation": _release_prefix_reservation,
 }
-_WORKER_TRIO = {"get_finished_prefix_loads": _get_finished_prefix_loads}
+_WORKER_TRIO = {"get_finished_prefix_loads": worker_get_finished_prefix_loads}
 
 
 def _with_trio(cls: type, trio: dict[str, Any], base: type, inner: Any, recorder: RecordingConnector) -> type:

@@ -67,10 +67,9 @@ class LlmRequest:
         # They differ only under the overlap scheduler, where the host learns a token one
         # iteration after it was sampled.
         self._tokens: list[int] = list(prompt)
-        self._device_tokens: list[int] = list(prompt)
-        self._num_kv = 0  # positions whose K/V are in the pool (computed or loaded)
-        self._allocated = False
-        self._async_load_done = False
+        self.device_tokens: list[int] = list(prompt)
+        self.num_kv = 0  # positions whose K/V are in the pool (computed or loaded)
+        self.allocated = False  # whether the executor holds this request's blocks
         self.logits: list[Any] = []
 
     # --- members connectors read -------------------------------------------------------
@@ -111,6 +110,10 @@ class LlmRequest:
     def num_generated(self) -> int:
         return len(self._tokens) - self.prompt_len
 
+    def append_token(self, token: int) -> None:
+        """Record a token the host has just learned was sampled (executor side)."""
+        self._tokens.append(token)
+
     def set_prepopulated_prompt_len(self, prepopulated: int, tokens_per_block: int) -> None:
         """Skip the reused/loaded prefix; a non-final chunk is shortened to end on a block boundary."""
         if prepopulated >= self.prompt_len:
@@ -126,7 +129,7 @@ class LlmRequest:
             chunk = end - prepopulated
         self.context_current_position = prepopulated
         self.context_chunk_size = chunk
-        self._num_kv = prepopulated
+        self.num_kv = prepopulated
 
     def __repr__(self) -> str:
         return (

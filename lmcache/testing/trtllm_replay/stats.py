@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .request import LlmRequest
 
 
 @dataclass
@@ -57,3 +61,23 @@ class ExecutorStats:
     @property
     def connector_matched_tokens(self) -> dict[int, int]:
         return {rid: s.connector_matched_tokens for rid, s in self.requests.items()}
+
+    def record_dispatched(self, output: Any) -> None:
+        """Note the prefix loads a ``SchedulerOutput`` dispatched, per request."""
+        for load in getattr(output, "prefix_loads", []):
+            self.requests[load.request_id].prefix_loads.append(
+                DispatchedLoad(load.reservation_id, load.start, load.end, load.is_async)
+            )
+
+    def result(self, req: LlmRequest, vocab_size: int) -> GenerationResult:
+        """What ``generate`` returns for a request that ended."""
+        s = self.requests[req.request_id]
+        return GenerationResult(
+            tokens=req.get_tokens(0)[req.prompt_len :],
+            logits=torch.stack(req.logits) if req.logits else torch.empty(0, vocab_size),
+            request_id=req.request_id,
+            prompt_len=req.prompt_len,
+            num_device_matched_tokens=s.device_matched_tokens,
+            num_connector_matched_tokens=s.connector_matched_tokens,
+            cancelled=s.cancelled,
+        )

@@ -42,8 +42,8 @@ class V2Steps:
         budget = ex.llm_args.max_num_tokens - len(generation)
         context = []
         admitted = [r for r in active if r.state == LlmRequestState.CONTEXT_INIT]
-        for req in admitted + list(ex._waiting):
-            waiting = req not in ex._active
+        for req in admitted + list(ex.waiting):
+            waiting = req not in ex.active
             res = self._reserve(req, waiting)
             if waiting and not self._admit(req):
                 if res is not None:
@@ -56,14 +56,14 @@ class V2Steps:
                     self.reservations.drop(res)  # the token budget cannot take it
                 continue
             if res is not None:  # the cursor moves to the accepted end (rewound if dropped)
-                req.context_current_position = req._num_kv = start
+                req.context_current_position = req.num_kv = start
             req.context_chunk_size = chunk
             budget -= chunk
             context.append(req)
         return context, generation
 
     def _reserve(self, req: LlmRequest, waiting: bool) -> Reservation | None:
-        if self.reservations is None or req._allocated:
+        if self.reservations is None or req.allocated:
             return None
         local = req.context_current_position
         if waiting:
@@ -78,14 +78,14 @@ class V2Steps:
         needed = ex.kv.blocks_for(req.prompt_len + req.max_new_tokens)
         if not ex.kv.try_reserve(req.request_id, needed, req.cache_salt_id):
             return False
-        ex._waiting.remove(req)
-        ex._active.append(req)
+        ex.waiting.remove(req)
+        ex.active.append(req)
         self._take_local_prefix(req)
         return True
 
     def _take_local_prefix(self, req: LlmRequest) -> None:
         matched = self.ex.kv.match_prefix(req.request_id, req.get_tokens(0))
-        req.context_current_position = req._num_kv = matched
+        req.context_current_position = req.num_kv = matched
         req.context_chunk_size = req.prompt_len - matched
         self.ex.stats.requests[req.request_id].device_matched_tokens = matched
 
@@ -97,7 +97,7 @@ class V2Steps:
         for rid, res in list(self.reservations.by_request.items()):
             if rid not in in_batch and not res.accepted:
                 self.reservations.drop(res)
-                res.request.context_current_position = res.request._num_kv = res.start
+                res.request.context_current_position = res.request.num_kv = res.start
 
     def drop_reservation(self, req: LlmRequest) -> None:
         """An ending request's reservation that was never accepted is released."""
@@ -113,13 +113,13 @@ class V2Steps:
         ex, kept = self.ex, []
         for req in context:
             end = req.context_current_position + req.context_chunk_size
-            if req._allocated:
+            if req.allocated:
                 ex.kv.grow(req.request_id, min(end, req.prompt_len))
                 kept.append(req)
             elif self._first_allocation(req):
                 kept.append(req)
         for req in generation:
-            ex.kv.grow(req.request_id, req._num_kv + 1)
+            ex.kv.grow(req.request_id, req.num_kv + 1)
         return kept
 
     def _first_allocation(self, req: LlmRequest) -> bool:
@@ -131,11 +131,10 @@ class V2Steps:
             self._serve(req, req.context_current_position + n)
             stats.connector_matched_tokens, stats.connector_load_async = n, load_async
         ex.kv.grow(req.request_id, min(req.context_current_position + req.context_chunk_size, req.prompt_len))
-        req._allocated = True
+        req.allocated = True
         if self.manager is not None:
             self.manager.update_state_after_alloc(req, ex.pages(req))
-        if req.request_id in ex._rollbacks:
-            ex._rollbacks.discard(req.request_id)
+        if ex.take_rollback(req.request_id):
             self._rollback(req)
             return False
         res = self.reservations.by_request.get(req.request_id) if self.reservations is not None else None
@@ -158,7 +157,7 @@ class V2Steps:
             if end < req.prompt_len:
                 end = end // self.ex.tokens_per_block * self.ex.tokens_per_block
             end = min(end, req.prompt_len)
-        req.context_current_position = req._num_kv = served_end
+        req.context_current_position = req.num_kv = served_end
         req.context_chunk_size = end - served_end
 
     def _rollback(self, req: LlmRequest) -> None:
@@ -168,7 +167,7 @@ class V2Steps:
         ex.kv.remove_sequence(rid)
         if self.manager is not None:
             self.manager.reset_request_state(req)
-        req._allocated = False
+        req.allocated = False
         req.num_connector_matched_tokens = req.py_num_connector_matched_tokens = 0
         ex.stats.requests[rid].resets += 1
         if not ex.kv.try_reserve(

@@ -405,7 +405,7 @@ def test_stalled_load_keeps_pages_and_times_out() -> None:
 def test_stale_and_unknown_ids_are_ignored() -> None:
     class StaleWorker(recording_module.RecordingWorker):
         def get_finished_prefix_loads(self) -> list[int]:
-            ids = recording_module._get_finished_prefix_loads(self)
+            ids = recording_module.worker_get_finished_prefix_loads(self)
             return [*ids, 1, 1, 10000]  # id 1 is the rolled-back attempt
 
     rec = RecordingConnector(reserve=(64, True), prefix_load_delay=3)

@@ -1,5 +1,4 @@
 import errno
-import json
 import logging
 import os
 import subprocess
@@ -17,6 +16,7 @@ from tier_helpers import (
     load_all,
     make_engine,
     make_pool,
+    run_tier_proc,
     space_of,
     store_all,
     tokens,
@@ -28,7 +28,6 @@ from lmcache.storage.chunk_format import Namespace, encode_header, parse_header,
 from lmcache.storage.disk_store import TIER_DIR, DiskStore
 from lmcache.transfer import BlockTransfer
 
-HERE = Path(__file__).parent
 NS = Namespace("m", b"sig")
 
 
@@ -66,7 +65,7 @@ def test_disk_store_writes_reads_evicts_and_rescans(tmp_path: Path) -> None:
     assert checksum == payload_checksum(payload(3))
     assert store.write(NS, key(9), 7, payload(9, 10_000)) is None  # larger than the whole cap
     again = DiskStore(tmp_path, capacity_bytes=3 * size + 10)
-    assert {k for _, k in again._index} == {key(0), key(2), key(3)}
+    assert {k for _, k in again.entries()} == {key(0), key(2), key(3)}
     assert again.used_bytes == store.used_bytes
     assert read(again, key(2)) == bytes(payload(2))
     assert again.lookup(NS, key(3)).num_tokens == 7
@@ -364,20 +363,7 @@ def test_close_flushes_queued_writes(tmp_path: Path, monkeypatch) -> None:
 
 def test_interpreter_exit_flushes_without_close(tmp_path: Path) -> None:
     args = {"disk": str(tmp_path), "tokens": 512, "slow": 0.02}
-    out = subprocess.run(
-        [sys.executable, str(HERE / "tier_proc.py"), "store", json.dumps(args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(
-                [str(HERE), str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]
-            ),
-        },
-    )
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.splitlines()[-1]) == {"stored": 512}
+    assert run_tier_proc("store", args) == {"stored": 512}
     assert len(chunk_files(tmp_path)) == 8  # written by the atexit hook while the process exited
     pool = make_pool(128)
     engine = make_engine(tmp_path)

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from lmcache.memory import HostArena
 from lmcache.storage.cpu_store import CpuStore
-from lmcache.storage.policies import FIFOPolicy, LFUPolicy, LRUPolicy, make_policy
+from lmcache.storage.policies import FIFOPolicy, LFUPolicy, LRUPolicy
 
 SLOT = 1024
 
@@ -22,40 +22,6 @@ def put(s: CpuStore, key: object) -> bool:
     chunk.buffer.data.fill_(hash(key) % 251)
     s.commit(key)
     return True
-
-
-def test_policy_orders() -> None:
-    lru, fifo, lfu = LRUPolicy(), FIFOPolicy(), LFUPolicy()
-    for p in (lru, fifo, lfu):
-        for k in "abc":
-            p.add(k)
-        p.touch("a")
-        p.touch("a")
-        p.touch("b")
-    assert lru.victim() == "c"
-    assert fifo.victim() == "a"
-    assert lfu.victim() == "c"
-    lfu.touch("c")
-    lfu.touch("c")
-    lfu.touch("c")
-    assert lfu.victim() == "b"  # b: 2 uses, a: 3, c: 4
-
-
-def test_lfu_remembers_frequency_across_pin() -> None:
-    lfu = LFUPolicy()
-    lfu.add("hot")
-    for _ in range(5):
-        lfu.touch("hot")
-    lfu.add("cold")
-    lfu.discard("hot", forget=False)
-    assert lfu.victim() == "cold"
-    lfu.add("hot")
-    assert lfu.victim() == "cold"
-
-
-def test_unknown_policy() -> None:
-    with pytest.raises(ValueError, match="LRU"):
-        make_policy("MRU")
 
 
 def test_store_evicts_lru_when_full() -> None:
@@ -190,9 +156,3 @@ def test_a_chunk_size_new_to_a_full_cache_evicts_one_slab_not_the_cache() -> Non
     assert tail is not None
     assert s.evictions == 4  # the LRU slab's four chunks, not all eight
     assert all(("full", i) in s for i in range(4, 8))
-
-
-def test_arena_slabs_scale_with_a_small_cap() -> None:
-    assert HostArena(512 << 20).slab_bytes == 64 << 20
-    assert HostArena(5 << 30).slab_bytes == 256 << 20
-    assert HostArena(20 << 20).slab_bytes == 4 << 20

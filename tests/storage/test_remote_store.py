@@ -1,8 +1,4 @@
-import json
 import logging
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -10,13 +6,20 @@ import pytest
 import redis
 import torch
 from redis.connection import PythonRespSerializer
-from tier_helpers import dropped_writes, load_all, make_engine, make_pool, space_of, store_all, tokens
+from tier_helpers import (
+    dropped_writes,
+    load_all,
+    make_engine,
+    make_pool,
+    run_tier_proc,
+    space_of,
+    store_all,
+    tokens,
+)
 
 from lmcache.storage.remote_store import RemoteStore, parse_cluster_nodes
 from lmcache.storage.resp import Parts, ZeroCopyPacker
 from lmcache.transfer import BlockTransfer
-
-HERE = Path(__file__).parent
 
 
 def client_for(server) -> redis.Redis:  # type: ignore[no-untyped-def]
@@ -159,20 +162,7 @@ def test_cluster_shares_across_engines_and_processes(redis_cluster, tmp_path: Pa
     a.close()
 
     args = {"remote_url": redis_cluster.url, "tokens": 768, "disk": str(tmp_path / "proc")}
-    out = subprocess.run(
-        [sys.executable, str(HERE / "tier_proc.py"), "load", json.dumps(args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(
-                [str(HERE), str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]
-            ),
-        },
-    )
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.splitlines()[-1])
+    result = run_tier_proc("load", args)
     assert result["loaded"] == 768 and result["equal"], result
     assert result["hits"]["remote"] == 12
 
