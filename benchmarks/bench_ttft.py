@@ -177,6 +177,8 @@ class MPTier:
             str(chunk),
             "--l1-size-gb",
             f"{l1_gb:.2f}",
+            "--pin-share",  # one instance pins a whole prompt here: this L1 is sized for it alone
+            "1",
             *pool_modes.server_args(mode),
         ]
         with open(self.log_path, "wb") as log:

@@ -263,7 +263,7 @@ def main() -> int:
             run.measure_shape(shape)
         run.measure_lookups()
         first = next(iter(run.servers.values()))
-        stats = msgspec.structs.asdict(first.ipc.stats())
+        stats = msgspec.to_builtins(first.ipc.stats())
         results["server_stats"] = {k: v for k, v in stats.items() if k != "instances"}
     except Exception as e:  # report what failed, with the servers' logs
         results["error"] = f"{type(e).__name__}: {e}"
