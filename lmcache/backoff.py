@@ -1,4 +1,4 @@
-"""One doubling back-off (a circuit breaker) shared by the lower tiers and, later, the server client.
+"""One doubling back-off (a circuit breaker) shared by the lower tiers and the server client.
 
 After a failure the guarded resource is skipped for ``initial_s``; each further failure while it is
 failing doubles the wait, up to ``max_s``. The first success resets it. :meth:`Backoff.ready` says

@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from lmcache.backoff import Backoff
 from lmcache.logging import init_logger
 from lmcache.server import framing
 from lmcache.server import protocol as P
@@ -184,7 +185,8 @@ class LanePool:
         self._idle: list[Lane] = []
         self._count = 0
         """Lanes open or being opened (idle and in use)."""
-        self._quiet_until = 0.0
+        self._quiet = Backoff(PROBE_QUIET_S, PROBE_QUIET_S)
+        """Fail-fast calls skip connecting while this is not ready (a connect went unanswered)."""
         self._waiters = 0
 
     @property
@@ -299,17 +301,17 @@ class LanePool:
         while True:
             now = time.monotonic()
             probing = self.fail_fast and self.down
-            if probing and now < self._quiet_until:
+            if probing and not self._quiet.ready():
                 raise self._unreachable("it did not answer a connect recently")
             wait = min(CONNECT_S, max(deadline - now, 1e-3), PROBE_S if probing else CONNECT_S)
             try:
-                return self.endpoint.connect(wait)
+                sock = self.endpoint.connect(wait)
             except PermissionError as e:
                 raise ServerUnavailable(f"{op} to {self.url} refused: {e}") from None
             except TimeoutError:
                 self.down = True
                 if probing:
-                    self._quiet_until = time.monotonic() + PROBE_QUIET_S
+                    self._quiet.failed()
                     raise self._unreachable(f"no answer to a connect within {wait:g} s") from None
                 if time.monotonic() >= deadline:
                     raise timed_out(self.url, op, wait) from None
@@ -320,6 +322,9 @@ class LanePool:
                 with self._cond:  # close() ends the wait
                     if self._cond.wait_for(lambda: self.closed, RETRY_S):
                         raise ServerUnavailable("the cache server client is closed") from None
+            else:
+                self._quiet.succeeded()
+                return sock
 
     def _unreachable(self, why: str) -> ServerUnavailable:
         return ServerUnavailable(
