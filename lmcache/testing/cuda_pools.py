@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -52,9 +53,17 @@ def allocate_cudamalloc_pool(
     err, ptr = runtime.cudaMalloc(nbytes)
     if int(err) != 0:
         raise CudaMallocError(f"cudaMalloc({nbytes}) failed: {getattr(err, 'name', err)} ({int(err)})")
-    region = CudaArray(int(ptr), nbytes)
-    # The tensor's storage holds ``region`` until its last view is freed: free the memory then.
-    weakref.finalize(region, _free, runtime, int(ptr))
+    return device_tensor(int(ptr), shape, dtype, ordinal, lambda: _free(runtime, int(ptr)))
+
+
+def device_tensor(
+    ptr: int, shape: tuple[int, ...], dtype: torch.dtype, ordinal: int, release: Callable[[], None]
+) -> torch.Tensor:
+    """A zeroed tensor of ``shape`` and ``dtype`` over raw device memory at ``ptr``; ``release`` runs
+    once the tensor and every view of it are freed."""
+    region = CudaArray(ptr, math.prod(shape) * dtype.itemsize)
+    # The tensor's storage holds ``region`` until its last view is freed: release the memory then.
+    weakref.finalize(region, release)
     raw = torch.as_tensor(region, device=f"cuda:{ordinal}")
     del region
     tensor = raw.view(dtype).view(shape)

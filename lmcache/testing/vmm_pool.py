@@ -12,13 +12,14 @@ Needs a CUDA device and cuda-python (``cuda.bindings``).
 
 from __future__ import annotations
 
-import weakref
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lmcache.server.pool_sharing import legacy_ipc_capable
+from lmcache.testing.cuda_pools import device_tensor
 
 __all__ = ["VmmError", "allocate_vmm_pool", "legacy_ipc_capable"]
 
@@ -61,19 +62,6 @@ def _release(driver: Any, mapping: _Mapping) -> None:
     _ok(driver.cuMemAddressFree(driver.CUdeviceptr(mapping.base), mapping.size), "cuMemAddressFree")
 
 
-class _DeviceBytes:
-    """A bare ``__cuda_array_interface__`` over a raw device range, for ``torch.as_tensor``."""
-
-    def __init__(self, ptr: int, nbytes: int) -> None:
-        self.__cuda_array_interface__ = {
-            "shape": (nbytes,),
-            "typestr": "|u1",
-            "data": (ptr, False),
-            "strides": None,
-            "version": 2,
-        }
-
-
 def allocate_vmm_pool(
     shape: tuple[int, ...],
     dtype: torch.dtype,
@@ -101,10 +89,7 @@ def allocate_vmm_pool(
             "cuMemGetAllocationGranularity",
         )
     )
-    numel = 1
-    for s in shape:
-        numel *= s
-    nbytes = numel * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     chunk = max(granularity, -(-mapping_bytes // granularity) * granularity)
     size = -(-nbytes // chunk) * chunk
     base = int(_ok(driver.cuMemAddressReserve(size, 0, 0, 0), "cuMemAddressReserve"))
@@ -127,11 +112,4 @@ def allocate_vmm_pool(
             driver.cuMemRelease(handle)
         driver.cuMemAddressFree(driver.CUdeviceptr(base), size)
         raise
-    region = _DeviceBytes(base, nbytes)
-    # The tensor's storage holds ``region`` until its last view is freed: release the mapping then.
-    weakref.finalize(region, _release, driver, mapping)
-    raw = torch.as_tensor(region, device=f"cuda:{ordinal}")
-    del region
-    tensor = raw.view(dtype).view(shape)
-    tensor.zero_()
-    return tensor
+    return device_tensor(base, shape, dtype, ordinal, lambda: _release(driver, mapping))
