@@ -24,6 +24,7 @@ request came back for within ``pin_ttl_s``.
 from __future__ import annotations
 
 import ipaddress
+import os
 import threading
 
 from lmcache.config import LMCacheEngineConfig
@@ -61,14 +62,37 @@ def server_engine(
     pinned: bool | None = None,
     shm_dir: str = SHM_DIR,
 ) -> CacheEngine:
-    """The server's engine: its L1 in shared-memory slabs (0600, this user's; stale ones of a crashed
-    server removed first), page-locked only if the server itself may copy into CUDA pools (``pinned``
-    None: CUDA is available and ``pool_sharing`` allows export)."""
-    if pinned is None:
-        from lmcache.memory import pinned_memory_available
+    """The server's engine. Unless ``pool_sharing`` is ``export`` (no worker copies into L1 then), its
+    L1 is in shared-memory slabs (0600, this user's; stale ones of a crashed server removed first).
+    L1 is page-locked only if the server itself may copy into CUDA pools (``pinned`` None: CUDA is
+    available and ``pool_sharing`` allows export)."""
+    from lmcache.memory import SlabSource, pinned_memory_available
 
+    if pinned is None:
         pinned = pool_sharing != "shared-l1" and pinned_memory_available()
+    if pool_sharing == "export":
+        return CacheEngine(config, slab_source=SlabSource(pinned))
+    _warn_if_shm_is_small(config, shm_dir)
     return CacheEngine(config, slab_source=ShmSlabSource(pinned, shm_dir=shm_dir))
+
+
+def _warn_if_shm_is_small(config: LMCacheEngineConfig, shm_dir: str) -> None:
+    """Say at start, not at the first full region, when ``shm_dir`` cannot hold the L1."""
+    wanted = config.max_local_cpu_bytes if config.local_cpu else 0
+    try:
+        st = os.statvfs(shm_dir)
+    except OSError:
+        return
+    room = st.f_bavail * st.f_frsize
+    if wanted > room:
+        logger.warning(
+            "%s has %.2f GiB free but L1 is %.2f GiB (--l1-size-gb): L1 will stop growing where the tmpfs "
+            "is full; enlarge it (docker: --shm-size), lower --l1-size-gb, or use --pool-sharing export "
+            "(private L1 memory; V2 pools then get no cache)",
+            shm_dir,
+            room / (1 << 30),
+            wanted / (1 << 30),
+        )
 
 
 class CacheServer:

@@ -95,9 +95,11 @@ def test_registered_mode_round_trips_and_shows_in_stats(
         assert torch.equal(pool[20:28], src)
         stats = client.stats()
         assert stats.pool_sharing == policy and [i.sharing for i in stats.instances] == [mode]
-    assert (
-        server.service.shared_l1 is not None and server.service.shared_l1.open_tickets(info.instance_id) == 0
-    )
+    shared = server.service.shared_l1
+    if policy == "export":  # no worker copies into L1: it stays private memory, no shared-L1 ops
+        assert shared is None
+    else:
+        assert shared is not None and shared.open_tickets(info.instance_id) == 0
 
 
 @pytest.mark.parametrize(("policy", "requested"), [("shared-l1", "export"), ("export", "shared-l1")])
@@ -128,3 +130,26 @@ def test_a_copy_that_fails_gives_the_slots_back_and_raises(serve) -> None:
             client.store(BlockTransfer(TOKENS, None, [0, 1, 2, 3, 4, 5, 6, 999], 0, len(TOKENS)))
         stats = client.stats()
         assert stats.engine.l1.used_bytes == 0 and client.lookup(TOKENS) == 0
+
+
+def test_an_export_only_server_keeps_its_l1_out_of_shared_memory(tmp_path) -> None:
+    config = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.05)
+    engine = server_engine(config, "export", pinned=False, shm_dir=str(tmp_path))
+    assert engine.l1.arena.pool(1 << 16).allocate() is not None
+    assert list(tmp_path.iterdir()) == []  # no region: no worker ever copies into this L1
+    shared = server_engine(config, "auto", pinned=False, shm_dir=str(tmp_path))
+    assert shared.l1.arena.pool(1 << 16).allocate() is not None
+    assert len(list(tmp_path.iterdir())) >= 1
+    shared.l1.arena.close()
+
+
+def test_a_tmpfs_smaller_than_l1_is_named_at_start(tmp_path, monkeypatch, caplog) -> None:
+    class Small:
+        f_bavail, f_frsize = 1, 4096  # one free page
+
+    monkeypatch.setattr("lmcache.server.server.os.statvfs", lambda path: Small())
+    config = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.05)
+    with caplog.at_level("WARNING", logger="lmcache"):
+        engine = server_engine(config, "auto", pinned=False, shm_dir=str(tmp_path))
+    assert "--shm-size" in caplog.text and "--l1-size-gb" in caplog.text
+    engine.l1.arena.close()
