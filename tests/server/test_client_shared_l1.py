@@ -1,0 +1,53 @@
+"""The client side of shared-L1 transfers, over a stand-in for the server's replies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from lmcache.server import protocol as P
+from lmcache.server.client_errors import ServerUnavailable
+from lmcache.server.client_shared_l1 import SharedL1Transfers
+from lmcache.transfer import BlockTransfer
+
+TRANSFER = BlockTransfer(list(range(64)), None, list(range(8)), 0, 64)
+
+
+class _Registrations:
+    """What SharedL1Transfers asks of the client's registrations: the prompt and the copier."""
+
+    def __init__(self, copy_fails: bool = False) -> None:
+        self.copy_fails = copy_fails
+        self.copied: list[P.LoadSlots] = []
+
+    def prompt_fields(self, instance_id: int, transfer: BlockTransfer[Any]) -> dict[str, Any]:
+        return {"tokens": P.tokens_to_bytes(transfer.prompt), "cache_salt": transfer.salt}
+
+    def copier(self, instance_id: int) -> _Registrations:
+        return self
+
+    def load(self, reply: P.LoadSlots, block_ids: list[int]) -> int:
+        if self.copy_fails:
+            raise RuntimeError("copy failed")
+        self.copied.append(reply)
+        return reply.loaded
+
+
+def _server_gone_after_load(req: Any, result_type: type, timeout_s: float | None, **kw: Any) -> Any:
+    if isinstance(req, P.Load):
+        return P.LoadSlots(ticket=7, loaded=64)
+    raise ServerUnavailable("cache server at ipc:///x is unreachable")
+
+
+def test_a_completed_load_counts_even_if_its_report_cannot_be_delivered() -> None:
+    regs = _Registrations()
+    transfers = SharedL1Transfers(_server_gone_after_load, regs)  # type: ignore[arg-type]
+    assert transfers.retrieve(1, TRANSFER, None, None, 5.0) == 64
+    assert len(regs.copied) == 1
+
+
+def test_a_failed_copy_fails_the_load_whatever_the_report_does() -> None:
+    transfers = SharedL1Transfers(_server_gone_after_load, _Registrations(copy_fails=True))  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="copy failed"):
+        transfers.retrieve(1, TRANSFER, None, None, 5.0)
