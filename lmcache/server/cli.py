@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     from lmcache.server.server import CacheServer, ServerConfig, ServerStartError, server_engine
+    from lmcache.shm_slabs import ShmSlabSource
 
     try:
         engine = server_engine(config, config.pool_sharing)
@@ -306,16 +307,21 @@ def main(argv: list[str] | None = None) -> int:
             **security,
         ),
     )
+    source = engine.l1.arena.source
+    where = (
+        f"in shared memory, {source.stale_removed} stale region(s) of a crashed server removed"
+        if isinstance(source, ShmSlabSource)
+        else "in private memory: no worker copies into it"
+    )
     logger.info(
-        "engine: chunk_size=%d, L1 %g GiB in shared memory (%s, %s), %d workers, pool sharing %s "
-        "(%d stale L1 region(s) of a crashed server removed)",
+        "engine: chunk_size=%d, L1 %g GiB %s (%s, %s), %d workers, pool sharing %s",
         config.chunk_size,
         config.max_local_cpu_size,
+        where,
         config.cache_policy,
         "pinned in the background from start-up" if engine.l1.arena.pinned else "reserved as chunks arrive",
         args.max_workers,
         config.pool_sharing,
-        engine.l1.arena.source.stale_removed,
     )
     try:
         server.start()
