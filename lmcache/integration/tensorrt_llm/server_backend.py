@@ -42,6 +42,7 @@ from lmcache.server.client import (
     ServerUnavailable,
     new_instance_id,
 )
+from lmcache.shm_slabs import ShmSlabError
 from lmcache.transfer import BlockTransfer
 
 logger = init_logger(__name__)
@@ -301,7 +302,9 @@ class ServerTransfers:
                 self._client.store(
                     transfer.for_target(target.target), instance_id=self._instances[target.target]
                 )
-            except (ServerUnavailable, ServerError) as exc:
+            except (ServerUnavailable, ServerError, ShmSlabError) as exc:
+                # ShmSlabError: this worker cannot map the server's L1 regions (another user, /dev/shm
+                # not shared with the server's container); the save is dropped, never half-published.
                 self._connection.warn.warning(
                     "save", "LMCache MP: cache server %s dropped a save (%s)", self._client.url, exc
                 )

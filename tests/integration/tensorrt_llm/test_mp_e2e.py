@@ -140,6 +140,33 @@ def test_server_restart_keeps_output_correct_and_hits_resume(mp_server, lmcache_
     assert_same_output(again, baseline([q], 3)[0])
 
 
+def test_a_worker_that_cannot_map_the_l1_regions_drops_its_saves_loudly(
+    mp_server, lmcache_env, caplog, monkeypatch
+) -> None:
+    """Shared-L1 across users (or an unshared /dev/shm): each save is refused by the worker's own
+    region check; the engine keeps serving correct output, with a warning and no exception."""
+    from lmcache.shm_slabs import ShmSlabError
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ShmSlabError("L1 region is owned by another uid; run the worker as the server's user")
+
+    monkeypatch.setattr("lmcache.server.shared_l1_worker.map_slab", refuse)
+    lmcache_env.setenv("LMCACHE_POOL_SHARING", "shared-l1")
+    caplog.set_level(logging.WARNING, logger="lmcache")
+    a = prompt(520, start=21)
+    args = llm_args("lmcache-mp", max_tokens=640, server_url=mp_server.ipc_url)
+    executor = ReplayExecutor(args, MODEL)
+    first = executor.generate([a], 8)[0]
+    again = executor.generate([a], 8)[0]
+    assert "dropped a save" in caplog.text and "run the worker as the server's user" in caplog.text
+    assert again.num_connector_matched_tokens == 0  # nothing was published
+    want = baseline([a], 8, max_tokens=640)[0]
+    assert_same_output(first, want)
+    assert_same_output(again, want)
+    with CacheServerClient(mp_server.ipc_url, timeout_s=20.0) as client:
+        assert client.stats().engine.l1.used_bytes == 0  # the reserved slots went back
+
+
 def test_engine_starts_and_serves_while_the_server_is_down(lmcache_env, tmp_path, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="lmcache")
     reset_process_connections()
