@@ -140,14 +140,66 @@ class CacheEngine(EngineLookup):
         keys = [slot.key for slot in slots if slot.chunk is not None]
         for key in keys:
             self.l1.commit(key, ready)
+        self._stored(space, keys, sum(s.end - s.start for s in slots if s.chunk))
+
+    def lease_slot(self, space: KeySpace, lease: Hashable) -> CachedChunk | None:
+        """Reserve a slot for one full chunk of ``space``'s layout under ``lease`` (any key that is
+        not a chunk key): filled before it is known which chunk it holds, then published by
+        :meth:`publish_leased` or given back by :meth:`release_lease`. None when L1 has no room."""
+        rows = self.config.chunk_size // space.layout.tokens_per_block
+        return self.l1.reserve(lease, rows * space.layout.row_bytes, self.config.chunk_size)
+
+    def publish_leased(
+        self,
+        space: KeySpace,
+        rank: int,
+        prompt: Tokens | ChunkHashes,
+        salt: CacheSalt,
+        start: int,
+        leases: Sequence[Hashable],
+    ) -> int:
+        """Publish filled leased slots as the prompt's chunks from ``start`` on: ``leases[i]`` holds the
+        full chunk at ``start + i * chunk_size``. A slot whose chunk is already cached, or lies beyond
+        the prompt's full chunks, is given back. Every lease named is consumed (KeyError, after the
+        rest are given back, if one was not reserved). Returns the tokens published."""
+        size = self.config.chunk_size
+        if start % size:
+            raise ValueError(f"store start {start} must be a multiple of chunk_size={size}")
+        end = start + len(leases) * size
+        spans = [
+            span
+            for span in self.iter_chunk_spans(space, rank, prompt, salt, end)
+            if span.start >= start and span.end - span.start == size
+        ]
+        keys: list[ChunkKey] = []
+        missing: list[Hashable] = []
+        for i, lease in enumerate(leases):
+            try:
+                if i >= len(spans):
+                    self.release_lease(lease, strict=True)
+                elif self.l1.publish_as(lease, spans[i].key, size):
+                    keys.append(spans[i].key)
+            except KeyError:
+                missing.append(lease)
+        self._stored(space, keys, len(keys) * size)
+        if missing:
+            raise KeyError(f"{len(missing)} of the leases named were not reserved")
+        return len(keys) * size
+
+    def release_lease(self, lease: Hashable, *, strict: bool = False) -> None:
+        """Give back a leased slot not published (``strict``: KeyError if none was reserved)."""
+        if strict and not self.l1.reserved(lease):
+            raise KeyError(lease)
+        self.l1.abort(lease)
+
+    def _stored(self, space: KeySpace, keys: list[ChunkKey], tokens: int) -> None:
+        """Chunks just published: queued for the lower tiers and counted."""
         if self.tiers is not None and keys:
             # Write-behind: the writer threads wait for the copies' event, never this thread.
             self.tiers.write_behind(self.namespace(space), keys)
         with self._lock:
             self.stats.stored_chunks += len(keys)
-            self.stats.stored_bytes += (
-                sum(s.end - s.start for s in slots if s.chunk) * space.layout.bytes_per_token
-            )
+            self.stats.stored_bytes += tokens * space.layout.bytes_per_token
 
     def abort_store(self, slots: Sequence[StoreSlot]) -> None:
         """Give back the slots of chunks not published (a failed or abandoned copy); nothing of them

@@ -155,7 +155,8 @@ class CacheServerClient:
         self._stop = threading.Event()
         self.lanes = LanePool(self.url, size=lanes, fail_fast=fail_fast)
         """The connections to the server; every call takes one."""
-        self.shared_l1 = SharedL1Transfers(self._call, self.registrations)  # pools it copies for itself
+        # The stores and loads of pools it copies for itself.
+        self.shared_l1 = SharedL1Transfers(self._call, self._submit, self._send, self.registrations)
         self._hb: threading.Thread | None = None
         if heartbeat_interval_s > 0:
             self._hb = threading.Thread(target=self._heartbeat_loop, name="lmcache-client-hb", daemon=True)
@@ -419,6 +420,8 @@ class CacheServerClient:
         req.auth = self.credentials.secret()
         if isinstance(req, P.Heartbeat):
             req.caps = [self.registrations.cap(iid) for iid in req.instance_ids]
+        elif isinstance(req, (P.StoreDone, P.LoadDone)) and req.cap:
+            pass  # a report carries the capability its ticket was granted to (client_shared_l1)
         elif hasattr(req, "cap"):  # the current one: a retry after re-registering has a new one
             req.cap = self.registrations.cap(req.instance_id) or req.cap
 
@@ -443,16 +446,37 @@ class CacheServerClient:
         )
 
     def _call_once(self, req: Any, result_type: type[T], timeout_s: float | None, deadline: bool) -> T:
+        return self._submit(req, result_type, timeout_s, deadline=deadline)()
+
+    def _submit(
+        self, req: Any, result_type: type[T], timeout_s: float | None, *, deadline: bool = False
+    ) -> Callable[[], T]:
+        """Send ``req`` now; the returned function waits for its reply's value (errors raised as by
+        :meth:`call`, without retries). It must be called: the lane is the call's until then."""
+        frame, rid, op, timeout = self._frame(req, timeout_s, deadline)
+        pending = self.lanes.submit(frame, rid, op, timeout)
+        return lambda: self._value(pending.result(), result_type, op)
+
+    def _send(self, req: Any, timeout_s: float | None) -> None:
+        """Send a one-way ``req`` (its ``one_way`` set): no reply comes, not even an error."""
+        req.one_way = True
+        frame, _, op, timeout = self._frame(req, timeout_s, False)
+        self.lanes.send(frame, op, timeout)
+
+    def _frame(self, req: Any, timeout_s: float | None, deadline: bool) -> tuple[bytes, int, str, float]:
+        """``req`` numbered, stamped and encoded: its frame, request id, op name and timeout."""
         if self._closed:
             raise ServerUnavailable("the cache server client is closed")
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        op = type(req).__struct_config__.tag
         rid = next(self._rids)
         req.rid = rid
         self._stamp(req)
         if deadline:
             req.timeout_ms = max(1, int(timeout * 1000))
-        reply = self.lanes.call(framing.encode_request(req), rid, op, timeout)
+        return framing.encode_request(req), rid, type(req).__struct_config__.tag, timeout
+
+    def _value(self, reply: P.Reply, result_type: type[T], op: str) -> T:
+        """The reply's value as ``result_type``; an error reply raised."""
         if reply.v != P.PROTOCOL_VERSION:
             raise VersionMismatch(
                 P.ErrorCode.VERSION_MISMATCH.value,
@@ -464,10 +488,9 @@ class CacheServerClient:
             err = reply.error or P.ErrorInfo(P.ErrorCode.INTERNAL.value, "error reply without details")
             raise error_for(err, op)
         try:
-            value = msgspec.convert(reply.value, result_type)
+            return msgspec.convert(reply.value, result_type)
         except msgspec.ValidationError as e:
             raise ServerError(P.ErrorCode.INTERNAL.value, f"unexpected reply value: {e}", op) from None
-        return value
 
     # ---- heartbeat ------------------------------------------------------------------------------
 

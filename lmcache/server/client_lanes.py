@@ -21,12 +21,13 @@ one or root is refused. A connection the server refuses (caps, peer policy) brin
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from lmcache.backoff import Backoff
@@ -38,7 +39,7 @@ from lmcache.server.security import peer_of_socket, trusted_owner
 
 logger = init_logger(__name__)
 
-__all__ = ["DEFAULT_LANES", "Endpoint", "Lane", "LanePool"]
+__all__ = ["DEFAULT_LANES", "Endpoint", "Lane", "LanePool", "PendingReply"]
 
 DEFAULT_LANES = 4
 """Lanes a client opens at most: enough for a lookup, a store, a retrieve and a heartbeat at once."""
@@ -201,15 +202,39 @@ class LanePool:
 
     def call(self, frame: bytes, rid: int, op: str, timeout: float) -> P.Reply:
         """Send ``frame`` on a lane and return the reply (ServerUnavailable if none within ``timeout``)."""
+        return self.submit(frame, rid, op, timeout).result()
+
+    def submit(self, frame: bytes, rid: int, op: str, timeout: float) -> PendingReply:
+        """Send ``frame`` on a lane now; :meth:`PendingReply.result` waits for the reply (the lane is
+        the call's until then, so it must be called, or :meth:`PendingReply.cancel`)."""
         deadline = time.monotonic() + timeout
         lane = self._acquire(deadline, op, timeout)
         try:
-            reply = self._exchange(lane, frame, rid, op, deadline, timeout)
+            self._send(lane, frame, op, deadline, timeout)
+        except BaseException:
+            self._discard(lane)
+            raise
+        receive = functools.partial(self._receive, rid=rid, op=op, deadline=deadline, timeout=timeout)
+        return PendingReply(lane, receive, self._release, self._discard)
+
+    def send(self, frame: bytes, op: str, timeout: float) -> None:
+        """Send a one-way ``frame`` (the server answers none). The lane is this thread's again at once,
+        so its next call normally follows on the same connection and is served after it."""
+        deadline = time.monotonic() + timeout
+        lane = self._acquire(deadline, op, timeout)
+        try:
+            lane.send(frame, max(deadline - time.monotonic(), 1e-3))
+        except TimeoutError:
+            self._discard(lane)
+            self.down = True
+            raise timed_out(self.url, op, timeout) from None
+        except OSError as e:
+            self._discard(lane)
+            raise ServerUnavailable(f"{op} to {self.url} failed: {e.strerror or e}") from None
         except BaseException:
             self._discard(lane)
             raise
         self._release(lane)
-        return reply
 
     @contextlib.contextmanager
     def hold(self, timeout: float = 10.0) -> Iterator[None]:
@@ -332,9 +357,7 @@ class LanePool:
             "python -m lmcache.v1.multiprocess.server"
         )
 
-    def _exchange(
-        self, lane: Lane, frame: bytes, rid: int, op: str, deadline: float, timeout: float
-    ) -> P.Reply:
+    def _send(self, lane: Lane, frame: bytes, op: str, deadline: float, timeout: float) -> None:
         try:
             lane.send(frame, max(deadline - time.monotonic(), 1e-3))
         except TimeoutError:
@@ -342,6 +365,8 @@ class LanePool:
             raise timed_out(self.url, op, timeout) from None
         except OSError:
             pass  # the server closed the connection: its reason (a refusal frame) may be waiting
+
+    def _receive(self, lane: Lane, rid: int, op: str, deadline: float, timeout: float) -> P.Reply:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -368,3 +393,40 @@ class LanePool:
             self.down = False
             self.calls += 1
             return reply
+
+
+class PendingReply:
+    """The reply to a request already sent on ``lane`` (see :meth:`LanePool.submit`): ``receive``
+    reads it, then the lane goes to ``release`` (or to ``discard`` if reading failed)."""
+
+    def __init__(
+        self,
+        lane: Lane,
+        receive: Callable[[Lane], P.Reply],
+        release: Callable[[Lane], None],
+        discard: Callable[[Lane], None],
+    ) -> None:
+        self._lane: Lane | None = lane
+        self._receive = receive
+        self._release = release
+        self._discard = discard
+
+    def result(self) -> P.Reply:
+        """Wait for the reply (ServerUnavailable if none by the call's deadline); gives the lane back."""
+        lane = self._lane
+        if lane is None:
+            raise RuntimeError("the reply was already taken or cancelled")
+        self._lane = None
+        try:
+            reply = self._receive(lane)
+        except BaseException:
+            self._discard(lane)
+            raise
+        self._release(lane)
+        return reply
+
+    def cancel(self) -> None:
+        """Give up on the reply: the lane is closed, so it can never arrive late."""
+        if self._lane is not None:
+            self._discard(self._lane)
+            self._lane = None

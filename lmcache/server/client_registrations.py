@@ -58,7 +58,7 @@ class Registration:
     def update(self, info: P.RegisterInfo) -> None:
         """What the server answered to (re-)registering; a new server's slabs are mapped afresh."""
         if self.copier is not None:
-            self.copier.on_server(info.server_id)
+            self.copier.on_server(info.server_id, info.cap)
         self.info = info
         hashing = info.hashing
         self.hasher = None
@@ -118,6 +118,20 @@ class Registrations:
         """The capability the server gave the instance (b"" if unknown)."""
         reg = self._table.get(instance_id)
         return reg.info.cap if reg is not None and reg.info is not None else b""
+
+    def geometry(self, instance_id: int) -> tuple[int, int]:
+        """The instance's chunk size and tokens per block."""
+        reg = self._table[instance_id]
+        assert reg.info is not None
+        return reg.info.chunk_size, reg.request.tokens_per_block
+
+    def prompt_length(self, instance_id: int, fields: dict[str, Any]) -> int:
+        """Tokens that :meth:`prompt_fields`' ``fields`` name (chunk hashes name full chunks only)."""
+        reg = self._table[instance_id]
+        digests = fields.get("chunk_hashes")
+        if digests and reg.hasher is not None and reg.info is not None:
+            return len(digests) // reg.hasher.digest_size * reg.info.chunk_size
+        return len(fields["tokens"]) // P.TOKEN_BYTES
 
     def chunk_hashes(
         self, instance_id: int, tokens: Any, cache_salt: str | int | None

@@ -1,61 +1,162 @@
 """A client's stores and loads for a pool registered in the shared-L1 mode: the server hands out L1
 slots, this process copies (:class:`~lmcache.server.shared_l1_worker.SharedL1Copier`), then reports.
 
-* store: ``store_reserve`` -> gather the blocks into the reserved slots -> ``store_done``; if the
-  copy raised, ``store_done`` goes with ``ok=False`` (the slots are given back, nothing is
-  published) and the copy's exception propagates;
-* load: ``load`` -> scatter the slots into the blocks -> ``load_done``, sent after the copy completed
-  (or failed) and waited for like any call, so the chunks stay pinned exactly as long as the copy
-  reads them.
+* store: the first full chunks are copied at once into leased slots (reserved ahead, see
+  :mod:`lmcache.server.shared_l1`), while a ``store_reserve`` for the rest, which also tops the lease
+  up, is on its way; the rest's copies follow as its reply arrives. Once every copy is complete one
+  ``store_done`` publishes them all; if a copy raised, it goes with ``ok=False`` (every slot given
+  back, nothing published) and the copy's exception propagates;
+* load: ``load`` -> scatter the slots into the blocks -> ``load_done``, sent once the copy completed
+  (or failed), so the chunks stay pinned exactly as long as the copy reads them.
 
-A ``*_done`` that cannot reach the server is not retried: a server that restarted has no ticket to
-close, and one that stays up reaps the instance's tickets with the instance.
+Both reports are one-way: the worker does not wait for an answer, and the server serves its next
+request on the same connection (a lookup after the store, say) after the report. A report that
+cannot reach the server is not retried: a server that restarted has no ticket or lease to close,
+and one that stays up reaps the instance's with the instance. A store whose report could not be
+sent fails (nothing was published); a load whose copy completed counts.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from lmcache.server import protocol as P
-from lmcache.server.client_errors import ServerError, ServerUnavailable
+from lmcache.server.client_errors import ServerError, ServerUnavailable, UnknownInstance
 from lmcache.server.client_registrations import Registrations
 from lmcache.transfer import BlockTransfer
 
-__all__ = ["SharedL1Transfers", "CallFn"]
+if TYPE_CHECKING:  # the client imports no torch until a shared-L1 pool is registered
+    from lmcache.server.shared_l1_worker import SharedL1Copier
+
+__all__ = ["SharedL1Transfers", "CallFn", "SubmitFn", "SendFn"]
 
 CallFn = Callable[..., Any]
 """The client's call: ``(request, result_type, timeout_s, *, retry_unknown=True, deadline=False)``."""
+SubmitFn = Callable[..., Callable[[], Any]]
+"""The client's submit: ``(request, result_type, timeout_s, *, deadline=False)`` -> wait for the value."""
+SendFn = Callable[[Any, float | None], None]
+"""The client's one-way send: ``(request, timeout_s)``."""
+
+
+class _LeaseVoid(Exception):
+    """The registration changed while a store used its lease: the leased slots are gone."""
+
+
+@dataclass
+class _StoreReport:
+    """What a store's ``store_done`` reports: the reserve reply's ticket and the leased slots that
+    hold the chunks ``[start, end)``, under ``cap``, the capability they were granted to (a server
+    that no longer knows it, restarted or registered again since, refuses the report)."""
+
+    instance_id: int
+    start: int
+    end: int
+    leases: list[P.LeasedSlot]
+    fields: dict[str, Any]
+    reply: P.StoreSlots | None = None
+    cap: bytes | None = None
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to report: no ticket, no leased slot."""
+        return not self.leases and (self.reply is None or not self.reply.ticket)
+
+    def done(self, *, ok: bool) -> P.StoreDone:
+        leases = bool(self.leases)
+        return P.StoreDone(
+            instance_id=self.instance_id,
+            ticket=self.reply.ticket if self.reply is not None else 0,
+            ok=ok,
+            leases=[lease.id for lease in self.leases],
+            start=self.start if leases else 0,
+            end=self.end if leases else 0,
+            cap=self.cap,
+            **(self.fields if leases and ok else {}),
+        )
+
+    def tokens(self, chunk_size: int) -> int:
+        return len(self.leases) * chunk_size + (self.reply.tokens if self.reply is not None else 0)
 
 
 class SharedL1Transfers:
-    """The store and retrieve of shared-L1 registrations, over the client's ``call``."""
+    """The store and retrieve of shared-L1 registrations, over the client's calls."""
 
-    def __init__(self, call: CallFn, registrations: Registrations) -> None:
+    def __init__(self, call: CallFn, submit: SubmitFn, send: SendFn, registrations: Registrations) -> None:
         self._call = call
+        self._submit = submit
+        self._send = send
         self._registrations = registrations
 
     def store(self, iid: int, transfer: BlockTransfer[Any], timeout_s: float | None) -> int:
-        """Tokens newly stored from ``transfer``'s blocks (see :meth:`CacheServerClient.store`)."""
-        req = P.StoreReserve(
-            instance_id=iid,
-            start=transfer.start,
-            end=transfer.end,
-            **self._registrations.prompt_fields(iid, transfer),
-        )
-        reply = self._call(req, P.StoreSlots, timeout_s, deadline=True)
-        if reply.ticket == 0:
-            return 0  # every chunk already cached (or none in the range)
+        """Tokens copied to the server from ``transfer``'s blocks (see :meth:`CacheServerClient.store`;
+        a leased chunk the server already held counts, though the server keeps its own copy)."""
         try:
-            self._registrations.copier(iid).store(reply, transfer.block_ids)
-        except BaseException:  # give the slots back; the copy's exception is what the caller must see
-            with contextlib.suppress(ServerUnavailable, ServerError):
-                aborted = P.StoreDone(instance_id=iid, ticket=reply.ticket, ok=False)
-                self._call(aborted, int, timeout_s, retry_unknown=False)
+            return self._store(iid, transfer, timeout_s, use_lease=True)
+        except (UnknownInstance, _LeaseVoid):
+            # The server restarted or forgot this instance, and its lease with it: register again (the
+            # plain call does) and store without one.
+            self._registrations.copier(iid).drop_leases()
+            return self._store(iid, transfer, timeout_s, use_lease=False)
+
+    def _store(
+        self, iid: int, transfer: BlockTransfer[Any], timeout_s: float | None, *, use_lease: bool
+    ) -> int:
+        copier = self._registrations.copier(iid)
+        fields = self._registrations.prompt_fields(iid, transfer)
+        size, tpb = self._registrations.geometry(iid)
+        count = self._leasable(iid, transfer, fields, size) if use_lease else 0
+        leases, lease_cap = copier.take_leases(count)
+        report = _StoreReport(iid, transfer.start, transfer.start + len(leases) * size, leases, fields)
+        # Always asked, even when the lease holds the whole store: the reply tops the lease up and
+        # proves the server still knows this registration (the report that follows is one-way).
+        req = P.StoreReserve(instance_id=iid, start=report.end, end=transfer.end, lease=P.MAX_LEASE, **fields)
+        wait_reply: Callable[[], Any] | None = None
+        try:
+            batch = copier.begin_store(transfer.block_ids)
+            if use_lease:
+                wait_reply = self._submit(req, P.StoreSlots, timeout_s, deadline=True)
+            else:
+                report.reply = self._call(req, P.StoreSlots, timeout_s, deadline=True)
+            rows = size // tpb
+            for i, lease in enumerate(leases):  # copying while the reservation of the rest travels
+                first = transfer.start // tpb + i * rows
+                copier.add(batch, lease.slot, transfer.block_ids[first : first + rows])
+            if wait_reply is not None:
+                pending, wait_reply = wait_reply, None  # taken once, even if it raises
+                report.reply = pending()
+            assert report.reply is not None
+            copier.add_leases(report.reply)
+            report.cap = req.cap
+            if leases and req.cap != lease_cap:  # registered again meanwhile: the leases went with the old
+                report.leases = []
+                raise _LeaseVoid
+            copier.add_chunks(batch, report.reply, transfer.block_ids)
+            copier.complete(batch)
+        except BaseException as e:
+            copier.quiesce()  # no copy may still write into a slot once it is given back
+            if wait_reply is not None:  # its reservation must be given back too
+                with contextlib.suppress(ServerUnavailable, ServerError):
+                    report.reply = wait_reply()
+                    copier.add_leases(report.reply)
+            report.cap = req.cap
+            if not report.empty and not isinstance(e, UnknownInstance):  # else nothing to give back
+                with contextlib.suppress(ServerUnavailable, ServerError):
+                    self._send(report.done(ok=False), timeout_s)
             raise
-        done = P.StoreDone(instance_id=iid, ticket=reply.ticket)
-        return self._call(done, int, timeout_s, retry_unknown=False)
+        if not report.empty:  # unsent, nothing is published: the store fails
+            self._send(report.done(ok=True), timeout_s)
+        return report.tokens(size)
+
+    def _leasable(self, iid: int, transfer: BlockTransfer[Any], fields: dict[str, Any], size: int) -> int:
+        """Full chunks of the transfer's range that leased slots may hold (none if it starts mid-chunk,
+        which the server refuses)."""
+        if transfer.start % size:
+            return 0
+        end = min(transfer.end, self._registrations.prompt_length(iid, fields))
+        return max(0, (end - transfer.start) // size)
 
     def retrieve(
         self,
@@ -75,17 +176,14 @@ class SharedL1Transfers:
             **self._registrations.prompt_fields(iid, transfer),
         )
         reply = self._call(req, P.LoadSlots, timeout_s, deadline=True)
+        done = P.LoadDone(instance_id=iid, ticket=reply.ticket, cap=req.cap)
         if reply.ticket == 0:
             return reply.loaded
-        done = P.LoadDone(instance_id=iid, ticket=reply.ticket)
+        copier: SharedL1Copier = self._registrations.copier(iid)
         try:
-            loaded = self._registrations.copier(iid).load(reply, transfer.block_ids)
-        except BaseException:
+            return copier.load(reply, transfer.block_ids)
+        finally:
+            # The copy completed (or failed): the pins may go. A server that cannot take the report
+            # (gone, restarted) releases them itself (reaping, or a fresh L1), so the load still counts.
             with contextlib.suppress(ServerUnavailable, ServerError):
-                self._call(done, bool, timeout_s, retry_unknown=False)
-            raise
-        # The blocks hold the chunks now: a server that cannot take the report (gone, restarted)
-        # releases the pins itself (reaping, or a fresh L1), so the load still counts.
-        with contextlib.suppress(ServerUnavailable, ServerError):
-            self._call(done, bool, timeout_s, retry_unknown=False)
-        return loaded
+                self._send(done, timeout_s)

@@ -11,6 +11,9 @@
 * queues everything else on the connection's serial queue, run by the worker pool: requests of
   one connection run one at a time in arrival order, different connections in parallel.
 
+A one-way request (``one_way``: ``store_done``, ``load_done``) gets no reply, not even an error,
+which is logged instead; it keeps its place in its connection's order like any other.
+
 A handler may leave work for after its reply (:meth:`Call.after_reply
 <lmcache.server.service.Call.after_reply>`): the worker posts the reply, then runs it, before the
 connection's next request. Replies go to a :class:`ReplySink` (the transport).
@@ -26,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from lmcache.logging import init_logger
+from lmcache.rate_limit import RateLimitedLog
 from lmcache.server import framing
 from lmcache.server import protocol as P
 from lmcache.server.failures import ServiceFailure
@@ -109,6 +113,7 @@ class Dispatcher:
         self._running: set[Identity] = set()
         self._lock = threading.Lock()
         self._busy_until = 0.0
+        self._one_way_failures = RateLimitedLog(logger)
         self.inline_types: set[type] = {P.Release, P.Stats}
         """Message types the I/O thread always runs itself when nothing of their connection waits
         (pure metadata work of bounded cost); a new handler group may add its own."""
@@ -138,6 +143,27 @@ class Dispatcher:
         assert self.sink is not None, "Dispatcher.bind(sink) first"
         self.sink.post(identity, reply)
 
+    def refuse(self, identity: Identity, req: Any, code: P.ErrorCode, message: str) -> None:
+        """Answer ``req`` with an error without running it."""
+        self.counters.errors += 1
+        logger.debug("request %d refused (%s): %s", req.rid, code.value, message)
+        self.answer(identity, req, framing.error_reply(req.rid, code, message))
+
+    def answer(self, identity: Identity, req: Any, reply: P.Reply) -> None:
+        """Send ``req``'s reply, unless ``req`` is one-way: its failure is then logged instead (the
+        client reads no reply)."""
+        if not getattr(req, "one_way", False):
+            self._post(identity, reply)
+        elif not reply.ok and reply.error is not None:
+            self._one_way_failures.warning(
+                f"one-way-{reply.error.code}",
+                "one-way %s from connection %d failed (%s): %s",
+                type(req).__name__,
+                identity,
+                reply.error.code,
+                reply.error.message,
+            )
+
     def reply_error(self, identity: Identity, rid: int, code: P.ErrorCode, message: str) -> None:
         self.counters.errors += 1
         logger.debug("request %d refused (%s): %s", rid, code.value, message)
@@ -165,11 +191,11 @@ class Dispatcher:
         refused = self.admission.refusal(peer, req)
         if refused is not None:
             self.counters.refuse("unauthorized")
-            self.reply_error(identity, req.rid, P.ErrorCode.UNAUTHORIZED, refused)
+            self.refuse(identity, req, P.ErrorCode.UNAUTHORIZED, refused)
             return
         self.service.touch(req, now)
         if isinstance(req, (P.Ping, P.Heartbeat)):  # liveness: never behind the client's queue
-            self._post(identity, self.execute(req, now, Call(peer)))
+            self.answer(identity, req, self.execute(req, now, Call(peer)))
             return
         inline = self.inline(req)
         with self._lock:
@@ -180,19 +206,19 @@ class Dispatcher:
                 if len(q) >= MAX_QUEUED_PER_CLIENT:
                     self.counters.refuse("queue")
                     message = f"more than {len(q)} requests queued; slow down"
-                    self.reply_error(identity, req.rid, P.ErrorCode.LIMIT, message)
+                    self.refuse(identity, req, P.ErrorCode.LIMIT, message)
                     return
                 q.append((req, now, peer))
                 if identity in self._running:
                     return
                 self._running.add(identity)
         if q is None:
-            self._post(identity, self.execute(req, now, Call(peer)))
+            self.answer(identity, req, self.execute(req, now, Call(peer)))
             return
         try:
             self._executor.submit(self._drain, identity)
         except RuntimeError:  # shutting down
-            self.reply_error(identity, req.rid, P.ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+            self._answer_rest(identity)
 
     def inline(self, req: Any) -> bool:
         """Whether the I/O thread may run ``req`` itself: pure metadata work of bounded cost."""
@@ -226,7 +252,7 @@ class Dispatcher:
                 reply = self.execute(req, received, call)
                 if call.cleanups:
                     # The client's next request waits in this queue until the cleanup is done.
-                    self._post(identity, reply)
+                    self.answer(identity, req, reply)
                     _run_cleanups(call.cleanups)
                     reply = None
             with self._lock:
@@ -237,7 +263,7 @@ class Dispatcher:
                     self._running.discard(identity)
                     self._queues.pop(identity, None)
             if reply is not None:
-                self._post(identity, reply)
+                self.answer(identity, req, reply)
             if done:
                 return
         try:  # let other clients' queues run, then continue with this one
@@ -251,7 +277,7 @@ class Dispatcher:
             q = self._queues.pop(identity, deque())
             self._running.discard(identity)
         for req, _, _ in q:
-            self.reply_error(identity, req.rid, P.ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+            self.refuse(identity, req, P.ErrorCode.SHUTTING_DOWN, "the server is shutting down")
 
     def execute(self, req: Any, received: float, call: Call) -> P.Reply:
         """Run ``req`` through the service: its reply, an error reply for a failure, or ``expired`` if

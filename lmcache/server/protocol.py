@@ -65,12 +65,22 @@ from lmcache.server.pool_descriptors import (
     SharedL1Pool,
     sharing_mode,
 )
-from lmcache.server.shared_l1_protocol import LoadChunk, LoadSlots, SlabInfo, SlotInfo, StoreChunk, StoreSlots
+from lmcache.server.shared_l1_protocol import (
+    LeasedSlot,
+    LoadChunk,
+    LoadSlots,
+    SlabInfo,
+    SlotInfo,
+    StoreChunk,
+    StoreSlots,
+)
 from lmcache.stats import EngineSnapshot
 
 __all__ = [
     "PROTOCOL_VERSION",
     "MAX_FRAME_BYTES",
+    "MAX_LEASE",
+    "TOKEN_BYTES",
     "ErrorCode",
     "ErrorInfo",
     "Reply",
@@ -102,6 +112,7 @@ __all__ = [
     "SlotInfo",
     "StoreChunk",
     "LoadChunk",
+    "LeasedSlot",
     "StoreSlots",
     "LoadSlots",
     "RegisterInfo",
@@ -116,7 +127,7 @@ __all__ = [
     "tokens_to_bytes",
 ]
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 """Bumped on any incompatible change; client and server must agree exactly."""
 
 MAX_FRAME_BYTES = 64 << 20
@@ -130,6 +141,10 @@ MAX_BLOCKS = 1 << 22
 MAX_WORLD_SIZE = 4096
 MAX_NAME = 512
 MAX_SALT = 4096
+TOKEN_BYTES = 8
+"""Bytes of one token id in the wire form (:func:`tokens_to_bytes`)."""
+MAX_LEASE = 4096
+"""Most leased slots one request may ask for or name."""
 
 UInt63 = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
 TokenIds = (
@@ -271,7 +286,9 @@ class Clear(_Req, tag="clear", kw_only=True):
 
 class StoreReserve(_Req, tag="store_reserve", kw_only=True):
     """Shared-L1 store, step 1: reserve L1 slots for the prompt's chunks in ``[start, end)`` (named as
-    in :class:`Store`); the reply is :class:`StoreSlots`. No block ids: the worker copies itself."""
+    in :class:`Store`); the reply is :class:`StoreSlots`. No block ids: the worker copies itself.
+    ``lease``: also add up to that many full-chunk slots to the instance's lease (the server caps the
+    lease; ``start == end`` only tops it up)."""
 
     instance_id: UInt63
     tokens: TokenIds
@@ -279,16 +296,30 @@ class StoreReserve(_Req, tag="store_reserve", kw_only=True):
     start: NonNeg = 0
     end: NonNeg
     chunk_hashes: ChunkHashBytes | None = None
+    lease: Annotated[int, Meta(ge=0, le=MAX_LEASE)] = 0
     cap: Cap = None
 
 
 class StoreDone(_Req, tag="store_done", kw_only=True):
-    """Shared-L1 store, step 2: the worker's copies into the ticket's slots are complete (``ok``), so
-    the chunks are published; ``ok=False`` gives the slots back. Reply: int, tokens published."""
+    """Shared-L1 store, step 2: the worker's copies into the ticket's slots (``ticket`` 0: none) and
+    into the leased slots ``leases`` are complete (``ok``), so the chunks are published; ``ok=False``
+    gives the slots back. ``leases[i]`` holds chunk ``i`` of the leased range ``[start, end)`` of the
+    prompt (named as in :class:`Store`); a chunk already cached frees its slot. Every leased slot
+    named leaves the lease. Reply: int, tokens published; none if ``one_way``."""
 
     instance_id: UInt63
-    ticket: UInt63
+    ticket: UInt63 = 0
     ok: bool = True
+    leases: Annotated[list[UInt63], Meta(max_length=MAX_LEASE)] = []
+    tokens: TokenIds = b""
+    cache_salt: Salt = None
+    start: NonNeg = 0
+    end: NonNeg = 0
+    """``start + len(leases) * chunk_size``."""
+    chunk_hashes: ChunkHashBytes | None = None
+    one_way: bool = False
+    """No reply, not even an error (the server logs it): the worker goes on as soon as it is sent;
+    its later requests on the same connection are served after it."""
     cap: Cap = None
 
 
@@ -310,10 +341,11 @@ class Load(_Req, tag="load", kw_only=True):
 
 class LoadDone(_Req, tag="load_done", kw_only=True):
     """Shared-L1 load, step 2: the worker has copied out of the ticket's slots; they are unpinned.
-    Reply: bool (the ticket was open)."""
+    Reply: bool (the ticket was open); none if ``one_way`` (as for :class:`StoreDone`)."""
 
     instance_id: UInt63
     ticket: UInt63
+    one_way: bool = False
     cap: Cap = None
 
 
@@ -427,6 +459,8 @@ class InstanceStats(msgspec.Struct, kw_only=True):
     idle_s: float
     sharing: str = ""
     """How its pool is shared (:data:`SHARING_MODES`)."""
+    leased_slots: int = 0
+    """Shared-L1 slots reserved ahead for its stores (counted in L1's ``used_bytes``)."""
 
 
 class StatsInfo(msgspec.Struct, kw_only=True):

@@ -187,6 +187,7 @@ class CacheService:
                 pid=i.request.pool.pid,
                 idle_s=round(now - i.last_seen, 3),
                 sharing=P.sharing_mode(i.request.pool),
+                leased_slots=self.shared_l1.leased(i.instance_id) if self.shared_l1 is not None else 0,
             )
             for i in self.instances.snapshot()
         ]

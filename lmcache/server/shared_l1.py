@@ -9,7 +9,14 @@ answers with a ticket; ``store_done`` publishes them once the worker's copies ar
 gives them back. A load is ``load`` (its chunks pinned, a ticket) then ``load_done`` (unpinned).
 Tickets are per instance and bounded (:class:`TicketLimitExceeded`); a ticket one instance did not
 get is refused (:class:`BadTicket`). :meth:`SharedL1Service.forget` (reaping, unregistering) aborts
-an instance's reservations and releases its loads, so nothing half-written is ever published.
+an instance's reservations, leases and loads, so nothing half-written is ever published.
+
+The lease: each instance may hold a few reserved full-chunk slots not yet tied to a chunk
+(``store_reserve``'s ``lease``, capped at :attr:`SharedL1Service.max_lease_bytes`). A worker copies
+the first chunks of a store into them at once, while its ``store_reserve`` for the rest is on its
+way, so its copies never wait for a round trip; ``store_done`` then names which chunk each holds.
+A leased slot is published only by its instance's ``store_done`` after the copy, and one whose
+chunk is already cached is freed.
 """
 
 from __future__ import annotations
@@ -22,11 +29,16 @@ from lmcache.chunk_copy import StoreSlot
 from lmcache.engine import CacheEngine, KeySpace, LoadHold
 from lmcache.memory import SlotRef
 from lmcache.server import protocol as P
-from lmcache.server.prompts import request_prompt
+from lmcache.server.prompts import InvalidPrompt, request_prompt
 from lmcache.shm_slabs import ShmSlabSource
 
 DEFAULT_MAX_TICKETS = 64
 """Open tickets (stores plus loads) one instance may hold: a worker has a few requests in flight."""
+DEFAULT_MAX_LEASE_BYTES = 128 << 20
+"""Leased L1 bytes one instance may hold: enough to keep the DMA engine busy through a round trip
+and the reservation of the rest of a store (benchmarks/RESULTS.md, D22)."""
+LEASE_SHARE_OF_L1 = 16
+"""An instance's lease is also at most 1/16 of L1, so small caches stay caches."""
 
 
 class SharedL1Error(ValueError):
@@ -54,6 +66,14 @@ class InstanceScope:
     rank: int
 
 
+@dataclass(frozen=True)
+class LeaseKey:
+    """The L1 key a leased slot is reserved under until its chunk is known (never a chunk key)."""
+
+    instance_id: int
+    lease_id: int
+
+
 @dataclass(eq=False)
 class _StoreTicket:
     space: KeySpace
@@ -68,6 +88,7 @@ class _LoadTicket:
 @dataclass
 class _InstanceState:
     tickets: dict[int, _StoreTicket | _LoadTicket] = field(default_factory=dict)
+    leases: dict[int, LeaseKey] = field(default_factory=dict)
     slabs: set[int] = field(default_factory=set)
     """Ids of the slabs this instance was told of."""
 
@@ -75,13 +96,20 @@ class _InstanceState:
 class SharedL1Service:
     """The shared-L1 handlers over ``engine``, whose L1 slabs must be in shared memory."""
 
-    def __init__(self, engine: CacheEngine, *, max_tickets: int = DEFAULT_MAX_TICKETS) -> None:
+    def __init__(
+        self,
+        engine: CacheEngine,
+        *,
+        max_tickets: int = DEFAULT_MAX_TICKETS,
+        max_lease_bytes: int = DEFAULT_MAX_LEASE_BYTES,
+    ) -> None:
         source = engine.l1.arena.source
         if not isinstance(source, ShmSlabSource):
             raise ValueError("the shared-L1 mode needs an engine built with slab_source=ShmSlabSource(...)")
         self.engine = engine
         self.source = source
         self.max_tickets = max_tickets
+        self.max_lease_bytes = min(max_lease_bytes, engine.l1.arena.capacity_bytes // LEASE_SHARE_OF_L1)
         self._ids = itertools.count(1)
         self._states: dict[int, _InstanceState] = {}
         self._lock = threading.Lock()
@@ -89,7 +117,7 @@ class SharedL1Service:
     # ---- store ----------------------------------------------------------------------------------
 
     def store_reserve(self, scope: InstanceScope, req: P.StoreReserve) -> P.StoreSlots:
-        """Reserve slots for the chunks of the request's range not cached yet."""
+        """Reserve slots for the chunks of the request's range not cached yet, and top the lease up."""
         prompt = request_prompt(self.engine, scope.space, req)
         self._check_room(scope.instance_id)
         slots = list(
@@ -99,23 +127,62 @@ class SharedL1Service:
             P.StoreChunk(s.first_block, s.rows, self._slot_info(s) if s.chunk is not None else None)
             for s in slots
         ]
-        if all(s.chunk is None for s in slots):
-            return P.StoreSlots(ticket=0, chunks=chunks)
-        ticket = self._open(scope.instance_id, _StoreTicket(scope.space, slots))
-        slabs, forget = self._slab_news(
-            scope.instance_id, [c.slot.slab for c in chunks if c.slot is not None]
+        leased = self._lease(scope, req.lease)
+        reserved = [s for s in slots if s.chunk is not None]
+        ticket = self._open(scope.instance_id, _StoreTicket(scope.space, slots)) if reserved else 0
+        slab_ids = [c.slot.slab for c in chunks if c.slot is not None] + [x.slot.slab for x in leased]
+        slabs, forget = self._slab_news(scope.instance_id, slab_ids) if slab_ids else ([], [])
+        return P.StoreSlots(
+            ticket=ticket,
+            chunks=chunks,
+            tokens=sum(s.end - s.start for s in reserved),
+            leased=leased,
+            slabs=slabs,
+            forget=forget,
         )
-        return P.StoreSlots(ticket=ticket, chunks=chunks, slabs=slabs, forget=forget)
 
     def store_done(self, scope: InstanceScope, req: P.StoreDone) -> int:
-        """Publish the ticket's chunks (``ok``) or give their slots back; returns the tokens published."""
-        ticket = self._close(scope.instance_id, req.ticket, _StoreTicket)
-        assert isinstance(ticket, _StoreTicket)
-        if not req.ok:
-            self.engine.abort_store(ticket.slots)
+        """Publish the ticket's chunks and the leased slots named (``ok``), or give them all back;
+        returns the tokens published."""
+        ticket = self._close(scope.instance_id, req.ticket, _StoreTicket) if req.ticket else None
+        leases, unknown = self._take_leases(scope.instance_id, req.leases)
+        published = 0
+        if isinstance(ticket, _StoreTicket):
+            if req.ok:
+                self.engine.publish(ticket.space, ticket.slots)
+                published += sum(s.end - s.start for s in ticket.slots if s.chunk is not None)
+            else:
+                self.engine.abort_store(ticket.slots)
+        if leases:
+            published += self._publish_leases(scope, req, leases)
+        if unknown:
+            raise BadTicket(
+                f"leases {unknown[:8]} are not held by instance {scope.instance_id}; name each leased "
+                "slot its store_reserve reply gave, once"
+            )
+        return published
+
+    def _publish_leases(self, scope: InstanceScope, req: P.StoreDone, leases: list[LeaseKey]) -> int:
+        """Publish (``req.ok``) or free the leased slots ``leases``, in ``req``'s order."""
+        if not req.ok:  # the copies failed: none is published
+            self._release(leases)
             return 0
-        self.engine.publish(ticket.space, ticket.slots)
-        return sum(s.end - s.start for s in ticket.slots if s.chunk is not None)
+        try:
+            size = self.engine.config.chunk_size
+            if req.start % size or req.end != req.start + len(req.leases) * size:
+                raise InvalidPrompt(
+                    f"leased chunks [{req.start}, {req.end}) must start on a chunk boundary and span "
+                    f"{len(req.leases)} chunks of {size} tokens, one per lease named"
+                )
+            prompt = request_prompt(self.engine, scope.space, req)
+        except ValueError:
+            self._release(leases)
+            raise
+        return self.engine.publish_leased(scope.space, scope.rank, prompt, req.cache_salt, req.start, leases)
+
+    def _release(self, leases: list[LeaseKey]) -> None:
+        for lease in leases:
+            self.engine.release_lease(lease)
 
     # ---- load -----------------------------------------------------------------------------------
 
@@ -165,7 +232,14 @@ class SharedL1Service:
                 self.engine.abort_store(ticket.slots)
             else:
                 self.engine.finish_load(ticket.hold)
+        self._release(list(state.leases.values()))
         return len(state.tickets)
+
+    def leased(self, instance_id: int) -> int:
+        """Leased slots the instance holds."""
+        with self._lock:
+            state = self._states.get(instance_id)
+            return 0 if state is None else len(state.leases)
 
     def open_tickets(self, instance_id: int) -> int:
         with self._lock:
@@ -186,6 +260,35 @@ class SharedL1Service:
             ticket_id = next(self._ids)
             self._states.setdefault(instance_id, _InstanceState()).tickets[ticket_id] = ticket
             return ticket_id
+
+    def _lease(self, scope: InstanceScope, wanted: int) -> list[P.LeasedSlot]:
+        """Reserve up to ``wanted`` more leased slots for the instance, within its cap."""
+        layout = scope.space.layout
+        slot_bytes = self.engine.config.chunk_size // layout.tokens_per_block * layout.row_bytes
+        with self._lock:
+            state = self._states.setdefault(scope.instance_id, _InstanceState())
+            count = max(0, min(wanted, self.max_lease_bytes // slot_bytes - len(state.leases)))
+        granted = []
+        for _ in range(count):
+            key = LeaseKey(scope.instance_id, next(self._ids))
+            chunk = self.engine.lease_slot(scope.space, key)
+            if chunk is None:  # L1 is full of pinned chunks: the store path reports it
+                break
+            with self._lock:
+                state.leases[key.lease_id] = key
+            granted.append(P.LeasedSlot(key.lease_id, self._ref_info(chunk.buffer.ref)))
+        return granted
+
+    def _take_leases(self, instance_id: int, lease_ids: list[int]) -> tuple[list[LeaseKey], list[int]]:
+        """Remove the named leases from the instance's; returns their keys and the ids it did not hold."""
+        with self._lock:
+            state = self._states.get(instance_id)
+            held = {} if state is None else state.leases
+            keys, unknown = [], []
+            for lease_id in lease_ids:
+                key = held.pop(lease_id, None)
+                (unknown if key is None else keys).append(key if key is not None else lease_id)
+            return keys, unknown
 
     def _close(self, instance_id: int, ticket_id: int, kind: type) -> _StoreTicket | _LoadTicket:
         """Take an open ticket of ``kind`` issued to ``instance_id``, or refuse."""

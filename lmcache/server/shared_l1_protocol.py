@@ -42,14 +42,25 @@ class LoadChunk(msgspec.Struct, array_like=True):
     slot: SlotInfo
 
 
+class LeasedSlot(msgspec.Struct, array_like=True):
+    """A slot of the instance's lease: room for one full chunk, filled by the worker before it knows
+    whether the chunk is cached, and named by ``id`` in ``store_done``."""
+
+    id: int
+    slot: SlotInfo
+
+
 class StoreSlots(msgspec.Struct, kw_only=True):
     """Reply to ``store_reserve``: copy, then send ``store_done`` with ``ticket`` (no chunk reserved:
-    ``ticket`` 0, nothing to report)."""
+    ``ticket`` 0, nothing to report). ``tokens``: what the ticket publishes; ``leased``: slots added
+    to the instance's lease."""
 
     ticket: int
     chunks: list[StoreChunk] = []
+    tokens: int = 0
+    leased: list[LeasedSlot] = []
     slabs: list[SlabInfo] = []
-    """The slabs the chunks' slots lie in: map those not mapped yet before copying."""
+    """The slabs the chunks' and leased slots lie in: map those not mapped yet before copying."""
     forget: list[int] = []
     """Ids of slabs the instance was told of that are gone: drop their mappings."""
 

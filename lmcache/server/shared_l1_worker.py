@@ -3,14 +3,17 @@
 The server names slots by slab id; every reply describes the slabs its slots lie in
 (:class:`~lmcache.server.protocol.SlabInfo`), and those not mapped yet are mapped with the checks of
 :func:`lmcache.shm_slabs.map_slab` (owner, mode 0600, size), page-locked when the pool is on CUDA.
-Copies run on the copier's own stream and are complete when :meth:`SharedL1Copier.store` or
-:meth:`SharedL1Copier.load` returns, so the worker may report them done. A new server (another
-``server_id``) drops every mapping.
+Copies run on the copier's own stream and are complete when :meth:`SharedL1Copier.store`,
+:meth:`SharedL1Copier.complete` or :meth:`SharedL1Copier.load` returns, so the worker may report
+them done. The copier also keeps the registration's lease (slots it may fill before it has asked for
+any, see :mod:`lmcache.server.shared_l1`). A new server (another ``server_id``) drops every mapping
+and the lease; a new registration (another capability) drops the lease.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,12 +34,49 @@ class SharedL1Copier:
         self.stream: Any = torch.cuda.Stream(device=pool.device) if pool.is_cuda else None
         self.server_id: str | None = None
         self._slabs: dict[int, MappedSlab] = {}
+        self._cap: bytes | None = None
+        self._leases: list[P.LeasedSlot] = []
+        self._lock = threading.Lock()
 
-    def on_server(self, server_id: str) -> None:
-        """The server this worker talks to; another one (restarted) invalidates every mapping."""
-        if server_id != self.server_id:
-            self._slabs.clear()
-            self.server_id = server_id
+    def on_server(self, server_id: str, cap: bytes | None = None) -> None:
+        """The server this worker talks to and the instance's capability; another server (restarted)
+        invalidates every mapping, another registration the lease."""
+        with self._lock:
+            if server_id != self.server_id:
+                self._slabs.clear()
+                self._leases.clear()
+                self.server_id = server_id
+            if cap != self._cap:
+                self._leases.clear()
+                self._cap = cap
+
+    # ---- the lease ------------------------------------------------------------------------------
+
+    @property
+    def leased(self) -> int:
+        """Leased slots not handed out yet."""
+        return len(self._leases)
+
+    def take_leases(self, count: int) -> tuple[list[P.LeasedSlot], bytes | None]:
+        """Up to ``count`` leased slots, each for one full chunk, and the capability of the registration
+        they were leased to; the caller names them in its ``store_done`` (they leave the lease either
+        way)."""
+        with self._lock:
+            taken, self._leases = self._leases[:count], self._leases[count:]
+            return taken, self._cap
+
+    def add_leases(self, reply: P.StoreSlots) -> None:
+        """Map the reply's slabs and keep the slots it leased."""
+        self.apply(reply.slabs, reply.forget)
+        with self._lock:
+            self._leases.extend(reply.leased)
+
+    def drop_leases(self) -> None:
+        """The server no longer holds this lease (it restarted, or forgot the instance)."""
+        with self._lock:
+            self._leases.clear()
+
+    # ---- copies ---------------------------------------------------------------------------------
 
     @property
     def mapped_slabs(self) -> list[int]:
@@ -54,15 +94,36 @@ class SharedL1Copier:
     def store(self, reply: P.StoreSlots, block_ids: Sequence[int]) -> None:
         """Gather the pool rows of each reserved chunk into its slot; complete on return."""
         self.apply(reply.slabs, reply.forget)
-        if self.stream is not None:  # after the forward that computed the rows
+        batch = self.begin_store(block_ids)
+        self.add_chunks(batch, reply, block_ids)
+        self.complete(batch)
+
+    def begin_store(self, block_ids: Sequence[int]) -> CopyBatcher[None]:
+        """A store's copies, ordered after the work queued so far on the pool's device (the forward
+        that computed the rows); add chunks with :meth:`add` and :meth:`add_chunks`."""
+        if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.pool.device))
-        copier: CopyBatcher[None] = CopyBatcher(self.pool, self.stream, store=True, block_ids=block_ids)
+        return CopyBatcher(self.pool, self.stream, store=True, block_ids=block_ids)
+
+    def add(self, batch: CopyBatcher[None], slot: P.SlotInfo, rows: Sequence[int]) -> None:
+        """Queue the gather of the pool rows ``rows`` (block ids) into ``slot``."""
+        batch.add(rows, self._view(slot, len(rows)), None)
+
+    def add_chunks(self, batch: CopyBatcher[None], reply: P.StoreSlots, block_ids: Sequence[int]) -> None:
+        """Queue the gathers of the chunks ``reply`` reserved (its slabs already mapped)."""
         for chunk in reply.chunks:
             if chunk.slot is not None:
-                rows = block_ids[chunk.first_block : chunk.first_block + chunk.rows]
-                copier.add(rows, self._view(chunk.slot, chunk.rows), None)
-        copier.finish()
-        self._wait()
+                self.add(batch, chunk.slot, block_ids[chunk.first_block : chunk.first_block + chunk.rows])
+
+    def complete(self, batch: CopyBatcher[None]) -> None:
+        """Enqueue the rest of ``batch`` and wait until every copy of it is done."""
+        batch.finish()
+        self.quiesce()
+
+    def quiesce(self) -> None:
+        """Wait until every copy enqueued so far is done (those of an abandoned batch too)."""
+        if self.stream is not None:
+            self.stream.synchronize()
 
     def load(self, reply: P.LoadSlots, block_ids: Sequence[int]) -> int:
         """Scatter each chunk's rows ``[skip, stop)`` into the pool; complete on return. Returns the
@@ -78,7 +139,7 @@ class SharedL1Copier:
             rows = block_ids[chunk.first_block + chunk.skip : chunk.first_block + chunk.stop]
             copier.add(rows, view, None)
         copier.finish()
-        self._wait()
+        self.quiesce()
         return reply.loaded
 
     def close(self) -> None:
@@ -103,7 +164,3 @@ class SharedL1Copier:
             )
         data = mapped.tensor[slot.offset : slot.offset + slot.nbytes]
         return data.view(self.pool.dtype).view(rows, *self.pool.shape[1:])
-
-    def _wait(self) -> None:
-        if self.stream is not None:
-            self.stream.synchronize()

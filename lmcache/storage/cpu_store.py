@@ -120,6 +120,29 @@ class CpuStore:
             elif chunk.pins == 0:
                 self._policy.add(key)
 
+    def publish_as(self, reserved: Hashable, key: Hashable, num_tokens: int, ready: Any = None) -> bool:
+        """Publish the chunk reserved under ``reserved`` as ``key`` (see :meth:`commit`), holding
+        ``num_tokens``. False, and its slot freed, when ``key`` is already here. Raises KeyError if
+        nothing unpublished is reserved under ``reserved``."""
+        with self._lock:
+            chunk = self._chunks.get(reserved)
+            if chunk is None or chunk.committed:
+                raise KeyError(reserved)
+            if key in self._chunks:
+                self._drop(reserved, chunk)
+                return False
+            del self._chunks[reserved]
+            chunk.num_tokens = num_tokens
+            self._chunks[key] = chunk
+            self.commit(key, ready)
+            return True
+
+    def reserved(self, key: Hashable) -> bool:
+        """Whether a chunk is reserved under ``key`` and not published yet."""
+        with self._lock:
+            chunk = self._chunks.get(key)
+            return chunk is not None and not chunk.committed
+
     def abort(self, key: Hashable) -> None:
         """Drop a reserved chunk whose copy failed."""
         with self._lock:
@@ -220,7 +243,7 @@ class CpuStore:
                 used_bytes=self.used_bytes,
                 reserved_bytes=self.arena.reserved_bytes,
                 capacity_bytes=self.arena.capacity_bytes,
-                chunks=len(self._chunks),
+                chunks=sum(1 for c in self._chunks.values() if c.committed),
                 pinned_chunks=sum(1 for c in self._chunks.values() if c.pins),
                 evictions=self.evictions,
                 skipped_stores=self.skipped_stores,

@@ -5,7 +5,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from support.server_process import server_secret
 
+from lmcache.server import protocol as P
 from lmcache.server.client_errors import ServerUnavailable
 from lmcache.server.client_lanes import PROBE_QUIET_S, LanePool
 
@@ -44,5 +46,37 @@ def test_an_unanswered_connect_makes_fail_fast_calls_fail_at_once_for_a_while(un
         with pytest.raises(ServerUnavailable, match="did not answer a connect recently"):
             pool.call(b"", 3, "ping", 5.0)  # inside the quiet window: no connect at all
         assert time.monotonic() - began < PROBE_QUIET_S
+    finally:
+        pool.close()
+
+
+def _stats_frame(rid: int) -> bytes:
+    return P.encode(P.Stats(rid=rid, auth=server_secret()))
+
+
+def test_submitted_calls_hold_their_lane_until_read_and_cancel_closes_it(inproc_server) -> None:
+    pool = LanePool(f"tcp://127.0.0.1:{inproc_server.tcp_port}", size=2)
+    try:
+        first = pool.submit(_stats_frame(1), 1, "stats", 10.0)
+        second = pool.submit(_stats_frame(2), 2, "stats", 10.0)  # the first lane is still taken
+        assert pool.lanes == 2
+        assert second.result().rid == 2 and first.result().rid == 1  # read in any order
+        with pytest.raises(RuntimeError, match="already taken"):
+            first.result()
+        third = pool.submit(_stats_frame(3), 3, "stats", 10.0)
+        third.cancel()  # its reply can never reach a later call
+        assert pool.lanes == 1
+        assert pool.call(_stats_frame(4), 4, "stats", 10.0).rid == 4
+    finally:
+        pool.close()
+
+
+def test_a_one_way_frame_leaves_its_lane_to_the_same_threads_next_call(inproc_server) -> None:
+    pool = LanePool(f"tcp://127.0.0.1:{inproc_server.tcp_port}", size=4)
+    try:
+        report = P.LoadDone(instance_id=3, ticket=9, one_way=True, rid=1, auth=server_secret())
+        pool.send(P.encode(report), "load_done", 10.0)  # refused (unknown instance), but not answered
+        assert pool.call(_stats_frame(2), 2, "stats", 10.0).rid == 2
+        assert pool.opened == 1 and inproc_server.errors == 1
     finally:
         pool.close()

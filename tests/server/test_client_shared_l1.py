@@ -40,14 +40,24 @@ def _server_gone_after_load(req: Any, result_type: type, timeout_s: float | None
     raise ServerUnavailable("cache server at ipc:///x is unreachable")
 
 
+def _unreachable_send(req: Any, timeout_s: float | None) -> None:
+    raise ServerUnavailable("cache server at ipc:///x is unreachable")
+
+
+def _transfers(regs: _Registrations) -> SharedL1Transfers:
+    return SharedL1Transfers(_server_gone_after_load, _no_submit, _unreachable_send, regs)  # type: ignore[arg-type]
+
+
+def _no_submit(*args: Any, **kw: Any) -> Any:
+    raise AssertionError("a load sends no request ahead of its reply")
+
+
 def test_a_completed_load_counts_even_if_its_report_cannot_be_delivered() -> None:
     regs = _Registrations()
-    transfers = SharedL1Transfers(_server_gone_after_load, regs)  # type: ignore[arg-type]
-    assert transfers.retrieve(1, TRANSFER, None, None, 5.0) == 64
+    assert _transfers(regs).retrieve(1, TRANSFER, None, None, 5.0) == 64
     assert len(regs.copied) == 1
 
 
 def test_a_failed_copy_fails_the_load_whatever_the_report_does() -> None:
-    transfers = SharedL1Transfers(_server_gone_after_load, _Registrations(copy_fails=True))  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="copy failed"):
-        transfers.retrieve(1, TRANSFER, None, None, 5.0)
+        _transfers(_Registrations(copy_fails=True)).retrieve(1, TRANSFER, None, None, 5.0)

@@ -4,12 +4,14 @@ take. The server runs in a thread of this process with its L1 in shared memory (
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from support.server_process import CHUNK, MODEL, POOL_SHAPE, TPB, shared_pool
+from raw_lane import connect, framed, read_reply
+from support.server_process import CHUNK, MODEL, POOL_SHAPE, TPB, server_secret, shared_pool
 
 from lmcache.config import LMCacheEngineConfig
 from lmcache.server import protocol as P
@@ -129,7 +131,11 @@ def test_a_copy_that_fails_gives_the_slots_back_and_raises(serve) -> None:
         ):  # a block id past the pool: the worker's own copy fails
             client.store(BlockTransfer(TOKENS, None, [0, 1, 2, 3, 4, 5, 6, 999], 0, len(TOKENS)))
         stats = client.stats()
-        assert stats.engine.l1.used_bytes == 0 and client.lookup(TOKENS) == 0
+        (instance,) = stats.instances
+        slot_bytes = CHUNK // TPB * math.prod(POOL_SHAPE[1:]) * torch.float32.itemsize
+        # Nothing published, nothing held but the instance's lease (topped up again).
+        assert stats.engine.l1.chunks == 0 and client.lookup(TOKENS) == 0
+        assert stats.engine.l1.used_bytes == instance.leased_slots * slot_bytes > 0
 
 
 def test_an_export_only_server_keeps_its_l1_out_of_shared_memory(tmp_path) -> None:
@@ -153,3 +159,47 @@ def test_a_tmpfs_smaller_than_l1_is_named_at_start(tmp_path, monkeypatch, caplog
         engine = server_engine(config, "auto", pinned=False, shm_dir=str(tmp_path))
     assert "--shm-size" in caplog.text and "--l1-size-gb" in caplog.text
     engine.l1.arena.close()
+
+
+def test_stores_fill_the_lease_first_and_a_lookup_right_after_sees_them(serve, monkeypatch) -> None:
+    """The second store's chunks go into slots leased by the first store's reply, its reservation
+    asks only for what the lease cannot hold, and its one-way report is served before the same
+    thread's next lookup."""
+    server = serve("auto")
+    shared = server.service.shared_l1
+    assert shared is not None
+    reserve_starts: list[int] = []
+    real_reserve = shared.store_reserve
+
+    def spy(scope, req):  # type: ignore[no-untyped-def]
+        reserve_starts.append(req.start)
+        return real_reserve(scope, req)
+
+    monkeypatch.setattr(shared, "store_reserve", spy)
+    pool = shared_pool(seed=13)
+    src, dst = pool[BLOCKS].clone(), list(range(20, 20 + len(BLOCKS)))
+    with client_of(server) as client:
+        client.register(pool, 0, 1, MODEL, TPB, pool_sharing="shared-l1")
+        for round_ in range(20):
+            tokens = list(range(round_ * 1000, round_ * 1000 + len(TOKENS)))
+            assert client.store(BlockTransfer(tokens, None, BLOCKS, 0, len(tokens))) == len(tokens)
+            assert client.lookup(tokens) == len(tokens)  # the one-way report came first
+            pool[dst] = 0
+            assert client.retrieve(BlockTransfer(tokens, None, dst, 0, len(tokens))) == len(tokens)
+            assert torch.equal(pool[dst], src)
+        (instance,) = client.stats().instances
+        assert instance.leased_slots > 0
+    assert reserve_starts[0] == 0 and set(reserve_starts[1:]) == {len(TOKENS)}  # later: top-ups only
+
+
+def test_a_one_way_report_gets_no_reply_and_keeps_its_place_in_order(serve) -> None:
+    server = serve("auto")
+    url = f"tcp://127.0.0.1:{server.tcp_port}"
+    bogus = P.StoreDone(instance_id=5, ticket=77, one_way=True, rid=1, auth=server_secret())
+    stats = P.Stats(rid=2, auth=server_secret())
+    errors = server.errors
+    with connect(url) as sock:
+        sock.sendall(framed(P.encode(bogus)) + framed(P.encode(stats)))
+        reply = read_reply(sock)  # the first reply on the connection is the stats one
+        assert reply.rid == 2 and reply.ok
+        assert server.errors == errors + 1  # the failed report was counted (and logged), not answered

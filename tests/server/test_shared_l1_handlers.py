@@ -1,42 +1,23 @@
 """The shared-L1 mode at handler level: SharedL1Service (server) + SharedL1Copier (worker), CPU pools."""
 
-import random
-
 import pytest
 import torch
+from shared_l1_support import CHUNK, TOKENS, shared_l1_env, shuffled_blocks
 
 from lmcache.config import LMCacheEngineConfig
-from lmcache.engine import CacheEngine, KeySpace
-from lmcache.layout import PoolLayout
+from lmcache.engine import CacheEngine
 from lmcache.server import protocol as P
-from lmcache.server.shared_l1 import BadTicket, InstanceScope, SharedL1Service, TicketLimitExceeded
+from lmcache.server.shared_l1 import BadTicket, InstanceScope, TicketLimitExceeded
 from lmcache.server.shared_l1_worker import SharedL1Copier
-from lmcache.shm_slabs import ShmSlabError, ShmSlabSource
+from lmcache.shm_slabs import ShmSlabError
 from lmcache.transfer import BlockTransfer
-
-TPB = 16
-CHUNK = 64
-TOKENS = list(range(1000, 1000 + 4 * CHUNK + 32))  # 4 full chunks and half a chunk
 
 
 @pytest.fixture
 def env(tmp_path):
-    config = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.05)
-    source = ShmSlabSource(shm_dir=str(tmp_path))
-    engine = CacheEngine(config, pinned=False, slab_source=source)
-    pool = torch.randn(64, 2, 2, 2 * TPB * 8)
-    space = KeySpace("model", PoolLayout.of_pool(pool, TPB))
-    service = SharedL1Service(engine, max_tickets=4)
-    copier = SharedL1Copier(pool, shm_dir=str(tmp_path))
-    yield engine, service, copier, pool, InstanceScope(7, space, 0)
-    engine.l1.arena.close()
-
-
-def shuffled_blocks(n: int, seed: int, base: int = 0) -> list[int]:
-    """``n`` of the blocks ``[base, base + 32)`` in a random order."""
-    ids = list(range(base, base + 32))
-    random.Random(seed).shuffle(ids)
-    return ids[:n]
+    env = shared_l1_env(tmp_path, max_tickets=4)
+    yield env.engine, env.service, env.copier, env.pool, env.scope
+    env.close()
 
 
 def store(service, copier, scope, blocks, end=4 * CHUNK, ok=True) -> int:

@@ -164,6 +164,9 @@ def test_a_worker_that_cannot_map_the_l1_regions_drops_its_saves_loudly(
     assert_same_output(first, want)
     assert_same_output(again, want)
     with CacheServerClient(mp_server.ipc_url, timeout_s=20.0) as client:
+        stats = client.stats()
+        assert stats.engine.l1.chunks == 0 and sum(i.leased_slots for i in stats.instances) > 0
+        reset_process_connections()  # the worker unregisters: its lease goes too
         assert client.stats().engine.l1.used_bytes == 0  # the reserved slots went back
 
 
