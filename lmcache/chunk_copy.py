@@ -22,7 +22,7 @@ from lmcache.storage.cpu_store import CachedChunk
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: built per chunk on the store path, where frozen init costs
 class StoreSlot:
     """One chunk of a store: tokens ``[start, end)``, pool rows ``block_ids[first_block :
     first_block + rows]``. ``chunk`` is its reserved (unpublished) L1 slot; None when the chunk was
@@ -41,7 +41,7 @@ class StoreSlot:
         return self.chunk.buffer.view(layout.dtype, (self.rows, *layout.row_shape))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: built per chunk on the load path, where frozen init costs
 class LoadSlot:
     """One chunk of a load, pinned: its rows ``[skip, stop)`` go to the pool rows
     ``block_ids[first_block + skip : first_block + stop]`` (a load may skip leading rows TRT-LLM

@@ -359,9 +359,7 @@ class CacheEngine(EngineLookup):
 
     def _hold(self, key: ChunkKey) -> CachedChunk | None:
         """Pin a chunk for the duration of a copy out of it."""
-        if not self.l1.pin(key):
-            return None
-        return self.l1.get(key)
+        return self.l1.hold(key)
 
     # -- stats ----------------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ THIRD_PARTY_PRIVATE: dict[tuple[str, str], str] = {
     ("tests/storage/test_tiers_cuda.py", "_sleep"): "torch.cuda._sleep: keep a stream busy on demand",
 }
 
+
 @dataclass(frozen=True)
 class Violation:
     """One broken rule: where, and what to do about it."""

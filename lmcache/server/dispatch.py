@@ -4,10 +4,10 @@
 (:class:`Admission`), notes the liveness of the instances it names, and then:
 
 * answers ``ping`` and ``heartbeat`` at once (liveness never waits behind the client's queue);
-* runs inline, on the I/O thread, the cheap metadata ops (``release``, ``stats``, and ``lookup`` /
-  ``lookup_hashes`` of at most :data:`INLINE_LOOKUP_MAX_TOKENS` tokens when there is no lower
-  tier to read), but only when nothing of the same connection is queued or running, so
-  per-connection order is kept exactly; this saves two thread hand-offs;
+* runs inline, on the I/O thread, the cheap metadata ops (``release``, ``stats``, and ``lookup``,
+  ``lookup_hashes`` or shared-L1 ``load`` of at most :data:`INLINE_LOOKUP_MAX_TOKENS` tokens
+  when there is no lower tier to read), but only when nothing of the same connection is queued or
+  running, so per-connection order is kept exactly; this saves two thread hand-offs;
 * queues everything else on the connection's serial queue, run by the worker pool: requests of
   one connection run one at a time in arrival order, different connections in parallel.
 
@@ -231,6 +231,8 @@ class Dispatcher:
             return no_tiers and len(req.tokens) <= (8 * limit if isinstance(req.tokens, bytes) else limit)
         if isinstance(req, P.LookupHashes):
             return no_tiers and req.num_tokens <= INLINE_LOOKUP_MAX_TOKENS
+        if isinstance(req, P.Load):  # shared-L1: pins and slot names, as cheap as a lookup of its range
+            return no_tiers and req.end - req.start <= INLINE_LOOKUP_MAX_TOKENS
         return False
 
     # ---- workers --------------------------------------------------------------------------------

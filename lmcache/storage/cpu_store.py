@@ -170,6 +170,19 @@ class CpuStore:
             chunk.pins += 1
             return True
 
+    def hold(self, key: Hashable) -> CachedChunk | None:
+        """:meth:`pin` and :meth:`get` in one step: the committed chunk, pinned (``unpin`` it later),
+        or None if it is not here."""
+        with self._lock:
+            chunk = self._chunks.get(key)
+            if chunk is None or not chunk.committed:
+                return None
+            if chunk.pins == 0:
+                self._policy.discard(key, forget=False)
+            chunk.pins += 1
+            self._policy.touch(key)
+            return chunk
+
     def present_prefix(self, groups: Sequence[Sequence[Hashable]]) -> int:
         """How many leading groups have every key here (``in`` of each key, as cheap)."""
         for count, keys in enumerate(groups):

@@ -203,3 +203,23 @@ def test_a_one_way_report_gets_no_reply_and_keeps_its_place_in_order(serve) -> N
         reply = read_reply(sock)  # the first reply on the connection is the stats one
         assert reply.rid == 2 and reply.ok
         assert server.errors == errors + 1  # the failed report was counted (and logged), not answered
+
+
+def test_a_shared_l1_load_runs_on_the_io_thread_without_lower_tiers(serve, monkeypatch) -> None:
+    server = serve("auto")
+    shared = server.service.shared_l1
+    assert shared is not None
+    threads: list[int] = []
+    real_load = shared.load
+
+    def load(scope, req):  # type: ignore[no-untyped-def]
+        threads.append(threading.get_ident())
+        return real_load(scope, req)
+
+    monkeypatch.setattr(shared, "load", load)
+    with client_of(server) as client:
+        client.register(shared_pool(seed=14), 0, 1, MODEL, TPB, pool_sharing="shared-l1")
+        assert client.store(BlockTransfer(TOKENS, None, BLOCKS, 0, len(TOKENS))) == len(TOKENS)
+        dst = list(range(20, 20 + len(BLOCKS)))
+        assert client.retrieve(BlockTransfer(TOKENS, None, dst, 0, len(TOKENS))) == len(TOKENS)
+    assert threads == [server.io_thread]  # no hand-off to a worker: pins and slot names only
