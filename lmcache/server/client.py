@@ -56,7 +56,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
 
@@ -75,7 +75,7 @@ from lmcache.server.client_errors import (
     VersionMismatch,
     error_for,
 )
-from lmcache.server.client_lanes import DEFAULT_LANES, Endpoint, LanePool
+from lmcache.server.client_lanes import DEFAULT_LANES, Endpoint, LanePool, PendingReply
 from lmcache.server.client_registrations import Credentials, PromptHashes, Registration, Registrations
 from lmcache.server.client_shared_l1 import SharedL1Transfers
 from lmcache.transfer import BlockTransfer
@@ -446,16 +446,16 @@ class CacheServerClient:
         )
 
     def _call_once(self, req: Any, result_type: type[T], timeout_s: float | None, deadline: bool) -> T:
-        return self._submit(req, result_type, timeout_s, deadline=deadline)()
+        return self._submit(req, result_type, timeout_s, deadline=deadline).next()[0]
 
     def _submit(
         self, req: Any, result_type: type[T], timeout_s: float | None, *, deadline: bool = False
-    ) -> Callable[[], T]:
-        """Send ``req`` now; the returned function waits for its reply's value (errors raised as by
-        :meth:`call`, without retries). It must be called: the lane is the call's until then."""
+    ) -> Submitted[T]:
+        """Send ``req`` now; read its reply's parts from the returned :class:`Submitted` (errors raised
+        as by :meth:`call`, without retries)."""
         frame, rid, op, timeout = self._frame(req, timeout_s, deadline)
         pending = self.lanes.submit(frame, rid, op, timeout)
-        return lambda: self._value(pending.result(), result_type, op)
+        return Submitted(pending, lambda reply: self._value(reply, result_type, op))
 
     def _send(self, req: Any, timeout_s: float | None) -> None:
         """Send a one-way ``req`` (its ``one_way`` set): no reply comes, not even an error."""
@@ -505,6 +505,30 @@ class CacheServerClient:
             except Exception:
                 if not self._stop.is_set():
                     logger.exception("heartbeat to %s", self.url)
+
+
+class Submitted(Generic[T]):
+    """A request sent, its reply not read yet: :meth:`next` reads it part by part; the lane is the
+    request's until the last part is read or :meth:`cancel` closes it."""
+
+    def __init__(self, pending: PendingReply, value: Callable[[P.Reply], T]) -> None:
+        self._pending = pending
+        self._value = value
+        self.more = True
+        """Whether a part is still to be read."""
+
+    def next(self) -> tuple[T, bool]:
+        """The next part's value, and whether more parts follow."""
+        self.more = False  # a failed read closes the lane: nothing more to read either way
+        reply = self._pending.result()
+        self.more = reply.more
+        return self._value(reply), reply.more
+
+    def cancel(self) -> None:
+        """Give up on the parts not read yet (their lane is closed)."""
+        if self.more:
+            self._pending.cancel()
+            self.more = False
 
 
 def _descriptor(pool: Any, policy: str, server_policy: Callable[[], str]) -> P.PoolDescriptor:

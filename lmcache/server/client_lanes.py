@@ -412,16 +412,20 @@ class PendingReply:
         self._discard = discard
 
     def result(self) -> P.Reply:
-        """Wait for the reply (ServerUnavailable if none by the call's deadline); gives the lane back."""
+        """Wait for the next reply (ServerUnavailable if none by the call's deadline). A reply with
+        ``more`` keeps the lane for the rest of the answer: call again; the last gives it back."""
         lane = self._lane
         if lane is None:
             raise RuntimeError("the reply was already taken or cancelled")
-        self._lane = None
         try:
             reply = self._receive(lane)
         except BaseException:
+            self._lane = None
             self._discard(lane)
             raise
+        if reply.more and reply.ok:
+            return reply
+        self._lane = None
         self._release(lane)
         return reply
 

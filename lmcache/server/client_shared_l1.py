@@ -29,16 +29,22 @@ from lmcache.server.client_registrations import Registrations
 from lmcache.transfer import BlockTransfer
 
 if TYPE_CHECKING:  # the client imports no torch until a shared-L1 pool is registered
+    from lmcache.server.client import Submitted
     from lmcache.server.shared_l1_worker import SharedL1Copier
 
 __all__ = ["SharedL1Transfers", "CallFn", "SubmitFn", "SendFn"]
 
 CallFn = Callable[..., Any]
 """The client's call: ``(request, result_type, timeout_s, *, retry_unknown=True, deadline=False)``."""
-SubmitFn = Callable[..., Callable[[], Any]]
-"""The client's submit: ``(request, result_type, timeout_s, *, deadline=False)`` -> wait for the value."""
+SubmitFn = Callable[..., "Submitted[Any]"]
+"""The client's submit: ``(request, result_type, timeout_s, *, deadline=False)`` -> the reply to read."""
 SendFn = Callable[[Any, float | None], None]
 """The client's one-way send: ``(request, timeout_s)``."""
+
+
+FIRST_CHUNKS = 4
+"""Chunks of a load the server names ahead of the rest: their copies keep the DMA engine busy while it
+pins the rest (benchmarks/RESULTS.md, D22)."""
 
 
 class _LeaseVoid(Exception):
@@ -113,7 +119,7 @@ class SharedL1Transfers:
         # Always asked, even when the lease holds the whole store: the reply tops the lease up and
         # proves the server still knows this registration (the report that follows is one-way).
         req = P.StoreReserve(instance_id=iid, start=report.end, end=transfer.end, lease=P.MAX_LEASE, **fields)
-        wait_reply: Callable[[], Any] | None = None
+        wait_reply: Submitted[Any] | None = None
         try:
             batch = copier.begin_store(transfer.block_ids)
             if use_lease:
@@ -126,7 +132,7 @@ class SharedL1Transfers:
                 copier.add(batch, lease.slot, transfer.block_ids[first : first + rows])
             if wait_reply is not None:
                 pending, wait_reply = wait_reply, None  # taken once, even if it raises
-                report.reply = pending()
+                report.reply = pending.next()[0]
             assert report.reply is not None
             copier.add_leases(report.reply)
             report.cap = req.cap
@@ -139,7 +145,7 @@ class SharedL1Transfers:
             copier.quiesce()  # no copy may still write into a slot once it is given back
             if wait_reply is not None:  # its reservation must be given back too
                 with contextlib.suppress(ServerUnavailable, ServerError):
-                    report.reply = wait_reply()
+                    report.reply = wait_reply.next()[0]
                     copier.add_leases(report.reply)
             report.cap = req.cap
             if not report.empty and not isinstance(e, UnknownInstance):  # else nothing to give back
@@ -166,23 +172,42 @@ class SharedL1Transfers:
         pin_owner: int | None,
         timeout_s: float | None,
     ) -> int:
-        """Tokens loaded into ``transfer``'s blocks, a prefix (see :meth:`CacheServerClient.retrieve`)."""
+        """Tokens loaded into ``transfer``'s blocks, a prefix (see :meth:`CacheServerClient.retrieve`).
+
+        The server answers in two parts when the load has more than :data:`FIRST_CHUNKS` chunks: the
+        first chunks' copies start while it pins and names the rest."""
         req = P.Load(
             instance_id=iid,
             start=transfer.start,
             end=transfer.end,
             pin_id=pin_id,
             pin_owner=pin_owner,
+            first=FIRST_CHUNKS,
             **self._registrations.prompt_fields(iid, transfer),
         )
-        reply = self._call(req, P.LoadSlots, timeout_s, deadline=True)
-        done = P.LoadDone(instance_id=iid, ticket=reply.ticket, cap=req.cap)
+        parts: Submitted[P.LoadSlots] | None = None
+        try:
+            parts = self._submit(req, P.LoadSlots, timeout_s, deadline=True)
+            reply, more = parts.next()
+        except UnknownInstance:  # the server restarted or forgot us: the plain call registers again
+            req.first = 0
+            reply, more = self._call(req, P.LoadSlots, timeout_s, deadline=True), False
         if reply.ticket == 0:
             return reply.loaded
         copier: SharedL1Copier = self._registrations.copier(iid)
+        done = P.LoadDone(instance_id=iid, ticket=reply.ticket, cap=req.cap)
         try:
-            return copier.load(reply, transfer.block_ids)
+            batch = copier.begin_load(transfer.block_ids)
+            copier.add_load(batch, reply, transfer.block_ids)
+            while more:
+                assert parts is not None
+                reply, more = parts.next()
+                copier.add_load(batch, reply, transfer.block_ids)
+            copier.complete(batch)
+            return reply.loaded
         finally:
+            if parts is not None:
+                parts.cancel()  # parts not read (a copy failed): their lane goes
             # The copy completed (or failed): the pins may go. A server that cannot take the report
             # (gone, restarted) releases them itself (reaping, or a fresh L1), so the load still counts.
             with contextlib.suppress(ServerUnavailable, ServerError):

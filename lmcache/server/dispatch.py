@@ -164,6 +164,10 @@ class Dispatcher:
                 reply.error.message,
             )
 
+    def _parts(self, identity: Identity, req: Any) -> Callable[[Any], None]:
+        """Sends a first part of ``req``'s reply (see :attr:`Call.send_part`)."""
+        return lambda value: self.answer(identity, req, P.Reply(rid=req.rid, ok=True, value=value, more=True))
+
     def reply_error(self, identity: Identity, rid: int, code: P.ErrorCode, message: str) -> None:
         self.counters.errors += 1
         logger.debug("request %d refused (%s): %s", rid, code.value, message)
@@ -213,7 +217,9 @@ class Dispatcher:
                     return
                 self._running.add(identity)
         if q is None:
-            self.answer(identity, req, self.execute(req, now, Call(peer)))
+            self.answer(
+                identity, req, self.execute(req, now, Call(peer, send_part=self._parts(identity, req)))
+            )
             return
         try:
             self._executor.submit(self._drain, identity)
@@ -250,7 +256,7 @@ class Dispatcher:
             if self.stopping.is_set():
                 reply = framing.error_reply(req.rid, P.ErrorCode.SHUTTING_DOWN, "the server is shutting down")
             else:
-                call = Call(peer, cleanups=[])
+                call = Call(peer, cleanups=[], send_part=self._parts(identity, req))
                 reply = self.execute(req, received, call)
                 if call.cleanups:
                     # The client's next request waits in this queue until the cleanup is done.

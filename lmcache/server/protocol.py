@@ -74,6 +74,7 @@ from lmcache.server.shared_l1_protocol import (
     StoreChunk,
     StoreSlots,
 )
+from lmcache.server.wire_ids import TOKEN_BYTES, ids_from_wire, tokens_to_bytes
 from lmcache.stats import EngineSnapshot
 
 __all__ = [
@@ -125,6 +126,7 @@ __all__ = [
     "encode",
     "decode_reply",
     "tokens_to_bytes",
+    "ids_from_wire",
 ]
 
 PROTOCOL_VERSION = 5
@@ -141,8 +143,6 @@ MAX_BLOCKS = 1 << 22
 MAX_WORLD_SIZE = 4096
 MAX_NAME = 512
 MAX_SALT = 4096
-TOKEN_BYTES = 8
-"""Bytes of one token id in the wire form (:func:`tokens_to_bytes`)."""
 MAX_LEASE = 4096
 """Most leased slots one request may ask for or name."""
 
@@ -325,8 +325,10 @@ class StoreDone(_Req, tag="store_done", kw_only=True):
 
 class Load(_Req, tag="load", kw_only=True):
     """Shared-L1 load, step 1: pin the chunks of ``[start, end)`` (named as in :class:`Retrieve`,
-    stopping at the first not cached); reply :class:`LoadSlots`. The lookup's pins (``pin_id``) may go
-    once this reply is sent: the load holds its own until :class:`LoadDone`."""
+    stopping at the first not cached); reply :class:`LoadSlots`, in two parts (the first with
+    ``more``) when there are more than ``first`` chunks: the first ``first`` chunks, then the rest,
+    under one ticket. The lookup's pins (``pin_id``) may go once the reply is sent: the load holds its
+    own until :class:`LoadDone`."""
 
     instance_id: UInt63
     tokens: TokenIds
@@ -336,6 +338,7 @@ class Load(_Req, tag="load", kw_only=True):
     chunk_hashes: ChunkHashBytes | None = None
     pin_id: PinId = None
     pin_owner: UInt63 | None = None
+    first: Annotated[int, Meta(ge=0, le=MAX_LEASE)] = 0
     cap: Cap = None
 
 
@@ -401,6 +404,9 @@ class Reply(msgspec.Struct, kw_only=True):
     ok: bool
     value: Any = None
     error: ErrorInfo | None = None
+    more: bool = False
+    """A first part of the answer: another reply to the same request follows (shared-L1 ``load``
+    sends the slots of its first chunks ahead of the rest, so the worker's copies start early)."""
 
 
 class ChunkHashing(msgspec.Struct, kw_only=True):
@@ -485,11 +491,6 @@ class StatsInfo(msgspec.Struct, kw_only=True):
 # ---- encoding -----------------------------------------------------------------------------------
 
 _encoder = msgspec.msgpack.Encoder()
-
-
-def _pack_int64(ids: list[int]) -> bytes:
-    # A fresh Struct packs a long list faster than struct.pack(fmt, ...) (benchmarks/RESULTS.md, D15).
-    return struct.Struct(f"<{len(ids)}q").pack(*ids)
 
 
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
@@ -579,38 +580,3 @@ def decode_request(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Request:
         return _request_decoder.decode(frame)
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as e:
         raise ProtocolError(ErrorCode.INVALID, f"invalid {header.op!r} request: {e}", rid) from None
-
-
-def tokens_to_bytes(tokens: Any) -> bytes:
-    """Token (or block) ids as little-endian int64 bytes, the compact wire form."""
-    import numpy as np
-
-    if isinstance(tokens, bytes):
-        return tokens
-    if isinstance(tokens, (bytearray, memoryview)):
-        return bytes(tokens)
-    if isinstance(tokens, list):  # TRT-LLM hands over lists: struct beats numpy (RESULTS.md, D15)
-        try:
-            return _pack_int64(tokens)
-        except struct.error:
-            pass  # not all ints in int64 range: let numpy convert or raise its error
-    if hasattr(tokens, "detach"):  # torch.Tensor
-        tokens = tokens.detach().cpu().numpy()
-    arr = np.asarray(tokens, dtype="<i8")
-    if arr.ndim != 1:
-        raise ValueError(f"ids must be a flat sequence, got shape {arr.shape}")
-    return arr.tobytes()
-
-
-def ids_from_wire(ids: bytes | list[int], what: str) -> Any:
-    """Wire ids as a numpy int64 array; bytes must be a whole number of int64s."""
-    import numpy as np
-
-    if isinstance(ids, bytes):
-        if len(ids) % 8:
-            raise ValueError(f"{what}: {len(ids)} bytes is not a whole number of little-endian int64s")
-        return np.frombuffer(ids, dtype="<i8")
-    try:
-        return np.asarray(ids, dtype="<i8")
-    except OverflowError:
-        raise ValueError(f"{what}: ids must fit in int64") from None

@@ -62,6 +62,9 @@ class Call:
     peer: Peer
     cleanups: list[Callable[[], None]] | None = None
     """None: no reply is pending elsewhere, cleanups run at once."""
+    send_part: Callable[[Any], None] | None = None
+    """Sends a first part of the reply's value now (a reply with ``more``); None: parts are not
+    supported where the request runs, the handler answers whole."""
 
     def after_reply(self, cleanup: Callable[[], None]) -> None:
         """Run ``cleanup`` once the reply is out: work the client need not wait for, still done

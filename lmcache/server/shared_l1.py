@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lmcache.chunk_copy import StoreSlot
@@ -186,27 +187,49 @@ class SharedL1Service:
 
     # ---- load -----------------------------------------------------------------------------------
 
-    def load(self, scope: InstanceScope, req: P.Load) -> P.LoadSlots:
-        """Pin the chunks of the request's range, up to the first not cached."""
+    def load(
+        self, scope: InstanceScope, req: P.Load, send_part: Callable[[P.LoadSlots], None] | None = None
+    ) -> P.LoadSlots:
+        """Pin the chunks of the request's range, up to the first not cached. With ``send_part`` and
+        more than ``req.first`` chunks in the range, the first ``req.first`` go ahead in a part of
+        the reply (the ticket opened with it), the rest in the reply itself."""
         prompt = request_prompt(self.engine, scope.space, req)
         self._check_room(scope.instance_id)
         hold = self.engine.hold_load(scope.space, scope.rank, prompt, req.cache_salt, req.start, req.end)
+        size = self.engine.config.chunk_size
+        in_range = -(-req.end // size) - req.start // size
+        split = req.first if send_part is not None and 0 < req.first < in_range else 0
+        ticket = 0
+        chunks: list[P.LoadChunk] = []
         try:
-            slots = list(self.engine.hold_chunks(hold))
-            for slot in slots:  # a chunk stored over CUDA IPC is read once its copy is complete
-                slot.chunk.wait_ready_on_host()
+            for slot in self.engine.hold_chunks(hold):
+                slot.chunk.wait_ready_on_host()  # a chunk stored over CUDA IPC: once its copy is done
+                ref = slot.chunk.buffer.ref
+                chunks.append(
+                    P.LoadChunk(slot.first_block, slot.rows, slot.skip, slot.stop, self._ref_info(ref))
+                )
+                if len(chunks) == split and not ticket:
+                    assert send_part is not None
+                    ticket = self._open(scope.instance_id, _LoadTicket(hold))
+                    send_part(self._load_slots(scope, ticket, hold, chunks))
+                    chunks = []
         except BaseException:
-            self.engine.finish_load(hold)
+            if not ticket:  # else the ticket holds the pins until load_done or reaping
+                self.engine.finish_load(hold)
             raise
-        if not slots:
-            self.engine.finish_load(hold)
-            return P.LoadSlots(ticket=0, loaded=0)
-        chunks = [
-            P.LoadChunk(s.first_block, s.rows, s.skip, s.stop, self._ref_info(s.chunk.buffer.ref))
-            for s in slots
-        ]
-        ticket = self._open(scope.instance_id, _LoadTicket(hold))
-        slabs, forget = self._slab_news(scope.instance_id, [c.slot.slab for c in chunks])
+        if not ticket:
+            if not chunks:
+                self.engine.finish_load(hold)
+                return P.LoadSlots(ticket=0, loaded=0)
+            ticket = self._open(scope.instance_id, _LoadTicket(hold))
+        return self._load_slots(scope, ticket, hold, chunks)
+
+    def _load_slots(
+        self, scope: InstanceScope, ticket: int, hold: LoadHold, chunks: list[P.LoadChunk]
+    ) -> P.LoadSlots:
+        slabs, forget = (
+            self._slab_news(scope.instance_id, [c.slot.slab for c in chunks]) if chunks else ([], [])
+        )
         return P.LoadSlots(
             ticket=ticket, loaded=hold.loaded_end - hold.start, chunks=chunks, slabs=slabs, forget=forget
         )

@@ -60,7 +60,7 @@ class SharedL1Handlers:
         with self.service.instances.use(req.instance_id, req.cap) as inst:
             key = None if req.pin_id is None else self.service.pin_key(inst, req.pin_owner, req.pin_id)
             try:
-                reply = self.shared.load(_scope(inst), req)
+                reply = self.shared.load(_scope(inst), req, call.send_part)
                 self._forget_if_retired(inst)
                 return reply
             finally:

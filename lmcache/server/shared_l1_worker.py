@@ -128,8 +128,18 @@ class SharedL1Copier:
     def load(self, reply: P.LoadSlots, block_ids: Sequence[int]) -> int:
         """Scatter each chunk's rows ``[skip, stop)`` into the pool; complete on return. Returns the
         tokens loaded (``reply.loaded``)."""
+        batch = self.begin_load(block_ids)
+        self.add_load(batch, reply, block_ids)
+        self.complete(batch)
+        return reply.loaded
+
+    def begin_load(self, block_ids: Sequence[int]) -> CopyBatcher[None]:
+        """A load's copies; add the chunks of each reply part with :meth:`add_load`."""
+        return CopyBatcher(self.pool, self.stream, store=False, block_ids=block_ids)
+
+    def add_load(self, batch: CopyBatcher[None], reply: P.LoadSlots, block_ids: Sequence[int]) -> None:
+        """Map the reply's slabs and queue the scatters of its chunks."""
         self.apply(reply.slabs, reply.forget)
-        copier: CopyBatcher[None] = CopyBatcher(self.pool, self.stream, store=False, block_ids=block_ids)
         for chunk in reply.chunks:
             if not 0 <= chunk.skip < chunk.stop <= chunk.rows:
                 raise ShmSlabError(
@@ -137,10 +147,7 @@ class SharedL1Copier:
                 )
             view = self._view(chunk.slot, chunk.rows)[chunk.skip : chunk.stop]
             rows = block_ids[chunk.first_block + chunk.skip : chunk.first_block + chunk.stop]
-            copier.add(rows, view, None)
-        copier.finish()
-        self.quiesce()
-        return reply.loaded
+            batch.add(rows, view, None)
 
     def close(self) -> None:
         """Forget every mapping (they go once no view of them is left)."""

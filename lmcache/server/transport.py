@@ -202,15 +202,19 @@ class ServerTransport:
         """Send ``reply`` to ``identity`` (any thread; dropped if the client went away)."""
         frame = framing.encode_reply(reply)
         on_worker = threading.get_ident() != self.io_thread
-        if on_worker and (conn := self._conns.get(identity)) is not None:
+        if not on_worker:  # an inline reply goes at once, after those queued before it
+            self.flush()
+            if (conn := self._conns.get(identity)) is not None:
+                self._send(conn, frame)
+            return
+        if (conn := self._conns.get(identity)) is not None:
             sent = conn.send_from_worker(framing.framed(frame))
             if sent:
                 return
             if sent is None:
                 frame = b""  # tells the I/O thread to flush the rest
         self._replies.put((identity, frame))
-        if on_worker:
-            self.wake()
+        self.wake()
 
     def flush(self) -> None:
         """Send the queued replies (I/O thread)."""

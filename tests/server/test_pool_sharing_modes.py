@@ -212,14 +212,50 @@ def test_a_shared_l1_load_runs_on_the_io_thread_without_lower_tiers(serve, monke
     threads: list[int] = []
     real_load = shared.load
 
-    def load(scope, req):  # type: ignore[no-untyped-def]
+    def load(scope, req, send_part=None):  # type: ignore[no-untyped-def]
         threads.append(threading.get_ident())
-        return real_load(scope, req)
+        return real_load(scope, req, send_part)
 
     monkeypatch.setattr(shared, "load", load)
     with client_of(server) as client:
         client.register(shared_pool(seed=14), 0, 1, MODEL, TPB, pool_sharing="shared-l1")
         assert client.store(BlockTransfer(TOKENS, None, BLOCKS, 0, len(TOKENS))) == len(TOKENS)
+        # Answered after the store's one-way report (same connection): nothing of it is running now.
+        assert client.lookup(TOKENS) == len(TOKENS)
         dst = list(range(20, 20 + len(BLOCKS)))
         assert client.retrieve(BlockTransfer(TOKENS, None, dst, 0, len(TOKENS))) == len(TOKENS)
     assert threads == [server.io_thread]  # no hand-off to a worker: pins and slot names only
+
+
+def test_a_loads_first_part_leaves_before_the_server_names_the_rest(serve, monkeypatch) -> None:
+    """Served on the I/O thread, the first part must still go out at once: the handler below waits
+    until the client has read it."""
+    server = serve("auto")
+    shared = server.service.shared_l1
+    assert shared is not None
+    part_read = threading.Event()
+    real_load = shared.load
+
+    def load(scope, req, send_part=None):  # type: ignore[no-untyped-def]
+        def send_then_wait(part):  # type: ignore[no-untyped-def]
+            send_part(part)
+            assert part_read.wait(20), "the first part did not reach the client while the load ran"
+
+        return real_load(scope, req, send_then_wait)
+
+    monkeypatch.setattr(shared, "load", load)
+    with client_of(server) as client:
+        cap = client.register(shared_pool(seed=15), 0, 1, MODEL, TPB, pool_sharing="shared-l1").cap
+        assert client.store(BlockTransfer(TOKENS, None, BLOCKS, 0, len(TOKENS))) == len(TOKENS)
+        assert client.lookup(TOKENS) == len(TOKENS)
+        req = P.Load(
+            rid=9, instance_id=client.instance_id, tokens=TOKENS, end=len(TOKENS), first=1, cap=cap,
+            auth=server_secret(),
+        )  # fmt: skip
+        with connect(f"tcp://127.0.0.1:{server.tcp_port}") as sock:
+            sock.sendall(framed(P.encode(req)))
+            first = read_reply(sock)
+            part_read.set()
+            rest = read_reply(sock)
+        assert first.more and not rest.more and first.rid == rest.rid == 9
+        assert first.value["ticket"] == rest.value["ticket"] != 0

@@ -166,3 +166,52 @@ def test_every_reply_describes_its_own_slabs_so_concurrent_copies_need_no_order(
     assert other_thread.load(load, dst) == 4 * CHUNK
     assert torch.equal(pool[dst], pool[src])
     service.load_done(scope, P.LoadDone(instance_id=7, ticket=load.ticket))
+
+
+def test_a_load_answers_its_first_chunks_ahead_under_one_ticket(env) -> None:
+    engine, service, copier, pool, scope = env
+    src = shuffled_blocks(16, seed=11)
+    store(service, copier, scope, src)
+    parts: list[P.LoadSlots] = []
+    req = P.Load(instance_id=7, tokens=TOKENS, start=16, end=4 * CHUNK, first=1)
+    final = service.load(scope, req, parts.append)
+    assert [len(p.chunks) for p in parts] == [1] and len(final.chunks) == 3
+    assert parts[0].ticket == final.ticket and final.loaded == 4 * CHUNK - 16
+    assert parts[0].slabs and service.open_tickets(7) == 1
+    dst = shuffled_blocks(16, seed=12, base=32)
+    batch = copier.begin_load(dst)
+    for part in (*parts, final):
+        copier.add_load(batch, part, dst)
+    copier.complete(batch)
+    assert torch.equal(pool[dst[1:]], pool[src[1:]])
+    service.load_done(scope, P.LoadDone(instance_id=7, ticket=final.ticket))
+    assert engine.l1.pinned_keys() == []
+
+    whole: list[P.LoadSlots] = []  # no more chunks than ``first``: one reply
+    assert (
+        len(
+            service.load(scope, P.Load(instance_id=7, tokens=TOKENS, end=CHUNK, first=1), whole.append).chunks
+        )
+        == 1
+    )
+    assert whole == []
+
+
+def test_a_load_failing_after_its_first_part_keeps_the_pins_for_its_ticket(env, monkeypatch) -> None:
+    engine, service, copier, pool, scope = env
+    store(service, copier, scope, shuffled_blocks(16, seed=13))
+    real = engine.hold_chunks
+
+    def fail_after_two(hold):  # type: ignore[no-untyped-def]
+        for i, slot in enumerate(real(hold)):
+            if i == 2:
+                raise OSError("lower tier gone")
+            yield slot
+
+    monkeypatch.setattr(engine, "hold_chunks", fail_after_two)
+    parts: list[P.LoadSlots] = []
+    with pytest.raises(OSError):
+        service.load(scope, P.Load(instance_id=7, tokens=TOKENS, end=4 * CHUNK, first=2), parts.append)
+    assert len(parts) == 1 and len(engine.l1.pinned_keys()) >= 2  # the worker may be copying them
+    service.load_done(scope, P.LoadDone(instance_id=7, ticket=parts[0].ticket))
+    assert engine.l1.pinned_keys() == [] and service.open_tickets(7) == 0
