@@ -73,7 +73,14 @@ def server_engine(
     if pool_sharing == "export":
         return CacheEngine(config, slab_source=SlabSource(pinned))
     _warn_if_shm_is_small(config, shm_dir)
-    return CacheEngine(config, slab_source=ShmSlabSource(pinned, shm_dir=shm_dir))
+    engine = CacheEngine(config, slab_source=ShmSlabSource(pinned, shm_dir=shm_dir))
+    if config.local_cpu and pinned_memory_available():
+        # On a CUDA host every region is created in the background from start-up (as the in-process
+        # L1 is pinned ahead), so saves while L1 fills do not wait for new regions, and workers map
+        # and page-lock them ahead (they are announced as soon as they exist). Without CUDA, as
+        # in-process, L1 grows with use.
+        engine.l1.arena.prepin()
+    return engine
 
 
 def _warn_if_shm_is_small(config: LMCacheEngineConfig, shm_dir: str) -> None:

@@ -68,6 +68,17 @@ class InstanceScope:
 
 
 @dataclass(frozen=True)
+class SlabNews:
+    """What a reply tells an instance of the L1 slabs: ``slabs``, those its slots lie in (map before
+    copying); ``forget``, those it was told of that are gone; ``ahead``, those it was not told of yet
+    (map them when convenient: later slots will lie in them)."""
+
+    slabs: list[P.SlabInfo]
+    forget: list[int]
+    ahead: list[P.SlabInfo]
+
+
+@dataclass(frozen=True)
 class LeaseKey:
     """The L1 key a leased slot is reserved under until its chunk is known (never a chunk key)."""
 
@@ -132,14 +143,15 @@ class SharedL1Service:
         reserved = [s for s in slots if s.chunk is not None]
         ticket = self._open(scope.instance_id, _StoreTicket(scope.space, slots)) if reserved else 0
         slab_ids = [c.slot.slab for c in chunks if c.slot is not None] + [x.slot.slab for x in leased]
-        slabs, forget = self._slab_news(scope.instance_id, slab_ids) if slab_ids else ([], [])
+        news = self._slab_news(scope.instance_id, slab_ids)
         return P.StoreSlots(
             ticket=ticket,
             chunks=chunks,
             tokens=sum(s.end - s.start for s in reserved),
             leased=leased,
-            slabs=slabs,
-            forget=forget,
+            slabs=news.slabs,
+            forget=news.forget,
+            ahead=news.ahead,
         )
 
     def store_done(self, scope: InstanceScope, req: P.StoreDone) -> int:
@@ -227,11 +239,14 @@ class SharedL1Service:
     def _load_slots(
         self, scope: InstanceScope, ticket: int, hold: LoadHold, chunks: list[P.LoadChunk]
     ) -> P.LoadSlots:
-        slabs, forget = (
-            self._slab_news(scope.instance_id, [c.slot.slab for c in chunks]) if chunks else ([], [])
-        )
+        news = self._slab_news(scope.instance_id, [c.slot.slab for c in chunks])
         return P.LoadSlots(
-            ticket=ticket, loaded=hold.loaded_end - hold.start, chunks=chunks, slabs=slabs, forget=forget
+            ticket=ticket,
+            loaded=hold.loaded_end - hold.start,
+            chunks=chunks,
+            slabs=news.slabs,
+            forget=news.forget,
+            ahead=news.ahead,
         )
 
     def load_done(self, scope: InstanceScope, req: P.LoadDone) -> bool:
@@ -336,20 +351,24 @@ class SharedL1Service:
     def _ref_info(ref: SlotRef) -> P.SlotInfo:
         return P.SlotInfo(ref.slab, ref.offset, ref.nbytes)
 
-    def _slab_news(self, instance_id: int, slab_ids: list[int]) -> tuple[list[P.SlabInfo], list[int]]:
-        """Descriptors of every slab the reply's slots lie in, and ids of the slabs the instance was told
-        of that are gone since. Every reply describes its own slabs: a worker's concurrent requests (a
-        save and a load) may apply their replies in any order, and each copy needs its slabs mapped."""
+    def _slab_news(self, instance_id: int, slab_ids: list[int]) -> SlabNews:
+        """What a reply tells the instance of the slabs (see :class:`SlabNews`). Every reply describes
+        its own slabs: a worker's concurrent requests (a save and a load) may apply their replies in
+        any order, and each copy needs its slabs mapped."""
         live = self.source.live_ids()
         named = sorted(set(slab_ids))
         with self._lock:
             state = self._states.setdefault(instance_id, _InstanceState())
             forget = sorted(state.slabs - live)
             state.slabs -= set(forget)
-            state.slabs |= set(named)
+            ahead = sorted(live - state.slabs - set(named))
+            state.slabs |= set(named) | set(ahead)
+        return SlabNews(self._describe(named), forget, self._describe(ahead))
+
+    def _describe(self, slab_ids: list[int]) -> list[P.SlabInfo]:
         infos = []
-        for slab_id in named:
+        for slab_id in slab_ids:
             info = self.source.describe(slab_id)
-            assert info is not None  # the slot is reserved or pinned: its slab is alive
-            infos.append(P.SlabInfo(id=info.id, name=info.name, nbytes=info.nbytes))
-        return infos, forget
+            if info is not None:  # a slab named by a slot is alive: the slot holds it
+                infos.append(P.SlabInfo(id=info.id, name=info.name, nbytes=info.nbytes))
+        return infos

@@ -63,6 +63,8 @@ class StoreSlots(msgspec.Struct, kw_only=True):
     """The slabs the chunks' and leased slots lie in: map those not mapped yet before copying."""
     forget: list[int] = []
     """Ids of slabs the instance was told of that are gone: drop their mappings."""
+    ahead: list[SlabInfo] = []
+    """Slabs the instance was not told of yet: later slots will lie in them, map them ahead."""
 
 
 class LoadSlots(msgspec.Struct, kw_only=True):
@@ -74,3 +76,4 @@ class LoadSlots(msgspec.Struct, kw_only=True):
     chunks: list[LoadChunk] = []
     slabs: list[SlabInfo] = []
     forget: list[int] = []
+    ahead: list[SlabInfo] = []

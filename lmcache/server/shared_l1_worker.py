@@ -1,8 +1,7 @@
 """Worker side of the shared-L1 mode: copies between this process's pool and the server's L1 slots.
 
-The server names slots by slab id; every reply describes the slabs its slots lie in
-(:class:`~lmcache.server.protocol.SlabInfo`), and those not mapped yet are mapped with the checks of
-:func:`lmcache.shm_slabs.map_slab` (owner, mode 0600, size), page-locked when the pool is on CUDA.
+The server names slots by slab id; every reply describes the slabs its slots lie in, mapped before
+the copy, and the slabs not announced before, mapped ahead (:mod:`lmcache.server.slab_mappings`).
 Copies run on the copier's own stream and are complete when :meth:`SharedL1Copier.store`,
 :meth:`SharedL1Copier.complete` or :meth:`SharedL1Copier.load` returns, so the worker may report
 them done. The copier also keeps the registration's lease (slots it may fill before it has asked for
@@ -21,7 +20,8 @@ import torch
 
 from lmcache.chunk_copy import CopyBatcher
 from lmcache.server import protocol as P
-from lmcache.shm_slabs import SHM_DIR, MappedSlab, ShmSlabError, ShmSlabInfo, map_slab
+from lmcache.server.slab_mappings import SlabMappings
+from lmcache.shm_slabs import SHM_DIR, ShmSlabError
 
 
 class SharedL1Copier:
@@ -33,7 +33,7 @@ class SharedL1Copier:
         self.row_bytes = math.prod(pool.shape[1:]) * pool.element_size()
         self.stream: Any = torch.cuda.Stream(device=pool.device) if pool.is_cuda else None
         self.server_id: str | None = None
-        self._slabs: dict[int, MappedSlab] = {}
+        self.slabs = SlabMappings(pin=pool.is_cuda, shm_dir=shm_dir)
         self._cap: bytes | None = None
         self._leases: list[P.LeasedSlot] = []
         self._lock = threading.Lock()
@@ -43,7 +43,7 @@ class SharedL1Copier:
         invalidates every mapping, another registration the lease."""
         with self._lock:
             if server_id != self.server_id:
-                self._slabs.clear()
+                self.slabs.clear()
                 self._leases.clear()
                 self.server_id = server_id
             if cap != self._cap:
@@ -67,7 +67,7 @@ class SharedL1Copier:
 
     def add_leases(self, reply: P.StoreSlots) -> None:
         """Map the reply's slabs and keep the slots it leased."""
-        self.apply(reply.slabs, reply.forget)
+        self.apply(reply)
         with self._lock:
             self._leases.extend(reply.leased)
 
@@ -80,20 +80,18 @@ class SharedL1Copier:
 
     @property
     def mapped_slabs(self) -> list[int]:
-        return sorted(self._slabs)
+        return self.slabs.ids()
 
-    def apply(self, slabs: Sequence[P.SlabInfo], forget: Sequence[int]) -> None:
-        """Drop the slabs the server freed, map the ones it announced."""
-        for slab_id in forget:
-            self._slabs.pop(slab_id, None)
-        for info in slabs:
-            if info.id not in self._slabs:
-                desc = ShmSlabInfo(info.id, info.name, info.nbytes)
-                self._slabs[info.id] = map_slab(desc, pin=self.pool.is_cuda, shm_dir=self.shm_dir)
+    def apply(self, reply: P.StoreSlots | P.LoadSlots) -> None:
+        """Take in what the reply tells of the slabs: drop the freed ones, map those its slots lie in,
+        map the new ones ahead."""
+        self.slabs.apply(reply.slabs, reply.forget)
+        if reply.ahead:
+            self.slabs.map_ahead(reply.ahead)
 
     def store(self, reply: P.StoreSlots, block_ids: Sequence[int]) -> None:
         """Gather the pool rows of each reserved chunk into its slot; complete on return."""
-        self.apply(reply.slabs, reply.forget)
+        self.apply(reply)
         batch = self.begin_store(block_ids)
         self.add_chunks(batch, reply, block_ids)
         self.complete(batch)
@@ -139,7 +137,7 @@ class SharedL1Copier:
 
     def add_load(self, batch: CopyBatcher[None], reply: P.LoadSlots, block_ids: Sequence[int]) -> None:
         """Map the reply's slabs and queue the scatters of its chunks."""
-        self.apply(reply.slabs, reply.forget)
+        self.apply(reply)
         for chunk in reply.chunks:
             if not 0 <= chunk.skip < chunk.stop <= chunk.rows:
                 raise ShmSlabError(
@@ -151,11 +149,11 @@ class SharedL1Copier:
 
     def close(self) -> None:
         """Forget every mapping (they go once no view of them is left)."""
-        self._slabs.clear()
+        self.slabs.clear()
 
     def _view(self, slot: P.SlotInfo, rows: int) -> torch.Tensor:
         """The slot as ``rows`` pool rows, after checking it lies in a slab this worker mapped."""
-        mapped = self._slabs.get(slot.slab)
+        mapped = self.slabs.get(slot.slab)
         if mapped is None:
             raise ShmSlabError(
                 f"slot names slab {slot.slab}, which the server never described to this worker"

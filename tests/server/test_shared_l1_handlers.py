@@ -137,7 +137,7 @@ def test_bad_ranges_and_slots_are_refused(env) -> None:
     unknown = P.StoreSlots(ticket=reply.ticket, chunks=[P.StoreChunk(0, 4, P.SlotInfo(99, 0, 4 * 1024))])
     with pytest.raises(ShmSlabError, match="never described"):
         copier.store(unknown, list(range(4)))
-    copier.apply(reply.slabs, [])
+    copier.apply(reply)
     slot = reply.chunks[0].slot
     wrong = P.StoreSlots(
         ticket=reply.ticket, chunks=[P.StoreChunk(0, 4, P.SlotInfo(slot.slab, slot.offset, 8))]
@@ -215,3 +215,19 @@ def test_a_load_failing_after_its_first_part_keeps_the_pins_for_its_ticket(env, 
     assert len(parts) == 1 and len(engine.l1.pinned_keys()) >= 2  # the worker may be copying them
     service.load_done(scope, P.LoadDone(instance_id=7, ticket=parts[0].ticket))
     assert engine.l1.pinned_keys() == [] and service.open_tickets(7) == 0
+
+
+def test_replies_announce_new_slabs_ahead_once_and_the_worker_maps_them_in_the_background(env) -> None:
+    engine, service, copier, pool, scope = env
+    engine.l1.arena.prepin()  # every slab of the budget exists now, as on a CUDA host
+    assert engine.l1.arena.wait_prepinned(30)
+    live = engine.l1.arena.source.live_ids()
+    assert len(live) > 2
+    reply = service.store_reserve(scope, P.StoreReserve(instance_id=7, tokens=TOKENS, end=CHUNK))
+    named = {s.id for s in reply.slabs}
+    assert named and {s.id for s in reply.ahead} == live - named  # told of every slab, once
+    copier.apply(reply)
+    assert copier.slabs.wait_ahead(30) and set(copier.mapped_slabs) == live
+    service.store_done(scope, P.StoreDone(instance_id=7, ticket=reply.ticket, ok=False))
+    again = service.store_reserve(scope, P.StoreReserve(instance_id=7, tokens=TOKENS, end=CHUNK))
+    assert again.ahead == [] and again.slabs  # a reply still names its own slabs

@@ -1,0 +1,125 @@
+"""A worker's mappings of the cache server's L1 slabs (shared-L1 mode).
+
+A reply names the slabs its slots lie in (``slabs``): :meth:`SlabMappings.apply` maps those not
+mapped yet before the worker copies, with the checks of :func:`lmcache.shm_slabs.map_slab` (owner,
+mode 0600, size), page-locked for a CUDA pool. A reply also announces slabs the worker was not told
+of yet (``ahead``): :meth:`SlabMappings.map_ahead` hands them to a background thread, so a save into a
+new slab does not wait for its mapping and page-locking (a slab is mapped once either way; a copy
+that needs a slab being mapped ahead waits for that one only).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+
+from lmcache.logging import init_logger
+from lmcache.server import protocol as P
+from lmcache.shm_slabs import SHM_DIR, MappedSlab, ShmSlabError, ShmSlabInfo, map_slab
+
+logger = init_logger(__name__)
+
+__all__ = ["SlabMappings"]
+
+
+class SlabMappings:
+    """The slabs of one server this worker mapped, by id; thread-safe."""
+
+    def __init__(self, *, pin: bool, shm_dir: str = SHM_DIR) -> None:
+        self.pin = pin
+        self.shm_dir = shm_dir
+        self._mapped: dict[int, MappedSlab] = {}
+        self._pending: dict[int, threading.Event] = {}
+        """Slabs queued or being mapped ahead, each with the event set once that is over."""
+        self._queue: deque[ShmSlabInfo] = deque()
+        self._generation = 0
+        """Bumped by :meth:`clear`: a mapping made ahead for an older server is dropped."""
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def ids(self) -> list[int]:
+        with self._lock:
+            return sorted(self._mapped)
+
+    def get(self, slab_id: int) -> MappedSlab | None:
+        return self._mapped.get(slab_id)
+
+    def apply(self, slabs: Sequence[P.SlabInfo], forget: Sequence[int]) -> None:
+        """Drop the slabs the server freed; map those a copy is about to use (raises ShmSlabError if a
+        region fails the checks)."""
+        with self._lock:
+            for slab_id in forget:
+                self._mapped.pop(slab_id, None)
+        for info in slabs:
+            with self._lock:
+                if info.id in self._mapped:
+                    continue
+                ahead = self._pending.get(info.id)
+            if ahead is not None:
+                ahead.wait()
+                if info.id in self._mapped:
+                    continue
+            mapped = map_slab(
+                ShmSlabInfo(info.id, info.name, info.nbytes), pin=self.pin, shm_dir=self.shm_dir
+            )
+            with self._lock:
+                self._mapped.setdefault(info.id, mapped)
+
+    def map_ahead(self, slabs: Sequence[P.SlabInfo]) -> None:
+        """Map these slabs in the background (a failure is left to :meth:`apply`, if one is ever used)."""
+        with self._lock:
+            for info in slabs:
+                if info.id not in self._mapped and info.id not in self._pending:
+                    self._pending[info.id] = threading.Event()
+                    self._queue.append(ShmSlabInfo(info.id, info.name, info.nbytes))
+            if self._queue and self._thread is None:
+                # Not a daemon: exiting while it is inside the CUDA driver (page-locking) aborts the
+                # process; exit waits for the few slabs still queued instead.
+                self._thread = threading.Thread(target=self._run, name="lmcache-map-ahead")
+                self._thread.start()
+
+    def wait_ahead(self, timeout: float | None = None) -> bool:
+        """Wait until no slab is left to map ahead; False on timeout (tests, benchmarks)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                thread = self._thread
+            if thread is None:
+                return True
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                return False
+
+    def clear(self) -> None:
+        """Forget every mapping (another server): they go once no view of them is left."""
+        with self._lock:
+            self._generation += 1
+            self._mapped.clear()
+            self._queue.clear()
+            pending, self._pending = self._pending, {}
+        for event in pending.values():  # whoever waits maps the slab itself
+            event.set()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._thread = None
+                    return
+                info = self._queue.popleft()
+                generation = self._generation
+                event = self._pending.get(info.id)
+            mapped: MappedSlab | None = None
+            try:
+                mapped = map_slab(info, pin=self.pin, shm_dir=self.shm_dir)
+            except (ShmSlabError, OSError, RuntimeError) as e:  # freed meanwhile, or refused: apply() tells
+                logger.debug("mapping L1 slab %d ahead failed: %s", info.id, e)
+            with self._lock:
+                if mapped is not None and generation == self._generation:
+                    self._mapped.setdefault(info.id, mapped)
+                if event is not None and self._pending.get(info.id) is event:
+                    del self._pending[info.id]
+            if event is not None:
+                event.set()

@@ -1,0 +1,72 @@
+"""A worker's slab mappings: mapped before a copy, or ahead in the background."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from lmcache.memory import Slab
+from lmcache.server import protocol as P
+from lmcache.server import slab_mappings
+from lmcache.server.slab_mappings import SlabMappings
+from lmcache.shm_slabs import ShmSlabError, ShmSlabSource
+
+
+class Server:
+    """The server's side: slabs created in ``tmp_path`` (kept alive) and described as replies do."""
+
+    def __init__(self, shm_dir: str) -> None:
+        self.source = ShmSlabSource(shm_dir=shm_dir)
+        self.slabs: list[Slab] = []
+
+    def new_slab(self, nbytes: int = 1 << 20) -> P.SlabInfo:
+        slab = self.source.allocate(nbytes)
+        self.slabs.append(slab)
+        return P.SlabInfo(id=slab.id, name=slab.name, nbytes=slab.nbytes)
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = Server(str(tmp_path))
+    yield srv
+    srv.source.close()
+
+
+def test_slabs_mapped_ahead_are_there_when_a_copy_needs_them(server, tmp_path) -> None:
+    maps = SlabMappings(pin=False, shm_dir=str(tmp_path))
+    a, b = server.new_slab(), server.new_slab()
+    maps.map_ahead([a, b])
+    maps.apply([a], [])  # waits for the background mapping, or maps it itself
+    assert maps.wait_ahead(30) and maps.ids() == [a.id, b.id]
+    maps.apply([], [a.id])  # freed by the server
+    assert maps.ids() == [b.id]
+
+
+def test_a_slab_that_fails_its_checks_ahead_fails_only_the_copy_that_needs_it(server, tmp_path) -> None:
+    maps = SlabMappings(pin=False, shm_dir=str(tmp_path))
+    good = server.new_slab()
+    wrong = P.SlabInfo(id=99, name=good.name, nbytes=good.nbytes + 1)  # not the announced size
+    maps.map_ahead([wrong, good])
+    assert maps.wait_ahead(30) and maps.ids() == [good.id]
+    with pytest.raises(ShmSlabError, match="the server announced"):
+        maps.apply([wrong], [])
+
+
+def test_mappings_made_ahead_for_an_old_server_are_dropped(server, tmp_path, monkeypatch) -> None:
+    maps = SlabMappings(pin=False, shm_dir=str(tmp_path))
+    slab = server.new_slab()
+    entered, go = threading.Event(), threading.Event()
+    real = slab_mappings.map_slab
+
+    def slow(*args, **kwargs):  # type: ignore[no-untyped-def]
+        entered.set()
+        assert go.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(slab_mappings, "map_slab", slow)
+    maps.map_ahead([slab])
+    assert entered.wait(30)
+    maps.clear()  # a new server: what is being mapped belongs to the old one
+    go.set()
+    assert maps.wait_ahead(30) and maps.ids() == []
