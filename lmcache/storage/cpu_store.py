@@ -162,26 +162,26 @@ class CpuStore:
     def pin(self, key: Hashable) -> bool:
         """Protect a committed chunk from eviction until ``unpin``; False if it is not here."""
         with self._lock:
-            chunk = self._chunks.get(key)
-            if chunk is None or not chunk.committed:
-                return False
-            if chunk.pins == 0:
-                self._policy.discard(key, forget=False)
-            chunk.pins += 1
-            return True
+            return self._pin(key) is not None
 
     def hold(self, key: Hashable) -> CachedChunk | None:
         """:meth:`pin` and :meth:`get` in one step: the committed chunk, pinned (``unpin`` it later),
         or None if it is not here."""
         with self._lock:
-            chunk = self._chunks.get(key)
-            if chunk is None or not chunk.committed:
-                return None
-            if chunk.pins == 0:
-                self._policy.discard(key, forget=False)
-            chunk.pins += 1
-            self._policy.touch(key)
+            chunk = self._pin(key)
+            if chunk is not None:
+                self._policy.touch(key)
             return chunk
+
+    def _pin(self, key: Hashable) -> CachedChunk | None:
+        """Pin a committed chunk (lock held); None if it is not here."""
+        chunk = self._chunks.get(key)
+        if chunk is None or not chunk.committed:
+            return None
+        if chunk.pins == 0:
+            self._policy.discard(key, forget=False)
+        chunk.pins += 1
+        return chunk
 
     def present_prefix(self, groups: Sequence[Sequence[Hashable]]) -> int:
         """How many leading groups have every key here (``in`` of each key, as cheap)."""
