@@ -147,7 +147,7 @@ class SharedL1Transfers:
                 with contextlib.suppress(ServerUnavailable, ServerError):
                     report.reply = wait_reply.next()[0]
                     copier.add_leases(report.reply)
-            report.cap = req.cap
+            report.cap = req.cap or lease_cap  # unsent reservation: the leases' own
             if not report.empty and not isinstance(e, UnknownInstance):  # else nothing to give back
                 with contextlib.suppress(ServerUnavailable, ServerError):
                     self._send(report.done(ok=False), timeout_s)

@@ -157,8 +157,12 @@ class SharedL1Service:
     def store_done(self, scope: InstanceScope, req: P.StoreDone) -> int:
         """Publish the ticket's chunks and the leased slots named (``ok``), or give them all back;
         returns the tokens published."""
-        ticket = self._close(scope.instance_id, req.ticket, _StoreTicket) if req.ticket else None
         leases, unknown = self._take_leases(scope.instance_id, req.leases)
+        try:
+            ticket = self._close(scope.instance_id, req.ticket, _StoreTicket) if req.ticket else None
+        except BadTicket:
+            self._release(leases)  # the worker gave them up with this report
+            raise
         published = 0
         if isinstance(ticket, _StoreTicket):
             if req.ok:

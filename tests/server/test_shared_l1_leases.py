@@ -149,3 +149,12 @@ def test_the_lease_is_capped_by_bytes(env) -> None:
     assert len(lease(env, P.MAX_LEASE)) == 5
     assert lease(env, 1) == []  # none handed back yet: no room
     assert env.engine.l1.used_bytes == 5 * slot_bytes(env)
+
+
+def test_a_report_with_a_bad_ticket_still_gives_its_leased_slots_back(env) -> None:
+    slots = lease(env, 2)
+    fill(env, slots, shuffled_blocks(18, seed=10))
+    with pytest.raises(BadTicket, match="not an open store_reserve ticket"):
+        env.service.store_done(env.scope, done(slots, ticket=424242))
+    assert env.service.leased(7) == 0 and env.engine.l1.used_bytes == 0
+    assert env.engine.lookup(env.scope.space, TOKENS) == 0
