@@ -190,6 +190,11 @@ class EngineLookup:
         if self._first_chunk_missing(space, tokens, salt, ranks):
             # Most prompts of a busy server miss: that costs one chunk's hash, not the prompt's.
             return self._lookup_spans(space, [], [], len(tokens), ranks, pin_id, began, None)
+        if not self.config.save_unfull_chunk:  # full chunks only: hashed in one call, from the list
+            hashes = self.hasher(space).chunk_hashes(tokens, salt)
+            size = self.config.chunk_size
+            ends = range(size, (len(hashes) + 1) * size, size)
+            return self._lookup_spans(space, hashes, ends, len(tokens), ranks, pin_id, began, None)
         arr = token_array(tokens)
         spans = list(self._iter_hashed(space, arr, salt, None))
         hashes, ends = [h for h, _, _ in spans], [end for _, _, end in spans]

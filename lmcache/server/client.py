@@ -446,7 +446,14 @@ class CacheServerClient:
         )
 
     def _call_once(self, req: Any, result_type: type[T], timeout_s: float | None, deadline: bool) -> T:
-        return self._submit(req, result_type, timeout_s, deadline=deadline).next()[0]
+        parts = self._submit(req, result_type, timeout_s, deadline=deadline)
+        value, more = parts.next()
+        if more:  # the caller expects one reply (a load asking for parts goes through _submit)
+            parts.cancel()
+            raise ServerUnavailable(
+                f"{type(req).__name__}: the server answered in parts; read them with _submit"
+            )
+        return value
 
     def _submit(
         self, req: Any, result_type: type[T], timeout_s: float | None, *, deadline: bool = False

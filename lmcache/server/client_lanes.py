@@ -200,10 +200,6 @@ class LanePool:
         """Calls waiting for a lane to come free (all ``size`` carry calls)."""
         return self._waiters
 
-    def call(self, frame: bytes, rid: int, op: str, timeout: float) -> P.Reply:
-        """Send ``frame`` on a lane and return the reply (ServerUnavailable if none within ``timeout``)."""
-        return self.submit(frame, rid, op, timeout).result()
-
     def submit(self, frame: bytes, rid: int, op: str, timeout: float) -> PendingReply:
         """Send ``frame`` on a lane now; :meth:`PendingReply.result` waits for the reply (the lane is
         the call's until then, so it must be called, or :meth:`PendingReply.cancel`)."""

@@ -38,13 +38,13 @@ def test_an_unanswered_connect_makes_fail_fast_calls_fail_at_once_for_a_while(un
     pool = LanePool(unanswered_url, size=1, fail_fast=True)
     try:
         with pytest.raises(ServerUnavailable):  # the first call waits for its connect, then times out
-            pool.call(b"", 1, "ping", 0.3)
+            pool.submit(b"", 1, "ping", 0.3).result()
         assert pool.down
         with pytest.raises(ServerUnavailable, match="no answer to a connect"):  # a short probe
-            pool.call(b"", 2, "ping", 5.0)
+            pool.submit(b"", 2, "ping", 5.0).result()
         began = time.monotonic()
         with pytest.raises(ServerUnavailable, match="did not answer a connect recently"):
-            pool.call(b"", 3, "ping", 5.0)  # inside the quiet window: no connect at all
+            pool.submit(b"", 3, "ping", 5.0).result()  # inside the quiet window: no connect at all
         assert time.monotonic() - began < PROBE_QUIET_S
     finally:
         pool.close()
@@ -66,7 +66,7 @@ def test_submitted_calls_hold_their_lane_until_read_and_cancel_closes_it(inproc_
         third = pool.submit(_stats_frame(3), 3, "stats", 10.0)
         third.cancel()  # its reply can never reach a later call
         assert pool.lanes == 1
-        assert pool.call(_stats_frame(4), 4, "stats", 10.0).rid == 4
+        assert pool.submit(_stats_frame(4), 4, "stats", 10.0).result().rid == 4
     finally:
         pool.close()
 
@@ -76,7 +76,7 @@ def test_a_one_way_frame_leaves_its_lane_to_the_same_threads_next_call(inproc_se
     try:
         report = P.LoadDone(instance_id=3, ticket=9, one_way=True, rid=1, auth=server_secret())
         pool.send(P.encode(report), "load_done", 10.0)  # refused (unknown instance), but not answered
-        assert pool.call(_stats_frame(2), 2, "stats", 10.0).rid == 2
+        assert pool.submit(_stats_frame(2), 2, "stats", 10.0).result().rid == 2
         assert pool.opened == 1 and inproc_server.errors == 1
     finally:
         pool.close()

@@ -15,7 +15,7 @@ from support.server_process import CHUNK, MODEL, POOL_SHAPE, TPB, server_secret,
 
 from lmcache.config import LMCacheEngineConfig
 from lmcache.server import protocol as P
-from lmcache.server.client import BadPool, CacheServerClient, InvalidRequest
+from lmcache.server.client import BadPool, CacheServerClient, InvalidRequest, ServerUnavailable
 from lmcache.server.pool_sharing import PoolSharingError, choose_sharing
 from lmcache.server.server import CacheServer, ServerConfig, server_engine
 from lmcache.transfer import BlockTransfer
@@ -259,3 +259,16 @@ def test_a_loads_first_part_leaves_before_the_server_names_the_rest(serve, monke
             rest = read_reply(sock)
         assert first.more and not rest.more and first.rid == rest.rid == 9
         assert first.value["ticket"] == rest.value["ticket"] != 0
+
+
+def test_a_plain_call_refuses_a_reply_in_parts_and_frees_its_lane(serve) -> None:
+    server = serve("auto")
+    with client_of(server) as client:
+        client.register(shared_pool(seed=16), 0, 1, MODEL, TPB, pool_sharing="shared-l1")
+        assert client.store(BlockTransfer(TOKENS, None, BLOCKS, 0, len(TOKENS))) == len(TOKENS)
+        load = P.Load(instance_id=client.instance_id, tokens=TOKENS, end=len(TOKENS), first=1)
+        with pytest.raises(ServerUnavailable, match="answered in parts"):
+            client.call(load, P.LoadSlots)
+        lanes = client.lanes.lanes
+        assert client.lookup(TOKENS) == len(TOKENS)  # the client goes on, on a fresh lane
+        assert client.lanes.lanes <= lanes + 1
