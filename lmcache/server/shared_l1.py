@@ -12,7 +12,8 @@ get is refused (:class:`BadTicket`). :meth:`SharedL1Service.forget` (reaping, un
 an instance's reservations, leases and loads, so nothing half-written is ever published.
 
 The lease: each instance may hold a few reserved full-chunk slots not yet tied to a chunk
-(``store_reserve``'s ``lease``, capped at :attr:`SharedL1Service.max_lease_bytes`). A worker copies
+(``store_reserve``'s ``lease``, capped at :attr:`SharedL1Service.max_lease_bytes`, all instances'
+together at :attr:`SharedL1Service.max_total_lease_bytes`). A worker copies
 the first chunks of a store into them at once, while its ``store_reserve`` for the rest is on its
 way, so its copies never wait for a round trip; ``store_done`` then names which chunk each holds.
 A leased slot is published only by its instance's ``store_done`` after the copy, and one whose
@@ -40,6 +41,8 @@ DEFAULT_MAX_LEASE_BYTES = 128 << 20
 and the reservation of the rest of a store (benchmarks/RESULTS.md, D22)."""
 LEASE_SHARE_OF_L1 = 16
 """An instance's lease is also at most 1/16 of L1, so small caches stay caches."""
+LEASES_SHARE_OF_L1 = 4
+"""All instances' leases together hold at most 1/4 of L1, however many workers register."""
 
 
 class SharedL1Error(ValueError):
@@ -84,6 +87,7 @@ class LeaseKey:
 
     instance_id: int
     lease_id: int
+    nbytes: int
 
 
 @dataclass(eq=False)
@@ -121,7 +125,11 @@ class SharedL1Service:
         self.engine = engine
         self.source = source
         self.max_tickets = max_tickets
-        self.max_lease_bytes = min(max_lease_bytes, engine.l1.arena.capacity_bytes // LEASE_SHARE_OF_L1)
+        capacity = engine.l1.arena.capacity_bytes
+        self.max_lease_bytes = min(max_lease_bytes, capacity // LEASE_SHARE_OF_L1)
+        self.max_total_lease_bytes = capacity // LEASES_SHARE_OF_L1
+        self._leased_bytes = 0
+        """Bytes of every instance's leased slots (and of those being reserved)."""
         self._ids = itertools.count(1)
         self._states: dict[int, _InstanceState] = {}
         self._lock = threading.Lock()
@@ -267,6 +275,8 @@ class SharedL1Service:
         release its loads; returns how many tickets were open."""
         with self._lock:
             state = self._states.pop(instance_id, None)
+            if state is not None:
+                self._leased_bytes -= sum(key.nbytes for key in state.leases.values())
         if state is None:
             return 0
         for ticket in state.tickets.values():
@@ -304,21 +314,27 @@ class SharedL1Service:
             return ticket_id
 
     def _lease(self, scope: InstanceScope, wanted: int) -> list[P.LeasedSlot]:
-        """Reserve up to ``wanted`` more leased slots for the instance, within its cap."""
+        """Reserve up to ``wanted`` more leased slots for the instance, within its cap and the cap of
+        all leases together."""
         layout = scope.space.layout
         slot_bytes = self.engine.config.chunk_size // layout.tokens_per_block * layout.row_bytes
         with self._lock:
             state = self._states.setdefault(scope.instance_id, _InstanceState())
-            count = max(0, min(wanted, self.max_lease_bytes // slot_bytes - len(state.leases)))
+            own_room = self.max_lease_bytes // slot_bytes - len(state.leases)
+            total_room = (self.max_total_lease_bytes - self._leased_bytes) // slot_bytes
+            count = max(0, min(wanted, own_room, total_room))
+            self._leased_bytes += count * slot_bytes  # counted now: concurrent requests cannot overshoot
         granted = []
         for _ in range(count):
-            key = LeaseKey(scope.instance_id, next(self._ids))
+            key = LeaseKey(scope.instance_id, next(self._ids), slot_bytes)
             chunk = self.engine.lease_slot(scope.space, key)
             if chunk is None:  # L1 is full of pinned chunks: the store path reports it
                 break
             with self._lock:
                 state.leases[key.lease_id] = key
             granted.append(P.LeasedSlot(key.lease_id, self._ref_info(chunk.buffer.ref)))
+        with self._lock:
+            self._leased_bytes -= (count - len(granted)) * slot_bytes
         return granted
 
     def _take_leases(self, instance_id: int, lease_ids: list[int]) -> tuple[list[LeaseKey], list[int]]:
@@ -329,7 +345,11 @@ class SharedL1Service:
             keys, unknown = [], []
             for lease_id in lease_ids:
                 key = held.pop(lease_id, None)
-                (unknown if key is None else keys).append(key if key is not None else lease_id)
+                if key is None:
+                    unknown.append(lease_id)
+                else:
+                    keys.append(key)
+                    self._leased_bytes -= key.nbytes
             return keys, unknown
 
     def _close(self, instance_id: int, ticket_id: int, kind: type) -> _StoreTicket | _LoadTicket:

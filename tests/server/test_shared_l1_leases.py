@@ -158,3 +158,17 @@ def test_a_report_with_a_bad_ticket_still_gives_its_leased_slots_back(env) -> No
         env.service.store_done(env.scope, done(slots, ticket=424242))
     assert env.service.leased(7) == 0 and env.engine.l1.used_bytes == 0
     assert env.engine.lookup(env.scope.space, TOKENS) == 0
+
+
+def test_all_leases_together_are_capped_however_many_instances_register(env) -> None:
+    slot = slot_bytes(env)
+    env.service.max_lease_bytes = 4 * slot
+    env.service.max_total_lease_bytes = 6 * slot
+    assert len(lease(env, P.MAX_LEASE)) == 4  # instance 7: its own cap
+    other = type(env.scope)(8, env.scope.space, 0)
+    reply = env.service.store_reserve(other, P.StoreReserve(instance_id=8, tokens=TOKENS, end=0, lease=99))
+    assert len(reply.leased) == 2  # what is left of the total
+    env.service.forget(7)  # instance 7's lease goes back to the total
+    again = env.service.store_reserve(other, P.StoreReserve(instance_id=8, tokens=TOKENS, end=0, lease=99))
+    assert len(again.leased) == 2 and env.service.leased(8) == 4
+    assert env.engine.l1.used_bytes == 4 * slot
