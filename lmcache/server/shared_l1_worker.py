@@ -2,11 +2,11 @@
 
 The server names slots by slab id; every reply describes the slabs its slots lie in, mapped before
 the copy, and the slabs not announced before, mapped ahead (:mod:`lmcache.server.slab_mappings`).
-Copies run on the copier's own stream and are complete when :meth:`SharedL1Copier.store`,
-:meth:`SharedL1Copier.complete` or :meth:`SharedL1Copier.load` returns, so the worker may report
-them done. The copier also keeps the registration's lease (slots it may fill before it has asked for
-any, see :mod:`lmcache.server.shared_l1`). A new server (another ``server_id``) drops every mapping
-and the lease; a new registration (another capability) drops the lease.
+Copies run on the copier's own stream and are complete when :meth:`SharedL1Copier.complete`
+returns, so the worker may report them done. The copier also keeps the registration's lease (slots
+it may fill before it has asked for any, see :mod:`lmcache.server.shared_l1`). A new server
+(another ``server_id``) drops every mapping and the lease; a new registration (another capability)
+drops the lease.
 """
 
 from __future__ import annotations
@@ -89,13 +89,6 @@ class SharedL1Copier:
         if reply.ahead:
             self.slabs.map_ahead(reply.ahead)
 
-    def store(self, reply: P.StoreSlots, block_ids: Sequence[int]) -> None:
-        """Gather the pool rows of each reserved chunk into its slot; complete on return."""
-        self.apply(reply)
-        batch = self.begin_store(block_ids)
-        self.add_chunks(batch, reply, block_ids)
-        self.complete(batch)
-
     def begin_store(self, block_ids: Sequence[int]) -> CopyBatcher[None]:
         """A store's copies, ordered after the work queued so far on the pool's device (the forward
         that computed the rows); add chunks with :meth:`add` and :meth:`add_chunks`."""
@@ -122,14 +115,6 @@ class SharedL1Copier:
         """Wait until every copy enqueued so far is done (those of an abandoned batch too)."""
         if self.stream is not None:
             self.stream.synchronize()
-
-    def load(self, reply: P.LoadSlots, block_ids: Sequence[int]) -> int:
-        """Scatter each chunk's rows ``[skip, stop)`` into the pool; complete on return. Returns the
-        tokens loaded (``reply.loaded``)."""
-        batch = self.begin_load(block_ids)
-        self.add_load(batch, reply, block_ids)
-        self.complete(batch)
-        return reply.loaded
 
     def begin_load(self, block_ids: Sequence[int]) -> CopyBatcher[None]:
         """A load's copies; add the chunks of each reply part with :meth:`add_load`."""

@@ -15,6 +15,7 @@ import json
 import sys
 import time
 
+from shared_l1_support import copy_store
 from support.server_process import MODEL, TPB, shared_pool
 
 from lmcache.server import protocol as P
@@ -31,7 +32,7 @@ def hold(client: CacheServerClient, what: str, tokens: list[int], blocks: list[i
     stored = 0
     if what == "reserve":
         slots = client.call(P.StoreReserve(instance_id=iid, tokens=tokens, end=len(tokens)), P.StoreSlots)
-        reg.copier.store(slots, blocks)
+        copy_store(reg.copier, slots, blocks)
         ticket = slots.ticket
     else:
         stored = client.store(BlockTransfer(tokens, None, blocks, 0, len(tokens)))

@@ -12,6 +12,7 @@ import torch
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.layout import PoolLayout
+from lmcache.server import protocol as P
 from lmcache.server.shared_l1 import InstanceScope, SharedL1Service
 from lmcache.server.shared_l1_worker import SharedL1Copier
 from lmcache.shm_slabs import ShmSlabSource
@@ -49,3 +50,21 @@ def shuffled_blocks(n: int, seed: int, base: int = 0) -> list[int]:
     ids = list(range(base, base + 32))
     random.Random(seed).shuffle(ids)
     return ids[:n]
+
+
+def copy_store(copier: SharedL1Copier, reply: P.StoreSlots, block_ids: list[int]) -> None:
+    """What a worker does with one ``store_reserve`` reply (no lease): gather each reserved chunk's
+    rows into its slot, complete on return."""
+    copier.apply(reply)
+    batch = copier.begin_store(block_ids)
+    copier.add_chunks(batch, reply, block_ids)
+    copier.complete(batch)
+
+
+def copy_load(copier: SharedL1Copier, reply: P.LoadSlots, block_ids: list[int]) -> int:
+    """What a worker does with a ``load`` reply in one part: scatter its chunks, complete on return;
+    the tokens loaded."""
+    batch = copier.begin_load(block_ids)
+    copier.add_load(batch, reply, block_ids)
+    copier.complete(batch)
+    return reply.loaded

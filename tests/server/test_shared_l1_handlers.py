@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from shared_l1_support import CHUNK, TOKENS, shared_l1_env, shuffled_blocks
+from shared_l1_support import CHUNK, TOKENS, copy_load, copy_store, shared_l1_env, shuffled_blocks
 
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine
@@ -22,7 +22,7 @@ def env(tmp_path):
 
 def store(service, copier, scope, blocks, end=4 * CHUNK, ok=True) -> int:
     reply = service.store_reserve(scope, P.StoreReserve(instance_id=7, tokens=TOKENS, end=end))
-    copier.store(reply, blocks)
+    copy_store(copier, reply, blocks)
     return service.store_done(scope, P.StoreDone(instance_id=7, ticket=reply.ticket, ok=ok))
 
 
@@ -31,7 +31,7 @@ def test_reserve_copy_done_publishes_and_loads_bit_equal_with_the_in_process_eng
     src = shuffled_blocks(18, seed=1)
     reply = service.store_reserve(scope, P.StoreReserve(instance_id=7, tokens=TOKENS, end=4 * CHUNK))
     assert reply.ticket and len(reply.chunks) == 4 and reply.slabs
-    copier.store(reply, src)
+    copy_store(copier, reply, src)
     assert engine.lookup(scope.space, TOKENS) == 0  # copied but not reported: not published
     assert service.store_done(scope, P.StoreDone(instance_id=7, ticket=reply.ticket)) == 4 * CHUNK
     assert engine.lookup(scope.space, TOKENS) == 4 * CHUNK
@@ -42,7 +42,7 @@ def test_reserve_copy_done_publishes_and_loads_bit_equal_with_the_in_process_eng
     before = pool.clone()
     load = service.load(scope, P.Load(instance_id=7, tokens=TOKENS, start=48, end=4 * CHUNK))
     assert load.loaded == 4 * CHUNK - 48 and load.chunks[0].skip == 3
-    assert copier.load(load, dst) == 4 * CHUNK - 48
+    assert copy_load(copier, load, dst) == 4 * CHUNK - 48
     assert service.load_done(scope, P.LoadDone(instance_id=7, ticket=load.ticket))
     assert torch.equal(pool[dst[3:16]], pool[src[3:16]])
     untouched = [b for b in range(64) if b not in dst[3:16]]
@@ -136,14 +136,14 @@ def test_bad_ranges_and_slots_are_refused(env) -> None:
     reply = service.store_reserve(scope, P.StoreReserve(instance_id=7, tokens=TOKENS, end=CHUNK))
     unknown = P.StoreSlots(ticket=reply.ticket, chunks=[P.StoreChunk(0, 4, P.SlotInfo(99, 0, 4 * 1024))])
     with pytest.raises(ShmSlabError, match="never described"):
-        copier.store(unknown, list(range(4)))
+        copy_store(copier, unknown, list(range(4)))
     copier.apply(reply)
     slot = reply.chunks[0].slot
     wrong = P.StoreSlots(
         ticket=reply.ticket, chunks=[P.StoreChunk(0, 4, P.SlotInfo(slot.slab, slot.offset, 8))]
     )
     with pytest.raises(ShmSlabError, match="does not hold 4 rows"):
-        copier.store(wrong, list(range(4)))
+        copy_store(copier, wrong, list(range(4)))
 
 
 def test_a_new_server_drops_every_mapping(env) -> None:
@@ -163,7 +163,7 @@ def test_every_reply_describes_its_own_slabs_so_concurrent_copies_need_no_order(
     assert {s.id for s in load.slabs} == {c.slot.slab for c in load.chunks}
     other_thread = SharedL1Copier(pool, shm_dir=copier.shm_dir)  # has applied no earlier reply
     dst = shuffled_blocks(16, 7, base=32)
-    assert other_thread.load(load, dst) == 4 * CHUNK
+    assert copy_load(other_thread, load, dst) == 4 * CHUNK
     assert torch.equal(pool[dst], pool[src])
     service.load_done(scope, P.LoadDone(instance_id=7, ticket=load.ticket))
 

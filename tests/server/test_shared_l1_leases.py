@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from shared_l1_support import CHUNK, TOKENS, SharedL1Env, shared_l1_env, shuffled_blocks
+from shared_l1_support import (
+    CHUNK,
+    TOKENS,
+    SharedL1Env,
+    copy_load,
+    copy_store,
+    shared_l1_env,
+    shuffled_blocks,
+)
 
 from lmcache.server import protocol as P
 from lmcache.server.prompts import InvalidPrompt
@@ -61,7 +69,7 @@ def test_leased_slots_publish_as_the_chunks_they_hold_and_load_bit_equal(env) ->
 
     dst = shuffled_blocks(12, seed=2, base=32)
     load = env.service.load(env.scope, P.Load(instance_id=7, tokens=TOKENS, end=3 * CHUNK))
-    assert env.copier.load(load, dst) == 3 * CHUNK
+    assert copy_load(env.copier, load, dst) == 3 * CHUNK
     assert torch.equal(env.pool[dst], env.pool[src[:12]])
 
 
@@ -73,7 +81,7 @@ def test_a_store_mixes_leased_chunks_and_reserved_ones_in_one_report(env) -> Non
         env.scope, P.StoreReserve(instance_id=7, tokens=TOKENS, start=2 * CHUNK, end=4 * CHUNK)
     )
     assert rest.tokens == 2 * CHUNK
-    env.copier.store(rest, src)
+    copy_store(env.copier, rest, src)
     assert env.service.store_done(env.scope, done(slots, ticket=rest.ticket)) == 4 * CHUNK
     assert env.engine.lookup(env.scope.space, TOKENS) == 4 * CHUNK
 
@@ -91,7 +99,7 @@ def test_a_leased_chunk_already_cached_frees_its_slot_and_keeps_the_cached_bytes
     assert env.engine.l1.used_bytes == used
     dst = shuffled_blocks(8, seed=6, base=32)
     load = env.service.load(env.scope, P.Load(instance_id=7, tokens=TOKENS, end=2 * CHUNK))
-    env.copier.load(load, dst)
+    copy_load(env.copier, load, dst)
     assert torch.equal(env.pool[dst], env.pool[first[:8]])  # the first copy stayed
 
 
