@@ -202,6 +202,15 @@ class TransferRun:
     bytes_equal: bool = True
     store_cold_s: float = 0.0
 
+    def record(self, i: int, store_s: float, load_s: float, same: bool) -> None:
+        """Iteration ``i``'s store and load (the first one's store is the cold one, its load a warm-up)."""
+        self.bytes_equal = self.bytes_equal and same
+        if i == 0:
+            self.store_cold_s = store_s
+        else:
+            self.store.seconds.append(store_s)
+            self.load.seconds.append(load_s)
+
     def summary(self, d2h: Series, h2d: Series) -> dict[str, Any]:
         out: dict[str, Any] = {
             "store": self.store.summary(d2h),
@@ -241,12 +250,7 @@ def measure_engine(pool: torch.Tensor, shape: Shape, iters: int, seed: int) -> T
             device,
         )
         same = stored == shape.tokens and loaded == shape.tokens and torch.equal(pool[src], pool[dst])
-        run.bytes_equal = run.bytes_equal and same
-        if i == 0:
-            run.store_cold_s = t_store
-        else:
-            run.store.seconds.append(t_store)
-            run.load.seconds.append(t_load)
+        run.record(i, t_store, t_load, same)
     engine.close()
     return run
 
@@ -278,12 +282,8 @@ def measure_server(
         pool[min(dst) : max(dst) + 1].zero_()
         again, t_tokens = timed(lambda t=toks: client.retrieve(BlockTransfer(t, None, dst, 0, n)), device)
         same = same and again == n and torch.equal(pool[src], pool[dst])
-        run.bytes_equal = run.bytes_equal and same
-        if i == 0:
-            run.store_cold_s = t_store
-        else:
-            run.store.seconds.append(t_store)
-            run.load.seconds.append(t_load)
+        run.record(i, t_store, t_load, same)
+        if i:
             assert run.load_by_tokens is not None
             run.load_by_tokens.seconds.append(t_tokens)
     return run

@@ -96,6 +96,18 @@ def check_block_ids(pool: torch.Tensor, block_ids: Sequence[int]) -> None:
         raise IndexError(f"block ids must be in [0, {pool.shape[0]}); got min {lo}, max {hi}")
 
 
+def check_range_blocks(
+    pool: torch.Tensor, block_ids: Sequence[int], start: int, end: int, tokens_per_block: int
+) -> None:
+    """Refuse bad ids of the blocks tokens ``[start, end)`` touch before any copy, so a bad request
+    changes nothing. Entries outside the range are never read (``-1``, "no page", is allowed there:
+    a sliding window's passed blocks, blocks TRT-LLM already holds)."""
+    needed = -(-end // tokens_per_block)
+    if len(block_ids) < needed:
+        raise ValueError(f"{len(block_ids)} block ids cannot hold {end} tokens ({needed} blocks needed)")
+    check_block_ids(pool, block_ids[start // tokens_per_block : needed])
+
+
 def _index_tensor(ids: list[int], device: torch.device) -> torch.Tensor:
     """``ids`` on ``device``, uploaded on the current stream (pinned, so the upload is asynchronous).
 

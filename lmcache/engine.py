@@ -88,7 +88,7 @@ class CacheEngine(EngineLookup):
         last = self.cacheable_end(space, len(transfer.prompt), transfer.end)
         if last <= transfer.start:
             return 0
-        self._check_block_ids(block_ids, transfer.start, last, layout, pool)
+        c_ops.check_range_blocks(pool, block_ids, transfer.start, last, layout.tokens_per_block)
         reserved: list[StoreSlot] = []
         copier: CopyBatcher[StoreSlot] = CopyBatcher(
             pool,
@@ -249,7 +249,7 @@ class CacheEngine(EngineLookup):
         if hold.end == hold.start:
             return 0
         block_ids = transfer.block_ids
-        self._check_block_ids(block_ids, transfer.start, transfer.end, layout, pool)
+        c_ops.check_range_blocks(pool, block_ids, transfer.start, transfer.end, layout.tokens_per_block)
         copier: CopyBatcher[LoadSlot] = CopyBatcher(
             pool, stream, store=False, block_ids=block_ids, on_flush=_read
         )
@@ -415,18 +415,6 @@ class CacheEngine(EngineLookup):
                 f"[*, {', '.join(map(str, layout.row_shape))}] {layout.dtype}"
             )
         return layout
-
-    @staticmethod
-    def _check_block_ids(
-        block_ids: Sequence[int], start: int, end: int, layout: PoolLayout, pool: torch.Tensor
-    ) -> None:
-        """Refuse bad ids of the blocks ``[start, end)`` touches before any copy, so a bad request
-        changes nothing. Entries outside the range are never read (``-1``, "no page", is allowed
-        there: a sliding window's passed blocks)."""
-        needed = -(-end // layout.tokens_per_block)
-        if len(block_ids) < needed:
-            raise ValueError(f"{len(block_ids)} block ids cannot hold {end} tokens ({needed} blocks needed)")
-        c_ops.check_block_ids(pool, block_ids[start // layout.tokens_per_block : needed])
 
 
 @dataclass(eq=False)

@@ -113,7 +113,12 @@ class SharedL1Transfers:
         copier = self._registrations.copier(iid)
         fields = self._registrations.prompt_fields(iid, transfer)
         size, tpb = self._registrations.geometry(iid)
-        count = self._leasable(iid, transfer, fields, size) if use_lease else 0
+        end = min(transfer.end, self._registrations.prompt_length(iid, fields))
+        if end > transfer.start:  # a bad block list reserves nothing
+            copier.check_blocks(transfer.block_ids, transfer.start, end, tpb)
+        # Leased slots hold full chunks of a range that starts on one (else the server refuses it).
+        leasable = use_lease and transfer.start % size == 0 and end > transfer.start
+        count = (end - transfer.start) // size if leasable else 0
         leases, lease_cap = copier.take_leases(count)
         report = _StoreReport(iid, transfer.start, transfer.start + len(leases) * size, leases, fields)
         # Always asked, even when the lease holds the whole store: the reply tops the lease up and
@@ -156,14 +161,6 @@ class SharedL1Transfers:
             self._send(report.done(ok=True), timeout_s)
         return report.tokens(size)
 
-    def _leasable(self, iid: int, transfer: BlockTransfer[Any], fields: dict[str, Any], size: int) -> int:
-        """Full chunks of the transfer's range that leased slots may hold (none if it starts mid-chunk,
-        which the server refuses)."""
-        if transfer.start % size:
-            return 0
-        end = min(transfer.end, self._registrations.prompt_length(iid, fields))
-        return max(0, (end - transfer.start) // size)
-
     def retrieve(
         self,
         iid: int,
@@ -176,6 +173,10 @@ class SharedL1Transfers:
 
         The server answers in two parts when the load has more than :data:`FIRST_CHUNKS` chunks: the
         first chunks' copies start while it pins and names the rest."""
+        copier: SharedL1Copier = self._registrations.copier(iid)
+        if transfer.end > transfer.start:  # a bad block list pins nothing
+            _, tpb = self._registrations.geometry(iid)
+            copier.check_blocks(transfer.block_ids, transfer.start, transfer.end, tpb)
         req = P.Load(
             instance_id=iid,
             start=transfer.start,
@@ -194,7 +195,6 @@ class SharedL1Transfers:
             reply, more = self._call(req, P.LoadSlots, timeout_s, deadline=True), False
         if reply.ticket == 0:
             return reply.loaded
-        copier: SharedL1Copier = self._registrations.copier(iid)
         done = P.LoadDone(instance_id=iid, ticket=reply.ticket, cap=req.cap)
         try:
             batch = copier.begin_load(transfer.block_ids)

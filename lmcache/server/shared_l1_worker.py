@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lmcache import c_ops
 from lmcache.chunk_copy import CopyBatcher
 from lmcache.server import protocol as P
 from lmcache.server.slab_mappings import SlabMappings
@@ -88,6 +89,11 @@ class SharedL1Copier:
         self.slabs.apply(reply.slabs, reply.forget)
         if reply.ahead:
             self.slabs.map_ahead(reply.ahead)
+
+    def check_blocks(self, block_ids: Sequence[int], start: int, end: int, tokens_per_block: int) -> None:
+        """Refuse bad ids of the blocks tokens ``[start, end)`` touch, before anything is asked of the
+        server (see :func:`lmcache.c_ops.check_range_blocks`)."""
+        c_ops.check_range_blocks(self.pool, block_ids, start, end, tokens_per_block)
 
     def begin_store(self, block_ids: Sequence[int]) -> CopyBatcher[None]:
         """A store's copies, ordered after the work queued so far on the pool's device (the forward

@@ -27,6 +27,12 @@ class _Registrations:
     def copier(self, instance_id: int) -> _Registrations:
         return self
 
+    def geometry(self, instance_id: int) -> tuple[int, int]:
+        return 64, 8  # chunk size, tokens per block
+
+    def check_blocks(self, block_ids: list[int], start: int, end: int, tokens_per_block: int) -> None:
+        assert len(block_ids) * tokens_per_block >= end
+
     def begin_load(self, block_ids: list[int]) -> list[P.LoadSlots]:
         return []
 

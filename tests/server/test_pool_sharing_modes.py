@@ -18,6 +18,7 @@ from lmcache.server import protocol as P
 from lmcache.server.client import BadPool, CacheServerClient, InvalidRequest, ServerUnavailable
 from lmcache.server.pool_sharing import PoolSharingError, choose_sharing
 from lmcache.server.server import CacheServer, ServerConfig, server_engine
+from lmcache.server.shared_l1_worker import SharedL1Copier
 from lmcache.transfer import BlockTransfer
 
 TOKENS = list(range(3000, 3000 + 2 * CHUNK))
@@ -122,14 +123,18 @@ def test_the_server_never_copies_for_a_shared_l1_instance(serve) -> None:
             client.call(store, int)
 
 
-def test_a_copy_that_fails_gives_the_slots_back_and_raises(serve) -> None:
+def test_a_copy_that_fails_gives_the_slots_back_and_raises(serve, monkeypatch) -> None:
     server = serve("auto")
+
+    def fail(self, batch):  # type: ignore[no-untyped-def]
+        raise RuntimeError("the worker's copy failed (as a CUDA error would)")
+
+    # Bad block ids are refused before anything is reserved: fail the copy itself instead.
+    monkeypatch.setattr(SharedL1Copier, "complete", fail)
     with client_of(server) as client:
         client.register(torch.zeros(POOL_SHAPE), 0, 1, MODEL, TPB, pool_sharing="shared-l1")
-        with pytest.raises(
-            (IndexError, RuntimeError)
-        ):  # a block id past the pool: the worker's own copy fails
-            client.store(BlockTransfer(TOKENS, None, [0, 1, 2, 3, 4, 5, 6, 999], 0, len(TOKENS)))
+        with pytest.raises(RuntimeError, match="copy failed"):
+            client.store(BlockTransfer(TOKENS, None, BLOCKS, 0, len(TOKENS)))
         stats = client.stats()
         (instance,) = stats.instances
         slot_bytes = CHUNK // TPB * math.prod(POOL_SHAPE[1:]) * torch.float32.itemsize
@@ -272,3 +277,19 @@ def test_a_plain_call_refuses_a_reply_in_parts_and_frees_its_lane(serve) -> None
         lanes = client.lanes.lanes
         assert client.lookup(TOKENS) == len(TOKENS)  # the client goes on, on a fresh lane
         assert client.lanes.lanes <= lanes + 1
+
+
+def test_a_bad_block_list_is_refused_before_the_server_reserves_or_pins_anything(serve) -> None:
+    server = serve("auto")
+    with client_of(server) as client:
+        client.register(shared_pool(seed=17), 0, 1, MODEL, TPB, pool_sharing="shared-l1")
+        with pytest.raises(ValueError, match=f"{len(BLOCKS) - 1} block ids cannot hold {len(TOKENS)} tokens"):
+            client.store(BlockTransfer(TOKENS, None, BLOCKS[:-1], 0, len(TOKENS)))
+        with pytest.raises(IndexError, match="block ids must be in"):
+            client.store(BlockTransfer(TOKENS, None, [-1, *BLOCKS[1:]], 0, len(TOKENS)))
+        stats = client.stats()
+        assert stats.engine.l1.used_bytes == 0  # no slot reserved, not even a lease
+        assert client.store(BlockTransfer(TOKENS, None, BLOCKS, 0, len(TOKENS))) == len(TOKENS)
+        with pytest.raises(ValueError, match="block ids cannot hold"):
+            client.retrieve(BlockTransfer(TOKENS, None, BLOCKS[:2], 0, len(TOKENS)))
+        assert client.stats().engine.l1.pinned_chunks == 0
