@@ -102,6 +102,10 @@ class CopyBatcher(Generic[T]):
         if len(self._copies) >= min(1 << self._flushes, self.FLUSH_CHUNKS):
             self.flush()
 
+    def prepare_index(self) -> None:
+        """Upload the request's block ids now (see :meth:`lmcache.c_ops.Transfer.prepare_index`)."""
+        self.transfer.prepare_index()
+
     def flush(self) -> None:
         """Enqueue the queued copies as one batch."""
         if not self._copies:

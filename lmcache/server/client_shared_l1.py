@@ -189,15 +189,16 @@ class SharedL1Transfers:
         parts: Submitted[P.LoadSlots] | None = None
         try:
             parts = self._submit(req, P.LoadSlots, timeout_s, deadline=True)
+            batch = copier.begin_load(transfer.block_ids)  # set up while the first part travels
             reply, more = parts.next()
         except UnknownInstance:  # the server restarted or forgot us: the plain call registers again
             req.first = 0
             reply, more = self._call(req, P.LoadSlots, timeout_s, deadline=True), False
+            batch = copier.begin_load(transfer.block_ids)
         if reply.ticket == 0:
             return reply.loaded
         done = P.LoadDone(instance_id=iid, ticket=reply.ticket, cap=req.cap)
         try:
-            batch = copier.begin_load(transfer.block_ids)
             copier.add_load(batch, reply, transfer.block_ids)
             while more:
                 assert parts is not None

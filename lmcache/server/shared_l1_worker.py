@@ -123,8 +123,11 @@ class SharedL1Copier:
             self.stream.synchronize()
 
     def begin_load(self, block_ids: Sequence[int]) -> CopyBatcher[None]:
-        """A load's copies; add the chunks of each reply part with :meth:`add_load`."""
-        return CopyBatcher(self.pool, self.stream, store=False, block_ids=block_ids)
+        """A load's copies, its block ids uploaded at once (call it while the server's reply is on
+        its way); add the chunks of each reply part with :meth:`add_load`."""
+        batch = CopyBatcher(self.pool, self.stream, store=False, block_ids=block_ids)
+        batch.prepare_index()
+        return batch
 
     def add_load(self, batch: CopyBatcher[None], reply: P.LoadSlots, block_ids: Sequence[int]) -> None:
         """Map the reply's slabs and queue the scatters of its chunks."""
