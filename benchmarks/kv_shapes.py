@@ -7,6 +7,7 @@ import argparse
 KV_SHAPES: dict[str, tuple[int, int, int]] = {
     "qwen2-1.5b": (28, 2, 128),
     "llama-3.1-8b": (32, 8, 128),
+    "llama-3.1-70b-tp8": (80, 1, 128),  # one rank of Llama-3.1-70B at TP=8: its 8 KV heads split 8 ways
 }
 CHUNK = 256
 

@@ -192,8 +192,6 @@ class Transfer:
         self._request_ids = list(block_ids) if block_ids is not None else None
         self._request_index: torch.Tensor | None = None
         self._cursor = 0
-        self._staged: tuple[list[int], torch.Tensor, Any] | None = None
-        """A load batch copied to the device but not yet scattered: ids, staging, event after its copies."""
         if self.cuda:
             # What ``_on`` puts back: the current streams of the current and of the pool's device.
             self._restore = (torch.cuda.current_stream(), torch.cuda.current_stream(pool.device))
@@ -239,10 +237,6 @@ class Transfer:
         """``ids`` on the pool's device, enqueued on the current stream: a slice of the request's
         uploaded block ids when ``ids`` is one (found from where the previous batch ended), else a
         fresh upload."""
-        return self._device_index(ids)[0]
-
-    def _device_index(self, ids: list[int]) -> tuple[torch.Tensor, bool]:
-        """:meth:`device_index`, and whether it enqueued an upload."""
         known = self._request_ids
         if known is not None:
             try:
@@ -250,12 +244,11 @@ class Transfer:
             except ValueError:
                 at = -1
             if at >= 0 and known[at : at + len(ids)] == ids:
-                uploaded = self._request_index is None
-                if uploaded:
+                if self._request_index is None:
                     self._request_index = _index_tensor(known, self.pool.device)
                 self._cursor = at + len(ids)
-                return self._request_index[at : at + len(ids)], uploaded
-        return _index_tensor(ids, self.pool.device), True
+                return self._request_index[at : at + len(ids)]
+        return _index_tensor(ids, self.pool.device)
 
     def prepare_index(self) -> None:
         """Upload the request's block ids now, on ``stream``: a caller with time to spare before its
@@ -338,45 +331,29 @@ class Transfer:
     def _scatter_cuda(self, chunks: Sequence[ChunkCopy]) -> None:
         pool, main = self.pool, self.stream
         scattered = []
-        staged = None
         with self._on(main):
             for block_ids, src in chunks:
                 if is_contiguous_run(block_ids):
                     pool[block_ids[0] : block_ids[0] + len(block_ids)].copy_(src, non_blocking=True)
                 else:
                     scattered.append((block_ids, src))
-            if scattered:
-                ids = [b for block_ids, _ in scattered for b in block_ids]
-                staging = torch.empty((len(ids), *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
-                offset = 0
-                for block_ids, src in scattered:
-                    staging[offset : offset + len(block_ids)].copy_(src, non_blocking=True)
-                    offset += len(block_ids)
-                copied = torch.cuda.Event()
-                copied.record(main)
-                staged = (ids, staging, copied)
-        # The previous batch's scatter goes after this batch's copies: the copy engine gets its next
-        # work before the host spends time on index uploads and kernel launches (a load's first
-        # batches are host-bound: benchmarks/RESULTS.md, D24).
-        self._scatter_staged()
-        self._staged = staged
-
-    def _scatter_staged(self) -> None:
-        """Launch the scatter kernel of the batch staged last, on the helper stream."""
-        if self._staged is None:
-            return
-        ids, staging, ready = self._staged
-        self._staged = None
-        with self._on(self.stream):
+            if not scattered:
+                return
+            ids = [b for block_ids, _ in scattered for b in block_ids]
+            staging = torch.empty((len(ids), *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
+            offset = 0
+            for block_ids, src in scattered:
+                staging[offset : offset + len(block_ids)].copy_(src, non_blocking=True)
+                offset += len(block_ids)
             # Uploaded in line with the chunks: a copy on the kernel stream would wait until the copy
             # engine drained every chunk queued on this one, holding every scatter back to the end.
-            index, uploaded = self._device_index(ids)
-            if uploaded:
-                ready = torch.cuda.Event()
-                ready.record(self.stream)
-        self._side.wait_event(ready)
+            # After them: the DMA starts while the host prepares the ids (the kernel needs both).
+            index = self.device_index(ids)
+            copied = torch.cuda.Event()
+            copied.record(main)
+        self._side.wait_event(copied)
         with self._on(self._side):
-            self.pool.index_copy_(0, index, staging)
+            pool.index_copy_(0, index, staging)
             self._pending = torch.cuda.Event()
             self._pending.record(self._side)
         staging.record_stream(self._side)
@@ -384,7 +361,6 @@ class Transfer:
 
     def finish(self) -> None:
         """Order ``stream`` after every copy and scatter kernel of this transfer."""
-        self._scatter_staged()
         if self._last is not None:
             self.stream.wait_event(self._last)
         if self._pending is not None:
