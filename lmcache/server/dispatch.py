@@ -106,7 +106,8 @@ class Dispatcher:
         self.admission = admission
         self.counters = service.counters
         self.stopping = stopping
-        """Set when the server stops: queued requests are answered ``shutting_down``."""
+        """Set when the server stops: queued requests are answered ``shutting_down``, but one-way
+        reports, which still run."""
         self.sink: ReplySink | None = None
         self._executor = ThreadPoolExecutor(max(1, config.max_workers), thread_name_prefix="lmcache-worker")
         self._queues: dict[Identity, deque[tuple[Any, float, Peer]]] = {}
@@ -136,7 +137,8 @@ class Dispatcher:
             return len(self._queues.get(identity, ()))
 
     def shutdown(self) -> None:
-        """Finish the running and queued requests (answered ``shutting_down`` once stopping)."""
+        """Finish the running and queued requests (once stopping, all but one-way reports are answered
+        ``shutting_down``)."""
         self._executor.shutdown(wait=True)
 
     def _post(self, identity: Identity, reply: P.Reply) -> None:
@@ -253,7 +255,8 @@ class Dispatcher:
                     return
                 req, received, peer = q.popleft()
             reply: P.Reply | None
-            if self.stopping.is_set():
+            # A one-way report still runs: it finishes what the client did (copies into L1 slots).
+            if self.stopping.is_set() and not getattr(req, "one_way", False):
                 reply = framing.error_reply(req.rid, P.ErrorCode.SHUTTING_DOWN, "the server is shutting down")
             else:
                 call = Call(peer, cleanups=[], send_part=self._parts(identity, req))

@@ -184,6 +184,15 @@ class ServerTransport:
                     self._accept(conn)
             self.flush()
             self._expire(time.monotonic())
+        self._serve_received(poller)
+
+    def _serve_received(self, poller: select.poll) -> None:
+        """On stopping: serve the requests already received (one-way reports among them finish what a
+        client did before the stop: the stores it copied), accepting no new connection."""
+        with contextlib.suppress(InterruptedError):
+            for fd, event in poller.poll(0):
+                if isinstance(conn := self._fds.get(fd), Connection):
+                    self._serve(conn, event)
 
     def close(self) -> None:
         """Send what is queued, then close every socket and remove the socket files."""

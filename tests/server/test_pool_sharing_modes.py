@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 from raw_lane import connect, framed, read_reply
-from support.server_process import CHUNK, MODEL, POOL_SHAPE, TPB, server_secret, shared_pool
+from support.server_process import CHUNK, MODEL, POOL_SHAPE, TPB, server_secret, shared_pool, wait_until
 
 from lmcache.config import LMCacheEngineConfig
 from lmcache.server import protocol as P
@@ -45,28 +45,35 @@ def test_an_unknown_policy_is_refused_with_the_choices() -> None:
         choose_sharing(torch.zeros(POOL_SHAPE), "ipc")
 
 
+def start_serving(policy: str) -> tuple[CacheServer, threading.Thread]:
+    """An in-process server whose ``--pool-sharing`` is ``policy``, serving on its own thread."""
+    config = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.05)
+    engine = server_engine(config, policy, pinned=False)
+    server = CacheServer(engine, ServerConfig(port=0, ipc_path=None, client_timeout_s=0, pool_sharing=policy))
+    server.start()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def stop_serving(server: CacheServer, thread: threading.Thread) -> None:
+    server.stop()
+    thread.join(30)
+    assert not thread.is_alive()
+
+
 @pytest.fixture
 def serve(tmp_path) -> Iterator[Callable[[str], CacheServer]]:
     """Start in-process servers whose ``--pool-sharing`` is the argument."""
     started: list[tuple[CacheServer, threading.Thread]] = []
 
     def start(policy: str) -> CacheServer:
-        config = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.05)
-        engine = server_engine(config, policy, pinned=False)
-        server = CacheServer(
-            engine, ServerConfig(port=0, ipc_path=None, client_timeout_s=0, pool_sharing=policy)
-        )
-        server.start()
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        started.append((server, thread))
-        return server
+        started.append(start_serving(policy))
+        return started[-1][0]
 
     yield start
     for server, thread in started:
-        server.stop()
-        thread.join(30)
-        assert not thread.is_alive()
+        stop_serving(server, thread)
 
 
 def client_of(server: CacheServer) -> CacheServerClient:
@@ -293,3 +300,47 @@ def test_a_bad_block_list_is_refused_before_the_server_reserves_or_pins_anything
         with pytest.raises(ValueError, match="block ids cannot hold"):
             client.retrieve(BlockTransfer(TOKENS, None, BLOCKS[:2], 0, len(TOKENS)))
         assert client.stats().engine.l1.pinned_chunks == 0
+
+
+def test_a_report_received_before_a_clean_stop_is_carried_out() -> None:
+    """A store's one-way report that reached the server before it was asked to stop publishes the
+    store (the worker counted it as saved): the stop serves what it received first."""
+    server, thread = start_serving("shared-l1")
+    pool = shared_pool(seed=17)
+    try:
+        with client_of(server) as client:
+            client.register(pool, 0, 1, MODEL, TPB, pool_sharing="shared-l1")
+            assert client.store(BlockTransfer(TOKENS, None, BLOCKS, 0, len(TOKENS))) == len(TOKENS)
+            stop_serving(server, thread)  # the report may still be unread in the server's socket buffer
+    finally:
+        stop_serving(server, thread)
+    assert server.service.engine.l1.snapshot().chunks == len(TOKENS) // CHUNK
+
+
+def test_a_one_way_report_queued_at_a_stop_still_runs(monkeypatch) -> None:
+    """Once the server stops, requests still queued are refused (``shutting_down``) but one-way
+    reports, which finish what the client already did."""
+    server, thread = start_serving("auto")
+    url = f"tcp://127.0.0.1:{server.tcp_port}"
+    engine = server.service.engine
+    real_clear = engine.clear
+    monkeypatch.setattr(engine, "clear", lambda: server.dispatcher.stopping.wait(30) and real_clear())
+    executed: list[type] = []
+    real_execute = server.dispatcher.execute
+
+    def spy(req, received, call):  # type: ignore[no-untyped-def]
+        executed.append(type(req))
+        return real_execute(req, received, call)
+
+    monkeypatch.setattr(server.dispatcher, "execute", spy)
+    clear = P.Clear(rid=1, auth=server_secret())  # runs on a worker until the stop: the rest queues
+    report = P.StoreDone(instance_id=5, ticket=77, one_way=True, rid=2, auth=server_secret())
+    lookup = P.Lookup(rid=3, auth=server_secret(), instance_id=5, tokens=P.tokens_to_bytes(TOKENS))
+    try:
+        with connect(url) as sock:
+            sock.sendall(framed(P.encode(clear)) + framed(P.encode(report)) + framed(P.encode(lookup)))
+            wait_until(lambda: server.dispatcher.waiting() == 2, "the report and the lookup queued")
+            stop_serving(server, thread)
+    finally:
+        stop_serving(server, thread)
+    assert executed == [P.Clear, P.StoreDone]  # the lookup was refused, the report ran
