@@ -106,8 +106,8 @@ class Dispatcher:
         self.admission = admission
         self.counters = service.counters
         self.stopping = stopping
-        """Set when the server stops: queued requests are answered ``shutting_down``, but one-way
-        reports, which still run."""
+        """Set when the server stops: queued requests are then answered ``shutting_down``, except
+        one-way reports, which still run."""
         self.sink: ReplySink | None = None
         self._executor = ThreadPoolExecutor(max(1, config.max_workers), thread_name_prefix="lmcache-worker")
         self._queues: dict[Identity, deque[tuple[Any, float, Peer]]] = {}
