@@ -45,11 +45,12 @@ def test_an_unknown_policy_is_refused_with_the_choices() -> None:
         choose_sharing(torch.zeros(POOL_SHAPE), "ipc")
 
 
-def start_serving(policy: str) -> tuple[CacheServer, threading.Thread]:
+def start_serving(policy: str, ipc_path: str | None = None) -> tuple[CacheServer, threading.Thread]:
     """An in-process server whose ``--pool-sharing`` is ``policy``, serving on its own thread."""
     config = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.05)
     engine = server_engine(config, policy, pinned=False)
-    server = CacheServer(engine, ServerConfig(port=0, ipc_path=None, client_timeout_s=0, pool_sharing=policy))
+    server_config = ServerConfig(port=0, ipc_path=ipc_path, client_timeout_s=0, pool_sharing=policy)
+    server = CacheServer(engine, server_config)
     server.start()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -302,13 +303,14 @@ def test_a_bad_block_list_is_refused_before_the_server_reserves_or_pins_anything
         assert client.stats().engine.l1.pinned_chunks == 0
 
 
-def test_a_report_received_before_a_clean_stop_is_carried_out() -> None:
+def test_a_report_received_before_a_clean_stop_is_carried_out(workdir) -> None:
     """A store's one-way report that reached the server before it was asked to stop publishes the
     store (the worker counted it as saved): the stop serves what it received first."""
-    server, thread = start_serving("shared-l1")
+    ipc_path = str(workdir / "s.sock")  # a Unix socket: the report is in the server's buffer once sent
+    server, thread = start_serving("shared-l1", ipc_path)
     pool = shared_pool(seed=17)
     try:
-        with client_of(server) as client:
+        with CacheServerClient(f"ipc://{ipc_path}", timeout_s=20.0) as client:
             client.register(pool, 0, 1, MODEL, TPB, pool_sharing="shared-l1")
             assert client.store(BlockTransfer(TOKENS, None, BLOCKS, 0, len(TOKENS))) == len(TOKENS)
             stop_serving(server, thread)  # the report may still be unread in the server's socket buffer
