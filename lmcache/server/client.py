@@ -315,15 +315,22 @@ class CacheServerClient:
         pin_owner: int | None = None,
         instance_id: int | None = None,
         timeout_s: float | None = None,
+        stream: Any = None,
     ) -> int:
         """Load tokens ``[transfer.start, transfer.end)`` into their blocks; returns how many were
         loaded (a prefix).
 
         The prompt as for :meth:`store`; hashes must name every chunk up to the one holding ``end``.
+        ``stream`` (CUDA): the stream that reads the blocks next. The load comes after its work and
+        before its later work; a shared-L1 load returns once its copies are enqueued, an exported
+        pool's once the server has copied (the host first waits for ``stream``). Without it the
+        blocks are loaded when the call returns.
         """
         iid = self._iid(instance_id)
         if self.registrations.copies_itself(iid):
-            return self.shared_l1.retrieve(iid, transfer, pin_id, pin_owner, timeout_s)
+            return self.shared_l1.retrieve(iid, transfer, pin_id, pin_owner, timeout_s, stream)
+        if stream is not None:
+            stream.synchronize()  # the server writes the blocks from another process
         req = P.Retrieve(
             instance_id=iid,
             block_ids=P.tokens_to_bytes(transfer.block_ids),
@@ -365,6 +372,7 @@ class CacheServerClient:
                     self.unregister(iid, timeout_s=min(self.timeout_s, 1.0))
         self._closed = True
         self._stop.set()
+        self.shared_l1.close()  # its last load reports go first
         self.lanes.close()  # a call in flight notices within client_lanes.POLL_S
         if self._hb is not None and self._hb is not threading.current_thread():
             self._hb.join(timeout=5)

@@ -7,7 +7,10 @@ slots, this process copies (:class:`~lmcache.server.shared_l1_worker.SharedL1Cop
   ``store_done`` publishes them all; if a copy raised, it goes with ``ok=False`` (every slot given
   back, nothing published) and the copy's exception propagates;
 * load: ``load`` -> scatter the slots into the blocks -> ``load_done``, sent once the copy completed
-  (or failed), so the chunks stay pinned exactly as long as the copy reads them.
+  (or failed), so the chunks stay pinned exactly as long as the copy reads them. Given the stream
+  that reads the blocks next, a load returns once its copies are enqueued (that stream waits for
+  them on the device, as after an in-process load) and a background thread sends ``load_done`` when
+  they complete: the forward's launch overlaps the copy instead of following it.
 
 Both reports are one-way: the worker does not wait for an answer, and the server serves its next
 request on the same connection (a lookup after the store, say) after the report. A report that
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +99,8 @@ class SharedL1Transfers:
         self._submit = submit
         self._send = send
         self._registrations = registrations
+        self._reports: ThreadPoolExecutor | None = None
+        """Sends the ``load_done`` of loads that returned before their copies completed."""
 
     def store(self, iid: int, transfer: BlockTransfer[Any], timeout_s: float | None) -> int:
         """Tokens copied to the server from ``transfer``'s blocks (see :meth:`CacheServerClient.store`;
@@ -168,8 +174,10 @@ class SharedL1Transfers:
         pin_id: int | str | None,
         pin_owner: int | None,
         timeout_s: float | None,
+        stream: Any = None,
     ) -> int:
-        """Tokens loaded into ``transfer``'s blocks, a prefix (see :meth:`CacheServerClient.retrieve`).
+        """Tokens loaded into ``transfer``'s blocks, a prefix (see :meth:`CacheServerClient.retrieve`;
+        with ``stream`` the copies may still be running on return, ``stream`` ordered after them).
 
         The server answers in two parts when the load has more than :data:`FIRST_CHUNKS` chunks: the
         first chunks' copies start while it pins and names the rest."""
@@ -189,27 +197,53 @@ class SharedL1Transfers:
         parts: Submitted[P.LoadSlots] | None = None
         try:
             parts = self._submit(req, P.LoadSlots, timeout_s, deadline=True)
-            batch = copier.begin_load(transfer.block_ids)  # set up while the first part travels
+            batch = copier.begin_load(transfer.block_ids, stream)  # set up while the first part travels
             reply, more = parts.next()
         except UnknownInstance:  # the server restarted or forgot us: the plain call registers again
             req.first = 0
             reply, more = self._call(req, P.LoadSlots, timeout_s, deadline=True), False
-            batch = copier.begin_load(transfer.block_ids)
+            batch = copier.begin_load(transfer.block_ids, stream)
         if reply.ticket == 0:
             return reply.loaded
         done = P.LoadDone(instance_id=iid, ticket=reply.ticket, cap=req.cap)
+        reported_later = False
         try:
             copier.add_load(batch, reply, transfer.block_ids)
             while more:
                 assert parts is not None
                 reply, more = parts.next()
                 copier.add_load(batch, reply, transfer.block_ids)
-            copier.complete(batch)
+            copied = copier.finish_load(batch, stream)
+            if copied is not None:  # the copies are running: their report goes once they are done
+                self._report_when_done(copied, done, timeout_s)
+                reported_later = True
             return reply.loaded
         finally:
             if parts is not None:
                 parts.cancel()  # parts not read (a copy failed): their lane goes
-            # The copy completed (or failed): the pins may go. A server that cannot take the report
-            # (gone, restarted) releases them itself (reaping, or a fresh L1), so the load still counts.
-            with contextlib.suppress(ServerUnavailable, ServerError):
-                self._send(done, timeout_s)
+            if not reported_later:  # the copy completed or failed: the pins may go
+                self._report(done, timeout_s)
+
+    def _report(self, done: P.LoadDone, timeout_s: float | None) -> None:
+        """Send a load's ``load_done``. A server that cannot take it (gone, restarted) releases the
+        pins itself (reaping, or a fresh L1), so the load still counts."""
+        with contextlib.suppress(ServerUnavailable, ServerError):
+            self._send(done, timeout_s)
+
+    def _report_when_done(self, copied: Any, done: P.LoadDone, timeout_s: float | None) -> None:
+        """Send ``done`` from the background once the event ``copied`` (after the load's copies) is."""
+        if self._reports is None:
+            # Not a daemon: exit waits for the last reports (their copies are running on the device).
+            self._reports = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache-load-done")
+
+        def report() -> None:
+            copied.synchronize()
+            self._report(done, timeout_s)
+
+        self._reports.submit(report)
+
+    def close(self) -> None:
+        """Send the reports still waiting for their copies, then stop the thread that sends them."""
+        if self._reports is not None:
+            self._reports.shutdown(wait=True)
+            self._reports = None

@@ -3,7 +3,8 @@
 The server names slots by slab id; every reply describes the slabs its slots lie in, mapped before
 the copy, and the slabs not announced before, mapped ahead (:mod:`lmcache.server.slab_mappings`).
 Copies run on the copier's own stream and are complete when :meth:`SharedL1Copier.complete`
-returns, so the worker may report them done. The copier also keeps the registration's lease (slots
+returns, or when the event :meth:`SharedL1Copier.finish_load` returns has completed; the worker
+reports them done after that. The copier also keeps the registration's lease (slots
 it may fill before it has asked for any, see :mod:`lmcache.server.shared_l1`). A new server
 (another ``server_id``) drops every mapping and the lease; a new registration (another capability)
 drops the lease.
@@ -117,14 +118,30 @@ class SharedL1Copier:
         batch.finish()
         self.quiesce()
 
+    def finish_load(self, batch: CopyBatcher[None], stream: Any = None) -> Any:
+        """Enqueue the rest of a load's ``batch``. Given the CUDA stream that reads the blocks next,
+        order it after every copy, on the device, and return an event after them (the copies read the
+        slots until it completes); else (or for a CPU pool) return None once every copy is done."""
+        if stream is None or self.stream is None:
+            self.complete(batch)
+            return None
+        batch.finish()
+        copied = torch.cuda.Event()
+        copied.record(self.stream)
+        stream.wait_event(copied)
+        return copied
+
     def quiesce(self) -> None:
         """Wait until every copy enqueued so far is done (those of an abandoned batch too)."""
         if self.stream is not None:
             self.stream.synchronize()
 
-    def begin_load(self, block_ids: Sequence[int]) -> CopyBatcher[None]:
-        """A load's copies, its block ids uploaded at once (call it while the server's reply is on
+    def begin_load(self, block_ids: Sequence[int], after: Any = None) -> CopyBatcher[None]:
+        """A load's copies, ordered after the work queued on the stream ``after`` (kernels that may
+        still read the blocks), its block ids uploaded at once (call it while the server's reply is on
         its way); add the chunks of each reply part with :meth:`add_load`."""
+        if after is not None and self.stream is not None:
+            self.stream.wait_stream(after)
         batch = CopyBatcher(self.pool, self.stream, store=False, block_ids=block_ids)
         batch.prepare_index()
         return batch

@@ -33,7 +33,7 @@ class _Registrations:
     def check_blocks(self, block_ids: list[int], start: int, end: int, tokens_per_block: int) -> None:
         assert len(block_ids) * tokens_per_block >= end
 
-    def begin_load(self, block_ids: list[int]) -> list[P.LoadSlots]:
+    def begin_load(self, block_ids: list[int], after: Any = None) -> list[P.LoadSlots]:
         return []
 
     def add_load(self, batch: list[P.LoadSlots], reply: P.LoadSlots, block_ids: list[int]) -> None:
@@ -41,7 +41,7 @@ class _Registrations:
             raise RuntimeError("copy failed")
         batch.append(reply)
 
-    def complete(self, batch: list[P.LoadSlots]) -> None:
+    def finish_load(self, batch: list[P.LoadSlots], stream: Any = None) -> None:
         self.copied.extend(batch)
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from support.e2e import MODEL, TPB, assert_same_output, prompt
 from support.server_process import MODEL as MODEL_NAME
-from support.server_process import POOL_SHAPE, ServerProcess
+from support.server_process import POOL_SHAPE, ServerProcess, wait_until
 from support.server_process import TPB as SERVER_TPB
 
 from lmcache.integration.tensorrt_llm.tensorrt_mp_adapter import reset_process_connections
@@ -110,3 +110,34 @@ def test_auto_picks_the_mode_the_pool_allows(
         assert client.store(BlockTransfer(tokens, None, [0, 1, 2, 3], 0, 32)) == 32
         assert client.retrieve(BlockTransfer(tokens, None, [40, 9, 33, 20], 0, 32)) == 32
     assert torch.equal(pool[[40, 9, 33, 20]], pool[[0, 1, 2, 3]])
+
+
+def test_a_load_given_the_stream_is_ordered_on_the_device_and_unpins_once_copied(
+    shared_l1_server: ServerProcess,
+) -> None:
+    """With the stream that reads the blocks next, a shared-L1 load comes after that stream's earlier
+    work (a slow kernel still writing the blocks must not overwrite the loaded rows) and before its
+    later work, with no host wait; its chunks are unpinned once the copies are done."""
+    pool = allocate_vmm_pool(POOL_SHAPE, torch.float32, 0)
+    pool[:8].normal_()
+    torch.cuda.synchronize()
+    tokens = list(range(2000, 2064))  # one chunk of 64 tokens: eight blocks of eight
+    source, target = list(range(8)), [40, 9, 33, 20, 41, 12, 30, 25]
+    stream = torch.cuda.Stream()
+    with CacheServerClient(shared_l1_server.ipc_url, timeout_s=20) as client:
+        pool_modes.register(client, pool, pool_modes.SHARED_L1, MODEL_NAME, SERVER_TPB)
+        assert client.store(BlockTransfer(tokens, None, source, 0, 64)) == 64
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(1_000_000_000)  # the earlier work is still running when the load is asked
+            pool[target] = 0.0
+        assert client.lookup(tokens, pin_id="req") == 64
+        loaded = client.retrieve(BlockTransfer(tokens, None, target, 0, 64), pin_id="req", stream=stream)
+        assert client.stats().engine.l1.pinned_chunks == 1  # the copies wait behind the slow kernel
+        with torch.cuda.stream(stream):
+            copied = pool[target].clone()  # the stream's later work sees the loaded rows
+        stream.synchronize()
+        client.shared_l1.close()  # the load's report has been sent
+        wait_until(lambda: client.stats().engine.l1.pinned_chunks == 0, "the load's chunks unpinned")
+    assert loaded == 64
+    assert torch.equal(copied, pool[source])
+    assert torch.equal(pool[target], pool[source])

@@ -9,9 +9,11 @@ The scheduler's lookups go to the server, which answers for every rank of the wo
 outlives TRT-LLM crashes; while it is down the connector serves without cache (lookups 0, saves dropped) and
 re-registers when it is back.
 
-What is synchronized on CUDA: before a load the worker synchronizes its stream (the blocks may
-still be read by earlier kernels); saves wait for the forward's event in a background thread, so
-the forward path never blocks on a save.
+What is synchronized on CUDA: a shared-L1 load is ordered on the device (its copies after the
+stream's earlier kernels, the stream's later work after its copies), so the forward is launched while
+it copies; before an exported pool's load the worker synchronizes its stream (the server writes the
+blocks from another process); saves wait for the forward's event in a background thread, so the
+forward path never blocks on a save.
 """
 
 from __future__ import annotations
@@ -240,18 +242,22 @@ class ServerTransfers:
 
     def load(self, plan: LoadPlan, context: Any, stream: Any) -> Done:
         self._ensure_registered()
-        if self._is_cuda():
-            # The server writes the blocks from another process: earlier kernels must be done with them.
-            device = self._targets[0].tensor.device
-            (stream if stream is not None else torch.cuda.current_stream(device)).synchronize()
+        if self._is_cuda() and stream is None:
+            stream = torch.cuda.current_stream(self._targets[0].tensor.device)
         owners = context if isinstance(context, dict) else {}
         if not plan.is_async:
-            self._load(plan, owners)
+            # Ordered against ``stream`` by the client: on the device for shared-L1 pools (the copies
+            # may still run when this returns, ``stream`` waits for them), by the host for exported ones.
+            self._load(plan, owners, stream)
             return lambda: True
-        future = self._loader.submit(self._load, plan, owners)
+        if stream is not None:
+            # Loaded on another thread, reported done once complete: earlier kernels must be done with
+            # the blocks before anyone writes them.
+            stream.synchronize()
+        future = self._loader.submit(self._load, plan, owners, None)
         return lambda: future.done() and future.result() is None
 
-    def _load(self, plan: LoadPlan, owners: dict[TargetId, int]) -> None:
+    def _load(self, plan: LoadPlan, owners: dict[TargetId, int], stream: Any) -> None:
         by_group = {transfer.group: transfer for transfer in plan.transfers}
         pin_id = _pin_id(plan.pin)
         for target in self._targets:
@@ -264,6 +270,7 @@ class ServerTransfers:
                     pin_id,
                     pin_owner=owners.get(target.target),
                     instance_id=self._instances[target.target],
+                    stream=stream,
                 )
             except (ServerUnavailable, ServerError) as exc:
                 if transfer is None:
