@@ -19,7 +19,7 @@ from lmcache.keys import CacheSalt, ChunkHashes, ChunkKey, TokenHasher, Tokens, 
 from lmcache.layout import PoolLayout
 from lmcache.stats import EngineCounters, LatencyStats
 from lmcache.storage.chunk_format import Namespace
-from lmcache.storage.cpu_store import CpuStore
+from lmcache.storage.cpu_store import CachedChunk, CpuStore
 from lmcache.storage.tiers import TierManager
 
 
@@ -304,6 +304,19 @@ class EngineLookup:
                 if not by_rank:
                     del self._pins[pin_id]
         self.l1.unpin_all(keys)
+
+    def pinned_chunks(self, pin_id: Hashable, rank: int) -> list[CachedChunk]:
+        """The chunks ``pin_id``'s lookup pinned for ``rank``, in prompt order, up to the first no
+        longer in L1."""
+        with self._lock:
+            keys = list(self._pins.get(pin_id, {}).get(rank, ()))
+        chunks = []
+        for key in keys:
+            chunk = self.l1.get(key)
+            if chunk is None:
+                break
+            chunks.append(chunk)
+        return chunks
 
     def pinned_ids(self) -> list[Hashable]:
         """The ids whose lookups hold pins now."""

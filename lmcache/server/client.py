@@ -256,7 +256,12 @@ class CacheServerClient:
             req = P.Lookup(
                 instance_id=iid, tokens=P.tokens_to_bytes(tokens), cache_salt=cache_salt, pin_id=pin_id
             )
-        return self._call(req, int, timeout_s)
+        if pin_id is None or not self.registrations.copies_itself(iid):
+            return self._call(req, int, timeout_s)
+        req.slots = True  # this process's load with the pins copies from them before its reply
+        found = self._call(req, P.LookupSlots, timeout_s)
+        self.shared_l1.remember_slots(iid, pin_id, found.slots)
+        return found.hit
 
     def chunk_hashes(
         self, tokens: Any, cache_salt: str | int | None = None, *, instance_id: int | None = None
@@ -279,6 +284,7 @@ class CacheServerClient:
         timeout_s: float | None = None,
     ) -> bool:
         req = P.Release(instance_id=self._iid(instance_id), pin_id=pin_id, pin_owner=pin_owner)
+        self.shared_l1.forget_slots(pin_owner or req.instance_id, pin_id)
         return self._call(req, bool, timeout_s, retry_unknown=False)
 
     def store(

@@ -22,6 +22,8 @@ sent fails (nothing was published); a load whose copy completed counts.
 from __future__ import annotations
 
 import contextlib
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,6 +47,9 @@ SubmitFn = Callable[..., "Submitted[Any]"]
 SendFn = Callable[[Any, float | None], None]
 """The client's one-way send: ``(request, timeout_s)``."""
 
+
+MAX_REMEMBERED_LOOKUPS = 256
+"""Lookups whose pinned slots this client keeps for a load (the oldest are forgotten first)."""
 
 FIRST_CHUNKS = 4
 """Chunks of a load the server names ahead of the rest: their copies keep the DMA engine busy while it
@@ -101,6 +106,36 @@ class SharedL1Transfers:
         self._registrations = registrations
         self._reports: ThreadPoolExecutor | None = None
         """Sends the ``load_done`` of loads that returned before their copies completed."""
+        self._looked_up: OrderedDict[tuple[int, int | str], tuple[str, list[P.SlotInfo]]] = OrderedDict()
+        """Per (instance, pin id), the server and the slots its lookup pinned for the instance's rank."""
+        self._lock = threading.Lock()
+
+    def remember_slots(self, iid: int, pin_id: int | str, slots: list[P.SlotInfo]) -> None:
+        """Keep a lookup's pinned slots for the load with its pins (a new lookup replaces them), with
+        the server that named them (another one numbers its slots anew)."""
+        server_id = self._registrations.copier(iid).server_id
+        with self._lock:
+            self._looked_up.pop((iid, pin_id), None)
+            if slots and server_id is not None:
+                self._looked_up[iid, pin_id] = (server_id, slots)
+                while len(self._looked_up) > MAX_REMEMBERED_LOOKUPS:
+                    self._looked_up.popitem(last=False)
+
+    def forget_slots(self, iid: int, pin_id: int | str) -> None:
+        """The lookup's pins are released: its slots may be reused."""
+        with self._lock:
+            self._looked_up.pop((iid, pin_id), None)
+
+    def _looked_up_slots(
+        self, iid: int, pin_id: int | str | None, pin_owner: int | None, server_id: str | None
+    ) -> list[P.SlotInfo]:
+        """The slots a lookup of this instance pinned under ``pin_id`` on the server ``server_id``
+        (taken: one load uses them)."""
+        if pin_id is None or pin_owner not in (None, iid):
+            return []
+        with self._lock:
+            named_by, slots = self._looked_up.pop((iid, pin_id), (None, []))
+        return slots if named_by == server_id else []
 
     def store(self, iid: int, transfer: BlockTransfer[Any], timeout_s: float | None) -> int:
         """Tokens copied to the server from ``transfer``'s blocks (see :meth:`CacheServerClient.store`;
@@ -180,7 +215,11 @@ class SharedL1Transfers:
         with ``stream`` the copies may still be running on return, ``stream`` ordered after them).
 
         The server answers in two parts when the load has more than :data:`FIRST_CHUNKS` chunks: the
-        first chunks' copies start while it pins and names the rest."""
+        first chunks' copies start while it pins and names the rest. When this client's lookup took the
+        pins, the copies from the slots it named start before any reply; the reply names the slots to
+        use, and a chunk named otherwise (its pin had lapsed, its slot was filled again) is copied again
+        from the reply's slot, after the first copy. Rows past the loaded prefix may then have been
+        written."""
         copier: SharedL1Copier = self._registrations.copier(iid)
         if transfer.end > transfer.start:  # a bad block list pins nothing
             _, tpb = self._registrations.geometry(iid)
@@ -195,24 +234,28 @@ class SharedL1Transfers:
             **self._registrations.prompt_fields(iid, transfer),
         )
         parts: Submitted[P.LoadSlots] | None = None
+        looked_up = self._looked_up_slots(iid, pin_id, pin_owner, copier.server_id)
+        early: dict[int, P.LoadChunk] = {}
         try:
             parts = self._submit(req, P.LoadSlots, timeout_s, deadline=True)
             batch = copier.begin_load(transfer.block_ids, stream)  # set up while the first part travels
+            size, tpb = self._registrations.geometry(iid)
+            early = copier.add_looked_up(batch, looked_up, transfer, size, tpb)
             reply, more = parts.next()
         except UnknownInstance:  # the server restarted or forgot us: the plain call registers again
             req.first = 0
             reply, more = self._call(req, P.LoadSlots, timeout_s, deadline=True), False
-            batch = copier.begin_load(transfer.block_ids, stream)
+            batch, early = copier.begin_load(transfer.block_ids, stream), {}  # all from the new server
         if reply.ticket == 0:
             return reply.loaded
         done = P.LoadDone(instance_id=iid, ticket=reply.ticket, cap=req.cap)
         reported_later = False
         try:
-            copier.add_load(batch, reply, transfer.block_ids)
+            copier.add_load(batch, reply, transfer.block_ids, early)
             while more:
                 assert parts is not None
                 reply, more = parts.next()
-                copier.add_load(batch, reply, transfer.block_ids)
+                copier.add_load(batch, reply, transfer.block_ids, early)
             copied = copier.finish_load(batch, stream)
             if copied is not None:  # the copies are running: their report goes once they are done
                 self._report_when_done(copied, done, timeout_s)

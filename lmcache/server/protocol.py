@@ -69,6 +69,7 @@ from lmcache.server.shared_l1_protocol import (
     LeasedSlot,
     LoadChunk,
     LoadSlots,
+    LookupSlots,
     SlabInfo,
     SlotInfo,
     StoreChunk,
@@ -116,6 +117,7 @@ __all__ = [
     "LeasedSlot",
     "StoreSlots",
     "LoadSlots",
+    "LookupSlots",
     "RegisterInfo",
     "ChunkHashing",
     "FRAME_HEADER",
@@ -129,7 +131,7 @@ __all__ = [
     "ids_from_wire",
 ]
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 """Bumped on any incompatible change; client and server must agree exactly."""
 
 MAX_FRAME_BYTES = 64 << 20
@@ -212,6 +214,8 @@ class Lookup(_Req, tag="lookup", kw_only=True):
     cache_salt: Salt = None
     pin_id: PinId = None
     cap: Cap = None
+    slots: bool = False
+    """With ``pin_id``: answer a :class:`LookupSlots` naming the pinned chunks' slots (shared-L1)."""
 
 
 class LookupHashes(_Req, tag="lookup_hashes", kw_only=True):
@@ -225,6 +229,8 @@ class LookupHashes(_Req, tag="lookup_hashes", kw_only=True):
     """The prompt's length: ``chunk_hashes`` must hold exactly ``num_tokens // chunk_size`` digests."""
     pin_id: PinId = None
     cap: Cap = None
+    slots: bool = False
+    """As :attr:`Lookup.slots`."""
 
 
 class Release(_Req, tag="release", kw_only=True):

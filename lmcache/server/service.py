@@ -306,7 +306,9 @@ class CacheService:
 
     # ---- lookups and pins -----------------------------------------------------------------------
 
-    def lookup(self, req: P.Lookup | P.LookupHashes, call: Call) -> int:
+    def lookup(self, req: P.Lookup | P.LookupHashes, call: Call) -> int | P.LookupSlots:
+        """The hit; asked for ``slots``, with the slots of the chunks pinned for the instance's rank
+        when it is in the shared-L1 mode (see :class:`P.LookupSlots`)."""
         with self.instances.use(req.instance_id, req.cap) as inst:
             key = (req.instance_id, req.pin_id) if req.pin_id is not None else None
             ranks = range(inst.world_size)
@@ -324,7 +326,11 @@ class CacheService:
                 hit = self.engine.lookup(inst.space, tokens, req.cache_salt, ranks=ranks, pin_id=key)
             if key is not None:
                 self._record_pins(inst, key, hit)
-            return hit
+            if not req.slots:
+                return hit
+            shared = self.shared_l1 if P.sharing_mode(inst.request.pool) == "shared-l1" else None
+            slots = shared.pinned_slots(key, inst.rank) if shared is not None and key and hit else []
+            return P.LookupSlots(hit=hit, slots=slots)
 
     def _record_pins(self, inst: Instance, key: PinKey, hit: int) -> None:
         """Note the pins a lookup took; drop them and refuse if the instance's pins would hold more

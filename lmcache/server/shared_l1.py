@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from lmcache.chunk_copy import StoreSlot
@@ -33,6 +33,7 @@ from lmcache.memory import SlotRef
 from lmcache.server import protocol as P
 from lmcache.server.prompts import InvalidPrompt, request_prompt
 from lmcache.shm_slabs import ShmSlabSource
+from lmcache.storage.cpu_store import CachedChunk
 
 DEFAULT_MAX_TICKETS = 64
 """Open tickets (stores plus loads) one instance may hold: a worker has a few requests in flight."""
@@ -227,11 +228,8 @@ class SharedL1Service:
         chunks: list[P.LoadChunk] = []
         try:
             for slot in self.engine.hold_chunks(hold):
-                slot.chunk.wait_ready_on_host()  # a chunk stored over CUDA IPC: once its copy is done
-                ref = slot.chunk.buffer.ref
-                chunks.append(
-                    P.LoadChunk(slot.first_block, slot.rows, slot.skip, slot.stop, self._ref_info(ref))
-                )
+                info = self._chunk_info(slot.chunk)
+                chunks.append(P.LoadChunk(slot.first_block, slot.rows, slot.skip, slot.stop, info))
                 if len(chunks) == split and not ticket:
                     assert send_part is not None
                     ticket = self._open(scope.instance_id, _LoadTicket(hold))
@@ -260,6 +258,10 @@ class SharedL1Service:
             forget=news.forget,
             ahead=news.ahead,
         )
+
+    def pinned_slots(self, pin_key: Hashable, rank: int) -> list[P.SlotInfo]:
+        """The slots of the chunks the lookup ``pin_key`` pinned for ``rank``, in prompt order."""
+        return [self._chunk_info(chunk) for chunk in self.engine.pinned_chunks(pin_key, rank)]
 
     def load_done(self, scope: InstanceScope, req: P.LoadDone) -> bool:
         """Unpin the ticket's chunks: the worker has copied out of them."""
@@ -374,6 +376,14 @@ class SharedL1Service:
     @staticmethod
     def _ref_info(ref: SlotRef) -> P.SlotInfo:
         return P.SlotInfo(ref.slab, ref.offset, ref.nbytes)
+
+    @staticmethod
+    def _chunk_info(chunk: CachedChunk) -> P.SlotInfo:
+        """A cached chunk's slot, once its bytes are there (a chunk stored over CUDA IPC: once the
+        copy that fills it is done)."""
+        chunk.wait_ready_on_host()
+        ref = chunk.buffer.ref
+        return P.SlotInfo(ref.slab, ref.offset, ref.nbytes, chunk.serial)
 
     def _slab_news(self, instance_id: int, slab_ids: list[int]) -> SlabNews:
         """What a reply tells the instance of the slabs (see :class:`SlabNews`). Every reply describes

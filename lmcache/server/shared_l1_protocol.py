@@ -15,11 +15,22 @@ class SlabInfo(msgspec.Struct, kw_only=True):
 
 
 class SlotInfo(msgspec.Struct, array_like=True):
-    """An L1 slot: ``nbytes`` bytes at ``offset`` in slab ``slab``."""
+    """An L1 slot: ``nbytes`` bytes at ``offset`` in slab ``slab``; for a cached chunk, ``serial``
+    names its filling (equal serials, same bytes; 0 for a slot to fill)."""
 
     slab: int
     offset: int
     nbytes: int
+    serial: int = 0
+
+
+class LookupSlots(msgspec.Struct, kw_only=True):
+    """Reply to a lookup that asked for ``slots``: the hit, and the slots of the chunks it pinned for
+    the instance's rank, in prompt order (empty for an instance not in the shared-L1 mode). A worker
+    may copy from them before its ``load`` is answered; that reply names the slots to use."""
+
+    hit: int
+    slots: list[SlotInfo] = []
 
 
 class StoreChunk(msgspec.Struct, array_like=True):

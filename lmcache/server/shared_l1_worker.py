@@ -24,6 +24,7 @@ from lmcache.chunk_copy import CopyBatcher
 from lmcache.server import protocol as P
 from lmcache.server.slab_mappings import SlabMappings
 from lmcache.shm_slabs import SHM_DIR, ShmSlabError
+from lmcache.transfer import BlockTransfer
 
 
 class SharedL1Copier:
@@ -146,17 +147,53 @@ class SharedL1Copier:
         batch.prepare_index()
         return batch
 
-    def add_load(self, batch: CopyBatcher[None], reply: P.LoadSlots, block_ids: Sequence[int]) -> None:
-        """Map the reply's slabs and queue the scatters of its chunks."""
+    def add_looked_up(
+        self,
+        batch: CopyBatcher[None],
+        slots: list[P.SlotInfo],
+        transfer: BlockTransfer[Any],
+        size: int,
+        tpb: int,
+    ) -> dict[int, P.LoadChunk]:
+        """Queue the scatters of ``transfer``'s chunks from the slots a lookup pinned (``slots[i]``: the
+        prompt's chunk ``i``, of ``size`` tokens), up to the first in a slab not mapped yet; returns
+        them by first block, for :meth:`add_load` to skip those its reply names alike."""
+        rows = size // tpb
+        queued: dict[int, P.LoadChunk] = {}
+        for i, slot in enumerate(slots):
+            first = i * size
+            if first + size <= transfer.start:
+                continue
+            if first >= transfer.end or self.slabs.get(slot.slab) is None:
+                break
+            skip = max(0, transfer.start - first) // tpb
+            chunk = P.LoadChunk(i * rows, rows, skip, min(rows, (transfer.end - first) // tpb), slot)
+            self._add_chunk(batch, chunk, transfer.block_ids)
+            queued[chunk.first_block] = chunk
+        return queued
+
+    def add_load(
+        self,
+        batch: CopyBatcher[None],
+        reply: P.LoadSlots,
+        block_ids: Sequence[int],
+        queued: dict[int, P.LoadChunk] | None = None,
+    ) -> None:
+        """Map the reply's slabs and queue the scatters of its chunks, but those ``queued`` already
+        from the same slot, rows and filling (see :meth:`add_looked_up`)."""
         self.apply(reply)
         for chunk in reply.chunks:
-            if not 0 <= chunk.skip < chunk.stop <= chunk.rows:
-                raise ShmSlabError(
-                    f"load rows [{chunk.skip}, {chunk.stop}) are not within a {chunk.rows}-row slot"
-                )
-            view = self._view(chunk.slot, chunk.rows)[chunk.skip : chunk.stop]
-            rows = block_ids[chunk.first_block + chunk.skip : chunk.first_block + chunk.stop]
-            batch.add(rows, view, None)
+            if queued and queued.get(chunk.first_block) == chunk:
+                continue
+            self._add_chunk(batch, chunk, block_ids)
+
+    def _add_chunk(self, batch: CopyBatcher[None], chunk: P.LoadChunk, block_ids: Sequence[int]) -> None:
+        if not 0 <= chunk.skip < chunk.stop <= chunk.rows:
+            raise ShmSlabError(
+                f"load rows [{chunk.skip}, {chunk.stop}) are not within a {chunk.rows}-row slot"
+            )
+        view = self._view(chunk.slot, chunk.rows)[chunk.skip : chunk.stop]
+        batch.add(block_ids[chunk.first_block + chunk.skip : chunk.first_block + chunk.stop], view, None)
 
     def close(self) -> None:
         """Forget every mapping (they go once no view of them is left)."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lmcache.logging import init_logger
@@ -14,6 +15,7 @@ from lmcache.stats import L1Snapshot
 from lmcache.storage.policies import make_policy
 
 logger = init_logger(__name__)
+_serials = itertools.count(1)
 
 
 @dataclass(eq=False)
@@ -21,7 +23,8 @@ class CachedChunk:
     """A chunk's bytes in L1.
 
     ``ready`` (a CUDA event) orders readers after the copy that filled it; ``last_read`` marks the
-    end of the latest asynchronous copy out of it. The slot is reused only after both.
+    end of the latest asynchronous copy out of it. The slot is reused only after both. ``serial``
+    names this filling of the slot: while a chunk with a given serial exists, its slot holds its bytes.
     """
 
     buffer: HostBuffer
@@ -31,6 +34,7 @@ class CachedChunk:
     last_read: Any = None
     pins: int = 0
     committed: bool = False
+    serial: int = field(default_factory=lambda: next(_serials))
 
     def wait_ready_on_host(self) -> None:
         if self.ready is not None:

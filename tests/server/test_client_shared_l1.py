@@ -17,6 +17,8 @@ TRANSFER = BlockTransfer(list(range(64)), None, list(range(8)), 0, 64)
 class _Registrations:
     """What SharedL1Transfers asks of the client's registrations: the prompt and the copier."""
 
+    server_id = "server"
+
     def __init__(self, copy_fails: bool = False) -> None:
         self.copy_fails = copy_fails
         self.copied: list[P.LoadSlots] = []
@@ -36,7 +38,12 @@ class _Registrations:
     def begin_load(self, block_ids: list[int], after: Any = None) -> list[P.LoadSlots]:
         return []
 
-    def add_load(self, batch: list[P.LoadSlots], reply: P.LoadSlots, block_ids: list[int]) -> None:
+    def add_looked_up(self, batch: list[P.LoadSlots], slots: list[P.SlotInfo], *args: Any) -> dict:
+        return {}
+
+    def add_load(
+        self, batch: list[P.LoadSlots], reply: P.LoadSlots, block_ids: list[int], queued: Any = None
+    ) -> None:
         if self.copy_fails:
             raise RuntimeError("copy failed")
         batch.append(reply)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from in_process_server import start_serving, stop_serving
 from raw_lane import connect, framed, read_reply
 from support.server_process import CHUNK, MODEL, POOL_SHAPE, TPB, server_secret, shared_pool, wait_until
 
@@ -17,7 +18,7 @@ from lmcache.config import LMCacheEngineConfig
 from lmcache.server import protocol as P
 from lmcache.server.client import BadPool, CacheServerClient, InvalidRequest, ServerUnavailable
 from lmcache.server.pool_sharing import PoolSharingError, choose_sharing
-from lmcache.server.server import CacheServer, ServerConfig, server_engine
+from lmcache.server.server import CacheServer, server_engine
 from lmcache.server.shared_l1_worker import SharedL1Copier
 from lmcache.transfer import BlockTransfer
 
@@ -43,24 +44,6 @@ def test_choice_for_a_cpu_pool(requested: str, server: str, mode: str) -> None:
 def test_an_unknown_policy_is_refused_with_the_choices() -> None:
     with pytest.raises(PoolSharingError, match="auto, export, shared-l1"):
         choose_sharing(torch.zeros(POOL_SHAPE), "ipc")
-
-
-def start_serving(policy: str, ipc_path: str | None = None) -> tuple[CacheServer, threading.Thread]:
-    """An in-process server whose ``--pool-sharing`` is ``policy``, serving on its own thread."""
-    config = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.05)
-    engine = server_engine(config, policy, pinned=False)
-    server_config = ServerConfig(port=0, ipc_path=ipc_path, client_timeout_s=0, pool_sharing=policy)
-    server = CacheServer(engine, server_config)
-    server.start()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return server, thread
-
-
-def stop_serving(server: CacheServer, thread: threading.Thread) -> None:
-    server.stop()
-    thread.join(30)
-    assert not thread.is_alive()
 
 
 @pytest.fixture

@@ -1,0 +1,28 @@
+"""A cache server serving on a thread of the test process (its L1 in shared memory)."""
+
+from __future__ import annotations
+
+import threading
+
+from support.server_process import CHUNK
+
+from lmcache.config import LMCacheEngineConfig
+from lmcache.server.server import CacheServer, ServerConfig, server_engine
+
+
+def start_serving(policy: str, ipc_path: str | None = None) -> tuple[CacheServer, threading.Thread]:
+    """An in-process server whose ``--pool-sharing`` is ``policy``, serving on its own thread."""
+    config = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.05)
+    engine = server_engine(config, policy, pinned=False)
+    server_config = ServerConfig(port=0, ipc_path=ipc_path, client_timeout_s=0, pool_sharing=policy)
+    server = CacheServer(engine, server_config)
+    server.start()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def stop_serving(server: CacheServer, thread: threading.Thread) -> None:
+    server.stop()
+    thread.join(30)
+    assert not thread.is_alive()
