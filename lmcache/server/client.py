@@ -256,12 +256,9 @@ class CacheServerClient:
             req = P.Lookup(
                 instance_id=iid, tokens=P.tokens_to_bytes(tokens), cache_salt=cache_salt, pin_id=pin_id
             )
-        if pin_id is None or not self.registrations.copies_itself(iid):
-            return self._call(req, int, timeout_s)
-        req.slots = True  # this process's load with the pins copies from them before its reply
-        found = self._call(req, P.LookupSlots, timeout_s)
-        self.shared_l1.remember_slots(iid, pin_id, found.slots)
-        return found.hit
+        if pin_id is not None and self.registrations.copies_itself(iid):
+            return self.shared_l1.lookup(iid, req, timeout_s)  # keeps the pinned slots for the load
+        return self._call(req, int, timeout_s)
 
     def chunk_hashes(
         self, tokens: Any, cache_salt: str | int | None = None, *, instance_id: int | None = None

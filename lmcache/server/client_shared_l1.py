@@ -110,6 +110,14 @@ class SharedL1Transfers:
         """Per (instance, pin id), the server and the slots its lookup pinned for the instance's rank."""
         self._lock = threading.Lock()
 
+    def lookup(self, iid: int, req: P.Lookup | P.LookupHashes, timeout_s: float | None) -> int:
+        """``req``'s hit, its pinned slots kept for the load with its pins (``req.pin_id`` set)."""
+        assert req.pin_id is not None
+        req.slots = True
+        found = self._call(req, P.LookupSlots, timeout_s)
+        self.remember_slots(iid, req.pin_id, found.slots)
+        return found.hit
+
     def remember_slots(self, iid: int, pin_id: int | str, slots: list[P.SlotInfo]) -> None:
         """Keep a lookup's pinned slots for the load with its pins (a new lookup replaces them), with
         the server that named them (another one numbers its slots anew)."""

@@ -128,7 +128,9 @@ def test_a_load_given_the_stream_is_ordered_on_the_device_and_unpins_once_copied
         pool_modes.register(client, pool, pool_modes.SHARED_L1, MODEL_NAME, SERVER_TPB)
         assert client.store(BlockTransfer(tokens, None, source, 0, 64)) == 64
         with torch.cuda.stream(stream):
-            torch.cuda._sleep(1_000_000_000)  # the earlier work is still running when the load is asked
+            busy = torch.randn(4096, 4096, device="cuda")
+            for _ in range(100):  # the earlier work is still running when the load is asked
+                busy = torch.mm(busy, busy).clamp_(-1, 1)
             pool[target] = 0.0
         assert client.lookup(tokens, pin_id="req") == 64
         loaded = client.retrieve(BlockTransfer(tokens, None, target, 0, 64), pin_id="req", stream=stream)

@@ -11,6 +11,7 @@ import torch
 from in_process_server import start_serving, stop_serving
 from support.server_process import CHUNK, MODEL, TPB, shared_pool
 
+from lmcache.chunk_copy import CopyBatcher
 from lmcache.server import protocol as P
 from lmcache.server.client import CacheServerClient
 from lmcache.server.server import CacheServer
@@ -41,18 +42,18 @@ class CopySpy:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.chunks = 0
         self.early = 0
-        add_chunk, add_looked_up = SharedL1Copier._add_chunk, SharedL1Copier.add_looked_up
+        add, add_looked_up = CopyBatcher.add, SharedL1Copier.add_looked_up
 
-        def counted(copier, batch, chunk, block_ids):  # type: ignore[no-untyped-def]
+        def counted(batch, *args, **kwargs):  # type: ignore[no-untyped-def]
             self.chunks += 1
-            add_chunk(copier, batch, chunk, block_ids)
+            add(batch, *args, **kwargs)
 
         def looked_up(copier, *args):  # type: ignore[no-untyped-def]
             queued = add_looked_up(copier, *args)
             self.early += len(queued)
             return queued
 
-        monkeypatch.setattr(SharedL1Copier, "_add_chunk", counted)
+        monkeypatch.setattr(CopyBatcher, "add", counted)
         monkeypatch.setattr(SharedL1Copier, "add_looked_up", looked_up)
 
 
