@@ -310,13 +310,7 @@ class EngineLookup:
         longer in L1."""
         with self._lock:
             keys = list(self._pins.get(pin_id, {}).get(rank, ()))
-        chunks = []
-        for key in keys:
-            chunk = self.l1.get(key)
-            if chunk is None:
-                break
-            chunks.append(chunk)
-        return chunks
+        return self.l1.committed_prefix(keys)
 
     def pinned_ids(self) -> list[Hashable]:
         """The ids whose lookups hold pins now."""

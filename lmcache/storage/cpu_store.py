@@ -163,6 +163,18 @@ class CpuStore:
             self._policy.touch(key)
             return chunk
 
+    def committed_prefix(self, keys: Sequence[Hashable]) -> list[CachedChunk]:
+        """The committed chunks of ``keys``, in order, up to the first missing (not a use: a lookup
+        already counted it)."""
+        chunks = []
+        with self._lock:
+            for key in keys:
+                chunk = self._chunks.get(key)
+                if chunk is None or not chunk.committed:
+                    break
+                chunks.append(chunk)
+        return chunks
+
     def pin(self, key: Hashable) -> bool:
         """Protect a committed chunk from eviction until ``unpin``; False if it is not here."""
         with self._lock:
