@@ -255,6 +255,8 @@ class SharedL1Transfers:
             reply, more = self._call(req, P.LoadSlots, timeout_s, deadline=True), False
             batch, early = copier.begin_load(transfer.block_ids, stream), {}  # all from the new server
         if reply.ticket == 0:
+            if early:
+                copier.quiesce()  # nothing is pinned for them: no copy may outlive this call
             return reply.loaded
         done = P.LoadDone(instance_id=iid, ticket=reply.ticket, cap=req.cap)
         reported_later = False
