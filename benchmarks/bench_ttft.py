@@ -219,10 +219,11 @@ class MPTier:
         if hit < end:
             self.client.release(rid)
             raise BenchFailure(f"{self.name}: lookup found {hit} tokens, expected >= {end}")
-        if self.pool.is_cuda:
-            torch.cuda.current_stream().synchronize()  # as the adapter: earlier kernels done with the blocks
+        # As the adapter: the load is ordered against the forward's stream (on the device in shared-L1
+        # mode, the host waiting for the stream first for an exported pool).
+        stream = torch.cuda.current_stream() if self.pool.is_cuda else None
         prompt = hashes if hashes is not None else tokens
-        return self.client.retrieve(BlockTransfer(prompt, None, blocks, 0, end), pin_id=rid)
+        return self.client.retrieve(BlockTransfer(prompt, None, blocks, 0, end), pin_id=rid, stream=stream)
 
     def after_length(self) -> None:
         self.client.clear()
