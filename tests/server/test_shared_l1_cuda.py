@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import pytest
 import torch
@@ -25,6 +27,7 @@ from lmcache.server.client_errors import ServerError
 from lmcache.server.pool_sharing import PoolSharingError
 from lmcache.testing import pool_modes
 from lmcache.testing.cuda_pools import allocate_cudamalloc_pool
+from lmcache.testing.stream_gate import StreamGate
 from lmcache.testing.trtllm_replay import (
     KV_MANAGER_MODES,
     KvCacheConnectorConfig,
@@ -115,28 +118,35 @@ def test_auto_picks_the_mode_the_pool_allows(
 def test_a_load_given_the_stream_is_ordered_on_the_device_and_unpins_once_copied(
     shared_l1_server: ServerProcess,
 ) -> None:
-    """With the stream that reads the blocks next, a shared-L1 load comes after that stream's earlier
-    work (a slow kernel still writing the blocks must not overwrite the loaded rows) and before its
-    later work, with no host wait; its chunks are unpinned once the copies are done."""
+    """With the stream that reads the blocks next, a shared-L1 load returns without waiting for that
+    stream; its copies come after the stream's earlier work (held here behind a gate, then writing
+    the target blocks) and before its later work; its chunks stay pinned until the copies are done."""
     pool = allocate_vmm_pool(POOL_SHAPE, torch.float32, 0)
     pool[:8].normal_()
-    torch.cuda.synchronize()
     tokens = list(range(2000, 2064))  # one chunk of 64 tokens: eight blocks of eight
     source, target = list(range(8)), [40, 9, 33, 20, 41, 12, 30, 25]
+    target_index = torch.tensor(target, device="cuda")
     stream = torch.cuda.Stream()
     with CacheServerClient(shared_l1_server.ipc_url, timeout_s=20) as client:
         pool_modes.register(client, pool, pool_modes.SHARED_L1, MODEL_NAME, SERVER_TPB)
         assert client.store(BlockTransfer(tokens, None, source, 0, 64)) == 64
+        gate = StreamGate(stream)
         with torch.cuda.stream(stream):
-            busy = torch.randn(4096, 4096, device="cuda")
-            for _ in range(100):  # the earlier work is still running when the load is asked
-                busy = torch.mm(busy, busy).clamp_(-1, 1)
-            pool[target] = 0.0
+            pool.index_fill_(0, target_index, 0.0)  # the earlier work, held until the gate opens
         assert client.lookup(tokens, pin_id="req") == 64
-        loaded = client.retrieve(BlockTransfer(tokens, None, target, 0, 64), pin_id="req", stream=stream)
-        assert client.stats().engine.l1.pinned_chunks == 1  # the copies wait behind the slow kernel
+        with ThreadPoolExecutor(1) as pool_thread:
+            load = pool_thread.submit(
+                client.retrieve, BlockTransfer(tokens, None, target, 0, 64), pin_id="req", stream=stream
+            )
+            try:
+                loaded = load.result(timeout=60)
+            except FutureTimeout:
+                gate.open()
+                pytest.fail("the load waited on the host for the stream it was given")
+        assert client.stats().engine.l1.pinned_chunks == 1  # its copies wait behind the gate
         with torch.cuda.stream(stream):
-            copied = pool[target].clone()  # the stream's later work sees the loaded rows
+            copied = pool[target_index].clone()  # the stream's later work sees the loaded rows
+        gate.open()
         stream.synchronize()
         client.shared_l1.close()  # the load's report has been sent
         wait_until(lambda: client.stats().engine.l1.pinned_chunks == 0, "the load's chunks unpinned")
