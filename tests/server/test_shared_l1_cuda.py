@@ -130,24 +130,26 @@ def test_a_load_given_the_stream_is_ordered_on_the_device_and_unpins_once_copied
     with CacheServerClient(shared_l1_server.ipc_url, timeout_s=20) as client:
         pool_modes.register(client, pool, pool_modes.SHARED_L1, MODEL_NAME, SERVER_TPB)
         assert client.store(BlockTransfer(tokens, None, source, 0, 64)) == 64
-        gate = StreamGate(stream)
-        with torch.cuda.stream(stream):
-            pool.index_fill_(0, target_index, 0.0)  # the earlier work, held until the gate opens
-        assert client.lookup(tokens, pin_id="req") == 64
-        with ThreadPoolExecutor(1) as pool_thread:
-            load = pool_thread.submit(
-                client.retrieve, BlockTransfer(tokens, None, target, 0, 64), pin_id="req", stream=stream
-            )
-            try:
-                loaded = load.result(timeout=60)
-            except FutureTimeout:
-                gate.open()
-                pytest.fail("the load waited on the host for the stream it was given")
-        assert client.stats().engine.l1.pinned_chunks == 1  # its copies wait behind the gate
-        with torch.cuda.stream(stream):
-            copied = pool[target_index].clone()  # the stream's later work sees the loaded rows
-        gate.open()
-        stream.synchronize()
+        with StreamGate(stream) as gate:
+            with torch.cuda.stream(stream):
+                pool.index_fill_(0, target_index, 0.0)  # the earlier work, held until the gate opens
+            assert client.lookup(tokens, pin_id="req") == 64
+            with ThreadPoolExecutor(1) as pool_thread:
+                load = pool_thread.submit(
+                    client.retrieve, BlockTransfer(tokens, None, target, 0, 64), pin_id="req", stream=stream
+                )
+                try:
+                    loaded = load.result(timeout=60)
+                except FutureTimeout:
+                    gate.open()  # lets the load's host wait end
+                    pytest.fail("the load waited on the host for the stream it was given")
+            assert client.stats().engine.l1.pinned_chunks == 1  # its copies wait behind the gate
+            with torch.cuda.stream(stream):
+                copied = pool[target_index].clone()  # the stream's later work sees the loaded rows
+            after = torch.cuda.Event()
+            after.record(stream)
+            gate.open()
+            wait_until(after.query, "the gated stream's work after the gate opened")  # a hang guard
         client.shared_l1.close()  # the load's report has been sent
         wait_until(lambda: client.stats().engine.l1.pinned_chunks == 0, "the load's chunks unpinned")
     assert loaded == 64
