@@ -10,9 +10,9 @@
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 
 import pytest
 import torch
@@ -27,7 +27,6 @@ from lmcache.server.client_errors import ServerError
 from lmcache.server.pool_sharing import PoolSharingError
 from lmcache.testing import pool_modes
 from lmcache.testing.cuda_pools import allocate_cudamalloc_pool
-from lmcache.testing.stream_gate import StreamGate
 from lmcache.testing.trtllm_replay import (
     KV_MANAGER_MODES,
     KvCacheConnectorConfig,
@@ -115,41 +114,57 @@ def test_auto_picks_the_mode_the_pool_allows(
     assert torch.equal(pool[[40, 9, 33, 20]], pool[[0, 1, 2, 3]])
 
 
+def slow_work(seconds: float) -> Callable[[], None]:
+    """A function that enqueues about ``seconds`` of matmuls on the current stream (timed here once,
+    so the margin over the host's work does not depend on the card; large ones, so that a few
+    launches fill it and none waits for room in the launch queue)."""
+    busy = torch.randn(8192, 8192, device="cuda")
+    torch.mm(busy, busy)  # the library's set-up, outside the timing
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    for _ in range(5):
+        torch.mm(busy, busy)
+    torch.cuda.synchronize()
+    count = math.ceil(seconds / ((time.perf_counter() - began) / 5))
+
+    def enqueue() -> None:
+        out = busy
+        for _ in range(count):
+            out = torch.mm(out, busy).clamp_(-1, 1)
+
+    return enqueue
+
+
 def test_a_load_given_the_stream_is_ordered_on_the_device_and_unpins_once_copied(
     shared_l1_server: ServerProcess,
 ) -> None:
     """With the stream that reads the blocks next, a shared-L1 load returns without waiting for that
-    stream; its copies come after the stream's earlier work (held here behind a gate, then writing
-    the target blocks) and before its later work; its chunks stay pinned until the copies are done."""
+    stream; its copies come after the stream's earlier work (seconds of it, then writing the target
+    blocks) and before its later work; its chunks stay pinned until the copies are done."""
     pool = allocate_vmm_pool(POOL_SHAPE, torch.float32, 0)
     pool[:8].normal_()
     tokens = list(range(2000, 2064))  # one chunk of 64 tokens: eight blocks of eight
     source, target = list(range(8)), [40, 9, 33, 20, 41, 12, 30, 25]
-    target_index = torch.tensor(target, device="cuda")
+    target_index = torch.tensor(target, device="cuda")  # uploaded now: no host copy on the stream later
     stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        enqueue_slow_work = slow_work(seconds=2.0)
     with CacheServerClient(shared_l1_server.ipc_url, timeout_s=20) as client:
         pool_modes.register(client, pool, pool_modes.SHARED_L1, MODEL_NAME, SERVER_TPB)
         assert client.store(BlockTransfer(tokens, None, source, 0, 64)) == 64
-        with StreamGate(stream) as gate:
-            with torch.cuda.stream(stream):
-                pool.index_fill_(0, target_index, 0.0)  # the earlier work, held until the gate opens
-            assert client.lookup(tokens, pin_id="req") == 64
-            with ThreadPoolExecutor(1) as pool_thread:
-                load = pool_thread.submit(
-                    client.retrieve, BlockTransfer(tokens, None, target, 0, 64), pin_id="req", stream=stream
-                )
-                try:
-                    loaded = load.result(timeout=60)
-                except FutureTimeout:
-                    gate.open()  # lets the load's host wait end
-                    pytest.fail("the load waited on the host for the stream it was given")
-            assert client.stats().engine.l1.pinned_chunks == 1  # its copies wait behind the gate
-            with torch.cuda.stream(stream):
-                copied = pool[target_index].clone()  # the stream's later work sees the loaded rows
-            after = torch.cuda.Event()
-            after.record(stream)
-            gate.open()
-            wait_until(after.query, "the gated stream's work after the gate opened")  # a hang guard
+        torch.cuda.synchronize()
+        with torch.cuda.stream(stream):
+            enqueue_slow_work()
+            pool.index_fill_(0, target_index, 0.0)  # the earlier work writes the target blocks last
+            earlier_done = torch.cuda.Event()
+            earlier_done.record(stream)
+        assert client.lookup(tokens, pin_id="req") == 64
+        loaded = client.retrieve(BlockTransfer(tokens, None, target, 0, 64), pin_id="req", stream=stream)
+        assert not earlier_done.query(), "the load waited on the host for the stream's earlier work"
+        assert client.stats().engine.l1.pinned_chunks == 1  # its copies wait behind that work
+        with torch.cuda.stream(stream):
+            copied = pool[target_index].clone()  # the stream's later work sees the loaded rows
+        stream.synchronize()
         client.shared_l1.close()  # the load's report has been sent
         wait_until(lambda: client.stats().engine.l1.pinned_chunks == 0, "the load's chunks unpinned")
     assert loaded == 64
