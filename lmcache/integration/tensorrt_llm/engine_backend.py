@@ -14,7 +14,7 @@ from lmcache.config import load_engine_config
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.integration.tensorrt_llm.backend import check_loaded
 from lmcache.integration.tensorrt_llm.inflight import Done, event_done, future_done
-from lmcache.integration.tensorrt_llm.plan import LoadPlan, PinKey, Prompt, TargetId, Transfer
+from lmcache.integration.tensorrt_llm.plan import Found, LoadPlan, PinKey, Prompt, TargetId, Transfer
 from lmcache.integration.tensorrt_llm.save_queue import SaveQueue
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
 from lmcache.integration.tensorrt_llm.targets import PoolTarget
@@ -98,11 +98,11 @@ class EngineIndex:
     def hash_prompt(self, tokens: list[int], salt: Any) -> None:
         return None  # the engine is in this process: loads and saves hand it the tokens
 
-    def lookup(self, prompt: Prompt, pin: PinKey) -> int:
+    def lookup(self, prompt: Prompt, pin: PinKey) -> Found:
         pools = self._shared.pools
         if not pools:
             self._warn.warning("no-pool", "LMCache: lookup before any KV pool was registered; a miss")
-            return 0
+            return Found(0)
         ranks = sorted(pools)
         engine = self._shared.engine
         hit, pinned = len(prompt.tokens), False
@@ -114,7 +114,7 @@ class EngineIndex:
                 break
         if hit == 0 and pinned:
             self.release(pin)  # another target's hit was pinned: a miss leaves no pins behind
-        return hit
+        return Found(hit)
 
     def release(self, pin: PinKey) -> None:
         for targets in self._shared.pools.values():

@@ -46,6 +46,15 @@ class Prompt:
 
 
 @dataclass(frozen=True)
+class Found:
+    """A lookup's answer: the tokens cached (pinned), and the prompt's chunk hashes per target if the
+    index hashed it for this lookup (loads and saves then name chunks by them; see ``Prompt``)."""
+
+    hit: int
+    hashes: dict[TargetId, Any] | None = None
+
+
+@dataclass(frozen=True)
 class Transfer:
     """KV of tokens ``[start, end)`` of one layer group, between the cache and ``block_ids``.
 

@@ -15,13 +15,14 @@ Rules it keeps (each one a bug in some connector before it):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from lmcache.config import LMCacheEngineConfig
 from lmcache.integration.tensorrt_llm.blocks import paged_suffix_start, savable_runs
 from lmcache.integration.tensorrt_llm.plan import (
     ConnectorMetadata,
+    Found,
     LoadPlan,
     PinKey,
     Prompt,
@@ -42,9 +43,10 @@ class CacheIndex(Protocol):
         """The prompt's chunk hashes per target if loads and saves should name chunks by them."""
         ...
 
-    def lookup(self, prompt: Prompt, pin: PinKey) -> int:
+    def lookup(self, prompt: Prompt, pin: PinKey) -> Found:
         """Tokens of the longest prefix cached in every target for every rank, pinned under ``pin``
-        (a miss pins nothing)."""
+        (a miss pins nothing); with the prompt's hashes if this lookup computed them (a prompt given
+        with ``hashes`` is not hashed again)."""
         ...
 
     def release(self, pin: PinKey) -> None: ...
@@ -102,7 +104,12 @@ class _Reservation:
 
     @property
     def pin(self) -> PinKey:
-        return PinKey("res", self.reservation_id)
+        return reservation_pin(self.reservation_id)
+
+
+def reservation_pin(reservation_id: int) -> PinKey:
+    """The pins a V2 prefix reservation holds."""
+    return PinKey("res", reservation_id)
 
 
 def _subtract(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
@@ -145,8 +152,10 @@ class Planner:
 
     # -- lookups ------------------------------------------------------------------------------
 
-    def _prompt_of(self, request: Any) -> tuple[Prompt, int]:
-        """The request's prompt, hashed once per request (TRT-LLM asks again while it waits)."""
+    def _prompt_of(self, request: Any, hash_now: bool = False) -> tuple[Prompt, int]:
+        """The request's prompt with the hashes an earlier lookup of it computed (TRT-LLM asks again
+        while it waits), else hashed now if ``hash_now`` (no lookup follows), else to be hashed by
+        the lookup (which may find a miss without hashing it all)."""
         tokens = list(request.get_tokens(0))
         prompt_len = int(getattr(request, "prompt_len", len(tokens)) or len(tokens))
         tokens = tokens[:prompt_len]
@@ -159,12 +168,18 @@ class Planner:
             and previous.prompt.tokens == tokens
         ):
             return previous.prompt, prompt_len
-        hashes = self.index.hash_prompt(tokens, salt) if prompt_len > 1 else None
+        hashes = self.index.hash_prompt(tokens, salt) if hash_now and prompt_len > 1 else None
         return Prompt(tokens, salt, hashes), prompt_len
 
-    def _usable(self, prompt: Prompt, prompt_len: int, num_computed: int, pin: PinKey) -> tuple[int, int]:
-        """(hit, tokens to load after ``num_computed``); the pins are dropped when nothing loads."""
-        hit = self.index.lookup(prompt, pin) if prompt_len > 1 else 0
+    def _usable(
+        self, prompt: Prompt, prompt_len: int, num_computed: int, pin: PinKey
+    ) -> tuple[int, int, Prompt]:
+        """(hit, tokens to load after ``num_computed``, the prompt with the hashes the lookup computed);
+        the pins are dropped when nothing loads."""
+        found = self.index.lookup(prompt, pin) if prompt_len > 1 else Found(0)
+        if found.hashes is not None:
+            prompt = replace(prompt, hashes=found.hashes)
+        hit = found.hit
         # Never claim the last prompt token: TRT-LLM must compute it to sample.
         usable = min(hit, prompt_len - 1) // self._tpb * self._tpb
         new = usable - num_computed if usable > num_computed and num_computed % self._tpb == 0 else 0
@@ -176,7 +191,7 @@ class Planner:
             new = 0
         if hit and not new:
             self.index.release(pin)  # a miss pinned nothing: no release (a round trip saved per miss)
-        return hit, new
+        return hit, new, prompt
 
     def _log_match(self, request_id: int, prompt_len: int, computed: int, hit: int, new: int) -> None:
         logger.debug(
@@ -194,8 +209,8 @@ class Planner:
         request_id = int(request.request_id)
         prompt, prompt_len = self._prompt_of(request)
         self._forget(request_id)
+        hit, new, prompt = self._usable(prompt, prompt_len, num_computed_tokens, PinKey("req", request_id))
         state = self._requests[request_id] = _Request(request_id, prompt, prompt_len)
-        hit, new = self._usable(prompt, prompt_len, num_computed_tokens, PinKey("req", request_id))
         state.saved_until = hit // self._chunk * self._chunk
         if new:
             is_async = self.config.enable_async_loading
@@ -233,13 +248,16 @@ class Planner:
         if reservation_id in self._reservations:
             raise ValueError(f"reservation id {reservation_id} is already in use; ids must be fresh")
         prompt, prompt_len = self._prompt_of(request)
+        pin = reservation_pin(reservation_id)
+        hit, new, prompt = self._usable(prompt, prompt_len, num_computed_tokens, pin)
         state = self._requests.get(request_id)
         if state is None or state.prompt.tokens != prompt.tokens:
             state = self._requests[request_id] = _Request(request_id, prompt, prompt_len)
+        elif state.prompt.hashes is None:
+            state.prompt = prompt  # hashed by this lookup: the request's saves name chunks by hash
         reservation = _Reservation(
             reservation_id, request_id, prompt, num_computed_tokens, 0, self.config.enable_async_loading
         )
-        hit, new = self._usable(prompt, prompt_len, num_computed_tokens, reservation.pin)
         state.saved_until = max(state.saved_until, hit // self._chunk * self._chunk)
         self._log_match(request_id, prompt_len, num_computed_tokens, hit, new)
         if not new:
@@ -270,7 +288,7 @@ class Planner:
         request_id = int(request.request_id)
         state = self._requests.get(request_id)
         if state is None:  # reservation path, or block reuse off: no lookup made the state
-            prompt, prompt_len = self._prompt_of(request)
+            prompt, prompt_len = self._prompt_of(request, hash_now=True)
             state = self._requests[request_id] = _Request(request_id, prompt, prompt_len)
         state.block_ids = [[int(b) for b in group] for group in block_ids_by_group]
 

@@ -30,7 +30,8 @@ import torch
 from lmcache.config import LMCacheEngineConfig
 from lmcache.integration.tensorrt_llm.backend import check_loaded
 from lmcache.integration.tensorrt_llm.inflight import Done
-from lmcache.integration.tensorrt_llm.plan import LoadPlan, PinKey, Prompt, TargetId, Transfer
+from lmcache.integration.tensorrt_llm.miss_probe import MissProbe
+from lmcache.integration.tensorrt_llm.plan import Found, LoadPlan, PinKey, Prompt, TargetId, Transfer
 from lmcache.integration.tensorrt_llm.planner import PromisedLoadError
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
 from lmcache.integration.tensorrt_llm.targets import PoolTarget
@@ -109,6 +110,7 @@ class ServerIndex:
     def __init__(self, connection: ProcessConnection, config: LMCacheEngineConfig) -> None:
         self._connection = connection
         self._timeout_s = config.lookup_timeout_ms / 1000
+        self._probe = MissProbe()
 
     def hash_prompt(self, tokens: list[int], salt: Any) -> dict[TargetId, PromptHashes] | None:
         """Hashed once per prompt: the lookup, then every rank's load and the prompt's saves send these
@@ -120,27 +122,36 @@ class ServerIndex:
         hashes = {target: client.chunk_hashes(tokens, salt, instance_id=i) for target, i in owners.items()}
         return None if any(h is None for h in hashes.values()) else hashes
 
-    def lookup(self, prompt: Prompt, pin: PinKey) -> int:
+    def lookup(self, prompt: Prompt, pin: PinKey) -> Found:
+        """The hit, pinned; a prompt not hashed yet is hashed here, after a probe of its first chunk
+        when recent lookups mostly missed (see :mod:`.miss_probe`): a miss it finds leaves it
+        unhashed, and the prompt's saves send its tokens."""
         owners = self._connection.owners()
         if not owners:
             self._connection.warn.warning(
                 "no-pool", "LMCache MP: lookup before any worker registered its pool; a miss"
             )
-            return 0
-        hit, pinned = len(prompt.tokens), False
+            return Found(0)
+        hit, pinned, hashes = len(prompt.tokens), False, prompt.hashes
         try:
+            if hashes is None:
+                if self._first_chunk_missing(prompt, owners):
+                    self._probe.record(False)
+                    return Found(0)
+                hashes = self.hash_prompt(prompt.tokens, prompt.salt)
             for target, owner in owners.items():
                 found = self._connection.client.lookup(
                     prompt.tokens,
                     prompt.salt,
                     _pin_id(pin),
-                    chunk_hashes=prompt.hashes.get(target) if prompt.hashes else None,
+                    chunk_hashes=hashes.get(target) if hashes else None,
                     instance_id=owner,
                     timeout_s=self._timeout_s,
                 )
                 hit, pinned = min(hit, found), pinned or found > 0
                 if hit == 0:
                     break
+            self._probe.record(hit > 0)
         except (ServerUnavailable, ServerError) as exc:
             self._connection.warn.warning(
                 "lookup",
@@ -151,7 +162,25 @@ class ServerIndex:
             hit = 0
         if hit == 0 and pinned:
             self.release(pin)  # another target's hit was pinned: a miss leaves no pins behind
-        return hit
+        return Found(hit, hashes if prompt.hashes is None else None)
+
+    def _first_chunk_missing(self, prompt: Prompt, owners: dict[TargetId, int]) -> bool:
+        """Whether a probe, when one is wanted, finds the prompt's first chunk missing for the first
+        target (one chunk hashed, nothing pinned); a server error propagates as for the lookup."""
+        client = self._connection.client
+        owner = next(iter(owners.values()))
+        chunk_size, _ = client.registrations.geometry(owner)
+        if not self._probe.wanted(len(prompt.tokens) // chunk_size):
+            return False
+        first = prompt.tokens[:chunk_size]
+        found = client.lookup(
+            first,
+            prompt.salt,
+            chunk_hashes=client.chunk_hashes(first, prompt.salt, instance_id=owner),
+            instance_id=owner,
+            timeout_s=self._timeout_s,
+        )
+        return found == 0
 
     def release(self, pin: PinKey) -> None:
         # If the server cannot be told, it drops pins that nobody retrieves after its pin TTL.

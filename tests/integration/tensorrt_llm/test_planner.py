@@ -7,7 +7,7 @@ import pytest
 
 from lmcache.config import LMCacheEngineConfig
 from lmcache.integration.tensorrt_llm._trtllm import RequestData, SchedulerOutput
-from lmcache.integration.tensorrt_llm.plan import ConnectorMetadata, PinKey, Prompt, TargetId, Transfer
+from lmcache.integration.tensorrt_llm.plan import ConnectorMetadata, Found, PinKey, Prompt, TargetId, Transfer
 from lmcache.integration.tensorrt_llm.planner import Planner
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings, request_salt
 from lmcache.transfer import BlockTransfer
@@ -37,12 +37,17 @@ class FakeIndex:
         return self.digests(tokens) if self.hashing else None
 
     def lookup(self, prompt, pin):  # noqa: ANN001, ANN201
-        assert prompt.hashes == (self.digests(prompt.tokens) if self.hashing else None)
+        """Hashes a prompt given without hashes (as the server's index does), else checks them."""
+        computed = None
+        if prompt.hashes is None:
+            computed = self.hash_prompt(prompt.tokens, prompt.salt)
+        else:
+            assert self.hashing and prompt.hashes == self.digests(prompt.tokens)
         self.lookups.append((len(prompt.tokens), prompt.salt, pin))
         hit = min(self.hit, len(prompt.tokens) // CHUNK * CHUNK)
         if hit:
             self.pinned.add(pin)
-        return hit
+        return Found(hit, computed)
 
     def release(self, pin):  # noqa: ANN001, ANN201
         self.released.append(pin)

@@ -1,0 +1,167 @@
+"""The scheduler's first-chunk probe through the cache server (``miss_probe``): a miss of a long
+prompt costs one chunk's hashing and a one-chunk lookup; its saves, sent as tokens, still serve
+later hits bit-equal; once lookups mostly hit, they go straight to the full lookup."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from support.server_process import ServerProcess, wait_until
+
+from lmcache.integration.tensorrt_llm._trtllm import RequestData, SchedulerOutput
+from lmcache.integration.tensorrt_llm.miss_probe import PROBE_MIN_CHUNKS, MissProbe
+from lmcache.integration.tensorrt_llm.tensorrt_mp_adapter import (
+    LMCacheMPKvConnectorScheduler,
+    LMCacheMPKvConnectorWorker,
+    reset_process_connections,
+)
+from lmcache.server.client import CacheServerClient
+from lmcache.testing.trtllm_replay import KvCacheConfig, KvCacheConnectorConfig, TorchLlmArgs
+
+CHUNK, TPB, CHUNKS = 64, 16, 16
+TOKENS = CHUNK * CHUNKS
+BLOCKS = TOKENS // TPB
+
+
+@dataclass
+class Request:
+    """The members of TRT-LLM's request the scheduler reads."""
+
+    request_id: int
+    tokens: list[int]
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.tokens)
+
+    def get_tokens(self, beam: int) -> list[int]:
+        return self.tokens
+
+
+class Rig:
+    """The MP preset's scheduler and worker over one CPU pool, driven as TRT-LLM's executor does."""
+
+    def __init__(self, url: str) -> None:
+        self.pool = torch.randn(2 * BLOCKS + 4, 2, 2, TPB * 8)
+        args = TorchLlmArgs(
+            model="test/probe",
+            kv_cache_config=KvCacheConfig(tokens_per_block=TPB, max_tokens=self.pool.shape[0] * TPB),
+            kv_connector_config=KvCacheConnectorConfig(connector="lmcache-mp", server_url=url),
+        )
+        self.worker = LMCacheMPKvConnectorWorker(args)
+        self.worker.register_kv_caches(self.pool)
+        self.scheduler = LMCacheMPKvConnectorScheduler(args)
+        self.next_id = 1
+
+    def lookup(self, tokens: list[int]) -> tuple[Request, int]:
+        request = Request(self.next_id, tokens)
+        self.next_id += 1
+        matched, _ = self.scheduler.get_num_new_matched_tokens(request, 0)
+        return request, matched
+
+    def _iteration(self, request: Request, pages: list[int], scheduled: int) -> None:
+        data = RequestData(
+            request_id=request.request_id,
+            new_tokens=list(request.tokens),
+            new_block_ids=pages,
+            computed_position=0,
+        )
+        data.num_scheduled_tokens = scheduled
+        self.worker.bind_connector_meta(
+            self.scheduler.build_connector_meta(SchedulerOutput(new_requests=[data]))
+        )
+
+    def prefill_and_save(self, request: Request, pages: list[int]) -> None:
+        self.scheduler.update_state_after_alloc(request, pages)
+        self._iteration(request, pages, len(request.tokens))
+        self.worker.start_load_kv(None)
+        self.worker.wait_for_save(None)
+        assert self.scheduler.request_finished(request, pages)
+        asked = [request.request_id]
+
+        def landed() -> bool:
+            nonlocal asked
+            saved, _ = self.worker.get_finished(asked, [])
+            asked = []
+            return request.request_id in saved
+
+        wait_until(landed, "the save landing")
+
+    def load(self, request: Request, matched: int, pages: list[int]) -> None:
+        self.scheduler.update_state_after_alloc(request, pages)
+        self._iteration(request, pages, len(request.tokens) - matched)
+        self.worker.start_load_kv(None)
+        self.scheduler.request_finished(request, pages)
+
+
+@pytest.fixture
+def server(lmcache_env: pytest.MonkeyPatch) -> Iterator[ServerProcess]:
+    lmcache_env.setenv("LMCACHE_CHUNK_SIZE", str(CHUNK))
+    workdir = Path(tempfile.mkdtemp(prefix="lmprobe-", dir="/tmp"))
+    proc = ServerProcess(workdir, None, "--chunk-size", str(CHUNK)).start()
+    reset_process_connections()
+    yield proc
+    reset_process_connections()
+    proc.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def lookups_made(client: CacheServerClient, action: object) -> tuple[int, int]:
+    """(lookups, tokens looked up) the server counted while ``action()`` ran."""
+    before = client.stats().engine.counters
+    action()  # type: ignore[operator]
+    after = client.stats().engine.counters
+    return after.lookups - before.lookups, after.lookup_tokens - before.lookup_tokens
+
+
+def test_a_miss_probes_one_chunk_and_its_tokens_saved_serve_a_bit_equal_hit(server: ServerProcess) -> None:
+    rig = Rig(server.ipc_url)
+    tokens = list(range(7, 7 + TOKENS))
+    with CacheServerClient(server.ipc_url, timeout_s=20) as observer:
+        found: list[tuple[Request, int]] = []
+        assert lookups_made(observer, lambda: found.append(rig.lookup(tokens))) == (1, CHUNK)
+        request, matched = found[0]
+        assert matched == 0
+        source = list(range(BLOCKS))
+        rig.prefill_and_save(request, source)  # the prompt was never hashed here: saved by its tokens
+
+        # Recent lookups missed: the next one probes, then looks up the whole prompt and pins it.
+        assert lookups_made(observer, lambda: found.append(rig.lookup(tokens))) == (2, CHUNK + TOKENS)
+        request, matched = found[1]
+        assert matched == TOKENS - TPB  # never the last prompt token
+        target = list(range(BLOCKS, 2 * BLOCKS))
+        rig.load(request, matched, target)
+        rows = matched // TPB
+        assert torch.equal(rig.pool[target[:rows]], rig.pool[source[:rows]])
+
+
+def test_lookups_that_mostly_hit_stop_probing(server: ServerProcess) -> None:
+    rig = Rig(server.ipc_url)
+    tokens = list(range(3, 3 + TOKENS))
+    request, _ = rig.lookup(tokens)
+    rig.prefill_and_save(request, list(range(BLOCKS)))
+    with CacheServerClient(server.ipc_url, timeout_s=20) as observer:
+        counts = [lookups_made(observer, lambda: rig.lookup(tokens)) for _ in range(40)]
+        stray: list[tuple[Request, int]] = []
+        fresh = list(range(50_000, 50_000 + TOKENS))
+        miss = lookups_made(observer, lambda: stray.append(rig.lookup(fresh)))
+    assert counts[0] == (2, CHUNK + TOKENS)  # right after a miss: probe, then the full lookup
+    assert counts[-1] == (1, TOKENS)  # after a run of hits: the full lookup alone
+    assert miss == (1, TOKENS) and stray[0][1] == 0  # still no probe: one miss does not turn it back
+
+
+def test_the_probe_is_wanted_for_long_prompts_while_lookups_mostly_miss() -> None:
+    probe = MissProbe()
+    assert probe.wanted(PROBE_MIN_CHUNKS) and not probe.wanted(PROBE_MIN_CHUNKS - 1)
+    for _ in range(40):
+        probe.record(True)
+    assert not probe.wanted(PROBE_MIN_CHUNKS)
+    for _ in range(40):
+        probe.record(False)
+    assert probe.wanted(PROBE_MIN_CHUNKS)
