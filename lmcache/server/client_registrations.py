@@ -119,6 +119,11 @@ class Registrations:
         reg = self._table.get(instance_id)
         return reg.info.cap if reg is not None and reg.info is not None else b""
 
+    def chunk_size(self, instance_id: int) -> int | None:
+        """The server's chunk size for the instance (None while this client has no registration of it)."""
+        reg = self._table.get(instance_id)
+        return reg.info.chunk_size if reg is not None and reg.info is not None else None
+
     def geometry(self, instance_id: int) -> tuple[int, int]:
         """The instance's chunk size and tokens per block."""
         reg = self._table[instance_id]

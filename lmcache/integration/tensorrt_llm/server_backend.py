@@ -169,9 +169,9 @@ class ServerIndex:
         target (one chunk hashed, nothing pinned); a server error propagates as for the lookup."""
         client = self._connection.client
         owner = next(iter(owners.values()))
-        chunk_size, _ = client.registrations.geometry(owner)
-        if not self._probe.wanted(len(prompt.tokens) // chunk_size):
-            return False
+        chunk_size = client.registrations.chunk_size(owner)
+        if chunk_size is None or not self._probe.wanted(len(prompt.tokens) // chunk_size):
+            return False  # not registered (again) yet: the full lookup says what the server knows
         first = prompt.tokens[:chunk_size]
         found = client.lookup(
             first,
