@@ -285,18 +285,20 @@ class SharedL1Transfers:
 
     def _report_when_done(self, copied: Any, done: P.LoadDone, timeout_s: float | None) -> None:
         """Send ``done`` from the background once the event ``copied`` (after the load's copies) is."""
-        if self._reports is None:
-            # Not a daemon: exit waits for the last reports (their copies are running on the device).
-            self._reports = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache-load-done")
 
         def report() -> None:
             copied.synchronize()
             self._report(done, timeout_s)
 
-        self._reports.submit(report)
+        with self._lock:  # loads of several threads: one sender thread
+            if self._reports is None:
+                # Not a daemon: exit waits for the last reports (their copies are running on the device).
+                self._reports = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache-load-done")
+            self._reports.submit(report)
 
     def close(self) -> None:
         """Send the reports still waiting for their copies, then stop the thread that sends them."""
-        if self._reports is not None:
-            self._reports.shutdown(wait=True)
-            self._reports = None
+        with self._lock:
+            reports, self._reports = self._reports, None
+        if reports is not None:
+            reports.shutdown(wait=True)
