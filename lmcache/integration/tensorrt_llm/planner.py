@@ -77,6 +77,7 @@ class _Request:
     """The prompt as looked up (hashes included); ``tokens`` grows with generated tokens."""
     prompt_len: int
     tokens: list[int] = field(default_factory=list)
+    """Prompt and generated tokens; the prompt's own list until it grows (copied then)."""
     block_ids: list[list[int]] = field(default_factory=list)
     """Per layer group, indexed by block ordinal, ``-1`` in place."""
     load: _Load | None = None
@@ -86,7 +87,13 @@ class _Request:
 
     def __post_init__(self) -> None:
         if not self.tokens:
-            self.tokens = list(self.prompt.tokens)
+            self.tokens = self.prompt.tokens
+
+    def extend(self, tokens: list[int]) -> None:
+        """Append generated (or newly scheduled) tokens, never to the prompt's list."""
+        if self.tokens is self.prompt.tokens:
+            self.tokens = list(self.tokens)
+        self.tokens.extend(tokens)
 
 
 @dataclass
@@ -156,9 +163,10 @@ class Planner:
         """The request's prompt with the hashes an earlier lookup of it computed (TRT-LLM asks again
         while it waits), else hashed now if ``hash_now`` (no lookup follows), else to be hashed by
         the lookup (which may find a miss without hashing it all)."""
-        tokens = list(request.get_tokens(0))
+        tokens = request.get_tokens(0)
         prompt_len = int(getattr(request, "prompt_len", len(tokens)) or len(tokens))
-        tokens = tokens[:prompt_len]
+        # One copy (never the caller's list): a list's slice is one; anything else is listed first.
+        tokens = tokens[:prompt_len] if isinstance(tokens, list) else list(tokens)[:prompt_len]
         salt = request_salt(request)
         previous = self._requests.get(int(request.request_id))
         if (
@@ -367,7 +375,9 @@ class Planner:
 
     def _on_report(self, data: Any, first: bool, meta: ConnectorMetadata) -> None:
         request_id = int(data.request_id)
-        new_tokens = [int(t) for t in getattr(data, "new_tokens", None) or []]
+        # Copied as they are: converting each token in Python would cost the forward path more than
+        # the rest of this call; hashing takes any integer type and rejects anything else.
+        new_tokens = list(getattr(data, "new_tokens", None) or [])
         by_group = getattr(data, "new_block_ids_by_layer_group", None) or []
         new_blocks = (
             [[int(b) for b in group] for group in by_group]
@@ -383,7 +393,7 @@ class Planner:
             state.tokens = new_tokens
             state.block_ids = new_blocks
         else:
-            state.tokens.extend(new_tokens)
+            state.extend(new_tokens)
             while len(state.block_ids) < len(new_blocks):
                 state.block_ids.append([])
             for group, blocks in enumerate(new_blocks):

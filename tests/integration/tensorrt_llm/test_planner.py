@@ -137,6 +137,29 @@ def test_saves_follow_chunked_prefill_and_decode() -> None:
     assert p.finished(FakeRequest(7, prompt)) is True
 
 
+def test_the_callers_token_lists_are_never_grown() -> None:
+    """The planner keeps the prompt and the reports' tokens without copying each token, but decode
+    extends its own list: neither ``get_tokens``'s list nor a report's ``new_tokens`` changes."""
+    for looked_up in (True, False):
+        p, _ = planner()
+        prompt = list(range(150))
+        request = FakeRequest(7, prompt)
+        if looked_up:
+            p.match(request, 0)
+        blocks = list(range(10))
+        first = report(7, prompt, blocks, 0, 150)
+        p.build(SchedulerOutput(new_requests=[first]))
+        decoded = []
+        for i, t in enumerate(range(1000, 1050)):
+            step = report(7, [t], [10 + i // TPB] if (150 + i) % TPB == 0 else [], 150 + i, 1)
+            decoded += [
+                (s.start, s.end, s.prompt.tokens[-1])
+                for s in p.build(SchedulerOutput(cached_requests=[step])).saves
+            ]
+        assert prompt == list(range(150)) and first.new_tokens == list(range(150))
+        assert decoded == [(128, 192, 1000 + 191 - 150)]
+
+
 def test_loads_and_the_prompts_saves_carry_the_lookups_chunk_hashes() -> None:
     p, index = planner(hit=128)
     index.hashing = True
