@@ -187,11 +187,20 @@ class MappedSlab:
 def map_slab(info: ShmSlabInfo, *, pin: bool, shm_dir: str = SHM_DIR) -> MappedSlab:
     """Map the server's slab ``info`` names, after checking it is a regular file owned by this process's
     uid, mode 0600 and of ``info.nbytes`` bytes; page-lock it if ``pin`` (a CUDA pool copies with it)."""
+    mapping = open_region(info, writable=True, shm_dir=shm_dir)
+    tensor = torch.frombuffer(mapping, dtype=torch.uint8)
+    pinned = pin and pin_in_place(tensor, fault_in="none")
+    return MappedSlab(info, tensor, pinned)
+
+
+def open_region(info: ShmSlabInfo, *, writable: bool, shm_dir: str = SHM_DIR) -> mmap.mmap:
+    """Map a region a server created (see :func:`map_slab` for the checks), read-only unless ``writable``."""
     if not _NAME.match(info.name):
         raise ShmSlabError(f"{info.name!r} is not the name of an L1 region ({SLAB_PREFIX}-<pid>-<hex>-<n>)")
     path = os.path.join(shm_dir, info.name)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         raise ShmSlabError(
             f"cannot open the server's L1 region {path}: {e.strerror}; the server and this worker must run "
@@ -213,9 +222,7 @@ def map_slab(info: ShmSlabInfo, *, pin: bool, shm_dir: str = SHM_DIR) -> MappedS
             )
         if st.st_size != info.nbytes:
             raise ShmSlabError(f"region {path} holds {st.st_size} bytes, the server announced {info.nbytes}")
-        mapping = mmap.mmap(fd, info.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        return mmap.mmap(fd, info.nbytes, mmap.MAP_SHARED, prot)
     finally:
         os.close(fd)
-    tensor = torch.frombuffer(mapping, dtype=torch.uint8)
-    pinned = pin and pin_in_place(tensor, fault_in="none")
-    return MappedSlab(info, tensor, pinned)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from lmcache.keys import HASH_ALGORITHMS, TokenHasher, Tokens
 from lmcache.server import protocol as P
 from lmcache.server.client_errors import ServerError, ServerUnavailable
+from lmcache.server.presence import PresenceView
 from lmcache.server.security import client_secret, trusted_owner
 from lmcache.transfer import BlockTransfer
 
@@ -49,6 +50,8 @@ class Registration:
     """The pool-sharing policy it was registered with (``auto`` is chosen again at re-registration)."""
     copier: SharedL1Copier | None = None
     """Set in the shared-L1 mode: copies between the pool and the server's L1 slots."""
+    presence: PresenceView | None = None
+    """The server's counts of its L1 chunks, mapped (None: it offers none, or they cannot be mapped)."""
 
     @property
     def mode(self) -> str:
@@ -60,6 +63,10 @@ class Registration:
         if self.copier is not None:
             self.copier.on_server(info.server_id, info.cap)
         self.info = info
+        if info.presence is None:
+            self.presence = None
+        elif self.presence is None or self.presence.info != info.presence:
+            self.presence = PresenceView.map(info.presence)
         hashing = info.hashing
         self.hasher = None
         if hashing is not None and hashing.algorithm in HASH_ALGORITHMS:
@@ -123,6 +130,12 @@ class Registrations:
         """The server's chunk size for the instance (None while this client has no registration of it)."""
         reg = self._table.get(instance_id)
         return reg.info.chunk_size if reg is not None and reg.info is not None else None
+
+    def presence(self, instance_id: int) -> PresenceView | None:
+        """The counts of the server's L1 chunks as this client mapped them for the instance (None: ask
+        the server about every prompt)."""
+        reg = self._table.get(instance_id)
+        return reg.presence if reg is not None else None
 
     def geometry(self, instance_id: int) -> tuple[int, int]:
         """The instance's chunk size and tokens per block."""

@@ -119,6 +119,7 @@ __all__ = [
     "LoadSlots",
     "LookupSlots",
     "RegisterInfo",
+    "RegionInfo",
     "ChunkHashing",
     "FRAME_HEADER",
     "PingInfo",
@@ -423,6 +424,13 @@ class ChunkHashing(msgspec.Struct, kw_only=True):
     layout_signature: bytes
 
 
+class RegionInfo(msgspec.Struct, kw_only=True):
+    """A shared-memory region of the server: ``/dev/shm/<name>``, ``nbytes`` bytes."""
+
+    name: str
+    nbytes: int
+
+
 class RegisterInfo(msgspec.Struct, kw_only=True):
     instance_id: int
     chunk_size: int
@@ -441,6 +449,9 @@ class RegisterInfo(msgspec.Struct, kw_only=True):
     pool_sharing: str = "auto"
     """The server's policy (``--pool-sharing``): ``auto``, or the mode it forces (``export``,
     ``shared-l1``)."""
+    presence: RegionInfo | None = None
+    """The counts of the chunks in the server's L1 (:mod:`lmcache.server.presence`); None when the
+    server has lower tiers."""
 
 
 class PingInfo(msgspec.Struct, kw_only=True):

@@ -34,6 +34,7 @@ from lmcache.server import protocol as P
 from lmcache.server.dispatch import INLINE_LOOKUP_MAX_TOKENS, MAX_QUEUED_PER_CLIENT, Admission, Dispatcher
 from lmcache.server.failures import ServerCounters
 from lmcache.server.listeners import Listeners, ServerStartError
+from lmcache.server.presence import PresenceCounts
 from lmcache.server.security import SecretError, load_or_create_secret
 from lmcache.server.service import CacheService
 from lmcache.server.settings import DEFAULT_IPC_PATH, ServerConfig
@@ -110,7 +111,10 @@ class CacheServer:
         self.engine = engine
         self.config = config or ServerConfig()
         self.counters = ServerCounters()
-        self.service = CacheService(engine, self.config, self.counters)
+        self.presence = PresenceCounts.for_engine(engine)
+        self.service = CacheService(
+            engine, self.config, self.counters, presence=self.presence.info if self.presence else None
+        )
         if isinstance(engine.l1.arena.source, ShmSlabSource):
             SharedL1Handlers.install(self.service, SharedL1Service(engine))
         self.admission = Admission(self.config)
@@ -215,6 +219,8 @@ class CacheServer:
         self.dispatcher.shutdown()
         self.service.close()
         self.engine.l1.arena.close()  # the L1's shared-memory names go (mappings stay valid)
+        if self.presence is not None:
+            self.presence.close()
         self.transport.close()
         logger.info("LMCache server stopped")
 

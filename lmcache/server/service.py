@@ -93,9 +93,16 @@ class CacheService:
     """One engine's service to many clients: instances, pins, handlers, reaping, stats."""
 
     def __init__(
-        self, engine: CacheEngine, config: ServerConfig, counters: ServerCounters | None = None
+        self,
+        engine: CacheEngine,
+        config: ServerConfig,
+        counters: ServerCounters | None = None,
+        presence: P.RegionInfo | None = None,
     ) -> None:
+        """``presence``: the region counting L1's chunks (:mod:`lmcache.server.presence`), announced to
+        every registering client."""
         self.engine = engine
+        self.presence = presence
         self.config = config
         self.counters = counters or ServerCounters()
         self.server_id = secrets.token_hex(8)
@@ -277,6 +284,7 @@ class CacheService:
             cap=inst.cap,
             sharing=P.sharing_mode(inst.request.pool),
             pool_sharing=self.config.pool_sharing,
+            presence=self.presence,
         )
 
     def _check_sharing(self, desc: P.PoolDescriptor) -> None:

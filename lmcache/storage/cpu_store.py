@@ -6,7 +6,7 @@ import itertools
 import threading
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from lmcache.logging import init_logger
 from lmcache.memory import HostArena, HostBuffer
@@ -46,6 +46,14 @@ class CachedChunk:
             self.last_read.synchronize()
 
 
+class KeyObserver(Protocol):
+    """Told, under the store's lock, when a key becomes visible to lookups and when it goes."""
+
+    def added(self, key: Hashable) -> None: ...
+
+    def removed(self, key: Hashable) -> None: ...
+
+
 class CpuStore:
     """Key -> chunk in host memory. Thread-safe; every operation is O(1) apart from evictions."""
 
@@ -62,6 +70,7 @@ class CpuStore:
         self._lock = threading.RLock()
         self._warn = RateLimitedLog(logger)
         self._on_evict = on_evict
+        self._observers: list[KeyObserver] = []
         self.evictions = 0
         self.skipped_stores = 0
         self.used_bytes = 0
@@ -72,6 +81,14 @@ class CpuStore:
     def __contains__(self, key: Hashable) -> bool:
         chunk = self._chunks.get(key)
         return chunk is not None and chunk.committed
+
+    def observe(self, observer: KeyObserver) -> None:
+        """Tell ``observer`` of every committed key, now and from now on."""
+        with self._lock:
+            self._observers.append(observer)
+            for key, chunk in self._chunks.items():
+                if chunk.committed:
+                    observer.added(key)
 
     def keys(self) -> list[Hashable]:
         """The committed keys (tests and tools inspect L1 through it)."""
@@ -118,7 +135,10 @@ class CpuStore:
         with self._lock:
             chunk = self._chunks[key]
             chunk.ready = ready
-            chunk.committed = True
+            if not chunk.committed:
+                chunk.committed = True
+                for observer in self._observers:
+                    observer.added(key)
             if pin:
                 chunk.pins += 1
             elif chunk.pins == 0:
@@ -297,6 +317,9 @@ class CpuStore:
 
     def _drop(self, key: Hashable, chunk: CachedChunk) -> None:
         del self._chunks[key]
+        if chunk.committed:
+            for observer in self._observers:
+                observer.removed(key)
         chunk.wait_idle_on_host()
         self.used_bytes -= chunk.buffer.pool.slot_bytes
         chunk.buffer.pool.free(chunk.buffer)

@@ -165,14 +165,22 @@ class ServerIndex:
         return Found(hit, hashes if prompt.hashes is None else None)
 
     def _first_chunk_missing(self, prompt: Prompt, owners: dict[TargetId, int]) -> bool:
-        """Whether a probe, when one is wanted, finds the prompt's first chunk missing for the first
-        target (one chunk hashed, nothing pinned); a server error propagates as for the lookup."""
+        """Whether the prompt's first chunk is surely missing for the first target: from the server's
+        presence counts when this client could map them (no round trip), else from a probe when one
+        is wanted (one chunk hashed, nothing pinned; a server error propagates as for the lookup)."""
         client = self._connection.client
         owner = next(iter(owners.values()))
         chunk_size = client.registrations.chunk_size(owner)
-        if chunk_size is None or not self._probe.wanted(len(prompt.tokens) // chunk_size):
+        if chunk_size is None:
             return False  # not registered (again) yet: the full lookup says what the server knows
         first = prompt.tokens[:chunk_size]
+        presence = client.registrations.presence(owner)
+        if presence is not None:
+            hashes = client.chunk_hashes(first, prompt.salt, instance_id=owner)
+            if hashes is not None:  # no full chunk: nothing to find (hashing servers match full chunks)
+                return not hashes.digests or not presence.may_hold(hashes.digests)
+        if not self._probe.wanted(len(prompt.tokens) // chunk_size):
+            return False
         found = client.lookup(
             first,
             prompt.salt,

@@ -1,6 +1,10 @@
-"""The scheduler's first-chunk probe through the cache server (``miss_probe``): a miss of a long
-prompt costs one chunk's hashing and a one-chunk lookup; its saves, sent as tokens, still serve
-later hits bit-equal; once lookups mostly hit, they go straight to the full lookup."""
+"""How the scheduler finds a miss through the cache server without hashing the whole prompt.
+
+A server with L1 alone offers its presence counts (``lmcache.server.presence``): a miss costs one
+chunk's hashing and no round trip. A server with lower tiers offers none; the scheduler then probes
+(``miss_probe``): a miss of a long prompt costs one chunk's hashing and a one-chunk lookup, and once
+lookups mostly hit, they go straight to the full lookup. Either way a miss's saves, sent as tokens,
+serve later hits bit-equal."""
 
 from __future__ import annotations
 
@@ -100,16 +104,30 @@ class Rig:
         self.scheduler.request_finished(request, pages)
 
 
-@pytest.fixture
-def server(lmcache_env: pytest.MonkeyPatch) -> Iterator[ServerProcess]:
-    lmcache_env.setenv("LMCACHE_CHUNK_SIZE", str(CHUNK))
+def serve(with_disk: bool) -> Iterator[ServerProcess]:
     workdir = Path(tempfile.mkdtemp(prefix="lmprobe-", dir="/tmp"))
-    proc = ServerProcess(workdir, None, "--chunk-size", str(CHUNK)).start()
+    # A disk tier holds chunks the server's presence counts never see: it offers none, clients probe.
+    disk = {"LMCACHE_LOCAL_DISK": f"file://{workdir}/disk", "LMCACHE_MAX_LOCAL_DISK_SIZE": "0.1"}
+    proc = ServerProcess(workdir, None, "--chunk-size", str(CHUNK), env=disk if with_disk else {}).start()
     reset_process_connections()
     yield proc
     reset_process_connections()
     proc.stop()
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def server(lmcache_env: pytest.MonkeyPatch) -> Iterator[ServerProcess]:
+    """A server with a disk tier: lookups probe."""
+    lmcache_env.setenv("LMCACHE_CHUNK_SIZE", str(CHUNK))
+    yield from serve(with_disk=True)
+
+
+@pytest.fixture
+def l1_server(lmcache_env: pytest.MonkeyPatch) -> Iterator[ServerProcess]:
+    """A server with L1 alone: lookups read its presence counts."""
+    lmcache_env.setenv("LMCACHE_CHUNK_SIZE", str(CHUNK))
+    yield from serve(with_disk=False)
 
 
 def lookups_made(client: CacheServerClient, action: Callable[[], object]) -> tuple[int, int]:
@@ -139,6 +157,31 @@ def test_a_miss_probes_one_chunk_and_its_tokens_saved_serve_a_bit_equal_hit(serv
         rig.load(request, matched, target)
         rows = matched // TPB
         assert torch.equal(rig.pool[target[:rows]], rig.pool[source[:rows]])
+
+
+def test_a_miss_costs_no_round_trip_where_the_server_offers_its_counts(l1_server: ServerProcess) -> None:
+    rig = Rig(l1_server.ipc_url)
+    tokens = list(range(11, 11 + TOKENS))
+    with CacheServerClient(l1_server.ipc_url, timeout_s=20) as observer:
+        found: list[tuple[Request, int]] = []
+        assert lookups_made(observer, lambda: found.append(rig.lookup(tokens))) == (0, 0)
+        request, matched = found[0]
+        assert matched == 0
+        source = list(range(BLOCKS))
+        rig.prefill_and_save(request, source)
+
+        # The counts now say "ask": the full lookup, no probe, pins and loads the prompt bit-equal.
+        assert lookups_made(observer, lambda: found.append(rig.lookup(tokens))) == (1, TOKENS)
+        request, matched = found[1]
+        assert matched == TOKENS - TPB
+        target = list(range(BLOCKS, 2 * BLOCKS))
+        rig.load(request, matched, target)
+        rows = matched // TPB
+        assert torch.equal(rig.pool[target[:rows]], rig.pool[source[:rows]])
+
+        assert observer.clear() == CHUNKS
+        assert lookups_made(observer, lambda: found.append(rig.lookup(tokens))) == (0, 0)
+        assert found[2][1] == 0
 
 
 def test_lookups_that_mostly_hit_stop_probing(server: ServerProcess) -> None:
