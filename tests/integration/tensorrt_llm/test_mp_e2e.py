@@ -130,7 +130,11 @@ def test_server_restart_keeps_output_correct_and_hits_resume(mp_server, lmcache_
     for got, want in zip(down, baseline([q, prompt(200, start=8), prompt(200, start=9)], 3), strict=True):
         assert_same_output(got, want)
         assert got.num_connector_matched_tokens == 0
-    assert 0 < caplog.text.count("not answering lookups") <= 1  # one warning, not one per request
+    # The outage is said once per kind of call, not once per request. Lookups of prompts the server
+    # never held may not ask it (its presence counts say so), so saves may be the first to notice.
+    said = caplog.text
+    assert "not answering lookups" in said or "dropped a save" in said
+    assert said.count("not answering lookups") <= 1 and said.count("dropped a save") <= 1
     mp_server.start()
     # The first request after the restart re-registers the worker and stores on the fresh (empty)
     # server; the next engine hits.
