@@ -1,8 +1,10 @@
+import gc
 import threading
 
 import pytest
 import torch
 
+from lmcache import memory
 from lmcache.memory import HostArena
 
 
@@ -200,8 +202,6 @@ def test_prepin_takes_the_whole_budget_in_the_background_as_spares() -> None:
 
 
 def test_a_pool_waits_for_the_next_prepinned_slab_instead_of_failing(monkeypatch) -> None:
-    import lmcache.memory as memory
-
     slab = 2 << 20
     gate, first_done = threading.Event(), threading.Event()
     real = memory.allocate_slab
@@ -267,3 +267,16 @@ def test_a_refused_slab_on_the_store_path_shrinks_the_budget_instead_of_failing(
     assert arena.capacity_bytes == arena.reserved_bytes == 8 << 20
     pool.free(more[0])
     assert pool.allocate() is not None  # freed slots are served as before
+
+
+def test_huge_page_memory_is_zeroed_writable_and_outlives_its_mapping_name() -> None:
+    """The memory a pinned slab is made of (huge pages where the kernel allows): fresh zeros, as many
+    bytes as asked, writable through the tensor, which alone keeps the mapping alive."""
+    tensor = memory.huge_page_memory(4 << 20)
+    assert tensor.dtype == torch.uint8 and tensor.numel() == 4 << 20
+    assert int(tensor.count_nonzero()) == 0
+    view = tensor[1 << 20 :]
+    del tensor
+    gc.collect()
+    view.fill_(7)
+    assert int(view.sum()) == 7 * (3 << 20)

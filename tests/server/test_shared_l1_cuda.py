@@ -152,9 +152,10 @@ def test_a_load_given_the_stream_is_ordered_on_the_device_and_unpins_once_copied
     with CacheServerClient(shared_l1_server.ipc_url, timeout_s=20) as client:
         pool_modes.register(client, pool, pool_modes.SHARED_L1, MODEL_NAME, SERVER_TPB)
         assert client.store(BlockTransfer(tokens, None, source, 0, 64)) == 64
-        # A first load takes the device and page-locked memory the copies use; taking new memory is a
-        # device-wide synchronization in CUDA, which a fresh process pays once whatever the stream.
-        warm_up = [50, 51, 52, 53, 54, 55, 56, 57]
+        # A first load into scattered blocks takes the device and page-locked memory its copies use and
+        # loads the scatter kernel; either is a device-wide synchronization in CUDA, which a fresh
+        # process pays once whatever the stream (blocks in a row would warm neither: one plain copy).
+        warm_up = [57, 50, 55, 52, 51, 56, 53, 54]
         assert client.retrieve(BlockTransfer(tokens, None, warm_up, 0, 64), stream=stream) == 64
         torch.cuda.synchronize()
         with torch.cuda.stream(stream):
