@@ -167,6 +167,13 @@ class CacheServerClient:
     def ping(self, *, timeout_s: float | None = None) -> P.PingInfo:
         return self._call(P.Ping(), P.PingInfo, timeout_s)
 
+    def wake(self, *, timeout_s: float | None = None) -> None:
+        """Send a one-way ping and return at once: a server thread that slept (waking one takes longer
+        than a lookup on VMs) wakes while this thread prepares its next request, which then follows
+        on the same connection. A server that cannot be reached is left to that request to report."""
+        with contextlib.suppress(ServerUnavailable):
+            self._send(P.Ping(), timeout_s)
+
     def register(
         self,
         pool: torch.Tensor | P.PoolDescriptor | RawCudaIPCWrapper,

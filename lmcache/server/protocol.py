@@ -132,7 +132,7 @@ __all__ = [
     "ids_from_wire",
 ]
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 """Bumped on any incompatible change; client and server must agree exactly."""
 
 MAX_FRAME_BYTES = 64 << 20
@@ -280,7 +280,9 @@ class Heartbeat(_Req, tag="heartbeat", kw_only=True):
 
 
 class Ping(_Req, tag="ping", kw_only=True):
-    pass
+    one_way: bool = False
+    """A wake-up: no reply. A client about to send a request after some work (hashing a prompt) sends
+    it first, so a server thread that slept meanwhile is awake by then."""
 
 
 class Stats(_Req, tag="stats", kw_only=True):

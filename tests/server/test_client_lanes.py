@@ -80,3 +80,17 @@ def test_a_one_way_frame_leaves_its_lane_to_the_same_threads_next_call(inproc_se
         assert pool.opened == 1 and inproc_server.errors == 1
     finally:
         pool.close()
+
+
+def test_a_wake_up_is_not_answered_and_the_threads_next_call_follows_it(inproc_server) -> None:
+    from lmcache.server.client import CacheServerClient
+
+    url = f"tcp://127.0.0.1:{inproc_server.tcp_port}"
+    with CacheServerClient(url, timeout_s=10, secret=server_secret()) as client:
+        before = inproc_server.requests
+        client.wake()  # served, never answered: nothing is left to read on the lane
+        assert client.ping().server_id == inproc_server.server_id
+        assert inproc_server.requests == before + 2 and inproc_server.errors == 0
+        assert client.lanes.opened == 1  # the call after the wake-up took its lane
+    with CacheServerClient("ipc:///nonexistent/lmcache.sock", timeout_s=1) as down:
+        down.wake()  # a server that cannot be reached is for the next call to report

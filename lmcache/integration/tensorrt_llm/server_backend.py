@@ -138,6 +138,7 @@ class ServerIndex:
                 if self._first_chunk_missing(prompt, owners):
                     self._probe.record(False)
                     return Found(0)
+                self._connection.client.wake()  # the server wakes while the prompt is hashed
                 hashes = self.hash_prompt(prompt.tokens, prompt.salt)
             for target, owner in owners.items():
                 found = self._connection.client.lookup(
