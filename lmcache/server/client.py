@@ -168,9 +168,8 @@ class CacheServerClient:
         return self._call(P.Ping(), P.PingInfo, timeout_s)
 
     def wake(self, *, timeout_s: float | None = None) -> None:
-        """Send a one-way ping and return at once: a server thread that slept (waking one takes longer
-        than a lookup on VMs) wakes while this thread prepares its next request, which then follows
-        on the same connection. A server that cannot be reached is left to that request to report."""
+        """Send a one-way ping: a server thread that slept wakes while this thread prepares its next call,
+        which follows on the same connection (and reports a server that cannot be reached)."""
         with contextlib.suppress(ServerUnavailable):
             self._send(P.Ping(), timeout_s)
 
@@ -246,8 +245,7 @@ class CacheServerClient:
         With ``pin_id`` the hit stays pinned until every rank retrieved with that pin id (and
         ``pin_owner`` = this instance), ``release`` is called, or the server's pin TTL passes.
         For an instance this client registered, it sends the prompt's chunk hashes (when the server
-        allows it), not its tokens; pass ``chunk_hashes`` (from :meth:`chunk_hashes`) to reuse them.
-        """
+        allows it), not its tokens; pass ``chunk_hashes`` (from :meth:`chunk_hashes`) to reuse them."""
         iid = self._iid(instance_id)
         req: P.Lookup | P.LookupHashes
         digests = self.registrations.digests(iid, chunk_hashes)
@@ -255,9 +253,8 @@ class CacheServerClient:
             hashed = self.chunk_hashes(tokens, cache_salt, instance_id=iid)
             digests = hashed.digests if hashed is not None else None
         if digests is not None:
-            num_tokens = (
-                len(tokens) // 8 if isinstance(tokens, (bytes, bytearray, memoryview)) else len(tokens)
-            )
+            wire = isinstance(tokens, (bytes, bytearray, memoryview))
+            num_tokens = len(tokens) // P.TOKEN_BYTES if wire else len(tokens)
             req = P.LookupHashes(instance_id=iid, chunk_hashes=digests, num_tokens=num_tokens, pin_id=pin_id)
         else:
             req = P.Lookup(
@@ -270,13 +267,9 @@ class CacheServerClient:
     def chunk_hashes(
         self, tokens: Any, cache_salt: str | int | None = None, *, instance_id: int | None = None
     ) -> PromptHashes | None:
-        """The digests of the prompt's full chunks, as the server keys them for this instance (None if
-        the server wants tokens, e.g. with ``save_unfull_chunk``).
-
-        Hash a prompt once and pass the result as ``chunk_hashes`` to :meth:`lookup`, and as the
-        prompt of :meth:`store` and :meth:`retrieve` transfers: they then send 32 bytes per chunk
-        instead of 8 per token, and neither side hashes again.
-        """
+        """The digests of the prompt's full chunks as the server keys them for this instance (None: it
+        wants tokens). Pass them to :meth:`lookup` and as the prompt of :meth:`store` and :meth:`retrieve`
+        transfers: they then send 32 bytes per chunk instead of 8 per token, and nobody hashes again."""
         return self.registrations.chunk_hashes(self._iid(instance_id), tokens, cache_salt)
 
     def release(

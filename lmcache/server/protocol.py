@@ -281,8 +281,7 @@ class Heartbeat(_Req, tag="heartbeat", kw_only=True):
 
 class Ping(_Req, tag="ping", kw_only=True):
     one_way: bool = False
-    """A wake-up: no reply. A client about to send a request after some work (hashing a prompt) sends
-    it first, so a server thread that slept meanwhile is awake by then."""
+    """A wake-up, not answered: sent ahead of a request the client still prepares (hashes a prompt for)."""
 
 
 class Stats(_Req, tag="stats", kw_only=True):
