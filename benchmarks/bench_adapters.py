@@ -213,14 +213,20 @@ def summary(values: list[float], ceiling: float) -> dict[str, float]:
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def start_cache(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes] | None, str | None]:
+    """The engine's ``LMCACHE_*`` settings, and for ``lmcache-mp`` a server (process, URL)."""
     os.environ.update(
         LMCACHE_CHUNK_SIZE=str(CHUNK),
         LMCACHE_LOCAL_CPU="True",
         LMCACHE_MAX_LOCAL_CPU_SIZE=str(args.l1_size_gb),
     )
-    workdir = Path(tempfile.mkdtemp(prefix="lmc-adapters-", dir="/tmp"))
-    server, url = start_server(args, workdir) if args.preset == "lmcache-mp" else (None, None)
+    if args.preset != "lmcache-mp":
+        return None, None
+    return start_server(args, Path(tempfile.mkdtemp(prefix="lmc-bench-", dir="/tmp")))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    server, url = start_cache(args)
     try:
         rig = AdapterRig(args, url)
         request_bytes = rig.blocks * rig.pool[0].numel() * rig.pool.element_size()
@@ -264,25 +270,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             server.wait(30)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def rig_parser(doc: str | None, l1_size_gb: float) -> argparse.ArgumentParser:
+    """The options of an :class:`AdapterRig` benchmark (the server's too, for ``lmcache-mp``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=("lmcache", "lmcache-mp"), default="lmcache")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", choices=sorted(SHAPES), default="qwen2-1.5b")
     parser.add_argument("--tokens-per-block", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=16384, help="tokens per request")
-    parser.add_argument("--l1-size-gb", type=float, default=16.0)
-    parser.add_argument("--repeats", type=int, default=10, help="saves and loads timed once L1 is full")
+    parser.add_argument("--l1-size-gb", type=float, default=l1_size_gb)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the JSON here too")
-    args = parser.parse_args()
-    results = run(args)
+    return parser
+
+
+def report(results: dict[str, Any], out: str | None) -> None:
+    """Print ``results`` as JSON, and write them to ``out`` if given."""
     text = json.dumps(results, indent=2)
     print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    if out:
+        Path(out).write_text(text + "\n")
+
+
+def main() -> int:
+    parser = rig_parser(__doc__, l1_size_gb=16.0)
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens per request")
+    parser.add_argument("--repeats", type=int, default=10, help="saves and loads timed once L1 is full")
+    args = parser.parse_args()
+    results = run(args)
+    report(results, args.out)
     return 0 if results["loaded_rows_equal"] else 1
 
 

@@ -12,11 +12,8 @@ server's ping is reported the same two ways.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,8 +22,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adapters import SHAPES, AdapterRig, start_server  # noqa: E402
-from kv_shapes import CHUNK  # noqa: E402
+from bench_adapters import AdapterRig, report, rig_parser, start_cache  # noqa: E402
 
 from lmcache.server.client import CacheServerClient  # noqa: E402
 
@@ -42,13 +38,7 @@ def p50_us(fn: Callable[[], float], count: int, gap_s: float) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    os.environ.update(
-        LMCACHE_CHUNK_SIZE=str(CHUNK),
-        LMCACHE_LOCAL_CPU="True",
-        LMCACHE_MAX_LOCAL_CPU_SIZE=str(args.l1_size_gb),
-    )
-    workdir = Path(tempfile.mkdtemp(prefix="lmc-lookup-", dir="/tmp"))
-    server, url = start_server(args, workdir) if args.preset == "lmcache-mp" else (None, None)
+    server, url = start_cache(args)
     results: dict[str, Any] = {"preset": args.preset, "gap_ms": args.gap_ms, "count": args.count}
     try:
         args.tokens = max(args.lengths)
@@ -101,24 +91,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--preset", choices=("lmcache", "lmcache-mp"), default="lmcache")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model", choices=sorted(SHAPES), default="qwen2-1.5b")
-    parser.add_argument("--tokens-per-block", type=int, default=32)
+    parser = rig_parser(__doc__, l1_size_gb=4.0)
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384], help="prompt lengths")
-    parser.add_argument("--l1-size-gb", type=float, default=4.0)
     parser.add_argument("--count", type=int, default=30, help="lookups per figure")
     parser.add_argument("--gap-ms", type=float, default=20.0, help="idle time before each 'after gap' lookup")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="write the JSON here too")
     args = parser.parse_args()
-    text = json.dumps(run(args), indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    report(run(args), args.out)
     return 0
 
 

@@ -170,3 +170,19 @@ def test_bench_adapters(tmp_path: Path, preset: str) -> None:
     assert data["loaded_rows_equal"] is True
     assert data["save_while_l1_fills"]["runs"] == 2 and data["save_l1_full"]["runs"] == 2
     assert data["load_l1_full"]["median_ratio"] > 0 and data["lookup_hit_p50_us"] > 0
+
+
+@pytest.mark.parametrize("preset", ["lmcache", "lmcache-mp"])
+def test_bench_lookup(tmp_path: Path, preset: str) -> None:
+    """Lookups of misses and hits through a preset's scheduler, back to back and after a gap (CPU sizes)."""
+    args = ["--preset", preset, "--lengths", "512", "1024", "--count", "3", "--gap-ms", "1"]
+    data = run_bench("bench_lookup.py", tmp_path / "l.json", *args, model_args=["--model", "tiny"])
+    for length in ("512", "1024"):
+        assert set(data[length]) == {
+            "miss_back_to_back_p50_us",
+            "miss_after_gap_p50_us",
+            "hit_back_to_back_p50_us",
+            "hit_after_gap_p50_us",
+        }
+        assert all(v > 0 for v in data[length].values())
+    assert ("ping_after_gap_p50_us" in data) == (preset == "lmcache-mp")
