@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind benchmarks/RESULTS.md, on a CUDA machine (run from the repo root):
-#   benchmarks/run_gpu_checks.sh OUTDIR [modes] [tests] [transfer] [latency] [ttft] [overhead] [workload]
+#   benchmarks/run_gpu_checks.sh OUTDIR [modes] [tests] [transfer] [adapters] [latency] [pinning] [ttft]
+#       [overhead] [workload]
 # (default: all). The tests marked gpu (pinned memory, side streams, CUDA IPC between processes), then the
 # benchmarks; each part writes its JSON and log into OUTDIR, so the parts can run as separate calls.
 # `modes` alone is issue 13's acceptance in one call (a few minutes on an H200): the shared-L1 GPU tests,
@@ -10,7 +11,7 @@
 set -u
 out=${1:-gpu-results}
 shift || true
-parts=${*:-modes tests transfer latency ttft overhead workload}
+parts=${*:-modes tests transfer adapters latency pinning ttft overhead workload}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/card.txt"
@@ -43,8 +44,19 @@ for part in $parts; do
                     --tokens-per-block $tpb --out "$out/engine_${model}_t${tpb}_16k.json"
             done
         done ;;  # through the server: gpu_mp_check.py in `modes`
+    adapters)
+        python3 benchmarks/bench_adapters.py --preset lmcache --out "$out/adapters_lmcache.json"
+        for mode in export shared-l1; do
+            LMCACHE_POOL_SHARING=$mode python3 benchmarks/bench_adapters.py --preset lmcache-mp \
+                --out "$out/adapters_mp_$mode.json"
+        done ;;
     latency)
-        python3 benchmarks/bench_mp_latency.py --out "$out/mp_latency.json" ;;
+        python3 benchmarks/bench_mp_latency.py --out "$out/mp_latency.json"
+        for preset in lmcache lmcache-mp; do
+            python3 benchmarks/bench_lookup.py --preset $preset --out "$out/lookup_$preset.json"
+        done ;;
+    pinning)
+        python3 benchmarks/bench_pinning.py --out "$out/pinning.json" ;;
     ttft)
         python3 benchmarks/bench_ttft.py --device cuda --mp --out "$out/ttft.json" ;;
     overhead)
