@@ -65,7 +65,9 @@ class PresenceCounts:
         from lmcache.shm_slabs import ShmSlabError, ShmSlabSource
 
         if engine.tiers is not None or not engine.config.local_cpu:
-            logger.info("clients ask about every prompt: lower tiers hold chunks no presence count sees")
+            logger.info(
+                "no presence counts (lower tiers hold chunks L1 never counted): clients ask about each prompt"
+            )
             return None
         try:
             counts = cls(ShmSlabSource(shm_dir=shm_dir))
