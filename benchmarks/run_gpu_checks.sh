@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind benchmarks/RESULTS.md, on a CUDA machine (run from the repo root):
-#   benchmarks/run_gpu_checks.sh OUTDIR [modes] [tests] [transfer] [adapters] [latency] [pinning] [ttft]
-#       [overhead] [workload]
+#   benchmarks/run_gpu_checks.sh OUTDIR [modes] [tests] [transfer] [adapters] [engines] [latency] [pinning]
+#       [ttft] [overhead] [workload]
 # (default: all). The tests marked gpu (pinned memory, side streams, CUDA IPC between processes), then the
 # benchmarks; each part writes its JSON and log into OUTDIR, so the parts can run as separate calls.
 # `modes` alone is issue 13's acceptance in one call (a few minutes on an H200): the shared-L1 GPU tests,
@@ -11,7 +11,7 @@
 set -u
 out=${1:-gpu-results}
 shift || true
-parts=${*:-modes tests transfer adapters latency pinning ttft overhead workload}
+parts=${*:-modes tests transfer adapters engines latency pinning ttft overhead workload}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/card.txt"
@@ -50,6 +50,8 @@ for part in $parts; do
             LMCACHE_POOL_SHARING=$mode python3 benchmarks/bench_adapters.py --preset lmcache-mp \
                 --out "$out/adapters_mp_$mode.json"
         done ;;
+    engines)
+        python3 benchmarks/multi_engine.py --device cuda --mixed --out "$out/engines.json" ;;
     latency)
         python3 benchmarks/bench_mp_latency.py --out "$out/mp_latency.json"
         for preset in lmcache lmcache-mp; do

@@ -186,3 +186,15 @@ def test_bench_lookup(tmp_path: Path, preset: str) -> None:
         }
         assert all(v > 0 for v in data[length].values())
     assert ("ping_after_gap_p50_us" in data) == (preset == "lmcache-mp")
+
+
+def test_multi_engine(tmp_path: Path) -> None:
+    """Engine processes on one server, each its own pool: ceilings, saves, loads, a save beside a
+    load, lookups under load (CPU sizes)."""
+    args = ["--tokens", "1024", "--iters", "2", "--engines", "1", "2", "--mixed", "--l1-size-gb", "0.05"]
+    data = run_bench("multi_engine.py", tmp_path / "e.json", *args, model_args=["--model", "tiny"])
+    assert [run["engines"] for run in data["runs"]] == [1, 2]
+    for run in data["runs"]:
+        assert run["rows_equal"] and run["save_gbps"] > 0 and run["load_gbps"] > 0
+        assert run["lookup_under_load"]["count"] > 0
+    assert data["mixed"]["rows_equal"] and data["mixed"]["bidirectional_ceiling_gbps"] > 0

@@ -1,0 +1,250 @@
+"""Several engines on one cache server: each an OS process with its own pool, scheduler and worker
+(``lmcache-mp``, driven as TRT-LLM drives them, :class:`bench_adapters.AdapterRig`), all on one device.
+
+For each engine count in ``--engines`` (default 1 2 4), all engines start each phase together:
+
+* ceiling: every engine makes ``--iters`` plain pinned ``copy_``s of one request's bytes at once,
+  device to host, then host to device;
+* saves: every engine saves ``--iters`` fresh ``--tokens``-token prompts (``wait_for_save`` until
+  ``get_finished`` reports them);
+* loads: every engine loads them back into other, scattered blocks (each a full hit).
+
+Aggregate GB/s is every engine's bytes over the span from the first start to the last end; the
+ratio is to the ceiling's aggregate. Meanwhile this process looks up an 8k-token prompt through its
+own client, over and over: p50 / p99 under load, beside the same idle.
+
+``--mixed`` adds, with two engines, one saving while the other loads (prompts it saved first), against
+the bidirectional ceiling: two plain copies in opposite directions at once.
+
+    python benchmarks/multi_engine.py --device cuda [--engines 1 2 4] [--mixed] [--out engines.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_adapters import AdapterRig, report, rig_parser, start_server  # noqa: E402
+
+from lmcache.server.client import CacheServerClient  # noqa: E402
+from lmcache.testing import pool_modes  # noqa: E402
+
+VOCAB = 150_000
+LOOKUP_TOKENS = 8192
+
+
+def _copy(pool: torch.Tensor, rows: int, to_host: bool, host: torch.Tensor) -> None:
+    if to_host:
+        host.copy_(pool[:rows], non_blocking=True)
+    else:
+        pool[:rows].copy_(host, non_blocking=True)
+    if pool.is_cuda:
+        torch.cuda.current_stream(pool.device).synchronize()
+
+
+def engine_main(
+    args: argparse.Namespace, url: str, seed: int, plan: list[str], barrier: Any, out: Any
+) -> None:
+    """One engine: for each phase of ``plan``, wait for every engine, then run it; send
+    ``(phase, start, end, bytes, rows_equal)`` per phase (monotonic clock, shared by the host).
+    A failure breaks the barrier, so no one waits for this engine."""
+    try:
+        run_engine(args, url, seed, plan, barrier, out)
+    except BaseException:
+        barrier.abort()
+        raise
+    finally:
+        out.close()
+
+
+def run_engine(
+    args: argparse.Namespace, url: str, seed: int, plan: list[str], barrier: Any, out: Any
+) -> None:
+    rig = AdapterRig(args, url)
+    rig.generator.manual_seed(seed)  # prompts no other engine (of any run) saves
+    rows = rig.blocks
+    request_bytes = rows * rig.pool[0].numel() * rig.pool.element_size()
+    host = torch.empty(rig.pool[:rows].shape, dtype=rig.pool.dtype, pin_memory=rig.pool.is_cuda)
+    saved: list[list[int]] = []
+    for phase in plan:
+        barrier.wait()
+        began, count, equal = time.monotonic(), 0, True
+        if phase in ("copy_d2h", "copy_h2d"):
+            for _ in range(args.iters):  # as many requests' bytes as a transfer phase
+                _copy(rig.pool, rows, phase == "copy_d2h", host)
+                count += 1
+        elif phase == "save":
+            for _ in range(args.iters):
+                tokens = torch.randint(0, VOCAB, (rig.tokens,), generator=rig.generator).tolist()
+                rig.save(tokens)
+                saved.append(tokens)
+                count += 1
+        elif phase == "load":
+            for tokens in saved[-args.iters :]:
+                _, _, same = rig.load(tokens)
+                equal = equal and same
+                count += 1
+        else:
+            raise ValueError(f"unknown phase {phase}")
+        out.send((phase, began, time.monotonic(), count * request_bytes, equal))
+
+
+def plan_of(count: int, mixed: bool) -> list[list[str]]:
+    """Each engine's phases, in lockstep (one barrier per phase)."""
+    common = ["copy_d2h", "copy_h2d", "save", "load"]
+    if not mixed:
+        return [common for _ in range(count)]
+    return [common + ["copy_d2h", "save"], common + ["copy_h2d", "load"]]
+
+
+Row = dict[str, Any]
+
+
+def aggregate_gbps(rows: list[Row]) -> float:
+    """GB/s of ``rows`` together (one per engine), first start to last end."""
+    span = max(r["end"] for r in rows) - min(r["start"] for r in rows)
+    return sum(r["bytes"] for r in rows) / span / 1e9
+
+
+def lookups_while(client: CacheServerClient, done: Any, limit: int) -> list[float]:
+    """Lookup seconds of fresh prompts until ``done()`` (at most ``limit``)."""
+    generator = torch.Generator().manual_seed(7)
+    times: list[float] = []
+    while len(times) < limit:  # one at least, however short the phase
+        tokens = torch.randint(0, VOCAB, (LOOKUP_TOKENS,), generator=generator).tolist()
+        began = time.perf_counter()
+        client.lookup(tokens)
+        times.append(time.perf_counter() - began)
+        if done():
+            break
+    return times
+
+
+def percentiles_us(times: list[float]) -> dict[str, float]:
+    ordered = sorted(times)
+    if not ordered:
+        return {"p50_us": 0.0, "p99_us": 0.0, "count": 0}
+    p99 = ordered[min(len(ordered) - 1, int(0.99 * (len(ordered) - 1)))]
+    return {
+        "p50_us": round(statistics.median(ordered) * 1e6, 1),
+        "p99_us": round(p99 * 1e6, 1),
+        "count": len(ordered),
+    }
+
+
+def run_count(
+    args: argparse.Namespace, url: str, count: int, mixed: bool, client: CacheServerClient
+) -> dict[str, Any]:
+    """One run of ``count`` engine processes through their plans; this process looks up meanwhile."""
+    context = mp.get_context("spawn")  # CUDA in the children
+    plans = plan_of(count, mixed)
+    barrier = context.Barrier(len(plans) + 1)
+    pipes, procs = [], []
+    for index, plan in enumerate(plans):
+        receive, send = context.Pipe(duplex=False)
+        seed = args.seed + 1000 * (len(plans) + 10 * mixed) + index
+        proc = context.Process(target=engine_main, args=(args, url, seed, plan, barrier, send))
+        proc.start()
+        send.close()
+        pipes.append(receive)
+        procs.append(proc)
+    steps: list[list[Row]] = []
+    under_load: list[float] = []
+    try:
+        for step in range(len(plans[0])):
+            try:
+                barrier.wait(timeout=args.timeout_s)
+            except threading.BrokenBarrierError:
+                raise RuntimeError(f"an engine failed before step {step}; see its traceback") from None
+            rows: list[Row] = []
+            pending = list(pipes)
+
+            def collect(pending: list[Any] = pending, rows: list[Row] = rows) -> bool:
+                for pipe in list(pending):
+                    if pipe.poll():
+                        phase, start, end, nbytes, equal = pipe.recv()
+                        rows.append(
+                            {"phase": phase, "start": start, "end": end, "bytes": nbytes, "equal": equal}
+                        )
+                        pending.remove(pipe)
+                return not pending
+
+            if any(plan[step] in ("save", "load") for plan in plans):
+                under_load += lookups_while(client, collect, limit=100_000)
+            while not collect():
+                time.sleep(0.001)
+            steps.append(rows)
+    finally:
+        for proc in procs:
+            proc.join(timeout=args.timeout_s)
+            if proc.is_alive():
+                proc.kill()
+    result: dict[str, Any] = {
+        "engines": len(plans),
+        "rows_equal": all(r["equal"] for rows in steps for r in rows),
+        "lookup_under_load": percentiles_us(under_load),
+    }
+    if mixed:  # its last two steps: a copy each way at once, then a save beside a load
+        ceiling, work = aggregate_gbps(steps[-2]), aggregate_gbps(steps[-1])
+        result.update(
+            bidirectional_ceiling_gbps=round(ceiling, 2),
+            save_beside_load_gbps=round(work, 2),
+            ratio=round(work / ceiling, 3),
+        )
+        return result
+    copy_d2h, copy_h2d, save, load = (aggregate_gbps(rows) for rows in steps)
+    result.update(
+        ceiling_save_gbps=round(copy_d2h, 2),
+        ceiling_load_gbps=round(copy_h2d, 2),
+        save_gbps=round(save, 2),
+        load_gbps=round(load, 2),
+        save_ratio=round(save / copy_d2h, 3),
+        load_ratio=round(load / copy_h2d, 3),
+    )
+    return result
+
+
+def main() -> int:
+    parser = rig_parser(__doc__, l1_size_gb=16.0)
+    parser.set_defaults(preset="lmcache-mp")
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens per request")
+    parser.add_argument("--iters", type=int, default=4, help="saves (and loads) per engine")
+    parser.add_argument("--engines", type=int, nargs="+", default=[1, 2, 4], help="engine counts")
+    parser.add_argument("--mixed", action="store_true", help="also: one engine saves while another loads")
+    parser.add_argument("--timeout-s", type=float, default=600.0)
+    args = parser.parse_args()
+    if args.preset != "lmcache-mp":
+        parser.error("engines share the cache through the server: --preset lmcache-mp")
+    workdir = Path(tempfile.mkdtemp(prefix="lmc-engines-", dir="/tmp"))
+    server, url = start_server(args, workdir)
+    results: dict[str, Any] = {"tokens": args.tokens, "iters": args.iters, "model_kv": args.model, "runs": []}
+    try:
+        with CacheServerClient(url, timeout_s=30) as client:
+            pool_modes.register(client, torch.zeros(4, 1, 2, 64), pool_modes.SHARED_L1, "bench/lookups", 16)
+            results["lookup_idle"] = percentiles_us(lookups_while(client, lambda: False, limit=200))
+            for count in args.engines:
+                results["runs"].append(run_count(args, url, count, False, client))
+            if args.mixed:
+                results["mixed"] = run_count(args, url, 2, True, client)
+    finally:
+        server.terminate()
+        server.wait(30)
+    report(results, args.out)
+    ok = all(run["rows_equal"] for run in results["runs"]) and results.get("mixed", {}).get(
+        "rows_equal", True
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
