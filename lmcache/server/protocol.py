@@ -35,7 +35,7 @@ store          instance_id tokens cache_salt block_ids           int: tokens new
 retrieve       instance_id tokens cache_salt block_ids           int: tokens loaded
                start end pin_id pin_owner chunk_hashes
 heartbeat      instance_ids                                      :class:`HeartbeatInfo`
-ping           (none)                                            :class:`PingInfo`
+ping           one_way (a wake-up: no reply)                     :class:`PingInfo`
 stats          (none)                                            :class:`StatsInfo`
 clear          (none)                                            int: chunks dropped
 store_reserve  instance_id tokens cache_salt start end           :class:`StoreSlots`
