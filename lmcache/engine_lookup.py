@@ -285,6 +285,13 @@ class EngineLookup:
         self.latency.lookup.observe(time.perf_counter() - began)
         return hit
 
+    def count_misses(self, lookups: int, tokens: int) -> None:
+        """Lookups of ``tokens`` tokens in all that missed without reaching this engine (a server's
+        clients read its presence counts), counted as its own."""
+        with self._lock:
+            self.stats.lookups += lookups
+            self.stats.lookup_tokens += tokens
+
     def _take(self, groups: Sequence[Sequence[ChunkKey]], pin: bool) -> int:
         """How many leading chunks (one key per rank each) are cached for every rank; with ``pin``
         they are pinned, each chunk for all ranks or none."""

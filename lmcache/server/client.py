@@ -168,8 +168,7 @@ class CacheServerClient:
         return self._call(P.Ping(), P.PingInfo, timeout_s)
 
     def wake(self, *, timeout_s: float | None = None) -> None:
-        """Send a one-way ping: a server thread that slept wakes while this thread prepares its next call,
-        which follows on the same connection (and reports a server that cannot be reached)."""
+        """A one-way ping: a server thread that slept wakes while this one prepares its next call."""
         with contextlib.suppress(ServerUnavailable):
             self._send(P.Ping(), timeout_s)
 
@@ -347,8 +346,9 @@ class CacheServerClient:
 
     def heartbeat(self, *, timeout_s: float | None = None) -> P.HeartbeatInfo:
         """Refresh this client's instances; re-registers those the server no longer knows."""
-        ids = self.registrations.ids()
-        info = self._call(P.Heartbeat(instance_ids=ids), P.HeartbeatInfo, timeout_s)
+        ids, (lookups, tokens) = self.registrations.ids(), self.registrations.take_misses()
+        req = P.Heartbeat(instance_ids=ids, missed_lookups=lookups, missed_tokens=tokens)
+        info = self._call(req, P.HeartbeatInfo, timeout_s)
         if self.server_id is not None and info.server_id != self.server_id:
             logger.warning(
                 "cache server at %s restarted (server id %s -> %s)", self.url, self.server_id, info.server_id

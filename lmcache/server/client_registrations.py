@@ -81,6 +81,20 @@ class Registrations:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self._table: dict[int, Registration] = {}
+        self._misses = (0, 0)
+
+    def count_miss(self, tokens: int) -> None:
+        """A lookup of ``tokens`` tokens found missing in the presence counts (the server never saw it);
+        the next heartbeat reports it (:meth:`take_misses`), so the server's hit rate counts it."""
+        with self.lock:
+            lookups, total = self._misses
+            self._misses = (lookups + 1, total + tokens)
+
+    def take_misses(self) -> tuple[int, int]:
+        """The misses counted since the last call: (lookups, tokens)."""
+        with self.lock:
+            misses, self._misses = self._misses, (0, 0)
+            return misses
 
     def __contains__(self, instance_id: object) -> bool:
         return instance_id in self._table

@@ -70,6 +70,7 @@ from lmcache.server.shared_l1_protocol import (
     LoadChunk,
     LoadSlots,
     LookupSlots,
+    RegionInfo,
     SlabInfo,
     SlotInfo,
     StoreChunk,
@@ -277,6 +278,10 @@ class Heartbeat(_Req, tag="heartbeat", kw_only=True):
     instance_ids: Annotated[list[UInt63], Meta(max_length=4096)] = []
     caps: Annotated[list[Annotated[bytes, Meta(max_length=64)]], Meta(max_length=4096)] = []
     """``caps[i]`` is the capability of ``instance_ids[i]``; an id without its own counts as unknown."""
+    missed_lookups: Annotated[int, Meta(ge=0, le=1 << 32)] = 0
+    missed_tokens: Annotated[int, Meta(ge=0, le=1 << 48)] = 0
+    """Lookups the client found missing in the presence counts since its last heartbeat (no request
+    reached the server), and their tokens: counted as the server's own, for its hit rate."""
 
 
 class Ping(_Req, tag="ping", kw_only=True):
@@ -423,13 +428,6 @@ class ChunkHashing(msgspec.Struct, kw_only=True):
 
     algorithm: str
     layout_signature: bytes
-
-
-class RegionInfo(msgspec.Struct, kw_only=True):
-    """A shared-memory region of the server: ``/dev/shm/<name>``, ``nbytes`` bytes."""
-
-    name: str
-    nbytes: int
 
 
 class RegisterInfo(msgspec.Struct, kw_only=True):

@@ -161,9 +161,10 @@ class CacheService:
 
     def heartbeat(self, req: P.Heartbeat) -> P.HeartbeatInfo:
         caps = req.caps + [b""] * (len(req.instance_ids) - len(req.caps))
-        return P.HeartbeatInfo(
-            server_id=self.server_id, unknown=self.instances.unknown(req.instance_ids, caps)
-        )
+        unknown = self.instances.unknown(req.instance_ids, caps)
+        if req.missed_lookups and len(unknown) < len(req.instance_ids):  # from a registered client only
+            self.engine.count_misses(req.missed_lookups, req.missed_tokens)
+        return P.HeartbeatInfo(server_id=self.server_id, unknown=unknown)
 
     def reap(self, now: float | None = None) -> None:
         """Retire instances silent for ``client_timeout_s`` (their chunks stay cached) and release

@@ -1,5 +1,5 @@
-"""Reply values of the shared-L1 ops (``store_reserve``, ``load``); re-exported by
-:mod:`lmcache.server.protocol`, where the requests are."""
+"""Reply values of the shared-L1 ops (``store_reserve``, ``load``) and the server's other shared
+regions; re-exported by :mod:`lmcache.server.protocol`, where the requests are."""
 
 from __future__ import annotations
 
@@ -88,3 +88,10 @@ class LoadSlots(msgspec.Struct, kw_only=True):
     slabs: list[SlabInfo] = []
     forget: list[int] = []
     ahead: list[SlabInfo] = []
+
+
+class RegionInfo(msgspec.Struct, kw_only=True):
+    """A shared-memory region of the server: ``/dev/shm/<name>``, ``nbytes`` bytes."""
+
+    name: str
+    nbytes: int

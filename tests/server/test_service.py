@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+import msgspec
 import pytest
 from support.server_process import CHUNK, MODEL, TPB, shared_pool
 
@@ -115,6 +116,22 @@ def test_ping_and_heartbeat(service: CacheService) -> None:
     assert service.handle(P.Ping(), Call(ME)).server_id == service.server_id
     beat = service.handle(P.Heartbeat(instance_ids=[11, 12], caps=[cap]), Call(ME))
     assert beat.unknown == [12]
+
+
+def test_a_heartbeat_reports_the_misses_its_client_found_alone(service: CacheService) -> None:
+    """Misses a client read from the presence counts count as the server's lookups, for its hit rate;
+    only a client with a live registration may report them."""
+    cap = _register(service, seed=7, iid=14).cap
+    before = service.engine.snapshot().counters
+    service.handle(P.Heartbeat(instance_ids=[15], missed_lookups=9, missed_tokens=9000), Call(ME))
+    assert service.engine.snapshot().counters == before  # no live instance: not counted
+    service.handle(P.Heartbeat(instance_ids=[14], caps=[cap], missed_lookups=3, missed_tokens=3072), Call(ME))
+    after = service.engine.snapshot().counters
+    assert (after.lookups, after.lookup_tokens) == (before.lookups + 3, before.lookup_tokens + 3072)
+    assert after.hit_tokens == before.hit_tokens
+    negative = {"v": P.PROTOCOL_VERSION, "rid": 1, "op": "heartbeat", "missed_lookups": -1}
+    with pytest.raises(P.ProtocolError, match="missed_lookups"):
+        P.decode_request(msgspec.msgpack.encode(negative))
 
 
 def test_transfer_errors_name_what_was_wrong(service: CacheService) -> None:

@@ -179,7 +179,10 @@ class ServerIndex:
         if presence is not None:
             hashes = client.chunk_hashes(first, prompt.salt, instance_id=owner)
             if hashes is not None:  # no full chunk: nothing to find (hashing servers match full chunks)
-                return not hashes.digests or not presence.may_hold(hashes.digests)
+                missing = not hashes.digests or not presence.may_hold(hashes.digests)
+                if missing:
+                    client.registrations.count_miss(len(prompt.tokens))  # for the server's hit rate
+                return missing
         if not self._probe.wanted(len(prompt.tokens) // chunk_size):
             return False
         found = client.lookup(
