@@ -286,8 +286,8 @@ class EngineLookup:
         return hit
 
     def count_misses(self, lookups: int, tokens: int) -> None:
-        """Lookups of ``tokens`` tokens in all that missed without reaching this engine (a server's
-        clients read its presence counts), counted as its own."""
+        """Count ``lookups`` lookups (``tokens`` tokens in all) that missed without reaching this engine
+        (a server's clients found them missing in its presence counts) as its own."""
         with self._lock:
             self.stats.lookups += lookups
             self.stats.lookup_tokens += tokens
