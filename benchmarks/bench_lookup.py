@@ -2,9 +2,8 @@
 scheduler adapter, for prompts that miss and prompts that hit, back to back and after an idle gap.
 
 An idle gap matters through the server: a server thread that slept for a few milliseconds answers
-its next request late (on the H200 host a ping took 43 us back to back and about 400 us after 20
-ms idle), and a serving loop asks between forwards, not back to back. For ``lmcache-mp`` the
-server's ping is reported the same two ways.
+its next request late (benchmarks/RESULTS.md, D27), and a serving loop asks between forwards, not
+back to back. For ``lmcache-mp`` the server's ping is reported the same two ways.
 
     python benchmarks/bench_lookup.py --preset lmcache-mp [--tokens 8192 16384] [--out lookup.json]
 """
