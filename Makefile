@@ -6,8 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup run demo test lint bench
 
-# setup.py and the C source too: the editable install compiles lmcache/_hashchain.c into lmcache/.
-$(STAMP): pyproject.toml setup.py lmcache/_hashchain.c
+# setup.py and the C sources too: the editable install compiles the C extensions into lmcache/.
+$(STAMP): pyproject.toml setup.py $(wildcard lmcache/*.c lmcache/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.

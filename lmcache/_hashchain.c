@@ -1,10 +1,11 @@
 /* lmcache._hashchain: the chunk-hash chain of lmcache.keys.TokenHasher for a Python list, in C.
  *
- * h_i = new(h_{i-1} || int64-LE bytes of chunk i's tokens).digest(), h_{-1} = seed.
+ * h_i = new(h_{i-1} || new(int64-LE bytes of chunk i's tokens).digest()).digest(), h_{-1} = seed.
  *
- * The pure-Python path (lmcache/keys.py) is the reference; this only removes its per-chunk Python
- * glue and the whole-list struct.pack. The hash itself stays a Python call (`new` is any constructor
- * of HASH_ALGORITHMS), so the GIL is held throughout.
+ * The pure-Python path (lmcache/keys.py) is the reference. chain_digests takes any constructor of
+ * HASH_ALGORITHMS and calls it from C (the GIL held throughout); blake3_chain_digests, the default
+ * algorithm's path, hashes in native code (_blake3.c): the inner hashes depend on one chunk each, so
+ * they are computed side by side, and only the short outer links run one after another.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -13,6 +14,8 @@
 #endif
 #include <stdint.h>
 #include <string.h>
+
+#include "_blake3.h"
 
 /* v as 8 little-endian bytes: the key format is little-endian whatever the host. */
 static inline void
@@ -81,133 +84,169 @@ token_slow(PyObject *tokens, Py_ssize_t i, long long *out)
     return 0;
 }
 
-/* The list must still hold tokens[:end]: `new`, digest() or an item's __index__ is Python code that
- * may have shrunk it. */
-static int
-check_size(PyObject *tokens, Py_ssize_t end)
+/* tokens[:count] as int64-LE bytes in a new buffer (PyMem_Free it), or NULL with an exception. An
+ * item's __index__ is Python code that may shrink the list: it must still hold tokens[:count]. */
+static unsigned char *
+token_bytes(PyObject *tokens, Py_ssize_t count)
 {
-    if (PyList_GET_SIZE(tokens) < end) {
-        PyErr_SetString(PyExc_RuntimeError, "chain_digests: token list changed size while hashing");
+    /* No overflow: count <= len(tokens) < PY_SSIZE_T_MAX / sizeof(PyObject *). */
+    unsigned char *out = PyMem_Malloc(count > 0 ? (size_t)count * 8 : 1);
+    if (out == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        long long v;
+        if (!compact_value(PyList_GET_ITEM(tokens, i), &v)) {
+            if (token_slow(tokens, i, &v) < 0) {
+                PyMem_Free(out);
+                return NULL;
+            }
+            if (PyList_GET_SIZE(tokens) < count) {
+                PyErr_SetString(PyExc_RuntimeError, "chain_digests: token list changed size while hashing");
+                PyMem_Free(out);
+                return NULL;
+            }
+        }
+        store_le64(out + 8 * i, (uint64_t)v);
+    }
+    return out;
+}
+
+/* The arguments both chains share. */
+typedef struct {
+    PyObject *tokens;
+    Py_ssize_t chunk_size;
+    Py_ssize_t num_chunks;
+    PyObject *seed;
+} ChainArgs;
+
+static int
+parse_chain_args(const char *signature, PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected,
+                 ChainArgs *a)
+{
+    if (nargs != expected) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd positional arguments, got %zd", signature, expected, nargs);
+        return -1;
+    }
+    a->tokens = args[0];
+    a->seed = args[3];
+    if (!PyList_Check(a->tokens)) {
+        PyErr_Format(PyExc_TypeError, "%s: tokens must be a list, not %.200s", signature,
+                     Py_TYPE(a->tokens)->tp_name);
+        return -1;
+    }
+    a->chunk_size = PyLong_AsSsize_t(args[1]);
+    if (a->chunk_size == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    a->num_chunks = PyLong_AsSsize_t(args[2]);
+    if (a->num_chunks == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (!PyBytes_Check(a->seed)) {
+        PyErr_Format(PyExc_TypeError, "%s: seed must be bytes, not %.200s", signature, Py_TYPE(a->seed)->tp_name);
+        return -1;
+    }
+    if (a->chunk_size <= 0) {
+        PyErr_Format(PyExc_ValueError, "%s: chunk_size must be positive, got %zd", signature, a->chunk_size);
+        return -1;
+    }
+    /* Compared by division: num_chunks * chunk_size could overflow. */
+    if (a->num_chunks < 0 || a->num_chunks > PyList_GET_SIZE(a->tokens) / a->chunk_size) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: num_chunks must be in [0, len(tokens) // chunk_size], got %zd for %zd tokens in "
+                     "chunks of %zd",
+                     signature, a->num_chunks, PyList_GET_SIZE(a->tokens), a->chunk_size);
         return -1;
     }
     return 0;
 }
 
+/* new(data[:len]).digest(), checked to be bytes. */
+static PyObject *
+digest_of(PyObject *new, PyObject *digest_name, const unsigned char *data, Py_ssize_t len)
+{
+    PyObject *input = PyBytes_FromStringAndSize((const char *)data, len);
+    if (input == NULL) {
+        return NULL;
+    }
+    PyObject *h = PyObject_CallOneArg(new, input);
+    Py_DECREF(input);
+    if (h == NULL) {
+        return NULL;
+    }
+    PyObject *digest = PyObject_CallMethodNoArgs(h, digest_name);
+    Py_DECREF(h);
+    if (digest != NULL && !PyBytes_Check(digest)) {
+        PyErr_Format(PyExc_TypeError, "chain_digests: digest() returned %.200s, not bytes",
+                     Py_TYPE(digest)->tp_name);
+        Py_CLEAR(digest);
+    }
+    return digest;
+}
+
+/* One link of the chain: new(parent || new(chunk).digest()).digest(). */
+static PyObject *
+link_digest(PyObject *new, PyObject *digest_name, PyObject *parent, const unsigned char *chunk,
+            Py_ssize_t chunk_len)
+{
+    PyObject *leaf = digest_of(new, digest_name, chunk, chunk_len);
+    if (leaf == NULL) {
+        return NULL;
+    }
+    Py_ssize_t parent_len = PyBytes_GET_SIZE(parent), leaf_len = PyBytes_GET_SIZE(leaf);
+    unsigned char *joined = PyMem_Malloc(parent_len + leaf_len + 1);
+    if (joined == NULL) {
+        Py_DECREF(leaf);
+        return PyErr_NoMemory();
+    }
+    memcpy(joined, PyBytes_AS_STRING(parent), parent_len);
+    memcpy(joined + parent_len, PyBytes_AS_STRING(leaf), leaf_len);
+    Py_DECREF(leaf);
+    PyObject *digest = digest_of(new, digest_name, joined, parent_len + leaf_len);
+    PyMem_Free(joined);
+    return digest;
+}
+
 static PyObject *
 chain_digests(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5) {
-        PyErr_Format(PyExc_TypeError,
-                     "chain_digests(tokens, chunk_size, num_chunks, seed, new) takes 5 positional "
-                     "arguments, got %zd",
-                     nargs);
+    ChainArgs a;
+    if (parse_chain_args("chain_digests(tokens, chunk_size, num_chunks, seed, new)", args, nargs, 5, &a) < 0) {
         return NULL;
     }
-    PyObject *tokens = args[0], *seed = args[3], *new = args[4];
-    if (!PyList_Check(tokens)) {
-        PyErr_Format(PyExc_TypeError, "chain_digests: tokens must be a list, not %.200s",
-                     Py_TYPE(tokens)->tp_name);
-        return NULL;
-    }
-    Py_ssize_t chunk_size = PyLong_AsSsize_t(args[1]);
-    if (chunk_size == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    Py_ssize_t num_chunks = PyLong_AsSsize_t(args[2]);
-    if (num_chunks == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (!PyBytes_Check(seed)) {
-        PyErr_Format(PyExc_TypeError, "chain_digests: seed must be bytes, not %.200s",
-                     Py_TYPE(seed)->tp_name);
-        return NULL;
-    }
+    PyObject *new = args[4];
     if (!PyCallable_Check(new)) {
         PyErr_SetString(PyExc_TypeError, "chain_digests: new must be callable");
         return NULL;
     }
-    if (chunk_size <= 0) {
-        PyErr_Format(PyExc_ValueError, "chain_digests: chunk_size must be positive, got %zd", chunk_size);
-        return NULL;
-    }
-    /* Compared by division: num_chunks * chunk_size could overflow. */
-    if (num_chunks < 0 || num_chunks > PyList_GET_SIZE(tokens) / chunk_size) {
-        PyErr_Format(PyExc_ValueError,
-                     "chain_digests: num_chunks must be in [0, len(tokens) // chunk_size], got %zd for %zd "
-                     "tokens in chunks of %zd",
-                     num_chunks, PyList_GET_SIZE(tokens), chunk_size);
-        return NULL;
-    }
-    if (num_chunks == 0) {
+    if (a.num_chunks == 0) {
         return PyBytes_FromStringAndSize(NULL, 0);
     }
-
-    PyObject *digest_name = PyUnicode_InternFromString("digest");
-    if (digest_name == NULL) {
+    unsigned char *tokens = token_bytes(a.tokens, a.num_chunks * a.chunk_size);
+    if (tokens == NULL) {
         return NULL;
     }
-    PyObject *out = NULL;    /* the concatenated digests, allocated once the digest size is known */
+    PyObject *digest_name = PyUnicode_InternFromString("digest");
+    if (digest_name == NULL) {
+        PyMem_Free(tokens);
+        return NULL;
+    }
+    PyObject *out = NULL; /* the concatenated digests, allocated once the digest size is known */
     Py_ssize_t digest_size = 0;
-    PyObject *parent = Py_NewRef(seed);
-    /* No overflow: num_chunks >= 1, so chunk_size <= len(tokens) < PY_SSIZE_T_MAX / sizeof(PyObject *). */
-    Py_ssize_t data_len = chunk_size * 8;
-
-    for (Py_ssize_t c = 0; c < num_chunks; c++) {
-        /* A fresh bytes object per chunk, filled in place before anyone else sees it: no copy beyond
-         * the conversion, and nothing is mutated after `new` got it (a reused buffer behind a
-         * memoryview is slower: creating the memoryview costs more than the bytes object). */
-        Py_ssize_t parent_len = PyBytes_GET_SIZE(parent);
-        if (parent_len > PY_SSIZE_T_MAX - data_len) {
-            PyErr_NoMemory();
-            goto error;
-        }
-        PyObject *data = PyBytes_FromStringAndSize(NULL, parent_len + data_len);
-        if (data == NULL) {
-            goto error;
-        }
-        unsigned char *p = (unsigned char *)PyBytes_AS_STRING(data);
-        memcpy(p, PyBytes_AS_STRING(parent), parent_len);
-        p += parent_len;
-        Py_ssize_t base = c * chunk_size;
-        if (check_size(tokens, base + chunk_size) < 0) {
-            Py_DECREF(data);
-            goto error;
-        }
-        for (Py_ssize_t j = 0; j < chunk_size; j++) {
-            long long v;
-            if (!compact_value(PyList_GET_ITEM(tokens, base + j), &v)) {
-                if (token_slow(tokens, base + j, &v) < 0 || check_size(tokens, base + chunk_size) < 0) {
-                    Py_DECREF(data);
-                    goto error;
-                }
-            }
-            store_le64(p + 8 * j, (uint64_t)v);
-        }
-
-        PyObject *h = PyObject_CallOneArg(new, data);
-        Py_DECREF(data);
-        if (h == NULL) {
-            goto error;
-        }
-        PyObject *digest = PyObject_CallMethodNoArgs(h, digest_name);
-        Py_DECREF(h);
+    PyObject *parent = Py_NewRef(a.seed);
+    Py_ssize_t data_len = a.chunk_size * 8;
+    for (Py_ssize_t c = 0; c < a.num_chunks; c++) {
+        PyObject *digest = link_digest(new, digest_name, parent, tokens + c * data_len, data_len);
         if (digest == NULL) {
-            goto error;
-        }
-        if (!PyBytes_Check(digest)) {
-            PyErr_Format(PyExc_TypeError, "chain_digests: digest() returned %.200s, not bytes",
-                         Py_TYPE(digest)->tp_name);
-            Py_DECREF(digest);
             goto error;
         }
         if (out == NULL) {
             digest_size = PyBytes_GET_SIZE(digest);
-            if (digest_size > PY_SSIZE_T_MAX / num_chunks) {
-                PyErr_NoMemory();
-                Py_DECREF(digest);
-                goto error;
-            }
-            out = PyBytes_FromStringAndSize(NULL, digest_size * num_chunks);
+            out = digest_size <= PY_SSIZE_T_MAX / a.num_chunks
+                      ? PyBytes_FromStringAndSize(NULL, digest_size * a.num_chunks)
+                      : PyErr_NoMemory();
             if (out == NULL) {
                 Py_DECREF(digest);
                 goto error;
@@ -224,20 +263,75 @@ chain_digests(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     Py_DECREF(parent);
     Py_DECREF(digest_name);
+    PyMem_Free(tokens);
     return out;
 
 error:
     Py_XDECREF(out);
     Py_DECREF(parent);
     Py_DECREF(digest_name);
+    PyMem_Free(tokens);
     return NULL;
+}
+
+static PyObject *
+blake3_chain_digests(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    ChainArgs a;
+    if (parse_chain_args("blake3_chain_digests(tokens, chunk_size, num_chunks, seed)", args, nargs, 4, &a) < 0) {
+        return NULL;
+    }
+    if (PyBytes_GET_SIZE(a.seed) != LM_BLAKE3_OUT_LEN) {
+        PyErr_Format(PyExc_ValueError, "blake3_chain_digests: seed must be a %d-byte digest, got %zd bytes",
+                     LM_BLAKE3_OUT_LEN, PyBytes_GET_SIZE(a.seed));
+        return NULL;
+    }
+    unsigned char *tokens = token_bytes(a.tokens, a.num_chunks * a.chunk_size);
+    if (tokens == NULL) {
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, LM_BLAKE3_OUT_LEN * a.num_chunks);
+    unsigned char *leaves = PyMem_RawMalloc(LM_BLAKE3_OUT_LEN * a.num_chunks + 1);
+    if (out == NULL || leaves == NULL) {
+        Py_XDECREF(out);
+        PyMem_RawFree(leaves);
+        PyMem_Free(tokens);
+        return out == NULL ? NULL : PyErr_NoMemory();
+    }
+    unsigned char *digests = (unsigned char *)PyBytes_AS_STRING(out);
+    const unsigned char *seed = (const unsigned char *)PyBytes_AS_STRING(a.seed);
+    int rc;
+    /* Nothing below touches a Python object but the new, unshared bytes object's buffer. */
+    Py_BEGIN_ALLOW_THREADS
+    rc = lm_blake3_many(tokens, (size_t)a.chunk_size * 8, (size_t)a.num_chunks, leaves);
+    if (rc == 0) {
+        unsigned char block[2 * LM_BLAKE3_OUT_LEN];
+        memcpy(block, seed, LM_BLAKE3_OUT_LEN);
+        for (Py_ssize_t c = 0; c < a.num_chunks; c++) {
+            memcpy(block + LM_BLAKE3_OUT_LEN, leaves + c * LM_BLAKE3_OUT_LEN, LM_BLAKE3_OUT_LEN);
+            lm_blake3_64(block, digests + c * LM_BLAKE3_OUT_LEN);
+            memcpy(block, digests + c * LM_BLAKE3_OUT_LEN, LM_BLAKE3_OUT_LEN);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(leaves);
+    PyMem_Free(tokens);
+    if (rc != 0) {
+        Py_DECREF(out);
+        return PyErr_NoMemory();
+    }
+    return out;
 }
 
 static PyMethodDef methods[] = {
     {"chain_digests", (PyCFunction)(void (*)(void))chain_digests, METH_FASTCALL,
      "chain_digests(tokens, chunk_size, num_chunks, seed, new, /) -> bytes\n\n"
-     "The concatenated digests h_0..h_{num_chunks-1} of h_i = new(h_{i-1} + int64-LE bytes of\n"
-     "tokens[i*chunk_size:(i+1)*chunk_size]).digest(), h_{-1} = seed. tokens must be a list."},
+     "The concatenated digests h_0..h_{num_chunks-1} of h_i = new(h_{i-1} + new(int64-LE bytes of\n"
+     "tokens[i*chunk_size:(i+1)*chunk_size]).digest()).digest(), h_{-1} = seed. tokens must be a list."},
+    {"blake3_chain_digests", (PyCFunction)(void (*)(void))blake3_chain_digests, METH_FASTCALL,
+     "blake3_chain_digests(tokens, chunk_size, num_chunks, seed, /) -> bytes\n\n"
+     "chain_digests(tokens, chunk_size, num_chunks, seed, blake3.blake3) in native code: the chunks'\n"
+     "inner hashes side by side in SIMD lanes, then the chain, without the GIL. seed is 32 bytes."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,8 +1,12 @@
 """Chunk keys: a prefix-chained cryptographic hash over token ids.
 
-``h_i = H(h_{i-1} || tokens of chunk i)``, the chain seeded by the format version, model name,
+``h_i = H(h_{i-1} || H(tokens of chunk i))``, the chain seeded by the format version, model name,
 cache salt and pool layout signature. Keys are identical in every process and on every machine;
 ``PYTHONHASHSEED`` plays no part.
+
+Each chunk's inner hash depends on that chunk alone, so a whole prompt's inner hashes are computed
+side by side (in SIMD lanes, by ``lmcache._hashchain``); only the outer links, one 64-byte block
+each with blake3, run one after another (see benchmarks/RESULTS.md, D31).
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ if TYPE_CHECKING:
 try:
     # The chain over a Python list in C (lmcache/_hashchain.c, built by setup.py); optional, this
     # module's pure-Python path is the fallback and the reference.
+    from lmcache._hashchain import blake3_chain_digests as _native_blake3_chain
     from lmcache._hashchain import chain_digests as _native_chain
 except ImportError:
-    _native_chain = None
+    _native_chain = _native_blake3_chain = None
 
 logger = init_logger(__name__)
 _told_pure = False
@@ -40,7 +45,9 @@ def native_chain() -> Callable[..., bytes] | None:
     return _native_chain
 
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The key scheme's version, in every key's seed and in stored chunks' headers. 2: inner hash per
+chunk (1 hashed the parent and the chunk's tokens in one call)."""
 
 HASH_ALGORITHMS: dict[str, Callable[[bytes], Any]] = {
     "blake3": blake3.blake3,
@@ -48,8 +55,9 @@ HASH_ALGORITHMS: dict[str, Callable[[bytes], Any]] = {
     # Fast, not collision-resistant: only for trusted single-tenant deployments.
     "xxh3_128": xxhash.xxh3_128,
 }
-"""Hash constructors, called as ``new(parent + view of the chunk's tokens).digest()``: one call per
-chunk, no incremental ``update`` (the fastest form; see benchmarks/RESULTS.md, D15)."""
+"""Hash constructors, called as ``new(data).digest()``, no incremental ``update`` (the fastest form
+from Python; see benchmarks/RESULTS.md, D15). blake3's chain runs natively where
+``lmcache._hashchain`` is built."""
 
 Tokens = Union[Sequence[int], np.ndarray, "torch.Tensor"]
 CacheSalt = str | int | None
@@ -157,6 +165,7 @@ class TokenHasher:
         self.chunk_size = chunk_size
         self.new_hash = HASH_ALGORITHMS[algorithm]
         """The hash constructor of ``algorithm`` (hashlib-style: ``new_hash(data).digest()``)."""
+        self.algorithm = algorithm
         self.digest_size = len(self.new_hash(b"").digest())
         self._space = b"lmcache-trtllm" + _field(str(FORMAT_VERSION).encode()) + _field(model_name.encode())
         self._space += _field(layout_signature)
@@ -177,7 +186,8 @@ class TokenHasher:
     def chunk_digests(self, tokens: Tokens, salt: CacheSalt = None) -> bytes:
         """``b"".join(self.chunk_hashes(tokens, salt))``: the full chunks' digests, concatenated.
 
-        A Python list is hashed in C when ``lmcache._hashchain`` is built (half the time for 8k tokens).
+        A Python list is hashed in C when ``lmcache._hashchain`` is built (blake3 entirely in native
+        code, D31).
         """
         digests = self._native_digests(tokens, salt)
         return digests if digests is not None else b"".join(self.pure_chunk_hashes(tokens, salt))
@@ -199,7 +209,13 @@ class TokenHasher:
         end = num_chunks * self.chunk_size
         if end < len(tokens):
             token_array(tokens[end:])  # the partial tail is not hashed, but must be valid as in the pure path
+        if self.algorithm == "blake3":
+            return _native_blake3_chain(tokens, self.chunk_size, num_chunks, self.seed(salt))
         return _native_chain(tokens, self.chunk_size, num_chunks, self.seed(salt), self.new_hash)
+
+    def link(self, parent: bytes, data: bytes | memoryview) -> bytes:
+        """The hash chained after ``parent`` for a chunk whose token bytes are ``data``."""
+        return self.new_hash(parent + self.new_hash(data).digest()).digest()
 
     def iter_chunk_hashes(
         self, tokens: Tokens, salt: CacheSalt = None, end: int | None = None
@@ -220,21 +236,21 @@ class TokenHasher:
                     data = pack(*tokens[begin : begin + size])
                 except struct.error as exc:
                     raise ValueError(f"token ids must be integers in int64 range: {exc}") from None
-                parent = self.new_hash(parent + data).digest()
+                parent = self.link(parent, data)
                 yield parent
             return
         arr = token_array(tokens[: end // size * size])
         data = memoryview(np.ascontiguousarray(arr)).cast("B")
         step = size * 8
         for begin in range(0, len(data), step):
-            parent = self.new_hash(parent + data[begin : begin + step]).digest()
+            parent = self.link(parent, data[begin : begin + step])
             yield parent
 
     def tail_hash(self, tokens: Tokens, salt: CacheSalt, prefix: bytes | None, start: int, end: int) -> bytes:
         """Hash of the partial chunk ``tokens[start:end]``, chained after the previous chunk's hash."""
         arr = token_array(tokens[start:end])
         parent = prefix if prefix is not None else self.seed(salt)
-        return self.new_hash(parent + memoryview(np.ascontiguousarray(arr)).cast("B")).digest()
+        return self.link(parent, memoryview(np.ascontiguousarray(arr)).cast("B"))
 
     def _chain(self, arr: np.ndarray, num_chunks: int, salt: CacheSalt) -> list[bytes]:
         data = memoryview(np.ascontiguousarray(arr[: num_chunks * self.chunk_size])).cast("B")
@@ -242,6 +258,6 @@ class TokenHasher:
         parent = self.seed(salt)
         hashes = []
         for i in range(num_chunks):
-            parent = self.new_hash(parent + data[i * step : (i + 1) * step]).digest()
+            parent = self.link(parent, data[i * step : (i + 1) * step])
             hashes.append(parent)
         return hashes

@@ -131,11 +131,23 @@ TOKEN = st.one_of(
 # broken build fails them, while the pure-Python tests above still run.
 
 
-def test_native_chain_is_built_and_used() -> None:
-    """A broken build must fail here, not fall back to pure Python silently."""
-    from lmcache._hashchain import chain_digests
+def test_native_chain_is_built_and_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken build must fail here, not fall back to pure Python silently; blake3 (the default)
+    takes the native BLAKE3 chain, the others the generic one."""
+    from lmcache import _hashchain
 
-    assert keys.native_chain() is chain_digests
+    assert keys.native_chain() is _hashchain.chain_digests
+    calls: list[str] = []
+    for name in ("chain_digests", "blake3_chain_digests"):
+        native = getattr(_hashchain, name)
+        monkeypatch.setattr(
+            keys,
+            f"_native_{name.removesuffix('_digests')}",
+            lambda *a, n=name, f=native: calls.append(n) or f(*a),
+        )
+    hasher("blake3", chunk=4).chunk_digests(list(range(8)))
+    hasher("sha256", chunk=4).chunk_digests(list(range(8)))
+    assert calls == ["blake3_chain_digests", "chain_digests"]
 
 
 def test_without_the_c_chain_lists_hash_in_python_and_say_so_once(
@@ -153,10 +165,11 @@ def test_without_the_c_chain_lists_hash_in_python_and_say_so_once(
 
 
 def _reference(h: TokenHasher, tokens: list[int], salt: object) -> list[bytes]:
-    """The chain spelled out, independent of keys.py's code paths."""
+    """The chain spelled out, independent of keys.py's code paths: h_i = H(h_{i-1} || H(chunk i))."""
     size, parent, out = h.chunk_size, h.seed(salt), []  # type: ignore[arg-type]
     for begin in range(0, len(tokens) // size * size, size):
-        parent = h.new_hash(parent + struct.pack(f"<{size}q", *tokens[begin : begin + size])).digest()
+        inner = h.new_hash(struct.pack(f"<{size}q", *tokens[begin : begin + size])).digest()
+        parent = h.new_hash(parent + inner).digest()
         out.append(parent)
     return out
 
@@ -169,7 +182,7 @@ def _reference(h: TokenHasher, tokens: list[int], salt: object) -> list[bytes]:
     salt=st.one_of(st.none(), st.text(max_size=8), st.integers()),
 )
 def test_native_chain_equals_pure_python(algorithm: str, chunk: int, tokens: list[int], salt: object) -> None:
-    from lmcache._hashchain import chain_digests
+    from lmcache._hashchain import blake3_chain_digests, chain_digests
 
     h = hasher(algorithm, chunk=chunk)
     want = _reference(h, tokens, salt)
@@ -180,6 +193,51 @@ def test_native_chain_equals_pure_python(algorithm: str, chunk: int, tokens: lis
     seed = h.seed(salt)  # type: ignore[arg-type]
     for n in {0, len(want) // 2, len(want)}:
         assert chain_digests(tokens, chunk, n, seed, h.new_hash) == b"".join(want[:n])
+        if algorithm == "blake3":
+            assert blake3_chain_digests(tokens, chunk, n, seed) == b"".join(want[:n])
+
+
+# Chunk sizes whose token bytes (8 per token) make every shape of BLAKE3 input: part of one block,
+# exactly one block, one partial 1 KiB chunk, exactly one chunk, a two-chunk tree, two chunks and a
+# partial one, a power of two of chunks, and deeper unbalanced trees (3000 tokens: 24 chunks).
+BLAKE3_SHAPES = [1, 7, 8, 9, 100, 127, 128, 129, 256, 300, 512, 1000, 1024, 3000]
+
+
+@pytest.mark.parametrize("chunk", BLAKE3_SHAPES)
+@pytest.mark.parametrize("num_chunks", [1, 15, 16, 17, 40])  # SIMD lanes: under, exactly, over one group
+def test_native_blake3_equals_the_blake3_package(chunk: int, num_chunks: int) -> None:
+    """The native BLAKE3 (lmcache/_blake3.c) gives the `blake3` package's digests for every input
+    shape and any number of chunks, the last group of lanes partly empty included."""
+    from lmcache._hashchain import blake3_chain_digests
+
+    rng = np.random.default_rng(chunk * 100 + num_chunks)
+    size = chunk * num_chunks + chunk - 1  # and a partial tail, never hashed
+    tokens = [int(t) for t in rng.integers(-(2**63), 2**63 - 1, size=size, dtype=np.int64)]
+    h = hasher("blake3", chunk=chunk)
+    want = _reference(h, tokens, "salt")
+    assert blake3_chain_digests(tokens, chunk, num_chunks, h.seed("salt")) == b"".join(want)
+    assert h.chunk_hashes(tokens, "salt") == want
+
+
+def test_native_blake3_chain_rejects_bad_arguments() -> None:
+    from lmcache._hashchain import blake3_chain_digests
+
+    seed = b"s" * 32
+    with pytest.raises(ValueError, match="32-byte"):
+        blake3_chain_digests([1, 2], 2, 1, b"s" * 16)
+    with pytest.raises(TypeError, match="seed must be bytes"):
+        blake3_chain_digests([1, 2], 2, 1, "s" * 32)
+    with pytest.raises(TypeError, match="list"):
+        blake3_chain_digests((1, 2), 2, 1, seed)
+    with pytest.raises(ValueError, match="num_chunks"):
+        blake3_chain_digests([1, 2, 3], 2, 2, seed)
+    with pytest.raises(ValueError, match="chunk_size"):
+        blake3_chain_digests([1, 2, 3], 0, 0, seed)
+    with pytest.raises(ValueError, match="item 1 "):
+        blake3_chain_digests([1, 2**64], 2, 1, seed)
+    with pytest.raises(TypeError):
+        blake3_chain_digests([1, 2], 2, 1, seed, blake3.blake3)
+    assert blake3_chain_digests([1, 2], 2, 0, seed) == b""
 
 
 def test_native_chain_takes_what_struct_takes() -> None:
@@ -234,14 +292,30 @@ def test_native_chain_rejects_bad_arguments() -> None:
 
 
 def test_native_chain_survives_the_list_shrinking_under_it() -> None:
-    """``new`` is Python code: if it empties the list mid-chain, an error, not a read past the end."""
-    from lmcache._hashchain import chain_digests
+    """An item's ``__index__`` is Python code: if it empties the list, an error, not a read past the
+    end. ``new`` runs after every token is copied, so emptying the list there changes nothing."""
+    from lmcache._hashchain import blake3_chain_digests, chain_digests
 
+    class Shrinks:
+        def __init__(self, victim: list) -> None:
+            self.victim = victim
+
+        def __index__(self) -> int:
+            self.victim.clear()
+            return 1
+
+    for chain, extra in ((chain_digests, (blake3.blake3,)), (blake3_chain_digests, ())):
+        toks: list = list(range(64))
+        toks[3] = Shrinks(toks)
+        with pytest.raises(RuntimeError, match="changed size"):
+            chain(toks, 8, 8, b"s" * 32, *extra)
+
+    h = hasher(chunk=8)
     toks = list(range(64))
+    want = b"".join(_reference(h, toks, None))
 
     def new(data: bytes) -> object:
         toks.clear()
         return blake3.blake3(data)
 
-    with pytest.raises(RuntimeError, match="changed size"):
-        chain_digests(toks, 8, 8, b"s", new)
+    assert chain_digests(toks, 8, 8, h.seed(None), new) == want
