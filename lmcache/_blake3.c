@@ -14,7 +14,7 @@
 
 #define CHUNK_LEN 1024
 #define BLOCK_LEN 64
-#define LANES 16
+#define LANES LM_BLAKE3_LANES
 
 enum { CHUNK_START = 1, CHUNK_END = 2, PARENT = 4, ROOT = 8 };
 
@@ -121,20 +121,45 @@ compress(const uint32_t cv[8], const uint32_t m[16], uint32_t block_len, uint64_
         G_LANES(3, 4, 9, 14, SCHEDULE[r][14], SCHEDULE[r][15]);                                               \
     } while (0)
 
-/* Where the compiler and target allow it, one copy of compress_lanes per vector width, chosen at
- * load time by the CPU's features. */
+/* Where the compiler and target allow it, one copy of hash_group per vector width, chosen at load
+ * time by the CPU's features; everything it calls is inlined into each copy. */
+#ifndef VECTOR_CLONES
 #if defined(__x86_64__) && defined(__has_attribute)
 #if __has_attribute(target_clones)
 #define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
 #endif
+#endif
 #ifndef VECTOR_CLONES
 #define VECTOR_CLONES
 #endif
+#define LANE_INLINE static inline __attribute__((always_inline))
+
+/* The message words of one block of every lane's input, m[word][lane]: the block at byte `at` of
+ * each input, the inputs `stride` bytes apart from `base`, zero-padded if shorter than BLOCK_LEN. */
+LANE_INLINE void
+load_lanes(uint32_t m[16][LANES], const uint8_t *base, size_t stride, size_t at, size_t block_len)
+{
+    if (block_len == BLOCK_LEN) {
+        for (int w = 0; w < 16; w++) {
+            for (int l = 0; l < LANES; l++) {
+                m[w][l] = load32(base + l * stride + at + 4 * w);
+            }
+        }
+        return;
+    }
+    for (int l = 0; l < LANES; l++) {
+        uint8_t padded[BLOCK_LEN] = {0};
+        memcpy(padded, base + l * stride + at, block_len);
+        for (int w = 0; w < 16; w++) {
+            m[w][l] = load32(padded + 4 * w);
+        }
+    }
+}
 
 /* compress() in every lane: the same block length, counter and flags, each lane its own chaining
  * value cv[.][l] (updated in place) and message m[.][l]. */
-VECTOR_CLONES static void
+LANE_INLINE void
 compress_lanes(uint32_t cv[8][LANES], const uint32_t m[16][LANES], uint32_t block_len, uint64_t counter,
                uint32_t flags)
 {
@@ -165,105 +190,99 @@ compress_lanes(uint32_t cv[8][LANES], const uint32_t m[16][LANES], uint32_t bloc
     }
 }
 
-/* The chaining values of one chunk of every lane's input: bytes [offset, offset + len) of input l
- * starting at inputs[l], 0 < len <= CHUNK_LEN (an empty input is one empty block: len 0 is allowed
- * when offset is 0). `counter` is the chunk's index in its input; `root` is ROOT when the chunk is
- * the whole input. */
-static void
-chunk_lanes(const uint8_t *const inputs[LANES], size_t offset, size_t len, uint64_t counter, uint32_t root,
-            uint32_t cv[8][LANES])
+/* In every lane, cv becomes the parent of `left` and cv. */
+LANE_INLINE void
+parent_lanes(const uint32_t left[8][LANES], uint32_t cv[8][LANES], uint32_t flags)
 {
     uint32_t m[16][LANES];
-    size_t blocks = len ? (len + BLOCK_LEN - 1) / BLOCK_LEN : 1;
+    memcpy(m, left, sizeof(uint32_t[8][LANES]));
+    memcpy(m + 8, cv, sizeof(uint32_t[8][LANES]));
     for (int i = 0; i < 8; i++) {
         for (int l = 0; l < LANES; l++) {
             cv[i][l] = IV[i];
         }
     }
-    for (size_t b = 0; b < blocks; b++) {
-        size_t at = offset + b * BLOCK_LEN;
-        size_t block_len = len - b * BLOCK_LEN < BLOCK_LEN ? len - b * BLOCK_LEN : BLOCK_LEN;
-        for (int l = 0; l < LANES; l++) {
-            const uint8_t *p = inputs[l] + at;
-            uint8_t padded[BLOCK_LEN];
-            if (block_len < BLOCK_LEN) {
-                memset(padded, 0, BLOCK_LEN);
-                memcpy(padded, p, block_len);
-                p = padded;
-            }
-            for (int w = 0; w < 16; w++) {
-                m[w][l] = load32(p + 4 * w);
-            }
-        }
-        uint32_t flags = (b == 0 ? CHUNK_START : 0) | (b == blocks - 1 ? CHUNK_END | root : 0);
-        compress_lanes(cv, (const uint32_t(*)[LANES])m, (uint32_t)block_len, counter, flags);
-    }
+    compress_lanes(cv, (const uint32_t(*)[LANES])m, BLOCK_LEN, 0, PARENT | flags);
 }
 
-/* The chaining value of the subtree over chunk values cvs[0..n) (n >= 1), the root's if `root` is
- * ROOT (then n >= 2). The left subtree holds the largest power of two of chunks that leaves at least
- * one chunk to the right. */
-static void
-subtree(const uint32_t (*cvs)[8], size_t n, uint32_t root, uint32_t out[8])
+/* The digests' words out[word][lane] of LANES inputs of `len` bytes, `len` bytes apart from `base`.
+ * `stack` holds the chaining values of subtrees waiting for a right sibling: one entry per level of
+ * the tree. Chunks are merged as the spec's incremental hasher merges them, so the left subtree of
+ * every parent holds the largest power of two of chunks that leaves at least one to the right. */
+VECTOR_CLONES static void
+hash_group(const uint8_t *base, size_t len, uint32_t (*stack)[8][LANES], uint32_t out[8][LANES])
 {
-    if (n == 1) {
-        memcpy(out, cvs[0], sizeof(uint32_t) * 8);
-        return;
+    size_t chunks = len ? (len + CHUNK_LEN - 1) / CHUNK_LEN : 1;
+    size_t depth = 0;
+    uint32_t m[16][LANES];
+    for (size_t c = 0; c < chunks; c++) {
+        size_t offset = c * CHUNK_LEN;
+        size_t clen = len - offset < CHUNK_LEN ? len - offset : CHUNK_LEN;
+        size_t blocks = clen ? (clen + BLOCK_LEN - 1) / BLOCK_LEN : 1;
+        for (int i = 0; i < 8; i++) {
+            for (int l = 0; l < LANES; l++) {
+                out[i][l] = IV[i];
+            }
+        }
+        for (size_t b = 0; b < blocks; b++) {
+            size_t block_len = clen - b * BLOCK_LEN < BLOCK_LEN ? clen - b * BLOCK_LEN : BLOCK_LEN;
+            uint32_t flags = b == 0 ? CHUNK_START : 0;
+            if (b == blocks - 1) {
+                flags |= CHUNK_END | (chunks == 1 ? ROOT : 0);
+            }
+            load_lanes(m, base, len, offset + b * BLOCK_LEN, block_len);
+            compress_lanes(out, (const uint32_t(*)[LANES])m, (uint32_t)block_len, c, flags);
+        }
+        if (c == chunks - 1) {
+            break;
+        }
+        /* More chunks follow: merge every complete subtree this chunk closes, then wait for the
+         * right sibling. */
+        for (size_t total = c + 1; (total & 1) == 0; total >>= 1) {
+            parent_lanes((const uint32_t(*)[LANES])stack[--depth], out, 0);
+        }
+        memcpy(stack[depth++], out, sizeof(uint32_t[8][LANES]));
     }
-    size_t left = 1;
-    while (left * 2 < n) {
-        left *= 2;
+    while (depth > 0) {
+        depth--;
+        parent_lanes((const uint32_t(*)[LANES])stack[depth], out, depth == 0 ? ROOT : 0);
     }
-    uint32_t m[16];
-    subtree(cvs, left, 0, m);
-    subtree(cvs + left, n - left, 0, m + 8);
-    compress(IV, m, BLOCK_LEN, 0, PARENT | root, out);
 }
 
 int
 lm_blake3_many(const uint8_t *data, size_t len, size_t count, uint8_t *out)
 {
     size_t chunks = len ? (len + CHUNK_LEN - 1) / CHUNK_LEN : 1;
-    /* Every chunk value of one group of lanes, by lane then chunk (unused for one-chunk inputs). */
-    uint32_t (*cvs)[8] = chunks > 1 ? malloc(sizeof(uint32_t[8]) * LANES * chunks) : NULL;
-    if (chunks > 1 && cvs == NULL) {
+    size_t levels = 1;
+    while (((size_t)1 << (levels - 1)) < chunks) {
+        levels++;
+    }
+    uint32_t (*stack)[8][LANES] = malloc(sizeof(uint32_t[8][LANES]) * levels);
+    /* The last group's inputs, copied where every lane can read a whole input (the lanes past the
+     * last input read zeros; their results are dropped). */
+    uint8_t *tail = count % LANES && len ? calloc(LANES, len) : NULL;
+    if (stack == NULL || (count % LANES && len && tail == NULL)) {
+        free(stack);
+        free(tail);
         return -1;
     }
     for (size_t first = 0; first < count; first += LANES) {
-        const uint8_t *inputs[LANES];
-        for (int l = 0; l < LANES; l++) {
-            /* Lanes past the last input repeat it; their results are dropped. */
-            size_t i = first + l < count ? first + l : count - 1;
-            inputs[l] = data + i * len;
-        }
         size_t used = count - first < LANES ? count - first : LANES;
-        for (size_t c = 0; c < chunks; c++) {
-            uint32_t cv[8][LANES];
-            size_t begin = c * CHUNK_LEN;
-            size_t clen = len - begin < CHUNK_LEN ? len - begin : CHUNK_LEN;
-            chunk_lanes(inputs, begin, clen, c, chunks == 1 ? ROOT : 0, cv);
-            for (size_t l = 0; l < used; l++) {
-                for (int i = 0; i < 8; i++) {
-                    if (chunks == 1) {
-                        store32(out + (first + l) * LM_BLAKE3_OUT_LEN + 4 * i, cv[i][l]);
-                    }
-                    else {
-                        cvs[l * chunks + c][i] = cv[i][l];
-                    }
-                }
-            }
+        const uint8_t *base = data + first * len;
+        if (used < LANES && tail != NULL) {
+            memcpy(tail, base, used * len);
+            base = tail;
         }
-        if (chunks > 1) {
-            for (size_t l = 0; l < used; l++) {
-                uint32_t root[8];
-                subtree((const uint32_t(*)[8])(cvs + l * chunks), chunks, ROOT, root);
-                for (int i = 0; i < 8; i++) {
-                    store32(out + (first + l) * LM_BLAKE3_OUT_LEN + 4 * i, root[i]);
-                }
+        uint32_t digests[8][LANES];
+        hash_group(base, len, stack, digests);
+        for (size_t l = 0; l < used; l++) {
+            for (int i = 0; i < 8; i++) {
+                store32(out + (first + l) * LM_BLAKE3_OUT_LEN + 4 * i, digests[i][l]);
             }
         }
     }
-    free(cvs);
+    free(tail);
+    free(stack);
     return 0;
 }
 

@@ -84,33 +84,25 @@ token_slow(PyObject *tokens, Py_ssize_t i, long long *out)
     return 0;
 }
 
-/* tokens[:count] as int64-LE bytes in a new buffer (PyMem_Free it), or NULL with an exception. An
- * item's __index__ is Python code that may shrink the list: it must still hold tokens[:count]. */
-static unsigned char *
-token_bytes(PyObject *tokens, Py_ssize_t count)
+/* tokens[start:end] as int64-LE bytes into out; -1 with an exception on a bad item. An item's
+ * __index__ is Python code that may shrink the list: it must still hold tokens[:end]. */
+static int
+convert_tokens(PyObject *tokens, Py_ssize_t start, Py_ssize_t end, unsigned char *out)
 {
-    /* No overflow: count <= len(tokens) < PY_SSIZE_T_MAX / sizeof(PyObject *). */
-    unsigned char *out = PyMem_Malloc(count > 0 ? (size_t)count * 8 : 1);
-    if (out == NULL) {
-        PyErr_NoMemory();
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < count; i++) {
+    for (Py_ssize_t i = start; i < end; i++, out += 8) {
         long long v;
         if (!compact_value(PyList_GET_ITEM(tokens, i), &v)) {
             if (token_slow(tokens, i, &v) < 0) {
-                PyMem_Free(out);
-                return NULL;
+                return -1;
             }
-            if (PyList_GET_SIZE(tokens) < count) {
+            if (PyList_GET_SIZE(tokens) < end) {
                 PyErr_SetString(PyExc_RuntimeError, "chain_digests: token list changed size while hashing");
-                PyMem_Free(out);
-                return NULL;
+                return -1;
             }
         }
-        store_le64(out + 8 * i, (uint64_t)v);
+        store_le64(out, (uint64_t)v);
     }
-    return out;
+    return 0;
 }
 
 /* The arguments both chains share. */
@@ -224,8 +216,13 @@ chain_digests(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (a.num_chunks == 0) {
         return PyBytes_FromStringAndSize(NULL, 0);
     }
-    unsigned char *tokens = token_bytes(a.tokens, a.num_chunks * a.chunk_size);
+    /* No overflow: num_chunks * chunk_size <= len(tokens) < PY_SSIZE_T_MAX / sizeof(PyObject *). */
+    unsigned char *tokens = PyMem_Malloc((size_t)a.num_chunks * a.chunk_size * 8);
     if (tokens == NULL) {
+        return PyErr_NoMemory();
+    }
+    if (convert_tokens(a.tokens, 0, a.num_chunks * a.chunk_size, tokens) < 0) {
+        PyMem_Free(tokens);
         return NULL;
     }
     PyObject *digest_name = PyUnicode_InternFromString("digest");
@@ -286,39 +283,40 @@ blake3_chain_digests(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                      LM_BLAKE3_OUT_LEN, PyBytes_GET_SIZE(a.seed));
         return NULL;
     }
-    unsigned char *tokens = token_bytes(a.tokens, a.num_chunks * a.chunk_size);
-    if (tokens == NULL) {
-        return NULL;
-    }
+    /* A group of chunks at a time: converted while the group's buffer stays in cache, then hashed
+     * side by side. The GIL stays held: released, a lookup could wait for another thread to give it
+     * back, far longer than the hashing takes. */
+    Py_ssize_t group = LM_BLAKE3_LANES;
+    Py_ssize_t data_len = a.chunk_size * 8;
+    unsigned char *buffer = PyMem_Malloc((size_t)group * data_len);
     PyObject *out = PyBytes_FromStringAndSize(NULL, LM_BLAKE3_OUT_LEN * a.num_chunks);
-    unsigned char *leaves = PyMem_RawMalloc(LM_BLAKE3_OUT_LEN * a.num_chunks + 1);
-    if (out == NULL || leaves == NULL) {
+    if (buffer == NULL || out == NULL) {
+        PyMem_Free(buffer);
         Py_XDECREF(out);
-        PyMem_RawFree(leaves);
-        PyMem_Free(tokens);
         return out == NULL ? NULL : PyErr_NoMemory();
     }
     unsigned char *digests = (unsigned char *)PyBytes_AS_STRING(out);
-    const unsigned char *seed = (const unsigned char *)PyBytes_AS_STRING(a.seed);
-    int rc;
-    /* Nothing below touches a Python object but the new, unshared bytes object's buffer. */
-    Py_BEGIN_ALLOW_THREADS
-    rc = lm_blake3_many(tokens, (size_t)a.chunk_size * 8, (size_t)a.num_chunks, leaves);
-    if (rc == 0) {
-        unsigned char block[2 * LM_BLAKE3_OUT_LEN];
-        memcpy(block, seed, LM_BLAKE3_OUT_LEN);
-        for (Py_ssize_t c = 0; c < a.num_chunks; c++) {
-            memcpy(block + LM_BLAKE3_OUT_LEN, leaves + c * LM_BLAKE3_OUT_LEN, LM_BLAKE3_OUT_LEN);
-            lm_blake3_64(block, digests + c * LM_BLAKE3_OUT_LEN);
-            memcpy(block, digests + c * LM_BLAKE3_OUT_LEN, LM_BLAKE3_OUT_LEN);
+    for (Py_ssize_t first = 0; first < a.num_chunks; first += group) {
+        Py_ssize_t n = a.num_chunks - first < group ? a.num_chunks - first : group;
+        if (convert_tokens(a.tokens, first * a.chunk_size, (first + n) * a.chunk_size, buffer) < 0 ||
+            lm_blake3_many(buffer, (size_t)data_len, (size_t)n, digests + first * LM_BLAKE3_OUT_LEN) < 0) {
+            if (!PyErr_Occurred()) {
+                PyErr_NoMemory();
+            }
+            PyMem_Free(buffer);
+            Py_DECREF(out);
+            return NULL;
         }
     }
-    Py_END_ALLOW_THREADS
-    PyMem_RawFree(leaves);
-    PyMem_Free(tokens);
-    if (rc != 0) {
-        Py_DECREF(out);
-        return PyErr_NoMemory();
+    PyMem_Free(buffer);
+    /* Chain the inner hashes (in place: digest c overwrites inner hash c once it is read). */
+    unsigned char block[2 * LM_BLAKE3_OUT_LEN];
+    memcpy(block, PyBytes_AS_STRING(a.seed), LM_BLAKE3_OUT_LEN);
+    for (Py_ssize_t c = 0; c < a.num_chunks; c++) {
+        unsigned char *digest = digests + c * LM_BLAKE3_OUT_LEN;
+        memcpy(block + LM_BLAKE3_OUT_LEN, digest, LM_BLAKE3_OUT_LEN);
+        lm_blake3_64(block, digest);
+        memcpy(block, digest, LM_BLAKE3_OUT_LEN);
     }
     return out;
 }
@@ -331,7 +329,7 @@ static PyMethodDef methods[] = {
     {"blake3_chain_digests", (PyCFunction)(void (*)(void))blake3_chain_digests, METH_FASTCALL,
      "blake3_chain_digests(tokens, chunk_size, num_chunks, seed, /) -> bytes\n\n"
      "chain_digests(tokens, chunk_size, num_chunks, seed, blake3.blake3) in native code: the chunks'\n"
-     "inner hashes side by side in SIMD lanes, then the chain, without the GIL. seed is 32 bytes."},
+     "inner hashes side by side in SIMD lanes, then the chain. seed is 32 bytes."},
     {NULL, NULL, 0, NULL},
 };
 
