@@ -1,9 +1,12 @@
 """Lookups as TRT-LLM's scheduler makes them: ``get_num_new_matched_tokens`` through a preset's
-scheduler adapter, for prompts that miss and prompts that hit, back to back and after an idle gap.
+scheduler adapter, for prompts that miss and prompts that hit: back to back, after an idle gap, and
+(on CUDA) after a forward of the same length.
 
-An idle gap matters through the server: a server thread that slept for a few milliseconds answers
-its next request late (benchmarks/RESULTS.md, D27), and a serving loop asks between forwards, not
-back to back. For ``lmcache-mp`` the server's ping is reported the same two ways.
+A serving loop asks between forwards, not back to back. An idle gap (the host sleeps) makes every
+thread answer late, the server's too (benchmarks/RESULTS.md, D27); during a forward, TRT-LLM's
+executor thread waits in a CUDA synchronization instead, modelled here by matrix products filling
+the gap on the GPU and a stream sync, which leaves only the server's thread asleep. For
+``lmcache-mp`` the server's ping is reported the same ways.
 
     python benchmarks/bench_lookup.py --preset lmcache-mp [--tokens 8192 16384] [--out lookup.json]
 """
@@ -25,15 +28,43 @@ from bench_adapters import AdapterRig, report, rig_parser, start_cache  # noqa: 
 
 from lmcache.server.client import CacheServerClient  # noqa: E402
 
+Wait = Callable[[], None]
 
-def p50_us(fn: Callable[[], float], count: int, gap_s: float) -> float:
-    """Median of ``count`` timings of ``fn`` (which returns seconds), ``gap_s`` apart."""
+
+def p50_us(fn: Callable[[], float], count: int, wait: Wait | None) -> float:
+    """Median of ``count`` timings of ``fn`` (which returns seconds), each after ``wait()``."""
     times = []
     for _ in range(count):
-        if gap_s:
-            time.sleep(gap_s)
+        if wait is not None:
+            wait()
         times.append(fn())
     return round(statistics.median(times) * 1e6, 1)
+
+
+def waits(args: argparse.Namespace) -> dict[str, Wait | None]:
+    """The conditions each figure is measured after, by name: back to back, an idle gap, and on CUDA
+    a forward (the GPU busy for the gap while the host waits in a stream sync)."""
+    gap = args.gap_ms / 1e3
+    found: dict[str, Wait | None] = {"back_to_back": None, "after_gap": lambda: time.sleep(gap)}
+    if args.device == "cuda":
+        stream = torch.cuda.current_stream()
+        a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty_like(a)
+        torch.mm(a, a, out=out)  # the first call loads the kernel
+        stream.synchronize()
+        began, probe = time.perf_counter(), 50
+        for _ in range(probe):
+            torch.mm(a, a, out=out)
+        stream.synchronize()
+        reps = max(1, round(probe * gap / (time.perf_counter() - began)))
+
+        def forward() -> None:
+            for _ in range(reps):
+                torch.mm(a, a, out=out)
+            stream.synchronize()
+
+        found["after_forward"] = forward
+    return found
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -42,6 +73,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         args.tokens = max(args.lengths)
         rig = AdapterRig(args, url)
+        conditions = waits(args)
         vocab = 150_000
 
         def fresh(length: int) -> list[int]:
@@ -65,13 +97,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     raise RuntimeError(f"a {length}-token prompt the cache holds matched {matched} tokens")
                 return seconds
 
-            gap = args.gap_ms / 1e3
-            results[str(length)] = {
-                "miss_back_to_back_p50_us": p50_us(lambda length=length: miss(length), args.count, 0.0),
-                "miss_after_gap_p50_us": p50_us(lambda length=length: miss(length), args.count, gap),
-                "hit_back_to_back_p50_us": p50_us(hit, args.count, 0.0),
-                "hit_after_gap_p50_us": p50_us(hit, args.count, gap),
-            }
+            figures: dict[str, float] = {}
+            for kind, fn in (("miss", lambda length=length: miss(length)), ("hit", hit)):
+                for name, wait in conditions.items():
+                    figures[f"{kind}_{name}_p50_us"] = p50_us(fn, args.count, wait)
+            results[str(length)] = figures
         if url is not None:
             with CacheServerClient(url, timeout_s=30) as client:
 
@@ -80,8 +110,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     client.ping()
                     return time.perf_counter() - began
 
-                results["ping_back_to_back_p50_us"] = p50_us(ping, args.count, 0.0)
-                results["ping_after_gap_p50_us"] = p50_us(ping, args.count, args.gap_ms / 1e3)
+                for name, wait in conditions.items():
+                    results[f"ping_{name}_p50_us"] = p50_us(ping, args.count, wait)
         return results
     finally:
         if server is not None:
