@@ -231,30 +231,38 @@ class CpuStore:
     def pin_prefix(self, groups: Sequence[Sequence[Hashable]]) -> int:
         """Pin whole groups in order while every key of the group is here; returns how many groups.
 
-        ``pin`` of each key under one lock acquisition: a lookup's chunks (one group per chunk, one
-        key per rank) cost a dict probe each instead of a lock round trip each.
+        Under one lock acquisition, with the pinned keys taken out of the eviction order in one call:
+        a lookup's chunks (one group per chunk, one key per rank) cost a dict probe each.
         """
-        get, discard = self._chunks.get, self._policy.discard
+        get = self._chunks.get
+        found: list[CachedChunk] = []
         with self._lock:
-            for count, keys in enumerate(groups):
-                found: list[CachedChunk] = []
-                for key in keys:
-                    chunk = get(key)
+            count = 0
+            for keys in groups:
+                if len(keys) == 1:
+                    chunk = get(keys[0])
                     if chunk is None or not chunk.committed:
-                        return count
+                        break
                     found.append(chunk)
-                for key, chunk in zip(keys, found, strict=True):
-                    if chunk.pins == 0:
-                        discard(key, forget=False)
-                    chunk.pins += 1
-            return len(groups)
+                else:
+                    group = [get(key) for key in keys]
+                    if any(c is None or not c.committed for c in group):
+                        break
+                    found.extend(group)
+                count += 1
+            # Keys already pinned are not in the order; withdrawing them again changes nothing.
+            self._policy.withdraw([key for keys in groups[:count] for key in keys])
+            for chunk in found:
+                chunk.pins += 1
+            return count
 
     def unpin(self, key: Hashable) -> None:
         self.unpin_all((key,))
 
     def unpin_all(self, keys: Iterable[Hashable]) -> None:
         """``unpin`` of each key, under one lock acquisition."""
-        get, policy = self._chunks.get, self._policy
+        get = self._chunks.get
+        released: list[Hashable] = []
         with self._lock:
             for key in keys:
                 chunk = get(key)
@@ -262,8 +270,8 @@ class CpuStore:
                     continue
                 chunk.pins -= 1
                 if chunk.pins == 0:
-                    policy.add(key)
-                    policy.touch(key)
+                    released.append(key)
+            self._policy.restore(released)
 
     def remove(self, key: Hashable) -> bool:
         """Remove an unpinned chunk (e.g. found corrupt); pinned chunks stay."""

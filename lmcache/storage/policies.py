@@ -6,8 +6,9 @@ never has to skip over it.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Hashable
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Iterable
+from itertools import repeat
 from typing import Protocol
 
 
@@ -20,6 +21,13 @@ class EvictionPolicy(Protocol):
         """Remove ``key`` from the order; ``forget=False`` keeps its history for a later ``add``."""
 
     def victim(self) -> Hashable | None: ...
+
+    def withdraw(self, keys: Iterable[Hashable]) -> None:
+        """Take ``keys`` out of the order while they are pinned, keeping their history; keys not in
+        the order are ignored."""
+
+    def restore(self, keys: Iterable[Hashable]) -> None:
+        """Put withdrawn ``keys`` back, in order, each as just used."""
 
     def __len__(self) -> int: ...
 
@@ -41,6 +49,13 @@ class FIFOPolicy:
 
     def victim(self) -> Hashable | None:
         return next(iter(self._order), None)
+
+    def withdraw(self, keys: Iterable[Hashable]) -> None:
+        # Popped by a loop in C: a lookup withdraws every chunk it pins.
+        deque(map(self._order.pop, keys, repeat(None)), maxlen=0)
+
+    def restore(self, keys: Iterable[Hashable]) -> None:
+        self._order.update(zip(keys, repeat(None)))
 
     def __len__(self) -> int:
         return len(self._order)
@@ -91,6 +106,15 @@ class LFUPolicy:
         self._unlink(key, freq)
         if not forget:
             self._remembered[key] = freq
+
+    def withdraw(self, keys: Iterable[Hashable]) -> None:
+        for key in keys:
+            self.discard(key, forget=False)
+
+    def restore(self, keys: Iterable[Hashable]) -> None:
+        for key in keys:
+            self.add(key)
+            self.touch(key)
 
     def victim(self) -> Hashable | None:
         if not self._freq:
