@@ -64,7 +64,15 @@ from mp_transfer import (  # noqa: E402
 
 from lmcache.testing import pool_modes  # noqa: E402
 
-DEFAULT_SHAPES = "qwen2-1.5b:32:16384,qwen2-1.5b:32:32768,llama-3.1-8b:32:16384,qwen2-1.5b:64:16384,llama-3.1-70b-tp8:32:16384"
+DEFAULT_SHAPES = ",".join(
+    [
+        "qwen2-1.5b:32:16384",
+        "qwen2-1.5b:32:32768",
+        "llama-3.1-8b:32:16384",
+        "qwen2-1.5b:64:16384",
+        "llama-3.1-70b-tp8:32:16384",
+    ]
+)
 QUICK = {"shapes": "qwen2-1.5b:32:1024,llama-3.1-8b:64:512", "iters": 2, "lookups": 20, "lookup_tokens": 1024}
 FULL = {"shapes": DEFAULT_SHAPES, "iters": 5, "lookups": 500, "lookup_tokens": 8192}
 MODEL_NAME = "bench/gpu-mp-check"

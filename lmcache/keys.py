@@ -209,11 +209,6 @@ class TokenHasher:
         end = num_chunks * self.chunk_size
         if end < len(tokens):
             token_array(tokens[end:])  # the partial tail is not hashed, but must be valid as in the pure path
-        return self._native_chain_of(tokens, num_chunks, salt)
-
-    def _native_chain_of(self, tokens: list[int], num_chunks: int, salt: CacheSalt) -> bytes:
-        """The concatenated digests of ``tokens``' first ``num_chunks`` chunks, from the C chain (which
-        must be built)."""
         if self.algorithm == "blake3":
             return _native_blake3_chain(tokens, self.chunk_size, num_chunks, self.seed(salt))
         return _native_chain(tokens, self.chunk_size, num_chunks, self.seed(salt), self.new_hash)
@@ -229,21 +224,10 @@ class TokenHasher:
         when asked for.
 
         A transfer starts copying its first chunk while later ones are still unhashed, instead of
-        waiting for the whole prompt (see benchmarks/RESULTS.md, D4). A list, with the C chain built,
-        is hashed in two calls: its first chunk (a caller probing for a miss stops there), then all
-        of it, which costs less than one chunk hashed in Python (D31).
+        waiting for the whole prompt (see benchmarks/RESULTS.md, D4).
         """
         size = self.chunk_size
         end = len(tokens) if end is None else min(end, len(tokens))
-        if type(tokens) is list and _native_chain is not None:
-            count = end // size
-            if count:
-                yield self._native_chain_of(tokens, 1, salt)
-            if count > 1:
-                digests, step = self._native_chain_of(tokens, count, salt), self.digest_size
-                for begin in range(step, len(digests), step):
-                    yield digests[begin : begin + step]
-            return
         parent = self.seed(salt)
         if isinstance(tokens, list):
             pack = struct.Struct(f"<{size}q").pack

@@ -36,7 +36,7 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 
@@ -174,30 +174,20 @@ class HostBuffer:
     slot: int
     data: torch.Tensor
     ref: SlotRef
-    typed: TypedView | None = field(default=None, repr=False)
-    """The slot's last typed view (:meth:`view`)."""
+    _typed: tuple[torch.dtype, tuple[int, ...], torch.Tensor] | None = field(default=None, repr=False)
 
     def view(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        """The slot as ``dtype`` of ``shape``. The last view is kept, by the pool too: a slot is read
-        and written with one layout nearly always, and a view costs three tensor ops per chunk."""
-        typed = self.typed
-        if typed is not None and typed.dtype == dtype and typed.shape == shape:
-            return typed.tensor
+        """The slot as ``dtype`` of ``shape``; the last view is kept, as a chunk is read and written
+        with one layout all its life (three tensor ops less per chunk copied)."""
+        typed = self._typed
+        if typed is not None and typed[0] == dtype and typed[1] == shape:
+            return typed[2]
         numel = 1
         for s in shape:
             numel *= s
         tensor = self.data[: numel * dtype.itemsize].view(dtype).view(shape)
-        self.typed = TypedView(dtype, shape, tensor)
-        self.pool.keep_views(self)
+        self._typed = (dtype, shape, tensor)
         return tensor
-
-
-class TypedView(NamedTuple):
-    """A slot's bytes as ``dtype`` of ``shape``."""
-
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    tensor: torch.Tensor
 
 
 class SlotPool:
@@ -207,9 +197,6 @@ class SlotPool:
         self.arena = arena
         self.slot_bytes = slot_bytes
         self._slabs: list[Slab | None] = []
-        # Per attached slab, per slot: its uint8 view and last typed view, built once and dropped with
-        # the slab (slicing a slab costs tensor ops on every chunk a store or load copies).
-        self._views: list[list[tuple[torch.Tensor, TypedView | None] | None]] = []
         self._used: list[int] = []
         self._free: list[tuple[int, int]] = []
         self._newest = -1  # index of the slab attached last
@@ -234,18 +221,8 @@ class SlotPool:
             if slab == self._newest:
                 arena.grow_ahead(self)
             start = slot * self.slot_bytes
-            kept = self._views[slab][slot]
-            if kept is None:
-                kept = (held.tensor[start : start + self.slot_bytes], None)
-                self._views[slab][slot] = kept
-            return HostBuffer(self, slab, slot, kept[0], SlotRef(held.id, start, self.slot_bytes), kept[1])
-
-    def keep_views(self, buf: HostBuffer) -> None:
-        """Remember ``buf``'s views for the next holder of its slot, if its slab is still attached."""
-        with self.arena.lock:
-            held = self._slabs[buf.slab] if buf.slab < len(self._slabs) else None
-            if held is not None and held.id == buf.ref.slab:
-                self._views[buf.slab][buf.slot] = (buf.data, buf.typed)
+            data = held.tensor[start : start + self.slot_bytes]
+            return HostBuffer(self, slab, slot, data, SlotRef(held.id, start, self.slot_bytes))
 
     def free(self, buf: HostBuffer) -> None:
         with self.arena.lock:
@@ -260,7 +237,6 @@ class SlotPool:
                 if slab is not None and self._used[i] == 0:
                     released += slab.nbytes
                     self._slabs[i] = None
-                    self._views[i] = []
                     self._free = [(s, k) for s, k in self._free if s != i]
                     self.arena.add_spare(slab)
         return released
@@ -292,16 +268,13 @@ class SlotPool:
     def attach(self, slab: Slab) -> None:
         """Add an allocated slab (its bytes already counted in ``reserved_bytes``). Lock held."""
         index = self._slabs.index(None) if None in self._slabs else len(self._slabs)
-        slots = slab.nbytes // self.slot_bytes
         if index == len(self._slabs):
             self._slabs.append(slab)
-            self._views.append([None] * slots)
             self._used.append(0)
         else:
             self._slabs[index] = slab
-            self._views[index] = [None] * slots
         # Pushed in reverse so the slab's slots are handed out in address order, after any free ones.
-        self._free[:0] = [(index, k) for k in reversed(range(slots))]
+        self._free[:0] = [(index, k) for k in reversed(range(slab.nbytes // self.slot_bytes))]
         self._newest = index
 
 

@@ -119,38 +119,6 @@ def test_lazy_chunk_hashes_equal_the_eager_ones(form: object, end: int | None) -
     assert list(h.iter_chunk_hashes(form(toks), "s", end)) == want  # type: ignore[operator]
 
 
-@pytest.mark.parametrize("algorithm", sorted(HASH_ALGORITHMS))
-def test_lazy_chunk_hashes_of_a_list_without_the_c_chain(
-    monkeypatch: pytest.MonkeyPatch, algorithm: str
-) -> None:
-    toks = list(range(1000, 1700))
-    h = hasher(algorithm)
-    want = h.pure_chunk_hashes(toks, "s")
-    monkeypatch.setattr(keys, "_native_chain", None)
-    assert list(h.iter_chunk_hashes(toks, "s")) == want
-
-
-def test_lazy_chunk_hashes_of_a_list_hash_the_first_chunk_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A caller that stops after the first hash (a lookup probing for a miss) pays for one chunk;
-    one that goes on gets the rest from one more call."""
-    from lmcache._hashchain import blake3_chain_digests as native
-
-    calls: list[int] = []
-
-    def counting(tokens: list[int], chunk_size: int, num_chunks: int, seed: bytes) -> bytes:
-        calls.append(num_chunks)
-        return native(tokens, chunk_size, num_chunks, seed)
-
-    monkeypatch.setattr(keys, "_native_blake3_chain", counting)
-    toks = list(range(4096))
-    h = hasher()
-    first = next(h.iter_chunk_hashes(toks, "s"))
-    assert calls == [1]
-    assert list(h.iter_chunk_hashes(toks, "s")) == h.pure_chunk_hashes(toks, "s")
-    assert first == h.pure_chunk_hashes(toks, "s")[0]
-    assert calls == [1, 1, 16]
-
-
 # -- lmcache._hashchain: the C chain for Python lists ------------------------------------------------
 
 INT64 = st.integers(-(2**63), 2**63 - 1)

@@ -1,4 +1,3 @@
-import dataclasses
 import gc
 import threading
 
@@ -6,7 +5,7 @@ import pytest
 import torch
 
 from lmcache import memory
-from lmcache.memory import HostArena, SlotRef
+from lmcache.memory import HostArena
 
 
 def test_large_cap_reserves_nothing_until_used() -> None:
@@ -110,37 +109,6 @@ def test_views_keep_bytes() -> None:
     v = buf.view(torch.bfloat16, (4, 2, 64))
     v.fill_(1.5)
     assert torch.all(buf.view(torch.bfloat16, (512,)) == 1.5)
-
-
-def test_a_slots_views_are_built_once_and_dropped_with_its_slab() -> None:
-    """The next holder of a slot gets the views its last holder built (no tensor ops per chunk).
-    Once the slab is released, its views go with it; a holder whose slab is no longer the one
-    attached there cannot put views back."""
-    slab = 4 << 20
-    arena = HostArena(slab, pinned=False, slab_bytes=slab)
-    pool = arena.pool(1 << 20)
-    buf = pool.allocate()
-    assert buf is not None
-    view = buf.view(torch.bfloat16, (4, 2, 64))
-    pool.free(buf)
-    same = pool.allocate()
-    assert same is not None and same.slot == buf.slot
-    assert same.data is buf.data
-    assert same.view(torch.bfloat16, (4, 2, 64)) is view
-    pool.free(same)
-
-    assert arena.reclaim(keep=arena.pool(2 << 20)) == slab  # released: a spare again
-    fresh = pool.allocate()  # the spare, attached anew
-    assert fresh is not None and fresh.slot == buf.slot
-    assert fresh.data is not buf.data
-    assert fresh.view(torch.bfloat16, (4, 2, 64)) is not view
-
-    stale = dataclasses.replace(fresh, ref=SlotRef(fresh.ref.slab + 1000, fresh.ref.offset, fresh.ref.nbytes))
-    stale.view(torch.float32, (8,))  # built for a slab not attached there: not kept
-    pool.free(fresh)
-    again = pool.allocate()
-    assert again is not None and again.slot == fresh.slot
-    assert again.typed is not None and again.typed.dtype == torch.bfloat16
 
 
 def test_reclaim_returns_empty_slabs_of_other_sizes() -> None:
