@@ -431,3 +431,19 @@ def test_startup_scan_of_many_files_shows_progress(tmp_path: Path, monkeypatch, 
     again = DiskStore(tmp_path, 1 << 20)
     assert len(again) == 5 and again.last_scan.valid == 5
     assert "LMCache disk index" in capsys.readouterr().err
+
+
+def test_chunks_of_an_older_key_format_are_removed_at_startup(tmp_path: Path, monkeypatch) -> None:
+    """After an upgrade that changes the key format (docs/tiers.md), the old files can never be hit:
+    the next start removes them instead of keeping or serving them."""
+    from lmcache.storage import chunk_format
+
+    with monkeypatch.context() as old:
+        old.setattr(chunk_format, "FORMAT_VERSION", chunk_format.FORMAT_VERSION - 1)
+        store = DiskStore(tmp_path, capacity_bytes=1 << 20)
+        assert store.write(NS, key(1), 7, payload(1)) is not None
+        assert len(chunk_files(tmp_path)) == 1
+    store = DiskStore(tmp_path, capacity_bytes=1 << 20)
+    assert store.last_scan.removed == 1
+    assert chunk_files(tmp_path) == []
+    assert store.lookup(NS, key(1)) is None
