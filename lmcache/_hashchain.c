@@ -283,10 +283,13 @@ blake3_chain_digests(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                      LM_BLAKE3_OUT_LEN, PyBytes_GET_SIZE(a.seed));
         return NULL;
     }
+    if (a.num_chunks == 0) {
+        return PyBytes_FromStringAndSize(NULL, 0); /* chunk_size is unbounded then: size nothing by it */
+    }
     /* A group of chunks at a time: converted while the group's buffer stays in cache, then hashed
      * side by side. The GIL stays held: released, a lookup could wait for another thread to give it
      * back, far longer than the hashing takes. */
-    Py_ssize_t group = LM_BLAKE3_LANES;
+    Py_ssize_t group = a.num_chunks < LM_BLAKE3_LANES ? a.num_chunks : LM_BLAKE3_LANES;
     Py_ssize_t data_len = a.chunk_size * 8;
     unsigned char *buffer = PyMem_Malloc((size_t)group * data_len);
     PyObject *out = PyBytes_FromStringAndSize(NULL, LM_BLAKE3_OUT_LEN * a.num_chunks);

@@ -238,6 +238,7 @@ def test_native_blake3_chain_rejects_bad_arguments() -> None:
     with pytest.raises(TypeError):
         blake3_chain_digests([1, 2], 2, 1, seed, blake3.blake3)
     assert blake3_chain_digests([1, 2], 2, 0, seed) == b""
+    assert blake3_chain_digests([], 2**55, 0, seed) == b""  # no buffer sized by a chunk of 2**55 tokens
 
 
 def test_native_chain_takes_what_struct_takes() -> None:
