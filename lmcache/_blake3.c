@@ -4,8 +4,8 @@
  *
  * What is particular here: lmcache hashes many inputs of one length (the token bytes of every chunk
  * of a prompt). Those inputs are independent, so they are hashed side by side, one input per lane of
- * arrays that the compiler turns into SIMD vectors (AVX-512, AVX2 or SSE2 on x86-64, picked at run
- * time; NEON elsewhere). A one-call-per-chunk hash cannot do this.
+ * arrays that the compiler turns into SIMD vectors (on x86-64 AVX-512, AVX2 or SSE2, picked at run
+ * time; elsewhere what the build's target offers). A one-call-per-chunk hash cannot do this.
  */
 #include "_blake3.h"
 
