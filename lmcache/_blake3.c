@@ -122,7 +122,8 @@ compress(const uint32_t cv[8], const uint32_t m[16], uint32_t block_len, uint64_
     } while (0)
 
 /* Where the compiler and target allow it, one copy of hash_group per vector width, chosen at load
- * time by the CPU's features; everything it calls is inlined into each copy. */
+ * time by the CPU's features; everything it calls is inlined into each copy. Building with
+ * -DVECTOR_CLONES= gives one copy for the compiler's target (how D31 compares vector widths). */
 #ifndef VECTOR_CLONES
 #if defined(__x86_64__) && defined(__has_attribute)
 #if __has_attribute(target_clones)

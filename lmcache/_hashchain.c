@@ -155,11 +155,11 @@ parse_chain_args(const char *signature, PyObject *const *args, Py_ssize_t nargs,
     return 0;
 }
 
-/* new(data[:len]).digest(), checked to be bytes. */
+/* new(input).digest(), checked to be bytes. Takes the reference to `input`; a NULL `input` (a failed
+ * allocation) passes its exception through. */
 static PyObject *
-digest_of(PyObject *new, PyObject *digest_name, const unsigned char *data, Py_ssize_t len)
+digest_of(PyObject *new, PyObject *digest_name, PyObject *input)
 {
-    PyObject *input = PyBytes_FromStringAndSize((const char *)data, len);
     if (input == NULL) {
         return NULL;
     }
@@ -183,22 +183,19 @@ static PyObject *
 link_digest(PyObject *new, PyObject *digest_name, PyObject *parent, const unsigned char *chunk,
             Py_ssize_t chunk_len)
 {
-    PyObject *leaf = digest_of(new, digest_name, chunk, chunk_len);
+    PyObject *leaf = digest_of(new, digest_name, PyBytes_FromStringAndSize((const char *)chunk, chunk_len));
     if (leaf == NULL) {
         return NULL;
     }
     Py_ssize_t parent_len = PyBytes_GET_SIZE(parent), leaf_len = PyBytes_GET_SIZE(leaf);
-    unsigned char *joined = PyMem_Malloc(parent_len + leaf_len + 1);
-    if (joined == NULL) {
-        Py_DECREF(leaf);
-        return PyErr_NoMemory();
+    /* Filled before `new` sees it, and never touched after. */
+    PyObject *joined = PyBytes_FromStringAndSize(NULL, parent_len + leaf_len);
+    if (joined != NULL) {
+        memcpy(PyBytes_AS_STRING(joined), PyBytes_AS_STRING(parent), parent_len);
+        memcpy(PyBytes_AS_STRING(joined) + parent_len, PyBytes_AS_STRING(leaf), leaf_len);
     }
-    memcpy(joined, PyBytes_AS_STRING(parent), parent_len);
-    memcpy(joined + parent_len, PyBytes_AS_STRING(leaf), leaf_len);
     Py_DECREF(leaf);
-    PyObject *digest = digest_of(new, digest_name, joined, parent_len + leaf_len);
-    PyMem_Free(joined);
-    return digest;
+    return digest_of(new, digest_name, joined);
 }
 
 static PyObject *
