@@ -104,10 +104,13 @@ def _url(server: CacheServer) -> str:
 
 
 def _port_closed(port: int) -> bool:
+    """True once nothing listens on ``port``; a reset means the listener is still closing."""
     try:
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False
     return False
 
 
