@@ -45,9 +45,6 @@ def native_chain() -> Callable[..., bytes] | None:
     return _native_chain
 
 
-NATIVE_GROUP = 16
-"""Chunks per call of the C chain when a save hashes as it goes: blake3's lane count (``LM_BLAKE3_LANES``)."""
-
 FORMAT_VERSION = 2
 """The key scheme's version, in every key's seed and in stored chunks' headers. 2: inner hash per
 chunk (1 hashed the parent and the chunk's tokens in one call)."""
@@ -203,28 +200,18 @@ class TokenHasher:
     def _native_digests(self, tokens: Tokens, salt: CacheSalt) -> bytes | None:
         """The concatenated digests from the C chain, or None where it does not apply (no extension,
         or not exactly a list: a subclass may iterate otherwise than its storage)."""
-        if not self._native_applies(tokens):
+        if type(tokens) is not list:
             return None
-        assert isinstance(tokens, list)
+        if _native_chain is None:
+            _say_pure_python()
+            return None
         num_chunks = len(tokens) // self.chunk_size
         end = num_chunks * self.chunk_size
         if end < len(tokens):
             token_array(tokens[end:])  # the partial tail is not hashed, but must be valid as in the pure path
-        return self._native_run(tokens, num_chunks, self.seed(salt))
-
-    def _native_applies(self, tokens: Tokens) -> bool:
-        if type(tokens) is not list:
-            return False
-        if _native_chain is None:
-            _say_pure_python()
-            return False
-        return True
-
-    def _native_run(self, tokens: list[int], num_chunks: int, parent: bytes) -> bytes:
-        """The digests of the first ``num_chunks`` chunks of ``tokens``, chained after ``parent``."""
         if self.algorithm == "blake3":
-            return _native_blake3_chain(tokens, self.chunk_size, num_chunks, parent)
-        return _native_chain(tokens, self.chunk_size, num_chunks, parent, self.new_hash)
+            return _native_blake3_chain(tokens, self.chunk_size, num_chunks, self.seed(salt))
+        return _native_chain(tokens, self.chunk_size, num_chunks, self.seed(salt), self.new_hash)
 
     def link(self, parent: bytes, data: bytes | memoryview) -> bytes:
         """The hash chained after ``parent`` for a chunk whose token bytes are ``data``."""
@@ -233,8 +220,8 @@ class TokenHasher:
     def iter_chunk_hashes(
         self, tokens: Tokens, salt: CacheSalt = None, end: int | None = None
     ) -> Iterator[bytes]:
-        """The hashes of :meth:`chunk_hashes` of ``tokens[:end]``, converted and hashed a few at a
-        time as they are asked for (a list in C, in growing groups).
+        """The hashes of :meth:`chunk_hashes` of ``tokens[:end]``, each converted and hashed only
+        when asked for.
 
         A transfer starts copying its first chunk while later ones are still unhashed, instead of
         waiting for the whole prompt (see benchmarks/RESULTS.md, D4).
@@ -242,9 +229,6 @@ class TokenHasher:
         size = self.chunk_size
         end = len(tokens) if end is None else min(end, len(tokens))
         parent = self.seed(salt)
-        if self._native_applies(tokens):
-            yield from self._iter_native(tokens, end // size, parent)  # type: ignore[arg-type]
-            return
         if isinstance(tokens, list):
             pack = struct.Struct(f"<{size}q").pack
             for begin in range(0, end // size * size, size):
@@ -261,23 +245,6 @@ class TokenHasher:
         for begin in range(0, len(data), step):
             parent = self.link(parent, data[begin : begin + step])
             yield parent
-
-    def _iter_native(self, tokens: list[int], num_chunks: int, parent: bytes) -> Iterator[bytes]:
-        """The chain in C, one group of chunks per call: 1, 2, 4, ... up to ``NATIVE_GROUP`` chunks,
-        so the first copy waits for one chunk's hashing and later calls fill the C side's lanes."""
-        size, digest = self.chunk_size, self.digest_size
-        done, group = 0, 1
-        while done < num_chunks:
-            count = min(group, num_chunks - done)
-            try:
-                digests = self._native_run(tokens[done * size : (done + count) * size], count, parent)
-            except ValueError as exc:  # its item number counts from the group's first token
-                raise ValueError(f"{exc} (counting from token {done * size})") from None
-            for at in range(0, count * digest, digest):
-                yield digests[at : at + digest]
-            parent = digests[-digest:]
-            done += count
-            group = min(group * 2, NATIVE_GROUP)
 
     def tail_hash(self, tokens: Tokens, salt: CacheSalt, prefix: bytes | None, start: int, end: int) -> bytes:
         """Hash of the partial chunk ``tokens[start:end]``, chained after the previous chunk's hash."""

@@ -120,26 +120,15 @@ def test_lazy_chunk_hashes_equal_the_eager_ones(form: object, end: int | None) -
 
 
 @pytest.mark.parametrize("algorithm", sorted(HASH_ALGORITHMS))
-@pytest.mark.parametrize("num_chunks", [0, 1, 2, 3, 7, 15, 16, 31, 32, 40])  # groups of 1, 2, 4, 8, 16
-def test_lazy_list_hashes_equal_the_pure_chain(algorithm: str, num_chunks: int) -> None:
-    """A list hashed lazily goes to the C chain group by group; each group chains after the last."""
+@pytest.mark.parametrize("num_chunks", [0, 1, 2, 3, 16, 17])
+def test_lazy_list_hashes_equal_the_reference_chain(algorithm: str, num_chunks: int) -> None:
+    """A list hashed lazily (a save's path) chains as the reference does, for every ``end``."""
     h = hasher(algorithm, chunk=8)
     toks = [int(t) for t in np.random.default_rng(num_chunks).integers(0, 2**40, size=num_chunks * 8 + 5)]
     want = _reference(h, toks, "s")
     assert list(h.iter_chunk_hashes(toks, "s")) == want
     for end in (num_chunks * 8 // 2, num_chunks * 8 - 1):
         assert list(h.iter_chunk_hashes(toks, "s", end)) == want[: max(end, 0) // 8]
-
-
-def test_lazy_list_hashes_name_the_bad_token() -> None:
-    """A bad id in a later group raises when that group is reached, naming where it is."""
-    h = hasher(chunk=4)
-    toks = list(range(4 * 40))
-    toks[4 * 17 + 1] = 2**64
-    hashes = h.iter_chunk_hashes(toks, None)
-    assert len([next(hashes) for _ in range(15)]) == 15  # groups of 1, 2, 4, 8: the bad id is in the next
-    with pytest.raises(ValueError, match=r"item 9 is out of range \(counting from token 60\)"):
-        next(hashes)
 
 
 # -- lmcache._hashchain: the C chain for Python lists ------------------------------------------------
