@@ -122,7 +122,7 @@ def test_lazy_chunk_hashes_equal_the_eager_ones(form: object, end: int | None) -
 @pytest.mark.parametrize("algorithm", sorted(HASH_ALGORITHMS))
 @pytest.mark.parametrize("num_chunks", [0, 1, 2, 3, 16, 17])
 def test_lazy_list_hashes_equal_the_reference_chain(algorithm: str, num_chunks: int) -> None:
-    """A list hashed lazily (a save's path) chains as the reference does, for every ``end``."""
+    """A list hashed lazily (a save's path) chains as the reference does, whole or up to ``end``."""
     h = hasher(algorithm, chunk=8)
     toks = [int(t) for t in np.random.default_rng(num_chunks).integers(0, 2**40, size=num_chunks * 8 + 5)]
     want = _reference(h, toks, "s")
