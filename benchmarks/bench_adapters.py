@@ -164,21 +164,6 @@ class AdapterRig:
             # saver thread (up to the interpreter's switch interval per hand-over).
             time.sleep(POLL_S)
 
-    def wait_found(self, tokens: list[int], timeout_s: float = 30.0) -> None:
-        """Return once a lookup of ``tokens``, saved before, finds every full block of them but the last
-        token's. Through the server a save is reported done once its one-way ``store_done`` is sent; a
-        lookup on another connection may reach the server first, and miss."""
-        want = (len(tokens) - 1) // self.tpb * self.tpb
-        deadline = time.monotonic() + timeout_s
-        while True:
-            request, matched, _ = self.lookup(tokens)
-            self.scheduler.request_finished(request, [])  # releases the pins
-            if matched == want:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"a saved {len(tokens)}-token prompt still matches {matched} tokens")
-            time.sleep(POLL_S)
-
     def load(self, tokens: list[int], source: list[int] | None = None) -> tuple[float, float, bool]:
         """A hit on ``tokens``: (lookup s, load s, whether the loaded rows equal ``source``'s)."""
         request, matched, lookup_s = self.lookup(tokens)

@@ -12,8 +12,9 @@ slots, this process copies (:class:`~lmcache.server.shared_l1_worker.SharedL1Cop
   them on the device, as after an in-process load) and a background thread sends ``load_done`` when
   they complete: the forward's launch overlaps the copy instead of following it.
 
-Both reports are one-way: the worker does not wait for an answer, and the server serves its next
-request on the same connection (a lookup after the store, say) after the report. A report that
+Both reports are one-way: the worker does not wait for an answer, and the server serves every
+request sent after the report, on this connection or another (the scheduler's lookup once the save
+is reported done), after it (see :mod:`lmcache.server.dispatch`). A report that
 cannot reach the server is not retried: a server that restarted has no ticket or lease to close,
 and one that stays up reaps the instance's with the instance. A store whose report could not be
 sent fails (nothing was published); a load whose copy completed counts.

@@ -1,18 +1,25 @@
 """The cache server's dispatch: from a received frame to a reply handed to the transport.
 
-:meth:`Dispatcher.on_frame` (called by the I/O thread) decodes the frame, checks the sender
-(:class:`Admission`), notes the liveness of the instances it names, and then:
+:meth:`Dispatcher.on_frames` (called by the I/O thread with the frames of one poll round) decodes
+each frame, checks the sender (:class:`Admission`), notes the liveness of the instances it names,
+and serves each request (first the frames of the connections that sent a one-way report in the
+round, each connection's frames in arrival order):
 
 * answers ``ping`` and ``heartbeat`` at once (liveness never waits behind the client's queue);
-* runs inline, on the I/O thread, the cheap metadata ops (``release``, ``stats``, and ``lookup``,
-  ``lookup_hashes`` or shared-L1 ``load`` of at most :data:`INLINE_LOOKUP_MAX_TOKENS` tokens
-  when there is no lower tier to read), but only when nothing of the same connection is queued or
-  running, so per-connection order is kept exactly; this saves two thread hand-offs;
+* runs inline, on the I/O thread, the cheap metadata ops (``release``, ``stats``, the shared-L1
+  reports ``store_done`` and ``load_done``, and ``lookup``, ``lookup_hashes`` or shared-L1
+  ``load`` of at most :data:`INLINE_LOOKUP_MAX_TOKENS` tokens when there is no lower tier to
+  read), but only when nothing of the same connection is queued or running, so per-connection
+  order is kept exactly; this saves two thread hand-offs;
 * queues everything else on the connection's serial queue, run by the worker pool: requests of
   one connection run one at a time in arrival order, different connections in parallel.
 
 A one-way request (``one_way``: ``store_done``, ``load_done``) gets no reply, not even an error,
-which is logged instead; it keeps its place in its connection's order like any other.
+which is logged instead; it keeps its place in its connection's order like any other. A client
+reports a save done (and TRT-LLM learns of it) once its report is sent, and a report sent before a
+request on another connection is read in the same poll round as that request or an earlier one:
+served first, and inline when nothing of its connection waits, it is published before that request
+looks.
 
 A handler may leave work for after its reply (:meth:`Call.after_reply
 <lmcache.server.service.Call.after_reply>`): the worker posts the reply, then runs it, before the
@@ -21,10 +28,11 @@ connection's next request. Replies go to a :class:`ReplySink` (the transport).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -177,15 +185,36 @@ class Dispatcher:
 
     # ---- the I/O thread -------------------------------------------------------------------------
 
-    def on_frame(self, identity: Identity, frame: bytes, peer: Peer) -> None:
-        """Serve one request frame of ``identity`` (I/O thread); never raises."""
+    def on_frames(self, frames: list[tuple[Identity, bytes, Peer]]) -> None:
+        """Serve the request frames of one poll round (I/O thread): first those of the connections that
+        sent a one-way report in it, then the others', each connection's in arrival order; never
+        raises."""
+        received: list[tuple[Identity, Any, Peer, float]] = []
+        reporting: set[Identity] = set()
+        for identity, frame, peer in frames:
+            with self._guard(identity):
+                req = self._admit(identity, frame, peer)
+                if req is not None:
+                    received.append((identity, req, peer, time.monotonic()))
+                    if getattr(req, "one_way", False):
+                        reporting.add(identity)
+        first = [r for r in received if r[0] in reporting]
+        for identity, req, peer, arrived in first + [r for r in received if r[0] not in reporting]:
+            with self._guard(identity):
+                self._on_request(identity, req, peer, arrived)
+
+    @contextlib.contextmanager
+    def _guard(self, identity: Identity) -> Iterator[None]:
+        """Never let one request take the I/O thread down: an internal error is answered instead."""
         try:
-            self._on_request(identity, frame, peer)
-        except Exception as e:  # never let one request take the I/O thread down
+            yield
+        except Exception as e:
             logger.exception("internal error reading a request")
             self.reply_error(identity, -1, P.ErrorCode.INTERNAL, f"internal server error: {type(e).__name__}")
 
-    def _on_request(self, identity: Identity, frame: bytes, peer: Peer) -> None:
+    def _admit(self, identity: Identity, frame: bytes, peer: Peer) -> Any | None:
+        """The decoded request of an admitted sender (its instances noted alive); None when it was
+        refused (answered already)."""
         self.counters.requests += 1
         now = time.monotonic()
         self._busy_until = now + self.config.busy_poll_s
@@ -193,13 +222,16 @@ class Dispatcher:
             req = framing.decode_request(frame, self.config.max_frame_bytes)
         except P.ProtocolError as e:
             self.reply_error(identity, e.rid, e.code, str(e))
-            return
+            return None
         refused = self.admission.refusal(peer, req)
         if refused is not None:
             self.counters.refuse("unauthorized")
             self.refuse(identity, req, P.ErrorCode.UNAUTHORIZED, refused)
-            return
+            return None
         self.service.touch(req, now)
+        return req
+
+    def _on_request(self, identity: Identity, req: Any, peer: Peer, now: float) -> None:
         if isinstance(req, (P.Ping, P.Heartbeat)):  # liveness: never behind the client's queue
             self.answer(identity, req, self.execute(req, now, Call(peer)))
             return
@@ -241,7 +273,9 @@ class Dispatcher:
             return no_tiers and req.num_tokens <= INLINE_LOOKUP_MAX_TOKENS
         if isinstance(req, P.Load):  # shared-L1: pins and slot names, as cheap as a lookup of its range
             return no_tiers and req.end - req.start <= INLINE_LOOKUP_MAX_TOKENS
-        return False
+        if isinstance(req, P.StoreDone):  # publishing: a lookup's work (lower tiers are written behind)
+            return len(req.tokens) <= 8 * INLINE_LOOKUP_MAX_TOKENS
+        return isinstance(req, P.LoadDone)  # unpinning
 
     # ---- workers --------------------------------------------------------------------------------
 

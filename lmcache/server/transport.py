@@ -54,7 +54,8 @@ _OUT = select.POLLOUT
 class FrameReceiver(Protocol):
     """What the transport hands frames to (the dispatcher)."""
 
-    def on_frame(self, identity: Identity, frame: bytes, peer: Peer) -> None: ...
+    def on_frames(self, frames: list[tuple[Identity, bytes, Peer]]) -> None:
+        """Serve the frames read in one poll round, in the order the receiver chooses."""
 
     def busy_poll(self, now: float) -> bool: ...
 
@@ -175,13 +176,16 @@ class ServerTransport:
                 events = poller.poll(self.poll_timeout_ms())
             except InterruptedError:
                 continue
+            frames: list[tuple[Identity, bytes, Peer]] = []
             for fd, event in events:
                 if fd == self._wake_r:
                     self._drain_wake()
                 elif isinstance(conn := self._fds.get(fd), Connection):
-                    self._serve(conn, event)
+                    self._serve(conn, event, frames)
                 elif conn is not None:
                     self._accept(conn)
+            if frames:
+                self.receiver.on_frames(frames)
             self.flush()
             self._expire(time.monotonic())
         self._serve_received(poller)
@@ -189,10 +193,13 @@ class ServerTransport:
     def _serve_received(self, poller: select.poll) -> None:
         """On stopping: serve the requests already received (one-way reports among them finish what a
         client did before the stop: the stores it copied), accepting no new connection."""
+        frames: list[tuple[Identity, bytes, Peer]] = []
         with contextlib.suppress(InterruptedError):
             for fd, event in poller.poll(0):
                 if isinstance(conn := self._fds.get(fd), Connection):
-                    self._serve(conn, event)
+                    self._serve(conn, event, frames)
+        if frames:
+            self.receiver.on_frames(frames)
 
     def close(self) -> None:
         """Send what is queued, then close every socket and remove the socket files."""
@@ -299,7 +306,8 @@ class ServerTransport:
             )
         return None
 
-    def _serve(self, conn: Connection, event: int) -> None:
+    def _serve(self, conn: Connection, event: int, frames: list[tuple[Identity, bytes, Peer]]) -> None:
+        """Read what ``conn`` sent; its whole frames go to ``frames``."""
         if event & _OUT:
             self._flush(conn)
         if not event & (_IN | select.POLLERR | select.POLLHUP) or conn.ident not in self._conns:
@@ -316,11 +324,12 @@ class ServerTransport:
                 return
             conn.last_rx = time.monotonic()
             conn.inbox.feed(data)
-            if not self._frames(conn) or len(data) < READ_BYTES:
+            if not self._frames(conn, frames) or len(data) < READ_BYTES:
                 return  # dropped, or nothing more to read now
 
-    def _frames(self, conn: Connection) -> bool:
-        """Serve the whole frames received; False if the connection was dropped for a bad length."""
+    def _frames(self, conn: Connection, frames: list[tuple[Identity, bytes, Peer]]) -> bool:
+        """Take the whole frames received into ``frames``; False if the connection was dropped for a
+        bad length."""
         while (size := conn.inbox.announced()) is not None:
             if size > self._frame_cap:
                 self.counters.refuse("frame_bytes")
@@ -338,7 +347,7 @@ class ServerTransport:
             if frame is None:
                 return self._reserve(conn, size)
             self._unreserve(conn)
-            self.receiver.on_frame(conn.ident, frame, conn.peer)
+            frames.append((conn.ident, frame, conn.peer))
         return True
 
     def _reserve(self, conn: Connection, size: int) -> bool:

@@ -257,11 +257,11 @@ def test_io_thread_busy_polls_after_a_request_but_never_beside_running_workers(
     try:
         assert server.transport.poll_timeout_ms() > 0  # idle since start: sleep in poll
         for s in (server, idle):
-            s.dispatcher.on_frame(1, P.encode(P.Ping(rid=1)), Peer())
+            s.dispatcher.on_frames([(1, P.encode(P.Ping(rid=1)), Peer())])
         assert server.transport.poll_timeout_ms() == 0
         assert idle.transport.poll_timeout_ms() > 0
         # a worker runs a request (clear, an operator's, held in the engine): the GIL is theirs
-        server.dispatcher.on_frame(2, P.encode(P.Clear(rid=2)), Peer(uid=os.geteuid()))
+        server.dispatcher.on_frames([(2, P.encode(P.Clear(rid=2)), Peer(uid=os.geteuid()))])
         assert entered.wait(20)
         assert server.transport.poll_timeout_ms() > 0
     finally:

@@ -4,6 +4,7 @@ copied again from the reply's slot. The server runs in a thread of this process 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -14,7 +15,9 @@ from support.server_process import CHUNK, MODEL, TPB, shared_pool
 from lmcache.chunk_copy import CopyBatcher
 from lmcache.server import protocol as P
 from lmcache.server.client import CacheServerClient
+from lmcache.server.security import Peer
 from lmcache.server.server import CacheServer
+from lmcache.server.service import Call
 from lmcache.server.shared_l1_worker import SharedL1Copier
 from lmcache.transfer import BlockTransfer
 
@@ -134,3 +137,21 @@ def test_an_exported_pools_lookup_names_no_slots() -> None:
             assert client.call(req, P.LookupSlots) == P.LookupSlots(hit=len(TOKENS), slots=[])
     finally:
         stop_serving(*served)
+
+
+def test_a_report_read_in_the_same_round_as_a_lookup_is_published_first(server, client) -> None:
+    """A worker reports its save done (one-way) and TRT-LLM's scheduler then looks the prompt up on
+    another connection; when the I/O thread reads both in one poll round, the report runs first, so
+    the lookup finds the chunks (served lookup first, it would miss)."""
+    iid = client.register(shared_pool(seed=23), 0, 1, MODEL, TPB, pool_sharing="shared-l1").instance_id
+    cap = client.registrations.cap(iid)
+    peer = Peer(uid=os.geteuid())
+    reserve = P.StoreReserve(instance_id=iid, tokens=P.tokens_to_bytes(TOKENS), end=len(TOKENS), cap=cap)
+    reserved = server.service.handle(reserve, Call(peer))
+    assert reserved.ticket  # the copies into its slots do not matter here: only who sees them first
+    lookup = P.Lookup(rid=1, instance_id=iid, tokens=P.tokens_to_bytes(TOKENS), cap=cap)
+    done = P.StoreDone(rid=2, instance_id=iid, ticket=reserved.ticket, cap=cap, one_way=True)
+    hits = server.engine.stats.hit_tokens
+    server.dispatcher.on_frames([(901, P.encode(lookup), peer), (902, P.encode(done), peer)])
+    assert server.engine.stats.hit_tokens - hits == len(TOKENS)
+    assert client.lookup(TOKENS) == len(TOKENS)
