@@ -209,7 +209,7 @@ class Dispatcher:
         try:
             yield
         except Exception as e:
-            logger.exception("internal error reading a request")
+            logger.exception("internal error serving a request")
             self.reply_error(identity, -1, P.ErrorCode.INTERNAL, f"internal server error: {type(e).__name__}")
 
     def _admit(self, identity: Identity, frame: bytes, peer: Peer) -> Any | None:
