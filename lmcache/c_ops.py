@@ -359,6 +359,37 @@ class Transfer:
         staging.record_stream(self._side)
         index.record_stream(self._side)
 
+    def warm_up(self, batch_rows: int) -> None:
+        """Pay this pool's one-off CUDA set-up now and wait for it: cached staging for ``batch_rows``
+        rows on ``stream`` and the helper stream (where scatters and gathers take theirs), and the
+        kernels, by one gather of two rows and their scatter into a scratch tensor (the pool is only
+        read). A lazily loaded kernel, or a stream's first staging memory, synchronizes the whole
+        device: a process's first load would wait for every stream's work (benchmarks/RESULTS.md, D36).
+        Nothing to do on CPU or for a pool of fewer than three rows."""
+        if not self.cuda or self.pool.shape[0] < 3:
+            return
+        rows = max(2, min(batch_rows, MAX_STAGING_BYTES // self._row_bytes))
+        for stream in (self.stream, self._side):
+            with self._on(stream):
+                # Freed at once: the caching allocator keeps the memory for this stream's staging.
+                torch.empty(rows * self._row_bytes, dtype=torch.uint8, device=self.pool.device)
+        # Block-id uploads take page-locked memory from PyTorch's host cache in power-of-two sizes, and
+        # a new page-locked allocation is a device-wide barrier too: one of each size this pool's
+        # requests can need, freed at once, so the cache holds them.
+        count = 1
+        while count < self.pool.shape[0]:
+            count *= 2
+            torch.empty(count, dtype=torch.int64, pin_memory=True)
+        ids = [0, 2]  # not adjacent: the index kernels, not one plain copy
+        host = torch.empty((len(ids), *self.pool.shape[1:]), dtype=self.pool.dtype, pin_memory=True)
+        self.gather([(ids, host)])
+        self.finish()
+        scratch = torch.empty((3, *self.pool.shape[1:]), dtype=self.pool.dtype, device=self.pool.device)
+        scatter = Transfer(scratch, self.stream)
+        scatter.scatter([(ids, host)])
+        scatter.finish()
+        self.stream.synchronize()
+
     def finish(self) -> None:
         """Order ``stream`` after every copy and scatter kernel of this transfer."""
         if self._last is not None:
@@ -380,3 +411,9 @@ def scatter_from_host(pool: torch.Tensor, chunks: Sequence[ChunkCopy], stream: A
     transfer = Transfer(pool, stream)
     transfer.scatter(chunks)
     transfer.finish()
+
+
+def warm_up(pool: torch.Tensor, stream: Any = None, *, batch_rows: int = 2) -> None:
+    """Pay ``pool``'s one-off transfer set-up on ``stream`` (default: the current one) now, at
+    registration, not inside its first save or load (see :meth:`Transfer.warm_up`)."""
+    Transfer(pool, stream, interleave=True).warm_up(batch_rows)

@@ -3,6 +3,12 @@
 These run on the GPU machine (see benchmarks/RESULTS.md); without CUDA there is nothing to run.
 """
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -154,3 +160,71 @@ def test_store_orders_the_callers_stream_after_copies_on_both_lanes() -> None:
         assert chunk is not None
         got = chunk.buffer.view(pool.dtype, (8, *pool.shape[1:]))
         assert torch.equal(got, expected[i * 8 : (i + 1) * 8]), f"chunk {i} not copied yet"
+
+
+FIRST_LOAD = """
+import json, sys, time
+import torch
+from lmcache.chunk_copy import CopyBatcher
+from lmcache.config import LMCacheEngineConfig
+from lmcache.engine import CacheEngine, KeySpace
+from lmcache.layout import PoolLayout
+from lmcache.transfer import BlockTransfer
+
+pool = torch.randn(96, 4, 2, 2 * 32 * 16, device="cuda").to(torch.bfloat16)
+stream = torch.cuda.Stream()
+if sys.argv[1] == "warm":
+    CopyBatcher.warm_up(pool, stream, 256 // 32)
+engine = CacheEngine(LMCacheEngineConfig.from_defaults(chunk_size=256, max_local_cpu_size=0.05))
+space = KeySpace("m", PoolLayout.of_pool(pool, 32))
+tokens, source, target = list(range(256)), list(range(8)), [40, 9, 33, 20, 41, 12, 30, 25]
+busy = torch.randn(4096, 4096, device="cuda")
+torch.mm(busy, busy)  # the library's set-up, outside the timing
+stream.wait_stream(torch.cuda.current_stream())
+# Adjacent source blocks: the store is one plain copy, so it loads no kernel.
+assert engine.store(space, 0, pool, BlockTransfer(tokens, None, source, 0, 256), stream) == 256
+stream.synchronize()
+began = time.perf_counter()
+torch.mm(busy, busy)
+torch.cuda.synchronize()
+count = int(1.5 / (time.perf_counter() - began)) + 1
+with torch.cuda.stream(stream):
+    out = busy
+    for _ in range(count):  # seconds of earlier work on the stream the load is given
+        out = torch.mm(out, busy).clamp_(-1, 1)
+    earlier = torch.cuda.Event()
+    earlier.record(stream)
+loaded = engine.retrieve(space, 0, pool, BlockTransfer(tokens, None, target, 0, 256), stream)
+waited = earlier.query()
+stream.synchronize()
+print(json.dumps({"loaded": loaded, "waited": waited, "equal": torch.equal(pool[target], pool[source])}))
+"""
+
+
+def first_load(mode: str) -> dict[str, object]:
+    """A fresh process's first load into scattered blocks, after ``mode`` (``warm``: the warm-up that
+    registration runs; ``cold``: none), given a stream with seconds of earlier work."""
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "CUDA_MODULE_LOADING": "LAZY",
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", FIRST_LOAD, mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_after_the_warm_up_a_first_load_waits_for_no_earlier_work() -> None:
+    """Registration's warm-up loads the kernels and takes the staging and page-locked memory a load
+    uses, each a device-wide barrier the first time: without it (the control) a fresh process's first
+    load into scattered blocks waits on the host for the stream's earlier work."""
+    cold, warm = first_load("cold"), first_load("warm")
+    assert cold == {"loaded": 256, "waited": True, "equal": True}, "the control no longer shows the barrier"
+    assert warm == {"loaded": 256, "waited": False, "equal": True}

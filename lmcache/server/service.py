@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from lmcache.chunk_copy import CopyBatcher
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.keys import ChunkHashes
 from lmcache.layout import PoolLayout
@@ -245,6 +246,11 @@ class CacheService:
             except ValueError as e:
                 raise ServiceFailure(P.ErrorCode.BAD_POOL, f"pool rejected: {e}") from None
             stream = torch.cuda.Stream(device=pool.tensor.device) if pool.tensor.is_cuda else None
+            rows_per_chunk = self.engine.config.chunk_size // req.tokens_per_block
+            try:  # the first save and load then pay no set-up
+                CopyBatcher.warm_up(pool.tensor, stream, rows_per_chunk)
+            except RuntimeError as e:
+                raise ServiceFailure(P.ErrorCode.BAD_POOL, f"pool rejected: cannot read it ({e})") from None
         except BaseException:
             pool.close()
             raise

@@ -40,6 +40,14 @@ class SharedL1Copier:
         self._cap: bytes | None = None
         self._leases: list[P.LeasedSlot] = []
         self._lock = threading.Lock()
+        self._warm = False
+
+    def warm_up(self, rows_per_chunk: int) -> None:
+        """Pay the pool's one-off transfer set-up on this copier's stream now, at registration (see
+        :meth:`lmcache.chunk_copy.CopyBatcher.warm_up`); once per copier."""
+        if not self._warm:
+            CopyBatcher.warm_up(self.pool, self.stream, rows_per_chunk)
+            self._warm = True
 
     def on_server(self, server_id: str, cap: bytes | None = None) -> None:
         """The server this worker talks to and the instance's capability; another server (restarted)
