@@ -209,8 +209,6 @@ class CacheServerClient:
             self.registrations.add(iid, reg)
             self.instance_id = iid
             self.server_id = info.server_id
-        if reg.copier is not None:
-            reg.copier.warm_up(info.chunk_size // tokens_per_block)
         logger.info(
             "registered KV pool with the cache server at %s as instance %d (rank %d/%d, %s), sharing %s",
             self.url,

@@ -62,6 +62,7 @@ class Registration:
         """What the server answered to (re-)registering; a new server's slabs are mapped afresh."""
         if self.copier is not None:
             self.copier.on_server(info.server_id, info.cap)
+            self.copier.warm_up(info.chunk_size // self.request.tokens_per_block)  # once per copier
         self.info = info
         if info.presence is None:
             self.presence = None
