@@ -159,14 +159,20 @@ class Planner:
 
     # -- lookups ------------------------------------------------------------------------------
 
-    def _prompt_of(self, request: Any, hash_now: bool = False) -> tuple[Prompt, int]:
+    def _prompt_of(
+        self, request: Any, hash_now: bool = False, *, borrow: bool = False
+    ) -> tuple[Prompt, int, bool]:
         """The request's prompt with the hashes an earlier lookup of it computed (TRT-LLM asks again
         while it waits), else hashed now if ``hash_now`` (no lookup follows), else to be hashed by
-        the lookup (which may find a miss without hashing it all)."""
+        the lookup (which may find a miss without hashing it all); its length; and whether its tokens
+        are the very list ``get_tokens(0)`` returned (``borrow``: TRT-LLM builds a fresh list per call)
+        rather than a copy of our own."""
         tokens = request.get_tokens(0)
         prompt_len = int(getattr(request, "prompt_len", len(tokens)) or len(tokens))
-        # One copy (never the caller's list): a list's slice is one; anything else is listed first.
-        tokens = tokens[:prompt_len] if isinstance(tokens, list) else list(tokens)[:prompt_len]
+        borrowed = borrow and isinstance(tokens, list) and len(tokens) == prompt_len
+        if not borrowed:
+            # One copy (never the caller's list): a list's slice is one; anything else is listed first.
+            tokens = tokens[:prompt_len] if isinstance(tokens, list) else list(tokens)[:prompt_len]
         salt = request_salt(request)
         previous = self._requests.get(int(request.request_id))
         if (
@@ -175,9 +181,9 @@ class Planner:
             and previous.prompt.salt == salt
             and previous.prompt.tokens == tokens
         ):
-            return previous.prompt, prompt_len
+            return previous.prompt, prompt_len, False
         hashes = self.index.hash_prompt(tokens, salt) if hash_now and prompt_len > 1 else None
-        return Prompt(tokens, salt, hashes), prompt_len
+        return Prompt(tokens, salt, hashes), prompt_len, borrowed
 
     def _usable(
         self, prompt: Prompt, prompt_len: int, num_computed: int, pin: PinKey
@@ -215,9 +221,14 @@ class Planner:
     def match(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         """``get_num_new_matched_tokens``: look up, pin the hit under the request's id."""
         request_id = int(request.request_id)
-        prompt, prompt_len = self._prompt_of(request)
+        # Borrowed: most lookups miss, and a miss needs no copy of a long prompt. Until the request's
+        # first report brings its tokens, nothing reads these but the lookup itself.
+        prompt, prompt_len, borrowed = self._prompt_of(request, borrow=True)
         self._forget(request_id)
         hit, new, prompt = self._usable(prompt, prompt_len, num_computed_tokens, PinKey("req", request_id))
+        if borrowed and (hit or prompt.hashes is not None):
+            # Read after this call (a load's source, the hashes a repeated lookup reuses): our own copy.
+            prompt = replace(prompt, tokens=prompt.tokens[:])
         state = self._requests[request_id] = _Request(request_id, prompt, prompt_len)
         state.saved_until = hit // self._chunk * self._chunk
         if new:
@@ -255,7 +266,7 @@ class Planner:
         request_id = int(request.request_id)
         if reservation_id in self._reservations:
             raise ValueError(f"reservation id {reservation_id} is already in use; ids must be fresh")
-        prompt, prompt_len = self._prompt_of(request)
+        prompt, prompt_len, _ = self._prompt_of(request)
         pin = reservation_pin(reservation_id)
         hit, new, prompt = self._usable(prompt, prompt_len, num_computed_tokens, pin)
         state = self._requests.get(request_id)
@@ -296,7 +307,7 @@ class Planner:
         request_id = int(request.request_id)
         state = self._requests.get(request_id)
         if state is None:  # reservation path, or block reuse off: no lookup made the state
-            prompt, prompt_len = self._prompt_of(request, hash_now=True)
+            prompt, prompt_len, _ = self._prompt_of(request, hash_now=True)
             state = self._requests[request_id] = _Request(request_id, prompt, prompt_len)
         state.block_ids = [[int(b) for b in group] for group in block_ids_by_group]
 

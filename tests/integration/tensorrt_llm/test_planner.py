@@ -160,6 +160,30 @@ def test_the_callers_token_lists_are_never_grown() -> None:
         assert decoded == [(128, 192, 1000 + 191 - 150)]
 
 
+def test_a_hit_loads_the_prompt_as_looked_up_whatever_the_caller_does_with_its_list() -> None:
+    """A lookup reads ``get_tokens``'s list without copying it; a hit keeps a copy of its own, so a
+    caller reusing that list afterwards cannot change which tokens the load names."""
+    p, _ = planner(hit=128)
+    prompt = list(range(150))
+    request = FakeRequest(3, prompt)
+    assert p.match(request, 0) == (128, False)
+    prompt[:] = [9] * 150
+    p.after_alloc(request, [list(range(10))])
+    meta = p.build(SchedulerOutput(new_requests=[report(3, list(range(150)), list(range(10)), 0, 22)]))
+    assert [t.prompt.tokens for ld in meta.loads for t in ld.transfers] == [list(range(128))]
+
+
+def test_a_miss_saves_the_tokens_its_first_report_brings() -> None:
+    """A miss keeps no copy of the prompt: its saves name the tokens of the request's first report,
+    whatever becomes of the list the lookup read."""
+    p, _ = planner()
+    prompt = list(range(150))
+    assert p.match(FakeRequest(2, prompt), 0) == (0, False)
+    prompt[:] = [9] * 150
+    meta = p.build(SchedulerOutput(new_requests=[report(2, list(range(150)), list(range(10)), 0, 150)]))
+    assert [(s.start, s.end, s.prompt.tokens) for s in meta.saves] == [(0, 128, list(range(128)))]
+
+
 def test_loads_and_the_prompts_saves_carry_the_lookups_chunk_hashes() -> None:
     p, index = planner(hit=128)
     index.hashing = True
