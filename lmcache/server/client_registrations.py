@@ -63,6 +63,7 @@ class Registration:
         if self.copier is not None:
             self.copier.on_server(info.server_id, info.cap)
             self.copier.warm_up(info.chunk_size // self.request.tokens_per_block)  # once per copier
+            self.copier.map_ahead(info.slabs_ahead)
         self.info = info
         if info.presence is None:
             self.presence = None

@@ -451,6 +451,9 @@ class RegisterInfo(msgspec.Struct, kw_only=True):
     presence: RegionInfo | None = None
     """The counts of the chunks in the server's L1 (:mod:`lmcache.server.presence`); None when the
     server has lower tiers."""
+    slabs_ahead: list[SlabInfo] = []
+    """Shared-L1 mode: the server's L1 slabs, for the worker to map (and page-lock) in the background
+    from registration on, so its first copies wait for none of it. Later replies announce new ones."""
 
 
 class PingInfo(msgspec.Struct, kw_only=True):

@@ -292,6 +292,11 @@ class CacheService:
             sharing=P.sharing_mode(inst.request.pool),
             pool_sharing=self.config.pool_sharing,
             presence=self.presence,
+            slabs_ahead=(
+                self.shared_l1.slabs_ahead(inst.instance_id)
+                if self.shared_l1 is not None and P.sharing_mode(inst.request.pool) == "shared-l1"
+                else []
+            ),
         )
 
     def _check_sharing(self, desc: P.PoolDescriptor) -> None:

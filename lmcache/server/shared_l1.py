@@ -385,6 +385,11 @@ class SharedL1Service:
         ref = chunk.buffer.ref
         return P.SlotInfo(ref.slab, ref.offset, ref.nbytes, chunk.serial)
 
+    def slabs_ahead(self, instance_id: int) -> list[P.SlabInfo]:
+        """The L1 slabs the instance was not told of yet, from now on told: its registration's reply
+        hands them to the worker to map ahead (``RegisterInfo.slabs_ahead``)."""
+        return self._slab_news(instance_id, []).ahead
+
     def _slab_news(self, instance_id: int, slab_ids: list[int]) -> SlabNews:
         """What a reply tells the instance of the slabs (see :class:`SlabNews`). Every reply describes
         its own slabs: a worker's concurrent requests (a save and a load) may apply their replies in

@@ -100,6 +100,11 @@ class SharedL1Copier:
         if reply.ahead:
             self.slabs.map_ahead(reply.ahead)
 
+    def map_ahead(self, slabs: Sequence[P.SlabInfo]) -> None:
+        """Map (and page-lock) these slabs in the background: those a registration announced."""
+        if slabs:
+            self.slabs.map_ahead(slabs)
+
     def check_blocks(self, block_ids: Sequence[int], start: int, end: int, tokens_per_block: int) -> None:
         """Refuse bad ids of the blocks tokens ``[start, end)`` touch, before anything is asked of the
         server (see :func:`lmcache.c_ops.check_range_blocks`)."""

@@ -98,6 +98,29 @@ def test_a_killed_workers_load_pins_are_released_by_the_reaper(start_server) -> 
         client.close()
 
 
+def test_a_registration_hands_the_worker_the_servers_slabs_to_map_ahead(start_server) -> None:
+    """A worker registering with a server whose L1 has slabs maps (and, on CUDA, page-locks) them in
+    the background before its first copy, so that copy waits for no mapping."""
+    server = start_server()
+    first, _ = probe(server)
+    second: CacheServerClient | None = None
+    try:
+        assert first.store(BlockTransfer(TOKENS, None, BLOCKS, 0, 96)) == 96
+        used = first.registrations.get(first.instance_id or 0)
+        assert used is not None and used.copier is not None and used.copier.mapped_slabs
+        second, _ = probe(server)  # copies nothing
+        reg = second.registrations.get(second.instance_id or 0)
+        assert reg is not None and reg.copier is not None and reg.info is not None
+        announced = {slab.id for slab in reg.info.slabs_ahead}
+        assert set(used.copier.mapped_slabs) <= announced  # the slab holding the chunks, among others
+        assert reg.copier.slabs.wait_ahead(30)
+        assert set(reg.copier.mapped_slabs) == announced
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+
+
 def test_server_killed_while_a_worker_holds_its_slabs(start_server) -> None:
     server = start_server()
     client = CacheServerClient(server.ipc_url, timeout_s=5.0)
