@@ -452,8 +452,7 @@ class RegisterInfo(msgspec.Struct, kw_only=True):
     """The counts of the chunks in the server's L1 (:mod:`lmcache.server.presence`); None when the
     server has lower tiers."""
     slabs_ahead: list[SlabInfo] = []
-    """Shared-L1 mode: the server's L1 slabs, for the worker to map (and page-lock) in the background
-    from registration on, so its first copies wait for none of it. Later replies announce new ones."""
+    """Shared-L1 mode: the server's L1 slabs, for the worker to map and page-lock ahead of its copies."""
 
 
 class PingInfo(msgspec.Struct, kw_only=True):

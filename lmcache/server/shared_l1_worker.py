@@ -97,11 +97,10 @@ class SharedL1Copier:
         """Take in what the reply tells of the slabs: drop the freed ones, map those its slots lie in,
         map the new ones ahead."""
         self.slabs.apply(reply.slabs, reply.forget)
-        if reply.ahead:
-            self.slabs.map_ahead(reply.ahead)
+        self.map_ahead(reply.ahead)
 
     def map_ahead(self, slabs: Sequence[P.SlabInfo]) -> None:
-        """Map (and page-lock) these slabs in the background: those a registration announced."""
+        """Map (and page-lock) these slabs in the background: those a registration or a reply announced."""
         if slabs:
             self.slabs.map_ahead(slabs)
 

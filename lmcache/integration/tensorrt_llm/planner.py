@@ -221,8 +221,8 @@ class Planner:
     def match(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         """``get_num_new_matched_tokens``: look up, pin the hit under the request's id."""
         request_id = int(request.request_id)
-        # Borrowed: most lookups miss, and a miss needs no copy of a long prompt. Until the request's
-        # first report brings its tokens, nothing reads these but the lookup itself.
+        # Borrowed: most lookups miss, and a miss needs no copy of a long prompt; its state keeps the
+        # list only until the request's first report replaces it with the tokens it brings.
         prompt, prompt_len, borrowed = self._prompt_of(request, borrow=True)
         self._forget(request_id)
         hit, new, prompt = self._usable(prompt, prompt_len, num_computed_tokens, PinKey("req", request_id))
