@@ -24,8 +24,9 @@
     and scattered blocks, which need device gathers) was just handed to the ``SaveQueue`` (the
     saver thread hashes, reserves and enqueues while the forward launches), vs the same forward
     with nothing in flight. Timed from after the hand-off to the end of the forward (the forward's
-    stream only); ``store_enqueue_ms`` is the executor thread's host time of the hand-off, and
-    ``saves_still_running`` the fraction of repeats where the save had not finished when the
+    stream only); ``launch_*_ms`` is the host time until the forward is enqueued (where a saver
+    holding the GIL shows first), ``store_enqueue_ms`` the executor thread's host time of the
+    hand-off, and ``saves_still_running`` the fraction of repeats where the save had not finished when the
     forward did (so the overlap really happened). ``ratio_host_done`` repeats the measurement with
     the forward started only once the saver thread's host work is done: what is left is the
     device-side overlap (copy engine, gather kernels), so the two ratios split an overhead
@@ -271,16 +272,22 @@ def saves_in_flight(st: Setup) -> dict[str, Any]:
     }
     out: dict[str, Any] = {"save_tokens": s, "save_bytes": s // args.chunk_size * args.chunk_size * st.bpt}
 
-    def timed_forward(forward: Callable[[], Any]) -> float:
+    def timed_forward(forward: Callable[[], Any]) -> tuple[float, float]:
+        """Seconds of the forward, and of its launch alone (the host's part, where a saver thread
+        holding the GIL shows first; see benchmarks/RESULTS.md, D37)."""
         t0 = time.perf_counter()
         forward()
+        launched = time.perf_counter() - t0
         if st.cuda:
             st.current().synchronize()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, launched
 
-    def with_save(forward: Callable[[], Any], blocks: list[int], host_done: bool) -> tuple[float, float, int]:
-        """Forward seconds with a save just handed off (``host_done``: after the saver thread's host
-        work, so only the device-side overlap remains); hand-off seconds; save still running."""
+    def with_save(
+        forward: Callable[[], Any], blocks: list[int], host_done: bool
+    ) -> tuple[tuple[float, float], float, int]:
+        """Forward and launch seconds with a save just handed off (``host_done``: after the saver
+        thread's host work, so only the device-side overlap remains); hand-off seconds; save still
+        running."""
         engine.clear()
         sync(st.dev)
         tokens = st.fresh_tokens(s)
@@ -300,16 +307,19 @@ def saves_in_flight(st: Setup) -> dict[str, Any]:
     for fname, forward in forwards.items():
         for layout_name, blocks in (("adjacent", save_blocks), ("scattered", save_blocks[::-1])):
             base, loaded, settled, enqueue, running, running_settled = [], [], [], [], 0, 0
+            launch_base, launch_loaded = [], []
             for r in range(args.repeats + 1):
                 engine.clear()
                 sync(st.dev)
-                t_base = timed_forward(forward)
-                t_loaded, handoff, still = with_save(forward, blocks, host_done=False)
-                t_settled, _, still_settled = with_save(forward, blocks, host_done=True)
+                t_base, l_base = timed_forward(forward)
+                (t_loaded, l_loaded), handoff, still = with_save(forward, blocks, host_done=False)
+                (t_settled, _), _, still_settled = with_save(forward, blocks, host_done=True)
                 if r:
                     base.append(t_base)
                     loaded.append(t_loaded)
                     settled.append(t_settled)
+                    launch_base.append(l_base)
+                    launch_loaded.append(l_loaded)
                     enqueue.append(handoff)
                     running += still
                     running_settled += still_settled
@@ -322,6 +332,8 @@ def saves_in_flight(st: Setup) -> dict[str, Any]:
                 "ratio": w / b,
                 "with_saves_host_done_ms": h * 1e3,
                 "ratio_host_done": h / b,
+                "launch_no_saves_ms": statistics.median(launch_base) * 1e3,
+                "launch_with_saves_ms": statistics.median(launch_loaded) * 1e3,
                 "store_enqueue_ms": statistics.median(enqueue) * 1e3,
                 "saves_still_running": running / args.repeats,
                 "saves_still_running_host_done": running_settled / args.repeats,
@@ -379,8 +391,9 @@ def main() -> int:
             ms = f"{r['no_saves_ms']:9.3f} ms -> {r['with_saves_ms']:9.3f} ms"
             print(
                 f"  {name:<18} {ms}   ratio {r['ratio']:.3f}   hand-off {r['store_enqueue_ms']:.2f} ms "
-                f"on the executor thread, still running {r['saves_still_running']:.0%}; after the "
-                f"saver's host work: ratio {r['ratio_host_done']:.3f}, still running "
+                f"on the executor thread, launch {r['launch_no_saves_ms']:.2f} -> "
+                f"{r['launch_with_saves_ms']:.2f} ms, still running {r['saves_still_running']:.0%}; "
+                f"after the saver's host work: ratio {r['ratio_host_done']:.3f}, still running "
                 f"{r['saves_still_running_host_done']:.0%}"
             )
     write_json(args.out, results)
