@@ -411,9 +411,3 @@ def scatter_from_host(pool: torch.Tensor, chunks: Sequence[ChunkCopy], stream: A
     transfer = Transfer(pool, stream)
     transfer.scatter(chunks)
     transfer.finish()
-
-
-def warm_up(pool: torch.Tensor, stream: Any = None, *, batch_rows: int = 2) -> None:
-    """Pay ``pool``'s one-off transfer set-up on ``stream`` (default: the current one) now, at
-    registration, not inside its first save or load (see :meth:`Transfer.warm_up`)."""
-    Transfer(pool, stream, interleave=True).warm_up(batch_rows)

@@ -94,9 +94,9 @@ class CopyBatcher(Generic[T]):
 
     @classmethod
     def warm_up(cls, pool: torch.Tensor, stream: Any, rows_per_chunk: int) -> None:
-        """Pay ``pool``'s one-off transfer set-up on ``stream`` now, with staging for a full batch of
-        chunks of ``rows_per_chunk`` rows (see :func:`lmcache.c_ops.warm_up`)."""
-        c_ops.warm_up(pool, stream, batch_rows=cls.FLUSH_CHUNKS * rows_per_chunk)
+        """Pay ``pool``'s one-off transfer set-up on ``stream`` now, at registration, with staging for a
+        full batch of chunks of ``rows_per_chunk`` rows (see :meth:`lmcache.c_ops.Transfer.warm_up`)."""
+        c_ops.Transfer(pool, stream, interleave=True).warm_up(cls.FLUSH_CHUNKS * rows_per_chunk)
 
     def add(self, block_ids: Sequence[int], view: torch.Tensor, item: T, ready: Any = None) -> None:
         """Queue one chunk's copy; a load's ``ready`` event orders it after the copy that filled the
