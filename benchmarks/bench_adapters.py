@@ -234,9 +234,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fill = capacity // request_bytes
         if fill < args.repeats + 2:  # the loads read the last saves back: all must still be in L1
             raise SystemExit(
-                f"--l1-size-gb {args.l1_size_gb} holds {fill} requests of {request_bytes / 2**20:.0f} MiB, "
+                f"--l1-size-gb {args.l1_size_gb} holds {fill} requests of {request_bytes / 2**20:.1f} MiB, "
                 f"too few for --repeats {args.repeats} loads of whole requests: raise --l1-size-gb to at "
-                f"least {(args.repeats + 2) * request_bytes / 2**30:.1f} or lower --repeats"
+                f"least {(args.repeats + 2) * request_bytes / 2**30:.3g} or lower --repeats"
             )
         vocab = 150_000
         cold, warm, miss_lookups, prompts = [], [], [], []
