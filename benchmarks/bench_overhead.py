@@ -65,6 +65,7 @@ from prefill_model import (  # noqa: E402
 
 from lmcache.config import LMCacheEngineConfig  # noqa: E402
 from lmcache.engine import CacheEngine, KeySpace  # noqa: E402
+from lmcache.forward_gate import FORWARD  # noqa: E402
 from lmcache.integration.tensorrt_llm.save_queue import SaveQueue  # noqa: E402
 from lmcache.layout import PoolLayout  # noqa: E402
 from lmcache.transfer import BlockTransfer  # noqa: E402
@@ -129,6 +130,19 @@ class Setup:
 PHASES = ("connector_before_ms", "forward_launch_ms", "handoff_ms", "wait_first_token_ms")
 
 
+def launch(gated: bool, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Enqueue ``forward(*args, **kwargs)`` as TRT-LLM does with a connector (``gated``): between the
+    worker's ``start_load_kv`` and ``wait_for_save``, which close and open the forward gate
+    (:mod:`lmcache.forward_gate`)."""
+    if not gated:
+        return forward(*args, **kwargs)
+    FORWARD.close()
+    try:
+        return forward(*args, **kwargs)
+    finally:
+        FORWARD.open()
+
+
 def prefill_loop(st: Setup, engine: CacheEngine | None, iterations: int) -> tuple[float, dict[str, float]]:
     """Seconds per iteration of ``iterations`` new-request prefills (connector iff ``engine``), and
     the mean host time per iteration of each phase (where an overhead comes from)."""
@@ -150,7 +164,7 @@ def prefill_loop(st: Setup, engine: CacheEngine | None, iterations: int) -> tupl
             if previous is not None and previous.result() is not None:
                 st.current().wait_event(previous.result())  # the region's previous save read it first
         t1 = time.perf_counter()
-        logits = model.prefill(st.pool, tokens, 0, blocks)
+        logits = launch(engine is not None, model.prefill, st.pool, tokens, 0, blocks)
         t2 = time.perf_counter()
         if engine is not None:
             saved[i % 2] = st.store_async(engine, tokens, blocks, 0, p)
@@ -183,7 +197,8 @@ def decode_loop(st: Setup, engine: CacheEngine | None) -> tuple[float, int]:
     for _ in range(steps):
         pos = len(tokens)
         tokens.append(token)
-        logits = model.prefill(st.pool, [token], pos, blocks, graph=False)  # a new shape every step
+        # A new shape every step (no CUDA graph).
+        logits = launch(engine is not None, model.prefill, st.pool, [token], pos, blocks, graph=False)
         if engine is not None and (pos + 1) % chunk == 0:
             saves.append(st.store_async(engine, tokens[:], blocks, pos + 1 - chunk, pos + 1))
         token = int(logits.argmax().item())
@@ -272,11 +287,11 @@ def saves_in_flight(st: Setup) -> dict[str, Any]:
     }
     out: dict[str, Any] = {"save_tokens": s, "save_bytes": s // args.chunk_size * args.chunk_size * st.bpt}
 
-    def timed_forward(forward: Callable[[], Any]) -> tuple[float, float]:
+    def timed_forward(forward: Callable[[], Any], gated: bool) -> tuple[float, float]:
         """Seconds of the forward, and of its launch alone (the host's part, where a saver thread
         holding the GIL shows first; see benchmarks/RESULTS.md, D37)."""
         t0 = time.perf_counter()
-        forward()
+        launch(gated, forward)
         launched = time.perf_counter() - t0
         if st.cuda:
             st.current().synchronize()
@@ -296,7 +311,7 @@ def saves_in_flight(st: Setup) -> dict[str, Any]:
         handoff = time.perf_counter() - e0
         if host_done:
             done.result()
-        seconds = timed_forward(forward)
+        seconds = timed_forward(forward, gated=True)
         event = done.result()
         still = event is not None and not event.query()
         sync(st.dev)
@@ -311,7 +326,7 @@ def saves_in_flight(st: Setup) -> dict[str, Any]:
             for r in range(args.repeats + 1):
                 engine.clear()
                 sync(st.dev)
-                t_base, l_base = timed_forward(forward)
+                t_base, l_base = timed_forward(forward, gated=False)
                 (t_loaded, l_loaded), handoff, still = with_save(forward, blocks, host_done=False)
                 (t_settled, _), _, still_settled = with_save(forward, blocks, host_done=True)
                 if r:

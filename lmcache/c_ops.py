@@ -188,6 +188,12 @@ class Transfer:
         self._turns = 0
         self._last: Any = None
         self._restore: tuple[Any, ...] = ()
+        self._current: Any = None
+        """The stream made current by ``_use`` inside ``_streams`` (None: the caller's)."""
+        self._side_waited = False
+        self._gathered: Any = None
+        self._copied: Any = None
+        """Events a batch's kernel and copies hand over by (reused: see ``_gather_cuda``)."""
         self._row_bytes = math.prod(pool.shape[1:]) * pool.element_size()
         self._request_ids = list(block_ids) if block_ids is not None else None
         self._request_index: torch.Tensor | None = None
@@ -200,16 +206,32 @@ class Transfer:
             self._lanes = [self.stream, _lane_stream(pool.device)] if interleave else [self.stream]
 
     @contextlib.contextmanager
-    def _on(self, stream: Any) -> Iterator[None]:
-        """Make ``stream`` current, like ``torch.cuda.stream(stream)`` without its per-use
-        device and stream queries, a visible share of a load's host time (see
-        benchmarks/RESULTS.md, D11)."""
-        torch.cuda.set_stream(stream)
+    def _streams(self) -> Iterator[None]:
+        """Around one public call: inside, ``_use`` switches the current stream only when it changes;
+        on exit the caller's current streams are back. Like ``torch.cuda.stream`` without its per-use
+        device and stream queries, a visible share of a transfer's host time (benchmarks/RESULTS.md,
+        D11)."""
         try:
             yield
         finally:
-            torch.cuda.set_stream(self._restore[1])
-            torch.cuda.set_stream(self._restore[0])
+            if self._current is not None:
+                self._current = None
+                torch.cuda.set_stream(self._restore[1])
+                if self._restore[0] != self._restore[1]:
+                    torch.cuda.set_stream(self._restore[0])
+
+    def _use(self, stream: Any) -> None:
+        """Make ``stream`` current (inside ``_streams``)."""
+        if self._current is not stream:
+            torch.cuda.set_stream(stream)
+            self._current = stream
+
+    @contextlib.contextmanager
+    def _on(self, stream: Any) -> Iterator[None]:
+        """``stream`` current for the block, the caller's streams after it."""
+        with self._streams():
+            self._use(stream)
+            yield
 
     def _next_lane(self) -> Any:
         """The stream for the next batch of copies, ordered after the previous batch.
@@ -281,33 +303,38 @@ class Transfer:
             # what gathers on other streams wait for. Loads never need it.
             self._pool_ready = torch.cuda.Event()
             self._pool_ready.record(self.stream)
-        for batch in _batches(chunks, self._row_bytes):
-            self._gather_cuda(join_adjacent(batch))
+        with self._streams():
+            for batch in _batches(chunks, self._row_bytes):
+                self._gather_cuda(join_adjacent(batch))
 
     def _gather_cuda(self, chunks: Sequence[ChunkCopy]) -> None:
         pool, main = self.pool, self._next_lane()
         scattered = []
-        with self._on(main):
-            for block_ids, out in chunks:
-                if is_contiguous_run(block_ids):
-                    out.copy_(pool[block_ids[0] : block_ids[0] + len(block_ids)], non_blocking=True)
-                else:
-                    scattered.append((block_ids, out))
+        for block_ids, out in chunks:
+            if is_contiguous_run(block_ids):
+                self._use(main)
+                out.copy_(pool[block_ids[0] : block_ids[0] + len(block_ids)], non_blocking=True)
+            else:
+                scattered.append((block_ids, out))
         if not scattered:
             self._end_batch(main)
             return
         ids = [b for block_ids, _ in scattered for b in block_ids]
-        self._side.wait_event(self._pool_ready)
-        with self._on(self._side):
-            staging = torch.index_select(pool, 0, self.device_index(ids))
-            gathered = torch.cuda.Event()
-            gathered.record(self._side)
-        main.wait_event(gathered)
-        with self._on(main):
-            offset = 0
-            for block_ids, out in scattered:
-                out.copy_(staging[offset : offset + len(block_ids)], non_blocking=True)
-                offset += len(block_ids)
+        if not self._side_waited:  # the helper stream's later work is after this wait too
+            self._side.wait_event(self._pool_ready)
+            self._side_waited = True
+        self._use(self._side)
+        staging = torch.index_select(pool, 0, self.device_index(ids))
+        if self._gathered is None:
+            self._gathered = torch.cuda.Event()
+        # Reused: a stream's wait applies to the record made before it, not to later ones.
+        self._gathered.record(self._side)
+        main.wait_event(self._gathered)
+        self._use(main)
+        offset = 0
+        for block_ids, out in scattered:
+            out.copy_(staging[offset : offset + len(block_ids)], non_blocking=True)
+            offset += len(block_ids)
         staging.record_stream(main)
         self._end_batch(main)
 
@@ -325,37 +352,39 @@ class Transfer:
                 for offset, first, length in block_runs(block_ids):
                     self.pool[first : first + length].copy_(src[offset : offset + length])
             return
-        for batch in _batches(chunks, self._row_bytes):
-            self._scatter_cuda(join_adjacent(batch))
+        with self._streams():
+            for batch in _batches(chunks, self._row_bytes):
+                self._scatter_cuda(join_adjacent(batch))
 
     def _scatter_cuda(self, chunks: Sequence[ChunkCopy]) -> None:
         pool, main = self.pool, self.stream
         scattered = []
-        with self._on(main):
-            for block_ids, src in chunks:
-                if is_contiguous_run(block_ids):
-                    pool[block_ids[0] : block_ids[0] + len(block_ids)].copy_(src, non_blocking=True)
-                else:
-                    scattered.append((block_ids, src))
-            if not scattered:
-                return
-            ids = [b for block_ids, _ in scattered for b in block_ids]
-            staging = torch.empty((len(ids), *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
-            offset = 0
-            for block_ids, src in scattered:
-                staging[offset : offset + len(block_ids)].copy_(src, non_blocking=True)
-                offset += len(block_ids)
-            # Uploaded in line with the chunks: a copy on the kernel stream would wait until the copy
-            # engine drained every chunk queued on this one, holding every scatter back to the end.
-            # After them: the DMA starts while the host prepares the ids (the kernel needs both).
-            index = self.device_index(ids)
-            copied = torch.cuda.Event()
-            copied.record(main)
-        self._side.wait_event(copied)
-        with self._on(self._side):
-            pool.index_copy_(0, index, staging)
-            self._pending = torch.cuda.Event()
-            self._pending.record(self._side)
+        self._use(main)
+        for block_ids, src in chunks:
+            if is_contiguous_run(block_ids):
+                pool[block_ids[0] : block_ids[0] + len(block_ids)].copy_(src, non_blocking=True)
+            else:
+                scattered.append((block_ids, src))
+        if not scattered:
+            return
+        ids = [b for block_ids, _ in scattered for b in block_ids]
+        staging = torch.empty((len(ids), *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
+        offset = 0
+        for block_ids, src in scattered:
+            staging[offset : offset + len(block_ids)].copy_(src, non_blocking=True)
+            offset += len(block_ids)
+        # Uploaded in line with the chunks: a copy on the kernel stream would wait until the copy
+        # engine drained every chunk queued on this one, holding every scatter back to the end.
+        # After them: the DMA starts while the host prepares the ids (the kernel needs both).
+        index = self.device_index(ids)
+        if self._copied is None:
+            self._copied = torch.cuda.Event()
+        self._copied.record(main)  # reused, as ``_gathered``
+        self._side.wait_event(self._copied)
+        self._use(self._side)
+        pool.index_copy_(0, index, staging)
+        self._pending = torch.cuda.Event()
+        self._pending.record(self._side)
         staging.record_stream(self._side)
         index.record_stream(self._side)
 

@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from lmcache import c_ops
+from lmcache.forward_gate import FORWARD
 from lmcache.keys import ChunkKey
 from lmcache.layout import PoolLayout
 from lmcache.storage.cpu_store import CachedChunk
@@ -100,7 +101,10 @@ class CopyBatcher(Generic[T]):
 
     def add(self, block_ids: Sequence[int], view: torch.Tensor, item: T, ready: Any = None) -> None:
         """Queue one chunk's copy; a load's ``ready`` event orders it after the copy that filled the
-        slot. Flushes when the batch is full."""
+        slot. Flushes when the batch is full. A store first waits while a forward is being launched
+        (:mod:`lmcache.forward_gate`)."""
+        if self.store:
+            FORWARD.wait()
         self._copies.append((block_ids, view))
         self._items.append(item)
         if ready is not None:

@@ -21,6 +21,7 @@ from lmcache import c_ops
 from lmcache.chunk_copy import CopyBatcher, LoadSlot, StoreSlot
 from lmcache.config import GiB, LMCacheEngineConfig
 from lmcache.engine_lookup import ChunkSpan, EngineLookup, KeySpace
+from lmcache.forward_gate import FORWARD
 from lmcache.keys import CacheSalt, ChunkHashes, ChunkKey, Tokens, token_array
 from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
@@ -81,6 +82,7 @@ class CacheEngine(EngineLookup):
         tokens newly stored. On CUDA the copies are enqueued on ``stream``; readers are ordered
         after them by an event, so nothing waits on the host here.
         """
+        FORWARD.wait()  # hashing holds the GIL too: not while a forward is being launched
         began = time.perf_counter()
         layout = self._check_pool(space, pool)
         block_ids = transfer.block_ids

@@ -154,6 +154,10 @@ def _say_pure_python() -> None:
         )
 
 
+NATIVE_GROUP_CHUNKS = 16
+"""Chunks hashed per native call by :meth:`TokenHasher.iter_chunk_hashes`."""
+
+
 class TokenHasher:
     """Turns token ids into chunk hashes for one key space (model, layout)."""
 
@@ -209,9 +213,15 @@ class TokenHasher:
         end = num_chunks * self.chunk_size
         if end < len(tokens):
             token_array(tokens[end:])  # the partial tail is not hashed, but must be valid as in the pure path
+        return self._native_chain(tokens, num_chunks, self.seed(salt))
+
+    def _native_chain(self, tokens: list[int], num_chunks: int, parent: bytes) -> bytes:
+        """The hashes of the first ``num_chunks`` chunks of a token list chained after ``parent``
+        (the seed, or the hash of the chunk before ``tokens[0]``), from the C chain, concatenated."""
+        assert _native_chain is not None
         if self.algorithm == "blake3":
-            return _native_blake3_chain(tokens, self.chunk_size, num_chunks, self.seed(salt))
-        return _native_chain(tokens, self.chunk_size, num_chunks, self.seed(salt), self.new_hash)
+            return _native_blake3_chain(tokens, self.chunk_size, num_chunks, parent)
+        return _native_chain(tokens, self.chunk_size, num_chunks, parent, self.new_hash)
 
     def link(self, parent: bytes, data: bytes | memoryview) -> bytes:
         """The hash chained after ``parent`` for a chunk whose token bytes are ``data``."""
@@ -229,9 +239,26 @@ class TokenHasher:
         size = self.chunk_size
         end = len(tokens) if end is None else min(end, len(tokens))
         parent = self.seed(salt)
+        hashed = 0
+        if type(tokens) is list and _native_chain is not None:
+            # A group of chunks per native call: far cheaper than hashing each in Python, and short
+            # enough that a saver holding the GIL for one never delays the executor for long.
+            step, count = self.digest_size, max(end, 0) // size
+            for first in range(0, count, NATIVE_GROUP_CHUNKS):
+                group = min(NATIVE_GROUP_CHUNKS, count - first)
+                try:
+                    digests = self._native_chain(tokens[first * size : (first + group) * size], group, parent)
+                except ValueError:
+                    hashed = first * size  # a bad token: the Python path below raises, naming it
+                    break
+                for i in range(0, len(digests), step):
+                    yield digests[i : i + step]
+                parent = digests[-step:]
+            else:
+                return
         if isinstance(tokens, list):
             pack = struct.Struct(f"<{size}q").pack
-            for begin in range(0, end // size * size, size):
+            for begin in range(hashed, end // size * size, size):
                 try:
                     data = pack(*tokens[begin : begin + size])
                 except struct.error as exc:

@@ -124,9 +124,24 @@ class Slab:
     name: str = ""
     """The shared-memory region's name (``/dev/shm/<name>``); empty for private memory."""
 
+    _rows: dict[tuple[torch.dtype, tuple[int, ...]], torch.Tensor] = field(default_factory=dict, repr=False)
+
     @property
     def nbytes(self) -> int:
         return self.tensor.numel()
+
+    def rows(self, dtype: torch.dtype, row_shape: tuple[int, ...]) -> torch.Tensor:
+        """The slab as whole rows of ``row_shape`` in ``dtype`` (the tail too short for a row left
+        out), built once per layout: a slot's view is then one slice of it."""
+        cached = self._rows.get((dtype, row_shape))
+        if cached is None:
+            row_bytes = dtype.itemsize
+            for s in row_shape:
+                row_bytes *= s
+            count = self.nbytes // row_bytes
+            cached = self.tensor[: count * row_bytes].view(dtype).view((count, *row_shape))
+            self._rows[dtype, row_shape] = cached
+        return cached
 
 
 class SlabSource:
@@ -164,28 +179,39 @@ class SlabSource:
         """Release what outlives the process (nothing for private memory)."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class HostBuffer:
-    """One slot of a slab; ``data`` is a uint8 view of its bytes, ``ref`` names it across processes."""
+    """One slot of a slab (``ref`` names it across processes)."""
 
     pool: SlotPool
     slab: int
     """Index of the slab in its pool (``ref.slab`` is the slab's id)."""
     slot: int
-    data: torch.Tensor
+    held: Slab
     ref: SlotRef
     _typed: tuple[torch.dtype, tuple[int, ...], torch.Tensor] | None = field(default=None, repr=False)
 
+    @property
+    def data(self) -> torch.Tensor:
+        """The slot's bytes, as uint8."""
+        return self.held.tensor[self.ref.offset : self.ref.offset + self.ref.nbytes]
+
     def view(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        """The slot as ``dtype`` of ``shape``; the last view is kept, as a chunk is read and written
-        with one layout all its life (three tensor ops less per chunk copied)."""
+        """The slot as ``dtype`` of ``shape`` (rows first). One slice of the slab's rows view when the
+        slot starts on a row boundary (slots of one chunk size always do); the last view is kept, as a
+        chunk is read and written with one layout all its life."""
         typed = self._typed
         if typed is not None and typed[0] == dtype and typed[1] == shape:
             return typed[2]
-        numel = 1
-        for s in shape:
-            numel *= s
-        tensor = self.data[: numel * dtype.itemsize].view(dtype).view(shape)
+        row_bytes = dtype.itemsize
+        for s in shape[1:]:
+            row_bytes *= s
+        offset = self.ref.offset
+        if row_bytes and offset % row_bytes == 0:
+            first = offset // row_bytes
+            tensor = self.held.rows(dtype, shape[1:])[first : first + shape[0]]
+        else:
+            tensor = self.data[: shape[0] * row_bytes].view(dtype).view(shape)
         self._typed = (dtype, shape, tensor)
         return tensor
 
@@ -220,9 +246,9 @@ class SlotPool:
             assert held is not None
             if slab == self._newest:
                 arena.grow_ahead(self)
-            start = slot * self.slot_bytes
-            data = held.tensor[start : start + self.slot_bytes]
-            return HostBuffer(self, slab, slot, data, SlotRef(held.id, start, self.slot_bytes))
+            return HostBuffer(
+                self, slab, slot, held, SlotRef(held.id, slot * self.slot_bytes, self.slot_bytes)
+            )
 
     def free(self, buf: HostBuffer) -> None:
         with self.arena.lock:

@@ -3,6 +3,7 @@ import threading
 import pytest
 import torch
 
+from lmcache.chunk_copy import CopyBatcher
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.keys import ChunkHashes, ChunkKey
@@ -313,16 +314,41 @@ def test_save_unfull_chunk_tail_loads_after_a_device_prefix() -> None:
     assert torch.equal(pool[dst[4:6]], pool[[4, 5]])
 
 
-def test_store_failing_midway_keeps_what_it_published_and_leaks_no_slot() -> None:
+def test_store_failing_midway_keeps_what_it_published_and_leaks_no_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     engine, space, pool = make()
+    good = tokens(192)
+    flush = CopyBatcher.flush
+    calls = []
+
+    def failing_second_flush(self: CopyBatcher[object]) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("copy failed")
+        flush(self)
+
+    monkeypatch.setattr(CopyBatcher, "flush", failing_second_flush)
+    with pytest.raises(RuntimeError, match="copy failed"):
+        engine.store(space, 0, pool, BlockTransfer(good, None, list(range(12)), 0, 192))
+    monkeypatch.undo()
+    assert engine.lookup(space, good) == 64  # the first chunk was published before the error
+    # The later chunks' slots were reserved when the error came: they must be free to store again.
+    assert engine.store(space, 0, pool, BlockTransfer(good, None, list(range(12)), 0, 192)) == 128
+    assert engine.lookup(space, good) == 192
+
+
+def test_a_store_of_tokens_out_of_range_is_refused_and_leaks_no_slot() -> None:
+    engine, space, pool = make()
+    control, _, _ = make()
     good = tokens(192)
     bad = good[:128] + [2**70] + good[129:]  # the third chunk cannot be converted
     with pytest.raises(ValueError, match="int64"):
         engine.store(space, 0, pool, BlockTransfer(bad, None, list(range(12)), 0, 192))
-    assert engine.lookup(space, good) == 64  # the first chunk was published before the error
-    # The second chunk's slot was reserved when the error came: it must be free to store again.
-    assert engine.store(space, 0, pool, BlockTransfer(good, None, list(range(12)), 0, 192)) == 128
+    engine.store(space, 0, pool, BlockTransfer(good, None, list(range(12)), 0, 192))
+    control.store(space, 0, pool, BlockTransfer(good, None, list(range(12)), 0, 192))
     assert engine.lookup(space, good) == 192
+    assert engine.l1.used_bytes == control.l1.used_bytes  # no slot left reserved by the refused store
 
 
 def test_a_miss_on_the_first_chunk_still_replaces_the_pins_of_its_id() -> None:

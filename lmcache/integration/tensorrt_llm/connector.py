@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lmcache.forward_gate import FORWARD
 from lmcache.integration.tensorrt_llm._trtllm import KvCacheConnectorScheduler, KvCacheConnectorWorker
 from lmcache.integration.tensorrt_llm.backend import TransferBackend
 from lmcache.integration.tensorrt_llm.inflight import Done, InflightTransfers
@@ -110,6 +111,9 @@ class LMCacheWorker(KvCacheConnectorWorker):
     # -- loads and saves ----------------------------------------------------------------------
 
     def start_load_kv(self, stream: Any) -> None:
+        """Run the plan's loads; the forward's launch follows, until ``wait_for_save``: saves in
+        flight keep off the GIL meanwhile (:mod:`lmcache.forward_gate`)."""
+        FORWARD.close()
         meta = self._meta()
         for plan in meta.loads:
             done = self.backend.load(plan, meta.backend_context, stream)
@@ -121,6 +125,7 @@ class LMCacheWorker(KvCacheConnectorWorker):
     def wait_for_save(self, stream: Any) -> None:
         """Hand this iteration's saves to the back-end; a request whose saves are in flight keeps
         its blocks until ``get_finished`` reports it."""
+        FORWARD.open()
         saves = self._meta().saves
         if saves:
             for request_id, done in self.backend.save(saves, stream):
@@ -138,6 +143,7 @@ class LMCacheWorker(KvCacheConnectorWorker):
         self, finished_gen_req_ids: list[int], started_loading_req_ids: list[int]
     ) -> tuple[list[int], list[int]]:
         """Saves and legacy async loads that landed (a failed async load raises here)."""
+        FORWARD.open()  # in case a forward failed before ``wait_for_save``
         self._saves.ask(finished_gen_req_ids)
         self._loads.ask(started_loading_req_ids)
         return self._saves.poll(), self._loads.poll()

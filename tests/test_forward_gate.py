@@ -1,0 +1,98 @@
+"""The forward gate: saves keep off the GIL while the executor thread launches a forward."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from lmcache.config import LMCacheEngineConfig
+from lmcache.engine import CacheEngine, KeySpace
+from lmcache.forward_gate import FORWARD, ForwardGate
+from lmcache.integration.tensorrt_llm.save_queue import SaveQueue
+from lmcache.integration.tensorrt_llm.tensorrt_adapter import LMCacheKvConnectorWorker, reset_process_engine
+from lmcache.layout import PoolLayout
+from lmcache.testing.trtllm_replay import KvCacheConfig, KvCacheConnectorConfig, TorchLlmArgs
+from lmcache.transfer import BlockTransfer
+
+TPB, CHUNK = 16, 64
+
+
+@pytest.fixture(autouse=True)
+def gate_opened_after() -> Iterator[None]:
+    yield
+    FORWARD.open()
+
+
+def make() -> tuple[CacheEngine, KeySpace, torch.Tensor]:
+    pool = torch.randn(32, 2, 2, TPB * 8)
+    config = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.05)
+    return CacheEngine(config, pinned=False), KeySpace("model", PoolLayout.of_pool(pool, TPB)), pool
+
+
+def test_a_save_waits_at_a_closed_gate_and_lands_whole_once_it_opens() -> None:
+    engine, space, pool = make()
+    toks = list(range(4 * CHUNK))
+    queue = SaveQueue(torch.device("cpu"), "gate-test")
+    FORWARD.close()  # this thread launches a forward
+    future = queue.submit(
+        lambda stream: engine.store(space, 0, pool, BlockTransfer(toks, None, list(range(16)), 0, 256))
+    )
+    assert FORWARD.wait_for_waiter(timeout=10), "the saver did not stop at the closed gate"
+    assert not future.done()
+    assert engine.lookup(space, toks) == 0  # nothing of the save happened yet
+    FORWARD.open()
+    future.result(timeout=10)
+    assert engine.lookup(space, toks) == 256
+    dst = list(range(16, 32))
+    assert engine.retrieve(space, 0, pool, BlockTransfer(toks, None, dst, 0, 256)) == 256
+    assert torch.equal(pool[16:32], pool[0:16])
+
+
+def test_the_launching_thread_is_never_held() -> None:
+    engine, space, pool = make()
+    toks = list(range(2 * CHUNK))
+    FORWARD.close()
+    holds = FORWARD.holds
+    assert engine.store(space, 0, pool, BlockTransfer(toks, None, list(range(8)), 0, 128)) == 128
+    assert FORWARD.holds == holds
+
+
+def test_a_gate_left_closed_only_delays_other_threads() -> None:
+    gate = ForwardGate(max_hold_s=0.001)
+    gate.close()
+    waiter = threading.Thread(target=lambda: [gate.wait() for _ in range(3)])
+    waiter.start()
+    waiter.join(timeout=10)
+    assert not waiter.is_alive()
+    assert gate.holds == 3
+    gate.open()
+    gate.wait()
+    assert gate.holds == 3 and gate.is_open
+
+
+def test_the_worker_closes_the_gate_for_the_forward_and_opens_it_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TRT-LLM enqueues the forward between ``start_load_kv`` and ``wait_for_save``."""
+    monkeypatch.setenv("LMCACHE_MAX_LOCAL_CPU_SIZE", "0.05")
+    reset_process_engine()
+    args = TorchLlmArgs(
+        model="test/gate",
+        kv_cache_config=KvCacheConfig(tokens_per_block=TPB, max_tokens=32 * TPB),
+        kv_connector_config=KvCacheConnectorConfig(connector="lmcache"),
+    )
+    worker = LMCacheKvConnectorWorker(args)
+    worker.register_kv_caches(torch.randn(32, 2, 2, TPB * 8))
+    try:
+        worker.start_load_kv(None)
+        assert not FORWARD.is_open
+        worker.wait_for_save(None)
+        assert FORWARD.is_open
+        worker.start_load_kv(None)
+        worker.get_finished([], [])  # a forward that failed before wait_for_save: reopened here
+        assert FORWARD.is_open
+    finally:
+        reset_process_engine()
