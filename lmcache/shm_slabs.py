@@ -35,8 +35,6 @@ logger = init_logger(__name__)
 SHM_DIR = "/dev/shm"
 SLAB_PREFIX = "lmcache-l1"
 _NAME = re.compile(rf"^{SLAB_PREFIX}-(\d+)-[0-9a-f]+-\d+$")
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
-"""Linux 5.14+: fault a mapping's pages in, writable, keeping their contents."""
 
 
 class ShmSlabError(ValueError):
@@ -190,11 +188,6 @@ def map_slab(info: ShmSlabInfo, *, pin: bool, shm_dir: str = SHM_DIR) -> MappedS
     """Map the server's slab ``info`` names, after checking it is a regular file owned by this process's
     uid, mode 0600 and of ``info.nbytes`` bytes; page-lock it if ``pin`` (a CUDA pool copies with it)."""
     mapping = open_region(info, writable=True, shm_dir=shm_dir)
-    if pin:
-        # Fault the pages in (contents kept) before page-locking them: outside the driver's lock that
-        # registering takes, as for private slabs (lmcache.memory). Older kernels lack the advice.
-        with contextlib.suppress(OSError):
-            mapping.madvise(MADV_POPULATE_WRITE)
     tensor = torch.frombuffer(mapping, dtype=torch.uint8)
     pinned = pin and pin_in_place(tensor, fault_in="none")
     return MappedSlab(info, tensor, pinned)
