@@ -120,7 +120,7 @@ def test_lazy_chunk_hashes_equal_the_eager_ones(form: object, end: int | None) -
 
 
 @pytest.mark.parametrize("algorithm", sorted(HASH_ALGORITHMS))
-@pytest.mark.parametrize("num_chunks", [0, 1, 2, 3, 16, 17])
+@pytest.mark.parametrize("num_chunks", [0, 1, 2, 3, 16, 17, 40])
 def test_lazy_list_hashes_equal_the_reference_chain(algorithm: str, num_chunks: int) -> None:
     """A list hashed lazily (a save's path) chains as the reference does, whole or up to ``end``."""
     h = hasher(algorithm, chunk=8)
@@ -129,6 +129,20 @@ def test_lazy_list_hashes_equal_the_reference_chain(algorithm: str, num_chunks: 
     assert list(h.iter_chunk_hashes(toks, "s")) == want
     for end in (num_chunks * 8 // 2, num_chunks * 8 - 1):
         assert list(h.iter_chunk_hashes(toks, "s", end)) == want[: max(end, 0) // 8]
+
+
+def test_a_bad_token_in_a_later_group_raises_after_the_hashes_before_it() -> None:
+    """The lazy path hashes groups of chunks natively: a bad token fails when its group is reached,
+    with the message the Python path gives, after the chunks before it were yielded."""
+    h = hasher("blake3", chunk=8)
+    toks = list(range(40 * 8))
+    want = _reference(h, toks, "s")
+    toks[20 * 8 + 3] = 2**70
+    got = []
+    with pytest.raises(ValueError, match="int64"):
+        for digest in h.iter_chunk_hashes(toks, "s"):
+            got.append(digest)
+    assert got == want[:20]
 
 
 # -- lmcache._hashchain: the C chain for Python lists ------------------------------------------------
