@@ -242,10 +242,12 @@ class TokenHasher:
         hashed = 0
         if type(tokens) is list and _native_chain is not None:
             # A group of chunks per native call: far cheaper than hashing each in Python, and short
-            # enough that a saver holding the GIL for one never delays the executor for long.
+            # enough that a saver holding the GIL for one never delays the executor for long. The
+            # first chunk goes alone: a lookup that misses it asks for nothing more.
             step, count = self.digest_size, max(end, 0) // size
-            for first in range(0, count, NATIVE_GROUP_CHUNKS):
-                group = min(NATIVE_GROUP_CHUNKS, count - first)
+            first = 0
+            while first < count:
+                group = min(NATIVE_GROUP_CHUNKS if first else 1, count - first)
                 try:
                     digests = self._native_chain(tokens[first * size : (first + group) * size], group, parent)
                 except ValueError:
@@ -254,6 +256,7 @@ class TokenHasher:
                 for i in range(0, len(digests), step):
                     yield digests[i : i + step]
                 parent = digests[-step:]
+                first += group
             else:
                 return
         if isinstance(tokens, list):

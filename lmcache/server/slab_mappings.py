@@ -5,7 +5,7 @@ mapped yet before the worker copies, with the checks of :func:`lmcache.shm_slabs
 mode 0600, size), page-locked for a CUDA pool. A reply also announces slabs the worker was not told
 of yet (``ahead``): :meth:`SlabMappings.map_ahead` hands them to a background thread, so a save into a
 new slab does not wait for its mapping and page-locking (a slab is mapped once either way; a copy
-that needs a slab being mapped ahead waits for that one only).
+that needs a slab being mapped ahead waits for that one only, and maps one still queued itself).
 """
 
 from __future__ import annotations
@@ -57,7 +57,12 @@ class SlabMappings:
                 if info.id in self._mapped:
                     continue
                 ahead = self._pending.get(info.id)
-            if ahead is not None:
+                if ahead is not None and self._unqueue(info.id):
+                    # Still queued behind others: mapped here now, not after every slab before it.
+                    del self._pending[info.id]
+                    ahead.set()
+                    ahead = None
+            if ahead is not None:  # being mapped ahead right now: wait for that one only
                 ahead.wait()
                 if info.id in self._mapped:
                     continue
@@ -66,6 +71,14 @@ class SlabMappings:
             )
             with self._lock:
                 self._mapped.setdefault(info.id, mapped)
+
+    def _unqueue(self, slab_id: int) -> bool:
+        """Take a slab off the map-ahead queue; False if it is not there (lock held)."""
+        for queued in self._queue:
+            if queued.id == slab_id:
+                self._queue.remove(queued)
+                return True
+        return False
 
     def map_ahead(self, slabs: Sequence[P.SlabInfo]) -> None:
         """Map these slabs in the background (a failure is left to :meth:`apply`, if one is ever used)."""

@@ -70,3 +70,31 @@ def test_mappings_made_ahead_for_an_old_server_are_dropped(server, tmp_path, mon
     maps.clear()  # a new server: what is being mapped belongs to the old one
     go.set()
     assert maps.wait_ahead(30) and maps.ids() == []
+
+
+def test_a_copy_maps_its_slab_itself_rather_than_wait_behind_the_queue(server, tmp_path, monkeypatch) -> None:
+    """The background thread is busy with the first slab announced; a copy into the last one maps it
+    at once instead of waiting for every slab before it."""
+    maps = SlabMappings(pin=False, shm_dir=str(tmp_path))
+    slabs = [server.new_slab() for _ in range(3)]
+    entered, go = threading.Event(), threading.Event()
+    real = slab_mappings.map_slab
+
+    def slow_first(info, **kwargs):
+        if info.id == slabs[0].id:
+            entered.set()
+            go.wait(30)
+        return real(info, **kwargs)
+
+    monkeypatch.setattr(slab_mappings, "map_slab", slow_first)
+    maps.map_ahead(slabs)
+    assert entered.wait(30)
+    copier = threading.Thread(target=maps.apply, args=([slabs[2]], []))
+    copier.start()
+    copier.join(timeout=30)
+    try:
+        assert not copier.is_alive(), "the copy waited for the slabs queued before its own"
+        assert slabs[2].id in maps.ids() and slabs[0].id not in maps.ids()
+    finally:
+        go.set()
+    assert maps.wait_ahead(30) and maps.ids() == sorted(s.id for s in slabs)
