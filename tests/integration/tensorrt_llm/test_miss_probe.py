@@ -8,112 +8,15 @@ serve later hits bit-equal."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
+from support.mp_rig import BLOCKS, CHUNK, CHUNKS, TOKENS, TPB, Request, Rig, serve
 from support.server_process import ServerProcess, wait_until
 
-from lmcache.integration.tensorrt_llm._trtllm import RequestData, SchedulerOutput
 from lmcache.integration.tensorrt_llm.miss_probe import PROBE_MIN_CHUNKS, MissProbe
-from lmcache.integration.tensorrt_llm.tensorrt_mp_adapter import (
-    LMCacheMPKvConnectorScheduler,
-    LMCacheMPKvConnectorWorker,
-    reset_process_connections,
-)
 from lmcache.server.client import CacheServerClient
-from lmcache.testing.trtllm_replay import KvCacheConfig, KvCacheConnectorConfig, TorchLlmArgs
-
-CHUNK, TPB, CHUNKS = 64, 16, 16
-TOKENS = CHUNK * CHUNKS
-BLOCKS = TOKENS // TPB
-
-
-@dataclass
-class Request:
-    """The members of TRT-LLM's request the scheduler reads."""
-
-    request_id: int
-    tokens: list[int]
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.tokens)
-
-    def get_tokens(self, beam: int) -> list[int]:
-        return self.tokens
-
-
-class Rig:
-    """The MP preset's scheduler and worker over one CPU pool, driven as TRT-LLM's executor does."""
-
-    def __init__(self, url: str) -> None:
-        self.pool = torch.randn(2 * BLOCKS + 4, 2, 2, TPB * 8)
-        args = TorchLlmArgs(
-            model="test/probe",
-            kv_cache_config=KvCacheConfig(tokens_per_block=TPB, max_tokens=self.pool.shape[0] * TPB),
-            kv_connector_config=KvCacheConnectorConfig(connector="lmcache-mp", server_url=url),
-        )
-        self.worker = LMCacheMPKvConnectorWorker(args)
-        self.worker.register_kv_caches(self.pool)
-        self.scheduler = LMCacheMPKvConnectorScheduler(args)
-        self.next_id = 1
-
-    def lookup(self, tokens: list[int]) -> tuple[Request, int]:
-        request = Request(self.next_id, tokens)
-        self.next_id += 1
-        matched, _ = self.scheduler.get_num_new_matched_tokens(request, 0)
-        return request, matched
-
-    def _iteration(self, request: Request, pages: list[int], scheduled: int) -> None:
-        data = RequestData(
-            request_id=request.request_id,
-            new_tokens=list(request.tokens),
-            new_block_ids=pages,
-            computed_position=0,
-        )
-        data.num_scheduled_tokens = scheduled
-        self.worker.bind_connector_meta(
-            self.scheduler.build_connector_meta(SchedulerOutput(new_requests=[data]))
-        )
-
-    def prefill_and_save(self, request: Request, pages: list[int]) -> None:
-        self.scheduler.update_state_after_alloc(request, pages)
-        self._iteration(request, pages, len(request.tokens))
-        self.worker.start_load_kv(None)
-        self.worker.wait_for_save(None)
-        assert self.scheduler.request_finished(request, pages)
-        asked = [request.request_id]
-
-        def landed() -> bool:
-            nonlocal asked
-            saved, _ = self.worker.get_finished(asked, [])
-            asked = []
-            return request.request_id in saved
-
-        wait_until(landed, "the save landing")
-
-    def load(self, request: Request, matched: int, pages: list[int]) -> None:
-        self.scheduler.update_state_after_alloc(request, pages)
-        self._iteration(request, pages, len(request.tokens) - matched)
-        self.worker.start_load_kv(None)
-        self.scheduler.request_finished(request, pages)
-
-
-def serve(with_disk: bool) -> Iterator[ServerProcess]:
-    workdir = Path(tempfile.mkdtemp(prefix="lmprobe-", dir="/tmp"))
-    # A disk tier holds chunks the server's presence counts never see: it offers none, clients probe.
-    disk = {"LMCACHE_LOCAL_DISK": f"file://{workdir}/disk", "LMCACHE_MAX_LOCAL_DISK_SIZE": "0.1"}
-    proc = ServerProcess(workdir, None, "--chunk-size", str(CHUNK), env=disk if with_disk else {}).start()
-    reset_process_connections()
-    yield proc
-    reset_process_connections()
-    proc.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture
