@@ -81,9 +81,11 @@ def test_bench_ttft(tmp_path: Path) -> None:
 def test_bench_overhead(tmp_path: Path) -> None:
     data = run_bench("bench_overhead.py", tmp_path / "overhead.json", "--repeats", "2")
     it = data["connector_iteration"]
-    assert set(it) == {"prefill", "decode"}
+    assert set(it) == {"prefill", "prefill_no_overlap", "decode"}
     for r in it.values():
         assert {"no_connector_ms", "connector_ms", "ratio"} <= set(r)
+    assert it["prefill"]["overlap_scheduler"] and not it["prefill_no_overlap"]["overlap_scheduler"]
+    assert it["prefill"]["stored_chunks"] > 0 and it["prefill_no_overlap"]["stored_chunks"] > 0
     saves = data["saves_in_flight"]
     for name in ("prefill_adjacent", "prefill_scattered", "decode_adjacent", "decode_scattered"):
         keys = {"no_saves_ms", "with_saves_ms", "ratio", "store_enqueue_ms", "saves_still_running"}
