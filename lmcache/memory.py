@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
+import math
 import mmap
 import os
 import threading
@@ -131,17 +132,20 @@ class Slab:
         return self.tensor.numel()
 
     def rows(self, dtype: torch.dtype, row_shape: tuple[int, ...]) -> torch.Tensor:
-        """The slab as whole rows of ``row_shape`` in ``dtype`` (the tail too short for a row left
-        out), built once per layout: a slot's view is then one slice of it."""
+        """The slab as whole rows (see :func:`rows_view`), built once per layout: a slot's view is
+        then one slice of it."""
         cached = self._rows.get((dtype, row_shape))
         if cached is None:
-            row_bytes = dtype.itemsize
-            for s in row_shape:
-                row_bytes *= s
-            count = self.nbytes // row_bytes
-            cached = self.tensor[: count * row_bytes].view(dtype).view((count, *row_shape))
-            self._rows[dtype, row_shape] = cached
+            cached = self._rows[dtype, row_shape] = rows_view(self.tensor, dtype, row_shape)
         return cached
+
+
+def rows_view(data: torch.Tensor, dtype: torch.dtype, row_shape: tuple[int, ...]) -> torch.Tensor:
+    """The uint8 tensor ``data`` as whole rows of ``row_shape`` in ``dtype`` (a tail too short for a
+    row left out)."""
+    row_bytes = dtype.itemsize * math.prod(row_shape)
+    count = data.numel() // row_bytes
+    return data[: count * row_bytes].view(dtype).view((count, *row_shape))
 
 
 class SlabSource:

@@ -23,12 +23,12 @@ import secrets
 import stat
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from lmcache.logging import init_logger
-from lmcache.memory import Slab, SlabSource, pin_in_place
+from lmcache.memory import Slab, SlabSource, pin_in_place, rows_view
 
 logger = init_logger(__name__)
 
@@ -182,6 +182,15 @@ class MappedSlab:
     info: ShmSlabInfo
     tensor: torch.Tensor
     pinned: bool
+    _rows: dict[tuple[torch.dtype, tuple[int, ...]], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def rows(self, dtype: torch.dtype, row_shape: tuple[int, ...]) -> torch.Tensor:
+        """The slab as whole rows (see :func:`lmcache.memory.rows_view`), built once per layout: a
+        slot's view is then one slice of it."""
+        cached = self._rows.get((dtype, row_shape))
+        if cached is None:
+            cached = self._rows[dtype, row_shape] = rows_view(self.tensor, dtype, row_shape)
+        return cached
 
 
 def map_slab(info: ShmSlabInfo, *, pin: bool, shm_dir: str = SHM_DIR) -> MappedSlab:

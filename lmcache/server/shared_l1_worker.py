@@ -34,6 +34,7 @@ class SharedL1Copier:
         self.pool = pool
         self.shm_dir = shm_dir
         self.row_bytes = math.prod(pool.shape[1:]) * pool.element_size()
+        self.row_shape = tuple(pool.shape[1:])
         self.stream: Any = torch.cuda.Stream(device=pool.device) if pool.is_cuda else None
         self.server_id: str | None = None
         self.slabs = SlabMappings(pin=pool.is_cuda, shm_dir=shm_dir)
@@ -221,11 +222,12 @@ class SharedL1Copier:
         if (
             slot.nbytes != rows * self.row_bytes
             or slot.offset < 0
+            or slot.offset % self.row_bytes  # slots of one size tile their slab from its start
             or slot.offset + slot.nbytes > mapped.info.nbytes
         ):
             raise ShmSlabError(
                 f"slot of {slot.nbytes} bytes at {slot.offset} does not hold {rows} rows of {self.row_bytes} "
                 f"bytes within slab {slot.slab} ({mapped.info.nbytes} bytes)"
             )
-        data = mapped.tensor[slot.offset : slot.offset + slot.nbytes]
-        return data.view(self.pool.dtype).view(rows, *self.pool.shape[1:])
+        first = slot.offset // self.row_bytes
+        return mapped.rows(self.pool.dtype, self.row_shape)[first : first + rows]

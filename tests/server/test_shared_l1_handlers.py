@@ -144,6 +144,12 @@ def test_bad_ranges_and_slots_are_refused(env) -> None:
     )
     with pytest.raises(ShmSlabError, match="does not hold 4 rows"):
         copy_store(copier, wrong, list(range(4)))
+    misaligned = P.StoreSlots(
+        ticket=reply.ticket,
+        chunks=[P.StoreChunk(0, 4, P.SlotInfo(slot.slab, slot.offset + 8, slot.nbytes))],
+    )
+    with pytest.raises(ShmSlabError, match="does not hold 4 rows"):  # not on a row boundary
+        copy_store(copier, misaligned, list(range(4)))
 
 
 def test_a_new_server_drops_every_mapping(env) -> None:
