@@ -2,11 +2,11 @@
 
 A saver thread running Python while TRT-LLM's executor thread enqueues a forward takes the GIL at
 each of the executor's releases (every torch call releases it) and holds it for its own stretch of
-Python, so a decode step's launch grows by a few hundred microseconds (benchmarks/RESULTS.md, D37
-and D41). The connector's worker brackets the launch: it closes the gate in ``start_load_kv`` and
-opens it in ``wait_for_save`` (TRT-LLM calls them right before and right after enqueueing the
-forward). Saves call :meth:`ForwardGate.wait` between chunks and block there, without the GIL,
-while the gate is closed. Copies already enqueued keep running on the device meanwhile.
+Python, so a decode step's launch is delayed (benchmarks/RESULTS.md, D37 and D41). The connector's
+worker brackets the launch: it closes the gate in ``start_load_kv`` and opens it in
+``wait_for_save`` (TRT-LLM calls them right before and right after enqueueing the forward). Saves
+call :meth:`ForwardGate.wait` between chunks and block there, without the GIL, while the gate is
+closed. Copies already enqueued keep running on the device meanwhile.
 
 The gate is per process, like the GIL and TRT-LLM's executor thread.
 """
@@ -62,7 +62,7 @@ class ForwardGate:
                 self._waiting -= 1
 
     def wait_for_waiter(self, timeout: float) -> bool:
-        """Block until a thread waits at the closed gate (tests and benchmarks); False on timeout."""
+        """Block until a thread waits at the closed gate (for tests); False on timeout."""
         with self._waiters:
             return self._waiters.wait_for(lambda: self._waiting > 0, timeout)
 

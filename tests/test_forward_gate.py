@@ -32,7 +32,8 @@ def make() -> tuple[CacheEngine, KeySpace, torch.Tensor]:
     return CacheEngine(config, pinned=False), KeySpace("model", PoolLayout.of_pool(pool, TPB)), pool
 
 
-def test_a_save_waits_at_a_closed_gate_and_lands_whole_once_it_opens() -> None:
+def test_a_save_waits_at_a_closed_gate_and_lands_whole_once_it_opens(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(FORWARD, "max_hold_s", 60.0)  # held until opened, however slow this host
     engine, space, pool = make()
     toks = list(range(4 * CHUNK))
     queue = SaveQueue(torch.device("cpu"), "gate-test")

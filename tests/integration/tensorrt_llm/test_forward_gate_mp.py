@@ -29,6 +29,7 @@ def test_a_save_through_the_server_waits_for_the_forwards_launch(
     source = list(range(BLOCKS))
     # The next iteration's forward is being enqueued while this save runs: the gate stays closed.
     monkeypatch.setattr(FORWARD, "open", lambda: None)
+    monkeypatch.setattr(FORWARD, "max_hold_s", 60.0)  # held until opened, however slow this host
     try:
         rig.prefill(request, source)  # start_load_kv closed the gate; wait_for_save handed the save off
         assert FORWARD.wait_for_waiter(timeout=20), "the worker's saver did not stop at the closed gate"
