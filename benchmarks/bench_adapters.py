@@ -143,8 +143,9 @@ class AdapterRig:
         (matched, _), seconds = timed(lambda: self.scheduler.get_num_new_matched_tokens(request, 0))
         return request, matched, seconds
 
-    def save(self, tokens: list[int]) -> tuple[float, float]:
-        """A prefill of ``tokens`` whose chunks are saved; (lookup s, save s)."""
+    def save(self, tokens: list[int]) -> tuple[float, float, list[int]]:
+        """A prefill of ``tokens`` whose chunks are saved; (lookup s, save s, the pages saved from:
+        what a load of ``tokens`` must bring back, for :meth:`load`'s ``source``)."""
         request, _, lookup_s = self.lookup(tokens)
         pages = self._pages(0)
         self.scheduler.update_state_after_alloc(request, pages)
@@ -159,13 +160,14 @@ class AdapterRig:
             saved, _ = self.worker.get_finished(asked, [])
             asked = []
             if request.request_id in saved:
-                return lookup_s, time.perf_counter() - began
+                return lookup_s, time.perf_counter() - began, pages
             # Polled as an executor loop would, not spinning: a spin would hold the GIL from the
             # saver thread (up to the interpreter's switch interval per hand-over).
             time.sleep(POLL_S)
 
     def load(self, tokens: list[int], source: list[int] | None = None) -> tuple[float, float, bool]:
-        """A hit on ``tokens``: (lookup s, load s, whether the loaded rows equal ``source``'s)."""
+        """A hit on ``tokens``: (lookup s, load s, whether it was a full hit and, given ``source``, the
+        loaded rows equal ``source``'s)."""
         request, matched, lookup_s = self.lookup(tokens)
         pages = self._pages(1)
         self.scheduler.update_state_after_alloc(request, pages)
@@ -242,13 +244,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cold, warm, miss_lookups, prompts = [], [], [], []
         for i in range(fill + args.repeats):
             tokens = torch.randint(0, vocab, (rig.tokens,), generator=rig.generator).tolist()
-            lookup_s, save_s = rig.save(tokens)
+            lookup_s, save_s, pages = rig.save(tokens)
             (cold if i < fill else warm).append(save_s)
             miss_lookups.append(lookup_s)
-            prompts.append(tokens)
+            prompts.append((tokens, pages))
         loads, hit_lookups, equal = [], [], True
-        for tokens in prompts[-args.repeats :]:
-            lookup_s, load_s, same = rig.load(tokens)
+        for tokens, pages in prompts[-args.repeats :]:
+            lookup_s, load_s, same = rig.load(tokens, pages)
             loads.append(load_s)
             hit_lookups.append(lookup_s)
             equal = equal and same

@@ -389,6 +389,9 @@ def main() -> int:
     parser.add_argument("--decode-steps", type=int, default=None, help="default 256 (--small: 64)")
     parser.add_argument("--save-tokens", type=int, default=None, help="default 32768 (--small: 1024)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--parts", nargs="+", choices=("a", "b"), default=["a", "b"], help="which measurements (default both)"
+    )
     args = parser.parse_args()
     defaults = {
         "prefill_tokens": (4096, 256),
@@ -405,21 +408,23 @@ def main() -> int:
     results = describe(model, args)
     results["repeats"] = args.repeats
     try:
-        results["connector_iteration"] = connector_iteration(st)
-        results["saves_in_flight"] = saves_in_flight(st)
+        if "a" in args.parts:
+            results["connector_iteration"] = connector_iteration(st)
+        if "b" in args.parts:
+            results["saves_in_flight"] = saves_in_flight(st)
     except BenchFailure as e:
         print(f"FAILED: {e}", file=sys.stderr)
         return 1
     print(f"card: {results['card']}  model: {model.dims.name} {results['dtype']}  chunk {args.chunk_size}")
     print("(a) iteration time at 0 % hits, in-process connector vs none")
-    for name, r in results["connector_iteration"].items():
+    for name, r in results.get("connector_iteration", {}).items():
         ms = f"{r['no_connector_ms']:9.3f} ms -> {r['connector_ms']:9.3f} ms"
         print(f"  {name:<18} {ms}   ratio {r['ratio']:.3f}")
         for phase in PHASES if "phases_connector" in r else ():
             before, after = r["phases_no_connector"][phase], r["phases_connector"][phase]
             print(f"      {phase:<22} {before:8.3f} ms -> {after:8.3f} ms")
     print(f"(b) forward time while a {args.save_tokens}-token save is in flight vs nothing in flight")
-    for name, r in results["saves_in_flight"].items():
+    for name, r in results.get("saves_in_flight", {}).items():
         if isinstance(r, dict):
             ms = f"{r['no_saves_ms']:9.3f} ms -> {r['with_saves_ms']:9.3f} ms"
             print(

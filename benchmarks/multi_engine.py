@@ -9,6 +9,9 @@ For each engine count in ``--engines`` (default 1 2 4), all engines start each p
   ``get_finished`` reports them);
 * loads: every engine loads them back into other, scattered blocks (each a full hit).
 
+First one engine fills the server's L1 once with prompts of its own, so every figure is taken in
+steady state (L1 full and evicting); L1 must hold every prompt a run's loads read back.
+
 Aggregate GB/s is every engine's bytes over the span from the first start to the last end; the
 ratio is to the ceiling's aggregate. Meanwhile this process looks up an 8k-token prompt through its
 own client, over and over: p50 / p99 under load, beside the same idle.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import tempfile
@@ -34,7 +38,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adapters import AdapterRig, report, rig_parser, start_server  # noqa: E402
+from bench_adapters import SHAPES, AdapterRig, report, rig_parser, start_server  # noqa: E402
+from kv_shapes import CHUNK  # noqa: E402
 
 from lmcache.server.client import CacheServerClient  # noqa: E402
 from lmcache.testing import pool_modes  # noqa: E402
@@ -59,6 +64,8 @@ def engine_main(
     ``(phase, start, end, bytes, rows_equal)`` per phase (monotonic clock, shared by the host).
     A failure breaks the barrier, so no one waits for this engine."""
     try:
+        if args.pool_sharing:
+            os.environ["LMCACHE_POOL_SHARING"] = args.pool_sharing  # this engine's, not the server's
         run_engine(args, url, seed, plan, barrier, out)
     except BaseException:
         barrier.abort()
@@ -75,7 +82,7 @@ def run_engine(
     rows = rig.blocks
     request_bytes = rows * rig.pool[0].numel() * rig.pool.element_size()
     host = torch.empty(rig.pool[:rows].shape, dtype=rig.pool.dtype, pin_memory=rig.pool.is_cuda)
-    saved: list[list[int]] = []
+    saved: list[tuple[list[int], list[int]]] = []
     for phase in plan:
         barrier.wait()
         began, count, equal = time.monotonic(), 0, True
@@ -83,20 +90,45 @@ def run_engine(
             for _ in range(args.iters):  # as many requests' bytes as a transfer phase
                 _copy(rig.pool, rows, phase == "copy_d2h", host)
                 count += 1
-        elif phase == "save":
-            for _ in range(args.iters):
+        elif phase in ("save", "fill"):
+            for _ in range(args.iters if phase == "save" else fill_count(args)):
                 tokens = torch.randint(0, VOCAB, (rig.tokens,), generator=rig.generator).tolist()
-                rig.save(tokens)
-                saved.append(tokens)
+                _, _, pages = rig.save(tokens)
+                if phase == "save":
+                    saved.append((tokens, pages))
                 count += 1
         elif phase == "load":
-            for tokens in saved[-args.iters :]:
-                _, _, same = rig.load(tokens)
+            for tokens, pages in saved[-args.iters :]:
+                _, _, same = rig.load(tokens, pages)
                 equal = equal and same
                 count += 1
         else:
             raise ValueError(f"unknown phase {phase}")
         out.send((phase, began, time.monotonic(), count * request_bytes, equal))
+
+
+def request_bytes(args: argparse.Namespace) -> int:
+    """Bytes of one request's KV (as :class:`AdapterRig` shapes its pool)."""
+    layers, heads, head_dim = SHAPES[args.model]
+    element = 2 if args.device.startswith("cuda") else 4  # bfloat16 on CUDA, float32 on CPU
+    return args.tokens // CHUNK * CHUNK * layers * 2 * heads * head_dim * element
+
+
+def fill_count(args: argparse.Namespace) -> int:
+    """Prompts that fill L1 once over."""
+    return -(-int(args.l1_size_gb * (1 << 30)) // request_bytes(args))
+
+
+def check_capacity(args: argparse.Namespace) -> None:
+    """Refuse an L1 that cannot hold what a run loads back (partial hits would be timed as loads)."""
+    held = max([*args.engines, 3 if args.mixed else 0]) * args.iters  # --mixed: 3 engines' worth
+    need = held * request_bytes(args)
+    if need > 0.9 * args.l1_size_gb * (1 << 30):  # L1's slabs are not all usable by one chunk size
+        raise SystemExit(
+            f"--l1-size-gb {args.l1_size_gb} cannot hold the {held} requests of "
+            f"{request_bytes(args) / 2**20:.1f} MiB a run reads back ({args.iters} per engine, --iters): "
+            f"raise --l1-size-gb to at least {need / 0.9 / 2**30:.3g} or lower --iters"
+        )
 
 
 def plan_of(count: int, mixed: bool) -> list[list[str]]:
@@ -146,14 +178,45 @@ def run_count(
     args: argparse.Namespace, url: str, count: int, mixed: bool, client: CacheServerClient
 ) -> dict[str, Any]:
     """One run of ``count`` engine processes through their plans; this process looks up meanwhile."""
-    context = mp.get_context("spawn")  # CUDA in the children
     plans = plan_of(count, mixed)
+    steps, under_load = run_plans(args, url, plans, client, args.seed + 1000 * (count + 10 * mixed))
+    result: dict[str, Any] = {
+        "engines": len(plans),
+        "rows_equal": all(r["equal"] for rows in steps for r in rows),
+        "lookup_under_load": percentiles_us(under_load),
+    }
+    if mixed:  # its last two steps: a copy each way at once, then a save beside a load
+        ceiling, work = aggregate_gbps(steps[-2]), aggregate_gbps(steps[-1])
+        result.update(
+            bidirectional_ceiling_gbps=round(ceiling, 2),
+            save_beside_load_gbps=round(work, 2),
+            ratio=round(work / ceiling, 3),
+        )
+        return result
+    copy_d2h, copy_h2d, save, load = (aggregate_gbps(rows) for rows in steps)
+    result.update(
+        ceiling_save_gbps=round(copy_d2h, 2),
+        ceiling_load_gbps=round(copy_h2d, 2),
+        save_gbps=round(save, 2),
+        load_gbps=round(load, 2),
+        save_ratio=round(save / copy_d2h, 3),
+        load_ratio=round(load / copy_h2d, 3),
+    )
+    return result
+
+
+def run_plans(
+    args: argparse.Namespace, url: str, plans: list[list[str]], client: CacheServerClient, seed: int
+) -> tuple[list[list[Row]], list[float]]:
+    """One engine process per plan, all in lockstep: each step's rows, and the lookup seconds this
+    process measured while steps with saves or loads ran. Engine ``i`` draws its prompts from
+    ``seed + i``: callers keep seeds apart, so no run saves a prompt another saved."""
+    context = mp.get_context("spawn")  # CUDA in the children
     barrier = context.Barrier(len(plans) + 1)
     pipes, procs = [], []
     for index, plan in enumerate(plans):
         receive, send = context.Pipe(duplex=False)
-        seed = args.seed + 1000 * (len(plans) + 10 * mixed) + index
-        proc = context.Process(target=engine_main, args=(args, url, seed, plan, barrier, send))
+        proc = context.Process(target=engine_main, args=(args, url, seed + index, plan, barrier, send))
         proc.start()
         send.close()
         pipes.append(receive)
@@ -189,29 +252,7 @@ def run_count(
             proc.join(timeout=args.timeout_s)
             if proc.is_alive():
                 proc.kill()
-    result: dict[str, Any] = {
-        "engines": len(plans),
-        "rows_equal": all(r["equal"] for rows in steps for r in rows),
-        "lookup_under_load": percentiles_us(under_load),
-    }
-    if mixed:  # its last two steps: a copy each way at once, then a save beside a load
-        ceiling, work = aggregate_gbps(steps[-2]), aggregate_gbps(steps[-1])
-        result.update(
-            bidirectional_ceiling_gbps=round(ceiling, 2),
-            save_beside_load_gbps=round(work, 2),
-            ratio=round(work / ceiling, 3),
-        )
-        return result
-    copy_d2h, copy_h2d, save, load = (aggregate_gbps(rows) for rows in steps)
-    result.update(
-        ceiling_save_gbps=round(copy_d2h, 2),
-        ceiling_load_gbps=round(copy_h2d, 2),
-        save_gbps=round(save, 2),
-        load_gbps=round(load, 2),
-        save_ratio=round(save / copy_d2h, 3),
-        load_ratio=round(load / copy_h2d, 3),
-    )
-    return result
+    return steps, under_load
 
 
 def main() -> int:
@@ -222,16 +263,29 @@ def main() -> int:
     parser.add_argument("--engines", type=int, nargs="+", default=[1, 2, 4], help="engine counts")
     parser.add_argument("--mixed", action="store_true", help="also: one engine saves while another loads")
     parser.add_argument("--timeout-s", type=float, default=600.0)
+    parser.add_argument(
+        "--pool-sharing",
+        choices=("auto", "export", "shared-l1"),
+        help="how the engines share their pools (LMCACHE_POOL_SHARING of each engine; the server's is auto)",
+    )
     args = parser.parse_args()
     if args.preset != "lmcache-mp":
         parser.error("engines share the cache through the server: --preset lmcache-mp")
+    check_capacity(args)
     workdir = Path(tempfile.mkdtemp(prefix="lmc-engines-", dir="/tmp"))
     server, url = start_server(args, workdir)
-    results: dict[str, Any] = {"tokens": args.tokens, "iters": args.iters, "model_kv": args.model, "runs": []}
+    results: dict[str, Any] = {
+        "tokens": args.tokens,
+        "iters": args.iters,
+        "model_kv": args.model,
+        "pool_sharing": args.pool_sharing or "auto",
+        "runs": [],
+    }
     try:
         with CacheServerClient(url, timeout_s=30) as client:
             pool_modes.register(client, torch.zeros(4, 1, 2, 64), pool_modes.SHARED_L1, "bench/lookups", 16)
             results["lookup_idle"] = percentiles_us(lookups_while(client, lambda: False, limit=200))
+            run_plans(args, url, [["fill"]], client, args.seed + 1)
             for count in args.engines:
                 results["runs"].append(run_count(args, url, count, False, client))
             if args.mixed:

@@ -105,10 +105,12 @@ def test_bench_workload(tmp_path: Path) -> None:
         assert w["connector"]["hit_rate"] > w["no_connector"]["hit_rate"]
 
 
-def _load_bench_ttft():  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location("bench_ttft_under_test", BENCH / "bench_ttft.py")
+def _load_bench(script: str, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN202
+    """``benchmarks/<script>.py`` as a module (registered until the test ends: dataclasses need it)."""
+    spec = importlib.util.spec_from_file_location(f"{script}_under_test", BENCH / f"{script}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
     return module
 
@@ -118,7 +120,7 @@ def test_bench_ttft_fails_on_a_wrong_load(
 ) -> None:
     """A load that puts one wrong value into the pool must fail the benchmark, not just slow it."""
     monkeypatch.setattr(sys, "path", list(sys.path))  # the script prepends benchmarks/ and the repo
-    bench = _load_bench_ttft()
+    bench = _load_bench("bench_ttft", monkeypatch)
     real_load = bench.EngineTier.load
 
     def corrupt_load(self, tokens, blocks, end, rid):  # noqa: ANN001, ANN202
@@ -199,3 +201,43 @@ def test_multi_engine(tmp_path: Path) -> None:
         assert run["rows_equal"] and run["save_gbps"] > 0 and run["load_gbps"] > 0
         assert run["lookup_under_load"]["count"] > 0
     assert data["mixed"]["rows_equal"] and data["mixed"]["bidirectional_ceiling_gbps"] > 0
+
+
+def test_adapter_rig_load_check_catches_wrong_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The adapter benchmarks' load compares what it loaded with the pages its prompt was saved from:
+    the right rows pass, rows saved for another prompt (or changed since) fail."""
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script prepends benchmarks/ and the repo
+    for key, value in {"CHUNK_SIZE": "256", "LOCAL_CPU": "True", "MAX_LOCAL_CPU_SIZE": "0.01"}.items():
+        monkeypatch.setenv(f"LMCACHE_{key}", value)
+    bench = _load_bench("bench_adapters", monkeypatch)
+    args = bench.rig_parser(None, l1_size_gb=0.01).parse_args(["--device", "cpu", "--model", "tiny"])
+    args.tokens = 1024
+    rig = bench.AdapterRig(args, None)
+    first, second = ([int(t) for t in range(seed, seed + 1024)] for seed in (0, 5000))
+    *_, first_pages = rig.save(first)
+    *_, second_pages = rig.save(second)
+    assert rig.load(first, first_pages)[2] and rig.load(second, second_pages)[2]
+    assert not rig.load(first, second_pages)[2]  # the same rows, saved in another order
+    rig.pool[first_pages[0]] += 1
+    assert not rig.load(first, first_pages)[2]
+
+
+def test_multi_engine_refuses_an_l1_its_loads_would_overflow(tmp_path: Path) -> None:
+    """Loads of evicted prompts would be timed as loads: the run is refused before it starts."""
+    cmd = [sys.executable, str(BENCH / "multi_engine.py"), "--device", "cpu", "--model", "tiny"]
+    cmd += [
+        "--tokens",
+        "1024",
+        "--iters",
+        "4",
+        "--engines",
+        "1",
+        "4",
+        "--l1-size-gb",
+        "0.001",
+        "--out",
+        str(tmp_path / "e.json"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and not (tmp_path / "e.json").exists()
+    assert "--l1-size-gb 0.001 cannot hold the 16 requests" in proc.stderr
