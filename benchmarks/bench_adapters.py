@@ -36,7 +36,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from lmcache.config import LMCacheEngineConfig  # noqa: E402
 from lmcache.integration.tensorrt_llm._trtllm import RequestData, SchedulerOutput  # noqa: E402
+from lmcache.integration.tensorrt_llm.server_backend import process_connection  # noqa: E402
 from lmcache.server.client import wait_for_server  # noqa: E402
 from lmcache.testing.trtllm_replay import KvCacheConfig, KvCacheConnectorConfig, TorchLlmArgs  # noqa: E402
 
@@ -118,8 +120,18 @@ class AdapterRig:
         self.worker = getattr(module, names[1])(llm_args)
         self.worker.register_kv_caches(self.pool)
         self.scheduler = getattr(module, names[0])(llm_args)
+        self.server_url = server_url
         self.next_id = 1
         self.generator = torch.Generator().manual_seed(args.seed)
+
+    def settle(self, timeout_s: float = 300.0) -> None:
+        """Wait until this process has mapped (and page-locked) the server's L1 slabs its shared-L1
+        registration announced: saves after that never wait for page-locking (steady state)."""
+        if self.server_url is None:
+            return
+        config = LMCacheEngineConfig.from_env()
+        if not process_connection(self.server_url, config).client.registrations.wait_slabs_mapped(timeout_s):
+            raise RuntimeError(f"the server's L1 slabs were not mapped within {timeout_s} s")
 
     def _pages(self, half: int) -> list[int]:
         """A shuffled half of the pool (TRT-LLM's pages are scattered)."""

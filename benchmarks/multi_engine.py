@@ -9,8 +9,9 @@ For each engine count in ``--engines`` (default 1 2 4), all engines start each p
   ``get_finished`` reports them);
 * loads: every engine loads them back into other, scattered blocks (each a full hit).
 
-First one engine fills the server's L1 once with prompts of its own, so every figure is taken in
-steady state (L1 full and evicting); L1 must hold every prompt a run's loads read back.
+First one engine fills the server's L1 once with prompts of its own, and every engine maps (and
+page-locks) the server's L1 slabs before its first phase, so every figure is taken in steady state
+(L1 full and evicting, as for long-running engines); L1 must hold every prompt a run's loads read back.
 
 Aggregate GB/s is every engine's bytes over the span from the first start to the last end; the
 ratio is to the ceiling's aggregate. Meanwhile this process looks up an 8k-token prompt through its
@@ -78,6 +79,7 @@ def run_engine(
     args: argparse.Namespace, url: str, seed: int, plan: list[str], barrier: Any, out: Any
 ) -> None:
     rig = AdapterRig(args, url)
+    rig.settle()  # a long-running engine's L1 mappings are in place: time the steady state
     rig.generator.manual_seed(seed)  # prompts no other engine (of any run) saves
     rows = rig.blocks
     request_bytes = rows * rig.pool[0].numel() * rig.pool.element_size()

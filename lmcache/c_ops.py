@@ -19,7 +19,7 @@ import math
 import struct
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -133,9 +133,15 @@ def _helper_stream(device: torch.device, role: str) -> Any:
         return _helper_streams[role, index]
 
 
-def side_stream(device: torch.device) -> Any:
-    """The helper stream the gather/scatter kernels run on (one per device)."""
-    return _helper_stream(device, "kernels")
+Direction = Literal["gather", "scatter"]
+
+
+def side_stream(device: torch.device, direction: Direction) -> Any:
+    """The helper stream the gather (save) or scatter (load) kernels run on, one per device and
+    direction. A scatter waits on its stream for its load's DMA: were gathers queued behind it on the
+    same stream, every save would wait for the loads in flight and the two directions, which have
+    copy engines of their own, would take turns (benchmarks/RESULTS.md, D43)."""
+    return _helper_stream(device, direction)
 
 
 def _lane_stream(device: torch.device) -> Any:
@@ -182,6 +188,7 @@ class Transfer:
         self.cuda = pool.is_cuda
         self.stream = stream
         self._side: Any = None
+        """The helper stream of this transfer's direction (set by its first gather or scatter)."""
         self._pool_ready: Any = None
         self._pending: Any = None
         self._lanes: list[Any] = []
@@ -202,7 +209,6 @@ class Transfer:
             # What ``_on`` puts back: the current streams of the current and of the pool's device.
             self._restore = (torch.cuda.current_stream(), torch.cuda.current_stream(pool.device))
             self.stream = stream if stream is not None else self._restore[1]
-            self._side = side_stream(pool.device)
             self._lanes = [self.stream, _lane_stream(pool.device)] if interleave else [self.stream]
 
     @contextlib.contextmanager
@@ -298,6 +304,7 @@ class Transfer:
                 for offset, first, length in block_runs(block_ids):
                     out[offset : offset + length].copy_(self.pool[first : first + length])
             return
+        self._side_for("gather")
         if self._pool_ready is None:
             # The pool's rows hold their final values from here on ``stream`` (after the forward):
             # what gathers on other streams wait for. Loads never need it.
@@ -338,6 +345,13 @@ class Transfer:
         staging.record_stream(main)
         self._end_batch(main)
 
+    def _side_for(self, direction: Direction) -> None:
+        """Take ``direction``'s helper stream; a transfer moves one way only."""
+        side = side_stream(self.pool.device, direction)
+        if self._side is not None and self._side is not side:
+            raise ValueError("a Transfer either gathers (stores) or scatters (loads), not both")
+        self._side = side
+
     def _end_batch(self, lane: Any) -> None:
         if len(self._lanes) > 1:
             self._last = torch.cuda.Event()
@@ -352,6 +366,7 @@ class Transfer:
                 for offset, first, length in block_runs(block_ids):
                     self.pool[first : first + length].copy_(src[offset : offset + length])
             return
+        self._side_for("scatter")
         with self._streams():
             for batch in _batches(chunks, self._row_bytes):
                 self._scatter_cuda(join_adjacent(batch))
@@ -390,15 +405,16 @@ class Transfer:
 
     def warm_up(self, batch_rows: int) -> None:
         """Pay this pool's one-off CUDA set-up now and wait for it: cached staging for ``batch_rows``
-        rows on ``stream`` and the helper stream (where scatters and gathers take theirs), and the
+        rows on ``stream`` (where scatters take theirs) and the gathers' helper stream, and the
         kernels, by one gather of two rows and their scatter into a scratch tensor (the pool is only
-        read). A lazily loaded kernel, or a stream's first staging memory, synchronizes the whole
-        device: a process's first load would wait for every stream's work (benchmarks/RESULTS.md, D36).
-        Nothing to do on CPU or for a pool of fewer than three rows."""
+        read; this transfer is a gather from then on). A lazily loaded kernel, or a stream's first
+        staging memory, synchronizes the whole device: a process's first load would wait for every
+        stream's work (benchmarks/RESULTS.md, D36). Nothing to do on CPU or for a pool of fewer than
+        three rows."""
         if not self.cuda or self.pool.shape[0] < 3:
             return
         rows = max(2, min(batch_rows, MAX_STAGING_BYTES // self._row_bytes))
-        for stream in (self.stream, self._side):
+        for stream in (self.stream, side_stream(self.pool.device, "gather")):
             with self._on(stream):
                 # Freed at once: the caching allocator keeps the memory for this stream's staging.
                 torch.empty(rows * self._row_bytes, dtype=torch.uint8, device=self.pool.device)

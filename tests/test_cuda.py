@@ -44,6 +44,31 @@ def test_gather_scatter_on_side_stream_without_host_sync(ids: list[int]) -> None
     assert torch.equal(pool[targets], pool[ids])
 
 
+def test_a_save_does_not_wait_for_a_load_in_flight() -> None:
+    """A load's scatter waits on the device for its DMA; a save's gather enqueued meanwhile (another
+    request, another stream) must not queue behind it: the save completes while the load's stream
+    is still held back, and both land bit-equal."""
+    pool = cuda_pool()
+    load_stream, save_stream = torch.cuda.Stream(), torch.cuda.Stream()
+    for stream in (load_stream, save_stream):
+        stream.wait_stream(torch.cuda.current_stream())
+    source = torch.randn((4, *pool.shape[1:])).to(pool.dtype).pin_memory()
+    with torch.cuda.stream(load_stream):
+        torch.cuda._sleep(4_000_000_000)  # about 2 s of GPU clock: the load's DMA waits behind it
+    held = torch.cuda.Event()
+    held.record(load_stream)
+    c_ops.scatter_from_host(pool, [([70, 61, 80, 66], source)], load_stream)
+    saved = torch.empty((4, *pool.shape[1:]), dtype=pool.dtype, pin_memory=True)
+    c_ops.gather_to_host(pool, [([9, 3, 17, 4], saved)], save_stream)
+    save_done = torch.cuda.Event()
+    save_done.record(save_stream)
+    save_done.synchronize()
+    assert not held.query(), "the save waited for the load's stream"
+    assert torch.equal(saved, pool[[9, 3, 17, 4]].cpu())
+    load_stream.synchronize()
+    assert torch.equal(pool[[70, 61, 80, 66]].cpu(), source)
+
+
 @pytest.mark.parametrize("layout", ["adjacent", "scattered", "mixed"])
 def test_chunks_back_to_back_in_host_memory_move_as_joined_copies(layout: str) -> None:
     """Three chunks in one pinned slab, so ``join_adjacent`` joins them: every device path (one
@@ -149,7 +174,7 @@ def test_store_orders_the_callers_stream_after_copies_on_both_lanes() -> None:
     expected = pool[src].cpu()
     save = torch.cuda.Stream()
     save.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(c_ops.side_stream(pool.device)):
+    with torch.cuda.stream(c_ops.side_stream(pool.device, "gather")):
         torch.cuda._sleep(200_000_000)
     assert engine.store(space, 0, pool, BlockTransfer(toks, None, src, 0, len(toks)), save) == len(toks)
     done = torch.cuda.Event()

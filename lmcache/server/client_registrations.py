@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -136,6 +137,19 @@ class Registrations:
                 "copy",
             )
         return reg.copier
+
+    def wait_slabs_mapped(self, timeout_s: float | None = None) -> bool:
+        """Wait until the server L1 slabs announced to this client's shared-L1 registrations are
+        mapped (and page-locked), which goes on in the background from registration; False on
+        timeout. A save meanwhile may wait for it: benchmarks of a steady state wait here first."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self.lock:
+            copiers = [reg.copier for reg in self._table.values() if reg.copier is not None]
+        for copier in copiers:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not copier.slabs.wait_ahead(left):
+                return False
+        return True
 
     def cap(self, instance_id: int) -> bytes:
         """The capability the server gave the instance (b"" if unknown)."""

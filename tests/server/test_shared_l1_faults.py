@@ -113,7 +113,7 @@ def test_a_registration_hands_the_worker_the_servers_slabs_to_map_ahead(start_se
         assert reg is not None and reg.copier is not None and reg.info is not None
         announced = {slab.id for slab in reg.info.slabs_ahead}
         assert set(used.copier.mapped_slabs) <= announced  # the slab holding the chunks, among others
-        assert reg.copier.slabs.wait_ahead(30)
+        assert second.registrations.wait_slabs_mapped(30)
         assert set(reg.copier.mapped_slabs) == announced
     finally:
         first.close()
