@@ -15,7 +15,7 @@ page-locks) the server's L1 slabs before its first phase, so every figure is tak
 
 Aggregate GB/s is every engine's bytes over the span from the first start to the last end; the
 ratio is to the ceiling's aggregate. Meanwhile this process looks up an 8k-token prompt through its
-own client, over and over: p50 / p99 under load, beside the same idle.
+own client, one every ``--lookup-interval-ms``: p50 / p99 under load, beside the same idle.
 
 ``--mixed`` adds, with two engines, one saving while the other loads (prompts it saved first), against
 the bidirectional ceiling: two plain copies in opposite directions at once.
@@ -150,8 +150,9 @@ def aggregate_gbps(rows: list[Row]) -> float:
     return sum(r["bytes"] for r in rows) / span / 1e9
 
 
-def lookups_while(client: CacheServerClient, done: Any, limit: int) -> list[float]:
-    """Lookup seconds of fresh prompts until ``done()`` (at most ``limit``)."""
+def lookups_while(client: CacheServerClient, done: Any, limit: int, interval_s: float) -> list[float]:
+    """Lookup seconds of fresh prompts, one every ``interval_s`` (a scheduler asks as requests
+    arrive, not in a loop that would keep the server busy), until ``done()`` (at most ``limit``)."""
     generator = torch.Generator().manual_seed(7)
     times: list[float] = []
     while len(times) < limit:  # one at least, however short the phase
@@ -161,6 +162,7 @@ def lookups_while(client: CacheServerClient, done: Any, limit: int) -> list[floa
         times.append(time.perf_counter() - began)
         if done():
             break
+        time.sleep(max(0.0, began + interval_s - time.perf_counter()))
     return times
 
 
@@ -245,7 +247,7 @@ def run_plans(
                 return not pending
 
             if any(plan[step] in ("save", "load") for plan in plans):
-                under_load += lookups_while(client, collect, limit=100_000)
+                under_load += lookups_while(client, collect, 100_000, args.lookup_interval_ms / 1e3)
             while not collect():
                 time.sleep(0.001)
             steps.append(rows)
@@ -266,6 +268,9 @@ def main() -> int:
     parser.add_argument("--mixed", action="store_true", help="also: one engine saves while another loads")
     parser.add_argument("--timeout-s", type=float, default=600.0)
     parser.add_argument(
+        "--lookup-interval-ms", type=float, default=5.0, help="one lookup per interval (0: back to back)"
+    )
+    parser.add_argument(
         "--pool-sharing",
         choices=("auto", "export", "shared-l1"),
         help="how the engines share their pools (LMCACHE_POOL_SHARING of each engine; the server's is auto)",
@@ -281,12 +286,14 @@ def main() -> int:
         "iters": args.iters,
         "model_kv": args.model,
         "pool_sharing": args.pool_sharing or "auto",
+        "lookup_interval_ms": args.lookup_interval_ms,
         "runs": [],
     }
     try:
         with CacheServerClient(url, timeout_s=30) as client:
             pool_modes.register(client, torch.zeros(4, 1, 2, 64), pool_modes.SHARED_L1, "bench/lookups", 16)
-            results["lookup_idle"] = percentiles_us(lookups_while(client, lambda: False, limit=200))
+            idle = lookups_while(client, lambda: False, 200, args.lookup_interval_ms / 1e3)
+            results["lookup_idle"] = percentiles_us(idle)
             run_plans(args, url, [["fill"]], client, args.seed + 1)
             for count in args.engines:
                 results["runs"].append(run_count(args, url, count, False, client))
