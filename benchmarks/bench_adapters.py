@@ -90,17 +90,30 @@ def pinned_copy_s(pool: torch.Tensor, rows: int, to_host: bool, repeats: int = 5
     return statistics.median(times)
 
 
+@dataclass
+class Loaded:
+    """One load through the adapters: its lookup and load seconds, whether it was a full hit, and
+    the pages its rows went to (in block order)."""
+
+    lookup_s: float
+    load_s: float
+    full_hit: bool
+    pages: list[int]
+
+
 class AdapterRig:
     """One preset's scheduler and worker over one pool, driven like TRT-LLM's executor."""
 
-    def __init__(self, args: argparse.Namespace, server_url: str | None) -> None:
+    def __init__(self, args: argparse.Namespace, server_url: str | None, load_regions: int = 1) -> None:
+        """``load_regions``: pool regions loads can go to (:meth:`load_into`), besides the one saves
+        read from."""
         layers, heads, head_dim = SHAPES[args.model]
         self.tpb = args.tokens_per_block
         self.tokens = args.tokens // CHUNK * CHUNK
         self.blocks = self.tokens // self.tpb
         device = torch.device(args.device)
         self.pool = torch.randn(
-            2 * self.blocks + 8, layers, 2, heads * self.tpb * head_dim, device=device
+            (1 + load_regions) * self.blocks + 8, layers, 2, heads * self.tpb * head_dim, device=device
         ).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         llm_args = TorchLlmArgs(
@@ -133,9 +146,9 @@ class AdapterRig:
         if not process_connection(self.server_url, config).client.registrations.wait_slabs_mapped(timeout_s):
             raise RuntimeError(f"the server's L1 slabs were not mapped within {timeout_s} s")
 
-    def _pages(self, half: int) -> list[int]:
-        """A shuffled half of the pool (TRT-LLM's pages are scattered)."""
-        order = torch.randperm(self.blocks, generator=self.generator) + half * self.blocks
+    def _pages(self, region: int) -> list[int]:
+        """A region's pages, shuffled (TRT-LLM's pages are scattered); region 0 is what saves read."""
+        order = torch.randperm(self.blocks, generator=self.generator) + region * self.blocks
         return order.tolist()
 
     def _iteration(self, request: Request, pages: list[int], computed: int, scheduled: int) -> None:
@@ -180,8 +193,14 @@ class AdapterRig:
     def load(self, tokens: list[int], source: list[int] | None = None) -> tuple[float, float, bool]:
         """A hit on ``tokens``: (lookup s, load s, whether it was a full hit and, given ``source``, the
         loaded rows equal ``source``'s)."""
+        loaded = self.load_into(tokens, 1)
+        equal = source is None or self.rows_equal(loaded, source)
+        return loaded.lookup_s, loaded.load_s, equal and loaded.full_hit
+
+    def load_into(self, tokens: list[int], region: int) -> Loaded:
+        """A hit on ``tokens`` loaded into ``region``'s pages (checked later by :meth:`rows_equal`)."""
         request, matched, lookup_s = self.lookup(tokens)
-        pages = self._pages(1)
+        pages = self._pages(region)
         self.scheduler.update_state_after_alloc(request, pages)
         self._iteration(request, pages, 0, len(tokens) - matched)
         began = time.perf_counter()
@@ -189,10 +208,13 @@ class AdapterRig:
         if self.stream is not None:
             self.stream.synchronize()
         load_s = time.perf_counter() - began
-        rows = matched // self.tpb
-        equal = source is None or torch.equal(self.pool[pages[:rows]], self.pool[source[:rows]])
         self.scheduler.request_finished(request, pages)
-        return lookup_s, load_s, equal and matched == len(tokens) - self.tpb
+        return Loaded(lookup_s, load_s, matched == len(tokens) - self.tpb, pages[: matched // self.tpb])
+
+    def rows_equal(self, loaded: Loaded, source: list[int]) -> bool:
+        """Whether the rows ``loaded`` holds equal those of the pages its prompt was saved from."""
+        rows = len(loaded.pages)
+        return torch.equal(self.pool[loaded.pages], self.pool[source[:rows]])
 
 
 def start_server(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
