@@ -416,14 +416,16 @@ def main() -> int:
         print(f"FAILED: {e}", file=sys.stderr)
         return 1
     print(f"card: {results['card']}  model: {model.dims.name} {results['dtype']}  chunk {args.chunk_size}")
-    print("(a) iteration time at 0 % hits, in-process connector vs none")
+    if "a" in args.parts:
+        print("(a) iteration time at 0 % hits, in-process connector vs none")
     for name, r in results.get("connector_iteration", {}).items():
         ms = f"{r['no_connector_ms']:9.3f} ms -> {r['connector_ms']:9.3f} ms"
         print(f"  {name:<18} {ms}   ratio {r['ratio']:.3f}")
         for phase in PHASES if "phases_connector" in r else ():
             before, after = r["phases_no_connector"][phase], r["phases_connector"][phase]
             print(f"      {phase:<22} {before:8.3f} ms -> {after:8.3f} ms")
-    print(f"(b) forward time while a {args.save_tokens}-token save is in flight vs nothing in flight")
+    if "b" in args.parts:
+        print(f"(b) forward time while a {args.save_tokens}-token save is in flight vs nothing in flight")
     for name, r in results.get("saves_in_flight", {}).items():
         if isinstance(r, dict):
             ms = f"{r['no_saves_ms']:9.3f} ms -> {r['with_saves_ms']:9.3f} ms"
