@@ -6,7 +6,9 @@ driven as TRT-LLM's executor drives them, with a pool of a model's KV shape and 
 
 * lookup: host time inside ``get_num_new_matched_tokens`` for a miss and for a hit (p50);
 * save: from ``wait_for_save`` to the request's id coming back from ``get_finished``;
-* load: from ``start_load_kv`` until the stream it was given has run the copies.
+* load: from ``start_load_kv`` until the stream it was given has run the copies (with
+  ``--layer-hooks`` the forward's per-layer hooks are called as TRT-LLM calls them, so loads go
+  layer-wise, and ``wait_for_save`` ends the forward before the stream is waited for).
 
 Saves are reported in two phases: while L1 fills for the first time (every save also takes new
 host memory) and once L1 is full and evicting. Each figure is a ratio to a plain pinned ``copy_``
@@ -134,6 +136,7 @@ class AdapterRig:
         self.worker.register_kv_caches(self.pool)
         self.scheduler = getattr(module, names[0])(llm_args)
         self.server_url = server_url
+        self.layers = layers if getattr(args, "layer_hooks", False) else 0
         self.next_id = 1
         self.generator = torch.Generator().manual_seed(args.seed)
 
@@ -162,6 +165,12 @@ class AdapterRig:
         meta = self.scheduler.build_connector_meta(SchedulerOutput(new_requests=[data]))
         self.worker.bind_connector_meta(meta)
 
+    def _layer_hooks(self) -> None:
+        """The forward's per-layer hooks, as TRT-LLM calls them on an eager forward (``--layer-hooks``):
+        after one forward has called them all, the connector's loads go layer-wise."""
+        for layer in range(self.layers):
+            self.worker.wait_for_layer_load(layer, self.stream)
+
     def lookup(self, tokens: list[int]) -> tuple[Request, int, float]:
         request = Request(self.next_id, tokens)
         self.next_id += 1
@@ -176,6 +185,7 @@ class AdapterRig:
         self.scheduler.update_state_after_alloc(request, pages)
         self._iteration(request, pages, 0, len(tokens))
         self.worker.start_load_kv(self.stream)
+        self._layer_hooks()
         began = time.perf_counter()
         self.worker.wait_for_save(self.stream)
         if not self.scheduler.request_finished(request, pages):
@@ -205,6 +215,9 @@ class AdapterRig:
         self._iteration(request, pages, 0, len(tokens) - matched)
         began = time.perf_counter()
         self.worker.start_load_kv(self.stream)
+        if self.layers:
+            self._layer_hooks()
+            self.worker.wait_for_save(self.stream)  # orders the stream after the whole load
         if self.stream is not None:
             self.stream.synchronize()
         load_s = time.perf_counter() - began
@@ -297,6 +310,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "model_kv": args.model,
             "tokens": rig.tokens,
+            "layer_hooks": bool(rig.layers),
             "bytes_per_request": request_bytes,
             "l1_bytes": capacity,
             "save_while_l1_fills": summary(cold[: args.repeats] or cold, save_ceiling) if cold else None,
@@ -321,6 +335,11 @@ def rig_parser(doc: str | None, l1_size_gb: float) -> argparse.ArgumentParser:
     parser.add_argument("--tokens-per-block", type=int, default=32)
     parser.add_argument("--l1-size-gb", type=float, default=l1_size_gb)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--layer-hooks",
+        action="store_true",
+        help="call the per-layer hooks in every forward, as TRT-LLM's eager forwards do: loads go layer-wise",
+    )
     parser.add_argument("--out", help="write the JSON here too")
     return parser
 

@@ -77,6 +77,7 @@ from prefill_model import (  # noqa: E402
 
 from lmcache.config import LMCacheEngineConfig  # noqa: E402
 from lmcache.engine import CacheEngine, KeySpace  # noqa: E402
+from lmcache.layered_load import LayerReady  # noqa: E402
 from lmcache.layout import PoolLayout  # noqa: E402
 from lmcache.testing import pool_modes  # noqa: E402
 from lmcache.transfer import BlockTransfer  # noqa: E402
@@ -103,6 +104,7 @@ class EngineTier:
         self.clear_l1 = clear_l1
         self.disk_dir: Path | None = Path(config.local_disk) if config.local_disk else None
         self.cold = False
+        self.load_stream = torch.cuda.Stream(pool.device) if pool.is_cuda else None
 
     def stream(self) -> Any:
         return torch.cuda.current_stream() if self.pool.is_cuda else None
@@ -134,14 +136,21 @@ class EngineTier:
         if self.cold and self.disk_dir is not None:
             drop_cache(self.disk_dir)
 
-    def load(self, tokens: list[int], blocks: list[int], end: int, rid: int) -> int:
+    def load(
+        self, tokens: list[int], blocks: list[int], end: int, rid: int, layers: LayerReady | None = None
+    ) -> int:
+        """A layer-wise load (``layers``) copies on a stream of its own, after the forward's earlier
+        work, as the in-process adapter's; the forward then waits layer by layer."""
         hit = self.engine.lookup(self.space, tokens, pin_id=rid)
         if hit < end:
             self.engine.release(rid)
             raise BenchFailure(f"{self.name}: lookup found {hit} tokens, expected >= {end}")
-        return self.engine.retrieve(
-            self.space, 0, self.pool, BlockTransfer(tokens, None, blocks, 0, end), self.stream(), pin_id=rid
-        )
+        stream = self.stream()
+        if layers is not None and self.load_stream is not None:
+            self.load_stream.wait_stream(stream)
+            stream = self.load_stream
+        transfer = BlockTransfer(tokens, None, blocks, 0, end)
+        return self.engine.retrieve(self.space, 0, self.pool, transfer, stream, pin_id=rid, layers=layers)
 
     def after_length(self) -> None:
         self.engine.clear()
@@ -213,7 +222,9 @@ class MPTier:
     def before_repeat(self) -> None:
         pass
 
-    def load(self, tokens: list[int], blocks: list[int], end: int, rid: int) -> int:
+    def load(
+        self, tokens: list[int], blocks: list[int], end: int, rid: int, layers: LayerReady | None = None
+    ) -> int:
         hashes = self.client.chunk_hashes(tokens)  # as the adapter: hashed once, for lookup and load
         hit = self.client.lookup(tokens, pin_id=rid, chunk_hashes=hashes)
         if hit < end:
@@ -223,7 +234,8 @@ class MPTier:
         # mode, the host waiting for the stream first for an exported pool).
         stream = torch.cuda.current_stream() if self.pool.is_cuda else None
         prompt = hashes if hashes is not None else tokens
-        return self.client.retrieve(BlockTransfer(prompt, None, blocks, 0, end), pin_id=rid, stream=stream)
+        transfer = BlockTransfer(prompt, None, blocks, 0, end)
+        return self.client.retrieve(transfer, pin_id=rid, stream=stream, layers=layers)
 
     def after_length(self) -> None:
         self.client.clear()
@@ -239,6 +251,31 @@ class MPTier:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(30)
+
+
+class HookedHit:
+    """A tier's hit with the forward launched layer by layer (a CUDA graph per layer, a hook before
+    each, as TRT-LLM calls ``wait_for_layer_load`` on its eager forward). ``layerwise``: the load is
+    layer-wise too and each hook waits for its layer's KV, as the connector's does once the hooks are
+    proven; else the whole load comes first (the same forward, to compare with)."""
+
+    cold = False
+
+    def __init__(self, tier: Any, num_layers: int, layerwise: bool) -> None:
+        self.tier, self.num_layers, self.layerwise = tier, num_layers, layerwise
+        self.name = f"{tier.name}_{'layerwise' if layerwise else 'hooked'}"
+        self.ready: LayerReady | None = None
+
+    def before_repeat(self) -> None:
+        self.tier.before_repeat()
+
+    def load(self, tokens: list[int], blocks: list[int], end: int, rid: int) -> int:
+        self.ready = LayerReady(self.num_layers) if self.layerwise else None
+        return int(self.tier.load(tokens, blocks, end, rid, layers=self.ready))
+
+    def pre_layer(self, layer: int) -> None:
+        if self.ready is not None and self.tier.pool.is_cuda:
+            self.ready.wait(layer, torch.cuda.current_stream())
 
 
 class HitCase:
@@ -267,7 +304,8 @@ class HitCase:
         loaded = tier.load(self.tokens, self.target, self.load_end, rid)
         if loaded != self.load_end:
             raise BenchFailure(f"{tier.name}: retrieve loaded {loaded} of {self.load_end} tokens")
-        return self.model.prefill(self.pool, self.rest, self.load_end, self.target)
+        hook = getattr(tier, "pre_layer", None)
+        return self.model.prefill(self.pool, self.rest, self.load_end, self.target, pre_layer=hook)
 
     def check(self, logits: torch.Tensor, what: str) -> None:
         rows = self.load_end // self.model.tpb
@@ -311,6 +349,16 @@ def compare_modes(rows: list[dict[str, Any]], modes: list[str]) -> None:
         row["vs_inprocess"] = by_tier["l1"]["median_ms"] / row["median_ms"]
         if first is not None and row is not first:
             row[f"vs_{modes[0]}"] = first["median_ms"] / row["median_ms"]
+
+
+def compare_layerwise(rows: list[dict[str, Any]]) -> None:
+    """Add to each ``*_layerwise`` row its TTFT ratio to the same tier's ``*_hooked`` row (the same
+    per-layer forward after a whole load): ``vs_hooked`` above 1 is what loading by layer gained."""
+    by_tier = {r["tier"]: r for r in rows}
+    for row in rows:
+        if row["tier"].endswith("_layerwise"):
+            hooked = by_tier[row["tier"].removesuffix("_layerwise") + "_hooked"]
+            row["vs_hooked"] = hooked["median_ms"] / row["median_ms"]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -359,10 +407,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             tiers.append(EngineTier("redis", redis_cfg, space, pool, clear_l1=True))
         if args.mp:
             tiers += [MPTier(pool, tpb, chunk, all_gb, workdir, mode) for mode in args.mp_modes]
+        hooked = [
+            HookedHit(tier, model.dims.num_layers, layerwise)
+            for tier in tiers
+            if args.layerwise and tier.name in ("l1", "mp_shared-l1")
+            for layerwise in (False, True)
+        ]
         names = (
             ["recompute"]
             + [t.name for t in tiers]
             + (["disk_cold"] if args.disk_cold and not args.no_disk else [])
+            + [hit.name for hit in hooked]
         )
         results["tiers"] = names
         rows: list[dict[str, Any]] = []
@@ -408,6 +463,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
 
             variants: list[tuple[str, Any]] = [(t.name, t) for t in tiers]
+            variants += [(hit.name, hit) for hit in hooked]
             if args.disk_cold and not args.no_disk:
                 variants.append(("disk_cold", next(t for t in tiers if t.name == "disk")))
             case = HitCase(
@@ -447,6 +503,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     }
                 )
             compare_modes([r for r in rows if r["tokens"] == n], args.mp_modes if args.mp else [])
+            compare_layerwise([r for r in rows if r["tokens"] == n])
             for tier in tiers:
                 tier.after_length()
     finally:
@@ -491,6 +548,10 @@ def print_table(results: dict[str, Any]) -> None:
         ]
         if ratios:
             print(f"{n:>7} tokens, in-process TTFT / server TTFT: " + ", ".join(ratios))
+        rows = [r for r in results["results"] if r["tokens"] == n and "vs_hooked" in r]
+        gains = [f"{r['tier']} {r['vs_hooked']:.3f}" for r in rows]
+        if gains:
+            print(f"{n:>7} tokens, TTFT after a whole load / layer-wise: " + ", ".join(gains))
     print(
         "TTFT median of repeats; speedup vs recompute; every hit checked bitwise (see 'checks' in the JSON)"
     )
@@ -522,6 +583,12 @@ def main() -> int:
         help="pool-sharing modes of the --mp servers, one tier each (default: all, side by side)",
     )
     parser.add_argument("--scattered", action="store_true", help="load into non-adjacent blocks")
+    parser.add_argument(
+        "--layerwise",
+        action="store_true",
+        help="also time l1 (and mp_shared-l1) hits with the forward launched layer by layer, after a "
+        "whole load (_hooked) and loading layer-wise (_layerwise)",
+    )
     parser.add_argument(
         "--no-bitwise-logits",
         action="store_true",

@@ -34,6 +34,7 @@ import os
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
@@ -80,9 +81,7 @@ class PrefillModel:
     ) -> None:
         self.dims = d = dims
         self.cuda_graphs = cuda_graphs
-        self._graphs: dict[
-            tuple[int, int, int, int], tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]
-        ] = {}
+        self._graphs: dict[tuple[Any, ...], tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._graph_pool: Any = None
         self.device = torch.device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -166,13 +165,16 @@ class PrefillModel:
         block_ids: Sequence[int] | torch.Tensor,
         *,
         graph: bool | None = None,
+        pre_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Compute ``tokens`` at positions ``start..``; positions ``< start`` must already be in the pool.
 
         ``block_ids[j]`` holds positions ``[j * tokens_per_block, (j + 1) * tokens_per_block)``.
         Returns the float32 logits ``[vocab]`` of the last token (enqueued on the current stream).
         ``graph`` (default: ``self.cuda_graphs``) replays a CUDA graph of this shape, captured on
-        first use (see :meth:`_replay`).
+        first use (see :meth:`_replay`). ``pre_layer(i)`` runs on the host before layer ``i`` is
+        launched, as TRT-LLM's ``wait_for_layer_load`` hook; with graphs each layer is then a graph
+        of its own (:meth:`_replay_layers`).
         """
         ids = self.token_tensor(tokens)
         n = int(ids.numel())
@@ -186,8 +188,55 @@ class PrefillModel:
         else:
             blocks = torch.tensor(list(block_ids[:nb]), dtype=torch.long).to(self.device, non_blocking=True)
         if self.cuda_graphs if graph is None else graph:
+            if pre_layer is not None:
+                return self._replay_layers(pool, ids, start, blocks, pre_layer)
             return self._replay(pool, ids, start, blocks)
-        return self._forward(pool, ids, start, blocks)
+        return self._forward(pool, ids, start, blocks, pre_layer)
+
+    def _replay_layers(
+        self,
+        pool: torch.Tensor,
+        ids: torch.Tensor,
+        start: int,
+        blocks: torch.Tensor,
+        pre_layer: Callable[[int], None],
+    ) -> torch.Tensor:
+        """:meth:`_replay` with the prologue, each layer and the epilogue captured as graphs of their own
+        (one pool, replayed in capture order), ``pre_layer(i)`` called before layer ``i``'s replay: a
+        layer is one launch, as a serving engine's fused kernels are, and the hook can still order it."""
+        if self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        key = ("layers", pool.data_ptr(), int(ids.numel()), start, int(blocks.numel()))
+        entry = self._graphs.get(key)
+        if entry is None:
+            static_ids, static_blocks = ids.clone(), blocks.clone()
+            current = torch.cuda.current_stream(self.device)
+            warmup = torch.cuda.Stream(self.device)
+            warmup.wait_stream(current)
+            with torch.cuda.stream(warmup):
+                self._forward(pool, static_ids, start, static_blocks)
+            current.wait_stream(warmup)
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            prologue, layers, epilogue = self._stages(pool, static_ids, start, static_blocks)
+            graphs = []
+            for step in [prologue, *layers]:
+                graphs.append(torch.cuda.CUDAGraph())
+                with torch.cuda.graph(graphs[-1], pool=self._graph_pool):
+                    step()
+            graphs.append(torch.cuda.CUDAGraph())
+            with torch.cuda.graph(graphs[-1], pool=self._graph_pool):
+                out = epilogue()
+            entry = self._graphs[key] = (graphs, static_ids, static_blocks, out)
+        graphs, static_ids, static_blocks, out = entry
+        static_ids.copy_(ids)
+        static_blocks.copy_(blocks)
+        graphs[0].replay()
+        for layer, graph in enumerate(graphs[1:-1]):
+            pre_layer(layer)
+            graph.replay()
+        graphs[-1].replay()
+        return out.clone()
 
     def _replay(
         self, pool: torch.Tensor, ids: torch.Tensor, start: int, blocks: torch.Tensor
@@ -225,25 +274,49 @@ class PrefillModel:
         return out.clone()
 
     def _forward(
-        self, pool: torch.Tensor, ids: torch.Tensor, start: int, blocks: torch.Tensor
+        self,
+        pool: torch.Tensor,
+        ids: torch.Tensor,
+        start: int,
+        blocks: torch.Tensor,
+        pre_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """The forward on device tensors only (no host sync, so it can be captured)."""
+        """The forward on device tensors only (no host sync, so it can be captured); ``pre_layer(i)``
+        runs before layer ``i`` (TRT-LLM's per-layer connector hook)."""
+        prologue, layers, epilogue = self._stages(pool, ids, start, blocks)
+        prologue()
+        for layer, run_layer in enumerate(layers):
+            if pre_layer is not None:
+                pre_layer(layer)
+            run_layer()
+        return epilogue()
+
+    def _stages(
+        self, pool: torch.Tensor, ids: torch.Tensor, start: int, blocks: torch.Tensor
+    ) -> tuple[Callable[[], None], list[Callable[[], None]], Callable[[], torch.Tensor]]:
+        """The forward as a prologue, one step per layer and an epilogue, run in that order; they hand
+        the hidden state over in a dict, so each can be captured as a CUDA graph of its own."""
         d, tpb = self.dims, self.tpb
         n = int(ids.numel())
         total, nb = start + n, int(blocks.numel())
-        pos = torch.arange(start, total, device=self.device)
-        write_block, write_off = blocks[pos // tpb], pos % tpb
-        angles = pos.float()[:, None] * self.inv_freq[None, :]
-        cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
         nq, nkv, hd = d.num_heads, d.num_kv_heads, d.head_dim
         pool6 = pool.view(pool.shape[0], d.num_layers, 2, nkv, tpb, hd)
         if start == 0:
             mask, causal = None, n > 1
         else:
             mask, causal = (causal_lower_right(n, total) if n > 1 else None), False
+        st: dict[str, torch.Tensor] = {}
 
-        x = self.embed[ids]
-        for layer, w in enumerate(self.layers):
+        def prologue() -> None:
+            pos = torch.arange(start, total, device=self.device)
+            st["write_block"], st["write_off"] = blocks[pos // tpb], pos % tpb
+            angles = pos.float()[:, None] * self.inv_freq[None, :]
+            st["cos"], st["sin"] = angles.cos()[:, None, :], angles.sin()[:, None, :]
+            st["x"] = self.embed[ids]
+
+        def layer_step(layer: int) -> None:
+            w, x = self.layers[layer], st["x"]
+            write_block, write_off, cos, sin = st["write_block"], st["write_off"], st["cos"], st["sin"]
             h = self._rms(x, w["attn_norm"])
             q, k, v = F.linear(h, w["qkv_w"], w["qkv_b"]).split([nq * hd, nkv * hd, nkv * hd], dim=-1)
             q = self._rope(q.view(n, nq, hd), cos, sin)
@@ -260,9 +333,14 @@ class PrefillModel:
             x = x + F.linear(attn[0].transpose(0, 1).reshape(n, nq * hd), w["o"])
             h = self._rms(x, w["mlp_norm"])
             gate, up = F.linear(h, w["gate_up"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w["down"])
-        h = self._rms(x[-1:], self.final_norm)
-        return F.linear(h, self.lm_head)[0].float()
+            st["x"] = x + F.linear(F.silu(gate) * up, w["down"])
+
+        def epilogue() -> torch.Tensor:
+            h = self._rms(st["x"][-1:], self.final_norm)
+            return F.linear(h, self.lm_head)[0].float()
+
+        layers = [functools.partial(layer_step, layer) for layer in range(d.num_layers)]
+        return prologue, layers, epilogue
 
 
 # -- helpers shared by the benchmarks ------------------------------------------------------------

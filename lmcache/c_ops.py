@@ -108,7 +108,7 @@ def check_range_blocks(
     check_block_ids(pool, block_ids[start // tokens_per_block : needed])
 
 
-def _index_tensor(ids: list[int], device: torch.device) -> torch.Tensor:
+def index_tensor(ids: list[int], device: torch.device) -> torch.Tensor:
     """``ids`` on ``device``, uploaded on the current stream (pinned, so the upload is asynchronous).
 
     Packed by ``struct`` straight into the pinned buffer: ``torch.tensor(list)`` delays the
@@ -273,17 +273,17 @@ class Transfer:
                 at = -1
             if at >= 0 and known[at : at + len(ids)] == ids:
                 if self._request_index is None:
-                    self._request_index = _index_tensor(known, self.pool.device)
+                    self._request_index = index_tensor(known, self.pool.device)
                 self._cursor = at + len(ids)
                 return self._request_index[at : at + len(ids)]
-        return _index_tensor(ids, self.pool.device)
+        return index_tensor(ids, self.pool.device)
 
     def prepare_index(self) -> None:
         """Upload the request's block ids now, on ``stream``: a caller with time to spare before its
         first copy (waiting for a server's reply) takes the upload off the load's path."""
         if self.cuda and self._request_ids and self._request_index is None:
             with self._on(self.stream):
-                self._request_index = _index_tensor(self._request_ids, self.pool.device)
+                self._request_index = index_tensor(self._request_ids, self.pool.device)
 
     def record(self) -> Any:
         """An event after every copy enqueued so far (None on CPU)."""

@@ -17,6 +17,7 @@ import torch
 from lmcache import c_ops
 from lmcache.forward_gate import FORWARD
 from lmcache.keys import ChunkKey
+from lmcache.layered_load import LayerReady, scatter_layers
 from lmcache.layout import PoolLayout
 from lmcache.storage.cpu_store import CachedChunk
 
@@ -69,6 +70,9 @@ class CopyBatcher(Generic[T]):
     is at most twice the one before, up to ``FLUSH_CHUNKS``: the host prepares a batch while the
     DMA engine moves the previous one (see benchmarks/RESULTS.md, D4 and D6). After each batch is enqueued,
     ``on_flush(items, event)`` gets the items added with it and an event after its copies (None on CPU).
+
+    A load given ``layers`` is layer-wise (:mod:`lmcache.layered_load`): its chunks are all enqueued
+    by :meth:`finish`, layer group by layer group, and ``layers`` gets each layer's event.
     """
 
     FLUSH_CHUNKS = 4  # larger batches gained nothing, smaller ones lost bandwidth (benchmarks/RESULTS.md, D6)
@@ -81,7 +85,10 @@ class CopyBatcher(Generic[T]):
         store: bool,
         block_ids: Sequence[int] | None = None,
         on_flush: Callable[[list[T], Any], None] | None = None,
+        layers: LayerReady | None = None,
     ) -> None:
+        if layers is not None and store:
+            raise ValueError("only loads are layer-wise")
         # Stores interleave: their copies must not hold up the copy engine for TRT-LLM's own transfers.
         self.transfer = c_ops.Transfer(pool, stream, interleave=store, block_ids=block_ids)
         self.store = store
@@ -92,6 +99,7 @@ class CopyBatcher(Generic[T]):
         self._waited: set[int] = set()
         """Ids of the events a load already waited for (its chunks' events stay alive meanwhile)."""
         self._flushes = 0
+        self._layers = layers
 
     @classmethod
     def warm_up(cls, pool: torch.Tensor, stream: Any, rows_per_chunk: int) -> None:
@@ -109,7 +117,7 @@ class CopyBatcher(Generic[T]):
         self._items.append(item)
         if ready is not None:
             self._ready.append(ready)
-        if len(self._copies) >= min(1 << self._flushes, self.FLUSH_CHUNKS):
+        if self._layers is None and len(self._copies) >= min(1 << self._flushes, self.FLUSH_CHUNKS):
             self.flush()
 
     def prepare_index(self) -> None:
@@ -125,6 +133,9 @@ class CopyBatcher(Generic[T]):
         self._flushes += 1
         if self.store:
             self.transfer.gather(copies)
+        elif self._layers is not None:
+            self._wait_ready(ready)
+            scatter_layers(self.transfer.pool, self.transfer.stream, copies, self._layers)
         else:
             self._wait_ready(ready)
             self.transfer.scatter(copies)

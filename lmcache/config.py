@@ -246,9 +246,7 @@ _CONVERT: dict[str, Callable[[str, object], object]] = {
     "metrics_port": _optport,
     "metrics_host": lambda k, v: _host(k, v),
     "tier_staging_size_gb": lambda k, v: _float(k, v, 0.0, True, "a size in GiB > 0, e.g. 1.0"),
-    "tier_write_queue_bytes": lambda k, v: _optint(
-        k, v, 1, "a number of bytes > 0, or none (a quarter of L1)"
-    ),
+    "tier_write_queue_bytes": lambda k, v: _optint(k, v, 1, "bytes > 0, or none (a quarter of L1)"),
     "tier_read_threads": lambda k, v: _int(k, v, 1, 256, "an integer 1-256, e.g. 4"),
     "remote_fetch_batch": lambda k, v: _int(k, v, 1, 4096, "an integer 1-4096, e.g. 8"),
     "remote_write_batch": lambda k, v: _int(k, v, 1, 4096, "an integer 1-4096, e.g. 8"),
@@ -257,6 +255,7 @@ _CONVERT: dict[str, Callable[[str, object], object]] = {
     "disk_fsync": _bool,
     "disk_verify_on_startup": _bool,
     "pool_sharing": lambda k, v: _choice(k, v, POOL_SHARING, False),
+    "use_layerwise": _bool,
 }
 
 # Settings that earlier versions read from ``extra_config``: still accepted there (validated, moved
@@ -282,7 +281,6 @@ UNSUPPORTED_UPSTREAM_KEYS: dict[str, tuple[Callable[[str, object], object], tupl
     "enable_p2p": (_bool, (False,)),
     "enable_controller": (_bool, (False,)),
     "enable_pd": (_bool, (False,)),
-    "use_layerwise": (_bool, (False,)),
     "gds_path": (_optstr, (None,)),
     "nixl_buffer_size": (lambda k, v: _int(k, v, 0, None, "an integer"), (0,)),
     "enable_nixl": (_bool, (False,)),
@@ -341,6 +339,7 @@ class LMCacheEngineConfig:
     pool_sharing: str = "auto"
     """MP mode: ``export`` (the server maps the pool), ``shared-l1`` (the worker copies into the server's
     shared-memory L1), ``auto`` (export where the pool can be exported; the server's forced mode)."""
+    use_layerwise: bool = True  # loads land layer by layer (lmcache.layered_load); the worker's copies only
 
     def __post_init__(self) -> None:
         """Convert strings (env/YAML) to typed values, then check cross-key rules."""

@@ -23,6 +23,7 @@ from lmcache.config import GiB, LMCacheEngineConfig
 from lmcache.engine_lookup import ChunkSpan, EngineLookup, KeySpace
 from lmcache.forward_gate import FORWARD
 from lmcache.keys import CacheSalt, ChunkHashes, ChunkKey, Tokens, token_array
+from lmcache.layered_load import LayerReady
 from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
 from lmcache.memory import HostArena, SlabSource
@@ -220,9 +221,10 @@ class CacheEngine(EngineLookup):
         transfer: BlockTransfer[Tokens | ChunkHashes],
         stream: Any = None,
         pin_id: Hashable | None = None,
+        layers: LayerReady | None = None,
     ) -> int:
         """Load tokens ``[transfer.start, transfer.end)`` into their blocks of ``pool``; returns how
-        many tokens were loaded.
+        many tokens were loaded. Given ``layers``, the load is layer-wise (:mod:`lmcache.layered_load`).
 
         ``start`` and ``end`` must be block-aligned; the prompt (token ids or :class:`ChunkHashes`)
         must reach the end of the chunk that holds ``end`` (its key covers the whole chunk). Blocks
@@ -232,7 +234,7 @@ class CacheEngine(EngineLookup):
         rank's pins of ``pin_id`` are released afterwards.
         """
         try:
-            return self._retrieve(space, rank, pool, transfer, stream)
+            return self._retrieve(space, rank, pool, transfer, stream, layers)
         finally:
             if pin_id is not None:
                 self.release(pin_id, rank)
@@ -244,6 +246,7 @@ class CacheEngine(EngineLookup):
         pool: torch.Tensor,
         transfer: BlockTransfer[Tokens | ChunkHashes],
         stream: Any,
+        layers: LayerReady | None,
     ) -> int:
         began = time.perf_counter()
         layout = self._check_pool(space, pool)
@@ -253,7 +256,7 @@ class CacheEngine(EngineLookup):
         block_ids = transfer.block_ids
         c_ops.check_range_blocks(pool, block_ids, transfer.start, transfer.end, layout.tokens_per_block)
         copier: CopyBatcher[LoadSlot] = CopyBatcher(
-            pool, stream, store=False, block_ids=block_ids, on_flush=_read
+            pool, stream, store=False, block_ids=block_ids, on_flush=_read, layers=layers
         )
         try:
             for slot in self.hold_chunks(hold):  # pinned one by one: the first copy starts early

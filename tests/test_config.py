@@ -92,6 +92,7 @@ def test_defaults():
         "disk_fsync": False,
         "disk_verify_on_startup": False,
         "pool_sharing": "auto",
+        "use_layerwise": True,
     }
     assert c.max_local_cpu_bytes == 5 * GiB
     assert c.max_local_disk_bytes == 0
@@ -269,7 +270,6 @@ def test_unknown_key_in_file(tmp_path):
         ("enable_p2p", "true"),
         ("enable_controller", 1),
         ("enable_pd", "on"),
-        ("use_layerwise", True),
         ("gds_path", "/mnt/gds"),
         ("nixl_buffer_size", 1024),
         ("enable_nixl", True),

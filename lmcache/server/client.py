@@ -83,6 +83,7 @@ from lmcache.transfer import BlockTransfer
 if TYPE_CHECKING:  # torch and pool sharing load on first register: `lmcache stats` never imports torch
     import torch
 
+    from lmcache.layered_load import LayerReady
     from lmcache.server.pool_sharing import RawCudaIPCWrapper
     from lmcache.server.shared_l1_worker import SharedL1Copier
 
@@ -318,9 +319,10 @@ class CacheServerClient:
         instance_id: int | None = None,
         timeout_s: float | None = None,
         stream: Any = None,
+        layers: LayerReady | None = None,
     ) -> int:
         """Load tokens ``[transfer.start, transfer.end)`` into their blocks; returns how many were
-        loaded (a prefix).
+        loaded (a prefix). ``layers``: a layer-wise shared-L1 load (:mod:`lmcache.layered_load`).
 
         The prompt as for :meth:`store`; hashes must name every chunk up to the one holding ``end``.
         ``stream`` (CUDA): the stream that reads the blocks next. The load comes after its work and
@@ -330,7 +332,7 @@ class CacheServerClient:
         """
         iid = self._iid(instance_id)
         if self.registrations.copies_itself(iid):
-            return self.shared_l1.retrieve(iid, transfer, pin_id, pin_owner, timeout_s, stream)
+            return self.shared_l1.retrieve(iid, transfer, pin_id, pin_owner, timeout_s, stream, layers)
         if stream is not None:
             stream.synchronize()  # the server writes the blocks from another process
         req = P.Retrieve(

@@ -36,6 +36,7 @@ from lmcache.server.client_registrations import Registrations
 from lmcache.transfer import BlockTransfer
 
 if TYPE_CHECKING:  # the client imports no torch until a shared-L1 pool is registered
+    from lmcache.layered_load import LayerReady
     from lmcache.server.client import Submitted
     from lmcache.server.shared_l1_worker import SharedL1Copier
 
@@ -219,9 +220,11 @@ class SharedL1Transfers:
         pin_owner: int | None,
         timeout_s: float | None,
         stream: Any = None,
+        layers: LayerReady | None = None,
     ) -> int:
         """Tokens loaded into ``transfer``'s blocks, a prefix (see :meth:`CacheServerClient.retrieve`;
-        with ``stream`` the copies may still be running on return, ``stream`` ordered after them).
+        with ``stream`` the copies may still be running on return, ``stream`` ordered after them, or,
+        given ``layers``, after each layer as it waits on ``layers``).
 
         The server answers in two parts when the load has more than :data:`FIRST_CHUNKS` chunks: the
         first chunks' copies start while it pins and names the rest. When this client's lookup took the
@@ -247,14 +250,16 @@ class SharedL1Transfers:
         early: dict[int, P.LoadChunk] = {}
         try:
             parts = self._submit(req, P.LoadSlots, timeout_s, deadline=True)
-            batch = copier.begin_load(transfer.block_ids, stream)  # set up while the first part travels
+            # set up while the first part travels
+            batch = copier.begin_load(transfer.block_ids, stream, layers)
             size, tpb = self._registrations.geometry(iid)
             early = copier.add_looked_up(batch, looked_up, transfer, size, tpb)
             reply, more = parts.next()
         except UnknownInstance:  # the server restarted or forgot us: the plain call registers again
             req.first = 0
             reply, more = self._call(req, P.LoadSlots, timeout_s, deadline=True), False
-            batch, early = copier.begin_load(transfer.block_ids, stream), {}  # all from the new server
+            # all from the new server
+            batch, early = copier.begin_load(transfer.block_ids, stream, layers), {}
         if reply.ticket == 0:
             if early:
                 copier.quiesce()  # nothing is pinned for them: no copy may outlive this call
@@ -267,7 +272,7 @@ class SharedL1Transfers:
                 assert parts is not None
                 reply, more = parts.next()
                 copier.add_load(batch, reply, transfer.block_ids, early)
-            copied = copier.finish_load(batch, stream)
+            copied = copier.finish_load(batch, stream, ordered=layers is None)
             if copied is not None:  # the copies are running: their report goes once they are done
                 self._report_when_done(copied, done, timeout_s)
                 reported_later = True

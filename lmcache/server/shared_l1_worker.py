@@ -21,6 +21,7 @@ import torch
 
 from lmcache import c_ops
 from lmcache.chunk_copy import CopyBatcher
+from lmcache.layered_load import LayerReady
 from lmcache.server import protocol as P
 from lmcache.server.slab_mappings import SlabMappings
 from lmcache.shm_slabs import SHM_DIR, ShmSlabError
@@ -132,17 +133,19 @@ class SharedL1Copier:
         batch.finish()
         self.quiesce()
 
-    def finish_load(self, batch: CopyBatcher[None], stream: Any = None) -> Any:
+    def finish_load(self, batch: CopyBatcher[None], stream: Any = None, *, ordered: bool = True) -> Any:
         """Enqueue the rest of a load's ``batch``. Given the CUDA stream that reads the blocks next,
-        order it after every copy, on the device, and return an event after them (the copies read the
-        slots until it completes); else (or for a CPU pool) return None once every copy is done."""
+        order it after every copy (unless not ``ordered``: a layer-wise load's reader waits layer by
+        layer), on the device, and return an event after them (the copies read the slots until it
+        completes); else (or for a CPU pool) return None once every copy is done."""
         if stream is None or self.stream is None:
             self.complete(batch)
             return None
         batch.finish()
         copied = torch.cuda.Event()
         copied.record(self.stream)
-        stream.wait_event(copied)
+        if ordered:
+            stream.wait_event(copied)
         return copied
 
     def quiesce(self) -> None:
@@ -150,14 +153,18 @@ class SharedL1Copier:
         if self.stream is not None:
             self.stream.synchronize()
 
-    def begin_load(self, block_ids: Sequence[int], after: Any = None) -> CopyBatcher[None]:
+    def begin_load(
+        self, block_ids: Sequence[int], after: Any = None, layers: LayerReady | None = None
+    ) -> CopyBatcher[None]:
         """A load's copies, ordered after the work queued on the stream ``after`` (kernels that may
         still read the blocks), its block ids uploaded at once (call it while the server's reply is on
-        its way); add the chunks of each reply part with :meth:`add_load`."""
+        its way); add the chunks of each reply part with :meth:`add_load`. Given ``layers``, the load
+        is layer-wise (:mod:`lmcache.layered_load`)."""
         if after is not None and self.stream is not None:
             self.stream.wait_stream(after)
-        batch = CopyBatcher(self.pool, self.stream, store=False, block_ids=block_ids)
-        batch.prepare_index()
+        batch = CopyBatcher(self.pool, self.stream, store=False, block_ids=block_ids, layers=layers)
+        if layers is None:
+            batch.prepare_index()
         return batch
 
     def add_looked_up(

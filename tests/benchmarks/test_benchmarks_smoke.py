@@ -61,11 +61,13 @@ def test_bench_tiers_and_mp_latency_and_model(tmp_path: Path) -> None:
 
 
 def test_bench_ttft(tmp_path: Path) -> None:
-    data = run_bench("bench_ttft.py", tmp_path / "ttft.json", "--repeats", "2", "--mp", "--disk-cold")
+    args = ("--repeats", "2", "--mp", "--disk-cold", "--layerwise")
+    data = run_bench("bench_ttft.py", tmp_path / "ttft.json", *args)
     for key in ("card", "device", "model", "dtype", "prompt_lengths", "tiers", "results", "checks"):
         assert key in data
     assert data["prompt_lengths"] == [128, 256]
-    assert data["tiers"] == ["recompute", "l1", "disk", "mp_export", "mp_shared-l1", "disk_cold"]
+    hooked = ["l1_hooked", "l1_layerwise", "mp_shared-l1_hooked", "mp_shared-l1_layerwise"]
+    assert data["tiers"] == ["recompute", "l1", "disk", "mp_export", "mp_shared-l1", "disk_cold", *hooked]
     rows = {(r["tokens"], r["tier"]): r for r in data["results"]}
     assert set(rows) == {(n, t) for n in (128, 256) for t in data["tiers"]}
     for (n, tier), r in rows.items():
@@ -73,8 +75,9 @@ def test_bench_ttft(tmp_path: Path) -> None:
         if tier != "recompute":
             assert r["kv_rows_bitwise_equal"] and r["logits_bitwise_equal_reference"]
             assert r["loaded_tokens"] == n - 16 and r["prefilled_tokens"] == 16
-        if tier.startswith("mp_"):
+        if tier.startswith("mp_") and tier.count("_") == 1:
             assert r["vs_inprocess"] > 0
+        assert ("vs_hooked" in r) == tier.endswith("_layerwise")
     assert rows[(128, "mp_shared-l1")]["vs_export"] > 0
 
 
@@ -123,8 +126,8 @@ def test_bench_ttft_fails_on_a_wrong_load(
     bench = _load_bench("bench_ttft", monkeypatch)
     real_load = bench.EngineTier.load
 
-    def corrupt_load(self, tokens, blocks, end, rid):  # noqa: ANN001, ANN202
-        loaded = real_load(self, tokens, blocks, end, rid)
+    def corrupt_load(self, tokens, blocks, end, rid, layers=None):  # noqa: ANN001, ANN202
+        loaded = real_load(self, tokens, blocks, end, rid, layers)
         self.pool[blocks[0], 0, 0, 0] += 1.0
         return loaded
 

@@ -35,7 +35,7 @@ class _Registrations:
     def check_blocks(self, block_ids: list[int], start: int, end: int, tokens_per_block: int) -> None:
         assert len(block_ids) * tokens_per_block >= end
 
-    def begin_load(self, block_ids: list[int], after: Any = None) -> list[P.LoadSlots]:
+    def begin_load(self, block_ids: list[int], after: Any = None, layers: Any = None) -> list[P.LoadSlots]:
         return []
 
     def add_looked_up(self, batch: list[P.LoadSlots], slots: list[P.SlotInfo], *args: Any) -> dict:
@@ -48,7 +48,7 @@ class _Registrations:
             raise RuntimeError("copy failed")
         batch.append(reply)
 
-    def finish_load(self, batch: list[P.LoadSlots], stream: Any = None) -> None:
+    def finish_load(self, batch: list[P.LoadSlots], stream: Any = None, *, ordered: bool = True) -> None:
         self.copied.extend(batch)
 
 

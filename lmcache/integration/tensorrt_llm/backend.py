@@ -12,6 +12,7 @@ from lmcache.integration.tensorrt_llm.inflight import Done
 from lmcache.integration.tensorrt_llm.plan import LoadPlan, Transfer
 from lmcache.integration.tensorrt_llm.planner import PromisedLoadError
 from lmcache.integration.tensorrt_llm.targets import PoolTarget
+from lmcache.layered_load import LayerReady
 from lmcache.logging import init_logger
 
 logger = init_logger("lmcache.integration.tensorrt_llm")
@@ -24,12 +25,19 @@ class TransferBackend(Protocol):
         """Take this rank's pools (one per layer-group region); called once at start-up."""
         ...
 
-    def load(self, plan: LoadPlan, context: Any, stream: Any) -> Done:
+    def layerwise_layers(self) -> int | None:
+        """The layers of this rank's pool if its loads can go layer-wise (one pool with a layer axis,
+        copied by this process), else None."""
+        ...
+
+    def load(self, plan: LoadPlan, context: Any, stream: Any, layers: LayerReady | None = None) -> Done:
         """Carry out a promised load (``context``: the metadata's ``backend_context``).
 
-        A synchronous load is ordered before the forward on ``stream``; an async one may run on.
-        The returned check tells when the KV is in place and visible; it raises
-        :class:`PromisedLoadError` if the load failed. A failure known at once raises here.
+        A synchronous load is ordered before the forward on ``stream``, or, given ``layers``, goes
+        layer-wise: ``layers`` gets each layer's event and ``stream`` is not ordered (the caller waits
+        layer by layer); an async one may run on. The returned check tells when the KV is in place and
+        visible; it raises :class:`PromisedLoadError` if the load failed. A failure known at once
+        raises here.
         """
         ...
 

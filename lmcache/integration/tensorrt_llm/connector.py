@@ -2,9 +2,10 @@
 
 The scheduler (rank 0) implements the flat and the per-layer-group forms, V2's prefix-reservation
 trio, ``cancel_load`` and ``request_reset``, all through one :class:`Planner`. The worker (every
-rank) registers a V1 pool or a V2 layout and hands loads and saves to its back-end. The per-layer
-hooks do nothing: they do not fire under CUDA-graph replay, so all work happens once per
-iteration (``start_load_kv``, ``wait_for_save``, ``get_finished``).
+rank) registers a V1 pool or a V2 layout and hands loads and saves to its back-end, once per
+iteration (``start_load_kv``, ``wait_for_save``, ``get_finished``). ``wait_for_layer_load`` lets each
+layer of the forward wait for its own KV only, once TRT-LLM has shown it calls the hook for every
+layer (:mod:`lmcache.integration.tensorrt_llm.layerwise`); ``save_kv_layer`` does nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from lmcache.forward_gate import FORWARD
 from lmcache.integration.tensorrt_llm._trtllm import KvCacheConnectorScheduler, KvCacheConnectorWorker
 from lmcache.integration.tensorrt_llm.backend import TransferBackend
 from lmcache.integration.tensorrt_llm.inflight import Done, InflightTransfers
+from lmcache.integration.tensorrt_llm.layerwise import LayerwiseLoads
 from lmcache.integration.tensorrt_llm.plan import ConnectorMetadata
 from lmcache.integration.tensorrt_llm.planner import Planner
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
@@ -77,6 +79,7 @@ class LMCacheWorker(KvCacheConnectorWorker):
         self._saves = InflightTransfers()
         self._loads = InflightTransfers()
         self._prefix_loads: dict[int, Done] = {}
+        self._layerwise = LayerwiseLoads(settings.layerwise)
 
     # -- registration -------------------------------------------------------------------------
 
@@ -103,6 +106,7 @@ class LMCacheWorker(KvCacheConnectorWorker):
                 f", window {target.window}" if target.window else "",
             )
         self.backend.register(targets)
+        self._layerwise.set_pool_layers(self.backend.layerwise_layers())
 
     def _meta(self) -> ConnectorMetadata:
         meta = self.get_connector_meta()
@@ -115,8 +119,10 @@ class LMCacheWorker(KvCacheConnectorWorker):
         flight keep off the GIL meanwhile (:mod:`lmcache.forward_gate`)."""
         FORWARD.close()
         meta = self._meta()
+        self._layerwise.begin_forward()
         for plan in meta.loads:
-            done = self.backend.load(plan, meta.backend_context, stream)
+            layers = self._layerwise.layers_for(plan)
+            done = self.backend.load(plan, meta.backend_context, stream, layers)
             if plan.reservation_id is not None:
                 self._prefix_loads[plan.reservation_id] = done
             elif plan.is_async:
@@ -124,15 +130,18 @@ class LMCacheWorker(KvCacheConnectorWorker):
 
     def wait_for_save(self, stream: Any) -> None:
         """Hand this iteration's saves to the back-end; a request whose saves are in flight keeps
-        its blocks until ``get_finished`` reports it."""
+        its blocks until ``get_finished`` reports it. ``stream`` is ordered after every load first; a
+        layer-wise load whose forward skipped a layer's hook fails here."""
         FORWARD.open()
+        self._layerwise.end_forward(stream)
         saves = self._meta().saves
         if saves:
             for request_id, done in self.backend.save(saves, stream):
                 self._saves.add(request_id, done)
 
     def wait_for_layer_load(self, layer_idx: int, stream: Any) -> None:
-        return None
+        """Order ``stream`` after layer ``layer_idx`` of this forward's layer-wise loads."""
+        self._layerwise.wait(layer_idx, stream)
 
     def save_kv_layer(self, layer_idx: int, stream: Any) -> None:
         return None

@@ -19,6 +19,7 @@ from lmcache.integration.tensorrt_llm.plan import Found, LoadPlan, PinKey, Promp
 from lmcache.integration.tensorrt_llm.save_queue import SaveQueue
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
 from lmcache.integration.tensorrt_llm.targets import PoolTarget
+from lmcache.layered_load import LayerReady
 from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
 from lmcache.rate_limit import RateLimitedLog
@@ -182,10 +183,14 @@ class EngineTransfers:
             return None
         return stream if stream is not None else torch.cuda.current_stream(self._pools[0].pool.tensor.device)
 
-    def load(self, plan: LoadPlan, context: Any, stream: Any) -> Done:
+    def layerwise_layers(self) -> int | None:
+        pools = self._registered()
+        return pools[0].space.layout.num_layers if len(pools) == 1 else None
+
+    def load(self, plan: LoadPlan, context: Any, stream: Any, layers: LayerReady | None = None) -> Done:
         """Copies on the worker's load stream (warmed at registration), after the caller's earlier work
         (blocks may still be read by earlier kernels); a synchronous load orders the caller's stream
-        after them."""
+        after them, unless it is layer-wise (``layers``)."""
         engine = self._shared.engine
         caller = self._caller_stream(stream)
         target_stream = self._load_stream if caller is not None else None
@@ -199,7 +204,7 @@ class EngineTransfers:
                     continue
                 block_transfer = transfer.for_target(pool.pool.target)
                 loaded = engine.retrieve(
-                    pool.space, self._rank, pool.pool.tensor, block_transfer, target_stream
+                    pool.space, self._rank, pool.pool.tensor, block_transfer, target_stream, layers=layers
                 )
                 check_loaded(plan, transfer, loaded)
         finally:
@@ -209,7 +214,7 @@ class EngineTransfers:
             return event_done(None)
         event = torch.cuda.Event()
         event.record(target_stream)
-        if not plan.is_async:
+        if not plan.is_async and layers is None:
             caller.wait_event(event)  # the forward reads the loaded blocks after the copies
         return event_done(event)
 

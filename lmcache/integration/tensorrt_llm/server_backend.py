@@ -35,6 +35,7 @@ from lmcache.integration.tensorrt_llm.plan import Found, LoadPlan, PinKey, Promp
 from lmcache.integration.tensorrt_llm.planner import PromisedLoadError
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
 from lmcache.integration.tensorrt_llm.targets import PoolTarget
+from lmcache.layered_load import LayerReady
 from lmcache.logging import init_logger
 from lmcache.rate_limit import RateLimitedLog
 from lmcache.server.client import (
@@ -281,7 +282,14 @@ class ServerTransfers:
 
     # -- loads --------------------------------------------------------------------------------
 
-    def load(self, plan: LoadPlan, context: Any, stream: Any) -> Done:
+    def layerwise_layers(self) -> int | None:
+        """One pool with a layer axis (an exported pool's loads are done when they return: its events
+        stay unset, and waiting on them costs nothing)."""
+        if len(self._targets) != 1:
+            return None
+        return int(self._targets[0].tensor.shape[1])
+
+    def load(self, plan: LoadPlan, context: Any, stream: Any, layers: LayerReady | None = None) -> Done:
         self._ensure_registered()
         if self._is_cuda() and stream is None:
             stream = torch.cuda.current_stream(self._targets[0].tensor.device)
@@ -289,7 +297,7 @@ class ServerTransfers:
         if not plan.is_async:
             # Ordered against ``stream`` by the client: on the device for shared-L1 pools (the copies
             # may still run when this returns, ``stream`` waits for them), by the host for exported ones.
-            self._load(plan, owners, stream)
+            self._load(plan, owners, stream, layers)
             return lambda: True
         if stream is not None:
             # Loaded on another thread, reported done once complete: earlier kernels must be done with
@@ -298,7 +306,9 @@ class ServerTransfers:
         future = self._loader.submit(self._load, plan, owners, None)
         return lambda: future.done() and future.result() is None
 
-    def _load(self, plan: LoadPlan, owners: dict[TargetId, int], stream: Any) -> None:
+    def _load(
+        self, plan: LoadPlan, owners: dict[TargetId, int], stream: Any, layers: LayerReady | None = None
+    ) -> None:
         by_group = {transfer.group: transfer for transfer in plan.transfers}
         pin_id = _pin_id(plan.pin)
         for target in self._targets:
@@ -312,6 +322,7 @@ class ServerTransfers:
                     pin_owner=owners.get(target.target),
                     instance_id=self._instances[target.target],
                     stream=stream,
+                    layers=layers,
                 )
             except (ServerUnavailable, ServerError) as exc:
                 if transfer is None:

@@ -16,6 +16,8 @@ class ConnectorSettings:
     world_size: int
     tokens_per_block: int
     chunk_size: int
+    layerwise: bool = True
+    """Loads may go layer-wise (``use_layerwise``; :mod:`lmcache.integration.tensorrt_llm.layerwise`)."""
 
     @classmethod
     def from_llm_args(cls, llm_args: Any, config: LMCacheEngineConfig) -> ConnectorSettings:
@@ -38,7 +40,11 @@ class ConnectorSettings:
         model = config.model_name or str(getattr(llm_args, "model", None) or "unknown-model")
         world = int(getattr(llm_args, "tensor_parallel_size", 1) or 1)
         return cls(
-            model_name=model, world_size=world, tokens_per_block=int(tpb), chunk_size=config.chunk_size
+            model_name=model,
+            world_size=world,
+            tokens_per_block=int(tpb),
+            chunk_size=config.chunk_size,
+            layerwise=config.use_layerwise,
         )
 
 

@@ -1,0 +1,147 @@
+"""Layer-wise loads: a load's rows land layer group by layer group, each group with its own event, so
+the forward's layer ``i`` waits only for layer ``i``'s KV (TRT-LLM's ``wait_for_layer_load`` hook)
+while the copy engine moves the later layers.
+
+A cached chunk keeps whole pool rows (every layer of a block), so one layer of a run of rows is a
+2-D copy: ``rows`` lines of the layer group's bytes, a row apart in the host buffer
+(:func:`lmcache.dma2d.copy_2d`). Rows adjacent in the pool go straight there; scattered rows go
+through device staging and one ``index_copy_`` per group, as whole loads do (:mod:`lmcache.c_ops`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lmcache import c_ops, dma2d
+
+MIN_GROUP_BYTES = 64 << 10
+"""Fewest bytes of a row one layer group's copy moves: narrower lines cost the copy engine bandwidth."""
+
+
+def layer_groups(num_layers: int, layer_bytes: int) -> list[tuple[int, int]]:
+    """Consecutive layer ranges ``[a, b)`` covering ``num_layers``, each at least ``MIN_GROUP_BYTES``
+    of a row (``layer_bytes`` per layer) unless it is the whole row."""
+    per_group = max(1, -(-MIN_GROUP_BYTES // max(1, layer_bytes)))
+    return [(a, min(num_layers, a + per_group)) for a in range(0, num_layers, per_group)]
+
+
+class LayerReady:
+    """Where a layer-wise load stands, per pool layer: the event after which its rows are in place.
+
+    Filled by :func:`scatter_layers`; ``done`` is the event after every copy (None on CPU, where the
+    copies are synchronous). :meth:`wait` orders a stream after one layer.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.events: list[Any] = [None] * num_layers
+        self.done: Any = None
+        self.went_layerwise = False
+        """Whether the load's copies went layer by layer (a load done when it returned did not)."""
+
+    def wait(self, layer: int, stream: Any) -> None:
+        """Order ``stream`` after layer ``layer``'s rows (after every row for a layer this load does not
+        know: never earlier than needed)."""
+        event = self.events[layer] if 0 <= layer < self.num_layers else self.done
+        if event is not None and stream is not None:
+            stream.wait_event(event)
+
+    def wait_all(self, stream: Any) -> None:
+        """Order ``stream`` after every copy of the load."""
+        if self.done is not None and stream is not None:
+            stream.wait_event(self.done)
+
+
+def scatter_layers(
+    pool: torch.Tensor, stream: Any, chunks: Sequence[c_ops.ChunkCopy], ready: LayerReady
+) -> None:
+    """Copy each chunk's host rows into ``pool[block_ids]``, one layer group after the other, enqueued on
+    ``stream`` (CUDA); ``ready`` gets each layer's event, and ``stream`` is ordered after every copy."""
+    for block_ids, _ in chunks:
+        c_ops.check_block_ids(pool, block_ids)
+    num_layers = pool.shape[1]
+    if ready.num_layers != num_layers:
+        raise ValueError(f"a layer-wise load into a {num_layers}-layer pool got {ready.num_layers} layers")
+    ready.went_layerwise = True
+    layer_bytes = math.prod(pool.shape[2:]) * pool.element_size()
+    groups = layer_groups(num_layers, layer_bytes)
+    joined = c_ops.join_adjacent(_last_writes(chunks))
+    if not pool.is_cuda:
+        for a, b in groups:
+            for block_ids, src in joined:
+                for offset, first, length in c_ops.block_runs(block_ids):
+                    pool[first : first + length, a:b].copy_(src[offset : offset + length, a:b])
+        return
+    _scatter_layers_cuda(pool, stream, joined, groups, layer_bytes, ready)
+
+
+def _last_writes(chunks: Sequence[c_ops.ChunkCopy]) -> list[c_ops.ChunkCopy]:
+    """The copies with every row a later copy writes again left out: a chunk queued early from the slot
+    a lookup named and again from the slot the server's reply named must land from the second, and
+    the layer groups below do not keep the order of copies to one row."""
+    seen: set[int] = set()
+    kept: list[c_ops.ChunkCopy] = []
+    for block_ids, src in reversed(chunks):
+        fresh = [i for i, block in enumerate(block_ids) if block not in seen]
+        seen.update(block_ids)
+        if len(fresh) == len(block_ids):
+            kept.append((block_ids, src))
+            continue
+        for _, first, length in c_ops.block_runs(fresh):
+            kept.append((block_ids[first : first + length], src[first : first + length]))
+    kept.reverse()
+    return kept
+
+
+def _scatter_layers_cuda(
+    pool: torch.Tensor,
+    stream: Any,
+    joined: list[c_ops.ChunkCopy],
+    groups: list[tuple[int, int]],
+    layer_bytes: int,
+    ready: LayerReady,
+) -> None:
+    for _, src in joined:
+        if not src[0].is_contiguous() or src.is_cuda:
+            raise ValueError("a layer-wise load reads host buffers of whole, contiguous rows")
+    direct = [(ids, src) for ids, src in joined if c_ops.is_contiguous_run(ids)]
+    scattered = [(ids, src) for ids, src in joined if not c_ops.is_contiguous_run(ids)]
+    side = c_ops.side_stream(pool.device, "scatter")
+    pool_pitch = pool.stride(0) * pool.element_size()
+    rows = sum(len(ids) for ids, _ in scattered)
+    with torch.cuda.stream(stream):
+        index = c_ops.index_tensor([b for ids, _ in scattered for b in ids], pool.device) if rows else None
+        for a, b in groups:
+            width, offset = (b - a) * layer_bytes, a * layer_bytes
+            for ids, src in direct:
+                dst = pool.data_ptr() + ids[0] * pool_pitch + offset
+                src_pitch = src.stride(0) * src.element_size()
+                dma2d.copy_2d(dst, pool_pitch, src.data_ptr() + offset, src_pitch, width, len(ids), stream)
+            landed = torch.cuda.Event()
+            if scattered:
+                staging = torch.empty((rows, b - a, *pool.shape[2:]), dtype=pool.dtype, device=pool.device)
+                line = 0
+                for ids, src in scattered:
+                    src_pitch = src.stride(0) * src.element_size()
+                    dst = staging.data_ptr() + line * width
+                    dma2d.copy_2d(dst, width, src.data_ptr() + offset, src_pitch, width, len(ids), stream)
+                    line += len(ids)
+                copied = torch.cuda.Event()
+                copied.record(stream)
+                side.wait_event(copied)
+                with torch.cuda.stream(side):
+                    pool[:, a:b].index_copy_(0, index, staging)
+                staging.record_stream(side)
+                landed.record(side)
+            else:
+                landed.record(stream)
+            for layer in range(a, b):
+                ready.events[layer] = landed
+        if index is not None:
+            index.record_stream(side)
+    stream.wait_event(landed)
+    ready.done = landed

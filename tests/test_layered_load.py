@@ -1,0 +1,101 @@
+"""Layer-wise loads on the host path: the same rows as a whole load, layer group by layer group."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmcache import c_ops, layered_load
+from lmcache.chunk_copy import CopyBatcher
+from lmcache.layered_load import LayerReady, layer_groups, scatter_layers
+
+
+def _pool(blocks: int = 12, layers: int = 5) -> torch.Tensor:
+    return torch.zeros(blocks, layers, 2, 8, dtype=torch.float32)
+
+
+def _chunk(block_ids: list[int], layers: int, seed: int) -> c_ops.ChunkCopy:
+    g = torch.Generator().manual_seed(seed)
+    return block_ids, torch.randn(len(block_ids), layers, 2, 8, generator=g)
+
+
+def test_layer_groups_cover_every_layer_once_and_reach_the_minimum_width() -> None:
+    for layers, layer_bytes in [(28, 32 << 10), (32, 128 << 10), (80, 16 << 10), (3, 1), (1, 1 << 20)]:
+        groups = layer_groups(layers, layer_bytes)
+        assert [layer for a, b in groups for layer in range(a, b)] == list(range(layers))
+        narrow = [(a, b) for a, b in groups if (b - a) * layer_bytes < layered_load.MIN_GROUP_BYTES]
+        assert narrow in ([], [groups[-1]])  # only the rest after the last full group may be narrower
+    assert layer_groups(28, 32 << 10)[0] == (0, 2)
+    assert len(layer_groups(32, 128 << 10)) == 32
+
+
+@pytest.mark.parametrize("min_bytes", [1, 200, 1 << 20])  # one layer, two layers, all five per group
+def test_a_layered_load_writes_what_a_whole_load_writes(monkeypatch, min_bytes: int) -> None:
+    monkeypatch.setattr(layered_load, "MIN_GROUP_BYTES", min_bytes)
+    chunks = [_chunk([3, 4, 5], 5, 1), _chunk([9, 0], 5, 2), _chunk([7], 5, 3), _chunk([10, 11], 5, 4)]
+    whole, layered = _pool(), _pool()
+    c_ops.scatter_from_host(whole, chunks)
+    ready = LayerReady(5)
+    scatter_layers(layered, None, chunks, ready)
+    assert torch.equal(layered, whole)
+    assert ready.went_layerwise and ready.done is None  # host copies: done when the call returns
+    untouched = [b for b in range(12) if b not in {3, 4, 5, 9, 0, 7, 10, 11}]
+    assert not layered[untouched].any()
+
+
+def test_a_row_copied_twice_lands_from_the_later_copy() -> None:
+    """A chunk queued from a lookup's slot and again from the reply's slot: the second copy wins (on
+    CUDA the first, scattered, goes through staging after the second's direct copy: test_cuda.py)."""
+    early, late = _chunk([3, 2], 4, 1), _chunk([3], 4, 2)
+    other = _chunk([8], 4, 3)
+    pool = _pool(layers=4)
+    scatter_layers(pool, None, [early, other, late], LayerReady(4))
+    assert torch.equal(pool[2], early[1][1])
+    assert torch.equal(pool[3], late[1][0])
+    assert torch.equal(pool[8], other[1][0])
+
+
+def test_bad_block_ids_and_layer_counts_change_nothing() -> None:
+    pool = _pool()
+    with pytest.raises(IndexError, match=r"block ids must be in \[0, 12\)"):
+        scatter_layers(pool, None, [_chunk([1, 2], 5, 1), _chunk([12], 5, 2)], LayerReady(5))
+    with pytest.raises(ValueError, match="5-layer pool got 4 layers"):
+        scatter_layers(pool, None, [_chunk([1], 5, 1)], LayerReady(4))
+    assert not pool.any()
+
+
+def test_a_layered_batcher_enqueues_everything_at_finish_and_stores_are_never_layered() -> None:
+    pool = _pool()
+    chunks = [_chunk([1, 2], 5, 1), _chunk([6], 5, 2)]
+    flushed: list[list[int]] = []
+    ready = LayerReady(5)
+    batch: CopyBatcher[int] = CopyBatcher(
+        pool, store=False, on_flush=lambda items, _: flushed.append(items), layers=ready
+    )
+    for i, (ids, src) in enumerate(chunks):
+        batch.add(ids, src, i)
+    assert not pool.any() and not flushed  # nothing before finish: layer 0 of every chunk goes first
+    batch.finish()
+    assert flushed == [[0, 1]] and ready.went_layerwise
+    assert torch.equal(pool[[1, 2, 6]], torch.cat([chunks[0][1], chunks[1][1]]))
+    with pytest.raises(ValueError, match="only loads are layer-wise"):
+        CopyBatcher(pool, store=True, layers=LayerReady(5))
+
+
+def test_waits_on_a_host_load_are_no_ops_and_unknown_layers_wait_for_everything() -> None:
+    class Stream:
+        def __init__(self) -> None:
+            self.waited: list[object] = []
+
+        def wait_event(self, event: object) -> None:
+            self.waited.append(event)
+
+    ready, stream = LayerReady(3), Stream()
+    ready.wait(0, stream)
+    ready.wait_all(stream)
+    assert stream.waited == []
+    ready.events, ready.done = ["e0", "e1", "e2"], "all"
+    ready.wait(1, stream)
+    ready.wait(7, stream)  # a layer the pool does not have: never earlier than the whole load
+    ready.wait_all(stream)
+    assert stream.waited == ["e1", "all", "all"]

@@ -1,0 +1,93 @@
+"""Layer-wise loads on CUDA: each layer's event covers that layer's rows, the strided copies land
+bit-equal, and a row copied twice lands from the later copy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmcache import layered_load
+from lmcache.config import LMCacheEngineConfig
+from lmcache.engine import CacheEngine, KeySpace
+from lmcache.layered_load import LayerReady, scatter_layers
+from lmcache.layout import PoolLayout
+from lmcache.transfer import BlockTransfer
+
+pytestmark = pytest.mark.gpu
+
+LAYERS, TPB = 6, 32
+
+
+def _pool(blocks: int = 96) -> torch.Tensor:
+    return torch.randn(blocks, LAYERS, 2, 2 * TPB * 16, device="cuda").to(torch.bfloat16)
+
+
+def _host(rows: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((rows, LAYERS, 2, 2 * TPB * 16), generator=g).to(torch.bfloat16).pin_memory()
+
+
+@pytest.mark.parametrize("min_bytes", [1, 1 << 30])  # one group per layer; one group for all
+def test_each_layers_event_covers_its_rows_while_the_load_is_held_back(monkeypatch, min_bytes: int) -> None:
+    monkeypatch.setattr(layered_load, "MIN_GROUP_BYTES", min_bytes)
+    pool = _pool()
+    slab = _host(12, 1)  # chunks back to back in one buffer (joined), and one on its own
+    chunks = [([10, 11, 12, 13], slab[0:4]), ([40, 7, 33, 2], slab[4:8]), ([50, 51], slab[8:10])]
+    chunks.append(([90, 60], _host(2, 2)))
+    load, reader = torch.cuda.Stream(), torch.cuda.Stream()
+    load.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(load):
+        torch.cuda._sleep(200_000_000)  # the copies wait behind this: the reads below are enqueued first
+    ready = LayerReady(LAYERS)
+    scatter_layers(pool, load, chunks, ready)
+    ids = [b for block_ids, _ in chunks for b in block_ids]
+    want = torch.cat([src for _, src in chunks])
+    got = []
+    for layer in range(LAYERS):
+        ready.wait(layer, reader)
+        with torch.cuda.stream(reader):
+            got.append(pool[ids, layer].clone())
+    reader.synchronize()
+    for layer in range(LAYERS):
+        assert torch.equal(got[layer].cpu(), want[:, layer]), f"layer {layer} read before it landed"
+    distinct = len({id(event) for event in ready.events})
+    assert distinct == (LAYERS if min_bytes == 1 else 1)
+    load.synchronize()
+    assert ready.done.query()
+
+
+def test_a_row_copied_twice_lands_from_the_later_copy_on_cuda() -> None:
+    """The first copy's rows are scattered (staging, then a kernel on the helper stream), the second's
+    adjacent (a copy straight into the pool, earlier on the stream): the second must still win."""
+    pool = _pool()
+    early, late = ([3, 2], _host(2, 3)), ([3], _host(1, 4))
+    ready = LayerReady(LAYERS)
+    scatter_layers(pool, torch.cuda.current_stream(), [early, late], ready)
+    torch.cuda.synchronize()
+    assert torch.equal(pool[2].cpu(), early[1][1])
+    assert torch.equal(pool[3].cpu(), late[1][0])
+
+
+def test_an_engine_load_layer_wise_is_bit_equal_to_a_whole_load(monkeypatch) -> None:
+    monkeypatch.setattr(layered_load, "MIN_GROUP_BYTES", 1)
+    source = _pool(64)
+    config = LMCacheEngineConfig.from_defaults(chunk_size=256, max_local_cpu_size=0.5)
+    space = KeySpace("m", PoolLayout.of_pool(source, TPB))
+    tokens = list(range(2048))
+    stored = list(range(64))
+    with CacheEngine(config) as engine:
+        engine.store(space, 0, source, BlockTransfer(tokens, None, stored, 0, 2048))
+        torch.cuda.synchronize()
+        targets = [63 - b for b in range(64)]
+        targets[8:16] = list(range(20, 28))  # one chunk adjacent in the pool
+        whole, layered = torch.zeros_like(source), torch.zeros_like(source)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        assert engine.retrieve(space, 0, whole, BlockTransfer(tokens, None, targets, 0, 2048), stream) == 2048
+        ready = LayerReady(LAYERS)
+        transfer = BlockTransfer(tokens, None, targets, 0, 2048)
+        assert engine.retrieve(space, 0, layered, transfer, stream, layers=ready) == 2048
+        assert ready.went_layerwise
+        stream.synchronize()
+    assert torch.equal(layered, whole)
+    assert torch.equal(layered[targets], source[stored])
