@@ -21,11 +21,18 @@ from lmcache import c_ops, dma2d
 MIN_GROUP_BYTES = 64 << 10
 """Fewest bytes of a row one layer group's copy moves: narrower lines cost the copy engine bandwidth."""
 
+MIN_COPY_BYTES = 2 << 20
+"""Fewest bytes one 2-D copy should move on average: every copy costs the copy engine a set-up and the
+host a call, and a load makes one per layer group and run of rows that follow each other in host
+memory (benchmarks/RESULTS.md, D45)."""
 
-def layer_groups(num_layers: int, layer_bytes: int) -> list[tuple[int, int]]:
-    """Consecutive layer ranges ``[a, b)`` covering ``num_layers``, each at least ``MIN_GROUP_BYTES``
-    of a row (``layer_bytes`` per layer) unless it is the whole row."""
-    per_group = max(1, -(-MIN_GROUP_BYTES // max(1, layer_bytes)))
+
+def layer_groups(num_layers: int, layer_bytes: int, rows_per_copy: float = math.inf) -> list[tuple[int, int]]:
+    """Consecutive layer ranges ``[a, b)`` covering ``num_layers``, each at least ``MIN_GROUP_BYTES`` of
+    a row (``layer_bytes`` per layer) and wide enough that a copy of ``rows_per_copy`` rows of it
+    moves ``MIN_COPY_BYTES``, unless it is the whole row."""
+    width = max(MIN_GROUP_BYTES, MIN_COPY_BYTES / rows_per_copy)
+    per_group = max(1, math.ceil(width / max(1, layer_bytes)))
     return [(a, min(num_layers, a + per_group)) for a in range(0, num_layers, per_group)]
 
 
@@ -68,8 +75,9 @@ def scatter_layers(
         raise ValueError(f"a layer-wise load into a {num_layers}-layer pool got {ready.num_layers} layers")
     ready.went_layerwise = True
     layer_bytes = math.prod(pool.shape[2:]) * pool.element_size()
-    groups = layer_groups(num_layers, layer_bytes)
     joined = c_ops.join_adjacent(_last_writes(chunks))
+    rows = sum(len(block_ids) for block_ids, _ in joined)
+    groups = layer_groups(num_layers, layer_bytes, rows / max(1, len(joined)))
     if not pool.is_cuda:
         for a, b in groups:
             for block_ids, src in joined:

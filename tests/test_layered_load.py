@@ -27,11 +27,15 @@ def test_layer_groups_cover_every_layer_once_and_reach_the_minimum_width() -> No
         assert narrow in ([], [groups[-1]])  # only the rest after the last full group may be narrower
     assert layer_groups(28, 32 << 10)[0] == (0, 2)
     assert len(layer_groups(32, 128 << 10)) == 32
+    # Copies of 8 rows (one chunk each, not joined): each must still move MIN_COPY_BYTES.
+    assert layer_groups(28, 32 << 10, rows_per_copy=8)[0] == (0, 8)
+    assert layer_groups(28, 32 << 10, rows_per_copy=512)[0] == (0, 2)
 
 
 @pytest.mark.parametrize("min_bytes", [1, 200, 1 << 20])  # one layer, two layers, all five per group
 def test_a_layered_load_writes_what_a_whole_load_writes(monkeypatch, min_bytes: int) -> None:
     monkeypatch.setattr(layered_load, "MIN_GROUP_BYTES", min_bytes)
+    monkeypatch.setattr(layered_load, "MIN_COPY_BYTES", 1)
     chunks = [_chunk([3, 4, 5], 5, 1), _chunk([9, 0], 5, 2), _chunk([7], 5, 3), _chunk([10, 11], 5, 4)]
     whole, layered = _pool(), _pool()
     c_ops.scatter_from_host(whole, chunks)

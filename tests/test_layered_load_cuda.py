@@ -30,6 +30,7 @@ def _host(rows: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("min_bytes", [1, 1 << 30])  # one group per layer; one group for all
 def test_each_layers_event_covers_its_rows_while_the_load_is_held_back(monkeypatch, min_bytes: int) -> None:
     monkeypatch.setattr(layered_load, "MIN_GROUP_BYTES", min_bytes)
+    monkeypatch.setattr(layered_load, "MIN_COPY_BYTES", 1)
     pool = _pool()
     slab = _host(12, 1)  # chunks back to back in one buffer (joined), and one on its own
     chunks = [([10, 11, 12, 13], slab[0:4]), ([40, 7, 33, 2], slab[4:8]), ([50, 51], slab[8:10])]
@@ -70,6 +71,7 @@ def test_a_row_copied_twice_lands_from_the_later_copy_on_cuda() -> None:
 
 def test_an_engine_load_layer_wise_is_bit_equal_to_a_whole_load(monkeypatch) -> None:
     monkeypatch.setattr(layered_load, "MIN_GROUP_BYTES", 1)
+    monkeypatch.setattr(layered_load, "MIN_COPY_BYTES", 1)
     source = _pool(64)
     config = LMCacheEngineConfig.from_defaults(chunk_size=256, max_local_cpu_size=0.5)
     space = KeySpace("m", PoolLayout.of_pool(source, TPB))
@@ -79,7 +81,7 @@ def test_an_engine_load_layer_wise_is_bit_equal_to_a_whole_load(monkeypatch) -> 
         engine.store(space, 0, source, BlockTransfer(tokens, None, stored, 0, 2048))
         torch.cuda.synchronize()
         targets = [63 - b for b in range(64)]
-        targets[8:16] = list(range(20, 28))  # one chunk adjacent in the pool
+        targets[8:16] = sorted(targets[8:16])  # one chunk adjacent in the pool
         whole, layered = torch.zeros_like(source), torch.zeros_like(source)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

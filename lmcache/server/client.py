@@ -291,8 +291,7 @@ class CacheServerClient:
         instance_id: int | None = None,
         timeout_s: float | None = None,
     ) -> int:
-        """Save the chunks of ``transfer`` (see :class:`BlockTransfer`) from this rank's blocks;
-        returns tokens newly stored.
+        """Save ``transfer``'s chunks from this rank's blocks; returns the tokens newly stored.
 
         The prompt is token ids, or a :class:`PromptHashes` (see :meth:`chunk_hashes`): it then travels
         as its chunk hashes, and only the full chunks they name are stored. CUDA: the blocks must

@@ -118,6 +118,7 @@ def test_the_seed_scenario_in_process_with_layer_wise_loads(
 ) -> None:
     lmcache_env.setenv("LMCACHE_USE_LAYERWISE", str(layerwise))
     monkeypatch.setattr(layered_load, "MIN_GROUP_BYTES", 1)  # a group per layer
+    monkeypatch.setattr(layered_load, "MIN_COPY_BYTES", 1)
     counting = _Counting()
     monkeypatch.setattr(chunk_copy, "scatter_layers", counting)
     a, b = prompt(520, start=1), prompt(520, start=2)
@@ -138,6 +139,7 @@ def test_the_seed_scenario_through_a_shared_l1_server_with_layer_wise_loads(
 ) -> None:
     lmcache_env.setenv("LMCACHE_POOL_SHARING", "shared-l1")
     monkeypatch.setattr(layered_load, "MIN_GROUP_BYTES", 1)
+    monkeypatch.setattr(layered_load, "MIN_COPY_BYTES", 1)
     counting = _Counting()
     monkeypatch.setattr(chunk_copy, "scatter_layers", counting)
     server = ServerProcess(tmp_path, None, "--chunk-size", "64").start()
