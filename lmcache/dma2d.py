@@ -37,6 +37,7 @@ def _loaded_cudart() -> str | None:
 
 @functools.cache
 def _memcpy2d() -> Any:
+    """``cudaMemcpy2DAsync`` of the runtime PyTorch loaded (else any the process can resolve)."""
     torch.cuda.init()
     candidates = [path for path in (_loaded_cudart(),) if path] + [None]
     for path in candidates:

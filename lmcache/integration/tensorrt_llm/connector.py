@@ -106,7 +106,7 @@ class LMCacheWorker(KvCacheConnectorWorker):
                 f", window {target.window}" if target.window else "",
             )
         self.backend.register(targets)
-        self._layerwise.set_pool_layers(self.backend.layerwise_layers())
+        self._layerwise.set_pool_layers(self.backend.layerwise_layers(), targets[0].tensor.is_cuda)
 
     def _meta(self) -> ConnectorMetadata:
         meta = self.get_connector_meta()

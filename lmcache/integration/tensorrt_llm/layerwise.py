@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lmcache import dma2d
 from lmcache.integration.tensorrt_llm.plan import LoadPlan
 from lmcache.integration.tensorrt_llm.planner import PromisedLoadError
 from lmcache.layered_load import LayerReady
@@ -33,9 +34,13 @@ class LayerwiseLoads:
         self._seen: set[int] = set()
         self._loads: list[LayerReady] = []
 
-    def set_pool_layers(self, num_layers: int | None) -> None:
-        """What the back-end can load by layer (None: nothing; a single-layer pool gains nothing)."""
+    def set_pool_layers(self, num_layers: int | None, cuda: bool) -> None:
+        """What the back-end can load by layer (None: nothing; a single-layer pool gains nothing), into
+        a CUDA pool or not (2-D copies need the CUDA runtime's entry point)."""
         self.num_layers = num_layers if num_layers is not None and num_layers > 1 else None
+        if self.num_layers and self.enabled and cuda and not dma2d.available():
+            logger.warning("LMCache: cudaMemcpy2DAsync not found in this process; loads stay whole")
+            self.num_layers = None
 
     def begin_forward(self) -> None:
         """A new forward (``start_load_kv``): no hook seen, no load in flight."""

@@ -12,6 +12,7 @@ from support.e2e import DEVICES, MODEL, assert_same_output, baseline, llm_args, 
 from support.server_process import ServerProcess
 
 from lmcache import chunk_copy, layered_load
+from lmcache.integration.tensorrt_llm import layerwise
 from lmcache.integration.tensorrt_llm.connector import LMCacheWorker
 from lmcache.integration.tensorrt_llm.inflight import Done
 from lmcache.integration.tensorrt_llm.plan import ConnectorMetadata, LoadPlan, PinKey, Prompt, Transfer
@@ -97,6 +98,15 @@ def test_a_layer_wise_forward_that_skips_a_hook_fails_and_turns_layer_wise_loads
         _forward(worker, [_plan(1)], hooked=[0, 1])
     _forward(worker, [_plan(2)], hooked=[0, 1, 2])
     assert [layers is not None for layers in backend.given] == [True, False]
+
+
+def test_a_cuda_pool_loads_whole_without_the_runtimes_2d_copy(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(layerwise.dma2d, "available", lambda: False)
+    loads = layerwise.LayerwiseLoads(enabled=True)
+    loads.set_pool_layers(LAYERS, cuda=True)
+    assert loads.num_layers is None and "cudaMemcpy2DAsync not found" in caplog.text
+    loads.set_pool_layers(LAYERS, cuda=False)  # host copies need no runtime
+    assert loads.num_layers == LAYERS
 
 
 class _Counting:
