@@ -71,8 +71,9 @@ class CopyBatcher(Generic[T]):
     DMA engine moves the previous one (see benchmarks/RESULTS.md, D4 and D6). After each batch is enqueued,
     ``on_flush(items, event)`` gets the items added with it and an event after its copies (None on CPU).
 
-    A load given ``layers`` is layer-wise (:mod:`lmcache.layered_load`): its chunks are all enqueued
-    by :meth:`finish`, layer group by layer group, and ``layers`` gets each layer's event.
+    A load given ``layers`` is layer-wise (:mod:`lmcache.layered_load`): its chunks are enqueued only
+    by :meth:`flush` and :meth:`finish`, layer group by layer group, and ``layers`` gets each layer's
+    event.
     """
 
     FLUSH_CHUNKS = 4  # larger batches gained nothing, smaller ones lost bandwidth (benchmarks/RESULTS.md, D6)

@@ -43,7 +43,9 @@ class LayerReady:
     """Where a layer-wise load stands, per pool layer: the event after which its rows are in place.
 
     Filled by :func:`scatter_layers`; ``done`` is the event after every copy (None on CPU, where the
-    copies are synchronous). :meth:`wait` orders a stream after one layer.
+    copies are synchronous). :meth:`wait` orders a stream after one layer. A load may scatter in
+    several batches: each starts after the one before has landed, so the last batch's events stand
+    for all (a row copied twice lands from the later batch).
     """
 
     def __init__(self, num_layers: int) -> None:

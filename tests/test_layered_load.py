@@ -103,3 +103,17 @@ def test_waits_on_a_host_load_are_no_ops_and_unknown_layers_wait_for_everything(
     ready.wait(7, stream)  # a layer the pool does not have: never earlier than the whole load
     ready.wait_all(stream)
     assert stream.waited == ["e1", "all", "all"]
+
+
+def test_a_layered_batch_flushed_twice_lands_the_second_over_the_first() -> None:
+    """Chunks copied early from a lookup's slots, then one named again by the server's reply."""
+    pool = _pool()
+    ready = LayerReady(5)
+    batch: CopyBatcher[None] = CopyBatcher(pool, store=False, layers=ready)
+    early, again = _chunk([1, 2], 5, 1), _chunk([2], 5, 2)
+    batch.add(*early, None)
+    batch.flush()
+    assert torch.equal(pool[[1, 2]], early[1])  # enqueued at the flush, before the reply
+    batch.add(*again, None)
+    batch.finish()
+    assert torch.equal(pool[1], early[1][0]) and torch.equal(pool[2], again[1][0])

@@ -93,3 +93,29 @@ def test_an_engine_load_layer_wise_is_bit_equal_to_a_whole_load(monkeypatch) -> 
         stream.synchronize()
     assert torch.equal(layered, whole)
     assert torch.equal(layered[targets], source[stored])
+
+
+def test_a_second_batch_lands_after_the_first_even_when_the_first_is_held_back(monkeypatch) -> None:
+    """A load's early chunks (from the lookup's slots), then a chunk the reply names again: the rows
+    end as the second batch wrote them, and its layer events stand for both batches."""
+    monkeypatch.setattr(layered_load, "MIN_GROUP_BYTES", 1)
+    monkeypatch.setattr(layered_load, "MIN_COPY_BYTES", 1)
+    pool = _pool()
+    load, reader = torch.cuda.Stream(), torch.cuda.Stream()
+    load.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(load):
+        torch.cuda._sleep(200_000_000)
+    ready = LayerReady(LAYERS)
+    first, second = ([5, 9, 6], _host(3, 5)), ([9], _host(1, 6))
+    scatter_layers(pool, load, [first], ready)
+    scatter_layers(pool, load, [second], ready)
+    got = []
+    for layer in range(LAYERS):
+        ready.wait(layer, reader)
+        with torch.cuda.stream(reader):
+            got.append(pool[[5, 9, 6], layer].clone())
+    reader.synchronize()
+    want = first[1].clone()
+    want[1] = second[1][0]
+    for layer in range(LAYERS):
+        assert torch.equal(got[layer].cpu(), want[:, layer])
