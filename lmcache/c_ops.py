@@ -124,7 +124,7 @@ _helper_streams: dict[tuple[str, int], Any] = {}
 _helper_streams_lock = threading.Lock()
 
 
-def helper_stream(device: torch.device, role: str) -> Any:
+def _helper_stream(device: torch.device, role: str) -> Any:
     """One stream per device and role, created on first use."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     with _helper_streams_lock:
@@ -141,12 +141,12 @@ def side_stream(device: torch.device, direction: Direction) -> Any:
     direction. A scatter waits on its stream for its load's DMA: were gathers queued behind it on the
     same stream, every save would wait for the loads in flight and the two directions, which have
     copy engines of their own, would take turns (benchmarks/RESULTS.md, D43)."""
-    return helper_stream(device, direction)
+    return _helper_stream(device, direction)
 
 
 def _lane_stream(device: torch.device) -> Any:
     """The second stream of interleaved copies (see ``Transfer._next_lane``)."""
-    return helper_stream(device, "lane")
+    return _helper_stream(device, "lane")
 
 
 def _batches(chunks: Sequence[ChunkCopy], row_bytes: int) -> list[list[ChunkCopy]]:

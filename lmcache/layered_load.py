@@ -21,9 +21,6 @@ from lmcache import c_ops, dma2d
 MIN_GROUP_BYTES = 64 << 10
 """Fewest bytes of a row one layer group's copy moves: narrower lines cost the copy engine bandwidth."""
 
-COPY_LANES = 2
-"""Streams a load's 2-D copies alternate between, so one copy's set-up overlaps another's transfer."""
-
 MIN_COPY_BYTES = 2 << 20
 """Fewest bytes one 2-D copy should move on average: every copy costs the copy engine a set-up and the
 host a call, and a load makes one per layer group and run of rows that follow each other in host
@@ -124,34 +121,25 @@ def _scatter_layers_cuda(
     direct = [(ids, src) for ids, src in joined if c_ops.is_contiguous_run(ids)]
     scattered = [(ids, src) for ids, src in joined if not c_ops.is_contiguous_run(ids)]
     side = c_ops.side_stream(pool.device, "scatter")
-    lanes = [stream, *(c_ops.helper_stream(pool.device, f"layer-lane{i}") for i in range(1, COPY_LANES))]
     pool_pitch = pool.stride(0) * pool.element_size()
     rows = sum(len(ids) for ids, _ in scattered)
     with torch.cuda.stream(stream):
         index = c_ops.index_tensor([b for ids, _ in scattered for b in ids], pool.device) if rows else None
-        for lane in lanes[1:]:
-            lane.wait_stream(stream)  # after the caller's work on the blocks
-        turn = 0
         for a, b in groups:
             width, offset = (b - a) * layer_bytes, a * layer_bytes
             for ids, src in direct:
                 dst = pool.data_ptr() + ids[0] * pool_pitch + offset
                 src_pitch = src.stride(0) * src.element_size()
-                lane, turn = lanes[turn % len(lanes)], turn + 1
-                dma2d.copy_2d(dst, pool_pitch, src.data_ptr() + offset, src_pitch, width, len(ids), lane)
+                dma2d.copy_2d(dst, pool_pitch, src.data_ptr() + offset, src_pitch, width, len(ids), stream)
             landed = torch.cuda.Event()
-            staging = None
             if scattered:
                 staging = torch.empty((rows, b - a, *pool.shape[2:]), dtype=pool.dtype, device=pool.device)
                 line = 0
                 for ids, src in scattered:
                     src_pitch = src.stride(0) * src.element_size()
                     dst = staging.data_ptr() + line * width
-                    lane, turn = lanes[turn % len(lanes)], turn + 1
-                    dma2d.copy_2d(dst, width, src.data_ptr() + offset, src_pitch, width, len(ids), lane)
+                    dma2d.copy_2d(dst, width, src.data_ptr() + offset, src_pitch, width, len(ids), stream)
                     line += len(ids)
-            _join_lanes(stream, lanes[1:], staging)
-            if staging is not None:
                 copied = torch.cuda.Event()
                 copied.record(stream)
                 side.wait_event(copied)
@@ -167,13 +155,3 @@ def _scatter_layers_cuda(
             index.record_stream(side)
     stream.wait_event(landed)
     ready.done = landed
-
-
-def _join_lanes(stream: Any, lanes: list[Any], staging: torch.Tensor | None) -> None:
-    """Order ``stream`` after the copies enqueued on the other ``lanes`` (into ``staging``, if any)."""
-    for lane in lanes:
-        copied = torch.cuda.Event()
-        copied.record(lane)
-        stream.wait_event(copied)
-        if staging is not None:
-            staging.record_stream(lane)
