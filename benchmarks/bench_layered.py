@@ -1,4 +1,4 @@
-"""Layer-wise loads against whole loads, by layer-group width and copy lanes (CUDA only).
+"""Layer-wise loads against whole loads, by layer-group width (CUDA only).
 
 For each KV shape, a 16k-token load into shuffled pool pages from pinned host chunks that either
 follow each other in memory (``joined``: one 2-D copy per layer group) or do not (``apart``: one per
@@ -29,11 +29,10 @@ from lmcache import c_ops, layered_load  # noqa: E402
 from lmcache.layered_load import LayerReady, scatter_layers  # noqa: E402
 
 SHAPES = {"qwen2-1.5b": (28, 2, 128), "llama-3.1-8b": (32, 8, 128), "llama-3.1-70b-tp8": (80, 1, 128)}
-VARIANTS = {  # name: (MIN_GROUP_BYTES, MIN_COPY_BYTES, COPY_LANES)
-    "layered_default": (layered_load.MIN_GROUP_BYTES, layered_load.MIN_COPY_BYTES, layered_load.COPY_LANES),
-    "layered_one_lane": (layered_load.MIN_GROUP_BYTES, layered_load.MIN_COPY_BYTES, 1),
-    "layered_4mib_copies": (layered_load.MIN_GROUP_BYTES, 4 << 20, layered_load.COPY_LANES),
-    "layered_one_group": (1 << 40, 1, 1),
+VARIANTS = {  # name: (MIN_GROUP_BYTES, MIN_COPY_BYTES)
+    "layered_default": (layered_load.MIN_GROUP_BYTES, layered_load.MIN_COPY_BYTES),
+    "layered_4mib_copies": (layered_load.MIN_GROUP_BYTES, 4 << 20),
+    "layered_one_group": (1 << 40, 1),
 }
 
 
@@ -99,9 +98,8 @@ def run_shape(name: str, tokens: int, tpb: int, rows_per_chunk: int, repeats: in
         stream.synchronize()
         want = pool[pages].clone()
         runs: dict[str, Any] = {"whole": timed(stream, whole, repeats)}
-        for variant, (group_bytes, copy_bytes, lanes) in VARIANTS.items():
+        for variant, (group_bytes, copy_bytes) in VARIANTS.items():
             layered_load.MIN_GROUP_BYTES, layered_load.MIN_COPY_BYTES = group_bytes, copy_bytes
-            layered_load.COPY_LANES = lanes
             pool[pages] = 0
             runs[variant] = timed(stream, layered, repeats)
             if not torch.equal(pool[pages], want):
@@ -124,7 +122,7 @@ def main() -> int:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
-    defaults = (layered_load.MIN_GROUP_BYTES, layered_load.MIN_COPY_BYTES, layered_load.COPY_LANES)
+    defaults = (layered_load.MIN_GROUP_BYTES, layered_load.MIN_COPY_BYTES)
     results = {"card": torch.cuda.get_device_name(), "tokens": args.tokens, "shapes": {}}
     try:
         rows_per_chunk = args.chunk_size // args.tokens_per_block
@@ -132,7 +130,7 @@ def main() -> int:
             shape = run_shape(name, args.tokens, args.tokens_per_block, rows_per_chunk, args.repeats)
             results["shapes"][name] = shape
     finally:
-        layered_load.MIN_GROUP_BYTES, layered_load.MIN_COPY_BYTES, layered_load.COPY_LANES = defaults
+        layered_load.MIN_GROUP_BYTES, layered_load.MIN_COPY_BYTES = defaults
     text = json.dumps(results, indent=1)
     print(text)
     if args.out:

@@ -190,7 +190,6 @@ class SharedL1Copier:
             chunk = P.LoadChunk(i * rows, rows, skip, min(rows, (transfer.end - first) // tpb), slot)
             self._add_chunk(batch, chunk, transfer.block_ids)
             queued[chunk.first_block] = chunk
-        batch.flush()  # they copy while the reply travels (a layer-wise batch enqueues only when flushed)
         return queued
 
     def add_load(
