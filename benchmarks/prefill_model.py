@@ -209,15 +209,7 @@ class PrefillModel:
         key = ("layers", pool.data_ptr(), int(ids.numel()), start, int(blocks.numel()))
         entry = self._graphs.get(key)
         if entry is None:
-            static_ids, static_blocks = ids.clone(), blocks.clone()
-            current = torch.cuda.current_stream(self.device)
-            warmup = torch.cuda.Stream(self.device)
-            warmup.wait_stream(current)
-            with torch.cuda.stream(warmup):
-                self._forward(pool, static_ids, start, static_blocks)
-            current.wait_stream(warmup)
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
+            static_ids, static_blocks = self._before_capture(pool, ids, start, blocks)
             prologue, layers, epilogue = self._stages(pool, static_ids, start, static_blocks)
             graphs = []
             for step in [prologue, *layers]:
@@ -238,6 +230,22 @@ class PrefillModel:
         graphs[-1].replay()
         return out.clone()
 
+    def _before_capture(
+        self, pool: torch.Tensor, ids: torch.Tensor, start: int, blocks: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static copies of a shape's inputs, after one forward on a side stream (the kernels'
+        workspaces and handles exist before a capture), and the graphs' memory pool."""
+        static_ids, static_blocks = ids.clone(), blocks.clone()
+        current = torch.cuda.current_stream(self.device)
+        warmup = torch.cuda.Stream(self.device)
+        warmup.wait_stream(current)
+        with torch.cuda.stream(warmup):
+            self._forward(pool, static_ids, start, static_blocks)
+        current.wait_stream(warmup)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        return static_ids, static_blocks
+
     def _replay(
         self, pool: torch.Tensor, ids: torch.Tensor, start: int, blocks: torch.Tensor
     ) -> torch.Tensor:
@@ -254,16 +262,8 @@ class PrefillModel:
         key = (pool.data_ptr(), int(ids.numel()), start, int(blocks.numel()))
         entry = self._graphs.get(key)
         if entry is None:
-            static_ids, static_blocks = ids.clone(), blocks.clone()
-            current = torch.cuda.current_stream(self.device)
-            warmup = torch.cuda.Stream(self.device)
-            warmup.wait_stream(current)
-            with torch.cuda.stream(warmup):  # kernels' workspaces and handles exist before capture
-                self._forward(pool, static_ids, start, static_blocks)
-            current.wait_stream(warmup)
+            static_ids, static_blocks = self._before_capture(pool, ids, start, blocks)
             graph = torch.cuda.CUDAGraph()
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self._graph_pool):
                 out = self._forward(pool, static_ids, start, static_blocks)
             entry = self._graphs[key] = (graph, static_ids, static_blocks, out)

@@ -43,9 +43,12 @@ for part in $parts; do
                 python3 benchmarks/bench_engine.py --tokens 16384 --repeats 10 --model $model \
                     --tokens-per-block $tpb --out "$out/engine_${model}_t${tpb}_16k.json"
             done
-        done ;;  # through the server: gpu_mp_check.py in `modes`
+        done
+        python3 benchmarks/bench_layered.py --out "$out/layered.json" ;;  # through the server: `modes`
     adapters)
         python3 benchmarks/bench_adapters.py --preset lmcache --out "$out/adapters_lmcache.json"
+        python3 benchmarks/bench_adapters.py --preset lmcache --layer-hooks \
+            --out "$out/adapters_lmcache_layer_hooks.json"
         for mode in export shared-l1; do
             LMCACHE_POOL_SHARING=$mode python3 benchmarks/bench_adapters.py --preset lmcache-mp \
                 --out "$out/adapters_mp_$mode.json"
@@ -60,7 +63,7 @@ for part in $parts; do
     pinning)
         python3 benchmarks/bench_pinning.py --out "$out/pinning.json" ;;
     ttft)
-        python3 benchmarks/bench_ttft.py --device cuda --mp --out "$out/ttft.json" ;;
+        python3 benchmarks/bench_ttft.py --device cuda --mp --layerwise --out "$out/ttft.json" ;;
     overhead)
         python3 benchmarks/bench_overhead.py --device cuda --repeats 3 \
             --out "$out/overhead.json" ;;

@@ -231,7 +231,8 @@ class SharedL1Transfers:
         pins, the copies from the slots it named start before any reply; the reply names the slots to
         use, and a chunk named otherwise (its pin had lapsed, its slot was filled again) is copied again
         from the reply's slot, after the first copy. Rows past the loaded prefix may then have been
-        written."""
+        written. A layer-wise load (``layers``) enqueues every copy once the whole reply is in: each
+        layer group of every chunk goes in one pass."""
         copier: SharedL1Copier = self._registrations.copier(iid)
         if transfer.end > transfer.start:  # a bad block list pins nothing
             _, tpb = self._registrations.geometry(iid)
