@@ -121,6 +121,11 @@ class CopyBatcher(Generic[T]):
         if self._layers is None and len(self._copies) >= min(1 << self._flushes, self.FLUSH_CHUNKS):
             self.flush()
 
+    @property
+    def layerwise(self) -> bool:
+        """Whether this load is layer-wise (enqueued only by :meth:`flush` and :meth:`finish`)."""
+        return self._layers is not None
+
     def prepare_index(self) -> None:
         """Upload the request's block ids now (see :meth:`lmcache.c_ops.Transfer.prepare_index`)."""
         self.transfer.prepare_index()

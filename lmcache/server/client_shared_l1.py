@@ -231,8 +231,9 @@ class SharedL1Transfers:
         pins, the copies from the slots it named start before any reply; the reply names the slots to
         use, and a chunk named otherwise (its pin had lapsed, its slot was filled again) is copied again
         from the reply's slot, after the first copy. Rows past the loaded prefix may then have been
-        written. A layer-wise load (``layers``) enqueues every copy once the whole reply is in: each
-        layer group of every chunk goes in one pass."""
+        written. A layer-wise load (``layers``) enqueues its copies in one pass, each layer group of
+        every chunk after the other: before the reply when the lookup named every chunk's slot, else
+        once the whole reply is in (see :meth:`SharedL1Copier.add_looked_up`)."""
         copier: SharedL1Copier = self._registrations.copier(iid)
         if transfer.end > transfer.start:  # a bad block list pins nothing
             _, tpb = self._registrations.geometry(iid)

@@ -177,7 +177,12 @@ class SharedL1Copier:
     ) -> dict[int, P.LoadChunk]:
         """Queue the scatters of ``transfer``'s chunks from the slots a lookup pinned (``slots[i]``: the
         prompt's chunk ``i``, of ``size`` tokens), up to the first in a slab not mapped yet; returns
-        them by first block, for :meth:`add_load` to skip those its reply names alike."""
+        them by first block, for :meth:`add_load` to skip those its reply names alike.
+
+        A layer-wise ``batch`` is enqueued at once when the lookup named every chunk the load touches:
+        its copies run while the reply travels, as one batch (a chunk the reply names otherwise lands
+        in a second batch, after the whole first, and every layer waits for that too); otherwise it
+        waits for the whole reply, so that each layer group of every chunk goes in one pass."""
         rows = size // tpb
         queued: dict[int, P.LoadChunk] = {}
         for i, slot in enumerate(slots):
@@ -190,6 +195,9 @@ class SharedL1Copier:
             chunk = P.LoadChunk(i * rows, rows, skip, min(rows, (transfer.end - first) // tpb), slot)
             self._add_chunk(batch, chunk, transfer.block_ids)
             queued[chunk.first_block] = chunk
+        touched = -(-transfer.end // size) - transfer.start // size
+        if batch.layerwise and len(queued) == touched:
+            batch.flush()
         return queued
 
     def add_load(

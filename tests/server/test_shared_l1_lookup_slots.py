@@ -12,7 +12,9 @@ import torch
 from in_process_server import start_serving, stop_serving
 from support.server_process import CHUNK, MODEL, TPB, shared_pool
 
+from lmcache import chunk_copy
 from lmcache.chunk_copy import CopyBatcher
+from lmcache.layered_load import LayerReady
 from lmcache.server import protocol as P
 from lmcache.server.client import CacheServerClient
 from lmcache.server.security import Peer
@@ -97,6 +99,58 @@ def test_a_chunk_the_reply_names_otherwise_is_copied_again_from_the_reply(client
     assert client.retrieve(BlockTransfer(TOKENS, None, TARGET, 0, len(TOKENS)), pin_id="req") == len(TOKENS)
     assert spy.early == 4 and spy.chunks == 6  # chunks 0 and 1 again, from the reply's slots
     assert torch.equal(pool[TARGET], pool[SOURCE])
+
+
+class OrderSpy:
+    """What a load did in order: ``"copy"`` for each batch of layer-wise copies enqueued, ``"reply"``
+    when the server's reply came in."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.events: list[str] = []
+        scatter, add_load = chunk_copy.scatter_layers, SharedL1Copier.add_load
+
+        def copies(*args, **kwargs):  # type: ignore[no-untyped-def]
+            self.events.append("copy")
+            scatter(*args, **kwargs)
+
+        def reply(copier, *args, **kwargs):  # type: ignore[no-untyped-def]
+            self.events.append("reply")
+            add_load(copier, *args, **kwargs)
+
+        monkeypatch.setattr(chunk_copy, "scatter_layers", copies)
+        monkeypatch.setattr(SharedL1Copier, "add_load", reply)
+
+
+@pytest.mark.parametrize(
+    ("named", "order"),
+    [
+        ("all", ["copy", "reply"]),  # one batch, before the reply
+        ("stale", ["copy", "reply", "copy"]),  # the chunks named otherwise land after, from the reply
+        ("some", ["reply", "copy"]),  # one batch, once the reply named every slot
+    ],
+)
+def test_a_layerwise_load_copies_before_the_reply_when_its_lookup_named_every_chunk(
+    client, monkeypatch, named, order
+) -> None:
+    pool, iid = stored(client, seed=26)
+    found = client.call(
+        P.Lookup(instance_id=iid, tokens=P.tokens_to_bytes(TOKENS), pin_id="req", slots=True), P.LookupSlots
+    )
+    assert len(found.slots) == 4
+    slots = {
+        "all": found.slots,
+        "stale": [found.slots[1], found.slots[0], *found.slots[2:]],
+        "some": found.slots[:3],
+    }[named]
+    client.shared_l1.remember_slots(iid, "req", slots)
+    spy = OrderSpy(monkeypatch)
+    layers = LayerReady(pool.shape[1])
+    load = BlockTransfer(TOKENS, None, TARGET, 0, len(TOKENS))
+    assert client.retrieve(load, pin_id="req", layers=layers) == len(TOKENS)
+    assert spy.events == order
+    assert layers.went_layerwise
+    assert torch.equal(pool[TARGET], pool[SOURCE])
+    assert client.stats().pinned_lookups == 0
 
 
 def test_slots_of_another_server_or_instance_are_not_used(client, monkeypatch) -> None:
