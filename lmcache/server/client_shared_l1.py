@@ -228,15 +228,16 @@ class SharedL1Transfers:
 
         The server answers in two parts when the load has more than :data:`FIRST_CHUNKS` chunks: the
         first chunks' copies start while it pins and names the rest. When this client's lookup took the
-        pins, the copies from the slots it named start before any reply; the reply names the slots to
-        use, and a chunk named otherwise (its pin had lapsed, its slot was filled again) is copied again
-        from the reply's slot, after the first copy. Rows past the loaded prefix may then have been
-        written. A layer-wise load (``layers``) enqueues its copies in one pass, each layer group of
-        every chunk after the other: before the reply when the lookup named every chunk's slot, else
-        once the whole reply is in (see :meth:`SharedL1Copier.add_looked_up`)."""
+        pins, the copies from the slots it named start before any reply (before the request when it
+        named every chunk's slot); the reply names the slots to use, and a chunk named otherwise (its
+        pin had lapsed, its slot was filled again) is copied again from the reply's slot, after the
+        first copy. Rows past the loaded prefix may then have been written. A layer-wise load
+        (``layers``) enqueues its copies in one pass, each layer group of every chunk after the other:
+        before the reply when the lookup named every chunk's slot, else once the whole reply is in
+        (see :meth:`SharedL1Copier.add_looked_up`)."""
         copier: SharedL1Copier = self._registrations.copier(iid)
+        size, tpb = self._registrations.geometry(iid)
         if transfer.end > transfer.start:  # a bad block list pins nothing
-            _, tpb = self._registrations.geometry(iid)
             copier.check_blocks(transfer.block_ids, transfer.start, transfer.end, tpb)
         req = P.Load(
             instance_id=iid,
@@ -251,11 +252,16 @@ class SharedL1Transfers:
         looked_up = self._looked_up_slots(iid, pin_id, pin_owner, copier.server_id)
         early: dict[int, P.LoadChunk] = {}
         try:
-            parts = self._submit(req, P.LoadSlots, timeout_s, deadline=True)
-            # set up while the first part travels
-            batch = copier.begin_load(transfer.block_ids, stream, layers)
-            size, tpb = self._registrations.geometry(iid)
-            early = copier.add_looked_up(batch, looked_up, transfer, size, tpb)
+            if copier.names_every_chunk(looked_up, transfer, size):
+                # The reply will only confirm the lookup's slots: the copies go first.
+                batch = copier.begin_load(transfer.block_ids, stream, layers)
+                early = copier.add_looked_up(batch, looked_up, transfer, size, tpb)
+                parts = self._submit(req, P.LoadSlots, timeout_s, deadline=True)
+            else:
+                parts = self._submit(req, P.LoadSlots, timeout_s, deadline=True)
+                # set up while the first part travels
+                batch = copier.begin_load(transfer.block_ids, stream, layers)
+                early = copier.add_looked_up(batch, looked_up, transfer, size, tpb)
             reply, more = parts.next()
         except UnknownInstance:  # the server restarted or forgot us: the plain call registers again
             req.first = 0

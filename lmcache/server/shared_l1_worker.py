@@ -195,10 +195,18 @@ class SharedL1Copier:
             chunk = P.LoadChunk(i * rows, rows, skip, min(rows, (transfer.end - first) // tpb), slot)
             self._add_chunk(batch, chunk, transfer.block_ids)
             queued[chunk.first_block] = chunk
-        touched = -(-transfer.end // size) - transfer.start // size
-        if batch.layerwise and len(queued) == touched:
+        if batch.layerwise and len(queued) == _chunks_touched(transfer, size):
             batch.flush()
         return queued
+
+    def names_every_chunk(self, slots: list[P.SlotInfo], transfer: BlockTransfer[Any], size: int) -> bool:
+        """Whether a lookup's ``slots`` name a slot, in a slab mapped here, for every chunk of ``size``
+        tokens that ``transfer`` touches (:meth:`add_looked_up` then queues them all)."""
+        first = transfer.start // size
+        touched = slots[first : first + _chunks_touched(transfer, size)]
+        return len(touched) == _chunks_touched(transfer, size) and all(
+            self.slabs.get(slot.slab) is not None for slot in touched
+        )
 
     def add_load(
         self,
@@ -246,3 +254,8 @@ class SharedL1Copier:
             )
         first = slot.offset // self.row_bytes
         return mapped.rows(self.pool.dtype, self.row_shape)[first : first + rows]
+
+
+def _chunks_touched(transfer: BlockTransfer[Any], size: int) -> int:
+    """How many chunks of ``size`` tokens hold some of ``transfer``'s tokens."""
+    return -(-transfer.end // size) - transfer.start // size

@@ -41,6 +41,9 @@ class _Registrations:
     def add_looked_up(self, batch: list[P.LoadSlots], slots: list[P.SlotInfo], *args: Any) -> dict:
         return {}
 
+    def names_every_chunk(self, slots: list[P.SlotInfo], *args: Any) -> bool:
+        return False
+
     def add_load(
         self, batch: list[P.LoadSlots], reply: P.LoadSlots, block_ids: list[int], queued: Any = None
     ) -> None:

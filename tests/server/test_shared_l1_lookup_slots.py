@@ -15,6 +15,7 @@ from support.server_process import CHUNK, MODEL, TPB, shared_pool
 from lmcache import chunk_copy
 from lmcache.chunk_copy import CopyBatcher
 from lmcache.layered_load import LayerReady
+from lmcache.server import framing
 from lmcache.server import protocol as P
 from lmcache.server.client import CacheServerClient
 from lmcache.server.security import Peer
@@ -102,12 +103,18 @@ def test_a_chunk_the_reply_names_otherwise_is_copied_again_from_the_reply(client
 
 
 class OrderSpy:
-    """What a load did in order: ``"copy"`` for each batch of layer-wise copies enqueued, ``"reply"``
-    when the server's reply came in."""
+    """What a load did in order: ``"request"`` when it sent its ``load``, ``"copy"`` for each batch of
+    layer-wise copies enqueued, ``"reply"`` when the server's reply came in."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.events: list[str] = []
         scatter, add_load = chunk_copy.scatter_layers, SharedL1Copier.add_load
+        encode = framing.encode_request
+
+        def request(req):  # type: ignore[no-untyped-def]
+            if isinstance(req, P.Load):
+                self.events.append("request")
+            return encode(req)
 
         def copies(*args, **kwargs):  # type: ignore[no-untyped-def]
             self.events.append("copy")
@@ -117,6 +124,7 @@ class OrderSpy:
             self.events.append("reply")
             add_load(copier, *args, **kwargs)
 
+        monkeypatch.setattr(framing, "encode_request", request)
         monkeypatch.setattr(chunk_copy, "scatter_layers", copies)
         monkeypatch.setattr(SharedL1Copier, "add_load", reply)
 
@@ -124,9 +132,9 @@ class OrderSpy:
 @pytest.mark.parametrize(
     ("named", "order"),
     [
-        ("all", ["copy", "reply"]),  # one batch, before the reply
-        ("stale", ["copy", "reply", "copy"]),  # the chunks named otherwise land after, from the reply
-        ("some", ["reply", "copy"]),  # one batch, once the reply named every slot
+        ("all", ["copy", "request", "reply"]),  # one batch, before the request
+        ("stale", ["copy", "request", "reply", "copy"]),  # the chunks named otherwise land after
+        ("some", ["request", "reply", "copy"]),  # one batch, once the reply named every slot
     ],
 )
 def test_a_layerwise_load_copies_before_the_reply_when_its_lookup_named_every_chunk(
