@@ -31,8 +31,12 @@ ChunkCopy = tuple[Sequence[int], torch.Tensor]
 
 
 def is_contiguous_run(block_ids: Sequence[int]) -> bool:
+    """Whether the ids follow each other (compared in one list comparison, not id by id)."""
     first = block_ids[0]
-    return all(b == first + i for i, b in enumerate(block_ids))
+    if block_ids[-1] - first != len(block_ids) - 1:
+        return False
+    ids = block_ids if isinstance(block_ids, list) else list(block_ids)
+    return ids == list(range(first, first + len(ids)))
 
 
 def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:

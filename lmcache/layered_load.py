@@ -27,13 +27,38 @@ host a call, and a load makes one per layer group and run of rows that follow ea
 memory (benchmarks/RESULTS.md, D45)."""
 
 
+WIDEST_GROUP = 4
+"""How many times the narrowest width a middle layer group may span. Wider lines move faster through
+the copy engine; the first group stays narrow (the forward's first layer waits for it) and so do the
+last (a forward that waits for the load runs its last layers after it), the groups before them
+doubling up to this (benchmarks/RESULTS.md, D46)."""
+
+
 def layer_groups(num_layers: int, layer_bytes: int, rows_per_copy: float = math.inf) -> list[tuple[int, int]]:
-    """Consecutive layer ranges ``[a, b)`` covering ``num_layers``, each at least ``MIN_GROUP_BYTES`` of
-    a row (``layer_bytes`` per layer) and wide enough that a copy of ``rows_per_copy`` rows of it
-    moves ``MIN_COPY_BYTES``, unless it is the whole row."""
+    """Consecutive layer ranges ``[a, b)`` covering ``num_layers``. The first and the last span the
+    narrowest width, at least ``MIN_GROUP_BYTES`` of a row (``layer_bytes`` per layer) and enough that
+    a copy of ``rows_per_copy`` rows moves ``MIN_COPY_BYTES``, unless that is the whole row; going
+    back from the last, each group is twice the one after it, up to ``WIDEST_GROUP`` times the
+    narrowest (layers left over join the group after them)."""
     width = max(MIN_GROUP_BYTES, MIN_COPY_BYTES / rows_per_copy)
-    per_group = max(1, math.ceil(width / max(1, layer_bytes)))
-    return [(a, min(num_layers, a + per_group)) for a in range(0, num_layers, per_group)]
+    narrow = min(num_layers, max(1, math.ceil(width / max(1, layer_bytes))))
+    first, from_last = narrow, []
+    left, size = num_layers - narrow, narrow
+    while left > 0:
+        take = min(size, left)
+        if take >= narrow:
+            from_last.append(take)
+        elif from_last:
+            from_last[-1] += take
+        else:
+            first += take
+        left -= take
+        size = min(2 * size, WIDEST_GROUP * narrow)
+    groups, a = [], 0
+    for size in [first, *reversed(from_last)]:
+        groups.append((a, a + size))
+        a += size
+    return groups
 
 
 class LayerReady:
@@ -118,8 +143,10 @@ def _scatter_layers_cuda(
     for _, src in joined:
         if not src[0].is_contiguous() or src.is_cuda:
             raise ValueError("a layer-wise load reads host buffers of whole, contiguous rows")
-    direct = [(ids, src) for ids, src in joined if c_ops.is_contiguous_run(ids)]
-    scattered = [(ids, src) for ids, src in joined if not c_ops.is_contiguous_run(ids)]
+    direct: list[c_ops.ChunkCopy] = []
+    scattered: list[c_ops.ChunkCopy] = []
+    for copy in joined:
+        (direct if c_ops.is_contiguous_run(copy[0]) else scattered).append(copy)
     side = c_ops.side_stream(pool.device, "scatter")
     pool_pitch = pool.stride(0) * pool.element_size()
     rows = sum(len(ids) for ids, _ in scattered)

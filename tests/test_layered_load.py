@@ -20,15 +20,19 @@ def _chunk(block_ids: list[int], layers: int, seed: int) -> c_ops.ChunkCopy:
 
 
 def test_layer_groups_cover_every_layer_once_and_reach_the_minimum_width() -> None:
-    for layers, layer_bytes in [(28, 32 << 10), (32, 128 << 10), (80, 16 << 10), (3, 1), (1, 1 << 20)]:
+    shapes = [(28, 32 << 10), (32, 128 << 10), (80, 16 << 10), (3, 1), (1, 1 << 20), (5, 40000)]
+    for layers, layer_bytes in shapes:
         groups = layer_groups(layers, layer_bytes)
         assert [layer for a, b in groups for layer in range(a, b)] == list(range(layers))
-        narrow = [(a, b) for a, b in groups if (b - a) * layer_bytes < layered_load.MIN_GROUP_BYTES]
-        assert narrow in ([], [groups[-1]])  # only the rest after the last full group may be narrower
-    assert layer_groups(28, 32 << 10)[0] == (0, 2)
-    assert len(layer_groups(32, 128 << 10)) == 32
+        widths = [(b - a) * layer_bytes for a, b in groups]
+        assert all(w >= layered_load.MIN_GROUP_BYTES for w in widths) or groups == [(0, layers)]
+        narrowest = min(widths)
+        assert max(widths) < (layered_load.WIDEST_GROUP + 1) * narrowest
+    # Narrow at both ends, wider lines in between.
+    assert layer_groups(28, 32 << 10) == [(0, 2), (2, 6), (6, 14), (14, 22), (22, 26), (26, 28)]
+    assert [b - a for a, b in layer_groups(32, 128 << 10)] == [1, 4, 4, 4, 4, 4, 4, 4, 2, 1]
     # Copies of 8 rows (one chunk each, not joined): each must still move MIN_COPY_BYTES.
-    assert layer_groups(28, 32 << 10, rows_per_copy=8)[0] == (0, 8)
+    assert layer_groups(28, 32 << 10, rows_per_copy=8) == [(0, 8), (8, 20), (20, 28)]
     assert layer_groups(28, 32 << 10, rows_per_copy=512)[0] == (0, 2)
 
 
