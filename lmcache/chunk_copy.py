@@ -71,9 +71,9 @@ class CopyBatcher(Generic[T]):
     DMA engine moves the previous one (see benchmarks/RESULTS.md, D4 and D6). After each batch is enqueued,
     ``on_flush(items, event)`` gets the items added with it and an event after its copies (None on CPU).
 
-    A load given ``layers`` is layer-wise (:mod:`lmcache.layered_load`): its chunks are enqueued only
-    by :meth:`flush` and :meth:`finish`, layer group by layer group, and ``layers`` gets each layer's
-    event.
+    A load given ``layers`` is layer-wise (:mod:`lmcache.layered_load`): its first ``whole_first``
+    chunks are copied whole as they come (in the same ramp), the rest only by :meth:`flush` and
+    :meth:`finish`, layer group by layer group, after them; ``layers`` gets each layer's event.
     """
 
     FLUSH_CHUNKS = 4  # larger batches gained nothing, smaller ones lost bandwidth (benchmarks/RESULTS.md, D6)
@@ -87,6 +87,7 @@ class CopyBatcher(Generic[T]):
         block_ids: Sequence[int] | None = None,
         on_flush: Callable[[list[T], Any], None] | None = None,
         layers: LayerReady | None = None,
+        whole_first: int = 0,
     ) -> None:
         if layers is not None and store:
             raise ValueError("only loads are layer-wise")
@@ -101,6 +102,8 @@ class CopyBatcher(Generic[T]):
         """Ids of the events a load already waited for (its chunks' events stay alive meanwhile)."""
         self._flushes = 0
         self._layers = layers
+        self._whole_left = whole_first if layers is not None else 0
+        """First chunks of a layer-wise load still to be copied whole."""
 
     @classmethod
     def warm_up(cls, pool: torch.Tensor, stream: Any, rows_per_chunk: int) -> None:
@@ -118,8 +121,14 @@ class CopyBatcher(Generic[T]):
         self._items.append(item)
         if ready is not None:
             self._ready.append(ready)
-        if self._layers is None and len(self._copies) >= min(1 << self._flushes, self.FLUSH_CHUNKS):
-            self.flush()
+        batch = min(1 << self._flushes, self.FLUSH_CHUNKS)
+        if self._layers is None:
+            if len(self._copies) >= batch:
+                self.flush()
+        elif self._whole_left and len(self._copies) >= min(batch, self._whole_left):
+            self._whole_left -= len(self._copies)
+            self._layers.went_layerwise = True  # the forward waits by layer for these too
+            self._flush(layered=False)
 
     @property
     def layerwise(self) -> bool:
@@ -131,7 +140,12 @@ class CopyBatcher(Generic[T]):
         self.transfer.prepare_index()
 
     def flush(self) -> None:
-        """Enqueue the queued copies as one batch."""
+        """Enqueue the queued copies as one batch (of a layer-wise load: by layer, after every copy
+        enqueued before)."""
+        self._whole_left = 0
+        self._flush(layered=self._layers is not None)
+
+    def _flush(self, *, layered: bool) -> None:
         if not self._copies:
             return
         copies, items, ready = self._copies, self._items, self._ready
@@ -139,8 +153,10 @@ class CopyBatcher(Generic[T]):
         self._flushes += 1
         if self.store:
             self.transfer.gather(copies)
-        elif self._layers is not None:
+        elif layered:
+            assert self._layers is not None
             self._wait_ready(ready)
+            self.transfer.finish()  # the layers' events stand for the chunks copied whole before too
             scatter_layers(self.transfer.pool, self.transfer.stream, copies, self._layers)
         else:
             self._wait_ready(ready)
@@ -153,6 +169,10 @@ class CopyBatcher(Generic[T]):
         """Flush the rest; the transfer's stream is then ordered after every copy."""
         self.flush()
         self.transfer.finish()
+        if self._layers is not None and self._layers.went_layerwise and self._layers.done is None:
+            event = self.transfer.record()  # every copy went whole: each layer waits for them all
+            if event is not None:
+                self._layers.land_all(event)
 
     def _wait_ready(self, events: Sequence[Any]) -> None:
         """Order a load after the copies that filled its slots (on the device; on the host for CPU

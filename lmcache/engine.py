@@ -23,7 +23,7 @@ from lmcache.config import GiB, LMCacheEngineConfig
 from lmcache.engine_lookup import ChunkSpan, EngineLookup, KeySpace
 from lmcache.forward_gate import FORWARD
 from lmcache.keys import CacheSalt, ChunkHashes, ChunkKey, Tokens, token_array
-from lmcache.layered_load import LayerReady
+from lmcache.layered_load import LayerReady, whole_first
 from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
 from lmcache.memory import HostArena, SlabSource
@@ -255,8 +255,15 @@ class CacheEngine(EngineLookup):
             return 0
         block_ids = transfer.block_ids
         c_ops.check_range_blocks(pool, block_ids, transfer.start, transfer.end, layout.tokens_per_block)
+        chunks = transfer.chunks_touched(self.config.chunk_size)
         copier: CopyBatcher[LoadSlot] = CopyBatcher(
-            pool, stream, store=False, block_ids=block_ids, on_flush=_read, layers=layers
+            pool,
+            stream,
+            store=False,
+            block_ids=block_ids,
+            on_flush=_read,
+            layers=layers,
+            whole_first=whole_first(chunks),
         )
         try:
             for slot in self.hold_chunks(hold):  # pinned one by one: the first copy starts early

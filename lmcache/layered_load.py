@@ -27,6 +27,11 @@ host a call, and a load makes one per layer group and run of rows that follow ea
 memory (benchmarks/RESULTS.md, D45)."""
 
 
+WHOLE_FIRST_CHUNKS = 7
+"""Chunks a layer-wise load copies whole before the rest go layer by layer, at most an eighth of its
+chunks: the copy engine moves them while the host prepares the rest, which the first layer group
+needs in full before its first copy (benchmarks/RESULTS.md, D46)."""
+
 WIDEST_GROUP = 4
 """How many times the narrowest width a middle layer group may span. Wider lines move faster through
 the copy engine; the first group stays narrow (the forward's first layer waits for it) and so do the
@@ -61,6 +66,11 @@ def layer_groups(num_layers: int, layer_bytes: int, rows_per_copy: float = math.
     return groups
 
 
+def whole_first(chunks: int) -> int:
+    """How many of a ``chunks``-chunk layer-wise load's first chunks go whole."""
+    return min(WHOLE_FIRST_CHUNKS, chunks // 8)
+
+
 class LayerReady:
     """Where a layer-wise load stands, per pool layer: the event after which its rows are in place.
 
@@ -75,7 +85,13 @@ class LayerReady:
         self.events: list[Any] = [None] * num_layers
         self.done: Any = None
         self.went_layerwise = False
-        """Whether the load's copies went layer by layer (a load done when it returned did not)."""
+        """Whether the load's copies went layer by layer, all or after its first chunks (the forward
+        must then wait layer by layer; a load done when it returned did not go layer-wise)."""
+
+    def land_all(self, event: Any) -> None:
+        """Every layer is in place after ``event`` (a load whose copies all went whole)."""
+        self.events = [event] * self.num_layers
+        self.done = event
 
     def wait(self, layer: int, stream: Any) -> None:
         """Order ``stream`` after layer ``layer``'s rows (after every row for a layer this load does not

@@ -41,3 +41,7 @@ class BlockTransfer(Generic[PromptT]):
     block_ids: BlockIds
     start: int
     end: int
+
+    def chunks_touched(self, chunk_size: int) -> int:
+        """How many chunks of ``chunk_size`` tokens hold some of the tokens ``[start, end)``."""
+        return max(0, -(-self.end // chunk_size) - self.start // chunk_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmcache import c_ops, layered_load
+from lmcache import c_ops, chunk_copy, layered_load
 from lmcache.chunk_copy import CopyBatcher
 from lmcache.layered_load import LayerReady, layer_groups, scatter_layers
 
@@ -121,3 +121,40 @@ def test_a_layered_batch_flushed_twice_lands_the_second_over_the_first() -> None
     batch.add(*again, None)
     batch.finish()
     assert torch.equal(pool[1], early[1][0]) and torch.equal(pool[2], again[1][0])
+
+
+def test_a_layered_loads_first_chunks_go_whole_as_they_come_and_the_rest_by_layer(monkeypatch) -> None:
+    pool = _pool(blocks=24)
+    chunks = [_chunk([2 * i, 2 * i + 1], 5, i) for i in range(8)]
+    layered_batches: list[int] = []
+    scatter = chunk_copy.scatter_layers
+
+    def spy(pool, stream, copies, ready):  # type: ignore[no-untyped-def]
+        layered_batches.append(len(copies))
+        scatter(pool, stream, copies, ready)
+
+    monkeypatch.setattr(chunk_copy, "scatter_layers", spy)
+    flushed: list[list[int]] = []
+    ready = LayerReady(5)
+    batch: CopyBatcher[int] = CopyBatcher(
+        pool, store=False, on_flush=lambda items, _: flushed.append(items), layers=ready, whole_first=3
+    )
+    for i, (ids, src) in enumerate(chunks):
+        batch.add(ids, src, i)
+        if i == 2:  # whole, in the usual ramp (one chunk, then two), before any layer goes
+            assert flushed == [[0], [1, 2]] and torch.equal(pool[:6], torch.cat([c[1] for c in chunks[:3]]))
+            assert ready.went_layerwise and not layered_batches
+    batch.finish()
+    assert flushed[2:] == [[3, 4, 5, 6, 7]] and layered_batches == [5]
+    assert torch.equal(pool[:16], torch.cat([src for _, src in chunks]))
+
+
+def test_a_layered_load_all_whole_still_tells_every_layer() -> None:
+    pool = _pool()
+    ready = LayerReady(5)
+    batch: CopyBatcher[None] = CopyBatcher(pool, store=False, layers=ready, whole_first=4)
+    chunk = _chunk([3, 4], 5, 1)
+    batch.add(*chunk, None)
+    batch.finish()
+    assert ready.went_layerwise and torch.equal(pool[[3, 4]], chunk[1])
+    assert [layered_load.whole_first(n) for n in (1, 7, 8, 16, 64, 1000)] == [0, 0, 1, 2, 7, 7]

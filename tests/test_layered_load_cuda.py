@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lmcache import layered_load
+from lmcache.chunk_copy import CopyBatcher
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.layered_load import LayerReady, scatter_layers
@@ -119,3 +120,31 @@ def test_a_second_batch_lands_after_the_first_even_when_the_first_is_held_back(m
     want[1] = second[1][0]
     for layer in range(LAYERS):
         assert torch.equal(got[layer].cpu(), want[:, layer])
+
+
+@pytest.mark.parametrize("chunks_whole", [2, 3])  # two of three whole, the last by layer; all three whole
+def test_chunks_copied_whole_first_are_covered_by_every_layers_event(monkeypatch, chunks_whole: int) -> None:
+    monkeypatch.setattr(layered_load, "MIN_GROUP_BYTES", 1)
+    monkeypatch.setattr(layered_load, "MIN_COPY_BYTES", 1)
+    pool = _pool()
+    chunks = [([10, 11], _host(2, 7)), ([40, 7, 33], _host(3, 8)), ([50, 51], _host(2, 9))]
+    load, reader = torch.cuda.Stream(), torch.cuda.Stream()
+    load.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(load):
+        torch.cuda._sleep(200_000_000)  # the copies wait behind this: the reads below are enqueued first
+    ready = LayerReady(LAYERS)
+    batch: CopyBatcher[None] = CopyBatcher(pool, load, store=False, layers=ready, whole_first=chunks_whole)
+    for ids, src in chunks:
+        batch.add(ids, src, None)
+    batch.finish()
+    assert ready.went_layerwise
+    ids = [b for block_ids, _ in chunks for b in block_ids]
+    want = torch.cat([src for _, src in chunks])
+    got = []
+    for layer in range(LAYERS):
+        ready.wait(layer, reader)
+        with torch.cuda.stream(reader):
+            got.append(pool[ids, layer].clone())
+    reader.synchronize()
+    for layer in range(LAYERS):
+        assert torch.equal(got[layer].cpu(), want[:, layer]), f"layer {layer} read before it landed"

@@ -250,24 +250,25 @@ class SharedL1Transfers:
         )
         parts: Submitted[P.LoadSlots] | None = None
         looked_up = self._looked_up_slots(iid, pin_id, pin_owner, copier.server_id)
+        chunks = transfer.chunks_touched(size)
         early: dict[int, P.LoadChunk] = {}
         try:
             if copier.names_every_chunk(looked_up, transfer, size):
                 # The reply will only confirm the lookup's slots: the copies go first.
-                batch = copier.begin_load(transfer.block_ids, stream, layers)
+                batch = copier.begin_load(transfer.block_ids, stream, layers, chunks)
                 early = copier.add_looked_up(batch, looked_up, transfer, size, tpb)
                 parts = self._submit(req, P.LoadSlots, timeout_s, deadline=True)
             else:
                 parts = self._submit(req, P.LoadSlots, timeout_s, deadline=True)
                 # set up while the first part travels
-                batch = copier.begin_load(transfer.block_ids, stream, layers)
+                batch = copier.begin_load(transfer.block_ids, stream, layers, chunks)
                 early = copier.add_looked_up(batch, looked_up, transfer, size, tpb)
             reply, more = parts.next()
         except UnknownInstance:  # the server restarted or forgot us: the plain call registers again
             req.first = 0
             reply, more = self._call(req, P.LoadSlots, timeout_s, deadline=True), False
             # all from the new server
-            batch, early = copier.begin_load(transfer.block_ids, stream, layers), {}
+            batch, early = copier.begin_load(transfer.block_ids, stream, layers, chunks), {}
         if reply.ticket == 0:
             if early:
                 copier.quiesce()  # nothing is pinned for them: no copy may outlive this call

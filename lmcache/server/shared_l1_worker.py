@@ -21,7 +21,7 @@ import torch
 
 from lmcache import c_ops
 from lmcache.chunk_copy import CopyBatcher
-from lmcache.layered_load import LayerReady
+from lmcache.layered_load import LayerReady, whole_first
 from lmcache.server import protocol as P
 from lmcache.server.slab_mappings import SlabMappings
 from lmcache.shm_slabs import SHM_DIR, ShmSlabError
@@ -154,15 +154,22 @@ class SharedL1Copier:
             self.stream.synchronize()
 
     def begin_load(
-        self, block_ids: Sequence[int], after: Any = None, layers: LayerReady | None = None
+        self, block_ids: Sequence[int], after: Any = None, layers: LayerReady | None = None, chunks: int = 0
     ) -> CopyBatcher[None]:
         """A load's copies, ordered after the work queued on the stream ``after`` (kernels that may
         still read the blocks), its block ids uploaded at once (call it while the server's reply is on
         its way); add the chunks of each reply part with :meth:`add_load`. Given ``layers``, the load
-        is layer-wise (:mod:`lmcache.layered_load`)."""
+        of ``chunks`` chunks is layer-wise (:mod:`lmcache.layered_load`)."""
         if after is not None and self.stream is not None:
             self.stream.wait_stream(after)
-        batch = CopyBatcher(self.pool, self.stream, store=False, block_ids=block_ids, layers=layers)
+        batch = CopyBatcher(
+            self.pool,
+            self.stream,
+            store=False,
+            block_ids=block_ids,
+            layers=layers,
+            whole_first=whole_first(chunks),
+        )
         if layers is None:
             batch.prepare_index()
         return batch
@@ -195,18 +202,16 @@ class SharedL1Copier:
             chunk = P.LoadChunk(i * rows, rows, skip, min(rows, (transfer.end - first) // tpb), slot)
             self._add_chunk(batch, chunk, transfer.block_ids)
             queued[chunk.first_block] = chunk
-        if batch.layerwise and len(queued) == _chunks_touched(transfer, size):
+        if batch.layerwise and len(queued) == transfer.chunks_touched(size):
             batch.flush()
         return queued
 
     def names_every_chunk(self, slots: list[P.SlotInfo], transfer: BlockTransfer[Any], size: int) -> bool:
         """Whether a lookup's ``slots`` name a slot, in a slab mapped here, for every chunk of ``size``
         tokens that ``transfer`` touches (:meth:`add_looked_up` then queues them all)."""
-        first = transfer.start // size
-        touched = slots[first : first + _chunks_touched(transfer, size)]
-        return len(touched) == _chunks_touched(transfer, size) and all(
-            self.slabs.get(slot.slab) is not None for slot in touched
-        )
+        first, count = transfer.start // size, transfer.chunks_touched(size)
+        touched = slots[first : first + count]
+        return len(touched) == count and all(self.slabs.get(slot.slab) is not None for slot in touched)
 
     def add_load(
         self,
@@ -254,8 +259,3 @@ class SharedL1Copier:
             )
         first = slot.offset // self.row_bytes
         return mapped.rows(self.pool.dtype, self.row_shape)[first : first + rows]
-
-
-def _chunks_touched(transfer: BlockTransfer[Any], size: int) -> int:
-    """How many chunks of ``size`` tokens hold some of ``transfer``'s tokens."""
-    return -(-transfer.end // size) - transfer.start // size

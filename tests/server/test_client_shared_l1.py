@@ -35,7 +35,9 @@ class _Registrations:
     def check_blocks(self, block_ids: list[int], start: int, end: int, tokens_per_block: int) -> None:
         assert len(block_ids) * tokens_per_block >= end
 
-    def begin_load(self, block_ids: list[int], after: Any = None, layers: Any = None) -> list[P.LoadSlots]:
+    def begin_load(
+        self, block_ids: list[int], after: Any = None, layers: Any = None, chunks: int = 0
+    ) -> list[P.LoadSlots]:
         return []
 
     def add_looked_up(self, batch: list[P.LoadSlots], slots: list[P.SlotInfo], *args: Any) -> dict:
