@@ -28,6 +28,27 @@ def _host(rows: int, seed: int) -> torch.Tensor:
     return torch.randn((rows, LAYERS, 2, 2 * TPB * 16), generator=g).to(torch.bfloat16).pin_memory()
 
 
+def _held_back() -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+    """A load stream whose copies wait behind a long kernel (reads enqueued after them run first
+    unless they wait), and a stream to read on."""
+    load, reader = torch.cuda.Stream(), torch.cuda.Stream()
+    load.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(load):
+        torch.cuda._sleep(200_000_000)
+    return load, reader
+
+
+def _read_by_layer(pool: torch.Tensor, ids: list[int], ready: LayerReady, reader: torch.cuda.Stream) -> list:
+    """Each layer of the rows ``ids``, read on ``reader`` once ``ready`` says the layer landed."""
+    got = []
+    for layer in range(LAYERS):
+        ready.wait(layer, reader)
+        with torch.cuda.stream(reader):
+            got.append(pool[ids, layer].clone())
+    reader.synchronize()
+    return [layer.cpu() for layer in got]
+
+
 @pytest.mark.parametrize("min_bytes", [1, 1 << 30])  # one group per layer; one group for all
 def test_each_layers_event_covers_its_rows_while_the_load_is_held_back(monkeypatch, min_bytes: int) -> None:
     monkeypatch.setattr(layered_load, "MIN_GROUP_BYTES", min_bytes)
@@ -36,22 +57,14 @@ def test_each_layers_event_covers_its_rows_while_the_load_is_held_back(monkeypat
     slab = _host(12, 1)  # chunks back to back in one buffer (joined), and one on its own
     chunks = [([10, 11, 12, 13], slab[0:4]), ([40, 7, 33, 2], slab[4:8]), ([50, 51], slab[8:10])]
     chunks.append(([90, 60], _host(2, 2)))
-    load, reader = torch.cuda.Stream(), torch.cuda.Stream()
-    load.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(load):
-        torch.cuda._sleep(200_000_000)  # the copies wait behind this: the reads below are enqueued first
+    load, reader = _held_back()
     ready = LayerReady(LAYERS)
     scatter_layers(pool, load, chunks, ready)
     ids = [b for block_ids, _ in chunks for b in block_ids]
     want = torch.cat([src for _, src in chunks])
-    got = []
+    got = _read_by_layer(pool, ids, ready, reader)
     for layer in range(LAYERS):
-        ready.wait(layer, reader)
-        with torch.cuda.stream(reader):
-            got.append(pool[ids, layer].clone())
-    reader.synchronize()
-    for layer in range(LAYERS):
-        assert torch.equal(got[layer].cpu(), want[:, layer]), f"layer {layer} read before it landed"
+        assert torch.equal(got[layer], want[:, layer]), f"layer {layer} read before it landed"
     distinct = len({id(event) for event in ready.events})
     assert distinct == (LAYERS if min_bytes == 1 else 1)
     load.synchronize()
@@ -102,24 +115,16 @@ def test_a_second_batch_lands_after_the_first_even_when_the_first_is_held_back(m
     monkeypatch.setattr(layered_load, "MIN_GROUP_BYTES", 1)
     monkeypatch.setattr(layered_load, "MIN_COPY_BYTES", 1)
     pool = _pool()
-    load, reader = torch.cuda.Stream(), torch.cuda.Stream()
-    load.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(load):
-        torch.cuda._sleep(200_000_000)
+    load, reader = _held_back()
     ready = LayerReady(LAYERS)
     first, second = ([5, 9, 6], _host(3, 5)), ([9], _host(1, 6))
     scatter_layers(pool, load, [first], ready)
     scatter_layers(pool, load, [second], ready)
-    got = []
-    for layer in range(LAYERS):
-        ready.wait(layer, reader)
-        with torch.cuda.stream(reader):
-            got.append(pool[[5, 9, 6], layer].clone())
-    reader.synchronize()
+    got = _read_by_layer(pool, [5, 9, 6], ready, reader)
     want = first[1].clone()
     want[1] = second[1][0]
     for layer in range(LAYERS):
-        assert torch.equal(got[layer].cpu(), want[:, layer])
+        assert torch.equal(got[layer], want[:, layer])
 
 
 @pytest.mark.parametrize("chunks_whole", [2, 3])  # two of three whole, the last by layer; all three whole
@@ -128,10 +133,7 @@ def test_chunks_copied_whole_first_are_covered_by_every_layers_event(monkeypatch
     monkeypatch.setattr(layered_load, "MIN_COPY_BYTES", 1)
     pool = _pool()
     chunks = [([10, 11], _host(2, 7)), ([40, 7, 33], _host(3, 8)), ([50, 51], _host(2, 9))]
-    load, reader = torch.cuda.Stream(), torch.cuda.Stream()
-    load.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(load):
-        torch.cuda._sleep(200_000_000)  # the copies wait behind this: the reads below are enqueued first
+    load, reader = _held_back()
     ready = LayerReady(LAYERS)
     batch: CopyBatcher[None] = CopyBatcher(pool, load, store=False, layers=ready, whole_first=chunks_whole)
     for ids, src in chunks:
@@ -140,11 +142,6 @@ def test_chunks_copied_whole_first_are_covered_by_every_layers_event(monkeypatch
     assert ready.went_layerwise
     ids = [b for block_ids, _ in chunks for b in block_ids]
     want = torch.cat([src for _, src in chunks])
-    got = []
+    got = _read_by_layer(pool, ids, ready, reader)
     for layer in range(LAYERS):
-        ready.wait(layer, reader)
-        with torch.cuda.stream(reader):
-            got.append(pool[ids, layer].clone())
-    reader.synchronize()
-    for layer in range(LAYERS):
-        assert torch.equal(got[layer].cpu(), want[:, layer]), f"layer {layer} read before it landed"
+        assert torch.equal(got[layer], want[:, layer]), f"layer {layer} read before it landed"
