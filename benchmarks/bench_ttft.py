@@ -38,7 +38,10 @@ recompute the logits can only agree within numeric noise (different batch split)
 
 Numbers: median (and min) of ``--repeats`` runs after one warm-up; speedup = recompute median / tier
 median. ``remainder_ms`` is the prefill of the remaining tokens alone, so ``load_ms_est`` = TTFT -
-remainder is roughly what lookup + load cost (and ``load_gbps_est`` the bytes loaded over it).
+remainder is roughly what lookup + load cost (and ``load_gbps_est`` the bytes loaded over it). With
+``--layerwise`` on CUDA each ``*_layerwise`` row has ``phases``: medians, in ms from the hit's start,
+of when the lookup answered and the load returned (host), and when layer 0 and every layer were in
+place (device).
 
     python benchmarks/bench_ttft.py --device cuda [--mp [--mp-modes export,shared-l1]] [--disk-cold] \\
         [--redis-url redis://..] [--lengths 1024,4096,16384,32768] [--out ttft.json]
@@ -287,6 +290,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if not ok:
                     raise BenchFailure(f"{name} {n} tokens: logits too far from the recompute {vs_rec}")
                 s = summary_ms(samples)
+                phases = tier.phases() if isinstance(tier, HookedHit) else {}
                 rows.append(
                     {
                         "tokens": n,
@@ -302,6 +306,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "kv_rows_bitwise_equal": True,
                         "logits_bitwise_equal_reference": not args.no_bitwise_logits,
                         "vs_recompute": vs_rec,
+                        **({"phases": phases} if phases else {}),
                     }
                 )
             compare_modes([r for r in rows if r["tokens"] == n], args.mp_modes if args.mp else [])
@@ -354,6 +359,10 @@ def print_table(results: dict[str, Any]) -> None:
         gains = [f"{r['tier']} {r['vs_hooked']:.3f}" for r in rows]
         if gains:
             print(f"{n:>7} tokens, TTFT after a whole load / layer-wise: " + ", ".join(gains))
+        for r in rows:
+            if "phases" in r:
+                phases = ", ".join(f"{key} {value:.2f}" for key, value in r["phases"].items())
+                print(f"{n:>7} tokens, {r['tier']} phases: {phases}")
     print(
         "TTFT median of repeats; speedup vs recompute; every hit checked bitwise (see 'checks' in the JSON)"
     )

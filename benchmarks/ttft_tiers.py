@@ -6,8 +6,10 @@ Each stores a prompt's KV once (``store``) and loads it on a hit (``load``), as 
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,7 @@ class EngineTier:
         """A layer-wise load (``layers``) copies on a stream of its own, after the forward's earlier
         work, as the in-process adapter's; the forward then waits layer by layer."""
         hit = self.engine.lookup(self.space, tokens, pin_id=rid)
+        self.looked_up = time.perf_counter()
         if hit < end:
             self.engine.release(rid)
             raise BenchFailure(f"{self.name}: lookup found {hit} tokens, expected >= {end}")
@@ -165,6 +168,7 @@ class MPTier:
     ) -> int:
         hashes = self.client.chunk_hashes(tokens)  # as the adapter: hashed once, for lookup and load
         hit = self.client.lookup(tokens, pin_id=rid, chunk_hashes=hashes)
+        self.looked_up = time.perf_counter()
         if hit < end:
             self.client.release(rid)
             raise BenchFailure(f"{self.name}: lookup found {hit} tokens, expected >= {end}")
@@ -203,13 +207,57 @@ class HookedHit:
         self.tier, self.num_layers, self.layerwise = tier, num_layers, layerwise
         self.name = f"{tier.name}_{'layerwise' if layerwise else 'hooked'}"
         self.ready: LayerReady | None = None
+        self.timeline: list[dict[str, Any]] = []
+        """Per layer-wise CUDA hit: host times (lookup answered, load returned) and device events
+        (start, layer 0 landed, every layer landed), read by :meth:`phases` once they completed."""
+        self._probe = torch.cuda.Stream(tier.pool.device) if layerwise and tier.pool.is_cuda else None
 
     def before_repeat(self) -> None:
         self.tier.before_repeat()
 
     def load(self, tokens: list[int], blocks: list[int], end: int, rid: int) -> int:
         self.ready = LayerReady(self.num_layers) if self.layerwise else None
-        return int(self.tier.load(tokens, blocks, end, rid, layers=self.ready))
+        if self._probe is None or self.ready is None:
+            return int(self.tier.load(tokens, blocks, end, rid, layers=self.ready))
+        began, start = time.perf_counter(), torch.cuda.Event(enable_timing=True)
+        start.record(torch.cuda.current_stream())
+        loaded = int(self.tier.load(tokens, blocks, end, rid, layers=self.ready))
+        returned = time.perf_counter()
+        # Waits on a stream of its own: the forward's stream is not held by them.
+        self.ready.wait(0, self._probe)
+        layer0 = torch.cuda.Event(enable_timing=True)
+        layer0.record(self._probe)
+        self.ready.wait_all(self._probe)
+        landed = torch.cuda.Event(enable_timing=True)
+        landed.record(self._probe)
+        self.timeline.append(
+            {
+                "lookup_ms": (self.tier.looked_up - began) * 1e3,
+                "returned_ms": (returned - began) * 1e3,
+                "start": start,
+                "layer0": layer0,
+                "landed": landed,
+            }
+        )
+        return loaded
+
+    def phases(self) -> dict[str, float]:
+        """Medians over the hits since the last call but its first (a warm-up), in ms from the hit's
+        start: the lookup answered, the load returned (host), layer 0 and every layer in place (device;
+        no earlier than the load returned). Empty unless layer-wise on CUDA."""
+        timeline, self.timeline = self.timeline[1:], []
+        if not timeline:
+            return {}
+        rows = [
+            {
+                "lookup_ms": t["lookup_ms"],
+                "load_returned_ms": t["returned_ms"],
+                "layer0_landed_ms": t["start"].elapsed_time(t["layer0"]),
+                "all_landed_ms": t["start"].elapsed_time(t["landed"]),
+            }
+            for t in timeline
+        ]
+        return {key: round(statistics.median(r[key] for r in rows), 3) for key in rows[0]}
 
     def pre_layer(self, layer: int) -> None:
         if self.ready is not None and self.tier.pool.is_cuda:
