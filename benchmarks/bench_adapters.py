@@ -8,7 +8,10 @@ driven as TRT-LLM's executor drives them, with a pool of a model's KV shape and 
 * save: from ``wait_for_save`` to the request's id coming back from ``get_finished``;
 * load: from ``start_load_kv`` until the stream it was given has run the copies (with
   ``--layer-hooks`` the forward's per-layer hooks are called as TRT-LLM calls them, so loads go
-  layer-wise, and ``wait_for_save`` ends the forward before the stream is waited for).
+  layer-wise, and ``wait_for_save`` ends the forward before the stream is waited for);
+* with ``--mixed``, a save beside a load: a forward saves a fresh prompt and the next loads one saved
+  before while that save is in flight (TRT-LLM's iterations overlap them so), timed from the first
+  ``wait_for_save`` until both landed, against two plain pinned copies in opposite directions at once.
 
 Saves are reported in two phases: while L1 fills for the first time (every save also takes new
 host memory) and once L1 is full and evicting. Each figure is a ratio to a plain pinned ``copy_``
@@ -71,6 +74,31 @@ def timed(fn: Any) -> tuple[Any, float]:
     began = time.perf_counter()
     result = fn()
     return result, time.perf_counter() - began
+
+
+def pinned_both_ways_s(pool: torch.Tensor, out_rows: int, in_rows: int, repeats: int = 5) -> float:
+    """Median time of two plain pinned copies at once on two streams, ``out_rows`` pool rows to the
+    host and ``in_rows`` other rows from it (the bidirectional ceiling)."""
+    out_src, in_dst = pool[:out_rows], pool[out_rows : out_rows + in_rows]
+    out_host = torch.empty(out_src.shape, dtype=pool.dtype, pin_memory=pool.is_cuda)
+    in_host = torch.empty(in_dst.shape, dtype=pool.dtype, pin_memory=pool.is_cuda)
+    streams = [torch.cuda.Stream(pool.device), torch.cuda.Stream(pool.device)] if pool.is_cuda else []
+    times = []
+    for _ in range(repeats):
+        if pool.is_cuda:
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        if streams:
+            with torch.cuda.stream(streams[0]):
+                out_host.copy_(out_src, non_blocking=True)
+            with torch.cuda.stream(streams[1]):
+                in_dst.copy_(in_host, non_blocking=True)
+            torch.cuda.synchronize()
+        else:
+            out_host.copy_(out_src)
+            in_dst.copy_(in_host)
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
 
 
 def pinned_copy_s(pool: torch.Tensor, rows: int, to_host: bool, repeats: int = 5) -> float:
@@ -190,15 +218,49 @@ class AdapterRig:
         self.worker.wait_for_save(self.stream)
         if not self.scheduler.request_finished(request, pages):
             raise RuntimeError("the connector planned no save for a fresh prompt")
-        asked = [request.request_id]
+        self._wait_saved(request.request_id)
+        return lookup_s, time.perf_counter() - began, pages
+
+    def _wait_saved(self, request_id: int) -> None:
+        """Poll ``get_finished`` until the finished request's save is reported."""
+        asked = [request_id]
         while True:
             saved, _ = self.worker.get_finished(asked, [])
             asked = []
-            if request.request_id in saved:
-                return lookup_s, time.perf_counter() - began, pages
+            if request_id in saved:
+                return
             # Polled as an executor loop would, not spinning: a spin would hold the GIL from the
             # saver thread (up to the interpreter's switch interval per hand-over).
             time.sleep(POLL_S)
+
+    def save_beside_load(self, fresh: list[int], held: list[int], source: list[int]) -> tuple[float, bool]:
+        """A forward that saves ``fresh`` (a new prompt), then the next, which loads ``held`` (saved
+        from the pages ``source``) while that save is in flight: seconds from the first
+        ``wait_for_save`` until both landed, and whether the load brought the saved rows back in full.
+        Both are looked up first, as the overlap scheduler does during the forward before."""
+        load_request, matched, _ = self.lookup(held)
+        save_request, _, _ = self.lookup(fresh)
+        save_pages, load_pages = self._pages(0), self._pages(1)
+        self.scheduler.update_state_after_alloc(save_request, save_pages)
+        self._iteration(save_request, save_pages, 0, len(fresh))
+        self.worker.start_load_kv(self.stream)
+        self._layer_hooks()
+        began = time.perf_counter()
+        self.worker.wait_for_save(self.stream)
+        if not self.scheduler.request_finished(save_request, save_pages):
+            raise RuntimeError("the connector planned no save for a fresh prompt")
+        self.scheduler.update_state_after_alloc(load_request, load_pages)
+        self._iteration(load_request, load_pages, 0, len(held) - matched)
+        self.worker.start_load_kv(self.stream)
+        self._layer_hooks()
+        self.worker.wait_for_save(self.stream)
+        if self.stream is not None:
+            self.stream.synchronize()
+        self._wait_saved(save_request.request_id)
+        seconds = time.perf_counter() - began
+        self.scheduler.request_finished(load_request, load_pages)
+        loaded = Loaded(0.0, 0.0, matched == len(held) - self.tpb, load_pages[: matched // self.tpb])
+        return seconds, loaded.full_hit and self.rows_equal(loaded, source)
 
     def load(self, tokens: list[int], source: list[int] | None = None) -> tuple[float, float, bool]:
         """A hit on ``tokens``: (lookup s, load s, whether it was a full hit and, given ``source``, the
@@ -281,11 +343,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         request_bytes = rig.blocks * rig.pool[0].numel() * rig.pool.element_size()
         capacity = int(args.l1_size_gb * (1 << 30))
         fill = capacity // request_bytes
-        if fill < args.repeats + 2:  # the loads read the last saves back: all must still be in L1
+        # The loads read the last saves back (the mixed phase's, after as many saves more): all must
+        # still be in L1.
+        held = (2 if args.mixed else 1) * args.repeats + 2
+        if fill < held:
             raise SystemExit(
                 f"--l1-size-gb {args.l1_size_gb} holds {fill} requests of {request_bytes / 2**20:.1f} MiB, "
-                f"too few for --repeats {args.repeats} loads of whole requests: raise --l1-size-gb to at "
-                f"least {(args.repeats + 2) * request_bytes / 2**30:.3g} or lower --repeats"
+                f"too few for --repeats {args.repeats} loads of whole requests{' and --mixed' * args.mixed}: "
+                f"raise --l1-size-gb to at least {held * request_bytes / 2**30:.3g} or lower --repeats"
             )
         vocab = 150_000
         cold, warm, miss_lookups, prompts = [], [], [], []
@@ -301,10 +366,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             loads.append(load_s)
             hit_lookups.append(lookup_s)
             equal = equal and same
+        mixed = []
+        for tokens, pages in prompts[-args.repeats :] if args.mixed else []:
+            fresh = torch.randint(0, vocab, (rig.tokens,), generator=rig.generator).tolist()
+            seconds, same = rig.save_beside_load(fresh, tokens, pages)
+            mixed.append(seconds)
+            equal = equal and same
         # The ceilings last: while L1 is pinned in the background from start-up, page-locking holds
         # the driver's lock and the memory bus, and a plain copy measured then would be slowed too.
         save_ceiling = pinned_copy_s(rig.pool, rig.blocks, to_host=True)
         load_ceiling = pinned_copy_s(rig.pool, rig.blocks - 1, to_host=False)
+        both_ceiling = pinned_both_ways_s(rig.pool, rig.blocks, rig.blocks - 1) if mixed else 0.0
+        both_bytes = (2 * rig.blocks - 1) * request_bytes // rig.blocks
         return {
             "preset": args.preset,
             "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
@@ -316,6 +389,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "save_while_l1_fills": summary(cold[: args.repeats] or cold, save_ceiling) if cold else None,
             "save_l1_full": summary(warm, save_ceiling),
             "load_l1_full": summary(loads, load_ceiling),
+            "save_beside_load": summary(mixed, both_ceiling) if mixed else None,
+            "bidirectional_gbps": round(both_bytes / both_ceiling / 1e9, 1) if mixed else None,
             "lookup_miss_p50_us": round(statistics.median(miss_lookups) * 1e6, 1),
             "lookup_hit_p50_us": round(statistics.median(hit_lookups) * 1e6, 1),
             "loaded_rows_equal": equal,
@@ -356,6 +431,11 @@ def main() -> int:
     parser = rig_parser(__doc__, l1_size_gb=16.0)
     parser.add_argument("--tokens", type=int, default=16384, help="tokens per request")
     parser.add_argument("--repeats", type=int, default=10, help="saves and loads timed once L1 is full")
+    parser.add_argument(
+        "--mixed",
+        action="store_true",
+        help="also time a save beside a load (a save in flight, the next load)",
+    )
     args = parser.parse_args()
     results = run(args)
     report(results, args.out)

@@ -47,12 +47,14 @@ for part in $parts; do
         python3 benchmarks/bench_layered.py --out "$out/layered.json" ;;  # through the server: `modes`
     adapters)
         python3 benchmarks/bench_adapters.py --preset lmcache --out "$out/adapters_lmcache.json"
-        python3 benchmarks/bench_adapters.py --preset lmcache --layer-hooks \
+        python3 benchmarks/bench_adapters.py --preset lmcache --layer-hooks --mixed \
             --out "$out/adapters_lmcache_layer_hooks.json"
         for mode in export shared-l1; do
             LMCACHE_POOL_SHARING=$mode python3 benchmarks/bench_adapters.py --preset lmcache-mp \
                 --out "$out/adapters_mp_$mode.json"
-        done ;;
+        done
+        LMCACHE_POOL_SHARING=shared-l1 python3 benchmarks/bench_adapters.py --preset lmcache-mp --layer-hooks \
+            --mixed --out "$out/adapters_mp_shared-l1_layer_hooks.json" ;;
     engines)
         python3 benchmarks/multi_engine.py --device cuda --mixed --out "$out/engines.json" ;;
     latency)
