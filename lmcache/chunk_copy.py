@@ -132,7 +132,7 @@ class CopyBatcher(Generic[T]):
 
     @property
     def layerwise(self) -> bool:
-        """Whether this load is layer-wise (enqueued only by :meth:`flush` and :meth:`finish`)."""
+        """Whether this load is layer-wise (see the class)."""
         return self._layers is not None
 
     def prepare_index(self) -> None:
