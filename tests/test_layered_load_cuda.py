@@ -53,6 +53,7 @@ def _read_by_layer(pool: torch.Tensor, ids: list[int], ready: LayerReady, reader
 def test_each_layers_event_covers_its_rows_while_the_load_is_held_back(monkeypatch, min_bytes: int) -> None:
     monkeypatch.setattr(layered_load, "MIN_GROUP_BYTES", min_bytes)
     monkeypatch.setattr(layered_load, "MIN_COPY_BYTES", 1)
+    monkeypatch.setattr(layered_load, "WIDEST_GROUP", 1)
     pool = _pool()
     slab = _host(12, 1)  # chunks back to back in one buffer (joined), and one on its own
     chunks = [([10, 11, 12, 13], slab[0:4]), ([40, 7, 33, 2], slab[4:8]), ([50, 51], slab[8:10])]
