@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from typing import Any
 
 import torch
+
+from lmcache import cudart
 
 _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: the direction follows from the (unified) addresses
 
@@ -22,37 +23,20 @@ class Dma2dUnavailable(RuntimeError):
     """No CUDA runtime with ``cudaMemcpy2DAsync`` could be found in this process."""
 
 
-def _loaded_cudart() -> str | None:
-    """The path of the CUDA runtime library PyTorch loaded, if it is a shared library."""
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.rsplit(None, 1)[-1]
-                if os.path.basename(path).startswith("libcudart.so"):
-                    return path
-    except OSError:
-        return None
-    return None
-
-
 @functools.cache
 def _memcpy2d() -> Any:
-    """``cudaMemcpy2DAsync`` of the runtime PyTorch loaded (else any the process can resolve)."""
-    torch.cuda.init()
-    candidates = [path for path in (_loaded_cudart(),) if path] + [None]
-    for path in candidates:
-        try:
-            fn = ctypes.CDLL(path).cudaMemcpy2DAsync
-        except (OSError, AttributeError):
-            continue
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t]
-        fn.argtypes += [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-        return fn
-    raise Dma2dUnavailable(
-        "cudaMemcpy2DAsync was not found in this process's CUDA runtime (PyTorch linked it statically?); "
-        "layer-wise loads are unavailable, set use_layerwise: false (LMCACHE_USE_LAYERWISE=false)"
-    )
+    """``cudaMemcpy2DAsync`` of the runtime PyTorch loaded (see :func:`lmcache.cudart.runtime`)."""
+    library = cudart.runtime()
+    fn = getattr(library, "cudaMemcpy2DAsync", None) if library is not None else None
+    if fn is None:
+        raise Dma2dUnavailable(
+            "cudaMemcpy2DAsync was not found in this process's CUDA runtime (PyTorch linked it statically?); "
+            "layer-wise loads are unavailable, set use_layerwise: false (LMCACHE_USE_LAYERWISE=false)"
+        )
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t]
+    fn.argtypes += [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    return fn
 
 
 def available() -> bool:

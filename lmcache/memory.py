@@ -41,6 +41,7 @@ from typing import Literal
 
 import torch
 
+from lmcache import cudart
 from lmcache.logging import init_logger
 
 logger = init_logger(__name__)
@@ -370,6 +371,8 @@ class HostArena:
         return self._prepinners > 0
 
     def _prepin(self) -> None:
+        if self.pinned:
+            cudart.relax_capture_mode()  # TRT-LLM may be capturing its CUDA graphs meanwhile
         try:
             while True:
                 with self.lock:
@@ -464,6 +467,8 @@ class HostArena:
             self._growing = None
 
     def _allocate_ahead(self, pool: SlotPool, nbytes: int) -> None:
+        if self.pinned:
+            cudart.relax_capture_mode()
         slab = None
         try:
             slab = self.source.allocate(nbytes)

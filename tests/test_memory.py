@@ -280,3 +280,37 @@ def test_huge_page_memory_is_zeroed_writable_and_outlives_its_mapping_name() -> 
     gc.collect()
     view.fill_(7)
     assert int(view.sum()) == 7 * (3 << 20)
+
+
+class _PinnedLooking(memory.SlabSource):
+    """A source that says its slabs are page-locked (what decides whether its threads relax their CUDA
+    graph capture mode) and hands out ordinary memory."""
+
+    def __init__(self) -> None:
+        super().__init__(pinned=True)
+
+    def allocate(self, nbytes: int, *, fault_in_torch: bool = True) -> memory.Slab:
+        return self._track(memory.Slab(self.new_id(), torch.zeros(nbytes, dtype=torch.uint8)))
+
+
+def test_threads_that_page_lock_in_the_background_relax_their_capture_mode(monkeypatch) -> None:
+    """TRT-LLM captures its CUDA graphs (global mode) while L1 is still being page-locked: every thread
+    that page-locks must first relax its capture mode, or its call fails and breaks that capture."""
+    relaxed: list[str] = []
+    monkeypatch.setattr(
+        memory.cudart, "relax_capture_mode", lambda: relaxed.append(threading.current_thread().name)
+    )
+    slab = 2 << 20
+    arena = HostArena(3 * slab, slab_bytes=slab, source=_PinnedLooking())
+    arena.prepin()
+    assert arena.wait_prepinned(30)
+    assert sorted(set(relaxed)) == sorted(f"lmcache-prepin-{i}" for i in range(memory.PREPIN_THREADS))
+    relaxed.clear()
+    grown = HostArena(3 * slab, slab_bytes=slab, source=_PinnedLooking())
+    pool = grown.pool(slab)
+    assert pool.allocate() is not None  # the first slab on this thread, the next one ahead
+    assert grown.wait_growth(30)
+    assert relaxed == ["lmcache-slab-ahead"]
+    unpinned = HostArena(3 * slab, pinned=False, slab_bytes=slab)
+    unpinned.prepin()
+    assert unpinned.wait_prepinned(30) and relaxed == ["lmcache-slab-ahead"]  # no CUDA call, nothing to relax

@@ -307,8 +307,14 @@ class SharedL1Transfers:
 
         with self._lock:  # loads of several threads: one sender thread
             if self._reports is None:
+                from lmcache import cudart  # torch: only once a load on a CUDA pool returned early
+
                 # Not a daemon: exit waits for the last reports (their copies are running on the device).
-                self._reports = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache-load-done")
+                self._reports = ThreadPoolExecutor(
+                    max_workers=1,
+                    thread_name_prefix="lmcache-load-done",
+                    initializer=cudart.relax_capture_mode,
+                )
             self._reports.submit(report)
 
     def close(self) -> None:

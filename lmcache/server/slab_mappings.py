@@ -116,6 +116,10 @@ class SlabMappings:
             event.set()
 
     def _run(self) -> None:
+        if self.pin:  # page-locking: a CUDA worker's, where torch is loaded
+            from lmcache import cudart
+
+            cudart.relax_capture_mode()  # TRT-LLM may be capturing its CUDA graphs meanwhile
         while True:
             with self._lock:
                 if not self._queue:

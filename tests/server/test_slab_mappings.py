@@ -98,3 +98,24 @@ def test_a_copy_maps_its_slab_itself_rather_than_wait_behind_the_queue(server, t
     finally:
         go.set()
     assert maps.wait_ahead(30) and maps.ids() == sorted(s.id for s in slabs)
+
+
+def test_the_thread_that_page_locks_ahead_relaxes_its_capture_mode(server, tmp_path, monkeypatch) -> None:
+    """A CUDA worker page-locks the slabs ahead while TRT-LLM may be capturing its CUDA graphs (global
+    mode): its thread must relax its capture mode first (see :mod:`lmcache.cudart`)."""
+    from lmcache import cudart
+
+    relaxed: list[str] = []
+    monkeypatch.setattr(cudart, "relax_capture_mode", lambda: relaxed.append(threading.current_thread().name))
+    pinned: list[bool] = []
+
+    def map_slab(info, *, pin, shm_dir):  # type: ignore[no-untyped-def]
+        pinned.append(pin)
+        return real_map_slab(info, pin=False, shm_dir=shm_dir)  # no CUDA here: mapped, not page-locked
+
+    real_map_slab = slab_mappings.map_slab
+    monkeypatch.setattr(slab_mappings, "map_slab", map_slab)
+    maps = SlabMappings(pin=True, shm_dir=str(tmp_path))
+    maps.map_ahead([server.new_slab(), server.new_slab()])
+    assert maps.wait_ahead(30) and len(maps.ids()) == 2
+    assert relaxed == ["lmcache-map-ahead"] and pinned == [True, True]

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from lmcache import cudart
+
 
 class SaveQueue:
     """Stores from one device's pools, run in submission order on a background thread."""
@@ -21,7 +23,8 @@ class SaveQueue:
     def __init__(self, device: torch.device, name: str) -> None:
         self.stream: Any = torch.cuda.Stream(device=device) if device.type == "cuda" else None
         self._device = device
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        relax = cudart.relax_capture_mode if device.type == "cuda" else None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=relax)
 
     def submit(self, store: Callable[[Any], object], after: Any = None) -> Future[Any]:
         """Run ``store(stream)`` once the work enqueued so far on ``after`` (default: the current

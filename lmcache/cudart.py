@@ -1,0 +1,61 @@
+"""PyTorch's own CUDA runtime, for the calls PyTorch does not expose, and how the threads of ours
+that call CUDA in the background behave while another thread captures a CUDA graph.
+
+TRT-LLM captures its CUDA graphs at warm-up, right after the KV pool (and so this connector) is set
+up, with PyTorch's default ``global`` capture mode: while that capture runs, a "potentially unsafe"
+CUDA call from any other thread in the default mode fails and invalidates the capture. Page-locking
+memory (``cudaHostRegister``) is such a call, and L1 is page-locked in the background from start-up
+(:mod:`lmcache.memory`, :mod:`lmcache.server.slab_mappings`). A background thread of ours therefore
+first relaxes its capture mode (:func:`relax_capture_mode`): its calls neither fail nor disturb a
+capture elsewhere (they touch none of the captured streams).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from typing import Any
+
+import torch
+
+CAPTURE_MODE_RELAXED = 2  # cudaStreamCaptureModeRelaxed
+
+
+def _loaded_path() -> str | None:
+    """The path of the CUDA runtime library PyTorch loaded, if it is a shared library."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.rsplit(None, 1)[-1]
+                if os.path.basename(path).startswith("libcudart.so"):
+                    return path
+    except OSError:
+        return None
+    return None
+
+
+@functools.cache
+def runtime() -> Any | None:
+    """The CUDA runtime PyTorch loaded (else any the process can resolve), or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.init()
+    for path in [p for p in (_loaded_path(),) if p] + [None]:
+        try:
+            library = ctypes.CDLL(path)
+            library.cudaGetDevice  # noqa: B018 - a CUDA runtime, not just any library
+        except (OSError, AttributeError):
+            continue
+        return library
+    return None
+
+
+def relax_capture_mode() -> bool:
+    """Let this thread's CUDA calls run while another thread captures a CUDA graph (see the module);
+    for threads of ours only, at their start. False where there is no CUDA runtime to tell."""
+    library = runtime()
+    if library is None:
+        return False
+    mode = ctypes.c_int(CAPTURE_MODE_RELAXED)
+    return int(library.cudaThreadExchangeStreamCaptureMode(ctypes.byref(mode))) == 0
