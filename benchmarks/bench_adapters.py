@@ -76,6 +76,20 @@ def timed(fn: Any) -> tuple[Any, float]:
     return result, time.perf_counter() - began
 
 
+def _median_s(run: Any, cuda: bool, repeats: int) -> float:
+    """Median seconds of ``run()`` with its device work (synchronized before and after)."""
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
 def pinned_both_ways_s(pool: torch.Tensor, out_rows: int, in_rows: int, repeats: int = 5) -> float:
     """Median time of two plain pinned copies at once on two streams, ``out_rows`` pool rows to the
     host and ``in_rows`` other rows from it (the bidirectional ceiling)."""
@@ -83,41 +97,32 @@ def pinned_both_ways_s(pool: torch.Tensor, out_rows: int, in_rows: int, repeats:
     out_host = torch.empty(out_src.shape, dtype=pool.dtype, pin_memory=pool.is_cuda)
     in_host = torch.empty(in_dst.shape, dtype=pool.dtype, pin_memory=pool.is_cuda)
     streams = [torch.cuda.Stream(pool.device), torch.cuda.Stream(pool.device)] if pool.is_cuda else []
-    times = []
-    for _ in range(repeats):
-        if pool.is_cuda:
-            torch.cuda.synchronize()
-        began = time.perf_counter()
-        if streams:
-            with torch.cuda.stream(streams[0]):
-                out_host.copy_(out_src, non_blocking=True)
-            with torch.cuda.stream(streams[1]):
-                in_dst.copy_(in_host, non_blocking=True)
-            torch.cuda.synchronize()
-        else:
+
+    def both() -> None:
+        if not streams:
             out_host.copy_(out_src)
             in_dst.copy_(in_host)
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
+            return
+        with torch.cuda.stream(streams[0]):
+            out_host.copy_(out_src, non_blocking=True)
+        with torch.cuda.stream(streams[1]):
+            in_dst.copy_(in_host, non_blocking=True)
+
+    return _median_s(both, pool.is_cuda, repeats)
 
 
 def pinned_copy_s(pool: torch.Tensor, rows: int, to_host: bool, repeats: int = 5) -> float:
     """Median time of one plain pinned ``copy_`` of ``rows`` pool rows (the ceiling)."""
     src = pool[:rows]
     host = torch.empty(src.shape, dtype=src.dtype, pin_memory=pool.is_cuda)
-    times = []
-    for _ in range(repeats):
-        if pool.is_cuda:
-            torch.cuda.synchronize()
-        began = time.perf_counter()
+
+    def copy() -> None:
         if to_host:
             host.copy_(src, non_blocking=True)
         else:
             src.copy_(host, non_blocking=True)
-        if pool.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
+
+    return _median_s(copy, pool.is_cuda, repeats)
 
 
 @dataclass
@@ -210,16 +215,22 @@ class AdapterRig:
         what a load of ``tokens`` must bring back, for :meth:`load`'s ``source``)."""
         request, _, lookup_s = self.lookup(tokens)
         pages = self._pages(0)
+        began = self._saving_forward(request, pages)
+        self._wait_saved(request.request_id)
+        return lookup_s, time.perf_counter() - began, pages
+
+    def _saving_forward(self, request: Request, pages: list[int]) -> float:
+        """The forward of a fresh prompt, its save handed to the connector; returns when
+        ``wait_for_save`` was called (``perf_counter``)."""
         self.scheduler.update_state_after_alloc(request, pages)
-        self._iteration(request, pages, 0, len(tokens))
+        self._iteration(request, pages, 0, len(request.tokens))
         self.worker.start_load_kv(self.stream)
         self._layer_hooks()
         began = time.perf_counter()
         self.worker.wait_for_save(self.stream)
         if not self.scheduler.request_finished(request, pages):
             raise RuntimeError("the connector planned no save for a fresh prompt")
-        self._wait_saved(request.request_id)
-        return lookup_s, time.perf_counter() - began, pages
+        return began
 
     def _wait_saved(self, request_id: int) -> None:
         """Poll ``get_finished`` until the finished request's save is reported."""
@@ -240,15 +251,8 @@ class AdapterRig:
         Both are looked up first, as the overlap scheduler does during the forward before."""
         load_request, matched, _ = self.lookup(held)
         save_request, _, _ = self.lookup(fresh)
-        save_pages, load_pages = self._pages(0), self._pages(1)
-        self.scheduler.update_state_after_alloc(save_request, save_pages)
-        self._iteration(save_request, save_pages, 0, len(fresh))
-        self.worker.start_load_kv(self.stream)
-        self._layer_hooks()
-        began = time.perf_counter()
-        self.worker.wait_for_save(self.stream)
-        if not self.scheduler.request_finished(save_request, save_pages):
-            raise RuntimeError("the connector planned no save for a fresh prompt")
+        load_pages = self._pages(1)
+        began = self._saving_forward(save_request, self._pages(0))
         self.scheduler.update_state_after_alloc(load_request, load_pages)
         self._iteration(load_request, load_pages, 0, len(held) - matched)
         self.worker.start_load_kv(self.stream)
