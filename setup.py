@@ -18,5 +18,6 @@ setup(
             extra_compile_args=["-O3"],
         ),
         Extension("lmcache._busguard", ["lmcache/_busguard.c"], optional=True, extra_compile_args=["-O2"]),
+        Extension("lmcache._dmabatch", ["lmcache/_dmabatch.c"], optional=True, extra_compile_args=["-O2"]),
     ]
 )

@@ -1,15 +1,18 @@
 """Block transfers between TensorRT-LLM's paged KV pool and contiguous chunk buffers.
 
 A pool row (``pool[block]``: every layer, K then V) is contiguous, so a chunk is a handful of
-rows, copied run by run of adjacent block ids on the CPU. Chunks whose host buffers follow each
-other are joined first (``join_adjacent``). On CUDA each joined chunk moves as one large DMA copy:
-rows adjacent in the pool go straight to or from host memory; scattered rows are first gathered on
-the device (one ``index_select`` per batch, or one ``index_copy_`` on the way back), at
-device-memory speed, on a helper stream so these kernels overlap the copies. Stores may interleave
-their batches over two streams so they never monopolise the copy engine. Everything is ordered by
-CUDA events with no host sync; staging buffers are tied to the streams that use them.
+rows, copied run by run of adjacent block ids on the CPU, where chunks whose host buffers follow
+each other are joined first (``join_adjacent``). On CUDA a batch's copies are raw DMA enqueued by
+one call (:mod:`lmcache.dma_batch`, which joins the copies that continue each other): rows
+adjacent in the pool go straight to or from host memory; scattered rows are first gathered on the
+device (one ``index_select`` per batch, or one ``index_copy_`` on the way back), at device-memory
+speed, on a helper stream so these kernels overlap the copies. Stores may interleave their batches
+over two streams so they never monopolise the copy engine. Everything is ordered by CUDA events
+with no host sync; staging buffers are tied to the streams that use them. The host buffers must
+stay allocated until the copies ran (L1's slots do: a slot is reused only after its events).
 
-Pure PyTorch: ``import lmcache.c_ops`` works on any machine, with or without CUDA.
+Pure PyTorch and the CUDA runtime PyTorch loaded: ``import lmcache.c_ops`` works on any machine,
+with or without CUDA.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
+
+from lmcache import dma_batch
 
 # Upper bound of the device staging buffer per call, so a huge batch cannot exhaust GPU memory.
 MAX_STAGING_BYTES = 256 << 20
@@ -206,6 +211,8 @@ class Transfer:
         self._copied: Any = None
         """Events a batch's kernel and copies hand over by (reused: see ``_gather_cuda``)."""
         self._row_bytes = math.prod(pool.shape[1:]) * pool.element_size()
+        self._row_stride = pool.stride(0) * pool.element_size() if pool.dim() else 0
+        """Bytes from one row to the next (rows are contiguous, possibly apart: PoolLayout)."""
         self._request_ids = list(block_ids) if block_ids is not None else None
         self._request_index: torch.Tensor | None = None
         self._cursor = 0
@@ -214,6 +221,8 @@ class Transfer:
             self._restore = (torch.cuda.current_stream(), torch.cuda.current_stream(pool.device))
             self.stream = stream if stream is not None else self._restore[1]
             self._lanes = [self.stream, _lane_stream(pool.device)] if interleave else [self.stream]
+            # The copies' stream is on the pool's device: enqueue them with that device current.
+            self._device = pool.device if torch.cuda.current_device() != pool.device.index else None
 
     @contextlib.contextmanager
     def _streams(self) -> Iterator[None]:
@@ -316,17 +325,19 @@ class Transfer:
             self._pool_ready.record(self.stream)
         with self._streams():
             for batch in _batches(chunks, self._row_bytes):
-                self._gather_cuda(join_adjacent(batch))
+                self._gather_cuda(batch)
 
     def _gather_cuda(self, chunks: Sequence[ChunkCopy]) -> None:
         pool, main = self.pool, self._next_lane()
+        direct: list[dma_batch.Copy] = []
         scattered = []
         for block_ids, out in chunks:
             if is_contiguous_run(block_ids):
-                self._use(main)
-                out.copy_(pool[block_ids[0] : block_ids[0] + len(block_ids)], non_blocking=True)
+                host = self._host_address(out, len(block_ids))
+                self._add_rows(direct, block_ids[0], len(block_ids), host, to_host=True)
             else:
                 scattered.append((block_ids, out))
+        self._enqueue(direct, main)
         if not scattered:
             self._end_batch(main)
             return
@@ -341,13 +352,49 @@ class Transfer:
         # Reused: a stream's wait applies to the record made before it, not to later ones.
         self._gathered.record(self._side)
         main.wait_event(self._gathered)
-        self._use(main)
-        offset = 0
+        at, copies = staging.data_ptr(), []
         for block_ids, out in scattered:
-            out.copy_(staging[offset : offset + len(block_ids)], non_blocking=True)
-            offset += len(block_ids)
+            nbytes = len(block_ids) * self._row_bytes
+            copies.append((self._host_address(out, len(block_ids)), at, nbytes))
+            at += nbytes
+        self._enqueue(copies, main)
         staging.record_stream(main)
         self._end_batch(main)
+
+    def _host_address(self, buffer: torch.Tensor, rows: int) -> int:
+        """The address of a chunk's host buffer, checked to hold ``rows`` pool rows back to back (its
+        copies are raw DMA: a wrong size would read or write past it)."""
+        nbytes = rows * self._row_bytes
+        if buffer.dtype != self.pool.dtype or buffer.nbytes != nbytes or not buffer.is_contiguous():
+            raise ValueError(
+                f"a chunk buffer for {rows} rows of a {self.pool.dtype} pool must be contiguous "
+                f"{self.pool.dtype} of {nbytes} bytes; got {buffer.dtype} "
+                f"{tuple(buffer.shape)} strides {buffer.stride()}"
+            )
+        return buffer.data_ptr()
+
+    def _add_rows(
+        self, copies: list[dma_batch.Copy], first: int, rows: int, host: int, *, to_host: bool
+    ) -> None:
+        """Append the copies between host memory at ``host`` and the ``rows`` adjacent pool rows from
+        ``first`` on (one copy when the pool's rows are packed, else one per row)."""
+        base = self.pool.data_ptr() + first * self._row_stride
+        if self._row_stride == self._row_bytes:
+            pairs = [(host, base, rows)]
+        else:
+            pairs = [(host + i * self._row_bytes, base + i * self._row_stride, 1) for i in range(rows)]
+        for host_at, pool_at, count in pairs:
+            nbytes = count * self._row_bytes
+            copies.append((host_at, pool_at, nbytes) if to_host else (pool_at, host_at, nbytes))
+
+    def _enqueue(self, copies: list[dma_batch.Copy], stream: Any) -> None:
+        if not copies:
+            return
+        if self._device is None:
+            dma_batch.enqueue(copies, stream)
+            return
+        with torch.cuda.device(self._device):
+            dma_batch.enqueue(copies, stream)
 
     def _side_for(self, direction: Direction) -> None:
         """Take ``direction``'s helper stream; a transfer moves one way only."""
@@ -373,25 +420,30 @@ class Transfer:
         self._side_for("scatter")
         with self._streams():
             for batch in _batches(chunks, self._row_bytes):
-                self._scatter_cuda(join_adjacent(batch))
+                self._scatter_cuda(batch)
 
     def _scatter_cuda(self, chunks: Sequence[ChunkCopy]) -> None:
         pool, main = self.pool, self.stream
+        copies: list[dma_batch.Copy] = []
         scattered = []
         self._use(main)
         for block_ids, src in chunks:
+            host = self._host_address(src, len(block_ids))
             if is_contiguous_run(block_ids):
-                pool[block_ids[0] : block_ids[0] + len(block_ids)].copy_(src, non_blocking=True)
+                self._add_rows(copies, block_ids[0], len(block_ids), host, to_host=False)
             else:
-                scattered.append((block_ids, src))
+                scattered.append((block_ids, host))
         if not scattered:
+            self._enqueue(copies, main)
             return
         ids = [b for block_ids, _ in scattered for b in block_ids]
         staging = torch.empty((len(ids), *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
-        offset = 0
-        for block_ids, src in scattered:
-            staging[offset : offset + len(block_ids)].copy_(src, non_blocking=True)
-            offset += len(block_ids)
+        at = staging.data_ptr()
+        for block_ids, host in scattered:
+            nbytes = len(block_ids) * self._row_bytes
+            copies.append((at, host, nbytes))
+            at += nbytes
+        self._enqueue(copies, main)
         # Uploaded in line with the chunks: a copy on the kernel stream would wait until the copy
         # engine drained every chunk queued on this one, holding every scatter back to the end.
         # After them: the DMA starts while the host prepares the ids (the kernel needs both).

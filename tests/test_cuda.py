@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmcache import c_ops
+from lmcache import c_ops, dma_batch
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.layout import PoolLayout
@@ -253,3 +253,36 @@ def test_after_the_warm_up_a_first_load_waits_for_no_earlier_work() -> None:
     cold, warm = first_load("cold"), first_load("warm")
     assert cold == {"loaded": 256, "waited": True, "equal": True}, "the control no longer shows the barrier"
     assert warm == {"loaded": 256, "waited": False, "equal": True}
+
+
+@pytest.mark.parametrize("implementation", ["native", "python"])
+@pytest.mark.parametrize("rows", ["packed", "apart"])
+def test_batched_copies_land_where_the_ids_say(
+    implementation: str, rows: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's copies enqueued by the C loop and by the Python reference (``lmcache.dma_batch``),
+    into a pool whose rows are packed or lie apart (a view of every other row of a larger tensor):
+    adjacent and scattered ids both land bit-equal, and a wrong-sized buffer is refused."""
+    if implementation == "python":
+        monkeypatch.setattr(dma_batch, "_native_enqueue", None)
+    else:
+        assert dma_batch.native() is not None, "lmcache._dmabatch is not built (setup.py build_ext)"
+    pool = cuda_pool(192)[::2] if rows == "apart" else cuda_pool()
+    assert (pool.stride(0) == pool[0].numel()) == (rows == "packed")
+    ids = [[20, 21, 22], [3, 9, 4], [23, 24, 25]]
+    slab = torch.empty((9, *pool.shape[1:]), dtype=pool.dtype, pin_memory=True)
+    chunks = [(block_ids, slab[3 * i : 3 * i + 3]) for i, block_ids in enumerate(ids)]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    c_ops.gather_to_host(pool, chunks, stream)
+    targets = [[60, 61, 62], [70, 65, 91], [63, 64, 80]]
+    c_ops.scatter_from_host(pool, [(t, buf) for t, (_, buf) in zip(targets, chunks, strict=True)], stream)
+    stream.synchronize()
+    flat_ids = [b for block_ids in ids for b in block_ids]
+    flat_targets = [b for block_ids in targets for b in block_ids]
+    assert torch.equal(slab.cuda(), pool[flat_ids])
+    assert torch.equal(pool[flat_targets], pool[flat_ids])
+    with pytest.raises(ValueError, match="must be contiguous"):
+        c_ops.gather_to_host(pool, [([1, 2], slab[0:3])], stream)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        c_ops.scatter_from_host(pool, [([1, 5], slab[0:4:2])], stream)

@@ -1,0 +1,118 @@
+"""lmcache.dma_batch on the CPU: the C loop and the Python reference enqueue the same calls.
+
+Both are given a stand-in for ``cudaMemcpyAsync`` (a ctypes callback of its signature that copies
+host memory and records each call), so what they enqueue is checked byte for byte without a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from lmcache import dma_batch
+
+IMPLEMENTATIONS = {"python": dma_batch.enqueue_python, "native": dma_batch.native()}
+
+
+class FakeMemcpy:
+    """A ``cudaMemcpyAsync`` that copies host memory at once; ``fail_at`` makes that call return 700."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.calls: list[tuple[int, int, int, int, int]] = []
+        self.fail_at = fail_at
+        self.function = dma_batch.MEMCPY_ASYNC(self._call)  # kept alive as long as this object
+        self.address = ctypes.cast(self.function, ctypes.c_void_p).value
+
+    def _call(self, dst: int, src: int, count: int, kind: int, stream: int) -> int:
+        if len(self.calls) == self.fail_at:
+            return 700
+        self.calls.append((dst, src, count, kind, stream or 0))
+        ctypes.memmove(dst, src, count)
+        return 0
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def implementation(request: pytest.FixtureRequest) -> Iterator[dma_batch.Enqueue]:
+    run = IMPLEMENTATIONS[request.param]
+    assert run is not None, "lmcache._dmabatch is not built (setup.py build_ext)"
+    yield run
+
+
+def test_the_native_loop_is_built_and_is_the_default() -> None:
+    from lmcache import _dmabatch
+
+    assert dma_batch.native() is _dmabatch.enqueue
+
+
+def test_copies_land_and_continuations_join(implementation: dma_batch.Enqueue) -> None:
+    src = torch.arange(64, dtype=torch.uint8)
+    dst = torch.zeros(64, dtype=torch.uint8)
+    s, d = src.data_ptr(), dst.data_ptr()
+    fake = FakeMemcpy()
+    # 0-8 and 8-16 continue each other on both sides: one call; 16-24 goes elsewhere: its own call;
+    # an empty copy is dropped; 40-48 continues 32-40 on the destination side only: two calls.
+    copies = [
+        (d, s, 8),
+        (d + 8, s + 8, 8),
+        (d + 40, s + 16, 8),
+        (d + 1, s, 0),
+        (d + 24, s + 32, 8),
+        (d + 32, s + 48, 8),
+    ]
+    calls = implementation(fake.address, 1234, copies)
+    assert calls == 4
+    assert [(c[0] - d, c[1] - s, c[2]) for c in fake.calls] == [
+        (0, 0, 16),
+        (40, 16, 8),
+        (24, 32, 8),
+        (32, 48, 8),
+    ]
+    assert all(c[3] == dma_batch.MEMCPY_DEFAULT and c[4] == 1234 for c in fake.calls)
+    want = torch.zeros(64, dtype=torch.uint8)
+    want[0:16] = src[0:16]
+    want[40:48] = src[16:24]
+    want[24:32] = src[32:40]
+    want[32:40] = src[48:56]
+    assert torch.equal(dst, want)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ((1, 2), "must be a"),
+        ([1, 2, 3], "must be a"),
+        ((0, 8, 4), "null address"),
+        ((8, 0, 4), "null address"),
+        ((8, 16, -1), "negative"),
+        ((-8, 16, 4), "non-negative ints"),
+        ((8.0, 16, 4), "non-negative ints"),
+    ],
+)
+def test_bad_copies_raise_before_anything_is_enqueued(
+    implementation: dma_batch.Enqueue, bad: object, message: str
+) -> None:
+    src = torch.arange(16, dtype=torch.uint8)
+    dst = torch.zeros(16, dtype=torch.uint8)
+    fake = FakeMemcpy()
+    good = (dst.data_ptr(), src.data_ptr(), 16)
+    with pytest.raises(ValueError, match=message):
+        implementation(fake.address, 0, [good, bad])  # type: ignore[list-item]
+    assert fake.calls == [] and not dst.any()
+
+
+def test_a_failing_call_stops_the_batch_and_names_the_error(implementation: dma_batch.Enqueue) -> None:
+    src = torch.arange(32, dtype=torch.uint8)
+    dst = torch.zeros(32, dtype=torch.uint8)
+    s, d = src.data_ptr(), dst.data_ptr()
+    fake = FakeMemcpy(fail_at=1)
+    with pytest.raises(RuntimeError, match=r"8 bytes \(call 2 of 3\) failed with CUDA error 700"):
+        implementation(fake.address, 0, [(d, s, 8), (d + 16, s + 16, 8), (d + 8, s + 8, 8)])
+    assert len(fake.calls) == 1  # the third copy was never enqueued
+
+
+def test_a_null_runtime_function_is_refused(implementation: dma_batch.Enqueue) -> None:
+    with pytest.raises(ValueError, match="null memcpy_async"):
+        implementation(0, 0, [])
