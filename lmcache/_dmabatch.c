@@ -1,15 +1,20 @@
-/* A batch of host<->device copies enqueued by one call, without the GIL (lmcache.dma_batch).
+/* Batches of host<->device copies enqueued by one call each, without the GIL (lmcache.dma_batch).
  *
  * enqueue(memcpy_async, stream, copies) -> calls
  *   memcpy_async: the address of cudaMemcpyAsync (or any function of its signature: tests pass one
  *                 that copies host memory);
  *   stream:       the cudaStream_t handle the copies go on;
  *   copies:       a sequence of (dst address, src address, nbytes) tuples.
+ * Zero-byte copies are dropped; a copy that continues the previous one on both sides (dst and src
+ * each start where the previous ended) joins it.
  *
- * Every entry is checked before anything is enqueued (addresses non-zero, sizes not negative), so bad
- * input enqueues nothing. Zero-byte copies are dropped; a copy that continues the previous one on both
- * sides (dst and src each start where the previous ended) joins it. Returns the number of
- * memcpy_async calls made. A call that fails stops the batch: RuntimeError naming the CUDA error.
+ * enqueue_2d(memcpy_2d_async, stream, copies) -> calls
+ *   the same with cudaMemcpy2DAsync and (dst, dst pitch, src, src pitch, width, height) tuples:
+ *   height lines of width bytes, each side's lines pitch bytes apart. Empty copies are dropped.
+ *
+ * Every entry is checked before anything is enqueued (addresses non-zero, sizes not negative, pitches
+ * at least the width), so bad input enqueues nothing. Each returns the number of calls made; a call
+ * that fails stops the batch: RuntimeError naming the CUDA error.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -19,10 +24,16 @@
 #define MEMCPY_DEFAULT 4 /* cudaMemcpyDefault: the direction follows from the (unified) addresses */
 
 typedef int (*memcpy_async_fn)(void *dst, const void *src, size_t count, int kind, void *stream);
+typedef int (*memcpy_2d_async_fn)(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width,
+                                  size_t height, int kind, void *stream);
 
 typedef struct {
     uint64_t dst, src, nbytes;
 } copy_t;
+
+typedef struct {
+    uint64_t dst, dst_pitch, src, src_pitch, width, height;
+} copy_2d_t;
 
 /* Reads entry i of seq into *out; 0 on success, -1 with a Python error set. */
 static int read_copy(PyObject *item, Py_ssize_t i, copy_t *out) {
@@ -111,10 +122,103 @@ static PyObject *enqueue(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(calls);
 }
 
+/* Reads a 2-D copy; 0 on success, -1 with a Python error set. */
+static int read_copy_2d(PyObject *item, Py_ssize_t i, copy_2d_t *out) {
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 6) {
+        PyErr_Format(PyExc_ValueError,
+                     "copy %zd must be a (dst, dst pitch, src, src pitch, width, height) tuple", i);
+        return -1;
+    }
+    long long v[6];
+    for (int k = 0; k < 6; k++) {
+        v[k] = PyLong_AsLongLong(PyTuple_GET_ITEM(item, k));
+        if (PyErr_Occurred()) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "copy %zd: every field must be an int", i);
+            return -1;
+        }
+        if (v[k] < 0) {
+            PyErr_Format(PyExc_ValueError, "copy %zd: field %d is negative (%lld)", i, k, v[k]);
+            return -1;
+        }
+    }
+    if (v[0] == 0 || v[2] == 0) {
+        PyErr_Format(PyExc_ValueError, "copy %zd: a null address", i);
+        return -1;
+    }
+    if (v[5] > 1 && (v[1] < v[4] || v[3] < v[4])) {
+        PyErr_Format(PyExc_ValueError, "copy %zd: pitches %lld and %lld must be at least the width %lld", i,
+                     v[1], v[3], v[4]);
+        return -1;
+    }
+    out->dst = v[0];
+    out->dst_pitch = v[1];
+    out->src = v[2];
+    out->src_pitch = v[3];
+    out->width = v[4];
+    out->height = v[5];
+    return 0;
+}
+
+static PyObject *enqueue_2d(PyObject *self, PyObject *args) {
+    unsigned long long fn_address, stream;
+    PyObject *copies;
+    if (!PyArg_ParseTuple(args, "KKO", &fn_address, &stream, &copies)) return NULL;
+    if (fn_address == 0) {
+        PyErr_SetString(PyExc_ValueError, "a null memcpy_2d_async address");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(copies, "copies must be a sequence of 6-tuples");
+    if (seq == NULL) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    copy_2d_t *todo = PyMem_Malloc((n > 0 ? n : 1) * sizeof(copy_2d_t));
+    if (todo == NULL) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t count = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        copy_2d_t c;
+        if (read_copy_2d(PySequence_Fast_GET_ITEM(seq, i), i, &c) < 0) {
+            PyMem_Free(todo);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (c.width != 0 && c.height != 0) todo[count++] = c;
+    }
+    Py_DECREF(seq);
+
+    memcpy_2d_async_fn fn = (memcpy_2d_async_fn)(uintptr_t)fn_address;
+    int err = 0;
+    Py_ssize_t calls = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (; calls < count; calls++) {
+        copy_2d_t *c = &todo[calls];
+        err = fn((void *)(uintptr_t)c->dst, (size_t)c->dst_pitch, (const void *)(uintptr_t)c->src,
+                 (size_t)c->src_pitch, (size_t)c->width, (size_t)c->height, MEMCPY_DEFAULT,
+                 (void *)(uintptr_t)stream);
+        if (err != 0) break;
+    }
+    Py_END_ALLOW_THREADS
+    if (err != 0) {
+        PyErr_Format(PyExc_RuntimeError,
+                     "cudaMemcpy2DAsync of %llu x %llu bytes (call %zd of %zd) failed with CUDA error %d",
+                     (unsigned long long)todo[calls].height, (unsigned long long)todo[calls].width, calls + 1,
+                     count, err);
+        PyMem_Free(todo);
+        return NULL;
+    }
+    PyMem_Free(todo);
+    return PyLong_FromSsize_t(calls);
+}
+
 static PyMethodDef methods[] = {
     {"enqueue", enqueue, METH_VARARGS,
      "enqueue(memcpy_async, stream, copies) -> calls: (dst, src, nbytes) copies, adjacent ones joined, "
      "enqueued without the GIL."},
+    {"enqueue_2d", enqueue_2d, METH_VARARGS,
+     "enqueue_2d(memcpy_2d_async, stream, copies) -> calls: (dst, dst pitch, src, src pitch, width, height) "
+     "copies enqueued without the GIL."},
     {NULL, NULL, 0, NULL},
 };
 

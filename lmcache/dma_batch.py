@@ -1,17 +1,18 @@
-"""A batch of host <-> device copies enqueued by one call.
+"""Batches of host <-> device copies, each batch enqueued by one call.
 
 A store or load of a 16k-token prompt makes about a hundred DMA copies (a chunk's slot to or from
-the pool or the device staging). Enqueued one ``Tensor.copy_`` at a time, each holds the GIL for a
-view, a slice and a dispatch, which TRT-LLM's executor thread then waits for (benchmarks/RESULTS.md,
-D37 and D49). Here a batch is a list of ``(dst address, src address, nbytes)`` copies enqueued with
-``cudaMemcpyAsync`` from PyTorch's own CUDA runtime (:mod:`lmcache.cudart`): by the C loop of
-``lmcache._dmabatch`` (built by setup.py), which holds no GIL while it calls the runtime, or by this
-module's Python loop, the fallback and the reference.
+the pool or the device staging), and a layer-wise load one 2-D copy per chunk and layer group
+(:mod:`lmcache.layered_load`). Enqueued one PyTorch or ctypes call at a time, each takes the GIL for a
+view, a dispatch or a ctypes conversion, which TRT-LLM's executor thread then waits for
+(benchmarks/RESULTS.md, D37 and D49). Here a batch is a list of copies enqueued with PyTorch's own
+CUDA runtime (:mod:`lmcache.cudart`; ``cudaMemcpyAsync`` and ``cudaMemcpy2DAsync``, direction
+``cudaMemcpyDefault``) by the C loops of ``lmcache._dmabatch`` (built by setup.py), which hold no GIL
+while they call the runtime, or by this module's Python loops, the fallback and the reference.
 
-Both check every copy before enqueueing any, drop empty copies and join a copy that continues the
-previous one on both sides (L1 hands out slots in address order, and a batch's staging is contiguous:
-a batch mostly moves as one copy). The caller keeps the memory alive until the copies ran (an event
-recorded after them).
+Both check every copy before enqueueing any and drop empty copies; 1-D copies that continue the
+previous one on both sides are joined (L1 hands out slots in address order, and a batch's staging
+is contiguous: a batch mostly moves as one copy). The caller keeps the memory alive until the
+copies ran (an event recorded after them).
 """
 
 from __future__ import annotations
@@ -21,17 +22,26 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
 from lmcache import cudart
 
 try:
-    # The loop in C without the GIL (lmcache/_dmabatch.c); optional, the Python loop below is the
+    # The loops in C without the GIL (lmcache/_dmabatch.c); optional, the Python loops below are the
     # fallback and the reference.
-    from lmcache._dmabatch import enqueue as _native_enqueue
+    from lmcache import _dmabatch as _native
 except ImportError:
-    _native_enqueue = None
+    _native = None
 
 Copy = tuple[int, int, int]
 """``(dst address, src address, nbytes)``: host or device memory on either side (unified addressing)."""
+
+Copy2d = tuple[int, int, int, int, int, int]
+"""``(dst, dst pitch, src, src pitch, width, height)``: ``height`` lines of ``width`` bytes, each
+side's lines ``pitch`` bytes apart."""
+
+Enqueue = Callable[[int, int, Sequence[Any]], int]
+"""``(runtime function address, stream handle, copies) -> calls made``: one loop over a batch."""
 
 MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: the direction follows from the addresses
 
@@ -40,13 +50,28 @@ MEMCPY_ASYNC = ctypes.CFUNCTYPE(
 )
 """``cudaMemcpyAsync(dst, src, count, kind, stream)``'s C type."""
 
-Enqueue = Callable[[int, int, Sequence[Copy]], int]
-"""``(memcpy_async address, stream handle, copies) -> calls made``: one implementation of the batch."""
+MEMCPY_2D_ASYNC = ctypes.CFUNCTYPE(
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_size_t,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_void_p,
+)
+"""``cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, stream)``'s C type."""
 
 
-def native() -> Enqueue | None:
-    """The C loop (None: ``lmcache._dmabatch`` is not built, and batches go through Python)."""
-    return _native_enqueue
+class Dma2dUnavailable(RuntimeError):
+    """No CUDA runtime with ``cudaMemcpy2DAsync`` could be found in this process."""
+
+
+def native_loops() -> tuple[Enqueue, Enqueue] | None:
+    """The C loops ``(enqueue, enqueue_2d)`` (None: ``lmcache._dmabatch`` is not built, and batches go
+    through Python)."""
+    return (_native.enqueue, _native.enqueue_2d) if _native is not None else None
 
 
 def _checked_runs(copies: Sequence[Copy]) -> list[list[int]]:
@@ -74,9 +99,28 @@ def _checked_runs(copies: Sequence[Copy]) -> list[list[int]]:
     return runs
 
 
-@functools.cache
-def _function(address: int) -> Any:
-    return MEMCPY_ASYNC(address)
+def _checked_2d(copies: Sequence[Copy2d]) -> list[Copy2d]:
+    """The 2-D copies to enqueue: each checked first, empty ones dropped."""
+    for i, copy in enumerate(copies):
+        if not isinstance(copy, tuple) or len(copy) != 6:
+            raise ValueError(f"copy {i} must be a (dst, dst pitch, src, src pitch, width, height) tuple")
+        if not all(type(v) is int for v in copy):
+            raise ValueError(f"copy {i}: every field must be an int")
+        for k, value in enumerate(copy):
+            if value < 0:
+                raise ValueError(f"copy {i}: field {k} is negative ({value})")
+        dst, dst_pitch, src, src_pitch, width, height = copy
+        if dst == 0 or src == 0:
+            raise ValueError(f"copy {i}: a null address")
+        if height > 1 and (dst_pitch < width or src_pitch < width):
+            raise ValueError(
+                f"copy {i}: pitches {dst_pitch} and {src_pitch} must be at least the width {width}"
+            )
+    return [copy for copy in copies if copy[4] and copy[5]]
+
+
+def _failed(what: str, i: int, calls: int, err: int) -> RuntimeError:
+    return RuntimeError(f"{what} (call {i + 1} of {calls}) failed with CUDA error {err}")
 
 
 def enqueue_python(memcpy_async: int, stream: int, copies: Sequence[Copy]) -> int:
@@ -84,30 +128,57 @@ def enqueue_python(memcpy_async: int, stream: int, copies: Sequence[Copy]) -> in
     if not memcpy_async:
         raise ValueError("a null memcpy_async address")
     runs = _checked_runs(copies)
-    fn = _function(memcpy_async)
+    fn = MEMCPY_ASYNC(memcpy_async)
     for i, (dst, src, nbytes) in enumerate(runs):
         err = fn(dst, src, nbytes, MEMCPY_DEFAULT, stream)
         if err:
-            raise RuntimeError(
-                f"cudaMemcpyAsync of {nbytes} bytes (call {i + 1} of {len(runs)}) "
-                f"failed with CUDA error {err}"
-            )
+            raise _failed(f"cudaMemcpyAsync of {nbytes} bytes", i, len(runs), err)
     return len(runs)
 
 
+def enqueue_2d_python(memcpy_2d_async: int, stream: int, copies: Sequence[Copy2d]) -> int:
+    """The reference loop: what ``lmcache._dmabatch.enqueue_2d`` does, one ctypes call per copy."""
+    if not memcpy_2d_async:
+        raise ValueError("a null memcpy_2d_async address")
+    todo = _checked_2d(copies)
+    fn = MEMCPY_2D_ASYNC(memcpy_2d_async)
+    for i, (dst, dst_pitch, src, src_pitch, width, height) in enumerate(todo):
+        err = fn(dst, dst_pitch, src, src_pitch, width, height, MEMCPY_DEFAULT, stream)
+        if err:
+            raise _failed(f"cudaMemcpy2DAsync of {height} x {width} bytes", i, len(todo), err)
+    return len(todo)
+
+
 @functools.cache
-def _memcpy_async_address() -> int:
+def _runtime_function(name: str) -> int | None:
+    """The address of the CUDA runtime's ``name`` in this process (None: no CUDA runtime, or none with it)."""
     library = cudart.runtime()
-    fn = getattr(library, "cudaMemcpyAsync", None) if library is not None else None
-    if fn is None:
-        raise RuntimeError("no CUDA runtime with cudaMemcpyAsync in this process; copies need a CUDA device")
-    address = ctypes.cast(fn, ctypes.c_void_p).value
-    assert address is not None
-    return address
+    fn = getattr(library, name, None) if library is not None else None
+    return ctypes.cast(fn, ctypes.c_void_p).value if fn is not None else None
 
 
-def enqueue(copies: Sequence[Copy], stream: Any, implementation: Enqueue | None = None) -> int:
+def available_2d() -> bool:
+    """Whether 2-D copies can be enqueued here (a CUDA device and the runtime's entry point)."""
+    return torch.cuda.is_available() and _runtime_function("cudaMemcpy2DAsync") is not None
+
+
+def enqueue(copies: Sequence[Copy], stream: Any) -> int:
     """Enqueue ``copies`` on the CUDA ``stream`` (a ``torch.cuda.Stream``), in order; returns how many
-    ``cudaMemcpyAsync`` calls that took. ``implementation``: the C loop where built, else Python."""
-    run = implementation or _native_enqueue or enqueue_python
-    return run(_memcpy_async_address(), stream.cuda_stream, copies)
+    ``cudaMemcpyAsync`` calls that took."""
+    address = _runtime_function("cudaMemcpyAsync")
+    if address is None:
+        raise RuntimeError("no CUDA runtime with cudaMemcpyAsync in this process; copies need a CUDA device")
+    loop = _native.enqueue if _native is not None else enqueue_python
+    return loop(address, stream.cuda_stream, copies)
+
+
+def enqueue_2d(copies: Sequence[Copy2d], stream: Any) -> int:
+    """Enqueue the 2-D ``copies`` on the CUDA ``stream``, in order; returns how many calls that took."""
+    address = _runtime_function("cudaMemcpy2DAsync")
+    if address is None:
+        raise Dma2dUnavailable(
+            "cudaMemcpy2DAsync was not found in this process's CUDA runtime (PyTorch linked it statically?); "
+            "layer-wise loads are unavailable, set use_layerwise: false (LMCACHE_USE_LAYERWISE=false)"
+        )
+    loop = _native.enqueue_2d if _native is not None else enqueue_2d_python
+    return loop(address, stream.cuda_stream, copies)

@@ -3,9 +3,10 @@ the forward's layer ``i`` waits only for layer ``i``'s KV (TRT-LLM's ``wait_for_
 while the copy engine moves the later layers.
 
 A cached chunk keeps whole pool rows (every layer of a block), so one layer of a run of rows is a
-2-D copy: ``rows`` lines of the layer group's bytes, a row apart in the host buffer
-(:func:`lmcache.dma2d.copy_2d`). Rows adjacent in the pool go straight there; scattered rows go
-through device staging and one ``index_copy_`` per group, as whole loads do (:mod:`lmcache.c_ops`).
+2-D copy: ``rows`` lines of the layer group's bytes, a row apart in the host buffer (a group's
+copies enqueued by one :func:`lmcache.dma_batch.enqueue_2d`). Rows adjacent in the pool go straight
+there; scattered rows go through device staging and one ``index_copy_`` per group, as whole loads
+do (:mod:`lmcache.c_ops`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lmcache import c_ops, dma2d
+from lmcache import c_ops, dma_batch
 
 MIN_GROUP_BYTES = 64 << 10
 """Fewest bytes of a row one layer group's copy moves: narrower lines cost the copy engine bandwidth."""
@@ -166,23 +167,26 @@ def _scatter_layers_cuda(
     side = c_ops.side_stream(pool.device, "scatter")
     pool_pitch = pool.stride(0) * pool.element_size()
     rows = sum(len(ids) for ids, _ in scattered)
+    # Per copy, once: (pool address of its first row, rows, host address, host pitch).
+    to_pool = [(pool.data_ptr() + ids[0] * pool_pitch, len(ids), *_host_lines(src)) for ids, src in direct]
+    to_staging = [(len(ids), *_host_lines(src)) for ids, src in scattered]
     with torch.cuda.stream(stream):
         index = c_ops.index_tensor([b for ids, _ in scattered for b in ids], pool.device) if rows else None
         for a, b in groups:
             width, offset = (b - a) * layer_bytes, a * layer_bytes
-            for ids, src in direct:
-                dst = pool.data_ptr() + ids[0] * pool_pitch + offset
-                src_pitch = src.stride(0) * src.element_size()
-                dma2d.copy_2d(dst, pool_pitch, src.data_ptr() + offset, src_pitch, width, len(ids), stream)
-            landed = torch.cuda.Event()
+            copies: list[dma_batch.Copy2d] = [
+                (dst, pool_pitch, host + offset, pitch, width, lines) for dst, lines, host, pitch in to_pool
+            ]
+            staging = None
             if scattered:
                 staging = torch.empty((rows, b - a, *pool.shape[2:]), dtype=pool.dtype, device=pool.device)
-                line = 0
-                for ids, src in scattered:
-                    src_pitch = src.stride(0) * src.element_size()
-                    dst = staging.data_ptr() + line * width
-                    dma2d.copy_2d(dst, width, src.data_ptr() + offset, src_pitch, width, len(ids), stream)
-                    line += len(ids)
+                dst = staging.data_ptr()
+                for lines, host, pitch in to_staging:
+                    copies.append((dst, width, host + offset, pitch, width, lines))
+                    dst += lines * width
+            dma_batch.enqueue_2d(copies, stream)
+            landed = torch.cuda.Event()
+            if staging is not None:
                 copied = torch.cuda.Event()
                 copied.record(stream)
                 side.wait_event(copied)
@@ -198,3 +202,8 @@ def _scatter_layers_cuda(
             index.record_stream(side)
     stream.wait_event(landed)
     ready.done = landed
+
+
+def _host_lines(src: torch.Tensor) -> tuple[int, int]:
+    """A host buffer of whole rows as 2-D copy lines: (address, pitch from one row to the next)."""
+    return src.data_ptr(), src.stride(0) * src.element_size()

@@ -264,9 +264,9 @@ def test_batched_copies_land_where_the_ids_say(
     into a pool whose rows are packed or lie apart (a view of every other row of a larger tensor):
     adjacent and scattered ids both land bit-equal, and a wrong-sized buffer is refused."""
     if implementation == "python":
-        monkeypatch.setattr(dma_batch, "_native_enqueue", None)
+        monkeypatch.setattr(dma_batch, "_native", None)
     else:
-        assert dma_batch.native() is not None, "lmcache._dmabatch is not built (setup.py build_ext)"
+        assert dma_batch.native_loops() is not None, "lmcache._dmabatch is not built (setup.py build_ext)"
     pool = cuda_pool(192)[::2] if rows == "apart" else cuda_pool()
     assert (pool.stride(0) == pool[0].numel()) == (rows == "packed")
     ids = [[20, 21, 22], [3, 9, 4], [23, 24, 25]]

@@ -1,7 +1,8 @@
-"""lmcache.dma_batch on the CPU: the C loop and the Python reference enqueue the same calls.
+"""lmcache.dma_batch on the CPU: the C loops and the Python references enqueue the same calls.
 
-Both are given a stand-in for ``cudaMemcpyAsync`` (a ctypes callback of its signature that copies
-host memory and records each call), so what they enqueue is checked byte for byte without a GPU.
+Both are given stand-ins for ``cudaMemcpyAsync`` and ``cudaMemcpy2DAsync`` (ctypes callbacks of
+their signatures that copy host memory and record each call), so what they enqueue is checked byte
+for byte without a GPU.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import torch
 
 from lmcache import dma_batch
 
-IMPLEMENTATIONS = {"python": dma_batch.enqueue_python, "native": dma_batch.native()}
+NATIVE = dma_batch.native_loops()
+IMPLEMENTATIONS = {"python": dma_batch.enqueue_python, "native": NATIVE[0] if NATIVE else None}
+IMPLEMENTATIONS_2D = {"python": dma_batch.enqueue_2d_python, "native": NATIVE[1] if NATIVE else None}
 
 
 class FakeMemcpy:
@@ -41,10 +44,37 @@ def implementation(request: pytest.FixtureRequest) -> Iterator[dma_batch.Enqueue
     yield run
 
 
-def test_the_native_loop_is_built_and_is_the_default() -> None:
+@pytest.fixture(params=sorted(IMPLEMENTATIONS_2D))
+def implementation_2d(request: pytest.FixtureRequest) -> Iterator[dma_batch.Enqueue]:
+    run = IMPLEMENTATIONS_2D[request.param]
+    assert run is not None, "lmcache._dmabatch is not built (setup.py build_ext)"
+    yield run
+
+
+class FakeMemcpy2d:
+    """A ``cudaMemcpy2DAsync`` that copies host memory line by line at once; records each call."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.calls: list[tuple[int, ...]] = []
+        self.fail_at = fail_at
+        self.function = dma_batch.MEMCPY_2D_ASYNC(self._call)
+        self.address = ctypes.cast(self.function, ctypes.c_void_p).value
+
+    def _call(
+        self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, kind: int, _: int
+    ) -> int:
+        if len(self.calls) == self.fail_at:
+            return 1
+        self.calls.append((dst, dpitch, src, spitch, width, height, kind))
+        for line in range(height):
+            ctypes.memmove(dst + line * dpitch, src + line * spitch, width)
+        return 0
+
+
+def test_the_native_loops_are_built() -> None:
     from lmcache import _dmabatch
 
-    assert dma_batch.native() is _dmabatch.enqueue
+    assert dma_batch.native_loops() == (_dmabatch.enqueue, _dmabatch.enqueue_2d)
 
 
 def test_copies_land_and_continuations_join(implementation: dma_batch.Enqueue) -> None:
@@ -116,3 +146,53 @@ def test_a_failing_call_stops_the_batch_and_names_the_error(implementation: dma_
 def test_a_null_runtime_function_is_refused(implementation: dma_batch.Enqueue) -> None:
     with pytest.raises(ValueError, match="null memcpy_async"):
         implementation(0, 0, [])
+
+
+def test_2d_copies_land_line_by_line(implementation_2d: dma_batch.Enqueue) -> None:
+    """Column 2-4 of a 6x8 host matrix into a 6x3 one, and 2 lines of 4 bytes into a wider pitch;
+    an empty copy is dropped."""
+    src = torch.arange(48, dtype=torch.uint8).view(6, 8)
+    dst = torch.zeros(6, 3, dtype=torch.uint8)
+    wide = torch.zeros(2, 10, dtype=torch.uint8)
+    fake = FakeMemcpy2d()
+    copies = [
+        (dst.data_ptr(), 3, src.data_ptr() + 2, 8, 3, 6),
+        (wide.data_ptr(), 0, src.data_ptr(), 8, 0, 4),
+        (wide.data_ptr() + 1, 10, src.data_ptr() + 8, 8, 4, 2),
+    ]
+    assert implementation_2d(fake.address, 77, copies) == 2
+    assert [c[4:] for c in fake.calls] == [(3, 6, dma_batch.MEMCPY_DEFAULT), (4, 2, dma_batch.MEMCPY_DEFAULT)]
+    assert torch.equal(dst, src[:, 2:5])
+    assert torch.equal(wide[:, 1:5], src[1:3, 0:4]) and not wide[:, 5:].any() and not wide[:, 0].any()
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ((8, 8, 8, 8, 8), "must be a"),
+        ((0, 8, 16, 8, 8, 2), "null address"),
+        ((8, 8, 16, 8, -8, 2), "negative"),
+        ((8, 4, 16, 8, 8, 2), "at least the width"),
+        ((8, 8, 16, 4, 8, 2), "at least the width"),
+        ((8, 8, 16, 8, 8.0, 2), "must be an int"),
+    ],
+)
+def test_bad_2d_copies_raise_before_anything_is_enqueued(
+    implementation_2d: dma_batch.Enqueue, bad: object, message: str
+) -> None:
+    src = torch.arange(16, dtype=torch.uint8)
+    dst = torch.zeros(16, dtype=torch.uint8)
+    fake = FakeMemcpy2d()
+    good = (dst.data_ptr(), 8, src.data_ptr(), 8, 8, 2)
+    with pytest.raises(ValueError, match=message):
+        implementation_2d(fake.address, 0, [good, bad])  # type: ignore[list-item]
+    assert fake.calls == [] and not dst.any()
+
+
+def test_a_failing_2d_call_stops_the_batch(implementation_2d: dma_batch.Enqueue) -> None:
+    src = torch.arange(16, dtype=torch.uint8)
+    dst = torch.zeros(16, dtype=torch.uint8)
+    fake = FakeMemcpy2d(fail_at=0)
+    with pytest.raises(RuntimeError, match=r"2 x 4 bytes \(call 1 of 2\) failed with CUDA error 1"):
+        implementation_2d(fake.address, 0, [(dst.data_ptr(), 4, src.data_ptr(), 4, 4, 2)] * 2)
+    assert fake.calls == [] and not dst.any()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmcache import dma2d
+from lmcache import dma_batch
 from lmcache.integration.tensorrt_llm.plan import LoadPlan
 from lmcache.integration.tensorrt_llm.planner import PromisedLoadError
 from lmcache.layered_load import LayerReady
@@ -38,7 +38,7 @@ class LayerwiseLoads:
         """What the back-end can load by layer (None: nothing; a single-layer pool gains nothing), into
         a CUDA pool or not (2-D copies need the CUDA runtime's entry point)."""
         self.num_layers = num_layers if num_layers is not None and num_layers > 1 else None
-        if self.num_layers and self.enabled and cuda and not dma2d.available():
+        if self.num_layers and self.enabled and cuda and not dma_batch.available_2d():
             logger.warning("LMCache: cudaMemcpy2DAsync not found in this process; loads stay whole")
             self.num_layers = None
 

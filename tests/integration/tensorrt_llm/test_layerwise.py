@@ -101,7 +101,7 @@ def test_a_layer_wise_forward_that_skips_a_hook_fails_and_turns_layer_wise_loads
 
 
 def test_a_cuda_pool_loads_whole_without_the_runtimes_2d_copy(monkeypatch, caplog) -> None:
-    monkeypatch.setattr(layerwise.dma2d, "available", lambda: False)
+    monkeypatch.setattr(layerwise.dma_batch, "available_2d", lambda: False)
     loads = layerwise.LayerwiseLoads(enabled=True)
     loads.set_pool_layers(LAYERS, cuda=True)
     assert loads.num_layers is None and "cudaMemcpy2DAsync not found" in caplog.text
