@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from lmcache import cudart
+from lmcache.logging import init_logger
 
 try:
     # The loops in C without the GIL (lmcache/_dmabatch.c); optional, the Python loops below are the
@@ -32,6 +33,8 @@ try:
     from lmcache import _dmabatch as _native
 except ImportError:
     _native = None
+
+logger = init_logger(__name__)
 
 Copy = tuple[int, int, int]
 """``(dst address, src address, nbytes)``: host or device memory on either side (unified addressing)."""
@@ -162,14 +165,26 @@ def available_2d() -> bool:
     return torch.cuda.is_available() and _runtime_function("cudaMemcpy2DAsync") is not None
 
 
+@functools.cache
+def _say_python_loops() -> None:
+    """Once per process: a deployment missing the C loops should know why its copies hold the GIL."""
+    logger.warning(
+        "lmcache._dmabatch is not built: DMA copies are enqueued from Python, which holds the GIL "
+        "longer per save and load (benchmarks/RESULTS.md, D49). Reinstall lmcache where a C compiler "
+        "and the Python headers are present (pip install -e . builds it)."
+    )
+
+
 def enqueue(copies: Sequence[Copy], stream: Any) -> int:
     """Enqueue ``copies`` on the CUDA ``stream`` (a ``torch.cuda.Stream``), in order; returns how many
     ``cudaMemcpyAsync`` calls that took."""
     address = _runtime_function("cudaMemcpyAsync")
     if address is None:
         raise RuntimeError("no CUDA runtime with cudaMemcpyAsync in this process; copies need a CUDA device")
-    loop = _native.enqueue if _native is not None else enqueue_python
-    return loop(address, stream.cuda_stream, copies)
+    if _native is None:
+        _say_python_loops()
+        return enqueue_python(address, stream.cuda_stream, copies)
+    return _native.enqueue(address, stream.cuda_stream, copies)
 
 
 def enqueue_2d(copies: Sequence[Copy2d], stream: Any) -> int:
@@ -180,5 +195,7 @@ def enqueue_2d(copies: Sequence[Copy2d], stream: Any) -> int:
             "cudaMemcpy2DAsync was not found in this process's CUDA runtime (PyTorch linked it statically?); "
             "layer-wise loads are unavailable, set use_layerwise: false (LMCACHE_USE_LAYERWISE=false)"
         )
-    loop = _native.enqueue_2d if _native is not None else enqueue_2d_python
-    return loop(address, stream.cuda_stream, copies)
+    if _native is None:
+        _say_python_loops()
+        return enqueue_2d_python(address, stream.cuda_stream, copies)
+    return _native.enqueue_2d(address, stream.cuda_stream, copies)

@@ -196,3 +196,44 @@ def test_a_failing_2d_call_stops_the_batch(implementation_2d: dma_batch.Enqueue)
     with pytest.raises(RuntimeError, match=r"2 x 4 bytes \(call 1 of 2\) failed with CUDA error 1"):
         implementation_2d(fake.address, 0, [(dst.data_ptr(), 4, src.data_ptr(), 4, 4, 2)] * 2)
     assert fake.calls == [] and not dst.any()
+
+
+class FakeStream:
+    """What :func:`lmcache.dma_batch.enqueue` reads of a ``torch.cuda.Stream``."""
+
+    cuda_stream = 4321
+
+
+def test_without_the_c_loops_batches_go_through_python_and_say_so_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake, fake_2d = FakeMemcpy(), FakeMemcpy2d()
+    addresses = {"cudaMemcpyAsync": fake.address, "cudaMemcpy2DAsync": fake_2d.address}
+    monkeypatch.setattr(dma_batch, "_runtime_function", addresses.get)
+    monkeypatch.setattr(dma_batch, "_native", None)
+    dma_batch._say_python_loops.cache_clear()
+    src = torch.arange(32, dtype=torch.uint8)
+    dst = torch.zeros(32, dtype=torch.uint8)
+    with caplog.at_level("WARNING", logger="lmcache"):
+        assert (
+            dma_batch.enqueue(
+                [(dst.data_ptr(), src.data_ptr(), 8), (dst.data_ptr() + 8, src.data_ptr() + 8, 8)],
+                FakeStream(),
+            )
+            == 1
+        )
+        assert (
+            dma_batch.enqueue_2d([(dst.data_ptr() + 16, 8, src.data_ptr() + 16, 8, 8, 2)], FakeStream()) == 1
+        )
+    assert torch.equal(dst, src)
+    assert fake.calls[0][4] == FakeStream.cuda_stream
+    assert [m for m in caplog.messages if "lmcache._dmabatch is not built" in m] == [caplog.messages[0]]
+    dma_batch._say_python_loops.cache_clear()
+
+
+def test_without_a_cuda_runtime_a_batch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dma_batch, "_runtime_function", lambda name: None)
+    with pytest.raises(RuntimeError, match="copies need a CUDA device"):
+        dma_batch.enqueue([(8, 16, 8)], FakeStream())
+    with pytest.raises(dma_batch.Dma2dUnavailable, match="LMCACHE_USE_LAYERWISE=false"):
+        dma_batch.enqueue_2d([(8, 8, 16, 8, 8, 1)], FakeStream())
