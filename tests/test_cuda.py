@@ -82,13 +82,21 @@ def test_chunks_back_to_back_in_host_memory_move_as_joined_copies(layout: str) -
     slab = torch.empty((6, *pool.shape[1:]), dtype=pool.dtype, pin_memory=True)
     chunks = [(block_ids, slab[2 * i : 2 * i + 2]) for i, block_ids in enumerate(ids)]
     assert len(c_ops.join_adjacent(chunks)) == 1
+    targets = [[60, 61], [62, 63], [64, 65]] if layout == "adjacent" else [[70, 62], [91, 60], [64, 80]]
+    _gather_then_scatter(pool, chunks, targets, slab)
+
+
+def _gather_then_scatter(
+    pool: torch.Tensor, chunks: list[c_ops.ChunkCopy], targets: list[list[int]], slab: torch.Tensor
+) -> None:
+    """Gather ``chunks`` (views of ``slab``) from ``pool``, scatter them back into ``targets``; check
+    both ways bit-equal."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     c_ops.gather_to_host(pool, chunks, stream)
-    targets = [[60, 61], [62, 63], [64, 65]] if layout == "adjacent" else [[70, 62], [91, 60], [64, 80]]
     c_ops.scatter_from_host(pool, [(t, buf) for t, (_, buf) in zip(targets, chunks, strict=True)], stream)
     stream.synchronize()
-    flat_ids = [b for block_ids in ids for b in block_ids]
+    flat_ids = [b for block_ids, _ in chunks for b in block_ids]
     flat_targets = [b for block_ids in targets for b in block_ids]
     assert torch.equal(slab.cuda(), pool[flat_ids])
     assert torch.equal(pool[flat_targets], pool[flat_ids])
@@ -272,16 +280,8 @@ def test_batched_copies_land_where_the_ids_say(
     ids = [[20, 21, 22], [3, 9, 4], [23, 24, 25]]
     slab = torch.empty((9, *pool.shape[1:]), dtype=pool.dtype, pin_memory=True)
     chunks = [(block_ids, slab[3 * i : 3 * i + 3]) for i, block_ids in enumerate(ids)]
+    _gather_then_scatter(pool, chunks, [[60, 61, 62], [70, 65, 91], [63, 64, 80]], slab)
     stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    c_ops.gather_to_host(pool, chunks, stream)
-    targets = [[60, 61, 62], [70, 65, 91], [63, 64, 80]]
-    c_ops.scatter_from_host(pool, [(t, buf) for t, (_, buf) in zip(targets, chunks, strict=True)], stream)
-    stream.synchronize()
-    flat_ids = [b for block_ids in ids for b in block_ids]
-    flat_targets = [b for block_ids in targets for b in block_ids]
-    assert torch.equal(slab.cuda(), pool[flat_ids])
-    assert torch.equal(pool[flat_targets], pool[flat_ids])
     with pytest.raises(ValueError, match="must be contiguous"):
         c_ops.gather_to_host(pool, [([1, 2], slab[0:3])], stream)
     with pytest.raises(ValueError, match="must be contiguous"):
