@@ -211,18 +211,20 @@ class Transfer:
         self._copied: Any = None
         """Events a batch's kernel and copies hand over by (reused: see ``_gather_cuda``)."""
         self._row_bytes = math.prod(pool.shape[1:]) * pool.element_size()
-        self._row_stride = pool.stride(0) * pool.element_size() if pool.dim() else 0
+        self._row_stride = pool.stride(0) * pool.element_size()
         """Bytes from one row to the next (rows are contiguous, possibly apart: PoolLayout)."""
         self._request_ids = list(block_ids) if block_ids is not None else None
         self._request_index: torch.Tensor | None = None
         self._cursor = 0
+        self._device: torch.device | None = None
+        """The pool's device when another is current here (copies are enqueued with it current)."""
         if self.cuda:
             # What ``_on`` puts back: the current streams of the current and of the pool's device.
             self._restore = (torch.cuda.current_stream(), torch.cuda.current_stream(pool.device))
             self.stream = stream if stream is not None else self._restore[1]
             self._lanes = [self.stream, _lane_stream(pool.device)] if interleave else [self.stream]
-            # The copies' stream is on the pool's device: enqueue them with that device current.
-            self._device = pool.device if torch.cuda.current_device() != pool.device.index else None
+            if torch.cuda.current_device() != pool.device.index:
+                self._device = pool.device
 
     @contextlib.contextmanager
     def _streams(self) -> Iterator[None]:

@@ -175,8 +175,8 @@ def _scatter_layers_cuda(
         for a, b in groups:
             width, offset = (b - a) * layer_bytes, a * layer_bytes
             copies: list[dma_batch.Copy2d] = [
-                (dst + offset, pool_pitch, host + offset, pitch, width, lines)
-                for dst, lines, host, pitch in to_pool
+                (pool_at + offset, pool_pitch, host + offset, pitch, width, lines)
+                for pool_at, lines, host, pitch in to_pool
             ]
             staging = None
             if scattered:
