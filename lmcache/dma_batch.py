@@ -35,6 +35,7 @@ except ImportError:
     _native = None
 
 logger = init_logger(__name__)
+_told_python = False
 
 Copy = tuple[int, int, int]
 """``(dst address, src address, nbytes)``: host or device memory on either side (unified addressing)."""
@@ -165,9 +166,12 @@ def available_2d() -> bool:
     return torch.cuda.is_available() and _runtime_function("cudaMemcpy2DAsync") is not None
 
 
-@functools.cache
 def _say_python_loops() -> None:
     """Once per process: a deployment missing the C loops should know why its copies hold the GIL."""
+    global _told_python
+    if _told_python:
+        return
+    _told_python = True
     logger.warning(
         "lmcache._dmabatch is not built: DMA copies are enqueued from Python, which holds the GIL "
         "longer per save and load (benchmarks/RESULTS.md, D49). Reinstall lmcache where a C compiler "

@@ -211,7 +211,7 @@ def test_without_the_c_loops_batches_go_through_python_and_say_so_once(
     addresses = {"cudaMemcpyAsync": fake.address, "cudaMemcpy2DAsync": fake_2d.address}
     monkeypatch.setattr(dma_batch, "_runtime_function", addresses.get)
     monkeypatch.setattr(dma_batch, "_native", None)
-    dma_batch._say_python_loops.cache_clear()
+    monkeypatch.setattr(dma_batch, "_told_python", False)
     src = torch.arange(32, dtype=torch.uint8)
     dst = torch.zeros(32, dtype=torch.uint8)
     with caplog.at_level("WARNING", logger="lmcache"):
@@ -228,7 +228,6 @@ def test_without_the_c_loops_batches_go_through_python_and_say_so_once(
     assert torch.equal(dst, src)
     assert fake.calls[0][4] == FakeStream.cuda_stream
     assert [m for m in caplog.messages if "lmcache._dmabatch is not built" in m] == [caplog.messages[0]]
-    dma_batch._say_python_loops.cache_clear()
 
 
 def test_without_a_cuda_runtime_a_batch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
