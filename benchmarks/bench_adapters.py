@@ -8,10 +8,12 @@ driven as TRT-LLM's executor drives them, with a pool of a model's KV shape and 
 * save: from ``wait_for_save`` to the request's id coming back from ``get_finished``;
 * load: from ``start_load_kv`` until the stream it was given has run the copies (with
   ``--layer-hooks`` the forward's per-layer hooks are called as TRT-LLM calls them, so loads go
-  layer-wise, and ``wait_for_save`` ends the forward before the stream is waited for);
+  layer-wise, and ``wait_for_save`` ends the forward before the stream is waited for); and the host
+  time ``start_load_kv`` itself takes (p50), which the executor spends before it enqueues the forward;
 * with ``--mixed``, a save beside a load: a forward saves a fresh prompt and the next loads one saved
   before while that save is in flight (TRT-LLM's iterations overlap them so), timed from the first
-  ``wait_for_save`` until both landed, against two plain pinned copies in opposite directions at once.
+  ``wait_for_save`` until both landed, against two plain pinned copies in opposite directions at once
+  (with the load's ``start_load_kv`` host time beside it: while it runs the save waits, D41).
 
 Saves are reported in two phases: while L1 fills for the first time (every save also takes new
 host memory) and once L1 is full and evicting. Each figure is a ratio to a plain pinned ``copy_``
@@ -127,13 +129,14 @@ def pinned_copy_s(pool: torch.Tensor, rows: int, to_host: bool, repeats: int = 5
 
 @dataclass
 class Loaded:
-    """One load through the adapters: its lookup and load seconds, whether it was a full hit, and
-    the pages its rows went to (in block order)."""
+    """One load through the adapters: its lookup and load seconds, whether it was a full hit, the
+    pages its rows went to (in block order), and the seconds ``start_load_kv`` took on the host."""
 
     lookup_s: float
     load_s: float
     full_hit: bool
     pages: list[int]
+    host_s: float = 0.0
 
 
 class AdapterRig:
@@ -244,10 +247,10 @@ class AdapterRig:
             # saver thread (up to the interpreter's switch interval per hand-over).
             time.sleep(POLL_S)
 
-    def save_beside_load(self, fresh: list[int], held: list[int], source: list[int]) -> tuple[float, bool]:
+    def save_beside_load(self, fresh: list[int], held: list[int], source: list[int]) -> tuple[Loaded, bool]:
         """A forward that saves ``fresh`` (a new prompt), then the next, which loads ``held`` (saved
-        from the pages ``source``) while that save is in flight: seconds from the first
-        ``wait_for_save`` until both landed, and whether the load brought the saved rows back in full.
+        from the pages ``source``) while that save is in flight: the load, its ``load_s`` the seconds from
+        the first ``wait_for_save`` until both landed, and whether it brought the saved rows back in full.
         Both are looked up first, as the overlap scheduler does during the forward before."""
         load_request, matched, _ = self.lookup(held)
         save_request, _, _ = self.lookup(fresh)
@@ -255,7 +258,9 @@ class AdapterRig:
         began = self._saving_forward(save_request, self._pages(0))
         self.scheduler.update_state_after_alloc(load_request, load_pages)
         self._iteration(load_request, load_pages, 0, len(held) - matched)
+        enqueue = time.perf_counter()
         self.worker.start_load_kv(self.stream)
+        host_s = time.perf_counter() - enqueue
         self._layer_hooks()
         self.worker.wait_for_save(self.stream)
         if self.stream is not None:
@@ -263,15 +268,16 @@ class AdapterRig:
         self._wait_saved(save_request.request_id)
         seconds = time.perf_counter() - began
         self.scheduler.request_finished(load_request, load_pages)
-        loaded = Loaded(0.0, 0.0, matched == len(held) - self.tpb, load_pages[: matched // self.tpb])
-        return seconds, loaded.full_hit and self.rows_equal(loaded, source)
+        full_hit = matched == len(held) - self.tpb
+        loaded = Loaded(0.0, seconds, full_hit, load_pages[: matched // self.tpb], host_s)
+        return loaded, loaded.full_hit and self.rows_equal(loaded, source)
 
-    def load(self, tokens: list[int], source: list[int] | None = None) -> tuple[float, float, bool]:
-        """A hit on ``tokens``: (lookup s, load s, whether it was a full hit and, given ``source``, the
-        loaded rows equal ``source``'s)."""
+    def load(self, tokens: list[int], source: list[int] | None = None) -> tuple[Loaded, bool]:
+        """A hit on ``tokens``: the load, and whether it was a full hit and, given ``source``, the
+        loaded rows equal ``source``'s."""
         loaded = self.load_into(tokens, 1)
         equal = source is None or self.rows_equal(loaded, source)
-        return loaded.lookup_s, loaded.load_s, equal and loaded.full_hit
+        return loaded, equal and loaded.full_hit
 
     def load_into(self, tokens: list[int], region: int) -> Loaded:
         """A hit on ``tokens`` loaded into ``region``'s pages (checked later by :meth:`rows_equal`)."""
@@ -281,6 +287,7 @@ class AdapterRig:
         self._iteration(request, pages, 0, len(tokens) - matched)
         began = time.perf_counter()
         self.worker.start_load_kv(self.stream)
+        host_s = time.perf_counter() - began
         if self.layers:
             self._layer_hooks()
             self.worker.wait_for_save(self.stream)  # orders the stream after the whole load
@@ -288,7 +295,8 @@ class AdapterRig:
             self.stream.synchronize()
         load_s = time.perf_counter() - began
         self.scheduler.request_finished(request, pages)
-        return Loaded(lookup_s, load_s, matched == len(tokens) - self.tpb, pages[: matched // self.tpb])
+        full_hit = matched == len(tokens) - self.tpb
+        return Loaded(lookup_s, load_s, full_hit, pages[: matched // self.tpb], host_s)
 
     def rows_equal(self, loaded: Loaded, source: list[int]) -> bool:
         """Whether the rows ``loaded`` holds equal those of the pages its prompt was saved from."""
@@ -316,6 +324,10 @@ def start_server(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Po
     )  # fmt: skip
     wait_for_server(url, 120)
     return server, url
+
+
+def _p50_ms(seconds: list[float]) -> float:
+    return round(statistics.median(seconds) * 1e3, 3)
 
 
 def summary(values: list[float], ceiling: float) -> dict[str, float]:
@@ -364,17 +376,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             (cold if i < fill else warm).append(save_s)
             miss_lookups.append(lookup_s)
             prompts.append((tokens, pages))
-        loads, hit_lookups, equal = [], [], True
+        loads: list[Loaded] = []
+        equal = True
         for tokens, pages in prompts[-args.repeats :]:
-            lookup_s, load_s, same = rig.load(tokens, pages)
-            loads.append(load_s)
-            hit_lookups.append(lookup_s)
+            loaded, same = rig.load(tokens, pages)
+            loads.append(loaded)
             equal = equal and same
-        mixed = []
+        mixed: list[Loaded] = []
         for tokens, pages in prompts[-args.repeats :] if args.mixed else []:
             fresh = torch.randint(0, vocab, (rig.tokens,), generator=rig.generator).tolist()
-            seconds, same = rig.save_beside_load(fresh, tokens, pages)
-            mixed.append(seconds)
+            loaded, same = rig.save_beside_load(fresh, tokens, pages)
+            mixed.append(loaded)
             equal = equal and same
         # The ceilings last: while L1 is pinned in the background from start-up, page-locking holds
         # the driver's lock and the memory bus, and a plain copy measured then would be slowed too.
@@ -392,11 +404,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "l1_bytes": capacity,
             "save_while_l1_fills": summary(cold[: args.repeats] or cold, save_ceiling) if cold else None,
             "save_l1_full": summary(warm, save_ceiling),
-            "load_l1_full": summary(loads, load_ceiling),
-            "save_beside_load": summary(mixed, both_ceiling) if mixed else None,
+            "load_l1_full": summary([loaded.load_s for loaded in loads], load_ceiling),
+            "load_host_p50_ms": _p50_ms([loaded.host_s for loaded in loads]),
+            "save_beside_load": summary([loaded.load_s for loaded in mixed], both_ceiling) if mixed else None,
+            "save_beside_load_host_p50_ms": _p50_ms([loaded.host_s for loaded in mixed]) if mixed else None,
             "bidirectional_gbps": round(both_bytes / both_ceiling / 1e9, 1) if mixed else None,
             "lookup_miss_p50_us": round(statistics.median(miss_lookups) * 1e6, 1),
-            "lookup_hit_p50_us": round(statistics.median(hit_lookups) * 1e6, 1),
+            "lookup_hit_p50_us": round(statistics.median([loaded.lookup_s for loaded in loads]) * 1e6, 1),
             "loaded_rows_equal": equal,
         }
     finally:

@@ -178,8 +178,10 @@ def test_bench_adapters(tmp_path: Path, preset: str, hooks: list[str]) -> None:
     assert data["loaded_rows_equal"] is True and data["layer_hooks"] == bool(hooks)
     assert data["save_while_l1_fills"]["runs"] == 2 and data["save_l1_full"]["runs"] == 2
     assert data["load_l1_full"]["median_ratio"] > 0 and data["lookup_hit_p50_us"] > 0
+    assert 0 < data["load_host_p50_ms"] <= data["load_l1_full"]["median_ms"]
     if hooks:
         assert data["save_beside_load"]["runs"] == 2 and data["bidirectional_gbps"] > 0
+        assert 0 < data["save_beside_load_host_p50_ms"] <= data["save_beside_load"]["median_ms"]
     else:
         assert data["save_beside_load"] is None
 
@@ -225,10 +227,10 @@ def test_adapter_rig_load_check_catches_wrong_rows(monkeypatch: pytest.MonkeyPat
     first, second = ([int(t) for t in range(seed, seed + 1024)] for seed in (0, 5000))
     *_, first_pages = rig.save(first)
     *_, second_pages = rig.save(second)
-    assert rig.load(first, first_pages)[2] and rig.load(second, second_pages)[2]
-    assert not rig.load(first, second_pages)[2]  # the same rows, saved in another order
+    assert rig.load(first, first_pages)[1] and rig.load(second, second_pages)[1]
+    assert not rig.load(first, second_pages)[1]  # the same rows, saved in another order
     rig.pool[first_pages[0]] += 1
-    assert not rig.load(first, first_pages)[2]
+    assert not rig.load(first, first_pages)[1]
 
 
 def test_multi_engine_refuses_an_l1_its_loads_would_overflow(tmp_path: Path) -> None:
