@@ -5,6 +5,10 @@ Everything is measured in one run against a baseline on the same machine:
   28 layers x 2 KV heads x 128, or Llama-3.1-8B's, 32 x 8 x 128; bf16; ``--tokens-per-block`` 32
   or 64), as a ratio to one plain ``copy_`` of the same total bytes (on CUDA: device <-> pinned
   host, the PCIe ceiling);
+- a store of a fresh prompt beside a retrieve of a stored one (scattered blocks, L1 evicting),
+  enqueued from one thread in either order, as a ratio to two plain copies in opposite directions at
+  once, with each one's host time: how much of a save beside a load the host work serialises
+  (benchmarks/RESULTS.md, D49);
 - hashing throughput from a Python list of 32k tokens;
 - lookup latency (p50, p99) for 8k and 32k-token prompts, stored (hit) and new (miss).
 
@@ -15,6 +19,7 @@ Everything is measured in one run against a baseline on the same machine:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -105,6 +110,72 @@ def bench_transfer(args: argparse.Namespace, scattered: bool) -> dict[str, float
     }
 
 
+def bench_store_beside_retrieve(args: argparse.Namespace) -> dict[str, float]:
+    """A store of a fresh prompt and a retrieve of a stored one, scattered blocks, each on its own
+    stream, enqueued back to back from one thread (store first, then retrieve first), against two
+    plain copies of as many bytes in opposite directions at once; and the host time each takes to
+    enqueue alone (no sync). L1 holds three prompts, so every store evicts."""
+    device, tokens, repeats, tpb = args.device, args.tokens, args.repeats, args.tokens_per_block
+    n = tokens // tpb
+    pool = torch.randn(2 * n, *row_shape(args), device=device).to(torch.bfloat16)
+    layout = PoolLayout.of_pool(pool, tpb)
+    nbytes = tokens * layout.bytes_per_token
+    blocks, targets = list(range(0, 2 * n, 2)), list(range(2 * n - 1, 0, -2))
+    cuda = device == "cuda"
+    streams = (torch.cuda.Stream(), torch.cuda.Stream()) if cuda else (None, None)
+    flat = pool.view(-1).view(torch.uint8)
+    out_host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+    in_host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+
+    def plain_both() -> None:
+        with torch.cuda.stream(streams[0]) if cuda else contextlib.nullcontext():
+            out_host.copy_(flat[:nbytes], non_blocking=True)
+        with torch.cuda.stream(streams[1]) if cuda else contextlib.nullcontext():
+            flat[nbytes : 2 * nbytes].copy_(in_host, non_blocking=True)
+
+    t_plain = best_of(plain_both, device, repeats)
+    engine = CacheEngine(
+        LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=3 * nbytes / 2**30 + 0.01)
+    )
+    engine.l1.arena.wait_prepinned(120)  # L1 is page-locked in the background from start: not while timing
+    space = KeySpace("bench", layout)
+    generator = torch.Generator().manual_seed(0)
+    held = torch.randint(0, 150_000, (tokens,), generator=generator).tolist()
+
+    def keep_held() -> None:  # stored again if a store evicted it (a no-op while it is cached)
+        engine.store(space, 0, pool, BlockTransfer(held, None, blocks, 0, tokens), streams[0])
+        sync(device)
+
+    def store() -> None:
+        fresh = torch.randint(0, 150_000, (tokens,), generator=generator).tolist()
+        engine.store(space, 0, pool, BlockTransfer(fresh, None, blocks, 0, tokens), streams[0])
+
+    def retrieve() -> None:
+        got = engine.retrieve(space, 0, pool, BlockTransfer(held, None, targets, 0, tokens), streams[1])
+        assert got == tokens, f"the stored prompt was not retrieved whole ({got} of {tokens} tokens)"
+
+    t_store_first = best_of(lambda: (store(), retrieve()), device, repeats, setup=keep_held)
+    t_retrieve_first = best_of(lambda: (retrieve(), store()), device, repeats, setup=keep_held)
+    host = {}
+    for name, fn in (("store", store), ("retrieve", retrieve)):
+        times = []
+        for _ in range(repeats):
+            keep_held()
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+            sync(device)
+        host[name] = min(times)
+    return {
+        "bytes_each_way": nbytes,
+        "plain_both_ways_gbps": 2 * nbytes / t_plain / 1e9,
+        "store_then_retrieve_ratio": t_plain / t_store_first,
+        "retrieve_then_store_ratio": t_plain / t_retrieve_first,
+        "store_host_ms": host["store"] * 1e3,
+        "retrieve_host_ms": host["retrieve"] * 1e3,
+    }
+
+
 def bench_hashing(repeats: int) -> dict[str, float]:
     toks = list(range(32_768))
     out = {}
@@ -161,6 +232,7 @@ def main() -> None:
         results["card"] = torch.cuda.get_device_name()
     for layout_name, scattered in (("adjacent_blocks", False), ("scattered_blocks", True)):
         results[layout_name] = bench_transfer(args, scattered)
+    results["store_beside_retrieve"] = bench_store_beside_retrieve(args)
     results["hashing"] = bench_hashing(args.repeats)
     results["lookup"] = bench_lookup(args)
 
@@ -177,7 +249,7 @@ def main() -> None:
             f"{r['copy_h2d_gbps']:>9.1f}G{r['retrieve_gbps']:>9.1f}G{r['retrieve_ratio']:>8.2f}"
             f"  identical={r['bytes_identical']}"
         )
-    for section in ("hashing", "lookup"):
+    for section in ("store_beside_retrieve", "hashing", "lookup"):
         r = results[section]
         assert isinstance(r, dict)
         print(section + ": " + ", ".join(f"{k}={v:.1f}" for k, v in r.items()))

@@ -43,6 +43,9 @@ def test_bench_engine(tmp_path: Path, shape: list[str]) -> None:
         assert data[blocks]["bytes_identical"] is True
         assert data[blocks]["store_gbps"] > 0 and data[blocks]["retrieve_gbps"] > 0
     assert data["lookup"]["lookup_hit_8192_p50_us"] > 0
+    beside = data["store_beside_retrieve"]
+    assert beside["store_then_retrieve_ratio"] > 0 and beside["retrieve_then_store_ratio"] > 0
+    assert beside["store_host_ms"] > 0 and beside["retrieve_host_ms"] > 0
 
 
 def test_bench_tiers_and_mp_latency_and_model(tmp_path: Path) -> None:
