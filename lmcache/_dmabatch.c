@@ -35,11 +35,20 @@ typedef struct {
     uint64_t dst, dst_pitch, src, src_pitch, width, height;
 } copy_2d_t;
 
+/* An int and not a bool, as the Python loops take (type(v) is int). */
+static int is_int(PyObject *v) { return PyLong_CheckExact(v); }
+
 /* Reads entry i of seq into *out; 0 on success, -1 with a Python error set. */
 static int read_copy(PyObject *item, Py_ssize_t i, copy_t *out) {
     if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3) {
         PyErr_Format(PyExc_ValueError, "copy %zd must be a (dst address, src address, nbytes) tuple", i);
         return -1;
+    }
+    for (int k = 0; k < 3; k++) {
+        if (!is_int(PyTuple_GET_ITEM(item, k))) {
+            PyErr_Format(PyExc_ValueError, "copy %zd: addresses must be non-negative ints, nbytes an int", i);
+            return -1;
+        }
     }
     unsigned long long dst = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item, 0));
     unsigned long long src = 0;
@@ -131,6 +140,10 @@ static int read_copy_2d(PyObject *item, Py_ssize_t i, copy_2d_t *out) {
     }
     long long v[6];
     for (int k = 0; k < 6; k++) {
+        if (!is_int(PyTuple_GET_ITEM(item, k))) {
+            PyErr_Format(PyExc_ValueError, "copy %zd: every field must be an int", i);
+            return -1;
+        }
         v[k] = PyLong_AsLongLong(PyTuple_GET_ITEM(item, k));
         if (PyErr_Occurred()) {
             PyErr_Clear();

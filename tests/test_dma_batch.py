@@ -119,6 +119,7 @@ def test_copies_land_and_continuations_join(implementation: dma_batch.Enqueue) -
         ((8, 16, -1), "negative"),
         ((-8, 16, 4), "non-negative ints"),
         ((8.0, 16, 4), "non-negative ints"),
+        ((8, 16, True), "non-negative ints"),
     ],
 )
 def test_bad_copies_raise_before_anything_is_enqueued(
@@ -175,6 +176,7 @@ def test_2d_copies_land_line_by_line(implementation_2d: dma_batch.Enqueue) -> No
         ((8, 4, 16, 8, 8, 2), "at least the width"),
         ((8, 8, 16, 4, 8, 2), "at least the width"),
         ((8, 8, 16, 8, 8.0, 2), "must be an int"),
+        ((8, 8, 16, 8, 8, True), "must be an int"),
     ],
 )
 def test_bad_2d_copies_raise_before_anything_is_enqueued(
