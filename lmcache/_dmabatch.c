@@ -38,8 +38,9 @@ typedef struct {
 /* An int and not a bool, as the Python loops take (type(v) is int). */
 static int is_int(PyObject *v) { return PyLong_CheckExact(v); }
 
-/* Reads entry i of seq into *out; 0 on success, -1 with a Python error set. */
-static int read_copy(PyObject *item, Py_ssize_t i, copy_t *out) {
+/* Reads copy i into *into (a copy_t); 0 on success, -1 with a Python error set. */
+static int read_copy(PyObject *item, Py_ssize_t i, void *into) {
+    copy_t *out = into;
     if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3) {
         PyErr_Format(PyExc_ValueError, "copy %zd must be a (dst address, src address, nbytes) tuple", i);
         return -1;
@@ -74,30 +75,53 @@ static int read_copy(PyObject *item, Py_ssize_t i, copy_t *out) {
     return 0;
 }
 
-static PyObject *enqueue(PyObject *self, PyObject *args) {
-    unsigned long long fn_address, stream;
-    PyObject *copies;
-    if (!PyArg_ParseTuple(args, "KKO", &fn_address, &stream, &copies)) return NULL;
-    if (fn_address == 0) {
-        PyErr_SetString(PyExc_ValueError, "a null memcpy_async address");
+typedef int (*reader_fn)(PyObject *item, Py_ssize_t i, void *into);
+
+/* Parses (runtime function address, stream, copies); 0 on success, -1 with a Python error set. */
+static int parse_args(PyObject *args, const char *fn_name, unsigned long long *fn_address,
+                      unsigned long long *stream, PyObject **copies) {
+    if (!PyArg_ParseTuple(args, "KKO", fn_address, stream, copies)) return -1;
+    if (*fn_address == 0) {
+        PyErr_Format(PyExc_ValueError, "a null %s address", fn_name);
+        return -1;
+    }
+    return 0;
+}
+
+/* Every entry of copies read by read into a new array of elem-byte entries (PyMem_Free it), their
+ * number in *n; NULL with a Python error set if one is bad, so nothing is enqueued. */
+static void *read_all(PyObject *copies, size_t elem, reader_fn read, const char *what, Py_ssize_t *n) {
+    PyObject *seq = PySequence_Fast(copies, what);
+    if (seq == NULL) return NULL;
+    *n = PySequence_Fast_GET_SIZE(seq);
+    char *all = PyMem_Malloc((*n > 0 ? (size_t)*n : 1) * elem);
+    if (all == NULL) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
         return NULL;
     }
-    PyObject *seq = PySequence_Fast(copies, "copies must be a sequence of (dst, src, nbytes) tuples");
-    if (seq == NULL) return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    copy_t *runs = PyMem_Malloc((n > 0 ? n : 1) * sizeof(copy_t));
-    if (runs == NULL) {
-        Py_DECREF(seq);
-        return PyErr_NoMemory();
-    }
-    Py_ssize_t count = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        copy_t c;
-        if (read_copy(PySequence_Fast_GET_ITEM(seq, i), i, &c) < 0) {
-            PyMem_Free(runs);
+    for (Py_ssize_t i = 0; i < *n; i++) {
+        if (read(PySequence_Fast_GET_ITEM(seq, i), i, all + (size_t)i * elem) < 0) {
+            PyMem_Free(all);
             Py_DECREF(seq);
             return NULL;
         }
+    }
+    Py_DECREF(seq);
+    return all;
+}
+
+static PyObject *enqueue(PyObject *self, PyObject *args) {
+    unsigned long long fn_address, stream;
+    PyObject *copies;
+    Py_ssize_t n;
+    if (parse_args(args, "memcpy_async", &fn_address, &stream, &copies) < 0) return NULL;
+    copy_t *runs = read_all(copies, sizeof(copy_t), read_copy,
+                            "copies must be a sequence of (dst, src, nbytes) tuples", &n);
+    if (runs == NULL) return NULL;
+    Py_ssize_t count = 0; /* runs[0:count]: the copies so far, empty ones dropped, continuations joined */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        copy_t c = runs[i];
         if (c.nbytes == 0) continue;
         if (count > 0) {
             copy_t *last = &runs[count - 1];
@@ -108,7 +132,6 @@ static PyObject *enqueue(PyObject *self, PyObject *args) {
         }
         runs[count++] = c;
     }
-    Py_DECREF(seq);
 
     memcpy_async_fn fn = (memcpy_async_fn)(uintptr_t)fn_address;
     int err = 0;
@@ -131,8 +154,9 @@ static PyObject *enqueue(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(calls);
 }
 
-/* Reads a 2-D copy; 0 on success, -1 with a Python error set. */
-static int read_copy_2d(PyObject *item, Py_ssize_t i, copy_2d_t *out) {
+/* Reads 2-D copy i into *into (a copy_2d_t); 0 on success, -1 with a Python error set. */
+static int read_copy_2d(PyObject *item, Py_ssize_t i, void *into) {
+    copy_2d_t *out = into;
     if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 6) {
         PyErr_Format(PyExc_ValueError,
                      "copy %zd must be a (dst, dst pitch, src, src pitch, width, height) tuple", i);
@@ -176,30 +200,15 @@ static int read_copy_2d(PyObject *item, Py_ssize_t i, copy_2d_t *out) {
 static PyObject *enqueue_2d(PyObject *self, PyObject *args) {
     unsigned long long fn_address, stream;
     PyObject *copies;
-    if (!PyArg_ParseTuple(args, "KKO", &fn_address, &stream, &copies)) return NULL;
-    if (fn_address == 0) {
-        PyErr_SetString(PyExc_ValueError, "a null memcpy_2d_async address");
-        return NULL;
-    }
-    PyObject *seq = PySequence_Fast(copies, "copies must be a sequence of 6-tuples");
-    if (seq == NULL) return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    copy_2d_t *todo = PyMem_Malloc((n > 0 ? n : 1) * sizeof(copy_2d_t));
-    if (todo == NULL) {
-        Py_DECREF(seq);
-        return PyErr_NoMemory();
-    }
-    Py_ssize_t count = 0;
+    Py_ssize_t n;
+    if (parse_args(args, "memcpy_2d_async", &fn_address, &stream, &copies) < 0) return NULL;
+    copy_2d_t *todo =
+        read_all(copies, sizeof(copy_2d_t), read_copy_2d, "copies must be a sequence of 6-tuples", &n);
+    if (todo == NULL) return NULL;
+    Py_ssize_t count = 0; /* todo[0:count]: the copies so far, empty ones dropped */
     for (Py_ssize_t i = 0; i < n; i++) {
-        copy_2d_t c;
-        if (read_copy_2d(PySequence_Fast_GET_ITEM(seq, i), i, &c) < 0) {
-            PyMem_Free(todo);
-            Py_DECREF(seq);
-            return NULL;
-        }
-        if (c.width != 0 && c.height != 0) todo[count++] = c;
+        if (todo[i].width != 0 && todo[i].height != 0) todo[count++] = todo[i];
     }
-    Py_DECREF(seq);
 
     memcpy_2d_async_fn fn = (memcpy_2d_async_fn)(uintptr_t)fn_address;
     int err = 0;
