@@ -31,6 +31,11 @@ from lmcache import dma_batch
 # Upper bound of the device staging buffer per call, so a huge batch cannot exhaust GPU memory.
 MAX_STAGING_BYTES = 256 << 20
 
+LANE_SEGMENT_BYTES = 32 << 20
+"""Bytes an interleaved store enqueues on one lane before it turns to the other: the copy engine's
+switch points to other streams' copies (``Transfer._next_lane``) come at least this often, whatever
+the batch size (benchmarks/RESULTS.md, D7 and D50)."""
+
 ChunkCopy = tuple[Sequence[int], torch.Tensor]
 """Block ids of one chunk and its host buffer, shaped ``[len(block_ids), *pool.shape[1:]]``."""
 
@@ -170,6 +175,19 @@ def _batches(chunks: Sequence[ChunkCopy], row_bytes: int) -> list[list[ChunkCopy
         batches[-1].append(chunk)
         size += nbytes
     return batches
+
+
+def lane_segments(copies: list[dma_batch.Copy]) -> list[list[dma_batch.Copy]]:
+    """``copies`` split in order into runs of at most ``LANE_SEGMENT_BYTES`` (a bigger copy alone)."""
+    segments: list[list[dma_batch.Copy]] = []
+    size = LANE_SEGMENT_BYTES
+    for copy in copies:
+        if size + copy[2] > LANE_SEGMENT_BYTES:
+            segments.append([])
+            size = 0
+        segments[-1].append(copy)
+        size += copy[2]
+    return segments
 
 
 class Transfer:
@@ -330,38 +348,38 @@ class Transfer:
                 self._gather_cuda(batch)
 
     def _gather_cuda(self, chunks: Sequence[ChunkCopy]) -> None:
-        pool, main = self.pool, self._next_lane()
-        direct: list[dma_batch.Copy] = []
+        copies: list[dma_batch.Copy] = []
         scattered = []
         for block_ids, out in chunks:
             if is_contiguous_run(block_ids):
                 host = self._host_address(out, len(block_ids))
-                self._add_rows(direct, block_ids[0], len(block_ids), host, to_host=True)
+                self._add_rows(copies, block_ids[0], len(block_ids), host, to_host=True)
             else:
                 scattered.append((block_ids, out))
-        self._enqueue(direct, main)
-        if not scattered:
-            self._end_batch(main)
-            return
-        ids = [b for block_ids, _ in scattered for b in block_ids]
-        if not self._side_waited:  # the helper stream's later work is after this wait too
-            self._side.wait_event(self._pool_ready)
-            self._side_waited = True
-        self._use(self._side)
-        staging = torch.index_select(pool, 0, self.device_index(ids))
-        if self._gathered is None:
-            self._gathered = torch.cuda.Event()
-        # Reused: a stream's wait applies to the record made before it, not to later ones.
-        self._gathered.record(self._side)
-        main.wait_event(self._gathered)
-        at, copies = staging.data_ptr(), []
-        for block_ids, out in scattered:
-            nbytes = len(block_ids) * self._row_bytes
-            copies.append((self._host_address(out, len(block_ids)), at, nbytes))
-            at += nbytes
-        self._enqueue(copies, main)
-        staging.record_stream(main)
-        self._end_batch(main)
+        staging = None
+        if scattered:
+            ids = [b for block_ids, _ in scattered for b in block_ids]
+            if not self._side_waited:  # the helper stream's later work is after this wait too
+                self._side.wait_event(self._pool_ready)
+                self._side_waited = True
+            self._use(self._side)
+            staging = torch.index_select(self.pool, 0, self.device_index(ids))
+            if self._gathered is None:
+                self._gathered = torch.cuda.Event()
+            # Reused: a stream's wait applies to the record made before it, not to later ones.
+            self._gathered.record(self._side)
+            at = staging.data_ptr()
+            for block_ids, out in scattered:
+                nbytes = len(block_ids) * self._row_bytes
+                copies.append((self._host_address(out, len(block_ids)), at, nbytes))
+                at += nbytes
+        for segment in lane_segments(copies) if len(self._lanes) > 1 else [copies]:
+            lane = self._next_lane()
+            if staging is not None:
+                lane.wait_event(self._gathered)
+                staging.record_stream(lane)
+            self._enqueue(segment, lane)
+            self._end_batch(lane)
 
     def _host_address(self, buffer: torch.Tensor, rows: int) -> int:
         """The address of a chunk's host buffer, checked to hold ``rows`` pool rows back to back (its

@@ -76,7 +76,7 @@ class CopyBatcher(Generic[T]):
     :meth:`finish`, layer group by layer group, after them; ``layers`` gets each layer's event.
     """
 
-    FLUSH_CHUNKS = 4  # larger batches gained nothing, smaller ones lost bandwidth (benchmarks/RESULTS.md, D6)
+    FLUSH_CHUNKS = 8  # fewer host calls per byte than 4, same bandwidth (benchmarks/RESULTS.md, D6, D50)
 
     def __init__(
         self,

@@ -186,12 +186,12 @@ class SlabSource:
 
 @dataclass(eq=False, slots=True)
 class HostBuffer:
-    """One slot of a slab (``ref`` names it across processes)."""
+    """One slot of a slab (``ref`` names it across processes). A pool keeps one per slot for the
+    slab's life and hands the same object out at every reuse, so its typed view is built once."""
 
     pool: SlotPool
     slab: int
     """Index of the slab in its pool (``ref.slab`` is the slab's id)."""
-    slot: int
     held: Slab
     ref: SlotRef
     _typed: tuple[torch.dtype, tuple[int, ...], torch.Tensor] | None = field(default=None, repr=False)
@@ -229,7 +229,7 @@ class SlotPool:
         self.slot_bytes = slot_bytes
         self._slabs: list[Slab | None] = []
         self._used: list[int] = []
-        self._free: list[tuple[int, int]] = []
+        self._free: list[HostBuffer] = []
         self._newest = -1  # index of the slab attached last
 
     def allocate(self) -> HostBuffer | None:
@@ -245,20 +245,16 @@ class SlotPool:
                 # Our next slab is on its way (or another pool's holds the budget we need, and may
                 # give it back through reclaim once attached): wait for it rather than grow twice.
                 arena.wait_grown()
-            slab, slot = self._free.pop()
-            self._used[slab] += 1
-            held = self._slabs[slab]
-            assert held is not None
-            if slab == self._newest:
+            buf = self._free.pop()
+            self._used[buf.slab] += 1
+            if buf.slab == self._newest:
                 arena.grow_ahead(self)
-            return HostBuffer(
-                self, slab, slot, held, SlotRef(held.id, slot * self.slot_bytes, self.slot_bytes)
-            )
+            return buf
 
     def free(self, buf: HostBuffer) -> None:
         with self.arena.lock:
             self._used[buf.slab] -= 1
-            self._free.append((buf.slab, buf.slot))
+            self._free.append(buf)
 
     def release_empty_slabs(self) -> int:
         """Give wholly free slabs back to the arena's spares (when another chunk size needs them)."""
@@ -268,7 +264,7 @@ class SlotPool:
                 if slab is not None and self._used[i] == 0:
                     released += slab.nbytes
                     self._slabs[i] = None
-                    self._free = [(s, k) for s, k in self._free if s != i]
+                    self._free = [buf for buf in self._free if buf.slab != i]
                     self.arena.add_spare(slab)
         return released
 
@@ -305,7 +301,10 @@ class SlotPool:
         else:
             self._slabs[index] = slab
         # Pushed in reverse so the slab's slots are handed out in address order, after any free ones.
-        self._free[:0] = [(index, k) for k in reversed(range(slab.nbytes // self.slot_bytes))]
+        self._free[:0] = [
+            HostBuffer(self, index, slab, SlotRef(slab.id, k * self.slot_bytes, self.slot_bytes))
+            for k in reversed(range(slab.nbytes // self.slot_bytes))
+        ]
         self._newest = index
 
 

@@ -183,6 +183,9 @@ class MappedSlab:
     tensor: torch.Tensor
     pinned: bool
     _rows: dict[tuple[torch.dtype, tuple[int, ...]], torch.Tensor] = field(default_factory=dict, repr=False)
+    _slots: dict[tuple[torch.dtype, tuple[int, ...], int, int], torch.Tensor] = field(
+        default_factory=dict, repr=False
+    )
 
     def rows(self, dtype: torch.dtype, row_shape: tuple[int, ...]) -> torch.Tensor:
         """The slab as whole rows (see :func:`lmcache.memory.rows_view`), built once per layout: a
@@ -191,6 +194,17 @@ class MappedSlab:
         if cached is None:
             cached = self._rows[dtype, row_shape] = rows_view(self.tensor, dtype, row_shape)
         return cached
+
+    def slot_rows(
+        self, dtype: torch.dtype, row_shape: tuple[int, ...], first: int, count: int
+    ) -> torch.Tensor:
+        """Rows ``[first, first + count)`` of :meth:`rows`, kept: the server reuses its slots with one
+        layout, so each slot's view is built once (at most one per slot and size)."""
+        key = (dtype, row_shape, first, count)
+        view = self._slots.get(key)
+        if view is None:
+            view = self._slots[key] = self.rows(dtype, row_shape)[first : first + count]
+        return view
 
 
 def map_slab(info: ShmSlabInfo, *, pin: bool, shm_dir: str = SHM_DIR) -> MappedSlab:

@@ -108,3 +108,10 @@ def test_batches_index_one_upload_of_the_request_block_ids() -> None:
         assert own.tolist() == ids
         assert own.untyped_storage().data_ptr() != uploaded.untyped_storage().data_ptr()
     assert c_ops.Transfer(pool()).device_index([3, 2]).tolist() == [3, 2]
+
+
+def test_lane_segments_split_copies_in_order_by_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(c_ops, "LANE_SEGMENT_BYTES", 100)
+    copies = [(0, 1000, 40), (40, 1040, 40), (80, 1080, 40), (120, 2000, 300), (420, 3000, 10)]
+    assert c_ops.lane_segments(copies) == [copies[:2], copies[2:3], copies[3:4], copies[4:]]
+    assert c_ops.lane_segments([]) == []

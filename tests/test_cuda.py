@@ -168,15 +168,20 @@ def test_retrieve_skips_blocks_before_start_on_cuda() -> None:
     assert torch.equal(pool[dst[3:]], pool[list(range(3, 16))])
 
 
-def test_store_orders_the_callers_stream_after_copies_on_both_lanes() -> None:
-    """Stores alternate their batches over two streams; a caller that waits on its own stream (as
-    TRT-LLM does before reusing a request's blocks) must see every chunk copied."""
+@pytest.mark.parametrize("segment_bytes", [c_ops.LANE_SEGMENT_BYTES, 8 * 32 << 10, 1])
+def test_store_orders_the_callers_stream_after_copies_on_both_lanes(
+    segment_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stores alternate their copies over two streams, batch by batch or (``segment_bytes``: one
+    chunk, or one copy) within a batch; a caller that waits on its own stream (as TRT-LLM does
+    before reusing a request's blocks) must see every chunk copied."""
+    monkeypatch.setattr(c_ops, "LANE_SEGMENT_BYTES", segment_bytes)
     pool = cuda_pool(160)
     engine = CacheEngine(LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.5))
     space = KeySpace("m", PoolLayout.of_pool(pool, TPB))
-    # 13 chunks in batches of 1, 4, 4, 4 chunks: the caller's stream, the lane, the caller's, the
-    # lane. Only the last batch has scattered blocks, so only it needs the gather kernel's stream,
-    # which a long sleep holds back: the caller's stream must still wait for that batch.
+    # 13 chunks (of 8 rows of 32 KiB) in batches of 1, 2, 4 and 6 chunks. Only the last batch has
+    # scattered blocks, so only it needs the gather kernel's stream, which a long sleep holds back:
+    # the caller's stream must still wait for that batch, on whichever lane its copies went.
     toks = list(range(13 * CHUNK))
     src = list(range(72)) + list(range(103, 71, -1))
     expected = pool[src].cpu()

@@ -102,6 +102,25 @@ def test_cap_is_respected_and_free_slots_are_reused() -> None:
     assert again is not None and again.data.data_ptr() == bufs[1].data.data_ptr()
 
 
+def test_a_reused_slot_comes_back_with_its_view_built_once() -> None:
+    arena = HostArena(4 << 20, pinned=False, slab_bytes=2 << 20)
+    pool = arena.pool(1 << 20)
+    buf = pool.allocate()
+    assert buf is not None
+    view = buf.view(torch.bfloat16, (4, 128, 1024))
+    view.fill_(2.0)
+    pool.free(buf)
+    again = pool.allocate()
+    assert again is buf and again.view(torch.bfloat16, (4, 128, 1024)) is view
+    assert torch.all(again.data.view(torch.bfloat16) == 2.0)  # the same bytes, not a copy
+    other = again.view(torch.float32, (2, 128, 1024))  # another layout is a new view of them
+    assert other is not view and other.data_ptr() == view.data_ptr()
+    pool.free(again)
+    assert pool.release_empty_slabs() >= 2 << 20  # (with the slab grown ahead)
+    fresh = [pool.allocate() for _ in range(2)]  # a slab attached again: buffers of its own
+    assert all(b is not None and b is not buf for b in fresh)
+
+
 def test_views_keep_bytes() -> None:
     arena = HostArena(1 << 20, pinned=False)
     buf = arena.pool(4096).allocate()

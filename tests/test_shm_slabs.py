@@ -31,6 +31,10 @@ def test_slabs_are_private_shm_regions_a_second_mapping_sees() -> None:
         mapped = map_slab(info, pin=False)
         seen = mapped.tensor[buf.ref.offset : buf.ref.offset + buf.ref.nbytes]
         assert torch.equal(seen, buf.data)
+        first = buf.ref.offset // 4096
+        rows = mapped.slot_rows(torch.int32, (32, 32), first, 256)  # the slot as 256 rows of 4 KiB
+        assert rows.data_ptr() == seen.data_ptr() and torch.equal(rows.flatten().view(torch.uint8), seen)
+        assert mapped.slot_rows(torch.int32, (32, 32), first, 256) is rows  # built once per slot
     finally:
         arena.close()
     assert not any(os.path.exists(p) for p in paths) and source.region_paths() == []

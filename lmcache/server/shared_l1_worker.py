@@ -258,4 +258,4 @@ class SharedL1Copier:
                 f"bytes within slab {slot.slab} ({mapped.info.nbytes} bytes)"
             )
         first = slot.offset // self.row_bytes
-        return mapped.rows(self.pool.dtype, self.row_shape)[first : first + rows]
+        return mapped.slot_rows(self.pool.dtype, self.row_shape, first, rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -17,14 +18,18 @@ from lmcache.storage.policies import make_policy
 logger = init_logger(__name__)
 _serials = itertools.count(1)
 
+IDLE_EVENTS_KEPT = 4
+"""Completed events an L1 remembers (a store's and a load's batch in turn), holding them alive."""
+
 
 @dataclass(eq=False)
 class CachedChunk:
     """A chunk's bytes in L1.
 
     ``ready`` (a CUDA event) orders readers after the copy that filled it; ``last_read`` marks the
-    end of the latest asynchronous copy out of it. The slot is reused only after both. ``serial``
-    names this filling of the slot: while a chunk with a given serial exists, its slot holds its bytes.
+    end of the latest asynchronous copy out of it. The slot is reused only after both. Both are
+    recorded once and never again (chunks copied in one batch share theirs). ``serial`` names this
+    filling of the slot: while a chunk with a given serial exists, its slot holds its bytes.
     """
 
     buffer: HostBuffer
@@ -39,11 +44,6 @@ class CachedChunk:
     def wait_ready_on_host(self) -> None:
         if self.ready is not None:
             self.ready.synchronize()
-
-    def wait_idle_on_host(self) -> None:
-        self.wait_ready_on_host()
-        if self.last_read is not None:
-            self.last_read.synchronize()
 
 
 class KeyObserver(Protocol):
@@ -71,6 +71,8 @@ class CpuStore:
         self._warn = RateLimitedLog(logger)
         self._on_evict = on_evict
         self._observers: list[KeyObserver] = []
+        self._idle_events: deque[Any] = deque(maxlen=IDLE_EVENTS_KEPT)
+        """The events an eviction last waited for: complete, so the chunks sharing them need no wait."""
         self.evictions = 0
         self.skipped_stores = 0
         self.used_bytes = 0
@@ -328,6 +330,14 @@ class CpuStore:
         if chunk.committed:
             for observer in self._observers:
                 observer.removed(key)
-        chunk.wait_idle_on_host()
+        self._wait_idle(chunk)
         self.used_bytes -= chunk.buffer.pool.slot_bytes
         chunk.buffer.pool.free(chunk.buffer)
+
+    def _wait_idle(self, chunk: CachedChunk) -> None:
+        """Wait on the host until no copy fills or reads the chunk's slot. An eviction takes a batch's
+        chunks one after another, and they share their events: each is waited for once."""
+        for event in (chunk.ready, chunk.last_read):
+            if event is not None and not any(event is done for done in self._idle_events):
+                event.synchronize()
+                self._idle_events.append(event)

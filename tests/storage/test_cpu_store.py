@@ -156,3 +156,36 @@ def test_a_chunk_size_new_to_a_full_cache_evicts_one_slab_not_the_cache() -> Non
     assert tail is not None
     assert s.evictions == 4  # the LRU slab's four chunks, not all eight
     assert all(("full", i) in s for i in range(4, 8))
+
+
+class CountingEvent:
+    """Stands for a CUDA event already complete: counts the host waits on it."""
+
+    def __init__(self) -> None:
+        self.waits = 0
+
+    def synchronize(self) -> None:
+        self.waits += 1
+
+
+def test_an_eviction_waits_once_for_the_events_a_batch_of_chunks_shares() -> None:
+    s = store(9)
+    stored, read = CountingEvent(), CountingEvent()
+    for k in range(4):  # stored as one batch, then read back as one
+        chunk = s.reserve(k, SLOT, 16)
+        assert chunk is not None
+        s.commit(k, stored)
+        chunk.last_read = read
+    alone = CountingEvent()
+    chunk = s.reserve("alone", SLOT, 16)
+    assert chunk is not None
+    s.commit("alone", alone)
+    for k in range(4):
+        assert put(s, ("new", k))
+    assert s.evictions == 0  # room to spare: nothing evicted, nothing waited for
+    assert stored.waits == read.waits == alone.waits == 0
+    for k in range(4, 8):
+        assert put(s, ("new", k))  # evicts the batch's four chunks
+    assert s.evictions == 4 and stored.waits == 1 and read.waits == 1
+    assert put(s, ("new", 8))  # evicts "alone": its own event is waited for
+    assert alone.waits == 1 and stored.waits == 1
