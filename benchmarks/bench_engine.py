@@ -252,7 +252,7 @@ def main() -> None:
     for section in ("store_beside_retrieve", "hashing", "lookup"):
         r = results[section]
         assert isinstance(r, dict)
-        print(section + ": " + ", ".join(f"{k}={v:.1f}" for k, v in r.items()))
+        print(section + ": " + ", ".join(f"{k}={v:.3g}" for k, v in r.items()))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
