@@ -98,6 +98,8 @@ class CopyBatcher(Generic[T]):
         self._copies: list[c_ops.ChunkCopy] = []
         self._items: list[T] = []
         self._ready: list[Any] = []
+        self._written: set[int] = set()
+        """Pool rows a whole load has queued copies into."""
         self._waited: set[int] = set()
         """Ids of the events a load already waited for (its chunks' events stay alive meanwhile)."""
         self._flushes = 0
@@ -117,6 +119,14 @@ class CopyBatcher(Generic[T]):
         (:mod:`lmcache.forward_gate`)."""
         if self.store:
             FORWARD.wait()
+        elif self._layers is None:
+            if not self._written.isdisjoint(block_ids):
+                # A row this load copies again (a chunk the server's reply names from another slot
+                # than the lookup did): the copies queued so far go first, and the stream waits for
+                # them, kernels included, so the later copy lands last (a batch keeps no order).
+                self.flush()
+                self.transfer.finish()
+            self._written.update(block_ids)
         self._copies.append((block_ids, view))
         self._items.append(item)
         if ready is not None:

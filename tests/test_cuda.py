@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lmcache import c_ops, dma_batch
+from lmcache.chunk_copy import CopyBatcher
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.layout import PoolLayout
@@ -291,3 +292,22 @@ def test_batched_copies_land_where_the_ids_say(
         c_ops.gather_to_host(pool, [([1, 2], slab[0:3])], stream)
     with pytest.raises(ValueError, match="must be contiguous"):
         c_ops.scatter_from_host(pool, [([1, 5], slab[0:4:2])], stream)
+
+
+def test_a_load_copying_a_row_twice_lands_the_later_copy() -> None:
+    """Within one batch of a whole load, the scattered rows land by the kernel on the helper stream,
+    after the batch's adjacent copies straight into the pool: a row copied again by an adjacent copy
+    must still land from the later copy (the load orders it after the copies before)."""
+    pool = cuda_pool(16)
+    pool.zero_()
+    rows = pool.shape[1:]
+    first = torch.full((2, *rows), 1.0, dtype=pool.dtype).pin_memory()
+    again = torch.full((1, *rows), 2.0, dtype=pool.dtype).pin_memory()
+    stream = torch.cuda.Stream()
+    copier: CopyBatcher[None] = CopyBatcher(pool, stream, store=False)
+    copier.add([0], torch.zeros((1, *rows), dtype=pool.dtype).pin_memory(), None)
+    copier.add([9, 4], first, None)  # scattered: staging and the kernel
+    copier.add([4], again, None)  # adjacent: one copy straight into row 4
+    copier.finish()
+    stream.synchronize()
+    assert torch.all(pool[4] == 2.0) and torch.all(pool[9] == 1.0)

@@ -361,3 +361,20 @@ def test_a_miss_on_the_first_chunk_still_replaces_the_pins_of_its_id() -> None:
     assert engine.l1.pinned_keys() == [] and engine.pinned_ids() == []  # nothing to release
     assert engine.stats.lookups == 2 and engine.stats.lookup_tokens == 256 and engine.stats.hit_tokens == 128
     assert engine.lookup(space, toks, ranks=(0, 1)) == 0  # rank 1 never stored
+
+
+def test_a_whole_load_copying_a_row_again_flushes_what_came_before() -> None:
+    """Copies of one batch keep no order on the device; a row a load copies twice (a chunk the
+    server's reply names from another slot than the lookup did) must land from the later copy."""
+    pool = torch.zeros(8, 1, 2, 4)
+    flushed: list[list[str]] = []
+    copier: CopyBatcher[str] = CopyBatcher(pool, store=False, on_flush=lambda items, _: flushed.append(items))
+    copier.FLUSH_CHUNKS = 8
+    first, again = torch.full((2, 1, 2, 4), 1.0), torch.full((1, 1, 2, 4), 2.0)
+    copier.add([0], torch.zeros(1, 1, 2, 4), "a")  # the ramp's first batch: one chunk
+    copier.add([5, 2], first, "b")  # the second batch would take two chunks
+    copier.add([2], again, "b again")  # row 2 again: "b" goes alone first
+    copier.add([3], torch.zeros(1, 1, 2, 4), "c")
+    copier.finish()
+    assert flushed == [["a"], ["b"], ["b again", "c"]]
+    assert torch.equal(pool[2], again[0]) and torch.equal(pool[5], first[0])
