@@ -251,6 +251,12 @@ class SlotPool:
                 arena.grow_ahead(self)
             return buf
 
+    def may_allocate(self) -> bool:
+        """False when :meth:`allocate` would return None at once: no free slot, and the arena can
+        neither grow nor expects a slab (a full cache then evicts without the attempt)."""
+        with self.arena.lock:
+            return bool(self._free) or self.arena.can_grow(self.slot_bytes)
+
     def free(self, buf: HostBuffer) -> None:
         with self.arena.lock:
             self._used[buf.slab] -= 1
@@ -425,6 +431,16 @@ class HostArena:
         """Release empty slabs of every pool but ``keep``; returns bytes released."""
         with self.lock:
             return sum(p.release_empty_slabs() for p in self._pools.values() if p is not keep)
+
+    def can_grow(self, slot_bytes: int) -> bool:
+        """Whether a pool of ``slot_bytes`` slots may get a slab now or soon: a spare, room in the
+        budget, or a slab on its way (allocated ahead, or pre-pinned). Lock held."""
+        return (
+            bool(self._spares)
+            or self.prepinning
+            or self._growing is not None
+            or self.capacity_bytes - self.reserved_bytes >= slot_bytes
+        )
 
     @property
     def growing(self) -> SlotPool | None:

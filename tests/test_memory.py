@@ -121,6 +121,23 @@ def test_a_reused_slot_comes_back_with_its_view_built_once() -> None:
     assert all(b is not None and b is not buf for b in fresh)
 
 
+def test_may_allocate_is_false_exactly_when_allocate_would_fail_at_once() -> None:
+    arena = HostArena(2 << 20, pinned=False, slab_bytes=1 << 20)
+    pool = arena.pool(1 << 20)
+    assert pool.may_allocate()  # room in the budget
+    bufs = [pool.allocate(), pool.allocate()]
+    assert arena.wait_growth(30) and all(b is not None for b in bufs)
+    assert not pool.may_allocate() and pool.allocate() is None  # full: a cache evicts instead
+    pool.free(bufs[0])
+    assert pool.may_allocate()  # a free slot
+    assert pool.allocate() is bufs[0]
+    other = arena.pool(1 << 19)
+    assert not other.may_allocate()  # no room for another size either
+    pool.free(bufs[1])
+    pool.release_empty_slabs()
+    assert other.may_allocate() and other.allocate() is not None  # a spare slab to take
+
+
 def test_views_keep_bytes() -> None:
     arena = HostArena(1 << 20, pinned=False)
     buf = arena.pool(4096).allocate()

@@ -106,7 +106,8 @@ class CpuStore:
             if key in self._chunks:
                 return None
             pool = self.arena.pool(nbytes)
-            buf = pool.allocate()
+            # Once L1 is full every reservation evicts: skip the allocation that would fail first.
+            buf = pool.allocate() if pool.may_allocate() else None
             while buf is None:
                 if self._evict_one():
                     buf = pool.allocate()
