@@ -8,6 +8,11 @@
  * Zero-byte copies are dropped; a copy that continues the previous one on both sides (dst and src
  * each start where the previous ended) joins it.
  *
+ * enqueue_batch(memcpy_batch_async, stream, copies) -> calls
+ *   the copies of enqueue (checked, empty ones dropped, continuations joined) in one call of
+ *   cudaMemcpyBatchAsync (CUDA 13's signature), in stream order as a whole, in no order among
+ *   themselves: for copies whose destinations do not overlap. Returns 1, or 0 when nothing is left.
+ *
  * enqueue_2d(memcpy_2d_async, stream, copies) -> calls
  *   the same with cudaMemcpy2DAsync and (dst, dst pitch, src, src pitch, width, height) tuples:
  *   height lines of width bytes, each side's lines pitch bytes apart. Empty copies are dropped.
@@ -30,6 +35,23 @@ typedef int (*memcpy_2d_async_fn)(void *dst, size_t dpitch, const void *src, siz
 typedef struct {
     uint64_t dst, src, nbytes;
 } copy_t;
+
+/* cudaMemcpyAttributes: where each side is (no hint here) and when the source may be read. */
+typedef struct {
+    int type, id;
+} mem_location_t;
+
+typedef struct {
+    int src_access_order;
+    mem_location_t src_loc_hint, dst_loc_hint;
+    unsigned int flags;
+} memcpy_attributes_t;
+
+#define SRC_ACCESS_ORDER_STREAM 1 /* cudaMemcpySrcAccessOrderStream: the source is read in stream order */
+
+typedef int (*memcpy_batch_async_fn)(void **dsts, void **srcs, size_t *sizes, size_t count,
+                                     memcpy_attributes_t *attrs, size_t *attrs_idxs, size_t num_attrs,
+                                     void *stream);
 
 typedef struct {
     uint64_t dst, dst_pitch, src, src_pitch, width, height;
@@ -111,27 +133,42 @@ static void *read_all(PyObject *copies, size_t elem, reader_fn read, const char 
     return all;
 }
 
-static PyObject *enqueue(PyObject *self, PyObject *args) {
-    unsigned long long fn_address, stream;
-    PyObject *copies;
+/* The copies read (see read_all), empty ones dropped and continuations joined, in place: their
+ * number in *count. NULL with a Python error set if one is bad. */
+static copy_t *read_runs(PyObject *copies, Py_ssize_t *count) {
     Py_ssize_t n;
-    if (parse_args(args, "memcpy_async", &fn_address, &stream, &copies) < 0) return NULL;
     copy_t *runs = read_all(copies, sizeof(copy_t), read_copy,
                             "copies must be a sequence of (dst, src, nbytes) tuples", &n);
     if (runs == NULL) return NULL;
-    Py_ssize_t count = 0; /* runs[0:count]: the copies so far, empty ones dropped, continuations joined */
+    *count = 0; /* runs[0:*count]: the copies so far */
     for (Py_ssize_t i = 0; i < n; i++) {
         copy_t c = runs[i];
         if (c.nbytes == 0) continue;
-        if (count > 0) {
-            copy_t *last = &runs[count - 1];
+        if (*count > 0) {
+            copy_t *last = &runs[*count - 1];
             if (last->dst + last->nbytes == c.dst && last->src + last->nbytes == c.src) {
                 last->nbytes += c.nbytes;
                 continue;
             }
         }
-        runs[count++] = c;
+        runs[(*count)++] = c;
     }
+    return runs;
+}
+
+/* parse_args, then read_runs of its copies. */
+static copy_t *parse_runs(PyObject *args, const char *fn_name, unsigned long long *fn_address,
+                          unsigned long long *stream, Py_ssize_t *count) {
+    PyObject *copies;
+    if (parse_args(args, fn_name, fn_address, stream, &copies) < 0) return NULL;
+    return read_runs(copies, count);
+}
+
+static PyObject *enqueue(PyObject *self, PyObject *args) {
+    unsigned long long fn_address, stream;
+    Py_ssize_t count;
+    copy_t *runs = parse_runs(args, "memcpy_async", &fn_address, &stream, &count);
+    if (runs == NULL) return NULL;
 
     memcpy_async_fn fn = (memcpy_async_fn)(uintptr_t)fn_address;
     int err = 0;
@@ -152,6 +189,45 @@ static PyObject *enqueue(PyObject *self, PyObject *args) {
     }
     PyMem_Free(runs);
     return PyLong_FromSsize_t(calls);
+}
+
+static PyObject *enqueue_batch(PyObject *self, PyObject *args) {
+    unsigned long long fn_address, stream;
+    Py_ssize_t count;
+    copy_t *runs = parse_runs(args, "memcpy_batch_async", &fn_address, &stream, &count);
+    if (runs == NULL) return NULL;
+    PyObject *result = NULL;
+    /* One block for the three arrays the call reads: destinations, sources, sizes. */
+    void **arrays = count > 0 ? PyMem_Malloc((size_t)count * (2 * sizeof(void *) + sizeof(size_t))) : NULL;
+    if (count == 0) {
+        result = PyLong_FromLong(0);
+    } else if (arrays == NULL) {
+        PyErr_NoMemory();
+    } else {
+        void **dsts = arrays, **srcs = arrays + count;
+        size_t *sizes = (size_t *)(arrays + 2 * count);
+        for (Py_ssize_t i = 0; i < count; i++) {
+            dsts[i] = (void *)(uintptr_t)runs[i].dst;
+            srcs[i] = (void *)(uintptr_t)runs[i].src;
+            sizes[i] = (size_t)runs[i].nbytes;
+        }
+        memcpy_attributes_t attrs = {SRC_ACCESS_ORDER_STREAM, {0, 0}, {0, 0}, 0};
+        size_t first = 0;
+        memcpy_batch_async_fn fn = (memcpy_batch_async_fn)(uintptr_t)fn_address;
+        int err;
+        Py_BEGIN_ALLOW_THREADS
+        err = fn(dsts, srcs, sizes, (size_t)count, &attrs, &first, 1, (void *)(uintptr_t)stream);
+        Py_END_ALLOW_THREADS
+        if (err != 0) {
+            PyErr_Format(PyExc_RuntimeError, "cudaMemcpyBatchAsync of %zd copies failed with CUDA error %d",
+                         count, err);
+        } else {
+            result = PyLong_FromLong(1);
+        }
+    }
+    PyMem_Free(arrays);
+    PyMem_Free(runs);
+    return result;
 }
 
 /* Reads 2-D copy i into *into (a copy_2d_t); 0 on success, -1 with a Python error set. */
@@ -238,6 +314,9 @@ static PyMethodDef methods[] = {
     {"enqueue", enqueue, METH_VARARGS,
      "enqueue(memcpy_async, stream, copies) -> calls: (dst, src, nbytes) copies, adjacent ones joined, "
      "enqueued without the GIL."},
+    {"enqueue_batch", enqueue_batch, METH_VARARGS,
+     "enqueue_batch(memcpy_batch_async, stream, copies) -> calls: the copies of enqueue in one "
+     "cudaMemcpyBatchAsync call, without the GIL."},
     {"enqueue_2d", enqueue_2d, METH_VARARGS,
      "enqueue_2d(memcpy_2d_async, stream, copies) -> calls: (dst, dst pitch, src, src pitch, width, height) "
      "copies enqueued without the GIL."},

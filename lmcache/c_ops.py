@@ -31,6 +31,12 @@ from lmcache import dma_batch
 # Upper bound of the device staging buffer per call, so a huge batch cannot exhaust GPU memory.
 MAX_STAGING_BYTES = 256 << 20
 
+ROW_DMA_MIN_BYTES = 768 << 10
+"""Pool rows at least this long move scattered by one DMA each (in one ``cudaMemcpyBatchAsync``
+call, where :func:`lmcache.dma_batch.batches_on` the transfer's streams): no gather or scatter
+kernel on the SMs, no device staging. Shorter rows keep the kernels, which the copy engine's
+per-copy cost would outrun (benchmarks/RESULTS.md, D38 and D51)."""
+
 LANE_SEGMENT_BYTES = 32 << 20
 """Bytes an interleaved store enqueues on one lane before it turns to the other: the copy engine's
 switch points to other streams' copies (``Transfer._next_lane``) come at least this often, whatever
@@ -243,6 +249,12 @@ class Transfer:
             self._lanes = [self.stream, _lane_stream(pool.device)] if interleave else [self.stream]
             if torch.cuda.current_device() != pool.device.index:
                 self._device = pool.device
+        self._row_dma = (
+            self.cuda
+            and self._row_bytes >= ROW_DMA_MIN_BYTES
+            and all(dma_batch.batches_on(lane) for lane in self._lanes)
+        )
+        """Whether scattered rows move by one DMA each (see ``ROW_DMA_MIN_BYTES``), not by kernels."""
 
     @contextlib.contextmanager
     def _streams(self) -> Iterator[None]:
@@ -351,9 +363,8 @@ class Transfer:
         copies: list[dma_batch.Copy] = []
         scattered = []
         for block_ids, out in chunks:
-            if is_contiguous_run(block_ids):
-                host = self._host_address(out, len(block_ids))
-                self._add_rows(copies, block_ids[0], len(block_ids), host, to_host=True)
+            if self._row_dma or is_contiguous_run(block_ids):
+                self._add_chunk(copies, block_ids, self._host_address(out, len(block_ids)), to_host=True)
             else:
                 scattered.append((block_ids, out))
         staging = None
@@ -392,6 +403,17 @@ class Transfer:
                 f"{tuple(buffer.shape)} strides {buffer.stride()}"
             )
         return buffer.data_ptr()
+
+    def _add_chunk(
+        self, copies: list[dma_batch.Copy], block_ids: Sequence[int], host: int, *, to_host: bool
+    ) -> None:
+        """Append the copies between a chunk's host buffer at ``host`` and its pool rows, run by run of
+        adjacent block ids."""
+        if is_contiguous_run(block_ids):
+            self._add_rows(copies, block_ids[0], len(block_ids), host, to_host=to_host)
+            return
+        for offset, first, length in block_runs(block_ids):
+            self._add_rows(copies, first, length, host + offset * self._row_bytes, to_host=to_host)
 
     def _add_rows(
         self, copies: list[dma_batch.Copy], first: int, rows: int, host: int, *, to_host: bool
@@ -449,8 +471,8 @@ class Transfer:
         self._use(main)
         for block_ids, src in chunks:
             host = self._host_address(src, len(block_ids))
-            if is_contiguous_run(block_ids):
-                self._add_rows(copies, block_ids[0], len(block_ids), host, to_host=False)
+            if self._row_dma or is_contiguous_run(block_ids):
+                self._add_chunk(copies, block_ids, host, to_host=False)
             else:
                 scattered.append((block_ids, host))
         if not scattered:

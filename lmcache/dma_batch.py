@@ -13,6 +13,12 @@ Both check every copy before enqueueing any and drop empty copies; 1-D copies th
 previous one on both sides are joined (L1 hands out slots in address order, and a batch's staging
 is contiguous: a batch mostly moves as one copy). The caller keeps the memory alive until the
 copies ran (an event recorded after them).
+
+Where the runtime has CUDA 13's ``cudaMemcpyBatchAsync`` and the stream is not the legacy default
+stream (which that call refuses), a 1-D batch is one call of it: the copy engine then takes many
+small copies (one per scattered pool row) nearly as fast as one big one, with no kernel on the SMs
+(benchmarks/RESULTS.md, D51). Its copies run in stream order as a batch, in no order among
+themselves: a batch never names one destination twice.
 """
 
 from __future__ import annotations
@@ -68,14 +74,56 @@ MEMCPY_2D_ASYNC = ctypes.CFUNCTYPE(
 """``cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, stream)``'s C type."""
 
 
+class MemLocation(ctypes.Structure):
+    """``cudaMemLocation``: a memory location hint (type 0: none)."""
+
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+class MemcpyAttributes(ctypes.Structure):
+    """``cudaMemcpyAttributes``: when the source may be read, and where each side is."""
+
+    _fields_ = [
+        ("src_access_order", ctypes.c_int),
+        ("src_loc_hint", MemLocation),
+        ("dst_loc_hint", MemLocation),
+        ("flags", ctypes.c_uint),
+    ]
+
+
+SRC_ACCESS_ORDER_STREAM = 1  # cudaMemcpySrcAccessOrderStream: the source is read in stream order
+
+MEMCPY_BATCH_ASYNC = ctypes.CFUNCTYPE(
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_void_p,
+)
+"""``cudaMemcpyBatchAsync(dsts, srcs, sizes, count, attrs, attrs_idxs, num_attrs, stream)``'s C type
+(CUDA 13; CUDA 12.8's had a failure index before the stream, and is not used)."""
+
+BATCH_MIN_RUNTIME = 13000
+"""The first runtime version (``cudaRuntimeGetVersion``) whose ``cudaMemcpyBatchAsync`` has the
+signature above."""
+
+LEGACY_DEFAULT_STREAMS = (0, 1)
+"""Handles of the legacy default stream (``0`` and ``cudaStreamLegacy``): ``cudaMemcpyBatchAsync``
+refuses them."""
+
+
 class Dma2dUnavailable(RuntimeError):
     """No CUDA runtime with ``cudaMemcpy2DAsync`` could be found in this process."""
 
 
-def native_loops() -> tuple[Enqueue, Enqueue] | None:
-    """The C loops ``(enqueue, enqueue_2d)`` (None: ``lmcache._dmabatch`` is not built, and batches go
-    through Python)."""
-    return (_native.enqueue, _native.enqueue_2d) if _native is not None else None
+def native_loops() -> tuple[Enqueue, Enqueue, Enqueue] | None:
+    """The C loops ``(enqueue, enqueue_2d, enqueue_batch)`` (None: ``lmcache._dmabatch`` is not built,
+    and batches go through Python)."""
+    return (_native.enqueue, _native.enqueue_2d, _native.enqueue_batch) if _native is not None else None
 
 
 def _checked_runs(copies: Sequence[Copy]) -> list[list[int]]:
@@ -140,6 +188,27 @@ def enqueue_python(memcpy_async: int, stream: int, copies: Sequence[Copy]) -> in
     return len(runs)
 
 
+def enqueue_batch_python(memcpy_batch_async: int, stream: int, copies: Sequence[Copy]) -> int:
+    """The reference: what ``lmcache._dmabatch.enqueue_batch`` does, the runs of :func:`enqueue_python`
+    in one ``cudaMemcpyBatchAsync`` call (none when nothing is left); returns the calls made."""
+    if not memcpy_batch_async:
+        raise ValueError("a null memcpy_batch_async address")
+    runs = _checked_runs(copies)
+    if not runs:
+        return 0
+    count = len(runs)
+    dsts = (ctypes.c_void_p * count)(*[run[0] for run in runs])
+    srcs = (ctypes.c_void_p * count)(*[run[1] for run in runs])
+    sizes = (ctypes.c_size_t * count)(*[run[2] for run in runs])
+    attrs = MemcpyAttributes(SRC_ACCESS_ORDER_STREAM, MemLocation(0, 0), MemLocation(0, 0), 0)
+    first = (ctypes.c_size_t * 1)(0)
+    fn = MEMCPY_BATCH_ASYNC(memcpy_batch_async)
+    err = fn(dsts, srcs, sizes, count, ctypes.byref(attrs), first, 1, stream)
+    if err:
+        raise RuntimeError(f"cudaMemcpyBatchAsync of {count} copies failed with CUDA error {err}")
+    return 1
+
+
 def enqueue_2d_python(memcpy_2d_async: int, stream: int, copies: Sequence[Copy2d]) -> int:
     """The reference loop: what ``lmcache._dmabatch.enqueue_2d`` does, one ctypes call per copy."""
     if not memcpy_2d_async:
@@ -161,6 +230,24 @@ def _runtime_function(name: str) -> int | None:
     return ctypes.cast(fn, ctypes.c_void_p).value if fn is not None else None
 
 
+@functools.cache
+def _batch_function() -> int | None:
+    """The address of ``cudaMemcpyBatchAsync`` of the signature :data:`MEMCPY_BATCH_ASYNC` describes
+    (None: no CUDA runtime, or one older than CUDA 13)."""
+    library = cudart.runtime()
+    if library is None:
+        return None
+    version = ctypes.c_int(0)
+    if library.cudaRuntimeGetVersion(ctypes.byref(version)) != 0 or version.value < BATCH_MIN_RUNTIME:
+        return None
+    return _runtime_function("cudaMemcpyBatchAsync")
+
+
+def batches_on(stream: Any) -> bool:
+    """Whether :func:`enqueue` on ``stream`` makes one ``cudaMemcpyBatchAsync`` call (see the module)."""
+    return stream.cuda_stream not in LEGACY_DEFAULT_STREAMS and _batch_function() is not None
+
+
 def available_2d() -> bool:
     """Whether 2-D copies can be enqueued here (a CUDA device and the runtime's entry point)."""
     return torch.cuda.is_available() and _runtime_function("cudaMemcpy2DAsync") is not None
@@ -180,8 +267,16 @@ def _say_python_loops() -> None:
 
 
 def enqueue(copies: Sequence[Copy], stream: Any) -> int:
-    """Enqueue ``copies`` on the CUDA ``stream`` (a ``torch.cuda.Stream``), in order; returns how many
-    ``cudaMemcpyAsync`` calls that took."""
+    """Enqueue ``copies`` on the CUDA ``stream`` (a ``torch.cuda.Stream``), no two with one destination;
+    returns how many runtime calls that took: one ``cudaMemcpyBatchAsync`` where :func:`batches_on`,
+    else one ``cudaMemcpyAsync`` per run, in order."""
+    if batches_on(stream):
+        address = _batch_function()
+        assert address is not None
+        if _native is None:
+            _say_python_loops()
+            return enqueue_batch_python(address, stream.cuda_stream, copies)
+        return _native.enqueue_batch(address, stream.cuda_stream, copies)
     address = _runtime_function("cudaMemcpyAsync")
     if address is None:
         raise RuntimeError("no CUDA runtime with cudaMemcpyAsync in this process; copies need a CUDA device")

@@ -294,10 +294,14 @@ def test_batched_copies_land_where_the_ids_say(
         c_ops.scatter_from_host(pool, [([1, 5], slab[0:4:2])], stream)
 
 
-def test_a_load_copying_a_row_twice_lands_the_later_copy() -> None:
-    """Within one batch of a whole load, the scattered rows land by the kernel on the helper stream,
-    after the batch's adjacent copies straight into the pool: a row copied again by an adjacent copy
-    must still land from the later copy (the load orders it after the copies before)."""
+@pytest.mark.parametrize("row_dma_min", [0, 1 << 40])
+def test_a_load_copying_a_row_twice_lands_the_later_copy(
+    row_dma_min: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within one batch of a whole load (rows moved by one DMA each, or scattered by the kernel on
+    the helper stream), a row copied again, here by an adjacent copy straight into the pool, lands
+    from the later copy."""
+    monkeypatch.setattr(c_ops, "ROW_DMA_MIN_BYTES", row_dma_min)
     pool = cuda_pool(16)
     pool.zero_()
     rows = pool.shape[1:]
@@ -306,8 +310,39 @@ def test_a_load_copying_a_row_twice_lands_the_later_copy() -> None:
     stream = torch.cuda.Stream()
     copier: CopyBatcher[None] = CopyBatcher(pool, stream, store=False)
     copier.add([0], torch.zeros((1, *rows), dtype=pool.dtype).pin_memory(), None)
-    copier.add([9, 4], first, None)  # scattered: staging and the kernel
+    copier.add([9, 4], first, None)  # scattered: row DMA or staging and the kernel
     copier.add([4], again, None)  # adjacent: one copy straight into row 4
     copier.finish()
     stream.synchronize()
     assert torch.all(pool[4] == 2.0) and torch.all(pool[9] == 1.0)
+
+
+def test_scattered_rows_move_by_row_dma_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows at least ``ROW_DMA_MIN_BYTES`` long move by one DMA each in one batched call, on streams
+    that allow it: a store and a load into scattered blocks land bit-equal, with no gather or scatter
+    kernel (they would raise here)."""
+    if not dma_batch.batches_on(torch.cuda.Stream()):
+        pytest.fail("this CUDA runtime has no cudaMemcpyBatchAsync (CUDA 13): row DMA is untested")
+    monkeypatch.setattr(c_ops, "ROW_DMA_MIN_BYTES", 0)
+
+    def no_kernel(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a gather or scatter kernel ran")
+
+    monkeypatch.setattr(torch, "index_select", no_kernel)
+    monkeypatch.setattr(torch.Tensor, "index_copy_", no_kernel)
+    pool = cuda_pool(96)
+    engine = CacheEngine(LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.5))
+    space = KeySpace("m", PoolLayout.of_pool(pool, TPB))
+    toks = list(range(6 * CHUNK))
+    src = [94 - 2 * i for i in range(24)] + list(range(24))  # scattered, then adjacent
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    assert engine.store(space, 0, pool, BlockTransfer(toks, None, src, 0, len(toks)), stream) == len(toks)
+    target = pool.clone()
+    dst = [95 - 3 * i for i in range(24)] + list(range(0, 24))
+    target[dst] = 0
+    assert engine.retrieve(space, 0, target, BlockTransfer(toks, None, dst, 0, len(toks)), stream) == len(
+        toks
+    )
+    stream.synchronize()
+    assert torch.equal(target[dst], pool[src])

@@ -1,8 +1,8 @@
 """lmcache.dma_batch on the CPU: the C loops and the Python references enqueue the same calls.
 
-Both are given stand-ins for ``cudaMemcpyAsync`` and ``cudaMemcpy2DAsync`` (ctypes callbacks of
-their signatures that copy host memory and record each call), so what they enqueue is checked byte
-for byte without a GPU.
+Both are given stand-ins for ``cudaMemcpyAsync``, ``cudaMemcpy2DAsync`` and ``cudaMemcpyBatchAsync``
+(ctypes callbacks of their signatures that copy host memory and record each call), so what they
+enqueue is checked byte for byte without a GPU.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from lmcache import dma_batch
 NATIVE = dma_batch.native_loops()
 IMPLEMENTATIONS = {"python": dma_batch.enqueue_python, "native": NATIVE[0] if NATIVE else None}
 IMPLEMENTATIONS_2D = {"python": dma_batch.enqueue_2d_python, "native": NATIVE[1] if NATIVE else None}
+IMPLEMENTATIONS_BATCH = {"python": dma_batch.enqueue_batch_python, "native": NATIVE[2] if NATIVE else None}
 
 
 class FakeMemcpy:
@@ -74,7 +75,7 @@ class FakeMemcpy2d:
 def test_the_native_loops_are_built() -> None:
     from lmcache import _dmabatch
 
-    assert dma_batch.native_loops() == (_dmabatch.enqueue, _dmabatch.enqueue_2d)
+    assert dma_batch.native_loops() == (_dmabatch.enqueue, _dmabatch.enqueue_2d, _dmabatch.enqueue_batch)
 
 
 def test_copies_land_and_continuations_join(implementation: dma_batch.Enqueue) -> None:
@@ -212,6 +213,7 @@ def test_without_the_c_loops_batches_go_through_python_and_say_so_once(
     fake, fake_2d = FakeMemcpy(), FakeMemcpy2d()
     addresses = {"cudaMemcpyAsync": fake.address, "cudaMemcpy2DAsync": fake_2d.address}
     monkeypatch.setattr(dma_batch, "_runtime_function", addresses.get)
+    monkeypatch.setattr(dma_batch, "_batch_function", lambda: None)  # a runtime before CUDA 13
     monkeypatch.setattr(dma_batch, "_native", None)
     monkeypatch.setattr(dma_batch, "_told_python", False)
     src = torch.arange(32, dtype=torch.uint8)
@@ -234,7 +236,115 @@ def test_without_the_c_loops_batches_go_through_python_and_say_so_once(
 
 def test_without_a_cuda_runtime_a_batch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dma_batch, "_runtime_function", lambda name: None)
+    monkeypatch.setattr(dma_batch, "_batch_function", lambda: None)
     with pytest.raises(RuntimeError, match="copies need a CUDA device"):
         dma_batch.enqueue([(8, 16, 8)], FakeStream())
     with pytest.raises(dma_batch.Dma2dUnavailable, match="LMCACHE_USE_LAYERWISE=false"):
         dma_batch.enqueue_2d([(8, 8, 16, 8, 8, 1)], FakeStream())
+
+
+class FakeMemcpyBatch:
+    """A ``cudaMemcpyBatchAsync`` that copies host memory at once; records each call's copies,
+    attributes and stream; ``error`` makes every call return it."""
+
+    def __init__(self, error: int = 0) -> None:
+        self.calls: list[tuple[list[tuple[int, int, int]], list[int], int]] = []
+        self.error = error
+        self.function = dma_batch.MEMCPY_BATCH_ASYNC(self._call)
+        self.address = ctypes.cast(self.function, ctypes.c_void_p).value
+
+    def _call(
+        self, dsts: int, srcs: int, sizes: int, count: int, attrs: int, idxs: int, num_attrs: int, stream: int
+    ) -> int:
+        if self.error:
+            return self.error
+        d = (ctypes.c_void_p * count).from_address(dsts)
+        s = (ctypes.c_void_p * count).from_address(srcs)
+        n = (ctypes.c_size_t * count).from_address(sizes)
+        copies = [(d[i] or 0, s[i] or 0, n[i]) for i in range(count)]
+        attr = dma_batch.MemcpyAttributes.from_address(attrs)
+        first = (ctypes.c_size_t * num_attrs).from_address(idxs)
+        self.calls.append((copies, [attr.src_access_order, attr.flags, num_attrs, first[0]], stream or 0))
+        for dst, src, nbytes in copies:
+            ctypes.memmove(dst, src, nbytes)
+        return 0
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS_BATCH))
+def implementation_batch(request: pytest.FixtureRequest) -> Iterator[dma_batch.Enqueue]:
+    run = IMPLEMENTATIONS_BATCH[request.param]
+    assert run is not None, "lmcache._dmabatch is not built (setup.py build_ext)"
+    yield run
+
+
+def test_a_batch_is_one_call_of_the_joined_runs_read_in_stream_order(
+    implementation_batch: dma_batch.Enqueue,
+) -> None:
+    src = torch.arange(64, dtype=torch.uint8)
+    dst = torch.zeros(64, dtype=torch.uint8)
+    s, d = src.data_ptr(), dst.data_ptr()
+    fake = FakeMemcpyBatch()
+    copies = [(d, s, 8), (d + 8, s + 8, 8), (d + 40, s + 16, 8), (d + 1, s, 0), (d + 24, s + 32, 8)]
+    assert implementation_batch(fake.address, 1234, copies) == 1
+    [(runs, attrs, stream)] = fake.calls
+    assert [(r[0] - d, r[1] - s, r[2]) for r in runs] == [(0, 0, 16), (40, 16, 8), (24, 32, 8)]
+    assert attrs == [dma_batch.SRC_ACCESS_ORDER_STREAM, 0, 1, 0] and stream == 1234
+    want = torch.zeros(64, dtype=torch.uint8)
+    want[0:16], want[40:48], want[24:32] = src[0:16], src[16:24], src[32:40]
+    assert torch.equal(dst, want)
+    assert implementation_batch(fake.address, 1234, [(d, s, 0)]) == 0  # nothing left: no call
+    assert len(fake.calls) == 1
+
+
+@pytest.mark.parametrize(("bad", "message"), [((0, 8, 4), "null address"), ((8, 16, -1), "negative")])
+def test_a_bad_copy_in_a_batch_enqueues_nothing(
+    implementation_batch: dma_batch.Enqueue, bad: object, message: str
+) -> None:
+    fake = FakeMemcpyBatch()
+    src = torch.arange(16, dtype=torch.uint8)
+    dst = torch.zeros(16, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=message):
+        implementation_batch(fake.address, 7, [(dst.data_ptr(), src.data_ptr(), 16), bad])  # type: ignore[list-item]
+    assert fake.calls == [] and not dst.any()
+    with pytest.raises(ValueError, match="null memcpy_batch_async"):
+        implementation_batch(0, 7, [])
+
+
+def test_a_failing_batch_names_the_error(implementation_batch: dma_batch.Enqueue) -> None:
+    src = torch.arange(16, dtype=torch.uint8)
+    dst = torch.zeros(16, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match=r"cudaMemcpyBatchAsync of 2 copies failed with CUDA error 1"):
+        implementation_batch(
+            FakeMemcpyBatch(error=1).address,
+            7,
+            [(dst.data_ptr(), src.data_ptr(), 4), (dst.data_ptr() + 8, src.data_ptr(), 4)],
+        )
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_enqueue_batches_except_on_the_legacy_default_stream(
+    monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    fake, fake_batch = FakeMemcpy(), FakeMemcpyBatch()
+    monkeypatch.setattr(dma_batch, "_runtime_function", {"cudaMemcpyAsync": fake.address}.get)
+    monkeypatch.setattr(dma_batch, "_batch_function", lambda: fake_batch.address)
+    if not native:
+        monkeypatch.setattr(dma_batch, "_native", None)
+        monkeypatch.setattr(dma_batch, "_told_python", True)
+    src = torch.arange(32, dtype=torch.uint8)
+    dst = torch.zeros(32, dtype=torch.uint8)
+    rows = [(dst.data_ptr() + 16 * i, src.data_ptr() + 16 * (1 - i), 16) for i in range(2)]
+    assert dma_batch.batches_on(FakeStream())
+    assert dma_batch.enqueue(rows, FakeStream()) == 1
+    assert len(fake_batch.calls) == 1 and fake.calls == []
+    assert fake_batch.calls[0][2] == FakeStream.cuda_stream
+    assert torch.equal(dst, torch.cat([src[16:], src[:16]]))
+
+    class DefaultStream:
+        cuda_stream = 0
+
+    dst.zero_()
+    assert not dma_batch.batches_on(DefaultStream())
+    assert dma_batch.enqueue(rows, DefaultStream()) == 2  # one cudaMemcpyAsync per copy, in order
+    assert len(fake.calls) == 2 and len(fake_batch.calls) == 1
+    assert torch.equal(dst, torch.cat([src[16:], src[:16]]))
