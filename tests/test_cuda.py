@@ -317,10 +317,14 @@ def test_a_load_copying_a_row_twice_lands_the_later_copy(
     assert torch.all(pool[4] == 2.0) and torch.all(pool[9] == 1.0)
 
 
-def test_scattered_rows_move_by_row_dma_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("pinned", [True, False])
+def test_scattered_rows_move_by_row_dma_without_kernels(
+    pinned: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Rows at least ``ROW_DMA_MIN_BYTES`` long move by one DMA each in one batched call, on streams
     that allow it: a store and a load into scattered blocks land bit-equal, with no gather or scatter
-    kernel (they would raise here)."""
+    kernel (they would raise here), from page-locked L1 and from pageable L1 (where page-locking
+    was refused)."""
     if not dma_batch.batches_on(torch.cuda.Stream()):
         pytest.fail("this CUDA runtime has no cudaMemcpyBatchAsync (CUDA 13): row DMA is untested")
     monkeypatch.setattr(c_ops, "ROW_DMA_MIN_BYTES", 0)
@@ -331,7 +335,8 @@ def test_scattered_rows_move_by_row_dma_without_kernels(monkeypatch: pytest.Monk
     monkeypatch.setattr(torch, "index_select", no_kernel)
     monkeypatch.setattr(torch.Tensor, "index_copy_", no_kernel)
     pool = cuda_pool(96)
-    engine = CacheEngine(LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.5))
+    config = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.5)
+    engine = CacheEngine(config, pinned=pinned)
     space = KeySpace("m", PoolLayout.of_pool(pool, TPB))
     toks = list(range(6 * CHUNK))
     src = [94 - 2 * i for i in range(24)] + list(range(24))  # scattered, then adjacent
