@@ -172,9 +172,17 @@ class SharedL1Transfers:
         count = (end - transfer.start) // size if leasable else 0
         leases, lease_cap = copier.take_leases(count)
         report = _StoreReport(iid, transfer.start, transfer.start + len(leases) * size, leases, fields)
-        # Always asked, even when the lease holds the whole store: the reply tops the lease up and
-        # proves the server still knows this registration (the report that follows is one-way).
-        req = P.StoreReserve(instance_id=iid, start=report.end, end=transfer.end, lease=P.MAX_LEASE, **fields)
+        # Always asked, even when the lease holds the whole store: the reply tops the lease up (the
+        # leases this store fills no longer count against it) and proves the server still knows this
+        # registration (the report that follows is one-way).
+        req = P.StoreReserve(
+            instance_id=iid,
+            start=report.end,
+            end=transfer.end,
+            lease=P.MAX_LEASE,
+            filling=[lease.id for lease in leases],
+            **fields,
+        )
         wait_reply: Submitted[Any] | None = None
         try:
             batch = copier.begin_store(transfer.block_ids)

@@ -301,7 +301,9 @@ class StoreReserve(_Req, tag="store_reserve", kw_only=True):
     """Shared-L1 store, step 1: reserve L1 slots for the prompt's chunks in ``[start, end)`` (named as
     in :class:`Store`); the reply is :class:`StoreSlots`. No block ids: the worker copies itself.
     ``lease``: also add up to that many full-chunk slots to the instance's lease (the server caps the
-    lease; ``start == end`` only tops it up)."""
+    lease; ``start == end`` only tops it up). ``filling``: the leased slots this store is filling (its
+    ``store_done`` names them): they stop counting against the lease's cap, so the reply tops the
+    lease up for the next store (the server holds at most one cap of them)."""
 
     instance_id: UInt63
     tokens: TokenIds
@@ -310,6 +312,7 @@ class StoreReserve(_Req, tag="store_reserve", kw_only=True):
     end: NonNeg
     chunk_hashes: ChunkHashBytes | None = None
     lease: Annotated[int, Meta(ge=0, le=MAX_LEASE)] = 0
+    filling: Annotated[list[UInt63], Meta(max_length=MAX_LEASE)] = []
     cap: Cap = None
 
 

@@ -13,7 +13,8 @@ an instance's reservations, leases and loads, so nothing half-written is ever pu
 
 The lease: each instance may hold a few reserved full-chunk slots not yet tied to a chunk
 (``store_reserve``'s ``lease``, capped at :attr:`SharedL1Service.max_lease_bytes`, all instances'
-together at :attr:`SharedL1Service.max_total_lease_bytes`). A worker copies
+together at :attr:`SharedL1Service.max_total_lease_bytes`; the leases a store names as ``filling``
+leave the instance's cap until its ``store_done``, at most one cap of them). A worker copies
 the first chunks of a store into them at once, while its ``store_reserve`` for the rest is on its
 way, so its copies never wait for a round trip; ``store_done`` then names which chunk each holds.
 A leased slot is published only by its instance's ``store_done`` after the copy, and one whose
@@ -106,6 +107,8 @@ class _LoadTicket:
 class _InstanceState:
     tickets: dict[int, _StoreTicket | _LoadTicket] = field(default_factory=dict)
     leases: dict[int, LeaseKey] = field(default_factory=dict)
+    filling: set[int] = field(default_factory=set)
+    """Ids of leases a store is filling (a ``store_reserve`` named them): out of the lease's cap."""
     slabs: set[int] = field(default_factory=set)
     """Ids of the slabs this instance was told of."""
 
@@ -148,7 +151,7 @@ class SharedL1Service:
             P.StoreChunk(s.first_block, s.rows, self._slot_info(s) if s.chunk is not None else None)
             for s in slots
         ]
-        leased = self._lease(scope, req.lease)
+        leased = self._lease(scope, req.lease, req.filling)
         reserved = [s for s in slots if s.chunk is not None]
         ticket = self._open(scope.instance_id, _StoreTicket(scope.space, slots)) if reserved else 0
         slab_ids = [c.slot.slab for c in chunks if c.slot is not None] + [x.slot.slab for x in leased]
@@ -315,14 +318,21 @@ class SharedL1Service:
             self._states.setdefault(instance_id, _InstanceState()).tickets[ticket_id] = ticket
             return ticket_id
 
-    def _lease(self, scope: InstanceScope, wanted: int) -> list[P.LeasedSlot]:
+    def _lease(self, scope: InstanceScope, wanted: int, filling: list[int]) -> list[P.LeasedSlot]:
         """Reserve up to ``wanted`` more leased slots for the instance, within its cap and the cap of
-        all leases together."""
+        all leases together. The leases ``filling`` names (held by the instance, up to one cap of them)
+        leave the cap first: a store that fills its whole lease still leaves one for the next."""
         layout = scope.space.layout
         slot_bytes = self.engine.config.chunk_size // layout.tokens_per_block * layout.row_bytes
+        cap = self.max_lease_bytes // slot_bytes
         with self._lock:
             state = self._states.setdefault(scope.instance_id, _InstanceState())
-            own_room = self.max_lease_bytes // slot_bytes - len(state.leases)
+            for lease_id in filling:
+                if len(state.filling) >= cap:
+                    break
+                if lease_id in state.leases:
+                    state.filling.add(lease_id)
+            own_room = cap - (len(state.leases) - len(state.filling))
             total_room = (self.max_total_lease_bytes - self._leased_bytes) // slot_bytes
             count = max(0, min(wanted, own_room, total_room))
             self._leased_bytes += count * slot_bytes  # counted now: concurrent requests cannot overshoot
@@ -347,6 +357,8 @@ class SharedL1Service:
             keys, unknown = [], []
             for lease_id in lease_ids:
                 key = held.pop(lease_id, None)
+                if state is not None:
+                    state.filling.discard(lease_id)
                 if key is None:
                     unknown.append(lease_id)
                 else:

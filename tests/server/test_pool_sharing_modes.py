@@ -188,6 +188,31 @@ def test_stores_fill_the_lease_first_and_a_lookup_right_after_sees_them(serve, m
     assert reserve_starts[0] == 0 and set(reserve_starts[1:]) == {len(TOKENS)}  # later: top-ups only
 
 
+def test_every_store_fills_a_lease_that_holds_exactly_one_store(serve, monkeypatch) -> None:
+    """A store's reservation names the leases it fills, so its reply leases as many again: the next
+    store needs no reservation before its copies, even when the lease holds no more than one store."""
+    server = serve("auto")
+    shared = server.service.shared_l1
+    assert shared is not None
+    pool = shared_pool(seed=14)
+    shared.max_lease_bytes = len(BLOCKS) * pool[0].numel() * pool.element_size()
+    reserve_starts: list[int] = []
+    real_reserve = shared.store_reserve
+
+    def spy(scope, req):  # type: ignore[no-untyped-def]
+        reserve_starts.append(req.start)
+        return real_reserve(scope, req)
+
+    monkeypatch.setattr(shared, "store_reserve", spy)
+    with client_of(server) as client:
+        client.register(pool, 0, 1, MODEL, TPB, pool_sharing="shared-l1")
+        for round_ in range(6):
+            tokens = list(range(round_ * 1000, round_ * 1000 + len(TOKENS)))
+            assert client.store(BlockTransfer(tokens, None, BLOCKS, 0, len(tokens))) == len(tokens)
+            assert client.lookup(tokens) == len(tokens)
+    assert reserve_starts == [0] + [len(TOKENS)] * 5
+
+
 def test_a_one_way_report_gets_no_reply_and_keeps_its_place_in_order(serve) -> None:
     server = serve("auto")
     url = f"tcp://127.0.0.1:{server.tcp_port}"

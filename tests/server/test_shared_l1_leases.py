@@ -159,6 +159,27 @@ def test_the_lease_is_capped_by_bytes(env) -> None:
     assert env.engine.l1.used_bytes == 5 * slot_bytes(env)
 
 
+def test_leases_a_store_is_filling_leave_the_cap_so_the_next_store_has_a_lease(env) -> None:
+    env.service.max_lease_bytes = 3 * slot_bytes(env)
+    filling = lease(env, P.MAX_LEASE)
+    ids = [s.id for s in filling]
+
+    def reserve(names: list[int], instance: int = 7) -> list[int]:
+        scope = env.scope if instance == 7 else type(env.scope)(instance, env.scope.space, 0)
+        req = P.StoreReserve(instance_id=instance, tokens=TOKENS, end=0, lease=P.MAX_LEASE, filling=names)
+        return [s.id for s in env.service.store_reserve(scope, req).leased]
+
+    assert reserve([424242]) == []  # an id the instance does not hold frees no room
+    assert len(reserve(ids, instance=8)) == 3 and env.service.leased(7) == 3  # 8's own lease only
+    topped = reserve(ids)
+    assert len(topped) == 3 and env.service.leased(7) == 6  # the next store's lease
+    assert reserve(topped) == []  # at most one cap of leases filling at once
+    fill(env, filling, shuffled_blocks(18, seed=12))
+    assert env.service.store_done(env.scope, done(filling)) == 3 * CHUNK
+    assert env.service.leased(7) == 3 and reserve([]) == []  # reported: the cap holds 3 unused again
+    assert len(reserve(topped)) == 3 and env.service.leased(7) == 6
+
+
 def test_a_report_with_a_bad_ticket_still_gives_its_leased_slots_back(env) -> None:
     slots = lease(env, 2)
     fill(env, slots, shuffled_blocks(18, seed=10))
