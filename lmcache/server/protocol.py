@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import msgspec
 from msgspec import Meta
@@ -133,7 +133,7 @@ __all__ = [
     "ids_from_wire",
 ]
 
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 """Bumped on any incompatible change; client and server must agree exactly."""
 
 MAX_FRAME_BYTES = 64 << 20
@@ -300,10 +300,8 @@ class Clear(_Req, tag="clear", kw_only=True):
 class StoreReserve(_Req, tag="store_reserve", kw_only=True):
     """Shared-L1 store, step 1: reserve L1 slots for the prompt's chunks in ``[start, end)`` (named as
     in :class:`Store`); the reply is :class:`StoreSlots`. No block ids: the worker copies itself.
-    ``lease``: also add up to that many full-chunk slots to the instance's lease (the server caps the
-    lease; ``start == end`` only tops it up). ``filling``: the leased slots this store is filling (its
-    ``store_done`` names them): they stop counting against the lease's cap, so the reply tops the
-    lease up for the next store (the server holds at most one cap of them)."""
+    ``lease``: also add up to that many full-chunk slots to the instance's lease (capped; ``start ==
+    end`` only tops it up); ``filling``: leased slots this store fills, out of the cap until its report."""
 
     instance_id: UInt63
     tokens: TokenIds
@@ -385,23 +383,7 @@ Request = (
     | Load
     | LoadDone
 )
-REQUEST_TYPES: tuple[type[_Req], ...] = (
-    Register,
-    Unregister,
-    Lookup,
-    LookupHashes,
-    Release,
-    Store,
-    Retrieve,
-    Heartbeat,
-    Ping,
-    Stats,
-    Clear,
-    StoreReserve,
-    StoreDone,
-    Load,
-    LoadDone,
-)
+REQUEST_TYPES: tuple[type[_Req], ...] = get_args(Request)
 OPS: dict[str, type[_Req]] = {t.__struct_config__.tag: t for t in REQUEST_TYPES}
 
 
