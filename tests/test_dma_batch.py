@@ -8,7 +8,6 @@ enqueue is checked byte for byte without a GPU.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -38,18 +37,20 @@ class FakeMemcpy:
         return 0
 
 
-@pytest.fixture(params=sorted(IMPLEMENTATIONS))
-def implementation(request: pytest.FixtureRequest) -> Iterator[dma_batch.Enqueue]:
-    run = IMPLEMENTATIONS[request.param]
+def built(run: dma_batch.Enqueue | None) -> dma_batch.Enqueue:
+    """An implementation of the table, refusing the C one when the extension was not built."""
     assert run is not None, "lmcache._dmabatch is not built (setup.py build_ext)"
-    yield run
+    return run
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def implementation(request: pytest.FixtureRequest) -> dma_batch.Enqueue:
+    return built(IMPLEMENTATIONS[request.param])
 
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS_2D))
-def implementation_2d(request: pytest.FixtureRequest) -> Iterator[dma_batch.Enqueue]:
-    run = IMPLEMENTATIONS_2D[request.param]
-    assert run is not None, "lmcache._dmabatch is not built (setup.py build_ext)"
-    yield run
+def implementation_2d(request: pytest.FixtureRequest) -> dma_batch.Enqueue:
+    return built(IMPLEMENTATIONS_2D[request.param])
 
 
 class FakeMemcpy2d:
@@ -271,10 +272,8 @@ class FakeMemcpyBatch:
 
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS_BATCH))
-def implementation_batch(request: pytest.FixtureRequest) -> Iterator[dma_batch.Enqueue]:
-    run = IMPLEMENTATIONS_BATCH[request.param]
-    assert run is not None, "lmcache._dmabatch is not built (setup.py build_ext)"
-    yield run
+def implementation_batch(request: pytest.FixtureRequest) -> dma_batch.Enqueue:
+    return built(IMPLEMENTATIONS_BATCH[request.param])
 
 
 def test_a_batch_is_one_call_of_the_joined_runs_read_in_stream_order(

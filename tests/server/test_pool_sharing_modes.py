@@ -157,21 +157,27 @@ def test_a_tmpfs_smaller_than_l1_is_named_at_start(tmp_path, monkeypatch, caplog
     engine.l1.arena.close()
 
 
+def spy_reserve_starts(server: CacheServer, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The ``start`` of every ``store_reserve`` the server's shared-L1 service will handle."""
+    shared = server.service.shared_l1
+    assert shared is not None
+    starts: list[int] = []
+    real_reserve = shared.store_reserve
+
+    def spy(scope, req):  # type: ignore[no-untyped-def]
+        starts.append(req.start)
+        return real_reserve(scope, req)
+
+    monkeypatch.setattr(shared, "store_reserve", spy)
+    return starts
+
+
 def test_stores_fill_the_lease_first_and_a_lookup_right_after_sees_them(serve, monkeypatch) -> None:
     """The second store's chunks go into slots leased by the first store's reply, its reservation
     asks only for what the lease cannot hold, and its one-way report is served before the same
     thread's next lookup."""
     server = serve("auto")
-    shared = server.service.shared_l1
-    assert shared is not None
-    reserve_starts: list[int] = []
-    real_reserve = shared.store_reserve
-
-    def spy(scope, req):  # type: ignore[no-untyped-def]
-        reserve_starts.append(req.start)
-        return real_reserve(scope, req)
-
-    monkeypatch.setattr(shared, "store_reserve", spy)
+    reserve_starts = spy_reserve_starts(server, monkeypatch)
     pool = shared_pool(seed=13)
     src, dst = pool[BLOCKS].clone(), list(range(20, 20 + len(BLOCKS)))
     with client_of(server) as client:
@@ -192,18 +198,10 @@ def test_every_store_fills_a_lease_that_holds_exactly_one_store(serve, monkeypat
     """A store's reservation names the leases it fills, so its reply leases as many again: the next
     store needs no reservation before its copies, even when the lease holds no more than one store."""
     server = serve("auto")
-    shared = server.service.shared_l1
-    assert shared is not None
+    reserve_starts = spy_reserve_starts(server, monkeypatch)
     pool = shared_pool(seed=14)
-    shared.max_lease_bytes = len(BLOCKS) * pool[0].numel() * pool.element_size()
-    reserve_starts: list[int] = []
-    real_reserve = shared.store_reserve
-
-    def spy(scope, req):  # type: ignore[no-untyped-def]
-        reserve_starts.append(req.start)
-        return real_reserve(scope, req)
-
-    monkeypatch.setattr(shared, "store_reserve", spy)
+    assert server.service.shared_l1 is not None
+    server.service.shared_l1.max_lease_bytes = len(BLOCKS) * pool[0].numel() * pool.element_size()
     with client_of(server) as client:
         client.register(pool, 0, 1, MODEL, TPB, pool_sharing="shared-l1")
         for round_ in range(6):
