@@ -17,7 +17,9 @@ driven as TRT-LLM's executor drives them, with a pool of a model's KV shape and 
 
 Saves are reported in two phases: while L1 fills for the first time (every save also takes new
 host memory) and once L1 is full and evicting. By default saves follow each other at once, faster than
-a model's prefill produces KV; ``--prefill-ms`` spaces them as the prefill would (the host idles).
+a model's prefill produces KV; ``--prefill-ms`` spaces them as the prefill would (the host idles),
+and ``--warmup-s`` puts TRT-LLM's model warm-up between the worker's construction and its
+``register_kv_caches`` (by default the first save follows construction at once).
 Each figure is a ratio to a plain pinned ``copy_`` of the same bytes in the same run (device to host
 for saves, host to device for loads). CPU runs (``--device cpu``, tiny sizes) only exercise the
 path; the figures that matter come from a GPU.
@@ -171,6 +173,8 @@ class AdapterRig:
         if args.preset == "lmcache-mp":
             names = ("LMCacheMPKvConnectorScheduler", "LMCacheMPKvConnectorWorker")
         self.worker = getattr(module, names[1])(llm_args)
+        # TRT-LLM builds the connector before its model warm-up and registers the pool after it.
+        time.sleep(getattr(args, "warmup_s", 0.0))
         self.worker.register_kv_caches(self.pool)
         self.scheduler = getattr(module, names[0])(llm_args)
         self.server_url = server_url
@@ -406,6 +410,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "bytes_per_request": request_bytes,
             "l1_bytes": capacity,
             "prefill_ms": args.prefill_ms,
+            "warmup_s": args.warmup_s,
             "save_while_l1_fills": summary(cold[: args.repeats] or cold, save_ceiling) if cold else None,
             "save_l1_full": summary(warm, save_ceiling),
             "load_l1_full": summary([loaded.load_s for loaded in loads], load_ceiling),
@@ -465,6 +470,13 @@ def main() -> int:
         help="idle time before each save's forward, as the prompt's prefill would compute (a 16k prompt "
         "of Qwen2-1.5B: about 155 ms on an H200, RESULTS T6); 0: saves back to back, faster than any "
         "prefill produces KV",
+    )
+    parser.add_argument(
+        "--warmup-s",
+        type=float,
+        default=0.0,
+        help="time between the worker's construction and its register_kv_caches, as TRT-LLM's model "
+        "warm-up (CUDA graph capture) takes; 0: the first save follows construction at once",
     )
     args = parser.parse_args()
     results = run(args)
