@@ -336,13 +336,15 @@ def _p50_ms(seconds: list[float]) -> float:
     return round(statistics.median(seconds) * 1e3, 3)
 
 
-def summary(values: list[float], ceiling: float) -> dict[str, float]:
-    """Ratios to the ceiling: the median and the worst run."""
+def summary(values: list[float], ceiling: float) -> dict[str, Any]:
+    """Ratios to the ceiling: the median and the worst run; and every run's ms, in order (which
+    one was the worst: the first, or one in the middle)."""
     return {
         "median_ratio": round(ceiling / statistics.median(values), 3),
         "worst_ratio": round(ceiling / max(values), 3),
         "median_ms": round(statistics.median(values) * 1e3, 3),
         "runs": len(values),
+        "runs_ms": [round(v * 1e3, 2) for v in values],
     }
 
 

@@ -184,6 +184,7 @@ def test_bench_adapters(tmp_path: Path, preset: str, hooks: list[str]) -> None:
     assert data["loaded_rows_equal"] is True and data["layer_hooks"] == bool(hooks)
     assert (data["prefill_ms"], data["warmup_s"]) == ((2.0, 0.05) if hooks else (0.0, 0.0))
     assert data["save_while_l1_fills"]["runs"] == 2 and data["save_l1_full"]["runs"] == 2
+    assert len(data["load_l1_full"]["runs_ms"]) == 2 and max(data["load_l1_full"]["runs_ms"]) > 0
     assert data["load_l1_full"]["median_ratio"] > 0 and data["lookup_hit_p50_us"] > 0
     assert 0 < data["load_host_p50_ms"] <= data["load_l1_full"]["median_ms"]
     if hooks:
