@@ -204,7 +204,7 @@ class CacheServerClient:
             policy=pool_sharing,
         )
         with self.registrations.lock:
-            reg.copier = _copier_for(reg)
+            reg.copier = _copier_for(reg, self.registrations)
             info = self._call(reg.request, P.RegisterInfo, timeout_s, retry_unknown=False)
             reg.update(info)
             self.registrations.add(iid, reg)
@@ -377,6 +377,7 @@ class CacheServerClient:
         self._closed = True
         self._stop.set()
         self.shared_l1.close()  # its last load reports go first
+        self.registrations.close()
         self.lanes.close()  # a call in flight notices within client_lanes.POLL_S
         if self._hb is not None and self._hb is not threading.current_thread():
             self._hb.join(timeout=5)
@@ -444,7 +445,7 @@ class CacheServerClient:
             if reg is None:
                 return
             if reg.policy == "auto":  # the new server may force another mode
-                _choose_again(reg, lambda: self.ping(timeout_s=timeout_s).pool_sharing)
+                _choose_again(reg, self.registrations, lambda: self.ping(timeout_s=timeout_s).pool_sharing)
             info = self._call_once(reg.request, P.RegisterInfo, timeout_s, False)
             reg.update(info)
             self.server_id = info.server_id
@@ -561,21 +562,25 @@ def _descriptor(pool: Any, policy: str, server_policy: Callable[[], str]) -> P.P
     return describe_pool(pool, choose_sharing(pool, policy, server))
 
 
-def _choose_again(reg: Registration, server_policy: Callable[[], str]) -> None:
+def _choose_again(reg: Registration, registrations: Registrations, server_policy: Callable[[], str]) -> None:
     """Pick the mode of an ``auto`` registration again (before re-registering with a new server)."""
     reg.request.pool = _descriptor(reg.keep_alive, reg.policy, server_policy)
-    reg.copier = _copier_for(reg, reg.copier)
+    reg.copier = _copier_for(reg, registrations, reg.copier)
 
 
-def _copier_for(reg: Registration, current: SharedL1Copier | None = None) -> SharedL1Copier | None:
-    """The copier a registration needs: ``current`` if it has one, a new one in the shared-L1 mode."""
+def _copier_for(
+    reg: Registration, registrations: Registrations, current: SharedL1Copier | None = None
+) -> SharedL1Copier | None:
+    """The copier a registration needs: ``current`` if it has one, a new one in the shared-L1 mode
+    (over the slab mappings of the client's other copiers)."""
     if reg.mode != "shared-l1" or not hasattr(reg.keep_alive, "is_cuda"):  # no tensor: nothing to copy
         return None
     if current is not None:
         return current
     from lmcache.server.shared_l1_worker import SharedL1Copier
 
-    return SharedL1Copier(reg.keep_alive)
+    pool = reg.keep_alive
+    return SharedL1Copier(pool, slabs=registrations.slab_mappings(pin=pool.is_cuda))
 
 
 def wait_for_server(url: str | None = None, timeout_s: float = 30.0) -> P.PingInfo:

@@ -19,6 +19,7 @@ from lmcache.transfer import BlockTransfer
 
 if TYPE_CHECKING:  # torch loads with the first shared-L1 registration: `lmcache stats` never imports it
     from lmcache.server.shared_l1_worker import SharedL1Copier
+    from lmcache.server.slab_mappings import SlabMappings
 
 __all__ = ["Credentials", "PromptHashes", "Registration", "Registrations"]
 
@@ -85,6 +86,25 @@ class Registrations:
         self.lock = threading.RLock()
         self._table: dict[int, Registration] = {}
         self._misses = (0, 0)
+        self._slabs: dict[bool, SlabMappings] = {}
+        """The server's slabs as this client mapped them, page-locked or not: its copiers share them."""
+
+    def slab_mappings(self, pin: bool) -> SlabMappings:
+        """The mappings the shared-L1 copiers of this client share (one per ``pin``: page-locked for
+        CUDA pools, plain for CPU pools), so a slab is mapped once however many pools register."""
+        with self.lock:
+            if pin not in self._slabs:
+                from lmcache.server.slab_mappings import SlabMappings
+
+                self._slabs[pin] = SlabMappings(pin=pin)
+            return self._slabs[pin]
+
+    def close(self) -> None:
+        """Forget every slab mapping (they go once no copy's view of them is left)."""
+        with self.lock:
+            mappings = list(self._slabs.values())
+        for slabs in mappings:
+            slabs.clear()
 
     def count_miss(self, tokens: int) -> None:
         """A lookup of ``tokens`` tokens found missing in the presence counts (the server never saw it);

@@ -1,7 +1,8 @@
 """Worker side of the shared-L1 mode: copies between this process's pool and the server's L1 slots.
 
 The server names slots by slab id; every reply describes the slabs its slots lie in, mapped before
-the copy, and the slabs not announced before, mapped ahead (:mod:`lmcache.server.slab_mappings`).
+the copy, and the slabs not announced before, mapped ahead (:mod:`lmcache.server.slab_mappings`; the
+copiers of one client share its mappings).
 Copies run on the copier's own stream and are complete when :meth:`SharedL1Copier.complete`
 returns, or when the event :meth:`SharedL1Copier.finish_load` returns has completed; the worker
 reports them done after that. The copier also keeps the registration's lease (slots
@@ -31,14 +32,22 @@ from lmcache.transfer import BlockTransfer
 class SharedL1Copier:
     """Copies for one registered pool (``[num_blocks, *row_shape]``) into and out of L1 slots."""
 
-    def __init__(self, pool: torch.Tensor, *, shm_dir: str = SHM_DIR) -> None:
+    def __init__(
+        self, pool: torch.Tensor, *, slabs: SlabMappings | None = None, shm_dir: str = SHM_DIR
+    ) -> None:
+        """``slabs``: the client's mappings of the server's slabs, shared with its other copiers (they
+        must page-lock for a CUDA pool, and only then); None: this copier's own."""
+        if slabs is not None and slabs.pin != pool.is_cuda:
+            raise ValueError(
+                f"a {'CUDA' if pool.is_cuda else 'CPU'} pool needs slab mappings with pin={pool.is_cuda}"
+            )
         self.pool = pool
-        self.shm_dir = shm_dir
         self.row_bytes = math.prod(pool.shape[1:]) * pool.element_size()
         self.row_shape = tuple(pool.shape[1:])
         self.stream: Any = torch.cuda.Stream(device=pool.device) if pool.is_cuda else None
         self.server_id: str | None = None
-        self.slabs = SlabMappings(pin=pool.is_cuda, shm_dir=shm_dir)
+        self.slabs = slabs if slabs is not None else SlabMappings(pin=pool.is_cuda, shm_dir=shm_dir)
+        self._owns_slabs = slabs is None
         self._cap: bytes | None = None
         self._leases: list[P.LeasedSlot] = []
         self._lock = threading.Lock()
@@ -54,9 +63,9 @@ class SharedL1Copier:
     def on_server(self, server_id: str, cap: bytes | None = None) -> None:
         """The server this worker talks to and the instance's capability; another server (restarted)
         invalidates every mapping, another registration the lease."""
+        self.slabs.on_server(server_id)
         with self._lock:
             if server_id != self.server_id:
-                self.slabs.clear()
                 self._leases.clear()
                 self.server_id = server_id
             if cap != self._cap:
@@ -237,8 +246,10 @@ class SharedL1Copier:
         batch.add(block_ids[chunk.first_block + chunk.skip : chunk.first_block + chunk.stop], view, None)
 
     def close(self) -> None:
-        """Forget every mapping (they go once no view of them is left)."""
-        self.slabs.clear()
+        """Forget this copier's own mappings (they go once no view of them is left); shared ones stay
+        with the client."""
+        if self._owns_slabs:
+            self.slabs.clear()
 
     def _view(self, slot: P.SlotInfo, rows: int) -> torch.Tensor:
         """The slot as ``rows`` pool rows, after checking it lies in a slab this worker mapped."""

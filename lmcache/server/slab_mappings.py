@@ -25,7 +25,9 @@ __all__ = ["SlabMappings"]
 
 
 class SlabMappings:
-    """The slabs of one server this worker mapped, by id; thread-safe."""
+    """The slabs of one server this worker mapped, by id; thread-safe. One per client (and
+    page-locking), shared by its shared-L1 registrations: each pool copies into the same slabs, which
+    are mapped and page-locked once however many pools (layer groups, regions) register."""
 
     def __init__(self, *, pin: bool, shm_dir: str = SHM_DIR) -> None:
         self.pin = pin
@@ -38,6 +40,8 @@ class SlabMappings:
         """Bumped by :meth:`clear`: a mapping made ahead for an older server is dropped."""
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.server_id: str | None = None
+        """The server the mappings are of (:meth:`on_server`)."""
 
     def ids(self) -> list[int]:
         with self._lock:
@@ -105,15 +109,31 @@ class SlabMappings:
             if thread.is_alive():
                 return False
 
+    def on_server(self, server_id: str) -> None:
+        """The server these slabs are of: another one (restarted) invalidates every mapping; the same
+        one (another registration sharing them) changes nothing."""
+        with self._lock:
+            if server_id == self.server_id:
+                return
+            self.server_id = server_id
+            pending = self._forget()
+        for event in pending:
+            event.set()
+
     def clear(self) -> None:
         """Forget every mapping (another server): they go once no view of them is left."""
         with self._lock:
-            self._generation += 1
-            self._mapped.clear()
-            self._queue.clear()
-            pending, self._pending = self._pending, {}
-        for event in pending.values():  # whoever waits maps the slab itself
+            pending = self._forget()
+        for event in pending:  # whoever waits maps the slab itself
             event.set()
+
+    def _forget(self) -> list[threading.Event]:
+        """Drop every mapping and queued slab (lock held); returns the events of those pending."""
+        self._generation += 1
+        self._mapped.clear()
+        self._queue.clear()
+        pending, self._pending = self._pending, {}
+        return list(pending.values())
 
     def _run(self) -> None:
         if self.pin:  # page-locking: a CUDA worker's, where torch is loaded

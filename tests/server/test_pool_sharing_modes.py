@@ -211,6 +211,38 @@ def test_every_store_fills_a_lease_that_holds_exactly_one_store(serve, monkeypat
     assert reserve_starts == [0] + [len(TOKENS)] * 5
 
 
+def test_the_pools_of_one_client_share_its_mappings_of_the_servers_slabs(serve, monkeypatch) -> None:
+    """Two pools (layer groups, regions) registered in the shared-L1 mode by one client map each of
+    the server's slabs once between them, and both copy through them, bit-equal."""
+    from lmcache.server import slab_mappings
+
+    mapped: list[str] = []
+    real_map = slab_mappings.map_slab
+
+    def counting(info, **kw):  # type: ignore[no-untyped-def]
+        mapped.append(info.name)
+        return real_map(info, **kw)
+
+    monkeypatch.setattr(slab_mappings, "map_slab", counting)
+    server = serve("auto")
+    pools = [shared_pool(seed=15), shared_pool(seed=16)]
+    with client_of(server) as client:
+        infos = [client.register(pool, 0, 1, MODEL, TPB, pool_sharing="shared-l1") for pool in pools]
+        ids = [info.instance_id for info in infos]
+        copiers = [client.registrations.copier(iid) for iid in ids]
+        assert copiers[0].slabs is copiers[1].slabs
+        for round_, (iid, pool) in enumerate(zip(ids, pools, strict=True)):
+            tokens = list(range(round_ * 1000, round_ * 1000 + len(TOKENS)))
+            src, dst = pool[BLOCKS].clone(), list(range(20, 20 + len(BLOCKS)))
+            stored = client.store(BlockTransfer(tokens, None, BLOCKS, 0, len(tokens)), instance_id=iid)
+            assert stored == len(tokens)
+            pool[dst] = 0
+            loaded = client.retrieve(BlockTransfer(tokens, None, dst, 0, len(tokens)), instance_id=iid)
+            assert loaded == len(tokens) and torch.equal(pool[dst], src)
+        assert client.registrations.wait_slabs_mapped(30)
+    assert mapped and len(mapped) == len(set(mapped))  # every slab mapped once, for both pools
+
+
 def test_a_one_way_report_gets_no_reply_and_keeps_its_place_in_order(serve) -> None:
     server = serve("auto")
     url = f"tcp://127.0.0.1:{server.tcp_port}"

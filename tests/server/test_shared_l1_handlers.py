@@ -167,7 +167,7 @@ def test_every_reply_describes_its_own_slabs_so_concurrent_copies_need_no_order(
     store(service, copier, scope, src)  # this instance was told of the slabs then
     load = service.load(scope, P.Load(instance_id=7, tokens=TOKENS, end=4 * CHUNK))
     assert {s.id for s in load.slabs} == {c.slot.slab for c in load.chunks}
-    other_thread = SharedL1Copier(pool, shm_dir=copier.shm_dir)  # has applied no earlier reply
+    other_thread = SharedL1Copier(pool, shm_dir=copier.slabs.shm_dir)  # has applied no earlier reply
     dst = shuffled_blocks(16, 7, base=32)
     assert copy_load(other_thread, load, dst) == 4 * CHUNK
     assert torch.equal(pool[dst], pool[src])

@@ -119,3 +119,23 @@ def test_the_thread_that_page_locks_ahead_relaxes_its_capture_mode(server, tmp_p
     maps.map_ahead([server.new_slab(), server.new_slab()])
     assert maps.wait_ahead(30) and len(maps.ids()) == 2
     assert relaxed == ["lmcache-map-ahead"] and pinned == [True, True]
+
+
+def test_mappings_stay_for_the_same_server_and_go_for_another(server, tmp_path) -> None:
+    maps = SlabMappings(pin=False, shm_dir=str(tmp_path))
+    slab = server.new_slab()
+    maps.on_server("first")
+    maps.apply([slab], [])
+    maps.on_server("first")  # another registration with the same server: nothing changes
+    assert maps.ids() == [slab.id]
+    maps.on_server("restarted")
+    assert maps.ids() == [] and maps.server_id == "restarted"
+
+
+def test_a_copier_refuses_shared_mappings_that_page_lock_otherwise(tmp_path) -> None:
+    import torch
+
+    from lmcache.server.shared_l1_worker import SharedL1Copier
+
+    with pytest.raises(ValueError, match="CPU pool needs slab mappings with pin=False"):
+        SharedL1Copier(torch.zeros(4, 8), slabs=SlabMappings(pin=True, shm_dir=str(tmp_path)))
