@@ -376,8 +376,7 @@ class CacheServerClient:
                     self.unregister(iid, timeout_s=min(self.timeout_s, 1.0))
         self._closed = True
         self._stop.set()
-        self.shared_l1.close()  # its last load reports go first
-        self.registrations.close()
+        self.shared_l1.close()  # its last load reports go first, then its slab mappings
         self.lanes.close()  # a call in flight notices within client_lanes.POLL_S
         if self._hb is not None and self._hb is not threading.current_thread():
             self._hb.join(timeout=5)

@@ -326,8 +326,10 @@ class SharedL1Transfers:
             self._reports.submit(report)
 
     def close(self) -> None:
-        """Send the reports still waiting for their copies, then stop the thread that sends them."""
+        """Send the reports still waiting for their copies, stop the thread that sends them, then drop
+        the client's slab mappings."""
         with self._lock:
             reports, self._reports = self._reports, None
         if reports is not None:
             reports.shutdown(wait=True)
+        self._registrations.close()
