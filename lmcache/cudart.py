@@ -8,6 +8,10 @@ memory (``cudaHostRegister``) is such a call, and L1 is page-locked in the backg
 (:mod:`lmcache.memory`, :mod:`lmcache.server.slab_mappings`). A background thread of ours therefore
 first relaxes its capture mode (:func:`relax_capture_mode`): its calls neither fail nor disturb a
 capture elsewhere (they touch none of the captured streams).
+
+A new thread's current CUDA device is device 0, whatever its process works on: its first CUDA call
+would create a context there (GPU memory on another rank's device, under tensor parallelism). So the
+thread that starts one of ours hands it its own device (:func:`current_device`), made current first.
 """
 
 from __future__ import annotations
@@ -51,11 +55,20 @@ def runtime() -> Any | None:
     return None
 
 
-def relax_capture_mode() -> bool:
-    """Let this thread's CUDA calls run while another thread captures a CUDA graph (see the module);
-    for threads of ours only, at their start. False where there is no CUDA runtime to tell."""
+def current_device() -> int | None:
+    """This thread's CUDA device, where CUDA is initialized in the process (else None: nothing to
+    hand a background thread, see the module)."""
+    return torch.cuda.current_device() if torch.cuda.is_initialized() else None
+
+
+def relax_capture_mode(device: int | None = None) -> bool:
+    """Let this thread's CUDA calls run while another thread captures a CUDA graph (see the module),
+    ``device`` (when given) made current first; for threads of ours only, at their start. False where
+    there is no CUDA runtime to tell."""
     library = runtime()
     if library is None:
         return False
+    if device is not None:
+        torch.cuda.set_device(device)
     mode = ctypes.c_int(CAPTURE_MODE_RELAXED)
     return int(library.cudaThreadExchangeStreamCaptureMode(ctypes.byref(mode))) == 0

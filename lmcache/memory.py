@@ -367,17 +367,20 @@ class HostArena:
         # Daemons: they may run for seconds and must not hold up the interpreter's exit; they never
         # wait inside torch (pages are faulted by memset), so stopping them at exit is safe. Several,
         # since faulting pages in is per-thread work; registering them takes the driver's lock anyway.
+        device = cudart.current_device() if self.pinned else None
         for i in range(PREPIN_THREADS):
-            threading.Thread(target=self._prepin, name=f"lmcache-prepin-{i}", daemon=True).start()
+            threading.Thread(
+                target=self._prepin, args=(device,), name=f"lmcache-prepin-{i}", daemon=True
+            ).start()
 
     @property
     def prepinning(self) -> bool:
         """True while :meth:`prepin`'s threads are still allocating."""
         return self._prepinners > 0
 
-    def _prepin(self) -> None:
-        if self.pinned:
-            cudart.relax_capture_mode()  # TRT-LLM may be capturing its CUDA graphs meanwhile
+    def _prepin(self, device: int | None) -> None:
+        if self.pinned:  # on the starter's device; TRT-LLM may be capturing its CUDA graphs meanwhile
+            cudart.relax_capture_mode(device)
         try:
             while True:
                 with self.lock:
@@ -474,16 +477,19 @@ class HostArena:
         self._growing = pool
         # Not a daemon: exiting while it is inside torch (filling pages on the intra-op thread pool)
         # aborts the process ("terminate called without an active exception"); exit waits for it.
-        thread = threading.Thread(target=self._allocate_ahead, args=(pool, nbytes), name="lmcache-slab-ahead")
+        device = cudart.current_device() if self.pinned else None
+        thread = threading.Thread(
+            target=self._allocate_ahead, args=(pool, nbytes, device), name="lmcache-slab-ahead"
+        )
         try:
             thread.start()
         except RuntimeError:  # cannot start threads (interpreter shutting down)
             self.reserved_bytes -= nbytes
             self._growing = None
 
-    def _allocate_ahead(self, pool: SlotPool, nbytes: int) -> None:
+    def _allocate_ahead(self, pool: SlotPool, nbytes: int, device: int | None) -> None:
         if self.pinned:
-            cudart.relax_capture_mode()
+            cudart.relax_capture_mode(device)
         slab = None
         try:
             slab = self.source.allocate(nbytes)

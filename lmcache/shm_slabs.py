@@ -34,6 +34,8 @@ logger = init_logger(__name__)
 
 SHM_DIR = "/dev/shm"
 SLAB_PREFIX = "lmcache-l1"
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+"""Linux 5.14's ``madvise`` that faults a range in writable without touching its contents."""
 _NAME = re.compile(rf"^{SLAB_PREFIX}-(\d+)-[0-9a-f]+-\d+$")
 
 
@@ -211,6 +213,11 @@ def map_slab(info: ShmSlabInfo, *, pin: bool, shm_dir: str = SHM_DIR) -> MappedS
     """Map the server's slab ``info`` names, after checking it is a regular file owned by this process's
     uid, mode 0600 and of ``info.nbytes`` bytes; page-lock it if ``pin`` (a CUDA pool copies with it)."""
     mapping = open_region(info, writable=True, shm_dir=shm_dir)
+    if pin:
+        # This process's page tables filled first, outside the driver's lock (threads mapping other
+        # slabs do the same at once): page-locking then only pins.
+        with contextlib.suppress(OSError):  # a kernel older than 5.14: the driver faults them in
+            mapping.madvise(MADV_POPULATE_WRITE)
     tensor = torch.frombuffer(mapping, dtype=torch.uint8)
     pinned = pin and pin_in_place(tensor, fault_in="none")
     return MappedSlab(info, tensor, pinned)

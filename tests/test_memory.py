@@ -331,11 +331,17 @@ class _PinnedLooking(memory.SlabSource):
 
 def test_threads_that_page_lock_in_the_background_relax_their_capture_mode(monkeypatch) -> None:
     """TRT-LLM captures its CUDA graphs (global mode) while L1 is still being page-locked: every thread
-    that page-locks must first relax its capture mode, or its call fails and breaks that capture."""
+    that page-locks must first relax its capture mode, or its call fails and breaks that capture; and
+    it works on the device of the thread that started it, not on device 0 (a rank's own GPU)."""
     relaxed: list[str] = []
-    monkeypatch.setattr(
-        memory.cudart, "relax_capture_mode", lambda: relaxed.append(threading.current_thread().name)
-    )
+
+    def relax(device: int | None = None) -> bool:
+        assert device == 3, f"{threading.current_thread().name} was handed device {device}, not its starter's"
+        relaxed.append(threading.current_thread().name)
+        return True
+
+    monkeypatch.setattr(memory.cudart, "relax_capture_mode", relax)
+    monkeypatch.setattr(memory.cudart, "current_device", lambda: 3)
     slab = 2 << 20
     arena = HostArena(3 * slab, slab_bytes=slab, source=_PinnedLooking())
     arena.prepin()

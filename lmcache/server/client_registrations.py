@@ -159,15 +159,16 @@ class Registrations:
         return reg.copier
 
     def wait_slabs_mapped(self, timeout_s: float | None = None) -> bool:
-        """Wait until the server L1 slabs announced to this client's shared-L1 registrations are
-        mapped (and page-locked), which goes on in the background from registration; False on
-        timeout. A save meanwhile may wait for it: benchmarks of a steady state wait here first."""
+        """Wait until the server L1 slabs announced to this client (before and at its shared-L1
+        registrations, and in their replies) are mapped (and page-locked), which goes on in the
+        background; False on timeout. A save meanwhile may wait for it: benchmarks of a steady state
+        wait here first."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self.lock:
-            copiers = [reg.copier for reg in self._table.values() if reg.copier is not None]
-        for copier in copiers:
+            mappings = list(self._slabs.values())
+        for slabs in mappings:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not copier.slabs.wait_ahead(left):
+            if not slabs.wait_ahead(left):
                 return False
         return True
 

@@ -23,6 +23,7 @@ sent fails (nothing was published); a load whose copy completed counts.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -111,6 +112,22 @@ class SharedL1Transfers:
         self._looked_up: OrderedDict[tuple[int, int | str], tuple[str, list[P.SlotInfo]]] = OrderedDict()
         """Per (instance, pin id), the server and the slots its lookup pinned for the instance's rank."""
         self._lock = threading.Lock()
+
+    def map_l1_ahead(self, *, pin: bool, certain: bool, timeout_s: float | None) -> P.SlabList | None:
+        """Before this process registers a pool: map the server's L1 slabs (``pin``: and page-lock them)
+        in the background, so its first shared-L1 copies do not wait for that (TRT-LLM builds the
+        worker before the model's warm-up and registers its pools only after it). Done only where the
+        mode will be shared-L1: ``certain`` (the client forces it, or its pools cannot be exported), or
+        the server forces it. Returns the server's answer, None where nothing is mapped for that reason;
+        may be called again for the slabs the server created since (:attr:`P.SlabList.more`). A server
+        error or an unreachable server raises, as for every call."""
+        found = self._call(P.L1Slabs(), P.SlabList, timeout_s)
+        if not (certain or found.pool_sharing == "shared-l1"):
+            return None
+        slabs = self._registrations.slab_mappings(pin)
+        slabs.on_server(found.server_id)
+        slabs.map_ahead(found.slabs)
+        return found
 
     def lookup(self, iid: int, req: P.Lookup | P.LookupHashes, timeout_s: float | None) -> int:
         """``req``'s hit, its pinned slots kept for the load with its pins (``req.pin_id`` set)."""
@@ -291,7 +308,7 @@ class SharedL1Transfers:
                 copier.add_load(batch, reply, transfer.block_ids, early)
             copied = copier.finish_load(batch, stream, ordered=layers is None)
             if copied is not None:  # the copies are running: their report goes once they are done
-                self._report_when_done(copied, done, timeout_s)
+                self._report_when_done(copied, copier.pool.device.index, done, timeout_s)
                 reported_later = True
             return reply.loaded
         finally:
@@ -306,8 +323,11 @@ class SharedL1Transfers:
         with contextlib.suppress(ServerUnavailable, ServerError):
             self._send(done, timeout_s)
 
-    def _report_when_done(self, copied: Any, done: P.LoadDone, timeout_s: float | None) -> None:
-        """Send ``done`` from the background once the event ``copied`` (after the load's copies) is."""
+    def _report_when_done(
+        self, copied: Any, device: int | None, done: P.LoadDone, timeout_s: float | None
+    ) -> None:
+        """Send ``done`` from the background once the event ``copied`` (after the load's copies on
+        ``device``, the pool's) is."""
 
         def report() -> None:
             copied.synchronize()
@@ -321,7 +341,7 @@ class SharedL1Transfers:
                 self._reports = ThreadPoolExecutor(
                     max_workers=1,
                     thread_name_prefix="lmcache-load-done",
-                    initializer=cudart.relax_capture_mode,
+                    initializer=functools.partial(cudart.relax_capture_mode, device),
                 )
             self._reports.submit(report)
 

@@ -44,6 +44,7 @@ store_done     instance_id ticket ok                             int: tokens pub
 load           instance_id tokens cache_salt start end           :class:`LoadSlots`
                chunk_hashes pin_id pin_owner
 load_done      instance_id ticket                                bool (ticket was open)
+l1_slabs       (none)                                            :class:`SlabList`
 =============  ===============================================  ==============================
 """
 
@@ -72,6 +73,7 @@ from lmcache.server.shared_l1_protocol import (
     LookupSlots,
     RegionInfo,
     SlabInfo,
+    SlabList,
     SlotInfo,
     StoreChunk,
     StoreSlots,
@@ -111,6 +113,8 @@ __all__ = [
     "StoreDone",
     "Load",
     "LoadDone",
+    "L1Slabs",
+    "SlabList",
     "SlabInfo",
     "SlotInfo",
     "StoreChunk",
@@ -133,7 +137,7 @@ __all__ = [
     "ids_from_wire",
 ]
 
-PROTOCOL_VERSION = 8
+PROTOCOL_VERSION = 9
 """Bumped on any incompatible change; client and server must agree exactly."""
 
 MAX_FRAME_BYTES = 64 << 20
@@ -366,6 +370,11 @@ class LoadDone(_Req, tag="load_done", kw_only=True):
     cap: Cap = None
 
 
+class L1Slabs(_Req, tag="l1_slabs", kw_only=True):
+    """The server's L1 slabs in shared memory, for a worker to map and page-lock before it registers
+    a pool in the shared-L1 mode (reply :class:`SlabList`; empty slabs from a server that exports)."""
+
+
 Request = (
     Register
     | Unregister
@@ -382,6 +391,7 @@ Request = (
     | StoreDone
     | Load
     | LoadDone
+    | L1Slabs
 )
 REQUEST_TYPES: tuple[type[_Req], ...] = get_args(Request)
 OPS: dict[str, type[_Req]] = {t.__struct_config__.tag: t for t in REQUEST_TYPES}
@@ -508,6 +518,8 @@ class _Header(msgspec.Struct):
 
 
 _header_decoder = msgspec.msgpack.Decoder(_Header)
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError)
+"""What decoding a frame raises on bad input (ValueError: bad UTF-8)."""
 _request_decoder = msgspec.msgpack.Decoder(Request)
 
 
@@ -534,7 +546,7 @@ def decode_request(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Request:
     if len(frame) <= max_bytes:
         try:
             req: Request = _request_decoder.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError):
+        except _DECODE_ERRORS:
             pass  # read it again below, field by field, to say what is wrong
         else:
             if req.v == PROTOCOL_VERSION:
@@ -543,12 +555,7 @@ def decode_request(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Request:
     malformed: Exception | None = None
     try:
         header = _header_decoder.decode(frame)  # skips the values of other fields: cheap even when big
-    except (
-        msgspec.DecodeError,
-        msgspec.ValidationError,
-        ValueError,
-        RecursionError,
-    ) as e:  # ValueError: bad UTF-8
+    except _DECODE_ERRORS as e:
         malformed = e
     rid = -1
     if header is not None and isinstance(header.rid, int) and 0 <= header.rid < 1 << 63:
@@ -581,5 +588,5 @@ def decode_request(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Request:
         )
     try:
         return _request_decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as e:
+    except _DECODE_ERRORS as e:
         raise ProtocolError(ErrorCode.INVALID, f"invalid {header.op!r} request: {e}", rid) from None

@@ -127,6 +127,7 @@ class CacheService:
                 P.Store: self.store,
                 P.Retrieve: self.retrieve,
                 P.Clear: lambda req, call: self.engine.clear(),
+                P.L1Slabs: lambda req, call: self.l1_slabs(),
             }
         )
 
@@ -149,6 +150,17 @@ class CacheService:
             self.instances.touch(iter([(getattr(req, "instance_id", None), getattr(req, "cap", None))]), now)
 
     # ---- liveness and stats ---------------------------------------------------------------------
+
+    def l1_slabs(self) -> P.SlabList:
+        """The L1 slabs a worker may map before it registers (none unless L1 is in shared memory)."""
+        if self.shared_l1 is None:
+            return P.SlabList(server_id=self.server_id, pool_sharing=self.config.pool_sharing)
+        return P.SlabList(
+            server_id=self.server_id,
+            pool_sharing=self.config.pool_sharing,
+            slabs=self.shared_l1.slabs(),
+            more=self.engine.l1.arena.prepinning,
+        )
 
     def ping(self) -> P.PingInfo:
         return P.PingInfo(

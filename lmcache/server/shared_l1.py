@@ -397,6 +397,10 @@ class SharedL1Service:
         ref = chunk.buffer.ref
         return P.SlotInfo(ref.slab, ref.offset, ref.nbytes, chunk.serial)
 
+    def slabs(self) -> list[P.SlabInfo]:
+        """Every live L1 slab (``l1_slabs``: a worker maps them before it registers)."""
+        return self._describe(sorted(self.source.live_ids()))
+
     def slabs_ahead(self, instance_id: int) -> list[P.SlabInfo]:
         """The L1 slabs the instance was not told of yet, from now on told: its registration's reply
         hands them to the worker to map ahead (``RegisterInfo.slabs_ahead``)."""

@@ -14,6 +14,17 @@ class SlabInfo(msgspec.Struct, kw_only=True):
     nbytes: int
 
 
+class SlabList(msgspec.Struct, kw_only=True):
+    """Reply to ``l1_slabs``: the server's L1 slabs now (later ones are announced by registration and
+    transfer replies), and the server's id and ``--pool-sharing`` policy. ``more``: the server is
+    still creating its L1 ahead of need, so asking again soon finds more."""
+
+    server_id: str
+    pool_sharing: str
+    slabs: list[SlabInfo] = []
+    more: bool = False
+
+
 class SlotInfo(msgspec.Struct, array_like=True):
     """An L1 slot: ``nbytes`` bytes at ``offset`` in slab ``slab``; for a cached chunk, ``serial``
     names its filling (equal serials, same bytes; 0 for a slot to fill)."""

@@ -6,12 +6,14 @@ mode 0600, size), page-locked for a CUDA pool. A reply also announces slabs the 
 of yet (``ahead``): :meth:`SlabMappings.map_ahead` hands them to a background thread, so a save into a
 new slab does not wait for its mapping and page-locking (a slab is mapped once either way; a copy
 that needs a slab being mapped ahead waits for that one only, and maps one still queued itself).
+Several threads map ahead at once (:data:`MAP_AHEAD_THREADS`): filling a slab's page tables is
+per-thread work, which they overlap; page-locking itself takes the driver's lock.
 """
 
 from __future__ import annotations
 
+import os
 import threading
-import time
 from collections import deque
 from collections.abc import Sequence
 
@@ -21,7 +23,10 @@ from lmcache.shm_slabs import SHM_DIR, MappedSlab, ShmSlabError, ShmSlabInfo, ma
 
 logger = init_logger(__name__)
 
-__all__ = ["SlabMappings"]
+__all__ = ["SlabMappings", "MAP_AHEAD_THREADS"]
+
+MAP_AHEAD_THREADS = min(8, max(1, (os.cpu_count() or 2) // 2))
+"""Threads mapping slabs ahead at most (as many as pin the in-process L1 ahead)."""
 
 
 class SlabMappings:
@@ -39,7 +44,10 @@ class SlabMappings:
         self._generation = 0
         """Bumped by :meth:`clear`: a mapping made ahead for an older server is dropped."""
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._threads = 0
+        """Threads mapping ahead now."""
+        self._idle = threading.Condition(self._lock)
+        """Notified when the last of them ends."""
         self.server_id: str | None = None
         """The server the mappings are of (:meth:`on_server`)."""
 
@@ -91,23 +99,22 @@ class SlabMappings:
                 if info.id not in self._mapped and info.id not in self._pending:
                     self._pending[info.id] = threading.Event()
                     self._queue.append(ShmSlabInfo(info.id, info.name, info.nbytes))
-            if self._queue and self._thread is None:
-                # Not a daemon: exiting while it is inside the CUDA driver (page-locking) aborts the
+            starting = min(MAP_AHEAD_THREADS - self._threads, len(self._queue))
+            device = _caller_device() if self.pin and starting > 0 else None
+            for _ in range(starting):
+                # Not daemons: exiting while one is inside the CUDA driver (page-locking) aborts the
                 # process; exit waits for the few slabs still queued instead.
-                self._thread = threading.Thread(target=self._run, name="lmcache-map-ahead")
-                self._thread.start()
+                thread = threading.Thread(target=self._run, args=(device,), name="lmcache-map-ahead")
+                try:
+                    thread.start()
+                except RuntimeError:  # cannot start threads (interpreter shutting down): apply() maps
+                    break
+                self._threads += 1
 
     def wait_ahead(self, timeout: float | None = None) -> bool:
         """Wait until no slab is left to map ahead; False on timeout (tests, benchmarks)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._lock:
-                thread = self._thread
-            if thread is None:
-                return True
-            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if thread.is_alive():
-                return False
+        with self._idle:
+            return self._idle.wait_for(lambda: self._threads == 0, timeout)
 
     def on_server(self, server_id: str) -> None:
         """The server these slabs are of: another one (restarted) invalidates every mapping; the same
@@ -135,28 +142,49 @@ class SlabMappings:
         pending, self._pending = self._pending, {}
         return list(pending.values())
 
-    def _run(self) -> None:
-        if self.pin:  # page-locking: a CUDA worker's, where torch is loaded
-            from lmcache import cudart
+    def _run(self, device: int | None) -> None:
+        """Map queued slabs until none is left; counted in ``_threads`` until it ends, however."""
+        counted = True
+        try:
+            if self.pin:  # page-locking: a CUDA worker's, where torch is loaded
+                from lmcache import cudart
 
-            cudart.relax_capture_mode()  # TRT-LLM may be capturing its CUDA graphs meanwhile
-        while True:
-            with self._lock:
-                if not self._queue:
-                    self._thread = None
-                    return
-                info = self._queue.popleft()
-                generation = self._generation
-                event = self._pending.get(info.id)
-            mapped: MappedSlab | None = None
-            try:
-                mapped = map_slab(info, pin=self.pin, shm_dir=self.shm_dir)
-            except (ShmSlabError, OSError, RuntimeError) as e:  # freed meanwhile, or refused: apply() tells
-                logger.debug("mapping L1 slab %d ahead failed: %s", info.id, e)
-            with self._lock:
-                if mapped is not None and generation == self._generation:
-                    self._mapped.setdefault(info.id, mapped)
-                if event is not None and self._pending.get(info.id) is event:
-                    del self._pending[info.id]
-            if event is not None:
-                event.set()
+                # On the caller's device; TRT-LLM may be capturing its CUDA graphs meanwhile.
+                cudart.relax_capture_mode(device)
+            while True:
+                with self._lock:
+                    if not self._queue:  # uncounted under the lock that map_ahead() counts under
+                        counted = False
+                        self._threads -= 1
+                        self._idle.notify_all()
+                        return
+                    info = self._queue.popleft()
+                    generation = self._generation
+                    event = self._pending.get(info.id)
+                self._map_one(info, generation, event)
+        finally:
+            if counted:
+                with self._lock:
+                    self._threads -= 1
+                    self._idle.notify_all()
+
+    def _map_one(self, info: ShmSlabInfo, generation: int, event: threading.Event | None) -> None:
+        mapped: MappedSlab | None = None
+        try:
+            mapped = map_slab(info, pin=self.pin, shm_dir=self.shm_dir)
+        except (ShmSlabError, OSError, RuntimeError) as e:  # freed meanwhile, or refused: apply() tells
+            logger.debug("mapping L1 slab %d ahead failed: %s", info.id, e)
+        with self._lock:
+            if mapped is not None and generation == self._generation:
+                self._mapped.setdefault(info.id, mapped)
+            if event is not None and self._pending.get(info.id) is event:
+                del self._pending[info.id]
+        if event is not None:
+            event.set()
+
+
+def _caller_device() -> int | None:
+    """The device the thread asking for page-locked mappings works on (see :mod:`lmcache.cudart`)."""
+    from lmcache import cudart
+
+    return cudart.current_device()

@@ -160,12 +160,13 @@ def test_tcp_needs_the_secret(make_server) -> None:
             intruder.stats,
             intruder.clear,
             lambda: intruder.register(shared_pool(), 0, 1, MODEL, TPB, pool_sharing="export"),
+            lambda: intruder.shared_l1.map_l1_ahead(pin=False, certain=True, timeout_s=20.0),  # slab names
         ):
             with pytest.raises(Unauthorized, match="secret"):
                 call()
     with CacheServerClient(_url(server), timeout_s=20.0, secret=b"s" * 32) as client:
         client.register(shared_pool(seed=1), 0, 1, MODEL, TPB, pool_sharing="export")
-        assert client.stats().refusals["unauthorized"] == 3
+        assert client.stats().refusals["unauthorized"] == 4
 
 
 def test_a_non_loopback_bind_without_a_secret_refuses_to_start(monkeypatch) -> None:

@@ -102,11 +102,17 @@ def test_a_copy_maps_its_slab_itself_rather_than_wait_behind_the_queue(server, t
 
 def test_the_thread_that_page_locks_ahead_relaxes_its_capture_mode(server, tmp_path, monkeypatch) -> None:
     """A CUDA worker page-locks the slabs ahead while TRT-LLM may be capturing its CUDA graphs (global
-    mode): its thread must relax its capture mode first (see :mod:`lmcache.cudart`)."""
+    mode): its thread must relax its capture mode first, on the device of the thread that asked (see
+    :mod:`lmcache.cudart`)."""
     from lmcache import cudart
 
-    relaxed: list[str] = []
-    monkeypatch.setattr(cudart, "relax_capture_mode", lambda: relaxed.append(threading.current_thread().name))
+    relaxed: list[tuple[str, int | None]] = []
+    monkeypatch.setattr(
+        cudart,
+        "relax_capture_mode",
+        lambda device=None: relaxed.append((threading.current_thread().name, device)),
+    )
+    monkeypatch.setattr(cudart, "current_device", lambda: 5)
     pinned: list[bool] = []
 
     def map_slab(info, *, pin, shm_dir):  # type: ignore[no-untyped-def]
@@ -118,7 +124,25 @@ def test_the_thread_that_page_locks_ahead_relaxes_its_capture_mode(server, tmp_p
     maps = SlabMappings(pin=True, shm_dir=str(tmp_path))
     maps.map_ahead([server.new_slab(), server.new_slab()])
     assert maps.wait_ahead(30) and len(maps.ids()) == 2
-    assert relaxed == ["lmcache-map-ahead"] and pinned == [True, True]
+    assert relaxed and set(relaxed) == {("lmcache-map-ahead", 5)} and pinned == [True, True]
+
+
+def test_several_threads_map_ahead_at_once(server, tmp_path, monkeypatch) -> None:
+    """Filling a slab's page tables is per-thread work: up to MAP_AHEAD_THREADS slabs are mapped at
+    once (each of three mappings here waits until all three are under way)."""
+    monkeypatch.setattr(slab_mappings, "MAP_AHEAD_THREADS", 3)
+    together = threading.Barrier(3, timeout=30)
+    real_map_slab = slab_mappings.map_slab
+
+    def map_slab(info, *, pin, shm_dir):  # type: ignore[no-untyped-def]
+        together.wait()  # raises BrokenBarrierError (the slab stays unmapped) unless three run at once
+        return real_map_slab(info, pin=pin, shm_dir=shm_dir)
+
+    monkeypatch.setattr(slab_mappings, "map_slab", map_slab)
+    maps = SlabMappings(pin=False, shm_dir=str(tmp_path))
+    slabs = [server.new_slab() for _ in range(3)]
+    maps.map_ahead(slabs)
+    assert maps.wait_ahead(60) and maps.ids() == sorted(s.id for s in slabs)
 
 
 def test_mappings_stay_for_the_same_server_and_go_for_another(server, tmp_path) -> None:

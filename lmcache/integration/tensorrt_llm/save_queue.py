@@ -8,6 +8,7 @@ the side stream after the forward (a device-side wait) and hands the store to th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -23,7 +24,7 @@ class SaveQueue:
     def __init__(self, device: torch.device, name: str) -> None:
         self.stream: Any = torch.cuda.Stream(device=device) if device.type == "cuda" else None
         self._device = device
-        relax = cudart.relax_capture_mode if device.type == "cuda" else None
+        relax = functools.partial(cudart.relax_capture_mode, device.index) if device.type == "cuda" else None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=relax)
 
     def submit(self, store: Callable[[Any], object], after: Any = None) -> Future[Any]:

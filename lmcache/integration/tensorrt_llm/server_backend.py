@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from lmcache import cudart
 from lmcache.config import LMCacheEngineConfig
 from lmcache.integration.tensorrt_llm.backend import check_loaded
 from lmcache.integration.tensorrt_llm.inflight import Done
@@ -52,6 +53,10 @@ from lmcache.transfer import BlockTransfer
 logger = init_logger(__name__)
 
 REGISTER_RETRY_S = 2.0
+L1_AHEAD_POLL_S = 0.25
+"""How often a worker not registered yet asks a server still creating its L1 for the new slabs."""
+L1_AHEAD_MAX_S = 120.0
+"""How long it asks at most (a server creates its L1 within seconds of its start)."""
 _NOTHING = BlockTransfer([], None, [], 0, 0)
 """An empty load: it moves no KV and releases the rank's pins."""
 
@@ -224,10 +229,56 @@ class ServerTransfers:
         self._next_attempt = 0.0
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lmcache-mp-save-r{rank}")
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lmcache-mp-load-r{rank}")
+        self._registering = threading.Event()
+        """Set once the pools register: their replies announce the server's slabs from then on."""
+        self._map_l1_ahead()
+
+    # -- before registration ------------------------------------------------------------------
+
+    def _map_l1_ahead(self) -> None:
+        """Where this rank's pools will be shared in the shared-L1 mode, start mapping and page-locking
+        the server's L1 now: TRT-LLM builds the worker before the model's warm-up and registers its
+        pools only after it, so the first saves find L1 page-locked. Certain here: the client forces the
+        mode, KVCacheManagerV2's pools (CUDA IPC cannot export them), CPU pools (no CUDA); the server
+        says whether it forces it. In the background: construction never waits for the server."""
+        policy = self._connection.pool_sharing
+        if policy == "export":
+            return
+        cuda = torch.cuda.is_available()
+        certain = policy == "shared-l1" or not cuda or self._settings.kv_manager_v2
+        device = cudart.current_device() if cuda else None
+        threading.Thread(
+            target=self._request_l1_ahead, args=(cuda, certain, device), name="lmcache-l1-ahead", daemon=True
+        ).start()
+
+    def _request_l1_ahead(self, pin: bool, certain: bool, device: int | None) -> None:
+        """Ask for the server's slabs until it has created its whole L1 (it does so from its start, and
+        may have started just now) or this rank registers (replies announce slabs from then on)."""
+        if device is not None:
+            torch.cuda.set_device(device)  # the map-ahead thread page-locks on the caller's device
+        deadline = time.monotonic() + L1_AHEAD_MAX_S
+        while True:
+            try:
+                found = self._client.shared_l1.map_l1_ahead(
+                    pin=pin, certain=certain, timeout_s=REGISTER_RETRY_S
+                )
+            except (ServerUnavailable, ServerError) as e:  # registration tries again, and says why
+                logger.debug("LMCache MP: the cache server's L1 not mapped ahead of registration: %s", e)
+                return
+            if found is None:
+                return
+            if not found.more or time.monotonic() > deadline or self._registering.wait(L1_AHEAD_POLL_S):
+                break
+        logger.info(
+            "LMCache MP rank %d: mapping the cache server's L1 (%d slabs) ahead of registration",
+            self._rank,
+            len(found.slabs),
+        )
 
     # -- registration -------------------------------------------------------------------------
 
     def register(self, targets: list[PoolTarget]) -> None:
+        self._registering.set()
         for target in targets:
             exportable = self._connection.pool_sharing != "shared-l1"  # auto follows a server forcing export
             if exportable and not target.tensor.is_cuda and not target.tensor.is_shared():

@@ -18,6 +18,9 @@ class ConnectorSettings:
     chunk_size: int
     layerwise: bool = True
     """Loads may go layer-wise (``use_layerwise``; :mod:`lmcache.integration.tensorrt_llm.layerwise`)."""
+    kv_manager_v2: bool = False
+    """TRT-LLM's KVCacheManagerV2 (``kv_cache_config.use_kv_cache_manager_v2``): pools CUDA IPC cannot
+    export."""
 
     @classmethod
     def from_llm_args(cls, llm_args: Any, config: LMCacheEngineConfig) -> ConnectorSettings:
@@ -45,6 +48,7 @@ class ConnectorSettings:
             tokens_per_block=int(tpb),
             chunk_size=config.chunk_size,
             layerwise=config.use_layerwise,
+            kv_manager_v2=bool(getattr(kv_cache_config, "use_kv_cache_manager_v2", False)),
         )
 
 
