@@ -12,6 +12,8 @@ Everything is measured in one run against a baseline on the same machine:
 - hashing throughput from a Python list of 32k tokens;
 - lookup latency (p50, p99) for 8k and 32k-token prompts, stored (hit) and new (miss).
 
+``--shm-l1`` keeps L1 where the server's shared-L1 mode keeps it (page-locked ``/dev/shm`` slabs).
+
     python benchmarks/bench_engine.py [--device cuda] [--tokens 65536] [--model llama-3.1-8b] \
         [--tokens-per-block 64] [--out results.json]
 """
@@ -33,6 +35,7 @@ from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.keys import TokenHasher
 from lmcache.layout import PoolLayout
+from lmcache.shm_slabs import ShmSlabSource
 from lmcache.transfer import BlockTransfer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -79,7 +82,10 @@ def bench_transfer(args: argparse.Namespace, scattered: bool) -> dict[str, float
     h2d = best_of(lambda: flat.copy_(host, non_blocking=True), device, repeats)
 
     cfg = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=2 * nbytes / 2**30 + 0.1)
-    engine = CacheEngine(cfg)
+    # --shm-l1: L1 as the cache server's shared-L1 mode keeps it (page-locked /dev/shm slabs).
+    engine = (
+        CacheEngine(cfg, slab_source=ShmSlabSource(device == "cuda")) if args.shm_l1 else CacheEngine(cfg)
+    )
     space = KeySpace("bench", layout)
     toks = torch.randint(0, 150_000, (tokens,)).tolist()
     stream = torch.cuda.Stream() if device == "cuda" else None
@@ -219,6 +225,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384, help="tokens moved per store/retrieve")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument(
+        "--shm-l1",
+        action="store_true",
+        help="L1 in page-locked /dev/shm slabs of 4 KiB pages, as the server's shared-L1 mode, not in "
+        "private pinned memory (huge pages where the host allows)",
+    )
     add_shape_args(parser)
     args = parser.parse_args()
 
@@ -227,6 +239,7 @@ def main() -> None:
         "tokens": args.tokens,
         "model_kv": args.model,
         "tokens_per_block": args.tokens_per_block,
+        "l1_memory": "shm" if args.shm_l1 else "private",
     }
     if args.device == "cuda":
         results["card"] = torch.cuda.get_device_name()

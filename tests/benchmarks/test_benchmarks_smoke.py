@@ -35,10 +35,11 @@ def run_bench(script: str, out: Path, *extra: str, model_args: list[str] = SMALL
 SHAPES = [["--model", "qwen2-1.5b"], ["--model", "llama-3.1-8b", "--tokens-per-block", "64"]]
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_bench_engine(tmp_path: Path, shape: list[str]) -> None:
-    args = ["--tokens", "512", "--repeats", "1"]
+@pytest.mark.parametrize(("shape", "l1"), [(SHAPES[0], "private"), (SHAPES[1], "shm")])
+def test_bench_engine(tmp_path: Path, shape: list[str], l1: str) -> None:
+    args = ["--tokens", "512", "--repeats", "1", *(["--shm-l1"] if l1 == "shm" else [])]
     data = run_bench("bench_engine.py", tmp_path / "e.json", *args, model_args=shape)
+    assert data["l1_memory"] == l1
     for blocks in ("adjacent_blocks", "scattered_blocks"):
         assert data[blocks]["bytes_identical"] is True
         assert data[blocks]["store_gbps"] > 0 and data[blocks]["retrieve_gbps"] > 0
