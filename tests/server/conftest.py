@@ -5,10 +5,11 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from in_process_server import start_serving, stop_serving
 from support.server_process import CHUNK, ServerProcess
 
 from lmcache.config import LMCacheEngineConfig
@@ -76,3 +77,33 @@ def inproc_server() -> Iterator[CacheServer]:
     server.stop()
     thread.join(30)
     assert not thread.is_alive()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[str], CacheServer]]:
+    """Start in-process servers whose ``--pool-sharing`` is the argument; stopped after the test."""
+    started: list[tuple[CacheServer, threading.Thread]] = []
+
+    def start(policy: str) -> CacheServer:
+        started.append(start_serving(policy))
+        return started[-1][0]
+
+    yield start
+    for server, thread in started:
+        stop_serving(server, thread)
+
+
+@pytest.fixture
+def mapped(monkeypatch) -> list[str]:
+    """The names of the slabs mapped from now on, by any client of this process."""
+    names: list[str] = []
+    from lmcache.server import slab_mappings
+
+    real_map = slab_mappings.map_slab
+
+    def counting(info, **kw):  # type: ignore[no-untyped-def]
+        names.append(info.name)
+        return real_map(info, **kw)
+
+    monkeypatch.setattr(slab_mappings, "map_slab", counting)
+    return names

@@ -7,6 +7,7 @@ import threading
 from support.server_process import CHUNK
 
 from lmcache.config import LMCacheEngineConfig
+from lmcache.server.client import CacheServerClient
 from lmcache.server.server import CacheServer, ServerConfig, server_engine
 
 
@@ -26,3 +27,8 @@ def stop_serving(server: CacheServer, thread: threading.Thread) -> None:
     server.stop()
     thread.join(30)
     assert not thread.is_alive()
+
+
+def client_of(server: CacheServer) -> CacheServerClient:
+    """A client of ``server`` over TCP."""
+    return CacheServerClient(f"tcp://127.0.0.1:{server.tcp_port}", timeout_s=20.0)

@@ -5,56 +5,23 @@ it, so the first saves find L1 mapped and page-locked. The server runs in a thre
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import torch
-from in_process_server import start_serving, stop_serving
+from in_process_server import client_of
 from support.server_process import CHUNK, MODEL, TPB, shared_pool, wait_until
 
 from lmcache.config import LMCacheEngineConfig
 from lmcache.integration.tensorrt_llm.server_backend import ProcessConnection, ServerTransfers
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
-from lmcache.server import slab_mappings
-from lmcache.server.client import CacheServerClient, ServerUnavailable
+from lmcache.server.client import ServerUnavailable
 from lmcache.server.client_shared_l1 import SharedL1Transfers
 from lmcache.server.server import CacheServer
 from lmcache.transfer import BlockTransfer
 
 TOKENS = list(range(5000, 5000 + 4 * CHUNK))
 BLOCKS = list(range(4 * CHUNK // TPB))
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[[str], CacheServer]]:
-    started: list[tuple[CacheServer, threading.Thread]] = []
-
-    def start(policy: str) -> CacheServer:
-        started.append(start_serving(policy))
-        return started[-1][0]
-
-    yield start
-    for server, thread in started:
-        stop_serving(server, thread)
-
-
-@pytest.fixture
-def mapped(monkeypatch) -> list[str]:
-    """The names of the slabs mapped from now on, by any client of this process."""
-    names: list[str] = []
-    real_map = slab_mappings.map_slab
-
-    def counting(info, **kw):  # type: ignore[no-untyped-def]
-        names.append(info.name)
-        return real_map(info, **kw)
-
-    monkeypatch.setattr(slab_mappings, "map_slab", counting)
-    return names
-
-
-def client_of(server: CacheServer) -> CacheServerClient:
-    return CacheServerClient(f"tcp://127.0.0.1:{server.tcp_port}", timeout_s=20.0)
 
 
 def fill_some_slabs(server: CacheServer) -> tuple[torch.Tensor, list[str]]:

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from in_process_server import start_serving, stop_serving
+from in_process_server import client_of, start_serving, stop_serving
 from raw_lane import connect, framed, read_reply
 from support.server_process import CHUNK, MODEL, POOL_SHAPE, TPB, server_secret, shared_pool, wait_until
 
@@ -44,24 +43,6 @@ def test_choice_for_a_cpu_pool(requested: str, server: str, mode: str) -> None:
 def test_an_unknown_policy_is_refused_with_the_choices() -> None:
     with pytest.raises(PoolSharingError, match="auto, export, shared-l1"):
         choose_sharing(torch.zeros(POOL_SHAPE), "ipc")
-
-
-@pytest.fixture
-def serve(tmp_path) -> Iterator[Callable[[str], CacheServer]]:
-    """Start in-process servers whose ``--pool-sharing`` is the argument."""
-    started: list[tuple[CacheServer, threading.Thread]] = []
-
-    def start(policy: str) -> CacheServer:
-        started.append(start_serving(policy))
-        return started[-1][0]
-
-    yield start
-    for server, thread in started:
-        stop_serving(server, thread)
-
-
-def client_of(server: CacheServer) -> CacheServerClient:
-    return CacheServerClient(f"tcp://127.0.0.1:{server.tcp_port}", timeout_s=20.0)
 
 
 @pytest.mark.parametrize(
@@ -211,19 +192,9 @@ def test_every_store_fills_a_lease_that_holds_exactly_one_store(serve, monkeypat
     assert reserve_starts == [0] + [len(TOKENS)] * 5
 
 
-def test_the_pools_of_one_client_share_its_mappings_of_the_servers_slabs(serve, monkeypatch) -> None:
+def test_the_pools_of_one_client_share_its_mappings_of_the_servers_slabs(serve, mapped) -> None:
     """Two pools (layer groups, regions) registered in the shared-L1 mode by one client map each of
     the server's slabs once between them, and both copy through them, bit-equal."""
-    from lmcache.server import slab_mappings
-
-    mapped: list[str] = []
-    real_map = slab_mappings.map_slab
-
-    def counting(info, **kw):  # type: ignore[no-untyped-def]
-        mapped.append(info.name)
-        return real_map(info, **kw)
-
-    monkeypatch.setattr(slab_mappings, "map_slab", counting)
     server = serve("auto")
     pools = [shared_pool(seed=15), shared_pool(seed=16)]
     with client_of(server) as client:
