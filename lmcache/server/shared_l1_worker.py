@@ -3,9 +3,11 @@
 The server names slots by slab id; every reply describes the slabs its slots lie in, mapped before
 the copy, and the slabs not announced before, mapped ahead (:mod:`lmcache.server.slab_mappings`; the
 copiers of one client share its mappings).
-Copies run on the copier's own stream and are complete when :meth:`SharedL1Copier.complete`
-returns, or when the event :meth:`SharedL1Copier.finish_load` returns has completed; the worker
-reports them done after that. The copier also keeps the registration's lease (slots
+Copies run on the copier's own streams, one for stores and one for loads, so that a save in flight
+and a load move both ways at once (on one stream the load would wait for the whole save); a store's
+are complete when :meth:`SharedL1Copier.complete` returns, a load's when
+:meth:`SharedL1Copier.finish_load` returns or the event it returns has completed; the worker reports
+them done after that. The copier also keeps the registration's lease (slots
 it may fill before it has asked for any, see :mod:`lmcache.server.shared_l1`). A new server
 (another ``server_id``) drops every mapping and the lease; a new registration (another capability)
 drops the lease.
@@ -44,7 +46,8 @@ class SharedL1Copier:
         self.pool = pool
         self.row_bytes = math.prod(pool.shape[1:]) * pool.element_size()
         self.row_shape = tuple(pool.shape[1:])
-        self.stream: Any = torch.cuda.Stream(device=pool.device) if pool.is_cuda else None
+        self.store_stream: Any = torch.cuda.Stream(device=pool.device) if pool.is_cuda else None
+        self.load_stream: Any = torch.cuda.Stream(device=pool.device) if pool.is_cuda else None
         self.server_id: str | None = None
         self.slabs = slabs if slabs is not None else SlabMappings(pin=pool.is_cuda, shm_dir=shm_dir)
         self._owns_slabs = slabs is None
@@ -57,7 +60,7 @@ class SharedL1Copier:
         """Pay the pool's one-off transfer set-up on this copier's stream now, at registration (see
         :meth:`lmcache.chunk_copy.CopyBatcher.warm_up`); once per copier."""
         if not self._warm:
-            CopyBatcher.warm_up(self.pool, self.stream, rows_per_chunk)
+            CopyBatcher.warm_up(self.pool, self.store_stream, rows_per_chunk)
             self._warm = True
 
     def on_server(self, server_id: str, cap: bytes | None = None) -> None:
@@ -123,9 +126,9 @@ class SharedL1Copier:
     def begin_store(self, block_ids: Sequence[int]) -> CopyBatcher[None]:
         """A store's copies, ordered after the work queued so far on the pool's device (the forward
         that computed the rows); add chunks with :meth:`add` and :meth:`add_chunks`."""
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.pool.device))
-        return CopyBatcher(self.pool, self.stream, store=True, block_ids=block_ids)
+        if self.store_stream is not None:
+            self.store_stream.wait_stream(torch.cuda.current_stream(self.pool.device))
+        return CopyBatcher(self.pool, self.store_stream, store=True, block_ids=block_ids)
 
     def add(self, batch: CopyBatcher[None], slot: P.SlotInfo, rows: Sequence[int]) -> None:
         """Queue the gather of the pool rows ``rows`` (block ids) into ``slot``."""
@@ -138,29 +141,29 @@ class SharedL1Copier:
                 self.add(batch, chunk.slot, block_ids[chunk.first_block : chunk.first_block + chunk.rows])
 
     def complete(self, batch: CopyBatcher[None]) -> None:
-        """Enqueue the rest of ``batch`` and wait until every copy of it is done."""
+        """Enqueue the rest of a store's ``batch`` and wait until every copy of it is done."""
         batch.finish()
-        self.quiesce()
+        _synchronize(self.store_stream)
 
     def finish_load(self, batch: CopyBatcher[None], stream: Any = None, *, ordered: bool = True) -> Any:
         """Enqueue the rest of a load's ``batch``. Given the CUDA stream that reads the blocks next,
         order it after every copy (unless not ``ordered``: a layer-wise load's reader waits layer by
         layer), on the device, and return an event after them (the copies read the slots until it
         completes); else (or for a CPU pool) return None once every copy is done."""
-        if stream is None or self.stream is None:
-            self.complete(batch)
-            return None
         batch.finish()
+        if stream is None or self.load_stream is None:
+            _synchronize(self.load_stream)
+            return None
         copied = torch.cuda.Event()
-        copied.record(self.stream)
+        copied.record(self.load_stream)
         if ordered:
             stream.wait_event(copied)
         return copied
 
     def quiesce(self) -> None:
         """Wait until every copy enqueued so far is done (those of an abandoned batch too)."""
-        if self.stream is not None:
-            self.stream.synchronize()
+        _synchronize(self.store_stream)
+        _synchronize(self.load_stream)
 
     def begin_load(
         self, block_ids: Sequence[int], after: Any = None, layers: LayerReady | None = None, chunks: int = 0
@@ -169,11 +172,11 @@ class SharedL1Copier:
         still read the blocks), its block ids uploaded at once (call it while the server's reply is on
         its way); add the chunks of each reply part with :meth:`add_load`. Given ``layers``, the load
         of ``chunks`` chunks is layer-wise (:mod:`lmcache.layered_load`)."""
-        if after is not None and self.stream is not None:
-            self.stream.wait_stream(after)
+        if after is not None and self.load_stream is not None:
+            self.load_stream.wait_stream(after)
         batch = CopyBatcher(
             self.pool,
-            self.stream,
+            self.load_stream,
             store=False,
             block_ids=block_ids,
             layers=layers,
@@ -270,3 +273,9 @@ class SharedL1Copier:
             )
         first = slot.offset // self.row_bytes
         return mapped.slot_rows(self.pool.dtype, self.row_shape, first, rows)
+
+
+def _synchronize(stream: Any) -> None:
+    """Wait for ``stream``'s work (None: a CPU pool's copies, done when enqueued)."""
+    if stream is not None:
+        stream.synchronize()

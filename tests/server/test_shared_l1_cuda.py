@@ -171,3 +171,45 @@ def test_a_load_given_the_stream_is_ordered_on_the_device_and_unpins_once_copied
     assert loaded == 64
     assert torch.equal(copied, pool[source])
     assert torch.equal(pool[target], pool[source])
+
+
+def test_a_load_does_not_wait_for_a_save_in_flight(shared_l1_server: ServerProcess, monkeypatch) -> None:
+    """A worker's save and load move on streams of their own: a load issued while a save's copies wait
+    (here behind seconds of the forward's work) lands before them; on one stream it would wait for
+    the whole save (benchmarks/RESULTS.md, D57)."""
+    import threading
+
+    from lmcache.server.shared_l1_worker import SharedL1Copier
+
+    pool = allocate_cudamalloc_pool(POOL_SHAPE, torch.float32, 0)
+    pool[:16].normal_()
+    saved, fresh = list(range(3000, 3064)), list(range(4000, 4064))
+    enqueue_slow_work = slow_work(seconds=2.0)  # on the default stream: what the save waits for
+    enqueued = threading.Event()
+    real_complete = SharedL1Copier.complete
+
+    def complete(copier: SharedL1Copier, batch) -> None:  # type: ignore[no-untyped-def]
+        enqueued.set()  # every copy of the save is on its stream by now
+        real_complete(copier, batch)
+
+    monkeypatch.setattr(SharedL1Copier, "complete", complete)
+    with CacheServerClient(shared_l1_server.ipc_url, timeout_s=20) as client:
+        pool_modes.register(client, pool, pool_modes.SHARED_L1, MODEL_NAME, SERVER_TPB)
+        assert client.store(BlockTransfer(saved, None, list(range(8)), 0, 64)) == 64
+        enqueued.clear()
+        enqueue_slow_work()
+        forward_done = torch.cuda.Event()
+        forward_done.record()
+        save = threading.Thread(
+            target=client.store, args=(BlockTransfer(fresh, None, list(range(8, 16)), 0, 64),)
+        )
+        save.start()
+        assert enqueued.wait(30)
+        reader = torch.cuda.Stream()
+        assert client.lookup(saved, pin_id="req") == 64
+        target = [40, 9, 33, 20, 41, 12, 30, 25]
+        assert client.retrieve(BlockTransfer(saved, None, target, 0, 64), pin_id="req", stream=reader) == 64
+        reader.synchronize()
+        assert not forward_done.query(), "the load waited for the save's copies"
+        save.join(30)
+    assert torch.equal(pool[target], pool[:8])
