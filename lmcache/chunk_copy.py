@@ -24,6 +24,28 @@ from lmcache.storage.cpu_store import CachedChunk
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class CopyStreams:
+    """The CUDA streams one pool's copies run on: saves on ``store``, loads on ``load``, so that a
+    save in flight and a load move both ways at once (on one stream the load would wait for the
+    whole save, benchmarks/RESULTS.md, D57)."""
+
+    store: Any
+    load: Any
+
+    @classmethod
+    def for_pool(cls, pool: torch.Tensor) -> CopyStreams | None:
+        """New streams on a CUDA pool's device; None for a CPU pool (its copies are done when enqueued)."""
+        if not pool.is_cuda:
+            return None
+        return cls(torch.cuda.Stream(device=pool.device), torch.cuda.Stream(device=pool.device))
+
+    def synchronize(self) -> None:
+        """Wait for every copy enqueued on either stream."""
+        self.store.synchronize()
+        self.load.synchronize()
+
+
 @dataclass(slots=True)  # not frozen: built per chunk on the store path, where frozen init costs
 class StoreSlot:
     """One chunk of a store: tokens ``[start, end)``, pool rows ``block_ids[first_block :

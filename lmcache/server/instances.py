@@ -1,6 +1,6 @@
 """The server's registry of instances (one registered pool each: one rank of one TRT-LLM process).
 
-An :class:`Instance` holds the pool mapping, key space, CUDA stream, capability and owner of a
+An :class:`Instance` holds the pool mapping, key space, CUDA streams, capability and owner of a
 registration, plus ``extensions``: per-mode state that another group of handlers attaches (closed
 when the instance is retired). :class:`InstanceRegistry` is the table: capability checks
 (:meth:`InstanceRegistry.use`), per-client and total registration caps, liveness, and retiring
@@ -14,8 +14,9 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
+from lmcache.chunk_copy import CopyStreams
 from lmcache.engine import KeySpace
 from lmcache.logging import init_logger
 from lmcache.server import protocol as P
@@ -50,8 +51,8 @@ class Instance:
     request: P.Register
     pool: MappedPool
     space: KeySpace
-    stream: Any
-    """The CUDA stream its copies run on (None for a CPU pool)."""
+    streams: CopyStreams | None
+    """The CUDA streams its saves and loads run on (None for a CPU pool)."""
     last_seen: float
     cap: bytes
     """The capability every request naming this instance must carry."""
@@ -93,8 +94,8 @@ class Instance:
             except Exception:
                 logger.exception("closing the %s state of instance %d", name, self.instance_id)
         try:
-            if self.stream is not None:
-                self.stream.synchronize()
+            if self.streams is not None:
+                self.streams.synchronize()
             self.pool.close()
         except Exception:
             logger.exception("closing the pool mapping of instance %d", self.instance_id)

@@ -14,8 +14,9 @@ thread that calls it lives in the server assembly) and the stats (:meth:`stats`)
 stays in :class:`lmcache.engine.CacheEngine`. No sockets, no threads: testable by calling it.
 
 CUDA ordering (host-synchronous at the boundaries): the client must have finished writing the
-blocks it asks to store before it sends ``store``; the service enqueues its copies on a
-per-instance CUDA stream and synchronizes that stream before ``store`` and ``retrieve`` return.
+blocks it asks to store before it sends ``store``; the service enqueues its copies on the
+instance's CUDA stream for saves, or for loads (apart, so that they overlap), and synchronizes that
+stream before ``store`` and ``retrieve`` return.
 So when a ``store`` reply arrives the client may overwrite those blocks, and when a ``retrieve``
 reply arrives the loaded blocks are in device memory, visible to any later work on any stream.
 """
@@ -31,9 +32,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from lmcache.chunk_copy import CopyBatcher
+from lmcache.chunk_copy import CopyBatcher, CopyStreams
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.keys import ChunkHashes
 from lmcache.layout import PoolLayout
@@ -257,16 +257,16 @@ class CacheService:
                 self.engine.hasher(space)  # checks chunk_size against tokens_per_block
             except ValueError as e:
                 raise ServiceFailure(P.ErrorCode.BAD_POOL, f"pool rejected: {e}") from None
-            stream = torch.cuda.Stream(device=pool.tensor.device) if pool.tensor.is_cuda else None
+            streams = CopyStreams.for_pool(pool.tensor)
             rows_per_chunk = self.engine.config.chunk_size // req.tokens_per_block
             try:  # the first save and load then pay no set-up
-                CopyBatcher.warm_up(pool.tensor, stream, rows_per_chunk)
+                CopyBatcher.warm_up(pool.tensor, streams.store if streams else None, rows_per_chunk)
             except RuntimeError as e:
                 raise ServiceFailure(P.ErrorCode.BAD_POOL, f"pool rejected: cannot read it ({e})") from None
         except BaseException:
             pool.close()
             raise
-        inst = Instance(req, pool, space, stream, time.monotonic(), secrets.token_bytes(32), client)
+        inst = Instance(req, pool, space, streams, time.monotonic(), secrets.token_bytes(32), client)
         try:
             self.instances.add(inst)
         except ServiceFailure:
@@ -471,8 +471,9 @@ class CacheService:
         with self.instances.use(req.instance_id, req.cap) as inst:
             transfer = self._transfer_args(req, inst)
             began = time.perf_counter()
-            stored = self.engine.store(inst.space, inst.rank, inst.pool.tensor, transfer, inst.stream)
-            _copies_done(inst, "store", stored, began)  # the client may reuse the blocks then
+            stream = inst.streams.store if inst.streams else None
+            stored = self.engine.store(inst.space, inst.rank, inst.pool.tensor, transfer, stream)
+            _copies_done(inst, stream, "store", stored, began)  # the client may reuse the blocks then
             self._check_pool(inst)  # shrunk during the copy: what it read were zeros
             return stored
 
@@ -482,8 +483,9 @@ class CacheService:
             try:
                 transfer = self._transfer_args(req, inst)
                 began = time.perf_counter()
-                loaded = self.engine.retrieve(inst.space, inst.rank, inst.pool.tensor, transfer, inst.stream)
-                _copies_done(inst, "retrieve", loaded, began)  # the blocks are in place then
+                stream = inst.streams.load if inst.streams else None
+                loaded = self.engine.retrieve(inst.space, inst.rank, inst.pool.tensor, transfer, stream)
+                _copies_done(inst, stream, "retrieve", loaded, began)  # the blocks are in place then
                 self._check_pool(inst)
                 return loaded
             finally:
@@ -491,11 +493,11 @@ class CacheService:
                     call.after_reply(functools.partial(self.rank_done, key, inst.rank))
 
 
-def _copies_done(inst: Instance, op: str, tokens: int, began: float) -> None:
-    """Wait for the instance's copies (CUDA pools); DEBUG-log where the call's time went."""
+def _copies_done(inst: Instance, stream: Any, op: str, tokens: int, began: float) -> None:
+    """Wait for the call's copies on ``stream`` (CUDA pools); DEBUG-log where the call's time went."""
     enqueued = time.perf_counter()
-    if inst.stream is not None:
-        inst.stream.synchronize()
+    if stream is not None:
+        stream.synchronize()
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug(
             "%s of %d tokens for instance %d: %.2f ms to enqueue, %.2f ms more until copied",

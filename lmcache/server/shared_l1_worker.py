@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from lmcache import c_ops
-from lmcache.chunk_copy import CopyBatcher
+from lmcache.chunk_copy import CopyBatcher, CopyStreams
 from lmcache.layered_load import LayerReady, whole_first
 from lmcache.server import protocol as P
 from lmcache.server.slab_mappings import SlabMappings
@@ -46,8 +46,9 @@ class SharedL1Copier:
         self.pool = pool
         self.row_bytes = math.prod(pool.shape[1:]) * pool.element_size()
         self.row_shape = tuple(pool.shape[1:])
-        self.store_stream: Any = torch.cuda.Stream(device=pool.device) if pool.is_cuda else None
-        self.load_stream: Any = torch.cuda.Stream(device=pool.device) if pool.is_cuda else None
+        streams = CopyStreams.for_pool(pool)
+        self.store_stream: Any = streams.store if streams is not None else None
+        self.load_stream: Any = streams.load if streams is not None else None
         self.server_id: str | None = None
         self.slabs = slabs if slabs is not None else SlabMappings(pin=pool.is_cuda, shm_dir=shm_dir)
         self._owns_slabs = slabs is None

@@ -143,3 +143,43 @@ def test_transfer_errors_name_what_was_wrong(service: CacheService) -> None:
         service.handle(
             P.Store(instance_id=13, cap=cap, tokens=tokens, block_ids=list(range(8)), end=65), Call(ME)
         )
+
+
+class _RecordingStream:
+    """Stands in for a CUDA stream: records what synchronized it."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name = name
+        self.log = log
+
+    def synchronize(self) -> None:
+        self.log.append(f"sync {self.name}")
+
+
+def test_an_exported_pools_saves_and_loads_run_on_streams_of_their_own(
+    service: CacheService, monkeypatch
+) -> None:
+    """A save copies on the instance's store stream and waits for that one only, a load on its load
+    stream: a load beside a save in flight does not wait for it (D57)."""
+    from lmcache.chunk_copy import CopyStreams
+
+    cap = _register(service, seed=3, iid=9).cap
+    log: list[str] = []
+    inst = service.instances.get(9)
+    assert inst is not None
+    inst.streams = CopyStreams(_RecordingStream("store", log), _RecordingStream("load", log))
+    engine = service.engine
+    for op in ("store", "retrieve"):
+        real = getattr(engine, op)
+
+        def spy(space, rank, pool, transfer, stream, _real=real, _op=op):  # type: ignore[no-untyped-def]
+            log.append(f"{_op} on {stream.name}")
+            return _real(space, rank, pool, transfer, None)
+
+        monkeypatch.setattr(engine, op, spy)
+    tokens = P.tokens_to_bytes(list(range(100, 164)))
+    store = P.Store(instance_id=9, cap=cap, tokens=tokens, block_ids=list(range(8)), end=64)
+    assert service.handle(store, Call(ME)) == 64
+    load = P.Retrieve(instance_id=9, cap=cap, tokens=tokens, block_ids=list(range(8, 16)), end=64)
+    assert service.handle(load, Call(ME)) == 64
+    assert log == ["store on store", "sync store", "retrieve on load", "sync load"]
