@@ -260,7 +260,7 @@ class CacheService:
             streams = CopyStreams.for_pool(pool.tensor)
             rows_per_chunk = self.engine.config.chunk_size // req.tokens_per_block
             try:  # the first save and load then pay no set-up
-                CopyBatcher.warm_up(pool.tensor, streams.store if streams else None, rows_per_chunk)
+                CopyBatcher.warm_up(pool.tensor, streams.load if streams else None, rows_per_chunk)
             except RuntimeError as e:
                 raise ServiceFailure(P.ErrorCode.BAD_POOL, f"pool rejected: cannot read it ({e})") from None
         except BaseException:

@@ -58,10 +58,10 @@ class SharedL1Copier:
         self._warm = False
 
     def warm_up(self, rows_per_chunk: int) -> None:
-        """Pay the pool's one-off transfer set-up on this copier's stream now, at registration (see
+        """Pay the pool's one-off transfer set-up on its load stream now, at registration (see
         :meth:`lmcache.chunk_copy.CopyBatcher.warm_up`); once per copier."""
         if not self._warm:
-            CopyBatcher.warm_up(self.pool, self.store_stream, rows_per_chunk)
+            CopyBatcher.warm_up(self.pool, self.load_stream, rows_per_chunk)  # where scatters stage
             self._warm = True
 
     def on_server(self, server_id: str, cap: bytes | None = None) -> None:
