@@ -517,12 +517,14 @@ class Transfer:
                 # Freed at once: the caching allocator keeps the memory for this stream's staging.
                 torch.empty(rows * self._row_bytes, dtype=torch.uint8, device=self.pool.device)
         # Block-id uploads take page-locked memory from PyTorch's host cache in power-of-two sizes, and
-        # a new page-locked allocation is a device-wide barrier too: one of each size this pool's
-        # requests can need, freed at once, so the cache holds them.
+        # a new page-locked allocation is a device-wide barrier too: two of each size this pool's
+        # requests can need (a save in flight holds one until its copies ran, a load beside it the
+        # other), freed at once, so the cache holds them.
         count = 1
         while count < self.pool.shape[0]:
             count *= 2
-            torch.empty(count, dtype=torch.int64, pin_memory=True)
+            held = [torch.empty(count, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            del held
         ids = [0, 2]  # not adjacent: the index kernels, not one plain copy
         host = torch.empty((len(ids), *self.pool.shape[1:]), dtype=self.pool.dtype, pin_memory=True)
         self.gather([(ids, host)])

@@ -153,13 +153,12 @@ class CacheService:
 
     def l1_slabs(self) -> P.SlabList:
         """The L1 slabs a worker may map before it registers (none unless L1 is in shared memory)."""
-        if self.shared_l1 is None:
-            return P.SlabList(server_id=self.server_id, pool_sharing=self.config.pool_sharing)
+        shared = self.shared_l1
         return P.SlabList(
             server_id=self.server_id,
             pool_sharing=self.config.pool_sharing,
-            slabs=self.shared_l1.slabs(),
-            more=self.engine.l1.arena.prepinning,
+            slabs=shared.slabs() if shared is not None else [],
+            more=shared is not None and self.engine.l1.arena.prepinning,
         )
 
     def ping(self) -> P.PingInfo:

@@ -175,8 +175,8 @@ def test_a_load_given_the_stream_is_ordered_on_the_device_and_unpins_once_copied
 
 def test_a_load_does_not_wait_for_a_save_in_flight(shared_l1_server: ServerProcess, monkeypatch) -> None:
     """A worker's save and load move on streams of their own: a load issued while a save's copies wait
-    (here behind seconds of the forward's work) lands before them; on one stream it would wait for
-    the whole save (benchmarks/RESULTS.md, D57)."""
+    (here behind seconds of the forward that computed the saved rows, on a stream the load does not
+    follow) lands before them; on one stream it would wait for the whole save (RESULTS.md, D57)."""
     import threading
 
     from lmcache.server.shared_l1_worker import SharedL1Copier
@@ -184,7 +184,9 @@ def test_a_load_does_not_wait_for_a_save_in_flight(shared_l1_server: ServerProce
     pool = allocate_cudamalloc_pool(POOL_SHAPE, torch.float32, 0)
     pool[:16].normal_()
     saved, fresh = list(range(3000, 3064)), list(range(4000, 4064))
-    enqueue_slow_work = slow_work(seconds=2.0)  # on the default stream: what the save waits for
+    forward = torch.cuda.Stream()
+    with torch.cuda.stream(forward):
+        enqueue_slow_work = slow_work(seconds=2.0)
     enqueued = threading.Event()
     real_complete = SharedL1Copier.complete
 
@@ -192,17 +194,21 @@ def test_a_load_does_not_wait_for_a_save_in_flight(shared_l1_server: ServerProce
         enqueued.set()  # every copy of the save is on its stream by now
         real_complete(copier, batch)
 
+    def save_after_forward(client: CacheServerClient) -> None:
+        with torch.cuda.stream(forward):  # the save waits for the forward, as after TRT-LLM's
+            client.store(BlockTransfer(fresh, None, list(range(8, 16)), 0, 64))
+
     monkeypatch.setattr(SharedL1Copier, "complete", complete)
     with CacheServerClient(shared_l1_server.ipc_url, timeout_s=20) as client:
         pool_modes.register(client, pool, pool_modes.SHARED_L1, MODEL_NAME, SERVER_TPB)
         assert client.store(BlockTransfer(saved, None, list(range(8)), 0, 64)) == 64
+        torch.cuda.synchronize()
         enqueued.clear()
-        enqueue_slow_work()
-        forward_done = torch.cuda.Event()
-        forward_done.record()
-        save = threading.Thread(
-            target=client.store, args=(BlockTransfer(fresh, None, list(range(8, 16)), 0, 64),)
-        )
+        with torch.cuda.stream(forward):
+            enqueue_slow_work()
+            forward_done = torch.cuda.Event()
+            forward_done.record()
+        save = threading.Thread(target=save_after_forward, args=(client,))
         save.start()
         assert enqueued.wait(30)
         reader = torch.cuda.Stream()
