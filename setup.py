@@ -1,4 +1,4 @@
-"""The optional C extensions lmcache._hashchain and lmcache._busguard; everything else is in
+"""The optional C extensions (lmcache._hashchain, _busguard, _dmabatch, _claims); everything else is in
 pyproject.toml.
 
 ``optional=True``: without a compiler the install still succeeds; lmcache.keys then hashes in pure
@@ -19,5 +19,6 @@ setup(
         ),
         Extension("lmcache._busguard", ["lmcache/_busguard.c"], optional=True, extra_compile_args=["-O2"]),
         Extension("lmcache._dmabatch", ["lmcache/_dmabatch.c"], optional=True, extra_compile_args=["-O2"]),
+        Extension("lmcache._claims", ["lmcache/_claims.c"], optional=True, extra_compile_args=["-O2"]),
     ]
 )

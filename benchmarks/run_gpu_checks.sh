@@ -44,7 +44,8 @@ for part in $parts; do
                     --tokens-per-block $tpb --out "$out/engine_${model}_t${tpb}_16k.json"
             done
         done
-        python3 benchmarks/bench_layered.py --out "$out/layered.json" ;;  # through the server: `modes`
+        python3 benchmarks/bench_layered.py --out "$out/layered.json"  # through the server: `modes`
+        python3 benchmarks/bench_row_dma.py --shm --out "$out/row_dma.json" ;;  # the copy engine's own ceiling
     adapters)
         python3 benchmarks/bench_adapters.py --preset lmcache --out "$out/adapters_lmcache.json"
         python3 benchmarks/bench_adapters.py --preset lmcache --layer-hooks --mixed \

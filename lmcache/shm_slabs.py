@@ -62,6 +62,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def creator_alive(name: str) -> bool:
+    """Whether the process that created the region ``name`` (its pid is in the name) still runs."""
+    match = _NAME.match(name)
+    return match is not None and _pid_alive(int(match.group(1)))
+
+
 def cleanup_stale(shm_dir: str = SHM_DIR) -> int:
     """Unlink this user's L1 regions whose creating process is gone (a crashed server); returns how
     many. Regions of live processes and of other users are left alone."""

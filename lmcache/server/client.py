@@ -56,7 +56,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -64,6 +64,7 @@ from lmcache.keys import Tokens
 from lmcache.logging import init_logger
 from lmcache.server import framing
 from lmcache.server import protocol as P
+from lmcache.server.client_claims import ClaimedLookups
 from lmcache.server.client_errors import (
     BadPool,
     InvalidRequest,
@@ -75,7 +76,7 @@ from lmcache.server.client_errors import (
     VersionMismatch,
     error_for,
 )
-from lmcache.server.client_lanes import DEFAULT_LANES, Endpoint, LanePool, PendingReply
+from lmcache.server.client_lanes import DEFAULT_LANES, Endpoint, LanePool, Submitted
 from lmcache.server.client_registrations import Credentials, PromptHashes, Registration, Registrations
 from lmcache.server.client_shared_l1 import SharedL1Transfers
 from lmcache.transfer import BlockTransfer
@@ -158,6 +159,7 @@ class CacheServerClient:
         """The connections to the server; every call takes one."""
         # The stores and loads of pools it copies for itself.
         self.shared_l1 = SharedL1Transfers(self._call, self._submit, self._send, self.registrations)
+        self.claimed = ClaimedLookups(self.registrations, self.shared_l1, self._send)
         self._hb: threading.Thread | None = None
         if heartbeat_interval_s > 0:
             self._hb = threading.Thread(target=self._heartbeat_loop, name="lmcache-client-hb", daemon=True)
@@ -247,19 +249,11 @@ class CacheServerClient:
         For an instance this client registered, it sends the prompt's chunk hashes (when the server
         allows it), not its tokens; pass ``chunk_hashes`` (from :meth:`chunk_hashes`) to reuse them."""
         iid = self._iid(instance_id)
-        req: P.Lookup | P.LookupHashes
-        digests = self.registrations.digests(iid, chunk_hashes)
-        if digests is None:
-            hashed = self.chunk_hashes(tokens, cache_salt, instance_id=iid)
-            digests = hashed.digests if hashed is not None else None
-        if digests is not None:
-            wire = isinstance(tokens, (bytes, bytearray, memoryview))
-            num_tokens = len(tokens) // P.TOKEN_BYTES if wire else len(tokens)
-            req = P.LookupHashes(instance_id=iid, chunk_hashes=digests, num_tokens=num_tokens, pin_id=pin_id)
-        else:
-            req = P.Lookup(
-                instance_id=iid, tokens=P.tokens_to_bytes(tokens), cache_salt=cache_salt, pin_id=pin_id
-            )
+        req = self.registrations.lookup_request(iid, tokens, cache_salt, pin_id, chunk_hashes)
+        if pin_id is not None and isinstance(req, P.LookupHashes):
+            claimed = self.claimed.lookup(req, timeout_s)
+            if claimed is not None:
+                return claimed
         if pin_id is not None and self.registrations.copies_itself(iid):
             return self.shared_l1.lookup(iid, req, timeout_s)  # keeps the pinned slots for the load
         return self._call(req, int, timeout_s)
@@ -282,6 +276,7 @@ class CacheServerClient:
     ) -> bool:
         req = P.Release(instance_id=self._iid(instance_id), pin_id=pin_id, pin_owner=pin_owner)
         self.shared_l1.forget_slots(pin_owner or req.instance_id, pin_id)
+        self.registrations.unpinned(pin_owner or req.instance_id, pin_id)
         return self._call(req, bool, timeout_s, retry_unknown=False)
 
     def store(
@@ -330,6 +325,7 @@ class CacheServerClient:
         blocks are loaded when the call returns.
         """
         iid = self._iid(instance_id)
+        self.registrations.unpinned(pin_owner or iid, pin_id)  # the load holds its own pins
         if self.registrations.copies_itself(iid):
             return self.shared_l1.retrieve(iid, transfer, pin_id, pin_owner, timeout_s, stream, layers)
         if stream is not None:
@@ -524,30 +520,6 @@ class CacheServerClient:
             except Exception:
                 if not self._stop.is_set():
                     logger.exception("heartbeat to %s", self.url)
-
-
-class Submitted(Generic[T]):
-    """A request sent, its reply not read yet: :meth:`next` reads it part by part; the lane is the
-    request's until the last part is read or :meth:`cancel` closes it."""
-
-    def __init__(self, pending: PendingReply, value: Callable[[P.Reply], T]) -> None:
-        self._pending = pending
-        self._value = value
-        self.more = True
-        """Whether a part is still to be read."""
-
-    def next(self) -> tuple[T, bool]:
-        """The next part's value, and whether more parts follow."""
-        self.more = False  # a failed read closes the lane: nothing more to read either way
-        reply = self._pending.result()
-        self.more = reply.more
-        return self._value(reply), reply.more
-
-    def cancel(self) -> None:
-        """Give up on the parts not read yet (their lane is closed)."""
-        if self.more:
-            self._pending.cancel()
-            self.more = False
 
 
 def _descriptor(pool: Any, policy: str, server_policy: Callable[[], str]) -> P.PoolDescriptor:

@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from lmcache.backoff import Backoff
 from lmcache.logging import init_logger
@@ -39,7 +40,9 @@ from lmcache.server.security import peer_of_socket, trusted_owner
 
 logger = init_logger(__name__)
 
-__all__ = ["DEFAULT_LANES", "Endpoint", "Lane", "LanePool", "PendingReply"]
+__all__ = ["DEFAULT_LANES", "Endpoint", "Lane", "LanePool", "PendingReply", "Submitted"]
+
+T = TypeVar("T")
 
 DEFAULT_LANES = 4
 """Lanes a client opens at most: enough for a lookup, a store, a retrieve and a heartbeat at once."""
@@ -430,3 +433,27 @@ class PendingReply:
         if self._lane is not None:
             self._discard(self._lane)
             self._lane = None
+
+
+class Submitted(Generic[T]):
+    """A request sent, its reply not read yet: :meth:`next` reads it part by part; the lane is the
+    request's until the last part is read or :meth:`cancel` closes it."""
+
+    def __init__(self, pending: PendingReply, value: Callable[[P.Reply], T]) -> None:
+        self._pending = pending
+        self._value = value
+        self.more = True
+        """Whether a part is still to be read."""
+
+    def next(self) -> tuple[T, bool]:
+        """The next part's value, and whether more parts follow."""
+        self.more = False  # a failed read closes the lane: nothing more to read either way
+        reply = self._pending.result()
+        self.more = reply.more
+        return self._value(reply), reply.more
+
+    def cancel(self) -> None:
+        """Give up on the parts not read yet (their lane is closed)."""
+        if self.more:
+            self._pending.cancel()
+            self.more = False

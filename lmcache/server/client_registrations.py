@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmcache.keys import HASH_ALGORITHMS, TokenHasher, Tokens
 from lmcache.server import protocol as P
+from lmcache.server.claims import ClaimView
 from lmcache.server.client_errors import ServerError, ServerUnavailable
 from lmcache.server.presence import PresenceView
 from lmcache.server.security import client_secret, trusted_owner
@@ -21,7 +22,11 @@ if TYPE_CHECKING:  # torch loads with the first shared-L1 registration: `lmcache
     from lmcache.server.shared_l1_worker import SharedL1Copier
     from lmcache.server.slab_mappings import SlabMappings
 
-__all__ = ["Credentials", "PromptHashes", "Registration", "Registrations"]
+__all__ = ["Claimed", "Credentials", "PromptHashes", "Registration", "Registrations"]
+
+PIN_TTL_S = 120.0
+"""How long a claimed lookup's pins count against the share here at most (the server's default
+``--pin-ttl-s``: it drops pins no load or release came back for by then)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,19 @@ class PromptHashes:
     tokens: Tokens | bytes
     """The prompt's token ids (kept by reference, never copied)."""
     cache_salt: str | int | None
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A hit claimed through the server's shared memory: its tokens, the claimed entries (sent with
+    the lookup that pins them), and for a shared-L1 registration its rank's slots (its load copies
+    from them before the server answers)."""
+
+    tokens: int
+    entries: bytes
+    slots: list[P.SlotInfo]
+    nbytes: int
+    """What its pins hold in L1 (every rank's chunks)."""
 
 
 @dataclass
@@ -54,6 +72,8 @@ class Registration:
     """Set in the shared-L1 mode: copies between the pool and the server's L1 slots."""
     presence: PresenceView | None = None
     """The server's counts of its L1 chunks, mapped (None: it offers none, or they cannot be mapped)."""
+    claims: ClaimView | None = None
+    """The server's claim index and this instance's claims, mapped (None: lookups ask the server)."""
 
     @property
     def mode(self) -> str:
@@ -71,6 +91,10 @@ class Registration:
             self.presence = None
         elif self.presence is None or self.presence.info != info.presence:
             self.presence = PresenceView.map(info.presence)
+        if info.claims is None:
+            self.claims = None
+        elif self.claims is None or self.claims.regions != info.claims:
+            self.claims = ClaimView.map(info.claims)
         hashing = info.hashing
         self.hasher = None
         if hashing is not None and hashing.algorithm in HASH_ALGORITHMS:
@@ -86,6 +110,8 @@ class Registrations:
         self.lock = threading.RLock()
         self._table: dict[int, Registration] = {}
         self._misses = (0, 0)
+        self._pins: dict[tuple[int, int | str], tuple[int, float]] = {}
+        """(instance, pin id) of a claimed lookup -> (bytes it pins, when)."""
         self._slabs: dict[bool, SlabMappings] = {}
         """The server's slabs as this client mapped them, page-locked or not: its copiers share them."""
 
@@ -188,6 +214,56 @@ class Registrations:
         reg = self._table.get(instance_id)
         return reg.presence if reg is not None else None
 
+    def pinned(self, instance_id: int, pin_id: int | str, claimed: Claimed) -> None:
+        """A claimed lookup went out: its pins count against the instance's share until this client
+        releases or loads them, or the server's pin TTL passes (see :meth:`claim`)."""
+        with self.lock:
+            self._pins[instance_id, pin_id] = (claimed.nbytes, time.monotonic())
+
+    def unpinned(self, instance_id: int, pin_id: int | str | None) -> None:
+        """The lookup's pins went (released, or the load holds its own)."""
+        if pin_id is not None:
+            with self.lock:
+                self._pins.pop((instance_id, pin_id), None)
+
+    def _pinned_bytes(self, instance_id: int, except_pin: int | str) -> int:
+        """What this client's claimed lookups of the instance may still hold (the lock held)."""
+        now = time.monotonic()
+        for key in [k for k, (_, at) in self._pins.items() if now - at > PIN_TTL_S]:
+            del self._pins[key]
+        return sum(n for (iid, pin), (n, _) in self._pins.items() if iid == instance_id and pin != except_pin)
+
+    def can_claim(self, instance_id: int) -> bool:
+        """Whether this client claims the instance's hits through the server's shared memory."""
+        reg = self._table.get(instance_id)
+        return reg is not None and reg.claims is not None
+
+    def claim(self, instance_id: int, digests: bytes, pin_id: int | str) -> Claimed | None:
+        """Claim the leading chunks of the prompt ``digests`` names, for every rank of the instance's
+        world (:mod:`lmcache.server.claims`), for the lookup ``pin_id``; None when the lookup must ask
+        the server: this client cannot claim for the instance, the claim stopped at a chunk being
+        stored, or its pins and this client's other pinned lookups would pass the instance's share
+        (the server then says whether it refuses them)."""
+        reg = self._table.get(instance_id)
+        if reg is None or reg.claims is None or reg.hasher is None or reg.info is None:
+            return None
+        world, regions = reg.request.world_size, reg.claims.regions
+        chunks, entries, pending = reg.claims.claim(digests, reg.hasher.digest_size, world, range(world))
+        nbytes = chunks * regions.chunk_bytes * world
+        with self.lock:
+            over = self._pinned_bytes(instance_id, pin_id) + nbytes > regions.share_bytes
+        if pending or over:
+            reg.claims.unclaim(entries)
+            return None
+        slots = reg.claims.slots(entries, world, reg.request.rank) if reg.copier is not None else []
+        return Claimed(chunks * reg.info.chunk_size, entries, slots, nbytes)
+
+    def unclaim(self, instance_id: int, entries: bytes) -> None:
+        """Give back claims whose lookup could not be sent."""
+        reg = self._table.get(instance_id)
+        if reg is not None and reg.claims is not None:
+            reg.claims.unclaim(entries)
+
     def geometry(self, instance_id: int) -> tuple[int, int]:
         """The instance's chunk size and tokens per block."""
         reg = self._table[instance_id]
@@ -215,6 +291,29 @@ class Registrations:
             else tokens
         )
         return PromptHashes(reg.hasher.scheme, reg.hasher.chunk_digests(ids, cache_salt), tokens, cache_salt)
+
+    def lookup_request(
+        self,
+        instance_id: int,
+        tokens: Any,
+        cache_salt: str | int | None,
+        pin_id: int | str | None,
+        hashes: PromptHashes | None,
+    ) -> P.Lookup | P.LookupHashes:
+        """The lookup of a prompt for the instance: by its chunk hashes (``hashes`` if usable, else
+        hashed here) when the server keys the instance's chunks so, else by its tokens."""
+        digests = self.digests(instance_id, hashes)
+        if digests is None:
+            hashed = self.chunk_hashes(instance_id, tokens, cache_salt)
+            digests = hashed.digests if hashed is not None else None
+        if digests is None:
+            wire_tokens = P.tokens_to_bytes(tokens)
+            return P.Lookup(instance_id=instance_id, tokens=wire_tokens, cache_salt=cache_salt, pin_id=pin_id)
+        wire = isinstance(tokens, (bytes, bytearray, memoryview))
+        num_tokens = len(tokens) // P.TOKEN_BYTES if wire else len(tokens)
+        return P.LookupHashes(
+            instance_id=instance_id, chunk_hashes=digests, num_tokens=num_tokens, pin_id=pin_id
+        )
 
     def digests(self, instance_id: int, hashes: PromptHashes | None) -> bytes | None:
         """``hashes``' digests if the server keys this instance's chunks by the same scheme (it may

@@ -38,7 +38,7 @@ from lmcache.transfer import BlockTransfer
 
 if TYPE_CHECKING:  # the client imports no torch until a shared-L1 pool is registered
     from lmcache.layered_load import LayerReady
-    from lmcache.server.client import Submitted
+    from lmcache.server.client_lanes import Submitted
     from lmcache.server.shared_l1_worker import SharedL1Copier
 
 __all__ = ["SharedL1Transfers", "CallFn", "SubmitFn", "SendFn"]

@@ -29,6 +29,7 @@ from lmcache.server.protocol import RegionInfo
 if TYPE_CHECKING:
     from lmcache.engine import CacheEngine
     from lmcache.shm_slabs import ShmSlabSource
+    from lmcache.storage.cpu_store import CachedChunk
 
 logger = init_logger(__name__)
 
@@ -90,7 +91,7 @@ class PresenceCounts:
         """What a client maps (:meth:`PresenceView.map`)."""
         return RegionInfo(name=self._slab.name, nbytes=self._slab.nbytes)
 
-    def added(self, key: Hashable) -> None:
+    def added(self, key: Hashable, chunk: CachedChunk | None = None) -> None:
         chunk_hash = getattr(key, "chunk_hash", None)
         if isinstance(chunk_hash, bytes):
             self._counts[bucket(chunk_hash, self.buckets)] += 1

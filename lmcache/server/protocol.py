@@ -28,7 +28,8 @@ register       instance_id rank world_size model_name            :class:`Registe
                tokens_per_block pool
 unregister     instance_id                                       bool (was registered)
 lookup         instance_id tokens cache_salt pin_id              int: hit tokens (all ranks)
-lookup_hashes  instance_id chunk_hashes num_tokens pin_id        int: hit tokens (all ranks)
+lookup_hashes  instance_id chunk_hashes num_tokens pin_id        int: hit tokens (all ranks); none
+               claims one_way                                    if ``one_way`` (a claimed hit)
 release        instance_id pin_id pin_owner                      bool (pins were held)
 store          instance_id tokens cache_salt block_ids           int: tokens newly stored
                start end chunk_hashes
@@ -67,6 +68,7 @@ from lmcache.server.pool_descriptors import (
     sharing_mode,
 )
 from lmcache.server.shared_l1_protocol import (
+    ClaimRegions,
     LeasedSlot,
     LoadChunk,
     LoadSlots,
@@ -124,6 +126,7 @@ __all__ = [
     "LoadSlots",
     "LookupSlots",
     "RegisterInfo",
+    "ClaimRegions",
     "RegionInfo",
     "ChunkHashing",
     "FRAME_HEADER",
@@ -137,7 +140,7 @@ __all__ = [
     "ids_from_wire",
 ]
 
-PROTOCOL_VERSION = 9
+PROTOCOL_VERSION = 10
 """Bumped on any incompatible change; client and server must agree exactly."""
 
 MAX_FRAME_BYTES = 64 << 20
@@ -237,6 +240,9 @@ class LookupHashes(_Req, tag="lookup_hashes", kw_only=True):
     cap: Cap = None
     slots: bool = False
     """As :attr:`Lookup.slots`."""
+    claims: Annotated[bytes, Meta(max_length=4 * MAX_TOKENS)] = b""
+    """Index entries the client claimed for this hit (uint32 each): given back once it is pinned."""
+    one_way: bool = False
 
 
 class Release(_Req, tag="release", kw_only=True):
@@ -446,6 +452,8 @@ class RegisterInfo(msgspec.Struct, kw_only=True):
     presence: RegionInfo | None = None
     """The counts of the chunks in the server's L1 (:mod:`lmcache.server.presence`); None when the
     server has lower tiers."""
+    claims: ClaimRegions | None = None
+    """Where the client claims chunks with no round trip (:mod:`lmcache.server.claims`); None: ask."""
     slabs_ahead: list[SlabInfo] = []
     """Shared-L1 mode: the server's L1 slabs, for the worker to map and page-lock ahead of its copies."""
 

@@ -14,7 +14,9 @@ the stream sockets of the seed's URLs, ``tcp://host:port`` and ``ipc://path`` (s
 The engine's L1 lives in shared memory (:func:`server_engine`), so besides pools it maps (CUDA IPC,
 CPU shared memory) the server serves pools it never maps: their workers copy into L1 slots
 themselves (:mod:`lmcache.server.shared_l1`, plugged in by :mod:`lmcache.server.shared_l1_handlers`).
-Closing the server removes the L1's shared-memory regions.
+With L1 its only tier, clients look up and pin with no round trip (:mod:`lmcache.server.claims`,
+plugged in by :mod:`lmcache.server.claim_handlers`). Closing the server removes the L1's
+shared-memory regions.
 
 A **reaper thread** drops instances that stopped heartbeating for ``client_timeout_s``
 (releasing their pool mapping and their pins; the chunks they stored stay cached) and pins no
@@ -31,6 +33,8 @@ from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine
 from lmcache.logging import init_logger
 from lmcache.server import protocol as P
+from lmcache.server.claim_handlers import ClaimHandlers
+from lmcache.server.claims import ClaimIndex
 from lmcache.server.dispatch import INLINE_LOOKUP_MAX_TOKENS, MAX_QUEUED_PER_CLIENT, Admission, Dispatcher
 from lmcache.server.failures import ServerCounters
 from lmcache.server.listeners import Listeners, ServerStartError
@@ -117,6 +121,8 @@ class CacheServer:
         )
         if isinstance(engine.l1.arena.source, ShmSlabSource):
             SharedL1Handlers.install(self.service, SharedL1Service(engine))
+        self.claims = ClaimIndex.for_engine(engine)
+        self.claim_handlers = ClaimHandlers.install(self.service, self.claims) if self.claims else None
         self.admission = Admission(self.config)
         self._stop = threading.Event()
         self.dispatcher = Dispatcher(self.service, self.config, self.admission, self._stop)
@@ -221,6 +227,8 @@ class CacheServer:
         self.engine.l1.arena.close()  # the L1's shared-memory names go (mappings stay valid)
         if self.presence is not None:
             self.presence.close()
+        if self.claims is not None:
+            self.claims.close()
         self.transport.close()
         logger.info("LMCache server stopped")
 
@@ -230,6 +238,8 @@ class CacheServer:
         while not self._stop.wait(max(0.05, interval)):
             try:
                 self.service.reap()
+                if self.claim_handlers is not None:
+                    self.claim_handlers.check_shares()
             except Exception:
                 logger.exception("reaper")
 

@@ -106,3 +106,13 @@ class RegionInfo(msgspec.Struct, kw_only=True):
 
     name: str
     nbytes: int
+
+
+class ClaimRegions(msgspec.Struct, kw_only=True):
+    """The server's claim index and one instance's claim table (:mod:`lmcache.server.claims`), with
+    what the instance's pinned lookups may hold in all (``--pin-share``) and a chunk's bytes."""
+
+    index: RegionInfo
+    claims: RegionInfo
+    share_bytes: int = 0
+    chunk_bytes: int = 0

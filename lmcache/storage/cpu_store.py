@@ -47,11 +47,19 @@ class CachedChunk:
 
 
 class KeyObserver(Protocol):
-    """Told, under the store's lock, when a key becomes visible to lookups and when it goes."""
+    """Told, under the store's lock, when a key becomes visible to lookups (with its chunk) and when
+    it goes."""
 
-    def added(self, key: Hashable) -> None: ...
+    def added(self, key: Hashable, chunk: CachedChunk) -> None: ...
 
     def removed(self, key: Hashable) -> None: ...
+
+
+class EvictionGuard(Protocol):
+    """Asked, under the store's lock, before a chunk is evicted: False keeps it (a client's lookup
+    claimed it, :mod:`lmcache.server.claims`)."""
+
+    def evictable(self, key: Hashable) -> bool: ...
 
 
 class CpuStore:
@@ -71,6 +79,7 @@ class CpuStore:
         self._warn = RateLimitedLog(logger)
         self._on_evict = on_evict
         self._observers: list[KeyObserver] = []
+        self._guard: EvictionGuard | None = None
         self._idle_events: deque[Any] = deque(maxlen=IDLE_EVENTS_KEPT)
         """The events an eviction last waited for: complete, so the chunks sharing them need no wait."""
         self.evictions = 0
@@ -90,7 +99,14 @@ class CpuStore:
             self._observers.append(observer)
             for key, chunk in self._chunks.items():
                 if chunk.committed:
-                    observer.added(key)
+                    observer.added(key, chunk)
+
+    def guard(self, guard: EvictionGuard) -> None:
+        """Ask ``guard`` before every eviction from now on (one guard per store)."""
+        with self._lock:
+            if self._guard is not None:
+                raise ValueError("this L1 already has an eviction guard")
+            self._guard = guard
 
     def keys(self) -> list[Hashable]:
         """The committed keys (tests and tools inspect L1 through it)."""
@@ -141,7 +157,7 @@ class CpuStore:
             if not chunk.committed:
                 chunk.committed = True
                 for observer in self._observers:
-                    observer.added(key)
+                    observer.added(key, chunk)
             if pin:
                 chunk.pins += 1
             elif chunk.pins == 0:
@@ -315,7 +331,15 @@ class CpuStore:
             return [k for k, c in self._chunks.items() if c.pins]
 
     def _evict_one(self) -> bool:
-        key = self._policy.victim()
+        for _ in range(len(self._policy)):
+            key = self._policy.victim()
+            if key is None or self._guard is None or self._guard.evictable(key):
+                break
+            # Claimed by a lookup in flight: it counts as a use, and the next victim goes instead.
+            self._policy.withdraw([key])
+            self._policy.restore([key])
+        else:
+            return False
         if key is None:
             return False
         chunk = self._chunks[key]

@@ -144,7 +144,9 @@ class ServerIndex:
                 if self._first_chunk_missing(prompt, owners):
                     self._probe.record(False)
                     return Found(0)
-                self._connection.client.wake()  # the server wakes while the prompt is hashed
+                registrations = self._connection.client.registrations
+                if not all(registrations.can_claim(owner) for owner in owners.values()):
+                    self._connection.client.wake()  # the server wakes while the prompt is hashed
                 hashes = self.hash_prompt(prompt.tokens, prompt.salt)
             for target, owner in owners.items():
                 found = self._connection.client.lookup(

@@ -1,0 +1,304 @@
+"""Lookups answered and pinned by the client through shared memory, with no round trip.
+
+A lookup through the server costs a round trip, and a server idle for a few milliseconds answers
+late (its thread sleeps; waking it costs more than the lookup: benchmarks/RESULTS.md, T5). A
+scheduler's lookup must also pin what it found, so that the load that follows finds it.
+
+The server keeps an index of its L1's chunks in a shared-memory region (:class:`ClaimIndex`): one
+64-bit fingerprint per chunk key (its digest, world size and rank) in an open-addressing table, beside
+the chunk's slot, written by the
+server alone, mapped read-only by its clients (``/dev/shm``, mode 0600, the server's user). Each
+registered instance gets a claim table of its own (one count per index entry), which its client
+maps read-write. A lookup (:class:`ClaimView`) hashes the prompt, finds each chunk's entry and
+claims it (adds one to its count, then checks the entry again), all in ``lmcache._claims``; its hit
+is then the answer, with no round trip. The server never evicts a chunk whose entry a live
+instance claims (:meth:`ClaimIndex.evictable`, L1's eviction guard). The client then sends its
+lookup one-way, with the entries it claimed: the server pins the hit as for any lookup and gives
+the claims back (:meth:`ClaimIndex.release`). Between the claim and that pin nothing can evict the
+chunks, so the hit the client promised stays loadable.
+
+Only a server whose only tier is L1 offers the index (a lower tier could extend a hit the index
+does not see), and only with the C extension built; otherwise lookups take the round trip. A key the
+index cannot hold (its probe sequence is full) is a miss to clients: a recompute, never wrong KV.
+An instance's claims go with it (retired, reaped); a claim table that holds more than the instance's
+share of L1 (``--pin-share``) is no longer honoured, and its owner warned in the log.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lmcache.logging import init_logger
+from lmcache.rate_limit import RateLimitedLog
+from lmcache.server.protocol import ClaimRegions, RegionInfo, SlotInfo
+
+try:
+    from lmcache import _claims
+except ImportError:  # built by setup.py; without it lookups take the round trip
+    _claims = None
+
+if TYPE_CHECKING:
+    from lmcache.engine import CacheEngine
+    from lmcache.memory import Slab
+    from lmcache.shm_slabs import ShmSlabSource
+    from lmcache.storage.cpu_store import CachedChunk
+
+logger = init_logger(__name__)
+
+__all__ = ["ClaimIndex", "ClaimView", "available", "index_entries"]
+
+ENTRY_BYTES = 40
+"""An index entry: its fingerprint, then (in a second array) its slot record: slab, offset, bytes, serial."""
+CLAIM_BYTES = 4
+"""A claim table's count of one entry."""
+NOT_MARKED = (1 << 64) - 1
+"""What ``lmcache._claims.mark`` returns for a chunk it did not mark."""
+PENDING_S = 10.0
+"""How long a store's mark stays unpublished at most (a store's copies take milliseconds)."""
+MIN_ENTRIES = 1 << 16
+MAX_ENTRIES = 1 << 23
+MIN_CHUNK_BYTES_PER_TOKEN = 2048
+"""What the index is sized for: chunks of at least this many bytes a token (a small model's rank)."""
+
+
+def available() -> bool:
+    """Whether this process can claim (``lmcache._claims`` is built)."""
+    return _claims is not None
+
+
+def index_entries(l1_bytes: int, chunk_size: int) -> int:
+    """Entries for an L1 of ``l1_bytes``: four per chunk it can hold at the smallest chunk size, a
+    power of two in [MIN_ENTRIES, MAX_ENTRIES] (a sparse table keeps probe sequences short)."""
+    chunks = max(1, l1_bytes // max(1, chunk_size * MIN_CHUNK_BYTES_PER_TOKEN))
+    entries = MIN_ENTRIES
+    while entries < 4 * chunks and entries < MAX_ENTRIES:
+        entries *= 2
+    return entries
+
+
+class ClaimIndex:
+    """The server's side: the index of L1's keys (an observer of L1, under its lock), the instances'
+    claim tables, and L1's eviction guard."""
+
+    def __init__(self, source: ShmSlabSource, entries: int) -> None:
+        if entries <= 0 or entries & (entries - 1):
+            raise ValueError(f"entries must be a power of two, got {entries}")
+        self._source = source
+        self._slab = source.allocate(entries * ENTRY_BYTES)
+        words = self._slab.tensor.numpy().view("<u8")
+        self._table, self._slots = words[:entries], words[entries:]
+        self._entries: dict[Hashable, tuple[int, int]] = {}
+        """Indexed key -> (entry, fingerprint)."""
+        self._pending: dict[int, tuple[int, float]] = {}
+        """Fingerprint of a chunk being stored -> (its entry, when marked)."""
+        self._claims: dict[int, tuple[Slab, np.ndarray]] = {}
+        self._honoured: tuple[np.ndarray, ...] = ()
+        """The claim tables evictions consult (replaced whole: an eviction reads one snapshot)."""
+        self._ignored: set[int] = set()
+        self._warn = RateLimitedLog(logger)
+        self.unindexed = 0
+        """Keys the index could not hold (clients miss them)."""
+
+    @classmethod
+    def for_engine(cls, engine: CacheEngine, shm_dir: str | None = None) -> ClaimIndex | None:
+        """The index of ``engine``'s L1 (regions in ``shm_dir``), observing L1 and guarding its
+        evictions from now on; None (lookups take the round trip) when the engine has lower tiers or
+        no L1, the extension is not built, or the region cannot be created."""
+        from lmcache.shm_slabs import SHM_DIR, ShmSlabError, ShmSlabSource
+
+        if engine.tiers is not None or not engine.config.local_cpu or _claims is None:
+            return None
+        entries = index_entries(engine.l1.arena.capacity_bytes, engine.config.chunk_size)
+        try:
+            source = ShmSlabSource(shm_dir=shm_dir or SHM_DIR)
+            index = cls(source, entries)
+        except ShmSlabError as e:
+            logger.warning("lookups will take a round trip (no claim index): %s", e)
+            return None
+        try:
+            engine.l1.guard(index)
+        except ValueError:  # another server of this engine guards it (tests): this one offers none
+            index.close()
+            return None
+        engine.l1.observe(index)
+        logger.info(
+            "L1's claim index (%d entries) is in %s: clients look up and pin without a round trip",
+            entries,
+            os.path.join(source.shm_dir, index.info.name),
+        )
+        return index
+
+    @property
+    def info(self) -> RegionInfo:
+        return RegionInfo(name=self._slab.name, nbytes=self._slab.nbytes)
+
+    # ---- L1's observer and guard (under L1's lock) ---------------------------------------------
+
+    def added(self, key: Hashable, chunk: CachedChunk) -> None:
+        chunk_hash = getattr(key, "chunk_hash", None)
+        if not isinstance(chunk_hash, bytes) or len(chunk_hash) < 8:
+            return
+        ref = chunk.buffer.ref
+        # A chunk a device copy may still be filling has no slot for early copies (0 bytes).
+        nbytes = ref.nbytes if chunk.ready is None else 0
+        world_size, rank = key.world_size, key.rank  # type: ignore[attr-defined]
+        entry, fp = _claims.add(  # type: ignore[union-attr]
+            self._table, self._slots, chunk_hash, world_size, rank, ref.slab, ref.offset, nbytes, chunk.serial
+        )
+        self._pending.pop(fp, None)
+        if entry < 0:
+            self.unindexed += 1
+            return
+        self._entries[key] = (entry, fp)
+
+    def storing(self, digests: bytes, digest_size: int, world_size: int, rank: int, now: float) -> None:
+        """The chunks ``digests`` names (of ``rank``) are being stored: until they are published (or
+        :data:`PENDING_S` passed) a claim that reaches one asks the server, which answers in the order
+        it reads the reports. A save TRT-LLM was told has landed is then seen by every lookup after
+        it, as without claims. Chunks indexed already are left as they are."""
+        pairs = _claims.mark(self._table, self._slots, digests, digest_size, world_size, rank)  # type: ignore[union-attr]
+        for fp, entry in np.frombuffer(pairs, dtype="<u8").reshape(-1, 2).tolist():
+            if entry != NOT_MARKED:
+                self._pending[fp] = (entry, now)
+
+    def expire(self, now: float) -> None:
+        """Drop the marks of stores not published within :data:`PENDING_S` (failed, or duplicates)."""
+        stale = [fp for fp, (_, since) in self._pending.items() if now - since > PENDING_S]
+        for fp in stale:
+            entry, _ = self._pending.pop(fp)
+            _claims.remove(self._table, entry, fp)  # type: ignore[union-attr]
+
+    def removed(self, key: Hashable) -> None:
+        found = self._entries.pop(key, None)
+        if found is not None:
+            _claims.remove(self._table, found[0], found[1])  # type: ignore[union-attr]
+
+    def evictable(self, key: Hashable) -> bool:
+        """False while a client claims ``key``'s entry; else the entry is gone from the index (L1
+        then drops the key)."""
+        found = self._entries.get(key)
+        if found is None:
+            return True
+        return bool(_claims.evictable(self._table, found[0], found[1], self._honoured))  # type: ignore[union-attr]
+
+    # ---- the instances' claim tables ------------------------------------------------------------
+
+    def regions(self, instance_id: int) -> ClaimRegions:
+        """The index and the instance's claim table, created at its first registration."""
+        claims = self._claims.get(instance_id)
+        if claims is None:
+            slab = self._source.allocate(len(self._table) * CLAIM_BYTES)
+            claims = (slab, slab.tensor.numpy().view("<u4"))
+            self._claims[instance_id] = claims
+            self._honour()
+        slab = claims[0]
+        return ClaimRegions(index=self.info, claims=RegionInfo(name=slab.name, nbytes=slab.nbytes))
+
+    def release(self, instance_id: int, entries: bytes) -> int:
+        """Give back the instance's claims of ``entries`` (uint32 each; others are ignored); how many."""
+        claims = self._claims.get(instance_id)
+        if claims is None:
+            return 0
+        return int(_claims.unclaim(claims[1], entries))  # type: ignore[union-attr]
+
+    def forget(self, instance_id: int) -> None:
+        """The instance is gone: its claims no longer hold anything, its table's name goes."""
+        if self._claims.pop(instance_id, None) is not None:
+            self._ignored.discard(instance_id)
+            self._honour()
+
+    def check_shares(self, chunk_bytes: dict[int, int], share_bytes: int) -> None:
+        """Stop honouring the claim tables that hold more than ``share_bytes`` of L1 (``chunk_bytes``:
+        each instance's chunk size in bytes), as a lookup's pins over that share are refused."""
+        over = []
+        for instance_id, (_, counts) in list(self._claims.items()):
+            claimed = int(np.count_nonzero(counts)) * chunk_bytes.get(instance_id, 0)
+            if claimed > share_bytes and instance_id not in self._ignored:
+                over.append(instance_id)
+                self._warn.warning(
+                    f"claims-{instance_id}",
+                    "instance %d claims %d bytes of L1, more than its share (%d, --pin-share): its claims "
+                    "are ignored from now on and its lookups may promise chunks that go",
+                    instance_id,
+                    claimed,
+                    share_bytes,
+                )
+        if over:
+            self._ignored.update(over)
+            self._honour()
+
+    def _honour(self) -> None:
+        self._honoured = tuple(c for iid, (_, c) in self._claims.items() if iid not in self._ignored)
+
+    def close(self) -> None:
+        """Remove the regions' names (mappings stay valid until dropped)."""
+        self._claims.clear()
+        self._honoured = ()
+        self._source.close()
+
+
+class ClaimView:
+    """A client's mapping of the server's index (read-only) and of one instance's claim table."""
+
+    def __init__(
+        self, regions: ClaimRegions, words: np.ndarray, counts: np.ndarray, server_alive: Callable[[], bool]
+    ) -> None:
+        self.regions = regions
+        self._server_alive = server_alive
+        self._table, self._slots = words[: len(counts)], words[len(counts) :].reshape(-1, 4)
+        self._counts = counts
+
+    @classmethod
+    def map(cls, regions: ClaimRegions, shm_dir: str | None = None) -> ClaimView | None:
+        """The server's regions, after the checks of :func:`lmcache.shm_slabs.open_region`; None (lookups
+        take the round trip) if they cannot be mapped here: another user or host, or no extension."""
+        from lmcache.shm_slabs import SHM_DIR, ShmSlabError, ShmSlabInfo, creator_alive, open_region
+
+        index, claims = regions.index, regions.claims
+        if _claims is None or claims.nbytes % CLAIM_BYTES:
+            return None
+        entries = claims.nbytes // CLAIM_BYTES
+        if entries & (entries - 1) or index.nbytes != entries * ENTRY_BYTES:
+            logger.info("lookups will take a round trip: the server's claim regions do not match")
+            return None
+        where = shm_dir or SHM_DIR
+        try:
+            table = open_region(ShmSlabInfo(0, index.name, index.nbytes), writable=False, shm_dir=where)
+            counts = open_region(ShmSlabInfo(0, claims.name, claims.nbytes), writable=True, shm_dir=where)
+        except ShmSlabError as e:
+            logger.info("lookups will take a round trip: %s", e)
+            return None
+        alive = functools.partial(creator_alive, index.name)
+        return cls(regions, np.frombuffer(table, dtype="<u8"), np.frombuffer(counts, dtype="<u4"), alive)
+
+    def claim(
+        self, digests: bytes, digest_size: int, world_size: int, ranks: Sequence[int]
+    ) -> tuple[int, bytes, bool]:
+        """Claim the leading chunks of ``digests`` found for every rank in ``ranks``: how many, the
+        claimed entries (uint32 each, chunk by chunk) to send with the lookup, and whether only the
+        server can answer: the claim stopped at a chunk being stored, or the server that made the
+        index is gone (a restarted one knows nothing of it, and the client registers again)."""
+        if not self._server_alive():  # a server gone: its index says nothing now
+            return 0, b"", True
+        slots = self._slots.reshape(-1)
+        return _claims.claim(self._table, slots, self._counts, digests, digest_size, world_size, ranks)  # type: ignore[union-attr]
+
+    def slots(self, entries: bytes, world_size: int, rank: int) -> list[SlotInfo]:
+        """The slots of ``rank``'s chunks among claimed ``entries`` (as :meth:`claim` returned them),
+        in prompt order, up to the first without one (a device copy may still have been filling it)."""
+        mine = np.frombuffer(entries, dtype="<u4")[rank::world_size]
+        slots = []
+        for slab, offset, nbytes, serial in self._slots[mine].tolist():
+            if not nbytes:
+                break
+            slots.append(SlotInfo(slab, offset, nbytes, serial))
+        return slots
+
+    def unclaim(self, entries: bytes) -> None:
+        """Give claims back (the lookup that holds them will not reach the server)."""
+        _claims.unclaim(self._counts, entries)  # type: ignore[union-attr]

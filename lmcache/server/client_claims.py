@@ -1,0 +1,47 @@
+"""A client's pinned lookups answered through the server's claim regions (:mod:`lmcache.server.claims`):
+the hit claimed here, the lookup then sent one-way for the server to pin it and give the claims back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from lmcache.server import protocol as P
+from lmcache.server.client_registrations import Registrations
+from lmcache.server.client_shared_l1 import SharedL1Transfers
+
+__all__ = ["ClaimedLookups"]
+
+SendFn = Callable[[Any, "float | None"], None]
+"""Sends a request one-way (no reply)."""
+
+
+class ClaimedLookups:
+    """Claims the hits of a client's pinned lookups (see the module)."""
+
+    def __init__(self, registrations: Registrations, shared_l1: SharedL1Transfers, send: SendFn) -> None:
+        self._registrations = registrations
+        self._shared_l1 = shared_l1
+        self._send = send
+
+    def lookup(self, req: P.LookupHashes, timeout_s: float | None) -> int | None:
+        """``req``'s hit, claimed, and ``req`` sent one-way to pin it; None when it must ask the server
+        (:meth:`Registrations.claim` says when). A shared-L1 instance's load then copies from the
+        claimed slots before the server answers it."""
+        assert req.pin_id is not None
+        claimed = self._registrations.claim(req.instance_id, req.chunk_hashes, req.pin_id)
+        if claimed is None:
+            return None
+        if self._registrations.copies_itself(req.instance_id):
+            self._shared_l1.remember_slots(req.instance_id, req.pin_id, claimed.slots)
+        if claimed.tokens == 0:
+            self._registrations.count_miss(req.num_tokens)  # for the server's hit rate
+            return 0
+        req.claims = claimed.entries
+        try:
+            self._send(req, timeout_s)
+        except BaseException:
+            self._registrations.unclaim(req.instance_id, req.claims)
+            raise
+        self._registrations.pinned(req.instance_id, req.pin_id, claimed)
+        return claimed.tokens

@@ -1,0 +1,247 @@
+"""Lookups claimed through the server's shared memory (:mod:`lmcache.server.claims`): the index follows
+L1, a claimed chunk is never evicted until its claim is given back, claims stop at a missing chunk, at
+a chunk of a rank missing, and at one being stored; slots name the chunks' bytes; the regions are
+private; an instance's claims stop holding when it goes or holds more than its share. Through a
+server: a pinned lookup claims its hit with no call, the load brings the bytes back, a save reported
+done is seen by the next claimed lookup, and nobody without the instance's capability gives its
+claims back."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from in_process_server import client_of, start_serving, stop_serving
+from raw_lane import exchange
+
+from lmcache.keys import ChunkKey
+from lmcache.memory import HostArena, SlabSource
+from lmcache.server import claims as C
+from lmcache.server import protocol as P
+from lmcache.server.client import CacheServerClient
+from lmcache.server.server import CacheServer
+from lmcache.shm_slabs import ShmSlabInfo, ShmSlabSource, creator_alive, open_region
+from lmcache.storage.cpu_store import CpuStore
+from lmcache.transfer import BlockTransfer
+
+pytestmark = pytest.mark.skipif(not C.available(), reason="lmcache._claims is not built")
+
+ENTRIES = 1 << 8
+DIGEST = 32
+
+
+def digest(n: int) -> bytes:
+    return n.to_bytes(8, "little") + bytes(DIGEST - 8)
+
+
+def key(n: int, rank: int = 0, world: int = 1) -> ChunkKey:
+    return ChunkKey(digest(n), world, rank)
+
+
+class Rig:
+    """An L1 of ``chunks`` 64-byte slots, its claim index in ``tmp_path``, and one instance's view."""
+
+    def __init__(self, tmp_path: Path, chunks: int) -> None:
+        self.store = CpuStore(HostArena(64 * chunks, source=SlabSource(False)), "LRU")
+        self.index = C.ClaimIndex(ShmSlabSource(shm_dir=str(tmp_path)), ENTRIES)
+        self.store.observe(self.index)
+        self.store.guard(self.index)
+        self.regions = self.index.regions(7)
+        view = C.ClaimView.map(self.regions, shm_dir=str(tmp_path))
+        assert view is not None
+        self.view = view
+
+    def put(self, k: ChunkKey) -> None:
+        assert self.store.reserve(k, 64, 16) is not None
+        self.store.commit(k)
+
+    def claim(self, *ns: int, world: int = 1) -> tuple[int, bytes, bool]:
+        return self.view.claim(b"".join(digest(n) for n in ns), DIGEST, world, range(world))
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    made = Rig(tmp_path, 2)
+    yield made
+    made.index.close()
+
+
+def test_a_claimed_chunk_is_never_evicted_until_its_claim_is_given_back(rig: Rig) -> None:
+    rig.put(key(1))
+    rig.put(key(2))
+    chunks, entries, pending = rig.claim(1)
+    assert (chunks, pending) == (1, False)
+    rig.put(key(3))  # L1 holds two: key(1), least recently used, is claimed, so key(2) goes
+    assert key(1) in rig.store and key(2) not in rig.store
+    assert rig.index.release(7, entries) == 1
+    rig.put(key(4))  # key(3) is the least recently used now (a refused victim counts as used)
+    rig.put(key(5))
+    assert key(1) not in rig.store
+    assert rig.claim(1)[0] == 0  # gone from the index with it
+
+
+def test_claims_stop_at_a_missing_chunk_and_at_a_rank_missing(rig: Rig) -> None:
+    rig.put(key(1, 0, 2))
+    rig.put(key(1, 1, 2))
+    chunks, entries, _ = rig.claim(1, 2, world=2)
+    assert chunks == 1 and len(entries) == 2 * 4  # both ranks' keys of the first chunk
+    rig.index.release(7, entries)
+    rig.store.clear()
+    rig.put(key(3, 0, 2))  # the second rank's key is missing: no whole chunk
+    assert rig.claim(3, world=2)[:2] == (0, b"")
+
+
+def test_a_chunk_being_stored_sends_the_lookup_to_the_server(rig: Rig) -> None:
+    rig.put(key(1))
+    rig.index.storing(digest(2), DIGEST, 1, 0, 0.0)
+    assert rig.claim(1, 2)[::2] == (1, True)  # stopped at a chunk only the server can place in order
+    rig.index.release(7, rig.claim(1)[1])
+    rig.put(key(2))  # published: the mark becomes the chunk's entry
+    chunks, entries, pending = rig.claim(1, 2)
+    assert (chunks, pending) == (2, False)
+    rig.index.release(7, entries)
+    rig.index.storing(digest(9), DIGEST, 1, 0, 0.0)
+    rig.index.expire(C.PENDING_S + 1)  # never published: the mark goes
+    assert rig.claim(9)[::2] == (0, False)
+
+
+def test_claimed_slots_name_the_chunks_bytes(rig: Rig) -> None:
+    rig.put(key(1, 0, 2))
+    rig.put(key(1, 1, 2))
+    _, entries, _ = rig.claim(1, world=2)
+    for rank in (0, 1):
+        chunk = rig.store.get(key(1, rank, 2))
+        assert chunk is not None
+        ref = chunk.buffer.ref
+        assert rig.view.slots(entries, 2, rank) == [
+            P.SlotInfo(ref.slab, ref.offset, ref.nbytes, chunk.serial)
+        ]
+
+
+def test_the_regions_are_private_and_the_index_read_only(rig: Rig, tmp_path: Path) -> None:
+    for region in (rig.regions.index, rig.regions.claims):
+        assert stat.S_IMODE(os.stat(tmp_path / region.name).st_mode) == 0o600
+    info = rig.regions.index
+    mapping = open_region(ShmSlabInfo(0, info.name, info.nbytes), writable=False, shm_dir=str(tmp_path))
+    with pytest.raises(TypeError):
+        mapping[0] = 1
+    bad = P.ClaimRegions(index=info, claims=P.RegionInfo(name=rig.regions.claims.name, nbytes=12))
+    assert C.ClaimView.map(bad, shm_dir=str(tmp_path)) is None  # sizes that do not match: no claims
+
+
+def test_the_index_of_a_server_gone_answers_nothing(rig: Rig, tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    name = rig.regions.index.name
+    assert creator_alive(name)
+    assert not creator_alive(name.replace(f"-{os.getpid()}-", f"-{dead.pid}-", 1))
+    rig.put(key(1))
+    index, claims = (
+        np.frombuffer(
+            open_region(ShmSlabInfo(0, r.name, r.nbytes), writable=w, shm_dir=str(tmp_path)), dtype=t
+        )
+        for r, w, t in ((rig.regions.index, False, "<u8"), (rig.regions.claims, True, "<u4"))
+    )
+    gone = C.ClaimView(rig.regions, index, claims, lambda: False)  # as mapped after its server died
+    assert gone.claim(digest(1), DIGEST, 1, [0]) == (0, b"", True)  # the lookup asks the (new) server
+    assert rig.claim(1)[::2] == (1, False)
+
+
+def test_claims_of_a_gone_or_greedy_instance_hold_nothing(rig: Rig) -> None:
+    rig.put(key(1))
+    rig.put(key(2))
+    rig.claim(1, 2)
+    rig.index.check_shares({7: 64}, share_bytes=64)  # two chunks claimed, one chunk's share
+    rig.put(key(3))
+    assert key(1) not in rig.store
+    other = rig.index.regions(8)
+    assert other.claims != rig.regions.claims
+    rig.index.forget(7)
+    rig.index.forget(8)
+    assert rig.index.release(7, b"\0\0\0\0") == 0
+
+
+# ---- through a server ---------------------------------------------------------------------------
+
+TPB = 8
+MODEL = "test/claims"
+
+
+Served = tuple[CacheServer, CacheServerClient, str]
+
+
+@pytest.fixture(params=["shared-l1", "export"])
+def served(request: pytest.FixtureRequest) -> Iterator[Served]:
+    server, thread = start_serving(request.param)
+    client = client_of(server)
+    try:
+        yield server, client, request.param
+    finally:
+        client.close()
+        stop_serving(server, thread)
+
+
+def pool(seed: int) -> torch.Tensor:
+    made = torch.randn(64, 2, 2, 16 * TPB, generator=torch.Generator().manual_seed(seed))
+    return made.share_memory_()
+
+
+def test_a_pinned_lookup_claims_its_hit_with_no_call_and_loads_it(served: Served) -> None:
+    _, client, mode = served
+    source = pool(1)
+    client.register(source, 0, 1, MODEL, TPB, pool_sharing=mode)
+    tokens = list(range(1000, 1000 + 16 * TPB))
+    assert client.store(BlockTransfer(tokens, None, list(range(16)), 0, len(tokens))) == len(tokens)
+    hashes = client.chunk_hashes(tokens)
+    # A shared-L1 store is published once the server reads its report (a claim meanwhile asks the
+    # server): a plain lookup, a call, is answered after that.
+    assert client.lookup(tokens) == len(tokens)
+    before = client.lanes.calls
+    assert client.lookup(tokens, pin_id="r", chunk_hashes=hashes) == len(tokens)
+    assert client.lanes.calls == before  # answered here: no call waited for the server
+    target = list(range(40, 56))
+    assert client.retrieve(BlockTransfer(hashes, None, target, 0, len(tokens)), pin_id="r") == len(tokens)
+    assert torch.equal(source[target], source[:16])
+
+
+def test_a_save_reported_done_is_seen_by_the_next_claimed_lookup(served: Served) -> None:
+    _, client, mode = served
+    client.register(pool(2), 0, 1, MODEL, TPB, pool_sharing=mode)
+    for i in range(20):
+        tokens = list(range(10_000 * (i + 1), 10_000 * (i + 1) + 8 * TPB))
+        assert client.store(BlockTransfer(tokens, None, list(range(8)), 0, len(tokens))) == len(tokens)
+        assert client.lookup(tokens, pin_id=f"p{i}", chunk_hashes=client.chunk_hashes(tokens)) == len(tokens)
+        client.release(f"p{i}")
+
+
+def test_nobody_without_the_capability_gives_an_instances_claims_back(served: Served) -> None:
+    server, client, mode = served
+    iid = client.register(pool(3), 0, 1, MODEL, TPB, pool_sharing=mode).instance_id
+    tokens = list(range(7000, 7000 + 4 * TPB))
+    client.store(BlockTransfer(tokens, None, list(range(4)), 0, len(tokens)))
+    assert client.lookup(tokens) == len(tokens)  # published (see above)
+    hashes = client.chunk_hashes(tokens)
+    assert hashes is not None
+    claimed = client.registrations.claim(iid, hashes.digests, pin_id="x")
+    assert claimed is not None and claimed.tokens == len(tokens)
+    forged = P.LookupHashes(
+        rid=1,
+        auth=client.credentials.secret(),
+        instance_id=iid,
+        chunk_hashes=hashes.digests,
+        num_tokens=len(tokens),
+        claims=claimed.entries,
+        cap=b"x" * 32,
+    )
+    reply = exchange(f"tcp://127.0.0.1:{server.tcp_port}", P.encode(forged))
+    assert not reply.ok and reply.error is not None and reply.error.code == P.ErrorCode.UNKNOWN_INSTANCE
+    assert server.claims is not None
+    held = len(claimed.entries) // 4
+    assert held and server.claims.release(iid, claimed.entries) == held  # every claim was still held
