@@ -27,7 +27,7 @@ __all__ = ["ClaimHandlers"]
 
 
 class ClaimHandlers:
-    """Wraps ``register`` and ``lookup_hashes`` of ``service`` (see :meth:`install`)."""
+    """Wraps ``register``, ``lookup_hashes`` and ``store_reserve`` of ``service`` (see the module)."""
 
     def __init__(self, service: CacheService, index: ClaimIndex) -> None:
         self.service = service

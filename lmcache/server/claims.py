@@ -1,33 +1,44 @@
 """Lookups answered and pinned by the client through shared memory, with no round trip.
 
 A lookup through the server costs a round trip, and a server idle for a few milliseconds answers
-late (its thread sleeps; waking it costs more than the lookup: benchmarks/RESULTS.md, T5). A
+late (its thread sleeps; waking it costs more than the lookup: benchmarks/RESULTS.md, T5, D58). A
 scheduler's lookup must also pin what it found, so that the load that follows finds it.
 
 The server keeps an index of its L1's chunks in a shared-memory region (:class:`ClaimIndex`): one
-64-bit fingerprint per chunk key (its digest, world size and rank) in an open-addressing table, beside
-the chunk's slot, written by the
-server alone, mapped read-only by its clients (``/dev/shm``, mode 0600, the server's user). Each
-registered instance gets a claim table of its own (one count per index entry), which its client
-maps read-write. A lookup (:class:`ClaimView`) hashes the prompt, finds each chunk's entry and
-claims it (adds one to its count, then checks the entry again), all in ``lmcache._claims``; its hit
-is then the answer, with no round trip. The server never evicts a chunk whose entry a live
+64-bit fingerprint per chunk key (its digest, world size and rank) in an open-addressing table, and
+beside it the chunk's slot, written by the server alone and mapped read-only by its clients
+(``/dev/shm``, mode 0600, the server's user). Each registered instance gets a claim table of its
+own (one count per index entry), which its client maps read-write. A lookup (:class:`ClaimView`)
+finds each chunk's entry and claims it (adds one to its count, then checks the entry again), in
+``lmcache._claims``; its hit is then the answer. The server never evicts a chunk whose entry a live
 instance claims (:meth:`ClaimIndex.evictable`, L1's eviction guard). The client then sends its
-lookup one-way, with the entries it claimed: the server pins the hit as for any lookup and gives
-the claims back (:meth:`ClaimIndex.release`). Between the claim and that pin nothing can evict the
-chunks, so the hit the client promised stays loadable.
+lookup one-way with the entries it claimed: the server pins the hit as for any lookup and gives the
+claims back (:meth:`ClaimIndex.release`). Between the claim and that pin nothing can evict the
+chunks, so the hit the client promised stays loadable; a shared-L1 load copies from the claimed
+slots before the server answers it.
+
+The answer is the one a round trip would give, or the lookup takes the round trip:
+
+* a shared-L1 store's chunks are marked as being stored before its reservation is answered
+  (:meth:`ClaimIndex.storing`), so before the worker may report them done; a claim that reaches a
+  mark asks the server, which reads reports before lookups;
+* a client asks the server while its claimed lookups' pins and this one's would pass the instance's
+  share of L1 (``--pin-share``), which the server may refuse (:meth:`Registrations.claim
+  <lmcache.server.client_registrations.Registrations.claim>`);
+* it asks when the server that made the index is gone (a restarted one knows nothing of it).
 
 Only a server whose only tier is L1 offers the index (a lower tier could extend a hit the index
-does not see), and only with the C extension built; otherwise lookups take the round trip. A key the
-index cannot hold (its probe sequence is full) is a miss to clients: a recompute, never wrong KV.
-An instance's claims go with it (retired, reaped); a claim table that holds more than the instance's
-share of L1 (``--pin-share``) is no longer honoured, and its owner warned in the log.
+does not see), and only with the C extension built. A key the index cannot hold (no free entry near
+its place) is a miss to clients: a recompute, never wrong KV. An instance's claims go with it
+(retired, reaped); a claim table holding more than the instance's share of L1 is no longer honoured,
+and the log says so.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING
 
@@ -101,8 +112,9 @@ class ClaimIndex:
         """The claim tables evictions consult (replaced whole: an eviction reads one snapshot)."""
         self._ignored: set[int] = set()
         self._warn = RateLimitedLog(logger)
-        self.unindexed = 0
-        """Keys the index could not hold (clients miss them)."""
+        self._lock = threading.Lock()
+        """Over the maps and the regions' writes: L1's calls (under its lock), store marks (handler
+        threads) and the reaper's checks come from different threads."""
 
     @classmethod
     def for_engine(cls, engine: CacheEngine, shm_dir: str | None = None) -> ClaimIndex | None:
@@ -111,7 +123,13 @@ class ClaimIndex:
         no L1, the extension is not built, or the region cannot be created."""
         from lmcache.shm_slabs import SHM_DIR, ShmSlabError, ShmSlabSource
 
-        if engine.tiers is not None or not engine.config.local_cpu or _claims is None:
+        if engine.tiers is not None or not engine.config.local_cpu:
+            return None
+        if _claims is None:
+            logger.warning(
+                "lmcache._claims is not built: lookups through this server take a round trip (reinstall "
+                "lmcache where a C compiler and the Python headers are present)"
+            )
             return None
         entries = index_entries(engine.l1.arena.capacity_bytes, engine.config.chunk_size)
         try:
@@ -145,101 +163,113 @@ class ClaimIndex:
             return
         ref = chunk.buffer.ref
         # A chunk a device copy may still be filling has no slot for early copies (0 bytes).
-        nbytes = ref.nbytes if chunk.ready is None else 0
+        record = (ref.slab, ref.offset, ref.nbytes if chunk.ready is None else 0, chunk.serial)
         world_size, rank = key.world_size, key.rank  # type: ignore[attr-defined]
-        entry, fp = _claims.add(  # type: ignore[union-attr]
-            self._table, self._slots, chunk_hash, world_size, rank, ref.slab, ref.offset, nbytes, chunk.serial
+        with self._lock:
+            entry, fp = _claims.add(self._table, self._slots, chunk_hash, world_size, rank, *record)  # type: ignore[union-attr]
+            self._pending.pop(fp, None)
+            if entry >= 0:
+                self._entries[key] = (entry, fp)
+                return
+        self._warn.warning(
+            "claims-unindexed",
+            "a chunk could not enter L1's claim index (no free entry near its place, or a key of the "
+            "same fingerprint): lookups miss it until it is stored again",
         )
-        self._pending.pop(fp, None)
-        if entry < 0:
-            self.unindexed += 1
-            return
-        self._entries[key] = (entry, fp)
 
     def storing(self, digests: bytes, digest_size: int, world_size: int, rank: int, now: float) -> None:
         """The chunks ``digests`` names (of ``rank``) are being stored: until they are published (or
         :data:`PENDING_S` passed) a claim that reaches one asks the server, which answers in the order
         it reads the reports. A save TRT-LLM was told has landed is then seen by every lookup after
         it, as without claims. Chunks indexed already are left as they are."""
-        pairs = _claims.mark(self._table, self._slots, digests, digest_size, world_size, rank)  # type: ignore[union-attr]
-        for fp, entry in np.frombuffer(pairs, dtype="<u8").reshape(-1, 2).tolist():
-            if entry != NOT_MARKED:
-                self._pending[fp] = (entry, now)
+        with self._lock:
+            pairs = _claims.mark(self._table, self._slots, digests, digest_size, world_size, rank)  # type: ignore[union-attr]
+            for fp, entry in np.frombuffer(pairs, dtype="<u8").reshape(-1, 2).tolist():
+                if entry != NOT_MARKED:
+                    self._pending[fp] = (entry, now)
 
     def expire(self, now: float) -> None:
         """Drop the marks of stores not published within :data:`PENDING_S` (failed, or duplicates)."""
-        stale = [fp for fp, (_, since) in self._pending.items() if now - since > PENDING_S]
-        for fp in stale:
-            entry, _ = self._pending.pop(fp)
-            _claims.remove(self._table, entry, fp)  # type: ignore[union-attr]
+        with self._lock:
+            stale = [fp for fp, (_, since) in self._pending.items() if now - since > PENDING_S]
+            for fp in stale:
+                entry, _ = self._pending.pop(fp)
+                _claims.remove(self._table, entry, fp)  # type: ignore[union-attr]
 
     def removed(self, key: Hashable) -> None:
-        found = self._entries.pop(key, None)
-        if found is not None:
-            _claims.remove(self._table, found[0], found[1])  # type: ignore[union-attr]
+        with self._lock:
+            found = self._entries.pop(key, None)
+            if found is not None:
+                _claims.remove(self._table, found[0], found[1])  # type: ignore[union-attr]
 
     def evictable(self, key: Hashable) -> bool:
         """False while a client claims ``key``'s entry; else the entry is gone from the index (L1
         then drops the key)."""
-        found = self._entries.get(key)
-        if found is None:
-            return True
-        return bool(_claims.evictable(self._table, found[0], found[1], self._honoured))  # type: ignore[union-attr]
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None:
+                return True
+            return bool(_claims.evictable(self._table, found[0], found[1], self._honoured))  # type: ignore[union-attr]
 
     # ---- the instances' claim tables ------------------------------------------------------------
 
     def regions(self, instance_id: int) -> ClaimRegions:
         """The index and the instance's claim table, created at its first registration."""
-        claims = self._claims.get(instance_id)
-        if claims is None:
-            slab = self._source.allocate(len(self._table) * CLAIM_BYTES)
-            claims = (slab, slab.tensor.numpy().view("<u4"))
-            self._claims[instance_id] = claims
-            self._honour()
-        slab = claims[0]
-        return ClaimRegions(index=self.info, claims=RegionInfo(name=slab.name, nbytes=slab.nbytes))
+        with self._lock:
+            claims = self._claims.get(instance_id)
+            if claims is None:
+                slab = self._source.allocate(len(self._table) * CLAIM_BYTES)
+                claims = (slab, slab.tensor.numpy().view("<u4"))
+                self._claims[instance_id] = claims
+                self._honour()
+            slab = claims[0]
+            return ClaimRegions(index=self.info, claims=RegionInfo(name=slab.name, nbytes=slab.nbytes))
 
     def release(self, instance_id: int, entries: bytes) -> int:
         """Give back the instance's claims of ``entries`` (uint32 each; others are ignored); how many."""
-        claims = self._claims.get(instance_id)
-        if claims is None:
-            return 0
-        return int(_claims.unclaim(claims[1], entries))  # type: ignore[union-attr]
+        with self._lock:
+            claims = self._claims.get(instance_id)
+            if claims is None:
+                return 0
+            return int(_claims.unclaim(claims[1], entries))  # type: ignore[union-attr]
 
     def forget(self, instance_id: int) -> None:
         """The instance is gone: its claims no longer hold anything, its table's name goes."""
-        if self._claims.pop(instance_id, None) is not None:
-            self._ignored.discard(instance_id)
-            self._honour()
+        with self._lock:
+            if self._claims.pop(instance_id, None) is not None:
+                self._ignored.discard(instance_id)
+                self._honour()
 
     def check_shares(self, chunk_bytes: dict[int, int], share_bytes: int) -> None:
         """Stop honouring the claim tables that hold more than ``share_bytes`` of L1 (``chunk_bytes``:
         each instance's chunk size in bytes), as a lookup's pins over that share are refused."""
-        over = []
-        for instance_id, (_, counts) in list(self._claims.items()):
-            claimed = int(np.count_nonzero(counts)) * chunk_bytes.get(instance_id, 0)
-            if claimed > share_bytes and instance_id not in self._ignored:
-                over.append(instance_id)
-                self._warn.warning(
-                    f"claims-{instance_id}",
-                    "instance %d claims %d bytes of L1, more than its share (%d, --pin-share): its claims "
-                    "are ignored from now on and its lookups may promise chunks that go",
-                    instance_id,
-                    claimed,
-                    share_bytes,
-                )
-        if over:
-            self._ignored.update(over)
-            self._honour()
+        with self._lock:
+            over = []
+            for instance_id, (_, counts) in list(self._claims.items()):
+                claimed = int(np.count_nonzero(counts)) * chunk_bytes.get(instance_id, 0)
+                if claimed > share_bytes and instance_id not in self._ignored:
+                    over.append(instance_id)
+                    self._warn.warning(
+                        f"claims-{instance_id}",
+                        "instance %d claims %d bytes of L1, over its share (%d, --pin-share): its claims are "
+                        "ignored from now on and its lookups may promise chunks that go",
+                        instance_id,
+                        claimed,
+                        share_bytes,
+                    )
+            if over:
+                self._ignored.update(over)
+                self._honour()
 
     def _honour(self) -> None:
         self._honoured = tuple(c for iid, (_, c) in self._claims.items() if iid not in self._ignored)
 
     def close(self) -> None:
         """Remove the regions' names (mappings stay valid until dropped)."""
-        self._claims.clear()
-        self._honoured = ()
-        self._source.close()
+        with self._lock:
+            self._claims.clear()
+            self._honoured = ()
+            self._source.close()
 
 
 class ClaimView:
@@ -260,7 +290,10 @@ class ClaimView:
         from lmcache.shm_slabs import SHM_DIR, ShmSlabError, ShmSlabInfo, creator_alive, open_region
 
         index, claims = regions.index, regions.claims
-        if _claims is None or claims.nbytes % CLAIM_BYTES:
+        if _claims is None:
+            logger.info("lmcache._claims is not built here: lookups through the server take a round trip")
+            return None
+        if claims.nbytes % CLAIM_BYTES:
             return None
         entries = claims.nbytes // CLAIM_BYTES
         if entries & (entries - 1) or index.nbytes != entries * ENTRY_BYTES:
