@@ -87,7 +87,9 @@ class ClaimHandlers:
             prompt = request_prompt(engine, inst.space, req)
             spans = engine.iter_chunk_spans(inst.space, inst.rank, prompt, req.cache_salt, req.end)
             digests = b"".join(span.key.chunk_hash for span in spans if span.start >= first)
-        self.index.storing(digests, digest_size, inst.space.world_size, inst.rank, time.monotonic())
+        self.index.storing(
+            inst.instance_id, digests, digest_size, inst.space.world_size, inst.rank, time.monotonic()
+        )
 
     def forget(self, inst: Instance) -> None:
         self.index.forget(inst.instance_id)
@@ -102,8 +104,7 @@ class ClaimHandlers:
         self.index.expire(time.monotonic())
 
     def _chunk_bytes(self, inst: Instance) -> int:
-        layout = inst.space.layout
-        return layout.row_bytes * layout.blocks_per_chunk(self.service.engine.config.chunk_size)
+        return inst.chunk_bytes(self.service.engine.config.chunk_size)
 
     def _share_bytes(self) -> int:
         """What one instance's pinned lookups may hold in L1 (``--pin-share``)."""

@@ -1,6 +1,6 @@
 """Lookups answered and pinned by the client through shared memory, with no round trip.
 
-A lookup through the server costs a round trip, and a server idle for a few milliseconds answers
+A lookup through the server costs a round trip, and a server that was idle answers
 late (its thread sleeps; waking it costs more than the lookup: benchmarks/RESULTS.md, T5, D58). A
 scheduler's lookup must also pin what it found, so that the load that follows finds it.
 
@@ -70,7 +70,10 @@ CLAIM_BYTES = 4
 NOT_MARKED = (1 << 64) - 1
 """What ``lmcache._claims.mark`` returns for a chunk it did not mark."""
 PENDING_S = 10.0
-"""How long a store's mark stays unpublished at most (a store's copies take milliseconds)."""
+"""How long a store's mark stays unpublished at most (a store is reported done once its copies end:
+far sooner)."""
+MARKS_SHARE = 8
+"""One instance may mark at most this fraction (1/8) of the index's entries as being stored."""
 MIN_ENTRIES = 1 << 16
 MAX_ENTRIES = 1 << 23
 MIN_CHUNK_BYTES_PER_TOKEN = 2048
@@ -105,8 +108,11 @@ class ClaimIndex:
         self._table, self._slots = words[:entries], words[entries:]
         self._entries: dict[Hashable, tuple[int, int]] = {}
         """Indexed key -> (entry, fingerprint)."""
-        self._pending: dict[int, tuple[int, float]] = {}
-        """Fingerprint of a chunk being stored -> (its entry, when marked)."""
+        self._pending: dict[int, tuple[int, float, int]] = {}
+        """Fingerprint of a chunk being stored -> (its entry, when marked, the instance storing it)."""
+        self._marks: dict[int, int] = {}
+        """Marks each instance holds: at most :attr:`max_marks` (a client cannot fill the index)."""
+        self.max_marks = max(1, entries // MARKS_SHARE)
         self._claims: dict[int, tuple[Slab, np.ndarray]] = {}
         self._honoured: tuple[np.ndarray, ...] = ()
         """The claim tables evictions consult (replaced whole: an eviction reads one snapshot)."""
@@ -167,7 +173,7 @@ class ClaimIndex:
         world_size, rank = key.world_size, key.rank  # type: ignore[attr-defined]
         with self._lock:
             entry, fp = _claims.add(self._table, self._slots, chunk_hash, world_size, rank, *record)  # type: ignore[union-attr]
-            self._pending.pop(fp, None)
+            self._unmark(fp)
             if entry >= 0:
                 self._entries[key] = (entry, fp)
                 return
@@ -177,24 +183,51 @@ class ClaimIndex:
             "same fingerprint): lookups miss it until it is stored again",
         )
 
-    def storing(self, digests: bytes, digest_size: int, world_size: int, rank: int, now: float) -> None:
-        """The chunks ``digests`` names (of ``rank``) are being stored: until they are published (or
-        :data:`PENDING_S` passed) a claim that reaches one asks the server, which answers in the order
-        it reads the reports. A save TRT-LLM was told has landed is then seen by every lookup after
-        it, as without claims. Chunks indexed already are left as they are."""
+    def storing(
+        self, instance_id: int, digests: bytes, digest_size: int, world_size: int, rank: int, now: float
+    ) -> None:
+        """The chunks ``digests`` names (of ``rank``) are being stored by ``instance_id``: until they are
+        published (or :data:`PENDING_S` passed) a claim that reaches one asks the server, which answers
+        in the order it reads the reports. A save TRT-LLM was told has landed is then seen by every
+        lookup after it, as without claims. Chunks indexed already are left as they are; past the
+        instance's :attr:`max_marks` none is marked (a claim may then miss them: a recompute)."""
         with self._lock:
+            room = self.max_marks - self._marks.get(instance_id, 0)
+            if room * digest_size < len(digests):
+                self._warn.warning(
+                    f"claims-marks-{instance_id}",
+                    "instance %d has %d stores' chunks in flight, the most one instance may mark; lookups "
+                    "of the rest may miss them until they are published",
+                    instance_id,
+                    self.max_marks,
+                )
+                digests = digests[: max(0, room) * digest_size]
             pairs = _claims.mark(self._table, self._slots, digests, digest_size, world_size, rank)  # type: ignore[union-attr]
             for fp, entry in np.frombuffer(pairs, dtype="<u8").reshape(-1, 2).tolist():
                 if entry != NOT_MARKED:
-                    self._pending[fp] = (entry, now)
+                    self._pending[fp] = (entry, now, instance_id)
+                    self._marks[instance_id] = self._marks.get(instance_id, 0) + 1
 
     def expire(self, now: float) -> None:
         """Drop the marks of stores not published within :data:`PENDING_S` (failed, or duplicates)."""
         with self._lock:
-            stale = [fp for fp, (_, since) in self._pending.items() if now - since > PENDING_S]
+            stale = [fp for fp, (_, since, _) in self._pending.items() if now - since > PENDING_S]
             for fp in stale:
-                entry, _ = self._pending.pop(fp)
+                entry = self._unmark(fp)
                 _claims.remove(self._table, entry, fp)  # type: ignore[union-attr]
+
+    def _unmark(self, fp: int) -> int:
+        """Forget the mark of ``fp`` (the lock held); its entry, or -1 if it had none."""
+        found = self._pending.pop(fp, None)
+        if found is None:
+            return -1
+        entry, _, instance_id = found
+        left = self._marks.get(instance_id, 0) - 1
+        if left > 0:
+            self._marks[instance_id] = left
+        else:
+            self._marks.pop(instance_id, None)
+        return entry
 
     def removed(self, key: Hashable) -> None:
         with self._lock:

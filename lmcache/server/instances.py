@@ -76,6 +76,11 @@ class Instance:
     def world_size(self) -> int:
         return self.request.world_size
 
+    def chunk_bytes(self, chunk_size: int) -> int:
+        """Bytes one chunk of ``chunk_size`` tokens of this instance's pool holds (one rank's)."""
+        layout = self.space.layout
+        return layout.row_bytes * layout.blocks_per_chunk(chunk_size)
+
     def same_registration(self, req: P.Register) -> bool:
         a, b = self.request, req
         return (a.rank, a.world_size, a.model_name, a.tokens_per_block, a.pool) == (

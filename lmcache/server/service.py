@@ -367,7 +367,7 @@ class CacheService:
         """Note the pins a lookup took; drop them and refuse if the instance's pins would hold more
         than ``pin_share`` of L1."""
         chunk_size = self.engine.config.chunk_size
-        chunk_bytes = inst.space.layout.row_bytes * inst.space.layout.blocks_per_chunk(chunk_size)
+        chunk_bytes = inst.chunk_bytes(chunk_size)
         nbytes = -(-hit // chunk_size) * chunk_bytes * inst.world_size
         share = int(self.config.pin_share * self.engine.l1.arena.capacity_bytes)
         record = PinRecord(inst.world_size, time.monotonic(), nbytes) if hit > 0 else None

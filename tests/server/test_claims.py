@@ -100,16 +100,28 @@ def test_claims_stop_at_a_missing_chunk_and_at_a_rank_missing(rig: Rig) -> None:
 
 def test_a_chunk_being_stored_sends_the_lookup_to_the_server(rig: Rig) -> None:
     rig.put(key(1))
-    rig.index.storing(digest(2), DIGEST, 1, 0, 0.0)
+    rig.index.storing(7, digest(2), DIGEST, 1, 0, 0.0)
     assert rig.claim(1, 2)[::2] == (1, True)  # stopped at a chunk only the server can place in order
     rig.index.release(7, rig.claim(1)[1])
     rig.put(key(2))  # published: the mark becomes the chunk's entry
     chunks, entries, pending = rig.claim(1, 2)
     assert (chunks, pending) == (2, False)
     rig.index.release(7, entries)
-    rig.index.storing(digest(9), DIGEST, 1, 0, 0.0)
+    rig.index.storing(7, digest(9), DIGEST, 1, 0, 0.0)
     rig.index.expire(C.PENDING_S + 1)  # never published: the mark goes
     assert rig.claim(9)[::2] == (0, False)
+
+
+def test_one_instance_marks_at_most_its_share_of_the_index(rig: Rig) -> None:
+    rig.index.max_marks = 2
+    rig.index.storing(7, digest(1) + digest(2) + digest(3), DIGEST, 1, 0, 0.0)
+    assert rig.claim(2)[::2] == (0, True)  # marked
+    assert rig.claim(3)[::2] == (0, False)  # past the instance's marks: a plain miss
+    rig.index.storing(8, digest(3), DIGEST, 1, 0, 0.0)  # another instance has room of its own
+    assert rig.claim(3)[::2] == (0, True)
+    rig.put(key(1))  # published: its mark goes, and with it one of instance 7's
+    rig.index.storing(7, digest(4), DIGEST, 1, 0, 0.0)
+    assert rig.claim(4)[::2] == (0, True)
 
 
 def test_claimed_slots_name_the_chunks_bytes(rig: Rig) -> None:
