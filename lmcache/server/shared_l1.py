@@ -38,9 +38,10 @@ from lmcache.storage.cpu_store import CachedChunk
 
 DEFAULT_MAX_TICKETS = 64
 """Open tickets (stores plus loads) one instance may hold: a worker has a few requests in flight."""
-DEFAULT_MAX_LEASE_BYTES = 128 << 20
-"""Leased L1 bytes one instance may hold: enough to keep the DMA engine busy through a round trip
-and the reservation of the rest of a store (benchmarks/RESULTS.md, D22)."""
+DEFAULT_MAX_LEASE_BYTES = 512 << 20
+"""Leased L1 bytes one instance may hold: a whole long prompt's store (16k tokens of a small model),
+so its copies never wait for the server, even one busy publishing and evicting for the store before
+(benchmarks/RESULTS.md, D22, D59)."""
 LEASE_SHARE_OF_L1 = 16
 """An instance's lease is also at most 1/16 of L1, so small caches stay caches."""
 LEASES_SHARE_OF_L1 = 4
