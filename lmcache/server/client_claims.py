@@ -3,6 +3,7 @@ the hit claimed here, the lookup then sent one-way for the server to pin it and 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,7 @@ class ClaimedLookups:
         (:meth:`Registrations.claim` says when). A shared-L1 instance's load then copies from the
         claimed slots before the server answers it."""
         assert req.pin_id is not None
+        req.claimed_at = time.monotonic()  # a load the server serves after this used this hit
         claimed = self._registrations.claim(req.instance_id, req.chunk_hashes, req.pin_id)
         if claimed is None:
             return None

@@ -4,17 +4,26 @@ A lookup with a ``pin_id`` pins its hit chunks (for every rank of the world) und
 ``(instance_id, pin_id)``. The record goes when every rank has retrieved, on ``release``, when its
 owner is retired, or after ``pin_ttl_s``. This table is bookkeeping only: the caller releases the
 engine's pins of the keys it hands back.
+
+A claimed lookup (:mod:`lmcache.server.claims`) reaches the server one-way, and may arrive after a
+rank's load that used its hit (another connection, or another process for a rank of a TP world,
+served first). The table remembers such loads (a rank loaded under a key with no record), and a
+claimed lookup's record counts the ones served since its claim as done: no pin waits for a load
+that already happened.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 __all__ = ["PinKey", "PinRecord", "PinTable"]
 
 PinKey = tuple[int, int | str]
 """(the instance whose lookup pinned, its pin id)."""
+MAX_EARLY_LOADS = 1024
+"""Loads remembered with no record to mark (the oldest go first): lookups late by more are rare."""
 
 
 @dataclass
@@ -32,6 +41,8 @@ class PinTable:
 
     def __init__(self) -> None:
         self._pins: dict[PinKey, PinRecord] = {}
+        self._early: OrderedDict[PinKey, dict[int, float]] = OrderedDict()
+        """Ranks that loaded under a key with no record, and when (``time.monotonic()``)."""
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -42,14 +53,21 @@ class PinTable:
         with self._lock:
             return self._pins.get(key)
 
-    def replace(self, key: PinKey, record: PinRecord | None, share: int) -> tuple[int, bool]:
+    def replace(
+        self, key: PinKey, record: PinRecord | None, share: int, claimed_at: float | None = None
+    ) -> tuple[int, bool]:
         """Drop ``key``'s record, then enter ``record`` unless the owner's other lookups plus it would
-        hold more than ``share`` bytes. Returns (bytes the owner's other lookups hold, whether over)."""
+        hold more than ``share`` bytes. The ranks that loaded under ``key`` since ``claimed_at`` (a
+        claimed lookup's) join ``record.done``; a record every rank is done with is not entered.
+        Returns (bytes the owner's other lookups hold, whether over)."""
         with self._lock:
             self._pins.pop(key, None)
+            early = self._early.pop(key, {})
+            if record is not None and claimed_at is not None:
+                record.done.update(rank for rank, when in early.items() if when >= claimed_at)
             held = sum(st.nbytes for k, st in self._pins.items() if k[0] == key[0])
             over = record is not None and held + record.nbytes > share
-            if record is not None and not over:
+            if record is not None and not over and len(record.done) < record.world_size:
                 self._pins[key] = record
         return held, over
 
@@ -58,11 +76,16 @@ class PinTable:
         with self._lock:
             return self._pins.pop(key, None) is not None
 
-    def rank_done(self, key: PinKey, rank: int) -> bool:
-        """Note that ``rank`` has loaded; True when that was the last rank (the record is gone then)."""
+    def rank_done(self, key: PinKey, rank: int, now: float) -> bool:
+        """Note that ``rank`` has loaded (at ``now``); True when that was the last rank (the record is
+        gone then). With no record, the load is remembered for a claimed lookup arriving late."""
         with self._lock:
             state = self._pins.get(key)
             if state is None:
+                self._early.setdefault(key, {})[rank] = now
+                self._early.move_to_end(key)
+                if len(self._early) > MAX_EARLY_LOADS:
+                    self._early.popitem(last=False)
                 return False
             state.done.add(rank)
             if len(state.done) < state.world_size:
@@ -76,6 +99,8 @@ class PinTable:
             owned = [key for key in self._pins if key[0] == instance_id]
             for key in owned:
                 del self._pins[key]
+            for key in [key for key in self._early if key[0] == instance_id]:
+                del self._early[key]
         return owned
 
     def pop_stale(self, now: float, ttl: float) -> list[PinKey]:
@@ -84,4 +109,6 @@ class PinTable:
             stale = [key for key, st in self._pins.items() if now - st.created > ttl]
             for key in stale:
                 del self._pins[key]
+            for key in [key for key, ranks in self._early.items() if now - max(ranks.values()) > ttl]:
+                del self._early[key]
         return stale

@@ -29,7 +29,7 @@ register       instance_id rank world_size model_name            :class:`Registe
 unregister     instance_id                                       bool (was registered)
 lookup         instance_id tokens cache_salt pin_id              int: hit tokens (all ranks)
 lookup_hashes  instance_id chunk_hashes num_tokens pin_id        int: hit tokens (all ranks); none
-               claims one_way                                    if ``one_way`` (a claimed hit)
+               claims claimed_at one_way                         if ``one_way`` (a claimed hit)
 release        instance_id pin_id pin_owner                      bool (pins were held)
 store          instance_id tokens cache_salt block_ids           int: tokens newly stored
                start end chunk_hashes
@@ -140,7 +140,7 @@ __all__ = [
     "ids_from_wire",
 ]
 
-PROTOCOL_VERSION = 10
+PROTOCOL_VERSION = 11
 """Bumped on any incompatible change; client and server must agree exactly."""
 
 MAX_FRAME_BYTES = 64 << 20
@@ -228,9 +228,8 @@ class Lookup(_Req, tag="lookup", kw_only=True):
 
 
 class LookupHashes(_Req, tag="lookup_hashes", kw_only=True):
-    """A lookup by the prompt's full-chunk hashes, computed by the client as the server would (see
-    :class:`ChunkHashing`): a few bytes per chunk on the wire instead of 8 per token, and no hashing
-    on the server. The salt is folded into the hashes."""
+    """A lookup by the prompt's full-chunk hashes (the salt folded in), computed by the client as the
+    server would (:class:`ChunkHashing`): no hashing on the server. ``slots`` as in :class:`Lookup`."""
 
     instance_id: UInt63
     chunk_hashes: ChunkHashBytes
@@ -239,9 +238,10 @@ class LookupHashes(_Req, tag="lookup_hashes", kw_only=True):
     pin_id: PinId = None
     cap: Cap = None
     slots: bool = False
-    """As :attr:`Lookup.slots`."""
     claims: Annotated[bytes, Meta(max_length=4 * MAX_TOKENS)] = b""
     """Index entries the client claimed for this hit (uint32 each): given back once it is pinned."""
+    claimed_at: float = 0.0
+    """With ``claims``: when the client claimed, by ``time.monotonic()`` (claims need one host's clock)."""
     one_way: bool = False
 
 

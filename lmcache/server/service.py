@@ -356,24 +356,29 @@ class CacheService:
                 tokens = P.ids_from_wire(req.tokens, "tokens")
                 hit = self.engine.lookup(inst.space, tokens, req.cache_salt, ranks=ranks, pin_id=key)
             if key is not None:
-                self._record_pins(inst, key, hit)
+                claimed = isinstance(req, P.LookupHashes) and bool(req.claims)
+                self._record_pins(inst, key, hit, req.claimed_at if claimed else None)
             if not req.slots:
                 return hit
             shared = self.shared_l1 if P.sharing_mode(inst.request.pool) == "shared-l1" else None
             slots = shared.pinned_slots(key, inst.rank) if shared is not None and key and hit else []
             return P.LookupSlots(hit=hit, slots=slots)
 
-    def _record_pins(self, inst: Instance, key: PinKey, hit: int) -> None:
+    def _record_pins(self, inst: Instance, key: PinKey, hit: int, claimed_at: float | None) -> None:
         """Note the pins a lookup took; drop them and refuse if the instance's pins would hold more
-        than ``pin_share`` of L1."""
+        than ``pin_share`` of L1. A claimed lookup's pins of ranks that loaded since ``claimed_at``
+        (before it arrived) go at once (:class:`PinTable`)."""
         chunk_size = self.engine.config.chunk_size
         chunk_bytes = inst.chunk_bytes(chunk_size)
         nbytes = -(-hit // chunk_size) * chunk_bytes * inst.world_size
         share = int(self.config.pin_share * self.engine.l1.arena.capacity_bytes)
         record = PinRecord(inst.world_size, time.monotonic(), nbytes) if hit > 0 else None
-        held, over = self.pins.replace(key, record, share)
-        if hit == 0 or over:
+        held, over = self.pins.replace(key, record, share, claimed_at)
+        if hit == 0 or over or (record is not None and len(record.done) >= record.world_size):
             self.engine.release(key)
+        elif record is not None:
+            for rank in record.done:
+                self.engine.release(key, rank)
         if over:
             self.counters.refuse("pinned_bytes")
             raise ServiceFailure(
@@ -413,7 +418,7 @@ class CacheService:
         """A rank has loaded: its pins of the lookup go now, the lookup's record once every rank of
         the world has loaded (or on release / owner reaped / TTL)."""
         self.engine.release(key, rank)
-        if self.pins.rank_done(key, rank):
+        if self.pins.rank_done(key, rank, time.monotonic()):
             self.engine.release(key)
 
     def _release_owned_pins(self, inst: Instance) -> None:

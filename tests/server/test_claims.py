@@ -3,8 +3,8 @@ L1, a claimed chunk is never evicted until its claim is given back, claims stop 
 a chunk of a rank missing, and at one being stored; slots name the chunks' bytes; the regions are
 private; an instance's claims stop holding when it goes or holds more than its share. Through a
 server: a pinned lookup claims its hit with no call, the load brings the bytes back, a save reported
-done is seen by the next claimed lookup, and nobody without the instance's capability gives its
-claims back."""
+done is seen by the next claimed lookup, a claimed lookup arriving after its load leaves no pin, and
+nobody without the instance's capability gives its claims back."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -257,3 +258,48 @@ def test_nobody_without_the_capability_gives_an_instances_claims_back(served: Se
     assert server.claims is not None
     held = len(claimed.entries) // 4
     assert held and server.claims.release(iid, claimed.entries) == held  # every claim was still held
+
+
+def test_a_claimed_lookup_arriving_after_its_load_leaves_no_pin(served: Served) -> None:
+    """The one-way lookup can reach the server after the load it answered (another connection served
+    first): its pins go at once instead of lingering until the TTL; a later lookup under the same pin
+    id (claimed after that load) pins as usual."""
+    server, client, mode = served
+    iid = client.register(pool(4), 0, 1, MODEL, TPB, pool_sharing=mode).instance_id
+    tokens = list(range(8000, 8000 + 4 * TPB))
+    client.store(BlockTransfer(tokens, None, list(range(4)), 0, len(tokens)))
+    assert client.lookup(tokens) == len(tokens)  # published (see above)
+    hashes = client.chunk_hashes(tokens)
+    assert hashes is not None and server.claims is not None
+
+    def late_lookup(claimed_at: float, entries: bytes) -> None:
+        req = P.LookupHashes(
+            rid=1,
+            auth=client.credentials.secret(),
+            instance_id=iid,
+            chunk_hashes=hashes.digests,
+            num_tokens=len(tokens),
+            pin_id="late",
+            claims=entries,
+            claimed_at=claimed_at,
+            cap=client.registrations.cap(iid),
+        )
+        reply = exchange(f"tcp://127.0.0.1:{server.tcp_port}", P.encode(req))
+        assert reply.ok and reply.value == len(tokens)
+
+    claimed_at = time.monotonic()
+    claimed = client.registrations.claim(iid, hashes.digests, pin_id="late")
+    assert claimed is not None and claimed.tokens == len(tokens)
+    target = list(range(20, 24))
+    assert client.retrieve(BlockTransfer(hashes, None, target, 0, len(tokens)), pin_id="late") == len(tokens)
+    late_lookup(claimed_at, claimed.entries)
+    assert server.service.pins.get((iid, "late")) is None
+    assert (iid, "late") not in server.engine.pinned_ids()
+    assert server.claims.release(iid, claimed.entries) == 0  # the lookup gave its claims back
+
+    again = client.registrations.claim(iid, hashes.digests, pin_id="late")
+    assert again is not None
+    late_lookup(time.monotonic(), again.entries)  # claimed after the load: a lookup of its own
+    assert server.service.pins.get((iid, "late")) is not None
+    assert (iid, "late") in server.engine.pinned_ids()
+    assert client.release("late")

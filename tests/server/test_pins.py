@@ -1,0 +1,59 @@
+"""The server's pin table: a claimed lookup arriving after a rank's load counts that rank as done, a
+lookup claimed after the load does not; the loads remembered are bounded and expire."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmcache.server import pins as pins_module
+from lmcache.server.pins import PinRecord, PinTable
+
+SHARE = 1 << 30
+
+
+def test_a_late_claimed_lookup_counts_the_ranks_that_loaded_since_its_claim() -> None:
+    table = PinTable()
+    assert not table.rank_done((1, "r"), 0, now=10.0)  # rank 0 loaded before the lookup arrived
+    record = PinRecord(world_size=2, created=11.0, nbytes=100)
+    assert table.replace((1, "r"), record, SHARE, claimed_at=9.0) == (0, False)
+    assert record.done == {0} and table.get((1, "r")) is record  # rank 1 has yet to load
+    assert table.rank_done((1, "r"), 1, now=12.0)  # the last rank: the record goes
+    assert table.get((1, "r")) is None
+
+
+def test_a_record_every_rank_is_done_with_is_not_entered() -> None:
+    table = PinTable()
+    table.rank_done((1, "r"), 0, now=10.0)
+    record = PinRecord(world_size=1, created=11.0, nbytes=100)
+    table.replace((1, "r"), record, SHARE, claimed_at=9.0)
+    assert record.done == {0} and table.get((1, "r")) is None and len(table) == 0
+
+
+def test_loads_before_the_claim_or_for_an_unclaimed_lookup_count_nothing() -> None:
+    table = PinTable()
+    table.rank_done((1, "r"), 0, now=10.0)
+    record = PinRecord(world_size=1, created=11.0, nbytes=100)
+    table.replace((1, "r"), record, SHARE, claimed_at=10.5)  # claimed after that load: its own
+    assert record.done == set() and table.get((1, "r")) is record
+    table.pop((1, "r"))
+    table.rank_done((1, "s"), 0, now=10.0)
+    plain = PinRecord(world_size=1, created=11.0, nbytes=100)
+    table.replace((1, "s"), plain, SHARE)  # a round-trip lookup: answered before any of its loads
+    assert plain.done == set() and table.get((1, "s")) is plain
+
+
+def test_loads_remembered_are_bounded_and_expire(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pins_module, "MAX_EARLY_LOADS", 4)
+    table = PinTable()
+    for i in range(6):
+        table.rank_done((1, i), 0, now=float(i))
+    oldest = PinRecord(world_size=1, created=7.0, nbytes=1)
+    table.replace((1, 0), oldest, SHARE, claimed_at=-1.0)
+    assert oldest.done == set()  # pushed out by the newer ones
+    newest = PinRecord(world_size=1, created=7.0, nbytes=1)
+    table.replace((1, 5), newest, SHARE, claimed_at=-1.0)
+    assert newest.done == {0}
+    table.pop_stale(now=100.0, ttl=10.0)  # every remembered load is older than the TTL
+    late = PinRecord(world_size=1, created=100.0, nbytes=1)
+    table.replace((1, 4), late, SHARE, claimed_at=-1.0)
+    assert late.done == set()
