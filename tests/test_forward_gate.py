@@ -11,6 +11,8 @@ import torch
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.forward_gate import FORWARD, ForwardGate
+from lmcache.integration.tensorrt_llm.connector import OVERLAP_MIN_TOKENS
+from lmcache.integration.tensorrt_llm.plan import ConnectorMetadata, LoadPlan, PinKey
 from lmcache.integration.tensorrt_llm.save_queue import SaveQueue
 from lmcache.integration.tensorrt_llm.tensorrt_adapter import LMCacheKvConnectorWorker, reset_process_engine
 from lmcache.layout import PoolLayout
@@ -74,10 +76,7 @@ def test_a_gate_left_closed_only_delays_other_threads() -> None:
     assert gate.holds == 3 and gate.is_open
 
 
-def test_the_worker_closes_the_gate_for_the_forward_and_opens_it_after(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """TRT-LLM enqueues the forward between ``start_load_kv`` and ``wait_for_save``."""
+def gated_worker(monkeypatch: pytest.MonkeyPatch) -> LMCacheKvConnectorWorker:
     monkeypatch.setenv("LMCACHE_MAX_LOCAL_CPU_SIZE", "0.05")
     reset_process_engine()
     args = TorchLlmArgs(
@@ -87,6 +86,14 @@ def test_the_worker_closes_the_gate_for_the_forward_and_opens_it_after(
     )
     worker = LMCacheKvConnectorWorker(args)
     worker.register_kv_caches(torch.randn(32, 2, 2, TPB * 8))
+    return worker
+
+
+def test_the_worker_closes_the_gate_for_the_forward_and_opens_it_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TRT-LLM enqueues the forward between ``start_load_kv`` and ``wait_for_save``."""
+    worker = gated_worker(monkeypatch)
     try:
         worker.start_load_kv(None)
         assert not FORWARD.is_open
@@ -95,5 +102,40 @@ def test_the_worker_closes_the_gate_for_the_forward_and_opens_it_after(
         worker.start_load_kv(None)
         worker.get_finished([], [])  # a forward that failed before wait_for_save: reopened here
         assert FORWARD.is_open
+    finally:
+        reset_process_engine()
+
+
+def test_saves_go_on_while_long_whole_loads_are_enqueued_not_short_or_layer_wise_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A long whole load's forward waits for its copies anyway: the gate closes once they are
+    enqueued. A short load's forward, or a layer-wise one's (it starts after the first layers), is
+    guarded from the start."""
+    worker = gated_worker(monkeypatch)
+    gate_open_during_load: list[bool] = []
+    monkeypatch.setattr(
+        worker.backend, "load", lambda *args: gate_open_during_load.append(FORWARD.is_open) or (lambda: True)
+    )
+
+    def plan(tokens: int) -> LoadPlan:
+        return LoadPlan(
+            1, PinKey("req", 1), transfers=[], start=0, end=tokens, is_async=False, required=tokens
+        )
+
+    long, short = plan(OVERLAP_MIN_TOKENS), plan(OVERLAP_MIN_TOKENS - CHUNK)
+    try:
+        worker.bind_connector_meta(ConnectorMetadata(loads=[short]))
+        worker.start_load_kv(None)  # no forward has called every layer's hook yet: whole loads
+        worker.wait_for_save(None)
+        worker.bind_connector_meta(ConnectorMetadata(loads=[long]))
+        worker.start_load_kv(None)
+        assert gate_open_during_load == [False, True] and not FORWARD.is_open
+        for layer in range(2):  # this forward calls every hook: loads may go layer-wise from now on
+            worker.wait_for_layer_load(layer, None)
+        worker.wait_for_save(None)
+        worker.bind_connector_meta(ConnectorMetadata(loads=[long]))
+        worker.start_load_kv(None)
+        assert gate_open_during_load == [False, True, False] and not FORWARD.is_open
     finally:
         reset_process_engine()

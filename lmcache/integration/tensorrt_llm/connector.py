@@ -26,6 +26,11 @@ from lmcache.logging import init_logger
 
 logger = init_logger(__name__)
 
+OVERLAP_MIN_TOKENS = 4096
+"""Whole loads of at least this many tokens in one iteration let saves go on while they are enqueued
+(see ``start_load_kv``). Shorter ones, whose forward would wait for the host more than for their
+copies, keep saves off the GIL from the start (D60 measured 16k-token loads)."""
+
 
 class LMCacheScheduler(KvCacheConnectorScheduler):
     """Rank 0's half: TRT-LLM's scheduler callbacks, answered by the planner."""
@@ -116,17 +121,24 @@ class LMCacheWorker(KvCacheConnectorWorker):
 
     def start_load_kv(self, stream: Any) -> None:
         """Run the plan's loads; the forward's launch follows, until ``wait_for_save``: saves in
-        flight keep off the GIL meanwhile (:mod:`lmcache.forward_gate`)."""
-        FORWARD.close()
+        flight keep off the GIL meanwhile (:mod:`lmcache.forward_gate`). While long whole loads are
+        enqueued they go on: the forward waits for those loads' copies anyway, which outlast their
+        enqueueing, and a save's copies then overlap them (benchmarks/RESULTS.md, D60). A short
+        load's forward, or a layer-wise one's (it starts after the first layers), is guarded from
+        the start."""
         meta = self._meta()
         self._layerwise.begin_forward()
-        for plan in meta.loads:
-            layers = self._layerwise.layers_for(plan)
+        plans = [(plan, self._layerwise.layers_for(plan)) for plan in meta.loads]
+        whole_tokens = sum(plan.end - plan.start for plan, layers in plans if layers is None)
+        if whole_tokens < OVERLAP_MIN_TOKENS or any(layers is not None for _, layers in plans):
+            FORWARD.close()
+        for plan, layers in plans:
             done = self.backend.load(plan, meta.backend_context, stream, layers)
             if plan.reservation_id is not None:
                 self._prefix_loads[plan.reservation_id] = done
             elif plan.is_async:
                 self._loads.add(plan.request_id, done)
+        FORWARD.close()
 
     def wait_for_save(self, stream: Any) -> None:
         """Hand this iteration's saves to the back-end; a request whose saves are in flight keeps
