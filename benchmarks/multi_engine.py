@@ -15,8 +15,10 @@ page-locks) the server's L1 slabs before its first phase, so every figure is tak
 (L1 full and evicting, as for long-running engines); L1 must hold every prompt a run's loads read back.
 
 Aggregate GB/s is every engine's bytes over the span from the first start to the last end; the
-ratio is to the ceiling's aggregate. Meanwhile this process looks up an 8k-token prompt through its
-own client, one every ``--lookup-interval-ms``: p50 / p99 under load, beside the same idle.
+ratio is to the ceiling's aggregate. Meanwhile this process looks up a fresh 8k-token prompt through
+its own client, one every ``--lookup-interval-ms``, twice: as the MP scheduler does (hashed here,
+claimed with no call where the server offers claims, pinned; ``lookup``) and as a plain round trip
+(the tokens sent, the server hashes; ``round_trip``): p50 / p99 under load, beside the same idle.
 
 ``--mixed`` adds, with two engines, one saving while the other loads (prompts it saved first), against
 the bidirectional ceiling: two plain copies in opposite directions at once.
@@ -34,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -153,16 +156,37 @@ def aggregate_gbps(rows: list[Row]) -> float:
     return sum(r["bytes"] for r in rows) / span / 1e9
 
 
-def lookups_while(client: CacheServerClient, done: Any, limit: int, interval_s: float) -> list[float]:
-    """Lookup seconds of fresh prompts, one every ``interval_s`` (a scheduler asks as requests
-    arrive, not in a loop that would keep the server busy), until ``done()`` (at most ``limit``)."""
+@dataclass
+class LookupTimes:
+    """Seconds of lookups of fresh prompts: as the MP scheduler makes them, and as plain round trips."""
+
+    scheduler: list[float] = field(default_factory=list)
+    round_trip: list[float] = field(default_factory=list)
+
+    def __iadd__(self, other: LookupTimes) -> LookupTimes:
+        self.scheduler += other.scheduler
+        self.round_trip += other.round_trip
+        return self
+
+    def summary(self) -> dict[str, Any]:
+        return {"lookup": percentiles_us(self.scheduler), "round_trip": percentiles_us(self.round_trip)}
+
+
+def lookups_while(client: CacheServerClient, done: Any, limit: int, interval_s: float) -> LookupTimes:
+    """Lookups of fresh prompts, both ways (see the module), one pair every ``interval_s`` (a scheduler
+    asks as requests arrive, not in a loop that would keep the server busy), until ``done()`` (at most
+    ``limit`` pairs)."""
     generator = torch.Generator().manual_seed(7)
-    times: list[float] = []
-    while len(times) < limit:  # one at least, however short the phase
+    times = LookupTimes()
+    while len(times.scheduler) < limit:  # one at least, however short the phase
         tokens = torch.randint(0, VOCAB, (LOOKUP_TOKENS,), generator=generator).tolist()
         began = time.perf_counter()
+        if client.lookup(tokens, pin_id="lookups", chunk_hashes=client.chunk_hashes(tokens)):
+            client.release("lookups")  # not expected of a fresh prompt; pins go either way
+        times.scheduler.append(time.perf_counter() - began)
+        sent = time.perf_counter()
         client.lookup(tokens)
-        times.append(time.perf_counter() - began)
+        times.round_trip.append(time.perf_counter() - sent)
         if done():
             break
         time.sleep(max(0.0, began + interval_s - time.perf_counter()))
@@ -190,7 +214,7 @@ def run_count(
     result: dict[str, Any] = {
         "engines": len(plans),
         "rows_equal": all(r["equal"] for rows in steps for r in rows),
-        "lookup_under_load": percentiles_us(under_load),
+        "lookup_under_load": under_load.summary(),
     }
     if mixed:  # its last two steps: a copy each way at once, then a save beside a load
         ceiling, work = aggregate_gbps(steps[-2]), aggregate_gbps(steps[-1])
@@ -214,9 +238,9 @@ def run_count(
 
 def run_plans(
     args: argparse.Namespace, url: str, plans: list[list[str]], client: CacheServerClient, seed: int
-) -> tuple[list[list[Row]], list[float]]:
-    """One engine process per plan, all in lockstep: each step's rows, and the lookup seconds this
-    process measured while steps with saves or loads ran. Engine ``i`` draws its prompts from
+) -> tuple[list[list[Row]], LookupTimes]:
+    """One engine process per plan, all in lockstep: each step's rows, and the lookups this
+    process timed while steps with saves or loads ran. Engine ``i`` draws its prompts from
     ``seed + i``: callers keep seeds apart, so no run saves a prompt another saved."""
     context = mp.get_context("spawn")  # CUDA in the children
     barrier = context.Barrier(len(plans) + 1)
@@ -229,7 +253,7 @@ def run_plans(
         pipes.append(receive)
         procs.append(proc)
     steps: list[list[Row]] = []
-    under_load: list[float] = []
+    under_load = LookupTimes()
     try:
         for step in range(len(plans[0])):
             try:
@@ -296,7 +320,7 @@ def main() -> int:
         with CacheServerClient(url, timeout_s=30) as client:
             pool_modes.register(client, torch.zeros(4, 1, 2, 64), pool_modes.SHARED_L1, "bench/lookups", 16)
             idle = lookups_while(client, lambda: False, 200, args.lookup_interval_ms / 1e3)
-            results["lookup_idle"] = percentiles_us(idle)
+            results["lookup_idle"] = idle.summary()
             run_plans(args, url, [["fill"]], client, args.seed + 1)
             for count in args.engines:
                 results["runs"].append(run_count(args, url, count, False, client))

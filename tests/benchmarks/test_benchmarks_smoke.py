@@ -219,7 +219,10 @@ def test_multi_engine(tmp_path: Path) -> None:
     assert [run["engines"] for run in data["runs"]] == [1, 2]
     for run in data["runs"]:
         assert run["rows_equal"] and run["save_gbps"] > 0 and run["load_gbps"] > 0
-        assert run["lookup_under_load"]["count"] > 0
+        assert (
+            run["lookup_under_load"]["lookup"]["count"] > 0
+            and run["lookup_under_load"]["round_trip"]["count"] > 0
+        )
     assert data["mixed"]["rows_equal"] and data["mixed"]["bidirectional_ceiling_gbps"] > 0
 
 
