@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -234,72 +235,69 @@ def test_a_save_reported_done_is_seen_by_the_next_claimed_lookup(served: Served)
         client.release(f"p{i}")
 
 
+class Stored:
+    """A prompt of four chunks stored and published through ``served``'s client, and its hashes."""
+
+    def __init__(self, served: Served, seed: int) -> None:
+        self.server, self.client, mode = served
+        self.iid = self.client.register(pool(seed), 0, 1, MODEL, TPB, pool_sharing=mode).instance_id
+        self.tokens = list(range(1000 * seed, 1000 * seed + 4 * TPB))
+        self.client.store(BlockTransfer(self.tokens, None, list(range(4)), 0, len(self.tokens)))
+        assert self.client.lookup(self.tokens) == len(self.tokens)  # published (see above)
+        hashes = self.client.chunk_hashes(self.tokens)
+        assert hashes is not None and self.server.claims is not None
+        self.hashes = hashes
+
+    def claim(self, pin_id: str) -> bytes:
+        """Claim the whole prompt here, as a lookup would; the entries claimed."""
+        claimed = self.client.registrations.claim(self.iid, self.hashes.digests, pin_id=pin_id)
+        assert claimed is not None and claimed.tokens == len(self.tokens)
+        return claimed.entries
+
+    def send_lookup(self, entries: bytes, **fields: Any) -> P.Reply:
+        """The claimed lookup of the prompt sent on a connection of its own; the server's reply."""
+        req = P.LookupHashes(
+            rid=1,
+            auth=self.client.credentials.secret(),
+            instance_id=self.iid,
+            chunk_hashes=self.hashes.digests,
+            num_tokens=len(self.tokens),
+            claims=entries,
+            **fields,
+        )
+        return exchange(f"tcp://127.0.0.1:{self.server.tcp_port}", P.encode(req))
+
+
 def test_nobody_without_the_capability_gives_an_instances_claims_back(served: Served) -> None:
-    server, client, mode = served
-    iid = client.register(pool(3), 0, 1, MODEL, TPB, pool_sharing=mode).instance_id
-    tokens = list(range(7000, 7000 + 4 * TPB))
-    client.store(BlockTransfer(tokens, None, list(range(4)), 0, len(tokens)))
-    assert client.lookup(tokens) == len(tokens)  # published (see above)
-    hashes = client.chunk_hashes(tokens)
-    assert hashes is not None
-    claimed = client.registrations.claim(iid, hashes.digests, pin_id="x")
-    assert claimed is not None and claimed.tokens == len(tokens)
-    forged = P.LookupHashes(
-        rid=1,
-        auth=client.credentials.secret(),
-        instance_id=iid,
-        chunk_hashes=hashes.digests,
-        num_tokens=len(tokens),
-        claims=claimed.entries,
-        cap=b"x" * 32,
-    )
-    reply = exchange(f"tcp://127.0.0.1:{server.tcp_port}", P.encode(forged))
+    stored = Stored(served, 7)
+    server, iid = stored.server, stored.iid
+    entries = stored.claim("x")
+    reply = stored.send_lookup(entries, cap=b"x" * 32)
     assert not reply.ok and reply.error is not None and reply.error.code == P.ErrorCode.UNKNOWN_INSTANCE
     assert server.claims is not None
-    held = len(claimed.entries) // 4
-    assert held and server.claims.release(iid, claimed.entries) == held  # every claim was still held
+    held = len(entries) // 4
+    assert held and server.claims.release(iid, entries) == held  # every claim was still held
 
 
 def test_a_claimed_lookup_arriving_after_its_load_leaves_no_pin(served: Served) -> None:
     """The one-way lookup can reach the server after the load it answered (another connection served
     first): its pins go at once instead of lingering until the TTL; a later lookup under the same pin
     id (claimed after that load) pins as usual."""
-    server, client, mode = served
-    iid = client.register(pool(4), 0, 1, MODEL, TPB, pool_sharing=mode).instance_id
-    tokens = list(range(8000, 8000 + 4 * TPB))
-    client.store(BlockTransfer(tokens, None, list(range(4)), 0, len(tokens)))
-    assert client.lookup(tokens) == len(tokens)  # published (see above)
-    hashes = client.chunk_hashes(tokens)
-    assert hashes is not None and server.claims is not None
-
-    def late_lookup(claimed_at: float, entries: bytes) -> None:
-        req = P.LookupHashes(
-            rid=1,
-            auth=client.credentials.secret(),
-            instance_id=iid,
-            chunk_hashes=hashes.digests,
-            num_tokens=len(tokens),
-            pin_id="late",
-            claims=entries,
-            claimed_at=claimed_at,
-            cap=client.registrations.cap(iid),
-        )
-        reply = exchange(f"tcp://127.0.0.1:{server.tcp_port}", P.encode(req))
-        assert reply.ok and reply.value == len(tokens)
-
+    stored = Stored(served, 8)
+    server, client, iid, key = stored.server, stored.client, stored.iid, (stored.iid, "late")
+    assert server.claims is not None
+    cap = client.registrations.cap(iid)
     claimed_at = time.monotonic()
-    claimed = client.registrations.claim(iid, hashes.digests, pin_id="late")
-    assert claimed is not None and claimed.tokens == len(tokens)
-    target = list(range(20, 24))
-    assert client.retrieve(BlockTransfer(hashes, None, target, 0, len(tokens)), pin_id="late") == len(tokens)
-    late_lookup(claimed_at, claimed.entries)
-    assert server.service.pins.get((iid, "late")) is None
-    assert (iid, "late") not in server.engine.pinned_ids()
-    assert server.claims.release(iid, claimed.entries) == 0  # the lookup gave its claims back
+    entries = stored.claim("late")
+    transfer = BlockTransfer(stored.hashes, None, list(range(20, 24)), 0, len(stored.tokens))
+    assert client.retrieve(transfer, pin_id="late") == len(stored.tokens)
+    reply = stored.send_lookup(entries, pin_id="late", claimed_at=claimed_at, cap=cap)
+    assert reply.ok and reply.value == len(stored.tokens)
+    assert server.service.pins.get(key) is None and key not in server.engine.pinned_ids()
+    assert server.claims.release(iid, entries) == 0  # the lookup gave its claims back
 
-    again = client.registrations.claim(iid, hashes.digests, pin_id="late")
-    assert again is not None
-    late_lookup(time.monotonic(), again.entries)  # claimed after the load: a lookup of its own
-    assert server.service.pins.get((iid, "late")) is not None
-    assert (iid, "late") in server.engine.pinned_ids()
+    again = stored.claim("late")
+    reply = stored.send_lookup(again, pin_id="late", claimed_at=time.monotonic(), cap=cap)
+    assert reply.ok and reply.value == len(stored.tokens)  # claimed after the load: a lookup of its own
+    assert server.service.pins.get(key) is not None and key in server.engine.pinned_ids()
     assert client.release("late")
