@@ -3,11 +3,11 @@
 A saver thread running Python while TRT-LLM's executor thread enqueues a forward takes the GIL at
 each of the executor's releases (every torch call releases it) and holds it for its own stretch of
 Python, so a decode step's launch is delayed (benchmarks/RESULTS.md, D37 and D41). The connector's
-worker brackets the launch: it closes the gate in ``start_load_kv`` (once its whole loads are
-enqueued: D60) and opens it in ``wait_for_save`` (TRT-LLM calls them right before and right after
-enqueueing the forward). Saves
-call :meth:`ForwardGate.wait` between chunks and block there, without the GIL, while the gate is
-closed. Copies already enqueued keep running on the device meanwhile.
+worker brackets the launch: it closes the gate in ``start_load_kv`` (after its long whole loads
+are enqueued, D60) and opens it in ``wait_for_save`` (TRT-LLM calls them right before and right
+after enqueueing the forward). Saves call :meth:`ForwardGate.wait` between chunks and block there,
+without the GIL, while the gate is closed. Copies already enqueued keep running on the device
+meanwhile.
 
 The gate is per process, like the GIL and TRT-LLM's executor thread.
 """

@@ -240,7 +240,7 @@ class LookupHashes(_Req, tag="lookup_hashes", kw_only=True):
     slots: bool = False
     claims: Annotated[bytes, Meta(max_length=4 * MAX_TOKENS)] = b""
     """Index entries the client claimed for this hit (uint32 each): given back once it is pinned."""
-    claimed_at: float = 0.0
+    claimed_at: Annotated[float, Meta(ge=0.0)] = 0.0
     """With ``claims``: when the client claimed, by ``time.monotonic()`` (claims need one host's clock)."""
     one_way: bool = False
 
