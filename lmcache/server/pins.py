@@ -1,9 +1,9 @@
-"""The server's pin table: which lookups hold pins in the engine, for whom, since when.
+"""The server's pins of lookups: which lookups hold pins in the engine, for whom, since when.
 
 A lookup with a ``pin_id`` pins its hit chunks (for every rank of the world) under the key
 ``(instance_id, pin_id)``. The record goes when every rank has retrieved, on ``release``, when its
-owner is retired, or after ``pin_ttl_s``. This table is bookkeeping only: the caller releases the
-engine's pins of the keys it hands back.
+owner is retired, or after ``pin_ttl_s``. :class:`PinTable` is the bookkeeping alone;
+:class:`LookupPins` keeps it and the engine's pins together (a record that goes releases its pins).
 
 A claimed lookup (:mod:`lmcache.server.claims`) reaches the server one-way, and may arrive after a
 rank's load that used its hit (another connection, or another process for a rank of a TP world,
@@ -15,10 +15,15 @@ that already happened.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-__all__ = ["PinKey", "PinRecord", "PinTable"]
+if TYPE_CHECKING:
+    from lmcache.engine import CacheEngine
+
+__all__ = ["LookupPins", "PinKey", "PinRecord", "PinTable"]
 
 PinKey = tuple[int, int | str]
 """(the instance whose lookup pinned, its pin id)."""
@@ -111,4 +116,56 @@ class PinTable:
                 del self._pins[key]
             for key in [key for key, ranks in self._early.items() if now - max(ranks.values()) > ttl]:
                 del self._early[key]
+        return stale
+
+
+class LookupPins:
+    """The lookups' records (:class:`PinTable`) and their pins in ``engine``, released together."""
+
+    def __init__(self, engine: CacheEngine) -> None:
+        self.engine = engine
+        self.table = PinTable()
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def get(self, key: PinKey) -> PinRecord | None:
+        return self.table.get(key)
+
+    def record(
+        self, key: PinKey, record: PinRecord | None, share: int, claimed_at: float | None
+    ) -> tuple[int, bool]:
+        """Enter the record of a lookup that pinned under ``key`` (None: it pinned nothing), as
+        :meth:`PinTable.replace`; the pins of a lookup refused, empty, or of ranks done go now."""
+        held, over = self.table.replace(key, record, share, claimed_at)
+        if record is None or over or len(record.done) >= record.world_size:
+            self.engine.release(key)
+        else:
+            for rank in record.done:
+                self.engine.release(key, rank)
+        return held, over
+
+    def rank_done(self, key: PinKey, rank: int) -> None:
+        """A rank has loaded: its pins of the lookup go now, the lookup's record once every rank of
+        the world has loaded (or on release / owner reaped / TTL)."""
+        self.engine.release(key, rank)
+        if self.table.rank_done(key, rank, time.monotonic()):
+            self.engine.release(key)
+
+    def release(self, key: PinKey) -> bool:
+        """Drop the lookup's record and pins; whether it had a record."""
+        held = self.table.pop(key)
+        self.engine.release(key)
+        return held
+
+    def release_owner(self, instance_id: int) -> None:
+        """Drop the records and pins of ``instance_id``'s lookups."""
+        for key in self.table.pop_owner(instance_id):
+            self.engine.release(key)
+
+    def release_stale(self, now: float, ttl: float) -> list[PinKey]:
+        """Drop the records (and pins) older than ``ttl`` seconds; their keys."""
+        stale = self.table.pop_stale(now, ttl)
+        for key in stale:
+            self.engine.release(key)
         return stale

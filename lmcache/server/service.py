@@ -41,7 +41,7 @@ from lmcache.logging import init_logger
 from lmcache.server import protocol as P
 from lmcache.server.failures import ServerCounters, ServiceFailure
 from lmcache.server.instances import Instance, InstanceRegistry, client_key
-from lmcache.server.pins import PinKey, PinRecord, PinTable
+from lmcache.server.pins import LookupPins, PinKey, PinRecord
 from lmcache.server.pool_sharing import PoolSharingError, open_pool
 from lmcache.server.prompts import InvalidPrompt, request_prompt
 from lmcache.server.security import Peer
@@ -111,8 +111,8 @@ class CacheService:
         self.instances = InstanceRegistry(config, self.counters, self.server_id)
         self.shared_l1: SharedL1Service | None = None
         """The shared-L1 ops' service, once plugged in (:mod:`lmcache.server.shared_l1_handlers`)."""
-        self.pins = PinTable()
-        self.instances.on_retire.append(self._release_owned_pins)
+        self.pins = LookupPins(engine)
+        self.instances.on_retire.append(lambda inst: self.pins.release_owner(inst.instance_id))
         self.handlers: dict[type, Handler] = {}
         self.add_handlers(
             {
@@ -191,9 +191,8 @@ class CacheService:
             )
         ttl = self.config.pin_ttl_s
         if ttl > 0:
-            for key in self.pins.pop_stale(now, ttl):
-                logger.warning("releasing pins of lookup %r: no retrieve or release within %g s", key, ttl)
-                self.engine.release(key)
+            for key in self.pins.release_stale(now, ttl):
+                logger.warning("released pins of lookup %r: no retrieve or release within %g s", key, ttl)
 
     def stats(self) -> P.StatsInfo:
         """The server's and engine's state in one message (``stats`` op, ``lmcache stats``, /metrics)."""
@@ -373,12 +372,7 @@ class CacheService:
         nbytes = -(-hit // chunk_size) * chunk_bytes * inst.world_size
         share = int(self.config.pin_share * self.engine.l1.arena.capacity_bytes)
         record = PinRecord(inst.world_size, time.monotonic(), nbytes) if hit > 0 else None
-        held, over = self.pins.replace(key, record, share, claimed_at)
-        if hit == 0 or over or (record is not None and len(record.done) >= record.world_size):
-            self.engine.release(key)
-        elif record is not None:
-            for rank in record.done:
-                self.engine.release(key, rank)
+        held, over = self.pins.record(key, record, share, claimed_at)
         if over:
             self.counters.refuse("pinned_bytes")
             raise ServiceFailure(
@@ -410,20 +404,7 @@ class CacheService:
     def release(self, req: P.Release, call: Call) -> bool:
         with self.instances.use(req.instance_id, req.cap) as inst:
             key = self.pin_key(inst, req.pin_owner, req.pin_id)
-        held = self.pins.pop(key)
-        self.engine.release(key)
-        return held
-
-    def rank_done(self, key: PinKey, rank: int) -> None:
-        """A rank has loaded: its pins of the lookup go now, the lookup's record once every rank of
-        the world has loaded (or on release / owner reaped / TTL)."""
-        self.engine.release(key, rank)
-        if self.pins.rank_done(key, rank, time.monotonic()):
-            self.engine.release(key)
-
-    def _release_owned_pins(self, inst: Instance) -> None:
-        for key in self.pins.pop_owner(inst.instance_id):
-            self.engine.release(key)
+        return self.pins.release(key)
 
     # ---- transfers ------------------------------------------------------------------------------
 
@@ -494,7 +475,7 @@ class CacheService:
                 return loaded
             finally:
                 if key is not None:  # the blocks are loaded (or the load failed): the pins may go
-                    call.after_reply(functools.partial(self.rank_done, key, inst.rank))
+                    call.after_reply(functools.partial(self.pins.rank_done, key, inst.rank))
 
 
 def _copies_done(inst: Instance, stream: Any, op: str, tokens: int, began: float) -> None:

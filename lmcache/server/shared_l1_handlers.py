@@ -65,7 +65,7 @@ class SharedL1Handlers:
                 return reply
             finally:
                 if key is not None:  # the load holds its own pins now (or failed): the lookup's may go
-                    call.after_reply(functools.partial(self.service.rank_done, key, inst.rank))
+                    call.after_reply(functools.partial(self.service.pins.rank_done, key, inst.rank))
 
     def load_done(self, req: P.LoadDone, call: Call) -> bool:
         with self.service.instances.use(req.instance_id, req.cap) as inst:
