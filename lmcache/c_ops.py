@@ -325,8 +325,10 @@ class Transfer:
 
     def prepare_index(self) -> None:
         """Upload the request's block ids now, on ``stream``: a caller with time to spare before its
-        first copy (waiting for a server's reply) takes the upload off the load's path."""
-        if self.cuda and self._request_ids and self._request_index is None:
+        first copy (waiting for a server's reply) takes the upload off the load's path. Nothing to do
+        when rows move by DMA (``ROW_DMA_MIN_BYTES``): no kernel reads the ids, and the upload would
+        only delay the first copy."""
+        if self.cuda and not self._row_dma and self._request_ids and self._request_index is None:
             with self._on(self.stream):
                 self._request_index = index_tensor(self._request_ids, self.pool.device)
 

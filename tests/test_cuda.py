@@ -317,6 +317,25 @@ def test_a_load_copying_a_row_twice_lands_the_later_copy(
     assert torch.all(pool[4] == 2.0) and torch.all(pool[9] == 1.0)
 
 
+@pytest.mark.parametrize("row_dma_min", [0, 1 << 40])
+def test_a_load_uploads_the_block_ids_only_for_its_kernels(
+    row_dma_min: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uploading a load's block ids ahead (while a server's reply travels) happens only where scatter
+    kernels will index them: rows moved by one DMA each need no upload, which would only delay the
+    first copy."""
+    monkeypatch.setattr(c_ops, "ROW_DMA_MIN_BYTES", row_dma_min)
+    stream = torch.cuda.Stream()
+    transfer = c_ops.Transfer(cuda_pool(16), stream, block_ids=[9, 4, 7])
+    transfer.prepare_index()
+    kernels = row_dma_min > 0 or not dma_batch.batches_on(stream)
+    uploaded = transfer.request_index
+    assert (uploaded is not None) == kernels
+    stream.synchronize()
+    if uploaded is not None:
+        assert uploaded.tolist() == [9, 4, 7]
+
+
 @pytest.mark.parametrize("pinned", [True, False])
 def test_scattered_rows_move_by_row_dma_without_kernels(
     pinned: bool, monkeypatch: pytest.MonkeyPatch

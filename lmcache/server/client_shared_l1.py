@@ -201,16 +201,18 @@ class SharedL1Transfers:
             **fields,
         )
         wait_reply: Submitted[Any] | None = None
+        rows = size // tpb
+        leased = [(transfer.start // tpb + i * rows, lease.slot) for i, lease in enumerate(leases)]
         try:
             batch = copier.begin_store(transfer.block_ids)
+            for first, slot in leased[:1]:  # the first copy starts before the request is even sent
+                copier.add(batch, slot, transfer.block_ids[first : first + rows])
             if use_lease:
                 wait_reply = self._submit(req, P.StoreSlots, timeout_s, deadline=True)
             else:
                 report.reply = self._call(req, P.StoreSlots, timeout_s, deadline=True)
-            rows = size // tpb
-            for i, lease in enumerate(leases):  # copying while the reservation of the rest travels
-                first = transfer.start // tpb + i * rows
-                copier.add(batch, lease.slot, transfer.block_ids[first : first + rows])
+            for first, slot in leased[1:]:  # copying while the reservation of the rest travels
+                copier.add(batch, slot, transfer.block_ids[first : first + rows])
             if wait_reply is not None:
                 pending, wait_reply = wait_reply, None  # taken once, even if it raises
                 report.reply = pending.next()[0]

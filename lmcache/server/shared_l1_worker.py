@@ -170,9 +170,10 @@ class SharedL1Copier:
         self, block_ids: Sequence[int], after: Any = None, layers: LayerReady | None = None, chunks: int = 0
     ) -> CopyBatcher[None]:
         """A load's copies, ordered after the work queued on the stream ``after`` (kernels that may
-        still read the blocks), its block ids uploaded at once (call it while the server's reply is on
-        its way); add the chunks of each reply part with :meth:`add_load`. Given ``layers``, the load
-        of ``chunks`` chunks is layer-wise (:mod:`lmcache.layered_load`)."""
+        still read the blocks), the block ids its kernels index uploaded at once (call it while the
+        server's reply is on its way; rows moved by DMA need none); add the chunks of each reply part
+        with :meth:`add_load`. Given ``layers``, the load of ``chunks`` chunks is layer-wise
+        (:mod:`lmcache.layered_load`)."""
         if after is not None and self.load_stream is not None:
             self.load_stream.wait_stream(after)
         batch = CopyBatcher(

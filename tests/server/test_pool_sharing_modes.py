@@ -16,6 +16,7 @@ from support.server_process import CHUNK, MODEL, POOL_SHAPE, TPB, server_secret,
 from lmcache.config import LMCacheEngineConfig
 from lmcache.server import protocol as P
 from lmcache.server.client import BadPool, CacheServerClient, InvalidRequest, ServerUnavailable
+from lmcache.server.client_lanes import LanePool
 from lmcache.server.pool_sharing import PoolSharingError, choose_sharing
 from lmcache.server.server import CacheServer, server_engine
 from lmcache.server.shared_l1_worker import SharedL1Copier
@@ -173,6 +174,36 @@ def test_stores_fill_the_lease_first_and_a_lookup_right_after_sees_them(serve, m
         (instance,) = client.stats().instances
         assert instance.leased_slots > 0
     assert reserve_starts[0] == 0 and set(reserve_starts[1:]) == {len(TOKENS)}  # later: top-ups only
+
+
+def test_a_leased_stores_first_copy_is_queued_before_its_reservation_is_sent(serve, monkeypatch) -> None:
+    """A store whose chunks the lease holds queues its first copy before it sends its reservation (the
+    copy engine starts while the request is framed and sent), and the rest after; bit-equal."""
+    server = serve("auto")
+    pool = shared_pool(seed=17)
+    src, dst = pool[BLOCKS].clone(), list(range(20, 20 + len(BLOCKS)))
+    order: list[str] = []
+    real_add, real_submit = SharedL1Copier.add, LanePool.submit
+
+    def add(self, batch, slot, rows) -> None:
+        order.append("copy")
+        real_add(self, batch, slot, rows)
+
+    def submit(self, frame, rid, op, timeout):
+        order.append(op)
+        return real_submit(self, frame, rid, op, timeout)
+
+    monkeypatch.setattr(SharedL1Copier, "add", add)
+    monkeypatch.setattr(LanePool, "submit", submit)
+    with client_of(server) as client:
+        client.register(pool, 0, 1, MODEL, TPB, pool_sharing="shared-l1")
+        for round_ in range(2):  # the first store's reply leases the second's slots
+            order.clear()
+            tokens = list(range(round_ * 1000, round_ * 1000 + len(TOKENS)))
+            assert client.store(BlockTransfer(tokens, None, BLOCKS, 0, len(tokens))) == len(tokens)
+        assert order == ["copy", "store_reserve", "copy"]
+        assert client.retrieve(BlockTransfer(tokens, None, dst, 0, len(tokens))) == len(tokens)
+        assert torch.equal(pool[dst], src)
 
 
 def test_every_store_fills_a_lease_that_holds_exactly_one_store(serve, monkeypatch) -> None:
