@@ -164,19 +164,22 @@ class SharedL1Transfers:
             named_by, slots = self._looked_up.pop((iid, pin_id), (None, []))
         return slots if named_by == server_id else []
 
-    def store(self, iid: int, transfer: BlockTransfer[Any], timeout_s: float | None) -> int:
-        """Tokens copied to the server from ``transfer``'s blocks (see :meth:`CacheServerClient.store`;
-        a leased chunk the server already held counts, though the server keeps its own copy)."""
+    def store(
+        self, iid: int, transfer: BlockTransfer[Any], timeout_s: float | None, after: Any = None
+    ) -> int:
+        """Tokens copied to the server from ``transfer``'s blocks, after the event ``after`` (see
+        :meth:`CacheServerClient.store`; a leased chunk the server already held counts, though the
+        server keeps its own copy)."""
         try:
-            return self._store(iid, transfer, timeout_s, use_lease=True)
+            return self._store(iid, transfer, timeout_s, after, use_lease=True)
         except (UnknownInstance, _LeaseVoid):
             # The server restarted or forgot this instance, and its lease with it: register again (the
             # plain call does) and store without one.
             self._registrations.copier(iid).drop_leases()
-            return self._store(iid, transfer, timeout_s, use_lease=False)
+            return self._store(iid, transfer, timeout_s, after, use_lease=False)
 
     def _store(
-        self, iid: int, transfer: BlockTransfer[Any], timeout_s: float | None, *, use_lease: bool
+        self, iid: int, transfer: BlockTransfer[Any], timeout_s: float | None, after: Any, *, use_lease: bool
     ) -> int:
         copier = self._registrations.copier(iid)
         fields = self._registrations.prompt_fields(iid, transfer)
@@ -204,7 +207,7 @@ class SharedL1Transfers:
         rows = size // tpb
         leased = [(transfer.start // tpb + i * rows, lease.slot) for i, lease in enumerate(leases)]
         try:
-            batch = copier.begin_store(transfer.block_ids)
+            batch = copier.begin_store(transfer.block_ids, after)
             for first, slot in leased[:1]:  # the first copy starts before the request is even sent
                 copier.add(batch, slot, transfer.block_ids[first : first + rows])
             if use_lease:

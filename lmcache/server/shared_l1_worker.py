@@ -124,11 +124,15 @@ class SharedL1Copier:
         server (see :func:`lmcache.c_ops.check_range_blocks`)."""
         c_ops.check_range_blocks(self.pool, block_ids, start, end, tokens_per_block)
 
-    def begin_store(self, block_ids: Sequence[int]) -> CopyBatcher[None]:
-        """A store's copies, ordered after the work queued so far on the pool's device (the forward
-        that computed the rows); add chunks with :meth:`add` and :meth:`add_chunks`."""
+    def begin_store(self, block_ids: Sequence[int], after: Any = None) -> CopyBatcher[None]:
+        """A store's copies, ordered after the event ``after`` (the forward that computed the rows), or
+        without it after the work queued so far on the current stream of the pool's device; add
+        chunks with :meth:`add` and :meth:`add_chunks`."""
         if self.store_stream is not None:
-            self.store_stream.wait_stream(torch.cuda.current_stream(self.pool.device))
+            if after is not None:
+                self.store_stream.wait_event(after)
+            else:
+                self.store_stream.wait_stream(torch.cuda.current_stream(self.pool.device))
         return CopyBatcher(self.pool, self.store_stream, store=True, block_ids=block_ids)
 
     def add(self, batch: CopyBatcher[None], slot: P.SlotInfo, rows: Sequence[int]) -> None:

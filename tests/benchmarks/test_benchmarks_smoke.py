@@ -226,6 +226,20 @@ def test_multi_engine(tmp_path: Path) -> None:
     assert data["mixed"]["rows_equal"] and data["mixed"]["bidirectional_ceiling_gbps"] > 0
 
 
+def test_transfer_timeline(tmp_path: Path) -> None:
+    """Stores and loads through a shared-L1 server and in-process, each split into the worker's steps
+    (CPU sizes: no device batches, the host steps only)."""
+    args = ["--shapes", "qwen2-1.5b:32:1024", "--iters", "2", "--l1-size-gb", "0.5"]
+    data = run_bench("transfer_timeline.py", tmp_path / "t.json", *args, model_args=["--device", "cpu"])
+    (row,) = data["results"]
+    for path in ("shared-l1", "in-process"):
+        for op in ("store", "load"):
+            assert row[path][op]["ratio"] > 0 and len(row[path]["runs"][op]) == 2
+    server_store, server_load = row["shared-l1"]["store"]["steps"], row["shared-l1"]["load"]["steps"]
+    assert server_store["begin_store_in"] < server_store["complete_out"] <= server_store["send_in"]
+    assert server_load["begin_load_in"] < server_load["finish_load_out"] <= server_load["send_in"]
+
+
 def test_adapter_rig_load_check_catches_wrong_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """The adapter benchmarks' load compares what it loaded with the pages its prompt was saved from:
     the right rows pass, rows saved for another prompt (or changed since) fail."""

@@ -219,3 +219,51 @@ def test_a_load_does_not_wait_for_a_save_in_flight(shared_l1_server: ServerProce
         assert not forward_done.query(), "the load waited for the save's copies"
         save.join(30)
     assert torch.equal(pool[target], pool[:8])
+
+
+def test_a_save_given_the_forwards_event_waits_for_it_on_the_device(
+    shared_l1_server: ServerProcess, monkeypatch
+) -> None:
+    """A store given the event after the forward that writes its rows (as the MP adapter's saver
+    thread passes it) enqueues every copy while that forward still runs, never waiting for it on the
+    host, and saves the rows the forward wrote last."""
+    import threading
+
+    from lmcache.server.shared_l1_worker import SharedL1Copier
+
+    pool = allocate_cudamalloc_pool(POOL_SHAPE, torch.float32, 0)
+    pool[:8].zero_()
+    tokens, source, target = list(range(5000, 5064)), list(range(8)), [40, 9, 33, 20, 41, 12, 30, 25]
+    forward = torch.cuda.Stream()
+    with torch.cuda.stream(forward):
+        enqueue_slow_work = slow_work(seconds=2.0)
+    enqueued = threading.Event()
+    real_complete = SharedL1Copier.complete
+
+    def complete(copier: SharedL1Copier, batch) -> None:  # type: ignore[no-untyped-def]
+        enqueued.set()  # every copy of the save is on its stream by now
+        real_complete(copier, batch)
+
+    stored: list[int] = []
+    monkeypatch.setattr(SharedL1Copier, "complete", complete)
+    with CacheServerClient(shared_l1_server.ipc_url, timeout_s=20) as client:
+        pool_modes.register(client, pool, pool_modes.SHARED_L1, MODEL_NAME, SERVER_TPB)
+        torch.cuda.synchronize()
+        with torch.cuda.stream(forward):
+            enqueue_slow_work()
+            pool[:8].fill_(7.0)  # the forward writes the saved rows last
+            forward_done = torch.cuda.Event()
+            forward_done.record()
+        save = threading.Thread(
+            target=lambda: stored.append(
+                client.store(BlockTransfer(tokens, None, source, 0, 64), after=forward_done)
+            )
+        )
+        save.start()
+        assert enqueued.wait(30)
+        assert not forward_done.query(), "the save waited on the host for the forward"
+        save.join(30)
+        assert stored == [64]
+        assert client.lookup(tokens, pin_id="req") == 64
+        assert client.retrieve(BlockTransfer(tokens, None, target, 0, 64), pin_id="req") == 64
+    assert torch.all(pool[target] == 7.0)

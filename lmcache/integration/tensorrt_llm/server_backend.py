@@ -405,14 +405,16 @@ class ServerTransfers:
         return done
 
     def _save(self, transfer: Transfer, forward_done: Any) -> None:
-        if forward_done is not None:
-            forward_done.synchronize()  # in the saver thread: the server reads the blocks after the forward
+        """In the saver thread: each pool's store reads the blocks after the forward (``forward_done``),
+        waited for on the device where this worker copies, else before the server is asked."""
         for target in self._targets:
             if target.target.group != transfer.group:
                 continue
             try:
                 self._client.store(
-                    transfer.for_target(target.target), instance_id=self._instances[target.target]
+                    transfer.for_target(target.target),
+                    instance_id=self._instances[target.target],
+                    after=forward_done,
                 )
             except (ServerUnavailable, ServerError, ShmSlabError) as exc:
                 # ShmSlabError: this worker cannot map the server's L1 regions (another user, /dev/shm
