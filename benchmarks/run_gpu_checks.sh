@@ -5,7 +5,8 @@
 # (default: all). The tests marked gpu (pinned memory, side streams, CUDA IPC between processes), then the
 # benchmarks; each part writes its JSON and log into OUTDIR, so the parts can run as separate calls.
 # `modes` alone is issue 13's acceptance in one call (a few minutes on an H200): the shared-L1 GPU tests,
-# gpu_mp_check.py with both pool-sharing modes for every shape, and TTFT at 16k in-process vs each mode:
+# gpu_mp_check.py with both pool-sharing modes for every shape, where a shared-L1 transfer spends its time
+# (transfer_timeline.py), and TTFT at 16k in-process vs each mode:
 #   benchmarks/run_gpu_checks.sh "$OUT" modes
 # The exit status is non-zero if any part failed (each part's status is in OUTDIR/status.txt).
 set -u
@@ -28,6 +29,7 @@ for part in $parts; do
             >"$out/modes_tests.txt" 2>&1 || status=1
         tail -5 "$out/modes_tests.txt"
         python3 benchmarks/gpu_mp_check.py --out "$out/mp_modes.json" || status=1
+        python3 benchmarks/transfer_timeline.py --out "$out/transfer_timeline.json" || status=1
         python3 benchmarks/bench_ttft.py --device cuda --mp --no-disk --lengths 16384 --repeats 5 \
             --out "$out/ttft_modes_16k.json" || status=1
         exit $status ;;
