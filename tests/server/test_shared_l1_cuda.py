@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -21,10 +22,12 @@ from support.server_process import MODEL as MODEL_NAME
 from support.server_process import POOL_SHAPE, ServerProcess, wait_until
 from support.server_process import TPB as SERVER_TPB
 
+from lmcache.chunk_copy import CopyBatcher
 from lmcache.integration.tensorrt_llm.tensorrt_mp_adapter import reset_process_connections
 from lmcache.server.client import CacheServerClient
 from lmcache.server.client_errors import ServerError
 from lmcache.server.pool_sharing import PoolSharingError
+from lmcache.server.shared_l1_worker import SharedL1Copier
 from lmcache.testing import pool_modes
 from lmcache.testing.cuda_pools import allocate_cudamalloc_pool
 from lmcache.testing.trtllm_replay import (
@@ -56,6 +59,20 @@ def shared_l1_server(start_server: StartServer, lmcache_env: pytest.MonkeyPatch)
     reset_process_connections()
     yield start_server("--chunk-size", "64", *pool_modes.server_args(pool_modes.SHARED_L1))
     reset_process_connections()
+
+
+@pytest.fixture
+def enqueued(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Set each time a shared-L1 store has enqueued every copy (its ``complete`` begins)."""
+    event = threading.Event()
+    real_complete = SharedL1Copier.complete
+
+    def complete(copier: SharedL1Copier, batch: CopyBatcher[None]) -> None:
+        event.set()
+        real_complete(copier, batch)
+
+    monkeypatch.setattr(SharedL1Copier, "complete", complete)
+    return event
 
 
 @pytest.mark.parametrize("mode", KV_MANAGER_MODES)
@@ -173,32 +190,23 @@ def test_a_load_given_the_stream_is_ordered_on_the_device_and_unpins_once_copied
     assert torch.equal(pool[target], pool[source])
 
 
-def test_a_load_does_not_wait_for_a_save_in_flight(shared_l1_server: ServerProcess, monkeypatch) -> None:
+def test_a_load_does_not_wait_for_a_save_in_flight(
+    shared_l1_server: ServerProcess, enqueued: threading.Event
+) -> None:
     """A worker's save and load move on streams of their own: a load issued while a save's copies wait
     (here behind seconds of the forward that computed the saved rows, on a stream the load does not
     follow) lands before them; on one stream it would wait for the whole save (RESULTS.md, D57)."""
-    import threading
-
-    from lmcache.server.shared_l1_worker import SharedL1Copier
-
     pool = allocate_cudamalloc_pool(POOL_SHAPE, torch.float32, 0)
     pool[:16].normal_()
     saved, fresh = list(range(3000, 3064)), list(range(4000, 4064))
     forward = torch.cuda.Stream()
     with torch.cuda.stream(forward):
         enqueue_slow_work = slow_work(seconds=2.0)
-    enqueued = threading.Event()
-    real_complete = SharedL1Copier.complete
-
-    def complete(copier: SharedL1Copier, batch) -> None:  # type: ignore[no-untyped-def]
-        enqueued.set()  # every copy of the save is on its stream by now
-        real_complete(copier, batch)
 
     def save_after_forward(client: CacheServerClient) -> None:
         with torch.cuda.stream(forward):  # the save waits for the forward, as after TRT-LLM's
             client.store(BlockTransfer(fresh, None, list(range(8, 16)), 0, 64))
 
-    monkeypatch.setattr(SharedL1Copier, "complete", complete)
     with CacheServerClient(shared_l1_server.ipc_url, timeout_s=20) as client:
         pool_modes.register(client, pool, pool_modes.SHARED_L1, MODEL_NAME, SERVER_TPB)
         assert client.store(BlockTransfer(saved, None, list(range(8)), 0, 64)) == 64
@@ -222,30 +230,18 @@ def test_a_load_does_not_wait_for_a_save_in_flight(shared_l1_server: ServerProce
 
 
 def test_a_save_given_the_forwards_event_waits_for_it_on_the_device(
-    shared_l1_server: ServerProcess, monkeypatch
+    shared_l1_server: ServerProcess, enqueued: threading.Event
 ) -> None:
     """A store given the event after the forward that writes its rows (as the MP adapter's saver
     thread passes it) enqueues every copy while that forward still runs, never waiting for it on the
     host, and saves the rows the forward wrote last."""
-    import threading
-
-    from lmcache.server.shared_l1_worker import SharedL1Copier
-
     pool = allocate_cudamalloc_pool(POOL_SHAPE, torch.float32, 0)
     pool[:8].zero_()
     tokens, source, target = list(range(5000, 5064)), list(range(8)), [40, 9, 33, 20, 41, 12, 30, 25]
     forward = torch.cuda.Stream()
     with torch.cuda.stream(forward):
         enqueue_slow_work = slow_work(seconds=2.0)
-    enqueued = threading.Event()
-    real_complete = SharedL1Copier.complete
-
-    def complete(copier: SharedL1Copier, batch) -> None:  # type: ignore[no-untyped-def]
-        enqueued.set()  # every copy of the save is on its stream by now
-        real_complete(copier, batch)
-
     stored: list[int] = []
-    monkeypatch.setattr(SharedL1Copier, "complete", complete)
     with CacheServerClient(shared_l1_server.ipc_url, timeout_s=20) as client:
         pool_modes.register(client, pool, pool_modes.SHARED_L1, MODEL_NAME, SERVER_TPB)
         torch.cuda.synchronize()
