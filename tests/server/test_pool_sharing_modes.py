@@ -206,6 +206,38 @@ def test_a_leased_stores_first_copy_is_queued_before_its_reservation_is_sent(ser
         assert torch.equal(pool[dst], src)
 
 
+@pytest.mark.parametrize(("sharing", "waits"), [("export", True), ("shared-l1", False)])
+def test_a_store_after_an_event_waits_for_it_on_the_host_only_where_the_server_copies(
+    serve, monkeypatch, sharing: str, waits: bool
+) -> None:
+    """``store(after=...)``: where the server copies (a CPU pool asked for ``export`` is shared as
+    cpu-shm), the client waits for the event before it asks the server; where this process copies
+    (shared-l1, ordered on the device for CUDA pools, synchronous for CPU ones) it never waits on it."""
+    server = serve("auto")
+    pool = shared_pool(seed=18)
+    order: list[str] = []
+    real_submit = LanePool.submit
+
+    class ForwardDone:
+        def synchronize(self) -> None:
+            order.append("waited")
+
+    def submit(self, frame, rid, op, timeout):
+        order.append(op)
+        return real_submit(self, frame, rid, op, timeout)
+
+    monkeypatch.setattr(LanePool, "submit", submit)
+    with client_of(server) as client:
+        client.register(pool, 0, 1, MODEL, TPB, pool_sharing=sharing)
+        order.clear()
+        assert client.store(BlockTransfer(TOKENS, None, BLOCKS, 0, len(TOKENS)), after=ForwardDone()) == len(
+            TOKENS
+        )
+        assert client.lookup(TOKENS) == len(TOKENS)
+    assert (order[:2] == ["waited", "store"]) == waits
+    assert ("waited" in order) == waits
+
+
 def test_every_store_fills_a_lease_that_holds_exactly_one_store(serve, monkeypatch) -> None:
     """A store's reservation names the leases it fills, so its reply leases as many again: the next
     store needs no reservation before its copies, even when the lease holds no more than one store."""
