@@ -176,25 +176,33 @@ def test_stores_fill_the_lease_first_and_a_lookup_right_after_sees_them(serve, m
     assert reserve_starts[0] == 0 and set(reserve_starts[1:]) == {len(TOKENS)}  # later: top-ups only
 
 
+def record_requests(monkeypatch) -> list[str]:
+    """A list that gets the op of every request this process's clients send with a reply."""
+    order: list[str] = []
+    real_submit = LanePool.submit
+
+    def submit(self, frame, rid, op, timeout):
+        order.append(op)
+        return real_submit(self, frame, rid, op, timeout)
+
+    monkeypatch.setattr(LanePool, "submit", submit)
+    return order
+
+
 def test_a_leased_stores_first_copy_is_queued_before_its_reservation_is_sent(serve, monkeypatch) -> None:
     """A store whose chunks the lease holds queues its first copy before it sends its reservation (the
     copy engine starts while the request is framed and sent), and the rest after; bit-equal."""
     server = serve("auto")
     pool = shared_pool(seed=17)
     src, dst = pool[BLOCKS].clone(), list(range(20, 20 + len(BLOCKS)))
-    order: list[str] = []
-    real_add, real_submit = SharedL1Copier.add, LanePool.submit
+    order = record_requests(monkeypatch)
+    real_add = SharedL1Copier.add
 
     def add(self, batch, slot, rows) -> None:
         order.append("copy")
         real_add(self, batch, slot, rows)
 
-    def submit(self, frame, rid, op, timeout):
-        order.append(op)
-        return real_submit(self, frame, rid, op, timeout)
-
     monkeypatch.setattr(SharedL1Copier, "add", add)
-    monkeypatch.setattr(LanePool, "submit", submit)
     with client_of(server) as client:
         client.register(pool, 0, 1, MODEL, TPB, pool_sharing="shared-l1")
         for round_ in range(2):  # the first store's reply leases the second's slots
@@ -215,18 +223,12 @@ def test_a_store_after_an_event_waits_for_it_on_the_host_only_where_the_server_c
     (shared-l1, ordered on the device for CUDA pools, synchronous for CPU ones) it never waits on it."""
     server = serve("auto")
     pool = shared_pool(seed=18)
-    order: list[str] = []
-    real_submit = LanePool.submit
+    order = record_requests(monkeypatch)
 
     class ForwardDone:
         def synchronize(self) -> None:
             order.append("waited")
 
-    def submit(self, frame, rid, op, timeout):
-        order.append(op)
-        return real_submit(self, frame, rid, op, timeout)
-
-    monkeypatch.setattr(LanePool, "submit", submit)
     with client_of(server) as client:
         client.register(pool, 0, 1, MODEL, TPB, pool_sharing=sharing)
         order.clear()
