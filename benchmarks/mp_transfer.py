@@ -121,6 +121,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+Timer = Callable[[Callable[[], Any], torch.device], tuple[Any, float]]
+"""How a transfer is timed: ``timer(fn, device)`` runs ``fn`` and returns its result and wall seconds."""
+
+
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     """``fn()`` and its wall seconds, device work before and inside it included."""
     sync(device)
@@ -223,9 +227,11 @@ class TransferRun:
         return out
 
 
-def measure_engine(pool: torch.Tensor, shape: Shape, iters: int, seed: int) -> TransferRun:
+def measure_engine(
+    pool: torch.Tensor, shape: Shape, iters: int, seed: int, timer: Timer = timed
+) -> TransferRun:
     """The in-process reference: ``CacheEngine`` store and load of the same blocks, as the in-process
-    adapter makes them (its own L1, a side stream)."""
+    adapter makes them (its own L1, a side stream); each timed by ``timer``."""
     device = pool.device
     l1_gb = shape.nbytes * 1.25 / GIB + 0.1
     engine = CacheEngine(LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=l1_gb))
@@ -239,11 +245,11 @@ def measure_engine(pool: torch.Tensor, shape: Shape, iters: int, seed: int) -> T
         engine.clear()
         toks = random_tokens(shape.tokens, gen)
         fresh_blocks(pool, src, dst)
-        stored, t_store = timed(
+        stored, t_store = timer(
             lambda t=toks: engine.store(space, 0, pool, BlockTransfer(t, None, src, 0, shape.tokens), stream),
             device,
         )
-        loaded, t_load = timed(
+        loaded, t_load = timer(
             lambda t=toks: engine.retrieve(
                 space, 0, pool, BlockTransfer(t, None, dst, 0, shape.tokens), stream
             ),
@@ -256,11 +262,11 @@ def measure_engine(pool: torch.Tensor, shape: Shape, iters: int, seed: int) -> T
 
 
 def measure_server(
-    client: CacheServerClient, pool: torch.Tensor, shape: Shape, iters: int, seed: int
+    client: CacheServerClient, pool: torch.Tensor, shape: Shape, iters: int, seed: int, timer: Timer = timed
 ) -> TransferRun:
     """Store and load through the server for the pool ``client`` registered last, as the MP adapter
     makes them: the prompt hashed once, its chunks named by hash, the hit pinned by the lookup. A load
-    by tokens is timed beside it."""
+    by tokens is timed beside it. Each is timed by ``timer``, in that order."""
     device = pool.device
     src, dst = block_plan(shape, seed)
     gen = torch.Generator().manual_seed(seed)
@@ -272,15 +278,15 @@ def measure_server(
         hashes = client.chunk_hashes(toks)
         prompt = hashes if hashes is not None else toks
         fresh_blocks(pool, src, dst)
-        stored, t_store = timed(lambda p=prompt: client.store(BlockTransfer(p, None, src, 0, n)), device)
+        stored, t_store = timer(lambda p=prompt: client.store(BlockTransfer(p, None, src, 0, n)), device)
         hit = client.lookup(toks, pin_id="bench", chunk_hashes=hashes)
-        loaded, t_load = timed(
+        loaded, t_load = timer(
             lambda p=prompt, h=hit: client.retrieve(BlockTransfer(p, None, dst, 0, h), pin_id="bench"),
             device,
         )
         same = stored == n and hit == n and loaded == n and torch.equal(pool[src], pool[dst])
         pool[min(dst) : max(dst) + 1].zero_()
-        again, t_tokens = timed(lambda t=toks: client.retrieve(BlockTransfer(t, None, dst, 0, n)), device)
+        again, t_tokens = timer(lambda t=toks: client.retrieve(BlockTransfer(t, None, dst, 0, n)), device)
         same = same and again == n and torch.equal(pool[src], pool[dst])
         run.record(i, t_store, t_load, same)
         if i:

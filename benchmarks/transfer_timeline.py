@@ -33,28 +33,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_mp_check import MODEL_NAME, free_port  # noqa: E402
 from mp_transfer import (  # noqa: E402
-    CHUNK,
     CPU,
     CUDAMALLOC,
     ServerProc,
     Shape,
-    block_plan,
-    fresh_blocks,
+    TransferRun,
     measure_copy,
+    measure_engine,
+    measure_server,
     new_pool,
     parse_shapes,
-    random_tokens,
 )
 
 from lmcache import dma_batch  # noqa: E402
-from lmcache.config import LMCacheEngineConfig  # noqa: E402
-from lmcache.engine import CacheEngine, KeySpace  # noqa: E402
-from lmcache.layout import PoolLayout  # noqa: E402
 from lmcache.server.client_lanes import LanePool, PendingReply  # noqa: E402
 from lmcache.server.client_shared_l1 import SharedL1Transfers  # noqa: E402
 from lmcache.server.shared_l1_worker import SharedL1Copier  # noqa: E402
 from lmcache.testing import pool_modes  # noqa: E402
-from lmcache.transfer import BlockTransfer  # noqa: E402
 
 HOST_STEPS: list[tuple[type, str]] = [
     (SharedL1Transfers, "store"),
@@ -76,6 +71,8 @@ class Timeline:
     """Host steps and device copy batches of the transfer being measured (see the module)."""
 
     def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        """One timeline per transfer timed by :meth:`timer`, in order."""
         self.steps: list[tuple[str, float]] = []
         self.batches: list[tuple[Any, Any, int]] = []
         """Per enqueued batch: CUDA events before and after it, and its bytes."""
@@ -116,8 +113,16 @@ class Timeline:
 
         return timed
 
-    def measure(self, fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
-        """Run ``fn`` (a transfer) and wait for the device; its timeline, in ms from its start."""
+    def timer(self, fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+        """A :data:`mp_transfer.Timer`: ``fn()`` and its wall seconds, its timeline kept in
+        :attr:`records`."""
+        out, record = self.measure(fn, device)
+        self.records.append(record)
+        return out, record["wall_ms"] / 1e3
+
+    def measure(self, fn: Callable[[], Any], device: torch.device) -> tuple[Any, dict[str, Any]]:
+        """Run ``fn`` (a transfer) and wait for the device; its result and timeline, in ms from its
+        start."""
         self.steps.clear()
         self.batches.clear()
         cuda = device.type == "cuda"
@@ -127,7 +132,7 @@ class Timeline:
         start = time.perf_counter()
         if start_event is not None:
             start_event.record(torch.cuda.current_stream(device))
-        fn()
+        result = fn()
         if cuda:
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - start
@@ -144,7 +149,7 @@ class Timeline:
                 end = max(end, finish)
             out.update(first_copy_ms=spans[0][0], last_copy_end_ms=end, idle_between_ms=idle)
             out.update(batches=len(spans), bytes=sum(b[2] for b in self.batches))
-        return out
+        return result, out
 
 
 def median_timeline(runs: list[dict[str, Any]], copy_ms: float) -> dict[str, Any]:
@@ -164,76 +169,15 @@ def median_timeline(runs: list[dict[str, Any]], copy_ms: float) -> dict[str, Any
     return out
 
 
-def through_server(
-    timeline: Timeline, server: ServerProc, pool: torch.Tensor, shape: Shape, iters: int
+def split_runs(
+    timeline: Timeline, run: TransferRun, label: str, per_iteration: int
 ) -> dict[str, list[dict[str, Any]]]:
-    """Stores and loads as the MP adapter makes them (hashed prompt, pinned hit; see ``gpu_mp_check``)."""
-    client = server.ipc
-    info = pool_modes.register(client, pool, server.mode, MODEL_NAME, shape.tokens_per_block)
-    src, dst = block_plan(shape, seed=1)
-    gen = torch.Generator().manual_seed(1)
-    n = shape.tokens
-    runs: dict[str, list[dict[str, Any]]] = {"store": [], "load": []}
-    for i in range(iters + 1):  # the first warms up
-        client.clear()
-        tokens = random_tokens(n, gen)
-        hashes = client.chunk_hashes(tokens)
-        prompt = hashes if hashes is not None else tokens
-        fresh_blocks(pool, src, dst)
-        store = timeline.measure(
-            lambda p=prompt: client.store(BlockTransfer(p, None, src, 0, n)), pool.device
-        )
-        hit = client.lookup(tokens, pin_id="timeline", chunk_hashes=hashes)
-        load = timeline.measure(
-            lambda p=prompt, h=hit: client.retrieve(BlockTransfer(p, None, dst, 0, h), pin_id="timeline"),
-            pool.device,
-        )
-        if hit != n or not torch.equal(pool[src], pool[dst]):
-            raise RuntimeError(f"{shape.label}: a load through the server brought back other bytes")
-        if i:
-            runs["store"].append(store)
-            runs["load"].append(load)
-    client.unregister(info.instance_id)
-    return runs
-
-
-def in_process(
-    timeline: Timeline, pool: torch.Tensor, shape: Shape, iters: int
-) -> dict[str, list[dict[str, Any]]]:
-    """The in-process engine's store and load of the same blocks, its L1 page-locked first."""
-    engine = CacheEngine(
-        LMCacheEngineConfig.from_defaults(
-            chunk_size=CHUNK, max_local_cpu_size=shape.nbytes * 1.25 / 2**30 + 0.1
-        )
-    )
-    engine.l1.arena.wait_prepinned(120)
-    space = KeySpace("bench/timeline", PoolLayout.of_pool(pool, shape.tokens_per_block))
-    stream = torch.cuda.Stream(pool.device) if pool.is_cuda else None
-    src, dst = block_plan(shape, seed=1)
-    gen = torch.Generator().manual_seed(2)
-    n = shape.tokens
-    runs: dict[str, list[dict[str, Any]]] = {"store": [], "load": []}
-    try:
-        for i in range(iters + 1):
-            engine.clear()
-            tokens = random_tokens(n, gen)
-            fresh_blocks(pool, src, dst)
-            store = timeline.measure(
-                lambda t=tokens: engine.store(space, 0, pool, BlockTransfer(t, None, src, 0, n), stream),
-                pool.device,
-            )
-            load = timeline.measure(
-                lambda t=tokens: engine.retrieve(space, 0, pool, BlockTransfer(t, None, dst, 0, n), stream),
-                pool.device,
-            )
-            if not torch.equal(pool[src], pool[dst]):
-                raise RuntimeError(f"{shape.label}: an in-process load brought back other bytes")
-            if i:
-                runs["store"].append(store)
-                runs["load"].append(load)
-    finally:
-        engine.close()
-    return runs
+    """The store and load timelines of a ``measure_server`` or ``measure_engine`` run (each iteration
+    timed ``per_iteration`` transfers, store and load first; the first iteration warmed up)."""
+    if not run.bytes_equal:
+        raise RuntimeError(f"{label}: a load brought back other bytes")
+    records, timeline.records = timeline.records[per_iteration:], []
+    return {"store": records[0::per_iteration], "load": records[1::per_iteration]}
 
 
 def print_row(shape: Shape, path: str, summary: dict[str, Any]) -> None:
@@ -290,10 +234,14 @@ def main() -> int:
                     "load": statistics.median(h2d.seconds) * 1e3,
                 }
                 row: dict[str, Any] = {"shape": shape.label, "copy_ms": copy_ms}
-                for path, runs in (
-                    ("shared-l1", through_server(timeline, server, pool, shape, args.iters)),
-                    ("in-process", in_process(timeline, pool, shape, args.iters)),
-                ):
+                info = pool_modes.register(server.ipc, pool, server.mode, MODEL_NAME, shape.tokens_per_block)
+                timeline.records = []
+                run = measure_server(server.ipc, pool, shape, args.iters, seed=1, timer=timeline.timer)
+                server.ipc.unregister(info.instance_id)
+                through_server = split_runs(timeline, run, f"{shape.label} shared-l1", per_iteration=3)
+                run = measure_engine(pool, shape, args.iters, seed=1, timer=timeline.timer)
+                in_process = split_runs(timeline, run, f"{shape.label} in-process", per_iteration=2)
+                for path, runs in (("shared-l1", through_server), ("in-process", in_process)):
                     row[path] = {op: median_timeline(r, copy_ms[op]) for op, r in runs.items()}
                     row[path]["runs"] = runs
                     print_row(shape, path, row[path])
