@@ -312,9 +312,11 @@ def test_a_bad_copy_in_a_batch_enqueues_nothing(
 def test_a_failing_batch_names_the_error(implementation_batch: dma_batch.Enqueue) -> None:
     src = torch.arange(16, dtype=torch.uint8)
     dst = torch.zeros(16, dtype=torch.uint8)
+    # Held by name: its callback is freed with it, and the cycle collector may run during the call.
+    failing = FakeMemcpyBatch(error=1)
     with pytest.raises(RuntimeError, match=r"cudaMemcpyBatchAsync of 2 copies failed with CUDA error 1"):
         implementation_batch(
-            FakeMemcpyBatch(error=1).address,
+            failing.address,
             7,
             [(dst.data_ptr(), src.data_ptr(), 4), (dst.data_ptr() + 8, src.data_ptr(), 4)],
         )
