@@ -5,7 +5,10 @@ driven as TRT-LLM's executor drives them, with a pool of a model's KV shape and 
 ``--tokens`` fresh tokens whose pages are scattered:
 
 * lookup: host time inside ``get_num_new_matched_tokens`` for a miss and for a hit (p50);
-* save: from ``wait_for_save`` to the request's id coming back from ``get_finished``;
+* save: from ``wait_for_save`` to the request's id coming back from ``get_finished``; with
+  ``--forward-ms`` the forward is still running on the device when ``wait_for_save`` is called, as in
+  TRT-LLM, and a save is timed from the forward's end (the save's host work may overlap the forward;
+  its copies may not);
 * load: from ``start_load_kv`` until the stream it was given has run the copies (with
   ``--layer-hooks`` the forward's per-layer hooks are called as TRT-LLM calls them, so loads go
   layer-wise, and ``wait_for_save`` ends the forward before the stream is waited for); and the host
@@ -38,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +135,50 @@ def pinned_copy_s(pool: torch.Tensor, rows: int, to_host: bool, repeats: int = 5
     return _median_s(copy, pool.is_cuda, repeats)
 
 
+class Forward:
+    """Matrix products for about ``ms`` on ``device``: a model's forward as the connector sees it (on
+    CUDA enqueued on the current stream, still running when the host goes on; on a CPU, run at once)."""
+
+    def __init__(self, device: torch.device, ms: float) -> None:
+        self.cuda = device.type == "cuda"
+        size = 4096 if self.cuda else 128
+        self._a = torch.randn(size, size, device=device, dtype=torch.bfloat16 if self.cuda else torch.float32)
+        self._out = torch.empty_like(self._a)
+        self._reps = 1
+        self.run()  # the first product loads the kernel
+        probe = 50
+        began = time.perf_counter()
+        self._reps = probe
+        self.run()
+        self._reps = max(1, round(probe * ms / 1e3 / (time.perf_counter() - began)))
+
+    def _products(self) -> None:
+        for _ in range(self._reps):
+            torch.mm(self._a, self._a, out=self._out)
+
+    def enqueue(self) -> Callable[[], float]:
+        """Start the forward; returns what tells its seconds on the device (waiting for its end)."""
+        if not self.cuda:
+            began = time.perf_counter()
+            self._products()
+            seconds = time.perf_counter() - began
+            return lambda: seconds
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        self._products()
+        end.record()
+
+        def elapsed() -> float:
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+
+        return elapsed
+
+    def run(self) -> None:
+        """The forward, and the host waiting for it (as TRT-LLM's executor waits in a stream sync)."""
+        self.enqueue()()
+
+
 @dataclass
 class Loaded:
     """One load through the adapters: its lookup and load seconds, whether it was a full hit, the
@@ -179,6 +227,8 @@ class AdapterRig:
         self.scheduler = getattr(module, names[0])(llm_args)
         self.server_url = server_url
         self.layers = layers if getattr(args, "layer_hooks", False) else 0
+        forward_ms = getattr(args, "forward_ms", 0.0)
+        self.forward = Forward(device, forward_ms) if forward_ms > 0 else None
         self.next_id = 1
         self.generator = torch.Generator().manual_seed(args.seed)
 
@@ -224,22 +274,25 @@ class AdapterRig:
         what a load of ``tokens`` must bring back, for :meth:`load`'s ``source``)."""
         request, _, lookup_s = self.lookup(tokens)
         pages = self._pages(0)
-        began = self._saving_forward(request, pages)
+        since_forward = self._saving_forward(request, pages)
         self._wait_saved(request.request_id)
-        return lookup_s, time.perf_counter() - began, pages
+        return lookup_s, since_forward(), pages
 
-    def _saving_forward(self, request: Request, pages: list[int]) -> float:
-        """The forward of a fresh prompt, its save handed to the connector; returns when
-        ``wait_for_save`` was called (``perf_counter``)."""
+    def _saving_forward(self, request: Request, pages: list[int]) -> Callable[[], float]:
+        """The forward of a fresh prompt, its save handed to the connector; returns what tells the
+        seconds since the forward ended (without ``--forward-ms``: since ``wait_for_save`` was called)."""
         self.scheduler.update_state_after_alloc(request, pages)
         self._iteration(request, pages, 0, len(request.tokens))
         self.worker.start_load_kv(self.stream)
         self._layer_hooks()
+        if self.stream is not None:
+            self.stream.synchronize()  # the forward starts on an idle stream: its end is began + its time
         began = time.perf_counter()
+        forward_s = self.forward.enqueue() if self.forward is not None else lambda: 0.0
         self.worker.wait_for_save(self.stream)
         if not self.scheduler.request_finished(request, pages):
             raise RuntimeError("the connector planned no save for a fresh prompt")
-        return began
+        return lambda: time.perf_counter() - began - forward_s()
 
     def _wait_saved(self, request_id: int) -> None:
         """Poll ``get_finished`` until the finished request's save is reported."""
@@ -256,12 +309,13 @@ class AdapterRig:
     def save_beside_load(self, fresh: list[int], held: list[int], source: list[int]) -> tuple[Loaded, bool]:
         """A forward that saves ``fresh`` (a new prompt), then the next, which loads ``held`` (saved
         from the pages ``source``) while that save is in flight: the load, its ``load_s`` the seconds from
-        the first ``wait_for_save`` until both landed, and whether it brought the saved rows back in full.
+        the first ``wait_for_save`` (with ``--forward-ms``, from its forward's end) until both landed, and
+        whether it brought the saved rows back in full.
         Both are looked up first, as the overlap scheduler does during the forward before."""
         load_request, matched, _ = self.lookup(held)
         save_request, _, _ = self.lookup(fresh)
         load_pages = self._pages(1)
-        began = self._saving_forward(save_request, self._pages(0))
+        since_forward = self._saving_forward(save_request, self._pages(0))
         self.scheduler.update_state_after_alloc(load_request, load_pages)
         self._iteration(load_request, load_pages, 0, len(held) - matched)
         enqueue = time.perf_counter()
@@ -272,7 +326,7 @@ class AdapterRig:
         if self.stream is not None:
             self.stream.synchronize()
         self._wait_saved(save_request.request_id)
-        seconds = time.perf_counter() - began
+        seconds = since_forward()
         self.scheduler.request_finished(load_request, load_pages)
         full_hit = matched == len(held) - self.tpb
         loaded = Loaded(0.0, seconds, full_hit, load_pages[: matched // self.tpb], host_s)
@@ -413,6 +467,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "l1_bytes": capacity,
             "prefill_ms": args.prefill_ms,
             "warmup_s": args.warmup_s,
+            "forward_ms": args.forward_ms,
             "save_while_l1_fills": summary(cold[: args.repeats] or cold, save_ceiling) if cold else None,
             "save_l1_full": summary(warm, save_ceiling),
             "load_l1_full": summary([loaded.load_s for loaded in loads], load_ceiling),
@@ -479,6 +534,13 @@ def main() -> int:
         default=0.0,
         help="time between the worker's construction and its register_kv_caches, as TRT-LLM's model "
         "warm-up (CUDA graph capture) takes; 0: the first save follows construction at once",
+    )
+    parser.add_argument(
+        "--forward-ms",
+        type=float,
+        default=0.0,
+        help="device time of each saving forward, still running when wait_for_save is called (as in "
+        "TRT-LLM); saves are then timed from its end; 0: no forward, saves timed from wait_for_save",
     )
     args = parser.parse_args()
     results = run(args)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adapters import AdapterRig, report, rig_parser, start_cache  # noqa: E402
+from bench_adapters import AdapterRig, Forward, report, rig_parser, start_cache  # noqa: E402
 
 from lmcache.server.client import CacheServerClient  # noqa: E402
 
@@ -47,23 +47,7 @@ def waits(args: argparse.Namespace) -> dict[str, Wait | None]:
     gap = args.gap_ms / 1e3
     found: dict[str, Wait | None] = {"back_to_back": None, "after_gap": lambda: time.sleep(gap)}
     if args.device == "cuda":
-        stream = torch.cuda.current_stream()
-        a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-        out = torch.empty_like(a)
-        torch.mm(a, a, out=out)  # the first call loads the kernel
-        stream.synchronize()
-        began, probe = time.perf_counter(), 50
-        for _ in range(probe):
-            torch.mm(a, a, out=out)
-        stream.synchronize()
-        reps = max(1, round(probe * gap / (time.perf_counter() - began)))
-
-        def forward() -> None:
-            for _ in range(reps):
-                torch.mm(a, a, out=out)
-            stream.synchronize()
-
-        found["after_forward"] = forward
+        found["after_forward"] = Forward(torch.device("cuda"), args.gap_ms).run
     return found
 
 

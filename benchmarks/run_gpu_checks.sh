@@ -57,7 +57,12 @@ for part in $parts; do
                 --out "$out/adapters_mp_$mode.json"
         done
         LMCACHE_POOL_SHARING=shared-l1 python3 benchmarks/bench_adapters.py --preset lmcache-mp --layer-hooks \
-            --mixed --out "$out/adapters_mp_shared-l1_layer_hooks.json" ;;
+            --mixed --out "$out/adapters_mp_shared-l1_layer_hooks.json"
+        # saves as TRT-LLM hands them over: the forward still running when wait_for_save is called
+        python3 benchmarks/bench_adapters.py --preset lmcache --forward-ms 20 \
+            --out "$out/adapters_lmcache_forward.json"
+        LMCACHE_POOL_SHARING=shared-l1 python3 benchmarks/bench_adapters.py --preset lmcache-mp --forward-ms 20 \
+            --out "$out/adapters_mp_shared-l1_forward.json" ;;
     engines)
         python3 benchmarks/multi_engine.py --device cuda --mixed --out "$out/engines.json" ;;
     latency)

@@ -173,17 +173,22 @@ def test_plot_results(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "hooks", [[], ["--layer-hooks", "--mixed", "--prefill-ms", "2", "--warmup-s", "0.05"]]
+    "hooks",
+    [[], ["--layer-hooks", "--mixed", "--prefill-ms", "2", "--warmup-s", "0.05", "--forward-ms", "1"]],
 )
 @pytest.mark.parametrize("preset", ["lmcache", "lmcache-mp"])
 def test_bench_adapters(tmp_path: Path, preset: str, hooks: list[str]) -> None:
     """Saves, loads and lookups through a preset's adapters, L1 filling then full (CPU sizes); with
     the per-layer hooks called, the loads go layer-wise; with ``--mixed``, saves beside loads; saves
-    spaced as prefills and a warm-up before the registration are recorded with the figures."""
+    spaced as prefills, a warm-up before the registration and a forward before each save are
+    recorded with the figures."""
     args = ["--preset", preset, "--tokens", "1024", "--l1-size-gb", "0.004", "--repeats", "2", *hooks]
     data = run_bench("bench_adapters.py", tmp_path / "a.json", *args, model_args=["--model", "tiny"])
     assert data["loaded_rows_equal"] is True and data["layer_hooks"] == bool(hooks)
-    assert (data["prefill_ms"], data["warmup_s"]) == ((2.0, 0.05) if hooks else (0.0, 0.0))
+    assert (data["prefill_ms"], data["warmup_s"], data["forward_ms"]) == (
+        (2.0, 0.05, 1.0) if hooks else (0.0, 0.0, 0.0)
+    )
+    assert min(data["save_l1_full"]["runs_ms"]) > 0  # timed from the forward's end, which came before
     assert data["save_while_l1_fills"]["runs"] == 2 and data["save_l1_full"]["runs"] == 2
     assert len(data["load_l1_full"]["runs_ms"]) == 2 and max(data["load_l1_full"]["runs_ms"]) > 0
     assert data["load_l1_full"]["median_ratio"] > 0 and data["lookup_hit_p50_us"] > 0
