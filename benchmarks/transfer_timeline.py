@@ -6,7 +6,7 @@ times each transfer from the caller's side:
 
 - on the device, every batch of copies :mod:`lmcache.dma_batch` enqueues, by CUDA events around it:
   when the first copy started, when the last one ended, the idle time between batches;
-- on the host, when the worker's steps began and returned (``begin_store``, ``submit``, ``complete``,
+- on the host, when the worker's steps began and returned (``begin_store``, ``submit``, ``wait_stored``,
   ``send``...), by wrapping those public methods for the run.
 
 So a ratio below the copy splits into the time before the first copy, the copies themselves and the
@@ -58,7 +58,8 @@ HOST_STEPS: list[tuple[type, str]] = [
     (SharedL1Copier, "begin_load"),
     (SharedL1Copier, "add_looked_up"),
     (SharedL1Copier, "add_load"),
-    (SharedL1Copier, "complete"),
+    (SharedL1Copier, "finish_store"),
+    (SharedL1Copier, "wait_stored"),
     (SharedL1Copier, "finish_load"),
     (LanePool, "submit"),
     (LanePool, "send"),

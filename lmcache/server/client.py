@@ -50,6 +50,7 @@ completed (see :mod:`lmcache.server.server`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import secrets
@@ -158,8 +159,8 @@ class CacheServerClient:
         self.lanes = LanePool(self.url, size=lanes, fail_fast=fail_fast)
         """The connections to the server; every call takes one."""
         # The stores and loads of pools it copies for itself.
-        self.shared_l1 = SharedL1Transfers(self._call, self._submit, self._send, self.registrations)
-        self.claimed = ClaimedLookups(self.registrations, self.shared_l1, self._send)
+        self.shared_l1 = SharedL1Transfers(self._call, self._submit, self._one_way, self.registrations)
+        self.claimed = ClaimedLookups(self.registrations, self.shared_l1, self._one_way)
         self._hb: threading.Thread | None = None
         if heartbeat_interval_s > 0:
             self._hb = threading.Thread(target=self._heartbeat_loop, name="lmcache-client-hb", daemon=True)
@@ -173,7 +174,7 @@ class CacheServerClient:
     def wake(self, *, timeout_s: float | None = None) -> None:
         """A one-way ping: a server thread that slept wakes while this one prepares its next call."""
         with contextlib.suppress(ServerUnavailable):
-            self._send(P.Ping(), timeout_s)
+            self._one_way(P.Ping(), timeout_s)()
 
     def register(
         self,
@@ -477,11 +478,11 @@ class CacheServerClient:
         pending = self.lanes.submit(frame, rid, op, timeout)
         return Submitted(pending, lambda reply: self._value(reply, result_type, op))
 
-    def _send(self, req: Any, timeout_s: float | None) -> None:
-        """Send a one-way ``req`` (its ``one_way`` set): no reply comes, not even an error."""
+    def _one_way(self, req: Any, timeout_s: float | None) -> Callable[[], None]:
+        """``req`` framed now, one-way (no reply comes, not even an error); the call returned sends it."""
         req.one_way = True
         frame, _, op, timeout = self._frame(req, timeout_s, False)
-        self.lanes.send(frame, op, timeout)
+        return functools.partial(self.lanes.send, frame, op, timeout)
 
     def _frame(self, req: Any, timeout_s: float | None, deadline: bool) -> tuple[bytes, int, str, float]:
         """``req`` numbered, stamped and encoded: its frame, request id, op name and timeout."""

@@ -4,26 +4,21 @@ the hit claimed here, the lookup then sent one-way for the server to pin it and 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any
 
 from lmcache.server import protocol as P
 from lmcache.server.client_registrations import Registrations
-from lmcache.server.client_shared_l1 import SharedL1Transfers
+from lmcache.server.client_shared_l1 import OneWayFn, SharedL1Transfers
 
 __all__ = ["ClaimedLookups"]
-
-SendFn = Callable[[Any, "float | None"], None]
-"""Sends a request one-way (no reply)."""
 
 
 class ClaimedLookups:
     """Claims the hits of a client's pinned lookups (see the module)."""
 
-    def __init__(self, registrations: Registrations, shared_l1: SharedL1Transfers, send: SendFn) -> None:
+    def __init__(self, registrations: Registrations, shared_l1: SharedL1Transfers, one_way: OneWayFn) -> None:
         self._registrations = registrations
         self._shared_l1 = shared_l1
-        self._send = send
+        self._one_way = one_way
 
     def lookup(self, req: P.LookupHashes, timeout_s: float | None) -> int | None:
         """``req``'s hit, claimed, and ``req`` sent one-way to pin it; None when it must ask the server
@@ -41,7 +36,7 @@ class ClaimedLookups:
             return 0
         req.claims = claimed.entries
         try:
-            self._send(req, timeout_s)
+            self._one_way(req, timeout_s)()
         except BaseException:
             self._registrations.unclaim(req.instance_id, req.claims)
             raise

@@ -41,14 +41,14 @@ if TYPE_CHECKING:  # the client imports no torch until a shared-L1 pool is regis
     from lmcache.server.client_lanes import Submitted
     from lmcache.server.shared_l1_worker import SharedL1Copier
 
-__all__ = ["SharedL1Transfers", "CallFn", "SubmitFn", "SendFn"]
+__all__ = ["SharedL1Transfers", "CallFn", "SubmitFn", "OneWayFn"]
 
 CallFn = Callable[..., Any]
 """The client's call: ``(request, result_type, timeout_s, *, retry_unknown=True, deadline=False)``."""
 SubmitFn = Callable[..., "Submitted[Any]"]
 """The client's submit: ``(request, result_type, timeout_s, *, deadline=False)`` -> the reply to read."""
-SendFn = Callable[[Any, float | None], None]
-"""The client's one-way send: ``(request, timeout_s)``."""
+OneWayFn = Callable[[Any, float | None], Callable[[], None]]
+"""The client's one-way request: ``(request, timeout_s)`` framed now, sent by the call returned."""
 
 
 MAX_REMEMBERED_LOOKUPS = 256
@@ -102,10 +102,12 @@ class _StoreReport:
 class SharedL1Transfers:
     """The store and retrieve of shared-L1 registrations, over the client's calls."""
 
-    def __init__(self, call: CallFn, submit: SubmitFn, send: SendFn, registrations: Registrations) -> None:
+    def __init__(
+        self, call: CallFn, submit: SubmitFn, one_way: OneWayFn, registrations: Registrations
+    ) -> None:
         self._call = call
         self._submit = submit
-        self._send = send
+        self._one_way = one_way
         self._registrations = registrations
         self._reports: ThreadPoolExecutor | None = None
         """Sends the ``load_done`` of loads that returned before their copies completed."""
@@ -226,7 +228,10 @@ class SharedL1Transfers:
                 report.leases = []
                 raise _LeaseVoid
             copier.add_chunks(batch, report.reply, transfer.block_ids)
-            copier.complete(batch)
+            copier.finish_store(batch)
+            # framed while the last copies run
+            publish = None if report.empty else self._one_way(report.done(ok=True), timeout_s)
+            copier.wait_stored()
         except BaseException as e:
             copier.quiesce()  # no copy may still write into a slot once it is given back
             if wait_reply is not None:  # its reservation must be given back too
@@ -236,10 +241,10 @@ class SharedL1Transfers:
             report.cap = req.cap or lease_cap  # unsent reservation: the leases' own
             if not report.empty and not isinstance(e, UnknownInstance):  # else nothing to give back
                 with contextlib.suppress(ServerUnavailable, ServerError):
-                    self._send(report.done(ok=False), timeout_s)
+                    self._one_way(report.done(ok=False), timeout_s)()
             raise
-        if not report.empty:  # unsent, nothing is published: the store fails
-            self._send(report.done(ok=True), timeout_s)
+        if publish is not None:  # unsent, nothing is published: the store fails
+            publish()
         return report.tokens(size)
 
     def retrieve(
@@ -304,6 +309,7 @@ class SharedL1Transfers:
                 copier.quiesce()  # nothing is pinned for them: no copy may outlive this call
             return reply.loaded
         done = P.LoadDone(instance_id=iid, ticket=reply.ticket, cap=req.cap)
+        report: Callable[[], None] | None = None
         reported_later = False
         try:
             copier.add_load(batch, reply, transfer.block_ids, early)
@@ -311,32 +317,40 @@ class SharedL1Transfers:
                 assert parts is not None
                 reply, more = parts.next()
                 copier.add_load(batch, reply, transfer.block_ids, early)
+            report = self._report_of(done, timeout_s)  # framed while the copies run
             copied = copier.finish_load(batch, stream, ordered=layers is None)
             if copied is not None:  # the copies are running: their report goes once they are done
-                self._report_when_done(copied, copier.pool.device.index, done, timeout_s)
+                self._report_when_done(copied, copier.pool.device.index, report)
                 reported_later = True
             return reply.loaded
         finally:
             if parts is not None:
                 parts.cancel()  # parts not read (a copy failed): their lane goes
             if not reported_later:  # the copy completed or failed: the pins may go
-                self._report(done, timeout_s)
+                (report or self._report_of(done, timeout_s))()
 
-    def _report(self, done: P.LoadDone, timeout_s: float | None) -> None:
-        """Send a load's ``load_done``. A server that cannot take it (gone, restarted) releases the
-        pins itself (reaping, or a fresh L1), so the load still counts."""
-        with contextlib.suppress(ServerUnavailable, ServerError):
-            self._send(done, timeout_s)
+    def _report_of(self, done: P.LoadDone, timeout_s: float | None) -> Callable[[], None]:
+        """A load's ``load_done``, framed now (while its copies run); the call returned sends it. A
+        server that cannot take it (gone, restarted) releases the pins itself (reaping, or a fresh
+        L1), so the load still counts."""
+        try:
+            send = self._one_way(done, timeout_s)
+        except (ServerUnavailable, ServerError):  # the client closed: nothing can be sent
+            return lambda: None
 
-    def _report_when_done(
-        self, copied: Any, device: int | None, done: P.LoadDone, timeout_s: float | None
-    ) -> None:
-        """Send ``done`` from the background once the event ``copied`` (after the load's copies on
-        ``device``, the pool's) is."""
+        def report() -> None:
+            with contextlib.suppress(ServerUnavailable, ServerError):
+                send()
+
+        return report
+
+    def _report_when_done(self, copied: Any, device: int | None, done: Callable[[], None]) -> None:
+        """Send the report ``done`` from the background once the event ``copied`` (after the load's
+        copies on ``device``, the pool's) is."""
 
         def report() -> None:
             copied.synchronize()
-            self._report(done, timeout_s)
+            done()
 
         with self._lock:  # loads of several threads: one sender thread
             if self._reports is None:

@@ -145,9 +145,13 @@ class SharedL1Copier:
             if chunk.slot is not None:
                 self.add(batch, chunk.slot, block_ids[chunk.first_block : chunk.first_block + chunk.rows])
 
-    def complete(self, batch: CopyBatcher[None]) -> None:
-        """Enqueue the rest of a store's ``batch`` and wait until every copy of it is done."""
+    def finish_store(self, batch: CopyBatcher[None]) -> None:
+        """Enqueue the rest of a store's ``batch``; its copies may still be running (see
+        :meth:`wait_stored`)."""
         batch.finish()
+
+    def wait_stored(self) -> None:
+        """Wait until every store copy enqueued so far is done."""
         _synchronize(self.store_stream)
 
     def finish_load(self, batch: CopyBatcher[None], stream: Any = None, *, ordered: bool = True) -> Any:

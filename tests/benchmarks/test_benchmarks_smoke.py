@@ -241,7 +241,7 @@ def test_transfer_timeline(tmp_path: Path) -> None:
         for op in ("store", "load"):
             assert row[path][op]["ratio"] > 0 and len(row[path]["runs"][op]) == 2
     server_store, server_load = row["shared-l1"]["store"]["steps"], row["shared-l1"]["load"]["steps"]
-    assert server_store["begin_store_in"] < server_store["complete_out"] <= server_store["send_in"]
+    assert server_store["begin_store_in"] < server_store["wait_stored_out"] <= server_store["send_in"]
     assert server_load["begin_load_in"] < server_load["finish_load_out"] <= server_load["send_in"]
 
 

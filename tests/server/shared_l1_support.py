@@ -58,7 +58,8 @@ def copy_store(copier: SharedL1Copier, reply: P.StoreSlots, block_ids: list[int]
     copier.apply(reply)
     batch = copier.begin_store(block_ids)
     copier.add_chunks(batch, reply, block_ids)
-    copier.complete(batch)
+    copier.finish_store(batch)
+    copier.wait_stored()
 
 
 def copy_load(copier: SharedL1Copier, reply: P.LoadSlots, block_ids: list[int]) -> int:
@@ -66,5 +67,6 @@ def copy_load(copier: SharedL1Copier, reply: P.LoadSlots, block_ids: list[int]) 
     the tokens loaded."""
     batch = copier.begin_load(block_ids)
     copier.add_load(batch, reply, block_ids)
-    copier.complete(batch)
+    copier.finish_store(batch)
+    copier.wait_stored()
     return reply.loaded

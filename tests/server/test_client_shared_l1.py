@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -79,12 +80,17 @@ def _no_call(*args: Any, **kw: Any) -> Any:
     raise AssertionError("the load is submitted, not called")
 
 
-def _unreachable_send(req: Any, timeout_s: float | None) -> None:
-    raise ServerUnavailable("cache server at ipc:///x is unreachable")
+def _unreachable_one_way(req: Any, timeout_s: float | None) -> Callable[[], None]:
+    """Frames ``req``; sending it finds the server gone."""
+
+    def send() -> None:
+        raise ServerUnavailable("cache server at ipc:///x is unreachable")
+
+    return send
 
 
 def _transfers(regs: _Registrations) -> SharedL1Transfers:
-    return SharedL1Transfers(_no_call, _load_answered, _unreachable_send, regs)  # type: ignore[arg-type]
+    return SharedL1Transfers(_no_call, _load_answered, _unreachable_one_way, regs)  # type: ignore[arg-type]
 
 
 def test_a_completed_load_counts_even_if_its_report_cannot_be_delivered() -> None:

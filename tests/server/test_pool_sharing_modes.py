@@ -14,6 +14,7 @@ from raw_lane import connect, framed, read_reply
 from support.server_process import CHUNK, MODEL, POOL_SHAPE, TPB, server_secret, shared_pool, wait_until
 
 from lmcache.config import LMCacheEngineConfig
+from lmcache.server import framing
 from lmcache.server import protocol as P
 from lmcache.server.client import BadPool, CacheServerClient, InvalidRequest, ServerUnavailable
 from lmcache.server.client_lanes import LanePool
@@ -99,11 +100,11 @@ def test_the_server_never_copies_for_a_shared_l1_instance(serve) -> None:
 def test_a_copy_that_fails_gives_the_slots_back_and_raises(serve, monkeypatch) -> None:
     server = serve("auto")
 
-    def fail(self, batch):  # type: ignore[no-untyped-def]
+    def fail(self):  # type: ignore[no-untyped-def]
         raise RuntimeError("the worker's copy failed (as a CUDA error would)")
 
     # Bad block ids are refused before anything is reserved: fail the copy itself instead.
-    monkeypatch.setattr(SharedL1Copier, "complete", fail)
+    monkeypatch.setattr(SharedL1Copier, "wait_stored", fail)
     with client_of(server) as client:
         client.register(torch.zeros(POOL_SHAPE), 0, 1, MODEL, TPB, pool_sharing="shared-l1")
         with pytest.raises(RuntimeError, match="copy failed"):
@@ -238,6 +239,47 @@ def test_a_store_after_an_event_waits_for_it_on_the_host_only_where_the_server_c
         assert client.lookup(TOKENS) == len(TOKENS)
     assert (order[:2] == ["waited", "store"]) == waits
     assert ("waited" in order) == waits
+
+
+def test_a_transfers_report_is_framed_before_its_copies_are_waited_for(serve, monkeypatch) -> None:
+    """A shared-L1 store frames its ``store_done`` (and a load its ``load_done``) while the copies
+    still run: once they are done only the send is left; bit-equal."""
+    server = serve("auto")
+    pool = shared_pool(seed=19)
+    src, dst = pool[BLOCKS].clone(), list(range(20, 20 + len(BLOCKS)))
+    order: list[str] = []
+    real_encode, real_send = framing.encode_request, LanePool.send
+    real_wait, real_finish_load = SharedL1Copier.wait_stored, SharedL1Copier.finish_load
+
+    def encode(req) -> bytes:
+        order.append(f"framed {type(req).__struct_config__.tag}")
+        return real_encode(req)
+
+    def send(self, frame, op, timeout) -> None:
+        order.append(f"sent {op}")
+        real_send(self, frame, op, timeout)
+
+    def wait_stored(self) -> None:
+        order.append("copied")
+        real_wait(self)
+
+    def finish_load(self, *args, **kwargs):
+        order.append("copied")
+        return real_finish_load(self, *args, **kwargs)
+
+    monkeypatch.setattr(framing, "encode_request", encode)
+    monkeypatch.setattr(LanePool, "send", send)
+    monkeypatch.setattr(SharedL1Copier, "wait_stored", wait_stored)
+    monkeypatch.setattr(SharedL1Copier, "finish_load", finish_load)
+    with client_of(server) as client:
+        client.register(pool, 0, 1, MODEL, TPB, pool_sharing="shared-l1")
+        order.clear()
+        assert client.store(BlockTransfer(TOKENS, None, BLOCKS, 0, len(TOKENS))) == len(TOKENS)
+        assert order[-3:] == ["framed store_done", "copied", "sent store_done"]
+        order.clear()
+        assert client.retrieve(BlockTransfer(TOKENS, None, dst, 0, len(TOKENS))) == len(TOKENS)
+        assert order[-3:] == ["framed load_done", "copied", "sent load_done"]
+    assert torch.equal(pool[dst], src)
 
 
 def test_every_store_fills_a_lease_that_holds_exactly_one_store(serve, monkeypatch) -> None:

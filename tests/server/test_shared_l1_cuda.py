@@ -22,7 +22,6 @@ from support.server_process import MODEL as MODEL_NAME
 from support.server_process import POOL_SHAPE, ServerProcess, wait_until
 from support.server_process import TPB as SERVER_TPB
 
-from lmcache.chunk_copy import CopyBatcher
 from lmcache.integration.tensorrt_llm.tensorrt_mp_adapter import reset_process_connections
 from lmcache.server.client import CacheServerClient
 from lmcache.server.client_errors import ServerError
@@ -63,15 +62,15 @@ def shared_l1_server(start_server: StartServer, lmcache_env: pytest.MonkeyPatch)
 
 @pytest.fixture
 def enqueued(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
-    """Set each time a shared-L1 store has enqueued every copy (its ``complete`` begins)."""
+    """Set each time a shared-L1 store has enqueued every copy (it begins to wait for them)."""
     event = threading.Event()
-    real_complete = SharedL1Copier.complete
+    real_wait = SharedL1Copier.wait_stored
 
-    def complete(copier: SharedL1Copier, batch: CopyBatcher[None]) -> None:
+    def wait_stored(copier: SharedL1Copier) -> None:
         event.set()
-        real_complete(copier, batch)
+        real_wait(copier)
 
-    monkeypatch.setattr(SharedL1Copier, "complete", complete)
+    monkeypatch.setattr(SharedL1Copier, "wait_stored", wait_stored)
     return event
 
 

@@ -188,7 +188,8 @@ def test_a_load_answers_its_first_chunks_ahead_under_one_ticket(env) -> None:
     batch = copier.begin_load(dst)
     for part in (*parts, final):
         copier.add_load(batch, part, dst)
-    copier.complete(batch)
+    copier.finish_store(batch)
+    copier.wait_stored()
     assert torch.equal(pool[dst[1:]], pool[src[1:]])
     service.load_done(scope, P.LoadDone(instance_id=7, ticket=final.ticket))
     assert engine.l1.pinned_keys() == []

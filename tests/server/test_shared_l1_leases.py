@@ -48,7 +48,8 @@ def fill(env: SharedL1Env, leases: list[P.LeasedSlot], blocks: list[int], first_
     for i, slot in enumerate(leases):
         first = (first_chunk + i) * rows
         env.copier.add(batch, slot.slot, blocks[first : first + rows])
-    env.copier.complete(batch)
+    env.copier.finish_store(batch)
+    env.copier.wait_stored()
 
 
 def done(leases: list[P.LeasedSlot], start: int = 0, ok: bool = True, **kw) -> P.StoreDone:
