@@ -164,7 +164,7 @@ def side_stream(device: torch.device, direction: Direction) -> Any:
     return _helper_stream(device, direction)
 
 
-def _lane_stream(device: torch.device) -> Any:
+def lane_stream(device: torch.device) -> Any:
     """The second stream of interleaved copies (see ``Transfer._next_lane``)."""
     return _helper_stream(device, "lane")
 
@@ -246,7 +246,7 @@ class Transfer:
             # What ``_on`` puts back: the current streams of the current and of the pool's device.
             self._restore = (torch.cuda.current_stream(), torch.cuda.current_stream(pool.device))
             self.stream = stream if stream is not None else self._restore[1]
-            self._lanes = [self.stream, _lane_stream(pool.device)] if interleave else [self.stream]
+            self._lanes = [self.stream, lane_stream(pool.device)] if interleave else [self.stream]
             if torch.cuda.current_device() != pool.device.index:
                 self._device = pool.device
         self._row_dma = (
