@@ -56,7 +56,7 @@ def probe(offset: int, streams: dict[str, Any], work: tuple[torch.Tensor, int]) 
     with torch.cuda.stream(forward):
         for _ in range(products):
             torch.mm(a, a)
-        forward_done = torch.cuda.Event()
+        forward_done = torch.cuda.Event(enable_timing=True)
         forward_done.record()
     device = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda")
     host = torch.empty(COPY_BYTES, dtype=torch.uint8, pin_memory=True)
@@ -64,16 +64,15 @@ def probe(offset: int, streams: dict[str, Any], work: tuple[torch.Tensor, int]) 
         streams[name].wait_event(forward_done)
         with torch.cuda.stream(streams[name]):
             host.copy_(device, non_blocking=True)
-    late = []
+    copied = {}
     for name in ("load", "scatter"):
         with torch.cuda.stream(streams[name]):
             device.copy_(host, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-        copied.synchronize()
-        if forward_done.query():
-            late.append(name)
+            copied[name] = torch.cuda.Event(enable_timing=True)
+            copied[name].record()
     torch.cuda.synchronize()
+    # Each copy judged by its own end against the forward's (a positive gap: it ended after).
+    late = [name for name, event in copied.items() if forward_done.elapsed_time(event) > 0]
     return {"offset": offset, "loads_after_the_forward": late}
 
 

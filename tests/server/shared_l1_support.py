@@ -67,6 +67,5 @@ def copy_load(copier: SharedL1Copier, reply: P.LoadSlots, block_ids: list[int]) 
     the tokens loaded."""
     batch = copier.begin_load(block_ids)
     copier.add_load(batch, reply, block_ids)
-    copier.finish_store(batch)
-    copier.wait_stored()
+    copier.finish_load(batch)
     return reply.loaded
