@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from lmcache import dma_batch
+from lmcache import cudart, dma_batch
 
 # Upper bound of the device staging buffer per call, so a huge batch cannot exhaust GPU memory.
 MAX_STAGING_BYTES = 256 << 20
@@ -149,7 +149,7 @@ def _helper_stream(device: torch.device, role: str) -> Any:
     index = device.index if device.index is not None else torch.cuda.current_device()
     with _helper_streams_lock:
         if (role, index) not in _helper_streams:
-            _helper_streams[role, index] = torch.cuda.Stream(device=index)
+            _helper_streams[role, index] = cudart.new_stream(index)
         return _helper_streams[role, index]
 
 

@@ -14,7 +14,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from lmcache import c_ops
+from lmcache import c_ops, cudart
 from lmcache.forward_gate import FORWARD
 from lmcache.keys import ChunkKey
 from lmcache.layered_load import LayerReady, scatter_layers
@@ -38,7 +38,7 @@ class CopyStreams:
         """New streams on a CUDA pool's device; None for a CPU pool (its copies are done when enqueued)."""
         if not pool.is_cuda:
             return None
-        return cls(torch.cuda.Stream(device=pool.device), torch.cuda.Stream(device=pool.device))
+        return cls(cudart.new_stream(pool.device), cudart.new_stream(pool.device))
 
     def synchronize(self) -> None:
         """Wait for every copy enqueued on either stream."""

@@ -9,6 +9,8 @@ memory (``cudaHostRegister``) is such a call, and L1 is page-locked in the backg
 first relaxes its capture mode (:func:`relax_capture_mode`): its calls neither fail nor disturb a
 capture elsewhere (they touch none of the captured streams).
 
+Our streams are made here too (:func:`new_stream`), not taken from PyTorch's stream pool.
+
 A new thread's current CUDA device is device 0, whatever its process works on: its first CUDA call
 would create a context there (GPU memory on another rank's device, under tensor parallelism). So the
 thread that starts one of ours hands it its own device (:func:`current_device`), made current first.
@@ -19,11 +21,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import weakref
 from typing import Any
 
 import torch
 
 CAPTURE_MODE_RELAXED = 2  # cudaStreamCaptureModeRelaxed
+STREAM_NON_BLOCKING = 1  # cudaStreamNonBlocking: no implicit order with the legacy default stream
 
 
 def _loaded_path() -> str | None:
@@ -72,3 +76,33 @@ def relax_capture_mode(device: int | None = None) -> bool:
         torch.cuda.set_device(device)
     mode = ctypes.c_int(CAPTURE_MODE_RELAXED)
     return int(library.cudaThreadExchangeStreamCaptureMode(ctypes.byref(mode))) == 0
+
+
+def new_stream(device: torch.device | int) -> Any:
+    """A CUDA stream of its own on ``device`` (a ``torch.cuda.ExternalStream``), destroyed once the
+    returned object is collected and the work on it has run.
+
+    ``torch.cuda.Stream()`` hands out a pool of 32 streams per device in turn, so the 33rd stream a
+    process asks for is its first: one of our streams could be another of ours or one of TRT-LLM's,
+    and a load would then wait for a forward or a save it does not depend on (benchmarks/RESULTS.md,
+    D64). A stream made by the runtime is no other stream."""
+    library = runtime()
+    if library is None:
+        raise RuntimeError("lmcache: a CUDA stream was asked for but no CUDA runtime is loaded")
+    index = device if isinstance(device, int) else torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    handle = ctypes.c_void_p()
+    with torch.cuda.device(index):
+        status = int(library.cudaStreamCreateWithFlags(ctypes.byref(handle), STREAM_NON_BLOCKING))
+    if status != 0:
+        raise RuntimeError(f"lmcache: cudaStreamCreateWithFlags on cuda:{index} returned CUDA error {status}")
+    stream = torch.cuda.ExternalStream(handle.value, device=index)
+    weakref.finalize(stream, _destroy_stream, library, handle.value).atexit = False
+    return stream
+
+
+def _destroy_stream(library: Any, handle: int) -> None:
+    """Destroy a stream of :func:`new_stream` once its work has run (the caching allocator may hand
+    its blocks to a later stream that gets the same handle)."""
+    library.cudaStreamSynchronize(ctypes.c_void_p(handle))
+    library.cudaStreamDestroy(ctypes.c_void_p(handle))

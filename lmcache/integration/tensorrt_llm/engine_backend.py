@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from lmcache import cudart
 from lmcache.chunk_copy import CopyBatcher
 from lmcache.config import load_engine_config
 from lmcache.engine import CacheEngine, KeySpace
@@ -164,7 +165,7 @@ class EngineTransfers:
         device = targets[0].tensor.device
         self._save_queue = SaveQueue(device, f"lmcache-save-r{self._rank}")
         if device.type == "cuda":
-            self._load_stream = torch.cuda.Stream(device=device)
+            self._load_stream = cudart.new_stream(device)
             rows = self._settings.chunk_size // self._settings.tokens_per_block
             for target in targets:  # so the first save and load pay no set-up (RESULTS D36)
                 CopyBatcher.warm_up(target.tensor, self._load_stream, rows)

@@ -22,7 +22,7 @@ class SaveQueue:
     """Stores from one device's pools, run in submission order on a background thread."""
 
     def __init__(self, device: torch.device, name: str) -> None:
-        self.stream: Any = torch.cuda.Stream(device=device) if device.type == "cuda" else None
+        self.stream: Any = cudart.new_stream(device) if device.type == "cuda" else None
         self._device = device
         relax = functools.partial(cudart.relax_capture_mode, device.index) if device.type == "cuda" else None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=relax)
