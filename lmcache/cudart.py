@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import threading
 import weakref
 from typing import Any
 
@@ -78,31 +79,41 @@ def relax_capture_mode(device: int | None = None) -> bool:
     return int(library.cudaThreadExchangeStreamCaptureMode(ctypes.byref(mode))) == 0
 
 
+_spare_streams: dict[int, list[int]] = {}
+_spare_streams_lock = threading.Lock()
+
+
 def new_stream(device: torch.device | int) -> Any:
-    """A CUDA stream of its own on ``device`` (a ``torch.cuda.ExternalStream``), destroyed once the
-    returned object is collected and the work on it has run.
+    """A CUDA stream of its own on ``device`` (a ``torch.cuda.ExternalStream``), never one of
+    PyTorch's pool and never another live stream of ours.
 
     ``torch.cuda.Stream()`` hands out a pool of 32 streams per device in turn, so the 33rd stream a
     process asks for is its first: one of our streams could be another of ours or one of TRT-LLM's,
     and a load would then wait for a forward or a save it does not depend on (benchmarks/RESULTS.md,
-    D64). A stream made by the runtime is no other stream."""
+    D64). These are made by the runtime. They are never destroyed: PyTorch's pinned-memory allocator
+    records an event on every stream a pinned tensor was copied on when the tensor is freed, however
+    late, so a stream let go goes back to a spare list for the next caller instead."""
     library = runtime()
     if library is None:
         raise RuntimeError("lmcache: a CUDA stream was asked for but no CUDA runtime is loaded")
     index = device if isinstance(device, int) else torch.device(device).index
     index = torch.cuda.current_device() if index is None else index
-    handle = ctypes.c_void_p()
-    with torch.cuda.device(index):
-        status = int(library.cudaStreamCreateWithFlags(ctypes.byref(handle), STREAM_NON_BLOCKING))
-    if status != 0:
-        raise RuntimeError(f"lmcache: cudaStreamCreateWithFlags on cuda:{index} returned CUDA error {status}")
-    stream = torch.cuda.ExternalStream(handle.value, device=index)
-    weakref.finalize(stream, _destroy_stream, library, handle.value).atexit = False
+    with _spare_streams_lock:
+        spare = _spare_streams.setdefault(index, [])
+        handle = spare.pop() if spare else None
+    if handle is None:
+        created = ctypes.c_void_p()
+        with torch.cuda.device(index):
+            status = int(library.cudaStreamCreateWithFlags(ctypes.byref(created), STREAM_NON_BLOCKING))
+        if status != 0:
+            raise RuntimeError(f"lmcache: cudaStreamCreateWithFlags on cuda:{index} failed: CUDA error {status}")
+        handle = created.value
+    stream = torch.cuda.ExternalStream(handle, device=index)
+    weakref.finalize(stream, _give_back_stream, index, handle).atexit = False
     return stream
 
 
-def _destroy_stream(library: Any, handle: int) -> None:
-    """Destroy a stream of :func:`new_stream` once its work has run (the caching allocator may hand
-    its blocks to a later stream that gets the same handle)."""
-    library.cudaStreamSynchronize(ctypes.c_void_p(handle))
-    library.cudaStreamDestroy(ctypes.c_void_p(handle))
+def _give_back_stream(index: int, handle: int) -> None:
+    """Put a stream of :func:`new_stream` whose object was collected back on the spare list."""
+    with _spare_streams_lock:
+        _spare_streams[index].append(handle)
