@@ -106,7 +106,7 @@ def new_stream(device: torch.device | int) -> Any:
         with torch.cuda.device(index):
             status = int(library.cudaStreamCreateWithFlags(ctypes.byref(created), STREAM_NON_BLOCKING))
         if status != 0:
-            raise RuntimeError(f"lmcache: cudaStreamCreateWithFlags on cuda:{index} failed: CUDA error {status}")
+            raise RuntimeError(f"lmcache: creating a CUDA stream on cuda:{index} failed: CUDA error {status}")
         handle = created.value
     stream = torch.cuda.ExternalStream(handle, device=index)
     weakref.finalize(stream, _give_back_stream, index, handle).atexit = False
