@@ -45,6 +45,11 @@ class CopyStreams:
         self.store.synchronize()
         self.load.synchronize()
 
+    def release(self) -> None:
+        """Hand both streams back for the next pool (see :func:`lmcache.cudart.new_stream`)."""
+        cudart.release_stream(self.store)
+        cudart.release_stream(self.load)
+
 
 @dataclass(slots=True)  # not frozen: built per chunk on the store path, where frozen init costs
 class StoreSlot:

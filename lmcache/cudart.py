@@ -22,7 +22,6 @@ import ctypes
 import functools
 import os
 import threading
-import weakref
 from typing import Any
 
 import torch
@@ -84,15 +83,15 @@ _spare_streams_lock = threading.Lock()
 
 
 def new_stream(device: torch.device | int) -> Any:
-    """A CUDA stream of its own on ``device`` (a ``torch.cuda.ExternalStream``), never one of
-    PyTorch's pool and never another live stream of ours.
+    """A CUDA stream of its own on ``device`` (a ``torch.cuda.ExternalStream``): never one of
+    PyTorch's pool, never another stream of ours in use. Hand it back with :func:`release_stream`.
 
     ``torch.cuda.Stream()`` hands out a pool of 32 streams per device in turn, so the 33rd stream a
     process asks for is its first: one of our streams could be another of ours or one of TRT-LLM's,
     and a load would then wait for a forward or a save it does not depend on (benchmarks/RESULTS.md,
-    D64). These are made by the runtime. They are never destroyed: PyTorch's pinned-memory allocator
+    D64). These are made by the runtime and never destroyed (PyTorch's pinned-memory allocator
     records an event on every stream a pinned tensor was copied on when the tensor is freed, however
-    late, so a stream let go goes back to a spare list for the next caller instead."""
+    late): one handed back goes to the next caller."""
     library = runtime()
     if library is None:
         raise RuntimeError("lmcache: a CUDA stream was asked for but no CUDA runtime is loaded")
@@ -108,12 +107,13 @@ def new_stream(device: torch.device | int) -> Any:
         if status != 0:
             raise RuntimeError(f"lmcache: creating a CUDA stream on cuda:{index} failed: CUDA error {status}")
         handle = created.value
-    stream = torch.cuda.ExternalStream(handle, device=index)
-    weakref.finalize(stream, _give_back_stream, index, handle).atexit = False
-    return stream
+    return torch.cuda.ExternalStream(handle, device=index)
 
 
-def _give_back_stream(index: int, handle: int) -> None:
-    """Put a stream of :func:`new_stream` whose object was collected back on the spare list."""
+def release_stream(stream: Any) -> None:
+    """Hand back a stream of :func:`new_stream` once its owner is done with it (work still queued on
+    it runs before the next owner's). Idempotent; the caller must not use the stream after."""
     with _spare_streams_lock:
-        _spare_streams[index].append(handle)
+        spare = _spare_streams.setdefault(stream.device.index, [])
+        if stream.cuda_stream not in spare:
+            spare.append(stream.cuda_stream)

@@ -4,8 +4,6 @@
 stream after one that waits for a forward, the load would have waited for that forward.
 """
 
-import gc
-
 import pytest
 import torch
 
@@ -86,22 +84,21 @@ def test_a_load_never_waits_for_a_forward_whatever_streams_were_taken_before(tak
     assert not late, f"loads on {late} ended after a forward they do not depend on"
 
 
-def test_a_dropped_stream_goes_to_the_next_caller_and_stays_usable() -> None:
-    """A stream of ours let go is never destroyed: pinned memory copied on it can still be freed (the
-    allocator records an event on it then), and the next stream asked for is that one."""
+def test_a_stream_handed_back_goes_to_the_next_caller_and_stays_usable() -> None:
+    """A stream of ours handed back is never destroyed: pinned memory copied on it can still be freed
+    (the allocator records an event on it then), and the next stream asked for is that one."""
     device = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda").fill_(3)
     host = torch.zeros(COPY_BYTES, dtype=torch.uint8, pin_memory=True)
     stream = cudart.new_stream(device.device)
     with torch.cuda.stream(stream):
         host.copy_(device, non_blocking=True)
-    stream.synchronize()
     handle = stream.cuda_stream
-    del stream
-    gc.collect()
-    del host  # the pinned block's free records an event on the stream it was copied on
+    cudart.release_stream(stream)
+    cudart.release_stream(stream)  # twice: still handed out once
+    del stream, host  # the pinned block's free records an event on the stream it was copied on
     torch.cuda.synchronize()
-    again = cudart.new_stream(device.device)
-    assert again.cuda_stream == handle
+    again, other = cudart.new_stream(device.device), cudart.new_stream(device.device)
+    assert again.cuda_stream == handle != other.cuda_stream
     with torch.cuda.stream(again):
         device.fill_(5)
     again.synchronize()

@@ -101,6 +101,7 @@ class Instance:
         try:
             if self.streams is not None:
                 self.streams.synchronize()
+                self.streams.release()
             self.pool.close()
         except Exception:
             logger.exception("closing the pool mapping of instance %d", self.instance_id)

@@ -46,9 +46,9 @@ class SharedL1Copier:
         self.pool = pool
         self.row_bytes = math.prod(pool.shape[1:]) * pool.element_size()
         self.row_shape = tuple(pool.shape[1:])
-        streams = CopyStreams.for_pool(pool)
-        self.store_stream: Any = streams.store if streams is not None else None
-        self.load_stream: Any = streams.load if streams is not None else None
+        self._streams = CopyStreams.for_pool(pool)
+        self.store_stream: Any = self._streams.store if self._streams is not None else None
+        self.load_stream: Any = self._streams.load if self._streams is not None else None
         self.server_id: str | None = None
         self.slabs = slabs if slabs is not None else SlabMappings(pin=pool.is_cuda, shm_dir=shm_dir)
         self._owns_slabs = slabs is None
@@ -259,10 +259,12 @@ class SharedL1Copier:
         batch.add(block_ids[chunk.first_block + chunk.skip : chunk.first_block + chunk.stop], view, None)
 
     def close(self) -> None:
-        """Forget this copier's own mappings (they go once no view of them is left); shared ones stay
-        with the client."""
+        """Forget this copier's own mappings (they go once no view of them is left; shared ones stay
+        with the client) and hand its streams back."""
         if self._owns_slabs:
             self.slabs.clear()
+        if self._streams is not None:
+            self._streams.release()
 
     def _view(self, slot: P.SlotInfo, rows: int) -> torch.Tensor:
         """The slot as ``rows`` pool rows, after checking it lies in a slab this worker mapped."""
