@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind benchmarks/RESULTS.md, on a CUDA machine (run from the repo root):
 #   benchmarks/run_gpu_checks.sh OUTDIR [modes] [tests] [transfer] [adapters] [engines] [latency] [pinning]
-#       [ttft] [overhead] [workload] [queues]
+#       [ttft] [overhead] [workload]
 # (default: all). The tests marked gpu (pinned memory, side streams, CUDA IPC between processes), then the
 # benchmarks; each part writes its JSON and log into OUTDIR, so the parts can run as separate calls.
 # `modes` alone is issue 13's acceptance in one call (a few minutes on an H200): the shared-L1 GPU tests,
@@ -12,7 +12,7 @@
 set -u
 out=${1:-gpu-results}
 shift || true
-parts=${*:-modes tests transfer adapters engines latency pinning ttft overhead workload queues}
+parts=${*:-modes tests transfer adapters engines latency pinning ttft overhead workload}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/card.txt"
@@ -79,11 +79,6 @@ for part in $parts; do
             --out "$out/overhead.json" ;;
     workload)
         python3 benchmarks/bench_workload.py --device cuda --out "$out/workload.json" ;;
-    queues)  # one hardware queue: every load must show as late (the probe can fail); then 8 and 32
-        for connections in 1 8 32; do
-            CUDA_DEVICE_MAX_CONNECTIONS=$connections python3 benchmarks/stream_queues.py \
-                --out "$out/stream_queues_$connections.json"
-        done ;;
     *)
         echo "unknown part $part" >&2; exit 2 ;;
     esac 2>&1 | tee -a "$out/log.txt"

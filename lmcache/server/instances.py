@@ -92,7 +92,8 @@ class Instance:
         )
 
     def close_mapping(self) -> None:
-        """Wait for the instance's copies, close its extensions and unmap its pool (logs failures)."""
+        """Wait for the instance's copies, close its extensions, unmap its pool and hand its streams back
+        (logs failures)."""
         for name, ext in self.extensions.items():
             try:
                 ext.close()
@@ -101,8 +102,9 @@ class Instance:
         try:
             if self.streams is not None:
                 self.streams.synchronize()
-                self.streams.release()
             self.pool.close()
+            if self.streams is not None:
+                self.streams.release()
         except Exception:
             logger.exception("closing the pool mapping of instance %d", self.instance_id)
 
