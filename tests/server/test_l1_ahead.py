@@ -31,6 +31,8 @@ def fill_some_slabs(server: CacheServer) -> tuple[torch.Tensor, list[str]]:
     with client_of(server) as writer:
         writer.register(pool, 0, 1, MODEL, TPB, pool_sharing="shared-l1")
         assert writer.store(BlockTransfer(TOKENS, None, BLOCKS, 0, len(TOKENS))) == len(TOKENS)
+    # The server allocates a slab ahead of need, in the background: list the slabs once that is done.
+    assert server.service.engine.l1.arena.wait_growth(20)
     names = [slab.name for slab in server.service.l1_slabs().slabs]
     assert names
     return pool[BLOCKS].clone(), names
