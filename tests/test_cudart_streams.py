@@ -3,6 +3,7 @@ are tested on the GPU: tests/test_cuda_streams.py): a stream handed back goes to
 device, once, and streams are never destroyed."""
 
 import contextlib
+import ctypes
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ class FakeRuntime:
         if self.status:
             return self.status
         self.created += 1
-        handle._obj.value = self.created  # handle: ctypes.byref(c_void_p)
+        ctypes.cast(handle, ctypes.POINTER(ctypes.c_void_p))[0] = self.created  # byref(c_void_p)
         return 0
 
     def cudaStreamDestroy(self, handle: Any) -> int:  # noqa: N802
