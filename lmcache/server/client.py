@@ -551,6 +551,8 @@ def _copier_for(
     """The copier a registration needs: ``current`` if it has one, a new one in the shared-L1 mode
     (over the slab mappings of the client's other copiers)."""
     if reg.mode != "shared-l1" or not hasattr(reg.keep_alive, "is_cuda"):  # no tensor: nothing to copy
+        if current is not None:
+            current.close()  # the mode changed: its streams go back
         return None
     if current is not None:
         return current

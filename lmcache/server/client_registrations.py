@@ -163,9 +163,12 @@ class Registrations:
             self._table[instance_id] = registration
 
     def pop(self, instance_id: int) -> int | None:
-        """Forget a registration; the id of another one (the client's new default), or None."""
+        """Forget a registration (its copier closed: streams handed back); the id of another one (the
+        client's new default), or None."""
         with self.lock:
-            self._table.pop(instance_id, None)
+            reg = self._table.pop(instance_id, None)
+            if reg is not None and reg.copier is not None:
+                reg.copier.close()
             return next(iter(self._table), None)
 
     def copies_itself(self, instance_id: int) -> bool:
