@@ -97,14 +97,13 @@ def pin_in_place(tensor: torch.Tensor, *, fault_in: Literal["torch", "memset", "
         tensor.fill_(0)
     elif fault_in == "memset":
         ctypes.memset(tensor.data_ptr(), 0, nbytes)
-    cudart = torch.cuda.cudart()
-    err = cudart.cudaHostRegister(tensor.data_ptr(), nbytes, 0)
-    if int(err) != 0:
-        logger.debug("cudaHostRegister of %d bytes failed (%s)", nbytes, err)
+    err = cudart.register_host(tensor.data_ptr(), nbytes)
+    if err != 0:
+        logger.debug("cudaHostRegister of %d bytes failed (CUDA error %d)", nbytes, err)
         return False
     # Unregister once the memory is unused (views of the slab keep it alive, and registered); not at
     # interpreter exit, where the process's end releases it anyway.
-    weakref.finalize(tensor, cudart.cudaHostUnregister, tensor.data_ptr()).atexit = False
+    weakref.finalize(tensor, cudart.unregister_host, tensor.data_ptr()).atexit = False
     return True
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import errno
 import mmap
 import os
@@ -36,6 +37,10 @@ SHM_DIR = "/dev/shm"
 SLAB_PREFIX = "lmcache-l1"
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 """Linux 5.14's ``madvise`` that faults a range in writable without touching its contents."""
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.madvise.restype = ctypes.c_int
 _NAME = re.compile(rf"^{SLAB_PREFIX}-(\d+)-[0-9a-f]+-\d+$")
 
 
@@ -219,14 +224,22 @@ def map_slab(info: ShmSlabInfo, *, pin: bool, shm_dir: str = SHM_DIR) -> MappedS
     """Map the server's slab ``info`` names, after checking it is a regular file owned by this process's
     uid, mode 0600 and of ``info.nbytes`` bytes; page-lock it if ``pin`` (a CUDA pool copies with it)."""
     mapping = open_region(info, writable=True, shm_dir=shm_dir)
+    tensor = torch.frombuffer(mapping, dtype=torch.uint8)
     if pin:
         # This process's page tables filled first, outside the driver's lock (threads mapping other
         # slabs do the same at once): page-locking then only pins.
-        with contextlib.suppress(OSError):  # a kernel older than 5.14: the driver faults them in
-            mapping.madvise(MADV_POPULATE_WRITE)
-    tensor = torch.frombuffer(mapping, dtype=torch.uint8)
+        populate(tensor.data_ptr(), tensor.numel())
     pinned = pin and pin_in_place(tensor, fault_in="none")
     return MappedSlab(info, tensor, pinned)
+
+
+def populate(address: int, nbytes: int) -> bool:
+    """Fill this process's page tables for the mapped range, writable, its contents kept
+    (``MADV_POPULATE_WRITE``); False where the kernel cannot (before Linux 5.14: the pages then fault
+    in when first used). The GIL is released meanwhile: CPython's ``mmap.madvise`` keeps it, which
+    stops every other thread of the process, TRT-LLM's executor among them, for the whole of a slab's
+    faulting (benchmarks/RESULTS.md, D65)."""
+    return _libc.madvise(address, nbytes, MADV_POPULATE_WRITE) == 0
 
 
 def open_region(info: ShmSlabInfo, *, writable: bool, shm_dir: str = SHM_DIR) -> mmap.mmap:
