@@ -38,13 +38,14 @@ def fault_only() -> Any:
 
 def small_pages_pinned() -> Any:
     tensor = torch.empty(SLAB, dtype=torch.uint8)
-    if not pin_in_place(tensor, fault_in="memset"):
+    ctypes.memset(tensor.data_ptr(), 0, SLAB)
+    if not pin_in_place(tensor, fault_in=False):
         raise RuntimeError("cudaHostRegister refused")
     return tensor
 
 
 def l1_slab() -> Any:
-    return allocate_slab(SLAB, pinned=True, fault_in_torch=False)
+    return allocate_slab(SLAB, pinned=True)
 
 
 def rate_gbps(make: Callable[[], Any], threads: int) -> float:

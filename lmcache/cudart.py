@@ -10,7 +10,7 @@ first relaxes its capture mode (:func:`relax_capture_mode`): its calls neither f
 capture elsewhere (they touch none of the captured streams).
 
 Our streams are made here too (:func:`new_stream`), not taken from PyTorch's stream pool, and host
-memory is page-locked here (:func:`register_host`), one registration at a time, without the GIL.
+memory is page-locked here (:func:`register_host`) without holding the GIL.
 
 A new thread's current CUDA device is device 0, whatever its process works on: its first CUDA call
 would create a context there (GPU memory on another rank's device, under tensor parallelism). So the
@@ -79,24 +79,18 @@ def relax_capture_mode(device: int | None = None) -> bool:
     return int(library.cudaThreadExchangeStreamCaptureMode(ctypes.byref(mode))) == 0
 
 
-_register_lock = threading.Lock()
-
-
 def register_host(address: int, nbytes: int) -> int:
     """Page-lock ``nbytes`` of host memory at ``address`` (``cudaHostRegister``); the CUDA error code,
-    0 on success. Registrations of all threads go one at a time: several at once in the driver
-    page-lock less than half as fast together, and hold up other threads' copies no less
-    (benchmarks/RESULTS.md, D65). The GIL is released meanwhile (a foreign call). Unregister with
-    :func:`unregister_host`; a copy may not span two registrations (the driver refuses it)."""
+    0 on success. The GIL is released meanwhile (a foreign call); :mod:`lmcache.page_locking` decides
+    when. A copy may not span two registrations (the driver refuses it)."""
     library = runtime()
     if library is None:
         raise RuntimeError("lmcache: page-locking host memory needs a CUDA runtime, and none is loaded")
-    with _register_lock:
-        return int(library.cudaHostRegister(ctypes.c_void_p(address), ctypes.c_size_t(nbytes), 0))
+    return int(library.cudaHostRegister(ctypes.c_void_p(address), ctypes.c_size_t(nbytes), 0))
 
 
 def unregister_host(address: int) -> None:
-    """Undo :func:`register_host` (not under its lock: a finalizer may run while a thread holds it)."""
+    """Undo :func:`register_host`."""
     library = runtime()
     if library is not None:
         library.cudaHostUnregister(ctypes.c_void_p(address))

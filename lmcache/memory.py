@@ -6,9 +6,10 @@ reserved until the first slot is needed: a 10 GiB cap starts instantly.
 
 How slabs are pinned: ``cudaHostAlloc`` (``torch.empty(..., pin_memory=True)``) of a whole slab
 holds the CUDA driver's lock while it faults the pages in, stalling every other thread's copies.
-Instead, a slab is allocated as ordinary memory, its pages are faulted in by writing them (no CUDA
-call), and only then registered with ``cudaHostRegister``, which is shorter and barely disturbs
-copies in flight; copy speed is the same either way (see benchmarks/RESULTS.md, D2).
+Instead, a slab is allocated as ordinary memory, its pages are faulted in (``madvise``, no CUDA
+call, the GIL released), and only then registered with ``cudaHostRegister``, which is shorter and
+barely disturbs copies in flight; copy speed is the same either way (see benchmarks/RESULTS.md, D2
+and D65; :mod:`lmcache.page_locking`).
 It is unregistered when it is freed. A slab to be pinned is an anonymous mapping advised to use
 huge pages: faulting and registering 2 MiB pages is several times faster than 4 KiB ones (D28).
 
@@ -29,7 +30,6 @@ pool gives back return to the spares, still pinned.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import itertools
 import math
 import mmap
@@ -37,14 +37,15 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 from lmcache import cudart
 from lmcache.logging import init_logger
+from lmcache.page_locking import pin_in_place
 
 logger = init_logger(__name__)
+
 
 DEFAULT_SLAB_BYTES = 256 << 20
 SLABS_PER_CAPACITY = 8
@@ -61,16 +62,12 @@ def pinned_memory_available() -> bool:
     return torch.cuda.is_available()
 
 
-def allocate_slab(nbytes: int, pinned: bool, *, fault_in_torch: bool = True) -> torch.Tensor:
-    """``nbytes`` of host memory, page-locked if ``pinned`` (see the module docstring for how).
-
-    Pages are faulted in by torch's parallel fill, or with ``fault_in_torch=False`` by one
-    ``memset`` outside torch (for daemon threads, which must not be inside torch at exit).
-    """
+def allocate_slab(nbytes: int, pinned: bool) -> torch.Tensor:
+    """``nbytes`` of host memory, page-locked if ``pinned`` (see the module docstring for how)."""
     if not pinned:
         return torch.empty(nbytes, dtype=torch.uint8)
     tensor = huge_page_memory(nbytes)
-    if not pin_in_place(tensor, fault_in="torch" if fault_in_torch else "memset"):
+    if not pin_in_place(tensor):
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     return tensor
 
@@ -82,29 +79,6 @@ def huge_page_memory(nbytes: int) -> torch.Tensor:
     with contextlib.suppress(AttributeError, OSError):  # no MADV_HUGEPAGE here: ordinary pages
         mapping.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(mapping, dtype=torch.uint8)
-
-
-def pin_in_place(tensor: torch.Tensor, *, fault_in: Literal["torch", "memset", "none"] = "torch") -> bool:
-    """Page-lock the host memory of a contiguous uint8 ``tensor`` with ``cudaHostRegister``; False
-    (and a DEBUG line) if the driver refuses. Unregistered once the tensor is collected.
-
-    ``fault_in``: how its pages are first written with zeros (torch's fill, or one ``memset``), or
-    ``"none"`` to keep their contents (memory another process already filled).
-    """
-    nbytes = tensor.numel()
-    # Fault every page in now, outside the driver's lock that registering takes.
-    if fault_in == "torch":
-        tensor.fill_(0)
-    elif fault_in == "memset":
-        ctypes.memset(tensor.data_ptr(), 0, nbytes)
-    err = cudart.register_host(tensor.data_ptr(), nbytes)
-    if err != 0:
-        logger.debug("cudaHostRegister of %d bytes failed (CUDA error %d)", nbytes, err)
-        return False
-    # Unregister once the memory is unused (views of the slab keep it alive, and registered); not at
-    # interpreter exit, where the process's end releases it anyway.
-    weakref.finalize(tensor, cudart.unregister_host, tensor.data_ptr()).atexit = False
-    return True
 
 
 @dataclass(frozen=True)
@@ -160,9 +134,9 @@ class SlabSource:
         self._ids = itertools.count()
         self._live: weakref.WeakValueDictionary[int, Slab] = weakref.WeakValueDictionary()
 
-    def allocate(self, nbytes: int, *, fault_in_torch: bool = True) -> Slab:
-        """A new slab of ``nbytes`` bytes (``fault_in_torch`` as for :func:`allocate_slab`)."""
-        tensor = allocate_slab(nbytes, self.pinned, fault_in_torch=fault_in_torch)
+    def allocate(self, nbytes: int) -> Slab:
+        """A new slab of ``nbytes`` bytes."""
+        tensor = allocate_slab(nbytes, self.pinned)
         return self._track(Slab(self.new_id(), tensor))
 
     def _track(self, slab: Slab) -> Slab:
@@ -364,8 +338,8 @@ class HostArena:
                 return
             self._prepinners = PREPIN_THREADS
         # Daemons: they may run for seconds and must not hold up the interpreter's exit; they never
-        # wait inside torch (pages are faulted by memset), so stopping them at exit is safe. Several,
-        # since faulting pages in is per-thread work; registering them takes the driver's lock anyway.
+        # wait inside torch (pages are faulted by madvise), so stopping them at exit is safe. Several,
+        # since faulting pages in is per-thread work; registrations go one at a time anyway.
         device = cudart.current_device() if self.pinned else None
         for i in range(PREPIN_THREADS):
             threading.Thread(
@@ -388,7 +362,7 @@ class HostArena:
                         return
                     self.reserved_bytes += nbytes  # counted first, as for a slab grown ahead
                 try:
-                    slab = self.source.allocate(nbytes, fault_in_torch=False)
+                    slab = self.source.allocate(nbytes)
                 except Exception as e:  # out of pinned memory: pools allocate (and report) themselves
                     logger.warning("pinning L1 ahead stopped after %d MiB: %s", self.reserved_bytes >> 20, e)
                     with self.lock:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import errno
 import mmap
 import os
@@ -29,18 +28,13 @@ from dataclasses import dataclass, field
 import torch
 
 from lmcache.logging import init_logger
-from lmcache.memory import Slab, SlabSource, pin_in_place, rows_view
+from lmcache.memory import Slab, SlabSource, rows_view
+from lmcache.page_locking import pin_in_place, populate
 
 logger = init_logger(__name__)
 
 SHM_DIR = "/dev/shm"
 SLAB_PREFIX = "lmcache-l1"
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
-"""Linux 5.14's ``madvise`` that faults a range in writable without touching its contents."""
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_libc.madvise.restype = ctypes.c_int
 _NAME = re.compile(rf"^{SLAB_PREFIX}-(\d+)-[0-9a-f]+-\d+$")
 
 
@@ -118,7 +112,7 @@ class ShmSlabSource(SlabSource):
         self._closed = False
         atexit.register(self.close)
 
-    def allocate(self, nbytes: int, *, fault_in_torch: bool = True) -> Slab:
+    def allocate(self, nbytes: int) -> Slab:
         """A new region of ``nbytes`` bytes, mapped; page-locked if the source is ``pinned``."""
         if self._closed:
             raise ShmSlabError("this L1's shared memory was closed (server shutting down)")
@@ -151,7 +145,7 @@ class ShmSlabSource(SlabSource):
         finally:
             os.close(fd)
         tensor = torch.frombuffer(mapping, dtype=torch.uint8)
-        if self.pinned and not pin_in_place(tensor, fault_in="torch" if fault_in_torch else "memset"):
+        if self.pinned and not pin_in_place(tensor):
             logger.warning("could not page-lock the L1 region %s; copies from it will be slower", name)
         slab = Slab(slab_id, tensor, name)
         with self._lock:
@@ -229,17 +223,8 @@ def map_slab(info: ShmSlabInfo, *, pin: bool, shm_dir: str = SHM_DIR) -> MappedS
         # This process's page tables filled first, outside the driver's lock (threads mapping other
         # slabs do the same at once): page-locking then only pins.
         populate(tensor.data_ptr(), tensor.numel())
-    pinned = pin and pin_in_place(tensor, fault_in="none")
+    pinned = pin and pin_in_place(tensor, fault_in=False)
     return MappedSlab(info, tensor, pinned)
-
-
-def populate(address: int, nbytes: int) -> bool:
-    """Fill this process's page tables for the mapped range, writable, its contents kept
-    (``MADV_POPULATE_WRITE``); False where the kernel cannot (before Linux 5.14: the pages then fault
-    in when first used). The GIL is released meanwhile: CPython's ``mmap.madvise`` keeps it, which
-    stops every other thread of the process, TRT-LLM's executor among them, for the whole of a slab's
-    faulting (benchmarks/RESULTS.md, D65)."""
-    return _libc.madvise(address, nbytes, MADV_POPULATE_WRITE) == 0
 
 
 def open_region(info: ShmSlabInfo, *, writable: bool, shm_dir: str = SHM_DIR) -> mmap.mmap:

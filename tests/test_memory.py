@@ -325,7 +325,7 @@ class _PinnedLooking(memory.SlabSource):
     def __init__(self) -> None:
         super().__init__(pinned=True)
 
-    def allocate(self, nbytes: int, *, fault_in_torch: bool = True) -> memory.Slab:
+    def allocate(self, nbytes: int) -> memory.Slab:
         return self._track(memory.Slab(self.new_id(), torch.zeros(nbytes, dtype=torch.uint8)))
 
 

@@ -1,75 +1,93 @@
 """Page-locking L1 in the background without stopping the rest of the process (benchmarks/RESULTS.md,
-D65): registrations go one at a time (on a fake CUDA runtime here; the real one on the GPU:
-tests/test_cuda.py), and a worker faults a server slab's pages in without holding the GIL."""
+D65, :mod:`lmcache.page_locking`): faulting in and registering take turns, registrations alone, and
+faulting holds no GIL (the driver itself is exercised on the GPU: tests/test_cuda.py)."""
 
+import contextlib
 import mmap
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 
-from lmcache import cudart, shm_slabs
+from lmcache import cudart, page_locking, shm_slabs
+from lmcache.page_locking import PageLockGate
 from lmcache.shm_slabs import ShmSlabSource
 
 
-class BlockingRuntime:
-    """``cudaHostRegister`` records each call and, for the first, waits until told to return."""
+def _entered(gate_use: Any) -> tuple[threading.Thread, threading.Event, threading.Event]:
+    """A thread inside ``gate_use()`` until released: (thread, entered, release)."""
+    entered, release = threading.Event(), threading.Event()
 
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, int]] = []
-        self.first_entered = threading.Event()
-        self.second_entered = threading.Event()
-        self.release_first = threading.Event()
-        self.unregistered: list[int] = []
+    def run() -> None:
+        with gate_use():
+            entered.set()
+            assert release.wait(10)
 
-    def cudaHostRegister(self, address: Any, nbytes: Any, flags: int) -> int:  # noqa: N802 - CUDA's name
-        self.calls.append((address.value, nbytes.value))
-        if len(self.calls) == 1:
-            self.first_entered.set()
-            assert self.release_first.wait(10)
-        else:
-            self.second_entered.set()
-        return 0
-
-    def cudaHostUnregister(self, address: Any) -> int:  # noqa: N802
-        self.unregistered.append(address.value)
-        return 0
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, entered, release
 
 
-def test_registrations_of_two_threads_go_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = BlockingRuntime()
-    monkeypatch.setattr(cudart, "runtime", lambda: fake)
-    results: list[int] = []
-    first = threading.Thread(target=lambda: results.append(cudart.register_host(4096, 1 << 20)))
-    second = threading.Thread(target=lambda: results.append(cudart.register_host(8192, 2 << 20)))
-    first.start()
-    assert fake.first_entered.wait(10)
-    second.start()
-    # Inside the driver the first holds the lock: the second must not get in meanwhile (without
-    # the lock it does at once).
-    assert not fake.second_entered.wait(0.3)
-    fake.release_first.set()
-    first.join(10)
-    second.join(10)
-    assert fake.second_entered.is_set()
-    assert fake.calls == [(4096, 1 << 20), (8192, 2 << 20)]
-    assert results == [0, 0]
+# A thread kept out by the gate never enters: waiting 0.3 s for it cannot fail the test falsely, and
+# one let in wrongly gets in within it.
+KEPT_OUT_S = 0.3
 
 
-def test_unregistering_does_not_wait_for_a_registration(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A slab's finalizer may run on a thread that is registering another (its lock held)."""
-    fake = BlockingRuntime()
-    monkeypatch.setattr(cudart, "runtime", lambda: fake)
-    registering = threading.Thread(target=cudart.register_host, args=(4096, 1 << 20))
-    registering.start()
-    assert fake.first_entered.wait(10)
-    cudart.unregister_host(1 << 30)
-    assert fake.unregistered == [1 << 30]
-    fake.release_first.set()
-    registering.join(10)
+def test_a_registration_waits_for_the_faulting_in_progress_and_goes_alone() -> None:
+    gate = PageLockGate()
+    faulting, faulting_in, end_faulting = _entered(gate.faulting)
+    assert faulting_in.wait(10)
+    also_faulting, also_in, end_also = _entered(gate.faulting)  # several fault at once
+    assert also_in.wait(10)
+    registering, registering_in, end_registering = _entered(gate.registering)
+    assert not registering_in.wait(KEPT_OUT_S)
+    late, late_in, end_late = _entered(gate.faulting)  # a waiting registration goes first
+    assert not late_in.wait(KEPT_OUT_S)
+    end_faulting.set()
+    end_also.set()
+    assert registering_in.wait(10)
+    other, other_in, end_other = _entered(gate.registering)  # one registration at a time
+    assert not other_in.wait(KEPT_OUT_S)
+    assert not late_in.is_set()
+    end_registering.set()
+    assert other_in.wait(10) or late_in.wait(10)
+    end_other.set()
+    assert late_in.wait(10)
+    end_late.set()
+    for thread in (faulting, also_faulting, registering, late, other):
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def test_page_locking_faults_in_pieces_then_registers_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pin_in_place``: every piece faulted through the gate, then one registration of the whole."""
+    calls: list[tuple[str, int, int]] = []
+
+    class Gate(PageLockGate):
+        @contextlib.contextmanager
+        def faulting(self) -> Iterator[None]:
+            calls.append(("fault", 0, 0))
+            yield
+
+        @contextlib.contextmanager
+        def registering(self) -> Iterator[None]:
+            calls.append(("register", 0, 0))
+            yield
+
+    monkeypatch.setattr(page_locking, "GATE", Gate())
+    monkeypatch.setattr(page_locking, "FAULT_PIECE_BYTES", 1 << 20)
+    monkeypatch.setattr(
+        cudart, "register_host", lambda address, nbytes: calls.append(("cuda", address, nbytes)) or 0
+    )
+    monkeypatch.setattr(cudart, "unregister_host", lambda address: None)
+    region = mmap.mmap(-1, (3 << 20) + 4096)  # page-aligned, as slabs are
+    tensor = torch.frombuffer(region, dtype=torch.uint8)
+    assert page_locking.pin_in_place(tensor)
+    assert calls == [("fault", 0, 0)] * 4 + [("register", 0, 0), ("cuda", tensor.data_ptr(), tensor.numel())]
 
 
 def test_register_without_a_runtime_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -94,7 +112,7 @@ def test_populate_keeps_the_contents() -> None:
     region[:4] = b"kv!!"
     region[-4:] = b"tail"
     view = torch.frombuffer(region, dtype=torch.uint8)
-    assert shm_slabs.populate(view.data_ptr(), view.numel())
+    assert page_locking.populate(view.data_ptr(), view.numel())
     assert bytes(region[:4]) == b"kv!!" and bytes(region[-4:]) == b"tail"
     del view
     region.close()
@@ -118,7 +136,7 @@ def test_populate_lets_other_threads_run() -> None:
     while not ticks:  # the ticker runs before the call starts
         time.sleep(0.001)
     began = time.perf_counter()
-    assert shm_slabs.populate(view.data_ptr(), nbytes)
+    assert page_locking.populate(view.data_ptr(), nbytes)
     ended = time.perf_counter()
     stop.set()
     ticker.join(10)
@@ -139,13 +157,13 @@ def test_a_worker_faults_a_slab_in_before_page_locking_it(monkeypatch: pytest.Mo
         order: list[str] = []
         monkeypatch.setattr(shm_slabs, "populate", lambda address, nbytes: order.append("populate") or True)
 
-        def pin(tensor: torch.Tensor, *, fault_in: str) -> bool:
-            order.append(f"pin {fault_in}")
+        def pin(tensor: torch.Tensor, *, fault_in: bool) -> bool:
+            order.append(f"pin, fault in: {fault_in}")
             return True
 
         monkeypatch.setattr(shm_slabs, "pin_in_place", pin)
         mapped = shm_slabs.map_slab(info, pin=True)
-        assert mapped.pinned and order == ["populate", "pin none"]
+        assert mapped.pinned and order == ["populate", "pin, fault in: False"]
         order.clear()
         assert not shm_slabs.map_slab(info, pin=False).pinned and order == []
     finally:
