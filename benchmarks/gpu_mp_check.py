@@ -22,7 +22,8 @@ What one run does:
      ``shared-l1`` measured like the other; in ``export`` its registration must be refused, and the
      refusal's message (which must name the shared-L1 mode) is recorded;
 
-   each as GB/s and ratio to the copy, median and worst of ``--iters`` (after one warm-up);
+   each as GB/s and ratio to the copy, median and worst of ``--iters`` (after one warm-up, whose store
+   is reported cold; through the server, the rest once the client has mapped the server's L1);
 3. per mode, lookup round trips of an ``--lookup-tokens`` prompt over ipc:// and tcp:// (p50/p99),
    a pinning lookup, a ping and the client's hashing alone.
 
@@ -86,6 +87,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def settle(server: ServerProc, timeout_s: float = 300.0) -> None:
+    """Wait until the client has mapped (and page-locked) the server's L1 slabs in the background: the
+    first store, timed cold, may come before; the measured ones come after (steady state)."""
+    if not server.ipc.registrations.wait_slabs_mapped(timeout_s):
+        raise RuntimeError(f"the server's L1 slabs were not mapped within {timeout_s} s")
+
+
 def vmm_name(mode: str) -> str:
     return f"{mode} vmm"
 
@@ -110,7 +118,7 @@ class Run:
         info = pool_modes.register(server.ipc, pool, server.mode, MODEL_NAME, shape.tokens_per_block)
         want = pool_modes.expected_sharing(server.mode, pool.is_cuda)
         self.check(f"{shape.label} {name}: registered as {want}", info.sharing == want)
-        run = measure_server(server.ipc, pool, shape, self.args.iters, seed=1)
+        run = measure_server(server.ipc, pool, shape, self.args.iters, seed=1, settle=lambda: settle(server))
         server.ipc.unregister(info.instance_id)
         self.check(f"{shape.label} {name}: loads bit-equal", run.bytes_equal)
         return {"sharing": info.sharing, **run.summary(*self.copies)}

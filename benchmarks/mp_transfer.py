@@ -262,11 +262,18 @@ def measure_engine(
 
 
 def measure_server(
-    client: CacheServerClient, pool: torch.Tensor, shape: Shape, iters: int, seed: int, timer: Timer = timed
+    client: CacheServerClient,
+    pool: torch.Tensor,
+    shape: Shape,
+    iters: int,
+    seed: int,
+    timer: Timer = timed,
+    settle: Callable[[], None] | None = None,
 ) -> TransferRun:
     """Store and load through the server for the pool ``client`` registered last, as the MP adapter
     makes them: the prompt hashed once, its chunks named by hash, the hit pinned by the lookup. A load
-    by tokens is timed beside it. Each is timed by ``timer``, in that order."""
+    by tokens is timed beside it. Each is timed by ``timer``, in that order. ``settle`` runs after the
+    first (cold) iteration: the steady state the others measure starts once it returns."""
     device = pool.device
     src, dst = block_plan(shape, seed)
     gen = torch.Generator().manual_seed(seed)
@@ -292,6 +299,8 @@ def measure_server(
         if i:
             assert run.load_by_tokens is not None
             run.load_by_tokens.seconds.append(t_tokens)
+        elif settle is not None:
+            settle()
     return run
 
 
