@@ -19,7 +19,6 @@ from lmcache.forward_gate import FORWARD
 from lmcache.keys import ChunkKey
 from lmcache.layered_load import LayerReady, scatter_layers
 from lmcache.layout import PoolLayout
-from lmcache.page_locking import GATE as PAGE_LOCKING
 from lmcache.storage.cpu_store import CachedChunk
 
 T = TypeVar("T")
@@ -200,7 +199,6 @@ class CopyBatcher(Generic[T]):
             self._wait_ready(ready)
             self.transfer.scatter(copies)
         event = self.transfer.record()
-        PAGE_LOCKING.enqueued()  # page-locking keeps the driver's lock out of the enqueueing
         if self._on_flush is not None:
             self._on_flush(items, event)
 

@@ -15,11 +15,6 @@ registrations of 4 KiB pages last up to seconds, and a save waited for the drive
 registration alone lasts milliseconds (benchmarks/RESULTS.md, D65). Faulting a piece at a time keeps
 that wait short, and keeps the process's memory-map lock, which faulting holds, free for the other
 threads between pieces.
-
-A registration also waits for a quiet moment, up to :data:`MAX_DEFER_S`: no copy of ours enqueued
-for :data:`QUIET_S` (:meth:`PageLockGate.enqueued`, called as batches are enqueued) and no forward
-being launched (:mod:`lmcache.forward_gate`), so the driver's lock it takes does not land in the
-middle of a transfer's or a forward's enqueueing.
 """
 
 from __future__ import annotations
@@ -28,14 +23,12 @@ import contextlib
 import ctypes
 import mmap
 import threading
-import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 
 from lmcache import cudart
-from lmcache.forward_gate import FORWARD, ForwardGate
 from lmcache.logging import init_logger
 
 logger = init_logger(__name__)
@@ -44,12 +37,6 @@ MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 """Linux 5.14's ``madvise`` that faults a range in writable without touching its contents."""
 FAULT_PIECE_BYTES = 16 << 20
 """Bytes faulted in by one call: what a registration may have to wait for, per faulting thread."""
-QUIET_S = 0.002
-"""No copy enqueued for this long: the transfer that enqueued the last one is done enqueueing (its
-batches follow each other more closely)."""
-MAX_DEFER_S = 0.1
-"""Longest a registration waits for a quiet moment: back-to-back transfers delay page-locking by this
-much per slab at most, never stop it."""
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
@@ -58,18 +45,9 @@ _libc.madvise.restype = ctypes.c_int
 
 class PageLockGate:
     """Faulting pages in (many threads at once) and registering memory (one at a time, alone) take
-    turns; a registration waiting goes before new faulting, after a quiet moment (see the module)."""
+    turns; a registration waiting goes before new faulting."""
 
-    def __init__(
-        self,
-        forward: ForwardGate = FORWARD,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        self._forward = forward
-        self._clock = clock
-        self._sleep = sleep
-        self._last_enqueued = -float("inf")
+    def __init__(self) -> None:
         self._cond = threading.Condition()
         self._faulting = 0
         self._registering = False
@@ -88,24 +66,8 @@ class PageLockGate:
                 self._faulting -= 1
                 self._cond.notify_all()
 
-    def enqueued(self) -> None:
-        """A copy of ours was just enqueued (cheap: one store of a float, no lock)."""
-        self._last_enqueued = self._clock()
-
-    def wait_quiet(self) -> None:
-        """Wait, up to :data:`MAX_DEFER_S`, until no copy was enqueued for :data:`QUIET_S` and no
-        forward is being launched (see the module)."""
-        deadline = self._clock() + MAX_DEFER_S
-        while True:
-            now = self._clock()
-            quiet_for = now - self._last_enqueued
-            if now >= deadline or (quiet_for >= QUIET_S and self._forward.is_open):
-                return
-            self._sleep(min(max(QUIET_S - quiet_for, QUIET_S / 4), deadline - now))
-
     @contextlib.contextmanager
     def registering(self) -> Iterator[None]:
-        self.wait_quiet()
         with self._cond:
             self._waiting += 1
             try:

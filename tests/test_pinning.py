@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from lmcache import cudart, page_locking, shm_slabs
-from lmcache.forward_gate import ForwardGate
 from lmcache.page_locking import PageLockGate
 from lmcache.shm_slabs import ShmSlabSource
 
@@ -169,81 +168,3 @@ def test_a_worker_faults_a_slab_in_before_page_locking_it(monkeypatch: pytest.Mo
         assert not shm_slabs.map_slab(info, pin=False).pinned and order == []
     finally:
         source.close()
-
-
-class FakeClock:
-    """Time that passes only by sleeping; ``on_sleep`` runs after each sleep (the world moving on)."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.slept: list[float] = []
-        self.on_sleep: Any = None
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        assert seconds > 0
-        self.slept.append(seconds)
-        self.now += seconds
-        if self.on_sleep is not None:
-            self.on_sleep()
-
-
-def _quiet_gate() -> tuple[PageLockGate, FakeClock, ForwardGate]:
-    clock, forward = FakeClock(), ForwardGate()
-    return PageLockGate(forward, clock=clock, sleep=clock.sleep), clock, forward
-
-
-def test_a_registration_goes_at_once_when_nothing_was_enqueued_lately() -> None:
-    gate, clock, _ = _quiet_gate()
-    gate.wait_quiet()
-    assert clock.slept == []
-    gate.enqueued()
-    clock.now += page_locking.QUIET_S * 1.5
-    gate.wait_quiet()
-    assert clock.slept == []
-
-
-def test_a_registration_waits_until_copies_stop_being_enqueued() -> None:
-    gate, clock, _ = _quiet_gate()
-    started = clock.now
-    enqueues = [3]  # a transfer enqueues three more batches, a sleep apart
-    last = [clock.now]
-
-    def more() -> None:
-        if enqueues[0]:
-            enqueues[0] -= 1
-            gate.enqueued()
-            last[0] = clock.now
-
-    clock.on_sleep = more
-    gate.enqueued()
-    gate.wait_quiet()
-    assert enqueues == [0] and len(clock.slept) > 3
-    assert clock.now - last[0] >= page_locking.QUIET_S * 0.999  # the wait ended only once quiet
-    assert clock.now - started < page_locking.MAX_DEFER_S
-
-
-def test_a_registration_waits_while_a_forward_is_launched() -> None:
-    gate, clock, forward = _quiet_gate()
-    forward.close()
-    sleeps_left = [5]
-
-    def launched() -> None:
-        sleeps_left[0] -= 1
-        if sleeps_left[0] == 0:
-            forward.open()
-
-    clock.on_sleep = launched
-    gate.wait_quiet()
-    assert forward.is_open and len(clock.slept) == 5
-
-
-def test_a_registration_waits_no_longer_than_the_cap_for_quiet() -> None:
-    gate, clock, forward = _quiet_gate()
-    forward.close()  # never reopened (a forward that raised)
-    clock.on_sleep = gate.enqueued  # and copies enqueued all along
-    started = clock.now
-    gate.wait_quiet()
-    assert clock.now - started == pytest.approx(page_locking.MAX_DEFER_S)
