@@ -46,7 +46,6 @@ from lmcache.page_locking import pin_in_place
 
 logger = init_logger(__name__)
 
-
 DEFAULT_SLAB_BYTES = 256 << 20
 SLABS_PER_CAPACITY = 8
 """Slabs are at most 1/8 of the cap: each chunk size has slabs of its own, so a size new to a full
@@ -448,8 +447,8 @@ class HostArena:
         nbytes = slots * pool.slot_bytes
         self.reserved_bytes += nbytes  # counted now, so nothing else can take this budget meanwhile
         self._growing = pool
-        # Not a daemon: exiting while it is inside torch (filling pages on the intra-op thread pool)
-        # aborts the process ("terminate called without an active exception"); exit waits for it.
+        # Not a daemon: exiting while it is inside torch or the CUDA driver (page-locking) aborts the
+        # process ("terminate called without an active exception"); exit waits for it.
         device = cudart.current_device() if self.pinned else None
         thread = threading.Thread(
             target=self._allocate_ahead, args=(pool, nbytes, device), name="lmcache-slab-ahead"
