@@ -10,11 +10,10 @@ arena's slabs (:mod:`lmcache.memory`) and a worker's mappings of the cache serve
   copy the process enqueues meanwhile waits.
 
 The two take turns (:class:`PageLockGate`): a registration waits until the pieces being faulted are
-done, and no new piece starts until it is over. Registering while other threads fault pages in made
-registrations of 4 KiB pages last up to seconds, and a save waited for the driver's lock as long; a
-registration alone lasts milliseconds (benchmarks/RESULTS.md, D65). Faulting a piece at a time keeps
-that wait short, and keeps the process's memory-map lock, which faulting holds, free for the other
-threads between pieces.
+done, and no new piece starts until it is over. A registration of pages other threads are still
+faulting in held the driver's lock many times longer than one alone, and every save waited for it
+(benchmarks/RESULTS.md, D65). Faulting a piece at a time keeps a registration's wait short, and keeps
+the process's memory-map lock, which faulting holds, free for the other threads between pieces.
 """
 
 from __future__ import annotations
