@@ -21,9 +21,9 @@
 
     Reported: mean ms per iteration (median over ``--repeats`` loops, connector and baseline
     alternating) and their ratio. The planner's own Python bookkeeping is not included. Beside them,
-    ``plain_copy``: the same loop with no connector but a plain pinned ``copy_`` of each prompt's KV
-    bytes on a side stream after its forward, what saving that KV costs the forward at the least
-    (the device's share: the copy engine reading HBM while the next forward runs).
+    ``plain_copy``: the same loop with no connector but one plain pinned ``copy_`` of each prompt's KV
+    bytes on a side stream after its forward: what a save made the naive way costs the next forward
+    on the device (the connector's saves go in interleaved batches of rows instead).
 
 (b) ``saves_in_flight``: the time of one forward (a ``--prefill-tokens`` prefill, and a decode
     step at ``--decode-context``) while the store of a ``--save-tokens`` prefix (adjacent blocks,
@@ -134,7 +134,7 @@ class Setup:
 
 
 class PlainCopy:
-    """A save's floor: one plain pinned ``copy_`` of ``nbytes`` of the pool on a side stream after the
+    """A naive save: one plain pinned ``copy_`` of ``nbytes`` of the pool on a side stream after the
     forward (on CPU, a synchronous copy)."""
 
     def __init__(self, st: Setup, nbytes: int) -> None:
