@@ -23,7 +23,9 @@
     alternating) and their ratio. The planner's own Python bookkeeping is not included. Beside them,
     ``plain_copy``: the same loop with no connector but one plain pinned ``copy_`` of each prompt's KV
     bytes on a side stream after its forward: what a save made the naive way costs the next forward
-    on the device (the connector's saves go in interleaved batches of rows instead).
+    on the device (the connector's saves go in interleaved batches of rows instead). On CUDA,
+    ``forward_device_ms`` splits a longer iteration: the forward itself slowed on the device, or
+    time between forwards.
 
 (b) ``saves_in_flight``: the time of one forward (a ``--prefill-tokens`` prefill, and a decode
     step at ``--decode-context``) while the store of a ``--save-tokens`` prefix (adjacent blocks,
@@ -53,6 +55,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -173,12 +176,23 @@ def launch(gated: bool, forward: Callable[..., Any], *args: Any, **kwargs: Any) 
         FORWARD.open()
 
 
+@dataclass(frozen=True)
+class LoopTiming:
+    """One loop of prefills: wall seconds per iteration, the mean host ms per iteration of each of
+    ``PHASES``, and (CUDA) the median device ms of one forward, between events recorded on its
+    stream right before and after it is enqueued: what grows there is the forward slowed on the
+    device, the rest of a longer iteration is time between forwards."""
+
+    seconds: float
+    phases: dict[str, float]
+    forward_device_ms: float | None
+
+
 def prefill_loop(
     st: Setup, engine: CacheEngine | None, iterations: int, overlap: bool, plain_copy: PlainCopy | None = None
-) -> tuple[float, dict[str, float]]:
-    """Seconds per iteration of ``iterations`` new-request prefills (connector iff ``engine``; else
-    ``plain_copy`` after each forward, if given), and the mean host time per iteration of each phase
-    (where an overhead comes from).
+) -> LoopTiming:
+    """``iterations`` new-request prefills (connector iff ``engine``; else ``plain_copy`` after each
+    forward, if given), timed (see :class:`LoopTiming`).
 
     ``overlap``: TRT-LLM's default executor loop, which reads an iteration's first token only once
     the next iteration is scheduled (its lookups made) and its forward enqueued; without it (the
@@ -188,6 +202,7 @@ def prefill_loop(
     saved: list[Any] = [None, None]
     unread: Any = None
     phases = dict.fromkeys(PHASES, 0.0)
+    forwards: list[tuple[Any, Any]] = []
     sync(st.dev)
     start = time.perf_counter()
     for i, tokens in enumerate(prompts):
@@ -203,7 +218,12 @@ def prefill_loop(
             if previous is not None and previous.result() is not None:
                 st.current().wait_event(previous.result())  # the region's previous save read it first
         t1 = time.perf_counter()
+        if st.cuda:
+            forwards.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            forwards[-1][0].record(st.current())
         logits = launch(engine is not None, model.prefill, st.pool, tokens, 0, blocks)
+        if st.cuda:
+            forwards[-1][1].record(st.current())
         t2 = time.perf_counter()
         if engine is not None:
             saved[i % 2] = st.store_async(engine, tokens, blocks, 0, p)
@@ -224,7 +244,8 @@ def prefill_loop(
     for future in saved:
         if future is not None:
             future.result()  # the next loop starts with no store left on the saver thread
-    return seconds, phases
+    device_ms = statistics.median(a.elapsed_time(b) for a, b in forwards) if forwards else None
+    return LoopTiming(seconds, phases, device_ms)
 
 
 def decode_loop(st: Setup, engine: CacheEngine | None) -> tuple[float, int]:
@@ -265,22 +286,19 @@ def connector_iteration(st: Setup) -> dict[str, Any]:
         prefill_loop(st, None, 2, overlap)  # warm-up: kernels (CUDA graph capture), L1's first slabs
         prefill_loop(st, engine, 2, overlap)
         prefill_loop(st, None, 2, overlap, plain_copy)
-        base, conn, copied = [], [], []
-        base_phases, conn_phases = [], []
+        base: list[LoopTiming] = []
+        conn: list[LoopTiming] = []
+        copied: list[LoopTiming] = []
         for _ in range(args.repeats):
-            seconds, phases = prefill_loop(st, None, args.iterations, overlap)
-            base.append(seconds)
-            base_phases.append(phases)
-            seconds, phases = prefill_loop(st, engine, args.iterations, overlap)
-            conn.append(seconds)
-            conn_phases.append(phases)
-            copied.append(prefill_loop(st, None, args.iterations, overlap, plain_copy)[0])
+            base.append(prefill_loop(st, None, args.iterations, overlap))
+            conn.append(prefill_loop(st, engine, args.iterations, overlap))
+            copied.append(prefill_loop(st, None, args.iterations, overlap, plain_copy))
         if engine.stats.hit_tokens:
             raise BenchFailure("0 % hit scenario had hits")
         stored = engine.stats.stored_chunks - stored
         if stored == 0:
             raise BenchFailure("the connector stored nothing")
-        b, c, floor = statistics.median(base), statistics.median(conn), statistics.median(copied)
+        b, c, floor = (statistics.median(t.seconds for t in runs) for runs in (base, conn, copied))
         out[name] = {
             "tokens": args.prefill_tokens,
             "iterations": args.iterations,
@@ -292,11 +310,17 @@ def connector_iteration(st: Setup) -> dict[str, Any]:
             "plain_copy_ratio": floor / b,
             "stored_chunks": stored,
             "l1_evictions": engine.l1.evictions,
-            "phases_no_connector": {k: statistics.median(p[k] for p in base_phases) for k in PHASES},
-            "phases_connector": {k: statistics.median(p[k] for p in conn_phases) for k in PHASES},
+            "phases_no_connector": {k: statistics.median(t.phases[k] for t in base) for k in PHASES},
+            "phases_connector": {k: statistics.median(t.phases[k] for t in conn) for k in PHASES},
         }
+        if st.cuda:
+            out[name]["forward_device_ms"] = {
+                label: statistics.median(t.forward_device_ms for t in runs if t.forward_device_ms is not None)
+                for label, runs in (("no_connector", base), ("connector", conn), ("plain_copy", copied))
+            }
     dengine = st.engine(args.decode_context + args.decode_steps + 2 * args.chunk_size)
-    base, conn = [], []
+    decode_base: list[float] = []
+    decode_conn: list[float] = []
     stored = 0
     for r in range(args.repeats + 1):
         dengine.clear()
@@ -304,15 +328,15 @@ def connector_iteration(st: Setup) -> dict[str, Any]:
         tb, _ = decode_loop(st, None)
         tc, n = decode_loop(st, dengine)
         if r:  # the first round is a warm-up
-            base.append(tb)
-            conn.append(tc)
+            decode_base.append(tb)
+            decode_conn.append(tc)
             stored = n
     expected = (
         args.decode_context + args.decode_steps
     ) // args.chunk_size - args.decode_context // args.chunk_size
     if stored != expected:
         raise BenchFailure(f"decode stored {stored} chunks, expected {expected}")
-    b, c = statistics.median(base), statistics.median(conn)
+    b, c = statistics.median(decode_base), statistics.median(decode_conn)
     out["decode"] = {
         "context": args.decode_context,
         "steps": args.decode_steps,
@@ -461,6 +485,10 @@ def main() -> int:
         for phase in PHASES if "phases_connector" in r else ():
             before, after = r["phases_no_connector"][phase], r["phases_connector"][phase]
             print(f"      {phase:<22} {before:8.3f} ms -> {after:8.3f} ms")
+        if "forward_device_ms" in r:
+            device = r["forward_device_ms"]
+            change = f"{device['no_connector']:8.3f} ms -> {device['connector']:8.3f} ms"
+            print(f"      forward on the device  {change} (plain copy: {device['plain_copy']:.3f} ms)")
     if "b" in args.parts:
         print(f"(b) forward time while a {args.save_tokens}-token save is in flight vs nothing in flight")
     for name, r in results.get("saves_in_flight", {}).items():
