@@ -3,18 +3,19 @@
 (a) ``connector_iteration``: time per iteration of a serving loop at 0 % hits, with the engine
     operations the in-process adapter performs per iteration vs no connector at all:
 
-    - ``prefill``: every iteration is a new request of ``--prefill-tokens`` unique tokens. With the
-      connector: the scheduler's ``lookup`` (hashes the prompt, misses), the forward, then what
-      the in-process adapter's ``wait_for_save`` does right after the forward is enqueued: its
-      ``SaveQueue`` orders a side stream after the forward and runs the ``store`` of the newly
-      computed chunks on the saver thread, concurrently with the executor thread. Then the
-      first token goes to the host (``argmax().item()``), as sampling does: once the next
-      iteration's lookup is made and its forward enqueued, as TRT-LLM's default (overlap) executor
-      loop does, so the lookup runs while the previous forward computes; ``prefill_no_overlap``
-      reads it at once (``disable_overlap_scheduler``), so every host cost adds. Blocks alternate
-      between two regions; a region is rewritten only after the device waited for its save (as
-      TRT-LLM keeps a request's blocks until its saves are reported done). L1 holds 4 prompts, so
-      it evicts in steady state.
+    - ``prefill``: every iteration is a new request of ``--prefill-tokens`` unique tokens, in
+      TRT-LLM's order. With the connector: the scheduler's ``lookup`` (hashes the prompt, misses),
+      the forward, then what the in-process adapter's ``wait_for_save`` does right after the
+      forward is enqueued: it hands the ``store`` of the newly computed chunks to its ``SaveQueue``
+      (the saver thread). Then sampling: the first token's ``argmax`` and its copy to pinned host
+      memory are enqueued, and ``get_finished`` releases the save's copies after them
+      (``SaveFence``). The host waits for the tokens as TRT-LLM's default (overlap) executor loop
+      does, those of the previous iteration once this one's forward is enqueued, so the GPU always
+      has the next forward; ``prefill_no_overlap`` waits for its own before the next iteration
+      (``disable_overlap_scheduler``), so every host cost adds. Blocks alternate between two
+      regions; a region is rewritten only after the device waited for its save (as TRT-LLM keeps
+      a request's blocks until its saves are reported done). L1 holds 4 prompts, so it evicts in
+      steady state.
     - ``decode``: one request decodes ``--decode-steps`` tokens one by one after a
       ``--decode-context``-token prefill; with the connector, every chunk that fills up is stored
       on the side stream after the step that completed it (``save_decode_cache``).
@@ -22,10 +23,11 @@
     Reported: mean ms per iteration (median over ``--repeats`` loops, connector and baseline
     alternating) and their ratio. The planner's own Python bookkeeping is not included. Beside them,
     ``plain_copy``: the same loop with no connector but one plain pinned ``copy_`` of each prompt's KV
-    bytes on a side stream after its forward: what a save made the naive way costs the next forward
-    on the device (the connector's saves go in interleaved batches of rows instead). On CUDA,
+    bytes on a side stream after its forward, before sampling: what a save made the naive way costs
+    (the connector's saves go in interleaved batches of rows instead). On CUDA,
     ``forward_device_ms`` splits a longer iteration: the forward itself slowed on the device, or
-    time between forwards.
+    time between forwards; ``token_copy_ms`` is how long after the forward its first token reached
+    the host.
 
 (b) ``saves_in_flight``: the time of one forward (a ``--prefill-tokens`` prefill, and a decode
     step at ``--decode-context``) while the store of a ``--save-tokens`` prefix (adjacent blocks,
@@ -76,6 +78,7 @@ from lmcache import cudart  # noqa: E402
 from lmcache.config import LMCacheEngineConfig  # noqa: E402
 from lmcache.engine import CacheEngine, KeySpace  # noqa: E402
 from lmcache.forward_gate import FORWARD  # noqa: E402
+from lmcache.integration.tensorrt_llm.save_fence import SaveFence  # noqa: E402
 from lmcache.integration.tensorrt_llm.save_queue import SaveQueue  # noqa: E402
 from lmcache.layout import PoolLayout  # noqa: E402
 from lmcache.transfer import BlockTransfer  # noqa: E402
@@ -124,17 +127,19 @@ class Setup:
 
     def store_async(
         self, engine: CacheEngine, tokens: list[int], blocks: list[int], start: int, end: int
-    ) -> Future[Any]:
-        """``wait_for_save`` of the in-process adapter: its save queue's side stream waits for the
-        forward, and the store runs on the saver thread. The future's result is the copies' event."""
+    ) -> tuple[Future[Any], SaveFence]:
+        """``wait_for_save`` of the in-process adapter: the store runs on the saver thread, its side
+        stream after the forward and, once the fence is released (``get_finished``), after what the
+        current stream held then. The future's result is the copies' event."""
         queue = self._queues.get(id(engine))
         if queue is None:
             queue = self._queues[id(engine)] = SaveQueue(self.pool.device, "bench-save")
+        fence = SaveFence(self.current(), self.dev)
 
         def store(stream: Any) -> None:
             engine.store(self.space, 0, self.pool, BlockTransfer(tokens, None, blocks, start, end), stream)
 
-        return queue.submit(store, self.current())
+        return queue.submit(store, fence), fence
 
 
 class PlainCopy:
@@ -161,7 +166,34 @@ class PlainCopy:
         return done
 
 
-PHASES = ("connector_before_ms", "forward_launch_ms", "handoff_ms", "wait_first_token_ms")
+PHASES = ("connector_before_ms", "forward_launch_ms", "handoff_ms", "wait_first_token_ms", "sample_ms")
+
+
+class Sampler:
+    """TRT-LLM's sampling: the first token (``argmax``) enqueued after the forward and copied to pinned
+    host memory, an event after the copy; the host waits for that event later (at once without
+    the overlap scheduler, one iteration later with it)."""
+
+    def __init__(self, st: Setup) -> None:
+        self.st = st
+        self.host = [torch.empty(1, dtype=torch.long, pin_memory=st.cuda) for _ in range(2)]
+        self._turn = 0
+
+    def enqueue(self, logits: Any) -> tuple[Any, Any]:
+        """The token's host buffer and the event after its copy (None on CPU: already copied)."""
+        host = self.host[self._turn]
+        self._turn ^= 1
+        host.copy_(logits.argmax().view(1), non_blocking=self.st.cuda)
+        if not self.st.cuda:
+            return host, None
+        return host, self.st.current().record_event(torch.cuda.Event(enable_timing=True))
+
+    @staticmethod
+    def read(sampled: tuple[Any, Any]) -> int:
+        host, event = sampled
+        if event is not None:
+            event.synchronize()
+        return int(host[0])
 
 
 def launch(gated: bool, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -180,34 +212,41 @@ def launch(gated: bool, forward: Callable[..., Any], *args: Any, **kwargs: Any) 
 @dataclass(frozen=True)
 class LoopTiming:
     """One loop of prefills: wall seconds per iteration, the mean host ms per iteration of each of
-    ``PHASES``, and (CUDA) the median device ms of one forward, between events recorded on its
-    stream right before and after it is enqueued: what grows there is the forward slowed on the
-    device, the rest of a longer iteration is time between forwards."""
+    ``PHASES``, and (CUDA) medians of device ms: ``forward_device_ms`` of one forward, between events
+    recorded on its stream right before and after it is enqueued (what grows there is the forward
+    slowed on the device; the rest of a longer iteration is time between forwards), and
+    ``token_copy_ms`` from the forward's end to its first token's arrival in host memory (a token
+    copy queued behind a save's copies shows there)."""
 
     seconds: float
     phases: dict[str, float]
     forward_device_ms: float | None
+    token_copy_ms: float | None
 
 
 def prefill_loop(
     st: Setup, engine: CacheEngine | None, iterations: int, overlap: bool, plain_copy: PlainCopy | None = None
 ) -> LoopTiming:
     """``iterations`` new-request prefills (connector iff ``engine``; else ``plain_copy`` after each
-    forward, if given), timed (see :class:`LoopTiming`).
+    forward, if given), timed (see :class:`LoopTiming`), in TRT-LLM's order: lookup, forward, the
+    save's hand-off (``wait_for_save``), sampling, ``get_finished`` (which releases the save's copies).
 
-    ``overlap``: TRT-LLM's default executor loop, which reads an iteration's first token only once
-    the next iteration is scheduled (its lookups made) and its forward enqueued; without it (the
-    executor's ``disable_overlap_scheduler``) each iteration waits for its own first token."""
+    ``overlap``: TRT-LLM's default executor loop, which waits for the previous iteration's tokens
+    after this one's forward is enqueued and only then enqueues this one's sampling; without it
+    (the executor's ``disable_overlap_scheduler``) each iteration samples and waits for its own."""
     model, p = st.model, st.args.prefill_tokens
+    sampler = Sampler(st)
     prompts = [st.fresh_tokens(p) for _ in range(iterations)]
     saved: list[Any] = [None, None]
-    unread: Any = None
+    unread: tuple[Any, Any] | None = None
     phases = dict.fromkeys(PHASES, 0.0)
     forwards: list[tuple[Any, Any]] = []
+    tokens_copied: list[Any] = []
     sync(st.dev)
     start = time.perf_counter()
     for i, tokens in enumerate(prompts):
         blocks = st.regions["r0" if i % 2 == 0 else "r1"]
+        fence: SaveFence | None = None
         t0 = time.perf_counter()
         if engine is not None:
             hit = engine.lookup(st.space, tokens, pin_id=i)
@@ -227,26 +266,37 @@ def prefill_loop(
             forwards[-1][1].record(st.current())
         t2 = time.perf_counter()
         if engine is not None:
-            saved[i % 2] = st.store_async(engine, tokens, blocks, 0, p)
+            saved[i % 2], fence = st.store_async(engine, tokens, blocks, 0, p)
         elif plain_copy is not None:
             saved[i % 2] = plain_copy.after_forward()
         t3 = time.perf_counter()
-        if overlap:
-            unread, logits = logits, unread
-        if logits is not None:
-            int(logits.argmax().item())
+        if overlap and unread is not None:
+            Sampler.read(unread)
         t4 = time.perf_counter()
-        for name, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+        sampled = sampler.enqueue(logits)
+        tokens_copied.append(sampled[1])
+        if not overlap:
+            Sampler.read(sampled)
+        unread = sampled
+        if fence is not None:
+            fence.release_after_current()  # ``get_finished``
+        t5 = time.perf_counter()
+        for name, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
             phases[name] += seconds * 1e3 / iterations
     if unread is not None:
-        int(unread.argmax().item())
+        Sampler.read(unread)
+    seconds = (time.perf_counter() - start) / iterations  # not the last save's copies: no iteration waits
     sync(st.dev)
-    seconds = (time.perf_counter() - start) / iterations
     for future in saved:
         if future is not None:
             future.result()  # the next loop starts with no store left on the saver thread
-    device_ms = statistics.median(a.elapsed_time(b) for a, b in forwards) if forwards else None
-    return LoopTiming(seconds, phases, device_ms)
+    forward_ms = token_ms = None
+    if st.cuda:
+        forward_ms = statistics.median(a.elapsed_time(b) for a, b in forwards)
+        token_ms = statistics.median(
+            end.elapsed_time(copied) for (_, end), copied in zip(forwards, tokens_copied, strict=True)
+        )
+    return LoopTiming(seconds, phases, forward_ms, token_ms)
 
 
 def decode_loop(st: Setup, engine: CacheEngine | None) -> tuple[float, int]:
@@ -256,7 +306,9 @@ def decode_loop(st: Setup, engine: CacheEngine | None) -> tuple[float, int]:
     tokens = st.fresh_tokens(c)
     logits = model.prefill(st.pool, tokens, 0, blocks)
     if engine is not None:
-        st.store_async(engine, tokens[:], blocks, 0, c).result()
+        future, fence = st.store_async(engine, tokens[:], blocks, 0, c)
+        fence.release_after_current()
+        future.result()
     token = int(logits.argmax().item())
     sync(st.dev)
     saves: list[Future[Any]] = []
@@ -267,9 +319,13 @@ def decode_loop(st: Setup, engine: CacheEngine | None) -> tuple[float, int]:
         tokens.append(token)
         # A new shape every step (no CUDA graph).
         logits = launch(engine is not None, model.prefill, st.pool, [token], pos, blocks, graph=False)
+        fence = None
         if engine is not None and (pos + 1) % chunk == 0:
-            saves.append(st.store_async(engine, tokens[:], blocks, pos + 1 - chunk, pos + 1))
+            future, fence = st.store_async(engine, tokens[:], blocks, pos + 1 - chunk, pos + 1)
+            saves.append(future)
         token = int(logits.argmax().item())
+        if fence is not None:
+            fence.release_after_current()  # ``get_finished``, after sampling
     sync(st.dev)
     seconds = (time.perf_counter() - start) / steps
     for future in saves:
@@ -315,10 +371,11 @@ def connector_iteration(st: Setup) -> dict[str, Any]:
             "phases_connector": {k: statistics.median(t.phases[k] for t in conn) for k in PHASES},
         }
         if st.cuda:
-            out[name]["forward_device_ms"] = {
-                label: statistics.median(t.forward_device_ms for t in runs if t.forward_device_ms is not None)
-                for label, runs in (("no_connector", base), ("connector", conn), ("plain_copy", copied))
-            }
+            variants = (("no_connector", base), ("connector", conn), ("plain_copy", copied))
+            for field in ("forward_device_ms", "token_copy_ms"):
+                out[name][field] = {
+                    label: statistics.median(getattr(t, field) for t in runs) for label, runs in variants
+                }
     dengine = st.engine(args.decode_context + args.decode_steps + 2 * args.chunk_size)
     decode_base: list[float] = []
     decode_conn: list[float] = []
@@ -386,7 +443,8 @@ def saves_in_flight(st: Setup) -> dict[str, Any]:
         sync(st.dev)
         tokens = st.fresh_tokens(s)
         e0 = time.perf_counter()
-        done = st.store_async(engine, tokens, blocks, 0, s)
+        done, fence = st.store_async(engine, tokens, blocks, 0, s)
+        fence.release_after_current()  # the save is to overlap the forward launched next
         handoff = time.perf_counter() - e0
         if host_done:
             done.result()
@@ -490,6 +548,9 @@ def main() -> int:
             device = r["forward_device_ms"]
             change = f"{device['no_connector']:8.3f} ms -> {device['connector']:8.3f} ms"
             print(f"      forward on the device  {change} (plain copy: {device['plain_copy']:.3f} ms)")
+            token = r["token_copy_ms"]
+            change = f"{token['no_connector']:8.3f} ms -> {token['connector']:8.3f} ms"
+            print(f"      token after forward    {change} (plain copy: {token['plain_copy']:.3f} ms)")
     if "b" in args.parts:
         print(f"(b) forward time while a {args.save_tokens}-token save is in flight vs nothing in flight")
     for name, r in results.get("saves_in_flight", {}).items():

@@ -13,6 +13,7 @@ from lmcache.engine import CacheEngine, KeySpace
 from lmcache.forward_gate import FORWARD, ForwardGate
 from lmcache.integration.tensorrt_llm.connector import OVERLAP_MIN_TOKENS
 from lmcache.integration.tensorrt_llm.plan import ConnectorMetadata, LoadPlan, PinKey
+from lmcache.integration.tensorrt_llm.save_fence import SaveFence
 from lmcache.integration.tensorrt_llm.save_queue import SaveQueue
 from lmcache.integration.tensorrt_llm.tensorrt_adapter import LMCacheKvConnectorWorker, reset_process_engine
 from lmcache.layout import PoolLayout
@@ -40,8 +41,10 @@ def test_a_save_waits_at_a_closed_gate_and_lands_whole_once_it_opens(monkeypatch
     toks = list(range(4 * CHUNK))
     queue = SaveQueue(torch.device("cpu"), "gate-test")
     FORWARD.close()  # this thread launches a forward
+    fence = SaveFence(None, torch.device("cpu"))
+    fence.release()
     future = queue.submit(
-        lambda stream: engine.store(space, 0, pool, BlockTransfer(toks, None, list(range(16)), 0, 256))
+        lambda stream: engine.store(space, 0, pool, BlockTransfer(toks, None, list(range(16)), 0, 256)), fence
     )
     assert FORWARD.wait_for_waiter(timeout=10), "the saver did not stop at the closed gate"
     assert not future.done()

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from lmcache.integration.tensorrt_llm.inflight import Done
 from lmcache.integration.tensorrt_llm.plan import LoadPlan, Transfer
 from lmcache.integration.tensorrt_llm.planner import PromisedLoadError
+from lmcache.integration.tensorrt_llm.save_fence import SaveFence
 from lmcache.integration.tensorrt_llm.targets import PoolTarget
 from lmcache.layered_load import LayerReady
 from lmcache.logging import init_logger
@@ -41,8 +42,9 @@ class TransferBackend(Protocol):
         """
         ...
 
-    def save(self, saves: list[Transfer], stream: Any) -> list[tuple[int, Done]]:
-        """Save after the work enqueued on ``stream``; per request id, when its pages are free again."""
+    def save(self, saves: list[Transfer], fence: SaveFence) -> list[tuple[int, Done]]:
+        """Save, the copies ordered after ``fence`` (waited for off the executor thread); per request
+        id, when its pages are free again."""
         ...
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from lmcache.forward_gate import FORWARD
 from lmcache.integration.tensorrt_llm._trtllm import KvCacheConnectorScheduler, KvCacheConnectorWorker
 from lmcache.integration.tensorrt_llm.backend import TransferBackend
@@ -19,6 +21,7 @@ from lmcache.integration.tensorrt_llm.inflight import Done, InflightTransfers
 from lmcache.integration.tensorrt_llm.layerwise import LayerwiseLoads
 from lmcache.integration.tensorrt_llm.plan import ConnectorMetadata
 from lmcache.integration.tensorrt_llm.planner import Planner
+from lmcache.integration.tensorrt_llm.save_fence import SaveFence
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
 from lmcache.integration.tensorrt_llm.targets import PoolTarget, targets_of_layout, targets_of_pool
 from lmcache.layout import PoolLayout
@@ -85,6 +88,10 @@ class LMCacheWorker(KvCacheConnectorWorker):
         self._loads = InflightTransfers()
         self._prefix_loads: dict[int, Done] = {}
         self._layerwise = LayerwiseLoads(settings.layerwise)
+        self._device = torch.device("cpu")
+        """Where the registered pools are."""
+        self._fence: SaveFence | None = None
+        """The last iteration's saves' start, until released (see ``save_fence``)."""
 
     # -- registration -------------------------------------------------------------------------
 
@@ -111,6 +118,7 @@ class LMCacheWorker(KvCacheConnectorWorker):
                 f", window {target.window}" if target.window else "",
             )
         self.backend.register(targets)
+        self._device = targets[0].tensor.device
         self._layerwise.set_pool_layers(self.backend.layerwise_layers(), targets[0].tensor.is_cuda)
 
     def _meta(self) -> ConnectorMetadata:
@@ -126,6 +134,7 @@ class LMCacheWorker(KvCacheConnectorWorker):
         enqueueing, and a save's copies then overlap them (benchmarks/RESULTS.md, D60). A short
         load's forward, or a layer-wise one's (it starts after the first layers), is guarded from
         the start."""
+        self._release_saves(stream)
         meta = self._meta()
         self._layerwise.begin_forward()
         plans = [(plan, self._layerwise.layers_for(plan)) for plan in meta.loads]
@@ -141,14 +150,17 @@ class LMCacheWorker(KvCacheConnectorWorker):
         FORWARD.close()
 
     def wait_for_save(self, stream: Any) -> None:
-        """Hand this iteration's saves to the back-end; a request whose saves are in flight keeps
-        its blocks until ``get_finished`` reports it. ``stream`` is ordered after every load first; a
-        layer-wise load whose forward skipped a layer's hook fails here."""
+        """Hand this iteration's saves to the back-end, their copies to start once released after
+        sampling (``get_finished`` or the next ``start_load_kv``); a request whose saves are in
+        flight keeps its blocks until ``get_finished`` reports it. ``stream`` is ordered after every
+        load first; a layer-wise load whose forward skipped a layer's hook fails here."""
         FORWARD.open()
+        self._release_saves(None)  # an earlier iteration's saves follow that forward only
         self._layerwise.end_forward(stream)
         saves = self._meta().saves
         if saves:
-            for request_id, done in self.backend.save(saves, stream):
+            self._fence = SaveFence(stream, self._device)
+            for request_id, done in self.backend.save(saves, self._fence):
                 self._saves.add(request_id, done)
 
     def wait_for_layer_load(self, layer_idx: int, stream: Any) -> None:
@@ -165,9 +177,17 @@ class LMCacheWorker(KvCacheConnectorWorker):
     ) -> tuple[list[int], list[int]]:
         """Saves and legacy async loads that landed (a failed async load raises here)."""
         FORWARD.open()  # in case a forward failed before ``wait_for_save``
+        if self._fence is not None:
+            self._fence.release_after_current()  # TRT-LLM has enqueued sampling by now
+            self._fence = None
         self._saves.ask(finished_gen_req_ids)
         self._loads.ask(started_loading_req_ids)
         return self._saves.poll(), self._loads.poll()
+
+    def _release_saves(self, stream: Any) -> None:
+        if self._fence is not None:
+            self._fence.release(stream)
+            self._fence = None
 
     def get_finished_prefix_loads(self) -> list[int]:
         """Reservation ids whose load (sync or async) is in place and visible; each reported once.

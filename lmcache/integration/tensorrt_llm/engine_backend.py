@@ -17,6 +17,7 @@ from lmcache.engine import CacheEngine, KeySpace
 from lmcache.integration.tensorrt_llm.backend import check_loaded
 from lmcache.integration.tensorrt_llm.inflight import Done, event_done, future_done
 from lmcache.integration.tensorrt_llm.plan import Found, LoadPlan, PinKey, Prompt, TargetId, Transfer
+from lmcache.integration.tensorrt_llm.save_fence import SaveFence
 from lmcache.integration.tensorrt_llm.save_queue import SaveQueue
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
 from lmcache.integration.tensorrt_llm.targets import PoolTarget
@@ -219,7 +220,7 @@ class EngineTransfers:
             caller.wait_event(event)  # the forward reads the loaded blocks after the copies
         return event_done(event)
 
-    def save(self, saves: list[Transfer], stream: Any) -> list[tuple[int, Done]]:
+    def save(self, saves: list[Transfer], fence: SaveFence) -> list[tuple[int, Done]]:
         assert self._save_queue is not None
         engine, rank = self._shared.engine, self._rank
         pools = self._registered()
@@ -236,6 +237,6 @@ class EngineTransfers:
         for transfer in saves:
             for pool in pools:
                 if pool.pool.target.group == transfer.group:
-                    future = self._save_queue.submit(store(transfer, pool), stream)
+                    future = self._save_queue.submit(store(transfer, pool), fence)
                     done.append((transfer.request_id, future_done(future)))
         return done

@@ -2,8 +2,9 @@
 
 Hashing, reserving L1 slots and enqueueing the copies of a long prompt take host time that grows
 with the prompt; on the executor thread they would delay the next forward's launch (see
-benchmarks/RESULTS.md, D8). ``submit`` only orders
-the side stream after the forward (a device-side wait) and hands the store to the saver thread.
+benchmarks/RESULTS.md, D8). ``submit`` only hands the
+store to the saver thread, which orders the side stream after the forward and sampling (a
+device-side wait, :mod:`lmcache.integration.tensorrt_llm.save_fence`) before it enqueues.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from lmcache import cudart
+from lmcache.integration.tensorrt_llm.save_fence import SaveFence
 
 
 class SaveQueue:
@@ -27,15 +29,15 @@ class SaveQueue:
         relax = functools.partial(cudart.relax_capture_mode, device.index) if device.type == "cuda" else None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=relax)
 
-    def submit(self, store: Callable[[Any], object], after: Any = None) -> Future[Any]:
-        """Run ``store(stream)`` once the work enqueued so far on ``after`` (default: the current
-        stream) has run. The future's result is the CUDA event of the copies (None on CPU); the
-        blocks must stay untouched until it has completed."""
-        if self.stream is not None:
-            forward = after if after is not None else torch.cuda.current_stream(self._device)
-            self.stream.wait_stream(forward)
+    def submit(self, store: Callable[[Any], object], fence: SaveFence) -> Future[Any]:
+        """Run ``store(stream)`` on the saver thread once ``fence`` lets it, the stream ordered after
+        it. The future's result is the CUDA event of the copies (None on CPU); the blocks must stay
+        untouched until it has completed."""
 
         def run() -> Any:
+            after = fence.wait()
+            if self.stream is not None and after is not None:
+                self.stream.wait_event(after)
             store(self.stream)
             if self.stream is None:
                 return None

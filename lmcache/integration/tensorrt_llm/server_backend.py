@@ -34,6 +34,7 @@ from lmcache.integration.tensorrt_llm.inflight import Done
 from lmcache.integration.tensorrt_llm.miss_probe import MissProbe
 from lmcache.integration.tensorrt_llm.plan import Found, LoadPlan, PinKey, Prompt, TargetId, Transfer
 from lmcache.integration.tensorrt_llm.planner import PromisedLoadError
+from lmcache.integration.tensorrt_llm.save_fence import SaveFence
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
 from lmcache.integration.tensorrt_llm.targets import PoolTarget
 from lmcache.layered_load import LayerReady
@@ -390,23 +391,19 @@ class ServerTransfers:
 
     # -- saves --------------------------------------------------------------------------------
 
-    def save(self, saves: list[Transfer], stream: Any) -> list[tuple[int, Done]]:
+    def save(self, saves: list[Transfer], fence: SaveFence) -> list[tuple[int, Done]]:
         if not self._ensure_registered():
             return []  # no server: the saves are dropped, the requests finish at once
-        forward_done = None
-        if self._is_cuda():
-            forward_done = torch.cuda.Event()
-            device = self._targets[0].tensor.device
-            forward_done.record(stream if stream is not None else torch.cuda.current_stream(device))
         done = []
         for transfer in saves:
-            future: Future[None] = self._saver.submit(self._save, transfer, forward_done)
+            future: Future[None] = self._saver.submit(self._save, transfer, fence)
             done.append((transfer.request_id, future.done))
         return done
 
-    def _save(self, transfer: Transfer, forward_done: Any) -> None:
-        """In the saver thread: each pool's store reads the blocks after the forward (``forward_done``),
-        waited for on the device where this worker copies, else before the server is asked."""
+    def _save(self, transfer: Transfer, fence: SaveFence) -> None:
+        """In the saver thread: each pool's store reads the blocks after ``fence`` (the forward, then
+        sampling), waited for on the device where this worker copies, else before the server is asked."""
+        forward_done = fence.wait()
         for target in self._targets:
             if target.target.group != transfer.group:
                 continue

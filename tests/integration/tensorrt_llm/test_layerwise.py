@@ -17,6 +17,7 @@ from lmcache.integration.tensorrt_llm.connector import LMCacheWorker
 from lmcache.integration.tensorrt_llm.inflight import Done
 from lmcache.integration.tensorrt_llm.plan import ConnectorMetadata, LoadPlan, PinKey, Prompt, Transfer
 from lmcache.integration.tensorrt_llm.planner import PromisedLoadError
+from lmcache.integration.tensorrt_llm.save_fence import SaveFence
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
 from lmcache.integration.tensorrt_llm.targets import PoolTarget
 from lmcache.integration.tensorrt_llm.tensorrt_mp_adapter import reset_process_connections
@@ -45,7 +46,7 @@ class _Backend:
             layers.went_layerwise = True
         return lambda: True
 
-    def save(self, saves: list[Transfer], stream: Any) -> list[tuple[int, Done]]:
+    def save(self, saves: list[Transfer], fence: SaveFence) -> list[tuple[int, Done]]:
         return []
 
 
