@@ -142,10 +142,13 @@ def test_on_the_device_a_save_reads_what_sampling_wrote_before_its_release() -> 
     side = torch.cuda.Stream(device)
     flag = torch.zeros(1, dtype=torch.int32, device=device)
     seen = torch.full((1,), -1, dtype=torch.int32, device=device)
+    work = torch.full((4096, 4096), 1 / 4096, device=device)  # a product of it is itself
+    product = torch.empty_like(work)
     with torch.cuda.stream(current):
-        torch.cuda._sleep(1_000_000)  # the forward
+        torch.mm(work, work, out=product)  # the forward
         fence = SaveFence(current, device)
-        torch.cuda._sleep(50_000_000)  # sampling, much longer than the save's wait below
+        for _ in range(25):  # sampling, far longer than the save's wait below
+            torch.mm(work, work, out=product)
         flag.fill_(1)
         fence.release_after_current()
     side.wait_event(fence.wait())
