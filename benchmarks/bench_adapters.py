@@ -316,6 +316,7 @@ class AdapterRig:
         save_request, _, _ = self.lookup(fresh)
         load_pages = self._pages(1)
         since_forward = self._saving_forward(save_request, self._pages(0))
+        self.worker.get_finished([], [])  # the executor's loop ends each iteration with it (after sampling)
         self.scheduler.update_state_after_alloc(load_request, load_pages)
         self._iteration(load_request, load_pages, 0, len(held) - matched)
         enqueue = time.perf_counter()
