@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
@@ -49,6 +49,32 @@ class CopyStreams:
         """Hand both streams back for the next pool (see :func:`lmcache.cudart.new_stream`)."""
         cudart.release_stream(self.store)
         cudart.release_stream(self.load)
+
+
+class StoreStart(Protocol):
+    """When a store's copies may start, decided after the store began (TRT-LLM's sampling must go
+    first, :mod:`lmcache.integration.tensorrt_llm.save_fence`). Until ``released`` the store only
+    prepares; ``wait()`` blocks until then and returns the CUDA event its copies follow (None: no
+    device order)."""
+
+    @property
+    def released(self) -> bool: ...
+
+    def wait(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class EventStart:
+    """A :class:`StoreStart` known from the outset: the copies follow ``event`` (None: no order)."""
+
+    event: Any
+
+    @property
+    def released(self) -> bool:
+        return True
+
+    def wait(self) -> Any:
+        return self.event
 
 
 @dataclass(slots=True)  # not frozen: built per chunk on the store path, where frozen init costs
@@ -101,6 +127,10 @@ class CopyBatcher(Generic[T]):
     A load given ``layers`` is layer-wise (:mod:`lmcache.layered_load`): its first ``whole_first``
     chunks are copied whole as they come (in the same ramp), the rest only by :meth:`flush` and
     :meth:`finish`, layer group by layer group, after them; ``layers`` gets each layer's event.
+
+    A store given ``start`` queues its chunks without copying while ``start`` is not released (the
+    host work of the whole store can then run before it); its first batch waits for ``start`` and
+    follows its event on the device.
     """
 
     FLUSH_CHUNKS = 8  # fewer host calls per byte than 4, same bandwidth (benchmarks/RESULTS.md, D6, D50)
@@ -115,9 +145,12 @@ class CopyBatcher(Generic[T]):
         on_flush: Callable[[list[T], Any], None] | None = None,
         layers: LayerReady | None = None,
         whole_first: int = 0,
+        start: StoreStart | None = None,
     ) -> None:
         if layers is not None and store:
             raise ValueError("only loads are layer-wise")
+        if start is not None and not store:
+            raise ValueError("only stores wait for a start")
         # Stores interleave: their copies must not hold up the copy engine for TRT-LLM's own transfers.
         self.transfer = c_ops.Transfer(pool, stream, interleave=store, block_ids=block_ids)
         self.store = store
@@ -133,6 +166,8 @@ class CopyBatcher(Generic[T]):
         self._layers = layers
         self._whole_left = whole_first if layers is not None else 0
         """First chunks of a layer-wise load still to be copied whole."""
+        self._start = start
+        """A store's start, until its first batch has waited for it."""
 
     @classmethod
     def warm_up(cls, pool: torch.Tensor, stream: Any, rows_per_chunk: int) -> None:
@@ -160,7 +195,7 @@ class CopyBatcher(Generic[T]):
             self._ready.append(ready)
         batch = min(1 << self._flushes, self.FLUSH_CHUNKS)
         if self._layers is None:
-            if len(self._copies) >= batch:
+            if len(self._copies) >= batch and (self._start is None or self._start.released):
                 self.flush()
         elif self._whole_left and len(self._copies) >= min(batch, self._whole_left):
             self._whole_left -= len(self._copies)
@@ -189,6 +224,11 @@ class CopyBatcher(Generic[T]):
         self._copies, self._items, self._ready = [], [], []
         self._flushes += 1
         if self.store:
+            if self._start is not None:
+                after = self._start.wait()
+                self._start = None
+                if after is not None and self.transfer.cuda:
+                    self.transfer.stream.wait_event(after)  # before the transfer's first gather
             self.transfer.gather(copies)
         elif layered:
             assert self._layers is not None

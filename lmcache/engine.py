@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lmcache import c_ops
-from lmcache.chunk_copy import CopyBatcher, LoadSlot, StoreSlot
+from lmcache.chunk_copy import CopyBatcher, LoadSlot, StoreSlot, StoreStart
 from lmcache.config import GiB, LMCacheEngineConfig
 from lmcache.engine_lookup import ChunkSpan, EngineLookup, KeySpace
 from lmcache.forward_gate import FORWARD
@@ -75,13 +75,15 @@ class CacheEngine(EngineLookup):
         pool: torch.Tensor,
         transfer: BlockTransfer[Tokens | ChunkHashes],
         stream: Any = None,
+        copy_start: StoreStart | None = None,
     ) -> int:
         """Save the chunks of ``transfer.prompt`` (token ids, or the prompt's :class:`ChunkHashes`) that
         start at or after ``transfer.start`` and end by ``transfer.end``, from ``pool``'s blocks.
 
-        ``start`` must be chunk-aligned. Chunks already cached are skipped. Returns the number of
-        tokens newly stored. On CUDA the copies are enqueued on ``stream``; readers are ordered
-        after them by an event, so nothing waits on the host here.
+        ``transfer.start`` must be chunk-aligned. Chunks already cached are skipped. Returns the number
+        of tokens newly stored. On CUDA the copies are enqueued on ``stream``; readers are ordered
+        after them by an event, so nothing waits on the host here. Given ``copy_start``, the copies
+        wait for it; the rest of the store (hashing, reserving) does not.
         """
         FORWARD.wait()  # hashing holds the GIL too: not while a forward is being launched
         began = time.perf_counter()
@@ -99,6 +101,7 @@ class CacheEngine(EngineLookup):
             store=True,
             block_ids=block_ids,
             on_flush=lambda done, ev: self.publish(space, done, ev),
+            start=copy_start,
         )
         try:
             for slot in slots:  # reserved one by one, so the first copy starts after one chunk's work

@@ -39,12 +39,14 @@ def test_a_save_waits_at_a_closed_gate_and_lands_whole_once_it_opens(monkeypatch
     monkeypatch.setattr(FORWARD, "max_hold_s", 60.0)  # held until opened, however slow this host
     engine, space, pool = make()
     toks = list(range(4 * CHUNK))
+    blocks = list(range(16))
     queue = SaveQueue(torch.device("cpu"), "gate-test")
     FORWARD.close()  # this thread launches a forward
     fence = SaveFence(None, torch.device("cpu"))
     fence.release()
     future = queue.submit(
-        lambda stream: engine.store(space, 0, pool, BlockTransfer(toks, None, list(range(16)), 0, 256)), fence
+        lambda stream, start: engine.store(space, 0, pool, BlockTransfer(toks, None, blocks, 0, 256)),
+        fence,
     )
     assert FORWARD.wait_for_waiter(timeout=10), "the saver did not stop at the closed gate"
     assert not future.done()

@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
+from lmcache.chunk_copy import StoreStart
 from lmcache.keys import Tokens
 from lmcache.logging import init_logger
 from lmcache.server import framing
@@ -286,21 +287,21 @@ class CacheServerClient:
         *,
         instance_id: int | None = None,
         timeout_s: float | None = None,
-        after: Any = None,
+        after: StoreStart | None = None,
     ) -> int:
         """Save ``transfer``'s chunks from this rank's blocks; returns the tokens newly stored.
 
         The prompt is token ids, or a :class:`PromptHashes` (see :meth:`chunk_hashes`): it then travels
         as its chunk hashes, and only the full chunks they name are stored. CUDA: the copies follow
-        the event ``after`` (the forward that writes the blocks), on the device where this process
-        copies (shared L1: the store's host work overlaps the forward), else on the host before the
-        server is asked. Without it the blocks must already hold their final values.
+        ``after`` (the forward: an ``EventStart``), on the device where this process copies (shared L1:
+        the store's host work overlaps it), else on the host before the server is asked. Without it
+        the blocks must already hold their final values.
         """
         iid = self._iid(instance_id)
         if self.registrations.copies_itself(iid):
             return self.shared_l1.store(iid, transfer, timeout_s, after)
-        if after is not None:
-            after.synchronize()
+        if after is not None and (event := after.wait()) is not None:
+            event.synchronize()
         req = P.Store(
             instance_id=iid,
             block_ids=P.tokens_to_bytes(transfer.block_ids),

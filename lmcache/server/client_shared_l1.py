@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from lmcache.chunk_copy import StoreStart
 from lmcache.server import protocol as P
 from lmcache.server.client_errors import ServerError, ServerUnavailable, UnknownInstance
 from lmcache.server.client_registrations import Registrations
@@ -167,9 +168,9 @@ class SharedL1Transfers:
         return slots if named_by == server_id else []
 
     def store(
-        self, iid: int, transfer: BlockTransfer[Any], timeout_s: float | None, after: Any = None
+        self, iid: int, transfer: BlockTransfer[Any], timeout_s: float | None, after: StoreStart | None = None
     ) -> int:
-        """Tokens copied to the server from ``transfer``'s blocks, after the event ``after`` (see
+        """Tokens copied to the server from ``transfer``'s blocks, after ``after`` (see
         :meth:`CacheServerClient.store`; a leased chunk the server already held counts, though the
         server keeps its own copy)."""
         try:
@@ -181,7 +182,13 @@ class SharedL1Transfers:
             return self._store(iid, transfer, timeout_s, after, use_lease=False)
 
     def _store(
-        self, iid: int, transfer: BlockTransfer[Any], timeout_s: float | None, after: Any, *, use_lease: bool
+        self,
+        iid: int,
+        transfer: BlockTransfer[Any],
+        timeout_s: float | None,
+        after: StoreStart | None,
+        *,
+        use_lease: bool,
     ) -> int:
         copier = self._registrations.copier(iid)
         fields = self._registrations.prompt_fields(iid, transfer)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from lmcache import c_ops
-from lmcache.chunk_copy import CopyBatcher, CopyStreams
+from lmcache.chunk_copy import CopyBatcher, CopyStreams, StoreStart
 from lmcache.layered_load import LayerReady, whole_first
 from lmcache.server import protocol as P
 from lmcache.server.slab_mappings import SlabMappings
@@ -124,16 +124,14 @@ class SharedL1Copier:
         server (see :func:`lmcache.c_ops.check_range_blocks`)."""
         c_ops.check_range_blocks(self.pool, block_ids, start, end, tokens_per_block)
 
-    def begin_store(self, block_ids: Sequence[int], after: Any = None) -> CopyBatcher[None]:
-        """A store's copies, ordered after the event ``after`` (the forward that computed the rows), or
-        without it after the work queued so far on the current stream of the pool's device; add
-        chunks with :meth:`add` and :meth:`add_chunks`."""
-        if self.store_stream is not None:
-            if after is not None:
-                self.store_stream.wait_event(after)
-            else:
-                self.store_stream.wait_stream(torch.cuda.current_stream(self.pool.device))
-        return CopyBatcher(self.pool, self.store_stream, store=True, block_ids=block_ids)
+    def begin_store(self, block_ids: Sequence[int], after: StoreStart | None = None) -> CopyBatcher[None]:
+        """A store's copies, ordered after ``after`` (the forward that computed the rows; waited for
+        before the first copy, not before the chunks are queued), or without it after the work queued
+        so far on the current stream of the pool's device; add chunks with :meth:`add` and
+        :meth:`add_chunks`."""
+        if self.store_stream is not None and after is None:
+            self.store_stream.wait_stream(torch.cuda.current_stream(self.pool.device))
+        return CopyBatcher(self.pool, self.store_stream, store=True, block_ids=block_ids, start=after)
 
     def add(self, batch: CopyBatcher[None], slot: P.SlotInfo, rows: Sequence[int]) -> None:
         """Queue the gather of the pool rows ``rows`` (block ids) into ``slot``."""

@@ -13,6 +13,7 @@ from in_process_server import client_of, start_serving, stop_serving
 from raw_lane import connect, framed, read_reply
 from support.server_process import CHUNK, MODEL, POOL_SHAPE, TPB, server_secret, shared_pool, wait_until
 
+from lmcache.chunk_copy import EventStart
 from lmcache.config import LMCacheEngineConfig
 from lmcache.server import framing
 from lmcache.server import protocol as P
@@ -233,9 +234,8 @@ def test_a_store_after_an_event_waits_for_it_on_the_host_only_where_the_server_c
     with client_of(server) as client:
         client.register(pool, 0, 1, MODEL, TPB, pool_sharing=sharing)
         order.clear()
-        assert client.store(BlockTransfer(TOKENS, None, BLOCKS, 0, len(TOKENS)), after=ForwardDone()) == len(
-            TOKENS
-        )
+        after = EventStart(ForwardDone())
+        assert client.store(BlockTransfer(TOKENS, None, BLOCKS, 0, len(TOKENS)), after=after) == len(TOKENS)
         assert client.lookup(TOKENS) == len(TOKENS)
     assert (order[:2] == ["waited", "store"]) == waits
     assert ("waited" in order) == waits

@@ -22,6 +22,7 @@ from support.server_process import MODEL as MODEL_NAME
 from support.server_process import POOL_SHAPE, ServerProcess, wait_until
 from support.server_process import TPB as SERVER_TPB
 
+from lmcache.chunk_copy import EventStart
 from lmcache.integration.tensorrt_llm.tensorrt_mp_adapter import reset_process_connections
 from lmcache.server.client import CacheServerClient
 from lmcache.server.client_errors import ServerError
@@ -251,7 +252,7 @@ def test_a_save_given_the_forwards_event_waits_for_it_on_the_device(
             forward_done.record()
         save = threading.Thread(
             target=lambda: stored.append(
-                client.store(BlockTransfer(tokens, None, source, 0, 64), after=forward_done)
+                client.store(BlockTransfer(tokens, None, source, 0, 64), after=EventStart(forward_done))
             )
         )
         save.start()

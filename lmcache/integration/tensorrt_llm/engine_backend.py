@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from lmcache import cudart
-from lmcache.chunk_copy import CopyBatcher
+from lmcache.chunk_copy import CopyBatcher, StoreStart
 from lmcache.config import load_engine_config
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.integration.tensorrt_llm.backend import check_loaded
@@ -228,8 +228,8 @@ class EngineTransfers:
         def store(transfer: Transfer, pool: EnginePool) -> Any:
             block_transfer = transfer.for_target(pool.pool.target)
 
-            def run(save_stream: Any) -> None:
-                engine.store(pool.space, rank, pool.pool.tensor, block_transfer, save_stream)
+            def run(save_stream: Any, start: StoreStart) -> None:
+                engine.store(pool.space, rank, pool.pool.tensor, block_transfer, save_stream, start)
 
             return run
 

@@ -2,12 +2,13 @@
 
 TRT-LLM enqueues sampling (a few kernels, then the new tokens' device-to-host copy) on its stream
 right after ``wait_for_save``. A save's copies become ready on the device at the same moment, the
-forward's end; ahead of the token copy on the copy engine, they delayed it by up to a save's length,
-and every host waiting for the tokens with it (benchmarks/RESULTS.md, D67). So a save is ordered
-after the executor's stream as it stands at the worker's next hook, which comes after sampling:
-``get_finished``, else the next ``start_load_kv``. A save whose release does not come (an executor
-that skips ``get_finished`` and goes idle) starts after the forward alone, at most
-``RELEASE_TIMEOUT_S`` late.
+forward's end; ahead of the token copy on the copy engine, they delayed it, and with it the next
+forward, which follows it on TRT-LLM's stream, by up to a save's length (benchmarks/RESULTS.md, D67).
+So a save's copies are ordered after the executor's stream as it stands at the worker's next hook,
+which comes after sampling: ``get_finished``, else the next ``start_load_kv``. Its host work
+(hashing, reserving) does not wait: a :class:`SaveFence` is the store's
+:class:`lmcache.chunk_copy.StoreStart`. A save whose release does not come (an executor that skips
+``get_finished`` and goes idle) copies after the forward alone, at most ``RELEASE_TIMEOUT_S`` late.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class SaveFence:
         self.release(None if self._stream is None else torch.cuda.current_stream(self._stream.device))
 
     def wait(self) -> Any:
-        """Saver thread: block until released (at most ``RELEASE_TIMEOUT_S``); the CUDA event the
-        saves' copies must follow (None without a device)."""
+        """Saver thread, before the first copy: block until released (at most ``RELEASE_TIMEOUT_S``);
+        the CUDA event the saves' copies must follow (None without a device)."""
         self._released.wait(RELEASE_TIMEOUT_S)
         return self._after

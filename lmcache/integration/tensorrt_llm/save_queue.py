@@ -3,8 +3,8 @@
 Hashing, reserving L1 slots and enqueueing the copies of a long prompt take host time that grows
 with the prompt; on the executor thread they would delay the next forward's launch (see
 benchmarks/RESULTS.md, D8). ``submit`` only hands the
-store to the saver thread, which orders the side stream after the forward and sampling (a
-device-side wait, :mod:`lmcache.integration.tensorrt_llm.save_fence`) before it enqueues.
+store to the saver thread, whose copies follow the forward and sampling on the side stream (a
+device-side wait, :mod:`lmcache.integration.tensorrt_llm.save_fence`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lmcache import cudart
+from lmcache.chunk_copy import StoreStart
 from lmcache.integration.tensorrt_llm.save_fence import SaveFence
 
 
@@ -29,16 +30,13 @@ class SaveQueue:
         relax = functools.partial(cudart.relax_capture_mode, device.index) if device.type == "cuda" else None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=relax)
 
-    def submit(self, store: Callable[[Any], object], fence: SaveFence) -> Future[Any]:
-        """Run ``store(stream)`` on the saver thread once ``fence`` lets it, the stream ordered after
-        it. The future's result is the CUDA event of the copies (None on CPU); the blocks must stay
-        untouched until it has completed."""
+    def submit(self, store: Callable[[Any, StoreStart], object], fence: SaveFence) -> Future[Any]:
+        """Run ``store(stream, fence)`` on the saver thread: its copies on ``stream`` wait for ``fence``
+        (:class:`lmcache.chunk_copy.StoreStart`), its host work does not. The future's result is the
+        CUDA event of the copies (None on CPU); the blocks must stay untouched until it has completed."""
 
         def run() -> Any:
-            after = fence.wait()
-            if self.stream is not None and after is not None:
-                self.stream.wait_event(after)
-            store(self.stream)
+            store(self.stream, fence)
             if self.stream is None:
                 return None
             event = torch.cuda.Event()

@@ -403,7 +403,6 @@ class ServerTransfers:
     def _save(self, transfer: Transfer, fence: SaveFence) -> None:
         """In the saver thread: each pool's store reads the blocks after ``fence`` (the forward, then
         sampling), waited for on the device where this worker copies, else before the server is asked."""
-        forward_done = fence.wait()
         for target in self._targets:
             if target.target.group != transfer.group:
                 continue
@@ -411,7 +410,7 @@ class ServerTransfers:
                 self._client.store(
                     transfer.for_target(target.target),
                     instance_id=self._instances[target.target],
-                    after=forward_done,
+                    after=fence,
                 )
             except (ServerUnavailable, ServerError, ShmSlabError) as exc:
                 # ShmSlabError: this worker cannot map the server's L1 regions (another user, /dev/shm
