@@ -61,7 +61,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
-from lmcache.chunk_copy import StoreStart
 from lmcache.keys import Tokens
 from lmcache.logging import init_logger
 from lmcache.server import framing
@@ -86,6 +85,7 @@ from lmcache.transfer import BlockTransfer
 if TYPE_CHECKING:  # torch and pool sharing load on first register: `lmcache stats` never imports torch
     import torch
 
+    from lmcache.chunk_copy import StoreStart
     from lmcache.layered_load import LayerReady
     from lmcache.server.pool_sharing import RawCudaIPCWrapper
     from lmcache.server.shared_l1_worker import SharedL1Copier

@@ -31,13 +31,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lmcache.chunk_copy import StoreStart
 from lmcache.server import protocol as P
 from lmcache.server.client_errors import ServerError, ServerUnavailable, UnknownInstance
 from lmcache.server.client_registrations import Registrations
 from lmcache.transfer import BlockTransfer
 
 if TYPE_CHECKING:  # the client imports no torch until a shared-L1 pool is registered
+    from lmcache.chunk_copy import StoreStart
     from lmcache.layered_load import LayerReady
     from lmcache.server.client_lanes import Submitted
     from lmcache.server.shared_l1_worker import SharedL1Copier
