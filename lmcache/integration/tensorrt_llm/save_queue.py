@@ -2,9 +2,9 @@
 
 Hashing, reserving L1 slots and enqueueing the copies of a long prompt take host time that grows
 with the prompt; on the executor thread they would delay the next forward's launch (see
-benchmarks/RESULTS.md, D8). ``submit`` only hands the
-store to the saver thread, whose copies follow the forward and sampling on the side stream (a
-device-side wait, :mod:`lmcache.integration.tensorrt_llm.save_fence`).
+benchmarks/RESULTS.md, D8). ``submit`` only hands the store to the saver thread, whose copies follow
+the forward and sampling on the side stream (a device-side wait,
+:mod:`lmcache.integration.tensorrt_llm.save_fence`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ class SaveQueue:
 
     def __init__(self, device: torch.device, name: str) -> None:
         self.stream: Any = cudart.new_stream(device) if device.type == "cuda" else None
-        self._device = device
         relax = functools.partial(cudart.relax_capture_mode, device.index) if device.type == "cuda" else None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=relax)
 
