@@ -18,8 +18,15 @@ from typing import Any
 
 import torch
 
+from lmcache.logging import init_logger
+from lmcache.rate_limit import RateLimitedLog
+
+logger = init_logger(__name__)
+
 RELEASE_TIMEOUT_S = 1.0
 """How long a save waits for its release before it goes after the forward alone."""
+
+_late = RateLimitedLog(logger, interval_s=300)
 
 
 class SaveFence:
@@ -55,5 +62,12 @@ class SaveFence:
     def wait(self) -> Any:
         """Saver thread, before the first copy: block until released (at most ``RELEASE_TIMEOUT_S``);
         the CUDA event the saves' copies must follow (None without a device)."""
-        self._released.wait(RELEASE_TIMEOUT_S)
+        if not self._released.wait(RELEASE_TIMEOUT_S):
+            _late.warning(
+                "release",
+                "LMCache: a save waited %.1f s for the worker's next hook after its forward (get_finished "
+                "or start_load_kv) and copies after the forward alone; its copies may delay TRT-LLM's "
+                "sampled tokens",
+                RELEASE_TIMEOUT_S,
+            )
         return self._after

@@ -58,6 +58,7 @@ def test_seed_verification_scenario(lmcache_env, caplog, overlap: bool, tp: int,
     want = baseline([a], 8, device, tp=tp, max_tokens=640)[0]
     assert_same_output(first, want)
     assert_same_output(third, want)
+    assert not [r for r in caplog.records if r.name.endswith("save_fence")]  # every save was released
 
 
 @pytest.mark.parametrize("device", DEVICES)

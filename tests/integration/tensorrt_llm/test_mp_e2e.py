@@ -80,6 +80,7 @@ def test_seed_scenario_through_the_server(
     want = baseline([a], 8, device, tp=tp, max_tokens=640)[0]
     assert_same_output(first, want)
     assert_same_output(third, want)
+    assert not [r for r in caplog.records if r.name.endswith("save_fence")]  # every save was released
 
 
 def test_tcp_url_works_too(mp_server) -> None:

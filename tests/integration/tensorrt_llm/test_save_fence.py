@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -15,6 +16,7 @@ from lmcache.integration.tensorrt_llm.plan import ConnectorMetadata, LoadPlan, P
 from lmcache.integration.tensorrt_llm.save_fence import SaveFence
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
 from lmcache.integration.tensorrt_llm.targets import PoolTarget
+from lmcache.rate_limit import RateLimitedLog
 
 CPU = torch.device("cpu")
 
@@ -90,13 +92,16 @@ def test_released_from_another_stream_a_save_follows_the_forward_only() -> None:
 
 
 def test_an_unreleased_save_starts_after_the_forward_once_the_timeout_passes(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(save_fence, "RELEASE_TIMEOUT_S", 0.01)
+    monkeypatch.setattr(save_fence, "_late", RateLimitedLog(save_fence.logger))
     stream = _Stream()
     fence = SaveFence(stream, CPU)
-    assert fence.wait() is stream.events[0]
+    with caplog.at_level(logging.WARNING, logger=save_fence.logger.name):
+        assert fence.wait() is stream.events[0]
     assert not fence.released
+    assert "a save waited 0.0 s for the worker's next hook" in caplog.text
 
 
 def test_get_finished_releases_the_iterations_saves() -> None:
