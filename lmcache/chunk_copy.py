@@ -223,12 +223,10 @@ class CopyBatcher(Generic[T]):
         copies, items, ready = self._copies, self._items, self._ready
         self._copies, self._items, self._ready = [], [], []
         self._flushes += 1
+        if self.store and self._start is not None:
+            self._gather_after_start(copies, items)
+            return
         if self.store:
-            if self._start is not None:
-                after = self._start.wait()
-                self._start = None
-                if after is not None and self.transfer.cuda:
-                    self.transfer.stream.wait_event(after)  # before the transfer's first gather
             self.transfer.gather(copies)
         elif layered:
             assert self._layers is not None
@@ -241,6 +239,22 @@ class CopyBatcher(Generic[T]):
         event = self.transfer.record()
         if self._on_flush is not None:
             self._on_flush(items, event)
+
+    def _gather_after_start(self, copies: list[c_ops.ChunkCopy], items: list[T]) -> None:
+        """A store's first copies, once its start lets them: every chunk queued until then, in
+        batches of at most ``FLUSH_CHUNKS``, each when no forward is being launched (as chunks
+        added one by one wait, :mod:`lmcache.forward_gate`)."""
+        assert self._start is not None
+        after = self._start.wait()
+        self._start = None
+        if after is not None and self.transfer.cuda:
+            self.transfer.stream.wait_event(after)  # before the transfer's first gather
+        for first in range(0, len(copies), self.FLUSH_CHUNKS):
+            if first:
+                FORWARD.wait()
+            self.transfer.gather(copies[first : first + self.FLUSH_CHUNKS])
+            if self._on_flush is not None:
+                self._on_flush(items[first : first + self.FLUSH_CHUNKS], self.transfer.record())
 
     def finish(self) -> None:
         """Flush the rest; the transfer's stream is then ordered after every copy."""

@@ -11,6 +11,7 @@ import torch
 from lmcache.chunk_copy import CopyBatcher, EventStart
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine, KeySpace
+from lmcache.forward_gate import FORWARD
 from lmcache.integration.tensorrt_llm.save_fence import SaveFence
 from lmcache.layout import PoolLayout
 from lmcache.transfer import BlockTransfer
@@ -84,6 +85,33 @@ def test_a_store_of_cached_chunks_never_waits() -> None:
     start = _Start(engine, space)
     assert engine.store(space, 0, pool, whole(SOURCE), None, start) == 0
     assert start.seen == []
+
+
+def test_a_store_released_late_copies_in_batches_that_let_a_forward_launch_between_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(FORWARD, "max_hold_s", 60.0)  # held until opened, however slow this host
+    engine, space, _ = make()
+    pool = torch.randn(2 * 16 * CHUNK // TPB, 2, 2, TPB * 8)
+    tokens = list(range(16 * CHUNK))  # twice FLUSH_CHUNKS chunks
+    start = _Start(engine, space)
+    transfer = BlockTransfer(tokens, None, list(range(16 * CHUNK // TPB)), 0, len(tokens))
+    saver = threading.Thread(target=lambda: engine.store(space, 0, pool, transfer, None, start))
+    saver.start()
+    try:
+        saver.join(timeout=0.05)
+        assert saver.is_alive() and engine.lookup(space, tokens) == 0
+        FORWARD.close()  # a forward is being launched when the start comes
+        start.opened.set()
+        assert FORWARD.wait_for_waiter(timeout=10), "the store did not stop between its batches"
+        assert engine.lookup(space, tokens) == CopyBatcher.FLUSH_CHUNKS * CHUNK  # the first batch only
+    finally:
+        FORWARD.open()
+    saver.join(timeout=10)
+    assert engine.lookup(space, tokens) == len(tokens)
+    dst = list(range(16 * CHUNK // TPB, 2 * 16 * CHUNK // TPB))
+    assert engine.retrieve(space, 0, pool, BlockTransfer(tokens, None, dst, 0, len(tokens))) == len(tokens)
+    assert torch.equal(pool[dst], pool[: len(dst)])
 
 
 def test_only_a_store_takes_a_start() -> None:
