@@ -16,7 +16,11 @@ driven as TRT-LLM's executor drives them, with a pool of a model's KV shape and 
 * with ``--mixed``, a save beside a load: a forward saves a fresh prompt and the next loads one saved
   before while that save is in flight (TRT-LLM's iterations overlap them so), timed from the first
   ``wait_for_save`` until both landed, against two plain pinned copies in opposite directions at once
-  (with the load's ``start_load_kv`` host time beside it: while it runs the save waits, D41).
+  (with the load's ``start_load_kv`` host time beside it: while it runs the save waits, D41);
+* with ``--overlap-scheduler`` (and ``--forward-ms``), the previous iteration's forward runs before
+  each saving one and the host waits for it between ``wait_for_save`` and ``get_finished``, as
+  TRT-LLM's default executor loop waits for the previous tokens: the save's host work can run then,
+  its copies only after the saving forward and the release at ``get_finished`` (D67).
 
 Saves are reported in two phases: while L1 fills for the first time (every save also takes new
 host memory) and once L1 is full and evicting. By default saves follow each other at once, faster than
@@ -229,6 +233,7 @@ class AdapterRig:
         self.layers = layers if getattr(args, "layer_hooks", False) else 0
         forward_ms = getattr(args, "forward_ms", 0.0)
         self.forward = Forward(device, forward_ms) if forward_ms > 0 else None
+        self.overlap = getattr(args, "overlap_scheduler", False) and self.forward is not None
         self.next_id = 1
         self.generator = torch.Generator().manual_seed(args.seed)
 
@@ -278,21 +283,33 @@ class AdapterRig:
         self._wait_saved(request.request_id)
         return lookup_s, since_forward(), pages
 
+    def _after_wait_for_save(self, previous: Callable[[], float]) -> None:
+        """What TRT-LLM's executor does between ``wait_for_save`` and ``get_finished`` with the overlap
+        scheduler (``--overlap-scheduler``): it waits for the previous iteration's tokens (the end of
+        the forward enqueued before the saving one), then ends the iteration with ``get_finished``."""
+        previous()
+        self.worker.get_finished([], [])
+
     def _saving_forward(self, request: Request, pages: list[int]) -> Callable[[], float]:
         """The forward of a fresh prompt, its save handed to the connector; returns what tells the
-        seconds since the forward ended (without ``--forward-ms``: since ``wait_for_save`` was called)."""
+        seconds since the forward ended (without ``--forward-ms``: since ``wait_for_save`` was called).
+        With ``--overlap-scheduler`` the previous iteration's forward runs first, and the executor
+        waits for it after ``wait_for_save`` (:meth:`_after_wait_for_save`)."""
         self.scheduler.update_state_after_alloc(request, pages)
         self._iteration(request, pages, 0, len(request.tokens))
         self.worker.start_load_kv(self.stream)
         self._layer_hooks()
         if self.stream is not None:
-            self.stream.synchronize()  # the forward starts on an idle stream: its end is began + its time
+            self.stream.synchronize()  # the forwards start on an idle stream: their end is began + their time
         began = time.perf_counter()
+        previous_s = self.forward.enqueue() if self.forward is not None and self.overlap else lambda: 0.0
         forward_s = self.forward.enqueue() if self.forward is not None else lambda: 0.0
         self.worker.wait_for_save(self.stream)
         if not self.scheduler.request_finished(request, pages):
             raise RuntimeError("the connector planned no save for a fresh prompt")
-        return lambda: time.perf_counter() - began - forward_s()
+        if self.overlap:
+            self._after_wait_for_save(previous_s)
+        return lambda: time.perf_counter() - began - previous_s() - forward_s()
 
     def _wait_saved(self, request_id: int) -> None:
         """Poll ``get_finished`` until the finished request's save is reported."""
@@ -316,7 +333,8 @@ class AdapterRig:
         save_request, _, _ = self.lookup(fresh)
         load_pages = self._pages(1)
         since_forward = self._saving_forward(save_request, self._pages(0))
-        self.worker.get_finished([], [])  # the executor's loop ends each iteration with it (after sampling)
+        if not self.overlap:  # else done after the wait for the previous tokens
+            self.worker.get_finished([], [])  # the executor's loop ends each iteration with it
         self.scheduler.update_state_after_alloc(load_request, load_pages)
         self._iteration(load_request, load_pages, 0, len(held) - matched)
         enqueue = time.perf_counter()
@@ -469,6 +487,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "prefill_ms": args.prefill_ms,
             "warmup_s": args.warmup_s,
             "forward_ms": args.forward_ms,
+            "overlap_scheduler": args.overlap_scheduler,
             "save_while_l1_fills": summary(cold[: args.repeats] or cold, save_ceiling) if cold else None,
             "save_l1_full": summary(warm, save_ceiling),
             "load_l1_full": summary([loaded.load_s for loaded in loads], load_ceiling),
@@ -543,7 +562,16 @@ def main() -> int:
         help="device time of each saving forward, still running when wait_for_save is called (as in "
         "TRT-LLM); saves are then timed from its end; 0: no forward, saves timed from wait_for_save",
     )
+    parser.add_argument(
+        "--overlap-scheduler",
+        action="store_true",
+        help="with --forward-ms: the previous iteration's forward runs before each saving one, and the "
+        "host waits for it between wait_for_save and get_finished, as TRT-LLM's default executor loop "
+        "waits for the previous tokens (the save's host work can run meanwhile)",
+    )
     args = parser.parse_args()
+    if args.overlap_scheduler and args.forward_ms <= 0:
+        parser.error("--overlap-scheduler needs --forward-ms above 0 (the forward the host waits for)")
     results = run(args)
     report(results, args.out)
     return 0 if results["loaded_rows_equal"] else 1

@@ -62,7 +62,12 @@ for part in $parts; do
         python3 benchmarks/bench_adapters.py --preset lmcache --forward-ms 20 \
             --out "$out/adapters_lmcache_forward.json"
         LMCACHE_POOL_SHARING=shared-l1 python3 benchmarks/bench_adapters.py --preset lmcache-mp --forward-ms 20 \
-            --out "$out/adapters_mp_shared-l1_forward.json" ;;
+            --out "$out/adapters_mp_shared-l1_forward.json"
+        # and as TRT-LLM's overlap scheduler waits for the previous tokens before get_finished (D67)
+        python3 benchmarks/bench_adapters.py --preset lmcache --forward-ms 20 --overlap-scheduler --mixed \
+            --out "$out/adapters_lmcache_overlap.json"
+        LMCACHE_POOL_SHARING=shared-l1 python3 benchmarks/bench_adapters.py --preset lmcache-mp --forward-ms 20 \
+            --overlap-scheduler --mixed --out "$out/adapters_mp_shared-l1_overlap.json" ;;
     engines)
         python3 benchmarks/multi_engine.py --device cuda --mixed --out "$out/engines.json" ;;
     latency)

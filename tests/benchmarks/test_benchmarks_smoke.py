@@ -176,20 +176,30 @@ def test_plot_results(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "hooks",
-    [[], ["--layer-hooks", "--mixed", "--prefill-ms", "2", "--warmup-s", "0.05", "--forward-ms", "1"]],
+    [
+        [],
+        ["--layer-hooks", "--mixed", "--prefill-ms", "2", "--warmup-s", "0.05", "--forward-ms", "1"],
+        ["--mixed", "--forward-ms", "1", "--overlap-scheduler"],
+    ],
 )
 @pytest.mark.parametrize("preset", ["lmcache", "lmcache-mp"])
 def test_bench_adapters(tmp_path: Path, preset: str, hooks: list[str]) -> None:
     """Saves, loads and lookups through a preset's adapters, L1 filling then full (CPU sizes); with
     the per-layer hooks called, the loads go layer-wise; with ``--mixed``, saves beside loads; saves
     spaced as prefills, a warm-up before the registration and a forward before each save are
-    recorded with the figures."""
+    recorded with the figures; with ``--overlap-scheduler``, a previous forward waited for before
+    ``get_finished``."""
     args = ["--preset", preset, "--tokens", "1024", "--l1-size-gb", "0.004", "--repeats", "2", *hooks]
     data = run_bench("bench_adapters.py", tmp_path / "a.json", *args, model_args=["--model", "tiny"])
-    assert data["loaded_rows_equal"] is True and data["layer_hooks"] == bool(hooks)
-    assert (data["prefill_ms"], data["warmup_s"], data["forward_ms"]) == (
-        (2.0, 0.05, 1.0) if hooks else (0.0, 0.0, 0.0)
-    )
+    assert data["loaded_rows_equal"] is True and data["layer_hooks"] == ("--layer-hooks" in hooks)
+    assert data["overlap_scheduler"] == ("--overlap-scheduler" in hooks)
+    spacing = {
+        (): (0.0, 0.0, 0.0),
+        ("--layer-hooks",): (2.0, 0.05, 1.0),
+        ("--overlap-scheduler",): (0.0, 0.0, 1.0),
+    }
+    variant = tuple(flag for flag in hooks if flag in ("--layer-hooks", "--overlap-scheduler"))
+    assert (data["prefill_ms"], data["warmup_s"], data["forward_ms"]) == spacing[variant]
     assert min(data["save_l1_full"]["runs_ms"]) > 0  # timed from the forward's end, which came before
     assert data["save_while_l1_fills"]["runs"] == 2 and data["save_l1_full"]["runs"] == 2
     assert len(data["load_l1_full"]["runs_ms"]) == 2 and max(data["load_l1_full"]["runs_ms"]) > 0
@@ -200,6 +210,12 @@ def test_bench_adapters(tmp_path: Path, preset: str, hooks: list[str]) -> None:
         assert 0 < data["save_beside_load_host_p50_ms"] <= data["save_beside_load"]["median_ms"]
     else:
         assert data["save_beside_load"] is None
+
+
+def test_bench_adapters_refuses_an_overlap_scheduler_without_a_forward(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(BENCH / "bench_adapters.py"), "--device", "cpu", "--overlap-scheduler"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--overlap-scheduler needs --forward-ms" in proc.stderr
 
 
 @pytest.mark.parametrize("preset", ["lmcache", "lmcache-mp"])
