@@ -310,6 +310,100 @@ static PyObject *enqueue_2d(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(calls);
 }
 
+/* One copy of row_copies: (dst, src, nbytes) between host memory at host_at and the pool at pool_at. */
+static int append_copy(PyObject *out, int to_host, unsigned long long host_at, unsigned long long pool_at,
+                       unsigned long long nbytes) {
+    PyObject *copy = PyTuple_New(3);
+    if (copy == NULL) return -1;
+    unsigned long long fields[3] = {to_host ? host_at : pool_at, to_host ? pool_at : host_at, nbytes};
+    for (int k = 0; k < 3; k++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(fields[k]);
+        if (v == NULL) {
+            Py_DECREF(copy);
+            return -1;
+        }
+        PyTuple_SET_ITEM(copy, k, v);
+    }
+    int err = PyList_Append(out, copy);
+    Py_DECREF(copy);
+    return err;
+}
+
+/* Block id j of a chunk, checked to name one of the pool's rows; -1 with a Python error set if not. */
+static long long read_block(PyObject *ids, Py_ssize_t chunk, Py_ssize_t j, long long num_rows) {
+    PyObject *v = PySequence_Fast_GET_ITEM(ids, j);
+    long long id = is_int(v) ? PyLong_AsLongLong(v) : -1;
+    if (PyErr_Occurred()) PyErr_Clear();
+    if (id < 0 || id >= num_rows) {
+        PyErr_Format(PyExc_ValueError, "chunk %zd: block id %zd must be an int in [0, %lld)", chunk, j, num_rows);
+        return -1;
+    }
+    return id;
+}
+
+/* row_copies(pool, row_stride, row_bytes, num_rows, to_host, chunks): see lmcache.dma_batch.row_copies. */
+static PyObject *row_copies(PyObject *self, PyObject *args) {
+    unsigned long long pool, row_stride, row_bytes;
+    long long num_rows;
+    int to_host;
+    PyObject *chunks;
+    if (!PyArg_ParseTuple(args, "KKKLpO", &pool, &row_stride, &row_bytes, &num_rows, &to_host, &chunks)) return NULL;
+    if (pool == 0 || row_bytes == 0 || row_stride < row_bytes) {
+        PyErr_SetString(PyExc_ValueError, "row_copies: a null pool, no row bytes, or rows closer than their size");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(chunks, "chunks must be a sequence of (block ids, host address) tuples");
+    if (seq == NULL) return NULL;
+    PyObject *out = PyList_New(0);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t c = 0; out != NULL && c < n; c++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, c);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2 || !is_int(PyTuple_GET_ITEM(item, 1))) {
+            PyErr_Format(PyExc_ValueError, "chunk %zd must be a (block ids, host address) tuple", c);
+            Py_CLEAR(out);
+            break;
+        }
+        unsigned long long host = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item, 1));
+        if (PyErr_Occurred() || host == 0) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "chunk %zd: the host address must be a non-null address", c);
+            Py_CLEAR(out);
+            break;
+        }
+        PyObject *ids = PySequence_Fast(PyTuple_GET_ITEM(item, 0), "a chunk's block ids must be a sequence");
+        if (ids == NULL) {
+            Py_CLEAR(out);
+            break;
+        }
+        Py_ssize_t rows = PySequence_Fast_GET_SIZE(ids);
+        for (Py_ssize_t j = 0; j < rows;) {
+            long long first = read_block(ids, c, j, num_rows);
+            Py_ssize_t run = 1;
+            if (first >= 0 && row_stride == row_bytes) { /* packed rows: adjacent ids make one copy */
+                while (j + run < rows) {
+                    long long next = read_block(ids, c, j + run, num_rows);
+                    if (next < 0) {
+                        first = -1;
+                        break;
+                    }
+                    if (next != first + run) break;
+                    run++;
+                }
+            }
+            if (first < 0 || append_copy(out, to_host, host + (unsigned long long)j * row_bytes,
+                                         pool + (unsigned long long)first * row_stride,
+                                         (unsigned long long)run * row_bytes) < 0) {
+                Py_CLEAR(out);
+                break;
+            }
+            j += run;
+        }
+        Py_DECREF(ids);
+    }
+    Py_DECREF(seq);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"enqueue", enqueue, METH_VARARGS,
      "enqueue(memcpy_async, stream, copies) -> calls: (dst, src, nbytes) copies, adjacent ones joined, "
@@ -317,6 +411,9 @@ static PyMethodDef methods[] = {
     {"enqueue_batch", enqueue_batch, METH_VARARGS,
      "enqueue_batch(memcpy_batch_async, stream, copies) -> calls: the copies of enqueue in one "
      "cudaMemcpyBatchAsync call, without the GIL."},
+    {"row_copies", row_copies, METH_VARARGS,
+     "row_copies(pool, row_stride, row_bytes, num_rows, to_host, chunks) -> copies: the (dst, src, nbytes) "
+     "copies between each chunk's host buffer and its pool rows (see lmcache.dma_batch.row_copies)."},
     {"enqueue_2d", enqueue_2d, METH_VARARGS,
      "enqueue_2d(memcpy_2d_async, stream, copies) -> calls: (dst, dst pitch, src, src pitch, width, height) "
      "copies enqueued without the GIL."},

@@ -362,13 +362,14 @@ class Transfer:
                 self._gather_cuda(batch)
 
     def _gather_cuda(self, chunks: Sequence[ChunkCopy]) -> None:
-        copies: list[dma_batch.Copy] = []
+        direct: list[dma_batch.RowChunk] = []
         scattered = []
         for block_ids, out in chunks:
             if self._row_dma or is_contiguous_run(block_ids):
-                self._add_chunk(copies, block_ids, self._host_address(out, len(block_ids)), to_host=True)
+                direct.append((block_ids, self._host_address(out, len(block_ids))))
             else:
                 scattered.append((block_ids, out))
+        copies = self._row_copies(direct, to_host=True)
         staging = None
         if scattered:
             ids = [b for block_ids, _ in scattered for b in block_ids]
@@ -406,30 +407,13 @@ class Transfer:
             )
         return buffer.data_ptr()
 
-    def _add_chunk(
-        self, copies: list[dma_batch.Copy], block_ids: Sequence[int], host: int, *, to_host: bool
-    ) -> None:
-        """Append the copies between a chunk's host buffer at ``host`` and its pool rows, run by run of
-        adjacent block ids."""
-        if is_contiguous_run(block_ids):
-            self._add_rows(copies, block_ids[0], len(block_ids), host, to_host=to_host)
-            return
-        for offset, first, length in block_runs(block_ids):
-            self._add_rows(copies, first, length, host + offset * self._row_bytes, to_host=to_host)
-
-    def _add_rows(
-        self, copies: list[dma_batch.Copy], first: int, rows: int, host: int, *, to_host: bool
-    ) -> None:
-        """Append the copies between host memory at ``host`` and the ``rows`` adjacent pool rows from
-        ``first`` on (one copy when the pool's rows are packed, else one per row)."""
-        base = self.pool.data_ptr() + first * self._row_stride
-        if self._row_stride == self._row_bytes:
-            pairs = [(host, base, rows)]
-        else:
-            pairs = [(host + i * self._row_bytes, base + i * self._row_stride, 1) for i in range(rows)]
-        for host_at, pool_at, count in pairs:
-            nbytes = count * self._row_bytes
-            copies.append((host_at, pool_at, nbytes) if to_host else (pool_at, host_at, nbytes))
+    def _row_copies(self, chunks: list[dma_batch.RowChunk], *, to_host: bool) -> list[dma_batch.Copy]:
+        """The DMA copies between each chunk's host buffer and its pool rows (one per run of adjacent
+        rows when the pool's rows are packed, else one per row)."""
+        pool = self.pool
+        return dma_batch.row_copies(
+            pool.data_ptr(), self._row_stride, self._row_bytes, pool.shape[0], chunks, to_host=to_host
+        )
 
     def _enqueue(self, copies: list[dma_batch.Copy], stream: Any) -> None:
         if not copies:
@@ -468,15 +452,16 @@ class Transfer:
 
     def _scatter_cuda(self, chunks: Sequence[ChunkCopy]) -> None:
         pool, main = self.pool, self.stream
-        copies: list[dma_batch.Copy] = []
+        direct: list[dma_batch.RowChunk] = []
         scattered = []
         self._use(main)
         for block_ids, src in chunks:
             host = self._host_address(src, len(block_ids))
             if self._row_dma or is_contiguous_run(block_ids):
-                self._add_chunk(copies, block_ids, host, to_host=False)
+                direct.append((block_ids, host))
             else:
                 scattered.append((block_ids, host))
+        copies = self._row_copies(direct, to_host=False)
         if not scattered:
             self._enqueue(copies, main)
             return
