@@ -186,19 +186,34 @@ class EngineLookup:
         With ``pin_id`` the hit chunks stay pinned (safe from eviction) until each rank's ``retrieve``
         with the same id, or ``release(pin_id)``; a new lookup with the same id replaces the old pins.
         """
+        return self.lookup_prompt(space, tokens, salt, ranks=ranks, pin_id=pin_id)[0]
+
+    def lookup_prompt(
+        self,
+        space: KeySpace,
+        tokens: Tokens,
+        salt: CacheSalt = None,
+        *,
+        ranks: Sequence[int] = (0,),
+        pin_id: Hashable | None = None,
+    ) -> tuple[int, ChunkHashes | None]:
+        """:meth:`lookup`, and the prompt's full chunks' hashes when it computed them, for the prompt's
+        loads and saves to name chunks by (no hashing again). None: a miss found from the first chunk
+        alone, or ``save_unfull_chunk``, whose partial chunks need the tokens."""
         began = time.perf_counter()
         if self._first_chunk_missing(space, tokens, salt, ranks):
             # Most prompts of a busy server miss: that costs one chunk's hash, not the prompt's.
-            return self._lookup_spans(space, [], [], len(tokens), ranks, pin_id, began, None)
+            return self._lookup_spans(space, [], [], len(tokens), ranks, pin_id, began, None), None
         if not self.config.save_unfull_chunk:  # full chunks only: hashed in one call, from the list
             hashes = self.hasher(space).chunk_hashes(tokens, salt)
             size = self.config.chunk_size
             ends = range(size, (len(hashes) + 1) * size, size)
-            return self._lookup_spans(space, hashes, ends, len(tokens), ranks, pin_id, began, None)
+            hit = self._lookup_spans(space, hashes, ends, len(tokens), ranks, pin_id, began, None)
+            return hit, ChunkHashes(hashes, size)
         arr = token_array(tokens)
         spans = list(self._iter_hashed(space, arr, salt, None))
         hashes, ends = [h for h, _, _ in spans], [end for _, _, end in spans]
-        return self._lookup_spans(space, hashes, ends, len(arr), ranks, pin_id, began, (arr, salt))
+        return self._lookup_spans(space, hashes, ends, len(arr), ranks, pin_id, began, (arr, salt)), None
 
     def _first_chunk_missing(
         self, space: KeySpace, tokens: Tokens, salt: CacheSalt, ranks: Sequence[int]

@@ -157,6 +157,31 @@ def test_lookup_by_chunk_hashes_matches_lookup_by_tokens() -> None:
     assert engine.stats.lookups == 20 and engine.stats.lookup_tokens == 20 * 300
 
 
+def test_a_lookup_returns_the_hashes_it_computed_for_the_prompts_transfers() -> None:
+    engine, space, pool = make()
+    toks = tokens(300)
+    engine.store(space, 0, pool, BlockTransfer(toks, "salt", list(range(19)), 0, 128))
+    hit, hashes = engine.lookup_prompt(space, toks, "salt", pin_id="r")
+    assert hit == 128 and engine.lookup(space, toks, "salt") == 128
+    assert hashes is not None and hashes.hashes == engine.hasher(space).chunk_hashes(toks, "salt")
+    assert len(hashes) == 256  # the full chunks, the hit's and the rest's
+    # The prompt's load and save by those hashes: no tokens needed, the same bytes back.
+    targets = list(range(32, 51))
+    assert engine.retrieve(space, 0, pool, BlockTransfer(hashes, None, targets, 0, 128), pin_id="r") == 128
+    assert torch.equal(pool[targets[:8]], pool[:8])
+    assert engine.store(space, 0, pool, BlockTransfer(hashes, None, list(range(19)), 128, 256)) == 128
+    assert engine.lookup(space, toks, "salt") == 256
+    # A miss found from the first chunk alone hashes nothing more.
+    assert engine.lookup_prompt(space, tokens(300, offset=9), "salt") == (0, None)
+
+
+def test_a_lookup_of_a_cache_saving_partial_chunks_returns_no_hashes() -> None:
+    engine, space, pool = make(save_unfull_chunk=True)
+    toks = tokens(100)
+    engine.store(space, 0, pool, BlockTransfer(toks, None, list(range(7)), 0, 100))
+    assert engine.lookup_prompt(space, toks) == (96, None)  # partial chunks are keyed by their tokens
+
+
 def test_lookup_by_chunk_hashes_refuses_what_it_cannot_check() -> None:
     engine, space, _ = make()
     hashes = engine.hasher(space).chunk_hashes(tokens(128))

@@ -21,6 +21,7 @@ from lmcache.integration.tensorrt_llm.save_fence import SaveFence
 from lmcache.integration.tensorrt_llm.save_queue import SaveQueue
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
 from lmcache.integration.tensorrt_llm.targets import PoolTarget
+from lmcache.keys import ChunkHashes
 from lmcache.layered_load import LayerReady
 from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
@@ -100,9 +101,12 @@ class EngineIndex:
         self._warn = RateLimitedLog(logger, interval_s=300)
 
     def hash_prompt(self, tokens: list[int], salt: Any) -> None:
-        return None  # the engine is in this process: loads and saves hand it the tokens
+        return None  # the engine is in this process: a prompt not looked up is hashed by its saves
 
     def lookup(self, prompt: Prompt, pin: PinKey) -> Found:
+        """The hit, pinned, with the hashes the lookup computed per target (a prompt given with hashes is
+        not hashed again): the prompt's loads and saves then name its chunks by them, so a load's first
+        copy does not wait for the prompt to be hashed a second time."""
         pools = self._shared.pools
         if not pools:
             self._warn.warning("no-pool", "LMCache: lookup before any KV pool was registered; a miss")
@@ -110,15 +114,26 @@ class EngineIndex:
         ranks = sorted(pools)
         engine = self._shared.engine
         hit, pinned = len(prompt.tokens), False
+        computed: dict[TargetId, ChunkHashes] = {}
         for target in pools[ranks[0]]:
             pin_id = _pin_id(pin, target.pool.target)
-            found = engine.lookup(target.space, prompt.tokens, prompt.salt, ranks=ranks, pin_id=pin_id)
+            known = prompt.hashes.get(target.pool.target) if prompt.hashes else None
+            if known is not None:
+                found = engine.lookup_hashes(
+                    target.space, known.hashes, len(prompt.tokens), ranks=ranks, pin_id=pin_id
+                )
+            else:
+                found, hashes = engine.lookup_prompt(
+                    target.space, prompt.tokens, prompt.salt, ranks=ranks, pin_id=pin_id
+                )
+                if hashes is not None:
+                    computed[target.pool.target] = hashes
             hit, pinned = min(hit, found), pinned or found > 0
             if hit == 0:
                 break
         if hit == 0 and pinned:
             self.release(pin)  # another target's hit was pinned: a miss leaves no pins behind
-        return Found(hit)
+        return Found(hit, {**(prompt.hashes or {}), **computed}) if computed else Found(hit)
 
     def release(self, pin: PinKey) -> None:
         for targets in self._shared.pools.values():

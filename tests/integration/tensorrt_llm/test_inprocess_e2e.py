@@ -23,6 +23,7 @@ from lmcache.integration.tensorrt_llm.tensorrt_adapter import (
     LMCacheKvConnectorWorker,
     process_engine,
 )
+from lmcache.keys import ChunkHashes
 from lmcache.testing.trtllm_replay import ReplayExecutor
 from lmcache.transfer import BlockTransfer
 
@@ -174,21 +175,45 @@ def test_hit_is_pinned_between_lookup_and_load(lmcache_env) -> None:
     p = prompt(200, start=23)
     ReplayExecutor(llm_args(), MODEL).generate([p], 2)
     engine = process_engine().engine
-    original_lookup = engine.lookup
+    original_lookup = engine.lookup_prompt  # what the scheduler's lookup calls
 
     def lookup_then_flood(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        hit = original_lookup(*args, **kwargs)
+        found = original_lookup(*args, **kwargs)
         space = next(iter(process_engine().spaces.values()))
         pool = __import__("torch").zeros(16, *space.layout.row_shape)
         for i in range(6):
             engine.store(space, 0, pool, BlockTransfer(prompt(64, start=100 + i), None, [0, 1, 2, 3], 0, 64))
-        return hit
+        return found
 
-    engine.lookup = lookup_then_flood
+    engine.lookup_prompt = lookup_then_flood
     again = ReplayExecutor(llm_args(), MODEL).generate([p], 2)[0]
     assert again.num_connector_matched_tokens == 192
     assert engine.l1.evictions >= 5  # the flood churned through the one free slot, around the pins
     assert_same_output(again, baseline([p], 2)[0])
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_hit_is_hashed_once_and_loaded_by_its_hashes(lmcache_env, tp: int) -> None:
+    """The scheduler's lookup hashes the prompt; every rank's load names the chunks by those hashes
+    instead of hashing the tokens again (a load's first copy waits for no hashing)."""
+    from lmcache.integration.tensorrt_llm.tensorrt_adapter import reset_process_engine
+
+    reset_process_engine()
+    p = prompt(200, start=29)
+    ReplayExecutor(llm_args(tp=tp), MODEL).generate([p], 2)
+    engine = process_engine().engine
+    original_retrieve = engine.retrieve
+    loaded_by: list[type] = []
+
+    def recording_retrieve(space, rank, pool, transfer, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        loaded_by.append(type(transfer.prompt))
+        return original_retrieve(space, rank, pool, transfer, *args, **kwargs)
+
+    engine.retrieve = recording_retrieve
+    again = ReplayExecutor(llm_args(tp=tp), MODEL).generate([p], 2)[0]
+    assert again.num_connector_matched_tokens == 192
+    assert loaded_by == [ChunkHashes] * tp
+    assert_same_output(again, baseline([p], 2, tp=tp)[0])
 
 
 def test_bad_configs_are_refused_at_construction(lmcache_env) -> None:
