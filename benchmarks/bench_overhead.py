@@ -29,12 +29,14 @@
     time between forwards; ``token_copy_ms`` is how long after the forward its first token reached
     the host.
 
-(b) ``saves_in_flight``: the time of one forward (a ``--prefill-tokens`` prefill, and a decode
-    step at ``--decode-context``) while the store of a ``--save-tokens`` prefix (adjacent blocks,
-    and scattered blocks, which need device gathers) was just handed to the ``SaveQueue`` (the
-    saver thread hashes, reserves and enqueues while the forward launches), vs the same forward
-    with nothing in flight. Timed from after the hand-off to the end of the forward (the forward's
-    stream only); ``launch_*_ms`` is the host time until the forward is enqueued (where a saver
+(b) ``saves_in_flight``: the time of a forward (a ``--prefill-tokens`` prefill, and a decode
+    step at ``--decode-context``, ms per step over ``--decode-steps-in-flight`` steps launched one
+    after the other, about as many as a 32k save's copies take) while the store of a
+    ``--save-tokens`` prefix (adjacent blocks, and scattered blocks, which need device gathers) was
+    just handed to the ``SaveQueue`` (the saver thread hashes, reserves and enqueues while the
+    forward launches), vs the same forwards with nothing in flight. Timed from after the hand-off to
+    the end of the last forward (the forward's stream only); ``launch_*_ms`` is the host time until
+    the forwards are enqueued (where a saver
     holding the GIL shows first), ``store_enqueue_ms`` the executor thread's host time of the
     hand-off, and ``saves_still_running`` the fraction of repeats where the save had not finished when the
     forward did (so the overlap really happened). ``ratio_host_done`` repeats the measurement with
@@ -419,24 +421,29 @@ def saves_in_flight(st: Setup) -> dict[str, Any]:
     dblocks = st.regions["decode"]
     dtokens = st.fresh_tokens(args.decode_context + 1)
     model.prefill(st.pool, dtokens[:-1], 0, dblocks)
-    forwards = {
-        "prefill": lambda: model.prefill(st.pool, ptokens, 0, st.regions["r0"]),
-        "decode": lambda: model.prefill(st.pool, dtokens[-1:], args.decode_context, dblocks),
+    forwards = {  # each with the steps timed in a row
+        "prefill": (lambda: model.prefill(st.pool, ptokens, 0, st.regions["r0"]), 1),
+        "decode": (
+            lambda: model.prefill(st.pool, dtokens[-1:], args.decode_context, dblocks),
+            args.decode_steps_in_flight,
+        ),
     }
     out: dict[str, Any] = {"save_tokens": s, "save_bytes": s // args.chunk_size * args.chunk_size * st.bpt}
 
-    def timed_forward(forward: Callable[[], Any], gated: bool) -> tuple[float, float]:
-        """Seconds of the forward, and of its launch alone (the host's part, where a saver thread
+    def timed_forward(forward: Callable[[], Any], steps: int, gated: bool) -> tuple[float, float]:
+        """Seconds per step of ``steps`` forwards launched one after the other (each as an executor
+        iteration launches it), and of their launch alone (the host's part, where a saver thread
         holding the GIL shows first; see benchmarks/RESULTS.md, D37)."""
         t0 = time.perf_counter()
-        launch(gated, forward)
+        for _ in range(steps):
+            launch(gated, forward)
         launched = time.perf_counter() - t0
         if st.cuda:
             st.current().synchronize()
-        return time.perf_counter() - t0, launched
+        return (time.perf_counter() - t0) / steps, launched / steps
 
     def with_save(
-        forward: Callable[[], Any], blocks: list[int], host_done: bool
+        forward: Callable[[], Any], steps: int, blocks: list[int], host_done: bool
     ) -> tuple[tuple[float, float], float, int]:
         """Forward and launch seconds with a save just handed off (``host_done``: after the saver
         thread's host work, so only the device-side overlap remains); hand-off seconds; save still
@@ -450,7 +457,7 @@ def saves_in_flight(st: Setup) -> dict[str, Any]:
         handoff = time.perf_counter() - e0
         if host_done:
             done.result()
-        seconds = timed_forward(forward, gated=True)
+        seconds = timed_forward(forward, steps, gated=True)
         event = done.result()
         still = event is not None and not event.query()
         sync(st.dev)
@@ -458,16 +465,16 @@ def saves_in_flight(st: Setup) -> dict[str, Any]:
             raise BenchFailure("the save stored nothing")
         return seconds, handoff, still
 
-    for fname, forward in forwards.items():
+    for fname, (forward, steps) in forwards.items():
         for layout_name, blocks in (("adjacent", save_blocks), ("scattered", save_blocks[::-1])):
             base, loaded, settled, enqueue, running, running_settled = [], [], [], [], 0, 0
             launch_base, launch_loaded = [], []
             for r in range(args.repeats + 1):
                 engine.clear()
                 sync(st.dev)
-                t_base, l_base = timed_forward(forward, gated=False)
-                (t_loaded, l_loaded), handoff, still = with_save(forward, blocks, host_done=False)
-                (t_settled, _), _, still_settled = with_save(forward, blocks, host_done=True)
+                t_base, l_base = timed_forward(forward, steps, gated=False)
+                (t_loaded, l_loaded), handoff, still = with_save(forward, steps, blocks, host_done=False)
+                (t_settled, _), _, still_settled = with_save(forward, steps, blocks, host_done=True)
                 if r:
                     base.append(t_base)
                     loaded.append(t_loaded)
@@ -481,6 +488,7 @@ def saves_in_flight(st: Setup) -> dict[str, Any]:
             out[f"{fname}_{layout_name}"] = {
                 "forward": fname,
                 "forward_tokens": args.prefill_tokens if fname == "prefill" else 1,
+                "steps": steps,
                 "no_saves_ms": b * 1e3,
                 "with_saves_ms": w * 1e3,
                 "ratio": w / b,
@@ -509,6 +517,13 @@ def main() -> int:
     parser.add_argument("--decode-context", type=int, default=None, help="default 4096 (--small: 128)")
     parser.add_argument("--decode-steps", type=int, default=None, help="default 256 (--small: 64)")
     parser.add_argument("--save-tokens", type=int, default=None, help="default 32768 (--small: 1024)")
+    parser.add_argument(
+        "--decode-steps-in-flight",
+        type=int,
+        default=None,
+        help="(b): decode steps timed in a row with the save in flight (default 4: a 32k save's copies "
+        "take about four 4k-context steps; --small: 2)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--parts", nargs="+", choices=("a", "b"), default=["a", "b"], help="which measurements (default both)"
@@ -520,6 +535,7 @@ def main() -> int:
         "decode_context": (4096, 128),
         "decode_steps": (256, 64),
         "save_tokens": (32768, 1024),
+        "decode_steps_in_flight": (4, 2),
     }
     for key, (big, small) in defaults.items():
         if getattr(args, key) is None:
@@ -554,7 +570,10 @@ def main() -> int:
             change = f"{token['no_connector']:8.3f} ms -> {token['connector']:8.3f} ms"
             print(f"      token after forward    {change} (plain copy: {token['plain_copy']:.3f} ms)")
     if "b" in args.parts:
-        print(f"(b) forward time while a {args.save_tokens}-token save is in flight vs nothing in flight")
+        print(
+            f"(b) forward time while a {args.save_tokens}-token save is in flight vs nothing in flight "
+            f"(ms per step; decode: {args.decode_steps_in_flight} steps in a row)"
+        )
     for name, r in results.get("saves_in_flight", {}).items():
         if isinstance(r, dict):
             ms = f"{r['no_saves_ms']:9.3f} ms -> {r['with_saves_ms']:9.3f} ms"

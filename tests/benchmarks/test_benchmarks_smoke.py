@@ -99,6 +99,7 @@ def test_bench_overhead(tmp_path: Path) -> None:
     for name in ("prefill_adjacent", "prefill_scattered", "decode_adjacent", "decode_scattered"):
         keys = {"no_saves_ms", "with_saves_ms", "ratio", "store_enqueue_ms", "saves_still_running"}
         assert keys | {"launch_no_saves_ms", "launch_with_saves_ms"} <= set(saves[name])
+        assert saves[name]["steps"] == (2 if name.startswith("decode") else 1)  # --small: 2 decode steps
 
 
 def test_bench_workload(tmp_path: Path) -> None:
