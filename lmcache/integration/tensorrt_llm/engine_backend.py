@@ -115,10 +115,11 @@ class EngineIndex:
         engine = self._shared.engine
         hit, pinned = len(prompt.tokens), False
         computed: dict[TargetId, ChunkHashes] = {}
+        full = len(prompt.tokens) // engine.config.chunk_size * engine.config.chunk_size
         for target in pools[ranks[0]]:
             pin_id = _pin_id(pin, target.pool.target)
             known = prompt.hashes.get(target.pool.target) if prompt.hashes else None
-            if known is not None:
+            if known is not None and len(known) == full:  # else not this prompt's: hashed anew
                 found = engine.lookup_hashes(
                     target.space, known.hashes, len(prompt.tokens), ranks=ranks, pin_id=pin_id
                 )

@@ -216,6 +216,31 @@ def test_a_hit_is_hashed_once_and_loaded_by_its_hashes(lmcache_env, tp: int) -> 
     assert_same_output(again, baseline([p], 2, tp=tp)[0])
 
 
+def test_a_lookup_given_hashes_of_another_length_hashes_the_prompt_anew(lmcache_env) -> None:
+    """Hashes that do not cover the prompt's full chunks are not this prompt's: the lookup hashes it
+    again instead of failing inside TRT-LLM's scheduler."""
+    from lmcache.integration.tensorrt_llm.engine_backend import EngineIndex
+    from lmcache.integration.tensorrt_llm.plan import PinKey, Prompt
+    from lmcache.integration.tensorrt_llm.tensorrt_adapter import reset_process_engine
+
+    reset_process_engine()
+    p = prompt(200, start=31)
+    ReplayExecutor(llm_args(), MODEL).generate([p], 2)
+    shared = process_engine()
+    index = EngineIndex(shared)
+    found = index.lookup(Prompt(p, None), PinKey("req", 1))
+    assert found.hit == 192 and found.hashes is not None
+    target, hashes = next(iter(found.hashes.items()))
+    again = index.lookup(Prompt(p, None, found.hashes), PinKey("req", 2))
+    assert again.hit == 192 and again.hashes is None  # by the hashes given: none computed
+    short = ChunkHashes(hashes.hashes[:1], hashes.chunk_size)
+    anew = index.lookup(Prompt(p, None, {target: short}), PinKey("req", 3))
+    assert anew.hit == 192 and anew.hashes is not None and anew.hashes[target].hashes == hashes.hashes
+    for request in (1, 2, 3):
+        index.release(PinKey("req", request))
+    assert shared.engine.l1.pinned_keys() == []
+
+
 def test_bad_configs_are_refused_at_construction(lmcache_env) -> None:
     lmcache_env.setenv("LMCACHE_CHUNK_SIZE", "40")
     from lmcache.integration.tensorrt_llm.tensorrt_adapter import reset_process_engine
