@@ -39,7 +39,8 @@
     the forwards are enqueued (where a saver
     holding the GIL shows first), ``store_enqueue_ms`` the executor thread's host time of the
     hand-off, and ``saves_still_running`` the fraction of repeats where the save had not finished when the
-    forward did (so the overlap really happened). ``ratio_host_done`` repeats the measurement with
+    last forward did (for the prefill: the overlap really happened; for the decode steps, a fraction
+    under one says the steps outlasted the save). ``ratio_host_done`` repeats the measurement with
     the forward started only once the saver thread's host work is done: what is left is the
     device-side overlap (copy engine, gather kernels), so the two ratios split an overhead
     between host (the GIL) and device. On CPU, stores are synchronous copies: the ratio means
