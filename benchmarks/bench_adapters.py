@@ -37,6 +37,7 @@ path; the figures that matter come from a GPU.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import socket
@@ -50,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +60,7 @@ sys.path.insert(0, str(REPO))
 from lmcache.config import LMCacheEngineConfig  # noqa: E402
 from lmcache.integration.tensorrt_llm._trtllm import RequestData, SchedulerOutput  # noqa: E402
 from lmcache.integration.tensorrt_llm.server_backend import process_connection  # noqa: E402
-from lmcache.server.client import wait_for_server  # noqa: E402
+from lmcache.server.client import CacheServerClient, wait_for_server  # noqa: E402
 from lmcache.testing.trtllm_replay import KvCacheConfig, KvCacheConnectorConfig, TorchLlmArgs  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -66,6 +68,9 @@ from kv_shapes import CHUNK, KV_SHAPES  # noqa: E402
 
 SHAPES = {**KV_SHAPES, "tiny": (2, 2, 16)}
 POLL_S = 0.0001
+TRTLLM_GC_GEN0_THRESHOLD = 20000
+"""TRT-LLM's PyExecutor runs its loop with this generation-0 threshold (``garbage_collection_gen0_threshold``
+of its LLM arguments), against Python's 700."""
 
 
 @dataclass
@@ -236,6 +241,8 @@ class AdapterRig:
         self.overlap = getattr(args, "overlap_scheduler", False) and self.forward is not None
         self.next_id = 1
         self.generator = torch.Generator().manual_seed(args.seed)
+        if args.gc_gen0_threshold > 0:  # as TRT-LLM's executor loop runs (PyExecutor)
+            gc.set_threshold(args.gc_gen0_threshold, *gc.get_threshold()[1:])
 
     def settle(self, timeout_s: float = 300.0) -> None:
         """Wait until this process has mapped (and page-locked) the server's L1 slabs its shared-L1
@@ -492,17 +499,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "save_l1_full": summary(warm, save_ceiling),
             "load_l1_full": summary([loaded.load_s for loaded in loads], load_ceiling),
             "load_host_p50_ms": _p50_ms([loaded.host_s for loaded in loads]),
+            "load_host_runs_ms": [round(loaded.host_s * 1e3, 2) for loaded in loads],
             "save_beside_load": summary([loaded.load_s for loaded in mixed], both_ceiling) if mixed else None,
             "save_beside_load_host_p50_ms": _p50_ms([loaded.host_s for loaded in mixed]) if mixed else None,
             "bidirectional_gbps": round(both_bytes / both_ceiling / 1e9, 1) if mixed else None,
             "lookup_miss_p50_us": round(statistics.median(miss_lookups) * 1e6, 1),
             "lookup_hit_p50_us": round(statistics.median([loaded.lookup_s for loaded in loads]) * 1e6, 1),
             "loaded_rows_equal": equal,
+            "gc_gen0_threshold": args.gc_gen0_threshold,
+            "server_gc": server_gc(url) if server is not None else None,
         }
     finally:
         if server is not None:
             server.terminate()
             server.wait(30)
+
+
+def server_gc(url: str) -> dict[str, Any]:
+    """The cache server's garbage-collection pauses so far (a full collection pauses every request)."""
+    with CacheServerClient(url, timeout_s=30, heartbeat_interval_s=0) as client:
+        return msgspec.to_builtins(client.stats().gc)
 
 
 def rig_parser(doc: str | None, l1_size_gb: float) -> argparse.ArgumentParser:
@@ -518,6 +534,14 @@ def rig_parser(doc: str | None, l1_size_gb: float) -> argparse.ArgumentParser:
         "--layer-hooks",
         action="store_true",
         help="call the per-layer hooks in every forward, as TRT-LLM's eager forwards do: loads go layer-wise",
+    )
+    parser.add_argument(
+        "--gc-gen0-threshold",
+        type=int,
+        default=TRTLLM_GC_GEN0_THRESHOLD,
+        help="the garbage collector's generation-0 threshold while the adapters run, as TRT-LLM's executor "
+        f"loop sets it (its garbage_collection_gen0_threshold, default {TRTLLM_GC_GEN0_THRESHOLD}); 0: "
+        "Python's own (700): many more, shorter collections",
     )
     parser.add_argument("--out", help="write the JSON here too")
     return parser

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adapters import SHAPES, AdapterRig, report, rig_parser, start_server  # noqa: E402
+from bench_adapters import SHAPES, AdapterRig, report, rig_parser, server_gc, start_server  # noqa: E402
 from kv_shapes import CHUNK  # noqa: E402
 
 from lmcache.server.client import CacheServerClient  # noqa: E402
@@ -326,6 +326,7 @@ def main() -> int:
                 results["runs"].append(run_count(args, url, count, False, client))
             if args.mixed:
                 results["mixed"] = run_count(args, url, 2, True, client)
+            results["server_gc"] = server_gc(url)
     finally:
         server.terminate()
         server.wait(30)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_mp_check import MODEL_NAME, free_port  # noqa: E402
+from gpu_mp_check import MODEL_NAME, free_port, settle  # noqa: E402
 from mp_transfer import (  # noqa: E402
     CPU,
     CUDAMALLOC,
@@ -237,7 +237,15 @@ def main() -> int:
                 row: dict[str, Any] = {"shape": shape.label, "copy_ms": copy_ms}
                 info = pool_modes.register(server.ipc, pool, server.mode, MODEL_NAME, shape.tokens_per_block)
                 timeline.records = []
-                run = measure_server(server.ipc, pool, shape, args.iters, seed=1, timer=timeline.timer)
+                run = measure_server(
+                    server.ipc,
+                    pool,
+                    shape,
+                    args.iters,
+                    seed=1,
+                    timer=timeline.timer,
+                    settle=lambda: settle(server),
+                )
                 server.ipc.unregister(info.instance_id)
                 through_server = split_runs(timeline, run, f"{shape.label} shared-l1", per_iteration=3)
                 run = measure_engine(pool, shape, args.iters, seed=1, timer=timeline.timer)

@@ -18,6 +18,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from lmcache.gc_pauses import GcStats
 from lmcache.stats import EngineSnapshot, HistogramSnapshot
 
 __all__ = ["EngineCollector", "as_source", "health_report", "make_registry", "tier_health"]
@@ -287,6 +288,39 @@ class EngineCollector(Collector):
         for reason, count in sorted(info.refusals.items()):
             refused.add_metric([reason], count)
         yield refused
+        yield from _gc_metrics(info.gc)
+
+
+def _gc_metrics(stats: GcStats) -> Iterator[Metric]:
+    """The garbage collector's pauses in the server's process, per generation (every request waits
+    while one runs)."""
+    collections = CounterMetricFamily(
+        "lmcache_server_gc_collections", "Garbage collections in the cache server.", labels=["generation"]
+    )
+    paused = CounterMetricFamily(
+        "lmcache_server_gc_pause_seconds",
+        "Seconds the cache server's garbage collections paused it.",
+        labels=["generation"],
+    )
+    longest = GaugeMetricFamily(
+        "lmcache_server_gc_longest_pause_seconds",
+        "The cache server's longest garbage-collection pause since start.",
+        labels=["generation"],
+    )
+    for generation, (count, total, most) in enumerate(
+        zip(stats.collections, stats.pause_s, stats.longest_pause_s, strict=True)
+    ):
+        collections.add_metric([str(generation)], count)
+        paused.add_metric([str(generation)], total)
+        longest.add_metric([str(generation)], most)
+    yield collections
+    yield paused
+    yield longest
+    yield _gauge(
+        "lmcache_server_gc_frozen_objects",
+        "Objects of the imported modules taken out of the garbage collector's walks at start-up.",
+        stats.frozen_objects,
+    )
 
 
 def make_registry(engine: Any, server: Any = None) -> CollectorRegistry:

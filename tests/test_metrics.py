@@ -211,6 +211,10 @@ def test_server_metrics_port_serves_metrics_and_health(workdir: Path) -> None:
         assert value(samples, "lmcache_stored_chunks_total") == 2
         assert value(samples, "lmcache_server_requests_total") >= 3
         assert value(samples, "lmcache_chunk_size_tokens") == SERVER_CHUNK
+        assert value(samples, "lmcache_server_gc_frozen_objects") > 50_000
+        for generation in "012":
+            assert value(samples, "lmcache_server_gc_collections_total", generation=generation) >= 0
+            assert value(samples, "lmcache_server_gc_pause_seconds_total", generation=generation) >= 0
     finally:
         server.stop()
 

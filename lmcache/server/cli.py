@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from lmcache import __version__
+from lmcache import __version__, gc_pauses
 from lmcache.config import (
     CACHE_POLICIES,
     POOL_SHARING,
@@ -252,6 +252,7 @@ def _print_summary(info: Any) -> None:
     print(f"  lookups pinned for a load: {info.pinned_lookups}")
     print(f"  requests {info.requests}, errors {info.errors}, reaped clients {info.reaped_instances}")
     print(f"  pool sharing: {info.pool_sharing}")
+    print(f"  {gc_pauses.summary_line(info.gc)}")
     print(f"  clients: {len(info.instances)}")
     for inst in info.instances:
         print(
@@ -287,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from lmcache.server.server import CacheServer, ServerConfig, ServerStartError, server_engine
     from lmcache.shm_slabs import ShmSlabSource
+
+    # Every client's request waits while a collection runs: the imported modules (torch's among them)
+    # leave the collector's walks, and every pause is timed (gc_pauses).
+    frozen = gc_pauses.freeze_imports()
+    gc_pauses.watch()
+    logger.debug("%d objects of the imported modules frozen out of the garbage collector's walks", frozen)
 
     try:
         engine = server_engine(config, config.pool_sharing)

@@ -58,6 +58,7 @@ from typing import Annotated, Any, get_args
 import msgspec
 from msgspec import Meta
 
+from lmcache.gc_pauses import GcStats
 from lmcache.server.pool_descriptors import (
     SHARING_MODES,
     CpuShmPool,
@@ -507,6 +508,8 @@ class StatsInfo(msgspec.Struct, kw_only=True):
     """Requests refused by a security check or a resource cap, by reason."""
     pool_sharing: str = "auto"
     """The server's pool-sharing policy (``--pool-sharing``)."""
+    gc: GcStats = msgspec.field(default_factory=GcStats)
+    """The garbage collector's pauses in the server's process (every request waits while one runs)."""
 
 
 # ---- encoding -----------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lmcache import gc_pauses
 from lmcache.chunk_copy import CopyBatcher, CopyStreams
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.keys import ChunkHashes
@@ -226,6 +227,7 @@ class CacheService:
             reaped_instances=counters.reaped,
             instances=instances,
             pool_sharing=self.config.pool_sharing,
+            gc=gc_pauses.snapshot(),
         )
 
     def close(self) -> None:

@@ -60,6 +60,9 @@ def test_seed_command_line_starts_lazily_answers_ping_and_sigterm_exits_cleanly(
         assert stats.engine.l1.capacity_bytes == 10 << 30
         assert stats.engine.l1.reserved_bytes == 0  # nothing reserved until chunks arrive
         assert stats.engine.l1.eviction_policy == "LRU"
+        # Start-up froze the imported modules (torch's alone are over 100k objects) out of the garbage
+        # collector's walks, and times its pauses.
+        assert stats.gc.watched and stats.gc.frozen_objects > 50_000
         assert stat.S_ISSOCK(os.stat(ipc_path).st_mode)
         stats_cli = subprocess.run(
             _server_cmd("--stats", f"tcp://127.0.0.1:{port}"),
@@ -70,6 +73,8 @@ def test_seed_command_line_starts_lazily_answers_ping_and_sigterm_exits_cleanly(
         )
         assert stats_cli.returncode == 0, stats_cli.stderr
         assert "L1:" in stats_cli.stdout and "chunk_size 256" in stats_cli.stdout
+        assert "garbage collector:" in stats_cli.stdout
+        assert "collections (generation 0/1/2)" in stats_cli.stdout
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         assert not os.path.exists(ipc_path)
