@@ -51,7 +51,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,17 +59,16 @@ sys.path.insert(0, str(REPO))
 from lmcache.config import LMCacheEngineConfig  # noqa: E402
 from lmcache.integration.tensorrt_llm._trtllm import RequestData, SchedulerOutput  # noqa: E402
 from lmcache.integration.tensorrt_llm.server_backend import process_connection  # noqa: E402
-from lmcache.server.client import CacheServerClient, wait_for_server  # noqa: E402
+from lmcache.server.client import wait_for_server  # noqa: E402
 from lmcache.testing.trtllm_replay import KvCacheConfig, KvCacheConnectorConfig, TorchLlmArgs  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_shapes import CHUNK, KV_SHAPES  # noqa: E402
+from mp_transfer import server_gc  # noqa: E402
 
 SHAPES = {**KV_SHAPES, "tiny": (2, 2, 16)}
 POLL_S = 0.0001
-TRTLLM_GC_GEN0_THRESHOLD = 20000
-"""TRT-LLM's PyExecutor runs its loop with this generation-0 threshold (``garbage_collection_gen0_threshold``
-of its LLM arguments), against Python's 700."""
+TRTLLM_GC_GEN0_THRESHOLD = 20000  # PyExecutor's loop: garbage_collection_gen0_threshold (Python's: 700)
 
 
 @dataclass
@@ -513,12 +511,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if server is not None:
             server.terminate()
             server.wait(30)
-
-
-def server_gc(url: str) -> dict[str, Any]:
-    """The cache server's garbage-collection pauses so far (a full collection pauses every request)."""
-    with CacheServerClient(url, timeout_s=30, heartbeat_interval_s=0) as client:
-        return msgspec.to_builtins(client.stats().gc)
 
 
 def rig_parser(doc: str | None, l1_size_gb: float) -> argparse.ArgumentParser:

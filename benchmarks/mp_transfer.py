@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -411,3 +412,9 @@ class ServerProc:
             self.proc.kill()
             self.proc.wait(30)
             return None
+
+
+def server_gc(url: str) -> dict[str, Any]:
+    """The cache server's garbage-collection pauses so far (a full collection pauses every request)."""
+    with CacheServerClient(url, timeout_s=30, heartbeat_interval_s=0) as client:
+        return msgspec.to_builtins(client.stats().gc)

@@ -43,8 +43,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adapters import SHAPES, AdapterRig, report, rig_parser, server_gc, start_server  # noqa: E402
+from bench_adapters import SHAPES, AdapterRig, report, rig_parser, start_server  # noqa: E402
 from kv_shapes import CHUNK  # noqa: E402
+from mp_transfer import server_gc  # noqa: E402
 
 from lmcache.server.client import CacheServerClient  # noqa: E402
 from lmcache.testing import pool_modes  # noqa: E402

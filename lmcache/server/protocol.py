@@ -58,7 +58,6 @@ from typing import Annotated, Any, get_args
 import msgspec
 from msgspec import Meta
 
-from lmcache.gc_pauses import GcStats
 from lmcache.server.pool_descriptors import (
     SHARING_MODES,
     CpuShmPool,
@@ -81,8 +80,8 @@ from lmcache.server.shared_l1_protocol import (
     StoreChunk,
     StoreSlots,
 )
+from lmcache.server.stats_protocol import InstanceStats, StatsInfo
 from lmcache.server.wire_ids import TOKEN_BYTES, ids_from_wire, tokens_to_bytes
-from lmcache.stats import EngineSnapshot
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -473,43 +472,6 @@ class HeartbeatInfo(msgspec.Struct, kw_only=True):
     server_id: str
     unknown: list[int] = []
     """Instance ids the server does not know (restarted or reaped): re-register them."""
-
-
-class InstanceStats(msgspec.Struct, kw_only=True):
-    instance_id: int
-    rank: int
-    world_size: int
-    model_name: str
-    pool_kind: str
-    pool_shape: list[int]
-    dtype: str
-    pid: int
-    idle_s: float
-    sharing: str = ""
-    """How its pool is shared (:data:`SHARING_MODES`)."""
-    leased_slots: int = 0
-    """Shared-L1 slots reserved ahead for its stores (counted in L1's ``used_bytes``)."""
-
-
-class StatsInfo(msgspec.Struct, kw_only=True):
-    server_id: str
-    protocol_version: int
-    uptime_s: float
-    engine: EngineSnapshot
-    """The engine's one stats snapshot (L1, counters, lower tiers, latencies): what /metrics and
-    ``/health`` read in-process too."""
-    pinned_lookups: int
-    """Lookups whose pins the server holds for a later load (its pin table, all ranks)."""
-    requests: int
-    errors: int
-    reaped_instances: int
-    instances: list[InstanceStats] = []
-    refusals: dict[str, int] = {}
-    """Requests refused by a security check or a resource cap, by reason."""
-    pool_sharing: str = "auto"
-    """The server's pool-sharing policy (``--pool-sharing``)."""
-    gc: GcStats = msgspec.field(default_factory=GcStats)
-    """The garbage collector's pauses in the server's process (every request waits while one runs)."""
 
 
 # ---- encoding -----------------------------------------------------------------------------------

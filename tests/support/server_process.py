@@ -101,7 +101,11 @@ class ServerProcess:
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(**self.env)
             )
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:  # a server that never answered is not left running after the test
+                self.stop()
+                raise
         return self
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
