@@ -22,6 +22,10 @@ from lmcache.storage.chunk_format import Namespace
 from lmcache.storage.cpu_store import CachedChunk, CpuStore
 from lmcache.storage.tiers import TierManager
 
+MAX_SPACES_REMEMBERED = 1024
+"""Key spaces whose hasher :meth:`EngineLookup.hasher` finds without a lock (all are forgotten when a
+new one would pass it; the hashers themselves stay)."""
+
 
 @dataclass(frozen=True)
 class KeySpace:
@@ -51,6 +55,7 @@ class EngineLookup:
         self.stats = EngineCounters()
         self.latency = LatencyStats()
         self._hashers: dict[tuple[str, bytes], TokenHasher] = {}
+        self._hasher_of_space: dict[KeySpace, TokenHasher] = {}
         self._pins: dict[Hashable, dict[int, list[Hashable]]] = {}
         self._namespaces: dict[KeySpace, Namespace] = {}
         self._lock = threading.Lock()
@@ -58,6 +63,10 @@ class EngineLookup:
     # -- keys ---------------------------------------------------------------------------------
 
     def hasher(self, space: KeySpace) -> TokenHasher:
+        """The hasher of ``space``'s model and layout (spaces of any world size share it)."""
+        hasher = self._hasher_of_space.get(space)
+        if hasher is not None:  # every lookup asks: no layout signature, no lock
+            return hasher
         ident = (space.model_name, space.layout.signature())
         with self._lock:
             hasher = self._hashers.get(ident)
@@ -65,6 +74,9 @@ class EngineLookup:
                 space.layout.blocks_per_chunk(self.config.chunk_size)
                 hasher = TokenHasher(self.config.chunk_size, self.config.pre_caching_hash_algorithm, *ident)
                 self._hashers[ident] = hasher
+            if len(self._hasher_of_space) >= MAX_SPACES_REMEMBERED:
+                self._hasher_of_space.clear()
+            self._hasher_of_space[space] = hasher
             return hasher
 
     def namespace(self, space: KeySpace) -> Namespace:

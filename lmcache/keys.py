@@ -154,6 +154,11 @@ def _say_pure_python() -> None:
         )
 
 
+SEED_CACHE_SIZE = 4096
+"""Salts whose chain seeds a :class:`TokenHasher` keeps (all are dropped when a new one would pass it)."""
+SEED_CACHE_SALT_CHARS = 256
+"""Longer string salts are hashed into a seed every time, never kept."""
+
 NATIVE_GROUP_CHUNKS = 16
 """Chunks hashed per native call by :meth:`TokenHasher.iter_chunk_hashes`."""
 
@@ -175,9 +180,21 @@ class TokenHasher:
         self._space += _field(layout_signature)
         self.scheme = _field(algorithm.encode()) + _field(str(chunk_size).encode()) + self._space
         """Everything that decides the hashes but the tokens and salt: equal schemes, equal hashes."""
+        self._seeds: dict[tuple[type, CacheSalt], bytes] = {}
 
     def seed(self, salt: CacheSalt) -> bytes:
-        return self.new_hash(self._space + _field(_salt_bytes(salt))).digest()
+        """The chain's start for ``salt``: hashed once per salt and kept (a few tenants' salts in
+        practice; at most :data:`SEED_CACHE_SIZE` of them), since a lookup after the host was busy elsewhere
+        pays for every piece of code it runs (benchmarks/RESULTS.md, D72)."""
+        kept = (type(salt), salt)  # by type too: 1 and True are one dict key, not one salt
+        seed = self._seeds.get(kept)
+        if seed is None:
+            seed = self.new_hash(self._space + _field(_salt_bytes(salt))).digest()
+            if not isinstance(salt, str) or len(salt) <= SEED_CACHE_SALT_CHARS:
+                if len(self._seeds) >= SEED_CACHE_SIZE:
+                    self._seeds.clear()
+                self._seeds[kept] = seed
+        return seed
 
     def chunk_hashes(self, tokens: Tokens, salt: CacheSalt = None) -> list[bytes]:
         """Hashes of every full chunk, in order."""

@@ -59,6 +59,27 @@ def test_key_space_separates() -> None:
     assert hasher("sha256").chunk_hashes(toks) != base
 
 
+def test_kept_seeds_equal_fresh_ones_and_keep_salts_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hasher keeps each salt's chain seed; what it returns from its memory is what a hasher that
+    remembers nothing computes, salts equal as dict keys (1, True, 1.0) keep seeds of their own,
+    long salts are never kept and the memory is bounded."""
+    monkeypatch.setattr(keys, "SEED_CACHE_SIZE", 3)
+    h, toks = hasher(), list(range(512))
+    salts: list[object] = [None, 1, True, "1", "tenant-a", 1, True, None, "x" * 300, "x" * 300]
+    for salt in salts:
+        assert h.chunk_hashes(toks, salt=salt) == hasher().chunk_hashes(toks, salt=salt)  # type: ignore[arg-type]
+    assert h.seed(1) != h.seed(True) and h.seed(1) != h.seed("1")
+    assert h.seed("x" * 300) == hasher().seed("x" * 300)
+    computed: list[bytes] = []
+    counted = hasher()
+    new_hash = counted.new_hash
+    counted.new_hash = lambda data: computed.append(data) or new_hash(data)  # type: ignore[method-assign]
+    for salt in [None, None, "x" * 300, "x" * 300, "a", "b", None, "c", None]:
+        counted.seed(salt)  # type: ignore[arg-type]
+    # None hashed once until a fourth salt cleared the three kept; long salts every time.
+    assert len(computed) == 1 + 2 + 2 + 1 + 1
+
+
 def test_storage_key_adds_rank() -> None:
     h = hasher().chunk_hashes(list(range(256)))[0]
     assert ChunkKey(h, 2, 0) != ChunkKey(h, 2, 1)

@@ -85,6 +85,8 @@ class CpuStore:
         self.evictions = 0
         self.skipped_stores = 0
         self.used_bytes = 0
+        self._pinned = 0
+        """Committed chunks with at least one pin."""
 
     def __len__(self) -> int:
         return len(self._chunks)
@@ -156,12 +158,11 @@ class CpuStore:
             chunk.ready = ready
             if not chunk.committed:
                 chunk.committed = True
+                self._policy.add(key)
                 for observer in self._observers:
                     observer.added(key, chunk)
             if pin:
-                chunk.pins += 1
-            elif chunk.pins == 0:
-                self._policy.add(key)
+                self._pin_chunk(chunk)
 
     def publish_as(self, reserved: Hashable, key: Hashable, num_tokens: int, ready: Any = None) -> bool:
         """Publish the chunk reserved under ``reserved`` as ``key`` (see :meth:`commit`), holding
@@ -233,10 +234,14 @@ class CpuStore:
         chunk = self._chunks.get(key)
         if chunk is None or not chunk.committed:
             return None
-        if chunk.pins == 0:
-            self._policy.discard(key, forget=False)
-        chunk.pins += 1
+        self._pin_chunk(chunk)
         return chunk
+
+    def _pin_chunk(self, chunk: CachedChunk) -> None:
+        """One more pin on a committed chunk (lock held); it stays in the policy's order."""
+        if chunk.pins == 0:
+            self._pinned += 1
+        chunk.pins += 1
 
     def present_prefix(self, groups: Sequence[Sequence[Hashable]]) -> int:
         """How many leading groups have every key here (``in`` of each key, as cheap)."""
@@ -250,8 +255,8 @@ class CpuStore:
     def pin_prefix(self, groups: Sequence[Sequence[Hashable]]) -> int:
         """Pin whole groups in order while every key of the group is here; returns how many groups.
 
-        Under one lock acquisition, with the pinned keys taken out of the eviction order in one call:
-        a lookup's chunks (one group per chunk, one key per rank) cost a dict probe each.
+        Under one lock acquisition, and the eviction order untouched: a lookup's chunks (one group per
+        chunk, one key per rank) cost a dict probe each.
         """
         get = self._chunks.get
         found: list[CachedChunk] = []
@@ -269,10 +274,8 @@ class CpuStore:
                         break
                     found.extend(group)
                 count += 1
-            # Keys already pinned are not in the order; withdrawing them again changes nothing.
-            self._policy.withdraw([key for keys in groups[:count] for key in keys])
             for chunk in found:
-                chunk.pins += 1
+                self._pin_chunk(chunk)
             return count
 
     def unpin(self, key: Hashable) -> None:
@@ -289,8 +292,9 @@ class CpuStore:
                     continue
                 chunk.pins -= 1
                 if chunk.pins == 0:
+                    self._pinned -= 1
                     released.append(key)
-            self._policy.restore(released)
+            self._policy.touch_all(released)  # a pin's end is the load's use of the chunk
 
     def remove(self, key: Hashable) -> bool:
         """Remove an unpinned chunk (e.g. found corrupt); pinned chunks stay."""
@@ -331,18 +335,19 @@ class CpuStore:
             return [k for k, c in self._chunks.items() if c.pins]
 
     def _evict_one(self) -> bool:
+        if self._pinned >= len(self._policy):
+            return False  # every committed chunk is pinned: nothing to skip through
         for _ in range(len(self._policy)):
             key = self._policy.victim()
-            if key is None or self._guard is None or self._guard.evictable(key):
+            if key is None:
+                return False
+            chunk = self._chunks[key]
+            if not chunk.pins and (self._guard is None or self._guard.evictable(key)):
                 break
-            # Claimed by a lookup in flight: it counts as a use, and the next victim goes instead.
-            self._policy.withdraw([key])
-            self._policy.restore([key])
+            # Pinned by a pending load or claimed by a lookup in flight: in use; the next one goes.
+            self._policy.requeue(key)
         else:
             return False
-        if key is None:
-            return False
-        chunk = self._chunks[key]
         self._policy.discard(key)
         self._drop(key, chunk)
         self.evictions += 1

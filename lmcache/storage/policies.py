@@ -1,14 +1,14 @@
-"""Eviction orders (LRU, LFU, FIFO) over the chunks that may be evicted; O(1) per operation.
+"""Eviction orders (LRU, LFU, FIFO) over the chunks in L1; O(1) per operation.
 
-A chunk pinned by a pending load is taken out of the order while pinned, so ``victim()``
-never has to skip over it.
+A chunk pinned by a pending load stays in the order: the store skips it when it comes up as the
+victim (``requeue``: it is in use) and counts its unpinning as a use (``touch_all``). A lookup's
+pins then cost the order nothing, on the path TRT-LLM's scheduler waits for.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterable
-from itertools import repeat
 from typing import Protocol
 
 
@@ -17,17 +17,16 @@ class EvictionPolicy(Protocol):
 
     def touch(self, key: Hashable) -> None: ...
 
-    def discard(self, key: Hashable, forget: bool = True) -> None:
-        """Remove ``key`` from the order; ``forget=False`` keeps its history for a later ``add``."""
+    def discard(self, key: Hashable) -> None:
+        """Remove ``key`` from the order (and its history)."""
 
     def victim(self) -> Hashable | None: ...
 
-    def withdraw(self, keys: Iterable[Hashable]) -> None:
-        """Take ``keys`` out of the order while they are pinned, keeping their history; keys not in
-        the order are ignored."""
+    def requeue(self, key: Hashable) -> None:
+        """A victim that may not go now (pinned, claimed) counts as just used: the next one comes up."""
 
-    def restore(self, keys: Iterable[Hashable]) -> None:
-        """Put withdrawn ``keys`` back, in order, each as just used."""
+    def touch_all(self, keys: Iterable[Hashable]) -> None:
+        """``touch`` of each key, in order."""
 
     def __len__(self) -> int: ...
 
@@ -44,18 +43,17 @@ class FIFOPolicy:
     def touch(self, key: Hashable) -> None:
         return None
 
-    def discard(self, key: Hashable, forget: bool = True) -> None:
+    def discard(self, key: Hashable) -> None:
         self._order.pop(key, None)
 
     def victim(self) -> Hashable | None:
         return next(iter(self._order), None)
 
-    def withdraw(self, keys: Iterable[Hashable]) -> None:
-        # Popped by a loop in C: a lookup withdraws every chunk it pins.
-        deque(map(self._order.pop, keys, repeat(None)), maxlen=0)
+    def requeue(self, key: Hashable) -> None:
+        self._order.move_to_end(key)
 
-    def restore(self, keys: Iterable[Hashable]) -> None:
-        self._order.update(zip(keys, repeat(None)))
+    def touch_all(self, keys: Iterable[Hashable]) -> None:
+        return None
 
     def __len__(self) -> int:
         return len(self._order)
@@ -68,6 +66,11 @@ class LRUPolicy(FIFOPolicy):
         if key in self._order:
             self._order.move_to_end(key)
 
+    def touch_all(self, keys: Iterable[Hashable]) -> None:
+        # Moved by a loop in C: an unpin touches every chunk a load read.
+        order = self._order
+        deque(map(order.move_to_end, filter(order.__contains__, keys)), maxlen=0)
+
 
 class LFUPolicy:
     """Evicts the least frequently used chunk, the least recently used among equals."""
@@ -75,21 +78,17 @@ class LFUPolicy:
     def __init__(self) -> None:
         self._freq: dict[Hashable, int] = {}
         self._buckets: dict[int, OrderedDict[Hashable, None]] = {}
-        self._remembered: dict[Hashable, int] = {}
         self._min = 0
 
     def add(self, key: Hashable) -> None:
-        freq = self._remembered.pop(key, 1)
-        self._freq[key] = freq
-        self._buckets.setdefault(freq, OrderedDict())[key] = None
-        if self._min == 0 or freq < self._min:
-            self._min = freq
+        self.discard(key)
+        self._freq[key] = 1
+        self._buckets.setdefault(1, OrderedDict())[key] = None
+        self._min = 1
 
     def touch(self, key: Hashable) -> None:
         freq = self._freq.get(key)
         if freq is None:
-            if key in self._remembered:
-                self._remembered[key] += 1
             return
         self._unlink(key, freq)
         self._freq[key] = freq + 1
@@ -97,23 +96,16 @@ class LFUPolicy:
         if self._min == freq and freq not in self._buckets:
             self._min = freq + 1
 
-    def discard(self, key: Hashable, forget: bool = True) -> None:
+    def discard(self, key: Hashable) -> None:
         freq = self._freq.pop(key, None)
-        if freq is None:
-            if forget:
-                self._remembered.pop(key, None)
-            return
-        self._unlink(key, freq)
-        if not forget:
-            self._remembered[key] = freq
+        if freq is not None:
+            self._unlink(key, freq)
 
-    def withdraw(self, keys: Iterable[Hashable]) -> None:
-        for key in keys:
-            self.discard(key, forget=False)
+    def requeue(self, key: Hashable) -> None:
+        self.touch(key)
 
-    def restore(self, keys: Iterable[Hashable]) -> None:
+    def touch_all(self, keys: Iterable[Hashable]) -> None:
         for key in keys:
-            self.add(key)
             self.touch(key)
 
     def victim(self) -> Hashable | None:

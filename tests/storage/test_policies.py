@@ -20,16 +20,28 @@ def test_policy_orders() -> None:
     assert lfu.victim() == "b"  # b: 2 uses, a: 3, c: 4
 
 
-def test_lfu_remembers_frequency_across_pin() -> None:
-    lfu = LFUPolicy()
-    lfu.add("hot")
-    for _ in range(5):
-        lfu.touch("hot")
-    lfu.add("cold")
-    lfu.discard("hot", forget=False)
-    assert lfu.victim() == "cold"
-    lfu.add("hot")
-    assert lfu.victim() == "cold"
+def test_a_requeued_victim_counts_as_used_and_the_next_comes_up() -> None:
+    """A victim the store may not evict (pinned, claimed) is requeued: each policy then offers
+    another key, and the requeued one goes as a just-used key would."""
+    lru, fifo, lfu = LRUPolicy(), FIFOPolicy(), LFUPolicy()
+    for p in (lru, fifo, lfu):
+        for k in "abc":
+            p.add(k)
+        p.requeue(p.victim())
+    assert (lru.victim(), fifo.victim(), lfu.victim()) == ("b", "b", "b")
+    assert _drain(lru) == _drain(fifo) == ["b", "c", "a"]
+    assert _drain(lfu) == ["b", "c", "a"]  # a: 2 uses
+
+
+@pytest.mark.parametrize("name", ["LRU", "FIFO", "LFU"])
+def test_adding_a_key_again_keeps_it_once(name: str) -> None:
+    policy = make_policy(name)
+    for key in "ab":
+        policy.add(key)
+    for _ in range(3):
+        policy.touch("a")
+    policy.add("a")
+    assert len(policy) == 2 and sorted(_drain(policy)) == ["a", "b"]
 
 
 def test_unknown_policy() -> None:
@@ -47,23 +59,16 @@ def _drain(policy: object) -> list[str]:
 
 
 @pytest.mark.parametrize("name", ["LRU", "FIFO", "LFU"])
-def test_withdraw_and_restore_equal_discarding_and_adding_key_by_key(name: str) -> None:
-    """What a pin and an unpin do to a batch of keys equals the key-by-key steps they replace:
-    ``discard(key, forget=False)`` while pinned, then ``add`` and ``touch`` in order. Keys not in
-    the order (pinned already) are left alone."""
+def test_touch_all_equals_touching_key_by_key(name: str) -> None:
+    """What an unpin does to a batch of keys equals ``touch`` of each in order; keys not in the
+    order are ignored."""
     batch, by_key = make_policy(name), make_policy(name)
     for policy in (batch, by_key):
         for key in "abcdef":
             policy.add(key)
         policy.touch("b")
         policy.touch("e")
-        policy.discard("f", forget=False)  # pinned before
-    batch.withdraw(["e", "b", "f", "zz"])
-    for key in ["e", "b"]:
-        by_key.discard(key, forget=False)
-    assert batch.victim() == by_key.victim() and len(batch) == len(by_key) == 3
-    batch.restore(["b", "e", "f"])
-    for key in ["b", "e", "f"]:
-        by_key.add(key)
+    batch.touch_all(["e", "b", "f", "zz"])
+    for key in ["e", "b", "f"]:
         by_key.touch(key)
     assert _drain(batch) == _drain(by_key)
