@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import functools
 import mmap
 import os
 import re
@@ -23,6 +24,7 @@ import secrets
 import stat
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -63,8 +65,15 @@ def _pid_alive(pid: int) -> bool:
 
 def creator_alive(name: str) -> bool:
     """Whether the process that created the region ``name`` (its pid is in the name) still runs."""
+    return creator_check(name)()
+
+
+def creator_check(name: str) -> Callable[[], bool]:
+    """:func:`creator_alive` for ``name``, its name parsed once: asked on every claimed lookup."""
     match = _NAME.match(name)
-    return match is not None and _pid_alive(int(match.group(1)))
+    if match is None:
+        return lambda: False
+    return functools.partial(_pid_alive, int(match.group(1)))
 
 
 def cleanup_stale(shm_dir: str = SHM_DIR) -> int:

@@ -36,7 +36,6 @@ and the log says so.
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 from collections.abc import Callable, Hashable, Sequence
@@ -313,14 +312,16 @@ class ClaimView:
     ) -> None:
         self.regions = regions
         self._server_alive = server_alive
-        self._table, self._slots = words[: len(counts)], words[len(counts) :].reshape(-1, 4)
+        self._table, self._slots = words[: len(counts)], words[len(counts) :]
+        self._slot_words = memoryview(self._slots).cast("B").cast("Q")
+        """The slots as plain words: read per claimed chunk without numpy's dispatch."""
         self._counts = counts
 
     @classmethod
     def map(cls, regions: ClaimRegions, shm_dir: str | None = None) -> ClaimView | None:
         """The server's regions, after the checks of :func:`lmcache.shm_slabs.open_region`; None (lookups
         take the round trip) if they cannot be mapped here: another user or host, or no extension."""
-        from lmcache.shm_slabs import SHM_DIR, ShmSlabError, ShmSlabInfo, creator_alive, open_region
+        from lmcache.shm_slabs import SHM_DIR, ShmSlabError, ShmSlabInfo, creator_check, open_region
 
         index, claims = regions.index, regions.claims
         if _claims is None:
@@ -339,7 +340,7 @@ class ClaimView:
         except ShmSlabError as e:
             logger.info("lookups will take a round trip: %s", e)
             return None
-        alive = functools.partial(creator_alive, index.name)
+        alive = creator_check(index.name)
         return cls(regions, np.frombuffer(table, dtype="<u8"), np.frombuffer(counts, dtype="<u4"), alive)
 
     def claim(
@@ -351,15 +352,15 @@ class ClaimView:
         index is gone (a restarted one knows nothing of it, and the client registers again)."""
         if not self._server_alive():  # a server gone: its index says nothing now
             return 0, b"", True
-        slots = self._slots.reshape(-1)
-        return _claims.claim(self._table, slots, self._counts, digests, digest_size, world_size, ranks)  # type: ignore[union-attr]
+        return _claims.claim(self._table, self._slots, self._counts, digests, digest_size, world_size, ranks)  # type: ignore[union-attr]
 
     def slots(self, entries: bytes, world_size: int, rank: int) -> list[SlotInfo]:
         """The slots of ``rank``'s chunks among claimed ``entries`` (as :meth:`claim` returned them),
         in prompt order, up to the first without one (a device copy may still have been filling it)."""
-        mine = np.frombuffer(entries, dtype="<u4")[rank::world_size]
+        words = self._slot_words
         slots = []
-        for slab, offset, nbytes, serial in self._slots[mine].tolist():
+        for entry in memoryview(entries).cast("I")[rank::world_size]:
+            slab, offset, nbytes, serial = words[4 * entry : 4 * entry + 4]
             if not nbytes:
                 break
             slots.append(SlotInfo(slab, offset, nbytes, serial))
