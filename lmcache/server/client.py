@@ -214,6 +214,8 @@ class CacheServerClient:
             self.registrations.add(iid, reg)
             self.instance_id = iid
             self.server_id = info.server_id
+        if reg.copier is not None and reg.copier.pool.is_cuda:
+            self.shared_l1.start_reports(reg.copier.pool.device.index)
         logger.info(
             "registered KV pool with the cache server at %s as instance %d (rank %d/%d, %s), sharing %s",
             self.url,

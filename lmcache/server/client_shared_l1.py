@@ -31,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from lmcache.server import protocol as P
 from lmcache.server.client_errors import ServerError, ServerUnavailable, UnknownInstance
 from lmcache.server.client_registrations import Registrations
@@ -100,6 +102,15 @@ class _StoreReport:
         return len(self.leases) * chunk_size + (self.reply.tokens if self.reply is not None else 0)
 
 
+REPLY_TYPES = (P.LookupSlots, P.StoreSlots, P.LoadSlots)
+"""The replies of shared-L1 calls. msgspec resolves a reply type's annotations at its first decode, a few
+tenths of a millisecond that would otherwise land in the first lookup's, save's or load's host time."""
+
+
+def _nothing() -> None:
+    return None
+
+
 class SharedL1Transfers:
     """The store and retrieve of shared-L1 registrations, over the client's calls."""
 
@@ -115,6 +126,8 @@ class SharedL1Transfers:
         self._looked_up: OrderedDict[tuple[int, int | str], tuple[str, list[P.SlotInfo]]] = OrderedDict()
         """Per (instance, pin id), the server and the slots its lookup pinned for the instance's rank."""
         self._lock = threading.Lock()
+        for reply_type in REPLY_TYPES:
+            msgspec.msgpack.Decoder(reply_type)  # resolves the type's annotations once, here
 
     def map_l1_ahead(self, *, pin: bool, certain: bool, timeout_s: float | None) -> P.SlabList | None:
         """Before this process registers a pool: map the server's L1 slabs (``pin``: and page-lock them)
@@ -351,6 +364,12 @@ class SharedL1Transfers:
 
         return report
 
+    def start_reports(self, device: int | None) -> None:
+        """Start the thread that sends the reports of loads returning before their copies complete (a
+        CUDA pool's registration calls it: started by the first load, it took that load's host time)."""
+        with self._lock:
+            self._report_sender(device)
+
     def _report_when_done(self, copied: Any, device: int | None, done: Callable[[], None]) -> None:
         """Send the report ``done`` from the background once the event ``copied`` (after the load's
         copies on ``device``, the pool's) is."""
@@ -360,16 +379,21 @@ class SharedL1Transfers:
             done()
 
         with self._lock:  # loads of several threads: one sender thread
-            if self._reports is None:
-                from lmcache import cudart  # torch: only once a load on a CUDA pool returned early
+            self._report_sender(device).submit(report)
 
-                # Not a daemon: exit waits for the last reports (their copies are running on the device).
-                self._reports = ThreadPoolExecutor(
-                    max_workers=1,
-                    thread_name_prefix="lmcache-load-done",
-                    initializer=functools.partial(cudart.relax_capture_mode, device),
-                )
-            self._reports.submit(report)
+    def _report_sender(self, device: int | None) -> ThreadPoolExecutor:
+        """The reports' thread, started now if it is not running (lock held)."""
+        if self._reports is None:
+            from lmcache import cudart  # torch: only for CUDA pools
+
+            # Not a daemon: exit waits for the last reports (their copies are running on the device).
+            self._reports = ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="lmcache-load-done",
+                initializer=functools.partial(cudart.relax_capture_mode, device),
+            )
+            self._reports.submit(_nothing)  # its thread starts here, not under a load's submit
+        return self._reports
 
     def close(self) -> None:
         """Send the reports still waiting for their copies, stop the thread that sends them, then drop

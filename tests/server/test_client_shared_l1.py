@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from support.server_process import subprocess_env
 
 from lmcache.server import protocol as P
 from lmcache.server.client_errors import ServerUnavailable
@@ -102,3 +107,41 @@ def test_a_completed_load_counts_even_if_its_report_cannot_be_delivered() -> Non
 def test_a_failed_copy_fails_the_load_whatever_the_report_does() -> None:
     with pytest.raises(RuntimeError, match="copy failed"):
         _transfers(_Registrations(copy_fails=True)).retrieve(1, TRANSFER, None, None, 5.0)
+
+
+@pytest.mark.parametrize("transfers", [True, False])
+def test_the_transfers_resolve_their_reply_types_before_the_first_reply(transfers: bool) -> None:
+    """msgspec resolves a reply type's annotations at its first decode; the client's shared-L1 transfers
+    do it when built, so no lookup, save or load pays for it (and without them the first decode does:
+    the check can fail). In a fresh interpreter: a type once resolved stays resolved."""
+    code = f"""
+        import json
+        import sys
+        import msgspec
+        from lmcache.server import protocol as P
+        from lmcache.server.client_shared_l1 import SharedL1Transfers
+        if {transfers}:
+            SharedL1Transfers(None, None, None, None)
+        calls = []
+        def profile(frame, event, arg):
+            if event == "call" and frame.f_code.co_name == "get_class_annotations":
+                calls.append(1)
+        sys.setprofile(profile)
+        for reply in (P.LookupSlots, P.StoreSlots, P.LoadSlots):
+            try:
+                msgspec.convert({{}}, reply)
+            except msgspec.ValidationError:
+                pass
+        sys.setprofile(None)
+        print(json.dumps(len(calls)))
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    resolved = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (resolved == 0) == transfers

@@ -190,6 +190,20 @@ def test_a_load_given_the_stream_is_ordered_on_the_device_and_unpins_once_copied
     assert torch.equal(pool[target], pool[source])
 
 
+def test_a_cuda_pools_registration_starts_the_load_reports_thread(shared_l1_server: ServerProcess) -> None:
+    """The thread that reports loads returning before their copies runs from the registration of a CUDA
+    pool: started by the first load, its start was that load's host time."""
+    pool = allocate_vmm_pool(POOL_SHAPE, torch.float32, 0)
+
+    def report_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("lmcache-load-done")]
+
+    before = report_threads()
+    with CacheServerClient(shared_l1_server.ipc_url, timeout_s=20) as client:
+        pool_modes.register(client, pool, pool_modes.SHARED_L1, MODEL_NAME, SERVER_TPB)
+        assert len(report_threads()) == len(before) + 1
+
+
 def test_a_load_does_not_wait_for_a_save_in_flight(
     shared_l1_server: ServerProcess, enqueued: threading.Event
 ) -> None:
