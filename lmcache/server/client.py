@@ -88,7 +88,6 @@ if TYPE_CHECKING:  # torch and pool sharing load on first register: `lmcache sta
     from lmcache.chunk_copy import StoreStart
     from lmcache.layered_load import LayerReady
     from lmcache.server.pool_sharing import RawCudaIPCWrapper
-    from lmcache.server.shared_l1_worker import SharedL1Copier
 
 logger = init_logger(__name__)
 
@@ -208,14 +207,12 @@ class CacheServerClient:
             policy=pool_sharing,
         )
         with self.registrations.lock:
-            reg.copier = _copier_for(reg, self.registrations)
+            reg.copier = self.shared_l1.copier_for(reg)
             info = self._call(reg.request, P.RegisterInfo, timeout_s, retry_unknown=False)
             reg.update(info)
             self.registrations.add(iid, reg)
             self.instance_id = iid
             self.server_id = info.server_id
-        if reg.copier is not None and reg.copier.pool.is_cuda:
-            self.shared_l1.start_reports(reg.copier.pool.device.index)
         logger.info(
             "registered KV pool with the cache server at %s as instance %d (rank %d/%d, %s), sharing %s",
             self.url,
@@ -449,7 +446,7 @@ class CacheServerClient:
             if reg is None:
                 return
             if reg.policy == "auto":  # the new server may force another mode
-                _choose_again(reg, self.registrations, lambda: self.ping(timeout_s=timeout_s).pool_sharing)
+                _choose_again(reg, self.shared_l1, lambda: self.ping(timeout_s=timeout_s).pool_sharing)
             info = self._call_once(reg.request, P.RegisterInfo, timeout_s, False)
             reg.update(info)
             self.server_id = info.server_id
@@ -542,27 +539,10 @@ def _descriptor(pool: Any, policy: str, server_policy: Callable[[], str]) -> P.P
     return describe_pool(pool, choose_sharing(pool, policy, server))
 
 
-def _choose_again(reg: Registration, registrations: Registrations, server_policy: Callable[[], str]) -> None:
+def _choose_again(reg: Registration, shared_l1: SharedL1Transfers, server_policy: Callable[[], str]) -> None:
     """Pick the mode of an ``auto`` registration again (before re-registering with a new server)."""
     reg.request.pool = _descriptor(reg.keep_alive, reg.policy, server_policy)
-    reg.copier = _copier_for(reg, registrations, reg.copier)
-
-
-def _copier_for(
-    reg: Registration, registrations: Registrations, current: SharedL1Copier | None = None
-) -> SharedL1Copier | None:
-    """The copier a registration needs: ``current`` if it has one, a new one in the shared-L1 mode
-    (over the slab mappings of the client's other copiers)."""
-    if reg.mode != "shared-l1" or not hasattr(reg.keep_alive, "is_cuda"):  # no tensor: nothing to copy
-        if current is not None:
-            current.close()  # the mode changed: its streams go back
-        return None
-    if current is not None:
-        return current
-    from lmcache.server.shared_l1_worker import SharedL1Copier
-
-    pool = reg.keep_alive
-    return SharedL1Copier(pool, slabs=registrations.slab_mappings(pin=pool.is_cuda))
+    reg.copier = shared_l1.copier_for(reg, reg.copier)
 
 
 def wait_for_server(url: str | None = None, timeout_s: float = 30.0) -> P.PingInfo:

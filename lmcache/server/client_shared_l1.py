@@ -35,7 +35,7 @@ import msgspec
 
 from lmcache.server import protocol as P
 from lmcache.server.client_errors import ServerError, ServerUnavailable, UnknownInstance
-from lmcache.server.client_registrations import Registrations
+from lmcache.server.client_registrations import Registration, Registrations
 from lmcache.transfer import BlockTransfer
 
 if TYPE_CHECKING:  # the client imports no torch until a shared-L1 pool is registered
@@ -128,6 +128,25 @@ class SharedL1Transfers:
         self._lock = threading.Lock()
         for reply_type in REPLY_TYPES:
             msgspec.msgpack.Decoder(reply_type)  # resolves the type's annotations once, here
+
+    def copier_for(self, reg: Registration, current: SharedL1Copier | None = None) -> SharedL1Copier | None:
+        """The copier a registration needs: ``current`` if it has one, a new one in the shared-L1 mode
+        (over the slab mappings of the client's other copiers). For a CUDA pool the thread that sends
+        the reports of loads returning before their copies complete starts now: started by the first
+        load, it took that load's host time."""
+        if reg.mode != "shared-l1" or not hasattr(reg.keep_alive, "is_cuda"):  # no tensor: nothing to copy
+            if current is not None:
+                current.close()  # the mode changed: its streams go back
+            return None
+        if current is not None:
+            return current
+        from lmcache.server.shared_l1_worker import SharedL1Copier
+
+        pool = reg.keep_alive
+        if pool.is_cuda:
+            with self._lock:
+                self._report_sender(pool.device.index)
+        return SharedL1Copier(pool, slabs=self._registrations.slab_mappings(pin=pool.is_cuda))
 
     def map_l1_ahead(self, *, pin: bool, certain: bool, timeout_s: float | None) -> P.SlabList | None:
         """Before this process registers a pool: map the server's L1 slabs (``pin``: and page-lock them)
@@ -363,12 +382,6 @@ class SharedL1Transfers:
                 send()
 
         return report
-
-    def start_reports(self, device: int | None) -> None:
-        """Start the thread that sends the reports of loads returning before their copies complete (a
-        CUDA pool's registration calls it: started by the first load, it took that load's host time)."""
-        with self._lock:
-            self._report_sender(device)
 
     def _report_when_done(self, copied: Any, device: int | None, done: Callable[[], None]) -> None:
         """Send the report ``done`` from the background once the event ``copied`` (after the load's
