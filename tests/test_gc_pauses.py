@@ -4,27 +4,9 @@ Both act on a whole process, so each case runs in a fresh interpreter (never in 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
-
-from support.server_process import subprocess_env
+from support.fresh_python import run_python
 
 from lmcache import gc_pauses
-
-
-def run_python(code: str) -> dict:
-    """Run ``code`` in a fresh interpreter; it prints one JSON object as its last line."""
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_before_watch_nothing_is_timed() -> None:

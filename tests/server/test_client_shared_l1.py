@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from support.server_process import subprocess_env
+from support.fresh_python import run_python
 
 from lmcache.server import protocol as P
 from lmcache.server.client_errors import ServerUnavailable
@@ -135,13 +131,5 @@ def test_the_transfers_resolve_their_reply_types_before_the_first_reply(transfer
         sys.setprofile(None)
         print(json.dumps(len(calls)))
     """
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    resolved = json.loads(done.stdout.strip().splitlines()[-1])
+    resolved = run_python(code)
     assert (resolved == 0) == transfers
