@@ -103,8 +103,8 @@ class _StoreReport:
 
 
 REPLY_TYPES = (P.LookupSlots, P.StoreSlots, P.LoadSlots)
-"""The replies of shared-L1 calls. msgspec resolves a reply type's annotations at its first decode, a few
-tenths of a millisecond that would otherwise land in the first lookup's, save's or load's host time."""
+"""The replies of shared-L1 calls. msgspec resolves a reply type's annotations at its first decode, work
+that would otherwise land in the first lookup's, save's or load's host time (benchmarks/RESULTS.md, D73)."""
 
 
 def _nothing() -> None:
