@@ -23,6 +23,7 @@ import ctypes
 import functools
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -77,6 +78,20 @@ def relax_capture_mode(device: int | None = None) -> bool:
         torch.cuda.set_device(device)
     mode = ctypes.c_int(CAPTURE_MODE_RELAXED)
     return int(library.cudaThreadExchangeStreamCaptureMode(ctypes.byref(mode))) == 0
+
+
+def background_thread(name: str, cuda_device: int | None) -> ThreadPoolExecutor:
+    """A one-thread executor of ours whose thread is already running on return, so no transfer pays
+    its start; given ``cuda_device``, the thread works on that device with its capture mode relaxed
+    (see the module). ``None``: a thread that makes no CUDA calls (CPU pools)."""
+    initializer = functools.partial(relax_capture_mode, cuda_device) if cuda_device is not None else None
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=initializer)
+    executor.submit(_nothing)
+    return executor
+
+
+def _nothing() -> None:
+    return None
 
 
 def register_host(address: int, nbytes: int) -> int:

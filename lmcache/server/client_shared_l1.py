@@ -23,7 +23,6 @@ sent fails (nothing was published); a load whose copy completed counts.
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -105,10 +104,6 @@ class _StoreReport:
 REPLY_TYPES = (P.LookupSlots, P.StoreSlots, P.LoadSlots)
 """The replies of shared-L1 calls. msgspec resolves a reply type's annotations at its first decode, work
 that would otherwise land in the first lookup's, save's or load's host time (benchmarks/RESULTS.md, D73)."""
-
-
-def _nothing() -> None:
-    return None
 
 
 class SharedL1Transfers:
@@ -400,12 +395,7 @@ class SharedL1Transfers:
             from lmcache import cudart  # torch: only for CUDA pools
 
             # Not a daemon: exit waits for the last reports (their copies are running on the device).
-            self._reports = ThreadPoolExecutor(
-                max_workers=1,
-                thread_name_prefix="lmcache-load-done",
-                initializer=functools.partial(cudart.relax_capture_mode, device),
-            )
-            self._reports.submit(_nothing)  # its thread starts here, not under a load's submit
+            self._reports = cudart.background_thread("lmcache-load-done", device)
         return self._reports
 
     def close(self) -> None:

@@ -9,9 +9,8 @@ the forward and sampling on the side stream (a device-side wait,
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -26,8 +25,7 @@ class SaveQueue:
 
     def __init__(self, device: torch.device, name: str) -> None:
         self.stream: Any = cudart.new_stream(device) if device.type == "cuda" else None
-        relax = functools.partial(cudart.relax_capture_mode, device.index) if device.type == "cuda" else None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=relax)
+        self._thread = cudart.background_thread(name, device.index if device.type == "cuda" else None)
 
     def submit(self, store: Callable[[Any, StoreStart], object], fence: SaveFence) -> Future[Any]:
         """Run ``store(stream, fence)`` on the saver thread: its copies on ``stream`` wait for ``fence``

@@ -230,8 +230,8 @@ class ServerTransfers:
         self._instances: dict[TargetId, int] = {}
         self._registered = False
         self._next_attempt = 0.0
-        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lmcache-mp-save-r{rank}")
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lmcache-mp-load-r{rank}")
+        self._saver: ThreadPoolExecutor | None = None
+        self._loader: ThreadPoolExecutor | None = None
         self._registering = threading.Event()
         """Set once the pools register: their replies announce the server's slabs from then on."""
         self._map_l1_ahead()
@@ -288,6 +288,11 @@ class ServerTransfers:
                 target.tensor.share_memory_()  # exported CPU pools reach the server through shared memory
         self._targets = targets
         self._instances = {target.target: new_instance_id() for target in targets}
+        if targets and self._saver is None:  # started now: no transfer pays for it
+            device = targets[0].tensor.device
+            cuda_device = device.index if device.type == "cuda" else None
+            self._saver = cudart.background_thread(f"lmcache-mp-save-r{self._rank}", cuda_device)
+            self._loader = cudart.background_thread(f"lmcache-mp-load-r{self._rank}", cuda_device)
         self._registered = False
         self._next_attempt = 0.0
         self._ensure_registered()
@@ -357,6 +362,7 @@ class ServerTransfers:
             # Loaded on another thread, reported done once complete: earlier kernels must be done with
             # the blocks before anyone writes them.
             stream.synchronize()
+        assert self._loader is not None, "a load plan exists only once the pools registered"
         future = self._loader.submit(self._load, plan, owners, None)
         return lambda: future.done() and future.result() is None
 
@@ -394,6 +400,7 @@ class ServerTransfers:
     def save(self, saves: list[Transfer], fence: SaveFence) -> list[tuple[int, Done]]:
         if not self._ensure_registered():
             return []  # no server: the saves are dropped, the requests finish at once
+        assert self._saver is not None, "registered pools have a saver"
         done = []
         for transfer in saves:
             future: Future[None] = self._saver.submit(self._save, transfer, fence)
