@@ -208,12 +208,17 @@ class EngineLookup:
         *,
         ranks: Sequence[int] = (0,),
         pin_id: Hashable | None = None,
+        probe_first: bool = True,
     ) -> tuple[int, ChunkHashes | None]:
         """:meth:`lookup`, and the prompt's full chunks' hashes when it computed them, for the prompt's
         loads and saves to name chunks by (no hashing again). None: a miss found from the first chunk
-        alone, or ``save_unfull_chunk``, whose partial chunks need the tokens."""
+        alone, or ``save_unfull_chunk``, whose partial chunks need the tokens.
+
+        ``probe_first``: look for the first chunk alone before hashing the rest (a miss then costs one
+        chunk's hash; a hit, that chunk's lookup twice). Callers whose recent lookups mostly hit say
+        False."""
         began = time.perf_counter()
-        if self._first_chunk_missing(space, tokens, salt, ranks):
+        if probe_first and self._first_chunk_missing(space, tokens, salt, ranks):
             # Most prompts of a busy server miss: that costs one chunk's hash, not the prompt's.
             return self._lookup_spans(space, [], [], len(tokens), ranks, pin_id, began, None), None
         if not self.config.save_unfull_chunk:  # full chunks only: hashed in one call, from the list

@@ -173,6 +173,12 @@ def test_a_lookup_returns_the_hashes_it_computed_for_the_prompts_transfers() -> 
     assert engine.lookup(space, toks, "salt") == 256
     # A miss found from the first chunk alone hashes nothing more.
     assert engine.lookup_prompt(space, tokens(300, offset=9), "salt") == (0, None)
+    # Asked not to probe first (recent lookups mostly hit), a miss hashes the whole prompt, for its saves.
+    other = tokens(300, offset=9)
+    hit, hashes = engine.lookup_prompt(space, other, "salt", probe_first=False)
+    assert (
+        hit == 0 and hashes is not None and hashes.hashes == engine.hasher(space).chunk_hashes(other, "salt")
+    )
 
 
 def test_a_lookup_of_a_cache_saving_partial_chunks_returns_no_hashes() -> None:

@@ -259,23 +259,23 @@ class CpuStore:
         chunk, one key per rank) cost a dict probe each.
         """
         get = self._chunks.get
-        found: list[CachedChunk] = []
         with self._lock:
-            count = 0
+            count = newly_pinned = 0
             for keys in groups:
                 if len(keys) == 1:
                     chunk = get(keys[0])
                     if chunk is None or not chunk.committed:
                         break
-                    found.append(chunk)
+                    newly_pinned += chunk.pins == 0  # _pin_chunk, inlined: one call less per chunk
+                    chunk.pins += 1
                 else:
                     group = [get(key) for key in keys]
                     if any(c is None or not c.committed for c in group):
                         break
-                    found.extend(group)
+                    for chunk in group:
+                        self._pin_chunk(chunk)
                 count += 1
-            for chunk in found:
-                self._pin_chunk(chunk)
+            self._pinned += newly_pinned
             return count
 
     def unpin(self, key: Hashable) -> None:

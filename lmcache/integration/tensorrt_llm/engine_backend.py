@@ -16,6 +16,7 @@ from lmcache.config import load_engine_config
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.integration.tensorrt_llm.backend import check_loaded
 from lmcache.integration.tensorrt_llm.inflight import Done, event_done, future_done
+from lmcache.integration.tensorrt_llm.miss_probe import MissProbe
 from lmcache.integration.tensorrt_llm.plan import Found, LoadPlan, PinKey, Prompt, TargetId, Transfer
 from lmcache.integration.tensorrt_llm.save_fence import SaveFence
 from lmcache.integration.tensorrt_llm.save_queue import SaveQueue
@@ -99,6 +100,7 @@ class EngineIndex:
     def __init__(self, shared: ProcessEngine) -> None:
         self._shared = shared
         self._warn = RateLimitedLog(logger, interval_s=300)
+        self._probe = MissProbe()
 
     def hash_prompt(self, tokens: list[int], salt: Any) -> None:
         return None  # the engine is in this process: a prompt not looked up is hashed by its saves
@@ -116,6 +118,7 @@ class EngineIndex:
         hit, pinned = len(prompt.tokens), False
         computed: dict[TargetId, ChunkHashes] = {}
         full = len(prompt.tokens) // engine.config.chunk_size * engine.config.chunk_size
+        probe_first = not self._probe.mostly_hit()  # asked in this process: worth it for any length
         for target in pools[ranks[0]]:
             pin_id = _pin_id(pin, target.pool.target)
             known = prompt.hashes.get(target.pool.target) if prompt.hashes else None
@@ -125,13 +128,19 @@ class EngineIndex:
                 )
             else:
                 found, hashes = engine.lookup_prompt(
-                    target.space, prompt.tokens, prompt.salt, ranks=ranks, pin_id=pin_id
+                    target.space,
+                    prompt.tokens,
+                    prompt.salt,
+                    ranks=ranks,
+                    pin_id=pin_id,
+                    probe_first=probe_first,
                 )
                 if hashes is not None:
                     computed[target.pool.target] = hashes
             hit, pinned = min(hit, found), pinned or found > 0
             if hit == 0:
                 break
+        self._probe.record(hit > 0)
         if hit == 0 and pinned:
             self.release(pin)  # another target's hit was pinned: a miss leaves no pins behind
         return Found(hit, {**(prompt.hashes or {}), **computed}) if computed else Found(hit)

@@ -1,11 +1,13 @@
-"""When the scheduler's lookup through the cache server first asks about the prompt's first chunk.
+"""When the scheduler's lookup first asks about the prompt's first chunk alone.
 
-A lookup through the server hashes the whole prompt (the hashes then name its chunks in every load
-and save, D14), which for a 16k-token prompt costs more than the round trip. When most prompts
+A lookup hashes the whole prompt (the hashes then name its chunks in every load and save, D14),
+which for a 16k-token prompt costs more than a round trip to the cache server. When most prompts
 miss, asking first about the first chunk alone (one chunk hashed, no pins) answers a miss without
-that hashing; the prompt's saves then send its tokens and the server hashes them, outside TRT-LLM's
-process. When most prompts hit, the probe is one more round trip before every hit, so it is only
-made while the recent share of first-chunk hits is low.
+that hashing; through the server, the prompt's saves then send its tokens and the server hashes
+them, outside TRT-LLM's process. When most prompts hit, that first question is asked again by the
+full lookup: a round trip more through the server, and even where it is answered in this process
+(the in-process engine's L1, the server's presence counts) work on the hit's critical path. So it
+is only asked while the recent share of first-chunk hits is low.
 """
 
 from __future__ import annotations
@@ -27,9 +29,13 @@ class MissProbe:
         self.hit_rate = 0.0
         """Recent share of lookups whose first chunk was cached (starts as if every lookup missed)."""
 
+    def mostly_hit(self) -> bool:
+        """Whether recent lookups mostly found their first chunk: then no lookup asks about it alone."""
+        return self.hit_rate >= HIT_RATE_LIMIT
+
     def wanted(self, full_chunks: int) -> bool:
-        """Whether a lookup of a prompt with ``full_chunks`` full chunks should probe first."""
-        return full_chunks >= PROBE_MIN_CHUNKS and self.hit_rate < HIT_RATE_LIMIT
+        """Whether a lookup of a prompt with ``full_chunks`` full chunks should probe the server first."""
+        return full_chunks >= PROBE_MIN_CHUNKS and not self.mostly_hit()
 
     def record(self, first_chunk_hit: bool) -> None:
         """Count a lookup's outcome (a probe's, or a full lookup's first chunk)."""

@@ -175,14 +175,15 @@ class ServerIndex:
         return Found(hit, hashes if prompt.hashes is None else None)
 
     def _first_chunk_missing(self, prompt: Prompt, owners: dict[TargetId, int]) -> bool:
-        """Whether the prompt's first chunk is surely missing for the first target: from the server's
-        presence counts when this client could map them (no round trip), else from a probe when one
-        is wanted (one chunk hashed, nothing pinned; a server error propagates as for the lookup)."""
+        """Whether the prompt's first chunk is surely missing for the first target, asked only while
+        recent lookups mostly missed: from the server's presence counts when this client could map them
+        (no round trip), else from a probe when one is wanted (one chunk hashed, nothing pinned; a server
+        error propagates as for the lookup)."""
         client = self._connection.client
         owner = next(iter(owners.values()))
         chunk_size = client.registrations.chunk_size(owner)
-        if chunk_size is None:
-            return False  # not registered (again) yet: the full lookup says what the server knows
+        if chunk_size is None or self._probe.mostly_hit():
+            return False  # not registered (again) yet, or a hit likely: the full lookup answers
         first = prompt.tokens[:chunk_size]
         presence = client.registrations.presence(owner)
         if presence is not None:

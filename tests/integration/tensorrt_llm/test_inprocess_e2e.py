@@ -305,3 +305,37 @@ def test_layer_group_forms_register_every_group_and_region(lmcache_env) -> None:
     scheduler.get_num_new_matched_tokens(Request(), 0)
     scheduler.update_state_after_alloc_by_layer_group(Request(), [[0, 1, -1], [2, 3, -1]])
     assert scheduler.request_finished_by_layer_group(Request(), [[0, 1], [2, 3]]) is False
+
+
+def test_lookups_that_mostly_hit_stop_probing_the_first_chunk(lmcache_env) -> None:
+    """While lookups mostly miss, each asks about the prompt's first chunk alone first (a miss then
+    costs one chunk's hash); once they mostly hit, that question would be asked twice per hit, and the
+    lookup hashes the whole prompt at once (``miss_probe``)."""
+    from lmcache.integration.tensorrt_llm.engine_backend import EngineIndex
+    from lmcache.integration.tensorrt_llm.plan import PinKey, Prompt
+    from lmcache.integration.tensorrt_llm.tensorrt_adapter import reset_process_engine
+
+    reset_process_engine()
+    p = prompt(200, start=37)
+    ReplayExecutor(llm_args(), MODEL).generate([p], 2)
+    engine = process_engine().engine
+    original_lookup = engine.lookup_prompt
+    probed: list[bool] = []
+
+    def recording_lookup(*args, probe_first: bool, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        probed.append(probe_first)
+        return original_lookup(*args, probe_first=probe_first, **kwargs)
+
+    engine.lookup_prompt = recording_lookup
+    index = EngineIndex(process_engine())
+    hits = [index.lookup(Prompt(p, None), PinKey("req", i)).hit for i in range(40)]
+    assert hits == [192] * 40
+    assert probed[0] and not probed[-1]
+    misses = [
+        index.lookup(Prompt(prompt(200, start=100 + i), None), PinKey("req", 100 + i)) for i in range(40)
+    ]
+    assert [found.hit for found in misses] == [0] * 40
+    assert not probed[40] and probed[-1]  # a run of misses turns the probe back on
+    assert misses[0].hashes is not None and misses[-1].hashes is None  # the probe's miss hashes no more
+    for i in range(40):
+        index.release(PinKey("req", i))

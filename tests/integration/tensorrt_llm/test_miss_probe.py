@@ -124,3 +124,34 @@ def test_the_probe_is_wanted_for_long_prompts_while_lookups_mostly_miss() -> Non
     for _ in range(40):
         probe.record(False)
     assert probe.wanted(PROBE_MIN_CHUNKS)
+
+
+def test_lookups_that_mostly_hit_skip_the_presence_counts(
+    l1_server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the counts hashes the first chunk alone, which the full lookup then hashes again: once
+    lookups mostly hit, each hit hashes its prompt once; a run of misses brings the counts back."""
+    rig = Rig(l1_server.ipc_url)
+    tokens = list(range(13, 13 + TOKENS))
+    request, _ = rig.lookup(tokens)
+    rig.prefill_and_save(request, list(range(BLOCKS)))
+    hashed: list[int] = []
+    original = CacheServerClient.chunk_hashes
+
+    def recording(self, prompt, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        hashed.append(len(prompt))
+        return original(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(CacheServerClient, "chunk_hashes", recording)
+
+    def hashing_of(lookup: Callable[[], tuple[Request, int]]) -> tuple[int, list[int]]:
+        hashed.clear()
+        return lookup()[1], list(hashed)
+
+    hits = [hashing_of(lambda: rig.lookup(tokens)) for _ in range(40)]
+    assert hits[0] == (TOKENS - TPB, [CHUNK, TOKENS])  # right after a miss: the counts read first
+    assert hits[-1] == (TOKENS - TPB, [TOKENS])  # after a run of hits: hashed once
+    misses = [
+        hashing_of(lambda i=i: rig.lookup(list(range(90_000 + i, 90_000 + i + TOKENS)))) for i in range(40)
+    ]
+    assert misses[0] == (0, [TOKENS]) and misses[-1] == (0, [CHUNK])
