@@ -1,15 +1,16 @@
 """Charts of the benchmark JSON files, as PNGs under ``docs/`` (the card's name in every title).
 
-- ``--ttft`` (from ``bench_ttft.py``): TTFT vs prompt length, one line per tier, the recompute line
-  included; a second panel with the speedup over recompute -> ``docs/ttft.png``;
+- ``--ttft`` (from ``bench_ttft.py``): TTFT vs prompt length, one line per tier (``--ttft-tiers``: only
+  these), the recompute line included; a second panel with the speedup over recompute -> ``docs/ttft.png``;
 - ``--engine`` (from ``bench_engine.py``): L1 store / retrieve bandwidth for adjacent and scattered
   blocks next to the plain pinned-copy ceiling measured in the same run -> ``docs/bandwidth.png``;
 - ``--workload`` (from ``bench_workload.py``): mean TTFT, total time and hit rate, connector vs
   none -> ``docs/workload.png``;
-- ``--overhead`` (from ``bench_overhead.py``): the ratios of (a) and (b) -> ``docs/overhead.png``.
+- ``--overhead`` (from ``bench_overhead.py``): the ratios of (a) and (b), from one file or from one
+  run of each part (same card and model) -> ``docs/overhead.png``.
 
-    python benchmarks/plot_results.py --ttft ttft.json --engine engine.json [--workload w.json] \\
-        [--overhead o.json] [--outdir docs] [--suffix _h100]
+    python benchmarks/plot_results.py --ttft ttft.json [--ttft-tiers recompute l1 ...] --engine engine.json \\
+        [--workload w.json] [--overhead o.json [o_b.json]] [--outdir docs] [--suffix _h100]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,11 @@ TIER_LABELS = {
     "disk_cold": "disk hit (page cache cold)",
     "redis": "Redis hit",
     "mp": "L1 hit via cache server (MP)",
+    "mp_shared-l1": "L1 hit via cache server (shared-l1)",
+    "mp_export": "L1 hit via cache server (export)",
+    "l1_layerwise": "L1 hit, layer-wise load (in-process)",
+    "mp_shared-l1_layerwise": "L1 hit, layer-wise load via cache server (shared-l1)",
+    "mp_export_layerwise": "L1 hit, layer-wise load via cache server (export)",
 }
 
 
@@ -50,9 +57,18 @@ def title_suffix(data: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-def plot_ttft(data: dict[str, Any], out: Path) -> None:
+def chosen_tiers(data: dict[str, Any], wanted: list[str] | None) -> list[str]:
+    """The tiers to draw: ``wanted`` in its order (each must be in the file), else all the file has."""
+    if not wanted:
+        return list(data["tiers"])
+    unknown = [t for t in wanted if t not in data["tiers"]]
+    if unknown:
+        raise SystemExit(f"--ttft-tiers: {unknown} not in the TTFT file; it has {data['tiers']}")
+    return wanted
+
+
+def plot_ttft(data: dict[str, Any], out: Path, tiers: list[str]) -> None:
     rows = data["results"]
-    tiers = data["tiers"]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     for tier in tiers:
         pts = sorted((r["tokens"], r["median_ms"], r["speedup"]) for r in rows if r["tier"] == tier)
@@ -151,16 +167,36 @@ def plot_workload(data: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+def merged_overhead(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One figure's data from ``bench_overhead.py`` files of one card and model: part (a)'s
+    ``connector_iteration`` and part (b)'s ``saves_in_flight``, each from the one file that has it."""
+    merged = dict(parts[0])
+    for key in ("card", "model"):
+        values = {json.dumps(p.get(key), sort_keys=True) for p in parts}
+        if len(values) > 1:
+            raise SystemExit(f"--overhead: the files differ in {key} ({sorted(values)}); give one card's")
+    for key in ("connector_iteration", "saves_in_flight"):
+        having = [p[key] for p in parts if key in p]
+        if len(having) > 1:
+            raise SystemExit(f"--overhead: {len(having)} files have {key}; give each part once")
+        merged[key] = having[0] if having else {}
+    if not merged["connector_iteration"] and not merged["saves_in_flight"]:
+        raise SystemExit("--overhead: no file has connector_iteration or saves_in_flight")
+    return merged
+
+
 def plot_overhead(data: dict[str, Any], out: Path) -> None:
     labels, ratios = [], []
     for name, r in data["connector_iteration"].items():
-        labels.append(f"(a) {name} iteration\nconnector at 0% hits")
+        labels.append(f"(a) {name.replace('_', ' ')} iteration\nconnector at 0% hits")
         ratios.append(r["ratio"])
+    tokens = data["saves_in_flight"].get("save_tokens")
+    saving = f"{tokens // 1024}k-token" if tokens else "prompt's"
     for name, r in data["saves_in_flight"].items():
         if isinstance(r, dict):
-            labels.append(f"(b) {name.replace('_', ' ')}\nwith saves in flight")
+            labels.append(f"(b) {name.replace('_', ' ')}\nwith a {saving}\nsave in flight")
             ratios.append(r["ratio"])
-    fig, ax = plt.subplots(figsize=(11, 4.5))
+    fig, ax = plt.subplots(figsize=(max(11, 2 * len(ratios)), 4.5))
     ax.bar(range(len(ratios)), ratios, edgecolor="black", color="tab:green")
     for i, v in enumerate(ratios):
         ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
@@ -180,27 +216,35 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--ttft", help="bench_ttft.py JSON")
+    parser.add_argument("--ttft-tiers", nargs="+", help="draw only these tiers of --ttft, in this order")
     parser.add_argument("--engine", help="bench_engine.py JSON")
     parser.add_argument("--workload", help="bench_workload.py JSON")
-    parser.add_argument("--overhead", help="bench_overhead.py JSON")
+    parser.add_argument("--overhead", nargs="+", help="bench_overhead.py JSON (or one per part, a and b)")
     parser.add_argument("--outdir", default=str(Path(__file__).resolve().parents[1] / "docs"))
     parser.add_argument("--suffix", default="", help="appended to each file name, e.g. _h100")
     args = parser.parse_args()
-    jobs = [
-        (args.ttft, plot_ttft, "ttft"),
-        (args.engine, plot_bandwidth, "bandwidth"),
-        (args.workload, plot_workload, "workload"),
-        (args.overhead, plot_overhead, "overhead"),
-    ]
-    if not any(path for path, _, _ in jobs):
+    if not any((args.ttft, args.engine, args.workload, args.overhead)):
         parser.error("give at least one of --ttft, --engine, --workload, --overhead")
+    if args.ttft_tiers and not args.ttft:
+        parser.error("--ttft-tiers needs --ttft")
+    jobs: list[tuple[str, Callable[[Path], None]]] = []
+    if args.ttft:
+        ttft = load(args.ttft)
+        tiers = chosen_tiers(ttft, args.ttft_tiers)
+        jobs.append(("ttft", lambda out: plot_ttft(ttft, out, tiers)))
+    if args.engine:
+        jobs.append(("bandwidth", lambda out: plot_bandwidth(load(args.engine), out)))
+    if args.workload:
+        jobs.append(("workload", lambda out: plot_workload(load(args.workload), out)))
+    if args.overhead:
+        overhead = merged_overhead([load(path) for path in args.overhead])
+        jobs.append(("overhead", lambda out: plot_overhead(overhead, out)))
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    for path, plot, name in jobs:
-        if path:
-            out = outdir / f"{name}{args.suffix}.png"
-            plot(load(path), out)
-            print(f"wrote {out}")
+    for name, plot in jobs:
+        out = outdir / f"{name}{args.suffix}.png"
+        plot(out)
+        print(f"wrote {out}")
     return 0
 
 

@@ -175,6 +175,41 @@ def test_plot_results(tmp_path: Path) -> None:
         assert (outdir / name).stat().st_size > 1000
 
 
+def plot(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(BENCH / "plot_results.py"), *args, "--outdir", str(tmp_path / "docs")]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_plot_results_picks_ttft_tiers_and_joins_overhead_parts(tmp_path: Path) -> None:
+    """``--ttft-tiers`` draws the tiers named (an unknown one is refused by name); ``--overhead`` takes
+    part (a) and part (b) from two runs' files of one card, and refuses files of two cards."""
+    rows = [
+        {"tokens": n, "tier": tier, "median_ms": ms, "speedup": 10.0 / ms}
+        for n in (1024, 4096)
+        for tier, ms in (("recompute", 10.0), ("l1", 2.0), ("l1_layerwise", 1.5))
+    ]
+    ttft = {"card": "Test GPU", "tiers": ["recompute", "l1", "l1_layerwise"], "prompt_lengths": [1024, 4096]}
+    (tmp_path / "ttft.json").write_text(json.dumps({**ttft, "results": rows}))
+    proc = plot(tmp_path, "--ttft", str(tmp_path / "ttft.json"), "--ttft-tiers", "recompute", "l1_layerwise")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "docs" / "ttft.png").stat().st_size > 1000
+    proc = plot(tmp_path, "--ttft", str(tmp_path / "ttft.json"), "--ttft-tiers", "recompute", "disk")
+    assert proc.returncode != 0 and "--ttft-tiers: ['disk'] not in the TTFT file" in proc.stderr
+
+    part_a = {"card": "Test GPU", "connector_iteration": {"prefill": {"ratio": 1.01}}}
+    in_flight = {"save_tokens": 32768, "decode_adjacent": {"ratio": 1.02}}
+    part_b = {"card": "Test GPU", "saves_in_flight": in_flight}
+    for name, data in (("a", part_a), ("b", part_b), ("other", {**part_b, "card": "Other GPU"})):
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    proc = plot(tmp_path, "--overhead", str(tmp_path / "a.json"), str(tmp_path / "b.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "docs" / "overhead.png").stat().st_size > 1000
+    proc = plot(tmp_path, "--overhead", str(tmp_path / "a.json"), str(tmp_path / "other.json"))
+    assert proc.returncode != 0 and "--overhead: the files differ in card" in proc.stderr
+    proc = plot(tmp_path, "--overhead", str(tmp_path / "b.json"), str(tmp_path / "b.json"))
+    assert proc.returncode != 0 and "2 files have saves_in_flight" in proc.stderr
+
+
 @pytest.mark.parametrize(
     "hooks",
     [
