@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmcache import __version__, gc_pauses
 from lmcache.config import (
@@ -27,6 +27,9 @@ from lmcache.config import (
 from lmcache.logging import ROOT_LOGGER_NAME, configure_from_env, init_logger, parse_level
 from lmcache.server.security import add_security_arguments, security_settings
 from lmcache.stats import summary_lines
+
+if TYPE_CHECKING:
+    from lmcache.server.stats_protocol import InstanceStats
 
 logger = init_logger(__name__)
 
@@ -255,11 +258,18 @@ def _print_summary(info: Any) -> None:
     print(f"  {gc_pauses.summary_line(info.gc)}")
     print(f"  clients: {len(info.instances)}")
     for inst in info.instances:
-        print(
-            f"    instance {inst.instance_id} pid {inst.pid} rank {inst.rank}/{inst.world_size} "
-            f"{inst.model_name} {inst.sharing or inst.pool_kind} {inst.pool_shape} {inst.dtype} "
-            f"idle {inst.idle_s:.1f} s"
-        )
+        print(f"    {instance_line(inst)}")
+
+
+def instance_line(inst: InstanceStats) -> str:
+    """One registered instance as ``lmcache stats`` prints it; a shared-L1 instance with the slots
+    its lease holds ahead of its stores."""
+    line = (
+        f"instance {inst.instance_id} pid {inst.pid} rank {inst.rank}/{inst.world_size} "
+        f"{inst.model_name} {inst.sharing or inst.pool_kind} {inst.pool_shape} {inst.dtype} "
+        f"idle {inst.idle_s:.1f} s"
+    )
+    return line + f", {inst.leased_slots} leased slots" if inst.sharing == "shared-l1" else line
 
 
 def main(argv: list[str] | None = None) -> int:

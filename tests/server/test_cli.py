@@ -272,3 +272,19 @@ def test_stats_piped_into_a_reader_that_stops_ends_quietly(start_server) -> None
     assert proc.wait(60) == 0
     assert b"Traceback" not in proc.stderr.read()
     proc.stderr.close()
+
+
+def test_a_shared_l1_instance_shows_its_leased_slots_in_stats() -> None:
+    from lmcache.server.cli import instance_line
+    from lmcache.server.stats_protocol import InstanceStats
+
+    common = dict(
+        instance_id=7, rank=0, world_size=2, model_name="m", pool_kind="cuda", pool_shape=[4, 2], dtype="bf16"
+    )
+    shared = InstanceStats(**common, pid=11, idle_s=0.5, sharing="shared-l1", leased_slots=384)
+    exported = InstanceStats(**common, pid=12, idle_s=0.5, sharing="cuda-ipc")
+    assert (
+        instance_line(shared)
+        == "instance 7 pid 11 rank 0/2 m shared-l1 [4, 2] bf16 idle 0.5 s, 384 leased slots"
+    )
+    assert instance_line(exported) == "instance 7 pid 12 rank 0/2 m cuda-ipc [4, 2] bf16 idle 0.5 s"
