@@ -199,9 +199,9 @@ class DiskBench:
         manager = TierManager(target, [DiskTier(disk, backoff=Backoff(1.0, 30.0), read_threads=n_threads)])
         if cold:
             drop_cache(self.tier_dir)
-        positions = [[k] for k in self.fx.keys]
+        positions, lengths = [[k] for k in self.fx.keys], [CHUNK] * len(self.fx.keys)
         got: list[int] = []
-        seconds = timed(lambda: got.append(manager.promote_prefix(self.fx.ns, positions)[0]))
+        seconds = timed(lambda: got.append(manager.promote_prefix(self.fx.ns, positions, lengths)[0]))
         assert got == [self.fx.n], got
         manager.close()
         return seconds
@@ -294,9 +294,9 @@ def bench_redis(fx: Fixture, url: str, fetch_batch: int) -> dict[str, float]:
     def fetch() -> float:
         target = fx.l1(fill=False)
         manager = TierManager(target, [RemoteStore(url, timeout_s=600)], fetch_batch=fetch_batch)
-        positions = [[k] for k in fx.keys]
+        positions, lengths = [[k] for k in fx.keys], [CHUNK] * len(fx.keys)
         got: list[int] = []
-        seconds = timed(lambda: got.append(manager.promote_prefix(fx.ns, positions)[0]))
+        seconds = timed(lambda: got.append(manager.promote_prefix(fx.ns, positions, lengths)[0]))
         assert got == [fx.n], got
         manager.close()
         return seconds

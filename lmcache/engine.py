@@ -9,6 +9,7 @@ rewritten. Keys and lookups live in :mod:`lmcache.engine_lookup`, the engine's b
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from collections.abc import Hashable, Iterator, Sequence
@@ -314,19 +315,24 @@ class CacheEngine(EngineLookup):
                 # Not in L1 (e.g. a lookup without pins, then eviction): promote from the lower tiers.
                 tiers_asked = True
                 assert self.tiers is not None
-                rest = self.iter_chunk_spans(space, rank, prompt, salt, hold.chunk_end)
+                spans = self.iter_chunk_spans(space, rank, prompt, salt, hold.chunk_end)
+                rest = [s for s in spans if s.start >= span.start]
                 _, pins = self.tiers.promote_prefix(
-                    self.namespace(space), [[s.key] for s in rest if s.start >= span.start]
+                    self.namespace(space), [[s.key] for s in rest], [s.end - s.start for s in rest]
                 )
-                hold.tier_pins += pins
+                if not self._record_tier_pins(hold, pins):
+                    return
                 chunk = self._hold(span.key)
             if chunk is None and span.end > end and self.config.save_unfull_chunk:
                 assert not isinstance(prompt, ChunkHashes)
                 span = self._tail_span(space, rank, prompt, salt, previous, span, end)
                 chunk = self._hold(span.key)
                 if chunk is None and self.tiers is not None:
-                    got, pins = self.tiers.promote_prefix(self.namespace(space), [[span.key]])
-                    hold.tier_pins += pins
+                    got, pins = self.tiers.promote_prefix(
+                        self.namespace(space), [[span.key]], [span.end - span.start]
+                    )
+                    if not self._record_tier_pins(hold, pins):
+                        return
                     chunk = self._hold(span.key) if got else None
             if chunk is None:
                 return
@@ -335,16 +341,34 @@ class CacheEngine(EngineLookup):
             skip = (max(start, span.start) - span.start) // tpb
             stop = (min(end, span.end) - span.start) // tpb
             slot = LoadSlot(span.key, chunk, span.start // tpb, rows, skip, stop)
-            hold.slots.append(slot)
-            hold.loaded_end = min(end, span.end)
+            with hold.lock:
+                taken = not hold.finished
+                if taken:
+                    hold.slots.append(slot)
+                    hold.loaded_end = min(end, span.end)
+            if not taken:  # finished meanwhile (another thread): this pin would never be released
+                self.l1.unpin_all([span.key])
+                return
             yield slot
+
+    def _record_tier_pins(self, hold: LoadHold, pins: list[ChunkKey]) -> bool:
+        """Add a promotion's pins to ``hold``; False (the pins released) if it finished meanwhile."""
+        with hold.lock:
+            if not hold.finished:
+                hold.tier_pins += pins
+                return True
+        if pins:
+            assert self.tiers is not None
+            self.tiers.unpin(pins)
+        return False
 
     def finish_load(self, hold: LoadHold) -> int:
         """Unpin the load's chunks (their copies are done or abandoned) and count it; returns the
         tokens it loaded. Idempotent."""
-        if hold.finished:
-            return hold.loaded_end - hold.start
-        hold.finished = True
+        with hold.lock:
+            if hold.finished:
+                return hold.loaded_end - hold.start
+            hold.finished = True
         self.l1.unpin_all([slot.key for slot in hold.slots])
         if hold.tier_pins:
             assert self.tiers is not None
@@ -448,6 +472,9 @@ class LoadHold:
     slots: list[LoadSlot] = field(default_factory=list)
     tier_pins: list[ChunkKey] = field(default_factory=list)
     finished: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    """Orders :meth:`CacheEngine.finish_load` (which may come from another thread: the cache server
+    retiring an instance mid-load) against the pins :meth:`CacheEngine.hold_chunks` records."""
 
 
 def _read(slots: list[LoadSlot], event: Any) -> None:

@@ -176,7 +176,7 @@ class EngineLookup:
         found = iter(self.tiers.present(ns, [key for _, keys in candidates for key in keys]))
         for end, keys in candidates:
             if all([next(found) for _ in keys]):
-                got, tier_pins = self.tiers.promote_prefix(ns, [keys])
+                got, tier_pins = self.tiers.promote_prefix(ns, [keys], [end - start])
                 if got:
                     return end, keys, tier_pins
                 self.tiers.unpin(tier_pins)
@@ -291,7 +291,10 @@ class EngineLookup:
             taken = self._take(groups, pin)
             if taken < len(groups) and self.tiers is not None:
                 # L1 miss: bring the rest of the prefix up from the lower tiers (once), then retake.
-                got, tier_pins = self.tiers.promote_prefix(self.namespace(space), groups[taken:])
+                lengths = [end - (ends[i - 1] if i else 0) for i, end in enumerate(ends)]
+                got, tier_pins = self.tiers.promote_prefix(
+                    self.namespace(space), groups[taken:], lengths[taken:]
+                )
                 if got:
                     taken += self._take(groups[taken:], pin)
             hit, parent = (ends[taken - 1], hashes[taken - 1]) if taken else (0, None)

@@ -183,6 +183,10 @@ class HostBuffer:
         row_bytes = dtype.itemsize
         for s in shape[1:]:
             row_bytes *= s
+        if shape[0] * row_bytes > self.ref.nbytes:  # would read or write the next slot's chunk
+            raise ValueError(
+                f"a view of {shape[0]} rows of {row_bytes} bytes does not fit its {self.ref.nbytes}-byte slot"
+            )
         offset = self.ref.offset
         if row_bytes and offset % row_bytes == 0:
             first = offset // row_bytes

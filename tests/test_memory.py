@@ -147,6 +147,16 @@ def test_views_keep_bytes() -> None:
     assert torch.all(buf.view(torch.bfloat16, (512,)) == 1.5)
 
 
+def test_a_view_larger_than_its_slot_is_refused() -> None:
+    """The next slot holds another chunk: a view past this one's end would read or write it."""
+    arena = HostArena(1 << 20, pinned=False)
+    buf = arena.pool(4096).allocate()
+    assert buf is not None
+    with pytest.raises(ValueError, match="does not fit its 4096-byte slot"):
+        buf.view(torch.bfloat16, (5, 2, 256))
+    assert buf.view(torch.bfloat16, (4, 2, 256)).numel() == 2048
+
+
 def test_reclaim_returns_empty_slabs_of_other_sizes() -> None:
     arena = HostArena(4 << 20, pinned=False, slab_bytes=4 << 20)
     small = arena.pool(1 << 20)

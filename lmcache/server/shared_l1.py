@@ -176,6 +176,16 @@ class SharedL1Service:
         except BadTicket:
             self._release(leases)  # the worker gave them up with this report
             raise
+        if unknown:
+            # Each lease stands for one chunk, by its place in the list: with one missing or repeated,
+            # the others would be published as chunks they do not hold. Nothing of the report stands.
+            self._release(leases)
+            if isinstance(ticket, _StoreTicket):
+                self.engine.abort_store(ticket.slots)
+            raise BadTicket(
+                f"leases {unknown[:8]} are not held by instance {scope.instance_id} (or are named twice); "
+                "name each leased slot its store_reserve reply gave, once"
+            )
         published = 0
         if isinstance(ticket, _StoreTicket):
             if req.ok:
@@ -185,11 +195,6 @@ class SharedL1Service:
                 self.engine.abort_store(ticket.slots)
         if leases:
             published += self._publish_leases(scope, req, leases)
-        if unknown:
-            raise BadTicket(
-                f"leases {unknown[:8]} are not held by instance {scope.instance_id}; name each leased "
-                "slot its store_reserve reply gave, once"
-            )
         return published
 
     def _publish_leases(self, scope: InstanceScope, req: P.StoreDone, leases: list[LeaseKey]) -> int:
@@ -248,6 +253,11 @@ class SharedL1Service:
                 self.engine.finish_load(hold)
                 return P.LoadSlots(ticket=0, loaded=0)
             ticket = self._open(scope.instance_id, _LoadTicket(hold))
+        elif hold.finished:  # the instance was retired after the first part: its pins are gone
+            raise BadTicket(
+                f"instance {scope.instance_id} was unregistered during this load; its slots are no longer "
+                "pinned: register again and load again"
+            )
         return self._load_slots(scope, ticket, hold, chunks)
 
     def _load_slots(
@@ -343,8 +353,8 @@ class SharedL1Service:
             chunk = self.engine.lease_slot(scope.space, key)
             if chunk is None:  # L1 is full of pinned chunks: the store path reports it
                 break
-            with self._lock:
-                state.leases[key.lease_id] = key
+            with self._lock:  # the instance's state now: retiring it meanwhile dropped the one above
+                self._states.setdefault(scope.instance_id, _InstanceState()).leases[key.lease_id] = key
             granted.append(P.LeasedSlot(key.lease_id, self._ref_info(chunk.buffer.ref)))
         with self._lock:
             self._leased_bytes -= (count - len(granted)) * slot_bytes

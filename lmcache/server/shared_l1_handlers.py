@@ -16,7 +16,7 @@ from lmcache.logging import init_logger
 from lmcache.server import protocol as P
 from lmcache.server.instances import Instance
 from lmcache.server.service import CacheService, Call
-from lmcache.server.shared_l1 import InstanceScope, SharedL1Service
+from lmcache.server.shared_l1 import InstanceScope, SharedL1Error, SharedL1Service
 
 logger = init_logger(__name__)
 
@@ -48,19 +48,20 @@ class SharedL1Handlers:
 
     def store_reserve(self, req: P.StoreReserve, call: Call) -> P.StoreSlots:
         with self.service.instances.use(req.instance_id, req.cap) as inst:
-            reply = self.shared.store_reserve(_scope(inst), req)
+            reply = self.shared.store_reserve(_scope(inst, "store_reserve"), req)
             self._forget_if_retired(inst)
             return reply
 
     def store_done(self, req: P.StoreDone, call: Call) -> int:
         with self.service.instances.use(req.instance_id, req.cap) as inst:
-            return self.shared.store_done(_scope(inst), req)
+            return self.shared.store_done(_scope(inst, "store_done"), req)
 
     def load(self, req: P.Load, call: Call) -> P.LoadSlots:
         with self.service.instances.use(req.instance_id, req.cap) as inst:
+            scope = _scope(inst, "load")
             key = None if req.pin_id is None else self.service.pin_key(inst, req.pin_owner, req.pin_id)
             try:
-                reply = self.shared.load(_scope(inst), req, call.send_part)
+                reply = self.shared.load(scope, req, call.send_part)
                 self._forget_if_retired(inst)
                 return reply
             finally:
@@ -69,7 +70,7 @@ class SharedL1Handlers:
 
     def load_done(self, req: P.LoadDone, call: Call) -> bool:
         with self.service.instances.use(req.instance_id, req.cap) as inst:
-            return self.shared.load_done(_scope(inst), req)
+            return self.shared.load_done(_scope(inst, "load_done"), req)
 
     def forget(self, inst: Instance) -> None:
         """Abort the retired instance's reservations and release its loads."""
@@ -87,5 +88,14 @@ class SharedL1Handlers:
             self.forget(inst)
 
 
-def _scope(inst: Instance) -> InstanceScope:
+def _scope(inst: Instance, op: str) -> InstanceScope:
+    """The instance's scope for ``op``; refused unless it registered its pool in the shared-L1 mode:
+    an instance whose pool the server maps would otherwise publish slots it never wrote (an L1 slot
+    keeps the bytes of the chunk evicted from it)."""
+    mode = P.sharing_mode(inst.request.pool)
+    if mode != "shared-l1":
+        raise SharedL1Error(
+            f"{op} serves only instances registered in the shared-l1 mode; instance {inst.instance_id} "
+            f"registered its pool as {mode}: use store / retrieve for it"
+        )
     return InstanceScope(inst.instance_id, inst.space, inst.rank)

@@ -161,6 +161,8 @@ class _Cell:
 
     key: ChunkKey
     source: int
+    tokens: int
+    """The tokens the chunk its key names holds: a tier's chunk of another length is refused."""
     chunk: CachedChunk | None = None
     ok: bool = False
 
@@ -389,11 +391,17 @@ class TierManager:
         return where
 
     def promote_prefix(
-        self, ns: Namespace, positions: Sequence[Sequence[ChunkKey]]
+        self, ns: Namespace, positions: Sequence[Sequence[ChunkKey]], tokens: Sequence[int]
     ) -> tuple[int, list[ChunkKey]]:
         """Bring the longest prefix of ``positions`` (each a list of keys that must all be present, e.g.
         one per rank) into L1. Returns how many positions are now in L1 and the keys this call pinned
-        there (the caller unpins them with :meth:`unpin` once it holds its own pins)."""
+        there (the caller unpins them with :meth:`unpin` once it holds its own pins).
+
+        ``tokens[p]``: how many tokens position ``p``'s chunks hold. A tier's chunk of another length
+        is not promoted (its header is consistent but it is not the chunk its key names: a load would
+        read past its slot), so the prefix ends there."""
+        if len(tokens) != len(positions):
+            raise ValueError(f"{len(tokens)} token counts for {len(positions)} positions")
         if not positions or self._closed:
             return 0, []
         flat = [key for keys in positions for key in keys]
@@ -412,7 +420,7 @@ class TierManager:
         done = 0
         while done < prefix:
             stop = min(prefix, done + self.fetch_batch)
-            ok = self._promote_window(ns, positions, where, done, stop, pins)
+            ok = self._promote_window(ns, positions, tokens, where, done, stop, pins)
             done += ok
             if done < stop:
                 with self._stats_lock:
@@ -431,6 +439,7 @@ class TierManager:
         self,
         ns: Namespace,
         positions: Sequence[Sequence[ChunkKey]],
+        tokens: Sequence[int],
         where: list[list[int | None]],
         start: int,
         stop: int,
@@ -460,7 +469,7 @@ class TierManager:
                 if not ok:
                     break
                 assert source is not None
-                row.append(_Cell(key, source))
+                row.append(_Cell(key, source, tokens[p]))
             if not ok:
                 self._release_row(row)
                 break
@@ -488,6 +497,19 @@ class TierManager:
     def _fetch(self, ns: Namespace, index: int, cells: list[_Cell]) -> None:
         def sink(i: int, payload_len: int, num_tokens: int) -> memoryview | None:
             cell = cells[i]
+            if num_tokens != cell.tokens:
+                tier = self.tiers[index]
+                self._warn.warning(
+                    f"{tier.name}-wrong-length",
+                    "the %s tier (%s) holds %s with %d tokens where its key names %d: not promoted (a "
+                    "corrupt or foreign chunk)",
+                    tier.name,
+                    tier.where,
+                    cell.key.hex(),
+                    num_tokens,
+                    cell.tokens,
+                )
+                return None
             cell.chunk = self.l1.reserve(cell.key, payload_len, num_tokens)
             return None if cell.chunk is None else payload_view(cell.chunk)
 

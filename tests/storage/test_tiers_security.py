@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+import torch
 from tier_helpers import make_engine, make_pool, space_of, store_all, tokens
 
 from lmcache.keys import ChunkKey
@@ -111,3 +112,55 @@ def test_redis_value_with_a_short_payload_is_a_deleted_miss_not_an_error(redis_s
         )
         b.close()
     assert r.exists(name) == 0
+
+
+def test_a_tier_chunk_shorter_than_its_key_names_is_a_miss_never_a_load_past_its_slot(tmp_path: Path) -> None:
+    """A disk file under a full chunk's key whose header, layout and checksum agree on one row: were
+    it promoted, a load of the chunk's rows would read the next L1 slot (another chunk's bytes)."""
+    from tier_helpers import CHUNK, TPB, disk_files_of
+
+    pool = make_pool(64)
+    space = space_of(pool)
+    prompt, other = tokens(CHUNK), tokens(CHUNK, offset=10_000)
+    writer = make_engine(tmp_path)
+    ns = writer.namespace(space)
+    row = space.layout.row_bytes
+    for toks, fill in ((prompt, 0x11), (other, 0x77)):
+        [span] = writer.chunk_spans(space, 0, toks, None)
+        disk_files_of(writer).write(ns, span.key, TPB, memoryview(np.full(row, fill, dtype=np.uint8)))
+    writer.close()
+
+    reader = make_engine(tmp_path)
+    try:
+        assert reader.lookup(space, other) == 0 and reader.lookup(space, prompt, pin_id="p") == 0
+        dst = pool.clone()
+        assert reader.retrieve(space, 0, dst, BlockTransfer(prompt, None, [0, 1, 2, 3], 0, CHUNK)) == 0
+        assert torch.equal(dst, pool)  # nothing written
+        assert reader.snapshot().l1.chunks == 0
+    finally:
+        reader.close()
+
+
+def test_a_tier_chunk_longer_than_its_key_names_evicts_nothing(tmp_path: Path) -> None:
+    from tier_helpers import CHUNK, TPB, disk_files_of
+
+    pool = make_pool(64)
+    space = space_of(pool)
+    writer = make_engine(tmp_path, cpu_chunks=16)
+    prompt = tokens(CHUNK, offset=50_000)
+    [span] = writer.chunk_spans(space, 0, prompt, None)
+    rows = 20 * CHUNK // TPB  # twenty chunks' rows: more than the whole 16-chunk L1
+    big = np.zeros(rows * space.layout.row_bytes, dtype=np.uint8)
+    assert disk_files_of(writer).write(writer.namespace(space), span.key, rows * TPB, memoryview(big))
+    writer.close()
+
+    reader = make_engine(tmp_path, cpu_chunks=16)
+    try:
+        resident = tokens(8 * CHUNK)
+        assert store_all(reader, pool, resident) == 8 * CHUNK
+        assert reader.lookup(space, prompt) == 0
+        l1 = reader.snapshot().l1
+        assert l1.evictions == 0 and l1.chunks == 8
+        assert reader.lookup(space, resident) == 8 * CHUNK
+    finally:
+        reader.close()

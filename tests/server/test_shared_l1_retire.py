@@ -1,0 +1,135 @@
+"""Shared-L1 requests that race their instance's retirement (reaped, unregistered on another lane),
+reports that name leases wrongly, and instances of another pool-sharing mode: nothing they take may
+outlive the instance, and nothing they name wrongly is published."""
+
+from __future__ import annotations
+
+import pytest
+from in_process_server import start_serving, stop_serving
+from raw_lane import connect, framed, read_reply
+from shared_l1_support import CHUNK, TOKENS, SharedL1Env, shared_l1_env
+from support.server_process import TPB, shared_pool
+
+from lmcache.server import protocol as P
+from lmcache.server.client import CacheServerClient
+from lmcache.server.shared_l1 import BadTicket
+
+
+@pytest.fixture
+def env(tmp_path):
+    env = shared_l1_env(tmp_path)
+    yield env
+    env.close()
+
+
+def pinned(env: SharedL1Env) -> int:
+    return env.engine.snapshot().l1.pinned_chunks
+
+
+def test_leases_granted_while_the_instance_is_retired_go_with_it(env) -> None:
+    """The retire hook runs (on another thread) between the lease's count and its slots: the slots
+    granted after it belong to no instance unless the handler's second forget finds them."""
+    service, engine = env.service, env.engine
+    reserve_slot = engine.lease_slot
+    calls = []
+
+    def lease_slot(space, key):
+        calls.append(key)
+        if len(calls) == 1:
+            service.forget(7)  # the instance is retired now
+        return reserve_slot(space, key)
+
+    engine.lease_slot = lease_slot
+    reply = service.store_reserve(env.scope, P.StoreReserve(instance_id=7, tokens=TOKENS, end=0, lease=3))
+    engine.lease_slot = reserve_slot
+    assert len(reply.leased) == 3
+    service.forget(7)  # what SharedL1Handlers does after a request of a retired instance
+    assert service.leased(7) == 0
+    assert engine.l1.used_bytes == 0, "leased slots held for an instance that is gone"
+    # The lease budget is whole again: a new instance gets its full lease.
+    again = service.store_reserve(env.scope, P.StoreReserve(instance_id=7, tokens=TOKENS, end=0, lease=3))
+    assert len(again.leased) == 3
+
+
+def test_a_split_load_whose_instance_is_retired_after_its_first_part_fails_and_leaves_no_pin(env) -> None:
+    service = env.service
+    reply = service.store_reserve(env.scope, P.StoreReserve(instance_id=7, tokens=TOKENS, end=4 * CHUNK))
+    assert service.store_done(env.scope, P.StoreDone(instance_id=7, ticket=reply.ticket)) == 4 * CHUNK
+    parts = []
+
+    def send_part(part: P.LoadSlots) -> None:
+        parts.append(part)
+        service.forget(7)  # retired while its first part goes out
+
+    with pytest.raises(BadTicket, match="unregistered during this load"):
+        service.load(env.scope, P.Load(instance_id=7, tokens=TOKENS, end=4 * CHUNK, first=1), send_part)
+    service.forget(7)
+    assert len(parts) == 1 and service.open_tickets(7) == 0
+    assert pinned(env) == 0, "chunks pinned for a load of an instance that is gone"
+
+
+def test_a_report_naming_a_lease_it_does_not_hold_publishes_nothing(env) -> None:
+    """Leases stand for chunks by their place in the report: with one unknown, the others would be
+    published as chunks they do not hold. The whole report is refused, its slots freed."""
+    service, engine = env.service, env.engine
+    leased = service.store_reserve(env.scope, P.StoreReserve(instance_id=7, tokens=TOKENS, end=0, lease=2))
+    assert len(leased.leased) == 2
+    reserved = service.store_reserve(
+        env.scope, P.StoreReserve(instance_id=7, tokens=TOKENS, start=2 * CHUNK, end=3 * CHUNK)
+    )
+    report = P.StoreDone(
+        instance_id=7,
+        ticket=reserved.ticket,
+        leases=[10**9, leased.leased[1].id],
+        start=0,
+        end=2 * CHUNK,
+        tokens=TOKENS,
+    )
+    with pytest.raises(BadTicket, match="not held by instance 7"):
+        service.store_done(env.scope, report)
+    assert engine.lookup(env.scope.space, TOKENS) == 0, "a refused report published chunks"
+    assert service.open_tickets(7) == 0 and service.leased(7) == 1  # the lease not named stays held
+    repeated = P.StoreDone(
+        instance_id=7, leases=[leased.leased[0].id] * 2, start=0, end=2 * CHUNK, tokens=TOKENS
+    )
+    with pytest.raises(BadTicket, match="named twice"):
+        service.store_done(env.scope, repeated)
+    assert engine.lookup(env.scope.space, TOKENS) == 0 and service.leased(7) == 0
+    assert engine.l1.used_bytes == 0
+
+
+def call(lane, req: P.Request) -> P.Reply:
+    lane.sendall(framed(P.encode(req)))
+    reply = read_reply(lane)
+    while reply.more:
+        reply = read_reply(lane)
+    return reply
+
+
+@pytest.mark.parametrize(
+    "request_of",
+    [
+        lambda iid, cap: P.StoreReserve(instance_id=iid, tokens=b"", end=0, lease=4, cap=cap),
+        lambda iid, cap: P.StoreDone(instance_id=iid, ticket=1, cap=cap),
+        lambda iid, cap: P.Load(instance_id=iid, tokens=b"", end=0, cap=cap),
+        lambda iid, cap: P.LoadDone(instance_id=iid, ticket=1, cap=cap),
+    ],
+)
+def test_the_shared_l1_ops_refuse_an_instance_whose_pool_the_server_maps(tmp_path, request_of) -> None:
+    """An exported pool's instance never writes L1 slots itself: were it served store_reserve and
+    store_done, it could publish a slot unwritten, which still holds an evicted chunk's bytes."""
+    path = str(tmp_path / "s.sock")
+    server, thread = start_serving("auto", ipc_path=path)
+    client = CacheServerClient(f"ipc://{path}", timeout_s=20.0)
+    try:
+        info = client.register(shared_pool(seed=1), 0, 1, "m", TPB, pool_sharing="export")
+        lane = connect(f"ipc://{path}")
+        reply = call(lane, request_of(info.instance_id, info.cap))
+        lane.close()
+        assert not reply.ok and reply.error.code == "invalid"
+        assert "only instances registered in the shared-l1 mode" in reply.error.message
+        assert "registered its pool as cpu-shm" in reply.error.message
+        assert server.engine.snapshot().l1.chunks == 0 and server.engine.l1.used_bytes == 0
+    finally:
+        client.close()
+        stop_serving(server, thread)
