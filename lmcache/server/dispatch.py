@@ -118,7 +118,14 @@ class Dispatcher:
         one-way reports, which still run."""
         self.sink: ReplySink | None = None
         self._executor = ThreadPoolExecutor(max(1, config.max_workers), thread_name_prefix="lmcache-worker")
-        self._queues: dict[Identity, deque[tuple[Any, float, Peer]]] = {}
+        self._queues: dict[Identity, deque[tuple[Any, float, Peer, int]]] = {}
+        self._queued_bytes: dict[Identity, int] = {}
+        """Frame bytes of each connection's queued requests (``_queues``), counted against
+        :attr:`queue_cap` per connection and ``max_pending_bytes`` all together."""
+        self.queue_cap = config.max_pending_bytes_per_connection or framing.hard_frame_cap(
+            config.max_frame_bytes
+        )
+        """Bytes of requests one connection may have waiting: one frame of the largest size it may send."""
         self._running: set[Identity] = set()
         self._lock = threading.Lock()
         self._busy_until = 0.0
@@ -189,19 +196,19 @@ class Dispatcher:
         """Serve the request frames of one poll round (I/O thread): first those of the connections that
         sent a one-way report in it, then the others', each connection's in arrival order; never
         raises."""
-        received: list[tuple[Identity, Any, Peer, float]] = []
+        received: list[tuple[Identity, Any, Peer, float, int]] = []
         reporting: set[Identity] = set()
         for identity, frame, peer in frames:
             with self._guard(identity):
                 req = self._admit(identity, frame, peer)
                 if req is not None:
-                    received.append((identity, req, peer, time.monotonic()))
+                    received.append((identity, req, peer, time.monotonic(), len(frame)))
                     if getattr(req, "one_way", False):
                         reporting.add(identity)
         first = [r for r in received if r[0] in reporting]
-        for identity, req, peer, arrived in first + [r for r in received if r[0] not in reporting]:
+        for identity, req, peer, arrived, nbytes in first + [r for r in received if r[0] not in reporting]:
             with self._guard(identity):
-                self._on_request(identity, req, peer, arrived)
+                self._on_request(identity, req, peer, arrived, nbytes)
 
     @contextlib.contextmanager
     def _guard(self, identity: Identity) -> Iterator[None]:
@@ -231,7 +238,7 @@ class Dispatcher:
         self.service.touch(req, now)
         return req
 
-    def _on_request(self, identity: Identity, req: Any, peer: Peer, now: float) -> None:
+    def _on_request(self, identity: Identity, req: Any, peer: Peer, now: float, nbytes: int) -> None:
         if isinstance(req, (P.Ping, P.Heartbeat)):  # liveness: never behind the client's queue
             self.answer(identity, req, self.execute(req, now, Call(peer)))
             return
@@ -246,7 +253,13 @@ class Dispatcher:
                     message = f"more than {len(q)} requests queued; slow down"
                     self.refuse(identity, req, P.ErrorCode.LIMIT, message)
                     return
-                q.append((req, now, peer))
+                refused = self._queue_bytes_refusal(identity, nbytes)
+                if refused is not None:
+                    self.counters.refuse("queued_bytes")
+                    self.refuse(identity, req, P.ErrorCode.LIMIT, refused)
+                    return
+                q.append((req, now, peer, nbytes))
+                self._queued_bytes[identity] = self._queued_bytes.get(identity, 0) + nbytes
                 if identity in self._running:
                     return
                 self._running.add(identity)
@@ -259,6 +272,22 @@ class Dispatcher:
             self._executor.submit(self._drain, identity)
         except RuntimeError:  # shutting down
             self._answer_rest(identity)
+
+    def _queue_bytes_refusal(self, identity: Identity, nbytes: int) -> str | None:
+        """Why a request of ``nbytes`` may not wait in ``identity``'s queue (lock held); None: it may."""
+        mine = self._queued_bytes.get(identity, 0)
+        if mine and mine + nbytes > self.queue_cap:
+            return (
+                f"this connection has {mine} bytes of requests waiting already (cap {self.queue_cap}, "
+                "--max-frame-mb); wait for their replies before sending more"
+            )
+        total = sum(self._queued_bytes.values())
+        if total and total + nbytes > self.config.max_pending_bytes:
+            return (
+                f"the server has {total} bytes of requests waiting (cap {self.config.max_pending_bytes}, "
+                "--max-pending-mb); retry shortly"
+            )
+        return None
 
     def inline(self, req: Any) -> bool:
         """Whether the I/O thread may run ``req`` itself: pure metadata work of bounded cost."""
@@ -286,8 +315,10 @@ class Dispatcher:
                 if not q:
                     self._running.discard(identity)
                     self._queues.pop(identity, None)
+                    self._queued_bytes.pop(identity, None)
                     return
-                req, received, peer = q.popleft()
+                req, received, peer, nbytes = q.popleft()
+                self._queued_bytes[identity] -= nbytes
             reply: P.Reply | None
             # A one-way report still runs: it finishes what the client did (copies into L1 slots).
             if self.stopping.is_set() and not getattr(req, "one_way", False):
@@ -307,6 +338,7 @@ class Dispatcher:
                 if done:
                     self._running.discard(identity)
                     self._queues.pop(identity, None)
+                    self._queued_bytes.pop(identity, None)
             if reply is not None:
                 self.answer(identity, req, reply)
             if done:
@@ -320,8 +352,9 @@ class Dispatcher:
         """The executor is shutting down: answer what is left in this connection's queue."""
         with self._lock:
             q = self._queues.pop(identity, deque())
+            self._queued_bytes.pop(identity, None)
             self._running.discard(identity)
-        for req, _, _ in q:
+        for req, _, _, _ in q:
             self.refuse(identity, req, P.ErrorCode.SHUTTING_DOWN, "the server is shutting down")
 
     def execute(self, req: Any, received: float, call: Call) -> P.Reply:

@@ -52,7 +52,8 @@ class ServerConfig:
     max_pending_bytes_per_connection: int | None = None
     """Largest frame a connection may announce and buffer; None: ``max_frame_bytes``."""
     max_pending_bytes: int = 256 << 20
-    """Bytes of unfinished frames announced by all connections together."""
+    """Bytes of unfinished frames announced by all connections together; also, separately, of the
+    received requests queued behind each connection's running one, all connections together."""
     idle_timeout_s: float = 300.0
     """A connection that sent nothing for this long is closed (the client reopens it)."""
     frame_timeout_s: float = 30.0
