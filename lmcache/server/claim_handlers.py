@@ -87,8 +87,8 @@ class ClaimHandlers:
             prompt = request_prompt(engine, inst.space, req)
             spans = engine.iter_chunk_spans(inst.space, inst.rank, prompt, req.cache_salt, req.end)
             digests = b"".join(span.key.chunk_hash for span in spans if span.start >= first)
-        self.index.storing(
-            inst.instance_id, digests, digest_size, inst.space.world_size, inst.rank, time.monotonic()
+        self.index.storing(  # charged to the client: its instances share one budget of marks
+            inst.client, digests, digest_size, inst.space.world_size, inst.rank, time.monotonic()
         )
 
     def forget(self, inst: Instance) -> None:

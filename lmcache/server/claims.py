@@ -72,7 +72,8 @@ PENDING_S = 10.0
 """How long a store's mark stays unpublished at most (a store is reported done once its copies end:
 far sooner)."""
 MARKS_SHARE = 8
-"""One instance may mark at most this fraction (1/8) of the index's entries as being stored."""
+"""One client (a uid, a TCP address) may mark at most this fraction (1/8) of the index's entries as
+being stored, however many instances it registers."""
 MIN_ENTRIES = 1 << 16
 MAX_ENTRIES = 1 << 23
 MIN_CHUNK_BYTES_PER_TOKEN = 2048
@@ -107,10 +108,11 @@ class ClaimIndex:
         self._table, self._slots = words[:entries], words[entries:]
         self._entries: dict[Hashable, tuple[int, int]] = {}
         """Indexed key -> (entry, fingerprint)."""
-        self._pending: dict[int, tuple[int, float, int]] = {}
-        """Fingerprint of a chunk being stored -> (its entry, when marked, the instance storing it)."""
-        self._marks: dict[int, int] = {}
-        """Marks each instance holds: at most :attr:`max_marks` (a client cannot fill the index)."""
+        self._pending: dict[int, tuple[int, float, Hashable]] = {}
+        """Fingerprint of a chunk being stored -> (its entry, when marked, the client charged for it)."""
+        self._marks: dict[Hashable, int] = {}
+        """Marks each client holds: at most :attr:`max_marks`, however many instances it registers (so
+        one client cannot fill the index and make every other tenant's claims miss)."""
         self.max_marks = max(1, entries // MARKS_SHARE)
         self._claims: dict[int, tuple[Slab, np.ndarray]] = {}
         self._honoured: tuple[np.ndarray, ...] = ()
@@ -183,29 +185,30 @@ class ClaimIndex:
         )
 
     def storing(
-        self, instance_id: int, digests: bytes, digest_size: int, world_size: int, rank: int, now: float
+        self, owner: Hashable, digests: bytes, digest_size: int, world_size: int, rank: int, now: float
     ) -> None:
-        """The chunks ``digests`` names (of ``rank``) are being stored by ``instance_id``: until they are
-        published (or :data:`PENDING_S` passed) a claim that reaches one asks the server, which answers
-        in the order it reads the reports. A save TRT-LLM was told has landed is then seen by every
-        lookup after it, as without claims. Chunks indexed already are left as they are; past the
-        instance's :attr:`max_marks` none is marked (a claim may then miss them: a recompute)."""
+        """The chunks ``digests`` names (of ``rank``) are being stored by a client (``owner``, charged
+        for the marks): until they are published (or :data:`PENDING_S` passed) a claim that reaches one
+        asks the server, which answers in the order it reads the reports. A save TRT-LLM was told has
+        landed is then seen by every lookup after it, as without claims. Chunks indexed already are
+        left as they are; past the client's :attr:`max_marks` none is marked (a claim may then miss
+        them: a recompute)."""
         with self._lock:
-            room = self.max_marks - self._marks.get(instance_id, 0)
+            room = self.max_marks - self._marks.get(owner, 0)
             if room * digest_size < len(digests):
                 self._warn.warning(
-                    f"claims-marks-{instance_id}",
-                    "instance %d has %d stores' chunks in flight, the most one instance may mark; lookups "
-                    "of the rest may miss them until they are published",
-                    instance_id,
+                    f"claims-marks-{owner}",
+                    "client %s has %d stores' chunks in flight, the most one client may mark; lookups of "
+                    "the rest may miss them until they are published",
+                    owner,
                     self.max_marks,
                 )
                 digests = digests[: max(0, room) * digest_size]
             pairs = _claims.mark(self._table, self._slots, digests, digest_size, world_size, rank)  # type: ignore[union-attr]
             for fp, entry in np.frombuffer(pairs, dtype="<u8").reshape(-1, 2).tolist():
                 if entry != NOT_MARKED:
-                    self._pending[fp] = (entry, now, instance_id)
-                    self._marks[instance_id] = self._marks.get(instance_id, 0) + 1
+                    self._pending[fp] = (entry, now, owner)
+                    self._marks[owner] = self._marks.get(owner, 0) + 1
 
     def expire(self, now: float) -> None:
         """Drop the marks of stores not published within :data:`PENDING_S` (failed, or duplicates)."""
@@ -220,12 +223,12 @@ class ClaimIndex:
         found = self._pending.pop(fp, None)
         if found is None:
             return -1
-        entry, _, instance_id = found
-        left = self._marks.get(instance_id, 0) - 1
+        entry, _, owner = found
+        left = self._marks.get(owner, 0) - 1
         if left > 0:
-            self._marks[instance_id] = left
+            self._marks[owner] = left
         else:
-            self._marks.pop(instance_id, None)
+            self._marks.pop(owner, None)
         return entry
 
     def removed(self, key: Hashable) -> None:

@@ -114,15 +114,15 @@ def test_a_chunk_being_stored_sends_the_lookup_to_the_server(rig: Rig) -> None:
     assert rig.claim(9)[::2] == (0, False)
 
 
-def test_one_instance_marks_at_most_its_share_of_the_index(rig: Rig) -> None:
+def test_one_client_marks_at_most_its_share_of_the_index(rig: Rig) -> None:
     rig.index.max_marks = 2
-    rig.index.storing(7, digest(1) + digest(2) + digest(3), DIGEST, 1, 0, 0.0)
+    rig.index.storing("u7", digest(1) + digest(2) + digest(3), DIGEST, 1, 0, 0.0)
     assert rig.claim(2)[::2] == (0, True)  # marked
-    assert rig.claim(3)[::2] == (0, False)  # past the instance's marks: a plain miss
-    rig.index.storing(8, digest(3), DIGEST, 1, 0, 0.0)  # another instance has room of its own
+    assert rig.claim(3)[::2] == (0, False)  # past the client's marks: a plain miss
+    rig.index.storing("u8", digest(3), DIGEST, 1, 0, 0.0)  # another client has room of its own
     assert rig.claim(3)[::2] == (0, True)
-    rig.put(key(1))  # published: its mark goes, and with it one of instance 7's
-    rig.index.storing(7, digest(4), DIGEST, 1, 0, 0.0)
+    rig.put(key(1))  # published: its mark goes, and with it one of client u7's
+    rig.index.storing("u7", digest(4), DIGEST, 1, 0, 0.0)
     assert rig.claim(4)[::2] == (0, True)
 
 
@@ -304,3 +304,38 @@ def test_a_claimed_lookup_arriving_after_its_load_leaves_no_pin(served: Served) 
     assert reply.ok and reply.value == len(stored.tokens)  # claimed after the load: a lookup of its own
     assert server.service.pins.get(key) is not None and key in server.engine.pinned_ids()
     assert client.release("late")
+
+
+def test_one_client_marks_at_most_its_share_however_many_instances_it_registers() -> None:
+    """The marks of stores in flight are charged to the client (its uid or TCP address), not to each
+    instance: registering more instances cannot fill the index and make other tenants' claims miss."""
+    server, thread = start_serving("shared-l1")
+    client = client_of(server)
+    try:
+        assert server.claims is not None
+        first = client.register(pool(11), 0, 1, MODEL, TPB, pool_sharing="shared-l1").instance_id
+        second = client.register(pool(12), 0, 1, MODEL, TPB, pool_sharing="shared-l1").instance_id
+        server.claims.max_marks = 2
+        chunk = server.engine.config.chunk_size
+
+        def reserve(iid: int, digests: bytes) -> None:
+            req = P.StoreReserve(
+                rid=1,
+                auth=client.credentials.secret(),
+                instance_id=iid,
+                tokens=b"",
+                chunk_hashes=digests,
+                end=len(digests) // DIGEST * chunk,
+                cap=client.registrations.cap(iid),
+            )
+            assert exchange(f"tcp://127.0.0.1:{server.tcp_port}", P.encode(req)).ok
+
+        reserve(first, digest(101) + digest(102))  # the client's two marks
+        reserve(second, digest(103))  # another instance of the same client: no mark left
+        marked = client.registrations.claim(first, digest(102), pin_id="a")
+        assert marked is None  # being stored: the lookup asks the server
+        unmarked = client.registrations.claim(second, digest(103), pin_id="b")
+        assert unmarked is not None and unmarked.tokens == 0  # a plain miss: not marked
+    finally:
+        client.close()
+        stop_serving(server, thread)
