@@ -320,7 +320,8 @@ class CacheEngine(EngineLookup):
                 _, pins = self.tiers.promote_prefix(
                     self.namespace(space), [[s.key] for s in rest], [s.end - s.start for s in rest]
                 )
-                if not self._record_tier_pins(hold, pins):
+                if not hold.record_tier_pins(pins):
+                    self.tiers.unpin(pins)  # finished meanwhile: not the hold's to release
                     return
                 chunk = self._hold(span.key)
             if chunk is None and span.end > end and self.config.save_unfull_chunk:
@@ -331,7 +332,8 @@ class CacheEngine(EngineLookup):
                     got, pins = self.tiers.promote_prefix(
                         self.namespace(space), [[span.key]], [span.end - span.start]
                     )
-                    if not self._record_tier_pins(hold, pins):
+                    if not hold.record_tier_pins(pins):
+                        self.tiers.unpin(pins)
                         return
                     chunk = self._hold(span.key) if got else None
             if chunk is None:
@@ -341,34 +343,16 @@ class CacheEngine(EngineLookup):
             skip = (max(start, span.start) - span.start) // tpb
             stop = (min(end, span.end) - span.start) // tpb
             slot = LoadSlot(span.key, chunk, span.start // tpb, rows, skip, stop)
-            with hold.lock:
-                taken = not hold.finished
-                if taken:
-                    hold.slots.append(slot)
-                    hold.loaded_end = min(end, span.end)
-            if not taken:  # finished meanwhile (another thread): this pin would never be released
+            if not hold.record(slot, min(end, span.end)):  # finished meanwhile, on another thread
                 self.l1.unpin_all([span.key])
                 return
             yield slot
 
-    def _record_tier_pins(self, hold: LoadHold, pins: list[ChunkKey]) -> bool:
-        """Add a promotion's pins to ``hold``; False (the pins released) if it finished meanwhile."""
-        with hold.lock:
-            if not hold.finished:
-                hold.tier_pins += pins
-                return True
-        if pins:
-            assert self.tiers is not None
-            self.tiers.unpin(pins)
-        return False
-
     def finish_load(self, hold: LoadHold) -> int:
         """Unpin the load's chunks (their copies are done or abandoned) and count it; returns the
         tokens it loaded. Idempotent."""
-        with hold.lock:
-            if hold.finished:
-                return hold.loaded_end - hold.start
-            hold.finished = True
+        if not hold.finish():
+            return hold.loaded_end - hold.start
         self.l1.unpin_all([slot.key for slot in hold.slots])
         if hold.tier_pins:
             assert self.tiers is not None
@@ -473,8 +457,30 @@ class LoadHold:
     tier_pins: list[ChunkKey] = field(default_factory=list)
     finished: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    """Orders :meth:`CacheEngine.finish_load` (which may come from another thread: the cache server
-    retiring an instance mid-load) against the pins :meth:`CacheEngine.hold_chunks` records."""
+    """Orders :meth:`finish` (which may come from another thread: the cache server retiring an
+    instance mid-load) against the pins :meth:`record` and :meth:`record_tier_pins` add."""
+
+    def record(self, slot: LoadSlot, loaded_end: int) -> bool:
+        """Add a pinned chunk's slot; False if the load finished meanwhile (the pin is not the hold's)."""
+        with self.lock:
+            if self.finished:
+                return False
+            self.slots.append(slot)
+            self.loaded_end = loaded_end
+            return True
+
+    def record_tier_pins(self, pins: list[ChunkKey]) -> bool:
+        """Add a promotion's pins; False if the load finished meanwhile (they are not the hold's)."""
+        with self.lock:
+            if not self.finished:
+                self.tier_pins += pins
+            return not self.finished
+
+    def finish(self) -> bool:
+        """Mark the load finished; False if it already was (its pins are released once)."""
+        with self.lock:
+            done, self.finished = self.finished, True
+            return not done
 
 
 def _read(slots: list[LoadSlot], event: Any) -> None:

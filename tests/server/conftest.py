@@ -107,3 +107,25 @@ def mapped(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(slab_mappings, "map_slab", counting)
     return names
+
+
+@pytest.fixture
+def make_server() -> Iterator:
+    """In-process servers (a thread each) with a private engine; stopped at the end."""
+    started: list[tuple[CacheServer, threading.Thread]] = []
+
+    def make(l1_gb: float = 0.05, **config: object) -> CacheServer:
+        engine = CacheEngine(
+            LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=l1_gb), pinned=False
+        )
+        server = CacheServer(engine, ServerConfig(**{"port": 0, "ipc_path": None, **config}))  # type: ignore[arg-type]
+        server.start()
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        started.append((server, thread))
+        return server
+
+    yield make
+    for server, thread in started:
+        server.stop()
+        thread.join(30)

@@ -12,9 +12,6 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -76,28 +73,6 @@ def _hostile(action: str, arg: str) -> dict:
 def _open_dir(path: Path) -> None:
     """Let other users reach the sockets in ``path`` (mkdtemp makes it 0700): only their modes guard them."""
     path.chmod(0o755)
-
-
-@pytest.fixture
-def make_server() -> Iterator:
-    """In-process servers (a thread each) with a private engine; stopped at the end."""
-    started: list[tuple[CacheServer, threading.Thread]] = []
-
-    def make(l1_gb: float = 0.05, **config: object) -> CacheServer:
-        engine = CacheEngine(
-            LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=l1_gb), pinned=False
-        )
-        server = CacheServer(engine, ServerConfig(**{"port": 0, "ipc_path": None, **config}))  # type: ignore[arg-type]
-        server.start()
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        started.append((server, thread))
-        return server
-
-    yield make
-    for server, thread in started:
-        server.stop()
-        thread.join(30)
 
 
 def _url(server: CacheServer) -> str:
@@ -573,61 +548,3 @@ def test_a_client_started_first_finds_the_secret_and_follows_a_new_one(
         assert secret_file.exists()
         assert client.lookup(list(range(64))) == 0  # re-read the secret, re-registered, a new cache
         assert client.stats().server_id == second.server_id
-
-
-def test_requests_waiting_behind_a_running_one_are_capped_in_bytes(
-    make_server, workdir: Path, monkeypatch
-) -> None:
-    """Complete frames a connection pipelines wait decoded in its queue: at most one largest frame's
-    worth per connection, and --max-pending-mb for all connections together; beyond, ``limit``."""
-    path = str(workdir / "q.sock")
-    server = make_server(ipc_path=path, max_frame_bytes=1 << 20, max_pending_bytes=4 << 20, max_workers=2)
-    client = CacheServerClient(f"ipc://{path}", timeout_s=20.0, heartbeat_interval_s=0)
-    info = client.register(shared_pool(seed=7), 0, 1, MODEL, TPB, pool_sharing="export")
-    release = threading.Event()
-    handle = server.service.handle
-
-    def held(req, call):  # the first request of each lane runs until the test lets it go
-        if req.rid == 1:
-            assert release.wait(20)
-        return handle(req, call)
-
-    monkeypatch.setattr(server.service, "handle", held)
-
-    def lookup(rid: int) -> bytes:  # 600 KiB of token ids: too long to run on the I/O thread
-        tokens = bytes(600 << 10)
-        return framed(P.encode(P.Lookup(rid=rid, instance_id=info.instance_id, tokens=tokens, cap=info.cap)))
-
-    lanes = [connect(f"ipc://{path}") for _ in range(2)]
-    try:
-        for lane in lanes:  # a running request, then six waiting ones of 600 KiB each
-            lane.sendall(b"".join(lookup(rid) for rid in range(1, 8)))
-
-        def read_all() -> bool:  # every frame but the two running ones queued or refused
-            return server.dispatcher.waiting() + server.refusals.get("queued_bytes", 0) == 12
-
-        deadline = time.monotonic() + 20
-        while not read_all() and time.monotonic() < deadline:
-            time.sleep(0.01)  # the I/O thread reads the lanes' frames; nothing runs until release
-        assert read_all()
-        refused = {}
-        for lane in lanes:
-            lane.settimeout(20)
-        release.set()
-        for n, lane in enumerate(lanes):
-            for _ in range(7):
-                reply = read_reply(lane)
-                if not reply.ok:
-                    refused.setdefault(n, []).append((reply.error.code, reply.error.message))
-    finally:
-        release.set()
-        for lane in lanes:
-            lane.close()
-        client.close()
-    messages = [m for got in refused.values() for _, m in got]
-    assert all(code == "limit" for got in refused.values() for code, _ in got)
-    # One lane may queue 3 MiB (one largest frame, --max-frame-mb 1): its sixth waiting request is refused.
-    assert any("this connection has" in m and "--max-frame-mb" in m for m in messages)
-    # Both lanes together may hold 4 MiB (--max-pending-mb): the second lane meets that cap.
-    assert any("the server has" in m and "--max-pending-mb" in m for m in messages)
-    assert server.refusals["queued_bytes"] == len(messages)
