@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from lmcache.config import LMCacheEngineConfig
-from lmcache.integration.tensorrt_llm.blocks import paged_suffix_start, savable_runs
+from lmcache.integration.tensorrt_llm.blocks import paged_runs, savable_runs
 from lmcache.integration.tensorrt_llm.plan import (
     ConnectorMetadata,
     Found,
@@ -356,23 +356,27 @@ class Planner:
         reservation_id: int | None,
         prompt: Prompt | None = None,
     ) -> LoadPlan:
-        """One transfer per layer group, over the pages it has: a sliding window's oldest blocks
-        read ``-1`` and need no KV. A page missing anywhere else fails the load before any copy."""
+        """One transfer per paged run of each layer group: a sliding window's passed blocks read
+        ``-1`` and need no KV (its sink blocks before them keep their pages and are loaded). A page
+        missing in a group ``CacheIndex.windows`` names full attention, or a block list too short,
+        fails the load before any copy.
+        """
         source = (prompt or state.prompt).up_to(load.end, self._chunk)
-        first, last = load.start // self._tpb, load.end // self._tpb
+        first, last = load.start // self._tpb, -(-load.end // self._tpb)
+        windows = self.index.windows()
         transfers = []
         for group, block_ids in enumerate(state.block_ids):
-            begin = paged_suffix_start(block_ids, first, last)
-            if begin is None:
+            runs = paged_runs(block_ids, first, last)
+            full_attention = group < len(windows) and windows[group] is None
+            if runs is None or (full_attention and sum(hi - lo for lo, hi in runs) < last - first):
                 raise PromisedLoadError(
                     f"request {state.request_id}: layer group {group} has no page for some block of the "
                     f"promised tokens [{load.start}, {load.end}) (block ids {block_ids[first:last]}); "
                     "refusing to load"
                 )
-            if begin < last:
-                transfers.append(
-                    Transfer(state.request_id, source, group, block_ids, begin * self._tpb, load.end)
-                )
+            for lo, hi in runs:
+                start, end = max(lo * self._tpb, load.start), min(hi * self._tpb, load.end)
+                transfers.append(Transfer(state.request_id, source, group, block_ids, start, end))
         return LoadPlan(
             state.request_id,
             pin,

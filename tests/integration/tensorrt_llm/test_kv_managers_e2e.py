@@ -22,6 +22,7 @@ from lmcache.testing.trtllm_replay import (
 
 VSWA = dataclasses.replace(MODEL, num_layers=3, layer_windows=(64, None, 64))
 SLIDING = dataclasses.replace(MODEL, layer_windows=(64, 64))
+SINKS = dataclasses.replace(VSWA, sink_tokens=TPB)
 MODES = list(KV_MANAGER_MODES)
 
 
@@ -95,9 +96,14 @@ def test_multi_turn_and_chunked_prefill(preset: Preset, mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["v2", "v2-res"])
-@pytest.mark.parametrize("model", [VSWA, SLIDING], ids=["vswa", "sliding"])
+@pytest.mark.parametrize(
+    "model",
+    [VSWA, SLIDING, SINKS, dataclasses.replace(SLIDING, sink_tokens=TPB)],
+    ids=["vswa", "sliding", "vswa-sinks", "sliding-sinks"],
+)
 def test_sliding_window_models(preset: Preset, mode: str, model: ModelConfig) -> None:
-    """Layer groups keyed apart; the sliding group's passed pages are -1 and never touched."""
+    """Layer groups keyed apart; the sliding group's passed pages are -1 and never touched, its
+    sink pages before them are loaded like the window's."""
     p = prompt(200, start=5)
     cold = ReplayExecutor(args(preset, mode), model).generate([p], 6)[0]
     executor = ReplayExecutor(args(preset, mode), model)

@@ -29,13 +29,34 @@ def test_no_page_entries_stay_in_place_and_never_reach_a_save() -> None:
         assert save.block_ids == blocks
 
 
-def test_a_load_over_a_missing_page_fails_before_any_copy() -> None:
-    p, _ = planner(hit=128)
+def test_a_load_over_a_missing_page_of_a_full_attention_group_fails_before_any_copy() -> None:
+    p, index = planner(hit=128)
+    index.group_windows = [None]
     req = FakeRequest(1, list(range(200)))
     assert p.match(req, 0) == (128, False)
-    p.after_alloc(req, [[0, 1, 2, -1, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
-    with pytest.raises(PromisedLoadError, match="no page"):
-        p.build(SchedulerOutput(new_requests=[report(1, req.tokens, [], 0, 72)]))
+    blocks = [0, 1, 2, -1, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    p.after_alloc(req, [blocks])
+    with pytest.raises(PromisedLoadError, match="layer group 0 has no page"):
+        p.build(SchedulerOutput(new_requests=[report(1, req.tokens, blocks, 0, 72)]))
+
+
+def test_a_sliding_group_with_sink_blocks_loads_its_sinks_and_its_window() -> None:
+    """V2 keeps a sliding group's sink pages; only the blocks its window passed read -1. Each paged
+    run is one transfer, and no transfer covers a -1."""
+    p, index = planner(hit=128)
+    index.group_windows = [None, 64]
+    req = FakeRequest(3, list(range(200)))
+    assert p.reserve(req, 0, 9) == (128, False)
+    full = list(range(13))
+    sliding = [40, -1, -1, -1, 44, 45, 46, 47, 48, 49, 50, 51, 52]  # sink block 0; window from 64
+    out = SchedulerOutput(
+        new_requests=[grouped_report(3, req.tokens, [full, sliding], 0, 72)],
+        prefix_loads=[prefix_load(9, req, 0, 128, [full, sliding])],
+    )
+    (load,) = p.build(out).loads
+    assert [(t.group, t.start, t.end) for t in load.transfers] == [(0, 0, 128), (1, 0, 16), (1, 64, 128)]
+    for t in load.transfers:
+        assert min(t.block_ids[t.start // TPB : t.end // TPB]) >= 0
 
 
 def test_reservation_pins_per_id_and_releases_by_range() -> None:
