@@ -256,8 +256,12 @@ class Planner:
                 f"[{load.start}, {load.end}); only its head or tail can be cancelled"
             )
         if load.start >= load.end:
-            state.load = None
-            self.index.release(PinKey("req", state.request_id))
+            self._drop_load(state)
+
+    def _drop_load(self, state: _Request) -> None:
+        """Nothing of the request's legacy offer is left to load: its pins go."""
+        state.load = None
+        self.index.release(PinKey("req", state.request_id))
 
     # -- V2 prefix reservations ---------------------------------------------------------------
 
@@ -310,6 +314,30 @@ class Planner:
             prompt, prompt_len, _ = self._prompt_of(request, hash_now=True)
             state = self._requests[request_id] = _Request(request_id, prompt, prompt_len)
         state.block_ids = [[int(b) for b in group] for group in block_ids_by_group]
+        self._clip_to_allocation(state)
+
+    def _clip_to_allocation(self, state: _Request) -> None:
+        """V2's legacy query may honour an offer partly or not at all, with no ``cancel_load``: the
+        allocation then ends before the offer. Only the offer's blocks with an allocated page load
+        (those past what was honoured hold the same tokens' KV until TRT-LLM computes them); none
+        left drops the load."""
+        load = state.load
+        if load is None or load.planned:
+            return
+        allocated = min((len(group) for group in state.block_ids), default=0) * self._tpb
+        if load.end <= allocated:
+            return
+        logger.debug(
+            "%s: req %d: the allocation ends at token %d, inside the offer [%d, %d); loading only up to it",
+            self.log_prefix,
+            state.request_id,
+            allocated,
+            load.start,
+            load.end,
+        )
+        load.end = max(load.start, allocated)
+        if load.start >= load.end:
+            self._drop_load(state)
 
     # -- build_connector_meta -----------------------------------------------------------------
 

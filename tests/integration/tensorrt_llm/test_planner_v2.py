@@ -159,6 +159,25 @@ def test_cancel_load_trims_head_or_tail_and_refuses_a_split() -> None:
     assert index.pinned == set() and q.build(SchedulerOutput()).loads == []
 
 
+def test_a_legacy_offer_honoured_partly_loads_only_the_allocated_blocks() -> None:
+    """V2's legacy query may honour less than offered, with no cancel_load: the allocation ends
+    before the offer. Only its whole blocks load; an offer left with no page drops, pins released."""
+    p, index = planner(hit=256)
+    req = FakeRequest(5, list(range(300)))
+    assert p.match(req, 0) == (256, False)
+    pages = list(range(8))  # 128 tokens: the grow to the offer's end failed; 112 honoured
+    p.after_alloc(req, [pages])
+    meta = p.build(SchedulerOutput(new_requests=[report(5, req.tokens, pages, 0, 16)]))
+    assert [(ld.start, ld.end) for ld in meta.loads] == [(0, 128)]
+    assert [(t.start, t.end) for t in meta.loads[0].transfers] == [(0, 128)]
+    assert meta.saves == [] and index.pinned == {PinKey("req", 5)}  # the load releases them
+    q, index = planner(hit=256)
+    assert q.match(req, 64) == (192, False)
+    q.after_alloc(req, [list(range(4))])  # honoured 0: the pages end at the device match
+    assert index.pinned == set()
+    assert q.build(SchedulerOutput(new_requests=[report(5, req.tokens, list(range(4)), 64, 64)])).loads == []
+
+
 def test_request_reset_drops_pages_and_plans_and_starts_afresh() -> None:
     p, index = planner(hit=128)
     req = FakeRequest(1, list(range(200)))
