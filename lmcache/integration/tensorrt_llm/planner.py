@@ -239,7 +239,7 @@ class Planner:
 
     def cancel_load(self, request: Any, start: int, end: int) -> None:
         """Offered tokens ``[start, end)`` will not be consumed: trim the offer at its head or tail
-        (or drop it), releasing the pins once nothing is left to load."""
+        (or drop it), to whole blocks, releasing the pins once no whole block is left to load."""
         state = self._requests.get(int(request.request_id))
         load = state.load if state is not None else None
         if load is None or load.planned or end <= load.start or start >= load.end:
@@ -247,9 +247,9 @@ class Planner:
         if start <= load.start and end >= load.end:
             load.start = load.end
         elif start <= load.start:
-            load.start = end
+            load.start = -(-end // self._tpb) * self._tpb  # up: never rewrite a token TRT-LLM holds
         elif end >= load.end:
-            load.end = start
+            load.end = start // self._tpb * self._tpb  # down: a load ends on a block boundary
         else:
             raise ValueError(
                 f"cancel_load({start}, {end}) would split request {state.request_id}'s offer "

@@ -178,6 +178,27 @@ def test_a_legacy_offer_honoured_partly_loads_only_the_allocated_blocks() -> Non
     assert q.build(SchedulerOutput(new_requests=[report(5, req.tokens, list(range(4)), 64, 64)])).loads == []
 
 
+def test_cancel_load_trims_to_whole_blocks() -> None:
+    """A head trim rounds up to a block boundary (a token TRT-LLM now holds is never rewritten), a
+    tail trim down; an offer left without a whole block drops, its pins released."""
+    p, _ = planner(hit=192)
+    req = FakeRequest(1, list(range(300)))
+    assert p.match(req, 0) == (192, False)
+    p.cancel_load(req, 0, 40)  # V2 partial reuse committed 40 tokens locally meanwhile
+    p.cancel_load(req, 100, 192)
+    p.after_alloc(req, [list(range(19))])
+    (load,) = p.build(SchedulerOutput()).loads
+    assert (load.start, load.end) == (48, 96)
+    assert [(t.start, t.end) for t in load.transfers] == [(48, 96)]
+    q, index = planner(hit=192)
+    q.match(req, 0)
+    q.cancel_load(req, 0, 90)
+    q.cancel_load(req, 100, 192)  # [96, 96) is left: nothing whole
+    assert index.pinned == set() and q.pending_requests() == [1]
+    q.after_alloc(req, [list(range(19))])
+    assert q.build(SchedulerOutput()).loads == []
+
+
 def test_request_reset_drops_pages_and_plans_and_starts_afresh() -> None:
     p, index = planner(hit=128)
     req = FakeRequest(1, list(range(200)))
