@@ -82,6 +82,8 @@ class _Request:
     """Per layer group, indexed by block ordinal, ``-1`` in place."""
     load: _Load | None = None
     saved_until: int = 0
+    tail_saved: bool = False
+    """The prompt's partial last chunk was planned for saving (``save_unfull_chunk``): never again."""
     save_planned: bool = False
     reported: bool = False
 
@@ -469,7 +471,7 @@ class Planner:
         chunk = self._chunk
         limit = computed if self.config.save_decode_cache else min(computed, state.prompt_len)
         end = limit // chunk * chunk
-        if self.config.save_unfull_chunk and limit == state.prompt_len:
+        if self.config.save_unfull_chunk and limit == state.prompt_len and not state.tail_saved:
             end = limit  # the prompt's partial last chunk; the engine keeps its whole blocks
         if end <= state.saved_until:
             return
@@ -483,6 +485,7 @@ class Planner:
                 state.save_planned = True
         # Past these chunks for good: a page a window took since never comes back.
         state.saved_until = end // chunk * chunk if end % chunk else end
+        state.tail_saved = state.tail_saved or end % chunk != 0
 
     # -- request end ----------------------------------------------------------------------------
 
