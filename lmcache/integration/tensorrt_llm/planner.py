@@ -276,6 +276,11 @@ class Planner:
         pin = reservation_pin(reservation_id)
         hit, new, prompt = self._usable(prompt, prompt_len, num_computed_tokens, pin)
         state = self._requests.get(request_id)
+        if state is None and not new:
+            # No state for a zero answer: a request cancelled while it waits for pages gets no other
+            # callback (no allocation: no request_finished, no request_reset) to forget it by.
+            self._log_match(request_id, prompt_len, num_computed_tokens, hit, new)
+            return 0, False
         if state is None or state.prompt.tokens != prompt.tokens:
             state = self._requests[request_id] = _Request(request_id, prompt, prompt_len)
         elif state.prompt.hashes is None:

@@ -155,6 +155,18 @@ def test_cancel_during_an_async_load(preset: Preset, mode: str) -> None:
     finish(preset, executor)
 
 
+def test_a_request_cancelled_while_waiting_for_pages_leaves_nothing_behind(preset: Preset) -> None:
+    """reserve_prefix asks about requests still waiting for pages; one cancelled before admission
+    gets no other connector callback, and the planner keeps nothing of it."""
+    executor = ReplayExecutor(args(preset, "v2-res", max_tokens=256), MODEL)
+    victim = executor.next_request_id + 1  # the pool holds one 200-token request: the second waits
+    executor.on_iteration = lambda ex: ex.cancel(victim) if ex.stats.iterations == 3 else None
+    first, second = executor.generate([prompt(200, start=10), prompt(200, start=11)], 8)
+    assert second.cancelled and executor.stats.requests[victim].reservation_ids  # asked while waiting
+    assert_same_output(first, reference([prompt(200, start=10)], 8)[0])
+    finish(preset, executor)
+
+
 @pytest.mark.parametrize("mode", ["v2", "v2-res"])
 def test_rollback_forgets_the_pages_and_replays(preset: Preset, mode: str) -> None:
     p = prompt(200, start=9)
