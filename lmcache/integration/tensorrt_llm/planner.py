@@ -402,7 +402,7 @@ class Planner:
         transfers = []
         for group, block_ids in enumerate(state.block_ids):
             runs = paged_runs(block_ids, first, last)
-            full_attention = group < len(windows) and windows[group] is None
+            full_attention = group >= len(windows) or windows[group] is None  # unknown: strict
             if runs is None or (full_attention and sum(hi - lo for lo, hi in runs) < last - first):
                 raise PromisedLoadError(
                     f"request {state.request_id}: layer group {group} has no page for some block of the "

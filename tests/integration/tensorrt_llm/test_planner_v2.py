@@ -97,7 +97,8 @@ def test_reservation_needs_a_block_aligned_start_and_a_hit() -> None:
 
 
 def test_prefix_loads_are_the_only_permission_to_load() -> None:
-    p, _ = planner(hit=128, enable_async_loading=True)
+    p, index = planner(hit=128, enable_async_loading=True)
+    index.group_windows = [None, 64]
     req = FakeRequest(3, list(range(200)))
     assert p.reserve(req, 0, 9) == (128, True)
     p.after_alloc(req, [list(range(13))])
@@ -252,6 +253,7 @@ def test_a_device_match_ending_on_pages_with_no_slot_loads_only_after_it() -> No
     """TRT-LLM kept 64 tokens; the sliding group has no page for its oldest blocks, which lie inside
     that device match: the load starts at the match, every transfer covers paged blocks only."""
     p, index = planner(hit=192)
+    index.group_windows = [None, 96]
     req = FakeRequest(2, list(range(200)))
     assert p.match(req, 64) == (128, False)
     full = list(range(13))
