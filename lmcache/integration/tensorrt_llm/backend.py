@@ -48,6 +48,14 @@ class TransferBackend(Protocol):
         ...
 
 
+def transfers_by_group(plan: LoadPlan) -> dict[int, list[Transfer]]:
+    """The plan's transfers per layer group, in order (a group may have several, see ``LoadPlan``)."""
+    by_group: dict[int, list[Transfer]] = {}
+    for transfer in plan.transfers:
+        by_group.setdefault(transfer.group, []).append(transfer)
+    return by_group
+
+
 def check_loaded(plan: LoadPlan, transfer: Transfer, loaded: int) -> None:
     """Log the seed's "Retrieved" line; fail the request if the cache supplied less than promised."""
     expected = transfer.end - transfer.start

@@ -16,19 +16,26 @@ def has_pages(block_ids: Sequence[int], first: int, last: int) -> bool:
     return last <= len(block_ids) and all(block_ids[i] >= 0 for i in range(first, last))
 
 
-def paged_suffix_start(block_ids: Sequence[int], first: int, last: int) -> int | None:
-    """The first ordinal of ``[first, last)`` from which every ordinal up to ``last`` has a page.
+def paged_runs(block_ids: Sequence[int], first: int, last: int) -> list[tuple[int, int]] | None:
+    """The maximal ordinal ranges inside ``[first, last)`` whose every ordinal has a page, in order.
 
-    A sliding-window group reports its oldest pages as ``-1``: only the paged suffix needs KV.
-    Returns ``last`` when none of them has a page, and None for a hole (a page missing after a
-    paged one) or a list shorter than ``last``: nothing can be loaded safely then.
+    A sliding-window group reports the blocks its window has passed as ``-1`` while its sink blocks
+    before them keep their pages: only its paged runs need KV. None for a list shorter than ``last``
+    (nothing can be loaded safely then).
     """
     if last > len(block_ids):
         return None
-    start = first
-    while start < last and block_ids[start] < 0:
-        start += 1
-    return start if all(block_ids[i] >= 0 for i in range(start, last)) else None
+    runs: list[tuple[int, int]] = []
+    ordinal = first
+    while ordinal < last:
+        if block_ids[ordinal] < 0:
+            ordinal += 1
+            continue
+        run_start = ordinal
+        while ordinal < last and block_ids[ordinal] >= 0:
+            ordinal += 1
+        runs.append((run_start, ordinal))
+    return runs
 
 
 def savable_runs(

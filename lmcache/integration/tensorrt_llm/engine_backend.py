@@ -14,7 +14,7 @@ from lmcache import cudart
 from lmcache.chunk_copy import CopyBatcher, StoreStart
 from lmcache.config import load_engine_config
 from lmcache.engine import CacheEngine, KeySpace
-from lmcache.integration.tensorrt_llm.backend import check_loaded
+from lmcache.integration.tensorrt_llm.backend import check_loaded, transfers_by_group
 from lmcache.integration.tensorrt_llm.inflight import Done, event_done, future_done
 from lmcache.integration.tensorrt_llm.miss_probe import MissProbe
 from lmcache.integration.tensorrt_llm.plan import Found, LoadPlan, PinKey, Prompt, TargetId, Transfer
@@ -223,17 +223,15 @@ class EngineTransfers:
         target_stream = self._load_stream if caller is not None else None
         if caller is not None:
             target_stream.wait_stream(caller)
-        by_group = {transfer.group: transfer for transfer in plan.transfers}
+        by_group = transfers_by_group(plan)
         try:
             for pool in self._registered():
-                transfer = by_group.get(pool.pool.target.group)
-                if transfer is None:
-                    continue
-                block_transfer = transfer.for_target(pool.pool.target)
-                loaded = engine.retrieve(
-                    pool.space, self._rank, pool.pool.tensor, block_transfer, target_stream, layers=layers
-                )
-                check_loaded(plan, transfer, loaded)
+                for transfer in by_group.get(pool.pool.target.group, []):
+                    block_transfer = transfer.for_target(pool.pool.target)
+                    loaded = engine.retrieve(
+                        pool.space, self._rank, pool.pool.tensor, block_transfer, target_stream, layers=layers
+                    )
+                    check_loaded(plan, transfer, loaded)
         finally:
             for pool in self._pools:  # this rank has loaded (or failed): its pins may go
                 engine.release(_pin_id(plan.pin, pool.pool.target), self._rank)

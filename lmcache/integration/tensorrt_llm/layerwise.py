@@ -49,10 +49,14 @@ class LayerwiseLoads:
 
     def layers_for(self, plan: LoadPlan) -> LayerReady | None:
         """Where ``plan``'s load tells its layers' progress if it goes layer-wise, else None (the whole
-        load then comes before the forward): synchronous loads only, once the hooks are proven."""
+        load then comes before the forward): synchronous loads only, once the hooks are proven, with
+        one transfer per layer group (several retrieves would each set the layers' events)."""
         if not (self.enabled and self.armed and self.num_layers) or plan.is_async:
             return None
         if plan.reservation_id is not None:
+            return None
+        groups = [transfer.group for transfer in plan.transfers]
+        if len(groups) != len(set(groups)):
             return None
         ready = LayerReady(self.num_layers)
         self._loads.append(ready)

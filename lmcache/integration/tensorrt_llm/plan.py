@@ -80,6 +80,7 @@ class Transfer:
 @dataclass(frozen=True)
 class LoadPlan:
     """One promised load of a request, all layer groups; it completes (and is reported) as one.
+    A group has one transfer per run of blocks with pages (a sliding window with sink blocks: two).
 
     ``reservation_id`` is set for a V2 prefix load (reported by ``get_finished_prefix_loads``);
     otherwise an async load is reported by request id from ``get_finished``. ``required`` is how

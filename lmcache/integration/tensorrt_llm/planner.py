@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from lmcache.config import LMCacheEngineConfig
-from lmcache.integration.tensorrt_llm.blocks import paged_suffix_start, savable_runs
+from lmcache.integration.tensorrt_llm.blocks import paged_runs, savable_runs
 from lmcache.integration.tensorrt_llm.plan import (
     ConnectorMetadata,
     Found,
@@ -82,6 +82,8 @@ class _Request:
     """Per layer group, indexed by block ordinal, ``-1`` in place."""
     load: _Load | None = None
     saved_until: int = 0
+    tail_saved: bool = False
+    """The prompt's partial last chunk was planned for saving (``save_unfull_chunk``): never again."""
     save_planned: bool = False
     reported: bool = False
 
@@ -239,7 +241,7 @@ class Planner:
 
     def cancel_load(self, request: Any, start: int, end: int) -> None:
         """Offered tokens ``[start, end)`` will not be consumed: trim the offer at its head or tail
-        (or drop it), releasing the pins once nothing is left to load."""
+        (or drop it), to whole blocks, releasing the pins once no whole block is left to load."""
         state = self._requests.get(int(request.request_id))
         load = state.load if state is not None else None
         if load is None or load.planned or end <= load.start or start >= load.end:
@@ -247,17 +249,21 @@ class Planner:
         if start <= load.start and end >= load.end:
             load.start = load.end
         elif start <= load.start:
-            load.start = end
+            load.start = -(-end // self._tpb) * self._tpb  # up: never rewrite a token TRT-LLM holds
         elif end >= load.end:
-            load.end = start
+            load.end = start // self._tpb * self._tpb  # down: a load ends on a block boundary
         else:
             raise ValueError(
                 f"cancel_load({start}, {end}) would split request {state.request_id}'s offer "
                 f"[{load.start}, {load.end}); only its head or tail can be cancelled"
             )
         if load.start >= load.end:
-            state.load = None
-            self.index.release(PinKey("req", state.request_id))
+            self._drop_load(state)
+
+    def _drop_load(self, state: _Request) -> None:
+        """Nothing of the request's legacy offer is left to load: its pins go."""
+        state.load = None
+        self.index.release(PinKey("req", state.request_id))
 
     # -- V2 prefix reservations ---------------------------------------------------------------
 
@@ -270,6 +276,11 @@ class Planner:
         pin = reservation_pin(reservation_id)
         hit, new, prompt = self._usable(prompt, prompt_len, num_computed_tokens, pin)
         state = self._requests.get(request_id)
+        if state is None and not new:
+            # No state for a zero answer: a request cancelled while it waits for pages gets no other
+            # callback (no allocation: no request_finished, no request_reset) to forget it by.
+            self._log_match(request_id, prompt_len, num_computed_tokens, hit, new)
+            return 0, False
         if state is None or state.prompt.tokens != prompt.tokens:
             state = self._requests[request_id] = _Request(request_id, prompt, prompt_len)
         elif state.prompt.hashes is None:
@@ -310,6 +321,30 @@ class Planner:
             prompt, prompt_len, _ = self._prompt_of(request, hash_now=True)
             state = self._requests[request_id] = _Request(request_id, prompt, prompt_len)
         state.block_ids = [[int(b) for b in group] for group in block_ids_by_group]
+        self._clip_to_allocation(state)
+
+    def _clip_to_allocation(self, state: _Request) -> None:
+        """V2's legacy query may honour an offer partly or not at all, with no ``cancel_load``: the
+        allocation then ends before the offer. Only the offer's blocks with an allocated page load
+        (those past what was honoured hold the same tokens' KV until TRT-LLM computes them); none
+        left drops the load."""
+        load = state.load
+        if load is None or load.planned:
+            return
+        allocated = min((len(group) for group in state.block_ids), default=0) * self._tpb
+        if load.end <= allocated:
+            return
+        logger.debug(
+            "%s: req %d: the allocation ends at token %d, inside the offer [%d, %d); loading only up to it",
+            self.log_prefix,
+            state.request_id,
+            allocated,
+            load.start,
+            load.end,
+        )
+        load.end = max(load.start, allocated)
+        if load.start >= load.end:
+            self._drop_load(state)
 
     # -- build_connector_meta -----------------------------------------------------------------
 
@@ -356,23 +391,27 @@ class Planner:
         reservation_id: int | None,
         prompt: Prompt | None = None,
     ) -> LoadPlan:
-        """One transfer per layer group, over the pages it has: a sliding window's oldest blocks
-        read ``-1`` and need no KV. A page missing anywhere else fails the load before any copy."""
+        """One transfer per paged run of each layer group: a sliding window's passed blocks read
+        ``-1`` and need no KV (its sink blocks before them keep their pages and are loaded). A page
+        missing in a group ``CacheIndex.windows`` names full attention, or a block list too short,
+        fails the load before any copy.
+        """
         source = (prompt or state.prompt).up_to(load.end, self._chunk)
-        first, last = load.start // self._tpb, load.end // self._tpb
+        first, last = load.start // self._tpb, -(-load.end // self._tpb)
+        windows = self.index.windows()
         transfers = []
         for group, block_ids in enumerate(state.block_ids):
-            begin = paged_suffix_start(block_ids, first, last)
-            if begin is None:
+            runs = paged_runs(block_ids, first, last)
+            full_attention = group >= len(windows) or windows[group] is None  # unknown: strict
+            if runs is None or (full_attention and sum(hi - lo for lo, hi in runs) < last - first):
                 raise PromisedLoadError(
                     f"request {state.request_id}: layer group {group} has no page for some block of the "
                     f"promised tokens [{load.start}, {load.end}) (block ids {block_ids[first:last]}); "
                     "refusing to load"
                 )
-            if begin < last:
-                transfers.append(
-                    Transfer(state.request_id, source, group, block_ids, begin * self._tpb, load.end)
-                )
+            for lo, hi in runs:
+                start, end = max(lo * self._tpb, load.start), min(hi * self._tpb, load.end)
+                transfers.append(Transfer(state.request_id, source, group, block_ids, start, end))
         return LoadPlan(
             state.request_id,
             pin,
@@ -437,7 +476,7 @@ class Planner:
         chunk = self._chunk
         limit = computed if self.config.save_decode_cache else min(computed, state.prompt_len)
         end = limit // chunk * chunk
-        if self.config.save_unfull_chunk and limit == state.prompt_len:
+        if self.config.save_unfull_chunk and limit == state.prompt_len and not state.tail_saved:
             end = limit  # the prompt's partial last chunk; the engine keeps its whole blocks
         if end <= state.saved_until:
             return
@@ -451,6 +490,7 @@ class Planner:
                 state.save_planned = True
         # Past these chunks for good: a page a window took since never comes back.
         state.saved_until = end // chunk * chunk if end % chunk else end
+        state.tail_saved = state.tail_saved or end % chunk != 0
 
     # -- request end ----------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ import torch
 
 from lmcache import cudart
 from lmcache.config import LMCacheEngineConfig
-from lmcache.integration.tensorrt_llm.backend import check_loaded
+from lmcache.integration.tensorrt_llm.backend import check_loaded, transfers_by_group
 from lmcache.integration.tensorrt_llm.inflight import Done
 from lmcache.integration.tensorrt_llm.miss_probe import MissProbe
 from lmcache.integration.tensorrt_llm.plan import Found, LoadPlan, PinKey, Prompt, TargetId, Transfer
@@ -370,31 +370,33 @@ class ServerTransfers:
     def _load(
         self, plan: LoadPlan, owners: dict[TargetId, int], stream: Any, layers: LayerReady | None = None
     ) -> None:
-        by_group = {transfer.group: transfer for transfer in plan.transfers}
+        by_group = transfers_by_group(plan)
         pin_id = _pin_id(plan.pin)
         for target in self._targets:
-            transfer = by_group.get(target.target.group)
             # A target with nothing to load still retrieves an empty range: it releases this rank's pins.
-            block_transfer = transfer.for_target(target.target) if transfer is not None else _NOTHING
-            try:
-                loaded = self._client.retrieve(
-                    block_transfer,
-                    pin_id,
-                    pin_owner=owners.get(target.target),
-                    instance_id=self._instances[target.target],
-                    stream=stream,
-                    layers=layers,
-                )
-            except (ServerUnavailable, ServerError) as exc:
-                if transfer is None:
-                    continue  # nothing was promised from this target; its pins expire on the server
-                raise PromisedLoadError(
-                    f"LMCache MP promised {transfer.end - transfer.start} tokens of KV for request "
-                    f"{plan.request_id} but the cache server failed to load them ({exc}); refusing to use "
-                    "unloaded KV blocks"
-                ) from exc
-            if transfer is not None:
-                check_loaded(plan, transfer, loaded)
+            transfers: list[Transfer | None] = list(by_group.get(target.target.group, [])) or [None]
+            for i, transfer in enumerate(transfers):
+                block_transfer = transfer.for_target(target.target) if transfer is not None else _NOTHING
+                last = i == len(transfers) - 1  # the pins go with the target's last retrieve
+                try:
+                    loaded = self._client.retrieve(
+                        block_transfer,
+                        pin_id if last else None,
+                        pin_owner=owners.get(target.target) if last else None,
+                        instance_id=self._instances[target.target],
+                        stream=stream,
+                        layers=layers,
+                    )
+                except (ServerUnavailable, ServerError) as exc:
+                    if transfer is None:
+                        continue  # nothing was promised from this target; its pins expire on the server
+                    raise PromisedLoadError(
+                        f"LMCache MP promised {transfer.end - transfer.start} tokens of KV for request "
+                        f"{plan.request_id} but the cache server failed to load them ({exc}); refusing to "
+                        "use unloaded KV blocks"
+                    ) from exc
+                if transfer is not None:
+                    check_loaded(plan, transfer, loaded)
 
     # -- saves --------------------------------------------------------------------------------
 

@@ -120,7 +120,7 @@ class ReplayExecutor:
             raise ValueError("sliding-window layers require kv_cache_config.use_kv_cache_manager_v2")
         self.model = TinyDecoder(mc, seed=seed, device=self.device, tp_size=self.tp_size, ranks=self.ranks)
         self.kv = GroupedBlockManager(
-            self.layer_groups, kv.num_blocks, kv.tokens_per_block, kv.enable_block_reuse
+            self.layer_groups, kv.num_blocks, kv.tokens_per_block, kv.enable_block_reuse, mc.sink_tokens
         )
         self.pools = GroupedKvPool(
             self.layer_groups,

@@ -19,11 +19,18 @@ class GroupedBlockManager:
     """Allocation, GUARANTEED_NO_EVICT reservation and reuse of one request's pages in every group."""
 
     def __init__(
-        self, groups: list[LayerGroup], num_blocks: int, tokens_per_block: int, enable_reuse: bool
+        self,
+        groups: list[LayerGroup],
+        num_blocks: int,
+        tokens_per_block: int,
+        enable_reuse: bool,
+        sink_tokens: int = 0,
     ) -> None:
+        """``sink_tokens``: the first tokens sliding windows keep seeing; their blocks are never masked."""
         reuse = enable_reuse and len(groups) == 1 and groups[0].window is None
         self.groups = groups
         self.tokens_per_block = tokens_per_block
+        self.sink_blocks = -(-sink_tokens // tokens_per_block)
         self.managers = [
             BlockManager(num_blocks, tokens_per_block, reuse, first_free=g * num_blocks // len(groups))
             for g in range(len(groups))
@@ -60,13 +67,15 @@ class GroupedBlockManager:
 
     def pages(self, seq_id: int, history: int) -> list[list[int]]:
         """Complete page list per group, indexed by block ordinal; in a sliding group with window
-        ``W``, ordinals ``[0, (history + 1 - W) // tpb)`` read ``-1`` (``history`` = tokens computed)."""
+        ``W``, ordinals ``[num_sink_blocks, (history + 1 - W) // tpb)`` read ``-1`` (``history`` =
+        tokens computed)."""
         lists = []
         for group, manager in zip(self.groups, self.managers, strict=True):
             ids = manager.get_cache_indices(seq_id) if manager.has_sequence(seq_id) else []
             if group.window is not None:
                 masked = min(len(ids), max(0, (history + 1 - group.window) // self.tokens_per_block))
-                ids[:masked] = [BAD_PAGE_INDEX] * masked
+                for ordinal in range(self.sink_blocks, masked):
+                    ids[ordinal] = BAD_PAGE_INDEX
             lists.append(ids)
         return lists
 

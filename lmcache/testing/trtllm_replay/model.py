@@ -10,8 +10,8 @@ at a time with identical shapes (the attention key length depends only on the po
 every number independent of batch composition and chunking, on CPU and on CUDA.
 
 Sliding windows: a layer with window ``W`` lets the query at position ``q`` see key ``p`` only if
-``q - p < W``, and it reads only the pages holding those keys; a page listed ``-1`` that the window
-still needs raises instead of being read.
+``q - p < W`` or ``p`` is one of the first ``sink_tokens`` (attention sinks), and it reads only the
+pages holding those keys; a page listed ``-1`` that the layer still needs raises instead of being read.
 """
 
 from __future__ import annotations
@@ -43,8 +43,12 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     dtype: torch.dtype = torch.float32
     layer_windows: tuple[int | None, ...] | None = None  # per-layer attention window; None = full
+    sink_tokens: int = 0
+    """The first tokens every sliding-window layer keeps seeing (attention sinks); their pages stay."""
 
     def __post_init__(self) -> None:
+        if self.sink_tokens < 0:
+            raise ValueError("sink_tokens must not be negative")
         if self.num_heads % self.num_kv_heads:
             raise ValueError("num_heads must be a multiple of num_kv_heads")
         if self.head_dim % 2:
@@ -73,7 +77,12 @@ class ForwardItem:
 class _GroupPages:
     ids: list[int]
     tensor: torch.Tensor
-    first_valid: int  # ordinals before this one are -1
+    leading: int  # ordinals before this one have pages (sink pages before a -1 run)
+    first_valid: int  # ordinals from this one on have pages; those between the two are -1
+
+    def has(self, first: int, last: int) -> bool:
+        """Whether every ordinal of ``[first, last)`` has a page."""
+        return first >= last or last <= self.leading or first >= self.first_valid
 
 
 LayerHook = Callable[[int], None]
@@ -156,11 +165,15 @@ class TinyDecoder:
         tpb = pool.tokens_per_block
         lowest = 0 if group.window is None else max(0, pos - group.window + 1)  # oldest visible key
         first = lowest // tpb
-        if first < page.first_valid:
-            raise RuntimeError(
-                f"layer {layer} at position {pos} needs block ordinal {first} of group "
-                f"{group.group_id}, which is -1 in {page.ids}"
-            )
+        sink = min(c.sink_tokens, lowest)  # sink keys not inside the window
+        sink_blocks = -(-sink // tpb)
+        for lo, hi in ((0, sink_blocks), (first, pos // tpb + 1)):
+            if not page.has(lo, hi):
+                missing = next(o for o in range(lo, hi) if page.ids[o] < 0)
+                raise RuntimeError(
+                    f"layer {layer} at position {pos} needs block ordinal {missing} of group "
+                    f"{group.group_id}, which is -1 in {page.ids}"
+                )
         h = self._rms_norm(x, w["attn_norm"])
         qkv = F.linear(h, w["qkv"])[0]
         nq, nkv, d = c.num_heads, c.num_kv_heads, c.head_dim
@@ -177,6 +190,9 @@ class TinyDecoder:
             keys, values = pool.gather(rank, local, page.tensor[first:], pos + 1 - first * tpb)
             if lowest > first * tpb:
                 keys, values = keys[:, lowest - first * tpb :], values[:, lowest - first * tpb :]
+            if sink:
+                sink_keys, sink_values = pool.gather(rank, local, page.tensor[:sink_blocks], sink)
+                keys, values = torch.cat((sink_keys, keys), dim=1), torch.cat((sink_values, values), dim=1)
             keys = keys.to(c.dtype).repeat_interleave(group, dim=0)
             values = values.to(c.dtype).repeat_interleave(group, dim=0)
             q_rank = q[rank * kv_per_rank * group : (rank + 1) * kv_per_rank * group]
@@ -191,10 +207,14 @@ class TinyDecoder:
         return x + F.linear(F.silu(gate) * up, w["down"])
 
     def _pages(self, ids: list[int]) -> _GroupPages:
-        first_valid = next((i for i, page in enumerate(ids) if page >= 0), len(ids))
+        leading = next((i for i, page in enumerate(ids) if page < 0), len(ids))
+        first_valid = next((i for i in range(leading, len(ids)) if ids[i] >= 0), len(ids))
+        if leading == len(ids):
+            first_valid = 0  # no -1 at all
         if any(page < 0 for page in ids[first_valid:]):
-            raise ValueError(f"-1 pages must form a prefix of the block list: {ids}")
-        return _GroupPages(ids, torch.tensor(ids, dtype=torch.long, device=self.device), first_valid)
+            raise ValueError(f"-1 pages must form one run of the block list (after any sink pages): {ids}")
+        tensor = torch.tensor(ids, dtype=torch.long, device=self.device)
+        return _GroupPages(ids, tensor, leading, first_valid)
 
     # --- forward ------------------------------------------------------------------------
     @torch.no_grad()

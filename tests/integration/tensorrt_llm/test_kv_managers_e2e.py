@@ -22,6 +22,7 @@ from lmcache.testing.trtllm_replay import (
 
 VSWA = dataclasses.replace(MODEL, num_layers=3, layer_windows=(64, None, 64))
 SLIDING = dataclasses.replace(MODEL, layer_windows=(64, 64))
+SINKS = dataclasses.replace(VSWA, sink_tokens=TPB)
 MODES = list(KV_MANAGER_MODES)
 
 
@@ -95,9 +96,14 @@ def test_multi_turn_and_chunked_prefill(preset: Preset, mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["v2", "v2-res"])
-@pytest.mark.parametrize("model", [VSWA, SLIDING], ids=["vswa", "sliding"])
+@pytest.mark.parametrize(
+    "model",
+    [VSWA, SLIDING, SINKS, dataclasses.replace(SLIDING, sink_tokens=TPB)],
+    ids=["vswa", "sliding", "vswa-sinks", "sliding-sinks"],
+)
 def test_sliding_window_models(preset: Preset, mode: str, model: ModelConfig) -> None:
-    """Layer groups keyed apart; the sliding group's passed pages are -1 and never touched."""
+    """Layer groups keyed apart; the sliding group's passed pages are -1 and never touched, its
+    sink pages before them are loaded like the window's."""
     p = prompt(200, start=5)
     cold = ReplayExecutor(args(preset, mode), model).generate([p], 6)[0]
     executor = ReplayExecutor(args(preset, mode), model)
@@ -146,6 +152,18 @@ def test_cancel_during_an_async_load(preset: Preset, mode: str) -> None:
     finally:
         preset_env.undo()
     assert_same_output(again, reference([p], 4)[0])
+    finish(preset, executor)
+
+
+def test_a_request_cancelled_while_waiting_for_pages_leaves_nothing_behind(preset: Preset) -> None:
+    """reserve_prefix asks about requests still waiting for pages; one cancelled before admission
+    gets no other connector callback, and the planner keeps nothing of it."""
+    executor = ReplayExecutor(args(preset, "v2-res", max_tokens=256), MODEL)
+    victim = executor.next_request_id + 1  # the pool holds one 200-token request: the second waits
+    executor.on_iteration = lambda ex: ex.cancel(victim) if ex.stats.iterations == 3 else None
+    first, second = executor.generate([prompt(200, start=10), prompt(200, start=11)], 8)
+    assert second.cancelled and executor.stats.requests[victim].reservation_ids  # asked while waiting
+    assert_same_output(first, reference([prompt(200, start=10)], 8)[0])
     finish(preset, executor)
 
 

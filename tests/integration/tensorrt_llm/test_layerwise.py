@@ -79,6 +79,21 @@ def test_loads_go_layer_wise_only_after_a_forward_hooked_every_layer() -> None:
     assert [layers is not None for layers in backend.given] == [False, False, True, False, False]
 
 
+def test_a_plan_with_several_runs_in_one_group_loads_whole() -> None:
+    """A sliding window's sink run and window run are two retrieves of one group: layer-wise, each
+    would set the layers' events on its own, so such a plan loads whole."""
+    backend = _Backend()
+    worker = _worker(backend)
+    _forward(worker, [], hooked=[0, 1, 2])
+    sink, window = (
+        Transfer(1, Prompt(list(range(16)), None), 0, [0, -1, -1, 3], s, e) for s, e in [(0, 4), (12, 16)]
+    )
+    _forward(
+        worker, [LoadPlan(1, PinKey("req", 1), [sink, window], 0, 16, False, 16), _plan(2)], hooked=[0, 1, 2]
+    )
+    assert [layers is not None for layers in backend.given] == [False, True]
+
+
 @pytest.mark.parametrize(("layerwise", "pool_layers"), [(False, LAYERS), (True, None), (True, 1)])
 def test_whole_loads_when_off_or_when_the_pool_cannot_load_by_layer(layerwise: bool, pool_layers) -> None:
     backend = _Backend(pool_layers)

@@ -254,6 +254,21 @@ def test_unfull_tail_saved_once_at_prompt_end() -> None:
     assert meta.saves == []
 
 
+def test_unfull_tail_saved_once_without_decode_saves() -> None:
+    """With decode saves off the save limit stays at the prompt's end: its partial last chunk is
+    still saved once, not at every decode step."""
+    p, _ = planner(save_unfull_chunk=True, save_decode_cache=False)
+    prompt = list(range(100))
+    p.match(FakeRequest(1, prompt), 0)
+    meta = p.build(SchedulerOutput(new_requests=[report(1, prompt, list(range(8)), 0, 100)]))
+    assert [(s.start, s.end) for s in meta.saves] == [(0, 100)]
+    again = []
+    for i in range(5):
+        meta = p.build(SchedulerOutput(cached_requests=[report(1, [7], [], 100 + i, 1)]))
+        again += meta.saves
+    assert again == []
+
+
 def test_request_without_lookup_is_planned_from_its_report() -> None:
     p, _ = planner()
     data = report(9, list(range(64)), [0, 1, 2, 3], 0, 64)

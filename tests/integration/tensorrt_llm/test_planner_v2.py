@@ -29,13 +29,34 @@ def test_no_page_entries_stay_in_place_and_never_reach_a_save() -> None:
         assert save.block_ids == blocks
 
 
-def test_a_load_over_a_missing_page_fails_before_any_copy() -> None:
-    p, _ = planner(hit=128)
+def test_a_load_over_a_missing_page_of_a_full_attention_group_fails_before_any_copy() -> None:
+    p, index = planner(hit=128)
+    index.group_windows = [None]
     req = FakeRequest(1, list(range(200)))
     assert p.match(req, 0) == (128, False)
-    p.after_alloc(req, [[0, 1, 2, -1, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
-    with pytest.raises(PromisedLoadError, match="no page"):
-        p.build(SchedulerOutput(new_requests=[report(1, req.tokens, [], 0, 72)]))
+    blocks = [0, 1, 2, -1, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    p.after_alloc(req, [blocks])
+    with pytest.raises(PromisedLoadError, match="layer group 0 has no page"):
+        p.build(SchedulerOutput(new_requests=[report(1, req.tokens, blocks, 0, 72)]))
+
+
+def test_a_sliding_group_with_sink_blocks_loads_its_sinks_and_its_window() -> None:
+    """V2 keeps a sliding group's sink pages; only the blocks its window passed read -1. Each paged
+    run is one transfer, and no transfer covers a -1."""
+    p, index = planner(hit=128)
+    index.group_windows = [None, 64]
+    req = FakeRequest(3, list(range(200)))
+    assert p.reserve(req, 0, 9) == (128, False)
+    full = list(range(13))
+    sliding = [40, -1, -1, -1, 44, 45, 46, 47, 48, 49, 50, 51, 52]  # sink block 0; window from 64
+    out = SchedulerOutput(
+        new_requests=[grouped_report(3, req.tokens, [full, sliding], 0, 72)],
+        prefix_loads=[prefix_load(9, req, 0, 128, [full, sliding])],
+    )
+    (load,) = p.build(out).loads
+    assert [(t.group, t.start, t.end) for t in load.transfers] == [(0, 0, 128), (1, 0, 16), (1, 64, 128)]
+    for t in load.transfers:
+        assert min(t.block_ids[t.start // TPB : t.end // TPB]) >= 0
 
 
 def test_reservation_pins_per_id_and_releases_by_range() -> None:
@@ -76,7 +97,8 @@ def test_reservation_needs_a_block_aligned_start_and_a_hit() -> None:
 
 
 def test_prefix_loads_are_the_only_permission_to_load() -> None:
-    p, _ = planner(hit=128, enable_async_loading=True)
+    p, index = planner(hit=128, enable_async_loading=True)
+    index.group_windows = [None, 64]
     req = FakeRequest(3, list(range(200)))
     assert p.reserve(req, 0, 9) == (128, True)
     p.after_alloc(req, [list(range(13))])
@@ -138,6 +160,46 @@ def test_cancel_load_trims_head_or_tail_and_refuses_a_split() -> None:
     assert index.pinned == set() and q.build(SchedulerOutput()).loads == []
 
 
+def test_a_legacy_offer_honoured_partly_loads_only_the_allocated_blocks() -> None:
+    """V2's legacy query may honour less than offered, with no cancel_load: the allocation ends
+    before the offer. Only its whole blocks load; an offer left with no page drops, pins released."""
+    p, index = planner(hit=256)
+    req = FakeRequest(5, list(range(300)))
+    assert p.match(req, 0) == (256, False)
+    pages = list(range(8))  # 128 tokens: the grow to the offer's end failed; 112 honoured
+    p.after_alloc(req, [pages])
+    meta = p.build(SchedulerOutput(new_requests=[report(5, req.tokens, pages, 0, 16)]))
+    assert [(ld.start, ld.end) for ld in meta.loads] == [(0, 128)]
+    assert [(t.start, t.end) for t in meta.loads[0].transfers] == [(0, 128)]
+    assert meta.saves == [] and index.pinned == {PinKey("req", 5)}  # the load releases them
+    q, index = planner(hit=256)
+    assert q.match(req, 64) == (192, False)
+    q.after_alloc(req, [list(range(4))])  # honoured 0: the pages end at the device match
+    assert index.pinned == set()
+    assert q.build(SchedulerOutput(new_requests=[report(5, req.tokens, list(range(4)), 64, 64)])).loads == []
+
+
+def test_cancel_load_trims_to_whole_blocks() -> None:
+    """A head trim rounds up to a block boundary (a token TRT-LLM now holds is never rewritten), a
+    tail trim down; an offer left without a whole block drops, its pins released."""
+    p, _ = planner(hit=192)
+    req = FakeRequest(1, list(range(300)))
+    assert p.match(req, 0) == (192, False)
+    p.cancel_load(req, 0, 40)  # V2 partial reuse committed 40 tokens locally meanwhile
+    p.cancel_load(req, 100, 192)
+    p.after_alloc(req, [list(range(19))])
+    (load,) = p.build(SchedulerOutput()).loads
+    assert (load.start, load.end) == (48, 96)
+    assert [(t.start, t.end) for t in load.transfers] == [(48, 96)]
+    q, index = planner(hit=192)
+    q.match(req, 0)
+    q.cancel_load(req, 0, 90)
+    q.cancel_load(req, 100, 192)  # [96, 96) is left: nothing whole
+    assert index.pinned == set() and q.pending_requests() == [1]
+    q.after_alloc(req, [list(range(19))])
+    assert q.build(SchedulerOutput()).loads == []
+
+
 def test_request_reset_drops_pages_and_plans_and_starts_afresh() -> None:
     p, index = planner(hit=128)
     req = FakeRequest(1, list(range(200)))
@@ -191,6 +253,7 @@ def test_a_device_match_ending_on_pages_with_no_slot_loads_only_after_it() -> No
     """TRT-LLM kept 64 tokens; the sliding group has no page for its oldest blocks, which lie inside
     that device match: the load starts at the match, every transfer covers paged blocks only."""
     p, index = planner(hit=192)
+    index.group_windows = [None, 96]
     req = FakeRequest(2, list(range(200)))
     assert p.match(req, 64) == (128, False)
     full = list(range(13))

@@ -143,6 +143,28 @@ def test_model_refuses_to_read_a_minus_one_page_the_window_needs() -> None:
     assert ex.model.forward([item], ex.pools)[0] is not None
 
 
+def test_sink_pages_stay_listed_and_are_read() -> None:
+    """``sink_tokens``: sliding layers keep seeing the first tokens, whose pages are never masked;
+    only the blocks between the sinks and the window read -1."""
+    sinks = replace(VSWA, sink_tokens=TPB)
+    p = prompt(112)
+    ex = ReplayExecutor(args(), sinks)
+    listed: list[list[int]] = []
+
+    def hook(e: ReplayExecutor) -> None:
+        req = e.request(1)
+        if not listed and req is not None and req.num_generated >= 1:
+            listed.append(e.pages(req)[0])
+
+    ex.on_iteration = hook
+    with_sinks = ex.generate([p], 6)[0]
+    assert listed[0][0] >= 0 and listed[0][1:4] == [-1, -1, -1] and min(listed[0][4:]) >= 0
+    assert not torch.equal(with_sinks.logits, ReplayExecutor(args(), VSWA).generate([p], 6)[0].logits)
+    item = ForwardItem([1], 100, [[-1, -1, -1, 3, 4, 5, 6], [6, 7, 8, 9, 10, 11, 12]], True)
+    with pytest.raises(RuntimeError, match="ordinal 0 .* which is -1"):
+        ex.model.forward([item], ex.pools)
+
+
 # --- a minimal real V2 connector -----------------------------------------------------------------
 
 
