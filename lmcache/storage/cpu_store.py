@@ -335,17 +335,16 @@ class CpuStore:
             return [k for k, c in self._chunks.items() if c.pins]
 
     def _evict_one(self) -> bool:
+        """Evict the first chunk in the policy's order that is neither pinned nor claimed; False if
+        there is none. The chunks stepped past keep their place and use counts."""
         if self._pinned >= len(self._policy):
             return False  # every committed chunk is pinned: nothing to skip through
-        for _ in range(len(self._policy)):
-            key = self._policy.victim()
-            if key is None:
-                return False
+        guard = self._guard
+        for key in self._policy.victims():
             chunk = self._chunks[key]
-            if not chunk.pins and (self._guard is None or self._guard.evictable(key)):
-                break
             # Pinned by a pending load or claimed by a lookup in flight: in use; the next one goes.
-            self._policy.requeue(key)
+            if not chunk.pins and (guard is None or guard.evictable(key)):
+                break
         else:
             return False
         self._policy.discard(key)
