@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lmcache.logging import init_logger
-from lmcache.memory import HostArena, HostBuffer
+from lmcache.memory import HostArena, HostBuffer, Slab, SlotPool
 from lmcache.rate_limit import RateLimitedLog
 from lmcache.stats import L1Snapshot
 from lmcache.storage.policies import make_policy
@@ -127,19 +127,14 @@ class CpuStore:
             # Once L1 is full every reservation evicts: skip the allocation that would fail first.
             buf = pool.allocate() if pool.may_allocate() else None
             while buf is None:
-                if self._evict_one():
-                    buf = pool.allocate()
-                    # Slabs hold one chunk size: when the victim was of another size, the room is
-                    # the slab its eviction may have emptied. Take it now, not after evicting all.
-                    if buf is None and self.arena.reclaim(keep=pool):
-                        buf = pool.allocate()
-                    continue
-                if not self.arena.reclaim(keep=pool):
+                if not self._make_room(pool):
                     self.skipped_stores += 1
                     self._warn.warning(
                         "l1-full",
-                        "L1 CPU cache is full of chunks pinned by pending loads (%d chunks, %.1f MiB); "
+                        "L1 CPU cache has no room for a %d-byte chunk: its chunks are pinned by pending "
+                        "loads, or each slab of another chunk size holds one (%d chunks, %.1f MiB); "
                         "skipping a store. Raise max_local_cpu_size if this persists.",
+                        nbytes,
                         len(self._chunks),
                         self.used_bytes / (1 << 20),
                     )
@@ -334,25 +329,47 @@ class CpuStore:
         with self._lock:
             return [k for k, c in self._chunks.items() if c.pins]
 
-    def _evict_one(self) -> bool:
-        """Evict the first chunk in the policy's order that is neither pinned nor claimed; False if
-        there is none. The chunks stepped past keep their place and use counts."""
-        if self._pinned >= len(self._policy):
-            return False  # every committed chunk is pinned: nothing to skip through
+    def _make_room(self, pool: SlotPool) -> bool:
+        """Free room for a slot of ``pool`` (lock held), evicting only what makes it. In the policy's
+        order, past pinned and claimed chunks: the first chunk of ``pool``'s size, or every chunk of
+        the first slab of another size whose chunks are all evictable (slabs hold one size: their room
+        serves another only once wholly free), an empty such slab before any eviction. False, nothing
+        evicted, when there is none. Chunks stepped past keep their place and use counts."""
+        if self._pinned >= len(self._policy):  # every committed chunk is pinned: nothing to skip through
+            return self.arena.reclaim(keep=pool) > 0
         guard = self._guard
+        chunks = self._chunks
+        seen: dict[Slab, list[Hashable]] | None = None  # per slab of another size: its evictable chunks
         for key in self._policy.victims():
-            chunk = self._chunks[key]
+            chunk = chunks[key]
             # Pinned by a pending load or claimed by a lookup in flight: in use; the next one goes.
-            if not chunk.pins and (guard is None or guard.evictable(key)):
-                break
-        else:
-            return False
+            if chunk.pins or (guard is not None and not guard.evictable(key)):
+                continue
+            buf = chunk.buffer
+            if buf.pool is pool:
+                self._evict(key, chunk)
+                return True
+            if seen is None:
+                if self.arena.reclaim(keep=pool):
+                    return True
+                seen = {}
+            keys = seen.setdefault(buf.held, [])
+            keys.append(key)
+            # Its slab's slots all hold chunks seen evictable (a pinned, claimed or reserved chunk is
+            # never seen, so it keeps the count short): evicting them frees the slab.
+            if len(keys) == buf.pool.slab_used(buf.slab):
+                for victim in keys:
+                    self._evict(victim, chunks[victim])
+                self.arena.reclaim(keep=pool)
+                return True
+        return seen is None and self.arena.reclaim(keep=pool) > 0
+
+    def _evict(self, key: Hashable, chunk: CachedChunk) -> None:
         self._policy.discard(key)
         self._drop(key, chunk)
         self.evictions += 1
         if self._on_evict is not None:
             self._on_evict(key, chunk)
-        return True
 
     def _drop(self, key: Hashable, chunk: CachedChunk) -> None:
         del self._chunks[key]

@@ -228,3 +228,27 @@ def test_an_eviction_waits_once_for_the_events_a_batch_of_chunks_shares() -> Non
     assert s.evictions == 4 and stored.waits == 1 and read.waits == 1
     assert put(s, ("new", 8))  # evicts "alone": its own event is waited for
     assert alone.waits == 1 and stored.waits == 1
+
+
+def two_slabs_of_two() -> CpuStore:
+    """A full L1 of two slabs, ``a b`` and ``c d`` (in LRU order)."""
+    s = CpuStore(HostArena(4 * SLOT, pinned=False, slab_bytes=2 * SLOT), "LRU")
+    for k in "abcd":
+        assert put(s, k)
+    assert s.arena.wait_growth(30)
+    return s
+
+
+def test_a_new_chunk_size_evicts_nothing_when_no_slab_can_empty() -> None:
+    s = two_slabs_of_two()
+    assert s.pin("a") and s.pin("c")  # a pending load in each slab: neither can be freed
+    assert s.reserve("tail", SLOT // 2, 8) is None  # a partial chunk: another slot size
+    assert s.evictions == 0 and s.skipped_stores == 1
+    assert sorted(s.keys()) == ["a", "b", "c", "d"]
+
+
+def test_a_new_chunk_size_evicts_only_a_slab_that_can_empty() -> None:
+    s = two_slabs_of_two()
+    assert s.pin("a")  # b is older than c and d, but its slab cannot be freed
+    assert s.reserve("tail", SLOT // 2, 8) is not None
+    assert s.evictions == 2 and sorted(s.keys()) == ["a", "b"]
