@@ -30,6 +30,7 @@ class CachedChunk:
     end of the latest asynchronous copy out of it. The slot is reused only after both. Both are
     recorded once and never again (chunks copied in one batch share theirs). ``serial`` names this
     filling of the slot: while a chunk with a given serial exists, its slot holds its bytes.
+    ``used``: a pin ended as a use while other pins held the chunk (its last unpin counts it).
     """
 
     buffer: HostBuffer
@@ -38,6 +39,7 @@ class CachedChunk:
     ready: Any = None
     last_read: Any = None
     pins: int = 0
+    used: bool = False
     committed: bool = False
     serial: int = field(default_factory=lambda: next(_serials))
 
@@ -215,12 +217,13 @@ class CpuStore:
         with self._lock:
             return self._pin(key) is not None
 
-    def hold(self, key: Hashable) -> CachedChunk | None:
+    def hold(self, key: Hashable, *, use: bool = True) -> CachedChunk | None:
         """:meth:`pin` and :meth:`get` in one step: the committed chunk, pinned (``unpin`` it later),
-        or None if it is not here."""
+        or None if it is not here. Without ``use`` the eviction order is left as it is (a write-behind
+        copies the chunk to a lower tier: not a use)."""
         with self._lock:
             chunk = self._pin(key)
-            if chunk is not None:
+            if chunk is not None and use:
                 self._policy.touch(key)
             return chunk
 
@@ -276,8 +279,10 @@ class CpuStore:
     def unpin(self, key: Hashable) -> None:
         self.unpin_all((key,))
 
-    def unpin_all(self, keys: Iterable[Hashable]) -> None:
-        """``unpin`` of each key, under one lock acquisition."""
+    def unpin_all(self, keys: Iterable[Hashable], *, use: bool = True) -> None:
+        """``unpin`` of each key, under one lock acquisition. A chunk's last unpin counts as a use if
+        any of its pins ended as one: by default (a load's end), not with ``use=False`` (a
+        write-behind's end)."""
         get = self._chunks.get
         released: list[Hashable] = []
         with self._lock:
@@ -288,7 +293,11 @@ class CpuStore:
                 chunk.pins -= 1
                 if chunk.pins == 0:
                     self._pinned -= 1
-                    released.append(key)
+                    if use or chunk.used:
+                        chunk.used = False
+                        released.append(key)
+                elif use:
+                    chunk.used = True  # a load ended while a write-behind (say) holds it: count it later
             self._policy.touch_all(released)  # a pin's end is the load's use of the chunk
 
     def remove(self, key: Hashable) -> bool:

@@ -12,7 +12,8 @@ Threads and who does what:
   Nothing else happens on that path; a full queue drops the write with a rate-limited warning.
 - one writer thread per lower tier drains its queue in batches of the tier's ``write_batch``: the
   tier waits for each chunk's filling copy on the host (the store's CUDA event), writes the L1
-  bytes, and the writer unpins the chunks.
+  bytes, and the writer unpins the chunks. Neither pin nor unpin is a use of the chunk for L1's
+  eviction order: a chunk only written behind ages as if nobody held it.
 - the engine's caller (lookup, or retrieve after an L1 miss): :meth:`TierManager.promote_prefix`
   finds each chunk in L1 or asks the tiers in order (one ``contains`` call per tier for the keys
   still unknown), then moves the available prefix into L1: every tier fetches its chunks straight
@@ -121,7 +122,7 @@ class _WriteQueue:
             except BaseException:  # noqa: BLE001 - the writer must survive anything
                 logger.exception("%s writer: unexpected error; %d chunks not written", self.name, len(batch))
             finally:
-                self.l1.unpin_all(item.key for item in batch)
+                self.l1.unpin_all((item.key for item in batch), use=False)  # a write is not a use
                 with self._cond:
                     self.pending -= len(batch)
                     self._cond.notify_all()
@@ -146,7 +147,7 @@ class _WriteQueue:
             self._items.clear()
             self.queued_bytes = 0
             self.pending -= len(left)
-        self.l1.unpin_all(item.key for item in left)
+        self.l1.unpin_all((item.key for item in left), use=False)
         return len(left)
 
 
@@ -306,12 +307,12 @@ class TierManager:
                     self._count(index, dropped_writes=1)
 
     def _offer(self, index: int, ns: Namespace, key: ChunkKey) -> None:
-        if not self.l1.pin(key):
+        chunk = self.l1.hold(key, use=False)  # pinned until written; not a use for the eviction order
+        if chunk is None:
             return
         queue = self._queues[index]
-        chunk = self.l1.get(key)
-        if chunk is None or not queue.offer(WriteItem(ns, key, chunk)):
-            self.l1.unpin(key)
+        if not queue.offer(WriteItem(ns, key, chunk)):
+            self.l1.unpin_all((key,), use=False)
             self._count(index, dropped_writes=1)
             self._warn.warning(
                 f"{queue.name}-full",

@@ -252,3 +252,19 @@ def test_a_new_chunk_size_evicts_only_a_slab_that_can_empty() -> None:
     assert s.pin("a")  # b is older than c and d, but its slab cannot be freed
     assert s.reserve("tail", SLOT // 2, 8) is not None
     assert s.evictions == 2 and sorted(s.keys()) == ["a", "b"]
+
+
+@pytest.mark.parametrize("loaded", [False, True])
+def test_a_write_behind_pin_is_not_a_use_but_a_load_under_it_is(loaded: bool) -> None:
+    """A write-behind holds and unpins a chunk without ``use``: alone it leaves the chunk's place in
+    the order; a load ending while it holds the chunk still counts, at the last unpin."""
+    s = store(3)
+    for k in "abc":
+        assert put(s, k)
+    assert s.hold("a", use=False) is not None  # queued for a lower tier
+    if loaded:
+        assert s.pin_prefix([("a",)]) == 1
+        s.unpin_all(["a"])  # the load's end, while the write-behind still holds a
+    s.unpin_all(["a"], use=False)  # written
+    assert put(s, "d")
+    assert ("a" in s) is loaded and ("b" in s) is not loaded
