@@ -238,6 +238,12 @@ class SlotPool:
             self._used[buf.slab] -= 1
             self._free.append(buf)
 
+    def slab_used(self, index: int) -> int:
+        """Slots of the pool's ``index``-th slab handed out and not freed (a :class:`HostBuffer`'s
+        ``slab``)."""
+        with self.arena.lock:
+            return self._used[index]
+
     def release_empty_slabs(self) -> int:
         """Give wholly free slabs back to the arena's spares (when another chunk size needs them)."""
         released = 0

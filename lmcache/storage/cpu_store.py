@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lmcache.logging import init_logger
-from lmcache.memory import HostArena, HostBuffer
+from lmcache.memory import HostArena, HostBuffer, Slab, SlotPool
 from lmcache.rate_limit import RateLimitedLog
 from lmcache.stats import L1Snapshot
 from lmcache.storage.policies import make_policy
@@ -30,6 +30,7 @@ class CachedChunk:
     end of the latest asynchronous copy out of it. The slot is reused only after both. Both are
     recorded once and never again (chunks copied in one batch share theirs). ``serial`` names this
     filling of the slot: while a chunk with a given serial exists, its slot holds its bytes.
+    ``used``: a pin ended as a use while other pins held the chunk (its last unpin counts it).
     """
 
     buffer: HostBuffer
@@ -38,6 +39,7 @@ class CachedChunk:
     ready: Any = None
     last_read: Any = None
     pins: int = 0
+    used: bool = False
     committed: bool = False
     serial: int = field(default_factory=lambda: next(_serials))
 
@@ -127,19 +129,14 @@ class CpuStore:
             # Once L1 is full every reservation evicts: skip the allocation that would fail first.
             buf = pool.allocate() if pool.may_allocate() else None
             while buf is None:
-                if self._evict_one():
-                    buf = pool.allocate()
-                    # Slabs hold one chunk size: when the victim was of another size, the room is
-                    # the slab its eviction may have emptied. Take it now, not after evicting all.
-                    if buf is None and self.arena.reclaim(keep=pool):
-                        buf = pool.allocate()
-                    continue
-                if not self.arena.reclaim(keep=pool):
+                if not self._make_room(pool):
                     self.skipped_stores += 1
                     self._warn.warning(
                         "l1-full",
-                        "L1 CPU cache is full of chunks pinned by pending loads (%d chunks, %.1f MiB); "
+                        "L1 CPU cache has no room for a %d-byte chunk: its chunks are pinned by pending "
+                        "loads, or each slab of another chunk size holds one (%d chunks, %.1f MiB); "
                         "skipping a store. Raise max_local_cpu_size if this persists.",
+                        nbytes,
                         len(self._chunks),
                         self.used_bytes / (1 << 20),
                     )
@@ -220,12 +217,13 @@ class CpuStore:
         with self._lock:
             return self._pin(key) is not None
 
-    def hold(self, key: Hashable) -> CachedChunk | None:
+    def hold(self, key: Hashable, *, use: bool = True) -> CachedChunk | None:
         """:meth:`pin` and :meth:`get` in one step: the committed chunk, pinned (``unpin`` it later),
-        or None if it is not here."""
+        or None if it is not here. Without ``use`` the eviction order is left as it is (a write-behind
+        copies the chunk to a lower tier: not a use)."""
         with self._lock:
             chunk = self._pin(key)
-            if chunk is not None:
+            if chunk is not None and use:
                 self._policy.touch(key)
             return chunk
 
@@ -281,8 +279,10 @@ class CpuStore:
     def unpin(self, key: Hashable) -> None:
         self.unpin_all((key,))
 
-    def unpin_all(self, keys: Iterable[Hashable]) -> None:
-        """``unpin`` of each key, under one lock acquisition."""
+    def unpin_all(self, keys: Iterable[Hashable], *, use: bool = True) -> None:
+        """``unpin`` of each key, under one lock acquisition. A chunk's last unpin counts as a use if
+        any of its pins ended as one: by default (a load's end), not with ``use=False`` (a
+        write-behind's end)."""
         get = self._chunks.get
         released: list[Hashable] = []
         with self._lock:
@@ -293,7 +293,11 @@ class CpuStore:
                 chunk.pins -= 1
                 if chunk.pins == 0:
                     self._pinned -= 1
-                    released.append(key)
+                    if use or chunk.used:
+                        chunk.used = False
+                        released.append(key)
+                elif use:
+                    chunk.used = True  # a load ended while a write-behind (say) holds it: count it later
             self._policy.touch_all(released)  # a pin's end is the load's use of the chunk
 
     def remove(self, key: Hashable) -> bool:
@@ -334,26 +338,47 @@ class CpuStore:
         with self._lock:
             return [k for k, c in self._chunks.items() if c.pins]
 
-    def _evict_one(self) -> bool:
-        if self._pinned >= len(self._policy):
-            return False  # every committed chunk is pinned: nothing to skip through
-        for _ in range(len(self._policy)):
-            key = self._policy.victim()
-            if key is None:
-                return False
-            chunk = self._chunks[key]
-            if not chunk.pins and (self._guard is None or self._guard.evictable(key)):
-                break
+    def _make_room(self, pool: SlotPool) -> bool:
+        """Free room for a slot of ``pool`` (lock held), evicting only what makes it. In the policy's
+        order, past pinned and claimed chunks: the first chunk of ``pool``'s size, or every chunk of
+        the first slab of another size whose chunks are all evictable (slabs hold one size: their room
+        serves another only once wholly free), an empty such slab before any eviction. False, nothing
+        evicted, when there is none. Chunks stepped past keep their place and use counts."""
+        if self._pinned >= len(self._policy):  # every committed chunk is pinned: nothing to skip through
+            return self.arena.reclaim(keep=pool) > 0
+        guard = self._guard
+        chunks = self._chunks
+        seen: dict[Slab, list[Hashable]] | None = None  # per slab of another size: its evictable chunks
+        for key in self._policy.victims():
+            chunk = chunks[key]
             # Pinned by a pending load or claimed by a lookup in flight: in use; the next one goes.
-            self._policy.requeue(key)
-        else:
-            return False
+            if chunk.pins or (guard is not None and not guard.evictable(key)):
+                continue
+            buf = chunk.buffer
+            if buf.pool is pool:
+                self._evict(key, chunk)
+                return True
+            if seen is None:
+                if self.arena.reclaim(keep=pool):
+                    return True
+                seen = {}
+            keys = seen.setdefault(buf.held, [])
+            keys.append(key)
+            # Its slab's slots all hold chunks seen evictable (a pinned, claimed or reserved chunk is
+            # never seen, so it keeps the count short): evicting them frees the slab.
+            if len(keys) == buf.pool.slab_used(buf.slab):
+                for victim in keys:
+                    self._evict(victim, chunks[victim])
+                self.arena.reclaim(keep=pool)
+                return True
+        return seen is None and self.arena.reclaim(keep=pool) > 0
+
+    def _evict(self, key: Hashable, chunk: CachedChunk) -> None:
         self._policy.discard(key)
         self._drop(key, chunk)
         self.evictions += 1
         if self._on_evict is not None:
             self._on_evict(key, chunk)
-        return True
 
     def _drop(self, key: Hashable, chunk: CachedChunk) -> None:
         del self._chunks[key]

@@ -5,10 +5,11 @@ in the :mod:`lmcache.storage.chunk_format` encoding. The tier owns only its ``lm
 subdirectory, marked by a ``.lmcache-disk-tier`` file: it is created 0700 with files 0600 (the
 chunks are other tenants' KV, readable by hash), one owned by another user is refused, and the
 start-up scan looks at nothing outside it and removes only files that are ours (``.kv`` files
-starting with the chunk magic, temporaries named as ours), so ``local_disk`` may be a shared
-directory. A write goes to a temporary file in the same
+starting with the chunk magic or at a chunk file's path, temporaries named as ours), so
+``local_disk`` may be a shared directory. A write goes to a temporary file in the same
 directory and is renamed into place (``os.replace``), so a crash leaves either the whole chunk or
-no chunk under the final name; a torn temporary file is removed by the next start-up scan. Reads
+no chunk under the final name (without ``disk_fsync``, possibly an empty or zero-filled one); the
+next start-up scan removes such a file, and torn temporary files. Reads
 go straight into the caller's buffer (``readinto`` on an unbuffered file) and are verified against
 the header and the payload checksum; a file that fails is removed and reported as a miss.
 
@@ -53,6 +54,9 @@ TIER_DIR = "lmcache-kv"
 MARKER = ".lmcache-disk-tier"
 """The file that marks ``TIER_DIR`` as the tier's."""
 _TMP_NAME = re.compile(r"^[0-9a-f]+-w\d+r\d+\.kv\.\d+\.\d+\.tmp$")
+_CHUNK_NAME = re.compile(r"^([0-9a-f]{2})[0-9a-f]*-w\d+r\d+\.kv$")
+"""A chunk file's name (``<key hex>.kv``); group 1 names its directory."""
+_TAG_NAME = re.compile(r"^[0-9a-f]{16}$")
 PROGRESS_MIN_FILES = 1000
 STALE_TMP_S = 60.0
 READ_PIECE = 256 << 10  # read/write and checksum in pieces that are still in the CPU cache when hashed
@@ -321,8 +325,8 @@ class DiskStore:
 
     def scan(self) -> ScanReport:
         """Rebuild the index from the directory: valid chunk files are served again, oldest first in
-        the eviction order; invalid ones (bad header, wrong name, truncated) and stale temporaries
-        are removed. I/O errors (missing or unreadable directory) leave the index empty."""
+        the eviction order; invalid ones (bad header, wrong name, truncated, emptied) and stale
+        temporaries are removed. I/O errors (missing or unreadable directory) leave the index empty."""
         started = time.monotonic()
         report = ScanReport()
         try:
@@ -410,7 +414,9 @@ class DiskStore:
                 st = os.fstat(f.fileno())
                 prefix = f.read(len(MAGIC))
                 if prefix != MAGIC:
-                    return False  # not a chunk file: not ours to touch
+                    # At one of our chunk paths it is a chunk a crash emptied or zeroed (no fsync):
+                    # ours. Anything else is not ours to touch.
+                    return self._at_chunk_path(path)
                 f.seek(0)
                 header = read_header(f)  # type: ignore[arg-type]
                 ns = Namespace(header.model, header.signature)
@@ -427,6 +433,18 @@ class DiskStore:
             return False
         entry = DiskEntry(path, header.total_len, header.payload_len, header.num_tokens, header.checksum)
         return st.st_mtime, (ns, header.key), entry
+
+    def _at_chunk_path(self, path: Path) -> bool:
+        """Whether ``path`` is named as :meth:`path_for` names chunk files (``<tag>/<xx>/<key hex>.kv``
+        under the tier's directory)."""
+        name = _CHUNK_NAME.match(path.name)
+        tag = path.parent.parent
+        return (
+            name is not None
+            and path.parent.name == name.group(1)
+            and tag.parent == self.root
+            and _TAG_NAME.match(tag.name) is not None
+        )
 
 
 def _walk(root: Path) -> list[Path]:

@@ -15,7 +15,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 from lmcache.backoff import Backoff
@@ -34,6 +34,7 @@ from lmcache.storage.lower_tier import (
     WriteItem,
     WriteOutcome,
     payload_view,
+    submit_or_run,
 )
 
 logger = init_logger(__name__)
@@ -147,14 +148,18 @@ class DiskTier(LowerTier):
             else:
                 statuses.append(FetchStatus.OK)
                 reads.append((i, key, entry, out))
+        # Once closed, the pool takes no more reads: they run in this thread.
         futures = [
-            (i, self._readers.submit(self.store.read_into, ns, key, entry, out))
+            (i, submit_or_run(self._readers, self.store.read_into, ns, key, entry, out))
             for i, key, entry, out in reads[1:]
         ]
-        if reads:
-            i, key, entry, out = reads[0]
-            if not self.store.read_into(ns, key, entry, out):
-                statuses[i] = FetchStatus.CORRUPT
+        try:
+            if reads:
+                i, key, entry, out = reads[0]
+                if not self.store.read_into(ns, key, entry, out):
+                    statuses[i] = FetchStatus.CORRUPT
+        finally:
+            wait([future for _, future in futures])  # even on an error: no read fills a slot after this
         for i, future in futures:
             if not future.result():
                 statuses[i] = FetchStatus.CORRUPT

@@ -13,6 +13,9 @@ What the manager relies on:
   whose header matched the key and whose checksum matched the bytes written into the buffer;
 - :meth:`LowerTier.write` never keeps a reference to an item's L1 bytes after it returns (the
   manager unpins the chunk then).
+
+The manager calls a tier through :class:`FailSoft`, so a tier that raises all the same (a bug, or
+one closed under a call) costs that call's answer, never the caller's lookup or store.
 """
 
 from __future__ import annotations
@@ -22,14 +25,22 @@ import threading
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from lmcache.keys import ChunkKey
+from lmcache.logging import init_logger
+from lmcache.rate_limit import RateLimitedLog
 from lmcache.storage.chunk_format import Namespace
 from lmcache.storage.cpu_store import CachedChunk
 
+logger = init_logger(__name__)
+_T = TypeVar("_T")
+
 __all__ = [
     "ChecksumMemo",
+    "FailSoft",
     "FetchStatus",
     "LowerTier",
     "Sink",
@@ -37,6 +48,7 @@ __all__ = [
     "WriteItem",
     "WriteOutcome",
     "payload_view",
+    "submit_or_run",
 ]
 
 
@@ -153,3 +165,67 @@ class LowerTier(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release threads and connections (idempotent); afterwards the tier is reported closed."""
+
+
+class FailSoft:
+    """The manager's calls into one :class:`LowerTier`, none of which raises: an exception is logged
+    (rate-limited) and answered as an unavailable tier answers ("not there", "missing", no writes)."""
+
+    def __init__(self, tier: LowerTier) -> None:
+        self.tier = tier
+        self._warn = RateLimitedLog(logger)
+
+    def known(self, ns: Namespace, key: ChunkKey) -> bool:
+        try:
+            return self.tier.known(ns, key)
+        except Exception as exc:  # noqa: BLE001 - a tier's failure is its miss, never the caller's error
+            return self._raised("known", exc, False)
+
+    def contains(self, ns: Namespace, keys: Sequence[ChunkKey]) -> list[bool]:
+        try:
+            return self.tier.contains(ns, keys)
+        except Exception as exc:  # noqa: BLE001
+            return self._raised("contains", exc, [False] * len(keys))
+
+    def accepts_writes(self) -> bool:
+        try:
+            return self.tier.accepts_writes()
+        except Exception as exc:  # noqa: BLE001
+            return self._raised("accepts_writes", exc, False)
+
+    def fetch_into(self, ns: Namespace, keys: Sequence[ChunkKey], sink: Sink) -> list[FetchStatus]:
+        """Every key MISSING when the tier raises (or answers for other keys): the caller drops the
+        slots its sink handed out."""
+        try:
+            statuses = self.tier.fetch_into(ns, keys, sink)
+            if len(statuses) != len(keys):
+                raise ValueError(f"{len(statuses)} statuses for {len(keys)} keys")
+            return statuses
+        except Exception as exc:  # noqa: BLE001
+            return self._raised("fetch_into", exc, [FetchStatus.MISSING] * len(keys))
+
+    def _raised(self, call: str, exc: Exception, answer: _T) -> _T:
+        tier = self.tier
+        self._warn.warning(
+            f"{call}-raised",
+            "the %s tier (%s) raised from %s (%r); answered as unavailable",
+            tier.name,
+            tier.where,
+            call,
+            exc,
+        )
+        return answer
+
+
+def submit_or_run(pool: ThreadPoolExecutor, fn: Callable[..., _T], *args: Any) -> Future[_T]:
+    """``pool.submit(fn, *args)``; once the pool is shut down (its owner closed meanwhile), ``fn`` runs
+    in this thread instead, its result or exception in the returned (done) future."""
+    try:
+        return pool.submit(fn, *args)
+    except RuntimeError:  # "cannot schedule new futures after shutdown"
+        done: Future[_T] = Future()
+        try:
+            done.set_result(fn(*args))
+        except Exception as exc:  # noqa: BLE001 - handed to whoever waits on the future, as submit does
+            done.set_exception(exc)
+        return done

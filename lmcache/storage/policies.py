@@ -1,14 +1,15 @@
 """Eviction orders (LRU, LFU, FIFO) over the chunks in L1; O(1) per operation.
 
-A chunk pinned by a pending load stays in the order: the store skips it when it comes up as the
-victim (``requeue``: it is in use) and counts its unpinning as a use (``touch_all``). A lookup's
-pins then cost the order nothing, on the path TRT-LLM's scheduler waits for.
+A chunk pinned by a pending load stays in the order: the store steps past it to the next key in
+``victims`` order, leaving its place and use count as they are, and counts its unpinning as a use
+(``touch_all``). A lookup's pins then cost the order nothing, on the path TRT-LLM's scheduler waits
+for.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Iterator
 from typing import Protocol
 
 
@@ -22,8 +23,9 @@ class EvictionPolicy(Protocol):
 
     def victim(self) -> Hashable | None: ...
 
-    def requeue(self, key: Hashable) -> None:
-        """A victim that may not go now (pinned, claimed) counts as just used: the next one comes up."""
+    def victims(self) -> Iterator[Hashable]:
+        """Every key in eviction order, ``victim`` first, changing nothing: a store steps past those
+        that may not go now (pinned, claimed). The order must not change while it is iterated."""
 
     def touch_all(self, keys: Iterable[Hashable]) -> None:
         """``touch`` of each key, in order."""
@@ -49,8 +51,8 @@ class FIFOPolicy:
     def victim(self) -> Hashable | None:
         return next(iter(self._order), None)
 
-    def requeue(self, key: Hashable) -> None:
-        self._order.move_to_end(key)
+    def victims(self) -> Iterator[Hashable]:
+        return iter(self._order)
 
     def touch_all(self, keys: Iterable[Hashable]) -> None:
         return None
@@ -101,9 +103,6 @@ class LFUPolicy:
         if freq is not None:
             self._unlink(key, freq)
 
-    def requeue(self, key: Hashable) -> None:
-        self.touch(key)
-
     def touch_all(self, keys: Iterable[Hashable]) -> None:
         for key in keys:
             self.touch(key)
@@ -114,6 +113,14 @@ class LFUPolicy:
         if self._min not in self._buckets:
             self._min = min(self._buckets)
         return next(iter(self._buckets[self._min]))
+
+    def victims(self) -> Iterator[Hashable]:
+        if self.victim() is None:  # also settles ``_min``
+            return
+        yield from self._buckets[self._min]
+        # The other frequencies are sorted only when a store steps past the whole least-used bucket.
+        for freq in sorted(f for f in self._buckets if f != self._min):
+            yield from self._buckets[freq]
 
     def _unlink(self, key: Hashable, freq: int) -> None:
         bucket = self._buckets[freq]

@@ -12,7 +12,8 @@ Threads and who does what:
   Nothing else happens on that path; a full queue drops the write with a rate-limited warning.
 - one writer thread per lower tier drains its queue in batches of the tier's ``write_batch``: the
   tier waits for each chunk's filling copy on the host (the store's CUDA event), writes the L1
-  bytes, and the writer unpins the chunks.
+  bytes, and the writer unpins the chunks. Neither pin nor unpin is a use of the chunk for L1's
+  eviction order: a chunk only written behind ages as if nobody held it.
 - the engine's caller (lookup, or retrieve after an L1 miss): :meth:`TierManager.promote_prefix`
   finds each chunk in L1 or asks the tiers in order (one ``contains`` call per tier for the keys
   still unknown), then moves the available prefix into L1: every tier fetches its chunks straight
@@ -22,7 +23,9 @@ Threads and who does what:
   version, also with ``enable_async_loading``.
 
 Failures degrade, never raise: each tier backs off after a failure (:class:`lmcache.backoff.Backoff`)
-and answers "missing" / "dropped" meanwhile. Nothing unverified is ever committed to L1.
+and answers "missing" / "dropped" meanwhile; the manager calls it through
+:class:`~lmcache.storage.lower_tier.FailSoft`, so even a tier that raises (or is closed under a
+promotion) only misses. Nothing unverified is ever committed to L1.
 
 ``close()`` (and an ``atexit`` hook that holds the manager only weakly) waits up to
 ``blocking_timeout_secs`` for the queues to drain, so a clean shutdown loses no queued write.
@@ -47,7 +50,15 @@ from lmcache.stats import TierSnapshot
 from lmcache.storage.chunk_format import Namespace
 from lmcache.storage.cpu_store import CachedChunk, CpuStore
 from lmcache.storage.disk_tier import DiskTier
-from lmcache.storage.lower_tier import ChecksumMemo, FetchStatus, LowerTier, WriteItem, payload_view
+from lmcache.storage.lower_tier import (
+    ChecksumMemo,
+    FailSoft,
+    FetchStatus,
+    LowerTier,
+    WriteItem,
+    payload_view,
+    submit_or_run,
+)
 from lmcache.storage.remote_store import RemoteStore
 
 logger = init_logger(__name__)
@@ -111,7 +122,7 @@ class _WriteQueue:
             except BaseException:  # noqa: BLE001 - the writer must survive anything
                 logger.exception("%s writer: unexpected error; %d chunks not written", self.name, len(batch))
             finally:
-                self.l1.unpin_all(item.key for item in batch)
+                self.l1.unpin_all((item.key for item in batch), use=False)  # a write is not a use
                 with self._cond:
                     self.pending -= len(batch)
                     self._cond.notify_all()
@@ -136,7 +147,7 @@ class _WriteQueue:
             self._items.clear()
             self.queued_bytes = 0
             self.pending -= len(left)
-        self.l1.unpin_all(item.key for item in left)
+        self.l1.unpin_all((item.key for item in left), use=False)
         return len(left)
 
 
@@ -197,6 +208,7 @@ class TierManager:
             raise ValueError("TierManager needs at least one lower tier")
         self.l1 = l1
         self.tiers = tuple(tiers)
+        self._calls = tuple(FailSoft(tier) for tier in self.tiers)
         self.timeout_s = timeout_s
         self.fetch_batch = max(1, fetch_batch)
         self._checksums = ChecksumMemo()
@@ -286,7 +298,7 @@ class TierManager:
         targets = range(len(self.tiers) if above is None else above)
         for key in keys:
             for index in targets:
-                tier = self.tiers[index]
+                tier = self._calls[index]
                 if tier.known(ns, key):
                     continue
                 if tier.accepts_writes():
@@ -295,12 +307,12 @@ class TierManager:
                     self._count(index, dropped_writes=1)
 
     def _offer(self, index: int, ns: Namespace, key: ChunkKey) -> None:
-        if not self.l1.pin(key):
+        chunk = self.l1.hold(key, use=False)  # pinned until written; not a use for the eviction order
+        if chunk is None:
             return
         queue = self._queues[index]
-        chunk = self.l1.get(key)
-        if chunk is None or not queue.offer(WriteItem(ns, key, chunk)):
-            self.l1.unpin(key)
+        if not queue.offer(WriteItem(ns, key, chunk)):
+            self.l1.unpin_all((key,), use=False)
             self._count(index, dropped_writes=1)
             self._warn.warning(
                 f"{queue.name}-full",
@@ -380,7 +392,7 @@ class TierManager:
         where: dict[int, int] = {}
         if self._closed:
             return where
-        for t, tier in enumerate(self.tiers):
+        for t, tier in enumerate(self._calls):
             if not unknown:
                 break
             flags = tier.contains(ns, [keys[i] for i in unknown])
@@ -433,7 +445,7 @@ class TierManager:
 
     def _relocate(self, ns: Namespace, key: ChunkKey) -> int | None:
         """The first tier that knows it holds ``key`` without I/O (for a chunk L1 just lost)."""
-        return next((t for t, tier in enumerate(self.tiers) if tier.known(ns, key)), None)
+        return next((t for t, tier in enumerate(self._calls) if tier.known(ns, key)), None)
 
     def _promote_window(
         self,
@@ -486,7 +498,8 @@ class TierManager:
         jobs = list(by_tier.items())
         futures: list[Future[None]] = []
         if self._fetchers is not None:
-            futures = [self._fetchers.submit(self._fetch, ns, t, cells) for t, cells in jobs[:-1]]
+            # Closed meanwhile, the pool runs nothing: the caller then fetches every tier's cells.
+            futures = [submit_or_run(self._fetchers, self._fetch, ns, t, cells) for t, cells in jobs[:-1]]
             jobs = jobs[-1:]
         for t, cells in jobs:
             self._fetch(ns, t, cells)
@@ -513,7 +526,8 @@ class TierManager:
             cell.chunk = self.l1.reserve(cell.key, payload_len, num_tokens)
             return None if cell.chunk is None else payload_view(cell.chunk)
 
-        statuses = self.tiers[index].fetch_into(ns, [c.key for c in cells], sink)
+        # A fetch that raises is a miss for its cells: ``_publish`` drops the slots they reserved.
+        statuses = self._calls[index].fetch_into(ns, [c.key for c in cells], sink)
         for cell, status in zip(cells, statuses, strict=True):
             cell.ok = status is FetchStatus.OK
             if status is FetchStatus.SKIPPED and cell.chunk is None and self.l1.pin(cell.key):

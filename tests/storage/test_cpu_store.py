@@ -47,6 +47,41 @@ def test_pinned_chunks_are_never_evicted_and_full_pins_skip_store() -> None:
     assert "a" in s and "b" not in s
 
 
+def test_lfu_steps_past_a_pinned_least_used_chunk_to_an_evictable_one() -> None:
+    s = store(2, "LFU")
+    assert put(s, "a") and put(s, "b")
+    for _ in range(5):
+        s.get("b")  # b: 6 uses, a: 1
+    assert s.pin("a")  # a pending load holds the least used chunk
+    assert put(s, "c")  # b is evictable: it goes, the store is not skipped
+    assert "a" in s and "c" in s and "b" not in s
+    assert s.skipped_stores == 0
+
+
+class Refuse:
+    """An eviction guard that keeps ``key`` (a lookup in flight claims it)."""
+
+    def __init__(self, key: Hashable | None) -> None:
+        self.key = key
+
+    def evictable(self, key: Hashable) -> bool:
+        return key != self.key
+
+
+@pytest.mark.parametrize("policy", ["LRU", "LFU", "FIFO"])
+def test_a_chunk_stepped_past_keeps_its_place_in_the_order(policy: str) -> None:
+    """A victim that may not go now is not counted as used: once free, it is the next victim."""
+    s = store(3, policy)
+    for k in "abc":
+        assert put(s, k)
+    claims = Refuse("a")
+    s.guard(claims)
+    assert put(s, "d") and "a" in s and "b" not in s
+    claims.key = None  # the claim ends (a claim's end is not a use)
+    assert put(s, "e")
+    assert "a" not in s and {"c", "d", "e"} <= set(s.keys())
+
+
 def test_prefix_pins_take_whole_groups_in_order() -> None:
     s = store(6)
     for k in "abcde":
@@ -103,13 +138,9 @@ ops = st.lists(
 
 
 def _victim(model: EvictionPolicy, pins: Counter[int]) -> Hashable | None:
-    """The chunk a full store evicts next, by the reference ``model``: pinned chunks stay in the
-    order and are requeued (in use) when they come up; None when every chunk is pinned."""
-    if len(model) == sum(1 for n in pins.values() if n):
-        return None
-    while pins[key := model.victim()]:
-        model.requeue(key)
-    return key
+    """The chunk a full store evicts next, by the reference ``model``: the first unpinned one in the
+    policy's order (pinned ones keep their place); None when every chunk is pinned."""
+    return next((key for key in model.victims() if not pins[key]), None)
 
 
 @pytest.mark.parametrize("policy", ["LRU", "LFU", "FIFO"])
@@ -197,3 +228,43 @@ def test_an_eviction_waits_once_for_the_events_a_batch_of_chunks_shares() -> Non
     assert s.evictions == 4 and stored.waits == 1 and read.waits == 1
     assert put(s, ("new", 8))  # evicts "alone": its own event is waited for
     assert alone.waits == 1 and stored.waits == 1
+
+
+def two_slabs_of_two() -> CpuStore:
+    """A full L1 of two slabs, ``a b`` and ``c d`` (in LRU order)."""
+    s = CpuStore(HostArena(4 * SLOT, pinned=False, slab_bytes=2 * SLOT), "LRU")
+    for k in "abcd":
+        assert put(s, k)
+    assert s.arena.wait_growth(30)
+    return s
+
+
+def test_a_new_chunk_size_evicts_nothing_when_no_slab_can_empty() -> None:
+    s = two_slabs_of_two()
+    assert s.pin("a") and s.pin("c")  # a pending load in each slab: neither can be freed
+    assert s.reserve("tail", SLOT // 2, 8) is None  # a partial chunk: another slot size
+    assert s.evictions == 0 and s.skipped_stores == 1
+    assert sorted(s.keys()) == ["a", "b", "c", "d"]
+
+
+def test_a_new_chunk_size_evicts_only_a_slab_that_can_empty() -> None:
+    s = two_slabs_of_two()
+    assert s.pin("a")  # b is older than c and d, but its slab cannot be freed
+    assert s.reserve("tail", SLOT // 2, 8) is not None
+    assert s.evictions == 2 and sorted(s.keys()) == ["a", "b"]
+
+
+@pytest.mark.parametrize("loaded", [False, True])
+def test_a_write_behind_pin_is_not_a_use_but_a_load_under_it_is(loaded: bool) -> None:
+    """A write-behind holds and unpins a chunk without ``use``: alone it leaves the chunk's place in
+    the order; a load ending while it holds the chunk still counts, at the last unpin."""
+    s = store(3)
+    for k in "abc":
+        assert put(s, k)
+    assert s.hold("a", use=False) is not None  # queued for a lower tier
+    if loaded:
+        assert s.pin_prefix([("a",)]) == 1
+        s.unpin_all(["a"])  # the load's end, while the write-behind still holds a
+    s.unpin_all(["a"], use=False)  # written
+    assert put(s, "d")
+    assert ("a" in s) is loaded and ("b" in s) is not loaded

@@ -160,6 +160,25 @@ def test_truncated_or_flipped_header_is_removed_at_startup(tmp_path: Path) -> No
     second.close()
 
 
+def test_chunk_files_a_crash_emptied_or_zeroed_are_removed_at_startup(tmp_path: Path) -> None:
+    """Without fsync a crash can leave a renamed chunk file empty or zero-filled: at our chunk path,
+    it is ours, and removed; a file merely in our directory, not named as a chunk, stays."""
+    store = DiskStore(tmp_path, capacity_bytes=1 << 20)
+    paths = []
+    for i in (1, 2, 3):
+        assert store.write(NS, key(i), 7, payload(i)) is not None
+        paths.append(store.path_for(NS, key(i)))
+    paths[0].write_bytes(b"")
+    paths[1].write_bytes(bytes(paths[1].stat().st_size))
+    look_alike = paths[2].parent / "notes.kv"
+    look_alike.write_bytes(bytes(8))
+    again = DiskStore(tmp_path, capacity_bytes=1 << 20)
+    assert again.last_scan.removed == 2 and len(again) == 1
+    assert not paths[0].exists() and not paths[1].exists()
+    assert paths[2].exists() and look_alike.exists()
+    assert again.used_bytes == paths[2].stat().st_size
+
+
 def test_flipped_payload_byte_is_a_miss_and_removed_on_read(tmp_path: Path, caplog) -> None:
     pool = make_pool(128)
     toks = tokens(256)

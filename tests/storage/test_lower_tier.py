@@ -89,6 +89,21 @@ class MemoryTier(LowerTier):
         pass
 
 
+class GatedTier(MemoryTier):
+    """A :class:`MemoryTier` whose writes wait for ``gate`` (a slow disk, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def write(self, items: Sequence[WriteItem], checksums: ChecksumMemo) -> WriteOutcome:
+        self.gate.wait(10)
+        return super().write(items, checksums)
+
+    def close(self) -> None:
+        self.gate.set()
+
+
 def _engine_with(tmp_path, memory: MemoryTier, cpu_chunks: int = 4) -> CacheEngine:  # type: ignore[no-untyped-def]
     config = LMCacheEngineConfig.from_defaults(
         chunk_size=64, max_local_cpu_size=cpu_chunks * CHUNK_BYTES / 2**30
@@ -142,3 +157,23 @@ def test_manager_without_tiers_is_refused() -> None:
         assert "at least one lower tier" in str(exc)
     else:
         raise AssertionError("an empty tier list was accepted")
+
+
+def test_a_write_behind_is_not_a_use_of_the_chunk() -> None:
+    """Under LRU, a chunk only written behind is older than one a load read meanwhile."""
+    l1 = CpuStore(HostArena(2 * CHUNK_BYTES, pinned=False, slab_bytes=CHUNK_BYTES), "LRU")
+    tier = GatedTier()
+    tiers = TierManager(l1, [tier])
+    ns = Namespace("m", b"sig")
+    a, b, c = (ChunkKey(bytes([i]) * 32, 1, 0) for i in range(3))
+    for key in (a, b):
+        assert l1.reserve(key, CHUNK_BYTES, 64) is not None
+        l1.commit(key)
+        tiers.write_behind(ns, [key])
+    assert l1.hold(a) is not None  # a load reads a, then releases it: a is the most recently used
+    l1.unpin(a)
+    tier.gate.set()
+    assert tiers.flush(5.0) and len(tier.data) == 2
+    assert l1.reserve(c, CHUNK_BYTES, 64) is not None  # evicts the least recently used: b
+    tiers.close()
+    assert a in l1 and b not in l1

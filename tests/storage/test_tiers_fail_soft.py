@@ -4,15 +4,34 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tier_helpers import make_engine, make_pool, space_of, store_all, tokens
 
+from lmcache.backoff import Backoff
+from lmcache.keys import ChunkKey
+from lmcache.memory import HostArena
 from lmcache.metrics import health_report
-from lmcache.storage.disk_store import MARKER, TIER_DIR
+from lmcache.storage.chunk_format import Namespace
+from lmcache.storage.cpu_store import CpuStore
+from lmcache.storage.disk_store import MARKER, TIER_DIR, DiskStore
+from lmcache.storage.disk_tier import DiskTier
+from lmcache.storage.lower_tier import (
+    ChecksumMemo,
+    FetchStatus,
+    LowerTier,
+    Sink,
+    TierStatus,
+    WriteItem,
+    WriteOutcome,
+)
 from lmcache.storage.remote_store import RemoteStore
+from lmcache.storage.tiers import TierManager
 
 
 def test_unwritable_disk_directory_degrades_health_at_start_and_l1_serves(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
@@ -76,3 +95,106 @@ def test_any_exception_of_the_remote_client_is_a_miss(monkeypatch) -> None:  # t
     assert store_all(engine, pool, tokens(128)) == 128
     assert engine.lookup(space_of(pool), tokens(128)) == 128
     engine.tiers.close()
+
+
+NS = Namespace("m", b"float32/L2/KV2/E128/T8")  # 2048-byte rows of 8 tokens
+ROWS = 4 * 2048  # a chunk of 32 tokens
+
+
+def key(i: int) -> ChunkKey:
+    return ChunkKey(bytes([i]) * 32, 1, 0)
+
+
+def disk_with(root: Path, *ids: int) -> DiskTier:
+    store = DiskStore(root, 1 << 20)
+    for i in ids:
+        assert store.write(NS, key(i), 32, memoryview(np.full(ROWS, i, dtype=np.uint8))) is not None
+    return DiskTier(store, backoff=Backoff(0.05, 0.2))
+
+
+class StubTier(LowerTier):
+    """Holds every chunk; ``contains`` sets ``entered``, then waits for ``gate``. With ``broken`` every
+    call raises; ``fetch_into`` always does, after its sink handed out a slot."""
+
+    name = "stub"
+    where = "test"
+
+    def __init__(self, broken: bool = False) -> None:
+        self.broken = broken
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def _check(self) -> None:
+        if self.broken:
+            raise RuntimeError("a bug in a lower tier")
+
+    def known(self, ns: Namespace, key: ChunkKey) -> bool:
+        self._check()
+        return False
+
+    def contains(self, ns: Namespace, keys: Sequence[ChunkKey]) -> list[bool]:
+        self.entered.set()
+        self.gate.wait(10)
+        self._check()
+        return [not self.broken] * len(keys)
+
+    def accepts_writes(self) -> bool:
+        self._check()
+        return False
+
+    def write(self, items: Sequence[WriteItem], checksums: ChecksumMemo) -> WriteOutcome:
+        return WriteOutcome(0, 0, len(items))
+
+    def fetch_into(self, ns: Namespace, keys: Sequence[ChunkKey], sink: Sink) -> list[FetchStatus]:
+        assert sink(0, ROWS, 32) is not None
+        raise RuntimeError("a bug in a lower tier, after a slot was reserved")
+
+    def status(self) -> TierStatus:
+        return TierStatus(True, None, 0, 0)
+
+    def close(self) -> None:
+        self.gate.set()
+
+
+def test_closing_the_tiers_under_a_promotion_neither_raises_nor_leaks_slots(tmp_path: Path) -> None:
+    l1 = CpuStore(HostArena(16 * ROWS, pinned=False))
+    slow = StubTier()
+    slow.gate.clear()  # its lookup round trip lasts until the tiers are closed
+    tiers = TierManager(l1, [disk_with(tmp_path, 1, 2), slow])
+    result: list[object] = []
+    lookup = threading.Thread(
+        target=lambda: result.append(tiers.promote_prefix(NS, [[key(1)], [key(2)], [key(3)]], [32] * 3))
+    )
+    lookup.start()
+    assert slow.entered.wait(10)
+    tiers.close(timeout=1)  # e.g. the engine shut down while a request is looked up
+    lookup.join(10)
+    assert result == [(2, [key(1), key(2)])]  # the disk reads ran on the caller's thread
+    assert not l1.reserved(key(1)) and not l1.reserved(key(2))
+
+
+def test_a_closed_disk_tier_still_reads(tmp_path: Path) -> None:
+    disk = disk_with(tmp_path, 1, 2, 3)
+    disk.close()
+    slots = [np.zeros(ROWS, dtype=np.uint8) for _ in range(3)]
+    statuses = disk.fetch_into(NS, [key(1), key(2), key(3)], lambda i, n, t: memoryview(slots[i]))
+    assert statuses == [FetchStatus.OK] * 3 and [int(s[0]) for s in slots] == [1, 2, 3]
+
+
+def test_a_tier_that_raises_is_a_miss_and_its_slots_are_dropped(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.WARNING, logger="lmcache")
+    l1 = CpuStore(HostArena(16 * ROWS, pinned=False))
+    broken = StubTier()
+    tiers = TierManager(l1, [broken])
+    assert tiers.promote_prefix(NS, [[key(1)]], [32]) == (0, [])  # fetch_into raised after a reserve
+    assert not l1.reserved(key(1)) and len(l1) == 0
+    broken.broken = True  # now every call raises
+    assert tiers.present(NS, [key(1)]) == [False]
+    chunk = l1.reserve(key(2), ROWS, 32)
+    assert chunk is not None
+    l1.commit(key(2))
+    tiers.write_behind(NS, [key(2)])  # a store's write-behind: dropped, not raised
+    assert tiers.snapshots()[0].dropped_writes == 1
+    tiers.close()
+    assert "raised from fetch_into" in caplog.text and "raised from contains" in caplog.text
