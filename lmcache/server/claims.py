@@ -246,6 +246,10 @@ class ClaimIndex:
                 return True
             return bool(_claims.evictable(self._table, found[0], found[1], self._honoured))  # type: ignore[union-attr]
 
+    def kept(self, key: Hashable, chunk: CachedChunk) -> None:
+        """``evictable`` let ``key``'s entry go but L1 keeps the chunk: index it again."""
+        self.added(key, chunk)
+
     # ---- the instances' claim tables ------------------------------------------------------------
 
     def regions(self, instance_id: int) -> ClaimRegions:

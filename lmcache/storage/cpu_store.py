@@ -59,9 +59,13 @@ class KeyObserver(Protocol):
 
 class EvictionGuard(Protocol):
     """Asked, under the store's lock, before a chunk is evicted: False keeps it (a client's lookup
-    claimed it, :mod:`lmcache.server.claims`)."""
+    claimed it, :mod:`lmcache.server.claims`); True lets it go from the guard's index."""
 
     def evictable(self, key: Hashable) -> bool: ...
+
+    def kept(self, key: Hashable, chunk: CachedChunk) -> None:
+        """``evictable`` said True, but the chunk stays in L1 after all (its slab could not be freed):
+        it is to be found again."""
 
 
 class CpuStore:
@@ -343,35 +347,43 @@ class CpuStore:
         order, past pinned and claimed chunks: the first chunk of ``pool``'s size, or every chunk of
         the first slab of another size whose chunks are all evictable (slabs hold one size: their room
         serves another only once wholly free), an empty such slab before any eviction. False, nothing
-        evicted, when there is none. Chunks stepped past keep their place and use counts."""
+        evicted, when there is none. Chunks stepped past keep their place and use counts; those the
+        guard let go but that stay are handed back to it (:meth:`EvictionGuard.kept`)."""
         if self._pinned >= len(self._policy):  # every committed chunk is pinned: nothing to skip through
             return self.arena.reclaim(keep=pool) > 0
         guard = self._guard
         chunks = self._chunks
-        seen: dict[Slab, list[Hashable]] | None = None  # per slab of another size: its evictable chunks
-        for key in self._policy.victims():
-            chunk = chunks[key]
-            # Pinned by a pending load or claimed by a lookup in flight: in use; the next one goes.
-            if chunk.pins or (guard is not None and not guard.evictable(key)):
-                continue
-            buf = chunk.buffer
-            if buf.pool is pool:
-                self._evict(key, chunk)
-                return True
-            if seen is None:
-                if self.arena.reclaim(keep=pool):
+        seen: dict[Slab, list[Hashable]] = {}  # per slab of another size: its evictable chunks
+        reclaimed = False  # empty slabs of other sizes were asked for first
+        try:
+            for key in self._policy.victims():
+                chunk = chunks[key]
+                if chunk.pins:  # pinned by a pending load: in use; the next one goes
+                    continue
+                buf = chunk.buffer
+                if buf.pool is not pool and not reclaimed:
+                    if self.arena.reclaim(keep=pool):
+                        return True
+                    reclaimed = True
+                if guard is not None and not guard.evictable(key):  # claimed by a lookup in flight
+                    continue
+                if buf.pool is pool:
+                    self._evict(key, chunk)
                     return True
-                seen = {}
-            keys = seen.setdefault(buf.held, [])
-            keys.append(key)
-            # Its slab's slots all hold chunks seen evictable (a pinned, claimed or reserved chunk is
-            # never seen, so it keeps the count short): evicting them frees the slab.
-            if len(keys) == buf.pool.slab_used(buf.slab):
-                for victim in keys:
-                    self._evict(victim, chunks[victim])
-                self.arena.reclaim(keep=pool)
-                return True
-        return seen is None and self.arena.reclaim(keep=pool) > 0
+                keys = seen.setdefault(buf.held, [])
+                keys.append(key)
+                # Its slab's slots all hold chunks seen evictable (a pinned, claimed or reserved chunk is
+                # never seen, so it keeps the count short): evicting them frees the slab.
+                if len(keys) == buf.pool.slab_used(buf.slab):
+                    for victim in seen.pop(buf.held):
+                        self._evict(victim, chunks[victim])
+                    self.arena.reclaim(keep=pool)
+                    return True
+            return not reclaimed and self.arena.reclaim(keep=pool) > 0
+        finally:
+            if guard is not None:
+                for key in (k for keys in seen.values() for k in keys):
+                    guard.kept(key, chunks[key])
 
     def _evict(self, key: Hashable, chunk: CachedChunk) -> None:
         self._policy.discard(key)

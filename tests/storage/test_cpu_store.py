@@ -268,3 +268,30 @@ def test_a_write_behind_pin_is_not_a_use_but_a_load_under_it_is(loaded: bool) ->
     s.unpin_all(["a"], use=False)  # written
     assert put(s, "d")
     assert ("a" in s) is loaded and ("b" in s) is not loaded
+
+
+class IndexGuard:
+    """An eviction guard over an index of keys, as the claim index is: a key asked about leaves it."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.indexed = set(keys)
+
+    def evictable(self, key) -> bool:  # noqa: ANN001
+        self.indexed.discard(key)
+        return True
+
+    def kept(self, key, chunk) -> None:  # noqa: ANN001
+        self.indexed.add(key)
+
+
+@pytest.mark.parametrize("pinned", [["a", "c"], ["a"]])
+def test_chunks_the_guard_let_go_but_that_stay_are_handed_back_to_it(pinned: list[str]) -> None:
+    """A scan for room of another chunk size asks the guard about chunks of slabs it then cannot free:
+    they stay in L1, so the guard must find them again."""
+    s = two_slabs_of_two()
+    guard = IndexGuard(list(s.keys()))
+    s.guard(guard)
+    for key in pinned:
+        assert s.pin(key)
+    s.reserve("tail", SLOT // 2, 8)
+    assert set(s.keys()) <= guard.indexed | {"tail"}
