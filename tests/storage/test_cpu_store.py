@@ -67,6 +67,9 @@ class Refuse:
     def evictable(self, key: Hashable) -> bool:
         return key != self.key
 
+    def kept(self, key: Hashable, chunk: object) -> None:
+        return None
+
 
 @pytest.mark.parametrize("policy", ["LRU", "LFU", "FIFO"])
 def test_a_chunk_stepped_past_keeps_its_place_in_the_order(policy: str) -> None:
