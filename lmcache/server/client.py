@@ -80,6 +80,7 @@ from lmcache.server.client_errors import (
 from lmcache.server.client_lanes import DEFAULT_LANES, Endpoint, LanePool, Submitted
 from lmcache.server.client_registrations import Credentials, PromptHashes, Registration, Registrations
 from lmcache.server.client_shared_l1 import SharedL1Transfers
+from lmcache.server.cuda_driver import PoolSharingError
 from lmcache.transfer import BlockTransfer
 
 if TYPE_CHECKING:  # torch and pool sharing load on first register: `lmcache stats` never imports torch
@@ -446,7 +447,16 @@ class CacheServerClient:
             if reg is None:
                 return
             if reg.policy == "auto":  # the new server may force another mode
-                _choose_again(reg, self.shared_l1, lambda: self.ping(timeout_s=timeout_s).pool_sharing)
+                try:
+                    _choose_again(reg, self.shared_l1, lambda: self.ping(timeout_s=timeout_s).pool_sharing)
+                except PoolSharingError as exc:  # the server's mode: no cache for this pool, not a crash
+                    raise BadPool(
+                        P.ErrorCode.BAD_POOL.value,
+                        f"the restarted cache server at {self.url} takes a pool-sharing mode this pool "
+                        f"cannot use ({exc}); start it with --pool-sharing auto, or set "
+                        "LMCACHE_POOL_SHARING to a mode both accept",
+                        "register",
+                    ) from exc
             info = self._call_once(reg.request, P.RegisterInfo, timeout_s, False)
             reg.update(info)
             self.server_id = info.server_id

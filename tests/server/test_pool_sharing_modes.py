@@ -462,3 +462,24 @@ def test_a_one_way_report_queued_at_a_stop_still_runs(monkeypatch) -> None:
     finally:
         stop_serving(server, thread)
     assert executed == [P.Clear, P.StoreDone]  # the lookup was refused, the report ran
+
+
+def test_a_server_restarted_in_a_mode_the_pool_cannot_use_is_a_bad_pool_not_a_crash(tmp_path) -> None:
+    """The scheduler's lookup re-registers after a restart; a pool the new server's forced mode cannot
+    share (a CPU pool outside shared memory, where the server now exports) answers ``BadPool``, a
+    ``ServerError`` the adapters take as "no cache", never a ``PoolSharingError`` out of TRT-LLM's call."""
+    path = str(tmp_path / "s.sock")
+    server, thread = start_serving("auto", ipc_path=path)
+    client = CacheServerClient(f"ipc://{path}", timeout_s=5.0, heartbeat_interval_s=0)
+    try:
+        assert (
+            client.register(torch.zeros(POOL_SHAPE), 0, 1, MODEL, TPB, pool_sharing="auto").sharing
+            == "shared-l1"
+        )
+        stop_serving(server, thread)
+        server, thread = start_serving("export", ipc_path=path)
+        with pytest.raises(BadPool, match="--pool-sharing auto"):
+            client.lookup(list(range(3000, 3000 + 2 * CHUNK)))
+    finally:
+        client.close(unregister=False)
+        stop_serving(server, thread)
