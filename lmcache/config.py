@@ -135,16 +135,20 @@ _URL_FORMS = (
 
 
 def _mask(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (error messages and logs never show secrets)."""
-    return re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", url)
+    """``url`` with any password replaced by ``***`` (error messages and logs never show secrets); the
+    user part ends at the last ``@``, so a password holding ``/`` or ``@`` is masked whole."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hosts = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hosts}"
 
 
 def _url_problem(url: str) -> str | None:
     """What is wrong with a remote URL (scheme, host, port, db, cluster seeds), or None."""
     scheme, _, rest = url.partition("://")
+    rest = rest.rpartition("@")[2]  # past the user part, which may hold "/" or "@"
     netloc = rest.split("/", 1)[0].split("?", 1)[0]
-    if "@" in netloc:
-        netloc = netloc.rsplit("@", 1)[1]
     if scheme == "unix":
         return None if rest.split("?", 1)[0].startswith("/") else "has no socket path (unix:///path/to.sock)"
     seeds = netloc.split(",") if scheme == "redis-cluster" else [netloc]

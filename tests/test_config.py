@@ -481,10 +481,13 @@ def test_valid_remote_urls_are_accepted(url: str) -> None:
     assert C.from_dict({"remote_url": url}).remote_url == url
 
 
-def test_url_errors_never_show_the_password() -> None:
+@pytest.mark.parametrize("password", ["hunter2", "hun/ter2", "hun@ter2"])
+def test_url_errors_never_show_the_password(password: str) -> None:
     with pytest.raises(ValueError) as err:
-        C.from_dict({"remote_url": "redis://user:hunter2@h:port"})
-    assert "hunter2" not in str(err.value) and "***" in str(err.value)
+        C.from_dict({"remote_url": f"redis://user:{password}@h:99999"})
+    assert password not in str(err.value) and "redis://user:***@h:99999" in str(err.value)
+    assert "invalid port '99999'" in str(err.value)  # the host part, not a piece of the password
+    assert password not in repr(C.from_dict({"remote_url": f"redis://user:{password}@h:6379"}))
 
 
 def test_extra_config_settings_are_validated_keys(tmp_path, caplog) -> None:

@@ -25,7 +25,7 @@ from lmcache.config import (
     load_engine_config,
 )
 from lmcache.logging import ROOT_LOGGER_NAME, configure_from_env, init_logger, parse_level
-from lmcache.server.security import add_security_arguments, security_settings
+from lmcache.server.security import add_security_arguments, env_typed, security_settings
 from lmcache.stats import summary_lines
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--busy-poll-us",
-        type=float,
+        type=env_typed(float, "LMCACHE_SERVER_BUSY_POLL_US"),
         default=os.environ.get("LMCACHE_SERVER_BUSY_POLL_US", "0"),
         help="after each request, poll without sleeping for this many microseconds, so the next call "
         "of an active client is answered without a thread wake-up (keeps one core busy while clients "
@@ -131,7 +131,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--pin-ttl-s",
-        type=float,
+        type=env_typed(float, "LMCACHE_SERVER_PIN_TTL_S"),
         default=os.environ.get("LMCACHE_SERVER_PIN_TTL_S", "120"),
         help="drop a lookup's pins if no retrieve or release came for them within this many seconds "
         "(the default can also come from $LMCACHE_SERVER_PIN_TTL_S)",
@@ -182,6 +182,8 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error(f"--max-workers must be >= 1, got {args.max_workers}")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")
+    if args.ipc_path and not os.path.isabs(args.ipc_path):  # clients name it by ipc:///ABSOLUTE/PATH
+        parser.error(f"--ipc-path must be an absolute path (or empty: TCP only), got {args.ipc_path!r}")
     if not (math.isfinite(args.busy_poll_us) and 0 <= args.busy_poll_us <= 1e6):
         parser.error(f"--busy-poll-us must be in 0..1000000 (0: never busy-poll), got {args.busy_poll_us}")
     _finite(parser, "--max-frame-mb", args.max_frame_mb, 0.0, strict=True)
@@ -229,6 +231,7 @@ def print_stats(url: str | None = None, *, watch_s: float = 0.0, count: int = 0)
     Ctrl-C). Imports neither torch nor the engine, so it answers at once."""
     from lmcache.server.client import CacheServerClient, ServerError, ServerUnavailable, normalize_url
 
+    given = url
     try:
         url = normalize_url(url)
         with CacheServerClient(url, timeout_s=5.0, heartbeat_interval_s=0) as client:
@@ -242,7 +245,8 @@ def print_stats(url: str | None = None, *, watch_s: float = 0.0, count: int = 0)
                 time.sleep(watch_s)  # the --watch refresh interval
                 print()
     except (ServerUnavailable, ServerError, ValueError) as e:
-        print(f"lmcache: cannot read stats from {url}: {e}", file=sys.stderr)
+        where = url or given or "the URL in $LMCACHE_SERVER_URL"
+        print(f"lmcache: cannot read stats from {where}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

@@ -76,11 +76,13 @@ class Endpoint:
     def of(cls, url: str) -> Endpoint:
         """``tcp://host:port`` (IPv6 hosts in brackets) or ``ipc:///path``; ValueError otherwise."""
         scheme, _, rest = url.partition("://")
-        if scheme == "ipc" and rest:
+        if scheme == "ipc" and rest.startswith("/"):  # absolute: the same socket whatever the cwd
             return cls(socket.AF_UNIX, rest)
         host, _, port = rest.rpartition(":")
-        if scheme != "tcp" or not host or not port.isdigit():
-            raise ValueError(f"unsupported server URL {url!r}; use tcp://HOST:PORT or ipc:///PATH")
+        if scheme != "tcp" or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(
+                f"unsupported server URL {url!r}; use tcp://HOST:PORT (port 1-65535) or ipc:///ABSOLUTE/PATH"
+            )
         family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
         return cls(family, (host.strip("[]"), int(port)))
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import grp
 import hmac
@@ -241,6 +242,21 @@ _LIMITS: tuple[tuple[str, str, type, Any, str], ...] = (
 )  # fmt: skip
 
 
+def env_typed(kind: type, env: str) -> Any:
+    """An argparse ``type`` for a flag whose default comes from ``env``: a bad value (typed on the
+    command line or set in the environment) is reported naming both."""
+
+    def convert(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} (from the flag or ${env})") from None
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
 def _env_name(flag: str) -> str:
     return "LMCACHE_SERVER_" + flag.removeprefix("--").replace("-", "_").upper()
 
@@ -276,8 +292,13 @@ def add_security_arguments(parser: Any) -> None:
     )
     for flag, key, kind, default, text in _LIMITS:
         env = _env_name(flag)
-        default = kind(os.environ.get(env, default))
-        group.add_argument(flag, dest=key, type=kind, default=default, help=f"{text} [env: {env}]")
+        group.add_argument(
+            flag,
+            dest=key,
+            type=env_typed(kind, env),
+            default=os.environ.get(env, str(default)),  # argparse converts it (and names a bad one)
+            help=f"{text} [env: {env}]",
+        )
 
 
 def _env_list(name: str) -> list[str]:

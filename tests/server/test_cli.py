@@ -288,3 +288,33 @@ def test_a_shared_l1_instance_shows_its_leased_slots_in_stats() -> None:
         == "instance 7 pid 11 rank 0/2 m shared-l1 [4, 2] bf16 idle 0.5 s, 384 leased slots"
     )
     assert instance_line(exported) == "instance 7 pid 12 rank 0/2 m cuda-ipc [4, 2] bf16 idle 0.5 s"
+
+
+@pytest.mark.parametrize(
+    ("env", "flag"),
+    [("LMCACHE_SERVER_MAX_CONNECTIONS", "--max-connections"), ("LMCACHE_SERVER_PIN_TTL_S", "--pin-ttl-s")],
+)
+def test_a_bad_value_in_a_flags_environment_variable_is_named(env: str, flag: str) -> None:
+    """Not a traceback, even for --help; the error names the flag and the variable."""
+    bad = subprocess_env(**{env: "abc"})
+    helped = subprocess.run(_server_cmd("--help"), capture_output=True, text=True, env=bad, timeout=60)
+    assert helped.returncode == 0 and "Traceback" not in helped.stderr
+    started = subprocess.run(_server_cmd("--port", "0"), capture_output=True, text=True, env=bad, timeout=60)
+    assert started.returncode == 2 and "Traceback" not in started.stderr
+    assert f"argument {flag}: 'abc' is not" in started.stderr and f"${env}" in started.stderr
+
+
+@pytest.mark.parametrize(
+    "url", ["ipc://rel.sock", "tcp://127.0.0.1:99999", "tcp://127.0.0.1:0", "http://x:1"]
+)
+def test_a_server_url_clients_cannot_use_is_refused_by_name(url: str) -> None:
+    from lmcache.server.client_lanes import Endpoint
+
+    with pytest.raises(ValueError, match="ipc:///ABSOLUTE/PATH"):
+        Endpoint.of(url)
+
+
+def test_a_relative_ipc_path_is_refused_at_start() -> None:
+    cmd = _server_cmd("--ipc-path", "rel.sock")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    assert out.returncode == 2 and "--ipc-path must be an absolute path" in out.stderr
