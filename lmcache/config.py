@@ -488,13 +488,34 @@ def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+SERVER_ENV = "LMCACHE_SERVER_"
+"""The prefix of the cache server's flags' variables (read by its command line)."""
+OTHER_ENV_NAMES = frozenset(
+    {"LMCACHE_CONFIG_FILE", "LMCACHE_LOG_LEVEL", "LMCACHE_SERVER_URL", "LMCACHE_CUDA_IPC_BACKEND"}
+)
+"""``LMCACHE_*`` variables read elsewhere than the engine config (the cache server's flags'
+``LMCACHE_SERVER_*`` too)."""
+
+
 def _env_overrides(env: Mapping[str, str]) -> dict[str, str]:
-    """``LMCACHE_<KEY>`` values for our keys and known upstream keys; everything else is ignored."""
+    """``LMCACHE_<KEY>`` values for our keys and known upstream keys. Any other ``LMCACHE_*`` name that
+    nothing reads (a typo, say) is warned about, with the closest name that is read."""
     out = {}
-    for key in (*_CONVERT, *UNSUPPORTED_UPSTREAM_KEYS):
-        name = ENV_PREFIX + key.upper()
-        if name in env:
-            out[key] = env[name]
+    known = {ENV_PREFIX + key.upper(): key for key in (*_CONVERT, *UNSUPPORTED_UPSTREAM_KEYS)}
+    for name, value in env.items():
+        if name in known:
+            out[known[name]] = value
+        elif (
+            name.startswith(ENV_PREFIX)
+            and name not in OTHER_ENV_NAMES
+            and not name.startswith("LMCACHE_SERVER_")
+        ):
+            close = difflib.get_close_matches(name, [*known, *OTHER_ENV_NAMES], n=1)
+            logger.warning(
+                "%s is not a setting lmcache reads; ignored%s",
+                name,
+                f" (did you mean {close[0]}?)" if close else " (docs/configuration.md lists them)",
+            )
     return out
 
 

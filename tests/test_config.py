@@ -551,3 +551,13 @@ def test_disk_cap_beyond_the_free_space_is_warned_with_the_figure(tmp_path) -> N
 def test_log_level_names_are_parsed() -> None:
     assert parse_level("debug") == logging.DEBUG and parse_level(" 'WARNING' ") == logging.WARNING
     assert parse_level("15") == 15 and parse_level("VERBOSE") is None
+
+
+def test_an_lmcache_variable_nothing_reads_is_warned_about_with_the_closest_name(caplog) -> None:
+    env = {"LMCACHE_CHUNKSIZE": "128", "LMCACHE_SERVER_MAX_CONNECTIONS": "9", "LMCACHE_LOG_LEVEL": "info"}
+    with caplog.at_level(logging.WARNING, logger="lmcache"):
+        assert C.from_env(env).chunk_size == 256  # the typo sets nothing
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [
+        "LMCACHE_CHUNKSIZE is not a setting lmcache reads; ignored (did you mean LMCACHE_CHUNK_SIZE?)"
+    ]
