@@ -161,12 +161,20 @@ def _url_problem(url: str) -> str | None:
         if not seed:
             return "has an empty seed in its host list"
         if seed.startswith("["):
+            if "]" not in seed:
+                return f"has an unclosed '[' in {seed!r} ([IPv6]:port)"
             host, _, port = seed[1:].partition("]")
-            port = port[1:] if port.startswith(":") else port
+            if port and not port.startswith(":"):
+                return f"has {port!r} after the bracketed host in {seed!r} ([IPv6]:port)"
+            port = port[1:]
         else:
             host, _, port = seed.rpartition(":") if ":" in seed else (seed, "", "")
+            if ":" in host:
+                return f"has ':' in the host of {seed!r} (IPv6 hosts go in brackets: [IPv6]:port)"
         if not host:
             return f"has no host in {seed!r}"
+        if seed.endswith(":"):
+            return f"has an empty port in {seed!r} (host:port, or host alone for 6379)"
         if scheme == "redis-cluster" and not port:
             return f"has no port in the seed {seed!r} (host:port)"
         if port and not (port.isdigit() and 1 <= int(port) <= 65535):

@@ -457,6 +457,10 @@ def test_single_handler(restore_log_level):
         ("redis-cluster://h1:7000,,h2:7001", "empty seed"),
         ("redis-cluster://h1", "no port in the seed 'h1'"),
         ("redis-cluster://h1:7000,h2:x", "invalid port 'x'"),
+        ("redis://h:", "empty port in 'h:'"),
+        ("redis://h:1:2", "IPv6 hosts go in brackets"),
+        ("redis://[::1", "unclosed '['"),
+        ("redis://[::1]x", "'x' after the bracketed host"),
     ],
 )
 def test_every_remote_url_form_is_checked_at_configuration_time(url: str, problem: str) -> None:
