@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from lmcache.logging import init_logger
+from lmcache.remote_url import URL_FORMS, mask_password, url_problem
 
 __all__ = [
     "ENV_PREFIX",
@@ -128,74 +129,20 @@ def _disk(key: str, v: object) -> str | None:
     return s
 
 
-_URL_FORMS = (
-    "redis://[user:password@]host[:port][/db], rediss://..., valkey://..., unix:///path/to.sock or "
-    "redis-cluster://[user:password@]host:port[,host:port...]"
-)
-
-
-def _mask(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (error messages and logs never show secrets); the
-    user part ends at the last ``@``, so a password holding ``/`` or ``@`` is masked whole."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, hosts = rest.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
-        return url
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hosts}"
-
-
-def _url_problem(url: str) -> str | None:
-    """What is wrong with a remote URL (scheme, host, port, db, cluster seeds), or None."""
-    scheme, _, rest = url.partition("://")
-    rest = rest.rpartition("@")[2]  # past the user part, which may hold "/" or "@"
-    netloc = rest.split("/", 1)[0].split("?", 1)[0]
-    if scheme == "unix":
-        return None if rest.split("?", 1)[0].startswith("/") else "has no socket path (unix:///path/to.sock)"
-    seeds = netloc.split(",") if scheme == "redis-cluster" else [netloc]
-    if scheme != "redis-cluster" and len(seeds[0].split(",")) > 1:
-        return "names several hosts (only redis-cluster:// takes a seed list)"
-    if not any(seed.strip() for seed in seeds):
-        return "has no host" if scheme != "redis-cluster" else "has no host:port seed"
-    for seed in seeds:
-        seed = seed.strip()
-        if not seed:
-            return "has an empty seed in its host list"
-        if seed.startswith("["):
-            if "]" not in seed:
-                return f"has an unclosed '[' in {seed!r} ([IPv6]:port)"
-            host, _, port = seed[1:].partition("]")
-            if port and not port.startswith(":"):
-                return f"has {port!r} after the bracketed host in {seed!r} ([IPv6]:port)"
-            port = port[1:]
-        else:
-            host, _, port = seed.rpartition(":") if ":" in seed else (seed, "", "")
-            if ":" in host:
-                return f"has ':' in the host of {seed!r} (IPv6 hosts go in brackets: [IPv6]:port)"
-        if not host:
-            return f"has no host in {seed!r}"
-        if seed.endswith(":"):
-            return f"has an empty port in {seed!r} (host:port, or host alone for 6379)"
-        if scheme == "redis-cluster" and not port:
-            return f"has no port in the seed {seed!r} (host:port)"
-        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
-            return f"has an invalid port {port!r} (1-65535)"
-    path = rest.split("?", 1)[0].partition("/")[2]
-    if scheme != "redis-cluster" and path and not path.isdigit():
-        return f"has an invalid database number {path!r} (an integer after the host, e.g. /0)"
-    return None
-
-
 def _url(key: str, v: object) -> str | None:
     s = _optstr(key, v)
     if s is None:
         return None
     if not s.startswith(REMOTE_SCHEMES):
         raise _bad(
-            key, _mask(s), "has an unsupported scheme", "a URL starting with " + ", ".join(REMOTE_SCHEMES)
+            key,
+            mask_password(s),
+            "has an unsupported scheme",
+            "a URL starting with " + ", ".join(REMOTE_SCHEMES),
         )
-    problem = _url_problem(s)
+    problem = url_problem(s)
     if problem is not None:
-        raise _bad(key, _mask(s), problem, _URL_FORMS)
+        raise _bad(key, mask_password(s), problem, URL_FORMS)
     return s
 
 
@@ -466,7 +413,7 @@ class LMCacheEngineConfig:
         parts = []
         for key, value in self.to_dict().items():
             if key == "remote_url" and value:
-                value = _mask(value)
+                value = mask_password(value)
             parts.append(f"{key}={value!r}")
         return " ".join(parts)
 

@@ -71,13 +71,24 @@ class EngineLookup:
         with self._lock:
             hasher = self._hashers.get(ident)
             if hasher is None:
-                space.layout.blocks_per_chunk(self.config.chunk_size)
+                rows = space.layout.blocks_per_chunk(self.config.chunk_size)
+                self._check_room(rows * space.layout.row_bytes)
                 hasher = TokenHasher(self.config.chunk_size, self.config.pre_caching_hash_algorithm, *ident)
                 self._hashers[ident] = hasher
             if len(self._hasher_of_space) >= MAX_SPACES_REMEMBERED:
                 self._hasher_of_space.clear()
             self._hasher_of_space[space] = hasher
             return hasher
+
+    def _check_room(self, chunk_bytes: int) -> None:
+        """ValueError if L1 cannot hold one chunk of a layout: it would cache nothing, silently."""
+        capacity = self.l1.arena.capacity_bytes
+        if self.config.local_cpu and 0 < capacity < chunk_bytes:
+            raise ValueError(
+                f"the L1 CPU cache ({capacity} bytes: max_local_cpu_size / LMCACHE_MAX_LOCAL_CPU_SIZE, or "
+                f"the server's --l1-size-gb) cannot hold one {chunk_bytes}-byte chunk of this pool "
+                f"(chunk_size {self.config.chunk_size}); raise it or lower chunk_size"
+            )
 
     def namespace(self, space: KeySpace) -> Namespace:
         """The lower tiers' name for a key space: model and layout signature (the key alone lacks them)."""

@@ -409,3 +409,14 @@ def test_a_whole_load_copying_a_row_again_flushes_what_came_before() -> None:
     copier.finish()
     assert flushed == [["a"], ["b"], ["b again", "c"]]
     assert torch.equal(pool[2], again[0]) and torch.equal(pool[5], first[0])
+
+
+def test_an_l1_that_cannot_hold_one_chunk_of_a_layout_is_refused_when_the_layout_is_first_seen() -> None:
+    """It would cache nothing and say so only as skipped stores: refused at registration instead."""
+    config = LMCacheEngineConfig.from_defaults(chunk_size=64, max_local_cpu_size=1e-4)  # about 105 KB
+    engine = CacheEngine(config, pinned=False)
+    pool = torch.zeros(8, 2, 2, 16 * 1024)  # 256 KiB rows: a chunk of 4 blocks is 1 MiB
+    with pytest.raises(ValueError, match="max_local_cpu_size / LMCACHE_MAX_LOCAL_CPU_SIZE"):
+        engine.hasher(KeySpace("model", PoolLayout.of_pool(pool, 16)))
+    small = torch.zeros(8, 2, 2, 16)  # 256-byte rows: a chunk is 1 KiB
+    assert engine.hasher(KeySpace("model", PoolLayout.of_pool(small, 16))).chunk_size == 64

@@ -447,16 +447,7 @@ class CacheServerClient:
             if reg is None:
                 return
             if reg.policy == "auto":  # the new server may force another mode
-                try:
-                    _choose_again(reg, self.shared_l1, lambda: self.ping(timeout_s=timeout_s).pool_sharing)
-                except PoolSharingError as exc:  # the server's mode: no cache for this pool, not a crash
-                    raise BadPool(
-                        P.ErrorCode.BAD_POOL.value,
-                        f"the restarted cache server at {self.url} takes a pool-sharing mode this pool "
-                        f"cannot use ({exc}); start it with --pool-sharing auto, or set "
-                        "LMCACHE_POOL_SHARING to a mode both accept",
-                        "register",
-                    ) from exc
+                _choose_again(reg, self.shared_l1, lambda: self.ping(timeout_s=timeout_s).pool_sharing)
             info = self._call_once(reg.request, P.RegisterInfo, timeout_s, False)
             reg.update(info)
             self.server_id = info.server_id
@@ -550,8 +541,18 @@ def _descriptor(pool: Any, policy: str, server_policy: Callable[[], str]) -> P.P
 
 
 def _choose_again(reg: Registration, shared_l1: SharedL1Transfers, server_policy: Callable[[], str]) -> None:
-    """Pick the mode of an ``auto`` registration again (before re-registering with a new server)."""
-    reg.request.pool = _descriptor(reg.keep_alive, reg.policy, server_policy)
+    """Pick the mode of an ``auto`` registration again (before re-registering with a new server);
+    ``BadPool`` (no cache for this pool, never a crash of the caller) if the server's mode cannot
+    share it."""
+    try:
+        reg.request.pool = _descriptor(reg.keep_alive, reg.policy, server_policy)
+    except PoolSharingError as exc:
+        raise BadPool(
+            P.ErrorCode.BAD_POOL.value,
+            f"the restarted cache server takes a pool-sharing mode this pool cannot use ({exc}); start "
+            "it with --pool-sharing auto, or set LMCACHE_POOL_SHARING to a mode both accept",
+            "register",
+        ) from exc
     reg.copier = shared_l1.copier_for(reg, reg.copier)
 
 

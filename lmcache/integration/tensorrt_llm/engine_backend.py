@@ -186,6 +186,8 @@ class EngineTransfers:
             )
             for target in targets
         ]
+        for pool in pools:  # the layout checked against the config now, not at the first lookup
+            self._shared.engine.hasher(pool.space)
         self._pools = pools
         self._shared.register(self._rank, pools)
         device = targets[0].tensor.device

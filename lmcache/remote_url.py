@@ -1,0 +1,60 @@
+"""Remote tier URLs (``remote_url``): the forms accepted, what is wrong with one, and how one is shown
+without its password."""
+
+from __future__ import annotations
+
+URL_FORMS = (
+    "redis://[user:password@]host[:port][/db], rediss://..., valkey://..., unix:///path/to.sock or "
+    "redis-cluster://[user:password@]host:port[,host:port...]"
+)
+
+
+def mask_password(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (error messages and logs never show secrets); the
+    user part ends at the last ``@``, so a password holding ``/`` or ``@`` is masked whole."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hosts = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hosts}"
+
+
+def url_problem(url: str) -> str | None:
+    """What is wrong with a remote URL (scheme, host, port, db, cluster seeds), or None."""
+    scheme, _, rest = url.partition("://")
+    rest = rest.rpartition("@")[2]  # past the user part, which may hold "/" or "@"
+    netloc = rest.split("/", 1)[0].split("?", 1)[0]
+    if scheme == "unix":
+        return None if rest.split("?", 1)[0].startswith("/") else "has no socket path (unix:///path/to.sock)"
+    seeds = netloc.split(",") if scheme == "redis-cluster" else [netloc]
+    if scheme != "redis-cluster" and len(seeds[0].split(",")) > 1:
+        return "names several hosts (only redis-cluster:// takes a seed list)"
+    if not any(seed.strip() for seed in seeds):
+        return "has no host" if scheme != "redis-cluster" else "has no host:port seed"
+    for seed in seeds:
+        seed = seed.strip()
+        if not seed:
+            return "has an empty seed in its host list"
+        if seed.startswith("["):
+            if "]" not in seed:
+                return f"has an unclosed '[' in {seed!r} ([IPv6]:port)"
+            host, _, port = seed[1:].partition("]")
+            if port and not port.startswith(":"):
+                return f"has {port!r} after the bracketed host in {seed!r} ([IPv6]:port)"
+            port = port[1:]
+        else:
+            host, _, port = seed.rpartition(":") if ":" in seed else (seed, "", "")
+            if ":" in host:
+                return f"has ':' in the host of {seed!r} (IPv6 hosts go in brackets: [IPv6]:port)"
+        if not host:
+            return f"has no host in {seed!r}"
+        if seed.endswith(":"):
+            return f"has an empty port in {seed!r} (host:port, or host alone for 6379)"
+        if scheme == "redis-cluster" and not port:
+            return f"has no port in the seed {seed!r} (host:port)"
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            return f"has an invalid port {port!r} (1-65535)"
+    path = rest.split("?", 1)[0].partition("/")[2]
+    if scheme != "redis-cluster" and path and not path.isdigit():
+        return f"has an invalid database number {path!r} (an integer after the host, e.g. /0)"
+    return None
