@@ -163,7 +163,8 @@ def test_a_write_behind_is_not_a_use_of_the_chunk() -> None:
     """Under LRU, a chunk only written behind is older than one a load read meanwhile."""
     l1 = CpuStore(HostArena(2 * CHUNK_BYTES, pinned=False, slab_bytes=CHUNK_BYTES), "LRU")
     tier = GatedTier()
-    tiers = TierManager(l1, [tier])
+    # Room for both writes whether or not the writer took the first off the queue yet.
+    tiers = TierManager(l1, [tier], queue_bytes=4 * CHUNK_BYTES)
     ns = Namespace("m", b"sig")
     a, b, c = (ChunkKey(bytes([i]) * 32, 1, 0) for i in range(3))
     for key in (a, b):
