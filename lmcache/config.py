@@ -448,8 +448,7 @@ SERVER_ENV = "LMCACHE_SERVER_"
 OTHER_ENV_NAMES = frozenset(
     {"LMCACHE_CONFIG_FILE", "LMCACHE_LOG_LEVEL", "LMCACHE_SERVER_URL", "LMCACHE_CUDA_IPC_BACKEND"}
 )
-"""``LMCACHE_*`` variables read elsewhere than the engine config (the cache server's flags'
-``LMCACHE_SERVER_*`` too)."""
+"""``LMCACHE_*`` variables read elsewhere than the engine config, besides the ``SERVER_ENV`` ones."""
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, str]:
@@ -460,11 +459,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, str]:
     for name, value in env.items():
         if name in known:
             out[known[name]] = value
-        elif (
-            name.startswith(ENV_PREFIX)
-            and name not in OTHER_ENV_NAMES
-            and not name.startswith("LMCACHE_SERVER_")
-        ):
+        elif name.startswith(ENV_PREFIX) and not (name in OTHER_ENV_NAMES or name.startswith(SERVER_ENV)):
             close = difflib.get_close_matches(name, [*known, *OTHER_ENV_NAMES], n=1)
             logger.warning(
                 "%s is not a setting lmcache reads; ignored%s",
