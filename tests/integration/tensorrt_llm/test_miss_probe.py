@@ -134,7 +134,11 @@ def test_lookups_that_mostly_hit_skip_the_presence_counts(
     rig = Rig(l1_server.ipc_url)
     tokens = list(range(13, 13 + TOKENS))
     request, _ = rig.lookup(tokens)
-    rig.prefill_and_save(request, list(range(BLOCKS)))
+    with CacheServerClient(l1_server.ipc_url, timeout_s=20) as observer:
+        chunks = observer.stats().engine.l1.chunks
+        rig.prefill_and_save(request, list(range(BLOCKS)))
+        # The save's report is one-way: the counts show its chunks once the server has read it.
+        wait_until(lambda: observer.stats().engine.l1.chunks >= chunks + CHUNKS, "the save published")
     hashed: list[int] = []
     original = CacheServerClient.chunk_hashes
 
