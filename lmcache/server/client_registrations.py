@@ -217,6 +217,20 @@ class Registrations:
         reg = self._table.get(instance_id)
         return reg.presence if reg is not None else None
 
+    def published_first_chunk(self, instance_id: int, fields: dict[str, Any]) -> None:
+        """A store of the prompt :meth:`prompt_fields`' ``fields`` name is about to report its first
+        chunk published, one-way: the instance's presence view shows it from now on (a lookup of the
+        prompt then asks the server, which reads the report first), not only once the counts do."""
+        reg = self._table.get(instance_id)
+        if reg is None or reg.presence is None or reg.hasher is None or reg.info is None:
+            return  # no counts read for this instance: every lookup asks the server
+        first = fields.get("chunk_hashes")
+        if not first:
+            tokens = P.ids_from_wire(fields["tokens"][: reg.info.chunk_size * P.TOKEN_BYTES], "tokens")
+            first = reg.hasher.chunk_digests(tokens, fields.get("cache_salt"))
+        if first:
+            reg.presence.published(first[: reg.hasher.digest_size])
+
     def pinned(self, instance_id: int, pin_id: int | str, claimed: Claimed) -> None:
         """A claimed lookup went out: its pins count against the instance's share until this client
         releases or loads them, or the server's pin TTL passes (see :meth:`claim`)."""

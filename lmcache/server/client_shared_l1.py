@@ -278,6 +278,8 @@ class SharedL1Transfers:
                     self._one_way(report.done(ok=False), timeout_s)()
             raise
         if publish is not None:  # unsent, nothing is published: the store fails
+            if transfer.start == 0:
+                self._registrations.published_first_chunk(iid, fields)
             publish()
         return report.tokens(size)
 

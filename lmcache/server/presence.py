@@ -13,11 +13,19 @@ from its first), and the lookup is a miss without a round trip. A non-zero count
 buckets are shared. Counts are read without a lock; a chunk published during the read may be
 missed, which costs a recompute, never wrong KV. Only a server whose only tier is L1 offers the
 region: chunks on disk or in Redis were never counted.
+
+A shared-L1 save is published by a one-way report, and TRT-LLM learns that the save landed once the
+report is sent, possibly before the server has read it: the counts do not show its chunks yet. So
+the view also remembers the first chunks this process reported published (:meth:`PresenceView.published`)
+and says "ask" for them; the server serves a request sent after a report after the report
+(:mod:`lmcache.server.dispatch`), so that lookup finds them.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
@@ -39,6 +47,13 @@ SHM_DIR = "/dev/shm"
 
 BUCKETS = 1 << 20
 """Counters in the region (4 MiB of uint32): a few per chunk even for a large L1 of small chunks."""
+
+RECENT_PUBLICATIONS = 4096
+"""First chunks a view remembers this process reported published (the oldest forgotten first): far more
+than the saves whose reports can be in flight at once."""
+
+DIGEST_KEY = 16
+"""Bytes of a chunk hash that name it among the remembered ones (every hash's digest has at least 16)."""
 
 
 def bucket(chunk_hash: bytes, buckets: int) -> int:
@@ -113,6 +128,9 @@ class PresenceView:
     def __init__(self, info: RegionInfo, counts: np.ndarray) -> None:
         self.info = info
         self._counts = counts
+        self._lock = threading.Lock()
+        self._published: OrderedDict[bytes, None] = OrderedDict()
+        """First chunks this process reported published, which the counts may not show yet."""
 
     @classmethod
     def map(cls, info: RegionInfo, shm_dir: str = SHM_DIR) -> PresenceView | None:
@@ -131,6 +149,18 @@ class PresenceView:
             return None
         return cls(info, np.frombuffer(mapping, dtype="<u4"))
 
+    def published(self, chunk_hash: bytes) -> None:
+        """This process reported the chunk ``chunk_hash`` published, one-way: :meth:`may_hold` says so
+        even before the server has read the report."""
+        with self._lock:
+            self._published[chunk_hash[:DIGEST_KEY]] = None
+            self._published.move_to_end(chunk_hash[:DIGEST_KEY])
+            if len(self._published) > RECENT_PUBLICATIONS:
+                self._published.popitem(last=False)
+
     def may_hold(self, chunk_hash: bytes) -> bool:
         """False when the server surely holds no chunk under ``chunk_hash``."""
-        return bool(self._counts[bucket(chunk_hash, len(self._counts))])
+        if self._counts[bucket(chunk_hash, len(self._counts))]:
+            return True
+        with self._lock:
+            return chunk_hash[:DIGEST_KEY] in self._published

@@ -15,7 +15,7 @@ from support.server_process import ServerProcess
 from lmcache.keys import ChunkKey
 from lmcache.memory import HostArena, SlabSource
 from lmcache.server.client import CacheServerClient
-from lmcache.server.presence import PresenceCounts, PresenceView, bucket
+from lmcache.server.presence import RECENT_PUBLICATIONS, PresenceCounts, PresenceView, bucket
 from lmcache.shm_slabs import ShmSlabInfo, ShmSlabSource, open_region
 from lmcache.storage.cpu_store import CpuStore
 
@@ -88,6 +88,20 @@ def test_a_count_never_goes_below_zero(counts: PresenceCounts) -> None:
     counts.added(collides)
     counts.removed(k)
     assert counts.count(k.chunk_hash) == 1  # the other chunk of the bucket still answers "ask"
+
+
+def test_a_view_holds_the_first_chunks_its_process_reported_until_newer_reports_push_them_out(
+    counts: PresenceCounts, tmp_path: Path
+) -> None:
+    view = PresenceView.map(counts.info, shm_dir=str(tmp_path))
+    assert view is not None and not view.may_hold(key(7).chunk_hash)
+    view.published(key(7).chunk_hash)  # reported one-way: the server has not counted it yet
+    assert view.may_hold(key(7).chunk_hash) and counts.count(key(7).chunk_hash) == 0
+    assert not view.may_hold(key(7 + BUCKETS).chunk_hash)  # the same bucket, another chunk: still a miss
+    for n in range(RECENT_PUBLICATIONS):
+        view.published(key(1000 + n).chunk_hash)
+    assert not view.may_hold(key(7).chunk_hash)  # bounded: the oldest report forgotten
+    assert view.may_hold(key(1000).chunk_hash)
 
 
 def test_clients_map_the_region_read_only_and_refuse_a_loose_one(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import pytest
 import torch
 from support.mp_rig import BLOCKS, CHUNK, CHUNKS, TOKENS, TPB, Request, Rig, serve
@@ -17,6 +18,7 @@ from support.server_process import ServerProcess, wait_until
 
 from lmcache.integration.tensorrt_llm.miss_probe import PROBE_MIN_CHUNKS, MissProbe
 from lmcache.server.client import CacheServerClient
+from lmcache.server.presence import PresenceView
 
 
 @pytest.fixture
@@ -98,6 +100,38 @@ def test_a_miss_costs_no_round_trip_where_the_server_offers_its_counts(l1_server
         served = lookups_served(observer)
         found.append(rig.lookup(tokens))
         assert found[2][1] == 0 and lookups_served(observer) == served
+
+
+def test_a_save_reported_done_is_found_before_the_server_counts_it(
+    l1_server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared-L1 save is published by a one-way report: the counts may not show it yet when TRT-LLM
+    learns the save landed. Here they never do (a view of counts the server does not write), so only
+    what the client remembers of its own reports makes the next lookup ask the server."""
+    original = PresenceView.map
+
+    def unwritten(info, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        view = original(info, *args, **kwargs)
+        return None if view is None else PresenceView(info, np.zeros(info.nbytes // 4, dtype="<u4"))
+
+    monkeypatch.setattr(PresenceView, "map", unwritten)
+    rig = Rig(l1_server.ipc_url)
+    tokens = list(range(17, 17 + TOKENS))
+    request, matched = rig.lookup(tokens)
+    assert matched == 0
+    source = list(range(BLOCKS))
+    rig.prefill_and_save(request, source)
+
+    request, matched = rig.lookup(tokens)
+    assert matched == TOKENS - TPB
+    target = list(range(BLOCKS, 2 * BLOCKS))
+    rig.load(request, matched, target)
+    rows = matched // TPB
+    assert torch.equal(rig.pool[target[:rows]], rig.pool[source[:rows]])
+    with CacheServerClient(l1_server.ipc_url, timeout_s=20) as observer:
+        served = lookups_served(observer)
+        assert rig.lookup(list(range(60_000, 60_000 + TOKENS)))[1] == 0
+        assert lookups_served(observer) == served  # another prompt still misses without a round trip
 
 
 def test_lookups_that_mostly_hit_stop_probing(server: ServerProcess) -> None:
