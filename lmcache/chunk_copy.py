@@ -265,6 +265,12 @@ class CopyBatcher(Generic[T]):
             if event is not None:
                 self._layers.land_all(event)
 
+    def abandon(self) -> None:
+        """Give the batch up (its request failed): the copies queued but not enqueued are dropped, the
+        transfer's stream is ordered after every one enqueued, helper streams included."""
+        self._copies, self._items, self._ready = [], [], []
+        self.transfer.finish()
+
     def _wait_ready(self, events: Sequence[Any]) -> None:
         """Order a load after the copies that filled its slots (on the device; on the host for CPU
         pools). Chunks stored together share an event: each is waited for once per load."""

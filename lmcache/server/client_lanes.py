@@ -15,7 +15,9 @@ probe: a refused connect fails the call at once; after a timeout (``down``) a ``
 gives the server only :data:`PROBE_S` to accept, and a server that drops packets makes calls fail at
 once for :data:`PROBE_QUIET_S`. Over ``ipc://`` a lane served by a process of another user than this
 one or root is refused. A connection the server refuses (caps, peer policy) brings its error frame
-(rid -1), which the caller raises like any error reply.
+(rid -1), which the caller raises like any error reply; so does a frame it refuses unread (over its
+size caps), except after a one-way frame on that lane, whose refusal it may be: the call then fails
+as unserved (the server closed the connection either way).
 """
 
 from __future__ import annotations
@@ -118,6 +120,8 @@ class Lane:
         self.sock = sock
         self.thread = 0
         """The thread that used it last (calls prefer their own thread's lane)."""
+        self.reported = False
+        """A one-way frame went on it since the last reply read (see :meth:`LanePool._receive`)."""
         self._readable = select.poll()
         self._readable.register(sock, select.POLLIN)
         self._inbox = framing.FrameBuffer()
@@ -219,8 +223,9 @@ class LanePool:
         return PendingReply(lane, receive, self._release, self._discard)
 
     def send(self, frame: bytes, op: str, timeout: float) -> None:
-        """Send a one-way ``frame`` (the server answers none). The lane is this thread's again at once,
-        so its next call normally follows on the same connection and is served after it."""
+        """Send a one-way ``frame`` (the server answers none, even when it fails; one it refuses unread
+        closes the connection). The lane is this thread's again at once, so its next call normally
+        follows on the same connection and is served after it."""
         deadline = time.monotonic() + timeout
         lane = self._acquire(deadline, op, timeout)
         try:
@@ -235,6 +240,7 @@ class LanePool:
         except BaseException:
             self._discard(lane)
             raise
+        lane.reported = True
         self._release(lane)
 
     @contextlib.contextmanager
@@ -387,10 +393,18 @@ class LanePool:
                 reply = framing.decode_reply(data)
             except framing.REPLY_DECODE_ERRORS as e:
                 raise ServerUnavailable(f"{op} to {self.url} failed: undecodable reply ({e})") from None
-            # rid -1: the server could not read our request's id (e.g. a frame over its size limit) or
-            # refused the connection; with one request in flight on this lane, the answer is ours.
+            # rid -1: the server could not read a frame's id (e.g. one over its size limit) or refused the
+            # connection, then closed it. With only our request sent since the last reply, it is ours;
+            # after a one-way frame (answered by nothing else) it may be that frame's.
+            if reply.rid == -1 and lane.reported:
+                error = reply.error or P.ErrorInfo(P.ErrorCode.INTERNAL.value, "no details")
+                raise ServerUnavailable(
+                    f"{op} to {self.url} failed: the server refused a frame on this connection, this "
+                    f"request's or a one-way report's sent before it ({error.code}: {error.message})"
+                )
             if reply.rid != rid and reply.rid != -1:  # cannot happen (a lane that timed out is closed)
                 raise ServerUnavailable(f"{op} to {self.url} failed: reply to another request")
+            lane.reported = False  # the frames before ours were read: none of them is answered
             self.down = False
             self.calls += 1
             return reply

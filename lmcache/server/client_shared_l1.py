@@ -7,7 +7,8 @@ slots, this process copies (:class:`~lmcache.server.shared_l1_worker.SharedL1Cop
   ``store_done`` publishes them all; if a copy raised, it goes with ``ok=False`` (every slot given
   back, nothing published) and the copy's exception propagates;
 * load: ``load`` -> scatter the slots into the blocks -> ``load_done``, sent once the copy completed
-  (or failed), so the chunks stay pinned exactly as long as the copy reads them. Given the stream
+  (or failed: once every copy already enqueued completed), so the chunks stay pinned exactly as long
+  as the copy reads them. Given the stream
   that reads the blocks next, a load returns once its copies are enqueued (that stream waits for
   them on the device, as after an in-process load) and a background thread sends ``load_done`` when
   they complete: the forward's launch overlaps the copy instead of following it.
@@ -38,7 +39,7 @@ from lmcache.server.client_registrations import Registration, Registrations
 from lmcache.transfer import BlockTransfer
 
 if TYPE_CHECKING:  # the client imports no torch until a shared-L1 pool is registered
-    from lmcache.chunk_copy import StoreStart
+    from lmcache.chunk_copy import CopyBatcher, StoreStart
     from lmcache.layered_load import LayerReady
     from lmcache.server.client_lanes import Submitted
     from lmcache.server.shared_l1_worker import SharedL1Copier
@@ -242,6 +243,7 @@ class SharedL1Transfers:
         wait_reply: Submitted[Any] | None = None
         rows = size // tpb
         leased = [(transfer.start // tpb + i * rows, lease.slot) for i, lease in enumerate(leases)]
+        batch: CopyBatcher[None] | None = None
         try:
             batch = copier.begin_store(transfer.block_ids, after)
             for first, slot in leased[:1]:  # the first copy starts before the request is even sent
@@ -267,7 +269,8 @@ class SharedL1Transfers:
             publish = None if report.empty else self._one_way(report.done(ok=True), timeout_s)
             copier.wait_stored()
         except BaseException as e:
-            copier.quiesce()  # no copy may still write into a slot once it is given back
+            if batch is not None:
+                copier.abandon(batch)  # no copy may still write into a slot once it is given back
             if wait_reply is not None:  # its reservation must be given back too
                 with contextlib.suppress(ServerUnavailable, ServerError):
                     report.reply = wait_reply.next()[0]
@@ -305,9 +308,10 @@ class SharedL1Transfers:
         first copy. Rows past the loaded prefix may then have been written. A layer-wise load
         (``layers``) enqueues its copies in one pass, each layer group of every chunk after the other:
         before the reply when the lookup named every chunk's slot, else once the whole reply is in
-        (see :meth:`SharedL1Copier.add_looked_up`)."""
+        (see :meth:`SharedL1Copier.add_looked_up`). A load that fails (a part refused, a copy raised)
+        raises once every copy it enqueued is done; its slots stay pinned until then."""
         copier: SharedL1Copier = self._registrations.copier(iid)
-        size, tpb = self._registrations.geometry(iid)
+        _, tpb = self._registrations.geometry(iid)
         if transfer.end > transfer.start:  # a bad block list pins nothing
             copier.check_blocks(transfer.block_ids, transfer.start, transfer.end, tpb)
         req = P.Load(
@@ -319,30 +323,13 @@ class SharedL1Transfers:
             first=FIRST_CHUNKS,
             **self._registrations.prompt_fields(iid, transfer),
         )
-        parts: Submitted[P.LoadSlots] | None = None
         looked_up = self._looked_up_slots(iid, pin_id, pin_owner, copier.server_id)
-        chunks = transfer.chunks_touched(size)
-        early: dict[int, P.LoadChunk] = {}
-        try:
-            if copier.names_every_chunk(looked_up, transfer, size):
-                # The reply will only confirm the lookup's slots: the copies go first.
-                batch = copier.begin_load(transfer.block_ids, stream, layers, chunks)
-                early = copier.add_looked_up(batch, looked_up, transfer, size, tpb)
-                parts = self._submit(req, P.LoadSlots, timeout_s, deadline=True)
-            else:
-                parts = self._submit(req, P.LoadSlots, timeout_s, deadline=True)
-                # set up while the first part travels
-                batch = copier.begin_load(transfer.block_ids, stream, layers, chunks)
-                early = copier.add_looked_up(batch, looked_up, transfer, size, tpb)
-            reply, more = parts.next()
-        except UnknownInstance:  # the server restarted or forgot us: the plain call registers again
-            req.first = 0
-            reply, more = self._call(req, P.LoadSlots, timeout_s, deadline=True), False
-            # all from the new server
-            batch, early = copier.begin_load(transfer.block_ids, stream, layers, chunks), {}
+        batch, early, parts, reply, more = self._first_part(
+            copier, req, transfer, looked_up, timeout_s, stream, layers
+        )
         if reply.ticket == 0:
             if early:
-                copier.quiesce()  # nothing is pinned for them: no copy may outlive this call
+                copier.abandon(batch)  # nothing is pinned for them: no copy may outlive this call
             return reply.loaded
         done = P.LoadDone(instance_id=iid, ticket=reply.ticket, cap=req.cap)
         report: Callable[[], None] | None = None
@@ -359,11 +346,58 @@ class SharedL1Transfers:
                 self._report_when_done(copied, copier.pool.device.index, report)
                 reported_later = True
             return reply.loaded
+        except BaseException:
+            # A later part refused or a copy failed: the copies of the parts before may still be running.
+            # The slots stay pinned until none reads them, and the failed load writes no block after it.
+            copier.abandon(batch)
+            raise
         finally:
             if parts is not None:
                 parts.cancel()  # parts not read (a copy failed): their lane goes
             if not reported_later:  # the copy completed or failed: the pins may go
                 (report or self._report_of(done, timeout_s))()
+
+    def _first_part(
+        self,
+        copier: SharedL1Copier,
+        req: P.Load,
+        transfer: BlockTransfer[Any],
+        looked_up: list[P.SlotInfo],
+        timeout_s: float | None,
+        stream: Any,
+        layers: LayerReady | None,
+    ) -> tuple[CopyBatcher[None], dict[int, P.LoadChunk], Submitted[P.LoadSlots] | None, P.LoadSlots, bool]:
+        """Send the load ``req`` and read its reply's first part, the copies from the lookup's slots
+        ``looked_up`` enqueued meanwhile: the load's batch, those copies by first block, the parts to
+        read, the first part and whether more follow. If it raises, every copy it enqueued is done."""
+        size, tpb = self._registrations.geometry(req.instance_id)
+        chunks = transfer.chunks_touched(size)
+        batch: CopyBatcher[None] | None = None
+        parts: Submitted[P.LoadSlots] | None = None
+        try:
+            if copier.names_every_chunk(looked_up, transfer, size):
+                # The reply will only confirm the lookup's slots: the copies go first.
+                batch = copier.begin_load(transfer.block_ids, stream, layers, chunks)
+                early = copier.add_looked_up(batch, looked_up, transfer, size, tpb)
+                parts = self._submit(req, P.LoadSlots, timeout_s, deadline=True)
+            else:
+                parts = self._submit(req, P.LoadSlots, timeout_s, deadline=True)
+                # set up while the first part travels
+                batch = copier.begin_load(transfer.block_ids, stream, layers, chunks)
+                early = copier.add_looked_up(batch, looked_up, transfer, size, tpb)
+            reply, more = parts.next()
+            return batch, early, parts, reply, more
+        except BaseException as e:
+            if parts is not None:
+                parts.cancel()  # not read: its lane goes
+            if batch is not None:  # the copies from the lookup's slots, whose pins may go with the error
+                copier.abandon(batch)
+            if not isinstance(e, UnknownInstance):
+                raise
+        # The server restarted or forgot us: the plain call registers again; all from the new server.
+        req.first = 0
+        reply = self._call(req, P.LoadSlots, timeout_s, deadline=True)
+        return copier.begin_load(transfer.block_ids, stream, layers, chunks), {}, None, reply, False
 
     def _report_of(self, done: P.LoadDone, timeout_s: float | None) -> Callable[[], None]:
         """A load's ``load_done``, framed now (while its copies run); the call returned sends it. A

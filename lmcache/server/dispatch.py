@@ -14,12 +14,15 @@ round, each connection's frames in arrival order):
 * queues everything else on the connection's serial queue, run by the worker pool: requests of
   one connection run one at a time in arrival order, different connections in parallel.
 
-A one-way request (``one_way``: ``store_done``, ``load_done``) gets no reply, not even an error,
-which is logged instead; it keeps its place in its connection's order like any other. A client
-reports a save done (and TRT-LLM learns of it) once its report is sent, and a report sent before a
-request on another connection is read in the same poll round as that request or an earlier one:
-served first, and inline when nothing of its connection waits, it is published before that request
-looks.
+A one-way request (``one_way``: ``store_done``, ``load_done``, ``ping``, a claimed ``lookup_hashes``)
+gets no reply, not even an error, which is logged instead: its client reads none, so a reply would be
+read as the answer to its next request on that connection. That holds for a frame that fails to
+decode or validate too, once its header says ``one_way``; only a frame without a readable header is
+answered rid -1 (never sent by this package's client). It keeps its place in its connection's order
+like any other. A client reports a save done (and TRT-LLM learns of it) once its report is sent, and
+a report sent before a request on another connection is read in the same poll round as that request
+or an earlier one: served first, and inline when nothing of its connection waits, it is published
+before that request looks.
 
 A handler may leave work for after its reply (:meth:`Call.after_reply
 <lmcache.server.service.Call.after_reply>`): the worker posts the reply, then runs it, before the
@@ -172,14 +175,14 @@ class Dispatcher:
         if not getattr(req, "one_way", False):
             self._post(identity, reply)
         elif not reply.ok and reply.error is not None:
-            self._one_way_failures.warning(
-                f"one-way-{reply.error.code}",
-                "one-way %s from connection %d failed (%s): %s",
-                type(req).__name__,
-                identity,
-                reply.error.code,
-                reply.error.message,
-            )
+            self._one_way_failed(type(req).__name__, identity, reply.error.code, reply.error.message)
+
+    def _one_way_failed(self, what: str, identity: Identity, code: str, message: str) -> None:
+        """Log the failure of a one-way request: its client reads no reply, an error would answer the
+        client's next request on that connection instead."""
+        self._one_way_failures.warning(
+            f"one-way-{code}", "one-way %s from connection %d failed (%s): %s", what, identity, code, message
+        )
 
     def _parts(self, identity: Identity, req: Any) -> Callable[[Any], None]:
         """Sends a first part of ``req``'s reply (see :attr:`Call.send_part`)."""
@@ -200,43 +203,59 @@ class Dispatcher:
         reporting: set[Identity] = set()
         for identity, frame, peer in frames:
             with self._guard(identity):
-                req = self._admit(identity, frame, peer)
-                if req is not None:
+                req = self._decode(identity, frame)
+            if req is None:
+                continue
+            with self._guard(identity, req):
+                if self._admit(identity, req, peer):
                     received.append((identity, req, peer, time.monotonic(), len(frame)))
                     if getattr(req, "one_way", False):
                         reporting.add(identity)
         first = [r for r in received if r[0] in reporting]
         for identity, req, peer, arrived, nbytes in first + [r for r in received if r[0] not in reporting]:
-            with self._guard(identity):
+            with self._guard(identity, req):
                 self._on_request(identity, req, peer, arrived, nbytes)
 
     @contextlib.contextmanager
-    def _guard(self, identity: Identity) -> Iterator[None]:
-        """Never let one request take the I/O thread down: an internal error is answered instead."""
+    def _guard(self, identity: Identity, req: Any = None) -> Iterator[None]:
+        """Never let one request take the I/O thread down: an internal error is answered instead, as
+        ``req``'s error (none for a one-way request); rid -1 while no request was decoded."""
         try:
             yield
         except Exception as e:
             logger.exception("internal error serving a request")
-            self.reply_error(identity, -1, P.ErrorCode.INTERNAL, f"internal server error: {type(e).__name__}")
+            message = f"internal server error: {type(e).__name__}"
+            if req is None:
+                self.reply_error(identity, -1, P.ErrorCode.INTERNAL, message)
+            else:
+                self.counters.errors += 1
+                self.answer(identity, req, framing.error_reply(req.rid, P.ErrorCode.INTERNAL, message))
 
-    def _admit(self, identity: Identity, frame: bytes, peer: Peer) -> Any | None:
-        """The decoded request of an admitted sender (its instances noted alive); None when it was
-        refused (answered already)."""
+    def _decode(self, identity: Identity, frame: bytes) -> Any | None:
+        """The frame's request; None when it cannot be served (answered already, unless one-way)."""
         self.counters.requests += 1
-        now = time.monotonic()
-        self._busy_until = now + self.config.busy_poll_s
+        self._busy_until = time.monotonic() + self.config.busy_poll_s
         try:
-            req = framing.decode_request(frame, self.config.max_frame_bytes)
+            return framing.decode_request(frame, self.config.max_frame_bytes)
         except P.ProtocolError as e:
-            self.reply_error(identity, e.rid, e.code, str(e))
+            if e.one_way:
+                self.counters.errors += 1
+                self._one_way_failed(f"request (rid {e.rid})", identity, e.code.value, str(e))
+            else:
+                self.reply_error(identity, e.rid, e.code, str(e))
             return None
+
+    def _admit(self, identity: Identity, req: Any, peer: Peer) -> bool:
+        """Whether ``req``'s sender is admitted (its instances then noted alive); refused, it was
+        answered (unless one-way)."""
+        now = time.monotonic()
         refused = self.admission.refusal(peer, req)
         if refused is not None:
             self.counters.refuse("unauthorized")
             self.refuse(identity, req, P.ErrorCode.UNAUTHORIZED, refused)
-            return None
+            return False
         self.service.touch(req, now)
-        return req
+        return True
 
     def _on_request(self, identity: Identity, req: Any, peer: Peer, now: float, nbytes: int) -> None:
         if isinstance(req, (P.Ping, P.Heartbeat)):  # liveness: never behind the client's queue

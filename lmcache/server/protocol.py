@@ -488,6 +488,7 @@ class _Header(msgspec.Struct):
     v: Any = None
     rid: Any = None
     op: Any = None
+    one_way: Any = None
 
 
 _header_decoder = msgspec.msgpack.Decoder(_Header)
@@ -505,12 +506,14 @@ def decode_reply(frame: bytes) -> Reply:
 
 
 class ProtocolError(Exception):
-    """A request frame the server cannot serve; carries the reply's error code and rid."""
+    """A request frame the server cannot serve; carries the reply's error code and rid, and whether
+    the frame said it is ``one_way`` (its sender reads no reply, not even this error)."""
 
-    def __init__(self, code: ErrorCode, message: str, rid: int = -1) -> None:
+    def __init__(self, code: ErrorCode, message: str, rid: int = -1, one_way: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.rid = rid
+        self.one_way = one_way
 
 
 def decode_request(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Request:
@@ -533,12 +536,14 @@ def decode_request(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Request:
     rid = -1
     if header is not None and isinstance(header.rid, int) and 0 <= header.rid < 1 << 63:
         rid = header.rid
+    one_way = header is not None and header.one_way is True  # its sender reads no reply
     if len(frame) > max_bytes:
         raise ProtocolError(
             ErrorCode.TOO_LARGE,
             f"request frame of {len(frame)} bytes exceeds the server's limit of {max_bytes} bytes; "
             "send fewer tokens per request or raise the server's --max-frame-mb",
             rid,  # when readable, so the client matches the error to its request
+            one_way,
         )
     if header is None:
         raise ProtocolError(
@@ -552,14 +557,16 @@ def decode_request(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Request:
             f"protocol version mismatch: client sent v={header.v!r}, server speaks v={PROTOCOL_VERSION}; "
             "install the same lmcache release for the client (TRT-LLM process) and the server",
             rid,
+            one_way,
         )
     if not isinstance(header.op, str) or header.op not in OPS:
         raise ProtocolError(
             ErrorCode.UNKNOWN_OP,
             f"unknown op {header.op!r}; this server (protocol v{PROTOCOL_VERSION}) knows: " + ", ".join(OPS),
             rid,
+            one_way,
         )
     try:
         return _request_decoder.decode(frame)
     except _DECODE_ERRORS as e:
-        raise ProtocolError(ErrorCode.INVALID, f"invalid {header.op!r} request: {e}", rid) from None
+        raise ProtocolError(ErrorCode.INVALID, f"invalid {header.op!r} request: {e}", rid, one_way) from None

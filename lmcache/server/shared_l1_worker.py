@@ -5,12 +5,12 @@ the copy, and the slabs not announced before, mapped ahead (:mod:`lmcache.server
 copiers of one client share its mappings).
 Copies run on the copier's own streams, one for stores and one for loads, so that a save in flight
 and a load move both ways at once (on one stream the load would wait for the whole save); a store's
-are complete when :meth:`SharedL1Copier.complete` returns, a load's when
-:meth:`SharedL1Copier.finish_load` returns or the event it returns has completed; the worker reports
-them done after that. The copier also keeps the registration's lease (slots
-it may fill before it has asked for any, see :mod:`lmcache.server.shared_l1`). A new server
-(another ``server_id``) drops every mapping and the lease; a new registration (another capability)
-drops the lease.
+are complete when :meth:`SharedL1Copier.wait_stored` returns, a load's when
+:meth:`SharedL1Copier.finish_load` returns or the event it returns has completed, a failed one's when
+:meth:`SharedL1Copier.abandon` returns; the worker reports them done after that. The copier also
+keeps the registration's lease (slots it may fill before it has asked for any, see
+:mod:`lmcache.server.shared_l1`). A new server (another ``server_id``) drops every mapping and the
+lease; a new registration (another capability) drops the lease.
 """
 
 from __future__ import annotations
@@ -167,10 +167,12 @@ class SharedL1Copier:
             stream.wait_event(copied)
         return copied
 
-    def quiesce(self) -> None:
-        """Wait until every copy enqueued so far is done (those of an abandoned batch too)."""
-        _synchronize(self.store_stream)
-        _synchronize(self.load_stream)
+    def abandon(self, batch: CopyBatcher[None]) -> None:
+        """Give up a store's or load's ``batch`` (its request failed) and wait until every copy it
+        enqueued is done, on every stream it used: before its slots are given back or unpinned, and
+        before the failed request returns (no copy may then still read a slot or write a block)."""
+        batch.abandon()
+        _synchronize(batch.transfer.stream)
 
     def begin_load(
         self, block_ids: Sequence[int], after: Any = None, layers: LayerReady | None = None, chunks: int = 0

@@ -9,7 +9,7 @@ import pytest
 from support.fresh_python import run_python
 
 from lmcache.server import protocol as P
-from lmcache.server.client_errors import ServerUnavailable
+from lmcache.server.client_errors import ServerError, ServerUnavailable
 from lmcache.server.client_shared_l1 import SharedL1Transfers
 from lmcache.transfer import BlockTransfer
 
@@ -58,6 +58,9 @@ class _Registrations:
     def finish_load(self, batch: list[P.LoadSlots], stream: Any = None, *, ordered: bool = True) -> None:
         self.copied.extend(batch)
 
+    def abandon(self, batch: list[P.LoadSlots]) -> None:
+        pass  # CPU copies are done when enqueued
+
 
 class _OnePart:
     """A submitted load whose whole reply is one part."""
@@ -103,6 +106,104 @@ def test_a_completed_load_counts_even_if_its_report_cannot_be_delivered() -> Non
 def test_a_failed_copy_fails_the_load_whatever_the_report_does() -> None:
     with pytest.raises(RuntimeError, match="copy failed"):
         _transfers(_Registrations(copy_fails=True)).retrieve(1, TRANSFER, None, None, 5.0)
+
+
+class _AsyncCopier(_Registrations):
+    """A copier whose copies run asynchronously, as on a CUDA stream: enqueued by ``add_looked_up`` and
+    ``add_load``, complete only once ``finish_load`` or ``abandon`` waits for them. ``log`` records
+    when copies complete and when each one-way report is sent, with the copies still running then."""
+
+    def __init__(self, looked_up: bool = False) -> None:
+        super().__init__()
+        self.looked_up = looked_up
+        self.running = 0
+        self.log: list[tuple[str, int]] = []
+
+    def names_every_chunk(self, slots: list[P.SlotInfo], *args: Any) -> bool:
+        return self.looked_up
+
+    def add_looked_up(self, batch: list[P.LoadSlots], slots: list[P.SlotInfo], *args: Any) -> dict:
+        self.running += len(slots)
+        return {}
+
+    def add_load(
+        self, batch: list[P.LoadSlots], reply: P.LoadSlots, block_ids: list[int], queued: Any = None
+    ) -> None:
+        self.running += len(reply.chunks)
+
+    def finish_load(self, batch: list[P.LoadSlots], stream: Any = None, *, ordered: bool = True) -> None:
+        self.abandon(batch)
+
+    def abandon(self, batch: list[P.LoadSlots]) -> None:
+        self.log.append(("copies complete", self.running))
+        self.running = 0
+
+    def one_way(self, req: Any, timeout_s: float | None) -> Callable[[], None]:
+        return lambda: self.log.append((type(req).__name__, self.running))
+
+
+_SLOT = P.SlotInfo(slab=1, offset=0, nbytes=64)
+_CHUNK = P.LoadChunk(0, 8, 0, 8, _SLOT)
+
+
+class _Parts:
+    """A load answered in two parts (``first`` chunks, then the rest), the second refused."""
+
+    def __init__(self) -> None:
+        self.read = 0
+
+    def next(self) -> tuple[P.LoadSlots, bool]:
+        self.read += 1
+        if self.read == 1:
+            return P.LoadSlots(ticket=7, loaded=256, chunks=[_CHUNK] * 4), True
+        raise ServerError("limit", "pins over this instance's share of L1", "load")
+
+    def cancel(self) -> None:
+        pass
+
+
+def _refused(req: Any, result_type: type, timeout_s: float | None, **kw: Any) -> Any:
+    raise ServerError("limit", "pins over this instance's share of L1", "load")
+
+
+def test_a_load_whose_second_part_is_refused_unpins_its_slots_only_after_the_first_parts_copies() -> None:
+    """The copies of the first part were still running when ``load_done`` unpinned their slots (the
+    server could then fill them again while the device read them), and the failed load returned with
+    them still writing its blocks."""
+    copier = _AsyncCopier()
+    transfers = SharedL1Transfers(_no_call, lambda *a, **kw: _Parts(), copier.one_way, copier)  # type: ignore[arg-type]
+    with pytest.raises(ServerError, match="share of L1"):
+        transfers.retrieve(1, TRANSFER, None, None, 5.0)
+    assert copier.log == [("copies complete", 4), ("LoadDone", 0)]
+
+
+def test_a_refused_load_returns_only_once_the_copies_from_its_lookups_slots_are_done() -> None:
+    """The copies a load starts from the slots its lookup pinned, before the reply, were left running
+    when the server refused the load: its caller then releases those pins, or reuses the blocks."""
+    copier = _AsyncCopier(looked_up=True)
+    transfers = SharedL1Transfers(_no_call, _refused, copier.one_way, copier)  # type: ignore[arg-type]
+    transfers.remember_slots(1, "pin", [_SLOT, _SLOT])
+    with pytest.raises(ServerError, match="share of L1"):
+        transfers.retrieve(1, TRANSFER, "pin", None, 5.0)
+    assert copier.running == 0 and copier.log == [("copies complete", 2)]
+
+
+def test_a_load_failing_before_its_first_part_is_read_gives_its_lane_back() -> None:
+    """A copy that raised between sending the load and reading its reply left the reply unread and its
+    lane held for good (the client has only a few)."""
+
+    class _CopyFails(_AsyncCopier):
+        def add_looked_up(self, batch: list[P.LoadSlots], slots: list[P.SlotInfo], *args: Any) -> dict:
+            raise RuntimeError("slab not mapped")
+
+    parts = _Parts()
+    cancelled: list[bool] = []
+    parts.cancel = lambda: cancelled.append(True)  # type: ignore[method-assign]
+    copier = _CopyFails()
+    transfers = SharedL1Transfers(_no_call, lambda *a, **kw: parts, copier.one_way, copier)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="slab not mapped"):
+        transfers.retrieve(1, TRANSFER, None, None, 5.0)
+    assert cancelled and parts.read == 0
 
 
 @pytest.mark.parametrize("transfers", [True, False])
