@@ -365,6 +365,12 @@ class EngineLookup:
             keys = list(self._pins.get(pin_id, {}).get(rank, ()))
         return self.l1.committed_prefix(keys)
 
+    def pinned_key_count(self, pin_id: Hashable) -> int:
+        """How many chunk keys (all ranks together) ``pin_id``'s lookup holds pinned: what releasing
+        them costs."""
+        with self._lock:
+            return sum(map(len, self._pins.get(pin_id, {}).values()))
+
     def pinned_ids(self) -> list[Hashable]:
         """The ids whose lookups hold pins now."""
         with self._lock:

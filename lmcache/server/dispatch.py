@@ -6,11 +6,12 @@ and serves each request (first the frames of the connections that sent a one-way
 round, each connection's frames in arrival order):
 
 * answers ``ping`` and ``heartbeat`` at once (liveness never waits behind the client's queue);
-* runs inline, on the I/O thread, the cheap metadata ops (``release``, ``stats``, the shared-L1
+* runs inline, on the I/O thread, the cheap metadata ops (``stats``; ``release``, the shared-L1
   reports ``store_done`` and ``load_done``, and ``lookup``, ``lookup_hashes`` or shared-L1
-  ``load`` of at most :data:`INLINE_LOOKUP_MAX_TOKENS` tokens when there is no lower tier to
-  read), but only when nothing of the same connection is queued or running, so per-connection
-  order is kept exactly; this saves two thread hand-offs;
+  ``load`` when there is no lower tier to read, each only when its real cost, known before it
+  runs, fits :data:`~lmcache.server.inline_cost.INLINE_MAX_COST`: see
+  :mod:`lmcache.server.inline_cost`), but only when nothing of the same connection is queued or
+  running, so per-connection order is kept exactly; this saves two thread hand-offs;
 * queues everything else on the connection's serial queue, run by the worker pool: requests of
   one connection run one at a time in arrival order, different connections in parallel.
 
@@ -21,7 +22,9 @@ decode or validate too, once its header says ``one_way``; only a frame without a
 answered rid -1 (never sent by this package's client). It keeps its place in its connection's order
 like any other. A client reports a save done (and TRT-LLM learns of it) once its report is sent, and
 a report sent before a request on another connection is read in the same poll round as that request
-or an earlier one: served first, and inline when nothing of its connection waits, it is published
+or an earlier one: served first, and inline when nothing of its connection waits and its cost fits
+the budget (a ticket of a few thousand chunks, or leased chunks deep into a long prompt, do not), it
+is published
 before that request looks.
 
 A handler may leave work for after its reply (:meth:`Call.after_reply
@@ -44,6 +47,7 @@ from lmcache.rate_limit import RateLimitedLog
 from lmcache.server import framing
 from lmcache.server import protocol as P
 from lmcache.server.failures import ServiceFailure
+from lmcache.server.inline_cost import InlineCosts
 from lmcache.server.pool_sharing import PoolSharingError
 from lmcache.server.security import Peer, PeerPolicy, group_id, secret_matches
 from lmcache.server.service import CacheService, Call
@@ -57,16 +61,12 @@ __all__ = [
     "Dispatcher",
     "Identity",
     "ReplySink",
-    "INLINE_LOOKUP_MAX_TOKENS",
     "MAX_QUEUED_PER_CLIENT",
 ]
 
 MAX_QUEUED_PER_CLIENT = 4096
 DRAIN_BURST = 16
 """Requests a worker runs from one queue before letting other connections' queues run."""
-INLINE_LOOKUP_MAX_TOKENS = 1 << 16
-"""Longest lookup the I/O thread answers itself; longer ones go to the workers so they never hold
-up other clients' replies for long."""
 
 Identity = int
 """A client connection's number (one lane of a client)."""
@@ -133,9 +133,11 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._busy_until = 0.0
         self._one_way_failures = RateLimitedLog(logger)
-        self.inline_types: set[type] = {P.Release, P.Stats}
+        self.inline_types: set[type] = {P.Stats}
         """Message types the I/O thread always runs itself when nothing of their connection waits
         (pure metadata work of bounded cost); a new handler group may add its own."""
+        self.costs = InlineCosts(service)
+        """What the other ops would cost the I/O thread: those within the budget run there."""
 
     def bind(self, sink: ReplySink) -> None:
         """Where replies go (the transport, built after the dispatcher)."""
@@ -309,21 +311,11 @@ class Dispatcher:
         return None
 
     def inline(self, req: Any) -> bool:
-        """Whether the I/O thread may run ``req`` itself: pure metadata work of bounded cost."""
-        if type(req) in self.inline_types:  # stats too: in order, after the cleanups of earlier calls
-            return True
-        # With lower tiers a lookup that misses in L1 may read from disk or the network.
-        no_tiers = self.service.engine.tiers is None
-        if isinstance(req, P.Lookup):
-            limit = INLINE_LOOKUP_MAX_TOKENS
-            return no_tiers and len(req.tokens) <= (8 * limit if isinstance(req.tokens, bytes) else limit)
-        if isinstance(req, P.LookupHashes):
-            return no_tiers and req.num_tokens <= INLINE_LOOKUP_MAX_TOKENS
-        if isinstance(req, P.Load):  # shared-L1: pins and slot names, as cheap as a lookup of its range
-            return no_tiers and req.end - req.start <= INLINE_LOOKUP_MAX_TOKENS
-        if isinstance(req, P.StoreDone):  # publishing: a lookup's work (lower tiers are written behind)
-            return len(req.tokens) <= 8 * INLINE_LOOKUP_MAX_TOKENS
-        return isinstance(req, P.LoadDone)  # unpinning
+        """Whether the I/O thread may run ``req`` itself: pure metadata work whose cost, counted from
+        the request's fields and the server's counts before it runs, fits the budget (see
+        :mod:`lmcache.server.inline_cost`)."""
+        # stats: in order, after the cleanups of earlier calls
+        return type(req) in self.inline_types or self.costs.runs_inline(req)
 
     # ---- workers --------------------------------------------------------------------------------
 

@@ -35,8 +35,9 @@ from lmcache.logging import init_logger
 from lmcache.server import protocol as P
 from lmcache.server.claim_handlers import ClaimHandlers
 from lmcache.server.claims import ClaimIndex
-from lmcache.server.dispatch import INLINE_LOOKUP_MAX_TOKENS, MAX_QUEUED_PER_CLIENT, Admission, Dispatcher
+from lmcache.server.dispatch import MAX_QUEUED_PER_CLIENT, Admission, Dispatcher
 from lmcache.server.failures import ServerCounters
+from lmcache.server.inline_cost import INLINE_MAX_COST
 from lmcache.server.listeners import Listeners, ServerStartError
 from lmcache.server.presence import PresenceCounts
 from lmcache.server.security import SecretError, load_or_create_secret
@@ -55,7 +56,7 @@ __all__ = [
     "ServerConfig",
     "ServerStartError",
     "DEFAULT_IPC_PATH",
-    "INLINE_LOOKUP_MAX_TOKENS",
+    "INLINE_MAX_COST",
     "MAX_QUEUED_PER_CLIENT",
 ]
 

@@ -309,6 +309,16 @@ class SharedL1Service:
             state = self._states.get(instance_id)
             return 0 if state is None else len(state.leases)
 
+    def ticket_chunks(self, instance_id: int, ticket_id: int) -> int:
+        """Chunks the instance's open ticket holds (a load's: pinned in L1 and in the lower tiers; 0:
+        no such ticket): what closing it costs."""
+        with self._lock:
+            state = self._states.get(instance_id)
+            ticket = None if state is None else state.tickets.get(ticket_id)
+        if isinstance(ticket, _StoreTicket):
+            return len(ticket.slots)
+        return 0 if ticket is None else len(ticket.hold.slots) + len(ticket.hold.tier_pins)
+
     def open_tickets(self, instance_id: int) -> int:
         with self._lock:
             state = self._states.get(instance_id)

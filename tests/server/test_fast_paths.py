@@ -364,9 +364,9 @@ def test_lookup_and_release_run_on_the_io_thread_unless_queued_behind_work(
 
 
 def test_long_lookups_go_to_the_workers(inproc_server: CacheServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lmcache.server import dispatch
+    from lmcache.server import inline_cost
 
-    monkeypatch.setattr(dispatch, "INLINE_LOOKUP_MAX_TOKENS", 16)
+    monkeypatch.setattr(inline_cost, "INLINE_MAX_COST", 16)
     seen: list[int] = []
     real_lookup_hashes = inproc_server.engine.lookup_hashes
 
