@@ -11,12 +11,32 @@ URL_FORMS = (
 
 def mask_password(url: str) -> str:
     """``url`` with any password replaced by ``***`` (error messages and logs never show secrets); the
-    user part ends at the last ``@``, so a password holding ``/`` or ``@`` is masked whole."""
+    user part ends at the last ``@``, so a password holding ``/`` or ``@`` is masked whole. A user
+    part without ``:`` is masked whole too (redis-cluster:// reads it as the password)."""
     scheme, sep, rest = url.partition("://")
     userinfo, at, hosts = rest.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
+    if not sep or not at:
         return url
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hosts}"
+    user = userinfo.split(":", 1)[0] + ":" if ":" in userinfo else ""
+    return f"{scheme}://{user}***@{hosts}"
+
+
+_USERINFO_ESCAPES = (("/", "%2F"), ("?", "%3F"), ("#", "%23"))
+
+
+def client_url(url: str) -> str:
+    """``url`` as redis-py must be given it: ``/``, ``?`` and ``#`` in the user part percent-encoded.
+
+    The user part ends at the last ``@`` (as :func:`url_problem` and :func:`mask_password` read it);
+    redis-py's parser ends it at the first of those characters instead, and would take a piece of
+    the password for the host or port."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hosts = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    for char, escaped in _USERINFO_ESCAPES:
+        userinfo = userinfo.replace(char, escaped)
+    return f"{scheme}://{userinfo}@{hosts}"
 
 
 def url_problem(url: str) -> str | None:
@@ -55,6 +75,8 @@ def url_problem(url: str) -> str | None:
         if port and not (port.isdigit() and 1 <= int(port) <= 65535):
             return f"has an invalid port {port!r} (1-65535)"
     path = rest.split("?", 1)[0].partition("/")[2]
+    if scheme == "redis-cluster" and path not in ("", "0"):
+        return f"names the database {path!r} (a Redis Cluster has only database 0: leave it out)"
     if scheme != "redis-cluster" and path and not path.isdigit():
         return f"has an invalid database number {path!r} (an integer after the host, e.g. /0)"
     return None

@@ -28,7 +28,6 @@ THIRD_PARTY_PRIVATE: dict[tuple[str, str], str] = {
     # (file, attribute): why that library's private name is the only way. Not for our own objects.
     ("lmcache/c_ops.py", "_base"): "torch.Tensor._base: a view's base tensor, the cheap same-storage test",
     ("lmcache/storage/remote_store.py", "_sock"): "redis-py keeps a connection's socket there, unexposed",
-    ("lmcache/storage/remote_store.py", "_replace"): "namedtuple._replace is public API despite the name",
     ("lmcache/server/pool_sharing.py", "_get_filename"): "torch shares CPU storage by filename only here",
     ("lmcache/server/pool_sharing.py", "_get_shared_fd"): "torch shares CPU storage by fd only here",
     ("lmcache/server/pool_sharing.py", "_share_filename_cpu_"): "torch shares CPU storage only here",

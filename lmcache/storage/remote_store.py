@@ -6,10 +6,12 @@ Keys are ``lmcache:v<key format>.<chunk format>:<model>:<layout signature>:<chun
 are :mod:`lmcache.storage.chunk_format` chunks (``remote_serde: naive``).
 
 Every call is bounded: existence checks by ``lookup_timeout_ms`` (a separate connection pool), reads
-and writes by ``blocking_timeout_secs``. redis-py's own retries are off. A failure marks the server
-down for a :class:`~lmcache.backoff.Backoff` (circuit breaker): while down, calls return ``None`` at
-once instead of touching the network, so a dead server costs the engine nothing; one rate-limited
-warning says so. The first call after the backoff probes the server again.
+(a whole ``MGET`` reply) and writes by ``blocking_timeout_secs``; a call beyond the pool's
+connections waits for one that long, then misses. redis-py's own retries are off. A failure marks
+the server down for a :class:`~lmcache.backoff.Backoff` (circuit breaker): while down, calls return
+``None`` at once instead of touching the network, so a dead server costs the engine nothing; one
+rate-limited warning says so. The first call after the backoff probes the server again. A full
+server (``-OOM``) only pauses writes, with a backoff of its own.
 
 Writes send the chunk header and the L1 payload as separate buffers and reads go straight into L1
 slots (:mod:`lmcache.storage.resp`). :class:`RemoteStore` is the remote
@@ -20,15 +22,17 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote
 
 from lmcache.backoff import Backoff
 from lmcache.config import LMCacheEngineConfig
 from lmcache.keys import ChunkKey
 from lmcache.logging import init_logger
 from lmcache.rate_limit import RateLimitedLog
+from lmcache.remote_url import client_url, mask_password
 from lmcache.storage.chunk_format import (
     ChunkHeader,
     CorruptChunk,
@@ -82,18 +86,9 @@ def _host_for_url(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def describe_url(url: str) -> str:
-    """The URL with its password masked (for logs)."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
-    return url
-
-
 def parse_cluster_nodes(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
     """``redis-cluster://[user:pass@]h1:p1,h2:p2`` -> ([(h1, p1), (h2, p2)], user, password)."""
-    rest = url[len("redis-cluster://") :]
+    rest = client_url(url)[len("redis-cluster://") :]
     rest = rest.split("/", 1)[0].split("?", 1)[0]
     user = password = None
     if "@" in rest:
@@ -112,7 +107,7 @@ def parse_cluster_nodes(url: str) -> tuple[list[tuple[str, int]], str | None, st
             host, port = item, "6379"
         nodes.append((host.strip("[]"), int(port)))
     if not nodes:
-        raise ValueError(f"remote_url {describe_url(url)!r}: no host:port in a redis-cluster:// URL")
+        raise ValueError(f"remote_url {mask_password(url)!r}: no host:port in a redis-cluster:// URL")
     return nodes, user, password
 
 
@@ -133,13 +128,18 @@ class RemoteStore(LowerTier):
         max_connections: int = 16,
     ) -> None:
         self.url = url
-        self.where = describe_url(url)
+        self.where = mask_password(url)
         self.cluster = url.startswith("redis-cluster://")
         self.timeout_s = timeout_s
         self.lookup_timeout_s = lookup_timeout_s
         self.backoff = backoff if backoff is not None else Backoff(1.0, 30.0)
         self.write_batch = max(1, write_batch)
         self.max_connections = max_connections
+        # A call holds one connection of its client's pool (per node on a cluster) at a time, so at
+        # most ``max_connections`` calls run at once per client and the pool never runs out.
+        self._slots = tuple(threading.BoundedSemaphore(max_connections) for _ in range(2))
+        # A full server (maxmemory, noeviction) pauses writes only: its chunks can still be read.
+        self.write_backoff = Backoff(self.backoff.initial_s, self.backoff.max_s)
         self._clients: tuple[Any, Any] | None = None
         self._lock = threading.Lock()
         self._warn = RateLimitedLog(logger)
@@ -154,7 +154,7 @@ class RemoteStore(LowerTier):
         """The tier ``remote_url`` asks for, or None when it is unset."""
         if config.remote_url is None:
             return None
-        logger.info("remote tier: %s", describe_url(config.remote_url))
+        logger.info("remote tier: %s", mask_password(config.remote_url))
         return cls(
             config.remote_url,
             timeout_s=config.blocking_timeout_secs,
@@ -192,7 +192,7 @@ class RemoteStore(LowerTier):
                 connection_class=_connection_class(),
                 **common,
             )
-        url = self.url
+        url = client_url(self.url)
         if url.startswith("valkey://"):
             url = "redis://" + url[len("valkey://") :]
         pool = redis.ConnectionPool.from_url(url, command_packer=ZeroCopyPacker(), **common)
@@ -221,7 +221,7 @@ class RemoteStore(LowerTier):
             "down",
             "remote tier %s unavailable during %s (%s: %s); serving from L1/L2 without it, retrying in "
             "%.1fs (with backoff)",
-            describe_url(self.url),
+            self.where,
             what,
             type(exc).__name__,
             exc,
@@ -230,9 +230,21 @@ class RemoteStore(LowerTier):
         if self.cluster:
             self._reset_clients()
 
+    def _full(self, exc: BaseException) -> None:
+        pause = self.write_backoff.failed()
+        self._warn.warning(
+            "full",
+            "remote tier %s is full (%s: %s); not writing new chunks for %.1fs (with backoff), reading "
+            "goes on. Raise its maxmemory or choose an evicting maxmemory-policy (e.g. allkeys-lru).",
+            self.where,
+            type(exc).__name__,
+            exc,
+            pause,
+        )
+
     def _ok(self) -> None:
         if self.backoff.succeeded():
-            logger.info("remote tier %s is reachable again", describe_url(self.url))
+            logger.info("remote tier %s is reachable again", self.where)
 
     def _reset_clients(self) -> None:
         with self._lock:
@@ -244,11 +256,27 @@ class RemoteStore(LowerTier):
     def _guard(self, what: str, lookup: bool, fn: Any) -> Any:
         if not self.available():
             return None
+        slots = self._slots[1 if lookup else 0]
+        if not slots.acquire(timeout=self.lookup_timeout_s if lookup else self.timeout_s):
+            # Busy here, not down there: a miss for this call, the server is not backed off.
+            self._warn.warning(
+                "busy",
+                "remote tier %s: all %d connections stayed busy for the whole %s timeout; answered as a miss",
+                self.where,
+                self.max_connections,
+                what,
+            )
+            return None
         try:
             result = fn(self._client(lookup))
         except Exception as exc:  # noqa: BLE001 - any failure of this tier is a miss, never the caller's error
-            self._failed(what, exc)
+            if _server_full(exc):
+                self._full(exc)
+            else:
+                self._failed(what, exc)
             return None
+        finally:
+            slots.release()
         self._ok()
         return result
 
@@ -265,9 +293,11 @@ class RemoteStore(LowerTier):
         return self.exists_many(ns, keys) or [False] * len(keys)
 
     def accepts_writes(self) -> bool:
-        return self.available()
+        return self.available() and self.write_backoff.ready()
 
     def write(self, items: Sequence[WriteItem], checksums: ChecksumMemo) -> WriteOutcome:
+        if not self.write_backoff.ready():  # queued before the server was found full
+            return WriteOutcome(0, 0, len(items))
         batch = []
         for item in items:
             item.chunk.wait_ready_on_host()
@@ -373,11 +403,16 @@ class RemoteStore(LowerTier):
         conn = pool.get_connection()
         try:
             conn.send_command("MGET", *[self.key_name(ns, k) for k in keys])
-            reader = RespReader(conn._sock)  # redis-py keeps its socket there; no public accessor
+            sock = conn._sock  # redis-py keeps its socket there; no public accessor
+            timeout = sock.gettimeout()
+            # The whole reply within the timeout, not each receive: a server that trickles a large
+            # reply would otherwise hold the caller (the scheduler) for as long as it trickles.
+            reader = RespReader(sock, deadline=time.monotonic() + self.timeout_s)
             count = reader.array_header()
             if count != len(keys):
                 raise protocol_error(f"MGET returned {count} values for {len(keys)} keys")
             statuses = [reader.chunk_value(i, key, ns, sink) for i, key in enumerate(keys)]
+            sock.settimeout(timeout)  # back to redis-py as it was
         except BaseException:
             conn.disconnect()  # the stream position is unknown: never reuse this connection
             raise
@@ -405,6 +440,7 @@ class RemoteStore(LowerTier):
                     written += 1
             if written:
                 pipe.execute()
+                self.write_backoff.succeeded()
             return written
 
         return self._guard("write", False, run)
@@ -421,6 +457,13 @@ class RemoteStore(LowerTier):
             return sum(int(x) for x in pipe.execute())
 
         return self._guard("delete", False, run)
+
+
+def _server_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is the server refusing a write for lack of memory (``-OOM``)."""
+    from redis.exceptions import OutOfMemoryError
+
+    return isinstance(exc, OutOfMemoryError)
 
 
 def _layout_ok(header: ChunkHeader) -> bool:

@@ -9,6 +9,7 @@ verified against their header and checksum as they arrive.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -97,17 +98,30 @@ def _closed(what: str) -> Exception:
 
 
 class RespReader:
-    """Reads one RESP2/RESP3 reply off a socket (anything with ``recv`` and ``recv_into``)."""
+    """Reads one RESP2/RESP3 reply off a socket (anything with ``recv`` and ``recv_into``; also
+    ``settimeout`` when given a ``deadline``: a ``time.monotonic()`` instant by which the whole reply
+    must have arrived, else ``TimeoutError``)."""
 
-    def __init__(self, sock: Any) -> None:
+    def __init__(self, sock: Any, deadline: float | None = None) -> None:
         self.sock = sock
+        self.deadline = deadline
         self.buf = bytearray()
         self.pos = 0
+
+    def _arm(self) -> None:
+        """Bound the next receive by what is left until the deadline."""
+        if self.deadline is None:
+            return
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the reply did not arrive in full within the timeout")
+        self.sock.settimeout(left)
 
     def _fill(self) -> None:
         if self.pos:
             del self.buf[: self.pos]
             self.pos = 0
+        self._arm()
         data = self.sock.recv(_READ_SIZE)
         if not data:
             raise _closed("a reply")
@@ -139,6 +153,7 @@ class RespReader:
                 checksum.update(out[:buffered])
         got = buffered
         while got < out.nbytes:
+            self._arm()
             n = self.sock.recv_into(out[got : got + _RECV_PIECE])
             if not n:
                 raise _closed("a value")

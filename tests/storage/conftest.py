@@ -67,12 +67,12 @@ def redis_cluster(_cluster_session: RedisCluster) -> RedisCluster:
 
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[Callable[[], RedisServer]]:
-    """Factory for a private server a test may kill and restart."""
+    """Factory for a private server (given extra redis-server arguments) a test may kill and restart."""
     _require_redis()
     started: list[RedisServer] = []
 
-    def start() -> RedisServer:
-        server = RedisServer(Path(tempfile.mkdtemp(prefix="lmcr-", dir="/tmp")))
+    def start(*extra: str) -> RedisServer:
+        server = RedisServer(Path(tempfile.mkdtemp(prefix="lmcr-", dir="/tmp")), *extra)
         started.append(server)
         return server.start()
 
