@@ -175,6 +175,9 @@ class RemoteStore(LowerTier):
             "socket_connect_timeout": timeout,
             "retry": Retry(NoBackoff(), 0),
             "max_connections": self.max_connections,
+            # RESP2: no push frames (invalidations, maintenance notices) a server may send a RESP3 client
+            # at any time, e.g. between an MGET and its reply, which the zero-copy reader reads itself.
+            "protocol": 2,
         }
         if self.cluster:
             from redis.cluster import ClusterNode, RedisCluster

@@ -1,7 +1,7 @@
 """A tiny RESP server on a loopback port, for replies a real Redis cannot be made to send.
 
-It answers redis-py's connection handshake itself (``HELLO`` with a RESP3 map, ``CLIENT ...`` with
-``+OK``) and hands every other command, parsed into its arguments, to ``handler(conn, args)``,
+It answers redis-py's connection handshake itself (``HELLO 3`` with a RESP3 map, counted in
+``resp3``; ``CLIENT ...`` with ``+OK``) and hands every other command, parsed into its arguments, to ``handler(conn, args)``,
 which writes whatever reply the test wants to the socket.
 """
 
@@ -20,6 +20,8 @@ class FakeResp:
     def __init__(self, handler: Handler) -> None:
         self.handler = handler
         self.connections = 0
+        self.resp3 = 0
+        """Connections that asked for RESP3 (``HELLO 3``): a real server may send them push frames."""
         self.stopped = threading.Event()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -51,8 +53,11 @@ class FakeResp:
                     for _ in range(int(line[1:])):
                         size = int(reader.readline()[1:])
                         args.append(reader.read(size + 2)[:-2])
-                    if args[0].upper() == b"HELLO":
+                    if args[0].upper() == b"HELLO" and args[1:2] == [b"3"]:
+                        self.resp3 += 1
                         conn.sendall(b"%1\r\n$5\r\nproto\r\n:3\r\n")
+                    elif args[0].upper() == b"HELLO":
+                        conn.sendall(b"*2\r\n$5\r\nproto\r\n:2\r\n")
                     elif args[0].upper() == b"CLIENT":
                         conn.sendall(b"+OK\r\n")
                     else:

@@ -159,6 +159,23 @@ def test_an_error_or_short_reply_to_a_fetch_is_a_miss_on_a_fresh_connection(repl
     store.close()
 
 
+def test_fetches_speak_resp2_where_no_push_frame_can_come_before_a_reply() -> None:
+    """Servers send RESP3 clients push frames (invalidations, maintenance notices) at any time; one
+    before an ``MGET`` reply would fail the fetch. The tier asks for RESP2, which has none."""
+
+    def answer(conn: socket.socket, args: list[bytes]) -> None:
+        if fake.resp3:  # as a server may, to a RESP3 client
+            conn.sendall(b">2\r\n$10\r\ninvalidate\r\n_\r\n")
+        conn.sendall(b"*1\r\n$-1\r\n")
+
+    fake = FakeResp(answer)
+    store = RemoteStore(fake.url, timeout_s=0.5, backoff=_NoWait())
+    assert store.fetch_into(NS, [key(1)], into_buffers([])) == [FetchStatus.MISSING]
+    assert store.status().failures == 0 and fake.resp3 == 0
+    fake.close()
+    store.close()
+
+
 class _NoWait:
     """A back-off that never waits (the probe right after a failure is the point of the test)."""
 
