@@ -1,8 +1,8 @@
 """A tiny RESP server on a loopback port, for replies a real Redis cannot be made to send.
 
 It answers redis-py's connection handshake itself (``HELLO 3`` with a RESP3 map, counted in
-``resp3``; ``CLIENT ...`` with ``+OK``) and hands every other command, parsed into its arguments, to ``handler(conn, args)``,
-which writes whatever reply the test wants to the socket.
+``resp3``; ``CLIENT ...`` with ``+OK``) and hands every other command, parsed into its arguments,
+to ``handler(conn, args)``, which writes whatever reply the test wants to the socket.
 """
 
 from __future__ import annotations
