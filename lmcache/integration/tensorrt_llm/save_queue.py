@@ -18,6 +18,10 @@ import torch
 from lmcache import cudart
 from lmcache.chunk_copy import StoreStart
 from lmcache.integration.tensorrt_llm.save_fence import SaveFence
+from lmcache.logging import init_logger
+from lmcache.rate_limit import RateLimitedLog
+
+logger = init_logger(__name__)
 
 
 class SaveQueue:
@@ -26,14 +30,24 @@ class SaveQueue:
     def __init__(self, device: torch.device, name: str) -> None:
         self.stream: Any = cudart.new_stream(device) if device.type == "cuda" else None
         self._thread = cudart.background_thread(name, device.index if device.type == "cuda" else None)
+        self._failed = RateLimitedLog(logger, interval_s=60)
 
     def submit(self, store: Callable[[Any, StoreStart], object], fence: SaveFence) -> Future[Any]:
         """Run ``store(stream, fence)`` on the saver thread: its copies on ``stream`` wait for ``fence``
         (:class:`lmcache.chunk_copy.StoreStart`), its host work does not. The future's result is the
-        CUDA event of the copies (None on CPU); the blocks must stay untouched until it has completed."""
+        CUDA event of the copies (None on CPU); the blocks must stay untouched until it has completed.
+
+        A store that raises is logged and dropped (its chunks stay misses): the future still completes
+        with the event after whatever copies it had enqueued, so ``get_finished`` never raises for a
+        save and holds the request's blocks until those copies are done."""
 
         def run() -> Any:
-            store(self.stream, fence)
+            try:
+                store(self.stream, fence)
+            except Exception as exc:  # noqa: BLE001 - a lost save is a miss, never an error in TRT-LLM's loop
+                self._failed.warning(
+                    "store", "LMCache: a save failed and was dropped (%s: %s)", type(exc).__name__, exc
+                )
             if self.stream is None:
                 return None
             event = torch.cuda.Event()

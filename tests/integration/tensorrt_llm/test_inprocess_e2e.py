@@ -166,6 +166,26 @@ def test_promised_load_that_fails_raises(lmcache_env, monkeypatch) -> None:
         ReplayExecutor(llm_args(), MODEL).generate([p], 2)
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_save_that_fails_is_dropped_not_raised_in_get_finished(lmcache_env, caplog, tp: int) -> None:
+    """A store raising in the saver thread (host memory gone, a bug) loses that save only: the
+    request is still reported saved and its output is unchanged, instead of get_finished raising
+    into TRT-LLM's executor loop (on one rank: the other ranks would wait in its all-gather)."""
+    p = prompt(200, start=30)
+    engine = process_engine().engine
+
+    def broken_store(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("host memory gone")
+
+    monkeypatch = lmcache_env
+    monkeypatch.setattr(engine, "store", broken_store)
+    executor = ReplayExecutor(llm_args(tp=tp), MODEL)
+    out = executor.generate([p], 2)[0]
+    assert_same_output(out, baseline([p], 2)[0])
+    assert "a save failed and was dropped (RuntimeError: host memory gone)" in caplog.text
+    assert executor.manager is not None and not executor.manager.has_pending_transfers
+
+
 def test_hit_is_pinned_between_lookup_and_load(lmcache_env) -> None:
     """Flood the cache between the scheduler's lookup and the worker's load: the hit survives."""
     lmcache_env.setenv("LMCACHE_MAX_LOCAL_CPU_SIZE", str(4 * 32 * 1024 / 2**30))
