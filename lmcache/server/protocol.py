@@ -157,17 +157,21 @@ MAX_SALT = 4096
 MAX_LEASE = 4096
 """Most leased slots one request may ask for or name."""
 
+MAX_LIST_IDS = 1 << 16
+"""Most ids a request may send as a msgpack list: the server's I/O thread decodes every frame, and a list
+costs it an object per id (bytes cost a copy); longer prompts and block lists travel as bytes."""
+
 UInt63 = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
 TokenIds = (
-    Annotated[bytes, Meta(max_length=8 * MAX_TOKENS)] | Annotated[list[int], Meta(max_length=MAX_TOKENS)]
+    Annotated[bytes, Meta(max_length=8 * MAX_TOKENS)] | Annotated[list[int], Meta(max_length=MAX_LIST_IDS)]
 )
-"""Token ids: little-endian int64 bytes (fast path, see :func:`tokens_to_bytes`) or a list."""
+"""Token ids: little-endian int64 bytes (fast path, see :func:`tokens_to_bytes`) or a short list."""
 ChunkHashBytes = Annotated[bytes, Meta(max_length=8 * MAX_TOKENS)]
 """The digests of a prompt's full chunks, in order, concatenated (see :class:`ChunkHashing`)."""
 BlockIds = (
-    Annotated[bytes, Meta(max_length=8 * MAX_BLOCKS)] | Annotated[list[int], Meta(max_length=MAX_BLOCKS)]
+    Annotated[bytes, Meta(max_length=8 * MAX_BLOCKS)] | Annotated[list[int], Meta(max_length=MAX_LIST_IDS)]
 )
-"""Pool block ids: little-endian int64 bytes or a list."""
+"""Pool block ids: little-endian int64 bytes or a short list."""
 Salt = Annotated[str, Meta(max_length=MAX_SALT)] | int | None
 PinId = Annotated[str, Meta(max_length=MAX_NAME)] | int | None
 Cap = Annotated[bytes, Meta(max_length=64)] | None

@@ -83,6 +83,20 @@ def test_bad_frames_raise_protocol_errors_with_codes(frame: bytes, code: P.Error
         assert info.value.rid == 4
 
 
+@pytest.mark.parametrize("field", ["tokens", "block_ids"])
+def test_long_id_lists_are_refused_and_the_same_ids_as_bytes_accepted(field: str) -> None:
+    """The I/O thread decodes every frame: a list costs it an object per id, so long ones must be bytes."""
+    ids = list(range(P.MAX_LIST_IDS + 1))
+    fields = {"instance_id": 1, "tokens": b"", "block_ids": b"", "start": 0, "end": 0}
+    frame = {"v": P.PROTOCOL_VERSION, "rid": 4, "op": "store", **fields}
+    with pytest.raises(P.ProtocolError, match=rf"{P.MAX_LIST_IDS}.*{field}") as info:
+        P.decode_request(msgspec.msgpack.encode({**frame, field: ids}))
+    assert info.value.code == P.ErrorCode.INVALID and info.value.rid == 4
+    req = P.decode_request(msgspec.msgpack.encode({**frame, field: P.tokens_to_bytes(ids)}))
+    assert len(getattr(req, field)) == 8 * len(ids)
+    assert getattr(P.decode_request(msgspec.msgpack.encode({**frame, field: ids[:-1]})), field) == ids[:-1]
+
+
 def test_version_mismatch_message_names_both_versions() -> None:
     other = P.PROTOCOL_VERSION + 1
     with pytest.raises(P.ProtocolError, match=rf"v={other}.*v={P.PROTOCOL_VERSION}"):
