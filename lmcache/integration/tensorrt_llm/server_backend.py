@@ -428,3 +428,11 @@ class ServerTransfers:
                 self._connection.warn.warning(
                     "save", "LMCache MP: cache server %s dropped a save (%s)", self._client.url, exc
                 )
+            except Exception as exc:  # noqa: BLE001 - a lost save is a miss, never an error in TRT-LLM's loop
+                # Nothing reads this thread's future but its completion: say why the save was lost.
+                self._connection.warn.warning(
+                    "save-failed",
+                    "LMCache MP: a save failed and was dropped (%s: %s)",
+                    type(exc).__name__,
+                    exc,
+                )

@@ -175,6 +175,26 @@ def test_a_worker_that_cannot_map_the_l1_regions_drops_its_saves_loudly(
         assert client.stats().engine.l1.used_bytes == 0  # the reserved slots went back
 
 
+def test_a_save_that_fails_in_the_worker_is_dropped_with_a_warning(
+    mp_server, lmcache_env, caplog, monkeypatch
+) -> None:
+    """An unexpected error in a save (a bug, host memory gone) loses that save only, and says so: the
+    saver thread's future is only polled for completion, so nothing else would ever report it."""
+
+    def broken_store(*args: object, **kwargs: object) -> int:
+        raise RuntimeError("host memory gone")
+
+    monkeypatch.setattr(CacheServerClient, "store", broken_store)
+    caplog.set_level(logging.WARNING, logger="lmcache")
+    a = prompt(520, start=22)
+    args = llm_args("lmcache-mp", max_tokens=640, server_url=mp_server.ipc_url)
+    executor = ReplayExecutor(args, MODEL)
+    out = executor.generate([a], 8)[0]
+    assert "a save failed and was dropped (RuntimeError: host memory gone)" in caplog.text
+    assert_same_output(out, baseline([a], 8, max_tokens=640)[0])
+    assert executor.manager is not None and not executor.manager.has_pending_transfers
+
+
 def test_engine_starts_and_serves_while_the_server_is_down(lmcache_env, tmp_path, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="lmcache")
     reset_process_connections()
