@@ -10,7 +10,15 @@ Rules it keeps (each one a bug in some connector before it):
 - on V2's reservation path, ``SchedulerOutput.prefix_loads`` is the only permission to load;
 - every chunk fully computed by a forward is saved once, after that forward (chunked prefill steps
   and generated tokens included), from the pages it has then: a sliding window's pages read
-  ``-1`` later, so a chunk is never saved late.
+  ``-1`` later, so a chunk is never saved late;
+- no call order leaves a request's state or pins behind. A request with pages ends with
+  ``request_finished`` (or ``request_reset``, then asked again). A request asked about before it
+  has pages (V2's ``reserve_prefix`` in each pass while it waits; a speculative legacy query) may
+  be cancelled with no callback at all, so its state (kept so that a request asked again is not
+  hashed again; ``request_reset`` keeps only that) is forgotten once TRT-LLM stops asking
+  (:mod:`~lmcache.integration.tensorrt_llm.waiting`). It holds no pins then: the pins of a
+  reservation go with its last ``release_prefix_reservation``, those of a legacy offer with
+  ``cancel_load``, and while either promise is open the state is kept.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from lmcache.integration.tensorrt_llm.plan import (
     Transfer,
 )
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings, request_salt
+from lmcache.integration.tensorrt_llm.waiting import WaitingRequests
 from lmcache.logging import init_logger
 
 logger = init_logger(__name__)
@@ -69,6 +78,23 @@ class _Load:
     is_async: bool
     planned: bool = False
 
+    def cancel(self, start: int, end: int, tpb: int, request_id: int) -> None:
+        """Tokens ``[start, end)`` will not be consumed: trim the head or the tail to whole blocks (or
+        all of it); ``start >= end`` after it means nothing is left to load."""
+        if end <= self.start or start >= self.end:
+            return
+        if start <= self.start and end >= self.end:
+            self.start = self.end
+        elif start <= self.start:
+            self.start = -(-end // tpb) * tpb  # up: never rewrite a token TRT-LLM holds
+        elif end >= self.end:
+            self.end = start // tpb * tpb  # down: a load ends on a block boundary
+        else:
+            raise ValueError(
+                f"cancel_load({start}, {end}) would split request {request_id}'s offer "
+                f"[{self.start}, {self.end}); only its head or tail can be cancelled"
+            )
+
 
 @dataclass
 class _Request:
@@ -86,6 +112,8 @@ class _Request:
     """The prompt's partial last chunk was planned for saving (``save_unfull_chunk``): never again."""
     save_planned: bool = False
     reported: bool = False
+    allocated: bool = False
+    """TRT-LLM gave the request pages: it ends the request with a callback."""
 
     def __post_init__(self) -> None:
         if not self.tokens:
@@ -134,6 +162,18 @@ def _subtract(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple
     return out
 
 
+def _log_match(log_prefix: str, request_id: int, prompt_len: int, computed: int, hit: int, new: int) -> None:
+    logger.debug(
+        "%s: req %d prompt=%d num_computed=%d lmcache_cached=%d new_matched=%d",
+        log_prefix,
+        request_id,
+        prompt_len,
+        computed,
+        hit,
+        new,
+    )
+
+
 class PromisedLoadError(RuntimeError):
     """A load TRT-LLM was promised cannot be carried out; the request must fail, not use its pages."""
 
@@ -142,7 +182,12 @@ class Planner:
     """Turns TRT-LLM's scheduler callbacks into ``ConnectorMetadata``."""
 
     def __init__(
-        self, settings: ConnectorSettings, config: LMCacheEngineConfig, index: CacheIndex, log_prefix: str
+        self,
+        settings: ConnectorSettings,
+        config: LMCacheEngineConfig,
+        index: CacheIndex,
+        log_prefix: str,
+        waiting: WaitingRequests | None = None,
     ) -> None:
         self.settings = settings
         self.config = config
@@ -150,6 +195,8 @@ class Planner:
         self.log_prefix = log_prefix
         self._requests: dict[int, _Request] = {}
         self._reservations: dict[int, _Reservation] = {}
+        self._waiting = waiting if waiting is not None else WaitingRequests()
+        """The states of requests without pages, forgotten once TRT-LLM stops asking about them."""
 
     @property
     def _tpb(self) -> int:
@@ -209,17 +256,6 @@ class Planner:
             self.index.release(pin)  # a miss pinned nothing: no release (a round trip saved per miss)
         return hit, new, prompt
 
-    def _log_match(self, request_id: int, prompt_len: int, computed: int, hit: int, new: int) -> None:
-        logger.debug(
-            "%s: req %d prompt=%d num_computed=%d lmcache_cached=%d new_matched=%d",
-            self.log_prefix,
-            request_id,
-            prompt_len,
-            computed,
-            hit,
-            new,
-        )
-
     def match(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         """``get_num_new_matched_tokens``: look up, pin the hit under the request's id."""
         request_id = int(request.request_id)
@@ -236,28 +272,18 @@ class Planner:
         if new:
             is_async = self.config.enable_async_loading
             state.load = _Load(num_computed_tokens, num_computed_tokens + new, is_async)
-        self._log_match(request_id, prompt_len, num_computed_tokens, hit, new)
+        self._asked(state)
+        _log_match(self.log_prefix, request_id, prompt_len, num_computed_tokens, hit, new)
         return new, bool(new) and self.config.enable_async_loading
 
     def cancel_load(self, request: Any, start: int, end: int) -> None:
         """Offered tokens ``[start, end)`` will not be consumed: trim the offer at its head or tail
         (or drop it), to whole blocks, releasing the pins once no whole block is left to load."""
         state = self._requests.get(int(request.request_id))
-        load = state.load if state is not None else None
-        if load is None or load.planned or end <= load.start or start >= load.end:
+        if state is None or state.load is None or state.load.planned:
             return
-        if start <= load.start and end >= load.end:
-            load.start = load.end
-        elif start <= load.start:
-            load.start = -(-end // self._tpb) * self._tpb  # up: never rewrite a token TRT-LLM holds
-        elif end >= load.end:
-            load.end = start // self._tpb * self._tpb  # down: a load ends on a block boundary
-        else:
-            raise ValueError(
-                f"cancel_load({start}, {end}) would split request {state.request_id}'s offer "
-                f"[{load.start}, {load.end}); only its head or tail can be cancelled"
-            )
-        if load.start >= load.end:
+        state.load.cancel(start, end, self._tpb, state.request_id)
+        if state.load.start >= state.load.end:
             self._drop_load(state)
 
     def _drop_load(self, state: _Request) -> None:
@@ -276,26 +302,23 @@ class Planner:
         pin = reservation_pin(reservation_id)
         hit, new, prompt = self._usable(prompt, prompt_len, num_computed_tokens, pin)
         state = self._requests.get(request_id)
-        if state is None and not new:
-            # No state for a zero answer: a request cancelled while it waits for pages gets no other
-            # callback (no allocation: no request_finished, no request_reset) to forget it by.
-            self._log_match(request_id, prompt_len, num_computed_tokens, hit, new)
-            return 0, False
+        _log_match(self.log_prefix, request_id, prompt_len, num_computed_tokens, hit, new)
+        if state is None and not new and prompt.hashes is None:
+            return 0, False  # nothing worth keeping for the next ask
         if state is None or state.prompt.tokens != prompt.tokens:
             state = self._requests[request_id] = _Request(request_id, prompt, prompt_len)
         elif state.prompt.hashes is None:
             state.prompt = prompt  # hashed by this lookup: the request's saves name chunks by hash
-        reservation = _Reservation(
-            reservation_id, request_id, prompt, num_computed_tokens, 0, self.config.enable_async_loading
-        )
         state.saved_until = max(state.saved_until, hit // self._chunk * self._chunk)
-        self._log_match(request_id, prompt_len, num_computed_tokens, hit, new)
-        if not new:
-            return 0, False
-        reservation.end = num_computed_tokens + new
-        reservation.protected = [(reservation.start, reservation.end)]
-        self._reservations[reservation_id] = reservation
-        return new, reservation.is_async
+        is_async = bool(new) and self.config.enable_async_loading
+        if new:
+            start, end = num_computed_tokens, num_computed_tokens + new
+            protected = [(start, end)]
+            self._reservations[reservation_id] = _Reservation(
+                reservation_id, request_id, prompt, start, end, is_async, protected
+            )
+        self._asked(state)
+        return new, is_async
 
     def release_reservation(self, reservation_id: int, start: int, end: int) -> None:
         """Drop protection of ``[start, end)``; the pins go once every part was released."""
@@ -311,6 +334,30 @@ class Planner:
         """Reservations still holding pins."""
         return sorted(self._reservations)
 
+    # -- requests without pages -----------------------------------------------------------------
+
+    def _asked(self, state: _Request) -> None:
+        """A lookup for a request TRT-LLM has not given pages yet: keep its state while it is asked."""
+        if not state.allocated:
+            self._waiting.asked(state.request_id)
+            self._forget_stale()
+
+    def _allocated(self, state: _Request) -> None:
+        state.allocated = True
+        self._waiting.claimed(state.request_id)
+
+    def _holds_promise(self, request_id: int) -> bool:
+        """A legacy offer not cancelled, or a reservation not released: TRT-LLM ends those."""
+        state = self._requests.get(request_id)
+        if state is not None and state.load is not None:
+            return True
+        return any(r.request_id == request_id for r in self._reservations.values())
+
+    def _forget_stale(self) -> None:
+        for request_id in self._waiting.take_stale(self._holds_promise):
+            logger.debug("%s: req %d is no longer asked about; forgetting it", self.log_prefix, request_id)
+            self._forget(request_id)
+
     # -- allocation -----------------------------------------------------------------------------
 
     def after_alloc(self, request: Any, block_ids_by_group: list[list[int]]) -> None:
@@ -320,6 +367,7 @@ class Planner:
         if state is None:  # reservation path, or block reuse off: no lookup made the state
             prompt, prompt_len, _ = self._prompt_of(request, hash_now=True)
             state = self._requests[request_id] = _Request(request_id, prompt, prompt_len)
+        self._allocated(state)
         state.block_ids = [[int(b) for b in group] for group in block_ids_by_group]
         self._clip_to_allocation(state)
 
@@ -349,6 +397,7 @@ class Planner:
     # -- build_connector_meta -----------------------------------------------------------------
 
     def build(self, scheduler_output: Any) -> ConnectorMetadata:
+        """``build_connector_meta``, once per scheduling pass."""
         meta = ConnectorMetadata(backend_context=self.index.metadata_context())
         for prefix_load in getattr(scheduler_output, "prefix_loads", None) or []:
             meta.loads.append(self._prefix_load(prefix_load))
@@ -362,6 +411,8 @@ class Planner:
             if load is not None and not load.planned and state.block_ids:
                 meta.loads.append(self._load_plan(state, PinKey("req", state.request_id), load, None))
                 load.planned = True
+        self._waiting.end_pass()
+        self._forget_stale()
         return meta
 
     def _prefix_load(self, prefix_load: Any) -> LoadPlan:
@@ -379,6 +430,7 @@ class Planner:
             state = self._requests[request_id] = _Request(
                 request_id, reservation.prompt, len(reservation.prompt.tokens)
             )
+        self._allocated(state)
         state.block_ids = [[int(b) for b in group] for group in prefix_load.block_ids_by_layer_group]
         load = state.load = _Load(start, end, bool(prefix_load.is_async), planned=True)
         return self._load_plan(state, reservation.pin, load, reservation_id, reservation.prompt)
@@ -439,6 +491,7 @@ class Planner:
             # No lookup happened (block reuse off) or the request was replayed: start afresh.
             state = _Request(request_id, Prompt([], request_salt(data)), len(new_tokens))
             self._requests[request_id] = state
+        self._allocated(state)
         if first:
             state.tokens = new_tokens
             state.block_ids = new_blocks
@@ -502,13 +555,20 @@ class Planner:
         return state is not None and state.save_planned
 
     def reset(self, request: Any) -> None:
-        """``request_reset``: the request's pages now belong to someone else; it starts afresh."""
-        self._forget(int(request.request_id))
+        """``request_reset``: the request's pages now belong to someone else; it starts afresh, its
+        prompt's hashes kept for the next ask (a failed admission resets a request that still waits)."""
+        request_id = int(request.request_id)
+        state = self._requests.get(request_id)
+        self._forget(request_id)
+        if state is not None and state.prompt.hashes is not None:
+            fresh = self._requests[request_id] = _Request(request_id, state.prompt, state.prompt_len)
+            self._asked(fresh)
 
     def pending_requests(self) -> list[int]:
         return sorted(self._requests)
 
     def _forget(self, request_id: int) -> None:
+        self._waiting.claimed(request_id)
         state = self._requests.pop(request_id, None)
         if state is not None and state.load is not None and not state.load.planned:
             self.index.release(PinKey("req", request_id))

@@ -155,14 +155,30 @@ def test_cancel_during_an_async_load(preset: Preset, mode: str) -> None:
     finish(preset, executor)
 
 
-def test_a_request_cancelled_while_waiting_for_pages_leaves_nothing_behind(preset: Preset) -> None:
-    """reserve_prefix asks about requests still waiting for pages; one cancelled before admission
-    gets no other connector callback, and the planner keeps nothing of it."""
+@pytest.mark.parametrize("cached", [False, True], ids=["miss", "hit"])
+def test_a_request_cancelled_while_waiting_for_pages_leaves_nothing_behind(
+    preset: Preset, cached: bool
+) -> None:
+    """reserve_prefix asks about a request in every pass while it waits for pages (a hit is released
+    in that pass); one cancelled before admission gets no other connector callback, and the planner
+    forgets it once it is no longer asked about."""
     executor = ReplayExecutor(args(preset, "v2-res", max_tokens=256), MODEL)
+    waiting = prompt(200, start=11)
+    if cached:
+        executor.generate([waiting], 8)  # into the connector's cache; the next request evicts it
+    planner = executor.scheduler.planner
+    answers = []
+    reserve = planner.reserve
+    planner.reserve = lambda *a: answers.append(reserve(*a)) or answers[-1]
     victim = executor.next_request_id + 1  # the pool holds one 200-token request: the second waits
-    executor.on_iteration = lambda ex: ex.cancel(victim) if ex.stats.iterations == 3 else None
-    first, second = executor.generate([prompt(200, start=10), prompt(200, start=11)], 8)
-    assert second.cancelled and executor.stats.requests[victim].reservation_ids  # asked while waiting
+    cancel_at = executor.stats.iterations + 3
+    executor.on_iteration = lambda ex: ex.cancel(victim) if ex.stats.iterations == cancel_at else None
+    first, second = executor.generate([prompt(200, start=10), waiting], 8)
+    asked = executor.stats.requests[victim].reservation_ids
+    assert second.cancelled and len(asked) > 1  # asked in each pass while waiting
+    assert (answers[-1][0] > 0) == cached
+    executor.on_iteration = None
+    executor.generate([prompt(64, start=12)], 8)  # passes that no longer ask about it
     assert_same_output(first, reference([prompt(200, start=10)], 8)[0])
     finish(preset, executor)
 
