@@ -17,8 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-import yaml
-
+from lmcache.config_file import read_config_file
 from lmcache.logging import init_logger
 from lmcache.remote_url import URL_FORMS, mask_password, url_problem
 
@@ -48,7 +47,10 @@ REMOTE_SCHEMES = ("redis://", "rediss://", "unix://", "redis-cluster://", "valke
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _NONE = {"", "none", "null"}
-_KEY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_WITH_UNIT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?\s*[a-z]+", re.IGNORECASE)
+"""A number with a unit after it (``2GB``, ``10s``): keys take the bare number, in the unit they name."""
+MAX_GIB = float(((1 << 63) - 1) // GiB)
+"""The largest size in GiB: its byte count still fits the 64-bit sizes the OS and the tiers use."""
 
 
 def _label(key: str) -> str:
@@ -81,15 +83,19 @@ def _int(key: str, v: object, lo: int, hi: int | None, expected: str) -> int:
     return out
 
 
-def _float(key: str, v: object, lo: float, strict: bool, expected: str) -> float:
+def _float(key: str, v: object, lo: float, strict: bool, expected: str, hi: float = math.inf) -> float:
     try:
         if isinstance(v, bool) or not isinstance(v, (int, float, str)):
             raise ValueError
         out = float(_unquote(v) if isinstance(v, str) else v)
     except ValueError:
-        raise _bad(key, v, "is not a number", expected) from None
+        with_unit = isinstance(v, str) and _WITH_UNIT.fullmatch(_unquote(v))
+        problem = "is not a number" + (": write the number alone, without a unit" if with_unit else "")
+        raise _bad(key, v, problem, expected) from None
     if not math.isfinite(out) or out < lo or (strict and out == lo):
         raise _bad(key, v, "is out of range", expected)
+    if out > hi:
+        raise _bad(key, v, f"is too large (at most {hi:.0f})", expected)
     return out
 
 
@@ -184,12 +190,19 @@ def _json_obj(key: str, v: object) -> dict[str, Any] | None:
 
 _POS_INT = "a positive integer, e.g. 256"
 _GIB = "a size in GiB >= 0, e.g. 2.0"
+
+
+def _gib(key: str, v: object, strict: bool = False) -> float:
+    expected = "a size in GiB > 0, e.g. 1.0" if strict else _GIB
+    return _float(key, v, 0.0, strict, expected, MAX_GIB)
+
+
 _CONVERT: dict[str, Callable[[str, object], object]] = {
     "chunk_size": lambda k, v: _int(k, v, 1, None, _POS_INT),
     "local_cpu": _bool,
-    "max_local_cpu_size": lambda k, v: _float(k, v, 0.0, False, _GIB),
+    "max_local_cpu_size": _gib,
     "local_disk": _disk,
-    "max_local_disk_size": lambda k, v: _float(k, v, 0.0, False, _GIB),
+    "max_local_disk_size": _gib,
     "remote_url": _url,
     "remote_serde": lambda k, v: _choice(k, v, SERDES, False),
     "save_unfull_chunk": _bool,
@@ -204,7 +217,7 @@ _CONVERT: dict[str, Callable[[str, object], object]] = {
     "model_name": _optstr,
     "metrics_port": _optport,
     "metrics_host": lambda k, v: _host(k, v),
-    "tier_staging_size_gb": lambda k, v: _float(k, v, 0.0, True, "a size in GiB > 0, e.g. 1.0"),
+    "tier_staging_size_gb": lambda k, v: _gib(k, v, strict=True),
     "tier_write_queue_bytes": lambda k, v: _optint(k, v, 1, "bytes > 0, or none (a quarter of L1)"),
     "tier_read_threads": lambda k, v: _int(k, v, 1, 256, "an integer 1-256, e.g. 4"),
     "remote_fetch_batch": lambda k, v: _int(k, v, 1, 4096, "an integer 1-4096, e.g. 8"),
@@ -263,6 +276,29 @@ def _is_default_unsupported(key: str, value: object) -> bool:
         return False
 
 
+_warned_extra_keys: set[str] = set()
+"""``extra_config`` keys already warned about: once per process (each ``with_overrides`` re-checks)."""
+
+
+def _warn_unread_extra_config(extra: Mapping[Any, Any]) -> None:
+    """Warn once about each ``extra_config`` key nothing reads (a typo, or a setting put in the wrong
+    place), naming what was probably meant. Kept, not refused: extensions may read their own keys."""
+    for raw in extra:
+        key = str(raw)
+        if key in _warned_extra_keys:
+            continue
+        _warned_extra_keys.add(key)
+        if key in _CONVERT:
+            env = ENV_PREFIX + key.upper()
+            hint = f"{key} is a setting of its own: move it out of extra_config, or set {env}"
+        elif key in UNSUPPORTED_UPSTREAM_KEYS:
+            hint = "an upstream LMCache setting this implementation does not support"
+        else:
+            close = difflib.get_close_matches(key, [*_CONVERT, *UNSUPPORTED_UPSTREAM_KEYS], n=1)
+            hint = f"did you mean {close[0]}?" if close else "docs/configuration.md lists the settings"
+        logger.warning("extra_config.%s is not read by lmcache (%s)", key, hint)
+
+
 @dataclass(repr=False)
 class LMCacheEngineConfig:
     """Validated engine configuration; sizes are GiB, see ``max_local_cpu_bytes`` for bytes."""
@@ -309,6 +345,7 @@ class LMCacheEngineConfig:
                 if key in self.extra_config:
                     self._move_from_extra_config(key)
             self.extra_config = self.extra_config or None
+            _warn_unread_extra_config(self.extra_config or {})
         if self.tier_retry_max_s < self.tier_retry_initial_s:
             raise ValueError(
                 f"{_label('tier_retry_max_s')}: {self.tier_retry_max_s!r} is below tier_retry_initial_s="
@@ -374,12 +411,15 @@ class LMCacheEngineConfig:
         return cls.from_dict(overrides)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> LMCacheEngineConfig:
-        """Load a YAML mapping; an empty file gives the defaults."""
+    def from_file(cls, path: str | os.PathLike[str], *, named: str | None = None) -> LMCacheEngineConfig:
+        """Load a YAML mapping; an empty file gives the defaults. Errors start with ``named`` (how the
+        user gave the path, e.g. ``--config '/x.yaml'``; default: the path)."""
+        named = named or os.fspath(path)
+        data = read_config_file(path, named)
         try:
-            return cls.from_dict(_read_yaml(path))
+            return cls.from_dict(data)
         except ValueError as e:
-            raise ValueError(f"{os.fspath(path)}: {e}") from None
+            raise ValueError(f"{named}: {e}") from None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> LMCacheEngineConfig:
@@ -416,31 +456,6 @@ class LMCacheEngineConfig:
                 value = mask_password(value)
             parts.append(f"{key}={value!r}")
         return " ".join(parts)
-
-
-def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f)
-        except UnicodeDecodeError:
-            raise ValueError("not a UTF-8 text file (expected a YAML mapping of config keys)") from None
-        except yaml.YAMLError as e:
-            # Only where and what, never the offending text: the file may not be a config at all.
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(e, "problem", None) or "parse error"
-            raise ValueError(f"not valid YAML{where}: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"expected a YAML mapping of config keys, got {type(data).__name__}")
-    if not all(isinstance(key, str) and _KEY_NAME.fullmatch(key) for key in data):
-        # Not even shaped like config keys (a file that is not a config): never echo its text.
-        raise ValueError(
-            "contains an entry that is not a config key name (expected a YAML mapping of keys such as "
-            "chunk_size: 256; is this the right file?)"
-        )
-    return data
 
 
 SERVER_ENV = "LMCACHE_SERVER_"
@@ -480,12 +495,7 @@ def load_engine_config(env: Mapping[str, str] | None = None, *, log: bool = True
     path = _unquote(env.get("LMCACHE_CONFIG_FILE", ""))
     raw: dict[str, Any] = {}
     if path:
-        try:
-            raw = _read_yaml(path)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"LMCACHE_CONFIG_FILE={path!r}: file not found") from None
-        except ValueError as e:
-            raise ValueError(f"LMCACHE_CONFIG_FILE={path!r}: {e}") from None
+        raw = read_config_file(path, f"LMCACHE_CONFIG_FILE={path!r}")
     overrides = _env_overrides(env)
     cfg = LMCacheEngineConfig.from_dict({**raw, **overrides})
     if log:

@@ -58,7 +58,8 @@ class PoolLayout:
         if chunk_size % self.tokens_per_block:
             raise ValueError(
                 f"chunk_size={chunk_size} must be a multiple of tokens_per_block={self.tokens_per_block}; "
-                f"set LMCACHE_CHUNK_SIZE to a multiple such as {self.tokens_per_block * 8}"
+                f"set LMCACHE_CHUNK_SIZE (the cache server: --chunk-size) to a multiple such as "
+                f"{self.tokens_per_block * 8}"
             )
         return chunk_size // self.tokens_per_block
 

@@ -143,15 +143,6 @@ def test_file_only(tmp_path, monkeypatch):
         assert (c.chunk_size, c.max_local_cpu_size, c.cache_policy) == (128, 1.5, "LFU")
 
 
-def test_empty_file_gives_defaults(tmp_path):
-    assert C.from_file(_write(tmp_path, "")) == C()
-
-
-def test_file_must_be_mapping(tmp_path):
-    with pytest.raises(ValueError, match="mapping"):
-        C.from_file(_write(tmp_path, "- 1\n- 2\n"))
-
-
 def test_env_overrides_file(tmp_path):
     p = _write(tmp_path, "chunk_size: 128\nlocal_disk: /tmp/d\n")
     env = {"LMCACHE_CONFIG_FILE": str(p), "LMCACHE_CHUNK_SIZE": "64", "LMCACHE_MAX_LOCAL_DISK_SIZE": "1"}
@@ -163,17 +154,6 @@ def test_env_overrides_file(tmp_path):
 def test_load_without_config_file():
     assert load_engine_config({"LMCACHE_CHUNK_SIZE": "16"}).chunk_size == 16
     assert load_engine_config({}) == C()
-
-
-def test_load_missing_config_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="LMCACHE_CONFIG_FILE"):
-        load_engine_config({"LMCACHE_CONFIG_FILE": str(tmp_path / "nope.yaml")})
-
-
-def test_file_error_names_the_file(tmp_path):
-    p = _write(tmp_path, "chunk_size: abc\n")
-    with pytest.raises(ValueError, match=r"cfg\.yaml.*chunk_size.*'abc'"):
-        C.from_file(p)
 
 
 def test_effective_config_logged_once(caplog):
@@ -218,6 +198,10 @@ def test_effective_config_logged_once(caplog):
         ("extra_config", 5, "not a mapping"),
         ("metrics_port", 70000, "out of range"),
         ("metrics_port", "http", "not an integer"),
+        ("max_local_cpu_size", "2GB", "not a number: write the number alone, without a unit"),
+        ("max_local_cpu_size", "1e300", "is too large (at most 8589934591)"),
+        ("max_local_disk_size", 1e12, "is too large"),
+        ("tier_staging_size_gb", "512MiB", "without a unit"),
     ],
 )
 def test_bad_values(key, value, words):
@@ -518,20 +502,6 @@ def test_extra_config_settings_are_validated_keys(tmp_path, caplog) -> None:
             C.from_dict(bad)
 
 
-def test_a_file_that_is_not_a_config_is_never_echoed(tmp_path) -> None:
-    secret = b"root:$6$s3cretHash$xyz:19000:0:99999:7:::"
-    for content in (
-        secret + b"\ndaemon:*:19000::::::\n",
-        b"a: [1\n" + secret + b": x\n",
-        b"\xff\xfe" + secret,
-    ):
-        path = tmp_path / "not-a-config"
-        path.write_bytes(content)
-        with pytest.raises(ValueError) as err:
-            load_engine_config({"LMCACHE_CONFIG_FILE": str(path)})
-        assert "s3cret" not in str(err.value) and "LMCACHE_CONFIG_FILE" in str(err.value)
-
-
 def test_l1_beyond_the_host_memory_is_warned_with_the_figure(caplog) -> None:
     caplog.set_level(logging.WARNING, logger="lmcache")
     total_gib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GiB
@@ -564,4 +534,21 @@ def test_an_lmcache_variable_nothing_reads_is_warned_about_with_the_closest_name
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warned == [
         "LMCACHE_CHUNKSIZE is not a setting lmcache reads; ignored (did you mean LMCACHE_CHUNK_SIZE?)"
+    ]
+
+
+def test_an_extra_config_key_nothing_reads_is_warned_once_naming_what_was_meant(caplog) -> None:
+    """Kept (extensions may read their own keys), but a typo or a misplaced setting is no longer silent."""
+    extra = {"tier_read_thred": 3, "enable_nixl": True, "min_retrieve_tokens": 5, "my_extension_knob": 1}
+    with caplog.at_level(logging.WARNING, logger="lmcache"):
+        c = C.from_dict({"extra_config": extra})
+        C.from_dict({"extra_config": extra}).with_overrides(chunk_size=128)  # no second warning
+    assert c.extra_config == extra and c.min_retrieve_tokens == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "extra_config.tier_read_thred is not read by lmcache (did you mean tier_read_threads?)",
+        "extra_config.enable_nixl is not read by lmcache (an upstream LMCache setting this implementation "
+        "does not support)",
+        "extra_config.min_retrieve_tokens is not read by lmcache (min_retrieve_tokens is a setting of its "
+        "own: move it out of extra_config, or set LMCACHE_MIN_RETRIEVE_TOKENS)",
+        "extra_config.my_extension_knob is not read by lmcache (docs/configuration.md lists the settings)",
     ]

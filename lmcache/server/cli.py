@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from lmcache import __version__, gc_pauses
 from lmcache.config import (
     CACHE_POLICIES,
+    MAX_GIB,
     POOL_SHARING,
     LMCacheEngineConfig,
     check_host_resources,
@@ -32,6 +34,10 @@ if TYPE_CHECKING:
     from lmcache.server.stats_protocol import InstanceStats
 
 logger = init_logger(__name__)
+
+TYPICAL_TOKENS_PER_BLOCK = 32
+"""TRT-LLM's default ``tokens_per_block``: a chunk size that is no multiple of it is warned about at start
+(the workers' real value is known only when they register, where a mismatch is refused)."""
 
 __all__ = ["build_parser", "main", "engine_config_from_args", "print_stats"]
 
@@ -84,7 +90,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--l1-size-gb",
-        type=float,
+        type=_size_gib,
         default=None,
         help="L1 (CPU memory) cache size in GiB; pinned in the background from start-up on a CUDA host, "
         "else reserved as chunks arrive "
@@ -113,6 +119,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--pool-sharing",
         default=None,
         choices=list(POOL_SHARING),
+        type=str.lower,
         help="how workers' KV pools are shared: export (the server maps the pool: CUDA IPC, or a CPU pool's "
         "shared memory), shared-l1 (the server maps nothing; each worker copies between its pool and "
         "the server's L1 in shared memory: needs the same user), auto (per pool: export where the pool "
@@ -169,6 +176,35 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _size_gib(text: str) -> float:
+    """``--l1-size-gb``'s type: a number of GiB; ``10GB`` is refused with what to write instead."""
+    try:
+        return float(text)
+    except ValueError:
+        unit = text.strip().lstrip("+-0123456789.").strip()
+        hint = f": write the number alone, without {unit!r}" if unit and unit != text.strip() else ""
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB{hint} (e.g. 10)") from None
+
+
+def _address_problem(host: str, port_flag: str) -> str | None:
+    """Why ``host`` cannot be listened on, with what to pass instead; None when it resolves."""
+    if not host.strip():
+        return "is empty (give 127.0.0.1 for this host only, 0.0.0.0 for all interfaces)"
+    bare = host.strip("[]")
+    try:
+        socket.getaddrinfo(bare, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        address, _, port = bare.rpartition(":")
+        if address and port.isdigit() and ":" not in address:
+            return f"includes a port: give the address alone ({address!r}) and the port with {port_flag}"
+        reason = e.strerror if isinstance(e, socket.gaierror) else "not a valid host name"
+        return (
+            f"does not resolve to an address ({reason}); give an IP address (127.0.0.1: this host only, "
+            "0.0.0.0: all interfaces) or a host name this machine resolves"
+        )
+    return None
+
+
 def _finite(parser: argparse.ArgumentParser, flag: str, value: float, lo: float, strict: bool) -> None:
     """Exit with a message naming ``flag`` unless ``value`` is a finite number above ``lo``."""
     if not math.isfinite(value) or value < lo or (strict and value == lo):
@@ -191,6 +227,23 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     _finite(parser, "--pin-ttl-s", args.pin_ttl_s, 0.0, strict=True)
     if args.l1_size_gb is not None:
         _finite(parser, "--l1-size-gb", args.l1_size_gb, 0.0, strict=True)
+        if args.l1_size_gb > MAX_GIB:
+            parser.error(
+                f"--l1-size-gb must be at most {MAX_GIB:.0f} (GiB: the byte count must fit 64 bits), "
+                f"got {args.l1_size_gb:g}"
+            )
+    if args.config == "":
+        parser.error(
+            "--config is empty: give the path of a YAML file, or leave --config out "
+            "(LMCACHE_CONFIG_FILE and LMCACHE_* apply then)"
+        )
+    addresses = [("--host", args.host, "--port")]
+    if args.metrics_port is not None:  # --metrics-host is used only with a metrics port
+        addresses.append(("--metrics-host", args.metrics_host, "--metrics-port"))
+    for flag, host, port_flag in addresses:
+        problem = _address_problem(host, port_flag)
+        if problem:
+            parser.error(f"{flag} {host!r} {problem}")
     if args.chunk_size is not None and args.chunk_size < 1:
         parser.error(
             f"--chunk-size must be a positive integer (a multiple of tokens_per_block), got {args.chunk_size}"
@@ -211,7 +264,10 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 def engine_config_from_args(args: argparse.Namespace) -> LMCacheEngineConfig:
     """``--config`` (or ``LMCACHE_CONFIG_FILE`` + ``LMCACHE_*``) with the flags on top, validated."""
-    base = LMCacheEngineConfig.from_file(args.config) if args.config else load_engine_config(log=False)
+    if args.config:
+        base = LMCacheEngineConfig.from_file(args.config, named=f"--config {args.config!r}")
+    else:
+        base = load_engine_config(log=False)
     overrides: dict[str, Any] = {}
     if args.chunk_size is not None:
         overrides["chunk_size"] = args.chunk_size
@@ -294,12 +350,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         parser.error(str(e))
     logger.info("effective config (flags over %s): %s", _config_source(args), config.describe())
+    if config.chunk_size % TYPICAL_TOKENS_PER_BLOCK:
+        logger.warning(
+            "%s %d is not a multiple of %d, TRT-LLM's default tokens_per_block: a worker is refused at "
+            "registration unless its tokens_per_block divides the chunk size",
+            "--chunk-size" if args.chunk_size is not None else "chunk_size",
+            config.chunk_size,
+            TYPICAL_TOKENS_PER_BLOCK,
+        )
     check_host_resources(
         config,
         l1_name="--l1-size-gb" if args.l1_size_gb is not None else None,
         disk_name=None,
     )
 
+    from lmcache.server.listeners import tcp_bind_problem
     from lmcache.server.server import CacheServer, ServerConfig, ServerStartError, server_engine
     from lmcache.shm_slabs import ShmSlabSource
 
@@ -358,11 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             metrics.start()
         except OSError as e:
+            flags = ("--metrics-host", "--metrics-port")
             logger.error(
-                "cannot serve metrics on %s:%d (%s); pass another --metrics-port",
-                args.metrics_host,
-                args.metrics_port,
-                e,
+                "cannot serve metrics: %s", tcp_bind_problem(e, args.metrics_host, args.metrics_port, flags)
             )
             server.close()
             return 1

@@ -21,11 +21,38 @@ from lmcache.server.settings import ServerConfig
 
 logger = init_logger(__name__)
 
-__all__ = ["Listeners", "ServerStartError"]
+__all__ = ["Listeners", "ServerStartError", "tcp_bind_problem"]
 
 
 class ServerStartError(RuntimeError):
     """The server cannot start (address in use, bad ipc path...); the message says what to do."""
+
+
+def tcp_bind_problem(e: OSError, host: str, port: int, flags: tuple[str, str]) -> str:
+    """Why listening on ``host:port`` failed, naming the (host, port) ``flags`` the user typed and what
+    to pass instead (no bare errno)."""
+    host_flag, port_flag = flags
+    if e.errno == errno.EADDRINUSE:
+        return (
+            f"tcp port {port} on {host} is already in use (another lmcache server?); stop it or pass "
+            f"another {port_flag}"
+        )
+    if e.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"{host_flag} {host} is not an address of this machine; pass 127.0.0.1 (this host only), "
+            "0.0.0.0 (all interfaces) or one of this machine's addresses"
+        )
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return (
+            f"{port_flag} {port} is not allowed to this user (ports below 1024 need root or "
+            f"CAP_NET_BIND_SERVICE); pass a {port_flag} of 1024 or more"
+        )
+    return f"cannot listen on tcp {host}:{port} ({host_flag} / {port_flag}): {e.strerror or e}"
+
+
+def _dir_problem(e: OSError) -> str:
+    """Why a directory could not be made: a file in the way reads as that, not as "File exists"."""
+    return "a file is in the way" if e.errno in (errno.EEXIST, errno.ENOTDIR) else str(e.strerror or e)
 
 
 class Listeners:
@@ -66,12 +93,7 @@ class Listeners:
         try:
             tcp = socket.create_server((host.strip("[]"), port), family=family, backlog=128)
         except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                raise ServerStartError(
-                    f"tcp port {port} on {host} is already in use (another lmcache server?); stop it or "
-                    "pass another --port"
-                ) from None
-            raise ServerStartError(f"cannot listen on tcp {host}:{port}: {e}") from None
+            raise ServerStartError(tcp_bind_problem(e, host, port, ("--host", "--port"))) from None
         self.sockets.append(tcp)
         address, bound_port = tcp.getsockname()[:2]
         shown = f"[{address}]" if family == socket.AF_INET6 else address
@@ -85,7 +107,7 @@ class Listeners:
             with self._socket_umask():
                 unix.bind(path)
         except OSError as e:
-            raise ServerStartError(f"cannot bind --ipc-path {path}: {e}") from None
+            raise ServerStartError(f"cannot bind --ipc-path {path}: {e.strerror or e}") from None
         self._created(path)
         unix.listen(128)
         self.endpoints.append(f"ipc://{path}")
@@ -145,7 +167,13 @@ class Listeners:
                 probe.close()
         parent = os.path.dirname(path)
         if parent:
-            os.makedirs(parent, exist_ok=True)
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except OSError as e:
+                raise ServerStartError(
+                    f"--ipc-path {path}: cannot create its directory {parent} ({_dir_problem(e)}); pass "
+                    "another --ipc-path (an empty one disables the Unix socket)"
+                ) from None
 
     def close(self) -> None:
         """Close the listening sockets and remove the socket files this server created."""

@@ -318,3 +318,82 @@ def test_a_relative_ipc_path_is_refused_at_start() -> None:
     cmd = _server_cmd("--ipc-path", "rel.sock")
     out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=60)
     assert out.returncode == 2 and "--ipc-path must be an absolute path" in out.stderr
+
+
+def _refused(*argv: str, **env: str) -> str:
+    """The server's stderr for a command line it must refuse before starting (exit 2, no traceback)."""
+    out = subprocess.run(
+        _server_cmd(*argv), capture_output=True, text=True, env=subprocess_env(**env), timeout=60
+    )
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and "Errno" not in out.stderr
+    return out.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--host", "nosuchhost.invalid"], "--host 'nosuchhost.invalid' does not resolve to an address"),
+        (["--host", "0.0.0.0:5555"], "--host '0.0.0.0:5555' includes a port: give the address alone"),
+        (["--host", ""], "--host '' is empty (give 127.0.0.1 for this host only, 0.0.0.0 for all"),
+        (
+            ["--metrics-port", "0", "--metrics-host", "nosuchhost.invalid"],
+            "--metrics-host 'nosuchhost.invalid' does not resolve",
+        ),
+        (["--l1-size-gb", "1e12"], "--l1-size-gb must be at most 8589934591 (GiB"),
+        (["--l1-size-gb", "1e300"], "--l1-size-gb must be at most 8589934591 (GiB"),
+        (["--l1-size-gb", "10GB"], "--l1-size-gb: '10GB' is not a number of GiB: write the number alone"),
+        (["--config", ""], "--config is empty: give the path of a YAML file, or leave --config out"),
+    ],
+)
+def test_bad_addresses_sizes_and_an_empty_config_are_refused_before_start(
+    argv: list[str], message: str
+) -> None:
+    assert message in _refused(*argv, "--ipc-path", "")
+
+
+def test_a_config_path_that_is_no_file_is_named_with_its_flag_or_variable(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    directory = str(tmp_path)
+    missing = str(tmp_path / "missing.yaml")
+    assert f"--config {directory!r}: is a directory" in _refused("--config", directory, "--ipc-path", "")
+    assert f"--config {missing!r}: no such file" in _refused("--config", missing, "--ipc-path", "")
+    stderr = _refused("--ipc-path", "", LMCACHE_CONFIG_FILE=directory)
+    assert f"LMCACHE_CONFIG_FILE={directory!r}: is a directory" in stderr
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("chunk_size: 64\nchunk_size: 128\n")
+    args = build_parser().parse_args(["--config", str(twice)])
+    with pytest.raises(ValueError, match=r"'chunk_size' is given twice \(lines 1 and 2\); keep one"):
+        engine_config_from_args(args)
+
+
+def test_pool_sharing_is_read_in_any_case() -> None:
+    assert build_parser().parse_args(["--pool-sharing", "Shared-L1"]).pool_sharing == "shared-l1"
+
+
+def test_an_address_or_socket_directory_the_server_cannot_use_is_named_by_its_flag(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from lmcache.server.listeners import Listeners, ServerStartError
+    from lmcache.server.settings import ServerConfig
+
+    # 192.0.2.1 (TEST-NET-1) resolves but is never an address of this machine.
+    with pytest.raises(ServerStartError, match=r"^--host 192\.0\.2\.1 is not an address of this machine"):
+        Listeners(ServerConfig(host="192.0.2.1", port=0, ipc_path=None)).bind()
+    (tmp_path / "file").write_text("")
+    ipc_path = str(tmp_path / "file" / "server.sock")
+    with pytest.raises(
+        ServerStartError, match=r"cannot create its directory .*/file \(a file is in the way\)"
+    ):
+        Listeners(ServerConfig(host="127.0.0.1", port=0, ipc_path=ipc_path)).bind()
+
+
+def test_a_chunk_size_a_worker_cannot_use_is_warned_at_start_and_refused_naming_the_flag(workdir) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from lmcache.layout import PoolLayout
+
+    cmd = _server_cmd("--chunk-size", "100", "--host", "192.0.2.1", "--port", "0", "--ipc-path", "")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stderr  # the warning comes before the bind fails
+    assert "--chunk-size 100 is not a multiple of 32, TRT-LLM's default tokens_per_block" in out.stderr
+    layout = PoolLayout.of_pool(torch.zeros(4, 2, 2, 32 * 8), 32)
+    with pytest.raises(ValueError, match=r"chunk_size=100 must be .*\(the cache server: --chunk-size\)"):
+        layout.blocks_per_chunk(100)
