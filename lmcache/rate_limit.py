@@ -18,6 +18,14 @@ class RateLimitedLog:
         self._lock = threading.Lock()
 
     def warning(self, topic: str, msg: str, *args: object) -> bool:
+        """Log at WARNING unless ``topic`` was logged within the interval; whether it was logged."""
+        return self._log(logging.WARNING, topic, msg, *args)
+
+    def error(self, topic: str, msg: str, *args: object) -> bool:
+        """Log at ERROR unless ``topic`` was logged within the interval; whether it was logged."""
+        return self._log(logging.ERROR, topic, msg, *args)
+
+    def _log(self, level: int, topic: str, msg: str, *args: object) -> bool:
         now = time.monotonic()
         with self._lock:
             last = self._last.get(topic)
@@ -27,6 +35,6 @@ class RateLimitedLog:
             self._last[topic] = now
             suppressed = self._suppressed.pop(topic, 0)
         if suppressed:
-            msg += f" ({suppressed} similar warnings suppressed)"
-        self._logger.warning(msg, *args)
+            msg += f" ({suppressed} similar messages suppressed)"
+        self._logger.log(level, msg, *args)
         return True

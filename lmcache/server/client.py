@@ -72,6 +72,7 @@ from lmcache.server.client_errors import (
     LimitExceeded,
     ServerError,
     ServerUnavailable,
+    SettingsMismatch,
     Unauthorized,
     UnknownInstance,
     VersionMismatch,
@@ -98,6 +99,7 @@ __all__ = [
     "PromptHashes",
     "ServerError",
     "ServerUnavailable",
+    "SettingsMismatch",
     "UnknownInstance",
     "VersionMismatch",
     "BadPool",
@@ -188,11 +190,13 @@ class CacheServerClient:
         instance_id: int | None = None,
         timeout_s: float | None = None,
         pool_sharing: str = "auto",
+        chunk_size: int | None = None,
     ) -> P.RegisterInfo:
         """Share ``pool`` with the server; becomes this client's default instance. ``pool_sharing``
         (docs/multi-process.md): ``export`` (the server maps the pool: CPU after ``share_memory_()``,
         CUDA through raw IPC), ``shared-l1`` (this process copies, inside :meth:`store` and
-        :meth:`retrieve`), ``auto`` (the server's forced mode, else export where possible)."""
+        :meth:`retrieve`), ``auto`` (the server's forced mode, else export where possible). ``chunk_size``:
+        the caller's; while the server's differs, the pool's calls raise :class:`SettingsMismatch`."""
         iid = new_instance_id() if instance_id is None else instance_id
         self.credentials.check_ipc_owner()
         reg = Registration(
@@ -206,6 +210,7 @@ class CacheServerClient:
             ),
             pool,
             policy=pool_sharing,
+            chunk_size=chunk_size,
         )
         with self.registrations.lock:
             reg.copier = self.shared_l1.copier_for(reg)
@@ -428,6 +433,7 @@ class CacheServerClient:
             if not retry_unknown or iid is None or iid not in self.registrations:
                 raise
             self._reregister(iid, timeout_s)
+            self.registrations.check_usable(iid, type(req).__struct_config__.tag)
             return self._call_once(req, result_type, timeout_s, deadline)
 
     def _stamp(self, req: Any) -> None:
@@ -452,13 +458,7 @@ class CacheServerClient:
             reg.update(info)
             self.server_id = info.server_id
             self.reregistrations += 1
-        logger.warning(
-            "cache server at %s did not know instance %d (it restarted or reaped us); "
-            "registered the pool again (sharing %s)",
-            self.url,
-            iid,
-            reg.mode,
-        )
+        _log_registered_again(self.url, iid, reg)
 
     def _call_once(self, req: Any, result_type: type[T], timeout_s: float | None, deadline: bool) -> T:
         parts = self._submit(req, result_type, timeout_s, deadline=deadline)
@@ -538,6 +538,17 @@ def _descriptor(pool: Any, policy: str, server_policy: Callable[[], str]) -> P.P
         return describe_pool(pool)
     server = server_policy() if policy == "auto" else "auto"
     return describe_pool(pool, choose_sharing(pool, policy, server))
+
+
+def _log_registered_again(url: str, iid: int, reg: Registration) -> None:
+    logger.warning(
+        "cache server at %s did not know instance %d (it restarted or reaped us); "
+        "registered the pool again (sharing %s)%s",
+        url,
+        iid,
+        reg.mode,
+        f", not used: {reg.mismatch}" if reg.mismatch is not None else "",
+    )
 
 
 def _choose_again(reg: Registration, shared_l1: SharedL1Transfers, server_policy: Callable[[], str]) -> None:

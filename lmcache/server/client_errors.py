@@ -11,6 +11,7 @@ __all__ = [
     "LimitExceeded",
     "ServerError",
     "ServerUnavailable",
+    "SettingsMismatch",
     "Unauthorized",
     "UnknownInstance",
     "VersionMismatch",
@@ -47,6 +48,25 @@ class BadPool(ServerError):
 
 class InvalidRequest(ServerError):
     pass
+
+
+class SettingsMismatch(ServerError):
+    """Raised by the client itself, never answered by a server: the server registered the instance
+    with another chunk size than the one it was registered for (``register(..., chunk_size=)``), so
+    nothing is looked up, stored or loaded through it until a server with that chunk size registers
+    it again (a restart: the heartbeat or the next call re-registers it)."""
+
+    CODE = "settings_mismatch"
+
+    def __init__(self, op: str, server_chunk_size: int, chunk_size: int) -> None:
+        super().__init__(
+            self.CODE,
+            f"the cache server uses chunk size {server_chunk_size} (its --chunk-size) but this pool was "
+            f"registered for chunks of {chunk_size} tokens; the pool is not used until they match",
+            op,
+        )
+        self.server_chunk_size = server_chunk_size
+        self.chunk_size = chunk_size
 
 
 class Unauthorized(ServerError):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from lmcache.keys import HASH_ALGORITHMS, TokenHasher, Tokens
 from lmcache.server import protocol as P
 from lmcache.server.claims import ClaimView
-from lmcache.server.client_errors import ServerError, ServerUnavailable
+from lmcache.server.client_errors import ServerError, ServerUnavailable, SettingsMismatch
 from lmcache.server.presence import PresenceView
 from lmcache.server.security import client_secret, trusted_owner
 from lmcache.transfer import BlockTransfer
@@ -74,19 +74,35 @@ class Registration:
     """The server's counts of its L1 chunks, mapped (None: it offers none, or they cannot be mapped)."""
     claims: ClaimView | None = None
     """The server's claim index and this instance's claims, mapped (None: lookups ask the server)."""
+    chunk_size: int | None = None
+    """The chunk size the caller plans in (None: whatever the server's): a server answering another
+    one leaves the registration unusable (:attr:`mismatch`) until one answering it registers it again."""
 
     @property
     def mode(self) -> str:
         """How the pool is shared (:data:`lmcache.server.protocol.SHARING_MODES`)."""
         return P.sharing_mode(self.request.pool)
 
+    @property
+    def mismatch(self) -> SettingsMismatch | None:
+        """Why the instance must not be used with the server that last registered it, or None."""
+        if self.chunk_size is None or self.info is None or self.info.chunk_size == self.chunk_size:
+            return None
+        return SettingsMismatch("register", self.info.chunk_size, self.chunk_size)
+
     def update(self, info: P.RegisterInfo) -> None:
-        """What the server answered to (re-)registering; a new server's slabs are mapped afresh."""
+        """What the server answered to (re-)registering; a new server's slabs are mapped afresh. With
+        another chunk size than :attr:`chunk_size`, nothing of the server's is mapped or hashed for."""
+        usable = self.chunk_size is None or info.chunk_size == self.chunk_size
         if self.copier is not None:
             self.copier.on_server(info.server_id, info.cap)
-            self.copier.warm_up(info.chunk_size // self.request.tokens_per_block)  # once per copier
-            self.copier.map_ahead(info.slabs_ahead)
+            if usable:
+                self.copier.warm_up(info.chunk_size // self.request.tokens_per_block)  # once per copier
+                self.copier.map_ahead(info.slabs_ahead)
         self.info = info
+        if not usable:
+            self.presence = self.claims = self.hasher = None
+            return
         if info.presence is None:
             self.presence = None
         elif self.presence is None or self.presence.info != info.presence:
@@ -200,6 +216,14 @@ class Registrations:
             if not slabs.wait_ahead(left):
                 return False
         return True
+
+    def check_usable(self, instance_id: int, op: str) -> None:
+        """Raise :class:`SettingsMismatch` if the server registered the instance with another chunk
+        size than it was registered for (an instance this client does not hold passes)."""
+        reg = self._table.get(instance_id)
+        mismatch = reg.mismatch if reg is not None else None
+        if mismatch is not None:
+            raise SettingsMismatch(op, mismatch.server_chunk_size, mismatch.chunk_size)
 
     def cap(self, instance_id: int) -> bytes:
         """The capability the server gave the instance (b"" if unknown)."""
@@ -318,7 +342,9 @@ class Registrations:
         hashes: PromptHashes | None,
     ) -> P.Lookup | P.LookupHashes:
         """The lookup of a prompt for the instance: by its chunk hashes (``hashes`` if usable, else
-        hashed here) when the server keys the instance's chunks so, else by its tokens."""
+        hashed here) when the server keys the instance's chunks so, else by its tokens;
+        :class:`SettingsMismatch` if the instance is not to be used (see :meth:`check_usable`)."""
+        self.check_usable(instance_id, "lookup")
         digests = self.digests(instance_id, hashes)
         if digests is None:
             hashed = self.chunk_hashes(instance_id, tokens, cache_salt)
@@ -343,7 +369,9 @@ class Registrations:
     def prompt_fields(
         self, instance_id: int, transfer: BlockTransfer[Tokens | bytes | PromptHashes]
     ) -> dict[str, Any]:
-        """The prompt fields of a store or retrieve: the chunk hashes if given and usable, else tokens."""
+        """The prompt fields of a store or retrieve: the chunk hashes if given and usable, else tokens;
+        :class:`SettingsMismatch` if the instance is not to be used (see :meth:`check_usable`)."""
+        self.check_usable(instance_id, "transfer")
         prompt = transfer.prompt
         if isinstance(prompt, PromptHashes):
             digests = self.digests(instance_id, prompt)

@@ -29,7 +29,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -141,7 +141,10 @@ class CacheService:
 
     def handle(self, req: Any, call: Call) -> Any:
         """The reply value of ``req``; raises :class:`ServiceFailure` (or ValueError for bad values)."""
-        return self.handlers[type(req)](req, call)
+        handler = self.handlers.get(type(req))
+        if handler is None:
+            _unserved(self.instances, req, self.config.pool_sharing)
+        return handler(req, call)
 
     def touch(self, req: Any, now: float) -> None:
         """Note the liveness of the instances a request names with their capabilities."""
@@ -493,4 +496,16 @@ def _copies_done(inst: Instance, stream: Any, op: str, tokens: int, began: float
             inst.instance_id,
             (enqueued - began) * 1e3,
             (time.perf_counter() - enqueued) * 1e3,
+        )
+
+
+def _unserved(instances: InstanceRegistry, req: Any, pool_sharing: str) -> NoReturn:
+    """Refuse an op this server does not serve (the shared-L1 ops when its L1 is not shared): an
+    instance it does not know is ``unknown_instance`` (the client registers again, and learns why its
+    pool is refused), else ``invalid``."""
+    with instances.use(getattr(req, "instance_id", -1), getattr(req, "cap", None)):
+        raise ServiceFailure(
+            P.ErrorCode.INVALID,
+            f"this server does not serve {type(req).__name__} requests (--pool-sharing {pool_sharing}); "
+            "register the pool again",
         )

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import torch
 
-from lmcache.server.client import ServerUnavailable, wait_for_server
+from lmcache.server.client import ServerUnavailable, VersionMismatch, wait_for_server
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT_PROC = REPO / "tests" / "server" / "client_proc.py"
+SERVER_MODULE = ("-m", "lmcache.v1.multiprocess.server")
+OTHER_VERSION_SERVER = (str(REPO / "tests" / "support" / "other_version_server.py"),)
+"""A server of another protocol version (another lmcache release): ``ServerProcess(..., entry=)``."""
 
 # Geometry of the test pools: 8 tokens per block, chunks of 32 tokens (4 blocks).
 TPB = 8
@@ -64,8 +67,11 @@ class ServerProcess:
         *extra: str,
         ipc: bool = True,
         env: dict[str, str] | None = None,
+        entry: tuple[str, ...] = SERVER_MODULE,
     ) -> None:
         self.workdir = workdir
+        self.entry = entry
+        """What the Python interpreter runs: the server's module, or a script taking its flags."""
         self.env = env or {}
         self.port = port or free_port()
         self.ipc_path = str(workdir / "s.sock") if ipc else ""
@@ -84,8 +90,7 @@ class ServerProcess:
     def start(self, wait: bool = True) -> ServerProcess:
         cmd = [
             sys.executable,
-            "-m",
-            "lmcache.v1.multiprocess.server",
+            *self.entry,
             "--port",
             str(self.port),
             "--ipc-path",
@@ -111,6 +116,8 @@ class ServerProcess:
     def wait_ready(self, timeout_s: float = 60.0) -> None:
         try:
             wait_for_server(self.tcp_url, timeout_s)
+        except VersionMismatch:
+            pass  # a server of another protocol version answers, refusing: it is up
         except ServerUnavailable:
             raise AssertionError(f"server did not come up; log:\n{self.log()}") from None
 

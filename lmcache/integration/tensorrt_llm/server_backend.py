@@ -42,10 +42,13 @@ from lmcache.logging import init_logger
 from lmcache.rate_limit import RateLimitedLog
 from lmcache.server.client import (
     DEFAULT_SERVER_URL,
+    BadPool,
     CacheServerClient,
     PromptHashes,
     ServerError,
     ServerUnavailable,
+    SettingsMismatch,
+    VersionMismatch,
     new_instance_id,
 )
 from lmcache.shm_slabs import ShmSlabError
@@ -60,6 +63,9 @@ L1_AHEAD_MAX_S = 120.0
 """How long it asks at most (a server creates its L1 within seconds of its start)."""
 _NOTHING = BlockTransfer([], None, [], 0, 0)
 """An empty load: it moves no KV and releases the rank's pins."""
+MISFIT = (SettingsMismatch, BadPool, VersionMismatch)
+"""What a server whose settings do not fit this engine answers (another chunk size, a pool-sharing mode
+the pools cannot use, another protocol version): the engine serves without cache, saying why."""
 
 
 def server_url(llm_args: Any) -> str:
@@ -80,6 +86,32 @@ class ProcessConnection:
         self.instances: dict[int, dict[TargetId, int]] = {}
         """Per local rank, the server instance of each pool target it registered."""
         self.windows: dict[TargetId, int | None] = {}
+
+    def refused(self, exc: ServerError) -> None:
+        """Say (an ERROR, once a minute per kind and server start) that the server does not fit this
+        engine's settings and what to do; the engine serves without cache meanwhile."""
+        server = self.client.server_id  # the last one heard of: a restart is said again
+        if isinstance(exc, SettingsMismatch):
+            self.warn.error(
+                f"chunk-size {server}",
+                "LMCache MP: the cache server at %s uses chunk size %d (its --chunk-size) but this engine "
+                "has LMCACHE_CHUNK_SIZE=%d; serving without cache (lookups miss, saves are dropped) until "
+                "they match: restart the server with --chunk-size %d (the engine re-registers by itself), "
+                "or set LMCACHE_CHUNK_SIZE=%d and restart the engine",
+                self.client.url,
+                exc.server_chunk_size,
+                exc.chunk_size,
+                exc.chunk_size,
+                exc.server_chunk_size,
+            )
+            return
+        self.warn.error(
+            f"refused {server}",
+            "LMCache MP: the cache server at %s does not take this engine's KV pools (%s); serving without "
+            "cache until a server that does is up (the engine re-registers by itself)",
+            self.client.url,
+            exc,
+        )
 
     def owners(self) -> dict[TargetId, int]:
         """Per target, the instance whose pins the scheduler's lookups take: the lowest local rank's."""
@@ -162,6 +194,9 @@ class ServerIndex:
                 if hit == 0:
                     break
             self._probe.record(hit > 0)
+        except MISFIT as exc:
+            self._connection.refused(exc)
+            hit = 0
         except (ServerUnavailable, ServerError) as exc:
             self._connection.warn.warning(
                 "lookup",
@@ -296,19 +331,23 @@ class ServerTransfers:
             self._loader = cudart.background_thread(f"lmcache-mp-load-r{self._rank}", cuda_device)
         self._registered = False
         self._next_attempt = 0.0
-        self._ensure_registered()
+        self._ensure_registered(bring_up=True)
 
-    def _ensure_registered(self) -> bool:
-        """Register the pools if not yet done; while the server is down, retry every few seconds."""
+    def _ensure_registered(self, bring_up: bool = False) -> bool:
+        """Register the pools if not yet done; while the server is down or refuses them, retry every few
+        seconds. At bring-up (``register_kv_caches``, the server up) a server that refuses them or has
+        another chunk size raises; later it never does: the engine serves without cache (an ERROR
+        says why) until the server is restarted with fitting settings (the client re-registers)."""
         if self._registered or not self._targets:
             return self._registered
         now = time.monotonic()
         if now < self._next_attempt:
             return False
         self._next_attempt = now + REGISTER_RETRY_S
+        chunk_size = self._settings.chunk_size
         try:
-            for target in self._targets:
-                info = self._client.register(
+            infos = [
+                self._client.register(
                     target.tensor,
                     self._rank,
                     self._settings.world_size,
@@ -316,12 +355,10 @@ class ServerTransfers:
                     self._settings.tokens_per_block,
                     instance_id=self._instances[target.target],
                     pool_sharing=self._connection.pool_sharing,
+                    chunk_size=chunk_size,
                 )
-                if info.chunk_size != self._settings.chunk_size:
-                    raise ValueError(
-                        f"the cache server at {self._client.url} uses chunk size {info.chunk_size} but this "
-                        f"process has LMCACHE_CHUNK_SIZE={self._settings.chunk_size}; set them equal"
-                    )
+                for target in self._targets
+            ]
         except ServerUnavailable as exc:
             self._connection.warn.warning(
                 "register",
@@ -332,10 +369,34 @@ class ServerTransfers:
                 exc,
             )
             return False
+        except ServerError as exc:
+            if bring_up:
+                self._unregister()
+                raise  # the server's refusal names the flag to change
+            self._connection.refused(exc)
+            return False
+        server_chunk_size = next((i.chunk_size for i in infos if i.chunk_size != chunk_size), None)
+        if server_chunk_size is not None:
+            if bring_up:
+                self._unregister()
+                raise ValueError(
+                    f"the cache server at {self._client.url} uses chunk size {server_chunk_size} (its "
+                    f"--chunk-size) but this process has LMCACHE_CHUNK_SIZE={chunk_size}; restart the server "
+                    f"with --chunk-size {chunk_size} or set LMCACHE_CHUNK_SIZE={server_chunk_size}"
+                )
+            # The pools stay registered but unused (the client refuses their calls) until a server that
+            # fits registers them again (its heartbeat does, after a restart).
+            self._connection.refused(SettingsMismatch("register", server_chunk_size, chunk_size))
         self._connection.instances[self._rank] = dict(self._instances)
         self._connection.windows.update({target.target: target.window for target in self._targets})
         self._registered = True
         return True
+
+    def _unregister(self) -> None:
+        """Take back what a failed bring-up registered (the engine stops)."""
+        for instance_id in self._instances.values():
+            with contextlib.suppress(ServerUnavailable, ServerError):
+                self._client.unregister(instance_id)
 
     def _is_cuda(self) -> bool:
         return bool(self._targets) and self._targets[0].tensor.is_cuda
@@ -422,6 +483,8 @@ class ServerTransfers:
                     instance_id=self._instances[target.target],
                     after=fence,
                 )
+            except MISFIT as exc:  # a server restarted with settings that do not fit: nothing is stored
+                self._connection.refused(exc)
             except (ServerUnavailable, ServerError, ShmSlabError) as exc:
                 # ShmSlabError: this worker cannot map the server's L1 regions (another user, /dev/shm
                 # not shared with the server's container); the save is dropped, never half-published.
