@@ -13,6 +13,7 @@ from lmcache.integration.tensorrt_llm.plan import LoadPlan, Transfer
 from lmcache.integration.tensorrt_llm.planner import PromisedLoadError
 from lmcache.integration.tensorrt_llm.save_fence import SaveFence
 from lmcache.integration.tensorrt_llm.targets import PoolTarget
+from lmcache.integration.tensorrt_llm.window_fence import SaveCopies
 from lmcache.layered_load import LayerReady
 from lmcache.logging import init_logger
 
@@ -42,9 +43,10 @@ class TransferBackend(Protocol):
         """
         ...
 
-    def save(self, saves: list[Transfer], fence: SaveFence) -> list[tuple[int, Done]]:
-        """Save, the copies ordered after ``fence`` (waited for off the executor thread); per request
-        id, when its pages are free again."""
+    def save(self, saves: list[Transfer], fence: SaveFence) -> list[SaveCopies]:
+        """Save, the copies ordered after ``fence`` (waited for off the executor thread); per save, in
+        order, the futures of its copies (see :data:`.window_fence.SaveCopies`): the save's pages are
+        free again once they are done."""
         ...
 
 

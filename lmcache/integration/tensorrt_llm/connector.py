@@ -10,6 +10,7 @@ layer (:mod:`lmcache.integration.tensorrt_llm.layerwise`); ``save_kv_layer`` doe
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from lmcache.integration.tensorrt_llm.planner import Planner
 from lmcache.integration.tensorrt_llm.save_fence import SaveFence
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
 from lmcache.integration.tensorrt_llm.targets import PoolTarget, targets_of_layout, targets_of_pool
+from lmcache.integration.tensorrt_llm.window_fence import WindowSaves, copies_done
 from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
 
@@ -92,6 +94,7 @@ class LMCacheWorker(KvCacheConnectorWorker):
         """Where the registered pools are."""
         self._fence: SaveFence | None = None
         """The last iteration's saves' start, until released (see ``save_fence``)."""
+        self._window_saves = WindowSaves()
 
     # -- registration -------------------------------------------------------------------------
 
@@ -119,6 +122,7 @@ class LMCacheWorker(KvCacheConnectorWorker):
             )
         self.backend.register(targets)
         self._device = targets[0].tensor.device
+        self._window_saves.windowed_groups = {t.target.group for t in targets if t.window is not None}
         self._layerwise.set_pool_layers(self.backend.layerwise_layers(), targets[0].tensor.is_cuda)
 
     def _meta(self) -> ConnectorMetadata:
@@ -153,15 +157,23 @@ class LMCacheWorker(KvCacheConnectorWorker):
         """Hand this iteration's saves to the back-end, their copies to start once released after
         sampling (``get_finished`` or the next ``start_load_kv``); a request whose saves are in
         flight keeps its blocks until ``get_finished`` reports it. ``stream`` is ordered after every
-        load first; a layer-wise load whose forward skipped a layer's hook fails here."""
+        load first; a layer-wise load whose forward skipped a layer's hook fails here. Last, it waits
+        for the copies of the saves the plan fences: their sliding-window pages may go to another
+        request before the next forward (:mod:`.window_fence`)."""
         FORWARD.open()
         self._release_saves(None)  # an earlier iteration's saves follow that forward only
         self._layerwise.end_forward(stream)
-        saves = self._meta().saves
-        if saves:
+        meta = self._meta()
+        if meta.saves:
             self._fence = SaveFence(stream, self._device)
-            for request_id, done in self.backend.save(saves, self._fence):
-                self._saves.add(request_id, done)
+            saved = self.backend.save(meta.saves, self._fence)
+            for save_id, (transfer, copies) in enumerate(
+                zip(meta.saves, saved, strict=True), meta.first_save_id
+            ):
+                for future in copies:
+                    self._saves.add(transfer.request_id, functools.partial(copies_done, future))
+                self._window_saves.add(save_id, transfer.group, copies)
+        self._window_saves.order(meta.fence_saves, stream, self._device, self._fence)
 
     def wait_for_layer_load(self, layer_idx: int, stream: Any) -> None:
         """Order ``stream`` after layer ``layer_idx`` of this forward's layer-wise loads."""

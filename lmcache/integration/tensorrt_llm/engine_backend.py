@@ -15,13 +15,14 @@ from lmcache.chunk_copy import CopyBatcher, StoreStart
 from lmcache.config import load_engine_config
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.integration.tensorrt_llm.backend import check_loaded, transfers_by_group
-from lmcache.integration.tensorrt_llm.inflight import Done, event_done, future_done
+from lmcache.integration.tensorrt_llm.inflight import Done, event_done
 from lmcache.integration.tensorrt_llm.miss_probe import MissProbe
 from lmcache.integration.tensorrt_llm.plan import Found, LoadPlan, PinKey, Prompt, TargetId, Transfer
 from lmcache.integration.tensorrt_llm.save_fence import SaveFence
 from lmcache.integration.tensorrt_llm.save_queue import SaveQueue
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
 from lmcache.integration.tensorrt_llm.targets import PoolTarget
+from lmcache.integration.tensorrt_llm.window_fence import SaveCopies
 from lmcache.keys import ChunkHashes
 from lmcache.layered_load import LayerReady
 from lmcache.layout import PoolLayout
@@ -245,7 +246,7 @@ class EngineTransfers:
             caller.wait_event(event)  # the forward reads the loaded blocks after the copies
         return event_done(event)
 
-    def save(self, saves: list[Transfer], fence: SaveFence) -> list[tuple[int, Done]]:
+    def save(self, saves: list[Transfer], fence: SaveFence) -> list[SaveCopies]:
         assert self._save_queue is not None
         engine, rank = self._shared.engine, self._rank
         pools = self._registered()
@@ -258,10 +259,11 @@ class EngineTransfers:
 
             return run
 
-        done = []
-        for transfer in saves:
-            for pool in pools:
-                if pool.pool.target.group == transfer.group:
-                    future = self._save_queue.submit(store(transfer, pool), fence)
-                    done.append((transfer.request_id, future_done(future)))
-        return done
+        return [
+            [
+                self._save_queue.submit(store(transfer, pool), fence)
+                for pool in pools
+                if pool.pool.target.group == transfer.group
+            ]
+            for transfer in saves
+        ]

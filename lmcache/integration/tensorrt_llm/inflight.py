@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
-from typing import Any
 
 Done = Callable[[], bool]
 
@@ -14,14 +12,6 @@ def event_done(event: object) -> Done:
     if event is None:
         return lambda: True
     return event.query  # type: ignore[attr-defined,no-any-return]
-
-
-def future_done(future: Future[Any]) -> Done:
-    """Completion of work handed to a thread that returns the CUDA event of its copies (or None).
-
-    A failed future raises from the check, so the failure surfaces in ``get_finished``.
-    """
-    return lambda: future.done() and event_done(future.result())()
 
 
 class InflightTransfers:

@@ -100,8 +100,14 @@ class LoadPlan:
 @dataclass
 class ConnectorMetadata:
     """The iteration's plan. ``backend_context`` is what the back-end's workers need from rank 0
-    (the cache server's pin owners); None for the in-process engine."""
+    (the cache server's pin owners); None for the in-process engine.
+
+    ``saves[i]`` is save number ``first_save_id + i``; ``fence_saves`` names saves (of this or an
+    earlier iteration) whose pages TRT-LLM may give to another request before the next forward,
+    which must follow their copies (:mod:`lmcache.integration.tensorrt_llm.window_fence`)."""
 
     loads: list[LoadPlan] = field(default_factory=list)
     saves: list[Transfer] = field(default_factory=list)
     backend_context: Any = None
+    first_save_id: int = 0
+    fence_saves: list[int] = field(default_factory=list)

@@ -39,6 +39,7 @@ from lmcache.integration.tensorrt_llm.plan import (
 )
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings, request_salt
 from lmcache.integration.tensorrt_llm.waiting import WaitingRequests
+from lmcache.integration.tensorrt_llm.window_fence import WindowFences
 from lmcache.logging import init_logger
 
 logger = init_logger(__name__)
@@ -197,6 +198,7 @@ class Planner:
         self._reservations: dict[int, _Reservation] = {}
         self._waiting = waiting if waiting is not None else WaitingRequests()
         """The states of requests without pages, forgotten once TRT-LLM stops asking about them."""
+        self._fences = WindowFences(settings.tokens_per_block, index.windows)
 
     @property
     def _tpb(self) -> int:
@@ -399,6 +401,7 @@ class Planner:
     def build(self, scheduler_output: Any) -> ConnectorMetadata:
         """``build_connector_meta``, once per scheduling pass."""
         meta = ConnectorMetadata(backend_context=self.index.metadata_context())
+        self._fences.begin(meta)
         for prefix_load in getattr(scheduler_output, "prefix_loads", None) or []:
             meta.loads.append(self._prefix_load(prefix_load))
         for data in getattr(scheduler_output, "new_requests", []) or []:
@@ -511,6 +514,7 @@ class Planner:
         paged = min((len(group) for group in state.block_ids), default=0) * self._tpb
         computed = min(computed_position + int(scheduled), len(state.tokens), paged)
         self._plan_save(state, computed_position, computed, meta)
+        self._fences.computed(meta, request_id, computed)
 
     def _live_from(self, group: int, history: int) -> int:
         """The first block ordinal of ``group`` whose page is surely still its own.
@@ -540,6 +544,7 @@ class Planner:
             live = [-1] * live_from + block_ids[live_from:]
             for start, stop in savable_runs(live, state.saved_until, end, chunk, self._tpb):
                 meta.saves.append(Transfer(state.request_id, prompt, group, block_ids[:], start, stop))
+                self._fences.planned(meta, state.request_id)
                 state.save_planned = True
         # Past these chunks for good: a page a window took since never comes back.
         state.saved_until = end // chunk * chunk if end % chunk else end
@@ -569,6 +574,7 @@ class Planner:
 
     def _forget(self, request_id: int) -> None:
         self._waiting.claimed(request_id)
+        self._fences.forget(request_id)
         state = self._requests.pop(request_id, None)
         if state is not None and state.load is not None and not state.load.planned:
             self.index.release(PinKey("req", request_id))

@@ -22,7 +22,7 @@ import contextlib
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ from lmcache.integration.tensorrt_llm.planner import PromisedLoadError
 from lmcache.integration.tensorrt_llm.save_fence import SaveFence
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
 from lmcache.integration.tensorrt_llm.targets import PoolTarget
+from lmcache.integration.tensorrt_llm.window_fence import SaveCopies
 from lmcache.layered_load import LayerReady
 from lmcache.logging import init_logger
 from lmcache.rate_limit import RateLimitedLog
@@ -461,15 +462,13 @@ class ServerTransfers:
 
     # -- saves --------------------------------------------------------------------------------
 
-    def save(self, saves: list[Transfer], fence: SaveFence) -> list[tuple[int, Done]]:
+    def save(self, saves: list[Transfer], fence: SaveFence) -> list[SaveCopies]:
+        """Each save's future resolves to None once the server holds its chunks (or dropped them): its
+        copies are done by then."""
         if not self._ensure_registered():
-            return []  # no server: the saves are dropped, the requests finish at once
+            return [[] for _ in saves]  # no server: the saves are dropped, the requests finish at once
         assert self._saver is not None, "registered pools have a saver"
-        done = []
-        for transfer in saves:
-            future: Future[None] = self._saver.submit(self._save, transfer, fence)
-            done.append((transfer.request_id, future.done))
-        return done
+        return [[self._saver.submit(self._save, transfer, fence)] for transfer in saves]
 
     def _save(self, transfer: Transfer, fence: SaveFence) -> None:
         """In the saver thread: each pool's store reads the blocks after ``fence`` (the forward, then

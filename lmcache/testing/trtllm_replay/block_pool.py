@@ -42,6 +42,9 @@ def hash_chain(tokens: list[int], tokens_per_block: int, salt_id: int | None = N
     return hashes
 
 
+NO_PAGE = -1
+"""A block-list entry whose page was given back (TRT-LLM's ``BAD_PAGE_INDEX``)."""
+
 PoolAllocator = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
 """Allocates one rank's zero-filled pool tensor of ``(shape, dtype, device)``."""
 
@@ -258,15 +261,38 @@ class BlockManager:
             self.store_blocks_for_reuse(seq_id, tokens, num_kv)
         seq = self._seqs.pop(seq_id)
         for block_id in reversed(seq.blocks):
-            block = self._blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count > 0:
+            if block_id != NO_PAGE:
+                self._unref(block_id)
+
+    def release_blocks(self, seq_id: int, first: int, last: int) -> list[int]:
+        """Give the pages of ordinals ``[first, last)`` back while the sequence runs (V2 frees a
+        sliding window's passed pages); those ordinals read ``-1`` from then on, and the pages are
+        handed out again before any other free block. Returns the pages given back."""
+        seq = self._seqs[seq_id]
+        released = []
+        for ordinal in range(first, min(last, len(seq.blocks))):
+            block_id = seq.blocks[ordinal]
+            if block_id == NO_PAGE:
                 continue
-            if block.hash is not None and self._table.get(block.hash) == block_id:
-                self._evictable[block_id] = None
-            else:
-                block.hash = None
-                self._free.append(block_id)
+            seq.blocks[ordinal] = NO_PAGE
+            self._unref(block_id, reuse_first=True)
+            released.append(block_id)
+        return released
+
+    def _unref(self, block_id: int, reuse_first: bool = False) -> None:
+        """Drop one reference; an unreferenced block turns evictable (published) or free."""
+        block = self._blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count > 0:
+            return
+        if block.hash is not None and self._table.get(block.hash) == block_id:
+            self._evictable[block_id] = None
+        elif reuse_first:
+            block.hash = None
+            self._free.appendleft(block_id)
+        else:
+            block.hash = None
+            self._free.append(block_id)
 
     def lookup(self, tokens: list[int], salt_id: int | None = None) -> list[int]:
         """Block ids of the published prefix of ``tokens`` (no reference taken; for inspection)."""

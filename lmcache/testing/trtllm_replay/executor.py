@@ -89,9 +89,11 @@ class ReplayExecutor:
         idle_timeout_s: float = 120.0,
         ranks: Ranks | None = None,
         pool_allocator: PoolAllocator = zeros_pool,
+        free_passed_pages: bool = False,
     ) -> None:
         """``ranks``: where the TP ranks live (default: all in this process, run in turn);
-        ``pool_allocator``: how each local pool tensor is made (see :data:`PoolAllocator`)."""
+        ``pool_allocator``: how each local pool tensor is made (see :data:`PoolAllocator`);
+        ``free_passed_pages``: V2 frees passed sliding-window pages (see ``V2Steps.free_passed_pages``)."""
         self.llm_args = llm_args
         self.model_config = model_config or ModelConfig()
         self.device = torch.device(device)
@@ -185,7 +187,7 @@ class ReplayExecutor:
                 wait = getattr(self.scheduler, "wait_for_initialization", None)  # None off rank 0
                 if wait is not None:
                     wait()
-        self._v2 = V2Steps(self) if self.v2 else None
+        self._v2 = V2Steps(self, free_passed_pages) if self.v2 else None
         self._steps: V1Steps | V2Steps = self._v2 if self._v2 is not None else V1Steps(self)
 
     def _register_kv_caches(self) -> None:

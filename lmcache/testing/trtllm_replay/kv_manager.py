@@ -4,7 +4,9 @@ Each group has its own ``BlockManager`` (own slot ids, starting at a different s
 connector that mixes groups up is caught). Prefix reuse stays V1's and only runs with a single
 full-attention group; with a sliding group device reuse is off, so every hit comes from the
 connector. Pages a sliding window has passed stay allocated until the request ends (deterministic,
-no page reuse racing a connector) but are *reported* ``-1`` and never read by the model.
+no page reuse racing a connector) but are *reported* ``-1`` and never read by the model, unless
+the executor runs with ``free_passed_pages``: then, as in V2, they go back to the pool before the
+next forward (``free_passed``) and the next allocation takes them first.
 """
 
 from __future__ import annotations
@@ -78,6 +80,19 @@ class GroupedBlockManager:
                     ids[ordinal] = BAD_PAGE_INDEX
             lists.append(ids)
         return lists
+
+    def free_passed(self, seq_id: int, history: int) -> list[list[int]]:
+        """Give back, in every sliding group, the pages ``pages`` reports ``-1`` with ``history``
+        tokens computed: none of them holds a key the next token (position ``history``) can see.
+        Sink pages stay. Returns the pages given back per group."""
+        released = []
+        for group, manager in zip(self.groups, self.managers, strict=True):
+            passed = 0 if group.window is None else (history + 1 - group.window) // self.tokens_per_block
+            if passed <= self.sink_blocks or not manager.has_sequence(seq_id):
+                released.append([])
+                continue
+            released.append(manager.release_blocks(seq_id, self.sink_blocks, passed))
+        return released
 
     def has_allocation(self, seq_id: int) -> bool:
         return self.primary.has_sequence(seq_id)

@@ -43,6 +43,8 @@ class RequestStats:
     reservation_ids: list[int] = field(default_factory=list)  # every reserve_prefix id, in order
     prefix_loads: list[DispatchedLoad] = field(default_factory=list)
     resets: int = 0  # rollbacks (allocation freed, request_reset, replay)
+    freed_pages: list[tuple[int, int]] = field(default_factory=list)
+    """(group, page) given back while it ran (``free_passed_pages``: a sliding window passed them)."""
     cancelled: bool = False
 
 

@@ -29,14 +29,17 @@ if TYPE_CHECKING:
 class V2Steps:
     """V2 scheduling and allocation for one ``ReplayExecutor``."""
 
-    def __init__(self, ex: ReplayExecutor) -> None:
+    def __init__(self, ex: ReplayExecutor, free_passed_pages: bool = False) -> None:
         self.ex = ex
+        self.free_passed = free_passed_pages
         self.manager = ex.manager
         self.reservations = ex.manager.reservations if ex.manager is not None else None
 
     # --- scheduling pass --------------------------------------------------------------------
     def schedule(self) -> tuple[list[LlmRequest], list[LlmRequest]]:
         ex = self.ex
+        if self.free_passed:
+            self.free_passed_pages()
         active = ex.schedulable()
         generation = [r for r in active if r.state == LlmRequestState.GENERATION_IN_PROGRESS]
         budget = ex.llm_args.max_num_tokens - len(generation)
@@ -106,6 +109,18 @@ class V2Steps:
         res = self.reservations.by_request.get(req.request_id)
         if res is not None and not res.accepted:
             self.reservations.drop(res)
+
+    def free_passed_pages(self) -> None:
+        """With ``ReplayExecutor(free_passed_pages=True)``, V2's resize of every running request at
+        the start of the scheduling pass: the sliding-window pages no later token can see go back
+        to the pool, so this iteration's allocations take them (first) and its forward writes them.
+        Default: they stay allocated until the request ends, reported ``-1``."""
+        ex = self.ex
+        for req in ex.active:
+            freed = ex.kv.free_passed(req.request_id, req.num_kv)
+            ex.stats.requests[req.request_id].freed_pages.extend(
+                (group, page) for group, pages in enumerate(freed) for page in pages
+            )
 
     # --- allocation -------------------------------------------------------------------------
     def prepare_resources(self, context: list[LlmRequest], generation: list[LlmRequest]) -> list[LlmRequest]:

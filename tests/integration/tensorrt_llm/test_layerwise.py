@@ -21,6 +21,7 @@ from lmcache.integration.tensorrt_llm.save_fence import SaveFence
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
 from lmcache.integration.tensorrt_llm.targets import PoolTarget
 from lmcache.integration.tensorrt_llm.tensorrt_mp_adapter import reset_process_connections
+from lmcache.integration.tensorrt_llm.window_fence import SaveCopies
 from lmcache.layered_load import LayerReady
 from lmcache.testing.trtllm_replay import ReplayExecutor
 
@@ -46,8 +47,8 @@ class _Backend:
             layers.went_layerwise = True
         return lambda: True
 
-    def save(self, saves: list[Transfer], fence: SaveFence) -> list[tuple[int, Done]]:
-        return []
+    def save(self, saves: list[Transfer], fence: SaveFence) -> list[SaveCopies]:
+        return [[] for _ in saves]
 
 
 def _worker(backend: _Backend, layerwise: bool = True) -> LMCacheWorker:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from lmcache.integration.tensorrt_llm.plan import ConnectorMetadata, LoadPlan, P
 from lmcache.integration.tensorrt_llm.save_fence import SaveFence
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
 from lmcache.integration.tensorrt_llm.targets import PoolTarget
+from lmcache.integration.tensorrt_llm.window_fence import SaveCopies
 from lmcache.rate_limit import RateLimitedLog
 
 CPU = torch.device("cpu")
@@ -47,9 +49,11 @@ class _Backend:
     def load(self, plan: LoadPlan, context: Any, stream: Any, layers: Any = None) -> Done:
         return lambda: True
 
-    def save(self, saves: list[Transfer], fence: SaveFence) -> list[tuple[int, Done]]:
+    def save(self, saves: list[Transfer], fence: SaveFence) -> list[SaveCopies]:
         self.fences.append(fence)
-        return [(t.request_id, lambda: True) for t in saves]
+        landed: Future[Any] = Future()
+        landed.set_result(None)
+        return [[landed] for _ in saves]
 
 
 def _worker(backend: _Backend, saves: list[Transfer]) -> LMCacheWorker:
