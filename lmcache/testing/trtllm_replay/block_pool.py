@@ -8,6 +8,11 @@ Reuse mirrors what a connector can observe: full blocks are keyed by a hash chai
 (parent hash, salt, block tokens), published once their K/V are computed, matched whole-block
 from the start of a new prompt (never the last prompt token), and, once unreferenced, kept in
 an LRU that fresh allocations evict from.
+
+Which free block an allocation gets: V1's eviction policy queues a released block behind every
+free one (so never-used blocks go first); KVCacheManagerV2's slot allocator hands out recycled
+slots before never-used ones (``recycle_first``), so under V2 a page a request just gave back is
+the next page another request gets.
 """
 
 from __future__ import annotations
@@ -132,10 +137,16 @@ class BlockManager:
     """Block allocation, GUARANTEED_NO_EVICT reservations and the prefix-reuse table."""
 
     def __init__(
-        self, num_blocks: int, tokens_per_block: int, enable_reuse: bool = True, first_free: int = 0
+        self,
+        num_blocks: int,
+        tokens_per_block: int,
+        enable_reuse: bool = True,
+        first_free: int = 0,
+        recycle_first: bool = False,
     ) -> None:
         """``first_free``: the block the free list starts at (V2 groups start at different slots so
-        that their page ids differ)."""
+        that their page ids differ); ``recycle_first``: freed blocks are allocated before
+        never-used ones, oldest release first (KVCacheManagerV2's ``SlotAllocator``)."""
         if num_blocks < 1:
             raise ValueError("the pool needs at least one block")
         self.num_blocks = num_blocks
@@ -144,6 +155,8 @@ class BlockManager:
         self._blocks = [_Block(i) for i in range(num_blocks)]
         self._free: deque[int] = deque(range(num_blocks))  # never published, or evicted
         self._free.rotate(-first_free)
+        self.recycle_first = recycle_first
+        self._recycled: deque[int] = deque()  # released unpublished blocks (``recycle_first``)
         self._evictable: OrderedDict[int, None] = OrderedDict()  # published, unreferenced; LRU first
         self._table: dict[int, int] = {}  # hash -> block id
         self._seqs: dict[int, _Sequence] = {}
@@ -155,7 +168,7 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         """Blocks a fresh allocation can take (free plus evictable reusable blocks)."""
-        return len(self._free) + len(self._evictable)
+        return len(self._recycled) + len(self._free) + len(self._evictable)
 
     def _outstanding(self) -> int:
         return sum(max(0, s.reserved - len(s.blocks)) for s in self._seqs.values())
@@ -171,7 +184,9 @@ class BlockManager:
 
     # --- allocation ---------------------------------------------------------------------
     def _take_fresh(self) -> int:
-        if self._free:
+        if self._recycled:
+            block_id = self._recycled.popleft()
+        elif self._free:
             block_id = self._free.popleft()
         elif self._evictable:
             block_id, _ = self._evictable.popitem(last=False)
@@ -280,19 +295,17 @@ class BlockManager:
         return released
 
     def _unref(self, block_id: int, reuse_first: bool = False) -> None:
-        """Drop one reference; an unreferenced block turns evictable (published) or free."""
+        """Drop one reference; an unreferenced block turns evictable (published) or free (handed out
+        again before never-used blocks if ``reuse_first`` or ``recycle_first``)."""
         block = self._blocks[block_id]
         block.ref_count -= 1
         if block.ref_count > 0:
             return
         if block.hash is not None and self._table.get(block.hash) == block_id:
             self._evictable[block_id] = None
-        elif reuse_first:
-            block.hash = None
-            self._free.appendleft(block_id)
         else:
             block.hash = None
-            self._free.append(block_id)
+            (self._recycled if reuse_first or self.recycle_first else self._free).append(block_id)
 
     def lookup(self, tokens: list[int], salt_id: int | None = None) -> list[int]:
         """Block ids of the published prefix of ``tokens`` (no reference taken; for inspection)."""

@@ -146,6 +146,13 @@ class KvCacheConnectorManager:
     def reset_request_state(self, req: LlmRequest) -> None:
         """The allocation was freed and the request replays (V2 rollback): forget what was reported,
         release an unstarted reservation, then the scheduler's ``request_reset``."""
+        self.forget_request(req)
+        self._on_root(lambda s: s.request_reset(req))
+
+    def forget_request(self, req: LlmRequest) -> None:
+        """The allocation was freed (rollback, or a preemption, which has called ``request_finished``
+        and calls no ``request_reset``): drop the delta record, so the request's next report is in
+        ``new_requests`` again, its ``external_loads`` and an unstarted reservation."""
         rid = req.request_id
         if rid in self.loading:
             raise RuntimeError(f"request {rid} has a load in flight that owns the allocation")
@@ -155,7 +162,6 @@ class KvCacheConnectorManager:
         self._reported.pop(rid, None)
         self.external_loads.pop(rid, None)
         self._load_done.discard(rid)
-        self._on_root(lambda s: s.request_reset(req))
 
     def accept_prefix_load(self, res: Reservation, pages: list[list[int]]) -> None:
         """Release the clipped tail and queue the load; a sync load's range is excluded from the

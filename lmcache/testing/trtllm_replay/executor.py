@@ -12,7 +12,7 @@ rank 0 and ``get_finished`` is gathered, as in TRT-LLM.
 
 With ``kv_cache_config.use_kv_cache_manager_v2`` the V2 steps of ``v2_steps.py`` replace admission,
 scheduling and allocation (layer groups, per-chunk pages, the V2 legacy query or prefix
-reservations). Test hooks: ``cancel``, ``rollback_after_alloc``, ``drop_from_batch``,
+reservations). Test hooks: ``cancel``, ``preempt``, ``rollback_after_alloc``, ``drop_from_batch``,
 ``on_iteration``.
 """
 
@@ -29,6 +29,7 @@ import torch
 
 from .block_pool import BlockManager, KvPool, PoolAllocator, zeros_pool
 from .connector_manager import KvCacheConnectorManager
+from .endings import RequestEndings
 from .forward_pass import Batch, ForwardPass, Streams
 from .kv_manager import GroupedBlockManager
 from .layer_groups import GroupedKvPool
@@ -122,7 +123,12 @@ class ReplayExecutor:
             raise ValueError("sliding-window layers require kv_cache_config.use_kv_cache_manager_v2")
         self.model = TinyDecoder(mc, seed=seed, device=self.device, tp_size=self.tp_size, ranks=self.ranks)
         self.kv = GroupedBlockManager(
-            self.layer_groups, kv.num_blocks, kv.tokens_per_block, kv.enable_block_reuse, mc.sink_tokens
+            self.layer_groups,
+            kv.num_blocks,
+            kv.tokens_per_block,
+            kv.enable_block_reuse,
+            mc.sink_tokens,
+            recycle_first=self.v2,
         )
         self.pools = GroupedKvPool(
             self.layer_groups,
@@ -144,16 +150,14 @@ class ReplayExecutor:
         """Requests not admitted yet, in arrival order (the scheduling steps admit them)."""
         self.active: list[LlmRequest] = []
         """Admitted requests that have not ended."""
-        self._previous: Batch | None = None
+        self.in_flight: Batch | None = None
+        """Under the overlap scheduler: the batch whose sampled tokens the host has not seen yet."""
         self.scheduler: Any = None
         self.workers: list[Any] = []
         self.manager: KvCacheConnectorManager | None = None
         self.layouts: list[KvCacheLayout] = []
         self.on_iteration: Callable[[ReplayExecutor], None] | None = None
-        self._to_cancel: list[int] = []
-        self._cancel_after_load: set[int] = set()
-        self._free_after_load: dict[int, LlmRequest] = {}
-        self._ended: set[int] = set()  # cancelled: skip their in-flight overlap batch
+        self._endings = RequestEndings(self)
         self._rollbacks: set[int] = set()
         self._drops: dict[int, int] = {}
         callables: list[tuple[int, Callable[[], Any]]] = []
@@ -187,8 +191,8 @@ class ReplayExecutor:
                 wait = getattr(self.scheduler, "wait_for_initialization", None)  # None off rank 0
                 if wait is not None:
                     wait()
-        self._v2 = V2Steps(self, free_passed_pages) if self.v2 else None
-        self._steps: V1Steps | V2Steps = self._v2 if self._v2 is not None else V1Steps(self)
+        self.v2_steps = V2Steps(self, free_passed_pages) if self.v2 else None
+        self._steps: V1Steps | V2Steps = self.v2_steps if self.v2_steps is not None else V1Steps(self)
 
     def _register_kv_caches(self) -> None:
         """V1: ``register_kv_caches(pool)``; V2: ``register_kv_cache_layout(layout)`` instead
@@ -250,7 +254,15 @@ class ReplayExecutor:
     def cancel(self, request_id: int) -> None:
         """Cancel a request at the start of the next iteration: a waiting one is dropped silently;
         one whose load is in flight ends once the load completes; else ``request_finished`` now."""
-        self._to_cancel.append(request_id)
+        self._endings.cancel(request_id)
+
+    def preempt(self, request_id: int) -> None:
+        """(V2) Preempt a request with pages at the start of the next iteration (once a load in
+        flight completes): ``request_finished``, its save awaited if it returns True, then its
+        pages freed and the request recomputed from scratch (see ``endings.py``)."""
+        if not self.v2:
+            raise ValueError("preemption is a V2 KV cache manager path (V1 requires GUARANTEED_NO_EVICT)")
+        self._endings.preempt(request_id)
 
     def rollback_after_alloc(self, request_id: int) -> None:
         """(V2) Right after that request's next allocation and its alloc callback: free the pages,
@@ -322,22 +334,22 @@ class ReplayExecutor:
                         f"no progress for {self.idle_timeout_s}s; (saving, loading) = {pending}"
                     )
                 time.sleep(0.001)  # let a connector's background threads run
-        self._previous = None  # under overlap: the extra forward of requests that already finished
+        self.in_flight = None  # under overlap: the extra forward of requests that already finished
 
     def _iteration(self) -> bool:
         """One executor loop pass; True if anything progressed."""
         self.stats.iterations += 1
         if self.on_iteration is not None:
             self.on_iteration(self)
-        progressed = self._apply_cancellations()
+        progressed = self._endings.apply()
         if self.manager is not None:
             retired = self.manager.retire_prefix_loads()
-            self._after_loads(retired)
+            self._endings.after_loads(retired)
             progressed = progressed or bool(retired)
         context, generation = self._steps.schedule()
         context = self._apply_drops(context)
-        if self._v2 is not None:
-            self._v2.release_unused_reservations(context)
+        if self.v2_steps is not None:
+            self.v2_steps.release_unused_reservations(context)
         batch: Batch | None = None
         if context or generation:
             context = self._steps.prepare_resources(context, generation)
@@ -353,7 +365,7 @@ class ReplayExecutor:
                 self.stats.forwards += 1
         progressed = progressed or batch is not None
         if self.overlap_scheduler:
-            previous, self._previous = self._previous, batch
+            previous, self.in_flight = self.in_flight, batch
             if previous is not None:
                 self._finish_batch(previous)
                 progressed = True
@@ -361,10 +373,8 @@ class ReplayExecutor:
             self._finish_batch(batch)
         if self.manager is not None:
             saved, loaded = self.manager.get_finished()
-            for req in saved:
-                req.state = LlmRequestState.GENERATION_COMPLETE
-                self._release_pages(req)
-            self._after_loads(loaded)
+            self._endings.after_saves(saved)
+            self._endings.after_loads(loaded)
             progressed = progressed or bool(saved or loaded)
         return progressed
 
@@ -375,52 +385,7 @@ class ReplayExecutor:
                 return req
         return None
 
-    # --- hooks and termination ------------------------------------------------------------
-
-    def _apply_cancellations(self) -> bool:
-        todo, self._to_cancel = self._to_cancel, []
-        for rid in todo:
-            req = self.request(rid)
-            if req is None:
-                continue  # finished already, or unknown
-            self.stats.requests[rid].cancelled = True
-            if req in self.waiting:
-                self.waiting.remove(req)
-                req.state = LlmRequestState.GENERATION_COMPLETE
-            elif self.manager is not None and self.manager.is_loading(req):
-                self._cancel_after_load.add(rid)  # not scheduled; ends once the load completes
-                self._ended.add(rid)
-            else:
-                self._terminate(req)
-        return bool(todo)
-
-    def _terminate(self, req: LlmRequest) -> None:
-        """End a cancelled active request: unstarted reservation released, ``request_finished``."""
-        self.active.remove(req)
-        self._ended.add(req.request_id)
-        req.state = LlmRequestState.GENERATION_COMPLETE
-        if self._v2 is not None:
-            self._v2.drop_reservation(req)
-        if self.manager is not None and self.manager.request_finished(req, self.pages(req)):
-            self.kv.store_blocks_for_reuse(req.request_id, req.device_tokens, req.num_kv)
-            return  # pages stay pinned until every rank reports the save
-        self._release_pages(req)
-
-    def _release_pages(self, req: LlmRequest) -> None:
-        """Free a request's pages, unless a load still writes them (then when it completes)."""
-        if self.manager is not None and self.manager.is_loading(req):
-            self._free_after_load[req.request_id] = req
-        elif self.kv.has_allocation(req.request_id):
-            self.kv.remove_sequence(req.request_id, req.device_tokens, req.num_kv)
-
-    def _after_loads(self, loaded: list[LlmRequest]) -> None:
-        """Completed loads: deferred cancellations end now, deferred frees happen now."""
-        for req in loaded:
-            if req.request_id in self._cancel_after_load:
-                self._cancel_after_load.discard(req.request_id)
-                self._terminate(req)
-            elif req.request_id in self._free_after_load:
-                self._release_pages(self._free_after_load.pop(req.request_id))
+    # --- hooks ---------------------------------------------------------------------------
 
     def _apply_drops(self, context: list[LlmRequest]) -> list[LlmRequest]:
         kept = []
@@ -434,7 +399,7 @@ class ReplayExecutor:
 
     def schedulable(self) -> list[LlmRequest]:
         """Admitted requests, less those whose cancellation waits for a load."""
-        return [r for r in self.active if r.request_id not in self._cancel_after_load]
+        return self._endings.schedulable()
 
     def chunk_size(self, remaining: int, budget: int) -> int:
         """Tokens of a context request to schedule: chunked prefill splits at block boundaries
@@ -451,7 +416,7 @@ class ReplayExecutor:
         """Host update of a forwarded batch: tokens, ``request_finished``, termination, reuse."""
         finished = []
         for req in batch.context + batch.generation:
-            if req.request_id in self._ended:
+            if req.request_id in self._endings.ended:
                 continue  # cancelled while this batch was in flight (overlap)
             if req.num_generated >= req.max_new_tokens or req.request_id not in batch.sampled:
                 continue  # under overlap: the extra forward of a request the host already finished
@@ -469,7 +434,7 @@ class ReplayExecutor:
         for req in finished:  # _handle_responses: terminate (saving requests keep their blocks pinned)
             self.active.remove(req)
             if req.request_id not in saving:
-                self._release_pages(req)
+                self._endings.release_pages(req)
         for req in batch.context + batch.generation:  # update_resources: publish filled blocks
             if self.kv.has_allocation(req.request_id):
                 self.kv.store_blocks_for_reuse(req.request_id, req.device_tokens, req.num_kv)

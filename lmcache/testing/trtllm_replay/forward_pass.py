@@ -31,6 +31,12 @@ class Batch:
     generation: list[LlmRequest]
     sampled: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict)
 
+    def drop(self, req: LlmRequest) -> None:
+        """Forget a request's part of this batch (a preempted victim's in-flight token)."""
+        self.context = [r for r in self.context if r is not req]
+        self.generation = [r for r in self.generation if r is not req]
+        self.sampled.pop(req.request_id, None)
+
 
 class Streams:
     """The executor thread's "current" stream and the execution stream (None on CPU)."""

@@ -27,14 +27,22 @@ class GroupedBlockManager:
         tokens_per_block: int,
         enable_reuse: bool,
         sink_tokens: int = 0,
+        recycle_first: bool = False,
     ) -> None:
-        """``sink_tokens``: the first tokens sliding windows keep seeing; their blocks are never masked."""
+        """``sink_tokens``: the first tokens sliding windows keep seeing; their blocks are never masked;
+        ``recycle_first``: freed pages are handed out before never-used ones (V2)."""
         reuse = enable_reuse and len(groups) == 1 and groups[0].window is None
         self.groups = groups
         self.tokens_per_block = tokens_per_block
         self.sink_blocks = -(-sink_tokens // tokens_per_block)
         self.managers = [
-            BlockManager(num_blocks, tokens_per_block, reuse, first_free=g * num_blocks // len(groups))
+            BlockManager(
+                num_blocks,
+                tokens_per_block,
+                reuse,
+                first_free=g * num_blocks // len(groups),
+                recycle_first=recycle_first,
+            )
             for g in range(len(groups))
         ]
 

@@ -131,6 +131,20 @@ class LlmRequest:
         self.context_chunk_size = chunk
         self.num_kv = prepopulated
 
+    def reset_for_recompute(self) -> None:
+        """After a preemption freed the pages: run again from the first token, the tokens generated
+        so far folded into the prompt (TRT-LLM's pause at beam width 1), the remaining budget kept."""
+        self.max_new_tokens -= self.num_generated
+        self.py_max_new_tokens = self.max_new_tokens
+        self.prompt_len = len(self._tokens)
+        self.device_tokens = list(self._tokens)
+        self.state = LlmRequestState.CONTEXT_INIT
+        self.context_current_position = 0
+        self.context_chunk_size = self.prompt_len
+        self.num_kv = 0
+        self.allocated = False
+        self.py_num_connector_matched_tokens = self.num_connector_matched_tokens = 0
+
     def __repr__(self) -> str:
         return (
             f"LlmRequest(id={self.request_id}, prompt_len={self.prompt_len}, "

@@ -45,6 +45,7 @@ class RequestStats:
     resets: int = 0  # rollbacks (allocation freed, request_reset, replay)
     freed_pages: list[tuple[int, int]] = field(default_factory=list)
     """(group, page) given back while it ran (``free_passed_pages``: a sliding window passed them)."""
+    preemptions: int = 0  # request_finished, pages freed, recomputed from scratch
     cancelled: bool = False
 
 
@@ -75,10 +76,10 @@ class ExecutorStats:
         """What ``generate`` returns for a request that ended."""
         s = self.requests[req.request_id]
         return GenerationResult(
-            tokens=req.get_tokens(0)[req.prompt_len :],
+            tokens=req.get_tokens(0)[s.prompt_len :],  # a preemption folds tokens into prompt_len
             logits=torch.stack(req.logits) if req.logits else torch.empty(0, vocab_size),
             request_id=req.request_id,
-            prompt_len=req.prompt_len,
+            prompt_len=s.prompt_len,
             num_device_matched_tokens=s.device_matched_tokens,
             num_connector_matched_tokens=s.connector_matched_tokens,
             cancelled=s.cancelled,

@@ -213,3 +213,30 @@ def test_cuda_pools(preset: Preset, mode: str, model: ModelConfig) -> None:
     for result in (cold, *warm):
         assert_same_output(result, want)
     finish(preset, executor)
+
+
+@pytest.mark.parametrize("mode", ["v2", "v2-res"])
+@pytest.mark.parametrize("model", [MODEL, VSWA], ids=["full", "vswa"])
+@pytest.mark.parametrize("when", ["prefill", "decode", "decode-overlap"])
+def test_a_preempted_request_recomputes_with_its_own_kv(
+    preset: Preset, mode: str, model: ModelConfig, when: str
+) -> None:
+    """V2 preemption (reference §5.3, T-EXE2): ``request_finished``, the victim parked until its save
+    lands, its pages freed (handed straight to the next allocation) and the request recomputed with
+    its generated tokens in its prompt. The recompute's report is a new request with a longer
+    prompt: same output as an uninterrupted run, and nothing pinned."""
+    p = prompt(200, start=13)
+    executor = ReplayExecutor(
+        args(preset, mode, chunk=64 if when == "prefill" else None),
+        model,
+        overlap_scheduler=when.endswith("overlap"),
+    )
+    victim = executor.next_request_id
+    at = 3 if when == "prefill" else 6
+    executor.on_iteration = lambda ex: ex.preempt(victim) if ex.stats.iterations == at else None
+    got = executor.generate([p], 8)[0]
+    assert executor.stats.requests[victim].preemptions == 1
+    if model is VSWA:  # no device reuse with a sliding group: the cache served the recompute
+        assert got.num_connector_matched_tokens >= (128 if when == "prefill" else 192)
+    assert_same_output(got, ReplayExecutor(args(None, mode), model).generate([p], 8)[0])
+    finish(preset, executor)
