@@ -70,6 +70,7 @@ from lmcache.server.client_errors import (
     BadPool,
     InvalidRequest,
     LimitExceeded,
+    RegistrationRefused,
     ServerError,
     ServerUnavailable,
     SettingsMismatch,
@@ -100,6 +101,7 @@ __all__ = [
     "ServerError",
     "ServerUnavailable",
     "SettingsMismatch",
+    "RegistrationRefused",
     "UnknownInstance",
     "VersionMismatch",
     "BadPool",
@@ -454,7 +456,10 @@ class CacheServerClient:
                 return
             if reg.policy == "auto":  # the new server may force another mode
                 _choose_again(reg, self.shared_l1, lambda: self.ping(timeout_s=timeout_s).pool_sharing)
-            info = self._call_once(reg.request, P.RegisterInfo, timeout_s, False)
+            try:
+                info = self._call_once(reg.request, P.RegisterInfo, timeout_s, False)
+            except InvalidRequest as e:  # the restarted server does not take the pool: say so as such
+                raise RegistrationRefused(e.code, e.message, "register") from None
             reg.update(info)
             self.server_id = info.server_id
             self.reregistrations += 1

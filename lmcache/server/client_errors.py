@@ -11,6 +11,7 @@ __all__ = [
     "LimitExceeded",
     "ServerError",
     "ServerUnavailable",
+    "RegistrationRefused",
     "SettingsMismatch",
     "Unauthorized",
     "UnknownInstance",
@@ -48,6 +49,12 @@ class BadPool(ServerError):
 
 class InvalidRequest(ServerError):
     pass
+
+
+class RegistrationRefused(ServerError):
+    """Raised by the client itself: re-registering an instance with a server that restarted was refused
+    as invalid (e.g. its L1 cannot hold one chunk of the pool); the server's message says what to change.
+    Nothing goes through the instance until a server takes it (the next call or heartbeat asks again)."""
 
 
 class SettingsMismatch(ServerError):

@@ -46,6 +46,7 @@ from lmcache.server.client import (
     BadPool,
     CacheServerClient,
     PromptHashes,
+    RegistrationRefused,
     ServerError,
     ServerUnavailable,
     SettingsMismatch,
@@ -64,9 +65,10 @@ L1_AHEAD_MAX_S = 120.0
 """How long it asks at most (a server creates its L1 within seconds of its start)."""
 _NOTHING = BlockTransfer([], None, [], 0, 0)
 """An empty load: it moves no KV and releases the rank's pins."""
-MISFIT = (SettingsMismatch, BadPool, VersionMismatch)
+MISFIT = (SettingsMismatch, BadPool, VersionMismatch, RegistrationRefused)
 """What a server whose settings do not fit this engine answers (another chunk size, a pool-sharing mode
-the pools cannot use, another protocol version): the engine serves without cache, saying why."""
+the pools cannot use, another protocol version, a restarted server refusing a pool): the engine serves
+without cache, saying why."""
 
 
 def server_url(llm_args: Any) -> str:
