@@ -12,14 +12,6 @@ from lmcache.config import LMCacheEngineConfig, load_engine_config
 C = LMCacheEngineConfig
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The host env may carry LMCACHE_* variables; tests start from none."""
-    for name in list(os.environ):
-        if name.startswith("LMCACHE_"):
-            monkeypatch.delenv(name)
-
-
 def _write(tmp_path, text: str):
     p = tmp_path / "cfg.yaml"
     p.write_text(text)

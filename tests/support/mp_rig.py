@@ -108,6 +108,14 @@ class Rig:
         self.worker.wait_for_save(None)
         self.scheduler.request_finished(request, pages)
 
+    def load_matches(self, request: Request, matched: int, source: list[int]) -> None:
+        """Load ``matched`` tokens into fresh pages and check them bit-equal to the ``source`` pages
+        the prompt was saved from."""
+        target = list(range(BLOCKS, 2 * BLOCKS))
+        self.load(request, matched, target)
+        rows = matched // TPB
+        assert torch.equal(self.pool[target[:rows]], self.pool[source[:rows]])
+
 
 def serve(with_disk: bool) -> Iterator[ServerProcess]:
     workdir = Path(tempfile.mkdtemp(prefix="lmrig-", dir="/tmp"))

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
-import torch
 from support.mp_rig import BLOCKS, CHUNK, CHUNKS, TOKENS, TPB, Request, Rig, serve
 from support.server_process import ServerProcess, wait_until
 
@@ -58,10 +57,7 @@ def test_a_miss_probes_one_chunk_and_its_tokens_saved_serve_a_bit_equal_hit(serv
         assert lookups_made(observer, lambda: found.append(rig.lookup(tokens))) == (2, CHUNK + TOKENS)
         request, matched = found[1]
         assert matched == TOKENS - TPB  # never the last prompt token
-        target = list(range(BLOCKS, 2 * BLOCKS))
-        rig.load(request, matched, target)
-        rows = matched // TPB
-        assert torch.equal(rig.pool[target[:rows]], rig.pool[source[:rows]])
+        rig.load_matches(request, matched, source)
 
 
 def lookups_served(client: CacheServerClient) -> int:
@@ -91,10 +87,7 @@ def test_a_miss_costs_no_round_trip_where_the_server_offers_its_counts(l1_server
         assert lookups_made(observer, lambda: found.append(rig.lookup(tokens))) == (1, TOKENS)
         request, matched = found[1]
         assert matched == TOKENS - TPB
-        target = list(range(BLOCKS, 2 * BLOCKS))
-        rig.load(request, matched, target)
-        rows = matched // TPB
-        assert torch.equal(rig.pool[target[:rows]], rig.pool[source[:rows]])
+        rig.load_matches(request, matched, source)
 
         assert observer.clear() == CHUNKS
         served = lookups_served(observer)
@@ -124,10 +117,7 @@ def test_a_save_reported_done_is_found_before_the_server_counts_it(
 
     request, matched = rig.lookup(tokens)
     assert matched == TOKENS - TPB
-    target = list(range(BLOCKS, 2 * BLOCKS))
-    rig.load(request, matched, target)
-    rows = matched // TPB
-    assert torch.equal(rig.pool[target[:rows]], rig.pool[source[:rows]])
+    rig.load_matches(request, matched, source)
     with CacheServerClient(l1_server.ipc_url, timeout_s=20) as observer:
         served = lookups_served(observer)
         assert rig.lookup(list(range(60_000, 60_000 + TOKENS)))[1] == 0
