@@ -56,7 +56,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
@@ -456,10 +456,8 @@ class CacheServerClient:
                 return
             if reg.policy == "auto":  # the new server may force another mode
                 _choose_again(reg, self.shared_l1, lambda: self.ping(timeout_s=timeout_s).pool_sharing)
-            try:
+            with _refused_as_such():
                 info = self._call_once(reg.request, P.RegisterInfo, timeout_s, False)
-            except InvalidRequest as e:  # the restarted server does not take the pool: say so as such
-                raise RegistrationRefused(e.code, e.message, "register") from None
             reg.update(info)
             self.server_id = info.server_id
             self.reregistrations += 1
@@ -543,6 +541,15 @@ def _descriptor(pool: Any, policy: str, server_policy: Callable[[], str]) -> P.P
         return describe_pool(pool)
     server = server_policy() if policy == "auto" else "auto"
     return describe_pool(pool, choose_sharing(pool, policy, server))
+
+
+@contextlib.contextmanager
+def _refused_as_such() -> Iterator[None]:
+    """A re-registration the restarted server refuses as invalid raises :class:`RegistrationRefused`."""
+    try:
+        yield
+    except InvalidRequest as e:
+        raise RegistrationRefused(e.code, e.message, "register") from None
 
 
 def _log_registered_again(url: str, iid: int, reg: Registration) -> None:
