@@ -197,7 +197,7 @@ class Dispatcher:
 
     # ---- the I/O thread -------------------------------------------------------------------------
 
-    def on_frames(self, frames: list[tuple[Identity, bytes, Peer]]) -> None:
+    def on_frames(self, frames: list[tuple[Identity, framing.Frame, Peer]]) -> None:
         """Serve the request frames of one poll round (I/O thread): first those of the connections that
         sent a one-way report in it, then the others', each connection's in arrival order; never
         raises."""
@@ -233,7 +233,7 @@ class Dispatcher:
                 self.counters.errors += 1
                 self.answer(identity, req, framing.error_reply(req.rid, P.ErrorCode.INTERNAL, message))
 
-    def _decode(self, identity: Identity, frame: bytes) -> Any | None:
+    def _decode(self, identity: Identity, frame: framing.Frame) -> Any | None:
         """The frame's request; None when it cannot be served (answered already, unless one-way)."""
         self.counters.requests += 1
         self._busy_until = time.monotonic() + self.config.busy_poll_s

@@ -61,6 +61,10 @@ def encode_reply(reply: P.Reply) -> bytes:
         return P.encode(error_reply(reply.rid, P.ErrorCode.INTERNAL, f"{e}"))
 
 
+Frame = bytes | bytearray
+"""One frame's payload as :class:`FrameBuffer` hands it over."""
+
+
 class FrameBuffer:
     """Bytes received on a stream, cut into frames."""
 
@@ -81,11 +85,17 @@ class FrameBuffer:
         (size,) = HEADER.unpack_from(self._data)
         return size
 
-    def pop(self) -> bytes | None:
-        """The next frame, if it is complete."""
+    def pop(self) -> Frame | None:
+        """The next frame, if it is complete: the buffer itself when it holds just that frame (a
+        large frame is never copied), else a copy of its bytes."""
         size = self.announced()
         if size is None or len(self._data) < HEADER.size + size:
             return None
-        frame = bytes(self._data[HEADER.size : HEADER.size + size])
+        if len(self._data) == HEADER.size + size:
+            frame, self._data = self._data, bytearray()
+            del frame[: HEADER.size]
+            return frame
+        with memoryview(self._data) as view:
+            frame = bytes(view[HEADER.size : HEADER.size + size])
         del self._data[: HEADER.size + size]
         return frame

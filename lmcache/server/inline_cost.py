@@ -82,7 +82,7 @@ class InlineCosts:
         inst = self.service.instances.get(req.instance_id)
         if inst is None or self.engine.tiers is not None:  # unregistered: its world size is unknown
             return None
-        num_tokens = _token_count(req.tokens)
+        num_tokens = P.wire_id_count(req.tokens)
         chunks = num_tokens // self.chunk_size
         cost = self._prompt(req.tokens, num_tokens) + CHUNK_COST * chunks * (inst.world_size + int(req.slots))
         if self.save_unfull_chunk:
@@ -123,13 +123,13 @@ class InlineCosts:
         if req.chunk_hashes is not None:
             digests = len(req.chunk_hashes) // self.digest_size
             return CHUNK_COST * digests, digests * self.chunk_size
-        num_tokens = _token_count(req.tokens)
+        num_tokens = P.wire_id_count(req.tokens)
         cost = self._prompt(req.tokens, min(end, num_tokens))
         if self.save_unfull_chunk:  # a partial last chunk
             cost += self.chunk_size + CHUNK_COST
         return cost, num_tokens
 
-    def _prompt(self, tokens: bytes | list[int], hashed: int) -> int:
+    def _prompt(self, tokens: P.WireIds, hashed: int) -> int:
         """Converting ``tokens`` from the wire, then hashing the first ``hashed`` of them."""
         converted = len(tokens) if isinstance(tokens, list) else 0
         return converted + hashed + CHUNK_COST * (hashed // self.chunk_size)
@@ -144,7 +144,3 @@ class InlineCosts:
     def _ticket_chunks(self, instance_id: int, ticket: int) -> int:
         shared = self.service.shared_l1
         return 0 if shared is None or not ticket else shared.ticket_chunks(instance_id, ticket)
-
-
-def _token_count(tokens: bytes | list[int]) -> int:
-    return len(tokens) // P.TOKEN_BYTES if isinstance(tokens, bytes) else len(tokens)

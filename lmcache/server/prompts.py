@@ -21,7 +21,7 @@ class InvalidPrompt(ValueError):
 class PromptRequest(Protocol):
     """The fields of a request that name a prompt and a range of it."""
 
-    tokens: bytes | list[int]
+    tokens: P.WireIds
     cache_salt: str | int | None
     chunk_hashes: bytes | None
     start: int

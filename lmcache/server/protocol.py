@@ -81,7 +81,7 @@ from lmcache.server.shared_l1_protocol import (
     StoreSlots,
 )
 from lmcache.server.stats_protocol import InstanceStats, StatsInfo
-from lmcache.server.wire_ids import TOKEN_BYTES, ids_from_wire, tokens_to_bytes
+from lmcache.server.wire_ids import TOKEN_BYTES, WireIds, ids_from_wire, tokens_to_bytes, wire_id_count
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -138,6 +138,8 @@ __all__ = [
     "decode_reply",
     "tokens_to_bytes",
     "ids_from_wire",
+    "wire_id_count",
+    "WireIds",
 ]
 
 PROTOCOL_VERSION = 11
@@ -163,15 +165,18 @@ costs it an object per id (bytes cost a copy); longer prompts and block lists tr
 
 UInt63 = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
 TokenIds = (
-    Annotated[bytes, Meta(max_length=8 * MAX_TOKENS)] | Annotated[list[int], Meta(max_length=MAX_LIST_IDS)]
+    Annotated[memoryview, Meta(max_length=8 * MAX_TOKENS)]
+    | Annotated[list[int], Meta(max_length=MAX_LIST_IDS)]
 )
-"""Token ids: little-endian int64 bytes (fast path, see :func:`tokens_to_bytes`) or a short list."""
+"""Token ids: little-endian int64 bytes (fast path, see :func:`tokens_to_bytes`) or a short list. The
+bytes decode as a view into the frame: the server's I/O thread copies no prompt."""
 ChunkHashBytes = Annotated[bytes, Meta(max_length=8 * MAX_TOKENS)]
 """The digests of a prompt's full chunks, in order, concatenated (see :class:`ChunkHashing`)."""
 BlockIds = (
-    Annotated[bytes, Meta(max_length=8 * MAX_BLOCKS)] | Annotated[list[int], Meta(max_length=MAX_LIST_IDS)]
+    Annotated[memoryview, Meta(max_length=8 * MAX_BLOCKS)]
+    | Annotated[list[int], Meta(max_length=MAX_LIST_IDS)]
 )
-"""Pool block ids: little-endian int64 bytes or a short list."""
+"""Pool block ids: little-endian int64 bytes (decoded as a view into the frame) or a short list."""
 Salt = Annotated[str, Meta(max_length=MAX_SALT)] | int | None
 PinId = Annotated[str, Meta(max_length=MAX_NAME)] | int | None
 Cap = Annotated[bytes, Meta(max_length=64)] | None
@@ -505,7 +510,7 @@ def encode(msg: msgspec.Struct) -> bytes:
     return _encoder.encode(msg)
 
 
-def decode_reply(frame: bytes) -> Reply:
+def decode_reply(frame: bytes | bytearray) -> Reply:
     return _reply_decoder.decode(frame)
 
 
@@ -520,7 +525,7 @@ class ProtocolError(Exception):
         self.one_way = one_way
 
 
-def decode_request(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Request:
+def decode_request(frame: bytes | bytearray, max_bytes: int = MAX_FRAME_BYTES) -> Request:
     """Decode and validate one request frame, or raise :class:`ProtocolError` (also for a frame nested
     too deeply to decode: one short log line each, never a traceback)."""
     if len(frame) <= max_bytes:

@@ -54,7 +54,7 @@ _OUT = select.POLLOUT
 class FrameReceiver(Protocol):
     """What the transport hands frames to (the dispatcher)."""
 
-    def on_frames(self, frames: list[tuple[Identity, bytes, Peer]]) -> None:
+    def on_frames(self, frames: list[tuple[Identity, framing.Frame, Peer]]) -> None:
         """Serve the frames read in one poll round, in the order the receiver chooses."""
 
     def busy_poll(self, now: float) -> bool: ...
@@ -176,7 +176,7 @@ class ServerTransport:
                 events = poller.poll(self.poll_timeout_ms())
             except InterruptedError:
                 continue
-            frames: list[tuple[Identity, bytes, Peer]] = []
+            frames: list[tuple[Identity, framing.Frame, Peer]] = []
             for fd, event in events:
                 if fd == self._wake_r:
                     self._drain_wake()
@@ -193,7 +193,7 @@ class ServerTransport:
     def _serve_received(self, poller: select.poll) -> None:
         """On stopping: serve the requests already received (one-way reports among them finish what a
         client did before the stop: the stores it copied), accepting no new connection."""
-        frames: list[tuple[Identity, bytes, Peer]] = []
+        frames: list[tuple[Identity, framing.Frame, Peer]] = []
         with contextlib.suppress(InterruptedError):
             for fd, event in poller.poll(0):
                 if isinstance(conn := self._fds.get(fd), Connection):
@@ -306,7 +306,9 @@ class ServerTransport:
             )
         return None
 
-    def _serve(self, conn: Connection, event: int, frames: list[tuple[Identity, bytes, Peer]]) -> None:
+    def _serve(
+        self, conn: Connection, event: int, frames: list[tuple[Identity, framing.Frame, Peer]]
+    ) -> None:
         """Read what ``conn`` sent; its whole frames go to ``frames``."""
         if event & _OUT:
             self._flush(conn)
@@ -327,7 +329,7 @@ class ServerTransport:
             if not self._frames(conn, frames) or len(data) < READ_BYTES:
                 return  # dropped, or nothing more to read now
 
-    def _frames(self, conn: Connection, frames: list[tuple[Identity, bytes, Peer]]) -> bool:
+    def _frames(self, conn: Connection, frames: list[tuple[Identity, framing.Frame, Peer]]) -> bool:
         """Take the whole frames received into ``frames``; False if the connection was dropped for a
         bad length."""
         while (size := conn.inbox.announced()) is not None:

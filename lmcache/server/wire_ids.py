@@ -36,11 +36,21 @@ def tokens_to_bytes(tokens: Any) -> bytes:
     return arr.tobytes()
 
 
-def ids_from_wire(ids: bytes | list[int], what: str) -> Any:
-    """Wire ids as a numpy int64 array; bytes must be a whole number of int64s."""
+WireIds = bytes | memoryview | list[int]
+"""Ids as a request carries them: int64 bytes (a view into the frame once decoded) or a list."""
+
+
+def wire_id_count(ids: WireIds) -> int:
+    """How many ids ``ids`` holds."""
+    return len(ids) // TOKEN_BYTES if isinstance(ids, (bytes, memoryview)) else len(ids)
+
+
+def ids_from_wire(ids: WireIds, what: str) -> Any:
+    """Wire ids as a read-only numpy int64 array (over the bytes, not a copy); bytes must be a whole
+    number of int64s."""
     import numpy as np
 
-    if isinstance(ids, bytes):
+    if isinstance(ids, (bytes, memoryview)):
         if len(ids) % 8:
             raise ValueError(f"{what}: {len(ids)} bytes is not a whole number of little-endian int64s")
         return np.frombuffer(ids, dtype="<i8")

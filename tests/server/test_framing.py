@@ -32,3 +32,15 @@ def test_an_unencodable_reply_becomes_an_internal_error() -> None:
     reply = framing.decode_reply(framing.encode_reply(P.Reply(rid=5, ok=True, value=object())))
     assert reply.rid == 5 and not reply.ok and reply.error is not None
     assert reply.error.code == P.ErrorCode.INTERNAL.value
+
+
+def test_a_frame_alone_in_the_buffer_is_handed_over_uncopied_and_stays_intact() -> None:
+    """A large request frame reaches the decoder without a copy on the I/O thread; later bytes never
+    write into a frame already handed over."""
+    buffer = framing.FrameBuffer()
+    buffer.feed(framing.framed(b"x" * 70_000))
+    frame = buffer.pop()
+    assert isinstance(frame, bytearray) and frame == b"x" * 70_000 and not buffer
+    buffer.feed(framing.framed(b"y" * 10) + framing.framed(b"z"))
+    assert buffer.pop() == b"y" * 10 and buffer.pop() == b"z" and buffer.pop() is None
+    assert frame == b"x" * 70_000

@@ -109,10 +109,36 @@ def test_oversized_frame_is_refused() -> None:
     assert info.value.code == P.ErrorCode.TOO_LARGE
 
 
+def test_token_and_block_ids_decode_as_views_into_the_frame() -> None:
+    """The server's I/O thread decodes every frame: a long prompt's ids are read in place, not copied
+    (the frame lives as long as the request)."""
+    tokens, blocks = list(range(5000)), [7, -1, 3]
+    frame = P.encode(
+        P.Store(
+            rid=3,
+            instance_id=1,
+            tokens=P.tokens_to_bytes(tokens),
+            block_ids=P.tokens_to_bytes(blocks),
+            start=0,
+            end=256,
+        )
+    )
+    req = P.decode_request(frame)
+    assert isinstance(req, P.Store)
+    for ids, expected in ((req.tokens, tokens), (req.block_ids, blocks)):
+        assert isinstance(ids, memoryview) and ids.obj is frame
+        assert P.wire_id_count(ids) == len(expected)
+        array = P.ids_from_wire(ids, "ids")
+        assert array.tolist() == expected and not array.flags.writeable
+    assert P.wire_id_count([1, 2]) == 2 and P.wire_id_count(b"\0" * 16) == 2
+
+
 def test_ids_from_wire_checks_byte_length() -> None:
     assert P.ids_from_wire(P.tokens_to_bytes([3, 4]), "t").tolist() == [3, 4]
     with pytest.raises(ValueError, match="int64"):
         P.ids_from_wire(b"\0" * 7, "tokens")
+    with pytest.raises(ValueError, match="int64"):
+        P.ids_from_wire(memoryview(b"\0" * 9), "tokens")
 
 
 # ---- pool sharing ---------------------------------------------------------------------------------
