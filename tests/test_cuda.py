@@ -317,6 +317,37 @@ def test_a_load_copying_a_row_twice_lands_the_later_copy(
     assert torch.all(pool[4] == 2.0) and torch.all(pool[9] == 1.0)
 
 
+@pytest.mark.parametrize("store", [False, True])
+@pytest.mark.parametrize("row_dma_min", [0, 1 << 40])
+def test_an_abandoned_batch_orders_its_stream_after_every_copy_it_enqueued(
+    row_dma_min: int, store: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed request gives its batch up: the copies still queued are dropped, and its stream is
+    ordered after every copy already enqueued, the helper stream's kernels included (held back here),
+    so the slots and blocks can be given back once the stream is done."""
+    monkeypatch.setattr(c_ops, "ROW_DMA_MIN_BYTES", row_dma_min)
+    pool = cuda_pool(64)
+    rows = pool.shape[1:]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(c_ops.side_stream(pool.device, "gather" if store else "scatter")):
+        torch.cuda._sleep(200_000_000)
+    sent = torch.full((2, *rows), 1.0, dtype=pool.dtype).pin_memory()
+    dropped = torch.full((2, *rows), 2.0, dtype=pool.dtype).pin_memory()
+    expected_sent = pool[[9, 4]].cpu() if store else sent.clone()
+    expected_dropped = dropped.clone() if store else pool[[20, 30]].cpu()
+    batch: CopyBatcher[None] = CopyBatcher(pool, stream, store=store)
+    batch.add([9, 4], sent, None)  # a batch's first flush holds one chunk: enqueued at once
+    batch.add([20, 30], dropped, None)  # queued only
+    batch.abandon()
+    stream.synchronize()
+    if store:
+        assert torch.equal(sent, expected_sent) and torch.equal(dropped, expected_dropped)
+    else:
+        assert torch.equal(pool[[9, 4]].cpu(), expected_sent)
+        assert torch.equal(pool[[20, 30]].cpu(), expected_dropped)
+
+
 @pytest.mark.parametrize("row_dma_min", [0, 1 << 40])
 def test_a_load_uploads_the_block_ids_only_for_its_kernels(
     row_dma_min: int, monkeypatch: pytest.MonkeyPatch
