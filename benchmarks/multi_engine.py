@@ -23,6 +23,11 @@ claimed with no call where the server offers claims, pinned; ``lookup``) and as 
 ``--mixed`` adds, with two engines, one saving while the other loads (prompts it saved first), against
 the bidirectional ceiling: two plain copies in opposite directions at once.
 
+``--forward-ms F`` hands each save over as TRT-LLM does (``bench_adapters.py``): F ms of a forward still
+running on the device, every engine's at once. The aggregate then counts the forwards too; what TRT-LLM
+waits for is each save from its forward's end until ``get_finished`` reports it, reported per save as a
+ratio to one plain copy of the ceiling phase (every engine copying at once): ``save_after_forward``.
+
     python benchmarks/multi_engine.py --device cuda [--engines 1 2 4] [--mixed] [--out engines.json]
 """
 
@@ -54,20 +59,24 @@ VOCAB = 150_000
 LOOKUP_TOKENS = 8192
 
 
-def _copy(pool: torch.Tensor, rows: int, to_host: bool, host: torch.Tensor) -> None:
+def _copy(pool: torch.Tensor, rows: int, to_host: bool, host: torch.Tensor) -> float:
+    """One plain pinned copy of ``rows`` rows; its seconds."""
+    began = time.perf_counter()
     if to_host:
         host.copy_(pool[:rows], non_blocking=True)
     else:
         pool[:rows].copy_(host, non_blocking=True)
     if pool.is_cuda:
         torch.cuda.current_stream(pool.device).synchronize()
+    return time.perf_counter() - began
 
 
 def engine_main(
     args: argparse.Namespace, url: str, seed: int, plan: list[str], barrier: Any, out: Any
 ) -> None:
     """One engine: for each phase of ``plan``, wait for every engine, then run it; send
-    ``(phase, start, end, bytes, rows_equal)`` per phase (monotonic clock, shared by the host).
+    ``(phase, start, end, bytes, rows_equal, seconds)`` per phase (monotonic clock, shared by the host;
+    ``seconds``: each copy's, or each save's from its forward's end).
     A failure breaks the barrier, so no one waits for this engine."""
     try:
         if args.pool_sharing:
@@ -93,16 +102,18 @@ def run_engine(
     for phase in plan:
         barrier.wait()
         began, count, equal = time.monotonic(), 0, True
+        seconds: list[float] = []
         if phase in ("copy_d2h", "copy_h2d"):
             for _ in range(args.iters):  # as many requests' bytes as a transfer phase
-                _copy(rig.pool, rows, phase == "copy_d2h", host)
+                seconds.append(_copy(rig.pool, rows, phase == "copy_d2h", host))
                 count += 1
         elif phase in ("save", "fill"):
             for _ in range(args.iters if phase == "save" else fill_count(args)):
                 tokens = torch.randint(0, VOCAB, (rig.tokens,), generator=rig.generator).tolist()
-                _, _, pages = rig.save(tokens)
+                _, save_s, pages = rig.save(tokens)
                 if phase == "save":
                     saved.append((tokens, pages))
+                    seconds.append(save_s)
                 count += 1
         elif phase == "load":
             recent = saved[-args.iters :]
@@ -113,7 +124,7 @@ def run_engine(
         ended = time.monotonic()
         if phase == "load":  # outside the timed span: what a load costs TRT-LLM is its lookup and copies
             equal = all(loaded.full_hit and rig.rows_equal(loaded, pages) for loaded, pages in loads)
-        out.send((phase, began, ended, count * request_bytes, equal))
+        out.send((phase, began, ended, count * request_bytes, equal, seconds))
 
 
 def request_bytes(args: argparse.Namespace) -> int:
@@ -225,6 +236,8 @@ def run_count(
             ratio=round(work / ceiling, 3),
         )
         return result
+    if args.forward_ms > 0:
+        result["save_after_forward"] = after_forward_ratios(steps[0], steps[2])
     copy_d2h, copy_h2d, save, load = (aggregate_gbps(rows) for rows in steps)
     result.update(
         ceiling_save_gbps=round(copy_d2h, 2),
@@ -235,6 +248,19 @@ def run_count(
         load_ratio=round(load / copy_h2d, 3),
     )
     return result
+
+
+def after_forward_ratios(copies: list[Row], saves: list[Row]) -> dict[str, float]:
+    """Each save, from its forward's end until reported, as a ratio to the median plain copy of the
+    same bytes while every engine copied at once: median and worst over all engines' saves."""
+    ceiling = statistics.median(s for row in copies for s in row["seconds"])
+    ratios = sorted(ceiling / s for row in saves for s in row["seconds"])
+    return {
+        "copy_ms": round(ceiling * 1e3, 3),
+        "median_ratio": round(statistics.median(ratios), 3),
+        "worst_ratio": round(ratios[0], 3),
+        "count": len(ratios),
+    }
 
 
 def run_plans(
@@ -267,9 +293,16 @@ def run_plans(
             def collect(pending: list[Any] = pending, rows: list[Row] = rows) -> bool:
                 for pipe in list(pending):
                     if pipe.poll():
-                        phase, start, end, nbytes, equal = pipe.recv()
+                        phase, start, end, nbytes, equal, seconds = pipe.recv()
                         rows.append(
-                            {"phase": phase, "start": start, "end": end, "bytes": nbytes, "equal": equal}
+                            {
+                                "phase": phase,
+                                "start": start,
+                                "end": end,
+                                "bytes": nbytes,
+                                "equal": equal,
+                                "seconds": seconds,
+                            }
                         )
                         pending.remove(pipe)
                 return not pending
@@ -296,6 +329,17 @@ def main() -> int:
     parser.add_argument("--mixed", action="store_true", help="also: one engine saves while another loads")
     parser.add_argument("--timeout-s", type=float, default=600.0)
     parser.add_argument(
+        "--forward-ms",
+        type=float,
+        default=0.0,
+        help="device time of each saving forward, running when wait_for_save is called (see the module)",
+    )
+    parser.add_argument(
+        "--overlap-scheduler",
+        action="store_true",
+        help="with --forward-ms: the previous iteration's forward runs first, as in bench_adapters.py",
+    )
+    parser.add_argument(
         "--lookup-interval-ms", type=float, default=5.0, help="one lookup per interval (0: back to back)"
     )
     parser.add_argument(
@@ -315,6 +359,8 @@ def main() -> int:
         "model_kv": args.model,
         "pool_sharing": args.pool_sharing or "auto",
         "lookup_interval_ms": args.lookup_interval_ms,
+        "forward_ms": args.forward_ms,
+        "overlap_scheduler": args.overlap_scheduler,
         "runs": [],
     }
     try:

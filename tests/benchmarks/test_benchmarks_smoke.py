@@ -271,13 +271,17 @@ def test_bench_lookup(tmp_path: Path, preset: str) -> None:
 
 
 def test_multi_engine(tmp_path: Path) -> None:
-    """Engine processes on one server, each its own pool: ceilings, saves, loads, a save beside a
-    load, lookups under load (CPU sizes)."""
+    """Engine processes on one server, each its own pool: ceilings, saves (handed over during a
+    forward), loads, a save beside a load, lookups under load (CPU sizes)."""
     args = ["--tokens", "1024", "--iters", "2", "--engines", "1", "2", "--mixed", "--l1-size-gb", "0.05"]
+    args += ["--forward-ms", "1"]
     data = run_bench("multi_engine.py", tmp_path / "e.json", *args, model_args=["--model", "tiny"])
     assert [run["engines"] for run in data["runs"]] == [1, 2]
     for run in data["runs"]:
         assert run["rows_equal"] and run["save_gbps"] > 0 and run["load_gbps"] > 0
+        after_forward = run["save_after_forward"]
+        assert after_forward["count"] == 2 * run["engines"]
+        assert 0 < after_forward["worst_ratio"] <= after_forward["median_ratio"]
         assert (
             run["lookup_under_load"]["lookup"]["count"] > 0
             and run["lookup_under_load"]["round_trip"]["count"] > 0
