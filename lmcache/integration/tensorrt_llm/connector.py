@@ -53,7 +53,13 @@ class LMCacheScheduler(KvCacheConnectorScheduler):
     def update_state_after_alloc_by_layer_group(
         self, request: Any, block_ids_by_layer_group: list[list[int]]
     ) -> None:
-        self.planner.after_alloc(request, [list(group) for group in block_ids_by_layer_group])
+        # Only V2 calls the grouped form; there the window starts where the served prefix ends.
+        served_end = getattr(request, "context_current_position", None)
+        self.planner.after_alloc(
+            request,
+            [list(group) for group in block_ids_by_layer_group],
+            None if served_end is None else int(served_end),
+        )
 
     def build_connector_meta(self, scheduler_output: Any) -> ConnectorMetadata:
         return self.planner.build(scheduler_output)

@@ -362,8 +362,11 @@ class Planner:
 
     # -- allocation -----------------------------------------------------------------------------
 
-    def after_alloc(self, request: Any, block_ids_by_group: list[list[int]]) -> None:
-        """``update_state_after_alloc[_by_layer_group]``: the pages of this allocation, by ordinal."""
+    def after_alloc(
+        self, request: Any, block_ids_by_group: list[list[int]], served_end: int | None = None
+    ) -> None:
+        """``update_state_after_alloc[_by_layer_group]``: the pages of this allocation, by ordinal;
+        ``served_end``: under V2, where TRT-LLM's window starts after it honoured a legacy offer."""
         request_id = int(request.request_id)
         state = self._requests.get(request_id)
         if state is None:  # reservation path, or block reuse off: no lookup made the state
@@ -371,30 +374,25 @@ class Planner:
             state = self._requests[request_id] = _Request(request_id, prompt, prompt_len)
         self._allocated(state)
         state.block_ids = [[int(b) for b in group] for group in block_ids_by_group]
-        self._clip_to_allocation(state)
+        self._clip_to_allocation(state, served_end)
 
-    def _clip_to_allocation(self, state: _Request) -> None:
-        """V2's legacy query may honour an offer partly or not at all, with no ``cancel_load``: the
-        allocation then ends before the offer. Only the offer's blocks with an allocated page load
-        (those past what was honoured hold the same tokens' KV until TRT-LLM computes them); none
-        left drops the load."""
+    def _clip_to_allocation(self, state: _Request, served_end: int | None) -> None:
+        """V2's legacy query may honour an offer partly or not at all (a failed grow keeps the
+        largest whole block inside the chunk's pages), with no ``cancel_load``: the window starts
+        at ``served_end`` and the allocation may end before the offer. Only the honoured blocks load
+        (the first report's count excludes exactly them); none left drops the load (an async one is
+        still reported finished: TRT-LLM parks the request whatever it honoured)."""
         load = state.load
         if load is None or load.planned:
             return
-        allocated = min((len(group) for group in state.block_ids), default=0) * self._tpb
-        if load.end <= allocated:
-            return
-        logger.debug(
-            "%s: req %d: the allocation ends at token %d, inside the offer [%d, %d); loading only up to it",
-            self.log_prefix,
-            state.request_id,
-            allocated,
-            load.start,
-            load.end,
-        )
-        load.end = max(load.start, allocated)
-        if load.start >= load.end:
-            self._drop_load(state)
+        honoured = min((len(group) for group in state.block_ids), default=0) * self._tpb
+        if served_end is not None:
+            honoured = min(honoured, served_end // self._tpb * self._tpb)
+        if load.end > honoured:
+            logger.debug("%s: req %d: honoured up to %d", self.log_prefix, state.request_id, honoured)
+            load.end = max(load.start, honoured)
+            if load.start >= load.end:
+                self._drop_load(state)
 
     # -- build_connector_meta -----------------------------------------------------------------
 
