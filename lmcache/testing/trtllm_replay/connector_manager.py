@@ -173,11 +173,17 @@ class KvCacheConnectorManager:
         self._load_done.discard(rid)
 
     def accept_prefix_load(self, res: Reservation, pages: list[list[int]]) -> None:
-        """Release the clipped tail and queue the load; a sync load's range is excluded from the
-        request's first ``computed_position`` (``external_loads``)."""
+        """Release the clipped tail and queue the load, its length recorded on the request as a
+        commit does; a sync load's range is excluded from the request's first ``computed_position``
+        (``external_loads``)."""
         assert self.reservations is not None
         load = self.reservations.accept(res, pages)
-        if load is not None and not load.is_async:
+        if load is None:
+            return
+        res.request.py_num_connector_matched_tokens = res.request.num_connector_matched_tokens = (
+            load.end - load.start
+        )
+        if not load.is_async:
             self.external_loads[load.request_id] = load.end - load.start
 
     def is_loading(self, req: LlmRequest) -> bool:

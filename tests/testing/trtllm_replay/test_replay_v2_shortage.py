@@ -10,6 +10,7 @@ import pytest
 from lmcache.testing.trtllm_replay import (
     KvCacheConfig,
     ModelConfig,
+    RecordedCall,
     RecordingConnector,
     ReplayExecutor,
     SchedulerConfig,
@@ -35,6 +36,11 @@ def prompt(n: int) -> list[int]:
 
 def releases(rec: RecordingConnector) -> list[tuple[int, int, int]]:
     return [c.args[1:] for c in rec.calls_of("release_prefix_reservation")]
+
+
+def matched(call: RecordedCall) -> int | None:
+    """The request's ``py_num_connector_matched_tokens`` when the scheduler was called."""
+    return call.args[0].py_num_connector_matched_tokens
 
 
 def test_serve_grow_pages_needs_v2_and_a_count() -> None:
@@ -64,6 +70,7 @@ def test_legacy_offer_honoured_up_to_the_last_whole_block_of_the_chunk(
     (result,) = ex.generate([prompt(250)], 2)
     (alloc,) = rec.calls_of("update_state_after_alloc_by_layer_group")
     assert alloc.args[0].context_current_position == honoured and len(alloc.args[1][0]) == pages
+    assert alloc.args[0].py_num_connector_matched_tokens == honoured  # the commit came first
     stats = ex.stats.requests[result.request_id]
     assert (stats.connector_matched_tokens, stats.connector_load_async) == (honoured, load_async)
     started = [rid for c in rec.calls_of("get_finished") for rid in c.args[1]]
@@ -98,7 +105,8 @@ def test_reservation_clipped_to_what_the_pages_hold_releases_the_tail_first(
 ) -> None:
     """Reserved 192 of 250: the budget charges only the 58 tokens after it (a 32-token chunk: 32),
     whose pages are 2 (1); growing them to 8 pages (7) fails short of 6 more: ``[0, 32)`` (nothing)
-    stays accepted, the tail is released before dispatch and only the accepted part loads."""
+    stays accepted, the tail is released before dispatch and only the accepted part loads; the
+    request's ``py_num_connector_matched_tokens`` says so once ``accept_prefix_load`` ran."""
     rec = RecordingConnector(reserve=(192, load_async))
     ex = ReplayExecutor(
         args(chunk=chunk, prefix_aware=True), MODEL, connector=rec.factories(), serve_grow_pages=grow_pages
@@ -113,3 +121,23 @@ def test_reservation_clipped_to_what_the_pages_hold_releases_the_tail_first(
     assert order[: len(tail) + 1] == ["release_prefix_reservation"] * len(tail) + ["start_load_kv"]
     stats = ex.stats.requests[result.request_id]
     assert stats.connector_matched_tokens == accepted
+    # accept_prefix_load records the accepted length, after the alloc callback (which saw 0)
+    (alloc,) = rec.calls_of("update_state_after_alloc_by_layer_group")
+    (finished,) = rec.calls_of("request_finished_by_layer_group")
+    assert (matched(alloc), matched(finished)) == (0, accepted)
+
+
+def test_a_recomputed_victim_starts_with_no_connector_tokens() -> None:
+    """Preemption sets ``py_num_connector_matched_tokens`` back to 0 (``reset_for_recompute``): the
+    victim's next alloc callback, before its new reservation is accepted, sees 0, not the length
+    of the load its first allocation took."""
+    answers = iter([(64, False)])
+    rec = RecordingConnector(reserve=lambda request, computed, rid: next(answers, (0, False)))
+    ex = ReplayExecutor(args(chunk=None, prefix_aware=True), MODEL, connector=rec.factories())
+    rid = ex.next_request_id
+    ex.on_iteration = lambda e: e.preempt(rid) if e.stats.iterations == 3 else None
+    ex.generate([prompt(96)], 6)
+    assert ex.stats.requests[rid].preemptions == 1
+    victim = rec.calls_of("request_finished_by_layer_group")[0]
+    first, second = rec.calls_of("update_state_after_alloc_by_layer_group")
+    assert (matched(victim), matched(first), matched(second)) == (64, 0, 0)
