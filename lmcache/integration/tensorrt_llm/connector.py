@@ -53,7 +53,16 @@ class LMCacheScheduler(KvCacheConnectorScheduler):
     def update_state_after_alloc_by_layer_group(
         self, request: Any, block_ids_by_layer_group: list[list[int]]
     ) -> None:
-        self.planner.after_alloc(request, [list(group) for group in block_ids_by_layer_group])
+        # V2 may honour a legacy offer partly: its commit, before this call, records on the request
+        # how many tokens it took (a reservation's load brings its own range and is not clipped here).
+        # Without that member the allocation alone bounds the load. The flat form (V1 honours the whole
+        # offer, and its query may see another object than this one) never reads it.
+        honoured = getattr(request, "py_num_connector_matched_tokens", None)
+        self.planner.after_alloc(
+            request,
+            [list(group) for group in block_ids_by_layer_group],
+            None if honoured is None else int(honoured),
+        )
 
     def build_connector_meta(self, scheduler_output: Any) -> ConnectorMetadata:
         return self.planner.build(scheduler_output)

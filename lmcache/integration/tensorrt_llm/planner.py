@@ -72,12 +72,29 @@ class CacheIndex(Protocol):
 
 @dataclass
 class _Load:
-    """A promised load not yet handed to the workers (legacy path: from the lookup)."""
+    """A promised load not yet handed to the workers (legacy path: from the lookup). ``end`` is
+    where the tokens TRT-LLM computes begin: block-aligned, unless TRT-LLM honoured the offer up to
+    a token inside a block (``honour``); the copies then fill that block whole."""
 
     start: int
     end: int
     is_async: bool
     planned: bool = False
+    asked_at: int = field(init=False)
+    """``start`` as offered (the query's ``num_computed_tokens``), where TRT-LLM counts the tokens
+    it honours from; ``cancel_load`` may move ``start``, never this."""
+
+    def __post_init__(self) -> None:
+        self.asked_at = self.start
+
+    def honour(self, honoured: int | None, allocated: int) -> None:
+        """TRT-LLM took ``honoured`` tokens of the offer (None: all of it) and gave pages to the
+        first ``allocated`` tokens: the load ends where the first of the two does (``start >= end``:
+        nothing is left)."""
+        end = min(self.end, allocated)
+        if honoured is not None:
+            end = min(end, self.asked_at + max(0, honoured))
+        self.end = max(self.start, end)
 
     def cancel(self, start: int, end: int, tpb: int, request_id: int) -> None:
         """Tokens ``[start, end)`` will not be consumed: trim the head or the tail to whole blocks (or
@@ -362,8 +379,11 @@ class Planner:
 
     # -- allocation -----------------------------------------------------------------------------
 
-    def after_alloc(self, request: Any, block_ids_by_group: list[list[int]]) -> None:
-        """``update_state_after_alloc[_by_layer_group]``: the pages of this allocation, by ordinal."""
+    def after_alloc(
+        self, request: Any, block_ids_by_group: list[list[int]], honoured: int | None = None
+    ) -> None:
+        """``update_state_after_alloc[_by_layer_group]``: the pages of this allocation, by ordinal;
+        ``honoured``: under V2, how many tokens of a legacy offer TRT-LLM took (None: all)."""
         request_id = int(request.request_id)
         state = self._requests.get(request_id)
         if state is None:  # reservation path, or block reuse off: no lookup made the state
@@ -371,28 +391,20 @@ class Planner:
             state = self._requests[request_id] = _Request(request_id, prompt, prompt_len)
         self._allocated(state)
         state.block_ids = [[int(b) for b in group] for group in block_ids_by_group]
-        self._clip_to_allocation(state)
-
-    def _clip_to_allocation(self, state: _Request) -> None:
-        """V2's legacy query may honour an offer partly or not at all, with no ``cancel_load``: the
-        allocation then ends before the offer. Only the offer's blocks with an allocated page load
-        (those past what was honoured hold the same tokens' KV until TRT-LLM computes them); none
-        left drops the load."""
         load = state.load
-        if load is None or load.planned:
-            return
-        allocated = min((len(group) for group in state.block_ids), default=0) * self._tpb
-        if load.end <= allocated:
-            return
-        logger.debug(
-            "%s: req %d: the allocation ends at token %d, inside the offer [%d, %d); loading only up to it",
-            self.log_prefix,
-            state.request_id,
-            allocated,
-            load.start,
-            load.end,
-        )
-        load.end = max(load.start, allocated)
+        if load is not None and not load.planned:
+            self._clip_to_allocation(state, load, honoured)
+
+    def _clip_to_allocation(self, state: _Request, load: _Load, honoured: int | None) -> None:
+        """V2's legacy query may honour an offer partly or not at all, with no ``cancel_load`` (a
+        failed grow keeps the largest whole block inside the chunk's pages; the clamp to
+        ``prompt_len - 1`` may end inside a block): only the honoured tokens load, within the
+        allocation (the first report's count excludes exactly them); none left drops the load (an
+        async one is still reported finished: TRT-LLM parks the request whatever it honoured)."""
+        offered = load.end
+        load.honour(honoured, min((len(group) for group in state.block_ids), default=0) * self._tpb)
+        if load.end < offered:
+            logger.debug("%s: req %d: honoured up to %d", self.log_prefix, state.request_id, load.end)
         if load.start >= load.end:
             self._drop_load(state)
 
@@ -449,7 +461,8 @@ class Planner:
         """One transfer per paged run of each layer group: a sliding window's passed blocks read
         ``-1`` and need no KV (its sink blocks before them keep their pages and are loaded). A page
         missing in a group ``CacheIndex.windows`` names full attention, or a block list too short,
-        fails the load before any copy.
+        fails the load before any copy. Transfers move whole blocks: a load ending inside a block
+        fills all of it (TRT-LLM computes the block's rest, after the load, over the same tokens' KV).
         """
         source = (prompt or state.prompt).up_to(load.end, self._chunk)
         first, last = load.start // self._tpb, -(-load.end // self._tpb)
@@ -465,7 +478,7 @@ class Planner:
                     "refusing to load"
                 )
             for lo, hi in runs:
-                start, end = max(lo * self._tpb, load.start), min(hi * self._tpb, load.end)
+                start, end = max(lo * self._tpb, load.start), hi * self._tpb
                 transfers.append(Transfer(state.request_id, source, group, block_ids, start, end))
         return LoadPlan(
             state.request_id,

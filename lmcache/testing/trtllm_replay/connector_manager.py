@@ -112,9 +112,15 @@ class KvCacheConnectorManager:
         return req.request_id not in self._load_done
 
     def get_num_new_matched_tokens(self, req: LlmRequest, num_computed_tokens: int) -> tuple[int, bool]:
-        """Ask rank 0's scheduler, broadcast, and record the hit (after the device match). Under V2
-        the hit is clamped so the last prompt token stays local; an async flag on a hit clamped to
-        0 is dropped (there is nothing to load)."""
+        """Query and commit what was offered (V1; V2 with nothing cutting the offer short)."""
+        num_tokens, load_async = self.query_num_new_matched_tokens(req, num_computed_tokens)
+        self.commit_new_matched_tokens(req, num_tokens, load_async)
+        return num_tokens, load_async
+
+    def query_num_new_matched_tokens(self, req: LlmRequest, num_computed_tokens: int) -> tuple[int, bool]:
+        """Ask rank 0's scheduler and broadcast the answer (after the device match). Under V2 the
+        hit is clamped so the last prompt token stays local; the async flag passes through even
+        when the clamp leaves 0 (the connector has started that load, as in TRT-LLM)."""
         if req.is_generation_only_request:
             raise RuntimeError("KV cache connector does not support generation-only requests")
         answer = self._on_root(
@@ -127,14 +133,17 @@ class KvCacheConnectorManager:
         if num_tokens == 0 and load_async:
             raise RuntimeError("get_num_new_matched_tokens returned (0, True): async load of no tokens")
         if self.v2:
-            num_tokens = min(num_tokens, req.prompt_len - 1 - num_computed_tokens)
-            load_async = load_async and num_tokens > 0
+            num_tokens = max(0, min(num_tokens, req.prompt_len - 1 - num_computed_tokens))
+        return num_tokens, load_async
+
+    def commit_new_matched_tokens(self, req: LlmRequest, honoured: int, load_async: bool) -> None:
+        """Record the honoured part of the hit (it may be less than offered under V2); an async
+        flag parks the request until ``get_finished`` reports it, whatever was honoured."""
         if load_async:
             self._new_loading[req.request_id] = req
-        self.external_loads[req.request_id] = num_tokens
-        req.py_num_connector_matched_tokens = num_tokens
-        req.num_connector_matched_tokens = num_tokens
-        return num_tokens, load_async
+        self.external_loads[req.request_id] = honoured
+        req.py_num_connector_matched_tokens = honoured
+        req.num_connector_matched_tokens = honoured
 
     def update_state_after_alloc(self, req: LlmRequest, pages: list[list[int]]) -> None:
         """Once per allocation, rank 0 only, not broadcast; the grouped form under V2."""
@@ -164,11 +173,17 @@ class KvCacheConnectorManager:
         self._load_done.discard(rid)
 
     def accept_prefix_load(self, res: Reservation, pages: list[list[int]]) -> None:
-        """Release the clipped tail and queue the load; a sync load's range is excluded from the
-        request's first ``computed_position`` (``external_loads``)."""
+        """Release the clipped tail and queue the load, its length recorded on the request as a
+        commit does; a sync load's range is excluded from the request's first ``computed_position``
+        (``external_loads``)."""
         assert self.reservations is not None
         load = self.reservations.accept(res, pages)
-        if load is not None and not load.is_async:
+        if load is None:
+            return
+        res.request.py_num_connector_matched_tokens = res.request.num_connector_matched_tokens = (
+            load.end - load.start
+        )
+        if not load.is_async:
             self.external_loads[load.request_id] = load.end - load.start
 
     def is_loading(self, req: LlmRequest) -> bool:

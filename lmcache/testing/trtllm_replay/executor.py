@@ -91,10 +91,14 @@ class ReplayExecutor:
         ranks: Ranks | None = None,
         pool_allocator: PoolAllocator = zeros_pool,
         free_passed_pages: bool = False,
+        serve_grow_pages: int | None = None,
     ) -> None:
         """``ranks``: where the TP ranks live (default: all in this process, run in turn);
         ``pool_allocator``: how each local pool tensor is made (see :data:`PoolAllocator`);
-        ``free_passed_pages``: V2 frees passed sliding-window pages (see ``V2Steps.free_passed_pages``)."""
+        ``free_passed_pages``: V2 frees passed sliding-window pages (see ``V2Steps.free_passed_pages``);
+        ``serve_grow_pages``: V2 only, pages run short: growing a first allocation past its chunk's
+        own pages for a served connector prefix fails when it needs more than this many pages (per
+        group), and the prefix is honoured only partly (reference §5.1); None = never fails."""
         self.llm_args = llm_args
         self.model_config = model_config or ModelConfig()
         self.device = torch.device(device)
@@ -191,7 +195,12 @@ class ReplayExecutor:
                 wait = getattr(self.scheduler, "wait_for_initialization", None)  # None off rank 0
                 if wait is not None:
                     wait()
-        self.v2_steps = V2Steps(self, free_passed_pages) if self.v2 else None
+        if serve_grow_pages is not None and (not self.v2 or serve_grow_pages < 0):
+            raise ValueError(
+                f"serve_grow_pages={serve_grow_pages!r} needs KvCacheConfig(use_kv_cache_manager_v2=True) "
+                "and a count >= 0; leave it None for a grow that never fails"
+            )
+        self.v2_steps = V2Steps(self, free_passed_pages, serve_grow_pages) if self.v2 else None
         self._steps: V1Steps | V2Steps = self.v2_steps if self.v2_steps is not None else V1Steps(self)
 
     def _register_kv_caches(self) -> None:

@@ -65,6 +65,8 @@ class RequestSnapshot:
     context_chunk_size: int
     cache_salt: str | None
     state: str
+    py_num_connector_matched_tokens: int | None
+    """What TRT-LLM's commit (or ``accept_prefix_load``) recorded; None on the C++ view the query gets."""
 
     @classmethod
     def of(cls, request: Any) -> RequestSnapshot:
@@ -77,6 +79,7 @@ class RequestSnapshot:
             context_chunk_size=request.context_chunk_size,
             cache_salt=getattr(request, "cache_salt", None),
             state=getattr(state, "name", str(state)),
+            py_num_connector_matched_tokens=getattr(request, "py_num_connector_matched_tokens", None),
         )
 
 

@@ -29,9 +29,13 @@ if TYPE_CHECKING:
 class V2Steps:
     """V2 scheduling and allocation for one ``ReplayExecutor``."""
 
-    def __init__(self, ex: ReplayExecutor, free_passed_pages: bool = False) -> None:
+    def __init__(
+        self, ex: ReplayExecutor, free_passed_pages: bool = False, serve_grow_pages: int | None = None
+    ) -> None:
+        """``serve_grow_pages``: see ``ReplayExecutor``; None = a grow for a served prefix never fails."""
         self.ex = ex
         self.free_passed = free_passed_pages
+        self.serve_grow_pages = serve_grow_pages
         self.manager = ex.manager
         self.reservations = ex.manager.reservations if ex.manager is not None else None
 
@@ -142,9 +146,15 @@ class V2Steps:
         request was rolled back."""
         ex, stats = self.ex, self.ex.stats.requests[req.request_id]
         if self.manager is not None and self.reservations is None:
-            n, load_async = self.manager.get_num_new_matched_tokens(req, req.context_current_position)
-            self._serve(req, req.context_current_position + n)
-            stats.connector_matched_tokens, stats.connector_load_async = n, load_async
+            pos = req.context_current_position
+            n, load_async = self.manager.query_num_new_matched_tokens(req, pos)
+            honoured = self._honoured_end(req, pos + n) - pos
+            self.manager.commit_new_matched_tokens(req, honoured, load_async)
+            self._serve(req, pos + honoured)
+            stats.connector_matched_tokens, stats.connector_load_async = honoured, load_async
+        res = self.reservations.by_request.get(req.request_id) if self.reservations is not None else None
+        if res is not None and not res.accepted:
+            self._clip_reservation(req, res)
         ex.kv.grow(req.request_id, min(req.context_current_position + req.context_chunk_size, req.prompt_len))
         req.allocated = True
         if self.manager is not None:
@@ -152,13 +162,47 @@ class V2Steps:
         if ex.take_rollback(req.request_id):
             self._rollback(req)
             return False
-        res = self.reservations.by_request.get(req.request_id) if self.reservations is not None else None
         if res is not None and not res.accepted:
             assert self.manager is not None
             self.manager.accept_prefix_load(res, ex.pages(req))
             stats.connector_matched_tokens = res.accepted_end - res.start
             stats.connector_load_async = res.is_async and res.accepted
         return True
+
+    def _honoured_end(self, req: LlmRequest, served_end: int) -> int:
+        """How far a legacy prefix served up to ``served_end`` is honoured (reference §5.1): inside
+        the chunk it needs no page; beyond it the allocation grows to the served end plus the
+        chunk, and if that grow fails, see ``_after_failed_grow``."""
+        pos, end = req.context_current_position, req.context_current_position + req.context_chunk_size
+        if served_end < end or not self._grow_fails(end, served_end + req.context_chunk_size, req):
+            return served_end
+        return self._after_failed_grow(pos, end)
+
+    def _clip_reservation(self, req: LlmRequest, res: Reservation) -> None:
+        """The reservation path's allocation grows to the accepted end plus the chunk; if that grow
+        fails the accepted range is clipped by the legacy rule (``_after_failed_grow``): the
+        cursor goes back to the honoured end, the chunk end is the one its own pages allow, and
+        ``accept`` releases the tail (all of it if nothing is honoured) before any dispatch."""
+        own_end = min(res.start + req.context_chunk_size, req.prompt_len)
+        if not self._grow_fails(own_end, res.accepted_end + req.context_chunk_size, req):
+            return
+        res.accepted_end = min(res.accepted_end, self._after_failed_grow(res.start, own_end))
+        req.context_current_position = req.num_kv = res.accepted_end
+        req.context_chunk_size = own_end - res.accepted_end
+
+    def _grow_fails(self, own_end: int, grown_end: int, req: LlmRequest) -> bool:
+        """Growing pages for tokens ``[0, own_end)`` to ``grown_end`` (capped at the prompt) needs
+        more than ``serve_grow_pages`` pages (never, when that is None)."""
+        if self.serve_grow_pages is None:
+            return False
+        grown = self.ex.kv.blocks_for(min(grown_end, req.prompt_len)) - self.ex.kv.blocks_for(own_end)
+        return grown > self.serve_grow_pages
+
+    def _after_failed_grow(self, pos: int, own_end: int) -> int:
+        """The largest whole block inside the pages of ``[0, own_end)`` that still leaves a chunk
+        (at least one token to compute), else ``pos`` (honour 0)."""
+        tpb = self.ex.tokens_per_block
+        return max(pos, (own_end - 1) // tpb * tpb)
 
     def _serve(self, req: LlmRequest, served_end: int) -> None:
         """Move the context window past a served prefix: inside the chunk the chunk end is kept;

@@ -4,6 +4,7 @@ import pytest
 from test_planner import CHUNK, TPB, FakeRequest, planner, report
 
 from lmcache.integration.tensorrt_llm._trtllm import PrefixLoad, SchedulerOutput
+from lmcache.integration.tensorrt_llm.connector import LMCacheScheduler
 from lmcache.integration.tensorrt_llm.plan import PinKey
 from lmcache.integration.tensorrt_llm.planner import PromisedLoadError
 
@@ -177,6 +178,65 @@ def test_a_legacy_offer_honoured_partly_loads_only_the_allocated_blocks() -> Non
     q.after_alloc(req, [list(range(4))])  # honoured 0: the pages end at the device match
     assert index.pinned == set()
     assert q.build(SchedulerOutput(new_requests=[report(5, req.tokens, list(range(4)), 64, 64)])).loads == []
+
+
+def test_a_legacy_offer_loads_only_the_tokens_trtllm_says_it_honoured() -> None:
+    """V2's commit records on the request how many offered tokens it took, counted from the
+    query's start (``py_num_connector_matched_tokens``): the load ends there even where the chunk's
+    pages reach further (those blocks TRT-LLM computes in this very chunk). Honoured 0 drops the
+    load and its pins."""
+    p, index = planner(hit=256)
+    req = FakeRequest(5, list(range(300)))
+    assert p.match(req, 0) == (256, False)
+    pages = list(range(12))  # the window [112, 192) after the serve: its pages cover 192 tokens
+    LMCacheScheduler(None, p).update_state_after_alloc_by_layer_group(_Honoured(req, 112), [pages])
+    meta = p.build(SchedulerOutput(new_requests=[grouped_report(5, req.tokens, [pages], 0, 80)]))
+    assert [(ld.start, ld.end) for ld in meta.loads] == [(0, 112)]
+    assert [(t.start, t.end) for t in meta.loads[0].transfers] == [(0, 112)]
+    q, index = planner(hit=256)
+    assert q.match(req, 64) == (192, False)
+    q.after_alloc(req, [list(range(12))], honoured=0)
+    assert index.pinned == set() and q.build(SchedulerOutput()).loads == []
+
+
+def test_the_honoured_count_runs_from_the_query_start_and_may_end_inside_a_block() -> None:
+    """A head already cancelled does not move where TRT-LLM counts from. An honoured end inside a
+    block (the clamp to ``prompt_len - 1`` on an offer reaching it): the load's range ends there and
+    its copy fills that block whole, so no token before the end is left neither loaded nor computed
+    (TRT-LLM computes the block's rest after the load)."""
+    p, _ = planner(hit=256)
+    req = FakeRequest(6, list(range(300)))
+    assert p.match(req, 0) == (256, False)
+    p.cancel_load(req, 0, 32)
+    p.after_alloc(req, [list(range(19))], honoured=100)
+    (load,) = p.build(SchedulerOutput()).loads
+    assert (load.start, load.end) == (32, 100)
+    assert [(t.start, t.end) for t in load.transfers] == [(32, 112)]
+
+
+def test_the_honoured_count_is_read_only_where_trtllm_sets_it() -> None:
+    """Without the member (a TRT-LLM that does not set it) the allocation alone bounds the load;
+    the flat form (V1 honours the whole offer, and its query sees another object) never reads it."""
+    for alloc in ("update_state_after_alloc_by_layer_group", "update_state_after_alloc"):
+        p, _ = planner(hit=256)
+        req = FakeRequest(7, list(range(300)))
+        assert p.match(req, 0) == (256, False)
+        pages = list(range(19))
+        request = req if alloc.endswith("group") else _Honoured(req, 0)
+        getattr(LMCacheScheduler(None, p), alloc)(request, [pages] if alloc.endswith("group") else pages)
+        assert [(ld.start, ld.end) for ld in p.build(SchedulerOutput()).loads] == [(0, 256)]
+
+
+class _Honoured:
+    """A request as V2's commit leaves it: ``py_num_connector_matched_tokens`` set."""
+
+    def __init__(self, req: FakeRequest, honoured: int) -> None:
+        self.request_id, self.tokens, self.cache_salt = req.request_id, req.tokens, req.cache_salt
+        self.prompt_len = req.prompt_len
+        self.py_num_connector_matched_tokens = honoured
+
+    def get_tokens(self, beam: int) -> list:
+        return self.tokens
 
 
 def test_cancel_load_trims_to_whole_blocks() -> None:
