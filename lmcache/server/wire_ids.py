@@ -51,6 +51,8 @@ def ids_from_wire(ids: WireIds, what: str) -> Any:
     import numpy as np
 
     if isinstance(ids, (bytes, memoryview)):
+        if isinstance(ids, memoryview):
+            ids = ids.toreadonly()  # a view into a received frame, which may be a bytearray
         if len(ids) % 8:
             raise ValueError(f"{what}: {len(ids)} bytes is not a whole number of little-endian int64s")
         return np.frombuffer(ids, dtype="<i8")
