@@ -217,11 +217,22 @@ def parse_header(data: bytes | memoryview) -> ChunkHeader:
 
 
 def read_header(f: BinaryIO) -> ChunkHeader:
-    """Read and verify the header at the current position of a binary file."""
-    prefix = f.read(_FIXED.size)
+    """Read and verify the header at the current position of a binary file (an unbuffered one may
+    return fewer bytes than asked for: only the end of the file makes a header truncated)."""
+    prefix = _read_exact(f, _FIXED.size)
     header_len = header_length(prefix)
-    rest = f.read(header_len - len(prefix))
-    return parse_header(prefix + rest)
+    return parse_header(prefix + _read_exact(f, header_len - len(prefix)))
+
+
+def _read_exact(f: BinaryIO, n: int) -> bytes:
+    """``n`` bytes, or fewer only at the end of the file."""
+    data = f.read(n)
+    while 0 < len(data) < n:
+        more = f.read(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
 
 
 _ITEMSIZE = {

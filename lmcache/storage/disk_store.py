@@ -3,7 +3,9 @@
 Files are ``<local_disk>/lmcache-kv/<namespace tag>/<first 2 hex of the chunk hash>/<key hex>.kv``
 in the :mod:`lmcache.storage.chunk_format` encoding. The tier owns only its ``lmcache-kv``
 subdirectory, marked by a ``.lmcache-disk-tier`` file: it is created 0700 with files 0600 (the
-chunks are other tenants' KV, readable by hash), one owned by another user is refused, and the
+chunks are other tenants' KV, readable by hash), one owned by another user or unmarked is never
+written (:attr:`DiskStore.problem` says why), its marker is ``flock``-ed while in use (a second
+user of the directory is warned about: each counts only its own files against the cap), and the
 start-up scan looks at nothing outside it and removes only files that are ours (``.kv`` files
 starting with the chunk magic or at a chunk file's path, temporaries named as ours), so
 ``local_disk`` may be a shared directory. A write goes to a temporary file in the same
@@ -11,7 +13,8 @@ directory and is renamed into place (``os.replace``), so a crash leaves either t
 no chunk under the final name (without ``disk_fsync``, possibly an empty or zero-filled one); the
 next start-up scan removes such a file, and torn temporary files. Reads
 go straight into the caller's buffer (``readinto`` on an unbuffered file) and are verified against
-the header and the payload checksum; a file that fails is removed and reported as a miss.
+the header and the payload checksum; a file that fails (or whose read fails with EIO) is removed
+and reported as a miss. A file that eviction cannot remove stays indexed and counted.
 
 This class is synchronous and thread-safe. The write-behind queue, the writer thread and the
 degrade-on-error policy live in :mod:`lmcache.storage.tiers`.
@@ -21,11 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import stat
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +132,9 @@ class DiskStore:
         self.evictions = 0
         self.corrupt_removed = 0
         self.last_scan = ScanReport()
+        self.problem: OSError | None = None
+        """Why the tier's directory is not used (another user's, not marked as ours), if it is not."""
+        self._claim: weakref.finalize | None = None  # closes the marker flock-ed while the store uses it
         if scan:
             self.scan()
 
@@ -178,13 +186,15 @@ class DiskStore:
             self._warn.warning(
                 "corrupt", "disk tier: %s is corrupt (%s); removed, treated as a miss", entry.path, exc
             )
-            self._forget(ns, key, unlink=True)
+            self._forget(ns, key, entry, unlink=True)
             return False
         except FileNotFoundError:
-            self._forget(ns, key, unlink=False)
+            self._forget(ns, key, entry, unlink=False)
             return False
         except OSError as exc:
             self._warn.warning("read", "disk tier: cannot read %s (%s); treated as a miss", entry.path, exc)
+            if exc.errno == errno.EIO:  # a bad file: dropped (and removed), so the chunk is written afresh
+                self._forget(ns, key, entry, unlink=True)
             return False
         with self._lock:
             if (ns, key) in self._index:
@@ -207,7 +217,10 @@ class DiskStore:
         size = header_len + payload.nbytes
         if size > self.capacity_bytes:
             return None
-        victims = []
+        if self._claim is None:
+            self.scan()  # not claimed yet (``scan=False``) or refused: never write where it is not ours
+            if self.problem is not None:
+                raise OSError(self.problem.errno, f"{self.root} is not used: {self.problem.strerror}")
         with self._lock:
             existing = self._index.get(ident)
             if existing is not None:
@@ -218,21 +231,25 @@ class DiskStore:
                 victim = self._policy.victim()
                 if victim is None:
                     break  # the rest of the space is held by writes in flight
-                self._policy.discard(victim)
-                victims.append(self._index.pop(victim))
-                self.used_bytes -= victims[-1].size
-                self.evictions += 1
+                self._evict(victim)
             fits = self.used_bytes + size <= self.capacity_bytes
             if fits:
                 self.used_bytes += size
                 self._writing.add(ident)
-        for old in victims:
-            _unlink(old.path)
         if not fits:
             return None
         path = self.path_for(ns, key)
         try:
-            checksum = self._write_file(path, key, ns, num_tokens, payload, header_len, checksum)
+            try:
+                checksum = self._write_file(path, key, ns, num_tokens, payload, header_len, checksum)
+            except FileNotFoundError:
+                if self.root.is_dir():
+                    raise
+                # The tier's directory was removed under us, with every file in it: start again empty.
+                self._warn.warning("root-lost", "disk tier: %s was removed; recreating it empty", self.root)
+                self.clear()
+                self._claim_root()
+                checksum = self._write_file(path, key, ns, num_tokens, payload, header_len, checksum)
         except BaseException:
             with self._lock:
                 self._writing.discard(ident)
@@ -310,16 +327,34 @@ class DiskStore:
             _unlink(entry.path)
         return len(entries)
 
-    def _forget(self, ns: Namespace, key: ChunkKey, unlink: bool) -> bool:
+    def _forget(self, ns: Namespace, key: ChunkKey, entry: DiskEntry, unlink: bool) -> None:
+        """Drop ``entry`` (the file a read found missing or bad), unless the index has moved on to a
+        newer file of the chunk meanwhile; removed under the lock, so no write of it comes between."""
         with self._lock:
-            entry = self._index.pop((ns, key), None)
-            if entry is None:
-                return False
+            if self._index.get((ns, key)) is not entry:
+                return
+            del self._index[(ns, key)]
             self._policy.discard((ns, key))
             self.used_bytes -= entry.size
-        if unlink:
-            _unlink(entry.path)
-        return True
+            if unlink:
+                _unlink(entry.path)
+
+    def _evict(self, ident: _IndexKey) -> None:
+        """Remove a chunk file and its entry (lock held). OSError if it cannot be removed: then it
+        stays indexed and counted, as it stays on disk."""
+        entry = self._index[ident]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+        self._policy.discard(ident)
+        del self._index[ident]
+        self.used_bytes -= entry.size
+        self.evictions += 1
+
+    def close(self) -> None:
+        """Release the directory to other processes (the files stay)."""
+        claim, self._claim = self._claim, None
+        if claim is not None:
+            claim()
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -334,7 +369,7 @@ class DiskStore:
             files = [p for p in _walk(self.root) if p.name.endswith((SUFFIX, TMP_SUFFIX))]
         except OSError as exc:
             self._warn.warning(
-                "scan", "disk tier: cannot read %s (%s); starting with an empty disk index", self.root, exc
+                "scan", "disk tier: cannot use %s (%s); starting with an empty disk index", self.root, exc
             )
             return report
         report.files = len(files)
@@ -365,15 +400,12 @@ class DiskStore:
                 self._index[ident] = entry
                 self._policy.add(ident)
                 self.used_bytes += entry.size
-            while self.used_bytes > self.capacity_bytes:
-                victim = self._policy.victim()
-                if victim is None:
-                    break
-                self._policy.discard(victim)
-                entry = self._index.pop(victim)
-                self.used_bytes -= entry.size
-                _unlink(entry.path)
-                report.evicted += 1
+            try:
+                while self.used_bytes > self.capacity_bytes and (victim := self._policy.victim()) is not None:
+                    self._evict(victim)
+                    report.evicted += 1
+            except OSError as exc:  # kept and counted: writes evict again (or fail and back off)
+                self._warn.warning("scan-evict", "disk tier: cannot evict from %s (%s)", self.root, exc)
         report.valid = len(self._index)
         report.seconds = time.monotonic() - started
         self.last_scan = report
@@ -391,21 +423,42 @@ class DiskStore:
         return report
 
     def _claim_root(self) -> None:
-        """Create the tier's directory (0700, with its marker), or check an existing one is ours;
-        OSError if it belongs to another user or is not marked as the tier's."""
-        self.root.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            self.root.mkdir(mode=0o700)
-        st = os.stat(self.root, follow_symlinks=False)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-            raise PermissionError(errno.EACCES, "not a directory of this user", str(self.root))
-        marker = self.root / MARKER
-        if not marker.exists():
-            if any(self.root.iterdir()):
-                raise PermissionError(errno.EACCES, f"not marked as the disk tier's ({MARKER} missing)")
-            marker.write_text("lmcache disk tier: files here are removed and evicted by lmcache\n")
-        if st.st_mode & 0o077:
-            os.chmod(self.root, 0o700)
+        """Create the tier's directory (0700, with its marker), or check an existing one is ours, and
+        lock its marker; OSError (also kept in ``problem``) if it belongs to another user or is not
+        marked as the tier's. A lock held elsewhere (another process or store using the directory)
+        is warned about: each counts only its own files against the cap."""
+        try:
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                self.root.mkdir(mode=0o700)
+            st = os.stat(self.root, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                raise PermissionError(errno.EACCES, "not a directory of this user", str(self.root))
+            marker = self.root / MARKER
+            if not marker.exists():
+                if any(self.root.iterdir()):
+                    raise PermissionError(errno.EACCES, f"not marked as the disk tier's ({MARKER} missing)")
+                marker.write_text("lmcache disk tier: files here are removed and evicted by lmcache\n")
+            if st.st_mode & 0o077:
+                os.chmod(self.root, 0o700)
+            fd = os.open(marker, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as exc:
+            self.problem = exc
+            raise
+        self.problem = None
+        self.close()  # a lock of an earlier claim
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning(
+                "disk tier: local_disk %s is in use by another LMCache engine or cache server (on this "
+                "host): each counts only the files it wrote or found at its start against "
+                "max_local_disk_size, so together they can hold more; give each its own local_disk",
+                self.root.parent,
+            )
+        except OSError:
+            pass  # a filesystem without locks: sharing it goes unnoticed
+        self._claim = weakref.finalize(self, os.close, fd)
 
     def _check_file(self, path: Path) -> tuple[float, _IndexKey, DiskEntry] | bool:
         """The index entry of a valid chunk file; else whether the file is ours (to remove)."""
@@ -465,7 +518,10 @@ def _stale_tmp(path: Path, now: float) -> bool:
     parts = path.name.split(".")
     try:
         pid = int(parts[-3])
-        os.kill(pid, 0)
+        if pid != os.getpid():
+            os.kill(pid, 0)
+        elif int(parts[-2]) not in {t.ident for t in threading.enumerate()}:
+            return True  # our pid but none of our threads: an earlier process's (a container's pid 1)
     except (ValueError, IndexError, OverflowError, ProcessLookupError):
         return True
     except PermissionError:

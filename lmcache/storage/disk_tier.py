@@ -67,7 +67,8 @@ class DiskTier(LowerTier):
         self._warn = RateLimitedLog(logger)
         self._closed = False
         self._lock = threading.Lock()
-        problem = _unwritable(store.root)
+        # A directory the store refused (another user's, unmarked) is not even probed.
+        problem = store.problem or _unwritable(store.root)
         if problem is not None:
             self._failed(problem)
 
@@ -190,3 +191,4 @@ class DiskTier(LowerTier):
                 return
             self._closed = True
         self._readers.shutdown(wait=False)
+        self.store.close()
