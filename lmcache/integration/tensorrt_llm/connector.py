@@ -210,6 +210,11 @@ class LMCacheWorker(KvCacheConnectorWorker):
             self._fence.release(stream)
             self._fence = None
 
+    def transfers_in_flight(self) -> int:
+        """Requests whose saves or legacy loads, plus prefix loads, this worker still tracks: none
+        once TRT-LLM was told of every transfer it waits for and no request runs."""
+        return len(self._saves) + len(self._loads) + len(self._prefix_loads)
+
     def get_finished_prefix_loads(self) -> list[int]:
         """Reservation ids whose load (sync or async) is in place and visible; each reported once.
         Never waits, never talks to other ranks; a failed load raises here."""

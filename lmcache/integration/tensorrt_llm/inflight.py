@@ -21,6 +21,10 @@ class InflightTransfers:
         self._pending: dict[int, list[Done]] = {}
         self._asked: set[int] = set()
 
+    def __len__(self) -> int:
+        """Requests still tracked: transfers not reported yet, or ids asked about."""
+        return len(self._pending.keys() | self._asked)
+
     def add(self, request_id: int, done: Done) -> None:
         self._pending.setdefault(request_id, []).append(done)
 

@@ -52,10 +52,12 @@ class KvCacheConnectorManager:
         num_layer_groups: int | None = None,
         prefix_reservations: bool = False,
         ranks: Ranks | None = None,
+        skip_idle_polls: bool = False,
     ) -> None:
         """``workers``: one per rank of ``ranks.local`` (default: all ranks in this process);
         ``scheduler``: present exactly where rank 0 lives. ``num_layer_groups`` None = V1 (flat
-        forms); ``prefix_reservations`` needs V2."""
+        forms); ``prefix_reservations`` needs V2. ``skip_idle_polls``: ``get_finished`` calls no
+        worker (and gathers nothing) while :attr:`tracks_async_requests` is False."""
         self.ranks = ranks if ranks is not None else LocalRanks(len(workers))
         if (scheduler is not None) != self.ranks.hosts_root or len(workers) != len(self.ranks.local):
             raise ValueError("a connector needs a scheduler on rank 0 and a worker on every rank")
@@ -85,6 +87,9 @@ class KvCacheConnectorManager:
         self._loaded_by_rank: list[set[int]] = [set() for _ in range(self.ranks.size)]
         self._request_fields = _request_data_fields()
         self.forward_pass_callables: list[tuple[int, Callable[[], Any]]] = []  # (rank, callable)
+        self.skip_idle_polls = skip_idle_polls
+        self.skipped_polls = 0
+        """``get_finished`` calls that polled no worker (``skip_idle_polls``)."""
 
     @property
     def tp_size(self) -> int:
@@ -309,9 +314,13 @@ class KvCacheConnectorManager:
     def get_finished(self) -> tuple[list[LlmRequest], list[LlmRequest]]:
         """Poll every rank with the IDs new since the last poll (and ``get_finished_prefix_loads``
         with reservations); return the transfers that every rank has reported done: (saved
-        requests, loaded requests). Prefix loads retire later, through ``retire_prefix_loads``."""
+        requests, loaded requests). Prefix loads retire later, through ``retire_prefix_loads``.
+        With ``skip_idle_polls`` and no async request tracked, no worker is called."""
         if self.reservations is not None:
             self.reservations.poll()
+        if self.skip_idle_polls and not self.tracks_async_requests:
+            self.skipped_polls += 1
+            return [], []
         finished_gen, started_loading = self._finished_gen_ids, self._started_loading_ids
         self._finished_gen_ids, self._started_loading_ids = [], []
         local = {}
@@ -353,6 +362,14 @@ class KvCacheConnectorManager:
             if res.request.state == LlmRequestState.DISAGG_GENERATION_TRANS_IN_PROGRESS:
                 res.request.state = LlmRequestState.CONTEXT_INIT
         return [res.request for res in retired]
+
+    @property
+    def tracks_async_requests(self) -> bool:
+        """TRT-LLM's skip condition (a 2026 revision, ``test_connector_manager_get_finished_skips_
+        empty_poll``): an async save (``request_finished`` returned True) or legacy async load (an
+        async hit, parked or not) that not every rank has reported done, ids already passed to
+        ``get_finished`` included. Prefix loads are not among them: their poll is separate."""
+        return bool(self.saving or self.loading or self._new_loading)
 
     @property
     def has_pending_transfers(self) -> bool:

@@ -92,13 +92,16 @@ class ReplayExecutor:
         pool_allocator: PoolAllocator = zeros_pool,
         free_passed_pages: bool = False,
         serve_grow_pages: int | None = None,
+        skip_idle_polls: bool = False,
     ) -> None:
         """``ranks``: where the TP ranks live (default: all in this process, run in turn);
         ``pool_allocator``: how each local pool tensor is made (see :data:`PoolAllocator`);
         ``free_passed_pages``: V2 frees passed sliding-window pages (see ``V2Steps.free_passed_pages``);
         ``serve_grow_pages``: V2 only, pages run short: growing a first allocation past its chunk's
         own pages for a served connector prefix fails when it needs more than this many pages (per
-        group), and the prefix is honoured only partly (reference §5.1); None = never fails."""
+        group), and the prefix is honoured only partly (reference §5.1); None = never fails;
+        ``skip_idle_polls``: the worker's ``get_finished`` is called only while the manager tracks an
+        async save or load, as a 2026 TRT-LLM revision does (see ``KvCacheConnectorManager``)."""
         self.llm_args = llm_args
         self.model_config = model_config or ModelConfig()
         self.device = torch.device(device)
@@ -188,6 +191,7 @@ class ReplayExecutor:
                 num_layer_groups=len(self.layer_groups) if self.v2 else None,
                 prefix_reservations=reservations,
                 ranks=self.ranks,
+                skip_idle_polls=skip_idle_polls,
             )
             self.manager.forward_pass_callables = callables
             self._register_kv_caches()
