@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -16,7 +18,11 @@ from lmcache.testing.trtllm_replay import (
     ModelConfig,
     ReplayExecutor,
     TorchLlmArgs,
+    llm_args_for,
 )
+
+if TYPE_CHECKING:
+    from .presets import Preset
 
 MODEL = ModelConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
 TPB = 16
@@ -55,6 +61,40 @@ def llm_args(
         enable_chunked_prefill=chunk is not None,
         max_num_tokens=chunk or 8192,
     )
+
+
+VSWA = dataclasses.replace(MODEL, num_layers=3, layer_windows=(64, None, 64))
+"""Sliding-window layers around a full-attention one: two layer groups under V2."""
+SLIDING = dataclasses.replace(MODEL, layer_windows=(64, 64))
+"""Every layer sliding: nothing a finished request leaves on the device is reused."""
+
+
+def mode_args(
+    preset: Preset | None,
+    mode: str,
+    *,
+    tp: int = 1,
+    max_tokens: int = 2048,
+    chunk: int | None = None,
+    max_num_tokens: int | None = None,
+) -> TorchLlmArgs:
+    """The replay's arguments for the KV cache manager ``mode`` (``KV_MANAGER_MODES``) with
+    ``preset``'s connector (None: no connector)."""
+    connector = (
+        None
+        if preset is None
+        else KvCacheConnectorConfig(connector=preset.name, server_url=preset.server_url)
+    )
+    base = llm_args_for(
+        mode,
+        connector,
+        model="replay/qwen-like",
+        tensor_parallel_size=tp,
+        tokens_per_block=TPB,
+        max_tokens=max_tokens,
+        chunk=chunk,
+    )
+    return base if max_num_tokens is None else dataclasses.replace(base, max_num_tokens=max_num_tokens)
 
 
 def prompt(n: int, start: int = 1) -> list[int]:

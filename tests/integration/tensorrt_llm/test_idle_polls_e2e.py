@@ -5,26 +5,20 @@ outputs stay bit-equal to a run without a connector, and nothing is left pinned 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterator
 
 import pytest
-from support.e2e import MODEL, TPB, assert_same_output, prompt
+from support.e2e import MODEL, SLIDING, VSWA, assert_same_output, mode_args, prompt
 from support.late_saves import LateSaves, late_saves
 from support.presets import Preset
 
 from lmcache.testing.trtllm_replay import (
     KV_MANAGER_MODES,
-    KvCacheConnectorConfig,
     ModelConfig,
     ReplayExecutor,
-    TorchLlmArgs,
-    llm_args_for,
 )
 
-VSWA = dataclasses.replace(MODEL, num_layers=3, layer_windows=(64, None, 64))
-SLIDING = dataclasses.replace(MODEL, layer_windows=(64, 64))
 overlap_modes = pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
 
 
@@ -32,32 +26,6 @@ overlap_modes = pytest.mark.parametrize("overlap", [False, True], ids=["sync", "
 def late(monkeypatch: pytest.MonkeyPatch) -> Iterator[LateSaves]:
     """Saves run two iterations after their forward (unless waited for): where they land is known."""
     yield from late_saves(monkeypatch, lag=2)
-
-
-def args(
-    preset: Preset | None,
-    mode: str,
-    *,
-    tp: int = 1,
-    max_tokens: int = 2048,
-    chunk: int | None = None,
-    max_num_tokens: int | None = None,
-) -> TorchLlmArgs:
-    connector = (
-        None
-        if preset is None
-        else KvCacheConnectorConfig(connector=preset.name, server_url=preset.server_url)
-    )
-    base = llm_args_for(
-        mode,
-        connector,
-        model="replay/qwen-like",
-        tensor_parallel_size=tp,
-        tokens_per_block=TPB,
-        max_tokens=max_tokens,
-        chunk=chunk,
-    )
-    return base if max_num_tokens is None else dataclasses.replace(base, max_num_tokens=max_num_tokens)
 
 
 def executor(
@@ -74,7 +42,7 @@ def executor(
 ) -> ReplayExecutor:
     """An executor whose ``get_finished`` polls no worker while nothing async is tracked."""
     return ReplayExecutor(
-        args(preset, mode, tp=tp, max_tokens=max_tokens, chunk=chunk, max_num_tokens=max_num_tokens),
+        mode_args(preset, mode, tp=tp, max_tokens=max_tokens, chunk=chunk, max_num_tokens=max_num_tokens),
         model,
         overlap_scheduler=overlap,
         free_passed_pages=free_passed_pages,
@@ -83,7 +51,7 @@ def executor(
 
 
 def reference(p: list[int], new_tokens: int, mode: str = "v1", model: ModelConfig = MODEL) -> object:
-    return ReplayExecutor(args(None, mode), model).generate([p], new_tokens)[0]
+    return ReplayExecutor(mode_args(None, mode), model).generate([p], new_tokens)[0]
 
 
 def finish(preset: Preset, ex: ReplayExecutor, caplog: pytest.LogCaptureFixture | None = None) -> None:

@@ -7,47 +7,23 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from support.e2e import MODEL, TPB, assert_same_output, prompt
+from support.e2e import MODEL, SLIDING, TPB, VSWA, assert_same_output, mode_args, prompt
 from support.presets import Preset
 
 from lmcache.testing.trtllm_replay import (
     KV_MANAGER_MODES,
     GenerationResult,
-    KvCacheConnectorConfig,
     ModelConfig,
     ReplayExecutor,
-    TorchLlmArgs,
-    llm_args_for,
 )
 
-VSWA = dataclasses.replace(MODEL, num_layers=3, layer_windows=(64, None, 64))
-SLIDING = dataclasses.replace(MODEL, layer_windows=(64, 64))
 SINKS = dataclasses.replace(VSWA, sink_tokens=TPB)
 MODES = list(KV_MANAGER_MODES)
 
 
-def args(
-    preset: Preset | None, mode: str, *, tp: int = 1, max_tokens: int = 2048, chunk: int | None = None
-) -> TorchLlmArgs:
-    connector = (
-        None
-        if preset is None
-        else KvCacheConnectorConfig(connector=preset.name, server_url=preset.server_url)
-    )
-    return llm_args_for(
-        mode,
-        connector,
-        model="replay/qwen-like",
-        tensor_parallel_size=tp,
-        tokens_per_block=TPB,
-        max_tokens=max_tokens,
-        chunk=chunk,
-    )
-
-
 def reference(prompts: list[list[int]], new_tokens: int, model: ModelConfig = MODEL, **kw: object) -> list:
     """Each prompt through a cold executor with no connector."""
-    return [ReplayExecutor(args(None, "v1", **kw), model).generate([p], new_tokens)[0] for p in prompts]
+    return [ReplayExecutor(mode_args(None, "v1", **kw), model).generate([p], new_tokens)[0] for p in prompts]
 
 
 def finish(preset: Preset, executor: ReplayExecutor) -> None:
@@ -67,7 +43,7 @@ def test_seed_scenario(preset: Preset, mode: str, tp: int) -> None:
     """A, then B evicting A from the small device pool, then A again: the connector supplies A."""
     a, b = prompt(200, start=1), prompt(200, start=2)
     # The device pool holds one 200-token request and its generated tokens, not two: B evicts A.
-    executor = ReplayExecutor(args(preset, mode, tp=tp, max_tokens=256), MODEL)
+    executor = ReplayExecutor(mode_args(preset, mode, tp=tp, max_tokens=256), MODEL)
     first = executor.generate([a], 8)[0]
     executor.generate([b], 8)
     third = executor.generate([a], 8)[0]
@@ -85,9 +61,9 @@ def test_seed_scenario(preset: Preset, mode: str, tp: int) -> None:
 def test_multi_turn_and_chunked_prefill(preset: Preset, mode: str) -> None:
     """Chunked prefill saves every step; the next turn hits past the first turn's prompt."""
     turn1 = prompt(150, start=3)
-    first = ReplayExecutor(args(preset, mode, chunk=64), MODEL).generate([turn1], 60)[0]
+    first = ReplayExecutor(mode_args(preset, mode, chunk=64), MODEL).generate([turn1], 60)[0]
     turn2 = turn1 + first.tokens + prompt(30, start=4)
-    executor = ReplayExecutor(args(preset, mode, chunk=64), MODEL)
+    executor = ReplayExecutor(mode_args(preset, mode, chunk=64), MODEL)
     second = executor.generate([turn2], 6)[0]
     assert second.num_connector_matched_tokens > len(turn1)  # the answer came from the cache too
     assert_same_output(first, reference([turn1], 60)[0])
@@ -105,11 +81,11 @@ def test_sliding_window_models(preset: Preset, mode: str, model: ModelConfig) ->
     """Layer groups keyed apart; the sliding group's passed pages are -1 and never touched, its
     sink pages before them are loaded like the window's."""
     p = prompt(200, start=5)
-    cold = ReplayExecutor(args(preset, mode), model).generate([p], 6)[0]
-    executor = ReplayExecutor(args(preset, mode), model)
+    cold = ReplayExecutor(mode_args(preset, mode), model).generate([p], 6)[0]
+    executor = ReplayExecutor(mode_args(preset, mode), model)
     warm = executor.generate([p], 6)[0]
     assert warm.num_connector_matched_tokens == 192
-    want = ReplayExecutor(args(None, mode), model).generate([p], 6)[0]
+    want = ReplayExecutor(mode_args(None, mode), model).generate([p], 6)[0]
     assert_same_output(cold, want)
     assert_same_output(warm, want)
     finish(preset, executor)
@@ -119,12 +95,12 @@ def test_overlapping_and_retried_reservations(preset: Preset) -> None:
     """Two requests reserving one prefix, and reservations rejected by a small token budget and
     retried under fresh ids: every output right, every pin released."""
     a, b = prompt(96, start=6), prompt(96, start=7)
-    ReplayExecutor(args(preset, "v2-res"), MODEL).generate([a, b], 2)
-    executor = ReplayExecutor(args(preset, "v2-res"), MODEL)
+    ReplayExecutor(mode_args(preset, "v2-res"), MODEL).generate([a, b], 2)
+    executor = ReplayExecutor(mode_args(preset, "v2-res"), MODEL)
     same = executor.generate([a, a], 2)
     assert all(r.num_connector_matched_tokens == 64 for r in same)
     assert reservations(executor, same[0]) != reservations(executor, same[1])
-    budget = ReplayExecutor(args(preset, "v2-res", chunk=32), MODEL)  # room for one request's rest
+    budget = ReplayExecutor(mode_args(preset, "v2-res", chunk=32), MODEL)  # room for one request's rest
     got = budget.generate([a, b], 2)
     assert len(reservations(budget, got[1])) >= 2  # rejected at least once, retried under a new id
     want = reference([a, b], 2)
@@ -142,8 +118,8 @@ def test_cancel_during_an_async_load(preset: Preset, mode: str) -> None:
     preset_env.setenv("LMCACHE_ENABLE_ASYNC_LOADING", "True")
     try:
         p = prompt(200, start=8)
-        ReplayExecutor(args(preset, mode), MODEL).generate([p], 4)
-        executor = ReplayExecutor(args(preset, mode), MODEL)
+        ReplayExecutor(mode_args(preset, mode), MODEL).generate([p], 4)
+        executor = ReplayExecutor(mode_args(preset, mode), MODEL)
         victim = executor.next_request_id
         executor.on_iteration = lambda ex: ex.cancel(victim) if ex.stats.iterations == 2 else None
         cancelled = executor.generate([p], 4)[0]
@@ -162,7 +138,7 @@ def test_a_request_cancelled_while_waiting_for_pages_leaves_nothing_behind(
     """reserve_prefix asks about a request in every pass while it waits for pages (a hit is released
     in that pass); one cancelled before admission gets no other connector callback, and the planner
     forgets it once it is no longer asked about."""
-    executor = ReplayExecutor(args(preset, "v2-res", max_tokens=256), MODEL)
+    executor = ReplayExecutor(mode_args(preset, "v2-res", max_tokens=256), MODEL)
     waiting = prompt(200, start=11)
     if cached:
         executor.generate([waiting], 8)  # into the connector's cache; the next request evicts it
@@ -186,8 +162,8 @@ def test_a_request_cancelled_while_waiting_for_pages_leaves_nothing_behind(
 @pytest.mark.parametrize("mode", ["v2", "v2-res"])
 def test_rollback_forgets_the_pages_and_replays(preset: Preset, mode: str) -> None:
     p = prompt(200, start=9)
-    ReplayExecutor(args(preset, mode), MODEL).generate([p], 4)
-    executor = ReplayExecutor(args(preset, mode), MODEL)
+    ReplayExecutor(mode_args(preset, mode), MODEL).generate([p], 4)
+    executor = ReplayExecutor(mode_args(preset, mode), MODEL)
     executor.rollback_after_alloc(executor.next_request_id)
     result = executor.generate([p], 4)[0]
     assert executor.stats.requests[result.request_id].resets == 1
@@ -205,10 +181,10 @@ def test_cuda_pools(preset: Preset, mode: str, model: ModelConfig) -> None:
     if mode == "v1" and model is VSWA:
         pytest.skip("sliding windows need V2")
     p = prompt(300, start=10)
-    cold = ReplayExecutor(args(preset, mode), model, device="cuda").generate([p], 6)[0]
-    executor = ReplayExecutor(args(preset, mode), model, device="cuda")
+    cold = ReplayExecutor(mode_args(preset, mode), model, device="cuda").generate([p], 6)[0]
+    executor = ReplayExecutor(mode_args(preset, mode), model, device="cuda")
     warm = executor.generate([p, p], 6)
-    want = ReplayExecutor(args(None, mode), model, device="cuda").generate([p], 6)[0]
+    want = ReplayExecutor(mode_args(None, mode), model, device="cuda").generate([p], 6)[0]
     assert all(r.num_connector_matched_tokens == 256 for r in warm)
     for result in (cold, *warm):
         assert_same_output(result, want)
@@ -227,7 +203,7 @@ def test_a_preempted_request_recomputes_with_its_own_kv(
     prompt: same output as an uninterrupted run, and nothing pinned."""
     p = prompt(200, start=13)
     executor = ReplayExecutor(
-        args(preset, mode, chunk=64 if when == "prefill" else None),
+        mode_args(preset, mode, chunk=64 if when == "prefill" else None),
         model,
         overlap_scheduler=when.endswith("overlap"),
     )
@@ -238,5 +214,5 @@ def test_a_preempted_request_recomputes_with_its_own_kv(
     assert executor.stats.requests[victim].preemptions == 1
     if model is VSWA:  # no device reuse with a sliding group: the cache served the recompute
         assert got.num_connector_matched_tokens >= (128 if when == "prefill" else 192)
-    assert_same_output(got, ReplayExecutor(args(None, mode), model).generate([p], 8)[0])
+    assert_same_output(got, ReplayExecutor(mode_args(None, mode), model).generate([p], 8)[0])
     finish(preset, executor)

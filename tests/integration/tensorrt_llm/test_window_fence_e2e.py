@@ -3,17 +3,15 @@ save read them: the save must be fenced, or wrong KV is stored and served (both 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 
 import pytest
-from support.e2e import MODEL, TPB, assert_same_output, prompt
+from support.e2e import SLIDING, TPB, assert_same_output, mode_args, prompt
 from support.late_saves import LateSaves, late_saves
 from support.presets import Preset
 
-from lmcache.testing.trtllm_replay import KvCacheConnectorConfig, ReplayExecutor, TorchLlmArgs, llm_args_for
+from lmcache.testing.trtllm_replay import ReplayExecutor, TorchLlmArgs
 
-SLIDING = dataclasses.replace(MODEL, layer_windows=(64, 64))
 WINDOW = 64
 
 
@@ -24,15 +22,9 @@ def late(monkeypatch: pytest.MonkeyPatch) -> Iterator[LateSaves]:
 
 
 def args(preset: Preset | None, mode: str) -> TorchLlmArgs:
-    connector = (
-        None
-        if preset is None
-        else KvCacheConnectorConfig(connector=preset.name, server_url=preset.server_url)
-    )
     # One 128-token prompt per iteration (no chunked prefill): the second request's pages are
     # allocated in the iteration after the first one's prefill.
-    base = llm_args_for(mode, connector, model="replay/qwen-like", tokens_per_block=TPB, max_tokens=2048)
-    return dataclasses.replace(base, max_num_tokens=160)
+    return mode_args(preset, mode, max_num_tokens=160)
 
 
 def executor(
