@@ -12,13 +12,18 @@ URL_FORMS = (
 def mask_password(url: str) -> str:
     """``url`` with any password replaced by ``***`` (error messages and logs never show secrets); the
     user part ends at the last ``@``, so a password holding ``/`` or ``@`` is masked whole. A user
-    part without ``:`` is masked whole too (redis-cluster:// reads it as the password)."""
+    part without ``:`` is masked whole too (redis-cluster:// reads it as the password). So is a
+    ``password=`` query parameter, which redis-py takes too (``unix:///path?password=...``)."""
     scheme, sep, rest = url.partition("://")
     userinfo, at, hosts = rest.rpartition("@")
-    if not sep or not at:
+    if sep and at:
+        user = userinfo.split(":", 1)[0] + ":" if ":" in userinfo else ""
+        url = f"{scheme}://{user}***@{hosts}"
+    base, question, query = url.partition("?")
+    if not question:
         return url
-    user = userinfo.split(":", 1)[0] + ":" if ":" in userinfo else ""
-    return f"{scheme}://{user}***@{hosts}"
+    params = ("password=***" if p.split("=", 1)[0] == "password" else p for p in query.split("&"))
+    return f"{base}?{'&'.join(params)}"
 
 
 _USERINFO_ESCAPES = (("/", "%2F"), ("?", "%3F"), ("#", "%23"))

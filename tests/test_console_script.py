@@ -1,6 +1,8 @@
 import re
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,26 @@ def test_stats_of_nothing_listening_fails_at_once_naming_the_default_url(
     assert main(["stats"]) == 1
     err = capsys.readouterr().err
     assert f"ipc://{tmp_path}/none.sock" in err and "is it running" in err
+
+
+def test_stats_of_an_http_server_says_it_is_no_cache_server(capsys) -> None:
+    """A web server's port given by mistake: its reply reads as a frame of over 1 GB, which the error
+    names (not just "connection lost"), exit 1, no traceback."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer_like_http() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)  # the stats request
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    server = threading.Thread(target=answer_like_http, daemon=True)
+    server.start()
+    with listener:
+        assert main(["stats", f"127.0.0.1:{listener.getsockname()[1]}"]) == 1
+        server.join(10)
+    err = capsys.readouterr().err
+    assert "announced: not a cache server" in err and "Traceback" not in err
 
 
 def test_version_has_one_source(capsys) -> None:

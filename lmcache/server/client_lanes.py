@@ -381,9 +381,10 @@ class LanePool:
                 raise timed_out(self.url, op, timeout)
             try:
                 data = lane.receive(min(POLL_S, remaining), spin=SPIN_S)
-            except OSError:
+            except OSError as e:  # its reason: closed, reset, or a frame no cache server sends
                 raise ServerUnavailable(
-                    f"{op} to {self.url} failed: connection to the server lost before it answered"
+                    f"{op} to {self.url} failed: connection to the server lost before it answered "
+                    f"({e.strerror or e})"
                 ) from None
             if data is None:
                 if self.closed:

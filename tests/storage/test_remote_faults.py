@@ -71,6 +71,16 @@ def test_cluster_urls_read_the_password_as_the_config_does() -> None:
     assert url_problem("redis-cluster://h1:7000/0") is None
 
 
+def test_a_password_in_the_query_string_is_masked() -> None:
+    """redis-py reads ``?password=`` too (its documented ``unix://`` form): /health, logs and the
+    effective config show the URL, so that password is masked like one before the ``@``."""
+    url = "unix:///run/redis.sock?db=0&password=s3cret&x=1"
+    assert url_problem(url) is None
+    assert mask_password(url) == "unix:///run/redis.sock?db=0&password=***&x=1"
+    assert mask_password("redis://u:pw@h:6379/0?password=s3cret") == "redis://u:***@h:6379/0?password=***"
+    assert mask_password("redis://h:6379/0?db=1") == "redis://h:6379/0?db=1"
+
+
 def test_all_connections_busy_is_a_wait_not_an_outage(redis_server) -> None:  # type: ignore[no-untyped-def]
     """Callers beyond the pool's connections wait for one; redis-py would raise "Too many
     connections", which the tier took for the server being down (every call a miss meanwhile)."""
