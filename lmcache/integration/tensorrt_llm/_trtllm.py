@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,6 +194,11 @@ else:
     RequestData = _RequestData
     PrefixLoad = _PrefixLoad
 
+ATTENTION_DP_API = hasattr(KvCacheConnectorScheduler, "supports_attention_dp")
+"""This TRT-LLM gives every attention-DP rank its own scheduler and worker, and runs them only when
+both classes opt in (``supports_attention_dp``). Older ones broadcast rank 0's scheduler answers to
+every rank, which under attention DP hold other requests."""
+
 
 RankProvider = Callable[[], int | None]
 """Answers this thread's TRT-LLM rank, or None to defer to TRT-LLM's own ``mpi_rank()``."""
@@ -224,3 +229,26 @@ def mpi_rank() -> int:
     except ImportError:
         return 0
     return int(trt_mpi_rank())
+
+
+ProcessProvider = Callable[[], Hashable | None]
+"""Answers which simulated TRT-LLM process this thread acts in, or None (this OS process)."""
+
+_process_provider: ProcessProvider | None = None
+
+
+def set_process_provider(provider: ProcessProvider | None) -> None:
+    """Install where ``process_key()`` looks (None removes it).
+
+    For hosts that run, in one OS process, TRT-LLM ranks that would each be a process of their own
+    and share nothing: the executor replay's attention-DP owners. Production installs none.
+    """
+    global _process_provider
+    _process_provider = provider
+
+
+def process_key() -> Hashable | None:
+    """Which TRT-LLM process this thread acts in, for what is one per process (the in-process
+    engine, the connection to a cache server): None in production, where that is this OS process."""
+    provider = _process_provider
+    return provider() if provider is not None else None

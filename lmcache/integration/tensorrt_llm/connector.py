@@ -1,11 +1,12 @@
 """One TRT-LLM connector over two back-ends: the scheduler and worker halves both presets share.
 
-The scheduler (rank 0) implements the flat and the per-layer-group forms, V2's prefix-reservation
-trio, ``cancel_load`` and ``request_reset``, all through one :class:`Planner`. The worker (every
-rank) registers a V1 pool or a V2 layout and hands loads and saves to its back-end, once per
-iteration (``start_load_kv``, ``wait_for_save``, ``get_finished``). ``wait_for_layer_load`` lets each
-layer of the forward wait for its own KV only, once TRT-LLM has shown it calls the hook for every
-layer (:mod:`lmcache.integration.tensorrt_llm.layerwise`); ``save_kv_layer`` does nothing.
+The scheduler (rank 0; under attention DP, every rank for its own requests) implements the flat
+and the per-layer-group forms, V2's prefix-reservation trio, ``cancel_load`` and ``request_reset``,
+all through one :class:`Planner`. The worker (every rank) registers a V1 pool or a V2 layout and
+hands loads and saves to its back-end, once per iteration (``start_load_kv``, ``wait_for_save``,
+``get_finished``). ``wait_for_layer_load`` lets each layer of the forward wait for its own KV only,
+once TRT-LLM has shown it calls the hook for every layer
+(:mod:`lmcache.integration.tensorrt_llm.layerwise`); ``save_kv_layer`` does nothing.
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ copies, keep saves off the GIL from the start (D60 measured 16k-token loads)."""
 
 
 class LMCacheScheduler(KvCacheConnectorScheduler):
-    """Rank 0's half: TRT-LLM's scheduler callbacks, answered by the planner."""
+    """Rank 0's half (every rank's, for its own requests, under attention DP): TRT-LLM's scheduler
+    callbacks, answered by the planner."""
+
+    supports_attention_dp = True
+    """Owner-local under attention DP: each rank's scheduler plans only its requests for its own
+    worker, and their chunks are keyed for every rank alike (``ConnectorSettings.attention_dp``)."""
 
     def __init__(self, llm_args: Any, planner: Planner) -> None:
         super().__init__(llm_args)
@@ -90,6 +96,10 @@ class LMCacheScheduler(KvCacheConnectorScheduler):
 
 class LMCacheWorker(KvCacheConnectorWorker):
     """Every rank's half: registers its pools, runs the plan's loads and saves through the back-end."""
+
+    supports_attention_dp = True
+    """Under attention DP a worker runs its own scheduler's plan, and reports completions of its own
+    requests only (TRT-LLM gathers nothing across ranks then)."""
 
     def __init__(self, llm_args: Any, settings: ConnectorSettings, backend: TransferBackend) -> None:
         super().__init__(llm_args)

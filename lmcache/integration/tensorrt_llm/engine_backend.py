@@ -14,6 +14,7 @@ from lmcache import cudart
 from lmcache.chunk_copy import CopyBatcher, StoreStart
 from lmcache.config import load_engine_config
 from lmcache.engine import CacheEngine, KeySpace
+from lmcache.integration.tensorrt_llm._trtllm import mpi_rank, process_key
 from lmcache.integration.tensorrt_llm.backend import check_loaded, transfers_by_group
 from lmcache.integration.tensorrt_llm.inflight import Done, event_done
 from lmcache.integration.tensorrt_llm.miss_probe import MissProbe
@@ -56,7 +57,9 @@ class ProcessEngine:
         return {rank: pools[0].space for rank, pools in self.pools.items() if pools}
 
 
-_process_engine: ProcessEngine | None = None
+_process_engines: dict[Hashable | None, ProcessEngine] = {}
+"""The engine of each TRT-LLM process: one in production (key None); one per simulated process
+where the replay hosts attention-DP owners in one OS process (:func:`process_key`)."""
 _process_engine_lock = threading.Lock()
 
 
@@ -66,29 +69,28 @@ def process_engine() -> ProcessEngine:
     With ``metrics_port`` set, the process also serves ``/metrics`` and ``/health`` (started once per
     process; a non-zero port is offset by the MPI rank so each rank's process gets its own).
     """
-    global _process_engine
+    key = process_key()
     with _process_engine_lock:
-        if _process_engine is None:
+        shared = _process_engines.get(key)
+        if shared is None:
             config = load_engine_config()
-            _process_engine = ProcessEngine(CacheEngine(config))
+            shared = _process_engines[key] = ProcessEngine(CacheEngine(config))
             if config.metrics_port is not None:
                 from lmcache.http_endpoint import start_process_endpoint
-                from lmcache.integration.tensorrt_llm._trtllm import mpi_rank
 
                 def current_engine() -> CacheEngine | None:
-                    shared = _process_engine
-                    return None if shared is None else shared.engine
+                    current = _process_engines.get(key)
+                    return None if current is None else current.engine
 
                 port = config.metrics_port + mpi_rank() if config.metrics_port else 0
                 start_process_endpoint(current_engine, port, config.metrics_host)
-        return _process_engine
+        return shared
 
 
 def reset_process_engine() -> None:
-    """Forget the engine (tests and the replay start each scenario from an empty cache)."""
-    global _process_engine
+    """Forget the engines (tests and the replay start each scenario from an empty cache)."""
     with _process_engine_lock:
-        _process_engine = None
+        _process_engines.clear()
 
 
 def _pin_id(pin: PinKey, target: TargetId) -> Hashable:

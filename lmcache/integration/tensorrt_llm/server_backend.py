@@ -22,6 +22,7 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch
 
 from lmcache import cudart
 from lmcache.config import LMCacheEngineConfig
+from lmcache.integration.tensorrt_llm._trtllm import process_key
 from lmcache.integration.tensorrt_llm.backend import check_loaded, transfers_by_group
 from lmcache.integration.tensorrt_llm.inflight import Done
 from lmcache.integration.tensorrt_llm.miss_probe import MissProbe
@@ -123,15 +125,17 @@ class ProcessConnection:
         return dict(self.instances[min(self.instances)])
 
 
-_connections: dict[str, ProcessConnection] = {}
+_connections: dict[tuple[Hashable | None, str], ProcessConnection] = {}
+"""Per TRT-LLM process (:func:`process_key`: None in production) and server URL."""
 _connections_lock = threading.Lock()
 
 
 def process_connection(url: str, config: LMCacheEngineConfig) -> ProcessConnection:
+    key = (process_key(), url)
     with _connections_lock:
-        if url not in _connections:
-            _connections[url] = ProcessConnection(url, config)
-        return _connections[url]
+        if key not in _connections:
+            _connections[key] = ProcessConnection(url, config)
+        return _connections[key]
 
 
 def reset_process_connections() -> None:

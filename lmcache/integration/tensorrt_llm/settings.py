@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmcache.config import LMCacheEngineConfig
+from lmcache.integration.tensorrt_llm import _trtllm
 
 DEFAULT_TOKENS_PER_BLOCK = 32
 
@@ -14,6 +15,8 @@ DEFAULT_TOKENS_PER_BLOCK = 32
 class ConnectorSettings:
     model_name: str
     world_size: int
+    """The ranks a request's KV is split across: TRT-LLM's tensor-parallel size, or 1 under attention
+    DP, where every rank holds all KV heads of its own requests."""
     tokens_per_block: int
     chunk_size: int
     layerwise: bool = True
@@ -21,6 +24,14 @@ class ConnectorSettings:
     kv_manager_v2: bool = False
     """TRT-LLM's KVCacheManagerV2 (``kv_cache_config.use_kv_cache_manager_v2``): pools CUDA IPC cannot
     export."""
+    attention_dp: bool = False
+    """``enable_attention_dp``: each rank schedules its own requests (its own scheduler and worker) and
+    keeps their whole KV; chunks are keyed as one world of one rank, so every rank finds every
+    other rank's saves (content keys are not partitioned by rank)."""
+
+    def shard_rank(self, rank: int) -> int:
+        """Which part of a request's KV rank ``rank`` holds: its TP rank, or 0 under attention DP."""
+        return 0 if self.attention_dp else rank
 
     @classmethod
     def from_llm_args(cls, llm_args: Any, config: LMCacheEngineConfig) -> ConnectorSettings:
@@ -41,7 +52,15 @@ class ConnectorSettings:
                 f"a multiple of {tpb} (e.g. {tpb * max(1, 256 // tpb)})."
             )
         model = config.model_name or str(getattr(llm_args, "model", None) or "unknown-model")
-        world = int(getattr(llm_args, "tensor_parallel_size", 1) or 1)
+        attention_dp = bool(getattr(llm_args, "enable_attention_dp", False))
+        if attention_dp and not _trtllm.ATTENTION_DP_API:
+            raise ValueError(
+                "enable_attention_dp=True needs a TensorRT-LLM whose KV connector API runs one connector "
+                "scheduler per attention-DP rank (1.4.0rc4 or newer); this one broadcasts rank 0's "
+                "scheduler to ranks that hold other requests. Upgrade TensorRT-LLM or set "
+                "enable_attention_dp=False."
+            )
+        world = 1 if attention_dp else int(getattr(llm_args, "tensor_parallel_size", 1) or 1)
         return cls(
             model_name=model,
             world_size=world,
@@ -49,6 +68,7 @@ class ConnectorSettings:
             chunk_size=config.chunk_size,
             layerwise=config.use_layerwise,
             kv_manager_v2=bool(getattr(kv_cache_config, "use_kv_cache_manager_v2", False)),
+            attention_dp=attention_dp,
         )
 
 

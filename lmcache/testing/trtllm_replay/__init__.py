@@ -27,7 +27,7 @@ from .llm_args import (
     llm_args_for,
 )
 from .model import ModelConfig, TinyDecoder
-from .ranks import LocalRanks, ProcessGroupRanks, Ranks, simulated_rank
+from .ranks import AttentionDPOwner, LocalRanks, ProcessGroupRanks, Ranks, simulated_process, simulated_rank
 from .recording import (
     LayoutSummary,
     RecordedCall,
@@ -42,6 +42,7 @@ from .stats import DispatchedLoad, ExecutorStats, GenerationResult, RequestStats
 
 __all__ = [
     "llm_args_for",
+    "AttentionDPOwner",
     "BAD_PAGE_INDEX",
     "CONNECTOR_PRESETS",
     "BlockManager",
@@ -84,6 +85,7 @@ __all__ = [
     "TorchLlmArgs",
     "factories_from_config",
     "hash_chain",
+    "simulated_process",
     "simulated_rank",
     "wants_prefix_reservations",
     "zeros_pool",

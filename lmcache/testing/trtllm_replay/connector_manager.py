@@ -3,9 +3,12 @@
 It owns the rank-0 scheduler and every rank's worker and does what TRT-LLM's manager does between
 them: the rank-0 calls and their broadcasts (pickled, so unpicklable answers fail here as they
 would under MPI), the ``SchedulerOutput`` deltas, the async load/save bookkeeping, and the
-all-rank intersection of ``get_finished``. Ranks are simulated with ``simulated_rank``; with
+all-rank intersection of ``get_finished``. Ranks are simulated (``Ranks.acting_as``); with
 ``ProcessGroupRanks`` this process drives only its own rank's worker (and the scheduler on rank 0),
-and the broadcasts and gathers cross processes.
+and the broadcasts and gathers cross processes. Under attention DP (``AttentionDPOwner``, TRT-LLM
+R-new) it drives one rank's own scheduler and worker, with no collective, sets
+``SchedulerOutput.attention_dp_rank`` and refuses a connector whose classes do not declare
+``supports_attention_dp``.
 
 Under V2 (``num_layer_groups`` given) it always uses the grouped forms
 (``update_state_after_alloc_by_layer_group``, ``request_finished_by_layer_group``), fills
@@ -27,7 +30,7 @@ from lmcache.integration.tensorrt_llm._trtllm import (
 )
 
 from .block_pool import hash_chain
-from .ranks import LocalRanks, Ranks, simulated_rank
+from .ranks import LocalRanks, Ranks
 from .request import CppRequestView, LlmRequest, LlmRequestState
 from .reservations import PrefixReservations, Reservation, overrides
 
@@ -63,6 +66,13 @@ class KvCacheConnectorManager:
             raise ValueError("a connector needs a scheduler on rank 0 and a worker on every rank")
         if prefix_reservations and num_layer_groups is None:
             raise ValueError("prefix reservations require the V2 KV cache manager")
+        if self.ranks.attention_dp_rank is not None:
+            for half in (scheduler, *workers):
+                if getattr(type(half), "supports_attention_dp", False) is not True:
+                    raise NotImplementedError(
+                        f"{type(half).__name__} does not declare supports_attention_dp=True; a connector "
+                        "runs under attention DP only when both its classes are owner-local"
+                    )
         for name in ("update_state_after_alloc_by_layer_group", "request_finished_by_layer_group"):
             if (num_layer_groups or 0) > 1 and not overrides(scheduler, KvCacheConnectorScheduler, name):
                 raise NotImplementedError(f"{num_layer_groups} layer groups need the scheduler's {name}")
@@ -101,14 +111,14 @@ class KvCacheConnectorManager:
 
     def _each_worker(self, method: str, *args: Any) -> None:
         for rank, worker in zip(self.ranks.local, self.workers, strict=True):
-            with simulated_rank(rank):
+            with self.ranks.acting_as(rank):
                 getattr(worker, method)(*args)
 
     def _on_root(self, call: Callable[[Any], Any]) -> Any:
         """``call(scheduler)`` on rank 0 (None in a process without it)."""
         if self.scheduler is None:
             return None
-        with simulated_rank(0):
+        with self.ranks.acting_as(0):
             return call(self.scheduler)
 
     # --- allocation (inside KVCacheManager.add_sequence) -------------------------------------
@@ -246,6 +256,8 @@ class KvCacheConnectorManager:
         self.external_loads.clear()
         if self.reservations is not None:
             output.prefix_loads = self.reservations.take_prefix_loads()
+        if self.ranks.attention_dp_rank is not None:
+            output.attention_dp_rank = self.ranks.attention_dp_rank
         return output
 
     def _async_pending(self, req: LlmRequest) -> bool:
@@ -276,7 +288,7 @@ class KvCacheConnectorManager:
         metadata = self._on_root(lambda s: s.build_connector_meta(scheduler_output))
         copies = self.ranks.broadcast_copies(metadata)
         for rank, worker in zip(self.ranks.local, self.workers, strict=True):
-            with simulated_rank(rank):
+            with self.ranks.acting_as(rank):
                 worker.bind_connector_meta(copies[rank])
 
     def start_load_kv(self, stream: Any) -> None:
@@ -290,7 +302,7 @@ class KvCacheConnectorManager:
 
     def run_forward_pass_callables(self) -> None:
         for rank, fn in self.forward_pass_callables:
-            with simulated_rank(rank):
+            with self.ranks.acting_as(rank):
                 fn()
 
     def wait_for_save(self, stream: Any) -> None:
@@ -309,6 +321,9 @@ class KvCacheConnectorManager:
             req.state = LlmRequestState.DISAGG_CONTEXT_TRANS_IN_PROGRESS
             self.saving[req.request_id] = req
             self._finished_gen_ids.append(req.request_id)
+        if self.ranks.attention_dp_rank is not None:  # R-new drops the request's deltas here under ADP
+            self._reported.pop(req.request_id, None)
+            self.external_loads.pop(req.request_id, None)
         return saving
 
     def get_finished(self) -> tuple[list[LlmRequest], list[LlmRequest]]:
@@ -325,7 +340,7 @@ class KvCacheConnectorManager:
         self._finished_gen_ids, self._started_loading_ids = [], []
         local = {}
         for rank, worker in zip(self.ranks.local, self.workers, strict=True):
-            with simulated_rank(rank):
+            with self.ranks.acting_as(rank):
                 local[rank] = worker.get_finished(list(finished_gen), list(started_loading))
         for rank, (saved, loaded) in enumerate(self.ranks.gather(local)):
             for rid in saved:

@@ -36,7 +36,7 @@ from .layer_groups import GroupedKvPool
 from .layout import KvCacheLayout, build_layout
 from .llm_args import KvCacheConnectorConfig, TorchLlmArgs
 from .model import ModelConfig, TinyDecoder
-from .ranks import LocalRanks, Ranks, simulated_rank
+from .ranks import AttentionDPOwner, LocalRanks, Ranks
 from .request import LlmRequest, LlmRequestState
 from .reservations import wants_prefix_reservations
 from .stats import ExecutorStats, GenerationResult, RequestStats
@@ -64,7 +64,7 @@ def _construct_connector(
     scheduler_factory, worker_factory = factories
 
     def build(factory: ConnectorFactory, rank: int) -> Any:
-        with simulated_rank(rank):
+        with ranks.acting_as(rank):
             return factory(llm_args)
 
     with ThreadPoolExecutor(max_workers=len(ranks.local) + 1, thread_name_prefix="replay-connector") as pool:
@@ -94,7 +94,9 @@ class ReplayExecutor:
         serve_grow_pages: int | None = None,
         skip_idle_polls: bool = False,
     ) -> None:
-        """``ranks``: where the TP ranks live (default: all in this process, run in turn);
+        """``ranks``: where the TP ranks live (default: all in this process, run in turn); with
+        ``llm_args.enable_attention_dp``, ``AttentionDPOwner(rank, tensor_parallel_size)``: this
+        executor is that one attention-DP rank, serving its own requests;
         ``pool_allocator``: how each local pool tensor is made (see :data:`PoolAllocator`);
         ``free_passed_pages``: V2 frees passed sliding-window pages (see ``V2Steps.free_passed_pages``);
         ``serve_grow_pages``: V2 only, pages run short: growing a first allocation past its chunk's
@@ -108,7 +110,18 @@ class ReplayExecutor:
         self.overlap_scheduler = overlap_scheduler
         self.cuda_graphs = cuda_graphs
         self.idle_timeout_s = idle_timeout_s
-        self.tp_size = llm_args.tensor_parallel_size
+        if llm_args.enable_attention_dp:
+            # Attention is not split: each rank runs its own requests with every KV head.
+            owners = llm_args.tensor_parallel_size
+            if not isinstance(ranks, AttentionDPOwner) or ranks.owners != owners:
+                raise ValueError(
+                    f"enable_attention_dp: run one executor per rank, ranks=AttentionDPOwner(rank, {owners})"
+                )
+            self.tp_size = 1
+        else:
+            if isinstance(ranks, AttentionDPOwner):
+                raise ValueError("ranks=AttentionDPOwner(...) needs llm_args.enable_attention_dp=True")
+            self.tp_size = llm_args.tensor_parallel_size
         self.ranks = ranks if ranks is not None else LocalRanks(self.tp_size)
         if self.ranks.size != self.tp_size:
             raise ValueError(f"{self.ranks.size} ranks for tensor_parallel_size={self.tp_size}")
@@ -171,7 +184,7 @@ class ReplayExecutor:
         if factories is not None:
             self.scheduler, self.workers = _construct_connector(factories, llm_args, self.ranks)
             for rank, worker in zip(self.ranks.local, self.workers, strict=True):
-                with simulated_rank(rank):
+                with self.ranks.acting_as(rank):
                     fn = worker.register_forward_pass_callable()
                 if fn is not None:
                     callables.append((rank, fn))
@@ -195,7 +208,7 @@ class ReplayExecutor:
             )
             self.manager.forward_pass_callables = callables
             self._register_kv_caches()
-            with simulated_rank(0):
+            with self.ranks.acting_as(0):
                 wait = getattr(self.scheduler, "wait_for_initialization", None)  # None off rank 0
                 if wait is not None:
                     wait()
@@ -211,7 +224,7 @@ class ReplayExecutor:
         """V1: ``register_kv_caches(pool)``; V2: ``register_kv_cache_layout(layout)`` instead
         (``layouts`` holds one per local rank)."""
         for rank, worker in zip(self.ranks.local, self.workers, strict=True):
-            with simulated_rank(rank):
+            with self.ranks.acting_as(rank):
                 if not self.v2:
                     worker.register_kv_caches(self.pool.tensors[rank])
                     continue

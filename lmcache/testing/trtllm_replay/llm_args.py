@@ -99,6 +99,9 @@ class TorchLlmArgs:
     model: str = "replay-tiny-llm"
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    enable_attention_dp: bool = False
+    """Each of the ``tensor_parallel_size`` ranks schedules its own requests (the replay: one
+    executor per rank, ``AttentionDPOwner``)."""
     kv_cache_config: KvCacheConfig = field(default_factory=KvCacheConfig)
     kv_connector_config: KvCacheConnectorConfig | None = None
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)

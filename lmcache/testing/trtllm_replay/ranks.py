@@ -1,4 +1,5 @@
-"""Where an executor's TP ranks live: all in this process (the default), or one per OS process.
+"""Where an executor's TP ranks live: all in this process (the default), or one per OS process; or
+the executor is one attention-DP rank (``AttentionDPOwner``).
 
 TRT-LLM runs one process per rank: the scheduler's answers and the connector metadata are broadcast
 from rank 0, ``get_finished`` is all-gathered and intersected, and the model's TP collectives join
@@ -21,13 +22,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lmcache.integration.tensorrt_llm._trtllm import set_rank_provider
+from lmcache.integration.tensorrt_llm._trtllm import set_process_provider, set_rank_provider
 
 _simulated = threading.local()
 
 
 def _simulated_rank_or_none() -> int | None:
     return getattr(_simulated, "rank", None)
+
+
+def _simulated_process_or_none() -> int | None:
+    return getattr(_simulated, "process", None)
 
 
 @contextlib.contextmanager
@@ -47,6 +52,19 @@ def simulated_rank(rank: int) -> Iterator[None]:
         _simulated.rank = previous
 
 
+@contextlib.contextmanager
+def simulated_process(key: int) -> Iterator[None]:
+    """Make ``process_key()`` answer ``key`` in this thread while the block runs: what TRT-LLM keeps
+    one of per process (the in-process engine, a cache-server connection) is then this key's own."""
+    set_process_provider(_simulated_process_or_none)
+    previous = _simulated_process_or_none()
+    _simulated.process = key
+    try:
+        yield
+    finally:
+        _simulated.process = previous
+
+
 class Ranks(ABC):
     """The TP ranks of one executor and the collectives between them."""
 
@@ -60,6 +78,15 @@ class Ranks(ABC):
     def hosts_root(self) -> bool:
         """Rank 0 (the connector scheduler's rank) lives in this process."""
         return 0 in self.local
+
+    @property
+    def attention_dp_rank(self) -> int | None:
+        """The owner's rank under attention DP (``SchedulerOutput.attention_dp_rank``), else None."""
+        return None
+
+    def acting_as(self, rank: int) -> contextlib.AbstractContextManager[None]:
+        """Run a block as TP rank ``rank`` of these ranks (what ``mpi_rank()`` answers in it)."""
+        return simulated_rank(rank)
 
     @abstractmethod
     def broadcast(self, value: Any) -> Any:
@@ -132,3 +159,39 @@ class ProcessGroupRanks(Ranks):
         parts = [torch.empty_like(host) for _ in range(self.size)]
         dist.all_gather(parts, host)
         return [part.to(mine.device) for part in parts]
+
+
+class AttentionDPOwner(Ranks):
+    """One attention-DP rank of ``owners``: its own requests, its own connector scheduler and worker,
+    all KV heads in its pool (attention is not split), and no collective with the other owners
+    (TRT-LLM R-new's manager neither broadcasts nor gathers under attention DP, and pickles nothing).
+    Its connector runs as MPI rank ``owner`` in a simulated process of its own, as each rank is its
+    own process in TRT-LLM."""
+
+    def __init__(self, owner: int, owners: int) -> None:
+        if not 0 <= owner < owners:
+            raise ValueError(f"attention-DP rank {owner} is not a rank of {owners}")
+        super().__init__(1, [0])
+        self.owner = owner
+        self.owners = owners
+
+    @property
+    def attention_dp_rank(self) -> int:
+        return self.owner
+
+    @contextlib.contextmanager
+    def acting_as(self, rank: int) -> Iterator[None]:
+        with simulated_process(self.owner), simulated_rank(self.owner):
+            yield
+
+    def broadcast(self, value: Any) -> Any:
+        return value
+
+    def broadcast_copies(self, value: Any) -> dict[int, Any]:
+        return {0: value}
+
+    def gather(self, local_values: dict[int, Any]) -> list[Any]:
+        return [local_values[0]]
+
+    def gather_heads(self, local_outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return local_outputs

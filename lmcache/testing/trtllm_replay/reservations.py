@@ -19,7 +19,7 @@ from lmcache.integration.tensorrt_llm._trtllm import (
     PrefixLoad,
 )
 
-from .ranks import Ranks, simulated_rank
+from .ranks import Ranks
 from .request import LlmRequest
 
 TRIO = ("reserve_prefix", "release_prefix_reservation", "get_finished_prefix_loads")
@@ -103,7 +103,7 @@ class PrefixReservations:
         self._next_id += 1
         answer = None
         if self.scheduler is not None:
-            with simulated_rank(0):
+            with self.ranks.acting_as(0):
                 answer = self.scheduler.reserve_prefix(req, local_end, rid)
         count, is_async = validate_answer(self.ranks.broadcast(answer))
         tpb = self.tokens_per_block
@@ -115,7 +115,7 @@ class PrefixReservations:
 
     def _release(self, res: Reservation, start: int, end: int) -> None:
         if start < end and self.scheduler is not None:
-            with simulated_rank(0):
+            with self.ranks.acting_as(0):
                 self.scheduler.release_prefix_reservation(res.request, res.reservation_id, start, end)
 
     def drop(self, res: Reservation) -> None:
@@ -164,7 +164,7 @@ class PrefixReservations:
         """``get_finished_prefix_loads`` on every rank; unknown or stale ids are ignored."""
         local = {}
         for rank, worker in zip(self.ranks.local, self.workers, strict=True):
-            with simulated_rank(rank):
+            with self.ranks.acting_as(rank):
                 local[rank] = worker.get_finished_prefix_loads()
         for rank, ids in enumerate(self.ranks.gather(local)):
             self._reported[rank].update(i for i in ids if i in self._dispatched)
