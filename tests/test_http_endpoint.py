@@ -107,3 +107,19 @@ def test_clients_that_hang_up_log_no_error(
             _until_served(endpoint)  # with one slot: that connection's handler has finished
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_failing_reply_names_no_detail(
+    endpoint: MetricsEndpoint, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reply that fails is a 500 whose body carries nothing of the exception; the log has it."""
+
+    def failing() -> tuple[bool, dict]:
+        raise RuntimeError("redis://:hunter2@10.0.0.5 unreachable")
+
+    monkeypatch.setattr(endpoint, "health", failing)
+    with caplog.at_level(logging.ERROR, logger="lmcache"):
+        reply = _get(endpoint, b"GET /health HTTP/1.0\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.0 500") and b"internal error" in reply
+    assert b"hunter2" not in reply and b"RuntimeError" not in reply
+    assert "hunter2" in caplog.text
