@@ -57,7 +57,8 @@ def tier_health(snapshot: EngineSnapshot) -> tuple[dict[str, bool], list[str]]:
 
 
 def health_report(snapshot: EngineSnapshot | None, server: Any = None) -> tuple[bool, dict[str, Any]]:
-    """``(healthy, body)`` for ``GET /health``: healthy when every configured tier is up."""
+    """``(healthy, body)`` for ``GET /health``: healthy when every configured tier is up; ``notes``
+    says what an up tier is busy with (the disk tier's start-up scan)."""
     if snapshot is None:
         return False, {"status": "degraded", "tiers": {}, "reasons": ["no cache engine in this process yet"]}
     tiers, reasons = tier_health(snapshot)
@@ -67,6 +68,7 @@ def health_report(snapshot: EngineSnapshot | None, server: Any = None) -> tuple[
         "status": "ok" if healthy else "degraded",
         "tiers": tiers,
         "reasons": reasons,
+        "notes": [f"{t.name} tier {t.where}: {t.state}" for t in snapshot.tiers if t.state],
         "chunk_size": snapshot.chunk_size,
         "l1": {
             "used_bytes": l1.used_bytes,

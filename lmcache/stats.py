@@ -72,7 +72,8 @@ class TierSnapshot:
 
     ``healthy`` is False from a failure until an operation succeeds again, and once the tiers are
     closed; ``reason`` then says why in words. Usage fields are None where the tier cannot know them
-    cheaply (a shared Redis).
+    cheaply (a shared Redis). ``state`` says what a tier is busy with besides serving, healthy or
+    not (the disk tier's start-up scan: ``scanning (N files indexed so far)``), else None.
     """
 
     name: str
@@ -90,6 +91,7 @@ class TierSnapshot:
     capacity_bytes: int | None = None
     chunks: int | None = None
     evictions: int | None = None
+    state: str | None = None
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,8 @@ def summary_lines(snapshot: EngineSnapshot) -> list[str]:
     ]
     for t in snapshot.tiers:
         state = "up" if t.healthy else f"DOWN ({t.reason})"
+        if t.state:
+            state += f", {t.state}"
         lines.append(
             f"{t.name} {t.where}: {state}; {t.hits} hits ({t.read_bytes / gib:.2f} GiB), {t.writes} "
             f"writes ({t.write_bytes / gib:.2f} GiB), {t.dropped_writes} dropped, "

@@ -20,6 +20,7 @@ def _engine_with_traffic(tmp_path) -> CacheEngine:  # type: ignore[no-untyped-de
         chunk_size=64, max_local_cpu_size=0.01, local_disk=str(tmp_path), max_local_disk_size=0.01
     )
     engine = CacheEngine(config, pinned=False)
+    assert engine.tiers is not None and engine.tiers.tiers[0].wait_scanned(60)  # the disk index is complete
     pool = torch.randn(16, 2, 2, TPB * 8)
     space = KeySpace("m", PoolLayout.of_pool(pool, TPB))
     toks = list(range(128))

@@ -6,9 +6,9 @@ subdirectory, marked by a ``.lmcache-disk-tier`` file: it is created 0700 with f
 chunks are other tenants' KV, readable by hash), one owned by another user or unmarked is never
 written (:attr:`DiskStore.problem` says why), its marker is ``flock``-ed while in use (a second
 user of the directory is warned about: each counts only its own files against the cap), and the
-start-up scan looks at nothing outside it and removes only files that are ours (``.kv`` files
-starting with the chunk magic or at a chunk file's path, temporaries named as ours), so
-``local_disk`` may be a shared directory. A write goes to a temporary file in the same
+start-up scan (:mod:`lmcache.storage.disk_scan`) looks at nothing outside it and removes only files
+that are ours (``.kv`` files starting with the chunk magic or at a chunk file's path, temporaries
+named as ours), so ``local_disk`` may be a shared directory. A write goes to a temporary file in the same
 directory and is renamed into place (``os.replace``), so a crash leaves either the whole chunk or
 no chunk under the final name (without ``disk_fsync``, possibly an empty or zero-filled one); the
 next start-up scan removes such a file, and torn temporary files. Reads
@@ -16,54 +16,62 @@ go straight into the caller's buffer (``readinto`` on an unbuffered file) and ar
 the header and the payload checksum; a file that fails (or whose read fails with EIO) is removed
 and reported as a miss. A file that eviction cannot remove stays indexed and counted.
 
-This class is synchronous and thread-safe. The write-behind queue, the writer thread and the
-degrade-on-error policy live in :mod:`lmcache.storage.tiers`.
+The index is rebuilt from the directory by :meth:`DiskStore.scan` (in the caller's thread, as the
+constructor does by default) or :meth:`DiskStore.start_scan` (in a daemon thread, as the disk tier
+does, so start-up does not wait for it). While a scan runs the store serves what it has indexed so
+far (any other chunk is a miss) and writes: a chunk written, evicted or dropped meanwhile is never
+indexed, counted or removed by the scan on the strength of its older look at the file, and the cap
+is enforced, evicting the oldest found chunks first, once every file has been counted (until then a
+write evicts only indexed chunks). :meth:`DiskStore.close` stops a running scan before its next
+file and waits for it.
+
+This class is synchronous (but for :meth:`DiskStore.start_scan`) and thread-safe. The write-behind
+queue, the writer thread and the degrade-on-error policy live in :mod:`lmcache.storage.tiers`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
-import re
-import stat
 import threading
 import time
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 
 from lmcache.keys import ChunkKey
 from lmcache.logging import init_logger
 from lmcache.rate_limit import RateLimitedLog
 from lmcache.storage.chunk_format import (
-    MAGIC,
     CorruptChunk,
     Namespace,
     check_header,
     check_layout,
     encode_header,
     new_checksum,
-    payload_checksum,
     read_header,
+)
+from lmcache.storage.disk_scan import (
+    MARKER,
+    SUFFIX,
+    TMP_SUFFIX,
+    DiskEntry,
+    FileStamp,
+    Found,
+    IndexKey,
+    IndexScan,
+    ScanReport,
+    chunk_path_of,
+    claim_dir,
 )
 from lmcache.storage.policies import make_policy
 
+__all__ = ["DEGRADING_ERRNOS", "MARKER", "TIER_DIR", "TMP_SUFFIX", "DiskEntry", "DiskStore", "ScanReport"]
+
 logger = init_logger(__name__)
 
-SUFFIX = ".kv"
-TMP_SUFFIX = ".tmp"
 TIER_DIR = "lmcache-kv"
 """The subdirectory of ``local_disk`` the tier owns."""
-MARKER = ".lmcache-disk-tier"
-"""The file that marks ``TIER_DIR`` as the tier's."""
-_TMP_NAME = re.compile(r"^[0-9a-f]+-w\d+r\d+\.kv\.\d+\.\d+\.tmp$")
-_CHUNK_NAME = re.compile(r"^([0-9a-f]{2})[0-9a-f]*-w\d+r\d+\.kv$")
-"""A chunk file's name (``<key hex>.kv``); group 1 names its directory."""
-_TAG_NAME = re.compile(r"^[0-9a-f]{16}$")
-PROGRESS_MIN_FILES = 1000
-STALE_TMP_S = 60.0
 READ_PIECE = 256 << 10  # read/write and checksum in pieces that are still in the CPU cache when hashed
 WRITE_PIECE = 1 << 20
 
@@ -82,28 +90,6 @@ DEGRADING_ERRNOS = frozenset(
     )
     if e is not None
 )
-
-_IndexKey = tuple[Namespace, ChunkKey]
-
-
-@dataclass(frozen=True)
-class DiskEntry:
-    """An indexed chunk file: its size on disk and what its header says."""
-
-    path: Path
-    size: int
-    payload_len: int
-    num_tokens: int
-    checksum: int
-
-
-@dataclass
-class ScanReport:
-    files: int = 0
-    valid: int = 0
-    removed: int = 0
-    evicted: int = 0
-    seconds: float = 0.0
 
 
 class DiskStore:
@@ -124,8 +110,8 @@ class DiskStore:
         self.fsync = fsync
         self.verify_on_scan = verify_on_scan
         self._policy = make_policy(policy)
-        self._index: dict[_IndexKey, DiskEntry] = {}
-        self._writing: set[_IndexKey] = set()
+        self._index: dict[IndexKey, DiskEntry] = {}
+        self._writing: set[IndexKey] = set()
         self._lock = threading.Lock()
         self._warn = RateLimitedLog(logger)
         self.used_bytes = 0
@@ -135,6 +121,16 @@ class DiskStore:
         self.problem: OSError | None = None
         """Why the tier's directory is not used (another user's, not marked as ours), if it is not."""
         self._claim: weakref.finalize | None = None  # closes the marker flock-ed while the store uses it
+        self.scan_done = threading.Event()
+        """Set while no scan runs (cleared by :meth:`start_scan` until its scan has ended)."""
+        self.scan_done.set()
+        self._scan_lock = threading.Lock()  # one scan at a time; held from its start to its end
+        self._scan_stop = threading.Event()  # set by close(): a running scan stops before its next file
+        self._scan_thread: threading.Thread | None = None
+        self._scanning: IndexScan | None = None
+        # While a scan runs: the chunks whose entry or use changed since it began (written, evicted,
+        # dropped, read). The scan's view of them is older: it neither adds them nor reorders them.
+        self._changed: set[IndexKey] | None = None
         if scan:
             self.scan()
 
@@ -199,6 +195,7 @@ class DiskStore:
         with self._lock:
             if (ns, key) in self._index:
                 self._policy.touch((ns, key))
+                self._mark((ns, key))
         return True
 
     # -- writes ---------------------------------------------------------------------------------
@@ -218,7 +215,7 @@ class DiskStore:
         if size > self.capacity_bytes:
             return None
         if self._claim is None:
-            self.scan()  # not claimed yet (``scan=False``) or refused: never write where it is not ours
+            self.scan()  # not claimed yet (no scan yet) or refused: never write where it is not ours
             if self.problem is not None:
                 raise OSError(self.problem.errno, f"{self.root} is not used: {self.problem.strerror}")
         with self._lock:
@@ -241,7 +238,9 @@ class DiskStore:
         path = self.path_for(ns, key)
         try:
             try:
-                checksum = self._write_file(path, key, ns, num_tokens, payload, header_len, checksum)
+                checksum = _write_file(
+                    self.root, path, key, ns, num_tokens, payload, header_len, checksum, self.fsync
+                )
             except FileNotFoundError:
                 if self.root.is_dir():
                     raise
@@ -249,7 +248,9 @@ class DiskStore:
                 self._warn.warning("root-lost", "disk tier: %s was removed; recreating it empty", self.root)
                 self.clear()
                 self._claim_root()
-                checksum = self._write_file(path, key, ns, num_tokens, payload, header_len, checksum)
+                checksum = _write_file(
+                    self.root, path, key, ns, num_tokens, payload, header_len, checksum, self.fsync
+                )
         except BaseException:
             with self._lock:
                 self._writing.discard(ident)
@@ -259,68 +260,19 @@ class DiskStore:
             self._writing.discard(ident)
             self._index[ident] = DiskEntry(path, size, payload.nbytes, num_tokens, checksum)
             self._policy.add(ident)
-        return checksum
-
-    def _make_dirs(self, path: Path) -> None:
-        """The directories down to ``path``'s, each 0700 (below the tier's own, made by :meth:`scan`)."""
-        missing = []
-        parent = path.parent
-        while parent != self.root and not parent.is_dir():
-            missing.append(parent)
-            parent = parent.parent
-        for directory in reversed(missing):
-            with contextlib.suppress(FileExistsError):
-                directory.mkdir(mode=0o700)
-
-    def _write_file(
-        self,
-        path: Path,
-        key: ChunkKey,
-        ns: Namespace,
-        num_tokens: int,
-        payload: memoryview,
-        header_len: int,
-        checksum: int | None,
-    ) -> int:
-        """Write to a temporary file, then rename it into place. Without a known checksum the payload
-        goes first, hashed piece by piece while in the CPU cache, and the header last."""
-        self._make_dirs(path)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
-        fd = os.open(tmp, flags, 0o600)
-        try:
-            try:
-                if checksum is None:
-                    hasher = new_checksum()
-                    for offset in range(0, payload.nbytes, WRITE_PIECE):
-                        piece = payload[offset : offset + WRITE_PIECE]
-                        hasher.update(piece)
-                        _pwrite_all(fd, piece, header_len + offset)
-                    checksum = hasher.intdigest()
-                    header = encode_header(key, ns, num_tokens, payload, checksum=checksum)
-                    _pwrite_all(fd, memoryview(header), 0)
-                else:
-                    header = encode_header(key, ns, num_tokens, payload, checksum=checksum)
-                    _write_all(fd, [memoryview(header), payload])
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            _unlink(tmp)
-            raise
-        if self.fsync:
-            _fsync_dir(path.parent)
+            self._mark(ident)
         return checksum
 
     # -- removal --------------------------------------------------------------------------------
 
     def clear(self) -> int:
+        """Forget and remove every indexed chunk; how many. (A running scan still indexes the files it
+        has not reached yet.)"""
         with self._lock:
             entries = list(self._index.items())
             for ident, _ in entries:
                 self._policy.discard(ident)
+                self._mark(ident)
             self._index.clear()
             self.used_bytes -= sum(e.size for _, e in entries)
         for _, entry in entries:
@@ -335,11 +287,12 @@ class DiskStore:
                 return
             del self._index[(ns, key)]
             self._policy.discard((ns, key))
+            self._mark((ns, key))
             self.used_bytes -= entry.size
             if unlink:
                 _unlink(entry.path)
 
-    def _evict(self, ident: _IndexKey) -> None:
+    def _evict(self, ident: IndexKey) -> None:
         """Remove a chunk file and its entry (lock held). OSError if it cannot be removed: then it
         stays indexed and counted, as it stays on disk."""
         entry = self._index[ident]
@@ -347,11 +300,25 @@ class DiskStore:
             os.unlink(entry.path)
         self._policy.discard(ident)
         del self._index[ident]
+        self._mark(ident)
         self.used_bytes -= entry.size
         self.evictions += 1
 
+    def _mark(self, ident: IndexKey) -> None:
+        """Note (lock held) that ``ident``'s entry or use changed while a scan runs."""
+        if self._changed is not None:
+            self._changed.add(ident)
+
     def close(self) -> None:
-        """Release the directory to other processes (the files stay)."""
+        """Stop a running scan (before its next file) and wait for it; then release the directory to
+        other processes (the files stay)."""
+        self._scan_stop.set()
+        thread = self._scan_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        self._release()
+
+    def _release(self) -> None:
         claim, self._claim = self._claim, None
         if claim is not None:
             claim()
@@ -359,57 +326,85 @@ class DiskStore:
     # -- start-up -------------------------------------------------------------------------------
 
     def scan(self) -> ScanReport:
-        """Rebuild the index from the directory: valid chunk files are served again, oldest first in
-        the eviction order; invalid ones (bad header, wrong name, truncated, emptied) and stale
-        temporaries are removed. I/O errors (missing or unreadable directory) leave the index empty."""
-        started = time.monotonic()
-        report = ScanReport()
+        """Rebuild the index from the directory in this thread (after any scan running now) and
+        return what it did: valid chunk files are served again, oldest first in the eviction order;
+        invalid ones (bad header, wrong name, truncated, emptied) and stale temporaries are removed;
+        chunks beyond the cap are evicted, oldest first. I/O errors (missing or unreadable
+        directory) leave the index as it is."""
+        self._scan_lock.acquire()
+        if not self._begin_scan():
+            return ScanReport()
+        return self._rebuild()
+
+    def start_scan(self) -> None:
+        """Claim the directory now (:attr:`problem` says if it is refused) and rebuild the index in a
+        daemon thread (``lmcache-disk-scan``), as :meth:`scan` does. Meanwhile the store serves the
+        chunks found so far (any other is a miss) and writes; the cap is enforced once every file is
+        counted. :meth:`wait_scanned` waits for the end; :attr:`scan_progress` tells how far it got.
+        Does nothing while a scan runs."""
+        if not self._scan_lock.acquire(blocking=False):
+            return  # a scan runs already
+        if not self._begin_scan():
+            return
+        self._scan_thread = threading.Thread(target=self._rebuild, name="lmcache-disk-scan", daemon=True)
+        self._scan_thread.start()
+
+    def wait_scanned(self, timeout: float | None = None) -> bool:
+        """Wait until no scan runs; False if one still does after ``timeout`` seconds."""
+        return self.scan_done.wait(timeout)
+
+    @property
+    def scan_progress(self) -> int | None:
+        """Chunks the running scan has indexed so far; None while no scan runs."""
+        scanning = self._scanning
+        return None if scanning is None else scanning.indexed
+
+    def _begin_scan(self) -> bool:
+        """Claim the directory and start noting changes (``_scan_lock`` held); on a refusal, warn,
+        release the lock and return False."""
         try:
             self._claim_root()
-            files = [p for p in _walk(self.root) if p.name.endswith((SUFFIX, TMP_SUFFIX))]
         except OSError as exc:
+            self._scan_lock.release()
             self._warn.warning(
                 "scan", "disk tier: cannot use %s (%s); starting with an empty disk index", self.root, exc
             )
-            return report
-        report.files = len(files)
-        found: list[tuple[float, _IndexKey, DiskEntry]] = []
-        iterator = files
-        if len(files) > PROGRESS_MIN_FILES:
-            from tqdm import tqdm
-
-            iterator = tqdm(files, desc=f"LMCache disk index {self.root}", unit="file", leave=False)
-        now = time.time()
-        for path in iterator:
-            if path.name.endswith(TMP_SUFFIX):
-                if _TMP_NAME.match(path.name) and _stale_tmp(path, now):
-                    _unlink(path)
-                    report.removed += 1
-                continue
-            item = self._check_file(path)
-            if isinstance(item, tuple):
-                found.append(item)
-            elif item:  # ours (it starts with the chunk magic) but invalid
-                _unlink(path)
-                report.removed += 1
-        found.sort(key=lambda t: t[0])
+            return False
+        self._scan_stop.clear()
+        self.scan_done.clear()
+        self._scanning = IndexScan(
+            self.root, self.path_for, self.verify_on_scan, self._adopt, self._remove_scanned
+        )
         with self._lock:
-            for _, ident, entry in found:
-                if ident in self._index:
-                    continue
-                self._index[ident] = entry
-                self._policy.add(ident)
-                self.used_bytes += entry.size
-            try:
-                while self.used_bytes > self.capacity_bytes and (victim := self._policy.victim()) is not None:
-                    self._evict(victim)
-                    report.evicted += 1
-            except OSError as exc:  # kept and counted: writes evict again (or fail and back off)
-                self._warn.warning("scan-evict", "disk tier: cannot evict from %s (%s)", self.root, exc)
-        report.valid = len(self._index)
-        report.seconds = time.monotonic() - started
-        self.last_scan = report
-        if report.files:
+            self._changed = set()
+        return True
+
+    def _rebuild(self) -> ScanReport:
+        """Run the scan begun by :meth:`_begin_scan`, then order and trim the index; releases
+        ``_scan_lock`` at the end."""
+        started = time.monotonic()
+        report = ScanReport()
+        try:
+            assert self._scanning is not None
+            report, found = self._scanning.run(self._scan_stop)
+            self._finish_scan(report, found)
+        except OSError as exc:
+            self._warn.warning(
+                "scan", "disk tier: cannot list %s (%s); its files are not indexed", self.root, exc
+            )
+        finally:
+            with self._lock:
+                self._changed = None
+            self._scanning = None
+            report.seconds = time.monotonic() - started
+            self.last_scan = report
+            self.scan_done.set()
+            self._scan_lock.release()
+        if report.stopped:
+            logger.info(
+                "disk tier %s: start-up scan stopped by close() after %.2fs", self.root, report.seconds
+            )
+        elif report.files:
             logger.info(
                 "disk tier %s: %d chunks (%.1f MiB) found, %d invalid files removed, %d evicted to fit "
                 "max_local_disk_size (%.2fs)",
@@ -422,114 +417,127 @@ class DiskStore:
             )
         return report
 
+    def _adopt(self, found: Found) -> bool:
+        """Index a chunk file the scan found, unless the store wrote, evicted or is writing that
+        chunk since the scan began (its entry is newer, or its file is gone or being replaced)."""
+        ident = found.ident
+        with self._lock:
+            if (
+                self._changed is None
+                or ident in self._changed
+                or ident in self._index
+                or ident in self._writing
+            ):
+                return False
+            self._index[ident] = found.entry
+            self._policy.add(ident)
+            self.used_bytes += found.entry.size
+        return True
+
+    def _remove_scanned(self, path: Path, stamp: FileStamp) -> bool:
+        """Remove a file the scan found invalid or stale, unless it is no longer the file the scan
+        looked at (another ``stamp``: a write renamed a new file over it) or a write of ours is
+        about to rename one over it. Under the lock, so no write of ours starts meanwhile."""
+        with self._lock:
+            if chunk_path_of(path) in {self.path_for(ns, key) for ns, key in self._writing}:
+                return False
+            try:
+                if FileStamp.of(os.stat(path, follow_symlinks=False)) != stamp:
+                    return False
+            except OSError:
+                return False
+            _unlink(path)
+        return True
+
+    def _finish_scan(self, report: ScanReport, found: list[Found]) -> None:
+        """Put the chunks the scan found (``found``, oldest first) first in the eviction order,
+        except those used or rewritten since, and evict to the cap, oldest first."""
+        with self._lock:
+            report.valid = len(self._index)
+            if report.stopped:
+                return  # counted only in part: the next start trims to the cap
+            assert self._changed is not None
+            changed, index = self._changed, self._index
+            self._policy.put_first(
+                [f.ident for f in found if f.ident not in changed and index.get(f.ident) is f.entry]
+            )
+            try:
+                while self.used_bytes > self.capacity_bytes and (victim := self._policy.victim()) is not None:
+                    self._evict(victim)
+                    report.evicted += 1
+            except OSError as exc:  # kept and counted: writes evict again (or fail and back off)
+                self._warn.warning("scan-evict", "disk tier: cannot evict from %s (%s)", self.root, exc)
+            report.valid = len(self._index)
+
     def _claim_root(self) -> None:
-        """Create the tier's directory (0700, with its marker), or check an existing one is ours, and
-        lock its marker; OSError (also kept in ``problem``) if it belongs to another user or is not
-        marked as the tier's. A lock held elsewhere (another process or store using the directory)
-        is warned about: each counts only its own files against the cap."""
+        """Claim the tier's directory (:func:`~lmcache.storage.disk_scan.claim_dir`), first
+        releasing an earlier claim; OSError (also kept in ``problem``) if it is refused."""
+        self._release()
         try:
-            self.root.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileExistsError):
-                self.root.mkdir(mode=0o700)
-            st = os.stat(self.root, follow_symlinks=False)
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-                raise PermissionError(errno.EACCES, "not a directory of this user", str(self.root))
-            marker = self.root / MARKER
-            if not marker.exists():
-                if any(self.root.iterdir()):
-                    raise PermissionError(errno.EACCES, f"not marked as the disk tier's ({MARKER} missing)")
-                marker.write_text("lmcache disk tier: files here are removed and evicted by lmcache\n")
-            if st.st_mode & 0o077:
-                os.chmod(self.root, 0o700)
-            fd = os.open(marker, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = claim_dir(self.root)
         except OSError as exc:
             self.problem = exc
             raise
         self.problem = None
-        self.close()  # a lock of an earlier claim
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.warning(
-                "disk tier: local_disk %s is in use by another LMCache engine or cache server (on this "
-                "host): each counts only the files it wrote or found at its start against "
-                "max_local_disk_size, so together they can hold more; give each its own local_disk",
-                self.root.parent,
-            )
-        except OSError:
-            pass  # a filesystem without locks: sharing it goes unnoticed
         self._claim = weakref.finalize(self, os.close, fd)
 
-    def _check_file(self, path: Path) -> tuple[float, _IndexKey, DiskEntry] | bool:
-        """The index entry of a valid chunk file; else whether the file is ours (to remove)."""
+
+def _make_dirs(root: Path, path: Path) -> None:
+    """The directories down to ``path``'s, each 0700 (below the tier's own ``root``, made when it is
+    claimed)."""
+    missing = []
+    parent = path.parent
+    while parent != root and not parent.is_dir():
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o700)
+
+
+def _write_file(
+    root: Path,
+    path: Path,
+    key: ChunkKey,
+    ns: Namespace,
+    num_tokens: int,
+    payload: memoryview,
+    header_len: int,
+    checksum: int | None,
+    fsync: bool,
+) -> int:
+    """Write to a temporary file, then rename it into place; returns the payload checksum. Without a
+    known checksum the payload goes first, hashed piece by piece while in the CPU cache, and the
+    header last."""
+    _make_dirs(root, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(tmp, flags, 0o600)
+    try:
         try:
-            with open(path, "rb", buffering=0) as f:
-                st = os.fstat(f.fileno())
-                prefix = f.read(len(MAGIC))
-                if prefix != MAGIC:
-                    # At one of our chunk paths it is a chunk a crash emptied or zeroed (no fsync):
-                    # ours. Anything else is not ours to touch.
-                    return self._at_chunk_path(path)
-                f.seek(0)
-                header = read_header(f)  # type: ignore[arg-type]
-                ns = Namespace(header.model, header.signature)
-                check_layout(header)
-                if st.st_size != header.total_len or self.path_for(ns, header.key) != path:
-                    return True
-                if self.verify_on_scan:
-                    data = f.read(header.payload_len)
-                    if len(data) != header.payload_len or payload_checksum(data) != header.checksum:
-                        return True
-        except (CorruptChunk, ValueError):
-            return True
-        except OSError:
-            return False
-        entry = DiskEntry(path, header.total_len, header.payload_len, header.num_tokens, header.checksum)
-        return st.st_mtime, (ns, header.key), entry
-
-    def _at_chunk_path(self, path: Path) -> bool:
-        """Whether ``path`` is named as :meth:`path_for` names chunk files (``<tag>/<xx>/<key hex>.kv``
-        under the tier's directory)."""
-        name = _CHUNK_NAME.match(path.name)
-        tag = path.parent.parent
-        return (
-            name is not None
-            and path.parent.name == name.group(1)
-            and tag.parent == self.root
-            and _TAG_NAME.match(tag.name) is not None
-        )
-
-
-def _walk(root: Path) -> list[Path]:
-    out: list[Path] = []
-    stack = [root]
-    while stack:
-        with os.scandir(stack.pop()) as it:
-            for entry in it:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(Path(entry.path))
-                elif entry.is_file(follow_symlinks=False):
-                    out.append(Path(entry.path))
-    return out
-
-
-def _stale_tmp(path: Path, now: float) -> bool:
-    """A temporary file no live writer will finish: its process is gone, or it is old."""
-    parts = path.name.split(".")
-    try:
-        pid = int(parts[-3])
-        if pid != os.getpid():
-            os.kill(pid, 0)
-        elif int(parts[-2]) not in {t.ident for t in threading.enumerate()}:
-            return True  # our pid but none of our threads: an earlier process's (a container's pid 1)
-    except (ValueError, IndexError, OverflowError, ProcessLookupError):
-        return True
-    except PermissionError:
-        pass
-    try:
-        return now - path.stat().st_mtime > STALE_TMP_S
-    except OSError:
-        return False
+            if checksum is None:
+                hasher = new_checksum()
+                for offset in range(0, payload.nbytes, WRITE_PIECE):
+                    piece = payload[offset : offset + WRITE_PIECE]
+                    hasher.update(piece)
+                    _pwrite_all(fd, piece, header_len + offset)
+                checksum = hasher.intdigest()
+                header = encode_header(key, ns, num_tokens, payload, checksum=checksum)
+                _pwrite_all(fd, memoryview(header), 0)
+            else:
+                header = encode_header(key, ns, num_tokens, payload, checksum=checksum)
+                _write_all(fd, [memoryview(header), payload])
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    if fsync:
+        _fsync_dir(path.parent)
+    return checksum
 
 
 def _write_all(fd: int, buffers: list[memoryview]) -> None:

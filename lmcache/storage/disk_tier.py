@@ -7,6 +7,10 @@ device: :data:`~lmcache.storage.disk_store.DEGRADING_ERRNOS`) starts a back-off:
 cannot be written is found at start (a probe file): the tier starts down, ``/health`` says so, and
 L1 serves as usual. Reads go straight into L1 slots on ``read_threads`` threads (``readinto`` and
 the checksum release the GIL).
+
+The index is rebuilt from the directory in the background (:meth:`DiskStore.start_scan`), so the
+engine or server starts at once: until the scan ends, a chunk not indexed yet is a miss, and
+:meth:`DiskTier.status` says ``scanning (N files indexed so far)``.
 """
 
 from __future__ import annotations
@@ -83,9 +87,15 @@ class DiskTier(LowerTier):
             config.cache_policy,
             fsync=config.disk_fsync,
             verify_on_scan=config.disk_verify_on_startup,
+            scan=False,
         )
+        store.start_scan()
         backoff = Backoff(config.tier_retry_initial_s, config.tier_retry_max_s)
         return cls(store, backoff=backoff, read_threads=config.tier_read_threads)
+
+    def wait_scanned(self, timeout: float | None = None) -> bool:
+        """Wait until the store's start-up scan has ended; False if it still runs after ``timeout``."""
+        return self.store.wait_scanned(timeout)
 
     def known(self, ns: Namespace, key: ChunkKey) -> bool:
         return self.store.lookup(ns, key) is not None
@@ -174,6 +184,7 @@ class DiskTier(LowerTier):
         elif state.failing:
             reason = f"writes failing, next attempt in {state.retry_in_s:.1f}s"
         store = self.store
+        progress = store.scan_progress
         return TierStatus(
             healthy=reason is None,
             reason=reason,
@@ -183,6 +194,7 @@ class DiskTier(LowerTier):
             capacity_bytes=store.capacity_bytes,
             chunks=len(store),
             evictions=store.evictions,
+            state=None if progress is None else f"scanning ({progress} files indexed so far)",
         )
 
     def close(self) -> None:

@@ -91,7 +91,8 @@ class WriteOutcome:
 
 @dataclass(frozen=True)
 class TierStatus:
-    """A tier's own view of itself: health, failure and corruption counts, usage where known."""
+    """A tier's own view of itself: health, failure and corruption counts, usage where known, and
+    ``state``: what it is busy with besides serving, in words (the disk tier's start-up scan)."""
 
     healthy: bool
     reason: str | None
@@ -101,6 +102,7 @@ class TierStatus:
     capacity_bytes: int | None = None
     chunks: int | None = None
     evictions: int | None = None
+    state: str | None = None
 
 
 def payload_view(chunk: CachedChunk) -> memoryview:

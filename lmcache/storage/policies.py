@@ -9,7 +9,7 @@ for.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 
@@ -29,6 +29,10 @@ class EvictionPolicy(Protocol):
 
     def touch_all(self, keys: Iterable[Hashable]) -> None:
         """``touch`` of each key, in order."""
+
+    def put_first(self, keys: Sequence[Hashable]) -> None:
+        """Move ``keys`` (those in the order) ahead of every other key of their use count, in the
+        given order: chunks found on disk at start-up go before those used since."""
 
     def __len__(self) -> int: ...
 
@@ -56,6 +60,12 @@ class FIFOPolicy:
 
     def touch_all(self, keys: Iterable[Hashable]) -> None:
         return None
+
+    def put_first(self, keys: Sequence[Hashable]) -> None:
+        order = self._order
+        for key in reversed(keys):
+            if key in order:
+                order.move_to_end(key, last=False)
 
     def __len__(self) -> int:
         return len(self._order)
@@ -106,6 +116,12 @@ class LFUPolicy:
     def touch_all(self, keys: Iterable[Hashable]) -> None:
         for key in keys:
             self.touch(key)
+
+    def put_first(self, keys: Sequence[Hashable]) -> None:
+        for key in reversed(keys):
+            freq = self._freq.get(key)
+            if freq is not None:
+                self._buckets[freq].move_to_end(key, last=False)
 
     def victim(self) -> Hashable | None:
         if not self._freq:

@@ -284,6 +284,7 @@ class TierManager:
                     capacity_bytes=status.capacity_bytes,
                     chunks=status.chunks,
                     evictions=status.evictions,
+                    state=status.state,
                 )
             )
         return tuple(out)

@@ -23,7 +23,7 @@ from tier_helpers import (
 )
 
 from lmcache.keys import ChunkKey
-from lmcache.storage import disk_store
+from lmcache.storage import disk_scan, disk_store
 from lmcache.storage.chunk_format import Namespace, encode_header, parse_header, payload_checksum
 from lmcache.storage.disk_store import TIER_DIR, DiskStore
 from lmcache.transfer import BlockTransfer
@@ -446,7 +446,7 @@ def test_startup_scan_of_many_files_shows_progress(tmp_path: Path, monkeypatch, 
     store = DiskStore(tmp_path, 1 << 20)
     for i in range(5):
         store.write(NS, key(i), 1, payload(i, 100))
-    monkeypatch.setattr(disk_store, "PROGRESS_MIN_FILES", 3)
+    monkeypatch.setattr(disk_scan, "PROGRESS_MIN_FILES", 3)
     again = DiskStore(tmp_path, 1 << 20)
     assert len(again) == 5 and again.last_scan.valid == 5
     assert "LMCache disk index" in capsys.readouterr().err

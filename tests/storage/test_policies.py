@@ -75,3 +75,15 @@ def test_touch_all_equals_touching_key_by_key(name: str) -> None:
     for key in ["e", "b", "f"]:
         by_key.touch(key)
     assert _drain(batch) == _drain(by_key)
+
+
+@pytest.mark.parametrize("name", ["LRU", "FIFO", "LFU"])
+def test_put_first_moves_keys_ahead_of_their_use_count_in_the_given_order(name: str) -> None:
+    """The disk scan puts the chunks it found, oldest first, ahead of those written or used since."""
+    policy = make_policy(name)
+    for key in "abcd":
+        policy.add(key)
+    policy.touch("a")
+    policy.put_first(["d", "c", "z"])  # "z" is not in the order: ignored
+    expected = {"LRU": "dcba", "FIFO": "dcab", "LFU": "dcba"}[name]
+    assert list(policy.victims()) == list(expected)

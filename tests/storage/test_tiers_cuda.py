@@ -20,7 +20,9 @@ def engine(disk: Path) -> CacheEngine:
     config = LMCacheEngineConfig.from_defaults(
         chunk_size=CHUNK, max_local_cpu_size=0.5, local_disk=str(disk), max_local_disk_size=1.0
     )
-    return CacheEngine(config)
+    engine = CacheEngine(config)
+    assert engine.tiers is not None and engine.tiers.tiers[0].wait_scanned(60)  # the disk index is complete
+    return engine
 
 
 def test_write_behind_waits_for_the_copy_and_promotion_loads_to_cuda(tmp_path: Path) -> None:

@@ -87,8 +87,21 @@ def dropped_writes(engine: CacheEngine) -> int:
     return sum(t.dropped_writes for t in engine.snapshot().tiers)
 
 
-def make_engine(disk: Any = None, remote_url: str | None = None, **kw: Any) -> CacheEngine:
-    return CacheEngine(config(disk, remote_url, **kw), pinned=False)
+def wait_scanned(engine: CacheEngine) -> CacheEngine:
+    """``engine`` once its disk tier (if any) has indexed every file it found at start-up."""
+    for tier in engine.tiers.tiers if engine.tiers is not None else ():
+        if isinstance(tier, DiskTier):
+            assert tier.wait_scanned(60), "the disk tier's start-up scan did not end"
+    return engine
+
+
+def make_engine(
+    disk: Any = None, remote_url: str | None = None, *, scanned: bool = True, **kw: Any
+) -> CacheEngine:
+    """An engine on ``disk`` / ``remote_url``; with ``scanned``, once its disk index is complete
+    (the start-up scan runs in the background)."""
+    engine = CacheEngine(config(disk, remote_url, **kw), pinned=False)
+    return wait_scanned(engine) if scanned else engine
 
 
 def store_all(engine: CacheEngine, pool: torch.Tensor, toks: list[int], first_block: int = 0) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from support.e2e import DEVICES, MODEL, assert_same_output, baseline, llm_args, prompt
-from support.server_process import REPO, ServerProcess, subprocess_env
+from support.server_process import REPO, ServerProcess, subprocess_env, wait_until
 
 from lmcache.integration.tensorrt_llm.tensorrt_mp_adapter import reset_process_connections
 from lmcache.server.client import CacheServerClient
@@ -221,6 +221,8 @@ def test_server_restart_with_disk_tier_serves_what_it_stored_before(lmcache_env,
         # A lookup while the server is down times out: the process's client is now failing fast.
         assert writer.generate([prompt(300, start=13)], 4)[0].num_connector_matched_tokens == 0
         server.start()
+        with CacheServerClient(server.ipc_url, timeout_s=10.0) as client:  # its disk index rebuilt
+            wait_until(lambda: client.stats().engine.tier("disk").state is None, "the disk tier's scan")
         again = ReplayExecutor(llm_args("lmcache-mp", server_url=server.ipc_url), MODEL).generate([p], 4)[0]
         assert again.num_connector_matched_tokens == 256
         assert_same_output(again, first)
