@@ -100,7 +100,8 @@ class Found:
 
 class IndexScan:
     """One scan of ``root`` (the tier's directory, already claimed); ``indexed`` counts the chunks
-    ``adopt`` took so far."""
+    ``adopt`` took so far. ``progress_bar``: draw one on stderr above ``PROGRESS_MIN_FILES`` files (a
+    scan in the caller's thread; one in the background would interleave with the process's logs)."""
 
     def __init__(
         self,
@@ -109,8 +110,10 @@ class IndexScan:
         verify: bool,
         adopt: Callable[[Found], bool],
         remove: Callable[[Path, FileStamp], bool],
+        progress_bar: bool,
     ) -> None:
         self.root = root
+        self.progress_bar = progress_bar
         self.path_for = path_for
         self.verify = verify
         self.adopt = adopt
@@ -126,7 +129,7 @@ class IndexScan:
         report.files = len(files)
         adopted: list[Found] = []
         iterator = files
-        if len(files) > PROGRESS_MIN_FILES:
+        if self.progress_bar and len(files) > PROGRESS_MIN_FILES:
             from tqdm import tqdm
 
             iterator = tqdm(files, desc=f"LMCache disk index {self.root}", unit="file", leave=False)

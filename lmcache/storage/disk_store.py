@@ -332,7 +332,7 @@ class DiskStore:
         chunks beyond the cap are evicted, oldest first. I/O errors (missing or unreadable
         directory) leave the index as it is."""
         self._scan_lock.acquire()
-        if not self._begin_scan():
+        if not self._begin_scan(progress_bar=True):
             return ScanReport()
         return self._rebuild()
 
@@ -344,7 +344,7 @@ class DiskStore:
         Does nothing while a scan runs."""
         if not self._scan_lock.acquire(blocking=False):
             return  # a scan runs already
-        if not self._begin_scan():
+        if not self._begin_scan(progress_bar=False):
             return
         self._scan_thread = threading.Thread(target=self._rebuild, name="lmcache-disk-scan", daemon=True)
         self._scan_thread.start()
@@ -359,7 +359,7 @@ class DiskStore:
         scanning = self._scanning
         return None if scanning is None else scanning.indexed
 
-    def _begin_scan(self) -> bool:
+    def _begin_scan(self, progress_bar: bool) -> bool:
         """Claim the directory and start noting changes (``_scan_lock`` held); on a refusal, warn,
         release the lock and return False."""
         try:
@@ -373,7 +373,7 @@ class DiskStore:
         self._scan_stop.clear()
         self.scan_done.clear()
         self._scanning = IndexScan(
-            self.root, self.path_for, self.verify_on_scan, self._adopt, self._remove_scanned
+            self.root, self.path_for, self.verify_on_scan, self._adopt, self._remove_scanned, progress_bar
         )
         with self._lock:
             self._changed = set()

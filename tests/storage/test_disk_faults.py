@@ -14,42 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
+from disk_files import NS, SIZE, N, key, on_disk, payload
+from disk_files import read_key as read
 from tier_helpers import make_engine
 
 from lmcache.backoff import Backoff
-from lmcache.keys import ChunkKey
 from lmcache.storage import disk_store
-from lmcache.storage.chunk_format import Namespace, encode_header
 from lmcache.storage.disk_store import MARKER, TIER_DIR, TMP_SUFFIX, DiskStore
 from lmcache.storage.disk_tier import DiskTier
 from lmcache.storage.lower_tier import ChecksumMemo, WriteItem
-
-NS = Namespace("m", b"sig")
-N = 1000
-
-
-def key(i: int) -> ChunkKey:
-    return ChunkKey(i.to_bytes(32, "little"), 1, 0)
-
-
-def payload(i: int) -> memoryview:
-    return memoryview(np.full(N, i % 251, dtype=np.uint8))
-
-
-SIZE = len(encode_header(key(0), NS, 7, payload(0))) + N
-
-
-def on_disk(root: Path) -> int:
-    """Bytes of the chunk files under ``root``."""
-    return sum(p.stat().st_size for p in root.rglob("*.kv"))
-
-
-def read(store: DiskStore, k: ChunkKey) -> bytes | None:
-    entry = store.lookup(NS, k)
-    out = bytearray(N)
-    return bytes(out) if entry is not None and store.read_into(NS, k, entry, memoryview(out)) else None
 
 
 def fail(err: int) -> Callable[..., Any]:

@@ -12,43 +12,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
+from disk_files import NS, SIZE, N, key, on_disk, payload, read_key
 from tier_helpers import make_engine
 
-from lmcache.keys import ChunkKey
 from lmcache.metrics import health_report
 from lmcache.stats import decode_snapshot, encode_snapshot, summary_lines
 from lmcache.storage import disk_scan
-from lmcache.storage.chunk_format import Namespace, encode_header
 from lmcache.storage.disk_store import DiskStore
 from lmcache.storage.disk_tier import DiskTier
 from lmcache.storage.lower_tier import FetchStatus
 
-NS = Namespace("m", b"sig")
-N = 1000
 SCAN_THREAD = "lmcache-disk-scan"
-
-
-def key(i: int) -> ChunkKey:
-    return ChunkKey(i.to_bytes(32, "little"), 1, 0)
-
-
-def payload(i: int) -> memoryview:
-    return memoryview(np.full(N, i % 251, dtype=np.uint8))
-
-
-SIZE = len(encode_header(key(0), NS, 7, payload(0))) + N
-
-
-def on_disk(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*.kv"))
-
-
-def read(store: DiskStore, i: int) -> bytes | None:
-    entry = store.lookup(NS, key(i))
-    out = bytearray(N)
-    return bytes(out) if entry is not None and store.read_into(NS, key(i), entry, memoryview(out)) else None
 
 
 def written(root: Path, *ids: int) -> dict[Path, int]:
@@ -297,3 +272,7 @@ def test_found_chunks_go_oldest_first_ahead_of_chunks_written_during_the_scan(
         assert store.write(NS, key(new), 7, payload(new)) is not None
         assert store.lookup(NS, key(evicted)) is None
     store.close()
+
+
+def read(store: DiskStore, i: int) -> bytes | None:
+    return read_key(store, key(i))

@@ -450,6 +450,10 @@ def test_startup_scan_of_many_files_shows_progress(tmp_path: Path, monkeypatch, 
     again = DiskStore(tmp_path, 1 << 20)
     assert len(again) == 5 and again.last_scan.valid == 5
     assert "LMCache disk index" in capsys.readouterr().err
+    background = DiskStore(tmp_path, 1 << 20, scan=False)
+    background.start_scan()  # in the background the status says how far it got; no bar in the logs
+    assert background.wait_scanned(30) and len(background) == 5
+    assert "LMCache disk index" not in capsys.readouterr().err
 
 
 def test_chunks_of_an_older_key_format_are_removed_at_startup(tmp_path: Path, monkeypatch) -> None:
