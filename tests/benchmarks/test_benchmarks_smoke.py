@@ -64,6 +64,15 @@ def test_bench_tiers_and_mp_latency_and_model(tmp_path: Path) -> None:
     assert model["prefill"][0]["tokens"] == 64
 
 
+def test_bench_disk_startup(tmp_path: Path) -> None:
+    data = run_bench(
+        "bench_disk_startup.py", tmp_path / "d.json", "--files", "40", "--repeats", "1", model_args=[]
+    )
+    for phase in ("warm_foreground", "warm_background", "cold_foreground", "cold_background"):
+        (run,) = data[phase]
+        assert run["chunks"] == 40 and run["indexed_s"] >= run["built_s"] > 0
+
+
 def test_bench_ttft(tmp_path: Path) -> None:
     args = ("--repeats", "2", "--mp", "--disk-cold", "--layerwise")
     data = run_bench("bench_ttft.py", tmp_path / "ttft.json", *args)
