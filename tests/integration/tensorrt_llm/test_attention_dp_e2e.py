@@ -278,3 +278,15 @@ def test_in_process_ranks_share_chunks_through_redis(lmcache_env: pytest.MonkeyP
     finally:
         reset_process_engine()
         redis.stop()
+
+
+def test_a_rank_names_its_threads_by_its_own_rank(preset: Preset) -> None:
+    """Keys name no rank under attention DP, but a rank's save and load threads (and its log lines)
+    name its own: every rank's process would otherwise say rank 0."""
+    before = set(threading.enumerate())
+    executor = one_rank(preset, "v1", 1)
+    executor.generate([prompt(100, start=29)], 2)
+    names = [t.name for t in set(threading.enumerate()) - before if t.name.startswith("lmcache-")]
+    ours = [name for name in names if "save-r" in name or "load-r" in name]
+    assert ours and all("-r1_" in name for name in ours), names
+    finish(preset, executor)
