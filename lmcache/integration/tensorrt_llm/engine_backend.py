@@ -170,9 +170,12 @@ class EngineTransfers:
     """A worker's loads and saves against the process's engine, on side streams for CUDA pools."""
 
     def __init__(self, shared: ProcessEngine, settings: ConnectorSettings, rank: int) -> None:
+        """``rank``: this process's TRT-LLM rank (``mpi_rank()``), which its save thread names; its
+        chunks are keyed as ``settings.shard_rank(rank)`` (0 for every attention-DP rank)."""
         self._shared = shared
         self._settings = settings
-        self._rank = rank
+        self._rank = settings.shard_rank(rank)
+        self._mpi_rank = rank
         self._pools: list[EnginePool] = []
         self._save_queue: SaveQueue | None = None
         self._load_stream: Any = None
@@ -194,7 +197,7 @@ class EngineTransfers:
         self._pools = pools
         self._shared.register(self._rank, pools)
         device = targets[0].tensor.device
-        self._save_queue = SaveQueue(device, f"lmcache-save-r{self._rank}")
+        self._save_queue = SaveQueue(device, f"lmcache-save-r{self._mpi_rank}")
         if device.type == "cuda":
             self._load_stream = cudart.new_stream(device)
             rows = self._settings.chunk_size // self._settings.tokens_per_block

@@ -265,10 +265,13 @@ class ServerTransfers:
     """A worker's loads and saves, carried out by the cache server on this rank's shared pools."""
 
     def __init__(self, connection: ProcessConnection, settings: ConnectorSettings, rank: int) -> None:
+        """``rank``: this process's TRT-LLM rank (``mpi_rank()``), which its threads and log lines
+        name; its pools register as ``settings.shard_rank(rank)`` (0 for every attention-DP rank)."""
         self._connection = connection
         self._client = connection.client
         self._settings = settings
-        self._rank = rank
+        self._rank = settings.shard_rank(rank)
+        self._mpi_rank = rank
         self._targets: list[PoolTarget] = []
         self._instances: dict[TargetId, int] = {}
         self._registered = False
@@ -317,7 +320,7 @@ class ServerTransfers:
                 break
         logger.info(
             "LMCache MP rank %d: mapping the cache server's L1 (%d slabs) ahead of registration",
-            self._rank,
+            self._mpi_rank,
             len(found.slabs),
         )
 
@@ -334,8 +337,8 @@ class ServerTransfers:
         if targets and self._saver is None:  # started now: no transfer pays for it
             device = targets[0].tensor.device
             cuda_device = device.index if device.type == "cuda" else None
-            self._saver = cudart.background_thread(f"lmcache-mp-save-r{self._rank}", cuda_device)
-            self._loader = cudart.background_thread(f"lmcache-mp-load-r{self._rank}", cuda_device)
+            self._saver = cudart.background_thread(f"lmcache-mp-save-r{self._mpi_rank}", cuda_device)
+            self._loader = cudart.background_thread(f"lmcache-mp-load-r{self._mpi_rank}", cuda_device)
         self._registered = False
         self._next_attempt = 0.0
         self._ensure_registered(bring_up=True)

@@ -47,6 +47,4 @@ class LMCacheKvConnectorWorker(LMCacheWorker):
     def __init__(self, llm_args: Any) -> None:
         shared = process_engine()
         settings = ConnectorSettings.from_llm_args(llm_args, shared.engine.config)
-        super().__init__(
-            llm_args, settings, EngineTransfers(shared, settings, settings.shard_rank(mpi_rank()))
-        )
+        super().__init__(llm_args, settings, EngineTransfers(shared, settings, mpi_rank()))

@@ -50,6 +50,4 @@ class LMCacheMPKvConnectorWorker(LMCacheWorker):
         config = load_engine_config()
         settings = ConnectorSettings.from_llm_args(llm_args, config)
         connection = process_connection(server_url(llm_args), config)
-        super().__init__(
-            llm_args, settings, ServerTransfers(connection, settings, settings.shard_rank(mpi_rank()))
-        )
+        super().__init__(llm_args, settings, ServerTransfers(connection, settings, mpi_rank()))
