@@ -389,20 +389,23 @@ class CacheService:
 
     def pin_key(self, inst: Instance, pin_owner: int | None, pin_id: int | str) -> PinKey:
         """The pins a request of ``inst`` may act on: its own lookup's, or those of ``pin_owner``, an
-        instance of the same client, model and world (the scheduler's rank of a TP world)."""
+        instance of the same client, model and world at another rank (the scheduler's rank of a TP
+        world). Instances of one rank never share pins: separate engines, or attention-DP ranks, each
+        a world of one rank, whose pins are their own requests'."""
         if pin_owner is None or pin_owner == inst.instance_id:
             return (inst.instance_id, pin_id)
         owner = self.instances.get(pin_owner)
-        if owner is None or (owner.client, owner.request.model_name, owner.world_size) != (
-            inst.client,
-            inst.request.model_name,
-            inst.world_size,
+        if (
+            owner is None
+            or (owner.client, owner.request.model_name, owner.world_size)
+            != (inst.client, inst.request.model_name, inst.world_size)
+            or owner.rank == inst.rank
         ):
             self.counters.refuse("capability")
             raise ServiceFailure(
                 P.ErrorCode.UNAUTHORIZED,
-                f"pin_owner {pin_owner} is not an instance of this client's world (same client, model and "
-                "world size)",
+                f"pin_owner {pin_owner} is not another rank of this client's world (same client, model "
+                "and world size, another rank)",
             )
         return (pin_owner, pin_id)
 

@@ -409,6 +409,26 @@ def test_a_client_over_a_connection_cap_is_told_so(make_server, workdir: Path, c
     assert server.refusals[reason] == 1
 
 
+def test_an_instance_cannot_act_on_the_pins_of_another_of_its_rank(make_server) -> None:
+    """Two engines, or two attention-DP ranks, of one user and model: each a world of one rank. Only
+    another rank of a TP world may name a lookup's pins (``pin_owner``); these never may."""
+    server = make_server()
+    with CacheServerClient(_url(server), timeout_s=20.0) as client:
+        first = client.register(shared_pool(seed=5), 0, 1, MODEL, TPB, pool_sharing="export").instance_id
+        second = client.register(shared_pool(seed=6), 0, 1, MODEL, TPB, pool_sharing="export").instance_id
+        tokens = list(range(3000, 3064))
+        assert client.store(BlockTransfer(tokens, None, list(range(8)), 0, 64), instance_id=first) == 64
+        assert client.lookup(tokens, pin_id="r1", instance_id=first) == 64
+        with pytest.raises(Unauthorized, match="pin_owner"):
+            client.release("r1", pin_owner=first, instance_id=second)
+        load = BlockTransfer(tokens, None, list(range(8, 16)), 0, 64)
+        with pytest.raises(Unauthorized, match="pin_owner"):
+            client.retrieve(load, pin_id="r1", pin_owner=first, instance_id=second)
+        assert server.engine.pinned_ids() == [(first, "r1")]
+        assert client.retrieve(load, pin_id="r1", instance_id=first) == 64
+        assert client.stats().pinned_lookups == 0  # released once the retrieve's reply went out
+
+
 def test_pins_cannot_take_more_than_their_share_and_blocks_cannot_repeat(make_server) -> None:
     server = make_server(pin_share=0.0002)  # of 0.05 GiB: one 8 KiB chunk fits, two do not
     with CacheServerClient(_url(server), timeout_s=20.0) as client:

@@ -169,13 +169,26 @@ def test_slots_of_another_server_or_instance_are_not_used(client, monkeypatch) -
     assert client.retrieve(BlockTransfer(TOKENS, None, TARGET, 0, len(TOKENS)), pin_id="a") == len(TOKENS)
     assert (spy.early, spy.chunks) == (0, 4)
     assert torch.equal(pool[TARGET], pool[SOURCE])
-    other = shared_pool()
-    other_iid = client.register(other, 0, 1, MODEL, TPB, pool_sharing="shared-l1").instance_id
-    assert client.lookup(TOKENS, pin_id="b", instance_id=iid) == len(TOKENS)
+    # Rank 1 of a TP world loads after rank 0's lookup (its pins, not its slots: they hold rank 0's KV).
+    ranks = [shared_pool(seed=30 + r) for r in range(2)]
+    ids = [
+        client.register(p, r, 2, MODEL + "-tp2", TPB, pool_sharing="shared-l1").instance_id
+        for r, p in enumerate(ranks)
+    ]
+    for rank_iid in ids:
+        stored_tokens = client.store(
+            BlockTransfer(TOKENS, None, SOURCE, 0, len(TOKENS)), instance_id=rank_iid
+        )
+        assert stored_tokens == len(TOKENS)
+    assert client.lookup(TOKENS, pin_id="b", instance_id=ids[0]) == len(TOKENS)
     load = BlockTransfer(TOKENS, None, TARGET, 0, len(TOKENS))
-    assert client.retrieve(load, pin_id="b", pin_owner=iid, instance_id=other_iid) == len(TOKENS)
-    assert (spy.early, spy.chunks) == (0, 8)  # another instance's load never takes this lookup's slots
-    assert torch.equal(other[TARGET], pool[SOURCE])
+    copied = spy.chunks
+    assert client.retrieve(load, pin_id="b", pin_owner=ids[0], instance_id=ids[1]) == len(TOKENS)
+    assert (spy.early, spy.chunks - copied) == (
+        0,
+        4,
+    )  # another instance's load never takes the lookup's slots
+    assert torch.equal(ranks[1][TARGET], ranks[1][SOURCE])
 
 
 def test_a_released_lookup_leaves_no_slots_behind(client, monkeypatch) -> None:
