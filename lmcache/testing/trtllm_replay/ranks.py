@@ -108,10 +108,19 @@ class Ranks(ABC):
 
 
 class LocalRanks(Ranks):
-    """All ranks in this process, run one after another."""
+    """All ranks in this process, run one after another. ``separate_processes``: each rank's connector
+    code runs in a simulated process of its own (``process_key()``), as TRT-LLM's one process per
+    rank: its own in-process engine and cache-server connection; else they share this process's."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, separate_processes: bool = False) -> None:
         super().__init__(size, range(size))
+        self.separate_processes = separate_processes
+
+    @contextlib.contextmanager
+    def acting_as(self, rank: int) -> Iterator[None]:
+        process = simulated_process(rank) if self.separate_processes else contextlib.nullcontext()
+        with process, simulated_rank(rank):
+            yield
 
     def broadcast(self, value: Any) -> Any:
         return pickle.loads(pickle.dumps(value))
