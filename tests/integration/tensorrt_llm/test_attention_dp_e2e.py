@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from storage.redis_servers import RedisServer
-from support.e2e import MODEL, VSWA, assert_same_output, mode_args, prompt
+from support.e2e import DEVICES, MODEL, VSWA, assert_same_output, mode_args, prompt
 from support.presets import Preset
 
 from lmcache.config import LMCacheEngineConfig
@@ -41,17 +41,19 @@ def adp_args(preset: Preset | None, mode: str, **kw: object) -> TorchLlmArgs:
     return dataclasses.replace(mode_args(preset, mode, tp=OWNERS, **kw), enable_attention_dp=True)
 
 
-def owners(preset: Preset, mode: str) -> list[ReplayExecutor]:
+def owners(preset: Preset, mode: str, device: str = "cpu") -> list[ReplayExecutor]:
     """One executor per attention-DP rank; each device pool holds one 200-token request, not two."""
     return [
-        ReplayExecutor(adp_args(preset, mode, max_tokens=256), MODEL, ranks=AttentionDPOwner(rank, OWNERS))
+        ReplayExecutor(
+            adp_args(preset, mode, max_tokens=256), MODEL, device=device, ranks=AttentionDPOwner(rank, OWNERS)
+        )
         for rank in range(OWNERS)
     ]
 
 
-def reference(tokens: list[int], new_tokens: int) -> object:
+def reference(tokens: list[int], new_tokens: int, device: str = "cpu") -> object:
     """A rank under attention DP computes with every head, as one rank without TP does."""
-    return ReplayExecutor(mode_args(None, "v1"), MODEL).generate([tokens], new_tokens)[0]
+    return ReplayExecutor(mode_args(None, "v1"), MODEL, device=device).generate([tokens], new_tokens)[0]
 
 
 def finish(preset: Preset, executor: ReplayExecutor) -> None:
@@ -64,18 +66,19 @@ def finish(preset: Preset, executor: ReplayExecutor) -> None:
         assert preset.pinned() == 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", list(KV_MANAGER_MODES))
-def test_ranks_share_chunks_through_the_server(preset: Preset, mode: str) -> None:
+def test_ranks_share_chunks_through_the_server(preset: Preset, mode: str, device: str) -> None:
     """Rank 0 computes A; rank 1 then gets A from the cache server (in-process: from nothing, its own
     process's L1 is empty); rank 0 gets A back from the connector once B evicted it on its device."""
     a, b = prompt(200, start=1), prompt(200, start=2)
-    rank0, rank1 = owners(preset, mode)
+    rank0, rank1 = owners(preset, mode, device)
     first = rank0.generate([a], 8)[0]
     finish(preset, rank0)
     other = rank1.generate([a], 8)[0]
     rank0.generate([b], 8)
     again = rank0.generate([a], 8)[0]
-    want = reference(a, 8)
+    want = reference(a, 8, device)
     for got in (first, other, again):
         assert_same_output(got, want)
     assert again.num_connector_matched_tokens > 0
