@@ -333,6 +333,11 @@ class HostArena:
         """Allocated slabs no pool holds (counted in ``reserved_bytes``)."""
         self._prepinners = 0
 
+    def add_capacity(self, nbytes: int) -> None:
+        """Raise the budget by ``nbytes`` (slabs come on demand; a pre-pin that ended stays ended)."""
+        with self.lock:
+            self.capacity_bytes += nbytes
+
     def pool(self, slot_bytes: int) -> SlotPool:
         with self.lock:
             if slot_bytes not in self._pools:

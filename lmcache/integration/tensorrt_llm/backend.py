@@ -27,6 +27,10 @@ class TransferBackend(Protocol):
         """Take this rank's pools (one per layer-group region); called once at start-up."""
         ...
 
+    def begin_iteration(self, context: Any) -> None:
+        """Called once per iteration before its loads, with the plan's ``backend_context``."""
+        ...
+
     def layerwise_layers(self) -> int | None:
         """The layers of this rank's pool if its loads can go layer-wise (one pool with a layer axis,
         copied by this process), else None."""

@@ -159,6 +159,7 @@ class LMCacheWorker(KvCacheConnectorWorker):
         the start."""
         self._release_saves(stream)
         meta = self._meta()
+        self.backend.begin_iteration(meta.backend_context)
         self._layerwise.begin_forward()
         plans = [(plan, self._layerwise.layers_for(plan)) for plan in meta.loads]
         whole_tokens = sum(plan.end - plan.start for plan, layers in plans if layers is None)

@@ -3,6 +3,7 @@ scheduler and the local workers, configured from ``LMCACHE_CONFIG_FILE`` and ``L
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -23,6 +24,13 @@ from lmcache.integration.tensorrt_llm.save_fence import SaveFence
 from lmcache.integration.tensorrt_llm.save_queue import SaveQueue
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
 from lmcache.integration.tensorrt_llm.targets import PoolTarget
+from lmcache.integration.tensorrt_llm.tp_evictions import (
+    Dropped,
+    Follower,
+    Incarnations,
+    Leader,
+    follower_headroom,
+)
 from lmcache.integration.tensorrt_llm.window_fence import SaveCopies
 from lmcache.keys import ChunkHashes
 from lmcache.layered_load import LayerReady
@@ -42,14 +50,44 @@ class EnginePool:
 
 
 class ProcessEngine:
-    """The process's one engine, and the pools each local rank registered."""
+    """The process's one engine, and the pools each local rank registered. Under tensor parallelism
+    with one rank per process, rank 0's L1 leads what every rank's drops (:mod:`.tp_evictions`)."""
 
     def __init__(self, engine: CacheEngine) -> None:
         self.engine = engine
         self.pools: dict[int, list[EnginePool]] = {}
+        self.leader: Leader | None = None
+        """Rank 0 of a TP world registered here: what its L1 drops."""
+        self.follower: Follower | None = None
+        """Another rank of a TP world registered here: it drops what rank 0's L1 dropped."""
 
     def register(self, rank: int, pools: list[EnginePool]) -> None:
         self.pools[rank] = pools
+        if len(self.pools) > 1:  # several ranks share this L1 (the replay): nothing to lead or follow
+            for observer in (self.leader, self.follower):
+                if observer is not None:
+                    observer.enabled = False
+            return
+        if not pools or pools[0].space.world_size == 1:
+            return
+        if rank == 0 and self.leader is None:
+            self.leader = Leader(self.engine.l1)
+            self.engine.l1.observe(self.leader)
+        elif rank != 0 and self.follower is None:
+            self.follower = Follower(self.engine.l1, rank)
+            self.engine.l1.observe(self.follower)
+
+    def leads(self) -> Leader | None:
+        """Rank 0 of a TP world, this process's only rank: its L1's drops are every rank's."""
+        return self.leader if list(self.pools) == [0] else None
+
+    def follows(self) -> Follower | None:
+        """Another rank of a TP world, this process's only rank: it drops what rank 0 dropped."""
+        return self.follower if len(self.pools) == 1 and 0 not in self.pools else None
+
+    def incarnations(self) -> Incarnations | None:
+        """Where this process's only rank of a TP world numbers the saves that covered its chunks."""
+        return self.leads() or self.follows()
 
     @property
     def spaces(self) -> dict[int, KeySpace]:
@@ -153,8 +191,13 @@ class EngineIndex:
             for target in targets:
                 self._shared.engine.release(_pin_id(pin, target.pool.target))
 
-    def metadata_context(self) -> None:
-        return None
+    def metadata_context(self) -> Dropped | None:
+        """Under TP with one rank per process, what rank 0's L1 dropped since the last plan."""
+        leader = self._shared.leads()
+        if leader is None:
+            return None
+        dropped = leader.drain()
+        return dropped if dropped.chunks else None
 
     def windows(self) -> list[int | None]:
         pools = self._shared.pools
@@ -179,6 +222,8 @@ class EngineTransfers:
         self._pools: list[EnginePool] = []
         self._save_queue: SaveQueue | None = None
         self._load_stream: Any = None
+        self._saves_handed = 0
+        """Saves handed over so far: every rank numbers the plans' saves alike (:mod:`.tp_evictions`)."""
 
     def register(self, targets: list[PoolTarget]) -> None:
         pools = [
@@ -196,6 +241,19 @@ class EngineTransfers:
             self._shared.engine.hasher(pool.space)
         self._pools = pools
         self._shared.register(self._rank, pools)
+        if self._shared.follows() is not None:  # room for what rank 0 dropped and it has not yet
+            chunk = self._settings.chunk_size
+            chunk_bytes = max(
+                p.space.layout.row_bytes * p.space.layout.blocks_per_chunk(chunk) for p in pools
+            )
+            headroom = follower_headroom(chunk_bytes, chunk, self._settings.iteration_tokens)
+            self._shared.engine.l1.arena.add_capacity(headroom)
+            logger.info(
+                "LMCache in-process TP rank %d: L1 drops what rank 0's drops, and may hold up to %.1f MiB "
+                "more than max_local_cpu_size meanwhile",
+                self._mpi_rank,
+                headroom / (1 << 20),
+            )
         device = targets[0].tensor.device
         self._save_queue = SaveQueue(device, f"lmcache-save-r{self._mpi_rank}")
         if device.type == "cuda":
@@ -203,6 +261,13 @@ class EngineTransfers:
             rows = self._settings.chunk_size // self._settings.tokens_per_block
             for target in targets:  # so the first save and load pay no set-up (RESULTS D36)
                 CopyBatcher.warm_up(target.tensor, self._load_stream, rows)
+
+    def begin_iteration(self, context: Any) -> None:
+        """A rank other than 0 of a TP world drops what rank 0's L1 dropped (``context``), on its saver
+        thread after the saves handed over before."""
+        follower = self._shared.follows()
+        if follower is not None and isinstance(context, Dropped) and self._save_queue is not None:
+            self._save_queue.run(functools.partial(follower.drop, context))
 
     def _registered(self) -> list[EnginePool]:
         if not self._pools:
@@ -255,20 +320,28 @@ class EngineTransfers:
         assert self._save_queue is not None
         engine, rank = self._shared.engine, self._rank
         pools = self._registered()
+        incarnations = self._shared.incarnations()
+        first_id = self._saves_handed
+        self._saves_handed += len(saves)
 
-        def store(transfer: Transfer, pool: EnginePool) -> Any:
+        def store(transfer: Transfer, pool: EnginePool, save_id: int) -> Any:
             block_transfer = transfer.for_target(pool.pool.target)
 
             def run(save_stream: Any, start: StoreStart) -> None:
                 engine.store(pool.space, rank, pool.pool.tensor, block_transfer, save_stream, start)
+                if incarnations is not None:  # the chunks this save covered, stored or found cached
+                    spans = engine.iter_chunk_spans(
+                        pool.space, rank, block_transfer.prompt, block_transfer.salt, block_transfer.end
+                    )
+                    incarnations.saved([s.key for s in spans if s.start >= block_transfer.start], save_id)
 
             return run
 
         return [
             [
-                self._save_queue.submit(store(transfer, pool), fence)
+                self._save_queue.submit(store(transfer, pool, save_id), fence)
                 for pool in pools
                 if pool.pool.target.group == transfer.group
             ]
-            for transfer in saves
+            for save_id, transfer in enumerate(saves, first_id)
         ]

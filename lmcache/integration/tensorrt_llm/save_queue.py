@@ -55,3 +55,16 @@ class SaveQueue:
             return event
 
         return self._thread.submit(run)
+
+    def run(self, work: Callable[[], object]) -> Future[Any]:
+        """Run ``work`` on the saver thread after the stores submitted before (its failure is logged)."""
+
+        def guarded() -> None:
+            try:
+                work()
+            except Exception as exc:  # noqa: BLE001 - never an error in TRT-LLM's loop
+                self._failed.warning(
+                    "work", "LMCache: saver-thread work failed (%s: %s)", type(exc).__name__, exc
+                )
+
+        return self._thread.submit(guarded)

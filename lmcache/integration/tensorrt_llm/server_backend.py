@@ -413,6 +413,10 @@ class ServerTransfers:
 
     # -- loads --------------------------------------------------------------------------------
 
+    def begin_iteration(self, context: Any) -> None:
+        """Nothing: the server keeps one L1 for every rank."""
+        return None
+
     def layerwise_layers(self) -> int | None:
         """One pool with a layer axis (an exported pool's loads are done when they return: its events
         stay unset, and waiting on them costs nothing)."""

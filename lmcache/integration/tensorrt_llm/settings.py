@@ -24,6 +24,8 @@ class ConnectorSettings:
     kv_manager_v2: bool = False
     """TRT-LLM's KVCacheManagerV2 (``kv_cache_config.use_kv_cache_manager_v2``): pools CUDA IPC cannot
     export."""
+    iteration_tokens: int = 8192
+    """TRT-LLM's ``max_num_tokens``: the most tokens one iteration computes (and saves)."""
     attention_dp: bool = False
     """``enable_attention_dp``: each rank schedules its own requests (its own scheduler and worker) and
     keeps their whole KV; chunks are keyed as one world of one rank, so every rank finds every
@@ -69,6 +71,7 @@ class ConnectorSettings:
             layerwise=config.use_layerwise,
             kv_manager_v2=bool(getattr(kv_cache_config, "use_kv_cache_manager_v2", False)),
             attention_dp=attention_dp,
+            iteration_tokens=int(getattr(llm_args, "max_num_tokens", None) or 8192),
         )
 
 

@@ -19,7 +19,6 @@ from lmcache.integration.tensorrt_llm.engine_backend import (
 )
 from lmcache.integration.tensorrt_llm.planner import Planner
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings
-from lmcache.logging import init_logger
 
 __all__ = [
     "SCHEDULER_LOG_PREFIX",
@@ -31,8 +30,6 @@ __all__ = [
 
 SCHEDULER_LOG_PREFIX = "LMCache TRT-LLM scheduler"
 
-logger = init_logger(__name__)
-
 
 class LMCacheKvConnectorScheduler(LMCacheScheduler):
     """Rank 0: looks up prompts in the process's engine and plans loads and saves."""
@@ -41,16 +38,6 @@ class LMCacheKvConnectorScheduler(LMCacheScheduler):
         shared = process_engine()
         config = shared.engine.config
         settings = ConnectorSettings.from_llm_args(llm_args, config)
-        if settings.world_size > 1:
-            logger.warning(
-                "LMCache in-process mode with tensor_parallel_size=%d: each rank's process keeps its own "
-                "L1, and rank 0 promises hits from its own. Once L1 is full and evicting, another rank "
-                "can already have evicted a chunk rank 0 promises, and that load fails loudly "
-                "(PromisedLoadError) instead of serving wrong KV. For tensor parallelism use the cache "
-                "server (connector='lmcache-mp', `python -m lmcache.v1.multiprocess.server`): it answers "
-                "for every rank and pins each hit until every rank loaded it.",
-                settings.world_size,
-            )
         super().__init__(llm_args, Planner(settings, config, EngineIndex(shared), SCHEDULER_LOG_PREFIX))
 
 

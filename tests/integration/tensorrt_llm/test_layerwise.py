@@ -38,6 +38,9 @@ class _Backend:
     def register(self, targets: list[PoolTarget]) -> None:
         return None
 
+    def begin_iteration(self, context: Any) -> None:
+        return None
+
     def layerwise_layers(self) -> int | None:
         return self.layers
 
