@@ -22,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench_tiers import drop_cache  # noqa: E402  (benchmarks/ is the script's own directory)
 
 CHILD = r"""
 import json, sys, time
@@ -58,20 +59,9 @@ def fill(root: Path, files: int, payload: int) -> None:
     store.close()
 
 
-def evict_page_cache(root: Path) -> None:
-    os.sync()
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
 def measure(local_disk: Path, how: str, cold: bool) -> dict[str, float]:
     if cold:
-        evict_page_cache(local_disk)
+        drop_cache(local_disk)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
