@@ -266,8 +266,12 @@ class EngineTransfers:
         """A rank other than 0 of a TP world drops what rank 0's L1 dropped (``context``), on its saver
         thread after the saves handed over before."""
         follower = self._shared.follows()
-        if follower is not None and isinstance(context, Dropped) and self._save_queue is not None:
+        if follower is None or self._save_queue is None:
+            return
+        if isinstance(context, Dropped):
             self._save_queue.run(functools.partial(follower.drop, context))
+        elif follower.holding:
+            self._save_queue.run(functools.partial(follower.drop, Dropped(())))
 
     def _registered(self) -> list[EnginePool]:
         if not self._pools:

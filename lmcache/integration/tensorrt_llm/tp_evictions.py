@@ -109,6 +109,11 @@ class Follower(Incarnations):
                 self.rank,
             )
 
+    @property
+    def holding(self) -> bool:
+        """Some chunk rank 0 dropped is still here, held by a load when asked: ask again."""
+        return bool(self._held)
+
     def drop(self, dropped: Dropped) -> None:
         """Drop what rank 0 dropped, on the saver thread after the saves handed over before: each
         chunk unless a later save covered it again."""

@@ -51,10 +51,10 @@ def test_a_follower_drops_what_rank_0_dropped_unless_saved_again_since() -> None
     assert y not in store
     assert store.pin(x)  # a load of this rank holds it: dropped at the next plan
     follower.drop(Dropped(((x.chunk_hash, 2, 5),)))
-    assert x in store
+    assert x in store and follower.holding  # asked again at the next plan, even one with no drops
     store.unpin(x)
     follower.drop(Dropped(()))
-    assert x not in store
+    assert x not in store and not follower.holding
     assert follower.drifted == 0
 
 
