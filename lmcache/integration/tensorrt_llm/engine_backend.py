@@ -15,6 +15,7 @@ from lmcache import cudart
 from lmcache.chunk_copy import CopyBatcher, StoreStart
 from lmcache.config import load_engine_config
 from lmcache.engine import CacheEngine, KeySpace
+from lmcache.forward_gate import FORWARD
 from lmcache.integration.tensorrt_llm._trtllm import mpi_rank, process_key
 from lmcache.integration.tensorrt_llm.backend import check_loaded, transfers_by_group
 from lmcache.integration.tensorrt_llm.inflight import Done, event_done
@@ -334,6 +335,7 @@ class EngineTransfers:
             def run(save_stream: Any, start: StoreStart) -> None:
                 engine.store(pool.space, rank, pool.pool.tensor, block_transfer, save_stream, start)
                 if incarnations is not None:  # the chunks this save covered, stored or found cached
+                    FORWARD.wait()  # token prompts are hashed again: not while a forward is launched
                     spans = engine.iter_chunk_spans(
                         pool.space, rank, block_transfer.prompt, block_transfer.salt, block_transfer.end
                     )
