@@ -6,6 +6,7 @@
  * HASH_ALGORITHMS and calls it from C (the GIL held throughout); blake3_chain_digests, the default
  * algorithm's path, hashes in native code (_blake3.c): the inner hashes depend on one chunk each, so
  * they are computed side by side, and only the short outer links run one after another.
+ * blake3_chain_bytes does the same for token ids already in key format (the server's wire arrays).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -268,6 +269,21 @@ error:
     return NULL;
 }
 
+/* The chain's outer links over the inner hashes, in place: digest c overwrites inner hash c once
+ * it is read. */
+static void
+chain_inner_hashes(const unsigned char *seed, unsigned char *digests, Py_ssize_t num_chunks)
+{
+    unsigned char block[2 * LM_BLAKE3_OUT_LEN];
+    memcpy(block, seed, LM_BLAKE3_OUT_LEN);
+    for (Py_ssize_t c = 0; c < num_chunks; c++) {
+        unsigned char *digest = digests + c * LM_BLAKE3_OUT_LEN;
+        memcpy(block + LM_BLAKE3_OUT_LEN, digest, LM_BLAKE3_OUT_LEN);
+        lm_blake3_64(block, digest);
+        memcpy(block, digest, LM_BLAKE3_OUT_LEN);
+    }
+}
+
 static PyObject *
 blake3_chain_digests(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -309,14 +325,59 @@ blake3_chain_digests(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     PyMem_Free(buffer);
-    /* Chain the inner hashes (in place: digest c overwrites inner hash c once it is read). */
-    unsigned char block[2 * LM_BLAKE3_OUT_LEN];
-    memcpy(block, PyBytes_AS_STRING(a.seed), LM_BLAKE3_OUT_LEN);
-    for (Py_ssize_t c = 0; c < a.num_chunks; c++) {
-        unsigned char *digest = digests + c * LM_BLAKE3_OUT_LEN;
-        memcpy(block + LM_BLAKE3_OUT_LEN, digest, LM_BLAKE3_OUT_LEN);
-        lm_blake3_64(block, digest);
-        memcpy(block, digest, LM_BLAKE3_OUT_LEN);
+    chain_inner_hashes((const unsigned char *)PyBytes_AS_STRING(a.seed), digests, a.num_chunks);
+    return out;
+}
+
+static PyObject *
+blake3_chain_bytes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *signature = "blake3_chain_bytes(data, chunk_size, num_chunks, seed)";
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "%s takes 4 positional arguments, got %zd", signature, nargs);
+        return NULL;
+    }
+    Py_ssize_t chunk_size = PyLong_AsSsize_t(args[1]);
+    if (chunk_size == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t num_chunks = PyLong_AsSsize_t(args[2]);
+    if (num_chunks == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *seed = args[3];
+    if (!PyBytes_Check(seed) || PyBytes_GET_SIZE(seed) != LM_BLAKE3_OUT_LEN) {
+        PyErr_Format(PyExc_ValueError, "%s: seed must be a %d-byte digest (bytes)", signature, LM_BLAKE3_OUT_LEN);
+        return NULL;
+    }
+    if (chunk_size <= 0) {
+        PyErr_Format(PyExc_ValueError, "%s: chunk_size must be positive, got %zd", signature, chunk_size);
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    /* Compared by division: num_chunks * chunk_size * 8 could overflow. */
+    if (num_chunks < 0 || num_chunks > view.len / 8 / chunk_size) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: num_chunks must be in [0, len(data) // 8 // chunk_size], got %zd for %zd bytes in "
+                     "chunks of %zd tokens",
+                     signature, num_chunks, view.len, chunk_size);
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, LM_BLAKE3_OUT_LEN * num_chunks);
+    unsigned char *digests = out != NULL ? (unsigned char *)PyBytes_AS_STRING(out) : NULL;
+    /* num_chunks >= 1 bounds chunk_size * 8 by len(data): no overflow. */
+    if (out != NULL && num_chunks > 0 &&
+        lm_blake3_many(view.buf, (size_t)chunk_size * 8, (size_t)num_chunks, digests) < 0) {
+        Py_CLEAR(out);
+        PyErr_NoMemory();
+    }
+    PyBuffer_Release(&view);
+    if (out != NULL) {
+        chain_inner_hashes((const unsigned char *)PyBytes_AS_STRING(seed), digests, num_chunks);
     }
     return out;
 }
@@ -330,6 +391,10 @@ static PyMethodDef methods[] = {
      "blake3_chain_digests(tokens, chunk_size, num_chunks, seed, /) -> bytes\n\n"
      "chain_digests(tokens, chunk_size, num_chunks, seed, blake3.blake3) in native code: the chunks'\n"
      "inner hashes side by side in SIMD lanes, then the chain. seed is 32 bytes."},
+    {"blake3_chain_bytes", (PyCFunction)(void (*)(void))blake3_chain_bytes, METH_FASTCALL,
+     "blake3_chain_bytes(data, chunk_size, num_chunks, seed, /) -> bytes\n\n"
+     "blake3_chain_digests over token ids already laid out as int64-LE bytes (any contiguous buffer:\n"
+     "bytes, a memoryview, a numpy '<i8' array), read in place: nothing to convert."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -28,12 +28,13 @@ if TYPE_CHECKING:
     import torch
 
 try:
-    # The chain over a Python list in C (lmcache/_hashchain.c, built by setup.py); optional, this
-    # module's pure-Python path is the fallback and the reference.
+    # The chain over a Python list (or, for blake3, int64 bytes) in C (lmcache/_hashchain.c, built by
+    # setup.py); optional, this module's pure-Python path is the fallback and the reference.
+    from lmcache._hashchain import blake3_chain_bytes as _native_blake3_bytes
     from lmcache._hashchain import blake3_chain_digests as _native_blake3_chain
     from lmcache._hashchain import chain_digests as _native_chain
 except ImportError:
-    _native_chain = _native_blake3_chain = None
+    _native_chain = _native_blake3_chain = _native_blake3_bytes = None
 
 logger = init_logger(__name__)
 _told_pure = False
@@ -219,13 +220,18 @@ class TokenHasher:
         return self._chain(arr, len(arr) // self.chunk_size, salt)
 
     def _native_digests(self, tokens: Tokens, salt: CacheSalt) -> bytes | None:
-        """The concatenated digests from the C chain, or None where it does not apply (no extension,
-        or not exactly a list: a subclass may iterate otherwise than its storage)."""
-        if type(tokens) is not list:
-            return None
+        """The concatenated digests from the C chain, or None where it does not apply (no extension;
+        or not exactly a list, a subclass may iterate otherwise than its storage, unless blake3 hashes
+        the tokens' int64 array: the cache server's tokens arrive as one)."""
         if _native_chain is None:
             _say_pure_python()
             return None
+        if type(tokens) is not list:
+            if self.algorithm != "blake3":
+                return None
+            data = self._int64_bytes(tokens)
+            num_chunks = len(data) // 8 // self.chunk_size
+            return _native_blake3_bytes(data, self.chunk_size, num_chunks, self.seed(salt))
         num_chunks = len(tokens) // self.chunk_size
         end = num_chunks * self.chunk_size
         if end < len(tokens):
@@ -255,25 +261,23 @@ class TokenHasher:
         """
         size = self.chunk_size
         end = len(tokens) if end is None else min(end, len(tokens))
+        count = max(end, 0) // size
         parent = self.seed(salt)
         hashed = 0
         if type(tokens) is list and _native_chain is not None:
-            # A group of chunks per native call: far cheaper than hashing each in Python, and short
-            # enough that a saver holding the GIL for one never delays the executor for long. The
-            # first chunk goes alone: a lookup that misses it asks for nothing more.
-            step, count = self.digest_size, max(end, 0) // size
-            first = 0
-            while first < count:
-                group = min(NATIVE_GROUP_CHUNKS if first else 1, count - first)
-                try:
-                    digests = self._native_chain(tokens[first * size : (first + group) * size], group, parent)
-                except ValueError:
-                    hashed = first * size  # a bad token: the Python path below raises, naming it
-                    break
-                for i in range(0, len(digests), step):
-                    yield digests[i : i + step]
-                parent = digests[-step:]
-                first += group
+            try:
+                groups = self._native_groups(
+                    lambda first, group, after: self._native_chain(
+                        tokens[first * size : (first + group) * size], group, after
+                    ),
+                    count,
+                    parent,
+                )
+                for digest in groups:
+                    parent, hashed = digest, hashed + size
+                    yield digest
+            except ValueError:
+                pass  # a bad token: the Python path below raises, naming it
             else:
                 return
         if isinstance(tokens, list):
@@ -286,21 +290,53 @@ class TokenHasher:
                 parent = self.link(parent, data)
                 yield parent
             return
-        arr = token_array(tokens[: end // size * size])
-        data = memoryview(np.ascontiguousarray(arr)).cast("B")
+        data = self._int64_bytes(tokens[: count * size])
         step = size * 8
+        if self.algorithm == "blake3" and _native_blake3_bytes is not None:
+            yield from self._native_groups(
+                lambda first, group, after: _native_blake3_bytes(
+                    data[first * step : (first + group) * step], size, group, after
+                ),
+                count,
+                parent,
+            )
+            return
         for begin in range(0, len(data), step):
             parent = self.link(parent, data[begin : begin + step])
             yield parent
 
+    def _native_groups(
+        self, chain: Callable[[int, int, bytes], bytes], count: int, parent: bytes
+    ) -> Iterator[bytes]:
+        """The hashes of chunks ``[0, count)`` from ``chain(first, group, parent)``, the concatenated
+        hashes of ``group`` chunks from chunk ``first`` chained after ``parent``.
+
+        A group of chunks per native call: far cheaper than hashing each in Python, and short enough
+        that a saver holding the GIL for one never delays the executor for long. The first chunk goes
+        alone: a lookup that misses it asks for nothing more.
+        """
+        step, first = self.digest_size, 0
+        while first < count:
+            group = min(NATIVE_GROUP_CHUNKS if first else 1, count - first)
+            digests = chain(first, group, parent)
+            for i in range(0, len(digests), step):
+                yield digests[i : i + step]
+            parent = digests[-step:]
+            first += group
+
+    @staticmethod
+    def _int64_bytes(tokens: Tokens) -> memoryview:
+        """The token ids as the key format's bytes (int64, little-endian), checked and read in place
+        where they already are."""
+        return memoryview(np.ascontiguousarray(token_array(tokens))).cast("B")
+
     def tail_hash(self, tokens: Tokens, salt: CacheSalt, prefix: bytes | None, start: int, end: int) -> bytes:
         """Hash of the partial chunk ``tokens[start:end]``, chained after the previous chunk's hash."""
-        arr = token_array(tokens[start:end])
         parent = prefix if prefix is not None else self.seed(salt)
-        return self.link(parent, memoryview(np.ascontiguousarray(arr)).cast("B"))
+        return self.link(parent, self._int64_bytes(tokens[start:end]))
 
     def _chain(self, arr: np.ndarray, num_chunks: int, salt: CacheSalt) -> list[bytes]:
-        data = memoryview(np.ascontiguousarray(arr[: num_chunks * self.chunk_size])).cast("B")
+        data = self._int64_bytes(arr[: num_chunks * self.chunk_size])
         step = self.chunk_size * 8
         parent = self.seed(salt)
         hashes = []

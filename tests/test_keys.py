@@ -288,6 +288,90 @@ def test_native_blake3_chain_rejects_bad_arguments() -> None:
     assert blake3_chain_digests([], 2**55, 0, seed) == b""  # no buffer sized by a chunk of 2**55 tokens
 
 
+# -- blake3_chain_bytes: token ids already in key format (the server's wire arrays) -----------------
+
+
+def _wire_arrays(tokens: list[int]) -> list[np.ndarray]:
+    """The forms an int64-LE token array takes on its way in: read-only over a received frame,
+    writable, and a strided view (not contiguous: copied first)."""
+    data = struct.pack(f"<{len(tokens)}q", *tokens)
+    doubled = np.repeat(np.array(tokens, dtype="<i8"), 2)
+    return [np.frombuffer(data, dtype="<i8"), np.array(tokens, dtype="<i8"), doubled[::2]]
+
+
+@pytest.mark.parametrize("chunk", BLAKE3_SHAPES)
+@pytest.mark.parametrize("num_chunks", [0, 1, 16, 17, 40])
+def test_native_blake3_bytes_equals_the_reference_chain(chunk: int, num_chunks: int) -> None:
+    from lmcache._hashchain import blake3_chain_bytes
+
+    rng = np.random.default_rng(chunk * 7 + num_chunks)
+    tokens = [int(t) for t in rng.integers(-(2**63), 2**63 - 1, size=chunk * num_chunks + chunk // 2)]
+    h = hasher("blake3", chunk=chunk)
+    want = _reference(h, tokens, "salt")
+    data = struct.pack(f"<{len(tokens)}q", *tokens)
+    for n in {0, num_chunks // 2, num_chunks}:
+        assert blake3_chain_bytes(data, chunk, n, h.seed("salt")) == b"".join(want[:n])
+        assert blake3_chain_bytes(memoryview(data), chunk, n, h.seed("salt")) == b"".join(want[:n])
+    for form in _wire_arrays(tokens):
+        assert h.chunk_digests(form, "salt") == b"".join(want)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("end", [None, 0, 7, 8, 9, 130, 320, 10_000])
+def test_arrays_hash_lazily_in_native_groups(end: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An array (the server's tokens) hashes lazily through the native bytes chain, a group of chunks
+    per call and the first chunk alone, with the reference's digests."""
+    from lmcache import _hashchain
+
+    calls: list[int] = []
+    native = _hashchain.blake3_chain_bytes
+    monkeypatch.setattr(
+        keys, "_native_blake3_bytes", lambda d, c, n, s: calls.append(n) or native(d, c, n, s)
+    )
+    h = hasher("blake3", chunk=8)
+    tokens = list(range(-50, 40 * 8 - 50))
+    want = _reference(h, tokens[:end], None)
+    for form in _wire_arrays(tokens):
+        calls.clear()
+        assert list(h.iter_chunk_hashes(form, None, end)) == want  # type: ignore[arg-type]
+        assert sum(calls) == len(want) and calls[:1] == [1][: len(want)]
+        assert all(n <= keys.NATIVE_GROUP_CHUNKS for n in calls)
+
+
+def test_arrays_of_other_algorithms_take_the_python_path() -> None:
+    tokens = list(range(100))
+    array = np.array(tokens, dtype="<i8")
+    for algorithm in ("sha256", "xxh3_128"):
+        h = hasher(algorithm, chunk=8)
+        assert h.chunk_hashes(array) == list(h.iter_chunk_hashes(array)) == _reference(h, tokens, None)
+    h = hasher("blake3", chunk=8)
+    with pytest.raises(ValueError, match="flat"):
+        h.chunk_digests(np.zeros((2, 8), dtype="<i8"))
+
+
+def test_native_blake3_bytes_rejects_bad_arguments() -> None:
+    from lmcache._hashchain import blake3_chain_bytes
+
+    seed, data = b"s" * 32, bytes(8 * 4)
+    with pytest.raises(ValueError, match="32-byte"):
+        blake3_chain_bytes(data, 2, 1, b"s" * 16)
+    with pytest.raises(ValueError, match="32-byte"):
+        blake3_chain_bytes(data, 2, 1, "s" * 32)
+    with pytest.raises(TypeError):
+        blake3_chain_bytes([1, 2], 2, 1, seed)  # a list is not a buffer: blake3_chain_digests takes it
+    with pytest.raises(ValueError, match="num_chunks"):
+        blake3_chain_bytes(data, 2, 3, seed)
+    with pytest.raises(ValueError, match="num_chunks"):
+        blake3_chain_bytes(data, 2, -1, seed)
+    with pytest.raises(ValueError, match="chunk_size"):
+        blake3_chain_bytes(data, 0, 0, seed)
+    with pytest.raises(TypeError, match="4 positional"):
+        blake3_chain_bytes(data, 2, 1)
+    with pytest.raises((BufferError, ValueError), match="contiguous"):
+        blake3_chain_bytes(np.arange(8, dtype="<i8")[::2], 2, 1, seed)  # not contiguous
+    assert blake3_chain_bytes(data, 2**55, 0, seed) == b""
+    assert blake3_chain_bytes(bytearray(data), 2, 2, seed) == blake3_chain_bytes(data, 2, 2, seed)
+
+
 def test_native_chain_takes_what_struct_takes() -> None:
     """Items that are not exact ints but index as ints (bools, numpy ints) hash as the pure path does."""
     h = hasher(chunk=4)
