@@ -13,7 +13,7 @@ NO_PAGE = -1
 
 def has_pages(block_ids: Sequence[int], first: int, last: int) -> bool:
     """Whether ordinals ``[first, last)`` all exist in the list and have a page."""
-    return last <= len(block_ids) and all(block_ids[i] >= 0 for i in range(first, last))
+    return last <= len(block_ids) and (first >= last or min(block_ids[first:last]) >= 0)
 
 
 def paged_runs(block_ids: Sequence[int], first: int, last: int) -> list[tuple[int, int]] | None:
@@ -25,6 +25,8 @@ def paged_runs(block_ids: Sequence[int], first: int, last: int) -> list[tuple[in
     """
     if last > len(block_ids):
         return None
+    if has_pages(block_ids, first, last):
+        return [(first, last)] if first < last else []
     runs: list[tuple[int, int]] = []
     ordinal = first
     while ordinal < last:

@@ -23,11 +23,12 @@ Rules it keeps (each one a bug in some connector before it):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from lmcache.config import LMCacheEngineConfig
-from lmcache.integration.tensorrt_llm.blocks import paged_runs, savable_runs
+from lmcache.integration.tensorrt_llm.blocks import NO_PAGE, paged_runs, savable_runs
 from lmcache.integration.tensorrt_llm.plan import (
     ConnectorMetadata,
     Found,
@@ -121,7 +122,8 @@ class _Request:
     """The prompt as looked up (hashes included); ``tokens`` grows with generated tokens."""
     prompt_len: int
     tokens: list[int] = field(default_factory=list)
-    """Prompt and generated tokens; the prompt's own list until it grows (copied then)."""
+    """Prompt and generated tokens: a list shared (the lookup's prompt's, a report's, a planned save's)
+    until it grows, copied then: never changed in place while another holds it."""
     block_ids: list[list[int]] = field(default_factory=list)
     """Per layer group, indexed by block ordinal, ``-1`` in place."""
     load: _Load | None = None
@@ -132,16 +134,29 @@ class _Request:
     reported: bool = False
     allocated: bool = False
     """TRT-LLM gave the request pages: it ends the request with a callback."""
+    tokens_shared: bool = True
 
     def __post_init__(self) -> None:
         if not self.tokens:
             self.tokens = self.prompt.tokens
 
-    def extend(self, tokens: list[int]) -> None:
-        """Append generated (or newly scheduled) tokens, never to the prompt's list."""
-        if self.tokens is self.prompt.tokens:
-            self.tokens = list(self.tokens)
+    def adopt(self, tokens: list[int]) -> None:
+        """Take a report's token list as the request's tokens, without copying it (shared)."""
+        self.tokens, self.tokens_shared = tokens, True
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        """Append generated (or newly scheduled) tokens, to a list of our own."""
+        if self.tokens_shared:
+            self.tokens, self.tokens_shared = list(self.tokens), False
         self.tokens.extend(tokens)
+
+    def tokens_through(self, end: int) -> list[int]:
+        """``tokens[:end]`` for a planned save, which reads it later: the list itself (shared from
+        now on) when that is all of it, so a long prompt's save copies nothing."""
+        if end < len(self.tokens):
+            return self.tokens[:end]
+        self.tokens_shared = True
+        return self.tokens
 
 
 @dataclass
@@ -493,14 +508,17 @@ class Planner:
 
     def _on_report(self, data: Any, first: bool, meta: ConnectorMetadata) -> None:
         request_id = int(data.request_id)
-        # Copied as they are: converting each token in Python would cost the forward path more than
-        # the rest of this call; hashing takes any integer type and rejects anything else.
-        new_tokens = list(getattr(data, "new_tokens", None) or [])
+        # Taken as they are: converting each token in Python would cost the forward path more than
+        # the rest of this call; hashing takes any integer type and rejects anything else. A list is
+        # not even copied (TRT-LLM builds one per report): the request's state shares it until it grows.
+        new_tokens = getattr(data, "new_tokens", None) or []
+        if type(new_tokens) is not list:
+            new_tokens = list(new_tokens)
         by_group = getattr(data, "new_block_ids_by_layer_group", None) or []
         new_blocks = (
-            [[int(b) for b in group] for group in by_group]
+            [list(map(int, group)) for group in by_group]
             if by_group
-            else [[int(b) for b in getattr(data, "new_block_ids", None) or []]]
+            else [list(map(int, getattr(data, "new_block_ids", None) or []))]
         )
         state = self._requests.get(request_id)
         if state is None or (first and state.reported):
@@ -509,7 +527,7 @@ class Planner:
             self._requests[request_id] = state
         self._allocated(state)
         if first:
-            state.tokens = new_tokens
+            state.adopt(new_tokens)
             state.block_ids = new_blocks
         else:
             state.extend(new_tokens)
@@ -551,10 +569,11 @@ class Planner:
         if end <= state.saved_until:
             return
         hashed = state.prompt_len // chunk * chunk  # the lookup hashed the prompt's full chunks
-        prompt = Prompt(state.tokens[:end], state.prompt.salt, state.prompt.hashes if end <= hashed else None)
+        hashes = state.prompt.hashes if end <= hashed else None
+        prompt = Prompt(state.tokens_through(end), state.prompt.salt, hashes)
         for group, block_ids in enumerate(state.block_ids):
             live_from = self._live_from(group, history)
-            live = [-1] * live_from + block_ids[live_from:]
+            live = [NO_PAGE] * live_from + block_ids[live_from:] if live_from else block_ids
             for start, stop in savable_runs(live, state.saved_until, end, chunk, self._tpb):
                 meta.saves.append(Transfer(state.request_id, prompt, group, block_ids[:], start, stop))
                 self._fences.planned(meta, state.request_id)

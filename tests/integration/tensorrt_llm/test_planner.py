@@ -160,6 +160,27 @@ def test_the_callers_token_lists_are_never_grown() -> None:
         assert decoded == [(128, 192, 1000 + 191 - 150)]
 
 
+def test_a_whole_prompts_save_shares_its_list_and_keeps_it_as_planned() -> None:
+    """A save of every token the request has names the report's list itself (a 16k-token prompt's
+    save copies nothing on the executor thread); decode then grows a list of the planner's own, so the
+    planned save still names the tokens it was planned with."""
+    p, _ = planner()
+    prompt = list(range(128))
+    first = report(7, prompt, list(range(8)), 0, 128)
+    (save,) = p.build(SchedulerOutput(new_requests=[first])).saves
+    assert (save.start, save.end) == (0, 128) and save.prompt.tokens is prompt
+    pos, decode_saves = 128, []
+    for t in range(1000, 1070):
+        step = report(7, [t], [pos // TPB] if pos % TPB == 0 else [], pos, 1)
+        decode_saves += p.build(SchedulerOutput(cached_requests=[step])).saves
+        pos += 1
+    assert save.prompt.tokens == list(range(128)) and prompt == list(range(128))
+    # The decode save ends where the planner's own list did then: that list is shared from then on.
+    assert [(s.start, s.end, s.prompt.tokens) for s in decode_saves] == [
+        (128, 192, list(range(128)) + list(range(1000, 1064)))
+    ]
+
+
 def test_a_hit_loads_the_prompt_as_looked_up_whatever_the_caller_does_with_its_list() -> None:
     """A lookup reads ``get_tokens``'s list without copying it; a hit keeps a copy of its own, so a
     caller reusing that list afterwards cannot change which tokens the load names."""
