@@ -23,8 +23,7 @@ Rules it keeps (each one a bug in some connector before it):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Protocol
 
 from lmcache.config import LMCacheEngineConfig
@@ -37,6 +36,13 @@ from lmcache.integration.tensorrt_llm.plan import (
     Prompt,
     TargetId,
     Transfer,
+)
+from lmcache.integration.tensorrt_llm.request_state import (
+    PendingLoad,
+    RequestState,
+    Reservation,
+    reservation_pin,
+    subtract_ranges,
 )
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings, request_salt
 from lmcache.integration.tensorrt_llm.waiting import WaitingRequests
@@ -71,130 +77,6 @@ class CacheIndex(Protocol):
         ...
 
 
-@dataclass
-class _Load:
-    """A promised load not yet handed to the workers (legacy path: from the lookup). ``end`` is
-    where the tokens TRT-LLM computes begin: block-aligned, unless TRT-LLM honoured the offer up to
-    a token inside a block (``honour``); the copies then fill that block whole."""
-
-    start: int
-    end: int
-    is_async: bool
-    planned: bool = False
-    asked_at: int = field(init=False)
-    """``start`` as offered (the query's ``num_computed_tokens``), where TRT-LLM counts the tokens
-    it honours from; ``cancel_load`` may move ``start``, never this."""
-
-    def __post_init__(self) -> None:
-        self.asked_at = self.start
-
-    def honour(self, honoured: int | None, allocated: int) -> None:
-        """TRT-LLM took ``honoured`` tokens of the offer (None: all of it) and gave pages to the
-        first ``allocated`` tokens: the load ends where the first of the two does (``start >= end``:
-        nothing is left)."""
-        end = min(self.end, allocated)
-        if honoured is not None:
-            end = min(end, self.asked_at + max(0, honoured))
-        self.end = max(self.start, end)
-
-    def cancel(self, start: int, end: int, tpb: int, request_id: int) -> None:
-        """Tokens ``[start, end)`` will not be consumed: trim the head or the tail to whole blocks (or
-        all of it); ``start >= end`` after it means nothing is left to load."""
-        if end <= self.start or start >= self.end:
-            return
-        if start <= self.start and end >= self.end:
-            self.start = self.end
-        elif start <= self.start:
-            self.start = -(-end // tpb) * tpb  # up: never rewrite a token TRT-LLM holds
-        elif end >= self.end:
-            self.end = start // tpb * tpb  # down: a load ends on a block boundary
-        else:
-            raise ValueError(
-                f"cancel_load({start}, {end}) would split request {request_id}'s offer "
-                f"[{self.start}, {self.end}); only its head or tail can be cancelled"
-            )
-
-
-@dataclass
-class _Request:
-    request_id: int
-    prompt: Prompt
-    """The prompt as looked up (hashes included); ``tokens`` grows with generated tokens."""
-    prompt_len: int
-    tokens: list[int] = field(default_factory=list)
-    """Prompt and generated tokens: a list shared (the lookup's prompt's, a report's, a planned save's)
-    until it grows, copied then: never changed in place while another holds it."""
-    block_ids: list[list[int]] = field(default_factory=list)
-    """Per layer group, indexed by block ordinal, ``-1`` in place."""
-    load: _Load | None = None
-    saved_until: int = 0
-    tail_saved: bool = False
-    """The prompt's partial last chunk was planned for saving (``save_unfull_chunk``): never again."""
-    save_planned: bool = False
-    reported: bool = False
-    allocated: bool = False
-    """TRT-LLM gave the request pages: it ends the request with a callback."""
-    tokens_shared: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.tokens:
-            self.tokens = self.prompt.tokens
-
-    def adopt(self, tokens: list[int]) -> None:
-        """Take a report's token list as the request's tokens, without copying it (shared)."""
-        self.tokens, self.tokens_shared = tokens, True
-
-    def extend(self, tokens: Sequence[int]) -> None:
-        """Append generated (or newly scheduled) tokens, to a list of our own."""
-        if self.tokens_shared:
-            self.tokens, self.tokens_shared = list(self.tokens), False
-        self.tokens.extend(tokens)
-
-    def tokens_through(self, end: int) -> list[int]:
-        """``tokens[:end]`` for a planned save, which reads it later: the list itself (shared from
-        now on) when that is all of it, so a long prompt's save copies nothing."""
-        if end < len(self.tokens):
-            return self.tokens[:end]
-        self.tokens_shared = True
-        return self.tokens
-
-
-@dataclass
-class _Reservation:
-    """A V2 prefix reservation: pins on the cache taken for ``[start, end)``, kept per id."""
-
-    reservation_id: int
-    request_id: int
-    prompt: Prompt
-    start: int
-    end: int
-    is_async: bool
-    protected: list[tuple[int, int]] = field(default_factory=list)
-    """The parts not yet released (``release_prefix_reservation`` takes them back piece by piece)."""
-
-    @property
-    def pin(self) -> PinKey:
-        return reservation_pin(self.reservation_id)
-
-
-def reservation_pin(reservation_id: int) -> PinKey:
-    """The pins a V2 prefix reservation holds."""
-    return PinKey("res", reservation_id)
-
-
-def _subtract(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for lo, hi in ranges:
-        if hi <= start or lo >= end:
-            out.append((lo, hi))
-            continue
-        if lo < start:
-            out.append((lo, start))
-        if hi > end:
-            out.append((end, hi))
-    return out
-
-
 def _log_match(log_prefix: str, request_id: int, prompt_len: int, computed: int, hit: int, new: int) -> None:
     logger.debug(
         "%s: req %d prompt=%d num_computed=%d lmcache_cached=%d new_matched=%d",
@@ -226,8 +108,8 @@ class Planner:
         self.config = config
         self.index = index
         self.log_prefix = log_prefix
-        self._requests: dict[int, _Request] = {}
-        self._reservations: dict[int, _Reservation] = {}
+        self._requests: dict[int, RequestState] = {}
+        self._reservations: dict[int, Reservation] = {}
         self._waiting = waiting if waiting is not None else WaitingRequests()
         """The states of requests without pages, forgotten once TRT-LLM stops asking about them."""
         self._fences = WindowFences(settings.tokens_per_block, index.windows)
@@ -301,11 +183,11 @@ class Planner:
         if borrowed and (hit or prompt.hashes is not None):
             # Read after this call (a load's source, the hashes a repeated lookup reuses): our own copy.
             prompt = replace(prompt, tokens=prompt.tokens[:])
-        state = self._requests[request_id] = _Request(request_id, prompt, prompt_len)
+        state = self._requests[request_id] = RequestState(request_id, prompt, prompt_len)
         state.saved_until = hit // self._chunk * self._chunk
         if new:
             is_async = self.config.enable_async_loading
-            state.load = _Load(num_computed_tokens, num_computed_tokens + new, is_async)
+            state.load = PendingLoad(num_computed_tokens, num_computed_tokens + new, is_async)
         self._asked(state)
         _log_match(self.log_prefix, request_id, prompt_len, num_computed_tokens, hit, new)
         return new, bool(new) and self.config.enable_async_loading
@@ -320,7 +202,7 @@ class Planner:
         if state.load.start >= state.load.end:
             self._drop_load(state)
 
-    def _drop_load(self, state: _Request) -> None:
+    def _drop_load(self, state: RequestState) -> None:
         """Nothing of the request's legacy offer is left to load: its pins go."""
         state.load = None
         self.index.release(PinKey("req", state.request_id))
@@ -340,7 +222,7 @@ class Planner:
         if state is None and not new and prompt.hashes is None:
             return 0, False  # nothing worth keeping for the next ask
         if state is None or state.prompt.tokens != prompt.tokens:
-            state = self._requests[request_id] = _Request(request_id, prompt, prompt_len)
+            state = self._requests[request_id] = RequestState(request_id, prompt, prompt_len)
         elif state.prompt.hashes is None:
             state.prompt = prompt  # hashed by this lookup: the request's saves name chunks by hash
         state.saved_until = max(state.saved_until, hit // self._chunk * self._chunk)
@@ -348,7 +230,7 @@ class Planner:
         if new:
             start, end = num_computed_tokens, num_computed_tokens + new
             protected = [(start, end)]
-            self._reservations[reservation_id] = _Reservation(
+            self._reservations[reservation_id] = Reservation(
                 reservation_id, request_id, prompt, start, end, is_async, protected
             )
         self._asked(state)
@@ -359,7 +241,7 @@ class Planner:
         reservation = self._reservations.get(reservation_id)
         if reservation is None:
             return
-        reservation.protected = _subtract(reservation.protected, start, end)
+        reservation.protected = subtract_ranges(reservation.protected, start, end)
         if not reservation.protected:
             del self._reservations[reservation_id]
             self.index.release(reservation.pin)
@@ -370,13 +252,13 @@ class Planner:
 
     # -- requests without pages -----------------------------------------------------------------
 
-    def _asked(self, state: _Request) -> None:
+    def _asked(self, state: RequestState) -> None:
         """A lookup for a request TRT-LLM has not given pages yet: keep its state while it is asked."""
         if not state.allocated:
             self._waiting.asked(state.request_id)
             self._forget_stale()
 
-    def _allocated(self, state: _Request) -> None:
+    def _allocated(self, state: RequestState) -> None:
         state.allocated = True
         self._waiting.claimed(state.request_id)
 
@@ -403,14 +285,14 @@ class Planner:
         state = self._requests.get(request_id)
         if state is None:  # reservation path, or block reuse off: no lookup made the state
             prompt, prompt_len, _ = self._prompt_of(request, hash_now=True)
-            state = self._requests[request_id] = _Request(request_id, prompt, prompt_len)
+            state = self._requests[request_id] = RequestState(request_id, prompt, prompt_len)
         self._allocated(state)
         state.block_ids = [[int(b) for b in group] for group in block_ids_by_group]
         load = state.load
         if load is not None and not load.planned:
             self._clip_to_allocation(state, load, honoured)
 
-    def _clip_to_allocation(self, state: _Request, load: _Load, honoured: int | None) -> None:
+    def _clip_to_allocation(self, state: RequestState, load: PendingLoad, honoured: int | None) -> None:
         """V2's legacy query may honour an offer partly or not at all, with no ``cancel_load`` (a
         failed grow keeps the largest whole block inside the chunk's pages; the clamp to
         ``prompt_len - 1`` may end inside a block): only the honoured tokens load, within the
@@ -457,19 +339,19 @@ class Planner:
         request_id = int(prefix_load.request_id)
         state = self._requests.get(request_id)
         if state is None:
-            state = self._requests[request_id] = _Request(
+            state = self._requests[request_id] = RequestState(
                 request_id, reservation.prompt, len(reservation.prompt.tokens)
             )
         self._allocated(state)
         state.block_ids = [[int(b) for b in group] for group in prefix_load.block_ids_by_layer_group]
-        load = state.load = _Load(start, end, bool(prefix_load.is_async), planned=True)
+        load = state.load = PendingLoad(start, end, bool(prefix_load.is_async), planned=True)
         return self._load_plan(state, reservation.pin, load, reservation_id, reservation.prompt)
 
     def _load_plan(
         self,
-        state: _Request,
+        state: RequestState,
         pin: PinKey,
-        load: _Load,
+        load: PendingLoad,
         reservation_id: int | None,
         prompt: Prompt | None = None,
     ) -> LoadPlan:
@@ -523,7 +405,7 @@ class Planner:
         state = self._requests.get(request_id)
         if state is None or (first and state.reported):
             # No lookup happened (block reuse off) or the request was replayed: start afresh.
-            state = _Request(request_id, Prompt([], request_salt(data)), len(new_tokens))
+            state = RequestState(request_id, Prompt([], request_salt(data)), len(new_tokens))
             self._requests[request_id] = state
         self._allocated(state)
         if first:
@@ -560,7 +442,7 @@ class Planner:
             return 0
         return max(0, (history + 1 - window) // self._tpb)
 
-    def _plan_save(self, state: _Request, history: int, computed: int, meta: ConnectorMetadata) -> None:
+    def _plan_save(self, state: RequestState, history: int, computed: int, meta: ConnectorMetadata) -> None:
         chunk = self._chunk
         limit = computed if self.config.save_decode_cache else min(computed, state.prompt_len)
         end = limit // chunk * chunk
@@ -598,7 +480,7 @@ class Planner:
         state = self._requests.get(request_id)
         self._forget(request_id)
         if state is not None and state.prompt.hashes is not None:
-            fresh = self._requests[request_id] = _Request(request_id, state.prompt, state.prompt_len)
+            fresh = self._requests[request_id] = RequestState(request_id, state.prompt, state.prompt_len)
             self._asked(fresh)
 
     def pending_requests(self) -> list[int]:
