@@ -144,7 +144,10 @@ def pinned_copy_s(pool: torch.Tensor, rows: int, to_host: bool, repeats: int = 5
 
 class Forward:
     """Matrix products for about ``ms`` on ``device``: a model's forward as the connector sees it (on
-    CUDA enqueued on the current stream, still running when the host goes on; on a CPU, run at once)."""
+    CUDA enqueued on the current stream, still running when the host goes on; on a CPU, run at once).
+    ``device_s`` keeps each forward's measured seconds."""
+
+    CALIBRATION_PROBES = 5
 
     def __init__(self, device: torch.device, ms: float) -> None:
         self.cuda = device.type == "cuda"
@@ -152,12 +155,16 @@ class Forward:
         self._a = torch.randn(size, size, device=device, dtype=torch.bfloat16 if self.cuda else torch.float32)
         self._out = torch.empty_like(self._a)
         self._reps = 1
+        self.device_s: list[float] = []
         self.run()  # the first product loads the kernel
+        # Calibrated on the device's own clock, fastest of a few probes: the rig builds its forward
+        # while L1 is page-locked from start-up, and a probe whose launches wait on the driver
+        # would make every forward of the run longer or shorter than asked.
         probe = 50
-        began = time.perf_counter()
         self._reps = probe
-        self.run()
-        self._reps = max(1, round(probe * ms / 1e3 / (time.perf_counter() - began)))
+        fastest = min(self.enqueue()() for _ in range(self.CALIBRATION_PROBES))
+        self._reps = max(1, round(probe * ms / 1e3 / fastest))
+        self.device_s.clear()
 
     def _products(self) -> None:
         for _ in range(self._reps):
@@ -169,15 +176,21 @@ class Forward:
             began = time.perf_counter()
             self._products()
             seconds = time.perf_counter() - began
+            self.device_s.append(seconds)
             return lambda: seconds
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         self._products()
         end.record()
 
+        seconds: list[float] = []
+
         def elapsed() -> float:
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
+            if not seconds:
+                end.synchronize()
+                seconds.append(start.elapsed_time(end) / 1e3)
+                self.device_s.append(seconds[0])
+            return seconds[0]
 
         return elapsed
 
@@ -492,6 +505,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "prefill_ms": args.prefill_ms,
             "warmup_s": args.warmup_s,
             "forward_ms": args.forward_ms,
+            "forward_device_p50_ms": _p50_ms(rig.forward.device_s) if rig.forward else None,
             "overlap_scheduler": args.overlap_scheduler,
             "save_while_l1_fills": summary(cold[: args.repeats] or cold, save_ceiling) if cold else None,
             "save_l1_full": summary(warm, save_ceiling),

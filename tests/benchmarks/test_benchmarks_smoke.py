@@ -246,6 +246,10 @@ def test_bench_adapters(tmp_path: Path, preset: str, hooks: list[str]) -> None:
     variant = tuple(flag for flag in hooks if flag in ("--layer-hooks", "--overlap-scheduler"))
     assert (data["prefill_ms"], data["warmup_s"], data["forward_ms"]) == spacing[variant]
     assert min(data["save_l1_full"]["runs_ms"]) > 0  # timed from the forward's end, which came before
+    if "--forward-ms" in hooks:  # each forward measured (its calibration's probes not among them)
+        assert data["forward_device_p50_ms"] > 0
+    else:
+        assert data["forward_device_p50_ms"] is None
     assert data["save_while_l1_fills"]["runs"] == 2 and data["save_l1_full"]["runs"] == 2
     assert len(data["load_l1_full"]["runs_ms"]) == 2 and max(data["load_l1_full"]["runs_ms"]) > 0
     assert data["load_l1_full"]["median_ratio"] > 0 and data["lookup_hit_p50_us"] > 0
