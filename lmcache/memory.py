@@ -25,6 +25,11 @@ taking long prompts back to back, so an engine with pinned memory also pins its 
 the background from start-up, slab by slab, into spare slabs any pool takes when it grows. The
 start stays instant; saves find memory already pinned instead of waiting for it. Empty slabs a
 pool gives back return to the spares, still pinned.
+
+Pinning beside transfers: a registration holds the CUDA driver's lock, and every copy the process
+enqueues meanwhile waits (D80). So once the arena has handed out its first slot, slabs made in the
+background come from the driver itself (:mod:`lmcache.driver_host_memory`: slower, but it holds up no
+copy), except while a pool waits for memory, when the faster registration goes on.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmcache import cudart
+from lmcache import cudart, driver_host_memory
 from lmcache.logging import init_logger
 from lmcache.page_locking import pin_in_place
 
@@ -61,14 +66,32 @@ def pinned_memory_available() -> bool:
     return torch.cuda.is_available()
 
 
-def allocate_slab(nbytes: int, pinned: bool) -> torch.Tensor:
-    """``nbytes`` of host memory, page-locked if ``pinned`` (see the module docstring for how)."""
+def allocate_slab(nbytes: int, pinned: bool, *, beside_transfers: bool = False) -> torch.Tensor:
+    """``nbytes`` of host memory, page-locked if ``pinned`` (see the module docstring for how);
+    ``beside_transfers``: made by the CUDA driver where it can, holding up no copy of the process."""
     if not pinned:
         return torch.empty(nbytes, dtype=torch.uint8)
+    if beside_transfers:
+        tensor = driver_made(nbytes)
+        if tensor is not None:
+            return tensor
     tensor = huge_page_memory(nbytes)
     if not pin_in_place(tensor):
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     return tensor
+
+
+def driver_made(nbytes: int) -> torch.Tensor | None:
+    """``nbytes`` of page-locked memory the CUDA driver makes on this thread's device; None where it
+    cannot (no maker there, or it refused: a DEBUG line)."""
+    maker = driver_host_memory.maker(cudart.current_device())
+    if maker is None:
+        return None
+    try:
+        return maker.allocate(nbytes)
+    except driver_host_memory.DriverMemoryError as e:
+        logger.debug("the CUDA driver did not make a %d MiB host slab: %s", nbytes >> 20, e)
+        return None
 
 
 def huge_page_memory(nbytes: int) -> torch.Tensor:
@@ -133,9 +156,10 @@ class SlabSource:
         self._ids = itertools.count()
         self._live: weakref.WeakValueDictionary[int, Slab] = weakref.WeakValueDictionary()
 
-    def allocate(self, nbytes: int) -> Slab:
-        """A new slab of ``nbytes`` bytes."""
-        tensor = allocate_slab(nbytes, self.pinned)
+    def allocate(self, nbytes: int, *, beside_transfers: bool = False) -> Slab:
+        """A new slab of ``nbytes`` bytes; ``beside_transfers``: made while copies run (see
+        :func:`allocate_slab`)."""
+        tensor = allocate_slab(nbytes, self.pinned, beside_transfers=beside_transfers)
         return self._track(Slab(self.new_id(), tensor))
 
     def _track(self, slab: Slab) -> Slab:
@@ -222,6 +246,7 @@ class SlotPool:
                 # give it back through reclaim once attached): wait for it rather than grow twice.
                 arena.wait_grown()
             buf = self._free.pop()
+            arena.serving = True
             self._used[buf.slab] += 1
             if buf.slab == self._newest:
                 arena.grow_ahead(self)
@@ -332,6 +357,11 @@ class HostArena:
         self._spares: list[Slab] = []
         """Allocated slabs no pool holds (counted in ``reserved_bytes``)."""
         self._prepinners = 0
+        self.serving = False
+        """Whether a slot was ever handed out: transfers have begun (slabs made from then on are made
+        beside them, see the module)."""
+        self._waiting = 0
+        """Pools waiting for a slab (:meth:`wait_grown`)."""
 
     def add_capacity(self, nbytes: int) -> None:
         """Raise the budget by ``nbytes`` (slabs come on demand; a pre-pin that ended stays ended)."""
@@ -375,8 +405,9 @@ class HostArena:
                     if nbytes < self.slab_bytes:
                         return
                     self.reserved_bytes += nbytes  # counted first, as for a slab grown ahead
+                    beside = self.beside_transfers
                 try:
-                    slab = self.source.allocate(nbytes)
+                    slab = self.source.allocate(nbytes, beside_transfers=beside)
                 except Exception as e:  # out of pinned memory: pools allocate (and report) themselves
                     logger.warning("pinning L1 ahead stopped after %d MiB: %s", self.reserved_bytes >> 20, e)
                     with self.lock:
@@ -440,7 +471,23 @@ class HostArena:
     def wait_grown(self) -> None:
         """Block until a slab allocated ahead is attached or abandoned (or pre-pinning moves on).
         Lock held; it is released while waiting."""
-        self._grown.wait()
+        self._waiting += 1
+        try:
+            self._grown.wait()
+        finally:
+            self._waiting -= 1
+
+    @property
+    def waiting(self) -> int:
+        """Pools waiting for a slab now."""
+        with self.lock:
+            return self._waiting
+
+    @property
+    def beside_transfers(self) -> bool:
+        """Whether a slab started now in the background is made beside transfers: once they have
+        begun, unless a pool waits for memory (then the faster way goes). Lock held."""
+        return self.serving and not self._waiting
 
     def wait_growth(self, timeout: float | None = None) -> bool:
         """Wait until no slab is being allocated ahead; False on timeout (for tests and shutdown)."""
@@ -462,11 +509,12 @@ class HostArena:
         nbytes = slots * pool.slot_bytes
         self.reserved_bytes += nbytes  # counted now, so nothing else can take this budget meanwhile
         self._growing = pool
+        beside = self.beside_transfers
         # Not a daemon: exiting while it is inside torch or the CUDA driver (page-locking) aborts the
         # process ("terminate called without an active exception"); exit waits for it.
         device = cudart.current_device() if self.pinned else None
         thread = threading.Thread(
-            target=self._allocate_ahead, args=(pool, nbytes, device), name="lmcache-slab-ahead"
+            target=self._allocate_ahead, args=(pool, nbytes, device, beside), name="lmcache-slab-ahead"
         )
         try:
             thread.start()
@@ -474,12 +522,12 @@ class HostArena:
             self.reserved_bytes -= nbytes
             self._growing = None
 
-    def _allocate_ahead(self, pool: SlotPool, nbytes: int, device: int | None) -> None:
+    def _allocate_ahead(self, pool: SlotPool, nbytes: int, device: int | None, beside: bool) -> None:
         if self.pinned:
             cudart.relax_capture_mode(device)
         slab = None
         try:
-            slab = self.source.allocate(nbytes)
+            slab = self.source.allocate(nbytes, beside_transfers=beside)
         except Exception as e:  # e.g. out of pinned memory: the store path will try (and report) itself
             logger.warning("allocating a %d MiB host slab ahead of need failed: %s", nbytes >> 20, e)
         finally:

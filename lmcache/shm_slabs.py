@@ -121,8 +121,9 @@ class ShmSlabSource(SlabSource):
         self._closed = False
         atexit.register(self.close)
 
-    def allocate(self, nbytes: int) -> Slab:
-        """A new region of ``nbytes`` bytes, mapped; page-locked if the source is ``pinned``."""
+    def allocate(self, nbytes: int, *, beside_transfers: bool = False) -> Slab:
+        """A new region of ``nbytes`` bytes, mapped; page-locked if the source is ``pinned`` (by
+        registration whatever ``beside_transfers`` says: other processes map the region)."""
         if self._closed:
             raise ShmSlabError("this L1's shared memory was closed (server shutting down)")
         slab_id = self.new_id()

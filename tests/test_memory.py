@@ -335,7 +335,7 @@ class _PinnedLooking(memory.SlabSource):
     def __init__(self) -> None:
         super().__init__(pinned=True)
 
-    def allocate(self, nbytes: int) -> memory.Slab:
+    def allocate(self, nbytes: int, *, beside_transfers: bool = False) -> memory.Slab:
         return self._track(memory.Slab(self.new_id(), torch.zeros(nbytes, dtype=torch.uint8)))
 
 

@@ -1,0 +1,60 @@
+"""Host memory the CUDA driver makes (lmcache.driver_host_memory) on a real device: the CPU reads and
+writes it, copies to and from the device are exact, and an engine whose L1 slabs are made that way
+stores and loads bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmcache import driver_host_memory, memory
+from lmcache.config import LMCacheEngineConfig
+from lmcache.engine import CacheEngine, KeySpace
+from lmcache.layout import PoolLayout
+from lmcache.transfer import BlockTransfer
+
+pytestmark = pytest.mark.gpu
+
+
+def test_driver_made_memory_is_host_memory_the_device_copies_to_and_from() -> None:
+    maker = driver_host_memory.maker(torch.cuda.current_device())
+    assert maker is not None, "this driver makes no host-NUMA memory"
+    nbytes = (8 << 20) + 3  # not a multiple of the granularity
+    host = maker.allocate(nbytes)
+    assert host.device.type == "cpu" and host.numel() == nbytes
+    host.fill_(5)
+    assert int(host[-1]) == 5
+    source = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        host.copy_(source, non_blocking=True)
+        back = torch.empty_like(source)
+        back.copy_(host, non_blocking=True)
+    stream.synchronize()
+    assert torch.equal(host, source.cpu()) and torch.equal(back, source)
+
+
+class _BesideTransfers(memory.SlabSource):
+    """Every slab made as beside transfers: by the driver."""
+
+    def allocate(self, nbytes: int, *, beside_transfers: bool = False) -> memory.Slab:
+        return super().allocate(nbytes, beside_transfers=True)
+
+
+def test_an_engine_on_driver_made_slabs_stores_and_loads_exactly() -> None:
+    tpb, tokens = 32, 1024
+    pool = torch.randn(2 * tokens // tpb, 4, 2, 2 * tpb * 16, device="cuda").to(torch.bfloat16)
+    layout = PoolLayout.of_pool(pool, tpb)
+    cfg = LMCacheEngineConfig.from_defaults(chunk_size=256, max_local_cpu_size=0.05)
+    engine = CacheEngine(cfg, slab_source=_BesideTransfers(pinned=True))
+    space = KeySpace("driver-made", layout)
+    toks = list(range(tokens))
+    blocks = list(range(0, 2 * tokens // tpb, 2))
+    targets = list(range(1, 2 * tokens // tpb, 2))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    engine.store(space, 0, pool, BlockTransfer(toks, None, blocks, 0, tokens), stream)
+    stream.synchronize()
+    assert engine.retrieve(space, 0, pool, BlockTransfer(toks, None, targets, 0, tokens), stream) == tokens
+    stream.synchronize()
+    assert torch.equal(pool[blocks], pool[targets])

@@ -1,0 +1,127 @@
+"""Which way L1's slabs are page-locked: registration until transfers begin or while a pool waits for
+memory, the CUDA driver's own host memory beside transfers (lmcache.memory, D80)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from lmcache import memory
+from lmcache.memory import HostArena
+
+SLAB = 1 << 20
+
+
+class _Recording(memory.SlabSource):
+    """Says its slabs are page-locked, hands out ordinary memory and records how each was asked for;
+    the allocation numbered ``hold`` (from 0) waits for ``release``."""
+
+    def __init__(self, hold: int = -1) -> None:
+        super().__init__(pinned=True)
+        self.asked: list[bool] = []
+        self.hold = hold
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+
+    def allocate(self, nbytes: int, *, beside_transfers: bool = False) -> memory.Slab:
+        with self._lock:
+            number = len(self.asked)
+            self.asked.append(beside_transfers)
+        if number == self.hold:
+            assert self.release.wait(30)
+        return self._track(memory.Slab(self.new_id(), torch.zeros(nbytes, dtype=torch.uint8)))
+
+
+def _until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def test_slabs_pinned_before_any_transfer_are_registered(monkeypatch) -> None:
+    monkeypatch.setattr(memory.cudart, "relax_capture_mode", lambda device=None: True)
+    source = _Recording()
+    arena = HostArena(4 * SLAB, slab_bytes=SLAB, source=source)
+    arena.prepin()
+    assert arena.wait_prepinned(30)
+    assert source.asked == [False] * 4 and not arena.serving
+
+
+def test_once_a_slot_was_handed_out_background_slabs_are_made_beside_transfers(monkeypatch) -> None:
+    """The first slot's slab is made on the caller's thread, which waits for it: registration, the
+    faster way. The slab grown ahead and the rest pinned meanwhile are made beside transfers."""
+    monkeypatch.setattr(memory.cudart, "relax_capture_mode", lambda device=None: True)
+    source = _Recording()
+    arena = HostArena(4 * SLAB, slab_bytes=SLAB, source=source)
+    pool = arena.pool(SLAB)
+    assert pool.allocate() is not None and arena.serving
+    assert arena.wait_growth(30)
+    arena.prepin()
+    assert arena.wait_prepinned(30)
+    assert source.asked == [False, True, True, True]
+
+
+def test_while_a_pool_waits_for_memory_background_slabs_are_registered(monkeypatch) -> None:
+    """A store waiting for a slab waits anyway: the faster way goes then, holding up nothing more."""
+    monkeypatch.setattr(memory.cudart, "relax_capture_mode", lambda device=None: True)
+    source = _Recording(hold=1)  # the slab grown ahead of the first slot's waits
+    arena = HostArena(3 * SLAB, slab_bytes=SLAB, source=source)
+    pool = arena.pool(SLAB)
+    first = pool.allocate()  # one slot per slab: the next is grown ahead, and held
+    assert first is not None
+    _until(lambda: len(source.asked) == 2)
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.allocate()))
+    waiter.start()
+    _until(lambda: arena.waiting == 1)
+    arena.prepin()  # the last slab of the budget, started while the pool waits
+    _until(lambda: len(source.asked) == 3)
+    source.release.set()
+    waiter.join(30)
+    assert arena.wait_prepinned(30) and arena.wait_growth(30)
+    assert source.asked == [False, True, False]
+    assert got and got[0] is not None and arena.waiting == 0
+
+
+def test_driver_made_memory_is_used_where_the_driver_makes_it(monkeypatch) -> None:
+    made = torch.zeros(SLAB, dtype=torch.uint8)
+
+    class Maker:
+        def allocate(self, nbytes: int) -> torch.Tensor:
+            assert nbytes == SLAB
+            return made
+
+    registered: list[int] = []
+    monkeypatch.setattr(memory.driver_host_memory, "maker", lambda device: Maker())
+    monkeypatch.setattr(memory, "pin_in_place", lambda tensor: registered.append(tensor.numel()) or True)
+    assert memory.allocate_slab(SLAB, True, beside_transfers=True) is made and registered == []
+    other = memory.allocate_slab(SLAB, True)
+    assert other is not made and registered == [SLAB]
+
+
+def test_without_a_driver_maker_slabs_beside_transfers_are_registered(monkeypatch) -> None:
+    registered: list[int] = []
+    monkeypatch.setattr(memory.driver_host_memory, "maker", lambda device: None)
+    monkeypatch.setattr(memory, "pin_in_place", lambda tensor: registered.append(tensor.numel()) or True)
+    slab = memory.allocate_slab(SLAB, True, beside_transfers=True)
+    assert slab.numel() == SLAB and registered == [SLAB]
+
+
+def test_a_driver_refusal_falls_back_to_registration(monkeypatch) -> None:
+    class Refusing:
+        def allocate(self, nbytes: int) -> torch.Tensor:
+            raise memory.driver_host_memory.DriverMemoryError("cuMemCreate failed (CUDA error 2)")
+
+    registered: list[int] = []
+    monkeypatch.setattr(memory.driver_host_memory, "maker", lambda device: Refusing())
+    monkeypatch.setattr(memory, "pin_in_place", lambda tensor: registered.append(tensor.numel()) or True)
+    assert memory.allocate_slab(SLAB, True, beside_transfers=True).numel() == SLAB and registered == [SLAB]
+
+
+def test_no_maker_without_a_cuda_device() -> None:
+    assert memory.driver_host_memory.maker(None) is None
+    if not torch.cuda.is_available():
+        assert memory.driver_host_memory.maker(0) is None
