@@ -362,6 +362,8 @@ class HostArena:
         beside them, see the module)."""
         self._waiting = 0
         """Pools waiting for a slab (:meth:`wait_grown`)."""
+        self._driver_making = False
+        """A pre-pinning thread is making its slab beside transfers (:meth:`_take_driver_turn`)."""
 
     def add_capacity(self, nbytes: int) -> None:
         """Raise the budget by ``nbytes`` (slabs come on demand; a pre-pin that ended stays ended)."""
@@ -405,20 +407,32 @@ class HostArena:
                     if nbytes < self.slab_bytes:
                         return
                     self.reserved_bytes += nbytes  # counted first, as for a slab grown ahead
-                    beside = self.beside_transfers
+                    beside = self._take_driver_turn()
                 try:
                     slab = self.source.allocate(nbytes, beside_transfers=beside)
                 except Exception as e:  # out of pinned memory: pools allocate (and report) themselves
                     logger.warning("pinning L1 ahead stopped after %d MiB: %s", self.reserved_bytes >> 20, e)
                     with self.lock:
                         self.reserved_bytes -= nbytes
+                        self._driver_making &= not beside
                     return
                 with self.lock:
+                    self._driver_making &= not beside
                     self.add_spare(slab)
         finally:
             with self.lock:
                 self._prepinners -= 1
                 self._grown.notify_all()
+
+    def _take_driver_turn(self) -> bool:
+        """Whether this pre-pinning thread makes its slab beside transfers (see the module), and if so
+        its turn at it: the driver makes one at a time however many ask, so the others wait for the
+        turn, unless a pool starts waiting for memory meanwhile (they register then). Lock held."""
+        while self.beside_transfers and self._driver_making:
+            self._grown.wait()
+        beside = self.beside_transfers
+        self._driver_making |= beside
+        return beside
 
     def wait_prepinned(self, timeout: float | None = None) -> bool:
         """Wait until :meth:`prepin` is done; False on timeout."""
@@ -472,6 +486,7 @@ class HostArena:
         """Block until a slab allocated ahead is attached or abandoned (or pre-pinning moves on).
         Lock held; it is released while waiting."""
         self._waiting += 1
+        self._grown.notify_all()  # pre-pinning threads waiting for the driver's turn register now
         try:
             self._grown.wait()
         finally:
@@ -509,12 +524,11 @@ class HostArena:
         nbytes = slots * pool.slot_bytes
         self.reserved_bytes += nbytes  # counted now, so nothing else can take this budget meanwhile
         self._growing = pool
-        beside = self.beside_transfers
         # Not a daemon: exiting while it is inside torch or the CUDA driver (page-locking) aborts the
         # process ("terminate called without an active exception"); exit waits for it.
         device = cudart.current_device() if self.pinned else None
         thread = threading.Thread(
-            target=self._allocate_ahead, args=(pool, nbytes, device, beside), name="lmcache-slab-ahead"
+            target=self._allocate_ahead, args=(pool, nbytes, device), name="lmcache-slab-ahead"
         )
         try:
             thread.start()
@@ -522,16 +536,19 @@ class HostArena:
             self.reserved_bytes -= nbytes
             self._growing = None
 
-    def _allocate_ahead(self, pool: SlotPool, nbytes: int, device: int | None, beside: bool) -> None:
+    def _allocate_ahead(self, pool: SlotPool, nbytes: int, device: int | None) -> None:
         if self.pinned:
             cudart.relax_capture_mode(device)
         slab = None
+        with self.lock:
+            beside = self._take_driver_turn()
         try:
             slab = self.source.allocate(nbytes, beside_transfers=beside)
         except Exception as e:  # e.g. out of pinned memory: the store path will try (and report) itself
             logger.warning("allocating a %d MiB host slab ahead of need failed: %s", nbytes >> 20, e)
         finally:
             with self.lock:
+                self._driver_making &= not beside
                 if slab is not None:
                     pool.attach(slab)
                     self.grown_ahead += 1

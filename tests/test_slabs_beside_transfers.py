@@ -125,3 +125,28 @@ def test_no_maker_without_a_cuda_device() -> None:
     assert memory.driver_host_memory.maker(None) is None
     if not torch.cuda.is_available():
         assert memory.driver_host_memory.maker(0) is None
+
+
+def test_the_driver_makes_one_slab_at_a_time(monkeypatch) -> None:
+    """Beside transfers the pre-pinning threads take turns (the driver serializes them anyway), so a
+    pool that starts waiting finds them free to register, not queued inside the driver."""
+    monkeypatch.setattr(memory.cudart, "relax_capture_mode", lambda device=None: True)
+    in_flight, most = [0], [0]
+    lock = threading.Lock()
+
+    class Slow(_Recording):
+        def allocate(self, nbytes: int, *, beside_transfers: bool = False) -> memory.Slab:
+            with lock:
+                in_flight[0] += beside_transfers
+                most[0] = max(most[0], in_flight[0])
+            time.sleep(0.01)  # long enough for every thread to be asking at once
+            with lock:
+                in_flight[0] -= beside_transfers
+            return super().allocate(nbytes, beside_transfers=beside_transfers)
+
+    source = Slow()
+    arena = HostArena(12 * SLAB, slab_bytes=SLAB, source=source)
+    assert arena.pool(SLAB).allocate() is not None
+    arena.prepin()
+    assert arena.wait_prepinned(30) and arena.wait_growth(30)
+    assert most[0] == 1 and source.asked.count(True) == 11
