@@ -162,14 +162,19 @@ class DriverHostMemory:
             raise
         buffer = (ctypes.c_ubyte * nbytes).from_address(address.value)
         # The tensor keeps ``buffer`` alive; once both are gone the mapping and the memory go back.
-        weakref.finalize(buffer, _release, self._lib, handle.value, address.value, size).atexit = False
+        weakref.finalize(buffer, self._release, handle.value, address.value, size).atexit = False
         return torch.frombuffer(buffer, dtype=torch.uint8)
 
-
-def _release(lib: ctypes.CDLL, handle: int, address: int, size: int) -> None:
-    lib.cuMemUnmap(address, size)
-    lib.cuMemAddressFree(address, size)
-    lib.cuMemRelease(handle)
+    def _release(self, handle: int, address: int, size: int) -> None:
+        """Unmap and free one allocation, from whichever thread collected it (made current first)."""
+        try:
+            self._make_context_current()
+        except DriverMemoryError as e:
+            logger.warning("could not release a %d MiB host slab of the CUDA driver: %s", size >> 20, e)
+            return
+        self._lib.cuMemUnmap(address, size)
+        self._lib.cuMemAddressFree(address, size)
+        self._lib.cuMemRelease(handle)
 
 
 _lock = threading.Lock()

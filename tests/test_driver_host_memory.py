@@ -4,6 +4,9 @@ stores and loads bit for bit."""
 
 from __future__ import annotations
 
+import gc
+import threading
+
 import pytest
 import torch
 
@@ -58,3 +61,29 @@ def test_an_engine_on_driver_made_slabs_stores_and_loads_exactly() -> None:
     assert engine.retrieve(space, 0, pool, BlockTransfer(toks, None, targets, 0, tokens), stream) == tokens
     stream.synchronize()
     assert torch.equal(pool[blocks], pool[targets])
+
+
+def test_driver_made_memory_goes_back_once_its_last_view_is_collected(monkeypatch) -> None:
+    released: list[int] = []
+    original = driver_host_memory.DriverHostMemory._release
+
+    def recording(self, handle: int, address: int, size: int) -> None:
+        released.append(size)
+        original(self, handle, address, size)
+
+    monkeypatch.setattr(driver_host_memory.DriverHostMemory, "_release", recording)
+    maker = driver_host_memory.maker(torch.cuda.current_device())
+    assert maker is not None
+    host = maker.allocate(4 << 20)
+    view = host[1 << 20 :]
+    del host
+    gc.collect()
+    assert released == []
+    view.fill_(1)
+    holder = [view]  # another thread drops the last view
+    del view
+    done = threading.Thread(target=holder.clear)
+    done.start()
+    done.join()
+    gc.collect()
+    assert released == [-(-(4 << 20) // maker.granularity) * maker.granularity]
