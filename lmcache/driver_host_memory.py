@@ -162,11 +162,12 @@ class DriverHostMemory:
             raise
         buffer = (ctypes.c_ubyte * nbytes).from_address(address.value)
         # The tensor keeps ``buffer`` alive; once both are gone the mapping and the memory go back.
-        weakref.finalize(buffer, self._release, handle.value, address.value, size).atexit = False
+        weakref.finalize(buffer, self.release, handle.value, address.value, size).atexit = False
         return torch.frombuffer(buffer, dtype=torch.uint8)
 
-    def _release(self, handle: int, address: int, size: int) -> None:
-        """Unmap and free one allocation, from whichever thread collected it (made current first)."""
+    def release(self, handle: int, address: int, size: int) -> None:
+        """Unmap and free an allocation of :meth:`allocate`: its finalizer's call, on whichever thread
+        collected the tensor (the device's context made current first); never for memory in use."""
         try:
             self._make_context_current()
         except DriverMemoryError as e:

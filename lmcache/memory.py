@@ -486,7 +486,8 @@ class HostArena:
         """Block until a slab allocated ahead is attached or abandoned (or pre-pinning moves on).
         Lock held; it is released while waiting."""
         self._waiting += 1
-        self._grown.notify_all()  # pre-pinning threads waiting for the driver's turn register now
+        if self._waiting == 1:  # pre-pinning threads waiting for the driver's turn register now
+            self._grown.notify_all()
         try:
             self._grown.wait()
         finally:

@@ -65,13 +65,13 @@ def test_an_engine_on_driver_made_slabs_stores_and_loads_exactly() -> None:
 
 def test_driver_made_memory_goes_back_once_its_last_view_is_collected(monkeypatch) -> None:
     released: list[int] = []
-    original = driver_host_memory.DriverHostMemory._release
+    original = driver_host_memory.DriverHostMemory.release
 
     def recording(self, handle: int, address: int, size: int) -> None:
         released.append(size)
         original(self, handle, address, size)
 
-    monkeypatch.setattr(driver_host_memory.DriverHostMemory, "_release", recording)
+    monkeypatch.setattr(driver_host_memory.DriverHostMemory, "release", recording)
     maker = driver_host_memory.maker(torch.cuda.current_device())
     assert maker is not None
     host = maker.allocate(4 << 20)

@@ -150,3 +150,30 @@ def test_the_driver_makes_one_slab_at_a_time(monkeypatch) -> None:
     arena.prepin()
     assert arena.wait_prepinned(30) and arena.wait_growth(30)
     assert most[0] == 1 and source.asked.count(True) == 11
+
+
+def test_pools_waiting_together_do_not_wake_each_other(monkeypatch) -> None:
+    """A pool starting to wait wakes the threads waiting for the driver's turn only when it is the
+    first: each waking the others would keep every waiting pool spinning through its loop."""
+    monkeypatch.setattr(memory.cudart, "relax_capture_mode", lambda device=None: True)
+    source = _Recording(hold=1)
+    arena = HostArena(2 * SLAB, slab_bytes=SLAB, source=source)
+    pool = arena.pool(SLAB)
+    assert pool.allocate() is not None  # the next slab is grown ahead, and held
+    looks = [0]
+    growing = HostArena.growing
+
+    def counted(self: HostArena) -> memory.SlotPool | None:
+        looks[0] += 1  # once per turn of a waiting pool's loop
+        return growing.fget(self)
+
+    monkeypatch.setattr(HostArena, "growing", property(counted))
+    waiters = [threading.Thread(target=pool.allocate) for _ in range(3)]
+    for waiter in waiters:
+        waiter.start()
+    _until(lambda: arena.waiting == 3)
+    time.sleep(0.05)  # spinning waiters would loop thousands of times meanwhile
+    assert looks[0] <= 9
+    source.release.set()
+    for waiter in waiters:
+        waiter.join(30)
