@@ -501,9 +501,9 @@ class HostArena:
 
     @property
     def beside_transfers(self) -> bool:
-        """Whether a slab started now in the background is made beside transfers: once they have
-        begun, unless a pool waits for memory (then the faster way goes). Lock held."""
-        return self.serving and not self._waiting
+        """Whether a slab started now in the background is made beside transfers: page-locked memory
+        once they have begun, unless a pool waits for memory (then the faster way goes). Lock held."""
+        return self.pinned and self.serving and not self._waiting
 
     def wait_growth(self, timeout: float | None = None) -> bool:
         """Wait until no slab is being allocated ahead; False on timeout (for tests and shutdown)."""

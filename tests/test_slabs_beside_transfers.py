@@ -177,3 +177,12 @@ def test_pools_waiting_together_do_not_wake_each_other(monkeypatch) -> None:
     source.release.set()
     for waiter in waiters:
         waiter.join(30)
+
+
+def test_memory_that_is_not_page_locked_takes_no_turns() -> None:
+    arena = HostArena(4 * SLAB, pinned=False, slab_bytes=SLAB)
+    assert arena.pool(SLAB).allocate() is not None and arena.serving
+    arena.prepin()
+    assert arena.wait_prepinned(30) and arena.wait_growth(30)
+    with arena.lock:
+        assert not arena.beside_transfers
