@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmcache import cudart, driver_host_memory
+from lmcache import cudart, driver_host_memory, page_locking
 from lmcache.logging import init_logger
 from lmcache.page_locking import pin_in_place
 
@@ -88,7 +88,10 @@ def driver_made(nbytes: int) -> torch.Tensor | None:
     if maker is None:
         return None
     try:
-        return maker.allocate(nbytes)
+        # In turn with page-locking by registration: interleaved, each holds the other up, and the
+        # copies enqueued meanwhile wait for both.
+        with page_locking.GATE.registering():
+            return maker.allocate(nbytes)
     except driver_host_memory.DriverMemoryError as e:
         logger.debug("the CUDA driver did not make a %d MiB host slab: %s", nbytes >> 20, e)
         return None

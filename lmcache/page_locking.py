@@ -10,10 +10,12 @@ arena's slabs (:mod:`lmcache.memory`) and a worker's mappings of the cache serve
   copy the process enqueues meanwhile waits.
 
 The two take turns (:class:`PageLockGate`): a registration waits until the pieces being faulted are
-done, and no new piece starts until it is over. A registration of pages other threads are still
-faulting in held the driver's lock many times longer than one alone, and every save waited for it
-(benchmarks/RESULTS.md, D65). Faulting a piece at a time keeps a registration's wait short, and keeps
-the process's memory-map lock, which faulting holds, free for the other threads between pieces.
+done, and no new piece starts until it is over. Host memory the driver makes itself
+(:mod:`lmcache.driver_host_memory`) takes a registration's turn. A registration of pages other
+threads are still faulting in held the driver's lock many times longer than one alone, and every save
+waited for it (benchmarks/RESULTS.md, D65). Faulting a piece at a time keeps a registration's wait
+short, and keeps the process's memory-map lock, which faulting holds, free for the other threads
+between pieces.
 """
 
 from __future__ import annotations

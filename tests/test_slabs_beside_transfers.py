@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from lmcache import memory
+from lmcache import memory, page_locking
 from lmcache.memory import HostArena
 
 SLAB = 1 << 20
@@ -100,6 +100,29 @@ def test_driver_made_memory_is_used_where_the_driver_makes_it(monkeypatch) -> No
     assert memory.allocate_slab(SLAB, True, beside_transfers=True) is made and registered == []
     other = memory.allocate_slab(SLAB, True)
     assert other is not made and registered == [SLAB]
+
+
+def test_the_driver_makes_memory_in_turn_with_page_locking(monkeypatch) -> None:
+    """No page is faulted in (nor memory registered) while the driver makes a slab: interleaved, each
+    holds the other up, and the copies enqueued meanwhile wait for both."""
+    entered = threading.Event()
+
+    def fault() -> None:
+        with page_locking.GATE.faulting():
+            entered.set()
+
+    faulter = threading.Thread(target=fault)
+
+    class Maker:
+        def allocate(self, nbytes: int) -> torch.Tensor:
+            faulter.start()
+            assert not entered.wait(0.05), "a piece was faulted in while the driver made a slab"
+            return torch.zeros(nbytes, dtype=torch.uint8)
+
+    monkeypatch.setattr(memory.driver_host_memory, "maker", lambda device: Maker())
+    assert memory.allocate_slab(SLAB, True, beside_transfers=True).numel() == SLAB
+    assert entered.wait(30)  # the turn passed on once the slab was made
+    faulter.join(30)
 
 
 def test_without_a_driver_maker_slabs_beside_transfers_are_registered(monkeypatch) -> None:
