@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adapters import AdapterRig, Forward, report, rig_parser, start_cache  # noqa: E402
+from bench_adapters import AdapterRig, report, rig_parser, start_cache  # noqa: E402
+from forward_load import Forward  # noqa: E402
 
 from lmcache.server.client import CacheServerClient  # noqa: E402
 
