@@ -29,7 +29,8 @@ pool gives back return to the spares, still pinned.
 Pinning beside transfers: a registration holds the CUDA driver's lock, and every copy the process
 enqueues meanwhile waits (D80). So once the arena has handed out its first slot, slabs made in the
 background come from the driver itself (:mod:`lmcache.driver_host_memory`: slower, but it holds up no
-copy), except while a pool waits for memory, when the faster registration goes on.
+copy; one slab at a time, in turn with registrations), except while a pool waits for memory, when the
+faster registration goes on (D81).
 """
 
 from __future__ import annotations
