@@ -38,10 +38,13 @@ def test_driver_made_memory_is_host_memory_the_device_copies_to_and_from() -> No
 
 
 class _BesideTransfers(memory.SlabSource):
-    """Every slab made as beside transfers: by the driver."""
+    """Every slab made by the driver (no silent fallback to registration, which would make the test
+    below pass without driver-made memory)."""
 
     def allocate(self, nbytes: int, *, beside_transfers: bool = False) -> memory.Slab:
-        return super().allocate(nbytes, beside_transfers=True)
+        tensor = memory.driver_made(nbytes)
+        assert tensor is not None, "the driver made no host slab"
+        return self._track(memory.Slab(self.new_id(), tensor))
 
 
 def test_an_engine_on_driver_made_slabs_stores_and_loads_exactly() -> None:
