@@ -30,7 +30,8 @@ Pinning beside transfers: a registration holds the CUDA driver's lock, and every
 enqueues meanwhile waits (D80). So once the arena has handed out its first slot, slabs made in the
 background come from the driver itself (:mod:`lmcache.driver_host_memory`: slower, but it holds up no
 copy; one slab at a time, in turn with registrations), except while a pool waits for memory, when the
-faster registration goes on (D81).
+faster registration goes on (D81). A slab pre-pinning was still faulting in or waiting to register when
+transfers began is given up, and made by the driver instead (D82).
 """
 
 from __future__ import annotations
@@ -67,9 +68,12 @@ def pinned_memory_available() -> bool:
     return torch.cuda.is_available()
 
 
-def allocate_slab(nbytes: int, pinned: bool, *, beside_transfers: bool = False) -> torch.Tensor:
+def allocate_slab(
+    nbytes: int, pinned: bool, *, beside_transfers: bool = False, abandon: page_locking.Abandon | None = None
+) -> torch.Tensor:
     """``nbytes`` of host memory, page-locked if ``pinned`` (see the module docstring for how);
-    ``beside_transfers``: made by the CUDA driver where it can, holding up no copy of the process."""
+    ``beside_transfers``: made by the CUDA driver where it can, holding up no copy of the process;
+    ``abandon``: page-locking by registration gives up when it says so (``PageLockingAbandoned``)."""
     if not pinned:
         return torch.empty(nbytes, dtype=torch.uint8)
     if beside_transfers:
@@ -77,7 +81,7 @@ def allocate_slab(nbytes: int, pinned: bool, *, beside_transfers: bool = False) 
         if tensor is not None:
             return tensor
     tensor = huge_page_memory(nbytes)
-    if not pin_in_place(tensor):
+    if not pin_in_place(tensor, abandon=abandon):
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     return tensor
 
@@ -160,10 +164,12 @@ class SlabSource:
         self._ids = itertools.count()
         self._live: weakref.WeakValueDictionary[int, Slab] = weakref.WeakValueDictionary()
 
-    def allocate(self, nbytes: int, *, beside_transfers: bool = False) -> Slab:
-        """A new slab of ``nbytes`` bytes; ``beside_transfers``: made while copies run (see
-        :func:`allocate_slab`)."""
-        tensor = allocate_slab(nbytes, self.pinned, beside_transfers=beside_transfers)
+    def allocate(
+        self, nbytes: int, *, beside_transfers: bool = False, abandon: page_locking.Abandon | None = None
+    ) -> Slab:
+        """A new slab of ``nbytes`` bytes; ``beside_transfers``: made while copies run; ``abandon``:
+        when its page-locking gives up (see :func:`allocate_slab`)."""
+        tensor = allocate_slab(nbytes, self.pinned, beside_transfers=beside_transfers, abandon=abandon)
         return self._track(Slab(self.new_id(), tensor))
 
     def _track(self, slab: Slab) -> Slab:
@@ -413,7 +419,15 @@ class HostArena:
                     self.reserved_bytes += nbytes  # counted first, as for a slab grown ahead
                     beside = self._take_driver_turn()
                 try:
-                    slab = self.source.allocate(nbytes, beside_transfers=beside)
+                    slab = self.source.allocate(
+                        nbytes,
+                        beside_transfers=beside,
+                        abandon=None if beside else self._registration_gives_way,
+                    )
+                except page_locking.PageLockingAbandoned:  # transfers began: the driver makes it instead
+                    with self.lock:
+                        self.reserved_bytes -= nbytes
+                    continue
                 except Exception as e:  # out of pinned memory: pools allocate (and report) themselves
                     logger.warning("pinning L1 ahead stopped after %d MiB: %s", self.reserved_bytes >> 20, e)
                     with self.lock:
@@ -437,6 +451,13 @@ class HostArena:
         beside = self.beside_transfers
         self._driver_making |= beside
         return beside
+
+    def _registration_gives_way(self) -> bool:
+        """Whether a slab that pre-pinning started to page-lock by registration before transfers began
+        gives way to the driver's making now that they have (and no pool waits): registration left to
+        run on would hold up the first saves' copies. Read without the lock: it is asked inside the
+        page-locking gate's turns, which a pool growing under the lock may be waiting for."""
+        return self.beside_transfers
 
     def wait_prepinned(self, timeout: float | None = None) -> bool:
         """Wait until :meth:`prepin` is done; False on timeout."""

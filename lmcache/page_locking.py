@@ -25,7 +25,7 @@ import ctypes
 import mmap
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -88,32 +88,45 @@ GATE = PageLockGate()
 """The process's gate: every slab of ours is faulted in and registered through it."""
 
 
-def populate(address: int, nbytes: int) -> bool:
+class PageLockingAbandoned(Exception):
+    """Page-locking stopped half-way because its caller's ``abandon`` said so; nothing was registered."""
+
+
+Abandon = Callable[[], bool]
+"""Asked before each piece is faulted in and once the registration's turn has come: True gives the
+page-locking up (:class:`PageLockingAbandoned`). Called inside the gate's turns: it must not wait."""
+
+
+def populate(address: int, nbytes: int, abandon: Abandon | None = None) -> bool:
     """Fault the mapped pages of ``[address, address + nbytes)`` in, writable, their contents kept
     (``MADV_POPULATE_WRITE``), a piece at a time through :data:`GATE`; False where the kernel cannot
     (before Linux 5.14). The GIL is released meanwhile: CPython's own ``mmap.madvise`` keeps it, which
     stops every other thread of the process (TRT-LLM's executor among them) for the whole of a slab.
     Fresh anonymous memory comes zeroed from the kernel, so faulting it in this way writes it once,
-    not twice as a ``memset`` of faulted pages does."""
+    not twice as a ``memset`` of faulted pages does. ``abandon``: see :data:`Abandon`."""
     for offset in range(0, nbytes, FAULT_PIECE_BYTES):
         with GATE.faulting():
+            if abandon is not None and abandon():
+                raise PageLockingAbandoned
             if _libc.madvise(address + offset, min(FAULT_PIECE_BYTES, nbytes - offset), MADV_POPULATE_WRITE):
                 return False
     return True
 
 
-def pin_in_place(tensor: torch.Tensor, *, fault_in: bool = True) -> bool:
+def pin_in_place(tensor: torch.Tensor, *, fault_in: bool = True, abandon: Abandon | None = None) -> bool:
     """Page-lock the host memory of a contiguous uint8 ``tensor`` with ``cudaHostRegister``; False
     (and a DEBUG line) if the driver refuses. Unregistered once the tensor is collected.
 
     ``fault_in``: fault its pages in first (:func:`populate`; where the kernel cannot, by writing
     zeros: for fresh memory only), outside the driver's lock; False leaves them to the driver (memory
-    another process filled: its contents are kept).
+    another process filled: its contents are kept). ``abandon``: see :data:`Abandon`.
     """
     nbytes = tensor.numel()
-    if fault_in and not populate(tensor.data_ptr(), nbytes):
+    if fault_in and not populate(tensor.data_ptr(), nbytes, abandon):
         ctypes.memset(tensor.data_ptr(), 0, nbytes)
     with GATE.registering():
+        if abandon is not None and abandon():
+            raise PageLockingAbandoned
         err = cudart.register_host(tensor.data_ptr(), nbytes)
     if err != 0:
         logger.debug("cudaHostRegister of %d bytes failed (CUDA error %d)", nbytes, err)

@@ -31,7 +31,7 @@ import torch
 
 from lmcache.logging import init_logger
 from lmcache.memory import Slab, SlabSource, rows_view
-from lmcache.page_locking import pin_in_place, populate
+from lmcache.page_locking import Abandon, pin_in_place, populate
 
 logger = init_logger(__name__)
 
@@ -121,9 +121,12 @@ class ShmSlabSource(SlabSource):
         self._closed = False
         atexit.register(self.close)
 
-    def allocate(self, nbytes: int, *, beside_transfers: bool = False) -> Slab:
+    def allocate(
+        self, nbytes: int, *, beside_transfers: bool = False, abandon: Abandon | None = None
+    ) -> Slab:
         """A new region of ``nbytes`` bytes, mapped; page-locked if the source is ``pinned`` (by
-        registration whatever ``beside_transfers`` says: other processes map the region)."""
+        registration whatever ``beside_transfers`` and ``abandon`` say: other processes map the region,
+        and the driver cannot make it)."""
         if self._closed:
             raise ShmSlabError("this L1's shared memory was closed (server shutting down)")
         slab_id = self.new_id()

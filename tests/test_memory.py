@@ -4,7 +4,7 @@ import threading
 import pytest
 import torch
 
-from lmcache import memory
+from lmcache import memory, page_locking
 from lmcache.memory import HostArena
 
 
@@ -335,7 +335,9 @@ class _PinnedLooking(memory.SlabSource):
     def __init__(self) -> None:
         super().__init__(pinned=True)
 
-    def allocate(self, nbytes: int, *, beside_transfers: bool = False) -> memory.Slab:
+    def allocate(
+        self, nbytes: int, *, beside_transfers: bool = False, abandon: page_locking.Abandon | None = None
+    ) -> memory.Slab:
         return self._track(memory.Slab(self.new_id(), torch.zeros(nbytes, dtype=torch.uint8)))
 
 

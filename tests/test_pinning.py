@@ -90,6 +90,38 @@ def test_page_locking_faults_in_pieces_then_registers_alone(monkeypatch: pytest.
     assert calls == [("fault", 0, 0)] * 4 + [("register", 0, 0), ("cuda", tensor.data_ptr(), tensor.numel())]
 
 
+@pytest.mark.parametrize("answers_before_giving_up", [2, 3])
+def test_page_locking_given_up_registers_nothing(
+    monkeypatch: pytest.MonkeyPatch, answers_before_giving_up: int
+) -> None:
+    """``abandon`` is asked before each piece is faulted and once the registration's turn has come:
+    saying True there (after two pieces; after all three, at the registration) stops it with nothing
+    registered, and the gate's turns are passed on."""
+    asked: list[int] = []
+    registered: list[int] = []
+    monkeypatch.setattr(page_locking, "FAULT_PIECE_BYTES", 1 << 20)
+    monkeypatch.setattr(cudart, "register_host", lambda address, nbytes: registered.append(nbytes) or 0)
+    monkeypatch.setattr(cudart, "unregister_host", lambda address: None)
+    region = mmap.mmap(-1, 3 << 20)
+    tensor = torch.frombuffer(region, dtype=torch.uint8)
+
+    def abandon() -> bool:
+        asked.append(len(asked))
+        return len(asked) > answers_before_giving_up
+
+    with pytest.raises(page_locking.PageLockingAbandoned):
+        page_locking.pin_in_place(tensor, abandon=abandon)
+    assert len(asked) == answers_before_giving_up + 1 and registered == []
+    # Neither of the gate's turns was left held: page-locking again goes through both.
+    done: list[bool] = []
+    again = threading.Thread(
+        target=lambda: done.append(page_locking.pin_in_place(tensor, abandon=lambda: False))
+    )
+    again.start()
+    again.join(10)
+    assert done == [True] and registered == [3 << 20]
+
+
 def test_register_without_a_runtime_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cudart, "runtime", lambda: None)
     with pytest.raises(RuntimeError, match="needs a CUDA runtime"):

@@ -21,16 +21,26 @@ class _Recording(memory.SlabSource):
     def __init__(self, hold: int = -1) -> None:
         super().__init__(pinned=True)
         self.asked: list[bool] = []
+        self.abandoned: list[int] = []
+        self.answered = threading.Event()
         self.hold = hold
         self.release = threading.Event()
         self._lock = threading.Lock()
 
-    def allocate(self, nbytes: int, *, beside_transfers: bool = False) -> memory.Slab:
+    def allocate(
+        self, nbytes: int, *, beside_transfers: bool = False, abandon: page_locking.Abandon | None = None
+    ) -> memory.Slab:
         with self._lock:
             number = len(self.asked)
             self.asked.append(beside_transfers)
         if number == self.hold:
             assert self.release.wait(30)
+        if abandon is not None:  # asked where page-locking asks it last: at the registration's turn
+            given_up = abandon()
+            self.answered.set()
+            if given_up:
+                self.abandoned.append(number)
+                raise page_locking.PageLockingAbandoned
         return self._track(memory.Slab(self.new_id(), torch.zeros(nbytes, dtype=torch.uint8)))
 
 
@@ -62,6 +72,41 @@ def test_once_a_slot_was_handed_out_background_slabs_are_made_beside_transfers(m
     arena.prepin()
     assert arena.wait_prepinned(30)
     assert source.asked == [False, True, True, True]
+
+
+def test_a_registration_begun_before_transfers_gives_way_once_they_begin(monkeypatch) -> None:
+    """A slab pre-pinning started to register before the first slot was handed out is given up once it
+    was (registration would hold up the first saves' copies), its budget made again by the driver."""
+    monkeypatch.setattr(memory.cudart, "relax_capture_mode", lambda device=None: True)
+    monkeypatch.setattr(memory, "PREPIN_THREADS", 1)
+    source = _Recording(hold=0)
+    arena = HostArena(3 * SLAB, slab_bytes=SLAB, source=source)
+    arena.prepin()
+    _until(lambda: len(source.asked) == 1)  # pre-pinning's first slab, being registered, held
+    pool = arena.pool(SLAB)
+    assert pool.allocate() is not None and arena.serving  # its slab made on this thread, one grown ahead
+    source.release.set()
+    assert arena.wait_prepinned(30) and arena.wait_growth(30)
+    assert source.abandoned == [0]
+    assert sorted(source.asked) == [False, False, True, True] and source.asked[:2] == [False, False]
+    assert arena.reserved_bytes == 3 * SLAB and arena.spare_bytes == SLAB
+
+
+def test_a_registration_before_any_transfer_goes_on_and_asking_takes_no_lock(monkeypatch) -> None:
+    """Before the first slot is handed out a slab being registered is kept. The question is asked inside
+    the page-locking gate's turns, which a pool growing under the arena's lock may wait for: answering
+    it must not take that lock."""
+    monkeypatch.setattr(memory.cudart, "relax_capture_mode", lambda device=None: True)
+    monkeypatch.setattr(memory, "PREPIN_THREADS", 1)
+    source = _Recording(hold=0)
+    arena = HostArena(2 * SLAB, slab_bytes=SLAB, source=source)
+    arena.prepin()
+    _until(lambda: len(source.asked) == 1)
+    with arena.lock:  # held throughout: the answer must come without it
+        source.release.set()
+        assert source.answered.wait(30)
+    assert arena.wait_prepinned(30)
+    assert source.asked == [False, False] and source.abandoned == []
 
 
 def test_while_a_pool_waits_for_memory_background_slabs_are_registered(monkeypatch) -> None:
@@ -96,7 +141,7 @@ def test_driver_made_memory_is_used_where_the_driver_makes_it(monkeypatch) -> No
 
     registered: list[int] = []
     monkeypatch.setattr(memory.driver_host_memory, "maker", lambda device: Maker())
-    monkeypatch.setattr(memory, "pin_in_place", lambda tensor: registered.append(tensor.numel()) or True)
+    monkeypatch.setattr(memory, "pin_in_place", lambda tensor, **_: registered.append(tensor.numel()) or True)
     assert memory.allocate_slab(SLAB, True, beside_transfers=True) is made and registered == []
     other = memory.allocate_slab(SLAB, True)
     assert other is not made and registered == [SLAB]
@@ -128,7 +173,7 @@ def test_the_driver_makes_memory_in_turn_with_page_locking(monkeypatch) -> None:
 def test_without_a_driver_maker_slabs_beside_transfers_are_registered(monkeypatch) -> None:
     registered: list[int] = []
     monkeypatch.setattr(memory.driver_host_memory, "maker", lambda device: None)
-    monkeypatch.setattr(memory, "pin_in_place", lambda tensor: registered.append(tensor.numel()) or True)
+    monkeypatch.setattr(memory, "pin_in_place", lambda tensor, **_: registered.append(tensor.numel()) or True)
     slab = memory.allocate_slab(SLAB, True, beside_transfers=True)
     assert slab.numel() == SLAB and registered == [SLAB]
 
@@ -140,7 +185,7 @@ def test_a_driver_refusal_falls_back_to_registration(monkeypatch) -> None:
 
     registered: list[int] = []
     monkeypatch.setattr(memory.driver_host_memory, "maker", lambda device: Refusing())
-    monkeypatch.setattr(memory, "pin_in_place", lambda tensor: registered.append(tensor.numel()) or True)
+    monkeypatch.setattr(memory, "pin_in_place", lambda tensor, **_: registered.append(tensor.numel()) or True)
     assert memory.allocate_slab(SLAB, True, beside_transfers=True).numel() == SLAB and registered == [SLAB]
 
 
@@ -158,14 +203,16 @@ def test_the_driver_makes_one_slab_at_a_time(monkeypatch) -> None:
     lock = threading.Lock()
 
     class Slow(_Recording):
-        def allocate(self, nbytes: int, *, beside_transfers: bool = False) -> memory.Slab:
+        def allocate(
+            self, nbytes: int, *, beside_transfers: bool = False, abandon: page_locking.Abandon | None = None
+        ) -> memory.Slab:
             with lock:
                 in_flight[0] += beside_transfers
                 most[0] = max(most[0], in_flight[0])
             time.sleep(0.01)  # long enough for every thread to be asking at once
             with lock:
                 in_flight[0] -= beside_transfers
-            return super().allocate(nbytes, beside_transfers=beside_transfers)
+            return super().allocate(nbytes, beside_transfers=beside_transfers, abandon=abandon)
 
     source = Slow()
     arena = HostArena(12 * SLAB, slab_bytes=SLAB, source=source)
