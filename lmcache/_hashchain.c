@@ -85,6 +85,11 @@ token_slow(PyObject *tokens, Py_ssize_t i, long long *out)
     return 0;
 }
 
+/* How many items ahead the conversion asks for a token's int object: the objects lie scattered over the
+ * heap, and after the host idled (a lookup between forwards) reading each one waits on memory; asked
+ * for early, the reads overlap instead of following one another (RESULTS.md, D83). */
+#define TOKEN_PREFETCH_DISTANCE 128
+
 /* tokens[start:end] as int64-LE bytes into out; -1 with an exception on a bad item. An item's
  * __index__ is Python code that may shrink the list: it must still hold tokens[:end]. */
 static int
@@ -92,6 +97,11 @@ convert_tokens(PyObject *tokens, Py_ssize_t start, Py_ssize_t end, unsigned char
 {
     for (Py_ssize_t i = start; i < end; i++, out += 8) {
         long long v;
+#if defined(__GNUC__) || defined(__clang__)
+        if (i + TOKEN_PREFETCH_DISTANCE < PyList_GET_SIZE(tokens)) { /* the next group's too */
+            __builtin_prefetch(PyList_GET_ITEM(tokens, i + TOKEN_PREFETCH_DISTANCE));
+        }
+#endif
         if (!compact_value(PyList_GET_ITEM(tokens, i), &v)) {
             if (token_slow(tokens, i, &v) < 0) {
                 return -1;
