@@ -2,7 +2,7 @@
 
 Three ways, each with 1, 4 and 8 threads, 16 slabs of 256 MiB: pages only faulted in (no CUDA call),
 L1's former way (ordinary 4 KiB pages faulted in, then ``cudaHostRegister``), and L1's way now
-(:func:`lmcache.memory.allocate_slab`: an anonymous mapping advised to use huge pages). Saves into
+(:func:`lmcache.host_slabs.allocate_slab`: an anonymous mapping advised to use huge pages). Saves into
 a cold L1 wait for pinning when they come faster than this rate. Needs CUDA.
 
     python benchmarks/bench_pinning.py [--out pinning.json]
@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lmcache.memory import allocate_slab, pin_in_place  # noqa: E402
+from lmcache.host_slabs import allocate_slab  # noqa: E402
+from lmcache.page_locking import pin_in_place  # noqa: E402
 
 SLAB = 256 << 20
 SLABS = 16

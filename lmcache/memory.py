@@ -4,16 +4,9 @@ Asking the host allocator (``cudaHostAlloc``) per chunk is slow and fragments
 pinned memory, so chunk buffers are fixed-size slots carved out of large slabs. Nothing is
 reserved until the first slot is needed: a 10 GiB cap starts instantly.
 
-How slabs are pinned: ``cudaHostAlloc`` (``torch.empty(..., pin_memory=True)``) of a whole slab
-holds the CUDA driver's lock while it faults the pages in, stalling every other thread's copies.
-Instead, a slab is allocated as ordinary memory, its pages are faulted in (``madvise``, no CUDA
-call, the GIL released), and only then registered with ``cudaHostRegister``, which is shorter and
-barely disturbs copies in flight; copy speed is the same either way (see benchmarks/RESULTS.md, D2
-and D65; :mod:`lmcache.page_locking`).
-It is unregistered when it is freed. A slab to be pinned is an anonymous mapping advised to use
-huge pages: faulting and registering 2 MiB pages is several times faster than 4 KiB ones (D28).
+How a slab's memory is made and page-locked: :mod:`lmcache.host_slabs`.
 
-Growing ahead: even so, pinning is too slow to sit on the store path of a cold cache. So when a
+Growing ahead: page-locking is too slow to sit on the store path of a cold cache. So when a
 pool hands out a slot of its newest slab and the budget has room, the next slab is allocated by a
 background thread (one at a time per arena, its bytes counted against the cap before the
 allocation starts), and is usually ready before the pool runs out. A pool that does run out
@@ -26,20 +19,16 @@ the background from start-up, slab by slab, into spare slabs any pool takes when
 start stays instant; saves find memory already pinned instead of waiting for it. Empty slabs a
 pool gives back return to the spares, still pinned.
 
-Pinning beside transfers: a registration holds the CUDA driver's lock, and every copy the process
-enqueues meanwhile waits (D80). So once the arena has handed out its first slot, slabs made in the
-background come from the driver itself (:mod:`lmcache.driver_host_memory`: slower, but it holds up no
-copy; one slab at a time, in turn with registrations), except while a pool waits for memory, when the
-faster registration goes on (D81). A slab pre-pinning was still faulting in or waiting to register when
-transfers began is given up, and made by the driver instead (D82).
+Pinning beside transfers: once the arena has handed out its first slot, slabs made in the background
+come from the CUDA driver (:func:`lmcache.host_slabs.allocate_slab`'s ``beside_transfers``), one at a
+time, except while a pool waits for memory (D81); a slab pre-pinning was still faulting in or waiting
+to register when transfers began is given up, and made by the driver instead (D82).
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-import mmap
 import os
 import threading
 import weakref
@@ -47,9 +36,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmcache import cudart, driver_host_memory, page_locking
+from lmcache import cudart, page_locking
+from lmcache.host_slabs import allocate_slab, pinned_memory_available
 from lmcache.logging import init_logger
-from lmcache.page_locking import pin_in_place
 
 logger = init_logger(__name__)
 
@@ -62,53 +51,6 @@ MIN_SLAB_BYTES = 4 << 20
 PREPIN_THREADS = min(8, max(1, (os.cpu_count() or 2) // 2))
 """Faulting pages in is per-thread work, so several threads pin L1 faster, up to the host's memory
 bandwidth; a start-up burst, on half the cores at most."""
-
-
-def pinned_memory_available() -> bool:
-    return torch.cuda.is_available()
-
-
-def allocate_slab(
-    nbytes: int, pinned: bool, *, beside_transfers: bool = False, abandon: page_locking.Abandon | None = None
-) -> torch.Tensor:
-    """``nbytes`` of host memory, page-locked if ``pinned`` (see the module docstring for how);
-    ``beside_transfers``: made by the CUDA driver where it can, holding up no copy of the process;
-    ``abandon``: page-locking by registration gives up when it says so (``PageLockingAbandoned``)."""
-    if not pinned:
-        return torch.empty(nbytes, dtype=torch.uint8)
-    if beside_transfers:
-        tensor = driver_made(nbytes)
-        if tensor is not None:
-            return tensor
-    tensor = huge_page_memory(nbytes)
-    if not pin_in_place(tensor, abandon=abandon):
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    return tensor
-
-
-def driver_made(nbytes: int) -> torch.Tensor | None:
-    """``nbytes`` of page-locked memory the CUDA driver makes on this thread's device; None where it
-    cannot (no maker there, or it refused: a DEBUG line)."""
-    maker = driver_host_memory.maker(cudart.current_device())
-    if maker is None:
-        return None
-    try:
-        # In turn with page-locking by registration: interleaved, each holds the other up, and the
-        # copies enqueued meanwhile wait for both.
-        with page_locking.GATE.registering():
-            return maker.allocate(nbytes)
-    except driver_host_memory.DriverMemoryError as e:
-        logger.debug("the CUDA driver did not make a %d MiB host slab: %s", nbytes >> 20, e)
-        return None
-
-
-def huge_page_memory(nbytes: int) -> torch.Tensor:
-    """``nbytes`` of fresh anonymous memory, advised to use transparent huge pages where the kernel
-    allows it (THP ``madvise`` or ``always``); ordinary pages otherwise. The tensor keeps the mapping."""
-    mapping = mmap.mmap(-1, nbytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(AttributeError, OSError):  # no MADV_HUGEPAGE here: ordinary pages
-        mapping.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(mapping, dtype=torch.uint8)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from lmcache import driver_host_memory, memory
+from lmcache import driver_host_memory, host_slabs, memory
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.layout import PoolLayout
@@ -42,7 +42,7 @@ class _BesideTransfers(memory.SlabSource):
     below pass without driver-made memory)."""
 
     def allocate(self, nbytes: int, *, beside_transfers: bool = False) -> memory.Slab:
-        tensor = memory.driver_made(nbytes)
+        tensor = host_slabs.driver_made(nbytes)
         assert tensor is not None, "the driver made no host slab"
         return self._track(memory.Slab(self.new_id(), tensor))
 

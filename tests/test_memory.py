@@ -4,7 +4,7 @@ import threading
 import pytest
 import torch
 
-from lmcache import memory, page_locking
+from lmcache import host_slabs, memory, page_locking
 from lmcache.memory import HostArena
 
 
@@ -318,7 +318,7 @@ def test_a_refused_slab_on_the_store_path_shrinks_the_budget_instead_of_failing(
 def test_huge_page_memory_is_zeroed_writable_and_outlives_its_mapping_name() -> None:
     """The memory a pinned slab is made of (huge pages where the kernel allows): fresh zeros, as many
     bytes as asked, writable through the tensor, which alone keeps the mapping alive."""
-    tensor = memory.huge_page_memory(4 << 20)
+    tensor = host_slabs.huge_page_memory(4 << 20)
     assert tensor.dtype == torch.uint8 and tensor.numel() == 4 << 20
     assert int(tensor.count_nonzero()) == 0
     view = tensor[1 << 20 :]

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from lmcache import memory, page_locking
+from lmcache import driver_host_memory, host_slabs, memory, page_locking
 from lmcache.memory import HostArena
 
 SLAB = 1 << 20
@@ -42,6 +42,18 @@ class _Recording(memory.SlabSource):
                 self.abandoned.append(number)
                 raise page_locking.PageLockingAbandoned
         return self._track(memory.Slab(self.new_id(), torch.zeros(nbytes, dtype=torch.uint8)))
+
+
+def _recorded_registrations(monkeypatch) -> list[int]:
+    """Page-locking by registration stood in for: the sizes it was asked for, in order."""
+    registered: list[int] = []
+
+    def register(tensor: torch.Tensor, **_: object) -> bool:
+        registered.append(tensor.numel())
+        return True
+
+    monkeypatch.setattr(host_slabs, "pin_in_place", register)
+    return registered
 
 
 def _until(condition, timeout: float = 30.0) -> None:
@@ -139,11 +151,10 @@ def test_driver_made_memory_is_used_where_the_driver_makes_it(monkeypatch) -> No
             assert nbytes == SLAB
             return made
 
-    registered: list[int] = []
-    monkeypatch.setattr(memory.driver_host_memory, "maker", lambda device: Maker())
-    monkeypatch.setattr(memory, "pin_in_place", lambda tensor, **_: registered.append(tensor.numel()) or True)
-    assert memory.allocate_slab(SLAB, True, beside_transfers=True) is made and registered == []
-    other = memory.allocate_slab(SLAB, True)
+    monkeypatch.setattr(driver_host_memory, "maker", lambda device: Maker())
+    registered = _recorded_registrations(monkeypatch)
+    assert host_slabs.allocate_slab(SLAB, True, beside_transfers=True) is made and registered == []
+    other = host_slabs.allocate_slab(SLAB, True)
     assert other is not made and registered == [SLAB]
 
 
@@ -164,35 +175,34 @@ def test_the_driver_makes_memory_in_turn_with_page_locking(monkeypatch) -> None:
             assert not entered.wait(0.05), "a piece was faulted in while the driver made a slab"
             return torch.zeros(nbytes, dtype=torch.uint8)
 
-    monkeypatch.setattr(memory.driver_host_memory, "maker", lambda device: Maker())
-    assert memory.allocate_slab(SLAB, True, beside_transfers=True).numel() == SLAB
+    monkeypatch.setattr(driver_host_memory, "maker", lambda device: Maker())
+    assert host_slabs.allocate_slab(SLAB, True, beside_transfers=True).numel() == SLAB
     assert entered.wait(30)  # the turn passed on once the slab was made
     faulter.join(30)
 
 
 def test_without_a_driver_maker_slabs_beside_transfers_are_registered(monkeypatch) -> None:
-    registered: list[int] = []
-    monkeypatch.setattr(memory.driver_host_memory, "maker", lambda device: None)
-    monkeypatch.setattr(memory, "pin_in_place", lambda tensor, **_: registered.append(tensor.numel()) or True)
-    slab = memory.allocate_slab(SLAB, True, beside_transfers=True)
+    monkeypatch.setattr(driver_host_memory, "maker", lambda device: None)
+    registered = _recorded_registrations(monkeypatch)
+    slab = host_slabs.allocate_slab(SLAB, True, beside_transfers=True)
     assert slab.numel() == SLAB and registered == [SLAB]
 
 
 def test_a_driver_refusal_falls_back_to_registration(monkeypatch) -> None:
     class Refusing:
         def allocate(self, nbytes: int) -> torch.Tensor:
-            raise memory.driver_host_memory.DriverMemoryError("cuMemCreate failed (CUDA error 2)")
+            raise driver_host_memory.DriverMemoryError("cuMemCreate failed (CUDA error 2)")
 
-    registered: list[int] = []
-    monkeypatch.setattr(memory.driver_host_memory, "maker", lambda device: Refusing())
-    monkeypatch.setattr(memory, "pin_in_place", lambda tensor, **_: registered.append(tensor.numel()) or True)
-    assert memory.allocate_slab(SLAB, True, beside_transfers=True).numel() == SLAB and registered == [SLAB]
+    monkeypatch.setattr(driver_host_memory, "maker", lambda device: Refusing())
+    registered = _recorded_registrations(monkeypatch)
+    assert host_slabs.allocate_slab(SLAB, True, beside_transfers=True).numel() == SLAB
+    assert registered == [SLAB]
 
 
 def test_no_maker_without_a_cuda_device() -> None:
-    assert memory.driver_host_memory.maker(None) is None
+    assert driver_host_memory.maker(None) is None
     if not torch.cuda.is_available():
-        assert memory.driver_host_memory.maker(0) is None
+        assert driver_host_memory.maker(0) is None
 
 
 def test_the_driver_makes_one_slab_at_a_time(monkeypatch) -> None:

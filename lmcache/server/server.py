@@ -72,7 +72,8 @@ def server_engine(
     L1 is in shared-memory slabs (0600, this user's; stale ones of a crashed server removed first).
     L1 is page-locked only if the server itself may copy into CUDA pools (``pinned`` None: CUDA is
     available and ``pool_sharing`` allows export)."""
-    from lmcache.memory import SlabSource, pinned_memory_available
+    from lmcache.host_slabs import pinned_memory_available
+    from lmcache.memory import SlabSource
 
     if pinned is None:
         pinned = pool_sharing != "shared-l1" and pinned_memory_available()
