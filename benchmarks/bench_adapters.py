@@ -505,8 +505,9 @@ def report(results: dict[str, Any], out: str | None) -> None:
         Path(out).write_text(text + "\n")
 
 
-def main() -> int:
-    parser = rig_parser(__doc__, l1_size_gb=16.0)
+def run_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options of :func:`run`: the rig's, and the run's."""
+    parser = rig_parser(doc, l1_size_gb=16.0)
     parser.add_argument("--tokens", type=int, default=16384, help="tokens per request")
     parser.add_argument("--repeats", type=int, default=10, help="saves and loads timed once L1 is full")
     parser.add_argument(
@@ -543,9 +544,19 @@ def main() -> int:
         "host waits for it between wait_for_save and get_finished, as TRT-LLM's default executor loop "
         "waits for the previous tokens (the save's host work can run meanwhile)",
     )
+    return parser
+
+
+def parse_run_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The command line's options for :func:`run` (a parser from :func:`run_parser`), checked."""
     args = parser.parse_args()
     if args.overlap_scheduler and args.forward_ms <= 0:
         parser.error("--overlap-scheduler needs --forward-ms above 0 (the forward the host waits for)")
+    return args
+
+
+def main() -> int:
+    args = parse_run_args(run_parser(__doc__))
     results = run(args)
     report(results, args.out)
     return 0 if results["loaded_rows_equal"] else 1

@@ -316,6 +316,37 @@ def test_transfer_timeline(tmp_path: Path) -> None:
     assert server_load["begin_load_in"] < server_load["finish_load_out"] <= server_load["send_in"]
 
 
+def test_fill_timeline(tmp_path: Path) -> None:
+    """bench_adapters' run traced: every save with its time and its overlaps, the run's results (CPU
+    sizes: nothing page-locked, no forward)."""
+    args = ["--tokens", "1024", "--l1-size-gb", "0.004", "--repeats", "2", "--saves", "3"]
+    data = run_bench("fill_timeline.py", tmp_path / "f.json", *args, model_args=["--model", "tiny"])
+    assert data["results"]["loaded_rows_equal"] is True
+    saves = data["saves"]
+    assert len(saves) == data["results"]["l1_bytes"] // data["results"]["bytes_per_request"] + 2
+    assert [s["number"] for s in saves] == list(range(1, len(saves) + 1))
+    for save in saves:
+        assert 0 < save["save_ms"] <= save["end_ms"] - save["start_ms"]
+        assert save["overlapped_ms"] == {"populate": 0.0, "register": 0.0, "driver": 0.0, "pool_wait": 0.0}
+
+
+def test_fill_timeline_counts_only_what_overlaps_a_saves_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    timeline = _load_bench("fill_timeline", monkeypatch)
+    spans = [
+        timeline.Span("register", "a", 0.0, 10.0),  # 5 ms inside [5, 20]
+        timeline.Span("register", "b", 18.0, 30.0),  # 2 ms inside
+        timeline.Span("driver", "c", 21.0, 40.0),  # after
+        timeline.Span("forward", "main", 0.0, 20.0),  # not page-locking
+    ]
+    assert timeline.overlap_ms(spans, 5.0, 20.0) == {
+        "populate": 0.0,
+        "register": 7.0,
+        "driver": 0.0,
+        "pool_wait": 0.0,
+    }
+
+
 def test_adapter_rig_load_check_catches_wrong_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """The adapter benchmarks' load compares what it loaded with the pages its prompt was saved from:
     the right rows pass, rows saved for another prompt (or changed since) fail."""
