@@ -360,11 +360,14 @@ class HostArena:
                         return
                     self.reserved_bytes += nbytes  # counted first, as for a slab grown ahead
                     beside = self._take_driver_turn()
+                    # Only a registration begun before transfers gives way once they begin: one begun
+                    # for a waiting pool would be restarted each time pools stop and start waiting.
+                    gives_way = not beside and not self.serving
                 try:
                     slab = self.source.allocate(
                         nbytes,
                         beside_transfers=beside,
-                        abandon=None if beside else self._registration_gives_way,
+                        abandon=self._registration_gives_way if gives_way else None,
                     )
                 except page_locking.PageLockingAbandoned:  # transfers began: the driver makes it instead
                     with self.lock:
@@ -395,9 +398,9 @@ class HostArena:
         return beside
 
     def _registration_gives_way(self) -> bool:
-        """Whether a slab that pre-pinning started to page-lock by registration before transfers began
-        gives way to the driver's making now that they have (and no pool waits): registration left to
-        run on would hold up the first saves' copies. Read without the lock: it is asked inside the
+        """Whether a slab pre-pinning began to page-lock by registration before transfers began gives
+        way to the driver's making now that they have (and no pool waits): registration left to run on
+        would hold up the first saves' copies. Read without the lock: it is asked inside the
         page-locking gate's turns, which a pool growing under the lock may be waiting for."""
         return self.beside_transfers
 

@@ -16,15 +16,14 @@ SLAB = 1 << 20
 
 class _Recording(memory.SlabSource):
     """Says its slabs are page-locked, hands out ordinary memory and records how each was asked for;
-    the allocation numbered ``hold`` (from 0) waits for ``release``."""
+    the allocations numbered ``held`` (from 0) wait for their ``release`` event."""
 
-    def __init__(self, hold: int = -1) -> None:
+    def __init__(self, *held: int) -> None:
         super().__init__(pinned=True)
         self.asked: list[bool] = []
         self.abandoned: list[int] = []
         self.answered = threading.Event()
-        self.hold = hold
-        self.release = threading.Event()
+        self.release = {number: threading.Event() for number in held}
         self._lock = threading.Lock()
 
     def allocate(
@@ -33,8 +32,8 @@ class _Recording(memory.SlabSource):
         with self._lock:
             number = len(self.asked)
             self.asked.append(beside_transfers)
-        if number == self.hold:
-            assert self.release.wait(30)
+        if number in self.release:
+            assert self.release[number].wait(30)
         if abandon is not None:  # asked where page-locking asks it last: at the registration's turn
             given_up = abandon()
             self.answered.set()
@@ -91,17 +90,41 @@ def test_a_registration_begun_before_transfers_gives_way_once_they_begin(monkeyp
     was (registration would hold up the first saves' copies), its budget made again by the driver."""
     monkeypatch.setattr(memory.cudart, "relax_capture_mode", lambda device=None: True)
     monkeypatch.setattr(memory, "PREPIN_THREADS", 1)
-    source = _Recording(hold=0)
+    source = _Recording(0)
     arena = HostArena(3 * SLAB, slab_bytes=SLAB, source=source)
     arena.prepin()
     _until(lambda: len(source.asked) == 1)  # pre-pinning's first slab, being registered, held
     pool = arena.pool(SLAB)
     assert pool.allocate() is not None and arena.serving  # its slab made on this thread, one grown ahead
-    source.release.set()
+    source.release[0].set()
     assert arena.wait_prepinned(30) and arena.wait_growth(30)
     assert source.abandoned == [0]
     assert sorted(source.asked) == [False, False, True, True] and source.asked[:2] == [False, False]
     assert arena.reserved_bytes == 3 * SLAB and arena.spare_bytes == SLAB
+
+
+def test_a_registration_begun_while_a_pool_waited_goes_on_once_the_wait_ends(monkeypatch) -> None:
+    """Only a slab begun before transfers gives way: one begun because a pool waited for memory is
+    kept when the wait ends (pools waiting on and off would restart its page-locking again and again)."""
+    monkeypatch.setattr(memory.cudart, "relax_capture_mode", lambda device=None: True)
+    monkeypatch.setattr(memory, "PREPIN_THREADS", 1)
+    source = _Recording(1, 2)  # the slab grown ahead of the first slot's, and pre-pinning's
+    arena = HostArena(3 * SLAB, slab_bytes=SLAB, source=source)
+    pool = arena.pool(SLAB)
+    assert pool.allocate() is not None  # one slot per slab: the next is grown ahead, and held
+    _until(lambda: len(source.asked) == 2)
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.allocate()))
+    waiter.start()
+    _until(lambda: arena.waiting == 1)
+    arena.prepin()  # the last slab of the budget, registered: a pool waits
+    _until(lambda: len(source.asked) == 3)
+    source.release[1].set()  # the wait ends
+    waiter.join(30)
+    assert got and got[0] is not None and arena.waiting == 0
+    source.release[2].set()
+    assert arena.wait_prepinned(30) and arena.wait_growth(30)
+    assert source.asked == [False, True, False] and source.abandoned == []
 
 
 def test_a_registration_before_any_transfer_goes_on_and_asking_takes_no_lock(monkeypatch) -> None:
@@ -110,12 +133,12 @@ def test_a_registration_before_any_transfer_goes_on_and_asking_takes_no_lock(mon
     it must not take that lock."""
     monkeypatch.setattr(memory.cudart, "relax_capture_mode", lambda device=None: True)
     monkeypatch.setattr(memory, "PREPIN_THREADS", 1)
-    source = _Recording(hold=0)
+    source = _Recording(0)
     arena = HostArena(2 * SLAB, slab_bytes=SLAB, source=source)
     arena.prepin()
     _until(lambda: len(source.asked) == 1)
     with arena.lock:  # held throughout: the answer must come without it
-        source.release.set()
+        source.release[0].set()
         assert source.answered.wait(30)
     assert arena.wait_prepinned(30)
     assert source.asked == [False, False] and source.abandoned == []
@@ -124,7 +147,7 @@ def test_a_registration_before_any_transfer_goes_on_and_asking_takes_no_lock(mon
 def test_while_a_pool_waits_for_memory_background_slabs_are_registered(monkeypatch) -> None:
     """A store waiting for a slab waits anyway: the faster way goes then, holding up nothing more."""
     monkeypatch.setattr(memory.cudart, "relax_capture_mode", lambda device=None: True)
-    source = _Recording(hold=1)  # the slab grown ahead of the first slot's waits
+    source = _Recording(1)  # the slab grown ahead of the first slot's waits
     arena = HostArena(3 * SLAB, slab_bytes=SLAB, source=source)
     pool = arena.pool(SLAB)
     first = pool.allocate()  # one slot per slab: the next is grown ahead, and held
@@ -136,7 +159,7 @@ def test_while_a_pool_waits_for_memory_background_slabs_are_registered(monkeypat
     _until(lambda: arena.waiting == 1)
     arena.prepin()  # the last slab of the budget, started while the pool waits
     _until(lambda: len(source.asked) == 3)
-    source.release.set()
+    source.release[1].set()
     waiter.join(30)
     assert arena.wait_prepinned(30) and arena.wait_growth(30)
     assert source.asked == [False, True, False]
@@ -236,7 +259,7 @@ def test_pools_waiting_together_do_not_wake_each_other(monkeypatch) -> None:
     """A pool starting to wait wakes the threads waiting for the driver's turn only when it is the
     first: each waking the others would keep every waiting pool spinning through its loop."""
     monkeypatch.setattr(memory.cudart, "relax_capture_mode", lambda device=None: True)
-    source = _Recording(hold=1)
+    source = _Recording(1)
     arena = HostArena(2 * SLAB, slab_bytes=SLAB, source=source)
     pool = arena.pool(SLAB)
     assert pool.allocate() is not None  # the next slab is grown ahead, and held
@@ -254,7 +277,7 @@ def test_pools_waiting_together_do_not_wake_each_other(monkeypatch) -> None:
     _until(lambda: arena.waiting == 3)
     time.sleep(0.05)  # spinning waiters would loop thousands of times meanwhile
     assert looks[0] <= 9
-    source.release.set()
+    source.release[1].set()
     for waiter in waiters:
         waiter.join(30)
 
