@@ -30,6 +30,8 @@ logger = init_logger(__name__)
 
 
 def pinned_memory_available() -> bool:
+    """Whether slabs can be page-locked here: a CUDA device is visible (page-locked memory is what
+    copies to and from it run fastest with)."""
     return torch.cuda.is_available()
 
 
