@@ -79,13 +79,15 @@ class Request:
     request_id: int
     tokens: list[int]
     cache_salt: str | None = None
+    fresh_lists: bool = False
+    """``get_tokens`` builds a new list per call, as TRT-LLM's binding does (else hands out its own)."""
 
     @property
     def prompt_len(self) -> int:
         return len(self.tokens)
 
     def get_tokens(self, beam: int) -> list[int]:
-        return self.tokens
+        return list(self.tokens) if self.fresh_lists else self.tokens
 
 
 def timed(fn: Any) -> tuple[Any, float]:
@@ -195,6 +197,7 @@ class AdapterRig:
         self.forward = Forward(device, forward_ms) if forward_ms > 0 else None
         self.overlap = getattr(args, "overlap_scheduler", False) and self.forward is not None
         self.next_id = 1
+        self.fresh_token_lists = getattr(args, "fresh_token_lists", False)
         self.generator = torch.Generator().manual_seed(args.seed)
         if args.gc_gen0_threshold > 0:  # as TRT-LLM's executor loop runs (PyExecutor)
             gc.set_threshold(args.gc_gen0_threshold, *gc.get_threshold()[1:])
@@ -231,7 +234,7 @@ class AdapterRig:
             self.worker.wait_for_layer_load(layer, self.stream)
 
     def lookup(self, tokens: list[int]) -> tuple[Request, int, float]:
-        request = Request(self.next_id, tokens)
+        request = Request(self.next_id, tokens, fresh_lists=self.fresh_token_lists)
         self.next_id += 1
         (matched, _), seconds = timed(lambda: self.scheduler.get_num_new_matched_tokens(request, 0))
         return request, matched, seconds
@@ -492,6 +495,12 @@ def rig_parser(doc: str | None, l1_size_gb: float) -> argparse.ArgumentParser:
         help="the garbage collector's generation-0 threshold while the adapters run, as TRT-LLM's executor "
         f"loop sets it (its garbage_collection_gen0_threshold, default {TRTLLM_GC_GEN0_THRESHOLD}); 0: "
         "Python's own (700): many more, shorter collections",
+    )
+    parser.add_argument(
+        "--fresh-token-lists",
+        action="store_true",
+        help="get_tokens builds a new list per call, as TRT-LLM's binding does (its copy is timed too); "
+        "by default the rig hands out the list it keeps",
     )
     parser.add_argument("--out", help="write the JSON here too")
     return parser

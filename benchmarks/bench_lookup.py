@@ -54,7 +54,12 @@ def waits(args: argparse.Namespace) -> dict[str, Wait | None]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     server, url = start_cache(args)
-    results: dict[str, Any] = {"preset": args.preset, "gap_ms": args.gap_ms, "count": args.count}
+    results: dict[str, Any] = {
+        "preset": args.preset,
+        "gap_ms": args.gap_ms,
+        "count": args.count,
+        "fresh_token_lists": args.fresh_token_lists,
+    }
     try:
         args.tokens = max(args.lengths)
         rig = AdapterRig(args, url)

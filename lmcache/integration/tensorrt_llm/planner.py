@@ -23,6 +23,7 @@ Rules it keeps (each one a bug in some connector before it):
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -75,6 +76,16 @@ class CacheIndex(Protocol):
     def windows(self) -> list[int | None]:
         """Per layer group, its attention window in tokens (None: full attention)."""
         ...
+
+
+def _refs_of_unshared_list() -> int:
+    """What ``sys.getrefcount`` reports here for a list held by one local name alone (the count
+    depends on the interpreter): a list returned to a caller that reports no more is no one else's."""
+    tokens = list(range(2))
+    return sys.getrefcount(tokens)
+
+
+_UNSHARED_LIST_REFS = _refs_of_unshared_list()
 
 
 def _log_match(log_prefix: str, request_id: int, prompt_len: int, computed: int, hit: int, new: int) -> None:
@@ -130,14 +141,20 @@ class Planner:
         """The request's prompt with the hashes an earlier lookup of it computed (TRT-LLM asks again
         while it waits), else hashed now if ``hash_now`` (no lookup follows), else to be hashed by
         the lookup (which may find a miss without hashing it all); its length; and whether its tokens
-        are the very list ``get_tokens(0)`` returned (``borrow``: TRT-LLM builds a fresh list per call)
-        rather than a copy of our own."""
+        are a list the caller may still hold (``borrow``: a miss needs no copy) rather than our own. A
+        list ``get_tokens(0)`` returned that no one else references is ours without a copy: TRT-LLM's
+        binding builds one per call."""
         tokens = request.get_tokens(0)
         prompt_len = int(getattr(request, "prompt_len", len(tokens)) or len(tokens))
-        borrowed = borrow and isinstance(tokens, list) and len(tokens) == prompt_len
-        if not borrowed:
+        whole = isinstance(tokens, list) and len(tokens) == prompt_len
+        if whole and sys.getrefcount(tokens) <= _UNSHARED_LIST_REFS:
+            borrowed = False  # no one else holds it (TRT-LLM builds a list per call): ours as it is
+        elif whole and borrow:
+            borrowed = True
+        else:
             # One copy (never the caller's list): a list's slice is one; anything else is listed first.
             tokens = tokens[:prompt_len] if isinstance(tokens, list) else list(tokens)[:prompt_len]
+            borrowed = False
         salt = request_salt(request)
         previous = self._requests.get(int(request.request_id))
         if (

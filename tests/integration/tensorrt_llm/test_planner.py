@@ -194,6 +194,42 @@ def test_a_hit_loads_the_prompt_as_looked_up_whatever_the_caller_does_with_its_l
     assert [t.prompt.tokens for ld in meta.loads for t in ld.transfers] == [list(range(128))]
 
 
+class SliceCountingList(list):
+    """A token list that counts the copies made of it by slicing (the planner's only way)."""
+
+    slices = 0
+
+    def __getitem__(self, index):  # noqa: ANN001, ANN204
+        if isinstance(index, slice):
+            SliceCountingList.slices += 1
+        return super().__getitem__(index)
+
+
+@dataclass
+class FreshListRequest(FakeRequest):
+    """``get_tokens`` builds a new list per call, as TRT-LLM's binding does."""
+
+    def get_tokens(self, beam: int) -> list:
+        return SliceCountingList(self.tokens)
+
+
+def test_a_hit_copies_the_prompt_only_if_someone_else_holds_the_list() -> None:
+    """On a hit the planner keeps the prompt for the load: a list only the lookup references (TRT-LLM's
+    ``get_tokens``) is kept as it is, no copy of a long prompt inside ``get_num_new_matched_tokens``;
+    a list the request keeps is copied (the caller may reuse it)."""
+    for request, copies in (
+        (FreshListRequest(3, list(range(150))), 0),
+        (FakeRequest(3, SliceCountingList(range(150))), 1),
+    ):
+        p, _ = planner(hit=128)
+        SliceCountingList.slices = 0
+        assert p.match(request, 0) == (128, False)
+        assert SliceCountingList.slices == copies
+        p.after_alloc(request, [list(range(10))])
+        meta = p.build(SchedulerOutput(new_requests=[report(3, list(range(150)), list(range(10)), 0, 22)]))
+        assert [t.prompt.tokens for ld in meta.loads for t in ld.transfers] == [list(range(128))]
+
+
 def test_a_miss_saves_the_tokens_its_first_report_brings() -> None:
     """A miss keeps no copy of the prompt: its saves name the tokens of the request's first report,
     whatever becomes of the list the lookup read."""
