@@ -138,23 +138,18 @@ class Planner:
     def _prompt_of(
         self, request: Any, hash_now: bool = False, *, borrow: bool = False
     ) -> tuple[Prompt, int, bool]:
-        """The request's prompt with the hashes an earlier lookup of it computed (TRT-LLM asks again
-        while it waits), else hashed now if ``hash_now`` (no lookup follows), else to be hashed by
-        the lookup (which may find a miss without hashing it all); its length; and whether its tokens
-        are a list the caller may still hold (``borrow``: a miss needs no copy) rather than our own. A
-        list ``get_tokens(0)`` returned that no one else references is ours without a copy: TRT-LLM's
-        binding builds one per call."""
+        """The request's prompt with the hashes an earlier lookup computed (TRT-LLM asks again while it
+        waits), else hashed now if ``hash_now`` (no lookup follows), else left to the lookup (which may
+        find a miss unhashed); its length; and whether its tokens are a list the caller may still hold
+        (``borrow``: a miss needs no copy), not ours (one no one else holds, as TRT-LLM builds, is)."""
         tokens = request.get_tokens(0)
         prompt_len = int(getattr(request, "prompt_len", len(tokens)) or len(tokens))
         whole = isinstance(tokens, list) and len(tokens) == prompt_len
-        if whole and sys.getrefcount(tokens) <= _UNSHARED_LIST_REFS:
-            borrowed = False  # no one else holds it (TRT-LLM builds a list per call): ours as it is
-        elif whole and borrow:
-            borrowed = True
-        else:
+        shared = not whole or sys.getrefcount(tokens) > _UNSHARED_LIST_REFS  # else ours as it is
+        borrowed = shared and whole and borrow
+        if shared and not borrowed:
             # One copy (never the caller's list): a list's slice is one; anything else is listed first.
             tokens = tokens[:prompt_len] if isinstance(tokens, list) else list(tokens)[:prompt_len]
-            borrowed = False
         salt = request_salt(request)
         previous = self._requests.get(int(request.request_id))
         if (
