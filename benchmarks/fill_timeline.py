@@ -7,6 +7,8 @@ start, with the thread of each:
 
 - every slab page-locked by registration: its pages faulted in (``page_locking.populate``), then
   registered (``cudart.register_host``); or made by the CUDA driver (``DriverHostMemory.allocate``);
+  or, in a shared-L1 worker of a server started with ``--l1-memory fd``, imported
+  (``DriverHostMemory.import_shared``);
 - every wait of a pool for memory (``HostArena.wait_grown``);
 - every forward enqueued (``forward_load.Forward.enqueue``) and every save (``AdapterRig.save``),
   with the save's time as the benchmark reports it.
@@ -37,7 +39,7 @@ import forward_load  # noqa: E402
 
 from lmcache import cudart, driver_host_memory, memory, page_locking, shm_slabs  # noqa: E402
 
-PAGE_LOCKING = ("populate", "register", "driver", "pool_wait")
+PAGE_LOCKING = ("populate", "register", "driver", "import", "pool_wait")
 """The kinds of span that may hold a save's copies up."""
 
 
@@ -91,6 +93,12 @@ class Timeline:
             (shm_slabs, "populate", "populate", lambda address, nbytes, *_: mib(nbytes)),
             (cudart, "register_host", "register", lambda address, nbytes: mib(nbytes)),
             (driver_host_memory.DriverHostMemory, "allocate", "driver", lambda maker, nbytes: mib(nbytes)),
+            (
+                driver_host_memory.DriverHostMemory,
+                "import_shared",
+                "import",
+                lambda maker, fd, nbytes: mib(nbytes),
+            ),
             (memory.HostArena, "wait_grown", "pool_wait", lambda arena: ""),
             (forward_load.Forward, "enqueue", "forward", lambda forward: ""),
         ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import threading
 import weakref
 
@@ -31,6 +32,7 @@ CU_MEM_LOCATION_TYPE_HOST_NUMA = 3
 CU_MEM_ACCESS_FLAGS_PROT_READWRITE = 3
 CU_MEM_ALLOC_GRANULARITY_MINIMUM = 0
 CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID = 134
+CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR = 1
 
 
 class _Location(ctypes.Structure):
@@ -84,6 +86,8 @@ _SIGNATURES: dict[str, list[type]] = {
     "cuMemUnmap": [_U64, ctypes.c_size_t],
     "cuMemAddressFree": [_U64, ctypes.c_size_t],
     "cuMemRelease": [_U64],
+    "cuMemExportToShareableHandle": [ctypes.c_void_p, _U64, ctypes.c_int, _U64],
+    "cuMemImportFromShareableHandle": [ctypes.POINTER(_U64), ctypes.c_void_p, ctypes.c_int],
 }
 
 
@@ -145,10 +149,62 @@ class DriverHostMemory:
     def allocate(self, nbytes: int) -> torch.Tensor:
         """``nbytes`` of page-locked host memory as a uint8 CPU tensor; released when the tensor (and
         every view of it) is collected. DriverMemoryError if the driver refuses."""
-        size = -(-nbytes // self.granularity) * self.granularity
         self._make_context_current()
-        handle, address = _U64(), _U64()
-        self._call("cuMemCreate", ctypes.byref(handle), size, ctypes.byref(self._prop), 0)
+        handle = _U64()
+        self._call("cuMemCreate", ctypes.byref(handle), self._size(nbytes), ctypes.byref(self._prop), 0)
+        return self._mapped(handle, nbytes)
+
+    def allocate_shared(self, nbytes: int) -> tuple[torch.Tensor, int]:
+        """:meth:`allocate`'s memory, exportable: the tensor and a new file descriptor of the memory
+        (the caller's to close) that another process hands to :meth:`import_shared`; the memory lives
+        while either the tensor or an import of it does."""
+        self._make_context_current()
+        prop = _AllocationProp(
+            type=self._prop.type,
+            requested_handle_types=CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+            location=self._prop.location,
+        )
+        handle = _U64()
+        self._call("cuMemCreate", ctypes.byref(handle), self._size(nbytes), ctypes.byref(prop), 0)
+        fd = ctypes.c_int(-1)
+        try:
+            self._call(
+                "cuMemExportToShareableHandle",
+                ctypes.addressof(fd),
+                handle,
+                CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                0,
+            )
+        except DriverMemoryError:
+            self._lib.cuMemRelease(handle)
+            raise
+        try:
+            return self._mapped(handle, nbytes), fd.value
+        except DriverMemoryError:
+            os.close(fd.value)
+            raise
+
+    def import_shared(self, fd: int, nbytes: int) -> torch.Tensor:
+        """Map memory another process made by :meth:`allocate_shared` (``fd``, which stays the
+        caller's) into this one, for this device and the CPU, as :meth:`allocate` returns it: page-locked
+        by its maker, so nothing is page-locked here."""
+        self._make_context_current()
+        handle = _U64()
+        self._call(
+            "cuMemImportFromShareableHandle",
+            ctypes.byref(handle),
+            ctypes.c_void_p(fd),
+            CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+        )
+        return self._mapped(handle, nbytes)
+
+    def _size(self, nbytes: int) -> int:
+        return -(-nbytes // self.granularity) * self.granularity
+
+    def _mapped(self, handle: ctypes.c_uint64, nbytes: int) -> torch.Tensor:
+        """Map the allocation ``handle`` (released if that fails) for the device and the CPU."""
+        size = self._size(nbytes)
+        address = _U64()
         undo = [lambda: self._lib.cuMemRelease(handle)]
         try:
             self._call("cuMemAddressReserve", ctypes.byref(address), size, self.granularity, 0, 0)

@@ -46,11 +46,15 @@ class ShmSlabError(ValueError):
 
 @dataclass(frozen=True)
 class ShmSlabInfo:
-    """What a worker needs to map a slab: its id, region name (in ``/dev/shm``) and size."""
+    """What a worker needs to map a slab: its id, region name (in ``/dev/shm``) and size; for a slab
+    passed by descriptor instead (:mod:`lmcache.fd_slabs`), its ``kind`` and the server's ``channel``
+    socket to ask for it on (no name)."""
 
     id: int
     name: str
     nbytes: int
+    kind: str = "shm"
+    channel: str = ""
 
 
 def _pid_alive(pid: int) -> bool:

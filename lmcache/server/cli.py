@@ -28,6 +28,7 @@ from lmcache.config import (
 )
 from lmcache.logging import ROOT_LOGGER_NAME, configure_from_env, init_logger, parse_level
 from lmcache.server.security import add_security_arguments, env_typed, security_settings
+from lmcache.server.settings import L1_MEMORY, L1_MEMORY_ENV
 from lmcache.stats import summary_lines
 
 if TYPE_CHECKING:
@@ -125,6 +126,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "the server's L1 in shared memory: needs the same user), auto (per pool: export where the pool "
         "can be exported, shared-l1 otherwise) "
         "[default: pool_sharing from --config / LMCACHE_POOL_SHARING, else auto]",
+    )
+    parser.add_argument(
+        "--l1-memory",
+        default=None,
+        choices=list(L1_MEMORY),
+        type=str.lower,
+        help="how L1 is shared with workers that copy into it (shared-l1): shm (regions in /dev/shm, each "
+        "page-locked by every CUDA worker), fd (slabs passed by file descriptor over a Unix socket: made "
+        "page-locked by the CUDA driver once, for every worker, where the server has a GPU; memfds "
+        f"elsewhere) [default: ${L1_MEMORY_ENV}, else shm]",
     )
     parser.add_argument(
         "--config", default=None, help="YAML file of LMCacheEngineConfig keys (flags override it)"
@@ -232,6 +243,10 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
                 f"--l1-size-gb must be at most {MAX_GIB:.0f} (GiB: the byte count must fit 64 bits), "
                 f"got {args.l1_size_gb:g}"
             )
+    if args.l1_memory is None:
+        args.l1_memory = os.environ.get(L1_MEMORY_ENV, "shm").strip().lower() or "shm"
+        if args.l1_memory not in L1_MEMORY:
+            parser.error(f"${L1_MEMORY_ENV} must be one of {', '.join(L1_MEMORY)}, got {args.l1_memory!r}")
     if args.config == "":
         parser.error(
             "--config is empty: give the path of a YAML file, or leave --config out "
@@ -364,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         disk_name=None,
     )
 
+    from lmcache.fd_slabs import FdSlabSource
     from lmcache.server.listeners import tcp_bind_problem
     from lmcache.server.server import CacheServer, ServerConfig, ServerStartError, server_engine
     from lmcache.shm_slabs import ShmSlabSource
@@ -375,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.debug("%d objects of the imported modules frozen out of the garbage collector's walks", frozen)
 
     try:
-        engine = server_engine(config, config.pool_sharing)
+        engine = server_engine(config, config.pool_sharing, l1_memory=args.l1_memory)
     except (ImportError, ValueError, OSError) as e:
         parser.error(str(e))
     server = CacheServer(
@@ -394,11 +410,12 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     source = engine.l1.arena.source
-    where = (
-        f"in shared memory, {source.stale_removed} stale region(s) of a crashed server removed"
-        if isinstance(source, ShmSlabSource)
-        else "in private memory: no worker copies into it"
-    )
+    if isinstance(source, ShmSlabSource):
+        where = f"in shared memory, {source.stale_removed} stale region(s) of a crashed server removed"
+    elif isinstance(source, FdSlabSource):
+        where = f"in {source.kind} slabs passed to workers by descriptor"
+    else:
+        where = "in private memory: no worker copies into it"
     logger.info(
         "engine: chunk_size=%d, L1 %g GiB %s (%s, %s), %d workers, pool sharing %s",
         config.chunk_size,

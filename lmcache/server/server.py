@@ -29,12 +29,16 @@ import ipaddress
 import os
 import threading
 
+import torch
+
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine
+from lmcache.fd_slabs import FdSlabSource
 from lmcache.logging import init_logger
 from lmcache.server import protocol as P
 from lmcache.server.claim_handlers import ClaimHandlers
 from lmcache.server.claims import ClaimIndex
+from lmcache.server.descriptor_channel import DescriptorChannel
 from lmcache.server.dispatch import MAX_QUEUED_PER_CLIENT, Admission, Dispatcher
 from lmcache.server.failures import ServerCounters
 from lmcache.server.inline_cost import INLINE_MAX_COST
@@ -42,8 +46,8 @@ from lmcache.server.listeners import Listeners, ServerStartError
 from lmcache.server.presence import PresenceCounts
 from lmcache.server.security import SecretError, load_or_create_secret
 from lmcache.server.service import CacheService
-from lmcache.server.settings import DEFAULT_IPC_PATH, ServerConfig
-from lmcache.server.shared_l1 import SharedL1Service
+from lmcache.server.settings import DEFAULT_IPC_PATH, L1_MEMORY, ServerConfig
+from lmcache.server.shared_l1 import SHARED_SOURCES, SharedL1Service
 from lmcache.server.shared_l1_handlers import SharedL1Handlers
 from lmcache.server.transport import ServerTransport
 from lmcache.shm_slabs import SHM_DIR, ShmSlabSource
@@ -67,20 +71,31 @@ def server_engine(
     *,
     pinned: bool | None = None,
     shm_dir: str = SHM_DIR,
+    l1_memory: str = "shm",
 ) -> CacheEngine:
     """The server's engine. Unless ``pool_sharing`` is ``export`` (no worker copies into L1 then), its
-    L1 is in shared-memory slabs (0600, this user's; stale ones of a crashed server removed first).
-    L1 is page-locked only if the server itself may copy into CUDA pools (``pinned`` None: CUDA is
-    available and ``pool_sharing`` allows export)."""
+    L1 is shared with the workers: with ``l1_memory`` ``shm`` in shared-memory slabs (0600, this
+    user's; stale ones of a crashed server removed first), page-locked only if the server itself may
+    copy into CUDA pools (``pinned`` None: CUDA is available and ``pool_sharing`` allows export); with
+    ``fd`` in slabs passed by descriptor (:mod:`lmcache.fd_slabs`): made by the CUDA driver where the
+    server has a device, page-locked once for every worker, else memfds."""
     from lmcache.host_slabs import pinned_memory_available
     from lmcache.memory import SlabSource
 
+    if l1_memory not in L1_MEMORY:
+        raise ValueError(f"--l1-memory must be one of {', '.join(L1_MEMORY)}, got {l1_memory!r}")
     if pinned is None:
         pinned = pool_sharing != "shared-l1" and pinned_memory_available()
     if pool_sharing == "export":
         return CacheEngine(config, slab_source=SlabSource(pinned))
-    _warn_if_shm_is_small(config, shm_dir)
-    engine = CacheEngine(config, slab_source=ShmSlabSource(pinned, shm_dir=shm_dir))
+    source: SlabSource
+    if l1_memory == "fd":
+        # On the server's current CUDA device (the first visible one): its host NUMA node holds L1.
+        source = FdSlabSource(torch.cuda.current_device() if pinned_memory_available() else None)
+    else:
+        _warn_if_shm_is_small(config, shm_dir)
+        source = ShmSlabSource(pinned, shm_dir=shm_dir)
+    engine = CacheEngine(config, slab_source=source)
     if config.local_cpu and pinned_memory_available():
         # On a CUDA host every region is created in the background from start-up (as the in-process
         # L1 is pinned ahead), so saves while L1 fills do not wait for new regions, and workers map
@@ -121,8 +136,13 @@ class CacheServer:
         self.service = CacheService(
             engine, self.config, self.counters, presence=self.presence.info if self.presence else None
         )
-        if isinstance(engine.l1.arena.source, ShmSlabSource):
+        source = engine.l1.arena.source
+        if isinstance(source, SHARED_SOURCES):
             SharedL1Handlers.install(self.service, SharedL1Service(engine))
+        self.descriptors: DescriptorChannel | None = None
+        if isinstance(source, FdSlabSource):
+            self.descriptors = DescriptorChannel(source.descriptor)
+            source.channel = self.descriptors.path
         self.claims = ClaimIndex.for_engine(engine)
         self.claim_handlers = ClaimHandlers.install(self.service, self.claims) if self.claims else None
         self.admission = Admission(self.config)
@@ -226,6 +246,8 @@ class CacheServer:
         self._stop.set()
         self.dispatcher.shutdown()
         self.service.close()
+        if self.descriptors is not None:
+            self.descriptors.close()
         self.engine.l1.arena.close()  # the L1's shared-memory names go (mappings stay valid)
         if self.presence is not None:
             self.presence.close()

@@ -7,9 +7,13 @@ from dataclasses import dataclass
 
 from lmcache.server import protocol as P
 
-__all__ = ["ServerConfig", "DEFAULT_IPC_PATH"]
+__all__ = ["ServerConfig", "DEFAULT_IPC_PATH", "L1_MEMORY", "L1_MEMORY_ENV"]
 
 DEFAULT_IPC_PATH = "/tmp/lmcache.sock"
+L1_MEMORY = ("shm", "fd")
+"""How the server's L1 is shared with the workers that copy into it (``--l1-memory``): named
+``/dev/shm`` regions, or slabs passed by descriptor (driver-made on a CUDA host)."""
+L1_MEMORY_ENV = "LMCACHE_L1_MEMORY"
 
 
 @dataclass

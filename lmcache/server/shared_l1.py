@@ -30,12 +30,15 @@ from dataclasses import dataclass, field
 
 from lmcache.chunk_copy import StoreSlot
 from lmcache.engine import CacheEngine, KeySpace, LoadHold
+from lmcache.fd_slabs import FdSlabSource
 from lmcache.memory import SlotRef
 from lmcache.server import protocol as P
 from lmcache.server.prompts import InvalidPrompt, request_prompt
 from lmcache.shm_slabs import ShmSlabSource
 from lmcache.storage.cpu_store import CachedChunk
 
+SHARED_SOURCES = (ShmSlabSource, FdSlabSource)
+"""The slab sources whose slabs workers map: by name in ``/dev/shm``, or by descriptor."""
 DEFAULT_MAX_TICKETS = 64
 """Open tickets (stores plus loads) one instance may hold: a worker has a few requests in flight."""
 DEFAULT_MAX_LEASE_BYTES = 512 << 20
@@ -125,8 +128,11 @@ class SharedL1Service:
         max_lease_bytes: int = DEFAULT_MAX_LEASE_BYTES,
     ) -> None:
         source = engine.l1.arena.source
-        if not isinstance(source, ShmSlabSource):
-            raise ValueError("the shared-L1 mode needs an engine built with slab_source=ShmSlabSource(...)")
+        if not isinstance(source, SHARED_SOURCES):
+            raise ValueError(
+                "the shared-L1 mode needs an engine built with slab_source=ShmSlabSource(...) or "
+                "FdSlabSource(...)"
+            )
         self.engine = engine
         self.source = source
         self.max_tickets = max_tickets
@@ -446,5 +452,9 @@ class SharedL1Service:
         for slab_id in slab_ids:
             info = self.source.describe(slab_id)
             if info is not None:  # a slab named by a slot is alive: the slot holds it
-                infos.append(P.SlabInfo(id=info.id, name=info.name, nbytes=info.nbytes))
+                infos.append(
+                    P.SlabInfo(
+                        id=info.id, name=info.name, nbytes=info.nbytes, kind=info.kind, channel=info.channel
+                    )
+                )
         return infos

@@ -7,11 +7,14 @@ import msgspec
 
 
 class SlabInfo(msgspec.Struct, kw_only=True):
-    """An L1 slab in shared memory: ``/dev/shm/<name>`` of ``nbytes`` bytes, called ``id`` in slot refs."""
+    """An L1 slab in shared memory: ``/dev/shm/<name>`` of ``nbytes`` bytes, called ``id`` in slot refs;
+    of another ``kind`` (``cuda``, ``memfd``), passed by descriptor on the server's ``channel`` socket."""
 
     id: int
     name: str
     nbytes: int
+    kind: str = "shm"
+    channel: str = ""
 
 
 class SlabList(msgspec.Struct, kw_only=True):

@@ -17,8 +17,10 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 
+from lmcache.fd_slabs import map_descriptor
 from lmcache.logging import init_logger
 from lmcache.server import protocol as P
+from lmcache.server.descriptor_channel import DescriptorChannelError, fetch_descriptors
 from lmcache.shm_slabs import SHM_DIR, MappedSlab, ShmSlabError, ShmSlabInfo, map_slab
 
 logger = init_logger(__name__)
@@ -78,9 +80,8 @@ class SlabMappings:
                 ahead.wait()
                 if info.id in self._mapped:
                     continue
-            mapped = map_slab(
-                ShmSlabInfo(info.id, info.name, info.nbytes), pin=self.pin, shm_dir=self.shm_dir
-            )
+            device = _caller_device() if self.pin else None
+            mapped = self._map(_worker_info(info), device)
             with self._lock:
                 self._mapped.setdefault(info.id, mapped)
 
@@ -98,7 +99,7 @@ class SlabMappings:
             for info in slabs:
                 if info.id not in self._mapped and info.id not in self._pending:
                     self._pending[info.id] = threading.Event()
-                    self._queue.append(ShmSlabInfo(info.id, info.name, info.nbytes))
+                    self._queue.append(_worker_info(info))
             starting = min(MAP_AHEAD_THREADS - self._threads, len(self._queue))
             device = _caller_device() if self.pin and starting > 0 else None
             for _ in range(starting):
@@ -161,17 +162,35 @@ class SlabMappings:
                     info = self._queue.popleft()
                     generation = self._generation
                     event = self._pending.get(info.id)
-                self._map_one(info, generation, event)
+                self._map_one(info, generation, event, device)
         finally:
             if counted:
                 with self._lock:
                     self._threads -= 1
                     self._idle.notify_all()
 
-    def _map_one(self, info: ShmSlabInfo, generation: int, event: threading.Event | None) -> None:
+    def _map(self, info: ShmSlabInfo, device: int | None) -> MappedSlab:
+        """Map one slab: by its name in ``/dev/shm``, or by the descriptor the server's channel passes
+        (ShmSlabError if the server holds it no more)."""
+        if info.kind == "shm":
+            return map_slab(info, pin=self.pin, shm_dir=self.shm_dir)
+        try:
+            fd = fetch_descriptors(info.channel, [info.id]).get(info.id)
+        except DescriptorChannelError as e:
+            raise ShmSlabError(str(e)) from None
+        if fd is None:
+            raise ShmSlabError(f"the server holds L1 slab {info.id} no more (freed since it was announced)")
+        try:
+            return map_descriptor(info, fd, pin=self.pin, device=device)
+        finally:
+            os.close(fd)
+
+    def _map_one(
+        self, info: ShmSlabInfo, generation: int, event: threading.Event | None, device: int | None
+    ) -> None:
         mapped: MappedSlab | None = None
         try:
-            mapped = map_slab(info, pin=self.pin, shm_dir=self.shm_dir)
+            mapped = self._map(info, device)
         except (ShmSlabError, OSError, RuntimeError) as e:  # freed meanwhile, or refused: apply() tells
             logger.debug("mapping L1 slab %d ahead failed: %s", info.id, e)
         with self._lock:
@@ -181,6 +200,10 @@ class SlabMappings:
                 del self._pending[info.id]
         if event is not None:
             event.set()
+
+
+def _worker_info(info: P.SlabInfo) -> ShmSlabInfo:
+    return ShmSlabInfo(info.id, info.name, info.nbytes, kind=info.kind, channel=info.channel)
 
 
 def _caller_device() -> int | None:

@@ -327,7 +327,8 @@ def test_fill_timeline(tmp_path: Path) -> None:
     assert [s["number"] for s in saves] == list(range(1, len(saves) + 1))
     for save in saves:
         assert 0 < save["save_ms"] <= save["end_ms"] - save["start_ms"]
-        assert save["overlapped_ms"] == {"populate": 0.0, "register": 0.0, "driver": 0.0, "pool_wait": 0.0}
+        kinds = ("populate", "register", "driver", "import", "pool_wait")
+        assert save["overlapped_ms"] == dict.fromkeys(kinds, 0.0)
 
 
 def test_fill_timeline_counts_only_what_overlaps_a_saves_copies(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -337,12 +338,14 @@ def test_fill_timeline_counts_only_what_overlaps_a_saves_copies(monkeypatch: pyt
         timeline.Span("register", "a", 0.0, 10.0),  # 5 ms inside [5, 20]
         timeline.Span("register", "b", 18.0, 30.0),  # 2 ms inside
         timeline.Span("driver", "c", 21.0, 40.0),  # after
+        timeline.Span("import", "d", 19.0, 25.0),  # 1 ms inside
         timeline.Span("forward", "main", 0.0, 20.0),  # not page-locking
     ]
     assert timeline.overlap_ms(spans, 5.0, 20.0) == {
         "populate": 0.0,
         "register": 7.0,
         "driver": 0.0,
+        "import": 1.0,
         "pool_wait": 0.0,
     }
 

@@ -397,3 +397,10 @@ def test_a_chunk_size_a_worker_cannot_use_is_warned_at_start_and_refused_naming_
     layout = PoolLayout.of_pool(torch.zeros(4, 2, 2, 32 * 8), 32)
     with pytest.raises(ValueError, match=r"chunk_size=100 must be .*\(the cache server: --chunk-size\)"):
         layout.blocks_per_chunk(100)
+
+
+def test_l1_memory_comes_from_the_flag_or_its_env_and_a_bad_one_is_named() -> None:
+    assert build_parser().parse_args(["--l1-memory", "FD"]).l1_memory == "fd"
+    stderr = _refused("--port", "0", LMCACHE_L1_MEMORY="dev-shm")
+    assert "$LMCACHE_L1_MEMORY must be one of shm, fd, got 'dev-shm'" in stderr
+    assert "invalid choice: 'x'" in _refused("--l1-memory", "x")

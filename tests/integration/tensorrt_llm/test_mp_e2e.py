@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from support.e2e import DEVICES, MODEL, assert_same_output, baseline, llm_args, prompt
 from support.server_process import REPO, ServerProcess, subprocess_env, wait_until
 
@@ -81,6 +82,43 @@ def test_seed_scenario_through_the_server(
     assert_same_output(first, want)
     assert_same_output(third, want)
     assert not [r for r in caplog.records if r.name.endswith("save_fence")]  # every save was released
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seed_scenario_with_the_l1_passed_by_descriptor(
+    lmcache_env, caplog, monkeypatch, device: str
+) -> None:
+    """``--l1-memory fd``: the worker maps the server's slabs from descriptors its channel passes (the
+    CUDA driver's host memory where the server has a GPU, memfds elsewhere), never by a /dev/shm name;
+    the third request hits and its output equals recompute's."""
+
+    def by_name(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an L1 slab was mapped by its /dev/shm name")
+
+    monkeypatch.setattr("lmcache.server.slab_mappings.map_slab", by_name)
+    workdir = Path(tempfile.mkdtemp(prefix="lmfd-", dir="/tmp"))
+    server = ServerProcess(workdir, None, "--chunk-size", "64", "--l1-memory", "fd").start()
+    reset_process_connections()
+    try:
+        lmcache_env.setenv("LMCACHE_POOL_SHARING", "shared-l1")
+        caplog.set_level(logging.DEBUG, logger="lmcache")
+        a, b = prompt(520, start=31), prompt(520, start=32)
+        args = llm_args("lmcache-mp", max_tokens=640, server_url=server.ipc_url)
+        executor = ReplayExecutor(args, MODEL, device=device)
+        first = executor.generate([a], 8)[0]
+        executor.generate([b], 8)
+        third = executor.generate([a], 8)[0]
+        assert third.num_connector_matched_tokens > 0
+        want = baseline([a], 8, device, max_tokens=640)[0]
+        assert_same_output(first, want)
+        assert_same_output(third, want)
+        kind = "cuda" if torch.cuda.is_available() else "memfd"  # the server's host decides
+        assert f"in {kind} slabs passed to workers by descriptor" in server.log()
+        assert "dropped a save" not in caplog.text
+    finally:
+        reset_process_connections()
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_tcp_url_works_too(mp_server) -> None:

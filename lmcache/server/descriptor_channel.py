@@ -1,0 +1,202 @@
+"""The cache server's descriptor channel: a Unix socket on which its workers get the descriptors of
+L1 slabs passed by descriptor (:mod:`lmcache.fd_slabs`), with ``SCM_RIGHTS``.
+
+The socket lives in a directory of its own (0700), is 0600, and serves only peers of the server's
+uid (and root), as a ``/dev/shm`` region of the server is theirs alone: other uids the server's
+policy lets talk to it get no L1 memory. Each message is a request for at most
+:data:`MAX_SLABS_PER_REQUEST` slab ids; the answer names the slabs found (live ones; a freed slab is
+left out) and carries their descriptors in that order. At most :data:`MAX_CONNECTIONS` connections
+are served at once, and a malformed request closes its connection. A worker checks that the socket
+is its own uid's and that the process serving it is too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+
+import msgspec
+
+from lmcache.logging import init_logger
+from lmcache.server.security import peer_of_socket
+
+logger = init_logger(__name__)
+
+__all__ = ["DescriptorChannel", "DescriptorChannelError", "fetch_descriptors", "MAX_SLABS_PER_REQUEST"]
+
+MAX_SLABS_PER_REQUEST = 64
+"""Slab ids one request may name (a message's descriptors stay far below the kernel's 253)."""
+MAX_CONNECTIONS = 64
+"""Connections served at once; more are closed unanswered."""
+MAX_MESSAGE_BYTES = 4096
+
+
+class DescriptorChannelError(RuntimeError):
+    """The channel refused or failed a request; the message says why."""
+
+
+class Answer(msgspec.Struct, array_like=True):
+    """The slab ids whose descriptors follow, in order; ``error`` instead for a refused request."""
+
+    ids: list[int] = []
+    error: str = ""
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_requests = msgspec.msgpack.Decoder(list[int])
+_answers = msgspec.msgpack.Decoder(Answer)
+
+
+class DescriptorChannel:
+    """Serves ``descriptor(slab_id)`` (a new descriptor of the slab, which the channel closes once sent;
+    None for no such slab) to the server's uid on a fresh socket (:attr:`path`), from a thread per
+    connection, until :meth:`close`."""
+
+    def __init__(self, descriptor: Callable[[int], int | None], directory: str | None = None) -> None:
+        self._descriptor = descriptor
+        self._dir = tempfile.mkdtemp(prefix="lmcache-slabs-", dir=directory)
+        self.path = os.path.join(self._dir, "slabs.sock")
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._sock.bind(self.path)
+        os.chmod(self.path, 0o600)
+        self._sock.listen(16)
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept, name="lmcache-slab-fds", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # closed
+                return
+            peer = peer_of_socket(conn)
+            with self._lock:
+                if peer.uid not in (0, os.geteuid()):
+                    refusal = f"this channel serves only uid {os.geteuid()}, not uid {peer.uid}"
+                    logger.warning("L1 descriptor channel: refused pid %s of uid %s", peer.pid, peer.uid)
+                elif self._closed or len(self._connections) >= MAX_CONNECTIONS:
+                    refusal = f"the server is closing, or serves {MAX_CONNECTIONS} connections already"
+                else:
+                    refusal = ""
+                    self._connections.add(conn)
+            if refusal:
+                _refuse(conn, refusal)
+                continue
+            serving = threading.Thread(target=self._serve, args=(conn,), name="lmcache-slab-fds-conn")
+            serving.daemon = True
+            serving.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            while True:
+                message = conn.recv(MAX_MESSAGE_BYTES)
+                if not message:
+                    return
+                try:
+                    ids = _requests.decode(message)
+                except msgspec.DecodeError:
+                    conn.sendmsg([_encode(Answer(error="malformed request: a msgpack list of slab ids"))])
+                    return
+                if len(ids) > MAX_SLABS_PER_REQUEST:
+                    error = f"{len(ids)} slab ids in one request; at most {MAX_SLABS_PER_REQUEST}"
+                    conn.sendmsg([_encode(Answer(error=error))])
+                    return
+                found = [(i, fd) for i in dict.fromkeys(ids) if (fd := self._descriptor(i)) is not None]
+                try:
+                    socket.send_fds(
+                        conn, [_encode(Answer(ids=[i for i, _ in found]))], [fd for _, fd in found]
+                    )
+                finally:
+                    for _, fd in found:
+                        os.close(fd)
+        except OSError:
+            return
+        finally:
+            with self._lock:
+                self._connections.discard(conn)
+            conn.close()
+
+    def close(self) -> None:
+        """Stop serving and remove the socket (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            connections = list(self._connections)
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _refuse(conn: socket.socket, why: str) -> None:
+    """Answer the peer's first request with ``why`` (no descriptor) and close the connection."""
+    with contextlib.suppress(OSError):
+        conn.settimeout(1.0)
+        conn.recv(MAX_MESSAGE_BYTES)
+        conn.sendmsg([_encode(Answer(error=why))])
+    conn.close()
+
+
+def fetch_descriptors(path: str, slab_ids: Sequence[int]) -> dict[int, int]:
+    """The descriptors of the live slabs among ``slab_ids`` (a freed one is missing), from the server's
+    channel at ``path``: new descriptors, the caller's to close. DescriptorChannelError if the socket
+    or its server is not of this uid, or the server refused the request."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise DescriptorChannelError(
+            f"cannot reach the server's L1 descriptor channel {path}: {e.strerror}"
+        ) from None
+    if st.st_uid != os.geteuid():
+        raise DescriptorChannelError(
+            f"the L1 descriptor channel {path} is owned by uid {st.st_uid}, not this process's "
+            f"{os.geteuid()}; run the worker as the server's user"
+        )
+    got: dict[int, int] = {}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        try:
+            sock.connect(path)
+            server = peer_of_socket(sock)
+            if server.uid != os.geteuid():
+                raise DescriptorChannelError(
+                    f"the L1 descriptor channel {path} is served by uid {server.uid}"
+                )
+            for first in range(0, len(slab_ids), MAX_SLABS_PER_REQUEST):
+                sock.sendall(_encode(list(slab_ids[first : first + MAX_SLABS_PER_REQUEST])))
+                message, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE_BYTES, MAX_SLABS_PER_REQUEST)
+                answer = _answer(message, fds)
+                got.update(zip(answer.ids, fds, strict=True))
+        except (OSError, DescriptorChannelError) as e:
+            for fd in got.values():
+                os.close(fd)
+            if isinstance(e, DescriptorChannelError):
+                raise
+            raise DescriptorChannelError(f"the server's L1 descriptor channel {path} failed: {e}") from None
+    return got
+
+
+def _answer(message: bytes, fds: list[int]) -> Answer:
+    """The decoded answer; its descriptors are closed if it does not name as many slabs as it carries."""
+    try:
+        answer = _answers.decode(message)
+    except msgspec.DecodeError:
+        answer = Answer(error="a malformed answer (or none: the server closed the channel)")
+    if answer.error or len(answer.ids) != len(fds):
+        for fd in fds:
+            os.close(fd)
+        raise DescriptorChannelError(
+            f"the server's L1 descriptor channel refused: {answer.error or 'bad answer'}"
+        )
+    return answer

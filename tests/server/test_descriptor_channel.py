@@ -1,0 +1,137 @@
+"""The server's L1 descriptor channel and the slabs passed by descriptor, on CPU (memfds)."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import stat
+import threading
+
+import msgspec
+import pytest
+import torch
+
+from lmcache.fd_slabs import KIND_MEMFD, FdSlabSource, map_descriptor
+from lmcache.server import descriptor_channel
+from lmcache.server.descriptor_channel import (
+    MAX_SLABS_PER_REQUEST,
+    Answer,
+    DescriptorChannel,
+    DescriptorChannelError,
+    fetch_descriptors,
+)
+from lmcache.server.security import Peer
+from lmcache.shm_slabs import ShmSlabError, ShmSlabInfo
+
+SLAB = 1 << 20
+
+
+@pytest.fixture
+def source():
+    made = FdSlabSource(device=None)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def channel(source):
+    served = DescriptorChannel(source.descriptor)
+    source.channel = served.path
+    yield served
+    served.close()
+
+
+def test_a_worker_maps_the_very_memory_of_each_live_slab(source, channel) -> None:
+    slabs = [source.allocate(SLAB) for _ in range(3)]
+    for i, slab in enumerate(slabs):
+        slab.tensor[:8] = i + 1
+    del slabs[1]  # freed: its descriptor is closed, and it is left out of the answer
+    fds = fetch_descriptors(channel.path, [2, 0, 1, 2])
+    assert sorted(fds) == [0, 2]
+    try:
+        for slab in slabs:
+            info = source.describe(slab.id)
+            assert info is not None and (info.kind, info.channel, info.nbytes) == (
+                KIND_MEMFD,
+                channel.path,
+                SLAB,
+            )
+            mapped = map_descriptor(info, fds[slab.id], pin=False, device=None)
+            assert mapped.tensor[:8].tolist() == [slab.id + 1] * 8
+            mapped.tensor[8] = 77  # the worker's write is the server's
+            assert slab.tensor[8].item() == 77
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    assert source.describe(1) is None and source.descriptor(1) is None
+
+
+def test_the_socket_is_its_owners_alone_and_goes_with_the_channel(source) -> None:
+    served = DescriptorChannel(source.descriptor)
+    assert stat.S_IMODE(os.stat(served.path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(served.path)).st_mode) == 0o700
+    served.close()
+    assert not os.path.exists(os.path.dirname(served.path))
+    with pytest.raises(DescriptorChannelError, match="cannot reach"):
+        fetch_descriptors(served.path, [0])
+
+
+def test_a_request_too_large_or_malformed_is_refused_and_others_are_still_served(source, channel) -> None:
+    slab = source.allocate(SLAB)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.connect(channel.path)
+        sock.sendall(msgspec.msgpack.encode(list(range(MAX_SLABS_PER_REQUEST + 1))))
+        message, fds, _, _ = socket.recv_fds(sock, 4096, 8)
+        answer = msgspec.msgpack.decode(message, type=Answer)
+        assert fds == [] and answer.ids == [] and f"at most {MAX_SLABS_PER_REQUEST}" in answer.error
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.connect(channel.path)
+        sock.sendall(b"\xc1not msgpack")
+        message, fds, _, _ = socket.recv_fds(sock, 4096, 8)
+        assert fds == [] and b"malformed" in message
+    fds = fetch_descriptors(channel.path, [slab.id])
+    assert list(fds) == [slab.id]
+    os.close(fds[slab.id])
+
+
+def test_a_peer_of_another_uid_gets_no_descriptor(source, channel, monkeypatch) -> None:
+    source.allocate(SLAB)
+    real = descriptor_channel.peer_of_socket
+
+    def other_uid_when_accepted(sock: socket.socket) -> Peer:
+        if threading.current_thread().name == "lmcache-slab-fds":
+            return Peer(uid=os.geteuid() + 12345, gid=0, pid=1)
+        return real(sock)
+
+    monkeypatch.setattr(descriptor_channel, "peer_of_socket", other_uid_when_accepted)
+    with pytest.raises(DescriptorChannelError, match=f"serves only uid {os.geteuid()}, not uid"):
+        fetch_descriptors(channel.path, [0])
+
+
+def test_a_descriptor_that_is_not_the_announced_region_is_refused(source) -> None:
+    slab = source.allocate(SLAB)
+    fd = source.descriptor(slab.id)
+    assert fd is not None
+    try:
+        with pytest.raises(ShmSlabError, match="not a region of the"):
+            map_descriptor(ShmSlabInfo(slab.id, "", 2 * SLAB, kind=KIND_MEMFD), fd, pin=False, device=None)
+        with pytest.raises(ShmSlabError, match="kind 'shm'"):
+            map_descriptor(ShmSlabInfo(slab.id, "", SLAB), fd, pin=False, device=None)
+    finally:
+        os.close(fd)
+
+
+def test_a_closed_source_makes_no_slab_and_holds_no_descriptor(source) -> None:
+    slab = source.allocate(SLAB)
+    fd = source.descriptor(slab.id)
+    assert fd is not None
+    os.close(fd)
+    source.close()
+    assert source.descriptor(slab.id) is None
+    with pytest.raises(ShmSlabError, match="closed"):
+        source.allocate(SLAB)
+    # The slab's memory outlives its descriptor: mapped memory stays valid.
+    slab.tensor[0] = 5
+    assert slab.tensor[0].item() == 5 and isinstance(slab.tensor, torch.Tensor)
+    assert mmap.PAGESIZE > 0
