@@ -6,8 +6,8 @@ uid (and root), as a ``/dev/shm`` region of the server is theirs alone: other ui
 policy lets talk to it get no L1 memory. Each message is a request for at most
 :data:`MAX_SLABS_PER_REQUEST` slab ids; the answer names the slabs found (live ones; a freed slab is
 left out) and carries their descriptors in that order. At most :data:`MAX_CONNECTIONS` connections
-are served at once, and a malformed request closes its connection. A worker checks that the socket
-is its own uid's and that the process serving it is too.
+are served at once, each closed after :data:`IDLE_TIMEOUT_S` of silence or a malformed request. A
+worker checks that the socket is its own uid's and that the process serving it is too.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ __all__ = ["DescriptorChannel", "DescriptorChannelError", "fetch_descriptors", "
 
 MAX_SLABS_PER_REQUEST = 64
 """Slab ids one request may name (a message's descriptors stay far below the kernel's 253)."""
-MAX_CONNECTIONS = 64
-"""Connections served at once; more are closed unanswered."""
+MAX_CONNECTIONS = 256
+"""Connections served at once (a worker's mapping threads connect one each); more are refused."""
+IDLE_TIMEOUT_S = 30.0
+"""A connection silent this long is closed (workers connect per request)."""
 MAX_MESSAGE_BYTES = 4096
 
 
@@ -87,8 +89,8 @@ class DescriptorChannel:
                 else:
                     refusal = ""
                     self._connections.add(conn)
-            if refusal:
-                _refuse(conn, refusal)
+            if refusal:  # answered on a thread of its own: a silent peer does not hold up accepting
+                threading.Thread(target=_refuse, args=(conn, refusal), daemon=True).start()
                 continue
             serving = threading.Thread(target=self._serve, args=(conn,), name="lmcache-slab-fds-conn")
             serving.daemon = True
@@ -96,6 +98,7 @@ class DescriptorChannel:
 
     def _serve(self, conn: socket.socket) -> None:
         try:
+            conn.settimeout(IDLE_TIMEOUT_S)
             while True:
                 message = conn.recv(MAX_MESSAGE_BYTES)
                 if not message:
