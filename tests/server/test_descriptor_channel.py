@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
 import os
 import socket
 import stat
@@ -10,7 +9,6 @@ import threading
 
 import msgspec
 import pytest
-import torch
 
 from lmcache.fd_slabs import KIND_MEMFD, FdSlabSource, map_descriptor
 from lmcache.server import descriptor_channel
@@ -131,7 +129,5 @@ def test_a_closed_source_makes_no_slab_and_holds_no_descriptor(source) -> None:
     assert source.descriptor(slab.id) is None
     with pytest.raises(ShmSlabError, match="closed"):
         source.allocate(SLAB)
-    # The slab's memory outlives its descriptor: mapped memory stays valid.
-    slab.tensor[0] = 5
-    assert slab.tensor[0].item() == 5 and isinstance(slab.tensor, torch.Tensor)
-    assert mmap.PAGESIZE > 0
+    slab.tensor[0] = 5  # the slab's own mapping outlives its descriptor
+    assert slab.tensor[0].item() == 5
