@@ -22,12 +22,9 @@ import weakref
 import torch
 
 from lmcache import driver_host_memory
-from lmcache.logging import init_logger
 from lmcache.memory import Slab, SlabSource
 from lmcache.page_locking import Abandon, pin_in_place, populate
 from lmcache.shm_slabs import MappedSlab, ShmSlabError, ShmSlabInfo
-
-logger = init_logger(__name__)
 
 __all__ = ["FdSlabSource", "KIND_CUDA", "KIND_MEMFD", "map_descriptor"]
 
