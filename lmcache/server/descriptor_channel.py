@@ -27,12 +27,21 @@ from lmcache.server.security import peer_of_socket
 
 logger = init_logger(__name__)
 
-__all__ = ["DescriptorChannel", "DescriptorChannelError", "fetch_descriptors", "MAX_SLABS_PER_REQUEST"]
+__all__ = [
+    "Answer",
+    "DescriptorChannel",
+    "DescriptorChannelError",
+    "fetch_descriptors",
+    "MAX_SLABS_PER_REQUEST",
+]
 
 MAX_SLABS_PER_REQUEST = 64
 """Slab ids one request may name (a message's descriptors stay far below the kernel's 253)."""
 MAX_CONNECTIONS = 256
 """Connections served at once (a worker's mapping threads connect one each); more are refused."""
+MAX_REFUSALS = 16
+"""Refused connections answered at once (each waits a second at most for its request); more are closed
+unanswered."""
 IDLE_TIMEOUT_S = 30.0
 """A connection silent this long is closed (workers connect per request)."""
 MAX_MESSAGE_BYTES = 4096
@@ -70,6 +79,7 @@ class DescriptorChannel:
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
+        self._refusals = threading.BoundedSemaphore(MAX_REFUSALS)
         self._thread = threading.Thread(target=self._accept, name="lmcache-slab-fds", daemon=True)
         self._thread.start()
 
@@ -89,8 +99,11 @@ class DescriptorChannel:
                 else:
                     refusal = ""
                     self._connections.add(conn)
-            if refusal:  # answered on a thread of its own: a silent peer does not hold up accepting
-                threading.Thread(target=_refuse, args=(conn, refusal), daemon=True).start()
+            if refusal:  # answered on a thread of its own (a few at once): a silent peer holds up nothing
+                if self._refusals.acquire(blocking=False):
+                    threading.Thread(target=self._refuse, args=(conn, refusal), daemon=True).start()
+                else:
+                    conn.close()
                 continue
             serving = threading.Thread(target=self._serve, args=(conn,), name="lmcache-slab-fds-conn")
             serving.daemon = True
@@ -112,13 +125,15 @@ class DescriptorChannel:
                     error = f"{len(ids)} slab ids in one request; at most {MAX_SLABS_PER_REQUEST}"
                     conn.sendmsg([_encode(Answer(error=error))])
                     return
-                found = [(i, fd) for i in dict.fromkeys(ids) if (fd := self._descriptor(i)) is not None]
+                found: dict[int, int] = {}
                 try:
-                    socket.send_fds(
-                        conn, [_encode(Answer(ids=[i for i, _ in found]))], [fd for _, fd in found]
-                    )
+                    for slab_id in ids:
+                        fd = found.get(slab_id, self._descriptor(slab_id))
+                        if fd is not None:
+                            found[slab_id] = fd
+                    socket.send_fds(conn, [_encode(Answer(ids=list(found)))], list(found.values()))
                 finally:
-                    for _, fd in found:
+                    for fd in found.values():
                         os.close(fd)
         except OSError:
             return
@@ -126,6 +141,17 @@ class DescriptorChannel:
             with self._lock:
                 self._connections.discard(conn)
             conn.close()
+
+    def _refuse(self, conn: socket.socket, why: str) -> None:
+        """Answer the peer's first request (waited for a second at most) with ``why``, no descriptor."""
+        try:
+            with contextlib.suppress(OSError):
+                conn.settimeout(1.0)
+                conn.recv(MAX_MESSAGE_BYTES)
+                conn.sendmsg([_encode(Answer(error=why))])
+            conn.close()
+        finally:
+            self._refusals.release()
 
     def close(self) -> None:
         """Stop serving and remove the socket (idempotent)."""
@@ -141,15 +167,6 @@ class DescriptorChannel:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
         shutil.rmtree(self._dir, ignore_errors=True)
-
-
-def _refuse(conn: socket.socket, why: str) -> None:
-    """Answer the peer's first request with ``why`` (no descriptor) and close the connection."""
-    with contextlib.suppress(OSError):
-        conn.settimeout(1.0)
-        conn.recv(MAX_MESSAGE_BYTES)
-        conn.sendmsg([_encode(Answer(error=why))])
-    conn.close()
 
 
 def fetch_descriptors(path: str, slab_ids: Sequence[int]) -> dict[int, int]:
