@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -117,6 +118,11 @@ def baseline(
 def assert_same_output(got: GenerationResult, want: GenerationResult) -> None:
     assert got.tokens == want.tokens
     assert torch.equal(got.logits, want.logits)
+
+
+def logits_digest(result: GenerationResult) -> str:
+    """A digest of ``result``'s logits, bit for bit: equal digests, equal logits (across processes)."""
+    return hashlib.sha256(result.logits.cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def engine_stats():  # noqa: ANN201

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.e2e import DEVICES, MODEL, assert_same_output, baseline, llm_args, prompt
+from support.e2e import DEVICES, MODEL, assert_same_output, baseline, llm_args, logits_digest, prompt
 from support.server_process import REPO, ServerProcess, subprocess_env, wait_until
 
 from lmcache.integration.tensorrt_llm.tensorrt_mp_adapter import reset_process_connections
@@ -28,11 +29,11 @@ ENGINE_PROC = REPO / "tests" / "integration" / "tensorrt_llm" / "mp_engine_proc.
 
 @pytest.fixture
 def mp_server(request: pytest.FixtureRequest, lmcache_env) -> Iterator[ServerProcess]:
-    """A cache server; an indirect parameter sets its --client-timeout-s (else the default, long enough
-    that a live client whose heartbeats are held up on a busy machine is never reaped)."""
+    """A cache server; an indirect parameter adds flags (by default none: its --client-timeout-s long
+    enough that a live client whose heartbeats are held up on a busy machine is never reaped)."""
     workdir = Path(tempfile.mkdtemp(prefix="lmmp-", dir="/tmp"))
-    timeout = ["--client-timeout-s", str(request.param)] if hasattr(request, "param") else []
-    server = ServerProcess(workdir, None, "--chunk-size", "64", *timeout).start()
+    flags = getattr(request, "param", ())
+    server = ServerProcess(workdir, None, "--chunk-size", "64", *flags).start()
     reset_process_connections()
     yield server
     reset_process_connections()
@@ -50,12 +51,23 @@ def run_engine_process(server: ServerProcess, seed: int, length: int, mode: str)
     )
 
 
-def read_tokens(proc: subprocess.Popen[str]) -> tuple[list[int], int]:
+@dataclasses.dataclass(frozen=True)
+class EngineOutput:
+    """What an engine process (``mp_engine_proc.py``) printed for its prompt."""
+
+    tokens: list[int]
+    matched: int
+    logits: str
+    """:func:`logits_digest` of its logits."""
+
+
+def read_output(proc: subprocess.Popen[str]) -> EngineOutput:
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith("TOKENS"):
-            head, matched = line.split("MATCHED")
-            return [int(t) for t in head.split()[1:]], int(matched)
+            head, rest = line.split("MATCHED")
+            matched, logits = rest.split("LOGITS")
+            return EngineOutput([int(t) for t in head.split()[1:]], int(matched), logits.strip())
     raise AssertionError(f"engine process ended without output (exit {proc.wait()})")
 
 
@@ -131,18 +143,20 @@ def test_tcp_url_works_too(mp_server) -> None:
 
 def test_two_engine_processes_share_one_server(mp_server) -> None:
     writer = run_engine_process(mp_server, seed=4, length=300, mode="exit")
-    tokens, matched = read_tokens(writer)
-    assert writer.wait(timeout=120) == 0 and matched == 0
+    first = read_output(writer)
+    assert writer.wait(timeout=120) == 0 and first.matched == 0
     reader = run_engine_process(mp_server, seed=4, length=300, mode="exit")
-    again, matched = read_tokens(reader)
+    again = read_output(reader)
     assert reader.wait(timeout=120) == 0
-    assert matched == 256 and again == tokens == baseline([prompt(300, start=4)], 4)[0].tokens
+    want = baseline([prompt(300, start=4)], 4)[0]
+    assert again.matched == 256 and again.tokens == first.tokens == want.tokens
+    assert again.logits == first.logits == logits_digest(want)
 
 
-@pytest.mark.parametrize("mp_server", [3], indirect=True, ids=["client-timeout-3"])
+@pytest.mark.parametrize("mp_server", [("--client-timeout-s", "3")], indirect=True, ids=["client-timeout-3"])
 def test_engine_killed_mid_run_is_reaped_and_its_chunks_stay(mp_server) -> None:
     victim = run_engine_process(mp_server, seed=5, length=200, mode="hang")
-    tokens, _ = read_tokens(victim)
+    tokens = read_output(victim).tokens
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
     with CacheServerClient(mp_server.ipc_url, timeout_s=10) as probe:
@@ -155,9 +169,15 @@ def test_engine_killed_mid_run_is_reaped_and_its_chunks_stay(mp_server) -> None:
     assert again.num_connector_matched_tokens == 192 and again.tokens == tokens
 
 
-@pytest.mark.parametrize("sharing", ["export", "shared-l1"])
+@pytest.mark.parametrize(
+    ("mp_server", "sharing"),
+    [((), "export"), ((), "shared-l1"), (("--l1-memory", "fd"), "shared-l1")],
+    indirect=["mp_server"],
+    ids=["export", "shared-l1", "shared-l1-fd"],
+)
 def test_server_restart_keeps_output_correct_and_hits_resume(mp_server, lmcache_env, caplog, sharing) -> None:
-    """Killed while the workers hold its pools' mappings (export) or its L1 slabs (shared-l1)."""
+    """Killed while the workers hold its pools' mappings (export) or its L1 slabs (shared-l1, named or
+    passed by descriptor): mappings of the dead server's slabs are never copied into again."""
     lmcache_env.setenv("LMCACHE_POOL_SHARING", sharing)
     caplog.set_level(logging.WARNING, logger="lmcache")
     executor = ReplayExecutor(llm_args("lmcache-mp", server_url=mp_server.ipc_url, max_tokens=512), MODEL)
@@ -176,11 +196,14 @@ def test_server_restart_keeps_output_correct_and_hits_resume(mp_server, lmcache_
     assert said.count("not answering lookups") <= 1 and said.count("dropped a save") <= 1
     mp_server.start()
     # The first request after the restart re-registers the worker and stores on the fresh (empty)
-    # server; the next engine hits.
+    # server; another engine process, whose mappings are all of the new server, hits and loads what
+    # that store wrote (not what a mapping of the dead server's slabs would have kept).
     executor.generate([q], 3)
-    again = ReplayExecutor(llm_args("lmcache-mp", server_url=mp_server.ipc_url), MODEL).generate([q], 3)[0]
-    assert again.num_connector_matched_tokens == 192
-    assert_same_output(again, baseline([q], 3)[0])
+    reader = run_engine_process(mp_server, seed=7, length=200, mode="exit")
+    again = read_output(reader)
+    assert reader.wait(timeout=120) == 0
+    want = baseline([q], 4)[0]
+    assert again.matched == 192 and again.tokens == want.tokens and again.logits == logits_digest(want)
 
 
 def test_a_worker_that_cannot_map_the_l1_regions_drops_its_saves_loudly(
