@@ -65,7 +65,7 @@ from lmcache.testing.trtllm_replay import KvCacheConfig, KvCacheConnectorConfig,
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward_load import Forward  # noqa: E402
 from kv_shapes import CHUNK, KV_SHAPES  # noqa: E402
-from mp_transfer import server_gc  # noqa: E402
+from mp_transfer import server_gc, server_l1_memory  # noqa: E402
 
 SHAPES = {**KV_SHAPES, "tiny": (2, 2, 16)}
 POLL_S = 0.0001
@@ -467,6 +467,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "loaded_rows_equal": equal,
             "gc_gen0_threshold": args.gc_gen0_threshold,
             "server_gc": server_gc(url) if server is not None else None,
+            "server_l1_memory": server_l1_memory(url) if url is not None else None,
         }
     finally:
         if server is not None:

@@ -414,6 +414,12 @@ class ServerProc:
             return None
 
 
+def server_l1_memory(url: str) -> str:
+    """What the cache server's L1 is made of (``shm``, ``fd-cuda``, ...: its stats' ``l1_memory``)."""
+    with CacheServerClient(url, timeout_s=30, heartbeat_interval_s=0) as client:
+        return client.stats().l1_memory
+
+
 def server_gc(url: str) -> dict[str, Any]:
     """The cache server's garbage-collection pauses so far (a full collection pauses every request)."""
     with CacheServerClient(url, timeout_s=30, heartbeat_interval_s=0) as client:

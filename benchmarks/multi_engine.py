@@ -50,7 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_adapters import SHAPES, AdapterRig, report, rig_parser, start_server  # noqa: E402
 from kv_shapes import CHUNK  # noqa: E402
-from mp_transfer import server_gc  # noqa: E402
+from mp_transfer import server_gc, server_l1_memory  # noqa: E402
 
 from lmcache.server.client import CacheServerClient  # noqa: E402
 from lmcache.testing import pool_modes  # noqa: E402
@@ -374,6 +374,7 @@ def main() -> int:
             if args.mixed:
                 results["mixed"] = run_count(args, url, 2, True, client)
             results["server_gc"] = server_gc(url)
+            results["server_l1_memory"] = server_l1_memory(url)
     finally:
         server.terminate()
         server.wait(30)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind benchmarks/RESULTS.md, on a CUDA machine (run from the repo root):
-#   benchmarks/run_gpu_checks.sh OUTDIR [modes] [tests] [transfer] [adapters] [fill] [engines] [latency]
-#       [pinning] [ttft] [overhead] [workload]
+#   benchmarks/run_gpu_checks.sh OUTDIR [modes] [tests] [transfer] [adapters] [fill] [fd] [engines]
+#       [latency] [pinning] [ttft] [overhead] [workload]
 # (default: all). The tests marked gpu (pinned memory, side streams, CUDA IPC between processes), then the
 # benchmarks; each part writes its JSON and log into OUTDIR, so the parts can run as separate calls.
 # `modes` alone is issue 13's acceptance in one call (a few minutes on an H200): the shared-L1 GPU tests,
@@ -12,7 +12,7 @@
 set -u
 out=${1:-gpu-results}
 shift || true
-parts=${*:-modes tests transfer adapters fill engines latency pinning ttft overhead workload}
+parts=${*:-modes tests transfer adapters fill fd engines latency pinning ttft overhead workload}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/card.txt"
@@ -74,7 +74,14 @@ for part in $parts; do
             LMCACHE_POOL_SHARING=shared-l1 python3 benchmarks/fill_timeline.py --preset lmcache-mp --forward-ms $ms \
                 --overlap-scheduler --out "$out/fill_mp_shared-l1_f$ms.json"
         done ;;
-    engines)
+    fd)  # the server's L1 passed by descriptor against /dev/shm regions (D86), alternating, while L1 fills
+        run=0
+        for memory in fd shm fd shm; do
+            run=$((run + 1))
+            LMCACHE_L1_MEMORY=$memory LMCACHE_POOL_SHARING=shared-l1 python3 benchmarks/fill_timeline.py \
+                --preset lmcache-mp --forward-ms 20 --overlap-scheduler --out "$out/fill_mp_${memory}_$run.json"
+        done ;;
+    engines)  # with LMCACHE_L1_MEMORY=fd set, the server passes its L1 by descriptor
         python3 benchmarks/multi_engine.py --device cuda --mixed --out "$out/engines.json" ;;
     latency)
         python3 benchmarks/bench_mp_latency.py --out "$out/mp_latency.json"

@@ -97,9 +97,14 @@ def rows_view(data: torch.Tensor, dtype: torch.dtype, row_shape: tuple[int, ...]
 class SlabSource:
     """Where an arena's slabs come from: private host memory, page-locked if ``pinned``.
 
-    Subclasses (:class:`lmcache.shm_slabs.ShmSlabSource`) place slabs in shared memory. The
-    source knows its live slabs by id (:meth:`slab`), for describing them to other processes.
+    Subclasses (:class:`lmcache.shm_slabs.ShmSlabSource`, :class:`lmcache.fd_slabs.FdSlabSource`)
+    place slabs in shared memory. The source knows its live slabs by id (:meth:`slab`), for
+    describing them to other processes.
     """
+
+    memory = "private"
+    """What the slabs are, as the server's stats name it: ``private`` (no other process maps them),
+    ``shm`` (named ``/dev/shm`` regions), ``fd-cuda`` or ``fd-memfd`` (passed by descriptor)."""
 
     def __init__(self, pinned: bool) -> None:
         self.pinned = pinned

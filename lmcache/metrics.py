@@ -90,6 +90,7 @@ def health_report(snapshot: EngineSnapshot | None, server: Any = None) -> tuple[
                 "uptime_s": round(info.uptime_s, 1),
                 "connected_instances": len(info.instances),
                 "pool_sharing": info.pool_sharing,
+                "l1_memory": info.l1_memory,
                 "instance_sharing": {str(i.instance_id): i.sharing for i in info.instances},
             }
     return healthy, body

@@ -115,6 +115,8 @@ def _unlink(path: str) -> None:
 class ShmSlabSource(SlabSource):
     """Slabs in POSIX shared memory (see the module docstring); ``pinned`` page-locks them here."""
 
+    memory = "shm"
+
     def __init__(self, pinned: bool = False, *, shm_dir: str = SHM_DIR) -> None:
         super().__init__(pinned)
         self.shm_dir = shm_dir

@@ -329,7 +329,7 @@ def _print_summary(info: Any) -> None:
         print(f"  {line}")
     print(f"  lookups pinned for a load: {info.pinned_lookups}")
     print(f"  requests {info.requests}, errors {info.errors}, reaped clients {info.reaped_instances}")
-    print(f"  pool sharing: {info.pool_sharing}")
+    print(f"  pool sharing: {info.pool_sharing}, L1 memory: {info.l1_memory or 'not reported'}")
     print(f"  {gc_pauses.summary_line(info.gc)}")
     print(f"  clients: {len(info.instances)}")
     for inst in info.instances:

@@ -230,6 +230,7 @@ class CacheService:
             reaped_instances=counters.reaped,
             instances=instances,
             pool_sharing=self.config.pool_sharing,
+            l1_memory=self.engine.l1.arena.source.memory,
             gc=gc_pauses.snapshot(),
         )
 

@@ -44,5 +44,8 @@ class StatsInfo(msgspec.Struct, kw_only=True):
     """Requests refused by a security check or a resource cap, by reason."""
     pool_sharing: str = "auto"
     """The server's pool-sharing policy (``--pool-sharing``)."""
+    l1_memory: str = ""
+    """What the server's L1 is made of (:attr:`lmcache.memory.SlabSource.memory`): ``private``, ``shm``,
+    ``fd-cuda`` or ``fd-memfd``; empty from a server before this field."""
     gc: GcStats = msgspec.field(default_factory=GcStats)
     """The garbage collector's pauses in the server's process (every request waits while one runs)."""

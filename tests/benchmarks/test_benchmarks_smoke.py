@@ -21,8 +21,14 @@ BENCH = REPO / "benchmarks"
 SMALL = ["--small", "--device", "cpu", "--tokens-per-block", "16", "--chunk-size", "64"]
 
 
-def run_bench(script: str, out: Path, *extra: str, model_args: list[str] = SMALL) -> dict:
-    env = dict(os.environ)
+def run_bench(
+    script: str,
+    out: Path,
+    *extra: str,
+    model_args: list[str] = SMALL,
+    env_extra: dict[str, str] | None = None,
+) -> dict:
+    env = dict(os.environ, **(env_extra or {}))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["LMCACHE_LOG_LEVEL"] = "WARNING"
     env["OMP_NUM_THREADS"] = "1"  # tiny matmuls; spinning OpenMP threads only fight other jobs for cores
@@ -237,6 +243,7 @@ def test_bench_adapters(tmp_path: Path, preset: str, hooks: list[str]) -> None:
     args = ["--preset", preset, "--tokens", "1024", "--l1-size-gb", "0.004", "--repeats", "2", *hooks]
     data = run_bench("bench_adapters.py", tmp_path / "a.json", *args, model_args=["--model", "tiny"])
     assert data["loaded_rows_equal"] is True and data["layer_hooks"] == ("--layer-hooks" in hooks)
+    assert data["server_l1_memory"] == ("shm" if preset == "lmcache-mp" else None)
     assert data["overlap_scheduler"] == ("--overlap-scheduler" in hooks)
     spacing = {
         (): (0.0, 0.0, 0.0),
@@ -285,10 +292,18 @@ def test_bench_lookup(tmp_path: Path, preset: str) -> None:
 
 def test_multi_engine(tmp_path: Path) -> None:
     """Engine processes on one server, each its own pool: ceilings, saves (handed over during a
-    forward), loads, a save beside a load, lookups under load (CPU sizes)."""
+    forward), loads, a save beside a load, lookups under load (CPU sizes); the server's L1 passed to
+    the engines by descriptor (``LMCACHE_L1_MEMORY=fd``), and recorded so."""
     args = ["--tokens", "1024", "--iters", "2", "--engines", "1", "2", "--mixed", "--l1-size-gb", "0.05"]
     args += ["--forward-ms", "1"]
-    data = run_bench("multi_engine.py", tmp_path / "e.json", *args, model_args=["--model", "tiny"])
+    data = run_bench(
+        "multi_engine.py",
+        tmp_path / "e.json",
+        *args,
+        model_args=["--model", "tiny"],
+        env_extra={"LMCACHE_L1_MEMORY": "fd"},
+    )
+    assert data["server_l1_memory"] == "fd-memfd"
     assert [run["engines"] for run in data["runs"]] == [1, 2]
     for run in data["runs"]:
         assert run["rows_equal"] and run["save_gbps"] > 0 and run["load_gbps"] > 0

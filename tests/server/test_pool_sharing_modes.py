@@ -73,6 +73,7 @@ def test_registered_mode_round_trips_and_shows_in_stats(
         assert torch.equal(pool[20:28], src)
         stats = client.stats()
         assert stats.pool_sharing == policy and [i.sharing for i in stats.instances] == [mode]
+        assert stats.l1_memory == ("private" if policy == "export" else "shm")  # what workers copy into
     shared = server.service.shared_l1
     if policy == "export":  # no worker copies into L1: it stays private memory, no shared-L1 ops
         assert shared is None

@@ -126,6 +126,8 @@ def test_seed_scenario_with_the_l1_passed_by_descriptor(
         assert_same_output(third, want)
         kind = "cuda" if torch.cuda.is_available() else "memfd"  # the server's host decides
         assert f"in {kind} slabs passed to workers by descriptor" in server.log()
+        with CacheServerClient(server.ipc_url, timeout_s=10) as client:
+            assert client.stats().l1_memory == f"fd-{kind}"
         assert "dropped a save" not in caplog.text
     finally:
         reset_process_connections()
