@@ -21,7 +21,7 @@ import weakref
 
 import torch
 
-from lmcache import driver_host_memory
+from lmcache import driver_host_memory, page_locking
 from lmcache.memory import Slab, SlabSource
 from lmcache.page_locking import Abandon, pin_in_place, populate
 from lmcache.shm_slabs import MappedSlab, ShmSlabError, ShmSlabInfo
@@ -111,7 +111,9 @@ def _memfd_slab(nbytes: int) -> tuple[torch.Tensor, int]:
 
 def map_descriptor(info: ShmSlabInfo, fd: int, *, pin: bool, device: int | None) -> MappedSlab:
     """Map the slab ``info`` describes from ``fd`` (which stays the caller's). A driver-made slab is
-    imported for ``device`` (it is page-locked already); a memfd is checked (a regular file of
+    imported for ``device`` (it is page-locked already), one import at a time in the process (in a
+    registration's turn: granting access holds the driver as a registration does, and the copies
+    enqueued meanwhile wait for every grant queued before them); a memfd is checked (a regular file of
     ``info.nbytes`` bytes) and mapped, then page-locked if ``pin``. ShmSlabError if it cannot be."""
     if info.kind == KIND_CUDA:
         if device is None and torch.cuda.is_available():  # a CPU pool's worker: its first device
@@ -123,7 +125,8 @@ def map_descriptor(info: ShmSlabInfo, fd: int, *, pin: bool, device: int | None)
                 "a driver without host-memory allocations); start the server with --l1-memory shm"
             )
         try:
-            tensor = maker.import_shared(fd, info.nbytes)
+            with page_locking.GATE.registering():
+                tensor = maker.import_shared(fd, info.nbytes)
         except driver_host_memory.DriverMemoryError as e:
             raise ShmSlabError(f"cannot import L1 slab {info.id} from the server: {e}") from None
         return MappedSlab(info, tensor, True)

@@ -7,7 +7,8 @@ of yet (``ahead``): :meth:`SlabMappings.map_ahead` hands them to a background th
 new slab does not wait for its mapping and page-locking (a slab is mapped once either way; a copy
 that needs a slab being mapped ahead waits for that one only, and maps one still queued itself).
 Several threads map ahead at once (:data:`MAP_AHEAD_THREADS`): filling a slab's page tables is
-per-thread work, which they overlap; page-locking itself takes the driver's lock.
+per-thread work, which they overlap; page-locking itself takes the driver's lock, and so does importing
+a slab the server's driver made (``--l1-memory fd``), which they do one at a time.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The server's L1 descriptor channel and the slabs passed by descriptor, on CPU (memfds)."""
+"""The server's L1 descriptor channel and the slabs passed by descriptor, on CPU (memfds; the CUDA
+driver's imports through a stand-in)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import threading
 
 import msgspec
 import pytest
+import torch
 
-from lmcache.fd_slabs import KIND_MEMFD, FdSlabSource, map_descriptor
+from lmcache import fd_slabs
+from lmcache.fd_slabs import KIND_CUDA, KIND_MEMFD, FdSlabSource, map_descriptor
 from lmcache.server import descriptor_channel
 from lmcache.server.descriptor_channel import (
     MAX_SLABS_PER_REQUEST,
@@ -131,3 +134,47 @@ def test_a_closed_source_makes_no_slab_and_holds_no_descriptor(source) -> None:
         source.allocate(SLAB)
     slab.tensor[0] = 5  # the slab's own mapping outlives its descriptor
     assert slab.tensor[0].item() == 5
+
+
+class _CountingMaker:
+    """Stands in for the CUDA driver's maker: counts the imports running at once."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.most = 0
+        self.lock = threading.Lock()
+        self.overlap = threading.Event()
+
+    def import_shared(self, fd: int, nbytes: int) -> torch.Tensor:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        self.overlap.wait(0.05)  # long enough for another thread's import to start beside it
+        with self.lock:
+            self.running -= 1
+        return torch.zeros(nbytes, dtype=torch.uint8)
+
+
+def test_driver_made_slabs_are_imported_one_at_a_time(monkeypatch) -> None:
+    """Granting access to an import holds the driver as a registration does: the map-ahead threads
+    take turns (with page-locking too), so a copy enqueued meanwhile waits for one grant at most."""
+    maker = _CountingMaker()
+    monkeypatch.setattr(fd_slabs.driver_host_memory, "maker", lambda device: maker)
+    read, write = os.pipe()
+    try:
+        info = ShmSlabInfo(3, "", SLAB, kind=KIND_CUDA)
+        results: list[int] = []
+        threads = [
+            threading.Thread(
+                target=lambda: results.append(map_descriptor(info, read, pin=True, device=0).tensor.numel())
+            )
+            for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        os.close(read)
+        os.close(write)
+    assert results == [SLAB] * 4 and maker.most == 1
