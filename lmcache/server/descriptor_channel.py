@@ -89,7 +89,11 @@ class DescriptorChannel:
                 conn, _ = self._sock.accept()
             except OSError:  # closed
                 return
-            peer = peer_of_socket(conn)
+            try:
+                peer = peer_of_socket(conn)
+            except OSError:  # gone before it could be asked: nothing to serve, keep accepting
+                conn.close()
+                continue
             with self._lock:
                 if peer.uid not in (0, os.geteuid()):
                     refusal = f"this channel serves only uid {os.geteuid()}, not uid {peer.uid}"
@@ -128,7 +132,9 @@ class DescriptorChannel:
                 found: dict[int, int] = {}
                 try:
                     for slab_id in ids:
-                        fd = found.get(slab_id, self._descriptor(slab_id))
+                        if slab_id in found:  # named again: sent once
+                            continue
+                        fd = self._descriptor(slab_id)
                         if fd is not None:
                             found[slab_id] = fd
                     socket.send_fds(conn, [_encode(Answer(ids=list(found)))], list(found.values()))

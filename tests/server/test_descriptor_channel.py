@@ -11,6 +11,7 @@ import threading
 import msgspec
 import pytest
 import torch
+from support.server_process import wait_until
 
 from lmcache import fd_slabs
 from lmcache.fd_slabs import KIND_CUDA, KIND_MEMFD, FdSlabSource, map_descriptor
@@ -178,3 +179,42 @@ def test_driver_made_slabs_are_imported_one_at_a_time(monkeypatch) -> None:
         os.close(read)
         os.close(write)
     assert results == [SLAB] * 4 and maker.most == 1
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_slab_named_many_times_is_sent_once_and_the_server_keeps_no_descriptor(source, channel) -> None:
+    """A request may repeat an id; the answer carries one descriptor of it, and the server holds no
+    descriptor more after answering (a client must not be able to make it leak)."""
+    slab = source.allocate(SLAB)
+    for fd in fetch_descriptors(channel.path, [slab.id]).values():  # the channel's paths warmed up
+        os.close(fd)
+    before = _open_descriptors()
+    fds = fetch_descriptors(channel.path, [slab.id] * MAX_SLABS_PER_REQUEST)
+    assert list(fds) == [slab.id]
+    os.close(fds[slab.id])
+    # The server's side of a connection closes once it sees ours closed (the warm-up's may still be
+    # open when ``before`` is counted): then the answer's descriptors are all gone, the 64 dups were one.
+    wait_until(lambda: _open_descriptors() <= before, "the server's descriptors closed", limit_s=10)
+
+
+def test_a_peer_whose_credentials_cannot_be_read_is_closed_and_the_channel_keeps_serving(
+    source, channel, monkeypatch
+) -> None:
+    slab = source.allocate(SLAB)
+    real = descriptor_channel.peer_of_socket
+    failures = [OSError(107, "Transport endpoint is not connected")]
+
+    def failing_once_when_accepted(sock: socket.socket) -> Peer:
+        if threading.current_thread().name == "lmcache-slab-fds" and failures:
+            raise failures.pop()
+        return real(sock)
+
+    monkeypatch.setattr(descriptor_channel, "peer_of_socket", failing_once_when_accepted)
+    with pytest.raises(DescriptorChannelError, match="descriptor channel"):  # reset, or closed unanswered
+        fetch_descriptors(channel.path, [slab.id])
+    fds = fetch_descriptors(channel.path, [slab.id])
+    assert list(fds) == [slab.id]
+    os.close(fds[slab.id])
