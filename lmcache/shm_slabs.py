@@ -154,7 +154,8 @@ class ShmSlabSource(SlabSource):
         except OSError as e:
             _unlink(path)
             hint = (
-                f"; {self.shm_dir} has no room for it: enlarge it (docker: --shm-size) or lower --l1-size-gb"
+                f"; {self.shm_dir} has no room for it: enlarge it (docker: --shm-size), start the server "
+                f"with --l1-memory fd (L1 outside {self.shm_dir}) or lower --l1-size-gb"
                 if e.errno in (errno.ENOSPC, errno.ENOMEM)
                 else ""
             )

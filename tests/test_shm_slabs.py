@@ -92,6 +92,6 @@ def test_a_full_tmpfs_is_a_clear_error_not_a_crash(tmp_path, monkeypatch) -> Non
     source = ShmSlabSource(shm_dir=str(tmp_path))
     with pytest.raises(ShmSlabError, match="--shm-size") as raised:
         source.allocate(1 << 20)
-    assert "--l1-size-gb" in str(raised.value)
+    assert "--l1-size-gb" in str(raised.value) and "--l1-memory fd" in str(raised.value)
     assert list(tmp_path.iterdir()) == [] and source.region_paths() == []  # nothing left behind
     source.close()

@@ -116,8 +116,8 @@ def _warn_if_shm_is_small(config: LMCacheEngineConfig, shm_dir: str) -> None:
     if wanted > room:
         logger.warning(
             "%s has %.2f GiB free but L1 is %.2f GiB (--l1-size-gb): L1 will stop growing where the tmpfs "
-            "is full; enlarge it (docker: --shm-size), lower --l1-size-gb, or use --pool-sharing export "
-            "(private L1 memory; V2 pools then get no cache)",
+            "is full; enlarge it (docker: --shm-size), use --l1-memory fd (L1 outside it), lower "
+            "--l1-size-gb, or use --pool-sharing export (private L1 memory; V2 pools then get no cache)",
             shm_dir,
             room / (1 << 30),
             wanted / (1 << 30),

@@ -138,7 +138,12 @@ def test_a_tmpfs_smaller_than_l1_is_named_at_start(tmp_path, monkeypatch, caplog
     config = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.05)
     with caplog.at_level("WARNING", logger="lmcache"):
         engine = server_engine(config, "auto", pinned=False, shm_dir=str(tmp_path))
-    assert "--shm-size" in caplog.text and "--l1-size-gb" in caplog.text
+    assert "--shm-size" in caplog.text and "--l1-size-gb" in caplog.text and "--l1-memory fd" in caplog.text
+    engine.l1.arena.close()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lmcache"):  # L1 passed by descriptor lives outside the tmpfs
+        engine = server_engine(config, "auto", pinned=False, shm_dir=str(tmp_path), l1_memory="fd")
+    assert "--shm-size" not in caplog.text
     engine.l1.arena.close()
 
 
