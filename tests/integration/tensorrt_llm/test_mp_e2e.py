@@ -158,7 +158,7 @@ def test_two_engine_processes_share_one_server(mp_server) -> None:
 @pytest.mark.parametrize("mp_server", [("--client-timeout-s", "3")], indirect=True, ids=["client-timeout-3"])
 def test_engine_killed_mid_run_is_reaped_and_its_chunks_stay(mp_server) -> None:
     victim = run_engine_process(mp_server, seed=5, length=200, mode="hang")
-    tokens = read_output(victim).tokens
+    first = read_output(victim)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
     with CacheServerClient(mp_server.ipc_url, timeout_s=10) as probe:
@@ -168,7 +168,8 @@ def test_engine_killed_mid_run_is_reaped_and_its_chunks_stay(mp_server) -> None:
         assert probe.stats().instances == []  # the dead engine's mapping and pins were released
     survivor = ReplayExecutor(llm_args("lmcache-mp", server_url=mp_server.ipc_url), MODEL)
     again = survivor.generate([prompt(200, start=5)], 4)[0]
-    assert again.num_connector_matched_tokens == 192 and again.tokens == tokens
+    assert again.num_connector_matched_tokens == 192 and again.tokens == first.tokens
+    assert logits_digest(again) == first.logits  # what the dead engine saved, bit for bit
 
 
 @pytest.mark.parametrize(
