@@ -45,7 +45,11 @@ class SlabMappings:
         """Slabs queued or being mapped ahead, each with the event set once that is over."""
         self._queue: deque[ShmSlabInfo] = deque()
         self._generation = 0
-        """Bumped by :meth:`clear`: a mapping made ahead for an older server is dropped."""
+        """Bumped by :meth:`clear` and a change of server: a mapping begun before is of the old server's
+        memory, and is dropped."""
+        self._freed: set[int] = set()
+        """Slabs this server freed (:meth:`apply`'s ``forget``): a mapping of one still being made is
+        dropped when it is done. Emptied with the mappings when the server changes."""
         self._lock = threading.Lock()
         self._threads = 0
         """Threads mapping ahead now."""
@@ -63,10 +67,12 @@ class SlabMappings:
 
     def apply(self, slabs: Sequence[P.SlabInfo], forget: Sequence[int]) -> None:
         """Drop the slabs the server freed; map those a copy is about to use (raises ShmSlabError if a
-        region fails the checks)."""
+        region fails the checks, or if the server changed while one was being mapped: that mapping is
+        of the old server's memory, which no copy may use)."""
         with self._lock:
             for slab_id in forget:
                 self._mapped.pop(slab_id, None)
+                self._freed.add(slab_id)
         for info in slabs:
             with self._lock:
                 if info.id in self._mapped:
@@ -82,8 +88,15 @@ class SlabMappings:
                 if info.id in self._mapped:
                     continue
             device = _caller_device() if self.pin else None
+            with self._lock:
+                generation = self._generation
             mapped = self._map(_worker_info(info), device)
             with self._lock:
+                if generation != self._generation:
+                    raise ShmSlabError(
+                        f"the cache server changed while L1 slab {info.id} was being mapped; the copy that "
+                        "needed it was for the old server"
+                    )
                 self._mapped.setdefault(info.id, mapped)
 
     def _unqueue(self, slab_id: int) -> bool:
@@ -140,6 +153,7 @@ class SlabMappings:
         """Drop every mapping and queued slab (lock held); returns the events of those pending."""
         self._generation += 1
         self._mapped.clear()
+        self._freed.clear()
         self._queue.clear()
         pending, self._pending = self._pending, {}
         return list(pending.values())
@@ -195,7 +209,7 @@ class SlabMappings:
         except (ShmSlabError, OSError, RuntimeError) as e:  # freed meanwhile, or refused: apply() tells
             logger.debug("mapping L1 slab %d ahead failed: %s", info.id, e)
         with self._lock:
-            if mapped is not None and generation == self._generation:
+            if mapped is not None and generation == self._generation and info.id not in self._freed:
                 self._mapped.setdefault(info.id, mapped)
             if event is not None and self._pending.get(info.id) is event:
                 del self._pending[info.id]

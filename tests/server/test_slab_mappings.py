@@ -33,6 +33,20 @@ def server(tmp_path):
     srv.source.close()
 
 
+def _held_mapping(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Every slab mapping waits, once begun (``entered``), until ``go`` is set."""
+    entered, go = threading.Event(), threading.Event()
+    real = slab_mappings.map_slab
+
+    def held(*args, **kwargs):  # type: ignore[no-untyped-def]
+        entered.set()
+        assert go.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(slab_mappings, "map_slab", held)
+    return entered, go
+
+
 def test_slabs_mapped_ahead_are_there_when_a_copy_needs_them(server, tmp_path) -> None:
     maps = SlabMappings(pin=False, shm_dir=str(tmp_path))
     a, b = server.new_slab(), server.new_slab()
@@ -56,18 +70,49 @@ def test_a_slab_that_fails_its_checks_ahead_fails_only_the_copy_that_needs_it(se
 def test_mappings_made_ahead_for_an_old_server_are_dropped(server, tmp_path, monkeypatch) -> None:
     maps = SlabMappings(pin=False, shm_dir=str(tmp_path))
     slab = server.new_slab()
-    entered, go = threading.Event(), threading.Event()
-    real = slab_mappings.map_slab
-
-    def slow(*args, **kwargs):  # type: ignore[no-untyped-def]
-        entered.set()
-        assert go.wait(30)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(slab_mappings, "map_slab", slow)
+    entered, go = _held_mapping(monkeypatch)
     maps.map_ahead([slab])
     assert entered.wait(30)
     maps.clear()  # a new server: what is being mapped belongs to the old one
+    go.set()
+    assert maps.wait_ahead(30) and maps.ids() == []
+
+
+def test_a_copys_mapping_of_a_server_that_was_replaced_meanwhile_is_refused(
+    server, tmp_path, monkeypatch
+) -> None:
+    """A restarted server names its slabs from 0 again: a mapping the old one's reply asked for, kept,
+    would have the new server's slab of that id copied into and loaded from the old memory."""
+    maps = SlabMappings(pin=False, shm_dir=str(tmp_path))
+    maps.on_server("old")
+    slab = server.new_slab()
+    entered, go = _held_mapping(monkeypatch)
+    raised: list[BaseException] = []
+
+    def copy() -> None:
+        try:
+            maps.apply([slab], [])
+        except ShmSlabError as e:
+            raised.append(e)
+
+    copier = threading.Thread(target=copy)
+    copier.start()
+    assert entered.wait(30)
+    maps.on_server("new")
+    go.set()
+    copier.join(30)
+    assert maps.ids() == [] and len(raised) == 1 and "changed while" in str(raised[0])
+    maps.apply([slab], [])  # the new server's slab of that id is mapped afresh
+    assert maps.ids() == [slab.id]
+
+
+def test_a_slab_freed_while_it_is_mapped_ahead_is_not_kept(server, tmp_path, monkeypatch) -> None:
+    maps = SlabMappings(pin=False, shm_dir=str(tmp_path))
+    slab = server.new_slab()
+    entered, go = _held_mapping(monkeypatch)
+    maps.map_ahead([slab])
+    assert entered.wait(30)
+    maps.apply([], [slab.id])  # the server freed it: its memory must not stay mapped here
     go.set()
     assert maps.wait_ahead(30) and maps.ids() == []
 
