@@ -6,8 +6,10 @@ uid (and root), as a ``/dev/shm`` region of the server is theirs alone: other ui
 policy lets talk to it get no L1 memory. Each message is a request for at most
 :data:`MAX_SLABS_PER_REQUEST` slab ids; the answer names the slabs found (live ones; a freed slab is
 left out) and carries their descriptors in that order. At most :data:`MAX_CONNECTIONS` connections
-are served at once, each closed after :data:`IDLE_TIMEOUT_S` of silence or a malformed request. A
-worker checks that the socket is its own uid's and that the process serving it is too.
+are served at once, each closed after :data:`IDLE_TIMEOUT_S` of silence or a malformed request; a
+failed ``accept`` (out of descriptors for a moment) is retried. A worker checks that the socket is its
+own uid's and that the process serving it is too, and gives a request up after
+:data:`FETCH_TIMEOUT_S`.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from collections.abc import Callable, Sequence
 import msgspec
 
 from lmcache.logging import init_logger
+from lmcache.rate_limit import RateLimitedLog
 from lmcache.server.security import peer_of_socket
 
 logger = init_logger(__name__)
+_limited = RateLimitedLog(logger)
 
 __all__ = [
     "Answer",
@@ -44,6 +48,11 @@ MAX_REFUSALS = 16
 unanswered."""
 IDLE_TIMEOUT_S = 30.0
 """A connection silent this long is closed (workers connect per request)."""
+FETCH_TIMEOUT_S = 10.0
+"""How long a worker waits for the channel to take and answer its request (a wedged server fails the
+copy that needed the slab; it never blocks the worker's thread for good)."""
+ACCEPT_RETRY_S = 0.05
+"""Pause before accepting again after a transient failure (out of descriptors, memory)."""
 MAX_MESSAGE_BYTES = 4096
 
 
@@ -79,6 +88,7 @@ class DescriptorChannel:
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
+        self._stopping = threading.Event()
         self._refusals = threading.BoundedSemaphore(MAX_REFUSALS)
         self._thread = threading.Thread(target=self._accept, name="lmcache-slab-fds", daemon=True)
         self._thread.start()
@@ -87,8 +97,14 @@ class DescriptorChannel:
         while True:
             try:
                 conn, _ = self._sock.accept()
-            except OSError:  # closed
-                return
+            except OSError as e:
+                if self._stopping.is_set():  # closed
+                    return
+                # Out of descriptors or memory for a moment (a peer's connection is waiting meanwhile):
+                # accepting again later serves it; giving up would leave every worker unanswered.
+                _limited.warning("accept", "L1 descriptor channel: accept failed (%s); retrying", e)
+                self._stopping.wait(ACCEPT_RETRY_S)
+                continue
             try:
                 peer = peer_of_socket(conn)
             except OSError:  # gone before it could be asked: nothing to serve, keep accepting
@@ -166,6 +182,7 @@ class DescriptorChannel:
                 return
             self._closed = True
             connections = list(self._connections)
+        self._stopping.set()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
@@ -192,6 +209,7 @@ def fetch_descriptors(path: str, slab_ids: Sequence[int]) -> dict[int, int]:
         )
     got: dict[int, int] = {}
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(FETCH_TIMEOUT_S)
         try:
             sock.connect(path)
             server = peer_of_socket(sock)

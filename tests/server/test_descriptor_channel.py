@@ -3,6 +3,7 @@ driver's imports through a stand-in)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -218,3 +219,35 @@ def test_a_peer_whose_credentials_cannot_be_read_is_closed_and_the_channel_keeps
     fds = fetch_descriptors(channel.path, [slab.id])
     assert list(fds) == [slab.id]
     os.close(fds[slab.id])
+
+
+def test_a_failed_accept_is_retried_and_the_channel_keeps_serving(source, monkeypatch) -> None:
+    """Out of descriptors for a moment, ``accept`` fails: the channel accepts again afterwards (giving
+    up would leave every worker's request unanswered)."""
+    slab = source.allocate(SLAB)
+    real = socket.socket.accept
+    failures = [OSError(errno.EMFILE, os.strerror(errno.EMFILE))]
+
+    def failing_once(sock: socket.socket):  # type: ignore[no-untyped-def]
+        if threading.current_thread().name == "lmcache-slab-fds" and failures:
+            raise failures.pop()
+        return real(sock)
+
+    monkeypatch.setattr(socket.socket, "accept", failing_once)
+    served = DescriptorChannel(source.descriptor)
+    try:
+        fds = fetch_descriptors(served.path, [slab.id])
+        assert list(fds) == [slab.id] and failures == []
+        os.close(fds[slab.id])
+    finally:
+        served.close()
+
+
+def test_a_channel_that_never_answers_fails_the_request_instead_of_blocking(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(descriptor_channel, "FETCH_TIMEOUT_S", 0.2)
+    path = str(tmp_path / "slabs.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as wedged:
+        wedged.bind(path)
+        wedged.listen(1)  # connections wait in its backlog, never accepted, never answered
+        with pytest.raises(DescriptorChannelError, match="failed"):
+            fetch_descriptors(path, [0])
