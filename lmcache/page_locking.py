@@ -131,7 +131,9 @@ def pin_in_place(tensor: torch.Tensor, *, fault_in: bool = True, abandon: Abando
     if err != 0:
         logger.debug("cudaHostRegister of %d bytes failed (CUDA error %d)", nbytes, err)
         return False
-    # Unregister once the memory is unused (views of the slab keep it alive, and registered); not at
-    # interpreter exit, where the process's end releases it anyway.
-    weakref.finalize(tensor, cudart.unregister_host, tensor.data_ptr()).atexit = False
+    # Unregister once the memory is unused: when its storage goes, which every view of the slab keeps
+    # (the tensor object itself may go first, while views still copy); not at interpreter exit, where
+    # the process's end releases it anyway.
+    storage = tensor.untyped_storage()
+    weakref.finalize(storage, cudart.unregister_host, tensor.data_ptr()).atexit = False
     return True

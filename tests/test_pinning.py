@@ -3,6 +3,7 @@ D65, :mod:`lmcache.page_locking`): faulting in and registering take turns, regis
 faulting holds no GIL (the driver itself is exercised on the GPU: tests/test_cuda.py)."""
 
 import contextlib
+import gc
 import mmap
 import os
 import threading
@@ -200,3 +201,22 @@ def test_a_worker_faults_a_slab_in_before_page_locking_it(monkeypatch: pytest.Mo
         assert not shm_slabs.map_slab(info, pin=False).pinned and order == []
     finally:
         source.close()
+
+
+def test_memory_stays_page_locked_while_a_view_of_it_lives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copies run from views of a slab: dropping the slab's own tensor object while a view is still
+    in use must not unregister the memory under that view; the last view's end does."""
+    unregistered: list[int] = []
+    monkeypatch.setattr(cudart, "register_host", lambda address, nbytes: 0)
+    monkeypatch.setattr(cudart, "unregister_host", unregistered.append)
+    region = mmap.mmap(-1, 1 << 20)
+    tensor = torch.frombuffer(region, dtype=torch.uint8)
+    address = tensor.data_ptr()
+    assert page_locking.pin_in_place(tensor, fault_in=False)
+    rows = tensor[4096:].view(torch.float16).view(-1, 64)
+    del tensor
+    gc.collect()
+    assert unregistered == [] and rows.data_ptr() == address + 4096
+    del rows
+    gc.collect()
+    assert unregistered == [address]
