@@ -13,7 +13,6 @@ Worker side, :func:`map_descriptor` maps a descriptor the server's channel
 
 from __future__ import annotations
 
-import mmap
 import os
 import stat
 import threading
@@ -24,7 +23,7 @@ import torch
 from lmcache import driver_host_memory, page_locking
 from lmcache.memory import Slab, SlabSource
 from lmcache.page_locking import Abandon, pin_in_place, populate
-from lmcache.shm_slabs import MappedSlab, ShmSlabError, ShmSlabInfo
+from lmcache.shm_slabs import MappedSlab, ShmSlabError, ShmSlabInfo, map_fd
 
 __all__ = ["FdSlabSource", "KIND_CUDA", "KIND_MEMFD", "map_descriptor"]
 
@@ -100,13 +99,12 @@ def _memfd_slab(nbytes: int) -> tuple[torch.Tensor, int]:
     try:
         # Allocated, not only sized: without room it fails here, not with SIGBUS at a first touch.
         os.posix_fallocate(fd, 0, nbytes)
-        mapping = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        return map_fd(fd, nbytes), fd
     except OSError as e:
         os.close(fd)
         raise ShmSlabError(
             f"cannot allocate a {nbytes >> 20} MiB L1 slab: {e.strerror}; lower --l1-size-gb"
         ) from None
-    return torch.frombuffer(mapping, dtype=torch.uint8), fd
 
 
 def map_descriptor(info: ShmSlabInfo, fd: int, *, pin: bool, device: int | None) -> MappedSlab:
@@ -138,8 +136,10 @@ def map_descriptor(info: ShmSlabInfo, fd: int, *, pin: bool, device: int | None)
             f"the descriptor passed for L1 slab {info.id} is not a region of the {info.nbytes} bytes "
             "announced"
         )
-    mapping = mmap.mmap(fd, info.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    tensor = torch.frombuffer(mapping, dtype=torch.uint8)
+    try:
+        tensor = map_fd(fd, info.nbytes)
+    except OSError as e:
+        raise ShmSlabError(f"cannot map L1 slab {info.id} from the server: {e.strerror}") from None
     if pin:
         populate(tensor.data_ptr(), tensor.numel())
     return MappedSlab(info, tensor, pin and pin_in_place(tensor, fault_in=False))

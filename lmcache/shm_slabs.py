@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import errno
 import functools
 import mmap
@@ -42,6 +43,35 @@ _NAME = re.compile(rf"^{SLAB_PREFIX}-(\d+)-[0-9a-f]+-\d+$")
 
 class ShmSlabError(ValueError):
     """A shared-memory slab cannot be created or mapped; the message says what to do."""
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def map_fd(fd: int, nbytes: int, *, writable: bool = True) -> torch.Tensor:
+    """The first ``nbytes`` of the file ``fd`` mapped shared, as a uint8 tensor, unmapped once its
+    storage (which every view keeps) goes. ``fd`` stays the caller's, and the mapping holds no descriptor
+    of its own (Python's ``mmap`` keeps a duplicate per mapping: thousands for a large L1, in the server
+    and in every worker). OSError if the kernel refuses."""
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    address = _libc.mmap(None, nbytes, prot, mmap.MAP_SHARED, fd, 0)
+    if address is None or address == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    buffer = (ctypes.c_ubyte * nbytes).from_address(address)
+    weakref.finalize(buffer, _libc.munmap, address, nbytes).atexit = False
+    return torch.frombuffer(buffer, dtype=torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -150,7 +180,7 @@ class ShmSlabSource(SlabSource):
             # Allocated, not only sized: a tmpfs without room for the region fails here, cleanly,
             # instead of killing whichever process first touches a page it cannot back (SIGBUS).
             os.posix_fallocate(fd, 0, nbytes)
-            mapping = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            tensor = map_fd(fd, nbytes)
         except OSError as e:
             _unlink(path)
             hint = (
@@ -164,7 +194,6 @@ class ShmSlabSource(SlabSource):
             ) from None
         finally:
             os.close(fd)
-        tensor = torch.frombuffer(mapping, dtype=torch.uint8)
         if self.pinned and not pin_in_place(tensor):
             logger.warning("could not page-lock the L1 region %s; copies from it will be slower", name)
         slab = Slab(slab_id, tensor, name)
@@ -237,8 +266,13 @@ class MappedSlab:
 def map_slab(info: ShmSlabInfo, *, pin: bool, shm_dir: str = SHM_DIR) -> MappedSlab:
     """Map the server's slab ``info`` names, after checking it is a regular file owned by this process's
     uid, mode 0600 and of ``info.nbytes`` bytes; page-lock it if ``pin`` (a CUDA pool copies with it)."""
-    mapping = open_region(info, writable=True, shm_dir=shm_dir)
-    tensor = torch.frombuffer(mapping, dtype=torch.uint8)
+    fd = _open_checked(info, writable=True, shm_dir=shm_dir)
+    try:
+        tensor = map_fd(fd, info.nbytes)
+    except OSError as e:
+        raise ShmSlabError(f"cannot map the server's L1 region {info.name}: {e.strerror}") from None
+    finally:
+        os.close(fd)
     if pin:
         # This process's page tables filled first, outside the driver's lock (threads mapping other
         # slabs do the same at once): page-locking then only pins.
@@ -249,6 +283,17 @@ def map_slab(info: ShmSlabInfo, *, pin: bool, shm_dir: str = SHM_DIR) -> MappedS
 
 def open_region(info: ShmSlabInfo, *, writable: bool, shm_dir: str = SHM_DIR) -> mmap.mmap:
     """Map a region a server created (see :func:`map_slab` for the checks), read-only unless ``writable``."""
+    fd = _open_checked(info, writable=writable, shm_dir=shm_dir)
+    try:
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        return mmap.mmap(fd, info.nbytes, mmap.MAP_SHARED, prot)
+    finally:
+        os.close(fd)
+
+
+def _open_checked(info: ShmSlabInfo, *, writable: bool, shm_dir: str) -> int:
+    """A descriptor of the region ``info`` names (the caller's to close), after the checks of
+    :func:`map_slab`; ShmSlabError if one fails."""
     if not _NAME.match(info.name):
         raise ShmSlabError(f"{info.name!r} is not the name of an L1 region ({SLAB_PREFIX}-<pid>-<hex>-<n>)")
     path = os.path.join(shm_dir, info.name)
@@ -276,7 +321,7 @@ def open_region(info: ShmSlabInfo, *, writable: bool, shm_dir: str = SHM_DIR) ->
             )
         if st.st_size != info.nbytes:
             raise ShmSlabError(f"region {path} holds {st.st_size} bytes, the server announced {info.nbytes}")
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        return mmap.mmap(fd, info.nbytes, mmap.MAP_SHARED, prot)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd

@@ -95,3 +95,23 @@ def test_a_full_tmpfs_is_a_clear_error_not_a_crash(tmp_path, monkeypatch) -> Non
     assert "--l1-size-gb" in str(raised.value) and "--l1-memory fd" in str(raised.value)
     assert list(tmp_path.iterdir()) == [] and source.region_paths() == []  # nothing left behind
     source.close()
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_slabs_and_their_mappings_hold_no_descriptor(tmp_path) -> None:
+    """A large L1 is thousands of slabs: neither the server's slabs nor a worker's mappings of them
+    may each keep a descriptor open (the process would run out), and the memory stays shared."""
+    source = ShmSlabSource(shm_dir=str(tmp_path))
+    before = _open_descriptors()
+    slabs = [source.allocate(1 << 20) for _ in range(8)]
+    mapped = [
+        map_slab(ShmSlabInfo(slab.id, slab.name, slab.nbytes), pin=False, shm_dir=str(tmp_path))
+        for slab in slabs
+    ]
+    assert _open_descriptors() == before
+    mapped[3].tensor[:4] = 9  # the worker's write is the server's
+    assert slabs[3].tensor[:4].tolist() == [9] * 4
+    source.close()

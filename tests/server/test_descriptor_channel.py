@@ -251,3 +251,19 @@ def test_a_channel_that_never_answers_fails_the_request_instead_of_blocking(tmp_
         wedged.listen(1)  # connections wait in its backlog, never accepted, never answered
         with pytest.raises(DescriptorChannelError, match="failed"):
             fetch_descriptors(path, [0])
+
+
+def test_a_memfd_slab_holds_one_descriptor_in_the_server_and_none_in_a_worker(source) -> None:
+    before = _open_descriptors()
+    slabs = [source.allocate(SLAB) for _ in range(8)]
+    assert _open_descriptors() == before + len(slabs)  # the memfd, to hand out
+    mapped = []
+    for slab in slabs:
+        info = source.describe(slab.id)
+        fd = source.descriptor(slab.id)
+        assert info is not None and fd is not None
+        mapped.append(map_descriptor(info, fd, pin=False, device=None))
+        os.close(fd)
+    assert _open_descriptors() == before + len(slabs)
+    mapped[5].tensor[:4] = 7
+    assert slabs[5].tensor[:4].tolist() == [7] * 4
