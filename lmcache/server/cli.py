@@ -381,7 +381,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from lmcache.fd_slabs import FdSlabSource
     from lmcache.server.listeners import tcp_bind_problem
-    from lmcache.server.server import CacheServer, ServerConfig, ServerStartError, server_engine
+    from lmcache.server.server import (
+        CacheServer,
+        ServerConfig,
+        ServerStartError,
+        raise_descriptor_limit,
+        server_engine,
+        warn_if_descriptors_are_short,
+    )
     from lmcache.shm_slabs import ShmSlabSource
 
     # Every client's request waits while a collection runs: the imported modules (torch's among them)
@@ -390,10 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     gc_pauses.watch()
     logger.debug("%d objects of the imported modules frozen out of the garbage collector's walks", frozen)
 
+    descriptors = raise_descriptor_limit()
     try:
         engine = server_engine(config, config.pool_sharing, l1_memory=args.l1_memory)
     except (ImportError, ValueError, OSError) as e:
         parser.error(str(e))
+    warn_if_descriptors_are_short(engine, descriptors)
     server = CacheServer(
         engine,
         ServerConfig(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import resource
 import threading
 
 import torch
@@ -103,6 +104,45 @@ def server_engine(
         # in-process, L1 grows with use.
         engine.l1.arena.prepin()
     return engine
+
+
+DESCRIPTORS_PER_SLAB_SHARE = 2
+"""With ``--l1-memory fd`` the server keeps one descriptor per L1 slab: they may take at most half of
+its limit, the rest being for clients' connections and its own files."""
+
+
+def raise_descriptor_limit() -> int:
+    """Raise this process's soft limit on open descriptors to its hard limit (a server holds one per
+    client connection and, with ``--l1-memory fd``, one per L1 slab); returns the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        logger.debug("could not raise the open-descriptor limit from %d to %d: %s", soft, target, e)
+        return soft
+    logger.info("open-descriptor limit raised from %d to %d (ulimit -n)", soft, target)
+    return target
+
+
+def warn_if_descriptors_are_short(engine: CacheEngine, limit: int) -> None:
+    """Say at start, not when L1 stops growing, when an L1 passed by descriptor needs more descriptors
+    than ``limit`` leaves it."""
+    if not isinstance(engine.l1.arena.source, FdSlabSource) or limit == resource.RLIM_INFINITY:
+        return
+    slabs = -(-engine.l1.arena.capacity_bytes // engine.l1.arena.slab_bytes)
+    if slabs * DESCRIPTORS_PER_SLAB_SHARE > limit:
+        logger.warning(
+            "--l1-memory fd keeps a descriptor per L1 slab: %d slabs of %d MiB for --l1-size-gb, but this "
+            "process may open %d descriptors (ulimit -n) and needs room for its clients too; raise the "
+            "limit to at least %d, or use --l1-memory shm",
+            slabs,
+            engine.l1.arena.slab_bytes >> 20,
+            limit,
+            slabs * DESCRIPTORS_PER_SLAB_SHARE,
+        )
 
 
 def _warn_if_shm_is_small(config: LMCacheEngineConfig, shm_dir: str) -> None:

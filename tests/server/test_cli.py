@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import stat
 import subprocess
@@ -404,3 +405,37 @@ def test_l1_memory_comes_from_the_flag_or_its_env_and_a_bad_one_is_named() -> No
     stderr = _refused("--port", "0", LMCACHE_L1_MEMORY="dev-shm")
     assert "$LMCACHE_L1_MEMORY must be one of shm, fd, got 'dev-shm'" in stderr
     assert "invalid choice: 'x'" in _refused("--l1-memory", "x")
+
+
+def _server_log_with_descriptor_limit(workdir, soft: int, hard: int, *argv: str) -> str:  # type: ignore[no-untyped-def]
+    """The log of a server started (on CPU) under that limit on open descriptors, once it answers."""
+    port = free_port()
+    log_path = workdir / f"limit-{soft}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            _server_cmd("--port", str(port), "--ipc-path", str(workdir / f"l{soft}.sock"), *argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=subprocess_env(CUDA_VISIBLE_DEVICES=""),
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)),
+        )
+    try:
+        wait_for_server(f"tcp://127.0.0.1:{port}", 60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    return log_path.read_text()
+
+
+def test_the_server_raises_its_descriptor_limit_and_says_when_an_l1_by_descriptor_cannot_fit(workdir) -> None:  # type: ignore[no-untyped-def]
+    """With --l1-memory fd the server keeps a descriptor per L1 slab (256 for 64 GiB): it takes the
+    hard limit on open descriptors for its own (any host's is above 128), and names the limit when even
+    that is short."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    flags = ("--l1-memory", "fd", "--l1-size-gb", "64")
+    raised = _server_log_with_descriptor_limit(workdir, 128, hard, *flags)
+    assert "open-descriptor limit raised from 128 to" in raised and "ulimit -n" in raised
+    assert "keeps a descriptor per L1 slab" not in raised
+    short = _server_log_with_descriptor_limit(workdir, 256, 256, *flags)
+    assert "open-descriptor limit raised" not in short
+    assert "keeps a descriptor per L1 slab: 256 slabs of 256 MiB" in short and "at least 512" in short
