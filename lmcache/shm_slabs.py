@@ -87,7 +87,8 @@ class ShmSlabInfo:
     channel: str = ""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of that pid runs (this user's or another's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -107,7 +108,7 @@ def creator_check(name: str) -> Callable[[], bool]:
     match = _NAME.match(name)
     if match is None:
         return lambda: False
-    return functools.partial(_pid_alive, int(match.group(1)))
+    return functools.partial(pid_alive, int(match.group(1)))
 
 
 def cleanup_stale(shm_dir: str = SHM_DIR) -> int:
@@ -121,7 +122,7 @@ def cleanup_stale(shm_dir: str = SHM_DIR) -> int:
     uid = os.geteuid()
     for name in names:
         match = _NAME.match(name)
-        if match is None or _pid_alive(int(match.group(1))):
+        if match is None or pid_alive(int(match.group(1))):
             continue
         path = os.path.join(shm_dir, name)
         try:

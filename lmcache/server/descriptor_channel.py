@@ -1,7 +1,8 @@
 """The cache server's descriptor channel: a Unix socket on which its workers get the descriptors of
 L1 slabs passed by descriptor (:mod:`lmcache.fd_slabs`), with ``SCM_RIGHTS``.
 
-The socket lives in a directory of its own (0700), is 0600, and serves only peers of the server's
+The socket lives in a directory of its own (0700; one a killed server left is removed by the next
+server of that user), is 0600, and serves only peers of the server's
 uid (and root), as a ``/dev/shm`` region of the server is theirs alone: other uids the server's
 policy lets talk to it get no L1 memory. Each message is a request for at most
 :data:`MAX_SLABS_PER_REQUEST` slab ids; the answer names the slabs found (live ones; a freed slab is
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -27,6 +30,7 @@ import msgspec
 from lmcache.logging import init_logger
 from lmcache.rate_limit import RateLimitedLog
 from lmcache.server.security import peer_of_socket
+from lmcache.shm_slabs import pid_alive
 
 logger = init_logger(__name__)
 _limited = RateLimitedLog(logger)
@@ -54,6 +58,10 @@ copy that needed the slab; it never blocks the worker's thread for good)."""
 ACCEPT_RETRY_S = 0.05
 """Pause before accepting again after a transient failure (out of descriptors, memory)."""
 MAX_MESSAGE_BYTES = 4096
+DIR_PREFIX = "lmcache-slabs-"
+"""The channel's directory: ``lmcache-slabs-<server pid>-<random>``, so a later server removes those of
+servers that are gone (a killed server cannot)."""
+_DIR = re.compile(rf"^{DIR_PREFIX}(\d+)-")
 
 
 class DescriptorChannelError(RuntimeError):
@@ -79,7 +87,8 @@ class DescriptorChannel:
 
     def __init__(self, descriptor: Callable[[int], int | None], directory: str | None = None) -> None:
         self._descriptor = descriptor
-        self._dir = tempfile.mkdtemp(prefix="lmcache-slabs-", dir=directory)
+        remove_stale_channels(directory or tempfile.gettempdir())
+        self._dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=directory)
         self.path = os.path.join(self._dir, "slabs.sock")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._sock.bind(self.path)
@@ -190,6 +199,28 @@ class DescriptorChannel:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def remove_stale_channels(parent: str) -> int:
+    """Remove this user's channel directories in ``parent`` whose server is gone; returns how many.
+    Those of live servers and of other users are left alone."""
+    removed = 0
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return 0
+    for entry in entries:
+        match = _DIR.match(entry.name)
+        if match is None or pid_alive(int(match.group(1))):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def fetch_descriptors(path: str, slab_ids: Sequence[int]) -> dict[int, int]:

@@ -7,6 +7,8 @@ import errno
 import os
 import socket
 import stat
+import subprocess
+import sys
 import threading
 
 import msgspec
@@ -18,6 +20,7 @@ from lmcache import fd_slabs
 from lmcache.fd_slabs import KIND_CUDA, KIND_MEMFD, FdSlabSource, map_descriptor
 from lmcache.server import descriptor_channel
 from lmcache.server.descriptor_channel import (
+    DIR_PREFIX,
     MAX_SLABS_PER_REQUEST,
     Answer,
     DescriptorChannel,
@@ -267,3 +270,22 @@ def test_a_memfd_slab_holds_one_descriptor_in_the_server_and_none_in_a_worker(so
     assert _open_descriptors() == before + len(slabs)
     mapped[5].tensor[:4] = 7
     assert slabs[5].tensor[:4].tolist() == [7] * 4
+
+
+def test_the_directories_of_channels_whose_server_is_gone_are_removed(source, tmp_path) -> None:
+    """A killed server cannot remove its channel's directory: the next one removes those of servers
+    that are gone, and leaves live servers' and others' alone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{DIR_PREFIX}{dead.pid}-abc123"
+    live = tmp_path / f"{DIR_PREFIX}{os.getpid()}-def456"
+    other = tmp_path / "lmcache-slabs-notapid"
+    for directory in (stale, live, other):
+        directory.mkdir()
+        (directory / "slabs.sock").write_bytes(b"")
+    served = DescriptorChannel(source.descriptor, directory=str(tmp_path))
+    try:
+        assert not stale.exists() and live.exists() and other.exists()
+        assert os.path.basename(os.path.dirname(served.path)).startswith(f"{DIR_PREFIX}{os.getpid()}-")
+    finally:
+        served.close()
