@@ -88,6 +88,10 @@ class SharedL1Copier:
         they were leased to; the caller names them in its ``store_done`` (they leave the lease either
         way)."""
         with self._lock:
+            if self.slabs.server_id != self.server_id:
+                # Another pool of this client registered with a new server (the mappings it shares
+                # with this copier are that server's now): these slots are the old server's.
+                self._leases.clear()
             taken, self._leases = self._leases[:count], self._leases[count:]
             return taken, self._cap
 
@@ -269,6 +273,12 @@ class SharedL1Copier:
     def _view(self, slot: P.SlotInfo, rows: int) -> torch.Tensor:
         """The slot as ``rows`` pool rows, after checking it lies in a slab this worker mapped."""
         mapped = self.slabs.get(slot.slab)
+        if self.slabs.server_id != self.server_id:  # read after the mapping: a switch before it shows
+            # A new server's slabs are numbered anew: a slot this copier was given by the old one would
+            # land in another chunk's memory there.
+            raise ShmSlabError(
+                f"slot of slab {slot.slab} was given by a cache server this worker no longer talks to"
+            )
         if mapped is None:
             raise ShmSlabError(
                 f"slot names slab {slot.slab}, which the server never described to this worker"
