@@ -322,12 +322,17 @@ class EngineLookup:
                 assert self.tiers is not None
                 self.tiers.unpin(tier_pins)
         with self._lock:
+            # Another lookup of this id may have recorded its pins since the release above (two at
+            # once): this one replaces them, as it would have had it come second.
+            replaced = self._pins.pop(pin_id, None) if pin else None
             if pin and taken:  # a miss leaves no record: its caller need not release it
                 pinned = groups[:taken]
                 self._pins[pin_id] = {rank: [keys[i] for keys in pinned] for i, rank in enumerate(ranks)}
             self.stats.lookups += 1
             self.stats.lookup_tokens += num_tokens
             self.stats.hit_tokens += hit
+        if replaced:
+            self.l1.unpin_all([key for rank_keys in replaced.values() for key in rank_keys])
         self.latency.lookup.observe(time.perf_counter() - began)
         return hit
 

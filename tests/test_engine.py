@@ -109,6 +109,34 @@ def test_release_unpins_and_relookup_replaces_pins() -> None:
     assert engine.l1.pinned_keys() == []
 
 
+def test_two_lookups_of_one_pin_id_at_once_leave_only_the_last_ones_pins(monkeypatch) -> None:
+    """Both release the id's old pins, then pin: the one that records second replaces the first's
+    record, whose chunks must be unpinned then (else pinned for good, counted nowhere)."""
+    engine, space, pool = make()
+    a, b = tokens(128), tokens(128, 5000)
+    engine.store(space, 0, pool, BlockTransfer(a, None, list(range(8)), 0, 128))
+    engine.store(space, 0, pool, BlockTransfer(b, None, list(range(8)), 0, 128))
+    both_pinned = threading.Barrier(2)
+    pin_prefix = engine.l1.pin_prefix
+
+    def pin_then_wait(groups):  # type: ignore[no-untyped-def]
+        taken = pin_prefix(groups)
+        both_pinned.wait(10)
+        return taken
+
+    monkeypatch.setattr(engine.l1, "pin_prefix", pin_then_wait)
+    lookups = [
+        threading.Thread(target=engine.lookup, args=(space, p), kwargs={"pin_id": "r"}) for p in (a, b)
+    ]
+    for lookup in lookups:
+        lookup.start()
+    for lookup in lookups:
+        lookup.join(10)
+    assert len(engine.l1.pinned_keys()) == 2  # one prompt's two chunks: the record kept
+    engine.release("r")
+    assert engine.l1.pinned_keys() == []
+
+
 def test_salt_model_layout_and_rank_separate_keys() -> None:
     engine, space, pool = make()
     toks = tokens(128)
