@@ -446,13 +446,14 @@ class Planner:
 
         A sliding window's pages turn ``-1`` once the window passes them, and no delta says so:
         with ``history`` tokens computed, ordinals before ``(history + 1 - window) // tpb`` may
-        already belong to another request.
+        already belong to another request, and one token further under the overlap scheduler,
+        whose decode reports count one token behind the manager (as the window fence allows for).
         """
         windows = self.index.windows()
         window = windows[group] if group < len(windows) else None
         if window is None:
             return 0
-        return max(0, (history + 1 - window) // self._tpb)
+        return max(0, (history + 2 - window) // self._tpb)
 
     def _plan_save(self, state: RequestState, history: int, computed: int, meta: ConnectorMetadata) -> None:
         chunk = self._chunk

@@ -3,10 +3,11 @@ save read them: the save must be fenced, or wrong KV is stored and served (both 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
-from support.e2e import SLIDING, TPB, assert_same_output, mode_args, prompt
+from support.e2e import CHUNK, MODEL, SLIDING, TPB, assert_same_output, mode_args, prompt
 from support.late_saves import LateSaves, late_saves
 from support.presets import Preset
 
@@ -88,3 +89,22 @@ def test_freeing_passed_pages_changes_no_output(mode: str) -> None:
     assert freed_ex.stats.requests[freed[0].request_id].freed_pages
     for got, want in zip(freed, kept, strict=True):
         assert_same_output(got, want)
+
+
+def test_under_the_overlap_scheduler_a_save_never_reads_a_page_the_window_just_passed(lmcache_env) -> None:
+    """The overlap scheduler reports a decode step one token behind V2, which frees a sliding
+    window's page one token earlier than the report says, and hands it to another request in the
+    same pass. With a window of ``chunk - tokens_per_block + 1`` tokens, the chunk a decode step
+    completes begins in that page: its save must leave the page out, or C (A's first 128 tokens)
+    loads B's KV."""
+    model = dataclasses.replace(MODEL, layer_windows=(CHUNK - TPB + 1, None))
+    a, b = prompt(120, start=3), prompt(600, start=4)
+    ex = ReplayExecutor(
+        mode_args(Preset("lmcache"), "v2", chunk=33), model, overlap_scheduler=True, free_passed_pages=True
+    )
+    first, _ = ex.generate([a, b], [12, 1])
+    assert ex.stats.requests[first.request_id].freed_pages
+    c = (a + first.tokens)[:128]
+    served = ReplayExecutor(mode_args(Preset("lmcache"), "v2", chunk=33), model).generate([c], 4)[0]
+    assert served.num_connector_matched_tokens > 0
+    assert_same_output(served, ReplayExecutor(mode_args(None, "v2", chunk=33), model).generate([c], 4)[0])
