@@ -224,8 +224,10 @@ class SharedL1Copier:
                 continue
             if first >= transfer.end or self.slabs.get(slot.slab) is None:
                 break
+            # The prompt's last slot may hold a partial chunk (save_unfull_chunk): its rows alone.
+            held = min(rows, slot.nbytes // self.row_bytes)
             skip = max(0, transfer.start - first) // tpb
-            chunk = P.LoadChunk(i * rows, rows, skip, min(rows, (transfer.end - first) // tpb), slot)
+            chunk = P.LoadChunk(i * rows, held, skip, min(held, (transfer.end - first) // tpb), slot)
             self._add_chunk(batch, chunk, transfer.block_ids)
             queued[chunk.first_block] = chunk
         if batch.layerwise and len(queued) == transfer.chunks_touched(size):

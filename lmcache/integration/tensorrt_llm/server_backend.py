@@ -462,7 +462,7 @@ class ServerTransfers:
                         stream=stream,
                         layers=layers,
                     )
-                except (ServerUnavailable, ServerError) as exc:
+                except (ServerUnavailable, ServerError, ShmSlabError) as exc:
                     if transfer is None:
                         continue  # nothing was promised from this target; its pins expire on the server
                     raise PromisedLoadError(

@@ -216,3 +216,26 @@ def test_a_preempted_request_recomputes_with_its_own_kv(
         assert got.num_connector_matched_tokens >= (128 if when == "prefill" else 192)
     assert_same_output(got, ReplayExecutor(mode_args(None, mode), model).generate([p], 8)[0])
     finish(preset, executor)
+
+
+@pytest.fixture
+def unfull_chunks(lmcache_env: pytest.MonkeyPatch) -> None:
+    """``save_unfull_chunk`` on, for the engine and for a server started after this."""
+    lmcache_env.setenv("LMCACHE_SAVE_UNFULL_CHUNK", "True")
+
+
+@pytest.mark.parametrize("mode", ["v1", "v2"])
+def test_a_partial_last_chunk_is_saved_and_loaded_with_the_rest(
+    unfull_chunks: None, preset: Preset, mode: str
+) -> None:
+    """A 230-token prompt: three full chunks and the whole blocks of the fourth (to 224) are saved;
+    asked again, all 224 tokens load (the last slot holds two rows, not a chunk's four) and the
+    output is the same."""
+    p = prompt(230, start=31)
+    first = ReplayExecutor(mode_args(preset, mode), MODEL)
+    first.generate([p], 4)
+    again = ReplayExecutor(mode_args(preset, mode), MODEL)
+    served = again.generate([p], 4)[0]
+    assert served.num_connector_matched_tokens == 224
+    assert_same_output(served, reference([p], 4)[0])
+    finish(preset, again)
