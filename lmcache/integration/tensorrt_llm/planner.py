@@ -187,8 +187,7 @@ class Planner:
     def match(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         """``get_num_new_matched_tokens``: look up, pin the hit under the request's id."""
         request_id = int(request.request_id)
-        # Borrowed: most lookups miss, and a miss needs no copy of a long prompt; its state keeps the
-        # list only until the request's first report replaces it with the tokens it brings.
+        # Borrowed: a miss (most lookups) needs no copy; its state keeps it until the first report's tokens.
         prompt, prompt_len, borrowed = self._prompt_of(request, borrow=True)
         self._forget(request_id)
         hit, new, prompt = self._usable(prompt, prompt_len, num_computed_tokens, PinKey("req", request_id))
@@ -237,7 +236,8 @@ class Planner:
             state = self._requests[request_id] = RequestState(request_id, prompt, prompt_len)
         elif state.prompt.hashes is None:
             state.prompt = prompt  # hashed by this lookup: the request's saves name chunks by hash
-        state.saved_until = max(state.saved_until, hit // self._chunk * self._chunk)
+        found = hit // self._chunk * self._chunk  # waiting for pages, it saved nothing: this ask's hit alone
+        state.saved_until = max(state.saved_until, found) if state.allocated else found
         is_async = bool(new) and self.config.enable_async_loading
         if new:
             start, end = num_computed_tokens, num_computed_tokens + new
@@ -444,10 +444,9 @@ class Planner:
     def _live_from(self, group: int, history: int) -> int:
         """The first block ordinal of ``group`` whose page is surely still its own.
 
-        A sliding window's pages turn ``-1`` once the window passes them, and no delta says so:
-        with ``history`` tokens computed, ordinals before ``(history + 1 - window) // tpb`` may
-        already belong to another request, and one token further under the overlap scheduler,
-        whose decode reports count one token behind the manager (as the window fence allows for).
+        A sliding window's pages turn ``-1`` once the window passes them, and no delta says so: with
+        ``history`` tokens computed (one behind the manager under the overlap scheduler), ordinals
+        before ``(history + 2 - window) // tpb`` may already belong to another request.
         """
         windows = self.index.windows()
         window = windows[group] if group < len(windows) else None

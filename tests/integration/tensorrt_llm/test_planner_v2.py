@@ -324,3 +324,17 @@ def test_a_device_match_ending_on_pages_with_no_slot_loads_only_after_it() -> No
     for transfer in load.transfers:
         first, last = transfer.start // TPB, transfer.end // TPB
         assert all(b >= 0 for b in transfer.block_ids[first:last])
+
+
+def test_a_hit_evicted_while_the_request_waits_for_pages_is_saved_after_its_prefill() -> None:
+    """A request TRT-LLM cannot admit yet is asked again at every pass: a hit an earlier pass found
+    and that L1 evicted since is computed, and must then be saved (not skipped as if cached)."""
+    p, index = planner(hit=192)
+    req = FakeRequest(4, list(range(200)))
+    assert p.reserve(req, 0, 1) == (192, False)
+    p.release_reservation(1, 0, 192)  # not admitted: TRT-LLM gives the reservation back
+    index.hit = 0  # and L1 evicts the prompt meanwhile
+    assert p.reserve(req, 0, 2) == (0, False)
+    pages = list(range(13))
+    meta = p.build(SchedulerOutput(new_requests=[grouped_report(4, req.tokens, [pages], 0, 200)]))
+    assert meta.loads == [] and [(t.start, t.end) for t in meta.saves] == [(0, 192)]
