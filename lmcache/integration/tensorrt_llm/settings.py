@@ -53,6 +53,15 @@ class ConnectorSettings:
                 f"kv_cache_config.tokens_per_block={tpb}; chunks are whole KV blocks. Set chunk_size to "
                 f"a multiple of {tpb} (e.g. {tpb * max(1, 256 // tpb)})."
             )
+        v2 = bool(getattr(kv_cache_config, "use_kv_cache_manager_v2", False))
+        host_cache = int(getattr(kv_cache_config, "host_cache_size", None) or 0)
+        if host_cache > 0 and not v2:
+            raise ValueError(
+                f"kv_cache_config.host_cache_size={host_cache} gives TRT-LLM's V1 KV cache manager a host "
+                "(secondary) block pool, whose onboarding and offloading move blocks between pool rows: "
+                "block ids then no longer name the rows the connector copies, and it would save and load "
+                "the wrong KV. Set host_cache_size=0 (LMCache's L1 is the host tier)."
+            )
         model = config.model_name or str(getattr(llm_args, "model", None) or "unknown-model")
         attention_dp = bool(getattr(llm_args, "enable_attention_dp", False))
         if attention_dp and not _trtllm.ATTENTION_DP_API:
@@ -69,7 +78,7 @@ class ConnectorSettings:
             tokens_per_block=int(tpb),
             chunk_size=config.chunk_size,
             layerwise=config.use_layerwise,
-            kv_manager_v2=bool(getattr(kv_cache_config, "use_kv_cache_manager_v2", False)),
+            kv_manager_v2=v2,
             attention_dp=attention_dp,
             iteration_tokens=int(getattr(llm_args, "max_num_tokens", None) or 8192),
         )

@@ -394,6 +394,26 @@ def test_settings_refuse_pipeline_parallel() -> None:
         ConnectorSettings.from_llm_args(Args, LMCacheEngineConfig.from_defaults())
 
 
+@pytest.mark.parametrize("v2", [False, True])
+def test_settings_refuse_a_v1_host_block_pool(v2: bool) -> None:
+    """V1's host (secondary) pool moves blocks between pool rows: block ids no longer name rows."""
+
+    class Args:
+        model = "m"
+
+        class kv_cache_config:  # noqa: N801
+            tokens_per_block = TPB
+            host_cache_size = 8 << 30
+            use_kv_cache_manager_v2 = v2
+
+    config = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK)
+    if v2:
+        assert ConnectorSettings.from_llm_args(Args, config).kv_manager_v2
+    else:
+        with pytest.raises(ValueError, match="host_cache_size=8589934592 .* Set host_cache_size=0"):
+            ConnectorSettings.from_llm_args(Args, config)
+
+
 def test_a_miss_is_not_released() -> None:
     p, index = planner(hit=0)
     assert p.match(FakeRequest(1, list(range(300))), 0) == (0, False)
