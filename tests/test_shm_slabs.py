@@ -2,11 +2,10 @@ import errno
 import gc
 import os
 import stat
-import subprocess
-import sys
 
 import pytest
 import torch
+from support.process_state import dead_pid, open_descriptors
 
 from lmcache.memory import HostArena
 from lmcache.shm_slabs import SHM_DIR, ShmSlabError, ShmSlabInfo, ShmSlabSource, cleanup_stale, map_slab
@@ -70,9 +69,7 @@ def test_mapping_refuses_wrong_mode_size_name_and_owner(tmp_path, monkeypatch) -
 
 
 def test_stale_regions_of_dead_servers_are_removed_at_start(tmp_path) -> None:
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = tmp_path / f"lmcache-l1-{dead.pid}-abcdef-0"
+    stale = tmp_path / f"lmcache-l1-{dead_pid()}-abcdef-0"
     live = tmp_path / f"lmcache-l1-{os.getpid()}-abcdef-0"
     other = tmp_path / "not-ours"
     for p in (stale, live, other):
@@ -97,21 +94,17 @@ def test_a_full_tmpfs_is_a_clear_error_not_a_crash(tmp_path, monkeypatch) -> Non
     source.close()
 
 
-def _open_descriptors() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 def test_slabs_and_their_mappings_hold_no_descriptor(tmp_path) -> None:
     """A large L1 is thousands of slabs: neither the server's slabs nor a worker's mappings of them
     may each keep a descriptor open (the process would run out), and the memory stays shared."""
     source = ShmSlabSource(shm_dir=str(tmp_path))
-    before = _open_descriptors()
+    before = open_descriptors()
     slabs = [source.allocate(1 << 20) for _ in range(8)]
     mapped = [
         map_slab(ShmSlabInfo(slab.id, slab.name, slab.nbytes), pin=False, shm_dir=str(tmp_path))
         for slab in slabs
     ]
-    assert _open_descriptors() == before
+    assert open_descriptors() == before
     mapped[3].tensor[:4] = 9  # the worker's write is the server's
     assert slabs[3].tensor[:4].tolist() == [9] * 4
     source.close()

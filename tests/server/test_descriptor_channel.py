@@ -7,13 +7,12 @@ import errno
 import os
 import socket
 import stat
-import subprocess
-import sys
 import threading
 
 import msgspec
 import pytest
 import torch
+from support.process_state import dead_pid, open_descriptors
 from support.server_process import wait_until
 
 from lmcache import fd_slabs
@@ -185,23 +184,19 @@ def test_driver_made_slabs_are_imported_one_at_a_time(monkeypatch) -> None:
     assert results == [SLAB] * 4 and maker.most == 1
 
 
-def _open_descriptors() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 def test_a_slab_named_many_times_is_sent_once_and_the_server_keeps_no_descriptor(source, channel) -> None:
     """A request may repeat an id; the answer carries one descriptor of it, and the server holds no
     descriptor more after answering (a client must not be able to make it leak)."""
     slab = source.allocate(SLAB)
     for fd in fetch_descriptors(channel.path, [slab.id]).values():  # the channel's paths warmed up
         os.close(fd)
-    before = _open_descriptors()
+    before = open_descriptors()
     fds = fetch_descriptors(channel.path, [slab.id] * MAX_SLABS_PER_REQUEST)
     assert list(fds) == [slab.id]
     os.close(fds[slab.id])
     # The server's side of a connection closes once it sees ours closed (the warm-up's may still be
     # open when ``before`` is counted): then the answer's descriptors are all gone, the 64 dups were one.
-    wait_until(lambda: _open_descriptors() <= before, "the server's descriptors closed", limit_s=10)
+    wait_until(lambda: open_descriptors() <= before, "the server's descriptors closed", limit_s=10)
 
 
 def test_a_peer_whose_credentials_cannot_be_read_is_closed_and_the_channel_keeps_serving(
@@ -257,9 +252,9 @@ def test_a_channel_that_never_answers_fails_the_request_instead_of_blocking(tmp_
 
 
 def test_a_memfd_slab_holds_one_descriptor_in_the_server_and_none_in_a_worker(source) -> None:
-    before = _open_descriptors()
+    before = open_descriptors()
     slabs = [source.allocate(SLAB) for _ in range(8)]
-    assert _open_descriptors() == before + len(slabs)  # the memfd, to hand out
+    assert open_descriptors() == before + len(slabs)  # the memfd, to hand out
     mapped = []
     for slab in slabs:
         info = source.describe(slab.id)
@@ -267,7 +262,7 @@ def test_a_memfd_slab_holds_one_descriptor_in_the_server_and_none_in_a_worker(so
         assert info is not None and fd is not None
         mapped.append(map_descriptor(info, fd, pin=False, device=None))
         os.close(fd)
-    assert _open_descriptors() == before + len(slabs)
+    assert open_descriptors() == before + len(slabs)
     mapped[5].tensor[:4] = 7
     assert slabs[5].tensor[:4].tolist() == [7] * 4
 
@@ -275,9 +270,7 @@ def test_a_memfd_slab_holds_one_descriptor_in_the_server_and_none_in_a_worker(so
 def test_the_directories_of_channels_whose_server_is_gone_are_removed(source, tmp_path) -> None:
     """A killed server cannot remove its channel's directory: the next one removes those of servers
     that are gone, and leaves live servers' and others' alone."""
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = tmp_path / f"{DIR_PREFIX}{dead.pid}-abc123"
+    stale = tmp_path / f"{DIR_PREFIX}{dead_pid()}-abc123"
     live = tmp_path / f"{DIR_PREFIX}{os.getpid()}-def456"
     other = tmp_path / "lmcache-slabs-notapid"
     for directory in (stale, live, other):
