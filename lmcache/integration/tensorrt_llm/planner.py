@@ -236,7 +236,7 @@ class Planner:
             state = self._requests[request_id] = RequestState(request_id, prompt, prompt_len)
         elif state.prompt.hashes is None:
             state.prompt = prompt  # hashed by this lookup: the request's saves name chunks by hash
-        found = hit // self._chunk * self._chunk  # waiting for pages, it saved nothing: this ask's hit alone
+        found = hit // self._chunk * self._chunk  # not given pages yet: only this ask's hit is known cached
         state.saved_until = max(state.saved_until, found) if state.allocated else found
         is_async = bool(new) and self.config.enable_async_loading
         if new:
