@@ -142,5 +142,8 @@ class InlineCosts:
         return CHUNK_COST * self.engine.pinned_key_count(key)
 
     def _ticket_chunks(self, instance_id: int, ticket: int) -> int:
+        """The chunks of the ticket of the instance registered now (a request of an earlier registration
+        of its id is refused before it runs: counting the current one's is the worst case)."""
         shared = self.service.shared_l1
-        return 0 if shared is None or not ticket else shared.ticket_chunks(instance_id, ticket)
+        inst = self.service.instances.get(instance_id) if shared is not None and ticket else None
+        return 0 if inst is None or shared is None else shared.ticket_chunks(inst.registration, ticket)

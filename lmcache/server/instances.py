@@ -11,6 +11,7 @@ request uses it). No sockets, no threads.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from lmcache.server.security import Peer, secret_matches
 from lmcache.server.settings import ServerConfig
 
 logger = init_logger(__name__)
+
+_REGISTRATIONS = itertools.count(1)
 
 __all__ = ["ClientKey", "Instance", "InstanceExtension", "InstanceRegistry", "client_key"]
 
@@ -63,6 +66,9 @@ class Instance:
     retired: bool = False
     extensions: dict[str, InstanceExtension] = field(default_factory=dict)
     """Per-mode state other handler groups attach by name; closed when the instance is retired."""
+    registration: int = field(default_factory=lambda: next(_REGISTRATIONS))
+    """Unique to this registration, unlike the instance id a later registration may take again: state
+    kept per registration cannot be reached by a request of an earlier one still running."""
 
     @property
     def instance_id(self) -> int:

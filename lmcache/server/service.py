@@ -213,7 +213,7 @@ class CacheService:
                 pid=i.request.pool.pid,
                 idle_s=round(now - i.last_seen, 3),
                 sharing=P.sharing_mode(i.request.pool),
-                leased_slots=self.shared_l1.leased(i.instance_id) if self.shared_l1 is not None else 0,
+                leased_slots=self.shared_l1.leased(i.registration) if self.shared_l1 is not None else 0,
             )
             for i in self.instances.snapshot()
         ]
@@ -309,7 +309,7 @@ class CacheService:
             pool_sharing=self.config.pool_sharing,
             presence=self.presence,
             slabs_ahead=(
-                self.shared_l1.slabs_ahead(inst.instance_id)
+                self.shared_l1.slabs_ahead(inst.registration)
                 if self.shared_l1 is not None and P.sharing_mode(inst.request.pool) == "shared-l1"
                 else []
             ),

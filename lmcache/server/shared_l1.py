@@ -7,9 +7,9 @@ slots named here, so the server never maps a pool nor needs a GPU.
 A store is two requests: ``store_reserve`` reserves a slot per new chunk (invisible to lookups) and
 answers with a ticket; ``store_done`` publishes them once the worker's copies are complete, or
 gives them back. A load is ``load`` (its chunks pinned, a ticket) then ``load_done`` (unpinned).
-Tickets are per instance and bounded (:class:`TicketLimitExceeded`); a ticket one instance did not
-get is refused (:class:`BadTicket`). :meth:`SharedL1Service.forget` (reaping, unregistering) aborts
-an instance's reservations, leases and loads, so nothing half-written is ever published.
+Tickets are per registration and bounded (:class:`TicketLimitExceeded`); a ticket one registration
+did not get is refused (:class:`BadTicket`). :meth:`SharedL1Service.forget` (reaping, unregistering)
+aborts a registration's reservations, leases and loads, so nothing half-written is ever published.
 
 The lease: each instance may hold a few reserved full-chunk slots not yet tied to a chunk
 (``store_reserve``'s ``lease``, capped at :attr:`SharedL1Service.max_lease_bytes`, all instances'
@@ -69,11 +69,13 @@ class TicketLimitExceeded(SharedL1Error):
 
 @dataclass(frozen=True)
 class InstanceScope:
-    """Whose request this is: the registered instance's id, key space and rank."""
+    """Whose request this is: the registered instance's id, key space and rank, and its registration
+    (the key of its tickets and leases: an earlier registration of the same id has its own)."""
 
     instance_id: int
     space: KeySpace
     rank: int
+    registration: int
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ class SharedL1Service:
         """Bytes of every instance's leased slots (and of those being reserved)."""
         self._ids = itertools.count(1)
         self._states: dict[int, _InstanceState] = {}
+        """Per registration (:attr:`InstanceScope.registration`)."""
         self._lock = threading.Lock()
 
     # ---- store ----------------------------------------------------------------------------------
@@ -150,7 +153,7 @@ class SharedL1Service:
     def store_reserve(self, scope: InstanceScope, req: P.StoreReserve) -> P.StoreSlots:
         """Reserve slots for the chunks of the request's range not cached yet, and top the lease up."""
         prompt = request_prompt(self.engine, scope.space, req)
-        self._check_room(scope.instance_id)
+        self._check_room(scope)
         slots = list(
             self.engine.reserve_store(scope.space, scope.rank, prompt, req.cache_salt, req.start, req.end)
         )
@@ -160,9 +163,9 @@ class SharedL1Service:
         ]
         leased = self._lease(scope, req.lease, req.filling)
         reserved = [s for s in slots if s.chunk is not None]
-        ticket = self._open(scope.instance_id, _StoreTicket(scope.space, slots)) if reserved else 0
+        ticket = self._open(scope.registration, _StoreTicket(scope.space, slots)) if reserved else 0
         slab_ids = [c.slot.slab for c in chunks if c.slot is not None] + [x.slot.slab for x in leased]
-        news = self._slab_news(scope.instance_id, slab_ids)
+        news = self._slab_news(scope.registration, slab_ids)
         return P.StoreSlots(
             ticket=ticket,
             chunks=chunks,
@@ -176,9 +179,9 @@ class SharedL1Service:
     def store_done(self, scope: InstanceScope, req: P.StoreDone) -> int:
         """Publish the ticket's chunks and the leased slots named (``ok``), or give them all back;
         returns the tokens published."""
-        leases, unknown = self._take_leases(scope.instance_id, req.leases)
+        leases, unknown = self._take_leases(scope.registration, req.leases)
         try:
-            ticket = self._close(scope.instance_id, req.ticket, _StoreTicket) if req.ticket else None
+            ticket = self._close(scope, req.ticket, _StoreTicket) if req.ticket else None
         except BadTicket:
             self._release(leases)  # the worker gave them up with this report
             raise
@@ -234,7 +237,7 @@ class SharedL1Service:
         more than ``req.first`` chunks in the range, the first ``req.first`` go ahead in a part of
         the reply (the ticket opened with it), the rest in the reply itself."""
         prompt = request_prompt(self.engine, scope.space, req)
-        self._check_room(scope.instance_id)
+        self._check_room(scope)
         hold = self.engine.hold_load(scope.space, scope.rank, prompt, req.cache_salt, req.start, req.end)
         size = self.engine.config.chunk_size
         in_range = -(-req.end // size) - req.start // size
@@ -247,7 +250,7 @@ class SharedL1Service:
                 chunks.append(P.LoadChunk(slot.first_block, slot.rows, slot.skip, slot.stop, info))
                 if len(chunks) == split and not ticket:
                     assert send_part is not None
-                    ticket = self._open(scope.instance_id, _LoadTicket(hold))
+                    ticket = self._open(scope.registration, _LoadTicket(hold))
                     send_part(self._load_slots(scope, ticket, hold, chunks))
                     chunks = []
         except BaseException:
@@ -258,7 +261,7 @@ class SharedL1Service:
             if not chunks:
                 self.engine.finish_load(hold)
                 return P.LoadSlots(ticket=0, loaded=0)
-            ticket = self._open(scope.instance_id, _LoadTicket(hold))
+            ticket = self._open(scope.registration, _LoadTicket(hold))
         elif hold.finished:  # the instance was retired after the first part: its pins are gone
             raise BadTicket(
                 f"instance {scope.instance_id} was unregistered during this load; its slots are no longer "
@@ -269,7 +272,7 @@ class SharedL1Service:
     def _load_slots(
         self, scope: InstanceScope, ticket: int, hold: LoadHold, chunks: list[P.LoadChunk]
     ) -> P.LoadSlots:
-        news = self._slab_news(scope.instance_id, [c.slot.slab for c in chunks])
+        news = self._slab_news(scope.registration, [c.slot.slab for c in chunks])
         return P.LoadSlots(
             ticket=ticket,
             loaded=hold.loaded_end - hold.start,
@@ -285,18 +288,18 @@ class SharedL1Service:
 
     def load_done(self, scope: InstanceScope, req: P.LoadDone) -> bool:
         """Unpin the ticket's chunks: the worker has copied out of them."""
-        ticket = self._close(scope.instance_id, req.ticket, _LoadTicket)
+        ticket = self._close(scope, req.ticket, _LoadTicket)
         assert isinstance(ticket, _LoadTicket)
         self.engine.finish_load(ticket.hold)
         return True
 
     # ---- instances ------------------------------------------------------------------------------
 
-    def forget(self, instance_id: int) -> int:
-        """The instance is gone (reaped, unregistered, registered again): abort its reservations and
+    def forget(self, registration: int) -> int:
+        """The registration is gone (reaped, unregistered, registered again): abort its reservations and
         release its loads; returns how many tickets were open."""
         with self._lock:
-            state = self._states.pop(instance_id, None)
+            state = self._states.pop(registration, None)
             if state is not None:
                 self._leased_bytes -= sum(key.nbytes for key in state.leases.values())
         if state is None:
@@ -309,40 +312,40 @@ class SharedL1Service:
         self._release(list(state.leases.values()))
         return len(state.tickets)
 
-    def leased(self, instance_id: int) -> int:
-        """Leased slots the instance holds."""
+    def leased(self, registration: int) -> int:
+        """Leased slots the registration holds."""
         with self._lock:
-            state = self._states.get(instance_id)
+            state = self._states.get(registration)
             return 0 if state is None else len(state.leases)
 
-    def ticket_chunks(self, instance_id: int, ticket_id: int) -> int:
-        """Chunks the instance's open ticket holds (a load's: pinned in L1 and in the lower tiers; 0:
-        no such ticket): what closing it costs."""
+    def ticket_chunks(self, registration: int, ticket_id: int) -> int:
+        """Chunks the registration's open ticket holds (a load's: pinned in L1 and in the lower tiers;
+        0: no such ticket): what closing it costs."""
         with self._lock:
-            state = self._states.get(instance_id)
+            state = self._states.get(registration)
             ticket = None if state is None else state.tickets.get(ticket_id)
         if isinstance(ticket, _StoreTicket):
             return len(ticket.slots)
         return 0 if ticket is None else len(ticket.hold.slots) + len(ticket.hold.tier_pins)
 
-    def open_tickets(self, instance_id: int) -> int:
+    def open_tickets(self, registration: int) -> int:
         with self._lock:
-            state = self._states.get(instance_id)
+            state = self._states.get(registration)
             return 0 if state is None else len(state.tickets)
 
     # ---- helpers --------------------------------------------------------------------------------
 
-    def _check_room(self, instance_id: int) -> None:
-        if self.open_tickets(instance_id) >= self.max_tickets:
+    def _check_room(self, scope: InstanceScope) -> None:
+        if self.open_tickets(scope.registration) >= self.max_tickets:
             raise TicketLimitExceeded(
-                f"instance {instance_id} holds its maximum of {self.max_tickets} open shared-L1 tickets; "
-                "send store_done / load_done for the copies it finished"
+                f"instance {scope.instance_id} holds its maximum of {self.max_tickets} open shared-L1 "
+                "tickets; send store_done / load_done for the copies it finished"
             )
 
-    def _open(self, instance_id: int, ticket: _StoreTicket | _LoadTicket) -> int:
+    def _open(self, registration: int, ticket: _StoreTicket | _LoadTicket) -> int:
         with self._lock:
             ticket_id = next(self._ids)
-            self._states.setdefault(instance_id, _InstanceState()).tickets[ticket_id] = ticket
+            self._states.setdefault(registration, _InstanceState()).tickets[ticket_id] = ticket
             return ticket_id
 
     def _lease(self, scope: InstanceScope, wanted: int, filling: list[int]) -> list[P.LeasedSlot]:
@@ -353,7 +356,7 @@ class SharedL1Service:
         slot_bytes = self.engine.config.chunk_size // layout.tokens_per_block * layout.row_bytes
         cap = self.max_lease_bytes // slot_bytes
         with self._lock:
-            state = self._states.setdefault(scope.instance_id, _InstanceState())
+            state = self._states.setdefault(scope.registration, _InstanceState())
             for lease_id in filling:
                 if len(state.filling) >= cap:
                     break
@@ -370,16 +373,17 @@ class SharedL1Service:
             if chunk is None:  # L1 is full of pinned chunks: the store path reports it
                 break
             with self._lock:  # the instance's state now: retiring it meanwhile dropped the one above
-                self._states.setdefault(scope.instance_id, _InstanceState()).leases[key.lease_id] = key
+                self._states.setdefault(scope.registration, _InstanceState()).leases[key.lease_id] = key
             granted.append(P.LeasedSlot(key.lease_id, self._ref_info(chunk.buffer.ref)))
         with self._lock:
             self._leased_bytes -= (count - len(granted)) * slot_bytes
         return granted
 
-    def _take_leases(self, instance_id: int, lease_ids: list[int]) -> tuple[list[LeaseKey], list[int]]:
-        """Remove the named leases from the instance's; returns their keys and the ids it did not hold."""
+    def _take_leases(self, registration: int, lease_ids: list[int]) -> tuple[list[LeaseKey], list[int]]:
+        """Remove the named leases from the registration's; returns their keys and the ids it did not
+        hold."""
         with self._lock:
-            state = self._states.get(instance_id)
+            state = self._states.get(registration)
             held = {} if state is None else state.leases
             keys, unknown = [], []
             for lease_id in lease_ids:
@@ -393,16 +397,16 @@ class SharedL1Service:
                     self._leased_bytes -= key.nbytes
             return keys, unknown
 
-    def _close(self, instance_id: int, ticket_id: int, kind: type) -> _StoreTicket | _LoadTicket:
-        """Take an open ticket of ``kind`` issued to ``instance_id``, or refuse."""
+    def _close(self, scope: InstanceScope, ticket_id: int, kind: type) -> _StoreTicket | _LoadTicket:
+        """Take an open ticket of ``kind`` issued to the registration of ``scope``, or refuse."""
         with self._lock:
-            state = self._states.get(instance_id)
+            state = self._states.get(scope.registration)
             ticket = None if state is None else state.tickets.get(ticket_id)
             if ticket is None or not isinstance(ticket, kind):
                 what = "store_reserve" if kind is _StoreTicket else "load"
                 raise BadTicket(
-                    f"ticket {ticket_id} is not an open {what} ticket of instance {instance_id}; send the "
-                    f"ticket its {what} reply gave, once"
+                    f"ticket {ticket_id} is not an open {what} ticket of instance {scope.instance_id}; send "
+                    f"the ticket its {what} reply gave, once"
                 )
             assert state is not None
             del state.tickets[ticket_id]
@@ -428,19 +432,19 @@ class SharedL1Service:
         """Every live L1 slab (``l1_slabs``: a worker maps them before it registers)."""
         return self._describe(sorted(self.source.live_ids()))
 
-    def slabs_ahead(self, instance_id: int) -> list[P.SlabInfo]:
-        """The L1 slabs the instance was not told of yet, from now on told: its registration's reply
-        hands them to the worker to map ahead (``RegisterInfo.slabs_ahead``)."""
-        return self._slab_news(instance_id, []).ahead
+    def slabs_ahead(self, registration: int) -> list[P.SlabInfo]:
+        """The L1 slabs the registration was not told of yet, from now on told: its reply hands them to
+        the worker to map ahead (``RegisterInfo.slabs_ahead``)."""
+        return self._slab_news(registration, []).ahead
 
-    def _slab_news(self, instance_id: int, slab_ids: list[int]) -> SlabNews:
+    def _slab_news(self, registration: int, slab_ids: list[int]) -> SlabNews:
         """What a reply tells the instance of the slabs (see :class:`SlabNews`). Every reply describes
         its own slabs: a worker's concurrent requests (a save and a load) may apply their replies in
         any order, and each copy needs its slabs mapped."""
         live = self.source.live_ids()
         named = sorted(set(slab_ids))
         with self._lock:
-            state = self._states.setdefault(instance_id, _InstanceState())
+            state = self._states.setdefault(registration, _InstanceState())
             forget = sorted(state.slabs - live)
             state.slabs -= set(forget)
             ahead = sorted(live - state.slabs - set(named))

@@ -74,7 +74,7 @@ class SharedL1Handlers:
 
     def forget(self, inst: Instance) -> None:
         """Abort the retired instance's reservations and release its loads."""
-        count = self.shared.forget(inst.instance_id)
+        count = self.shared.forget(inst.registration)
         if count:
             logger.info(
                 "instance %d: %d open shared-L1 ticket(s) dropped (reservations aborted, loads unpinned)",
@@ -98,4 +98,4 @@ def _scope(inst: Instance, op: str) -> InstanceScope:
             f"{op} serves only instances registered in the shared-l1 mode; instance {inst.instance_id} "
             f"registered its pool as {mode}: use store / retrieve for it"
         )
-    return InstanceScope(inst.instance_id, inst.space, inst.rank)
+    return InstanceScope(inst.instance_id, inst.space, inst.rank, inst.registration)

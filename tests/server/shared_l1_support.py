@@ -42,7 +42,7 @@ def shared_l1_env(tmp_path: Path, **service_options: int) -> SharedL1Env:
     space = KeySpace("model", PoolLayout.of_pool(pool, TPB))
     service = SharedL1Service(engine, **service_options)
     copier = SharedL1Copier(pool, shm_dir=str(tmp_path))
-    return SharedL1Env(engine, service, copier, pool, InstanceScope(7, space, 0))
+    return SharedL1Env(engine, service, copier, pool, InstanceScope(7, space, 0, registration=7))
 
 
 def shuffled_blocks(n: int, seed: int, base: int = 0) -> list[int]:

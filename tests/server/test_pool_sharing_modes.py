@@ -65,6 +65,7 @@ def test_registered_mode_round_trips_and_shows_in_stats(
     src = pool[: len(BLOCKS)].clone()
     with client_of(server) as client:
         info = client.register(pool, 0, 1, MODEL, TPB, pool_sharing=requested)
+        registration = server.service.instances.get(info.instance_id).registration
         assert info.sharing == mode and info.pool_sharing == policy
         assert client.store(BlockTransfer(TOKENS, None, BLOCKS, 0, len(TOKENS))) == len(TOKENS)
         assert client.lookup(TOKENS, pin_id="p") == len(TOKENS)
@@ -78,7 +79,7 @@ def test_registered_mode_round_trips_and_shows_in_stats(
     if policy == "export":  # no worker copies into L1: it stays private memory, no shared-L1 ops
         assert shared is None
     else:
-        assert shared is not None and shared.open_tickets(info.instance_id) == 0
+        assert shared is not None and shared.open_tickets(registration) == 0
 
 
 @pytest.mark.parametrize(("policy", "requested"), [("shared-l1", "export"), ("export", "shared-l1")])

@@ -106,7 +106,7 @@ def test_a_load_stops_at_the_first_chunk_not_cached(env) -> None:
 def test_bad_tickets_are_refused(env) -> None:
     engine, service, copier, pool, scope = env
     reply = service.store_reserve(scope, P.StoreReserve(instance_id=7, tokens=TOKENS, end=4 * CHUNK))
-    other = InstanceScope(8, scope.space, 0)
+    other = InstanceScope(8, scope.space, 0, registration=8)
     with pytest.raises(BadTicket, match="not an open store_reserve ticket of instance 8"):
         service.store_done(other, P.StoreDone(instance_id=8, ticket=reply.ticket))
     with pytest.raises(BadTicket, match="not an open load ticket"):
@@ -123,7 +123,7 @@ def test_tickets_are_bounded_per_instance(env) -> None:
         assert service.store_reserve(scope, P.StoreReserve(instance_id=7, tokens=toks, end=CHUNK)).ticket
     with pytest.raises(TicketLimitExceeded, match="maximum of 4"):
         service.store_reserve(scope, P.StoreReserve(instance_id=7, tokens=TOKENS, end=CHUNK))
-    other = InstanceScope(8, scope.space, 0)  # another instance has its own bound
+    other = InstanceScope(8, scope.space, 0, registration=8)  # another instance has its own bound
     assert service.store_reserve(other, P.StoreReserve(instance_id=8, tokens=TOKENS, end=CHUNK)).ticket
 
 

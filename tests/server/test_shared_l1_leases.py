@@ -142,7 +142,7 @@ def test_leases_past_the_prompts_full_chunks_are_freed(env) -> None:
 def test_leases_are_per_instance_and_named_once(env) -> None:
     slots = lease(env, 2)
     fill(env, slots, shuffled_blocks(18, seed=9))
-    other = type(env.scope)(8, env.scope.space, 0)
+    other = type(env.scope)(8, env.scope.space, 0, 8)
     with pytest.raises(BadTicket, match="not held by instance 8"):
         claim = P.StoreDone(instance_id=8, leases=[slots[0].id], end=CHUNK, tokens=TOKENS)
         env.service.store_done(other, claim)
@@ -166,7 +166,7 @@ def test_leases_a_store_is_filling_leave_the_cap_so_the_next_store_has_a_lease(e
     ids = [s.id for s in filling]
 
     def reserve(names: list[int], instance: int = 7) -> list[int]:
-        scope = env.scope if instance == 7 else type(env.scope)(instance, env.scope.space, 0)
+        scope = env.scope if instance == 7 else type(env.scope)(instance, env.scope.space, 0, instance)
         req = P.StoreReserve(instance_id=instance, tokens=TOKENS, end=0, lease=P.MAX_LEASE, filling=names)
         return [s.id for s in env.service.store_reserve(scope, req).leased]
 
@@ -195,7 +195,7 @@ def test_all_leases_together_are_capped_however_many_instances_register(env) -> 
     env.service.max_lease_bytes = 4 * slot
     env.service.max_total_lease_bytes = 6 * slot
     assert len(lease(env, P.MAX_LEASE)) == 4  # instance 7: its own cap
-    other = type(env.scope)(8, env.scope.space, 0)
+    other = type(env.scope)(8, env.scope.space, 0, 8)
     reply = env.service.store_reserve(other, P.StoreReserve(instance_id=8, tokens=TOKENS, end=0, lease=99))
     assert len(reply.leased) == 2  # what is left of the total
     env.service.forget(7)  # instance 7's lease goes back to the total

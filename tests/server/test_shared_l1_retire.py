@@ -4,6 +4,9 @@ outlive the instance, and nothing they name wrongly is published."""
 
 from __future__ import annotations
 
+import threading
+
+import msgspec
 import pytest
 from in_process_server import start_serving, stop_serving
 from raw_lane import connect, framed, read_reply
@@ -131,5 +134,58 @@ def test_the_shared_l1_ops_refuse_an_instance_whose_pool_the_server_maps(tmp_pat
         assert "registered its pool as cpu-shm" in reply.error.message
         assert server.engine.snapshot().l1.chunks == 0 and server.engine.l1.used_bytes == 0
     finally:
+        client.close()
+        stop_serving(server, thread)
+
+
+def test_a_late_request_of_an_earlier_registration_leaves_a_new_registration_of_its_id_alone(
+    tmp_path, monkeypatch
+) -> None:
+    """A store_reserve of instance 7 is still running when 7 unregisters and registers again. The
+    request then retires what it took; the new registration's lease, which a worker may be copying
+    into, stays held (were it freed, another chunk could take the slot the worker is writing)."""
+    path = str(tmp_path / "s.sock")
+    server, thread = start_serving("shared-l1", ipc_path=path)
+    client = CacheServerClient(f"ipc://{path}", timeout_s=20.0)
+    engine, shared = server.engine, server.service.shared_l1
+    assert shared is not None
+    entered, go = threading.Event(), threading.Event()
+    lease_slot = engine.lease_slot
+
+    def slow_first_lease(space, key):
+        if not entered.is_set():
+            entered.set()
+            assert go.wait(20)
+        return lease_slot(space, key)
+
+    monkeypatch.setattr(engine, "lease_slot", slow_first_lease)
+    replies: list[P.Reply] = []
+    try:
+        pool = shared_pool(seed=2)
+        old = client.register(pool, 0, 1, "m", TPB, pool_sharing="shared-l1", instance_id=7)
+        stale_lane = connect(f"ipc://{path}")
+        stale = threading.Thread(
+            target=lambda: replies.append(
+                call(stale_lane, P.StoreReserve(instance_id=7, tokens=b"", end=0, lease=1, cap=old.cap))
+            )
+        )
+        stale.start()
+        assert entered.wait(20)
+        assert client.unregister(7)
+        new = client.register(pool, 0, 1, "m", TPB, pool_sharing="shared-l1", instance_id=7)
+        lane = connect(f"ipc://{path}")
+        leased = call(lane, P.StoreReserve(instance_id=7, tokens=b"", end=0, lease=2, cap=new.cap))
+        lane.close()
+        granted = msgspec.convert(leased.value, P.StoreSlots).leased
+        assert leased.ok and len(granted) == 2
+        go.set()
+        stale.join(20)
+        stale_lane.close()
+        registration = server.service.instances.get(7).registration
+        assert replies and shared.leased(registration) == 2, "the new registration's lease was dropped"
+        held = sum(lease.slot.nbytes for lease in granted)
+        assert engine.l1.used_bytes == held  # the late request's lease went with its registration
+    finally:
+        go.set()
         client.close()
         stop_serving(server, thread)
