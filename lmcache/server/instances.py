@@ -22,6 +22,7 @@ from lmcache.engine import KeySpace
 from lmcache.logging import init_logger
 from lmcache.server import protocol as P
 from lmcache.server.failures import ServerCounters, ServiceFailure
+from lmcache.server.peer_process import PeerProcess
 from lmcache.server.pool_sharing import MappedPool
 from lmcache.server.security import Peer, secret_matches
 from lmcache.server.settings import ServerConfig
@@ -66,6 +67,11 @@ class Instance:
     retired: bool = False
     extensions: dict[str, InstanceExtension] = field(default_factory=dict)
     """Per-mode state other handler groups attach by name; closed when the instance is retired."""
+    process: PeerProcess | None = None
+    """The registering process where the server can watch it (a shared-L1 worker on a Unix socket):
+    not reaped while it runs, however long it is silent."""
+    kept_silent: bool = False
+    """Silent past the client timeout and kept (its process runs): told once per silence."""
     registration: int = field(default_factory=lambda: next(_REGISTRATIONS))
     """Unique to this registration, unlike the instance id a later registration may take again: state
     kept per registration cannot be reached by a request of an earlier one still running."""
@@ -113,6 +119,8 @@ class Instance:
                 self.streams.release()
         except Exception:
             logger.exception("closing the pool mapping of instance %d", self.instance_id)
+        if self.process is not None:
+            self.process.close()
 
 
 class InstanceRegistry:
@@ -252,11 +260,22 @@ class InstanceRegistry:
             del self._table[inst.instance_id]
         self.retire(inst, why)
 
-    def pop_silent(self, now: float, timeout: float) -> list[Instance]:
-        """Take out the instances silent for more than ``timeout`` seconds (the caller retires them)."""
+    def pop_silent(self, now: float, timeout: float) -> tuple[list[Instance], list[Instance]]:
+        """Take out the instances silent for more than ``timeout`` seconds (the caller retires them),
+        except those whose process is seen running (:attr:`Instance.process`): returns the ones taken
+        out and the ones kept that were not kept before in this silence."""
         with self._lock:
-            dead = [iid for iid, inst in self._table.items() if now - inst.last_seen > timeout]
-            return [self._table.pop(iid) for iid in dead]
+            dead, kept = [], []
+            for iid, inst in self._table.items():
+                if now - inst.last_seen <= timeout:
+                    inst.kept_silent = False
+                elif inst.process is not None and inst.process.alive():
+                    if not inst.kept_silent:
+                        inst.kept_silent = True
+                        kept.append(inst)
+                else:
+                    dead.append(iid)
+            return [self._table.pop(iid) for iid in dead], kept
 
     def pop_all(self) -> list[Instance]:
         with self._lock:

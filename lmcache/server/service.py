@@ -42,6 +42,7 @@ from lmcache.logging import init_logger
 from lmcache.server import protocol as P
 from lmcache.server.failures import ServerCounters, ServiceFailure
 from lmcache.server.instances import Instance, InstanceRegistry, client_key
+from lmcache.server.peer_process import PeerProcess
 from lmcache.server.pins import LookupPins, PinKey, PinRecord
 from lmcache.server.pool_sharing import PoolSharingError, open_pool
 from lmcache.server.prompts import InvalidPrompt, request_prompt
@@ -183,11 +184,20 @@ class CacheService:
         return P.HeartbeatInfo(server_id=self.server_id, unknown=unknown)
 
     def reap(self, now: float | None = None) -> None:
-        """Retire instances silent for ``client_timeout_s`` (their chunks stay cached) and release
-        pins no request came back for within ``pin_ttl_s``."""
+        """Retire instances silent for ``client_timeout_s`` (their chunks stay cached; a shared-L1
+        worker whose process is seen running is kept) and release pins no request came back for within
+        ``pin_ttl_s``."""
         now = time.monotonic() if now is None else now
         timeout = self.config.client_timeout_s
-        dead = self.instances.pop_silent(now, timeout) if timeout > 0 else []
+        dead, kept = self.instances.pop_silent(now, timeout) if timeout > 0 else ([], [])
+        for inst in kept:
+            logger.warning(
+                "instance %d (pid %d) silent for %.1f s, but its process runs (stopped?): kept registered "
+                "with the L1 slots it may still copy into, until it speaks again or exits",
+                inst.instance_id,
+                inst.process.pid if inst.process is not None else inst.request.pool.pid,
+                now - inst.last_seen,
+            )
         for inst in dead:
             self.counters.reaped += 1
             self.instances.retire(
@@ -271,6 +281,8 @@ class CacheService:
             pool.close()
             raise
         inst = Instance(req, pool, space, streams, time.monotonic(), secrets.token_bytes(32), client)
+        if P.sharing_mode(req.pool) == "shared-l1":  # it copies into L1 slots itself, even after a pause
+            inst.process = PeerProcess.of(call.peer)
         try:
             self.instances.add(inst)
         except ServiceFailure:

@@ -83,6 +83,31 @@ def test_a_worker_killed_between_reserve_and_done_publishes_nothing(start_server
         client.close()
 
 
+def test_a_stopped_worker_keeps_its_registration_and_slots_until_its_process_exits(start_server) -> None:
+    """A worker stopped past --client-timeout-s (SIGSTOP, a debugger, a frozen container) is not
+    reaped while its process lives: the slots it reserved, which it copies into once it resumes, stay
+    its own instead of going to another chunk. Once it exits, it is reaped."""
+    server = start_server("--client-timeout-s", "2")
+    worker, held = holding_worker(server, "reserve")
+    assert held["ticket"] > 0
+    client, _ = probe(server)
+    try:
+        reserved = client.stats().engine.l1.used_bytes
+        assert reserved > 0
+        worker.send_signal(signal.SIGSTOP)
+        wait_until(lambda: "its process runs (stopped?)" in server.log(), "the stopped worker kept")
+        stats = client.stats()
+        assert len(stats.instances) == 2 and stats.reaped_instances == 0
+        assert stats.engine.l1.used_bytes == reserved, "a stopped worker's reserved slots were freed"
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
+        wait_until(lambda: len(client.stats().instances) == 1, "the killed worker reaped")
+        assert client.stats().engine.l1.used_bytes == 0
+    finally:
+        worker.kill()
+        client.close()
+
+
 def test_a_killed_workers_load_pins_are_released_by_the_reaper(start_server) -> None:
     server = start_server("--client-timeout-s", "3")
     worker, held = holding_worker(server, "load")
