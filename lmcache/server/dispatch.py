@@ -378,6 +378,7 @@ class Dispatcher:
                 P.ErrorCode.EXPIRED,
                 f"request waited longer than its timeout_ms={req.timeout_ms} and was not run",
             )
+        call.set_timeout(received, req.timeout_ms)
         try:
             return P.Reply(rid=req.rid, ok=True, value=self.service.handle(req, call))
         except ServiceFailure as e:

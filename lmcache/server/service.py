@@ -58,6 +58,10 @@ logger = init_logger(__name__)
 __all__ = ["Call", "CacheService", "Handler"]
 
 
+REPLY_MARGIN_S = 1.0
+"""At most this much of a request's timeout is kept for its reply's way back (see :meth:`Call.expiring`)."""
+
+
 @dataclass
 class Call:
     """The context of one request: who sent it, and the cleanups to run once its reply is out."""
@@ -68,6 +72,21 @@ class Call:
     send_part: Callable[[Any], None] | None = None
     """Sends a first part of the reply's value now (a reply with ``more``); None: parts are not
     supported where the request runs, the handler answers whole."""
+    deadline: float | None = None
+    """When a reply must leave for the client to have it before it gives up (``time.monotonic()``:
+    the request's ``timeout_ms`` from its arrival, less a tenth of it, at most
+    :data:`REPLY_MARGIN_S`, for the way back), or None: the client waits as long as it takes."""
+
+    def set_timeout(self, received: float, timeout_ms: int | None) -> None:
+        """The request arrived at ``received`` with ``timeout_ms`` (0 or None: no timeout)."""
+        if timeout_ms:
+            timeout = timeout_ms / 1000
+            self.deadline = received + timeout - min(REPLY_MARGIN_S, timeout / 10)
+
+    def expiring(self) -> bool:
+        """Whether the reply, sent now, may come after the client gave up: what it grants (a
+        reservation, pins) would then be held for nobody."""
+        return self.deadline is not None and time.monotonic() > self.deadline
 
     def after_reply(self, cleanup: Callable[[], None]) -> None:
         """Run ``cleanup`` once the reply is out: work the client need not wait for, still done

@@ -176,6 +176,15 @@ class SharedL1Service:
             ahead=news.ahead,
         )
 
+    def undo_reserve(self, scope: InstanceScope, reply: P.StoreSlots) -> None:
+        """Give back what ``reply`` granted (its reservation, the slots it leased), never sent: the
+        client gave up waiting for it. The leases the request named as filling stay the client's."""
+        leases, _ = self._take_leases(scope.registration, [lease.id for lease in reply.leased])
+        self._release(leases)
+        ticket = self._close_if_open(scope, reply.ticket)
+        if isinstance(ticket, _StoreTicket):
+            self.engine.abort_store(ticket.slots)
+
     def store_done(self, scope: InstanceScope, req: P.StoreDone) -> int:
         """Publish the ticket's chunks and the leased slots named (``ok``), or give them all back;
         returns the tokens published."""
@@ -250,9 +259,13 @@ class SharedL1Service:
                 chunks.append(P.LoadChunk(slot.first_block, slot.rows, slot.skip, slot.stop, info))
                 if len(chunks) == split and not ticket:
                     assert send_part is not None
-                    ticket = self._open(scope.registration, _LoadTicket(hold))
-                    send_part(self._load_slots(scope, ticket, hold, chunks))
-                    chunks = []
+                    opened = self._open(scope.registration, _LoadTicket(hold))
+                    try:
+                        send_part(self._load_slots(scope, opened, hold, chunks))
+                    except BaseException:  # not sent: no one else would close it
+                        self._close(scope, opened, _LoadTicket)
+                        raise
+                    ticket, chunks = opened, []
         except BaseException:
             if not ticket:  # else the ticket holds the pins until load_done or reaping
                 self.engine.finish_load(hold)
@@ -285,6 +298,12 @@ class SharedL1Service:
     def pinned_slots(self, pin_key: Hashable, rank: int) -> list[P.SlotInfo]:
         """The slots of the chunks the lookup ``pin_key`` pinned for ``rank``, in prompt order."""
         return [self._chunk_info(chunk) for chunk in self.engine.pinned_chunks(pin_key, rank)]
+
+    def undo_load(self, scope: InstanceScope, reply: P.LoadSlots) -> None:
+        """Unpin what ``reply`` pinned, never sent: the client gave up waiting for it."""
+        ticket = self._close_if_open(scope, reply.ticket)
+        if isinstance(ticket, _LoadTicket):
+            self.engine.finish_load(ticket.hold)
 
     def load_done(self, scope: InstanceScope, req: P.LoadDone) -> bool:
         """Unpin the ticket's chunks: the worker has copied out of them."""
@@ -411,6 +430,12 @@ class SharedL1Service:
             assert state is not None
             del state.tickets[ticket_id]
             return ticket
+
+    def _close_if_open(self, scope: InstanceScope, ticket_id: int) -> _StoreTicket | _LoadTicket | None:
+        """Take the registration's ticket if it is still open (forgetting the registration closed it)."""
+        with self._lock:
+            state = self._states.get(scope.registration)
+            return None if state is None else state.tickets.pop(ticket_id, None)
 
     def _slot_info(self, slot: StoreSlot) -> P.SlotInfo:
         assert slot.chunk is not None

@@ -14,6 +14,7 @@ import functools
 
 from lmcache.logging import init_logger
 from lmcache.server import protocol as P
+from lmcache.server.failures import ServiceFailure
 from lmcache.server.instances import Instance
 from lmcache.server.service import CacheService, Call
 from lmcache.server.shared_l1 import InstanceScope, SharedL1Error, SharedL1Service
@@ -48,8 +49,12 @@ class SharedL1Handlers:
 
     def store_reserve(self, req: P.StoreReserve, call: Call) -> P.StoreSlots:
         with self.service.instances.use(req.instance_id, req.cap) as inst:
-            reply = self.shared.store_reserve(_scope(inst, "store_reserve"), req)
+            scope = _scope(inst, "store_reserve")
+            reply = self.shared.store_reserve(scope, req)
             self._forget_if_retired(inst)
+            if call.expiring():
+                self.shared.undo_reserve(scope, reply)
+                raise _too_late("store_reserve", "nothing was reserved or leased")
             return reply
 
     def store_done(self, req: P.StoreDone, call: Call) -> int:
@@ -60,9 +65,21 @@ class SharedL1Handlers:
         with self.service.instances.use(req.instance_id, req.cap) as inst:
             scope = _scope(inst, "load")
             key = None if req.pin_id is None else self.service.pin_key(inst, req.pin_owner, req.pin_id)
+            parts_sent = []
+
+            def send_part(part: P.LoadSlots) -> None:
+                if call.expiring():
+                    raise _too_late("load", "nothing was pinned")
+                assert call.send_part is not None
+                call.send_part(part)
+                parts_sent.append(part)
+
             try:
-                reply = self.shared.load(scope, req, call.send_part)
+                reply = self.shared.load(scope, req, send_part if call.send_part is not None else None)
                 self._forget_if_retired(inst)
+                if not parts_sent and reply.ticket and call.expiring():  # a part sent: the client closes it
+                    self.shared.undo_load(scope, reply)
+                    raise _too_late("load", "nothing was pinned")
                 return reply
             finally:
                 if key is not None:  # the load holds its own pins now (or failed): the lookup's may go
@@ -86,6 +103,15 @@ class SharedL1Handlers:
         """A ticket opened while the instance was being retired would outlive it: drop it now."""
         if inst.retired:
             self.forget(inst)
+
+
+def _too_late(op: str, undone: str) -> ServiceFailure:
+    """The failure of a request finished after its client gave up, what it granted given back."""
+    return ServiceFailure(
+        P.ErrorCode.EXPIRED,
+        f"{op} finished after the client's timeout_ms had passed, {undone}; the server is slow: retry, "
+        "or raise the client's timeout",
+    )
 
 
 def _scope(inst: Instance, op: str) -> InstanceScope:

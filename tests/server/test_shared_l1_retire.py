@@ -5,6 +5,9 @@ outlive the instance, and nothing they name wrongly is published."""
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import pytest
@@ -16,6 +19,7 @@ from support.server_process import TPB, shared_pool
 from lmcache.server import protocol as P
 from lmcache.server.client import CacheServerClient
 from lmcache.server.shared_l1 import BadTicket
+from lmcache.transfer import BlockTransfer
 
 
 @pytest.fixture
@@ -69,6 +73,21 @@ def test_a_split_load_whose_instance_is_retired_after_its_first_part_fails_and_l
     service.forget(7)
     assert len(parts) == 1 and service.open_tickets(7) == 0
     assert pinned(env) == 0, "chunks pinned for a load of an instance that is gone"
+
+
+def test_a_first_part_that_cannot_be_sent_leaves_no_ticket_and_no_pin(env) -> None:
+    """The first part of a split load is refused on its way out (the client gave up): no one will
+    send load_done for its ticket, so the load leaves nothing open."""
+    service = env.service
+    reply = service.store_reserve(env.scope, P.StoreReserve(instance_id=7, tokens=TOKENS, end=4 * CHUNK))
+    assert service.store_done(env.scope, P.StoreDone(instance_id=7, ticket=reply.ticket)) == 4 * CHUNK
+
+    def send_part(part: P.LoadSlots) -> None:
+        raise TimeoutError("the client gave up")
+
+    with pytest.raises(TimeoutError):
+        service.load(env.scope, P.Load(instance_id=7, tokens=TOKENS, end=4 * CHUNK, first=1), send_part)
+    assert service.open_tickets(7) == 0 and pinned(env) == 0
 
 
 def test_a_report_naming_a_lease_it_does_not_hold_publishes_nothing(env) -> None:
@@ -187,5 +206,57 @@ def test_a_late_request_of_an_earlier_registration_leaves_a_new_registration_of_
         assert engine.l1.used_bytes == held  # the late request's lease went with its registration
     finally:
         go.set()
+        client.close()
+        stop_serving(server, thread)
+
+
+def wait_past(seconds: float) -> Callable[..., Any]:
+    """A wrapper that runs ``fn`` once ``seconds`` have passed since it was called: a server that
+    finishes the request after its client's timeout."""
+
+    def slowed(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            until = time.monotonic() + seconds
+            while time.monotonic() < until:
+                time.sleep(until - time.monotonic())
+            return fn(*args, **kwargs)
+
+        return run
+
+    return slowed
+
+
+@pytest.mark.parametrize("op", ["store_reserve", "load"])
+def test_a_request_finished_after_its_timeout_grants_nothing(tmp_path, monkeypatch, op) -> None:
+    """The client gave up on a store_reserve or a load the server finished late: the reply's
+    reservation, leases and pins are given back, not held for a ticket no one will close (64 of them
+    and every later store and load of the instance is refused)."""
+    path = str(tmp_path / "s.sock")
+    server, thread = start_serving("shared-l1", ipc_path=path)
+    client = CacheServerClient(f"ipc://{path}", timeout_s=20.0)
+    engine, shared = server.engine, server.service.shared_l1
+    assert shared is not None
+    try:
+        pool = shared_pool(seed=3)
+        info = client.register(pool, 0, 1, "m", TPB, pool_sharing="shared-l1")
+        tokens = list(range(4 * CHUNK))
+        if op == "load":
+            assert client.store(BlockTransfer(tokens, None, list(range(4 * CHUNK // TPB)), 0, len(tokens)))
+            req = P.Load(instance_id=info.instance_id, tokens=tokens, end=len(tokens), cap=info.cap)
+            monkeypatch.setattr(engine, "hold_load", wait_past(0.3)(engine.hold_load))
+        else:
+            req = P.StoreReserve(instance_id=info.instance_id, tokens=tokens, end=len(tokens), lease=2)
+            req.cap = info.cap
+            monkeypatch.setattr(engine, "reserve_store", wait_past(0.3)(engine.reserve_store))
+        registration = server.service.instances.get(info.instance_id).registration
+        used, leased = engine.l1.used_bytes, shared.leased(registration)  # the store's lease stays
+        req.timeout_ms = 200
+        lane = connect(f"ipc://{path}")
+        reply = call(lane, req)
+        lane.close()
+        assert not reply.ok and reply.error.code == "expired", reply
+        assert shared.open_tickets(registration) == 0 and shared.leased(registration) == leased
+        assert engine.l1.used_bytes == used and engine.snapshot().l1.pinned_chunks == 0
+    finally:
         client.close()
         stop_serving(server, thread)
