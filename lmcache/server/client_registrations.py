@@ -77,6 +77,16 @@ class Registration:
     chunk_size: int | None = None
     """The chunk size the caller plans in (None: whatever the server's): a server answering another
     one leaves the registration unusable (:attr:`mismatch`) until one answering it registers it again."""
+    heard_at: float = 0.0
+    """When the latest request naming it that the server answered was sent (``time.monotonic()``,
+    shared by every process of the host): the server has seen it alive since at least then."""
+
+    def may_be_reaped(self, now: float) -> bool:
+        """Whether the server may have retired it for silence by ``now`` (half its
+        :attr:`P.RegisterInfo.reap_after_s` without an answered request: a stopped process resuming),
+        its leased slots then handed to other chunks."""
+        reap_after = 0.0 if self.info is None else self.info.reap_after_s
+        return reap_after > 0 and now - self.heard_at > reap_after / 2
 
     @property
     def mode(self) -> str:
@@ -90,9 +100,11 @@ class Registration:
             return None
         return SettingsMismatch("register", self.info.chunk_size, self.chunk_size)
 
-    def update(self, info: P.RegisterInfo) -> None:
-        """What the server answered to (re-)registering; a new server's slabs are mapped afresh. With
-        another chunk size than :attr:`chunk_size`, nothing of the server's is mapped or hashed for."""
+    def update(self, info: P.RegisterInfo, sent_at: float) -> None:
+        """What the server answered to (re-)registering, sent at ``sent_at``; a new server's slabs are
+        mapped afresh. With another chunk size than :attr:`chunk_size`, nothing of the server's is
+        mapped or hashed for."""
+        self.heard_at = max(self.heard_at, sent_at)
         usable = self.chunk_size is None or info.chunk_size == self.chunk_size
         if self.copier is not None:
             self.copier.on_server(info.server_id, info.cap)
@@ -173,6 +185,19 @@ class Registrations:
 
     def get(self, instance_id: int) -> Registration | None:
         return self._table.get(instance_id)
+
+    def heard(self, instance_ids: list[int], sent_at: float) -> None:
+        """The server answered a request naming ``instance_ids``, sent at ``sent_at`` (no lock: a lost
+        race keeps the earlier time, which only makes :meth:`may_be_reaped` more cautious)."""
+        for iid in instance_ids:
+            reg = self._table.get(iid)
+            if reg is not None:
+                reg.heard_at = max(reg.heard_at, sent_at)
+
+    def may_be_reaped(self, instance_id: int) -> bool:
+        """See :meth:`Registration.may_be_reaped` (False for an instance not registered here)."""
+        reg = self.get(instance_id)
+        return reg is not None and reg.may_be_reaped(time.monotonic())
 
     def add(self, instance_id: int, registration: Registration) -> None:
         with self.lock:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -227,6 +228,10 @@ class SharedL1Transfers:
         # Leased slots hold full chunks of a range that starts on one (else the server refuses it).
         leasable = use_lease and transfer.start % size == 0 and end > transfer.start
         count = (end - transfer.start) // size if leasable else 0
+        if count and self._registrations.may_be_reaped(iid):
+            # Silent long enough to be forgotten (a stopped process resuming): its leased slots may be
+            # another chunk's now. The store_reserve below proves the registration or registers again.
+            copier.drop_leases()
         leases, lease_cap = copier.take_leases(count)
         report = _StoreReport(iid, transfer.start, transfer.start + len(leases) * size, leases, fields)
         # Always asked, even when the lease holds the whole store: the reply tops the lease up (the
@@ -248,6 +253,7 @@ class SharedL1Transfers:
             batch = copier.begin_store(transfer.block_ids, after)
             for first, slot in leased[:1]:  # the first copy starts before the request is even sent
                 copier.add(batch, slot, transfer.block_ids[first : first + rows])
+            sent_at = time.monotonic()
             if use_lease:
                 wait_reply = self._submit(req, P.StoreSlots, timeout_s, deadline=True)
             else:
@@ -258,6 +264,7 @@ class SharedL1Transfers:
                 pending, wait_reply = wait_reply, None  # taken once, even if it raises
                 report.reply = pending.next()[0]
             assert report.reply is not None
+            self._registrations.heard([iid], sent_at)
             copier.add_leases(report.reply)
             report.cap = req.cap
             if leases and req.cap != lease_cap:  # registered again meanwhile: the leases went with the old

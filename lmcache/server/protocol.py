@@ -465,6 +465,9 @@ class RegisterInfo(msgspec.Struct, kw_only=True):
     """Where the client claims chunks with no round trip (:mod:`lmcache.server.claims`); None: ask."""
     slabs_ahead: list[SlabInfo] = []
     """Shared-L1 mode: the server's L1 slabs, for the worker to map and page-lock ahead of its copies."""
+    reap_after_s: float = 0.0
+    """The server retires the instance after this long without a request or heartbeat naming it (0:
+    never for silence alone: it watches the process, or does not reap)."""
 
 
 class PingInfo(msgspec.Struct, kw_only=True):

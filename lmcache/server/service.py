@@ -344,6 +344,7 @@ class CacheService:
                 if self.shared_l1 is not None and P.sharing_mode(inst.request.pool) == "shared-l1"
                 else []
             ),
+            reap_after_s=0.0 if inst.process is not None else self.config.client_timeout_s,
         )
 
     def _check_sharing(self, desc: P.PoolDescriptor) -> None:

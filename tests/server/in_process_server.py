@@ -11,11 +11,16 @@ from lmcache.server.client import CacheServerClient
 from lmcache.server.server import CacheServer, ServerConfig, server_engine
 
 
-def start_serving(policy: str, ipc_path: str | None = None) -> tuple[CacheServer, threading.Thread]:
-    """An in-process server whose ``--pool-sharing`` is ``policy``, serving on its own thread."""
+def start_serving(
+    policy: str, ipc_path: str | None = None, client_timeout_s: float = 0
+) -> tuple[CacheServer, threading.Thread]:
+    """An in-process server whose ``--pool-sharing`` is ``policy``, serving on its own thread (its
+    reaper off unless ``client_timeout_s``; :meth:`CacheServer.reap` reaps on demand)."""
     config = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.05)
     engine = server_engine(config, policy, pinned=False)
-    server_config = ServerConfig(port=0, ipc_path=ipc_path, client_timeout_s=0, pool_sharing=policy)
+    server_config = ServerConfig(
+        port=0, ipc_path=ipc_path, client_timeout_s=client_timeout_s, pool_sharing=policy
+    )
     server = CacheServer(engine, server_config)
     server.start()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
