@@ -216,7 +216,7 @@ class CacheServerClient:
         )
         with self.registrations.lock:
             reg.copier = self.shared_l1.copier_for(reg)
-            sent_at = time.monotonic()
+            sent_at = self.registrations.clock()
             info = self._call(reg.request, P.RegisterInfo, timeout_s, retry_unknown=False)
             reg.update(info, sent_at)
             self.registrations.add(iid, reg)
@@ -360,7 +360,7 @@ class CacheServerClient:
         """Refresh this client's instances; re-registers those the server no longer knows."""
         ids, (lookups, tokens) = self.registrations.ids(), self.registrations.take_misses()
         req = P.Heartbeat(instance_ids=ids, missed_lookups=lookups, missed_tokens=tokens)
-        sent_at = time.monotonic()
+        sent_at = self.registrations.clock()
         info = self._call(req, P.HeartbeatInfo, timeout_s)
         self.registrations.heard([iid for iid in ids if iid not in info.unknown], sent_at)
         if self.server_id is not None and info.server_id != self.server_id:
@@ -459,7 +459,7 @@ class CacheServerClient:
                 return
             if reg.policy == "auto":  # the new server may force another mode
                 _choose_again(reg, self.shared_l1, lambda: self.ping(timeout_s=timeout_s).pool_sharing)
-            sent_at = time.monotonic()
+            sent_at = self.registrations.clock()
             with _refused_as_such():
                 info = self._call_once(reg.request, P.RegisterInfo, timeout_s, False)
             reg.update(info, sent_at)

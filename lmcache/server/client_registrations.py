@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -81,12 +82,12 @@ class Registration:
     """When the latest request naming it that the server answered was sent (``time.monotonic()``,
     shared by every process of the host): the server has seen it alive since at least then."""
 
-    def may_be_reaped(self, now: float) -> bool:
-        """Whether the server may have retired it for silence by ``now`` (half its
-        :attr:`P.RegisterInfo.reap_after_s` without an answered request: a stopped process resuming),
-        its leased slots then handed to other chunks."""
+    def may_be_reaped(self, now: float, since: float | None = None) -> bool:
+        """Whether the server may have retired it for silence by ``now``, having last seen it at
+        ``since`` (default :attr:`heard_at`): half its :attr:`P.RegisterInfo.reap_after_s` has passed
+        (a stopped process resuming), and its leased slots and pins may be other chunks' now."""
         reap_after = 0.0 if self.info is None else self.info.reap_after_s
-        return reap_after > 0 and now - self.heard_at > reap_after / 2
+        return reap_after > 0 and now - (self.heard_at if since is None else since) > reap_after / 2
 
     @property
     def mode(self) -> str:
@@ -136,6 +137,9 @@ class Registrations:
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
+        self.clock: Callable[[], float] = time.monotonic
+        """When requests were sent and :meth:`may_be_reaped` asks (the host's monotonic clock, which
+        the server's reaper reads too)."""
         self._table: dict[int, Registration] = {}
         self._misses = (0, 0)
         self._pins: dict[tuple[int, int | str], tuple[int, float]] = {}
@@ -194,10 +198,10 @@ class Registrations:
             if reg is not None:
                 reg.heard_at = max(reg.heard_at, sent_at)
 
-    def may_be_reaped(self, instance_id: int) -> bool:
+    def may_be_reaped(self, instance_id: int, since: float | None = None) -> bool:
         """See :meth:`Registration.may_be_reaped` (False for an instance not registered here)."""
         reg = self.get(instance_id)
-        return reg is not None and reg.may_be_reaped(time.monotonic())
+        return reg is not None and reg.may_be_reaped(self.clock(), since)
 
     def add(self, instance_id: int, registration: Registration) -> None:
         with self.lock:

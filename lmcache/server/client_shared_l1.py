@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +60,15 @@ MAX_REMEMBERED_LOOKUPS = 256
 FIRST_CHUNKS = 4
 """Chunks of a load the server names ahead of the rest: their copies keep the DMA engine busy while it
 pins the rest (benchmarks/RESULTS.md, D22)."""
+
+
+def _stood_still(op: str, what: str) -> ServerUnavailable:
+    """This process stood still so long after asking ``op`` that the server may have reaped it and
+    handed the slots it ``what`` to other chunks: the copies between them and the pool cannot count."""
+    return ServerUnavailable(
+        f"{op}: this process stood still for over half the server's client timeout after asking, so the "
+        f"server may have forgotten it and the slots it {what} may hold other chunks now; not used"
+    )
 
 
 class _LeaseVoid(Exception):
@@ -253,7 +261,7 @@ class SharedL1Transfers:
             batch = copier.begin_store(transfer.block_ids, after)
             for first, slot in leased[:1]:  # the first copy starts before the request is even sent
                 copier.add(batch, slot, transfer.block_ids[first : first + rows])
-            sent_at = time.monotonic()
+            sent_at = self._registrations.clock()
             if use_lease:
                 wait_reply = self._submit(req, P.StoreSlots, timeout_s, deadline=True)
             else:
@@ -270,6 +278,8 @@ class SharedL1Transfers:
             if leases and req.cap != lease_cap:  # registered again meanwhile: the leases went with the old
                 report.leases = []
                 raise _LeaseVoid
+            if self._registrations.may_be_reaped(iid, sent_at):
+                raise _stood_still("store_reserve", "reserved")
             copier.add_chunks(batch, report.reply, transfer.block_ids)
             copier.finish_store(batch)
             # framed while the last copies run
@@ -331,6 +341,7 @@ class SharedL1Transfers:
             **self._registrations.prompt_fields(iid, transfer),
         )
         looked_up = self._looked_up_slots(iid, pin_id, pin_owner, copier.server_id)
+        sent_at = self._registrations.clock()
         batch, early, parts, reply, more = self._first_part(
             copier, req, transfer, looked_up, timeout_s, stream, layers
         )
@@ -349,6 +360,8 @@ class SharedL1Transfers:
                 copier.add_load(batch, reply, transfer.block_ids, early)
             report = self._report_of(done, timeout_s)  # framed while the copies run
             copied = copier.finish_load(batch, stream, ordered=layers is None)
+            if self._registrations.may_be_reaped(iid, sent_at):  # the copies may read slots reused since
+                raise _stood_still("load", "pinned")
             if copied is not None:  # the copies are running: their report goes once they are done
                 self._report_when_done(copied, copier.pool.device.index, report)
                 reported_later = True

@@ -34,6 +34,12 @@ class _Registrations:
     def geometry(self, instance_id: int) -> tuple[int, int]:
         return 64, 8  # chunk size, tokens per block
 
+    def clock(self) -> float:
+        return 0.0
+
+    def may_be_reaped(self, instance_id: int, since: float | None = None) -> bool:
+        return False  # a server that never reaps for silence
+
     def check_blocks(self, block_ids: list[int], start: int, end: int, tokens_per_block: int) -> None:
         assert len(block_ids) * tokens_per_block >= end
 
