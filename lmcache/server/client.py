@@ -59,8 +59,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import msgspec
-
 from lmcache.keys import Tokens
 from lmcache.logging import init_logger
 from lmcache.server import framing
@@ -77,7 +75,7 @@ from lmcache.server.client_errors import (
     Unauthorized,
     UnknownInstance,
     VersionMismatch,
-    error_for,
+    reply_value,
 )
 from lmcache.server.client_lanes import DEFAULT_LANES, Endpoint, LanePool, Submitted
 from lmcache.server.client_registrations import Credentials, PromptHashes, Registration, Registrations
@@ -484,7 +482,7 @@ class CacheServerClient:
         as by :meth:`call`, without retries)."""
         frame, rid, op, timeout = self._frame(req, timeout_s, deadline)
         pending = self.lanes.submit(frame, rid, op, timeout)
-        return Submitted(pending, lambda reply: self._value(reply, result_type, op))
+        return Submitted(pending, lambda reply: reply_value(reply, result_type, op))
 
     def _one_way(self, req: Any, timeout_s: float | None) -> Callable[[], None]:
         """``req`` framed now, one-way (no reply comes, not even an error); the call returned sends it."""
@@ -503,23 +501,6 @@ class CacheServerClient:
         if deadline:
             req.timeout_ms = max(1, int(timeout * 1000))
         return framing.encode_request(req), rid, type(req).__struct_config__.tag, timeout
-
-    def _value(self, reply: P.Reply, result_type: type[T], op: str) -> T:
-        """The reply's value as ``result_type``; an error reply raised."""
-        if reply.v != P.PROTOCOL_VERSION:
-            raise VersionMismatch(
-                P.ErrorCode.VERSION_MISMATCH.value,
-                f"server replied with protocol v{reply.v}, this client speaks v{P.PROTOCOL_VERSION}; "
-                "install the same lmcache release on both sides",
-                op,
-            )
-        if not reply.ok:
-            err = reply.error or P.ErrorInfo(P.ErrorCode.INTERNAL.value, "error reply without details")
-            raise error_for(err, op)
-        try:
-            return msgspec.convert(reply.value, result_type)
-        except msgspec.ValidationError as e:
-            raise ServerError(P.ErrorCode.INTERNAL.value, f"unexpected reply value: {e}", op) from None
 
     # ---- heartbeat ------------------------------------------------------------------------------
 

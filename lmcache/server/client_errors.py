@@ -1,9 +1,16 @@
 """The errors a :class:`~lmcache.server.client.CacheServerClient` call raises: no answer in time
-(:class:`ServerUnavailable`), or an error reply (:class:`ServerError`, a subclass per code)."""
+(:class:`ServerUnavailable`), or an error reply (:class:`ServerError`, a subclass per code); and
+:func:`reply_value`, a reply's value or its error raised."""
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+import msgspec
+
 from lmcache.server import protocol as P
+
+T = TypeVar("T")
 
 __all__ = [
     "BadPool",
@@ -17,6 +24,7 @@ __all__ = [
     "UnknownInstance",
     "VersionMismatch",
     "error_for",
+    "reply_value",
     "timed_out",
 ]
 
@@ -104,3 +112,21 @@ def timed_out(url: str, op: str, timeout: float) -> ServerUnavailable:
         f"no reply to {op} from the cache server at {url} within {timeout:g} s; is it running? "
         "(start it with: python -m lmcache.v1.multiprocess.server)"
     )
+
+
+def reply_value(reply: P.Reply, result_type: type[T], op: str) -> T:
+    """The value of ``op``'s reply as ``result_type``; an error reply raised."""
+    if reply.v != P.PROTOCOL_VERSION:
+        raise VersionMismatch(
+            P.ErrorCode.VERSION_MISMATCH.value,
+            f"server replied with protocol v{reply.v}, this client speaks v{P.PROTOCOL_VERSION}; "
+            "install the same lmcache release on both sides",
+            op,
+        )
+    if not reply.ok:
+        err = reply.error or P.ErrorInfo(P.ErrorCode.INTERNAL.value, "error reply without details")
+        raise error_for(err, op)
+    try:
+        return msgspec.convert(reply.value, result_type)
+    except msgspec.ValidationError as e:
+        raise ServerError(P.ErrorCode.INTERNAL.value, f"unexpected reply value: {e}", op) from None

@@ -260,10 +260,10 @@ class InstanceRegistry:
             del self._table[inst.instance_id]
         self.retire(inst, why)
 
-    def pop_silent(self, now: float, timeout: float) -> tuple[list[Instance], list[Instance]]:
+    def pop_silent(self, now: float, timeout: float) -> list[Instance]:
         """Take out the instances silent for more than ``timeout`` seconds (the caller retires them),
-        except those whose process is seen running (:attr:`Instance.process`): returns the ones taken
-        out and the ones kept that were not kept before in this silence."""
+        except those whose process is seen running (:attr:`Instance.process`; a warning, once per
+        silence)."""
         with self._lock:
             dead, kept = [], []
             for iid, inst in self._table.items():
@@ -272,10 +272,19 @@ class InstanceRegistry:
                 elif inst.process is not None and inst.process.alive():
                     if not inst.kept_silent:
                         inst.kept_silent = True
-                        kept.append(inst)
+                        kept.append((inst, inst.process.pid, now - inst.last_seen))
                 else:
                     dead.append(iid)
-            return [self._table.pop(iid) for iid in dead], kept
+            popped = [self._table.pop(iid) for iid in dead]
+        for inst, pid, silent in kept:
+            logger.warning(
+                "instance %d (pid %d) silent for %.1f s, but its process runs (stopped?): kept registered "
+                "with the L1 slots it may still copy into, until it speaks again or exits",
+                inst.instance_id,
+                pid,
+                silent,
+            )
+        return popped
 
     def pop_all(self) -> list[Instance]:
         with self._lock:

@@ -208,15 +208,7 @@ class CacheService:
         ``pin_ttl_s``."""
         now = time.monotonic() if now is None else now
         timeout = self.config.client_timeout_s
-        dead, kept = self.instances.pop_silent(now, timeout) if timeout > 0 else ([], [])
-        for inst in kept:
-            logger.warning(
-                "instance %d (pid %d) silent for %.1f s, but its process runs (stopped?): kept registered "
-                "with the L1 slots it may still copy into, until it speaks again or exits",
-                inst.instance_id,
-                inst.process.pid if inst.process is not None else inst.request.pool.pid,
-                now - inst.last_seen,
-            )
+        dead = self.instances.pop_silent(now, timeout) if timeout > 0 else []
         for inst in dead:
             self.counters.reaped += 1
             self.instances.retire(
