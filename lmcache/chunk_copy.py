@@ -131,6 +131,9 @@ class CopyBatcher(Generic[T]):
     A store given ``start`` queues its chunks without copying while ``start`` is not released (the
     host work of the whole store can then run before it); its first batch waits for ``start`` and
     follows its event on the device.
+
+    ``guard`` is called right before each batch is enqueued; it raises to refuse the copies (the
+    memory they read or write may no longer be the caller's).
     """
 
     FLUSH_CHUNKS = 8  # fewer host calls per byte than 4, same bandwidth (benchmarks/RESULTS.md, D6, D50)
@@ -146,6 +149,7 @@ class CopyBatcher(Generic[T]):
         layers: LayerReady | None = None,
         whole_first: int = 0,
         start: StoreStart | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> None:
         if layers is not None and store:
             raise ValueError("only loads are layer-wise")
@@ -168,6 +172,7 @@ class CopyBatcher(Generic[T]):
         """First chunks of a layer-wise load still to be copied whole."""
         self._start = start
         """A store's start, until its first batch has waited for it."""
+        self._guard = guard
 
     @classmethod
     def warm_up(cls, pool: torch.Tensor, stream: Any, rows_per_chunk: int) -> None:
@@ -226,6 +231,8 @@ class CopyBatcher(Generic[T]):
         if self.store and self._start is not None:
             self._gather_after_start(copies, items)
             return
+        if self._guard is not None:
+            self._guard()
         if self.store:
             self.transfer.gather(copies)
         elif layered:
@@ -252,6 +259,8 @@ class CopyBatcher(Generic[T]):
         for first in range(0, len(copies), self.FLUSH_CHUNKS):
             if first:
                 FORWARD.wait()
+            if self._guard is not None:
+                self._guard()
             self.transfer.gather(copies[first : first + self.FLUSH_CHUNKS])
             if self._on_flush is not None:
                 self._on_flush(items[first : first + self.FLUSH_CHUNKS], self.transfer.record())

@@ -51,7 +51,7 @@ class ClaimHandlers:
         info: P.RegisterInfo = self._register(req, call)
         inst = self.service.instances.get(info.instance_id)
         if inst is not None:
-            regions = self.index.regions(info.instance_id)
+            regions = self.index.regions(inst.registration)
             regions.share_bytes, regions.chunk_bytes = self._share_bytes(), self._chunk_bytes(inst)
             info.claims = regions
         return info
@@ -59,11 +59,11 @@ class ClaimHandlers:
     def lookup(self, req: P.LookupHashes, call: Call) -> Any:
         if not req.claims:
             return self._lookup(req, call)
-        with self.service.instances.use(req.instance_id, req.cap):
+        with self.service.instances.use(req.instance_id, req.cap) as inst:
             try:
                 return self._lookup(req, call)
             finally:  # pinned (or failed): the claims have done their part either way
-                self.index.release(req.instance_id, req.claims)
+                self.index.release(inst.registration, req.claims)
 
     def store_reserve(self, req: P.StoreReserve, call: Call) -> P.StoreSlots:
         """Reserve as usual, then mark the store's chunks (its leased ones first) as being stored (see
@@ -92,15 +92,15 @@ class ClaimHandlers:
         )
 
     def forget(self, inst: Instance) -> None:
-        self.index.forget(inst.instance_id)
+        self.index.forget(inst.registration)
 
     def check_shares(self) -> None:
         """Stop honouring claim tables over the instances' share of L1, drop the marks of stores never
         published (see the module)."""
-        chunk_bytes = {
-            inst.instance_id: self._chunk_bytes(inst) for inst in self.service.instances.snapshot()
-        }
-        self.index.check_shares(chunk_bytes, self._share_bytes())
+        instances = self.service.instances.snapshot()
+        chunk_bytes = {inst.registration: self._chunk_bytes(inst) for inst in instances}
+        instance_ids = {inst.registration: inst.instance_id for inst in instances}
+        self.index.check_shares(chunk_bytes, self._share_bytes(), instance_ids)
         self.index.expire(time.monotonic())
 
     def _chunk_bytes(self, inst: Instance) -> int:

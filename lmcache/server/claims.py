@@ -252,47 +252,52 @@ class ClaimIndex:
 
     # ---- the instances' claim tables ------------------------------------------------------------
 
-    def regions(self, instance_id: int) -> ClaimRegions:
-        """The index and the instance's claim table, created at its first registration."""
+    def regions(self, owner: int) -> ClaimRegions:
+        """The index and the claim table of ``owner`` (a registration, :attr:`Instance.registration`:
+        an earlier registration of the same instance id has its own), created at its first call."""
         with self._lock:
-            claims = self._claims.get(instance_id)
+            claims = self._claims.get(owner)
             if claims is None:
                 slab = self._source.allocate(len(self._table) * CLAIM_BYTES)
                 claims = (slab, slab.tensor.numpy().view("<u4"))
-                self._claims[instance_id] = claims
+                self._claims[owner] = claims
                 self._honour()
             slab = claims[0]
             return ClaimRegions(index=self.info, claims=RegionInfo(name=slab.name, nbytes=slab.nbytes))
 
-    def release(self, instance_id: int, entries: bytes) -> int:
-        """Give back the instance's claims of ``entries`` (uint32 each; others are ignored); how many."""
+    def release(self, owner: int, entries: bytes) -> int:
+        """Give back ``owner``'s claims of ``entries`` (uint32 each; others are ignored); how many."""
         with self._lock:
-            claims = self._claims.get(instance_id)
+            claims = self._claims.get(owner)
             if claims is None:
                 return 0
             return int(_claims.unclaim(claims[1], entries))  # type: ignore[union-attr]
 
-    def forget(self, instance_id: int) -> None:
-        """The instance is gone: its claims no longer hold anything, its table's name goes."""
+    def forget(self, owner: int) -> None:
+        """The registration is gone: its claims no longer hold anything, its table's name goes."""
         with self._lock:
-            if self._claims.pop(instance_id, None) is not None:
-                self._ignored.discard(instance_id)
+            if self._claims.pop(owner, None) is not None:
+                self._ignored.discard(owner)
                 self._honour()
 
-    def check_shares(self, chunk_bytes: dict[int, int], share_bytes: int) -> None:
+    def check_shares(
+        self, chunk_bytes: dict[int, int], share_bytes: int, instance_ids: dict[int, int] | None = None
+    ) -> None:
         """Stop honouring the claim tables that hold more than ``share_bytes`` of L1 (``chunk_bytes``:
-        each instance's chunk size in bytes), as a lookup's pins over that share are refused."""
+        each owner's chunk size in bytes; ``instance_ids``: the instance each owner registered, for the
+        warning), as a lookup's pins over that share are refused."""
+        names = instance_ids or {}
         with self._lock:
             over = []
-            for instance_id, (_, counts) in list(self._claims.items()):
-                claimed = int(np.count_nonzero(counts)) * chunk_bytes.get(instance_id, 0)
-                if claimed > share_bytes and instance_id not in self._ignored:
-                    over.append(instance_id)
+            for owner, (_, counts) in list(self._claims.items()):
+                claimed = int(np.count_nonzero(counts)) * chunk_bytes.get(owner, 0)
+                if claimed > share_bytes and owner not in self._ignored:
+                    over.append(owner)
                     self._warn.warning(
-                        f"claims-{instance_id}",
+                        f"claims-{owner}",
                         "instance %d claims %d bytes of L1, over its share (%d, --pin-share): its claims are "
                         "ignored from now on and its lookups may promise chunks that go",
-                        instance_id,
+                        names.get(owner, owner),
                         claimed,
                         share_bytes,
                     )

@@ -480,27 +480,30 @@ class CacheServerClient:
     ) -> Submitted[T]:
         """Send ``req`` now; read its reply's parts from the returned :class:`Submitted` (errors raised
         as by :meth:`call`, without retries)."""
-        frame, rid, op, timeout = self._frame(req, timeout_s, deadline)
-        pending = self.lanes.submit(frame, rid, op, timeout)
+        frame, rid, op, timeout = self._frame(req, timeout_s, encode=not deadline)
+        # With a deadline, framed once a lane is the call's, with the time left then: the server counts
+        # it from the request's arrival, so it gives up no later than this client does.
+        payload = functools.partial(_with_deadline, req) if deadline else frame
+        pending = self.lanes.submit(payload, rid, op, timeout)
         return Submitted(pending, lambda reply: reply_value(reply, result_type, op))
 
     def _one_way(self, req: Any, timeout_s: float | None) -> Callable[[], None]:
         """``req`` framed now, one-way (no reply comes, not even an error); the call returned sends it."""
         req.one_way = True
-        frame, _, op, timeout = self._frame(req, timeout_s, False)
+        frame, _, op, timeout = self._frame(req, timeout_s)
         return functools.partial(self.lanes.send, frame, op, timeout)
 
-    def _frame(self, req: Any, timeout_s: float | None, deadline: bool) -> tuple[bytes, int, str, float]:
-        """``req`` numbered, stamped and encoded: its frame, request id, op name and timeout."""
+    def _frame(self, req: Any, timeout_s: float | None, encode: bool = True) -> tuple[bytes, int, str, float]:
+        """``req`` numbered and stamped: its frame (empty unless ``encode``), request id, op name and
+        timeout."""
         if self._closed:
             raise ServerUnavailable("the cache server client is closed")
         timeout = self.timeout_s if timeout_s is None else timeout_s
         rid = next(self._rids)
         req.rid = rid
         self._stamp(req)
-        if deadline:
-            req.timeout_ms = max(1, int(timeout * 1000))
-        return framing.encode_request(req), rid, type(req).__struct_config__.tag, timeout
+        frame = framing.encode_request(req) if encode else b""
+        return frame, rid, type(req).__struct_config__.tag, timeout
 
     # ---- heartbeat ------------------------------------------------------------------------------
 
@@ -515,6 +518,12 @@ class CacheServerClient:
             except Exception:
                 if not self._stop.is_set():
                     logger.exception("heartbeat to %s", self.url)
+
+
+def _with_deadline(req: Any, remaining_s: float) -> bytes:
+    """``req``'s frame telling the server how long its client still waits (``timeout_ms``)."""
+    req.timeout_ms = max(1, int(remaining_s * 1000))
+    return framing.encode_request(req)
 
 
 def _descriptor(pool: Any, policy: str, server_policy: Callable[[], str]) -> P.PoolDescriptor:

@@ -209,12 +209,17 @@ class LanePool:
         """Calls waiting for a lane to come free (all ``size`` carry calls)."""
         return self._waiters
 
-    def submit(self, frame: bytes, rid: int, op: str, timeout: float) -> PendingReply:
-        """Send ``frame`` on a lane now; :meth:`PendingReply.result` waits for the reply (the lane is
-        the call's until then, so it must be called, or :meth:`PendingReply.cancel`)."""
+    def submit(
+        self, frame: bytes | Callable[[float], bytes], rid: int, op: str, timeout: float
+    ) -> PendingReply:
+        """Send ``frame`` on a lane now (a callable: the frame given the seconds the call still waits
+        once it holds a lane); :meth:`PendingReply.result` waits for the reply (the lane is the
+        call's until then, so it must be called, or :meth:`PendingReply.cancel`)."""
         deadline = time.monotonic() + timeout
         lane = self._acquire(deadline, op, timeout)
         try:
+            if callable(frame):
+                frame = frame(deadline - time.monotonic())
             self._send(lane, frame, op, deadline, timeout)
         except BaseException:
             self._discard(lane)

@@ -82,12 +82,12 @@ class Registration:
     """When the latest request naming it that the server answered was sent (``time.monotonic()``,
     shared by every process of the host): the server has seen it alive since at least then."""
 
-    def may_be_reaped(self, now: float, since: float | None = None) -> bool:
-        """Whether the server may have retired it for silence by ``now``, having last seen it at
-        ``since`` (default :attr:`heard_at`): half its :attr:`P.RegisterInfo.reap_after_s` has passed
-        (a stopped process resuming), and its leased slots and pins may be other chunks' now."""
+    def may_be_reaped(self, now: float) -> bool:
+        """Whether the server may have retired it for silence by ``now``: half its
+        :attr:`P.RegisterInfo.reap_after_s` has passed since :attr:`heard_at` (a stopped process
+        resuming), and its leased slots and pins may be other chunks' now."""
         reap_after = 0.0 if self.info is None else self.info.reap_after_s
-        return reap_after > 0 and now - (self.heard_at if since is None else since) > reap_after / 2
+        return reap_after > 0 and now - self.heard_at > reap_after / 2
 
     @property
     def mode(self) -> str:
@@ -105,7 +105,6 @@ class Registration:
         """What the server answered to (re-)registering, sent at ``sent_at``; a new server's slabs are
         mapped afresh. With another chunk size than :attr:`chunk_size`, nothing of the server's is
         mapped or hashed for."""
-        self.heard_at = max(self.heard_at, sent_at)
         usable = self.chunk_size is None or info.chunk_size == self.chunk_size
         if self.copier is not None:
             self.copier.on_server(info.server_id, info.cap)
@@ -113,6 +112,8 @@ class Registration:
                 self.copier.warm_up(info.chunk_size // self.request.tokens_per_block)  # once per copier
                 self.copier.map_ahead(info.slabs_ahead)
         self.info = info
+        # Last: a store reading a fresh time must find the leases of an earlier registration gone.
+        self.heard_at = max(self.heard_at, sent_at)
         if not usable:
             self.presence = self.claims = self.hasher = None
             return
@@ -198,10 +199,10 @@ class Registrations:
             if reg is not None:
                 reg.heard_at = max(reg.heard_at, sent_at)
 
-    def may_be_reaped(self, instance_id: int, since: float | None = None) -> bool:
+    def may_be_reaped(self, instance_id: int) -> bool:
         """See :meth:`Registration.may_be_reaped` (False for an instance not registered here)."""
         reg = self.get(instance_id)
-        return reg is not None and reg.may_be_reaped(self.clock(), since)
+        return reg is not None and reg.may_be_reaped(self.clock())
 
     def add(self, instance_id: int, registration: Registration) -> None:
         with self.lock:

@@ -24,6 +24,7 @@ sent fails (nothing was published); a load whose copy completed counts.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -60,15 +61,6 @@ MAX_REMEMBERED_LOOKUPS = 256
 FIRST_CHUNKS = 4
 """Chunks of a load the server names ahead of the rest: their copies keep the DMA engine busy while it
 pins the rest (benchmarks/RESULTS.md, D22)."""
-
-
-def _stood_still(op: str, what: str) -> ServerUnavailable:
-    """This process stood still so long after asking ``op`` that the server may have reaped it and
-    handed the slots it ``what`` to other chunks: the copies between them and the pool cannot count."""
-    return ServerUnavailable(
-        f"{op}: this process stood still for over half the server's client timeout after asking, so the "
-        f"server may have forgotten it and the slots it {what} may hold other chunks now; not used"
-    )
 
 
 class _LeaseVoid(Exception):
@@ -151,7 +143,18 @@ class SharedL1Transfers:
         if pool.is_cuda:
             with self._lock:
                 self._report_sender(pool.device.index)
-        return SharedL1Copier(pool, slabs=self._registrations.slab_mappings(pin=pool.is_cuda))
+        guard = functools.partial(self._check_heard_of, reg.request.instance_id)
+        return SharedL1Copier(pool, slabs=self._registrations.slab_mappings(pin=pool.is_cuda), guard=guard)
+
+    def _check_heard_of(self, iid: int) -> None:
+        """Raise if the server may have reaped the instance for silence: a copy must not then touch
+        the slots it was given (they may be other chunks' now). Run before each batch of copies."""
+        if self._registrations.may_be_reaped(iid):
+            raise ServerUnavailable(
+                "this process has not heard from the cache server for over half its client timeout "
+                "(stopped?), so the server may have reaped it and given its L1 slots to other chunks; "
+                "the copies were not made"
+            )
 
     def map_l1_ahead(self, *, pin: bool, certain: bool, timeout_s: float | None) -> P.SlabList | None:
         """Before this process registers a pool: map the server's L1 slabs (``pin``: and page-lock them)
@@ -239,7 +242,7 @@ class SharedL1Transfers:
         if count and self._registrations.may_be_reaped(iid):
             # Silent long enough to be forgotten (a stopped process resuming): its leased slots may be
             # another chunk's now. The store_reserve below proves the registration or registers again.
-            copier.drop_leases()
+            self._give_back_leases(iid, copier, timeout_s)
         leases, lease_cap = copier.take_leases(count)
         report = _StoreReport(iid, transfer.start, transfer.start + len(leases) * size, leases, fields)
         # Always asked, even when the lease holds the whole store: the reply tops the lease up (the
@@ -278,8 +281,6 @@ class SharedL1Transfers:
             if leases and req.cap != lease_cap:  # registered again meanwhile: the leases went with the old
                 report.leases = []
                 raise _LeaseVoid
-            if self._registrations.may_be_reaped(iid, sent_at):
-                raise _stood_still("store_reserve", "reserved")
             copier.add_chunks(batch, report.reply, transfer.block_ids)
             copier.finish_store(batch)
             # framed while the last copies run
@@ -302,6 +303,15 @@ class SharedL1Transfers:
                 self._registrations.published_first_chunk(iid, fields)
             publish()
         return report.tokens(size)
+
+    def _give_back_leases(self, iid: int, copier: SharedL1Copier, timeout_s: float | None) -> None:
+        """Drop every leased slot unused and give them back, to a server that still holds them (one that
+        reaped the instance refuses the report: it holds none of them)."""
+        stale, cap = copier.take_leases(copier.leased)
+        for first in range(0, len(stale), P.MAX_LEASE):
+            report = _StoreReport(iid, 0, 0, stale[first : first + P.MAX_LEASE], {}, cap=cap)
+            with contextlib.suppress(ServerUnavailable, ServerError):
+                self._one_way(report.done(ok=False), timeout_s)()
 
     def retrieve(
         self,
@@ -345,6 +355,7 @@ class SharedL1Transfers:
         batch, early, parts, reply, more = self._first_part(
             copier, req, transfer, looked_up, timeout_s, stream, layers
         )
+        self._registrations.heard([iid], sent_at)
         if reply.ticket == 0:
             if early:
                 copier.abandon(batch)  # nothing is pinned for them: no copy may outlive this call
@@ -360,8 +371,6 @@ class SharedL1Transfers:
                 copier.add_load(batch, reply, transfer.block_ids, early)
             report = self._report_of(done, timeout_s)  # framed while the copies run
             copied = copier.finish_load(batch, stream, ordered=layers is None)
-            if self._registrations.may_be_reaped(iid, sent_at):  # the copies may read slots reused since
-                raise _stood_still("load", "pinned")
             if copied is not None:  # the copies are running: their report goes once they are done
                 self._report_when_done(copied, copier.pool.device.index, report)
                 reported_later = True

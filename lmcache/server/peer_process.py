@@ -40,11 +40,17 @@ class PeerProcess:
             return None
 
     def alive(self) -> bool:
-        """Whether the process has not exited (a pidfd turns readable when it does)."""
+        """Whether the process has not exited (a pidfd turns readable when it does); False once closed
+        or if the pidfd cannot be polled (the instance is then reaped on silence, as a TCP peer)."""
         if self.pidfd < 0:
             return False
-        readable, _, _ = select.select([self.pidfd], [], [], 0)
-        return not readable
+        poller = select.poll()  # not select(): descriptors past 1024 are common in a server with an fd L1
+        poller.register(self.pidfd, select.POLLIN)
+        try:
+            return not poller.poll(0)
+        except OSError as e:
+            logger.warning("cannot watch process %d: %s", self.pid, e)
+            return False
 
     def close(self) -> None:
         if self.pidfd >= 0:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,10 +35,16 @@ class SharedL1Copier:
     """Copies for one registered pool (``[num_blocks, *row_shape]``) into and out of L1 slots."""
 
     def __init__(
-        self, pool: torch.Tensor, *, slabs: SlabMappings | None = None, shm_dir: str = SHM_DIR
+        self,
+        pool: torch.Tensor,
+        *,
+        slabs: SlabMappings | None = None,
+        shm_dir: str = SHM_DIR,
+        guard: Callable[[], None] | None = None,
     ) -> None:
         """``slabs``: the client's mappings of the server's slabs, shared with its other copiers (they
-        must page-lock for a CUDA pool, and only then); None: this copier's own."""
+        must page-lock for a CUDA pool, and only then); None: this copier's own. ``guard`` runs before
+        each batch of copies is enqueued and raises if the slots may no longer be this process's."""
         if slabs is not None and slabs.pin != pool.is_cuda:
             raise ValueError(
                 f"a {'CUDA' if pool.is_cuda else 'CPU'} pool needs slab mappings with pin={pool.is_cuda}"
@@ -56,6 +62,7 @@ class SharedL1Copier:
         self._leases: list[P.LeasedSlot] = []
         self._lock = threading.Lock()
         self._warm = False
+        self._guard = guard
 
     def warm_up(self, rows_per_chunk: int) -> None:
         """Pay the pool's one-off transfer set-up on its load stream now, at registration (see
@@ -135,7 +142,9 @@ class SharedL1Copier:
         :meth:`add_chunks`."""
         if self.store_stream is not None and after is None:
             self.store_stream.wait_stream(torch.cuda.current_stream(self.pool.device))
-        return CopyBatcher(self.pool, self.store_stream, store=True, block_ids=block_ids, start=after)
+        return CopyBatcher(
+            self.pool, self.store_stream, store=True, block_ids=block_ids, start=after, guard=self._guard
+        )
 
     def add(self, batch: CopyBatcher[None], slot: P.SlotInfo, rows: Sequence[int]) -> None:
         """Queue the gather of the pool rows ``rows`` (block ids) into ``slot``."""
@@ -195,6 +204,7 @@ class SharedL1Copier:
             block_ids=block_ids,
             layers=layers,
             whole_first=whole_first(chunks),
+            guard=self._guard,
         )
         if layers is None:
             batch.prepare_index()

@@ -276,7 +276,8 @@ def test_nobody_without_the_capability_gives_an_instances_claims_back(served: Se
     assert not reply.ok and reply.error is not None and reply.error.code == P.ErrorCode.UNKNOWN_INSTANCE
     assert server.claims is not None
     held = len(entries) // 4
-    assert held and server.claims.release(iid, entries) == held  # every claim was still held
+    registration = server.service.instances.get(iid).registration
+    assert held and server.claims.release(registration, entries) == held  # every claim was still held
 
 
 def test_a_claimed_lookup_arriving_after_its_load_leaves_no_pin(served: Served) -> None:
@@ -297,7 +298,8 @@ def test_a_claimed_lookup_arriving_after_its_load_leaves_no_pin(served: Served) 
     reply = stored.send_lookup(entries, pin_id="late", claimed_at=claimed_at, cap=cap)
     assert reply.ok and reply.value == len(stored.tokens)
     assert server.service.pins.get(key) is None and key not in server.engine.pinned_ids()
-    assert server.claims.release(iid, entries) == 0  # the lookup gave its claims back
+    registration = server.service.instances.get(iid).registration
+    assert server.claims.release(registration, entries) == 0  # the lookup gave its claims back
 
     again = stored.claim("late")
     reply = stored.send_lookup(again, pin_id="late", claimed_at=time.monotonic(), cap=cap)
@@ -339,3 +341,20 @@ def test_one_client_marks_at_most_its_share_however_many_instances_it_registers(
     finally:
         client.close()
         stop_serving(server, thread)
+
+
+def test_a_registration_made_while_the_reaper_retires_its_ids_last_one_keeps_its_claim_table(
+    served: Served,
+) -> None:
+    """The reaper takes an instance out of the table, the client registers the id again at once (told
+    it is unknown), then the reaper retires the old registration: the new one's claim table, which the
+    client has mapped and claims in, stays the index's (else its claims would hold nothing)."""
+    server, client, mode = served
+    source = pool(9)
+    info = client.register(source, 0, 1, MODEL, TPB, pool_sharing=mode)
+    [old] = server.service.instances.pop_silent(time.monotonic() + 10_000, 1.0)  # the reaper's first step
+    again = client.register(source, 0, 1, MODEL, TPB, pool_sharing=mode, instance_id=info.instance_id)
+    server.service.instances.retire(old, "reaped")  # its second
+    assert server.claims is not None and again.claims is not None
+    registration = server.service.instances.get(info.instance_id).registration
+    assert server.claims.regions(registration).claims == again.claims.claims

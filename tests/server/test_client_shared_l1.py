@@ -37,8 +37,11 @@ class _Registrations:
     def clock(self) -> float:
         return 0.0
 
-    def may_be_reaped(self, instance_id: int, since: float | None = None) -> bool:
+    def may_be_reaped(self, instance_id: int) -> bool:
         return False  # a server that never reaps for silence
+
+    def heard(self, instance_ids: list[int], sent_at: float) -> None:
+        pass
 
     def check_blocks(self, block_ids: list[int], start: int, end: int, tokens_per_block: int) -> None:
         assert len(block_ids) * tokens_per_block >= end

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from in_process_server import client_of, start_serving, stop_serving
-from support.server_process import CHUNK, TPB, shared_pool
+from support.server_process import CHUNK, TPB, shared_pool, wait_until
 
 from lmcache.server.client import CacheServerClient, ServerUnavailable
 from lmcache.transfer import BlockTransfer
@@ -75,11 +75,12 @@ class SteppedClock:
         return time.monotonic() + self.offset
 
 
-@pytest.mark.parametrize("op", ["store", "load"])
-def test_a_copy_after_standing_still_past_half_the_reap_time_does_not_count(op: str) -> None:
-    """The process stands still between the server's answer and its copies: the slots named may be
-    other chunks' by then, so the store is not published and the load fails (the request does,
-    loudly), instead of copying from or into them."""
+@pytest.mark.parametrize("op", ["store", "leased store", "load"])
+def test_copies_after_standing_still_past_half_the_reap_time_are_not_made(op: str) -> None:
+    """The process stands still between asking the server and enqueueing its copies (the server's
+    answer read, or its request just sent while copies into leased slots go on): the slots may be
+    other chunks' by then, so no copy touches them; the store publishes nothing and the load fails
+    (its request does, loudly)."""
     server, thread = start_serving("shared-l1", client_timeout_s=60.0)
     client = CacheServerClient(f"tcp://127.0.0.1:{server.tcp_port}", timeout_s=20.0, heartbeat_interval_s=0)
     clock = client.registrations.clock = SteppedClock()
@@ -88,26 +89,58 @@ def test_a_copy_after_standing_still_past_half_the_reap_time_does_not_count(op: 
         registration = client.registrations.get(info.instance_id)
         assert registration is not None and registration.copier is not None
         copier = registration.copier
+        prompt = list(range(LENGTH))
         if op == "load":
             assert client.store(whole(0)) == LENGTH
-            assert client.lookup(list(range(LENGTH)), pin_id="p") == LENGTH
+            assert client.lookup(prompt, pin_id="p") == LENGTH
             run = functools.partial(client.retrieve, whole(0), "p")
-            slow = "finish_load"
+            slow, after = "add_load", 0  # the reply is in: its slots are copied from next
+        elif op == "leased store":
+            assert client.store(whole(LENGTH)) == LENGTH and copier.leased  # the next store's lease
+            run = functools.partial(client.store, whole(0))
+            slow, after = "add", 1  # the first leased chunk is copied; the request is on its way
         else:
             run = functools.partial(client.store, whole(0))
-            slow = "add_leases"  # the reply is in: its reserved slots are copied into next
-        step = getattr(copier, slow)
+            slow, after = "add_chunks", 0  # the reply is in: its reserved slots are copied into next
+        step, calls = getattr(copier, slow), []
 
         def stand_still(*args: Any, **kwargs: Any) -> Any:
-            result = step(*args, **kwargs)
-            clock.offset += 100.0
-            return result
+            calls.append(1)
+            if len(calls) == after + 1:
+                clock.offset += 100.0
+            return step(*args, **kwargs)
 
         setattr(copier, slow, stand_still)
-        with pytest.raises(ServerUnavailable, match="stood still"):
+        with pytest.raises(ServerUnavailable, match="not heard from the cache server"):
             run()
-        if op == "store":
-            assert client.lookup(list(range(LENGTH))) == 0  # nothing published
+        if op != "load":
+            assert client.lookup(prompt) == 0  # nothing published
+    finally:
+        client.close()
+        stop_serving(server, thread)
+
+
+def test_leases_dropped_after_standing_still_go_back_to_a_server_that_still_holds_them() -> None:
+    """Silent for over half the reap time but not reaped: the leases the worker no longer trusts are
+    given back, not held by the server for nobody (its lease cap would stay full)."""
+    server, thread = start_serving("shared-l1", client_timeout_s=60.0)
+    client = CacheServerClient(f"tcp://127.0.0.1:{server.tcp_port}", timeout_s=20.0, heartbeat_interval_s=0)
+    shared = server.service.shared_l1
+    assert shared is not None
+    try:
+        info = client.register(shared_pool(seed=8), 0, 1, "m", TPB, pool_sharing="shared-l1")
+        registration = client.registrations.get(info.instance_id)
+        assert registration is not None and registration.copier is not None
+        assert client.store(whole(0)) == LENGTH
+        held = server.service.instances.get(info.instance_id).registration
+        assert registration.copier.leased == shared.leased(held) > 0
+        registration.heard_at = client.registrations.clock() - 100.0
+        assert client.store(whole(LENGTH)) == LENGTH
+        wait_until(  # the give-back is one-way
+            lambda: registration.copier.leased == shared.leased(held), "the leases held for nobody to go"
+        )
+        assert registration.copier.leased > 0
+        assert server.reaped == 0
     finally:
         client.close()
         stop_serving(server, thread)

@@ -260,3 +260,43 @@ def test_a_request_finished_after_its_timeout_grants_nothing(tmp_path, monkeypat
     finally:
         client.close()
         stop_serving(server, thread)
+
+
+def test_a_request_that_waited_for_a_lane_tells_the_server_only_the_time_left(tmp_path, monkeypatch) -> None:
+    """The client's timeout runs from the call, the server's from the request's arrival: a request that
+    first waited for a lane carries only what is left, so the server gives up no later than the client
+    (and gives back what a reply too late would grant)."""
+    path = str(tmp_path / "s.sock")
+    server, thread = start_serving("shared-l1", ipc_path=path)
+    client = CacheServerClient(f"ipc://{path}", timeout_s=20.0, lanes=1, heartbeat_interval_s=0)
+    seen: list[int | None] = []
+    handle = server.service.handle
+
+    def noting_timeouts(req: Any, call: Any) -> Any:
+        if isinstance(req, P.StoreReserve):
+            seen.append(req.timeout_ms)
+        return handle(req, call)
+
+    monkeypatch.setattr(server.service, "handle", noting_timeouts)
+    try:
+        client.register(shared_pool(seed=4), 0, 1, "m", TPB, pool_sharing="shared-l1")
+        lane_held, lane_free = threading.Event(), threading.Event()
+
+        def busy_lane() -> None:  # another thread's call holds the only lane for a while
+            with client.lanes.hold():
+                lane_held.set()
+                lane_free.wait(20)
+
+        holder = threading.Thread(target=busy_lane)
+        holder.start()
+        assert lane_held.wait(20)
+        waited = 2.0
+        timer = threading.Timer(waited, lane_free.set)
+        timer.start()
+        tokens = list(range(4 * CHUNK))
+        assert client.store(BlockTransfer(tokens, None, list(range(4 * CHUNK // TPB)), 0, len(tokens)))
+        holder.join()
+        assert seen and seen[0] is not None and seen[0] <= (20.0 - waited) * 1000 + 50, seen
+    finally:
+        client.close()
+        stop_serving(server, thread)
