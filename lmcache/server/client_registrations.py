@@ -4,6 +4,7 @@ as its chunk hashes, :class:`PromptHashes`) and its credentials (:class:`Credent
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -203,6 +204,38 @@ class Registrations:
         """See :meth:`Registration.may_be_reaped` (False for an instance not registered here)."""
         reg = self.get(instance_id)
         return reg is not None and reg.may_be_reaped(self.clock())
+
+    def slots_guard(
+        self, instance_id: int, granted: Callable[[], bytes | None] | None = None
+    ) -> Callable[[], None]:
+        """What each batch of a shared-L1 store's or load's copies checks before it is enqueued: the
+        slots may still be this process's (see :meth:`check_slots`). ``granted`` tells the capability
+        of the registration they were granted to when the batch's copies run (default: the one of
+        now)."""
+        if granted is None:
+            cap = self.cap(instance_id)
+
+            def granted_now() -> bytes:
+                return cap
+
+            granted = granted_now
+        return functools.partial(self.check_slots, instance_id, granted)
+
+    def check_slots(self, instance_id: int, granted: Callable[[], bytes | None]) -> None:
+        """Raise if L1 slots granted to the registration of capability ``granted()`` may be other
+        chunks' now: the instance registered again since (the server forgot that registration), or the
+        server may have reaped it for silence."""
+        if self.cap(instance_id) != granted():
+            raise ServerUnavailable(
+                "the instance registered with the cache server again while its copies waited, so the L1 "
+                "slots they were given went with its earlier registration; the copies were not made"
+            )
+        if self.may_be_reaped(instance_id):
+            raise ServerUnavailable(
+                "this process has not heard from the cache server for over half its client timeout "
+                "(stopped?), so the server may have reaped it and given its L1 slots to other chunks; "
+                "the copies were not made"
+            )
 
     def add(self, instance_id: int, registration: Registration) -> None:
         with self.lock:

@@ -24,7 +24,6 @@ sent fails (nothing was published); a load whose copy completed counts.
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -143,18 +142,7 @@ class SharedL1Transfers:
         if pool.is_cuda:
             with self._lock:
                 self._report_sender(pool.device.index)
-        guard = functools.partial(self._check_heard_of, reg.request.instance_id)
-        return SharedL1Copier(pool, slabs=self._registrations.slab_mappings(pin=pool.is_cuda), guard=guard)
-
-    def _check_heard_of(self, iid: int) -> None:
-        """Raise if the server may have reaped the instance for silence: a copy must not then touch
-        the slots it was given (they may be other chunks' now). Run before each batch of copies."""
-        if self._registrations.may_be_reaped(iid):
-            raise ServerUnavailable(
-                "this process has not heard from the cache server for over half its client timeout "
-                "(stopped?), so the server may have reaped it and given its L1 slots to other chunks; "
-                "the copies were not made"
-            )
+        return SharedL1Copier(pool, slabs=self._registrations.slab_mappings(pin=pool.is_cuda))
 
     def map_l1_ahead(self, *, pin: bool, certain: bool, timeout_s: float | None) -> P.SlabList | None:
         """Before this process registers a pool: map the server's L1 slabs (``pin``: and page-lock them)
@@ -261,7 +249,12 @@ class SharedL1Transfers:
         leased = [(transfer.start // tpb + i * rows, lease.slot) for i, lease in enumerate(leases)]
         batch: CopyBatcher[None] | None = None
         try:
-            batch = copier.begin_store(transfer.block_ids, after)
+            # Leased slots were granted with the lease, the others with the reply (a retry after
+            # registering again stamps the request with the new registration's capability).
+            guard = self._registrations.slots_guard(
+                iid, lambda: req.cap if report.reply is not None else lease_cap
+            )
+            batch = copier.begin_store(transfer.block_ids, after, guard)
             for first, slot in leased[:1]:  # the first copy starts before the request is even sent
                 copier.add(batch, slot, transfer.block_ids[first : first + rows])
             sent_at = self._registrations.clock()
@@ -351,6 +344,8 @@ class SharedL1Transfers:
             **self._registrations.prompt_fields(iid, transfer),
         )
         looked_up = self._looked_up_slots(iid, pin_id, pin_owner, copier.server_id)
+        if self._registrations.may_be_reaped(iid):  # the lookup's pins may be gone: the reply names slots
+            looked_up = []
         sent_at = self._registrations.clock()
         batch, early, parts, reply, more = self._first_part(
             copier, req, transfer, looked_up, timeout_s, stream, layers
@@ -401,23 +396,28 @@ class SharedL1Transfers:
         read, the first part and whether more follow. If it raises, every copy it enqueued is done."""
         size, tpb = self._registrations.geometry(req.instance_id)
         chunks = transfer.chunks_touched(size)
+        guard = self._registrations.slots_guard(req.instance_id)
         batch: CopyBatcher[None] | None = None
         parts: Submitted[P.LoadSlots] | None = None
+        replied = False
         try:
             if copier.names_every_chunk(looked_up, transfer, size):
                 # The reply will only confirm the lookup's slots: the copies go first.
-                batch = copier.begin_load(transfer.block_ids, stream, layers, chunks)
+                batch = copier.begin_load(transfer.block_ids, stream, layers, chunks, guard)
                 early = copier.add_looked_up(batch, looked_up, transfer, size, tpb)
                 parts = self._submit(req, P.LoadSlots, timeout_s, deadline=True)
             else:
                 parts = self._submit(req, P.LoadSlots, timeout_s, deadline=True)
                 # set up while the first part travels
-                batch = copier.begin_load(transfer.block_ids, stream, layers, chunks)
+                batch = copier.begin_load(transfer.block_ids, stream, layers, chunks, guard)
                 early = copier.add_looked_up(batch, looked_up, transfer, size, tpb)
+            replied = True  # the reply is read (or failed) by now
             reply, more = parts.next()
             return batch, early, parts, reply, more
         except BaseException as e:
-            if parts is not None:
+            if parts is not None and not replied:  # a copy failed while the reply was on its way
+                self._give_back_unread(parts, req, timeout_s)
+            elif parts is not None:
                 parts.cancel()  # not read: its lane goes
             if batch is not None:  # the copies from the lookup's slots, whose pins may go with the error
                 copier.abandon(batch)
@@ -426,7 +426,20 @@ class SharedL1Transfers:
         # The server restarted or forgot us: the plain call registers again; all from the new server.
         req.first = 0
         reply = self._call(req, P.LoadSlots, timeout_s, deadline=True)
-        return copier.begin_load(transfer.block_ids, stream, layers, chunks), {}, None, reply, False
+        guard = self._registrations.slots_guard(req.instance_id)  # the new registration's slots
+        return copier.begin_load(transfer.block_ids, stream, layers, chunks, guard), {}, None, reply, False
+
+    def _give_back_unread(self, parts: Submitted[P.LoadSlots], req: P.Load, timeout_s: float | None) -> None:
+        """Read the first part of a load's reply no copy will use and release the pins its ticket holds
+        (else they stay held until the registration goes); its lane goes."""
+        try:
+            with contextlib.suppress(ServerUnavailable, ServerError):
+                reply, _ = parts.next()
+                if reply.ticket:
+                    done = P.LoadDone(instance_id=req.instance_id, ticket=reply.ticket, cap=req.cap)
+                    self._report_of(done, timeout_s)()
+        finally:
+            parts.cancel()
 
     def _report_of(self, done: P.LoadDone, timeout_s: float | None) -> Callable[[], None]:
         """A load's ``load_done``, framed now (while its copies run); the call returned sends it. A

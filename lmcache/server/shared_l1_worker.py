@@ -40,11 +40,9 @@ class SharedL1Copier:
         *,
         slabs: SlabMappings | None = None,
         shm_dir: str = SHM_DIR,
-        guard: Callable[[], None] | None = None,
     ) -> None:
         """``slabs``: the client's mappings of the server's slabs, shared with its other copiers (they
-        must page-lock for a CUDA pool, and only then); None: this copier's own. ``guard`` runs before
-        each batch of copies is enqueued and raises if the slots may no longer be this process's."""
+        must page-lock for a CUDA pool, and only then); None: this copier's own."""
         if slabs is not None and slabs.pin != pool.is_cuda:
             raise ValueError(
                 f"a {'CUDA' if pool.is_cuda else 'CPU'} pool needs slab mappings with pin={pool.is_cuda}"
@@ -62,7 +60,6 @@ class SharedL1Copier:
         self._leases: list[P.LeasedSlot] = []
         self._lock = threading.Lock()
         self._warm = False
-        self._guard = guard
 
     def warm_up(self, rows_per_chunk: int) -> None:
         """Pay the pool's one-off transfer set-up on its load stream now, at registration (see
@@ -135,15 +132,21 @@ class SharedL1Copier:
         server (see :func:`lmcache.c_ops.check_range_blocks`)."""
         c_ops.check_range_blocks(self.pool, block_ids, start, end, tokens_per_block)
 
-    def begin_store(self, block_ids: Sequence[int], after: StoreStart | None = None) -> CopyBatcher[None]:
+    def begin_store(
+        self,
+        block_ids: Sequence[int],
+        after: StoreStart | None = None,
+        guard: Callable[[], None] | None = None,
+    ) -> CopyBatcher[None]:
         """A store's copies, ordered after ``after`` (the forward that computed the rows; waited for
         before the first copy, not before the chunks are queued), or without it after the work queued
         so far on the current stream of the pool's device; add chunks with :meth:`add` and
-        :meth:`add_chunks`."""
+        :meth:`add_chunks`. ``guard`` runs before each batch is enqueued and raises if the slots may
+        no longer be this process's."""
         if self.store_stream is not None and after is None:
             self.store_stream.wait_stream(torch.cuda.current_stream(self.pool.device))
         return CopyBatcher(
-            self.pool, self.store_stream, store=True, block_ids=block_ids, start=after, guard=self._guard
+            self.pool, self.store_stream, store=True, block_ids=block_ids, start=after, guard=guard
         )
 
     def add(self, batch: CopyBatcher[None], slot: P.SlotInfo, rows: Sequence[int]) -> None:
@@ -188,13 +191,18 @@ class SharedL1Copier:
         _synchronize(batch.transfer.stream)
 
     def begin_load(
-        self, block_ids: Sequence[int], after: Any = None, layers: LayerReady | None = None, chunks: int = 0
+        self,
+        block_ids: Sequence[int],
+        after: Any = None,
+        layers: LayerReady | None = None,
+        chunks: int = 0,
+        guard: Callable[[], None] | None = None,
     ) -> CopyBatcher[None]:
         """A load's copies, ordered after the work queued on the stream ``after`` (kernels that may
         still read the blocks), the block ids its kernels index uploaded at once (call it while the
         server's reply is on its way; rows moved by DMA need none); add the chunks of each reply part
         with :meth:`add_load`. Given ``layers``, the load of ``chunks`` chunks is layer-wise
-        (:mod:`lmcache.layered_load`)."""
+        (:mod:`lmcache.layered_load`). ``guard``: as for :meth:`begin_store`."""
         if after is not None and self.load_stream is not None:
             self.load_stream.wait_stream(after)
         batch = CopyBatcher(
@@ -204,7 +212,7 @@ class SharedL1Copier:
             block_ids=block_ids,
             layers=layers,
             whole_first=whole_first(chunks),
-            guard=self._guard,
+            guard=guard,
         )
         if layers is None:
             batch.prepare_index()

@@ -40,6 +40,9 @@ class _Registrations:
     def may_be_reaped(self, instance_id: int) -> bool:
         return False  # a server that never reaps for silence
 
+    def slots_guard(self, instance_id: int, granted: Any = None) -> None:
+        return None  # nothing to check: a server that never reaps for silence
+
     def heard(self, instance_ids: list[int], sent_at: float) -> None:
         pass
 
@@ -47,7 +50,7 @@ class _Registrations:
         assert len(block_ids) * tokens_per_block >= end
 
     def begin_load(
-        self, block_ids: list[int], after: Any = None, layers: Any = None, chunks: int = 0
+        self, block_ids: list[int], after: Any = None, layers: Any = None, chunks: int = 0, guard: Any = None
     ) -> list[P.LoadSlots]:
         return []
 
@@ -197,9 +200,10 @@ def test_a_refused_load_returns_only_once_the_copies_from_its_lookups_slots_are_
     assert copier.running == 0 and copier.log == [("copies complete", 2)]
 
 
-def test_a_load_failing_before_its_first_part_is_read_gives_its_lane_back() -> None:
+def test_a_load_failing_before_its_first_part_is_read_gives_its_lane_and_its_ticket_back() -> None:
     """A copy that raised between sending the load and reading its reply left the reply unread and its
-    lane held for good (the client has only a few)."""
+    lane held for good (the client has only a few), and the ticket the reply opened, with its pins,
+    open until the registration went."""
 
     class _CopyFails(_AsyncCopier):
         def add_looked_up(self, batch: list[P.LoadSlots], slots: list[P.SlotInfo], *args: Any) -> dict:
@@ -212,7 +216,8 @@ def test_a_load_failing_before_its_first_part_is_read_gives_its_lane_back() -> N
     transfers = SharedL1Transfers(_no_call, lambda *a, **kw: parts, copier.one_way, copier)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="slab not mapped"):
         transfers.retrieve(1, TRANSFER, None, None, 5.0)
-    assert cancelled and parts.read == 0
+    assert cancelled and parts.read == 1  # its first part read for the ticket, the rest given up
+    assert [what for what, _ in copier.log].count("LoadDone") == 1
 
 
 @pytest.mark.parametrize("transfers", [True, False])

@@ -144,3 +144,87 @@ def test_leases_dropped_after_standing_still_go_back_to_a_server_that_still_hold
     finally:
         client.close()
         stop_serving(server, thread)
+
+
+def test_copies_waiting_while_the_instance_registers_again_are_not_made() -> None:
+    """The server reaps the instance while its store's copies wait (for the forward, or a stopped
+    process), and its heartbeat registers it again at once: the fresh registration vouches for its own
+    slots only, not for those the waiting copies were given (freed with the reaped one)."""
+    server, thread = start_serving("shared-l1", client_timeout_s=60.0)
+    client = CacheServerClient(f"tcp://127.0.0.1:{server.tcp_port}", timeout_s=20.0, heartbeat_interval_s=0)
+    try:
+        info = client.register(shared_pool(seed=9), 0, 1, "m", TPB, pool_sharing="shared-l1")
+        registration = client.registrations.get(info.instance_id)
+        assert registration is not None and registration.copier is not None
+        copier = registration.copier
+        step = copier.add_chunks
+
+        def reaped_and_registered_again(*args: Any, **kwargs: Any) -> Any:
+            server.reap(now=time.monotonic() + 100.0)
+            client.heartbeat()  # told the instance is unknown: registers it again
+            return step(*args, **kwargs)
+
+        copier.add_chunks = reaped_and_registered_again
+        with pytest.raises(ServerUnavailable, match="registered with the cache server again"):
+            client.store(whole(0))
+        assert server.reaped == 1 and client.registrations.cap(info.instance_id) != info.cap
+    finally:
+        client.close()
+        stop_serving(server, thread)
+
+
+def test_a_load_after_a_quiet_spell_asks_the_server_for_its_slots_instead_of_failing() -> None:
+    """Idle for over half the reap time (heartbeats off) but not reaped: the lookup's slots may have
+    been let go, so the load copies only from the slots its reply names, and succeeds."""
+    server, thread = start_serving("shared-l1", client_timeout_s=60.0)
+    client = CacheServerClient(f"tcp://127.0.0.1:{server.tcp_port}", timeout_s=20.0, heartbeat_interval_s=0)
+    try:
+        pool = shared_pool(seed=10)
+        expected = pool.clone()
+        info = client.register(pool, 0, 1, "m", TPB, pool_sharing="shared-l1")
+        registration = client.registrations.get(info.instance_id)
+        assert registration is not None
+        assert client.store(whole(0)) == LENGTH
+        prompt = list(range(LENGTH))
+        assert client.lookup(prompt, pin_id="p", chunk_hashes=client.chunk_hashes(prompt)) == LENGTH
+        registration.heard_at = client.registrations.clock() - 40.0  # quiet: over half of 60 s
+        pool.zero_()
+        assert client.retrieve(whole(0), "p") == LENGTH
+        assert torch.equal(pool, expected)
+    finally:
+        client.close()
+        stop_serving(server, thread)
+
+
+def test_a_load_whose_copies_fail_while_its_reply_travels_releases_the_pins_the_reply_took() -> None:
+    """The lookup named some of the load's chunks: their copies start while the load's request is on
+    its way. When they are refused (the process stood still), the reply still opens a ticket on the
+    server: it is read and given back, not left pinning chunks until the registration goes."""
+    server, thread = start_serving("shared-l1", client_timeout_s=60.0)
+    client = CacheServerClient(f"tcp://127.0.0.1:{server.tcp_port}", timeout_s=20.0, heartbeat_interval_s=0)
+    clock = client.registrations.clock = SteppedClock()
+    shared = server.service.shared_l1
+    assert shared is not None
+    try:
+        info = client.register(shared_pool(seed=11), 0, 1, "m", TPB, pool_sharing="shared-l1")
+        registration = client.registrations.get(info.instance_id)
+        assert registration is not None and registration.copier is not None
+        copier = registration.copier
+        assert client.store(whole(0)) == LENGTH
+        half = list(range(LENGTH // 2))  # the lookup names the first half's slots only
+        assert client.lookup(half, pin_id="p", chunk_hashes=client.chunk_hashes(half)) == LENGTH // 2
+        step = copier.add_looked_up
+
+        def stand_still(*args: Any, **kwargs: Any) -> Any:
+            clock.offset += 100.0
+            return step(*args, **kwargs)
+
+        copier.add_looked_up = stand_still
+        with pytest.raises(ServerUnavailable, match="not heard from the cache server"):
+            client.retrieve(whole(0), "p")
+        held = server.service.instances.get(info.instance_id).registration
+        wait_until(lambda: shared.open_tickets(held) == 0, "the unread reply's ticket to be given back")
+        assert server.engine.snapshot().l1.pinned_chunks == 0
+    finally:
+        client.close()
+        stop_serving(server, thread)
