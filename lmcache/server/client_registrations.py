@@ -212,14 +212,8 @@ class Registrations:
         slots may still be this process's (see :meth:`check_slots`). ``granted`` tells the capability
         of the registration they were granted to when the batch's copies run (default: the one of
         now)."""
-        if granted is None:
-            cap = self.cap(instance_id)
-
-            def granted_now() -> bytes:
-                return cap
-
-            granted = granted_now
-        return functools.partial(self.check_slots, instance_id, granted)
+        cap = self.cap(instance_id)
+        return functools.partial(self.check_slots, instance_id, granted or (lambda: cap))
 
     def check_slots(self, instance_id: int, granted: Callable[[], bytes | None]) -> None:
         """Raise if L1 slots granted to the registration of capability ``granted()`` may be other

@@ -1,5 +1,6 @@
-"""A registering client's process, watched through a pidfd: whether it still runs, never confused with
-a later process given the same pid.
+"""A registering client's process, watched through a pidfd: whether it still runs. Once the pidfd is
+open it never names a later process given the same pid (it is opened at registration, from the pid the
+connection's peer credentials gave when it connected).
 
 The server keeps the registration of a shared-L1 worker whose process runs however long it is silent:
 a stopped process (``SIGSTOP``, a debugger, a frozen container) still holds L1 slots it copies into when

@@ -65,7 +65,7 @@ class SharedL1Handlers:
         with self.service.instances.use(req.instance_id, req.cap) as inst:
             scope = _scope(inst, "load")
             key = None if req.pin_id is None else self.service.pin_key(inst, req.pin_owner, req.pin_id)
-            parts_sent = []
+            parts_sent: list[P.LoadSlots] = []
 
             def send_part(part: P.LoadSlots) -> None:
                 if call.expiring():
