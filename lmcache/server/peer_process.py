@@ -1,6 +1,7 @@
-"""A registering client's process, watched through a pidfd: whether it still runs. Once the pidfd is
-open it never names a later process given the same pid (it is opened at registration, from the pid the
-connection's peer credentials gave when it connected).
+"""A registering client's process, watched through a pidfd: whether it still runs. The pidfd is opened at
+registration from the pid the connection's peer credentials gave when it connected, and kept only if the
+process it names started when the connecting one did (the pid may be another process's by then); once
+open it never names a later process given the same pid.
 
 The server keeps the registration of a shared-L1 worker whose process runs however long it is silent:
 a stopped process (``SIGSTOP``, a debugger, a frozen container) still holds L1 slots it copies into when
@@ -14,7 +15,7 @@ import os
 import select
 
 from lmcache.logging import init_logger
-from lmcache.server.security import Peer
+from lmcache.server.security import Peer, process_started
 
 logger = init_logger(__name__)
 
@@ -30,15 +31,21 @@ class PeerProcess:
 
     @classmethod
     def of(cls, peer: Peer) -> PeerProcess | None:
-        """The process of a Unix-socket peer; None for a TCP peer, a pid outside this namespace (0) or a
-        kernel without pidfds."""
+        """The process of a Unix-socket peer; None for a TCP peer, a pid outside this namespace (0), a
+        kernel without pidfds, or a pid that names another process than the one that connected."""
         if not peer.is_unix or not peer.pid:
             return None
         try:
-            return cls(os.pidfd_open(peer.pid), peer.pid)
+            pidfd = os.pidfd_open(peer.pid)
         except (AttributeError, OSError) as e:  # no pidfd_open, or the process is gone already
             logger.debug("cannot watch process %d: %s", peer.pid, e)
             return None
+        # read after the pidfd is open: if its process has exited since, the pid shows another start
+        if peer.started is not None and process_started(peer.pid) != peer.started:
+            os.close(pidfd)
+            logger.debug("not watching pid %d: it is not the process that connected", peer.pid)
+            return None
+        return cls(pidfd, peer.pid)
 
     def alive(self) -> bool:
         """Whether the process has not exited (a pidfd turns readable when it does); False once closed

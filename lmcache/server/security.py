@@ -37,6 +37,7 @@ __all__ = [
     "default_secret_file",
     "load_or_create_secret",
     "peer_of_socket",
+    "process_started",
     "secret_matches",
     "trusted_owner",
 ]
@@ -138,6 +139,9 @@ class Peer:
     uid: int | None = None
     gid: int | None = None
     pid: int | None = None
+    started: int | None = None
+    """When the process of ``pid`` started (:func:`process_started`), read as it connected: with the pid
+    it names that process even once the pid is another's; None if ``/proc`` did not say."""
     address: str = ""
     """A TCP peer's IP address (per-client caps)."""
 
@@ -157,7 +161,19 @@ def peer_of_socket(sock: socket.socket) -> Peer:
         except OSError:
             return TCP_PEER
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    return Peer(uid, gid, pid)
+    return Peer(uid, gid, pid, process_started(pid) if pid else None)
+
+
+def process_started(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (``/proc/PID/stat``'s 22nd field); None if
+    there is no such process or ``/proc`` does not show it. No two processes given the same pid share it."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+        # fields after the command name (which may hold spaces and parentheses) start at the 3rd
+        return int(stat_line[stat_line.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @dataclass
