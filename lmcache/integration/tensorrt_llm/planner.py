@@ -205,11 +205,11 @@ class Planner:
 
     def cancel_load(self, request: Any, start: int, end: int) -> None:
         """Offered tokens ``[start, end)`` will not be consumed: trim the offer at its head or tail
-        (or drop it), to whole blocks, releasing the pins once no whole block is left to load."""
+        (:meth:`PendingLoad.cancel`), or drop it and release its pins once nothing is left to load."""
         state = self._requests.get(int(request.request_id))
         if state is None or state.load is None or state.load.planned:
             return
-        state.load.cancel(start, end, self._tpb, state.request_id)
+        state.load.cancel(start, end, state.request_id)
         if state.load.start >= state.load.end:
             self._drop_load(state)
 
@@ -371,7 +371,8 @@ class Planner:
         ``-1`` and need no KV (its sink blocks before them keep their pages and are loaded). A page
         missing in a group ``CacheIndex.windows`` names full attention, or a block list too short,
         fails the load before any copy. Transfers move whole blocks: a load ending inside a block
-        fills all of it (TRT-LLM computes the block's rest, after the load, over the same tokens' KV).
+        fills all of it (TRT-LLM computes the block's rest, after the load, over the same tokens' KV),
+        and so does one starting inside a block (see :meth:`PendingLoad.cancel`).
         """
         source = (prompt or state.prompt).up_to(load.end, self._chunk)
         first, last = load.start // self._tpb, -(-load.end // self._tpb)
@@ -387,8 +388,9 @@ class Planner:
                     "refusing to load"
                 )
             for lo, hi in runs:
-                start, end = max(lo * self._tpb, load.start), hi * self._tpb
-                transfers.append(Transfer(state.request_id, source, group, block_ids, start, end))
+                transfers.append(
+                    Transfer(state.request_id, source, group, block_ids, lo * self._tpb, hi * self._tpb)
+                )
         return LoadPlan(
             state.request_id,
             pin,

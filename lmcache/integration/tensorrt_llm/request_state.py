@@ -12,9 +12,10 @@ from lmcache.integration.tensorrt_llm.plan import PinKey, Prompt
 
 @dataclass
 class PendingLoad:
-    """A promised load not yet handed to the workers (legacy path: from the lookup). ``end`` is
-    where the tokens TRT-LLM computes begin: block-aligned, unless TRT-LLM honoured the offer up to
-    a token inside a block (``honour``); the copies then fill that block whole."""
+    """A promised load not yet handed to the workers (legacy path: from the lookup): tokens
+    ``[start, end)``, which TRT-LLM counts as loaded. Both are block-aligned unless TRT-LLM honoured
+    the offer up to a token inside a block (``honour``) or cancelled one of its ends there
+    (``cancel``); the copies then fill that block whole."""
 
     start: int
     end: int
@@ -36,17 +37,20 @@ class PendingLoad:
             end = min(end, self.asked_at + max(0, honoured))
         self.end = max(self.start, end)
 
-    def cancel(self, start: int, end: int, tpb: int, request_id: int) -> None:
-        """Tokens ``[start, end)`` will not be consumed: trim the head or the tail to whole blocks (or
-        all of it); ``start >= end`` after it means nothing is left to load."""
+    def cancel(self, start: int, end: int, request_id: int) -> None:
+        """Tokens ``[start, end)`` will not be consumed: trim the head or the tail (or drop all of it);
+        ``start >= end`` after it means nothing is left to load. TRT-LLM counts the rest as loaded to
+        the token, so a cut may leave either end inside a block: the copies then fill that block whole
+        (a block TRT-LLM's cache matched only part of is the request's own copy, and the same prefix's
+        KV goes into its leading tokens again)."""
         if end <= self.start or start >= self.end:
             return
         if start <= self.start and end >= self.end:
             self.start = self.end
         elif start <= self.start:
-            self.start = -(-end // tpb) * tpb  # up: never rewrite a token TRT-LLM holds
+            self.start = end
         elif end >= self.end:
-            self.end = start // tpb * tpb  # down: a load ends on a block boundary
+            self.end = start
         else:
             raise ValueError(
                 f"cancel_load({start}, {end}) would split request {request_id}'s offer "

@@ -239,25 +239,40 @@ class _Honoured:
         return self.tokens
 
 
-def test_cancel_load_trims_to_whole_blocks() -> None:
-    """A head trim rounds up to a block boundary (a token TRT-LLM now holds is never rewritten), a
-    tail trim down; an offer left without a whole block drops, its pins released."""
+def test_a_cancel_inside_a_block_still_loads_every_token_trtllm_counts_as_loaded() -> None:
+    """TRT-LLM counts the rest of a trimmed offer as loaded, to the token: a head cut where its own cache
+    committed 40 tokens (partial reuse) leaves [40, 100) to us after the tail cut at 100, so the copies
+    fill blocks 2 to 6 whole ([32, 112)); and the first report's count excludes exactly the tokens
+    TRT-LLM counts as loaded (the saves follow what is computed, never ahead of it)."""
     p, _ = planner(hit=192)
     req = FakeRequest(1, list(range(300)))
     assert p.match(req, 0) == (192, False)
-    p.cancel_load(req, 0, 40)  # V2 partial reuse committed 40 tokens locally meanwhile
+    p.cancel_load(req, 0, 40)
     p.cancel_load(req, 100, 192)
     p.after_alloc(req, [list(range(19))])
     (load,) = p.build(SchedulerOutput()).loads
-    assert (load.start, load.end) == (48, 96)
-    assert [(t.start, t.end) for t in load.transfers] == [(48, 96)]
-    q, index = planner(hit=192)
+    assert (load.start, load.end) == (40, 100)
+    assert [(t.start, t.end) for t in load.transfers] == [(32, 112)]
+    q, _ = planner(hit=128)
     q.match(req, 0)
     q.cancel_load(req, 0, 90)
-    q.cancel_load(req, 100, 192)  # [96, 96) is left: nothing whole
-    assert index.pinned == set() and q.pending_requests() == [1]
     q.after_alloc(req, [list(range(19))])
-    assert q.build(SchedulerOutput()).loads == []
+    # TRT-LLM computed 90 tokens itself and counts [90, 128) as ours: 191 are computed after this step,
+    # 192 (the second chunk whole, to save) after the next.
+    meta = q.build(SchedulerOutput(new_requests=[report(1, req.tokens, list(range(19)), 90, 63)]))
+    (load,) = meta.loads
+    assert (load.start, load.end) == (90, 128)
+    assert [(t.start, t.end) for t in load.transfers] == [(80, 128)]
+    assert meta.saves == []
+    meta = q.build(SchedulerOutput(cached_requests=[report(1, [], [], 191, 1)]))
+    assert [(s.start, s.end) for s in meta.saves] == [(128, 192)]
+    r, index = planner(hit=192)
+    r.match(req, 0)
+    r.cancel_load(req, 0, 96)
+    r.cancel_load(req, 96, 192)  # nothing is left: the pins go
+    assert index.pinned == set() and r.pending_requests() == [1]
+    r.after_alloc(req, [list(range(19))])
+    assert r.build(SchedulerOutput()).loads == []
 
 
 def test_request_reset_drops_pages_and_plans_and_starts_afresh() -> None:
