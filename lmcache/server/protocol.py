@@ -495,17 +495,35 @@ _reply_decoder = msgspec.msgpack.Decoder(Reply)
 
 
 class _Header(msgspec.Struct):
-    """The fields read before the full decode, to answer even requests that fail it."""
+    """The fields read before the full decode, to answer even requests that fail it. Left encoded: a
+    client may put any structure there, which must not be built (an empty map is one byte on the wire
+    and a Python dict in memory); :func:`_scalar` reads a short scalar only."""
 
-    v: Any = None
-    rid: Any = None
-    op: Any = None
-    one_way: Any = None
+    v: msgspec.Raw = msgspec.Raw()
+    rid: msgspec.Raw = msgspec.Raw()
+    op: msgspec.Raw = msgspec.Raw()
+    one_way: msgspec.Raw = msgspec.Raw()
 
 
 _header_decoder = msgspec.msgpack.Decoder(_Header)
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError)
 """What decoding a frame raises on bad input (ValueError: bad UTF-8)."""
+_HEADER_FIELD_BYTES = 64
+"""The longest header field read: longer than any version, rid or op name, short enough to quote."""
+_scalar_decoder = msgspec.msgpack.Decoder(int | float | str | bool | None)
+
+
+def _scalar(field: msgspec.Raw) -> int | float | str | bool | None:
+    """A header field's value if it is a scalar of at most :data:`_HEADER_FIELD_BYTES` encoded bytes;
+    None if it is absent, longer or a structure."""
+    if not 0 < len(field) <= _HEADER_FIELD_BYTES:
+        return None
+    try:
+        return _scalar_decoder.decode(field)
+    except _DECODE_ERRORS:
+        return None
+
+
 _request_decoder = msgspec.msgpack.Decoder(Request)
 
 
@@ -545,10 +563,13 @@ def decode_request(frame: bytes | bytearray, max_bytes: int = MAX_FRAME_BYTES) -
         header = _header_decoder.decode(frame)  # skips the values of other fields: cheap even when big
     except _DECODE_ERRORS as e:
         malformed = e
-    rid = -1
-    if header is not None and isinstance(header.rid, int) and 0 <= header.rid < 1 << 63:
-        rid = header.rid
-    one_way = header is not None and header.one_way is True  # its sender reads no reply
+    version, rid, op, one_way = (
+        (_scalar(header.v), _scalar(header.rid), _scalar(header.op), _scalar(header.one_way) is True)
+        if header is not None
+        else (None, None, None, False)  # one_way: its sender reads no reply
+    )
+    if not (type(rid) is int and 0 <= rid < 1 << 63):
+        rid = -1
     if len(frame) > max_bytes:
         raise ProtocolError(
             ErrorCode.TOO_LARGE,
@@ -563,22 +584,22 @@ def decode_request(frame: bytes | bytearray, max_bytes: int = MAX_FRAME_BYTES) -
             f"malformed request frame ({malformed}); expected one msgpack map per frame, sent by "
             "lmcache.server.client.CacheServerClient",
         )
-    if header.v != PROTOCOL_VERSION:
+    if version != PROTOCOL_VERSION:
         raise ProtocolError(
             ErrorCode.VERSION_MISMATCH,
-            f"protocol version mismatch: client sent v={header.v!r}, server speaks v={PROTOCOL_VERSION}; "
+            f"protocol version mismatch: client sent v={version!r}, server speaks v={PROTOCOL_VERSION}; "
             "install the same lmcache release for the client (TRT-LLM process) and the server",
             rid,
             one_way,
         )
-    if not isinstance(header.op, str) or header.op not in OPS:
+    if not isinstance(op, str) or op not in OPS:
         raise ProtocolError(
             ErrorCode.UNKNOWN_OP,
-            f"unknown op {header.op!r}; this server (protocol v{PROTOCOL_VERSION}) knows: " + ", ".join(OPS),
+            f"unknown op {op!r}; this server (protocol v{PROTOCOL_VERSION}) knows: " + ", ".join(OPS),
             rid,
             one_way,
         )
     try:
         return _request_decoder.decode(frame)
     except _DECODE_ERRORS as e:
-        raise ProtocolError(ErrorCode.INVALID, f"invalid {header.op!r} request: {e}", rid, one_way) from None
+        raise ProtocolError(ErrorCode.INVALID, f"invalid {op!r} request: {e}", rid, one_way) from None

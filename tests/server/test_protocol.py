@@ -103,6 +103,37 @@ def test_version_mismatch_message_names_both_versions() -> None:
         P.decode_request(msgspec.msgpack.encode({"v": other, "rid": 1, "op": "ping"}))
 
 
+def test_structures_in_header_fields_are_neither_built_nor_quoted() -> None:
+    """Any peer reaches the header decode, TCP peers without the secret too: an empty map is one byte
+    on the wire and a Python dict in memory, and a quoted value goes back in the error reply."""
+    import tracemalloc
+
+    frame = msgspec.msgpack.encode({"v": [{}] * 200_000, "rid": 5, "op": "ping"})
+    tracemalloc.start()
+    try:
+        with pytest.raises(P.ProtocolError) as info:
+            P.decode_request(frame)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.code == P.ErrorCode.VERSION_MISMATCH and info.value.rid == 5
+    assert peak < len(frame)  # built as dicts it takes over 10 MB
+    assert len(str(info.value)) < 400
+    long_op = msgspec.msgpack.encode({"v": P.PROTOCOL_VERSION, "rid": 6, "op": "x" * 1_000_000})
+    with pytest.raises(P.ProtocolError) as info:
+        P.decode_request(long_op)
+    assert info.value.code == P.ErrorCode.UNKNOWN_OP and info.value.rid == 6
+    assert len(str(info.value)) < 1000
+    too_large = msgspec.msgpack.encode({"v": P.PROTOCOL_VERSION, "rid": 7, "op": "ping", "tokens": [1] * 100})
+    with pytest.raises(P.ProtocolError) as info:
+        P.decode_request(too_large, max_bytes=50)
+    assert info.value.code == P.ErrorCode.TOO_LARGE and info.value.rid == 7  # still matched to its request
+    for rid in (True, -1, 1 << 63, 1.5, [5]):
+        with pytest.raises(P.ProtocolError) as info:
+            P.decode_request(msgspec.msgpack.encode({"v": 0, "rid": rid, "op": "ping"}))
+        assert info.value.rid == -1
+
+
 def test_oversized_frame_is_refused() -> None:
     with pytest.raises(P.ProtocolError) as info:
         P.decode_request(b"\0" * 100, max_bytes=10)
