@@ -46,7 +46,7 @@ from lmcache.server.peer_process import PeerProcess
 from lmcache.server.pins import LookupPins, PinKey, PinRecord
 from lmcache.server.pool_sharing import PoolSharingError, open_pool
 from lmcache.server.prompts import InvalidPrompt, request_prompt
-from lmcache.server.security import Peer
+from lmcache.server.security import Peer, PeerPolicy
 from lmcache.server.settings import ServerConfig
 from lmcache.transfer import BlockTransfer
 
@@ -273,7 +273,7 @@ class CacheService:
             return self._register_info(old, refreshed=True)
         if old is not None:
             self.instances.retire(old, "registered again with another pool")
-        self._check_sharing(req.pool)
+        self._check_sharing(req.pool, call.peer)
         pool = open_pool(req.pool, call.peer)
         try:
             try:
@@ -339,9 +339,20 @@ class CacheService:
             reap_after_s=0.0 if inst.process is not None else self.config.client_timeout_s,
         )
 
-    def _check_sharing(self, desc: P.PoolDescriptor) -> None:
-        """Refuse a pool registered in a mode this server does not take (``--pool-sharing``)."""
+    def _check_sharing(self, desc: P.PoolDescriptor, peer: Peer) -> None:
+        """Refuse a pool registered in a mode this server does not take (``--pool-sharing``), and a
+        shared-l1 pool from a Unix peer of another uid than the server's or root: the server publishes
+        the slots such a worker reports copied on its word, and a slot keeps the bytes of the chunk
+        evicted from it (published under its own keys, another tenant's KV would be read back)."""
         mode, policy = P.sharing_mode(desc), self.config.pool_sharing
+        if mode == "shared-l1" and not PeerPolicy.is_operator(peer):
+            self.counters.refuse("unauthorized")
+            raise ServiceFailure(
+                P.ErrorCode.UNAUTHORIZED,
+                f"uid {peer.uid} may not register a shared-l1 pool: only the server's own user and root "
+                "copy into its L1 themselves; set LMCACHE_POOL_SHARING=export on this client, or run it "
+                "as the server's user",
+            )
         if policy != "auto" and (mode == "shared-l1") != (policy == "shared-l1"):
             self.counters.refuse("pool_sharing")
             raise ServiceFailure(
