@@ -485,5 +485,8 @@ class LoadHold:
 
 def _read(slots: list[LoadSlot], event: Any) -> None:
     """Mark the chunks of a load batch as read until ``event`` (their slots are reused after it)."""
+    if event is None:  # copied on the host: done already
+        return
+    done: dict[int, bool] = {}
     for slot in slots:
-        slot.chunk.last_read = event
+        slot.chunk.read_until(event, done)

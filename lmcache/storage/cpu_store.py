@@ -22,22 +22,27 @@ IDLE_EVENTS_KEPT = 4
 """Completed events an L1 remembers (a store's and a load's batch in turn), holding them alive."""
 
 
+_reads_lock = threading.Lock()
+"""Orders the updates of chunks' ``reads``."""
+
+
 @dataclass(eq=False)
 class CachedChunk:
     """A chunk's bytes in L1.
 
-    ``ready`` (a CUDA event) orders readers after the copy that filled it; ``last_read`` marks the
-    end of the latest asynchronous copy out of it. The slot is reused only after both. Both are
-    recorded once and never again (chunks copied in one batch share theirs). ``serial`` names this
-    filling of the slot: while a chunk with a given serial exists, its slot holds its bytes.
-    ``used``: a pin ended as a use while other pins held the chunk (its last unpin counts it).
+    ``ready`` (a CUDA event) orders readers after the copy that filled it, recorded once; ``reads``
+    holds an event after each asynchronous copy out of it that may still run (:meth:`read_until`):
+    several loads may read it at once, on their own streams. The slot is reused only after all of
+    them (chunks copied in one batch share their events). ``serial`` names this filling of the
+    slot: while a chunk with a given serial exists, its slot holds its bytes. ``used``: a pin ended
+    as a use while other pins held the chunk (its last unpin counts it).
     """
 
     buffer: HostBuffer
     nbytes: int
     num_tokens: int
     ready: Any = None
-    last_read: Any = None
+    reads: tuple[Any, ...] = ()
     pins: int = 0
     used: bool = False
     committed: bool = False
@@ -46,6 +51,22 @@ class CachedChunk:
     def wait_ready_on_host(self) -> None:
         if self.ready is not None:
             self.ready.synchronize()
+
+    def read_until(self, event: Any, done: dict[int, bool]) -> None:
+        """A copy out of the slot runs until ``event`` (while the chunk is pinned). The events of
+        earlier copies that have completed are dropped; ``done`` keeps their answers for one batch,
+        whose chunks mostly share them."""
+        with _reads_lock:  # two loads reading the chunk at once must not drop each other's event
+            kept = [event]
+            for earlier in self.reads:
+                if earlier is event:
+                    continue
+                finished = done.get(id(earlier))
+                if finished is None:
+                    finished = done[id(earlier)] = earlier.query()
+                if not finished:
+                    kept.append(earlier)
+            self.reads = tuple(kept)
 
 
 class KeyObserver(Protocol):
@@ -404,7 +425,7 @@ class CpuStore:
     def _wait_idle(self, chunk: CachedChunk) -> None:
         """Wait on the host until no copy fills or reads the chunk's slot. An eviction takes a batch's
         chunks one after another, and they share their events: each is waited for once."""
-        for event in (chunk.ready, chunk.last_read):
+        for event in (chunk.ready, *chunk.reads):
             if event is not None and not any(event is done for done in self._idle_events):
                 event.synchronize()
                 self._idle_events.append(event)

@@ -201,10 +201,14 @@ def test_a_chunk_size_new_to_a_full_cache_evicts_one_slab_not_the_cache() -> Non
 
 
 class CountingEvent:
-    """Stands for a CUDA event already complete: counts the host waits on it."""
+    """Stands for a CUDA event (complete unless ``done`` is False): counts the host waits on it."""
 
-    def __init__(self) -> None:
+    def __init__(self, done: bool = True) -> None:
         self.waits = 0
+        self.done = done
+
+    def query(self) -> bool:
+        return self.done
 
     def synchronize(self) -> None:
         self.waits += 1
@@ -217,7 +221,7 @@ def test_an_eviction_waits_once_for_the_events_a_batch_of_chunks_shares() -> Non
         chunk = s.reserve(k, SLOT, 16)
         assert chunk is not None
         s.commit(k, stored)
-        chunk.last_read = read
+        chunk.read_until(read, {})
     alone = CountingEvent()
     chunk = s.reserve("alone", SLOT, 16)
     assert chunk is not None
@@ -231,6 +235,28 @@ def test_an_eviction_waits_once_for_the_events_a_batch_of_chunks_shares() -> Non
     assert s.evictions == 4 and stored.waits == 1 and read.waits == 1
     assert put(s, ("new", 8))  # evicts "alone": its own event is waited for
     assert alone.waits == 1 and stored.waits == 1
+
+
+def test_an_eviction_waits_for_every_load_still_reading_the_chunk() -> None:
+    """Two loads read one chunk at once, each on its own stream (two engines, or two of the server's
+    workers): the first one's copy may still run when the second's has finished and both have
+    unpinned it, and its slot must not be handed to another chunk before it ends."""
+    s = store(1)
+    chunk = s.reserve("shared", SLOT, 16)
+    assert chunk is not None
+    s.commit("shared", CountingEvent())
+    first, second = CountingEvent(done=False), CountingEvent()
+    chunk.read_until(first, {})
+    chunk.read_until(second, {})
+    assert put(s, "next")  # evicts "shared"
+    assert s.evictions == 1 and first.waits == 1 and second.waits == 1
+    later = s.reserve("later", SLOT, 16)
+    assert later is not None
+    s.commit("later", CountingEvent())
+    done, running, newest = CountingEvent(), CountingEvent(done=False), CountingEvent()
+    for event in (done, running, newest):
+        later.read_until(event, {})
+    assert later.reads == (newest, running)  # a finished read is forgotten: a hot chunk keeps few
 
 
 def two_slabs_of_two() -> CpuStore:
