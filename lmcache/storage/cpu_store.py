@@ -326,10 +326,11 @@ class CpuStore:
             self._policy.touch_all(released)  # a pin's end is the load's use of the chunk
 
     def remove(self, key: Hashable) -> bool:
-        """Remove an unpinned chunk (e.g. found corrupt); pinned chunks stay."""
+        """Remove an unpinned committed chunk (e.g. found corrupt); pinned chunks stay, and so do
+        reserved ones (their copy is filling the slot: :meth:`abort` drops them if it fails)."""
         with self._lock:
             chunk = self._chunks.get(key)
-            if chunk is None or chunk.pins:
+            if chunk is None or chunk.pins or not chunk.committed:
                 return False
             self._policy.discard(key)
             self._drop(key, chunk)

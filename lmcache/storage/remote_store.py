@@ -71,15 +71,28 @@ def _connection_class() -> type:
 REDIS_INSTALL = "pip install 'lmcache-trtllm[redis]'"
 
 
-def require_redis() -> None:
-    """Raise ``ImportError`` naming the install command when the optional ``redis`` package is missing."""
+REDIS_MIN_VERSION = (5, 3)
+"""redis-py's ``ConnectionPool.get_connection()`` takes no command name from 5.3 on (reads use it)."""
+
+
+def require_redis(version: str | None = None) -> None:
+    """Raise ``ImportError`` naming the install command when the optional ``redis`` package is missing
+    or older than :data:`REDIS_MIN_VERSION` (``version``: the installed one, read if None)."""
     try:
-        import redis  # noqa: F401 - only checking that it is there
+        import redis
     except ImportError:
         raise ImportError(
             f"remote_url is set but the Python package 'redis' is not installed: {REDIS_INSTALL} "
             "(or unset remote_url / LMCACHE_REMOTE_URL)"
         ) from None
+    installed = version if version is not None else str(redis.__version__)
+    parts = tuple(int(p) if p.isdigit() else 0 for p in installed.split(".")[:2])
+    if parts < REDIS_MIN_VERSION:
+        raise ImportError(
+            f"remote_url is set but the installed redis package is {installed}; it needs "
+            f"{'.'.join(map(str, REDIS_MIN_VERSION))} or newer: {REDIS_INSTALL} --upgrade "
+            "(or unset remote_url / LMCACHE_REMOTE_URL)"
+        )
 
 
 def _host_for_url(host: str) -> str:

@@ -259,6 +259,19 @@ def test_an_eviction_waits_for_every_load_still_reading_the_chunk() -> None:
     assert later.reads == (newest, running)  # a finished read is forgotten: a hot chunk keeps few
 
 
+def test_a_reserved_chunk_is_not_removed_while_its_copy_fills_it() -> None:
+    """A follower rank drops what rank 0 evicted (``remove``); the same key may be reserved again
+    meanwhile, by a store or a promotion whose copy is filling the slot."""
+    s = store(2)
+    chunk = s.reserve("k", SLOT, 16)
+    assert chunk is not None
+    assert not s.remove("k")
+    other = s.reserve("other", SLOT, 16)
+    assert other is not None and other.buffer is not chunk.buffer  # the slot was not handed out again
+    s.commit("k")
+    assert s.remove("k") and "k" not in s
+
+
 def two_slabs_of_two() -> CpuStore:
     """A full L1 of two slabs, ``a b`` and ``c d`` (in LRU order)."""
     s = CpuStore(HostArena(4 * SLOT, pinned=False, slab_bytes=2 * SLOT), "LRU")

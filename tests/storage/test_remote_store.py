@@ -17,7 +17,7 @@ from tier_helpers import (
     tokens,
 )
 
-from lmcache.storage.remote_store import RemoteStore, parse_cluster_nodes
+from lmcache.storage.remote_store import RemoteStore, parse_cluster_nodes, require_redis
 from lmcache.storage.resp import Parts, ZeroCopyPacker
 from lmcache.transfer import BlockTransfer
 
@@ -294,3 +294,13 @@ def test_server_down_at_startup_is_a_miss_not_an_error(scheme: str, caplog) -> N
         engine.close()
     assert any("unavailable" in r.getMessage() for r in caplog.records)
     assert engine.l1.pinned_keys() == []
+
+
+def test_a_redis_package_too_old_for_our_reads_is_named_at_start_up() -> None:
+    """Before 5.3 redis-py's ``get_connection`` needs a command name: every read would fail and the
+    tier would look down at every read and up at every write."""
+    with pytest.raises(ImportError, match=r"redis package is 5\.2\.1; it needs 5\.3 or newer.*--upgrade"):
+        require_redis("5.2.1")
+    require_redis("5.3.0")
+    require_redis("8.1.0")
+    require_redis()  # the installed one
