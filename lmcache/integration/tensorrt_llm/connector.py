@@ -165,13 +165,20 @@ class LMCacheWorker(KvCacheConnectorWorker):
         whole_tokens = sum(plan.end - plan.start for plan, layers in plans if layers is None)
         if whole_tokens < OVERLAP_MIN_TOKENS or any(layers is not None for _, layers in plans):
             FORWARD.close()
+        failure: Exception | None = None
         for plan, layers in plans:
-            done = self.backend.load(plan, meta.backend_context, stream, layers)
+            try:
+                done = self.backend.load(plan, meta.backend_context, stream, layers)
+            except Exception as e:  # the other requests' loads still run: each releases its own pins
+                failure = failure or e
+                continue
             if plan.reservation_id is not None:
                 self._prefix_loads[plan.reservation_id] = done
             elif plan.is_async:
                 self._loads.add(plan.request_id, done)
         FORWARD.close()
+        if failure is not None:
+            raise failure
 
     def wait_for_save(self, stream: Any) -> None:
         """Hand this iteration's saves to the back-end, their copies to start once released after

@@ -330,11 +330,16 @@ class Planner:
         for data in getattr(scheduler_output, "cached_requests", []) or []:
             self._on_report(data, first=False, meta=meta)
         # Legacy loads come from the alloc feedback: async-loading requests are not in the output.
-        for state in self._requests.values():
-            load = state.load
-            if load is not None and not load.planned and state.block_ids:
-                meta.loads.append(self._load_plan(state, PinKey("req", state.request_id), load, None))
-                load.planned = True
+        # Marked planned once all are: a load refused here leaves every offer the scheduler's (its
+        # pins go when its request ends), none stranded as handed to workers that never got it.
+        planned = [
+            (state.load, self._load_plan(state, PinKey("req", state.request_id), state.load, None))
+            for state in self._requests.values()
+            if state.load is not None and not state.load.planned and state.block_ids
+        ]
+        for load, plan in planned:
+            meta.loads.append(plan)
+            load.planned = True
         self._waiting.end_pass()
         self._forget_stale()
         return meta

@@ -275,6 +275,22 @@ def test_a_cancel_inside_a_block_still_loads_every_token_trtllm_counts_as_loaded
     assert r.build(SchedulerOutput()).loads == []
 
 
+def test_a_load_refused_in_a_build_leaves_no_other_load_handed_over() -> None:
+    """A build that raises hands no metadata to the workers: every load it planned stays the
+    scheduler's, and ending the requests releases all their pins."""
+    p, index = planner(hit=128)
+    index.group_windows = [None]
+    a, b = FakeRequest(1, list(range(200))), FakeRequest(2, list(range(200)))
+    assert p.match(a, 0) == p.match(b, 0) == (128, False)
+    p.after_alloc(a, [list(range(13))])
+    p.after_alloc(b, [[0, 1, 2, -1] + list(range(4, 13))])  # b: a page missing in its promised range
+    with pytest.raises(PromisedLoadError):
+        p.build(SchedulerOutput())
+    p.finished(a)
+    p.finished(b)
+    assert index.pinned == set()
+
+
 def test_request_reset_drops_pages_and_plans_and_starts_afresh() -> None:
     p, index = planner(hit=128)
     req = FakeRequest(1, list(range(200)))
