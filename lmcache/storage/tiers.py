@@ -433,7 +433,11 @@ class TierManager:
         done = 0
         while done < prefix:
             stop = min(prefix, done + self.fetch_batch)
-            ok = self._promote_window(ns, positions, tokens, where, done, stop, pins)
+            try:
+                ok = self._promote_window(ns, positions, tokens, where, done, stop, pins)
+            except Exception as e:  # a fault of ours (the tiers' calls are guarded): a miss, never a raise
+                self._warn.warning("promotion-fault", "promoting chunks from the tiers failed: %r", e)
+                ok = 0
             done += ok
             if done < stop:
                 with self._stats_lock:

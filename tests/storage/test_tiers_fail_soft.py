@@ -198,3 +198,19 @@ def test_a_tier_that_raises_is_a_miss_and_its_slots_are_dropped(tmp_path: Path, 
     assert tiers.snapshots()[0].dropped_writes == 1
     tiers.close()
     assert "raised from fetch_into" in caplog.text and "raised from contains" in caplog.text
+
+
+def test_a_promotion_that_fails_in_our_own_code_is_a_miss(tmp_path: Path, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The tiers' calls are guarded; a fault between them (here, L1 refusing a commit) must not raise
+    into the lookup either, which holds L1 pins of its own by then."""
+    caplog.set_level(logging.WARNING, logger="lmcache")
+    l1 = CpuStore(HostArena(16 * ROWS, pinned=False))
+    tiers = TierManager(l1, [disk_with(tmp_path, 1, 2)])
+
+    def refuse(key: object, *args: object, **kwargs: object) -> None:
+        raise KeyError(key)
+
+    monkeypatch.setattr(l1, "commit", refuse)
+    assert tiers.promote_prefix(NS, [[key(1)], [key(2)]], [32, 32]) == (0, [])
+    assert "promoting chunks from the tiers failed" in caplog.text
+    tiers.close()
