@@ -49,6 +49,9 @@ LEASE_SHARE_OF_L1 = 16
 """An instance's lease is also at most 1/16 of L1, so small caches stay caches."""
 LEASES_SHARE_OF_L1 = 4
 """All instances' leases together hold at most 1/4 of L1, however many workers register."""
+RESERVED_SHARE_OF_L1 = 2
+"""An instance's open store reservations hold at most half of L1: slots no other store can evict until
+it reports them (a store reserving past it is refused, its save dropped)."""
 
 
 class SharedL1Error(ValueError):
@@ -102,6 +105,8 @@ class LeaseKey:
 class _StoreTicket:
     space: KeySpace
     slots: list[StoreSlot]
+    nbytes: int
+    """Of the slots reserved, counted in the registration's ``reserved_bytes``."""
 
 
 @dataclass(eq=False)
@@ -117,6 +122,8 @@ class _InstanceState:
     """Ids of leases a store is filling (a ``store_reserve`` named them): out of the lease's cap."""
     slabs: set[int] = field(default_factory=set)
     """Ids of the slabs this instance was told of."""
+    reserved_bytes: int = 0
+    """Of its open store tickets' slots, and of those being reserved (:data:`RESERVED_SHARE_OF_L1`)."""
 
 
 class SharedL1Service:
@@ -154,16 +161,25 @@ class SharedL1Service:
         """Reserve slots for the chunks of the request's range not cached yet, and top the lease up."""
         prompt = request_prompt(self.engine, scope.space, req)
         self._check_room(scope)
-        slots = list(
-            self.engine.reserve_store(scope.space, scope.rank, prompt, req.cache_salt, req.start, req.end)
-        )
+        size, slot_bytes = self.engine.config.chunk_size, self._slot_bytes(scope)
+        most = (-(-req.end // size) - req.start // size) * slot_bytes
+        self._charge(scope, most)  # counted now: concurrent requests cannot overshoot
+        try:
+            slots = list(
+                self.engine.reserve_store(scope.space, scope.rank, prompt, req.cache_salt, req.start, req.end)
+            )
+        except BaseException:
+            self._charge(scope, -most)
+            raise
+        reserved = [s for s in slots if s.chunk is not None]
+        nbytes = len(reserved) * slot_bytes
+        self._charge(scope, nbytes - most)
         chunks = [
             P.StoreChunk(s.first_block, s.rows, self._slot_info(s) if s.chunk is not None else None)
             for s in slots
         ]
         leased = self._lease(scope, req.lease, req.filling)
-        reserved = [s for s in slots if s.chunk is not None]
-        ticket = self._open(scope.registration, _StoreTicket(scope.space, slots)) if reserved else 0
+        ticket = self._open(scope.registration, _StoreTicket(scope.space, slots, nbytes)) if reserved else 0
         slab_ids = [c.slot.slab for c in chunks if c.slot is not None] + [x.slot.slab for x in leased]
         news = self._slab_news(scope.registration, slab_ids)
         return P.StoreSlots(
@@ -361,6 +377,29 @@ class SharedL1Service:
                 "tickets; send store_done / load_done for the copies it finished"
             )
 
+    def _charge(self, scope: InstanceScope, nbytes: int) -> None:
+        """Count ``nbytes`` more (or fewer) reserved for the registration's stores; refuse a store that
+        would take its reservations past :data:`RESERVED_SHARE_OF_L1`."""
+        cap = self.engine.l1.arena.capacity_bytes // RESERVED_SHARE_OF_L1
+        with self._lock:
+            if nbytes <= 0:  # given back: nothing to do for a registration forgotten meanwhile
+                state = self._states.get(scope.registration)
+                if state is not None:
+                    state.reserved_bytes += nbytes
+                return
+            state = self._states.setdefault(scope.registration, _InstanceState())
+            if state.reserved_bytes + nbytes > cap:
+                raise TicketLimitExceeded(
+                    f"a store of {nbytes} bytes would take instance {scope.instance_id}'s open reservations "
+                    f"({state.reserved_bytes} bytes) past half of L1 ({cap} bytes); report the stores in "
+                    "flight (store_done) first, or raise the server's --l1-size-gb"
+                )
+            state.reserved_bytes += nbytes
+
+    def _slot_bytes(self, scope: InstanceScope) -> int:
+        layout = scope.space.layout
+        return self.engine.config.chunk_size // layout.tokens_per_block * layout.row_bytes
+
     def _open(self, registration: int, ticket: _StoreTicket | _LoadTicket) -> int:
         with self._lock:
             ticket_id = next(self._ids)
@@ -371,8 +410,7 @@ class SharedL1Service:
         """Reserve up to ``wanted`` more leased slots for the instance, within its cap and the cap of
         all leases together. The leases ``filling`` names (held by the instance, up to one cap of them)
         leave the cap first: a store that fills its whole lease still leaves one for the next."""
-        layout = scope.space.layout
-        slot_bytes = self.engine.config.chunk_size // layout.tokens_per_block * layout.row_bytes
+        slot_bytes = self._slot_bytes(scope)
         cap = self.max_lease_bytes // slot_bytes
         with self._lock:
             state = self._states.setdefault(scope.registration, _InstanceState())
@@ -429,13 +467,19 @@ class SharedL1Service:
                 )
             assert state is not None
             del state.tickets[ticket_id]
+            if isinstance(ticket, _StoreTicket):
+                state.reserved_bytes -= ticket.nbytes
             return ticket
 
     def _close_if_open(self, scope: InstanceScope, ticket_id: int) -> _StoreTicket | _LoadTicket | None:
         """Take the registration's ticket if it is still open (forgetting the registration closed it)."""
         with self._lock:
             state = self._states.get(scope.registration)
-            return None if state is None else state.tickets.pop(ticket_id, None)
+            ticket = None if state is None else state.tickets.pop(ticket_id, None)
+            if isinstance(ticket, _StoreTicket):
+                assert state is not None
+                state.reserved_bytes -= ticket.nbytes
+            return ticket
 
     def _slot_info(self, slot: StoreSlot) -> P.SlotInfo:
         assert slot.chunk is not None
