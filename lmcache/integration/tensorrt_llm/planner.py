@@ -438,8 +438,10 @@ class Planner:
                 state.block_ids[group].extend(blocks)
         computed_position = int(getattr(data, "computed_position", 0) or 0)
         scheduled = getattr(data, "num_scheduled_tokens", None)
-        if scheduled is None:  # TRT-LLM before 1.2.0rc2: a context step computes the rest of the prompt.
-            scheduled = max(1, state.prompt_len - computed_position)
+        if scheduled is None:
+            # TRT-LLM before 1.2.0rc2 does not say how far this step computes (a chunked prefill's step
+            # may stop short of the prompt's end): save only what earlier steps computed.
+            scheduled = 0
         if first and state.load is not None and not state.load.is_async:
             computed_position += state.load.end - state.load.start  # TRT-LLM's count excludes it
         state.reported = True

@@ -418,3 +418,14 @@ def test_a_miss_is_not_released() -> None:
     p, index = planner(hit=0)
     assert p.match(FakeRequest(1, list(range(300))), 0) == (0, False)
     assert index.lookups == [(300, None, PinKey("req", 1))] and index.released == []  # one call for a miss
+
+
+def test_without_the_scheduled_count_saves_follow_what_earlier_steps_computed() -> None:
+    """TRT-LLM before 1.2.0rc2 reports no ``num_scheduled_tokens``: a chunked prefill's first step may
+    compute 64 tokens of 256, so nothing may be saved before the next report says what was computed."""
+    p, _ = planner()
+    prompt = list(range(4 * CHUNK))
+    meta = p.build(SchedulerOutput(new_requests=[report(1, prompt, list(range(16)), 0, None)]))
+    assert meta.saves == []
+    meta = p.build(SchedulerOutput(cached_requests=[report(1, [], [], 2 * CHUNK, None)]))
+    assert [(s.start, s.end) for s in meta.saves] == [(0, 2 * CHUNK)]
