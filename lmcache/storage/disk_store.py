@@ -126,6 +126,9 @@ class DiskStore:
         self.scan_done.set()
         self._scan_lock = threading.Lock()  # one scan at a time; held from its start to its end
         self._scan_stop = threading.Event()  # set by close(): a running scan stops before its next file
+        self._closed = False
+        """Set by :meth:`close`: nothing claims the directory again (a writer the close did not wait for
+        would otherwise scan and lock it after the engine closed)."""
         self._scan_thread: threading.Thread | None = None
         self._scanning: IndexScan | None = None
         # While a scan runs: the chunks whose entry or use changed since it began (written, evicted,
@@ -213,6 +216,8 @@ class DiskStore:
         header_len = len(encode_header(key, ns, num_tokens, b"", checksum=0))
         size = header_len + payload.nbytes
         if size > self.capacity_bytes:
+            return None
+        if self._closed:
             return None
         if self._claim is None:
             self.scan()  # not claimed yet (no scan yet) or refused: never write where it is not ours
@@ -312,6 +317,7 @@ class DiskStore:
     def close(self) -> None:
         """Stop a running scan (before its next file) and wait for it; then release the directory to
         other processes (the files stay)."""
+        self._closed = True
         self._scan_stop.set()
         thread = self._scan_thread
         if thread is not None and thread is not threading.current_thread():
@@ -361,7 +367,10 @@ class DiskStore:
 
     def _begin_scan(self, progress_bar: bool) -> bool:
         """Claim the directory and start noting changes (``_scan_lock`` held); on a refusal, warn,
-        release the lock and return False."""
+        release the lock and return False (also once closed)."""
+        if self._closed:
+            self._scan_lock.release()
+            return False
         try:
             self._claim_root()
         except OSError as exc:

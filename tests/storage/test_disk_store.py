@@ -470,3 +470,18 @@ def test_chunks_of_an_older_key_format_are_removed_at_startup(tmp_path: Path, mo
     assert store.last_scan.removed == 1
     assert chunk_files(tmp_path) == []
     assert store.lookup(NS, key(1)) is None
+
+
+def test_a_write_after_close_writes_nothing_and_leaves_the_directory_free(tmp_path: Path) -> None:
+    """A write-behind thread the engine's close did not wait for must not scan and claim the
+    directory again: the next server's store would find it taken."""
+    store = DiskStore(tmp_path, capacity_bytes=1 << 20)
+    assert store.write(NS, key(1), 7, payload(1)) is not None
+    store.close()
+    assert store.write(NS, key(2), 7, payload(2)) is None
+    assert store.scan().files == 0 and store.problem is None  # closed: no scan, no claim
+    successor = DiskStore(tmp_path, capacity_bytes=1 << 20)
+    assert successor.problem is None
+    assert successor.write(NS, key(3), 7, payload(3)) is not None
+    assert read(successor, key(1)) == payload(1).tobytes() and read(successor, key(2)) is None
+    successor.close()
