@@ -118,7 +118,7 @@ class LMCacheWorker(KvCacheConnectorWorker):
     # -- registration -------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_cache_tensor: Any) -> None:
-        self._register(targets_of_pool(kv_cache_tensor))
+        self._register(targets_of_pool(kv_cache_tensor, self.settings.window))
 
     def register_kv_cache_layout(self, layout: Any) -> None:
         """V2: every layer group's regions (instead of ``register_kv_caches``)."""

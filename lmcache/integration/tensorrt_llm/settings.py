@@ -26,6 +26,9 @@ class ConnectorSettings:
     export."""
     iteration_tokens: int = 8192
     """TRT-LLM's ``max_num_tokens``: the most tokens one iteration computes (and saves)."""
+    window: int | None = None
+    """The attention window of every layer of a V1 pool (``kv_cache_config.max_attention_window``, one
+    value below ``max_seq_len``); None: full attention. V2 describes its layer groups' windows itself."""
     attention_dp: bool = False
     """``enable_attention_dp``: each rank schedules its own requests (its own scheduler and worker) and
     keeps their whole KV; chunks are keyed as one world of one rank, so every rank finds every
@@ -72,6 +75,7 @@ class ConnectorSettings:
                 "enable_attention_dp=False."
             )
         world = 1 if attention_dp else int(getattr(llm_args, "tensor_parallel_size", 1) or 1)
+        window = None if v2 else _v1_window(kv_cache_config, getattr(llm_args, "max_seq_len", None))
         return cls(
             model_name=model,
             world_size=world,
@@ -79,9 +83,31 @@ class ConnectorSettings:
             chunk_size=config.chunk_size,
             layerwise=config.use_layerwise,
             kv_manager_v2=v2,
+            window=window,
             attention_dp=attention_dp,
             iteration_tokens=int(getattr(llm_args, "max_num_tokens", None) or 8192),
         )
+
+
+def _v1_window(kv_cache_config: Any, max_seq_len: Any) -> int | None:
+    """The one attention window a V1 pool's layers share (``max_attention_window``); None for full
+    attention. Several windows on V1 share one pool tensor whose pages the connector cannot tell
+    apart: refused, naming V2 (which gives each window its own layer group)."""
+    windows = getattr(kv_cache_config, "max_attention_window", None)
+    if not windows:
+        return None
+    limit = int(max_seq_len) if max_seq_len else None
+    sliding = {int(w) for w in windows if limit is None or int(w) < limit}
+    if not sliding:
+        return None
+    if len(sliding) > 1 or len(sliding) < len({int(w) for w in windows}):
+        raise ValueError(
+            f"kv_cache_config.max_attention_window={list(windows)} gives the layers of TRT-LLM's V1 KV "
+            "cache manager several attention windows in one pool, whose pages the connector cannot tell "
+            "apart; set kv_cache_config.use_kv_cache_manager_v2=True (a layer group per window) or use one "
+            "window for every layer"
+        )
+    return sliding.pop()
 
 
 def request_salt(obj: Any) -> str | int | None:

@@ -26,23 +26,29 @@ class PoolTarget:
     window: int | None = None
 
 
-def targets_of_pool(pool: torch.Tensor) -> list[PoolTarget]:
-    """TRT-LLM's primary pool ``[num_blocks, num_layers, kv_factor, block_elems]`` (V1, or one group)."""
-    return [PoolTarget(TargetId(0, 0), pool)]
+def targets_of_pool(pool: torch.Tensor, window: int | None = None) -> list[PoolTarget]:
+    """TRT-LLM's primary pool ``[num_blocks, num_layers, kv_factor, block_elems]`` (V1, or one group),
+    every layer attending to the last ``window`` tokens (None: all of them)."""
+    return [PoolTarget(TargetId(0, 0), pool, _window_suffix(window), window)]
+
+
+def _window_suffix(window: int | None) -> str:
+    """A sliding window's KV differs from full attention's past the window: keyed apart."""
+    return "" if window is None else f"#w{window}"
 
 
 def targets_of_layout(layout: Any) -> list[PoolTarget]:
     """Every region of every layer group of a V2 layout.
 
     A layout of one group and one region whose single-pool view exists is registered as that view,
-    keyed like a V1 pool. Otherwise each region is registered as raw pages (bytes) and keyed by its
-    group, region index, window and buffer list.
+    keyed like a V1 pool of the same window. Otherwise each region is registered as raw pages
+    (bytes) and keyed by its group, region index, window and buffer list.
     """
     groups = list(layout.groups)
     if len(groups) == 1 and len(groups[0].regions) == 1:
         single = layout.as_single_pool_tensor()
         if single is not None:
-            return [PoolTarget(TargetId(0, 0), single, "", _window(groups[0]))]
+            return targets_of_pool(single, _window(groups[0]))
     targets = []
     for group in groups:
         for index, region in enumerate(group.regions):

@@ -4,12 +4,14 @@ import pickle
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 
 from lmcache.config import LMCacheEngineConfig
 from lmcache.integration.tensorrt_llm._trtllm import RequestData, SchedulerOutput
 from lmcache.integration.tensorrt_llm.plan import ConnectorMetadata, Found, PinKey, Prompt, TargetId, Transfer
 from lmcache.integration.tensorrt_llm.planner import Planner
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings, request_salt
+from lmcache.integration.tensorrt_llm.targets import targets_of_pool
 from lmcache.transfer import BlockTransfer
 
 TPB, CHUNK = 16, 64
@@ -412,6 +414,43 @@ def test_settings_refuse_a_v1_host_block_pool(v2: bool) -> None:
     else:
         with pytest.raises(ValueError, match="host_cache_size=8589934592 .* Set host_cache_size=0"):
             ConnectorSettings.from_llm_args(Args, config)
+
+
+@pytest.mark.parametrize(
+    ("windows", "v2", "expected"),
+    [
+        (None, False, None),
+        ([4096], False, 4096),
+        ([4096] * 3, False, 4096),
+        ([32768], False, None),  # not below max_seq_len: full attention
+        ([4096], True, None),  # V2 describes its groups' windows itself
+        ([4096, 32768], False, ValueError),
+        ([1024, 4096], False, ValueError),
+    ],
+)
+def test_a_v1_pools_attention_window_is_read_and_several_are_refused(windows, v2, expected) -> None:
+    """Under a sliding window V1 hands the blocks the window passed to other requests, and the KV of
+    the tokens after it differs from full attention's: the pool's target must carry its window."""
+
+    class Args:
+        model = "m"
+        max_seq_len = 32768
+
+        class kv_cache_config:  # noqa: N801
+            tokens_per_block = TPB
+            max_attention_window = windows
+            use_kv_cache_manager_v2 = v2
+
+    config = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK)
+    if expected is ValueError:
+        with pytest.raises(ValueError, match="several attention windows.*use_kv_cache_manager_v2=True"):
+            ConnectorSettings.from_llm_args(Args, config)
+        return
+    settings = ConnectorSettings.from_llm_args(Args, config)
+    assert settings.window == expected
+    (target,) = targets_of_pool(torch.zeros(4, 2, 2, 8), settings.window)
+    assert target.window == expected
+    assert target.key_suffix == ("" if expected is None else f"#w{expected}")
 
 
 def test_a_miss_is_not_released() -> None:
