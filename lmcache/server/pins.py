@@ -46,6 +46,9 @@ class PinTable:
 
     def __init__(self) -> None:
         self._pins: dict[PinKey, PinRecord] = {}
+        self._held: dict[int, int] = {}
+        """Bytes of each owner's records: kept as they change, never summed per lookup (one owner
+        may hold thousands of records)."""
         self._early: OrderedDict[PinKey, dict[int, float]] = OrderedDict()
         """Ranks that loaded under a key with no record, and when (``time.monotonic()``)."""
         self._lock = threading.Lock()
@@ -66,20 +69,32 @@ class PinTable:
         claimed lookup's) join ``record.done``; a record every rank is done with is not entered.
         Returns (bytes the owner's other lookups hold, whether over)."""
         with self._lock:
-            self._pins.pop(key, None)
+            self._remove(key)
             early = self._early.pop(key, {})
             if record is not None and claimed_at is not None:
                 record.done.update(rank for rank, when in early.items() if when >= claimed_at)
-            held = sum(st.nbytes for k, st in self._pins.items() if k[0] == key[0])
+            held = self._held.get(key[0], 0)
             over = record is not None and held + record.nbytes > share
             if record is not None and not over and len(record.done) < record.world_size:
                 self._pins[key] = record
+                self._held[key[0]] = held + record.nbytes
         return held, over
+
+    def _remove(self, key: PinKey) -> PinRecord | None:
+        """Drop ``key``'s record and its bytes from its owner's (lock held)."""
+        record = self._pins.pop(key, None)
+        if record is not None:
+            left = self._held[key[0]] - record.nbytes
+            if left:
+                self._held[key[0]] = left
+            else:
+                del self._held[key[0]]
+        return record
 
     def pop(self, key: PinKey) -> bool:
         """Forget ``key``; whether it was held."""
         with self._lock:
-            return self._pins.pop(key, None) is not None
+            return self._remove(key) is not None
 
     def rank_done(self, key: PinKey, rank: int, now: float) -> bool:
         """Note that ``rank`` has loaded (at ``now``); True when that was the last rank (the record is
@@ -95,7 +110,7 @@ class PinTable:
             state.done.add(rank)
             if len(state.done) < state.world_size:
                 return False
-            del self._pins[key]
+            self._remove(key)
         return True
 
     def pop_owner(self, instance_id: int) -> list[PinKey]:
@@ -103,7 +118,7 @@ class PinTable:
         with self._lock:
             owned = [key for key in self._pins if key[0] == instance_id]
             for key in owned:
-                del self._pins[key]
+                self._remove(key)
             for key in [key for key in self._early if key[0] == instance_id]:
                 del self._early[key]
         return owned
@@ -113,7 +128,7 @@ class PinTable:
         with self._lock:
             stale = [key for key, st in self._pins.items() if now - st.created > ttl]
             for key in stale:
-                del self._pins[key]
+                self._remove(key)
             for key in [key for key, ranks in self._early.items() if now - max(ranks.values()) > ttl]:
                 del self._early[key]
         return stale

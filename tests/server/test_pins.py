@@ -57,3 +57,28 @@ def test_loads_remembered_are_bounded_and_expire(monkeypatch: pytest.MonkeyPatch
     late = PinRecord(world_size=1, created=100.0, nbytes=1)
     table.replace((1, 4), late, SHARE, claimed_at=-1.0)
     assert late.done == set()
+
+
+def test_each_owners_pinned_bytes_follow_every_way_a_record_goes() -> None:
+    """A lookup is refused once its owner's records would hold more than the share: the bytes counted
+    must follow each record entered, replaced, loaded by every rank, released, expired or retired."""
+    table = PinTable()
+
+    def held(owner: int) -> int:
+        return table.replace((owner, "probe"), None, SHARE)[0]
+
+    table.replace((1, "a"), PinRecord(world_size=2, created=0.0, nbytes=100), SHARE)
+    table.replace((1, "b"), PinRecord(world_size=1, created=5.0, nbytes=30), SHARE)
+    table.replace((2, "a"), PinRecord(world_size=1, created=0.0, nbytes=7), SHARE)
+    assert (held(1), held(2)) == (130, 7)
+    table.replace((1, "b"), PinRecord(world_size=1, created=5.0, nbytes=40), SHARE)  # the same id again
+    assert held(1) == 140
+    assert table.replace((1, "c"), PinRecord(world_size=1, created=5.0, nbytes=SHARE), SHARE) == (140, True)
+    assert held(1) == 140  # refused: not counted
+    assert not table.rank_done((1, "a"), 0, now=1.0) and held(1) == 140
+    assert table.rank_done((1, "a"), 1, now=1.0) and held(1) == 40
+    assert table.pop_stale(now=4.0, ttl=3.0) == [(2, "a")] and held(2) == 0
+    assert table.pop((1, "b")) and held(1) == 0
+    table.replace((1, "d"), PinRecord(world_size=1, created=5.0, nbytes=9), SHARE)
+    assert table.pop_owner(1) == [(1, "d")] and held(1) == 0
+    assert table.replace((1, "e"), PinRecord(world_size=1, created=5.0, nbytes=SHARE), SHARE) == (0, False)
