@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -77,6 +77,7 @@ class CacheEngine(EngineLookup):
         transfer: BlockTransfer[Tokens | ChunkHashes],
         stream: Any = None,
         copy_start: StoreStart | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> int:
         """Save the chunks of ``transfer.prompt`` (token ids, or the prompt's :class:`ChunkHashes`) that
         start at or after ``transfer.start`` and end by ``transfer.end``, from ``pool``'s blocks.
@@ -84,7 +85,9 @@ class CacheEngine(EngineLookup):
         ``transfer.start`` must be chunk-aligned. Chunks already cached are skipped. Returns the number
         of tokens newly stored. On CUDA the copies are enqueued on ``stream``; readers are ordered
         after them by an event, so nothing waits on the host here. Given ``copy_start``, the copies
-        wait for it; the rest of the store (hashing, reserving) does not.
+        wait for it; the rest of the store (hashing, reserving) does not. ``guard`` runs before each
+        batch of copies and raises once the blocks may no longer be the caller's: the chunks of the
+        batches before stay published, the others are not.
         """
         FORWARD.wait()  # hashing holds the GIL too: not while a forward is being launched
         began = time.perf_counter()
@@ -103,6 +106,7 @@ class CacheEngine(EngineLookup):
             block_ids=block_ids,
             on_flush=lambda done, ev: self.publish(space, done, ev),
             start=copy_start,
+            guard=guard,
         )
         try:
             for slot in slots:  # reserved one by one, so the first copy starts after one chunk's work
@@ -226,9 +230,12 @@ class CacheEngine(EngineLookup):
         stream: Any = None,
         pin_id: Hashable | None = None,
         layers: LayerReady | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> int:
         """Load tokens ``[transfer.start, transfer.end)`` into their blocks of ``pool``; returns how
         many tokens were loaded. Given ``layers``, the load is layer-wise (:mod:`lmcache.layered_load`).
+        ``guard`` runs before each batch of copies and raises once the blocks may no longer be the
+        caller's.
 
         ``start`` and ``end`` must be block-aligned; the prompt (token ids or :class:`ChunkHashes`)
         must reach the end of the chunk that holds ``end`` (its key covers the whole chunk). Blocks
@@ -238,7 +245,7 @@ class CacheEngine(EngineLookup):
         rank's pins of ``pin_id`` are released afterwards.
         """
         try:
-            return self._retrieve(space, rank, pool, transfer, stream, layers)
+            return self._retrieve(space, rank, pool, transfer, stream, layers, guard)
         finally:
             if pin_id is not None:
                 self.release(pin_id, rank)
@@ -251,6 +258,7 @@ class CacheEngine(EngineLookup):
         transfer: BlockTransfer[Tokens | ChunkHashes],
         stream: Any,
         layers: LayerReady | None,
+        guard: Callable[[], None] | None = None,
     ) -> int:
         began = time.perf_counter()
         layout = self._check_pool(space, pool)
@@ -268,6 +276,7 @@ class CacheEngine(EngineLookup):
             on_flush=_read,
             layers=layers,
             whole_first=whole_first(chunks),
+            guard=guard,
         )
         try:
             for slot in self.hold_chunks(hold):  # pinned one by one: the first copy starts early

@@ -501,7 +501,9 @@ class CacheService:
             transfer = self._transfer_args(req, inst)
             began = time.perf_counter()
             stream = inst.streams.store if inst.streams else None
-            stored = self.engine.store(inst.space, inst.rank, inst.pool.tensor, transfer, stream)
+            stored = self.engine.store(
+                inst.space, inst.rank, inst.pool.tensor, transfer, stream, guard=_in_time(call, "store")
+            )
             _copies_done(inst, stream, "store", stored, began)  # the client may reuse the blocks then
             self._check_pool(inst)  # shrunk during the copy: what it read were zeros
             return stored
@@ -513,13 +515,31 @@ class CacheService:
                 transfer = self._transfer_args(req, inst)
                 began = time.perf_counter()
                 stream = inst.streams.load if inst.streams else None
-                loaded = self.engine.retrieve(inst.space, inst.rank, inst.pool.tensor, transfer, stream)
+                in_time = _in_time(call, "retrieve")
+                loaded = self.engine.retrieve(
+                    inst.space, inst.rank, inst.pool.tensor, transfer, stream, guard=in_time
+                )
                 _copies_done(inst, stream, "retrieve", loaded, began)  # the blocks are in place then
                 self._check_pool(inst)
                 return loaded
             finally:
                 if key is not None:  # the blocks are loaded (or the load failed): the pins may go
                     call.after_reply(functools.partial(self.pins.rank_done, key, inst.rank))
+
+
+def _in_time(call: Call, op: str) -> Callable[[], None]:
+    """A copy batch's guard: once the client may have given up on the request, its blocks may be
+    another request's (TRT-LLM reuses them): no further copy reads or writes them."""
+
+    def check() -> None:
+        if call.expiring():
+            raise ServiceFailure(
+                P.ErrorCode.EXPIRED,
+                f"{op} ran past the client's timeout_ms, its blocks may be reused by now: the copies left "
+                "were not made; the server is slow: retry, or raise the client's timeout",
+            )
+
+    return check
 
 
 def _copies_done(inst: Instance, stream: Any, op: str, tokens: int, began: float) -> None:

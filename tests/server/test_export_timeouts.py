@@ -1,0 +1,64 @@
+"""A store or load of an exported pool that runs past its client's timeout: the client has given up, and
+TRT-LLM may already have given its blocks to another request, so the server makes no further copy."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+from in_process_server import client_of, start_serving, stop_serving
+from support.server_process import MODEL, TPB, shared_pool
+
+from lmcache.server.client import ServerUnavailable
+from lmcache.transfer import BlockTransfer
+
+TIMEOUT_S = 0.4
+
+
+def test_a_store_past_its_timeout_publishes_nothing_read_after_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    server, thread = start_serving("export")
+    client = client_of(server)
+    try:
+        pool = shared_pool(seed=3)
+        client.register(pool, 0, 1, MODEL, TPB, pool_sharing="export")
+        original = pool.clone()
+        engine = server.engine
+        reserve = engine.reserve_store
+        entered: list[float] = []
+        go_on = threading.Event()
+
+        def stalled(*args: object, **kwargs: object) -> Iterator[object]:
+            """The server stalls after the first chunk (paging, a stopped process)."""
+            entered.append(time.monotonic())
+            for i, slot in enumerate(reserve(*args, **kwargs)):  # type: ignore[arg-type]
+                if i == 1:
+                    assert go_on.wait(30)
+                yield slot
+
+        monkeypatch.setattr(engine, "reserve_store", stalled)
+        tokens, blocks = list(range(64)), list(range(8))  # two chunks of four blocks
+        with pytest.raises(ServerUnavailable):
+            client.store(BlockTransfer(tokens, None, blocks, 0, 64), timeout_s=TIMEOUT_S)
+        pool[0:8] = -7.0  # TRT-LLM gave the blocks to another request
+        time.sleep(max(0.0, entered[0] + TIMEOUT_S - time.monotonic()))  # the server's deadline is past
+        go_on.set()
+        monkeypatch.setattr(engine, "reserve_store", reserve)
+        assert client.ping() is not None  # the stalled store has been answered (one lane per request)
+        fresh = torch.zeros_like(pool).share_memory_()
+        reader = client_of(server)
+        try:
+            reader.register(fresh, 0, 1, MODEL, TPB, pool_sharing="export")
+            hit = reader.lookup(tokens)
+            if hit:
+                assert reader.retrieve(BlockTransfer(tokens, None, list(range(20, 28)), 0, hit)) == hit
+            rows = hit // TPB
+            assert torch.equal(fresh[20 : 20 + rows], original[:rows]), "the reused blocks' rows were served"
+            assert hit < 64
+        finally:
+            reader.close()
+    finally:
+        client.close(unregister=False)
+        stop_serving(server, thread)
