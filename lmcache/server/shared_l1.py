@@ -51,7 +51,9 @@ LEASES_SHARE_OF_L1 = 4
 """All instances' leases together hold at most 1/4 of L1, however many workers register."""
 RESERVED_SHARE_OF_L1 = 2
 """An instance's open store reservations hold at most half of L1: slots no other store can evict until
-it reports them (a store reserving past it is refused, its save dropped)."""
+it reports them. A store reaching it reserves the chunks before and no more (a prefix is saved)."""
+ALL_RESERVED_SHARE_OF_L1 = 0.75
+"""All instances' open store reservations together hold at most 3/4 of L1, however many register."""
 
 
 class SharedL1Error(ValueError):
@@ -150,6 +152,8 @@ class SharedL1Service:
         self.max_total_lease_bytes = capacity // LEASES_SHARE_OF_L1
         self._leased_bytes = 0
         """Bytes of every instance's leased slots (and of those being reserved)."""
+        self._reserved_bytes = 0
+        """Bytes of every instance's open store reservations (their ``reserved_bytes``)."""
         self._ids = itertools.count(1)
         self._states: dict[int, _InstanceState] = {}
         """Per registration (:attr:`InstanceScope.registration`)."""
@@ -161,19 +165,24 @@ class SharedL1Service:
         """Reserve slots for the chunks of the request's range not cached yet, and top the lease up."""
         prompt = request_prompt(self.engine, scope.space, req)
         self._check_room(scope)
-        size, slot_bytes = self.engine.config.chunk_size, self._slot_bytes(scope)
-        most = (-(-req.end // size) - req.start // size) * slot_bytes
-        self._charge(scope, most)  # counted now: concurrent requests cannot overshoot
+        row_bytes = scope.space.layout.row_bytes
+        slots: list[StoreSlot] = []
+        nbytes = 0
         try:
-            slots = list(
-                self.engine.reserve_store(scope.space, scope.rank, prompt, req.cache_salt, req.start, req.end)
-            )
+            for slot in self.engine.reserve_store(
+                scope.space, scope.rank, prompt, req.cache_salt, req.start, req.end
+            ):  # reserved one by one: a store reaching its share stops there
+                if slot.chunk is not None:
+                    if not self._charge(scope, slot.rows * row_bytes):
+                        self.engine.abort_store([slot])
+                        break
+                    nbytes += slot.rows * row_bytes
+                slots.append(slot)
         except BaseException:
-            self._charge(scope, -most)
+            self.engine.abort_store(slots)
+            self._charge(scope, -nbytes)
             raise
         reserved = [s for s in slots if s.chunk is not None]
-        nbytes = len(reserved) * slot_bytes
-        self._charge(scope, nbytes - most)
         chunks = [
             P.StoreChunk(s.first_block, s.rows, self._slot_info(s) if s.chunk is not None else None)
             for s in slots
@@ -337,6 +346,7 @@ class SharedL1Service:
             state = self._states.pop(registration, None)
             if state is not None:
                 self._leased_bytes -= sum(key.nbytes for key in state.leases.values())
+                self._reserved_bytes -= state.reserved_bytes
         if state is None:
             return 0
         for ticket in state.tickets.values():
@@ -377,24 +387,25 @@ class SharedL1Service:
                 "tickets; send store_done / load_done for the copies it finished"
             )
 
-    def _charge(self, scope: InstanceScope, nbytes: int) -> None:
-        """Count ``nbytes`` more (or fewer) reserved for the registration's stores; refuse a store that
-        would take its reservations past :data:`RESERVED_SHARE_OF_L1`."""
-        cap = self.engine.l1.arena.capacity_bytes // RESERVED_SHARE_OF_L1
+    def _charge(self, scope: InstanceScope, nbytes: int) -> bool:
+        """Count ``nbytes`` more (or fewer) reserved for the registration's stores; False (nothing
+        counted) when that would take them past :data:`RESERVED_SHARE_OF_L1`, or all instances'
+        past :data:`ALL_RESERVED_SHARE_OF_L1`."""
+        capacity = self.engine.l1.arena.capacity_bytes
         with self._lock:
-            if nbytes <= 0:  # given back: nothing to do for a registration forgotten meanwhile
-                state = self._states.get(scope.registration)
-                if state is not None:
-                    state.reserved_bytes += nbytes
-                return
-            state = self._states.setdefault(scope.registration, _InstanceState())
-            if state.reserved_bytes + nbytes > cap:
-                raise TicketLimitExceeded(
-                    f"a store of {nbytes} bytes would take instance {scope.instance_id}'s open reservations "
-                    f"({state.reserved_bytes} bytes) past half of L1 ({cap} bytes); report the stores in "
-                    "flight (store_done) first, or raise the server's --l1-size-gb"
-                )
-            state.reserved_bytes += nbytes
+            state = self._states.get(scope.registration)
+            if nbytes > 0:
+                mine = 0 if state is None else state.reserved_bytes
+                if (
+                    mine + nbytes > capacity // RESERVED_SHARE_OF_L1
+                    or self._reserved_bytes + nbytes > capacity * ALL_RESERVED_SHARE_OF_L1
+                ):
+                    return False
+                state = self._states.setdefault(scope.registration, _InstanceState())
+            if state is not None:  # else forgotten meanwhile: its count went with it
+                state.reserved_bytes += nbytes
+                self._reserved_bytes += nbytes
+            return True
 
     def _slot_bytes(self, scope: InstanceScope) -> int:
         layout = scope.space.layout
@@ -469,6 +480,7 @@ class SharedL1Service:
             del state.tickets[ticket_id]
             if isinstance(ticket, _StoreTicket):
                 state.reserved_bytes -= ticket.nbytes
+                self._reserved_bytes -= ticket.nbytes
             return ticket
 
     def _close_if_open(self, scope: InstanceScope, ticket_id: int) -> _StoreTicket | _LoadTicket | None:
@@ -479,6 +491,7 @@ class SharedL1Service:
             if isinstance(ticket, _StoreTicket):
                 assert state is not None
                 state.reserved_bytes -= ticket.nbytes
+                self._reserved_bytes -= ticket.nbytes
             return ticket
 
     def _slot_info(self, slot: StoreSlot) -> P.SlotInfo:
