@@ -176,6 +176,8 @@ class _Cell:
     """The tokens the chunk its key names holds: a tier's chunk of another length is refused."""
     chunk: CachedChunk | None = None
     ok: bool = False
+    settled: bool = False
+    """Published, given back or handed to the caller's pins: nothing of it is left to undo."""
 
 
 _LIVE: weakref.WeakSet[TierManager] = weakref.WeakSet()
@@ -502,15 +504,34 @@ class TierManager:
                     by_tier.setdefault(cell.source, []).append(cell)
         jobs = list(by_tier.items())
         futures: list[Future[None]] = []
-        if self._fetchers is not None:
-            # Closed meanwhile, the pool runs nothing: the caller then fetches every tier's cells.
-            futures = [submit_or_run(self._fetchers, self._fetch, ns, t, cells) for t, cells in jobs[:-1]]
-            jobs = jobs[-1:]
-        for t, cells in jobs:
-            self._fetch(ns, t, cells)
-        for future in futures:
-            future.result()
-        return self._publish(ns, rows, pins)
+        try:
+            if self._fetchers is not None:
+                # Closed meanwhile, the pool runs nothing: the caller then fetches every tier's cells.
+                futures = [submit_or_run(self._fetchers, self._fetch, ns, t, c) for t, c in jobs[:-1]]
+                jobs = jobs[-1:]
+            for t, cells in jobs:
+                self._fetch(ns, t, cells)
+            for future in futures:
+                future.result()
+            return self._publish(ns, rows, pins)
+        except BaseException:
+            for future in futures:  # no fetch may still fill a slot given back below
+                future.exception()
+            self._undo(rows)
+            raise
+
+    def _undo(self, rows: list[list[_Cell]]) -> None:
+        """Give back what a window that failed still holds: its pins of chunks L1 had, the slots it
+        reserved and did not publish."""
+        for row in rows:
+            for cell in row:
+                if cell.settled:
+                    continue
+                if cell.source == _IN_L1:
+                    self.l1.unpin(cell.key)
+                elif cell.chunk is not None:
+                    self.l1.abort(cell.key)
+                cell.settled = True
 
     def _fetch(self, ns: Namespace, index: int, cells: list[_Cell]) -> None:
         def sink(i: int, payload_len: int, num_tokens: int) -> memoryview | None:
@@ -553,15 +574,19 @@ class TierManager:
                         pins.append(c.key)
                     else:
                         l1.unpin(c.key)
+                    c.settled = True
                     continue
                 if c.chunk is None:
+                    c.settled = True
                     continue
                 if not c.ok:
                     l1.abort(c.key)
+                    c.settled = True
                     continue
                 l1.commit(c.key, None, pin=keep)
                 if keep:
                     pins.append(c.key)
+                c.settled = True
                 self._count(c.source, hits=1, read_bytes=c.chunk.nbytes)
                 promoted.setdefault(c.source, []).append(c.key)
             if keep:

@@ -200,17 +200,30 @@ def test_a_tier_that_raises_is_a_miss_and_its_slots_are_dropped(tmp_path: Path, 
     assert "raised from fetch_into" in caplog.text and "raised from contains" in caplog.text
 
 
-def test_a_promotion_that_fails_in_our_own_code_is_a_miss(tmp_path: Path, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_a_promotion_that_fails_in_our_own_code_is_a_miss_and_holds_nothing(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:  # type: ignore[no-untyped-def]
     """The tiers' calls are guarded; a fault between them (here, L1 refusing a commit) must not raise
-    into the lookup either, which holds L1 pins of its own by then."""
+    into the lookup either, and what the window held (a pin of a chunk L1 had, the slots reserved for
+    the others) is given back: nothing stays pinned or reserved for no one."""
     caplog.set_level(logging.WARNING, logger="lmcache")
     l1 = CpuStore(HostArena(16 * ROWS, pinned=False))
+    assert l1.reserve(key(0), ROWS, 32) is not None
+    l1.commit(key(0))
     tiers = TierManager(l1, [disk_with(tmp_path, 1, 2)])
+    commit = l1.commit
 
     def refuse(key: object, *args: object, **kwargs: object) -> None:
         raise KeyError(key)
 
     monkeypatch.setattr(l1, "commit", refuse)
-    assert tiers.promote_prefix(NS, [[key(1)], [key(2)]], [32, 32]) == (0, [])
-    assert "promoting chunks from the tiers failed" in caplog.text
+    positions = [[key(0)], [key(1)], [key(2)]]
+    done, pins = tiers.promote_prefix(NS, positions, [32] * 3)
+    assert done == 0 and "promoting chunks from the tiers failed" in caplog.text
+    tiers.unpin(pins)  # as its caller does: the pins handed over before the fault
+    assert l1.pinned_keys() == [] and not l1.reserved(key(1)) and not l1.reserved(key(2))
+    monkeypatch.setattr(l1, "commit", commit)
+    done, pins = tiers.promote_prefix(NS, positions, [32] * 3)  # promotable again
+    assert done == 3
+    tiers.unpin(pins)
     tiers.close()
