@@ -439,9 +439,11 @@ class Planner:
         computed_position = int(getattr(data, "computed_position", 0) or 0)
         scheduled = getattr(data, "num_scheduled_tokens", None)
         if scheduled is None:
-            # TRT-LLM before 1.2.0rc2 does not say how far this step computes (a chunked prefill's step
-            # may stop short of the prompt's end): save only what earlier steps computed.
-            scheduled = 0
+            # TRT-LLM before 1.2.0rc2 does not say how far this step computes: a context step computes
+            # the rest of the prompt, unless prefill is chunked: then only what earlier steps computed
+            # is known (the prompt's last chunks are saved at its first decode step).
+            chunked = self.settings.chunked_prefill
+            scheduled = 0 if chunked else max(1, state.prompt_len - computed_position)
         if first and state.load is not None and not state.load.is_async:
             computed_position += state.load.end - state.load.start  # TRT-LLM's count excludes it
         state.reported = True

@@ -26,6 +26,8 @@ class ConnectorSettings:
     export."""
     iteration_tokens: int = 8192
     """TRT-LLM's ``max_num_tokens``: the most tokens one iteration computes (and saves)."""
+    chunked_prefill: bool = False
+    """``enable_chunked_prefill``: a context step may compute only part of the prompt."""
     window: int | None = None
     """The attention window of every layer of a V1 pool (``kv_cache_config.max_attention_window``, one
     value below ``max_seq_len``); None: full attention. V2 describes its layer groups' windows itself."""
@@ -83,6 +85,7 @@ class ConnectorSettings:
             chunk_size=config.chunk_size,
             layerwise=config.use_layerwise,
             kv_manager_v2=v2,
+            chunked_prefill=bool(getattr(llm_args, "enable_chunked_prefill", False)),
             window=window,
             attention_dp=attention_dp,
             iteration_tokens=int(getattr(llm_args, "max_num_tokens", None) or 8192),

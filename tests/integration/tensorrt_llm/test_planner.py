@@ -459,12 +459,18 @@ def test_a_miss_is_not_released() -> None:
     assert index.lookups == [(300, None, PinKey("req", 1))] and index.released == []  # one call for a miss
 
 
-def test_without_the_scheduled_count_saves_follow_what_earlier_steps_computed() -> None:
-    """TRT-LLM before 1.2.0rc2 reports no ``num_scheduled_tokens``: a chunked prefill's first step may
-    compute 64 tokens of 256, so nothing may be saved before the next report says what was computed."""
-    p, _ = planner()
+def test_without_the_scheduled_count_a_chunked_prefill_saves_what_earlier_steps_computed() -> None:
+    """TRT-LLM before 1.2.0rc2 reports no ``num_scheduled_tokens``: with chunked prefill a first step
+    may compute 64 tokens of 256, so nothing may be saved before the next report says what was
+    computed; without it a context step computes the whole prompt, saved at once (a request that
+    ends on its prefill step has no later report)."""
+    config = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK)
     prompt = list(range(4 * CHUNK))
-    meta = p.build(SchedulerOutput(new_requests=[report(1, prompt, list(range(16)), 0, None)]))
+    chunked = Planner(ConnectorSettings("m", 1, TPB, CHUNK, chunked_prefill=True), config, FakeIndex(0), "t")
+    meta = chunked.build(SchedulerOutput(new_requests=[report(1, prompt, list(range(16)), 0, None)]))
     assert meta.saves == []
-    meta = p.build(SchedulerOutput(cached_requests=[report(1, [], [], 2 * CHUNK, None)]))
+    meta = chunked.build(SchedulerOutput(cached_requests=[report(1, [], [], 2 * CHUNK, None)]))
     assert [(s.start, s.end) for s in meta.saves] == [(0, 2 * CHUNK)]
+    whole, _ = planner()
+    meta = whole.build(SchedulerOutput(new_requests=[report(1, prompt, list(range(16)), 0, None)]))
+    assert [(s.start, s.end) for s in meta.saves] == [(0, 4 * CHUNK)]
