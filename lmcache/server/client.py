@@ -163,7 +163,9 @@ class CacheServerClient:
         """The connections to the server; every call takes one."""
         # The stores and loads of pools it copies for itself.
         self.shared_l1 = SharedL1Transfers(self._call, self._submit, self._one_way, self.registrations)
-        self.claimed = ClaimedLookups(self.registrations, self.shared_l1, self._one_way)
+        self.claimed = ClaimedLookups(
+            self.registrations, self.shared_l1, self._one_way, lambda: self.lanes.down
+        )
         self._hb: threading.Thread | None = None
         if heartbeat_interval_s > 0:
             self._hb = threading.Thread(target=self._heartbeat_loop, name="lmcache-client-hb", daemon=True)

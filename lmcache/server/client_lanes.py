@@ -13,7 +13,9 @@ lane (its reply can never arrive late); the next call opens a new one. A lane th
 while idle (restart, idle timeout) is noticed before use and replaced. Connecting is the liveness
 probe: a refused connect fails the call at once; after a timeout (``down``) a ``fail_fast`` pool
 gives the server only :data:`PROBE_S` to accept, and a server that drops packets makes calls fail at
-once for :data:`PROBE_QUIET_S`. Over ``ipc://`` a lane served by a process of another user than this
+once for :data:`PROBE_QUIET_S`. Once a request went unanswered (a server that accepts connections
+but serves nothing: stopped, wedged), fail-fast calls but loads wait :data:`PROBE_REPLY_S` for their
+reply until one comes. Over ``ipc://`` a lane served by a process of another user than this
 one or root is refused. A connection the server refuses (caps, peer policy) brings its error frame
 (rid -1), which the caller raises like any error reply; so does a frame it refuses unread (over its
 size caps), except after a one-way frame on that lane, whose refusal it may be: the call then fails
@@ -58,6 +60,11 @@ PROBE_S = 0.05
 """Longest a fail-fast call waits for a connect while the server is thought down."""
 PROBE_QUIET_S = 1.0
 """After a connect nobody answered (a host that drops packets), fail-fast calls fail at once this long."""
+PROBE_REPLY_S = 0.1
+"""Longest a fail-fast call waits for its reply after a request went unanswered (a stopped or wedged
+server, which still accepts connections): a live server answers within it, and any reply ends it."""
+ALWAYS_TRIED = frozenset({P.Retrieve.__struct_config__.tag, P.Load.__struct_config__.tag})
+"""Ops given their whole timeout even then: a load TRT-LLM was promised fails its request if not made."""
 RETRY_S = 0.05
 """Without fail-fast, a refused connect is retried this often until the call's deadline."""
 
@@ -197,6 +204,9 @@ class LanePool:
         """Lanes open or being opened (idle and in use)."""
         self._quiet = Backoff(PROBE_QUIET_S, PROBE_QUIET_S)
         """Fail-fast calls skip connecting while this is not ready (a connect went unanswered)."""
+        self.unanswered = False
+        """A request went unanswered since the last reply: fail-fast calls (but :data:`ALWAYS_TRIED`)
+        wait at most :data:`PROBE_REPLY_S` for theirs."""
         self._waiters = 0
 
     @property
@@ -215,6 +225,8 @@ class LanePool:
         """Send ``frame`` on a lane now (a callable: the frame given the seconds the call still waits
         once it holds a lane); :meth:`PendingReply.result` waits for the reply (the lane is the
         call's until then, so it must be called, or :meth:`PendingReply.cancel`)."""
+        if self.unanswered and self.fail_fast and op not in ALWAYS_TRIED:
+            timeout = min(timeout, PROBE_REPLY_S)
         deadline = time.monotonic() + timeout
         lane = self._acquire(deadline, op, timeout)
         try:
@@ -383,6 +395,7 @@ class LanePool:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.down = True
+                self.unanswered = True
                 raise timed_out(self.url, op, timeout)
             try:
                 data = lane.receive(min(POLL_S, remaining), spin=SPIN_S)
@@ -412,6 +425,7 @@ class LanePool:
                 raise ServerUnavailable(f"{op} to {self.url} failed: reply to another request")
             lane.reported = False  # the frames before ours were read: none of them is answered
             self.down = False
+            self.unanswered = False
             self.calls += 1
             return reply
 

@@ -172,9 +172,9 @@ def test_an_exported_pools_saves_and_loads_run_on_streams_of_their_own(
     for op in ("store", "retrieve"):
         real = getattr(engine, op)
 
-        def spy(space, rank, pool, transfer, stream, _real=real, _op=op):  # type: ignore[no-untyped-def]
+        def spy(space, rank, pool, transfer, stream, _real=real, _op=op, **kwargs):  # type: ignore[no-untyped-def]
             log.append(f"{_op} on {stream.name}")
-            return _real(space, rank, pool, transfer, None)
+            return _real(space, rank, pool, transfer, None, **kwargs)
 
         monkeypatch.setattr(engine, op, spy)
     tokens = P.tokens_to_bytes(list(range(100, 164)))
