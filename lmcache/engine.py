@@ -13,7 +13,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,7 +28,6 @@ from lmcache.layered_load import LayerReady, whole_first
 from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
 from lmcache.memory import HostArena, SlabSource
-from lmcache.stats import EngineSnapshot
 from lmcache.storage.cpu_store import CachedChunk, CpuStore
 from lmcache.storage.tiers import TierManager
 from lmcache.transfer import BlockTransfer
@@ -85,9 +84,9 @@ class CacheEngine(EngineLookup):
         ``transfer.start`` must be chunk-aligned. Chunks already cached are skipped. Returns the number
         of tokens newly stored. On CUDA the copies are enqueued on ``stream``; readers are ordered
         after them by an event, so nothing waits on the host here. Given ``copy_start``, the copies
-        wait for it; the rest of the store (hashing, reserving) does not. ``guard`` runs before each
-        batch of copies and raises once the blocks may no longer be the caller's: the chunks of the
-        batches before stay published, the others are not.
+        wait for it; the rest of the store (hashing, reserving) does not. ``guard`` raises once the
+        blocks may no longer be the caller's: checked before each batch of copies and, the copies
+        done (waited for on the host), before anything is published (nothing is, if it raises).
         """
         FORWARD.wait()  # hashing holds the GIL too: not while a forward is being launched
         began = time.perf_counter()
@@ -104,7 +103,7 @@ class CacheEngine(EngineLookup):
             stream,
             store=True,
             block_ids=block_ids,
-            on_flush=lambda done, ev: self.publish(space, done, ev),
+            on_flush=None if guard else lambda done, ev: self.publish(space, done, ev),
             start=copy_start,
             guard=guard,
         )
@@ -116,7 +115,13 @@ class CacheEngine(EngineLookup):
                 rows = block_ids[slot.first_block : slot.first_block + slot.rows]
                 copier.add(rows, slot.view(layout), slot)
             copier.finish()  # ``stream`` is after every copy, as callers reuse blocks then
+            if guard is not None:
+                _synchronize(pool, stream)
+                guard()
+                self.publish(space, reserved)
         except BaseException:
+            copier.abandon()
+            _synchronize(pool, stream)  # no copy still reads the blocks or writes a slot given back
             self.abort_store(reserved)  # what was not published yet gives its slot back
             raise
         self.latency.store.observe(time.perf_counter() - began)
@@ -283,6 +288,10 @@ class CacheEngine(EngineLookup):
                 rows = block_ids[slot.first_block + slot.skip : slot.first_block + slot.stop]
                 copier.add(rows, slot.view(layout), slot, slot.chunk.ready)
             copier.finish()
+        except BaseException:
+            copier.abandon()
+            _synchronize(pool, stream)  # the failure is told after every write into the blocks
+            raise
         finally:
             loaded = self.finish_load(hold)
         self.latency.retrieve.observe(time.perf_counter() - began)
@@ -395,26 +404,6 @@ class CacheEngine(EngineLookup):
 
     # -- stats ----------------------------------------------------------------------------------
 
-    def snapshot(self) -> EngineSnapshot:
-        """Counters, L1 usage, each lower tier (counters and health) and latencies, taken now.
-
-        The one source of the engine's stats for metrics, ``/health``, ``lmcache stats`` and the
-        cache server (see :mod:`lmcache.stats`).
-        """
-        with self._lock:
-            counters = replace(self.stats)
-            pinned_lookups = len(self._pins)
-        tiers = self.tiers
-        return EngineSnapshot(
-            chunk_size=self.config.chunk_size,
-            counters=counters,
-            l1=self.l1.snapshot(),
-            tiers=tiers.snapshots() if tiers is not None else (),
-            latency=self.latency.snapshot(),
-            pinned_lookups=pinned_lookups,
-            promotion_failures=tiers.promotion_failures if tiers is not None else 0,
-        )
-
     # -- maintenance ----------------------------------------------------------------------------
 
     def clear(self) -> int:
@@ -490,6 +479,12 @@ class LoadHold:
         with self.lock:
             done, self.finished = self.finished, True
             return not done
+
+
+def _synchronize(pool: torch.Tensor, stream: Any) -> None:
+    """Wait on the host for the copies enqueued on ``stream`` (None: the current one) of a CUDA pool."""
+    if pool.is_cuda:
+        (stream or torch.cuda.current_stream(pool.device)).synchronize()
 
 
 def _read(slots: list[LoadSlot], event: Any) -> None:

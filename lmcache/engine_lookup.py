@@ -10,14 +10,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Hashable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from lmcache.config import LMCacheEngineConfig
 from lmcache.keys import CacheSalt, ChunkHashes, ChunkKey, TokenHasher, Tokens, chunk_keys, token_array
 from lmcache.layout import PoolLayout
-from lmcache.stats import EngineCounters, LatencyStats
+from lmcache.stats import EngineCounters, EngineSnapshot, LatencyStats
 from lmcache.storage.chunk_format import Namespace
 from lmcache.storage.cpu_store import CachedChunk, CpuStore
 from lmcache.storage.tiers import TierManager
@@ -335,6 +335,26 @@ class EngineLookup:
             self.l1.unpin_all([key for rank_keys in replaced.values() for key in rank_keys])
         self.latency.lookup.observe(time.perf_counter() - began)
         return hit
+
+    def snapshot(self) -> EngineSnapshot:
+        """Counters, L1 usage, each lower tier (counters and health) and latencies, taken now.
+
+        The one source of the engine's stats for metrics, ``/health``, ``lmcache stats`` and the
+        cache server (see :mod:`lmcache.stats`).
+        """
+        with self._lock:
+            counters = replace(self.stats)
+            pinned_lookups = len(self._pins)
+        tiers = self.tiers
+        return EngineSnapshot(
+            chunk_size=self.config.chunk_size,
+            counters=counters,
+            l1=self.l1.snapshot(),
+            tiers=tiers.snapshots() if tiers is not None else (),
+            latency=self.latency.snapshot(),
+            pinned_lookups=pinned_lookups,
+            promotion_failures=tiers.promotion_failures if tiers is not None else 0,
+        )
 
     def count_misses(self, lookups: int, tokens: int) -> None:
         """Count ``lookups`` lookups (``tokens`` tokens in all) that missed without reaching this engine

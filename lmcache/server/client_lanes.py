@@ -14,12 +14,12 @@ while idle (restart, idle timeout) is noticed before use and replaced. Connectin
 probe: a refused connect fails the call at once; after a timeout (``down``) a ``fail_fast`` pool
 gives the server only :data:`PROBE_S` to accept, and a server that drops packets makes calls fail at
 once for :data:`PROBE_QUIET_S`. Once a request went unanswered (a server that accepts connections
-but serves nothing: stopped, wedged), fail-fast calls but loads wait :data:`PROBE_REPLY_S` for their
-reply until one comes. Over ``ipc://`` a lane served by a process of another user than this
-one or root is refused. A connection the server refuses (caps, peer policy) brings its error frame
-(rid -1), which the caller raises like any error reply; so does a frame it refuses unread (over its
-size caps), except after a one-way frame on that lane, whose refusal it may be: the call then fails
-as unserved (the server closed the connection either way).
+but serves nothing: stopped, wedged), fail-fast calls but loads and registrations wait
+:data:`PROBE_REPLY_S` for their reply until one comes. Over ``ipc://`` a lane served by a process
+of another user than this one or root is refused. A connection the server refuses (caps, peer
+policy) brings its error frame (rid -1), which the caller raises like any error reply; so does a frame
+it refuses unread (over its size caps), except after a one-way frame on that lane, whose refusal it
+may be: the call then fails as unserved (the server closed the connection either way).
 """
 
 from __future__ import annotations
@@ -63,8 +63,10 @@ PROBE_QUIET_S = 1.0
 PROBE_REPLY_S = 0.1
 """Longest a fail-fast call waits for its reply after a request went unanswered (a stopped or wedged
 server, which still accepts connections): a live server answers within it, and any reply ends it."""
-ALWAYS_TRIED = frozenset({P.Retrieve.__struct_config__.tag, P.Load.__struct_config__.tag})
-"""Ops given their whole timeout even then: a load TRT-LLM was promised fails its request if not made."""
+ALWAYS_TRIED = frozenset(op.__struct_config__.tag for op in (P.Retrieve, P.Load, P.Register))
+"""Ops given their whole timeout even then: a load TRT-LLM was promised fails its request if not made,
+and a registration (which opens the pool) given up on would still be made, under a capability the
+client never received."""
 RETRY_S = 0.05
 """Without fail-fast, a refused connect is retried this often until the call's deadline."""
 

@@ -495,9 +495,8 @@ _reply_decoder = msgspec.msgpack.Decoder(Reply)
 
 
 class _Header(msgspec.Struct):
-    """The fields read before the full decode, to answer even requests that fail it. Left encoded: a
-    client may put any structure there, which must not be built (an empty map is one byte on the wire
-    and a Python dict in memory); :func:`_scalar` reads a short scalar only."""
+    """The fields read before the full decode, to answer even requests that fail it; left encoded (a
+    client may put any structure there: an empty map is one byte on the wire, a dict in memory)."""
 
     v: msgspec.Raw = msgspec.Raw()
     rid: msgspec.Raw = msgspec.Raw()
@@ -508,18 +507,14 @@ class _Header(msgspec.Struct):
 _header_decoder = msgspec.msgpack.Decoder(_Header)
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError)
 """What decoding a frame raises on bad input (ValueError: bad UTF-8)."""
-_HEADER_FIELD_BYTES = 64
-"""The longest header field read: longer than any version, rid or op name, short enough to quote."""
 _scalar_decoder = msgspec.msgpack.Decoder(int | float | str | bool | None)
 
 
 def _scalar(field: msgspec.Raw) -> int | float | str | bool | None:
-    """A header field's value if it is a scalar of at most :data:`_HEADER_FIELD_BYTES` encoded bytes;
-    None if it is absent, longer or a structure."""
-    if not 0 < len(field) <= _HEADER_FIELD_BYTES:
-        return None
+    """A header field's value if a scalar of at most 64 encoded bytes (longer than any version, rid or
+    op name, short enough to quote); None if it is absent, longer or a structure."""
     try:
-        return _scalar_decoder.decode(field)
+        return _scalar_decoder.decode(field) if 0 < len(field) <= 64 else None
     except _DECODE_ERRORS:
         return None
 

@@ -273,7 +273,8 @@ class CacheService:
             return self._register_info(old, refreshed=True)
         if old is not None:
             self.instances.retire(old, "registered again with another pool")
-        self._check_sharing(req.pool, call.peer)
+        shared = self.shared_l1 is not None
+        _check_sharing(req.pool, call.peer, self.config.pool_sharing, shared, self.counters)
         pool = open_pool(req.pool, call.peer)
         try:
             try:
@@ -338,35 +339,6 @@ class CacheService:
             ),
             reap_after_s=0.0 if inst.process is not None else self.config.client_timeout_s,
         )
-
-    def _check_sharing(self, desc: P.PoolDescriptor, peer: Peer) -> None:
-        """Refuse a pool registered in a mode this server does not take (``--pool-sharing``), and a
-        shared-l1 pool from a Unix peer of another uid than the server's or root: the server publishes
-        the slots such a worker reports copied on its word, and a slot keeps the bytes of the chunk
-        evicted from it (published under its own keys, another tenant's KV would be read back)."""
-        mode, policy = P.sharing_mode(desc), self.config.pool_sharing
-        if mode == "shared-l1" and not PeerPolicy.is_operator(peer):
-            self.counters.refuse("unauthorized")
-            raise ServiceFailure(
-                P.ErrorCode.UNAUTHORIZED,
-                f"uid {peer.uid} may not register a shared-l1 pool: only the server's own user and root "
-                "copy into its L1 themselves; set LMCACHE_POOL_SHARING=export on this client, or run it "
-                "as the server's user",
-            )
-        if policy != "auto" and (mode == "shared-l1") != (policy == "shared-l1"):
-            self.counters.refuse("pool_sharing")
-            raise ServiceFailure(
-                P.ErrorCode.BAD_POOL,
-                f"this server takes only {policy} pools (--pool-sharing {policy}) and this pool came as "
-                f"{mode}; set LMCACHE_POOL_SHARING=auto (it follows the server) or {policy} on the client, "
-                "or restart the server with --pool-sharing auto",
-            )
-        if mode == "shared-l1" and self.shared_l1 is None:
-            raise ServiceFailure(
-                P.ErrorCode.BAD_POOL,
-                "this server's L1 is not in shared memory, so it cannot take a shared-l1 pool; register "
-                "with LMCACHE_POOL_SHARING=export (the server's engine must come from server_engine())",
-            )
 
     def unregister(self, req: P.Unregister, call: Call) -> bool:
         inst = self.instances.remove(req.instance_id, req.cap)
@@ -525,6 +497,38 @@ class CacheService:
             finally:
                 if key is not None:  # the blocks are loaded (or the load failed): the pins may go
                     call.after_reply(functools.partial(self.pins.rank_done, key, inst.rank))
+
+
+def _check_sharing(
+    desc: P.PoolDescriptor, peer: Peer, policy: str, l1_shared: bool, counters: ServerCounters
+) -> None:
+    """Refuse a pool registered in a mode this server does not take (``--pool-sharing``), and a
+    shared-l1 pool from a Unix peer of another uid than the server's or root: the server publishes
+    the slots such a worker reports copied on its word, and a slot keeps the bytes of the chunk
+    evicted from it (published under its own keys, another tenant's KV would be read back)."""
+    mode = P.sharing_mode(desc)
+    if mode == "shared-l1" and not PeerPolicy.is_operator(peer):
+        counters.refuse("unauthorized")
+        raise ServiceFailure(
+            P.ErrorCode.UNAUTHORIZED,
+            f"uid {peer.uid} may not register a shared-l1 pool: only the server's own user and root "
+            "copy into its L1 themselves; set LMCACHE_POOL_SHARING=export on this client, or run it "
+            "as the server's user",
+        )
+    if policy != "auto" and (mode == "shared-l1") != (policy == "shared-l1"):
+        counters.refuse("pool_sharing")
+        raise ServiceFailure(
+            P.ErrorCode.BAD_POOL,
+            f"this server takes only {policy} pools (--pool-sharing {policy}) and this pool came as "
+            f"{mode}; set LMCACHE_POOL_SHARING=auto (it follows the server) or {policy} on the client, "
+            "or restart the server with --pool-sharing auto",
+        )
+    if mode == "shared-l1" and not l1_shared:
+        raise ServiceFailure(
+            P.ErrorCode.BAD_POOL,
+            "this server's L1 is not in shared memory, so it cannot take a shared-l1 pool; register "
+            "with LMCACHE_POOL_SHARING=export (the server's engine must come from server_engine())",
+        )
 
 
 def _in_time(call: Call, op: str) -> Callable[[], None]:

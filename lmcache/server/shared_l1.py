@@ -34,6 +34,7 @@ from lmcache.fd_slabs import FdSlabSource
 from lmcache.memory import SlotRef
 from lmcache.server import protocol as P
 from lmcache.server.prompts import InvalidPrompt, request_prompt
+from lmcache.server.reserved_shares import ReservedShares
 from lmcache.shm_slabs import ShmSlabSource
 from lmcache.storage.cpu_store import CachedChunk
 
@@ -49,11 +50,6 @@ LEASE_SHARE_OF_L1 = 16
 """An instance's lease is also at most 1/16 of L1, so small caches stay caches."""
 LEASES_SHARE_OF_L1 = 4
 """All instances' leases together hold at most 1/4 of L1, however many workers register."""
-RESERVED_SHARE_OF_L1 = 2
-"""An instance's open store reservations hold at most half of L1: slots no other store can evict until
-it reports them. A store reaching it reserves the chunks before and no more (a prefix is saved)."""
-ALL_RESERVED_SHARE_OF_L1 = 0.75
-"""All instances' open store reservations together hold at most 3/4 of L1, however many register."""
 
 
 class SharedL1Error(ValueError):
@@ -108,7 +104,7 @@ class _StoreTicket:
     space: KeySpace
     slots: list[StoreSlot]
     nbytes: int
-    """Of the slots reserved, counted in the registration's ``reserved_bytes``."""
+    """Of the slots reserved, counted in the registration's :class:`ReservedShares`."""
 
 
 @dataclass(eq=False)
@@ -124,8 +120,6 @@ class _InstanceState:
     """Ids of leases a store is filling (a ``store_reserve`` named them): out of the lease's cap."""
     slabs: set[int] = field(default_factory=set)
     """Ids of the slabs this instance was told of."""
-    reserved_bytes: int = 0
-    """Of its open store tickets' slots, and of those being reserved (:data:`RESERVED_SHARE_OF_L1`)."""
 
 
 class SharedL1Service:
@@ -152,8 +146,7 @@ class SharedL1Service:
         self.max_total_lease_bytes = capacity // LEASES_SHARE_OF_L1
         self._leased_bytes = 0
         """Bytes of every instance's leased slots (and of those being reserved)."""
-        self._reserved_bytes = 0
-        """Bytes of every instance's open store reservations (their ``reserved_bytes``)."""
+        self._reserved = ReservedShares(capacity)
         self._ids = itertools.count(1)
         self._states: dict[int, _InstanceState] = {}
         """Per registration (:attr:`InstanceScope.registration`)."""
@@ -173,14 +166,14 @@ class SharedL1Service:
                 scope.space, scope.rank, prompt, req.cache_salt, req.start, req.end
             ):  # reserved one by one: a store reaching its share stops there
                 if slot.chunk is not None:
-                    if not self._charge(scope, slot.rows * row_bytes):
+                    if not self._reserved.take(scope.registration, slot.rows * row_bytes):
                         self.engine.abort_store([slot])
                         break
                     nbytes += slot.rows * row_bytes
                 slots.append(slot)
         except BaseException:
             self.engine.abort_store(slots)
-            self._charge(scope, -nbytes)
+            self._reserved.give_back(scope.registration, nbytes)
             raise
         reserved = [s for s in slots if s.chunk is not None]
         chunks = [
@@ -342,11 +335,11 @@ class SharedL1Service:
     def forget(self, registration: int) -> int:
         """The registration is gone (reaped, unregistered, registered again): abort its reservations and
         release its loads; returns how many tickets were open."""
+        self._reserved.forget(registration)
         with self._lock:
             state = self._states.pop(registration, None)
             if state is not None:
                 self._leased_bytes -= sum(key.nbytes for key in state.leases.values())
-                self._reserved_bytes -= state.reserved_bytes
         if state is None:
             return 0
         for ticket in state.tickets.values():
@@ -386,26 +379,6 @@ class SharedL1Service:
                 f"instance {scope.instance_id} holds its maximum of {self.max_tickets} open shared-L1 "
                 "tickets; send store_done / load_done for the copies it finished"
             )
-
-    def _charge(self, scope: InstanceScope, nbytes: int) -> bool:
-        """Count ``nbytes`` more (or fewer) reserved for the registration's stores; False (nothing
-        counted) when that would take them past :data:`RESERVED_SHARE_OF_L1`, or all instances'
-        past :data:`ALL_RESERVED_SHARE_OF_L1`."""
-        capacity = self.engine.l1.arena.capacity_bytes
-        with self._lock:
-            state = self._states.get(scope.registration)
-            if nbytes > 0:
-                mine = 0 if state is None else state.reserved_bytes
-                if (
-                    mine + nbytes > capacity // RESERVED_SHARE_OF_L1
-                    or self._reserved_bytes + nbytes > capacity * ALL_RESERVED_SHARE_OF_L1
-                ):
-                    return False
-                state = self._states.setdefault(scope.registration, _InstanceState())
-            if state is not None:  # else forgotten meanwhile: its count went with it
-                state.reserved_bytes += nbytes
-                self._reserved_bytes += nbytes
-            return True
 
     def _slot_bytes(self, scope: InstanceScope) -> int:
         layout = scope.space.layout
@@ -479,8 +452,7 @@ class SharedL1Service:
             assert state is not None
             del state.tickets[ticket_id]
             if isinstance(ticket, _StoreTicket):
-                state.reserved_bytes -= ticket.nbytes
-                self._reserved_bytes -= ticket.nbytes
+                self._reserved.give_back(scope.registration, ticket.nbytes)
             return ticket
 
     def _close_if_open(self, scope: InstanceScope, ticket_id: int) -> _StoreTicket | _LoadTicket | None:
@@ -490,8 +462,7 @@ class SharedL1Service:
             ticket = None if state is None else state.tickets.pop(ticket_id, None)
             if isinstance(ticket, _StoreTicket):
                 assert state is not None
-                state.reserved_bytes -= ticket.nbytes
-                self._reserved_bytes -= ticket.nbytes
+                self._reserved.give_back(scope.registration, ticket.nbytes)
             return ticket
 
     def _slot_info(self, slot: StoreSlot) -> P.SlotInfo:

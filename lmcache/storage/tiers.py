@@ -176,8 +176,17 @@ class _Cell:
     """The tokens the chunk its key names holds: a tier's chunk of another length is refused."""
     chunk: CachedChunk | None = None
     ok: bool = False
-    settled: bool = False
-    """Published, given back or handed to the caller's pins: nothing of it is left to undo."""
+    settled: bool = False  # published, given back or handed to the caller's pins: nothing to undo
+
+
+def _undo(l1: CpuStore, rows: list[list[_Cell]]) -> None:
+    """Give back what a failed promotion window still holds: pins of chunks L1 had, unpublished slots."""
+    for cell in (cell for row in rows for cell in row if not cell.settled):
+        if cell.source == _IN_L1:
+            l1.unpin(cell.key)
+        elif cell.chunk is not None:
+            l1.abort(cell.key)
+        cell.settled = True
 
 
 _LIVE: weakref.WeakSet[TierManager] = weakref.WeakSet()
@@ -517,21 +526,8 @@ class TierManager:
         except BaseException:
             for future in futures:  # no fetch may still fill a slot given back below
                 future.exception()
-            self._undo(rows)
+            _undo(self.l1, rows)
             raise
-
-    def _undo(self, rows: list[list[_Cell]]) -> None:
-        """Give back what a window that failed still holds: its pins of chunks L1 had, the slots it
-        reserved and did not publish."""
-        for row in rows:
-            for cell in row:
-                if cell.settled:
-                    continue
-                if cell.source == _IN_L1:
-                    self.l1.unpin(cell.key)
-                elif cell.chunk is not None:
-                    self.l1.abort(cell.key)
-                cell.settled = True
 
     def _fetch(self, ns: Namespace, index: int, cells: list[_Cell]) -> None:
         def sink(i: int, payload_len: int, num_tokens: int) -> memoryview | None:

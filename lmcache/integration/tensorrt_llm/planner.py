@@ -47,7 +47,7 @@ from lmcache.integration.tensorrt_llm.request_state import (
 )
 from lmcache.integration.tensorrt_llm.settings import ConnectorSettings, request_salt
 from lmcache.integration.tensorrt_llm.waiting import WaitingRequests
-from lmcache.integration.tensorrt_llm.window_fence import WindowFences
+from lmcache.integration.tensorrt_llm.window_fence import WindowFences, first_live_block
 from lmcache.logging import init_logger
 
 logger = init_logger(__name__)
@@ -452,19 +452,6 @@ class Planner:
         self._plan_save(state, computed_position, computed, meta)
         self._fences.computed(meta, request_id, computed)
 
-    def _live_from(self, group: int, history: int) -> int:
-        """The first block ordinal of ``group`` whose page is surely still its own.
-
-        A sliding window's pages turn ``-1`` once the window passes them, and no delta says so: with
-        ``history`` tokens computed (one behind the manager under the overlap scheduler), ordinals
-        before ``(history + 2 - window) // tpb`` may already belong to another request.
-        """
-        windows = self.index.windows()
-        window = windows[group] if group < len(windows) else None
-        if window is None:
-            return 0
-        return max(0, (history + 2 - window) // self._tpb)
-
     def _plan_save(self, state: RequestState, history: int, computed: int, meta: ConnectorMetadata) -> None:
         chunk = self._chunk
         limit = computed if self.config.save_decode_cache else min(computed, state.prompt_len)
@@ -476,8 +463,9 @@ class Planner:
         hashed = state.prompt_len // chunk * chunk  # the lookup hashed the prompt's full chunks
         hashes = state.prompt.hashes if end <= hashed else None
         prompt = Prompt(state.tokens_through(end), state.prompt.salt, hashes)
+        windows = self.index.windows()
         for group, block_ids in enumerate(state.block_ids):
-            live_from = self._live_from(group, history)
+            live_from = first_live_block(windows[group] if group < len(windows) else None, history, self._tpb)
             live = [NO_PAGE] * live_from + block_ids[live_from:] if live_from else block_ids
             for start, stop in savable_runs(live, state.saved_until, end, chunk, self._tpb):
                 meta.saves.append(Transfer(state.request_id, prompt, group, block_ids[:], start, stop))

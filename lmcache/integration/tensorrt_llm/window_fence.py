@@ -45,6 +45,13 @@ event its copies must be followed by (None: nothing left to wait for). A store t
 page any more (its copies were done or abandoned)."""
 
 
+def first_live_block(window: int | None, history: int, tokens_per_block: int) -> int:
+    """The first block ordinal of a layer group of attention ``window`` (None: full) whose page is
+    surely still its own with ``history`` tokens computed (one behind the manager under the overlap
+    scheduler): its pages turn ``-1`` once the window passes them, and no delta says so."""
+    return 0 if window is None else max(0, (history + 2 - window) // tokens_per_block)
+
+
 def copies_done(future: Future[Any]) -> bool:
     """Whether a save's store has run and its copies are done (never raises: a failed save is a miss)."""
     if not future.done():
