@@ -402,8 +402,6 @@ class CacheEngine(EngineLookup):
         """Pin a chunk for the duration of a copy out of it."""
         return self.l1.hold(key)
 
-    # -- stats ----------------------------------------------------------------------------------
-
     # -- maintenance ----------------------------------------------------------------------------
 
     def clear(self) -> int:
