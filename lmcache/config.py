@@ -461,7 +461,13 @@ class LMCacheEngineConfig:
 SERVER_ENV = "LMCACHE_SERVER_"
 """The prefix of the cache server's flags' variables (read by its command line)."""
 OTHER_ENV_NAMES = frozenset(
-    {"LMCACHE_CONFIG_FILE", "LMCACHE_LOG_LEVEL", "LMCACHE_SERVER_URL", "LMCACHE_CUDA_IPC_BACKEND"}
+    {
+        "LMCACHE_CONFIG_FILE",
+        "LMCACHE_LOG_LEVEL",
+        "LMCACHE_SERVER_URL",
+        "LMCACHE_CUDA_IPC_BACKEND",
+        "LMCACHE_L1_MEMORY",  # the server's --l1-memory, often set for the whole node
+    }
 )
 """``LMCACHE_*`` variables read elsewhere than the engine config, besides the ``SERVER_ENV`` ones."""
 

@@ -537,6 +537,27 @@ def test_an_lmcache_variable_nothing_reads_is_warned_about_with_the_closest_name
     ]
 
 
+def test_no_variable_the_package_reads_is_warned_about(caplog) -> None:
+    """Every ``LMCACHE_*`` name the package's sources read passes without a warning (a server's variable set
+    for the whole node, ``LMCACHE_L1_MEMORY`` say, must not tell TRT-LLM's log it is ignored)."""
+    import contextlib
+    import re
+    from pathlib import Path
+
+    import lmcache
+
+    root = Path(lmcache.__file__).parent
+    names = {
+        n for p in root.rglob("*.py") for n in re.findall(r'"(LMCACHE_[A-Z0-9_]*[A-Z0-9])"', p.read_text())
+    }
+    assert {"LMCACHE_L1_MEMORY", "LMCACHE_SERVER_URL", "LMCACHE_LOG_LEVEL"} <= names
+    with caplog.at_level(logging.WARNING, logger="lmcache"):
+        for name in names - {"LMCACHE_CONFIG_FILE"}:
+            with contextlib.suppress(ValueError):  # a setting's value refused: read, not ignored
+                C.from_env({name: "1"})
+    assert [r.getMessage() for r in caplog.records if "not a setting" in r.getMessage()] == []
+
+
 def test_an_extra_config_key_nothing_reads_is_warned_once_naming_what_was_meant(caplog) -> None:
     """Kept (extensions may read their own keys), but a typo or a misplaced setting is no longer silent."""
     extra = {"tier_read_thred": 3, "enable_nixl": True, "min_retrieve_tokens": 5, "my_extension_knob": 1}
