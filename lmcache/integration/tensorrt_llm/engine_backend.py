@@ -3,6 +3,7 @@ scheduler and the local workers, configured from ``LMCACHE_CONFIG_FILE`` and ``L
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import threading
 from collections.abc import Hashable
@@ -306,9 +307,18 @@ class EngineTransfers:
             for pool in self._registered():
                 for transfer in by_group.get(pool.pool.target.group, []):
                     block_transfer = transfer.for_target(pool.pool.target)
-                    loaded = engine.retrieve(
-                        pool.space, self._rank, pool.pool.tensor, block_transfer, target_stream, layers=layers
+                    retrieve = functools.partial(
+                        engine.retrieve,
+                        pool.space,
+                        self._rank,
+                        pool.pool.tensor,
+                        block_transfer,
+                        target_stream,
+                        layers=layers,
                     )
+                    loaded = retrieve()
+                    if loaded < transfer.end - transfer.start and self._saves_landed():
+                        loaded = retrieve()  # the rows already loaded are copied again, alike
                     check_loaded(plan, transfer, loaded)
         finally:
             for pool in self._pools:  # this rank has loaded (or failed): its pins may go
@@ -320,6 +330,21 @@ class EngineTransfers:
         if not plan.is_async and layers is None:
             caller.wait_event(event)  # the forward reads the loaded blocks after the copies
         return event_done(event)
+
+    def _saves_landed(self) -> bool:
+        """On a TP rank other than 0, wait until the saves handed to this rank before have stored; True
+        if the load is worth trying again. Rank 0 promised from its own L1, which its saver may have
+        filled before this rank's: the chunk is then on its way here, not gone (bounded by
+        ``blocking_timeout_secs``; False on rank 0, where nothing lags)."""
+        if self._shared.follows() is None or self._save_queue is None:
+            return False
+        timeout = self._shared.engine.config.blocking_timeout_secs
+        try:
+            self._save_queue.run(lambda: None).result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            logger.warning("LMCache TP rank %d: saves still running after %.0f s", self._mpi_rank, timeout)
+            return False
+        return True
 
     def save(self, saves: list[Transfer], fence: SaveFence) -> list[SaveCopies]:
         assert self._save_queue is not None
