@@ -214,14 +214,15 @@ class CacheServerClient:
             policy=pool_sharing,
             chunk_size=chunk_size,
         )
-        with self.registrations.lock:
+        with self.registrations.registering:
             reg.copier = self.shared_l1.copier_for(reg)
             sent_at = self.registrations.clock()
             info = self._call(reg.request, P.RegisterInfo, timeout_s, retry_unknown=False)
-            reg.update(info, sent_at)
-            self.registrations.add(iid, reg)
-            self.instance_id = iid
-            self.server_id = info.server_id
+            with self.registrations.lock:
+                reg.update(info, sent_at)
+                self.registrations.add(iid, reg)
+                self.instance_id = iid
+                self.server_id = info.server_id
         logger.info(
             "registered KV pool with the cache server at %s as instance %d (rank %d/%d, %s), sharing %s",
             self.url,
@@ -368,8 +369,9 @@ class CacheServerClient:
                 "cache server at %s restarted (server id %s -> %s)", self.url, self.server_id, info.server_id
             )
         self.server_id = info.server_id
+        sent_caps = dict(zip(ids, req.caps, strict=True))
         for iid in info.unknown:
-            self._reregister(iid, timeout_s)
+            self._reregister(iid, timeout_s, sent_caps.get(iid))
         return info
 
     def stats(self, *, timeout_s: float | None = None) -> P.StatsInfo:
@@ -437,7 +439,7 @@ class CacheServerClient:
             iid = getattr(req, "instance_id", None)
             if not retry_unknown or iid is None or iid not in self.registrations:
                 raise
-            self._reregister(iid, timeout_s)
+            self._reregister(iid, timeout_s, getattr(req, "cap", None))
             self.registrations.check_usable(iid, type(req).__struct_config__.tag)
             return self._call_once(req, result_type, timeout_s, deadline)
 
@@ -451,20 +453,24 @@ class CacheServerClient:
         elif hasattr(req, "cap"):  # the current one: a retry after re-registering has a new one
             req.cap = self.registrations.cap(req.instance_id) or req.cap
 
-    def _reregister(self, iid: int, timeout_s: float | None) -> None:
+    def _reregister(self, iid: int, timeout_s: float | None, sent_cap: bytes | None) -> None:
+        """Register ``iid`` again, which the server did not know under the capability ``sent_cap``; not
+        if it was registered again since that was sent (by another thread: the caller retries with the
+        new one). Other calls go on meanwhile; another re-registration waits for this one."""
         self.credentials.check_ipc_owner()
-        with self.registrations.lock:
+        with self.registrations.registering:
             reg = self.registrations.get(iid)
-            if reg is None:
+            if reg is None or (sent_cap and reg.info is not None and reg.info.cap != sent_cap):
                 return
             if reg.policy == "auto":  # the new server may force another mode
                 _choose_again(reg, self.shared_l1, lambda: self.ping(timeout_s=timeout_s).pool_sharing)
             sent_at = self.registrations.clock()
             with _refused_as_such():
                 info = self._call_once(reg.request, P.RegisterInfo, timeout_s, False)
-            reg.update(info, sent_at)
-            self.server_id = info.server_id
-            self.reregistrations += 1
+            with self.registrations.lock:
+                reg.update(info, sent_at)
+                self.server_id = info.server_id
+                self.reregistrations += 1
         _log_registered_again(self.url, iid, reg)
 
     def _call_once(self, req: Any, result_type: type[T], timeout_s: float | None, deadline: bool) -> T:

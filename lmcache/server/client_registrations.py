@@ -135,9 +135,12 @@ class Registration:
 
 
 class Registrations:
-    """The pools a client registered, by instance id; ``lock`` serialises (re-)registrations."""
+    """The pools a client registered, by instance id. ``registering`` serialises (re-)registrations and
+    is held across their calls to the server; ``lock`` guards the table and the bookkeeping beside it,
+    held briefly (a lookup's claims and pins take it: never the length of a call to the server)."""
 
     def __init__(self) -> None:
+        self.registering = threading.Lock()
         self.lock = threading.RLock()
         self.clock: Callable[[], float] = time.monotonic
         """When requests were sent and :meth:`may_be_reaped` asks (the host's monotonic clock, which

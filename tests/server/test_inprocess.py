@@ -289,3 +289,55 @@ def test_a_worker_sends_a_reply_itself_only_when_nothing_waits_before_it() -> No
     finally:
         ours.close()
         peer.close()
+
+
+def test_a_reregistration_waiting_for_the_server_holds_up_no_other_call(
+    inproc_server: CacheServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a re-registration waits for the server, the client's bookkeeping (a lookup's claims and
+    pins, its misses) goes on, and a call refused meanwhile for the old capability retries with the new
+    one instead of registering a second time."""
+    client = CacheServerClient(_url(inproc_server), timeout_s=20.0, heartbeat_interval_s=0)
+    try:
+        client.register(shared_pool(seed=5), 0, 1, MODEL, TPB, pool_sharing="export")
+        iid = client.instance_id
+        assert iid is not None
+        tokens = list(range(700, 764))
+        client.store(BlockTransfer(tokens, None, list(range(8)), 0, 64))
+        inst = inproc_server.service.instances.get(iid)
+        assert inst is not None
+        inproc_server.config.client_timeout_s = 5.0
+        inproc_server.reap(now=inst.last_seen + 10.0)  # the server forgets the instance
+        entered, release = threading.Event(), threading.Event()
+        real_hasher = inproc_server.engine.hasher
+
+        def slow_hasher(*args, **kwargs):  # type: ignore[no-untyped-def]
+            entered.set()  # registering: checks the layout's chunk size
+            assert release.wait(30)
+            return real_hasher(*args, **kwargs)
+
+        monkeypatch.setattr(inproc_server.engine, "hasher", slow_hasher)
+        beat = threading.Thread(target=client.heartbeat)  # finds the instance unknown: re-registers
+        beat.start()
+        assert entered.wait(20)
+        bookkeeping = threading.Thread(
+            target=lambda: (client.registrations.count_miss(64), client.registrations.unpinned(iid, "p"))
+        )
+        bookkeeping.start()
+        bookkeeping.join(10)
+        held_up = bookkeeping.is_alive()
+        errors = inproc_server.stats().errors
+        found: list[int] = []
+        lookup = threading.Thread(target=lambda: found.append(client.lookup(tokens)))
+        lookup.start()  # refused for the capability the server forgot, while the re-registration waits
+        while inproc_server.stats().errors == errors and lookup.is_alive():
+            release.wait(0.01)
+        release.set()
+        for thread in (beat, bookkeeping, lookup):
+            thread.join(30)
+        assert not held_up
+        assert found == [64]
+        assert client.reregistrations == 1
+    finally:
+        release.set()
+        client.close()
