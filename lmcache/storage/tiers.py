@@ -17,10 +17,13 @@ Threads and who does what:
 - the engine's caller (lookup, or retrieve after an L1 miss): :meth:`TierManager.promote_prefix`
   finds each chunk in L1 or asks the tiers in order (one ``contains`` call per tier for the keys
   still unknown), then moves the available prefix into L1: every tier fetches its chunks straight
-  into L1 slots reserved as their headers check out, the tiers in parallel. Promoted chunks are
-  committed and pinned atomically, so they stay put until the engine has taken its own pins, and
-  are queued for the faster tiers above the one they came from. Promotion is synchronous in this
-  version, also with ``enable_async_loading``.
+  into L1 slots reserved as their headers check out, the tiers in parallel on their own fetch threads
+  (:class:`~lmcache.storage.promotion.TierReads`), and the caller waits for them at most
+  ``lookup_timeout_ms`` in all: a tier's reads still running then are misses (the prefix ends before
+  them), and what they reserved is given back when they end. Promoted chunks are committed and pinned
+  atomically, so they stay put until the engine has taken its own pins, and are queued for the faster
+  tiers above the one they came from. Promotion is synchronous in this version, also with
+  ``enable_async_loading``.
 
 Failures degrade, never raise: each tier backs off after a failure (:class:`lmcache.backoff.Backoff`)
 and answers "missing" / "dropped" meanwhile; the manager calls it through
@@ -39,7 +42,6 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from lmcache.config import LMCacheEngineConfig
@@ -48,17 +50,10 @@ from lmcache.logging import init_logger
 from lmcache.rate_limit import RateLimitedLog
 from lmcache.stats import TierSnapshot
 from lmcache.storage.chunk_format import Namespace
-from lmcache.storage.cpu_store import CachedChunk, CpuStore
+from lmcache.storage.cpu_store import CpuStore
 from lmcache.storage.disk_tier import DiskTier
-from lmcache.storage.lower_tier import (
-    ChecksumMemo,
-    FailSoft,
-    FetchStatus,
-    LowerTier,
-    WriteItem,
-    payload_view,
-    submit_or_run,
-)
+from lmcache.storage.lower_tier import ChecksumMemo, FailSoft, LowerTier, WriteItem
+from lmcache.storage.promotion import IN_L1, Cell, TierRead, TierReads, undo
 from lmcache.storage.remote_store import RemoteStore
 
 logger = init_logger(__name__)
@@ -162,33 +157,6 @@ class _Counters:
     dropped_writes: int = 0
 
 
-_IN_L1 = -1
-"""``where`` of a chunk already in L1; a tier's index otherwise, None when no tier has it."""
-
-
-@dataclass(eq=False)
-class _Cell:
-    """One key being promoted: where it comes from, the L1 slot reserved for it, whether it is filled."""
-
-    key: ChunkKey
-    source: int
-    tokens: int
-    """The tokens the chunk its key names holds: a tier's chunk of another length is refused."""
-    chunk: CachedChunk | None = None
-    ok: bool = False
-    settled: bool = False  # published, given back or handed to the caller's pins: nothing to undo
-
-
-def _undo(l1: CpuStore, rows: list[list[_Cell]]) -> None:
-    """Give back what a failed promotion window still holds: pins of chunks L1 had, unpublished slots."""
-    for cell in (cell for row in rows for cell in row if not cell.settled):
-        if cell.source == _IN_L1:
-            l1.unpin(cell.key)
-        elif cell.chunk is not None:
-            l1.abort(cell.key)
-        cell.settled = True
-
-
 _LIVE: weakref.WeakSet[TierManager] = weakref.WeakSet()
 
 
@@ -204,7 +172,9 @@ atexit.register(_close_all_at_exit)
 
 
 class TierManager:
-    """Lower tiers (fastest first) behind an L1 :class:`CpuStore`."""
+    """Lower tiers (fastest first) behind an L1 :class:`CpuStore`. ``read_timeout_s``: how long one
+    promotion waits for the tiers' reads in all (None: as long as they take; the engine's
+    configuration sets ``lookup_timeout_ms``)."""
 
     def __init__(
         self,
@@ -214,6 +184,7 @@ class TierManager:
         timeout_s: float = 10.0,
         queue_bytes: int | None = None,
         fetch_batch: int = 8,
+        read_timeout_s: float | None = None,
     ) -> None:
         if not tiers:
             raise ValueError("TierManager needs at least one lower tier")
@@ -235,12 +206,7 @@ class TierManager:
             _WriteQueue(tier.name, l1, self._writer_for(index), queue_bytes, tier.write_batch)
             for index, tier in enumerate(self.tiers)
         ]
-        # All tiers but one fetch on these threads during a promotion; the caller runs the last.
-        self._fetchers = (
-            ThreadPoolExecutor(len(self.tiers) - 1, thread_name_prefix="lmcache-tier-fetch")
-            if len(self.tiers) > 1
-            else None
-        )
+        self._reads = TierReads(l1, self._calls, read_timeout_s)
         _LIVE.add(self)
 
     @classmethod
@@ -255,6 +221,7 @@ class TierManager:
             timeout_s=config.blocking_timeout_secs,
             queue_bytes=config.tier_write_queue_bytes,
             fetch_batch=config.remote_fetch_batch,
+            read_timeout_s=config.lookup_timeout_ms / 1000.0,
         )
 
     def _count(self, index: int, **deltas: int) -> None:
@@ -266,8 +233,14 @@ class TierManager:
     # -- stats ----------------------------------------------------------------------------------
 
     @property
+    def read_timeout_s(self) -> float | None:
+        """How long one promotion waits for the tiers' reads in all (None: unbounded)."""
+        return self._reads.timeout_s
+
+    @property
     def promotion_failures(self) -> int:
-        """Promotions that stopped short of the prefix they had found (a read failed or L1 was full)."""
+        """Promotions that stopped short of the prefix they had found (a read failed or was late, or L1
+        was full)."""
         return self._promotion_failures
 
     def snapshots(self) -> tuple[TierSnapshot, ...]:
@@ -380,8 +353,7 @@ class TierManager:
             logger.warning(
                 "closing the cache tiers: %d queued writes not flushed before the deadline", dropped
             )
-        if self._fetchers is not None:
-            self._fetchers.shutdown(wait=False)
+        self._reads.close()
         for tier in self.tiers:
             tier.close()
         return dropped == 0
@@ -436,16 +408,17 @@ class TierManager:
         for keys in positions:
             row: list[int | None] = []
             for _ in keys:
-                row.append(_IN_L1 if in_l1[i] else located.get(i))
+                row.append(IN_L1 if in_l1[i] else located.get(i))
                 i += 1
             where.append(row)
         prefix = next((p for p, row in enumerate(where) if None in row), len(where))
         pins: list[ChunkKey] = []
         done = 0
+        deadline = self._reads.deadline()
         while done < prefix:
             stop = min(prefix, done + self.fetch_batch)
             try:
-                ok = self._promote_window(ns, positions, tokens, where, done, stop, pins)
+                ok = self._promote_window(ns, positions, tokens, where, done, stop, pins, deadline)
             except Exception as e:  # a fault of ours (the tiers' calls are guarded): a miss, never a raise
                 self._warn.warning("promotion-fault", "promoting chunks from the tiers failed: %r", e)
                 ok = 0
@@ -472,90 +445,63 @@ class TierManager:
         start: int,
         stop: int,
         pins: list[ChunkKey],
+        deadline: float | None,
     ) -> int:
-        """Promote positions ``[start, stop)``; returns how many leading positions succeeded."""
+        """Promote positions ``[start, stop)``, waiting for the tiers' reads until ``deadline``; returns
+        how many leading positions succeeded."""
         l1 = self.l1
         # 0. Pin what L1 already has in the window first, so reserving slots below cannot evict it.
         #    A chunk evicted since ``where`` was computed may still be in a tier.
         prepinned: set[ChunkKey] = set()
         for p in range(start, stop):
             for i, key in enumerate(positions[p]):
-                if where[p][i] == _IN_L1:
+                if where[p][i] == IN_L1:
                     if l1.pin(key):
                         prepinned.add(key)
                     else:
                         where[p][i] = self._relocate(ns, key)
         # 1. In order: take those pins, up to the first chunk no tier has.
-        rows: list[list[_Cell]] = []
+        rows: list[list[Cell]] = []
         for p in range(start, stop):
-            row: list[_Cell] = []
+            row: list[Cell] = []
             ok = True
             for i, key in enumerate(positions[p]):
                 source = where[p][i]
-                ok = source is not None and (source != _IN_L1 or key in prepinned)
+                ok = source is not None and (source != IN_L1 or key in prepinned)
                 prepinned.discard(key)
                 if not ok:
                     break
                 assert source is not None
-                row.append(_Cell(key, source, tokens[p]))
+                row.append(Cell(key, source, tokens[p]))
             if not ok:
                 self._release_row(row)
                 break
             rows.append(row)
         l1.unpin_all(prepinned)  # pinned in step 0 but past the first failure
 
-        # 2. Each tier fetches its cells into slots reserved as their headers check out; the tiers
-        #    run in parallel (the caller runs the last).
-        by_tier: dict[int, list[_Cell]] = {}
+        # 2. Each tier fetches its cells into slots reserved as their headers check out, on its own
+        #    threads, the tiers in parallel; the reads still running at ``deadline`` are given up (the
+        #    cells are theirs to give back; here they are settled misses). Past the deadline, or from a
+        #    tier whose read given up earlier still runs, nothing is read: the cells are misses.
+        by_tier: dict[int, list[Cell]] = {}
         for row in rows:
             for cell in row:
-                if cell.source != _IN_L1:
+                if cell.source != IN_L1:
                     by_tier.setdefault(cell.source, []).append(cell)
-        jobs = list(by_tier.items())
-        futures: list[Future[None]] = []
+        reads: list[TierRead] = []
         try:
-            if self._fetchers is not None:
-                # Closed meanwhile, the pool runs nothing: the caller then fetches every tier's cells.
-                futures = [submit_or_run(self._fetchers, self._fetch, ns, t, c) for t, c in jobs[:-1]]
-                jobs = jobs[-1:]
-            for t, cells in jobs:
-                self._fetch(ns, t, cells)
-            for future in futures:
-                future.result()
+            for t, cells in by_tier.items():
+                read = self._reads.start(ns, t, cells, deadline)
+                if read is not None:
+                    reads.append(read)
+            self._reads.wait(reads, deadline)
             return self._publish(ns, rows, pins)
         except BaseException:
-            for future in futures:  # no fetch may still fill a slot given back below
-                future.exception()
-            _undo(self.l1, rows)
+            self._reads.give_up(reads)  # no read still running may fill a slot given back below
+            undo(self.l1, rows)
             raise
 
-    def _fetch(self, ns: Namespace, index: int, cells: list[_Cell]) -> None:
-        def sink(i: int, payload_len: int, num_tokens: int) -> memoryview | None:
-            cell = cells[i]
-            if num_tokens != cell.tokens:
-                tier = self.tiers[index]
-                self._warn.warning(
-                    f"{tier.name}-wrong-length",
-                    "the %s tier (%s) holds %s with %d tokens where its key names %d: not promoted (a "
-                    "corrupt or foreign chunk)",
-                    tier.name,
-                    tier.where,
-                    cell.key.hex(),
-                    num_tokens,
-                    cell.tokens,
-                )
-                return None
-            cell.chunk = self.l1.reserve(cell.key, payload_len, num_tokens)
-            return None if cell.chunk is None else payload_view(cell.chunk)
-
-        # A fetch that raises is a miss for its cells: ``_publish`` drops the slots they reserved.
-        statuses = self._calls[index].fetch_into(ns, [c.key for c in cells], sink)
-        for cell, status in zip(cells, statuses, strict=True):
-            cell.ok = status is FetchStatus.OK
-            if status is FetchStatus.SKIPPED and cell.chunk is None and self.l1.pin(cell.key):
-                cell.source = _IN_L1  # a concurrent promotion brought it in meanwhile
-
-    def _publish(self, ns: Namespace, rows: list[list[_Cell]], pins: list[ChunkKey]) -> int:
+    def _publish(self, ns: Namespace, rows: list[list[Cell]], pins: list[ChunkKey]) -> int:
         """Publish in order: commit + pin as one step; the leading complete positions are the result.
         Chunks promoted from a tier are queued for the faster tiers above it."""
         l1 = self.l1
@@ -563,9 +509,11 @@ class TierManager:
         broken = False
         promoted: dict[int, list[ChunkKey]] = {}
         for row in rows:
-            keep = not broken and all(c.source == _IN_L1 or c.ok for c in row)
+            keep = not broken and all(c.source == IN_L1 or c.ok for c in row)
             for c in row:
-                if c.source == _IN_L1:
+                if c.settled:  # given up with its late read, which gives its slot back
+                    continue
+                if c.source == IN_L1:
                     if keep:
                         pins.append(c.key)
                     else:
@@ -594,7 +542,7 @@ class TierManager:
                 self.write_behind(ns, keys, above=index)
         return leading
 
-    def _release_row(self, row: list[_Cell]) -> None:
+    def _release_row(self, row: list[Cell]) -> None:
         for cell in row:
-            if cell.source == _IN_L1:
+            if cell.source == IN_L1:
                 self.l1.unpin(cell.key)
