@@ -339,11 +339,16 @@ class EngineTransfers:
         if self._shared.follows() is None or self._save_queue is None:
             return False
         timeout = self._shared.engine.config.blocking_timeout_secs
+        closed = not FORWARD.is_open
+        FORWARD.open()  # no forward is launched while this thread waits: the saves need not give way
         try:
             self._save_queue.run(lambda: None).result(timeout=timeout)
         except concurrent.futures.TimeoutError:
             logger.warning("LMCache TP rank %d: saves still running after %.0f s", self._mpi_rank, timeout)
             return False
+        finally:
+            if closed:
+                FORWARD.close()
         return True
 
     def save(self, saves: list[Transfer], fence: SaveFence) -> list[SaveCopies]:
