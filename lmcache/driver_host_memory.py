@@ -125,6 +125,8 @@ class DriverHostMemory:
             _Location(CU_MEM_LOCATION_TYPE_HOST_NUMA, numa.value), CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         )
         self._access = access
+        self._device_access = (_AccessDesc * 1)(access[0])
+        """A mapping only the device reads and writes: granting it holds the driver a third as long."""
         granularity = ctypes.c_size_t()
         self._call(
             "cuMemGetAllocationGranularity",
@@ -184,10 +186,11 @@ class DriverHostMemory:
             os.close(fd.value)
             raise
 
-    def import_shared(self, fd: int, nbytes: int) -> torch.Tensor:
+    def import_shared(self, fd: int, nbytes: int, *, cpu_access: bool = True) -> torch.Tensor:
         """Map memory another process made by :meth:`allocate_shared` (``fd``, which stays the
-        caller's) into this one, for this device and the CPU, as :meth:`allocate` returns it: page-locked
-        by its maker, so nothing is page-locked here."""
+        caller's) into this one, for this device and (``cpu_access``) the CPU, as :meth:`allocate`
+        returns it: page-locked by its maker, so nothing is page-locked here. Without ``cpu_access`` only
+        the device's copies may touch the tensor's bytes (the CPU reading them faults)."""
         self._make_context_current()
         handle = _U64()
         self._call(
@@ -196,13 +199,17 @@ class DriverHostMemory:
             ctypes.c_void_p(fd),
             CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
         )
-        return self._mapped(handle, nbytes)
+        return self._mapped(handle, nbytes, self._access if cpu_access else self._device_access)
 
     def _size(self, nbytes: int) -> int:
         return -(-nbytes // self.granularity) * self.granularity
 
-    def _mapped(self, handle: ctypes.c_uint64, nbytes: int) -> torch.Tensor:
-        """Map the allocation ``handle`` (released if that fails) for the device and the CPU."""
+    def _mapped(
+        self, handle: ctypes.c_uint64, nbytes: int, access: ctypes.Array | None = None
+    ) -> torch.Tensor:
+        """Map the allocation ``handle`` (released if that fails) for ``access`` (default: the device and
+        the CPU)."""
+        access = self._access if access is None else access
         size = self._size(nbytes)
         address = _U64()
         undo = [lambda: self._lib.cuMemRelease(handle)]
@@ -211,7 +218,7 @@ class DriverHostMemory:
             undo.append(lambda: self._lib.cuMemAddressFree(address, size))
             self._call("cuMemMap", address, size, 0, handle, 0)
             undo.append(lambda: self._lib.cuMemUnmap(address, size))
-            self._call("cuMemSetAccess", address, size, self._access, len(self._access))
+            self._call("cuMemSetAccess", address, size, access, len(access))
         except DriverMemoryError:
             for step in reversed(undo):
                 step()

@@ -109,7 +109,8 @@ def _memfd_slab(nbytes: int) -> tuple[torch.Tensor, int]:
 
 def map_descriptor(info: ShmSlabInfo, fd: int, *, pin: bool, device: int | None) -> MappedSlab:
     """Map the slab ``info`` describes from ``fd`` (which stays the caller's). A driver-made slab is
-    imported for ``device`` (it is page-locked already), one import at a time in the process (in a
+    imported for ``device`` (it is page-locked already; for the CPU too unless ``pin``, a CUDA pool's
+    worker, whose device alone copies), one import at a time in the process (in a
     registration's turn: granting access holds the driver as a registration does, and the copies
     enqueued meanwhile wait for every grant queued before them); a memfd is checked (a regular file of
     ``info.nbytes`` bytes) and mapped, then page-locked if ``pin``. ShmSlabError if it cannot be."""
@@ -124,7 +125,9 @@ def map_descriptor(info: ShmSlabInfo, fd: int, *, pin: bool, device: int | None)
             )
         try:
             with page_locking.GATE.registering():
-                tensor = maker.import_shared(fd, info.nbytes)
+                # A CUDA pool's worker only copies with the device: CPU access is not granted, which
+                # holds the driver (and the saves' enqueues) a third as long (RESULTS, D84).
+                tensor = maker.import_shared(fd, info.nbytes, cpu_access=not pin)
         except driver_host_memory.DriverMemoryError as e:
             raise ShmSlabError(f"cannot import L1 slab {info.id} from the server: {e}") from None
         return MappedSlab(info, tensor, True)

@@ -37,6 +37,32 @@ def test_driver_made_memory_is_host_memory_the_device_copies_to_and_from() -> No
     assert torch.equal(host, source.cpu()) and torch.equal(back, source)
 
 
+def test_memory_imported_for_the_device_alone_takes_its_copies_both_ways() -> None:
+    """A CUDA pool's worker imports the server's slabs without CPU access (``cpu_access=False``): the
+    device's copies into and out of the import are exact and seen by the maker's CPU mapping."""
+    import os
+
+    maker = driver_host_memory.maker(torch.cuda.current_device())
+    assert maker is not None, "this driver makes no host-NUMA memory"
+    nbytes = 8 << 20
+    made, fd = maker.allocate_shared(nbytes)
+    try:
+        imported = maker.import_shared(fd, nbytes, cpu_access=False)
+    finally:
+        os.close(fd)
+    made.fill_(7)
+    source = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        seen = torch.empty_like(source)
+        seen.copy_(imported, non_blocking=True)  # what the maker's CPU wrote
+        stream.synchronize()
+        assert bool((seen == 7).all())
+        imported.copy_(source, non_blocking=True)
+    stream.synchronize()
+    assert torch.equal(made, source.cpu())  # the device's write, read by the maker's CPU
+
+
 class _BesideTransfers(memory.SlabSource):
     """Every slab made by the driver (no silent fallback to registration, which would make the test
     below pass without driver-made memory)."""
