@@ -97,7 +97,7 @@ class Timeline:
                 driver_host_memory.DriverHostMemory,
                 "import_shared",
                 "import",
-                lambda maker, fd, nbytes: mib(nbytes),
+                lambda maker, fd, nbytes, **_: mib(nbytes),
             ),
             (memory.HostArena, "wait_grown", "pool_wait", lambda arena: ""),
             (forward_load.Forward, "enqueue", "forward", lambda forward: ""),
