@@ -126,7 +126,8 @@ class DriverHostMemory:
         )
         self._access = access
         self._device_access = (_AccessDesc * 1)(access[0])
-        """A mapping only the device reads and writes: granting it holds the driver a third as long."""
+        """A mapping only the device reads and writes: granting it skips the CPU's page tables, most of an
+        import's hold on the driver (benchmarks/RESULTS.md, D87)."""
         granularity = ctypes.c_size_t()
         self._call(
             "cuMemGetAllocationGranularity",

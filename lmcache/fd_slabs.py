@@ -125,8 +125,8 @@ def map_descriptor(info: ShmSlabInfo, fd: int, *, pin: bool, device: int | None)
             )
         try:
             with page_locking.GATE.registering():
-                # A CUDA pool's worker only copies with the device: CPU access is not granted, which
-                # holds the driver (and the saves' enqueues) a third as long (RESULTS, D84).
+                # A CUDA pool's worker only copies with its device: no CPU access is granted, which is
+                # most of an import's hold on the driver and so on the saves' enqueues (RESULTS, D87).
                 tensor = maker.import_shared(fd, info.nbytes, cpu_access=not pin)
         except driver_host_memory.DriverMemoryError as e:
             raise ShmSlabError(f"cannot import L1 slab {info.id} from the server: {e}") from None
