@@ -107,10 +107,12 @@ def _memfd_slab(nbytes: int) -> tuple[torch.Tensor, int]:
         ) from None
 
 
-def map_descriptor(info: ShmSlabInfo, fd: int, *, pin: bool, device: int | None) -> MappedSlab:
+def map_descriptor(
+    info: ShmSlabInfo, fd: int, *, pin: bool, device: int | None, cpu_access: bool = True
+) -> MappedSlab:
     """Map the slab ``info`` describes from ``fd`` (which stays the caller's). A driver-made slab is
-    imported for ``device`` (it is page-locked already; for the CPU too unless ``pin``, a CUDA pool's
-    worker, whose device alone copies), one import at a time in the process (in a
+    imported for ``device`` (it is page-locked already; for the CPU too unless not ``cpu_access``: a
+    CUDA pool's worker copying on ``device`` alone), one import at a time in the process (in a
     registration's turn: granting access holds the driver as a registration does, and the copies
     enqueued meanwhile wait for every grant queued before them); a memfd is checked (a regular file of
     ``info.nbytes`` bytes) and mapped, then page-locked if ``pin``. ShmSlabError if it cannot be."""
@@ -125,9 +127,7 @@ def map_descriptor(info: ShmSlabInfo, fd: int, *, pin: bool, device: int | None)
             )
         try:
             with page_locking.GATE.registering():
-                # A CUDA pool's worker only copies with its device: no CPU access is granted, which is
-                # most of an import's hold on the driver and so on the saves' enqueues (RESULTS, D87).
-                tensor = maker.import_shared(fd, info.nbytes, cpu_access=not pin)
+                tensor = maker.import_shared(fd, info.nbytes, cpu_access=cpu_access)
         except driver_host_memory.DriverMemoryError as e:
             raise ShmSlabError(f"cannot import L1 slab {info.id} from the server: {e}") from None
         return MappedSlab(info, tensor, True)

@@ -55,6 +55,8 @@ class SharedL1Copier:
         self.load_stream: Any = self._streams.load if self._streams is not None else None
         self.server_id: str | None = None
         self.slabs = slabs if slabs is not None else SlabMappings(pin=pool.is_cuda, shm_dir=shm_dir)
+        if pool.is_cuda:
+            self.slabs.bind(pool.device.index)
         self._owns_slabs = slabs is None
         self._cap: bytes | None = None
         self._leases: list[P.LeasedSlot] = []

@@ -57,6 +57,27 @@ class SlabMappings:
         """Notified when the last of them ends."""
         self.server_id: str | None = None
         """The server the mappings are of (:meth:`on_server`)."""
+        self._devices: set[int] = set()
+        """The devices copies through these mappings run on (:meth:`bind`)."""
+
+    @property
+    def device(self) -> int | None:
+        """The one device copies through these mappings run on; None before :meth:`bind`, or with
+        several (slabs are then mapped for the caller's device and the CPU, as a copy from another
+        device must not fault)."""
+        return next(iter(self._devices)) if len(self._devices) == 1 else None
+
+    def bind(self, device: int) -> None:
+        """Copies through these mappings run on CUDA ``device`` (a CUDA pool's): with it the only one,
+        slabs the server's driver made are imported for it alone. A second device drops every mapping
+        (those made for the first alone), made again when next needed."""
+        with self._lock:
+            if device in self._devices:
+                return
+            self._devices.add(device)
+            pending = self._forget() if len(self._devices) == 2 else []
+        for event in pending:
+            event.set()
 
     def ids(self) -> list[int]:
         with self._lock:
@@ -87,7 +108,7 @@ class SlabMappings:
                 ahead.wait()
                 if info.id in self._mapped:
                     continue
-            device = _caller_device() if self.pin else None
+            device = self._device() if self.pin else None
             with self._lock:
                 generation = self._generation
             mapped = self._map(_worker_info(info), device)
@@ -115,7 +136,7 @@ class SlabMappings:
                     self._pending[info.id] = threading.Event()
                     self._queue.append(_worker_info(info))
             starting = min(MAP_AHEAD_THREADS - self._threads, len(self._queue))
-            device = _caller_device() if self.pin and starting > 0 else None
+            device = self._device() if self.pin and starting > 0 else None
             for _ in range(starting):
                 # Not daemons: exiting while one is inside the CUDA driver (page-locking) aborts the
                 # process; exit waits for the few slabs still queued instead.
@@ -184,6 +205,10 @@ class SlabMappings:
                     self._threads -= 1
                     self._idle.notify_all()
 
+    def _device(self) -> int | None:
+        """The device slabs are mapped for: the bound one, else the caller's."""
+        return self.device if self.device is not None else _caller_device()
+
     def _map(self, info: ShmSlabInfo, device: int | None) -> MappedSlab:
         """Map one slab: by its name in ``/dev/shm``, or by the descriptor the server's channel passes
         (ShmSlabError if the server holds it no more)."""
@@ -195,8 +220,11 @@ class SlabMappings:
             raise ShmSlabError(str(e)) from None
         if fd is None:
             raise ShmSlabError(f"the server holds L1 slab {info.id} no more (freed since it was announced)")
+        # Imported for the bound device alone (no CPU access, RESULTS D87); for any other device, with
+        # CPU access as well, as a copy from another device must not fault.
+        device_only = self.pin and device is not None and device == self.device
         try:
-            return map_descriptor(info, fd, pin=self.pin, device=device)
+            return map_descriptor(info, fd, pin=self.pin, device=device, cpu_access=not device_only)
         finally:
             os.close(fd)
 

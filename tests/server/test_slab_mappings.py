@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
+import torch
 
 from lmcache.memory import Slab
 from lmcache.server import protocol as P
@@ -208,3 +210,50 @@ def test_a_copier_refuses_shared_mappings_that_page_lock_otherwise(tmp_path) -> 
 
     with pytest.raises(ValueError, match="CPU pool needs slab mappings with pin=False"):
         SharedL1Copier(torch.zeros(4, 8), slabs=SlabMappings(pin=True, shm_dir=str(tmp_path)))
+
+
+class _RecordingMaker:
+    """Stands in for the CUDA driver's maker: records the device and the access of each import."""
+
+    def __init__(self) -> None:
+        self.imports: list[tuple[int | None, bool]] = []
+        self.device: int | None = None
+
+    def import_shared(self, fd: int, nbytes: int, *, cpu_access: bool = True) -> torch.Tensor:
+        self.imports.append((self.device, cpu_access))
+        return torch.zeros(nbytes, dtype=torch.uint8)
+
+
+def test_driver_made_slabs_are_imported_for_the_bound_device_alone(monkeypatch) -> None:
+    """A CUDA pool's copier binds its mappings to its device: driver-made slabs are then imported for that
+    device alone (no CPU access). Before binding, or once pools on two devices share the mappings, they
+    are imported with CPU access too (a copy from another device must not fault), and binding a second
+    device drops the mappings made for the first alone."""
+    from lmcache import fd_slabs
+
+    maker = _RecordingMaker()
+
+    def maker_for(device: int | None) -> _RecordingMaker:
+        maker.device = device
+        return maker
+
+    monkeypatch.setattr(fd_slabs.driver_host_memory, "maker", maker_for)
+    read, write = os.pipe()
+    monkeypatch.setattr(
+        slab_mappings, "fetch_descriptors", lambda channel, ids: {i: os.dup(read) for i in ids}
+    )
+    monkeypatch.setattr(slab_mappings, "_caller_device", lambda: 0)
+    try:
+        maps = SlabMappings(pin=True)
+        slab = P.SlabInfo(id=1, name="", nbytes=1 << 20, kind=fd_slabs.KIND_CUDA, channel="ch")
+        maps.apply([slab], [])  # not bound yet: the caller's device, and the CPU
+        maps.bind(3)
+        maps.apply([P.SlabInfo(id=2, name="", nbytes=1 << 20, kind=fd_slabs.KIND_CUDA, channel="ch")], [])
+        assert maps.ids() == [1, 2]
+        maps.bind(5)  # a second device: what was mapped for device 3 alone goes
+        assert maps.ids() == [] and maps.device is None
+        maps.apply([slab], [])  # two devices copy: the caller's device, and the CPU
+    finally:
+        os.close(read)
+        os.close(write)
+    assert maker.imports == [(0, True), (3, False), (0, True)]
