@@ -226,6 +226,8 @@ class EngineTransfers:
         self._load_stream: Any = None
         self._saves_handed = 0
         """Saves handed over so far: every rank numbers the plans' saves alike (:mod:`.tp_evictions`)."""
+        self._drain: concurrent.futures.Future[Any] | None = None
+        """The saver's marker a short load last waited for (:meth:`_saves_landed`)."""
 
     def register(self, targets: list[PoolTarget]) -> None:
         pools = [
@@ -338,13 +340,18 @@ class EngineTransfers:
         ``blocking_timeout_secs``; False on rank 0, where nothing lags)."""
         if self._shared.follows() is None or self._save_queue is None:
             return False
+        if self._drain is not None and not self._drain.done():
+            return False  # an earlier wait ran out and the saver is still behind: not one wait per load
         timeout = self._shared.engine.config.blocking_timeout_secs
         closed = not FORWARD.is_open
         FORWARD.open()  # no forward is launched while this thread waits: the saves need not give way
         try:
-            self._save_queue.run(lambda: None).result(timeout=timeout)
+            self._drain = self._save_queue.run(lambda: None)
+            self._drain.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
             logger.warning("LMCache TP rank %d: saves still running after %.0f s", self._mpi_rank, timeout)
+            return False
+        except (RuntimeError, concurrent.futures.CancelledError):  # the saver is shut down
             return False
         finally:
             if closed:
