@@ -10,22 +10,28 @@ scheduler.
 
 A tier's read still running at the deadline is *late*: the caller gives its cells up (they are misses:
 the prefix ends before the first of them), logs one warning naming the tier and the bound, and the read
-owns its cells from then on: when it ends, it gives back every slot it reserved (:func:`undo`) and
-nothing it read is published. Slots a read may still write into are never given back before it ends,
-so a read that never ends keeps its slots (at most one window's chunks of one tier). Who owns a read's
-cells is decided once, under the read's lock: the read ending first hands them to the caller, the
-caller giving up first hands them to the read. While a tier has a late read outstanding, promotions
+owns its cells from then on: when it ends, it publishes (unpinned, an ordinary evictable L1 chunk) each
+chunk it read and verified, so a tier slower than the bound still promotes and the next lookup finds
+those chunks in L1, and gives back every other slot it reserved. Slots a read may still write into are
+never given back before it ends, so a read that never ends keeps its slots (at most one window's chunks
+of one tier). The fetch threads are daemon threads (:class:`FetchThreads`): a read hung on a dead NFS
+mount never holds up the process's exit. Who owns a read's cells is decided once, under the read's
+lock: the read ending first hands them to the caller, the caller giving up first hands them to the
+read. While a tier has a late read outstanding, promotions
 do not read from it (its chunks are misses at once), so a hung tier neither stalls every lookup by the
 bound nor piles up threads and slots.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from lmcache.keys import ChunkKey
 from lmcache.logging import init_logger
@@ -35,8 +41,9 @@ from lmcache.storage.cpu_store import CachedChunk, CpuStore
 from lmcache.storage.lower_tier import FailSoft, FetchStatus, Sink, payload_view, submit_or_run
 
 logger = init_logger(__name__)
+_T = TypeVar("_T")
 
-__all__ = ["FETCH_THREADS", "IN_L1", "Cell", "TierRead", "TierReads", "undo"]
+__all__ = ["FETCH_THREADS", "IN_L1", "Cell", "FetchThreads", "TierRead", "TierReads", "undo"]
 
 FETCH_THREADS = 4
 """Fetch threads per tier: promotions of this many callers read from one tier at once."""
@@ -70,6 +77,66 @@ def undo(l1: CpuStore, rows: list[list[Cell]]) -> None:
         cell.settled = True
 
 
+_Work = tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
+
+
+class FetchThreads:
+    """Up to ``workers`` daemon threads running submitted calls in order, started as work comes.
+
+    Not a ThreadPoolExecutor: Python joins its threads at interpreter exit (before atexit handlers run),
+    so a read hung on a dead NFS mount would hang the process's exit. Like one, :meth:`submit` returns a
+    future (cancellable while queued) and raises RuntimeError once :meth:`shutdown` (what
+    :func:`~lmcache.storage.lower_tier.submit_or_run` expects); work queued before still runs."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._workers = workers
+        self._name = name
+        self._work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._shut = False
+        # Dropped unclosed: its idle threads end (they hold the queue, never the pool).
+        weakref.finalize(self, _stop, self._work, self._threads)
+
+    def submit(self, fn: Callable[..., _T], *args: Any) -> Future[_T]:
+        future: Future[_T] = Future()
+        with self._lock:
+            if self._shut:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._work.put((future, fn, args))
+            if len(self._threads) < self._workers:
+                thread = threading.Thread(
+                    target=_serve, args=(self._work,), name=f"{self._name}-{len(self._threads)}", daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
+        return future
+
+    def shutdown(self) -> None:
+        """No new work; each thread ends once the work queued before is done (idempotent)."""
+        with self._lock:
+            if not self._shut:
+                self._shut = True
+                _stop(self._work, self._threads)
+
+
+def _serve(work: queue.SimpleQueue[_Work | None]) -> None:
+    while (item := work.get()) is not None:
+        future, fn, args = item
+        del item
+        if future.set_running_or_notify_cancel():  # False: cancelled while queued
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(exc)
+        del future, fn, args
+
+
+def _stop(work: queue.SimpleQueue[_Work | None], threads: list[threading.Thread]) -> None:
+    for _ in threads:
+        work.put(None)
+
+
 @dataclass(eq=False)
 class TierRead:
     """One tier's cells of a promotion window, read on that tier's fetch threads. At most one of
@@ -92,10 +159,7 @@ class TierReads:
         self.l1 = l1
         self.calls = tuple(calls)
         self.timeout_s = timeout_s
-        self._pools = [
-            ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix=f"lmcache-{call.tier.name}-fetch")
-            for call in self.calls
-        ]
+        self._pools = [FetchThreads(FETCH_THREADS, f"lmcache-{call.tier.name}-fetch") for call in self.calls]
         self._late = [0] * len(self.calls)
         self._lock = threading.Lock()
         self._warn = RateLimitedLog(logger)
@@ -166,7 +230,7 @@ class TierReads:
     def close(self) -> None:
         """No new fetch threads; reads started from now on run in their caller's thread."""
         for pool in self._pools:
-            pool.shutdown(wait=False)
+            pool.shutdown()
 
     def _run(self, ns: Namespace, read: TierRead) -> None:
         statuses: list[FetchStatus] | None = None
@@ -180,11 +244,35 @@ class TierReads:
                     read.finished = True
                     if statuses is not None:
                         self._apply(read, statuses)
-            if late:  # the caller gave these cells up: nothing of them may reach L1
-                for cell in read.cells:
-                    if cell.chunk is not None:
-                        self.l1.abort(cell.key)
-                self._ended_late(read.index)
+            if late:  # the caller gave these cells up: they are this read's to publish or give back
+                try:
+                    self._settle_late(read, statuses)
+                finally:
+                    self._ended_late(read.index)
+
+    def _settle_late(self, read: TierRead, statuses: list[FetchStatus] | None) -> None:
+        """Publish, unpinned, each chunk a late read verified (its slot was reserved under its key by
+        this read's sink, and nobody else publishes or reuses a reserved slot, so it holds exactly the
+        verified bytes); give back every other slot. A cell that fails is logged, never skips the rest."""
+        ok = [False] * len(read.cells) if statuses is None else [s is FetchStatus.OK for s in statuses]
+        for cell, verified in zip(read.cells, ok, strict=True):
+            if cell.chunk is None:
+                continue
+            try:
+                if verified:
+                    self.l1.commit(cell.key)
+                else:
+                    self.l1.abort(cell.key)
+            except Exception as exc:  # noqa: BLE001 - one cell's fault, never the other cells' or the tier's
+                tier = self.calls[read.index].tier
+                self._warn.warning(
+                    f"{tier.name}-late-settle",
+                    "ending a late read of the %s tier (%s): settling %s in L1 failed (%r)",
+                    tier.name,
+                    tier.where,
+                    cell.key.hex(),
+                    exc,
+                )
 
     def _sink(self, read: TierRead) -> Sink:
         tier = self.calls[read.index].tier

@@ -481,8 +481,8 @@ class TierManager:
 
         # 2. Each tier fetches its cells into slots reserved as their headers check out, on its own
         #    threads, the tiers in parallel; the reads still running at ``deadline`` are given up (the
-        #    cells are theirs to give back; here they are settled misses). Past the deadline, or from a
-        #    tier whose read given up earlier still runs, nothing is read: the cells are misses.
+        #    cells are theirs to publish or give back; here they are settled misses). Past the deadline,
+        #    or from a tier whose read given up earlier still runs, nothing is read: the cells are misses.
         by_tier: dict[int, list[Cell]] = {}
         for row in rows:
             for cell in row:
@@ -511,7 +511,7 @@ class TierManager:
         for row in rows:
             keep = not broken and all(c.source == IN_L1 or c.ok for c in row)
             for c in row:
-                if c.settled:  # given up with its late read, which gives its slot back
+                if c.settled:  # given up with its late read, which publishes or gives back its slot
                     continue
                 if c.source == IN_L1:
                     if keep:

@@ -1,6 +1,7 @@
 """A promotion waits for the lower tiers' reads at most ``lookup_timeout_ms``: a hung read (an NFS mount
 that stopped answering, a Redis that never replies) costs the lookup the chunks it held up, never the
-scheduler's thread, and what the late read finally delivers never reaches L1 nor keeps its slot."""
+scheduler's thread. What the late read finally delivers verified is published into L1 (a slow tier still
+promotes); its other slots are given back. Its threads never hold up the process's exit."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from lmcache.storage.lower_tier import (
     WriteOutcome,
     payload_view,
 )
+from lmcache.storage.promotion import FetchThreads
 from lmcache.storage.tiers import TierManager
 
 SAFETY_S = 30.0
@@ -41,7 +43,8 @@ SAFETY_S = 30.0
 
 class HeldTier(LowerTier):
     """Chunks in a dict. While ``held``, every ``fetch_into`` reserves its first chunk's slot, sets
-    ``entered``, and waits for ``release`` before it reads anything (a hung disk or Redis)."""
+    ``entered``, and waits for ``release`` before it reads anything (a hung disk or Redis). While
+    ``corrupt``, every chunk it writes is reported CORRUPT. ``asked``: the keys of each ``fetch_into``."""
 
     name = "held"
     where = "this test"
@@ -53,6 +56,8 @@ class HeldTier(LowerTier):
         self.entered = threading.Event()
         self.release = threading.Event()
         self.fetches = 0
+        self.corrupt = False
+        self.asked: list[list[ChunkKey]] = []
         self.fetched = threading.Event()
         """Set when a ``fetch_into`` returns."""
 
@@ -79,6 +84,7 @@ class HeldTier(LowerTier):
     def fetch_into(self, ns: Namespace, keys: Sequence[ChunkKey], sink: Sink) -> list[FetchStatus]:
         with self.lock:
             self.fetches += 1
+            self.asked.append(list(keys))
             found = [self.data.get((ns, key)) for key in keys]
         out = []
         for i, item in enumerate(found):
@@ -93,7 +99,7 @@ class HeldTier(LowerTier):
                 out.append(FetchStatus.SKIPPED)
                 continue
             buf[:] = item[0]
-            out.append(FetchStatus.OK)
+            out.append(FetchStatus.CORRUPT if self.corrupt else FetchStatus.OK)
         self.fetched.set()
         return out
 
@@ -170,14 +176,17 @@ def test_a_hung_read_costs_the_lookup_its_chunks_within_the_bound_and_leaks_noth
     assert engine.lookup(space, toks) == 64 and held.fetches == 1
     assert engine.l1.pinned_keys() == []
 
-    held.release.set()  # the hung read delivers at last: its slot is given back, nothing published
-    assert settles(lambda: engine.l1.snapshot().used_bytes == one_chunk)
-    assert engine.l1.keys() == first and engine.l1.pinned_keys() == []
-    assert "the held tier's late reads have ended" in caplog.text
+    held.release.set()  # the hung read delivers at last: the chunk it read is published, unpinned
+    assert settles(lambda: "the held tier's late reads have ended" in caplog.text)  # logged once settled
+    assert engine.l1.snapshot().used_bytes == 2 * one_chunk
+    second = sorted(set(engine.l1.keys()) - set(first))
+    assert len(second) == 1 and engine.l1.pinned_keys() == []
+    assert held.asked[0][0] == second[0]  # the chunk the hung read had its slot for
 
     held.held = False  # the tier answers again: a later lookup promotes the whole prefix
     assert engine.lookup(space, toks) == len(toks) and held.fetches == 2
-    assert engine.tiers.snapshots()[0].hits == 3 and engine.l1.pinned_keys() == []
+    assert len(held.asked[1]) == 2 and second[0] not in held.asked[1]  # the second chunk: from L1
+    assert engine.tiers.snapshots()[0].hits == 2 and engine.l1.pinned_keys() == []
     assert engine.l1.snapshot().used_bytes == 4 * one_chunk
     engine.tiers.close()
 
@@ -210,7 +219,8 @@ def payload(i: int) -> bytes:
 
 def test_chunks_read_in_time_from_another_tier_are_promoted_up_to_the_hung_one(tmp_path: Path) -> None:
     """L1 has chunk 1; the disk (in time) has 2 and 4; the held tier (hung) has 3. The lookup gets 1-2;
-    4, read in time but past the hole, is published unpinned; 3's slot is given back once its read ends."""
+    4, read in time but past the hole, is published unpinned; 3 is published unpinned once its late read
+    ends, so the next promotion finds all four in L1 without asking the held tier again."""
     l1 = CpuStore(HostArena(16 * ROWS, pinned=False))
     assert l1.reserve(key(1), ROWS, 32) is not None
     l1.commit(key(1))
@@ -239,11 +249,112 @@ def test_chunks_read_in_time_from_another_tier_are_promoted_up_to_the_hung_one(t
 
     held.release.set()
     assert settles(lambda: not l1.reserved(key(3)))
-    assert key(3) not in l1 and l1.snapshot().used_bytes == 3 * one_chunk and l1.pinned_keys() == []
+    assert key(3) in l1 and l1.snapshot().used_bytes == 4 * one_chunk and l1.pinned_keys() == []
 
     held.held = False
     assert tiers.promote_prefix(NS, positions, [32] * 4) == (4, [key(1), key(2), key(3), key(4)])
+    assert held.fetches == 1  # 3 came from L1: the held tier was not read again
     chunk = l1.get(key(3))
     assert chunk is not None and bytes(payload_view(chunk)) == payload(3)
     tiers.unpin([key(i) for i in (1, 2, 3, 4)])
     tiers.close()
+
+
+def late_read(held: HeldTier, l1: CpuStore) -> TierManager:
+    """L1 has chunk 1, the held tier (hung) chunk 2: a promotion of both gets 1, gives the read of 2 up
+    and returns, leaving that read hung in ``fetch_into``."""
+    assert l1.reserve(key(1), ROWS, 32) is not None
+    l1.commit(key(1))
+    held.put(NS, key(2), payload(2), 32)
+    held.held = True
+    tiers = TierManager(l1, [held], read_timeout_s=0.2)
+    promote, result = in_thread(lambda: tiers.promote_prefix(NS, [[key(1)], [key(2)]], [32, 32]))
+    promote.join(SAFETY_S)
+    if promote.is_alive():
+        held.release.set()
+        pytest.fail("the promotion waited for a hung tier read")
+    assert result == [(1, [key(1)])] and held.entered.is_set() and not held.fetched.is_set()
+    assert l1.reserved(key(2))
+    tiers.unpin([key(1)])
+    return tiers
+
+
+def test_a_late_read_that_reports_a_failure_gives_its_slots_back(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="lmcache")
+    l1, held = CpuStore(HostArena(16 * ROWS, pinned=False)), HeldTier()
+    tiers = late_read(held, l1)
+    one_chunk = l1.snapshot().used_bytes // 2
+    held.corrupt = True  # the bytes it writes fail their check
+    held.release.set()
+    assert settles(lambda: not l1.reserved(key(2)))
+    assert settles(lambda: "the held tier's late reads have ended" in caplog.text)
+    assert key(2) not in l1 and l1.keys() == [key(1)] and l1.pinned_keys() == []
+    assert l1.snapshot().used_bytes == one_chunk
+    tiers.close()
+
+
+def test_a_late_read_whose_l1_settling_raises_still_ends(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Publishing a late read's chunk raises (a bug): it is logged, and the tier is read from again."""
+    caplog.set_level(logging.INFO, logger="lmcache")
+    l1, held = CpuStore(HostArena(16 * ROWS, pinned=False)), HeldTier()
+    tiers = late_read(held, l1)
+
+    def commit(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(l1, "commit", commit)
+    held.release.set()
+    assert settles(lambda: "the held tier's late reads have ended" in caplog.text)
+    assert "settling" in caplog.text and "a bug" in caplog.text
+    monkeypatch.undo()
+    held.held = False
+    tiers.promote_prefix(NS, [[key(1)], [key(2)]], [32, 32])
+    assert held.fetches == 2  # not skipped as late forever
+    tiers.close()
+
+
+def new_threads(before: set[threading.Thread], prefix: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t not in before and t.name.startswith(prefix)]
+
+
+def test_fetch_threads_never_hold_up_the_process_exit() -> None:
+    """Python joins a ThreadPoolExecutor's threads at exit: a read hung on a dead NFS mount would hang it.
+    (Promoted from this thread, not a daemon one: a thread is a daemon by default if its starter is.)"""
+    assert not threading.current_thread().daemon
+    before = set(threading.enumerate())
+    l1, held = CpuStore(HostArena(16 * ROWS, pinned=False)), HeldTier()
+    held.put(NS, key(1), payload(1), 32)
+    tiers = TierManager(l1, [held], read_timeout_s=SAFETY_S)
+    assert tiers.promote_prefix(NS, [[key(1)]], [32]) == (1, [key(1)]) and held.fetches == 1
+    threads = new_threads(before, "lmcache-held-fetch")
+    assert threads and all(t.daemon for t in threads)
+    tiers.unpin([key(1)])
+    tiers.close()
+    for thread in threads:  # closing ends its idle threads
+        thread.join(SAFETY_S)
+        assert not thread.is_alive()
+
+
+def test_fetch_threads_run_work_in_order_cancel_queued_work_and_refuse_work_once_shut_down() -> None:
+    before = set(threading.enumerate())
+    pool = FetchThreads(1, "lmcache-test-fetch")
+    gate, ran = threading.Event(), []
+    first = pool.submit(lambda: gate.wait(SAFETY_S))
+    second = pool.submit(ran.append, 2)
+    third = pool.submit(ran.append, 3)
+    threads = new_threads(before, "lmcache-test-fetch")
+    assert len(threads) == 1 and threads[0].daemon
+    assert second.cancel() and second.cancelled()
+    gate.set()
+    assert first.result(SAFETY_S) is True and third.result(SAFETY_S) is None and ran == [3]
+    failing = pool.submit(lambda: 1 // 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.result(SAFETY_S)
+    pool.shutdown()
+    with pytest.raises(RuntimeError):
+        pool.submit(ran.append, 4)
+    for thread in threads:
+        thread.join(SAFETY_S)
+        assert not thread.is_alive()
