@@ -17,9 +17,8 @@ never given back before it ends, so a read that never ends keeps its slots (at m
 of one tier). The fetch threads are daemon threads (:class:`FetchThreads`): a read hung on a dead NFS
 mount never holds up the process's exit. Who owns a read's cells is decided once, under the read's
 lock: the read ending first hands them to the caller, the caller giving up first hands them to the
-read. While a tier has a late read outstanding, promotions
-do not read from it (its chunks are misses at once), so a hung tier neither stalls every lookup by the
-bound nor piles up threads and slots.
+read. While a tier has a late read outstanding, promotions do not read from it (its chunks are misses
+at once), so a hung tier neither stalls every lookup by the bound nor piles up threads and slots.
 """
 
 from __future__ import annotations
