@@ -57,15 +57,17 @@ class SlabMappings:
         """Notified when the last of them ends."""
         self.server_id: str | None = None
         """The server the mappings are of (:meth:`on_server`)."""
-        self._devices: set[int] = set()
-        """The devices copies through these mappings run on (:meth:`bind`)."""
+        self._devices: tuple[int, ...] = ()
+        """The devices copies through these mappings run on (:meth:`bind`); replaced, never changed in
+        place, so it is read without the lock."""
 
     @property
     def device(self) -> int | None:
         """The one device copies through these mappings run on; None before :meth:`bind`, or with
         several (slabs are then mapped for the caller's device and the CPU, as a copy from another
         device must not fault)."""
-        return next(iter(self._devices)) if len(self._devices) == 1 else None
+        devices = self._devices
+        return devices[0] if len(devices) == 1 else None
 
     def bind(self, device: int) -> None:
         """Copies through these mappings run on CUDA ``device`` (a CUDA pool's): with it the only one,
@@ -74,7 +76,7 @@ class SlabMappings:
         with self._lock:
             if device in self._devices:
                 return
-            self._devices.add(device)
+            self._devices = (*self._devices, device)
             pending = self._forget() if len(self._devices) == 2 else []
         for event in pending:
             event.set()
