@@ -19,7 +19,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from pathlib import Path
 
 from lmcache.backoff import Backoff
@@ -29,6 +29,7 @@ from lmcache.logging import init_logger
 from lmcache.rate_limit import RateLimitedLog
 from lmcache.storage.chunk_format import Namespace
 from lmcache.storage.disk_store import DEGRADING_ERRNOS, DiskStore
+from lmcache.storage.fetch_threads import FetchThreads
 from lmcache.storage.lower_tier import (
     ChecksumMemo,
     FetchStatus,
@@ -67,7 +68,7 @@ class DiskTier(LowerTier):
         self.store = store
         self.where = str(store.root)
         self.backoff = backoff
-        self._readers = ThreadPoolExecutor(max(1, read_threads), thread_name_prefix="lmcache-disk-read")
+        self._readers = FetchThreads(max(1, read_threads), "lmcache-disk-read")  # daemons: see the class
         self._warn = RateLimitedLog(logger)
         self._closed = False
         self._lock = threading.Lock()
@@ -202,5 +203,5 @@ class DiskTier(LowerTier):
             if self._closed:
                 return
             self._closed = True
-        self._readers.shutdown(wait=False)
+        self._readers.shutdown()
         self.store.close()

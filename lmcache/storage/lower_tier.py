@@ -25,7 +25,7 @@ import threading
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -34,6 +34,7 @@ from lmcache.logging import init_logger
 from lmcache.rate_limit import RateLimitedLog
 from lmcache.storage.chunk_format import Namespace
 from lmcache.storage.cpu_store import CachedChunk
+from lmcache.storage.fetch_threads import FetchThreads
 
 logger = init_logger(__name__)
 _T = TypeVar("_T")
@@ -219,7 +220,7 @@ class FailSoft:
         return answer
 
 
-def submit_or_run(pool: ThreadPoolExecutor, fn: Callable[..., _T], *args: Any) -> Future[_T]:
+def submit_or_run(pool: FetchThreads, fn: Callable[..., _T], *args: Any) -> Future[_T]:
     """``pool.submit(fn, *args)``; once the pool is shut down (its owner closed meanwhile), ``fn`` runs
     in this thread instead, its result or exception in the returned (done) future."""
     try:

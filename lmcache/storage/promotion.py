@@ -23,26 +23,25 @@ at once), so a hung tier neither stalls every lookup by the bound nor piles up t
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from lmcache.keys import ChunkKey
 from lmcache.logging import init_logger
 from lmcache.rate_limit import RateLimitedLog
 from lmcache.storage.chunk_format import Namespace
 from lmcache.storage.cpu_store import CachedChunk, CpuStore
+from lmcache.storage.fetch_threads import FetchThreads
 from lmcache.storage.lower_tier import FailSoft, FetchStatus, Sink, payload_view, submit_or_run
 
 logger = init_logger(__name__)
 _T = TypeVar("_T")
 
-__all__ = ["FETCH_THREADS", "IN_L1", "Cell", "FetchThreads", "TierRead", "TierReads", "undo"]
+__all__ = ["FETCH_THREADS", "IN_L1", "Cell", "TierRead", "TierReads", "undo"]
 
 FETCH_THREADS = 4
 """Fetch threads per tier: promotions of this many callers read from one tier at once."""
@@ -74,66 +73,6 @@ def undo(l1: CpuStore, rows: list[list[Cell]]) -> None:
         elif cell.chunk is not None:
             l1.abort(cell.key)
         cell.settled = True
-
-
-_Work = tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
-
-
-class FetchThreads:
-    """Up to ``workers`` daemon threads running submitted calls in order, started as work comes.
-
-    Not a ThreadPoolExecutor: Python joins its threads at interpreter exit (before atexit handlers run),
-    so a read hung on a dead NFS mount would hang the process's exit. Like one, :meth:`submit` returns a
-    future (cancellable while queued) and raises RuntimeError once :meth:`shutdown` (what
-    :func:`~lmcache.storage.lower_tier.submit_or_run` expects); work queued before still runs."""
-
-    def __init__(self, workers: int, name: str) -> None:
-        self._workers = workers
-        self._name = name
-        self._work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-        self._shut = False
-        # Dropped unclosed: its idle threads end (they hold the queue, never the pool).
-        weakref.finalize(self, _stop, self._work, self._threads)
-
-    def submit(self, fn: Callable[..., _T], *args: Any) -> Future[_T]:
-        future: Future[_T] = Future()
-        with self._lock:
-            if self._shut:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            self._work.put((future, fn, args))
-            if len(self._threads) < self._workers:
-                thread = threading.Thread(
-                    target=_serve, args=(self._work,), name=f"{self._name}-{len(self._threads)}", daemon=True
-                )
-                thread.start()
-                self._threads.append(thread)
-        return future
-
-    def shutdown(self) -> None:
-        """No new work; each thread ends once the work queued before is done (idempotent)."""
-        with self._lock:
-            if not self._shut:
-                self._shut = True
-                _stop(self._work, self._threads)
-
-
-def _serve(work: queue.SimpleQueue[_Work | None]) -> None:
-    while (item := work.get()) is not None:
-        future, fn, args = item
-        del item
-        if future.set_running_or_notify_cancel():  # False: cancelled while queued
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
-                future.set_exception(exc)
-        del future, fn, args
-
-
-def _stop(work: queue.SimpleQueue[_Work | None], threads: list[threading.Thread]) -> None:
-    for _ in threads:
-        work.put(None)
 
 
 @dataclass(eq=False)
@@ -209,8 +148,8 @@ class TierReads:
             )
 
     def give_up(self, reads: Sequence[TierRead]) -> list[TierRead]:
-        """Hand every read of ``reads`` that has not finished its cells (they become the read's to give
-        back, and are settled for the caller); returns those. Idempotent."""
+        """Hand every read of ``reads`` that has not finished its cells (they become the read's to publish
+        or give back, and are settled for the caller); returns those. Idempotent."""
         given_up = []
         for read in reads:
             with read.lock:

@@ -6,6 +6,8 @@ promotes); its other slots are given back. Its threads never hold up the process
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +26,7 @@ from lmcache.storage.chunk_format import Namespace
 from lmcache.storage.cpu_store import CpuStore
 from lmcache.storage.disk_store import DiskStore
 from lmcache.storage.disk_tier import DiskTier
+from lmcache.storage.fetch_threads import FetchThreads
 from lmcache.storage.lower_tier import (
     ChecksumMemo,
     FetchStatus,
@@ -34,7 +37,6 @@ from lmcache.storage.lower_tier import (
     WriteOutcome,
     payload_view,
 )
-from lmcache.storage.promotion import FetchThreads
 from lmcache.storage.tiers import TierManager
 
 SAFETY_S = 30.0
@@ -358,3 +360,36 @@ def test_fetch_threads_run_work_in_order_cancel_queued_work_and_refuse_work_once
     for thread in threads:
         thread.join(SAFETY_S)
         assert not thread.is_alive()
+
+
+def test_a_disk_read_hung_below_a_promotion_does_not_hold_up_the_process_exit(tmp_path) -> None:
+    """The disk tier reads a chunk's file on threads of its own, below the promotion's fetch threads: a
+    dead NFS mount hangs those. A process whose promotion gave such a read up still exits."""
+    script = f"""
+import sys, threading
+import numpy as np
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import test_tiers_read_bound as t
+from lmcache.backoff import Backoff
+from lmcache.memory import HostArena
+from lmcache.storage.cpu_store import CpuStore
+from lmcache.storage.disk_store import DiskStore
+from lmcache.storage.disk_tier import DiskTier
+from lmcache.storage.tiers import TierManager
+
+store = DiskStore({str(tmp_path)!r}, 1 << 20)
+for i in (1, 2):
+    store.write(t.NS, t.key(i), 32, memoryview(np.frombuffer(t.payload(i), dtype=np.uint8)))
+read_into, dead = store.read_into, threading.Event()
+def hung(ns, key, entry, out):  # the second chunk's read runs on the disk tier's own threads
+    if key == t.key(2):
+        dead.wait()
+    return read_into(ns, key, entry, out)
+store.read_into = hung
+l1 = CpuStore(HostArena(16 * t.ROWS, pinned=False))
+tiers = TierManager(l1, [DiskTier(store, backoff=Backoff(0.05, 0.2))], read_timeout_s=0.2)
+print(tiers.promote_prefix(t.NS, [[t.key(1)], [t.key(2)]], [32, 32])[0], flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=SAFETY_S)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-1] == "0"  # the tier's read of the window was late as a whole: misses
