@@ -214,11 +214,15 @@ class LMCacheWorker(KvCacheConnectorWorker):
     def get_finished(
         self, finished_gen_req_ids: list[int], started_loading_req_ids: list[int]
     ) -> tuple[list[int], list[int]]:
-        """Saves and legacy async loads that landed (a failed async load raises here)."""
+        """Saves and legacy async loads that landed (a failed async load raises here). A finished
+        request is reported saved once its legacy async load has landed too."""
         FORWARD.open()  # in case a forward failed before ``wait_for_save``
         if self._fence is not None:
             self._fence.release_after_current()  # TRT-LLM has enqueued sampling by now
             self._fence = None
+        for request_id in finished_gen_req_ids:  # a request ended while loading: its blocks wait for both
+            for done in self._loads.pending(request_id):
+                self._saves.add(request_id, done)
         self._saves.ask(finished_gen_req_ids)
         self._loads.ask(started_loading_req_ids)
         return self._saves.poll(), self._loads.poll()

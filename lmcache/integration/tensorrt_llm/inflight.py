@@ -28,6 +28,10 @@ class InflightTransfers:
     def add(self, request_id: int, done: Done) -> None:
         self._pending.setdefault(request_id, []).append(done)
 
+    def pending(self, request_id: int) -> list[Done]:
+        """The completion checks of ``request_id``'s transfers not yet seen done."""
+        return list(self._pending.get(request_id, []))
+
     def ask(self, request_ids: Iterable[int]) -> None:
         """TRT-LLM passed these ids in; report each once its transfers have landed."""
         self._asked.update(request_ids)

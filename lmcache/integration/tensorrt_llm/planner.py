@@ -478,11 +478,12 @@ class Planner:
     # -- request end ----------------------------------------------------------------------------
 
     def finished(self, request: Any) -> bool:
-        """Forget the request; True when saves were planned for it (the worker reports them landed)."""
+        """Forget the request; True while its saves or its async load may still use its blocks (TRT-LLM
+        keeps them until the worker reports the id, once both landed; see ``RequestState.loading``)."""
         request_id = int(request.request_id)
         state = self._requests.get(request_id)
         self._forget(request_id)
-        return state is not None and state.save_planned
+        return state is not None and (state.save_planned or state.loading)
 
     def reset(self, request: Any) -> None:
         """``request_reset``: the request's pages now belong to someone else; it starts afresh, its

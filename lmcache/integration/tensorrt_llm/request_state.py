@@ -86,6 +86,14 @@ class RequestState:
         if not self.tokens:
             self.tokens = self.prompt.tokens
 
+    @property
+    def loading(self) -> bool:
+        """An async load was handed to the workers and TRT-LLM has not reported the request back since
+        (it does once the load landed): the load may still be writing the request's blocks. TRT-LLM
+        1.2 ends a request cancelled meanwhile at once, with no cache transceiver."""
+        load = self.load
+        return load is not None and load.is_async and load.planned and not self.reported
+
     def adopt(self, tokens: list[int]) -> None:
         """Take a report's token list as the request's tokens, without copying it (shared)."""
         self.tokens, self.tokens_shared = tokens, True

@@ -2,8 +2,10 @@
 frees a load or a save defers (reference ``trtllm-kv-cache-manager-v2.md`` §5.3).
 
 * Cancellation: a waiting request is dropped without connector calls; one whose load is in flight
-  ends once that load completes; a preempted victim parked for its save ends once the save lands;
-  any other gets ``request_finished[_by_layer_group]`` now (True keeps its pages until saved).
+  ends once that load completes (unless the executor's ``cancel_waits_for_loads`` is off, as in
+  TRT-LLM 1.2: it ends at once, and its pages are freed unless ``request_finished`` returns True); a
+  preempted victim parked for its save ends once the save lands; any other gets
+  ``request_finished[_by_layer_group]`` now (True keeps its pages until saved).
 * Preemption (V2 only; ``preempt_request`` of T-EXE2): the victim gets
   ``request_finished_by_layer_group`` first; if it returns True the victim is parked (not
   finished, kept active) until every rank reports it saved; then its pages are released, the
@@ -70,7 +72,7 @@ class RequestEndings:
             req.state = LlmRequestState.GENERATION_COMPLETE
         elif rid in self._parked:
             self._cancel_after_save.add(rid)  # request_finished was called already
-        elif ex.manager is not None and ex.manager.is_loading(req):
+        elif ex.cancel_waits_for_loads and ex.manager is not None and ex.manager.is_loading(req):
             self._cancel_after_load.add(rid)  # not scheduled; ends once the load completes
             self.ended.add(rid)
         else:
@@ -119,9 +121,10 @@ class RequestEndings:
         self.release_pages(req)
 
     def release_pages(self, req: LlmRequest) -> None:
-        """Free a request's pages, unless a load still writes them (then when it completes)."""
+        """Free a request's pages, unless a load still writes them (then when it completes; at once
+        without ``cancel_waits_for_loads``)."""
         ex = self.ex
-        if ex.manager is not None and ex.manager.is_loading(req):
+        if ex.cancel_waits_for_loads and ex.manager is not None and ex.manager.is_loading(req):
             self._free_after_load[req.request_id] = req
         elif ex.kv.has_allocation(req.request_id):
             ex.kv.remove_sequence(req.request_id, req.device_tokens, req.num_kv)

@@ -93,6 +93,7 @@ class ReplayExecutor:
         free_passed_pages: bool = False,
         serve_grow_pages: int | None = None,
         skip_idle_polls: bool = False,
+        cancel_waits_for_loads: bool = True,
     ) -> None:
         """``ranks``: where the TP ranks live (default: all in this process, run in turn); with
         ``llm_args.enable_attention_dp``, ``AttentionDPOwner(rank, tensor_parallel_size)``: this
@@ -103,8 +104,12 @@ class ReplayExecutor:
         own pages for a served connector prefix fails when it needs more than this many pages (per
         group), and the prefix is honoured only partly (reference §5.1); None = never fails;
         ``skip_idle_polls``: the worker's ``get_finished`` is called only while the manager tracks an
-        async save or load, as a 2026 TRT-LLM revision does (see ``KvCacheConnectorManager``)."""
+        async save or load, as a 2026 TRT-LLM revision does (see ``KvCacheConnectorManager``);
+        ``cancel_waits_for_loads``: False ends a request cancelled while its load is in flight at once,
+        as TRT-LLM 1.2's executor does with no cache transceiver: ``request_finished`` now, its pages
+        freed unless that returns True (see ``endings.py``)."""
         self.llm_args = llm_args
+        self.cancel_waits_for_loads = cancel_waits_for_loads
         self.model_config = model_config or ModelConfig()
         self.device = torch.device(device)
         self.overlap_scheduler = overlap_scheduler

@@ -5,11 +5,15 @@ connector, hits from the connector, and no pin left behind."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from support.e2e import MODEL, SLIDING, TPB, VSWA, assert_same_output, mode_args, prompt
 from support.presets import Preset
 
+from lmcache.integration.tensorrt_llm.inflight import Done
+from lmcache.integration.tensorrt_llm.plan import LoadPlan
 from lmcache.testing.trtllm_replay import (
     KV_MANAGER_MODES,
     GenerationResult,
@@ -128,6 +132,66 @@ def test_cancel_during_an_async_load(preset: Preset, mode: str) -> None:
     finally:
         preset_env.undo()
     assert_same_output(again, reference([p], 4)[0])
+    finish(preset, executor)
+
+
+class LateLoads:
+    """A worker's back-end whose async loads land only when :meth:`land` is called: until then their
+    completion check is False and nothing is written, as for CUDA copies still queued."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.held: list[Callable[[], None]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    def load(self, plan: LoadPlan, context: Any, stream: Any, layers: Any = None) -> Done:
+        if not plan.is_async:
+            return self.backend.load(plan, context, stream, layers)
+        landed: list[Done] = []
+        self.held.append(lambda: landed.append(self.backend.load(plan, context, stream, layers)))
+        return lambda: bool(landed) and landed[0]()
+
+    def land(self) -> None:
+        held, self.held = self.held, []
+        for run in held:
+            run()
+
+
+@pytest.mark.parametrize("mode", ["v1", "v2"])
+def test_a_request_cancelled_mid_load_keeps_its_pages_until_the_load_lands(preset: Preset, mode: str) -> None:
+    """TRT-LLM 1.2 ends a request cancelled while its async load is in flight at once: its pages
+    must stay its own until the load has landed, or the load writes into the next request's KV."""
+    preset_env = pytest.MonkeyPatch()
+    preset_env.setenv("LMCACHE_ENABLE_ASYNC_LOADING", "True")
+    try:
+        p, q = prompt(200, start=13), prompt(200, start=14)
+        ReplayExecutor(mode_args(preset, mode), MODEL).generate([p], 4)
+        # The device pool holds one 200-token request: q runs in the victim's pages once they are free.
+        executor = ReplayExecutor(
+            mode_args(preset, mode, max_tokens=256), MODEL, cancel_waits_for_loads=False
+        )
+        late = [LateLoads(worker.backend) for worker in executor.workers]
+        for worker, backend in zip(executor.workers, late, strict=True):
+            worker.backend = backend
+        victim = executor.next_request_id
+        cancelled_at: list[int] = []
+
+        def step(ex: ReplayExecutor) -> None:
+            if not cancelled_at and any(backend.held for backend in late):
+                ex.cancel(victim)
+                cancelled_at.append(ex.stats.iterations)
+            elif cancelled_at and ex.stats.iterations == cancelled_at[0] + 3:  # q ran meanwhile, if it could
+                for backend in late:
+                    backend.land()
+
+        executor.on_iteration = step
+        cancelled, other = executor.generate([p, q], 8)
+    finally:
+        preset_env.undo()
+    assert cancelled.cancelled and cancelled.num_connector_matched_tokens == 192
+    assert_same_output(other, reference([q], 8)[0])
     finish(preset, executor)
 
 
