@@ -195,6 +195,10 @@ class SlotPool:
         with arena.lock:
             while not self._free:
                 growing = arena.growing
+                spare = arena.take_spare(self.slot_bytes)  # pre-pinned: sooner than our slab on its way
+                if spare is not None:
+                    self.attach(spare)
+                    break
                 if growing is not self and self._grow():
                     break
                 if growing is None and not arena.prepinning:
@@ -244,12 +248,7 @@ class SlotPool:
         return min(max(1, self.arena.slab_bytes // self.slot_bytes), room // self.slot_bytes)
 
     def _grow(self) -> bool:
-        """Take a spare slab, else allocate the next one on the caller's thread (lock held); False if
-        the budget is spent."""
-        spare = self.arena.take_spare(self.slot_bytes)
-        if spare is not None:
-            self.attach(spare)
-            return True
+        """Allocate the next slab on the caller's thread (lock held); False if the budget is spent."""
         slots = self.slab_slots()
         if slots < 1:
             return False
