@@ -11,8 +11,8 @@ pool hands out a slot of its newest slab and the budget has room, the next slab 
 background thread (one at a time per arena, its bytes counted against the cap before the
 allocation starts), and is usually ready before the pool runs out. A pool that does run out
 while its next slab is on the way takes a spare slab if there is one (pre-pinning's, below), else
-waits for it instead of allocating another one. Reserved
-memory is thus at most one slab ahead of use, and never above the cap.
+waits for it instead of allocating another one. Reserved memory is thus at most one slab ahead of
+use, and never above the cap.
 
 Pinning from the start (:meth:`HostArena.prepin`): one slab ahead is not enough for a cold cache
 taking long prompts back to back, so an engine with pinned memory also pins its whole budget in

@@ -35,13 +35,6 @@ class _Gated(memory.SlabSource):
         return self._track(memory.Slab(self.new_id(), torch.zeros(nbytes, dtype=torch.uint8)))
 
 
-def _allocate_in_thread(pool: memory.SlotPool) -> tuple[threading.Thread, list]:
-    got: list = []
-    thread = threading.Thread(target=lambda: got.append(pool.allocate()), daemon=True)
-    thread.start()
-    return thread, got
-
-
 def test_a_pool_waiting_for_its_slab_ahead_takes_a_spare_meanwhile(monkeypatch) -> None:
     monkeypatch.setattr(memory.cudart, "relax_capture_mode", lambda device=None: True)
     source = _Gated(1)  # the pool's slab grown ahead hangs in the driver
@@ -54,7 +47,9 @@ def test_a_pool_waiting_for_its_slab_ahead_takes_a_spare_meanwhile(monkeypatch) 
         arena.reserved_bytes += SLAB
     spare = source.allocate(SLAB)
     arena.add_spare(spare)
-    thread, got = _allocate_in_thread(pool)
+    got: list[memory.HostBuffer | None] = []
+    thread = threading.Thread(target=lambda: got.append(pool.allocate()), daemon=True)
+    thread.start()
     thread.join(10)
     try:
         assert got and got[0] is not None and got[0].ref.slab == spare.id  # not the slab on its way
