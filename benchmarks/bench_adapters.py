@@ -199,6 +199,10 @@ class AdapterRig:
         self.next_id = 1
         self.fresh_token_lists = getattr(args, "fresh_token_lists", False)
         self.generator = torch.Generator().manual_seed(args.seed)
+        self._in_flight: set[int] = set()
+        """Saves :meth:`hand_over_save` handed over, not yet waited for."""
+        self._landed: set[int] = set()
+        """Of those, the ones ``get_finished`` reported."""
         if args.gc_gen0_threshold > 0:  # as TRT-LLM's executor loop runs (PyExecutor)
             gc.set_threshold(args.gc_gen0_threshold, *gc.get_threshold()[1:])
 
@@ -247,6 +251,25 @@ class AdapterRig:
         since_forward = self._saving_forward(request, pages)
         self._wait_saved(request.request_id)
         return lookup_s, since_forward(), pages
+
+    def hand_over_save(self, tokens: list[int]) -> list[int]:
+        """A prefill of ``tokens`` whose save is handed over, then left running as TRT-LLM's executor
+        leaves it (the next iteration does not wait for it); its id reaches ``get_finished`` at once.
+        Returns the pages saved from; :meth:`wait_handed_over` waits for every such save."""
+        request, _, _ = self.lookup(tokens)
+        pages = self._pages(0)
+        self._saving_forward(request, pages)
+        self._in_flight.add(request.request_id)
+        self._landed.update(self.worker.get_finished([request.request_id], [])[0])
+        return pages
+
+    def wait_handed_over(self) -> None:
+        """Poll ``get_finished`` until every save :meth:`hand_over_save` handed over has landed."""
+        while not self._in_flight <= self._landed:
+            time.sleep(POLL_S)  # not spinning: the saver threads need the GIL
+            self._landed.update(self.worker.get_finished([], [])[0])
+        self._landed -= self._in_flight
+        self._in_flight.clear()
 
     def _after_wait_for_save(self, previous: Callable[[], float]) -> None:
         """What TRT-LLM's executor does between ``wait_for_save`` and ``get_finished`` with the overlap

@@ -23,12 +23,18 @@ claimed with no call where the server offers claims, pinned; ``lookup``) and as 
 ``--mixed`` adds, with two engines, one saving while the other loads (prompts it saved first), against
 the bidirectional ceiling: two plain copies in opposite directions at once.
 
+``--pipelined-saves``: each engine hands its next prompt's save over (its lookup, planning and
+``wait_for_save``) without waiting for the last one to land, as TRT-LLM's executor goes on to its next
+iteration; by default an engine's next request starts once its last save landed, so its host work sits
+between its copies.
+
 ``--forward-ms F`` hands each save over as TRT-LLM does (``bench_adapters.py``): F ms of a forward still
 running on the device, every engine's at once. The aggregate then counts the forwards too; what TRT-LLM
 waits for is each save from its forward's end until ``get_finished`` reports it, reported per save as a
 ratio to one plain copy of the ceiling phase (every engine copying at once): ``save_after_forward``.
 
-    python benchmarks/multi_engine.py --device cuda [--engines 1 2 4] [--mixed] [--out engines.json]
+    python benchmarks/multi_engine.py --device cuda [--engines 1 2 4] [--mixed] [--pipelined-saves]
+        [--out engines.json]
 """
 
 from __future__ import annotations
@@ -108,13 +114,19 @@ def run_engine(
                 seconds.append(_copy(rig.pool, rows, phase == "copy_d2h", host))
                 count += 1
         elif phase in ("save", "fill"):
+            pipelined = args.pipelined_saves and phase == "save"
             for _ in range(args.iters if phase == "save" else fill_count(args)):
                 tokens = torch.randint(0, VOCAB, (rig.tokens,), generator=rig.generator).tolist()
-                _, save_s, pages = rig.save(tokens)
+                if pipelined:
+                    pages = rig.hand_over_save(tokens)
+                else:
+                    _, save_s, pages = rig.save(tokens)
+                    seconds.append(save_s)
                 if phase == "save":
                     saved.append((tokens, pages))
-                    seconds.append(save_s)
                 count += 1
+            if pipelined:
+                rig.wait_handed_over()
         elif phase == "load":
             recent = saved[-args.iters :]
             loads = [(rig.load_into(tokens, 1 + i), pages) for i, (tokens, pages) in enumerate(recent)]
@@ -236,7 +248,7 @@ def run_count(
             ratio=round(work / ceiling, 3),
         )
         return result
-    if args.forward_ms > 0:
+    if args.forward_ms > 0 and not args.pipelined_saves:  # pipelined, a save's landing is seen late
         result["save_after_forward"] = after_forward_ratios(steps[0], steps[2])
     copy_d2h, copy_h2d, save, load = (aggregate_gbps(rows) for rows in steps)
     result.update(
@@ -327,6 +339,12 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=4, help="saves (and loads) per engine")
     parser.add_argument("--engines", type=int, nargs="+", default=[1, 2, 4], help="engine counts")
     parser.add_argument("--mixed", action="store_true", help="also: one engine saves while another loads")
+    parser.add_argument(
+        "--pipelined-saves",
+        action="store_true",
+        help="each engine hands its next prompt's save over without waiting for the last one to land, "
+        "as TRT-LLM's executor goes on to its next iteration (default: one save at a time)",
+    )
     parser.add_argument("--timeout-s", type=float, default=600.0)
     parser.add_argument(
         "--forward-ms",
@@ -361,6 +379,7 @@ def main() -> int:
         "lookup_interval_ms": args.lookup_interval_ms,
         "forward_ms": args.forward_ms,
         "overlap_scheduler": args.overlap_scheduler,
+        "pipelined_saves": args.pipelined_saves,
         "runs": [],
     }
     try:

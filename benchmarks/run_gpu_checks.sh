@@ -82,7 +82,10 @@ for part in $parts; do
                 --preset lmcache-mp --forward-ms 20 --overlap-scheduler --out "$out/fill_mp_${memory}_$run.json"
         done ;;
     engines)  # with LMCACHE_L1_MEMORY=fd set, the server passes its L1 by descriptor
-        python3 benchmarks/multi_engine.py --device cuda --mixed --out "$out/engines.json" ;;
+        python3 benchmarks/multi_engine.py --device cuda --mixed --out "$out/engines.json"
+        # as TRT-LLM's executor hands saves over: the next request's host work beside the last save
+        python3 benchmarks/multi_engine.py --device cuda --mixed --pipelined-saves \
+            --out "$out/engines_pipelined.json" ;;
     latency)
         python3 benchmarks/bench_mp_latency.py --out "$out/mp_latency.json"
         for preset in lmcache lmcache-mp; do

@@ -384,6 +384,17 @@ def test_adapter_rig_load_check_catches_wrong_rows(monkeypatch: pytest.MonkeyPat
     assert not rig.load(first, first_pages)[1]
 
 
+def test_multi_engine_pipelined_saves(tmp_path: Path) -> None:
+    """Saves handed over without waiting for the last one to land: every row still loads back equal."""
+    args = ["--tokens", "1024", "--iters", "3", "--engines", "2", "--mixed", "--l1-size-gb", "0.05"]
+    data = run_bench(
+        "multi_engine.py", tmp_path / "e.json", *args, "--pipelined-saves", model_args=["--model", "tiny"]
+    )
+    assert data["pipelined_saves"] is True
+    assert all(run["rows_equal"] and run["save_gbps"] > 0 for run in data["runs"])
+    assert data["mixed"]["rows_equal"] and data["mixed"]["save_beside_load_gbps"] > 0
+
+
 def test_multi_engine_refuses_an_l1_its_loads_would_overflow(tmp_path: Path) -> None:
     """Loads of evicted prompts would be timed as loads: the run is refused before it starts."""
     cmd = [sys.executable, str(BENCH / "multi_engine.py"), "--device", "cpu", "--model", "tiny"]
