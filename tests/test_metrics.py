@@ -198,7 +198,7 @@ def test_server_metrics_port_serves_metrics_and_health(workdir: Path) -> None:
         base = metrics_base_url(server)
         status, body = health(base)
         assert status == 200 and body["status"] == "ok" and body["server"]["connected_instances"] == 0
-        assert body["server"]["l1_memory"] == "shm"  # the default: workers may copy into it
+        assert body["server"]["l1_memory"] == "fd-memfd"  # the default on a CPU host: workers copy into it
         with CacheServerClient(server.ipc_url, timeout_s=20.0) as client:
             pool = shared_pool(seed=7)
             client.register(pool, 0, 1, SERVER_MODEL, SERVER_TPB, pool_sharing="export")

@@ -28,7 +28,7 @@ from lmcache.config import (
 )
 from lmcache.logging import ROOT_LOGGER_NAME, configure_from_env, init_logger, parse_level
 from lmcache.server.security import add_security_arguments, env_typed, security_settings
-from lmcache.server.settings import L1_MEMORY, L1_MEMORY_ENV
+from lmcache.server.settings import DEFAULT_L1_MEMORY, L1_MEMORY, L1_MEMORY_ENV
 from lmcache.stats import summary_lines
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="how L1 is shared with workers that copy into it (shared-l1): shm (regions in /dev/shm, each "
         "page-locked by every CUDA worker), fd (slabs passed by file descriptor over a Unix socket: made "
         "page-locked by the CUDA driver once, for every worker, where the server has a GPU; memfds "
-        f"elsewhere) [default: ${L1_MEMORY_ENV}, else shm]",
+        f"elsewhere) [default: ${L1_MEMORY_ENV}, else fd]",
     )
     parser.add_argument(
         "--config", default=None, help="YAML file of LMCacheEngineConfig keys (flags override it)"
@@ -244,7 +244,7 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
                 f"got {args.l1_size_gb:g}"
             )
     if args.l1_memory is None:
-        args.l1_memory = os.environ.get(L1_MEMORY_ENV, "shm").strip().lower() or "shm"
+        args.l1_memory = os.environ.get(L1_MEMORY_ENV, DEFAULT_L1_MEMORY).strip().lower() or DEFAULT_L1_MEMORY
         if args.l1_memory not in L1_MEMORY:
             parser.error(f"${L1_MEMORY_ENV} must be one of {', '.join(L1_MEMORY)}, got {args.l1_memory!r}")
     if args.config == "":

@@ -47,7 +47,7 @@ from lmcache.server.listeners import Listeners, ServerStartError
 from lmcache.server.presence import PresenceCounts
 from lmcache.server.security import SecretError, load_or_create_secret
 from lmcache.server.service import CacheService
-from lmcache.server.settings import DEFAULT_IPC_PATH, L1_MEMORY, ServerConfig
+from lmcache.server.settings import DEFAULT_IPC_PATH, DEFAULT_L1_MEMORY, L1_MEMORY, ServerConfig
 from lmcache.server.shared_l1 import SHARED_SOURCES, SharedL1Service
 from lmcache.server.shared_l1_handlers import SharedL1Handlers
 from lmcache.server.transport import ServerTransport
@@ -72,7 +72,7 @@ def server_engine(
     *,
     pinned: bool | None = None,
     shm_dir: str = SHM_DIR,
-    l1_memory: str = "shm",
+    l1_memory: str = DEFAULT_L1_MEMORY,
 ) -> CacheEngine:
     """The server's engine. Unless ``pool_sharing`` is ``export`` (no worker copies into L1 then), its
     L1 is shared with the workers: with ``l1_memory`` ``shm`` in shared-memory slabs (0600, this

@@ -7,13 +7,17 @@ from dataclasses import dataclass
 
 from lmcache.server import protocol as P
 
-__all__ = ["ServerConfig", "DEFAULT_IPC_PATH", "L1_MEMORY", "L1_MEMORY_ENV"]
+__all__ = ["ServerConfig", "DEFAULT_IPC_PATH", "DEFAULT_L1_MEMORY", "L1_MEMORY", "L1_MEMORY_ENV"]
 
 DEFAULT_IPC_PATH = "/tmp/lmcache.sock"
 L1_MEMORY = ("shm", "fd")
 """How the server's L1 is shared with the workers that copy into it (``--l1-memory``): named
 ``/dev/shm`` regions, or slabs passed by descriptor (driver-made on a CUDA host)."""
 L1_MEMORY_ENV = "LMCACHE_L1_MEMORY"
+DEFAULT_L1_MEMORY = "fd"
+"""Slabs passed by descriptor: made page-locked once by the server, so a worker's saves while L1 first
+fills are not held up page-locking it (benchmarks/RESULTS.md, D89), and L1 needs no room in
+``/dev/shm`` (a container's is small)."""
 
 
 @dataclass

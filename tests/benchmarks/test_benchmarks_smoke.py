@@ -243,7 +243,7 @@ def test_bench_adapters(tmp_path: Path, preset: str, hooks: list[str]) -> None:
     args = ["--preset", preset, "--tokens", "1024", "--l1-size-gb", "0.004", "--repeats", "2", *hooks]
     data = run_bench("bench_adapters.py", tmp_path / "a.json", *args, model_args=["--model", "tiny"])
     assert data["loaded_rows_equal"] is True and data["layer_hooks"] == ("--layer-hooks" in hooks)
-    assert data["server_l1_memory"] == ("shm" if preset == "lmcache-mp" else None)
+    assert data["server_l1_memory"] == ("fd-memfd" if preset == "lmcache-mp" else None)  # the default, CPU
     assert data["overlap_scheduler"] == ("--overlap-scheduler" in hooks)
     spacing = {
         (): (0.0, 0.0, 0.0),

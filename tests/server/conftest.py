@@ -94,19 +94,25 @@ def serve() -> Iterator[Callable[[str], CacheServer]]:
 
 
 @pytest.fixture
-def mapped(monkeypatch) -> list[str]:
-    """The names of the slabs mapped from now on, by any client of this process."""
-    names: list[str] = []
+def mapped(monkeypatch) -> list[int]:
+    """The ids of the slabs mapped from now on, by any client of this process (by name in /dev/shm or
+    by descriptor)."""
+    ids: list[int] = []
     from lmcache.server import slab_mappings
 
-    real_map = slab_mappings.map_slab
+    real_by_name, real_by_descriptor = slab_mappings.map_slab, slab_mappings.map_descriptor
 
-    def counting(info, **kw):  # type: ignore[no-untyped-def]
-        names.append(info.name)
-        return real_map(info, **kw)
+    def by_name(info, **kw):  # type: ignore[no-untyped-def]
+        ids.append(info.id)
+        return real_by_name(info, **kw)
 
-    monkeypatch.setattr(slab_mappings, "map_slab", counting)
-    return names
+    def by_descriptor(info, fd, **kw):  # type: ignore[no-untyped-def]
+        ids.append(info.id)
+        return real_by_descriptor(info, fd, **kw)
+
+    monkeypatch.setattr(slab_mappings, "map_slab", by_name)
+    monkeypatch.setattr(slab_mappings, "map_descriptor", by_descriptor)
+    return ids
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""A cache server serving on a thread of the test process (its L1 in shared memory)."""
+"""A cache server serving on a thread of the test process (its L1 passed to workers by descriptor, the
+default)."""
 
 from __future__ import annotations
 

@@ -74,7 +74,7 @@ def test_seed_command_line_starts_lazily_answers_ping_and_sigterm_exits_cleanly(
         )
         assert stats_cli.returncode == 0, stats_cli.stderr
         assert "L1:" in stats_cli.stdout and "chunk_size 256" in stats_cli.stdout
-        assert "garbage collector:" in stats_cli.stdout and "L1 memory: shm" in stats_cli.stdout
+        assert "garbage collector:" in stats_cli.stdout and "L1 memory: fd-" in stats_cli.stdout
         assert "collections (generation 0/1/2)" in stats_cli.stdout
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0

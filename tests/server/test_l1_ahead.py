@@ -24,36 +24,36 @@ TOKENS = list(range(5000, 5000 + 4 * CHUNK))
 BLOCKS = list(range(4 * CHUNK // TPB))
 
 
-def fill_some_slabs(server: CacheServer) -> tuple[torch.Tensor, list[str]]:
+def fill_some_slabs(server: CacheServer) -> tuple[torch.Tensor, list[int]]:
     """Store a prompt through another client (a CPU server's L1 grows with use); the rows stored and
-    the names of the server's slabs."""
+    the ids of the server's slabs."""
     pool = shared_pool(seed=21)
     with client_of(server) as writer:
         writer.register(pool, 0, 1, MODEL, TPB, pool_sharing="shared-l1")
         assert writer.store(BlockTransfer(TOKENS, None, BLOCKS, 0, len(TOKENS))) == len(TOKENS)
     # The server allocates a slab ahead of need, in the background: list the slabs once that is done.
     assert server.service.engine.l1.arena.wait_growth(20)
-    names = [slab.name for slab in server.service.l1_slabs().slabs]
-    assert names
-    return pool[BLOCKS].clone(), names
+    ids = [slab.id for slab in server.service.l1_slabs().slabs]
+    assert ids
+    return pool[BLOCKS].clone(), ids
 
 
 def test_a_client_maps_the_slabs_before_it_registers_and_not_again_after(serve, mapped) -> None:
     server = serve("auto")
-    rows, names = fill_some_slabs(server)
+    rows, ids = fill_some_slabs(server)
     mapped.clear()
     with client_of(server) as client:
         found = client.shared_l1.map_l1_ahead(pin=False, certain=True, timeout_s=20.0)
-        assert found is not None and len(found.slabs) == len(names) and not found.more
+        assert found is not None and len(found.slabs) == len(ids) and not found.more
         assert client.registrations.wait_slabs_mapped(30)
-        assert sorted(mapped) == sorted(names)  # before any registration
+        assert sorted(mapped) == sorted(ids)  # before any registration
         pool = shared_pool(seed=22)
         client.register(pool, 0, 1, MODEL, TPB, pool_sharing="shared-l1")
         dst = list(range(20, 20 + len(BLOCKS)))
         assert client.retrieve(BlockTransfer(TOKENS, None, dst, 0, len(TOKENS))) == len(TOKENS)
         assert torch.equal(pool[dst], rows)
         assert client.registrations.wait_slabs_mapped(30)
-    assert sorted(mapped) == sorted(names)  # registering and loading mapped nothing again
+    assert sorted(mapped) == sorted(ids)  # registering and loading mapped nothing again
 
 
 @pytest.mark.parametrize(

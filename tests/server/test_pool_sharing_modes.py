@@ -74,7 +74,7 @@ def test_registered_mode_round_trips_and_shows_in_stats(
         assert torch.equal(pool[20:28], src)
         stats = client.stats()
         assert stats.pool_sharing == policy and [i.sharing for i in stats.instances] == [mode]
-        assert stats.l1_memory == ("private" if policy == "export" else "shm")  # what workers copy into
+        assert stats.l1_memory == ("private" if policy == "export" else "fd-memfd")  # what workers copy into
     shared = server.service.shared_l1
     if policy == "export":  # no worker copies into L1: it stays private memory, no shared-L1 ops
         assert shared is None
@@ -125,7 +125,7 @@ def test_an_export_only_server_keeps_its_l1_out_of_shared_memory(tmp_path) -> No
     engine = server_engine(config, "export", pinned=False, shm_dir=str(tmp_path))
     assert engine.l1.arena.pool(1 << 16).allocate() is not None
     assert list(tmp_path.iterdir()) == []  # no region: no worker ever copies into this L1
-    shared = server_engine(config, "auto", pinned=False, shm_dir=str(tmp_path))
+    shared = server_engine(config, "auto", pinned=False, shm_dir=str(tmp_path), l1_memory="shm")
     assert shared.l1.arena.pool(1 << 16).allocate() is not None
     assert len(list(tmp_path.iterdir())) >= 1
     shared.l1.arena.close()
@@ -138,7 +138,7 @@ def test_a_tmpfs_smaller_than_l1_is_named_at_start(tmp_path, monkeypatch, caplog
     monkeypatch.setattr("lmcache.server.server.os.statvfs", lambda path: Small())
     config = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.05)
     with caplog.at_level("WARNING", logger="lmcache"):
-        engine = server_engine(config, "auto", pinned=False, shm_dir=str(tmp_path))
+        engine = server_engine(config, "auto", pinned=False, shm_dir=str(tmp_path), l1_memory="shm")
     assert "--shm-size" in caplog.text and "--l1-size-gb" in caplog.text and "--l1-memory fd" in caplog.text
     engine.l1.arena.close()
     caplog.clear()

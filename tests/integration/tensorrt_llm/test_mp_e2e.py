@@ -219,7 +219,8 @@ def test_a_worker_that_cannot_map_the_l1_regions_drops_its_saves_loudly(
     def refuse(*args: object, **kwargs: object) -> None:
         raise ShmSlabError("L1 region is owned by another uid; run the worker as the server's user")
 
-    monkeypatch.setattr("lmcache.server.slab_mappings.map_slab", refuse)
+    monkeypatch.setattr("lmcache.server.slab_mappings.map_slab", refuse)  # --l1-memory shm
+    monkeypatch.setattr("lmcache.server.slab_mappings.map_descriptor", refuse)  # fd, the default
     lmcache_env.setenv("LMCACHE_POOL_SHARING", "shared-l1")
     caplog.set_level(logging.WARNING, logger="lmcache")
     a = prompt(520, start=21)
