@@ -132,10 +132,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=None,
         choices=list(L1_MEMORY),
         type=str.lower,
-        help="how L1 is shared with workers that copy into it (shared-l1): shm (regions in /dev/shm, each "
-        "page-locked by every CUDA worker), fd (slabs passed by file descriptor over a Unix socket: made "
-        "page-locked by the CUDA driver once, for every worker, where the server has a GPU; memfds "
-        f"elsewhere) [default: ${L1_MEMORY_ENV}, else fd]",
+        help="how L1 is shared with workers that copy into it (shared-l1): fd (slabs passed by file "
+        "descriptor over a Unix socket: made page-locked by the CUDA driver once, for every worker, where "
+        "the server has a GPU; memfds elsewhere), shm (regions in /dev/shm, each page-locked by every "
+        f"CUDA worker) [default: ${L1_MEMORY_ENV}, else fd]",
     )
     parser.add_argument(
         "--config", default=None, help="YAML file of LMCacheEngineConfig keys (flags override it)"

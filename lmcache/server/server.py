@@ -75,11 +75,11 @@ def server_engine(
     l1_memory: str = DEFAULT_L1_MEMORY,
 ) -> CacheEngine:
     """The server's engine. Unless ``pool_sharing`` is ``export`` (no worker copies into L1 then), its
-    L1 is shared with the workers: with ``l1_memory`` ``shm`` in shared-memory slabs (0600, this
+    L1 is shared with the workers, as ``l1_memory`` says: with ``fd`` (the default) in slabs passed by
+    descriptor (:mod:`lmcache.fd_slabs`), made by the CUDA driver where the server has a device,
+    page-locked once for every worker, else memfds; with ``shm`` in shared-memory slabs (0600, this
     user's; stale ones of a crashed server removed first), page-locked only if the server itself may
-    copy into CUDA pools (``pinned`` None: CUDA is available and ``pool_sharing`` allows export); with
-    ``fd`` in slabs passed by descriptor (:mod:`lmcache.fd_slabs`): made by the CUDA driver where the
-    server has a device, page-locked once for every worker, else memfds."""
+    copy into CUDA pools (``pinned`` None: CUDA is available and ``pool_sharing`` allows export)."""
     from lmcache.host_slabs import pinned_memory_available
     from lmcache.memory import SlabSource
 

@@ -174,9 +174,9 @@ def test_engine_killed_mid_run_is_reaped_and_its_chunks_stay(mp_server) -> None:
 
 @pytest.mark.parametrize(
     ("mp_server", "sharing"),
-    [((), "export"), ((), "shared-l1"), (("--l1-memory", "fd"), "shared-l1")],
+    [((), "export"), (("--l1-memory", "shm"), "shared-l1"), ((), "shared-l1")],
     indirect=["mp_server"],
-    ids=["export", "shared-l1", "shared-l1-fd"],
+    ids=["export", "shared-l1-shm", "shared-l1-fd"],
 )
 def test_server_restart_keeps_output_correct_and_hits_resume(mp_server, lmcache_env, caplog, sharing) -> None:
     """Killed while the workers hold its pools' mappings (export) or its L1 slabs (shared-l1, named or
