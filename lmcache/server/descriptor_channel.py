@@ -231,7 +231,9 @@ def fetch_descriptors(path: str, slab_ids: Sequence[int]) -> dict[int, int]:
         st = os.stat(path)
     except OSError as e:
         raise DescriptorChannelError(
-            f"cannot reach the server's L1 descriptor channel {path}: {e.strerror}"
+            f"cannot reach the server's L1 descriptor channel {path}: {e.strerror}; run the worker on the "
+            f"server's host where it sees that directory (in a container: mount {os.path.dirname(path)}), "
+            "or start the server with --l1-memory shm and share /dev/shm"
         ) from None
     if st.st_uid != os.geteuid():
         raise DescriptorChannelError(

@@ -251,6 +251,14 @@ def test_a_channel_that_never_answers_fails_the_request_instead_of_blocking(tmp_
             fetch_descriptors(path, [0])
 
 
+def test_a_channel_out_of_reach_says_what_to_do(tmp_path) -> None:
+    """A worker in another container, say, that does not see the server's channel directory."""
+    path = str(tmp_path / "elsewhere" / "slabs.sock")
+    with pytest.raises(DescriptorChannelError, match="cannot reach") as raised:
+        fetch_descriptors(path, [0])
+    assert f"mount {tmp_path / 'elsewhere'}" in str(raised.value) and "--l1-memory shm" in str(raised.value)
+
+
 def test_a_memfd_slab_holds_one_descriptor_in_the_server_and_none_in_a_worker(source) -> None:
     before = open_descriptors()
     slabs = [source.allocate(SLAB) for _ in range(8)]
