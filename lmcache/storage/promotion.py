@@ -28,7 +28,6 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from lmcache.keys import ChunkKey
 from lmcache.logging import init_logger
@@ -39,7 +38,6 @@ from lmcache.storage.fetch_threads import FetchThreads
 from lmcache.storage.lower_tier import FailSoft, FetchStatus, Sink, payload_view, submit_or_run
 
 logger = init_logger(__name__)
-_T = TypeVar("_T")
 
 __all__ = ["FETCH_THREADS", "IN_L1", "Cell", "TierRead", "TierReads", "undo"]
 
