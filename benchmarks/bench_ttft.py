@@ -78,6 +78,7 @@ from ttft_tiers import MODEL_NAME, BenchFailure, EngineTier, HookedHit, MPTier  
 from lmcache.config import LMCacheEngineConfig  # noqa: E402
 from lmcache.engine import KeySpace  # noqa: E402
 from lmcache.layout import PoolLayout  # noqa: E402
+from lmcache.server.reserved_shares import INSTANCE_SHARE  # noqa: E402
 from lmcache.testing import pool_modes  # noqa: E402
 
 GIB = 1 << 30
@@ -211,7 +212,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             tiers.append(EngineTier("redis", redis_cfg, space, pool, clear_l1=True))
         if args.mp:
-            tiers += [MPTier(pool, tpb, chunk, all_gb, workdir, mode) for mode in args.mp_modes]
+            # a shared-l1 store reserves at most INSTANCE_SHARE of the server's L1: the longest prompt fits
+            mp_gb = max(all_gb, max_bytes * 1.1 / INSTANCE_SHARE / GIB + 0.1)
+            tiers += [MPTier(pool, tpb, chunk, mp_gb, workdir, mode) for mode in args.mp_modes]
         hooked = [
             HookedHit(tier, model.dims.num_layers, layerwise)
             for tier in tiers
