@@ -85,8 +85,9 @@ class CacheEngine(EngineLookup):
         of tokens newly stored. On CUDA the copies are enqueued on ``stream``; readers are ordered
         after them by an event, so nothing waits on the host here. Given ``copy_start``, the copies
         wait for it; the rest of the store (hashing, reserving) does not. ``guard`` raises once the
-        blocks may no longer be the caller's: checked before each batch of copies and, the copies
-        done (waited for on the host), before anything is published (nothing is, if it raises).
+        blocks may no longer be the caller's: checked before each batch of copies and again before
+        each batch is published, once its copies are done (waited for on the host): a batch whose
+        copies end after it raised is never published.
         """
         FORWARD.wait()  # hashing holds the GIL too: not while a forward is being launched
         began = time.perf_counter()
@@ -98,12 +99,16 @@ class CacheEngine(EngineLookup):
             return 0
         c_ops.check_range_blocks(pool, block_ids, transfer.start, last, layout.tokens_per_block)
         reserved: list[StoreSlot] = []
+        landing: list[tuple[list[StoreSlot], Any]] = []
+        """A guarded store's batches not published yet, each with the event after its copies."""
         copier: CopyBatcher[StoreSlot] = CopyBatcher(
             pool,
             stream,
             store=True,
             block_ids=block_ids,
-            on_flush=None if guard else lambda done, ev: self.publish(space, done, ev),
+            on_flush=(lambda done, ev: landing.append((done, ev)))
+            if guard
+            else (lambda done, ev: self.publish(space, done, ev)),
             start=copy_start,
             guard=guard,
         )
@@ -114,11 +119,12 @@ class CacheEngine(EngineLookup):
                 reserved.append(slot)
                 rows = block_ids[slot.first_block : slot.first_block + slot.rows]
                 copier.add(rows, slot.view(layout), slot)
+                if guard is not None:
+                    self._publish_landed(space, landing, guard, wait=False)
             copier.finish()  # ``stream`` is after every copy, as callers reuse blocks then
             if guard is not None:
+                self._publish_landed(space, landing, guard, wait=True)
                 _synchronize(pool, stream)
-                guard()
-                self.publish(space, reserved)
         except BaseException:
             copier.abandon()
             _synchronize(pool, stream)  # no copy still reads the blocks or writes a slot given back
@@ -126,6 +132,28 @@ class CacheEngine(EngineLookup):
             raise
         self.latency.store.observe(time.perf_counter() - began)
         return sum(slot.end - slot.start for slot in reserved)
+
+    def _publish_landed(
+        self,
+        space: KeySpace,
+        landing: list[tuple[list[StoreSlot], Any]],
+        guard: Callable[[], None],
+        *,
+        wait: bool,
+    ) -> None:
+        """Publish a guarded store's batches in order as their copies end (``wait``: every one, waiting
+        for each on the host; else those done now), each once ``guard`` passes after its copies: what
+        they read was still the caller's. Earlier batches are published while later ones copy."""
+        while landing:
+            done, event = landing[0]
+            if event is not None:
+                if wait:
+                    event.synchronize()
+                elif not event.query():
+                    return
+            guard()
+            landing.pop(0)
+            self.publish(space, done)
 
     def reserve_store(
         self, space: KeySpace, rank: int, prompt: Tokens | ChunkHashes, salt: CacheSalt, start: int, end: int

@@ -448,3 +448,29 @@ def test_an_l1_that_cannot_hold_one_chunk_of_a_layout_is_refused_when_the_layout
         engine.hasher(KeySpace("model", PoolLayout.of_pool(pool, 16)))
     small = torch.zeros(8, 2, 2, 16)  # 256-byte rows: a chunk is 1 KiB
     assert engine.hasher(KeySpace("model", PoolLayout.of_pool(small, 16))).chunk_size == 64
+
+
+class Expired(Exception):
+    pass
+
+
+def test_a_guarded_store_publishes_each_batch_once_copied_and_none_after_its_guard_fails() -> None:
+    """A guarded store (an exported pool's, through the server) publishes batch by batch as their copies
+    end, each after its guard passes; once the guard fails, no later batch is published, and what was
+    published holds the rows copied before."""
+    engine, space, pool = make()
+    toks = tokens(4 * CHUNK)  # batches of 1, 2, then 1 chunk
+    calls: list[int] = []
+
+    def guard() -> None:  # before each batch's copies, and before each batch is published
+        calls.append(1)
+        if len(calls) == 4:  # the second batch is copied, not yet published: the client gave up
+            raise Expired
+
+    with pytest.raises(Expired):
+        engine.store(space, 0, pool, BlockTransfer(toks, None, list(range(16)), 0, 4 * CHUNK), guard=guard)
+    assert engine.lookup(space, toks) == CHUNK  # the first batch only
+    dst = list(range(40, 44))
+    assert engine.retrieve(space, 0, pool, BlockTransfer(toks, None, dst, 0, CHUNK)) == CHUNK
+    assert torch.equal(pool[dst], pool[0:4])
+    assert engine.store(space, 0, pool, BlockTransfer(toks, None, list(range(16)), 0, 4 * CHUNK)) == 3 * CHUNK
