@@ -444,7 +444,7 @@ class CacheService:
                 f"block ids must be in [0, {num_blocks}) (the registered pool's blocks); got min "
                 f"{int(used.min())}, max {int(used.max())}",
             )
-        if isinstance(req, P.Store) and len(np.unique(used)) != len(used):
+        if isinstance(req, P.Store) and _repeats(used):
             self.counters.refuse("repeated_blocks")
             raise ServiceFailure(
                 P.ErrorCode.INVALID, "block ids repeat: each block of a prompt holds distinct tokens"
@@ -529,6 +529,13 @@ def _check_sharing(
             "this server's L1 is not in shared memory, so it cannot take a shared-l1 pool; register "
             "with LMCACHE_POOL_SHARING=export (the server's engine must come from server_engine())",
         )
+
+
+def _repeats(ids: np.ndarray) -> bool:
+    """Whether a value occurs twice in ``ids`` (by sorting: ``np.unique`` imports ``numpy.ma`` on its
+    first call, a stall on a server's first store)."""
+    ordered = np.sort(ids)
+    return bool((ordered[1:] == ordered[:-1]).any())
 
 
 def _in_time(call: Call, op: str) -> Callable[[], None]:

@@ -446,10 +446,12 @@ def test_pins_cannot_take_more_than_their_share_and_blocks_cannot_repeat(make_se
         assert client.lookup(short, pin_id="c") == 32
         with pytest.raises(InvalidRequest, match="block ids repeat"):
             client.store(BlockTransfer(list(range(2000, 2064)), None, [0] * 8, 0, 64))
+        with pytest.raises(InvalidRequest, match="block ids repeat"):  # one repeat, far apart
+            client.store(BlockTransfer(list(range(2000, 2064)), None, [5, 1, 2, 3, 4, 6, 7, 1], 0, 64))
         assert client.lookup(list(range(2000, 2064))) == 0
         text = generate_latest(make_registry(server.engine, server)).decode()
         assert 'lmcache_server_refusals_total{reason="pinned_bytes"} 2.0' in text
-        assert 'lmcache_server_refusals_total{reason="repeated_blocks"} 1.0' in text
+        assert 'lmcache_server_refusals_total{reason="repeated_blocks"} 2.0' in text
 
 
 def test_a_deeply_nested_frame_is_malformed_without_a_traceback(make_server, caplog) -> None:
