@@ -12,8 +12,9 @@ re-registers when it is back.
 What is synchronized on CUDA: a shared-L1 load is ordered on the device (its copies after the
 stream's earlier kernels, the stream's later work after its copies), so the forward is launched while
 it copies; before an exported pool's load the worker synchronizes its stream (the server writes the
-blocks from another process); saves wait for the forward's event in a background thread, so the
-forward path never blocks on a save.
+blocks from another process); an asynchronous load's thread waits for the stream's earlier work before
+it loads; saves wait for the forward's event in a background thread, so the forward path never blocks
+on a save.
 """
 
 from __future__ import annotations
@@ -434,13 +435,21 @@ class ServerTransfers:
             # may still run when this returns, ``stream`` waits for them), by the host for exported ones.
             self._load(plan, owners, stream, layers)
             return lambda: True
+        after = None
         if stream is not None:
             # Loaded on another thread, reported done once complete: earlier kernels must be done with
-            # the blocks before anyone writes them.
-            stream.synchronize()
+            # the blocks before anyone writes them. That thread waits for them, not TRT-LLM's executor.
+            after = torch.cuda.Event()
+            after.record(stream)
         assert self._loader is not None, "a load plan exists only once the pools registered"
-        future = self._loader.submit(self._load, plan, owners, None)
+        future = self._loader.submit(self._load_after, after, plan, owners)
         return lambda: future.done() and future.result() is None
+
+    def _load_after(self, after: Any, plan: LoadPlan, owners: dict[TargetId, int]) -> None:
+        """An asynchronous load, on the loading thread: once the work ``after`` follows is done."""
+        if after is not None:
+            after.synchronize()
+        self._load(plan, owners, None)
 
     def _load(
         self, plan: LoadPlan, owners: dict[TargetId, int], stream: Any, layers: LayerReady | None = None

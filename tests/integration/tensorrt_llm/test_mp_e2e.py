@@ -10,15 +10,18 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from support.e2e import DEVICES, MODEL, assert_same_output, baseline, llm_args, logits_digest, prompt
 from support.server_process import REPO, ServerProcess, subprocess_env, wait_until
 
+from lmcache.integration.tensorrt_llm.server_backend import ServerTransfers
 from lmcache.integration.tensorrt_llm.tensorrt_mp_adapter import reset_process_connections
 from lmcache.server.client import CacheServerClient
 from lmcache.testing.trtllm_replay import ReplayExecutor
@@ -94,6 +97,44 @@ def test_seed_scenario_through_the_server(
     assert_same_output(first, want)
     assert_same_output(third, want)
     assert not [r for r in caplog.records if r.name.endswith("save_fence")]  # every save was released
+
+
+@pytest.mark.parametrize("sharing", ["export", "shared-l1"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_async_loads_through_the_server_wait_for_the_stream_on_their_own_thread(
+    mp_server, lmcache_env, monkeypatch, device: str, sharing: str
+) -> None:
+    """``enable_async_loading``: ``start_load_kv`` returns without waiting for the stream's earlier work
+    (TRT-LLM's executor goes on); the loading thread waits for it, then loads, and the output equals
+    recompute's."""
+    lmcache_env.setenv("LMCACHE_POOL_SHARING", sharing)
+    lmcache_env.setenv("LMCACHE_ENABLE_ASYNC_LOADING", "True")
+    loading = threading.local()  # set while this thread is in the back-end's load (start_load_kv)
+    load, stream_wait = ServerTransfers.load, torch.cuda.Stream.synchronize
+
+    def watched(backend: ServerTransfers, *args: Any, **kwargs: Any) -> Any:
+        loading.active = True
+        try:
+            return load(backend, *args, **kwargs)
+        finally:
+            loading.active = False
+
+    def unwaited(stream: torch.cuda.Stream) -> None:
+        assert not getattr(loading, "active", False), "start_load_kv waited for the stream"
+        stream_wait(stream)
+
+    monkeypatch.setattr(ServerTransfers, "load", watched)
+    monkeypatch.setattr(torch.cuda.Stream, "synchronize", unwaited)
+    a, b = prompt(520, start=41), prompt(520, start=42)
+    args = llm_args("lmcache-mp", max_tokens=640, server_url=mp_server.ipc_url)
+    executor = ReplayExecutor(args, MODEL, device=device)
+    first = executor.generate([a], 8)[0]
+    executor.generate([b], 8)
+    third = executor.generate([a], 8)[0]
+    assert third.num_connector_matched_tokens > 0
+    want = baseline([a], 8, device, max_tokens=640)[0]
+    assert_same_output(first, want)
+    assert_same_output(third, want)
 
 
 @pytest.mark.parametrize("device", DEVICES)
