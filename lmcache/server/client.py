@@ -309,15 +309,15 @@ class CacheServerClient:
         iid = self._iid(instance_id)
         if self.registrations.copies_itself(iid):
             return self.shared_l1.store(iid, transfer, timeout_s, after)
-        if after is not None and (event := after.wait()) is not None:
-            event.synchronize()
         req = P.Store(
             instance_id=iid,
             block_ids=P.tokens_to_bytes(transfer.block_ids),
             start=transfer.start,
             end=transfer.end,
             **self.registrations.prompt_fields(iid, transfer),
-        )
+        )  # made while the forward may still run: the wait below is on the save's critical path
+        if after is not None and (event := after.wait()) is not None:
+            event.synchronize()
         return self._call(req, int, timeout_s, deadline=True)
 
     def retrieve(
