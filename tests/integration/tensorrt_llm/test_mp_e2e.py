@@ -74,6 +74,20 @@ def read_output(proc: subprocess.Popen[str]) -> EngineOutput:
     raise AssertionError(f"engine process ended without output (exit {proc.wait()})")
 
 
+def seed_scenario(url: str, device: str, start: int) -> None:
+    """Prompt A, B (evicting A from the device pool), then A again through the server at ``url``: the
+    third request hits, and both of A's outputs equal recompute's."""
+    a, b = prompt(520, start=start), prompt(520, start=start + 1)
+    executor = ReplayExecutor(llm_args("lmcache-mp", max_tokens=640, server_url=url), MODEL, device=device)
+    first = executor.generate([a], 8)[0]
+    executor.generate([b], 8)
+    third = executor.generate([a], 8)[0]
+    assert third.num_connector_matched_tokens > 0
+    want = baseline([a], 8, device, max_tokens=640)[0]
+    assert_same_output(first, want)
+    assert_same_output(third, want)
+
+
 @pytest.mark.parametrize("sharing", ["export", "shared-l1"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tp", [1, 2])
@@ -125,16 +139,7 @@ def test_async_loads_through_the_server_wait_for_the_stream_on_their_own_thread(
 
     monkeypatch.setattr(ServerTransfers, "load", watched)
     monkeypatch.setattr(torch.cuda.Stream, "synchronize", unwaited)
-    a, b = prompt(520, start=41), prompt(520, start=42)
-    args = llm_args("lmcache-mp", max_tokens=640, server_url=mp_server.ipc_url)
-    executor = ReplayExecutor(args, MODEL, device=device)
-    first = executor.generate([a], 8)[0]
-    executor.generate([b], 8)
-    third = executor.generate([a], 8)[0]
-    assert third.num_connector_matched_tokens > 0
-    want = baseline([a], 8, device, max_tokens=640)[0]
-    assert_same_output(first, want)
-    assert_same_output(third, want)
+    seed_scenario(mp_server.ipc_url, device, start=41)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -155,16 +160,7 @@ def test_seed_scenario_with_the_l1_passed_by_descriptor(
     try:
         lmcache_env.setenv("LMCACHE_POOL_SHARING", "shared-l1")
         caplog.set_level(logging.DEBUG, logger="lmcache")
-        a, b = prompt(520, start=31), prompt(520, start=32)
-        args = llm_args("lmcache-mp", max_tokens=640, server_url=server.ipc_url)
-        executor = ReplayExecutor(args, MODEL, device=device)
-        first = executor.generate([a], 8)[0]
-        executor.generate([b], 8)
-        third = executor.generate([a], 8)[0]
-        assert third.num_connector_matched_tokens > 0
-        want = baseline([a], 8, device, max_tokens=640)[0]
-        assert_same_output(first, want)
-        assert_same_output(third, want)
+        seed_scenario(server.ipc_url, device, start=31)
         kind = "cuda" if torch.cuda.is_available() else "memfd"  # the server's host decides
         assert f"in {kind} slabs passed to workers by descriptor" in server.log()
         with CacheServerClient(server.ipc_url, timeout_s=10) as client:
