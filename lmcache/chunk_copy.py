@@ -291,3 +291,31 @@ class CopyBatcher(Generic[T]):
                 self.transfer.stream.wait_event(ready)
             else:
                 ready.synchronize()
+
+
+class GuardedLanding(Generic[T]):
+    """A guarded store's batches (``on_flush=landing.add``), published in order as their copies end,
+    each once ``guard`` passes after its copies: what they read was still the caller's. Earlier batches
+    are published while later ones copy, and none after ``guard`` raised."""
+
+    def __init__(self, publish: Callable[[list[T]], None], guard: Callable[[], None]) -> None:
+        self._publish = publish
+        self._guard = guard
+        self._landing: list[tuple[list[T], Any]] = []
+
+    def add(self, items: list[T], event: Any) -> None:
+        """A batch just enqueued, with the event after its copies (None: copied on the host)."""
+        self._landing.append((items, event))
+
+    def publish(self, *, wait: bool) -> None:
+        """Publish the batches whose copies are done (``wait``: every one, waiting for each on the host)."""
+        while self._landing:
+            items, event = self._landing[0]
+            if event is not None:
+                if wait:
+                    event.synchronize()
+                elif not event.query():
+                    return
+            self._guard()
+            self._landing.pop(0)
+            self._publish(items)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from lmcache import c_ops
-from lmcache.chunk_copy import CopyBatcher, LoadSlot, StoreSlot, StoreStart
+from lmcache.chunk_copy import CopyBatcher, GuardedLanding, LoadSlot, StoreSlot, StoreStart
 from lmcache.config import GiB, LMCacheEngineConfig
 from lmcache.engine_lookup import ChunkSpan, EngineLookup, KeySpace
 from lmcache.forward_gate import FORWARD
@@ -99,16 +99,13 @@ class CacheEngine(EngineLookup):
             return 0
         c_ops.check_range_blocks(pool, block_ids, transfer.start, last, layout.tokens_per_block)
         reserved: list[StoreSlot] = []
-        landing: list[tuple[list[StoreSlot], Any]] = []
-        """A guarded store's batches not published yet, each with the event after its copies."""
+        landing = GuardedLanding(lambda done: self.publish(space, done), guard) if guard else None
         copier: CopyBatcher[StoreSlot] = CopyBatcher(
             pool,
             stream,
             store=True,
             block_ids=block_ids,
-            on_flush=(lambda done, ev: landing.append((done, ev)))
-            if guard
-            else (lambda done, ev: self.publish(space, done, ev)),
+            on_flush=landing.add if landing else lambda done, ev: self.publish(space, done, ev),
             start=copy_start,
             guard=guard,
         )
@@ -119,11 +116,11 @@ class CacheEngine(EngineLookup):
                 reserved.append(slot)
                 rows = block_ids[slot.first_block : slot.first_block + slot.rows]
                 copier.add(rows, slot.view(layout), slot)
-                if guard is not None:
-                    self._publish_landed(space, landing, guard, wait=False)
+                if landing is not None:
+                    landing.publish(wait=False)
             copier.finish()  # ``stream`` is after every copy, as callers reuse blocks then
-            if guard is not None:
-                self._publish_landed(space, landing, guard, wait=True)
+            if landing is not None:
+                landing.publish(wait=True)
                 _synchronize(pool, stream)
         except BaseException:
             copier.abandon()
@@ -132,28 +129,6 @@ class CacheEngine(EngineLookup):
             raise
         self.latency.store.observe(time.perf_counter() - began)
         return sum(slot.end - slot.start for slot in reserved)
-
-    def _publish_landed(
-        self,
-        space: KeySpace,
-        landing: list[tuple[list[StoreSlot], Any]],
-        guard: Callable[[], None],
-        *,
-        wait: bool,
-    ) -> None:
-        """Publish a guarded store's batches in order as their copies end (``wait``: every one, waiting
-        for each on the host; else those done now), each once ``guard`` passes after its copies: what
-        they read was still the caller's. Earlier batches are published while later ones copy."""
-        while landing:
-            done, event = landing[0]
-            if event is not None:
-                if wait:
-                    event.synchronize()
-                elif not event.query():
-                    return
-            guard()
-            landing.pop(0)
-            self.publish(space, done)
 
     def reserve_store(
         self, space: KeySpace, rank: int, prompt: Tokens | ChunkHashes, salt: CacheSalt, start: int, end: int

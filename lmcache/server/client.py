@@ -303,8 +303,9 @@ class CacheServerClient:
         The prompt is token ids, or a :class:`PromptHashes` (see :meth:`chunk_hashes`): it then travels
         as its chunk hashes, and only the full chunks they name are stored. CUDA: the copies follow
         ``after`` (the forward: an ``EventStart``), on the device where this process copies (shared L1:
-        the store's host work overlaps it), else on the host before the server is asked. Without it
-        the blocks must already hold their final values.
+        the store's host work overlaps it); an exported pool's server polls a forward event recorded
+        after it (else this thread waits for it first). Without it the blocks must already hold their
+        final values.
         """
         iid = self._iid(instance_id)
         if self.registrations.copies_itself(iid):
@@ -315,10 +316,9 @@ class CacheServerClient:
             start=transfer.start,
             end=transfer.end,
             **self.registrations.prompt_fields(iid, transfer),
-        )  # made while the forward may still run: the wait below is on the save's critical path
-        if after is not None and (event := after.wait()) is not None:
-            event.synchronize()
-        return self._call(req, int, timeout_s, deadline=True)
+        )  # made while the forward may still run
+        with self.registrations.after_forward(iid, after) as req.after_event:
+            return self._call(req, int, timeout_s, deadline=True)
 
     def retrieve(
         self,

@@ -4,11 +4,12 @@ as its chunk hashes, :class:`PromptHashes`) and its credentials (:class:`Credent
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from lmcache.server.security import client_secret, trusted_owner
 from lmcache.transfer import BlockTransfer
 
 if TYPE_CHECKING:  # torch loads with the first shared-L1 registration: `lmcache stats` never imports it
+    from lmcache.chunk_copy import StoreStart
     from lmcache.server.shared_l1_worker import SharedL1Copier
     from lmcache.server.slab_mappings import SlabMappings
 
@@ -246,6 +248,33 @@ class Registrations:
             if reg is not None and reg.copier is not None:
                 reg.copier.close()
             return next(iter(self._table), None)
+
+    @contextlib.contextmanager
+    def after_forward(self, instance_id: int, after: StoreStart | None) -> Iterator[int | None]:
+        """A store of an exported pool whose copies follow ``after`` (the forward): the ``after_event``
+        naming a forward event the server waits for, else None once the forward ended here (no event
+        left, or the server opened none)."""
+        forward = after.wait() if after is not None else None
+        reg = self._table.get(instance_id)
+        pool = None if reg is None else reg.request.pool
+        if (
+            forward is None
+            or not isinstance(pool, P.CudaIpcPool)
+            or not (reg and reg.info and reg.info.forward_events)
+        ):
+            if forward is not None:
+                forward.synchronize()
+            yield None
+            return
+        from lmcache.server.forward_events import ForwardEvents  # imports torch: CUDA pools only
+
+        events = ForwardEvents.named(pool.forward_events)
+        if events is None:
+            forward.synchronize()
+            yield None
+            return
+        with events.after(forward) as index:
+            yield index
 
     def copies_itself(self, instance_id: int) -> bool:
         """Whether this client registered the instance in the shared-L1 mode (it copies itself)."""

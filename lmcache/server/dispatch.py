@@ -121,6 +121,11 @@ class Dispatcher:
         one-way reports, which still run."""
         self.sink: ReplySink | None = None
         self._executor = ThreadPoolExecutor(max(1, config.max_workers), thread_name_prefix="lmcache-worker")
+        self._forward_waits = ThreadPoolExecutor(
+            max(1, config.max_workers), thread_name_prefix="lmcache-forward"
+        )
+        """Runs the stores that wait for a worker's forward first (``after_event``): a long wait never
+        holds a thread that lookups and loads need."""
         self._queues: dict[Identity, deque[tuple[Any, float, Peer, int]]] = {}
         self._queued_bytes: dict[Identity, int] = {}
         """Frame bytes of each connection's queued requests (``_queues``), counted against
@@ -160,6 +165,7 @@ class Dispatcher:
         """Finish the running and queued requests (once stopping, all but one-way reports are answered
         ``shutting_down``)."""
         self._executor.shutdown(wait=True)
+        self._forward_waits.shutdown(wait=True)
 
     def _post(self, identity: Identity, reply: P.Reply) -> None:
         assert self.sink is not None, "Dispatcher.bind(sink) first"
@@ -289,8 +295,9 @@ class Dispatcher:
                 identity, req, self.execute(req, now, Call(peer, send_part=self._parts(identity, req)))
             )
             return
+        executor = self._forward_waits if getattr(req, "after_event", None) is not None else self._executor
         try:
-            self._executor.submit(self._drain, identity)
+            executor.submit(self._drain, identity)
         except RuntimeError:  # shutting down
             self._answer_rest(identity)
 

@@ -18,6 +18,7 @@ __all__ = [
     "CpuShmPool",
     "CudaIpcPool",
     "DType",
+    "MAX_FORWARD_EVENTS",
     "NonNeg",
     "PoolDescriptor",
     "Positive",
@@ -30,6 +31,8 @@ NonNeg = Annotated[int, Meta(ge=0, lt=1 << 62)]
 Positive = Annotated[int, Meta(ge=1, lt=1 << 62)]
 Shape = Annotated[list[Annotated[int, Meta(ge=0, lt=1 << 48)]], Meta(min_length=1, max_length=8)]
 DType = Annotated[str, Meta(max_length=32)]
+MAX_FORWARD_EVENTS = 4
+"""Interprocess events a worker may send with an exported CUDA pool (:mod:`lmcache.server.forward_events`)."""
 
 
 class _Descriptor(msgspec.Struct, tag_field="kind", forbid_unknown_fields=True, kw_only=True):
@@ -72,6 +75,11 @@ class CudaIpcPool(_Descriptor, tag="cuda_ipc", kw_only=True):
     alloc_bytes: Positive
     offset_bytes: NonNeg = 0
     device_uuid: Annotated[str, Meta(pattern=r"^[0-9a-f]{32}$")]
+    forward_events: Annotated[
+        list[Annotated[bytes, Meta(min_length=64, max_length=64)]], Meta(max_length=MAX_FORWARD_EVENTS)
+    ] = []
+    """``cudaIpcEventHandle_t`` of the worker's forward events, which a ``store`` may name
+    (``after_event``) so that the server copies once that forward ended."""
 
 
 class SharedL1Pool(_Descriptor, tag="shared_l1", kw_only=True):

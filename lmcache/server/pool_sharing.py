@@ -54,6 +54,7 @@ import torch
 from lmcache.config import POOL_SHARING
 from lmcache.logging import init_logger
 from lmcache.server.cuda_driver import CudaArray, PoolSharingError, cuda_api
+from lmcache.server.forward_events import ForwardEvents, open_forward_events
 from lmcache.server.protocol import CpuShmPool, CudaIpcPool, PoolDescriptor, SharedL1Pool
 from lmcache.server.security import TCP_PEER, Peer
 
@@ -143,6 +144,10 @@ class MappedPool:
     _closer: Any = field(default=None, repr=False)
     closed: bool = False
     _checker: Any = field(default=None, repr=False)
+    forward_events: list[Any] = field(default_factory=list)
+    """The worker's forward events, opened (an exported CUDA pool's: :mod:`lmcache.server.forward_events`)."""
+    awaited: set[int] = field(default_factory=set)
+    """Indices of those a store is waiting for."""
 
     def check(self) -> None:
         """Raise :class:`PoolSharingError` if the memory no longer backs the whole pool (a client shrank
@@ -161,6 +166,7 @@ class MappedPool:
         self.closed = True
         self.tensor = torch.empty(0)
         self._checker = None
+        self.forward_events = []
         if self._closer is not None:
             closer, self._closer = self._closer, None
             closer()
@@ -344,7 +350,8 @@ class RawCudaIPCWrapper:
 
     Server side: :meth:`open` maps a descriptor; each allocation is opened once per process
     (``cudaIpcOpenMemHandle`` with lazy peer access) and closed with ``cudaIpcCloseMemHandle``
-    when its last :class:`MappedPool` is closed.
+    when its last :class:`MappedPool` is closed. The descriptor also carries the handles of the
+    process's forward events on the pool's device (:mod:`lmcache.server.forward_events`).
     """
 
     def __init__(self, tensor: torch.Tensor) -> None:
@@ -378,6 +385,7 @@ class RawCudaIPCWrapper:
             alloc_bytes=size,
             offset_bytes=ptr - base,
             device_uuid=api.device_uuid(ordinal),
+            forward_events=ForwardEvents.of_device(ordinal).handles,
         )
 
     @staticmethod
@@ -414,7 +422,8 @@ class RawCudaIPCWrapper:
         except BaseException:
             _release_cuda(key, api)
             raise
-        return MappedPool(tensor, desc, lambda: _release_cuda(key, api))
+        events = open_forward_events(desc.forward_events, entry.ordinal)
+        return MappedPool(tensor, desc, lambda: _release_cuda(key, api), forward_events=events)
 
 
 def _release_cuda(key: tuple[str, bytes], api: Any) -> None:

@@ -32,7 +32,7 @@ lookup_hashes  instance_id chunk_hashes num_tokens pin_id        int: hit tokens
                claims claimed_at one_way                         if ``one_way`` (a claimed hit)
 release        instance_id pin_id pin_owner                      bool (pins were held)
 store          instance_id tokens cache_salt block_ids           int: tokens newly stored
-               start end chunk_hashes
+               start end chunk_hashes after_event
 retrieve       instance_id tokens cache_salt block_ids           int: tokens loaded
                start end pin_id pin_owner chunk_hashes
 heartbeat      instance_ids                                      :class:`HeartbeatInfo`
@@ -59,6 +59,7 @@ import msgspec
 from msgspec import Meta
 
 from lmcache.server.pool_descriptors import (
+    MAX_FORWARD_EVENTS,
     SHARING_MODES,
     CpuShmPool,
     CudaIpcPool,
@@ -67,6 +68,7 @@ from lmcache.server.pool_descriptors import (
     SharedL1Pool,
     sharing_mode,
 )
+from lmcache.server.session_protocol import ChunkHashing, HeartbeatInfo, PingInfo, RegisterInfo
 from lmcache.server.shared_l1_protocol import (
     ClaimRegions,
     LeasedSlot,
@@ -86,6 +88,7 @@ from lmcache.server.wire_ids import TOKEN_BYTES, WireIds, ids_from_wire, tokens_
 __all__ = [
     "PROTOCOL_VERSION",
     "MAX_FRAME_BYTES",
+    "MAX_FORWARD_EVENTS",
     "MAX_LEASE",
     "TOKEN_BYTES",
     "ErrorCode",
@@ -142,7 +145,7 @@ __all__ = [
     "WireIds",
 ]
 
-PROTOCOL_VERSION = 11
+PROTOCOL_VERSION = 12
 """Bumped on any incompatible change; client and server must agree exactly."""
 
 MAX_FRAME_BYTES = 64 << 20
@@ -274,6 +277,8 @@ class Store(_Req, tag="store", kw_only=True):
     end: NonNeg
     chunk_hashes: ChunkHashBytes | None = None
     cap: Cap = None
+    after_event: Annotated[int, Meta(ge=0, lt=MAX_FORWARD_EVENTS)] | None = None
+    """An exported CUDA pool's: the forward event (of its descriptor's) to copy after, else done."""
 
 
 class Retrieve(_Req, tag="retrieve", kw_only=True):
@@ -430,60 +435,6 @@ class Reply(msgspec.Struct, kw_only=True):
     more: bool = False
     """A first part of the answer: another reply to the same request follows (shared-L1 ``load``
     sends the slots of its first chunks ahead of the rest, so the worker's copies start early)."""
-
-
-class ChunkHashing(msgspec.Struct, kw_only=True):
-    """How the server keys an instance's chunks: ``lmcache.keys.TokenHasher(chunk_size, algorithm,
-    model_name, layout_signature)`` computes the hashes a ``lookup_hashes`` carries."""
-
-    algorithm: str
-    layout_signature: bytes
-
-
-class RegisterInfo(msgspec.Struct, kw_only=True):
-    instance_id: int
-    chunk_size: int
-    num_blocks: int
-    server_id: str
-    """Random per server start: a change tells a client the server restarted."""
-    refreshed: bool = False
-    """True when the same registration already existed (only its liveness was refreshed)."""
-    hashing: ChunkHashing | None = None
-    """Set when the server takes ``lookup_hashes`` for this instance; None when lookups must carry
-    tokens (with ``save_unfull_chunk`` it probes partial chunks, which needs their tokens)."""
-    cap: bytes = b""
-    """The instance's capability: every later request naming the instance must carry it."""
-    sharing: str = ""
-    """How the pool is shared (:data:`SHARING_MODES`)."""
-    pool_sharing: str = "auto"
-    """The server's policy (``--pool-sharing``): ``auto``, or the mode it forces (``export``,
-    ``shared-l1``)."""
-    presence: RegionInfo | None = None
-    """The counts of the chunks in the server's L1 (:mod:`lmcache.server.presence`); None when the
-    server has lower tiers."""
-    claims: ClaimRegions | None = None
-    """Where the client claims chunks with no round trip (:mod:`lmcache.server.claims`); None: ask."""
-    slabs_ahead: list[SlabInfo] = []
-    """Shared-L1 mode: the server's L1 slabs, for the worker to map and page-lock ahead of its copies."""
-    reap_after_s: float = 0.0
-    """The server retires the instance after this long without a request or heartbeat naming it (0:
-    never for silence alone: it watches the process, or does not reap)."""
-
-
-class PingInfo(msgspec.Struct, kw_only=True):
-    server_id: str
-    protocol_version: int
-    chunk_size: int
-    uptime_s: float
-    version: str = ""
-    pool_sharing: str = "auto"
-    """As :attr:`RegisterInfo.pool_sharing`: a client in ``auto`` registers in the mode a server forces."""
-
-
-class HeartbeatInfo(msgspec.Struct, kw_only=True):
-    server_id: str
-    unknown: list[int] = []
-    """Instance ids the server does not know (restarted or reaped): re-register them."""
 
 
 # ---- encoding -----------------------------------------------------------------------------------

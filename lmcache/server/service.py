@@ -23,6 +23,7 @@ reply arrives the loaded blocks are in device memory, visible to any later work 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import secrets
@@ -41,6 +42,7 @@ from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
 from lmcache.server import protocol as P
 from lmcache.server.failures import ServerCounters, ServiceFailure
+from lmcache.server.forward_events import WorkerForward
 from lmcache.server.instances import Instance, InstanceRegistry, client_key
 from lmcache.server.peer_process import PeerProcess
 from lmcache.server.pins import LookupPins, PinKey, PinRecord
@@ -338,6 +340,7 @@ class CacheService:
                 else []
             ),
             reap_after_s=0.0 if inst.process is not None else self.config.client_timeout_s,
+            forward_events=len(inst.pool.forward_events),
         )
 
     def unregister(self, req: P.Unregister, call: Call) -> bool:
@@ -473,9 +476,9 @@ class CacheService:
             transfer = self._transfer_args(req, inst)
             began = time.perf_counter()
             stream = inst.streams.store if inst.streams else None
-            stored = self.engine.store(
-                inst.space, inst.rank, inst.pool.tensor, transfer, stream, guard=_in_time(call, "store")
-            )
+            with _worker_forward(inst, req.after_event, call) as start:
+                args = (inst.space, inst.rank, inst.pool.tensor, transfer, stream)
+                stored = self.engine.store(*args, copy_start=start, guard=_in_time(call, "store"))
             _copies_done(inst, stream, "store", stored, began)  # the client may reuse the blocks then
             self._check_pool(inst)  # shrunk during the copy: what it read were zeros
             return stored
@@ -529,6 +532,20 @@ def _check_sharing(
             "this server's L1 is not in shared memory, so it cannot take a shared-l1 pool; register "
             "with LMCACHE_POOL_SHARING=export (the server's engine must come from server_engine())",
         )
+
+
+def _worker_forward(inst: Instance, index: int | None, call: Call) -> contextlib.AbstractContextManager[Any]:
+    """A store's start after the forward ``after_event`` names (:mod:`lmcache.server.forward_events`)."""
+    if index is None:
+        return contextlib.nullcontext()
+    events = inst.pool.forward_events
+    if index >= len(events) or call.deadline is None:
+        raise ServiceFailure(
+            P.ErrorCode.INVALID,
+            f"after_event {index} names none of the {len(events)} forward events the server opened for "
+            f"instance {inst.instance_id}, or came without timeout_ms; wait for the forward, then store",
+        )
+    return WorkerForward(events[index], call.expiring, inst.pool.awaited, index)
 
 
 def _repeats(ids: np.ndarray) -> bool:

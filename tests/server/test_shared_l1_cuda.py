@@ -277,3 +277,40 @@ def test_a_save_given_the_forwards_event_waits_for_it_on_the_device(
         assert client.lookup(tokens, pin_id="req") == 64
         assert client.retrieve(BlockTransfer(tokens, None, target, 0, 64), pin_id="req") == 64
     assert torch.all(pool[target] == 7.0)
+
+
+def test_an_exported_pools_save_names_the_forward_and_the_server_copies_after_it(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export mode: a store given the forward's event sends its request at once, naming a forward
+    event the server polls (the worker never waits for the forward itself), and the server saves the
+    rows the forward wrote last."""
+    server = start_server("--chunk-size", "64", *pool_modes.server_args(pool_modes.EXPORT))
+    pool = allocate_cudamalloc_pool(POOL_SHAPE, torch.float32, 0)
+    pool[:8].zero_()
+    tokens, source, target = list(range(6000, 6064)), list(range(8)), [40, 9, 33, 20, 41, 12, 30, 25]
+    forward = torch.cuda.Stream()
+    with torch.cuda.stream(forward):
+        enqueue_slow_work = slow_work(seconds=2.0)
+    waited: list[object] = []
+    event_wait = torch.cuda.Event.synchronize
+
+    def recorded(event: torch.cuda.Event) -> None:
+        waited.append(event)
+        event_wait(event)
+
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", recorded)
+    with CacheServerClient(server.ipc_url, timeout_s=20) as client:
+        info = pool_modes.register(client, pool, pool_modes.EXPORT, MODEL_NAME, SERVER_TPB)
+        assert info.sharing == "cuda-ipc" and info.forward_events == 4
+        torch.cuda.synchronize()
+        with torch.cuda.stream(forward):
+            enqueue_slow_work()
+            pool[:8].fill_(7.0)  # the forward writes the saved rows last
+            forward_done = torch.cuda.Event()
+            forward_done.record()
+        assert client.store(BlockTransfer(tokens, None, source, 0, 64), after=EventStart(forward_done)) == 64
+        assert forward_done not in waited, "the worker waited on the host for the forward"
+        assert client.lookup(tokens, pin_id="req") == 64
+        assert client.retrieve(BlockTransfer(tokens, None, target, 0, 64), pin_id="req") == 64
+    assert torch.all(pool[target] == 7.0)

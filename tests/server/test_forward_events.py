@@ -1,0 +1,191 @@
+"""A store of an exported pool that names a worker's forward event (``after_event``): the server prepares
+it, polls the event on the host, copies once it completed, and gives up at the request's deadline; on
+CPU the worker's interprocess events are stood in for by objects answering ``query()``."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import msgspec
+import pytest
+import raw_lane
+from in_process_server import start_serving, stop_serving
+from support.server_process import CHUNK, MODEL, TPB, shared_pool
+
+from lmcache.config import LMCacheEngineConfig
+from lmcache.engine import CacheEngine
+from lmcache.server import protocol as P
+from lmcache.server.client import CacheServerClient
+from lmcache.server.failures import ServiceFailure
+from lmcache.server.forward_events import WorkerForward
+from lmcache.server.pool_sharing import describe_pool
+from lmcache.server.security import Peer
+from lmcache.server.service import CacheService, Call
+from lmcache.server.settings import ServerConfig
+from lmcache.transfer import BlockTransfer
+
+ME = Peer(os.geteuid(), os.getegid(), os.getpid())
+TOKENS = P.tokens_to_bytes(list(range(500, 564)))
+
+
+class Forward:
+    """Stands in for a worker's forward event: complete once :meth:`end` is called."""
+
+    def __init__(self) -> None:
+        self.ended = threading.Event()
+        self.queries = 0
+
+    def query(self) -> bool:
+        self.queries += 1
+        return self.ended.is_set()
+
+    def end(self) -> None:
+        self.ended.set()
+
+
+@pytest.fixture
+def service() -> Iterator[CacheService]:
+    engine = CacheEngine(
+        LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.05), pinned=False
+    )
+    svc = CacheService(engine, ServerConfig(port=0, ipc_path=None, client_timeout_s=5.0))
+    yield svc
+    svc.close()
+
+
+def _register(service: CacheService, forwards: list[Forward]) -> bytes:
+    """Register an exported CPU pool whose server-side view holds ``forwards`` as its opened events."""
+    pool = shared_pool(seed=5)
+    req = P.Register(
+        instance_id=3, rank=0, world_size=1, model_name=MODEL, tokens_per_block=TPB, pool=describe_pool(pool)
+    )
+    info = service.handle(req, Call(ME))
+    inst = service.instances.get(3)
+    assert inst is not None and info.forward_events == 0  # a CPU pool sends none
+    inst.pool.forward_events = list(forwards)
+    return info.cap
+
+
+def _call(timeout_s: float) -> Call:
+    call = Call(ME)
+    call.set_timeout(time.monotonic(), int(timeout_s * 1000))
+    return call
+
+
+def _store(cap: bytes, after_event: int | None) -> P.Store:
+    return P.Store(
+        instance_id=3, cap=cap, tokens=TOKENS, block_ids=list(range(8)), end=64, after_event=after_event
+    )
+
+
+def _lookup(service: CacheService, cap: bytes) -> int:
+    return service.handle(P.Lookup(instance_id=3, cap=cap, tokens=TOKENS), Call(ME))
+
+
+def test_a_store_copies_once_the_workers_forward_ended(service: CacheService) -> None:
+    forward = Forward()
+    cap = _register(service, [forward])
+    result: list[int] = []
+    store = threading.Thread(target=lambda: result.append(service.handle(_store(cap, 0), _call(20))))
+    store.start()
+    deadline = time.monotonic() + 10
+    while forward.queries < 3 and time.monotonic() < deadline:
+        time.sleep(0.001)  # the store polls the event: it has prepared and waits
+    assert forward.queries >= 3 and not result
+    assert _lookup(service, cap) == 0  # nothing published while the forward runs
+    forward.end()
+    store.join(10)
+    assert result == [64]
+    assert _lookup(service, cap) == 64
+
+
+def test_a_forward_that_never_ends_expires_the_store_and_copies_nothing(service: CacheService) -> None:
+    cap = _register(service, [Forward()])  # a worker that died before its forward ended
+    began = time.monotonic()
+    with pytest.raises(ServiceFailure) as refused:
+        service.handle(_store(cap, 0), _call(0.3))
+    assert refused.value.code is P.ErrorCode.EXPIRED and "forward did not end" in str(refused.value)
+    assert time.monotonic() - began < 5
+    assert _lookup(service, cap) == 0
+    assert service.instances.get(3).pool.awaited == set()  # the event may be named again
+    ended = Forward()
+    ended.end()
+    service.instances.get(3).pool.forward_events = [ended]
+    assert service.handle(_store(cap, 0), _call(5)) == 64  # the server serves the instance on
+
+
+def test_an_event_the_server_did_not_open_or_a_store_without_timeout_is_refused(
+    service: CacheService,
+) -> None:
+    forward = Forward()
+    forward.end()
+    cap = _register(service, [forward])
+    with pytest.raises(ServiceFailure, match="after_event 1 names none of the 1 forward events") as refused:
+        service.handle(_store(cap, 1), _call(5))
+    assert refused.value.code is P.ErrorCode.INVALID
+    with pytest.raises(ServiceFailure, match="without timeout_ms"):
+        service.handle(_store(cap, 0), Call(ME))
+    with pytest.raises(msgspec.ValidationError):  # at most MAX_FORWARD_EVENTS: indices below it
+        msgspec.convert(
+            {"instance_id": 3, "tokens": b"", "block_ids": [], "end": 0, "after_event": 4}, P.Store
+        )
+    assert _lookup(service, cap) == 0
+
+
+def test_one_store_at_a_time_waits_for_an_event() -> None:
+    awaited: set[int] = set()
+    first = WorkerForward(Forward(), lambda: False, awaited, 2)
+    with first:
+        assert awaited == {2}
+        with pytest.raises(ServiceFailure) as refused, WorkerForward(Forward(), lambda: False, awaited, 2):
+            pass
+        assert refused.value.code is P.ErrorCode.LIMIT
+        with WorkerForward(Forward(), lambda: False, awaited, 1):
+            assert awaited == {1, 2}
+    assert awaited == set()
+
+
+def test_a_descriptor_carries_at_most_the_events_the_protocol_allows() -> None:
+    fields = {"shape": [4, 2, 2, 8], "dtype": "float16", "ipc_handle": b"h" * 64, "alloc_bytes": 1024}
+    fields["device_uuid"] = "0" * 32
+    assert msgspec.convert({**fields, "forward_events": [b"e" * 64] * 4}, P.CudaIpcPool).forward_events
+    for events in ([b"e" * 64] * 5, [b"e" * 63]):
+        with pytest.raises(msgspec.ValidationError):
+            msgspec.convert({**fields, "forward_events": events}, P.CudaIpcPool)
+
+
+def test_a_store_that_waits_for_a_forward_runs_beside_the_workers_that_serve_lookups(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """Such a store may wait a whole forward: it runs on threads of its own, not the ones that serve
+    lookups and loads."""
+    threads: list[str] = []
+    store = CacheService.store
+
+    def recorded(self: CacheService, req: P.Store, call: Call) -> int:
+        threads.append(threading.current_thread().name)
+        return store(self, req, call)
+
+    monkeypatch.setattr(CacheService, "store", recorded)
+    ipc = tmp_path / "s.sock"
+    server, thread = start_serving("export", ipc_path=str(ipc))
+    client = CacheServerClient(f"ipc://{ipc}", timeout_s=20.0)
+    try:
+        info = client.register(shared_pool(seed=6), 0, 1, MODEL, TPB, pool_sharing="export")
+        assert client.store(BlockTransfer(list(range(64)), None, list(range(8)), 0, 64)) == 64
+        sock = raw_lane.connect(f"ipc://{ipc}")
+        req = P.Store(
+            instance_id=info.instance_id, cap=info.cap, tokens=TOKENS, block_ids=list(range(8)), end=64
+        )
+        req.after_event, req.timeout_ms, req.rid = 0, 5000, 9
+        sock.sendall(raw_lane.framed(P.encode(req)))
+        reply = raw_lane.read_reply(sock)
+        assert reply.error is not None and "names none of the 0 forward events" in reply.error.message
+        sock.close()
+    finally:
+        client.close()
+        stop_serving(server, thread)
+    assert threads[0].startswith("lmcache-worker") and threads[1].startswith("lmcache-forward")
