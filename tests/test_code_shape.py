@@ -35,6 +35,7 @@ THIRD_PARTY_PRIVATE: dict[tuple[str, str], str] = {
     ("tests/test_cuda.py", "_sleep"): "torch.cuda._sleep: the only way to keep a stream busy on demand",
     ("tests/storage/test_tiers_cuda.py", "_sleep"): "torch.cuda._sleep: keep a stream busy on demand",
     ("tests/test_layered_load_cuda.py", "_sleep"): "torch.cuda._sleep: keep a stream busy on demand",
+    ("tests/server/forward_worker_proc.py", "_sleep"): "torch.cuda._sleep: a forward of minutes, one kernel",
 }
 
 

@@ -23,6 +23,7 @@ from lmcache.transfer import BlockTransfer
 
 if TYPE_CHECKING:  # torch loads with the first shared-L1 registration: `lmcache stats` never imports it
     from lmcache.chunk_copy import StoreStart
+    from lmcache.server.forward_events import ForwardEvents
     from lmcache.server.shared_l1_worker import SharedL1Copier
     from lmcache.server.slab_mappings import SlabMappings
 
@@ -255,26 +256,27 @@ class Registrations:
         naming a forward event the server waits for, else None once the forward ended here (no event
         left, or the server opened none)."""
         forward = after.wait() if after is not None else None
-        reg = self._table.get(instance_id)
-        pool = None if reg is None else reg.request.pool
-        if (
-            forward is None
-            or not isinstance(pool, P.CudaIpcPool)
-            or not (reg and reg.info and reg.info.forward_events)
-        ):
+        events = None if forward is None else self._forward_events(instance_id)
+        if events is None:
             if forward is not None:
                 forward.synchronize()
             yield None
             return
-        from lmcache.server.forward_events import ForwardEvents  # imports torch: CUDA pools only
-
-        events = ForwardEvents.named(pool.forward_events)
-        if events is None:
-            forward.synchronize()
-            yield None
-            return
         with events.after(forward) as index:
             yield index
+
+    def _forward_events(self, instance_id: int) -> ForwardEvents | None:
+        """The forward events of an exported CUDA pool the server opened, else None."""
+        reg = self._table.get(instance_id)
+        if (
+            reg is None
+            or not isinstance(reg.request.pool, P.CudaIpcPool)
+            or not (reg.info and reg.info.forward_events)
+        ):
+            return None
+        from lmcache.server.forward_events import ForwardEvents  # imports torch: CUDA pools only
+
+        return ForwardEvents.named(reg.request.pool.forward_events)
 
     def copies_itself(self, instance_id: int) -> bool:
         """Whether this client registered the instance in the shared-L1 mode (it copies itself)."""

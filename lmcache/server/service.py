@@ -237,6 +237,7 @@ class CacheService:
                 idle_s=round(now - i.last_seen, 3),
                 sharing=P.sharing_mode(i.request.pool),
                 leased_slots=self.shared_l1.leased(i.registration) if self.shared_l1 is not None else 0,
+                forward_waits=len(i.pool.awaited),
             )
             for i in self.instances.snapshot()
         ]

@@ -25,6 +25,9 @@ class InstanceStats(msgspec.Struct, kw_only=True):
     """How its pool is shared (:data:`lmcache.server.pool_descriptors.SHARING_MODES`)."""
     leased_slots: int = 0
     """Shared-L1 slots reserved ahead for its stores (counted in L1's ``used_bytes``)."""
+    forward_waits: int = 0
+    """Its stores waiting for the worker's forward to end (an exported pool's, one per forward event):
+    one that stays for the request's timeout is a worker that died mid-forward."""
 
 
 class StatsInfo(msgspec.Struct, kw_only=True):

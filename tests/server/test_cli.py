@@ -275,7 +275,7 @@ def test_stats_piped_into_a_reader_that_stops_ends_quietly(start_server) -> None
     proc.stderr.close()
 
 
-def test_a_shared_l1_instance_shows_its_leased_slots_in_stats() -> None:
+def test_an_instance_shows_its_leased_slots_or_its_stores_waiting_for_a_forward_in_stats() -> None:
     from lmcache.server.cli import instance_line
     from lmcache.server.stats_protocol import InstanceStats
 
@@ -284,11 +284,16 @@ def test_a_shared_l1_instance_shows_its_leased_slots_in_stats() -> None:
     )
     shared = InstanceStats(**common, pid=11, idle_s=0.5, sharing="shared-l1", leased_slots=384)
     exported = InstanceStats(**common, pid=12, idle_s=0.5, sharing="cuda-ipc")
+    waiting = InstanceStats(**common, pid=13, idle_s=9.5, sharing="cuda-ipc", forward_waits=2)
     assert (
         instance_line(shared)
         == "instance 7 pid 11 rank 0/2 m shared-l1 [4, 2] bf16 idle 0.5 s, 384 leased slots"
     )
     assert instance_line(exported) == "instance 7 pid 12 rank 0/2 m cuda-ipc [4, 2] bf16 idle 0.5 s"
+    assert (
+        instance_line(waiting)
+        == "instance 7 pid 13 rank 0/2 m cuda-ipc [4, 2] bf16 idle 9.5 s, 2 stores waiting for its forward"
+    )
 
 
 @pytest.mark.parametrize(

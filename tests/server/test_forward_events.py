@@ -85,6 +85,11 @@ def _lookup(service: CacheService, cap: bytes) -> int:
     return service.handle(P.Lookup(instance_id=3, cap=cap, tokens=TOKENS), Call(ME))
 
 
+def _forward_waits(service: CacheService) -> int:
+    (instance,) = service.stats().instances
+    return instance.forward_waits
+
+
 def test_a_store_copies_once_the_workers_forward_ended(service: CacheService) -> None:
     forward = Forward()
     cap = _register(service, [forward])
@@ -96,10 +101,12 @@ def test_a_store_copies_once_the_workers_forward_ended(service: CacheService) ->
         time.sleep(0.001)  # the store polls the event: it has prepared and waits
     assert forward.queries >= 3 and not result
     assert _lookup(service, cap) == 0  # nothing published while the forward runs
+    assert _forward_waits(service) == 1  # what `lmcache stats` shows of the instance meanwhile
     forward.end()
     store.join(10)
     assert result == [64]
     assert _lookup(service, cap) == 64
+    assert _forward_waits(service) == 0
 
 
 def test_a_forward_that_never_ends_expires_the_store_and_copies_nothing(service: CacheService) -> None:

@@ -152,6 +152,26 @@ def slow_work(seconds: float) -> Callable[[], None]:
     return enqueue
 
 
+def forward_writing_saved_rows(pool: torch.Tensor) -> Callable[[], torch.cuda.Event]:
+    """Zero the rows saved (``pool[:8]``); each call of the result enqueues, on a stream of its own, a
+    forward of about 2 s that writes them last, and returns the event recorded after it."""
+    pool[:8].zero_()
+    forward = torch.cuda.Stream()
+    with torch.cuda.stream(forward):
+        enqueue_slow_work = slow_work(seconds=2.0)
+
+    def run() -> torch.cuda.Event:
+        torch.cuda.synchronize()
+        with torch.cuda.stream(forward):
+            enqueue_slow_work()
+            pool[:8].fill_(7.0)
+            forward_done = torch.cuda.Event()
+            forward_done.record()
+        return forward_done
+
+    return run
+
+
 def test_a_load_given_the_stream_is_ordered_on_the_device_and_unpins_once_copied(
     shared_l1_server: ServerProcess,
 ) -> None:
@@ -250,20 +270,12 @@ def test_a_save_given_the_forwards_event_waits_for_it_on_the_device(
     thread passes it) enqueues every copy while that forward still runs, never waiting for it on the
     host, and saves the rows the forward wrote last."""
     pool = allocate_cudamalloc_pool(POOL_SHAPE, torch.float32, 0)
-    pool[:8].zero_()
     tokens, source, target = list(range(5000, 5064)), list(range(8)), [40, 9, 33, 20, 41, 12, 30, 25]
-    forward = torch.cuda.Stream()
-    with torch.cuda.stream(forward):
-        enqueue_slow_work = slow_work(seconds=2.0)
+    run_forward = forward_writing_saved_rows(pool)
     stored: list[int] = []
     with CacheServerClient(shared_l1_server.ipc_url, timeout_s=20) as client:
         pool_modes.register(client, pool, pool_modes.SHARED_L1, MODEL_NAME, SERVER_TPB)
-        torch.cuda.synchronize()
-        with torch.cuda.stream(forward):
-            enqueue_slow_work()
-            pool[:8].fill_(7.0)  # the forward writes the saved rows last
-            forward_done = torch.cuda.Event()
-            forward_done.record()
+        forward_done = run_forward()
         save = threading.Thread(
             target=lambda: stored.append(
                 client.store(BlockTransfer(tokens, None, source, 0, 64), after=EventStart(forward_done))
@@ -287,11 +299,8 @@ def test_an_exported_pools_save_names_the_forward_and_the_server_copies_after_it
     rows the forward wrote last."""
     server = start_server("--chunk-size", "64", *pool_modes.server_args(pool_modes.EXPORT))
     pool = allocate_cudamalloc_pool(POOL_SHAPE, torch.float32, 0)
-    pool[:8].zero_()
     tokens, source, target = list(range(6000, 6064)), list(range(8)), [40, 9, 33, 20, 41, 12, 30, 25]
-    forward = torch.cuda.Stream()
-    with torch.cuda.stream(forward):
-        enqueue_slow_work = slow_work(seconds=2.0)
+    run_forward = forward_writing_saved_rows(pool)
     waited: list[object] = []
     event_wait = torch.cuda.Event.synchronize
 
@@ -303,12 +312,7 @@ def test_an_exported_pools_save_names_the_forward_and_the_server_copies_after_it
     with CacheServerClient(server.ipc_url, timeout_s=20) as client:
         info = pool_modes.register(client, pool, pool_modes.EXPORT, MODEL_NAME, SERVER_TPB)
         assert info.sharing == "cuda-ipc" and info.forward_events == 4
-        torch.cuda.synchronize()
-        with torch.cuda.stream(forward):
-            enqueue_slow_work()
-            pool[:8].fill_(7.0)  # the forward writes the saved rows last
-            forward_done = torch.cuda.Event()
-            forward_done.record()
+        forward_done = run_forward()
         assert client.store(BlockTransfer(tokens, None, source, 0, 64), after=EventStart(forward_done)) == 64
         assert forward_done not in waited, "the worker waited on the host for the forward"
         assert client.lookup(tokens, pin_id="req") == 64
