@@ -344,8 +344,6 @@ class CacheServerClient:
         self.registrations.unpinned(pin_owner or iid, pin_id)  # the load holds its own pins
         if self.registrations.copies_itself(iid):
             return self.shared_l1.retrieve(iid, transfer, pin_id, pin_owner, timeout_s, stream, layers)
-        if stream is not None:
-            stream.synchronize()  # the server writes the blocks from another process
         req = P.Retrieve(
             instance_id=iid,
             block_ids=P.tokens_to_bytes(transfer.block_ids),
@@ -354,7 +352,9 @@ class CacheServerClient:
             pin_id=pin_id,
             pin_owner=pin_owner,
             **self.registrations.prompt_fields(iid, transfer),
-        )
+        )  # made while the stream's earlier work may still run
+        if stream is not None:
+            stream.synchronize()  # the server writes the blocks from another process
         return self._call(req, int, timeout_s, deadline=True)
 
     def heartbeat(self, *, timeout_s: float | None = None) -> P.HeartbeatInfo:
