@@ -78,7 +78,7 @@ from prefill_model import (  # noqa: E402
 )
 
 from lmcache import cudart  # noqa: E402
-from lmcache.chunk_copy import StoreStart  # noqa: E402
+from lmcache.chunk_copy import CopyStart  # noqa: E402
 from lmcache.config import LMCacheEngineConfig  # noqa: E402
 from lmcache.engine import CacheEngine, KeySpace  # noqa: E402
 from lmcache.forward_gate import FORWARD  # noqa: E402
@@ -140,7 +140,7 @@ class Setup:
             queue = self._queues[id(engine)] = SaveQueue(self.pool.device, "bench-save")
         fence = SaveFence(self.current(), self.dev)
 
-        def store(stream: Any, copy_start: StoreStart) -> None:
+        def store(stream: Any, copy_start: CopyStart) -> None:
             transfer = BlockTransfer(tokens, None, blocks, start, end)
             engine.store(self.space, 0, self.pool, transfer, stream, copy_start)
 

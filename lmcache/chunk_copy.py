@@ -51,11 +51,12 @@ class CopyStreams:
         cudart.release_stream(self.load)
 
 
-class StoreStart(Protocol):
-    """When a store's copies may start, decided after the store began (TRT-LLM's sampling must go
-    first, :mod:`lmcache.integration.tensorrt_llm.save_fence`). Until ``released`` the store only
-    prepares; ``wait()`` blocks until then and returns the CUDA event its copies follow (None: no
-    device order)."""
+class CopyStart(Protocol):
+    """When a transfer's copies may start, decided after it began (a store: TRT-LLM's sampling must go
+    first, :mod:`lmcache.integration.tensorrt_llm.save_fence`; a load into an exported pool: the
+    worker's stream must be done with the blocks). Until ``released`` the transfer only prepares;
+    ``wait()`` blocks until then and returns the CUDA event its copies follow (None: no device
+    order)."""
 
     @property
     def released(self) -> bool: ...
@@ -65,7 +66,7 @@ class StoreStart(Protocol):
 
 @dataclass(frozen=True)
 class EventStart:
-    """A :class:`StoreStart` known from the outset: the copies follow ``event`` (None: no order)."""
+    """A :class:`CopyStart` known from the outset: the copies follow ``event`` (None: no order)."""
 
     event: Any
 
@@ -128,9 +129,9 @@ class CopyBatcher(Generic[T]):
     chunks are copied whole as they come (in the same ramp), the rest only by :meth:`flush` and
     :meth:`finish`, layer group by layer group, after them; ``layers`` gets each layer's event.
 
-    A store given ``start`` queues its chunks without copying while ``start`` is not released (the
-    host work of the whole store can then run before it); its first batch waits for ``start`` and
-    follows its event on the device.
+    A store, or a whole load, given ``start`` queues its chunks without copying while ``start`` is not
+    released (the host work of the whole transfer can then run before it); its first batch waits for
+    ``start`` and follows its event on the device.
 
     ``guard`` is called right before each batch is enqueued; it raises to refuse the copies (the
     memory they read or write may no longer be the caller's).
@@ -148,13 +149,13 @@ class CopyBatcher(Generic[T]):
         on_flush: Callable[[list[T], Any], None] | None = None,
         layers: LayerReady | None = None,
         whole_first: int = 0,
-        start: StoreStart | None = None,
+        start: CopyStart | None = None,
         guard: Callable[[], None] | None = None,
     ) -> None:
         if layers is not None and store:
             raise ValueError("only loads are layer-wise")
-        if start is not None and not store:
-            raise ValueError("only stores wait for a start")
+        if start is not None and layers is not None:
+            raise ValueError("a layer-wise load waits for no start")
         # Stores interleave: their copies must not hold up the copy engine for TRT-LLM's own transfers.
         self.transfer = c_ops.Transfer(pool, stream, interleave=store, block_ids=block_ids)
         self.store = store
@@ -171,7 +172,7 @@ class CopyBatcher(Generic[T]):
         self._whole_left = whole_first if layers is not None else 0
         """First chunks of a layer-wise load still to be copied whole."""
         self._start = start
-        """A store's start, until its first batch has waited for it."""
+        """The transfer's start, until its first batch has waited for it."""
         self._guard = guard
 
     @classmethod
@@ -228,8 +229,8 @@ class CopyBatcher(Generic[T]):
         copies, items, ready = self._copies, self._items, self._ready
         self._copies, self._items, self._ready = [], [], []
         self._flushes += 1
-        if self.store and self._start is not None:
-            self._gather_after_start(copies, items)
+        if self._start is not None:
+            self._copy_after_start(copies, items, ready)
             return
         if self._guard is not None:
             self._guard()
@@ -247,21 +248,27 @@ class CopyBatcher(Generic[T]):
         if self._on_flush is not None:
             self._on_flush(items, event)
 
-    def _gather_after_start(self, copies: list[c_ops.ChunkCopy], items: list[T]) -> None:
-        """A store's first copies, once its start lets them: every chunk queued until then, in
-        batches of at most ``FLUSH_CHUNKS``, each when no forward is being launched (as chunks
-        added one by one wait, :mod:`lmcache.forward_gate`)."""
+    def _copy_after_start(self, copies: list[c_ops.ChunkCopy], items: list[T], ready: list[Any]) -> None:
+        """The first copies, once the start lets them: every chunk queued until then, in batches of at
+        most ``FLUSH_CHUNKS``; a store's each when no forward is being launched (as chunks added one by
+        one wait, :mod:`lmcache.forward_gate`)."""
         assert self._start is not None
         after = self._start.wait()
         self._start = None
         if after is not None and self.transfer.cuda:
-            self.transfer.stream.wait_event(after)  # before the transfer's first gather
+            self.transfer.stream.wait_event(after)  # before the transfer's first copy
+        if not self.store:
+            self._wait_ready(ready)
         for first in range(0, len(copies), self.FLUSH_CHUNKS):
-            if first:
+            if first and self.store:
                 FORWARD.wait()
             if self._guard is not None:
                 self._guard()
-            self.transfer.gather(copies[first : first + self.FLUSH_CHUNKS])
+            batch = copies[first : first + self.FLUSH_CHUNKS]
+            if self.store:
+                self.transfer.gather(batch)
+            else:
+                self.transfer.scatter(batch)
             if self._on_flush is not None:
                 self._on_flush(items[first : first + self.FLUSH_CHUNKS], self.transfer.record())
 

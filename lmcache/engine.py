@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from lmcache import c_ops
-from lmcache.chunk_copy import CopyBatcher, GuardedLanding, LoadSlot, StoreSlot, StoreStart
+from lmcache.chunk_copy import CopyBatcher, CopyStart, GuardedLanding, LoadSlot, StoreSlot
 from lmcache.config import GiB, LMCacheEngineConfig
 from lmcache.engine_lookup import ChunkSpan, EngineLookup, KeySpace
 from lmcache.forward_gate import FORWARD
@@ -75,7 +75,7 @@ class CacheEngine(EngineLookup):
         pool: torch.Tensor,
         transfer: BlockTransfer[Tokens | ChunkHashes],
         stream: Any = None,
-        copy_start: StoreStart | None = None,
+        copy_start: CopyStart | None = None,
         guard: Callable[[], None] | None = None,
     ) -> int:
         """Save the chunks of ``transfer.prompt`` (token ids, or the prompt's :class:`ChunkHashes`) that
@@ -87,8 +87,7 @@ class CacheEngine(EngineLookup):
         wait for it; the rest of the store (hashing, reserving) does not. ``guard`` raises once the
         blocks may no longer be the caller's: checked before each batch of copies and again before
         each batch is published, once its copies are done (waited for on the host): a batch whose
-        copies end after it raised is never published.
-        """
+        copies end after it raised is never published."""
         FORWARD.wait()  # hashing holds the GIL too: not while a forward is being launched
         began = time.perf_counter()
         layout = self._check_pool(space, pool)
@@ -239,21 +238,20 @@ class CacheEngine(EngineLookup):
         pin_id: Hashable | None = None,
         layers: LayerReady | None = None,
         guard: Callable[[], None] | None = None,
+        copy_start: CopyStart | None = None,
     ) -> int:
         """Load tokens ``[transfer.start, transfer.end)`` into their blocks of ``pool``; returns how
-        many tokens were loaded. Given ``layers``, the load is layer-wise (:mod:`lmcache.layered_load`).
-        ``guard`` runs before each batch of copies and raises once the blocks may no longer be the
-        caller's.
+        many tokens were loaded. Given ``layers``, the load is layer-wise (:mod:`lmcache.layered_load`);
+        given ``copy_start``, its chunks are pinned and queued first and its copies wait for it.
+        ``guard`` runs before each batch of copies and raises once the blocks may not be the caller's.
 
         ``start`` and ``end`` must be block-aligned; the prompt (token ids or :class:`ChunkHashes`)
         must reach the end of the chunk that holds ``end`` (its key covers the whole chunk). Blocks
-        before ``start`` are never written.
-        Loading stops at the first chunk not cached, so the result is a prefix of the request: every
-        block in ``[start, start + result)`` holds cached KV, every later block is untouched. This
-        rank's pins of ``pin_id`` are released afterwards.
-        """
+        before ``start`` are never written. Loading stops at the first chunk not cached, so the result
+        is a prefix of the request: every block in ``[start, start + result)`` holds cached KV, every
+        later block is untouched. This rank's pins of ``pin_id`` are released afterwards."""
         try:
-            return self._retrieve(space, rank, pool, transfer, stream, layers, guard)
+            return self._retrieve(space, rank, pool, transfer, stream, layers, guard, copy_start)
         finally:
             if pin_id is not None:
                 self.release(pin_id, rank)
@@ -267,6 +265,7 @@ class CacheEngine(EngineLookup):
         stream: Any,
         layers: LayerReady | None,
         guard: Callable[[], None] | None = None,
+        copy_start: CopyStart | None = None,
     ) -> int:
         began = time.perf_counter()
         layout = self._check_pool(space, pool)
@@ -284,6 +283,7 @@ class CacheEngine(EngineLookup):
             on_flush=_read,
             layers=layers,
             whole_first=whole_first(chunks),
+            start=copy_start,
             guard=guard,
         )
         try:

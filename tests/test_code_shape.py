@@ -36,6 +36,7 @@ THIRD_PARTY_PRIVATE: dict[tuple[str, str], str] = {
     ("tests/storage/test_tiers_cuda.py", "_sleep"): "torch.cuda._sleep: keep a stream busy on demand",
     ("tests/test_layered_load_cuda.py", "_sleep"): "torch.cuda._sleep: keep a stream busy on demand",
     ("tests/server/forward_worker_proc.py", "_sleep"): "torch.cuda._sleep: a forward of minutes, one kernel",
+    ("tests/server/test_forward_events_cuda.py", "_sleep"): "torch.cuda._sleep: keep a stream busy on demand",
 }
 
 

@@ -86,7 +86,7 @@ from lmcache.transfer import BlockTransfer
 if TYPE_CHECKING:  # torch and pool sharing load on first register: `lmcache stats` never imports torch
     import torch
 
-    from lmcache.chunk_copy import StoreStart
+    from lmcache.chunk_copy import CopyStart
     from lmcache.layered_load import LayerReady
     from lmcache.server.pool_sharing import RawCudaIPCWrapper
 
@@ -296,7 +296,7 @@ class CacheServerClient:
         *,
         instance_id: int | None = None,
         timeout_s: float | None = None,
-        after: StoreStart | None = None,
+        after: CopyStart | None = None,
     ) -> int:
         """Save ``transfer``'s chunks from this rank's blocks; returns the tokens newly stored.
 
@@ -337,8 +337,8 @@ class CacheServerClient:
         The prompt as for :meth:`store`; hashes must name every chunk up to the one holding ``end``.
         ``stream`` (CUDA): the stream that reads the blocks next. The load comes after its work and
         before its later work; a shared-L1 load returns once its copies are enqueued, an exported
-        pool's once the server has copied (the host first waits for ``stream``). Without it the
-        blocks are loaded when the call returns.
+        pool's once the server has copied (after polling an event recorded on ``stream``, else once
+        the host waited for ``stream``). Without it the blocks are loaded when the call returns.
         """
         iid = self._iid(instance_id)
         self.registrations.unpinned(pin_owner or iid, pin_id)  # the load holds its own pins
@@ -353,9 +353,11 @@ class CacheServerClient:
             pin_owner=pin_owner,
             **self.registrations.prompt_fields(iid, transfer),
         )  # made while the stream's earlier work may still run
-        if stream is not None:
-            stream.synchronize()  # the server writes the blocks from another process
-        return self._call(req, int, timeout_s, deadline=True)
+        if stream is None:
+            return self._call(req, int, timeout_s, deadline=True)
+        # The server writes the blocks from another process, once that work is done.
+        with self.registrations.after_stream(iid, stream) as req.after_event:
+            return self._call(req, int, timeout_s, deadline=True)
 
     def heartbeat(self, *, timeout_s: float | None = None) -> P.HeartbeatInfo:
         """Refresh this client's instances; re-registers those the server no longer knows."""

@@ -22,7 +22,7 @@ from lmcache.server.security import client_secret, trusted_owner
 from lmcache.transfer import BlockTransfer
 
 if TYPE_CHECKING:  # torch loads with the first shared-L1 registration: `lmcache stats` never imports it
-    from lmcache.chunk_copy import StoreStart
+    from lmcache.chunk_copy import CopyStart
     from lmcache.server.forward_events import ForwardEvents
     from lmcache.server.shared_l1_worker import SharedL1Copier
     from lmcache.server.slab_mappings import SlabMappings
@@ -251,7 +251,7 @@ class Registrations:
             return next(iter(self._table), None)
 
     @contextlib.contextmanager
-    def after_forward(self, instance_id: int, after: StoreStart | None) -> Iterator[int | None]:
+    def after_forward(self, instance_id: int, after: CopyStart | None) -> Iterator[int | None]:
         """A store of an exported pool whose copies follow ``after`` (the forward): the ``after_event``
         naming a forward event the server waits for, else None once the forward ended here (no event
         left, or the server opened none)."""
@@ -263,6 +263,23 @@ class Registrations:
             yield None
             return
         with events.after(forward) as index:
+            yield index
+
+    @contextlib.contextmanager
+    def after_stream(self, instance_id: int, stream: Any) -> Iterator[int | None]:
+        """A load into an exported pool after the work on ``stream`` so far: the ``after_event``
+        naming a forward event recorded after it, which the server waits for, else None once that
+        work ended here."""
+        events = self._forward_events(instance_id)
+        if events is None:
+            stream.synchronize()
+            yield None
+            return
+        import torch  # a CUDA pool's: loaded already
+
+        done = torch.cuda.Event()
+        done.record(stream)
+        with events.after(done) as index:
             yield index
 
     def _forward_events(self, instance_id: int) -> ForwardEvents | None:

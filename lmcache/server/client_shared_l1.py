@@ -39,7 +39,7 @@ from lmcache.server.client_registrations import Registration, Registrations
 from lmcache.transfer import BlockTransfer
 
 if TYPE_CHECKING:  # the client imports no torch until a shared-L1 pool is registered
-    from lmcache.chunk_copy import CopyBatcher, StoreStart
+    from lmcache.chunk_copy import CopyBatcher, CopyStart
     from lmcache.layered_load import LayerReady
     from lmcache.server.client_lanes import Submitted
     from lmcache.server.shared_l1_worker import SharedL1Copier
@@ -196,7 +196,7 @@ class SharedL1Transfers:
         return slots if named_by == server_id else []
 
     def store(
-        self, iid: int, transfer: BlockTransfer[Any], timeout_s: float | None, after: StoreStart | None = None
+        self, iid: int, transfer: BlockTransfer[Any], timeout_s: float | None, after: CopyStart | None = None
     ) -> int:
         """Tokens copied to the server from ``transfer``'s blocks, after ``after`` (see
         :meth:`CacheServerClient.store`; a leased chunk the server already held counts, though the
@@ -214,7 +214,7 @@ class SharedL1Transfers:
         iid: int,
         transfer: BlockTransfer[Any],
         timeout_s: float | None,
-        after: StoreStart | None,
+        after: CopyStart | None,
         *,
         use_lease: bool,
     ) -> int:

@@ -1,11 +1,13 @@
 """How a worker whose pool the server copies (the export mode) lets the server start a store's copies as
-soon as the forward that wrote the blocks ends, without waiting for that forward itself first.
+soon as the forward that wrote the blocks ends, and a load's as soon as the work before it on TRT-LLM's
+stream ends, without waiting for that work itself first.
 
 The worker makes a few interprocess CUDA events per device (:class:`ForwardEvents`) and sends their
-handles with its pool's descriptor. For a store it records a free one after the forward, on a relay
-stream of its own (nothing is added to TRT-LLM's streams), and names it in the request; the server
-prepares the store meanwhile and polls that event on the host before the first copy
-(:class:`WorkerForward`), giving up at the request's deadline. Neither process waits for the other's
+handles with its pool's descriptor. For a store it records a free one after the forward (for a load,
+after the stream's work so far), on a relay stream of its own (nothing is added to TRT-LLM's
+streams), and names it in the request; the server prepares the transfer meanwhile and polls that
+event on the host before the first copy (:class:`WorkerForward`), giving up at the request's deadline.
+A load's worker still waits for the reply before its stream goes on: the blocks are written then. Neither process waits for the other's
 events on the device: an event whose process died never completes (benchmarks/RESULTS.md, D92), so a
 device wait on a crashed worker's event would stall the server's stream for good.
 """
@@ -17,7 +19,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -26,9 +28,12 @@ from lmcache.logging import init_logger
 from lmcache.server import protocol as P
 from lmcache.server.failures import ServiceFailure
 
+if TYPE_CHECKING:
+    from lmcache.server.pool_sharing import MappedPool
+
 logger = init_logger(__name__)
 
-__all__ = ["ForwardEvents", "WorkerForward", "open_forward_events", "EVENT_POLL_S"]
+__all__ = ["ForwardEvents", "WorkerForward", "open_forward_events", "worker_forward", "EVENT_POLL_S"]
 
 EVENT_POLL_S = 50e-6
 """How often the server asks whether a worker's forward ended (a sleep between ``cudaEventQuery``s)."""
@@ -64,7 +69,7 @@ class ForwardEvents:
 
     @contextlib.contextmanager
     def after(self, forward: Any) -> Iterator[int | None]:
-        """The index of a free event recorded after ``forward`` (a CUDA event), for the store's request;
+        """The index of a free event recorded after ``forward`` (a CUDA event), for the request;
         None when every one is in use, after waiting for ``forward`` on the host instead. The event is
         free again once the block exits (the request was answered or given up on)."""
         with self._lock:
@@ -93,16 +98,20 @@ def open_forward_events(handles: list[bytes], device: int) -> list[Any]:
 
 
 class WorkerForward:
-    """A store's start (:class:`lmcache.chunk_copy.StoreStart`) at the end of a worker's forward: the
-    store prepares until then, and its copies begin once ``event`` completes, polled on the host;
-    ``expiring`` tells when the request's client gives up, and then nothing is copied. Entered, it
-    claims event ``index`` in ``awaited`` (the pool's events being waited for): one store per event."""
+    """A transfer's start (:class:`lmcache.chunk_copy.CopyStart`) at the end of a worker's forward (a
+    load's: of the work on its stream before the load): the transfer prepares until then, and its
+    copies begin once ``event`` completes, polled on the host; ``expiring`` tells when the request's
+    client gives up, and then nothing is copied. Entered, it claims event ``index`` in ``awaited``
+    (the pool's events being waited for): one request per event."""
 
-    def __init__(self, event: Any, expiring: Callable[[], bool], awaited: set[int], index: int) -> None:
+    def __init__(
+        self, event: Any, expiring: Callable[[], bool], awaited: set[int], index: int, op: str
+    ) -> None:
         self._event = event
         self._expiring = expiring
         self._awaited = awaited
         self._index = index
+        self._op = op
         self._began = time.monotonic()
 
     def __enter__(self) -> WorkerForward:
@@ -110,8 +119,8 @@ class WorkerForward:
             if self._index in self._awaited:
                 raise ServiceFailure(
                     P.ErrorCode.LIMIT,
-                    f"store: another store of this instance is waiting for forward event {self._index}; "
-                    "name each event in one store at a time",
+                    f"{self._op}: another request of this instance is waiting for forward event "
+                    f"{self._index}; name each event in one request at a time",
                 )
             self._awaited.add(self._index)
         return self
@@ -130,11 +139,40 @@ class WorkerForward:
             if self._expiring() or time.monotonic() - self._began > MAX_FORWARD_WAIT_S:
                 raise ServiceFailure(
                     P.ErrorCode.EXPIRED,
-                    "store: the worker's forward did not end within the request's timeout_ms (its process "
-                    "may have died), so nothing was copied; retry, or raise the client's timeout",
+                    f"{self._op}: the worker's forward did not end within the request's timeout_ms (its "
+                    "process may have died), so nothing was copied; retry, or raise the client's timeout",
                 )
             time.sleep(EVENT_POLL_S)
 
 
 _awaited_lock = threading.Lock()
+
+
+class _Timed(Protocol):
+    """A request's call (:class:`lmcache.server.service.Call`): when its client gives up."""
+
+    deadline: float | None
+
+    def expiring(self) -> bool: ...
+
+
+def worker_forward(
+    pool: MappedPool, instance_id: int, req: P.Store | P.Retrieve, call: _Timed
+) -> contextlib.AbstractContextManager[WorkerForward | None]:
+    """The start of ``req``'s copies: after the worker's work its ``after_event`` names, else at once."""
+    index = req.after_event
+    if index is None:
+        return contextlib.nullcontext()
+    events = pool.forward_events
+    if index >= len(events) or call.deadline is None:
+        raise ServiceFailure(
+            P.ErrorCode.INVALID,
+            f"after_event {index} names none of the {len(events)} forward events the server opened for "
+            f"instance {instance_id}, or came without timeout_ms; wait for the forward, then send the "
+            "request without after_event",
+        )
+    op = "store" if isinstance(req, P.Store) else "retrieve"
+    return WorkerForward(events[index], call.expiring, pool.awaited, index, op)
+
+
 _by_handles: dict[tuple[bytes, ...], ForwardEvents] = {}

@@ -34,7 +34,7 @@ release        instance_id pin_id pin_owner                      bool (pins were
 store          instance_id tokens cache_salt block_ids           int: tokens newly stored
                start end chunk_hashes after_event
 retrieve       instance_id tokens cache_salt block_ids           int: tokens loaded
-               start end pin_id pin_owner chunk_hashes
+               start end pin_id pin_owner chunk_hashes after_event
 heartbeat      instance_ids                                      :class:`HeartbeatInfo`
 ping           one_way (a wake-up: no reply)                     :class:`PingInfo`
 stats          (none)                                            :class:`StatsInfo`
@@ -145,7 +145,7 @@ __all__ = [
     "WireIds",
 ]
 
-PROTOCOL_VERSION = 12
+PROTOCOL_VERSION = 13
 """Bumped on any incompatible change; client and server must agree exactly."""
 
 MAX_FRAME_BYTES = 64 << 20
@@ -296,6 +296,9 @@ class Retrieve(_Req, tag="retrieve", kw_only=True):
     """Instance whose lookup took the pins (default: ``instance_id``); ranks of one TP world pass
     the scheduler's instance id, and the pins go once every rank retrieved or on ``release``."""
     cap: Cap = None
+    after_event: Annotated[int, Meta(ge=0, lt=MAX_FORWARD_EVENTS)] | None = None
+    """An exported CUDA pool's: the forward event (of its descriptor's) recorded after the work on the
+    stream that reads the blocks next; the copies start once it completed, else at once."""
 
 
 class Heartbeat(_Req, tag="heartbeat", kw_only=True):

@@ -23,7 +23,6 @@ reply arrives the loaded blocks are in device memory, visible to any later work 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import secrets
@@ -42,7 +41,7 @@ from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
 from lmcache.server import protocol as P
 from lmcache.server.failures import ServerCounters, ServiceFailure
-from lmcache.server.forward_events import WorkerForward
+from lmcache.server.forward_events import worker_forward
 from lmcache.server.instances import Instance, InstanceRegistry, client_key
 from lmcache.server.peer_process import PeerProcess
 from lmcache.server.pins import LookupPins, PinKey, PinRecord
@@ -477,7 +476,7 @@ class CacheService:
             transfer = self._transfer_args(req, inst)
             began = time.perf_counter()
             stream = inst.streams.store if inst.streams else None
-            with _worker_forward(inst, req.after_event, call) as start:
+            with worker_forward(inst.pool, inst.instance_id, req, call) as start:
                 args = (inst.space, inst.rank, inst.pool.tensor, transfer, stream)
                 stored = self.engine.store(*args, copy_start=start, guard=_in_time(call, "store"))
             _copies_done(inst, stream, "store", stored, began)  # the client may reuse the blocks then
@@ -491,10 +490,9 @@ class CacheService:
                 transfer = self._transfer_args(req, inst)
                 began = time.perf_counter()
                 stream = inst.streams.load if inst.streams else None
-                in_time = _in_time(call, "retrieve")
-                loaded = self.engine.retrieve(
-                    inst.space, inst.rank, inst.pool.tensor, transfer, stream, guard=in_time
-                )
+                with worker_forward(inst.pool, inst.instance_id, req, call) as start:
+                    args = (inst.space, inst.rank, inst.pool.tensor, transfer, stream)
+                    loaded = self.engine.retrieve(*args, guard=_in_time(call, "retrieve"), copy_start=start)
                 _copies_done(inst, stream, "retrieve", loaded, began)  # the blocks are in place then
                 self._check_pool(inst)
                 return loaded
@@ -533,20 +531,6 @@ def _check_sharing(
             "this server's L1 is not in shared memory, so it cannot take a shared-l1 pool; register "
             "with LMCACHE_POOL_SHARING=export (the server's engine must come from server_engine())",
         )
-
-
-def _worker_forward(inst: Instance, index: int | None, call: Call) -> contextlib.AbstractContextManager[Any]:
-    """A store's start after the forward ``after_event`` names (:mod:`lmcache.server.forward_events`)."""
-    if index is None:
-        return contextlib.nullcontext()
-    events = inst.pool.forward_events
-    if index >= len(events) or call.deadline is None:
-        raise ServiceFailure(
-            P.ErrorCode.INVALID,
-            f"after_event {index} names none of the {len(events)} forward events the server opened for "
-            f"instance {inst.instance_id}, or came without timeout_ms; wait for the forward, then store",
-        )
-    return WorkerForward(events[index], call.expiring, inst.pool.awaited, index)
 
 
 def _repeats(ids: np.ndarray) -> bool:

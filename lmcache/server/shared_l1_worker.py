@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from lmcache import c_ops
-from lmcache.chunk_copy import CopyBatcher, CopyStreams, StoreStart
+from lmcache.chunk_copy import CopyBatcher, CopyStart, CopyStreams
 from lmcache.layered_load import LayerReady, whole_first
 from lmcache.server import protocol as P
 from lmcache.server.slab_mappings import SlabMappings
@@ -137,7 +137,7 @@ class SharedL1Copier:
     def begin_store(
         self,
         block_ids: Sequence[int],
-        after: StoreStart | None = None,
+        after: CopyStart | None = None,
         guard: Callable[[], None] | None = None,
     ) -> CopyBatcher[None]:
         """A store's copies, ordered after ``after`` (the forward that computed the rows; waited for

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import msgspec
 import pytest
 import raw_lane
+import torch
 from in_process_server import start_serving, stop_serving
 from support.server_process import CHUNK, MODEL, TPB, shared_pool
 
@@ -109,6 +110,47 @@ def test_a_store_copies_once_the_workers_forward_ended(service: CacheService) ->
     assert _forward_waits(service) == 0
 
 
+def _retrieve(cap: bytes, after_event: int | None) -> P.Retrieve:
+    return P.Retrieve(
+        instance_id=3, cap=cap, tokens=TOKENS, block_ids=list(range(8, 16)), end=64, after_event=after_event
+    )
+
+
+def test_a_load_copies_once_the_work_before_it_on_the_workers_stream_ended(service: CacheService) -> None:
+    """A load into an exported pool names the event after its stream's earlier work (which may still
+    use the blocks): it pins and prepares meanwhile, and writes no block before that event completed."""
+    stream_work = Forward()
+    cap = _register(service, [stream_work])
+    assert service.handle(_store(cap, None), _call(5)) == 64
+    pool = service.instances.get(3).pool.tensor
+    pool[8:16].fill_(-1.0)  # what the stream's earlier work left in the blocks the load writes
+    result: list[int] = []
+    load = threading.Thread(target=lambda: result.append(service.handle(_retrieve(cap, 0), _call(20))))
+    load.start()
+    deadline = time.monotonic() + 10
+    while stream_work.queries < 3 and time.monotonic() < deadline:
+        time.sleep(0.001)  # the load polls the event: it has prepared and waits
+    assert stream_work.queries >= 3 and not result
+    assert _forward_waits(service) == 1
+    assert bool((pool[8:16] == -1.0).all()), "the load wrote a block before the stream's work ended"
+    stream_work.end()
+    load.join(10)
+    assert result == [64]
+    assert torch.equal(pool[8:16], pool[0:8])
+
+
+def test_a_load_whose_stream_work_never_ends_expires_and_writes_nothing(service: CacheService) -> None:
+    cap = _register(service, [Forward()])
+    assert service.handle(_store(cap, None), _call(5)) == 64
+    pool = service.instances.get(3).pool.tensor
+    pool[8:16].fill_(-1.0)
+    with pytest.raises(ServiceFailure, match="retrieve: the worker's forward did not end") as refused:
+        service.handle(_retrieve(cap, 0), _call(0.3))
+    assert refused.value.code is P.ErrorCode.EXPIRED
+    assert bool((pool[8:16] == -1.0).all())
+    assert service.engine.clear() == 2  # the load's pins went with it: both chunks may be dropped
+
+
 def test_a_forward_that_never_ends_expires_the_store_and_copies_nothing(service: CacheService) -> None:
     cap = _register(service, [Forward()])  # a worker that died before its forward ended
     call = _call(0.3)
@@ -142,15 +184,18 @@ def test_an_event_the_server_did_not_open_or_a_store_without_timeout_is_refused(
     assert _lookup(service, cap) == 0
 
 
-def test_one_store_at_a_time_waits_for_an_event() -> None:
+def test_one_request_at_a_time_waits_for_an_event() -> None:
     awaited: set[int] = set()
-    first = WorkerForward(Forward(), lambda: False, awaited, 2)
+    first = WorkerForward(Forward(), lambda: False, awaited, 2, "store")
     with first:
         assert awaited == {2}
-        with pytest.raises(ServiceFailure) as refused, WorkerForward(Forward(), lambda: False, awaited, 2):
+        with (
+            pytest.raises(ServiceFailure) as refused,
+            WorkerForward(Forward(), lambda: False, awaited, 2, "store"),
+        ):
             pass
         assert refused.value.code is P.ErrorCode.LIMIT
-        with WorkerForward(Forward(), lambda: False, awaited, 1):
+        with WorkerForward(Forward(), lambda: False, awaited, 1, "store"):
             assert awaited == {1, 2}
     assert awaited == set()
 

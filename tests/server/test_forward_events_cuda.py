@@ -1,8 +1,11 @@
-"""A worker that dies mid-forward, on CUDA (export mode; runs on a GPU machine).
+"""Forward events on CUDA (export mode; runs on a GPU machine).
 
-Its store names the forward's event, which then never completes (benchmarks/RESULTS.md, D92): the
-server must neither wedge nor copy. The store waits on the host until the request's deadline, nothing
-of it is published, the worker is reaped, and other clients are served meanwhile.
+- A worker that dies mid-forward: its store names the forward's event, which then never completes
+  (benchmarks/RESULTS.md, D92); the server must neither wedge nor copy. The store waits on the host
+  until the request's deadline, nothing of it is published, the worker is reaped, and other clients
+  are served meanwhile.
+- A load names the work on its stream before it: the server writes the blocks after that work, and
+  the worker does not wait for it on the host.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ STORE_TIMEOUT_S = 15.0
 """The dying worker's store deadline: how long the server waits for its forward."""
 PROBE_TIMEOUT_S = 5.0
 """The other client's calls: they must not wait behind that store."""
+STREAM_WORK_CYCLES = 4_000_000_000
+"""About 2 s of GPU clock: the work on a stream before a load."""
 
 
 def test_a_worker_killed_mid_forward_costs_the_server_one_waiting_store(
@@ -79,3 +84,41 @@ def test_a_worker_killed_mid_forward_costs_the_server_one_waiting_store(
         worker.kill()
         worker.wait(timeout=30)
     assert "internal error" not in server.log()
+
+
+def test_an_exported_pools_load_names_the_streams_work_and_the_server_writes_after_it(
+    start_server: Callable[..., ServerProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load given the stream that reads the blocks next names an event after that stream's work so
+    far: the worker never waits for the stream on the host, the server's copies land after that work
+    (which writes the load's blocks last), and the call returns once they landed."""
+    server = start_server("--chunk-size", "64", *pool_modes.server_args(pool_modes.EXPORT))
+    pool = allocate_cudamalloc_pool((64, 2, 2, TPB * 16), torch.float32, 0)
+    pool[:8].copy_(torch.randn(8, 2, 2, TPB * 16))
+    tokens, target = list(range(8000, 8064)), [40, 9, 33, 20, 41, 12, 30, 25]
+    waited: list[object] = []
+
+    def recorded(what: str, wait: Callable[[object], None]) -> Callable[[object], None]:
+        def synchronize(self: object) -> None:
+            waited.append(what)
+            wait(self)
+
+        return synchronize
+
+    with CacheServerClient(server.ipc_url, timeout_s=20) as client:
+        pool_modes.register(client, pool, pool_modes.EXPORT, MODEL, TPB)
+        assert client.store(BlockTransfer(tokens, None, list(range(8)), 0, 64)) == 64
+        assert client.lookup(tokens, pin_id="req") == 64
+        torch.cuda.synchronize()
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(STREAM_WORK_CYCLES)
+            pool.index_fill_(0, torch.tensor(target, device=pool.device), -1.0)  # written last
+        monkeypatch.setattr(
+            torch.cuda.Stream, "synchronize", recorded("stream", torch.cuda.Stream.synchronize)
+        )
+        monkeypatch.setattr(torch.cuda.Event, "synchronize", recorded("event", torch.cuda.Event.synchronize))
+        assert client.retrieve(BlockTransfer(tokens, None, target, 0, 64), pin_id="req", stream=stream) == 64
+        assert waited == [], "the worker waited on the host for the stream's work"
+        assert stream.query(), "the load returned before the stream's work ended"
+    assert torch.equal(pool[target], pool[:8])

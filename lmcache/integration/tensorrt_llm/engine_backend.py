@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from lmcache import cudart
-from lmcache.chunk_copy import CopyBatcher, StoreStart
+from lmcache.chunk_copy import CopyBatcher, CopyStart
 from lmcache.config import load_engine_config
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.forward_gate import FORWARD
@@ -369,7 +369,7 @@ class EngineTransfers:
         def store(transfer: Transfer, pool: EnginePool, save_id: int) -> Any:
             block_transfer = transfer.for_target(pool.pool.target)
 
-            def run(save_stream: Any, start: StoreStart) -> None:
+            def run(save_stream: Any, start: CopyStart) -> None:
                 engine.store(pool.space, rank, pool.pool.tensor, block_transfer, save_stream, start)
                 if incarnations is not None:  # the chunks this save covered, stored or found cached
                     FORWARD.wait()  # token prompts are hashed again: not while a forward is launched

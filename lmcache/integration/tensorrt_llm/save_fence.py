@@ -7,7 +7,7 @@ forward, which follows it on TRT-LLM's stream, by up to a save's length (benchma
 So a save's copies are ordered after the executor's stream as it stands at the worker's next hook,
 which comes after sampling: ``get_finished``, else the next ``start_load_kv``. Its host work
 (hashing, reserving) does not wait: a :class:`SaveFence` is the store's
-:class:`lmcache.chunk_copy.StoreStart`. A save whose release does not come (an executor that skips
+:class:`lmcache.chunk_copy.CopyStart`. A save whose release does not come (an executor that skips
 ``get_finished`` and goes idle) copies after the forward alone, at most ``RELEASE_TIMEOUT_S`` late.
 """
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lmcache import cudart
-from lmcache.chunk_copy import StoreStart
+from lmcache.chunk_copy import CopyStart
 from lmcache.integration.tensorrt_llm.save_fence import SaveFence
 from lmcache.logging import init_logger
 from lmcache.rate_limit import RateLimitedLog
@@ -32,9 +32,9 @@ class SaveQueue:
         self._thread = cudart.background_thread(name, device.index if device.type == "cuda" else None)
         self._failed = RateLimitedLog(logger, interval_s=60)
 
-    def submit(self, store: Callable[[Any, StoreStart], object], fence: SaveFence) -> Future[Any]:
+    def submit(self, store: Callable[[Any, CopyStart], object], fence: SaveFence) -> Future[Any]:
         """Run ``store(stream, fence)`` on the saver thread: its copies on ``stream`` wait for ``fence``
-        (:class:`lmcache.chunk_copy.StoreStart`), its host work does not. The future's result is the
+        (:class:`lmcache.chunk_copy.CopyStart`), its host work does not. The future's result is the
         CUDA event of the copies (None on CPU); the blocks must stay untouched until it has completed.
 
         A store that raises is logged and dropped (its chunks stay misses): the future still completes

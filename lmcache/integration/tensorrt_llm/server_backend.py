@@ -432,7 +432,8 @@ class ServerTransfers:
         owners = context if isinstance(context, dict) else {}
         if not plan.is_async:
             # Ordered against ``stream`` by the client: on the device for shared-L1 pools (the copies
-            # may still run when this returns, ``stream`` waits for them), by the host for exported ones.
+            # may still run when this returns, ``stream`` waits for them); an exported pool's server
+            # copies once an event recorded on it completed, and this returns once they landed.
             self._load(plan, owners, stream, layers)
             return lambda: True
         after = None
