@@ -1,8 +1,10 @@
-"""A store given a start prepares every chunk at once and copies only once the start lets it (D67)."""
+"""A store (or a whole load) given a start prepares every chunk at once and copies only once the start
+lets it (D67)."""
 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine, KeySpace
 from lmcache.forward_gate import FORWARD
 from lmcache.integration.tensorrt_llm.save_fence import SaveFence
+from lmcache.layered_load import LayerReady
 from lmcache.layout import PoolLayout
 from lmcache.transfer import BlockTransfer
 
@@ -114,9 +117,36 @@ def test_a_store_released_late_copies_in_batches_that_let_a_forward_launch_betwe
     assert torch.equal(pool[dst], pool[: len(dst)])
 
 
-def test_only_a_store_takes_a_start() -> None:
-    with pytest.raises(ValueError, match="only stores"):
-        CopyBatcher(torch.zeros(4, 8), None, store=False, start=EventStart(None))
+def test_a_layer_wise_load_takes_no_start() -> None:
+    with pytest.raises(ValueError, match="a layer-wise load waits for no start"):
+        CopyBatcher(torch.zeros(4, 8), None, store=False, layers=LayerReady(4), start=EventStart(None))
+
+
+def test_a_load_given_a_start_pins_every_chunk_and_writes_no_block_before_it() -> None:
+    """As the server loads into an exported pool after the worker's stream work (its forward event)."""
+    engine, space, pool = make()
+    assert engine.store(space, 0, pool, whole(SOURCE)) == len(TOKENS)
+    dst = list(range(16, 32))
+    pool[dst] = -1.0
+    start = _Start(engine, space)
+    loaded: list[int] = []
+    loader = threading.Thread(
+        target=lambda: loaded.append(engine.retrieve(space, 0, pool, whole(dst), copy_start=start))
+    )
+    loader.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not start.seen and time.monotonic() < deadline:
+            time.sleep(0.001)  # until the load waits for its start
+        assert start.seen, "the load never waited for its start"
+        assert engine.clear() == 0  # every chunk is pinned by then: none may be dropped
+        assert bool((pool[dst] == -1.0).all()), "a block was written before the start"
+    finally:
+        start.opened.set()
+    loader.join(timeout=10)
+    assert loaded == [len(TOKENS)]
+    assert torch.equal(pool[dst], pool[SOURCE])
+    assert engine.clear() == 4  # the load's pins went once it was done
 
 
 @pytest.mark.gpu
