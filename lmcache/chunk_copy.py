@@ -70,6 +70,13 @@ class EventStart:
 
     event: Any
 
+    @classmethod
+    def on(cls, stream: Any) -> EventStart:
+        """The start after the work on ``stream`` so far (a CUDA stream)."""
+        event = torch.cuda.Event()
+        event.record(stream)
+        return cls(event)
+
     @property
     def released(self) -> bool:
         return True

@@ -252,9 +252,9 @@ class Registrations:
 
     @contextlib.contextmanager
     def after_forward(self, instance_id: int, after: CopyStart | None) -> Iterator[int | None]:
-        """A store of an exported pool whose copies follow ``after`` (the forward): the ``after_event``
-        naming a forward event the server waits for, else None once the forward ended here (no event
-        left, or the server opened none)."""
+        """A transfer of an exported pool whose copies follow ``after`` (a store's forward): the
+        ``after_event`` naming a forward event the server waits for, else None once the forward ended
+        here (no event left, or the server opened none)."""
         forward = after.wait() if after is not None else None
         events = None if forward is None else self._forward_events(instance_id)
         if events is None:
@@ -267,19 +267,11 @@ class Registrations:
 
     @contextlib.contextmanager
     def after_stream(self, instance_id: int, stream: Any) -> Iterator[int | None]:
-        """A load into an exported pool after the work on ``stream`` so far: the ``after_event``
-        naming a forward event recorded after it, which the server waits for, else None once that
-        work ended here."""
-        events = self._forward_events(instance_id)
-        if events is None:
-            stream.synchronize()
-            yield None
-            return
-        import torch  # a CUDA pool's: loaded already
+        """A load into an exported pool after the work on ``stream`` so far: as :meth:`after_forward`
+        with that work as the forward."""
+        from lmcache.chunk_copy import EventStart  # imports torch: a CUDA pool's, loaded already
 
-        done = torch.cuda.Event()
-        done.record(stream)
-        with events.after(done) as index:
+        with self.after_forward(instance_id, EventStart.on(stream)) as index:
             yield index
 
     def _forward_events(self, instance_id: int) -> ForwardEvents | None:

@@ -7,9 +7,10 @@ handles with its pool's descriptor. For a store it records a free one after the 
 after the stream's work so far), on a relay stream of its own (nothing is added to TRT-LLM's
 streams), and names it in the request; the server prepares the transfer meanwhile and polls that
 event on the host before the first copy (:class:`WorkerForward`), giving up at the request's deadline.
-A load's worker still waits for the reply before its stream goes on: the blocks are written then. Neither process waits for the other's
-events on the device: an event whose process died never completes (benchmarks/RESULTS.md, D92), so a
-device wait on a crashed worker's event would stall the server's stream for good.
+A load's worker still waits for the reply before its stream goes on: the blocks are written then.
+Neither process waits for the other's events on the device: an event whose process died never
+completes (benchmarks/RESULTS.md, D92), so a device wait on a crashed worker's event would stall the
+server's stream for good.
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ class WorkerForward:
 
 
 _awaited_lock = threading.Lock()
+_by_handles: dict[tuple[bytes, ...], ForwardEvents] = {}
 
 
 class _Timed(Protocol):
@@ -173,6 +175,3 @@ def worker_forward(
         )
     op = "store" if isinstance(req, P.Store) else "retrieve"
     return WorkerForward(events[index], call.expiring, pool.awaited, index, op)
-
-
-_by_handles: dict[tuple[bytes, ...], ForwardEvents] = {}
