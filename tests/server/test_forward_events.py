@@ -91,18 +91,27 @@ def _forward_waits(service: CacheService) -> int:
     return instance.forward_waits
 
 
+def _waiting(
+    service: CacheService, req: P.Store | P.Retrieve, forward: Forward
+) -> tuple[threading.Thread, list[int]]:
+    """``req`` handled on a thread, once it polls ``forward`` (it has prepared and waits): the thread
+    and where its result goes."""
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(service.handle(req, _call(20))))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while forward.queries < 3 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert forward.queries >= 3 and not result
+    assert _forward_waits(service) == 1  # what `lmcache stats` shows of the instance meanwhile
+    return thread, result
+
+
 def test_a_store_copies_once_the_workers_forward_ended(service: CacheService) -> None:
     forward = Forward()
     cap = _register(service, [forward])
-    result: list[int] = []
-    store = threading.Thread(target=lambda: result.append(service.handle(_store(cap, 0), _call(20))))
-    store.start()
-    deadline = time.monotonic() + 10
-    while forward.queries < 3 and time.monotonic() < deadline:
-        time.sleep(0.001)  # the store polls the event: it has prepared and waits
-    assert forward.queries >= 3 and not result
+    store, result = _waiting(service, _store(cap, 0), forward)
     assert _lookup(service, cap) == 0  # nothing published while the forward runs
-    assert _forward_waits(service) == 1  # what `lmcache stats` shows of the instance meanwhile
     forward.end()
     store.join(10)
     assert result == [64]
@@ -124,14 +133,7 @@ def test_a_load_copies_once_the_work_before_it_on_the_workers_stream_ended(servi
     assert service.handle(_store(cap, None), _call(5)) == 64
     pool = service.instances.get(3).pool.tensor
     pool[8:16].fill_(-1.0)  # what the stream's earlier work left in the blocks the load writes
-    result: list[int] = []
-    load = threading.Thread(target=lambda: result.append(service.handle(_retrieve(cap, 0), _call(20))))
-    load.start()
-    deadline = time.monotonic() + 10
-    while stream_work.queries < 3 and time.monotonic() < deadline:
-        time.sleep(0.001)  # the load polls the event: it has prepared and waits
-    assert stream_work.queries >= 3 and not result
-    assert _forward_waits(service) == 1
+    load, result = _waiting(service, _retrieve(cap, 0), stream_work)
     assert bool((pool[8:16] == -1.0).all()), "the load wrote a block before the stream's work ended"
     stream_work.end()
     load.join(10)
