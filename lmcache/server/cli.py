@@ -338,7 +338,7 @@ def _print_summary(info: Any) -> None:
 
 def instance_line(inst: InstanceStats) -> str:
     """One registered instance as ``lmcache stats`` prints it; a shared-L1 instance with the slots
-    its lease holds ahead of its stores, an exported one with its stores waiting for a forward."""
+    its lease holds ahead of its stores, an exported one with its requests waiting for a forward."""
     line = (
         f"instance {inst.instance_id} pid {inst.pid} rank {inst.rank}/{inst.world_size} "
         f"{inst.model_name} {inst.sharing or inst.pool_kind} {inst.pool_shape} {inst.dtype} "
@@ -346,7 +346,7 @@ def instance_line(inst: InstanceStats) -> str:
     )
     if inst.sharing == "shared-l1":
         return line + f", {inst.leased_slots} leased slots"
-    return line + f", {inst.forward_waits} stores waiting for its forward" if inst.forward_waits else line
+    return line + f", {inst.forward_waits} requests waiting for its forward" if inst.forward_waits else line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,8 +26,9 @@ class InstanceStats(msgspec.Struct, kw_only=True):
     leased_slots: int = 0
     """Shared-L1 slots reserved ahead for its stores (counted in L1's ``used_bytes``)."""
     forward_waits: int = 0
-    """Its stores waiting for the worker's forward to end (an exported pool's, one per forward event):
-    one that stays for the request's timeout is a worker that died mid-forward."""
+    """Its stores and loads waiting for the worker's forward (a load: its stream's work) to end (an
+    exported pool's, one per forward event): one that stays for the request's timeout is a worker
+    that died mid-forward."""
 
 
 class StatsInfo(msgspec.Struct, kw_only=True):

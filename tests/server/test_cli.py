@@ -292,7 +292,7 @@ def test_an_instance_shows_its_leased_slots_or_its_stores_waiting_for_a_forward_
     assert instance_line(exported) == "instance 7 pid 12 rank 0/2 m cuda-ipc [4, 2] bf16 idle 0.5 s"
     assert (
         instance_line(waiting)
-        == "instance 7 pid 13 rank 0/2 m cuda-ipc [4, 2] bf16 idle 9.5 s, 2 stores waiting for its forward"
+        == "instance 7 pid 13 rank 0/2 m cuda-ipc [4, 2] bf16 idle 9.5 s, 2 requests waiting for its forward"
     )
 
 
