@@ -35,6 +35,7 @@ connection's next request. Replies go to a :class:`ReplySink` (the transport).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections import deque
@@ -121,11 +122,17 @@ class Dispatcher:
         one-way reports, which still run."""
         self.sink: ReplySink | None = None
         self._executor = ThreadPoolExecutor(max(1, config.max_workers), thread_name_prefix="lmcache-worker")
-        self._forward_waits = ThreadPoolExecutor(
-            max(1, config.max_workers), thread_name_prefix="lmcache-forward"
-        )
-        """Runs the stores that wait for a worker's forward first (``after_event``): a long wait never
-        holds a thread that lookups and loads need."""
+        self._forward_waits = {
+            op: ThreadPoolExecutor(
+                max(1, config.max_workers), thread_name_prefix=f"lmcache-forward-{op.__name__}"
+            )
+            for op in (P.Store, P.Retrieve)
+        }
+        """Run the stores, and the loads, that wait for a worker's forward first (``after_event``): a
+        long wait never holds a thread that lookups need, and a load never waits behind a store's."""
+        self._gone: set[Identity] = set()
+        """Connections closed while a request of theirs was queued or running: what those requests
+        wait for is given up (:meth:`Call.expiring`), their replies could not be delivered."""
         self._queues: dict[Identity, deque[tuple[Any, float, Peer, int]]] = {}
         self._queued_bytes: dict[Identity, int] = {}
         """Frame bytes of each connection's queued requests (``_queues``), counted against
@@ -165,7 +172,14 @@ class Dispatcher:
         """Finish the running and queued requests (once stopping, all but one-way reports are answered
         ``shutting_down``)."""
         self._executor.shutdown(wait=True)
-        self._forward_waits.shutdown(wait=True)
+        for executor in self._forward_waits.values():
+            executor.shutdown(wait=True)
+
+    def closed(self, identity: Identity) -> None:
+        """The connection ``identity`` is gone (I/O thread)."""
+        with self._lock:
+            if identity in self._running:
+                self._gone.add(identity)
 
     def _post(self, identity: Identity, reply: P.Reply) -> None:
         assert self.sink is not None, "Dispatcher.bind(sink) first"
@@ -295,7 +309,8 @@ class Dispatcher:
                 identity, req, self.execute(req, now, Call(peer, send_part=self._parts(identity, req)))
             )
             return
-        executor = self._forward_waits if getattr(req, "after_event", None) is not None else self._executor
+        waits = getattr(req, "after_event", None) is not None
+        executor = self._forward_waits[type(req)] if waits else self._executor
         try:
             executor.submit(self._drain, identity)
         except RuntimeError:  # shutting down
@@ -332,6 +347,7 @@ class Dispatcher:
                 q = self._queues.get(identity)
                 if not q:
                     self._running.discard(identity)
+                    self._gone.discard(identity)
                     self._queues.pop(identity, None)
                     self._queued_bytes.pop(identity, None)
                     return
@@ -342,7 +358,8 @@ class Dispatcher:
             if self.stopping.is_set() and not getattr(req, "one_way", False):
                 reply = framing.error_reply(req.rid, P.ErrorCode.SHUTTING_DOWN, "the server is shutting down")
             else:
-                call = Call(peer, cleanups=[], send_part=self._parts(identity, req))
+                gone = None if getattr(req, "one_way", False) else functools.partial(self._is_gone, identity)
+                call = Call(peer, cleanups=[], send_part=self._parts(identity, req), gone=gone)
                 reply = self.execute(req, received, call)
                 if call.cleanups:
                     # The client's next request waits in this queue until the cleanup is done.
@@ -355,6 +372,7 @@ class Dispatcher:
                 done = not self._queues.get(identity)
                 if done:
                     self._running.discard(identity)
+                    self._gone.discard(identity)
                     self._queues.pop(identity, None)
                     self._queued_bytes.pop(identity, None)
             if reply is not None:
@@ -365,6 +383,9 @@ class Dispatcher:
             self._executor.submit(self._drain, identity)
         except RuntimeError:
             self._answer_rest(identity)
+
+    def _is_gone(self, identity: Identity) -> bool:
+        return identity in self._gone
 
     def _answer_rest(self, identity: Identity) -> None:
         """The executor is shutting down: answer what is left in this connection's queue."""

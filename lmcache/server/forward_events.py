@@ -6,7 +6,8 @@ The worker makes a few interprocess CUDA events per device (:class:`ForwardEvent
 handles with its pool's descriptor. For a store it records a free one after the forward (for a load,
 after the stream's work so far), on a relay stream of its own (nothing is added to TRT-LLM's
 streams), and names it in the request; the server prepares the transfer meanwhile and polls that
-event on the host before the first copy (:class:`WorkerForward`), giving up at the request's deadline.
+event on the host before the first copy (:class:`WorkerForward`), giving up at the request's deadline
+or once the worker's connection closed (a worker that died).
 A load's worker still waits for the reply before its stream goes on: the blocks are written then.
 Neither process waits for the other's events on the device: an event whose process died never
 completes (benchmarks/RESULTS.md, D92), so a device wait on a crashed worker's event would stall the

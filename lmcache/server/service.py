@@ -77,6 +77,8 @@ class Call:
     """When a reply must leave for the client to have it before it gives up (``time.monotonic()``:
     the request's ``timeout_ms`` from its arrival, less a tenth of it, at most
     :data:`REPLY_MARGIN_S`, for the way back), or None: the client waits as long as it takes."""
+    gone: Callable[[], bool] | None = None
+    """Whether the request's connection has closed (its reply would be dropped); None: not told."""
 
     def set_timeout(self, received: float, timeout_ms: int | None) -> None:
         """The request arrived at ``received`` with ``timeout_ms`` (0 or None: no timeout)."""
@@ -85,8 +87,10 @@ class Call:
             self.deadline = received + timeout - min(REPLY_MARGIN_S, timeout / 10)
 
     def expiring(self) -> bool:
-        """Whether the reply, sent now, may come after the client gave up: what it grants (a
-        reservation, pins) would then be held for nobody."""
+        """Whether the reply, sent now, may come after the client gave up (or its connection closed):
+        what it grants (a reservation, pins) would then be held for nobody."""
+        if self.gone is not None and self.gone():
+            return True
         return self.deadline is not None and time.monotonic() > self.deadline
 
     def after_reply(self, cleanup: Callable[[], None]) -> None:

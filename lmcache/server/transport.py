@@ -59,6 +59,9 @@ class FrameReceiver(Protocol):
 
     def busy_poll(self, now: float) -> bool: ...
 
+    def closed(self, identity: Identity) -> None:
+        """The connection ``identity`` is gone: replies still due to it will be dropped."""
+
 
 class Connection:
     """A client's connection (one lane): frames in and out, each behind its length, over a
@@ -432,3 +435,4 @@ class ServerTransport:
         with conn.lock:  # no worker writes to the descriptor once closed (it may be reused)
             conn.closed = True
             conn.sock.close()
+        self.receiver.closed(conn.ident)

@@ -14,7 +14,7 @@ import pytest
 import raw_lane
 import torch
 from in_process_server import start_serving, stop_serving
-from support.server_process import CHUNK, MODEL, TPB, shared_pool
+from support.server_process import CHUNK, MODEL, TPB, shared_pool, wait_until
 
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine
@@ -243,3 +243,41 @@ def test_a_store_that_waits_for_a_forward_runs_beside_the_workers_that_serve_loo
         client.close()
         stop_serving(server, thread)
     assert threads[0].startswith("lmcache-worker") and threads[1].startswith("lmcache-forward")
+
+
+@pytest.mark.parametrize("op", ["store", "retrieve"])
+def test_a_request_waiting_for_a_forward_is_given_up_once_its_connection_closes(op: str, tmp_path) -> None:
+    """A worker that dies mid-forward closes its connections: its waiting request ends then, with
+    nothing copied (a load's pins released), long before its deadline."""
+    ipc = tmp_path / "s.sock"
+    server, thread = start_serving("export", ipc_path=str(ipc))
+    client = CacheServerClient(f"ipc://{ipc}", timeout_s=20.0)
+    try:
+        info = client.register(shared_pool(seed=7), 0, 1, MODEL, TPB, pool_sharing="export")
+        instance = server.service.instances.get(info.instance_id)
+        assert instance is not None
+        assert client.store(BlockTransfer(list(range(64)), None, list(range(8)), 0, 64)) == 64
+        forward = Forward()
+        instance.pool.forward_events = [forward]
+        fields = {
+            "instance_id": info.instance_id,
+            "cap": info.cap,
+            "block_ids": list(range(8, 16)),
+            "end": 64,
+        }
+        tokens = P.tokens_to_bytes(list(range(64)) if op == "retrieve" else list(range(100, 164)))
+        req = (P.Retrieve if op == "retrieve" else P.Store)(tokens=tokens, **fields)
+        req.after_event, req.timeout_ms, req.rid = 0, 600_000, 9
+        sock = raw_lane.connect(f"ipc://{ipc}")
+        sock.sendall(raw_lane.framed(P.encode(req)))
+        wait_until(lambda: forward.queries >= 3, "the request polling the forward")
+        errors = client.stats().errors
+        sock.close()
+        wait_until(lambda: client.stats().errors == errors + 1, "the request given up", limit_s=10)
+        assert client.stats().instances[0].forward_waits == 0
+        assert forward.queries > 0 and not forward.ended.is_set()
+        assert client.lookup(list(range(100, 164))) == 0  # no store published
+        assert client.clear() == 2  # no load's pins left behind
+    finally:
+        client.close()
+        stop_serving(server, thread)

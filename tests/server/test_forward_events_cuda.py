@@ -1,9 +1,9 @@
 """Forward events on CUDA (export mode; runs on a GPU machine).
 
 - A worker that dies mid-forward: its store names the forward's event, which then never completes
-  (benchmarks/RESULTS.md, D92); the server must neither wedge nor copy. The store waits on the host
-  until the request's deadline, nothing of it is published, the worker is reaped, and other clients
-  are served meanwhile.
+  (benchmarks/RESULTS.md, D92); the server must neither wedge nor copy. The store is given up (at
+  the latest at the request's deadline, at once since its connection closed), nothing of it is
+  published, the worker is reaped, and other clients are served meanwhile.
 - A load names the work on its stream before it: the server writes the blocks after that work, and
   the worker does not wait for it on the host.
 """
