@@ -274,6 +274,11 @@ class EngineCollector(Collector):
         yield _gauge(
             "lmcache_server_uptime_seconds", "Seconds since the cache server started.", info.uptime_s
         )
+        yield _gauge(
+            "lmcache_server_forward_waits",
+            "Stores and loads of exported pools waiting for their worker's forward to end.",
+            sum(i.forward_waits for i in info.instances),
+        )
         yield _counter("lmcache_server_requests", "Requests the cache server received.", info.requests)
         yield _counter(
             "lmcache_server_errors", "Requests the cache server answered with an error.", info.errors

@@ -207,6 +207,7 @@ def test_server_metrics_port_serves_metrics_and_health(workdir: Path) -> None:
             assert client.lookup(tokens) == len(tokens)
             samples = scrape(base)
         assert value(samples, "lmcache_server_connected_instances") == 1
+        assert value(samples, "lmcache_server_forward_waits") == 0
         assert value(samples, "lmcache_lookups_total") == 1
         assert value(samples, "lmcache_lookup_hit_tokens_total") == len(tokens)
         assert value(samples, "lmcache_stored_chunks_total") == 2

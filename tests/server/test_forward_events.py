@@ -18,6 +18,7 @@ from support.server_process import CHUNK, MODEL, TPB, shared_pool, wait_until
 
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine
+from lmcache.metrics import EngineCollector
 from lmcache.server import protocol as P
 from lmcache.server.client import CacheServerClient
 from lmcache.server.failures import ServiceFailure
@@ -87,7 +88,11 @@ def _lookup(service: CacheService, cap: bytes) -> int:
 
 
 def _forward_waits(service: CacheService) -> int:
+    """What ``lmcache stats`` shows of the instance's waiting requests, and ``/metrics`` of all."""
     (instance,) = service.stats().instances
+    metrics = EngineCollector(service.engine, service).collect()
+    (gauge,) = [m for m in metrics if m.name == "lmcache_server_forward_waits"]
+    assert gauge.samples[0].value == instance.forward_waits
     return instance.forward_waits
 
 
