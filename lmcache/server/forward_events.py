@@ -45,7 +45,7 @@ MAX_FORWARD_WAIT_S = 600.0
 
 class ForwardEvents:
     """The worker's interprocess events of one device, shared by its exported pools there; each names
-    one store's forward at a time."""
+    the forward of one request (a store, or a load) at a time."""
 
     def __init__(self, device: int) -> None:
         with torch.cuda.device(device):
