@@ -37,6 +37,7 @@ THIRD_PARTY_PRIVATE: dict[tuple[str, str], str] = {
     ("tests/test_layered_load_cuda.py", "_sleep"): "torch.cuda._sleep: keep a stream busy on demand",
     ("tests/server/forward_worker_proc.py", "_sleep"): "torch.cuda._sleep: a forward of minutes, one kernel",
     ("tests/server/test_forward_events_cuda.py", "_sleep"): "torch.cuda._sleep: keep a stream busy on demand",
+    ("benchmarks/bench_forward_waits.py", "_sleep"): "torch.cuda._sleep: events pending for seconds",
 }
 
 
