@@ -37,6 +37,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lmcache.server.forward_events import EVENT_POLL_S, WorkerForward  # noqa: E402
 
+GPU_CYCLES_PER_S = 2e9
+"""About an H100's or H200's clock: spinning this many cycles keeps a stream busy for at least a second."""
+
 
 class StandIn:
     """A forward event on the host: complete once :meth:`end` was called, which notes when."""
@@ -56,9 +59,8 @@ class StandIn:
 def pending_cuda_events(count: int, seconds: float) -> list[Any]:
     """``count`` interprocess events recorded behind ``seconds`` of spinning on a side stream."""
     stream = torch.cuda.Stream()
-    rate = torch.cuda.get_device_properties(0).clock_rate * 1000  # kHz -> cycles per second
     with torch.cuda.stream(stream):
-        torch.cuda._sleep(int(seconds * rate))
+        torch.cuda._sleep(int(seconds * GPU_CYCLES_PER_S))
     events = [torch.cuda.Event(interprocess=True) for _ in range(count)]
     for event in events:
         event.record(stream)
