@@ -414,3 +414,11 @@ def test_multi_engine_refuses_an_l1_its_loads_would_overflow(tmp_path: Path) -> 
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and not (tmp_path / "e.json").exists()
     assert "--l1-size-gb 0.001 cannot hold the 16 requests" in proc.stderr
+
+
+def test_bench_forward_waits(tmp_path: Path) -> None:
+    args = ["--device", "cpu", "--waiters", "1", "4", "--seconds", "0.2", "--repeats", "10"]
+    data = run_bench("bench_forward_waits.py", tmp_path / "w.json", *args, model_args=[])
+    for count in ("1", "4"):
+        assert data[count]["work_ratio"] > 0
+        assert 0 < data[count]["wake_p50_us"] <= data[count]["wake_p99_us"]
