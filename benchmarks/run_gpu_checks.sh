@@ -90,7 +90,10 @@ for part in $parts; do
         python3 benchmarks/bench_mp_latency.py --out "$out/mp_latency.json"
         for preset in lmcache lmcache-mp; do
             python3 benchmarks/bench_lookup.py --preset $preset --out "$out/lookup_$preset.json"
-        done ;;
+        done
+        # exported requests waiting for workers' forwards: their cost to the server's other work (D96)
+        python3 benchmarks/bench_forward_waits.py --device cuda --waiters 1 4 8 16 32 \
+            --out "$out/forward_waits.json" ;;
     pinning)
         python3 benchmarks/bench_pinning.py --out "$out/pinning.json" ;;
     ttft)
