@@ -136,7 +136,9 @@ class WorkerForward:
         return bool(self._event.query())
 
     def wait(self) -> None:
-        """Return once the forward ended (no device order is needed then); raise past the deadline."""
+        """Return once the forward ended (no device order is needed then); raise past the deadline.
+        Each waiting request polls on its own thread: one thread polling for all of them would wake
+        the others later than they notice themselves (benchmarks/RESULTS.md, D96)."""
         while not self._event.query():
             if self._expiring() or time.monotonic() - self._began > MAX_FORWARD_WAIT_S:
                 raise ServiceFailure(
