@@ -450,7 +450,7 @@ class CacheServerClient:
         req.auth = self.credentials.secret()
         if isinstance(req, P.Heartbeat):
             req.caps = [self.registrations.cap(iid) for iid in req.instance_ids]
-        elif isinstance(req, (P.StoreDone, P.LoadDone)) and req.cap:
+        elif isinstance(req, (P.StoreDone, P.LoadDone, P.Abandon)) and req.cap:
             pass  # a report carries the capability its ticket was granted to (client_shared_l1)
         elif hasattr(req, "cap"):  # the current one: a retry after re-registering has a new one
             req.cap = self.registrations.cap(req.instance_id) or req.cap

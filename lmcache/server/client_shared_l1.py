@@ -18,7 +18,9 @@ request sent after the report, on this connection or another (the scheduler's lo
 is reported done), after it (see :mod:`lmcache.server.dispatch`). A report that
 cannot reach the server is not retried: a server that restarted has no ticket or lease to close,
 and one that stays up reaps the instance's with the instance. A store whose report could not be
-sent fails (nothing was published); a load whose copy completed counts.
+sent fails (nothing was published); a load whose copy completed counts. A ``store_reserve`` or
+``load`` whose reply this client never read (the call timed out, its lane broke) is named in a
+one-way ``abandon``, sent the same way, so the server gives back what that reply granted.
 """
 
 from __future__ import annotations
@@ -282,14 +284,21 @@ class SharedL1Transfers:
         except BaseException as e:
             if batch is not None:
                 copier.abandon(batch)  # no copy may still write into a slot once it is given back
+            reply_lost = report.reply is None and isinstance(e, ServerUnavailable)
             if wait_reply is not None:  # its reservation must be given back too
-                with contextlib.suppress(ServerUnavailable, ServerError):
+                try:
                     report.reply = wait_reply.next()[0]
                     copier.add_leases(report.reply)
+                except ServerUnavailable:
+                    reply_lost = True
+                except ServerError:
+                    pass
             report.cap = req.cap or lease_cap  # unsent reservation: the leases' own
             if not report.empty and not isinstance(e, UnknownInstance):  # else nothing to give back
                 with contextlib.suppress(ServerUnavailable, ServerError):
                     self._one_way(report.done(ok=False), timeout_s)()
+            if reply_lost:
+                self._abandon(req, timeout_s)
             raise
         if publish is not None:  # unsent, nothing is published: the store fails
             if transfer.start == 0:
@@ -415,31 +424,43 @@ class SharedL1Transfers:
             reply, more = parts.next()
             return batch, early, parts, reply, more
         except BaseException as e:
+            unused: P.LoadSlots | None = None
+            reply_lost = replied and isinstance(e, ServerUnavailable)
             if parts is not None and not replied:  # a copy failed while the reply was on its way
-                self._give_back_unread(parts, req, timeout_s)
+                unused, reply_lost = _read_first_part(parts)
             elif parts is not None:
                 parts.cancel()  # not read: its lane goes
             if batch is not None:  # the copies from the lookup's slots, whose pins may go with the error
                 copier.abandon(batch)
+            # Once no copy reads a slot the reply's ticket pins, its pins go.
+            if unused is not None and unused.ticket:
+                self._report_of(
+                    P.LoadDone(instance_id=req.instance_id, ticket=unused.ticket, cap=req.cap), timeout_s
+                )()
+            elif reply_lost:
+                self._abandon(req, timeout_s)
             if not isinstance(e, UnknownInstance):
                 raise
         # The server restarted or forgot us: the plain call registers again; all from the new server.
         req.first = 0
-        reply = self._call(req, P.LoadSlots, timeout_s, deadline=True)
+        try:
+            reply = self._call(req, P.LoadSlots, timeout_s, deadline=True)
+        except ServerUnavailable:
+            self._abandon(req, timeout_s)
+            raise
         guard = self._registrations.slots_guard(req.instance_id)  # the new registration's slots
         return copier.begin_load(transfer.block_ids, stream, layers, chunks, guard), {}, None, reply, False
 
-    def _give_back_unread(self, parts: Submitted[P.LoadSlots], req: P.Load, timeout_s: float | None) -> None:
-        """Read the first part of a load's reply no copy will use and release the pins its ticket holds
-        (else they stay held until the registration goes); its lane goes."""
-        try:
-            with contextlib.suppress(ServerUnavailable, ServerError):
-                reply, _ = parts.next()
-                if reply.ticket:
-                    done = P.LoadDone(instance_id=req.instance_id, ticket=reply.ticket, cap=req.cap)
-                    self._report_of(done, timeout_s)()
-        finally:
-            parts.cancel()
+    def _abandon(self, req: P.StoreReserve | P.Load, timeout_s: float | None) -> None:
+        """Tell the server this client never read the reply to ``req`` (its call failed first), so what
+        the reply granted goes back now, not with the registration (see
+        :mod:`lmcache.server.sent_grants`). Not retried, as reports are: a server that restarted holds
+        nothing of it, and one that stays up gives it back when it retires the instance."""
+        if not req.rid:  # never framed, never sent
+            return
+        abandon = P.Abandon(instance_id=req.instance_id, rids=[req.rid], cap=req.cap)
+        with contextlib.suppress(ServerUnavailable, ServerError):
+            self._one_way(abandon, timeout_s)()
 
     def _report_of(self, done: P.LoadDone, timeout_s: float | None) -> Callable[[], None]:
         """A load's ``load_done``, framed now (while its copies run); the call returned sends it. A
@@ -484,3 +505,17 @@ class SharedL1Transfers:
         if reports is not None:
             reports.shutdown(wait=True)
         self._registrations.close()
+
+
+def _read_first_part(parts: Submitted[P.LoadSlots]) -> tuple[P.LoadSlots | None, bool]:
+    """Read the first part of a load's reply that no copy will use (its ticket's pins are to go back),
+    then close its lane: the part (None if none could be read), and whether the reply was lost (not
+    read: the request is to be abandoned)."""
+    try:
+        return parts.next()[0], False
+    except ServerUnavailable:
+        return None, True
+    except ServerError:  # refused: nothing granted
+        return None, False
+    finally:
+        parts.cancel()

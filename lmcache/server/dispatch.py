@@ -15,17 +15,16 @@ round, each connection's frames in arrival order):
 * queues everything else on the connection's serial queue, run by the worker pool: requests of
   one connection run one at a time in arrival order, different connections in parallel.
 
-A one-way request (``one_way``: ``store_done``, ``load_done``, ``ping``, a claimed ``lookup_hashes``)
-gets no reply, not even an error, which is logged instead: its client reads none, so a reply would be
-read as the answer to its next request on that connection. That holds for a frame that fails to
-decode or validate too, once its header says ``one_way``; only a frame without a readable header is
-answered rid -1 (never sent by this package's client). It keeps its place in its connection's order
-like any other. A client reports a save done (and TRT-LLM learns of it) once its report is sent, and
-a report sent before a request on another connection is read in the same poll round as that request
-or an earlier one: served first, and inline when nothing of its connection waits and its cost fits
-the budget (a ticket of a few thousand chunks, or leased chunks deep into a long prompt, do not), it
-is published
-before that request looks.
+A one-way request (``one_way``: ``store_done``, ``load_done``, ``abandon``, ``ping``, a claimed
+``lookup_hashes``) gets no reply, not even an error, which is logged instead: its client reads none,
+so a reply would be read as the answer to its next request on that connection. That holds for a
+frame that fails to decode or validate too, once its header says ``one_way``; only a frame without a
+readable header is answered rid -1 (never sent by this package's client). It keeps its place in its
+connection's order like any other. A client reports a save done (and TRT-LLM learns of it) once its
+report is sent, and a report sent before a request on another connection is read in the same poll
+round as that request or an earlier one: served first, and inline when nothing of its connection
+waits and its cost fits the budget (a ticket of a few thousand chunks, or leased chunks deep into a
+long prompt, do not), it is published before that request looks.
 
 A handler may leave work for after its reply (:meth:`Call.after_reply
 <lmcache.server.service.Call.after_reply>`): the worker posts the reply, then runs it, before the

@@ -45,6 +45,8 @@ store_done     instance_id ticket ok                             int: tokens pub
 load           instance_id tokens cache_salt start end           :class:`LoadSlots`
                chunk_hashes pin_id pin_owner
 load_done      instance_id ticket                                bool (ticket was open)
+abandon        instance_id rids                                  int: replies given back; none if
+                                                                 ``one_way``
 l1_slabs       (none)                                            :class:`SlabList`
 =============  ===============================================  ==============================
 """
@@ -118,6 +120,7 @@ __all__ = [
     "StoreDone",
     "Load",
     "LoadDone",
+    "Abandon",
     "L1Slabs",
     "SlabList",
     "SlabInfo",
@@ -145,7 +148,7 @@ __all__ = [
     "WireIds",
 ]
 
-PROTOCOL_VERSION = 13
+PROTOCOL_VERSION = 14
 """Bumped on any incompatible change; client and server must agree exactly."""
 
 MAX_FRAME_BYTES = 64 << 20
@@ -161,12 +164,16 @@ MAX_NAME = 512
 MAX_SALT = 4096
 MAX_LEASE = 4096
 """Most leased slots one request may ask for or name."""
+MAX_ABANDONED = 64
+"""Most request ids one ``abandon`` names."""
 
 MAX_LIST_IDS = 1 << 16
 """Most ids a request may send as a msgpack list: the server's I/O thread decodes every frame, and a list
 costs it an object per id (bytes cost a copy); longer prompts and block lists travel as bytes."""
 
 UInt63 = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
+RequestId = Annotated[int, Meta(ge=1, le=(1 << 63) - 1)]
+"""A request's ``rid`` as a client numbers them, from 1 (0: not numbered)."""
 TokenIds = (
     Annotated[memoryview, Meta(max_length=8 * MAX_TOKENS)]
     | Annotated[list[int], Meta(max_length=MAX_LIST_IDS)]
@@ -393,6 +400,19 @@ class LoadDone(_Req, tag="load_done", kw_only=True):
     cap: Cap = None
 
 
+class Abandon(_Req, tag="abandon", kw_only=True):
+    """Shared-L1: the client never read the replies to its ``store_reserve`` or ``load`` requests
+    ``rids`` (its call timed out or its connection broke first), so it will never report them done:
+    what they granted (a ticket's reservation or pins, leased slots) goes back now, not with the
+    registration. A reply not sent yet grants nothing once abandoned. Reply: int, the replies whose
+    grants went back; none if ``one_way``."""
+
+    instance_id: UInt63
+    rids: Annotated[list[RequestId], Meta(min_length=1, max_length=MAX_ABANDONED)]
+    one_way: bool = False
+    cap: Cap = None
+
+
 class L1Slabs(_Req, tag="l1_slabs", kw_only=True):
     """The server's L1 slabs in shared memory, for a worker to map and page-lock before it registers
     a pool in the shared-L1 mode (reply :class:`SlabList`; empty slabs from a server that exports)."""
@@ -414,6 +434,7 @@ Request = (
     | StoreDone
     | Load
     | LoadDone
+    | Abandon
     | L1Slabs
 )
 REQUEST_TYPES: tuple[type[_Req], ...] = get_args(Request)

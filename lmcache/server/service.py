@@ -186,7 +186,7 @@ class CacheService:
         return P.SlabList(
             server_id=self.server_id,
             pool_sharing=self.config.pool_sharing,
-            slabs=shared.slabs() if shared is not None else [],
+            slabs=shared.announced.every_slab() if shared is not None else [],
             more=shared is not None and self.engine.l1.arena.prepinning,
         )
 
@@ -339,7 +339,7 @@ class CacheService:
             pool_sharing=self.config.pool_sharing,
             presence=self.presence,
             slabs_ahead=(
-                self.shared_l1.slabs_ahead(inst.registration)
+                self.shared_l1.announced.ahead(inst.registration)
                 if self.shared_l1 is not None and P.sharing_mode(inst.request.pool) == "shared-l1"
                 else []
             ),

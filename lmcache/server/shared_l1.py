@@ -10,6 +10,8 @@ gives them back. A load is ``load`` (its chunks pinned, a ticket) then ``load_do
 Tickets are per registration and bounded (:class:`TicketLimitExceeded`); a ticket one registration
 did not get is refused (:class:`BadTicket`). :meth:`SharedL1Service.forget` (reaping, unregistering)
 aborts a registration's reservations, leases and loads, so nothing half-written is ever published.
+What a reply the worker never read granted (its call failed first) goes back with the worker's
+``abandon`` (:mod:`lmcache.server.sent_grants`).
 
 The lease: each instance may hold a few reserved full-chunk slots not yet tied to a chunk
 (``store_reserve``'s ``lease``, capped at :attr:`SharedL1Service.max_lease_bytes`, all instances'
@@ -35,6 +37,8 @@ from lmcache.memory import SlotRef
 from lmcache.server import protocol as P
 from lmcache.server.prompts import InvalidPrompt, request_prompt
 from lmcache.server.reserved_shares import ReservedShares
+from lmcache.server.sent_grants import Grant, SentGrants
+from lmcache.server.slab_news import SlabAnnouncements
 from lmcache.shm_slabs import ShmSlabSource
 from lmcache.storage.cpu_store import CachedChunk
 
@@ -80,17 +84,6 @@ class InstanceScope:
 
 
 @dataclass(frozen=True)
-class SlabNews:
-    """What a reply tells an instance of the L1 slabs: ``slabs``, those its slots lie in (map before
-    copying); ``forget``, those it was told of that are gone; ``ahead``, those it was not told of yet
-    (map them when convenient: later slots will lie in them)."""
-
-    slabs: list[P.SlabInfo]
-    forget: list[int]
-    ahead: list[P.SlabInfo]
-
-
-@dataclass(frozen=True)
 class LeaseKey:
     """The L1 key a leased slot is reserved under until its chunk is known (never a chunk key)."""
 
@@ -118,8 +111,6 @@ class _InstanceState:
     leases: dict[int, LeaseKey] = field(default_factory=dict)
     filling: set[int] = field(default_factory=set)
     """Ids of leases a store is filling (a ``store_reserve`` named them): out of the lease's cap."""
-    slabs: set[int] = field(default_factory=set)
-    """Ids of the slabs this instance was told of."""
 
 
 class SharedL1Service:
@@ -147,6 +138,10 @@ class SharedL1Service:
         self._leased_bytes = 0
         """Bytes of every instance's leased slots (and of those being reserved)."""
         self._reserved = ReservedShares(capacity)
+        self.sent = SentGrants()
+        """What the replies sent granted, until an ``abandon`` may name them."""
+        self.announced = SlabAnnouncements(source)
+        """The slabs each registration was told of."""
         self._ids = itertools.count(1)
         self._states: dict[int, _InstanceState] = {}
         """Per registration (:attr:`InstanceScope.registration`)."""
@@ -183,7 +178,7 @@ class SharedL1Service:
         leased = self._lease(scope, req.lease, req.filling)
         ticket = self._open(scope.registration, _StoreTicket(scope.space, slots, nbytes)) if reserved else 0
         slab_ids = [c.slot.slab for c in chunks if c.slot is not None] + [x.slot.slab for x in leased]
-        news = self._slab_news(scope.registration, slab_ids)
+        news = self.announced.news(scope.registration, slab_ids)
         return P.StoreSlots(
             ticket=ticket,
             chunks=chunks,
@@ -197,11 +192,7 @@ class SharedL1Service:
     def undo_reserve(self, scope: InstanceScope, reply: P.StoreSlots) -> None:
         """Give back what ``reply`` granted (its reservation, the slots it leased), never sent: the
         client gave up waiting for it. The leases the request named as filling stay the client's."""
-        leases, _ = self._take_leases(scope.registration, [lease.id for lease in reply.leased])
-        self._release(leases)
-        ticket = self._close_if_open(scope, reply.ticket)
-        if isinstance(ticket, _StoreTicket):
-            self.engine.abort_store(ticket.slots)
+        self._give_back(scope, Grant(reply.ticket, tuple(lease.id for lease in reply.leased)))
 
     def store_done(self, scope: InstanceScope, req: P.StoreDone) -> int:
         """Publish the ticket's chunks and the leased slots named (``ok``), or give them all back;
@@ -303,7 +294,7 @@ class SharedL1Service:
     def _load_slots(
         self, scope: InstanceScope, ticket: int, hold: LoadHold, chunks: list[P.LoadChunk]
     ) -> P.LoadSlots:
-        news = self._slab_news(scope.registration, [c.slot.slab for c in chunks])
+        news = self.announced.news(scope.registration, [c.slot.slab for c in chunks])
         return P.LoadSlots(
             ticket=ticket,
             loaded=hold.loaded_end - hold.start,
@@ -319,8 +310,25 @@ class SharedL1Service:
 
     def undo_load(self, scope: InstanceScope, reply: P.LoadSlots) -> None:
         """Unpin what ``reply`` pinned, never sent: the client gave up waiting for it."""
-        ticket = self._close_if_open(scope, reply.ticket)
-        if isinstance(ticket, _LoadTicket):
+        self._give_back(scope, Grant(reply.ticket))
+
+    def abandon(self, scope: InstanceScope, rids: list[int]) -> int:
+        """Give back what the replies to ``rids`` granted, which the client never read (see
+        :mod:`lmcache.server.sent_grants`); returns how many replies' grants went back."""
+        grants = self.sent.abandon(scope.registration, rids)
+        for grant in grants:
+            self._give_back(scope, grant)
+        return len(grants)
+
+    def _give_back(self, scope: InstanceScope, grant: Grant) -> None:
+        """Close the grant's ticket if still open (a store's slots aborted, a load's unpinned) and free
+        its leased slots still held."""
+        leases, _ = self._take_leases(scope.registration, list(grant.leases))
+        self._release(leases)
+        ticket = self._close_if_open(scope, grant.ticket)
+        if isinstance(ticket, _StoreTicket):
+            self.engine.abort_store(ticket.slots)
+        elif isinstance(ticket, _LoadTicket):
             self.engine.finish_load(ticket.hold)
 
     def load_done(self, scope: InstanceScope, req: P.LoadDone) -> bool:
@@ -336,6 +344,8 @@ class SharedL1Service:
         """The registration is gone (reaped, unregistered, registered again): abort its reservations and
         release its loads; returns how many tickets were open."""
         self._reserved.forget(registration)
+        self.sent.forget(registration)
+        self.announced.forget(registration)
         with self._lock:
             state = self._states.pop(registration, None)
             if state is not None:
@@ -480,38 +490,3 @@ class SharedL1Service:
         chunk.wait_ready_on_host()
         ref = chunk.buffer.ref
         return P.SlotInfo(ref.slab, ref.offset, ref.nbytes, chunk.serial)
-
-    def slabs(self) -> list[P.SlabInfo]:
-        """Every live L1 slab (``l1_slabs``: a worker maps them before it registers)."""
-        return self._describe(sorted(self.source.live_ids()))
-
-    def slabs_ahead(self, registration: int) -> list[P.SlabInfo]:
-        """The L1 slabs the registration was not told of yet, from now on told: its reply hands them to
-        the worker to map ahead (``RegisterInfo.slabs_ahead``)."""
-        return self._slab_news(registration, []).ahead
-
-    def _slab_news(self, registration: int, slab_ids: list[int]) -> SlabNews:
-        """What a reply tells the instance of the slabs (see :class:`SlabNews`). Every reply describes
-        its own slabs: a worker's concurrent requests (a save and a load) may apply their replies in
-        any order, and each copy needs its slabs mapped."""
-        live = self.source.live_ids()
-        named = sorted(set(slab_ids))
-        with self._lock:
-            state = self._states.setdefault(registration, _InstanceState())
-            forget = sorted(state.slabs - live)
-            state.slabs -= set(forget)
-            ahead = sorted(live - state.slabs - set(named))
-            state.slabs |= set(named) | set(ahead)
-        return SlabNews(self._describe(named), forget, self._describe(ahead))
-
-    def _describe(self, slab_ids: list[int]) -> list[P.SlabInfo]:
-        infos = []
-        for slab_id in slab_ids:
-            info = self.source.describe(slab_id)
-            if info is not None:  # a slab named by a slot is alive: the slot holds it
-                infos.append(
-                    P.SlabInfo(
-                        id=info.id, name=info.name, nbytes=info.nbytes, kind=info.kind, channel=info.channel
-                    )
-                )
-        return infos

@@ -1,4 +1,4 @@
-"""The shared-L1 ops (``store_reserve``, ``store_done``, ``load``, ``load_done``) plugged into a
+"""The shared-L1 ops (``store_reserve``, ``store_done``, ``load``, ``load_done``, ``abandon``) plugged into a
 :class:`~lmcache.server.service.CacheService`: each names a registered instance with its capability,
 which gives the key space and rank :class:`~lmcache.server.shared_l1.SharedL1Service` works in.
 
@@ -16,6 +16,7 @@ from lmcache.logging import init_logger
 from lmcache.server import protocol as P
 from lmcache.server.failures import ServiceFailure
 from lmcache.server.instances import Instance
+from lmcache.server.sent_grants import Grant
 from lmcache.server.service import CacheService, Call
 from lmcache.server.shared_l1 import InstanceScope, SharedL1Error, SharedL1Service
 
@@ -33,7 +34,7 @@ class SharedL1Handlers:
 
     @classmethod
     def install(cls, service: CacheService, shared: SharedL1Service) -> SharedL1Handlers:
-        """Serve the four ops, accept ``shared_l1`` pools, forget an instance's tickets on retire."""
+        """Serve the five ops, accept ``shared_l1`` pools, forget an instance's tickets on retire."""
         handlers = cls(service, shared)
         service.shared_l1 = shared
         service.add_handlers(
@@ -42,6 +43,7 @@ class SharedL1Handlers:
                 P.StoreDone: handlers.store_done,
                 P.Load: handlers.load,
                 P.LoadDone: handlers.load_done,
+                P.Abandon: handlers.abandon,
             }
         )
         service.instances.on_retire.append(handlers.forget)
@@ -52,7 +54,8 @@ class SharedL1Handlers:
             scope = _scope(inst, "store_reserve")
             reply = self.shared.store_reserve(scope, req)
             self._forget_if_retired(inst)
-            if call.expiring():
+            grant = Grant(reply.ticket, tuple(lease.id for lease in reply.leased))
+            if call.expiring() or not self._sending(scope, req.rid, grant):
                 self.shared.undo_reserve(scope, reply)
                 raise _too_late("store_reserve", "nothing was reserved or leased")
             return reply
@@ -68,7 +71,7 @@ class SharedL1Handlers:
             parts_sent: list[P.LoadSlots] = []
 
             def send_part(part: P.LoadSlots) -> None:
-                if call.expiring():
+                if call.expiring() or not self._sending(scope, req.rid, Grant(part.ticket)):
                     raise _too_late("load", "nothing was pinned")
                 assert call.send_part is not None
                 call.send_part(part)
@@ -77,7 +80,11 @@ class SharedL1Handlers:
             try:
                 reply = self.shared.load(scope, req, send_part if call.send_part is not None else None)
                 self._forget_if_retired(inst)
-                if not parts_sent and reply.ticket and call.expiring():  # a part sent: the client closes it
+                if (
+                    not parts_sent  # a part sent: the client closes the ticket, or abandons the request
+                    and reply.ticket
+                    and (call.expiring() or not self._sending(scope, req.rid, Grant(reply.ticket)))
+                ):
                     self.shared.undo_load(scope, reply)
                     raise _too_late("load", "nothing was pinned")
                 return reply
@@ -88,6 +95,23 @@ class SharedL1Handlers:
     def load_done(self, req: P.LoadDone, call: Call) -> bool:
         with self.service.instances.use(req.instance_id, req.cap) as inst:
             return self.shared.load_done(_scope(inst, "load_done"), req)
+
+    def abandon(self, req: P.Abandon, call: Call) -> int:
+        with self.service.instances.use(req.instance_id, req.cap) as inst:
+            given_back = self.shared.abandon(_scope(inst, "abandon"), req.rids)
+        if given_back:
+            logger.info(
+                "instance %d: %d shared-L1 repl(ies) its worker never read given back (its calls failed "
+                "first: timed out or disconnected)",
+                req.instance_id,
+                given_back,
+            )
+        return given_back
+
+    def _sending(self, scope: InstanceScope, rid: int, grant: Grant) -> bool:
+        """Note what the reply to ``rid`` grants, about to be sent; False if its client abandoned it
+        already (the caller gives the grant back)."""
+        return not (grant.ticket or grant.leases) or self.shared.sent.note(scope.registration, rid, grant)
 
     def forget(self, inst: Instance) -> None:
         """Abort the retired instance's reservations and release its loads."""
