@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import pytest
+import torch
 from in_process_server import start_serving, stop_serving
 from raw_lane import connect, framed, read_reply
 from support.server_process import CHUNK, TPB, shared_pool
@@ -21,6 +22,7 @@ from lmcache.server.client_lanes import Lane
 from lmcache.transfer import BlockTransfer
 
 TIMEOUT_S = 2.0
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.fixture
@@ -73,22 +75,32 @@ def pinned(server: Any) -> int:
     return server.engine.snapshot().l1.pinned_chunks
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunks", [4, 6], ids=["one_part", "two_parts"])
-def test_a_load_whose_reply_was_never_read_leaves_no_ticket_and_no_pin(served, monkeypatch, chunks) -> None:
+def test_a_load_whose_reply_was_never_read_leaves_no_ticket_and_no_pin(
+    served, monkeypatch, chunks, device
+) -> None:
     server, client, _ = served
     shared = server.service.shared_l1
-    info = client.register(shared_pool(seed=5), 0, 1, "m", TPB, pool_sharing="shared-l1")
+    pool = shared_pool(seed=5).to(device)
+    info = client.register(pool, 0, 1, "m", TPB, pool_sharing="shared-l1")
     registration = server.service.instances.get(info.instance_id).registration
     assert client.store(transfer_of(chunks)) == chunks * CHUNK
+    stored = pool[: chunks * CHUNK // TPB].clone()
+    pool[: chunks * CHUNK // TPB] = 0
+    stream = torch.cuda.current_stream() if device == "cuda" else None
     with monkeypatch.context() as patch:
         sent = answered(server, patch, P.Load)
         blind_until(patch, sent)
         with pytest.raises(ServerUnavailable, match="no reply to load"):
-            client.retrieve(transfer_of(chunks), timeout_s=TIMEOUT_S)
+            client.retrieve(transfer_of(chunks), timeout_s=TIMEOUT_S, stream=stream)
     client.stats()  # served after the client's abandon, sent on this thread's lane
     assert shared.open_tickets(registration) == 0
     assert pinned(server) == 0
-    assert client.retrieve(transfer_of(chunks)) == chunks * CHUNK  # the instance loads on
+    assert client.retrieve(transfer_of(chunks), stream=stream) == chunks * CHUNK  # the instance loads on
+    if stream is not None:
+        stream.synchronize()
+    assert torch.equal(pool[: chunks * CHUNK // TPB], stored)
 
 
 def test_a_reservation_whose_reply_was_never_read_gives_its_slots_and_lease_back(served, monkeypatch) -> None:
