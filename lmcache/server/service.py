@@ -377,6 +377,14 @@ class CacheService:
             if key is not None:
                 claimed = isinstance(req, P.LookupHashes) and bool(req.claims)
                 self._record_pins(inst, key, hit, req.claimed_at if claimed else None)
+                if hit and call.expiring():  # its client gave up: no load will name these pins
+                    self.pins.release(key)
+                    raise ServiceFailure(
+                        P.ErrorCode.EXPIRED,
+                        "lookup finished after its client gave up (timed out, disconnected); its pins were "
+                        "released; the server is slow: raise the client's lookup_timeout_ms or the server's "
+                        "--max-workers",
+                    )
             if not req.slots:
                 return hit
             shared = self.shared_l1 if P.sharing_mode(inst.request.pool) == "shared-l1" else None
