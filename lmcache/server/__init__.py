@@ -3,7 +3,10 @@
 * :mod:`lmcache.server.cli` - ``python -m lmcache.v1.multiprocess.server`` (also ``python -m lmcache.server``)
 * :mod:`lmcache.server.server` - :class:`CacheServer`, one CacheEngine behind the stream sockets of the
   seed's URLs, assembled
-  from :mod:`~lmcache.server.service` (instances, pins, handlers, reaping, stats; no sockets),
+  from :mod:`~lmcache.server.service` (instances, pins, handlers, reaping, stats; no sockets) with its
+  handler groups (:mod:`~lmcache.server.export_transfers`, the server's own copies for a pool it
+  opened; :mod:`~lmcache.server.shared_l1_handlers`, the worker's copies into shared L1;
+  :mod:`~lmcache.server.claim_handlers`), each taking a :class:`~lmcache.server.calls.Call`,
   :mod:`~lmcache.server.dispatch` (admission, per-connection order, inline policy, workers) and
   :mod:`~lmcache.server.transport` / :mod:`~lmcache.server.listeners` (sockets, the I/O loop)
 * :mod:`lmcache.server.client` - :class:`CacheServerClient` (ops, registrations, credentials,

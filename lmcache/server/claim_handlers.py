@@ -18,10 +18,11 @@ import time
 from typing import Any
 
 from lmcache.server import protocol as P
+from lmcache.server.calls import Call, Handler
 from lmcache.server.claims import ClaimIndex
 from lmcache.server.instances import Instance
 from lmcache.server.prompts import request_prompt
-from lmcache.server.service import CacheService, Call, Handler
+from lmcache.server.service import CacheService
 
 __all__ = ["ClaimHandlers"]
 

@@ -27,7 +27,7 @@ waits and its cost fits the budget (a ticket of a few thousand chunks, or leased
 long prompt, do not), it is published before that request looks.
 
 A handler may leave work for after its reply (:meth:`Call.after_reply
-<lmcache.server.service.Call.after_reply>`): the worker posts the reply, then runs it, before the
+<lmcache.server.calls.Call.after_reply>`): the worker posts the reply, then runs it, before the
 connection's next request. Replies go to a :class:`ReplySink` (the transport).
 """
 
@@ -46,11 +46,12 @@ from lmcache.logging import init_logger
 from lmcache.rate_limit import RateLimitedLog
 from lmcache.server import framing
 from lmcache.server import protocol as P
+from lmcache.server.calls import Call
 from lmcache.server.failures import ServiceFailure
 from lmcache.server.inline_cost import InlineCosts
 from lmcache.server.pool_sharing import PoolSharingError
 from lmcache.server.security import Peer, PeerPolicy, group_id, secret_matches
-from lmcache.server.service import CacheService, Call
+from lmcache.server.service import CacheService
 from lmcache.server.settings import ServerConfig
 from lmcache.server.shared_l1 import SharedL1Error
 

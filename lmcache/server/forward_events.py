@@ -154,7 +154,7 @@ _by_handles: dict[tuple[bytes, ...], ForwardEvents] = {}
 
 
 class _Timed(Protocol):
-    """A request's call (:class:`lmcache.server.service.Call`): when its client gives up."""
+    """A request's call (:class:`lmcache.server.calls.Call`): when its client gives up."""
 
     deadline: float | None
 

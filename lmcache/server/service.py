@@ -1,8 +1,8 @@
 """The cache server's service: everything that is not transport.
 
 :class:`CacheService` turns decoded protocol requests into engine calls. Its handlers take a
-request and the :class:`Call` it arrived in (the authenticated :class:`Peer`, and where work that
-may wait until after the reply goes) and return the reply's value, or raise
+request and the :class:`~lmcache.server.calls.Call` it arrived in (the authenticated :class:`Peer`,
+and where work that may wait until after the reply goes) and return the reply's value, or raise
 :class:`~lmcache.server.failures.ServiceFailure` carrying the error code. Handlers are looked up in
 :attr:`CacheService.handlers` by message type: a new group of messages plugs in with
 :meth:`CacheService.add_handlers`, and per-instance state of such a group rides on
@@ -13,97 +13,40 @@ The service owns the instance registry, the pin table, the reaper's work (:meth:
 thread that calls it lives in the server assembly) and the stats (:meth:`stats`). All cache logic
 stays in :class:`lmcache.engine.CacheEngine`. No sockets, no threads: testable by calling it.
 
-CUDA ordering (host-synchronous at the boundaries): the client must have finished writing the
-blocks it asks to store before it sends ``store``; the service enqueues its copies on the
-instance's CUDA stream for saves, or for loads (apart, so that they overlap), and synchronizes that
-stream before ``store`` and ``retrieve`` return.
-So when a ``store`` reply arrives the client may overwrite those blocks, and when a ``retrieve``
-reply arrives the loaded blocks are in device memory, visible to any later work on any stream.
+``store`` and ``retrieve``, the copies between L1 and a pool the server opened itself, are
+:class:`~lmcache.server.export_transfers.ExportTransfers`; the shared-L1 ops plug in apart
+(:mod:`lmcache.server.shared_l1_handlers`).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import secrets
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
-
-import numpy as np
 
 from lmcache import gc_pauses
 from lmcache.chunk_copy import CopyBatcher, CopyStreams
 from lmcache.engine import CacheEngine, KeySpace
-from lmcache.keys import ChunkHashes
 from lmcache.layout import PoolLayout
 from lmcache.logging import init_logger
 from lmcache.server import protocol as P
+from lmcache.server.calls import Call, Handler
+from lmcache.server.export_transfers import ExportTransfers
 from lmcache.server.failures import ServerCounters, ServiceFailure
-from lmcache.server.forward_events import worker_forward
 from lmcache.server.instances import Instance, InstanceRegistry, client_key
 from lmcache.server.peer_process import PeerProcess
 from lmcache.server.pins import LookupPins, PinKey, PinRecord
-from lmcache.server.pool_sharing import PoolSharingError, open_pool
-from lmcache.server.prompts import InvalidPrompt, request_prompt
+from lmcache.server.pool_sharing import open_pool
 from lmcache.server.security import Peer, PeerPolicy
 from lmcache.server.settings import ServerConfig
-from lmcache.transfer import BlockTransfer
 
 if TYPE_CHECKING:
     from lmcache.server.shared_l1 import SharedL1Service
 
 logger = init_logger(__name__)
 
-__all__ = ["Call", "CacheService", "Handler"]
-
-
-REPLY_MARGIN_S = 1.0
-"""At most this much of a request's timeout is kept for its reply's way back (see :meth:`Call.expiring`)."""
-
-
-@dataclass
-class Call:
-    """The context of one request: who sent it, and the cleanups to run once its reply is out."""
-
-    peer: Peer
-    cleanups: list[Callable[[], None]] | None = None
-    """None: no reply is pending elsewhere, cleanups run at once."""
-    send_part: Callable[[Any], None] | None = None
-    """Sends a first part of the reply's value now (a reply with ``more``); None: parts are not
-    supported where the request runs, the handler answers whole."""
-    deadline: float | None = None
-    """When a reply must leave for the client to have it before it gives up (``time.monotonic()``:
-    the request's ``timeout_ms`` from its arrival, less a tenth of it, at most
-    :data:`REPLY_MARGIN_S`, for the way back), or None: the client waits as long as it takes."""
-    gone: Callable[[], bool] | None = None
-    """Whether the request's connection has closed (its reply would be dropped); None: not told."""
-
-    def set_timeout(self, received: float, timeout_ms: int | None) -> None:
-        """The request arrived at ``received`` with ``timeout_ms`` (0 or None: no timeout)."""
-        if timeout_ms:
-            timeout = timeout_ms / 1000
-            self.deadline = received + timeout - min(REPLY_MARGIN_S, timeout / 10)
-
-    def expiring(self) -> bool:
-        """Whether the reply, sent now, may come after the client gave up (or its connection closed):
-        what it grants (a reservation, pins) would then be held for nobody."""
-        if self.gone is not None and self.gone():
-            return True
-        return self.deadline is not None and time.monotonic() > self.deadline
-
-    def after_reply(self, cleanup: Callable[[], None]) -> None:
-        """Run ``cleanup`` once the reply is out: work the client need not wait for, still done
-        before the client's next request runs."""
-        if self.cleanups is None:
-            cleanup()
-        else:
-            self.cleanups.append(cleanup)
-
-
-Handler = Callable[[Any, Call], Any]
-"""A request handler: (decoded request, its call) -> the reply's value."""
+__all__ = ["CacheService"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -140,6 +83,7 @@ class CacheService:
         self.pins = LookupPins(engine)
         self.instances.on_retire.append(lambda inst: self.pins.release_owner(inst.instance_id))
         self.handlers: dict[type, Handler] = {}
+        self.exports = ExportTransfers(self)
         self.add_handlers(
             {
                 P.Ping: lambda req, call: self.ping(),
@@ -150,8 +94,8 @@ class CacheService:
                 P.Lookup: self.lookup,
                 P.LookupHashes: self.lookup,
                 P.Release: self.release,
-                P.Store: self.store,
-                P.Retrieve: self.retrieve,
+                P.Store: self.exports.store,
+                P.Retrieve: self.exports.retrieve,
                 P.Clear: lambda req, call: self.engine.clear(),
                 P.L1Slabs: lambda req, call: self.l1_slabs(),
             }
@@ -437,81 +381,6 @@ class CacheService:
             key = self.pin_key(inst, req.pin_owner, req.pin_id)
         return self.pins.release(key)
 
-    # ---- transfers ------------------------------------------------------------------------------
-
-    def _transfer_args(
-        self, req: P.Store | P.Retrieve, inst: Instance
-    ) -> BlockTransfer[np.ndarray | ChunkHashes]:
-        """The request's transfer: its prompt (token ids, or the chunk hashes the client sent instead),
-        salt, block ids and range."""
-        blocks = P.ids_from_wire(req.block_ids, "block_ids")
-        try:
-            prompt = request_prompt(self.engine, inst.space, req)
-        except InvalidPrompt as e:
-            raise ServiceFailure(P.ErrorCode.INVALID, str(e)) from None
-        # Only the blocks the range touches are read; others may be -1 (no page, e.g. a passed window).
-        num_blocks = inst.space.layout.num_blocks
-        tpb = inst.space.layout.tokens_per_block
-        used = blocks[req.start // tpb : -(-req.end // tpb)]
-        if len(used) and (int(used.min()) < 0 or int(used.max()) >= num_blocks):
-            raise ServiceFailure(
-                P.ErrorCode.INVALID,
-                f"block ids must be in [0, {num_blocks}) (the registered pool's blocks); got min "
-                f"{int(used.min())}, max {int(used.max())}",
-            )
-        if isinstance(req, P.Store) and _repeats(used):
-            self.counters.refuse("repeated_blocks")
-            raise ServiceFailure(
-                P.ErrorCode.INVALID, "block ids repeat: each block of a prompt holds distinct tokens"
-            )
-        if isinstance(inst.request.pool, P.SharedL1Pool):
-            raise ServiceFailure(
-                P.ErrorCode.INVALID,
-                f"instance {inst.instance_id} registered its pool in the shared-l1 mode: the server cannot "
-                "reach its blocks; send store_reserve / load and copy in the worker (CacheServerClient "
-                "does this itself)",
-            )
-        self._check_pool(inst)
-        return BlockTransfer(prompt, req.cache_salt, blocks.tolist(), req.start, req.end)
-
-    def _check_pool(self, inst: Instance) -> None:
-        """Refuse (and drop) an instance whose shared memory no longer backs its pool."""
-        try:
-            inst.pool.check()
-        except PoolSharingError as e:
-            self.counters.refuse("shrunk_pool")
-            self.instances.retire_now(inst, "its shared memory changed under the server")
-            raise ServiceFailure(P.ErrorCode.BAD_POOL, f"{e}; register the pool again") from None
-
-    def store(self, req: P.Store, call: Call) -> int:
-        with self.instances.use(req.instance_id, req.cap) as inst:
-            transfer = self._transfer_args(req, inst)
-            began = time.perf_counter()
-            stream = inst.streams.store if inst.streams else None
-            with worker_forward(inst.pool, inst.instance_id, req, call) as start:
-                args = (inst.space, inst.rank, inst.pool.tensor, transfer, stream)
-                stored = self.engine.store(*args, copy_start=start, guard=_in_time(call, "store"))
-            _copies_done(inst, stream, "store", stored, began)  # the client may reuse the blocks then
-            self._check_pool(inst)  # shrunk during the copy: what it read were zeros
-            return stored
-
-    def retrieve(self, req: P.Retrieve, call: Call) -> int:
-        with self.instances.use(req.instance_id, req.cap) as inst:
-            key = None if req.pin_id is None else self.pin_key(inst, req.pin_owner, req.pin_id)
-            try:
-                transfer = self._transfer_args(req, inst)
-                began = time.perf_counter()
-                stream = inst.streams.load if inst.streams else None
-                with worker_forward(inst.pool, inst.instance_id, req, call) as start:
-                    args = (inst.space, inst.rank, inst.pool.tensor, transfer, stream)
-                    loaded = self.engine.retrieve(*args, guard=_in_time(call, "retrieve"), copy_start=start)
-                _copies_done(inst, stream, "retrieve", loaded, began)  # the blocks are in place then
-                self._check_pool(inst)
-                return loaded
-            finally:
-                if key is not None:  # the blocks are loaded (or the load failed): the pins may go
-                    call.after_reply(functools.partial(self.pins.rank_done, key, inst.rank))
-
 
 def _check_sharing(
     desc: P.PoolDescriptor, peer: Peer, policy: str, l1_shared: bool, counters: ServerCounters
@@ -542,44 +411,6 @@ def _check_sharing(
             P.ErrorCode.BAD_POOL,
             "this server's L1 is not in shared memory, so it cannot take a shared-l1 pool; register "
             "with LMCACHE_POOL_SHARING=export (the server's engine must come from server_engine())",
-        )
-
-
-def _repeats(ids: np.ndarray) -> bool:
-    """Whether a value occurs twice in ``ids`` (by sorting: ``np.unique`` imports ``numpy.ma`` on its
-    first call, a stall on a server's first store)."""
-    ordered = np.sort(ids)
-    return bool((ordered[1:] == ordered[:-1]).any())
-
-
-def _in_time(call: Call, op: str) -> Callable[[], None]:
-    """A copy batch's guard: once the client may have given up on the request, its blocks may be
-    another request's (TRT-LLM reuses them): no further copy reads or writes them."""
-
-    def check() -> None:
-        if call.expiring():
-            raise ServiceFailure(
-                P.ErrorCode.EXPIRED,
-                f"{op} ran past the client's timeout_ms, its blocks may be reused by now: the copies left "
-                "were not made; the server is slow: retry, or raise the client's timeout",
-            )
-
-    return check
-
-
-def _copies_done(inst: Instance, stream: Any, op: str, tokens: int, began: float) -> None:
-    """Wait for the call's copies on ``stream`` (CUDA pools); DEBUG-log where the call's time went."""
-    enqueued = time.perf_counter()
-    if stream is not None:
-        stream.synchronize()
-    if logger.isEnabledFor(logging.DEBUG):
-        logger.debug(
-            "%s of %d tokens for instance %d: %.2f ms to enqueue, %.2f ms more until copied",
-            op,
-            tokens,
-            inst.instance_id,
-            (enqueued - began) * 1e3,
-            (time.perf_counter() - enqueued) * 1e3,
         )
 
 

@@ -14,10 +14,11 @@ import functools
 
 from lmcache.logging import init_logger
 from lmcache.server import protocol as P
+from lmcache.server.calls import Call
 from lmcache.server.failures import ServiceFailure
 from lmcache.server.instances import Instance
 from lmcache.server.sent_grants import Grant
-from lmcache.server.service import CacheService, Call
+from lmcache.server.service import CacheService
 from lmcache.server.shared_l1 import InstanceScope, SharedL1Error, SharedL1Service
 
 logger = init_logger(__name__)

@@ -20,12 +20,14 @@ from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine
 from lmcache.metrics import EngineCollector
 from lmcache.server import protocol as P
+from lmcache.server.calls import Call
 from lmcache.server.client import CacheServerClient
+from lmcache.server.export_transfers import ExportTransfers
 from lmcache.server.failures import ServiceFailure
 from lmcache.server.forward_events import WorkerForward
 from lmcache.server.pool_sharing import describe_pool
 from lmcache.server.security import Peer
-from lmcache.server.service import CacheService, Call
+from lmcache.server.service import CacheService
 from lmcache.server.settings import ServerConfig
 from lmcache.transfer import BlockTransfer
 
@@ -222,13 +224,13 @@ def test_a_store_that_waits_for_a_forward_runs_beside_the_workers_that_serve_loo
     """Such a store may wait a whole forward: it runs on threads of its own, not the ones that serve
     lookups and loads."""
     threads: list[str] = []
-    store = CacheService.store
+    store = ExportTransfers.store
 
-    def recorded(self: CacheService, req: P.Store, call: Call) -> int:
+    def recorded(self: ExportTransfers, req: P.Store, call: Call) -> int:
         threads.append(threading.current_thread().name)
         return store(self, req, call)
 
-    monkeypatch.setattr(CacheService, "store", recorded)
+    monkeypatch.setattr(ExportTransfers, "store", recorded)
     ipc = tmp_path / "s.sock"
     server, thread = start_serving("export", ipc_path=str(ipc))
     client = CacheServerClient(f"ipc://{ipc}", timeout_s=20.0)

@@ -19,10 +19,11 @@ from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine
 from lmcache.server import inline_cost
 from lmcache.server import protocol as P
+from lmcache.server.calls import Call
 from lmcache.server.dispatch import Admission, Dispatcher
 from lmcache.server.inline_cost import CHUNK_COST
 from lmcache.server.security import Peer
-from lmcache.server.service import CacheService, Call
+from lmcache.server.service import CacheService
 from lmcache.server.settings import ServerConfig
 from lmcache.server.shared_l1 import SharedL1Service
 from lmcache.server.shared_l1_handlers import SharedL1Handlers

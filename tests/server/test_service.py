@@ -12,10 +12,11 @@ from support.server_process import CHUNK, MODEL, TPB, shared_pool
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine
 from lmcache.server import protocol as P
+from lmcache.server.calls import Call
 from lmcache.server.failures import ServiceFailure
 from lmcache.server.pool_sharing import describe_pool
 from lmcache.server.security import Peer
-from lmcache.server.service import CacheService, Call
+from lmcache.server.service import CacheService
 from lmcache.server.settings import ServerConfig
 
 ME = Peer(os.geteuid(), os.getegid(), os.getpid())

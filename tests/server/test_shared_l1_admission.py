@@ -11,10 +11,11 @@ from support.server_process import CHUNK, MODEL, TPB
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine
 from lmcache.server import protocol as P
+from lmcache.server.calls import Call
 from lmcache.server.failures import ServiceFailure
 from lmcache.server.security import Peer
 from lmcache.server.server import ServerConfig
-from lmcache.server.service import CacheService, Call
+from lmcache.server.service import CacheService
 from lmcache.server.shared_l1 import SharedL1Service
 from lmcache.server.shared_l1_handlers import SharedL1Handlers
 from lmcache.shm_slabs import ShmSlabSource

@@ -17,10 +17,10 @@ from lmcache.chunk_copy import CopyBatcher
 from lmcache.layered_load import LayerReady
 from lmcache.server import framing
 from lmcache.server import protocol as P
+from lmcache.server.calls import Call
 from lmcache.server.client import CacheServerClient
 from lmcache.server.security import Peer
 from lmcache.server.server import CacheServer
-from lmcache.server.service import Call
 from lmcache.server.shared_l1_worker import SharedL1Copier
 from lmcache.transfer import BlockTransfer
 
