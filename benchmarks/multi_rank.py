@@ -23,7 +23,8 @@ reservations. Prints one line per scenario and mode; exits 1 on any failure.
 Scale (issue 18, item 3)::
 
     python benchmarks/multi_rank.py --bandwidth --ranks 1 2 4 8 --device cuda \\
-        [--model qwen2-1.5b] [--tokens 32768] [--iters 5] [--lookup-tokens 8192]
+        [--model qwen2-1.5b] [--tokens 32768] [--iters 5] [--lookup-tokens 8192] \\
+        [--pool-sharing export|shared-l1]
 
 For each rank count, every rank holds a pool shaped like one TP rank of ``--model`` (KV heads
 ``ceil(heads / ranks)``, bf16) and drives its preset's connector through TRT-LLM's calls: rank 0's
@@ -173,6 +174,8 @@ def rank_main(rank: int, world: int, job: dict[str, Any], init: str, out: str) -
     torch.set_num_threads(1)
     if job["preset"] == "lmcache":  # an engine per rank process: this rank's share of the L1
         os.environ["LMCACHE_MAX_LOCAL_CPU_SIZE"] = str(job["l1_size_gb"] / world)
+    if job["pool_sharing"]:
+        os.environ["LMCACHE_POOL_SHARING"] = job["pool_sharing"]  # this rank's, not the server's
     timeout = datetime.timedelta(seconds=job["collective_timeout_s"])
     dist.init_process_group(
         "gloo", init_method=f"file://{init}", rank=rank, world_size=world, timeout=timeout
@@ -369,6 +372,11 @@ def main() -> int:
         help="L1 of the server (lmcache: split over the rank processes); default: fits the run",
     )
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="per rank count, all ranks")
+    parser.add_argument(
+        "--pool-sharing",
+        choices=("auto", "export", "shared-l1"),
+        help="lmcache-mp: how the ranks share their pools (each rank's LMCACHE_POOL_SHARING)",
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -407,6 +415,7 @@ def main() -> int:
         "lookup_tokens": args.lookup_tokens,
         "lookups": args.lookups,
         "l1_size_gb": args.l1_size_gb,
+        "pool_sharing": args.pool_sharing,
         "collective_timeout_s": min(args.timeout_s, 600.0),
     }
     runs = []
