@@ -35,7 +35,8 @@ run: the same number of plain ``copy_``s of the same bytes at once (pinned host 
 device to host and back. Reported per rank count: aggregate GB/s (all ranks' bytes over the
 slowest rank's time from a common barrier), the ratio to the concurrent copies, and rank 0's
 ``get_num_new_matched_tokens`` latency (a ``--lookup-tokens`` prompt, hashing, lookup and pin)
-p50/p99 while the transfers run, beside the same latency idle. Iteration 0 warms up.
+p50/p99 while the transfers run (one every ``--lookup-interval-ms``), beside the same latency idle.
+Iteration 0 warms up.
 
 ``--out FILE`` writes everything as JSON.
 """
@@ -366,6 +367,12 @@ def main() -> int:
     parser.add_argument("--lookup-tokens", type=int, default=8192)
     parser.add_argument("--lookups", type=int, default=200, help="idle lookups timed before the transfers")
     parser.add_argument(
+        "--lookup-interval-ms",
+        type=float,
+        default=5.0,
+        help="rank 0's lookups during the transfers: one per interval (0: back to back)",
+    )
+    parser.add_argument(
         "--l1-size-gb",
         type=float,
         default=None,
@@ -414,6 +421,7 @@ def main() -> int:
         "iters": args.iters,
         "lookup_tokens": args.lookup_tokens,
         "lookups": args.lookups,
+        "lookup_interval_ms": args.lookup_interval_ms,
         "l1_size_gb": args.l1_size_gb,
         "pool_sharing": args.pool_sharing,
         "collective_timeout_s": min(args.timeout_s, 600.0),

@@ -123,10 +123,13 @@ class ConnectorRank:
 
 
 class LookupProbe:
-    """Rank 0: lookups of a cached prompt on a thread, back to back, while ``running``."""
+    """Rank 0: lookups of a cached prompt on a thread, one every ``interval_s`` (0: back to back), while
+    the block runs. A scheduler looks up as requests arrive, between its other work; back to back, the
+    probe's thread would take the rank's GIL and, in-process, its engine's lock from the transfers
+    timed beside it."""
 
-    def __init__(self, rank: ConnectorRank, req: LlmRequest) -> None:
-        self.rank, self.req = rank, req
+    def __init__(self, rank: ConnectorRank, req: LlmRequest, interval_s: float) -> None:
+        self.rank, self.req, self.interval_s = rank, req, interval_s
         self.samples: list[float] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -139,8 +142,10 @@ class LookupProbe:
         return self
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while True:
             self.samples.append(self.rank.lookup_us(self.req))
+            if self._stop.wait(self.interval_s):
+                return
 
     def __exit__(self, *exc: object) -> None:
         if self._thread is not None:
@@ -182,6 +187,7 @@ def run_bandwidth(job: dict[str, Any], ranks: ProcessGroupRanks, device: torch.d
     probe_req = LlmRequest(10**9, probe_tokens, 1)
     idle = [rank.lookup_us(probe_req) for _ in range(job["lookups"])] if rank.scheduler is not None else []
 
+    interval_s = job["lookup_interval_ms"] / 1e3
     store_s, load_s, d2h_s, h2d_s, under_load = [], [], [], [], []
     equal, hits_ok = True, True
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
@@ -192,10 +198,10 @@ def run_bandwidth(job: dict[str, Any], ranks: ProcessGroupRanks, device: torch.d
         pool[nb + 1 : 2 * nb + 2].zero_()  # the dst blocks
         rank.sync()
         req, _ = rank.schedule(tokens, src)
-        with LookupProbe(rank, probe_req) as during_store:
+        with LookupProbe(rank, probe_req, interval_s) as during_store:
             t_store = timed_together(ranks, lambda r=req: rank.store(r, job["collective_timeout_s"]))
         _, matched = rank.schedule(tokens, dst)
-        with LookupProbe(rank, probe_req) as during_load:
+        with LookupProbe(rank, probe_req, interval_s) as during_load:
             t_load = timed_together(ranks, rank.load)
         hits_ok = hits_ok and matched == n
         equal = equal and torch.equal(pool[src[:nb]], pool[dst[:nb]])
