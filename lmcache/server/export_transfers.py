@@ -2,18 +2,18 @@
 CUDA pool, mapped through CUDA IPC, or a CPU pool in shared memory), for a registered instance named
 with its capability.
 
-Every block id a request names is checked against the pool the server opened at registration, and
-a store's ids must not repeat. The copies of a request stop once its client may have given up (its
-blocks may be another request's by then), and its pool's shared memory is checked again after them.
+Every block id a request's token range touches is checked against the pool the server opened at
+registration (ids outside the range may be -1, no page), and a store's ids must not repeat. The
+copies of a request stop once its client may have given up (its blocks may be another request's by
+then), and its pool's shared memory is checked again after them.
 
 CUDA ordering (host-synchronous at the boundaries): the client must have finished writing the
 blocks it asks to store before it sends ``store``, unless it names an event that ends that work,
 which the server polls on the host before it copies (:mod:`lmcache.server.forward_events`); the
-copies go on the instance's CUDA stream for saves, or
-for loads (apart, so that they overlap), and that stream is synchronized before ``store`` and
-``retrieve`` return. So when a ``store`` reply arrives the client may overwrite those blocks, and when
-a ``retrieve`` reply arrives the loaded blocks are in device memory, visible to any later work on any
-stream.
+copies go on the instance's CUDA stream for saves, or for loads (apart, so that they overlap), and
+that stream is synchronized before ``store`` and ``retrieve`` return. So when a ``store`` reply
+arrives the client may overwrite those blocks, and when a ``retrieve`` reply arrives the loaded
+blocks are in device memory, visible to any later work on any stream.
 """
 
 from __future__ import annotations
