@@ -8,6 +8,10 @@ executor thread waits in a CUDA synchronization instead, modelled here by matrix
 the gap on the GPU and a stream sync, which leaves only the server's thread asleep. For
 ``lmcache-mp`` the server's ping is reported the same ways.
 
+After each hit, the pass's ``build_connector_meta`` (no request scheduled) is timed too
+(``hit_*_report_p50_us``): through the server a hit claimed in shared memory is reported to the server
+there, once per pass, not inside ``get_num_new_matched_tokens``.
+
     python benchmarks/bench_lookup.py --preset lmcache-mp [--tokens 8192 16384] [--out lookup.json]
 """
 
@@ -27,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_adapters import AdapterRig, report, rig_parser, start_cache  # noqa: E402
 from forward_load import Forward  # noqa: E402
 
+from lmcache.integration.tensorrt_llm._trtllm import SchedulerOutput  # noqa: E402
 from lmcache.server.client import CacheServerClient  # noqa: E402
 
 Wait = Callable[[], None]
@@ -76,12 +81,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError(f"a fresh {length}-token prompt matched {matched} tokens")
             return seconds
 
+        reports: list[float] = []
+        """Per hit, the following ``build_connector_meta``'s seconds."""
+
         for length in args.lengths:
             held = fresh(length)
             rig.save(held)  # one prompt the cache holds
 
             def hit(held: list[int] = held, length: int = length) -> float:
                 request, matched, seconds = rig.lookup(held)
+                began = time.perf_counter()
+                rig.scheduler.build_connector_meta(SchedulerOutput())
+                reports.append(time.perf_counter() - began)
                 rig.scheduler.request_finished(request, [])  # releases the pins
                 if matched != (length - 1) // args.tokens_per_block * args.tokens_per_block:
                     raise RuntimeError(f"a {length}-token prompt the cache holds matched {matched} tokens")
@@ -90,7 +101,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             figures: dict[str, float] = {}
             for kind, fn in (("miss", lambda length=length: miss(length)), ("hit", hit)):
                 for name, wait in conditions.items():
+                    reports.clear()
                     figures[f"{kind}_{name}_p50_us"] = p50_us(fn, args.count, wait)
+                    if reports:
+                        figures[f"{kind}_{name}_report_p50_us"] = round(statistics.median(reports) * 1e6, 1)
             results[str(length)] = figures
         if url is not None:
             with CacheServerClient(url, timeout_s=30) as client:

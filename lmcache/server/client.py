@@ -164,7 +164,10 @@ class CacheServerClient:
         # The stores and loads of pools it copies for itself.
         self.shared_l1 = SharedL1Transfers(self._call, self._submit, self._one_way, self.registrations)
         self.claimed = ClaimedLookups(
-            self.registrations, self.shared_l1, self._one_way, lambda: self.lanes.down
+            self.registrations,
+            self.shared_l1,
+            functools.partial(self._one_way, report_first=False),
+            lambda: self.lanes.down,
         )
         self._hb: threading.Thread | None = None
         if heartbeat_interval_s > 0:
@@ -252,22 +255,31 @@ class CacheServerClient:
         chunk_hashes: PromptHashes | None = None,
         instance_id: int | None = None,
         timeout_s: float | None = None,
+        report_later: bool = False,
     ) -> int:
         """Tokens of the longest prefix cached for every rank of this instance's world.
 
         With ``pin_id`` the hit stays pinned until every rank retrieved with that pin id (and
         ``pin_owner`` = this instance), ``release`` is called, or the server's pin TTL passes.
         For an instance this client registered, it sends the prompt's chunk hashes (when the server
-        allows it), not its tokens; pass ``chunk_hashes`` (from :meth:`chunk_hashes`) to reuse them."""
+        allows it), not its tokens; pass ``chunk_hashes`` (from :meth:`chunk_hashes`) to reuse them.
+        ``report_later``: a hit claimed in shared memory is reported to the server with this client's
+        next request, at :meth:`report_lookups` or with the next heartbeat, not now (its claims hold
+        the chunks meanwhile)."""
         iid = self._iid(instance_id)
         req = self.registrations.lookup_request(iid, tokens, cache_salt, pin_id, chunk_hashes)
         if pin_id is not None and isinstance(req, P.LookupHashes):
-            claimed = self.claimed.lookup(req, timeout_s)
+            claimed = self.claimed.lookup(req, timeout_s, report_later)
             if claimed is not None:
                 return claimed
         if pin_id is not None and self.registrations.copies_itself(iid):
             return self.shared_l1.lookup(iid, req, timeout_s)  # keeps the pinned slots for the load
         return self._call(req, int, timeout_s)
+
+    def report_lookups(self) -> None:
+        """Send the lookups ``report_later`` kept back (never raises for a server that cannot take them:
+        their hits are not pinned, and their loads fail as the server's)."""
+        self.claimed.report()
 
     def chunk_hashes(
         self, tokens: Any, cache_salt: str | int | None = None, *, instance_id: int | None = None
@@ -387,6 +399,7 @@ class CacheServerClient:
         """Stop the threads and close the socket (first unregistering this client's pools)."""
         if self._closed:
             return
+        self.claimed.report()
         if unregister:
             for iid in self.registrations.ids():
                 with contextlib.suppress(ServerUnavailable, ServerError):
@@ -497,17 +510,21 @@ class CacheServerClient:
         pending = self.lanes.submit(payload, rid, op, timeout)
         return Submitted(pending, lambda reply: reply_value(reply, result_type, op))
 
-    def _one_way(self, req: Any, timeout_s: float | None) -> Callable[[], None]:
+    def _one_way(self, req: Any, timeout_s: float | None, report_first: bool = True) -> Callable[[], None]:
         """``req`` framed now, one-way (no reply comes, not even an error); the call returned sends it."""
         req.one_way = True
-        frame, _, op, timeout = self._frame(req, timeout_s)
+        frame, _, op, timeout = self._frame(req, timeout_s, report_first=report_first)
         return functools.partial(self.lanes.send, frame, op, timeout)
 
-    def _frame(self, req: Any, timeout_s: float | None, encode: bool = True) -> tuple[bytes, int, str, float]:
+    def _frame(
+        self, req: Any, timeout_s: float | None, encode: bool = True, report_first: bool = True
+    ) -> tuple[bytes, int, str, float]:
         """``req`` numbered and stamped: its frame (empty unless ``encode``), request id, op name and
-        timeout."""
+        timeout; the lookups kept back are sent first (``report_first``), so ``req`` follows them."""
         if self._closed:
             raise ServerUnavailable("the cache server client is closed")
+        if report_first:
+            self.claimed.report()
         timeout = self.timeout_s if timeout_s is None else timeout_s
         rid = next(self._rids)
         req.rid = rid

@@ -285,6 +285,8 @@ def test_bench_lookup(tmp_path: Path, preset: str) -> None:
             "miss_after_gap_p50_us",
             "hit_back_to_back_p50_us",
             "hit_after_gap_p50_us",
+            "hit_back_to_back_report_p50_us",
+            "hit_after_gap_report_p50_us",
         }
         assert all(v > 0 for v in data[length].values())
     assert ("ping_after_gap_p50_us" in data) == (preset == "lmcache-mp")

@@ -3,8 +3,9 @@ L1, a claimed chunk is never evicted until its claim is given back, claims stop 
 a chunk of a rank missing, and at one being stored; slots name the chunks' bytes; the regions are
 private; an instance's claims stop holding when it goes or holds more than its share. Through a
 server: a pinned lookup claims its hit with no call, the load brings the bytes back, a save reported
-done is seen by the next claimed lookup, a claimed lookup arriving after its load leaves no pin, and
-nobody without the instance's capability gives its claims back."""
+done is seen by the next claimed lookup, a claimed lookup arriving after its load leaves no pin,
+nobody without the instance's capability gives its claims back, and a lookup reported later goes out
+before the client's next request (or gives its claims back when it cannot)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from lmcache.keys import ChunkKey
 from lmcache.memory import HostArena, SlabSource
 from lmcache.server import claims as C
 from lmcache.server import protocol as P
-from lmcache.server.client import CacheServerClient
+from lmcache.server.client import CacheServerClient, ServerUnavailable
 from lmcache.server.server import CacheServer
 from lmcache.shm_slabs import ShmSlabInfo, ShmSlabSource, creator_alive, open_region
 from lmcache.storage.cpu_store import CpuStore
@@ -358,3 +359,108 @@ def test_a_registration_made_while_the_reaper_retires_its_ids_last_one_keeps_its
     assert server.claims is not None and again.claims is not None
     registration = server.service.instances.get(info.instance_id).registration
     assert server.claims.regions(registration).claims == again.claims.claims
+
+
+# ---- lookups reported later ---------------------------------------------------------------------
+
+
+class Recorded:
+    """A client of ``served``'s server (no heartbeat, which would report on its own), a prompt of eight
+    chunks stored through it, and the ops its lanes send in order: ``("one-way", op)`` or ``("call", op)``."""
+
+    def __init__(self, served: Served, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.server, _, mode = served
+        url = f"tcp://127.0.0.1:{self.server.tcp_port}"
+        self.client = CacheServerClient(url, timeout_s=20.0, heartbeat_interval_s=0)
+        self.source = pool(seed)
+        self.iid = self.client.register(self.source, 0, 1, MODEL, TPB, pool_sharing=mode).instance_id
+        self.tokens = list(range(1000 * seed, 1000 * seed + 8 * TPB))
+        stored = self.client.store(BlockTransfer(self.tokens, None, list(range(8)), 0, len(self.tokens)))
+        assert stored == len(self.tokens)
+        assert self.client.lookup(self.tokens) == len(self.tokens)  # published (see above)
+        hashes = self.client.chunk_hashes(self.tokens)
+        assert hashes is not None
+        self.hashes = hashes
+        self.sent: list[tuple[str, str]] = []
+        lanes = self.client.lanes
+        send, submit = lanes.send, lanes.submit
+
+        def one_way(frame: bytes, op: str, timeout: float) -> None:
+            self.sent.append(("one-way", op))
+            send(frame, op, timeout)
+
+        def call(payload: Any, rid: int, op: str, timeout: float) -> Any:
+            self.sent.append(("call", op))
+            return submit(payload, rid, op, timeout)
+
+        monkeypatch.setattr(lanes, "send", one_way)
+        monkeypatch.setattr(lanes, "submit", call)
+
+    def look_up_later(self, pin_id: str) -> None:
+        found = self.client.lookup(self.tokens, pin_id=pin_id, chunk_hashes=self.hashes, report_later=True)
+        assert found == len(self.tokens)
+
+    def pinned(self, pin_id: str) -> bool:
+        return self.server.service.pins.get((self.iid, pin_id)) is not None
+
+
+def test_a_lookup_reported_later_is_sent_by_report_lookups_or_before_the_next_request(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``report_later``: the hit is claimed and nothing is sent; the report goes out at
+    ``report_lookups``, or before the client's next request, which the server then serves after it."""
+    rec = Recorded(served, 21, monkeypatch)
+    rec.look_up_later("a")
+    rec.look_up_later("b")
+    assert rec.sent == []  # claimed here, reported later
+    rec.client.report_lookups()
+    assert rec.sent == [("one-way", "lookup_hashes")] * 2
+    rec.client.report_lookups()  # nothing left to report
+    assert len(rec.sent) == 2
+
+    rec.look_up_later("c")
+    rec.client.stats()  # the next request: the report goes first, on this thread's lane
+    assert rec.sent[2:] == [("one-way", "lookup_hashes"), ("call", "stats")]
+    assert rec.pinned("a") and rec.pinned("b") and rec.pinned("c")
+
+    rec.look_up_later("d")
+    assert rec.client.release("d")  # released after its report: no pin left behind
+    assert rec.sent[4:] == [("one-way", "lookup_hashes"), ("call", "release")]
+    rec.client.stats()
+    assert not rec.pinned("d")
+
+    target = list(range(40, 48))  # a hit reported later loads as any other
+    transfer = BlockTransfer(rec.hashes, None, target, 0, len(rec.tokens))
+    assert rec.client.retrieve(transfer, pin_id="a") == len(rec.tokens)
+    assert torch.equal(rec.source[target], rec.source[:8])
+    rec.client.close()
+
+
+def test_a_report_the_server_cannot_take_gives_its_claims_back_and_raises_nothing(
+    served: Served, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec = Recorded(served, 22, monkeypatch)
+    registrations = rec.client.registrations
+    unclaim, given_back = registrations.unclaim, []
+
+    def recorded_unclaim(instance_id: int, entries: bytes) -> None:
+        given_back.append(entries)
+        unclaim(instance_id, entries)
+
+    monkeypatch.setattr(registrations, "unclaim", recorded_unclaim)
+
+    def refused(frame: bytes, op: str, timeout: float) -> None:
+        raise ServerUnavailable(f"{op}: the server is gone")
+
+    rec.look_up_later("a")
+    with monkeypatch.context() as patched:
+        patched.setattr(rec.client.lanes, "send", refused)
+        rec.client.report_lookups()  # inside TRT-LLM's scheduler: never raises
+    assert "could not be reported" in caplog.text
+    [entries] = given_back
+    assert rec.server.claims is not None
+    registration = rec.server.service.instances.get(rec.iid).registration
+    assert entries and rec.server.claims.release(registration, entries) == 0  # none still held
+    rec.client.stats()
+    assert not rec.pinned("a")
+    rec.client.close()

@@ -70,7 +70,8 @@ class CacheIndex(Protocol):
     def release(self, pin: PinKey) -> None: ...
 
     def metadata_context(self) -> Any:
-        """What this iteration's workers need from rank 0 to load (see ``ConnectorMetadata``)."""
+        """What this iteration's workers need from rank 0 to load (see ``ConnectorMetadata``); once it
+        returns, the pins of the pass's lookups are where every rank's load finds them."""
         ...
 
     def windows(self) -> list[int | None]:

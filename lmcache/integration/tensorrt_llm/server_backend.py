@@ -197,6 +197,7 @@ class ServerIndex:
                     chunk_hashes=hashes.get(target) if hashes else None,
                     instance_id=owner,
                     timeout_s=self._timeout_s,
+                    report_later=True,  # reported with the pass's metadata (see ``metadata_context``)
                 )
                 hit, pinned = min(hit, found), pinned or found > 0
                 if hit == 0:
@@ -254,7 +255,10 @@ class ServerIndex:
                 self._connection.client.release(_pin_id(pin), instance_id=owner, timeout_s=self._timeout_s)
 
     def metadata_context(self) -> dict[TargetId, int]:
-        """The pin owners: each rank's loads release the pins rank 0's lookup took."""
+        """The pin owners: each rank's loads release the pins rank 0's lookup took. The pass's lookups
+        claimed in shared memory are reported to the server first, once for the pass: before any rank
+        gets the metadata that names their loads."""
+        self._connection.client.report_lookups()
         return self._connection.owners()
 
     def windows(self) -> list[int | None]:
