@@ -56,7 +56,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from lmcache.keys import Tokens
@@ -79,8 +79,13 @@ from lmcache.server.client_errors import (
 )
 from lmcache.server.client_lanes import DEFAULT_LANES, Endpoint, LanePool, Submitted
 from lmcache.server.client_registrations import Credentials, PromptHashes, Registration, Registrations
+from lmcache.server.client_reregistration import (
+    choose_again,
+    log_registered_again,
+    pool_descriptor,
+    refused_as_such,
+)
 from lmcache.server.client_shared_l1 import SharedL1Transfers
-from lmcache.server.cuda_driver import PoolSharingError
 from lmcache.transfer import BlockTransfer
 
 if TYPE_CHECKING:  # torch and pool sharing load on first register: `lmcache stats` never imports torch
@@ -163,12 +168,7 @@ class CacheServerClient:
         """The connections to the server; every call takes one."""
         # The stores and loads of pools it copies for itself.
         self.shared_l1 = SharedL1Transfers(self._call, self._submit, self._one_way, self.registrations)
-        self.claimed = ClaimedLookups(
-            self.registrations,
-            self.shared_l1,
-            functools.partial(self._one_way, report_first=False),
-            lambda: self.lanes.down,
-        )
+        self.claimed = ClaimedLookups(self.registrations, self.shared_l1, self._frame_report, self.lanes)
         self._hb: threading.Thread | None = None
         if heartbeat_interval_s > 0:
             self._hb = threading.Thread(target=self._heartbeat_loop, name="lmcache-client-hb", daemon=True)
@@ -211,7 +211,7 @@ class CacheServerClient:
                 world_size=world_size,
                 model_name=model_name,
                 tokens_per_block=tokens_per_block,
-                pool=_descriptor(pool, pool_sharing, lambda: self.ping(timeout_s=timeout_s).pool_sharing),
+                pool=pool_descriptor(pool, pool_sharing, lambda: self.ping(timeout_s=timeout_s).pool_sharing),
             ),
             pool,
             policy=pool_sharing,
@@ -478,15 +478,15 @@ class CacheServerClient:
             if reg is None or (sent_cap and reg.info is not None and reg.info.cap != sent_cap):
                 return
             if reg.policy == "auto":  # the new server may force another mode
-                _choose_again(reg, self.shared_l1, lambda: self.ping(timeout_s=timeout_s).pool_sharing)
+                choose_again(reg, self.shared_l1, lambda: self.ping(timeout_s=timeout_s).pool_sharing)
             sent_at = self.registrations.clock()
-            with _refused_as_such():
+            with refused_as_such():
                 info = self._call_once(reg.request, P.RegisterInfo, timeout_s, False)
             with self.registrations.lock:
                 reg.update(info, sent_at)
                 self.server_id = info.server_id
                 self.reregistrations += 1
-        _log_registered_again(self.url, iid, reg)
+        log_registered_again(self.url, iid, reg)
 
     def _call_once(self, req: Any, result_type: type[T], timeout_s: float | None, deadline: bool) -> T:
         parts = self._submit(req, result_type, timeout_s, deadline=deadline)
@@ -510,11 +510,17 @@ class CacheServerClient:
         pending = self.lanes.submit(payload, rid, op, timeout)
         return Submitted(pending, lambda reply: reply_value(reply, result_type, op))
 
-    def _one_way(self, req: Any, timeout_s: float | None, report_first: bool = True) -> Callable[[], None]:
+    def _one_way(self, req: Any, timeout_s: float | None) -> Callable[[], None]:
         """``req`` framed now, one-way (no reply comes, not even an error); the call returned sends it."""
         req.one_way = True
-        frame, _, op, timeout = self._frame(req, timeout_s, report_first=report_first)
+        frame, _, op, timeout = self._frame(req, timeout_s)
         return functools.partial(self.lanes.send, frame, op, timeout)
+
+    def _frame_report(self, req: P.LookupHashes, timeout_s: float | None) -> tuple[bytes, str, float]:
+        """A claimed lookup's report framed one-way (nothing reported before it: it is one of them)."""
+        req.one_way = True
+        frame, _, op, timeout = self._frame(req, timeout_s, report_first=False)
+        return frame, op, timeout
 
     def _frame(
         self, req: Any, timeout_s: float | None, encode: bool = True, report_first: bool = True
@@ -551,53 +557,6 @@ def _with_deadline(req: Any, remaining_s: float) -> bytes:
     """``req``'s frame telling the server how long its client still waits (``timeout_ms``)."""
     req.timeout_ms = max(1, int(remaining_s * 1000))
     return framing.encode_request(req)
-
-
-def _descriptor(pool: Any, policy: str, server_policy: Callable[[], str]) -> P.PoolDescriptor:
-    """The descriptor of ``pool`` in the mode ``policy`` picks (in ``auto``, after asking the server's
-    with ``server_policy``); a descriptor or wrapper is registered as it is."""
-    from lmcache.server.pool_sharing import choose_sharing, describe_pool
-
-    if not hasattr(pool, "is_cuda"):
-        return describe_pool(pool)
-    server = server_policy() if policy == "auto" else "auto"
-    return describe_pool(pool, choose_sharing(pool, policy, server))
-
-
-@contextlib.contextmanager
-def _refused_as_such() -> Iterator[None]:
-    """A re-registration the restarted server refuses as invalid raises :class:`RegistrationRefused`."""
-    try:
-        yield
-    except InvalidRequest as e:
-        raise RegistrationRefused(e.code, e.message, "register") from None
-
-
-def _log_registered_again(url: str, iid: int, reg: Registration) -> None:
-    logger.warning(
-        "cache server at %s did not know instance %d (it restarted or reaped us); "
-        "registered the pool again (sharing %s)%s",
-        url,
-        iid,
-        reg.mode,
-        f", not used: {reg.mismatch}" if reg.mismatch is not None else "",
-    )
-
-
-def _choose_again(reg: Registration, shared_l1: SharedL1Transfers, server_policy: Callable[[], str]) -> None:
-    """Pick the mode of an ``auto`` registration again (before re-registering with a new server);
-    ``BadPool`` (no cache for this pool, never a crash of the caller) if the server's mode cannot
-    share it."""
-    try:
-        reg.request.pool = _descriptor(reg.keep_alive, reg.policy, server_policy)
-    except PoolSharingError as exc:
-        raise BadPool(
-            P.ErrorCode.BAD_POOL.value,
-            f"the restarted cache server takes a pool-sharing mode this pool cannot use ({exc}); start "
-            "it with --pool-sharing auto, or set LMCACHE_POOL_SHARING to a mode both accept",
-            "register",
-        ) from exc
-    reg.copier = shared_l1.copier_for(reg, reg.copier)
 
 
 def wait_for_server(url: str | None = None, timeout_s: float = 30.0) -> P.PingInfo:

@@ -17,12 +17,16 @@ from lmcache.logging import init_logger
 from lmcache.rate_limit import RateLimitedLog
 from lmcache.server import protocol as P
 from lmcache.server.client_errors import ServerError, ServerUnavailable
+from lmcache.server.client_lanes import LanePool
 from lmcache.server.client_registrations import Registrations
-from lmcache.server.client_shared_l1 import OneWayFn, SharedL1Transfers
+from lmcache.server.client_shared_l1 import SharedL1Transfers
 
 logger = init_logger(__name__)
 
 __all__ = ["ClaimedLookups"]
+
+FrameFn = Callable[[P.LookupHashes, float | None], tuple[bytes, str, float]]
+"""Frames a lookup's report one-way: (frame, op name, timeout in seconds)."""
 
 
 class ClaimedLookups:
@@ -32,16 +36,16 @@ class ClaimedLookups:
         self,
         registrations: Registrations,
         shared_l1: SharedL1Transfers,
-        one_way: OneWayFn,
-        server_down: Callable[[], bool],
+        frame: FrameFn,
+        lanes: LanePool,
     ) -> None:
-        """``one_way``: frames a request one-way without reporting first (this object's own sends);
-        ``server_down``: whether the server failed to answer since its last reply (stopped, wedged):
-        its claim index is then no promise that it will serve the loads."""
+        """``lanes``: the client's connections, which the reports go on; while they say the server is
+        down (it failed to answer since its last reply: stopped, wedged), its claim index is no promise
+        that it will serve the loads."""
         self._registrations = registrations
         self._shared_l1 = shared_l1
-        self._one_way = one_way
-        self._server_down = server_down
+        self._frame = frame
+        self._lanes = lanes
         self._unreported: collections.deque[tuple[P.LookupHashes, float | None]] = collections.deque()
         self._reporting = threading.Lock()
         """Held while reports go out: a request framed after :meth:`report` returned is sent after them."""
@@ -52,7 +56,7 @@ class ClaimedLookups:
         :meth:`report`); None when it must ask the server (:meth:`Registrations.claim` says when). A
         shared-L1 instance's load then copies from the claimed slots before the server answers it."""
         assert req.pin_id is not None
-        if self._server_down():
+        if self._lanes.down:
             return None
         req.claimed_at = time.monotonic()  # a load the server serves after this used this hit
         claimed = self._registrations.claim(req.instance_id, req.chunk_hashes, req.pin_id)
@@ -68,31 +72,39 @@ class ClaimedLookups:
         if report_later:
             self._unreported.append((req, timeout_s))
             return claimed.tokens
-        try:
-            self._one_way(req, timeout_s)()
-        except BaseException:
-            self._forget(req)
-            raise
+        self._send_reports([(req, timeout_s)])
         return claimed.tokens
 
     def report(self) -> None:
-        """Send the lookups queued by ``report_later``, oldest first; never raises for a server that
-        cannot take them: their claims are given back and their loads then fail as the server's."""
+        """Send the lookups queued by ``report_later``, oldest first, in one write; never raises for a
+        server that cannot take them: their claims are given back and their loads then ask the server."""
         with self._reporting:
+            reports = []
             while self._unreported:
-                req, timeout_s = self._unreported.popleft()
-                try:
-                    self._one_way(req, timeout_s)()
-                except (ServerUnavailable, ServerError) as e:
-                    self._forget(req)
-                    self._warn.warning(
-                        "report",
-                        "LMCache MP: a claimed lookup could not be reported (%s): its hit is not pinned",
-                        e,
-                    )
-                except BaseException:
-                    self._forget(req)
-                    raise
+                reports.append(self._unreported.popleft())
+            if not reports:
+                return
+            try:
+                self._send_reports(reports)
+            except (ServerUnavailable, ServerError) as e:
+                self._warn.warning(
+                    "report",
+                    "LMCache MP: %d claimed lookups could not be reported (%s): their hits are not pinned",
+                    len(reports),
+                    e,
+                )
+
+    def _send_reports(self, reports: list[tuple[P.LookupHashes, float | None]]) -> None:
+        """Frame and send ``reports``; if they cannot all be sent, every one's claims go back."""
+        try:
+            framed = [self._frame(req, timeout_s) for req, timeout_s in reports]
+            self._lanes.send_all(
+                [frame for frame, _, _ in framed], framed[0][1], min(t for _, _, t in framed)
+            )
+        except BaseException:
+            for req, _ in reports:
+                self._forget(req)
+            raise
 
     def _forget(self, req: P.LookupHashes) -> None:
         """A claimed lookup that was not sent: its claims, its pins' share and its slots go."""

@@ -31,7 +31,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -139,9 +139,9 @@ class Lane:
         """Whether something arrived while no request was in flight: the server closed the lane."""
         return bool(self._readable.poll(0))
 
-    def send(self, frame: bytes, timeout: float) -> None:
-        """Send one frame; TimeoutError if the server does not take it within ``timeout``."""
-        data = memoryview(framing.framed(frame))
+    def send(self, frames: Sequence[bytes], timeout: float) -> None:
+        """Send ``frames`` in one write; TimeoutError if the server does not take them within ``timeout``."""
+        data = memoryview(b"".join(framing.framed(frame) for frame in frames))
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(BlockingIOError):
@@ -245,10 +245,14 @@ class LanePool:
         """Send a one-way ``frame`` (the server answers none, even when it fails; one it refuses unread
         closes the connection). The lane is this thread's again at once, so its next call normally
         follows on the same connection and is served after it."""
+        self.send_all([frame], op, timeout)
+
+    def send_all(self, frames: Sequence[bytes], op: str, timeout: float) -> None:
+        """Send one-way ``frames`` in order, on one lane in one write (see :meth:`send`)."""
         deadline = time.monotonic() + timeout
         lane = self._acquire(deadline, op, timeout)
         try:
-            lane.send(frame, max(deadline - time.monotonic(), 1e-3))
+            lane.send(frames, max(deadline - time.monotonic(), 1e-3))
         except TimeoutError:
             self._discard(lane)
             self.down = True
@@ -385,7 +389,7 @@ class LanePool:
 
     def _send(self, lane: Lane, frame: bytes, op: str, deadline: float, timeout: float) -> None:
         try:
-            lane.send(frame, max(deadline - time.monotonic(), 1e-3))
+            lane.send([frame], max(deadline - time.monotonic(), 1e-3))
         except TimeoutError:
             self.down = True
             raise timed_out(self.url, op, timeout) from None

@@ -14,7 +14,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from lmcache.memory import HostArena, SlabSource
 from lmcache.server import claims as C
 from lmcache.server import protocol as P
 from lmcache.server.client import CacheServerClient, ServerUnavailable
+from lmcache.server.client_lanes import LanePool
 from lmcache.server.server import CacheServer
 from lmcache.shm_slabs import ShmSlabInfo, ShmSlabSource, creator_alive, open_region
 from lmcache.storage.cpu_store import CpuStore
@@ -383,17 +384,18 @@ class Recorded:
         self.hashes = hashes
         self.sent: list[tuple[str, str]] = []
         lanes = self.client.lanes
-        send, submit = lanes.send, lanes.submit
+        send_all, submit = LanePool.send_all, lanes.submit
 
-        def one_way(frame: bytes, op: str, timeout: float) -> None:
-            self.sent.append(("one-way", op))
-            send(frame, op, timeout)
+        def one_way(pool: LanePool, frames: Sequence[bytes], op: str, timeout: float) -> None:
+            if pool is lanes:
+                self.sent.extend([("one-way", op)] * len(frames))
+            send_all(pool, frames, op, timeout)
 
         def call(payload: Any, rid: int, op: str, timeout: float) -> Any:
             self.sent.append(("call", op))
             return submit(payload, rid, op, timeout)
 
-        monkeypatch.setattr(lanes, "send", one_way)
+        monkeypatch.setattr(LanePool, "send_all", one_way)
         monkeypatch.setattr(lanes, "submit", call)
 
     def look_up_later(self, pin_id: str) -> None:
@@ -449,12 +451,12 @@ def test_a_report_the_server_cannot_take_gives_its_claims_back_and_raises_nothin
 
     monkeypatch.setattr(registrations, "unclaim", recorded_unclaim)
 
-    def refused(frame: bytes, op: str, timeout: float) -> None:
+    def refused(pool: LanePool, frames: Sequence[bytes], op: str, timeout: float) -> None:
         raise ServerUnavailable(f"{op}: the server is gone")
 
     rec.look_up_later("a")
     with monkeypatch.context() as patched:
-        patched.setattr(rec.client.lanes, "send", refused)
+        patched.setattr(LanePool, "send_all", refused)
         rec.client.report_lookups()  # inside TRT-LLM's scheduler: never raises
     assert "could not be reported" in caplog.text
     [entries] = given_back

@@ -61,6 +61,10 @@ class Rig:
         matched, _ = self.scheduler.get_num_new_matched_tokens(request, 0)
         return request, matched
 
+    def end_pass(self) -> None:
+        """``build_connector_meta`` of a pass that scheduled nothing: its hits are reported to the server."""
+        self.scheduler.build_connector_meta(SchedulerOutput())
+
     def _iteration(self, request: Request, pages: list[int], scheduled: int) -> None:
         data = RequestData(
             request_id=request.request_id,

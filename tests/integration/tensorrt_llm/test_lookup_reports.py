@@ -5,7 +5,7 @@ before any rank gets the metadata naming their loads, which then load them bit-e
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -17,6 +17,7 @@ from lmcache.config import LMCacheEngineConfig
 from lmcache.integration.tensorrt_llm._trtllm import RequestData, SchedulerOutput
 from lmcache.integration.tensorrt_llm.server_backend import process_connection
 from lmcache.server import claims
+from lmcache.server.client_lanes import LanePool
 
 
 @pytest.fixture
@@ -42,14 +43,14 @@ def test_a_pass_reports_its_claimed_hits_when_it_builds_its_metadata(
 
     monkeypatch.setattr(client, "heartbeat", lambda **_: None)  # it would report on its own thread
     reports: list[str] = []
-    send = client.lanes.send
+    send_all = LanePool.send_all
 
-    def recorded(frame: bytes, op: str, timeout: float) -> Any:
-        if op == "lookup_hashes":
-            reports.append(threading.current_thread().name)
-        return send(frame, op, timeout)
+    def recorded(lanes: LanePool, frames: Sequence[bytes], op: str, timeout: float) -> Any:
+        if lanes is client.lanes and op == "lookup_hashes":
+            reports.extend([threading.current_thread().name] * len(frames))
+        return send_all(lanes, frames, op, timeout)
 
-    monkeypatch.setattr(client.lanes, "send", recorded)
+    monkeypatch.setattr(LanePool, "send_all", recorded)
     found = [rig.lookup(tokens) for tokens in prompts]
     assert [matched for _, matched in found] == [TOKENS - TPB] * 2
     assert reports == []  # two hits claimed, nothing sent yet

@@ -83,8 +83,10 @@ def test_a_miss_costs_no_round_trip_where_the_server_offers_its_counts(l1_server
         source = list(range(BLOCKS))
         rig.prefill_and_save(request, source)
 
-        # The counts now say "ask": the full lookup, no probe, pins and loads the prompt bit-equal.
-        assert lookups_made(observer, lambda: found.append(rig.lookup(tokens))) == (1, TOKENS)
+        # The counts now say "ask": the full lookup, no probe, pins (reported with the pass's metadata)
+        # and loads the prompt bit-equal.
+        looked_up = lookups_made(observer, lambda: (found.append(rig.lookup(tokens)), rig.end_pass()))
+        assert looked_up == (1, TOKENS)
         request, matched = found[1]
         assert matched == TOKENS - TPB
         rig.load_matches(request, matched, source)
