@@ -277,8 +277,8 @@ class CacheServerClient:
         return self._call(req, int, timeout_s)
 
     def report_lookups(self) -> None:
-        """Send the lookups ``report_later`` kept back (never raises for a server that cannot take them:
-        their hits are not pinned, and their loads fail as the server's)."""
+        """Send the lookups ``report_later`` kept back, in one write (never raises for a server that cannot
+        take them: their hits are not pinned, and their loads then ask the server)."""
         self.claimed.report()
 
     def chunk_hashes(
