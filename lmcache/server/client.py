@@ -168,7 +168,7 @@ class CacheServerClient:
         """The connections to the server; every call takes one."""
         # The stores and loads of pools it copies for itself.
         self.shared_l1 = SharedL1Transfers(self._call, self._submit, self._one_way, self.registrations)
-        self.claimed = ClaimedLookups(self.registrations, self.shared_l1, self._frame_report, self.lanes)
+        self.claimed = ClaimedLookups(self.registrations, self.shared_l1, self._frame, self.lanes)
         self._hb: threading.Thread | None = None
         if heartbeat_interval_s > 0:
             self._hb = threading.Thread(target=self._heartbeat_loop, name="lmcache-client-hb", daemon=True)
@@ -263,9 +263,8 @@ class CacheServerClient:
         ``pin_owner`` = this instance), ``release`` is called, or the server's pin TTL passes.
         For an instance this client registered, it sends the prompt's chunk hashes (when the server
         allows it), not its tokens; pass ``chunk_hashes`` (from :meth:`chunk_hashes`) to reuse them.
-        ``report_later``: a hit claimed in shared memory is reported to the server with this client's
-        next request, at :meth:`report_lookups` or with the next heartbeat, not now (its claims hold
-        the chunks meanwhile)."""
+        ``report_later``: a hit claimed in shared memory is reported with this client's next request or
+        at ``claimed.report()``, not now (:mod:`~lmcache.server.client_claims`)."""
         iid = self._iid(instance_id)
         req = self.registrations.lookup_request(iid, tokens, cache_salt, pin_id, chunk_hashes)
         if pin_id is not None and isinstance(req, P.LookupHashes):
@@ -275,11 +274,6 @@ class CacheServerClient:
         if pin_id is not None and self.registrations.copies_itself(iid):
             return self.shared_l1.lookup(iid, req, timeout_s)  # keeps the pinned slots for the load
         return self._call(req, int, timeout_s)
-
-    def report_lookups(self) -> None:
-        """Send the lookups ``report_later`` kept back, in one write (never raises for a server that cannot
-        take them: their hits are not pinned, and their loads then ask the server)."""
-        self.claimed.report()
 
     def chunk_hashes(
         self, tokens: Any, cache_salt: str | int | None = None, *, instance_id: int | None = None
@@ -458,16 +452,6 @@ class CacheServerClient:
             self.registrations.check_usable(iid, type(req).__struct_config__.tag)
             return self._call_once(req, result_type, timeout_s, deadline)
 
-    def _stamp(self, req: Any) -> None:
-        """Put the credentials in ``req``: the server secret (TCP), the named instances' capabilities."""
-        req.auth = self.credentials.secret()
-        if isinstance(req, P.Heartbeat):
-            req.caps = [self.registrations.cap(iid) for iid in req.instance_ids]
-        elif isinstance(req, (P.StoreDone, P.LoadDone, P.Abandon)) and req.cap:
-            pass  # a report carries the capability its ticket was granted to (client_shared_l1)
-        elif hasattr(req, "cap"):  # the current one: a retry after re-registering has a new one
-            req.cap = self.registrations.cap(req.instance_id) or req.cap
-
     def _reregister(self, iid: int, timeout_s: float | None, sent_cap: bytes | None) -> None:
         """Register ``iid`` again, which the server did not know under the capability ``sent_cap``; not
         if it was registered again since that was sent (by another thread: the caller retries with the
@@ -516,12 +500,6 @@ class CacheServerClient:
         frame, _, op, timeout = self._frame(req, timeout_s)
         return functools.partial(self.lanes.send, frame, op, timeout)
 
-    def _frame_report(self, req: P.LookupHashes, timeout_s: float | None) -> tuple[bytes, str, float]:
-        """A claimed lookup's report framed one-way (nothing reported before it: it is one of them)."""
-        req.one_way = True
-        frame, _, op, timeout = self._frame(req, timeout_s, report_first=False)
-        return frame, op, timeout
-
     def _frame(
         self, req: Any, timeout_s: float | None, encode: bool = True, report_first: bool = True
     ) -> tuple[bytes, int, str, float]:
@@ -534,7 +512,7 @@ class CacheServerClient:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         rid = next(self._rids)
         req.rid = rid
-        self._stamp(req)
+        self.credentials.stamp(req, self.registrations)
         frame = framing.encode_request(req) if encode else b""
         return frame, rid, type(req).__struct_config__.tag, timeout
 

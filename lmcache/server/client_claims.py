@@ -25,8 +25,8 @@ logger = init_logger(__name__)
 
 __all__ = ["ClaimedLookups"]
 
-FrameFn = Callable[[P.LookupHashes, float | None], tuple[bytes, str, float]]
-"""Frames a lookup's report one-way: (frame, op name, timeout in seconds)."""
+FrameFn = Callable[..., tuple[bytes, int, str, float]]
+"""The client's ``_frame(req, timeout_s, report_first=False)``: (frame, request id, op name, timeout)."""
 
 
 class ClaimedLookups:
@@ -97,10 +97,12 @@ class ClaimedLookups:
     def _send_reports(self, reports: list[tuple[P.LookupHashes, float | None]]) -> None:
         """Frame and send ``reports``; if they cannot all be sent, every one's claims go back."""
         try:
-            framed = [self._frame(req, timeout_s) for req, timeout_s in reports]
-            self._lanes.send_all(
-                [frame for frame, _, _ in framed], framed[0][1], min(t for _, _, t in framed)
-            )
+            framed = []
+            for req, timeout_s in reports:
+                req.one_way = True
+                framed.append(self._frame(req, timeout_s, report_first=False))
+            frames, op, timeout = [f[0] for f in framed], framed[0][2], min(f[3] for f in framed)
+            self._lanes.send_all(frames, op, timeout)
         except BaseException:
             for req, _ in reports:
                 self._forget(req)

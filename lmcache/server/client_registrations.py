@@ -508,6 +508,16 @@ class Credentials:
         self._secret = client_secret()  # the server's secret changed (a new file, after a restart)
         return True
 
+    def stamp(self, req: Any, registrations: Registrations) -> None:
+        """Put the credentials in ``req``: the server secret (TCP), the named instances' capabilities."""
+        req.auth = self.secret()
+        if isinstance(req, P.Heartbeat):
+            req.caps = [registrations.cap(iid) for iid in req.instance_ids]
+        elif isinstance(req, (P.StoreDone, P.LoadDone, P.Abandon)) and req.cap:
+            pass  # a report carries the capability its ticket was granted to (client_shared_l1)
+        elif hasattr(req, "cap"):  # the current one: a retry after re-registering has a new one
+            req.cap = registrations.cap(req.instance_id) or req.cap
+
     def check_ipc_owner(self) -> None:
         """Before a pool descriptor goes out: refuse an ipc socket another user owns (an impostor
         that took the path first would be handed the pool)."""

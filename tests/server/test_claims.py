@@ -406,18 +406,18 @@ class Recorded:
         return self.server.service.pins.get((self.iid, pin_id)) is not None
 
 
-def test_a_lookup_reported_later_is_sent_by_report_lookups_or_before_the_next_request(
+def test_a_lookup_reported_later_is_sent_by_claimed_report_or_before_the_next_request(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``report_later``: the hit is claimed and nothing is sent; the report goes out at
-    ``report_lookups``, or before the client's next request, which the server then serves after it."""
+    ``claimed.report()``, or before the client's next request, which the server then serves after it."""
     rec = Recorded(served, 21, monkeypatch)
     rec.look_up_later("a")
     rec.look_up_later("b")
     assert rec.sent == []  # claimed here, reported later
-    rec.client.report_lookups()
+    rec.client.claimed.report()
     assert rec.sent == [("one-way", "lookup_hashes")] * 2
-    rec.client.report_lookups()  # nothing left to report
+    rec.client.claimed.report()  # nothing left to report
     assert len(rec.sent) == 2
 
     rec.look_up_later("c")
@@ -457,7 +457,7 @@ def test_a_report_the_server_cannot_take_gives_its_claims_back_and_raises_nothin
     rec.look_up_later("a")
     with monkeypatch.context() as patched:
         patched.setattr(LanePool, "send_all", refused)
-        rec.client.report_lookups()  # inside TRT-LLM's scheduler: never raises
+        rec.client.claimed.report()  # inside TRT-LLM's scheduler: never raises
     assert "could not be reported" in caplog.text
     [entries] = given_back
     assert rec.server.claims is not None

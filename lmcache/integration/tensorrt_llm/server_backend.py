@@ -258,7 +258,7 @@ class ServerIndex:
         """The pin owners: each rank's loads release the pins rank 0's lookup took. The pass's lookups
         claimed in shared memory are reported to the server first, once for the pass: before any rank
         gets the metadata that names their loads."""
-        self._connection.client.report_lookups()
+        self._connection.client.claimed.report()
         return self._connection.owners()
 
     def windows(self) -> list[int | None]:
