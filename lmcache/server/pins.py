@@ -7,9 +7,10 @@ owner is retired, or after ``pin_ttl_s``. :class:`PinTable` is the bookkeeping a
 
 A claimed lookup (:mod:`lmcache.server.claims`) reaches the server one-way, and may arrive after a
 rank's load that used its hit (another connection, or another process for a rank of a TP world,
-served first). The table remembers such loads (a rank loaded under a key with no record), and a
-claimed lookup's record counts the ones served since its claim as done: no pin waits for a load
-that already happened.
+served first). The table remembers such loads (a rank loaded under a key with no record) and such
+releases (the client's heartbeat may carry the report on its own connection): a claimed lookup's
+record counts the loads served since its claim as done, and is not entered at all when its release
+was served since its claim. No pin waits for a load or a release that already happened.
 """
 
 from __future__ import annotations
@@ -18,17 +19,19 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from lmcache.engine import CacheEngine
 
 __all__ = ["LookupPins", "PinKey", "PinRecord", "PinTable"]
 
+_T = TypeVar("_T")
 PinKey = tuple[int, int | str]
 """(the instance whose lookup pinned, its pin id)."""
-MAX_EARLY_LOADS = 1024
-"""Loads remembered with no record to mark (the oldest go first): lookups late by more are rare."""
+MAX_EARLY = 1024
+"""Loads, and releases, remembered with no record to mark (the oldest go first): lookups late by more
+are rare."""
 
 
 @dataclass
@@ -51,6 +54,8 @@ class PinTable:
         may hold thousands of records)."""
         self._early: OrderedDict[PinKey, dict[int, float]] = OrderedDict()
         """Ranks that loaded under a key with no record, and when (``time.monotonic()``)."""
+        self._released: OrderedDict[PinKey, float] = OrderedDict()
+        """Keys released with no record, and when."""
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -66,13 +71,16 @@ class PinTable:
     ) -> tuple[int, bool]:
         """Drop ``key``'s record, then enter ``record`` unless the owner's other lookups plus it would
         hold more than ``share`` bytes. The ranks that loaded under ``key`` since ``claimed_at`` (a
-        claimed lookup's) join ``record.done``; a record every rank is done with is not entered.
-        Returns (bytes the owner's other lookups hold, whether over)."""
+        claimed lookup's) join ``record.done``; a record every rank is done with, or released since
+        ``claimed_at``, is not entered. Returns (bytes the owner's other lookups hold, whether over)."""
         with self._lock:
             self._remove(key)
             early = self._early.pop(key, {})
+            released = self._released.pop(key, None)
             if record is not None and claimed_at is not None:
                 record.done.update(rank for rank, when in early.items() if when >= claimed_at)
+                if released is not None and released >= claimed_at:
+                    record.done.update(range(record.world_size))
             held = self._held.get(key[0], 0)
             over = record is not None and held + record.nbytes > share
             if record is not None and not over and len(record.done) < record.world_size:
@@ -91,10 +99,14 @@ class PinTable:
                 del self._held[key[0]]
         return record
 
-    def pop(self, key: PinKey) -> bool:
-        """Forget ``key``; whether it was held."""
+    def pop(self, key: PinKey, now: float) -> bool:
+        """Forget ``key`` (released at ``now``); whether it was held. With no record, the release is
+        remembered for a claimed lookup arriving late."""
         with self._lock:
-            return self._remove(key) is not None
+            if self._remove(key) is not None:
+                return True
+            _remember(self._released, key, now)
+            return False
 
     def rank_done(self, key: PinKey, rank: int, now: float) -> bool:
         """Note that ``rank`` has loaded (at ``now``); True when that was the last rank (the record is
@@ -102,10 +114,7 @@ class PinTable:
         with self._lock:
             state = self._pins.get(key)
             if state is None:
-                self._early.setdefault(key, {})[rank] = now
-                self._early.move_to_end(key)
-                if len(self._early) > MAX_EARLY_LOADS:
-                    self._early.popitem(last=False)
+                _remember(self._early, key, {**self._early.get(key, {}), rank: now})
                 return False
             state.done.add(rank)
             if len(state.done) < state.world_size:
@@ -119,8 +128,9 @@ class PinTable:
             owned = [key for key in self._pins if key[0] == instance_id]
             for key in owned:
                 self._remove(key)
-            for key in [key for key in self._early if key[0] == instance_id]:
-                del self._early[key]
+            for early in (self._early, self._released):
+                for key in [key for key in early if key[0] == instance_id]:
+                    del early[key]
         return owned
 
     def pop_stale(self, now: float, ttl: float) -> list[PinKey]:
@@ -131,7 +141,18 @@ class PinTable:
                 self._remove(key)
             for key in [key for key, ranks in self._early.items() if now - max(ranks.values()) > ttl]:
                 del self._early[key]
+            for key in [key for key, when in self._released.items() if now - when > ttl]:
+                del self._released[key]
         return stale
+
+
+def _remember(early: OrderedDict[PinKey, _T], key: PinKey, value: _T) -> None:
+    """Note ``value`` under ``key`` as the newest entry of ``early``; the oldest beyond
+    :data:`MAX_EARLY` go."""
+    early[key] = value
+    early.move_to_end(key)
+    if len(early) > MAX_EARLY:
+        early.popitem(last=False)
 
 
 class LookupPins:
@@ -169,7 +190,7 @@ class LookupPins:
 
     def release(self, key: PinKey) -> bool:
         """Drop the lookup's record and pins; whether it had a record."""
-        held = self.table.pop(key)
+        held = self.table.pop(key, time.monotonic())
         self.engine.release(key)
         return held
 

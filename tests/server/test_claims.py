@@ -3,7 +3,8 @@ L1, a claimed chunk is never evicted until its claim is given back, claims stop 
 a chunk of a rank missing, and at one being stored; slots name the chunks' bytes; the regions are
 private; an instance's claims stop holding when it goes or holds more than its share. Through a
 server: a pinned lookup claims its hit with no call, the load brings the bytes back, a save reported
-done is seen by the next claimed lookup, a claimed lookup arriving after its load leaves no pin,
+done is seen by the next claimed lookup, a claimed lookup arriving after its load or its release
+leaves no pin,
 nobody without the instance's capability gives its claims back, and a lookup reported later goes out
 before the client's next request (or gives its claims back when it cannot)."""
 
@@ -360,6 +361,25 @@ def test_a_registration_made_while_the_reaper_retires_its_ids_last_one_keeps_its
     assert server.claims is not None and again.claims is not None
     registration = server.service.instances.get(info.instance_id).registration
     assert server.claims.regions(registration).claims == again.claims.claims
+
+
+def test_a_claimed_lookup_arriving_after_its_release_leaves_no_pin(served: Served) -> None:
+    """The report may go out on the heartbeat's connection while the scheduler's release goes on its
+    own, and be served after it: its pins go at once instead of lingering until the TTL."""
+    stored = Stored(served, 9)
+    server, client, iid, key = stored.server, stored.client, stored.iid, (stored.iid, "gone")
+    assert server.claims is not None
+    cap = client.registrations.cap(iid)
+    claimed_at = time.monotonic()
+    entries = stored.claim("gone")
+    release = P.Release(rid=1, auth=client.credentials.secret(), instance_id=iid, cap=cap, pin_id="gone")
+    released = exchange(f"tcp://127.0.0.1:{server.tcp_port}", P.encode(release))
+    assert released.ok and released.value is False  # nothing to release yet
+    reply = stored.send_lookup(entries, pin_id="gone", claimed_at=claimed_at, cap=cap)
+    assert reply.ok and reply.value == len(stored.tokens)
+    assert server.service.pins.get(key) is None and key not in server.engine.pinned_ids()
+    registration = server.service.instances.get(iid).registration
+    assert server.claims.release(registration, entries) == 0  # the lookup gave its claims back
 
 
 # ---- lookups reported later ---------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The server's pin table: a claimed lookup arriving after a rank's load counts that rank as done, a
-lookup claimed after the load does not; the loads remembered are bounded and expire."""
+lookup claimed after the load does not; one arriving after its release is not entered; the loads and
+releases remembered are bounded and expire."""
 
 from __future__ import annotations
 
@@ -35,15 +36,55 @@ def test_loads_before_the_claim_or_for_an_unclaimed_lookup_count_nothing() -> No
     record = PinRecord(world_size=1, created=11.0, nbytes=100)
     table.replace((1, "r"), record, SHARE, claimed_at=10.5)  # claimed after that load: its own
     assert record.done == set() and table.get((1, "r")) is record
-    table.pop((1, "r"))
+    table.pop((1, "r"), now=12.0)
     table.rank_done((1, "s"), 0, now=10.0)
     plain = PinRecord(world_size=1, created=11.0, nbytes=100)
     table.replace((1, "s"), plain, SHARE)  # a round-trip lookup: answered before any of its loads
     assert plain.done == set() and table.get((1, "s")) is plain
 
 
+def test_a_claimed_lookup_released_before_it_arrived_is_not_entered() -> None:
+    """The report may travel on the heartbeat's connection while the release goes on the scheduler's:
+    a release served first must not leave the late lookup's pins for the TTL to drop."""
+    table = PinTable()
+    assert not table.pop((1, "r"), now=10.0)  # released before its lookup arrived
+    record = PinRecord(world_size=2, created=11.0, nbytes=100)
+    assert table.replace((1, "r"), record, SHARE, claimed_at=9.0) == (0, False)
+    assert record.done == {0, 1} and table.get((1, "r")) is None and len(table) == 0
+    assert table.replace((1, "probe"), None, SHARE)[0] == 0  # it holds no bytes either
+    table.pop((1, "s"), now=10.0)
+    again = PinRecord(world_size=1, created=11.0, nbytes=100)
+    table.replace((1, "s"), again, SHARE, claimed_at=10.5)  # claimed after the release: a new lookup
+    assert again.done == set() and table.get((1, "s")) is again
+    table.pop((1, "t"), now=10.0)
+    plain = PinRecord(world_size=1, created=11.0, nbytes=100)
+    table.replace((1, "t"), plain, SHARE)  # a round-trip lookup: answered before its release was sent
+    assert table.get((1, "t")) is plain
+
+
+def test_releases_remembered_are_bounded_expire_and_go_with_their_owner(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pins_module, "MAX_EARLY", 2)
+    table = PinTable()
+    for i in range(3):
+        table.pop((1, i), now=float(i))
+    table.pop((2, 0), now=3.0)
+    pushed_out = PinRecord(world_size=1, created=7.0, nbytes=1)
+    table.replace((1, 1), pushed_out, SHARE, claimed_at=-1.0)
+    assert table.get((1, 1)) is pushed_out
+    table.pop_owner(2)
+    retired = PinRecord(world_size=1, created=7.0, nbytes=1)
+    table.replace((2, 0), retired, SHARE, claimed_at=-1.0)
+    assert table.get((2, 0)) is retired
+    table.pop_stale(now=100.0, ttl=10.0)
+    expired = PinRecord(world_size=1, created=100.0, nbytes=1)
+    table.replace((1, 2), expired, SHARE, claimed_at=-1.0)
+    assert table.get((1, 2)) is expired
+
+
 def test_loads_remembered_are_bounded_and_expire(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pins_module, "MAX_EARLY_LOADS", 4)
+    monkeypatch.setattr(pins_module, "MAX_EARLY", 4)
     table = PinTable()
     for i in range(6):
         table.rank_done((1, i), 0, now=float(i))
@@ -78,7 +119,7 @@ def test_each_owners_pinned_bytes_follow_every_way_a_record_goes() -> None:
     assert not table.rank_done((1, "a"), 0, now=1.0) and held(1) == 140
     assert table.rank_done((1, "a"), 1, now=1.0) and held(1) == 40
     assert table.pop_stale(now=4.0, ttl=3.0) == [(2, "a")] and held(2) == 0
-    assert table.pop((1, "b")) and held(1) == 0
+    assert table.pop((1, "b"), now=6.0) and held(1) == 0
     table.replace((1, "d"), PinRecord(world_size=1, created=5.0, nbytes=9), SHARE)
     assert table.pop_owner(1) == [(1, "d")] and held(1) == 0
     assert table.replace((1, "e"), PinRecord(world_size=1, created=5.0, nbytes=SHARE), SHARE) == (0, False)
