@@ -401,7 +401,10 @@ def main() -> int:
     if args.l1_size_gb is None:
         if args.bandwidth:
             layers, kv_heads, head_dim = KV_SHAPES[args.model]
-            per_token = layers * 2 * kv_heads * head_dim * 2  # all ranks together: the whole model's KV
+            # All ranks together: the whole model's KV, KV heads repeated on ranks beyond their count
+            # (a lookup pins for every rank; short of this, the probe's pins pass --pin-share).
+            heads = max(ranks * math.ceil(kv_heads / ranks) for ranks in args.ranks)
+            per_token = layers * 2 * heads * head_dim * 2
             args.l1_size_gb = max(1.0, 3 * (args.tokens + args.lookup_tokens) * per_token * 2 / 1e9)
         else:
             args.l1_size_gb = 0.25
