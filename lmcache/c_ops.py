@@ -140,39 +140,33 @@ def index_tensor(ids: list[int], device: torch.device) -> torch.Tensor:
     return host.to(device, non_blocking=True)
 
 
-_helper_streams: dict[tuple[str, int, int], Any] = {}
+_helper_streams: dict[tuple[str, int], Any] = {}
 _helper_streams_lock = threading.Lock()
 
 
-def _helper_stream(device: torch.device, role: str, owner: Any) -> Any:
-    """One stream per device, role and ``owner`` (the main stream of the transfers it helps), created
-    on first use. Transfers on different main streams (the pools a cache server copies for, each on
-    streams of its own) never queue behind each other's helper work: on one helper stream per device
-    a batch of one pool would wait for every batch of another enqueued before it, and concurrent
-    transfers would run one after the other (benchmarks/RESULTS.md, D100). Main streams are few and
-    never destroyed (:func:`lmcache.cudart.new_stream` hands them back for reuse), so helpers are too."""
+def _helper_stream(device: torch.device, role: str) -> Any:
+    """One stream per device and role, created on first use."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     with _helper_streams_lock:
-        key = (role, index, owner.cuda_stream)
-        if key not in _helper_streams:
-            _helper_streams[key] = cudart.new_stream(index)
-        return _helper_streams[key]
+        if (role, index) not in _helper_streams:
+            _helper_streams[role, index] = cudart.new_stream(index)
+        return _helper_streams[role, index]
 
 
 Direction = Literal["gather", "scatter"]
 
 
-def side_stream(device: torch.device, direction: Direction, owner: Any) -> Any:
-    """The helper stream the gather (save) or scatter (load) kernels of transfers on ``owner`` run on,
-    one per direction. A scatter waits on its stream for its load's DMA: were gathers queued behind it
-    on the same stream, every save would wait for the loads in flight and the two directions, which
-    have copy engines of their own, would take turns (benchmarks/RESULTS.md, D43)."""
-    return _helper_stream(device, direction, owner)
+def side_stream(device: torch.device, direction: Direction) -> Any:
+    """The helper stream the gather (save) or scatter (load) kernels run on, one per device and
+    direction. A scatter waits on its stream for its load's DMA: were gathers queued behind it on the
+    same stream, every save would wait for the loads in flight and the two directions, which have
+    copy engines of their own, would take turns (benchmarks/RESULTS.md, D43)."""
+    return _helper_stream(device, direction)
 
 
-def lane_stream(device: torch.device, owner: Any) -> Any:
-    """The second stream of interleaved copies of transfers on ``owner`` (see ``Transfer._next_lane``)."""
-    return _helper_stream(device, "lane", owner)
+def lane_stream(device: torch.device) -> Any:
+    """The second stream of interleaved copies (see ``Transfer._next_lane``)."""
+    return _helper_stream(device, "lane")
 
 
 def _batches(chunks: Sequence[ChunkCopy], row_bytes: int) -> list[list[ChunkCopy]]:
@@ -252,9 +246,7 @@ class Transfer:
             # What ``_on`` puts back: the current streams of the current and of the pool's device.
             self._restore = (torch.cuda.current_stream(), torch.cuda.current_stream(pool.device))
             self.stream = stream if stream is not None else self._restore[1]
-            self._lanes = [self.stream]
-            if interleave:
-                self._lanes.append(lane_stream(pool.device, self.stream))
+            self._lanes = [self.stream, lane_stream(pool.device)] if interleave else [self.stream]
             if torch.cuda.current_device() != pool.device.index:
                 self._device = pool.device
         self._row_dma = (
@@ -434,7 +426,7 @@ class Transfer:
 
     def _side_for(self, direction: Direction) -> None:
         """Take ``direction``'s helper stream; a transfer moves one way only."""
-        side = side_stream(self.pool.device, direction, self.stream)
+        side = side_stream(self.pool.device, direction)
         if self._side is not None and self._side is not side:
             raise ValueError("a Transfer either gathers (stores) or scatters (loads), not both")
         self._side = side
@@ -507,7 +499,7 @@ class Transfer:
         if not self.cuda or self.pool.shape[0] < 3:
             return
         rows = max(2, min(batch_rows, MAX_STAGING_BYTES // self._row_bytes))
-        for stream in (self.stream, side_stream(self.pool.device, "gather", self.stream)):
+        for stream in (self.stream, side_stream(self.pool.device, "gather")):
             with self._on(stream):
                 # Freed at once: the caching allocator keeps the memory for this stream's staging.
                 torch.empty(rows * self._row_bytes, dtype=torch.uint8, device=self.pool.device)

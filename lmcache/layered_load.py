@@ -164,7 +164,7 @@ def _scatter_layers_cuda(
     scattered: list[c_ops.ChunkCopy] = []
     for copy in joined:
         (direct if c_ops.is_contiguous_run(copy[0]) else scattered).append(copy)
-    side = c_ops.side_stream(pool.device, "scatter", stream)
+    side = c_ops.side_stream(pool.device, "scatter")
     pool_pitch = pool.stride(0) * pool.element_size()
     rows = sum(len(ids) for ids, _ in scattered)
     # Per copy, once: (pool address of its first row, rows, host address, host pitch).

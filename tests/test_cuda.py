@@ -188,7 +188,7 @@ def test_store_orders_the_callers_stream_after_copies_on_both_lanes(
     expected = pool[src].cpu()
     save = torch.cuda.Stream()
     save.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(c_ops.side_stream(pool.device, "gather", save)):
+    with torch.cuda.stream(c_ops.side_stream(pool.device, "gather")):
         torch.cuda._sleep(200_000_000)
     assert engine.store(space, 0, pool, BlockTransfer(toks, None, src, 0, len(toks)), save) == len(toks)
     done = torch.cuda.Event()
@@ -330,7 +330,7 @@ def test_an_abandoned_batch_orders_its_stream_after_every_copy_it_enqueued(
     rows = pool.shape[1:]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(c_ops.side_stream(pool.device, "gather" if store else "scatter", stream)):
+    with torch.cuda.stream(c_ops.side_stream(pool.device, "gather" if store else "scatter")):
         torch.cuda._sleep(200_000_000)
     sent = torch.full((2, *rows), 1.0, dtype=pool.dtype).pin_memory()
     dropped = torch.full((2, *rows), 2.0, dtype=pool.dtype).pin_memory()
@@ -346,38 +346,6 @@ def test_an_abandoned_batch_orders_its_stream_after_every_copy_it_enqueued(
     else:
         assert torch.equal(pool[[9, 4]].cpu(), expected_sent)
         assert torch.equal(pool[[20, 30]].cpu(), expected_dropped)
-
-
-@pytest.mark.parametrize("store", [False, True])
-def test_transfers_on_other_streams_never_wait_for_each_others_helper_work(
-    store: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A cache server copies for several pools at once, each on streams of its own: a gather or scatter
-    kernel held back on one main stream's helper must not hold back a transfer on another, which
-    would run the pools' transfers one after the other."""
-    monkeypatch.setattr(c_ops, "ROW_DMA_MIN_BYTES", 1 << 40)  # scattered rows go through the kernels
-    pool = cuda_pool(64)
-    busy, free = torch.cuda.Stream(), torch.cuda.Stream()
-    for stream in (busy, free):
-        stream.wait_stream(torch.cuda.current_stream())
-    held = torch.cuda.Event()
-    with torch.cuda.stream(c_ops.side_stream(pool.device, "gather" if store else "scatter", busy)):
-        torch.cuda._sleep(2_000_000_000)
-        held.record()
-    with torch.cuda.stream(c_ops.lane_stream(pool.device, busy)):
-        torch.cuda._sleep(2_000_000_000)
-    host = torch.full((2, *pool.shape[1:]), 3.0, dtype=pool.dtype).pin_memory()
-    expected = pool[[9, 4]].cpu() if store else host.clone()
-    transfer = c_ops.Transfer(pool, free, interleave=store)
-    if store:
-        transfer.gather([([9, 4], host)])
-    else:
-        transfer.scatter([([9, 4], host)])
-    transfer.finish()
-    free.synchronize()
-    assert not held.query()  # the other stream's helper work is still running
-    assert torch.equal(host if store else pool[[9, 4]].cpu(), expected)
-    torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("row_dma_min", [0, 1 << 40])

@@ -24,9 +24,9 @@ def our_streams(pool: torch.Tensor) -> dict[str, torch.cuda.Stream]:
         "store": copy_streams.store,
         "load": copy_streams.load,
         "save queue": SaveQueue(pool.device, "lmcache-test-save").stream,
-        "lane": c_ops.lane_stream(pool.device, copy_streams.store),
-        "gather": c_ops.side_stream(pool.device, "gather", copy_streams.store),
-        "scatter": c_ops.side_stream(pool.device, "scatter", copy_streams.load),
+        "lane": c_ops.lane_stream(pool.device),
+        "gather": c_ops.side_stream(pool.device, "gather"),
+        "scatter": c_ops.side_stream(pool.device, "scatter"),
     }
 
 
