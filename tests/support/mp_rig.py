@@ -121,11 +121,13 @@ class Rig:
         assert torch.equal(self.pool[target[:rows]], self.pool[source[:rows]])
 
 
-def serve(with_disk: bool) -> Iterator[ServerProcess]:
+def serve(with_disk: bool, *flags: str) -> Iterator[ServerProcess]:
+    """A cache server for a :class:`Rig` (``flags``: more of its command line's)."""
     workdir = Path(tempfile.mkdtemp(prefix="lmrig-", dir="/tmp"))
     # A disk tier holds chunks the server's presence counts never see: it offers none, clients probe.
     disk = {"LMCACHE_LOCAL_DISK": f"file://{workdir}/disk", "LMCACHE_MAX_LOCAL_DISK_SIZE": "0.1"}
-    proc = ServerProcess(workdir, None, "--chunk-size", str(CHUNK), env=disk if with_disk else {}).start()
+    env = disk if with_disk else {}
+    proc = ServerProcess(workdir, None, "--chunk-size", str(CHUNK), *flags, env=env).start()
     reset_process_connections()
     yield proc
     reset_process_connections()

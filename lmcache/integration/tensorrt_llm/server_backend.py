@@ -48,6 +48,7 @@ from lmcache.server.client import (
     DEFAULT_SERVER_URL,
     BadPool,
     CacheServerClient,
+    LimitExceeded,
     PromptHashes,
     RegistrationRefused,
     ServerError,
@@ -205,6 +206,14 @@ class ServerIndex:
             self._probe.record(hit > 0)
         except MISFIT as exc:
             self._connection.refused(exc)
+            hit = 0
+        except LimitExceeded as exc:  # this lookup alone: the server serves on
+            self._connection.warn.warning(
+                "lookup limit",
+                "LMCache MP: cache server %s refused a lookup (%s); that request computes its prefill",
+                self._connection.client.url,
+                exc,
+            )
             hit = 0
         except (ServerUnavailable, ServerError) as exc:
             self._connection.warn.warning(
