@@ -17,11 +17,12 @@ L1_BYTES = 0.25 * (1 << 30)
 """The rig's server's L1 (``--l1-size-gb 0.25``)."""
 
 
-@pytest.fixture
-def tight_server(lmcache_env: pytest.MonkeyPatch) -> Iterator[ServerProcess]:
-    """Pins for one prompt's hit, not two; a disk tier, so every lookup asks the server."""
+@pytest.fixture(params=[True, False], ids=["disk", "l1-only"])
+def tight_server(request: pytest.FixtureRequest, lmcache_env: pytest.MonkeyPatch) -> Iterator[ServerProcess]:
+    """Pins for one prompt's hit, not two; with a disk tier (every lookup asks the server) or L1 alone
+    (lookups claimed in shared memory, which asks the server once the share is held)."""
     lmcache_env.setenv("LMCACHE_CHUNK_SIZE", str(CHUNK))
-    yield from serve(True, "--pin-share", f"{1.5 * PROMPT_BYTES / L1_BYTES:.6f}")
+    yield from serve(request.param, "--pin-share", f"{1.5 * PROMPT_BYTES / L1_BYTES:.6f}")
 
 
 def test_a_lookup_past_the_pin_share_is_a_miss_and_the_next_ones_hit(
