@@ -319,6 +319,21 @@ def test_multi_engine(tmp_path: Path) -> None:
     assert data["mixed"]["rows_equal"] and data["mixed"]["bidirectional_ceiling_gbps"] > 0
 
 
+def test_concurrent_pools(tmp_path: Path) -> None:
+    """Pools copied at once by one process's threads: every path at every pool count, loads checked."""
+    args = ["--device", "cpu", "--tokens", "512", "--pools", "1", "2", "--iters", "1"]
+    data = run_bench("concurrent_pools.py", tmp_path / "p.json", *args, model_args=[])
+    assert data["row_bytes"] == 28 * 2 * 1 * 32 * 128 * 2  # qwen2-1.5b's 2 KV heads over 4 ranks: 1 each
+    assert list(data["pools"]) == ["1", "2"]
+    for result in data["pools"].values():
+        assert result["loads_equal"] is True
+        for direction in ("save", "load"):
+            assert result[f"{direction}/copy"]["vs_copy"] == 1.0
+            for path in ("transfer", "transfer_row_dma", "engine"):
+                figures = result[f"{direction}/{path}"]
+                assert figures["GBps"] > 0 and 0 < figures["worst_vs_copy"] <= figures["vs_copy"]
+
+
 def test_transfer_timeline(tmp_path: Path) -> None:
     """Stores and loads through a shared-L1 server and in-process, each split into the worker's steps
     (CPU sizes: no device batches, the host steps only)."""
