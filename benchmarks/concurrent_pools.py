@@ -152,8 +152,7 @@ def one_round(path: str, pools: list[RankPool], engine: CacheEngine, salt: str) 
     """Every pool saves its ``src`` rows, then every pool loads them into its ``dst`` blocks: the
     seconds of each, and whether every loaded row equals its saved one (``copy`` moves rows in place)."""
     for rank in pools:
-        rank.pool[rank.dst] = 0
-        rank.synchronize()
+        rank.pool[rank.dst] = 0  # on the current stream: waited for below, before the timed copies
     if pools[0].pool.is_cuda:
         torch.cuda.synchronize()
     with row_dma(path == "transfer_row_dma"):
