@@ -9,10 +9,12 @@ rewritten. Keys and lookups live in :mod:`lmcache.engine_lookup`, the engine's b
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Generator, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,7 +94,10 @@ class CacheEngine(EngineLookup):
         began = time.perf_counter()
         layout = self._check_pool(space, pool)
         block_ids = transfer.block_ids
-        slots = self.reserve_store(space, rank, transfer.prompt, transfer.salt, transfer.start, transfer.end)
+        # Reserved a batch of chunks at a time, as CopyBatcher copies them: the first copy starts
+        # after one chunk's work, and L1's lock is taken once per batch (D101).
+        prompt, salt, most = transfer.prompt, transfer.salt, CopyBatcher.FLUSH_CHUNKS
+        slots = self.reserve_store(space, rank, prompt, salt, transfer.start, transfer.end, most)
         last = self.cacheable_end(space, len(transfer.prompt), transfer.end)
         if last <= transfer.start:
             return 0
@@ -109,7 +114,7 @@ class CacheEngine(EngineLookup):
             guard=guard,
         )
         try:
-            for slot in slots:  # reserved one by one, so the first copy starts after one chunk's work
+            for slot in slots:
                 if slot.chunk is None:
                     continue
                 reserved.append(slot)
@@ -122,6 +127,7 @@ class CacheEngine(EngineLookup):
                 landing.publish(wait=True)
                 _synchronize(pool, stream)
         except BaseException:
+            slots.close()  # a batch's slots not reached yet go back
             copier.abandon()
             _synchronize(pool, stream)  # no copy still reads the blocks or writes a slot given back
             self.abort_store(reserved)  # what was not published yet gives its slot back
@@ -130,34 +136,30 @@ class CacheEngine(EngineLookup):
         return sum(slot.end - slot.start for slot in reserved)
 
     def reserve_store(
-        self, space: KeySpace, rank: int, prompt: Tokens | ChunkHashes, salt: CacheSalt, start: int, end: int
-    ) -> Iterator[StoreSlot]:
+        self,
+        space: KeySpace,
+        rank: int,
+        prompt: Tokens | ChunkHashes,
+        salt: CacheSalt,
+        start: int,
+        end: int,
+        most: int = 1,
+    ) -> Generator[StoreSlot, None, None]:
         """The chunks a store of ``prompt``'s ``[start, end)`` saves (see :meth:`store`), each with an
-        L1 slot reserved as it is reached (invisible to lookups and safe from eviction until
-        :meth:`publish`); chunks already cached come with no slot. Whoever iterates owns the slots:
-        fill them and :meth:`publish`, or :meth:`abort_store`. ``start`` is checked at once."""
-        size = self.config.chunk_size
-        if start % size:
-            raise ValueError(f"store start {start} must be a multiple of chunk_size={size}")
-        return self._reserve_slots(space, rank, prompt, salt, start, end)
-
-    def _reserve_slots(
-        self, space: KeySpace, rank: int, prompt: Tokens | ChunkHashes, salt: CacheSalt, start: int, end: int
-    ) -> Iterator[StoreSlot]:
-        tpb = space.layout.tokens_per_block
-        for span in self.iter_chunk_spans(space, rank, prompt, salt, end):
-            if span.start < start:
-                continue
-            rows = (span.end - span.start) // tpb
-            chunk = self.l1.reserve(span.key, rows * space.layout.row_bytes, span.end - span.start)
-            yield StoreSlot(span.key, span.start, span.end, span.start // tpb, rows, chunk)
+        L1 slot reserved (invisible to lookups and safe from eviction until :meth:`publish`) in
+        batches of up to ``most`` (:func:`_reserved_in_batches`); chunks already cached come with no
+        slot. Whoever iterates owns the slots it was given: fill them and :meth:`publish`, or
+        :meth:`abort_store`. ``start`` is checked at once."""
+        if start % self.config.chunk_size:
+            raise ValueError(f"store start {start} must be a multiple of chunk_size={self.config.chunk_size}")
+        spans = (s for s in self.iter_chunk_spans(space, rank, prompt, salt, end) if s.start >= start)
+        return _reserved_in_batches(self.l1, spans, space.layout, most)
 
     def publish(self, space: KeySpace, slots: Sequence[StoreSlot], ready: Any = None) -> None:
         """Make filled slots visible to lookups (``ready``: the event their copies recorded, None when
         they are complete) and queue them for the lower tiers."""
         keys = [slot.key for slot in slots if slot.chunk is not None]
-        for key in keys:
-            self.l1.commit(key, ready)
+        self.l1.commit_many(keys, ready)
         self._stored(space, keys, sum(s.end - s.start for s in slots if s.chunk))
 
     def lease_slot(self, space: KeySpace, lease: Hashable) -> CachedChunk | None:
@@ -495,3 +497,32 @@ def _read(slots: list[LoadSlot], event: Any) -> None:
     done: dict[int, bool] = {}
     for slot in slots:
         slot.chunk.read_until(event, done)
+
+
+def _reserved_in_batches(
+    l1: CpuStore, spans: Iterator[ChunkSpan], layout: PoolLayout, most: int
+) -> Generator[StoreSlot, None, None]:
+    """Each span's :class:`StoreSlot`, its L1 slot reserved in batches of 1, 2, 4, ... up to ``most``
+    chunks, one acquisition of L1's lock each; a batch's slots not yet yielded when the generator is
+    closed go back."""
+    tpb = layout.tokens_per_block
+    size = 1
+    waiting: deque[StoreSlot] = deque()
+    try:
+        while batch := list(itertools.islice(spans, size)):
+            sizes = [(s.end - s.start) // tpb for s in batch]
+            chunks = l1.reserve_many(
+                [
+                    (s.key, rows * layout.row_bytes, s.end - s.start)
+                    for s, rows in zip(batch, sizes, strict=True)
+                ]
+            )
+            for s, rows, chunk in zip(batch, sizes, chunks, strict=True):
+                waiting.append(StoreSlot(s.key, s.start, s.end, s.start // tpb, rows, chunk))
+            while waiting:
+                yield waiting.popleft()
+            size = min(2 * size, most)
+    finally:
+        for slot in waiting:
+            if slot.chunk is not None:
+                l1.abort(slot.key)

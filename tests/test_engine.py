@@ -397,6 +397,50 @@ def test_store_failing_midway_keeps_what_it_published_and_leaks_no_slot(
     assert engine.lookup(space, good) == 192
 
 
+def test_a_store_failing_inside_a_batch_of_reservations_gives_back_the_batchs_other_slots(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Slots are reserved a batch at a time (1, 2, 4, ... chunks): when the second chunk's copy fails,
+    the third chunk's slot, reserved with it but never handed to the copies, goes back too."""
+    engine, space, pool = make()
+    control, _, _ = make()
+    good = tokens(256)
+    add = CopyBatcher.add
+    calls = []
+
+    def failing_second_add(self: CopyBatcher[object], *args: object) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("copy failed")
+        add(self, *args)
+
+    monkeypatch.setattr(CopyBatcher, "add", failing_second_add)
+    # The error's traceback (kept here, as a caller logging it would) holds the failed store's frame:
+    # the slots must go back before the error leaves it, not when the frame is collected.
+    with pytest.raises(RuntimeError, match="copy failed") as failed:
+        engine.store(space, 0, pool, BlockTransfer(good, None, list(range(16)), 0, 256))
+    monkeypatch.undo()
+    assert engine.store(space, 0, pool, BlockTransfer(good, None, list(range(16)), 0, 256)) == 256 - CHUNK
+    control.store(space, 0, pool, BlockTransfer(good, None, list(range(16)), 0, 256))
+    assert engine.l1.used_bytes == control.l1.used_bytes  # no slot left reserved by the failed store
+    assert failed.traceback
+
+
+def test_reserve_store_reserves_in_growing_batches_and_a_closed_one_gives_back_the_rest() -> None:
+    engine, space, _ = make()
+    toks = tokens(5 * CHUNK)
+    keys = [span.key for span in engine.chunk_spans(space, 0, toks, None)]
+    slots = engine.reserve_store(space, 0, toks, None, 0, len(toks), most=2)
+    first = next(slots)
+    assert first.key == keys[0] and [engine.l1.reserved(k) for k in keys] == [True] + [False] * 4
+    second = next(slots)  # the batch of two is reserved at once
+    assert [engine.l1.reserved(k) for k in keys] == [True, True, True, False, False]
+    slots.close()
+    assert [engine.l1.reserved(k) for k in keys] == [True, True, False, False, False]
+    engine.abort_store([first, second])
+    assert engine.l1.used_bytes == 0
+
+
 def test_a_store_of_tokens_out_of_range_is_refused_and_leaks_no_slot() -> None:
     engine, space, pool = make()
     control, _, _ = make()

@@ -143,48 +143,71 @@ class CpuStore:
             return [k for k, c in self._chunks.items() if c.committed]
 
     def reserve(self, key: Hashable, nbytes: int, num_tokens: int) -> CachedChunk | None:
-        """A slot for ``key``, evicting unpinned chunks if needed; None (and a warning) if none fits.
+        """A slot for ``key``, evicting unpinned chunks if needed; None (and a warning) if none fits,
+        or if ``key`` is already here.
 
         The chunk stays invisible to lookups and safe from eviction until ``commit``.
         """
         with self._lock:
-            if key in self._chunks:
+            return self._reserve(key, nbytes, num_tokens)
+
+    def reserve_many(self, wanted: Sequence[tuple[Hashable, int, int]]) -> list[CachedChunk | None]:
+        """:meth:`reserve` of each ``(key, nbytes, num_tokens)`` in order, under one acquisition of
+        the lock: threads storing at once (the cache server's, one per rank) then take turns once per
+        batch of chunks, not once per chunk (benchmarks/RESULTS.md, D101)."""
+        with self._lock:
+            return [self._reserve(key, nbytes, num_tokens) for key, nbytes, num_tokens in wanted]
+
+    def _reserve(self, key: Hashable, nbytes: int, num_tokens: int) -> CachedChunk | None:
+        """:meth:`reserve` (lock held)."""
+        if key in self._chunks:
+            return None
+        pool = self.arena.pool(nbytes)
+        # Once L1 is full every reservation evicts: skip the allocation that would fail first.
+        buf = pool.allocate() if pool.may_allocate() else None
+        while buf is None:
+            if not self._make_room(pool):
+                self.skipped_stores += 1
+                self._warn.warning(
+                    "l1-full",
+                    "L1 CPU cache has no room for a %d-byte chunk: its chunks are pinned by pending "
+                    "loads, or each slab of another chunk size holds one (%d chunks, %.1f MiB); "
+                    "skipping a store. Raise max_local_cpu_size if this persists.",
+                    nbytes,
+                    len(self._chunks),
+                    self.used_bytes / (1 << 20),
+                )
                 return None
-            pool = self.arena.pool(nbytes)
-            # Once L1 is full every reservation evicts: skip the allocation that would fail first.
-            buf = pool.allocate() if pool.may_allocate() else None
-            while buf is None:
-                if not self._make_room(pool):
-                    self.skipped_stores += 1
-                    self._warn.warning(
-                        "l1-full",
-                        "L1 CPU cache has no room for a %d-byte chunk: its chunks are pinned by pending "
-                        "loads, or each slab of another chunk size holds one (%d chunks, %.1f MiB); "
-                        "skipping a store. Raise max_local_cpu_size if this persists.",
-                        nbytes,
-                        len(self._chunks),
-                        self.used_bytes / (1 << 20),
-                    )
-                    return None
-                buf = pool.allocate()
-            chunk = CachedChunk(buf, nbytes, num_tokens)
-            self._chunks[key] = chunk
-            self.used_bytes += pool.slot_bytes
-            return chunk
+            buf = pool.allocate()
+        chunk = CachedChunk(buf, nbytes, num_tokens)
+        self._chunks[key] = chunk
+        self.used_bytes += pool.slot_bytes
+        return chunk
 
     def commit(self, key: Hashable, ready: Any = None, *, pin: bool = False) -> None:
         """Publish a reserved chunk; ``ready`` is the event its filling copy records. With ``pin`` it
         is pinned in the same step, so nothing can evict it in between (``unpin`` it later)."""
         with self._lock:
-            chunk = self._chunks[key]
-            chunk.ready = ready
-            if not chunk.committed:
-                chunk.committed = True
-                self._policy.add(key)
-                for observer in self._observers:
-                    observer.added(key, chunk)
-            if pin:
-                self._pin_chunk(chunk)
+            self._commit(key, ready, pin)
+
+    def commit_many(self, keys: Iterable[Hashable], ready: Any = None) -> None:
+        """:meth:`commit` of each of ``keys`` (one batch's chunks, filled by copies ending at
+        ``ready``), under one acquisition of the lock."""
+        with self._lock:
+            for key in keys:
+                self._commit(key, ready, False)
+
+    def _commit(self, key: Hashable, ready: Any, pin: bool) -> None:
+        """:meth:`commit` (lock held)."""
+        chunk = self._chunks[key]
+        chunk.ready = ready
+        if not chunk.committed:
+            chunk.committed = True
+            self._policy.add(key)
+            for observer in self._observers:
+                observer.added(key, chunk)
+        if pin:
+            self._pin_chunk(chunk)
 
     def publish_as(self, reserved: Hashable, key: Hashable, num_tokens: int, ready: Any = None) -> bool:
         """Publish the chunk reserved under ``reserved`` as ``key`` (see :meth:`commit`), holding
@@ -425,8 +448,11 @@ class CpuStore:
 
     def _wait_idle(self, chunk: CachedChunk) -> None:
         """Wait on the host until no copy fills or reads the chunk's slot. An eviction takes a batch's
-        chunks one after another, and they share their events: each is waited for once."""
+        chunks one after another, and they share their events: each is waited for once. An event
+        already complete (the usual victim's) is only queried: a wait lets go of the GIL, and getting
+        it back, with the lock held, makes every thread that stores or loads wait too (D101)."""
         for event in (chunk.ready, *chunk.reads):
             if event is not None and not any(event is done for done in self._idle_events):
-                event.synchronize()
+                if not event.query():
+                    event.synchronize()
                 self._idle_events.append(event)

@@ -216,13 +216,13 @@ class CountingEvent:
 
 def test_an_eviction_waits_once_for_the_events_a_batch_of_chunks_shares() -> None:
     s = store(9)
-    stored, read = CountingEvent(), CountingEvent()
-    for k in range(4):  # stored as one batch, then read back as one
+    stored, read = CountingEvent(done=False), CountingEvent(done=False)
+    for k in range(4):  # stored as one batch, then read back as one, both still running
         chunk = s.reserve(k, SLOT, 16)
         assert chunk is not None
         s.commit(k, stored)
         chunk.read_until(read, {})
-    alone = CountingEvent()
+    alone = CountingEvent(done=False)
     chunk = s.reserve("alone", SLOT, 16)
     assert chunk is not None
     s.commit("alone", alone)
@@ -237,6 +237,37 @@ def test_an_eviction_waits_once_for_the_events_a_batch_of_chunks_shares() -> Non
     assert alone.waits == 1 and stored.waits == 1
 
 
+def test_an_eviction_only_queries_the_events_of_copies_already_done() -> None:
+    """Waiting lets go of the GIL with L1's lock held: every thread storing or loading would wait for
+    it to come back (D101). A victim whose copies are complete is evicted without a wait."""
+    s = store(2)
+    done_store, done_read, running = CountingEvent(), CountingEvent(), CountingEvent(done=False)
+    old = s.reserve("old", SLOT, 16)
+    assert old is not None
+    s.commit("old", done_store)
+    old.read_until(done_read, {})
+    assert s.reserve("mid", SLOT, 16) is not None
+    s.commit("mid", running)
+    assert put(s, "new")  # evicts "old": its events are complete
+    assert s.evictions == 1 and done_store.waits == done_read.waits == 0
+    assert put(s, "newer")  # evicts "mid", whose copy still runs: waited for
+    assert s.evictions == 2 and running.waits == 1
+
+
+def test_reserve_many_and_commit_many_act_as_one_call_per_chunk() -> None:
+    s = store(3)
+    assert put(s, "cached")
+    first, again, second = s.reserve_many([("a", SLOT, 16), ("cached", SLOT, 16), ("b", SLOT, 8)])
+    assert again is None  # already here: no slot, as reserve
+    assert first is not None and second is not None and first.buffer is not second.buffer
+    assert second.num_tokens == 8 and "a" not in s and s.reserved("a")
+    ready = CountingEvent()
+    s.commit_many(["a", "b"], ready)
+    assert "a" in s and "b" in s and first.ready is ready and second.ready is ready
+    assert s.reserve_many([("c", SLOT, 16)]) != [None]  # full: evicts the oldest, as reserve does
+    assert s.evictions == 1 and "cached" not in s
+
+
 def test_an_eviction_waits_for_every_load_still_reading_the_chunk() -> None:
     """Two loads read one chunk at once, each on its own stream (two engines, or two of the server's
     workers): the first one's copy may still run when the second's has finished and both have
@@ -245,7 +276,7 @@ def test_an_eviction_waits_for_every_load_still_reading_the_chunk() -> None:
     chunk = s.reserve("shared", SLOT, 16)
     assert chunk is not None
     s.commit("shared", CountingEvent())
-    first, second = CountingEvent(done=False), CountingEvent()
+    first, second = CountingEvent(done=False), CountingEvent(done=False)
     chunk.read_until(first, {})
     chunk.read_until(second, {})
     assert put(s, "next")  # evicts "shared"
