@@ -426,6 +426,32 @@ def test_a_store_failing_inside_a_batch_of_reservations_gives_back_the_batchs_ot
     assert failed.traceback
 
 
+def test_a_store_takes_l1s_lock_once_per_batch_of_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads storing at once (the server's, one per rank) queue for L1's lock: a store reserves and
+    publishes its chunks a batch at a time, in CopyBatcher's batches (D101)."""
+    engine, space, pool = make(num_blocks=128)
+    reserve_many, commit_many = engine.l1.reserve_many, engine.l1.commit_many
+    reserved: list[int] = []
+    committed: list[int] = []
+
+    def counted_reserve(wanted: list[tuple[object, int, int]]) -> list[object]:
+        reserved.append(len(wanted))
+        return reserve_many(wanted)  # type: ignore[arg-type, return-value]
+
+    def counted_commit(keys: list[object], ready: object = None) -> None:
+        committed.append(len(keys))
+        commit_many(keys, ready)
+
+    monkeypatch.setattr(engine.l1, "reserve_many", counted_reserve)
+    monkeypatch.setattr(engine.l1, "commit_many", counted_commit)
+    monkeypatch.setattr(engine.l1, "reserve", None)  # one chunk at a time would fail here
+    monkeypatch.setattr(engine.l1, "commit", None)
+    toks = tokens(20 * CHUNK)
+    assert engine.store(space, 0, pool, BlockTransfer(toks, None, list(range(80)), 0, len(toks))) == len(toks)
+    assert reserved == [1, 2, 4, 8, 5] and committed == [1, 2, 4, 8, 5]
+    assert engine.lookup(space, toks) == len(toks)
+
+
 def test_reserve_store_reserves_in_growing_batches_and_a_closed_one_gives_back_the_rest() -> None:
     engine, space, _ = make()
     toks = tokens(5 * CHUNK)
