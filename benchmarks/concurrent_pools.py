@@ -7,12 +7,12 @@ split over ``--tp`` ranks, at least one each) each move one ``--tokens``-token p
 ids, one thread and one stream per pool, all at once:
 
 * ``copy``: one plain ``copy_`` of the pool's first rows to or from pinned host memory (the ceiling);
-* ``transfer``: :class:`lmcache.c_ops.Transfer` into one host buffer per chunk, as the engine batches
-  them (rows shorter than ``c_ops.ROW_DMA_MIN_BYTES`` go through the gather and scatter kernels);
-* ``transfer_row_dma``: the same with every row moved by a DMA of its own (``ROW_DMA_MIN_BYTES`` set to
-  0 for this path only);
+* ``transfer_kernels``: :class:`lmcache.c_ops.Transfer` into one host buffer per chunk, as the engine
+  batches them, scattered rows through the gather and scatter kernels;
+* ``transfer_row_dma``: the same with every row moved by a DMA of its own;
 * ``engine``: ``CacheEngine.store`` then ``retrieve`` of a fresh prompt, one engine for all pools, its
-  L1 filled once before the timed rounds and sized so that every round's saves evict.
+  L1 filled once before the timed rounds and sized so that every round's saves evict; rows move as
+  the registration's trial settled (:mod:`lmcache.row_dma_trial`, run here first, and reported).
 
 Each path's aggregate GB/s over the span from the common start to the last pool's end, as a ratio to
 ``copy``'s median at the same pool count: median and worst of ``--iters`` rounds after one warm-up.
@@ -31,7 +31,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,13 +41,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_shapes import CHUNK, KV_SHAPES, add_shape_args  # noqa: E402
 
-from lmcache import c_ops, cudart  # noqa: E402
+from lmcache import c_ops, cudart, row_dma_choice  # noqa: E402
+from lmcache.chunk_copy import CopyBatcher  # noqa: E402
 from lmcache.config import LMCacheEngineConfig  # noqa: E402
 from lmcache.engine import CacheEngine, KeySpace  # noqa: E402
 from lmcache.layout import PoolLayout  # noqa: E402
+from lmcache.row_dma_trial import settle_by_trial  # noqa: E402
 from lmcache.transfer import BlockTransfer  # noqa: E402
 
-PATHS = ("copy", "transfer", "transfer_row_dma", "engine")
+PATHS = ("copy", "transfer_kernels", "transfer_row_dma", "engine")
 
 
 @dataclass
@@ -58,7 +60,7 @@ class RankPool:
     src: list[int]
     dst: list[int]
     host: torch.Tensor
-    """Pinned host memory for every row of the prompt (the other side of ``copy`` and ``transfer``)."""
+    """Pinned host memory for every row of the prompt (the other side of ``copy`` and the transfers)."""
     stream: Any
     space: KeySpace
 
@@ -104,7 +106,8 @@ def move(path: str, rank: RankPool, engine: CacheEngine, transfer: BlockTransfer
         (engine.store if save else engine.retrieve)(rank.space, 0, rank.pool, transfer, rank.stream)
     else:
         ids = list(transfer.block_ids)
-        copy = c_ops.Transfer(rank.pool, rank.stream, interleave=save, block_ids=ids)
+        row_dma = path == "transfer_row_dma"
+        copy = c_ops.Transfer(rank.pool, rank.stream, interleave=save, block_ids=ids, row_dma=row_dma)
         (copy.gather if save else copy.scatter)(rank.chunks(ids))
         copy.finish()
     rank.synchronize()
@@ -136,18 +139,6 @@ def together(pools: list[RankPool], work: Callable[[RankPool], None]) -> float:
     return max(ends) - began
 
 
-@contextlib.contextmanager
-def row_dma(always: bool) -> Iterator[None]:
-    """Every scattered row by a DMA of its own while ``always`` (``ROW_DMA_MIN_BYTES`` 0)."""
-    before = c_ops.ROW_DMA_MIN_BYTES
-    if always:
-        c_ops.ROW_DMA_MIN_BYTES = 0
-    try:
-        yield
-    finally:
-        c_ops.ROW_DMA_MIN_BYTES = before
-
-
 def one_round(path: str, pools: list[RankPool], engine: CacheEngine, salt: str) -> tuple[float, float, bool]:
     """Every pool saves its ``src`` rows, then every pool loads them into its ``dst`` blocks: the
     seconds of each, and whether every loaded row equals its saved one (``copy`` moves rows in place)."""
@@ -155,9 +146,8 @@ def one_round(path: str, pools: list[RankPool], engine: CacheEngine, salt: str) 
         rank.pool[rank.dst] = 0  # on the current stream: waited for below, before the timed copies
     if pools[0].pool.is_cuda:
         torch.cuda.synchronize()
-    with row_dma(path == "transfer_row_dma"):
-        saved = together(pools, lambda r: move(path, r, engine, r.prompt(salt, r.src), save=True))
-        loaded = together(pools, lambda r: move(path, r, engine, r.prompt(salt, r.dst), save=False))
+    saved = together(pools, lambda r: move(path, r, engine, r.prompt(salt, r.src), save=True))
+    loaded = together(pools, lambda r: move(path, r, engine, r.prompt(salt, r.dst), save=False))
     equal = path == "copy" or all(torch.equal(r.pool[r.src], r.pool[r.dst]) for r in pools)
     return saved, loaded, equal
 
@@ -224,12 +214,17 @@ def main() -> int:
     engine = CacheEngine(
         LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=l1_bytes / 2**30)
     )
+    pool = pools[0].pool
+    trial = settle_by_trial(pool, pools[0].stream, CHUNK // args.tokens_per_block, CopyBatcher.FLUSH_CHUNKS)
     fill_once(engine, pools, l1_bytes)
     results: dict[str, Any] = {
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model": args.model,
         "tp": args.tp,
         "row_bytes": pools[0].host[0].nbytes,
+        "engine_row_dma": pool.is_cuda
+        and row_dma_choice.uses_row_dma(pool.device.index, pools[0].host[0].nbytes),
+        "row_dma_trial": None if trial is None else {"dma_ms": trial.dma_ms, "kernel_ms": trial.kernel_ms},
         "tokens": args.tokens,
         "iters": args.iters,
         "pools": {},

@@ -26,16 +26,10 @@ from typing import Any, Literal
 
 import torch
 
-from lmcache import cudart, dma_batch
+from lmcache import cudart, dma_batch, row_dma_choice
 
 # Upper bound of the device staging buffer per call, so a huge batch cannot exhaust GPU memory.
 MAX_STAGING_BYTES = 256 << 20
-
-ROW_DMA_MIN_BYTES = 768 << 10
-"""Pool rows at least this long move scattered by one DMA each (in one ``cudaMemcpyBatchAsync``
-call, where :func:`lmcache.dma_batch.batches_on` the transfer's streams): no gather or scatter
-kernel on the SMs, no device staging. Shorter rows keep the kernels, which the copy engine's
-per-copy cost would outrun (benchmarks/RESULTS.md, D38 and D51)."""
 
 LANE_SEGMENT_BYTES = 32 << 20
 """Bytes an interleaved store enqueues on one lane before it turns to the other: the copy engine's
@@ -207,6 +201,9 @@ class Transfer:
     ``block_ids``, the request's block ids when the chunk copies name consecutive slices of them,
     lets the device-side gathers and scatters index a single upload of that list instead of
     uploading each batch's ids (a host call and a small DMA between the big ones, per batch).
+
+    ``row_dma`` forces how scattered rows move (one DMA each, or the kernels); by default as
+    :mod:`lmcache.row_dma_choice` settled for the pool's device and row length.
     """
 
     def __init__(
@@ -216,6 +213,7 @@ class Transfer:
         *,
         interleave: bool = False,
         block_ids: Sequence[int] | None = None,
+        row_dma: bool | None = None,
     ) -> None:
         self.pool = pool
         self.cuda = pool.is_cuda
@@ -249,12 +247,12 @@ class Transfer:
             self._lanes = [self.stream, lane_stream(pool.device)] if interleave else [self.stream]
             if torch.cuda.current_device() != pool.device.index:
                 self._device = pool.device
+        if row_dma is None and self.cuda:
+            row_dma = row_dma_choice.uses_row_dma(pool.device.index, self._row_bytes)
         self._row_dma = (
-            self.cuda
-            and self._row_bytes >= ROW_DMA_MIN_BYTES
-            and all(dma_batch.batches_on(lane) for lane in self._lanes)
+            self.cuda and bool(row_dma) and all(dma_batch.batches_on(lane) for lane in self._lanes)
         )
-        """Whether scattered rows move by one DMA each (see ``ROW_DMA_MIN_BYTES``), not by kernels."""
+        """Whether scattered rows move by one DMA each (:mod:`lmcache.row_dma_choice`), not by kernels."""
 
     @contextlib.contextmanager
     def _streams(self) -> Iterator[None]:
@@ -302,6 +300,11 @@ class Transfer:
         return lane
 
     @property
+    def row_dma(self) -> bool:
+        """Whether scattered rows move by one DMA each, not by the gather and scatter kernels."""
+        return self._row_dma
+
+    @property
     def request_index(self) -> torch.Tensor | None:
         """The request's block ids on the pool's device, once a batch has used a slice of them."""
         return self._request_index
@@ -326,7 +329,7 @@ class Transfer:
     def prepare_index(self) -> None:
         """Upload the request's block ids now, on ``stream``: a caller with time to spare before its
         first copy (waiting for a server's reply) takes the upload off the load's path. Nothing to do
-        when rows move by DMA (``ROW_DMA_MIN_BYTES``): no kernel reads the ids, and the upload would
+        when rows move by DMA (:mod:`lmcache.row_dma_choice`): no kernel reads the ids, and the upload would
         only delay the first copy."""
         if self.cuda and not self._row_dma and self._request_ids and self._request_index is None:
             with self._on(self.stream):

@@ -19,6 +19,7 @@ from lmcache.forward_gate import FORWARD
 from lmcache.keys import ChunkKey
 from lmcache.layered_load import LayerReady, scatter_layers
 from lmcache.layout import PoolLayout
+from lmcache.row_dma_trial import settle_by_trial
 from lmcache.storage.cpu_store import CachedChunk
 
 T = TypeVar("T")
@@ -185,7 +186,9 @@ class CopyBatcher(Generic[T]):
     @classmethod
     def warm_up(cls, pool: torch.Tensor, stream: Any, rows_per_chunk: int) -> None:
         """Pay ``pool``'s one-off transfer set-up on ``stream`` now, at registration, with staging for a
-        full batch of chunks of ``rows_per_chunk`` rows (see :meth:`lmcache.c_ops.Transfer.warm_up`)."""
+        full batch of chunks of ``rows_per_chunk`` rows (see :meth:`lmcache.c_ops.Transfer.warm_up`),
+        after settling how its scattered rows move on this card (:mod:`lmcache.row_dma_trial`)."""
+        settle_by_trial(pool, stream, rows_per_chunk, cls.FLUSH_CHUNKS)
         c_ops.Transfer(pool, stream, interleave=True).warm_up(cls.FLUSH_CHUNKS * rows_per_chunk)
 
     def add(self, block_ids: Sequence[int], view: torch.Tensor, item: T, ready: Any = None) -> None:

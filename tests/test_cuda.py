@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmcache import c_ops, dma_batch
+from lmcache import c_ops, dma_batch, row_dma_choice, row_dma_trial
 from lmcache.chunk_copy import CopyBatcher
 from lmcache.config import LMCacheEngineConfig
 from lmcache.engine import CacheEngine, KeySpace
@@ -301,7 +301,7 @@ def test_a_load_copying_a_row_twice_lands_the_later_copy(
     """Within one batch of a whole load (rows moved by one DMA each, or scattered by the kernel on
     the helper stream), a row copied again, here by an adjacent copy straight into the pool, lands
     from the later copy."""
-    monkeypatch.setattr(c_ops, "ROW_DMA_MIN_BYTES", row_dma_min)
+    monkeypatch.setattr(row_dma_choice, "ROW_DMA_MIN_BYTES", row_dma_min)
     pool = cuda_pool(16)
     pool.zero_()
     rows = pool.shape[1:]
@@ -325,7 +325,7 @@ def test_an_abandoned_batch_orders_its_stream_after_every_copy_it_enqueued(
     """A failed request gives its batch up: the copies still queued are dropped, and its stream is
     ordered after every copy already enqueued, the helper stream's kernels included (held back here),
     so the slots and blocks can be given back once the stream is done."""
-    monkeypatch.setattr(c_ops, "ROW_DMA_MIN_BYTES", row_dma_min)
+    monkeypatch.setattr(row_dma_choice, "ROW_DMA_MIN_BYTES", row_dma_min)
     pool = cuda_pool(64)
     rows = pool.shape[1:]
     stream = torch.cuda.Stream()
@@ -355,7 +355,7 @@ def test_a_load_uploads_the_block_ids_only_for_its_kernels(
     """Uploading a load's block ids ahead (while a server's reply travels) happens only where scatter
     kernels will index them: rows moved by one DMA each need no upload, which would only delay the
     first copy."""
-    monkeypatch.setattr(c_ops, "ROW_DMA_MIN_BYTES", row_dma_min)
+    monkeypatch.setattr(row_dma_choice, "ROW_DMA_MIN_BYTES", row_dma_min)
     stream = torch.cuda.Stream()
     transfer = c_ops.Transfer(cuda_pool(16), stream, block_ids=[9, 4, 7])
     transfer.prepare_index()
@@ -377,7 +377,7 @@ def test_scattered_rows_move_by_row_dma_without_kernels(
     was refused)."""
     if not dma_batch.batches_on(torch.cuda.Stream()):
         pytest.fail("this CUDA runtime has no cudaMemcpyBatchAsync (CUDA 13): row DMA is untested")
-    monkeypatch.setattr(c_ops, "ROW_DMA_MIN_BYTES", 0)
+    monkeypatch.setattr(row_dma_choice, "ROW_DMA_MIN_BYTES", 0)
 
     def no_kernel(*args: object, **kwargs: object) -> None:
         raise AssertionError("a gather or scatter kernel ran")
@@ -401,3 +401,61 @@ def test_scattered_rows_move_by_row_dma_without_kernels(
     )
     stream.synchronize()
     assert torch.equal(target[dst], pool[src])
+
+
+def test_a_registration_trial_settles_how_rows_move_on_this_card() -> None:
+    """Rows in the range a trial decides (Qwen2-1.5B at TP 4: 448 KiB): a trial times both paths on a
+    scratch batch, the pool itself untouched, and every transfer built after takes the winner; a
+    second trial does not run; a registration's warm-up runs one. Both paths move the rows bit-equal."""
+    if not dma_batch.batches_on(torch.cuda.Stream()):
+        pytest.fail("this CUDA runtime has no cudaMemcpyBatchAsync (CUDA 13): the trial is untested")
+    pool = torch.randn(24, 28, 2, 32 * 128, device="cuda").to(torch.bfloat16)
+    row_bytes = pool[0].nbytes
+    row_dma_choice.forget(pool.device.index, row_bytes)
+    before = pool.clone()
+    stream = torch.cuda.Stream()
+    try:
+        trial = row_dma_trial.settle_by_trial(pool, stream, 4, 2)
+        assert trial is not None and trial.rows == 8 and trial.row_bytes == row_bytes
+        assert trial.dma_ms > 0 and trial.kernel_ms > 0
+        assert row_dma_choice.uses_row_dma(pool.device.index, row_bytes) is trial.row_dma
+        assert c_ops.Transfer(pool, stream).row_dma is trial.row_dma
+        assert row_dma_trial.settle_by_trial(pool, stream, 4, 2) is None
+        assert torch.equal(pool, before)
+        for row_dma in (True, False):
+            pool[[20, 1, 22, 7]] = 0
+            stream.wait_stream(torch.cuda.current_stream())
+            host = torch.empty((4, *pool.shape[1:]), dtype=pool.dtype, pin_memory=True)
+            gather = c_ops.Transfer(pool, stream, row_dma=row_dma)
+            assert gather.row_dma is row_dma
+            gather.gather([([9, 3], host[:2]), ([17, 5], host[2:])])
+            gather.finish()
+            scatter = c_ops.Transfer(pool, stream, row_dma=row_dma)
+            scatter.scatter([([20, 1, 22, 7], host)])
+            scatter.finish()
+            stream.synchronize()
+            assert torch.equal(pool[[20, 1, 22, 7]], pool[[9, 3, 17, 5]])
+        row_dma_choice.forget(pool.device.index, row_bytes)
+        CopyBatcher.warm_up(pool, stream, 4)  # what every registration calls
+        assert not row_dma_choice.needs_trial(pool.device.index, row_bytes)
+    finally:
+        row_dma_choice.forget(pool.device.index, row_bytes)
+
+
+def test_a_failed_trial_settles_the_kernels_and_registers_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial that fails (out of device memory, say) rejects no pool: a warning, the kernels settled
+    for rows that long, and no trial again."""
+    pool = torch.randn(24, 28, 2, 32 * 128, device="cuda").to(torch.bfloat16)
+    row_bytes = pool[0].nbytes
+    row_dma_choice.forget(pool.device.index, row_bytes)
+
+    def out_of_memory(*args: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(row_dma_trial, "run_trial", out_of_memory)
+    try:
+        CopyBatcher.warm_up(pool, torch.cuda.Stream(), 4)
+        assert not row_dma_choice.needs_trial(pool.device.index, row_bytes)
+        assert c_ops.Transfer(pool, torch.cuda.Stream()).row_dma is False
+    finally:
+        row_dma_choice.forget(pool.device.index, row_bytes)

@@ -325,11 +325,12 @@ def test_concurrent_pools(tmp_path: Path) -> None:
     data = run_bench("concurrent_pools.py", tmp_path / "p.json", *args, model_args=[])
     assert data["row_bytes"] == 28 * 2 * 1 * 32 * 128 * 2  # qwen2-1.5b's 2 KV heads over 4 ranks: 1 each
     assert list(data["pools"]) == ["1", "2"]
+    assert data["engine_row_dma"] is False and data["row_dma_trial"] is None  # CPU: no trial, no DMA
     for result in data["pools"].values():
         assert result["loads_equal"] is True
         for direction in ("save", "load"):
             assert result[f"{direction}/copy"]["vs_copy"] == 1.0
-            for path in ("transfer", "transfer_row_dma", "engine"):
+            for path in ("transfer_kernels", "transfer_row_dma", "engine"):
                 figures = result[f"{direction}/{path}"]
                 assert figures["GBps"] > 0 and 0 < figures["worst_vs_copy"] <= figures["vs_copy"]
 
