@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lmcache.keys import HASH_ALGORITHMS, TokenHasher, Tokens
+from lmcache.keys import HASH_ALGORITHMS, TokenHasher, Tokens, native_chain
 from lmcache.server import protocol as P
 from lmcache.server.claims import ClaimView
 from lmcache.server.client_errors import ServerError, ServerUnavailable, SettingsMismatch
@@ -469,7 +469,10 @@ class Registrations:
     def prompt_fields(
         self, instance_id: int, transfer: BlockTransfer[Tokens | bytes | PromptHashes]
     ) -> dict[str, Any]:
-        """The prompt fields of a store or retrieve: the chunk hashes if given and usable, else tokens;
+        """The prompt fields of a store or retrieve: the chunk hashes if given and usable; else hashed
+        here when the range ends on a chunk boundary and the C chain hashes the token list (cheaper than
+        packing the tokens, a frame 64 times smaller, and the server hashes nothing; an unaligned end
+        keeps the tokens, whose partial last chunk the server may store); else tokens.
         :class:`SettingsMismatch` if the instance is not to be used (see :meth:`check_usable`)."""
         self.check_usable(instance_id, "transfer")
         prompt = transfer.prompt
@@ -477,8 +480,22 @@ class Registrations:
             digests = self.digests(instance_id, prompt)
             if digests is not None:
                 return {"tokens": b"", "chunk_hashes": digests}
-            return {"tokens": P.tokens_to_bytes(prompt.tokens), "cache_salt": prompt.cache_salt}
-        return {"tokens": P.tokens_to_bytes(prompt), "cache_salt": transfer.salt}
+            tokens, salt = prompt.tokens, prompt.cache_salt
+        else:
+            tokens, salt = prompt, transfer.salt
+        if (
+            type(tokens) is list
+            and native_chain() is not None
+            and self._ends_on_chunk(instance_id, transfer.end)
+        ):
+            hashed = self.chunk_hashes(instance_id, tokens, salt)
+            if hashed is not None:
+                return {"tokens": b"", "chunk_hashes": hashed.digests}
+        return {"tokens": P.tokens_to_bytes(tokens), "cache_salt": salt}
+
+    def _ends_on_chunk(self, instance_id: int, end: int) -> bool:
+        reg = self._table.get(instance_id)
+        return reg is not None and reg.info is not None and end > 0 and end % reg.info.chunk_size == 0
 
 
 class Credentials:

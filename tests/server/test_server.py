@@ -93,6 +93,31 @@ def test_a_prompt_hashed_once_travels_as_chunk_hashes(client: CacheServerClient)
     assert client.stats().pinned_lookups == 0
 
 
+def test_a_token_prompt_ending_on_a_chunk_travels_as_its_chunk_hashes(client: CacheServerClient) -> None:
+    """A store or load of token ids whose range ends on a chunk boundary sends the chunks' hashes (made
+    here, a frame 64 times smaller, nothing for the server to hash); one ending inside a chunk sends the
+    tokens (the server may keep that partial chunk). The same chunks are stored and found either way."""
+    pool = shared_pool(seed=15)
+    client.register(pool, 0, 1, MODEL, TPB, pool_sharing="export")
+    iid = client.instance_id
+    assert iid is not None
+    tokens = list(range(7500, 7500 + 100))  # 3 full chunks of 32 + 4 tokens
+    hashes = client.chunk_hashes(tokens, "tenant")
+    assert hashes is not None
+    aligned = client.registrations.prompt_fields(iid, BlockTransfer(tokens, "tenant", list(range(13)), 0, 96))
+    assert aligned == {"tokens": b"", "chunk_hashes": hashes.digests}
+    unaligned = client.registrations.prompt_fields(
+        iid, BlockTransfer(tokens, "tenant", list(range(13)), 0, 100)
+    )
+    assert unaligned == {"tokens": P.tokens_to_bytes(tokens), "cache_salt": "tenant"}
+    src = pool[:12].clone()
+    assert client.store(BlockTransfer(tokens, "tenant", list(range(13)), 0, 96)) == 96
+    assert client.lookup(tokens, "tenant") == 96 and client.lookup(tokens, "other") == 0
+    pool[40:52].zero_()
+    assert client.retrieve(BlockTransfer(tokens, "tenant", list(range(40, 52)), 0, 96)) == 96
+    assert torch.equal(pool[40:52], src)
+
+
 def test_bad_chunk_hashes_get_clear_errors_and_change_nothing(client: CacheServerClient) -> None:
     pool = shared_pool(seed=12)
     client.register(pool, 0, 1, MODEL, TPB, pool_sharing="export")
@@ -121,7 +146,7 @@ def test_bad_chunk_hashes_get_clear_errors_and_change_nothing(client: CacheServe
 
 def test_hashes_of_another_key_scheme_are_never_used(client: CacheServerClient) -> None:
     """Hashes made for one instance (its layout is in the key) are not sent for another: that call
-    sends tokens, so its chunks get the keys of its own layout."""
+    hashes the tokens again for its own instance, so its chunks get the keys of its own layout."""
     pool = shared_pool(seed=13)
     client.register(pool, 0, 1, MODEL, TPB, pool_sharing="export")
     first = client.instance_id
@@ -132,7 +157,7 @@ def test_hashes_of_another_key_scheme_are_never_used(client: CacheServerClient) 
     tokens = list(range(9000, 9064))
     hashes = client.chunk_hashes(tokens, instance_id=first)
     assert hashes is not None and hashes != client.chunk_hashes(tokens)
-    assert client.store(BlockTransfer(hashes, None, list(range(8)), 0, 64)) == 64  # sent as tokens
+    assert client.store(BlockTransfer(hashes, None, list(range(8)), 0, 64)) == 64  # hashed again
     assert client.lookup(tokens) == 64
     assert client.lookup(tokens, instance_id=first) == 0  # nothing stored under the first layout's keys
     other[20:28].zero_()
