@@ -471,8 +471,9 @@ class Registrations:
     ) -> dict[str, Any]:
         """The prompt fields of a store or retrieve: the chunk hashes if given and usable; else hashed
         here when the range ends on a chunk boundary and the C chain hashes the token list (cheaper than
-        packing the tokens, a frame 64 times smaller, and the server hashes nothing; an unaligned end
-        keeps the tokens, whose partial last chunk the server may store); else tokens.
+        packing the tokens, a frame 64 times smaller, and the server hashes nothing; hashes name full
+        chunks only, and a load's must reach its end, so a range ending inside a chunk keeps the
+        tokens); else tokens.
         :class:`SettingsMismatch` if the instance is not to be used (see :meth:`check_usable`)."""
         self.check_usable(instance_id, "transfer")
         prompt = transfer.prompt

@@ -96,7 +96,7 @@ def test_a_prompt_hashed_once_travels_as_chunk_hashes(client: CacheServerClient)
 def test_a_token_prompt_ending_on_a_chunk_travels_as_its_chunk_hashes(client: CacheServerClient) -> None:
     """A store or load of token ids whose range ends on a chunk boundary sends the chunks' hashes (made
     here, a frame 64 times smaller, nothing for the server to hash); one ending inside a chunk sends the
-    tokens (the server may keep that partial chunk). The same chunks are stored and found either way."""
+    tokens (hashes name full chunks only). The same chunks are stored and found either way."""
     pool = shared_pool(seed=15)
     client.register(pool, 0, 1, MODEL, TPB, pool_sharing="export")
     iid = client.instance_id
