@@ -495,6 +495,7 @@ class Registrations:
         return {"tokens": P.tokens_to_bytes(tokens), "cache_salt": salt}
 
     def _ends_on_chunk(self, instance_id: int, end: int) -> bool:
+        """Whether a range ending at ``end`` ends on one of the instance's chunk boundaries."""
         reg = self._table.get(instance_id)
         return reg is not None and reg.info is not None and end > 0 and end % reg.info.chunk_size == 0
 
