@@ -12,7 +12,7 @@ After each hit, the pass's ``build_connector_meta`` (no request scheduled) is ti
 (``hit_*_report_p50_us``): through the server a hit claimed in shared memory is reported to the server
 there, once per pass, not inside ``get_num_new_matched_tokens``.
 
-    python benchmarks/bench_lookup.py --preset lmcache-mp [--tokens 8192 16384] [--out lookup.json]
+    python benchmarks/bench_lookup.py --preset lmcache-mp [--lengths 8192 16384] [--out lookup.json]
 """
 
 from __future__ import annotations
