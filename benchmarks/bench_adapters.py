@@ -500,9 +500,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def rig_parser(doc: str | None, l1_size_gb: float) -> argparse.ArgumentParser:
     """The options of an :class:`AdapterRig` benchmark (the server's too, for ``lmcache-mp``)."""
-    parser = argparse.ArgumentParser(
-        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=doc, formatter_class=raw, allow_abbrev=False)
     parser.add_argument("--preset", choices=("lmcache", "lmcache-mp"), default="lmcache")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", choices=sorted(SHAPES), default="qwen2-1.5b")
