@@ -77,7 +77,7 @@ def measure(local_disk: Path, how: str, cold: bool) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=20000)
     parser.add_argument("--payload", type=int, default=1024, help="bytes per chunk file's payload")
     parser.add_argument("--dir", default=None, help="where to write the files (default: a temp dir)")

@@ -21,7 +21,7 @@ def best_us(fn, number: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--algorithm", default="blake3", choices=sorted(HASH_ALGORITHMS))
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384])

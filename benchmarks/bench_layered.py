@@ -120,7 +120,7 @@ def run_shape(name: str, tokens: int, tpb: int, rows_per_chunk: int, repeats: in
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--tokens-per-block", type=int, default=32)

@@ -56,7 +56,7 @@ def _time(fn, repeats: int, warmup: int) -> dict[str, float]:  # type: ignore[no
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1024,8192,32768", help="prompt sizes in tokens")
     parser.add_argument("--repeats", type=int, default=1000, help="timed round trips per case")
     parser.add_argument("--warmup", type=int, default=100)

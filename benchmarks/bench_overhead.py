@@ -508,7 +508,7 @@ def saves_in_flight(st: Setup) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_model_args(parser)
     parser.add_argument("--prefill-tokens", type=int, default=None, help="default 4096 (--small: 256)")

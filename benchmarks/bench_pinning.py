@@ -72,7 +72,7 @@ def rate_gbps(make: Callable[[], Any], threads: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", help="write the JSON here too")
     args = parser.parse_args()

@@ -101,7 +101,7 @@ def measure(model: str, tokens_per_block: int, shm: bool, repeats: int, seed: in
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="MODEL:TOKENS_PER_BLOCK[,...]")
     parser.add_argument("--shm", action="store_true", help="also into page-locked /dev/shm memory")
     parser.add_argument("--repeats", type=int, default=10)

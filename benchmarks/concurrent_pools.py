@@ -191,7 +191,7 @@ def fill_once(engine: CacheEngine, pools: list[RankPool], l1_bytes: int) -> None
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_shape_args(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -223,7 +223,7 @@ def print_table(results: dict[str, Any]) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", required=True, help="where to write the JSON results")
     parser.add_argument("--modes", default=",".join(pool_modes.MODES), help="pool-sharing modes to compare")

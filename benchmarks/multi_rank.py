@@ -349,7 +349,7 @@ def run_correctness(job: dict[str, Any], ranks: ProcessGroupRanks, device: torch
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--ranks", type=int, nargs="+", default=[2], help="rank counts (one run each)")
     parser.add_argument("--preset", choices=PRESETS, default="lmcache-mp")

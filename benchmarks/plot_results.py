@@ -213,7 +213,7 @@ def plot_overhead(data: dict[str, Any], out: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--ttft", help="bench_ttft.py JSON")
     parser.add_argument("--ttft-tiers", nargs="+", help="draw only these tiers of --ttft, in this order")

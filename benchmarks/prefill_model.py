@@ -455,7 +455,7 @@ def write_json(path: str | None, results: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_model_args(parser)
     parser.add_argument("--tokens", default="1024,4096,16384", help="prompt lengths, comma-separated")
