@@ -257,3 +257,42 @@ def test_driver_made_slabs_are_imported_for_the_bound_device_alone(monkeypatch) 
         os.close(read)
         os.close(write)
     assert maker.imports == [(0, True), (3, False), (0, True)]
+
+
+def test_driver_made_slabs_are_imported_ahead_by_one_thread_oldest_first(monkeypatch) -> None:
+    """Imports of driver-made slabs hold the driver one at a time: one thread takes them in the order the
+    server hands their slots out (oldest, lowest id, first), however they were announced."""
+    from lmcache import fd_slabs
+
+    imported: list[tuple[int, int]] = []  # (slab size in MiB, which names the slab here; thread)
+
+    class Maker:
+        def import_shared(self, fd: int, nbytes: int, *, cpu_access: bool = True) -> torch.Tensor:
+            imported.append((nbytes >> 20, threading.get_ident()))
+            threading.Event().wait(0.02)  # a slow import: several threads would each have taken one
+            return torch.zeros(nbytes, dtype=torch.uint8)
+
+    monkeypatch.setattr(fd_slabs.driver_host_memory, "maker", lambda device: Maker())
+    monkeypatch.setattr(slab_mappings, "MAP_AHEAD_THREADS", 3)
+    read, write = os.pipe()
+    monkeypatch.setattr(
+        slab_mappings, "fetch_descriptors", lambda channel, ids: {i: os.dup(read) for i in ids}
+    )
+    monkeypatch.setattr(slab_mappings, "_caller_device", lambda: 0)
+    try:
+        maps = SlabMappings(pin=True)
+        maps.bind(0)
+        announced = [5, 2, 4, 1, 3]
+        maps.map_ahead(
+            [
+                P.SlabInfo(id=i, name="", nbytes=i << 20, kind=fd_slabs.KIND_CUDA, channel="ch")
+                for i in announced
+            ]
+        )
+        assert maps.wait_ahead(30)
+    finally:
+        os.close(read)
+        os.close(write)
+    assert [size for size, _ in imported] == [1, 2, 3, 4, 5]
+    assert len({thread for _, thread in imported}) == 1
+    assert maps.ids() == [1, 2, 3, 4, 5]
