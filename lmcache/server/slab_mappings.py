@@ -6,12 +6,9 @@ mode 0600, size), page-locked for a CUDA pool. A reply also announces slabs the 
 of yet (``ahead``): :meth:`SlabMappings.map_ahead` hands them to a background thread, so a save into a
 new slab does not wait for its mapping and page-locking (a slab is mapped once either way; a copy
 that needs a slab being mapped ahead waits for that one only, and maps one still queued itself).
-Several threads map ``/dev/shm`` or memfd slabs ahead at once (:data:`MAP_AHEAD_THREADS`): filling
-a slab's page tables is per-thread work, which they overlap; page-locking itself takes the driver's
-lock, which they take one at a time. Slabs the server's driver made (``--l1-memory fd`` on a CUDA host)
-are only imported, each holding that lock, so one thread imports them, oldest first: the server hands
-out its oldest slabs' slots first, and several threads would take their turns in any order, a save's
-slab waiting behind later ones (benchmarks/RESULTS.md, D104).
+Several threads map ahead at once (:data:`MAP_AHEAD_THREADS`): filling a slab's page tables is
+per-thread work, which they overlap; page-locking itself takes the driver's lock, and so does importing
+a slab the server's driver made (``--l1-memory fd``), which they do one at a time.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 
-from lmcache.fd_slabs import KIND_CUDA, map_descriptor
+from lmcache.fd_slabs import map_descriptor
 from lmcache.logging import init_logger
 from lmcache.server import protocol as P
 from lmcache.server.descriptor_channel import DescriptorChannelError, fetch_descriptors
@@ -32,8 +29,7 @@ logger = init_logger(__name__)
 __all__ = ["SlabMappings", "MAP_AHEAD_THREADS"]
 
 MAP_AHEAD_THREADS = min(8, max(1, (os.cpu_count() or 2) // 2))
-"""Threads mapping slabs ahead at most (as many as pin the in-process L1 ahead); one for slabs the
-server's driver made."""
+"""Threads mapping slabs ahead at most (as many as pin the in-process L1 ahead)."""
 
 
 class SlabMappings:
@@ -137,12 +133,11 @@ class SlabMappings:
     def map_ahead(self, slabs: Sequence[P.SlabInfo]) -> None:
         """Map these slabs in the background (a failure is left to :meth:`apply`, if one is ever used)."""
         with self._lock:
-            for info in sorted(slabs, key=lambda slab: slab.id):  # oldest first
+            for info in slabs:
                 if info.id not in self._mapped and info.id not in self._pending:
                     self._pending[info.id] = threading.Event()
                     self._queue.append(_worker_info(info))
-            imports_only = any(queued.kind == KIND_CUDA for queued in self._queue)
-            starting = min((1 if imports_only else MAP_AHEAD_THREADS) - self._threads, len(self._queue))
+            starting = min(MAP_AHEAD_THREADS - self._threads, len(self._queue))
             device = self._device() if self.pin and starting > 0 else None
             for _ in range(starting):
                 # Not daemons: exiting while one is inside the CUDA driver (page-locking) aborts the
