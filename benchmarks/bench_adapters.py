@@ -189,7 +189,10 @@ class AdapterRig:
         self.worker = getattr(module, names[1])(llm_args)
         # TRT-LLM builds the connector before its model warm-up and registers the pool after it.
         time.sleep(getattr(args, "warmup_s", 0.0))
+        started = time.perf_counter()
         self.worker.register_kv_caches(self.pool)
+        self.register_s = time.perf_counter() - started
+        """How long ``register_kv_caches`` took (through the server: waiting for L1 mapped, D105)."""
         self.scheduler = getattr(module, names[0])(llm_args)
         self.server_url = server_url
         self.layers = layers if getattr(args, "layer_hooks", False) else 0
@@ -477,6 +480,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "forward_ms": args.forward_ms,
             "forward_device_p50_ms": _p50_ms(rig.forward.device_s) if rig.forward else None,
             "overlap_scheduler": args.overlap_scheduler,
+            "register_ms": round(rig.register_s * 1e3, 1),
             "save_while_l1_fills": summary(cold[: args.repeats] or cold, save_ceiling) if cold else None,
             "save_l1_full": summary(warm, save_ceiling),
             "load_l1_full": summary([loaded.load_s for loaded in loads], load_ceiling),

@@ -41,6 +41,7 @@ class FdSlabSource(SlabSource):
         self._maker = driver_host_memory.maker(device)
         super().__init__(pinned=self._maker is not None)
         self.kind = KIND_CUDA if self._maker is not None else KIND_MEMFD
+        self.driver_made = self._maker is not None
         self.memory = f"fd-{self.kind}"
         self.channel = ""
         self._fds: dict[int, int] = {}

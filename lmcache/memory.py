@@ -23,7 +23,9 @@ pool gives back return to the spares, still pinned.
 Pinning beside transfers: once the arena has handed out its first slot, slabs made in the background
 come from the CUDA driver (:func:`lmcache.host_slabs.allocate_slab`'s ``beside_transfers``), one at a
 time, except while a pool waits for memory (D81); a slab pre-pinning was still faulting in or waiting
-to register when transfers began is given up, and made by the driver instead (D82).
+to register when transfers began is given up, and made by the driver instead (D82). Where every
+slab is driver-made (a cache server's ``--l1-memory fd``), they are made one at a time from the start,
+so a worker importing one waits behind one making at most (D105).
 """
 
 from __future__ import annotations
@@ -106,6 +108,11 @@ class SlabSource:
     memory = "private"
     """What the slabs are, as the server's stats name it: ``private`` (no other process maps them),
     ``shm`` (named ``/dev/shm`` regions), ``fd-cuda`` or ``fd-memfd`` (passed by descriptor)."""
+
+    driver_made = False
+    """Whether every slab is made by the CUDA driver (page-locked as it is made): the driver makes one
+    at a time however many threads ask, and another process importing one of them waits behind every
+    making queued before it (benchmarks/RESULTS.md, D88, D105)."""
 
     def __init__(self, pinned: bool) -> None:
         self.pinned = pinned
@@ -364,7 +371,8 @@ class HostArena:
                     if nbytes < self.slab_bytes:
                         return
                     self.reserved_bytes += nbytes  # counted first, as for a slab grown ahead
-                    beside = self._take_driver_turn()
+                    turn = self._take_driver_turn()
+                    beside = turn and self.serving
                     # Only a registration begun before transfers gives way once they begin: one begun
                     # for a waiting pool would be restarted each time pools stop and start waiting.
                     gives_way = not beside and not self.serving
@@ -382,10 +390,10 @@ class HostArena:
                     logger.warning("pinning L1 ahead stopped after %d MiB: %s", self.reserved_bytes >> 20, e)
                     with self.lock:
                         self.reserved_bytes -= nbytes
-                        self._driver_making &= not beside
+                        self._driver_making &= not turn
                     return
                 with self.lock:
-                    self._driver_making &= not beside
+                    self._driver_making &= not turn
                     self.add_spare(slab)
         finally:
             with self.lock:
@@ -393,14 +401,21 @@ class HostArena:
                 self._grown.notify_all()
 
     def _take_driver_turn(self) -> bool:
-        """Whether this pre-pinning thread makes its slab beside transfers (see the module), and if so
-        its turn at it: the driver makes one at a time however many ask, so the others wait for the
-        turn, unless a pool starts waiting for memory meanwhile (they register then). Lock held."""
-        while self.beside_transfers and self._driver_making:
+        """Whether this background thread makes its slab in the driver's turn, and if so waits for that
+        turn: beside transfers (see the module), and from the start where the source's slabs are all
+        driver-made (the driver makes one at a time however many ask, and a worker importing a slab
+        waits behind every making queued), so the others wait for the turn, unless a pool starts waiting
+        for memory meanwhile (they register, or ask the driver at once, then). Lock held."""
+        while self._one_at_a_time and self._driver_making:
             self._grown.wait()
-        beside = self.beside_transfers
-        self._driver_making |= beside
-        return beside
+        turn = self._one_at_a_time
+        self._driver_making |= turn
+        return turn
+
+    @property
+    def _one_at_a_time(self) -> bool:
+        """Whether background slabs are made one at a time now (:meth:`_take_driver_turn`). Lock held."""
+        return self.beside_transfers or (self.source.driver_made and not self._waiting)
 
     def _registration_gives_way(self) -> bool:
         """Whether a slab pre-pinning began to page-lock by registration before transfers began gives
@@ -517,14 +532,15 @@ class HostArena:
             cudart.relax_capture_mode(device)
         slab = None
         with self.lock:
-            beside = self._take_driver_turn()
+            turn = self._take_driver_turn()
+            beside = turn and self.serving
         try:
             slab = self.source.allocate(nbytes, beside_transfers=beside)
         except Exception as e:  # e.g. out of pinned memory: the store path will try (and report) itself
             logger.warning("allocating a %d MiB host slab ahead of need failed: %s", nbytes >> 20, e)
         finally:
             with self.lock:
-                self._driver_making &= not beside
+                self._driver_making &= not turn
                 if slab is not None:
                     pool.attach(slab)
                     self.grown_ahead += 1

@@ -48,6 +48,7 @@ def channel(source):
 
 
 def test_a_worker_maps_the_very_memory_of_each_live_slab(source, channel) -> None:
+    assert not source.driver_made  # memfds: made side by side, not in the driver's turns
     slabs = [source.allocate(SLAB) for _ in range(3)]
     for i, slab in enumerate(slabs):
         slab.tensor[:8] = i + 1

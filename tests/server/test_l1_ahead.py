@@ -5,6 +5,7 @@ it, so the first saves find L1 mapped and page-locked. The server runs in a thre
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -174,3 +175,33 @@ def test_a_worker_asks_again_while_the_server_creates_its_l1_until_it_registers(
         _join_l1_ahead_threads()
     finally:
         connection.client.close(unregister=False)
+
+
+def test_registration_returns_once_the_slabs_announced_are_mapped(serve, monkeypatch) -> None:
+    """A worker registering while its slabs are still being mapped ahead waits for them (bounded), so
+    its first saves copy at once instead of mapping them first (RESULTS D105)."""
+    from lmcache.integration.tensorrt_llm.targets import targets_of_pool
+    from lmcache.server.slab_mappings import SlabMappings
+
+    server = serve("shared-l1")
+    _, ids = fill_some_slabs(server)
+    began, done = threading.Event(), []
+    real_map = SlabMappings._map
+
+    def slow_map(self: SlabMappings, info: Any, device: int | None) -> Any:
+        began.set()
+        time.sleep(0.2)  # an import behind the server's makings
+        mapping = real_map(self, info, device)
+        done.append(info.id)
+        return mapping
+
+    monkeypatch.setattr(SlabMappings, "_map", slow_map)
+    config = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, pool_sharing="shared-l1")
+    connection = ProcessConnection(f"tcp://127.0.0.1:{server.tcp_port}", config)
+    try:
+        transfers = ServerTransfers(connection, ConnectorSettings(MODEL, 1, TPB, CHUNK), 0)
+        assert began.wait(30)  # the slabs were announced and their mapping began
+        transfers.register(targets_of_pool(shared_pool(seed=23)))
+        assert set(ids) <= set(done)
+    finally:
+        connection.client.close()

@@ -67,6 +67,9 @@ L1_AHEAD_POLL_S = 0.25
 """How often a worker not registered yet asks a server still creating its L1 for the new slabs."""
 L1_AHEAD_MAX_S = 120.0
 """How long it asks at most (a server creates its L1 within seconds of its start)."""
+REGISTER_MAPPED_WAIT_S = 5.0
+"""How long registration waits at most for the server's slabs announced so far to be mapped (the
+mapping goes on in the background past that)."""
 _NOTHING = BlockTransfer([], None, [], 0, 0)
 """An empty load: it moves no KV and releases the rank's pins."""
 MISFIT = (SettingsMismatch, BadPool, VersionMismatch, RegistrationRefused)
@@ -355,7 +358,31 @@ class ServerTransfers:
             self._loader = cudart.background_thread(f"lmcache-mp-load-r{self._mpi_rank}", cuda_device)
         self._registered = False
         self._next_attempt = 0.0
-        self._ensure_registered(bring_up=True)
+        if self._ensure_registered(bring_up=True):
+            self._wait_l1_mapped()
+
+    def _wait_l1_mapped(self) -> None:
+        """Wait (at most :data:`REGISTER_MAPPED_WAIT_S`) until the server's L1 slabs announced so far
+        (before registration and in its replies) are mapped: a shared-L1 copy into a slab not mapped
+        yet maps it first, and with the server still making L1 an import waits behind the driver's
+        makings, so the first saves would. Mostly done already where TRT-LLM's warm-up ran since the
+        worker's construction; an exported pool maps nothing and waits for nothing (RESULTS D105)."""
+        started = time.monotonic()
+        mapped = self._client.registrations.wait_slabs_mapped(REGISTER_MAPPED_WAIT_S)
+        waited_ms = (time.monotonic() - started) * 1e3
+        if not mapped:
+            logger.info(
+                "LMCache MP rank %d: the cache server's L1 is still being mapped after %.0f ms at "
+                "registration; it goes on in the background, and the first saves may wait for it",
+                self._mpi_rank,
+                waited_ms,
+            )
+        elif waited_ms >= 1.0:
+            logger.debug(
+                "LMCache MP rank %d: registration waited %.1f ms for the cache server's L1 to be mapped",
+                self._mpi_rank,
+                waited_ms,
+            )
 
     def _ensure_registered(self, bring_up: bool = False) -> bool:
         """Register the pools if not yet done; while the server is down or refuses them, retry every few
