@@ -392,6 +392,62 @@ blake3_chain_bytes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
+static PyObject *
+blake3_lane_widths(PyObject *module, PyObject *unused)
+{
+    int widths[3];
+    int n = lm_blake3_lane_widths(widths);
+    PyObject *out = PyTuple_New(n);
+    for (int i = 0; out != NULL && i < n; i++) {
+        PyTuple_SET_ITEM(out, i, PyLong_FromLong(widths[i]));
+    }
+    return out;
+}
+
+static PyObject *
+blake3_digests(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *signature = "blake3_digests(data, length, lanes)";
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "%s takes 3 positional arguments, got %zd", signature, nargs);
+        return NULL;
+    }
+    Py_ssize_t length = PyLong_AsSsize_t(args[1]);
+    if (length == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    long lanes = PyLong_AsLong(args[2]);
+    if (lanes == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (length <= 0) {
+        PyErr_Format(PyExc_ValueError, "%s: length must be positive, got %zd", signature, length);
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    Py_ssize_t count = view.len / length;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, LM_BLAKE3_OUT_LEN * count);
+    if (out != NULL && count > 0) {
+        int rc = lm_blake3_many_lanes(view.buf, (size_t)length, (size_t)count,
+                                      (unsigned char *)PyBytes_AS_STRING(out), (int)lanes);
+        if (rc == -2) {
+            PyErr_Format(PyExc_ValueError, "%s: lanes must be one of blake3_lane_widths(), got %ld", signature,
+                         lanes);
+        }
+        else if (rc < 0) {
+            PyErr_NoMemory();
+        }
+        if (rc < 0) {
+            Py_CLEAR(out);
+        }
+    }
+    PyBuffer_Release(&view);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"chain_digests", (PyCFunction)(void (*)(void))chain_digests, METH_FASTCALL,
      "chain_digests(tokens, chunk_size, num_chunks, seed, new, /) -> bytes\n\n"
@@ -405,6 +461,14 @@ static PyMethodDef methods[] = {
      "blake3_chain_bytes(data, chunk_size, num_chunks, seed, /) -> bytes\n\n"
      "blake3_chain_digests over token ids already laid out as int64-LE bytes (any contiguous buffer:\n"
      "bytes, a memoryview, a numpy '<i8' array), read in place: nothing to convert."},
+    {"blake3_lane_widths", (PyCFunction)blake3_lane_widths, METH_NOARGS,
+     "blake3_lane_widths() -> tuple[int, ...]\n\n"
+     "How many inputs this CPU's builds of the native BLAKE3 hash side by side, widest (the one used)\n"
+     "first."},
+    {"blake3_digests", (PyCFunction)(void (*)(void))blake3_digests, METH_FASTCALL,
+     "blake3_digests(data, length, lanes, /) -> bytes\n\n"
+     "The BLAKE3 digests of len(data) // length consecutive inputs of length bytes, hashed lanes at a\n"
+     "time (one of blake3_lane_widths()): how tests check every width this CPU runs."},
     {NULL, NULL, 0, NULL},
 };
 

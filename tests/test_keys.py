@@ -266,6 +266,42 @@ def test_native_blake3_equals_the_blake3_package(chunk: int, num_chunks: int) ->
     assert h.chunk_hashes(tokens, "salt") == want
 
 
+# Input lengths in bytes, of every shape (see BLAKE3_SHAPES).
+@pytest.mark.parametrize("length", [8, 56, 64, 72, 1000, 1024, 1032, 2048, 2400, 24_000])
+@pytest.mark.parametrize("count", [1, 3, 4, 5, 8, 15, 16, 17, 33])  # under, at and over each width's groups
+def test_every_lane_width_this_cpu_runs_gives_the_blake3_packages_digests(length: int, count: int) -> None:
+    """Each vector width of the native BLAKE3 this CPU can run (not only the widest, which the chain
+    uses), the last group partly empty included."""
+    from lmcache._hashchain import blake3_digests, blake3_lane_widths
+
+    data = np.random.default_rng(length * 100 + count).bytes(length * count)
+    want = b"".join(blake3.blake3(data[i * length : (i + 1) * length]).digest() for i in range(count))
+    for lanes in blake3_lane_widths():
+        assert blake3_digests(data, length, lanes) == want, lanes
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((set(line.split()) for line in info if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def test_the_widest_lanes_the_cpu_has_are_used_and_no_other_width_is_taken() -> None:
+    from lmcache._hashchain import blake3_digests, blake3_lane_widths
+
+    widths = blake3_lane_widths()
+    assert widths[-1] == 4 and list(widths) == sorted(widths, reverse=True)
+    flags = _cpu_flags()
+    if os.uname().machine == "x86_64" and flags:
+        assert (16 in widths) == ("avx512f" in flags) and (8 in widths) == ("avx2" in flags)
+    with pytest.raises(ValueError, match="blake3_lane_widths"):
+        blake3_digests(b"x" * 64, 64, 5)
+    with pytest.raises(ValueError, match="length must be positive"):
+        blake3_digests(b"x" * 64, 0, 4)
+
+
 def test_native_blake3_chain_rejects_bad_arguments() -> None:
     from lmcache._hashchain import blake3_chain_digests
 
