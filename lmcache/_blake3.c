@@ -105,8 +105,8 @@ compress(const uint32_t cv[8], const uint32_t m[16], uint32_t block_len, uint64_
     }
 }
 
-#define MAX_DEPTH 56
 /* Levels of a tree of chunks whose count fits a size_t length: at most 2**54 chunks of 1 KiB. */
+#define MAX_DEPTH 56
 
 #define LANES 4
 #define SUFFIX _4
@@ -119,10 +119,192 @@ compress(const uint32_t cv[8], const uint32_t m[16], uint32_t block_len, uint64_
 #define LANE_TARGET __attribute__((target("avx2")))
 #include "_blake3_lanes.h"
 
+/* With AVX-512, 16 lanes: each lane's words are one element of arrays of 16 words, which the compiler
+ * vectorizes into one 512-bit register each, with its vector rotate. On an AVX-512 host this hashed a
+ * 16k-token prompt faster than the vector-extension form of _blake3_lanes.h did with two shifts per
+ * rotation (benchmarks/RESULTS.md, D106); AVX2 and the baseline have no vector rotate, and the
+ * vector-extension form with fewer lanes is the faster there. */
 #define LANES 16
-#define SUFFIX _16
-#define LANE_TARGET __attribute__((target("avx512f")))
-#include "_blake3_lanes.h"
+
+/* The quarter-round in every lane. */
+#define G_LANES(a, b, c, d, x, y)                                                                             \
+    for (int l = 0; l < LANES; l++) {                                                                         \
+        G(v[a][l], v[b][l], v[c][l], v[d][l], m[x][l], m[y][l]);                                              \
+    }
+
+/* One round in every lane, written out so that every index is a constant. */
+#define ROUND_LANES(r)                                                                                        \
+    do {                                                                                                      \
+        G_LANES(0, 4, 8, 12, SCHEDULE[r][0], SCHEDULE[r][1]);                                                 \
+        G_LANES(1, 5, 9, 13, SCHEDULE[r][2], SCHEDULE[r][3]);                                                 \
+        G_LANES(2, 6, 10, 14, SCHEDULE[r][4], SCHEDULE[r][5]);                                                \
+        G_LANES(3, 7, 11, 15, SCHEDULE[r][6], SCHEDULE[r][7]);                                                \
+        G_LANES(0, 5, 10, 15, SCHEDULE[r][8], SCHEDULE[r][9]);                                                \
+        G_LANES(1, 6, 11, 12, SCHEDULE[r][10], SCHEDULE[r][11]);                                              \
+        G_LANES(2, 7, 8, 13, SCHEDULE[r][12], SCHEDULE[r][13]);                                               \
+        G_LANES(3, 4, 9, 14, SCHEDULE[r][14], SCHEDULE[r][15]);                                               \
+    } while (0)
+
+#define AVX512 __attribute__((target("avx512f")))
+#define LANE_INLINE static inline __attribute__((always_inline)) AVX512
+
+/* The message words of one block of every lane's input, m[word][lane]: the block at byte `at` of
+ * each input, the inputs `stride` bytes apart from `base`, zero-padded if shorter than BLOCK_LEN. */
+LANE_INLINE void
+load_lanes_16(uint32_t m[16][LANES], const uint8_t *base, size_t stride, size_t at, size_t block_len)
+{
+    if (block_len == BLOCK_LEN) {
+        for (int w = 0; w < 16; w++) {
+            for (int l = 0; l < LANES; l++) {
+                m[w][l] = load32(base + l * stride + at + 4 * w);
+            }
+        }
+        return;
+    }
+    for (int l = 0; l < LANES; l++) {
+        uint8_t padded[BLOCK_LEN] = {0};
+        memcpy(padded, base + l * stride + at, block_len);
+        for (int w = 0; w < 16; w++) {
+            m[w][l] = load32(padded + 4 * w);
+        }
+    }
+}
+
+/* compress() in every lane: the same block length, counter and flags, each lane its own chaining
+ * value cv[.][l] (updated in place) and message m[.][l]. */
+LANE_INLINE void
+compress_lanes_16(uint32_t cv[8][LANES], const uint32_t m[16][LANES], uint32_t block_len, uint64_t counter,
+                  uint32_t flags)
+{
+    uint32_t v[16][LANES];
+    for (int l = 0; l < LANES; l++) {
+        for (int i = 0; i < 8; i++) {
+            v[i][l] = cv[i][l];
+        }
+        for (int i = 0; i < 4; i++) {
+            v[8 + i][l] = IV[i];
+        }
+        v[12][l] = (uint32_t)counter;
+        v[13][l] = (uint32_t)(counter >> 32);
+        v[14][l] = block_len;
+        v[15][l] = flags;
+    }
+    ROUND_LANES(0);
+    ROUND_LANES(1);
+    ROUND_LANES(2);
+    ROUND_LANES(3);
+    ROUND_LANES(4);
+    ROUND_LANES(5);
+    ROUND_LANES(6);
+    for (int i = 0; i < 8; i++) {
+        for (int l = 0; l < LANES; l++) {
+            cv[i][l] = v[i][l] ^ v[i + 8][l];
+        }
+    }
+}
+
+/* In every lane, cv becomes the parent of `left` and cv. */
+LANE_INLINE void
+parent_lanes_16(const uint32_t left[8][LANES], uint32_t cv[8][LANES], uint32_t flags)
+{
+    uint32_t m[16][LANES];
+    memcpy(m, left, sizeof(uint32_t[8][LANES]));
+    memcpy(m + 8, cv, sizeof(uint32_t[8][LANES]));
+    for (int i = 0; i < 8; i++) {
+        for (int l = 0; l < LANES; l++) {
+            cv[i][l] = IV[i];
+        }
+    }
+    compress_lanes_16(cv, (const uint32_t(*)[LANES])m, BLOCK_LEN, 0, PARENT | flags);
+}
+
+/* The digests' words out[word][lane] of LANES inputs of `len` bytes, `len` bytes apart from `base`.
+ * `stack` holds the chaining values of subtrees waiting for a right sibling: one entry per level of
+ * the tree. Chunks are merged as the spec's incremental hasher merges them, so the left subtree of
+ * every parent holds the largest power of two of chunks that leaves at least one to the right. */
+AVX512 static void
+hash_group_16(const uint8_t *base, size_t len, uint32_t (*stack)[8][LANES], uint32_t out[8][LANES])
+{
+    size_t chunks = len ? (len + CHUNK_LEN - 1) / CHUNK_LEN : 1;
+    size_t depth = 0;
+    uint32_t m[16][LANES];
+    for (size_t c = 0; c < chunks; c++) {
+        size_t offset = c * CHUNK_LEN;
+        size_t clen = len - offset < CHUNK_LEN ? len - offset : CHUNK_LEN;
+        size_t blocks = clen ? (clen + BLOCK_LEN - 1) / BLOCK_LEN : 1;
+        for (int i = 0; i < 8; i++) {
+            for (int l = 0; l < LANES; l++) {
+                out[i][l] = IV[i];
+            }
+        }
+        for (size_t b = 0; b < blocks; b++) {
+            size_t block_len = clen - b * BLOCK_LEN < BLOCK_LEN ? clen - b * BLOCK_LEN : BLOCK_LEN;
+            uint32_t flags = b == 0 ? CHUNK_START : 0;
+            if (b == blocks - 1) {
+                flags |= CHUNK_END | (chunks == 1 ? ROOT : 0);
+            }
+            load_lanes_16(m, base, len, offset + b * BLOCK_LEN, block_len);
+            compress_lanes_16(out, (const uint32_t(*)[LANES])m, (uint32_t)block_len, c, flags);
+        }
+        if (c == chunks - 1) {
+            break;
+        }
+        /* More chunks follow: merge every complete subtree this chunk closes, then wait for the
+         * right sibling. */
+        for (size_t total = c + 1; (total & 1) == 0; total >>= 1) {
+            parent_lanes_16((const uint32_t(*)[LANES])stack[--depth], out, 0);
+        }
+        memcpy(stack[depth++], out, sizeof(uint32_t[8][LANES]));
+    }
+    while (depth > 0) {
+        depth--;
+        parent_lanes_16((const uint32_t(*)[LANES])stack[depth], out, depth == 0 ? ROOT : 0);
+    }
+}
+
+/* lm_blake3_many, 16 inputs at a time. */
+AVX512 static int
+hash_many_16(const uint8_t *data, size_t len, size_t count, uint8_t *out)
+{
+    size_t chunks = len ? (len + CHUNK_LEN - 1) / CHUNK_LEN : 1;
+    size_t levels = 1;
+    while (((size_t)1 << (levels - 1)) < chunks) {
+        levels++;
+    }
+    uint32_t (*stack)[8][LANES] = malloc(sizeof(uint32_t[8][LANES]) * levels);
+    /* The last group's inputs, copied where every lane can read a whole input (the lanes past the
+     * last input read zeros; their results are dropped). */
+    uint8_t *tail = count % LANES && len ? calloc(LANES, len) : NULL;
+    if (stack == NULL || (count % LANES && len && tail == NULL)) {
+        free(stack);
+        free(tail);
+        return -1;
+    }
+    for (size_t first = 0; first < count; first += LANES) {
+        size_t used = count - first < LANES ? count - first : LANES;
+        const uint8_t *base = data + first * len;
+        if (used < LANES && tail != NULL) {
+            memcpy(tail, base, used * len);
+            base = tail;
+        }
+        uint32_t digests[8][LANES];
+        hash_group_16(base, len, stack, digests);
+        for (size_t l = 0; l < used; l++) {
+            for (int i = 0; i < 8; i++) {
+                store32(out + (first + l) * LM_BLAKE3_OUT_LEN + 4 * i, digests[i][l]);
+            }
+        }
+    }
+    free(tail);
+    free(stack);
+    return 0;
+}
+
+#undef LANE_INLINE
+#undef AVX512
+#undef ROUND_LANES
+#undef G_LANES
+#undef LANES
 #endif
 
 int

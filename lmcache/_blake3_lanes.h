@@ -1,5 +1,5 @@
 /* The lane code of _blake3.c for one vector width, included once per width with these defined:
- * LANES (inputs hashed side by side: 4, 8 or 16), SUFFIX (appended to every name defined here) and
+ * LANES (inputs hashed side by side: 4 or 8), SUFFIX (appended to every name defined here) and
  * LANE_TARGET (the function attribute naming the instruction set the code may use, or nothing). They
  * are undefined at the end.
  *
@@ -22,13 +22,15 @@ LANE_NAME(splat)(uint32_t x)
     return (VEC){0} + x;
 }
 
-LANE_FN VEC
-LANE_NAME(rot)(VEC x, int n)
-{
-    return (x >> n) | (x << (32 - n));
-}
-
-/* Rotations by 16 and 8 move whole bytes: one byte shuffle where AVX2 has it, else two shifts. */
+/* The rotations G makes: with AVX2 a byte shuffle for 16 and 8, two shifts for 12 and 7; two shifts
+ * elsewhere. */
+#define LANE_ROT(n)                                                                                           \
+    LANE_FN VEC LANE_NAME(rot##n)(VEC x)                                                                      \
+    {                                                                                                         \
+        return (x >> n) | (x << (32 - n));                                                                    \
+    }
+LANE_ROT(12)
+LANE_ROT(7)
 #if LANES == 8 && defined(LM_BLAKE3_X86)
 LANE_FN VEC
 LANE_NAME(rot16)(VEC x)
@@ -46,18 +48,10 @@ LANE_NAME(rot8)(VEC x)
     return (VEC)_mm256_shuffle_epi8((__m256i)x, order);
 }
 #else
-LANE_FN VEC
-LANE_NAME(rot16)(VEC x)
-{
-    return LANE_NAME(rot)(x, 16);
-}
-
-LANE_FN VEC
-LANE_NAME(rot8)(VEC x)
-{
-    return LANE_NAME(rot)(x, 8);
-}
+LANE_ROT(16)
+LANE_ROT(8)
 #endif
+#undef LANE_ROT
 
 /* The quarter-round in every lane. */
 #define LANE_G(a, b, c, d, x, y)                                                                              \
@@ -65,11 +59,11 @@ LANE_NAME(rot8)(VEC x)
         v[a] = v[a] + v[b] + m[x];                                                                            \
         v[d] = LANE_NAME(rot16)(v[d] ^ v[a]);                                                                 \
         v[c] = v[c] + v[d];                                                                                   \
-        v[b] = LANE_NAME(rot)(v[b] ^ v[c], 12);                                                               \
+        v[b] = LANE_NAME(rot12)(v[b] ^ v[c]);                                                               \
         v[a] = v[a] + v[b] + m[y];                                                                            \
         v[d] = LANE_NAME(rot8)(v[d] ^ v[a]);                                                                  \
         v[c] = v[c] + v[d];                                                                                   \
-        v[b] = LANE_NAME(rot)(v[b] ^ v[c], 7);                                                                \
+        v[b] = LANE_NAME(rot7)(v[b] ^ v[c]);                                                                \
     } while (0)
 
 /* One round in every lane, written out so that every index is a constant. */
