@@ -5,31 +5,29 @@ driven as TRT-LLM's executor drives them, with a pool of a model's KV shape and 
 ``--tokens`` fresh tokens whose pages are scattered:
 
 * lookup: host time inside ``get_num_new_matched_tokens`` for a miss and for a hit (p50);
-* save: from ``wait_for_save`` to the request's id coming back from ``get_finished``; with
-  ``--forward-ms`` the forward is still running on the device when ``wait_for_save`` is called, as in
-  TRT-LLM, and a save is timed from the forward's end (the save's host work may overlap the forward;
-  its copies may not);
-* load: from ``start_load_kv`` until the stream it was given has run the copies (with
-  ``--layer-hooks`` the forward's per-layer hooks are called as TRT-LLM calls them, so loads go
-  layer-wise, and ``wait_for_save`` ends the forward before the stream is waited for); and the host
-  time ``start_load_kv`` itself takes (p50), which the executor spends before it enqueues the forward;
-* with ``--mixed``, a save beside a load: a forward saves a fresh prompt and the next loads one saved
-  before while that save is in flight (TRT-LLM's iterations overlap them so), timed from the first
-  ``wait_for_save`` until both landed, against two plain pinned copies in opposite directions at once
-  (with the load's ``start_load_kv`` host time beside it: while it runs the save waits, D41);
-* with ``--overlap-scheduler`` (and ``--forward-ms``), the previous iteration's forward runs before
-  each saving one and the host waits for it between ``wait_for_save`` and ``get_finished``, as
-  TRT-LLM's default executor loop waits for the previous tokens: the save's host work can run then,
-  its copies only after the saving forward and the release at ``get_finished`` (D67).
+* save: from ``wait_for_save`` to the request's id coming back from ``get_finished``; with ``--forward-ms``
+  the forward is still running on the device when ``wait_for_save`` is called, as in TRT-LLM, and a save is
+  timed from the forward's end (the save's host work may overlap the forward; its copies may not);
+* load: from ``start_load_kv`` until the stream it was given has run the copies (with ``--layer-hooks`` the
+  forward's per-layer hooks are called as TRT-LLM calls them, so loads go layer-wise, and ``wait_for_save``
+  ends the forward before the stream is waited for); and the host time ``start_load_kv`` itself takes (p50),
+  which the executor spends before it enqueues the forward;
+* with ``--mixed``, a save beside a load: a forward saves a fresh prompt and the next loads one saved before
+  while that save is in flight (TRT-LLM's iterations overlap them so), timed from the first ``wait_for_save``
+  until both landed, against two plain pinned copies in opposite directions at once (with the load's
+  ``start_load_kv`` host time beside it: while it runs the save waits, D41);
+* with ``--overlap-scheduler`` (and ``--forward-ms``), the previous iteration's forward runs before each
+  saving one and the host waits for it between ``wait_for_save`` and ``get_finished``, as TRT-LLM's default
+  executor loop waits for the previous tokens: the save's host work can run then, its copies only after the
+  saving forward and the release at ``get_finished`` (D67).
 
-Saves are reported in two phases: while L1 fills for the first time (every save also takes new
-host memory) and once L1 is full and evicting. By default saves follow each other at once, faster than
-a model's prefill produces KV; ``--prefill-ms`` spaces them as the prefill would (the host idles),
-and ``--warmup-s`` puts TRT-LLM's model warm-up between the worker's construction and its
-``register_kv_caches`` (by default the first save follows construction at once).
-Each figure is a ratio to a plain pinned ``copy_`` of the same bytes in the same run (device to host
-for saves, host to device for loads). CPU runs (``--device cpu``, tiny sizes) only exercise the
-path; the figures that matter come from a GPU.
+Saves are reported in two phases: while L1 fills for the first time (every save also takes new host memory)
+and once L1 is full and evicting. By default saves follow each other at once, faster than a model's prefill
+produces KV; ``--prefill-ms`` spaces them as the prefill would (the host idles), and ``--warmup-s`` puts
+TRT-LLM's model warm-up between the worker's construction and its ``register_kv_caches`` (timed:
+``register_ms``; by default the first save follows construction at once). Each figure is a ratio to a plain
+pinned ``copy_`` of the same bytes in the same run (device to host for saves, host to device for loads). CPU
+runs (``--device cpu``, tiny sizes) only exercise the path.
 
     python benchmarks/bench_adapters.py --preset lmcache --l1-size-gb 16 --out adapters.json
 """
@@ -189,10 +187,8 @@ class AdapterRig:
         self.worker = getattr(module, names[1])(llm_args)
         # TRT-LLM builds the connector before its model warm-up and registers the pool after it.
         time.sleep(getattr(args, "warmup_s", 0.0))
-        started = time.perf_counter()
-        self.worker.register_kv_caches(self.pool)
-        self.register_s = time.perf_counter() - started
-        """How long ``register_kv_caches`` took (through the server: waiting for L1 mapped, D105)."""
+        # Through the server, registration returns once the server's L1 is mapped (D105).
+        self.register_s = timed(lambda: self.worker.register_kv_caches(self.pool))[1]
         self.scheduler = getattr(module, names[0])(llm_args)
         self.server_url = server_url
         self.layers = layers if getattr(args, "layer_hooks", False) else 0

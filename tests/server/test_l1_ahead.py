@@ -181,21 +181,24 @@ def test_registration_returns_once_the_slabs_announced_are_mapped(serve, monkeyp
     """A worker registering while its slabs are still being mapped ahead waits for them (bounded), so
     its first saves copy at once instead of mapping them first (RESULTS D105)."""
     from lmcache.integration.tensorrt_llm.targets import targets_of_pool
-    from lmcache.server.slab_mappings import SlabMappings
+    from lmcache.server import slab_mappings
 
     server = serve("shared-l1")
     _, ids = fill_some_slabs(server)
     began, done = threading.Event(), []
-    real_map = SlabMappings._map
 
-    def slow_map(self: SlabMappings, info: Any, device: int | None) -> Any:
-        began.set()
-        time.sleep(0.2)  # an import behind the server's makings
-        mapping = real_map(self, info, device)
-        done.append(info.id)
+    def slowly(real: Any) -> Any:
+        def mapping(info: Any, *args: Any, **kw: Any) -> Any:
+            began.set()
+            time.sleep(0.2)  # an import behind the server's makings
+            mapped = real(info, *args, **kw)
+            done.append(info.id)
+            return mapped
+
         return mapping
 
-    monkeypatch.setattr(SlabMappings, "_map", slow_map)
+    monkeypatch.setattr(slab_mappings, "map_slab", slowly(slab_mappings.map_slab))
+    monkeypatch.setattr(slab_mappings, "map_descriptor", slowly(slab_mappings.map_descriptor))
     config = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, pool_sharing="shared-l1")
     connection = ProcessConnection(f"tcp://127.0.0.1:{server.tcp_port}", config)
     try:
