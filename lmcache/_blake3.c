@@ -105,6 +105,20 @@ compress(const uint32_t cv[8], const uint32_t m[16], uint32_t block_len, uint64_
     }
 }
 
+/* One round of quarter-rounds in every lane, QUARTER(a, b, c, d, x, y) the lane code's quarter-round on
+ * state words a, b, c, d with message words x, y; written out so that every index is a constant. */
+#define ROUND(QUARTER, r)                                                                                     \
+    do {                                                                                                      \
+        QUARTER(0, 4, 8, 12, SCHEDULE[r][0], SCHEDULE[r][1]);                                                 \
+        QUARTER(1, 5, 9, 13, SCHEDULE[r][2], SCHEDULE[r][3]);                                                 \
+        QUARTER(2, 6, 10, 14, SCHEDULE[r][4], SCHEDULE[r][5]);                                                \
+        QUARTER(3, 7, 11, 15, SCHEDULE[r][6], SCHEDULE[r][7]);                                                \
+        QUARTER(0, 5, 10, 15, SCHEDULE[r][8], SCHEDULE[r][9]);                                                \
+        QUARTER(1, 6, 11, 12, SCHEDULE[r][10], SCHEDULE[r][11]);                                              \
+        QUARTER(2, 7, 8, 13, SCHEDULE[r][12], SCHEDULE[r][13]);                                               \
+        QUARTER(3, 4, 9, 14, SCHEDULE[r][14], SCHEDULE[r][15]);                                               \
+    } while (0)
+
 /* Levels of a tree of chunks whose count fits a size_t length: at most 2**54 chunks of 1 KiB. */
 #define MAX_DEPTH 56
 
@@ -132,18 +146,6 @@ compress(const uint32_t cv[8], const uint32_t m[16], uint32_t block_len, uint64_
         G(v[a][l], v[b][l], v[c][l], v[d][l], m[x][l], m[y][l]);                                              \
     }
 
-/* One round in every lane, written out so that every index is a constant. */
-#define ROUND_LANES(r)                                                                                        \
-    do {                                                                                                      \
-        G_LANES(0, 4, 8, 12, SCHEDULE[r][0], SCHEDULE[r][1]);                                                 \
-        G_LANES(1, 5, 9, 13, SCHEDULE[r][2], SCHEDULE[r][3]);                                                 \
-        G_LANES(2, 6, 10, 14, SCHEDULE[r][4], SCHEDULE[r][5]);                                                \
-        G_LANES(3, 7, 11, 15, SCHEDULE[r][6], SCHEDULE[r][7]);                                                \
-        G_LANES(0, 5, 10, 15, SCHEDULE[r][8], SCHEDULE[r][9]);                                                \
-        G_LANES(1, 6, 11, 12, SCHEDULE[r][10], SCHEDULE[r][11]);                                              \
-        G_LANES(2, 7, 8, 13, SCHEDULE[r][12], SCHEDULE[r][13]);                                               \
-        G_LANES(3, 4, 9, 14, SCHEDULE[r][14], SCHEDULE[r][15]);                                               \
-    } while (0)
 
 #define AVX512 __attribute__((target("avx512f")))
 #define LANE_INLINE static inline __attribute__((always_inline)) AVX512
@@ -189,13 +191,13 @@ compress_lanes_16(uint32_t cv[8][LANES], const uint32_t m[16][LANES], uint32_t b
         v[14][l] = block_len;
         v[15][l] = flags;
     }
-    ROUND_LANES(0);
-    ROUND_LANES(1);
-    ROUND_LANES(2);
-    ROUND_LANES(3);
-    ROUND_LANES(4);
-    ROUND_LANES(5);
-    ROUND_LANES(6);
+    ROUND(G_LANES, 0);
+    ROUND(G_LANES, 1);
+    ROUND(G_LANES, 2);
+    ROUND(G_LANES, 3);
+    ROUND(G_LANES, 4);
+    ROUND(G_LANES, 5);
+    ROUND(G_LANES, 6);
     for (int i = 0; i < 8; i++) {
         for (int l = 0; l < LANES; l++) {
             cv[i][l] = v[i][l] ^ v[i + 8][l];
@@ -302,7 +304,6 @@ hash_many_16(const uint8_t *data, size_t len, size_t count, uint8_t *out)
 
 #undef LANE_INLINE
 #undef AVX512
-#undef ROUND_LANES
 #undef G_LANES
 #undef LANES
 #endif

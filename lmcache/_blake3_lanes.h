@@ -1,7 +1,7 @@
 /* The lane code of _blake3.c for one vector width, included once per width with these defined:
  * LANES (inputs hashed side by side: 4 or 8), SUFFIX (appended to every name defined here) and
  * LANE_TARGET (the function attribute naming the instruction set the code may use, or nothing). They
- * are undefined at the end.
+ * are undefined at the end. It uses _blake3.c's constants and helpers (IV, SCHEDULE, ROUND, load32, ...).
  *
  * Each lane's words are one element of a vector of LANES 32-bit words (the compiler's vector
  * extensions), so a compression's 16 state words and 16 message words are 32 vectors the compiler
@@ -66,19 +66,6 @@ LANE_ROT(8)
         v[b] = LANE_NAME(rot7)(v[b] ^ v[c]);                                                                \
     } while (0)
 
-/* One round in every lane, written out so that every index is a constant. */
-#define LANE_ROUND(r)                                                                                         \
-    do {                                                                                                      \
-        LANE_G(0, 4, 8, 12, SCHEDULE[r][0], SCHEDULE[r][1]);                                                  \
-        LANE_G(1, 5, 9, 13, SCHEDULE[r][2], SCHEDULE[r][3]);                                                  \
-        LANE_G(2, 6, 10, 14, SCHEDULE[r][4], SCHEDULE[r][5]);                                                 \
-        LANE_G(3, 7, 11, 15, SCHEDULE[r][6], SCHEDULE[r][7]);                                                 \
-        LANE_G(0, 5, 10, 15, SCHEDULE[r][8], SCHEDULE[r][9]);                                                 \
-        LANE_G(1, 6, 11, 12, SCHEDULE[r][10], SCHEDULE[r][11]);                                               \
-        LANE_G(2, 7, 8, 13, SCHEDULE[r][12], SCHEDULE[r][13]);                                                \
-        LANE_G(3, 4, 9, 14, SCHEDULE[r][14], SCHEDULE[r][15]);                                                \
-    } while (0)
-
 /* compress() in every lane: the same block length, counter and flags, each lane its own chaining
  * value (cv, updated in place) and message (m). */
 LANE_FN void
@@ -93,13 +80,13 @@ LANE_NAME(compress)(VEC cv[8], const VEC m[16], uint32_t block_len, uint64_t cou
     v[13] = LANE_NAME(splat)((uint32_t)(counter >> 32));
     v[14] = LANE_NAME(splat)(block_len);
     v[15] = LANE_NAME(splat)(flags);
-    LANE_ROUND(0);
-    LANE_ROUND(1);
-    LANE_ROUND(2);
-    LANE_ROUND(3);
-    LANE_ROUND(4);
-    LANE_ROUND(5);
-    LANE_ROUND(6);
+    ROUND(LANE_G, 0);
+    ROUND(LANE_G, 1);
+    ROUND(LANE_G, 2);
+    ROUND(LANE_G, 3);
+    ROUND(LANE_G, 4);
+    ROUND(LANE_G, 5);
+    ROUND(LANE_G, 6);
     for (int i = 0; i < 8; i++) {
         cv[i] = v[i] ^ v[i + 8];
     }
@@ -211,7 +198,6 @@ LANE_NAME(hash_many)(const uint8_t *data, size_t len, size_t count, uint8_t *out
     return 0;
 }
 
-#undef LANE_ROUND
 #undef LANE_G
 #undef LANE_FN
 #undef VEC

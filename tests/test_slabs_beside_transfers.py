@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -291,33 +292,42 @@ def test_memory_that_is_not_page_locked_takes_no_turns() -> None:
         assert not arena.beside_transfers
 
 
+class _InFlight(_Recording):
+    """Records the most allocations in flight at once; ``during(number)`` runs inside each (numbered
+    from 0 in the order they began)."""
+
+    def __init__(self, during: Callable[[int], object]) -> None:
+        super().__init__()
+        self.most = 0
+        self._in_flight = 0
+        self._began = 0
+        self._during = during
+        self._counting = threading.Lock()
+
+    def allocate(
+        self, nbytes: int, *, beside_transfers: bool = False, abandon: page_locking.Abandon | None = None
+    ) -> memory.Slab:
+        with self._counting:
+            self._in_flight += 1
+            self.most = max(self.most, self._in_flight)
+            number, self._began = self._began, self._began + 1
+        self._during(number)
+        with self._counting:
+            self._in_flight -= 1
+        return super().allocate(nbytes, beside_transfers=beside_transfers, abandon=abandon)
+
+
 def test_driver_made_slabs_are_made_one_at_a_time_from_the_start(monkeypatch) -> None:
     """A source whose slabs the driver makes takes turns before any transfer too (a worker importing
-    one waits behind every making queued), except while a pool waits for memory."""
+    one waits behind every making queued)."""
     monkeypatch.setattr(memory.cudart, "relax_capture_mode", lambda device=None: True)
     monkeypatch.setattr(memory, "PREPIN_THREADS", 4)
-    in_flight, most = [0], [0]
-    lock = threading.Lock()
-
-    class DriverMade(_Recording):
-        driver_made = True
-
-        def allocate(
-            self, nbytes: int, *, beside_transfers: bool = False, abandon: page_locking.Abandon | None = None
-        ) -> memory.Slab:
-            with lock:
-                in_flight[0] += 1
-                most[0] = max(most[0], in_flight[0])
-            time.sleep(0.01)  # long enough for every thread to be asking at once
-            with lock:
-                in_flight[0] -= 1
-            return super().allocate(nbytes, beside_transfers=beside_transfers, abandon=abandon)
-
-    source = DriverMade()
+    source = _InFlight(lambda number: time.sleep(0.01))  # long enough for every thread to be asking
+    source.driver_made = True
     arena = HostArena(12 * SLAB, slab_bytes=SLAB, source=source)
     arena.prepin()
     assert arena.wait_prepinned(30)
-    assert not arena.serving and most[0] == 1 and len(source.asked) == 12
+    assert not arena.serving and source.most == 1 and len(source.asked) == 12
     assert source.asked == [False] * 12  # made before any transfer: not "beside" them
 
 
@@ -325,26 +335,9 @@ def test_slabs_not_all_driver_made_are_made_at_once_before_transfers(monkeypatch
     """The same arena over a source that registers: its pre-pinning threads run side by side."""
     monkeypatch.setattr(memory.cudart, "relax_capture_mode", lambda device=None: True)
     monkeypatch.setattr(memory, "PREPIN_THREADS", 4)
-    in_flight, most, started = [0], [0], [0]
-    lock = threading.Lock()
     everyone = threading.Barrier(4)
-
-    class Registering(_Recording):
-        def allocate(
-            self, nbytes: int, *, beside_transfers: bool = False, abandon: page_locking.Abandon | None = None
-        ) -> memory.Slab:
-            with lock:
-                in_flight[0] += 1
-                most[0] = max(most[0], in_flight[0])
-                started[0] += 1
-                first = started[0] <= 4
-            if first:
-                everyone.wait(30)  # the first four only end together
-            with lock:
-                in_flight[0] -= 1
-            return super().allocate(nbytes, beside_transfers=beside_transfers, abandon=abandon)
-
-    arena = HostArena(8 * SLAB, slab_bytes=SLAB, source=Registering())
+    source = _InFlight(lambda number: number < 4 and everyone.wait(30))  # the first four end together
+    arena = HostArena(8 * SLAB, slab_bytes=SLAB, source=source)
     arena.prepin()
     assert arena.wait_prepinned(30)
-    assert most[0] == 4
+    assert source.most == 4
