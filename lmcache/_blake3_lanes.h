@@ -1,7 +1,7 @@
 /* The lane code of _blake3.c for one vector width, included once per width with these defined:
  * LANES (inputs hashed side by side: 4 or 8), SUFFIX (appended to every name defined here) and
  * LANE_TARGET (the function attribute naming the instruction set the code may use, or nothing). They
- * are undefined at the end. It uses _blake3.c's constants and helpers (IV, SCHEDULE, ROUND, load32, ...).
+ * are undefined at the end. It uses _blake3.c's constants and helpers (IV, SCHEDULE, ROUND, load32).
  *
  * Each lane's words are one element of a vector of LANES 32-bit words (the compiler's vector
  * extensions), so a compression's 16 state words and 16 message words are 32 vectors the compiler
