@@ -134,10 +134,9 @@ compress(const uint32_t cv[8], const uint32_t m[16], uint32_t block_len, uint64_
 #include "_blake3_lanes.h"
 
 /* With AVX-512, 16 lanes: each lane's words are one element of arrays of 16 words, which the compiler
- * vectorizes into one 512-bit register each, with its vector rotate. On an AVX-512 host this hashed a
- * 16k-token prompt faster than the vector-extension form of _blake3_lanes.h did with two shifts per
- * rotation (benchmarks/RESULTS.md, D106); AVX2 and the baseline have no vector rotate, and the
- * vector-extension form with fewer lanes is the faster there. */
+ * vectorizes into one 512-bit register each. On an AVX-512 host this hashed a 16k-token prompt faster
+ * than the vector-extension form of _blake3_lanes.h did with two shifts per rotation (benchmarks/
+ * RESULTS.md, D106); with AVX2 and the baseline the vector-extension form with fewer lanes is faster. */
 #define LANES 16
 
 /* The quarter-round in every lane. */
