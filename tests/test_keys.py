@@ -288,7 +288,7 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
-def test_the_widest_lanes_the_cpu_has_are_used_and_no_other_width_is_taken() -> None:
+def test_the_lane_widths_are_the_cpus_widest_first_and_no_other_width_is_taken() -> None:
     from lmcache._hashchain import blake3_digests, blake3_lane_widths
 
     widths = blake3_lane_widths()
