@@ -324,21 +324,33 @@ lm_blake3_lane_widths(int widths[3])
     return n;
 }
 
+/* lm_blake3_many at a width this CPU runs (the caller checked). */
+static int
+hash_many(const uint8_t *data, size_t len, size_t count, uint8_t *out, int lanes)
+{
+#ifdef LM_BLAKE3_X86
+    if (lanes == 16) {
+        return hash_many_16(data, len, count, out);
+    }
+    if (lanes == 8) {
+        return hash_many_8(data, len, count, out);
+    }
+#endif
+    return hash_many_4(data, len, count, out);
+}
+
 int
 lm_blake3_many_lanes(const uint8_t *data, size_t len, size_t count, uint8_t *out, int lanes)
 {
-    switch (lanes) {
-    case 4:
-        return hash_many_4(data, len, count, out);
-#ifdef LM_BLAKE3_X86
-    case 8:
-        return hash_many_8(data, len, count, out);
-    case 16:
-        return hash_many_16(data, len, count, out);
-#endif
-    default:
-        return -2;
+    /* A width the CPU lacks would run instructions it does not have (SIGILL): refused, not run. */
+    int widths[3];
+    int n = lm_blake3_lane_widths(widths);
+    for (int i = 0; i < n; i++) {
+        if (widths[i] == lanes) {
+            return hash_many(data, len, count, out, lanes);
+        }
     }
+    return -2;
 }
 
 /* The widest vectors this CPU runs, found at the first call. */
@@ -352,7 +364,7 @@ lm_blake3_many(const uint8_t *data, size_t len, size_t count, uint8_t *out)
         lm_blake3_lane_widths(widths);
         widest = widths[0];
     }
-    return lm_blake3_many_lanes(data, len, count, out, widest);
+    return hash_many(data, len, count, out, widest);
 }
 
 void

@@ -14,8 +14,8 @@
  * written to out + 32 * i. Inputs are hashed side by side, one per SIMD lane. Needs no Python. */
 int lm_blake3_many(const uint8_t *data, size_t len, size_t count, uint8_t *out);
 
-/* lm_blake3_many with `lanes` inputs side by side, one of the widths lm_blake3_lane_widths gives; -2
- * for another width, -1 out of memory. */
+/* lm_blake3_many with `lanes` inputs side by side: -2 (nothing hashed) unless `lanes` is one of the
+ * widths lm_blake3_lane_widths gives, -1 out of memory. */
 int lm_blake3_many_lanes(const uint8_t *data, size_t len, size_t count, uint8_t *out, int lanes);
 
 /* The lane widths this CPU runs, widest first, into `widths`; returns how many (1 to 3). */

@@ -399,7 +399,12 @@ blake3_lane_widths(PyObject *module, PyObject *unused)
     int n = lm_blake3_lane_widths(widths);
     PyObject *out = PyTuple_New(n);
     for (int i = 0; out != NULL && i < n; i++) {
-        PyTuple_SET_ITEM(out, i, PyLong_FromLong(widths[i]));
+        PyObject *width = PyLong_FromLong(widths[i]);
+        if (width == NULL) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyTuple_SET_ITEM(out, i, width);
     }
     return out;
 }
@@ -430,9 +435,11 @@ blake3_digests(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     Py_ssize_t count = view.len / length;
     PyObject *out = PyBytes_FromStringAndSize(NULL, LM_BLAKE3_OUT_LEN * count);
-    if (out != NULL && count > 0) {
-        int rc = lm_blake3_many_lanes(view.buf, (size_t)length, (size_t)count,
-                                      (unsigned char *)PyBytes_AS_STRING(out), (int)lanes);
+    if (out != NULL) {
+        /* Called even for no input, so that a width this CPU lacks is refused either way. */
+        int rc = lanes < INT_MIN || lanes > INT_MAX ? -2
+                                         : lm_blake3_many_lanes(view.buf, (size_t)length, (size_t)count,
+                                                                (unsigned char *)PyBytes_AS_STRING(out), (int)lanes);
         if (rc == -2) {
             PyErr_Format(PyExc_ValueError, "%s: lanes must be one of blake3_lane_widths(), got %ld", signature,
                          lanes);

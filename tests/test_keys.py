@@ -296,8 +296,10 @@ def test_the_lane_widths_are_the_cpus_widest_first_and_no_other_width_is_taken()
     flags = _cpu_flags()
     if os.uname().machine == "x86_64" and flags:
         assert (16 in widths) == ("avx512f" in flags) and (8 in widths) == ("avx2" in flags)
-    with pytest.raises(ValueError, match="blake3_lane_widths"):
-        blake3_digests(b"x" * 64, 64, 5)
+    for lanes in {4, 5, 8, 16, 2**40} - set(widths):  # not a width, or one this CPU lacks: never run
+        for data in (b"x" * 64, b""):
+            with pytest.raises((ValueError, OverflowError), match="blake3_lane_widths|too large"):
+                blake3_digests(data, 64, lanes)
     with pytest.raises(ValueError, match="length must be positive"):
         blake3_digests(b"x" * 64, 0, 4)
 
