@@ -309,10 +309,20 @@ class Dispatcher:
                 identity, req, self.execute(req, now, Call(peer, send_part=self._parts(identity, req)))
             )
             return
-        waits = getattr(req, "after_event", None) is not None
-        executor = self._forward_waits[type(req)] if waits else self._executor
+        self._submit_drain(identity, self._executor_for(req))
+
+    def _executor_for(self, req: Any) -> ThreadPoolExecutor:
+        """The threads that run ``req``: a store or load waiting for its worker's forward runs on
+        threads of its own op (:attr:`_forward_waits`), everything else on the general workers."""
+        if getattr(req, "after_event", None) is not None:
+            return self._forward_waits[type(req)]
+        return self._executor
+
+    def _submit_drain(self, identity: Identity, executor: ThreadPoolExecutor) -> None:
+        """Have ``executor`` run ``identity``'s queue (its queue's requests answered ``shutting_down``
+        if the executor no longer takes work)."""
         try:
-            executor.submit(self._drain, identity)
+            executor.submit(self._drain, identity, executor)
         except RuntimeError:  # shutting down
             self._answer_rest(identity)
 
@@ -341,7 +351,9 @@ class Dispatcher:
 
     # ---- workers --------------------------------------------------------------------------------
 
-    def _drain(self, identity: Identity) -> None:
+    def _drain(self, identity: Identity, executor: ThreadPoolExecutor) -> None:
+        """Run ``identity``'s queued requests in order on this thread of ``executor``; a request that
+        belongs on other threads (:meth:`_executor_for`) hands the rest of the queue to them."""
         for _ in range(DRAIN_BURST):
             with self._lock:
                 q = self._queues.get(identity)
@@ -351,8 +363,14 @@ class Dispatcher:
                     self._queues.pop(identity, None)
                     self._queued_bytes.pop(identity, None)
                     return
-                req, received, peer, nbytes = q.popleft()
-                self._queued_bytes[identity] -= nbytes
+                moved = self._executor_for(q[0][0])
+                if moved is self._executor or moved is executor:
+                    moved = None
+                    req, received, peer, nbytes = q.popleft()
+                    self._queued_bytes[identity] -= nbytes
+            if moved is not None:  # a wait for a forward never holds a general worker
+                self._submit_drain(identity, moved)
+                return
             reply: P.Reply | None
             # A one-way report still runs: it finishes what the client did (copies into L1 slots).
             if self.stopping.is_set() and not getattr(req, "one_way", False):
@@ -379,10 +397,7 @@ class Dispatcher:
                 self.answer(identity, req, reply)
             if done:
                 return
-        try:  # let other clients' queues run, then continue with this one
-            self._executor.submit(self._drain, identity)
-        except RuntimeError:
-            self._answer_rest(identity)
+        self._submit_drain(identity, self._executor)  # other clients' queues run first, then this one
 
     def _is_gone(self, identity: Identity) -> bool:
         return identity in self._gone

@@ -22,6 +22,7 @@ from lmcache.metrics import EngineCollector
 from lmcache.server import protocol as P
 from lmcache.server.calls import Call
 from lmcache.server.client import CacheServerClient
+from lmcache.server.dispatch import Admission, Dispatcher
 from lmcache.server.export_transfers import ExportTransfers
 from lmcache.server.failures import ServiceFailure
 from lmcache.server.forward_events import WorkerForward
@@ -288,3 +289,70 @@ def test_a_request_waiting_for_a_forward_is_given_up_once_its_connection_closes(
     finally:
         client.close()
         stop_serving(server, thread)
+
+
+class _ThreadsRecorded:
+    """Replaces a service's ``handle``: records which thread runs each request; a store naming a
+    forward waits until ``forward_ended`` is set, as one whose event never completes would, and any
+    other until ``queued`` is (the requests behind it are in its connection's queue by then)."""
+
+    def __init__(self) -> None:
+        self.threads: dict[int, str] = {}
+        self.forward_ended = threading.Event()
+        self.queued = threading.Event()
+
+    def handle(self, req: P.Store, call: Call) -> int:
+        self.threads[req.rid] = threading.current_thread().name
+        (self.queued if req.after_event is None else self.forward_ended).wait(20)
+        return 0
+
+
+class _Replies:
+    def __init__(self) -> None:
+        self.rids: set[int] = set()
+        self.arrived = threading.Condition()
+
+    def post(self, identity: int, reply: P.Reply) -> None:
+        with self.arrived:
+            self.rids.add(reply.rid)
+            self.arrived.notify_all()
+
+    def wait_for(self, rids: set[int], timeout: float = 20) -> bool:
+        with self.arrived:
+            return self.arrived.wait_for(lambda: rids <= self.rids, timeout)
+
+
+def test_a_store_waiting_for_a_forward_behind_another_request_still_leaves_the_general_workers(
+    service: CacheService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection's store that waits for a forward, queued behind a request of the same connection,
+    moves to the forward threads when its turn comes: with every general worker's connection doing
+    so, another client's request is still served (the waits would hold every general worker before)."""
+    config = ServerConfig(port=0, ipc_path=None, client_timeout_s=0, max_workers=2)
+    recorded = _ThreadsRecorded()
+    monkeypatch.setattr(service, "handle", recorded.handle)
+    dispatcher = Dispatcher(service, config, Admission(config), threading.Event())
+    replies = _Replies()
+    dispatcher.bind(replies)
+
+    def store(rid: int, after_event: int | None) -> bytes:
+        req = P.Store(rid=rid, instance_id=1, tokens=b"", block_ids=b"", end=0, timeout_ms=60_000)
+        req.after_event = after_event
+        return P.encode(req)
+
+    try:
+        dispatcher.on_frames(
+            [(conn, store(10 * conn + 1, None), ME) for conn in (1, 2)]
+            + [(conn, store(10 * conn + 2, 0), ME) for conn in (1, 2)]
+        )
+        recorded.queued.set()
+        assert replies.wait_for({11, 21})
+        dispatcher.on_frames([(3, store(31, None), ME)])
+        assert replies.wait_for({31}, 5), "another client's store waited behind forward waits"
+    finally:
+        recorded.forward_ended.set()
+        dispatcher.shutdown()
+    assert replies.wait_for({12, 22})
+    assert recorded.threads[12].startswith("lmcache-forward-Store")
+    assert recorded.threads[22].startswith("lmcache-forward-Store")
+    assert recorded.threads[31].startswith("lmcache-worker")
