@@ -18,17 +18,22 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from lmcache.engine import CacheEngine
 
-__all__ = ["LookupPins", "PinKey", "PinRecord", "PinTable"]
+__all__ = ["CLIENT_PIN_SHARE", "LookupPins", "PinKey", "PinRecord", "PinTable"]
 
 _T = TypeVar("_T")
+_K = TypeVar("_K", bound=Hashable)
 PinKey = tuple[int, int | str]
 """(the instance whose lookup pinned, its pin id)."""
+CLIENT_PIN_SHARE = 0.5
+"""Of L1, what the lookups of all of one client's instances may pin together (``--pin-share`` if that
+is larger): a client registering more instances does not multiply its share."""
 MAX_EARLY = 1024
 """Loads, and releases, remembered with no record to mark (the oldest go first): lookups late by more
 are rare."""
@@ -40,6 +45,8 @@ class PinRecord:
     created: float
     nbytes: int = 0
     """L1 bytes the lookup pinned (all ranks)."""
+    client: Hashable = None
+    """Who registered the instance that pinned (its client's instances share a cap)."""
     done: set[int] = field(default_factory=set)
     """Ranks that have loaded."""
 
@@ -52,6 +59,8 @@ class PinTable:
         self._held: dict[int, int] = {}
         """Bytes of each owner's records: kept as they change, never summed per lookup (one owner
         may hold thousands of records)."""
+        self._held_by_client: dict[Hashable, int] = {}
+        """Bytes of the records of each client's instances, kept the same way."""
         self._early: OrderedDict[PinKey, dict[int, float]] = OrderedDict()
         """Ranks that loaded under a key with no record, and when (``time.monotonic()``)."""
         self._released: OrderedDict[PinKey, float] = OrderedDict()
@@ -66,13 +75,26 @@ class PinTable:
         with self._lock:
             return self._pins.get(key)
 
+    def client_held(self, client: Hashable) -> int:
+        """Bytes the records of ``client``'s instances hold."""
+        with self._lock:
+            return self._held_by_client.get(client, 0)
+
     def replace(
-        self, key: PinKey, record: PinRecord | None, share: int, claimed_at: float | None = None
+        self,
+        key: PinKey,
+        record: PinRecord | None,
+        share: int,
+        claimed_at: float | None = None,
+        *,
+        client_share: int | None = None,
     ) -> tuple[int, bool]:
         """Drop ``key``'s record, then enter ``record`` unless the owner's other lookups plus it would
-        hold more than ``share`` bytes. The ranks that loaded under ``key`` since ``claimed_at`` (a
-        claimed lookup's) join ``record.done``; a record every rank is done with, or released since
-        ``claimed_at``, is not entered. Returns (bytes the owner's other lookups hold, whether over)."""
+        hold more than ``share`` bytes, or the lookups of all its client's instances more than
+        ``client_share`` (None: no such cap). The ranks that loaded under ``key`` since ``claimed_at``
+        (a claimed lookup's) join ``record.done``; a record every rank is done with, or released since
+        ``claimed_at``, is not entered. Returns (bytes the owner's other lookups hold, whether over
+        either cap)."""
         with self._lock:
             self._remove(key)
             early = self._early.pop(key, {})
@@ -83,20 +105,21 @@ class PinTable:
                     record.done.update(range(record.world_size))
             held = self._held.get(key[0], 0)
             over = record is not None and held + record.nbytes > share
+            if record is not None and client_share is not None:
+                over |= self._held_by_client.get(record.client, 0) + record.nbytes > client_share
             if record is not None and not over and len(record.done) < record.world_size:
                 self._pins[key] = record
                 self._held[key[0]] = held + record.nbytes
+                by_client = self._held_by_client
+                by_client[record.client] = by_client.get(record.client, 0) + record.nbytes
         return held, over
 
     def _remove(self, key: PinKey) -> PinRecord | None:
         """Drop ``key``'s record and its bytes from its owner's (lock held)."""
         record = self._pins.pop(key, None)
         if record is not None:
-            left = self._held[key[0]] - record.nbytes
-            if left:
-                self._held[key[0]] = left
-            else:
-                del self._held[key[0]]
+            _take(self._held, key[0], record.nbytes)
+            _take(self._held_by_client, record.client, record.nbytes)
         return record
 
     def pop(self, key: PinKey, now: float) -> bool:
@@ -146,6 +169,15 @@ class PinTable:
         return stale
 
 
+def _take(held: dict[_K, int], holder: _K, nbytes: int) -> None:
+    """``holder``'s bytes in ``held`` less ``nbytes`` (an entry at zero goes)."""
+    left = held[holder] - nbytes
+    if left:
+        held[holder] = left
+    else:
+        del held[holder]
+
+
 def _remember(early: OrderedDict[PinKey, _T], key: PinKey, value: _T) -> None:
     """Note ``value`` under ``key`` as the newest entry of ``early``; the oldest beyond
     :data:`MAX_EARLY` go."""
@@ -169,11 +201,17 @@ class LookupPins:
         return self.table.get(key)
 
     def record(
-        self, key: PinKey, record: PinRecord | None, share: int, claimed_at: float | None
+        self,
+        key: PinKey,
+        record: PinRecord | None,
+        share: int,
+        claimed_at: float | None,
+        *,
+        client_share: int | None = None,
     ) -> tuple[int, bool]:
         """Enter the record of a lookup that pinned under ``key`` (None: it pinned nothing), as
         :meth:`PinTable.replace`; the pins of a lookup refused, empty, or of ranks done go now."""
-        held, over = self.table.replace(key, record, share, claimed_at)
+        held, over = self.table.replace(key, record, share, claimed_at, client_share=client_share)
         if record is None or over or len(record.done) >= record.world_size:
             self.engine.release(key)
         else:

@@ -36,7 +36,7 @@ from lmcache.server.export_transfers import ExportTransfers
 from lmcache.server.failures import ServerCounters, ServiceFailure
 from lmcache.server.instances import Instance, InstanceRegistry, client_key
 from lmcache.server.peer_process import PeerProcess
-from lmcache.server.pins import LookupPins, PinKey, PinRecord
+from lmcache.server.pins import CLIENT_PIN_SHARE, LookupPins, PinKey, PinRecord
 from lmcache.server.pool_sharing import open_pool
 from lmcache.server.security import Peer, PeerPolicy
 from lmcache.server.settings import ServerConfig
@@ -342,17 +342,27 @@ class CacheService:
         chunk_size = self.engine.config.chunk_size
         chunk_bytes = inst.chunk_bytes(chunk_size)
         nbytes = -(-hit // chunk_size) * chunk_bytes * inst.world_size
-        share = int(self.config.pin_share * self.engine.l1.arena.capacity_bytes)
-        record = PinRecord(inst.world_size, time.monotonic(), nbytes) if hit > 0 else None
-        held, over = self.pins.record(key, record, share, claimed_at)
-        if over:
-            self.counters.refuse("pinned_bytes")
+        capacity = self.engine.l1.arena.capacity_bytes
+        share = int(self.config.pin_share * capacity)
+        client_share = int(max(self.config.pin_share, CLIENT_PIN_SHARE) * capacity)
+        record = PinRecord(inst.world_size, time.monotonic(), nbytes, client=inst.client) if hit > 0 else None
+        held, over = self.pins.record(key, record, share, claimed_at, client_share=client_share)
+        if not over:
+            return
+        self.counters.refuse("pinned_bytes")
+        if held + nbytes > share:
             raise ServiceFailure(
                 P.ErrorCode.LIMIT,
                 f"this lookup would pin {nbytes} bytes on top of the {held} the instance's lookups hold, "
                 f"more than its share of L1 ({share} bytes, --pin-share {self.config.pin_share:g}); "
                 "retrieve or release earlier lookups first",
             )
+        raise ServiceFailure(
+            P.ErrorCode.LIMIT,
+            f"this lookup would pin {nbytes} bytes on top of the {self.pins.table.client_held(inst.client)} "
+            f"the lookups of this client's instances hold, more than a client's share of L1 ({client_share} "
+            "bytes: half of it, or --pin-share if larger); retrieve or release earlier lookups first",
+        )
 
     def pin_key(self, inst: Instance, pin_owner: int | None, pin_id: int | str) -> PinKey:
         """The pins a request of ``inst`` may act on: its own lookup's, or those of ``pin_owner``, an
