@@ -90,6 +90,14 @@ class Admission:
         self.secret: bytes | None = config.secret
         """The secret TCP requests must carry (loaded at start when not configured)."""
 
+    def proves(self, peer: Peer, req: Any) -> bool:
+        """Whether ``req`` shows its sender is one the server serves (an allowed Unix peer, or a TCP
+        request with the secret, a ``ping`` too): its connection is then no longer an unproven one
+        (:mod:`lmcache.server.transport`)."""
+        if peer.is_unix:
+            return self.policy.allows(peer)
+        return secret_matches(self.secret, req.auth)
+
     def refusal(self, peer: Peer, req: Any) -> str | None:
         """Why ``peer`` may not send ``req`` (None: it may)."""
         if isinstance(req, P.Ping):
@@ -217,18 +225,21 @@ class Dispatcher:
 
     # ---- the I/O thread -------------------------------------------------------------------------
 
-    def on_frames(self, frames: list[tuple[Identity, framing.Frame, Peer]]) -> None:
+    def on_frames(self, frames: list[tuple[Identity, framing.Frame, Peer]]) -> set[Identity]:
         """Serve the request frames of one poll round (I/O thread): first those of the connections that
         sent a one-way report in it, then the others', each connection's in arrival order; never
-        raises."""
+        raises. Returns the connections whose requests proved their sender (:meth:`Admission.proves`)."""
         received: list[tuple[Identity, Any, Peer, float, int]] = []
         reporting: set[Identity] = set()
+        proven: set[Identity] = set()
         for identity, frame, peer in frames:
             with self._guard(identity):
                 req = self._decode(identity, frame)
             if req is None:
                 continue
             with self._guard(identity, req):
+                if self.admission.proves(peer, req):
+                    proven.add(identity)
                 if self._admit(identity, req, peer):
                     received.append((identity, req, peer, time.monotonic(), len(frame)))
                     if getattr(req, "one_way", False):
@@ -237,6 +248,7 @@ class Dispatcher:
         for identity, req, peer, arrived, nbytes in first + [r for r in received if r[0] not in reporting]:
             with self._guard(identity, req):
                 self._on_request(identity, req, peer, arrived, nbytes)
+        return proven
 
     @contextlib.contextmanager
     def _guard(self, identity: Identity, req: Any = None) -> Iterator[None]:

@@ -14,6 +14,13 @@ connection over a cap, or from a Unix peer the policy refuses, is answered one e
 or ``unauthorized``, rid -1) and closed; unfinished-frame bytes (per connection and in total); idle
 and mid-frame timeouts. With ``busy_poll_s`` it polls without sleeping after a request while no
 worker runs.
+
+A TCP connection is *unproven* until one of its requests carries the server secret (the receiver
+says which did): anyone who can reach the port can open one, and ``ping`` needs no secret. So that
+such peers cannot crowd out the clients the server serves, an unproven connection is closed
+``frame_timeout_s`` after it opened whatever it sends, gives way (oldest first, once
+:data:`UNPROVEN_GRACE_S` old) to a new connection a cap would refuse, and its unfinished frames
+take at most :data:`UNPROVEN_PENDING_SHARE` of ``max_pending_bytes`` together.
 """
 
 from __future__ import annotations
@@ -47,6 +54,11 @@ __all__ = ["Connection", "FrameReceiver", "ServerTransport"]
 READ_BYTES = 1 << 16
 READS = 16
 """Reads of one connection per poll round (1 MiB), so others get their turn."""
+UNPROVEN_GRACE_S = 1.0
+"""How long a new unproven connection has to send its first request before a connection a cap would
+refuse may take its place (a client sends one at once)."""
+UNPROVEN_PENDING_SHARE = 0.25
+"""Of ``max_pending_bytes``, what the unfinished frames of unproven connections may announce together."""
 _IN = select.POLLIN | select.POLLPRI
 _OUT = select.POLLOUT
 
@@ -54,8 +66,9 @@ _OUT = select.POLLOUT
 class FrameReceiver(Protocol):
     """What the transport hands frames to (the dispatcher)."""
 
-    def on_frames(self, frames: list[tuple[Identity, framing.Frame, Peer]]) -> None:
-        """Serve the frames read in one poll round, in the order the receiver chooses."""
+    def on_frames(self, frames: list[tuple[Identity, framing.Frame, Peer]]) -> set[Identity]:
+        """Serve the frames read in one poll round, in the order the receiver chooses; the connections
+        whose requests proved their sender (the server secret over TCP)."""
 
     def busy_poll(self, now: float) -> bool: ...
 
@@ -75,10 +88,16 @@ class Connection:
         self.peer = peer
         self.client = client_key(peer)
         """Whose connection it is (per-client caps)."""
+        self.opened = now
+        self.proven = sock.family == socket.AF_UNIX
+        """Whether its sender is one the server serves: a Unix peer passed the policy as it connected;
+        a TCP peer, once a request of its carried the secret (see the module docstring)."""
         self.last_rx = now
         """When a byte last arrived (idle and unfinished-frame timeouts)."""
         self.reserved = 0
         """Bytes of the unfinished frame counted against the server's total (``max_pending_bytes``)."""
+        self.reserved_unproven = False
+        """Whether ``reserved`` counts against the unproven connections' part of it too."""
         self.inbox = framing.FrameBuffer()
         self.outbox = bytearray()
         self.lock = threading.RLock()
@@ -132,6 +151,8 @@ class ServerTransport:
         os.set_blocking(self._wake_w, False)
         self._pending_bytes = 0
         """Bytes of unfinished frames the connections announced (I/O thread only)."""
+        self._unproven_pending_bytes = 0
+        """The part of ``_pending_bytes`` unproven connections announced."""
         self._next_expiry = 0.0
         self._warn = RateLimitedLog(logger)
         """Warnings a hostile client can trigger at will: at most one per topic and minute."""
@@ -188,10 +209,16 @@ class ServerTransport:
                 elif conn is not None:
                     self._accept(conn)
             if frames:
-                self.receiver.on_frames(frames)
+                self._proven(self.receiver.on_frames(frames))
             self.flush()
             self._expire(time.monotonic())
         self._serve_received(poller)
+
+    def _proven(self, identities: set[Identity]) -> None:
+        """These connections' requests proved their sender: they are no longer unproven."""
+        for identity in identities:
+            if (conn := self._conns.get(identity)) is not None:
+                conn.proven = True
 
     def _serve_received(self, poller: select.poll) -> None:
         """On stopping: serve the requests already received (one-way reports among them finish what a
@@ -264,7 +291,7 @@ class ServerTransport:
                 logger.warning("cannot accept a connection: %s", e)
                 return
             peer = peer_of_socket(sock)
-            refusal = self._refusal(sock, peer)
+            refusal = self._refusal(sock, peer, time.monotonic())
             if refusal is not None:
                 code, message = refusal
                 with contextlib.suppress(OSError):  # best effort: the client reads why, then EOF
@@ -281,15 +308,16 @@ class ServerTransport:
             self._fds[conn.fd] = conn
             self._poller.register(conn.fd, _IN)
 
-    def _refusal(self, sock: socket.socket, peer: Peer) -> tuple[P.ErrorCode, str] | None:
-        """Why a new connection is refused (its error code and message), or None."""
+    def _refusal(self, sock: socket.socket, peer: Peer, now: float) -> tuple[P.ErrorCode, str] | None:
+        """Why a new connection is refused (its error code and message), or None; where a cap would
+        refuse it, an unproven connection past its grace gives way first."""
         if sock.family == socket.AF_UNIX and not self.policy.allows(peer):
             self.counters.refuse("unauthorized")
             self._warn.warning("peer", "closing a connection of uid %s: not allowed", peer.uid)
             return P.ErrorCode.UNAUTHORIZED, (
                 f"uid {peer.uid} is not allowed to use this server (see --allow-uid / --socket-group)"
             )
-        if len(self._conns) >= self.config.max_connections:
+        if len(self._conns) >= self.config.max_connections and not self._give_way(now, None):
             self.counters.refuse("connections")
             self._warn.warning(
                 "connections", "refusing connections: %d open, --max-connections", len(self._conns)
@@ -298,8 +326,9 @@ class ServerTransport:
                 f"the server has its maximum of {self.config.max_connections} connections open "
                 "(--max-connections); close idle clients or raise the cap"
             )
-        mine = self._per_client[client_key(peer)]
-        if mine >= self.config.max_connections_per_client:
+        client = client_key(peer)
+        mine = self._per_client[client]
+        if mine >= self.config.max_connections_per_client and not self._give_way(now, client):
             self.counters.refuse("connections_per_client")
             self._warn.warning("connections_per_client", "refusing a connection: a client has %d open", mine)
             return P.ErrorCode.LIMIT, (
@@ -308,6 +337,35 @@ class ServerTransport:
                 "use fewer lanes per client (CacheServerClient(lanes=...)) or raise the cap"
             )
         return None
+
+    def _give_way(self, now: float, client: ClientKey | None) -> bool:
+        """Close the oldest unproven connection (of ``client``, unless None) past its grace, making room
+        for a new one; False if there is none."""
+        oldest = min(
+            (
+                conn
+                for conn in self._conns.values()
+                if not conn.proven
+                and now - conn.opened >= UNPROVEN_GRACE_S
+                and (client is None or conn.client == client)
+            ),
+            key=lambda conn: conn.opened,
+            default=None,
+        )
+        if oldest is None:
+            return False
+        self._close_unproven(oldest, "closed to make room for another connection")
+        return True
+
+    def _close_unproven(self, conn: Connection, why: str) -> None:
+        self.counters.refuse("unproven")
+        self._warn.warning("unproven", "%s: a TCP connection sent no request with the server secret", why)
+        message = (
+            f"{why}: no request on this connection carried this server's secret; run the client as the "
+            "server's user (it reads ~/.lmcache/server_secret) or set LMCACHE_SERVER_SECRET"
+        )
+        self._send(conn, framing.encode_reply(framing.error_reply(-1, P.ErrorCode.UNAUTHORIZED, message)))
+        self._drop(conn)
 
     def _serve(
         self, conn: Connection, event: int, frames: list[tuple[Identity, framing.Frame, Peer]]
@@ -360,29 +418,41 @@ class ServerTransport:
         ``limit`` and drop the connection (False)."""
         if conn.reserved or size <= READ_BYTES:
             return True
-        if self._pending_bytes + size > self.config.max_pending_bytes:
+        unproven_cap = int(UNPROVEN_PENDING_SHARE * self.config.max_pending_bytes)
+        if self._pending_bytes + size > self.config.max_pending_bytes or (
+            not conn.proven and self._unproven_pending_bytes + size > unproven_cap
+        ):
             self.counters.refuse("pending_bytes")
             message = (
                 f"the server is receiving {self._pending_bytes} bytes of unfinished frames already "
-                f"(--max-pending-mb); a frame of {size} bytes cannot be taken now: retry later"
+                f"(--max-pending-mb; a connection whose requests have not carried the server secret yet, "
+                f"{unproven_cap} together); a frame of {size} bytes cannot be taken now: retry later"
             )
             self._send(conn, framing.encode_reply(framing.error_reply(-1, P.ErrorCode.LIMIT, message)))
             self._drop(conn)
             return False
         conn.reserved = size
+        conn.reserved_unproven = not conn.proven
         self._pending_bytes += size
+        self._unproven_pending_bytes += size if conn.reserved_unproven else 0
         return True
 
     def _unreserve(self, conn: Connection) -> None:
         self._pending_bytes -= conn.reserved
+        self._unproven_pending_bytes -= conn.reserved if conn.reserved_unproven else 0
         conn.reserved = 0
+        conn.reserved_unproven = False
 
     def _expire(self, now: float) -> None:
-        """Close connections silent for ``idle_timeout_s``, or for ``frame_timeout_s`` mid-frame."""
+        """Close connections silent for ``idle_timeout_s``, or for ``frame_timeout_s`` mid-frame, and
+        unproven ones ``frame_timeout_s`` after they opened."""
         if now < self._next_expiry:
             return
         self._next_expiry = now + 1.0
         for conn in list(self._conns.values()):
+            if not conn.proven and now - conn.opened > self.config.frame_timeout_s:
+                self._close_unproven(conn, f"closed {self.config.frame_timeout_s:g} s after it opened")
+                continue
             idle = now - conn.last_rx
             if idle > self.config.idle_timeout_s or (conn.inbox and idle > self.config.frame_timeout_s):
                 self.counters.refuse("idle")

@@ -4,23 +4,10 @@ releases remembered are bounded and expire."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
-from support.server_process import CHUNK, MODEL, TPB, shared_pool
 
-from lmcache.config import LMCacheEngineConfig
 from lmcache.server import pins as pins_module
-from lmcache.server import protocol as P
-from lmcache.server.calls import Call
-from lmcache.server.failures import ServiceFailure
-from lmcache.server.instances import client_key
 from lmcache.server.pins import PinRecord, PinTable
-from lmcache.server.pool_sharing import describe_pool
-from lmcache.server.security import Peer
-from lmcache.server.server import server_engine
-from lmcache.server.service import CacheService
-from lmcache.server.settings import ServerConfig
 
 SHARE = 1 << 30
 
@@ -159,50 +146,3 @@ def test_the_instances_of_one_client_share_one_cap() -> None:
         (4, "a"),
     ]
     assert table.client_held("alice") == table.client_held("bob") == 0
-
-
-def test_a_client_pinning_through_many_instances_leaves_half_of_l1_to_stores() -> None:
-    """Through the service: four instances of one client, each within ``--pin-share``, cannot pin more
-    than half of L1 together; a store then still finds room."""
-    engine = server_engine(
-        LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.0005), "export", pinned=False
-    )
-    service = CacheService(
-        engine, ServerConfig(port=0, ipc_path=None, client_timeout_s=0, pool_sharing="export")
-    )
-    me = Peer(os.geteuid(), os.getegid(), os.getpid())
-    pools = {iid: shared_pool(seed=iid) for iid in range(1, 6)}
-    caps = {}
-    for iid, pool in pools.items():
-        request = P.Register(
-            instance_id=iid,
-            rank=0,
-            world_size=1,
-            model_name=MODEL,
-            tokens_per_block=TPB,
-            pool=describe_pool(pool),
-        )
-        caps[iid] = service.handle(request, Call(me)).cap
-
-    def tokens(prompt: int) -> bytes:
-        return P.tokens_to_bytes(list(range(prompt * 10_000, prompt * 10_000 + 512)))
-
-    blocks = P.tokens_to_bytes(list(range(64)))
-    for prompt in range(4):  # together about all of L1
-        service.handle(
-            P.Store(instance_id=1, cap=caps[1], tokens=tokens(prompt), block_ids=blocks, end=512), Call(me)
-        )
-    refused = 0
-    for prompt in range(4):
-        lookup = P.Lookup(instance_id=prompt + 1, cap=caps[prompt + 1], tokens=tokens(prompt), pin_id="p")
-        try:
-            service.handle(lookup, Call(me))
-        except ServiceFailure as e:
-            assert e.code == P.ErrorCode.LIMIT and "client's share of L1" in str(e)
-            refused += 1
-    assert refused == 2
-    assert service.pins.table.client_held(client_key(me)) <= engine.l1.arena.capacity_bytes // 2
-    stored = service.handle(
-        P.Store(instance_id=5, cap=caps[5], tokens=tokens(9), block_ids=blocks, end=512), Call(me)
-    )
-    assert stored == 512

@@ -14,6 +14,7 @@ from lmcache.engine import CacheEngine
 from lmcache.server import protocol as P
 from lmcache.server.calls import Call
 from lmcache.server.failures import ServiceFailure
+from lmcache.server.instances import client_key
 from lmcache.server.pool_sharing import describe_pool
 from lmcache.server.security import Peer
 from lmcache.server.service import CacheService
@@ -184,3 +185,42 @@ def test_an_exported_pools_saves_and_loads_run_on_streams_of_their_own(
     load = P.Retrieve(instance_id=9, cap=cap, tokens=tokens, block_ids=list(range(8, 16)), end=64)
     assert service.handle(load, Call(ME)) == 64
     assert log == ["store on store", "sync store", "retrieve on load", "sync load"]
+
+
+def test_a_client_pinning_through_many_instances_leaves_half_of_l1_to_stores() -> None:
+    """Four instances of one client, each within ``--pin-share``, cannot pin more than half of L1
+    together; a store then still finds room."""
+    engine = CacheEngine(
+        LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, max_local_cpu_size=0.0005), pinned=False
+    )
+    service = CacheService(engine, ServerConfig(port=0, ipc_path=None, client_timeout_s=5.0))
+    try:
+        caps = {iid: _register(service, seed=iid, iid=iid).cap for iid in range(1, 6)}
+
+        def tokens(prompt: int) -> bytes:
+            return P.tokens_to_bytes(list(range(prompt * 10_000, prompt * 10_000 + 512)))
+
+        def store(iid: int, prompt: int) -> int:
+            blocks = list(range(64))
+            return service.handle(
+                P.Store(instance_id=iid, cap=caps[iid], tokens=tokens(prompt), block_ids=blocks, end=512),
+                Call(ME),
+            )
+
+        for prompt in range(4):  # together about all of L1
+            store(1, prompt)
+        refusals = []
+        for prompt in range(4):  # each instance pins what one store put there: a quarter of L1
+            lookup = P.Lookup(instance_id=prompt + 1, cap=caps[prompt + 1], tokens=tokens(prompt), pin_id="p")
+            try:
+                service.handle(lookup, Call(ME))
+            except ServiceFailure as e:
+                refusals.append((e.code, str(e)))
+        assert len(refusals) == 2
+        assert all(
+            code == P.ErrorCode.LIMIT and "client's share of L1" in message for code, message in refusals
+        )
+        assert service.pins.table.client_held(client_key(ME)) <= engine.l1.arena.capacity_bytes // 2
+        assert store(5, 9) == 512
+    finally:
+        service.close()
