@@ -3,7 +3,7 @@ once for every handler (:func:`request_prompt`)."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import numpy as np
 
@@ -11,11 +11,15 @@ from lmcache.engine import CacheEngine, KeySpace
 from lmcache.keys import ChunkHashes
 from lmcache.server import protocol as P
 
-__all__ = ["InvalidPrompt", "PromptRequest", "request_prompt"]
+__all__ = ["InvalidPrompt", "PromptRequest", "RequestPrompt", "request_prompt"]
 
 
 class InvalidPrompt(ValueError):
     """The request's prompt or range is malformed (the reply's code is ``invalid``)."""
+
+
+RequestPrompt: TypeAlias = "np.ndarray | ChunkHashes"
+"""A request's prompt: its token ids, or the chunk hashes it sent instead."""
 
 
 class PromptRequest(Protocol):
@@ -28,7 +32,7 @@ class PromptRequest(Protocol):
     end: int
 
 
-def request_prompt(engine: CacheEngine, space: KeySpace, req: PromptRequest) -> np.ndarray | ChunkHashes:
+def request_prompt(engine: CacheEngine, space: KeySpace, req: PromptRequest) -> RequestPrompt:
     """The request's prompt: its token ids, or the chunk hashes it sent instead (the salt folded in),
     with ``[start, end)`` checked against it; raises :class:`InvalidPrompt` naming what is wrong."""
     if req.chunk_hashes is not None:

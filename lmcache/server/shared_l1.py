@@ -25,9 +25,10 @@ chunk is already cached is freed.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 
 from lmcache.chunk_copy import StoreSlot
@@ -35,7 +36,7 @@ from lmcache.engine import CacheEngine, KeySpace, LoadHold
 from lmcache.fd_slabs import FdSlabSource
 from lmcache.memory import SlotRef
 from lmcache.server import protocol as P
-from lmcache.server.prompts import InvalidPrompt, request_prompt
+from lmcache.server.prompts import InvalidPrompt, RequestPrompt, request_prompt
 from lmcache.server.reserved_shares import ReservedShares
 from lmcache.server.sent_grants import Grant, SentGrants
 from lmcache.server.slab_news import SlabAnnouncements
@@ -108,9 +109,21 @@ class _LoadTicket:
 @dataclass
 class _InstanceState:
     tickets: dict[int, _StoreTicket | _LoadTicket] = field(default_factory=dict)
+    opening: int = 0
+    """Places among the open tickets taken by requests still running (:meth:`SharedL1Service._room`),
+    counted against the cap with ``tickets``."""
     leases: dict[int, LeaseKey] = field(default_factory=dict)
     filling: set[int] = field(default_factory=set)
     """Ids of leases a store is filling (a ``store_reserve`` named them): out of the lease's cap."""
+
+
+@dataclass
+class _Room:
+    """A request's place among its instance's open tickets (:meth:`SharedL1Service._room`)."""
+
+    registration: int
+    used: bool = False
+    """A ticket was opened in it."""
 
 
 class SharedL1Service:
@@ -152,7 +165,12 @@ class SharedL1Service:
     def store_reserve(self, scope: InstanceScope, req: P.StoreReserve) -> P.StoreSlots:
         """Reserve slots for the chunks of the request's range not cached yet, and top the lease up."""
         prompt = request_prompt(self.engine, scope.space, req)
-        self._check_room(scope)
+        with self._room(scope) as room:
+            return self._reserve(scope, req, prompt, room)
+
+    def _reserve(
+        self, scope: InstanceScope, req: P.StoreReserve, prompt: RequestPrompt, room: _Room
+    ) -> P.StoreSlots:
         row_bytes = scope.space.layout.row_bytes
         slots: list[StoreSlot] = []
         nbytes = 0
@@ -176,7 +194,7 @@ class SharedL1Service:
             for s in slots
         ]
         leased = self._lease(scope, req.lease, req.filling)
-        ticket = self._open(scope.registration, _StoreTicket(scope.space, slots, nbytes)) if reserved else 0
+        ticket = self._open(room, _StoreTicket(scope.space, slots, nbytes)) if reserved else 0
         slab_ids = [c.slot.slab for c in chunks if c.slot is not None] + [x.slot.slab for x in leased]
         news = self.announced.news(scope.registration, slab_ids)
         return P.StoreSlots(
@@ -255,7 +273,17 @@ class SharedL1Service:
         more than ``req.first`` chunks in the range, the first ``req.first`` go ahead in a part of
         the reply (the ticket opened with it), the rest in the reply itself."""
         prompt = request_prompt(self.engine, scope.space, req)
-        self._check_room(scope)
+        with self._room(scope) as room:
+            return self._load(scope, req, prompt, room, send_part)
+
+    def _load(
+        self,
+        scope: InstanceScope,
+        req: P.Load,
+        prompt: RequestPrompt,
+        room: _Room,
+        send_part: Callable[[P.LoadSlots], None] | None,
+    ) -> P.LoadSlots:
         hold = self.engine.hold_load(scope.space, scope.rank, prompt, req.cache_salt, req.start, req.end)
         size = self.engine.config.chunk_size
         in_range = -(-req.end // size) - req.start // size
@@ -268,7 +296,7 @@ class SharedL1Service:
                 chunks.append(P.LoadChunk(slot.first_block, slot.rows, slot.skip, slot.stop, info))
                 if len(chunks) == split and not ticket:
                     assert send_part is not None
-                    opened = self._open(scope.registration, _LoadTicket(hold))
+                    opened = self._open(room, _LoadTicket(hold))
                     try:
                         send_part(self._load_slots(scope, opened, hold, chunks))
                     except BaseException:  # not sent: no one else would close it
@@ -283,7 +311,7 @@ class SharedL1Service:
             if not chunks:
                 self.engine.finish_load(hold)
                 return P.LoadSlots(ticket=0, loaded=0)
-            ticket = self._open(scope.registration, _LoadTicket(hold))
+            ticket = self._open(room, _LoadTicket(hold))
         elif hold.finished:  # the instance was retired after the first part: its pins are gone
             raise BadTicket(
                 f"instance {scope.instance_id} was unregistered during this load; its slots are no longer "
@@ -383,21 +411,42 @@ class SharedL1Service:
 
     # ---- helpers --------------------------------------------------------------------------------
 
-    def _check_room(self, scope: InstanceScope) -> None:
-        if self.open_tickets(scope.registration) >= self.max_tickets:
-            raise TicketLimitExceeded(
-                f"instance {scope.instance_id} holds its maximum of {self.max_tickets} open shared-L1 "
-                "tickets; send store_done / load_done for the copies it finished"
-            )
+    @contextlib.contextmanager
+    def _room(self, scope: InstanceScope) -> Iterator[_Room]:
+        """A place among the instance's open tickets for a request that may open one, taken at once
+        (TicketLimitExceeded if none is free, counting those other running requests took): concurrent
+        requests cannot pass the cap together. A ticket opened in it (:meth:`_open`) keeps it; else
+        it is given back when the request ends."""
+        with self._lock:
+            state = self._states.setdefault(scope.registration, _InstanceState())
+            if len(state.tickets) + state.opening >= self.max_tickets:
+                raise TicketLimitExceeded(
+                    f"instance {scope.instance_id} holds its maximum of {self.max_tickets} open shared-L1 "
+                    "tickets; send store_done / load_done for the copies it finished"
+                )
+            state.opening += 1
+        room = _Room(scope.registration)
+        try:
+            yield room
+        finally:
+            if not room.used:
+                with self._lock:
+                    if (state := self._states.get(scope.registration)) is not None:
+                        state.opening -= 1
 
     def _slot_bytes(self, scope: InstanceScope) -> int:
         layout = scope.space.layout
         return self.engine.config.chunk_size // layout.tokens_per_block * layout.row_bytes
 
-    def _open(self, registration: int, ticket: _StoreTicket | _LoadTicket) -> int:
+    def _open(self, room: _Room, ticket: _StoreTicket | _LoadTicket) -> int:
+        """Open ``ticket`` in the place ``room`` holds; its id."""
+        assert not room.used, "one ticket a request"
         with self._lock:
             ticket_id = next(self._ids)
-            self._states.setdefault(registration, _InstanceState()).tickets[ticket_id] = ticket
+            state = self._states.setdefault(room.registration, _InstanceState())
+            state.tickets[ticket_id] = ticket
+            state.opening = max(0, state.opening - 1)  # 0 if the instance was retired meanwhile
+            room.used = True
             return ticket_id
 
     def _lease(self, scope: InstanceScope, wanted: int, filling: list[int]) -> list[P.LeasedSlot]:

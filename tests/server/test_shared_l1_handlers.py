@@ -1,5 +1,7 @@
 """The shared-L1 mode at handler level: SharedL1Service (server) + SharedL1Copier (worker), CPU pools."""
 
+import threading
+
 import pytest
 import torch
 from shared_l1_support import CHUNK, TOKENS, copy_load, copy_store, shared_l1_env, shuffled_blocks
@@ -125,6 +127,42 @@ def test_tickets_are_bounded_per_instance(env) -> None:
         service.store_reserve(scope, P.StoreReserve(instance_id=7, tokens=TOKENS, end=CHUNK))
     other = InstanceScope(8, scope.space, 0, registration=8)  # another instance has its own bound
     assert service.store_reserve(other, P.StoreReserve(instance_id=8, tokens=TOKENS, end=CHUNK)).ticket
+
+
+def test_requests_running_at_once_cannot_open_more_tickets_than_the_cap_together(env, monkeypatch) -> None:
+    """The cap counts the places taken by requests still running: with three tickets open, a store
+    paused after its check and a second store arriving meanwhile cannot both open one."""
+    engine, service, copier, pool, scope = env
+    for i in range(3):
+        toks = list(range(i * 10_000, i * 10_000 + CHUNK))
+        assert service.store_reserve(scope, P.StoreReserve(instance_id=7, tokens=toks, end=CHUNK)).ticket
+    checked, go_on = threading.Event(), threading.Event()
+    reserve_store = engine.reserve_store
+
+    def paused(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            checked.set()
+            go_on.wait(20)
+        return reserve_store(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "reserve_store", paused)
+    tickets: list[int] = []
+    first = threading.Thread(
+        target=lambda: tickets.append(
+            service.store_reserve(scope, P.StoreReserve(instance_id=7, tokens=TOKENS, end=CHUNK)).ticket
+        )
+    )
+    first.start()
+    try:
+        assert checked.wait(20)
+        with pytest.raises(TicketLimitExceeded, match="maximum of 4"):
+            service.store_reserve(
+                scope, P.StoreReserve(instance_id=7, tokens=list(range(90_000, 90_256)), end=CHUNK)
+            )
+    finally:
+        go_on.set()
+        first.join(20)
+    assert tickets and tickets[0] and service.open_tickets(7) == 4
 
 
 def test_open_reservations_hold_at_most_half_of_l1_an_instance_and_three_quarters_in_all(env) -> None:
