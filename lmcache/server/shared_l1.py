@@ -116,6 +116,13 @@ class _InstanceState:
     filling: set[int] = field(default_factory=set)
     """Ids of leases a store is filling (a ``store_reserve`` named them): out of the lease's cap."""
 
+    def take_place(self, cap: int) -> bool:
+        """Take a place among at most ``cap`` open tickets for a running request; False if none is free."""
+        if len(self.tickets) + self.opening >= cap:
+            return False
+        self.opening += 1
+        return True
+
 
 @dataclass
 class _Room:
@@ -292,7 +299,7 @@ class SharedL1Service:
         chunks: list[P.LoadChunk] = []
         try:
             for slot in self.engine.hold_chunks(hold):
-                info = self._chunk_info(slot.chunk)
+                info = _chunk_info(slot.chunk)
                 chunks.append(P.LoadChunk(slot.first_block, slot.rows, slot.skip, slot.stop, info))
                 if len(chunks) == split and not ticket:
                     assert send_part is not None
@@ -334,7 +341,7 @@ class SharedL1Service:
 
     def pinned_slots(self, pin_key: Hashable, rank: int) -> list[P.SlotInfo]:
         """The slots of the chunks the lookup ``pin_key`` pinned for ``rank``, in prompt order."""
-        return [self._chunk_info(chunk) for chunk in self.engine.pinned_chunks(pin_key, rank)]
+        return [_chunk_info(chunk) for chunk in self.engine.pinned_chunks(pin_key, rank)]
 
     def undo_load(self, scope: InstanceScope, reply: P.LoadSlots) -> None:
         """Unpin what ``reply`` pinned, never sent: the client gave up waiting for it."""
@@ -418,13 +425,11 @@ class SharedL1Service:
         requests cannot pass the cap together. A ticket opened in it (:meth:`_open`) keeps it; else
         it is given back when the request ends."""
         with self._lock:
-            state = self._states.setdefault(scope.registration, _InstanceState())
-            if len(state.tickets) + state.opening >= self.max_tickets:
+            if not self._states.setdefault(scope.registration, _InstanceState()).take_place(self.max_tickets):
                 raise TicketLimitExceeded(
                     f"instance {scope.instance_id} holds its maximum of {self.max_tickets} open shared-L1 "
                     "tickets; send store_done / load_done for the copies it finished"
                 )
-            state.opening += 1
         room = _Room(scope.registration)
         try:
             yield room
@@ -474,7 +479,7 @@ class SharedL1Service:
                 break
             with self._lock:  # the instance's state now: retiring it meanwhile dropped the one above
                 self._states.setdefault(scope.registration, _InstanceState()).leases[key.lease_id] = key
-            granted.append(P.LeasedSlot(key.lease_id, self._ref_info(chunk.buffer.ref)))
+            granted.append(P.LeasedSlot(key.lease_id, _ref_info(chunk.buffer.ref)))
         with self._lock:
             self._leased_bytes -= (count - len(granted)) * slot_bytes
         return granted
@@ -526,16 +531,16 @@ class SharedL1Service:
 
     def _slot_info(self, slot: StoreSlot) -> P.SlotInfo:
         assert slot.chunk is not None
-        return self._ref_info(slot.chunk.buffer.ref)
+        return _ref_info(slot.chunk.buffer.ref)
 
-    @staticmethod
-    def _ref_info(ref: SlotRef) -> P.SlotInfo:
-        return P.SlotInfo(ref.slab, ref.offset, ref.nbytes)
 
-    @staticmethod
-    def _chunk_info(chunk: CachedChunk) -> P.SlotInfo:
-        """A cached chunk's slot, once its bytes are there (a chunk stored over CUDA IPC: once the
-        copy that fills it is done)."""
-        chunk.wait_ready_on_host()
-        ref = chunk.buffer.ref
-        return P.SlotInfo(ref.slab, ref.offset, ref.nbytes, chunk.serial)
+def _ref_info(ref: SlotRef) -> P.SlotInfo:
+    return P.SlotInfo(ref.slab, ref.offset, ref.nbytes)
+
+
+def _chunk_info(chunk: CachedChunk) -> P.SlotInfo:
+    """A cached chunk's slot, once its bytes are there (a chunk stored over CUDA IPC: once the copy
+    that fills it is done)."""
+    chunk.wait_ready_on_host()
+    ref = chunk.buffer.ref
+    return P.SlotInfo(ref.slab, ref.offset, ref.nbytes, chunk.serial)
