@@ -91,12 +91,10 @@ class Admission:
         """The secret TCP requests must carry (loaded at start when not configured)."""
 
     def proves(self, peer: Peer, req: Any) -> bool:
-        """Whether ``req`` shows its sender is one the server serves (an allowed Unix peer, or a TCP
-        request with the secret, a ``ping`` too): its connection is then no longer an unproven one
-        (:mod:`lmcache.server.transport`)."""
-        if peer.is_unix:
-            return self.policy.allows(peer)
-        return secret_matches(self.secret, req.auth)
+        """Whether ``req`` came over TCP with the server secret (a ``ping`` too): its connection is then
+        no longer an unproven one (:mod:`lmcache.server.transport`). Unix peers were checked as they
+        connected and are never unproven, so nothing is checked for them again here."""
+        return not peer.is_unix and secret_matches(self.secret, req.auth)
 
     def refusal(self, peer: Peer, req: Any) -> str | None:
         """Why ``peer`` may not send ``req`` (None: it may)."""
