@@ -453,7 +453,7 @@ class CpuStore:
         if count and not self.evicted_while_made:
             logger.info(
                 "L1 evicts while its memory is still being made (%.1f of %.1f GiB so far): saves arrive "
-                "faster than page-locked memory is made, and wait for none",
+                "faster than page-locked memory is made, and evict rather than wait for it",
                 self.arena.reserved_bytes / (1 << 30),
                 self.arena.capacity_bytes / (1 << 30),
             )
