@@ -63,7 +63,7 @@ from lmcache.testing.trtllm_replay import KvCacheConfig, KvCacheConnectorConfig,
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward_load import Forward  # noqa: E402
 from kv_shapes import CHUNK, KV_SHAPES  # noqa: E402
-from mp_transfer import server_gc, server_l1_evicted_while_made, server_l1_memory  # noqa: E402
+from mp_transfer import server_gc, server_l1_memory  # noqa: E402
 
 SHAPES = {**KV_SHAPES, "tiny": (2, 2, 16)}
 POLL_S = 0.0001
@@ -427,7 +427,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         request_bytes = rig.blocks * rig.pool[0].numel() * rig.pool.element_size()
         capacity = int(args.l1_size_gb * (1 << 30))
         fill = capacity // request_bytes
-        # The loads read the last saves back (the mixed phase's, after as many more): all stay in L1.
+        # The loads read the last saves back (the mixed phase's, after as many saves more): all must
+        # still be in L1.
         held = (2 if args.mixed else 1) * args.repeats + 2
         if fill < held:
             raise SystemExit(
@@ -490,7 +491,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "gc_gen0_threshold": args.gc_gen0_threshold,
             "server_gc": server_gc(url) if server is not None else None,
             "server_l1_memory": server_l1_memory(url) if url is not None else None,
-            "server_l1_evicted_while_made": server_l1_evicted_while_made(url) if url is not None else None,
         }
     finally:
         if server is not None:

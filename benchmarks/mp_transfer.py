@@ -420,12 +420,6 @@ def server_l1_memory(url: str) -> str:
         return client.stats().l1_memory
 
 
-def server_l1_evicted_while_made(url: str) -> int:
-    """Chunks the cache server's L1 evicted while it was still being made (its stats' L1 counter)."""
-    with CacheServerClient(url, timeout_s=30, heartbeat_interval_s=0) as client:
-        return client.stats().engine.l1.evicted_while_made
-
-
 def server_gc(url: str) -> dict[str, Any]:
     """The cache server's garbage-collection pauses so far (a full collection pauses every request)."""
     with CacheServerClient(url, timeout_s=30, heartbeat_interval_s=0) as client:

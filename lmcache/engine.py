@@ -49,19 +49,16 @@ class CacheEngine(EngineLookup):
         *,
         pinned: bool | None = None,
         slab_source: SlabSource | None = None,
-        evict_while_made: bool = False,
     ) -> None:
         """``slab_source``: where L1's slabs live (default: private memory, page-locked if ``pinned``,
-        which defaults to whether CUDA is available); the cache server passes shared-memory slabs.
-        ``evict_while_made``: see :class:`~lmcache.storage.cpu_store.CpuStore` (the cache server's)."""
+        which defaults to whether CUDA is available); the cache server passes shared-memory slabs."""
         capacity = config.max_local_cpu_bytes if config.local_cpu else 0
         has_tiers = config.local_disk is not None or config.remote_url is not None
         if capacity == 0 and has_tiers:
             # Without an L1 cache, chunks still pass through host memory on their way to and from the
             # lower tiers: a small staging area (grown lazily, only as far as it is used).
             capacity = int(config.tier_staging_size_gb * GiB)
-        arena = HostArena(capacity, pinned=pinned, source=slab_source)
-        l1 = CpuStore(arena, config.cache_policy, evict_while_made=evict_while_made)
+        l1 = CpuStore(HostArena(capacity, pinned=pinned, source=slab_source), config.cache_policy)
         if config.local_cpu and l1.arena.pinned:
             # Pin the L1 budget in the background from now on, so saves into a cold cache do not
             # wait for pinning (the staging area without L1 stays lazy).
@@ -95,7 +92,7 @@ class CacheEngine(EngineLookup):
         copies end after it raised is never published."""
         FORWARD.wait()  # hashing holds the GIL too: not while a forward is being launched
         began = time.perf_counter()
-        layout = _check_pool(space, pool)
+        layout = self._check_pool(space, pool)
         block_ids = transfer.block_ids
         # Reserved a batch of chunks at a time, as CopyBatcher copies them: the first copy starts
         # after one chunk's work, and L1's lock is taken once per batch (D101).
@@ -273,7 +270,7 @@ class CacheEngine(EngineLookup):
         copy_start: CopyStart | None = None,
     ) -> int:
         began = time.perf_counter()
-        layout = _check_pool(space, pool)
+        layout = self._check_pool(space, pool)
         hold = self.hold_load(space, rank, transfer.prompt, transfer.salt, transfer.start, transfer.end)
         if hold.end == hold.start:
             return 0
@@ -434,16 +431,14 @@ class CacheEngine(EngineLookup):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def _check_pool(space: KeySpace, pool: torch.Tensor) -> PoolLayout:
-    """The space's layout, which ``pool`` must have (ValueError naming both if not)."""
-    layout = space.layout
-    if tuple(pool.shape[1:]) != layout.row_shape or pool.dtype != layout.dtype:
-        raise ValueError(
-            f"pool {tuple(pool.shape)} {pool.dtype} does not match the registered layout "
-            f"[*, {', '.join(map(str, layout.row_shape))}] {layout.dtype}"
-        )
-    return layout
+    def _check_pool(self, space: KeySpace, pool: torch.Tensor) -> PoolLayout:
+        layout = space.layout
+        if tuple(pool.shape[1:]) != layout.row_shape or pool.dtype != layout.dtype:
+            raise ValueError(
+                f"pool {tuple(pool.shape)} {pool.dtype} does not match the registered layout "
+                f"[*, {', '.join(map(str, layout.row_shape))}] {layout.dtype}"
+            )
+        return layout
 
 
 @dataclass(eq=False)

@@ -197,10 +197,8 @@ class SlotPool:
         self._free: list[HostBuffer] = []
         self._newest = -1  # index of the slab attached last
 
-    def allocate(self, *, wait: bool = True) -> HostBuffer | None:
-        """A free slot, growing by one slab if the arena's budget allows; None when full. Without
-        ``wait``, also None where the slot would have to wait while the arena still makes its budget
-        from start-up (:meth:`HostArena.prepin`): the caller may evict instead."""
+    def allocate(self) -> HostBuffer | None:
+        """A free slot, growing by one slab if the arena's budget allows; None when full."""
         arena = self.arena
         with arena.lock:
             while not self._free:
@@ -209,8 +207,6 @@ class SlotPool:
                 if spare is not None:
                     self.attach(spare)
                     break
-                if not wait and arena.prepinning:
-                    return None
                 if growing is not self and self._grow():
                     break
                 if growing is None and not arena.prepinning:

@@ -185,11 +185,6 @@ class EngineCollector(Collector):
         )
         yield _counter("lmcache_l1_evictions", "Chunks evicted from L1 by the eviction policy.", l1.evictions)
         yield _counter(
-            "lmcache_l1_evictions_while_made",
-            "Of the L1 evictions, those made while L1 was still being made from start-up.",
-            l1.evicted_while_made,
-        )
-        yield _counter(
             "lmcache_l1_skipped_stores",
             "Stores skipped because L1 was full of pinned chunks.",
             l1.skipped_stores,

@@ -64,9 +64,6 @@ class L1Snapshot:
     evictions: int
     skipped_stores: int
     eviction_policy: str
-    evicted_while_made: int = 0
-    """Of ``evictions``, those made while L1 was still being made from start-up (the cache server's
-    saves then evict rather than wait for memory); 0 from a server before this field."""
 
 
 @dataclass(frozen=True)
@@ -198,11 +195,9 @@ def summary_lines(snapshot: EngineSnapshot) -> list[str]:
     """A few human lines about the engine (``lmcache stats``): L1, lookups, traffic, each tier."""
     gib = 1 << 30
     c, l1 = snapshot.counters, snapshot.l1
-    early = f", {l1.evicted_while_made} while L1 was made" if l1.evicted_while_made else ""
-    evictions = f"{l1.evictions} evictions ({l1.eviction_policy}{early})"
     lines = [
         f"L1: {l1.used_bytes / gib:.2f} GiB used in {l1.chunks} chunks, {l1.reserved_bytes / gib:.2f} of "
-        f"{l1.capacity_bytes / gib:.2f} GiB reserved, {evictions}, "
+        f"{l1.capacity_bytes / gib:.2f} GiB reserved, {l1.evictions} evictions ({l1.eviction_policy}), "
         f"chunk_size {snapshot.chunk_size}",
         f"lookups {c.lookups}: {c.hit_tokens} of {c.lookup_tokens} tokens hit ({c.hit_rate:.1%}); "
         f"{snapshot.pinned_lookups} pinned",

@@ -79,9 +79,7 @@ def server_engine(
     descriptor (:mod:`lmcache.fd_slabs`), made by the CUDA driver where the server has a device,
     page-locked once for every worker, else memfds; with ``shm`` in shared-memory slabs (0600, this
     user's; stale ones of a crashed server removed first), page-locked only if the server itself may
-    copy into CUDA pools (``pinned`` None: CUDA is available and ``pool_sharing`` allows export).
-    While L1 is still being made from start-up, a store finding no free slot evicts rather than wait for
-    the memory (``evict_while_made``): the workers' saves must not wait behind the driver's making."""
+    copy into CUDA pools (``pinned`` None: CUDA is available and ``pool_sharing`` allows export)."""
     from lmcache.host_slabs import pinned_memory_available
     from lmcache.memory import SlabSource
 
@@ -90,7 +88,7 @@ def server_engine(
     if pinned is None:
         pinned = pool_sharing != "shared-l1" and pinned_memory_available()
     if pool_sharing == "export":
-        return CacheEngine(config, slab_source=SlabSource(pinned), evict_while_made=True)
+        return CacheEngine(config, slab_source=SlabSource(pinned))
     source: SlabSource
     if l1_memory == "fd":
         # On the server's current CUDA device (the first visible one): its host NUMA node holds L1.
@@ -98,7 +96,7 @@ def server_engine(
     else:
         _warn_if_shm_is_small(config, shm_dir)
         source = ShmSlabSource(pinned, shm_dir=shm_dir)
-    engine = CacheEngine(config, slab_source=source, evict_while_made=True)
+    engine = CacheEngine(config, slab_source=source)
     if config.local_cpu and pinned_memory_available():
         # On a CUDA host every region is created in the background from start-up (as the in-process
         # L1 is pinned ahead), so saves while L1 fills do not wait for new regions, and workers map

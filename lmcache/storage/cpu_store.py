@@ -97,16 +97,8 @@ class CpuStore:
         arena: HostArena,
         policy: str = "LRU",
         on_evict: Callable[[Hashable, CachedChunk], None] | None = None,
-        *,
-        evict_while_made: bool = False,
     ) -> None:
-        """``evict_while_made``: while the arena still makes its budget from start-up (pre-pinning),
-        a reservation that finds no free slot evicts (as a full L1 does) rather than wait for memory
-        still being made; it waits only when nothing can be evicted. L1 then holds less than its size
-        for those first seconds, and no save waits behind the CUDA driver's making (the cache server:
-        its workers' saves can outrun what the driver makes, benchmarks/RESULTS.md D108)."""
         self.arena = arena
-        self.evict_while_made = evict_while_made
         self.policy_name = policy.upper()
         self._policy = make_policy(policy)
         self._chunks: dict[Hashable, CachedChunk] = {}
@@ -118,8 +110,6 @@ class CpuStore:
         self._idle_events: deque[Any] = deque(maxlen=IDLE_EVENTS_KEPT)
         """The events an eviction last waited for: complete, so the chunks sharing them need no wait."""
         self.evictions = 0
-        self.evicted_while_made = 0
-        """Of ``evictions``, those made while the arena still made its budget (``evict_while_made``)."""
         self.skipped_stores = 0
         self.used_bytes = 0
         self._pinned = 0
@@ -173,18 +163,10 @@ class CpuStore:
         if key in self._chunks:
             return None
         pool = self.arena.pool(nbytes)
-        wait = not self.evict_while_made
         # Once L1 is full every reservation evicts: skip the allocation that would fail first.
-        buf = pool.allocate(wait=wait) if pool.may_allocate() else None
+        buf = pool.allocate() if pool.may_allocate() else None
         while buf is None:
-            evictions = self.evictions
-            if self._make_room(pool):
-                if not wait and self.arena.prepinning:
-                    self._evicted_while_made(self.evictions - evictions)
-                buf = pool.allocate(wait=wait)
-            elif not wait and pool.may_allocate() and (buf := pool.allocate()) is not None:
-                break  # nothing to evict: waited for the memory being made
-            else:
+            if not self._make_room(pool):
                 self.skipped_stores += 1
                 self._warn.warning(
                     "l1-full",
@@ -196,6 +178,7 @@ class CpuStore:
                     self.used_bytes / (1 << 20),
                 )
                 return None
+            buf = pool.allocate()
         chunk = CachedChunk(buf, nbytes, num_tokens)
         self._chunks[key] = chunk
         self.used_bytes += pool.slot_bytes
@@ -398,7 +381,6 @@ class CpuStore:
                 evictions=self.evictions,
                 skipped_stores=self.skipped_stores,
                 eviction_policy=self.policy_name,
-                evicted_while_made=self.evicted_while_made,
             )
 
     def pinned_keys(self) -> list[Hashable]:
@@ -447,17 +429,6 @@ class CpuStore:
             if guard is not None:
                 for key in (k for keys in seen.values() for k in keys):
                     guard.kept(key, chunks[key])
-
-    def _evicted_while_made(self, count: int) -> None:
-        """Count evictions made while the arena still made its budget; the first is logged."""
-        if count and not self.evicted_while_made:
-            logger.info(
-                "L1 evicts while its memory is still being made (%.1f of %.1f GiB so far): saves arrive "
-                "faster than page-locked memory is made, and evict rather than wait for it",
-                self.arena.reserved_bytes / (1 << 30),
-                self.arena.capacity_bytes / (1 << 30),
-            )
-        self.evicted_while_made += count
 
     def _evict(self, key: Hashable, chunk: CachedChunk) -> None:
         self._policy.discard(key)
